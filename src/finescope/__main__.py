@@ -1,0 +1,3 @@
+from finescope.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,72 @@
+"""Saving and loading run state: atomic writes, ``torch.load(weights_only=True)``."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from finescope.errors import FinescopeError
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, then a rename.
+
+    A run killed mid-write leaves the previous checkpoint intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` (tensors and plain Python only).
+
+    Raises:
+        FinescopeError: if the file is missing or is not a finescope checkpoint.
+    """
+    path = Path(path)
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "best.pt", path / "best.pt"):
+            if candidate.is_file():
+                path = candidate
+                break
+    if not path.is_file():
+        raise FinescopeError(f"checkpoint '{path}' not found; pass a run directory or a .pt file written by finescope")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise FinescopeError(f"checkpoint '{path}' could not be read ({type(e).__name__}); is it a finescope checkpoint?") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise FinescopeError(f"'{path}' is not a finescope checkpoint (no model/config entries)")
+    state["path"] = str(path)
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    """The Python, NumPy and torch RNG states in a form ``weights_only`` loading accepts."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved."""
+    random.setstate(tuple(state["python"][:1]) + (tuple(state["python"][1]),) + tuple(state["python"][2:]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,330 @@
+"""Experiment configuration: frozen dataclasses hold every default; YAML files and ``--set`` override them.
+
+A config file is a YAML mapping with the sections ``data``, ``model``, ``train`` and the top-level keys ``seed``
+and ``name``. Any key that is not a field below is an error that lists the valid keys.
+
+Example:
+    >>> cfg = load_config("configs/demo.yaml", overrides=["train.epochs=3", "model.variant=global"])
+    >>> cfg.model.variant
+    'global'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from finescope.errors import FinescopeError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where samples come from, how they are grouped, split and loaded."""
+
+    source: str = "synthetic"  # synthetic | breakhis | folder | csv
+    root: str = "data_cache/synthetic"
+    task: str = "binary"  # breakhis: binary | subtype
+    magnifications: tuple[int, ...] = ()  # breakhis: keep only these (empty = all)
+    group_pattern: str = ""  # folder: regex on the file name, first capture group = group
+    on_error: str = "raise"  # raise | skip: what to do with an unreadable image
+    val_fraction: float = 0.15  # of the groups, carved from the training side
+    test_fraction: float = 0.3  # of the groups
+    splits: str = ""  # a splits.json to reuse instead of drawing new splits
+    augment: str = "microscopy"  # none | microscopy | strong
+    num_workers: int = 2
+    cache: str = "none"  # none | memory: keep decoded images after the first epoch
+    # synthetic source only
+    synthetic_per_class: int = 160
+    synthetic_size: int = 384
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network of method.md; every choice the paper leaves open is a field here."""
+
+    variant: str = "fusion"  # global | global-hires | attention | fusion | fusion-nogate
+    backbone: str = "resnet18"
+    weights: str = ""  # path to a local state dict (torchvision or timm key layout)
+    pretrained: bool = False  # download the library's ImageNet weights (needs a network)
+    global_size: int = 224  # short side of the global view
+    local_size: int = 224  # side of each high-resolution crop
+    num_crops: int = 4  # K
+    threshold: float = 0.5  # tau, on the max-normalised attention map
+    min_box_fraction: float = 1 / 3  # minimum box side as a fraction of the image's short side
+    proj_dim: int = 256  # M; 0 = no projection of the instances
+    attn_dim: int = 128  # L in Ilse et al. Eq. 9
+    image_feature: str = "attention"  # attention | avg
+    dropout: float = 0.2
+    predict_with: str = "fused"  # fused | mean (mean of fused and global probabilities)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation loop."""
+
+    epochs: int = 30
+    batch_size: int = 16
+    lr: float = 3e-4
+    backbone_lr_scale: float = 1.0  # the backbone's learning rate = lr * this
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    patience: int = 10  # early stopping: epochs without validation improvement
+    monitor: str = "balanced_accuracy"  # validation metric that picks best.pt
+    grad_clip: float = 1.0  # max gradient norm; 0 = off
+    label_smoothing: float = 0.0
+    aux_weight: float = 1.0  # lambda: weight of the global head's loss
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # bf16 autocast on CUDA (always fp32 on CPU)
+    channels_last: bool = True  # on CUDA
+    compile: bool = False  # torch.compile the model
+    eval_batch_size: int = 0  # 0 = batch_size
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole experiment."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+    name: str = ""
+
+
+def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key a config accepts, e.g. ``['data.source', ..., 'seed']``."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if is_dataclass(hints[f.name]):
+            keys += valid_keys(hints[f.name], prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML or ``--set`` value to the field's declared type."""
+    origin = typing.get_origin(tp)
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low in ("true", "1", "yes", "on"):
+                    return True
+                if low in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if tp in (int, float):
+            if isinstance(value, str) and "/" in value:  # allow 1/3
+                num, den = value.split("/", 1)
+                value = float(num) / float(den)
+            out = tp(value)
+            if tp is int and isinstance(value, float) and value != int(value):
+                raise ValueError(value)
+            return out
+        if tp is str:
+            return "" if value is None else str(value)
+        if origin is tuple:
+            (item_tp, _) = typing.get_args(tp)
+            if value is None or value == "":
+                return ()
+            if isinstance(value, str):
+                value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+            elif not isinstance(value, (list, tuple)):
+                value = [value]
+            return tuple(_coerce(v, item_tp, key) for v in value)
+        if isinstance(tp, types.UnionType):
+            return value
+    except (TypeError, ValueError):
+        raise FinescopeError(f"config key '{key}': cannot read {value!r} as {getattr(tp, '__name__', tp)}") from None
+    return value
+
+
+def _build(cls: type, raw: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        key = prefix + unknown[0]
+        raise FinescopeError(f"unknown config key '{key}'; valid keys: {', '.join(valid_keys())}")
+    kwargs = {}
+    for name, value in raw.items():
+        tp = hints[name]
+        if is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise FinescopeError(f"config key '{prefix}{name}' must be a mapping of {tp.__name__} keys")
+            kwargs[name] = _build(tp, value, prefix + name + ".")
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name)
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict | None) -> Config:
+    """Build a :class:`Config` from a nested mapping; unknown keys raise :class:`FinescopeError`."""
+    cfg = _build(Config, raw or {})
+    validate(cfg)
+    return cfg
+
+
+def _set_nested(raw: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise FinescopeError(f"config key '{dotted}': '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> dict:
+    """Turn ``['a.b=c', ...]`` into a nested dict; values are parsed as YAML scalars."""
+    raw: dict = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise FinescopeError(f"--set expects key=value, got '{item}' (e.g. --set train.epochs=5)")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        if key not in valid_keys():
+            raise FinescopeError(f"unknown config key '{key}'; valid keys: {', '.join(valid_keys())}")
+        parsed = yaml.safe_load(value) if value.strip() else ""
+        _set_nested(raw, key, value if isinstance(parsed, (dict, list)) and key.endswith("pattern") else parsed)
+    return raw
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
+    """Read a YAML experiment file (optional), apply ``key=value`` overrides and validate.
+
+    Args:
+        path: a YAML file; None starts from the defaults.
+        overrides: ``--set`` items such as ``"train.epochs=5"``.
+        base: a nested mapping applied before the file (e.g. a checkpoint's stored config).
+    """
+    raw: dict = dict(base or {})
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FinescopeError(f"config file '{path}' not found; see configs/ for examples")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise FinescopeError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise FinescopeError(f"config file '{path}' must be a YAML mapping with sections data/model/train")
+        raw = _merge(raw, loaded)
+    raw = _merge(raw, parse_overrides(overrides))
+    return config_from_dict(raw)
+
+
+def to_dict(cfg: Config) -> dict:
+    """The config as a plain nested dict (tuples become lists) for YAML/JSON/checkpoints."""
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(dataclasses.asdict(cfg))
+
+
+def override(cfg: Config, **sections: dict) -> Config:
+    """Return a copy with some fields replaced, e.g. ``override(cfg, model={'variant': 'global'})``."""
+    raw = _merge(to_dict(cfg), sections)
+    return config_from_dict(raw)
+
+
+_CHOICES = {
+    "data.source": ("synthetic", "breakhis", "folder", "csv"),
+    "data.task": ("binary", "subtype"),
+    "data.on_error": ("raise", "skip"),
+    "data.augment": ("none", "microscopy", "strong"),
+    "data.cache": ("none", "memory"),
+    "model.image_feature": ("attention", "avg"),
+    "model.predict_with": ("fused", "mean"),
+    "train.monitor": ("balanced_accuracy", "accuracy", "macro_f1", "auc", "loss"),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Check choices and ranges; raise :class:`FinescopeError` naming the key and the valid options."""
+    for key, options in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in options:
+            raise FinescopeError(f"config key '{key}' is '{value}'; choose one of: {', '.join(options)}")
+    for key in ("model.global_size", "model.local_size", "train.epochs", "train.batch_size"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 1:
+            raise FinescopeError(f"config key '{key}' must be at least 1")
+    if cfg.model.num_crops < 0:
+        raise FinescopeError("config key 'model.num_crops' must be >= 0")
+    if not 0.0 < cfg.model.threshold <= 1.0:
+        raise FinescopeError("config key 'model.threshold' must be in (0, 1]")
+    if not 0.0 < cfg.model.min_box_fraction <= 1.0:
+        raise FinescopeError("config key 'model.min_box_fraction' must be in (0, 1]")
+    for key in ("data.val_fraction", "data.test_fraction"):
+        value = getattr(cfg.data, key.split(".")[1])
+        if not 0.0 <= value < 1.0:
+            raise FinescopeError(f"config key '{key}' must be in [0, 1)")
+
+
+def git_commit() -> str:
+    """The current git commit of the working directory, or 'unknown'."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def resolved_dict(cfg: Config) -> dict:
+    """The config plus provenance (package version, git commit), as written next to every run."""
+    from finescope import __version__
+
+    return {**to_dict(cfg), "_provenance": {"finescope_version": __version__, "git_commit": git_commit()}}
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config (with provenance) as YAML."""
+    Path(path).write_text(yaml.safe_dump(resolved_dict(cfg), sort_keys=False))
+
+
+def strip_provenance(raw: dict) -> dict:
+    """A stored config dict without its ``_provenance`` entry, ready for :func:`config_from_dict`."""
+    return {k: v for k, v in raw.items() if not k.startswith("_")}
+
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "load_config",
+    "override",
+    "replace",
+    "resolved_dict",
+    "save_config",
+    "strip_provenance",
+    "to_dict",
+    "valid_keys",
+]

@@ -1,0 +1,54 @@
+"""The plain sample record every source produces and every split, dataset and metric reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image.
+
+    Attributes:
+        path: absolute path of the image file.
+        label: class index into :attr:`SampleSet.class_names`.
+        group: patient / specimen / source id; samples of one group never sit on two sides of a split.
+        meta: extra fields such as ``{"magnification": 100, "subtype": "adenosis", "patient": "22549AB"}``.
+    """
+
+    path: str
+    label: int
+    group: str
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class SampleSet:
+    """The samples of one source with its class names, in a deterministic (sorted) order.
+
+    Attributes:
+        samples: the records, sorted by path.
+        class_names: names of the classes; ``label`` indexes this list.
+        root: the folder the source read (paths in splits files are stored relative to it).
+        skipped: files that could not be used (unreadable, truncated), with the reason, when
+            ``data.on_error: skip``.
+        preset_splits: for a CSV manifest with a ``split`` column, that column (train/val/test per sample).
+    """
+
+    samples: list[Sample]
+    class_names: list[str]
+    root: str = ""
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    preset_splits: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def labels(self) -> list[int]:
+        return [s.label for s in self.samples]
+
+    @property
+    def groups(self) -> list[str]:
+        return [s.group for s in self.samples]

@@ -1,0 +1,399 @@
+"""Sources: find the images of a dataset and turn them into :class:`~finescope.data.records.Sample` records.
+
+Every source returns a :class:`~finescope.data.records.SampleSet` sorted by path, so the same folder always
+gives the same order. Four sources exist, picked by ``data.source``:
+
+- ``breakhis``: the BreaKHis release (Spanhol et al., IEEE TBME 2016); labels, patient, case number and
+  magnification all come from the original file names, so the official tree and a flat folder both work.
+- ``folder``: ``root/<class>/**/<image>``; an optional regex on the file name gives the group.
+- ``csv``: a manifest with ``path,label[,group][,split]`` columns.
+- ``synthetic``: the generated demo set, written as a manifest and read by the ``csv`` source.
+
+Example:
+    >>> sample_set = load_samples(DataConfig(source="breakhis", root="../shared/data/breakhis"))
+    >>> sample_set.class_names, len(sample_set)
+    (['benign', 'malignant'], 296)
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from finescope.config import DataConfig
+from finescope.data.records import Sample, SampleSet
+from finescope.errors import FinescopeError
+
+SUPPORTED_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+
+BREAKHIS_SUBTYPES = {
+    "A": ("benign", "adenosis"),
+    "F": ("benign", "fibroadenoma"),
+    "PT": ("benign", "phyllodes_tumor"),
+    "TA": ("benign", "tubular_adenoma"),
+    "DC": ("malignant", "ductal_carcinoma"),
+    "LC": ("malignant", "lobular_carcinoma"),
+    "MC": ("malignant", "mucinous_carcinoma"),
+    "PC": ("malignant", "papillary_carcinoma"),
+}
+BREAKHIS_CLASSES = {
+    "binary": ["benign", "malignant"],
+    "subtype": [name for _, name in BREAKHIS_SUBTYPES.values()],
+}
+BREAKHIS_MAGNIFICATIONS = (40, 100, 200, 400)
+# SOB_B_A-14-22549AB-100-001.png: biopsy, class, subtype - year - patient - magnification - image index
+BREAKHIS_NAME = re.compile(
+    r"^(?P<biopsy>[A-Z]+)_(?P<cls>[BM])_(?P<subtype>PT|TA|DC|LC|MC|PC|A|F)"
+    r"-(?P<year>\d+)-(?P<patient>(?P<case>\d+)[A-Za-z]*)-(?P<mag>\d+)-(?P<index>\d+)$"
+)
+BREAKHIS_EXAMPLE = "SOB_<B|M>_<A|F|PT|TA|DC|LC|MC|PC>-<year>-<patient>-<magnification>-<index>.png"
+SPLIT_NAMES = ("train", "val", "test")
+
+
+class _Found(NamedTuple):
+    """One image as a source finds it, before labels become indices."""
+
+    path: str
+    label: str
+    group: str
+    meta: dict[str, Any]
+    split: str | None = None
+
+
+class _Scan(NamedTuple):
+    """What a source reader returns to :func:`load_samples`."""
+
+    found: list[_Found]
+    class_names: list[str]  # the source's own class order (used when none is given)
+    root: str
+    skipped: list[tuple[str, str]]
+
+
+def load_samples(
+    cfg: DataConfig, require_all_classes: bool = True, class_names: list[str] | None = None
+) -> SampleSet:
+    """Find the samples that ``cfg.source`` describes.
+
+    Args:
+        cfg: the data section of the config (``source``, ``root``, ``task``, ``magnifications``,
+            ``group_pattern``, ``on_error``, ``synthetic_*``).
+        require_all_classes: raise when a class has no image (set False to predict on a subset).
+        class_names: a fixed label order, e.g. from a checkpoint; a label outside it is an error.
+
+    Returns:
+        A :class:`SampleSet` sorted by path; ``label`` indexes ``class_names``.
+
+    Raises:
+        FinescopeError: a missing root, no images, an unparseable name, an unknown label or an empty class.
+    """
+    readers: dict[str, Callable[[DataConfig], _Scan]] = {
+        "breakhis": _scan_breakhis,
+        "folder": _scan_folder,
+        "csv": _scan_csv,
+        "synthetic": _scan_synthetic,
+    }
+    if cfg.source not in readers:
+        raise FinescopeError(
+            f"config key 'data.source' is '{cfg.source}'; choose one of: {', '.join(readers)}"
+        )
+    scan = readers[cfg.source](cfg)
+    return _to_sample_set(scan, cfg, class_names, require_all_classes)
+
+
+def _to_sample_set(
+    scan: _Scan, cfg: DataConfig, class_names: list[str] | None, require_all_classes: bool
+) -> SampleSet:
+    """Turn label names into indices, sort by path and check that every class has images."""
+    names = list(class_names) if class_names is not None else list(scan.class_names)
+    index = {name: i for i, name in enumerate(names)}
+    found = sorted(scan.found, key=lambda f: f.path)
+    for f in found:
+        if f.label not in index:
+            raise FinescopeError(
+                f"image '{f.path}' has label '{f.label}', which is not a known class ({', '.join(names)}); "
+                "use data that matches the checkpoint's classes"
+            )
+    if require_all_classes:
+        present = {f.label for f in found}
+        for name in names:
+            if name not in present:
+                raise FinescopeError(
+                    f"class '{name}' has no images under data.root '{scan.root}' (data.source={cfg.source}); "
+                    "add images of it or remove the class"
+                )
+    samples = [Sample(f.path, index[f.label], f.group, f.meta) for f in found]
+    has_split = any(f.split is not None for f in found)
+    preset = [f.split or "" for f in found] if has_split else None
+    return SampleSet(samples, names, root=scan.root, skipped=list(scan.skipped), preset_splits=preset)
+
+
+# ----------------------------------------------------------------------------------------------- discovery
+
+
+def _check_root(root: str, what: str) -> Path:
+    """The root as an absolute path; raise when it does not exist."""
+    path = Path(os.path.abspath(os.path.expanduser(root))) if root else None
+    if path is None or not path.exists():
+        raise FinescopeError(f"data.root '{root}' does not exist; set data.root to {what}")
+    return path
+
+
+def is_image_file(path: Path) -> bool:
+    """True for a visible file with one of :data:`SUPPORTED_EXTENSIONS` (any case)."""
+    return path.suffix.lower() in SUPPORTED_EXTENSIONS and not path.name.startswith(".")
+
+
+def find_images(folder: Path) -> list[Path]:
+    """Every image file under ``folder`` (recursively, following links once; hidden folders skipped), sorted."""
+    out, visited = [], set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:  # a symlink loop or a second link to a folder already read
+            dirnames[:] = []
+            continue
+        visited.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        out += [Path(dirpath) / name for name in filenames if is_image_file(Path(name))]
+    return sorted(out, key=str)
+
+
+def _no_images(folder: Path | str) -> FinescopeError:
+    return FinescopeError(
+        f"found 0 images under '{folder}'; supported extensions: {', '.join(SUPPORTED_EXTENSIONS)}"
+    )
+
+
+def _skip_or_raise(cfg: DataConfig, path: str, reason: str, skipped: list[tuple[str, str]]) -> None:
+    """With ``data.on_error=skip`` record and warn; otherwise raise."""
+    if cfg.on_error != "skip":
+        raise FinescopeError(f"{reason}; fix or remove the file, or set data.on_error=skip")
+    warnings.warn(f"skipping '{path}': {reason}", stacklevel=3)
+    skipped.append((path, reason))
+
+
+# ------------------------------------------------------------------------------------------------ breakhis
+
+
+def parse_breakhis_name(name: str) -> dict[str, Any] | None:
+    """Read class, subtype, patient, case number and magnification from an original BreakHis file name.
+
+    Args:
+        name: a file name such as ``SOB_B_A-14-22549AB-100-001.png`` (a path is fine too).
+
+    Returns:
+        ``{"tumor_class": "benign", "subtype": "adenosis", "year": 14, "patient": "22549AB", "case": "22549",
+        "magnification": 100, "index": 1}``, or None when the name does not follow the pattern.
+    """
+    m = BREAKHIS_NAME.match(Path(name).stem)
+    if m is None:
+        return None
+    tumor_class, subtype = BREAKHIS_SUBTYPES[m["subtype"]]
+    if (m["cls"] == "B") != (tumor_class == "benign"):
+        return None  # e.g. SOB_M_A: a benign subtype filed as malignant
+    return {
+        "tumor_class": tumor_class,
+        "subtype": subtype,
+        "year": int(m["year"]),
+        "patient": m["patient"],
+        "case": m["case"],
+        "magnification": int(m["mag"]),
+        "index": int(m["index"]),
+    }
+
+
+def _check_magnifications(mags: tuple[int, ...]) -> None:
+    bad = [m for m in mags if m not in BREAKHIS_MAGNIFICATIONS]
+    if bad:
+        raise FinescopeError(
+            f"config key 'data.magnifications' has {bad[0]}; choose from "
+            f"{', '.join(map(str, BREAKHIS_MAGNIFICATIONS))} (empty = all)"
+        )
+
+
+def _scan_breakhis(cfg: DataConfig) -> _Scan:
+    """BreakHis: the official tree or a flat folder; everything is parsed from the file names."""
+    if cfg.task not in BREAKHIS_CLASSES:
+        raise FinescopeError(f"config key 'data.task' is '{cfg.task}'; choose one of: binary, subtype")
+    _check_magnifications(cfg.magnifications)
+    root = _check_root(
+        cfg.root, "the BreakHis folder (the one holding BreaKHis_v1, or a folder of its images)"
+    )
+    files = find_images(root) if root.is_dir() else []
+    if not files:
+        raise _no_images(root)
+    found, skipped = [], []
+    for path in files:
+        info = parse_breakhis_name(path.name)
+        if info is None:
+            reason = f"file name '{path}' does not follow the BreakHis pattern {BREAKHIS_EXAMPLE}"
+            _skip_or_raise(cfg, str(path), reason, skipped)
+            continue
+        if cfg.magnifications and info["magnification"] not in cfg.magnifications:
+            continue
+        label = info["tumor_class"] if cfg.task == "binary" else info["subtype"]
+        meta = {k: info[k] for k in ("patient", "magnification", "subtype", "tumor_class")}
+        found.append(_Found(str(path), label, info["case"], meta))
+    if not found:
+        mags = ", ".join(f"{m}X" for m in cfg.magnifications)
+        raise FinescopeError(f"found 0 BreakHis images at {mags} under '{root}'; check data.magnifications")
+    return _Scan(found, BREAKHIS_CLASSES[cfg.task], str(root), skipped)
+
+
+# -------------------------------------------------------------------------------------------------- folder
+
+
+def _compile_group_pattern(pattern: str) -> re.Pattern | None:
+    """The compiled ``data.group_pattern`` (None when empty); it must have a capture group."""
+    if not pattern:
+        return None
+    try:
+        compiled = re.compile(pattern)
+    except re.error as e:
+        raise FinescopeError(
+            f"config key 'data.group_pattern' is not a valid regex ({e}): {pattern!r}"
+        ) from None
+    if compiled.groups < 1:
+        raise FinescopeError(
+            f"config key 'data.group_pattern' {pattern!r} has no capture group; "
+            r"put the group id in parentheses, e.g. '^H\d+_([^_]+)_'"
+        )
+    return compiled
+
+
+def _scan_folder(cfg: DataConfig) -> _Scan:
+    """``root/<class>/**/<image>``: classes are the sorted sub-folder names."""
+    root = _check_root(cfg.root, "a folder with one sub-folder of images per class")
+    if not root.is_dir():
+        raise FinescopeError(
+            f"data.root '{root}' is a file; data.source=folder needs root/<class>/<image> folders"
+        )
+    pattern = _compile_group_pattern(cfg.group_pattern)
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise FinescopeError(
+            f"data.root '{root}' has no class sub-folders; data.source=folder expects root/<class>/<image>"
+        )
+    found, skipped = [], []
+    for name in classes:
+        for path in find_images(root / name):
+            group = _folder_group(path, root, pattern, cfg, skipped)
+            if group is not None:
+                found.append(_Found(str(path), name, group, {}))
+    if not found:
+        raise _no_images(root)
+    return _Scan(found, classes, str(root), skipped)
+
+
+def _folder_group(
+    path: Path, root: Path, pattern: re.Pattern | None, cfg: DataConfig, skipped: list[tuple[str, str]]
+) -> str | None:
+    """The group of one file: the pattern's first capture group, or the file's relative path."""
+    if pattern is None:
+        return path.relative_to(root).as_posix()
+    m = pattern.search(path.name)
+    if m is None or m.group(1) is None:
+        reason = f"file name '{path}' does not match data.group_pattern {pattern.pattern!r}"
+        _skip_or_raise(cfg, str(path), reason, skipped)
+        return None
+    return m.group(1)
+
+
+# ----------------------------------------------------------------------------------------------------- csv
+
+
+def _manifest_path(root: str) -> Path:
+    """The CSV file itself, or ``manifest.csv`` inside a folder."""
+    path = _check_root(root, "a CSV manifest (path,label[,group][,split]) or a folder holding manifest.csv")
+    if path.is_dir():
+        path = path / "manifest.csv"
+        if not path.is_file():
+            raise FinescopeError(
+                f"data.root '{root}' is a folder without manifest.csv; point data.root at the CSV file"
+            )
+    return path
+
+
+def _read_rows(manifest: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Header and rows of a manifest; raise when it cannot be read or lacks ``path``/``label``."""
+    try:
+        with manifest.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            rows = [
+                {k.strip(): (v or "").strip() for k, v in row.items() if isinstance(k, str)} for row in reader
+            ]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise FinescopeError(f"cannot read CSV manifest '{manifest}': {e}") from None
+    for column in ("path", "label"):
+        if column not in header:
+            raise FinescopeError(
+                f"CSV manifest '{manifest}' has no '{column}' column (columns: {', '.join(header) or 'none'}); "
+                "the header must be path,label[,group][,split]"
+            )
+    if not rows:
+        raise FinescopeError(f"CSV manifest '{manifest}' has a header but no rows")
+    return header, rows
+
+
+def _csv_row(row: dict[str, str], line: int, manifest: Path, header: list[str], seen: set[str]) -> _Found:
+    """One manifest row as a :class:`_Found` (the image's existence is checked by the caller)."""
+    where = f"CSV manifest '{manifest}' line {line}"
+    if not row.get("path") or not row.get("label"):
+        raise FinescopeError(f"{where} has an empty path or label; every row needs both")
+    path = os.path.abspath(manifest.parent / row["path"])
+    if path in seen:
+        raise FinescopeError(f"{where} lists '{row['path']}' a second time; remove the duplicate row")
+    seen.add(path)
+    split = None
+    if "split" in header:
+        split = row["split"].lower()
+        if split not in SPLIT_NAMES:
+            raise FinescopeError(f"{where} has split '{row['split']}'; use one of: {', '.join(SPLIT_NAMES)}")
+    group = row.get("group") or Path(row["path"]).as_posix()
+    meta = {k: v for k, v in row.items() if k not in ("path", "label", "group", "split") and k}
+    return _Found(path, row["label"], group, meta, split)
+
+
+def read_manifest(manifest: Path, cfg: DataConfig) -> _Scan:
+    """Read a ``path,label[,group][,split]`` CSV; paths are relative to the CSV's folder."""
+    header, rows = _read_rows(manifest)
+    found, skipped, seen = [], [], set()
+    for line, row in enumerate(rows, start=2):
+        item = _csv_row(row, line, manifest, header, seen)
+        if not os.path.isfile(item.path):
+            reason = f"image '{item.path}' listed in CSV manifest '{manifest}' line {line} does not exist"
+            _skip_or_raise(cfg, item.path, reason, skipped)
+            continue
+        found.append(item)
+    if not found:
+        raise FinescopeError(f"none of the images listed in CSV manifest '{manifest}' exists")
+    return _Scan(found, sorted({f.label for f in found}), str(manifest.parent), skipped)
+
+
+def _scan_csv(cfg: DataConfig) -> _Scan:
+    return read_manifest(_manifest_path(cfg.root), cfg)
+
+
+def _scan_synthetic(cfg: DataConfig) -> _Scan:
+    """Generate the synthetic set under ``cfg.root`` if needed (seed 0) and read its manifest."""
+    from finescope.data.synthetic import ensure_synthetic
+
+    manifest = ensure_synthetic(Path(cfg.root), cfg.synthetic_per_class, cfg.synthetic_size, 0)
+    return read_manifest(Path(os.path.abspath(manifest)), cfg)
+
+
+__all__ = [
+    "BREAKHIS_CLASSES",
+    "BREAKHIS_MAGNIFICATIONS",
+    "SUPPORTED_EXTENSIONS",
+    "find_images",
+    "is_image_file",
+    "load_samples",
+    "parse_breakhis_name",
+    "read_manifest",
+]

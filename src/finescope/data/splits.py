@@ -1,0 +1,376 @@
+"""Grouped, stratified splits: pure functions over ``labels`` and ``groups`` arrays.
+
+A group (patient, case, source micrograph) is never on two sides of a split. Stratification works on groups: each
+group gets its majority label, and every class's groups are shuffled and dealt separately, so every class keeps
+at least one group in training and, when it has two or more groups, one in the test side.
+
+Only ``np.random.default_rng(seed)`` draws here: sklearn's ``StratifiedGroupKFold(shuffle=True)`` gave the same
+folds for every ``random_state`` on the BreakHis cases, so it is not used.
+
+Example:
+    >>> splits = split_groups(sample_set.labels, sample_set.groups, test_fraction=0.3, val_fraction=0.15, seed=0)
+    >>> check_no_leak(splits, sample_set.groups)
+    >>> save_splits("runs/x/splits.json", splits, sample_set)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from finescope.data.records import SampleSet
+from finescope.errors import FinescopeError
+
+SIDES = ("train", "val", "test")
+
+
+def _group_table(labels: Sequence[int], groups: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Index the groups.
+
+    Returns:
+        ``inverse`` (n,) the group id of each sample, ``group_label`` (G,) each group's majority label (ties go
+        to the smaller label) and ``group_size`` (G,) its number of samples.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    group_keys = np.asarray([str(g) for g in groups])
+    if labels.shape != group_keys.shape:
+        raise ValueError(f"labels {labels.shape} and groups {group_keys.shape} must have the same length")
+    _, inverse = np.unique(group_keys, return_inverse=True)
+    n_groups = int(inverse.max()) + 1 if len(inverse) else 0
+    n_classes = int(labels.max()) + 1 if len(labels) else 1
+    counts = np.zeros((n_groups, n_classes), dtype=np.int64)  # (G, n_classes) images per group and class
+    np.add.at(counts, (inverse, labels), 1)
+    return inverse, counts.argmax(axis=1), counts.sum(axis=1)
+
+
+def _n_take(fraction: float, n_base: int, n_avail: int, one_from: int) -> int:
+    """How many of ``n_avail`` groups to take.
+
+    ``round(fraction * n_base)`` (half up), at least 1 when ``n_avail >= one_from``, always leaving one behind.
+    """
+    if fraction <= 0 or n_avail < 2:
+        return 0
+    n = int(np.floor(fraction * n_base + 0.5))  # round half up
+    if n_avail >= one_from:
+        n = max(n, 1)
+    return min(n, n_avail - 1)
+
+
+def _check_fractions(test_fraction: float, val_fraction: float) -> None:
+    for key, value in (("data.test_fraction", test_fraction), ("data.val_fraction", val_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise FinescopeError(f"config key '{key}' is {value}; it must be in [0, 1)")
+    if test_fraction + val_fraction >= 1.0:
+        raise FinescopeError(
+            f"data.test_fraction ({test_fraction}) + data.val_fraction ({val_fraction}) must be below 1 "
+            "so that training keeps some groups"
+        )
+
+
+def _indices_of(group_ids: np.ndarray, inverse: np.ndarray) -> np.ndarray:
+    """Sorted sample indices whose group is in ``group_ids``."""
+    return np.flatnonzero(np.isin(inverse, group_ids)).astype(np.int64)
+
+
+def split_groups(
+    labels: Sequence[int], groups: Sequence[Any], test_fraction: float, val_fraction: float, seed: int
+) -> dict[str, np.ndarray]:
+    """Split samples into train/val/test by group, stratified by each group's majority label.
+
+    Per class, that class's groups are shuffled with ``np.random.default_rng(seed)``;
+    ``round(test_fraction * n)`` go to test (at least 1 when the class has >= 2 groups), then
+    ``round(val_fraction * n)`` of the rest to val (at least 1 when >= 3 remain), the rest to train. Every class
+    keeps at least one training group; a class with a single group is only in train.
+
+    Args:
+        labels: (n,) class index of each sample.
+        groups: (n,) group id of each sample (any hashable; compared as strings).
+        test_fraction: fraction of each class's groups for test, in [0, 1).
+        val_fraction: fraction of each class's groups for validation, in [0, 1); 0 gives an empty val.
+        seed: the shuffle seed; other seeds give other partitions whenever more than one is possible.
+
+    Returns:
+        ``{"train": (n_train,), "val": (n_val,), "test": (n_test,)}`` sorted int64 sample indices.
+    """
+    _check_fractions(test_fraction, val_fraction)
+    inverse, group_label, _ = _group_table(labels, groups)
+    rng = np.random.default_rng(seed)
+    chosen: dict[str, list[np.ndarray]] = {side: [] for side in SIDES}
+    for c in np.unique(group_label):
+        ids = rng.permutation(np.flatnonzero(group_label == c))  # this class's groups, shuffled
+        n_test = _n_take(test_fraction, len(ids), len(ids), one_from=2)
+        n_val = _n_take(val_fraction, len(ids), len(ids) - n_test, one_from=3)
+        chosen["test"].append(ids[:n_test])
+        chosen["val"].append(ids[n_test : n_test + n_val])
+        chosen["train"].append(ids[n_test + n_val :])
+    return {side: _indices_of(np.concatenate(ids or [[]]), inverse) for side, ids in chosen.items()}
+
+
+def carve_validation(
+    train_idx: np.ndarray, labels: Sequence[int], groups: Sequence[Any], val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Take a grouped, stratified validation side out of the training groups only.
+
+    Per class, ``round(val_fraction * n)`` of its training groups go to val (at least 1 when it has >= 3),
+    always leaving one in train.
+
+    Args:
+        train_idx: (n_train,) sample indices of the training side.
+        labels: (n,) class index of every sample.
+        groups: (n,) group id of every sample.
+        val_fraction: fraction of each class's training groups, in [0, 1).
+        seed: the shuffle seed.
+
+    Returns:
+        ``(train_idx, val_idx)``, sorted int64 indices into the full sample list.
+    """
+    _check_fractions(0.0, val_fraction)
+    train_idx = np.sort(np.asarray(train_idx, dtype=np.int64))
+    labels, groups = np.asarray(labels), np.asarray([str(g) for g in groups])
+    inverse, group_label, _ = _group_table(labels[train_idx], groups[train_idx])
+    rng = np.random.default_rng(seed)
+    val_groups = []
+    for c in np.unique(group_label):
+        ids = rng.permutation(np.flatnonzero(group_label == c))
+        val_groups.append(ids[: _n_take(val_fraction, len(ids), len(ids), one_from=3)])
+    is_val = np.isin(inverse, np.concatenate(val_groups or [[]]))
+    return train_idx[~is_val], train_idx[is_val]
+
+
+def _check_folds(k: int, group_label: np.ndarray, class_names: Sequence[str] | None) -> None:
+    """Raise when there are fewer groups than folds, overall or in one class."""
+    if k < 2:
+        raise FinescopeError(f"--folds is {k}; k-fold cross-validation needs at least 2 folds")
+    if len(group_label) < k:
+        raise FinescopeError(
+            f"the data has only {len(group_label)} groups, fewer than the {k} folds; use --folds {len(group_label)} or fewer"
+        )
+    classes, per_class = np.unique(group_label, return_counts=True)
+    for c, n in zip(classes, per_class, strict=True):
+        if n < k:
+            name = class_names[c] if class_names is not None else str(c)
+            raise FinescopeError(
+                f"class '{name}' has only {n} groups, so some folds would have no test group of it; "
+                f"use --folds {n} or fewer"
+            )
+
+
+def kfold_groups(
+    labels: Sequence[int], groups: Sequence[Any], k: int, seed: int, class_names: Sequence[str] | None = None
+) -> list[np.ndarray]:
+    """Grouped, stratified k-fold: the test indices of each fold.
+
+    Per class, the groups are shuffled with ``np.random.default_rng(seed)`` and each goes to the fold holding
+    the fewest images of that class so far (ties: fewest images overall, then the lower fold), so each fold gets
+    at least one group of every class and similar image counts.
+
+    Args:
+        labels: (n,) class index of each sample.
+        groups: (n,) group id of each sample.
+        k: number of folds, >= 2.
+        seed: the shuffle seed.
+        class_names: names used in error messages (optional).
+
+    Returns:
+        ``k`` sorted int64 arrays of test indices; together a partition of ``range(n)``.
+
+    Raises:
+        FinescopeError: fewer groups than folds, overall or in one class.
+    """
+    inverse, group_label, group_size = _group_table(labels, groups)
+    _check_folds(k, group_label, class_names)
+    rng = np.random.default_rng(seed)
+    fold_of = np.empty(len(group_label), dtype=np.int64)
+    total = np.zeros(k, dtype=np.int64)
+    for c in np.unique(group_label):
+        of_class = np.zeros(k, dtype=np.int64)
+        for g in rng.permutation(np.flatnonzero(group_label == c)):
+            fold = int(np.lexsort((np.arange(k), total, of_class))[0])
+            fold_of[g] = fold
+            of_class[fold] += group_size[g]
+            total[fold] += group_size[g]
+    return [_indices_of(np.flatnonzero(fold_of == f), inverse) for f in range(k)]
+
+
+def trial_splits(
+    labels: Sequence[int], groups: Sequence[Any], n_trials: int, test_fraction: float, seed: int
+) -> list[np.ndarray]:
+    """Repeated random group hold-outs (Spanhol et al. 2016: 5 trials, 30% of patients for test).
+
+    Trial ``t`` is :func:`split_groups` with ``seed + t`` and no validation side.
+
+    Returns:
+        ``n_trials`` sorted int64 arrays of test indices.
+    """
+    if n_trials < 1:
+        raise FinescopeError(f"--trials is {n_trials}; use at least 1")
+    return [split_groups(labels, groups, test_fraction, 0.0, seed + t)["test"] for t in range(n_trials)]
+
+
+def check_no_leak(splits: dict[str, np.ndarray], groups: Sequence[Any]) -> None:
+    """Raise when a sample or a group is on two sides.
+
+    Args:
+        splits: side name -> (n_side,) sample indices.
+        groups: (n,) group id of every sample.
+
+    Raises:
+        FinescopeError: naming the first shared group (or sample) and the two sides.
+    """
+    groups = np.asarray([str(g) for g in groups])
+    side_of: dict[str, str] = {}
+    owner: dict[int, str] = {}
+    for side, idx in splits.items():
+        for i in np.asarray(idx, dtype=np.int64).tolist():
+            if i in owner and owner[i] != side:
+                raise FinescopeError(f"split leak: sample {i} is on both '{owner[i]}' and '{side}'")
+            owner[i] = side
+            other = side_of.setdefault(groups[i], side)
+            if other != side:
+                raise FinescopeError(
+                    f"split leak: group '{groups[i]}' is on both '{other}' and '{side}'; "
+                    "a group (patient/case/source) must stay on one side"
+                )
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+
+
+def _relative(path: str, root: str) -> str:
+    return Path(os.path.relpath(path, root)).as_posix() if root else Path(path).as_posix()
+
+
+def save_splits(
+    path: str | Path, splits: dict[str, np.ndarray], sample_set: SampleSet, extra: dict | None = None
+) -> None:
+    """Write splits as JSON with image paths relative to ``sample_set.root`` (posix) and per-side counts.
+
+    Args:
+        path: the JSON file to write (its folder is created).
+        splits: side name -> sample indices into ``sample_set.samples``.
+        sample_set: the samples the indices refer to.
+        extra: anything else to record (seed, fractions, fold number, ...).
+    """
+    rel = [_relative(s.path, sample_set.root) for s in sample_set.samples]
+    out = {
+        "format": "finescope-splits/1",
+        "class_names": list(sample_set.class_names),
+        "counts": {side: len(idx) for side, idx in splits.items()},
+        "summary": summarize_splits(splits, sample_set),
+        "extra": extra or {},
+        "splits": {
+            side: [rel[i] for i in np.asarray(idx, dtype=np.int64).tolist()] for side, idx in splits.items()
+        },
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    os.replace(tmp, path)
+
+
+def _read_split_lists(path: Path) -> dict[str, list[str]]:
+    """The ``splits`` mapping of a splits file; raise when it is missing or malformed."""
+    fix = "point data.splits at a splits.json written by finescope, or leave it empty to draw new splits"
+    if not path.is_file():
+        raise FinescopeError(f"splits file '{path}' not found; {fix}")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FinescopeError(f"splits file '{path}' is not valid JSON ({e}); {fix}") from None
+    lists = raw.get("splits") if isinstance(raw, dict) else None
+    if not isinstance(lists, dict) or not all(
+        isinstance(v, list) and all(isinstance(p, str) for p in v) for v in lists.values()
+    ):
+        raise FinescopeError(f"splits file '{path}' has no 'splits' mapping of side -> list of paths; {fix}")
+    return lists
+
+
+def load_splits(path: str | Path, sample_set: SampleSet) -> dict[str, np.ndarray]:
+    """Read splits written by :func:`save_splits` and match them to ``sample_set`` by relative path.
+
+    Listed images that the source skipped (``data.on_error=skip``) are dropped with a warning.
+
+    Returns:
+        side name -> sorted int64 indices into ``sample_set.samples`` (``train``, ``val``, ``test`` always present).
+
+    Raises:
+        FinescopeError: missing/invalid file, listed images not in the data, data images not listed, or a leak.
+    """
+    path = Path(path)
+    lists = _read_split_lists(path)
+    index = {_relative(s.path, sample_set.root): i for i, s in enumerate(sample_set.samples)}
+    skipped = {_relative(p, sample_set.root) for p, _ in sample_set.skipped}
+    fix = "draw new splits by leaving data.splits empty"
+    missing = [p for v in lists.values() for p in v if p not in index and p not in skipped]
+    if missing:
+        raise FinescopeError(
+            f"splits file '{path}' does not match the data: {len(missing)} listed images are not in data.root "
+            f"'{sample_set.root}', e.g. '{missing[0]}'; {fix}"
+        )
+    dropped = [p for v in lists.values() for p in v if p in skipped]
+    if dropped:
+        warnings.warn(
+            f"splits file '{path}': {len(dropped)} listed images were skipped as unreadable", stacklevel=2
+        )
+    splits = {
+        side: np.array(sorted({index[p] for p in v if p in index}), dtype=np.int64)
+        for side, v in lists.items()
+    }
+    for side in SIDES:
+        splits.setdefault(side, np.zeros(0, dtype=np.int64))
+    covered = set(np.concatenate(list(splits.values())).tolist())
+    uncovered = [s.path for i, s in enumerate(sample_set.samples) if i not in covered]
+    if uncovered:
+        raise FinescopeError(
+            f"splits file '{path}' does not match the data: {len(uncovered)} images in data.root are in no split, "
+            f"e.g. '{uncovered[0]}'; {fix}"
+        )
+    check_no_leak(splits, sample_set.groups)
+    return splits
+
+
+def summarize_splits(splits: dict[str, np.ndarray], sample_set: SampleSet) -> dict:
+    """Images and groups per class on each side, to rule out leakage at a glance.
+
+    Returns:
+        ``{side: {"images": n, "groups": g, "shared_groups": s, "per_class": {name: {"images": n, "groups": g}}}}``
+        where ``shared_groups`` counts this side's groups that also sit on another side (0 when nothing leaks).
+    """
+    chosen = {
+        side: [sample_set.samples[i] for i in np.asarray(idx, dtype=np.int64).tolist()]
+        for side, idx in splits.items()
+    }
+    groups_of = {side: {s.group for s in samples} for side, samples in chosen.items()}
+    out: dict[str, Any] = {}
+    for side, samples in chosen.items():
+        others = set().union(*(g for other, g in groups_of.items() if other != side))
+        per_class = {}
+        for c, name in enumerate(sample_set.class_names):
+            of_c = [s for s in samples if s.label == c]
+            per_class[name] = {"images": len(of_c), "groups": len({s.group for s in of_c})}
+        out[side] = {
+            "images": len(samples),
+            "groups": len(groups_of[side]),
+            "shared_groups": len(groups_of[side] & others),
+            "per_class": per_class,
+        }
+    return out
+
+
+__all__ = [
+    "carve_validation",
+    "check_no_leak",
+    "kfold_groups",
+    "load_splits",
+    "save_splits",
+    "split_groups",
+    "summarize_splits",
+    "trial_splits",
+]

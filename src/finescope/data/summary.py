@@ -1,0 +1,156 @@
+"""What a dataset holds: counts per class, group and magnification, image sizes, unreadable and duplicate files.
+
+This is what ``finescope data`` prints, so that a user can check a source before training on it.
+
+Example:
+    >>> d = describe_samples(load_samples(cfg.data))
+    >>> print(format_description(d))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter, defaultdict
+from typing import Any
+
+import numpy as np
+
+from finescope.data.dataset import read_image
+from finescope.data.records import SampleSet
+from finescope.errors import FinescopeError
+
+
+def _file_digest(path: str) -> str | None:
+    """The SHA-1 of a file's bytes, or None when it cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.sha1(fh.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def _read_all(sample_set: SampleSet) -> tuple[Counter, list[tuple[str, str]], list[list[str]]]:
+    """Decode every image: size histogram ("WxH": n), unreadable files, and sets of byte-identical files."""
+    sizes: Counter = Counter()
+    unreadable: list[tuple[str, str]] = []
+    by_digest: dict[str, list[str]] = defaultdict(list)
+    for s in sample_set.samples:
+        digest = _file_digest(s.path)
+        if digest is not None:
+            by_digest[digest].append(s.path)
+        try:
+            img = read_image(s.path)  # (3, H, W)
+        except FinescopeError as e:
+            unreadable.append((s.path, str(e)))
+            continue
+        sizes[f"{img.shape[2]}x{img.shape[1]}"] += 1
+    duplicates = [paths for paths in by_digest.values() if len(paths) > 1]
+    return sizes, unreadable, sorted(duplicates)
+
+
+def describe_samples(sample_set: SampleSet, read_images: bool = True) -> dict[str, Any]:
+    """Count a sample set, and with ``read_images`` decode every file to find sizes and problems.
+
+    Args:
+        sample_set: the output of :func:`~finescope.data.sources.load_samples`.
+        read_images: decode every image (slow on large sets); False gives counts only.
+
+    Returns:
+        A dict with ``n_images``, ``n_groups``, ``class_names``, ``per_class`` ({name: {"images", "groups"}}),
+        ``per_group`` ({group: images}), ``images_per_group`` (min/median/max), ``per_magnification``
+        ({40: n, ...} when the samples have one), ``image_sizes`` ({"700x460": n}, width x height),
+        ``unreadable`` ([(path, reason)]), ``duplicates`` (lists of byte-identical files),
+        ``duplicates_across_groups`` (how many of those lists span two groups: a possible leak) and
+        ``skipped`` (files the source skipped).
+    """
+    samples = sample_set.samples
+    per_group = Counter(s.group for s in samples)
+    counts = np.array(sorted(per_group.values())) if per_group else np.zeros(1, dtype=int)
+    per_class = {}
+    for c, name in enumerate(sample_set.class_names):
+        of_c = [s for s in samples if s.label == c]
+        per_class[name] = {"images": len(of_c), "groups": len({s.group for s in of_c})}
+    mags = Counter(s.meta["magnification"] for s in samples if "magnification" in s.meta)
+    out: dict[str, Any] = {
+        "root": sample_set.root,
+        "n_images": len(samples),
+        "n_groups": len(per_group),
+        "class_names": list(sample_set.class_names),
+        "per_class": per_class,
+        "per_group": dict(sorted(per_group.items())),
+        "images_per_group": {
+            "min": int(counts.min()),
+            "median": float(np.median(counts)),
+            "max": int(counts.max()),
+        },
+        "per_magnification": dict(sorted(mags.items())),
+        "skipped": [list(x) for x in sample_set.skipped],
+    }
+    if read_images:
+        sizes, unreadable, duplicates = _read_all(sample_set)
+        group_of = {s.path: s.group for s in samples}
+        out["image_sizes"] = dict(sizes.most_common())
+        out["unreadable"] = [list(x) for x in unreadable]
+        out["duplicates"] = duplicates
+        out["duplicates_across_groups"] = sum(len({group_of[p] for p in d}) > 1 for d in duplicates)
+    return out
+
+
+def _rel(path: str, root: str) -> str:
+    return os.path.relpath(path, root) if root else path
+
+
+def _table(rows: list[list[str]], header: list[str]) -> list[str]:
+    """Left-aligned first column, right-aligned numbers."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def fmt(row: list) -> str:
+        cells = [str(v).ljust(widths[i]) if i == 0 else str(v).rjust(widths[i]) for i, v in enumerate(row)]
+        return "  " + "  ".join(cells)
+
+    return [fmt(header), *(fmt(r) for r in rows)]
+
+
+def format_description(d: dict[str, Any]) -> str:
+    """A plain-text report of :func:`describe_samples` for the ``finescope data`` command."""
+    lines = [
+        f"root: {d.get('root', '')}",
+        f"{d['n_images']} images in {d['n_groups']} groups, {len(d['class_names'])} classes",
+        "",
+    ]
+    rows = [[name, v["images"], v["groups"]] for name, v in d["per_class"].items()]
+    lines += _table(rows, ["class", "images", "groups"]) + [""]
+    ipg = d["images_per_group"]
+    lines.append(f"images per group: min {ipg['min']}, median {ipg['median']:g}, max {ipg['max']}")
+    if d.get("per_magnification"):
+        lines.append("magnifications: " + ", ".join(f"{m}X: {n}" for m, n in d["per_magnification"].items()))
+    if "image_sizes" in d:
+        sizes = list(d["image_sizes"].items())
+        shown = ", ".join(f"{k}: {n}" for k, n in sizes[:8]) + (
+            f", ... ({len(sizes)} sizes)" if len(sizes) > 8 else ""
+        )
+        lines.append(f"image sizes (WxH): {shown}")
+        lines += _problems(d)
+    return "\n".join(lines)
+
+
+def _problems(d: dict[str, Any]) -> list[str]:
+    """Lines about unreadable, skipped and duplicate files."""
+    root = d.get("root", "")
+    lines = [f"unreadable: {len(d['unreadable'])}"]
+    lines += [f"  {_rel(p, root)}: {reason}" for p, reason in d["unreadable"][:20]]
+    if d.get("skipped"):
+        lines.append(f"skipped by the source: {len(d['skipped'])}")
+        lines += [f"  {_rel(p, root)}: {reason}" for p, reason in d["skipped"][:20]]
+    dup = d["duplicates"]
+    lines.append(
+        f"byte-identical duplicates: {len(dup)} sets, {d['duplicates_across_groups']} spanning two groups"
+    )
+    lines += ["  " + " = ".join(_rel(p, root) for p in paths) for paths in dup[:10]]
+    if len(dup) > 10:
+        lines.append(f"  ... and {len(dup) - 10} more sets")
+    return lines
+
+
+__all__ = ["describe_samples", "format_description"]

@@ -1,0 +1,165 @@
+"""Training and inference loops: plain functions, no globals, no file I/O.
+
+The wiring (what to build from a config, where to write) lives in :mod:`finescope.trainer`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from finescope.models.network import ModelOutput
+
+
+def compute_loss(out: ModelOutput, labels: torch.Tensor, aux_weight: float = 1.0, label_smoothing: float = 0.0):
+    """CE(y_f, y) + lambda * CE(y_g, y) (method.md step 8); a single CE for variants without a global head."""
+    loss = F.cross_entropy(out.logits.float(), labels, label_smoothing=label_smoothing)
+    if out.global_logits is not None and aux_weight > 0:
+        loss = loss + aux_weight * F.cross_entropy(out.global_logits.float(), labels, label_smoothing=label_smoothing)
+    return loss
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA when enabled; a no-op context on the CPU (fp32)."""
+    if device.type == "cuda" and enabled:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    """A LambdaLR factor: linear warm-up to 1, then cosine decay to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _to_model_input(batch, device: torch.device, channels_last: bool):
+    images = batch.images.to(device, non_blocking=True)
+    if channels_last and device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, batch.sizes, batch.labels.to(device, non_blocking=True)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    device: torch.device,
+    *,
+    aux_weight: float = 1.0,
+    label_smoothing: float = 0.0,
+    grad_clip: float = 0.0,
+    amp: bool = True,
+    channels_last: bool = True,
+    progress: bool = True,
+    desc: str = "train",
+) -> dict[str, float]:
+    """One pass over ``loader``; returns mean loss, accuracy, images and seconds."""
+    model.train()
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen, start = 0, time.perf_counter()
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        if len(batch) == 0:
+            continue
+        images, sizes, labels = _to_model_input(batch, device, channels_last)
+        with autocast(device, amp):
+            out = model(images, sizes)
+        loss = compute_loss(out, labels, aux_weight, label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total_loss += loss.detach() * len(labels)  # stays on the device: no sync per step
+        correct += (out.logits.argmax(1) == labels).sum()
+        seen += len(labels)
+    seconds = time.perf_counter() - start
+    return {
+        "loss": float(total_loss) / max(seen, 1),
+        "accuracy": float(correct) / max(seen, 1),
+        "images": seen,
+        "seconds": seconds,
+    }
+
+
+@dataclass
+class Predictions:
+    """Everything an inference pass produced, in dataset order of ``indices``.
+
+    Attributes:
+        indices: (N,) dataset indices.
+        labels: (N,) true labels (-1 when unknown).
+        probs: (N, C) class probabilities.
+        loss: mean loss (NaN when labels are unknown).
+        boxes: (N, K, 4) selected boxes in pixels, or None.
+        box_mass: (N, K) attention mass of each box, or None.
+    """
+
+    indices: np.ndarray
+    labels: np.ndarray
+    probs: np.ndarray
+    loss: float = float("nan")
+    boxes: np.ndarray | None = None
+    box_mass: np.ndarray | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def predict_loader(
+    model: nn.Module,
+    loader,
+    device: torch.device,
+    *,
+    amp: bool = True,
+    channels_last: bool = True,
+    predict_with: str = "fused",
+    aux_weight: float = 1.0,
+    progress: bool = False,
+    desc: str = "predict",
+) -> Predictions:
+    """Run the model over ``loader`` in eval mode and collect probabilities, boxes and the loss."""
+    model.eval()
+    idx, labels, probs, boxes, mass = [], [], [], [], []
+    loss_sum, loss_n = 0.0, 0
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        if len(batch) == 0:
+            continue
+        images, sizes, y = _to_model_input(batch, device, channels_last)
+        with autocast(device, amp):
+            out = model(images, sizes)
+        if (y >= 0).all():
+            loss_sum += float(compute_loss(out, y, aux_weight)) * len(y)
+            loss_n += len(y)
+        idx.append(batch.indices.numpy())
+        labels.append(batch.labels.numpy())
+        probs.append(out.probabilities(predict_with).cpu().numpy())
+        if out.boxes is not None:
+            boxes.append(out.boxes.float().cpu().numpy())
+            mass.append(out.box_mass.float().cpu().numpy())
+    if not idx:
+        return Predictions(np.zeros(0, int), np.zeros(0, int), np.zeros((0, 0)))
+    return Predictions(
+        indices=np.concatenate(idx),
+        labels=np.concatenate(labels),
+        probs=np.concatenate(probs),
+        loss=loss_sum / loss_n if loss_n else float("nan"),
+        boxes=np.concatenate(boxes) if boxes else None,
+        box_mass=np.concatenate(mass) if mass else None,
+    )

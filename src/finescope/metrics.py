@@ -1,0 +1,640 @@
+"""Evaluation metrics as pure functions: image level, patient level, calibration and bootstrap by patient.
+
+Every function takes numpy arrays (or lists) and returns plain Python values (``float``, ``int``, ``list``,
+``dict``, ``None``) that serialise to JSON as they are. Shapes use one notation: ``N`` images, ``C`` classes,
+``G`` groups (patients or specimens).
+
+- ``y_true``: (N,) integer labels in ``[0, C)``.
+- ``probs``: (N, C) class probabilities, rows summing to 1.
+- ``y_pred``: (N,) integer predictions, ``probs.argmax(1)`` unless given.
+- ``groups``: (N,) patient/specimen ids (str).
+
+Patient-level metrics follow the BreakHis protocol (Spanhol et al., "A Dataset for Breast Cancer
+Histopathological Image Classification", IEEE TBME 2016): the patient score is the fraction of a patient's
+images classified correctly and the patient recognition rate (PRR) is the mean patient score. Confidence
+intervals resample patients, not images, because images of one patient are not independent.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from scipy.stats import rankdata
+from sklearn.metrics import (
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    roc_curve,
+)
+
+from finescope.errors import FinescopeError
+
+ArrayLike = np.ndarray | Sequence[Any]
+MetricFn = Callable[[np.ndarray, np.ndarray, np.ndarray], "float | None"]
+
+PATIENT_HOW = ("majority", "mean_prob")
+
+
+# --------------------------------------------------------------------------------------------- input checks
+def _labels(y: ArrayLike, name: str = "y_true") -> np.ndarray:
+    """Return ``y`` as a non-empty (N,) int array."""
+    arr = np.asarray(y)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (N,), got shape {arr.shape}")
+    if arr.size == 0:
+        raise FinescopeError("no images to evaluate")
+    return arr.astype(np.int64)
+
+
+def _pair(y_true: ArrayLike, y_pred: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Return checked (N,) label and prediction arrays of equal length."""
+    yt, yp = _labels(y_true), _labels(y_pred, "y_pred")
+    if yt.shape != yp.shape:
+        raise ValueError(f"y_true {yt.shape} and y_pred {yp.shape} must have the same length")
+    return yt, yp
+
+
+def _probs(y_true: ArrayLike, probs: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Return checked (N,) labels and (N, C) probabilities."""
+    yt = _labels(y_true)
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or p.shape[0] != yt.shape[0]:
+        raise ValueError(f"probs must have shape (N, C) = ({yt.shape[0]}, C), got {p.shape}")
+    if yt.min() < 0 or yt.max() >= p.shape[1]:
+        raise ValueError(f"y_true labels must lie in [0, {p.shape[1]}), got [{yt.min()}, {yt.max()}]")
+    return yt, p
+
+
+def _group_index(groups: ArrayLike | None, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Map (N,) group ids to (N,) indices into the sorted unique ids; ``None`` makes each image a group."""
+    if groups is None:
+        return np.arange(n), np.arange(n)
+    g = np.asarray(groups)
+    if g.shape != (n,):
+        raise ValueError(f"groups must have shape ({n},), got {g.shape}")
+    uniq, idx = np.unique(g, return_inverse=True)
+    return uniq, idx.ravel()
+
+
+def _py(x: Any) -> Any:
+    """Turn a numpy scalar into the matching Python scalar."""
+    return x.item() if isinstance(x, np.generic) else x
+
+
+# --------------------------------------------------------------------------------------------- image level
+def image_accuracy(y_true: ArrayLike, y_pred: ArrayLike) -> float:
+    """Fraction of images classified correctly.
+
+    Args:
+        y_true: (N,) true labels.
+        y_pred: (N,) predicted labels.
+
+    Returns:
+        Correct images / all images.
+    """
+    yt, yp = _pair(y_true, y_pred)
+    return float(np.mean(yt == yp))
+
+
+def balanced_accuracy(y_true: ArrayLike, y_pred: ArrayLike) -> float:
+    """Mean recall over the classes present in ``y_true`` (scikit-learn ``balanced_accuracy_score``).
+
+    Args:
+        y_true: (N,) true labels.
+        y_pred: (N,) predicted labels.
+
+    Returns:
+        Balanced accuracy.
+    """
+    yt, yp = _pair(y_true, y_pred)
+    with warnings.catch_warnings():  # "y_pred contains classes not in y_true" is expected on small folds
+        warnings.simplefilter("ignore", UserWarning)
+        return float(balanced_accuracy_score(yt, yp))
+
+
+def macro_f1(y_true: ArrayLike, y_pred: ArrayLike, n_classes: int) -> float:
+    """Unweighted mean F1 over all ``n_classes`` classes; a class never true nor predicted scores 0.
+
+    Args:
+        y_true: (N,) true labels.
+        y_pred: (N,) predicted labels.
+        n_classes: C.
+
+    Returns:
+        Macro F1.
+    """
+    yt, yp = _pair(y_true, y_pred)
+    return float(f1_score(yt, yp, labels=list(range(n_classes)), average="macro", zero_division=0))
+
+
+def confusion(y_true: ArrayLike, y_pred: ArrayLike, n_classes: int) -> list[list[int]]:
+    """Confusion matrix, rows = true class, columns = predicted class.
+
+    Args:
+        y_true: (N,) true labels.
+        y_pred: (N,) predicted labels.
+        n_classes: C.
+
+    Returns:
+        (C, C) nested list of counts.
+    """
+    yt, yp = _pair(y_true, y_pred)
+    return confusion_matrix(yt, yp, labels=list(range(n_classes))).tolist()
+
+
+def per_class_recall(y_true: ArrayLike, y_pred: ArrayLike, n_classes: int) -> list[float | None]:
+    """Recall (sensitivity) of every class.
+
+    Args:
+        y_true: (N,) true labels.
+        y_pred: (N,) predicted labels.
+        n_classes: C.
+
+    Returns:
+        (C,) list; ``None`` for a class absent from ``y_true``.
+    """
+    cm = np.asarray(confusion(y_true, y_pred, n_classes))
+    support = cm.sum(1)
+    return [float(cm[c, c] / support[c]) if support[c] else None for c in range(n_classes)]
+
+
+def _has_both(mask: np.ndarray) -> bool:
+    """True when a one-vs-rest target has positives and negatives, so that its ROC is defined."""
+    return 0 < int(mask.sum()) < mask.size
+
+
+def _ovr_classes(yt: np.ndarray, n_classes: int) -> list[int]:
+    """Classes with a defined ROC: class 1 for binary, every class with positives and negatives otherwise."""
+    candidates = [1] if n_classes == 2 else range(n_classes)
+    return [c for c in candidates if _has_both(yt == c)]
+
+
+def _ovr_aucs(yt: np.ndarray, p: np.ndarray) -> dict[int, float]:
+    """One-vs-rest AUC of each class of :func:`_ovr_classes`, from ranks (Mann-Whitney U).
+
+    ``AUC_c = (R_c - n_c (n_c + 1) / 2) / (n_c (N - n_c))`` with ``R_c`` the rank sum of class c's images in
+    column c, ties averaged; identical to scikit-learn's ``roc_auc_score`` and fast enough to bootstrap.
+    """
+    classes = _ovr_classes(yt, p.shape[1])
+    ranks = rankdata(p[:, classes], axis=0)  # (N, K)
+    pos = yt[:, None] == np.asarray(classes)[None, :]  # (N, K)
+    n_pos = pos.sum(0)
+    rank_sum = (ranks * pos).sum(0)
+    aucs = (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * (yt.size - n_pos))
+    return {c: float(a) for c, a in zip(classes, aucs, strict=True)}
+
+
+def auc(y_true: ArrayLike, probs: ArrayLike) -> float | None:
+    """Area under the ROC curve.
+
+    Binary (C == 2): AUC of ``probs[:, 1]``. Multiclass: macro mean of the one-vs-rest AUCs of the classes
+    with both positives and negatives in ``y_true``; equals scikit-learn's ``roc_auc_score(multi_class='ovr',
+    average='macro')`` when every class is present.
+
+    Args:
+        y_true: (N,) true labels.
+        probs: (N, C) class probabilities.
+
+    Returns:
+        The AUC, or ``None`` when undefined (a single class in ``y_true``).
+    """
+    aucs = _ovr_aucs(*_probs(y_true, probs))
+    return float(np.mean(list(aucs.values()))) if aucs else None
+
+
+def roc_curves(
+    y_true: ArrayLike, probs: ArrayLike, class_names: Sequence[str] | None = None
+) -> dict[Any, dict[str, Any]]:
+    """ROC curves for plotting: the positive class if binary, else one-vs-rest for each present class.
+
+    Args:
+        y_true: (N,) true labels.
+        probs: (N, C) class probabilities.
+        class_names: optional (C,) names used as keys; class indices otherwise.
+
+    Returns:
+        ``{class: {"fpr": [...], "tpr": [...], "auc": float}}``; empty when no curve is defined.
+    """
+    yt, p = _probs(y_true, probs)
+    curves = {}
+    for c, area in _ovr_aucs(yt, p).items():
+        fpr, tpr, _ = roc_curve(yt == c, p[:, c])
+        key = class_names[c] if class_names is not None else c
+        curves[key] = {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "auc": area}
+    return curves
+
+
+# --------------------------------------------------------------------------------------------- calibration
+def _calibration_bins(y_true: ArrayLike, probs: ArrayLike, n_bins: int) -> tuple[np.ndarray, ...]:
+    """Per-bin confidence sum, correct count and image count on the top-class confidence.
+
+    Bins are equal-width on [0, 1] and right-closed, ``(k / n_bins, (k + 1) / n_bins]`` (Guo et al. 2017).
+    """
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    yt, p = _probs(y_true, probs)
+    conf, correct = p.max(1), (p.argmax(1) == yt).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    b = np.clip(np.searchsorted(edges[1:-1], conf, side="left"), 0, n_bins - 1)
+    conf_sum = np.bincount(b, weights=conf, minlength=n_bins)
+    correct_sum = np.bincount(b, weights=correct, minlength=n_bins)
+    return conf_sum, correct_sum, np.bincount(b, minlength=n_bins), edges
+
+
+def expected_calibration_error(y_true: ArrayLike, probs: ArrayLike, n_bins: int = 15) -> float:
+    """Expected calibration error of the top-class confidence (Guo et al., ICML 2017, Eq. 3).
+
+    ``ECE = sum_b |B_b| / N * |acc(B_b) - conf(B_b)|`` over ``n_bins`` equal-width bins.
+
+    Args:
+        y_true: (N,) true labels.
+        probs: (N, C) class probabilities.
+        n_bins: number of bins.
+
+    Returns:
+        ECE in [0, 1].
+    """
+    conf_sum, correct_sum, count, _ = _calibration_bins(y_true, probs, n_bins)
+    return float(np.abs(correct_sum - conf_sum).sum() / count.sum())
+
+
+def reliability_curve(y_true: ArrayLike, probs: ArrayLike, n_bins: int = 15) -> dict[str, list]:
+    """Reliability diagram data: mean confidence and accuracy per confidence bin.
+
+    Args:
+        y_true: (N,) true labels.
+        probs: (N, C) class probabilities.
+        n_bins: number of equal-width bins.
+
+    Returns:
+        ``{"bin_confidence", "bin_accuracy"}`` (n_bins,) lists with ``None`` for empty bins, ``"bin_count"``
+        (n_bins,) ints and ``"bin_edges"`` (n_bins + 1,) floats.
+    """
+    conf_sum, correct_sum, count, edges = _calibration_bins(y_true, probs, n_bins)
+
+    def per_bin(total: np.ndarray) -> list[float | None]:
+        return [float(t / n) if n else None for t, n in zip(total, count, strict=True)]
+
+    return {
+        "bin_confidence": per_bin(conf_sum),
+        "bin_accuracy": per_bin(correct_sum),
+        "bin_count": count.tolist(),
+        "bin_edges": edges.tolist(),
+    }
+
+
+# --------------------------------------------------------------------------------------------- patient level
+def _per_group_correct(yt: np.ndarray, yp: np.ndarray, gidx: np.ndarray, n_groups: int) -> np.ndarray:
+    """(G,) patient scores: correct images / images of each group."""
+    correct = np.bincount(gidx, weights=(yt == yp).astype(np.float64), minlength=n_groups)
+    return correct / np.bincount(gidx, minlength=n_groups)
+
+
+def patient_scores(y_true: ArrayLike, y_pred: ArrayLike, groups: ArrayLike) -> dict[Any, float]:
+    """Patient score of every group: its correctly classified images / its images (Spanhol et al. 2016).
+
+    Args:
+        y_true: (N,) true labels.
+        y_pred: (N,) predicted labels.
+        groups: (N,) patient ids.
+
+    Returns:
+        ``{patient_id: score}``.
+    """
+    yt, yp = _pair(y_true, y_pred)
+    uniq, gidx = _group_index(groups, yt.size)
+    scores = _per_group_correct(yt, yp, gidx, uniq.size)
+    return {_py(g): float(s) for g, s in zip(uniq, scores, strict=True)}
+
+
+def patient_recognition_rate(y_true: ArrayLike, y_pred: ArrayLike, groups: ArrayLike) -> float:
+    """Patient recognition rate: the mean of the patient scores (Spanhol et al. 2016).
+
+    Args:
+        y_true: (N,) true labels.
+        y_pred: (N,) predicted labels.
+        groups: (N,) patient ids.
+
+    Returns:
+        PRR in [0, 1].
+    """
+    return float(np.mean(list(patient_scores(y_true, y_pred, groups).values())))
+
+
+def _patient_hits(
+    yt: np.ndarray, p: np.ndarray, yp: np.ndarray, gidx: np.ndarray, n_groups: int, how: str
+) -> np.ndarray:
+    """(G,) bool: whether each patient's single prediction equals its majority true label."""
+    n_classes = p.shape[1]
+    truth = np.zeros((n_groups, n_classes))
+    np.add.at(truth, (gidx, yt), 1)
+    mean_prob = np.zeros((n_groups, n_classes))
+    np.add.at(mean_prob, gidx, p)  # sum; dividing by the group size would not change any argmax
+    if how == "mean_prob":
+        pred = mean_prob.argmax(1)
+    else:
+        votes = np.zeros((n_groups, n_classes))
+        np.add.at(votes, (gidx, yp), 1)
+        tied = votes == votes.max(1, keepdims=True)
+        pred = np.where(tied, mean_prob, -np.inf).argmax(1)  # ties broken by the mean probability
+    return pred == truth.argmax(1)
+
+
+def patient_accuracy(
+    y_true: ArrayLike,
+    probs: ArrayLike,
+    groups: ArrayLike,
+    how: str = "majority",
+    y_pred: ArrayLike | None = None,
+) -> float:
+    """Fraction of patients whose single prediction equals the patient's label.
+
+    A patient's label is the majority true label of its images. Its prediction is, with ``how="majority"``,
+    the majority vote of the image predictions (ties broken by the mean probability), or with
+    ``how="mean_prob"``, the argmax of the mean class probability over its images.
+
+    Args:
+        y_true: (N,) true labels.
+        probs: (N, C) class probabilities.
+        groups: (N,) patient ids.
+        how: "majority" or "mean_prob".
+        y_pred: (N,) image predictions for the vote; ``probs.argmax(1)`` if omitted.
+
+    Returns:
+        Patient-level accuracy.
+    """
+    if how not in PATIENT_HOW:
+        raise ValueError(f"how must be one of {PATIENT_HOW}, got {how!r}")
+    yt, p = _probs(y_true, probs)
+    yp = p.argmax(1) if y_pred is None else _pair(yt, y_pred)[1]
+    uniq, gidx = _group_index(groups, yt.size)
+    return float(np.mean(_patient_hits(yt, p, yp, gidx, uniq.size, how)))
+
+
+# --------------------------------------------------------------------------------------------- all at once
+def compute_metrics(
+    y_true: ArrayLike,
+    probs: ArrayLike,
+    groups: ArrayLike | None = None,
+    class_names: Sequence[str] | None = None,
+    y_pred: ArrayLike | None = None,
+) -> dict[str, Any]:
+    """Every image-level metric, and the patient-level ones when ``groups`` is given.
+
+    Args:
+        y_true: (N,) true labels.
+        probs: (N, C) class probabilities.
+        groups: optional (N,) patient ids.
+        class_names: optional (C,) names; ``"0" .. "C-1"`` otherwise.
+        y_pred: optional (N,) predictions; ``probs.argmax(1)`` if omitted.
+
+    Returns:
+        A JSON-serialisable dict: image_accuracy, balanced_accuracy, macro_f1, auc, confusion_matrix,
+        per_class_recall, ece, class_names, n_images, n_classes; with groups also patient_recognition_rate,
+        patient_accuracy_majority, patient_accuracy_mean_prob and n_groups.
+
+    Raises:
+        FinescopeError: when there are no images.
+    """
+    yt, p = _probs(y_true, probs)
+    n_classes = p.shape[1]
+    yp = p.argmax(1) if y_pred is None else _pair(yt, y_pred)[1]
+    names = [str(c) for c in range(n_classes)] if class_names is None else [str(c) for c in class_names]
+    if len(names) != n_classes:
+        raise ValueError(f"class_names has {len(names)} names but probs has {n_classes} classes")
+    out: dict[str, Any] = {
+        "image_accuracy": image_accuracy(yt, yp),
+        "balanced_accuracy": balanced_accuracy(yt, yp),
+        "macro_f1": macro_f1(yt, yp, n_classes),
+        "auc": auc(yt, p),
+        "confusion_matrix": confusion(yt, yp, n_classes),
+        "per_class_recall": per_class_recall(yt, yp, n_classes),
+        "ece": expected_calibration_error(yt, p),
+        "class_names": names,
+        "n_images": int(yt.size),
+        "n_classes": int(n_classes),
+    }
+    if groups is not None:
+        out["patient_recognition_rate"] = patient_recognition_rate(yt, yp, groups)
+        out["patient_accuracy_majority"] = patient_accuracy(yt, p, groups, "majority", yp)
+        out["patient_accuracy_mean_prob"] = patient_accuracy(yt, p, groups, "mean_prob", yp)
+        out["n_groups"] = len(np.unique(np.asarray(groups)))
+    return out
+
+
+# metric(y_true, probs, groups) -> float | None for every scalar output of compute_metrics
+SCALAR_METRICS: dict[str, MetricFn] = {
+    "image_accuracy": lambda y, p, g: image_accuracy(y, p.argmax(1)),
+    "balanced_accuracy": lambda y, p, g: balanced_accuracy(y, p.argmax(1)),
+    "macro_f1": lambda y, p, g: macro_f1(y, p.argmax(1), p.shape[1]),
+    "auc": lambda y, p, g: auc(y, p),
+    "ece": lambda y, p, g: expected_calibration_error(y, p),
+    "patient_recognition_rate": lambda y, p, g: patient_recognition_rate(y, p.argmax(1), g),
+    "patient_accuracy_majority": lambda y, p, g: patient_accuracy(y, p, g, "majority"),
+    "patient_accuracy_mean_prob": lambda y, p, g: patient_accuracy(y, p, g, "mean_prob"),
+}
+
+
+# --------------------------------------------------------------------------------------------- bootstrap
+def _resolve_metric(metric: str | MetricFn) -> MetricFn:
+    """Return the metric function for a name of :data:`SCALAR_METRICS` or a callable."""
+    if callable(metric):
+        return metric
+    if metric not in SCALAR_METRICS:
+        raise ValueError(f"unknown metric {metric!r}; valid names: {sorted(SCALAR_METRICS)}")
+    return SCALAR_METRICS[metric]
+
+
+def _draw_groups(n_groups: int, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, G) group indices drawn with replacement, G per resample."""
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    return np.random.default_rng(seed).integers(0, n_groups, size=(n_boot, n_groups))
+
+
+def _fast_per_group(
+    metric: str | MetricFn, yt: np.ndarray, p: np.ndarray, gidx: np.ndarray, n_groups: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(G,) numerator and denominator when the metric is a weighted ratio over groups, else ``None``.
+
+    A resample that draws group g ``k_g`` times then scores ``sum_g k_g num_g / sum_g k_g den_g``.
+    """
+    yp = p.argmax(1)
+    ones = np.ones(n_groups)
+    if metric == "image_accuracy":
+        correct = np.bincount(gidx, weights=(yt == yp).astype(np.float64), minlength=n_groups)
+        return correct, np.bincount(gidx, minlength=n_groups).astype(np.float64)
+    if metric == "patient_recognition_rate":
+        return _per_group_correct(yt, yp, gidx, n_groups), ones
+    if metric in ("patient_accuracy_majority", "patient_accuracy_mean_prob"):
+        how = metric.removeprefix("patient_accuracy_")
+        return _patient_hits(yt, p, yp, gidx, n_groups, how).astype(np.float64), ones
+    return None
+
+
+def _boot_values(
+    metric: str | MetricFn, yt: np.ndarray, p: np.ndarray, gidx: np.ndarray, draws: np.ndarray
+) -> np.ndarray:
+    """(n_boot,) metric values over the resamples in ``draws`` (NaN where the metric is undefined).
+
+    Each drawn group becomes a distinct group of the resample, so a patient drawn twice counts twice.
+    """
+    n_groups = draws.shape[1]
+    fast = _fast_per_group(metric, yt, p, gidx, n_groups)
+    if fast is not None:
+        counts = np.zeros(draws.shape)  # (n_boot, G): times each group was drawn
+        np.add.at(counts, (np.arange(draws.shape[0])[:, None], draws), 1)
+        return (counts @ fast[0]) / (counts @ fast[1])
+    fn = _resolve_metric(metric)
+    members = [np.flatnonzero(gidx == g) for g in range(n_groups)]
+    sizes = np.array([m.size for m in members])
+    values = np.full(draws.shape[0], np.nan)
+    for b, drawn in enumerate(draws):
+        idx = np.concatenate([members[g] for g in drawn])
+        value = fn(yt[idx], p[idx], np.repeat(np.arange(n_groups), sizes[drawn]))
+        values[b] = np.nan if value is None else value
+    return values
+
+
+def _percentiles(values: np.ndarray, alpha: float) -> tuple[float | None, float | None]:
+    """Percentile interval ``[alpha/2, 1 - alpha/2]`` of the finite values."""
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return None, None
+    low, high = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return float(low), float(high)
+
+
+def _prepare(y_true: ArrayLike, probs: ArrayLike, groups: ArrayLike | None) -> tuple[np.ndarray, ...]:
+    """Checked labels, probabilities, original groups (or one per image) and group indices."""
+    yt, p = _probs(y_true, probs)
+    uniq, gidx = _group_index(groups, yt.size)
+    full_groups = np.asarray(groups) if groups is not None else np.arange(yt.size)
+    return yt, p, full_groups, gidx, uniq
+
+
+def bootstrap_ci(
+    y_true: ArrayLike,
+    probs: ArrayLike,
+    groups: ArrayLike | None,
+    metric: str | MetricFn,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Percentile bootstrap confidence interval that resamples patients (clusters), not images.
+
+    Each resample draws G patients with replacement from the G patients and keeps all their images; a
+    patient drawn twice contributes its images twice and counts as two patients. Image accuracy, PRR and
+    patient accuracy are computed in closed form over all resamples at once; other metrics per resample.
+
+    Args:
+        y_true: (N,) true labels.
+        probs: (N, C) class probabilities.
+        groups: (N,) patient ids; ``None`` makes every image its own group (the plain image bootstrap).
+        metric: a scalar key of :func:`compute_metrics` (see :data:`SCALAR_METRICS`) or a function
+            ``(y_true, probs, groups) -> float | None``.
+        n_boot: number of resamples.
+        alpha: 1 - confidence level.
+        seed: seed of the resampling generator.
+
+    Returns:
+        ``{"value": metric on all data, "low", "high", "n_boot": resamples where the metric was defined}``.
+    """
+    yt, p, full_groups, gidx, uniq = _prepare(y_true, probs, groups)
+    fn = _resolve_metric(metric)
+    values = _boot_values(metric, yt, p, gidx, _draw_groups(uniq.size, n_boot, seed))
+    low, high = _percentiles(values, alpha)
+    value = fn(yt, p, full_groups)
+    return {
+        "value": None if value is None else float(value),
+        "low": low,
+        "high": high,
+        "n_boot": int(np.isfinite(values).sum()),
+    }
+
+
+def paired_bootstrap(
+    y_true: ArrayLike,
+    probs_a: ArrayLike,
+    probs_b: ArrayLike,
+    groups: ArrayLike | None,
+    metric: str | MetricFn,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, Any]:
+    """Patient-clustered paired bootstrap of ``metric(b) - metric(a)`` on the same images.
+
+    Both models are scored on the same resampled patients, so the interval reflects only the difference
+    between them. The two-sided p-value is twice the fraction of resampled differences on the other side of
+    0 from the observed one (0 itself counted, which is conservative), capped at 1; 1 when the difference is 0.
+
+    Args:
+        y_true: (N,) true labels.
+        probs_a: (N, C) probabilities of the reference model (e.g. ``global``).
+        probs_b: (N, C) probabilities of the compared model (e.g. ``fusion``).
+        groups: (N,) patient ids; ``None`` makes every image its own group.
+        metric: as in :func:`bootstrap_ci`.
+        n_boot: number of resamples.
+        seed: seed of the resampling generator.
+        alpha: 1 - confidence level.
+
+    Returns:
+        ``{"diff", "low", "high", "p_value"}``; ``None`` values where the metric is undefined.
+    """
+    yt, pa, full_groups, gidx, uniq = _prepare(y_true, probs_a, groups)
+    pb = _probs(yt, probs_b)[1]
+    if pb.shape != pa.shape:
+        raise ValueError(f"probs_a {pa.shape} and probs_b {pb.shape} must have the same shape")
+    fn = _resolve_metric(metric)
+    draws = _draw_groups(uniq.size, n_boot, seed)
+    diffs = _boot_values(metric, yt, pb, gidx, draws) - _boot_values(metric, yt, pa, gidx, draws)
+    low, high = _percentiles(diffs, alpha)
+    va, vb = fn(yt, pa, full_groups), fn(yt, pb, full_groups)
+    diff = None if va is None or vb is None else float(vb - va)
+    return {"diff": diff, "low": low, "high": high, "p_value": _two_sided_p(diff, diffs)}
+
+
+def _two_sided_p(diff: float | None, diffs: np.ndarray) -> float | None:
+    """Twice the fraction of finite ``diffs`` on the other side of 0 from ``diff`` (or at 0), capped at 1."""
+    diffs = diffs[np.isfinite(diffs)]
+    if diff is None or diffs.size == 0:
+        return None
+    if diff == 0:
+        return 1.0
+    other = diffs <= 0 if diff > 0 else diffs >= 0
+    return float(min(1.0, 2 * other.mean()))
+
+
+# --------------------------------------------------------------------------------------------- across folds
+def _is_scalar(x: Any) -> bool:
+    """True for int/float values (not bool), numpy scalars included."""
+    return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool | np.bool_)
+
+
+def summarize_folds(per_fold: Sequence[dict[str, Any]], keys: Sequence[str] | None = None) -> dict[str, dict]:
+    """Mean and standard deviation of scalar metrics over folds or trials.
+
+    Args:
+        per_fold: one :func:`compute_metrics` dict per fold.
+        keys: metrics to summarise; every scalar key of the folds (first-seen order) if omitted.
+
+    Returns:
+        ``{key: {"mean", "std", "n"}}`` over the folds where the value is not ``None``; std uses ddof=1
+        when n > 1 and is 0 for a single fold; mean and std are ``None`` when n == 0.
+    """
+    if keys is None:
+        keys = list(dict.fromkeys(k for fold in per_fold for k, v in fold.items() if _is_scalar(v)))
+    summary = {}
+    for key in keys:
+        vals = np.array([float(f[key]) for f in per_fold if _is_scalar(f.get(key))])
+        if vals.size == 0:
+            summary[key] = {"mean": None, "std": None, "n": 0}
+            continue
+        std = float(vals.std(ddof=1)) if vals.size > 1 else 0.0
+        summary[key] = {"mean": float(vals.mean()), "std": std, "n": int(vals.size)}
+    return summary

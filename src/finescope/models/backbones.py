@@ -1,0 +1,213 @@
+"""CNN trunks that return their last feature map (B, C, h, w), and their weight loading.
+
+Backbones come from torchvision (``resnet18``, ``resnet34``, ``resnet50``, ``mobilenet_v2``,
+``efficientnet_b0``, ``convnext_tiny``), from timm when the ``finescope[timm]`` extra is installed (any model
+name timm knows, optionally written ``timm:NAME``), and ``tiny``, a small CNN for tests and the CPU demo.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from finescope.errors import FinescopeError
+
+# name -> (torchvision constructor name, attribute(s) that hold the trunk, classifier key prefixes)
+_TORCHVISION = {
+    "resnet18": ("resnet18", None, ("fc.",)),
+    "resnet34": ("resnet34", None, ("fc.",)),
+    "resnet50": ("resnet50", None, ("fc.",)),
+    "mobilenet_v2": ("mobilenet_v2", "features", ("classifier.",)),
+    "efficientnet_b0": ("efficientnet_b0", "features", ("classifier.",)),
+    "convnext_tiny": ("convnext_tiny", "features", ("classifier.",)),
+}
+
+
+class Backbone(nn.Module):
+    """A trunk with a known channel count: ``forward(x (B, 3, H, W)) -> (B, C, h, w)``.
+
+    Attributes:
+        num_features: C, channels of the returned feature map.
+        name: the backbone's registry name.
+    """
+
+    def __init__(self, trunk: nn.Module, num_features: int, name: str) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.num_features = num_features
+        self.name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(x)
+
+
+class _TimmTrunk(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)  # (B, C, h, w)
+
+
+def _conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def tiny_cnn(width: int = 16) -> Backbone:
+    """A 5-stage CNN with total stride 16 and 8*width output channels, fast on a CPU."""
+    w = width
+    trunk = nn.Sequential(
+        _conv_bn(3, w, 2),
+        _conv_bn(w, w, 1),
+        _conv_bn(w, 2 * w, 2),
+        _conv_bn(2 * w, 4 * w, 2),
+        _conv_bn(4 * w, 4 * w, 1),
+        _conv_bn(4 * w, 8 * w, 2),
+    )
+    return Backbone(trunk, 8 * w, "tiny")
+
+
+def list_backbones() -> list[str]:
+    """Names accepted by ``model.backbone`` without timm (timm adds its own model names)."""
+    return sorted(_TORCHVISION) + ["tiny"]
+
+
+def _clean_state_dict(state: dict, drop_prefixes: tuple[str, ...]) -> dict:
+    """Unwrap common checkpoint containers, strip DDP/compile prefixes and drop classifier keys."""
+    for key in ("state_dict", "model", "model_state"):
+        if isinstance(state.get(key), dict):
+            state = state[key]
+    out = {}
+    for k, v in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            k = k[len(prefix) :] if k.startswith(prefix) else k
+        if not k.startswith(drop_prefixes):
+            out[k] = v
+    return out
+
+
+def _read_state_dict(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise FinescopeError(f"model.weights file '{path}' not found; pass the path of a saved state dict")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt files
+        raise FinescopeError(f"model.weights file '{path}' could not be read as a state dict: {e}") from None
+    if not isinstance(state, dict):
+        raise FinescopeError(f"model.weights file '{path}' does not hold a state dict (got {type(state).__name__})")
+    return state
+
+
+def load_weights_into(model: nn.Module, path: str, drop_prefixes: tuple[str, ...], backbone: str) -> None:
+    """Load a local state dict into ``model``; every non-classifier key must match exactly.
+
+    Raises:
+        FinescopeError: listing missing / unexpected keys or mismatched shapes.
+    """
+    state = _clean_state_dict(_read_state_dict(path), drop_prefixes)
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(drop_prefixes)}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        if shapes:
+            parts.append(f"{len(shapes)} keys of another shape (e.g. {sorted(shapes)[0]})")
+        raise FinescopeError(
+            f"model.weights '{path}' does not fit backbone '{backbone}': {', '.join(parts)}; "
+            "check model.backbone or pass weights saved for it"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def _download_failed(backbone: str, err: Exception) -> FinescopeError:
+    return FinescopeError(
+        f"could not download pretrained weights for '{backbone}' ({type(err).__name__}); with no network, "
+        "pass a local state dict with model.weights=PATH and model.pretrained=false"
+    )
+
+
+def _torchvision_backbone(name: str, weights: str, pretrained: bool) -> Backbone:
+    ctor_name, trunk_attr, drop = _TORCHVISION[name]
+    model = getattr(torchvision.models, ctor_name)(weights=None)
+    if weights:
+        load_weights_into(model, weights, drop, name)
+    elif pretrained:
+        tv_weights = torchvision.models.get_model_weights(ctor_name).DEFAULT
+        try:
+            state = tv_weights.get_state_dict(progress=False)
+        except Exception as e:  # URLError, OSError, RuntimeError, ... when offline
+            raise _download_failed(name, e) from None
+        model.load_state_dict(state)
+    if trunk_attr is None:  # ResNet: everything up to the global pool
+        trunk = nn.Sequential(*[m for n, m in model.named_children() if n not in ("avgpool", "fc")])
+        num_features = model.fc.in_features
+    else:
+        trunk = getattr(model, trunk_attr)
+        num_features = _probe_channels(trunk)
+    return Backbone(trunk, num_features, name)
+
+
+def _probe_channels(trunk: nn.Module) -> int:
+    with torch.no_grad():
+        was_training = trunk.training
+        trunk.eval()
+        out = trunk(torch.zeros(1, 3, 64, 64))
+        trunk.train(was_training)
+    return int(out.shape[1])
+
+
+def _timm_backbone(name: str, weights: str, pretrained: bool) -> Backbone:
+    try:
+        import timm
+    except ImportError:
+        raise FinescopeError(
+            f"unknown backbone '{name}'; built in: {', '.join(list_backbones())}. "
+            "For timm models install the extra: pip install 'finescope[timm]'"
+        ) from None
+    if not timm.is_model(name):
+        raise FinescopeError(f"unknown backbone '{name}': neither built in ({', '.join(list_backbones())}) nor a timm model")
+    try:
+        model = timm.create_model(name, pretrained=pretrained and not weights, num_classes=0, global_pool="")
+    except Exception as e:
+        if pretrained:
+            raise _download_failed(name, e) from None
+        raise FinescopeError(f"timm could not build backbone '{name}': {e}") from None
+    if weights:
+        classifier = model.pretrained_cfg.get("classifier", "head")
+        heads = classifier if isinstance(classifier, (list, tuple)) else (classifier,)
+        load_weights_into(model, weights, tuple(h + "." for h in heads), name)
+    return Backbone(_TimmTrunk(model), int(model.num_features), name)
+
+
+def create_backbone(name: str, weights: str = "", pretrained: bool = False) -> Backbone:
+    """Build a trunk by name.
+
+    Args:
+        name: a torchvision name (see :func:`list_backbones`), ``tiny``, or a timm model (``timm:NAME`` or NAME).
+        weights: path to a local state dict in torchvision or timm key layout (classifier keys ignored).
+        pretrained: download the library's ImageNet weights (needs a network).
+
+    Returns:
+        A :class:`Backbone` mapping (B, 3, H, W) to (B, C, h, w).
+    """
+    builders: dict[str, Callable[[], Backbone]] = {"tiny": tiny_cnn}
+    if name in builders:
+        if weights:
+            backbone = builders[name]()
+            load_weights_into(backbone.trunk, weights, (), name)
+            return backbone
+        return builders[name]()
+    if name in _TORCHVISION:
+        return _torchvision_backbone(name, weights, pretrained)
+    return _timm_backbone(name.removeprefix("timm:"), weights, pretrained)

@@ -1,0 +1,204 @@
+"""The network of Fan et al. (MICCAI 2020) and the variants of the ablation table (method.md).
+
+One module, :class:`FineScopeNet`, whose parts are switched on by three booleans that the registry sets per
+variant (``use_attention``, ``use_crops``, ``hires``); forward never branches on a mode string.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import roi_align
+
+from finescope.models.attention import AttentionPool
+from finescope.models.backbones import Backbone
+from finescope.models.selection import select_boxes
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ModelOutput:
+    """What every finescope model returns (the loss is computed outside the model).
+
+    Attributes:
+        logits: (B, num_classes) the prediction logits: fused for ``fusion``, the only head otherwise.
+        global_logits: (B, num_classes) the auxiliary global head, or None for variants without one.
+        attention: (B, h, w) attention over the feature grid, summing to 1 over each image's valid cells,
+            or None for variants without attention.
+        boxes: (B, K, 4) selected boxes, x1, y1, x2, y2 in full-resolution pixels, or None.
+        box_mass: (B, K) attention mass inside each box, or None.
+        cell_px: (B, 2) height and width of one attention cell in full-resolution pixels, or None.
+    """
+
+    logits: torch.Tensor
+    global_logits: torch.Tensor | None = None
+    attention: torch.Tensor | None = None
+    boxes: torch.Tensor | None = None
+    box_mass: torch.Tensor | None = None
+    cell_px: torch.Tensor | None = None
+
+    def probabilities(self, predict_with: str = "fused") -> torch.Tensor:
+        """Class probabilities (B, C): softmax of the logits, or with ``"mean"`` the mean of the fused and
+        global softmax."""
+        p = self.logits.float().softmax(dim=1)
+        if predict_with == "mean" and self.global_logits is not None:
+            p = (p + self.global_logits.float().softmax(dim=1)) / 2
+        return p
+
+
+def global_view_size(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """Size of the global view: short side resized to ``short_side``, aspect kept."""
+    scale = short_side / min(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+class FineScopeNet(nn.Module):
+    """Backbone + optional gated attention + optional high-resolution crops + fusion head.
+
+    Args:
+        backbone: the shared trunk phi.
+        num_classes: number of classes.
+        use_attention: attention-pool the feature-map cells (method.md steps 2-4).
+        use_crops: select K boxes and read them at full resolution with the same backbone (steps 5-7).
+        hires: feed the full-resolution image instead of the global view (``global-hires``).
+        gated: gated attention (Ilse Eq. 9) or plain tanh attention (Eq. 8).
+        global_size: short side of the global view.
+        local_size: side of each crop.
+        num_crops: K.
+        threshold: tau for instance selection.
+        min_box_fraction: minimum box side as a fraction of the image's short side.
+        proj_dim: M, width of the instance projection (0 = none).
+        attn_dim: L, hidden width of the attention.
+        image_feature: ``"attention"`` (z) or ``"avg"`` (global average of F) as the image-level feature g.
+        dropout: dropout before the fusion layer.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        *,
+        use_attention: bool = True,
+        use_crops: bool = True,
+        hires: bool = False,
+        gated: bool = True,
+        global_size: int = 224,
+        local_size: int = 224,
+        num_crops: int = 4,
+        threshold: float = 0.5,
+        min_box_fraction: float = 1 / 3,
+        proj_dim: int = 256,
+        attn_dim: int = 128,
+        image_feature: str = "attention",
+        dropout: float = 0.2,
+    ) -> None:
+        super().__init__()
+        if image_feature not in ("attention", "avg"):
+            raise ValueError(f"image_feature must be 'attention' or 'avg', got {image_feature!r}")
+        if use_crops and not use_attention:
+            raise ValueError("use_crops needs use_attention: crops are chosen by the attention map")
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.use_attention, self.use_crops, self.hires = use_attention, use_crops, hires
+        self.global_size, self.local_size = global_size, local_size
+        self.num_crops = num_crops if use_crops else 0
+        self.threshold, self.min_box_fraction = threshold, min_box_fraction
+        self.image_feature = image_feature if use_attention else "avg"
+        C = backbone.num_features
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.instance_proj = None
+        if use_attention:
+            M = proj_dim if proj_dim > 0 else C
+            self.instance_proj = nn.Sequential(nn.Linear(C, M), nn.ReLU(inplace=True)) if proj_dim > 0 else None
+            self.attention_pool = AttentionPool(M, attn_dim, gated=gated)
+        g_dim = (proj_dim if proj_dim > 0 else C) if self.image_feature == "attention" else C
+        self.global_head = nn.Linear(g_dim, num_classes)  # W_g, the auxiliary head (the only head without crops)
+        self.dropout = nn.Dropout(dropout)
+        self.fusion_head = nn.Linear(g_dim + self.num_crops * C, num_classes) if self.use_crops else None
+        self.num_features = g_dim + self.num_crops * C
+
+    # -- views -------------------------------------------------------------------------------------------
+    def _global_view(self, x: torch.Tensor, sizes: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Resize each image's valid region so its short side is ``global_size``; pad to a batch.
+
+        Returns the view (B, 3, Gh, Gw) and the view size of each image (B, 2).
+        """
+        if self.hires:
+            return x, torch.tensor(sizes, device=x.device)
+        dims = [global_view_size(int(h), int(w), self.global_size) for h, w in sizes]
+        if len(set(dims)) == 1 and all(int(h) == x.shape[2] and int(w) == x.shape[3] for h, w in sizes):
+            view = F.interpolate(x, size=dims[0], mode="bilinear", antialias=True, align_corners=False)
+        else:
+            Gh, Gw = max(d[0] for d in dims), max(d[1] for d in dims)
+            view = x.new_zeros(x.shape[0], 3, Gh, Gw)
+            for i, ((h, w), (gh, gw)) in enumerate(zip(sizes, dims)):
+                one = x[i : i + 1, :, : int(h), : int(w)]
+                view[i, :, :gh, :gw] = F.interpolate(one, size=(gh, gw), mode="bilinear", antialias=True)[0]
+        return view, torch.tensor(dims, device=x.device)
+
+    def _crops(self, x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """Cut (B, K, 4) boxes from the full-resolution batch in one roi_align call -> (B*K, 3, L, L)."""
+        B, K, _ = boxes.shape
+        idx = torch.arange(B, device=x.device, dtype=boxes.dtype).repeat_interleave(K)[:, None]
+        rois = torch.cat([idx, boxes.reshape(B * K, 4)], dim=1)  # (B*K, 5)
+        L = self.local_size
+        return roi_align(x, rois.to(x.dtype), output_size=(L, L), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+    # -- forward -----------------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, sizes: torch.Tensor | None = None) -> ModelOutput:
+        """Classify a batch.
+
+        Args:
+            images: (B, 3, H, W) float in [0, 1], full resolution, zero-padded at the bottom/right.
+            sizes: (B, 2) the valid height and width of each image; None = all (H, W).
+
+        Returns:
+            A :class:`ModelOutput`.
+        """
+        B, _, H, W = images.shape
+        if sizes is None:
+            sizes = torch.tensor([[H, W]] * B)
+        size_list = sizes.tolist()  # keep sizes on the CPU to avoid a device sync here
+        sizes = sizes.to(images.device)
+        x = (images - self.mean) / self.std
+        view, view_sizes = self._global_view(x, size_list)
+        fmap = self.backbone(view)  # (B, C, h, w)
+        h, w = fmap.shape[-2:]
+        stride = torch.tensor([view.shape[2] / h, view.shape[3] / w], device=x.device)
+        valid = torch.ceil(view_sizes.float() / stride).long().clamp(min=1)  # (B, 2) valid cells
+        valid = torch.minimum(valid, torch.tensor([h, w], device=x.device))
+        mask = self._grid_mask(valid, h, w)  # (B, h, w)
+        if not self.use_attention:
+            g = (fmap * mask[:, None]).sum(dim=(2, 3)) / mask.sum(dim=(1, 2))[:, None]  # (B, C)
+            return ModelOutput(logits=self.global_head(g))
+        inst = fmap.flatten(2).transpose(1, 2)  # (B, N, C)
+        h_n = self.instance_proj(inst) if self.instance_proj is not None else inst  # (B, N, M)
+        z, a = self.attention_pool(h_n, mask.flatten(1))  # (B, M), (B, N)
+        attn = a.view(B, h, w)
+        if self.image_feature == "attention":
+            g = z
+        else:
+            g = (fmap * mask[:, None]).sum(dim=(2, 3)) / mask.sum(dim=(1, 2))[:, None]
+        global_logits = self.global_head(g)
+        cell_px = stride[None] * sizes.float() / view_sizes.float()  # (B, 2) pixels per cell
+        if not self.use_crops:
+            return ModelOutput(logits=global_logits, attention=attn, cell_px=cell_px)
+        boxes, mass = select_boxes(
+            attn.detach(), valid, sizes, cell_px, self.num_crops, self.threshold, self.min_box_fraction
+        )
+        crops = self._crops(x, boxes)  # (B*K, 3, L, L)
+        local = self.backbone(crops).mean(dim=(2, 3)).view(B, -1)  # (B, K*C), ordered by rank
+        fused = self.fusion_head(self.dropout(torch.cat([g, local], dim=1)))
+        return ModelOutput(fused, global_logits, attn, boxes, mass, cell_px)
+
+    @staticmethod
+    def _grid_mask(valid: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        rows = torch.arange(h, device=valid.device)[None, :, None] < valid[:, 0, None, None]
+        cols = torch.arange(w, device=valid.device)[None, None, :] < valid[:, 1, None, None]
+        return rows & cols  # (B, h, w) bool

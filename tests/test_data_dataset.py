@@ -1,0 +1,242 @@
+"""Reading images, the dataset, padded batches, augmentation presets and the data summary."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from finescope.data import (
+    Batch,
+    ImageDataset,
+    Sample,
+    SampleSet,
+    build_transform,
+    collate_padded,
+    describe_samples,
+    format_description,
+    read_image,
+)
+from finescope.errors import FinescopeError
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+realdata = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real data folder {SHARED_DATA} is absent")
+
+
+def rgb_array(h: int = 10, w: int = 14, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def save(arr_or_img, path: Path, **kwargs) -> Path:
+    img = arr_or_img if isinstance(arr_or_img, Image.Image) else Image.fromarray(arr_or_img)
+    img.save(path, **kwargs)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- read_image
+
+
+@pytest.mark.parametrize("ext", [".png", ".tif", ".bmp", ".webp"])
+def test_read_image_lossless_formats(tmp_path, ext):
+    arr = rgb_array()
+    kwargs = {"lossless": True} if ext == ".webp" else {}
+    t = read_image(save(arr, tmp_path / f"x{ext}", **kwargs))
+    assert t.dtype == torch.uint8 and t.shape == (3, 10, 14)
+    assert np.array_equal(t.permute(1, 2, 0).numpy(), arr)
+
+
+def test_read_image_jpeg(tmp_path):
+    t = read_image(save(rgb_array(16, 24), tmp_path / "x.JPG", quality=95))
+    assert t.dtype == torch.uint8 and t.shape == (3, 16, 24)
+
+
+def test_read_image_grey_rgba_la_palette(tmp_path):
+    grey = rgb_array()[:, :, 0]
+    t = read_image(save(Image.fromarray(grey, "L"), tmp_path / "g.png"))
+    assert t.shape == (3, 10, 14) and all(np.array_equal(t[c].numpy(), grey) for c in range(3))
+    rgba = np.concatenate([rgb_array(), np.zeros((10, 14, 1), np.uint8)], axis=2)  # fully transparent
+    t = read_image(save(Image.fromarray(rgba, "RGBA"), tmp_path / "a.png"))
+    assert np.array_equal(t.permute(1, 2, 0).numpy(), rgba[:, :, :3])
+    t = read_image(save(Image.fromarray(grey, "L").convert("LA"), tmp_path / "la.png"))
+    assert t.shape == (3, 10, 14) and np.array_equal(t[1].numpy(), grey)
+    pal = Image.fromarray(rgb_array()).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    t = read_image(save(pal, tmp_path / "p.png"))
+    assert np.array_equal(t.permute(1, 2, 0).numpy(), np.asarray(pal.convert("RGB")))
+    t = read_image(save(Image.fromarray(rgba, "RGBA"), tmp_path / "a.tif"))
+    assert t.shape == (3, 10, 14)
+
+
+@pytest.mark.parametrize("ext", [".png", ".tif"])
+def test_read_image_16bit_is_scaled_not_clipped(tmp_path, ext):
+    arr = np.array([[0, 257, 32896, 65535]], dtype=np.uint16)  # -> 0, 1, 128, 255
+    t = read_image(save(Image.fromarray(arr), tmp_path / f"x{ext}"))
+    assert t.dtype == torch.uint8 and t.shape == (3, 1, 4)
+    assert t[0, 0].tolist() == [0, 1, 128, 255]
+
+
+@pytest.mark.parametrize("ext,kwargs", [(".png", {}), (".jpg", {"quality": 90})])
+def test_read_image_truncated_raises(tmp_path, ext, kwargs):
+    full = save(rgb_array(64, 80), tmp_path / f"full{ext}", **kwargs)
+    data = full.read_bytes()
+    half = tmp_path / f"half{ext}"
+    half.write_bytes(data[: len(data) // 2])
+    with pytest.raises(FinescopeError, match=rf"cannot read image '.*half\{ext}'.*data.on_error=skip"):
+        read_image(half)
+
+
+def test_read_image_not_an_image_or_missing(tmp_path):
+    (tmp_path / "x.png").write_text("hello")
+    with pytest.raises(FinescopeError, match=r"cannot read image '.*x\.png'"):
+        read_image(tmp_path / "x.png")
+    with pytest.raises(FinescopeError, match=r"cannot read image '.*gone\.tif'"):
+        read_image(tmp_path / "gone.tif")
+
+
+# ----------------------------------------------------------------------------------------------- dataset
+
+
+def make_samples(tmp_path: Path, sizes=((12, 20), (10, 20))) -> list[Sample]:
+    """One PNG per (h, w) in ``sizes``; label = position."""
+    out = []
+    for i, (h, w) in enumerate(sizes):
+        path = save(rgb_array(h, w, seed=i), tmp_path / f"img{i}.png")
+        out.append(Sample(str(path), i % 2, f"g{i}"))
+    return out
+
+
+def test_dataset_item(tmp_path):
+    samples = make_samples(tmp_path)
+    seen_dtypes = []
+
+    def transform(img):
+        seen_dtypes.append(img.dtype)
+        return img.flip(-1)
+
+    ds = ImageDataset(samples, transform=transform)
+    item = ds[1]
+    assert len(ds) == 2 and item["label"] == 1 and item["index"] == 1
+    assert item["image"].dtype == torch.float32 and item["image"].shape == (3, 10, 20)
+    assert 0.0 <= item["image"].min() and item["image"].max() <= 1.0
+    assert seen_dtypes == [torch.uint8]  # the transform sees the uint8 full-resolution image
+    expected = read_image(samples[1].path).flip(-1).float() / 255
+    assert torch.allclose(item["image"], expected)
+
+
+def test_dataset_skip_mode_warns_once(tmp_path):
+    samples = make_samples(tmp_path)
+    Path(samples[0].path).write_bytes(b"\x89PNG broken")
+    with pytest.raises(FinescopeError, match="img0.png"):
+        ImageDataset(samples)[0]
+    ds = ImageDataset(samples, on_error="skip")
+    with pytest.warns(UserWarning, match="img0.png"):
+        assert ds[0] is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ds[0] is None  # no second warning for the same file
+    assert ds[1] is not None
+
+
+def test_dataset_min_side(tmp_path):
+    ds = ImageDataset(make_samples(tmp_path), min_side=11)
+    assert ds[0]["image"].shape == (3, 12, 20)
+    with pytest.raises(FinescopeError, match=r"img1\.png' is 20x10.*model.local_size.*model.global_size"):
+        ds[1]
+
+
+def test_dataset_memory_cache(tmp_path):
+    samples = make_samples(tmp_path)
+    ds = ImageDataset(samples, cache="memory")
+    first = ds[0]["image"]
+    Path(samples[0].path).unlink()
+    assert torch.equal(ds[0]["image"], first)
+    with pytest.raises(FinescopeError, match="data.cache"):
+        ImageDataset(samples, cache="disk")
+    with pytest.raises(FinescopeError, match="data.on_error"):
+        ImageDataset(samples, on_error="ignore")
+
+
+# ------------------------------------------------------------------------------------------------- collate
+
+
+def test_collate_pads_two_sizes(tmp_path):
+    ds = ImageDataset(make_samples(tmp_path, sizes=((23, 35), (22, 35))))  # 700x460 / 700x456 in miniature
+    batch = collate_padded([ds[0], None, ds[1]])
+    assert isinstance(batch, Batch) and len(batch) == 2
+    assert batch.images.shape == (2, 3, 23, 35) and batch.images.dtype == torch.float32
+    assert batch.sizes.tolist() == [[23, 35], [22, 35]] and batch.sizes.dtype == torch.long
+    assert batch.labels.tolist() == [0, 1] and batch.indices.tolist() == [0, 1]
+    assert torch.equal(batch.images[1, :, :22], ds[1]["image"])
+    assert batch.images[1, :, 22:].abs().sum() == 0  # bottom padding is zero
+    moved = batch.to("cpu")
+    assert isinstance(moved, Batch) and torch.equal(moved.images, batch.images)
+
+
+def test_collate_all_none_and_loader(tmp_path):
+    empty = collate_padded([None, None])
+    assert len(empty) == 0 and empty.images.shape == (0, 3, 0, 0) and empty.sizes.shape == (0, 2)
+    ds = ImageDataset(make_samples(tmp_path, sizes=((8, 6), (6, 8), (7, 7))))
+    batches = list(DataLoader(ds, batch_size=2, collate_fn=collate_padded))
+    assert [len(b) for b in batches] == [2, 1]
+    assert batches[0].images.shape == (2, 3, 8, 8)
+
+
+# ---------------------------------------------------------------------------------------------- transforms
+
+
+@pytest.mark.parametrize("name", ["none", "microscopy", "strong"])
+def test_transforms_keep_dtype_and_shape(name):
+    torch.manual_seed(0)
+    img = torch.from_numpy(rgb_array(12, 20)).permute(2, 0, 1).contiguous()
+    shapes = set()
+    for _ in range(20):
+        out = build_transform(name, train=True)(img)
+        assert out.dtype == torch.uint8 and out.shape[0] == 3
+        shapes.add(tuple(out.shape[1:]))
+    assert shapes <= {(12, 20), (20, 12)}
+    if name != "none":
+        assert shapes == {(12, 20), (20, 12)}  # 90-degree rotations happen
+    assert torch.equal(build_transform(name, train=False)(img), img)
+
+
+def test_transform_unknown_name():
+    with pytest.raises(FinescopeError, match="none, microscopy, strong"):
+        build_transform("heavy", train=True)
+
+
+# ------------------------------------------------------------------------------------------------- summary
+
+
+def test_describe_samples(tmp_path):
+    samples = make_samples(tmp_path, sizes=((10, 20), (10, 20), (12, 20)))
+    (tmp_path / "copy.png").write_bytes(Path(samples[0].path).read_bytes())
+    samples.append(Sample(str(tmp_path / "copy.png"), 0, "g9", {"magnification": 40}))
+    Path(samples[2].path).write_bytes(b"broken")
+    d = describe_samples(SampleSet(samples, ["a", "b"], root=str(tmp_path)))
+    assert d["n_images"] == 4 and d["n_groups"] == 4
+    assert d["per_class"] == {"a": {"images": 3, "groups": 3}, "b": {"images": 1, "groups": 1}}
+    assert d["image_sizes"] == {"20x10": 3}
+    assert [Path(p).name for p, _ in d["unreadable"]] == ["img2.png"]
+    assert d["per_magnification"] == {40: 1}
+    assert d["duplicates_across_groups"] == 1
+    text = format_description(d)
+    assert "img2.png" in text and "20x10: 3" in text and "copy.png" in text
+    assert "image_sizes" not in describe_samples(SampleSet(samples, ["a", "b"]), read_images=False)
+
+
+# ------------------------------------------------------------------------------------------------ real data
+
+
+@realdata
+@pytest.mark.realdata
+def test_real_breakhis_png_decodes():
+    path = next((SHARED_DATA / "breakhis").rglob("SOB_*-100-*.png"))
+    t = read_image(path)
+    assert t.dtype == torch.uint8 and t.shape[0] == 3 and t.shape[2] == 700 and t.shape[1] in (460, 456)
+    first = SHARED_DATA / "breakhis/BreaKHis_v1/histology_slides/breast/benign/SOB/adenosis"
+    t = read_image(sorted(first.rglob("*.png"))[0])
+    assert t.shape == (3, 460, 700)

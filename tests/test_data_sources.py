@@ -1,0 +1,362 @@
+"""Sources: BreakHis (official tree and flat folder), folder, CSV and synthetic on tiny generated files."""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from finescope.config import DataConfig
+from finescope.data import SUPPORTED_EXTENSIONS, load_samples, split_groups
+from finescope.data.sources import parse_breakhis_name
+from finescope.errors import FinescopeError
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+realdata = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real data folder {SHARED_DATA} is absent")
+
+# (class folder, subtype folder, subtype code, patient, magnification, index)
+BREAKHIS_FILES = [
+    ("benign", "adenosis", "A", "22549AB", 100, 1),
+    ("benign", "adenosis", "A", "22549AB", 100, 2),
+    ("benign", "adenosis", "A", "22549AB", 40, 1),
+    ("benign", "adenosis", "A", "22549CD", 100, 1),
+    ("benign", "fibroadenoma", "F", "29960AB", 100, 1),
+    ("malignant", "ductal_carcinoma", "DC", "12312", 100, 1),
+    ("malignant", "ductal_carcinoma", "DC", "12312", 400, 3),
+    ("malignant", "papillary_carcinoma", "PC", "15687B", 100, 7),
+]
+
+
+def tiny_png(path: Path, size: tuple[int, int] = (8, 6), value: int = 128) -> Path:
+    """A small RGB image (size = (w, h)); the folder is created."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (value, value // 2, 255 - value)).save(path)
+    return path
+
+
+def breakhis_name(cls: str, code: str, patient: str, mag: int, idx: int) -> str:
+    return f"SOB_{cls[0].upper()}_{code}-14-{patient}-{mag}-{idx:03d}.png"
+
+
+def make_breakhis_tree(root: Path) -> Path:
+    """The official layout: BreaKHis_v1/histology_slides/breast/<class>/SOB/<subtype>/<patient>/<mag>X/<file>."""
+    for cls, subtype, code, patient, mag, idx in BREAKHIS_FILES:
+        folder = (
+            root
+            / "BreaKHis_v1/histology_slides/breast"
+            / cls
+            / "SOB"
+            / subtype
+            / f"SOB_{cls[0].upper()}_{code}_14-{patient}"
+        )
+        tiny_png(folder / f"{mag}X" / breakhis_name(cls, code, patient, mag, idx))
+    return root
+
+
+def make_breakhis_flat(root: Path) -> Path:
+    for cls, _, code, patient, mag, idx in BREAKHIS_FILES:
+        tiny_png(root / breakhis_name(cls, code, patient, mag, idx))
+    return root
+
+
+def make_folder(root: Path) -> Path:
+    """root/<class>/<class>_<source>_<n>.png in the DeFungi style; one nested sub-folder."""
+    for cls, sources in {"H2": ["10a", "10b"], "H1": ["7a", "8b", "9c"]}.items():
+        for src in sources:
+            for n in (1, 2):
+                tiny_png(root / cls / f"{cls}_{src}_{n}.png")
+    tiny_png(root / "H1" / "nested" / "H1_9c_3.PNG")
+    return root
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        csv.writer(fh).writerows([header, *rows])
+    return path
+
+
+def make_csv(root: Path, with_split: bool = True) -> Path:
+    rows = []
+    for i, (label, group, split) in enumerate(
+        [("cat", "p1", "train"), ("dog", "p2", "train"), ("cat", "p3", "test"), ("dog", "p4", "val")]
+    ):
+        tiny_png(root / "img" / f"{i:02d}.png")
+        rows.append([f"img/{i:02d}.png", label, group] + ([split] if with_split else []) + [f"stain{i}"])
+    header = ["path", "label", "group"] + (["split"] if with_split else []) + ["stain"]
+    return write_csv(root / "manifest.csv", header, rows[::-1])  # unsorted on purpose
+
+
+# ------------------------------------------------------------------------------------------------ breakhis
+
+
+def test_parse_breakhis_name():
+    info = parse_breakhis_name("SOB_B_A-14-22549AB-100-001.png")
+    assert info == {
+        "tumor_class": "benign",
+        "subtype": "adenosis",
+        "year": 14,
+        "patient": "22549AB",
+        "case": "22549",
+        "magnification": 100,
+        "index": 1,
+    }
+    assert parse_breakhis_name("SOB_M_PC-14-15687B-400-012.png")["case"] == "15687"
+    assert parse_breakhis_name("SOB_M_A-14-22549AB-100-001.png") is None  # benign subtype filed as malignant
+    assert parse_breakhis_name("holiday.png") is None
+
+
+@pytest.mark.parametrize("make", [make_breakhis_tree, make_breakhis_flat], ids=["official-tree", "flat"])
+def test_breakhis_binary(tmp_path, make):
+    root = make(tmp_path / "bh")
+    ss = load_samples(DataConfig(source="breakhis", root=str(root)))
+    assert ss.class_names == ["benign", "malignant"]
+    assert len(ss) == len(BREAKHIS_FILES)
+    assert [s.path for s in ss.samples] == sorted(s.path for s in ss.samples)
+    assert sorted(ss.labels) == [0] * 5 + [1] * 3
+    by_patient = {s.meta["patient"]: s.group for s in ss.samples}
+    assert by_patient == {
+        "22549AB": "22549",
+        "22549CD": "22549",
+        "29960AB": "29960",
+        "12312": "12312",
+        "15687B": "15687",
+    }
+    first = next(s for s in ss.samples if s.path.endswith("SOB_B_A-14-22549AB-100-001.png"))
+    assert first.meta == {
+        "patient": "22549AB",
+        "magnification": 100,
+        "subtype": "adenosis",
+        "tumor_class": "benign",
+    }
+    assert Path(ss.root) == root.resolve()
+
+
+def test_breakhis_tree_and_flat_agree(tmp_path):
+    def key(ss):
+        return sorted((Path(s.path).name, s.label, s.group) for s in ss.samples)
+
+    tree = load_samples(DataConfig(source="breakhis", root=str(make_breakhis_tree(tmp_path / "a"))))
+    flat = load_samples(DataConfig(source="breakhis", root=str(make_breakhis_flat(tmp_path / "b"))))
+    assert key(tree) == key(flat)
+
+
+def test_breakhis_subtype_and_magnification_filter(tmp_path):
+    root = make_breakhis_tree(tmp_path)
+    cfg = DataConfig(source="breakhis", root=str(root), task="subtype", magnifications=(100,))
+    with pytest.raises(FinescopeError, match="class 'phyllodes_tumor' has no images"):
+        load_samples(cfg)
+    ss = load_samples(cfg, require_all_classes=False)
+    assert len(ss.class_names) == 8 and ss.class_names[0] == "adenosis"
+    assert {s.meta["magnification"] for s in ss.samples} == {100}
+    assert len(ss) == 6
+    assert {ss.class_names[s.label] for s in ss.samples} == {
+        "adenosis",
+        "fibroadenoma",
+        "ductal_carcinoma",
+        "papillary_carcinoma",
+    }
+
+
+def test_breakhis_bad_magnification(tmp_path):
+    root = make_breakhis_flat(tmp_path)
+    with pytest.raises(FinescopeError, match="data.magnifications"):
+        load_samples(DataConfig(source="breakhis", root=str(root), magnifications=(50,)))
+
+
+def test_breakhis_bad_name_raises_or_skips(tmp_path):
+    root = make_breakhis_flat(tmp_path)
+    tiny_png(root / "scan_0001.png")
+    with pytest.raises(FinescopeError, match=r"scan_0001\.png.*SOB_<B\|M>"):
+        load_samples(DataConfig(source="breakhis", root=str(root)))
+    with pytest.warns(UserWarning, match="scan_0001.png"):
+        ss = load_samples(DataConfig(source="breakhis", root=str(root), on_error="skip"))
+    assert len(ss) == len(BREAKHIS_FILES)
+    assert [Path(p).name for p, _ in ss.skipped] == ["scan_0001.png"]
+
+
+def test_class_names_fix_label_order(tmp_path):
+    root = make_breakhis_flat(tmp_path)
+    ss = load_samples(DataConfig(source="breakhis", root=str(root)), class_names=["malignant", "benign"])
+    assert ss.class_names == ["malignant", "benign"]
+    assert all((s.label == 1) == (s.meta["tumor_class"] == "benign") for s in ss.samples)
+    with pytest.raises(FinescopeError, match=r"label 'malignant'.*benign, other"):
+        load_samples(DataConfig(source="breakhis", root=str(root)), class_names=["benign", "other"])
+
+
+def test_missing_root_and_no_images(tmp_path):
+    with pytest.raises(FinescopeError, match=r"data.root '.*nowhere' does not exist"):
+        load_samples(DataConfig(source="breakhis", root=str(tmp_path / "nowhere")))
+    (tmp_path / "empty" / "A").mkdir(parents=True)
+    (tmp_path / "empty" / "A" / "notes.txt").write_text("x")
+    with pytest.raises(FinescopeError, match=r"found 0 images under .*empty.*\.png"):
+        load_samples(DataConfig(source="folder", root=str(tmp_path / "empty")))
+    with pytest.raises(FinescopeError, match="found 0 images"):
+        load_samples(DataConfig(source="breakhis", root=str(tmp_path / "empty")))
+
+
+def test_supported_extensions_any_case(tmp_path):
+    for i, ext in enumerate(SUPPORTED_EXTENSIONS):
+        tiny_png(tmp_path / "cls" / f"img{i}{ext.upper() if i % 2 else ext}")
+    (tmp_path / "cls" / ".hidden.png").write_bytes(b"")
+    (tmp_path / "cls" / "readme.md").write_text("x")
+    ss = load_samples(DataConfig(source="folder", root=str(tmp_path)))
+    assert len(ss) == len(SUPPORTED_EXTENSIONS)
+
+
+# -------------------------------------------------------------------------------------------------- folder
+
+
+def test_folder_with_group_pattern(tmp_path):
+    root = make_folder(tmp_path / "fungi")
+    ss = load_samples(DataConfig(source="folder", root=str(root), group_pattern=r"^H\d+_([^_]+)_"))
+    assert ss.class_names == ["H1", "H2"]
+    assert len(ss) == 11
+    assert [s.path for s in ss.samples] == sorted(s.path for s in ss.samples)
+    nested = next(s for s in ss.samples if s.path.endswith("H1_9c_3.PNG"))
+    assert nested.group == "9c" and ss.class_names[nested.label] == "H1"
+    assert sorted(set(ss.groups)) == ["10a", "10b", "7a", "8b", "9c"]
+
+
+def test_folder_default_group_is_relative_path(tmp_path):
+    root = make_folder(tmp_path)
+    ss = load_samples(DataConfig(source="folder", root=str(root)))
+    assert len(set(ss.groups)) == len(ss)
+    assert "H1/nested/H1_9c_3.PNG" in ss.groups
+
+
+def test_folder_deterministic(tmp_path):
+    root = make_folder(tmp_path)
+    cfg = DataConfig(source="folder", root=str(root), group_pattern=r"_(\w+?)_")
+    assert load_samples(cfg) == load_samples(cfg)
+
+
+def test_folder_pattern_errors(tmp_path):
+    root = make_folder(tmp_path)
+    tiny_png(root / "H2" / "odd-name.png")
+    with pytest.raises(FinescopeError, match=r"odd-name\.png.*data.group_pattern"):
+        load_samples(DataConfig(source="folder", root=str(root), group_pattern=r"^H\d+_([^_]+)_"))
+    with pytest.raises(FinescopeError, match=r"data.group_pattern.*not a valid regex"):
+        load_samples(DataConfig(source="folder", root=str(root), group_pattern="^H(["))
+    with pytest.raises(FinescopeError, match=r"data.group_pattern.*no capture group"):
+        load_samples(DataConfig(source="folder", root=str(root), group_pattern=r"^H\d+"))
+
+
+def test_folder_empty_class_and_no_class_folders(tmp_path):
+    root = make_folder(tmp_path / "a")
+    (root / "H9").mkdir()
+    with pytest.raises(FinescopeError, match="class 'H9' has no images"):
+        load_samples(DataConfig(source="folder", root=str(root)))
+    assert (
+        load_samples(DataConfig(source="folder", root=str(root)), require_all_classes=False).class_names[-1]
+        == "H9"
+    )
+    tiny_png(tmp_path / "flat" / "x.png")
+    with pytest.raises(FinescopeError, match="no class sub-folders"):
+        load_samples(DataConfig(source="folder", root=str(tmp_path / "flat")))
+
+
+# ----------------------------------------------------------------------------------------------------- csv
+
+
+def test_csv_with_split_column(tmp_path):
+    manifest = make_csv(tmp_path / "set")
+    ss = load_samples(DataConfig(source="csv", root=str(manifest)))
+    assert ss.class_names == ["cat", "dog"]
+    assert [Path(s.path).name for s in ss.samples] == ["00.png", "01.png", "02.png", "03.png"]
+    assert ss.preset_splits == ["train", "train", "test", "val"]
+    assert ss.groups == ["p1", "p2", "p3", "p4"]
+    assert ss.labels == [0, 1, 0, 1]
+    assert ss.samples[2].meta == {"stain": "stain2"}
+    assert Path(ss.root) == manifest.parent.resolve()
+    assert load_samples(DataConfig(source="csv", root=str(manifest.parent))) == ss  # folder with manifest.csv
+
+
+def test_csv_without_group_or_split(tmp_path):
+    tiny_png(tmp_path / "a.png")
+    tiny_png(tmp_path / "sub" / "b.png")
+    manifest = write_csv(tmp_path / "list.csv", ["path", "label"], [["sub/b.png", "y"], ["a.png", "x"]])
+    ss = load_samples(DataConfig(source="csv", root=str(manifest)))
+    assert ss.groups == ["a.png", "sub/b.png"] and ss.preset_splits is None
+
+
+def test_csv_errors(tmp_path):
+    tiny_png(tmp_path / "a.png")
+    bad = write_csv(tmp_path / "nolabel.csv", ["path", "group"], [["a.png", "g"]])
+    with pytest.raises(FinescopeError, match=r"nolabel\.csv.*'label' column"):
+        load_samples(DataConfig(source="csv", root=str(bad)))
+    missing = write_csv(tmp_path / "missing.csv", ["path", "label"], [["a.png", "x"], ["gone.png", "y"]])
+    with pytest.raises(FinescopeError, match=r"gone\.png.*missing\.csv"):
+        load_samples(DataConfig(source="csv", root=str(missing)))
+    with pytest.warns(UserWarning, match="gone.png"):
+        ss = load_samples(
+            DataConfig(source="csv", root=str(missing), on_error="skip"), require_all_classes=False
+        )
+    assert len(ss) == 1 and len(ss.skipped) == 1
+    split = write_csv(tmp_path / "split.csv", ["path", "label", "split"], [["a.png", "x", "holdout"]])
+    with pytest.raises(FinescopeError, match=r"split\.csv.*'holdout'.*train, val, test"):
+        load_samples(DataConfig(source="csv", root=str(split)))
+    dup = write_csv(tmp_path / "dup.csv", ["path", "label"], [["a.png", "x"], ["./a.png", "x"]])
+    with pytest.raises(FinescopeError, match=r"dup\.csv.*second time"):
+        load_samples(DataConfig(source="csv", root=str(dup)))
+    with pytest.raises(FinescopeError, match="without manifest.csv"):
+        load_samples(DataConfig(source="csv", root=str(tmp_path)))
+
+
+# ----------------------------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_reads_generated_manifest(tmp_path, monkeypatch):
+    import finescope.data.synthetic as synthetic
+
+    calls = []
+
+    def fake_ensure(root, per_class, size, seed):
+        calls.append((Path(root), per_class, size, seed))
+        rows = []
+        for i in range(2 * per_class):
+            tiny_png(Path(root) / "images" / f"{i:02d}.png", size=(size, size))
+            rows.append([f"images/{i:02d}.png", ["a", "b"][i % 2], f"g{i}"])
+        return write_csv(Path(root) / "manifest.csv", ["path", "label", "group"], rows)
+
+    monkeypatch.setattr(synthetic, "ensure_synthetic", fake_ensure)
+    cfg = DataConfig(source="synthetic", root=str(tmp_path / "syn"), synthetic_per_class=3, synthetic_size=8)
+    ss = load_samples(cfg)
+    assert calls == [(tmp_path / "syn", 3, 8, 0)]
+    assert len(ss) == 6 and ss.class_names == ["a", "b"]
+
+
+# ------------------------------------------------------------------------------------------------ real data
+
+
+@realdata
+@pytest.mark.realdata
+@pytest.mark.parametrize("task,n_classes", [("binary", 2), ("subtype", 8)])
+def test_real_breakhis(task, n_classes):
+    ss = load_samples(DataConfig(source="breakhis", root=str(SHARED_DATA / "breakhis"), task=task))
+    assert len(ss) == 296 and len(ss.class_names) == n_classes
+    assert len({s.meta["patient"] for s in ss.samples}) == 18
+    assert len(set(ss.groups)) == 14
+    if task == "binary":
+        assert np.bincount(ss.labels).tolist() == [168, 128]
+    assert {s.group for s in ss.samples if s.meta["patient"] in ("22549AB", "22549CD", "22549G")} == {"22549"}
+
+
+@realdata
+@pytest.mark.realdata
+def test_real_defungi_sources_stay_on_one_side():
+    cfg = DataConfig(source="folder", root=str(SHARED_DATA / "defungi"), group_pattern=r"^H\d+_([^_]+)_")
+    ss = load_samples(cfg)
+    assert ss.class_names == ["H1", "H2", "H3", "H5", "H6"] and len(ss) == 6440
+    assert np.bincount(ss.labels).tolist() == [2927, 1829, 567, 580, 537]
+    splits = split_groups(ss.labels, ss.groups, 0.3, 0.15, seed=0)
+    side_of = {}
+    for side, idx in splits.items():
+        for i in idx:
+            source = re.match(r"^H\d+_([^_]+)_", Path(ss.samples[i].path).name).group(1)
+            assert side_of.setdefault(source, side) == side
+    assert sum(len(v) for v in splits.values()) == 6440

@@ -1,0 +1,241 @@
+"""Grouped stratified splits: no group on two sides, every class in train, seed dependence, save/load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from finescope.config import DataConfig
+from finescope.data import (
+    Sample,
+    SampleSet,
+    carve_validation,
+    check_no_leak,
+    kfold_groups,
+    load_samples,
+    load_splits,
+    save_splits,
+    split_groups,
+    summarize_splits,
+    trial_splits,
+)
+from finescope.errors import FinescopeError
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+realdata = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real data folder {SHARED_DATA} is absent")
+
+
+def grouped_data(groups_per_class=(7, 4, 2, 1), seed=0):
+    """Labels and groups with 1-6 samples per group; the groups of a class are numbered c<class>_g<k>."""
+    rng = np.random.default_rng(seed)
+    labels, groups = [], []
+    for c, n_groups in enumerate(groups_per_class):
+        for g in range(n_groups):
+            n = int(rng.integers(1, 7))
+            labels += [c] * n
+            groups += [f"c{c}_g{g}"] * n
+    order = rng.permutation(len(labels))  # samples of a group need not be adjacent
+    return np.array(labels)[order], np.array(groups)[order]
+
+
+def groups_on(idx, groups):
+    return set(np.asarray(groups)[idx].tolist())
+
+
+def assert_partition(parts, n):
+    allidx = np.concatenate(parts)
+    assert np.array_equal(np.sort(allidx), np.arange(n))
+
+
+@pytest.mark.parametrize("val_fraction", [0.0, 0.2])
+def test_split_groups_never_leaks_and_stays_stratified(val_fraction):
+    for seed in range(40):
+        labels, groups = grouped_data(seed=seed)
+        splits = split_groups(labels, groups, test_fraction=0.3, val_fraction=val_fraction, seed=seed)
+        assert set(splits) == {"train", "val", "test"}
+        assert_partition(list(splits.values()), len(labels))
+        check_no_leak(splits, groups)
+        sides = [groups_on(v, groups) for v in splits.values()]
+        assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
+        for idx in splits.values():
+            assert np.all(np.diff(idx) > 0) and idx.dtype == np.int64
+        assert set(labels[splits["train"]]) == {0, 1, 2, 3}  # every class keeps a training group
+        assert set(labels[splits["test"]]) == {0, 1, 2}  # classes with >= 2 groups are tested
+        if val_fraction == 0:
+            assert len(splits["val"]) == 0
+        else:
+            assert {0, 1} <= set(labels[splits["val"]])  # classes with >= 3 groups left after test
+
+
+def test_split_groups_counts_per_class():
+    labels, groups = grouped_data((10, 4))
+    splits = split_groups(labels, groups, test_fraction=0.3, val_fraction=0.2, seed=1)
+    n_test = [len({g for g in groups_on(splits["test"], groups) if g.startswith(f"c{c}_")}) for c in (0, 1)]
+    n_val = [len({g for g in groups_on(splits["val"], groups) if g.startswith(f"c{c}_")}) for c in (0, 1)]
+    assert n_test == [3, 1] and n_val == [2, 1]
+
+
+def test_split_groups_seeds_differ_and_repeat():
+    labels, groups = grouped_data((8, 6))
+    a = split_groups(labels, groups, 0.3, 0.15, seed=0)
+    b = split_groups(labels, groups, 0.3, 0.15, seed=1)
+    again = split_groups(labels, groups, 0.3, 0.15, seed=0)
+    assert all(np.array_equal(a[k], again[k]) for k in a)
+    assert not np.array_equal(a["test"], b["test"])
+    tests = {tuple(split_groups(labels, groups, 0.3, 0.0, seed=s)["test"]) for s in range(10)}
+    assert len(tests) >= 8
+
+
+def test_split_groups_bad_fractions():
+    labels, groups = grouped_data()
+    with pytest.raises(FinescopeError, match="data.test_fraction"):
+        split_groups(labels, groups, 1.2, 0.1, 0)
+    with pytest.raises(FinescopeError, match="must be below 1"):
+        split_groups(labels, groups, 0.6, 0.5, 0)
+
+
+def test_kfold_is_grouped_stratified_partition():
+    for seed in range(20):
+        labels, groups = grouped_data((9, 5, 3), seed=seed)
+        folds = kfold_groups(labels, groups, k=3, seed=seed)
+        assert len(folds) == 3
+        assert_partition(folds, len(labels))
+        for f in folds:
+            assert set(labels[f]) == {0, 1, 2}
+            rest = np.setdiff1d(np.arange(len(labels)), f)
+            check_no_leak({"train": rest, "test": f}, groups)
+
+
+def test_kfold_depends_on_seed():
+    labels, groups = grouped_data((9, 6))
+    runs = {tuple(map(tuple, kfold_groups(labels, groups, 3, seed=s))) for s in range(6)}
+    assert len(runs) > 1
+
+
+def test_kfold_too_few_groups():
+    labels, groups = grouped_data((6, 2))
+    with pytest.raises(FinescopeError, match=r"class 'malignant' has only 2 groups.*--folds 2 or fewer"):
+        kfold_groups(labels, groups, k=3, seed=0, class_names=["benign", "malignant"])
+    labels, groups = grouped_data((2, 2))
+    with pytest.raises(FinescopeError, match=r"only 4 groups, fewer than the 5 folds"):
+        kfold_groups(labels, groups, k=5, seed=0)
+    with pytest.raises(FinescopeError, match="at least 2 folds"):
+        kfold_groups(labels, groups, k=1, seed=0)
+
+
+def test_trial_splits_spanhol_protocol():
+    labels, groups = grouped_data((10, 8))
+    trials = trial_splits(labels, groups, n_trials=5, test_fraction=0.3, seed=3)
+    assert len(trials) == 5
+    assert len({tuple(t) for t in trials}) == 5
+    for t, test in enumerate(trials):
+        assert np.array_equal(test, split_groups(labels, groups, 0.3, 0.0, 3 + t)["test"])
+        check_no_leak({"train": np.setdiff1d(np.arange(len(labels)), test), "test": test}, groups)
+
+
+def test_carve_validation_takes_training_groups_only():
+    labels, groups = grouped_data((8, 6))
+    splits = split_groups(labels, groups, 0.3, 0.0, seed=0)
+    train, val = carve_validation(splits["train"], labels, groups, val_fraction=0.25, seed=0)
+    assert np.array_equal(np.sort(np.concatenate([train, val])), splits["train"])
+    assert len(val) > 0 and set(labels[val]) == {0, 1}
+    check_no_leak({"train": train, "val": val, "test": splits["test"]}, groups)
+    same, empty = carve_validation(splits["train"], labels, groups, 0.0, seed=0)
+    assert np.array_equal(same, splits["train"]) and len(empty) == 0
+
+
+def test_check_no_leak_names_group_and_sides():
+    groups = np.array(["a", "a", "b", "c"])
+    with pytest.raises(FinescopeError, match=r"group 'a' is on both 'train' and 'test'"):
+        check_no_leak({"train": np.array([0, 2]), "test": np.array([1, 3])}, groups)
+    with pytest.raises(FinescopeError, match=r"sample 2 is on both"):
+        check_no_leak({"train": np.array([2]), "val": np.array([2])}, groups)
+    check_no_leak({"train": np.array([0, 1]), "test": np.array([2, 3])}, groups)
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+
+
+def sample_set(root: Path, n: int = 12) -> SampleSet:
+    samples = [Sample(str(root / f"c{i % 2}" / f"img{i:02d}.png"), i % 2, f"g{i // 2}") for i in range(n)]
+    return SampleSet(samples, ["a", "b"], root=str(root))
+
+
+def test_save_load_round_trip(tmp_path):
+    ss = sample_set(tmp_path / "data")
+    splits = split_groups(ss.labels, ss.groups, 0.3, 0.2, seed=0)
+    path = tmp_path / "run" / "splits.json"
+    save_splits(path, splits, ss, extra={"seed": 0})
+    raw = json.loads(path.read_text())
+    assert raw["counts"] == {k: len(v) for k, v in splits.items()}
+    assert raw["extra"] == {"seed": 0}
+    assert all(not p.startswith("/") and "/" in p for v in raw["splits"].values() for p in v)
+    loaded = load_splits(path, ss)
+    assert all(np.array_equal(loaded[k], splits[k]) for k in splits)
+    moved = sample_set(tmp_path / "elsewhere")  # same relative paths under another root
+    assert all(np.array_equal(load_splits(path, moved)[k], splits[k]) for k in splits)
+
+
+def test_load_splits_mismatch(tmp_path):
+    ss = sample_set(tmp_path)
+    splits = split_groups(ss.labels, ss.groups, 0.3, 0.0, seed=0)
+    path = tmp_path / "splits.json"
+    save_splits(path, splits, ss)
+    smaller = SampleSet(ss.samples[:-3], ss.class_names, root=ss.root)
+    with pytest.raises(
+        FinescopeError,
+        match=r"does not match the data: 3 listed images are not in data.root.*leaving data.splits empty",
+    ):
+        load_splits(path, smaller)
+    bigger = sample_set(tmp_path, n=14)
+    with pytest.raises(FinescopeError, match=r"2 images in data.root are in no split, e.g. '.*img12.png'"):
+        load_splits(path, bigger)
+    with pytest.raises(FinescopeError, match=r"splits file '.*nope.json' not found"):
+        load_splits(tmp_path / "nope.json", ss)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(FinescopeError, match=r"bad.json' is not valid JSON"):
+        load_splits(tmp_path / "bad.json", ss)
+
+
+def test_load_splits_rejects_leak(tmp_path):
+    ss = sample_set(tmp_path)
+    path = tmp_path / "splits.json"
+    save_splits(path, {"train": np.arange(0, 7), "test": np.arange(7, 12)}, ss)  # g3 = samples 6, 7
+    with pytest.raises(FinescopeError, match="group 'g3' is on both 'train' and 'test'"):
+        load_splits(path, ss)
+
+
+def test_summarize_splits(tmp_path):
+    ss = sample_set(tmp_path)
+    summary = summarize_splits({"train": np.arange(0, 8), "test": np.arange(8, 12)}, ss)
+    assert summary["train"]["images"] == 8 and summary["train"]["groups"] == 4
+    assert summary["test"]["per_class"] == {"a": {"images": 2, "groups": 2}, "b": {"images": 2, "groups": 2}}
+    assert summary["train"]["shared_groups"] == 0
+    leaky = summarize_splits({"train": np.arange(0, 7), "test": np.arange(7, 12)}, ss)
+    assert leaky["test"]["shared_groups"] == 1
+
+
+# ------------------------------------------------------------------------------------------------ real data
+
+
+@realdata
+@pytest.mark.realdata
+def test_real_breakhis_cases_stay_together():
+    ss = load_samples(DataConfig(source="breakhis", root=str(SHARED_DATA / "breakhis")))
+    labels, groups = np.array(ss.labels), np.array(ss.groups)
+    patients = np.array([s.meta["patient"] for s in ss.samples])
+    seen = set()
+    for seed in range(10):
+        splits = split_groups(labels, groups, 0.3, 0.15, seed)
+        check_no_leak(splits, groups)
+        side = {p: k for k, idx in splits.items() for p in patients[idx]}
+        assert side["22549AB"] == side["22549CD"] == side["22549G"]
+        assert side["21998AB"] == side["21998CD"] and side["29960AB"] == side["29960CD"]
+        assert set(labels[splits["test"]]) == {0, 1} and set(labels[splits["train"]]) == {0, 1}
+        seen.add(tuple(splits["test"]))
+    assert len(seen) > 1
+    folds = kfold_groups(labels, groups, 3, seed=0)
+    assert_partition(folds, len(labels))
