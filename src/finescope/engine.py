@@ -73,7 +73,7 @@ def train_one_epoch(
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen, start = 0, time.perf_counter()
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
+    for batch in tqdm(loader, desc=desc, leave=False, disable=None if progress else True):
         if len(batch) == 0:
             continue
         images, sizes, labels = _to_model_input(batch, device, channels_last)
@@ -138,7 +138,7 @@ def predict_loader(
     model.eval()
     idx, labels, probs, boxes, mass = [], [], [], [], []
     loss_sum, loss_n = 0.0, 0
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
+    for batch in tqdm(loader, desc=desc, leave=False, disable=None if progress else True):
         if len(batch) == 0:
             continue
         images, sizes, y = _to_model_input(batch, device, channels_last)

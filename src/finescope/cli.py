@@ -1,0 +1,177 @@
+"""The ``finescope`` command line: one small function per verb, each calling a library function.
+
+User mistakes (FinescopeError) print one line on stderr and exit 2; nothing else is printed as a traceback
+unless ``FINESCOPE_DEBUG=1`` is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from finescope import __version__
+from finescope.errors import FinescopeError
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. --set train.epochs=5 model.variant=global")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from finescope import distributed as dist
+    from finescope.config import load_config
+    from finescope.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    dist.init_from_env(cfg.train.device)
+    out = args.out or f"runs/{cfg.name or Path(args.config).stem}"
+    metrics = train(cfg, out, resume=args.resume, progress=not args.quiet)
+    if dist.is_main():
+        print(f"run written to {out}")
+        if metrics:
+            print(_metrics_line(metrics))
+    return 0
+
+
+def _metrics_line(m: dict) -> str:
+    keys = ("image_accuracy", "balanced_accuracy", "macro_f1", "auc", "patient_recognition_rate")
+    return "test: " + "  ".join(f"{k} {m[k]:.4f}" for k in keys if m.get(k) is not None) + f"  (n={m['n_images']})"
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from finescope.trainer import evaluate
+
+    metrics = evaluate(args.source, args.split, args.overrides, args.out, args.device)
+    print(_metrics_line(metrics).replace("test:", f"{metrics['split']}:"))
+    print(f"metrics written to {metrics['output']}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from finescope.trainer import predict
+
+    out = predict(args.checkpoint, args.paths, args.out, args.overrides, args.device)
+    print(f"predictions written to {out}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from finescope.config import load_config
+    from finescope.data import describe_samples, format_description, load_samples
+
+    cfg = load_config(args.config, args.overrides)
+    description = describe_samples(load_samples(cfg.data), read_images=not args.no_read)
+    print(format_description(description))
+    if args.json:
+        Path(args.json).write_text(json.dumps(description, indent=2, default=str))
+    return 1 if description.get("unreadable") and cfg.data.on_error == "raise" else 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from finescope.models import describe_models, list_backbones
+
+    for name, text in describe_models().items():
+        print(f"{name:15s} {text}")
+    print("\nbackbones: " + ", ".join(list_backbones()) + " (and any timm model with finescope[timm])")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from finescope.demo import run_demo
+
+    run_demo(args.out, quick=args.quick, progress=not args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="finescope",
+        description="Fine-grained microscopy classification with gated attention and high-resolution crops "
+        "(Fan et al., MICCAI 2020).",
+    )
+    parser.add_argument("--version", action="version", version=f"finescope {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("--config", required=True, help="experiment YAML (see configs/)")
+    p.add_argument("--out", help="run directory (default runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+    _add_set(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics of a trained model on its test split or on other data")
+    p.add_argument("source", help="a run directory or a checkpoint .pt")
+    p.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
+                   help="split of the run's own data (other data, via --set data.root=..., is always 'all')")
+    p.add_argument("--out", help="metrics JSON path (default RUN_DIR/metrics_<split>.json)")
+    p.add_argument("--device", default="auto")
+    _add_set(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="predict image files or folders; one CSV row per image")
+    p.add_argument("checkpoint", help="a run directory or a checkpoint .pt")
+    p.add_argument("paths", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("--out", default="predictions.csv", help="CSV to write (default predictions.csv)")
+    p.add_argument("--device", default="auto")
+    _add_set(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("data", help="count images per class, group and magnification; list unreadable files")
+    p.add_argument("--config", required=True)
+    p.add_argument("--json", help="also write the description as JSON")
+    p.add_argument("--no-read", action="store_true", help="do not decode every image (faster, no size check)")
+    _add_set(p)
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("models", help="list the model variants and backbones")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("demo", help="synthetic set: train global and fusion, compare, draw attention overlays")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--quick", action="store_true", help="a smaller, faster run (for tests)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _one_line(err: BaseException) -> str:
+    """A FinescopeError raised in a DataLoader worker arrives wrapped with a traceback: keep its message."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1]
+        text = text.split("FinescopeError: ", 1)[-1]
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = os.environ.get("FINESCOPE_DEBUG") == "1"
+    if not debug:
+        warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    try:
+        return args.func(args)
+    except FinescopeError as e:
+        if debug:
+            raise
+        print(f"finescope: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("finescope: interrupted; resume a training run with --resume", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug or "FinescopeError" not in str(e):
+            raise
+        print(f"finescope: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

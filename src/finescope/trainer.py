@@ -1,0 +1,424 @@
+"""Wiring: build data, model, optimiser and loops from a :class:`Config`, and write a run directory.
+
+A run directory holds::
+
+    config.yaml            the resolved config with package version and git commit
+    splits.json            the grouped split (reusable with data.splits=...)
+    history.jsonl          one JSON line per epoch
+    checkpoints/last.pt    the full state after the last finished epoch (resume from here)
+    checkpoints/best.pt    the state of the best validation epoch
+    metrics.json           test metrics of best.pt
+    predictions_test.csv   one row per test image
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from finescope import distributed as dist
+from finescope.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from finescope.config import Config, load_config, resolved_dict, save_config, strip_provenance
+from finescope.data import (
+    ImageDataset,
+    SampleSet,
+    build_transform,
+    check_no_leak,
+    collate_padded,
+    load_samples,
+    load_splits,
+    save_splits,
+    split_groups,
+)
+from finescope.engine import Predictions, predict_loader, train_one_epoch, warmup_cosine
+from finescope.errors import FinescopeError
+from finescope.metrics import compute_metrics
+from finescope.models import create_model
+from finescope.models.network import FineScopeNet
+
+log = logging.getLogger("finescope")
+
+
+# -- small builders ----------------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda if available else cpu; ``cuda`` without a GPU is an error naming ``train.device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FinescopeError(f"train.device is '{name}' but no CUDA GPU is available; use train.device=cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise FinescopeError(f"train.device '{name}' is not a device; use auto, cpu, cuda or cuda:N") from None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def min_image_side(cfg: Config) -> int:
+    """Crop variants need images at least ``local_size`` on their short side."""
+    from finescope.models.registry import variant_switches
+
+    return cfg.model.local_size if variant_switches(cfg.model.variant).get("use_crops") else 0
+
+
+def make_loader(
+    sample_set: SampleSet, indices, cfg: Config, train: bool, epoch: int = 0, batch_size: int | None = None
+) -> DataLoader:
+    """A DataLoader over ``indices``; training loaders shuffle with a generator seeded by (seed, epoch)."""
+    samples = [sample_set.samples[i] for i in indices]
+    dataset = ImageDataset(
+        samples,
+        transform=build_transform(cfg.data.augment, train),
+        on_error=cfg.data.on_error,
+        min_side=min_image_side(cfg),
+        cache=cfg.data.cache,
+    )
+    bs = batch_size or (cfg.train.batch_size if train else (cfg.train.eval_batch_size or cfg.train.batch_size))
+    sampler = dist.make_sampler(dataset, shuffle=train, seed=cfg.seed + epoch)
+    return DataLoader(
+        dataset,
+        batch_size=bs,
+        sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        collate_fn=collate_padded,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=train and len(samples) > bs,
+    )
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norm weights; the backbone at ``lr * backbone_lr_scale``."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((name.startswith("backbone."), p.ndim >= 2), []).append(p)
+    t = cfg.train
+    param_groups = [
+        {"params": ps, "weight_decay": t.weight_decay if decay else 0.0, "lr": t.lr * (t.backbone_lr_scale if bb else 1)}
+        for (bb, decay), ps in sorted(groups.items())
+    ]
+    return torch.optim.AdamW(param_groups, lr=t.lr, fused=device.type == "cuda")
+
+
+def build_model(cfg: Config, num_classes: int, device: torch.device) -> FineScopeNet:
+    model = create_model(cfg.model, num_classes).to(device)
+    if cfg.train.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+# -- splits --------------------------------------------------------------------------------------------------
+def resolve_splits(cfg: Config, sample_set: SampleSet, run_dir: Path, resume: bool) -> dict[str, np.ndarray]:
+    """The run's split: resumed, given by ``data.splits``, preset by a CSV column, or drawn (grouped)."""
+    own = run_dir / "splits.json"
+    if resume and own.is_file():
+        splits = load_splits(own, sample_set)
+    elif cfg.data.splits:
+        splits = load_splits(cfg.data.splits, sample_set)
+    elif sample_set.preset_splits is not None:
+        names = np.array(sample_set.preset_splits)
+        splits = {side: np.flatnonzero(names == side) for side in ("train", "val", "test")}
+    else:
+        splits = split_groups(
+            sample_set.labels, sample_set.groups, cfg.data.test_fraction, cfg.data.val_fraction, cfg.seed
+        )
+    check_no_leak(splits, sample_set.groups)
+    if len(splits.get("train", [])) == 0:
+        raise FinescopeError("the training split is empty; lower data.test_fraction/val_fraction or add images")
+    return splits
+
+
+# -- the run -------------------------------------------------------------------------------------------------
+def _score(metrics: dict, monitor: str) -> float:
+    """Higher is better; the loss is negated."""
+    if monitor == "loss":
+        return -metrics["loss"]
+    value = metrics.get(monitor)
+    return float("-inf") if value is None else float(value)
+
+
+def _state(model, optimizer, scheduler, epoch, cfg, class_names, tracker) -> dict:
+    from finescope import __version__
+
+    raw = model.module if hasattr(model, "module") else model
+    raw = getattr(raw, "_orig_mod", raw)
+    return {
+        "model": raw.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": {},  # bf16 autocast needs no loss scaling; kept for a stable checkpoint layout
+        "epoch": epoch,
+        "rng": rng_state(),
+        "config": resolved_dict(cfg),
+        "class_names": list(class_names),
+        "tracker": dict(tracker),
+        "finescope_version": __version__,
+    }
+
+
+def _check_classes(state: dict, class_names: list[str], where: str) -> None:
+    if list(state["class_names"]) != list(class_names):
+        raise FinescopeError(
+            f"checkpoint '{where}' was trained for classes {state['class_names']} but the data has {class_names}; "
+            "use a checkpoint of this class list or data with its classes"
+        )
+
+
+def evaluate_split(model, sample_set, indices, cfg, device, desc="eval") -> tuple[Predictions, dict]:
+    """Predict ``indices`` and compute their metrics (image- and, with groups, patient-level)."""
+    loader = make_loader(sample_set, indices, cfg, train=False)
+    preds = predict_loader(
+        model, loader, device, amp=cfg.train.amp, channels_last=cfg.train.channels_last,
+        predict_with=cfg.model.predict_with, aux_weight=cfg.train.aux_weight, desc=desc,
+    )
+    preds.indices = np.asarray(indices)[preds.indices]  # dataset positions -> sample_set indices
+    groups = [sample_set.samples[i].group for i in preds.indices]
+    metrics = compute_metrics(preds.labels, preds.probs, groups, sample_set.class_names)
+    metrics["loss"] = preds.loss
+    return preds, metrics
+
+
+def _log_epoch(run_dir: Path, row: dict) -> None:
+    with (run_dir / "history.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _resume_state(run_dir: Path, class_names, model, optimizer, scheduler) -> tuple[int, dict]:
+    last = run_dir / "checkpoints" / "last.pt"
+    if not last.is_file():
+        raise FinescopeError(f"--resume: no checkpoint at '{last}'; start without --resume")
+    state = load_checkpoint(last)
+    _check_classes(state, class_names, str(last))
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    _truncate_history(run_dir, state["epoch"])
+    return state["epoch"] + 1, state["tracker"]
+
+
+def _truncate_history(run_dir: Path, last_epoch: int) -> None:
+    """Drop history lines of epochs after the checkpoint (a run killed mid-epoch may have logged them)."""
+    path = run_dir / "history.jsonl"
+    if path.is_file():
+        rows = [r for r in path.read_text().splitlines() if r and json.loads(r)["epoch"] <= last_epoch]
+        path.write_text("".join(r + "\n" for r in rows))
+
+
+def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    """Train ``cfg`` into ``run_dir``; return the test metrics (also written to ``metrics.json``).
+
+    With ``resume`` the run continues from ``checkpoints/last.pt`` and reaches the same result as an
+    uninterrupted run: every epoch reseeds its shuffling, augmentation and dropout from (seed, epoch).
+    """
+    run_dir = Path(run_dir)
+    if not resume and (run_dir / "checkpoints" / "last.pt").is_file():
+        raise FinescopeError(f"'{run_dir}' already holds a run; pass --resume to continue it or choose another --out")
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.seed)
+    sample_set = load_samples(cfg.data)
+    splits = resolve_splits(cfg, sample_set, run_dir, resume)
+    model = build_model(cfg, len(sample_set.class_names), device)
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        save_splits(run_dir / "splits.json", splits, sample_set, extra={"seed": cfg.seed})
+    optimizer = build_optimizer(model, cfg, device)
+    steps = len(make_loader(sample_set, splits["train"], cfg, train=True))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(steps * cfg.train.epochs, math.ceil(steps * cfg.train.warmup_epochs))
+    )
+    start, tracker = 0, {"best_score": float("-inf"), "best_epoch": -1, "bad_epochs": 0, "stopped": False}
+    if resume:
+        start, tracker = _resume_state(run_dir, sample_set.class_names, model, optimizer, scheduler)
+    fit_model = dist.wrap_model(model, device)
+    if cfg.train.compile:
+        fit_model = torch.compile(fit_model)
+    for epoch in range(start, cfg.train.epochs):
+        if tracker["stopped"]:
+            break
+        tracker = _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, device, epoch,
+                             tracker, run_dir, progress)
+    return finish(run_dir, cfg, sample_set, splits, device)
+
+
+def _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, device, epoch, tracker, run_dir,
+               progress) -> dict:
+    seed_everything(cfg.seed * 1000 + epoch)
+    t = cfg.train
+    stats = train_one_epoch(
+        fit_model, make_loader(sample_set, splits["train"], cfg, train=True, epoch=epoch), optimizer, scheduler,
+        device, aux_weight=t.aux_weight, label_smoothing=t.label_smoothing, grad_clip=t.grad_clip, amp=t.amp,
+        channels_last=t.channels_last, progress=progress and dist.is_main(), desc=f"epoch {epoch + 1}/{t.epochs}",
+    )
+    row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **{f"train_{k}": v for k, v in stats.items()}}
+    row["train_images_per_second"] = stats["images"] / max(stats["seconds"], 1e-9)
+    if len(splits.get("val", [])):
+        _, val = evaluate_split(model, sample_set, splits["val"], cfg, device, desc="val")
+        row.update({f"val_{k}": v for k, v in val.items() if isinstance(v, (int, float)) or v is None})
+        score = _score(val, t.monitor)
+    else:  # no validation groups: keep the last epoch
+        score = float(epoch)
+    tracker = dict(tracker)
+    if score > tracker["best_score"]:
+        tracker.update(best_score=score, best_epoch=epoch, bad_epochs=0)
+    else:
+        tracker["bad_epochs"] += 1
+    tracker["stopped"] = tracker["bad_epochs"] >= t.patience
+    if dist.is_main():
+        state = _state(model, optimizer, scheduler, epoch, cfg, sample_set.class_names, tracker)
+        if tracker["best_epoch"] == epoch:
+            save_checkpoint(state, run_dir / "checkpoints" / "best.pt")
+        save_checkpoint(state, run_dir / "checkpoints" / "last.pt")  # last: a kill after best.pt loses nothing
+        _log_epoch(run_dir, row)
+        _print_epoch(row, progress)
+    return tracker
+
+
+def _print_epoch(row: dict, progress: bool) -> None:
+    if not progress:
+        return
+    parts = [f"epoch {row['epoch'] + 1}", f"loss {row['train_loss']:.4f}", f"acc {row['train_accuracy']:.3f}"]
+    for key in ("val_loss", "val_image_accuracy", "val_balanced_accuracy", "val_patient_recognition_rate"):
+        if row.get(key) is not None:
+            parts.append(f"{key} {row[key]:.3f}")
+    parts.append(f"{row['train_images_per_second']:.1f} img/s")
+    print("  ".join(parts), flush=True)
+
+
+def finish(run_dir: Path, cfg: Config, sample_set: SampleSet, splits: dict, device: torch.device) -> dict:
+    """Evaluate best.pt on the test split; write metrics.json and predictions_test.csv."""
+    if not dist.is_main():
+        return {}
+    if len(splits.get("test", [])) == 0:
+        return {}
+    state = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    model = build_model(cfg, len(sample_set.class_names), device)
+    model.load_state_dict(state["model"])
+    preds, metrics = evaluate_split(model, sample_set, splits["test"], cfg, device, desc="test")
+    metrics.update(split="test", checkpoint=str(run_dir / "checkpoints" / "best.pt"), best_epoch=state["epoch"])
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_predictions(run_dir / "predictions_test.csv", preds, sample_set)
+    return metrics
+
+
+# -- using a trained model -----------------------------------------------------------------------------------
+def load_trained(source: str | Path, overrides: list[str] | None = None, device: str = "auto"):
+    """Load a checkpoint (or a run directory's best.pt) for inference.
+
+    Returns:
+        (model in eval mode, config with overrides applied, class names, checkpoint state).
+    """
+    state = load_checkpoint(source)
+    base = strip_provenance(state["config"])
+    cfg = load_config(base=base, overrides=overrides)
+    model_cfg = replace(cfg.model, weights="", pretrained=False)  # the checkpoint holds the weights
+    torch_device = resolve_device(device if device != "auto" else cfg.train.device)
+    model = create_model(model_cfg, len(state["class_names"])).to(torch_device)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise FinescopeError(f"checkpoint '{state['path']}' does not fit its model config: {str(e).splitlines()[0]}") from None
+    model.eval()
+    return model, replace(cfg, model=model_cfg), list(state["class_names"]), state
+
+
+def _run_dir_of(state: dict) -> Path:
+    path = Path(state["path"])
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
+def evaluate(source: str | Path, split: str = "test", overrides: list[str] | None = None,
+             out: str | Path | None = None, device: str = "auto") -> dict:
+    """Metrics of a trained model on a split of its run, or on all images of other data.
+
+    With the run's own data, ``split`` picks train/val/test from ``splits.json``; with other data (e.g.
+    ``--set data.root=UNSEEN``) or ``split='all'`` every image is evaluated.
+    """
+    model, cfg, class_names, state = load_trained(source, overrides, device)
+    trained_data = load_config(base=strip_provenance(state["config"])).data
+    sample_set = load_samples(cfg.data, require_all_classes=False, class_names=class_names)
+    run_dir = _run_dir_of(state)
+    same_data = cfg.data == trained_data and (run_dir / "splits.json").is_file()
+    if split == "all" or not same_data:
+        indices, split = np.arange(len(sample_set)), "all"
+    else:
+        splits = load_splits(run_dir / "splits.json", sample_set)
+        if split not in splits:
+            raise FinescopeError(f"--split '{split}' is not in {run_dir / 'splits.json'}; use train, val, test or all")
+        indices = splits[split]
+    if len(indices) == 0:
+        raise FinescopeError(f"the '{split}' split of {run_dir} holds no images")
+    preds, metrics = evaluate_split(model, sample_set, indices, cfg, next(model.parameters()).device)
+    metrics.update(split=split, checkpoint=state["path"], data_root=cfg.data.root)
+    out = Path(out) if out else run_dir / f"metrics_{split}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=2))
+    write_predictions(out.with_name(out.stem.replace("metrics", "predictions") + ".csv"), preds, sample_set)
+    return {**metrics, "output": str(out)}
+
+
+def box_string(boxes, mass) -> str:
+    """``x1 y1 x2 y2 mass`` per box, boxes separated by ';' (empty for variants without boxes)."""
+    if boxes is None:
+        return ""
+    return ";".join(f"{b[0]:.0f} {b[1]:.0f} {b[2]:.0f} {b[3]:.0f} {m:.3f}" for b, m in zip(boxes, mass))
+
+
+def write_predictions(path: str | Path, preds: Predictions, sample_set: SampleSet, extra: dict | None = None) -> None:
+    """One CSV row per image: path, group, true and predicted class, every class probability, boxes."""
+    names = sample_set.class_names
+    with Path(path).open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "group", "true", "predicted", *[f"prob_{n}" for n in names], "boxes", *(extra or {})])
+        for row, i in enumerate(preds.indices):
+            s = sample_set.samples[i]
+            true = names[s.label] if 0 <= s.label < len(names) else ""
+            boxes = box_string(preds.boxes[row], preds.box_mass[row]) if preds.boxes is not None else ""
+            probs = [f"{p:.6f}" for p in preds.probs[row]]
+            w.writerow([s.path, s.group, true, names[int(preds.probs[row].argmax())], *probs, boxes,
+                        *[v[row] for v in (extra or {}).values()]])
+
+
+def predict(checkpoint: str | Path, paths: list[str], out: str | Path | None = None,
+            overrides: list[str] | None = None, device: str = "auto") -> Path:
+    """Predict image files and folders (recursively); write one CSV row per image and return its path."""
+    from finescope.data.records import Sample
+    from finescope.data.sources import find_images
+
+    model, cfg, class_names, state = load_trained(checkpoint, overrides, device)
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += find_images(p)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FinescopeError(f"'{p}' is neither an image file nor a folder")
+    if not files:
+        raise FinescopeError(f"found no images in {', '.join(paths)}; supported: png, jpg, jpeg, tif, tiff, bmp, webp")
+    samples = [Sample(str(f.resolve()), -1, str(f)) for f in files]
+    sample_set = SampleSet(samples, class_names)
+    loader = make_loader(sample_set, np.arange(len(samples)), replace(cfg, data=replace(cfg.data, on_error="skip")), train=False)
+    preds = predict_loader(model, loader, next(model.parameters()).device, amp=cfg.train.amp,
+                           predict_with=cfg.model.predict_with)
+    out = Path(out or "predictions.csv")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_predictions(out, preds, sample_set)
+    skipped = len(samples) - len(preds.indices)
+    if skipped:
+        log.warning("skipped %d unreadable files (listed in the warnings above)", skipped)
+    return out

@@ -1,0 +1,194 @@
+"""Models: attention pooling against Ilse et al. Eq. 9, every registered variant, instance selection."""
+
+import pytest
+import torch
+
+from finescope.config import ModelConfig
+from finescope.errors import FinescopeError
+from finescope.models import AttentionPool, create_backbone, create_model, list_models, select_boxes
+from finescope.models.network import global_view_size
+
+SMALL = {"backbone": "tiny", "global_size": 64, "local_size": 48, "num_crops": 3}
+
+
+def literal_eq9(h, V, U, w):
+    """Ilse et al. 2018 Eq. 9 written out instance by instance for one bag h (N, M)."""
+    scores = []
+    for n in range(h.shape[0]):
+        hn = h[n]
+        scores.append(w @ (torch.tanh(V @ hn) * torch.sigmoid(U @ hn)))
+    scores = torch.stack(scores)
+    a = torch.exp(scores) / torch.exp(scores).sum()
+    z = sum(a[n] * h[n] for n in range(h.shape[0]))
+    return z, a
+
+
+def test_gated_attention_equals_literal_eq9():
+    torch.manual_seed(0)
+    pool = AttentionPool(in_dim=6, attn_dim=5, gated=True).double()
+    for p in pool.parameters():
+        torch.nn.init.normal_(p)
+    with torch.no_grad():  # the literal formula has no biases: zero them
+        pool.attention_V.bias.zero_()
+        pool.attention_U.bias.zero_()
+    h = torch.randn(2, 7, 6, dtype=torch.float64)
+    z, a = pool(h)
+    for b in range(2):
+        z_ref, a_ref = literal_eq9(h[b], pool.attention_V.weight, pool.attention_U.weight, pool.attention_w.weight[0])
+        torch.testing.assert_close(a[b], a_ref)
+        torch.testing.assert_close(z[b], z_ref)
+
+
+def test_plain_attention_is_eq8():
+    torch.manual_seed(0)
+    pool = AttentionPool(4, 3, gated=False).double()
+    h = torch.randn(1, 5, 4, dtype=torch.float64)
+    _, a = pool(h)
+    scores = pool.attention_w(torch.tanh(pool.attention_V(h))).squeeze(-1)
+    torch.testing.assert_close(a, scores.softmax(1))
+    assert pool.attention_U is None
+
+
+def test_attention_permutation_invariant():
+    torch.manual_seed(1)
+    pool = AttentionPool(8, 4)
+    h = torch.randn(3, 10, 8)
+    perm = torch.randperm(10)
+    z, a = pool(h)
+    z_p, a_p = pool(h[:, perm])
+    torch.testing.assert_close(z, z_p)
+    torch.testing.assert_close(a[:, perm], a_p)
+
+
+def test_padding_does_not_change_attention():
+    torch.manual_seed(2)
+    pool = AttentionPool(8, 4)
+    h = torch.randn(1, 6, 8)
+    padded = torch.cat([h, torch.randn(1, 4, 8) * 100], dim=1)
+    mask = torch.tensor([[True] * 6 + [False] * 4])
+    z, a = pool(h)
+    z_pad, a_pad = pool(padded, mask)
+    torch.testing.assert_close(z, z_pad)
+    torch.testing.assert_close(a, a_pad[:, :6])
+    assert a_pad[:, 6:].abs().max() == 0
+
+
+@pytest.mark.parametrize("variant", list_models())
+def test_variant_outputs_and_gradients(variant):
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(variant=variant, **SMALL), num_classes=3)
+    images = torch.rand(2, 3, 120, 160)
+    sizes = torch.tensor([[120, 160], [110, 150]])
+    images[1, :, 110:] = 0
+    images[1, :, :, 150:] = 0
+    out = model(images, sizes)
+    assert out.logits.shape == (2, 3)
+    if variant in ("global", "global-hires"):
+        assert out.attention is None and out.boxes is None
+    else:
+        assert out.attention.dim() == 3 and out.attention.shape[0] == 2
+        torch.testing.assert_close(out.attention.sum(dim=(1, 2)), torch.ones(2))
+    if variant.startswith("fusion"):
+        assert out.global_logits.shape == (2, 3)
+        assert out.boxes.shape == (2, 3, 4) and out.box_mass.shape == (2, 3)
+        for b, (h, w) in enumerate(sizes.tolist()):
+            bx = out.boxes[b]
+            assert (bx[:, 0] >= 0).all() and (bx[:, 1] >= 0).all()
+            assert (bx[:, 2] <= w).all() and (bx[:, 3] <= h).all()
+            assert (bx[:, 2] > bx[:, 0]).all() and (bx[:, 3] > bx[:, 1]).all()
+    loss = torch.nn.functional.cross_entropy(out.logits, torch.tensor([0, 2]))
+    if out.global_logits is not None:
+        loss = loss + torch.nn.functional.cross_entropy(out.global_logits, torch.tensor([0, 2]))
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
+    assert not missing, f"no gradient reached: {missing}"
+
+
+def test_padded_cells_get_no_attention():
+    """In a batch of two widths, the narrower image's padded cells get zero attention."""
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(variant="attention", **SMALL), 2).eval()
+    a = torch.rand(1, 3, 128, 192)
+    b = torch.rand(1, 3, 128, 128)
+    batch = torch.zeros(2, 3, 128, 192)
+    batch[0], batch[1, :, :, :128] = a[0], b[0]
+    with torch.no_grad():
+        out = model(batch, torch.tensor([[128, 192], [128, 128]]))
+        single = model(b)
+    h, w = single.attention.shape[1:]
+    assert out.attention[1, :h, w:].abs().max() == 0  # padded cells get no attention
+    assert out.attention.shape[2] > w
+    assert torch.allclose(out.attention[1, :h, :w].sum(), torch.tensor(1.0))
+
+
+def test_global_view_keeps_aspect():
+    assert global_view_size(460, 700, 224) == (224, 341)
+    assert global_view_size(700, 460, 224) == (341, 224)
+
+
+def test_unknown_variant_and_backbone():
+    with pytest.raises(FinescopeError, match="variant"):
+        create_model(ModelConfig(variant="nope", backbone="tiny"), 2)
+    with pytest.raises(FinescopeError, match="backbone"):
+        create_backbone("resnet_does_not_exist")
+
+
+def test_weights_that_do_not_fit(tmp_path):
+    torch.save(create_backbone("resnet18").trunk.state_dict(), tmp_path / "r18_trunk.pt")  # wrong key layout
+    with pytest.raises(FinescopeError, match="does not fit backbone 'resnet18'"):
+        create_backbone("resnet18", weights=str(tmp_path / "r18_trunk.pt"))
+    with pytest.raises(FinescopeError, match="not found"):
+        create_backbone("resnet18", weights=str(tmp_path / "missing.pt"))
+
+
+def test_torchvision_weights_round_trip(tmp_path):
+    import torchvision
+
+    full = torchvision.models.resnet18(weights=None)
+    torch.nn.init.constant_(full.conv1.weight, 0.5)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in full.state_dict().items()}}, tmp_path / "w.pth")
+    backbone = create_backbone("resnet18", weights=str(tmp_path / "w.pth"))
+    assert torch.all(backbone.trunk[0].weight == 0.5)
+    assert backbone.num_features == 512
+
+
+# -- instance selection -------------------------------------------------------------------------------------
+def _select(attn, size=(120, 160), k=3, **kw):
+    h, w = attn.shape[-2:]
+    sizes = torch.tensor([size])
+    cell = torch.tensor([[size[0] / h, size[1] / w]])
+    valid = torch.tensor([[h, w]])
+    return select_boxes(attn[None], valid, sizes, cell, k, **kw)
+
+
+def test_selection_boxes_cover_attended_components():
+    attn = torch.zeros(6, 8)
+    attn[1, 1] = 1.0  # strongest blob, top-left
+    attn[4, 6] = 0.8  # second blob, bottom-right
+    attn = attn / attn.sum()
+    boxes, mass = _select(attn, k=2, min_box_fraction=0.2)
+    (x1, y1, x2, y2), (u1, v1, u2, v2) = boxes[0].tolist()
+    assert x1 <= 30 <= x2 and y1 <= 30 <= y2  # cell (1,1) centre = (30, 30) px
+    assert u1 <= 130 <= u2 and v1 <= 90 <= v2  # cell (4,6) centre = (130, 90) px
+    assert mass[0, 0] > mass[0, 1] > 0
+
+
+def test_selection_grows_boxes_and_falls_back_to_peaks():
+    attn = torch.zeros(6, 8)
+    attn[2, 3] = 1.0
+    boxes, _ = _select(attn, k=3, min_box_fraction=1 / 3)
+    sides = torch.stack([boxes[0, :, 2] - boxes[0, :, 0], boxes[0, :, 3] - boxes[0, :, 1]], 1)
+    assert (sides >= 40 - 1e-4).all()  # a third of the short side 120
+    from finescope.models.selection import _batched_iou
+
+    iou = _batched_iou(boxes, boxes)[0]
+    off_diagonal = iou[~torch.eye(3, dtype=torch.bool)]
+    assert (off_diagonal <= 0.5 + 1e-6).all()  # peaks that overlap taken boxes are skipped
+
+
+def test_selection_respects_padding():
+    attn = torch.zeros(1, 6, 8)
+    attn[0, 1, 1] = 1.0
+    sizes = torch.tensor([[60, 80]])  # only 3x4 cells valid
+    boxes, _ = select_boxes(attn, torch.tensor([[3, 4]]), sizes, torch.tensor([[20.0, 20.0]]), 4)
+    assert (boxes[0, :, 2] <= 80).all() and (boxes[0, :, 3] <= 60).all()
