@@ -37,7 +37,7 @@ class DataConfig:
     val_fraction: float = 0.15  # of the groups, carved from the training side
     test_fraction: float = 0.3  # of the groups
     splits: str = ""  # a splits.json to reuse instead of drawing new splits
-    augment: str = "microscopy"  # none | microscopy | strong
+    augment: str = "microscopy"  # none | geometric | microscopy | strong
     num_workers: int = 2
     cache: str = "none"  # none | memory: keep decoded images after the first epoch
     # synthetic source only
@@ -254,7 +254,7 @@ _CHOICES = {
     "data.source": ("synthetic", "breakhis", "folder", "csv"),
     "data.task": ("binary", "subtype"),
     "data.on_error": ("raise", "skip"),
-    "data.augment": ("none", "microscopy", "strong"),
+    "data.augment": ("none", "geometric", "microscopy", "strong"),
     "data.cache": ("none", "memory"),
     "model.image_feature": ("attention", "avg"),
     "model.predict_with": ("fused", "mean"),

@@ -367,8 +367,9 @@ def evaluate(source: str | Path, split: str = "test", overrides: list[str] | Non
     out = Path(out) if out else run_dir / f"metrics_{split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2))
-    write_predictions(out.with_name(out.stem.replace("metrics", "predictions") + ".csv"), preds, sample_set)
-    return {**metrics, "output": str(out)}
+    stem = out.stem.replace("metrics", "predictions") if "metrics" in out.stem else out.stem + "_predictions"
+    write_predictions(out.with_name(stem + ".csv"), preds, sample_set)
+    return {**metrics, "output": str(out), "predictions": str(out.with_name(stem + ".csv"))}
 
 
 def box_string(boxes, mass) -> str:

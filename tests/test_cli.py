@@ -1,0 +1,139 @@
+"""The CLI through main([...]): every verb, and every bad input gives one line on stderr and exit 2."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_overrides
+from PIL import Image
+
+from finescope.cli import main
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("finescope: error: ")
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+def _folder(root, classes=("a", "b"), n=3, size=(64, 80)):
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.new("RGB", size[::-1], (40 * i, 90, 160)).save(root / c / f"{c}_{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def cli_run(synthetic_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", "--config", "configs/demo.yaml", "--out", str(out), "--quiet", "--set",
+                 *tiny_overrides(synthetic_root, "fusion", 1)]) == 0
+    return out
+
+
+def test_models_lists_every_variant(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in ("global", "global-hires", "attention", "fusion", "fusion-nogate", "mobilenet_v2"):
+        assert name in out
+
+
+def test_train_evaluate_predict(cli_run, synthetic_root, tmp_path, capsys):
+    assert (cli_run / "metrics.json").is_file()
+    assert main(["evaluate", str(cli_run), "--out", str(tmp_path / "m.json"), "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["split"] == "test"
+    assert main(["predict", str(cli_run / "checkpoints" / "best.pt"), str(synthetic_root / "images"),
+                 "--out", str(tmp_path / "p.csv"), "--device", "cpu"]) == 0
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 41
+
+
+def test_data_command_reports_counts(tmp_path, capsys):
+    _folder(tmp_path / "d")
+    assert main(["data", "--config", "configs/demo.yaml", "--set", "data.source=folder",
+                 f"data.root={tmp_path / 'd'}", "--json", str(tmp_path / "d.json")]) == 0
+    out = capsys.readouterr().out
+    assert "a" in out and "b" in out
+    assert json.loads((tmp_path / "d.json").read_text())["n_images"] == 6
+
+
+def _train_args(root, tmp_path, *extra):
+    return ["train", "--config", "configs/demo.yaml", "--out", str(tmp_path / "r"), "--quiet", "--set",
+            "data.source=folder", f"data.root={root}", "data.num_workers=0", "model.backbone=tiny",
+            "model.global_size=32", "model.local_size=32", "train.epochs=1", "train.device=cpu", *extra]
+
+
+def test_missing_root(tmp_path, capsys):
+    assert main(_train_args(tmp_path / "nowhere", tmp_path)) == 2
+    assert "nowhere" in _one_error_line(capsys)
+
+
+def test_empty_folder(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(_train_args(tmp_path / "empty", tmp_path)) == 2
+    assert "no class sub-folders" in _one_error_line(capsys)
+
+
+def test_class_without_images(tmp_path, capsys):
+    root = _folder(tmp_path / "d")
+    (root / "c").mkdir()
+    assert main(_train_args(root, tmp_path)) == 2
+    assert "'c'" in _one_error_line(capsys)
+
+
+def test_truncated_image_named_then_skipped(tmp_path, capsys):
+    root = _folder(tmp_path / "d", n=4)
+    data = (root / "a" / "a_1.png").read_bytes()
+    (root / "a" / "a_1.png").write_bytes(data[: len(data) // 2])
+    assert main(_train_args(root, tmp_path, "data.test_fraction=0.25", "data.val_fraction=0")) == 2
+    assert "a_1.png" in _one_error_line(capsys)
+    assert main(_train_args(root, tmp_path, "data.on_error=skip", "data.test_fraction=0.25",
+                            "data.val_fraction=0")) == 0
+
+
+def test_image_smaller_than_crop(tmp_path, capsys):
+    root = _folder(tmp_path / "d", size=(40, 40))
+    assert main(_train_args(root, tmp_path, "model.local_size=64")) == 2
+    line = _one_error_line(capsys)
+    assert "40" in line and "local_size" in line
+
+
+@pytest.mark.parametrize("key, value", [("model.backbone", "resnet1000"), ("model.variant", "fusionx")])
+def test_unknown_backbone_or_variant(tmp_path, capsys, key, value):
+    root = _folder(tmp_path / "d")
+    assert main(_train_args(root, tmp_path, f"{key}={value}")) == 2
+    assert value in _one_error_line(capsys)
+
+
+def test_weights_that_do_not_fit(tmp_path, capsys):
+    root = _folder(tmp_path / "d")
+    torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "w.pth")
+    assert main(_train_args(root, tmp_path, "model.backbone=resnet18", f"model.weights={tmp_path / 'w.pth'}")) == 2
+    assert "does not fit backbone 'resnet18'" in _one_error_line(capsys)
+
+
+def test_checkpoint_from_other_class_list(cli_run, tmp_path, capsys):
+    root = _folder(tmp_path / "d", classes=("cats", "dogs"))
+    assert main(["evaluate", str(cli_run), "--device", "cpu", "--set", "data.source=folder", f"data.root={root}"]) == 2
+    assert "cats" in _one_error_line(capsys)
+
+
+def test_pretrained_offline_says_to_pass_weights(tmp_path, capsys, monkeypatch):
+    from torchvision.models._api import WeightsEnum
+
+    def offline(*args, **kwargs):  # what torch.hub raises without a network (URLError is an OSError)
+        raise OSError("no network")
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", offline)
+    root = _folder(tmp_path / "d")
+    assert main(_train_args(root, tmp_path, "model.backbone=mobilenet_v2", "model.pretrained=true")) == 2
+    assert "model.weights" in _one_error_line(capsys)
+
+
+def test_demo_quick(tmp_path, capsys):
+    assert main(["demo", "--quick", "--quiet", "--out", str(tmp_path / "demo")]) == 0
+    assert (tmp_path / "demo" / "attention_overlay.png").stat().st_size > 10_000
+    results = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
+    assert set(results) == {"global", "fusion"}

@@ -1,0 +1,74 @@
+import pytest
+import yaml
+
+from finescope.config import Config, load_config, override, save_config, strip_provenance, to_dict, valid_keys
+from finescope.errors import FinescopeError
+
+
+def test_defaults_and_overrides(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("model:\n  variant: global\ntrain:\n  epochs: 3\n")
+    cfg = load_config(path, ["train.lr=0.01", "data.magnifications=[40,100]", "model.min_box_fraction=1/4"])
+    assert cfg.model.variant == "global" and cfg.train.epochs == 3 and cfg.train.lr == 0.01
+    assert cfg.data.magnifications == (40, 100)
+    assert cfg.model.min_box_fraction == 0.25
+    assert cfg.model.global_size == Config().model.global_size
+
+
+def test_unknown_key_lists_valid_keys(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  varient: global\n")
+    with pytest.raises(FinescopeError, match=r"unknown config key 'model.varient'.*model.variant"):
+        load_config(path)
+    with pytest.raises(FinescopeError, match="unknown config key 'train.epoch'"):
+        load_config(None, ["train.epoch=3"])
+
+
+@pytest.mark.parametrize(
+    "item, match",
+    [
+        ("train.epochs=many", "train.epochs"),
+        ("data.source=s3", "data.source"),
+        ("model.threshold=0", "model.threshold"),
+        ("train.epochs", "key=value"),
+    ],
+)
+def test_bad_values(item, match):
+    with pytest.raises(FinescopeError, match=match):
+        load_config(None, [item])
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(FinescopeError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(FinescopeError, match="mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_round_trip_through_resolved_yaml(tmp_path):
+    cfg = override(Config(), model={"variant": "attention"}, data={"magnifications": [100]})
+    save_config(cfg, tmp_path / "config.yaml")
+    raw = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert "finescope_version" in raw["_provenance"] and "git_commit" in raw["_provenance"]
+    assert load_config(base=strip_provenance(raw)) == cfg
+    assert to_dict(cfg)["data"]["magnifications"] == [100]
+
+
+def test_valid_keys_cover_issue_keys():
+    keys = set(valid_keys())
+    for key in ("data.source", "data.root", "data.task", "data.magnifications", "data.group_pattern",
+                "model.variant", "model.backbone", "model.weights", "model.pretrained", "model.global_size",
+                "model.local_size", "model.num_crops", "train.epochs", "train.batch_size", "train.lr",
+                "train.device", "seed"):
+        assert key in keys
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    names = sorted(p.name for p in configs.glob("*.yaml"))
+    assert {"demo.yaml", "breakhis_binary.yaml", "breakhis_subtype.yaml", "defungi.yaml"} <= set(names)
+    for p in configs.glob("*.yaml"):
+        load_config(p)

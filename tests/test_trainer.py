@@ -1,0 +1,122 @@
+"""End-to-end training on the synthetic set: files, determinism, resume, evaluate, predict, checkpoints."""
+
+import csv
+import json
+
+import pytest
+import torch
+from conftest import tiny_overrides
+
+from finescope import trainer
+from finescope.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from finescope.config import load_config
+from finescope.errors import FinescopeError
+
+
+def _train(root, out, variant="fusion", epochs=2, extra=()):
+    cfg = load_config(None, tiny_overrides(root, variant, epochs) + list(extra))
+    return trainer.train(cfg, out, progress=False)
+
+
+@pytest.fixture(scope="module")
+def fusion_run(synthetic_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "fusion"
+    metrics = _train(synthetic_root, out)
+    return out, metrics
+
+
+def test_run_directory_contents(fusion_run):
+    out, metrics = fusion_run
+    for name in ("config.yaml", "splits.json", "history.jsonl", "metrics.json", "predictions_test.csv",
+                 "checkpoints/best.pt", "checkpoints/last.pt"):
+        assert (out / name).is_file(), name
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in history] == [0, 1]
+    assert all(torch.isfinite(torch.tensor(row["train_loss"])) for row in history)
+    for key in ("image_accuracy", "balanced_accuracy", "macro_f1", "auc", "confusion_matrix", "class_names",
+                "n_images", "patient_recognition_rate", "n_groups"):
+        assert key in metrics
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    for key in ("model", "optimizer", "scheduler", "scaler", "epoch", "rng", "config", "class_names"):
+        assert key in state
+    assert state["config"]["_provenance"]["finescope_version"]
+
+
+def test_same_seed_same_result(synthetic_root, tmp_path, fusion_run):
+    out, metrics = fusion_run
+    again = _train(synthetic_root, tmp_path / "again")
+    first = [json.loads(x)["train_loss"] for x in (out / "history.jsonl").read_text().splitlines()]
+    second = [json.loads(x)["train_loss"] for x in (tmp_path / "again" / "history.jsonl").read_text().splitlines()]
+    assert first == pytest.approx(second, rel=1e-5)
+    assert again["image_accuracy"] == metrics["image_accuracy"]
+
+
+def test_resume_after_kill_reaches_the_same_weights(synthetic_root, tmp_path, monkeypatch, fusion_run):
+    out, _ = fusion_run
+    real_run_epoch = trainer._run_epoch
+
+    def killed_after_first_epoch(*args, **kwargs):
+        if args[8] == 1:  # epoch index
+            raise KeyboardInterrupt
+        return real_run_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_run_epoch", killed_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        _train(synthetic_root, tmp_path / "killed")
+    monkeypatch.setattr(trainer, "_run_epoch", real_run_epoch)
+    with pytest.raises(FinescopeError, match="--resume"):
+        _train(synthetic_root, tmp_path / "killed")
+    cfg = load_config(None, tiny_overrides(synthetic_root))
+    trainer.train(cfg, tmp_path / "killed", resume=True, progress=False)
+    resumed = load_checkpoint(tmp_path / "killed" / "checkpoints" / "last.pt")["model"]
+    reference = load_checkpoint(out / "checkpoints" / "last.pt")["model"]
+    for key in reference:
+        torch.testing.assert_close(resumed[key], reference[key], msg=key)
+    assert len((tmp_path / "killed" / "history.jsonl").read_text().splitlines()) == 2
+
+
+def test_evaluate_matches_training_metrics(fusion_run, tmp_path):
+    out, metrics = fusion_run
+    result = trainer.evaluate(out, "test", out=tmp_path / "m.json", device="cpu")
+    assert result["image_accuracy"] == pytest.approx(metrics["image_accuracy"])
+    assert json.loads((tmp_path / "m.json").read_text())["n_images"] == metrics["n_images"]
+    assert (tmp_path / "m_predictions.csv").is_file()
+
+
+def test_predict_writes_one_row_per_image(fusion_run, synthetic_root, tmp_path):
+    out, _ = fusion_run
+    csv_path = trainer.predict(out, [str(synthetic_root / "images")], tmp_path / "p.csv", device="cpu")
+    rows = list(csv.DictReader(csv_path.open()))
+    assert len(rows) == 40
+    assert {"path", "predicted", "prob_typical", "prob_atypical", "boxes"} <= set(rows[0])
+    assert len(rows[0]["boxes"].split(";")) == 2  # K = 2 boxes "x1 y1 x2 y2 mass"
+
+
+def test_checkpoint_from_other_classes_is_refused(fusion_run, tmp_path):
+    out, _ = fusion_run
+    (tmp_path / "x" / "cats").mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "x" / "cats" / "a.png")
+    with pytest.raises(FinescopeError, match="cats"):
+        trainer.evaluate(out, overrides=["data.source=folder", f"data.root={tmp_path / 'x'}"], device="cpu")
+
+
+def test_checkpoint_round_trip_and_rng(tmp_path):
+    torch.manual_seed(3)
+    state = {"model": {"w": torch.randn(3)}, "config": {"a": 1}, "rng": rng_state()}
+    save_checkpoint(state, tmp_path / "c.pt")
+    loaded = load_checkpoint(tmp_path / "c.pt")
+    torch.testing.assert_close(loaded["model"]["w"], state["model"]["w"])
+    expected = torch.rand(2)
+    set_rng_state(loaded["rng"])
+    torch.testing.assert_close(torch.rand(2), expected)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_bad_checkpoint(tmp_path):
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(FinescopeError, match="junk.pt"):
+        load_checkpoint(tmp_path / "junk.pt")
+    with pytest.raises(FinescopeError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
