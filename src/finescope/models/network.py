@@ -137,7 +137,7 @@ class FineScopeNet(nn.Module):
         else:
             Gh, Gw = max(d[0] for d in dims), max(d[1] for d in dims)
             view = x.new_zeros(x.shape[0], 3, Gh, Gw)
-            for i, ((h, w), (gh, gw)) in enumerate(zip(sizes, dims)):
+            for i, ((h, w), (gh, gw)) in enumerate(zip(sizes, dims, strict=True)):
                 one = x[i : i + 1, :, : int(h), : int(w)]
                 view[i, :, :gh, :gw] = F.interpolate(one, size=(gh, gw), mode="bilinear", antialias=True)[0]
         return view, torch.tensor(dims, device=x.device)
