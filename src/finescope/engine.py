@@ -140,35 +140,43 @@ def predict_loader(
     progress: bool = False,
     desc: str = "predict",
 ) -> Predictions:
-    """Run the model over ``loader`` in eval mode and collect probabilities, boxes and the loss."""
+    """Run the model over ``loader`` in eval mode and collect probabilities, boxes and the loss.
+
+    Outputs stay on the device until the loop ends (one copy to the host at the end, no sync per batch).
+    """
     model.eval()
     idx, labels, probs, boxes, mass = [], [], [], [], []
-    loss_sum, loss_n = 0.0, 0
+    loss_sum, loss_n = torch.zeros((), device=device), 0
     for batch in tqdm(loader, desc=desc, leave=False, disable=None if progress else True):
         if len(batch) == 0:
             continue
+        known = bool((batch.labels >= 0).all())  # on the host: no device sync
         images, sizes, y = _to_model_input(batch, device, channels_last)
         with autocast(device, amp):
             out = model(images, sizes)
-        if (y >= 0).all():
-            loss_sum += float(compute_loss(out, y, aux_weight)) * len(y)
+        if known:
+            loss_sum += compute_loss(out, y, aux_weight).detach() * len(y)
             loss_n += len(y)
-        idx.append(batch.indices.numpy())
-        labels.append(batch.labels.numpy())
-        probs.append(out.probabilities(predict_with).cpu().numpy())
+        idx.append(batch.indices)
+        labels.append(batch.labels)
+        probs.append(out.probabilities(predict_with))
         if out.boxes is not None:
-            boxes.append(out.boxes.float().cpu().numpy())
-            mass.append(out.box_mass.float().cpu().numpy())
+            boxes.append(out.boxes.float())
+            mass.append(out.box_mass.float())
     if not idx:
         return Predictions(np.zeros(0, int), np.zeros(0, int), np.zeros((0, 0)))
+
+    def host(parts: list[torch.Tensor]) -> np.ndarray | None:
+        return torch.cat(parts).cpu().numpy() if parts else None
+
     return Predictions(
-        indices=np.concatenate(idx),
-        labels=np.concatenate(labels),
-        probs=np.concatenate(probs),
-        loss=loss_sum / loss_n if loss_n else float("nan"),
+        indices=host(idx),
+        labels=host(labels),
+        probs=host(probs),
+        loss=float(loss_sum) / loss_n if loss_n else float("nan"),
         loss_count=loss_n,
-        boxes=np.concatenate(boxes) if boxes else None,
-        box_mass=np.concatenate(mass) if mass else None,
+        boxes=host(boxes),
+        box_mass=host(mass),
     )
 
 
