@@ -309,15 +309,22 @@ def main(argv: list[str] | None = None) -> dict:
                 del cases
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-    result["environment"]["loadavg_end"] = loadavg()
-    report = format_report(result)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1, default=str))
-        out.with_suffix(".md").write_text(report)
+                save(result, args.out)  # after every group: a run cut short keeps what it measured
+    report = save(result, args.out)
     print(report)
     return result
+
+
+def save(result: dict, out: str | None) -> str:
+    """Write the JSON and the markdown report (when ``out`` is set); return the report."""
+    result["environment"]["loadavg_end"] = loadavg()
+    report = format_report(result)
+    if out:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1, default=str))
+        path.with_suffix(".md").write_text(report)
+    return report
 
 
 if __name__ == "__main__":
