@@ -30,8 +30,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     dist.init_from_env(cfg.train.device)
     out = args.out or f"runs/{cfg.name or Path(args.config).stem}"
-    metrics = train(cfg, out, resume=args.resume, progress=not args.quiet)
-    if dist.is_main():
+    main_rank = dist.is_main()
+    try:
+        metrics = train(cfg, out, resume=args.resume, progress=not args.quiet)
+    finally:
+        dist.cleanup()
+    if main_rank:
         print(f"run written to {out}")
         if metrics:
             print(_metrics_line(metrics))

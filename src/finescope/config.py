@@ -70,7 +70,7 @@ class TrainConfig:
     """The optimisation loop."""
 
     epochs: int = 30
-    batch_size: int = 16
+    batch_size: int = 16  # the global batch: under DDP each of N processes reads batch_size / N
     lr: float = 3e-4
     backbone_lr_scale: float = 1.0  # the backbone's learning rate = lr * this
     weight_decay: float = 0.05
@@ -84,6 +84,7 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA (always fp32 on CPU)
     channels_last: bool = True  # on CUDA
     compile: bool = False  # torch.compile the model
+    sync_bn: bool = False  # DDP on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm)
     eval_batch_size: int = 0  # 0 = batch_size
 
 

@@ -1,26 +1,46 @@
 """Process-group helpers so that one training loop serves a single process and DDP under torchrun.
 
 Without ``torchrun`` (no ``WORLD_SIZE`` in the environment) every helper degrades to the single-process case.
+
+Conventions of a distributed run (``torchrun --nproc_per_node=N -m finescope train ...``):
+
+- ``train.batch_size`` is the GLOBAL batch: each of the N processes reads ``batch_size / N`` images per step, so
+  the sample order, the steps per epoch and the learning-rate schedule do not depend on N, and a checkpoint
+  resumes with another number of processes.
+- :class:`ShardSampler` cuts one seeded permutation into per-rank blocks of every global batch: each training
+  image is visited at most once per epoch (exactly once, except the last incomplete global batch, which is
+  dropped as in a single process) and every rank runs the same number of steps. Evaluation shards without
+  padding, and :func:`all_gather` brings every rank's predictions together, so each image is counted once.
+- Only rank 0 writes files and prints progress (:func:`is_main`).
 """
 
 from __future__ import annotations
 
+import datetime
+import math
 import os
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
-from torch.utils.data import Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import Sampler
+
+from finescope.errors import FinescopeError
 
 
 def is_distributed() -> bool:
-    return torch_dist.is_available() and torch_dist.is_initialized()
+    """True inside an initialised process group with more than one process."""
+    return torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1
 
 
 def rank() -> int:
+    """This process's rank (0 in a single process)."""
     return torch_dist.get_rank() if is_distributed() else 0
 
 
 def world_size() -> int:
+    """Number of processes (1 in a single process)."""
     return torch_dist.get_world_size() if is_distributed() else 1
 
 
@@ -29,32 +49,155 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init_from_env(device: str = "auto") -> bool:
-    """Join the process group torchrun describes in the environment; return True when distributed."""
+def init_from_env(device: str = "auto", timeout_minutes: float = 30.0) -> bool:
+    """Join the process group torchrun describes in the environment; return True when distributed.
+
+    CUDA runs use NCCL with one GPU per process (``LOCAL_RANK``); CPU runs (or ``train.device=cpu``) use gloo.
+    """
     if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return is_distributed()
     use_cuda = torch.cuda.is_available() and device != "cpu"
     if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    torch_dist.init_process_group("nccl" if use_cuda else "gloo")
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise FinescopeError(
+                f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPUs; lower torchrun --nproc_per_node"
+            )
+        torch.cuda.set_device(local)
+    torch_dist.init_process_group(
+        "nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes)
+    )
     return True
 
 
-def make_sampler(dataset: Dataset, shuffle: bool, seed: int):
-    """A sampler that visits each item once per epoch; distributed runs shard it across ranks.
+def cleanup() -> None:
+    """Leave the process group (no-op in a single process)."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if is_distributed():
+        torch_dist.barrier()
+
+
+def per_rank_batch(global_batch: int) -> int:
+    """The batch one process reads: ``global_batch / world_size``; it must divide evenly."""
+    n = world_size()
+    if global_batch % n:
+        raise FinescopeError(
+            f"train.batch_size {global_batch} is the global batch and must be divisible by the {n} processes; "
+            f"use a multiple of {n}"
+        )
+    return global_batch // n
+
+
+class ShardSampler(Sampler[int]):
+    """One seeded permutation of ``n`` items, sharded across ranks; the same order for any number of ranks.
+
+    Training (``drop_last=True``): the permutation is cut into global batches of ``global_batch`` items; the
+    last incomplete one is dropped when ``n > global_batch`` (as a single process with ``drop_last`` does);
+    rank r takes items ``[r*b, (r+1)*b)`` of every global batch (b = ``global_batch / world``). So a step of N
+    processes sees exactly the images of the single-process step with the same global batch.
+    Evaluation (``drop_last=False``, usually ``shuffle=False``): rank r takes items r, r+N, r+2N, ... with no
+    padding, so every item is read by exactly one rank.
+
+    Args:
+        n: dataset length.
+        shuffle: permute with ``torch.randperm`` seeded by ``seed`` (the trainer passes seed + epoch).
+        seed: the permutation's seed.
+        global_batch: items per step over all ranks (used when ``drop_last``).
+        drop_last: training mode as described above.
+        rank_: this rank (default: from the process group).
+        world: number of ranks (default: from the process group).
+    """
+
+    def __init__(
+        self,
+        n: int,
+        shuffle: bool,
+        seed: int,
+        global_batch: int = 1,
+        drop_last: bool = False,
+        rank_: int | None = None,
+        world: int | None = None,
+    ) -> None:
+        self.n, self.shuffle, self.seed = n, shuffle, seed
+        self.global_batch, self.drop_last = global_batch, drop_last
+        self.rank = rank() if rank_ is None else rank_
+        self.world = world_size() if world is None else world
+        self._order = self._indices()
+
+    def _indices(self) -> list[int]:
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed)) if self.shuffle \
+            else torch.arange(self.n)
+        if not self.drop_last:
+            return order[self.rank :: self.world].tolist()
+        G, b = self.global_batch, self.global_batch // self.world
+        if self.n > G:
+            order = order[: (self.n // G) * G]
+            return order.view(-1, G)[:, self.rank * b : (self.rank + 1) * b].reshape(-1).tolist()
+        # fewer items than one global batch: one short step, split as evenly as possible
+        per = math.ceil(len(order) / self.world)
+        return order[self.rank * per : (self.rank + 1) * per].tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+
+def make_sampler(n: int, shuffle: bool, seed: int, global_batch: int = 1, drop_last: bool = False) -> ShardSampler:
+    """A :class:`ShardSampler` for this process (in a single process: all items, ``randperm`` order).
 
     ``seed`` already includes the epoch, so shuffling is a function of (seed, epoch) alone (resumable).
     """
+    return ShardSampler(n, shuffle, seed, global_batch, drop_last)
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in a single process."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over ranks, in place (no-op in a single process)."""
     if is_distributed():
-        return DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=False)
-    if not shuffle:
-        return SequentialSampler(dataset)
-    return RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM)
+    return t
 
 
-def wrap_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DistributedDataParallel around ``model`` when distributed, else the model itself."""
+def wrap_model(model: torch.nn.Module, device: torch.device, sync_bn: bool = False) -> torch.nn.Module:
+    """DistributedDataParallel around ``model`` when distributed, else the model itself.
+
+    Args:
+        model: the model, already on ``device``.
+        device: its device; CUDA runs pin DDP to that GPU.
+        sync_bn: convert BatchNorm layers to SyncBatchNorm first (CUDA only): batch statistics over the global
+            batch instead of each process's share. The conversion happens in place, so the caller's ``model``
+            (used for checkpoints) holds the synchronised layers too; their state dict keys are unchanged.
+    """
     if not is_distributed():
         return model
+    if sync_bn:
+        if device.type != "cuda":
+            raise FinescopeError("train.sync_bn needs CUDA GPUs (SyncBatchNorm has no CPU kernel); set it to false")
+        _convert_sync_bn_inplace(model)
     ids = [device.index] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    # with image_feature=avg the attention only picks crops (under no_grad): its parameters get no gradient
+    unused = getattr(model, "use_attention", False) and getattr(model, "image_feature", "") == "avg"
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
+
+
+def _convert_sync_bn_inplace(model: torch.nn.Module) -> None:
+    """Replace every BatchNorm child of ``model`` by SyncBatchNorm, keeping parameters and buffers."""
+    for name, child in list(model.named_children()):
+        converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(child)
+        if converted is not child:
+            setattr(model, name, converted)

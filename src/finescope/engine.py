@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from finescope import distributed as dist
 from finescope.models.network import ModelOutput
 
 
@@ -91,10 +92,13 @@ def train_one_epoch(
         correct += (out.logits.argmax(1) == labels).sum()
         seen += len(labels)
     seconds = time.perf_counter() - start
+    totals = dist.all_reduce_sum(torch.stack([total_loss.float(), correct.float(), torch.tensor(seen, device=device,
+                                                                                            dtype=torch.float32)]))
+    total, hits, seen = (float(v) for v in totals.cpu())  # over every rank: one collective per epoch
     return {
-        "loss": float(total_loss) / max(seen, 1),
-        "accuracy": float(correct) / max(seen, 1),
-        "images": seen,
+        "loss": total / max(seen, 1),
+        "accuracy": hits / max(seen, 1),
+        "images": int(seen),
         "seconds": seconds,
     }
 
@@ -108,6 +112,7 @@ class Predictions:
         labels: (N,) true labels (-1 when unknown).
         probs: (N, C) class probabilities.
         loss: mean loss (NaN when labels are unknown).
+        loss_count: number of images the loss is averaged over.
         boxes: (N, K, 4) selected boxes in pixels, or None.
         box_mass: (N, K) attention mass of each box, or None.
     """
@@ -116,6 +121,7 @@ class Predictions:
     labels: np.ndarray
     probs: np.ndarray
     loss: float = float("nan")
+    loss_count: int = 0
     boxes: np.ndarray | None = None
     box_mass: np.ndarray | None = None
     extra: dict = field(default_factory=dict)
@@ -134,32 +140,73 @@ def predict_loader(
     progress: bool = False,
     desc: str = "predict",
 ) -> Predictions:
-    """Run the model over ``loader`` in eval mode and collect probabilities, boxes and the loss."""
+    """Run the model over ``loader`` in eval mode and collect probabilities, boxes and the loss.
+
+    Outputs stay on the device until the loop ends (one copy to the host at the end, no sync per batch).
+    """
     model.eval()
     idx, labels, probs, boxes, mass = [], [], [], [], []
-    loss_sum, loss_n = 0.0, 0
+    loss_sum, loss_n = torch.zeros((), device=device), 0
     for batch in tqdm(loader, desc=desc, leave=False, disable=None if progress else True):
         if len(batch) == 0:
             continue
+        known = bool((batch.labels >= 0).all())  # on the host: no device sync
         images, sizes, y = _to_model_input(batch, device, channels_last)
         with autocast(device, amp):
             out = model(images, sizes)
-        if (y >= 0).all():
-            loss_sum += float(compute_loss(out, y, aux_weight)) * len(y)
+        if known:
+            loss_sum += compute_loss(out, y, aux_weight).detach() * len(y)
             loss_n += len(y)
-        idx.append(batch.indices.numpy())
-        labels.append(batch.labels.numpy())
-        probs.append(out.probabilities(predict_with).cpu().numpy())
+        idx.append(batch.indices)
+        labels.append(batch.labels)
+        probs.append(out.probabilities(predict_with))
         if out.boxes is not None:
-            boxes.append(out.boxes.float().cpu().numpy())
-            mass.append(out.box_mass.float().cpu().numpy())
+            boxes.append(out.boxes.float())
+            mass.append(out.box_mass.float())
     if not idx:
         return Predictions(np.zeros(0, int), np.zeros(0, int), np.zeros((0, 0)))
+
+    def host(parts: list[torch.Tensor]) -> np.ndarray | None:
+        return torch.cat(parts).cpu().numpy() if parts else None
+
     return Predictions(
-        indices=np.concatenate(idx),
-        labels=np.concatenate(labels),
-        probs=np.concatenate(probs),
-        loss=loss_sum / loss_n if loss_n else float("nan"),
-        boxes=np.concatenate(boxes) if boxes else None,
-        box_mass=np.concatenate(mass) if mass else None,
+        indices=host(idx),
+        labels=host(labels),
+        probs=host(probs),
+        loss=float(loss_sum) / loss_n if loss_n else float("nan"),
+        loss_count=loss_n,
+        boxes=host(boxes),
+        box_mass=host(mass),
+    )
+
+
+def merge_predictions(parts: list[Predictions]) -> Predictions:
+    """Join the predictions of several ranks: sorted by index, each index once, the loss weighted by counts.
+
+    Args:
+        parts: one :class:`Predictions` per rank (e.g. from :func:`finescope.distributed.all_gather`).
+
+    Returns:
+        One :class:`Predictions` over the union of the indices.
+    """
+    parts = [p for p in parts if len(p.indices)]
+    if len(parts) <= 1:
+        return parts[0] if parts else Predictions(np.zeros(0, int), np.zeros(0, int), np.zeros((0, 0)))
+    indices = np.concatenate([p.indices for p in parts])
+    _, first = np.unique(indices, return_index=True)  # sorted unique indices; first occurrence of each
+
+    def cat(name: str) -> np.ndarray | None:
+        values = [getattr(p, name) for p in parts]
+        return None if any(v is None for v in values) else np.concatenate(values)[first]
+
+    counted = [p for p in parts if p.loss_count]
+    n = sum(p.loss_count for p in counted)
+    return Predictions(
+        indices=indices[first],
+        labels=cat("labels"),
+        probs=cat("probs"),
+        loss=sum(p.loss * p.loss_count for p in counted) / n if n else float("nan"),
+        loss_count=n,
+        boxes=cat("boxes"),
+        box_mass=cat("box_mass"),
     )

@@ -39,7 +39,7 @@ from finescope.data import (
     save_splits,
     split_groups,
 )
-from finescope.engine import Predictions, predict_loader, train_one_epoch, warmup_cosine
+from finescope.engine import Predictions, merge_predictions, predict_loader, train_one_epoch, warmup_cosine
 from finescope.errors import FinescopeError
 from finescope.metrics import compute_metrics
 from finescope.models import create_model
@@ -77,7 +77,12 @@ def min_image_side(cfg: Config) -> int:
 def make_loader(
     sample_set: SampleSet, indices, cfg: Config, train: bool, epoch: int = 0, batch_size: int | None = None
 ) -> DataLoader:
-    """A DataLoader over ``indices``; training loaders shuffle with a generator seeded by (seed, epoch)."""
+    """A DataLoader over ``indices`` for this process.
+
+    Training loaders shuffle with a permutation seeded by (seed, epoch) and, under DDP, read their share
+    (``batch_size / world``) of each global batch (:class:`~finescope.distributed.ShardSampler`); evaluation
+    loaders read every ``world``-th image, without padding.
+    """
     samples = [sample_set.samples[i] for i in indices]
     dataset = ImageDataset(
         samples,
@@ -87,15 +92,14 @@ def make_loader(
         cache=cfg.data.cache,
     )
     bs = batch_size or (cfg.train.batch_size if train else (cfg.train.eval_batch_size or cfg.train.batch_size))
-    sampler = dist.make_sampler(dataset, shuffle=train, seed=cfg.seed + epoch)
+    sampler = dist.make_sampler(len(samples), shuffle=train, seed=cfg.seed + epoch, global_batch=bs, drop_last=train)
     return DataLoader(
         dataset,
-        batch_size=bs,
+        batch_size=dist.per_rank_batch(bs) if train else bs,
         sampler=sampler,
         num_workers=cfg.data.num_workers,
         collate_fn=collate_padded,
-        pin_memory=torch.cuda.is_available(),
-        drop_last=train and len(samples) > bs,
+        pin_memory=torch.cuda.is_available() and cfg.train.device != "cpu",
     )
 
 
@@ -178,12 +182,17 @@ def _check_classes(state: dict, class_names: list[str], where: str) -> None:
 
 
 def evaluate_split(model, sample_set, indices, cfg, device, desc="eval") -> tuple[Predictions, dict]:
-    """Predict ``indices`` and compute their metrics (image- and, with groups, patient-level)."""
+    """Predict ``indices`` and compute their metrics (image- and, with groups, patient-level).
+
+    Under DDP every rank predicts its shard and the predictions of all ranks are gathered, so each image is
+    counted exactly once and every rank returns the same metrics.
+    """
     loader = make_loader(sample_set, indices, cfg, train=False)
     preds = predict_loader(
         model, loader, device, amp=cfg.train.amp, channels_last=cfg.train.channels_last,
         predict_with=cfg.model.predict_with, aux_weight=cfg.train.aux_weight, desc=desc,
     )
+    preds = merge_predictions(dist.all_gather(preds))
     preds.indices = np.asarray(indices)[preds.indices]  # dataset positions -> sample_set indices
     groups = [sample_set.samples[i].group for i in preds.indices]
     metrics = compute_metrics(preds.labels, preds.probs, groups, sample_set.class_names)
@@ -229,7 +238,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
         raise FinescopeError(f"'{run_dir}' already holds a run; pass --resume to continue it or choose another --out")
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.seed)
-    sample_set = load_samples(cfg.data)
+    sample_set = _load_samples_rank0_first(cfg)
     splits = resolve_splits(cfg, sample_set, run_dir, resume)
     model = build_model(cfg, len(sample_set.class_names), device)
     if dist.is_main():
@@ -244,7 +253,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     start, tracker = 0, {"best_score": float("-inf"), "best_epoch": -1, "bad_epochs": 0, "stopped": False}
     if resume:
         start, tracker = _resume_state(run_dir, sample_set.class_names, model, optimizer, scheduler)
-    fit_model = dist.wrap_model(model, device)
+    fit_model = dist.wrap_model(model, device, sync_bn=cfg.train.sync_bn)
     if cfg.train.compile:
         fit_model = torch.compile(fit_model)
     for epoch in range(start, cfg.train.epochs):
@@ -252,7 +261,18 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
             break
         tracker = _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, device, epoch,
                              tracker, run_dir, progress)
+    dist.barrier()  # rank 0 has written best.pt before any rank reads it
     return finish(run_dir, cfg, sample_set, splits, device)
+
+
+def _load_samples_rank0_first(cfg: Config) -> SampleSet:
+    """Rank 0 scans (and, for the synthetic source, generates) the data before the other ranks read it."""
+    if not dist.is_main():
+        dist.barrier()
+    sample_set = load_samples(cfg.data)
+    if dist.is_main():
+        dist.barrier()
+    return sample_set
 
 
 def _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, device, epoch, tracker, run_dir,
@@ -300,15 +320,16 @@ def _print_epoch(row: dict, progress: bool) -> None:
 
 
 def finish(run_dir: Path, cfg: Config, sample_set: SampleSet, splits: dict, device: torch.device) -> dict:
-    """Evaluate best.pt on the test split; write metrics.json and predictions_test.csv."""
-    if not dist.is_main():
-        return {}
+    """Evaluate best.pt on the test split (every rank its shard); rank 0 writes metrics.json and
+    predictions_test.csv and returns the metrics, other ranks return {}."""
     if len(splits.get("test", [])) == 0:
         return {}
     state = load_checkpoint(run_dir / "checkpoints" / "best.pt")
     model = build_model(cfg, len(sample_set.class_names), device)
     model.load_state_dict(state["model"])
     preds, metrics = evaluate_split(model, sample_set, splits["test"], cfg, device, desc="test")
+    if not dist.is_main():
+        return {}
     metrics.update(split="test", checkpoint=str(run_dir / "checkpoints" / "best.pt"), best_epoch=state["epoch"])
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_predictions(run_dir / "predictions_test.csv", preds, sample_set)

@@ -57,6 +57,15 @@ def global_view_size(height: int, width: int, short_side: int) -> tuple[int, int
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
+def _to_device(values: list, device: torch.device) -> torch.Tensor:
+    """A small tensor from Python numbers on ``device`` without a host-device sync.
+
+    ``torch.tensor(values, device=cuda)`` waits for every queued kernel (a blocking copy); a non-blocking copy
+    of a fresh CPU tensor is staged by the driver at once and lets the host run ahead of the GPU.
+    """
+    return torch.tensor(values).to(device, non_blocking=True)
+
+
 class FineScopeNet(nn.Module):
     """Backbone + optional gated attention + optional high-resolution crops + fusion head.
 
@@ -130,17 +139,17 @@ class FineScopeNet(nn.Module):
         Returns the view (B, 3, Gh, Gw) and the view size of each image (B, 2).
         """
         if self.hires:
-            return x, torch.tensor(sizes, device=x.device)
+            return x, _to_device(sizes, x.device)
         dims = [global_view_size(int(h), int(w), self.global_size) for h, w in sizes]
         if len(set(dims)) == 1 and all(int(h) == x.shape[2] and int(w) == x.shape[3] for h, w in sizes):
             view = F.interpolate(x, size=dims[0], mode="bilinear", antialias=True, align_corners=False)
         else:
             Gh, Gw = max(d[0] for d in dims), max(d[1] for d in dims)
             view = x.new_zeros(x.shape[0], 3, Gh, Gw)
-            for i, ((h, w), (gh, gw)) in enumerate(zip(sizes, dims)):
+            for i, ((h, w), (gh, gw)) in enumerate(zip(sizes, dims, strict=True)):
                 one = x[i : i + 1, :, : int(h), : int(w)]
                 view[i, :, :gh, :gw] = F.interpolate(one, size=(gh, gw), mode="bilinear", antialias=True)[0]
-        return view, torch.tensor(dims, device=x.device)
+        return view, _to_device(dims, x.device)
 
     def _crops(self, x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """Cut (B, K, 4) boxes from the full-resolution batch in one roi_align call -> (B*K, 3, L, L)."""
@@ -164,15 +173,15 @@ class FineScopeNet(nn.Module):
         B, _, H, W = images.shape
         if sizes is None:
             sizes = torch.tensor([[H, W]] * B)
-        size_list = sizes.tolist()  # keep sizes on the CPU to avoid a device sync here
-        sizes = sizes.to(images.device)
+        size_list = sizes.tolist()  # sizes arrive on the CPU: reading them costs no device sync
+        sizes = sizes.to(images.device, non_blocking=True)
         x = (images - self.mean) / self.std
         view, view_sizes = self._global_view(x, size_list)
         fmap = self.backbone(view)  # (B, C, h, w)
         h, w = fmap.shape[-2:]
-        stride = torch.tensor([view.shape[2] / h, view.shape[3] / w], device=x.device)
+        stride = _to_device([view.shape[2] / h, view.shape[3] / w], x.device)  # (2,) view pixels per cell
         valid = torch.ceil(view_sizes.float() / stride).long().clamp(min=1)  # (B, 2) valid cells
-        valid = torch.minimum(valid, torch.tensor([h, w], device=x.device))
+        valid = torch.minimum(valid, _to_device([h, w], x.device))
         mask = self._grid_mask(valid, h, w)  # (B, h, w)
         if not self.use_attention:
             g = (fmap * mask[:, None]).sum(dim=(2, 3)) / mask.sum(dim=(1, 2))[:, None]  # (B, C)

@@ -1,0 +1,184 @@
+"""Data-path throughput: decoders, the DataLoader alone by worker count and cache, and an end-to-end epoch.
+
+Sections (all on the images of ``--data``: a BreakHis tree (PNG or a JPEG copy) or a class-folder set such as
+DeFungi (JPEG)):
+
+decode: seconds per image to decode with torchvision.io and with PIL, and to read back a decoded image stored
+    as raw uint8 ``.npy`` (what a ``data.cache: disk`` would cost), interleaved per file.
+loader: decoded and augmented images/s delivered by a training DataLoader (``microscopy`` augmentation, batch
+    ``--batch``, collate with padding, pinned memory on CUDA) with ``data.cache`` none and memory; epoch 1 and
+    epoch 2 are reported separately (the memory cache is filled in epoch 1; persistent workers keep it).
+epoch: one training epoch of ``fusion`` (``--epoch-backbone``) on ``--device`` through ``engine.train_one_epoch``
+    with the loader, and the model alone on a pre-loaded batch (what the model consumes per second).
+
+Example:
+    PYTHONPATH=src python benchmarks/bench_data.py --data ../shared/data/breakhis --workers 0 1 2 --limit 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, loadavg, markdown_table, summary, sync  # noqa: E402
+
+from finescope.config import DataConfig, ModelConfig  # noqa: E402
+from finescope.data import ImageDataset, build_transform, collate_padded, load_samples  # noqa: E402
+from finescope.data.dataset import _decode_pil, _decode_torchvision  # noqa: E402
+
+
+def find_samples(root: str, limit: int, seed: int = 0) -> list:
+    """Up to ``limit`` samples of a BreakHis tree or a class-folder set, a seeded random subset."""
+    source = "breakhis" if (Path(root) / "BreaKHis_v1").is_dir() else "folder"
+    samples = load_samples(DataConfig(source=source, root=root)).samples
+    if 0 < limit < len(samples):
+        samples = random.Random(seed).sample(samples, limit)
+    return samples
+
+
+def bench_decode(samples: list, n: int) -> dict:
+    """Seconds per image: torchvision.io, PIL, and ``np.load`` of the decoded uint8 array, interleaved."""
+    times: dict[str, list[float]] = {"torchvision": [], "pil": [], "npy": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, s in enumerate(samples[:n]):
+            raw = Path(tmp) / f"{i}.npy"
+            np.save(raw, _decode_torchvision(Path(s.path)).numpy())
+            for name, fn, arg in (("torchvision", _decode_torchvision, Path(s.path)),
+                                  ("pil", _decode_pil, Path(s.path)), ("npy", np.load, raw)):
+                start = time.perf_counter()
+                fn(arg)
+                times[name].append(time.perf_counter() - start)
+    with Image.open(samples[0].path) as img:
+        fmt, size = img.format, img.size
+    return {"format": fmt, "size_wh": size, "n": min(n, len(samples)),
+            **{k: summary(v) for k, v in times.items()}}
+
+
+def make_loader(samples: list, workers: int, cache: str, batch: int, pin: bool, min_side: int = 0,
+                augment: str = "microscopy") -> DataLoader:
+    """A training loader as the trainer builds it, with persistent workers so a memory cache survives epochs."""
+    dataset = ImageDataset(samples, transform=build_transform(augment, True), cache=cache, min_side=min_side)
+    return DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, collate_fn=collate_padded,
+                      pin_memory=pin, drop_last=False, persistent_workers=workers > 0,
+                      generator=torch.Generator().manual_seed(0))
+
+
+def bench_loader(samples: list, workers: list[int], caches: list[str], batch: int, pin: bool,
+                 augments: list[str]) -> list[dict]:
+    """Images/s of the loader alone for each (workers, cache, augmentation), epochs 1 and 2."""
+    rows = []
+    for w, cache, augment in ((w, c, a) for w in workers for c in caches for a in augments):
+        loader = make_loader(samples, w, cache, batch, pin, augment=augment)
+        per_epoch = []
+        for _ in range(2):
+            start, n = time.perf_counter(), 0
+            for b in loader:
+                n += len(b)
+            per_epoch.append(n / (time.perf_counter() - start))
+        rows.append({"workers": w, "cache": cache, "augment": augment, "epoch1_images_per_s": per_epoch[0],
+                     "images_per_s": per_epoch[1], "loadavg": loadavg()})
+        print(f"loader workers={w} cache={cache} augment={augment}: {per_epoch[0]:.1f} / {per_epoch[1]:.1f} img/s",
+              flush=True)
+        del loader
+    return rows
+
+
+def bench_epoch(samples: list, args, device: torch.device) -> dict:
+    """One fusion training epoch through the real loop, and the model alone on a fixed batch."""
+    from finescope.engine import train_one_epoch
+    from finescope.models import create_model
+
+    cfg = ModelConfig(variant="fusion", backbone=args.epoch_backbone, global_size=args.global_size,
+                      local_size=args.local_size)
+    torch.manual_seed(0)
+    model = create_model(cfg, 2).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    loader = make_loader(samples, max(args.workers), "none", args.batch, device.type == "cuda", args.local_size)
+    run = {"device": device, "progress": False, "grad_clip": 1.0}
+    batch = next(iter(loader))
+    train_one_epoch(model, [batch], opt, None, **run)  # warm-up (cuDNN autotuning, allocator)
+    model_times = []
+    for _ in range(args.model_reps):
+        sync(device)
+        model_times.append(train_one_epoch(model, [batch], opt, None, **run)["seconds"])
+    stats = train_one_epoch(model, loader, opt, None, **run)
+    return {"workers": max(args.workers), "epoch_seconds": stats["seconds"], "images": stats["images"],
+            "epoch_images_per_s": stats["images"] / stats["seconds"],
+            "model_images_per_s": len(batch) / statistics.median(model_times)}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default="../shared/data/breakhis")
+    p.add_argument("--limit", type=int, default=64, help="images used (a seeded random subset; 0 = all)")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--caches", nargs="+", default=["none", "memory"], choices=("none", "memory"))
+    p.add_argument("--augments", nargs="+", default=["microscopy"], choices=("none", "microscopy", "strong"))
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--decode-n", type=int, default=20, help="files in the decode comparison")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--epoch-backbone", default="", help="also time a fusion epoch with this backbone ('' = skip)")
+    p.add_argument("--global-size", type=int, default=224)
+    p.add_argument("--local-size", type=int, default=224)
+    p.add_argument("--model-reps", type=int, default=3)
+    p.add_argument("--out", help="JSON file for the results (a .md beside it)")
+    return p.parse_args(argv)
+
+
+def report(result: dict) -> str:
+    env, d = result["environment"], result["decode"]
+    lines = [f"device {env.get('gpu', env['cpu'])}, {env['cpu_count']} CPUs, torch {env['torch']}, torchvision "
+             f"{env['torchvision']}, commit {env['commit']}, load {env['loadavg_start']} -> {env['loadavg_end']}",
+             f"`{env['command']}`", "",
+             f"decode ({d['format']} {d['size_wh'][0]}x{d['size_wh'][1]}, {d['n']} files, ms/image median "
+             f"(min-max)): " + ", ".join(f"{k} {d[k]['median'] * 1e3:.2f} ({d[k]['min'] * 1e3:.2f}-"
+                                         f"{d[k]['max'] * 1e3:.2f})" for k in ("torchvision", "pil", "npy")), ""]
+    rows = [[r["workers"], r["cache"], r["augment"], f"{r['epoch1_images_per_s']:.1f}", f"{r['images_per_s']:.1f}"]
+            for r in result["loader"]]
+    lines.append(markdown_table(["workers", "cache", "augment", "epoch 1 images/s", "epoch 2 images/s"], rows))
+    if "epoch" in result:
+        e = result["epoch"]
+        lines += ["", f"fusion epoch ({e['images']} images, {e['workers']} workers): {e['epoch_seconds']:.1f} s = "
+                  f"{e['epoch_images_per_s']:.1f} images/s; model alone {e['model_images_per_s']:.1f} images/s"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    result: dict = {"environment": environment(device), "settings": vars(args)}
+    samples = find_samples(args.data, args.limit)
+    result["decode"] = bench_decode(samples, args.decode_n)
+    result["loader"] = bench_loader(samples, args.workers, args.caches, args.batch, device.type == "cuda",
+                                    args.augments)
+    if args.epoch_backbone:
+        result["epoch"] = bench_epoch(samples, args, device)
+        result["model_images_per_s"] = result["epoch"]["model_images_per_s"]
+    result["environment"]["loadavg_end"] = loadavg()
+    text = report(result)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1, default=str))
+        out.with_suffix(".md").write_text(text)
+    print(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()

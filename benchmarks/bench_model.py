@@ -1,0 +1,331 @@
+"""Step throughput, peak memory and the overhead ratio of the fusion network.
+
+For every (backbone, input size, mode) the cases below are timed INTERLEAVED (A, B, C, A, B, C, ...) on the same
+random batch, so that a noisy machine slows all of them alike; medians and the min-max spread are reported.
+
+Cases:
+    global, global-hires, attention, fusion: the model variants (finescope.models), full training or inference
+        steps exactly as ``finescope.engine`` runs them (forward under autocast, loss, backward, grad clip, AdamW).
+    passes: the backbone passes a fusion step contains, and nothing else: one pass over the global view
+        (B, 3, Gh, Gw) plus one over the B*K crops (B*K, 3, L, L), tensors made beforehand; in training the
+        same loss-backward-clip-AdamW step on the backbone's parameters.
+    fusion+fp32, fusion+contiguous, fusion+compile (``--ablate``): fusion without bf16 autocast, without
+        channels_last, or under ``torch.compile``.
+
+Ratios (paired per repetition, then median and spread):
+    overhead = fusion / passes (goal <= 1.15 on CUDA, <= 1.25 on CPU),
+    fusion / global-hires (goal < 1).
+
+Example (CPU, small):
+    PYTHONPATH=src python benchmarks/bench_model.py --device cpu --backbones resnet18 --sizes 460x700 \
+        --batch 2 --reps 5 --out benchmarks/results/cpu_model.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, loadavg, markdown_table, summary, sync, timed  # noqa: E402
+
+from finescope.config import ModelConfig  # noqa: E402
+from finescope.engine import autocast, compute_loss  # noqa: E402
+from finescope.models import create_model  # noqa: E402
+from finescope.models.network import global_view_size  # noqa: E402
+
+VARIANTS = ("global", "global-hires", "attention", "fusion")
+ABLATIONS = ("fp32", "contiguous", "compile")
+
+
+@dataclass
+class Case:
+    """One timed thing: a name and a zero-argument step function."""
+
+    name: str
+    step: Callable[[], object]
+    images: int  # images per step (B)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``'460x700'`` -> (460, 700) (height x width)."""
+    h, w = text.lower().split("x")
+    return int(h), int(w)
+
+
+def _train_step(model: nn.Module, forward: Callable[[], torch.Tensor], opt: torch.optim.Optimizer,
+                params: list[torch.Tensor]) -> Callable[[], None]:
+    """The engine's training step: loss, zero_grad, backward, clip to norm 1, AdamW."""
+
+    def step() -> None:
+        loss = forward()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+
+    return step
+
+
+def _adamw(params: list[torch.Tensor], device: torch.device) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+
+
+def model_case(name: str, variant: str, backbone: str, args, batch: dict, mode: str, device: torch.device,
+               amp: bool, channels_last: bool, compile_: bool) -> Case:
+    """A variant's full step on ``batch`` (images, sizes, labels on the device)."""
+    cfg = ModelConfig(variant=variant, backbone=backbone, global_size=args.global_size,
+                      local_size=args.local_size, num_crops=args.num_crops, weights=args.weights.get(backbone, ""))
+    torch.manual_seed(0)
+    model = create_model(cfg, num_classes=2).to(device)
+    use_cl = channels_last and device.type == "cuda"
+    images = batch["images"].contiguous(memory_format=torch.channels_last) if use_cl else batch["images"]
+    if use_cl:
+        model = model.to(memory_format=torch.channels_last)
+    run = torch.compile(model) if compile_ else model
+    sizes, labels = batch["sizes"], batch["labels"]
+    if mode == "infer":
+        model.eval()
+
+        def infer() -> None:
+            with torch.no_grad(), autocast(device, amp):
+                run(images, sizes)
+
+        return Case(name, infer, len(labels))
+    model.train()
+
+    def forward() -> torch.Tensor:
+        with autocast(device, amp):
+            out = run(images, sizes)
+        return compute_loss(out, labels)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    return Case(name, _train_step(model, forward, _adamw(params, device), params), len(labels))
+
+
+def passes_case(backbone: str, args, batch: dict, mode: str, device: torch.device, amp: bool,
+                channels_last: bool) -> Case:
+    """The backbone passes inside one fusion step: global view (B, 3, Gh, Gw) + crops (B*K, 3, L, L)."""
+    cfg = ModelConfig(variant="fusion", backbone=backbone, global_size=args.global_size,
+                      local_size=args.local_size, num_crops=args.num_crops, weights=args.weights.get(backbone, ""))
+    torch.manual_seed(0)
+    trunk = copy.deepcopy(create_model(cfg, 2).backbone).to(device)
+    B, _, H, W = batch["images"].shape
+    gh, gw = global_view_size(H, W, args.global_size)
+    L = args.local_size
+    view = torch.rand(B, 3, gh, gw, device=device)
+    crops = torch.rand(B * args.num_crops, 3, L, L, device=device)
+    if channels_last and device.type == "cuda":
+        trunk = trunk.to(memory_format=torch.channels_last)
+        view, crops = (t.contiguous(memory_format=torch.channels_last) for t in (view, crops))
+    if mode == "infer":
+        trunk.eval()
+
+        def infer() -> None:
+            with torch.no_grad(), autocast(device, amp):
+                trunk(view)
+                trunk(crops)
+
+        return Case("passes", infer, B)
+    trunk.train()
+
+    def forward() -> torch.Tensor:
+        with autocast(device, amp):
+            return trunk(view).float().mean() + trunk(crops).float().mean()
+
+    params = list(trunk.parameters())
+    return Case("passes", _train_step(trunk, forward, _adamw(params, device), params), B)
+
+
+def make_batch(size: tuple[int, int], batch: int, device: torch.device) -> dict:
+    """A seeded random batch of full-resolution images in [0, 1]."""
+    g = torch.Generator().manual_seed(0)
+    H, W = size
+    return {
+        "images": torch.rand(batch, 3, H, W, generator=g).to(device),
+        "sizes": torch.tensor([[H, W]] * batch),
+        "labels": torch.randint(0, 2, (batch,), generator=g).to(device),
+    }
+
+
+def build_cases(backbone: str, size, mode: str, args, device: torch.device) -> list[Case]:
+    """Every case of one (backbone, size, mode) group."""
+    batch_size = args.batch_large if size[0] * size[1] > 1_000_000 and args.batch_large else args.batch
+    batch = make_batch(size, batch_size, device)
+    amp, cl = not args.no_amp, not args.no_channels_last
+    cases = [model_case(v, v, backbone, args, batch, mode, device, amp, cl, False) for v in args.variants]
+    if "fusion" in args.variants:
+        cases.append(passes_case(backbone, args, batch, mode, device, amp, cl))
+        flags = {"fp32": (False, cl, False), "contiguous": (amp, False, False), "compile": (amp, cl, True)}
+        for name in args.ablate:
+            cases.append(model_case(f"fusion+{name}", "fusion", backbone, args, batch, mode, device, *flags[name]))
+    return cases
+
+
+def peak_mib(case: Case, device: torch.device) -> float | None:
+    """Peak allocated device memory of one step (CUDA only: the CPU allocator keeps no peak counter)."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    case.step()
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def run_group(cases: list[Case], args, device: torch.device) -> tuple[dict, dict]:
+    """Warm up each case, measure its peak memory, then time all cases interleaved ``args.reps`` times."""
+    times: dict[str, list[float]] = {}
+    memory: dict[str, float | None] = {}
+    alive = []
+    for case in cases:
+        try:
+            for _ in range(args.warmup):
+                case.step()
+            memory[case.name] = peak_mib(case, device)
+            alive.append(case)
+        except torch.OutOfMemoryError:
+            memory[case.name] = float("inf")
+            torch.cuda.empty_cache()
+    for _ in range(args.reps):
+        for case in alive:
+            times.setdefault(case.name, []).append(timed(case.step, device))
+    return times, memory
+
+
+def paired_ratio(times: dict, num: str, den: str) -> dict | None:
+    """Median and spread of time[num][i] / time[den][i] over repetitions i."""
+    if num not in times or den not in times:
+        return None
+    return summary([a / b for a, b in zip(times[num], times[den], strict=True)])
+
+
+def group_rows(key: dict, cases: list[Case], times: dict, memory: dict) -> list[dict]:
+    rows = []
+    for case in cases:
+        row = {**key, "case": case.name, "batch": case.images, "peak_mib": memory.get(case.name)}
+        if case.name in times:
+            s = summary(times[case.name])
+            row.update(ms=s["median"] * 1e3, ms_min=s["min"] * 1e3, ms_max=s["max"] * 1e3,
+                       images_per_s=case.images / s["median"])
+        else:
+            row.update(ms=None, images_per_s=None, note="out of memory")
+        rows.append(row)
+    return rows
+
+
+def group_ratios(key: dict, times: dict) -> dict:
+    out = {**key}
+    for name, (num, den) in {"overhead": ("fusion", "passes"), "fusion_vs_hires": ("fusion", "global-hires"),
+                             **{f"{a}_speedup": (f"fusion+{a}", "fusion") for a in ABLATIONS}}.items():
+        r = paired_ratio(times, num, den)
+        if r is not None:
+            out[name] = r
+    return out
+
+
+def format_report(result: dict) -> str:
+    """Two markdown tables: per-case throughput and memory, and the ratios."""
+
+    def fmt(v, spec=".1f"):
+        return "-" if v is None else ("OOM" if v == float("inf") else format(v, spec))
+
+    rows = [[r["backbone"], r["size"], r["mode"], r["case"], r["batch"], fmt(r.get("ms")),
+             f"{fmt(r.get('ms_min'))}-{fmt(r.get('ms_max'))}", fmt(r.get("images_per_s")), fmt(r["peak_mib"], ".0f")]
+            for r in result["rows"]]
+    t1 = markdown_table(["backbone", "input", "mode", "case", "B", "ms/step (median)", "spread", "images/s",
+                         "peak MiB"], rows)
+
+    def ratio(r):
+        return "-" if r is None else f"{r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f})"
+
+    rows = [[g["backbone"], g["size"], g["mode"], ratio(g.get("overhead")), ratio(g.get("fusion_vs_hires")),
+             *[ratio(g.get(f"{a}_speedup")) for a in ABLATIONS]] for g in result["ratios"]]
+    t2 = markdown_table(["backbone", "input", "mode", "fusion / passes", "fusion / global-hires",
+                         "fp32 / bf16", "contiguous / channels_last", "compiled / eager"], rows)
+    env = result["environment"]
+    head = (f"device {env.get('gpu', env['cpu'])} ({env['device']}), torch {env['torch']}, "
+            f"torchvision {env['torchvision']}, commit {env['commit']}, load {env['loadavg_start']} -> "
+            f"{env.get('loadavg_end', '')}\n`{env['command']}`")
+    return f"{head}\n\n{t1}\n\nRatios, paired per repetition: median (min-max)\n\n{t2}\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--backbones", nargs="+", default=["resnet18", "resnet50", "mobilenet_v2"])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--sizes", nargs="+", default=["460x700", "1536x2048"], help="HxW of the full-resolution input")
+    p.add_argument("--modes", nargs="+", default=["train", "infer"], choices=("train", "infer"))
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch-large", type=int, default=0, help="batch for inputs over 1 Mpx (0 = --batch)")
+    p.add_argument("--global-size", type=int, default=224)
+    p.add_argument("--local-size", type=int, default=224)
+    p.add_argument("--num-crops", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--no-amp", action="store_true", help="fp32 on CUDA (bf16 autocast otherwise)")
+    p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--ablate", nargs="*", default=[], choices=ABLATIONS,
+                   help="extra fusion cases: fp32, contiguous (no channels_last), compile")
+    p.add_argument("--weights", nargs="*", default=[], metavar="BACKBONE=PATH",
+                   help="local weights, e.g. mobilenet_v2=../shared/weights/mobilenet_v2-b0353104.pth")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--out", help="JSON file for the full results (a .md with the tables is written beside it)")
+    args = p.parse_args(argv)
+    args.weights = dict(w.split("=", 1) for w in args.weights)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    result = {"environment": environment(device), "settings": {k: v for k, v in vars(args).items()},
+              "rows": [], "ratios": []}
+    for backbone in args.backbones:
+        for size_text in args.sizes:
+            for mode in args.modes:
+                key = {"backbone": backbone, "size": size_text, "mode": mode}
+                cases = build_cases(backbone, parse_size(size_text), mode, args, device)
+                times, memory = run_group(cases, args, device)
+                result["rows"] += group_rows(key, cases, times, memory)
+                result["ratios"].append(group_ratios(key, times))
+                print(f"{backbone} {size_text} {mode}: " + ", ".join(
+                    f"{n} {statistics.median(t) * 1e3:.1f} ms" for n, t in times.items()), flush=True)
+                del cases
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                save(result, args.out)  # after every group: a run cut short keeps what it measured
+    report = save(result, args.out)
+    print(report)
+    return result
+
+
+def save(result: dict, out: str | None) -> str:
+    """Write the JSON and the markdown report (when ``out`` is set); return the report."""
+    result["environment"]["loadavg_end"] = loadavg()
+    report = format_report(result)
+    if out:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1, default=str))
+        path.with_suffix(".md").write_text(report)
+    return report
+
+
+if __name__ == "__main__":
+    main()

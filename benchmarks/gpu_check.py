@@ -1,0 +1,255 @@
+"""One-shot GPU check: device-vs-CPU agreement, host syncs per step, the benchmark table, the data path and a
+short real training run. Writes everything under OUT and prints a short table last.
+
+    PYTHONPATH=src python3 benchmarks/gpu_check.py OUT [--device cuda] [--data .gpu/breakhis]
+        [--weights .gpu/mobilenet_v2-b0353104.pth] [--quick]
+
+``--device cpu --quick`` runs every stage on tiny settings (the test suite does this): the agreement check then
+compares float32 on the CPU against the float64 reference and skips bf16.
+
+Agreement: fresh random full-resolution inputs; reference = the same model in float64 on the CPU; relative
+error ||out - ref|| / ||ref|| of the global logits and the attention (limits: fp32 1e-3, bf16 2e-2, never NaN).
+The fused logits depend on the selected boxes, a discontinuous function of the attention: they are compared on
+the images whose boxes agree with the reference within 1 pixel, and the number of such images is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import ROOT, environment, markdown_table  # noqa: E402
+
+from finescope.config import ModelConfig  # noqa: E402
+from finescope.engine import autocast, compute_loss  # noqa: E402
+from finescope.models import create_model  # noqa: E402
+
+LIMITS = {"fp32": 1e-3, "bf16": 2e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64."""
+    out, ref = out.double().cpu(), ref.double().cpu()
+    return float((out - ref).norm() / ref.norm().clamp(min=1e-30))
+
+
+def agreement(backbone: str, size: tuple[int, int], device: torch.device, weights: str, batch: int) -> list[dict]:
+    """Compare the model on ``device`` (fp32, and bf16 on CUDA) with a float64 CPU reference."""
+    torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 here
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = ModelConfig(variant="fusion", backbone=backbone, weights=weights if backbone == "mobilenet_v2" else "",
+                      global_size=min(224, size[0] // 2), local_size=min(224, size[0] // 2))
+    torch.manual_seed(1)
+    model = create_model(cfg, 3).eval()
+    g = torch.Generator().manual_seed(123)
+    images = torch.rand(batch, 3, *size, generator=g)
+    sizes = torch.tensor([list(size)] * batch)
+    with torch.no_grad():
+        ref = model.double()(images.double(), sizes)
+        model = model.float().to(device)
+        rows = []
+        for precision in ("fp32", "bf16") if device.type == "cuda" else ("fp32",):
+            with autocast(device, precision == "bf16"):
+                out = model(images.to(device), sizes)
+            same = ((out.boxes.float().cpu() - ref.boxes.float()).abs().amax(dim=(1, 2)) <= 1.0)
+            fused = rel_err(out.logits[same.to(device)], ref.logits[same]) if same.any() else float("nan")
+            errs = {"global_logits": rel_err(out.global_logits, ref.global_logits),
+                    "attention": rel_err(out.attention, ref.attention)}
+            finite = all(torch.isfinite(t.float()).all() for t in (out.logits, out.global_logits, out.attention))
+            ok = finite and max(errs.values()) < LIMITS[precision] and (fused != fused or fused < LIMITS[precision])
+            rows.append({"backbone": backbone, "precision": precision, **errs, "fused_logits": fused,
+                         "boxes_agree": f"{int(same.sum())}/{batch}", "finite": bool(finite), "pass": bool(ok)})
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    return rows
+
+
+def count_syncs(device: torch.device, backbone: str) -> dict:
+    """Host-device synchronisations in one fusion training step and one inference step (CUDA only)."""
+    if device.type != "cuda":
+        return {}
+    model = create_model(ModelConfig(variant="fusion", backbone=backbone), 2).to(device)
+    images = torch.rand(8, 3, 460, 700, device=device)
+    sizes, labels = torch.tensor([[460, 700]] * 8), torch.randint(0, 2, (8,), device=device)
+    opt = torch.optim.AdamW(model.parameters(), fused=True)
+    out = {}
+    for mode in ("train", "infer"):
+        for record in (False, True):  # first pass warms up (cuDNN autotuning syncs), second is counted
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn" if record else 0)
+                try:
+                    _one_step(model, opt, images, sizes, labels, device, mode)
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+            if record:
+                msgs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
+                out[mode] = {"syncs": len(msgs), "examples": sorted(set(msgs))[:5]}
+    return out
+
+
+def _one_step(model, opt, images, sizes, labels, device, mode: str) -> None:
+    model.train(mode == "train")
+    with torch.set_grad_enabled(mode == "train"), autocast(device, True):
+        out = model(images, sizes)
+    if mode == "train":
+        loss = compute_loss(out, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+
+def run(cmd: list[str], log: Path, timeout: int) -> tuple[int, float]:
+    """Run a stage as a subprocess (PYTHONPATH=src), its output to ``log``; (return code, seconds)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    start = time.perf_counter()
+    with log.open("w") as f:
+        try:
+            rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = 124
+    return rc, time.perf_counter() - start
+
+
+def train_stage(out: Path, args, device: str) -> dict:
+    """Train fusion (mobilenet_v2, ImageNet weights when given) on the BreakHis copy; test metrics and speed."""
+    run_dir = out / "train_fusion"
+    sets = [f"data.root={args.data}", f"train.device={device}", "data.cache=memory",
+            f"data.num_workers={args.workers}", f"model.weights={args.weights}" if Path(args.weights).is_file()
+            else "model.weights=", f"train.epochs={args.epochs}", f"train.batch_size={args.batch}"]
+    if args.quick:
+        sets += ["model.backbone=tiny", "model.global_size=64", "model.local_size=64", "train.batch_size=4"]
+    cmd = [sys.executable, "-m", "finescope", "train", "--config", "src/finescope/configs/breakhis_binary.yaml",
+           "--out", str(run_dir), "--quiet", "--set", *sets]
+    rc, seconds = run(cmd, out / "train_fusion.log", args.train_timeout)
+    result = {"rc": rc, "seconds": seconds, "command": " ".join(cmd)}
+    if rc == 0:
+        history = [json.loads(r) for r in (run_dir / "history.jsonl").read_text().splitlines()]
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        result.update(epochs=len(history), train_images_per_s=max(r["train_images_per_second"] for r in history),
+                      epoch_seconds=min(r["train_seconds"] for r in history),
+                      **{k: metrics.get(k) for k in ("n_images", "image_accuracy", "balanced_accuracy", "auc",
+                                                     "patient_recognition_rate")})
+    return result
+
+
+def bench_stages(out: Path, args, device: str) -> dict:
+    """The model benchmark table, the bf16/channels_last/compile ablation and the data-path benchmark."""
+    py = [sys.executable]
+    weights = [f"mobilenet_v2={args.weights}"] if Path(args.weights).is_file() else []
+    if args.quick:
+        common = ["--device", device, "--backbones", "tiny", "--sizes", "128x192", "--batch", "2", "--warmup", "1",
+                  "--reps", "2", "--global-size", "64", "--local-size", "64"]
+        stages = {"model": common, "ablation": common + ["--modes", "infer", "--variants", "fusion", "--ablate",
+                                                         "fp32", "contiguous"]}
+        data = ["--workers", "0", "--limit", "8", "--decode-n", "2", "--epoch-backbone", "tiny", "--global-size",
+                "64", "--local-size", "64", "--batch", "4", "--model-reps", "1", "--augments", "none"]
+    else:
+        stages = {
+            "model": ["--device", device, "--batch", "16", "--batch-large", "4", "--warmup", "3", "--reps", "10",
+                      *(["--weights", *weights] if weights else [])],
+            "ablation": ["--device", device, "--backbones", "resnet18", "resnet50", "--sizes", "460x700",
+                         "--variants", "fusion", "--batch", "16", "--warmup", "3", "--reps", "10", "--ablate",
+                         "fp32", "contiguous", "compile"],
+        }
+        data = ["--workers", "4", "8", "15", "--limit", "296", "--epoch-backbone", "resnet18", "--device", device,
+                "--augments", "microscopy", "none", "--caches", "none"]
+    results = {}
+    for name, extra in stages.items():
+        rc, secs = run(py + ["benchmarks/bench_model.py", *extra, "--out", str(out / f"bench_{name}.json")],
+                       out / f"bench_{name}.log", args.bench_timeout)
+        results[name] = {"rc": rc, "seconds": secs}
+    rc, secs = run(py + ["benchmarks/bench_data.py", "--data", args.data, *data, "--out", str(out / "bench_data.json")],
+                   out / "bench_data.log", args.bench_timeout)
+    results["data"] = {"rc": rc, "seconds": secs}
+    return results
+
+
+def final_table(summary: dict, out: Path) -> str:
+    """The short table printed last."""
+    rows = [[f"agree {r['backbone']} {r['precision']}", f"logits {r['global_logits']:.2e}, attn {r['attention']:.2e}, "
+             f"fused {r['fused_logits']:.2e} (boxes {r['boxes_agree']})", "PASS" if r["pass"] else "FAIL"]
+            for r in summary["agreement"]]
+    for mode, s in summary.get("syncs", {}).items():
+        rows.append([f"host syncs / fusion {mode} step", s["syncs"], "; ".join(s["examples"])[:80]])
+    model = out / "bench_model.json"
+    if model.is_file():
+        for g in json.loads(model.read_text())["ratios"]:
+            if "overhead" in g:
+                hires = g.get("fusion_vs_hires", {}).get("median", float("nan"))
+                rows.append([f"{g['backbone']} {g['size']} {g['mode']}", f"fusion/passes {g['overhead']['median']:.3f}, "
+                             f"fusion/hires {hires:.3f}", ""])
+    ablation = out / "bench_ablation.json"
+    if ablation.is_file():
+        for g in json.loads(ablation.read_text())["ratios"]:
+            parts = [f"{k.replace('_speedup', '')} {v['median']:.2f}" for k, v in g.items() if k.endswith("_speedup")]
+            rows.append([f"ablation {g['backbone']} {g['mode']} (time / bf16+CL eager)", ", ".join(parts), ""])
+    data = out / "bench_data.json"
+    if data.is_file():
+        d = json.loads(data.read_text())
+        best = max(d["loader"], key=lambda r: r["images_per_s"])
+        rows.append(["loader best", f"{best['images_per_s']:.0f} img/s ({best['workers']} workers, cache {best['cache']})",
+                     f"fusion consumes {d.get('model_images_per_s', float('nan')):.0f} img/s"])
+    t = summary.get("train", {})
+    if t.get("rc") == 0:
+        rows.append(["train fusion on BreakHis copy", f"test acc {t['image_accuracy']:.3f}, bal acc "
+                     f"{t['balanced_accuracy']:.3f}, n={t['n_images']}",
+                     f"{t['epochs']} epochs, {t['train_images_per_s']:.0f} img/s, {t['seconds']:.0f} s"])
+    elif t:
+        rows.append(["train fusion", f"FAILED rc={t['rc']}", "see train_fusion.log"])
+    for name, s in summary.get("stages", {}).items():
+        rows.append([f"stage {name}", f"rc {s['rc']}", f"{s['seconds']:.0f} s"])
+    return markdown_table(["check", "result", "note"], rows)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out", nargs="?", default=os.environ.get("OUT", "gpu_check_out"))
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--data", default=".gpu/breakhis", help="a BreakHis tree (e.g. the JPEG copy)")
+    p.add_argument("--weights", default=".gpu/mobilenet_v2-b0353104.pth")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--quick", action="store_true", help="tiny settings (CPU test)")
+    p.add_argument("--bench-timeout", type=int, default=110, help="seconds per benchmark stage")
+    p.add_argument("--train-timeout", type=int, default=100)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device; run with --device cpu --quick for the CPU test", file=sys.stderr)
+        return 2
+    summary: dict = {"environment": environment(device)}
+    size = (128, 192) if args.quick else (460, 700)
+    backbones = ("tiny",) if args.quick else ("resnet18", "mobilenet_v2", "resnet50")
+    summary["agreement"] = [r for b in backbones for r in agreement(b, size, device, args.weights, 4)]
+    summary["syncs"] = count_syncs(device, "resnet18")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    summary["train"] = train_stage(out, args, args.device)
+    summary["stages"] = bench_stages(out, args, args.device)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    table = final_table(summary, out)
+    (out / "summary.md").write_text(table + "\n")
+    print(table)
+    return 0 if all(r["pass"] for r in summary["agreement"]) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

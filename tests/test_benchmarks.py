@@ -1,0 +1,57 @@
+"""The benchmark scripts run end to end on tiny CPU settings (the GPU check as the lead runs it, with --quick)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fake_breakhis(root: Path, per_class: int = 6) -> Path:
+    """A tiny BreakHis tree of random 192x128 JPEGs with official names (2 classes, 3 patients each)."""
+    rng = np.random.default_rng(0)
+    for cls, code, sub, t in (("benign", "B", "adenosis", "A"), ("malignant", "M", "ductal_carcinoma", "DC")):
+        for n in range(per_class):
+            patient = f"{1000 + n % 3 + (10 if code == 'M' else 0)}AB"
+            folder = root / "BreaKHis_v1/histology_slides/breast" / cls / "SOB" / sub / f"SOB_{code}_{t}_14-{patient}" / "100X"
+            folder.mkdir(parents=True, exist_ok=True)
+            name = f"SOB_{code}_{t}-14-{patient}-100-{n + 1:03d}.jpg"
+            Image.fromarray(rng.integers(0, 255, (128, 192, 3), dtype=np.uint8)).save(folder / name, quality=90)
+    return root
+
+
+def test_bench_model_cpu_tiny(tmp_path):
+    out = tmp_path / "m.json"
+    cmd = [sys.executable, "benchmarks/bench_model.py", "--device", "cpu", "--backbones", "tiny", "--sizes", "96x128",
+           "--batch", "2", "--warmup", "1", "--reps", "2", "--global-size", "48", "--local-size", "48",
+           "--threads", "1", "--ablate", "fp32", "--out", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": "src"})
+    result = json.loads(out.read_text())
+    assert {r["case"] for r in result["rows"]} >= {"global", "global-hires", "attention", "fusion", "passes"}
+    assert all(g["overhead"]["median"] > 0 for g in result["ratios"])
+    assert out.with_suffix(".md").is_file()
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_on_cpu(tmp_path):
+    data = fake_breakhis(tmp_path / "breakhis")
+    out = tmp_path / "out"
+    cmd = ["bash", "benchmarks/gpu_check.sh", str(out), "--device", "cpu", "--quick", "--data", str(data),
+           "--weights", str(tmp_path / "none.pth"), "--epochs", "1", "--workers", "0"]
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # python3 = this interpreter
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(r["pass"] for r in summary["agreement"])
+    assert summary["train"]["rc"] == 0, (out / "train_fusion.log").read_text()[-2000:]
+    assert all(s["rc"] == 0 for s in summary["stages"].values()), summary["stages"]
+    assert "| check | result | note |" in proc.stdout  # the short table is printed last

@@ -1,0 +1,181 @@
+"""DDP: the shard sampler, gathered predictions, and real 2-process runs with the gloo backend on the CPU.
+
+Tolerance of the loss comparison: the DDP run and the single-process run see the same images in every step
+(same permutation, same global batch), so with BatchNorm replaced by identity and no dropout they compute the
+same gradients up to float32 summation order (the gradient all-reduce averages two half-batch means instead
+of one full-batch mean). That differs by a few ulps per step; after a few AdamW steps we allow a relative error
+of 1e-4 on the losses and 1e-4 (absolute) on the parameters. With BatchNorm in training mode the per-process
+batch statistics differ from the global batch's and the runs legitimately diverge (SyncBatchNorm, CUDA only,
+removes that difference).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from finescope.distributed import ShardSampler
+from finescope.engine import Predictions, merge_predictions
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+# -- sampler ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n,G", [(37, 8), (40, 8), (5, 8), (64, 12)])
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_shard_sampler_train_matches_single_process_batches(n, G, world):
+    if G % world:
+        pytest.skip("global batch not divisible")
+    single = list(ShardSampler(n, True, 3, G, True, rank_=0, world=1))
+    shards = [list(ShardSampler(n, True, 3, G, True, rank_=r, world=world)) for r in range(world)]
+    seen = [i for s in shards for i in s]
+    assert len(seen) == len(set(seen)), "an image was visited twice in one epoch"
+    assert sorted(seen) == sorted(single)
+    assert len(single) == (n // G) * G if n > G else n  # only the last incomplete global batch is dropped
+    if n > G:
+        b = G // world
+        assert len({len(s) for s in shards}) == 1, "ranks must run the same number of steps"
+        for step in range(n // G):  # each step of N ranks = the single-process step
+            together = sorted(i for s in shards for i in s[step * b : (step + 1) * b])
+            assert together == sorted(single[step * G : (step + 1) * G])
+
+
+def test_shard_sampler_eval_no_padding():
+    shards = [list(ShardSampler(11, False, 0, rank_=r, world=3)) for r in range(3)]
+    assert sorted(i for s in shards for i in s) == list(range(11))
+    assert list(ShardSampler(11, True, 5, rank_=0, world=1)) == torch.randperm(
+        11, generator=torch.Generator().manual_seed(5)).tolist()
+
+
+def test_merge_predictions_counts_each_index_once():
+    a = Predictions(np.array([0, 2, 4]), np.array([0, 1, 0]), np.eye(2)[[0, 1, 0]], loss=1.0, loss_count=3)
+    b = Predictions(np.array([1, 3, 0]), np.array([1, 1, 0]), np.eye(2)[[1, 1, 0]], loss=2.0, loss_count=3)
+    m = merge_predictions([a, b])
+    assert m.indices.tolist() == [0, 1, 2, 3, 4]
+    assert m.labels.tolist() == [0, 1, 1, 1, 0]
+    assert m.loss == pytest.approx(1.5) and m.loss_count == 6
+
+
+# -- 2 processes, gloo -------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cfg(root: Path, **train):
+    from finescope.config import load_config
+
+    sets = [f"data.root={root}", "data.synthetic_per_class=24", "data.synthetic_size=64", "data.num_workers=0",
+            "data.augment=none", "model.backbone=tiny", "model.global_size=32", "model.local_size=32",
+            "model.num_crops=2", "model.dropout=0", "model.proj_dim=16", "model.attn_dim=8",
+            "train.device=cpu", "train.batch_size=8", "train.grad_clip=1.0"]
+    return load_config(overrides=sets + [f"train.{k}={v}" for k, v in train.items()])
+
+
+def _strip_bn(model: torch.nn.Module) -> None:
+    for name, child in list(model.named_children()):
+        if isinstance(child, torch.nn.BatchNorm2d):
+            setattr(model, name, torch.nn.Identity())
+        else:
+            _strip_bn(child)
+
+
+def _fit(rank: int, root: Path, out: Path, world: int, port: int) -> None:
+    """Two epochs of fusion training through the trainer's loader and engine; rank 0 saves losses and weights."""
+    import torch.distributed as td
+
+    from finescope import distributed as dist
+    from finescope import trainer
+    from finescope.data import load_samples
+    from finescope.engine import train_one_epoch
+
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        td.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    cfg = _cfg(root)
+    sample_set = load_samples(cfg.data)
+    torch.manual_seed(0)
+    model = trainer.build_model(cfg, len(sample_set.class_names), torch.device("cpu"))
+    _strip_bn(model)
+    opt = trainer.build_optimizer(model, cfg, torch.device("cpu"))
+    fit = dist.wrap_model(model, torch.device("cpu"))
+    idx = np.arange(len(sample_set))
+    losses, seen = [], []
+    for epoch in range(2):
+        loader = trainer.make_loader(sample_set, idx, cfg, train=True, epoch=epoch)
+        seen.append([int(i) for i in loader.sampler])
+        stats = train_one_epoch(fit, loader, opt, None, torch.device("cpu"), grad_clip=1.0, progress=False)
+        losses.append(stats["loss"])
+    everyone = dist.all_gather(seen)
+    if dist.is_main():
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        torch.save({"losses": losses, "params": flat, "seen": everyone}, out)
+    dist.cleanup()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_single_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    from finescope.data.synthetic import ensure_synthetic
+
+    root = tmp_path / "data"
+    ensure_synthetic(root, per_class=24, size=64)  # 48 images: 6 global batches of 8 per epoch
+    _fit(0, root, tmp_path / "single.pt", 1, 0)
+    mp.spawn(_fit, args=(root, tmp_path / "ddp.pt", 2, _free_port()), nprocs=2, join=True)
+    single, ddp = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / "ddp.pt")
+    for epoch_seen in zip(*ddp["seen"], strict=True):  # each epoch: the ranks' images are disjoint, all 48 images once
+        together = [i for rank_seen in epoch_seen for i in rank_seen]
+        assert sorted(together) == list(range(48))
+    np.testing.assert_allclose(ddp["losses"], single["losses"], rtol=1e-4)
+    torch.testing.assert_close(ddp["params"], single["params"], rtol=0, atol=1e-4)
+
+
+def _torchrun(nproc: int, out: Path, root: Path, epochs: int, resume: bool = False) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
+           str(_free_port()), "-m", "finescope", "train", "--config", str(root / "cfg.yaml"), "--out", str(out),
+           "--quiet", "--set", f"train.epochs={epochs}"]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd + (["--resume"] if resume else []), capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+@pytest.mark.slow
+def test_torchrun_train_rank0_files_gathered_metrics_and_resume_with_other_world(tmp_path):
+    import yaml
+
+    from finescope.config import to_dict
+    from finescope.data.synthetic import ensure_synthetic
+
+    root = tmp_path / "data"
+    cfg = to_dict(_cfg(root, epochs=1))
+    cfg["data"].update(synthetic_per_class=20, test_fraction=0.35, val_fraction=0.2)
+    cfg["model"].update(variant="fusion")
+    ensure_synthetic(root, per_class=20, size=64)
+    (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    first = _torchrun(2, out, root, epochs=1)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.count("run written to") == 1  # rank 0 prints, rank 1 does not
+    resumed = _torchrun(1, out, root, epochs=2, resume=True)  # 2 processes -> 1 process
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    history = [json.loads(r) for r in (out / "history.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in history] == [0, 1]  # one line per epoch: only rank 0 wrote
+    counts = json.loads((out / "splits.json").read_text())["counts"]
+    n_train, n_test = counts["train"], counts["test"]
+    for row in history:  # summed over ranks: each training image once, the last incomplete global batch dropped
+        assert row["train_images"] == ((n_train // 8) * 8 if n_train > 8 else n_train)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_images"] == n_test  # every test image counted once
+    rows = (out / "predictions_test.csv").read_text().splitlines()[1:]
+    assert len(rows) == n_test == len({r.split(",")[0] for r in rows})
