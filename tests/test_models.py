@@ -192,3 +192,15 @@ def test_selection_respects_padding():
     sizes = torch.tensor([[60, 80]])  # only 3x4 cells valid
     boxes, _ = select_boxes(attn, torch.tensor([[3, 4]]), sizes, torch.tensor([[20.0, 20.0]]), 4)
     assert (boxes[0, :, 2] <= 80).all() and (boxes[0, :, 3] <= 60).all()
+
+
+def test_minmax_normalisation_ignores_a_flat_background():
+    """A peak over a flat background at half its height: 'max' keeps everything, 'minmax' only the peak."""
+    attn = torch.full((6, 6), 0.5)
+    attn[4, 2] = 1.0
+    attn = attn / attn.sum()
+    whole, _ = _select(attn, size=(384, 384), k=1, min_box_fraction=0.25, normalise="max")
+    focused, mass = _select(attn, size=(384, 384), k=1, min_box_fraction=0.25, normalise="minmax")
+    assert (whole[0, 0, 2] - whole[0, 0, 0]) > 300  # one component over the whole image
+    x1, y1, x2, y2 = focused[0, 0].tolist()
+    assert x2 - x1 <= 130 and x1 <= 160 <= x2 and y1 <= 288 <= y2  # cell (4, 2) centre = (160, 288) px

@@ -56,7 +56,8 @@ class ModelConfig:
     global_size: int = 224  # short side of the global view
     local_size: int = 224  # side of each high-resolution crop
     num_crops: int = 4  # K
-    threshold: float = 0.5  # tau, on the max-normalised attention map
+    threshold: float = 0.5  # tau, on the normalised attention map
+    selection_norm: str = "max"  # max | minmax: how the map is scaled to [0, 1] before thresholding
     min_box_fraction: float = 1 / 3  # minimum box side as a fraction of the image's short side
     proj_dim: int = 256  # M; 0 = no projection of the instances
     attn_dim: int = 128  # L in Ilse et al. Eq. 9
@@ -258,6 +259,7 @@ _CHOICES = {
     "data.augment": ("none", "geometric", "microscopy", "strong"),
     "data.cache": ("none", "memory"),
     "model.image_feature": ("attention", "avg"),
+    "model.selection_norm": ("max", "minmax"),
     "model.predict_with": ("fused", "mean"),
     "train.monitor": ("balanced_accuracy", "accuracy", "macro_f1", "auc", "loss"),
 }

@@ -80,6 +80,7 @@ class FineScopeNet(nn.Module):
         local_size: side of each crop.
         num_crops: K.
         threshold: tau for instance selection.
+        selection_norm: ``max`` or ``minmax`` normalisation of the map before thresholding.
         min_box_fraction: minimum box side as a fraction of the image's short side.
         proj_dim: M, width of the instance projection (0 = none).
         attn_dim: L, hidden width of the attention.
@@ -100,6 +101,7 @@ class FineScopeNet(nn.Module):
         local_size: int = 224,
         num_crops: int = 4,
         threshold: float = 0.5,
+        selection_norm: str = "max",
         min_box_fraction: float = 1 / 3,
         proj_dim: int = 256,
         attn_dim: int = 128,
@@ -117,6 +119,7 @@ class FineScopeNet(nn.Module):
         self.global_size, self.local_size = global_size, local_size
         self.num_crops = num_crops if use_crops else 0
         self.threshold, self.min_box_fraction = threshold, min_box_fraction
+        self.selection_norm = selection_norm
         self.image_feature = image_feature if use_attention else "avg"
         C = backbone.num_features
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -199,7 +202,8 @@ class FineScopeNet(nn.Module):
         if not self.use_crops:
             return ModelOutput(logits=global_logits, attention=attn, cell_px=cell_px)
         boxes, mass = select_boxes(
-            attn.detach(), valid, sizes, cell_px, self.num_crops, self.threshold, self.min_box_fraction
+            attn.detach(), valid, sizes, cell_px, self.num_crops, self.threshold, self.min_box_fraction,
+            normalise=self.selection_norm,
         )
         crops = self._crops(x, boxes)  # (B*K, 3, L, L)
         local = self.backbone(crops).mean(dim=(2, 3)).view(B, -1)  # (B, K*C), ordered by rank

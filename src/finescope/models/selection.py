@@ -144,6 +144,17 @@ def box_mass(attn: torch.Tensor, boxes: torch.Tensor, cell_px: torch.Tensor) -> 
     return (inside.float() * attn[:, None].float()).sum(dim=(-1, -2))
 
 
+def _normalise(fine: torch.Tensor, valid_fine: torch.Tensor, how: str) -> torch.Tensor:
+    """Scale each (H', W') map to a peak of 1: by its maximum, or min-max over its valid points."""
+    peak = fine.flatten(1).amax(dim=1)[:, None, None]
+    if how == "max":
+        return fine / peak.clamp(min=1e-12)
+    if how != "minmax":
+        raise ValueError(f"normalise must be 'max' or 'minmax', got {how!r}")
+    low = fine.masked_fill(~valid_fine, float("inf")).flatten(1).amin(dim=1)[:, None, None]
+    return ((fine - low) / (peak - low).clamp(min=1e-12)).clamp(min=0) * valid_fine
+
+
 @torch.no_grad()
 def select_boxes(
     attn: torch.Tensor,
@@ -155,6 +166,7 @@ def select_boxes(
     min_box_fraction: float = 1 / 3,
     upsample: int = 4,
     iou_threshold: float = 0.5,
+    normalise: str = "max",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick K boxes per image from an attention map (method.md step 5).
 
@@ -168,6 +180,8 @@ def select_boxes(
         min_box_fraction: the minimum box side as a fraction of the image's short side.
         upsample: fine-grid points per feature cell along each axis.
         iou_threshold: peaks whose box overlaps a taken box by more than this are skipped.
+        normalise: ``max`` divides the map by its maximum (method.md); ``minmax`` maps [min, max] to [0, 1]
+            first, so a flat background at half the peak (common on small grids) stays below tau.
 
     Returns:
         boxes: (B, K, 4) float x1, y1, x2, y2 in full-resolution pixels, ordered by rank.
@@ -184,8 +198,7 @@ def select_boxes(
         cols[None, None, :] < valid[:, 1, None, None] * upsample
     )  # (B, H', W')
     fine = fine * valid_fine
-    peak = fine.flatten(1).amax(dim=1).clamp(min=1e-12)[:, None, None]
-    fine_norm = fine / peak
+    fine_norm = _normalise(fine, valid_fine, normalise)
     labels = _connected_components((fine_norm >= threshold) & valid_fine)
     comp_boxes, comp_mass = _component_boxes(labels, fine, cell_px, upsample)
     min_side = min_box_fraction * sizes.float().min(dim=1).values  # (B,)
