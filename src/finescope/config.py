@@ -37,7 +37,7 @@ class DataConfig:
     val_fraction: float = 0.15  # of the groups, carved from the training side
     test_fraction: float = 0.3  # of the groups
     splits: str = ""  # a splits.json to reuse instead of drawing new splits
-    augment: str = "microscopy"  # none | microscopy | strong
+    augment: str = "microscopy"  # none | geometric | microscopy | strong
     num_workers: int = 2
     cache: str = "none"  # none | memory: keep decoded images after the first epoch
     # synthetic source only
@@ -63,6 +63,9 @@ class ModelConfig:
     image_feature: str = "attention"  # attention | avg
     dropout: float = 0.2
     predict_with: str = "fused"  # fused | mean (mean of fused and global probabilities)
+    select_from: str = "attention"  # attention | evidence: crops where the global head's predicted class has
+    # the most evidence (its logit on each cell, a CAM), instead of where the attention weights are largest
+    crop_backbone: str = "shared"  # shared | separate: a second copy of the backbone reads the crops
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ class TrainConfig:
     channels_last: bool = True  # on CUDA
     compile: bool = False  # torch.compile the model
     eval_batch_size: int = 0  # 0 = batch_size
+    crop_warmup_epochs: int = 0  # stage-wise: the first N epochs train the global/attention path only
 
 
 @dataclass(frozen=True)
@@ -254,10 +258,12 @@ _CHOICES = {
     "data.source": ("synthetic", "breakhis", "folder", "csv"),
     "data.task": ("binary", "subtype"),
     "data.on_error": ("raise", "skip"),
-    "data.augment": ("none", "microscopy", "strong"),
+    "data.augment": ("none", "geometric", "microscopy", "strong"),
     "data.cache": ("none", "memory"),
     "model.image_feature": ("attention", "avg"),
     "model.predict_with": ("fused", "mean"),
+    "model.select_from": ("attention", "evidence"),
+    "model.crop_backbone": ("shared", "separate"),
     "train.monitor": ("balanced_accuracy", "accuracy", "macro_f1", "auc", "loss"),
 }
 
@@ -273,6 +279,8 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise FinescopeError(f"config key '{key}' must be at least 1")
+    if not 0 <= cfg.train.crop_warmup_epochs < cfg.train.epochs:
+        raise FinescopeError("config key 'train.crop_warmup_epochs' must be >= 0 and below train.epochs")
     if cfg.model.num_crops < 0:
         raise FinescopeError("config key 'model.num_crops' must be >= 0")
     if not 0.0 < cfg.model.threshold <= 1.0:

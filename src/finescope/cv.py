@@ -178,6 +178,8 @@ def _test_sides(sample_set: SampleSet, idx: np.ndarray, p: Protocol, seed: int, 
     """Test indices (into the full set) of each fold of the subset ``idx``."""
     labels = np.asarray(sample_set.labels)[idx]
     groups = np.asarray([s.group for s in sample_set.samples])[idx]
+    if p.folds:
+        _check_fold_classes(labels, groups, p.folds, sample_set.class_names, where)
     try:
         if p.folds:
             parts = kfold_groups(labels, groups, p.folds, seed, sample_set.class_names)
@@ -186,6 +188,27 @@ def _test_sides(sample_set: SampleSet, idx: np.ndarray, p: Protocol, seed: int, 
     except FinescopeError as e:
         raise FinescopeError(f"{where}: {e}") from None
     return [idx[part] for part in parts]
+
+
+def _check_fold_classes(labels: np.ndarray, groups: np.ndarray, k: int, names: list[str], where: str) -> None:
+    """Raise naming the first class with fewer groups than folds, its group count and what to do instead."""
+    n_groups = len(set(groups.tolist()))
+    if n_groups < k:
+        raise FinescopeError(f"{where} has only {n_groups} groups, fewer than --folds {k}; use --folds {n_groups} "
+                             "or fewer")
+    for c, name in enumerate(names):
+        n = len(set(groups[labels == c].tolist()))
+        if n == 0 or n >= k:
+            continue
+        if n == 1:
+            raise FinescopeError(
+                f"{where}: class '{name}' has only 1 group, so k-fold cannot give every fold a test group of it; "
+                "use --trials N --test-fraction F instead (the class then stays in training) or drop the class"
+            )
+        raise FinescopeError(
+            f"{where}: class '{name}' has only {n} groups, so with --folds {k} some folds would have no test group "
+            f"of it; use --folds {n} or fewer"
+        )
 
 
 def make_folds(sample_set: SampleSet, p: Protocol, seed: int, val_fraction: float) -> list[Fold]:
@@ -307,6 +330,7 @@ def check_rerun(out: Path, cfg: Config, p: Protocol) -> None:
     old = json.loads(path.read_text())
     diff = _first_difference(old.get("settings"), _stored_settings(cfg, p))
     if diff:
+        diff = diff.removeprefix("config.")
         raise FinescopeError(
             f"'{out}' holds a cv run with other settings: {diff}; rerun with the same settings to resume, "
             "or choose another --out"
