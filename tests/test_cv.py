@@ -169,6 +169,9 @@ def test_cv_end_to_end_summary_recomputes_from_predictions(tmp_path, monkeypatch
         assert ms["image_accuracy"]["std"] == pytest.approx(np.std([a for a, _ in per_fold], ddof=1))
     assert summary["comparisons"][0]["variant"] == "fusion"
     assert (out / "report.html").is_file() and (out / "report.md").is_file()
+    run = out / "runs" / "fusion" / "fold0"  # `finescope evaluate` also writes a report
+    assert main(["evaluate", str(run), "--device", "cpu", "--out", str(tmp_path / "ev" / "metrics_test.json")]) == 0
+    assert (tmp_path / "ev" / "report.html").is_file()
 
     # a rerun resumes: finished folds are not trained again
     import finescope.trainer

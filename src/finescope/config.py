@@ -230,6 +230,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise FinescopeError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(loaded, dict):
             raise FinescopeError(f"config file '{path}' must be a YAML mapping with sections data/model/train")
+        for section in ("protocol", "profiles"):  # read by `finescope cv` (finescope.cv.load_protocol)
+            loaded.pop(section, None)
         raw = _merge(raw, loaded)
     raw = _merge(raw, parse_overrides(overrides))
     return config_from_dict(raw)

@@ -393,7 +393,9 @@ def _write_fold_files(out: Path, folds: list[Fold], sample_set: SampleSet, cfg: 
     (out / "cv.json").write_text(json.dumps(record, indent=2))
 
 
-def run_cv(cfg: Config, p: Protocol, out: str | Path, splits_file: str = "", progress: bool = True) -> dict:
+def run_cv(
+    cfg: Config, p: Protocol, out: str | Path, splits_file: str = "", progress: bool = True, report: bool = True
+) -> dict:
     """Train and test every variant on every fold, then write predictions.csv, summary.json and the report.
 
     Args:
@@ -402,6 +404,7 @@ def run_cv(cfg: Config, p: Protocol, out: str | Path, splits_file: str = "", pro
         out: the cv directory; rerunning with the same settings resumes (finished folds are not retrained).
         splits_file: a cv ``splits.json`` to reuse instead of drawing folds.
         progress: print per-epoch lines.
+        report: also write report.md and report.html.
 
     Returns:
         The summary (also in ``out/summary.json``).
@@ -427,7 +430,8 @@ def run_cv(cfg: Config, p: Protocol, out: str | Path, splits_file: str = "", pro
     write_oof_csv(out / "predictions.csv", rows, sample_set.class_names)
     summary = summarize_predictions(out / "predictions.csv", p.ref, p.n_boot, cfg.seed)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    write_report(out)
+    if report:
+        write_report(out)
     return summary
 
 
