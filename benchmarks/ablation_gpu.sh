@@ -11,8 +11,8 @@ if [ $# -lt 2 ]; then
     echo "usage: $0 DATA OUT [ablation_sweep.py options]" >&2
     exit 2
 fi
-DATA=$1
-OUT=$2
+DATA=$(realpath -m "$1")
+OUT=$(realpath -m "$2")
 shift 2
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-}

@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--workers", type=int, default=6)
-    parser.add_argument("--budget-s", type=float, default=230.0, help="stop starting settings after this")
+    parser.add_argument("--budget-s", type=float, default=210.0, help="stop starting settings after this")
     parser.add_argument("--n-boot", type=int, default=300)
     parser.add_argument("--settings", default="", help="comma-separated subset of: " +
                         ",".join(s[0] for s in SETTINGS))

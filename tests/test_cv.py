@@ -240,3 +240,11 @@ def test_compute_metrics_matches_summary_pooled(tmp_path):
     assert summary["comparisons"][0]["metrics"]["image_accuracy"]["diff"] == pytest.approx(
         ref["image_accuracy"] - summary["variants"]["global"]["pooled"]["image_accuracy"]["value"])
     assert set(summary["variants"]["fusion"]["per_magnification"]) == {"100"}
+
+
+def test_splits_file_that_is_not_a_cv_file(tmp_path):
+    s = toy_set()
+    for text in ("{not json", json.dumps({"format": "finescope-splits/1", "splits": {}})):
+        (tmp_path / "x.json").write_text(text)
+        with pytest.raises(FinescopeError, match="is not a finescope cv splits file"):
+            load_cv_splits(tmp_path / "x.json", s, per_magnification=False)

@@ -97,7 +97,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
     from finescope.cv import load_protocol, run_cv
 
     flags = {"variants": args.variants, "folds": args.folds, "trials": args.trials,
-             "test_fraction": args.test_fraction, "per_magnification": args.per_magnification or None,
+             "test_fraction": args.test_fraction, "per_magnification": args.per_magnification,
              "reference": args.reference}
     if args.folds:
         flags["trials"] = 0
@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, help="grouped, stratified k-fold with K folds")
     p.add_argument("--trials", type=int, help="repeated random hold-outs of --test-fraction of the groups")
     p.add_argument("--test-fraction", type=float, help="fraction of each class's groups held out per trial")
-    p.add_argument("--per-magnification", action="store_true", help="separate folds and runs per magnification")
+    p.add_argument("--per-magnification", action=argparse.BooleanOptionalAction, default=None,
+                   help="separate folds and runs per magnification (--no-per-magnification: all together)")
     p.add_argument("--reference", help="the variant the others are compared with (default: the first)")
     p.add_argument("--splits", help="reuse the folds of a cv splits.json")
     p.add_argument("--out", help="cv directory (default runs/cv_<config name>); rerun to resume")

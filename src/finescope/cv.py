@@ -187,6 +187,11 @@ def _test_sides(sample_set: SampleSet, idx: np.ndarray, p: Protocol, seed: int, 
             parts = trial_splits(labels, groups, p.trials, p.test_fraction, seed)
     except FinescopeError as e:
         raise FinescopeError(f"{where}: {e}") from None
+    untested = [n for c, n in enumerate(sample_set.class_names)
+                if (labels == c).any() and not any((labels[part] == c).any() for part in parts)]
+    if untested:
+        log.warning("%s: class %s has a single group and is never tested (it stays in training)", where,
+                    ", ".join(untested))
     return [idx[part] for part in parts]
 
 
@@ -265,10 +270,13 @@ def load_cv_splits(path: str | Path, sample_set: SampleSet, per_magnification: b
     """
     path = Path(path)
     fix = "use the splits.json of a finescope cv run on this data, or leave --splits out to draw new folds"
-    raw = json.loads(path.read_text()) if path.is_file() else None
-    if not isinstance(raw, dict) or raw.get("format") != CV_FORMAT:
+    try:
+        raw = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raw = None
+    if not isinstance(raw, dict) or raw.get("format") != CV_FORMAT or not isinstance(raw.get("folds"), list):
         raise FinescopeError(f"--splits '{path}' is not a finescope cv splits file ({CV_FORMAT}); {fix}")
-    if list(raw["class_names"]) != list(sample_set.class_names):
+    if list(raw.get("class_names", [])) != list(sample_set.class_names):
         raise FinescopeError(
             f"--splits '{path}' is for classes {raw['class_names']} but the data has {sample_set.class_names}; {fix}"
         )

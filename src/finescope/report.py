@@ -152,11 +152,12 @@ def _fig_reliability(rows: list[dict], summary: dict) -> bytes:
     return _png(fig)
 
 
-def _fig_curves(histories: dict) -> bytes | None:
+def _fig_curves(histories: dict, order: list[str]) -> bytes | None:
     if not histories:
         return None
     fig, axes = plt.subplots(2, len(histories), figsize=(3.4 * len(histories), 5.0), squeeze=False)
-    for col, (variant, folds) in enumerate(sorted(histories.items())):
+    ranked = sorted(histories.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
+    for col, (variant, folds) in enumerate(ranked):
         for fold, hist in sorted(folds.items()):
             ep = [h["epoch"] + 1 for h in hist]
             axes[0][col].plot(ep, [h.get("train_loss") for h in hist], label=fold)
@@ -264,7 +265,7 @@ def _blocks(run_dir: Path, summary: dict, rows: list[dict], is_cv: bool) -> list
     blocks.append(("figure", "Confusion matrices (out-of-fold, pooled)", _fig_confusion(summary), ""))
     blocks.append(("figure", "ROC curves", _fig_roc(rows, summary), ""))
     blocks.append(("figure", "Reliability diagram", _fig_reliability(rows, summary), ""))
-    curves = _fig_curves(_histories(run_dir, is_cv))
+    curves = _fig_curves(_histories(run_dir, is_cv), list(summary["variants"]))
     if curves is not None:
         blocks.append(("figure", "Training curves", curves, "One line per fold."))
     splits = _split_summaries(run_dir, is_cv)
