@@ -204,7 +204,7 @@ def test_transforms_keep_dtype_and_shape(name):
 
 
 def test_transform_unknown_name():
-    with pytest.raises(FinescopeError, match="none, microscopy, strong"):
+    with pytest.raises(FinescopeError, match="none, geometric, microscopy, strong"):
         build_transform("heavy", train=True)
 
 
