@@ -27,6 +27,7 @@ import torch
 from finescope.config import Config, load_config
 from finescope.cv import Protocol, load_protocol, make_folds, run_cv, save_cv_splits
 from finescope.data import load_samples
+from finescope.errors import FinescopeError
 from finescope.oof import summarize_predictions
 from finescope.report import write_report
 
@@ -43,9 +44,14 @@ SETTINGS: list[tuple[str, str, list[str]]] = [
     ("fusion-separate", "fusion", ["model.crop_backbone=separate"]),
     ("fusion-mean", "fusion", ["model.predict_with=mean"]),
     ("fusion-k2", "fusion", ["model.num_crops=2"]),
+    ("fusion-nols", "fusion", ["train.label_smoothing=0"]),
+]
+# run only when named in --settings: colour jitter on the CPU data path costs seconds per image
+# (benchmarks/augment_cost.py), far more than the 5-minute budget allows
+EXTRA_SETTINGS: list[tuple[str, str, list[str]]] = [
+    ("fusion-colour", "fusion", ["data.augment=microscopy"]),
     ("fusion-strongaug", "fusion", ["data.augment=strong"]),
     ("global-strongaug", "global", ["data.augment=strong"]),
-    ("fusion-nols", "fusion", ["train.label_smoothing=0"]),
 ]
 
 TINY = ["model.backbone=tiny", "model.weights=", "model.global_size=64", "model.local_size=48",
@@ -53,9 +59,14 @@ TINY = ["model.backbone=tiny", "model.weights=", "model.global_size=64", "model.
 
 
 def base_config(args: argparse.Namespace) -> tuple[Config, Protocol]:
-    """The ``full`` profile of breakhis_protocol.yaml on DATA with the sweep's epochs, trials and device."""
+    """The ``full`` profile of breakhis_protocol.yaml on DATA with the sweep's epochs, trials and device.
+
+    Augmentation is ``geometric``: the colour jitter of ``microscopy`` would make the CPU data path, not the GPU,
+    the bottleneck (benchmarks/augment_cost.py).
+    """
     sets = [f"data.root={args.data}", f"model.weights={args.weights}", f"train.device={args.device}",
-            f"train.epochs={args.epochs}", f"data.num_workers={args.workers}", "train.patience=100"]
+            f"train.epochs={args.epochs}", f"data.num_workers={args.workers}", "train.patience=100",
+            "data.augment=geometric"]
     if args.tiny:
         sets += TINY
     return load_protocol(CONFIG, "full", sets, {"trials": args.trials, "n_boot": args.n_boot})
@@ -125,7 +136,12 @@ def sweep(args: argparse.Namespace) -> None:
     if not splits.is_file():
         save_cv_splits(splits, make_folds(sample_set, protocol, cfg.seed, cfg.data.val_fraction), sample_set,
                        extra={"seed": cfg.seed, "trials": protocol.trials})
-    chosen = [s for s in SETTINGS if not args.settings or s[0] in args.settings.split(",")]
+    wanted = args.settings.split(",") if args.settings else [s[0] for s in SETTINGS]
+    known = {s[0]: s for s in SETTINGS + EXTRA_SETTINGS}
+    unknown = [w for w in wanted if w not in known]
+    if unknown:
+        raise SystemExit(f"ablation_sweep: unknown setting '{unknown[0]}'; choose from {', '.join(known)}")
+    chosen = [known[w] for w in wanted]
     done, skipped, seconds = [], [], {}
     for name, variant, overrides in chosen:
         left = args.budget_s - (time.perf_counter() - start)
@@ -164,11 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", default=".gpu/mobilenet_v2-b0353104.pth")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--trials", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=6)
+    parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--budget-s", type=float, default=210.0, help="stop starting settings after this")
     parser.add_argument("--n-boot", type=int, default=300)
-    parser.add_argument("--settings", default="", help="comma-separated subset of: " +
-                        ",".join(s[0] for s in SETTINGS))
+    parser.add_argument("--settings", default="", help="comma-separated settings, in this order (default: all "
+                        "of SETTINGS): " + ",".join(s[0] for s in SETTINGS + EXTRA_SETTINGS))
     parser.add_argument("--tiny", action="store_true", help="tiny backbone and sizes (CPU smoke test)")
     parser.add_argument("--no-report", action="store_true", help="skip report.html (saves a few seconds)")
     parser.add_argument("--summarize-only", metavar="OUT", help="recompute summary/table of a finished sweep")
@@ -180,7 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.data or not args.out:
         parser.error("give DATA and OUT (or --summarize-only OUT)")
-    sweep(args)
+    try:
+        sweep(args)
+    except FinescopeError as e:
+        print(f"ablation_sweep: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
