@@ -29,9 +29,8 @@ from finescope.cv import Protocol, load_protocol, make_folds, run_cv, save_cv_sp
 from finescope.data import load_samples
 from finescope.errors import FinescopeError
 from finescope.oof import summarize_predictions
-from finescope.report import write_report
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "breakhis_protocol.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "src" / "finescope" / "configs" / "breakhis_protocol.yaml"
 
 # (name, variant, overrides) in priority order: the baselines, the paper's method, then what might make it pay
 SETTINGS: list[tuple[str, str, list[str]]] = [
@@ -123,7 +122,12 @@ def summarize(out: Path, done: list[str], seconds: dict, n_boot: int, write_html
     summary = summarize_predictions(combine(out, done), reference="global", n_boot=n_boot)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if write_html:
-        write_report(out)
+        try:
+            from finescope.report import write_report
+        except ImportError as e:  # matplotlib missing on the GPU machine: the table is what matters
+            print(f"sweep: no report.html ({e})", flush=True)
+        else:
+            write_report(out)
     return table(summary, seconds)
 
 

@@ -418,7 +418,6 @@ def run_cv(
         The summary (also in ``out/summary.json``).
     """
     from finescope.oof import collect_predictions, summarize_predictions, write_oof_csv
-    from finescope.report import write_report
 
     out = Path(out)
     cfg = replace(cfg, data=replace(cfg.data, splits=""))
@@ -439,6 +438,8 @@ def run_cv(
     summary = summarize_predictions(out / "predictions.csv", p.ref, p.n_boot, cfg.seed)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if report:
+        from finescope.report import write_report  # matplotlib is imported only here
+
         write_report(out)
     return summary
 
