@@ -88,7 +88,7 @@ def test_breakhis_seeds_differ_and_stay_grouped_stratified():
 def test_breakhis_subtype_kfold_error_names_the_single_group_class():
     cfg = load_config(overrides=["data.source=breakhis", f"data.root={SHARED_DATA / 'breakhis'}", "data.task=subtype"])
     s = load_samples(cfg.data)
-    with pytest.raises(FinescopeError, match=r"class '\w+' has only 1 group.*--trials"):
+    with pytest.raises(FinescopeError, match=r"'phyllodes_tumor'.*only 1 group.*--trials"):
         make_folds(s, Protocol(folds=2), seed=0, val_fraction=0.0)
 
 

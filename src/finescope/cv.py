@@ -201,15 +201,17 @@ def _check_fold_classes(labels: np.ndarray, groups: np.ndarray, k: int, names: l
     if n_groups < k:
         raise FinescopeError(f"{where} has only {n_groups} groups, fewer than --folds {k}; use --folds {n_groups} "
                              "or fewer")
-    for c, name in enumerate(names):
-        n = len(set(groups[labels == c].tolist()))
-        if n == 0 or n >= k:
-            continue
-        if n == 1:
-            raise FinescopeError(
-                f"{where}: class '{name}' has only 1 group, so k-fold cannot give every fold a test group of it; "
-                "use --trials N --test-fraction F instead (the class then stays in training) or drop the class"
-            )
+    counts = {name: len(set(groups[labels == c].tolist())) for c, name in enumerate(names)}
+    single = [name for name, n in counts.items() if n == 1]
+    if single:
+        raise FinescopeError(
+            f"{where}: class{'es' if len(single) > 1 else ''} {', '.join(repr(n) for n in single)} "
+            f"{'have' if len(single) > 1 else 'has'} only 1 group, so k-fold cannot give every fold a test group "
+            "of each; use --trials N --test-fraction F instead (such classes then stay in training) or drop them"
+        )
+    short = [(n, name) for name, n in counts.items() if 0 < n < k]
+    if short:
+        n, name = min(short)
         raise FinescopeError(
             f"{where}: class '{name}' has only {n} groups, so with --folds {k} some folds would have no test group "
             f"of it; use --folds {n} or fewer"
