@@ -188,7 +188,7 @@ def test_collate_all_none_and_loader(tmp_path):
 # ---------------------------------------------------------------------------------------------- transforms
 
 
-@pytest.mark.parametrize("name", ["none", "microscopy", "strong"])
+@pytest.mark.parametrize("name", ["none", "geometric", "microscopy", "strong"])
 def test_transforms_keep_dtype_and_shape(name):
     torch.manual_seed(0)
     img = torch.from_numpy(rgb_array(12, 20)).permute(2, 0, 1).contiguous()
@@ -204,7 +204,7 @@ def test_transforms_keep_dtype_and_shape(name):
 
 
 def test_transform_unknown_name():
-    with pytest.raises(FinescopeError, match="none, microscopy, strong"):
+    with pytest.raises(FinescopeError, match="none, geometric, microscopy, strong"):
         build_transform("heavy", train=True)
 
 

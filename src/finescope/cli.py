@@ -53,6 +53,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate(args.source, args.split, args.overrides, args.out, args.device)
     print(_metrics_line(metrics).replace("test:", f"{metrics['split']}:"))
     print(f"metrics written to {metrics['output']}")
+    from finescope.report import write_report
+
+    out = Path(metrics["output"])
+    _, page = write_report(out.parent, predictions=Path(metrics["predictions"]))
+    print(f"report written to {page}")
     return 0
 
 
@@ -89,6 +94,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from finescope.demo import run_demo
 
     run_demo(args.out, quick=args.quick, progress=not args.quiet)
+    return 0
+
+
+def cmd_cv(args: argparse.Namespace) -> int:
+    from finescope.cv import load_protocol, run_cv
+
+    flags = {"variants": args.variants, "folds": args.folds, "trials": args.trials,
+             "test_fraction": args.test_fraction, "per_magnification": args.per_magnification,
+             "reference": args.reference}
+    if args.folds:
+        flags["trials"] = 0
+    elif args.trials:
+        flags["folds"] = 0
+    cfg, protocol = load_protocol(args.config, args.profile, args.overrides, flags)
+    out = args.out or f"runs/cv_{cfg.name or Path(args.config).stem}"
+    summary = run_cv(cfg, protocol, out, splits_file=args.splits or "", progress=not args.quiet)
+    print(_cv_table(summary))
+    print(f"cv written to {out} (summary.json, predictions.csv, report.html)")
+    return 0
+
+
+def _cv_table(summary: dict) -> str:
+    lines = [f"{'variant':16s} {'PRR [95% CI]':28s} {'image acc [95% CI]':28s}"]
+    for v, s in summary["variants"].items():
+        cells = []
+        for m in ("patient_recognition_rate", "image_accuracy"):
+            d = s["pooled"][m]
+            cells.append(f"{d['value']:.3f} [{d['low']:.3f}, {d['high']:.3f}]".ljust(28))
+        lines.append(f"{v:16s} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from finescope.report import write_report
+
+    md, page = write_report(args.dir)
+    print(f"report written to {md} and {page}")
     return 0
 
 
@@ -132,6 +174,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-read", action="store_true", help="do not decode every image (faster, no size check)")
     _add_set(p)
     p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("cv", help="patient-level cross-validation of several variants on the same splits")
+    p.add_argument("--config", required=True, help="experiment YAML; may hold protocol: and profiles: sections")
+    p.add_argument("--profile", default="", help="a profile of the config file, e.g. quick or full")
+    p.add_argument("--variants", help="comma-separated variants, e.g. global,attention,fusion")
+    p.add_argument("--folds", type=int, help="grouped, stratified k-fold with K folds")
+    p.add_argument("--trials", type=int, help="repeated random hold-outs of --test-fraction of the groups")
+    p.add_argument("--test-fraction", type=float, help="fraction of each class's groups held out per trial")
+    p.add_argument("--per-magnification", action=argparse.BooleanOptionalAction, default=None,
+                   help="separate folds and runs per magnification (--no-per-magnification: all together)")
+    p.add_argument("--reference", help="the variant the others are compared with (default: the first)")
+    p.add_argument("--splits", help="reuse the folds of a cv splits.json")
+    p.add_argument("--out", help="cv directory (default runs/cv_<config name>); rerun to resume")
+    p.add_argument("--quiet", action="store_true")
+    _add_set(p)
+    p.set_defaults(func=cmd_cv)
+
+    p = sub.add_parser("report", help="write report.md and a self-contained report.html for a cv or run folder")
+    p.add_argument("dir", help="a finescope cv directory or a training run directory")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("models", help="list the model variants and backbones")
     p.set_defaults(func=cmd_models)

@@ -64,6 +64,9 @@ class ModelConfig:
     image_feature: str = "attention"  # attention | avg
     dropout: float = 0.2
     predict_with: str = "fused"  # fused | mean (mean of fused and global probabilities)
+    select_from: str = "attention"  # attention | evidence: crops where the global head's predicted class has
+    # the most evidence (its logit on each cell, a CAM), instead of where the attention weights are largest
+    crop_backbone: str = "shared"  # shared | separate: a second copy of the backbone reads the crops
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     sync_bn: bool = False  # DDP on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm)
     eval_batch_size: int = 0  # 0 = batch_size
+    crop_warmup_epochs: int = 0  # stage-wise: the first N epochs train the global/attention path only
 
 
 @dataclass(frozen=True)
@@ -228,6 +232,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise FinescopeError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(loaded, dict):
             raise FinescopeError(f"config file '{path}' must be a YAML mapping with sections data/model/train")
+        for section in ("protocol", "profiles"):  # read by `finescope cv` (finescope.cv.load_protocol)
+            loaded.pop(section, None)
         raw = _merge(raw, loaded)
     raw = _merge(raw, parse_overrides(overrides))
     return config_from_dict(raw)
@@ -261,6 +267,8 @@ _CHOICES = {
     "model.image_feature": ("attention", "avg"),
     "model.selection_norm": ("max", "minmax"),
     "model.predict_with": ("fused", "mean"),
+    "model.select_from": ("attention", "evidence"),
+    "model.crop_backbone": ("shared", "separate"),
     "train.monitor": ("balanced_accuracy", "accuracy", "macro_f1", "auc", "loss"),
 }
 
@@ -276,6 +284,8 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise FinescopeError(f"config key '{key}' must be at least 1")
+    if not 0 <= cfg.train.crop_warmup_epochs < cfg.train.epochs:
+        raise FinescopeError("config key 'train.crop_warmup_epochs' must be >= 0 and below train.epochs")
     if cfg.model.num_crops < 0:
         raise FinescopeError("config key 'model.num_crops' must be >= 0")
     if not 0.0 < cfg.model.threshold <= 1.0:

@@ -107,8 +107,10 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -
     """AdamW; no weight decay on biases and norm weights; the backbone at ``lr * backbone_lr_scale``."""
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
+        if cfg.train.backbone_lr_scale == 0 and name.split(".")[0] in ("backbone", "crop_backbone"):
+            p.requires_grad_(False)  # lr 0 = frozen: skip its gradients altogether (much faster on a CPU)
         if p.requires_grad:
-            groups.setdefault((name.startswith("backbone."), p.ndim >= 2), []).append(p)
+            groups.setdefault((name.split(".")[0] in ("backbone", "crop_backbone"), p.ndim >= 2), []).append(p)
     t = cfg.train
     param_groups = [
         {"params": ps, "weight_decay": t.weight_decay if decay else 0.0, "lr": t.lr * (t.backbone_lr_scale if bb else 1)}
@@ -279,6 +281,7 @@ def _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, 
                progress) -> dict:
     seed_everything(cfg.seed * 1000 + epoch)
     t = cfg.train
+    model.crops_active = not model.use_crops or epoch >= t.crop_warmup_epochs  # stage-wise: global path first
     stats = train_one_epoch(
         fit_model, make_loader(sample_set, splits["train"], cfg, train=True, epoch=epoch), optimizer, scheduler,
         device, aux_weight=t.aux_weight, label_smoothing=t.label_smoothing, grad_clip=t.grad_clip, amp=t.amp,
@@ -293,7 +296,9 @@ def _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, 
     else:  # no validation groups: keep the last epoch
         score = float(epoch)
     tracker = dict(tracker)
-    if score > tracker["best_score"]:
+    if not model.crops_active:  # a warm-up epoch's fusion head is untrained: not a candidate for best.pt
+        pass
+    elif score > tracker["best_score"]:
         tracker.update(best_score=score, best_epoch=epoch, bad_epochs=0)
     else:
         tracker["bad_epochs"] += 1

@@ -6,6 +6,7 @@ variant (``use_attention``, ``use_crops``, ``hires``); forward never branches on
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +87,13 @@ class FineScopeNet(nn.Module):
         attn_dim: L, hidden width of the attention.
         image_feature: ``"attention"`` (z) or ``"avg"`` (global average of F) as the image-level feature g.
         dropout: dropout before the fusion layer.
+        select_from: ``"attention"`` selects crops on the attention map; ``"evidence"`` on the global head's
+            evidence for its predicted class in each cell (W_g applied to each instance, softmax over cells).
+        separate_crop_backbone: read the crops with a second copy of the backbone instead of the shared one.
+
+    Attributes:
+        crops_active: when False (stage-wise training), a training-mode forward skips the crops and returns
+            the global logits; evaluation always uses the crops.
     """
 
     def __init__(
@@ -107,10 +115,14 @@ class FineScopeNet(nn.Module):
         attn_dim: int = 128,
         image_feature: str = "attention",
         dropout: float = 0.2,
+        select_from: str = "attention",
+        separate_crop_backbone: bool = False,
     ) -> None:
         super().__init__()
         if image_feature not in ("attention", "avg"):
             raise ValueError(f"image_feature must be 'attention' or 'avg', got {image_feature!r}")
+        if select_from not in ("attention", "evidence"):
+            raise ValueError(f"select_from must be 'attention' or 'evidence', got {select_from!r}")
         if use_crops and not use_attention:
             raise ValueError("use_crops needs use_attention: crops are chosen by the attention map")
         self.backbone = backbone
@@ -134,6 +146,9 @@ class FineScopeNet(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.fusion_head = nn.Linear(g_dim + self.num_crops * C, num_classes) if self.use_crops else None
         self.num_features = g_dim + self.num_crops * C
+        self.select_from = select_from
+        self.crop_backbone = copy.deepcopy(backbone) if use_crops and separate_crop_backbone else None
+        self.crops_active = True
 
     # -- views -------------------------------------------------------------------------------------------
     def _global_view(self, x: torch.Tensor, sizes: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,16 +214,35 @@ class FineScopeNet(nn.Module):
             g = (fmap * mask[:, None]).sum(dim=(2, 3)) / mask.sum(dim=(1, 2))[:, None]
         global_logits = self.global_head(g)
         cell_px = stride[None] * sizes.float() / view_sizes.float()  # (B, 2) pixels per cell
-        if not self.use_crops:
+        if not self.use_crops or (self.training and not self.crops_active):
             return ModelOutput(logits=global_logits, attention=attn, cell_px=cell_px)
+        cells = h_n if self.image_feature == "attention" else inst  # what W_g reads, (B, N, g_dim)
+        selection_map = attn if self.select_from == "attention" else self._evidence(cells, global_logits, mask)
         boxes, mass = select_boxes(
-            attn.detach(), valid, sizes, cell_px, self.num_crops, self.threshold, self.min_box_fraction,
+            selection_map.detach(), valid, sizes, cell_px, self.num_crops, self.threshold, self.min_box_fraction,
             normalise=self.selection_norm,
         )
         crops = self._crops(x, boxes)  # (B*K, 3, L, L)
-        local = self.backbone(crops).mean(dim=(2, 3)).view(B, -1)  # (B, K*C), ordered by rank
+        reader = self.crop_backbone if self.crop_backbone is not None else self.backbone
+        local = reader(crops).mean(dim=(2, 3)).view(B, -1)  # (B, K*C), ordered by rank
         fused = self.fusion_head(self.dropout(torch.cat([g, local], dim=1)))
         return ModelOutput(fused, global_logits, attn, boxes, mass, cell_px)
+
+    @torch.no_grad()
+    def _evidence(self, cells: torch.Tensor, global_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Class evidence map (B, h, w): softmax over valid cells of W_g h_n for the predicted class (a CAM).
+
+        Args:
+            cells: (B, N, D) the per-cell features the global head reads.
+            global_logits: (B, num_classes).
+            mask: (B, h, w) valid cells.
+        """
+        B, h, w = mask.shape
+        pred = global_logits.argmax(dim=1)  # (B,)
+        per_cell = cells.float() @ self.global_head.weight.float().t()  # (B, N, num_classes)
+        score = per_cell.gather(2, pred.view(B, 1, 1).expand(B, h * w, 1)).squeeze(2)  # (B, N)
+        score = score.masked_fill(~mask.flatten(1), float("-inf"))
+        return score.softmax(dim=1).view(B, h, w)
 
     @staticmethod
     def _grid_mask(valid: torch.Tensor, h: int, w: int) -> torch.Tensor:

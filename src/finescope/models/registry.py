@@ -73,5 +73,7 @@ def create_model(cfg: ModelConfig, num_classes: int, backbone_factory: Callable 
         attn_dim=cfg.attn_dim,
         image_feature=cfg.image_feature,
         dropout=cfg.dropout,
+        select_from=cfg.select_from,
+        separate_crop_backbone=cfg.crop_backbone == "separate",
         **switches,
     )

@@ -1,0 +1,40 @@
+"""Seconds per image of each augmentation preset on full-resolution BreakHis images (decode included).
+
+    PYTHONPATH=src python benchmarks/augment_cost.py ../shared/data/breakhis [--n 16]
+
+Why: the ``microscopy`` preset's ColorJitter (hue) dominates a CPU epoch, so the ``quick`` profile of
+configs/breakhis_protocol.yaml uses ``geometric``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+from finescope.config import load_config
+from finescope.data import ImageDataset, build_transform, load_samples
+from finescope.data.transforms import PRESETS
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data")
+    parser.add_argument("--n", type=int, default=16)
+    args = parser.parse_args()
+    cfg = load_config(overrides=["data.source=breakhis", f"data.root={args.data}"])
+    samples = load_samples(cfg.data).samples[: args.n]
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, {len(samples)} images")
+    for preset in PRESETS:
+        ds = ImageDataset(samples, transform=build_transform(preset, train=True))
+        start = time.perf_counter()
+        for i in range(len(ds)):
+            ds[i]
+        print(f"{preset:11s} {(time.perf_counter() - start) / len(ds):.3f} s/image")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,459 @@
+"""Patient-level cross-validation and the ablation table: every variant trained and tested on the same splits.
+
+A cross-validation directory holds::
+
+    cv.json                  the protocol and the resolved config (a rerun must match it)
+    splits.json              every fold's train/val/test images (reusable with ``--splits``)
+    folds/<fold>/splits.json one fold in the trainer's splits format
+    runs/<variant>/<fold>/   one training run per variant and fold (resumable: a finished fold is skipped)
+    predictions.csv          out-of-fold predictions of every image, every variant
+    summary.json             per-fold metrics, mean and std per variant (and magnification), pooled
+                             out-of-fold metrics with patient-clustered intervals, paired comparisons
+
+Folds are either grouped, stratified k-fold (:func:`~finescope.data.kfold_groups`) or repeated random
+hold-outs of a fraction of the groups (Spanhol et al. 2016: 5 trials, 30% of patients); validation for early
+stopping is carved from each fold's training groups only. With ``per_magnification`` the folds, runs and
+metrics are made separately for every magnification the source has (BreakHis 40X/100X/200X/400X).
+
+Example:
+    >>> cfg, protocol = load_protocol("configs/breakhis_protocol.yaml", profile="quick")
+    >>> summary = run_cv(cfg, protocol, "runs/cv_breakhis")
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from finescope.config import Config, config_from_dict, load_config, to_dict
+from finescope.data import (
+    SampleSet,
+    carve_validation,
+    check_no_leak,
+    kfold_groups,
+    load_samples,
+    save_splits,
+    summarize_splits,
+    trial_splits,
+)
+from finescope.data.splits import _relative
+from finescope.errors import FinescopeError
+from finescope.models import list_models
+
+log = logging.getLogger("finescope")
+
+CV_FORMAT = "finescope-cv-splits/1"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How the folds are drawn and which variants are compared.
+
+    Attributes:
+        variants: model variants to train on every fold (names of :func:`~finescope.models.list_models`).
+        folds: k of grouped, stratified k-fold; 0 uses ``trials`` instead.
+        trials: number of repeated random group hold-outs (used when ``folds`` is 0).
+        test_fraction: fraction of each class's groups held out per trial.
+        per_magnification: separate folds and runs per magnification (when the samples have one).
+        reference: the variant every other one is compared with (paired bootstrap); default the first.
+        n_boot: bootstrap resamples for the intervals.
+    """
+
+    variants: tuple[str, ...] = ("global", "attention", "fusion")
+    folds: int = 0
+    trials: int = 5
+    test_fraction: float = 0.3
+    per_magnification: bool = False
+    reference: str = ""
+    n_boot: int = 1000
+
+    @property
+    def ref(self) -> str:
+        return self.reference or self.variants[0]
+
+
+@dataclass
+class Fold:
+    """One fold: its name, magnification (None = all) and sample indices into the full sample set."""
+
+    name: str
+    magnification: int | None
+    splits: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- protocol
+def make_protocol(raw: dict | None, where: str = "protocol") -> Protocol:
+    """A :class:`Protocol` from a mapping; unknown keys and bad values raise naming ``where``."""
+    raw = dict(raw or {})
+    names = {f.name for f in fields(Protocol)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise FinescopeError(f"unknown key '{where}.{unknown[0]}'; valid keys: {', '.join(sorted(names))}")
+    if isinstance(raw.get("variants"), str):
+        raw["variants"] = [v for v in raw["variants"].split(",") if v.strip()]
+    if "variants" in raw:
+        raw["variants"] = tuple(str(v).strip() for v in raw["variants"])
+    protocol = Protocol(**raw)
+    check_protocol(protocol)
+    return protocol
+
+
+def check_protocol(p: Protocol) -> None:
+    """Raise :class:`FinescopeError` for unknown variants, no folds/trials or a bad test fraction."""
+    known = list_models()
+    if not p.variants:
+        raise FinescopeError(f"--variants is empty; choose from: {', '.join(known)}")
+    for v in p.variants:
+        if v not in known:
+            raise FinescopeError(f"unknown variant '{v}' in --variants; choose from: {', '.join(known)}")
+    if len(set(p.variants)) != len(p.variants):
+        raise FinescopeError(f"--variants lists a variant twice: {','.join(p.variants)}")
+    if p.reference and p.reference not in p.variants:
+        raise FinescopeError(f"reference variant '{p.reference}' is not in --variants {','.join(p.variants)}")
+    if p.folds == 1 or p.folds < 0:
+        raise FinescopeError(f"--folds is {p.folds}; k-fold needs at least 2 folds (or use --trials)")
+    if p.folds == 0 and p.trials < 1:
+        raise FinescopeError("give --folds K (>= 2) or --trials N (>= 1)")
+    if not 0.0 < p.test_fraction < 1.0:
+        raise FinescopeError(f"--test-fraction is {p.test_fraction}; it must be in (0, 1)")
+
+
+def load_protocol(
+    path: str | Path, profile: str = "", overrides: list[str] | None = None, protocol: dict | None = None
+) -> tuple[Config, Protocol]:
+    """Read an experiment YAML that may also hold ``protocol:`` and ``profiles:`` sections.
+
+    A profile (e.g. ``quick``) is a mapping merged over the file: its ``protocol`` entries over the file's
+    protocol, its ``data``/``model``/``train`` entries over the config. ``--set`` overrides and the CLI's
+    protocol flags (``protocol``) are applied last.
+
+    Returns:
+        The resolved config and protocol.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FinescopeError(f"config file '{path}' not found; see configs/ for examples")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise FinescopeError(f"config file '{path}' must be a YAML mapping with sections data/model/train")
+    proto = dict(raw.pop("protocol", None) or {})
+    profiles = raw.pop("profiles", None) or {}
+    if profile:
+        if profile not in profiles:
+            have = ", ".join(profiles) or "none"
+            raise FinescopeError(f"config file '{path}' has no profile '{profile}'; profiles: {have}")
+        chosen = copy.deepcopy(profiles[profile])
+        proto.update(chosen.pop("protocol", None) or {})
+        raw = _merge(raw, chosen)
+    cfg = load_config(base=raw, overrides=overrides)
+    proto.update({k: v for k, v in (protocol or {}).items() if v is not None})
+    return cfg, make_protocol(proto)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- folds
+def magnification_subsets(sample_set: SampleSet, per_magnification: bool) -> dict[int | None, np.ndarray]:
+    """Sample indices per magnification (``{None: all}`` when not per magnification or the data has none)."""
+    mags = [s.meta.get("magnification") for s in sample_set.samples]
+    if not per_magnification or any(m is None for m in mags):
+        return {None: np.arange(len(sample_set), dtype=np.int64)}
+    values = np.array(mags)
+    return {int(m): np.flatnonzero(values == m) for m in sorted(set(mags))}
+
+
+def _test_sides(sample_set: SampleSet, idx: np.ndarray, p: Protocol, seed: int, where: str) -> list[np.ndarray]:
+    """Test indices (into the full set) of each fold of the subset ``idx``."""
+    labels = np.asarray(sample_set.labels)[idx]
+    groups = np.asarray([s.group for s in sample_set.samples])[idx]
+    if p.folds:
+        _check_fold_classes(labels, groups, p.folds, sample_set.class_names, where)
+    try:
+        if p.folds:
+            parts = kfold_groups(labels, groups, p.folds, seed, sample_set.class_names)
+        else:
+            parts = trial_splits(labels, groups, p.trials, p.test_fraction, seed)
+    except FinescopeError as e:
+        raise FinescopeError(f"{where}: {e}") from None
+    untested = [n for c, n in enumerate(sample_set.class_names)
+                if (labels == c).any() and not any((labels[part] == c).any() for part in parts)]
+    if untested:
+        log.warning("%s: class %s has a single group and is never tested (it stays in training)", where,
+                    ", ".join(untested))
+    return [idx[part] for part in parts]
+
+
+def _check_fold_classes(labels: np.ndarray, groups: np.ndarray, k: int, names: list[str], where: str) -> None:
+    """Raise naming the first class with fewer groups than folds, its group count and what to do instead."""
+    n_groups = len(set(groups.tolist()))
+    if n_groups < k:
+        raise FinescopeError(f"{where} has only {n_groups} groups, fewer than --folds {k}; use --folds {n_groups} "
+                             "or fewer")
+    counts = {name: len(set(groups[labels == c].tolist())) for c, name in enumerate(names)}
+    single = [name for name, n in counts.items() if n == 1]
+    if single:
+        raise FinescopeError(
+            f"{where}: class{'es' if len(single) > 1 else ''} {', '.join(repr(n) for n in single)} "
+            f"{'have' if len(single) > 1 else 'has'} only 1 group, so k-fold cannot give every fold a test group "
+            "of each; use --trials N --test-fraction F instead (such classes then stay in training) or drop them"
+        )
+    short = [(n, name) for name, n in counts.items() if 0 < n < k]
+    if short:
+        n, name = min(short)
+        raise FinescopeError(
+            f"{where}: class '{name}' has only {n} groups, so with --folds {k} some folds would have no test group "
+            f"of it; use --folds {n} or fewer"
+        )
+
+
+def make_folds(sample_set: SampleSet, p: Protocol, seed: int, val_fraction: float) -> list[Fold]:
+    """Every fold of the protocol: grouped test sides, validation carved from the training groups only.
+
+    Raises:
+        FinescopeError: fewer groups than folds, or a class with fewer groups than folds (naming it).
+    """
+    labels = np.asarray(sample_set.labels)
+    groups = [s.group for s in sample_set.samples]
+    folds = []
+    for mag, idx in magnification_subsets(sample_set, p.per_magnification).items():
+        where = f"{mag}X" if mag is not None else "the data"
+        kind = "fold" if p.folds else "trial"
+        for f, test in enumerate(_test_sides(sample_set, idx, p, seed, where)):
+            rest = np.setdiff1d(idx, test)
+            train, val = carve_validation(rest, labels, groups, val_fraction, seed + 1000 + f)
+            name = f"{kind}{f}" if mag is None else f"{mag}x_{kind}{f}"
+            splits = {"train": train, "val": val, "test": np.sort(test)}
+            check_no_leak(splits, groups)
+            folds.append(Fold(name, mag, splits))
+    return folds
+
+
+def save_cv_splits(path: Path, folds: list[Fold], sample_set: SampleSet, extra: dict) -> None:
+    """Write every fold (image paths relative to the data root) and its per-side summary as one JSON file."""
+    rel = [_relative(s.path, sample_set.root) for s in sample_set.samples]
+    out = {
+        "format": CV_FORMAT,
+        "class_names": list(sample_set.class_names),
+        "extra": extra,
+        "folds": [
+            {
+                "name": f.name,
+                "magnification": f.magnification,
+                "summary": summarize_splits(f.splits, sample_set),
+                "splits": {side: [rel[i] for i in idx.tolist()] for side, idx in f.splits.items()},
+            }
+            for f in folds
+        ],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    tmp.replace(path)
+
+
+def load_cv_splits(path: str | Path, sample_set: SampleSet, per_magnification: bool) -> list[Fold]:
+    """Read folds written by :func:`save_cv_splits` and check they fit ``sample_set``.
+
+    Raises:
+        FinescopeError: not a cv splits file, other classes, images not in the data, a fold that does not
+            cover its images exactly, or a group on two sides.
+    """
+    path = Path(path)
+    fix = "use the splits.json of a finescope cv run on this data, or leave --splits out to draw new folds"
+    try:
+        raw = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raw = None
+    if not isinstance(raw, dict) or raw.get("format") != CV_FORMAT or not isinstance(raw.get("folds"), list):
+        raise FinescopeError(f"--splits '{path}' is not a finescope cv splits file ({CV_FORMAT}); {fix}")
+    if list(raw.get("class_names", [])) != list(sample_set.class_names):
+        raise FinescopeError(
+            f"--splits '{path}' is for classes {raw['class_names']} but the data has {sample_set.class_names}; {fix}"
+        )
+    index = {_relative(s.path, sample_set.root): i for i, s in enumerate(sample_set.samples)}
+    subsets = magnification_subsets(sample_set, per_magnification)
+    folds = []
+    for item in raw["folds"]:
+        splits = {}
+        for side, paths in item["splits"].items():
+            missing = [p for p in paths if p not in index]
+            if missing:
+                raise FinescopeError(
+                    f"--splits '{path}' does not match the data: fold {item['name']} lists {len(missing)} images "
+                    f"not under data.root '{sample_set.root}', e.g. '{missing[0]}'; {fix}"
+                )
+            splits[side] = np.array(sorted(index[p] for p in paths), dtype=np.int64)
+        mag = item.get("magnification")
+        _check_cover(splits, subsets.get(mag), item["name"], path, fix)
+        check_no_leak(splits, [s.group for s in sample_set.samples])
+        folds.append(Fold(item["name"], mag, splits))
+    return folds
+
+
+def _check_cover(splits: dict, expected: np.ndarray | None, name: str, path: Path, fix: str) -> None:
+    got = np.sort(np.concatenate(list(splits.values())))
+    if expected is None or not np.array_equal(got, np.sort(expected)):
+        n = 0 if expected is None else len(expected)
+        raise FinescopeError(
+            f"--splits '{path}' does not match the data: fold {name} covers {len(got)} images but the data "
+            f"has {n} for it (check data.root, data.magnifications and --per-magnification); {fix}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- running
+def _stored_settings(cfg: Config, p: Protocol) -> dict:
+    """What a resumed cv run must share with the first run: the config and how the folds were drawn."""
+    proto = {k: v for k, v in asdict(p).items() if k in ("folds", "trials", "test_fraction", "per_magnification")}
+    if p.folds:
+        proto.pop("trials"), proto.pop("test_fraction")
+    return {"config": to_dict(cfg), "protocol": proto}
+
+
+def _first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
+    """The dotted key of the first difference between two nested dicts, or None."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new)):
+            diff = _first_difference(old.get(k), new.get(k), f"{prefix}{k}.")
+            if diff:
+                return diff
+        return None
+    return None if old == new else f"{prefix[:-1]} (was {old!r}, now {new!r})"
+
+
+def check_rerun(out: Path, cfg: Config, p: Protocol) -> None:
+    """Refuse to mix settings in one cv directory; a rerun with the same settings resumes it."""
+    path = out / "cv.json"
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    diff = _first_difference(old.get("settings"), _stored_settings(cfg, p))
+    if diff:
+        diff = diff.removeprefix("config.")
+        raise FinescopeError(
+            f"'{out}' holds a cv run with other settings: {diff}; rerun with the same settings to resume, "
+            "or choose another --out"
+        )
+
+
+def resolve_folds(out: Path, sample_set: SampleSet, cfg: Config, p: Protocol, splits_file: str = "") -> list[Fold]:
+    """The run's folds: its own ``splits.json`` when resuming, ``--splits FILE``, or newly drawn."""
+    own = out / "splits.json"
+    if own.is_file():
+        folds = load_cv_splits(own, sample_set, p.per_magnification)
+        if splits_file and _read_split_lists_cv(splits_file) != _read_split_lists_cv(own):
+            raise FinescopeError(
+                f"'{out}' already holds other folds than --splits '{splits_file}'; choose another --out"
+            )
+        return folds
+    if splits_file:
+        return load_cv_splits(splits_file, sample_set, p.per_magnification)
+    return make_folds(sample_set, p, cfg.seed, cfg.data.val_fraction)
+
+
+def _read_split_lists_cv(path: str | Path) -> list:
+    raw = json.loads(Path(path).read_text())
+    return [(f["name"], f["splits"]) for f in raw.get("folds", [])]
+
+
+def fold_config(cfg: Config, variant: str, fold: Fold, fold_file: Path) -> Config:
+    """The training config of one variant on one fold (its splits file, its magnification)."""
+    data = {"splits": str(fold_file)}
+    if fold.magnification is not None:
+        data["magnifications"] = [fold.magnification]
+    raw = to_dict(cfg)
+    raw["data"].update(data)
+    raw["model"]["variant"] = variant
+    raw["name"] = f"{cfg.name or 'cv'}_{variant}_{fold.name}"
+    return config_from_dict(raw)
+
+
+def run_fold(cfg: Config, run_dir: Path, progress: bool) -> str:
+    """Train one fold unless it is finished; resume it from ``last.pt`` when it was interrupted.
+
+    Returns:
+        ``"done"`` (already finished), ``"resumed"`` or ``"trained"``.
+    """
+    from finescope.trainer import train
+
+    if (run_dir / "metrics.json").is_file() and (run_dir / "predictions_test.csv").is_file():
+        return "done"
+    resume = (run_dir / "checkpoints" / "last.pt").is_file()
+    train(cfg, run_dir, resume=resume, progress=progress)
+    return "resumed" if resume else "trained"
+
+
+def _write_fold_files(out: Path, folds: list[Fold], sample_set: SampleSet, cfg: Config, p: Protocol) -> None:
+    save_cv_splits(out / "splits.json", folds, sample_set, extra={"seed": cfg.seed, **asdict(p)})
+    for f in folds:
+        save_splits(out / "folds" / f.name / "splits.json", f.splits, sample_set, extra={"fold": f.name})
+    record = {"settings": _stored_settings(cfg, p), "variants": list(p.variants), "reference": p.ref,
+              "n_boot": p.n_boot, "folds": [f.name for f in folds]}
+    (out / "cv.json").write_text(json.dumps(record, indent=2))
+
+
+def run_cv(
+    cfg: Config, p: Protocol, out: str | Path, splits_file: str = "", progress: bool = True, report: bool = True
+) -> dict:
+    """Train and test every variant on every fold, then write predictions.csv, summary.json and the report.
+
+    Args:
+        cfg: the experiment (``model.variant`` is replaced by each variant; ``data.splits`` is ignored).
+        p: the protocol.
+        out: the cv directory; rerunning with the same settings resumes (finished folds are not retrained).
+        splits_file: a cv ``splits.json`` to reuse instead of drawing folds.
+        progress: print per-epoch lines.
+        report: also write report.md and report.html.
+
+    Returns:
+        The summary (also in ``out/summary.json``).
+    """
+    from finescope.oof import collect_predictions, summarize_predictions, write_oof_csv
+
+    out = Path(out)
+    cfg = replace(cfg, data=replace(cfg.data, splits=""))
+    check_protocol(p)
+    check_rerun(out, cfg, p)
+    sample_set = load_samples(cfg.data)
+    folds = resolve_folds(out, sample_set, cfg, p, splits_file)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_fold_files(out, folds, sample_set, cfg, p)
+    for variant in p.variants:
+        for fold in folds:
+            fold_cfg = fold_config(cfg, variant, fold, out / "folds" / fold.name / "splits.json")
+            state = run_fold(fold_cfg, out / "runs" / variant / fold.name, progress)
+            if progress:
+                print(f"cv: {variant} {fold.name} {state}", flush=True)
+    rows = collect_predictions(out, folds, p.variants, sample_set)
+    write_oof_csv(out / "predictions.csv", rows, sample_set.class_names)
+    summary = summarize_predictions(out / "predictions.csv", p.ref, p.n_boot, cfg.seed)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if report:
+        from finescope.report import write_report  # matplotlib is imported only here
+
+        write_report(out)
+    return summary
+
+
+__all__ = [
+    "Fold",
+    "Protocol",
+    "load_cv_splits",
+    "load_protocol",
+    "make_folds",
+    "make_protocol",
+    "resolve_folds",
+    "run_cv",
+    "save_cv_splits",
+]

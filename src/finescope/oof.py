@@ -1,0 +1,186 @@
+"""Out-of-fold predictions -> per-fold metrics, mean and std, pooled intervals and paired comparisons.
+
+Everything in ``summary.json`` is computed from ``predictions.csv`` alone (:func:`summarize_predictions`), so a
+reader can recompute any number from that file: one row per (variant, fold, test image) with the columns
+``image, group, magnification, true, predicted, prob_<class>..., fold, variant``.
+
+Pooled intervals and paired comparisons resample patients (groups), not images. With repeated trials an image
+appears once per trial that tests it; all rows of a patient are resampled together.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from finescope.data import SampleSet
+from finescope.data.splits import _relative
+from finescope.errors import FinescopeError
+from finescope.metrics import SCALAR_METRICS, bootstrap_ci, compute_metrics, paired_bootstrap, summarize_folds
+
+# metrics with pooled patient-clustered intervals and paired comparisons, in table order
+TABLE_METRICS = (
+    "patient_recognition_rate",
+    "image_accuracy",
+    "balanced_accuracy",
+    "macro_f1",
+    "auc",
+    "patient_accuracy_majority",
+    "patient_accuracy_mean_prob",
+    "ece",
+)
+
+
+def collect_predictions(out: Path, folds: list, variants: tuple[str, ...], sample_set: SampleSet) -> list[dict]:
+    """Read every run's ``predictions_test.csv`` into out-of-fold rows (see the module docstring)."""
+    index = {s.path: i for i, s in enumerate(sample_set.samples)}
+    names = sample_set.class_names
+    rows = []
+    for variant in variants:
+        for fold in folds:
+            path = out / "runs" / variant / fold.name / "predictions_test.csv"
+            with path.open(newline="") as fh:
+                for r in csv.DictReader(fh):
+                    s = sample_set.samples[index[r["path"]]]
+                    rows.append({
+                        "image": _relative(s.path, sample_set.root),
+                        "group": s.group,
+                        "magnification": s.meta.get("magnification", ""),
+                        "true": names[s.label],
+                        "predicted": r["predicted"],
+                        **{f"prob_{n}": r[f"prob_{n}"] for n in names},
+                        "fold": fold.name,
+                        "variant": variant,
+                    })
+    return rows
+
+
+def write_oof_csv(path: Path, rows: list[dict], class_names: list[str]) -> None:
+    """Write out-of-fold rows with a fixed column order."""
+    cols = ["image", "group", "magnification", "true", "predicted", *[f"prob_{n}" for n in class_names],
+            "fold", "variant"]
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
+
+
+def read_oof_csv(path: str | Path) -> tuple[list[dict], list[str]]:
+    """Rows and class names (from the ``prob_`` columns) of a ``predictions.csv``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FinescopeError(f"'{path}' not found; run `finescope cv` first")
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+        names = [c[len("prob_"):] for c in reader.fieldnames or [] if c.startswith("prob_")]
+    if not rows or not names:
+        raise FinescopeError(f"'{path}' holds no predictions with prob_<class> columns")
+    return rows, names
+
+
+def as_arrays(rows: list[dict], class_names: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(N,) labels, (N, C) probabilities and (N,) groups of some rows."""
+    index = {n: i for i, n in enumerate(class_names)}
+    y = np.array([index[r["true"]] for r in rows], dtype=np.int64)
+    p = np.array([[float(r[f"prob_{n}"]) for n in class_names] for r in rows], dtype=np.float64)
+    g = np.array([r["group"] for r in rows])
+    return y, p, g
+
+
+def _by(rows: list[dict], *keys: str) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        out[tuple(r[k] for k in keys)].append(r)
+    return dict(out)
+
+
+def _fold_metrics(rows: list[dict], class_names: list[str]) -> dict[str, dict]:
+    """fold -> compute_metrics of that fold's rows."""
+    return {
+        fold: compute_metrics(*_yp(fold_rows, class_names), class_names=class_names)
+        for (fold,), fold_rows in sorted(_by(rows, "fold").items())
+    }
+
+
+def _yp(rows: list[dict], class_names: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return as_arrays(rows, class_names)
+
+
+def _pooled(rows: list[dict], class_names: list[str], n_boot: int, seed: int) -> dict[str, dict]:
+    """Each table metric over all out-of-fold rows with a patient-clustered 95% interval."""
+    y, p, g = as_arrays(rows, class_names)
+    out = {m: bootstrap_ci(y, p, g, m, n_boot=n_boot, seed=seed) for m in TABLE_METRICS}
+    cm = compute_metrics(y, p, g, class_names)
+    out["confusion_matrix"] = cm["confusion_matrix"]
+    out["per_class_recall"] = cm["per_class_recall"]
+    out["n_images"], out["n_groups"] = int(len(y)), int(len(set(g.tolist())))
+    return out
+
+
+def _variant_summary(rows: list[dict], class_names: list[str], n_boot: int, seed: int) -> dict[str, Any]:
+    per_fold = _fold_metrics(rows, class_names)
+    mags = sorted({r["magnification"] for r in rows if r["magnification"] != ""}, key=int)
+    per_mag = {}
+    for mag in mags:
+        of_mag = [r for r in rows if r["magnification"] == mag]
+        per_mag[mag] = summarize_folds(list(_fold_metrics(of_mag, class_names).values()), list(SCALAR_METRICS))
+    return {
+        "folds": per_fold,
+        "mean_std": summarize_folds(list(per_fold.values()), list(SCALAR_METRICS)),
+        "pooled": _pooled(rows, class_names, n_boot, seed),
+        "per_magnification": per_mag,
+    }
+
+
+def compare(rows: list[dict], class_names: list[str], ref: str, other: str, n_boot: int, seed: int) -> dict:
+    """``metric(other) - metric(ref)`` on the same (fold, image) rows, patient-clustered paired bootstrap."""
+    a = {(r["fold"], r["image"]): r for r in rows if r["variant"] == ref}
+    b = {(r["fold"], r["image"]): r for r in rows if r["variant"] == other}
+    keys = sorted(set(a) & set(b))
+    if not keys:
+        raise FinescopeError(f"variants '{ref}' and '{other}' share no out-of-fold images to compare")
+    y, pa, g = as_arrays([a[k] for k in keys], class_names)
+    _, pb, _ = as_arrays([b[k] for k in keys], class_names)
+    out = {m: paired_bootstrap(y, pa, pb, g, m, n_boot=n_boot, seed=seed) for m in TABLE_METRICS}
+    return {"reference": ref, "variant": other, "n_rows": len(keys), "metrics": out}
+
+
+def summarize_predictions(path: str | Path, reference: str = "", n_boot: int = 1000, seed: int = 0) -> dict:
+    """The cv summary computed from ``predictions.csv`` alone.
+
+    Args:
+        path: an out-of-fold ``predictions.csv``.
+        reference: the variant the others are compared with (default: ``global`` if present, else the first).
+        n_boot: bootstrap resamples.
+        seed: bootstrap seed.
+
+    Returns:
+        ``{"class_names", "variants": {v: {"folds": {fold: metrics}, "mean_std": {metric: {mean, std, n}},
+        "pooled": {metric: {value, low, high, n_boot}}, "per_magnification": {mag: mean_std}}},
+        "comparisons": [{"reference", "variant", "metrics": {metric: {diff, low, high, p_value}}}]}``.
+    """
+    rows, names = read_oof_csv(path)
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    ref = reference or ("global" if "global" in variants else variants[0])
+    if ref not in variants:
+        raise FinescopeError(f"reference variant '{ref}' has no rows in '{path}'; variants: {', '.join(variants)}")
+    by_variant = _by(rows, "variant")
+    summary = {
+        "class_names": names,
+        "reference": ref,
+        "n_boot": n_boot,
+        "variants": {v: _variant_summary(by_variant[(v,)], names, n_boot, seed) for v in variants},
+        "comparisons": [compare(rows, names, ref, v, n_boot, seed) for v in variants if v != ref],
+    }
+    return summary
+
+
+__all__ = ["TABLE_METRICS", "as_arrays", "collect_predictions", "compare", "read_oof_csv",
+           "summarize_predictions", "write_oof_csv"]

@@ -1,0 +1,343 @@
+"""``report.md`` and a self-contained ``report.html`` for a cv directory or a single training run.
+
+The HTML embeds every figure as a base64 PNG and has no external links, so it opens from disk in any browser
+with no network. It shows: the ablation table (pooled out-of-fold metrics with patient-clustered 95% intervals
+and mean +- std over folds), paired comparisons with the reference variant, the per-magnification table,
+confusion matrices, ROC curves, a reliability diagram, training curves, and the split summary (images and
+groups per class on each side of every fold) so that leakage can be ruled out at a glance.
+
+Example:
+    >>> md_path, html_path = write_report("runs/cv_breakhis")
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from finescope.errors import FinescopeError  # noqa: E402
+from finescope.metrics import reliability_curve, roc_curves  # noqa: E402
+from finescope.oof import TABLE_METRICS, as_arrays, read_oof_csv, summarize_predictions  # noqa: E402
+
+SHORT = {
+    "patient_recognition_rate": "PRR",
+    "image_accuracy": "image acc",
+    "balanced_accuracy": "bal. acc",
+    "macro_f1": "macro-F1",
+    "auc": "AUC",
+    "patient_accuracy_majority": "patient acc (majority)",
+    "patient_accuracy_mean_prob": "patient acc (mean prob)",
+    "ece": "ECE",
+}
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def _single_run_rows(run_dir: Path, predictions: Path | None = None) -> Path:
+    """Turn a training run's test predictions into an out-of-fold style CSV (one variant, one fold)."""
+    import csv
+
+    import yaml
+
+    candidates = (predictions,) if predictions else (run_dir / "predictions_test.csv",
+                                                    *sorted(run_dir.glob("predictions_*.csv")))
+    src = next((Path(p) for p in candidates if Path(p).is_file()), None)
+    if src is None:
+        raise FinescopeError(f"'{run_dir}' holds neither predictions.csv (cv) nor predictions_test.csv (a run)")
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    variant = (cfg.get("model") or {}).get("variant", "model")
+    with src.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        probs = [c for c in reader.fieldnames or [] if c.startswith("prob_")]
+        rows = [{"image": r["path"], "group": r["group"], "magnification": "", "true": r["true"],
+                 "predicted": r["predicted"], **{c: r[c] for c in probs}, "fold": src.stem.split("_", 1)[-1],
+                 "variant": variant} for r in reader if r["true"]]
+    out = run_dir / "report_files" / "predictions_oof.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["image"])
+        w.writeheader()
+        w.writerows(rows)
+    return out
+
+
+def _histories(run_dir: Path, is_cv: bool) -> dict[str, dict[str, list[dict]]]:
+    """variant -> fold -> epoch rows of history.jsonl."""
+    out: dict[str, dict[str, list[dict]]] = {}
+    paths = sorted(run_dir.glob("runs/*/*/history.jsonl")) if is_cv else [run_dir / "history.jsonl"]
+    for path in paths:
+        if not path.is_file():
+            continue
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        variant, fold = (path.parent.parent.name, path.parent.name) if is_cv else ("model", "run")
+        out.setdefault(variant, {})[fold] = rows
+    return out
+
+
+def _split_summaries(run_dir: Path, is_cv: bool) -> list[tuple[str, dict]]:
+    """(fold name, summarize_splits output) for every fold, or the single run's split."""
+    path = run_dir / "splits.json"
+    if not path.is_file():
+        return []
+    raw = json.loads(path.read_text())
+    if is_cv:
+        return [(f["name"], f["summary"]) for f in raw.get("folds", [])]
+    return [("split", raw["summary"])] if "summary" in raw else []
+
+
+# ---------------------------------------------------------------------------------------------- figures
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _fig_confusion(summary: dict) -> bytes:
+    names = summary["class_names"]
+    variants = list(summary["variants"])
+    fig, axes = plt.subplots(1, len(variants), figsize=(3.2 * len(variants), 3.0), squeeze=False)
+    for ax, v in zip(axes[0], variants, strict=True):
+        cm = np.array(summary["variants"][v]["pooled"]["confusion_matrix"])
+        ax.imshow(cm, cmap="Blues")
+        for (i, j), n in np.ndenumerate(cm):
+            ax.text(j, i, str(n), ha="center", va="center", color="black" if n < cm.max() / 2 else "white")
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.set_title(v, fontsize=9)
+        ax.set_xlabel("predicted", fontsize=8)
+    axes[0][0].set_ylabel("true", fontsize=8)
+    return _png(fig)
+
+
+def _fig_roc(rows: list[dict], summary: dict) -> bytes:
+    names = summary["class_names"]
+    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    for v in summary["variants"]:
+        y, p, _ = as_arrays([r for r in rows if r["variant"] == v], names)
+        curves = roc_curves(y, p, names)
+        for cls, c in curves.items():
+            label = f"{v} ({c['auc']:.3f})" if len(curves) == 1 else f"{v} {cls} ({c['auc']:.3f})"
+            ax.plot(c["fpr"], c["tpr"], label=label)
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("ROC, out-of-fold (AUC)", fontsize=9)
+    ax.legend(fontsize=6)
+    return _png(fig)
+
+
+def _fig_reliability(rows: list[dict], summary: dict) -> bytes:
+    names = summary["class_names"]
+    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    for v in summary["variants"]:
+        y, p, _ = as_arrays([r for r in rows if r["variant"] == v], names)
+        rc = reliability_curve(y, p, n_bins=10)
+        pts = [(c, a) for c, a in zip(rc["bin_confidence"], rc["bin_accuracy"], strict=True) if c is not None]
+        ece = summary["variants"][v]["pooled"]["ece"]["value"]
+        ax.plot(*zip(*pts, strict=True), marker="o", label=f"{v} (ECE {ece:.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_xlabel("confidence (top class)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("reliability diagram, 10 bins", fontsize=9)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _fig_curves(histories: dict, order: list[str]) -> bytes | None:
+    if not histories:
+        return None
+    fig, axes = plt.subplots(2, len(histories), figsize=(3.4 * len(histories), 5.0), squeeze=False)
+    ranked = sorted(histories.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
+    for col, (variant, folds) in enumerate(ranked):
+        for fold, hist in sorted(folds.items()):
+            ep = [h["epoch"] + 1 for h in hist]
+            axes[0][col].plot(ep, [h.get("train_loss") for h in hist], label=fold)
+            val = [h.get("val_balanced_accuracy") for h in hist]
+            if any(v is not None for v in val):
+                axes[1][col].plot(ep, [np.nan if v is None else v for v in val], label=fold)
+        axes[0][col].set_title(variant, fontsize=9)
+        axes[0][col].set_ylabel("train loss", fontsize=8)
+        axes[1][col].set_ylabel("val balanced acc", fontsize=8)
+        axes[1][col].set_xlabel("epoch", fontsize=8)
+    axes[0][0].legend(fontsize=6)
+    return _png(fig)
+
+
+# ---------------------------------------------------------------------------------------------- tables
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def ablation_table(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: per variant, each metric as pooled value [95% CI] and mean +- std over folds."""
+    header = ["variant", *[SHORT[m] for m in TABLE_METRICS]]
+    rows = []
+    for v, s in summary["variants"].items():
+        cells = []
+        for m in TABLE_METRICS:
+            pooled, ms = s["pooled"][m], s["mean_std"][m]
+            cells.append(f"{_fmt(pooled['value'])} [{_fmt(pooled['low'])}, {_fmt(pooled['high'])}] "
+                         f"({_fmt(ms['mean'])} ± {_fmt(ms['std'])})")
+        rows.append([v, *cells])
+    return header, rows
+
+
+def comparison_table(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: each variant minus the reference, difference [95% CI] (p)."""
+    header = ["variant − reference", *[SHORT[m] for m in TABLE_METRICS]]
+    rows = []
+    for c in summary["comparisons"]:
+        cells = [f"{_fmt(d['diff'], 3)} [{_fmt(d['low'])}, {_fmt(d['high'])}] (p={_fmt(d['p_value'], 2)})"
+                 for d in (c["metrics"][m] for m in TABLE_METRICS)]
+        rows.append([f"{c['variant']} − {c['reference']}", *cells])
+    return header, rows
+
+
+def magnification_table(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: per variant and magnification, PRR and image accuracy mean +- std over folds."""
+    header = ["variant", "magnification", "PRR", "image acc", "bal. acc", "folds"]
+    rows = []
+    for v, s in summary["variants"].items():
+        for mag, ms in s["per_magnification"].items():
+            rows.append([v, f"{mag}X", *[f"{_fmt(ms[m]['mean'])} ± {_fmt(ms[m]['std'])}" for m in
+                         ("patient_recognition_rate", "image_accuracy", "balanced_accuracy")],
+                         str(ms["image_accuracy"]["n"])])
+    return header, rows
+
+
+def split_table(splits: list[tuple[str, dict]], class_names: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: per fold and side, images and groups (per class) and groups shared with another side."""
+    header = ["fold", "side", "images", "groups", *[f"{n} img/grp" for n in class_names], "shared groups"]
+    rows = []
+    for fold, summ in splits:
+        for side, s in summ.items():
+            per = [f"{s['per_class'][n]['images']}/{s['per_class'][n]['groups']}" for n in class_names]
+            rows.append([fold, side, str(s["images"]), str(s["groups"]), *per, str(s["shared_groups"])])
+    return header, rows
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _html_table(header: list[str], rows: list[list[str]], cls: str) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+# ---------------------------------------------------------------------------------------------- assembly
+_CSS = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:13px}"
+        "td,th{border:1px solid #bbb;padding:3px 6px;text-align:right}td:first-child,th:first-child{text-align:left}"
+        "th{background:#eee}img{max-width:100%;border:1px solid #ddd;margin:0.3em 0}p.note{color:#555}")
+
+# after load, the page records whether every embedded image decoded (read by the headless-browser test)
+_CHECK_JS = ("<script>window.addEventListener('load',function(){var ok=Array.prototype.every.call("
+             "document.images,function(i){return i.complete&&i.naturalWidth>0});"
+             "document.body.setAttribute('data-images-ok',String(ok&&document.images.length>0));});</script>")
+
+
+def _blocks(run_dir: Path, summary: dict, rows: list[dict], is_cv: bool) -> list[tuple]:
+    """The report as (kind, title, payload, note) blocks: kind is 'table' or 'figure'."""
+    names = summary["class_names"]
+    blocks: list[tuple] = [("table", "Ablation table", ablation_table(summary),
+                            "Pooled out-of-fold value [patient-clustered 95% bootstrap interval] "
+                            "(mean ± std over folds). PRR = patient recognition rate (Spanhol et al. 2016).")]
+    if summary["comparisons"]:
+        blocks.append(("table", f"Paired comparison with '{summary['reference']}'", comparison_table(summary),
+                       "Difference on the same out-of-fold images [95% interval resampling patients] "
+                       "(two-sided bootstrap p). An interval containing 0 is no evidence of a difference."))
+    mag = magnification_table(summary)
+    if mag[1]:
+        blocks.append(("table", "Per magnification", mag, "Mean ± std over folds."))
+    blocks.append(("figure", "Confusion matrices (out-of-fold, pooled)", _fig_confusion(summary), ""))
+    blocks.append(("figure", "ROC curves", _fig_roc(rows, summary), ""))
+    blocks.append(("figure", "Reliability diagram", _fig_reliability(rows, summary), ""))
+    curves = _fig_curves(_histories(run_dir, is_cv), list(summary["variants"]))
+    if curves is not None:
+        blocks.append(("figure", "Training curves", curves, "One line per fold."))
+    splits = _split_summaries(run_dir, is_cv)
+    if splits:
+        blocks.append(("table", "Split summary", split_table(splits, names),
+                       "Images/groups per class on each side; 'shared groups' counts groups also on another "
+                       "side of the same fold and must be 0 everywhere (no patient leakage)."))
+    return blocks
+
+
+def _render_md(title: str, blocks: list[tuple], fig_dir: Path) -> str:
+    parts = [f"# {title}", ""]
+    for i, (kind, heading, payload, note) in enumerate(blocks):
+        parts += [f"## {heading}", ""]
+        if note:
+            parts += [note, ""]
+        if kind == "table":
+            parts += [_md_table(*payload), ""]
+        else:
+            name = f"figure_{i}.png"
+            (fig_dir / name).write_bytes(payload)
+            parts += [f"![{heading}]({fig_dir.name}/{name})", ""]
+    return "\n".join(parts)
+
+
+def _render_html(title: str, blocks: list[tuple]) -> str:
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    for kind, heading, payload, note in blocks:
+        parts.append(f"<h2>{html.escape(heading)}</h2>")
+        if note:
+            parts.append(f"<p class='note'>{html.escape(note)}</p>")
+        if kind == "table":
+            parts.append(_html_table(*payload, cls="ablation" if heading == "Ablation table" else "data"))
+        else:
+            data = base64.b64encode(payload).decode("ascii")
+            parts.append(f"<img alt='{html.escape(heading)}' src='data:image/png;base64,{data}'>")
+    parts.append(_CHECK_JS + "</body></html>")
+    return "".join(parts)
+
+
+def write_report(run_dir: str | Path, n_boot: int = 1000, predictions: str | Path | None = None) -> tuple[Path, Path]:
+    """Write ``report.md`` (figures in ``report_files/``) and a self-contained ``report.html`` into ``run_dir``.
+
+    Args:
+        run_dir: a ``finescope cv`` directory (with ``predictions.csv``) or a training run directory (with
+            ``predictions_test.csv``, after ``train`` or ``evaluate``).
+        n_boot: bootstrap resamples when the summary has to be computed here.
+        predictions: for a run directory, the predictions CSV to report (default ``predictions_test.csv``).
+
+    Returns:
+        The paths of ``report.md`` and ``report.html``.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FinescopeError(f"'{run_dir}' is not a folder; give a cv or run directory")
+    is_cv = (run_dir / "predictions.csv").is_file()
+    csv_path = run_dir / "predictions.csv" if is_cv else _single_run_rows(run_dir, predictions)
+    summary_path = run_dir / "summary.json"
+    if is_cv and summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+    else:
+        summary = summarize_predictions(csv_path, n_boot=n_boot)
+    rows, _ = read_oof_csv(csv_path)
+    fig_dir = run_dir / "report_files"
+    fig_dir.mkdir(exist_ok=True)
+    title = f"finescope report: {run_dir.resolve().name}"
+    blocks = _blocks(run_dir, summary, rows, is_cv)
+    md_path, html_path = run_dir / "report.md", run_dir / "report.html"
+    md_path.write_text(_render_md(title, blocks, fig_dir))
+    html_path.write_text(_render_html(title, blocks))
+    return md_path, html_path
+
+
+__all__ = ["ablation_table", "comparison_table", "magnification_table", "split_table", "write_report"]

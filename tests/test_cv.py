@@ -1,0 +1,250 @@
+"""Cross-validation: folds are grouped and stratified, all variants share them, resumable, bad input is one line."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from finescope.cli import main
+from finescope.config import load_config
+from finescope.cv import Protocol, load_cv_splits, load_protocol, make_folds, make_protocol, run_cv
+from finescope.data import Sample, SampleSet, check_no_leak, kfold_groups, load_samples
+from finescope.errors import FinescopeError
+from finescope.metrics import compute_metrics, patient_recognition_rate
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+realdata = pytest.mark.skipif(not (SHARED_DATA / "breakhis").is_dir(), reason=f"{SHARED_DATA}/breakhis is absent")
+
+
+def toy_set(groups_per_class=(6, 4), per_group=3, mags=(None,)) -> SampleSet:
+    samples = []
+    for mag in mags:
+        for c, n in enumerate(groups_per_class):
+            for g in range(n):
+                for i in range(per_group):
+                    meta = {} if mag is None else {"magnification": mag}
+                    samples.append(Sample(f"/d/{mag}/c{c}_g{g}_{i}.png", c, f"c{c}_g{g}", meta))
+    return SampleSet(sorted(samples, key=lambda s: s.path), ["a", "b"], root="/d")
+
+
+def groups_of(sample_set, idx):
+    return {sample_set.samples[i].group for i in idx}
+
+
+@pytest.mark.parametrize("protocol", [Protocol(folds=3), Protocol(folds=0, trials=4, test_fraction=0.3)])
+def test_folds_are_grouped_stratified_and_val_comes_from_training_groups(protocol):
+    s = toy_set()
+    folds = make_folds(s, protocol, seed=0, val_fraction=0.2)
+    assert len(folds) == (protocol.folds or protocol.trials)
+    for f in folds:
+        check_no_leak(f.splits, [x.group for x in s.samples])
+        assert sorted(np.concatenate(list(f.splits.values())).tolist()) == list(range(len(s)))
+        for side in ("train", "test"):  # every class on both sides
+            assert {s.samples[i].label for i in f.splits[side]} == {0, 1}
+        assert len(f.splits["val"]) > 0
+    if protocol.folds:  # k-fold: every image tested exactly once
+        tested = np.concatenate([f.splits["test"] for f in folds])
+        assert sorted(tested.tolist()) == list(range(len(s)))
+
+
+def test_two_seeds_give_two_partitions():
+    s = toy_set()
+    a = make_folds(s, Protocol(folds=3), seed=0, val_fraction=0.0)
+    b = make_folds(s, Protocol(folds=3), seed=1, val_fraction=0.0)
+    part = [lambda fs: sorted(tuple(sorted(groups_of(s, f.splits["test"]))) for f in fs)]
+    assert part[0](a) != part[0](b)
+
+
+def test_per_magnification_folds_stay_within_their_magnification():
+    s = toy_set(mags=(40, 100))
+    folds = make_folds(s, Protocol(folds=2, per_magnification=True), seed=0, val_fraction=0.0)
+    assert [f.magnification for f in folds] == [40, 40, 100, 100]
+    for f in folds:
+        assert {s.samples[i].meta["magnification"] for side in f.splits.values() for i in side} == {f.magnification}
+
+
+@realdata
+def test_breakhis_seeds_differ_and_stay_grouped_stratified():
+    """sklearn's StratifiedGroupKFold(shuffle=True) gave one partition for every seed on these cases."""
+    cfg = load_config(overrides=["data.source=breakhis", f"data.root={SHARED_DATA / 'breakhis'}"])
+    s = load_samples(cfg.data)
+    labels, groups = np.array(s.labels), np.array([x.group for x in s.samples])
+    parts = []
+    for seed in (0, 1, 2):
+        folds = kfold_groups(labels, groups, 4, seed, s.class_names)
+        for test in folds:
+            assert set(labels[test].tolist()) == {0, 1}
+            check_no_leak({"train": np.setdiff1d(np.arange(len(s)), test), "test": test}, groups)
+        parts.append(sorted(tuple(sorted(set(groups[t]))) for t in folds))
+    assert len({tuple(p) for p in parts}) > 1
+
+
+@realdata
+def test_breakhis_subtype_kfold_error_names_the_single_group_class():
+    cfg = load_config(overrides=["data.source=breakhis", f"data.root={SHARED_DATA / 'breakhis'}", "data.task=subtype"])
+    s = load_samples(cfg.data)
+    with pytest.raises(FinescopeError, match=r"'phyllodes_tumor'.*only 1 group.*--trials"):
+        make_folds(s, Protocol(folds=2), seed=0, val_fraction=0.0)
+
+
+@pytest.mark.parametrize(
+    "protocol, message",
+    [
+        ({"variants": "global,nope"}, "unknown variant 'nope'.*choose from"),
+        ({"folds": 1}, "at least 2 folds"),
+        ({"reference": "fusion", "variants": "global"}, "reference variant 'fusion'"),
+        ({"typo": 1}, "unknown key 'protocol.typo'"),
+    ],
+)
+def test_bad_protocol_is_one_clear_line(protocol, message):
+    with pytest.raises(FinescopeError, match=message):
+        make_protocol(protocol)
+
+
+def test_too_few_groups_for_the_folds():
+    s = toy_set(groups_per_class=(6, 2))
+    with pytest.raises(FinescopeError, match=r"class 'b' has only 2 groups.*--folds 2 or fewer"):
+        make_folds(s, Protocol(folds=3), seed=0, val_fraction=0.0)
+    with pytest.raises(FinescopeError, match=r"only 8 groups, fewer than --folds 9"):
+        make_folds(s, Protocol(folds=9), seed=0, val_fraction=0.0)
+
+
+def test_protocol_file_profiles(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("train: {epochs: 9}\nprotocol: {trials: 5}\nprofiles:\n  quick:\n    protocol: {trials: 2}\n"
+                    "    train: {epochs: 3}\n")
+    cfg, p = load_protocol(path, "quick", ["train.batch_size=4"], {"variants": "global,fusion", "folds": None})
+    assert (cfg.train.epochs, cfg.train.batch_size, p.trials, p.variants) == (3, 4, 2, ("global", "fusion"))
+    with pytest.raises(FinescopeError, match="no profile 'slow'; profiles: quick"):
+        load_protocol(path, "slow")
+    cfg, p = load_protocol(ROOT / "configs" / "breakhis_protocol.yaml", "quick")
+    assert p.variants == ("global", "attention", "fusion") and p.per_magnification
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def tiny_cfg(tmp_path: Path, **extra):
+    sets = [f"data.root={tmp_path / 'data'}", "data.synthetic_per_class=8", "data.synthetic_size=96",
+            "data.num_workers=0", "data.augment=none", "model.backbone=tiny", "model.global_size=48",
+            "model.local_size=48", "model.num_crops=2", "model.min_box_fraction=0.5", "train.epochs=1",
+            "train.batch_size=8", "train.device=cpu", "data.val_fraction=0"]
+    return load_config(overrides=sets + [f"{k}={v}" for k, v in extra.items()])
+
+
+def read_rows(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_cv_end_to_end_summary_recomputes_from_predictions(tmp_path, monkeypatch):
+    cfg = tiny_cfg(tmp_path)
+    p = Protocol(variants=("global", "fusion"), folds=2, n_boot=50)
+    out = tmp_path / "cv"
+    summary = run_cv(cfg, p, out, progress=False)
+    rows = read_rows(out / "predictions.csv")
+    s = load_samples(cfg.data)
+    for v in p.variants:  # k-fold: every image exactly once per variant
+        assert sorted(r["image"] for r in rows if r["variant"] == v) == sorted(
+            str(Path(x.path).relative_to(s.root)) for x in s.samples)
+    folds = json.loads((out / "splits.json").read_text())["folds"]
+    for f in load_cv_splits(out / "splits.json", s, per_magnification=False):  # no group on two sides
+        assert not groups_of(s, f.splits["train"]) & groups_of(s, f.splits["test"])
+    assert all(side["shared_groups"] == 0 for f in folds for side in f["summary"].values())
+    names = summary["class_names"]
+    for v in p.variants:  # the summary's mean over folds, by hand from predictions.csv
+        per_fold = []
+        for f in folds:
+            fr = [r for r in rows if r["variant"] == v and r["fold"] == f["name"]]
+            acc = np.mean([r["true"] == r["predicted"] for r in fr])
+            y = [names.index(r["true"]) for r in fr]
+            yp = [names.index(r["predicted"]) for r in fr]
+            per_fold.append((acc, patient_recognition_rate(y, yp, [r["group"] for r in fr])))
+        ms = summary["variants"][v]["mean_std"]
+        assert ms["image_accuracy"]["mean"] == pytest.approx(np.mean([a for a, _ in per_fold]))
+        assert ms["patient_recognition_rate"]["mean"] == pytest.approx(np.mean([b for _, b in per_fold]))
+        assert ms["image_accuracy"]["std"] == pytest.approx(np.std([a for a, _ in per_fold], ddof=1))
+    assert summary["comparisons"][0]["variant"] == "fusion"
+    assert (out / "report.html").is_file() and (out / "report.md").is_file()
+    run = out / "runs" / "fusion" / "fold0"  # `finescope evaluate` also writes a report
+    assert main(["evaluate", str(run), "--device", "cpu", "--out", str(tmp_path / "ev" / "metrics_test.json")]) == 0
+    assert (tmp_path / "ev" / "report.html").is_file()
+
+    # a rerun resumes: finished folds are not trained again
+    import finescope.trainer
+
+    monkeypatch.setattr(finescope.trainer, "train", lambda *a, **k: pytest.fail("a finished fold was retrained"))
+    again = run_cv(cfg, p, out, progress=False)
+    assert again["variants"]["global"]["mean_std"] == summary["variants"]["global"]["mean_std"]
+
+    # other settings in the same folder: one line, nothing lost
+    before = sorted(x.name for x in (out / "runs" / "global").iterdir())
+    with pytest.raises(FinescopeError, match="other settings: train.epochs"):
+        run_cv(tiny_cfg(tmp_path, **{"train.epochs": 2}), p, out, progress=False)
+    assert sorted(x.name for x in (out / "runs" / "global").iterdir()) == before
+
+    # the saved folds are reusable: same folds in a new folder, a mismatching data set is refused
+    monkeypatch.undo()
+    p1 = Protocol(variants=("global",), folds=2, n_boot=20)
+    run_cv(cfg, p1, tmp_path / "cv2", splits_file=str(out / "splits.json"), progress=False)
+    again = json.loads((tmp_path / "cv2" / "splits.json").read_text())["folds"]
+    assert [f["splits"] for f in again] == [f["splits"] for f in folds]
+    other = SampleSet(s.samples[:-2], s.class_names, root=s.root)
+    with pytest.raises(FinescopeError, match="does not match the data"):
+        load_cv_splits(out / "splits.json", other, per_magnification=False)
+
+
+def test_cli_cv_bad_variant_and_bad_splits(tmp_path, capsys):
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(f"data: {{root: {tmp_path / 'data'}, synthetic_per_class: 8, synthetic_size: 96}}\n"
+                        "model: {backbone: tiny}\n")
+    assert main(["cv", "--config", str(cfg_path), "--variants", "global,fuson", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown variant 'fuson'" in err[0]
+    bad = tmp_path / "s.json"
+    bad.write_text(json.dumps({"format": "finescope-cv-splits/1", "class_names": ["atypical", "typical"],
+                               "folds": [{"name": "fold0", "splits": {"test": ["images/nope.png"]}}]}))
+    assert main(["cv", "--config", str(cfg_path), "--splits", str(bad), "--folds", "2",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not match the data" in err[0] and "images/nope.png" in err[0]
+    assert not (tmp_path / "o" / "runs").exists()
+
+
+def test_compute_metrics_matches_summary_pooled(tmp_path):
+    """Pooled values in summary.json equal compute_metrics over all out-of-fold rows of a variant."""
+    from finescope.oof import as_arrays, read_oof_csv, summarize_predictions
+
+    path = tmp_path / "predictions.csv"
+    rng = np.random.default_rng(0)
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", "group", "magnification", "true", "predicted", "prob_a", "prob_b", "fold", "variant"])
+        for v in ("global", "fusion"):
+            for i in range(40):
+                pa = rng.random()
+                true = "a" if i % 2 else "b"
+                w.writerow([f"{i}.png", f"g{i // 4}", 100, true, "a" if pa > 0.5 else "b", pa, 1 - pa,
+                            f"fold{i % 2}", v])
+    summary = summarize_predictions(path, n_boot=100)
+    rows, names = read_oof_csv(path)
+    y, p, g = as_arrays([r for r in rows if r["variant"] == "fusion"], names)
+    ref = compute_metrics(y, p, g, names)
+    pooled = summary["variants"]["fusion"]["pooled"]
+    for m in ("image_accuracy", "patient_recognition_rate", "auc", "balanced_accuracy"):
+        assert pooled[m]["value"] == pytest.approx(ref[m])
+        assert pooled[m]["low"] <= pooled[m]["value"] <= pooled[m]["high"]
+    assert summary["comparisons"][0]["metrics"]["image_accuracy"]["diff"] == pytest.approx(
+        ref["image_accuracy"] - summary["variants"]["global"]["pooled"]["image_accuracy"]["value"])
+    assert set(summary["variants"]["fusion"]["per_magnification"]) == {"100"}
+
+
+def test_splits_file_that_is_not_a_cv_file(tmp_path):
+    s = toy_set()
+    for text in ("{not json", json.dumps({"format": "finescope-splits/1", "splits": {}})):
+        (tmp_path / "x.json").write_text(text)
+        with pytest.raises(FinescopeError, match="is not a finescope cv splits file"):
+            load_cv_splits(tmp_path / "x.json", s, per_magnification=False)

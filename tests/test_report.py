@@ -1,0 +1,87 @@
+"""report.md / report.html from a cv folder and from a single run; the HTML renders in headless Chromium."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from finescope.cli import main
+from finescope.errors import FinescopeError
+from finescope.report import write_report
+
+
+def fake_cv(folder: Path, n=36, variants=("global", "fusion")) -> Path:
+    """A cv folder holding only predictions.csv and history files (no training)."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "predictions.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", "group", "magnification", "true", "predicted", "prob_benign", "prob_malignant",
+                    "fold", "variant"])
+        for v in variants:
+            for i in range(n):
+                true = "benign" if i % 3 else "malignant"
+                pb = float(np.clip((0.7 if true == "benign" else 0.3) + rng.normal(0, 0.25), 0.01, 0.99))
+                w.writerow([f"im{i}.png", f"p{i // 4}", 100, true, "benign" if pb > 0.5 else "malignant", pb,
+                            1 - pb, f"trial{i % 3}", v])
+    for v in variants:
+        for f in range(3):
+            run = folder / "runs" / v / f"trial{f}"
+            run.mkdir(parents=True)
+            (run / "history.jsonl").write_text("".join(
+                json.dumps({"epoch": e, "train_loss": 1 / (e + 1), "val_balanced_accuracy": 0.5 + e / 20}) + "\n"
+                for e in range(4)))
+    return folder
+
+
+def test_report_from_cv_folder(tmp_path):
+    md, page = write_report(fake_cv(tmp_path / "cv"), n_boot=50)
+    text = md.read_text()
+    for heading in ("Ablation table", "Paired comparison with 'global'", "Per magnification", "Confusion",
+                    "ROC", "Reliability", "Training curves"):
+        assert heading in text
+    assert "| fusion − global |" in text
+    for name in re.findall(r"\]\((report_files/[^)]+)\)", text):
+        assert (md.parent / name).stat().st_size > 1000
+    html = page.read_text()
+    assert html.count("data:image/png;base64,") == 4 and "http" not in html.replace("http-equiv", "")
+
+
+def test_report_of_a_single_run_and_cli(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: {variant: fusion}\n")
+    with (run / "predictions_test.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "group", "true", "predicted", "prob_a", "prob_b", "boxes"])
+        for i in range(12):
+            w.writerow([f"/x/{i}.png", f"g{i // 3}", "a" if i % 2 else "b", "a", 0.6, 0.4, ""])
+    assert main(["report", str(run)]) == 0
+    assert "report written" in capsys.readouterr().out
+    assert "| fusion |" in (run / "report.md").read_text()
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    with pytest.raises(FinescopeError, match="neither predictions.csv"):
+        write_report(tmp_path)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_report_html_renders_in_headless_chromium(tmp_path):
+    _, page = write_report(fake_cv(tmp_path / "cv"), n_boot=50)
+    done = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         "--virtual-time-budget=10000", "--dump-dom", page.resolve().as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    dom = done.stdout
+    assert 'data-images-ok="true"' in dom, done.stderr[-2000:]  # every embedded image decoded
+    assert '<table class="ablation">' in dom and "<td>fusion</td>" in dom
