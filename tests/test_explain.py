@@ -212,16 +212,17 @@ def test_explain_a_runs_test_split_writes_gallery_and_numbers(tmp_path, capsys):
 
     run = make_run(tmp_path)
     out = tmp_path / "out"
-    assert main(["explain", str(run), "--split", "test", "--out", str(out), *FAST]) == 0
+    args = ["explain", str(run), "--split", "test", "--out", str(out), "--limit", "2", "--method", "attention", "gradcam"]
+    assert main([*args, *FAST]) == 0
     summary = json.loads((out / "faithfulness.json").read_text())
-    assert summary["images"] == 3 and set(summary["methods"]) == {"attention", "gradcam", "gradcam++", "random"}
+    assert summary["images"] == 2 and set(summary["methods"]) == {"attention", "gradcam", "random"}
     for m in summary["methods"].values():
         assert 0 <= m["deletion_auc"] <= 1 and len(m["deletion_curve"]) == 3
     assert summary["boxes"]["cells"] > 0 and "mean_box_union_fraction" in summary["boxes"]
     assert "pointing_game" in summary["methods"]["attention"]
     page = (out / "index.html").read_text()
     assert "id=sort" in page and "Evidence per class" in page and "http" not in page
-    assert len(list((out / "images").glob("*.png"))) == 3 and (out / "faithfulness.png").is_file()
+    assert len(list((out / "images").glob("*.png"))) == 2 and (out / "faithfulness.png").is_file()
     assert list((out / "evidence").rglob("*.png"))
     assert "box hit rate" in capsys.readouterr().out
 
@@ -272,3 +273,9 @@ def test_breakhis_image_explained_at_full_resolution():
     e = finescope.explain(tiny_model("fusion"), files[0])
     H, W = e.image.shape[-2:]
     assert e.map.shape == (H, W) and (e.boxes[:, 2] <= W).all() and (e.boxes[:, 3] <= H).all()
+
+
+def test_limit_spreads_over_the_list():
+    from finescope.explain.runner import spread
+
+    assert spread(list(range(10)), 3) == [0, 4, 9] and spread([1, 2], 5) == [1, 2] and spread([1, 2], 0) == [1, 2]

@@ -106,7 +106,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if summary.get("boxes"):
         b = summary["boxes"]
         print(f"box hit rate {b['hit_rate']:.3f} ({b['hits']}/{b['cells']} nuclei); boxes cover "
-              f"{b['mean_box_union_fraction']:.1%} of the image on average")
+              f"{b['mean_box_union_fraction']:.1%} of the image on average (= the hit rate of random boxes); "
+              f"{b['images_with_a_box_over_half_the_image']}/{b['images']} images have a box over half the image")
     if summary["skipped"]:
         print(f"skipped {len(summary['skipped'])} unreadable files (listed in the gallery)", file=sys.stderr)
     print(f"gallery: {Path(summary['output']) / 'index.html'}")
@@ -134,7 +135,7 @@ def _add_explain(sub) -> None:
                    help="the class the CAMs and curves follow (true falls back to predicted when unknown)")
     p.add_argument("--tolerance", type=float, default=15.0, help="pointing game tolerance in pixels")
     p.add_argument("--top", type=int, default=16, help="crops per class in the evidence gallery, mistakes shown")
-    p.add_argument("--limit", type=int, default=0, help="explain at most this many images")
+    p.add_argument("--limit", type=int, default=0, help="explain at most this many images, spread evenly over the list")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
     _add_set(p)

@@ -15,7 +15,7 @@ h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid 
 table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
 th:first-child,td:first-child{text-align:left}.muted{color:#777;font-size:.85em}
 .grid{display:flex;flex-wrap:wrap;gap:.6em}.card{background:#fff;border:1px solid #ddd;border-radius:4px;
-padding:.3em;font-size:.78em;width:420px}.card img{width:100%}.card.wrong{border:2px solid #d32f2f}
+padding:.3em;font-size:.78em;width:600px}.card img{width:100%}.card.wrong{border:2px solid #d32f2f}
 .card.right{border:2px solid #388e3c}.crop{width:150px;font-size:.72em;background:#fff;border:1px solid #ddd;
 padding:.2em}.crop img{width:100%;image-rendering:pixelated}.note{color:#b26a00}
 .controls{margin:.6em 0;display:flex;gap:1em;align-items:center;font-size:.9em}
@@ -63,6 +63,9 @@ def faithfulness_table(summary: dict) -> str:
                  f"{b['mean_box_union_fraction']:.1%} of the image (the hit rate randomly placed nuclei would "
                  f"get); the largest box covers {b['mean_largest_box_fraction']:.1%} on average, and "
                  f"{b['images_with_a_box_over_half_the_image']} images have a box over half the image.</p>")
+        if b["mean_box_union_fraction"] > 0.5:
+            text += ("<p class=note>⚠ The boxes cover most of each image, so this hit rate says little: compare it "
+                     "with the coverage above.</p>")
     s = summary["settings"]
     text += (f"<p class=muted>Curves: {s['grid']} blocks along the short side, {s['steps']} steps, removed blocks "
              f"replaced by the '{_e(s['baseline'])}' baseline, random = mean of {s['random_repeats']} random orders; "

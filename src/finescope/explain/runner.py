@@ -45,7 +45,7 @@ class ExplainSettings:
     target: str = "true"  # true | predicted: the class the CAMs and the curves follow
     tolerance: float = 15.0  # pointing game tolerance in pixels (Zhang et al. 2016)
     top: int = 16  # crops per class in the evidence gallery; mistakes shown
-    limit: int = 0  # explain at most this many images (0 = all)
+    limit: int = 0  # explain at most this many images, spread evenly over the list (0 = all)
     seed: int = 0
 
     def check(self) -> None:
@@ -240,13 +240,20 @@ def default_out(checkpoint: str | Path, split: str | None) -> Path:
     return p / f"explain_{split or 'files'}" if p.is_dir() else Path("explain")
 
 
+def spread(items: list, limit: int) -> list:
+    """At most ``limit`` items spread evenly over the list (sorted lists then keep every class); 0 = all."""
+    if not limit or limit >= len(items):
+        return list(items)
+    return [items[i] for i in np.unique(np.linspace(0, len(items) - 1, limit).round().astype(int))]
+
+
 def _loop(ctx: _Context, inputs: Inputs, progress: bool) -> tuple[list, list, list]:
     from tqdm import tqdm
 
     from finescope.errors import FinescopeError as _Err
 
     rows, curves, skipped = [], [], []
-    items = inputs.items[: ctx.settings.limit] if ctx.settings.limit else inputs.items
+    items = spread(inputs.items, ctx.settings.limit)
     for i, item in enumerate(tqdm(items, desc="explain", disable=not progress, dynamic_ncols=True)):
         try:
             result = _explain_one(ctx, i, item)
