@@ -240,6 +240,14 @@ def default_out(checkpoint: str | Path, split: str | None) -> Path:
     return p / f"explain_{split or 'files'}" if p.is_dir() else Path("explain")
 
 
+def _clear_previous(out: Path) -> None:
+    """Create ``out``; remove the PNGs an earlier explain run left in its images/ and evidence/ folders."""
+    out.mkdir(parents=True, exist_ok=True)
+    for sub in ("images", "evidence"):
+        for png in (out / sub).rglob("*.png"):
+            png.unlink()
+
+
 def spread(items: list, limit: int) -> list:
     """At most ``limit`` items spread evenly over the list (sorted lists then keep every class); 0 = all."""
     if not limit or limit >= len(items):
@@ -292,7 +300,7 @@ def run_explain(checkpoint: str | Path, paths: list[str] | tuple[str, ...] = (),
     methods = resolve_methods(model, settings.methods, cfg.model.variant)
     inputs = _inputs(cfg, state, class_names, paths, split)
     out = Path(out) if out else default_out(checkpoint, split)
-    out.mkdir(parents=True, exist_ok=True)
+    _clear_previous(out)
     with CamExplainer(model) as cams:
         ctx = _Context(model, cfg, class_names, methods, cams, settings, out, inputs.train_sizes,
                        EvidenceCollector(class_names, settings.top))
