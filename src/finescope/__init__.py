@@ -8,8 +8,10 @@ local features are fused for the label.
 
 __version__ = "0.1.0"
 
+from finescope import explain  # noqa: E402  (a callable module: explain(model, image) -> Explanation)
 from finescope.config import Config, load_config  # noqa: E402
 from finescope.errors import FinescopeError  # noqa: E402
 from finescope.models import ModelOutput, create_model, list_models  # noqa: E402
 
-__all__ = ["Config", "FinescopeError", "ModelOutput", "__version__", "create_model", "list_models", "load_config"]
+__all__ = ["Config", "FinescopeError", "ModelOutput", "__version__", "create_model", "explain", "list_models",
+           "load_config"]

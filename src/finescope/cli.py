@@ -134,6 +134,60 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from finescope.explain.runner import ExplainSettings, run_explain
+
+    settings = ExplainSettings(
+        methods=tuple(args.method), normalise=args.normalise, percentile=args.percentile,
+        faithfulness=not args.no_faithfulness, steps=args.steps, grid=args.grid, baseline=args.baseline,
+        random_repeats=args.random_repeats, target=args.target, tolerance=args.tolerance, top=args.top,
+        limit=args.limit,
+    )
+    summary = run_explain(args.checkpoint, args.paths, args.out, args.split, settings, args.overrides, args.device,
+                          progress=not args.quiet)
+    for method, m in summary["methods"].items():
+        if m.get("deletion_auc") is not None:
+            print(f"{method:10s} deletion AUC {m['deletion_auc']:.3f}  insertion AUC {m['insertion_auc']:.3f}"
+                  + (f"  pointing game {m['pointing_game']:.3f}" if "pointing_game" in m else ""))
+    if summary.get("boxes"):
+        b = summary["boxes"]
+        print(f"box hit rate {b['hit_rate']:.3f} ({b['hits']}/{b['cells']} nuclei); boxes cover "
+              f"{b['mean_box_union_fraction']:.1%} of the image on average (= the hit rate of random boxes); "
+              f"{b['images_with_a_box_over_half_the_image']}/{b['images']} images have a box over half the image")
+    if summary["skipped"]:
+        print(f"skipped {len(summary['skipped'])} unreadable files (listed in the gallery)", file=sys.stderr)
+    print(f"gallery: {Path(summary['output']) / 'index.html'}")
+    return 0
+
+
+def _add_explain(sub) -> None:
+    p = sub.add_parser("explain", help="attention/CAM overlays, evidence galleries and faithfulness of a model")
+    p.add_argument("checkpoint", help="a run directory or a checkpoint .pt")
+    p.add_argument("paths", nargs="*", help="image files and/or folders (or use --split)")
+    p.add_argument("--split", choices=("train", "val", "test", "all"), help="explain this split of the run's data")
+    p.add_argument("--out", help="output folder (default RUN/explain_<split> or ./explain)")
+    p.add_argument("--method", nargs="+", default=["auto"], metavar="NAME",
+                   help="attention, gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam "
+                   "(default auto: attention if the model has it, gradcam, gradcam++)")
+    p.add_argument("--normalise", default="max", choices=("max", "percentile"),
+                   help="display scale of each map: its maximum, or a percentile (clipped)")
+    p.add_argument("--percentile", type=float, default=99.0)
+    p.add_argument("--no-faithfulness", action="store_true", help="skip the deletion/insertion curves (faster)")
+    p.add_argument("--steps", type=int, default=10, help="steps of the deletion/insertion curves")
+    p.add_argument("--grid", type=int, default=16, help="blocks along the short side for the curves")
+    p.add_argument("--baseline", default="blur", choices=("blur", "mean"), help="what removed blocks become")
+    p.add_argument("--random-repeats", type=int, default=1, help="random block orders per image (baseline)")
+    p.add_argument("--target", default="true", choices=("true", "predicted"),
+                   help="the class the CAMs and curves follow (true falls back to predicted when unknown)")
+    p.add_argument("--tolerance", type=float, default=15.0, help="pointing game tolerance in pixels")
+    p.add_argument("--top", type=int, default=16, help="crops per class in the evidence gallery, mistakes shown")
+    p.add_argument("--limit", type=int, default=0, help="explain at most this many images, spread evenly over the list")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    _add_set(p)
+    p.set_defaults(func=cmd_explain)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="finescope",
@@ -203,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a smaller, faster run (for tests)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
+    _add_explain(sub)
     return parser
 
 

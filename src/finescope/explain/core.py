@@ -1,0 +1,150 @@
+"""One image -> an :class:`~finescope.explain.methods.Explanation`: prediction, maps, boxes and crops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from finescope.errors import FinescopeError
+from finescope.explain.methods import CamExplainer, Explanation, attention_map, resolve_methods
+from finescope.models.network import FineScopeNet
+
+
+def as_image(image) -> tuple[torch.Tensor, str | None]:
+    """Accept a path, a (3, H, W) tensor (uint8, or float in [0, 1]) or an (H, W[, 3]) array.
+
+    Returns:
+        ((3, H, W) uint8 tensor, the path or None).
+    """
+    from finescope.data.dataset import read_image
+
+    if isinstance(image, (str, Path)):
+        return read_image(image), str(image)
+    if isinstance(image, np.ndarray):
+        arr = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
+        if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+            raise FinescopeError(f"an image array must be (H, W) or (H, W, 3), got shape {image.shape}")
+        image = torch.from_numpy(np.ascontiguousarray(arr[..., :3].transpose(2, 0, 1)))
+    if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
+        shape = tuple(getattr(image, "shape", ()))
+        raise FinescopeError(f"expected an image path, a (3, H, W) tensor or an (H, W, 3) array, got {shape or type(image)}")
+    if image.dtype != torch.uint8:
+        image = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    return image.cpu(), None
+
+
+def _target(probs: torch.Tensor, label: int | None, target: str | int) -> int:
+    if isinstance(target, int):
+        return target
+    if target not in ("true", "predicted"):
+        raise FinescopeError(f"target must be 'true', 'predicted' or a class index, got {target!r}")
+    return int(label) if target == "true" and label is not None else int(probs.argmax())
+
+
+@torch.no_grad()
+def _forward(model: FineScopeNet, x: torch.Tensor):
+    return model(x[None])
+
+
+def explain_loaded(
+    model: FineScopeNet,
+    image: torch.Tensor,
+    methods: list[str],
+    class_names: list[str],
+    cams: CamExplainer | None = None,
+    label: int | None = None,
+    target: str | int = "true",
+    predict_with: str = "fused",
+) -> Explanation:
+    """Explain one (3, H, W) uint8 image with already checked ``methods`` (see :func:`resolve_methods`).
+
+    Args:
+        model: a model in eval mode.
+        image: (3, H, W) uint8.
+        methods: method names; the first is the main one.
+        class_names: the model's classes.
+        cams: a :class:`CamExplainer` to reuse (made and released here when None and a CAM is asked for).
+        label: the true class index, if known.
+        target: ``true`` (the true class when known, else the predicted one), ``predicted``, or an index.
+        predict_with: ``fused`` or ``mean`` (see :meth:`ModelOutput.probabilities`).
+    """
+    device = next(model.parameters()).device
+    x = image.to(device).float() / 255  # (3, H, W)
+    out = _forward(model, x)
+    probs = out.probabilities(predict_with)[0].float().cpu()
+    tgt = _target(probs, label, target)
+    maps: dict[str, torch.Tensor] = {}
+    own = cams is None and any(m != "attention" for m in methods)
+    cams = CamExplainer(model) if own else cams
+    try:
+        for m in methods:
+            maps[m] = attention_map(model, image, out) if m == "attention" else cams.cam(m, x, tgt)
+    finally:
+        if own:
+            cams.close()
+    crops = None
+    if out.boxes is not None:
+        with torch.no_grad():
+            crops = model._crops(x[None], out.boxes.to(x.dtype)).clamp(0, 1).cpu()  # (K, 3, L, L)
+    return Explanation(
+        image=image, maps=maps, method=methods[0], probabilities=probs, class_names=list(class_names), target=tgt,
+        label=label, boxes=None if out.boxes is None else out.boxes[0].cpu(),
+        box_mass=None if out.box_mass is None else out.box_mass[0].cpu(), crops=crops,
+        attention=None if out.attention is None else out.attention[0].cpu(),
+        cell_px=None if out.cell_px is None else out.cell_px[0].cpu(),
+    )
+
+
+def explain_image(
+    model,
+    image,
+    method: str | list[str] = "auto",
+    *,
+    label: int | None = None,
+    target: str | int = "true",
+    class_names: list[str] | None = None,
+    predict_with: str = "fused",
+    device: str = "auto",
+) -> Explanation:
+    """Explain one image: ``finescope.explain(model, image)``.
+
+    Args:
+        model: a :class:`FineScopeNet`, or a run directory / checkpoint path (loaded with ``load_trained``).
+        image: a file path, a (3, H, W) tensor (uint8 or float in [0, 1]) or an (H, W, 3) uint8 array.
+        method: ``auto`` (attention when the model has it, then gradcam and gradcam++), one name or a list
+            (``attention``, ``gradcam``, ``gradcam++``, ``hirescam``, ``xgradcam``, ``layercam``, ``eigencam``).
+        label: the true class index, if known (CAMs then explain it; see ``target``).
+        target: ``true``, ``predicted`` or a class index: the class the CAMs explain.
+        class_names: names for the classes (default from the checkpoint, or ``class_0``, ...).
+        predict_with: ``fused`` or ``mean``.
+        device: for a model given as a path.
+
+    Returns:
+        An :class:`Explanation` (``.map``, ``.maps``, ``.boxes``, ``.crops``, ``.probabilities``, ...).
+
+    Example:
+        >>> from finescope import explain
+        >>> e = explain("runs/demo/fusion", "runs/demo/data/images/atypical_0001.png")
+        >>> e.map.shape, e.boxes.shape, e.class_names[e.predicted], e.confidence
+    """
+    variant = ""
+    if isinstance(model, (str, Path)):
+        from finescope.trainer import load_trained
+
+        model, cfg, names, _ = load_trained(model, device=device)
+        class_names = class_names or names
+        predict_with, variant = cfg.model.predict_with, cfg.model.variant
+    if not isinstance(model, FineScopeNet):
+        raise FinescopeError(f"explain needs a finescope model or a run/checkpoint path, got {type(model).__name__}")
+    model.eval()
+    img, path = as_image(image)
+    methods = resolve_methods(model, method, variant)
+    names = class_names or [f"class_{i}" for i in range(model.num_classes)]
+    result = explain_loaded(model, img, methods, names, label=label, target=target, predict_with=predict_with)
+    result.path = path
+    return result
+
+
+__all__ = ["as_image", "explain_image", "explain_loaded"]

@@ -1,0 +1,74 @@
+"""Evidence galleries: what the model looks at for each class, across a dataset.
+
+For every class c, the crops of the images *predicted* as c are ranked by ``attention mass of the box x
+probability of c``; the ``top`` highest are kept. Variants without crops (``global``, ``attention``) give one
+crop per image instead: a square of ``min_box_fraction`` of the short side around the maximum of the main map,
+ranked by the probability of c.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from pathlib import Path
+
+import torch
+
+from finescope.explain.maps import peak_box
+from finescope.explain.overlay import save_image
+
+
+class EvidenceCollector:
+    """Keeps the ``top`` best crops per predicted class while images stream by (memory: ``top`` crops/class)."""
+
+    def __init__(self, class_names: list[str], top: int = 16) -> None:
+        self.class_names = list(class_names)
+        self.top = top
+        self.heaps: dict[int, list] = {c: [] for c in range(len(class_names))}
+        self._tie = itertools.count()
+
+    def _push(self, c: int, score: float, entry: dict) -> None:
+        heap = self.heaps[c]
+        item = (score, next(self._tie), entry)
+        if len(heap) < self.top:
+            heapq.heappush(heap, item)
+        elif score > heap[0][0]:
+            heapq.heapreplace(heap, item)
+
+    def add(self, model, expl, name: str, figure: str) -> None:
+        """Offer the crops of one :class:`Explanation` (or its map-peak crop when the model has no boxes)."""
+        c, p = expl.predicted, expl.confidence
+        common = {"image": name, "figure": figure, "probability": p, "correct": expl.correct}
+        if expl.crops is not None:
+            for k, (crop, mass) in enumerate(zip(expl.crops, expl.box_mass.tolist(), strict=True)):
+                self._push(c, mass * p, {**common, "rank": k + 1, "mass": mass, "crop": crop.clone()})
+            return
+        H, W = expl.image.shape[-2:]
+        box = peak_box(expl.map, model.min_box_fraction * min(H, W))  # (4,)
+        device = next(model.parameters()).device
+        x = expl.image.to(device).float()[None] / 255
+        with torch.no_grad():
+            crop = model._crops(x, box.to(device)[None, None])[0].clamp(0, 1).cpu()  # (3, L, L)
+        self._push(c, p, {**common, "rank": 1, "mass": None, "crop": crop})
+
+    def save(self, out: Path) -> dict[str, list[dict]]:
+        """Write ``out/evidence/<class>/NN.png``; returns {class: [entries, best first]} with ``file`` paths
+        relative to ``out`` (the crops themselves are dropped)."""
+        result = {}
+        for c, heap in self.heaps.items():
+            name = self.class_names[c]
+            entries = []
+            for n, (score, _, entry) in enumerate(sorted(heap, key=lambda t: (-t[0], t[1]))):
+                rel = Path("evidence") / _safe(name) / f"{n + 1:02d}.png"
+                save_image(entry["crop"], out / rel)
+                entries.append({**{k: v for k, v in entry.items() if k != "crop"}, "score": score,
+                                "file": rel.as_posix()})
+            result[name] = entries
+        return result
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "class"
+
+
+__all__ = ["EvidenceCollector"]

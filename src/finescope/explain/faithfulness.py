@@ -1,0 +1,180 @@
+"""Faithfulness of explanation maps: deletion and insertion curves, hit rate and the pointing game.
+
+Deletion / insertion (Petsiuk et al., "RISE", BMVC 2018): the image is cut into about square blocks
+(:func:`~finescope.explain.maps.region_grid`), the blocks are ranked by the map's mean over each block, and in
+``steps`` equal steps the most-attended blocks are first *removed* (replaced by a baseline image) or, starting
+from the baseline, *revealed*. The probability of the explained class is recorded after each step; the area
+under that curve over the removed/revealed fraction in [0, 1] is the score. A faithful map gives a low deletion
+AUC and a high insertion AUC compared with a random block order.
+
+Hit rate and pointing game need ground truth (the synthetic set's atypical nuclei, ``cells.json``):
+
+- a true nucleus is *hit* when its centre lies inside at least one of the K selected boxes; because a box
+  covering the whole image would hit everything, :func:`box_coverage` reports the area the boxes cover
+  (which is also the hit rate that boxes placed at random would expect);
+- *pointing game* (Zhang et al., ECCV 2016): a map scores when its maximum lies within ``tolerance`` pixels of
+  a true nucleus (inside its radius plus the tolerance; 15 px in the original paper).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from finescope.errors import FinescopeError
+from finescope.explain.maps import region_grid, region_scores
+
+BASELINES = ("blur", "mean")
+
+
+def baseline_image(image: torch.Tensor, kind: str = "blur", factor: int = 16) -> torch.Tensor:
+    """What removed regions are replaced with.
+
+    Args:
+        image: (3, H, W) float in [0, 1].
+        kind: ``blur`` (the image shrunk ``factor`` times with antialiasing and enlarged again: colours stay,
+            texture and cells vanish) or ``mean`` (the image's mean colour).
+        factor: the blur's shrink factor.
+
+    Returns:
+        (3, H, W) float.
+    """
+    if kind == "mean":
+        return image.mean(dim=(1, 2), keepdim=True).expand_as(image).clone()
+    if kind != "blur":
+        raise FinescopeError(f"faithfulness baseline '{kind}' is unknown; choose one of: {', '.join(BASELINES)}")
+    H, W = image.shape[-2:]
+    small = F.interpolate(image[None], size=(max(1, H // factor), max(1, W // factor)), mode="bilinear",
+                          antialias=True, align_corners=False)
+    return F.interpolate(small, size=(H, W), mode="bilinear", align_corners=False)[0]
+
+
+def rank_blocks(scores: torch.Tensor) -> torch.Tensor:
+    """(R,) block scores -> (R,) rank of every block (0 = most attended; ties keep block order)."""
+    order = torch.sort(scores, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order))
+    return rank
+
+
+@torch.no_grad()
+def class_probability(model, images: torch.Tensor, target: int, predict_with: str = "fused",
+                      batch_size: int = 16) -> torch.Tensor:
+    """Probability of class ``target`` for a stack of images (N, 3, H, W) -> (N,), in batches."""
+    device = next(model.parameters()).device
+    out = [model(images[i:i + batch_size].to(device)).probabilities(predict_with)[:, target].float().cpu()
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out)
+
+
+def perturbation_curve(model, image: torch.Tensor, rank_map: torch.Tensor, n_regions: int, target: int,
+                       baseline: torch.Tensor, mode: str = "deletion", steps: int = 10,
+                       ends: tuple[float, float] | None = None, predict_with: str = "fused") -> np.ndarray:
+    """Probability of class ``target`` as the top-ranked blocks are removed (or revealed).
+
+    Args:
+        model: a finescope model in eval mode (its device is used).
+        image: (3, H, W) float in [0, 1].
+        rank_map: (H, W) long rank of the block each pixel belongs to (0 = first to go).
+        n_regions: R, the number of blocks.
+        target: class index.
+        baseline: (3, H, W) what removed pixels become (``deletion``) or where ``insertion`` starts.
+        mode: ``deletion`` or ``insertion``.
+        steps: T; step t switches the first round(t * R / T) blocks.
+        ends: the probabilities at t = 0 and t = T when already known (they are the same for every order:
+            the image and the baseline), saving two forward passes.
+
+    Returns:
+        (T + 1,) probabilities, from t = 0 (nothing switched) to t = T (everything).
+    """
+    if mode not in ("deletion", "insertion"):
+        raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
+    counts = torch.round(torch.arange(steps + 1) * n_regions / steps).long()  # (T+1,)
+    if ends is not None:
+        counts = counts[1:-1]
+    switched = (rank_map[None] < counts[:, None, None])[:, None]  # (n, 1, H, W)
+    first, second = (baseline, image) if mode == "deletion" else (image, baseline)
+    batch = torch.where(switched, first[None], second[None])  # (n, 3, H, W)
+    probs = class_probability(model, batch, target, predict_with).numpy()
+    return np.concatenate([[ends[0]], probs, [ends[1]]]) if ends is not None else probs
+
+
+def _ends(model, image, baseline, target, predict_with) -> dict[str, tuple[float, float]]:
+    p_image, p_base = class_probability(model, torch.stack([image, baseline]), target, predict_with).tolist()
+    return {"deletion": (p_image, p_base), "insertion": (p_base, p_image)}
+
+
+def curve_auc(curve: np.ndarray) -> float:
+    """Area under a curve sampled at T + 1 equally spaced fractions of [0, 1] (trapezoid rule)."""
+    y = np.asarray(curve, dtype=np.float64)
+    return float(((y[1:] + y[:-1]) / 2).mean()) if len(y) > 1 else float(y[0])
+
+
+def map_curves(model, image: torch.Tensor, heats: dict[str, torch.Tensor], target: int, baseline: torch.Tensor,
+               grid: int = 16, steps: int = 10, repeats: int = 1, seed: int = 0,
+               predict_with: str = "fused") -> dict[str, dict[str, np.ndarray]]:
+    """Deletion and insertion curves of several maps and of ``repeats`` random orders (seeded, averaged).
+
+    Args:
+        image: (3, H, W) float in [0, 1].
+        heats: method -> (H, W) map.
+        baseline: (3, H, W), see :func:`baseline_image`.
+        repeats: random orders; 0 = no random baseline.
+
+    Returns:
+        {method or ``random``: {``deletion``/``insertion``: (T + 1,) probabilities}}.
+    """
+    blocks, R = region_grid(tuple(image.shape[-2:]), grid)
+    ends = _ends(model, image, baseline, target, predict_with)
+    ranks = {m: rank_blocks(region_scores(h, blocks, R))[blocks] for m, h in heats.items()}  # (H, W) each
+    gen = torch.Generator().manual_seed(seed)
+    randoms = [torch.randperm(R, generator=gen)[blocks] for _ in range(repeats)]
+    curves = {}
+    for name, rank_maps in [*((m, [r]) for m, r in ranks.items()), *([("random", randoms)] if randoms else [])]:
+        curves[name] = {mode: np.mean([perturbation_curve(model, image, r, R, target, baseline, mode, steps,
+                                                          ends[mode], predict_with) for r in rank_maps], axis=0)
+                        for mode in ("deletion", "insertion")}
+    return curves
+
+
+def hit_count(boxes: torch.Tensor, cells) -> tuple[int, int]:
+    """(hits, total): true nuclei [[cx, cy, r], ...] whose centre lies inside at least one (K, 4) box."""
+    if not cells:
+        return 0, 0
+    c = torch.tensor([[x, y] for x, y, _ in cells], dtype=torch.float32)  # (n, 2)
+    b = boxes.float()[None]  # (1, K, 4)
+    inside = (c[:, None, 0] >= b[..., 0]) & (c[:, None, 0] <= b[..., 2]) & (c[:, None, 1] >= b[..., 1]) & (
+        c[:, None, 1] <= b[..., 3])  # (n, K)
+    return int(inside.any(dim=1).sum()), len(cells)
+
+
+def box_coverage(boxes: torch.Tensor, size: tuple[int, int]) -> dict[str, float]:
+    """How much of the (H, W) image the (K, 4) boxes cover.
+
+    Returns:
+        ``union``: fraction of pixels inside any box (the hit rate expected of randomly placed nuclei);
+        ``largest``: the largest single box's area fraction.
+    """
+    H, W = size
+    covered = torch.zeros(H, W, dtype=torch.bool)
+    largest = 0.0
+    for x1, y1, x2, y2 in boxes.round().long().tolist():
+        covered[max(y1, 0):max(y2, 0), max(x1, 0):max(x2, 0)] = True
+        largest = max(largest, (x2 - x1) * (y2 - y1) / (H * W))
+    return {"union": float(covered.float().mean()), "largest": float(largest)}
+
+
+def pointing_hit(heat: torch.Tensor, cells, tolerance: float = 15.0) -> bool | None:
+    """Pointing game: does the (H, W) map's maximum lie within ``r + tolerance`` of a true nucleus? None if no
+    nucleus."""
+    if not cells:
+        return None
+    W = heat.shape[1]
+    flat = int(heat.flatten().argmax())
+    y, x = flat // W + 0.5, flat % W + 0.5
+    return any(np.hypot(x - cx, y - cy) <= r + tolerance for cx, cy, r in cells)
+
+
+__all__ = ["BASELINES", "baseline_image", "box_coverage", "class_probability", "curve_auc", "hit_count", "map_curves",
+           "perturbation_curve", "pointing_hit", "rank_blocks"]

@@ -1,0 +1,170 @@
+"""What ``finescope explain`` reads: a run's split or files and folders, with true labels and ground truth.
+
+- ``--split test`` (a run directory): the run's ``splits.json`` and data root (from its config; ``--set
+  data.root=...`` when the data moved); labels come from the data source.
+- files and folders: every image under them; the true class is the nearest parent folder named like one of the
+  model's classes (``defungi/H1/x.jpg`` -> H1, ``.../benign/SOB/...`` -> benign), else unknown.
+- ground truth positions: a ``cells.json`` (the synthetic generator's, :func:`~finescope.data.synthetic.load_cells`)
+  in the data root or in a parent folder of the files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finescope.config import Config
+from finescope.errors import FinescopeError
+
+SPLITS = ("train", "val", "test", "all")
+
+
+@dataclass
+class Item:
+    """One image to explain: absolute ``path``, display ``name``, true ``label`` (or None) and ground-truth
+    ``cells`` [[cx, cy, r], ...] (None when no cells.json covers the image)."""
+
+    path: str
+    name: str
+    label: int | None = None
+    cells: list | None = None
+
+
+@dataclass
+class Inputs:
+    """The images to explain, their data root (or ''), and the training image sizes {(H, W)} when known."""
+
+    items: list[Item]
+    root: str = ""
+    train_sizes: set = field(default_factory=set)
+
+
+def run_dir_of(state: dict) -> Path:
+    """The run directory a checkpoint state was loaded from (``RUN/checkpoints/best.pt`` -> ``RUN``)."""
+    path = Path(state["path"])
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
+def _cells_of(root: str | Path) -> dict | None:
+    path = Path(root) / "cells.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _run_samples(cfg: Config, state: dict, class_names: list[str]):
+    """(sample set, splits) of the run's own data."""
+    from finescope.data import load_samples, load_splits
+
+    splits_file = run_dir_of(state) / "splits.json"
+    if not splits_file.is_file():
+        raise FinescopeError(f"--split needs the run's splits.json, not found at '{splits_file}'; pass a run "
+                             "directory, or give image files/folders instead")
+    sample_set = load_samples(cfg.data, require_all_classes=False, class_names=class_names)
+    return sample_set, load_splits(splits_file, sample_set)
+
+
+def split_inputs(cfg: Config, state: dict, class_names: list[str], split: str) -> Inputs:
+    """The images of one side of the run's split (``all`` = every image of its data)."""
+    import numpy as np
+
+    if split not in SPLITS:
+        raise FinescopeError(f"--split '{split}' is unknown; choose one of: {', '.join(SPLITS)}")
+    sample_set, splits = _run_samples(cfg, state, class_names)
+    indices = np.arange(len(sample_set)) if split == "all" else splits[split]
+    if len(indices) == 0:
+        raise FinescopeError(f"the '{split}' split of {run_dir_of(state)} holds no images")
+    cells = _cells_of(sample_set.root)
+    items = []
+    for i in indices:
+        s = sample_set.samples[i]
+        rel = Path(os.path.relpath(s.path, sample_set.root)).as_posix()
+        items.append(Item(s.path, rel, int(s.label), None if cells is None else cells.get(rel, [])))
+    sizes = _image_sizes([sample_set.samples[i].path for i in splits["train"]])
+    return Inputs(items, sample_set.root, sizes)
+
+
+def _label_from_folders(path: Path, class_names: list[str]) -> int | None:
+    for parent in path.parents:
+        if parent.name in class_names:
+            return class_names.index(parent.name)
+    return None
+
+
+def _cells_for(path: Path, cache: dict) -> list | None:
+    """The ground truth of ``path`` from the nearest parent folder holding a cells.json, or None."""
+    for parent in path.parents:
+        if parent not in cache:
+            cache[parent] = _cells_of(parent)
+        if cache[parent] is not None:
+            return cache[parent].get(path.relative_to(parent).as_posix(), [])
+    return None
+
+
+def path_inputs(paths: list[str], class_names: list[str]) -> Inputs:
+    """Every image file under ``paths`` (files and folders, recursively), with labels and cells when known."""
+    from finescope.data.sources import find_images, is_image_file
+
+    files: list[tuple[Path, Path]] = []  # (file, the argument it came from)
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += [(f, p) for f in find_images(p)]
+        elif p.is_file():
+            if not is_image_file(p):
+                raise FinescopeError(f"'{p}' is not an image file; supported: png, jpg, jpeg, tif, tiff, bmp, webp")
+            files.append((p, p.parent))
+        else:
+            raise FinescopeError(f"'{p}' is neither an image file nor a folder")
+    if not files:
+        raise FinescopeError(f"found no images in {', '.join(paths)}; supported: png, jpg, jpeg, tif, tiff, bmp, webp")
+    cache: dict = {}
+    items = []
+    for f, base in files:
+        absolute = f.resolve()
+        name = f.relative_to(base).as_posix() if f != base else f.name
+        items.append(Item(str(absolute), name, _label_from_folders(absolute, class_names), _cells_for(absolute, cache)))
+    return Inputs(items)
+
+
+def _image_sizes(paths: list[str], limit: int = 16) -> set:
+    """{(H, W)} of up to ``limit`` images, read from their headers; unreadable ones are ignored."""
+    from PIL import Image
+
+    sizes = set()
+    for p in paths[:: max(1, len(paths) // limit)][:limit]:
+        try:
+            with Image.open(p) as img:
+                sizes.add((img.height, img.width))
+        except OSError:
+            continue
+    return sizes
+
+
+def training_sizes(cfg: Config, state: dict, class_names: list[str]) -> set:
+    """{(H, W)} of the run's training images, or an empty set when its data cannot be read from here."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sample_set, splits = _run_samples(cfg, state, class_names)
+    except FinescopeError:
+        return set()
+    return _image_sizes([sample_set.samples[i].path for i in splits["train"]])
+
+
+def size_notes(size: tuple[int, int], train_sizes: set, global_size: int, local_size: int, crops: bool) -> list[str]:
+    """Warnings for an image of another scale than the training images (the model resizes it, but the
+    magnification it sees changes), or too small for its crops."""
+    H, W = size
+    notes = []
+    if train_sizes and not any(0.8 <= min(H, W) / min(h, w) <= 1.25 for h, w in train_sizes):
+        seen = ", ".join(f"{w}x{h}" for h, w in sorted(train_sizes)[:3])
+        notes.append(f"image is {W}x{H} but the model was trained on {seen} images: the global view rescales it to "
+                     f"a short side of {global_size} px, so the scale it sees differs; trust this prediction less")
+    if crops and min(H, W) < local_size:
+        notes.append(f"image's short side {min(H, W)} px is smaller than the crop size {local_size} px: crops are "
+                     "upsampled")
+    return notes
+
+
+__all__ = ["Inputs", "Item", "path_inputs", "run_dir_of", "size_notes", "split_inputs", "training_sizes"]

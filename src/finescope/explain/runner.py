@@ -1,0 +1,322 @@
+"""``finescope explain``: explain many images, measure faithfulness, write figures, galleries and numbers.
+
+Writes into the output folder::
+
+    index.html            the gallery (opens from disk; sortable by confidence, correctness, class)
+    images/NNNN_*.png     one panel per image: image, one overlay per method, the crops
+    evidence/<class>/     the most-attended crops of the images predicted as each class
+    faithfulness.json     deletion/insertion AUCs per method and for random orders; hit rate, pointing game
+    faithfulness.png      the mean deletion and insertion curves
+    results.csv           one row per image
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from finescope.errors import FinescopeError
+from finescope.explain import faithfulness as fa
+from finescope.explain.core import explain_loaded
+from finescope.explain.evidence import EvidenceCollector
+from finescope.explain.inputs import Inputs, path_inputs, run_dir_of, size_notes, split_inputs, training_sizes
+from finescope.explain.maps import NORMALISATIONS
+from finescope.explain.methods import CamExplainer, resolve_methods
+from finescope.explain.overlay import save_explanation_figure
+
+
+@dataclass(frozen=True)
+class ExplainSettings:
+    """Options of ``finescope explain`` (the CLI flags of the same names)."""
+
+    methods: tuple[str, ...] = ("auto",)  # auto = attention (if the model has it), gradcam, gradcam++
+    normalise: str = "max"  # max | percentile: display scale of each map
+    percentile: float = 99.0
+    faithfulness: bool = True  # deletion / insertion curves (the slow part)
+    steps: int = 10  # T steps of the curves
+    grid: int = 16  # blocks along the image's short side
+    baseline: str = "blur"  # blur | mean: what removed blocks become
+    random_repeats: int = 1  # random block orders per image (the baseline is a mean over images)
+    target: str = "true"  # true | predicted: the class the CAMs and the curves follow
+    tolerance: float = 15.0  # pointing game tolerance in pixels (Zhang et al. 2016)
+    top: int = 16  # crops per class in the evidence gallery; mistakes shown
+    limit: int = 0  # explain at most this many images, spread evenly over the list (0 = all)
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.normalise not in NORMALISATIONS:
+            raise FinescopeError(f"--normalise '{self.normalise}' is unknown; choose one of: {', '.join(NORMALISATIONS)}")
+        if self.baseline not in fa.BASELINES:
+            raise FinescopeError(f"--baseline '{self.baseline}' is unknown; choose one of: {', '.join(fa.BASELINES)}")
+        if self.target not in ("true", "predicted"):
+            raise FinescopeError(f"--target '{self.target}' is unknown; choose true or predicted")
+        for name in ("steps", "grid", "random_repeats", "top"):
+            if getattr(self, name) < 1:
+                raise FinescopeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass
+class _Context:
+    """Everything the per-image step needs."""
+
+    model: torch.nn.Module
+    cfg: object
+    class_names: list[str]
+    methods: list[str]
+    cams: CamExplainer
+    settings: ExplainSettings
+    out: Path
+    train_sizes: set
+    evidence: EvidenceCollector
+
+
+def _faithfulness(ctx: _Context, expl, index: int) -> dict:
+    """Deletion / insertion AUCs of every method and of random orders for one image."""
+    s = ctx.settings
+    image = expl.image.float() / 255
+    curves = fa.map_curves(ctx.model, image, expl.maps, expl.target, fa.baseline_image(image, s.baseline), s.grid,
+                           s.steps, s.random_repeats, seed=s.seed * 100003 + index,
+                           predict_with=ctx.cfg.model.predict_with)
+    row = {}
+    for m, c in curves.items():
+        row[f"{m}_deletion_auc"] = fa.curve_auc(c["deletion"])
+        row[f"{m}_insertion_auc"] = fa.curve_auc(c["insertion"])
+    return {"row": row, "curves": {m: {k: v.tolist() for k, v in c.items()} for m, c in curves.items()}}
+
+
+def _ground_truth(ctx: _Context, expl, cells: list) -> dict:
+    """Hit rate of the boxes, their coverage, and the pointing game of every map, for one image."""
+    row: dict = {"n_cells": len(cells)}
+    if expl.boxes is not None:
+        row["hits"], _ = fa.hit_count(expl.boxes, cells)
+        cover = fa.box_coverage(expl.boxes, tuple(expl.image.shape[-2:]))
+        row["box_union_fraction"], row["box_largest_fraction"] = cover["union"], cover["largest"]
+    for m, heat in expl.maps.items():
+        row[f"{m}_pointing"] = fa.pointing_hit(heat, cells, ctx.settings.tolerance)
+    return row
+
+
+def _explain_one(ctx: _Context, index: int, item) -> dict:
+    """Explain, measure and draw one readable image; returns its result row (and curves)."""
+    from finescope.data.dataset import read_image
+
+    image = read_image(item.path)
+    expl = explain_loaded(ctx.model, image, ctx.methods, ctx.class_names, ctx.cams, item.label, ctx.settings.target,
+                          ctx.cfg.model.predict_with)
+    expl.path = item.path
+    m = ctx.cfg.model
+    expl.notes = size_notes(tuple(image.shape[-2:]), ctx.train_sizes, m.global_size, m.local_size,
+                            expl.boxes is not None)
+    figure = Path("images") / f"{index:05d}_{Path(item.name).stem[:60]}.png"
+    save_explanation_figure(expl, ctx.out / figure, ctx.settings.normalise, ctx.settings.percentile, item.cells,
+                            title=item.name)
+    ctx.evidence.add(ctx.model, expl, item.name, figure.as_posix())
+    row = _base_row(expl, item, figure)
+    curves = None
+    if ctx.settings.faithfulness:
+        f = _faithfulness(ctx, expl, index)
+        row.update(f["row"])
+        curves = f["curves"]
+    if item.cells is not None:
+        row.update(_ground_truth(ctx, expl, item.cells))
+    return {"row": row, "curves": curves}
+
+
+def _base_row(expl, item, figure: Path) -> dict:
+    names = expl.class_names
+    boxes = "" if expl.boxes is None else ";".join(
+        f"{b[0]:.0f} {b[1]:.0f} {b[2]:.0f} {b[3]:.0f} {float(mass):.3f}"
+        for b, mass in zip(expl.boxes.tolist(), expl.box_mass, strict=True))
+    return {
+        "name": item.name, "path": item.path, "figure": figure.as_posix(),
+        "true": "" if item.label is None else names[item.label], "predicted": names[expl.predicted],
+        "confidence": expl.confidence, "correct": expl.correct, "target": names[expl.target],
+        "p_target": float(expl.probabilities[expl.target]), "boxes": boxes, "notes": " | ".join(expl.notes),
+        "size": f"{expl.image.shape[2]}x{expl.image.shape[1]}",
+    }
+
+
+# -- aggregation -------------------------------------------------------------------------------------------
+def _mean_std(values: list) -> dict:
+    v = np.array([x for x in values if x is not None], dtype=np.float64)
+    return {"mean": float(v.mean()) if len(v) else None, "std": float(v.std()) if len(v) else None, "n": int(len(v))}
+
+
+def _method_summary(rows: list[dict], curves: list[dict], method: str) -> dict:
+    out: dict = {}
+    for mode in ("deletion", "insertion"):
+        stats = _mean_std([r.get(f"{method}_{mode}_auc") for r in rows])
+        out[f"{mode}_auc"], out[f"{mode}_auc_std"], out["n_images"] = stats["mean"], stats["std"], stats["n"]
+        if curves:
+            out[f"{mode}_curve"] = np.mean([c[method][mode] for c in curves], axis=0).round(4).tolist()
+    pointing = [r[f"{method}_pointing"] for r in rows if r.get(f"{method}_pointing") is not None]
+    if pointing:
+        out["pointing_game"], out["pointing_n"] = float(np.mean(pointing)), len(pointing)
+    return out
+
+
+def _box_summary(rows: list[dict]) -> dict | None:
+    """Hit rate of the selected boxes over the true nuclei, with how much of the image the boxes cover."""
+    gt = [r for r in rows if r.get("hits") is not None and r["n_cells"] > 0]
+    if not gt:
+        return None
+    hits, cells = sum(r["hits"] for r in gt), sum(r["n_cells"] for r in gt)
+    union = [r["box_union_fraction"] for r in gt]
+    return {
+        "hit_rate": hits / cells, "hits": hits, "cells": cells, "images": len(gt),
+        "definition": "a true atypical nucleus is hit when its centre lies inside at least one of the K boxes",
+        "mean_box_union_fraction": float(np.mean(union)),
+        "chance_hit_rate": float(np.mean(union)),  # randomly placed nuclei land in the boxes this often
+        "mean_largest_box_fraction": float(np.mean([r["box_largest_fraction"] for r in gt])),
+        "images_with_a_box_over_half_the_image": sum(r["box_largest_fraction"] > 0.5 for r in gt),
+    }
+
+
+def summarise(rows: list[dict], curves: list[dict], methods: list[str], settings: ExplainSettings) -> dict:
+    """The numbers of ``faithfulness.json``."""
+    known = [r for r in rows if r["correct"] is not None]
+    names = methods + (["random"] if settings.faithfulness else [])
+    return {
+        "images": len(rows),
+        "accuracy": float(np.mean([r["correct"] for r in known])) if known else None,
+        "settings": {k: v for k, v in asdict(settings).items() if k not in ("top", "limit")},
+        "methods": {m: _method_summary(rows, curves, m) for m in names},
+        "boxes": _box_summary(rows),
+    }
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _plot_curves(path: Path, summary: dict) -> Path | None:
+    """Mean deletion and insertion curves of every method and of random orders."""
+    from finescope.explain.overlay import _pyplot
+
+    methods = {m: s for m, s in summary["methods"].items() if s.get("deletion_curve")}
+    if not methods:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, mode in zip(axes, ("deletion", "insertion"), strict=True):
+        for m, s in methods.items():
+            y = s[f"{mode}_curve"]
+            ax.plot(np.linspace(0, 1, len(y)), y, "--" if m == "random" else "-", label=f"{m} (AUC {s[f'{mode}_auc']:.3f})")
+        ax.set_xlabel(f"fraction of blocks {'removed' if mode == 'deletion' else 'revealed'}, most attended first")
+        ax.set_ylabel("probability of the explained class")
+        ax.set_title(f"{mode} (lower AUC is better)" if mode == "deletion" else f"{mode} (higher AUC is better)", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# -- the command -------------------------------------------------------------------------------------------
+def _inputs(cfg, state, class_names, paths, split) -> Inputs:
+    if paths and split:
+        raise FinescopeError("give either image paths or --split, not both")
+    if split:
+        return split_inputs(cfg, state, class_names, split)
+    if not paths:
+        raise FinescopeError("nothing to explain: give image files/folders, or --split test with a run directory")
+    inputs = path_inputs(list(paths), class_names)
+    inputs.train_sizes = training_sizes(cfg, state, class_names)
+    return inputs
+
+
+def default_out(checkpoint: str | Path, split: str | None) -> Path:
+    """``RUN/explain_<split>`` (or ``RUN/explain_files``) for a run directory, else ``explain``."""
+    p = Path(checkpoint)
+    return p / f"explain_{split or 'files'}" if p.is_dir() else Path("explain")
+
+
+def _clear_previous(out: Path) -> None:
+    """Create ``out``; remove the PNGs an earlier explain run left in its images/ and evidence/ folders."""
+    out.mkdir(parents=True, exist_ok=True)
+    for sub in ("images", "evidence"):
+        for png in (out / sub).rglob("*.png"):
+            png.unlink()
+
+
+def spread(items: list, limit: int) -> list:
+    """At most ``limit`` items spread evenly over the list (sorted lists then keep every class); 0 = all."""
+    if not limit or limit >= len(items):
+        return list(items)
+    return [items[i] for i in np.unique(np.linspace(0, len(items) - 1, limit).round().astype(int))]
+
+
+def _loop(ctx: _Context, inputs: Inputs, progress: bool) -> tuple[list, list, list]:
+    from tqdm import tqdm
+
+    from finescope.errors import FinescopeError as _Err
+
+    rows, curves, skipped = [], [], []
+    items = spread(inputs.items, ctx.settings.limit)
+    for i, item in enumerate(tqdm(items, desc="explain", disable=not progress, dynamic_ncols=True)):
+        try:
+            result = _explain_one(ctx, i, item)
+        except _Err as e:  # unreadable image: skip it and list it
+            skipped.append({"path": item.path, "reason": str(e).splitlines()[0]})
+            continue
+        rows.append(result["row"])
+        if result["curves"] is not None:
+            curves.append(result["curves"])
+    return rows, curves, skipped
+
+
+def run_explain(checkpoint: str | Path, paths: list[str] | tuple[str, ...] = (), out: str | Path | None = None,
+                split: str | None = None, settings: ExplainSettings | None = None,
+                overrides: list[str] | None = None, device: str = "auto", progress: bool = True) -> dict:
+    """Explain a run's split or image files/folders and write the gallery and ``faithfulness.json``.
+
+    Args:
+        checkpoint: a run directory or checkpoint .pt.
+        paths: image files and folders (searched recursively); or use ``split``.
+        out: output folder (default: see :func:`default_out`).
+        split: ``train``, ``val``, ``test`` or ``all`` of the run's own data.
+        settings: see :class:`ExplainSettings`.
+        overrides: ``--set`` config overrides (e.g. ``data.root=...`` when the data moved).
+        device: ``auto``, ``cpu``, ``cuda``.
+
+    Returns:
+        The summary written to ``faithfulness.json`` plus ``output`` (the folder) and ``skipped``.
+    """
+    from finescope.explain.gallery import write_index
+    from finescope.trainer import load_trained
+
+    settings = settings or ExplainSettings()
+    settings.check()
+    model, cfg, class_names, state = load_trained(checkpoint, overrides, device)
+    methods = resolve_methods(model, settings.methods, cfg.model.variant)
+    inputs = _inputs(cfg, state, class_names, paths, split)
+    out = Path(out) if out else default_out(checkpoint, split)
+    _clear_previous(out)
+    with CamExplainer(model) as cams:
+        ctx = _Context(model, cfg, class_names, methods, cams, settings, out, inputs.train_sizes,
+                       EvidenceCollector(class_names, settings.top))
+        rows, curves, skipped = _loop(ctx, inputs, progress)
+    if not rows:
+        raise FinescopeError(f"none of the {len(inputs.items)} images could be read (e.g. {skipped[0]['reason']})")
+    summary = summarise(rows, curves, methods, settings)
+    summary.update(checkpoint=str(state["path"]), variant=cfg.model.variant, class_names=class_names,
+                   source=f"split {split} of {run_dir_of(state)}" if split else ", ".join(map(str, paths)),
+                   skipped=skipped)
+    (out / "faithfulness.json").write_text(json.dumps(summary, indent=2))
+    _write_csv(out / "results.csv", rows)
+    plot = _plot_curves(out / "faithfulness.png", summary)
+    evidence = ctx.evidence.save(out)
+    write_index(out, rows, summary, evidence, methods, settings.top, plot is not None)
+    return {**summary, "output": str(out)}
+
+
+__all__ = ["ExplainSettings", "default_out", "run_explain", "summarise"]

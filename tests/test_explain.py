@@ -1,0 +1,281 @@
+"""Explanations: the callable module, every variant's maps, CAM adapter, faithfulness metrics, the explain command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import finescope
+from finescope.checkpoint import save_checkpoint
+from finescope.config import Config, DataConfig, ModelConfig, resolved_dict
+from finescope.errors import FinescopeError
+from finescope.explain import faithfulness as fa
+from finescope.explain.maps import normalise_map, peak_box, region_grid, region_scores
+from finescope.explain.methods import CamAdapter, resolve_methods
+from finescope.models import ModelOutput, create_model, list_models
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+realdata = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real data folder {SHARED_DATA} is absent")
+SMALL = {"backbone": "tiny", "global_size": 64, "local_size": 48, "num_crops": 3, "min_box_fraction": 0.25}
+
+
+def tiny_model(variant: str = "fusion", seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return create_model(ModelConfig(variant=variant, **SMALL), 2).eval()
+
+
+def image(h: int = 96, w: int = 128, seed: int = 0) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (3, h, w), dtype=np.uint8))
+
+
+# -- the public API ---------------------------------------------------------------------------------------------
+def test_explain_is_callable_module_and_keeps_its_functions():
+    from finescope import explain
+
+    assert callable(explain) and explain is finescope.explain
+    assert callable(finescope.explain.save_overlay_grid) and callable(explain.explain_image)
+    e = explain(tiny_model(), image())
+    assert isinstance(e, explain.Explanation)
+
+
+@pytest.mark.parametrize("variant", list_models())
+def test_every_variant_gets_maps_on_the_full_image(variant):
+    model = tiny_model(variant)
+    e = finescope.explain(model, image(96, 128), label=1)
+    assert e.map.shape == (96, 128) and torch.isfinite(e.map).all() and (e.map >= 0).all()
+    assert set(e.maps) == ({"attention"} if model.use_attention else set()) | {"gradcam", "gradcam++"}
+    assert e.probabilities.shape == (2,) and abs(float(e.probabilities.sum()) - 1) < 1e-5
+    assert e.target == 1 and e.correct == (e.predicted == 1)
+    if model.use_crops:
+        assert e.boxes.shape == (3, 4) and e.crops.shape == (3, 3, 48, 48) and e.box_mass.shape == (3,)
+        assert (e.boxes[:, 2] <= 128).all() and (e.boxes[:, 3] <= 96).all()
+    else:
+        assert e.boxes is None and e.crops is None
+
+
+def test_image_forms_are_equivalent(tmp_path):
+    from PIL import Image
+
+    img = image(64, 80)
+    path = tmp_path / "x.png"
+    Image.fromarray(img.permute(1, 2, 0).numpy()).save(path)
+    model = tiny_model("attention")
+    maps = [finescope.explain(model, x, "attention").map for x in (img, img.float() / 255, img.permute(1, 2, 0).numpy(), path)]
+    for m in maps[1:]:
+        torch.testing.assert_close(m, maps[0])
+
+
+@pytest.mark.parametrize(("variant", "method", "message"), [
+    ("global", "attention", "has no attention map; methods it supports: gradcam"),
+    ("fusion", "nonsense", "unknown explanation method 'nonsense'"),
+])
+def test_bad_method_names_say_what_is_supported(variant, method, message):
+    with pytest.raises(FinescopeError, match=message):
+        resolve_methods(tiny_model(variant), [method], variant)
+
+
+def test_bad_image_input_is_a_clear_error():
+    with pytest.raises(FinescopeError, match=r"\(3, H, W\) tensor"):
+        finescope.explain(tiny_model(), torch.zeros(5, 8, 8))
+
+
+# -- the CAM adapter -------------------------------------------------------------------------------------------
+def test_cam_adapter_returns_the_models_logits_and_restores_the_backbone():
+    model = tiny_model("fusion")
+    backbone = model.backbone
+    adapter = CamAdapter(model)
+    x = image().float()[None] / 255
+    seen = []
+    handle = adapter.tap.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    with torch.no_grad():
+        torch.testing.assert_close(adapter(x), model(x).logits)
+    handle.remove()
+    assert model.backbone is backbone
+    assert len(seen) == 1 and seen[0][0] == 1  # only the global view (batch 1), not the 3 crops
+
+
+# -- map arithmetic --------------------------------------------------------------------------------------------
+def test_region_grid_covers_the_image_with_square_blocks():
+    blocks, R = region_grid((60, 90), 4)
+    assert R == 4 * 6 and set(blocks.unique().tolist()) == set(range(R))
+    heat = torch.zeros(60, 90)
+    heat[:15, :15] = 1.0
+    scores = region_scores(heat, blocks, R)
+    assert int(scores.argmax()) == 0 and float(scores[0]) == 1.0
+
+
+@pytest.mark.parametrize("how", ["max", "percentile"])
+def test_normalise_map_spans_zero_to_one(how):
+    m = normalise_map(np.arange(100, dtype=float).reshape(10, 10), how, 90)
+    assert m.min() == 0 and m.max() == 1
+    assert (m == 1).sum() == (1 if how == "max" else 10)
+
+
+def test_peak_box_is_inside_the_image():
+    heat = torch.zeros(50, 80)
+    heat[2, 78] = 1
+    torch.testing.assert_close(peak_box(heat, 20), torch.tensor([60.0, 0.0, 80.0, 20.0]))
+
+
+# -- faithfulness ----------------------------------------------------------------------------------------------
+class RegionModel(torch.nn.Module):
+    """A toy classifier whose class-1 evidence is the brightness of the top-left 16 x 16 pixels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(20.0))
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        s = x[:, :, :16, :16].mean(dim=(1, 2, 3)) - 0.5  # (B,)
+        return ModelOutput(logits=torch.stack([-s, s], dim=1) * self.scale)
+
+
+def test_deletion_of_the_true_evidence_beats_random_and_insertion_too():
+    x = torch.full((3, 64, 64), 0.2)
+    x[:, :16, :16] = 1.0
+    good = torch.zeros(64, 64)
+    good[:16, :16] = 1
+    curves = fa.map_curves(RegionModel(), x, {"good": good, "bad": 1 - good}, 1, fa.baseline_image(x, "mean"),
+                           grid=4, steps=4, repeats=3)
+    auc = {m: {k: fa.curve_auc(v) for k, v in c.items()} for m, c in curves.items()}
+    assert auc["good"]["deletion"] < auc["random"]["deletion"] < auc["bad"]["deletion"]
+    assert auc["good"]["insertion"] > auc["random"]["insertion"] > auc["bad"]["insertion"]
+    for c in curves.values():  # shared end points: the image and the baseline
+        assert c["deletion"][0] == curves["good"]["deletion"][0] and len(c["deletion"]) == 5
+
+
+def test_curve_auc_is_the_trapezoid_over_zero_to_one():
+    assert fa.curve_auc([1, 1, 1]) == 1.0
+    assert fa.curve_auc([1, 0]) == 0.5
+    assert fa.curve_auc([0, 1, 1, 1, 1]) == pytest.approx(0.875)
+
+
+@pytest.mark.parametrize(("boxes", "cells", "hits"), [
+    ([[0, 0, 10, 10]], [[5, 5, 2], [20, 20, 2]], (1, 2)),
+    ([[0, 0, 10, 10], [15, 15, 30, 30]], [[5, 5, 2], [20, 20, 2]], (2, 2)),
+    ([[0, 0, 10, 10]], [], (0, 0)),
+])
+def test_hit_count_counts_centres_inside_any_box(boxes, cells, hits):
+    assert fa.hit_count(torch.tensor(boxes, dtype=torch.float32), cells) == hits
+
+
+def test_box_coverage_reports_union_and_largest_box():
+    cover = fa.box_coverage(torch.tensor([[0, 0, 50, 100], [25, 0, 75, 100]], dtype=torch.float32), (100, 100))
+    assert cover == {"union": 0.75, "largest": 0.5}
+
+
+def test_pointing_game_uses_radius_plus_tolerance():
+    heat = torch.zeros(100, 100)
+    heat[50, 70] = 1  # maximum at x = 70.5, y = 50.5
+    assert fa.pointing_hit(heat, [[50, 50, 5]], tolerance=15) is False
+    assert fa.pointing_hit(heat, [[50, 50, 5]], tolerance=16) is True
+    assert fa.pointing_hit(heat, [], tolerance=15) is None
+
+
+def test_baselines_keep_the_shape_and_reject_unknown_names():
+    x = torch.rand(3, 40, 60)
+    for kind in fa.BASELINES:
+        assert fa.baseline_image(x, kind).shape == x.shape
+    with pytest.raises(FinescopeError, match="choose one of: blur, mean"):
+        fa.baseline_image(x, "zeros")
+
+
+# -- the explain command ---------------------------------------------------------------------------------------
+def make_run(tmp_path: Path, variant: str = "fusion") -> Path:
+    """A synthetic set (cells.json included) and an untrained tiny model saved as a run with a split."""
+    from finescope.data import load_samples, save_splits
+    from finescope.data.synthetic import generate
+
+    root = tmp_path / "data"
+    generate(root, per_class=3, size=96)
+    cfg = Config(data=DataConfig(source="synthetic", root=str(root), synthetic_per_class=3, synthetic_size=96),
+                 model=ModelConfig(variant=variant, **SMALL))
+    sample_set = load_samples(cfg.data)
+    run = tmp_path / variant
+    idx = np.arange(len(sample_set))
+    save_splits(run / "splits.json", {"train": idx[[1, 4]], "val": idx[[2]], "test": idx[[0, 3, 5]]}, sample_set)
+    model = tiny_model(variant)
+    save_checkpoint({"model": model.state_dict(), "config": resolved_dict(cfg),
+                     "class_names": sample_set.class_names}, run / "checkpoints" / "best.pt")
+    return run
+
+
+FAST = ["--steps", "2", "--grid", "4", "--top", "2", "--device", "cpu", "--quiet"]
+
+
+def test_explain_a_runs_test_split_writes_gallery_and_numbers(tmp_path, capsys):
+    from finescope.cli import main
+
+    run = make_run(tmp_path)
+    out = tmp_path / "out"
+    args = ["explain", str(run), "--split", "test", "--out", str(out), "--limit", "2", "--method", "attention", "gradcam"]
+    assert main([*args, *FAST]) == 0
+    summary = json.loads((out / "faithfulness.json").read_text())
+    assert summary["images"] == 2 and set(summary["methods"]) == {"attention", "gradcam", "random"}
+    for m in summary["methods"].values():
+        assert 0 <= m["deletion_auc"] <= 1 and len(m["deletion_curve"]) == 3
+    assert summary["boxes"]["cells"] > 0 and "mean_box_union_fraction" in summary["boxes"]
+    assert "pointing_game" in summary["methods"]["attention"]
+    page = (out / "index.html").read_text()
+    assert "id=sort" in page and "Evidence per class" in page and "http" not in page
+    assert len(list((out / "images").glob("*.png"))) == 2 and (out / "faithfulness.png").is_file()
+    assert list((out / "evidence").rglob("*.png"))
+    assert "box hit rate" in capsys.readouterr().out
+
+
+def test_explain_folder_skips_unreadable_files_and_notes_other_sizes(tmp_path, capsys):
+    from PIL import Image
+
+    from finescope.cli import main
+
+    run = make_run(tmp_path, "global")
+    folder = tmp_path / "mixed" / "typical"  # a folder named like a class gives the true label
+    folder.mkdir(parents=True)
+    Image.fromarray(image(96, 96).permute(1, 2, 0).numpy()).save(folder / "ok.png")
+    Image.fromarray(image(300, 200).permute(1, 2, 0).numpy()).save(folder / "big.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    assert main(["explain", str(run), str(tmp_path / "mixed"), "--out", str(out), "--no-faithfulness", *FAST]) == 0
+    summary = json.loads((out / "faithfulness.json").read_text())
+    assert summary["images"] == 2 and [Path(s["path"]).name for s in summary["skipped"]] == ["broken.png"]
+    assert "broken.png" in (out / "index.html").read_text()
+    rows = (out / "results.csv").read_text()
+    assert "trained on 96x96" in rows and "typical" in rows
+    assert "skipped 1 unreadable" in capsys.readouterr().err
+
+
+def test_explain_attention_of_a_global_model_is_one_line_error(tmp_path, capsys):
+    from finescope.cli import main
+
+    run = make_run(tmp_path, "global")
+    assert main(["explain", str(run), "--split", "test", "--method", "attention", *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "supports: gradcam, gradcam++" in err
+
+
+def test_explain_without_inputs_says_what_to_give(tmp_path, capsys):
+    from finescope.cli import main
+
+    assert main(["explain", str(make_run(tmp_path)), *FAST]) == 2
+    assert "--split test" in capsys.readouterr().err
+
+
+@realdata
+@pytest.mark.slow
+def test_breakhis_image_explained_at_full_resolution():
+    files = sorted((SHARED_DATA / "breakhis").rglob("*.png"))[:1]
+    if not files:
+        pytest.skip("no BreakHis PNG under ../shared/data/breakhis")
+    e = finescope.explain(tiny_model("fusion"), files[0])
+    H, W = e.image.shape[-2:]
+    assert e.map.shape == (H, W) and (e.boxes[:, 2] <= W).all() and (e.boxes[:, 3] <= H).all()
+
+
+def test_limit_spreads_over_the_list():
+    from finescope.explain.runner import spread
+
+    assert spread(list(range(10)), 3) == [0, 4, 9] and spread([1, 2], 5) == [1, 2] and spread([1, 2], 0) == [1, 2]
