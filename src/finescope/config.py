@@ -57,7 +57,9 @@ class ModelConfig:
     local_size: int = 224  # side of each high-resolution crop
     num_crops: int = 4  # K
     threshold: float = 0.5  # tau, on the normalised attention map
-    selection_norm: str = "max"  # max | minmax: how the map is scaled to [0, 1] before thresholding
+    selection_norm: str = "minmax"  # max (method.md) | minmax: how the map is scaled to [0, 1] before tau;
+    # minmax is the measured best (docs/ablations.md): with max, a flat map at half its peak became one
+    # whole-image box on both the synthetic set and BreakHis
     min_box_fraction: float = 1 / 3  # minimum box side as a fraction of the image's short side
     proj_dim: int = 256  # M; 0 = no projection of the instances
     attn_dim: int = 128  # L in Ilse et al. Eq. 9

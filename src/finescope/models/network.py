@@ -109,7 +109,7 @@ class FineScopeNet(nn.Module):
         local_size: int = 224,
         num_crops: int = 4,
         threshold: float = 0.5,
-        selection_norm: str = "max",
+        selection_norm: str = "minmax",
         min_box_fraction: float = 1 / 3,
         proj_dim: int = 256,
         attn_dim: int = 128,
