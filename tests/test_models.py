@@ -204,3 +204,23 @@ def test_minmax_normalisation_ignores_a_flat_background():
     assert (whole[0, 0, 2] - whole[0, 0, 0]) > 300  # one component over the whole image
     x1, y1, x2, y2 = focused[0, 0].tolist()
     assert x2 - x1 <= 130 and x1 <= 160 <= x2 and y1 <= 288 <= y2  # cell (4, 2) centre = (160, 288) px
+
+
+def test_peak_iou_zero_spreads_fallback_boxes():
+    """With peak_iou=0 the fallback boxes never overlap any box already taken."""
+    attn = torch.zeros(6, 8)
+    attn[2, 3] = 1.0
+    attn[2, 4] = 0.9
+    boxes, _ = _select(attn, k=4, min_box_fraction=0.2, iou_threshold=0.0)
+    from finescope.models.selection import _batched_iou
+
+    iou = _batched_iou(boxes, boxes)[0]
+    assert (iou[~torch.eye(4, dtype=torch.bool)] <= 1e-6).all()
+
+
+def test_peak_iou_is_a_validated_config_key():
+    from finescope.config import load_config
+
+    assert load_config(None, ["model.peak_iou=0"]).model.peak_iou == 0.0
+    with pytest.raises(FinescopeError, match="model.peak_iou"):
+        load_config(None, ["model.peak_iou=2"])

@@ -61,6 +61,7 @@ class ModelConfig:
     # minmax is the measured best (docs/ablations.md): with max, a flat map at half its peak became one
     # whole-image box on both the synthetic set and BreakHis
     min_box_fraction: float = 1 / 3  # minimum box side as a fraction of the image's short side
+    peak_iou: float = 0.5  # fallback peaks whose box overlaps a taken box by more IoU than this are skipped
     proj_dim: int = 256  # M; 0 = no projection of the instances
     attn_dim: int = 128  # L in Ilse et al. Eq. 9
     image_feature: str = "attention"  # attention | avg
@@ -292,6 +293,8 @@ def validate(cfg: Config) -> None:
         raise FinescopeError("config key 'model.num_crops' must be >= 0")
     if not 0.0 < cfg.model.threshold <= 1.0:
         raise FinescopeError("config key 'model.threshold' must be in (0, 1]")
+    if not 0.0 <= cfg.model.peak_iou <= 1.0:
+        raise FinescopeError("config key 'model.peak_iou' must be in [0, 1]")
     if not 0.0 < cfg.model.min_box_fraction <= 1.0:
         raise FinescopeError("config key 'model.min_box_fraction' must be in (0, 1]")
     for key in ("data.val_fraction", "data.test_fraction"):

@@ -82,6 +82,7 @@ class FineScopeNet(nn.Module):
         num_crops: K.
         threshold: tau for instance selection.
         selection_norm: ``max`` or ``minmax`` normalisation of the map before thresholding.
+        peak_iou: fallback peaks whose box overlaps a taken box by more IoU than this are skipped.
         min_box_fraction: minimum box side as a fraction of the image's short side.
         proj_dim: M, width of the instance projection (0 = none).
         attn_dim: L, hidden width of the attention.
@@ -110,6 +111,7 @@ class FineScopeNet(nn.Module):
         num_crops: int = 4,
         threshold: float = 0.5,
         selection_norm: str = "minmax",
+        peak_iou: float = 0.5,
         min_box_fraction: float = 1 / 3,
         proj_dim: int = 256,
         attn_dim: int = 128,
@@ -131,7 +133,7 @@ class FineScopeNet(nn.Module):
         self.global_size, self.local_size = global_size, local_size
         self.num_crops = num_crops if use_crops else 0
         self.threshold, self.min_box_fraction = threshold, min_box_fraction
-        self.selection_norm = selection_norm
+        self.selection_norm, self.peak_iou = selection_norm, peak_iou
         self.image_feature = image_feature if use_attention else "avg"
         C = backbone.num_features
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -220,7 +222,7 @@ class FineScopeNet(nn.Module):
         selection_map = attn if self.select_from == "attention" else self._evidence(cells, global_logits, mask)
         boxes, mass = select_boxes(
             selection_map.detach(), valid, sizes, cell_px, self.num_crops, self.threshold, self.min_box_fraction,
-            normalise=self.selection_norm,
+            normalise=self.selection_norm, iou_threshold=self.peak_iou,
         )
         crops = self._crops(x, boxes)  # (B*K, 3, L, L)
         reader = self.crop_backbone if self.crop_backbone is not None else self.backbone

@@ -68,6 +68,7 @@ def create_model(cfg: ModelConfig, num_classes: int, backbone_factory: Callable 
         num_crops=cfg.num_crops,
         threshold=cfg.threshold,
         selection_norm=cfg.selection_norm,
+        peak_iou=cfg.peak_iou,
         min_box_fraction=cfg.min_box_fraction,
         proj_dim=cfg.proj_dim,
         attn_dim=cfg.attn_dim,
