@@ -360,3 +360,35 @@ def test_real_defungi_sources_stay_on_one_side():
             source = re.match(r"^H\d+_([^_]+)_", Path(ss.samples[i].path).name).group(1)
             assert side_of.setdefault(source, side) == side
     assert sum(len(v) for v in splits.values()) == 6440
+
+
+def test_merge_duplicates_joins_groups_of_identical_files(tmp_path):
+    from PIL import Image
+
+    from finescope.config import DataConfig
+
+    for cls, name, colour in (("a", "a_s1_1.png", 10), ("a", "a_s2_1.png", 10), ("a", "a_s3_1.png", 99),
+                              ("b", "b_s4_1.png", 50), ("b", "b_s5_1.png", 60)):
+        (tmp_path / cls).mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8), (colour, 0, 0)).save(tmp_path / cls / name)
+    cfg = DataConfig(source="folder", root=str(tmp_path), group_pattern=r"^[ab]_(s\d)_")
+    plain = load_samples(cfg)
+    assert len(set(plain.groups)) == 5
+    merged = load_samples(DataConfig(**{**cfg.__dict__, "merge_duplicates": True}))
+    groups = {Path(s.path).name: s.group for s in merged.samples}
+    assert groups["a_s1_1.png"] == groups["a_s2_1.png"] == "s1+s2"
+    assert len(set(merged.groups)) == 4
+    assert merged.samples[0].meta["source_group"] in ("s1", "s2")
+
+
+@realdata
+@pytest.mark.realdata
+def test_real_defungi_duplicates_never_span_groups_when_merged():
+    from finescope.config import load_config
+    from finescope.data.summary import describe_samples
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "defungi.yaml", [f"data.root={SHARED_DATA / 'defungi'}"])
+    assert cfg.data.merge_duplicates
+    d = describe_samples(load_samples(cfg.data), read_images=True)
+    assert d["duplicates"] and d["duplicates_across_groups"] == 0

@@ -34,6 +34,7 @@ class DataConfig:
     magnifications: tuple[int, ...] = ()  # breakhis: keep only these (empty = all)
     group_pattern: str = ""  # folder: regex on the file name, first capture group = group
     on_error: str = "raise"  # raise | skip: what to do with an unreadable image
+    merge_duplicates: bool = False  # byte-identical files share a group (hashes every file once per load)
     val_fraction: float = 0.15  # of the groups, carved from the training side
     test_fraction: float = 0.3  # of the groups
     splits: str = ""  # a splits.json to reuse instead of drawing new splits

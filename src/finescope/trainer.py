@@ -447,7 +447,7 @@ def predict(checkpoint: str | Path, paths: list[str], out: str | Path | None = N
             raise FinescopeError(f"'{p}' is neither an image file nor a folder")
     if not files:
         raise FinescopeError(f"found no images in {', '.join(paths)}; supported: png, jpg, jpeg, tif, tiff, bmp, webp")
-    samples = [Sample(str(f.resolve()), -1, str(f)) for f in files]
+    samples = [Sample(str(f.absolute()), -1, str(f)) for f in files]  # keep the path the user gave
     sample_set = SampleSet(samples, class_names)
     loader = make_loader(sample_set, np.arange(len(samples)), replace(cfg, data=replace(cfg.data, on_error="skip")), train=False)
     preds = predict_loader(model, loader, next(model.parameters()).device, amp=cfg.train.amp,

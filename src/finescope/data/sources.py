@@ -22,6 +22,7 @@ import os
 import re
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -102,7 +103,40 @@ def load_samples(
             f"config key 'data.source' is '{cfg.source}'; choose one of: {', '.join(readers)}"
         )
     scan = readers[cfg.source](cfg)
-    return _to_sample_set(scan, cfg, class_names, require_all_classes)
+    sample_set = _to_sample_set(scan, cfg, class_names, require_all_classes)
+    return merge_duplicate_groups(sample_set) if cfg.merge_duplicates else sample_set
+
+
+def merge_duplicate_groups(sample_set: SampleSet) -> SampleSet:
+    """Put byte-identical files in one group, so a copy can never sit on the other side of a split.
+
+    Groups linked by a shared file content are merged (union-find); the merged group is named by its members
+    joined with '+' (e.g. DeFungi's ``113a+114a``). The original group stays in ``meta['source_group']``.
+    """
+    import hashlib
+
+    parent: dict[str, str] = {}
+
+    def find(g: str) -> str:
+        while parent.setdefault(g, g) != g:
+            g = parent[g]
+        return g
+
+    first_of: dict[str, str] = {}
+    for sample in sample_set.samples:
+        digest = hashlib.sha1(Path(sample.path).read_bytes()).hexdigest()
+        other = first_of.setdefault(digest, sample.group)
+        a, b = find(other), find(sample.group)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    members: dict[str, set[str]] = {}
+    for sample in sample_set.samples:
+        members.setdefault(find(sample.group), set()).add(sample.group)
+    name = {root: "+".join(sorted(groups)) for root, groups in members.items()}
+    samples = [
+        replace(s, group=name[find(s.group)], meta={**s.meta, "source_group": s.group}) for s in sample_set.samples
+    ]
+    return replace(sample_set, samples=samples)
 
 
 def _to_sample_set(
