@@ -372,7 +372,8 @@ def load_trained(source: str | Path, overrides: list[str] | None = None, device:
     return model, replace(cfg, model=model_cfg), list(state["class_names"]), state
 
 
-def _run_dir_of(state: dict) -> Path:
+def run_dir_of(state: dict) -> Path:
+    """The run directory a checkpoint state was loaded from (``RUN/checkpoints/best.pt`` -> ``RUN``)."""
     path = Path(state["path"])
     return path.parent.parent if path.parent.name == "checkpoints" else path.parent
 
@@ -387,7 +388,7 @@ def evaluate(source: str | Path, split: str = "test", overrides: list[str] | Non
     model, cfg, class_names, state = load_trained(source, overrides, device)
     trained_data = load_config(base=strip_provenance(state["config"])).data
     sample_set = load_samples(cfg.data, require_all_classes=False, class_names=class_names)
-    run_dir = _run_dir_of(state)
+    run_dir = run_dir_of(state)
     same_data = cfg.data == trained_data and (run_dir / "splits.json").is_file()
     if split == "all" or not same_data:
         indices, split = np.arange(len(sample_set)), "all"

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from finescope.config import Config
 from finescope.errors import FinescopeError
+from finescope.trainer import run_dir_of
 
 SPLITS = ("train", "val", "test", "all")
 
@@ -42,15 +42,11 @@ class Inputs:
     train_sizes: set = field(default_factory=set)
 
 
-def run_dir_of(state: dict) -> Path:
-    """The run directory a checkpoint state was loaded from (``RUN/checkpoints/best.pt`` -> ``RUN``)."""
-    path = Path(state["path"])
-    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
-
-
 def _cells_of(root: str | Path) -> dict | None:
-    path = Path(root) / "cells.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The synthetic set's true atypical nuclei, or None for other data."""
+    from finescope.data.synthetic import load_cells
+
+    return load_cells(root) if (Path(root) / "cells.json").is_file() else None
 
 
 def _run_samples(cfg: Config, state: dict, class_names: list[str]):

@@ -204,16 +204,12 @@ class FineScopeNet(nn.Module):
         valid = torch.minimum(valid, _to_device([h, w], x.device))
         mask = self._grid_mask(valid, h, w)  # (B, h, w)
         if not self.use_attention:
-            g = (fmap * mask[:, None]).sum(dim=(2, 3)) / mask.sum(dim=(1, 2))[:, None]  # (B, C)
-            return ModelOutput(logits=self.global_head(g))
+            return ModelOutput(logits=self.global_head(self._masked_mean(fmap, mask)))
         inst = fmap.flatten(2).transpose(1, 2)  # (B, N, C)
         h_n = self.instance_proj(inst) if self.instance_proj is not None else inst  # (B, N, M)
         z, a = self.attention_pool(h_n, mask.flatten(1))  # (B, M), (B, N)
         attn = a.view(B, h, w)
-        if self.image_feature == "attention":
-            g = z
-        else:
-            g = (fmap * mask[:, None]).sum(dim=(2, 3)) / mask.sum(dim=(1, 2))[:, None]
+        g = z if self.image_feature == "attention" else self._masked_mean(fmap, mask)
         global_logits = self.global_head(g)
         cell_px = stride[None] * sizes.float() / view_sizes.float()  # (B, 2) pixels per cell
         if not self.use_crops or (self.training and not self.crops_active):
@@ -245,6 +241,11 @@ class FineScopeNet(nn.Module):
         score = per_cell.gather(2, pred.view(B, 1, 1).expand(B, h * w, 1)).squeeze(2)  # (B, N)
         score = score.masked_fill(~mask.flatten(1), float("-inf"))
         return score.softmax(dim=1).view(B, h, w)
+
+    @staticmethod
+    def _masked_mean(fmap: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Global average of (B, C, h, w) over each image's valid cells (mask (B, h, w)) -> (B, C)."""
+        return (fmap * mask[:, None]).sum(dim=(2, 3)) / mask.sum(dim=(1, 2))[:, None]
 
     @staticmethod
     def _grid_mask(valid: torch.Tensor, h: int, w: int) -> torch.Tensor:
