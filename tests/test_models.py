@@ -224,3 +224,59 @@ def test_peak_iou_is_a_validated_config_key():
     assert load_config(None, ["model.peak_iou=0"]).model.peak_iou == 0.0
     with pytest.raises(FinescopeError, match="model.peak_iou"):
         load_config(None, ["model.peak_iou=2"])
+
+
+def _crop_model(**kw):
+    cfg = {**SMALL, "local_size": 32, "min_box_fraction": 1 / 3, **kw}
+    return create_model(ModelConfig(variant="fusion", **cfg), 2).eval()
+
+
+def test_crop_pool_factor_never_undersamples_a_box():
+    model = _crop_model()
+    assert model.crop_pool_factor(90, 120) == 1  # box side >= 30 < 2 * 32
+    assert model.crop_pool_factor(200, 260) == 2  # >= 66.7 px per 32-px crop
+    assert model.crop_pool_factor(300, 400) == 3
+    assert _crop_model(local_size=224).crop_pool_factor(460, 700) == 1  # BreakHis: no pooling
+
+
+def test_pooled_crops_match_full_sampling_on_a_smooth_image():
+    """Averaging f x f blocks before roi_align changes a crop of a smooth image by a fraction of a grey level."""
+    torch.manual_seed(0)
+    model = _crop_model()
+    image = torch.nn.functional.interpolate(torch.rand(1, 3, 6, 8), size=(300, 400), mode="bicubic").clamp(0, 1)
+    boxes = torch.tensor([[[10.0, 20.0, 110.0, 120.0], [150.0, 40.0, 390.0, 290.0]]])
+    pooled = model._crops(image, boxes)
+    model.min_box_fraction = 0.0  # factor 1: roi_align alone, with its adaptive sampling
+    full = model._crops(image, boxes)
+    assert pooled.shape == full.shape == (2, 3, 32, 32)
+    assert (pooled - full).abs().max() < 0.01
+
+
+def test_crops_do_not_depend_on_the_batch():
+    """An image's crops are the same alone and in a padded batch of other sizes (and other pooling factors)."""
+    torch.manual_seed(0)
+    model = _crop_model()
+    a, b = torch.rand(3, 300, 400), torch.rand(3, 200, 260)
+    box_a = torch.tensor([[5.0, 7.0, 205.0, 180.0], [100.0, 100.0, 300.0, 300.0]])
+    box_b = torch.tensor([[0.0, 0.0, 80.0, 70.0], [180.0, 130.0, 260.0, 200.0]])
+    batch = torch.zeros(2, 3, 300, 400)
+    batch[0], batch[1, :, :200, :260] = a, b
+    together = model._crops(batch, torch.stack([box_a, box_b]), [[300, 400], [200, 260]])
+    torch.testing.assert_close(together[:2], model._crops(a[None], box_a[None]))
+    torch.testing.assert_close(together[2:], model._crops(b[None], box_b[None]))
+
+
+def test_global_view_of_a_mixed_batch_matches_each_image_alone():
+    torch.manual_seed(0)
+    model = _crop_model()
+    imgs = [torch.rand(3, 120, 160), torch.rand(3, 100, 150), torch.rand(3, 120, 160)]
+    batch = torch.zeros(3, 3, 120, 160)
+    for i, im in enumerate(imgs):
+        batch[i, :, : im.shape[1], : im.shape[2]] = im
+    view, dims = model._global_view(batch, [list(im.shape[1:]) for im in imgs])
+    for i, im in enumerate(imgs):
+        alone, d = model._global_view(im[None], [list(im.shape[1:])])
+        gh, gw = d[0].tolist()
+        assert dims[i].tolist() == [gh, gw]
+        torch.testing.assert_close(view[i, :, :gh, :gw], alone[0])
+        assert view[i, :, gh:].abs().sum() == 0 and view[i, :, :, gw:].abs().sum() == 0

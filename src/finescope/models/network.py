@@ -67,6 +67,32 @@ def _to_device(values: list, device: torch.device) -> torch.Tensor:
     return torch.tensor(values).to(device, non_blocking=True)
 
 
+def _crop_source(images: torch.Tensor, f: int, sizes: list[list[int]]) -> torch.Tensor:
+    """What roi_align reads for crop pooling factor ``f``: each image's valid region averaged over f x f blocks
+    (partial blocks at its edges keep the mean of their valid pixels, so coordinates divide by f) and, in a
+    padded batch, the padding replaced by the nearest valid pixel, which is what roi_align samples beyond the
+    edge of an unpadded image: a crop does not depend on the other images of the batch.
+    """
+    H, W = images.shape[-2:]
+    padded = any(int(h) != H or int(w) != W for h, w in sizes)
+    hw = _to_device(sizes, images.device)  # (B, 2)
+    if f > 1:
+        pooled = F.avg_pool2d(images, f, f, ceil_mode=True)
+        if padded:
+            rows = torch.arange(H, device=images.device)[None, :, None] < hw[:, 0, None, None]
+            cols = torch.arange(W, device=images.device)[None, None, :] < hw[:, 1, None, None]
+            share = F.avg_pool2d((rows & cols).to(images.dtype)[:, None], f, f, ceil_mode=True)
+            pooled = pooled / share.clamp(min=1e-6)
+        images, hw = pooled, (hw + f - 1) // f
+    if not padded:
+        return images
+    B, C, H, W = images.shape
+    rows = torch.minimum(torch.arange(H, device=images.device)[None], hw[:, 0:1] - 1)  # (B, H)
+    cols = torch.minimum(torch.arange(W, device=images.device)[None], hw[:, 1:2] - 1)  # (B, W)
+    images = images.gather(2, rows[:, None, :, None].expand(B, C, H, W))
+    return images.gather(3, cols[:, None, None, :].expand(B, C, H, W))
+
+
 class FineScopeNet(nn.Module):
     """Backbone + optional gated attention + optional high-resolution crops + fusion head.
 
@@ -153,31 +179,77 @@ class FineScopeNet(nn.Module):
         self.crops_active = True
 
     # -- views -------------------------------------------------------------------------------------------
-    def _global_view(self, x: torch.Tensor, sizes: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Resize each image's valid region so its short side is ``global_size``; pad to a batch.
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def _global_view(self, images: torch.Tensor, sizes: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Resize each image's valid region so its short side is ``global_size``, normalise, pad to a batch.
+
+        One antialiased resize per distinct image size (one call when the batch has a single size). The view is
+        normalised after resizing (both are linear, so this equals resizing the normalised image), and its
+        padding is 0, the mean colour.
 
         Returns the view (B, 3, Gh, Gw) and the view size of each image (B, 2).
         """
         if self.hires:
-            return x, _to_device(sizes, x.device)
+            return self._normalise(images), _to_device(sizes, images.device)
         dims = [global_view_size(int(h), int(w), self.global_size) for h, w in sizes]
-        if len(set(dims)) == 1 and all(int(h) == x.shape[2] and int(w) == x.shape[3] for h, w in sizes):
-            view = F.interpolate(x, size=dims[0], mode="bilinear", antialias=True, align_corners=False)
-        else:
-            Gh, Gw = max(d[0] for d in dims), max(d[1] for d in dims)
-            view = x.new_zeros(x.shape[0], 3, Gh, Gw)
-            for i, ((h, w), (gh, gw)) in enumerate(zip(sizes, dims, strict=True)):
-                one = x[i : i + 1, :, : int(h), : int(w)]
-                view[i, :, :gh, :gw] = F.interpolate(one, size=(gh, gw), mode="bilinear", antialias=True)[0]
-        return view, _to_device(dims, x.device)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (h, w) in enumerate(sizes):
+            groups.setdefault((int(h), int(w)), []).append(i)
+        B, _, H, W = images.shape
+        if len(groups) == 1 and (H, W) in groups:
+            view = F.interpolate(images, size=dims[0], mode="bilinear", antialias=True, align_corners=False)
+            return self._normalise(view), _to_device(dims, images.device)
+        view = images.new_zeros(B, 3, max(d[0] for d in dims), max(d[1] for d in dims))
+        for (h, w), idx in groups.items():
+            gh, gw = dims[idx[0]]
+            rows = _to_device(idx, images.device)
+            part = F.interpolate(images[rows, :, :h, :w], size=(gh, gw), mode="bilinear", antialias=True)
+            view[rows, :, :gh, :gw] = self._normalise(part)
+        return view, _to_device(dims, images.device)
 
-    def _crops(self, x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        """Cut (B, K, 4) boxes from the full-resolution batch in one roi_align call -> (B*K, 3, L, L)."""
+    def crop_pool_factor(self, height: int, width: int) -> int:
+        """How many pixels per side the crops of an image can be averaged over before ``roi_align``.
+
+        Every box is at least ``min_box_fraction`` of the short side, so a box spans at least ``f * local_size``
+        pixels with ``f = floor(min_box_fraction * short_side / local_size)``: averaging f x f blocks first
+        loses nothing the crop resolves, and roi_align then needs f^2 fewer samples per output pixel. 1 for
+        images whose boxes are not larger than the crop (BreakHis 700x460 with 224 crops).
+        """
+        return max(1, int(self.min_box_fraction * min(height, width) // self.local_size))
+
+    def _crops(self, images: torch.Tensor, boxes: torch.Tensor, sizes: list[list[int]] | None = None) -> torch.Tensor:
+        """Cut (B, K, 4) boxes from the full-resolution batch (in [0, 1]) -> (B*K, 3, L, L), in [0, 1].
+
+        One roi_align per distinct :meth:`crop_pool_factor` (one call for a batch of one image size), on the
+        batch average-pooled by that factor (see :func:`_crop_source`): an image's crops do not depend on the
+        other images of its batch.
+        """
         B, K, _ = boxes.shape
-        idx = torch.arange(B, device=x.device, dtype=boxes.dtype).repeat_interleave(K)[:, None]
-        rois = torch.cat([idx, boxes.reshape(B * K, 4)], dim=1)  # (B*K, 5)
+        H, W = images.shape[-2:]
+        sizes = sizes if sizes is not None else [[H, W]] * B
+        groups: dict[int, list[int]] = {}
+        for i, (h, w) in enumerate(sizes):
+            groups.setdefault(self.crop_pool_factor(int(h), int(w)), []).append(i)
         L = self.local_size
-        return roi_align(x, rois.to(x.dtype), output_size=(L, L), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        out = None if len(groups) == 1 else images.new_empty(B, K, 3, L, L)
+        for f, idx in groups.items():
+            if len(groups) == 1:
+                part, part_boxes, part_sizes = images, boxes, sizes
+            else:
+                rows = _to_device(idx, images.device)
+                part, part_boxes, part_sizes = images[rows], boxes[rows], [sizes[i] for i in idx]
+            part = _crop_source(part, f, part_sizes)
+            n = len(idx)
+            batch_idx = torch.arange(n, device=images.device, dtype=boxes.dtype).repeat_interleave(K)[:, None]
+            rois = torch.cat([batch_idx, part_boxes.reshape(n * K, 4)], dim=1)  # (n*K, 5)
+            crops = roi_align(part, rois.to(part.dtype), output_size=(L, L), spatial_scale=1.0 / f,
+                              sampling_ratio=-1, aligned=True)
+            if out is None:
+                return crops
+            out[rows] = crops.view(n, K, 3, L, L)
+        return out.view(B * K, 3, L, L)
 
     # -- forward -----------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, sizes: torch.Tensor | None = None) -> ModelOutput:
@@ -195,13 +267,12 @@ class FineScopeNet(nn.Module):
             sizes = torch.tensor([[H, W]] * B)
         size_list = sizes.tolist()  # sizes arrive on the CPU: reading them costs no device sync
         sizes = sizes.to(images.device, non_blocking=True)
-        x = (images - self.mean) / self.std
-        view, view_sizes = self._global_view(x, size_list)
+        view, view_sizes = self._global_view(images, size_list)
         fmap = self.backbone(view)  # (B, C, h, w)
         h, w = fmap.shape[-2:]
-        stride = _to_device([view.shape[2] / h, view.shape[3] / w], x.device)  # (2,) view pixels per cell
+        stride = _to_device([view.shape[2] / h, view.shape[3] / w], images.device)  # (2,) view pixels per cell
         valid = torch.ceil(view_sizes.float() / stride).long().clamp(min=1)  # (B, 2) valid cells
-        valid = torch.minimum(valid, _to_device([h, w], x.device))
+        valid = torch.minimum(valid, _to_device([h, w], images.device))
         mask = self._grid_mask(valid, h, w)  # (B, h, w)
         if not self.use_attention:
             return ModelOutput(logits=self.global_head(self._masked_mean(fmap, mask)))
@@ -220,7 +291,7 @@ class FineScopeNet(nn.Module):
             selection_map.detach(), valid, sizes, cell_px, self.num_crops, self.threshold, self.min_box_fraction,
             normalise=self.selection_norm, iou_threshold=self.peak_iou,
         )
-        crops = self._crops(x, boxes)  # (B*K, 3, L, L)
+        crops = self._normalise(self._crops(images, boxes, size_list))  # (B*K, 3, L, L)
         reader = self.crop_backbone if self.crop_backbone is not None else self.backbone
         local = reader(crops).mean(dim=(2, 3)).view(B, -1)  # (B, K*C), ordered by rank
         fused = self.fusion_head(self.dropout(torch.cat([g, local], dim=1)))
