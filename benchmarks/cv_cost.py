@@ -44,7 +44,7 @@ def variant_cost(cfg, sample_set, indices, steps: int) -> dict[str, float]:
     def train_step() -> None:
         batch = next(train_iter)
         model.train()
-        loss = compute_loss(model(batch.images, batch.sizes), batch.labels, cfg.train.aux_weight)
+        loss = compute_loss(model(batch.model_input("cpu"), batch.sizes), batch.labels, cfg.train.aux_weight)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -53,7 +53,7 @@ def variant_cost(cfg, sample_set, indices, steps: int) -> dict[str, float]:
     def eval_step() -> None:
         batch = next(eval_iter)
         model.eval()
-        model(batch.images, batch.sizes)
+        model(batch.model_input("cpu"), batch.sizes)
 
     bs = cfg.train.batch_size
     (tc, tw), (ec, ew) = _timed(train_step, steps), _timed(eval_step, steps)

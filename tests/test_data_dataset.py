@@ -120,11 +120,9 @@ def test_dataset_item(tmp_path):
     ds = ImageDataset(samples, transform=transform)
     item = ds[1]
     assert len(ds) == 2 and item["label"] == 1 and item["index"] == 1
-    assert item["image"].dtype == torch.float32 and item["image"].shape == (3, 10, 20)
-    assert 0.0 <= item["image"].min() and item["image"].max() <= 1.0
+    assert item["image"].dtype == torch.uint8 and item["image"].shape == (3, 10, 20)  # float only on the device
     assert seen_dtypes == [torch.uint8]  # the transform sees the uint8 full-resolution image
-    expected = read_image(samples[1].path).flip(-1).float() / 255
-    assert torch.allclose(item["image"], expected)
+    assert torch.equal(item["image"], read_image(samples[1].path).flip(-1))
 
 
 def test_dataset_skip_mode_warns_once(tmp_path):
@@ -167,11 +165,14 @@ def test_collate_pads_two_sizes(tmp_path):
     ds = ImageDataset(make_samples(tmp_path, sizes=((23, 35), (22, 35))))  # 700x460 / 700x456 in miniature
     batch = collate_padded([ds[0], None, ds[1]])
     assert isinstance(batch, Batch) and len(batch) == 2
-    assert batch.images.shape == (2, 3, 23, 35) and batch.images.dtype == torch.float32
+    assert batch.images.shape == (2, 3, 23, 35) and batch.images.dtype == torch.uint8
     assert batch.sizes.tolist() == [[23, 35], [22, 35]] and batch.sizes.dtype == torch.long
     assert batch.labels.tolist() == [0, 1] and batch.indices.tolist() == [0, 1]
     assert torch.equal(batch.images[1, :, :22], ds[1]["image"])
     assert batch.images[1, :, 22:].abs().sum() == 0  # bottom padding is zero
+    x = batch.model_input("cpu", channels_last=True)
+    assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(x, batch.images.float() / 255)
     moved = batch.to("cpu")
     assert isinstance(moved, Batch) and torch.equal(moved.images, batch.images)
 
@@ -240,3 +241,19 @@ def test_real_breakhis_png_decodes():
     first = SHARED_DATA / "breakhis/BreaKHis_v1/histology_slides/breast/benign/SOB/adenosis"
     t = read_image(sorted(first.rglob("*.png"))[0])
     assert t.shape == (3, 460, 700)
+
+
+def test_seeded_augmentation_depends_on_epoch_and_image_only(tmp_path):
+    from finescope.data.transforms import build_transform
+
+    samples = make_samples(tmp_path, sizes=((16, 24), (16, 24)))
+    ds = ImageDataset(samples, transform=build_transform("strong", train=True), seed=7)
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    first = ds[(1, 3)]["image"]
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's dropout stream is untouched
+    torch.manual_seed(999)
+    assert torch.equal(ds[(1, 3)]["image"], first)
+    assert ds[(1, 3)]["index"] == 1
+    others = [ds[(1, e)]["image"] for e in range(4, 12)]
+    assert any(o.shape != first.shape or not torch.equal(o, first) for o in others)

@@ -113,7 +113,7 @@ def _fit(rank: int, root: Path, out: Path, world: int, port: int) -> None:
     losses, seen = [], []
     for epoch in range(2):
         loader = trainer.make_loader(sample_set, idx, cfg, train=True, epoch=epoch)
-        seen.append([int(i) for i in loader.sampler])
+        seen.append([int(i) for i, _ in loader.sampler])
         stats = train_one_epoch(fit, loader, opt, None, torch.device("cpu"), grad_clip=1.0, progress=False)
         losses.append(stats["loss"])
     everyone = dist.all_gather(seen)

@@ -75,6 +75,30 @@ def test_resume_after_kill_reaches_the_same_weights(synthetic_root, tmp_path, mo
     assert len((tmp_path / "killed" / "history.jsonl").read_text().splitlines()) == 2
 
 
+def test_persistent_workers_and_resume_do_not_change_the_run(synthetic_root, tmp_path, monkeypatch, fusion_run):
+    """Two persistent workers, killed after epoch 1 and resumed, reach the weights of 0 workers uninterrupted:
+    shuffling and augmentation are seeded by (seed, epoch, image), never by a worker."""
+    out, _ = fusion_run
+    real_run_epoch = trainer._run_epoch
+
+    def killed_after_first_epoch(*args, **kwargs):
+        if args[8] == 1:
+            raise KeyboardInterrupt
+        return real_run_epoch(*args, **kwargs)
+
+    workers = ["data.num_workers=2"]
+    monkeypatch.setattr(trainer, "_run_epoch", killed_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        _train(synthetic_root, tmp_path / "w2", extra=workers)
+    monkeypatch.setattr(trainer, "_run_epoch", real_run_epoch)
+    trainer.train(load_config(None, tiny_overrides(synthetic_root) + workers), tmp_path / "w2", resume=True,
+                  progress=False)
+    resumed = load_checkpoint(tmp_path / "w2" / "checkpoints" / "last.pt")["model"]
+    reference = load_checkpoint(out / "checkpoints" / "last.pt")["model"]
+    for key in reference:
+        torch.testing.assert_close(resumed[key], reference[key], msg=key)
+
+
 def test_evaluate_matches_training_metrics(fusion_run, tmp_path):
     out, metrics = fusion_run
     result = trainer.evaluate(out, "test", out=tmp_path / "m.json", device="cpu")

@@ -93,7 +93,7 @@ def per_rank_batch(global_batch: int) -> int:
     return global_batch // n
 
 
-class ShardSampler(Sampler[int]):
+class ShardSampler(Sampler):
     """One seeded permutation of ``n`` items, sharded across ranks; the same order for any number of ranks.
 
     Training (``drop_last=True``): the permutation is cut into global batches of ``global_batch`` items; the
@@ -103,14 +103,19 @@ class ShardSampler(Sampler[int]):
     Evaluation (``drop_last=False``, usually ``shuffle=False``): rank r takes items r, r+N, r+2N, ... with no
     padding, so every item is read by exactly one rank.
 
+    One sampler serves every epoch of a run (so a DataLoader with persistent workers can be kept):
+    :meth:`set_epoch` reseeds the permutation with ``seed + epoch``.
+
     Args:
         n: dataset length.
-        shuffle: permute with ``torch.randperm`` seeded by ``seed`` (the trainer passes seed + epoch).
-        seed: the permutation's seed.
+        shuffle: permute with ``torch.randperm`` seeded by ``seed + epoch``.
+        seed: the permutation's base seed.
         global_batch: items per step over all ranks (used when ``drop_last``).
         drop_last: training mode as described above.
         rank_: this rank (default: from the process group).
         world: number of ranks (default: from the process group).
+        tag_epoch: yield ``(index, epoch)`` pairs instead of indices, so that a dataset in a persistent worker
+            knows the epoch (:class:`~finescope.data.dataset.ImageDataset` seeds its augmentation with it).
     """
 
     def __init__(
@@ -122,15 +127,23 @@ class ShardSampler(Sampler[int]):
         drop_last: bool = False,
         rank_: int | None = None,
         world: int | None = None,
+        tag_epoch: bool = False,
     ) -> None:
         self.n, self.shuffle, self.seed = n, shuffle, seed
         self.global_batch, self.drop_last = global_batch, drop_last
         self.rank = rank() if rank_ is None else rank_
         self.world = world_size() if world is None else world
+        self.tag_epoch = tag_epoch
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the permutation of ``epoch`` from the next iteration on."""
+        self.epoch = epoch
         self._order = self._indices()
 
     def _indices(self) -> list[int]:
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed)) if self.shuffle \
+        seed = self.seed + self.epoch
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed)) if self.shuffle \
             else torch.arange(self.n)
         if not self.drop_last:
             return order[self.rank :: self.world].tolist()
@@ -142,19 +155,23 @@ class ShardSampler(Sampler[int]):
         per = math.ceil(len(order) / self.world)
         return order[self.rank * per : (self.rank + 1) * per].tolist()
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator:
+        if self.tag_epoch:
+            return iter([(i, self.epoch) for i in self._order])
         return iter(self._order)
 
     def __len__(self) -> int:
         return len(self._order)
 
 
-def make_sampler(n: int, shuffle: bool, seed: int, global_batch: int = 1, drop_last: bool = False) -> ShardSampler:
+def make_sampler(
+    n: int, shuffle: bool, seed: int, global_batch: int = 1, drop_last: bool = False, tag_epoch: bool = False
+) -> ShardSampler:
     """A :class:`ShardSampler` for this process (in a single process: all items, ``randperm`` order).
 
-    ``seed`` already includes the epoch, so shuffling is a function of (seed, epoch) alone (resumable).
+    Shuffling is a function of (seed, epoch) alone (:meth:`ShardSampler.set_epoch`), so a run resumes exactly.
     """
-    return ShardSampler(n, shuffle, seed, global_batch, drop_last)
+    return ShardSampler(n, shuffle, seed, global_batch, drop_last, tag_epoch=tag_epoch)
 
 
 def all_gather(obj: Any) -> list[Any]:

@@ -48,9 +48,7 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
 
 
 def _to_model_input(batch, device: torch.device, channels_last: bool):
-    images = batch.images.to(device, non_blocking=True)
-    if channels_last and device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
+    images = batch.model_input(device, channels_last=channels_last and device.type == "cuda")
     return images, batch.sizes, batch.labels.to(device, non_blocking=True)
 
 

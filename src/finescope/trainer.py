@@ -82,6 +82,7 @@ def make_dataset(sample_set: SampleSet, indices, cfg: Config, train: bool) -> Im
         on_error=cfg.data.on_error,
         min_side=min_image_side(cfg),
         cache=cfg.data.cache,
+        seed=cfg.seed if train else None,
     )
 
 
@@ -89,23 +90,30 @@ def make_loader(
     sample_set: SampleSet, indices, cfg: Config, train: bool, epoch: int = 0, batch_size: int | None = None,
     dataset: ImageDataset | None = None,
 ) -> DataLoader:
-    """A DataLoader over ``indices`` for this process.
+    """A DataLoader over ``indices`` for this process, meant to serve every epoch of a run.
 
-    Training loaders shuffle with a permutation seeded by (seed, epoch) and, under DDP, read their share
-    (``batch_size / world``) of each global batch (:class:`~finescope.distributed.ShardSampler`); evaluation
-    loaders read every ``world``-th image, without padding. Pass the ``dataset`` of an earlier epoch (from
-    :func:`make_dataset`) to keep its ``data.cache=memory`` images (kept in the main process with 0 workers).
+    Training loaders shuffle with a permutation seeded by (seed, epoch) (call ``loader.sampler.set_epoch``
+    before each epoch) and, under DDP, read their share (``batch_size / world``) of each global batch
+    (:class:`~finescope.distributed.ShardSampler`); each image's augmentation is seeded by (seed, epoch,
+    image), so neither the workers nor a resume change it. Evaluation loaders read every ``world``-th image,
+    without padding. Workers are persistent: they start once per run and keep their ``data.cache=memory``
+    images. Pass a ``dataset`` from :func:`make_dataset` to share it between loaders.
     """
     dataset = dataset if dataset is not None else make_dataset(sample_set, indices, cfg, train)
     bs = batch_size or (cfg.train.batch_size if train else (cfg.train.eval_batch_size or cfg.train.batch_size))
-    sampler = dist.make_sampler(len(dataset), shuffle=train, seed=cfg.seed + epoch, global_batch=bs, drop_last=train)
+    sampler = dist.make_sampler(len(dataset), shuffle=train, seed=cfg.seed, global_batch=bs, drop_last=train,
+                                tag_epoch=train)
+    sampler.set_epoch(epoch)
+    workers = cfg.data.num_workers
     return DataLoader(
         dataset,
         batch_size=dist.per_rank_batch(bs) if train else bs,
         sampler=sampler,
-        num_workers=cfg.data.num_workers,
+        num_workers=workers,
         collate_fn=collate_padded,
         pin_memory=torch.cuda.is_available() and cfg.train.device != "cpu",
+        persistent_workers=workers > 0,
+        generator=torch.Generator(),  # worker seeds do not draw from (and shift) the global RNG that dropout uses
     )
 
 
@@ -189,13 +197,14 @@ def _check_classes(state: dict, class_names: list[str], where: str) -> None:
         )
 
 
-def evaluate_split(model, sample_set, indices, cfg, device, desc="eval", dataset=None) -> tuple[Predictions, dict]:
-    """Predict ``indices`` and compute their metrics (image- and, with groups, patient-level).
+def evaluate_split(model, sample_set, indices, cfg, device, desc="eval", loader=None) -> tuple[Predictions, dict]:
+    """Predict ``indices`` (through ``loader`` when given, an evaluation loader over them) and compute their
+    metrics (image- and, with groups, patient-level).
 
     Under DDP every rank predicts its shard and the predictions of all ranks are gathered, so each image is
     counted exactly once and every rank returns the same metrics.
     """
-    loader = make_loader(sample_set, indices, cfg, train=False, dataset=dataset)
+    loader = loader if loader is not None else make_loader(sample_set, indices, cfg, train=False)
     preds = predict_loader(
         model, loader, device, amp=cfg.train.amp, channels_last=cfg.train.channels_last,
         predict_with=cfg.model.predict_with, aux_weight=cfg.train.aux_weight, desc=desc,
@@ -254,9 +263,9 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
         save_config(cfg, run_dir / "config.yaml")
         save_splits(run_dir / "splits.json", splits, sample_set, extra={"seed": cfg.seed})
     optimizer = build_optimizer(model, cfg, device)
-    datasets = {side: make_dataset(sample_set, splits[side], cfg, train=side == "train") for side in ("train", "val")
-                if len(splits.get(side, []))}  # built once: a memory cache lasts the whole run
-    steps = len(make_loader(sample_set, splits["train"], cfg, train=True, dataset=datasets["train"]))
+    loaders = {side: make_loader(sample_set, splits[side], cfg, train=side == "train") for side in ("train", "val")
+               if len(splits.get(side, []))}  # built once: workers and a memory cache last the whole run
+    steps = len(loaders["train"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(steps * cfg.train.epochs, math.ceil(steps * cfg.train.warmup_epochs))
     )
@@ -270,7 +279,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
         if tracker["stopped"]:
             break
         tracker = _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, device, epoch,
-                             tracker, run_dir, progress, datasets)
+                             tracker, run_dir, progress, loaders)
+    del loaders  # stop the persistent workers before the test
     dist.barrier()  # rank 0 has written best.pt before any rank reads it
     return finish(run_dir, cfg, sample_set, splits, device)
 
@@ -286,21 +296,20 @@ def _load_samples_rank0_first(cfg: Config) -> SampleSet:
 
 
 def _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, device, epoch, tracker, run_dir,
-               progress, datasets: dict | None = None) -> dict:
-    datasets = datasets or {}
-    seed_everything(cfg.seed * 1000 + epoch)
+               progress, loaders: dict) -> dict:
+    seed_everything(cfg.seed * 1000 + epoch)  # dropout; shuffling and augmentation are seeded by the loader
     t = cfg.train
     model.crops_active = not model.use_crops or epoch >= t.crop_warmup_epochs  # stage-wise: global path first
+    loaders["train"].sampler.set_epoch(epoch)
     stats = train_one_epoch(
-        fit_model, make_loader(sample_set, splits["train"], cfg, train=True, epoch=epoch, dataset=datasets.get("train")),
-        optimizer, scheduler,
+        fit_model, loaders["train"], optimizer, scheduler,
         device, aux_weight=t.aux_weight, label_smoothing=t.label_smoothing, grad_clip=t.grad_clip, amp=t.amp,
         channels_last=t.channels_last, progress=progress and dist.is_main(), desc=f"epoch {epoch + 1}/{t.epochs}",
     )
     row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **{f"train_{k}": v for k, v in stats.items()}}
     row["train_images_per_second"] = stats["images"] / max(stats["seconds"], 1e-9)
     if len(splits.get("val", [])):
-        _, val = evaluate_split(model, sample_set, splits["val"], cfg, device, desc="val", dataset=datasets.get("val"))
+        _, val = evaluate_split(model, sample_set, splits["val"], cfg, device, desc="val", loader=loaders["val"])
         row.update({f"val_{k}": v for k, v in val.items() if isinstance(v, (int, float)) or v is None})
         score = _score(val, t.monitor)
     else:  # no validation groups: keep the last epoch

@@ -113,17 +113,24 @@ def read_image(path: str | Path) -> torch.Tensor:
 
 
 class ImageDataset(Dataset):
-    """Loads samples as float images in [0, 1] at their own size.
+    """Loads samples as uint8 images at their own size.
+
+    Images stay uint8 until they reach the model's device (:meth:`Batch.model_input`): a quarter of the bytes
+    of float32 through worker processes, pinned memory and the host-to-device copy.
 
     Args:
         samples: the records to load (e.g. one side of a split).
         transform: a callable on (3, H, W) uint8 tensors (see :func:`~finescope.data.transforms.build_transform`),
-            applied at full resolution before the conversion to float.
+            applied at full resolution.
         on_error: ``raise`` or ``skip``: with ``skip`` an unreadable image gives None (warned once per file), which
             :func:`collate_padded` drops.
         min_side: when > 0, an image whose short side is smaller raises (the crops of the model need it).
         cache: ``none`` or ``memory``: keep decoded uint8 images after the first read (per worker process; use
             ``persistent_workers=True`` so the cache survives epochs).
+        seed: when set, the transform of sample ``i`` in epoch ``e`` (keys ``(i, e)``, see
+            :class:`~finescope.distributed.ShardSampler`) draws from a generator seeded by (seed, e, i): the
+            augmentation does not depend on the worker count, on which worker reads the sample, on the number of
+            DDP processes, or on whether the run was resumed. The caller's random state is left untouched.
     """
 
     def __init__(
@@ -133,6 +140,7 @@ class ImageDataset(Dataset):
         on_error: str = "raise",
         min_side: int = 0,
         cache: str = "none",
+        seed: int | None = None,
     ) -> None:
         if on_error not in ("raise", "skip"):
             raise FinescopeError(f"config key 'data.on_error' is '{on_error}'; choose one of: raise, skip")
@@ -143,6 +151,7 @@ class ImageDataset(Dataset):
         self.on_error = on_error
         self.min_side = min_side
         self.cache = cache
+        self.seed = seed
         self._cache: dict[int, torch.Tensor] = {}
         self._warned: set[str] = set()
 
@@ -176,14 +185,20 @@ class ImageDataset(Dataset):
                 f"model.local_size and model.global_size must not exceed {min(h, w)}, or remove the image"
             )
 
-    def __getitem__(self, i: int) -> dict | None:
-        """Returns ``{"image": (3, H, W) float32 in [0, 1], "label": int, "index": i}``, or None (skip mode)."""
+    def __getitem__(self, key: int | tuple[int, int]) -> dict | None:
+        """Sample ``key`` (an index, or ``(index, epoch)``) as ``{"image": (3, H, W) uint8, "label": int,
+        "index": index}``, or None (skip mode)."""
+        i, epoch = key if isinstance(key, tuple) else (key, 0)
         img = self._load(i)
         if img is None:
             return None
-        if self.transform is not None:
+        if self.transform is not None and self.seed is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0]))
+                img = self.transform(img)
+        elif self.transform is not None:
             img = self.transform(img)
-        return {"image": img.to(torch.float32).div_(255.0), "label": int(self.samples[i].label), "index": i}
+        return {"image": img, "label": int(self.samples[i].label), "index": i}
 
 
 @dataclass
@@ -191,7 +206,7 @@ class Batch:
     """A padded batch of images of different sizes.
 
     Attributes:
-        images: (B, 3, Hmax, Wmax) float, each image at the top-left, zero-padded at the bottom/right.
+        images: (B, 3, Hmax, Wmax) uint8, each image at the top-left, zero-padded at the bottom/right.
         sizes: (B, 2) long, the (h, w) of each image's valid region.
         labels: (B,) long class indices.
         indices: (B,) long dataset indices.
@@ -204,6 +219,19 @@ class Batch:
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
+
+    def model_input(self, device: torch.device | str, channels_last: bool = False) -> torch.Tensor:
+        """The images as the models take them: float32 in [0, 1] on ``device``, converted there.
+
+        Args:
+            device: the model's device; the uint8 batch is copied without blocking (from pinned memory when
+                the loader pins it).
+            channels_last: the NHWC memory format (faster convolutions on CUDA).
+        """
+        images = self.images.to(device, non_blocking=True)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        images = images.to(dtype=torch.float32, memory_format=fmt)
+        return images.div_(255.0) if self.images.dtype == torch.uint8 else images
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """The same batch on ``device``."""
