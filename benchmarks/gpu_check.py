@@ -4,11 +4,13 @@ short real training run. Writes everything under OUT and prints a short table la
     PYTHONPATH=src python3 benchmarks/gpu_check.py OUT [--device cuda] [--data .gpu/breakhis]
         [--weights .gpu/mobilenet_v2-b0353104.pth] [--quick]
 
-``--device cpu --quick`` runs every stage on tiny settings (the test suite does this): the agreement check then
-compares float32 on the CPU against the float64 reference and skips bf16.
+``--device cpu --quick`` runs every stage on tiny settings (the test suite does this). ``--only-agreement`` runs
+the agreement check alone (``--device cpu --only-agreement`` measures it with the real backbones on a CPU).
 
 Agreement: fresh random full-resolution inputs; reference = the same model in float64 on the CPU; relative
-error ||out - ref|| / ||ref|| of the global logits and the attention (limits: fp32 1e-3, bf16 2e-2, never NaN).
+error ||out - ref|| / ||ref|| of the global logits and the attention for fp32 and for bf16 and fp16 autocast
+(``train.amp``; on a CPU through ``torch.autocast("cpu")``, which finescope's training does not use there);
+limits: fp32 1e-3, bf16 and fp16 2e-2, never NaN.
 The fused logits depend on the selected boxes, a discontinuous function of the attention: they are compared on
 the images whose boxes agree with the reference within 1 pixel, and the number of such images is reported.
 """
@@ -34,7 +36,8 @@ from finescope.config import ModelConfig  # noqa: E402
 from finescope.engine import autocast, compute_loss  # noqa: E402
 from finescope.models import create_model  # noqa: E402
 
-LIMITS = {"fp32": 1e-3, "bf16": 2e-2}
+LIMITS = {"fp32": 1e-3, "bf16": 2e-2, "fp16": 2e-2}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -44,7 +47,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def agreement(backbone: str, size: tuple[int, int], device: torch.device, weights: str, batch: int) -> list[dict]:
-    """Compare the model on ``device`` (fp32, and bf16 on CUDA) with a float64 CPU reference."""
+    """Compare the model on ``device`` (fp32, bf16 and fp16 autocast) with a float64 CPU reference."""
     torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 here
     torch.backends.cuda.matmul.allow_tf32 = False
     cfg = ModelConfig(variant="fusion", backbone=backbone, weights=weights if backbone == "mobilenet_v2" else "",
@@ -58,8 +61,8 @@ def agreement(backbone: str, size: tuple[int, int], device: torch.device, weight
         ref = model.double()(images.double(), sizes)
         model = model.float().to(device)
         rows = []
-        for precision in ("fp32", "bf16") if device.type == "cuda" else ("fp32",):
-            with autocast(device, precision == "bf16"):
+        for precision in LIMITS:
+            with torch.autocast(device.type, dtype=DTYPES.get(precision, torch.bfloat16), enabled=precision in DTYPES):
                 out = model(images.to(device), sizes)
             same = ((out.boxes.float().cpu() - ref.boxes.float()).abs().amax(dim=(1, 2)) <= 1.0)
             fused = rel_err(out.logits[same.to(device)], ref.logits[same]) if same.any() else float("nan")
@@ -223,6 +226,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--quick", action="store_true", help="tiny settings (CPU test)")
+    p.add_argument("--only-agreement", action="store_true", help="run the agreement check alone")
     p.add_argument("--bench-timeout", type=int, default=110, help="seconds per benchmark stage")
     p.add_argument("--train-timeout", type=int, default=100)
     return p.parse_args(argv)
@@ -240,6 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     size = (128, 192) if args.quick else (460, 700)
     backbones = ("tiny",) if args.quick else ("resnet18", "mobilenet_v2", "resnet50")
     summary["agreement"] = [r for b in backbones for r in agreement(b, size, device, args.weights, 4)]
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    if args.only_agreement:
+        table = final_table(summary, out)
+        (out / "summary.md").write_text(table + "\n")
+        print(table)
+        return 0 if all(r["pass"] for r in summary["agreement"]) else 1
     summary["syncs"] = count_syncs(device, "resnet18")
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     summary["train"] = train_stage(out, args, args.device)

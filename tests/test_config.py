@@ -72,3 +72,13 @@ def test_shipped_configs_load():
     assert {"demo.yaml", "breakhis_binary.yaml", "breakhis_subtype.yaml", "defungi.yaml"} <= set(names)
     for p in configs.glob("*.yaml"):
         load_config(p)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("true", "bf16"), ("false", "off"), ("fp16", "fp16"), ("bf16", "bf16")])
+def test_amp_reads_precisions_and_old_booleans(value, expected):
+    assert load_config(None, [f"train.amp={value}"]).train.amp == expected
+
+
+def test_amp_rejects_other_precisions():
+    with pytest.raises(FinescopeError, match="train.amp.*bf16, fp16, off"):
+        load_config(None, ["train.amp=fp8"])

@@ -280,3 +280,25 @@ def test_global_view_of_a_mixed_batch_matches_each_image_alone():
         assert dims[i].tolist() == [gh, gw]
         torch.testing.assert_close(view[i, :, :gh, :gw], alone[0])
         assert view[i, :, gh:].abs().sum() == 0 and view[i, :, :, gw:].abs().sum() == 0
+
+
+def test_loss_scaling_step_matches_an_unscaled_step():
+    """The fp16 path (scale, unscale, clip, step, update) takes the same step as plain fp32 when nothing
+    overflows; the CPU runs it with a CPU GradScaler (autocast itself is CUDA-only in finescope)."""
+    from finescope.data.dataset import Batch
+    from finescope.engine import train_one_epoch
+
+    torch.manual_seed(0)
+    batch = Batch(torch.randint(0, 256, (2, 3, 96, 128), dtype=torch.uint8), torch.tensor([[96, 128]] * 2),
+                  torch.tensor([0, 1]), torch.arange(2))
+    params = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=1024.0)):
+        torch.manual_seed(1)
+        model = create_model(ModelConfig(variant="fusion", **SMALL), 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)  # unlike Adam, SGD sees a wrongly scaled gradient
+        train_one_epoch(model, [batch], opt, None, torch.device("cpu"), grad_clip=0.5, progress=False,
+                        scaler=scaler)
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        if scaler is not None:
+            assert scaler.get_scale() == 1024.0  # no overflow: the scale stays until growth_interval steps
+    torch.testing.assert_close(params[1], params[0], rtol=1e-4, atol=1e-6)

@@ -89,7 +89,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     aux_weight: float = 1.0  # lambda: weight of the global head's loss
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = True  # bf16 autocast on CUDA (always fp32 on CPU)
+    amp: str = "bf16"  # autocast on CUDA: bf16 | fp16 (with loss scaling) | off; always fp32 on CPU
     channels_last: bool = True  # on CUDA
     compile: bool = False  # torch.compile the model
     sync_bn: bool = False  # DDP on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm)
@@ -174,6 +174,8 @@ def _build(cls: type, raw: dict, prefix: str = "") -> Any:
                 raise FinescopeError(f"config key '{prefix}{name}' must be a mapping of {tp.__name__} keys")
             kwargs[name] = _build(tp, value, prefix + name + ".")
         else:
+            if isinstance(value, bool) and name in _LEGACY_BOOLEANS and tp is str:
+                value = _LEGACY_BOOLEANS[name][value]
             kwargs[name] = _coerce(value, tp, prefix + name)
     return cls(**kwargs)
 
@@ -274,7 +276,11 @@ _CHOICES = {
     "model.select_from": ("attention", "evidence"),
     "model.crop_backbone": ("shared", "separate"),
     "train.monitor": ("balanced_accuracy", "accuracy", "macro_f1", "auc", "loss"),
+    "train.amp": ("bf16", "fp16", "off"),
 }
+
+# keys whose old boolean values still read: train.amp was true (bf16) / false (fp32) before fp16 existed
+_LEGACY_BOOLEANS = {"amp": {True: "bf16", False: "off"}}
 
 
 def validate(cfg: Config) -> None:

@@ -28,11 +28,28 @@ def compute_loss(out: ModelOutput, labels: torch.Tensor, aux_weight: float = 1.0
     return loss
 
 
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA when enabled; a no-op context on the CPU (fp32)."""
-    if device.type == "cuda" and enabled:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _amp_name(amp: str | bool) -> str:
+    return {True: "bf16", False: "off"}.get(amp, amp) if isinstance(amp, bool) else amp
+
+
+def autocast(device: torch.device, amp: str | bool):
+    """Autocast on CUDA in ``amp`` (``bf16``, ``fp16``; ``off`` or False = fp32; True = bf16); a no-op context
+    on the CPU (fp32)."""
+    amp = _amp_name(amp)
+    if device.type == "cuda" and amp in AMP_DTYPES:
+        return torch.autocast("cuda", dtype=AMP_DTYPES[amp])
     return contextlib.nullcontext()
+
+
+def make_grad_scaler(device: torch.device, amp: str | bool) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 autocast on CUDA (fp16 gradients underflow without it); disabled otherwise.
+
+    With the fused AdamW of CUDA runs the scaler's inf check happens inside the optimizer kernel: no host sync.
+    """
+    return torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and _amp_name(amp) == "fp16")
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int):
@@ -62,12 +79,18 @@ def train_one_epoch(
     aux_weight: float = 1.0,
     label_smoothing: float = 0.0,
     grad_clip: float = 0.0,
-    amp: bool = True,
+    amp: str | bool = "bf16",
     channels_last: bool = True,
     progress: bool = True,
     desc: str = "train",
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns mean loss, accuracy, images and seconds."""
+    """One pass over ``loader``; returns mean loss, accuracy, images and seconds.
+
+    ``scaler`` (from :func:`make_grad_scaler`, kept across epochs and checkpointed) scales the loss under fp16
+    autocast; when None one is made for this epoch.
+    """
+    scaler = scaler if scaler is not None else make_grad_scaler(device, amp)
     model.train()
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -80,10 +103,12 @@ def train_one_epoch(
             out = model(images, sizes)
         loss = compute_loss(out, labels, aux_weight, label_smoothing)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if grad_clip > 0:
+            scaler.unscale_(optimizer)  # clip the true gradients
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         if scheduler is not None:
             scheduler.step()
         total_loss += loss.detach() * len(labels)  # stays on the device: no sync per step
@@ -131,7 +156,7 @@ def predict_loader(
     loader,
     device: torch.device,
     *,
-    amp: bool = True,
+    amp: str | bool = "bf16",
     channels_last: bool = True,
     predict_with: str = "fused",
     aux_weight: float = 1.0,

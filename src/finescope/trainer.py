@@ -39,7 +39,14 @@ from finescope.data import (
     save_splits,
     split_groups,
 )
-from finescope.engine import Predictions, merge_predictions, predict_loader, train_one_epoch, warmup_cosine
+from finescope.engine import (
+    Predictions,
+    make_grad_scaler,
+    merge_predictions,
+    predict_loader,
+    train_one_epoch,
+    warmup_cosine,
+)
 from finescope.errors import FinescopeError
 from finescope.metrics import compute_metrics
 from finescope.models import create_model
@@ -170,7 +177,7 @@ def _score(metrics: dict, monitor: str) -> float:
     return float("-inf") if value is None else float(value)
 
 
-def _state(model, optimizer, scheduler, epoch, cfg, class_names, tracker) -> dict:
+def _state(model, optimizer, scheduler, scaler, epoch, cfg, class_names, tracker) -> dict:
     from finescope import __version__
 
     raw = model.module if hasattr(model, "module") else model
@@ -179,7 +186,7 @@ def _state(model, optimizer, scheduler, epoch, cfg, class_names, tracker) -> dic
         "model": raw.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "scaler": {},  # bf16 autocast needs no loss scaling; kept for a stable checkpoint layout
+        "scaler": scaler.state_dict(),  # {} unless fp16 autocast on CUDA
         "epoch": epoch,
         "rng": rng_state(),
         "config": resolved_dict(cfg),
@@ -222,7 +229,7 @@ def _log_epoch(run_dir: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def _resume_state(run_dir: Path, class_names, model, optimizer, scheduler) -> tuple[int, dict]:
+def _resume_state(run_dir: Path, class_names, model, optimizer, scheduler, scaler) -> tuple[int, dict]:
     last = run_dir / "checkpoints" / "last.pt"
     if not last.is_file():
         raise FinescopeError(f"--resume: no checkpoint at '{last}'; start without --resume")
@@ -231,6 +238,8 @@ def _resume_state(run_dir: Path, class_names, model, optimizer, scheduler) -> tu
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
     _truncate_history(run_dir, state["epoch"])
     return state["epoch"] + 1, state["tracker"]
@@ -269,9 +278,10 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(steps * cfg.train.epochs, math.ceil(steps * cfg.train.warmup_epochs))
     )
+    scaler = make_grad_scaler(device, cfg.train.amp)
     start, tracker = 0, {"best_score": float("-inf"), "best_epoch": -1, "bad_epochs": 0, "stopped": False}
     if resume:
-        start, tracker = _resume_state(run_dir, sample_set.class_names, model, optimizer, scheduler)
+        start, tracker = _resume_state(run_dir, sample_set.class_names, model, optimizer, scheduler, scaler)
     fit_model = dist.wrap_model(model, device, sync_bn=cfg.train.sync_bn)
     if cfg.train.compile:
         fit_model = torch.compile(fit_model)
@@ -279,7 +289,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
         if tracker["stopped"]:
             break
         tracker = _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, device, epoch,
-                             tracker, run_dir, progress, loaders)
+                             tracker, run_dir, progress, loaders, scaler=scaler)
     del loaders  # stop the persistent workers before the test
     dist.barrier()  # rank 0 has written best.pt before any rank reads it
     return finish(run_dir, cfg, sample_set, splits, device)
@@ -296,7 +306,8 @@ def _load_samples_rank0_first(cfg: Config) -> SampleSet:
 
 
 def _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, device, epoch, tracker, run_dir,
-               progress, loaders: dict) -> dict:
+               progress, loaders: dict, scaler: torch.amp.GradScaler | None = None) -> dict:
+    scaler = scaler if scaler is not None else make_grad_scaler(device, cfg.train.amp)
     seed_everything(cfg.seed * 1000 + epoch)  # dropout; shuffling and augmentation are seeded by the loader
     t = cfg.train
     model.crops_active = not model.use_crops or epoch >= t.crop_warmup_epochs  # stage-wise: global path first
@@ -305,6 +316,7 @@ def _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, 
         fit_model, loaders["train"], optimizer, scheduler,
         device, aux_weight=t.aux_weight, label_smoothing=t.label_smoothing, grad_clip=t.grad_clip, amp=t.amp,
         channels_last=t.channels_last, progress=progress and dist.is_main(), desc=f"epoch {epoch + 1}/{t.epochs}",
+        scaler=scaler,
     )
     row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **{f"train_{k}": v for k, v in stats.items()}}
     row["train_images_per_second"] = stats["images"] / max(stats["seconds"], 1e-9)
@@ -323,7 +335,7 @@ def _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, 
         tracker["bad_epochs"] += 1
     tracker["stopped"] = tracker["bad_epochs"] >= t.patience
     if dist.is_main():
-        state = _state(model, optimizer, scheduler, epoch, cfg, sample_set.class_names, tracker)
+        state = _state(model, optimizer, scheduler, scaler, epoch, cfg, sample_set.class_names, tracker)
         if tracker["best_epoch"] == epoch:
             save_checkpoint(state, run_dir / "checkpoints" / "best.pt")
         save_checkpoint(state, run_dir / "checkpoints" / "last.pt")  # last: a kill after best.pt loses nothing
