@@ -231,25 +231,25 @@ def _crop_model(**kw):
     return create_model(ModelConfig(variant="fusion", **cfg), 2).eval()
 
 
-def test_crop_pool_factor_never_undersamples_a_box():
+def test_crop_scale_keeps_the_smallest_box_at_crop_resolution():
     model = _crop_model()
-    assert model.crop_pool_factor(90, 120) == 1  # box side >= 30 < 2 * 32
-    assert model.crop_pool_factor(200, 260) == 2  # >= 66.7 px per 32-px crop
-    assert model.crop_pool_factor(300, 400) == 3
-    assert _crop_model(local_size=224).crop_pool_factor(460, 700) == 1  # BreakHis: no pooling
+    assert model.crop_scale(90, 120) == 1.0  # boxes of >= 30 px for 32-px crops: no resize
+    assert model.crop_scale(300, 400) == pytest.approx(32 / 100)  # a 100-px box becomes 32 px
+    assert _crop_model(local_size=224).crop_scale(460, 700) == 1.0  # BreakHis: crops read the image itself
 
 
-def test_pooled_crops_match_full_sampling_on_a_smooth_image():
-    """Averaging f x f blocks before roi_align changes a crop of a smooth image by a fraction of a grey level."""
-    torch.manual_seed(0)
+def test_resized_crop_source_is_aligned_with_the_image():
+    """On a linear ramp (which every symmetric filter keeps) crops cut from the resized source equal crops cut
+    from the image itself: the boxes are scaled to the source without any offset."""
     model = _crop_model()
-    image = torch.nn.functional.interpolate(torch.rand(1, 3, 6, 8), size=(300, 400), mode="bicubic").clamp(0, 1)
-    boxes = torch.tensor([[[10.0, 20.0, 110.0, 120.0], [150.0, 40.0, 390.0, 290.0]]])
-    pooled = model._crops(image, boxes)
-    model.min_box_fraction = 0.0  # factor 1: roi_align alone, with its adaptive sampling
+    yy, xx = torch.meshgrid(torch.arange(300.0), torch.arange(400.0), indexing="ij")
+    image = torch.stack([xx / 400, yy / 300, (xx + yy) / 700])[None]
+    boxes = torch.tensor([[[20.0, 30.0, 120.0, 130.0], [150.0, 40.0, 380.0, 280.0]]])  # away from the borders
+    resized = model._crops(image, boxes)
+    model.min_box_fraction = 1.0  # scale 1: roi_align on the image itself, with its adaptive sampling
     full = model._crops(image, boxes)
-    assert pooled.shape == full.shape == (2, 3, 32, 32)
-    assert (pooled - full).abs().max() < 0.01
+    assert resized.shape == full.shape == (2, 3, 32, 32)
+    assert (resized - full).abs().max() < 2e-3
 
 
 def test_crops_do_not_depend_on_the_batch():

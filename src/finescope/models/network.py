@@ -67,32 +67,6 @@ def _to_device(values: list, device: torch.device) -> torch.Tensor:
     return torch.tensor(values).to(device, non_blocking=True)
 
 
-def _crop_source(images: torch.Tensor, f: int, sizes: list[list[int]]) -> torch.Tensor:
-    """What roi_align reads for crop pooling factor ``f``: each image's valid region averaged over f x f blocks
-    (partial blocks at its edges keep the mean of their valid pixels, so coordinates divide by f) and, in a
-    padded batch, the padding replaced by the nearest valid pixel, which is what roi_align samples beyond the
-    edge of an unpadded image: a crop does not depend on the other images of the batch.
-    """
-    H, W = images.shape[-2:]
-    padded = any(int(h) != H or int(w) != W for h, w in sizes)
-    hw = _to_device(sizes, images.device)  # (B, 2)
-    if f > 1:
-        pooled = F.avg_pool2d(images, f, f, ceil_mode=True)
-        if padded:
-            rows = torch.arange(H, device=images.device)[None, :, None] < hw[:, 0, None, None]
-            cols = torch.arange(W, device=images.device)[None, None, :] < hw[:, 1, None, None]
-            share = F.avg_pool2d((rows & cols).to(images.dtype)[:, None], f, f, ceil_mode=True)
-            pooled = pooled / share.clamp(min=1e-6)
-        images, hw = pooled, (hw + f - 1) // f
-    if not padded:
-        return images
-    B, C, H, W = images.shape
-    rows = torch.minimum(torch.arange(H, device=images.device)[None], hw[:, 0:1] - 1)  # (B, H)
-    cols = torch.minimum(torch.arange(W, device=images.device)[None], hw[:, 1:2] - 1)  # (B, W)
-    images = images.gather(2, rows[:, None, :, None].expand(B, C, H, W))
-    return images.gather(3, cols[:, None, None, :].expand(B, C, H, W))
-
-
 class FineScopeNet(nn.Module):
     """Backbone + optional gated attention + optional high-resolution crops + fusion head.
 
@@ -182,71 +156,95 @@ class FineScopeNet(nn.Module):
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
 
-    def _global_view(self, images: torch.Tensor, sizes: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def crop_scale(self, height: int, width: int) -> float:
+        """The scale of the image the crops of an ``height`` x ``width`` image are cut from (its crop source).
+
+        Every box is at least ``min_box_fraction`` of the short side, so the image can be resized by
+        ``s = local_size / (min_box_fraction * short_side)`` (when below 1) before roi_align without losing
+        anything a crop resolves: the smallest box then spans exactly ``local_size`` pixels, and roi_align
+        needs about ``1/s^2`` fewer samples. 1 for BreakHis 700x460 with 224-pixel crops (boxes of 153 px).
+        """
+        return min(1.0, self.local_size / (self.min_box_fraction * min(height, width)))
+
+    def _size_groups(self, sizes: list[list[int]]) -> dict[tuple[int, int], list[int]]:
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (h, w) in enumerate(sizes):
+            groups.setdefault((int(h), int(w)), []).append(i)
+        return groups
+
+    def _crop_sources(self, images: torch.Tensor, sizes: list[list[int]]) -> list[tuple[list[int], torch.Tensor]]:
+        """Per distinct image size: the batch rows and their crop source, the valid region resized (antialiased)
+        by :meth:`crop_scale`, in [0, 1]. No padding enters a source, so crops do not depend on the batch."""
+        B, _, H, W = images.shape
+        out = []
+        for (h, w), idx in self._size_groups(sizes).items():
+            part = images if len(idx) == B else images[_to_device(idx, images.device)]
+            if (h, w) != (H, W):
+                part = part[:, :, :h, :w]
+            s = self.crop_scale(h, w)
+            if s < 1.0:
+                part = F.interpolate(part, size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear",
+                                     antialias=True, align_corners=False)
+            out.append((idx, part))
+        return out
+
+    def _global_view(
+        self, images: torch.Tensor, sizes: list[list[int]], sources: list | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Resize each image's valid region so its short side is ``global_size``, normalise, pad to a batch.
 
-        One antialiased resize per distinct image size (one call when the batch has a single size). The view is
-        normalised after resizing (both are linear, so this equals resizing the normalised image), and its
-        padding is 0, the mean colour.
+        One antialiased resize per distinct image size, from the crop source (:meth:`_crop_sources`) when that
+        is still larger than the view (a large image is then read once at full resolution), else from the
+        image. The view is normalised after resizing (both are linear) and its padding is 0, the mean colour.
 
         Returns the view (B, 3, Gh, Gw) and the view size of each image (B, 2).
         """
         if self.hires:
             return self._normalise(images), _to_device(sizes, images.device)
         dims = [global_view_size(int(h), int(w), self.global_size) for h, w in sizes]
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, (h, w) in enumerate(sizes):
-            groups.setdefault((int(h), int(w)), []).append(i)
-        B, _, H, W = images.shape
-        if len(groups) == 1 and (H, W) in groups:
-            view = F.interpolate(images, size=dims[0], mode="bilinear", antialias=True, align_corners=False)
-            return self._normalise(view), _to_device(dims, images.device)
-        view = images.new_zeros(B, 3, max(d[0] for d in dims), max(d[1] for d in dims))
-        for (h, w), idx in groups.items():
+        sources = sources if sources is not None else [(idx, None) for idx in self._size_groups(sizes).values()]
+        B = images.shape[0]
+        view = None
+        for idx, source in sources:
             gh, gw = dims[idx[0]]
-            rows = _to_device(idx, images.device)
-            part = F.interpolate(images[rows, :, :h, :w], size=(gh, gw), mode="bilinear", antialias=True)
-            view[rows, :, :gh, :gw] = self._normalise(part)
+            h, w = (int(v) for v in sizes[idx[0]])
+            if source is None or min(source.shape[-2:]) < min(gh, gw):
+                source = images[_to_device(idx, images.device)] if len(idx) < B else images
+                source = source[:, :, :h, :w]
+            part = self._normalise(F.interpolate(source, size=(gh, gw), mode="bilinear", antialias=True))
+            if len(sources) == 1:
+                return part, _to_device(dims, images.device)
+            if view is None:
+                view = images.new_zeros(B, 3, max(d[0] for d in dims), max(d[1] for d in dims))
+            view[_to_device(idx, images.device), :, :gh, :gw] = part
         return view, _to_device(dims, images.device)
 
-    def crop_pool_factor(self, height: int, width: int) -> int:
-        """How many pixels per side the crops of an image can be averaged over before ``roi_align``.
+    def _crops(
+        self, images: torch.Tensor, boxes: torch.Tensor, sizes: list[list[int]] | None = None,
+        sources: list | None = None,
+    ) -> torch.Tensor:
+        """Cut (B, K, 4) boxes (full-resolution pixels) -> (B*K, 3, L, L) crops in [0, 1].
 
-        Every box is at least ``min_box_fraction`` of the short side, so a box spans at least ``f * local_size``
-        pixels with ``f = floor(min_box_fraction * short_side / local_size)``: averaging f x f blocks first
-        loses nothing the crop resolves, and roi_align then needs f^2 fewer samples per output pixel. 1 for
-        images whose boxes are not larger than the crop (BreakHis 700x460 with 224 crops).
-        """
-        return max(1, int(self.min_box_fraction * min(height, width) // self.local_size))
-
-    def _crops(self, images: torch.Tensor, boxes: torch.Tensor, sizes: list[list[int]] | None = None) -> torch.Tensor:
-        """Cut (B, K, 4) boxes from the full-resolution batch (in [0, 1]) -> (B*K, 3, L, L), in [0, 1].
-
-        One roi_align per distinct :meth:`crop_pool_factor` (one call for a batch of one image size), on the
-        batch average-pooled by that factor (see :func:`_crop_source`): an image's crops do not depend on the
-        other images of its batch.
+        One roi_align per distinct image size, on its crop source (:meth:`_crop_sources`, made here unless
+        given), with the boxes scaled to it.
         """
         B, K, _ = boxes.shape
         H, W = images.shape[-2:]
         sizes = sizes if sizes is not None else [[H, W]] * B
-        groups: dict[int, list[int]] = {}
-        for i, (h, w) in enumerate(sizes):
-            groups.setdefault(self.crop_pool_factor(int(h), int(w)), []).append(i)
+        sources = sources if sources is not None else self._crop_sources(images, sizes)
         L = self.local_size
-        out = None if len(groups) == 1 else images.new_empty(B, K, 3, L, L)
-        for f, idx in groups.items():
-            if len(groups) == 1:
-                part, part_boxes, part_sizes = images, boxes, sizes
-            else:
-                rows = _to_device(idx, images.device)
-                part, part_boxes, part_sizes = images[rows], boxes[rows], [sizes[i] for i in idx]
-            part = _crop_source(part, f, part_sizes)
+        out = None if len(sources) == 1 else images.new_empty(B, K, 3, L, L)
+        for idx, source in sources:
+            h, w = (int(v) for v in sizes[idx[0]])
+            rows = None if len(sources) == 1 else _to_device(idx, images.device)
+            part_boxes = boxes if rows is None else boxes[rows]
+            scale = _to_device([source.shape[-1] / w, source.shape[-2] / h] * 2, images.device).to(boxes.dtype)
             n = len(idx)
             batch_idx = torch.arange(n, device=images.device, dtype=boxes.dtype).repeat_interleave(K)[:, None]
-            rois = torch.cat([batch_idx, part_boxes.reshape(n * K, 4)], dim=1)  # (n*K, 5)
-            crops = roi_align(part, rois.to(part.dtype), output_size=(L, L), spatial_scale=1.0 / f,
+            rois = torch.cat([batch_idx, (part_boxes * scale).reshape(n * K, 4)], dim=1)  # (n*K, 5)
+            crops = roi_align(source, rois.to(source.dtype), output_size=(L, L), spatial_scale=1.0,
                               sampling_ratio=-1, aligned=True)
-            if out is None:
+            if rows is None:
                 return crops
             out[rows] = crops.view(n, K, 3, L, L)
         return out.view(B * K, 3, L, L)
@@ -267,7 +265,9 @@ class FineScopeNet(nn.Module):
             sizes = torch.tensor([[H, W]] * B)
         size_list = sizes.tolist()  # sizes arrive on the CPU: reading them costs no device sync
         sizes = sizes.to(images.device, non_blocking=True)
-        view, view_sizes = self._global_view(images, size_list)
+        reads_crops = self.use_crops and not (self.training and not self.crops_active)
+        sources = self._crop_sources(images, size_list) if reads_crops else None
+        view, view_sizes = self._global_view(images, size_list, sources)
         fmap = self.backbone(view)  # (B, C, h, w)
         h, w = fmap.shape[-2:]
         stride = _to_device([view.shape[2] / h, view.shape[3] / w], images.device)  # (2,) view pixels per cell
@@ -283,7 +283,7 @@ class FineScopeNet(nn.Module):
         g = z if self.image_feature == "attention" else self._masked_mean(fmap, mask)
         global_logits = self.global_head(g)
         cell_px = stride[None] * sizes.float() / view_sizes.float()  # (B, 2) pixels per cell
-        if not self.use_crops or (self.training and not self.crops_active):
+        if not reads_crops:
             return ModelOutput(logits=global_logits, attention=attn, cell_px=cell_px)
         cells = h_n if self.image_feature == "attention" else inst  # what W_g reads, (B, N, g_dim)
         selection_map = attn if self.select_from == "attention" else self._evidence(cells, global_logits, mask)
@@ -291,7 +291,7 @@ class FineScopeNet(nn.Module):
             selection_map.detach(), valid, sizes, cell_px, self.num_crops, self.threshold, self.min_box_fraction,
             normalise=self.selection_norm, iou_threshold=self.peak_iou,
         )
-        crops = self._normalise(self._crops(images, boxes, size_list))  # (B*K, 3, L, L)
+        crops = self._normalise(self._crops(images, boxes, size_list, sources))  # (B*K, 3, L, L)
         reader = self.crop_backbone if self.crop_backbone is not None else self.backbone
         local = reader(crops).mean(dim=(2, 3)).view(B, -1)  # (B, K*C), ordered by rank
         fused = self.fusion_head(self.dropout(torch.cat([g, local], dim=1)))
