@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -257,3 +258,35 @@ def test_seeded_augmentation_depends_on_epoch_and_image_only(tmp_path):
     assert ds[(1, 3)]["index"] == 1
     others = [ds[(1, e)]["image"] for e in range(4, 12)]
     assert any(o.shape != first.shape or not torch.equal(o, first) for o in others)
+
+
+def _fixed_jitter(b=1.0, c=1.0, s=1.0, h=0.0):
+    from finescope.data.transforms import ColourJitter
+
+    jitter = ColourJitter(0.1, 0.1, 0.1, 0.05)
+    values = iter([b, c, s, h])
+    jitter._factor = lambda spread, centre=1.0: next(values)
+    return jitter
+
+
+@pytest.mark.parametrize(
+    ("factors", "reference"),
+    [({"b": 1.15}, lambda im: TF.adjust_brightness(im, 1.15)), ({"c": 0.8}, lambda im: TF.adjust_contrast(im, 0.8)),
+     ({"s": 1.2}, lambda im: TF.adjust_saturation(im, 1.2)), ({}, lambda im: im)],
+)
+def test_colour_jitter_matches_torchvision_brightness_contrast_saturation(factors, reference):
+    img = torch.from_numpy(rgb_array(30, 40, seed=3)).permute(2, 0, 1).contiguous()
+    out = _fixed_jitter(**factors)(img)
+    assert out.dtype == torch.uint8 and out.shape == img.shape
+    assert (out.int() - reference(img).int()).abs().max() <= 1  # rounding only
+
+
+def test_colour_jitter_hue_rotates_chroma_and_keeps_grey():
+    grey = torch.full((3, 4, 4), 128, dtype=torch.uint8)
+    assert torch.equal(_fixed_jitter(h=0.05)(grey), grey)
+    img = torch.from_numpy(rgb_array(30, 40, seed=4)).permute(2, 0, 1).contiguous()
+    out = _fixed_jitter(h=0.05)(img)
+    luma = torch.tensor([0.299, 0.587, 0.114])
+    inside = ((out > 0) & (out < 255)).all(dim=0)  # pixels not clipped
+    assert (torch.einsum("c,chw->hw", luma, out.float() - img.float())[inside]).abs().max() <= 1.0
+    assert (out.int() - img.int()).abs().float().mean() > 2  # the colours did move
