@@ -5,9 +5,10 @@ DeFungi (JPEG)):
 
 decode: seconds per image to decode with torchvision.io and with PIL, and to read back a decoded image stored
     as raw uint8 ``.npy`` (what a ``data.cache: disk`` would cost), interleaved per file.
-loader: decoded and augmented images/s delivered by a training DataLoader (``microscopy`` augmentation, batch
-    ``--batch``, collate with padding, pinned memory on CUDA) with ``data.cache`` none and memory; epoch 1 and
-    epoch 2 are reported separately (the memory cache is filled in epoch 1; persistent workers keep it).
+loader: decoded and augmented uint8 images/s delivered by a training DataLoader (``--augments`` presets, batch
+    ``--batch``, collate with padding, pinned memory on CUDA, persistent workers as the trainer builds it) with
+    ``data.cache`` none and memory; epoch 1 and epoch 2 are reported separately (the memory cache is filled in
+    epoch 1; persistent workers keep it).
 epoch: one training epoch of ``fusion`` (``--epoch-backbone``) on ``--device`` through ``engine.train_one_epoch``
     with the loader, and the model alone on a pre-loaded batch (what the model consumes per second).
 
@@ -127,7 +128,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=64, help="images used (a seeded random subset; 0 = all)")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--caches", nargs="+", default=["none", "memory"], choices=("none", "memory"))
-    p.add_argument("--augments", nargs="+", default=["microscopy"], choices=("none", "microscopy", "strong"))
+    p.add_argument("--augments", nargs="+", default=["microscopy"],
+                   choices=("none", "geometric", "microscopy", "strong"))
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--decode-n", type=int, default=20, help="files in the decode comparison")
     p.add_argument("--device", default="auto")
