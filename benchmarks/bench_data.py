@@ -7,8 +7,8 @@ decode: seconds per image to decode with torchvision.io and with PIL, and to rea
     as raw uint8 ``.npy`` (what a ``data.cache: disk`` would cost), interleaved per file.
 loader: decoded and augmented uint8 images/s delivered by a training DataLoader (``--augments`` presets, batch
     ``--batch``, collate with padding, pinned memory on CUDA, persistent workers as the trainer builds it) with
-    ``data.cache`` none and memory; epoch 1 and epoch 2 are reported separately (the memory cache is filled in
-    epoch 1; persistent workers keep it).
+    ``data.cache`` none, memory and disk (a fresh temporary folder); epoch 1 and epoch 2 are reported
+    separately (the caches are filled in epoch 1; persistent workers keep a memory cache).
 epoch: one training epoch of ``fusion`` (``--epoch-backbone``) on ``--device`` through ``engine.train_one_epoch``
     with the loader, and the model alone on a pre-loaded batch (what the model consumes per second).
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -70,7 +71,8 @@ def bench_decode(samples: list, n: int) -> dict:
 def make_loader(samples: list, workers: int, cache: str, batch: int, pin: bool, min_side: int = 0,
                 augment: str = "microscopy") -> DataLoader:
     """A training loader as the trainer builds it, with persistent workers so a memory cache survives epochs."""
-    dataset = ImageDataset(samples, transform=build_transform(augment, True), cache=cache, min_side=min_side)
+    dataset = ImageDataset(samples, transform=build_transform(augment, True), cache=cache, min_side=min_side,
+                           cache_dir=tempfile.mkdtemp(prefix="finescope_bench_cache_") if cache == "disk" else "")
     return DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, collate_fn=collate_padded,
                       pin_memory=pin, drop_last=False, persistent_workers=workers > 0,
                       generator=torch.Generator().manual_seed(0))
@@ -92,6 +94,8 @@ def bench_loader(samples: list, workers: list[int], caches: list[str], batch: in
                      "images_per_s": per_epoch[1], "loadavg": loadavg()})
         print(f"loader workers={w} cache={cache} augment={augment}: {per_epoch[0]:.1f} / {per_epoch[1]:.1f} img/s",
               flush=True)
+        if cache == "disk":
+            shutil.rmtree(loader.dataset.cache_dir, ignore_errors=True)
         del loader
     return rows
 
@@ -127,7 +131,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default="../shared/data/breakhis")
     p.add_argument("--limit", type=int, default=64, help="images used (a seeded random subset; 0 = all)")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--caches", nargs="+", default=["none", "memory"], choices=("none", "memory"))
+    p.add_argument("--caches", nargs="+", default=["none", "memory"], choices=("none", "memory", "disk"))
     p.add_argument("--augments", nargs="+", default=["microscopy"],
                    choices=("none", "geometric", "microscopy", "strong"))
     p.add_argument("--batch", type=int, default=16)

@@ -154,7 +154,7 @@ def test_dataset_memory_cache(tmp_path):
     Path(samples[0].path).unlink()
     assert torch.equal(ds[0]["image"], first)
     with pytest.raises(FinescopeError, match="data.cache"):
-        ImageDataset(samples, cache="disk")
+        ImageDataset(samples, cache="ssd")
     with pytest.raises(FinescopeError, match="data.on_error"):
         ImageDataset(samples, on_error="ignore")
 
@@ -290,3 +290,32 @@ def test_colour_jitter_hue_rotates_chroma_and_keeps_grey():
     inside = ((out > 0) & (out < 255)).all(dim=0)  # pixels not clipped
     assert (torch.einsum("c,chw->hw", luma, out.float() - img.float())[inside]).abs().max() <= 1.0
     assert (out.int() - img.int()).abs().float().mean() > 2  # the colours did move
+
+
+def test_disk_cache_decodes_once_and_notices_edits(tmp_path, monkeypatch):
+    import finescope.data.dataset as dataset_module
+
+    samples = make_samples(tmp_path, sizes=((10, 14), (12, 16)))
+    cache = tmp_path / "cache"
+    decoded = []
+    real_read = dataset_module.read_image
+    monkeypatch.setattr(dataset_module, "read_image", lambda p: decoded.append(p) or real_read(p))
+    first = ImageDataset(samples, cache="disk", cache_dir=str(cache))[0]["image"]
+    again = ImageDataset(samples, cache="disk", cache_dir=str(cache))[0]["image"]  # another run, same cache
+    assert torch.equal(first, again) and torch.equal(first, real_read(samples[0].path))
+    assert decoded == [samples[0].path]
+    assert len(list(cache.rglob("*.npy"))) == 1 and not list(cache.rglob("*.tmp"))
+    save(rgb_array(10, 14, seed=99), Path(samples[0].path))  # the file changes: decoded again
+    edited = ImageDataset(samples, cache="disk", cache_dir=str(cache))[0]["image"]
+    assert not torch.equal(edited, first) and len(decoded) == 2
+    entry = next(iter(cache.rglob("*.npy")))
+    entry.write_bytes(b"damaged")  # a damaged entry is decoded again, not an error
+    assert ImageDataset(samples, cache="disk", cache_dir=str(cache))[1]["image"].shape == (3, 12, 16)
+
+
+def test_disk_cache_that_cannot_be_written_is_one_clear_error(tmp_path):
+    samples = make_samples(tmp_path)
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    with pytest.raises(FinescopeError, match="cannot write the image cache.*data.cache_dir"):
+        ImageDataset(samples, cache="disk", cache_dir=str(blocker), on_error="skip")[0]

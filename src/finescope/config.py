@@ -40,7 +40,8 @@ class DataConfig:
     splits: str = ""  # a splits.json to reuse instead of drawing new splits
     augment: str = "microscopy"  # none | geometric | microscopy | strong
     num_workers: int = 2
-    cache: str = "none"  # none | memory: keep decoded images after the first epoch
+    cache: str = "none"  # none | memory (decoded images kept in each worker) | disk (as .npy in cache_dir)
+    cache_dir: str = ""  # disk cache folder; "" = $XDG_CACHE_HOME/finescope/decoded (~/.cache/...)
     # synthetic source only
     synthetic_per_class: int = 160
     synthetic_size: int = 384
@@ -269,7 +270,7 @@ _CHOICES = {
     "data.task": ("binary", "subtype"),
     "data.on_error": ("raise", "skip"),
     "data.augment": ("none", "geometric", "microscopy", "strong"),
-    "data.cache": ("none", "memory"),
+    "data.cache": ("none", "memory", "disk"),
     "model.image_feature": ("attention", "avg"),
     "model.selection_norm": ("max", "minmax"),
     "model.predict_with": ("fused", "mean"),

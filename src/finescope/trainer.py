@@ -90,6 +90,7 @@ def make_dataset(sample_set: SampleSet, indices, cfg: Config, train: bool) -> Im
         min_side=min_image_side(cfg),
         cache=cfg.data.cache,
         seed=cfg.seed if train else None,
+        cache_dir=cfg.data.cache_dir,
     )
 
 

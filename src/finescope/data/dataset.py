@@ -13,6 +13,9 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -112,6 +115,60 @@ def read_image(path: str | Path) -> torch.Tensor:
         ) from None
 
 
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/finescope/decoded`` (``~/.cache/finescope/decoded`` when XDG_CACHE_HOME is unset)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "finescope" / "decoded"
+
+
+class DiskCache:
+    """Decoded images as raw uint8 ``.npy`` files, so PNG/JPEG/TIFF decoding is paid once per file, not per read.
+
+    An entry is keyed by the image's absolute path, size and modification time: an edited or replaced file is
+    decoded again. Entries are written to a temporary name and renamed, so concurrent workers and killed runs
+    never leave a partial entry; an unreadable entry is decoded again and rewritten.
+
+    Args:
+        root: the cache folder (created on first write).
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def entry(self, path: str | Path) -> Path:
+        """Where the decoded ``path`` is (or would be) stored."""
+        path = Path(path).resolve()
+        st = path.stat()
+        key = hashlib.sha1(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+        return self.root / key[:2] / f"{key}.npy"
+
+    def get(self, path: str | Path) -> torch.Tensor | None:
+        """The stored (3, H, W) uint8 image of ``path``, or None (not stored yet, damaged, or no such file)."""
+        try:
+            entry = self.entry(path)
+            arr = np.load(entry, allow_pickle=False) if entry.is_file() else None
+        except (OSError, ValueError, EOFError):
+            return None
+        if arr is None or arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[0] != 3:
+            return None
+        return torch.from_numpy(arr)
+
+    def put(self, path: str | Path, img: torch.Tensor) -> None:
+        """Store the decoded ``img`` of ``path``."""
+        self._write(self.entry(path), img)
+
+    def _write(self, entry: Path, img: torch.Tensor) -> None:
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=entry.parent, suffix=".tmp", delete=False) as f:
+                np.save(f, img.numpy(), allow_pickle=False)
+            os.replace(f.name, entry)
+        except OSError as e:
+            raise FinescopeError(
+                f"cannot write the image cache '{self.root}': {e.strerror or e}; set data.cache_dir to a writable "
+                "folder or data.cache=none"
+            ) from None
+
+
 class ImageDataset(Dataset):
     """Loads samples as uint8 images at their own size.
 
@@ -125,8 +182,10 @@ class ImageDataset(Dataset):
         on_error: ``raise`` or ``skip``: with ``skip`` an unreadable image gives None (warned once per file), which
             :func:`collate_padded` drops.
         min_side: when > 0, an image whose short side is smaller raises (the crops of the model need it).
-        cache: ``none`` or ``memory``: keep decoded uint8 images after the first read (per worker process; use
-            ``persistent_workers=True`` so the cache survives epochs).
+        cache: ``none``; ``memory``: keep decoded uint8 images after the first read (per worker process; use
+            ``persistent_workers=True`` so the cache survives epochs); ``disk``: store each decoded image as a raw
+            ``.npy`` in ``cache_dir`` (see :class:`DiskCache`), shared by workers, runs and folds.
+        cache_dir: the folder of the disk cache ("" = :func:`default_cache_dir`).
         seed: when set, the transform of sample ``i`` in epoch ``e`` (keys ``(i, e)``, see
             :class:`~finescope.distributed.ShardSampler`) draws from a generator seeded by (seed, e, i): the
             augmentation does not depend on the worker count, on which worker reads the sample, on the number of
@@ -141,11 +200,12 @@ class ImageDataset(Dataset):
         min_side: int = 0,
         cache: str = "none",
         seed: int | None = None,
+        cache_dir: str = "",
     ) -> None:
         if on_error not in ("raise", "skip"):
             raise FinescopeError(f"config key 'data.on_error' is '{on_error}'; choose one of: raise, skip")
-        if cache not in ("none", "memory"):
-            raise FinescopeError(f"config key 'data.cache' is '{cache}'; choose one of: none, memory")
+        if cache not in ("none", "memory", "disk"):
+            raise FinescopeError(f"config key 'data.cache' is '{cache}'; choose one of: none, memory, disk")
         self.samples = list(samples)
         self.transform = transform
         self.on_error = on_error
@@ -153,6 +213,8 @@ class ImageDataset(Dataset):
         self.cache = cache
         self.seed = seed
         self._cache: dict[int, torch.Tensor] = {}
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self._disk = DiskCache(self.cache_dir) if cache == "disk" else None
         self._warned: set[str] = set()
 
     def __len__(self) -> int:
@@ -163,6 +225,10 @@ class ImageDataset(Dataset):
         if i in self._cache:
             return self._cache[i]
         path = self.samples[i].path
+        img = self._disk.get(path) if self._disk is not None else None
+        if img is not None:
+            self._check_size(path, img)
+            return img
         try:
             img = read_image(path)
         except FinescopeError as e:
@@ -175,6 +241,8 @@ class ImageDataset(Dataset):
         self._check_size(path, img)
         if self.cache == "memory":
             self._cache[i] = img
+        elif self._disk is not None:
+            self._disk.put(path, img)
         return img
 
     def _check_size(self, path: str, img: torch.Tensor) -> None:
@@ -269,4 +337,4 @@ def collate_padded(items: list[dict | None]) -> Batch:
     return Batch(images, sizes, labels, indices)
 
 
-__all__ = ["Batch", "ImageDataset", "collate_padded", "read_image"]
+__all__ = ["Batch", "DiskCache", "ImageDataset", "collate_padded", "default_cache_dir", "read_image"]
