@@ -144,3 +144,12 @@ def test_bad_checkpoint(tmp_path):
         load_checkpoint(tmp_path / "junk.pt")
     with pytest.raises(FinescopeError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+@pytest.mark.slow
+def test_compiled_training_writes_plain_checkpoints(synthetic_root, tmp_path):
+    """train.compile=true trains through torch.compile and still saves the plain model's keys."""
+    metrics = _train(synthetic_root, tmp_path / "compiled", epochs=1, extra=["train.compile=true"])
+    assert 0.0 <= metrics["image_accuracy"] <= 1.0
+    keys = load_checkpoint(tmp_path / "compiled" / "checkpoints" / "last.pt")["model"].keys()
+    assert keys and not any("_orig_mod" in k for k in keys)
