@@ -39,11 +39,13 @@ def cpu_name() -> str:
 
 
 def git_commit() -> str:
-    """HEAD of the repository, with ``+dirty`` when the tree has uncommitted changes."""
+    """HEAD of the repository, with ``+dirty`` when tracked files outside ``benchmarks/results`` (where the
+    benchmarks write) have uncommitted changes."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)benchmarks/results"], cwd=ROOT,
                                capture_output=True, text=True, timeout=5).stdout.strip()
         return (head or "unknown") + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
