@@ -61,8 +61,8 @@ def main() -> None:
     model = create_model(ModelConfig(variant="fusion", backbone=args.backbone, weights=args.weights), 2).eval()
     x = torch.rand(2, 3, 224, 341, generator=torch.Generator().manual_seed(123))
     x = (x - model.mean) / model.std
+    ref_trunk = copy.deepcopy(model.backbone).double()  # stays on the CPU
     trunk = model.backbone.to(device)
-    ref_trunk = copy.deepcopy(model.backbone).double()
     outs: dict[str, dict[str, torch.Tensor]] = {"ref": {}, "low": {}}
     layers = [n for n, m in trunk.named_modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
     for tag, net in (("ref", ref_trunk), ("low", trunk)):

@@ -251,8 +251,12 @@ def test_seeded_augmentation_depends_on_epoch_and_image_only(tmp_path):
     ds = ImageDataset(samples, transform=build_transform("strong", train=True), seed=7)
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
+    cuda_seed = torch.cuda.initial_seed() if torch.cuda.is_available() else None
     first = ds[(1, 3)]["image"]
     assert torch.equal(torch.random.get_rng_state(), before)  # the caller's dropout stream is untouched
+    if cuda_seed is not None:  # and the GPU's generator is not reseeded either
+        assert torch.cuda.initial_seed() == cuda_seed
+    assert ImageDataset(samples, transform=build_transform("strong", train=True), seed=-3)[(0, 0)] is not None
     torch.manual_seed(999)
     assert torch.equal(ds[(1, 3)]["image"], first)
     assert ds[(1, 3)]["index"] == 1

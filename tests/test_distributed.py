@@ -179,3 +179,23 @@ def test_torchrun_train_rank0_files_gathered_metrics_and_resume_with_other_world
     assert metrics["n_images"] == n_test  # every test image counted once
     rows = (out / "predictions_test.csv").read_text().splitlines()[1:]
     assert len(rows) == n_test == len({r.split(",")[0] for r in rows})
+
+
+@pytest.mark.slow
+def test_torchrun_stage_wise_warmup(tmp_path):
+    """Crop warm-up epochs leave the fusion head without gradients; DDP must accept that."""
+    import yaml
+
+    from finescope.config import to_dict
+    from finescope.data.synthetic import ensure_synthetic
+
+    root = tmp_path / "data"
+    cfg = to_dict(_cfg(root, epochs=2))
+    cfg["data"].update(synthetic_per_class=12, test_fraction=0.35, val_fraction=0.2)
+    cfg["model"].update(variant="fusion")
+    cfg["train"].update(crop_warmup_epochs=1)
+    ensure_synthetic(root, per_class=12, size=64)
+    (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    run = _torchrun(2, tmp_path / "run", root, epochs=2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len((tmp_path / "run" / "history.jsonl").read_text().splitlines()) == 2

@@ -190,7 +190,9 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def wrap_model(model: torch.nn.Module, device: torch.device, sync_bn: bool = False) -> torch.nn.Module:
+def wrap_model(
+    model: torch.nn.Module, device: torch.device, sync_bn: bool = False, partial_steps: bool = False
+) -> torch.nn.Module:
     """DistributedDataParallel around ``model`` when distributed, else the model itself.
 
     Args:
@@ -199,6 +201,8 @@ def wrap_model(model: torch.nn.Module, device: torch.device, sync_bn: bool = Fal
         sync_bn: convert BatchNorm layers to SyncBatchNorm first (CUDA only): batch statistics over the global
             batch instead of each process's share. The conversion happens in place, so the caller's ``model``
             (used for checkpoints) holds the synchronised layers too; their state dict keys are unchanged.
+        partial_steps: some steps leave parameters without a gradient (stage-wise crop warm-up), so DDP must
+            look for unused parameters.
     """
     if not is_distributed():
         return model
@@ -208,8 +212,9 @@ def wrap_model(model: torch.nn.Module, device: torch.device, sync_bn: bool = Fal
         _convert_sync_bn_inplace(model)
     ids = [device.index] if device.type == "cuda" else None
     # with image_feature=avg the attention only picks crops (under no_grad): its parameters get no gradient
-    unused = getattr(model, "use_attention", False) and getattr(model, "image_feature", "") == "avg"
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
+    avg_only = getattr(model, "use_attention", False) and getattr(model, "image_feature", "") == "avg"
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                                     find_unused_parameters=partial_steps or avg_only)
 
 
 def _convert_sync_bn_inplace(model: torch.nn.Module) -> None:

@@ -283,7 +283,9 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     start, tracker = 0, {"best_score": float("-inf"), "best_epoch": -1, "bad_epochs": 0, "stopped": False}
     if resume:
         start, tracker = _resume_state(run_dir, sample_set.class_names, model, optimizer, scheduler, scaler)
-    fit_model = dist.wrap_model(model, device, sync_bn=cfg.train.sync_bn)
+    # stage-wise warm-up epochs leave the fusion head (and a separate crop backbone) without gradients
+    fit_model = dist.wrap_model(model, device, sync_bn=cfg.train.sync_bn,
+                                partial_steps=cfg.train.crop_warmup_epochs > 0)
     if cfg.train.compile:
         fit_model = torch.compile(fit_model)
     for epoch in range(start, cfg.train.epochs):

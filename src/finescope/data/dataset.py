@@ -134,35 +134,42 @@ class DiskCache:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 
-    def entry(self, path: str | Path) -> Path:
-        """Where the decoded ``path`` is (or would be) stored."""
+    VERSION = 1  # part of every key: bump it when read_image decodes differently
+
+    def entry(self, path: str | Path) -> Path | None:
+        """Where the decoded ``path`` is (or would be) stored; None when the file cannot be read (no such file)."""
         path = Path(path).resolve()
-        st = path.stat()
-        key = hashlib.sha1(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        key = hashlib.sha1(f"v{self.VERSION}|{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
         return self.root / key[:2] / f"{key}.npy"
 
-    def get(self, path: str | Path) -> torch.Tensor | None:
-        """The stored (3, H, W) uint8 image of ``path``, or None (not stored yet, damaged, or no such file)."""
+    @staticmethod
+    def get(entry: Path | None) -> torch.Tensor | None:
+        """The (3, H, W) uint8 image stored at ``entry``, or None (no entry, not stored yet, or damaged)."""
         try:
-            entry = self.entry(path)
-            arr = np.load(entry, allow_pickle=False) if entry.is_file() else None
+            arr = np.load(entry, allow_pickle=False) if entry is not None and entry.is_file() else None
         except (OSError, ValueError, EOFError):
             return None
         if arr is None or arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[0] != 3:
             return None
         return torch.from_numpy(arr)
 
-    def put(self, path: str | Path, img: torch.Tensor) -> None:
-        """Store the decoded ``img`` of ``path``."""
-        self._write(self.entry(path), img)
-
-    def _write(self, entry: Path, img: torch.Tensor) -> None:
+    def put(self, entry: Path, img: torch.Tensor) -> None:
+        """Store a decoded image at ``entry`` (from :meth:`entry`, taken before decoding, so a file edited
+        meanwhile is decoded again next time)."""
+        tmp = None
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=entry.parent, suffix=".tmp", delete=False) as f:
+                tmp = f.name
                 np.save(f, img.numpy(), allow_pickle=False)
-            os.replace(f.name, entry)
+            os.replace(tmp, entry)
         except OSError as e:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
             raise FinescopeError(
                 f"cannot write the image cache '{self.root}': {e.strerror or e}; set data.cache_dir to a writable "
                 "folder or data.cache=none"
@@ -225,7 +232,8 @@ class ImageDataset(Dataset):
         if i in self._cache:
             return self._cache[i]
         path = self.samples[i].path
-        img = self._disk.get(path) if self._disk is not None else None
+        entry = self._disk.entry(path) if self._disk is not None else None
+        img = self._disk.get(entry) if entry is not None else None
         if img is not None:
             self._check_size(path, img)
             return img
@@ -241,8 +249,8 @@ class ImageDataset(Dataset):
         self._check_size(path, img)
         if self.cache == "memory":
             self._cache[i] = img
-        elif self._disk is not None:
-            self._disk.put(path, img)
+        elif entry is not None:
+            self._disk.put(entry, img)
         return img
 
     def _check_size(self, path: str, img: torch.Tensor) -> None:
@@ -261,8 +269,9 @@ class ImageDataset(Dataset):
         if img is None:
             return None
         if self.transform is not None and self.seed is not None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0]))
+            with torch.random.fork_rng(devices=[]):  # restores the CPU generator, the only one reseeded here
+                seed = np.random.SeedSequence([self.seed % 2**32, epoch, i]).generate_state(1)[0]
+                torch.random.default_generator.manual_seed(int(seed))  # torch.manual_seed would reseed CUDA too
                 img = self.transform(img)
         elif self.transform is not None:
             img = self.transform(img)

@@ -188,50 +188,42 @@ class FineScopeNet(nn.Module):
             out.append((idx, part))
         return out
 
-    def _global_view(
-        self, images: torch.Tensor, sizes: list[list[int]], sources: list | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _global_view(self, images: torch.Tensor, sizes: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Resize each image's valid region so its short side is ``global_size``, normalise, pad to a batch.
 
-        One antialiased resize per distinct image size, from the crop source (:meth:`_crop_sources`) when that
-        is still larger than the view (a large image is then read once at full resolution), else from the
-        image. The view is normalised after resizing (both are linear) and its padding is 0, the mean colour.
+        One antialiased resize per distinct image size, always from the image itself, so every variant sees
+        the same view. The view is normalised after resizing (both are linear) and its padding is 0, the mean
+        colour.
 
         Returns the view (B, 3, Gh, Gw) and the view size of each image (B, 2).
         """
         if self.hires:
             return self._normalise(images), _to_device(sizes, images.device)
         dims = [global_view_size(int(h), int(w), self.global_size) for h, w in sizes]
-        sources = sources if sources is not None else [(idx, None) for idx in self._size_groups(sizes).values()]
+        groups = self._size_groups(sizes)
         B = images.shape[0]
         view = None
-        for idx, source in sources:
+        for (h, w), idx in groups.items():
             gh, gw = dims[idx[0]]
-            h, w = (int(v) for v in sizes[idx[0]])
-            if source is None or min(source.shape[-2:]) < min(gh, gw):
-                source = images[_to_device(idx, images.device)] if len(idx) < B else images
-                source = source[:, :, :h, :w]
-            part = self._normalise(F.interpolate(source, size=(gh, gw), mode="bilinear", antialias=True))
-            if len(sources) == 1:
+            part = images if len(idx) == B else images[_to_device(idx, images.device)]
+            part = self._normalise(F.interpolate(part[:, :, :h, :w], size=(gh, gw), mode="bilinear", antialias=True))
+            if len(groups) == 1:
                 return part, _to_device(dims, images.device)
             if view is None:
                 view = images.new_zeros(B, 3, max(d[0] for d in dims), max(d[1] for d in dims))
             view[_to_device(idx, images.device), :, :gh, :gw] = part
         return view, _to_device(dims, images.device)
 
-    def _crops(
-        self, images: torch.Tensor, boxes: torch.Tensor, sizes: list[list[int]] | None = None,
-        sources: list | None = None,
-    ) -> torch.Tensor:
+    def _crops(self, images: torch.Tensor, boxes: torch.Tensor, sizes: list[list[int]] | None = None) -> torch.Tensor:
         """Cut (B, K, 4) boxes (full-resolution pixels) -> (B*K, 3, L, L) crops in [0, 1].
 
-        One roi_align per distinct image size, on its crop source (:meth:`_crop_sources`, made here unless
-        given), with the boxes scaled to it.
+        One roi_align per distinct image size, on its crop source (:meth:`_crop_sources`), with the boxes
+        scaled to it.
         """
         B, K, _ = boxes.shape
         H, W = images.shape[-2:]
         sizes = sizes if sizes is not None else [[H, W]] * B
-        sources = sources if sources is not None else self._crop_sources(images, sizes)
+        sources = self._crop_sources(images, sizes)
         L = self.local_size
         out = None if len(sources) == 1 else images.new_empty(B, K, 3, L, L)
         for idx, source in sources:
@@ -266,8 +258,7 @@ class FineScopeNet(nn.Module):
         size_list = sizes.tolist()  # sizes arrive on the CPU: reading them costs no device sync
         sizes = sizes.to(images.device, non_blocking=True)
         reads_crops = self.use_crops and not (self.training and not self.crops_active)
-        sources = self._crop_sources(images, size_list) if reads_crops else None
-        view, view_sizes = self._global_view(images, size_list, sources)
+        view, view_sizes = self._global_view(images, size_list)
         fmap = self.backbone(view)  # (B, C, h, w)
         h, w = fmap.shape[-2:]
         stride = _to_device([view.shape[2] / h, view.shape[3] / w], images.device)  # (2,) view pixels per cell
@@ -291,7 +282,7 @@ class FineScopeNet(nn.Module):
             selection_map.detach(), valid, sizes, cell_px, self.num_crops, self.threshold, self.min_box_fraction,
             normalise=self.selection_norm, iou_threshold=self.peak_iou,
         )
-        crops = self._normalise(self._crops(images, boxes, size_list, sources))  # (B*K, 3, L, L)
+        crops = self._normalise(self._crops(images, boxes, size_list))  # (B*K, 3, L, L)
         reader = self.crop_backbone if self.crop_backbone is not None else self.backbone
         local = reader(crops).mean(dim=(2, 3)).view(B, -1)  # (B, K*C), ordered by rank
         fused = self.fusion_head(self.dropout(torch.cat([g, local], dim=1)))
