@@ -150,19 +150,25 @@ def _torchrun(nproc: int, out: Path, root: Path, epochs: int, resume: bool = Fal
                           timeout=300)
 
 
-@pytest.mark.slow
-def test_torchrun_train_rank0_files_gathered_metrics_and_resume_with_other_world(tmp_path):
+def _fusion_run_config(root: Path, per_class: int, epochs: int, **train) -> None:
+    """A synthetic set of ``per_class`` images per class under ``root`` and a fusion config at root/cfg.yaml."""
     import yaml
 
     from finescope.config import to_dict
     from finescope.data.synthetic import ensure_synthetic
 
-    root = tmp_path / "data"
-    cfg = to_dict(_cfg(root, epochs=1))
-    cfg["data"].update(synthetic_per_class=20, test_fraction=0.35, val_fraction=0.2)
+    cfg = to_dict(_cfg(root, epochs=epochs))
+    cfg["data"].update(synthetic_per_class=per_class, test_fraction=0.35, val_fraction=0.2)
     cfg["model"].update(variant="fusion")
-    ensure_synthetic(root, per_class=20, size=64)
+    cfg["train"].update(train)
+    ensure_synthetic(root, per_class=per_class, size=64)
     (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+
+
+@pytest.mark.slow
+def test_torchrun_train_rank0_files_gathered_metrics_and_resume_with_other_world(tmp_path):
+    root = tmp_path / "data"
+    _fusion_run_config(root, per_class=20, epochs=1)
     out = tmp_path / "run"
     first = _torchrun(2, out, root, epochs=1)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -184,18 +190,8 @@ def test_torchrun_train_rank0_files_gathered_metrics_and_resume_with_other_world
 @pytest.mark.slow
 def test_torchrun_stage_wise_warmup(tmp_path):
     """Crop warm-up epochs leave the fusion head without gradients; DDP must accept that."""
-    import yaml
-
-    from finescope.config import to_dict
-    from finescope.data.synthetic import ensure_synthetic
-
     root = tmp_path / "data"
-    cfg = to_dict(_cfg(root, epochs=2))
-    cfg["data"].update(synthetic_per_class=12, test_fraction=0.35, val_fraction=0.2)
-    cfg["model"].update(variant="fusion")
-    cfg["train"].update(crop_warmup_epochs=1)
-    ensure_synthetic(root, per_class=12, size=64)
-    (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    _fusion_run_config(root, per_class=12, epochs=2, crop_warmup_epochs=1)
     run = _torchrun(2, tmp_path / "run", root, epochs=2)
     assert run.returncode == 0, run.stderr[-3000:]
     assert len((tmp_path / "run" / "history.jsonl").read_text().splitlines()) == 2
