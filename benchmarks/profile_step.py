@@ -1,0 +1,145 @@
+"""Where a fusion step's time goes: each stage timed alone, host (enqueue) time against device time, and the
+profiler's top operators.
+
+    PYTHONPATH=src python benchmarks/profile_step.py --device cuda --backbones resnet18 mobilenet_v2 \
+        --size 460x700 --batch 16 --out OUT.json
+
+Stages (inference, no grad, bf16 autocast and channels_last on CUDA as in ``bench_model.py``): the global view
+(resize + normalise), the global backbone pass, attention pooling and heads, box selection, the crops
+(crop source + roi_align + normalise), the crop backbone pass. ``host_ms`` is the time the Python thread needs
+to issue a whole step (no synchronisation at its end); when it is close to the synchronised ``step_ms`` the
+step is bound by kernel launches, not by the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, markdown_table, sync  # noqa: E402
+
+from finescope.config import ModelConfig  # noqa: E402
+from finescope.engine import autocast, compute_loss  # noqa: E402
+from finescope.models import create_model  # noqa: E402
+from finescope.models.selection import select_boxes  # noqa: E402
+
+
+def median_ms(fn, device: torch.device, reps: int, synced: bool = True) -> float:
+    """Median milliseconds of ``fn()``; with ``synced=False`` the host time alone (the device drained first)."""
+    times = []
+    for _ in range(reps):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        if synced:
+            sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    sync(device)
+    return statistics.median(times)
+
+
+def profile_backbone(backbone: str, size: tuple[int, int], batch: int, device: torch.device, reps: int) -> dict:
+    """Stage and step timings of one fusion model."""
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(variant="fusion", backbone=backbone), 2).to(device)
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(batch, 3, *size, generator=g).to(device)
+    sizes = torch.tensor([list(size)] * batch)
+    labels = torch.randint(0, 2, (batch,), generator=g).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    size_list = sizes.tolist()
+    amp = True
+    model.eval()
+    with torch.no_grad(), autocast(device, amp):
+        out = model(images, sizes)
+        view, view_sizes = model._global_view(images, size_list)
+        fmap = model.backbone(view)
+        boxes = out.boxes
+        crops = model._normalise(model._crops(images, boxes, size_list))
+        dev_sizes = sizes.to(device)
+        h, w = fmap.shape[-2:]
+        valid = torch.tensor([[h, w]] * batch, device=device)
+        cell_px = torch.tensor([[size[0] / h, size[1] / w]] * batch, device=device)
+        attn = out.attention
+
+        stages = {
+            "global view": lambda: model._global_view(images, size_list),
+            "global backbone": lambda: model.backbone(view),
+            "select boxes": lambda: select_boxes(attn, valid, dev_sizes, cell_px, model.num_crops, model.threshold,
+                                                 model.min_box_fraction, normalise=model.selection_norm,
+                                                 iou_threshold=model.peak_iou),
+            "crops": lambda: model._normalise(model._crops(images, boxes, size_list)),
+            "crop backbone": lambda: model.backbone(crops),
+            "whole inference step": lambda: model(images, sizes),
+        }
+        for fn in stages.values():
+            fn()
+        rows = {name: {"device_ms": median_ms(fn, device, reps), "host_ms": median_ms(fn, device, reps, False)}
+                for name, fn in stages.items()}
+
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+
+    def train_step() -> None:
+        with autocast(device, amp):
+            loss = compute_loss(model(images, sizes), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    for _ in range(2):
+        train_step()
+    rows["whole training step"] = {"device_ms": median_ms(train_step, device, reps),
+                                   "host_ms": median_ms(train_step, device, reps, False)}
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(3):
+            train_step()
+        sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=25)
+    launches = sum(e.count for e in prof.key_averages() if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                                      "cudaLaunchKernelExC", "cuLaunchKernelEx"))
+    return {"backbone": backbone, "stages": rows, "kernel_launches_per_train_step": launches / 3,
+            "profile_table": table}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--backbones", nargs="+", default=["resnet18", "mobilenet_v2"])
+    p.add_argument("--size", default="460x700")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--out", help="JSON file for the results")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    size = tuple(int(v) for v in args.size.lower().split("x"))
+    results = {"environment": environment(device), "size": args.size, "batch": args.batch,
+               "backbones": [profile_backbone(b, size, args.batch, device, args.reps) for b in args.backbones]}
+    for r in results["backbones"]:
+        print(f"\n## {r['backbone']} {args.size} batch {args.batch}: kernel launches per training step "
+              f"{r['kernel_launches_per_train_step']:.0f}\n")
+        print(markdown_table(["stage", "device ms", "host ms"],
+                             [[k, f"{v['device_ms']:.2f}", f"{v['host_ms']:.2f}"] for k, v in r["stages"].items()]))
+        print(r["profile_table"])
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
