@@ -147,6 +147,14 @@ def train_stage(out: Path, args, device: str) -> dict:
     return result
 
 
+STAGE_SECONDS = {"profile": 30, "model": 160, "batch64": 50, "ablation": 100, "data": 30}  # + agreement, training
+
+
+def stage_timeout(args, name: str) -> int:
+    """Seconds a benchmark stage may run: ``--bench-timeout`` when given, else its own default."""
+    return args.bench_timeout or STAGE_SECONDS[name]
+
+
 def bench_stages(out: Path, args, device: str) -> dict:
     """The model benchmark table, the bf16/channels_last/compile ablation and the data-path benchmark."""
     py = [sys.executable]
@@ -162,19 +170,26 @@ def bench_stages(out: Path, args, device: str) -> dict:
         stages = {
             "model": ["--device", device, "--batch", "16", "--batch-large", "4", "--warmup", "2", "--reps", "6",
                       *(["--weights", *weights] if weights else [])],
-            "ablation": ["--device", device, "--backbones", "resnet18", "resnet50", "--sizes", "460x700",
-                         "--variants", "fusion", "--batch", "16", "--warmup", "2", "--reps", "6", "--ablate",
-                         "fp32", "contiguous", "compile"],
+            "batch64": ["--device", device, "--sizes", "460x700", "--variants", "fusion", "--batch", "64",
+                        "--warmup", "2", "--reps", "5", *(["--weights", *weights] if weights else [])],
+            "ablation": ["--device", device, "--backbones", "resnet18", "--sizes", "460x700", "--variants", "fusion",
+                         "--batch", "16", "--warmup", "2", "--reps", "6", "--ablate", "fp32", "contiguous",
+                         "compile"],
         }
         data = ["--workers", "4", "8", "15", "--limit", "296", "--epoch-backbone", "resnet18", "--device", device,
                 "--augments", "microscopy", "none", "--caches", "none", "memory"]
+    profile = (["--backbones", "tiny", "--size", "128x192", "--batch", "2", "--reps", "2"] if args.quick
+               else ["--backbones", "resnet18", "--size", "460x700", "--batch", "16"])
     results = {}
+    rc, secs = run(py + ["benchmarks/profile_step.py", "--device", device, *profile, "--out", str(out / "profile.json")],
+                   out / "profile.log", stage_timeout(args, "profile"))
+    results["profile"] = {"rc": rc, "seconds": secs}
     for name, extra in stages.items():
         rc, secs = run(py + ["benchmarks/bench_model.py", *extra, "--out", str(out / f"bench_{name}.json")],
-                       out / f"bench_{name}.log", args.bench_timeout)
+                       out / f"bench_{name}.log", stage_timeout(args, name))
         results[name] = {"rc": rc, "seconds": secs}
     rc, secs = run(py + ["benchmarks/bench_data.py", "--data", args.data, *data, "--out", str(out / "bench_data.json")],
-                   out / "bench_data.log", args.bench_timeout)
+                   out / "bench_data.log", stage_timeout(args, "data"))
     results["data"] = {"rc": rc, "seconds": secs}
     return results
 
@@ -186,13 +201,19 @@ def final_table(summary: dict, out: Path) -> str:
             for r in summary["agreement"]]
     for mode, s in summary.get("syncs", {}).items():
         rows.append([f"host syncs / fusion {mode} step", s["syncs"], "; ".join(s["examples"])[:80]])
-    model = out / "bench_model.json"
-    if model.is_file():
-        for g in json.loads(model.read_text())["ratios"]:
+    for name, batch in (("bench_model.json", "stage model"), ("bench_batch64.json", "stage batch64")):
+        if not (out / name).is_file():
+            continue
+        for g in json.loads((out / name).read_text())["ratios"]:
             if "overhead" in g:
                 hires = g.get("fusion_vs_hires", {}).get("median", float("nan"))
                 rows.append([f"{g['backbone']} {g['size']} {g['mode']}", f"fusion/passes {g['overhead']['median']:.3f}, "
-                             f"fusion/hires {hires:.3f}", ""])
+                             f"fusion/hires {hires:.3f}", batch])
+    profile = out / "profile.json"
+    if profile.is_file():
+        for r in json.loads(profile.read_text())["backbones"]:
+            parts = [f"{k} {v['device_ms']:.2f}/{v['host_ms']:.2f}" for k, v in r["stages"].items()]
+            rows.append([f"stages {r['backbone']} (device/host ms)", ", ".join(parts), "profile.log"])
     ablation = out / "bench_ablation.json"
     if ablation.is_file():
         for g in json.loads(ablation.read_text())["ratios"]:
@@ -230,8 +251,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--quick", action="store_true", help="tiny settings (CPU test)")
     p.add_argument("--only-agreement", action="store_true", help="run the agreement check alone")
-    p.add_argument("--bench-timeout", type=int, default=90, help="seconds per benchmark stage (3 stages)")
-    p.add_argument("--train-timeout", type=int, default=80)
+    p.add_argument("--bench-timeout", type=int, default=0,
+                   help=f"seconds for every benchmark stage (0 = each its own: {STAGE_SECONDS})")
+    p.add_argument("--train-timeout", type=int, default=60)
     return p.parse_args(argv)
 
 

@@ -61,14 +61,12 @@ def profile_backbone(backbone: str, size: tuple[int, int], batch: int, device: t
     model.eval()
     with torch.no_grad(), autocast(device, amp):
         out = model(images, sizes)
-        view, view_sizes = model._global_view(images, size_list)
+        view, _ = model._global_view(images, size_list)
         fmap = model.backbone(view)
         boxes = out.boxes
         crops = model._normalise(model._crops(images, boxes, size_list))
-        dev_sizes = sizes.to(device)
-        h, w = fmap.shape[-2:]
-        valid = torch.tensor([[h, w]] * batch, device=device)
-        cell_px = torch.tensor([[size[0] / h, size[1] / w]] * batch, device=device)
+        valid, cell_px, dev_sizes, mask = model._grid_meta(size_list, [list(view.shape[-2:])] * batch,
+                                                           view.shape[-2:], fmap.shape[-2:], device)
         attn = out.attention
 
         stages = {
@@ -76,7 +74,7 @@ def profile_backbone(backbone: str, size: tuple[int, int], batch: int, device: t
             "global backbone": lambda: model.backbone(view),
             "select boxes": lambda: select_boxes(attn, valid, dev_sizes, cell_px, model.num_crops, model.threshold,
                                                  model.min_box_fraction, normalise=model.selection_norm,
-                                                 iou_threshold=model.peak_iou),
+                                                 iou_threshold=model.peak_iou, padded=mask is not None),
             "crops": lambda: model._normalise(model._crops(images, boxes, size_list)),
             "crop backbone": lambda: model.backbone(crops),
             "whole inference step": lambda: model(images, sizes),

@@ -276,8 +276,8 @@ def test_global_view_of_a_mixed_batch_matches_each_image_alone():
     view, dims = model._global_view(batch, [list(im.shape[1:]) for im in imgs])
     for i, im in enumerate(imgs):
         alone, d = model._global_view(im[None], [list(im.shape[1:])])
-        gh, gw = d[0].tolist()
-        assert dims[i].tolist() == [gh, gw]
+        gh, gw = d[0]
+        assert dims[i] == [gh, gw]
         torch.testing.assert_close(view[i, :, :gh, :gw], alone[0])
         assert view[i, :, gh:].abs().sum() == 0 and view[i, :, :, gw:].abs().sum() == 0
 
@@ -302,3 +302,44 @@ def test_loss_scaling_step_matches_an_unscaled_step():
         if scaler is not None:
             assert scaler.get_scale() == 1024.0  # no overflow: the scale stays until growth_interval steps
     torch.testing.assert_close(params[1], params[0], rtol=1e-4, atol=1e-6)
+
+
+def _same_partition(ours: torch.Tensor, ref) -> bool:
+    """Two labellings of one grid (0 = background) name the same components."""
+    pairs = set(zip(ref.ravel().tolist(), ours.ravel().tolist(), strict=True))
+    return len(pairs) == len(set(ref.ravel().tolist())) == len(set(ours.ravel().tolist()))
+
+
+def test_connected_components_match_scipy_on_random_and_winding_grids():
+    ndimage = pytest.importorskip("scipy.ndimage")
+    from finescope.models.selection import _connected_components
+
+    g = torch.Generator().manual_seed(0)
+    grids = [torch.rand(3, 17, 23, generator=g) < p for p in (0.3, 0.5, 0.7)]
+    snake = torch.zeros(1, 15, 15, dtype=torch.bool)  # a serpentine: one component, many turns
+    snake[0, ::2] = True
+    snake[0, 1::4, -1] = True
+    snake[0, 3::4, 0] = True
+    for binary in [*grids, snake]:
+        labels = _connected_components(binary)
+        for i in range(binary.shape[0]):
+            ref, _ = ndimage.label(binary[i].numpy(), structure=[[1, 1, 1]] * 3)
+            assert _same_partition(labels[i], ref)
+    assert labels.unique().numel() == 2  # the snake is one component
+    # A fixed number of rounds (the torch.compile path) labels a blob exactly, but not the long snake.
+    yy, xx = torch.meshgrid(torch.arange(28.0), torch.arange(44.0), indexing="ij")
+    blobs = (((yy - 9) ** 2 + (xx - 12) ** 2 < 40) | ((yy - 20) ** 2 / 4 + (xx - 30) ** 2 / 60 < 5))[None]
+    torch.testing.assert_close(_connected_components(blobs, rounds=3), _connected_components(blobs))
+    assert _connected_components(snake, rounds=3).unique().numel() > 2
+
+
+def test_selection_without_padding_masks_matches_the_general_path():
+    """``padded=False`` (every cell valid, the network's common case) skips the masks, not the result."""
+    g = torch.Generator().manual_seed(3)
+    attn = torch.rand(4, 5, 7, generator=g).flatten(1).softmax(1).view(4, 5, 7)
+    args = (attn, torch.tensor([[5, 7]] * 4), torch.tensor([[100, 140]] * 4), torch.tensor([[20.0, 20.0]] * 4), 3)
+    for normalise in ("max", "minmax"):
+        general = select_boxes(*args, normalise=normalise)
+        fast = select_boxes(*args, normalise=normalise, padded=False)
+        for a, b in zip(general, fast, strict=True):
+            torch.testing.assert_close(a, b)

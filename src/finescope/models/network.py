@@ -7,6 +7,7 @@ variant (``use_attention``, ``use_crops``, ``hires``); forward never branches on
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -188,18 +189,18 @@ class FineScopeNet(nn.Module):
             out.append((idx, part))
         return out
 
-    def _global_view(self, images: torch.Tensor, sizes: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _global_view(self, images: torch.Tensor, sizes: list[list[int]]) -> tuple[torch.Tensor, list[list[int]]]:
         """Resize each image's valid region so its short side is ``global_size``, normalise, pad to a batch.
 
         One antialiased resize per distinct image size, always from the image itself, so every variant sees
         the same view. The view is normalised after resizing (both are linear) and its padding is 0, the mean
         colour.
 
-        Returns the view (B, 3, Gh, Gw) and the view size of each image (B, 2).
+        Returns the view (B, 3, Gh, Gw) and the view size [h, w] of each image (a list, on the host).
         """
         if self.hires:
-            return self._normalise(images), _to_device(sizes, images.device)
-        dims = [global_view_size(int(h), int(w), self.global_size) for h, w in sizes]
+            return self._normalise(images), [[int(h), int(w)] for h, w in sizes]
+        dims = [list(global_view_size(int(h), int(w), self.global_size)) for h, w in sizes]
         groups = self._size_groups(sizes)
         B = images.shape[0]
         view = None
@@ -208,11 +209,36 @@ class FineScopeNet(nn.Module):
             part = images if len(idx) == B else images[_to_device(idx, images.device)]
             part = self._normalise(F.interpolate(part[:, :, :h, :w], size=(gh, gw), mode="bilinear", antialias=True))
             if len(groups) == 1:
-                return part, _to_device(dims, images.device)
+                return part, dims
             if view is None:
                 view = images.new_zeros(B, 3, max(d[0] for d in dims), max(d[1] for d in dims))
             view[_to_device(idx, images.device), :, :gh, :gw] = part
-        return view, _to_device(dims, images.device)
+        return view, dims
+
+    @staticmethod
+    def _grid_meta(sizes: list[list[int]], dims: list[list[int]], view_hw: tuple[int, int], grid_hw: tuple[int, int],
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Per image, from host numbers and in one host-to-device copy: the valid feature cells (B, 2) long,
+        the size of a cell in full-resolution pixels (B, 2), the image size (B, 2) float and the valid-cell
+        mask (B, h, w) bool, None when every cell of every image is valid.
+
+        A view of ``dims`` pixels in a ``view_hw`` batch covers ``ceil(dims / stride)`` of the ``grid_hw``
+        cells, with ``stride = view_hw / grid_hw`` view pixels per cell.
+        """
+        h, w = grid_hw
+        sh, sw = view_hw[0] / h, view_hw[1] / w
+        rows = []
+        for (H, W), (gh, gw) in zip(sizes, dims, strict=True):
+            rows.append([min(h, max(1, math.ceil(gh / sh))), min(w, max(1, math.ceil(gw / sw))),
+                         sh * H / gh, sw * W / gw, H, W])
+        host = torch.tensor(rows, dtype=torch.float32)  # (B, 6)
+        if all(r[0] == h and r[1] == w for r in rows):
+            meta = host.to(device, non_blocking=True)
+            return meta[:, :2].long(), meta[:, 2:4], meta[:, 4:6], None
+        mask = (torch.arange(h)[None, :, None] < host[:, 0, None, None]) & (
+            torch.arange(w)[None, None, :] < host[:, 1, None, None])
+        meta = torch.cat([host, mask.flatten(1).float()], dim=1).to(device, non_blocking=True)
+        return meta[:, :2].long(), meta[:, 2:4], meta[:, 4:6], meta[:, 6:].view(-1, h, w) > 0.5
 
     def _crops(self, images: torch.Tensor, boxes: torch.Tensor, sizes: list[list[int]] | None = None) -> torch.Tensor:
         """Cut (B, K, 4) boxes (full-resolution pixels) -> (B*K, 3, L, L) crops in [0, 1].
@@ -256,31 +282,26 @@ class FineScopeNet(nn.Module):
         if sizes is None:
             sizes = torch.tensor([[H, W]] * B)
         size_list = sizes.tolist()  # sizes arrive on the CPU: reading them costs no device sync
-        sizes = sizes.to(images.device, non_blocking=True)
         reads_crops = self.use_crops and not (self.training and not self.crops_active)
-        view, view_sizes = self._global_view(images, size_list)
+        view, dims = self._global_view(images, size_list)
         fmap = self.backbone(view)  # (B, C, h, w)
         h, w = fmap.shape[-2:]
-        stride = _to_device([view.shape[2] / h, view.shape[3] / w], images.device)  # (2,) view pixels per cell
-        valid = torch.ceil(view_sizes.float() / stride).long().clamp(min=1)  # (B, 2) valid cells
-        valid = torch.minimum(valid, _to_device([h, w], images.device))
-        mask = self._grid_mask(valid, h, w)  # (B, h, w)
+        valid, cell_px, sizes, mask = self._grid_meta(size_list, dims, view.shape[-2:], (h, w), images.device)
         if not self.use_attention:
             return ModelOutput(logits=self.global_head(self._masked_mean(fmap, mask)))
         inst = fmap.flatten(2).transpose(1, 2)  # (B, N, C)
         h_n = self.instance_proj(inst) if self.instance_proj is not None else inst  # (B, N, M)
-        z, a = self.attention_pool(h_n, mask.flatten(1))  # (B, M), (B, N)
+        z, a = self.attention_pool(h_n, None if mask is None else mask.flatten(1))  # (B, M), (B, N)
         attn = a.view(B, h, w)
         g = z if self.image_feature == "attention" else self._masked_mean(fmap, mask)
         global_logits = self.global_head(g)
-        cell_px = stride[None] * sizes.float() / view_sizes.float()  # (B, 2) pixels per cell
         if not reads_crops:
             return ModelOutput(logits=global_logits, attention=attn, cell_px=cell_px)
         cells = h_n if self.image_feature == "attention" else inst  # what W_g reads, (B, N, g_dim)
-        selection_map = attn if self.select_from == "attention" else self._evidence(cells, global_logits, mask)
+        selection_map = attn if self.select_from == "attention" else self._evidence(cells, global_logits, mask, (h, w))
         boxes, mass = select_boxes(
             selection_map.detach(), valid, sizes, cell_px, self.num_crops, self.threshold, self.min_box_fraction,
-            normalise=self.selection_norm, iou_threshold=self.peak_iou,
+            normalise=self.selection_norm, iou_threshold=self.peak_iou, padded=mask is not None,
         )
         crops = self._normalise(self._crops(images, boxes, size_list))  # (B*K, 3, L, L)
         reader = self.crop_backbone if self.crop_backbone is not None else self.backbone
@@ -289,28 +310,28 @@ class FineScopeNet(nn.Module):
         return ModelOutput(fused, global_logits, attn, boxes, mass, cell_px)
 
     @torch.no_grad()
-    def _evidence(self, cells: torch.Tensor, global_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _evidence(self, cells: torch.Tensor, global_logits: torch.Tensor, mask: torch.Tensor | None,
+                  grid_hw: tuple[int, int] | None = None) -> torch.Tensor:
         """Class evidence map (B, h, w): softmax over valid cells of W_g h_n for the predicted class (a CAM).
 
         Args:
             cells: (B, N, D) the per-cell features the global head reads.
             global_logits: (B, num_classes).
-            mask: (B, h, w) valid cells.
+            mask: (B, h, w) valid cells, None = all.
+            grid_hw: (h, w), needed when ``mask`` is None.
         """
-        B, h, w = mask.shape
+        B = cells.shape[0]
+        h, w = mask.shape[1:] if mask is not None else grid_hw
         pred = global_logits.argmax(dim=1)  # (B,)
         per_cell = cells.float() @ self.global_head.weight.float().t()  # (B, N, num_classes)
         score = per_cell.gather(2, pred.view(B, 1, 1).expand(B, h * w, 1)).squeeze(2)  # (B, N)
-        score = score.masked_fill(~mask.flatten(1), float("-inf"))
+        if mask is not None:
+            score = score.masked_fill(~mask.flatten(1), float("-inf"))
         return score.softmax(dim=1).view(B, h, w)
 
     @staticmethod
-    def _masked_mean(fmap: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Global average of (B, C, h, w) over each image's valid cells (mask (B, h, w)) -> (B, C)."""
+    def _masked_mean(fmap: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Global average of (B, C, h, w) over each image's valid cells (mask (B, h, w), None = all) -> (B, C)."""
+        if mask is None:
+            return fmap.mean(dim=(2, 3))
         return (fmap * mask[:, None]).sum(dim=(2, 3)) / mask.sum(dim=(1, 2))[:, None]
-
-    @staticmethod
-    def _grid_mask(valid: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        rows = torch.arange(h, device=valid.device)[None, :, None] < valid[:, 0, None, None]
-        cols = torch.arange(w, device=valid.device)[None, None, :] < valid[:, 1, None, None]
-        return rows & cols  # (B, h, w) bool

@@ -8,13 +8,38 @@ skipping any whose IoU with a box already taken exceeds ``iou_threshold``. Thres
 finer than the feature map gives the same components as thresholding at every pixel (the upsampled map is
 smooth), at a cost that does not grow with the image, and everything stays on the tensor's device.
 
+On a GPU this runs on tiny tensors, so its cost is the number of kernels launched, not arithmetic: every step
+below is batched over images, components, boxes and peaks, and the only host-device sync is the convergence
+test of the component labelling (once per call for ordinary attention maps).
+
 Runs under ``torch.no_grad``: selection is not differentiable.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+
+COMPILED_ROUNDS = 8  # labelling rounds under torch.compile (see _connected_components)
+
+
+def _grid(H: int, W: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Constants of an H x W grid: cell numbers 1..H*W (1, 1, H, W) float, and the (row, col) of each cell as
+    [-r, r, -c, c] (4, H*W) float, the values whose maxima per component give its bounding box. Cached, except
+    while torch.compile traces (it folds them into the graph)."""
+    return _make_grid(H, W, device) if torch.compiler.is_compiling() else _cached_grid(H, W, device)
+
+
+def _make_grid(H: int, W: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    index = torch.arange(1, H * W + 1, dtype=torch.float32, device=device).view(1, 1, H, W)
+    r = torch.arange(H, dtype=torch.float32, device=device).repeat_interleave(W)
+    c = torch.arange(W, dtype=torch.float32, device=device).repeat(H)
+    return index, torch.stack([-r, r, -c, c])
+
+
+_cached_grid = functools.lru_cache(maxsize=32)(_make_grid)
 
 
 def _fill_padding(attn: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -23,87 +48,85 @@ def _fill_padding(attn: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     attn: (B, h, w); valid: (B, 2) number of valid rows and columns of each image.
     """
     B, h, w = attn.shape
-    rows = torch.arange(h, device=attn.device).expand(B, h)
-    cols = torch.arange(w, device=attn.device).expand(B, w)
-    rows = torch.minimum(rows, (valid[:, 0:1] - 1))  # (B, h)
-    cols = torch.minimum(cols, (valid[:, 1:2] - 1))  # (B, w)
+    rows = torch.minimum(torch.arange(h, device=attn.device), valid[:, 0:1] - 1)  # (B, h)
+    cols = torch.minimum(torch.arange(w, device=attn.device), valid[:, 1:2] - 1)  # (B, w)
     b = torch.arange(B, device=attn.device)[:, None, None]
     return attn[b, rows[:, :, None], cols[:, None, :]]  # (B, h, w)
 
 
-def _connected_components(binary: torch.Tensor, first_check: int | None = None) -> torch.Tensor:
-    """Label 8-connected components of a (B, H, W) bool grid; each component gets its largest cell index + 1.
+def _run_ids(mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """Number every run of True along ``dim`` (3 = rows, 2 = columns) of a (B, 1, H, W) mask: a distinct id
+    >= 1 per run over the whole batch, 0 on False."""
+    m = mask.transpose(2, 3) if dim == 2 else mask
+    start = m.clone()
+    start[..., 1:] &= ~m[..., :-1]
+    ids = start.reshape(-1).cumsum(0).view(m.shape) * m
+    return (ids.transpose(2, 3) if dim == 2 else ids).contiguous()
 
-    Labels spread by one cell per 3x3 max-pool. Convergence is tested (a host-device sync on CUDA) only after
-    ``first_check`` steps (default max(H, W): enough for any convex component, whose 8-connected geodesic
-    diameter is at most max(H, W)) and then every 4 steps, so a step usually syncs once, and the result is
-    exact for any shape.
+
+def _connected_components(binary: torch.Tensor, first_check: int = 2, rounds: int | None = None) -> torch.Tensor:
+    """Label 8-connected components of a (B, H, W) bool grid; each component gets its largest cell number
+    (1-based row-major index).
+
+    One round spreads labels to the 8 neighbours (a 3x3 max-pool), then along every horizontal run and every
+    vertical run of the component at once (a max per run), so blob-like components are labelled in one or two
+    rounds. Convergence is tested (a host-device sync on CUDA) after ``first_check`` rounds and then after
+    every round, so the result is exact for any shape. With ``rounds`` set, exactly that many rounds run and
+    nothing is tested (no sync, one static graph for ``torch.compile``); a component that needs more rounds
+    (a long winding one) then keeps more than one label.
     """
     B, H, W = binary.shape
-    first_check = max(H, W) if first_check is None else first_check
-    mask = binary.float()
-    labels = torch.arange(1, H * W + 1, device=binary.device, dtype=torch.float32).view(1, H, W) * mask
-    for step in range(H * W):
-        new = F.max_pool2d(labels.unsqueeze(1), 3, 1, 1).squeeze(1) * mask
-        if step >= first_check and step % 4 == 3 and torch.equal(new, labels):
+    mask = binary.unsqueeze(1)
+    maskf = mask.float()
+    labels = _grid(H, W, binary.device)[0] * maskf  # (B, 1, H, W)
+    runs = [_run_ids(mask, 3).view(-1), _run_ids(mask, 2).view(-1)]
+    n = B * H * W + 1
+    for step in range(H * W if rounds is None else rounds):
+        new = F.max_pool2d(labels, 3, 1, 1) * maskf
+        for ids in runs:
+            new = new.new_zeros(n).scatter_reduce_(0, ids, new.view(-1), "amax")[ids].view_as(labels)
+        if rounds is None and step + 1 >= first_check and torch.equal(new, labels):
             break
         labels = new
-    return labels.long()  # (B, H, W), 0 = background
+    return labels.view(B, H, W).long()  # (B, H, W), 0 = background
 
 
 def _grow_and_clip(boxes: torch.Tensor, min_side: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     """Grow (B, S, 4) x1y1x2y2 boxes to ``min_side`` (B,) per side, shift inside the image, clip to it."""
-    H = sizes[:, 0, None].float()
-    W = sizes[:, 1, None].float()
-    m = min_side[:, None]
-    out = []
-    for lo, hi, limit in ((boxes[..., 0], boxes[..., 2], W), (boxes[..., 1], boxes[..., 3], H)):
-        side = torch.maximum(hi - lo, torch.minimum(m, limit))
-        centre = (lo + hi) / 2
-        lo = (centre - side / 2).clamp(min=0)
-        lo = torch.minimum(lo, limit - side).clamp(min=0)
-        out.append((lo, torch.minimum(lo + side, limit)))
-    (x1, x2), (y1, y2) = out
-    return torch.stack([x1, y1, x2, y2], dim=-1)
+    limit = sizes.flip(1).float()[:, None, :]  # (B, 1, 2) W, H
+    lo, hi = boxes[..., :2], boxes[..., 2:]
+    side = torch.maximum(hi - lo, torch.minimum(min_side[:, None, None], limit))
+    lo = ((lo + hi) / 2 - side / 2).clamp(min=0)
+    lo = torch.minimum(lo, limit - side).clamp(min=0)
+    return torch.cat([lo, torch.minimum(lo + side, limit)], dim=-1)
 
 
-def _component_boxes(labels, fine, cell_px, upsample):
-    """Boxes (B, S, 4) in pixels and attention mass (B, S) of each component, sorted by mass."""
+def _component_boxes(labels, fine, cell_px, upsample, k):
+    """Boxes (B, k', 4) in fine-grid units and attention mass (B, k') of the k' = min(k, P + 1) components with
+    the largest mass (slots that are no component have mass 0, the background -1)."""
     B, H, W = labels.shape
     P = H * W
-    flat = labels.view(B, P)
-    r = torch.arange(H, device=labels.device).repeat_interleave(W).expand(B, P).float()
-    c = torch.arange(W, device=labels.device).repeat(H).expand(B, P).float()
-    big = float(P + 1)
-    stats = []
-    for values, reduce, init in ((r, "amin", big), (r, "amax", -1.0), (c, "amin", big), (c, "amax", -1.0)):
-        buf = torch.full((B, P + 1), init, device=labels.device)
-        stats.append(buf.scatter_reduce(1, flat, values, reduce=reduce, include_self=True))
-    mass = torch.zeros(B, P + 1, device=labels.device).scatter_add(1, flat, fine.view(B, P).float())
+    flat = labels.view(B, 1, P)
+    coords = _grid(H, W, labels.device)[1]  # (4, P): -r, r, -c, c
+    extremes = labels.new_full((B, 4, P + 1), -float(P + 1), dtype=torch.float32)
+    extremes.scatter_reduce_(2, flat.expand(B, 4, P), coords.expand(B, 4, P), "amax")
+    mass = fine.new_zeros(B, P + 1).scatter_add_(1, flat[:, 0], fine.reshape(B, P).float())
     mass[:, 0] = -1.0  # background slot
-    rmin, rmax, cmin, cmax = stats
-    ch = cell_px[:, 0, None] / upsample
-    cw = cell_px[:, 1, None] / upsample
-    boxes = torch.stack([cmin * cw, rmin * ch, (cmax + 1) * cw, (rmax + 1) * ch], dim=-1)  # (B, P+1, 4)
-    order = mass.argsort(dim=1, descending=True)
-    boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4))
-    mass = mass.gather(1, order)
-    return boxes, mass
+    mass, slot = mass.topk(min(k, P + 1), dim=1)
+    neg_rmin, rmax, neg_cmin, cmax = extremes.gather(2, slot[:, None].expand(-1, 4, -1)).unbind(1)  # (B, k')
+    cell = (cell_px / upsample).flip(1).repeat(1, 2)[:, None, :]  # (B, 1, 4) pixels per fine cell, x y x y
+    return torch.stack([-neg_cmin, -neg_rmin, cmax + 1, rmax + 1], dim=-1) * cell, mass
 
 
-def _peak_boxes(fine_norm, valid_fine, cell_px, upsample, min_side, sizes):
-    """Boxes centred on every fine-grid point, sorted by attention (B, P, 4), and their validity (B, P)."""
+def _peak_boxes(fine_norm, valid_fine, cell_px, upsample):
+    """Zero-size boxes on every fine-grid point (B, P, 4) in pixels, and its score (B, P): the normalised map,
+    -1 on padding."""
     B, H, W = fine_norm.shape
-    P = H * W
-    score = fine_norm.masked_fill(~valid_fine, -1.0).view(B, P)
-    order = score.argsort(dim=1, descending=True)
-    r = (order // W).float() + 0.5
-    c = (order % W).float() + 0.5
-    cy = r * cell_px[:, 0, None] / upsample
-    cx = c * cell_px[:, 1, None] / upsample
-    centre = torch.stack([cx, cy, cx, cy], dim=-1)  # zero-size boxes, grown below
-    boxes = _grow_and_clip(centre, min_side, sizes)
-    return boxes, score.gather(1, order) >= 0
+    coords = _grid(H, W, fine_norm.device)[1]
+    centre = torch.stack([coords[3], coords[1]], dim=-1) + 0.5  # (P, 2) x, y in fine cells
+    centre = centre * (cell_px / upsample).flip(1)[:, None, :]  # (B, P, 2) pixels
+    score = fine_norm if valid_fine is None else fine_norm.masked_fill(~valid_fine, -1.0)
+    return torch.cat([centre, centre], dim=-1), score.reshape(B, H * W)
 
 
 def _batched_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -114,14 +137,6 @@ def _batched_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     area_a = (a[..., 2:] - a[..., :2]).clamp(min=0).prod(dim=-1)
     area_b = (b[..., 2:] - b[..., :2]).clamp(min=0).prod(dim=-1)
     return inter / (area_a[:, :, None] + area_b[:, None, :] - inter).clamp(min=1e-9)
-
-
-def _first_true(ok: torch.Tensor) -> torch.Tensor:
-    """Index of the first True per row of a (B, P) bool tensor (0 when there is none)."""
-    P = ok.shape[1]
-    rank = torch.where(ok, torch.arange(P, device=ok.device).expand_as(ok), torch.full_like(ok, P, dtype=torch.long))
-    idx = rank.min(dim=1).values
-    return torch.where(idx == P, torch.zeros_like(idx), idx)
 
 
 def box_mass(attn: torch.Tensor, boxes: torch.Tensor, cell_px: torch.Tensor) -> torch.Tensor:
@@ -140,19 +155,20 @@ def box_mass(attn: torch.Tensor, boxes: torch.Tensor, cell_px: torch.Tensor) -> 
     cx = (torch.arange(w, device=attn.device).float() + 0.5)[None, :] * cell_px[:, 1:2]  # (B, w)
     in_y = (cy[:, None, :] >= boxes[..., 1:2]) & (cy[:, None, :] < boxes[..., 3:4])  # (B, K, h)
     in_x = (cx[:, None, :] >= boxes[..., 0:1]) & (cx[:, None, :] < boxes[..., 2:3])  # (B, K, w)
-    inside = in_y[..., :, None] & in_x[..., None, :]  # (B, K, h, w)
-    return (inside.float() * attn[:, None].float()).sum(dim=(-1, -2))
+    return torch.einsum("bkh,bkw,bhw->bk", in_y.float(), in_x.float(), attn.float())
 
 
-def _normalise(fine: torch.Tensor, valid_fine: torch.Tensor, how: str) -> torch.Tensor:
+def _normalise(fine: torch.Tensor, valid_fine: torch.Tensor | None, how: str) -> torch.Tensor:
     """Scale each (H', W') map to a peak of 1: by its maximum, or min-max over its valid points."""
     peak = fine.flatten(1).amax(dim=1)[:, None, None]
     if how == "max":
         return fine / peak.clamp(min=1e-12)
     if how != "minmax":
         raise ValueError(f"normalise must be 'max' or 'minmax', got {how!r}")
-    low = fine.masked_fill(~valid_fine, float("inf")).flatten(1).amin(dim=1)[:, None, None]
-    return ((fine - low) / (peak - low).clamp(min=1e-12)).clamp(min=0) * valid_fine
+    low = fine if valid_fine is None else fine.masked_fill(~valid_fine, float("inf"))
+    low = low.flatten(1).amin(dim=1)[:, None, None]
+    out = ((fine - low) / (peak - low).clamp(min=1e-12)).clamp(min=0)
+    return out if valid_fine is None else out * valid_fine
 
 
 @torch.no_grad()
@@ -167,6 +183,7 @@ def select_boxes(
     upsample: int = 4,
     iou_threshold: float = 0.5,
     normalise: str = "max",
+    padded: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick K boxes per image from an attention map (method.md step 5).
 
@@ -182,39 +199,65 @@ def select_boxes(
         iou_threshold: peaks whose box overlaps a taken box by more than this are skipped.
         normalise: ``max`` divides the map by its maximum (method.md); ``minmax`` maps [min, max] to [0, 1]
             first, so a flat background at half the peak (common on small grids) stays below tau.
+        padded: False when the caller knows every image fills the whole grid (``valid`` is (h, w) for all),
+            which skips the padding masks; True is always correct.
 
     Returns:
         boxes: (B, K, 4) float x1, y1, x2, y2 in full-resolution pixels, ordered by rank.
         mass: (B, K) attention mass inside each box.
     """
+    with torch.autocast(attn.device.type, enabled=False):  # float32 throughout, also inside an autocast region
+        return _select(attn, valid, sizes, cell_px, k, threshold, min_box_fraction, upsample, iou_threshold,
+                       normalise, padded)
+
+
+def _select(attn, valid, sizes, cell_px, k, threshold, min_box_fraction, upsample, iou_threshold, normalise, padded):
     attn = attn.float()
     B, h, w = attn.shape
+    if k == 0:
+        return attn.new_zeros(B, 0, 4), attn.new_zeros(B, 0)
     sizes = sizes.to(attn.device)
-    fine = F.interpolate(_fill_padding(attn, valid).unsqueeze(1), scale_factor=upsample, mode="bilinear")
-    fine = fine.squeeze(1)  # (B, h*u, w*u)
-    rows = torch.arange(h * upsample, device=attn.device)
-    cols = torch.arange(w * upsample, device=attn.device)
-    valid_fine = (rows[None, :, None] < valid[:, 0, None, None] * upsample) & (
-        cols[None, None, :] < valid[:, 1, None, None] * upsample
-    )  # (B, H', W')
-    fine = fine * valid_fine
+    cell_px = cell_px.float()
+    valid_fine = None
+    if padded:
+        attn_in = _fill_padding(attn, valid)
+        rows = torch.arange(h * upsample, device=attn.device)[None, :, None] < valid[:, 0, None, None] * upsample
+        cols = torch.arange(w * upsample, device=attn.device)[None, None, :] < valid[:, 1, None, None] * upsample
+        valid_fine = rows & cols  # (B, H', W')
+    fine = F.interpolate((attn_in if padded else attn).unsqueeze(1), scale_factor=upsample, mode="bilinear")
+    fine = fine.squeeze(1) if valid_fine is None else fine.squeeze(1) * valid_fine  # (B, H', W')
     fine_norm = _normalise(fine, valid_fine, normalise)
-    labels = _connected_components((fine_norm >= threshold) & valid_fine)
-    comp_boxes, comp_mass = _component_boxes(labels, fine, cell_px, upsample)
+    binary = fine_norm >= threshold
+    rounds = COMPILED_ROUNDS if torch.compiler.is_compiling() else None
+    labels = _connected_components(binary if valid_fine is None else binary & valid_fine, rounds=rounds)
+    comp_boxes, comp_mass = _component_boxes(labels, fine, cell_px, upsample, k)
+    kc = comp_boxes.shape[1]
+    peak_boxes, score = _peak_boxes(fine_norm, valid_fine, cell_px, upsample)
     min_side = min_box_fraction * sizes.float().min(dim=1).values  # (B,)
-    comp_boxes = _grow_and_clip(comp_boxes[:, :k], min_side, sizes)
-    comp_ok = comp_mass[:, :k] > 0
-    peak_boxes, peak_ok = _peak_boxes(fine_norm, valid_fine, cell_px, upsample, min_side, sizes)
-    taken: list[torch.Tensor] = []
+    grown = _grow_and_clip(torch.cat([comp_boxes, peak_boxes], dim=1), min_side, sizes)
+    comp_boxes, peak_boxes = grown[:, :kc], grown[:, kc:]
+    comp_ok = comp_mass > 0  # (B, k'): a prefix, the masses being sorted
+    # Peaks, greedily: the best-scoring peak whose box overlaps no box already taken by more than the IoU
+    # threshold (the best of all when none is left). Components come first, so every peak is checked against
+    # the used components at once, then against each peak taken. All peak boxes of an image have the same
+    # size (side x side, area A), so for two of them IoU <= t  <=>  intersection <= 2 t A / (1 + t).
+    peak_lo = peak_boxes[..., :2]
+    side = peak_boxes[:, :1, 2:] - peak_boxes[:, :1, :2]  # (B, 1, 2)
+    most = (2 * iou_threshold / (1 + iou_threshold)) * side.prod(dim=-1)  # (B, 1)
+    overlaps = (_batched_iou(peak_boxes, comp_boxes) > iou_threshold) & comp_ok[:, None, :]
+    ok = (score >= 0) & ~overlaps.any(dim=-1)  # (B, P)
+    fallback = score - 3.0  # valid peaks score >= 0, padding -1: the best valid one wins when none is ok
+    peaks = []
     for i in range(k):
-        ok = peak_ok
-        if taken:
-            iou = _batched_iou(peak_boxes, torch.stack(taken, dim=1))  # (B, P, i)
-            ok = ok & (iou <= iou_threshold).all(dim=-1)
-        idx = _first_true(ok)
-        peak_box = peak_boxes.gather(1, idx[:, None, None].expand(-1, 1, 4)).squeeze(1)
-        use_comp = comp_ok[:, i] if i < comp_ok.shape[1] else torch.zeros(B, dtype=torch.bool, device=attn.device)
-        comp_box = comp_boxes[:, i] if i < comp_boxes.shape[1] else peak_box
-        taken.append(torch.where(use_comp[:, None], comp_box, peak_box))
-    boxes = torch.stack(taken, dim=1) if taken else attn.new_zeros(B, 0, 4)
+        pick = torch.where(ok, score, fallback).argmax(dim=1)
+        peaks.append(peak_boxes.gather(1, pick[:, None, None].expand(-1, 1, 4)))
+        if i + 1 < k:
+            inter = (side - (peak_lo - peaks[-1][..., :2]).abs()).clamp(min=0).prod(dim=-1)  # (B, P)
+            ok = ok & (inter <= most)
+    # Box i is component i while there is one, then the (i - number of components)-th peak.
+    slot = torch.arange(k, device=attn.device).expand(B, k)
+    used = F.pad(comp_ok, (0, k - kc))
+    slot = torch.where(used, slot, slot + k - comp_ok.sum(dim=1, keepdim=True))
+    candidates = torch.cat([F.pad(comp_boxes, (0, 0, 0, k - kc)), *peaks], dim=1)  # (B, 2k, 4)
+    boxes = candidates.gather(1, slot[..., None].expand(-1, -1, 4))
     return boxes, box_mass(attn, boxes, cell_px)
