@@ -147,7 +147,9 @@ def train_stage(out: Path, args, device: str) -> dict:
     return result
 
 
-STAGE_SECONDS = {"profile": 30, "model": 160, "batch64": 50, "ablation": 100, "data": 30}  # + agreement, training
+# Seconds per stage, sized from an H200 run (model 160 s for 11 of its 12 groups at 6 repetitions, batch64 50 s for
+# 4 of 6 at 5, ablation 95 s, data 19 s, profile 11 s); with agreement (~20 s) and training (~35 s) about 440 s.
+STAGE_SECONDS = {"profile": 20, "model": 180, "batch64": 75, "ablation": 100, "data": 30}
 
 
 def stage_timeout(args, name: str) -> int:
@@ -168,10 +170,10 @@ def bench_stages(out: Path, args, device: str) -> dict:
                 "64", "--local-size", "64", "--batch", "4", "--model-reps", "1", "--augments", "none"]
     else:
         stages = {
-            "model": ["--device", device, "--batch", "16", "--batch-large", "4", "--warmup", "2", "--reps", "6",
+            "model": ["--device", device, "--batch", "16", "--batch-large", "4", "--warmup", "2", "--reps", "5",
                       *(["--weights", *weights] if weights else [])],
             "batch64": ["--device", device, "--sizes", "460x700", "--variants", "fusion", "--batch", "64",
-                        "--warmup", "2", "--reps", "5", *(["--weights", *weights] if weights else [])],
+                        "--warmup", "2", "--reps", "4", *(["--weights", *weights] if weights else [])],
             "ablation": ["--device", device, "--backbones", "resnet18", "--sizes", "460x700", "--variants", "fusion",
                          "--batch", "16", "--warmup", "2", "--reps", "6", "--ablate", "fp32", "contiguous",
                          "compile"],
@@ -253,7 +255,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only-agreement", action="store_true", help="run the agreement check alone")
     p.add_argument("--bench-timeout", type=int, default=0,
                    help=f"seconds for every benchmark stage (0 = each its own: {STAGE_SECONDS})")
-    p.add_argument("--train-timeout", type=int, default=60)
+    p.add_argument("--train-timeout", type=int, default=50)
     return p.parse_args(argv)
 
 

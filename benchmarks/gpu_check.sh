@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU check (about 6 minutes on one H100/H200; every stage has its own time limit).
+# One-shot GPU check (about 7.5 minutes on one H100/H200; every stage has its own time limit).
 #   bash benchmarks/gpu_check.sh [OUT_DIR] [extra gpu_check.py options, e.g. --device cpu --quick]
 # Results go to $OUT when set (else OUT_DIR, else ./gpu_check_out); the short table is printed last.
 # Expects .gpu/breakhis (BreakHis tree, JPEG copy) and .gpu/mobilenet_v2-b0353104.pth next to the repository
@@ -10,4 +10,4 @@ out="${OUT:-${1:-gpu_check_out}}"
 if [[ $# -gt 0 && "$1" != --* ]]; then shift; fi
 mkdir -p "$out"
 export PYTHONPATH=src
-timeout 470 python3 benchmarks/gpu_check.py "$out" "$@" 2>&1 | tee "$out/gpu_check.log" | tail -n 40
+timeout 475 python3 benchmarks/gpu_check.py "$out" "$@" 2>&1 | tee "$out/gpu_check.log" | tail -n 40

@@ -64,14 +64,15 @@ def _run_ids(mask: torch.Tensor, dim: int) -> torch.Tensor:
     return (ids.transpose(2, 3) if dim == 2 else ids).contiguous()
 
 
-def _connected_components(binary: torch.Tensor, first_check: int = 2, rounds: int | None = None) -> torch.Tensor:
+def _connected_components(binary: torch.Tensor, first_check: int = 4, rounds: int | None = None) -> torch.Tensor:
     """Label 8-connected components of a (B, H, W) bool grid; each component gets its largest cell number
     (1-based row-major index).
 
     One round spreads labels to the 8 neighbours (a 3x3 max-pool), then along every horizontal run and every
-    vertical run of the component at once (a max per run), so blob-like components are labelled in one or two
-    rounds. Convergence is tested (a host-device sync on CUDA) after ``first_check`` rounds and then after
-    every round, so the result is exact for any shape. With ``rounds`` set, exactly that many rounds run and
+    vertical run of the component at once (a max per run), so blob-like components are labelled in two or
+    three rounds. Convergence (a round that changes nothing) is tested, a host-device sync on CUDA, after
+    ``first_check`` rounds and then after every round, so the result is exact for any shape; the default 4
+    makes the usual case one sync, as confirming convergence after three rounds takes a fourth anyway. With ``rounds`` set, exactly that many rounds run and
     nothing is tested (no sync, one static graph for ``torch.compile``); a component that needs more rounds
     (a long winding one) then keeps more than one label.
     """
