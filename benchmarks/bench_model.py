@@ -9,8 +9,9 @@ Cases:
     passes: the backbone passes a fusion step contains, and nothing else: one pass over the global view
         (B, 3, Gh, Gw) plus one over the B*K crops (B*K, 3, L, L), tensors made beforehand; in training the
         same loss-backward-clip-AdamW step on the backbone's parameters.
-    fusion+fp32, fusion+contiguous, fusion+compile (``--ablate``): fusion without bf16 autocast, without
-        channels_last, or under ``torch.compile``.
+    fusion+fp32, fusion+contiguous, fusion+compile, fusion+compile-ro (``--ablate``): fusion without bf16
+        autocast, without channels_last, under ``torch.compile`` (inductor, default mode), or under
+        ``torch.compile(mode="reduce-overhead")``, which replays CUDA graphs where inductor can use them.
 
 Ratios (paired per repetition, then median and spread):
     overhead = fusion / passes (goal <= 1.15 on CUDA, <= 1.25 on CPU),
@@ -44,7 +45,8 @@ from finescope.models import create_model  # noqa: E402
 from finescope.models.network import global_view_size  # noqa: E402
 
 VARIANTS = ("global", "global-hires", "attention", "fusion")
-ABLATIONS = ("fp32", "contiguous", "compile")
+ABLATIONS = ("fp32", "contiguous", "compile", "compile-ro")
+COMPILE_MODES = {"compile": "default", "compile-ro": "reduce-overhead"}
 
 
 @dataclass
@@ -81,7 +83,7 @@ def _adamw(params: list[torch.Tensor], device: torch.device) -> torch.optim.Opti
 
 
 def model_case(name: str, variant: str, backbone: str, args, batch: dict, mode: str, device: torch.device,
-               amp: bool, channels_last: bool, compile_: bool) -> Case:
+               amp: bool, channels_last: bool, compile_mode: str | None) -> Case:
     """A variant's full step on ``batch`` (images, sizes, labels on the device)."""
     cfg = ModelConfig(variant=variant, backbone=backbone, global_size=args.global_size,
                       local_size=args.local_size, num_crops=args.num_crops, weights=args.weights.get(backbone, ""))
@@ -91,7 +93,13 @@ def model_case(name: str, variant: str, backbone: str, args, batch: dict, mode: 
     images = batch["images"].contiguous(memory_format=torch.channels_last) if use_cl else batch["images"]
     if use_cl:
         model = model.to(memory_format=torch.channels_last)
-    run = torch.compile(model) if compile_ else model
+    compiled = torch.compile(model, mode=compile_mode) if compile_mode else model
+
+    def run(*inputs):
+        if compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: earlier graph outputs may be overwritten
+        return compiled(*inputs)
+
     sizes, labels = batch["sizes"], batch["labels"]
     if mode == "infer":
         model.eval()
@@ -162,10 +170,11 @@ def build_cases(backbone: str, size, mode: str, args, device: torch.device) -> l
     batch_size = args.batch_large if size[0] * size[1] > 1_000_000 and args.batch_large else args.batch
     batch = make_batch(size, batch_size, device)
     amp, cl = not args.no_amp, not args.no_channels_last
-    cases = [model_case(v, v, backbone, args, batch, mode, device, amp, cl, False) for v in args.variants]
+    cases = [model_case(v, v, backbone, args, batch, mode, device, amp, cl, None) for v in args.variants]
     if "fusion" in args.variants:
         cases.append(passes_case(backbone, args, batch, mode, device, amp, cl))
-        flags = {"fp32": (False, cl, False), "contiguous": (amp, False, False), "compile": (amp, cl, True)}
+        flags = {"fp32": (False, cl, None), "contiguous": (amp, False, None),
+                 **{name: (amp, cl, how) for name, how in COMPILE_MODES.items()}}
         for name in args.ablate:
             cases.append(model_case(f"fusion+{name}", "fusion", backbone, args, batch, mode, device, *flags[name]))
     return cases
@@ -251,7 +260,8 @@ def format_report(result: dict) -> str:
     rows = [[g["backbone"], g["size"], g["mode"], ratio(g.get("overhead")), ratio(g.get("fusion_vs_hires")),
              *[ratio(g.get(f"{a}_speedup")) for a in ABLATIONS]] for g in result["ratios"]]
     t2 = markdown_table(["backbone", "input", "mode", "fusion / passes", "fusion / global-hires",
-                         "fp32 / bf16", "contiguous / channels_last", "compiled / eager"], rows)
+                         "fp32 / bf16", "contiguous / channels_last", "compiled / eager",
+                         "compiled (reduce-overhead) / eager"], rows)
     env = result["environment"]
     head = (f"device {env.get('gpu', env['cpu'])} ({env['device']}), torch {env['torch']}, "
             f"torchvision {env['torchvision']}, commit {env['commit']}, load {env['loadavg_start']} -> "
@@ -276,7 +286,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-amp", action="store_true", help="fp32 on CUDA (bf16 autocast otherwise)")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--ablate", nargs="*", default=[], choices=ABLATIONS,
-                   help="extra fusion cases: fp32, contiguous (no channels_last), compile")
+                   help="extra fusion cases: fp32, contiguous (no channels_last), compile, compile-ro "
+                        "(mode reduce-overhead)")
     p.add_argument("--weights", nargs="*", default=[], metavar="BACKBONE=PATH",
                    help="local weights, e.g. mobilenet_v2=../shared/weights/mobilenet_v2-b0353104.pth")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
