@@ -15,7 +15,8 @@ Cases:
 
 Ratios (paired per repetition, then median and spread):
     overhead = fusion / passes (goal <= 1.15 on CUDA, <= 1.25 on CPU),
-    fusion / global-hires (goal < 1).
+    fusion / global-hires (goal < 1),
+    with a compile ablation also the overhead with both sides compiled (passes+compile, passes+compile-ro).
 
 Example (CPU, small):
     PYTHONPATH=src python benchmarks/bench_model.py --device cpu --backbones resnet18 --sizes 460x700 \
@@ -82,6 +83,19 @@ def _adamw(params: list[torch.Tensor], device: torch.device) -> torch.optim.Opti
     return torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
 
 
+def _compiled(module: nn.Module, compile_mode: str | None) -> Callable:
+    """``module``, or compiled in ``compile_mode``, as ``run(*inputs, new_step=True)``; with CUDA graphs
+    (reduce-overhead) a call with ``new_step`` starts a new step: the outputs of the last one are used up."""
+    compiled = torch.compile(module, mode=compile_mode) if compile_mode else module
+
+    def run(*inputs, new_step: bool = True):
+        if new_step and compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*inputs)
+
+    return run
+
+
 def model_case(name: str, variant: str, backbone: str, args, batch: dict, mode: str, device: torch.device,
                amp: bool, channels_last: bool, compile_mode: str | None) -> Case:
     """A variant's full step on ``batch`` (images, sizes, labels on the device)."""
@@ -93,13 +107,7 @@ def model_case(name: str, variant: str, backbone: str, args, batch: dict, mode: 
     images = batch["images"].contiguous(memory_format=torch.channels_last) if use_cl else batch["images"]
     if use_cl:
         model = model.to(memory_format=torch.channels_last)
-    compiled = torch.compile(model, mode=compile_mode) if compile_mode else model
-
-    def run(*inputs):
-        if compile_mode == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()  # a new step: earlier graph outputs may be overwritten
-        return compiled(*inputs)
-
+    run = _compiled(model, compile_mode)
     sizes, labels = batch["sizes"], batch["labels"]
     if mode == "infer":
         model.eval()
@@ -121,7 +129,7 @@ def model_case(name: str, variant: str, backbone: str, args, batch: dict, mode: 
 
 
 def passes_case(backbone: str, args, batch: dict, mode: str, device: torch.device, amp: bool,
-                channels_last: bool) -> Case:
+                channels_last: bool, compile_mode: str | None = None, name: str = "passes") -> Case:
     """The backbone passes inside one fusion step: global view (B, 3, Gh, Gw) + crops (B*K, 3, L, L)."""
     cfg = ModelConfig(variant="fusion", backbone=backbone, global_size=args.global_size,
                       local_size=args.local_size, num_crops=args.num_crops, weights=args.weights.get(backbone, ""))
@@ -135,23 +143,25 @@ def passes_case(backbone: str, args, batch: dict, mode: str, device: torch.devic
     if channels_last and device.type == "cuda":
         trunk = trunk.to(memory_format=torch.channels_last)
         view, crops = (t.contiguous(memory_format=torch.channels_last) for t in (view, crops))
+    run = _compiled(trunk, compile_mode)
     if mode == "infer":
         trunk.eval()
 
         def infer() -> None:
             with torch.no_grad(), autocast(device, amp):
-                trunk(view)
-                trunk(crops)
+                run(view)
+                run(crops, new_step=False)
 
-        return Case("passes", infer, B)
+        return Case(name, infer, B)
     trunk.train()
 
     def forward() -> torch.Tensor:
         with autocast(device, amp):
-            return trunk(view).float().mean() + trunk(crops).float().mean()
+            first = run(view).float().mean()
+            return first + run(crops, new_step=False).float().mean()
 
     params = list(trunk.parameters())
-    return Case("passes", _train_step(trunk, forward, _adamw(params, device), params), B)
+    return Case(name, _train_step(trunk, forward, _adamw(params, device), params), B)
 
 
 def make_batch(size: tuple[int, int], batch: int, device: torch.device) -> dict:
@@ -177,6 +187,9 @@ def build_cases(backbone: str, size, mode: str, args, device: torch.device) -> l
                  **{name: (amp, cl, how) for name, how in COMPILE_MODES.items()}}
         for name in args.ablate:
             cases.append(model_case(f"fusion+{name}", "fusion", backbone, args, batch, mode, device, *flags[name]))
+            if name in COMPILE_MODES:  # the compiled step against compiled passes
+                cases.append(passes_case(backbone, args, batch, mode, device, amp, cl, COMPILE_MODES[name],
+                                         f"passes+{name}"))
     return cases
 
 
@@ -235,7 +248,8 @@ def group_rows(key: dict, cases: list[Case], times: dict, memory: dict) -> list[
 def group_ratios(key: dict, times: dict) -> dict:
     out = {**key}
     for name, (num, den) in {"overhead": ("fusion", "passes"), "fusion_vs_hires": ("fusion", "global-hires"),
-                             **{f"{a}_speedup": (f"fusion+{a}", "fusion") for a in ABLATIONS}}.items():
+                             **{f"{a}_speedup": (f"fusion+{a}", "fusion") for a in ABLATIONS},
+                             **{f"{a}_overhead": (f"fusion+{a}", f"passes+{a}") for a in COMPILE_MODES}}.items():
         r = paired_ratio(times, num, den)
         if r is not None:
             out[name] = r
@@ -258,10 +272,12 @@ def format_report(result: dict) -> str:
         return "-" if r is None else f"{r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f})"
 
     rows = [[g["backbone"], g["size"], g["mode"], ratio(g.get("overhead")), ratio(g.get("fusion_vs_hires")),
-             *[ratio(g.get(f"{a}_speedup")) for a in ABLATIONS]] for g in result["ratios"]]
+             *[ratio(g.get(f"{a}_speedup")) for a in ABLATIONS],
+             *[ratio(g.get(f"{a}_overhead")) for a in COMPILE_MODES]] for g in result["ratios"]]
     t2 = markdown_table(["backbone", "input", "mode", "fusion / passes", "fusion / global-hires",
                          "fp32 / bf16", "contiguous / channels_last", "compiled / eager",
-                         "compiled (reduce-overhead) / eager"], rows)
+                         "compiled (reduce-overhead) / eager", "fusion / passes, both compiled",
+                         "the same, reduce-overhead"], rows)
     env = result["environment"]
     head = (f"device {env.get('gpu', env['cpu'])} ({env['device']}), torch {env['torch']}, "
             f"torchvision {env['torchvision']}, commit {env['commit']}, load {env['loadavg_start']} -> "

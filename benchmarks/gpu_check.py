@@ -148,8 +148,8 @@ def train_stage(out: Path, args, device: str) -> dict:
 
 
 # Seconds per stage, sized from an H200 run (model 160 s for 11 of its 12 groups at 6 repetitions, batch64 50 s for
-# 4 of 6 at 5, ablation with two compiled cases 95 s, data 19 s, profile 11 s); with agreement (~20 s) and
-# training (~35 s) at most about 465 s.
+# 4 of 6 at 5, ablation with two compiled and two eager cases 95 s, data 19 s, profile 11 s); with agreement
+# (~20 s) and training (~35 s) at most about 465 s.
 STAGE_SECONDS = {"profile": 20, "model": 165, "batch64": 70, "ablation": 120, "data": 30}
 
 
@@ -177,7 +177,7 @@ def bench_stages(out: Path, args, device: str) -> dict:
             "batch64": ["--device", device, "--sizes", "460x700", "--variants", "fusion", "--batch", "64",
                         "--warmup", "2", "--reps", "4", *(["--weights", *weights] if weights else [])],
             "ablation": ["--device", device, "--backbones", "resnet18", "--sizes", "460x700", "--variants", "fusion",
-                         "--batch", "16", "--warmup", "3", "--reps", "6", "--ablate", "compile", "compile-ro"],
+                         "--batch", "16", "--warmup", "3", "--reps", "6", "--ablate", "compile-ro"],
         }
         data = ["--workers", "4", "8", "15", "--limit", "296", "--epoch-backbone", "resnet18", "--device", device,
                 "--augments", "microscopy", "none", "--caches", "none", "memory"]
@@ -221,6 +221,8 @@ def final_table(summary: dict, out: Path) -> str:
     if ablation.is_file():
         for g in json.loads(ablation.read_text())["ratios"]:
             parts = [f"{k.replace('_speedup', '')} {v['median']:.2f}" for k, v in g.items() if k.endswith("_speedup")]
+            parts += [f"fusion/passes both {k.replace('_overhead', '')} {v['median']:.3f}" for k, v in g.items()
+                      if k.endswith("_overhead")]
             rows.append([f"ablation {g['backbone']} {g['mode']} (time / bf16+CL eager)", ", ".join(parts), ""])
     data = out / "bench_data.json"
     if data.is_file():

@@ -59,13 +59,17 @@ def global_view_size(height: int, width: int, short_side: int) -> tuple[int, int
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def _to_device(values: list, device: torch.device) -> torch.Tensor:
+def _to_device(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A small tensor from Python numbers on ``device`` without a host-device sync.
 
     ``torch.tensor(values, device=cuda)`` waits for every queued kernel (a blocking copy); a non-blocking copy
-    of a fresh CPU tensor is staged by the driver at once and lets the host run ahead of the GPU.
+    of a fresh CPU tensor is staged by the driver at once and lets the host run ahead of the GPU. While
+    torch.compile traces, the numbers are constants of the graph: they are made on the device directly, so the
+    graph holds no CPU tensor (which would keep inductor from replaying it as a CUDA graph).
     """
-    return torch.tensor(values).to(device, non_blocking=True)
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 class FineScopeNet(nn.Module):
@@ -231,14 +235,12 @@ class FineScopeNet(nn.Module):
         for (H, W), (gh, gw) in zip(sizes, dims, strict=True):
             rows.append([min(h, max(1, math.ceil(gh / sh))), min(w, max(1, math.ceil(gw / sw))),
                          sh * H / gh, sw * W / gw, H, W])
-        host = torch.tensor(rows, dtype=torch.float32)  # (B, 6)
-        if all(r[0] == h and r[1] == w for r in rows):
-            meta = host.to(device, non_blocking=True)
-            return meta[:, :2].long(), meta[:, 2:4], meta[:, 4:6], None
-        mask = (torch.arange(h)[None, :, None] < host[:, 0, None, None]) & (
-            torch.arange(w)[None, None, :] < host[:, 1, None, None])
-        meta = torch.cat([host, mask.flatten(1).float()], dim=1).to(device, non_blocking=True)
-        return meta[:, :2].long(), meta[:, 2:4], meta[:, 4:6], meta[:, 6:].view(-1, h, w) > 0.5
+        padded = any(r[0] != h or r[1] != w for r in rows)
+        if padded:  # the mask, row-major, after the six numbers
+            rows = [r + [float(i < r[0] and j < r[1]) for i in range(h) for j in range(w)] for r in rows]
+        meta = _to_device(rows, device, torch.float32)  # (B, 6 [+ h*w])
+        mask = meta[:, 6:].view(-1, h, w) > 0.5 if padded else None
+        return meta[:, :2].long(), meta[:, 2:4], meta[:, 4:6], mask
 
     def _crops(self, images: torch.Tensor, boxes: torch.Tensor, sizes: list[list[int]] | None = None) -> torch.Tensor:
         """Cut (B, K, 4) boxes (full-resolution pixels) -> (B*K, 3, L, L) crops in [0, 1].
@@ -256,7 +258,7 @@ class FineScopeNet(nn.Module):
             h, w = (int(v) for v in sizes[idx[0]])
             rows = None if len(sources) == 1 else _to_device(idx, images.device)
             part_boxes = boxes if rows is None else boxes[rows]
-            scale = _to_device([source.shape[-1] / w, source.shape[-2] / h] * 2, images.device).to(boxes.dtype)
+            scale = _to_device([source.shape[-1] / w, source.shape[-2] / h] * 2, images.device, boxes.dtype)
             n = len(idx)
             batch_idx = torch.arange(n, device=images.device, dtype=boxes.dtype).repeat_interleave(K)[:, None]
             rois = torch.cat([batch_idx, (part_boxes * scale).reshape(n * K, 4)], dim=1)  # (n*K, 5)
