@@ -343,3 +343,21 @@ def test_selection_without_padding_masks_matches_the_general_path():
         fast = select_boxes(*args, normalise=normalise, padded=False)
         for a, b in zip(general, fast, strict=True):
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.slow
+def test_compiled_fusion_matches_eager():
+    """Under torch.compile the whole forward pass is one graph (fixed labelling rounds, constants made on the
+    device) and gives the eager outputs, boxes included."""
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(variant="fusion", **SMALL), 2).eval()
+    x = torch.rand(2, 3, 96, 128)
+    sizes = torch.tensor([[96, 128], [96, 128]])
+    with torch.no_grad():
+        eager = model(x, sizes)
+        explanation = torch._dynamo.explain(model)(x, sizes)
+        compiled = torch.compile(model)(x, sizes)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0
+    torch.testing.assert_close(compiled.boxes, eager.boxes)
+    torch.testing.assert_close(compiled.logits, eager.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(compiled.box_mass, eager.box_mass, atol=1e-5, rtol=1e-5)
