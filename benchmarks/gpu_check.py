@@ -96,8 +96,8 @@ def count_syncs(device: torch.device, backbone: str) -> dict:
                 finally:
                     torch.cuda.set_sync_debug_mode(0)
             if record:
-                msgs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
-                out[mode] = {"syncs": len(msgs), "examples": sorted(set(msgs))[:5]}
+                where = [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message).lower()]
+                out[mode] = {"syncs": len(where), "examples": sorted(set(where))[:5]}  # the Python lines that synced
     return out
 
 
