@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from finescope.data import (
     format_description,
     read_image,
 )
+from finescope.data.dataset import SharedMemoryCache
 from finescope.errors import FinescopeError
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -157,6 +159,33 @@ def test_dataset_memory_cache(tmp_path):
         ImageDataset(samples, cache="ssd")
     with pytest.raises(FinescopeError, match="data.on_error"):
         ImageDataset(samples, on_error="ignore")
+
+
+def test_memory_cache_is_shared_by_forked_workers(tmp_path):
+    """An image decoded by one worker is served to every other from the shared memory: after one epoch the
+    files can go, and the second epoch (shuffled, so each worker asks for images another one decoded) still
+    delivers every image, unchanged. With one cache per worker this fails on the images it never read."""
+    samples = make_samples(tmp_path, sizes=[(12 + i % 3, 20 + i) for i in range(12)])
+    expected = [read_image(x.path) for x in samples]
+    ds = ImageDataset(samples, cache="memory")
+    loader = DataLoader(ds, batch_size=1, num_workers=2, persistent_workers=True, shuffle=True,
+                        multiprocessing_context="fork", collate_fn=lambda items: items[0])
+    assert sorted(item["index"] for item in loader) == list(range(12))
+    for x in samples:
+        Path(x.path).unlink()
+    for item in loader:
+        assert torch.equal(item["image"], expected[item["index"]])
+    assert not ds._cache  # the main process holds no copy of its own either
+    assert torch.equal(ds[3]["image"], expected[3])
+
+
+def test_shared_memory_cache_declines_what_it_cannot_share():
+    cache = SharedMemoryCache([(2, 3), None])
+    assert cache.get(0) is None and not cache.put(0, torch.ones(3, 3, 3, dtype=torch.uint8))  # wrong size
+    assert not cache.put(1, torch.ones(3, 2, 3, dtype=torch.uint8))  # header unreadable: no slot
+    assert cache.put(0, torch.full((3, 2, 3), 7, dtype=torch.uint8)) and int(cache.get(0).sum()) == 7 * 18
+    spawned = pickle.loads(pickle.dumps(cache))  # what a spawned worker gets: no mapping, the caller keeps copies
+    assert spawned.get(0) is None and not spawned.put(0, torch.zeros(3, 2, 3, dtype=torch.uint8))
 
 
 # ------------------------------------------------------------------------------------------------- collate

@@ -17,6 +17,7 @@ import csv
 import json
 import logging
 import math
+import multiprocessing
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -104,8 +105,10 @@ def make_loader(
     before each epoch) and, under DDP, read their share (``batch_size / world``) of each global batch
     (:class:`~finescope.distributed.ShardSampler`); each image's augmentation is seeded by (seed, epoch,
     image), so neither the workers nor a resume change it. Evaluation loaders read every ``world``-th image,
-    without padding. Workers are persistent: they start once per run and keep their ``data.cache=memory``
-    images. Pass a ``dataset`` from :func:`make_dataset` to share it between loaders.
+    without padding. Workers are persistent: they start once per run. With ``data.cache=memory`` they are
+    forked (where the platform can), so that they share the decoded images
+    (:class:`~finescope.data.dataset.SharedMemoryCache`). Pass a ``dataset`` from :func:`make_dataset` to share
+    it between loaders.
     """
     dataset = dataset if dataset is not None else make_dataset(sample_set, indices, cfg, train)
     bs = batch_size or (cfg.train.batch_size if train else (cfg.train.eval_batch_size or cfg.train.batch_size))
@@ -113,6 +116,8 @@ def make_loader(
                                 tag_epoch=train)
     sampler.set_epoch(epoch)
     workers = cfg.data.num_workers
+    # Python 3.14 starts workers with forkserver on Linux: they would get a copy of the dataset, not its memory
+    fork = workers > 0 and cfg.data.cache == "memory" and "fork" in multiprocessing.get_all_start_methods()
     return DataLoader(
         dataset,
         batch_size=dist.per_rank_batch(bs) if train else bs,
@@ -121,6 +126,7 @@ def make_loader(
         collate_fn=collate_padded,
         pin_memory=torch.cuda.is_available() and cfg.train.device != "cpu",
         persistent_workers=workers > 0,
+        multiprocessing_context="fork" if fork else None,
         generator=torch.Generator(),  # worker seeds do not draw from (and shift) the global RNG that dropout uses
     )
 

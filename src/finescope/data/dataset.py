@@ -14,6 +14,8 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import mmap
+import multiprocessing
 import os
 import tempfile
 import warnings
@@ -176,6 +178,73 @@ class DiskCache:
             ) from None
 
 
+def _header_size(path: str) -> tuple[int, int] | None:
+    """(H, W) from an image file's header, without decoding it; None when it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+    except (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError):
+        return None
+    return h, w
+
+
+class SharedMemoryCache:
+    """Decoded images of a dataset in one anonymous shared memory mapping, so that an image decoded by any
+    DataLoader worker (or the main process) is read by all the others, and held once.
+
+    The mapping is made when the dataset is built, before the loader forks its workers, with a slot per image
+    sized from its file header (pages take memory only when written; the mapping is not a /dev/shm file, so a
+    container's small /dev/shm does not limit it). A slot is marked ready after its image is written, under a
+    lock shared by the processes. When the mapping cannot be made, when the workers are spawned rather than
+    forked (the mapping cannot travel), or for an image whose header was unreadable or whose decoded size
+    differs, :meth:`get` misses and :meth:`put` declines, and the caller keeps its own copy.
+
+    Args:
+        shapes: per sample, its (H, W) or None.
+    """
+
+    def __init__(self, shapes: list[tuple[int, int] | None]) -> None:
+        self.shapes = list(shapes)
+        sizes = [3 * s[0] * s[1] if s is not None else 0 for s in self.shapes]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64) + len(sizes)  # after the flags
+        self._lock = multiprocessing.Lock()
+        try:
+            self._map: mmap.mmap | None = mmap.mmap(-1, max(1, int(self.offsets[-1])))
+        except (OSError, ValueError, OverflowError):  # more than the address space or the overcommit limit
+            self._map = None
+
+    def __getstate__(self) -> dict:  # pickled for spawned workers: they cannot share the mapping
+        return {**self.__dict__, "_map": None, "_lock": None}
+
+    def _ready(self, i: int, mark: bool = False) -> bool:
+        if not self._lock.acquire(timeout=1.0):  # a worker killed while holding it: treat as a miss
+            return False
+        try:  # the lock orders the image's bytes before its ready flag, on any CPU
+            if mark:
+                self._map[i] = 1
+            return bool(self._map[i])
+        finally:
+            self._lock.release()
+
+    def _slot(self, i: int) -> torch.Tensor:
+        h, w = self.shapes[i]
+        flat = torch.frombuffer(self._map, dtype=torch.uint8, count=3 * h * w, offset=int(self.offsets[i]))
+        return flat.view(3, h, w)
+
+    def get(self, i: int) -> torch.Tensor | None:
+        """Image ``i`` (3, H, W) uint8, a view of the shared memory, or None when it is not stored."""
+        if self._map is None or self.shapes[i] is None or not self._ready(i):
+            return None
+        return self._slot(i)
+
+    def put(self, i: int, img: torch.Tensor) -> bool:
+        """Store decoded image ``i``; False when it cannot be shared (the caller keeps it itself)."""
+        if self._map is None or self.shapes[i] is None or tuple(img.shape) != (3, *self.shapes[i]):
+            return False
+        self._slot(i).copy_(img)
+        return self._ready(i, mark=True)
+
+
 class ImageDataset(Dataset):
     """Loads samples as uint8 images at their own size.
 
@@ -189,9 +258,9 @@ class ImageDataset(Dataset):
         on_error: ``raise`` or ``skip``: with ``skip`` an unreadable image gives None (warned once per file), which
             :func:`collate_padded` drops.
         min_side: when > 0, an image whose short side is smaller raises (the crops of the model need it).
-        cache: ``none``; ``memory``: keep decoded uint8 images after the first read (per worker process; use
-            ``persistent_workers=True`` so the cache survives epochs); ``disk``: store each decoded image as a raw
-            ``.npy`` in ``cache_dir`` (see :class:`DiskCache`), shared by workers, runs and folds.
+        cache: ``none``; ``memory``: keep decoded uint8 images after the first read, in memory shared by the
+            DataLoader's forked workers (see :class:`SharedMemoryCache`); ``disk``: store each decoded image as a
+            raw ``.npy`` in ``cache_dir`` (see :class:`DiskCache`), shared by workers, runs and folds.
         cache_dir: the folder of the disk cache ("" = :func:`default_cache_dir`).
         seed: when set, the transform of sample ``i`` in epoch ``e`` (keys ``(i, e)``, see
             :class:`~finescope.distributed.ShardSampler`) draws from a generator seeded by (seed, e, i): the
@@ -219,7 +288,9 @@ class ImageDataset(Dataset):
         self.min_side = min_side
         self.cache = cache
         self.seed = seed
-        self._cache: dict[int, torch.Tensor] = {}
+        self._cache: dict[int, torch.Tensor] = {}  # memory-cached images that the shared cache declined
+        self._shared = (SharedMemoryCache([_header_size(x.path) for x in self.samples]) if cache == "memory"
+                        else None)
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self._disk = DiskCache(self.cache_dir) if cache == "disk" else None
         self._warned: set[str] = set()
@@ -231,6 +302,9 @@ class ImageDataset(Dataset):
         """The (3, H, W) uint8 image of sample ``i``, or None when unreadable and ``on_error='skip'``."""
         if i in self._cache:
             return self._cache[i]
+        img = self._shared.get(i) if self._shared is not None else None
+        if img is not None:
+            return img
         path = self.samples[i].path
         entry = self._disk.entry(path) if self._disk is not None else None
         img = self._disk.get(entry) if entry is not None else None
@@ -247,7 +321,7 @@ class ImageDataset(Dataset):
                 warnings.warn(f"skipping unreadable image '{path}': {e}", stacklevel=3)
             return None
         self._check_size(path, img)
-        if self.cache == "memory":
+        if self.cache == "memory" and not self._shared.put(i, img):
             self._cache[i] = img
         elif entry is not None:
             self._disk.put(entry, img)
@@ -346,4 +420,5 @@ def collate_padded(items: list[dict | None]) -> Batch:
     return Batch(images, sizes, labels, indices)
 
 
-__all__ = ["Batch", "DiskCache", "ImageDataset", "collate_padded", "default_cache_dir", "read_image"]
+__all__ = ["Batch", "DiskCache", "ImageDataset", "SharedMemoryCache", "collate_padded", "default_cache_dir",
+           "read_image"]
