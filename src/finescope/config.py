@@ -40,7 +40,7 @@ class DataConfig:
     splits: str = ""  # a splits.json to reuse instead of drawing new splits
     augment: str = "microscopy"  # none | geometric | microscopy | strong
     num_workers: int = 2
-    cache: str = "none"  # none | memory (a copy per worker: up to num_workers x the data) | disk (.npy in cache_dir)
+    cache: str = "none"  # none | memory (decoded once, shared by the workers) | disk (.npy files in cache_dir)
     cache_dir: str = ""  # disk cache folder; "" = $XDG_CACHE_HOME/finescope/decoded (~/.cache/...)
     # synthetic source only
     synthetic_per_class: int = 160
