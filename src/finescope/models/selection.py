@@ -80,12 +80,12 @@ def _connected_components(binary: torch.Tensor, first_check: int = 4, rounds: in
     mask = binary.unsqueeze(1)
     maskf = mask.float()
     labels = _grid(H, W, binary.device)[0] * maskf  # (B, 1, H, W)
-    # every run's id is written in every round (include_self=False ignores what the buffer held before)
-    runs = [(_run_ids(mask, dim).view(-1), labels.new_empty(B * H * W + 1)) for dim in (3, 2)]
+    runs = [_run_ids(mask, 3).view(-1), _run_ids(mask, 2).view(-1)]
+    n = B * H * W + 1
     for step in range(H * W if rounds is None else rounds):
         new = F.max_pool2d(labels, 3, 1, 1) * maskf
-        for ids, best in runs:
-            new = best.scatter_reduce_(0, ids, new.view(-1), "amax", include_self=False)[ids].view_as(labels)
+        for ids in runs:
+            new = new.new_zeros(n).scatter_reduce_(0, ids, new.view(-1), "amax")[ids].view_as(labels)
         if rounds is None and step + 1 >= first_check and torch.equal(new, labels):
             break
         labels = new
