@@ -60,7 +60,7 @@ def main() -> None:
     torch.manual_seed(1)
     model = create_model(ModelConfig(variant="fusion", backbone=args.backbone, weights=args.weights), 2).eval()
     x = torch.rand(2, 3, 224, 341, generator=torch.Generator().manual_seed(123))
-    x = (x - model.mean) / model.std
+    x = model._normalise(x)
     ref_trunk = copy.deepcopy(model.backbone).double()  # stays on the CPU
     trunk = model.backbone.to(device)
     outs: dict[str, dict[str, torch.Tensor]] = {"ref": {}, "low": {}}

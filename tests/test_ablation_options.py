@@ -30,7 +30,7 @@ def test_evidence_selection_gives_valid_boxes():
     out = model(x, sizes)
     assert out.boxes.shape == (2, 2, 4) and out.logits.shape == (2, 3)
     assert (out.boxes[..., 2] <= sizes[:, 1, None]).all() and (out.boxes[..., 3] <= sizes[:, 0, None]).all()
-    cells = model.instance_proj(model.backbone((x - model.mean) / model.std).flatten(2).transpose(1, 2))
+    cells = model.instance_proj(model.backbone(model._normalise(x)).flatten(2).transpose(1, 2))
     mask = torch.ones(2, *out.attention.shape[1:], dtype=torch.bool)
     ev = model._evidence(cells, out.global_logits, mask)  # (B, h, w), a distribution over cells
     torch.testing.assert_close(ev.sum(dim=(1, 2)), torch.ones(2))
