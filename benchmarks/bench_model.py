@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import gc
 import json
 import statistics
 import sys
@@ -193,10 +195,42 @@ def build_cases(backbone: str, size, mode: str, args, device: torch.device) -> l
     return cases
 
 
-def peak_mib(case: Case, device: torch.device) -> float | None:
-    """Peak allocated device memory of one step (CUDA only: the CPU allocator keeps no peak counter)."""
-    if device.type != "cuda":
+def _status_kib(field: str) -> int:
+    """A ``kB`` field of /proc/self/status (VmRSS: resident now, VmHWM: the resident high-water mark)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def cpu_step_peak_mib(step: Callable[[], object]) -> float | None:
+    """Peak resident memory of one step above the resident memory before it, in MiB (Linux only, else None).
+
+    The CPU allocator keeps no peak counter, so the kernel's does: writing 5 to /proc/self/clear_refs sets the
+    resident high-water mark (VmHWM) to the current resident size. Freed heap memory is handed back to the
+    system first (glibc ``malloc_trim``), so that memory the step needs shows as growth. What is resident
+    before the step (weights, optimizer state, the input batch) is not counted: on a GPU ``peak MiB`` is all
+    allocated memory, here it is what the step adds.
+    """
+    try:
+        gc.collect()
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc: the growth may hide in reused free memory
+            pass
+        before = _status_kib("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")
+        step()
+        return max(0, _status_kib("VmHWM") - before) / 1024
+    except (OSError, KeyError, ValueError):
         return None
+
+
+def peak_mib(case: Case, device: torch.device) -> float | None:
+    """Peak memory of one step: allocated device memory on CUDA, growth of resident memory on the CPU
+    (:func:`cpu_step_peak_mib`)."""
+    if device.type != "cuda":
+        return cpu_step_peak_mib(case.step) if device.type == "cpu" else None
     sync(device)
     torch.cuda.reset_peak_memory_stats(device)
     case.step()
