@@ -38,7 +38,7 @@ from common import environment, loadavg, markdown_table, summary, sync  # noqa: 
 
 from finescope.config import DataConfig, ModelConfig  # noqa: E402
 from finescope.data import ImageDataset, build_transform, collate_padded, load_samples  # noqa: E402
-from finescope.data.dataset import _decode_pil, _decode_torchvision  # noqa: E402
+from finescope.data.dataset import _decode_pil, _decode_torchvision, worker_context  # noqa: E402
 
 
 def find_samples(root: str, limit: int, seed: int = 0) -> list:
@@ -75,6 +75,7 @@ def make_loader(samples: list, workers: int, cache: str, batch: int, pin: bool, 
                            cache_dir=tempfile.mkdtemp(prefix="finescope_bench_cache_") if cache == "disk" else "")
     return DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, collate_fn=collate_padded,
                       pin_memory=pin, drop_last=False, persistent_workers=workers > 0,
+                      multiprocessing_context=worker_context(cache, workers),
                       generator=torch.Generator().manual_seed(0))
 
 

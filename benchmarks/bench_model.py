@@ -212,18 +212,20 @@ def cpu_step_peak_mib(step: Callable[[], object]) -> float | None:
     before the step (weights, optimizer state, the input batch) is not counted: on a GPU ``peak MiB`` is all
     allocated memory, here it is what the step adds.
     """
+    gc.collect()
     try:
-        gc.collect()
-        try:
-            ctypes.CDLL(None).malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc: the growth may hide in reused free memory
-            pass
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (or jemalloc/tcmalloc preloaded): growth may hide in free memory
+        pass
+    try:
         before = _status_kib("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")
-        step()
-        return max(0, _status_kib("VmHWM") - before) / 1024
+        if _status_kib("VmHWM") - _status_kib("VmRSS") > 1024:  # the reset did not take (a sandboxed /proc)
+            return None
     except (OSError, KeyError, ValueError):
         return None
+    step()
+    return max(0, _status_kib("VmHWM") - before) / 1024
 
 
 def peak_mib(case: Case, device: torch.device) -> float | None:

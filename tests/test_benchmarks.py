@@ -37,7 +37,7 @@ def test_bench_model_cpu_tiny(tmp_path):
     result = json.loads(out.read_text())
     assert {r["case"] for r in result["rows"]} >= {"global", "global-hires", "attention", "fusion", "passes"}
     assert all(g["overhead"]["median"] > 0 for g in result["ratios"])
-    if sys.platform == "linux":  # the CPU peak comes from /proc/self (VmHWM)
+    if Path("/proc/self/clear_refs").exists():  # the CPU peak comes from /proc/self (VmHWM, reset per step)
         assert all(r["peak_mib"] is not None and r["peak_mib"] >= 0 for r in result["rows"])
     assert out.with_suffix(".md").is_file()
 

@@ -186,6 +186,24 @@ def test_shared_memory_cache_declines_what_it_cannot_share():
     assert cache.put(0, torch.full((3, 2, 3), 7, dtype=torch.uint8)) and int(cache.get(0).sum()) == 7 * 18
     spawned = pickle.loads(pickle.dumps(cache))  # what a spawned worker gets: no mapping, the caller keeps copies
     assert spawned.get(0) is None and not spawned.put(0, torch.zeros(3, 2, 3, dtype=torch.uint8))
+    assert cache.get(-1) is None and cache.get(2) is None  # out of range: a miss, never a pixel read as a flag
+    cache._lock.acquire()  # as if a worker had died holding it: one warning, then this process stops sharing
+    with pytest.warns(UserWarning, match="dead process"):
+        assert cache.get(0) is None
+    assert not cache.put(0, torch.zeros(3, 2, 3, dtype=torch.uint8))
+
+
+def test_memory_cache_too_large_is_one_clear_error():
+    with pytest.raises(FinescopeError, match=r"data.cache=memory.*GiB.*data.cache=disk"):
+        SharedMemoryCache([(2**24, 2**24)])  # 768 TiB
+
+
+def test_memory_cache_negative_index(tmp_path):
+    samples = make_samples(tmp_path)
+    ds = ImageDataset(samples, cache="memory")
+    last = ds[-1]
+    assert last["index"] == 1 and torch.equal(last["image"], read_image(samples[1].path))
+    assert torch.equal(ds[-1]["image"], ds[1]["image"])  # now from the cache
 
 
 # ------------------------------------------------------------------------------------------------- collate

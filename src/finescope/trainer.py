@@ -17,7 +17,6 @@ import csv
 import json
 import logging
 import math
-import multiprocessing
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -40,6 +39,7 @@ from finescope.data import (
     save_splits,
     split_groups,
 )
+from finescope.data.dataset import worker_context
 from finescope.engine import (
     Predictions,
     make_grad_scaler,
@@ -106,7 +106,7 @@ def make_loader(
     (:class:`~finescope.distributed.ShardSampler`); each image's augmentation is seeded by (seed, epoch,
     image), so neither the workers nor a resume change it. Evaluation loaders read every ``world``-th image,
     without padding. Workers are persistent: they start once per run. With ``data.cache=memory`` they are
-    forked (where the platform can), so that they share the decoded images
+    forked (on Linux), so that they share the decoded images
     (:class:`~finescope.data.dataset.SharedMemoryCache`). Pass a ``dataset`` from :func:`make_dataset` to share
     it between loaders.
     """
@@ -116,8 +116,6 @@ def make_loader(
                                 tag_epoch=train)
     sampler.set_epoch(epoch)
     workers = cfg.data.num_workers
-    # Python 3.14 starts workers with forkserver on Linux: they would get a copy of the dataset, not its memory
-    fork = workers > 0 and cfg.data.cache == "memory" and "fork" in multiprocessing.get_all_start_methods()
     return DataLoader(
         dataset,
         batch_size=dist.per_rank_batch(bs) if train else bs,
@@ -126,7 +124,7 @@ def make_loader(
         collate_fn=collate_padded,
         pin_memory=torch.cuda.is_available() and cfg.train.device != "cpu",
         persistent_workers=workers > 0,
-        multiprocessing_context="fork" if fork else None,
+        multiprocessing_context=worker_context(cfg.data.cache, workers),
         generator=torch.Generator(),  # worker seeds do not draw from (and shift) the global RNG that dropout uses
     )
 

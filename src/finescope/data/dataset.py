@@ -17,6 +17,7 @@ import hashlib
 import mmap
 import multiprocessing
 import os
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -193,31 +194,44 @@ class SharedMemoryCache:
     DataLoader worker (or the main process) is read by all the others, and held once.
 
     The mapping is made when the dataset is built, before the loader forks its workers, with a slot per image
-    sized from its file header (pages take memory only when written; the mapping is not a /dev/shm file, so a
-    container's small /dev/shm does not limit it). A slot is marked ready after its image is written, under a
-    lock shared by the processes. When the mapping cannot be made, when the workers are spawned rather than
-    forked (the mapping cannot travel), or for an image whose header was unreadable or whose decoded size
-    differs, :meth:`get` misses and :meth:`put` declines, and the caller keeps its own copy.
+    sized from its file header (the kernel commits the whole size up front, but pages take memory only when
+    written; it is not a /dev/shm file, so a container's small /dev/shm does not limit it). A slot is marked
+    ready after its image is written, under a lock shared by the processes. When the workers are spawned
+    rather than forked (the mapping cannot travel), for an image whose header was unreadable or whose decoded
+    size differs, and in a process that once waited a second for the lock (its holder was killed; warned
+    once), :meth:`get` misses and :meth:`put` declines, and the caller keeps its own copy.
 
     Args:
         shapes: per sample, its (H, W) or None.
+
+    Raises:
+        FinescopeError: the mapping cannot be made (more than the machine can commit).
     """
 
     def __init__(self, shapes: list[tuple[int, int] | None]) -> None:
         self.shapes = list(shapes)
         sizes = [3 * s[0] * s[1] if s is not None else 0 for s in self.shapes]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64) + len(sizes)  # after the flags
-        self._lock = multiprocessing.Lock()
+        self._lock = multiprocessing.get_context("fork" if _can_fork() else None).Lock()
         try:
             self._map: mmap.mmap | None = mmap.mmap(-1, max(1, int(self.offsets[-1])))
-        except (OSError, ValueError, OverflowError):  # more than the address space or the overcommit limit
-            self._map = None
+        except (OSError, ValueError, OverflowError) as e:  # more than the commit limit or the address space
+            raise FinescopeError(
+                f"data.cache=memory: the {len(sizes)} decoded images need {sum(sizes) / 2**30:.1f} GiB, which "
+                f"this machine cannot reserve ({e}); use data.cache=disk or data.cache=none"
+            ) from None
 
     def __getstate__(self) -> dict:  # pickled for spawned workers: they cannot share the mapping
         return {**self.__dict__, "_map": None, "_lock": None}
 
+    def _shared(self, i: int) -> bool:
+        return self._map is not None and 0 <= i < len(self.shapes) and self.shapes[i] is not None
+
     def _ready(self, i: int, mark: bool = False) -> bool:
-        if not self._lock.acquire(timeout=1.0):  # a worker killed while holding it: treat as a miss
+        if not self._lock.acquire(timeout=1.0):  # its holder was killed: stop sharing in this process
+            self._map = None
+            warnings.warn("the shared image cache's lock is held by a dead process; this process keeps its "
+                          "own copies of the images from now on", stacklevel=4)
             return False
         try:  # the lock orders the image's bytes before its ready flag, on any CPU
             if mark:
@@ -233,16 +247,29 @@ class SharedMemoryCache:
 
     def get(self, i: int) -> torch.Tensor | None:
         """Image ``i`` (3, H, W) uint8, a view of the shared memory, or None when it is not stored."""
-        if self._map is None or self.shapes[i] is None or not self._ready(i):
+        if not self._shared(i) or not self._ready(i):
             return None
         return self._slot(i)
 
     def put(self, i: int, img: torch.Tensor) -> bool:
         """Store decoded image ``i``; False when it cannot be shared (the caller keeps it itself)."""
-        if self._map is None or self.shapes[i] is None or tuple(img.shape) != (3, *self.shapes[i]):
+        if not self._shared(i) or tuple(img.shape) != (3, *self.shapes[i]):
             return False
         self._slot(i).copy_(img)
         return self._ready(i, mark=True)
+
+
+def _can_fork() -> bool:
+    """Whether DataLoader workers can be forked safely: Linux (macOS offers fork, but its system frameworks
+    are not fork-safe, which is why Python spawns there)."""
+    return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+
+
+def worker_context(cache: str, num_workers: int) -> str | None:
+    """The DataLoader ``multiprocessing_context`` for ``data.cache``: ``"fork"`` when workers share a memory
+    cache and can be forked (Python 3.14 starts them with forkserver on Linux, and they would get a copy of the
+    dataset instead of its memory), else None (the default)."""
+    return "fork" if cache == "memory" and num_workers > 0 and _can_fork() else None
 
 
 class ImageDataset(Dataset):
@@ -339,6 +366,7 @@ class ImageDataset(Dataset):
         """Sample ``key`` (an index, or ``(index, epoch)``) as ``{"image": (3, H, W) uint8, "label": int,
         "index": index}``, or None (skip mode)."""
         i, epoch = key if isinstance(key, tuple) else (key, 0)
+        i = int(i) + (len(self) if int(i) < 0 else 0)  # ds[-1], as with a list
         img = self._load(i)
         if img is None:
             return None
@@ -421,4 +449,4 @@ def collate_padded(items: list[dict | None]) -> Batch:
 
 
 __all__ = ["Batch", "DiskCache", "ImageDataset", "SharedMemoryCache", "collate_padded", "default_cache_dir",
-           "read_image"]
+           "read_image", "worker_context"]
