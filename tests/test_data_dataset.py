@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from finescope.data import (
     format_description,
     read_image,
 )
-from finescope.data.dataset import SharedMemoryCache
+from finescope.data.dataset import SharedMemoryCache, _png_intact
 from finescope.errors import FinescopeError
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -90,6 +93,23 @@ def test_read_image_truncated_raises(tmp_path, ext, kwargs):
     half.write_bytes(data[: len(data) // 2])
     with pytest.raises(FinescopeError, match=rf"cannot read image '.*half\{ext}'.*data.on_error=skip"):
         read_image(half)
+
+
+def test_read_image_damaged_png_is_an_error_not_a_crash(tmp_path):
+    """torchvision 0.29's PNG decoder ends the process (SIGSEGV) on a PNG with one IDAT byte flipped; such a file
+    must go to PIL and give the one clear error. Run in a child process, so a crash fails this test alone."""
+    path = save(rgb_array(20, 30), tmp_path / "damaged.png")
+    data = bytearray(path.read_bytes())
+    assert _png_intact(bytes(data))
+    data[60] ^= 0xFF  # inside the IDAT chunk
+    path.write_bytes(bytes(data))
+    assert not _png_intact(bytes(data)) and not _png_intact(bytes(data[:-20]))  # damaged, truncated
+    code = ("from finescope.data import read_image\nfrom finescope.errors import FinescopeError\n"
+            f"try:\n    read_image({str(path)!r})\nexcept FinescopeError as e:\n    print(e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")})
+    assert proc.returncode == 0, f"read_image died with {proc.returncode}: {proc.stderr[-500:]}"
+    assert "damaged.png" in proc.stdout and "data.on_error=skip" in proc.stdout
 
 
 def test_read_image_not_an_image_or_missing(tmp_path):
