@@ -108,8 +108,9 @@ def _to_rgb_uint8(t: torch.Tensor) -> torch.Tensor:
 def read_image(path: str | Path) -> torch.Tensor:
     """Read an image file at full resolution.
 
-    PNG and JPEG go through torchvision's decoders; TIFF, BMP, WebP (and anything torchvision refuses) through
-    PIL. Grey becomes 3 channels, alpha is dropped, palettes are expanded and 16-bit data is scaled to 8 bits.
+    Intact PNG and JPEG files go through torchvision's decoders; TIFF, BMP, WebP, damaged PNGs (which crash
+    torchvision's decoder, see :func:`_png_intact`) and anything torchvision refuses through PIL. Grey becomes
+    3 channels, alpha is dropped, palettes are expanded and 16-bit data is scaled to 8 bits.
 
     Args:
         path: the image file.
