@@ -46,11 +46,11 @@ def _png_intact(data: bytes) -> bool:
     or ``data.on_error=skip`` can catch) on many corrupt PNGs; every one a fuzzer found failed this check."""
     if not data.startswith(_PNG_SIGNATURE):
         return False
-    pos = len(_PNG_SIGNATURE)
+    pos, view = len(_PNG_SIGNATURE), memoryview(data)  # slices of a view copy nothing
     while pos + 12 <= len(data):
         (length,) = struct.unpack_from(">I", data, pos)
         end = pos + 12 + length
-        if end > len(data) or zlib.crc32(data[pos + 4 : end - 4]) != struct.unpack_from(">I", data, end - 4)[0]:
+        if end > len(data) or zlib.crc32(view[pos + 4 : end - 4]) != struct.unpack_from(">I", data, end - 4)[0]:
             return False
         if data[pos + 4 : pos + 8] == b"IEND":
             return True
