@@ -41,8 +41,8 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _png_intact(data: bytes) -> bool:
-    """Whether PNG bytes have an intact chunk structure, every chunk's CRC right, up to IEND (~0.2 ms for a
-    BreakHis image). torchvision's libpng decoder ends the process (a segmentation fault, which no ``except``
+    """Whether PNG bytes have an intact chunk structure, every chunk's CRC right, up to IEND (a fraction of a
+    millisecond for a BreakHis image). torchvision's libpng decoder ends the process (a segmentation fault, which no ``except``
     or ``data.on_error=skip`` can catch) on many corrupt PNGs; every one a fuzzer found failed this check."""
     if not data.startswith(_PNG_SIGNATURE):
         return False
