@@ -177,7 +177,8 @@ def bench_stages(out: Path, args, device: str) -> dict:
             "batch64": ["--device", device, "--sizes", "460x700", "--variants", "fusion", "--batch", "64",
                         "--warmup", "2", "--reps", "4", *(["--weights", *weights] if weights else [])],
             "ablation": ["--device", device, "--backbones", "resnet18", "--sizes", "460x700", "--variants", "fusion",
-                         "--batch", "16", "--warmup", "3", "--reps", "6", "--ablate", "compile-ro"],
+                         "--batch", "16", "--warmup", "3", "--reps", "6", "--ablate", "compile-ro",
+                         "--modes", "infer", "train"],  # inference first: a stage cut short keeps it
         }
         data = ["--workers", "4", "8", "15", "--limit", "296", "--epoch-backbone", "resnet18", "--device", device,
                 "--augments", "microscopy", "none", "--caches", "none", "memory"]
