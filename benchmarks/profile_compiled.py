@@ -1,0 +1,152 @@
+"""Where a compiled fusion inference step's time goes: the step and its backbone passes, both compiled, timed
+synchronised and host-only, and the profiler's device time per kernel family.
+
+    TORCH_LOGS=perf_hints PYTHONPATH=src python benchmarks/profile_compiled.py --device cuda \
+        --backbone resnet18 --size 460x700 --batch 16 --mode reduce-overhead --out OUT.json
+
+``bench_model.py --ablate compile-ro`` gives the ratio; this says why. With ``TORCH_LOGS=perf_hints`` inductor
+logs why it skipped CUDA graphs, if it did; ``graph_launches`` counts the replays the profiler saw (0 means no
+CUDA graph ran). Kernels are grouped by name into families (convolution and matmul, triton-fused, roi_align,
+antialiased resize, other) so the time the fusion step adds to its passes can be attributed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, markdown_table, sync  # noqa: E402
+
+from finescope.config import ModelConfig  # noqa: E402
+from finescope.engine import autocast  # noqa: E402
+from finescope.models import create_model  # noqa: E402
+from finescope.models.network import global_view_size  # noqa: E402
+
+FAMILIES = (("roi_align", ("roi_align",)), ("antialiased resize", ("upsample_bilinear2d_aa", "_aa_")),
+            ("convolution / matmul", ("conv", "gemm", "cutlass", "sm90", "wgmma", "xmma", "cudnn", "implicit")),
+            ("triton (inductor)", ("triton",)))
+
+
+def family(name: str) -> str:
+    low = name.lower()
+    for fam, keys in FAMILIES:
+        if any(k in low for k in keys):
+            return fam
+    return "other"
+
+
+def timed(fn, device: torch.device, reps: int) -> dict:
+    """Median synchronised and host-only milliseconds of ``fn()``."""
+    synced, host = [], []
+    for _ in range(reps):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        host.append((time.perf_counter() - start) * 1e3)
+        sync(device)
+        synced.append((time.perf_counter() - start) * 1e3)
+    return {"step_ms": statistics.median(synced), "host_ms": statistics.median(host)}
+
+
+def kernel_profile(fn, device: torch.device, steps: int) -> dict:
+    """Device milliseconds per step by kernel family, the top kernels, and CUDA-graph replays per step."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        sync(device)
+    by_family: dict[str, float] = defaultdict(float)
+    kernels, launches = [], 0
+    for e in prof.key_averages():
+        if e.key in ("cudaGraphLaunch", "cuGraphLaunch"):
+            launches += e.count
+        dev_us = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+        if dev_us > 0 and e.device_type == torch.autograd.DeviceType.CUDA:
+            by_family[family(e.key)] += dev_us / 1e3 / steps
+            kernels.append((dev_us / 1e3 / steps, e.count / steps, e.key[:90]))
+    kernels.sort(reverse=True)
+    return {"device_ms_by_family": dict(by_family), "device_ms_total": sum(by_family.values()),
+            "graph_launches": launches / steps, "top_kernels": kernels[:25]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--size", default="460x700")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode ('none' = eager)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--out", help="JSON file for the results")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    H, W = (int(v) for v in args.size.lower().split("x"))
+    cfg = ModelConfig(variant="fusion", backbone=args.backbone)
+    torch.manual_seed(0)
+    model = create_model(cfg, 2).to(device).eval()
+    trunk = create_model(cfg, 2).backbone.to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(args.batch, 3, H, W, generator=g).to(device)
+    sizes = torch.tensor([[H, W]] * args.batch)
+    view = torch.rand(args.batch, 3, *global_view_size(H, W, cfg.global_size), device=device)
+    crops = torch.rand(args.batch * cfg.num_crops, 3, cfg.local_size, cfg.local_size, device=device)
+    if device.type == "cuda":
+        model, trunk = (m.to(memory_format=torch.channels_last) for m in (model, trunk))
+        images, view, crops = (t.contiguous(memory_format=torch.channels_last) for t in (images, view, crops))
+    compile_mode = None if args.mode == "none" else args.mode
+    fused = torch.compile(model, mode=compile_mode) if compile_mode else model
+    passes = torch.compile(trunk, mode=compile_mode) if compile_mode else trunk
+    graphs = compile_mode == "reduce-overhead"
+
+    def fusion_step() -> None:
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.no_grad(), autocast(device, True):
+            fused(images, sizes)
+
+    def passes_step() -> None:
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.no_grad(), autocast(device, True):
+            passes(view)
+            passes(crops)
+
+    results = {"environment": environment(device), "args": vars(args)}
+    for name, fn in (("fusion", fusion_step), ("passes", passes_step)):
+        start = time.perf_counter()
+        for _ in range(args.warmup):
+            fn()
+        sync(device)
+        results[name] = {"warmup_s": time.perf_counter() - start, **timed(fn, device, args.reps),
+                         **kernel_profile(fn, device, 5)}
+    print(f"{args.backbone} {args.size} batch {args.batch} inference, compile mode {args.mode}\n")
+    print(markdown_table(
+        ["step", "ms (synced)", "host ms", "device kernel ms", "CUDA graph replays", "warm-up s"],
+        [[n, f"{r['step_ms']:.2f}", f"{r['host_ms']:.2f}", f"{r['device_ms_total']:.2f}", f"{r['graph_launches']:.1f}",
+          f"{r['warmup_s']:.0f}"] for n, r in ((n, results[n]) for n in ("fusion", "passes"))]))
+    fams = sorted({f for n in ("fusion", "passes") for f in results[n]["device_ms_by_family"]})
+    print()
+    print(markdown_table(["kernel family", "fusion ms", "passes ms"],
+                         [[f, *(f"{results[n]['device_ms_by_family'].get(f, 0.0):.3f}" for n in ("fusion", "passes"))]
+                          for f in fams]))
+    print("\nfusion, top kernels (device ms per step, calls per step, name)")
+    for ms, calls, name in results["fusion"]["top_kernels"]:
+        print(f"  {ms:7.3f} {calls:5.1f}  {name}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
