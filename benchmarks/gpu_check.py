@@ -1,5 +1,6 @@
-"""One-shot GPU check: device-vs-CPU agreement, host syncs per step, the benchmark table, the data path and a
-short real training run. Writes everything under OUT and prints a short table last.
+"""One-shot GPU check: device-vs-CPU agreement, host syncs per step, a short real training run (eager, then
+through ``train.compile``), the benchmark table, the compiled step and the data path. Writes everything under
+OUT and prints a short table last; every stage has its own time limit, cut to the script's budget.
 
     PYTHONPATH=src python3 benchmarks/gpu_check.py OUT [--device cuda] [--data .gpu/breakhis]
         [--weights .gpu/mobilenet_v2-b0353104.pth] [--quick]
@@ -113,8 +114,26 @@ def _one_step(model, opt, images, sizes, labels, device, mode: str) -> None:
         opt.step()
 
 
+class Clock:
+    """The script's time budget: a stage gets its own limit, cut to what is left before the deadline (so the
+    short table is always printed), and is skipped when less than ``MIN_STAGE_SECONDS`` are left."""
+
+    def __init__(self, budget_s: float):
+        self.deadline = time.monotonic() + budget_s
+
+    def limit(self, own: float) -> int:
+        return int(min(own, self.deadline - time.monotonic()))
+
+
+MIN_STAGE_SECONDS = 10
+
+
 def run(cmd: list[str], log: Path, timeout: int) -> tuple[int, float]:
-    """Run a stage as a subprocess (PYTHONPATH=src), its output to ``log``; (return code, seconds)."""
+    """Run a stage as a subprocess (PYTHONPATH=src), its output to ``log``; (return code, seconds).
+    124: stopped at its limit; 125: skipped, no time left."""
+    if timeout < MIN_STAGE_SECONDS:
+        log.write_text(f"skipped: {timeout} s left in the script's budget\n")
+        return 125, 0.0
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     start = time.perf_counter()
     with log.open("w") as f:
@@ -125,75 +144,84 @@ def run(cmd: list[str], log: Path, timeout: int) -> tuple[int, float]:
     return rc, time.perf_counter() - start
 
 
-def train_stage(out: Path, args, device: str) -> dict:
-    """Train fusion (mobilenet_v2, ImageNet weights when given) on the BreakHis copy; test metrics and speed."""
-    run_dir = out / "train_fusion"
+def train_stage(out: Path, args, device: str, clock: Clock, compile_mode: str = "off") -> dict:
+    """Train fusion (mobilenet_v2, ImageNet weights when given) on the BreakHis copy; test metrics and speed.
+    With ``compile_mode`` the same run goes through ``train.compile`` (its own run folder and log)."""
+    name = "train_fusion" if compile_mode == "off" else "train_fusion_compiled"
+    run_dir = out / name
     sets = [f"data.root={args.data}", f"train.device={device}", "data.cache=memory",
             f"data.num_workers={args.workers}", f"model.weights={args.weights}" if Path(args.weights).is_file()
-            else "model.weights=", f"train.epochs={args.epochs}", f"train.batch_size={args.batch}"]
+            else "model.weights=", f"train.epochs={args.epochs}", f"train.batch_size={args.batch}",
+            f"train.compile={compile_mode}"]
     if args.quick:
         sets += ["model.backbone=tiny", "model.global_size=64", "model.local_size=64", "train.batch_size=4"]
     cmd = [sys.executable, "-m", "finescope", "train", "--config", "src/finescope/configs/breakhis_binary.yaml",
            "--out", str(run_dir), "--quiet", "--set", *sets]
-    rc, seconds = run(cmd, out / "train_fusion.log", args.train_timeout)
-    result = {"rc": rc, "seconds": seconds, "command": " ".join(cmd)}
+    own = args.train_timeout if compile_mode == "off" else args.compiled_train_timeout
+    rc, seconds = run(cmd, out / f"{name}.log", clock.limit(own))
+    result = {"rc": rc, "seconds": seconds, "compile": compile_mode, "command": " ".join(cmd)}
     if rc == 0:
         history = [json.loads(r) for r in (run_dir / "history.jsonl").read_text().splitlines()]
         metrics = json.loads((run_dir / "metrics.json").read_text())
         result.update(epochs=len(history), train_images_per_s=max(r["train_images_per_second"] for r in history),
                       epoch_seconds=min(r["train_seconds"] for r in history),
+                      first_epoch_seconds=history[0]["train_seconds"],
                       **{k: metrics.get(k) for k in ("n_images", "image_accuracy", "balanced_accuracy", "auc",
                                                      "patient_recognition_rate")})
     return result
 
 
-# Seconds per stage, sized from an H200 run (model 160 s for 11 of its 12 groups at 6 repetitions, batch64 50 s for
-# 4 of 6 at 5, ablation with two compiled and two eager cases 95 s, data 19 s, profile 11 s); with agreement
-# (~20 s) and training (~35 s) at most about 465 s.
-STAGE_SECONDS = {"profile": 20, "model": 165, "batch64": 70, "ablation": 120, "data": 30}
+# Seconds per stage, sized from two H200 runs (f0aea1b: model 157 s at 5 repetitions, now 4; batch64 54 s;
+# data 24 s; profile 13 s; profile_compiled 35 s with its eager half left out; the eager training run 34 s),
+# and the whole script's budget, inside the 475 s that gpu_check.sh allows.
+STAGE_SECONDS = {"profile": 20, "model": 150, "batch64": 70, "compiled": 60, "data": 30}
+BUDGET_SECONDS = 465
 
 
-def stage_timeout(args, name: str) -> int:
-    """Seconds a benchmark stage may run: ``--bench-timeout`` when given, else its own default."""
-    return args.bench_timeout or STAGE_SECONDS[name]
+def stage_timeout(args, name: str, clock: Clock) -> int:
+    """Seconds a benchmark stage may run: ``--bench-timeout`` when given, else its own default, and never
+    past the script's deadline."""
+    return clock.limit(args.bench_timeout or STAGE_SECONDS[name])
 
 
-def bench_stages(out: Path, args, device: str) -> dict:
-    """The stage profile, the model benchmark table (batch 16, and 64 at BreakHis size), the torch.compile
-    ablation (default mode and reduce-overhead) and the data-path benchmark."""
+def bench_stages(out: Path, args, device: str, clock: Clock) -> dict:
+    """The stage profile, the model benchmark table (batch 16, and 64 at BreakHis size), the compiled step
+    (``profile_compiled.py``: torch.compile with CUDA graphs, fusion against its passes) and the data path."""
     py = [sys.executable]
     weights = [f"mobilenet_v2={args.weights}"] if Path(args.weights).is_file() else []
     if args.quick:
         common = ["--device", device, "--backbones", "tiny", "--sizes", "128x192", "--batch", "2", "--warmup", "1",
                   "--reps", "2", "--global-size", "64", "--local-size", "64"]
-        stages = {"model": common, "ablation": common + ["--modes", "infer", "--variants", "fusion", "--ablate",
-                                                         "fp32", "contiguous"]}
+        stages = {"model": common}
+        compiled = ["--backbone", "tiny", "--size", "128x192", "--batch", "2", "--warmup", "1", "--reps", "2"]
         data = ["--workers", "0", "--limit", "8", "--decode-n", "2", "--epoch-backbone", "tiny", "--global-size",
                 "64", "--local-size", "64", "--batch", "4", "--model-reps", "1", "--augments", "none"]
     else:
         stages = {
-            "model": ["--device", device, "--batch", "16", "--batch-large", "4", "--warmup", "2", "--reps", "5",
+            "model": ["--device", device, "--batch", "16", "--batch-large", "4", "--warmup", "2", "--reps", "4",
                       *(["--weights", *weights] if weights else [])],
             "batch64": ["--device", device, "--sizes", "460x700", "--variants", "fusion", "--batch", "64",
                         "--warmup", "2", "--reps", "4", *(["--weights", *weights] if weights else [])],
-            "ablation": ["--device", device, "--backbones", "resnet18", "--sizes", "460x700", "--variants", "fusion",
-                         "--batch", "16", "--warmup", "3", "--reps", "6", "--ablate", "compile-ro",
-                         "--modes", "infer", "train"],  # inference first: a stage cut short keeps it
         }
+        compiled = ["--backbone", "resnet18", "--size", "460x700", "--batch", "16"]
         data = ["--workers", "4", "8", "15", "--limit", "296", "--epoch-backbone", "resnet18", "--device", device,
                 "--augments", "microscopy", "none", "--caches", "none", "memory"]
     profile = (["--backbones", "tiny", "--size", "128x192", "--batch", "2", "--reps", "2"] if args.quick
                else ["--backbones", "resnet18", "--size", "460x700", "--batch", "16"])
     results = {}
     rc, secs = run(py + ["benchmarks/profile_step.py", "--device", device, *profile, "--out", str(out / "profile.json")],
-                   out / "profile.log", stage_timeout(args, "profile"))
+                   out / "profile.log", stage_timeout(args, "profile", clock))
     results["profile"] = {"rc": rc, "seconds": secs}
     for name, extra in stages.items():
         rc, secs = run(py + ["benchmarks/bench_model.py", *extra, "--out", str(out / f"bench_{name}.json")],
-                       out / f"bench_{name}.log", stage_timeout(args, name))
+                       out / f"bench_{name}.log", stage_timeout(args, name, clock))
         results[name] = {"rc": rc, "seconds": secs}
+    rc, secs = run(py + ["benchmarks/profile_compiled.py", "--device", device, "--mode", "reduce-overhead", *compiled,
+                         "--out", str(out / "profile_compiled.json")],
+                   out / "profile_compiled.log", stage_timeout(args, "compiled", clock))
+    results["compiled"] = {"rc": rc, "seconds": secs}
     rc, secs = run(py + ["benchmarks/bench_data.py", "--data", args.data, *data, "--out", str(out / "bench_data.json")],
-                   out / "bench_data.log", stage_timeout(args, "data"))
+                   out / "bench_data.log", stage_timeout(args, "data", clock))
     results["data"] = {"rc": rc, "seconds": secs}
     return results
 
@@ -218,13 +246,13 @@ def final_table(summary: dict, out: Path) -> str:
         for r in json.loads(profile.read_text())["backbones"]:
             parts = [f"{k} {v['device_ms']:.2f}/{v['host_ms']:.2f}" for k, v in r["stages"].items()]
             rows.append([f"stages {r['backbone']} (device/host ms)", ", ".join(parts), "profile.log"])
-    ablation = out / "bench_ablation.json"
-    if ablation.is_file():
-        for g in json.loads(ablation.read_text())["ratios"]:
-            parts = [f"{k.replace('_speedup', '')} {v['median']:.2f}" for k, v in g.items() if k.endswith("_speedup")]
-            parts += [f"fusion/passes both {k.replace('_overhead', '')} {v['median']:.3f}" for k, v in g.items()
-                      if k.endswith("_overhead")]
-            rows.append([f"ablation {g['backbone']} {g['mode']} (time / bf16+CL eager)", ", ".join(parts), ""])
+    compiled = out / "profile_compiled.json"
+    if compiled.is_file():
+        c = json.loads(compiled.read_text())
+        f, p = c["fusion"], c["passes"]
+        rows.append([f"compiled (reduce-overhead) {c['args']['backbone']} {c['args']['size']} infer",
+                     f"fusion {f['step_ms']:.2f} ms, passes {p['step_ms']:.2f} ms, fusion/passes "
+                     f"{f['step_ms'] / p['step_ms']:.3f}", f"CUDA graph replays per step {f['graph_launches']:.0f}"])
     data = out / "bench_data.json"
     if data.is_file():
         d = json.loads(data.read_text())
@@ -234,13 +262,16 @@ def final_table(summary: dict, out: Path) -> str:
             rows.append([f"loader best, augment {augment}", f"{best['images_per_s']:.0f} img/s = "
                          f"{best['images_per_s'] / need:.2f}x what fusion consumes ({need:.0f} img/s)",
                          f"{best['workers']} workers, cache {best['cache']} (goal 1.5x)"])
-    t = summary.get("train", {})
-    if t.get("rc") == 0:
-        rows.append(["train fusion on BreakHis copy", f"test acc {t['image_accuracy']:.3f}, bal acc "
-                     f"{t['balanced_accuracy']:.3f}, n={t['n_images']}",
-                     f"{t['epochs']} epochs, {t['train_images_per_s']:.0f} img/s, {t['seconds']:.0f} s"])
-    elif t:
-        rows.append(["train fusion", f"FAILED rc={t['rc']}", "see train_fusion.log"])
+    for key in ("train", "train_compiled"):
+        t = summary.get(key, {})
+        label = "train fusion on BreakHis copy" + ("" if t.get("compile", "off") == "off" else f", compile {t['compile']}")
+        if t.get("rc") == 0:
+            rows.append([label, f"test acc {t['image_accuracy']:.3f}, bal acc {t['balanced_accuracy']:.3f}, "
+                         f"n={t['n_images']}", f"{t['epochs']} epochs, {t['train_images_per_s']:.0f} img/s, "
+                         f"first epoch {t['first_epoch_seconds']:.0f} s, {t['seconds']:.0f} s"])
+        elif t:
+            log = "train_fusion.log" if key == "train" else "train_fusion_compiled.log"
+            rows.append([label, f"FAILED rc={t['rc']}", f"see {log}"])
     for name, s in summary.get("stages", {}).items():
         rows.append([f"stage {name}", f"rc {s['rc']}", f"{s['seconds']:.0f} s"])
     return markdown_table(["check", "result", "note"], rows)
@@ -260,11 +291,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bench-timeout", type=int, default=0,
                    help=f"seconds for every benchmark stage (0 = each its own: {STAGE_SECONDS})")
     p.add_argument("--train-timeout", type=int, default=50)
+    p.add_argument("--compiled-train-timeout", type=int, default=110,
+                   help="seconds for the training run with train.compile (compilation included)")
+    p.add_argument("--train-compile", default="reduce-overhead",
+                   help="train.compile mode of the second training run ('off' = skip it)")
+    p.add_argument("--budget", type=int, default=BUDGET_SECONDS, help="seconds for the whole script")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    clock = Clock(args.budget)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
@@ -283,8 +320,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if all(r["pass"] for r in summary["agreement"]) else 1
     summary["syncs"] = count_syncs(device, "resnet18")
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    summary["train"] = train_stage(out, args, args.device)
-    summary["stages"] = bench_stages(out, args, args.device)
+    summary["train"] = train_stage(out, args, args.device, clock)
+    if args.train_compile != "off":
+        summary["train_compiled"] = train_stage(out, args, args.device, clock, args.train_compile)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    summary["stages"] = bench_stages(out, args, args.device, clock)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     table = final_table(summary, out)
     (out / "summary.md").write_text(table + "\n")

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One-shot GPU check (about 7.5 minutes on one H100/H200; every stage has its own time limit).
+# One-shot GPU check (under 8 minutes on one H100/H200: every stage has its own time limit, and gpu_check.py
+# skips what would run past its 465 s budget).
 #   bash benchmarks/gpu_check.sh [OUT_DIR] [extra gpu_check.py options, e.g. --device cpu --quick]
 # Results go to $OUT when set (else OUT_DIR, else ./gpu_check_out); the short table is printed last.
 # Expects .gpu/breakhis (BreakHis tree, JPEG copy) and .gpu/mobilenet_v2-b0353104.pth next to the repository

@@ -55,5 +55,24 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert all(r["pass"] for r in summary["agreement"])
     assert summary["train"]["rc"] == 0, (out / "train_fusion.log").read_text()[-2000:]
+    compiled = summary["train_compiled"]  # the same run through train.compile=reduce-overhead
+    assert compiled["rc"] == 0 and compiled["compile"] == "reduce-overhead", (
+        (out / "train_fusion_compiled.log").read_text()[-2000:])
+    assert set(summary["stages"]) == {"profile", "model", "compiled", "data"}
     assert all(s["rc"] == 0 for s in summary["stages"].values()), summary["stages"]
     assert "| check | result | note |" in proc.stdout  # the short table is printed last
+    assert "compiled (reduce-overhead) tiny" in proc.stdout
+
+
+def test_gpu_check_skips_stages_past_its_budget(tmp_path):
+    """A stage that would run past the script's deadline is skipped (rc 125), so the table is still printed."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+
+    clock = gpu_check.Clock(5)
+    assert clock.limit(100) <= 5
+    rc, seconds = gpu_check.run([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "a.log", clock.limit(100))
+    assert (rc, seconds) == (125, 0.0) and "skipped" in (tmp_path / "a.log").read_text()
+    rc, _ = gpu_check.run([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "b.log",
+                          gpu_check.Clock(60).limit(30))
+    assert rc == 3

@@ -79,6 +79,17 @@ def test_amp_reads_precisions_and_old_booleans(value, expected):
     assert load_config(None, [f"train.amp={value}"]).train.amp == expected
 
 
+@pytest.mark.parametrize(("value", "expected"), [("true", "default"), ("false", "off"), ("off", "off"),
+                                               ("reduce-overhead", "reduce-overhead"), ("max-autotune", "max-autotune")])
+def test_compile_reads_modes_and_old_booleans(value, expected):
+    assert load_config(None, [f"train.compile={value}"]).train.compile == expected
+
+
+def test_compile_rejects_other_modes():
+    with pytest.raises(FinescopeError, match="train.compile.*off, default, reduce-overhead, max-autotune"):
+        load_config(None, ["train.compile=fast"])
+
+
 def test_amp_rejects_other_precisions():
     with pytest.raises(FinescopeError, match="train.amp.*bf16, fp16, off"):
         load_config(None, ["train.amp=fp8"])

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 
 import pytest
 import torch
@@ -147,9 +148,44 @@ def test_bad_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_training_writes_plain_checkpoints(synthetic_root, tmp_path):
-    """train.compile=true trains through torch.compile and still saves the plain model's keys."""
-    metrics = _train(synthetic_root, tmp_path / "compiled", epochs=1, extra=["train.compile=true"])
+def test_compiled_training_writes_plain_checkpoints(synthetic_root, tmp_path, monkeypatch):
+    """train.compile=reduce-overhead trains through torch.compile, marks where every step begins (CUDA graphs
+    need it; on the CPU inductor compiles without them) and still saves the plain model's keys."""
+    marks = []
+    real_mark = torch.compiler.cudagraph_mark_step_begin
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1) or real_mark())
+    out = tmp_path / "compiled"
+    metrics = _train(synthetic_root, out, epochs=1, extra=["train.compile=reduce-overhead"])
     assert 0.0 <= metrics["image_accuracy"] <= 1.0
-    keys = load_checkpoint(tmp_path / "compiled" / "checkpoints" / "last.pt")["model"].keys()
+    keys = load_checkpoint(out / "checkpoints" / "last.pt")["model"].keys()
     assert keys and not any("_orig_mod" in k for k in keys)
+    seen = json.loads((out / "history.jsonl").read_text().splitlines()[0])["train_images"]
+    batch = load_config(None, tiny_overrides(synthetic_root, "fusion", 1)).train.batch_size
+    assert seen > 0 and len(marks) == math.ceil(seen / batch)  # one mark per training step
+
+
+def test_cuda_graph_compile_refused_under_ddp(monkeypatch):
+    """The modes that replay CUDA graphs are refused with one clear line when several processes train."""
+    monkeypatch.setattr(trainer.dist, "is_distributed", lambda: True)
+    with pytest.raises(FinescopeError, match="train.compile.*reduce-overhead.*train.compile=default"):
+        trainer.compile_for_training(torch.nn.Linear(2, 2), "reduce-overhead")
+
+
+@pytest.mark.slow
+def test_compiled_training_survives_a_new_batch_shape():
+    """A batch of another shape (here: mixed orientations, padded) recompiles a static graph. With inductor's
+    dynamic shapes, its default on a second shape, that compile failed ('AssertionError: ToFloat(False)',
+    torch 2.14 on the CPU) and training stopped with a traceback."""
+    from finescope.config import ModelConfig
+    from finescope.engine import compute_loss
+    from finescope.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(variant="fusion", backbone="tiny", global_size=32, local_size=32), 2).train()
+    fit = trainer.compile_for_training(model, "default")
+    for sizes in ([[64, 96], [64, 96]], [[64, 96], [96, 64]]):
+        sizes = torch.tensor(sizes)
+        x = torch.rand(len(sizes), 3, *sizes.amax(0).tolist())
+        loss = compute_loss(fit(x, sizes), torch.tensor([0, 1]))
+        loss.backward()
+        assert torch.isfinite(loss)

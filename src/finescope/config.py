@@ -92,7 +92,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "bf16"  # autocast on CUDA: bf16 | fp16 (with loss scaling) | off; always fp32 on CPU
     channels_last: bool = True  # on CUDA
-    compile: bool = False  # torch.compile the model
+    # torch.compile the training steps: off | default (inductor) | reduce-overhead (inductor + CUDA graphs, one
+    # process only) | max-autotune; true reads as default, false as off
+    compile: str = "off"
     sync_bn: bool = False  # DDP on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm)
     eval_batch_size: int = 0  # 0 = batch_size
     crop_warmup_epochs: int = 0  # stage-wise: the first N epochs train the global/attention path only
@@ -278,10 +280,12 @@ _CHOICES = {
     "model.crop_backbone": ("shared", "separate"),
     "train.monitor": ("balanced_accuracy", "accuracy", "macro_f1", "auc", "loss"),
     "train.amp": ("bf16", "fp16", "off"),
+    "train.compile": ("off", "default", "reduce-overhead", "max-autotune"),
 }
 
-# keys whose old boolean values still read: train.amp was true (bf16) / false (fp32) before fp16 existed
-_LEGACY_BOOLEANS = {"amp": {True: "bf16", False: "off"}}
+# keys whose old boolean values still read: train.amp was true (bf16) / false (fp32) before fp16 existed,
+# train.compile true (inductor's default mode) / false before its modes
+_LEGACY_BOOLEANS = {"amp": {True: "bf16", False: "off"}, "compile": {True: "default", False: "off"}}
 
 
 def validate(cfg: Config) -> None:

@@ -84,11 +84,13 @@ def train_one_epoch(
     progress: bool = True,
     desc: str = "train",
     scaler: torch.amp.GradScaler | None = None,
+    mark_steps: bool = False,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns mean loss, accuracy, images and seconds.
 
     ``scaler`` (from :func:`make_grad_scaler`, kept across epochs and checkpointed) scales the loss under fp16
-    autocast; when None one is made for this epoch.
+    autocast; when None one is made for this epoch. ``mark_steps`` tells torch.compile's CUDA graphs where each
+    step begins (``train.compile: reduce-overhead``): the outputs of a step are used up within it.
     """
     scaler = scaler if scaler is not None else make_grad_scaler(device, amp)
     model.train()
@@ -99,6 +101,8 @@ def train_one_epoch(
         if len(batch) == 0:
             continue
         images, sizes, labels = _to_model_input(batch, device, channels_last)
+        if mark_steps:
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(device, amp):
             out = model(images, sizes)
         loss = compute_loss(out, labels, aux_weight, label_smoothing)

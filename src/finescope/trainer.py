@@ -290,8 +290,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     # stage-wise warm-up epochs leave the fusion head (and a separate crop backbone) without gradients
     fit_model = dist.wrap_model(model, device, sync_bn=cfg.train.sync_bn,
                                 partial_steps=cfg.train.crop_warmup_epochs > 0)
-    if cfg.train.compile:
-        fit_model = torch.compile(fit_model)
+    if cfg.train.compile != "off":
+        fit_model = compile_for_training(fit_model, cfg.train.compile)
     for epoch in range(start, cfg.train.epochs):
         if tracker["stopped"]:
             break
@@ -300,6 +300,26 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     del loaders  # stop the persistent workers before the test
     dist.barrier()  # rank 0 has written best.pt before any rank reads it
     return finish(run_dir, cfg, sample_set, splits, device)
+
+
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
+
+
+def compile_for_training(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """``torch.compile`` in one of ``train.compile``'s modes (``default`` is inductor's own).
+
+    Static shapes: each new batch shape (or set of image sizes, which the forward pass reads on the host) gets
+    its own graph, as CUDA graphs need anyway. With dynamic shapes, inductor's choice on a second shape, the
+    compile of a batch of mixed orientations failed (torch 2.14). So compiling pays where shapes repeat, as
+    with BreakHis (one image size); after torch's recompile limit new shapes run eagerly.
+
+    The modes that replay CUDA graphs run in one process only: under DDP a graph would have to hold the
+    gradient all-reduce, which this project has not measured; ``default`` works under torchrun.
+    """
+    if mode in CUDA_GRAPH_MODES and dist.is_distributed():
+        raise FinescopeError(f"config key 'train.compile' is '{mode}', which replays CUDA graphs and runs in one "
+                             "process only; under torchrun use train.compile=default")
+    return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
 
 
 def _load_samples_rank0_first(cfg: Config) -> SampleSet:
@@ -323,7 +343,7 @@ def _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, 
         fit_model, loaders["train"], optimizer, scheduler,
         device, aux_weight=t.aux_weight, label_smoothing=t.label_smoothing, grad_clip=t.grad_clip, amp=t.amp,
         channels_last=t.channels_last, progress=progress and dist.is_main(), desc=f"epoch {epoch + 1}/{t.epochs}",
-        scaler=scaler,
+        scaler=scaler, mark_steps=t.compile in CUDA_GRAPH_MODES,
     )
     row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **{f"train_{k}": v for k, v in stats.items()}}
     row["train_images_per_second"] = stats["images"] / max(stats["seconds"], 1e-9)
