@@ -8,7 +8,9 @@ decode: seconds per image to decode with torchvision.io and with PIL, and to rea
 loader: decoded and augmented uint8 images/s delivered by a training DataLoader (``--augments`` presets, batch
     ``--batch``, collate with padding, pinned memory on CUDA, persistent workers as the trainer builds it) with
     ``data.cache`` none, memory and disk (a fresh temporary folder); epoch 1 and epoch 2 are reported
-    separately (the caches are filled in epoch 1; persistent workers keep a memory cache).
+    separately (the caches are filled in epoch 1; persistent workers keep a memory cache). With
+    ``--colour-on workers device`` the presets with a colour jitter run both ways (``data.colour_on``): in the
+    workers, or drawn there and applied to the batch on ``--device``, whose cost per batch is reported.
 epoch: one training epoch of ``fusion`` (``--epoch-backbone``) on ``--device`` through ``engine.train_one_epoch``
     with the loader, and the model alone on a pre-loaded batch (what the model consumes per second).
 
@@ -37,7 +39,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, loadavg, markdown_table, summary, sync  # noqa: E402
 
 from finescope.config import DataConfig, ModelConfig  # noqa: E402
-from finescope.data import ImageDataset, build_transform, collate_padded, load_samples  # noqa: E402
+from finescope.data import (  # noqa: E402
+    ImageDataset,
+    apply_colour,
+    build_transform,
+    collate_padded,
+    colour_jitter,
+    load_samples,
+)
 from finescope.data.dataset import _decode_pil, _decode_torchvision, worker_context  # noqa: E402
 
 
@@ -69,9 +78,11 @@ def bench_decode(samples: list, n: int) -> dict:
 
 
 def make_loader(samples: list, workers: int, cache: str, batch: int, pin: bool, min_side: int = 0,
-                augment: str = "microscopy") -> DataLoader:
+                augment: str = "microscopy", colour_on: str = "workers") -> DataLoader:
     """A training loader as the trainer builds it, with persistent workers so a memory cache survives epochs."""
-    dataset = ImageDataset(samples, transform=build_transform(augment, True), cache=cache, min_side=min_side,
+    on_device = colour_on == "device"
+    dataset = ImageDataset(samples, transform=build_transform(augment, True, colour=not on_device), cache=cache,
+                           min_side=min_side, colour=colour_jitter(augment, True) if on_device else None,
                            cache_dir=tempfile.mkdtemp(prefix="finescope_bench_cache_") if cache == "disk" else "")
     return DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, collate_fn=collate_padded,
                       pin_memory=pin, drop_last=False, persistent_workers=workers > 0,
@@ -79,22 +90,43 @@ def make_loader(samples: list, workers: int, cache: str, batch: int, pin: bool, 
                       generator=torch.Generator().manual_seed(0))
 
 
+def colour_ms(batch, device: torch.device, reps: int = 5) -> float:
+    """Median milliseconds of applying a batch's colour maps on ``device`` (the batch already there)."""
+    images = batch.images.to(device).float().div_(255.0)
+    times = []
+    for _ in range(reps + 1):
+        sync(device)
+        start = time.perf_counter()
+        apply_colour(images, batch.colour, batch.sizes)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:]) * 1e3
+
+
 def bench_loader(samples: list, workers: list[int], caches: list[str], batch: int, pin: bool,
-                 augments: list[str]) -> list[dict]:
-    """Images/s of the loader alone for each (workers, cache, augmentation), epochs 1 and 2."""
+                 augments: list[str], colour_ons: tuple[str, ...] = ("workers",),
+                 device: torch.device | None = None) -> list[dict]:
+    """Images/s of the loader alone for each (workers, cache, augmentation, where the colour jitter runs),
+    epochs 1 and 2; with the jitter on the device, also its cost there per batch."""
     rows = []
-    for w, cache, augment in ((w, c, a) for w in workers for c in caches for a in augments):
-        loader = make_loader(samples, w, cache, batch, pin, augment=augment)
+    for w, cache, augment, colour_on in ((w, c, a, o) for w in workers for c in caches for a in augments
+                                         for o in colour_ons):
+        if colour_on == "device" and colour_jitter(augment, True) is None:
+            continue  # nothing to move
+        loader = make_loader(samples, w, cache, batch, pin, augment=augment, colour_on=colour_on)
         per_epoch = []
         for _ in range(2):
             start, n = time.perf_counter(), 0
             for b in loader:
                 n += len(b)
             per_epoch.append(n / (time.perf_counter() - start))
-        rows.append({"workers": w, "cache": cache, "augment": augment, "epoch1_images_per_s": per_epoch[0],
-                     "images_per_s": per_epoch[1], "loadavg": loadavg()})
-        print(f"loader workers={w} cache={cache} augment={augment}: {per_epoch[0]:.1f} / {per_epoch[1]:.1f} img/s",
-              flush=True)
+        row = {"workers": w, "cache": cache, "augment": augment, "colour_on": colour_on,
+               "epoch1_images_per_s": per_epoch[0], "images_per_s": per_epoch[1], "loadavg": loadavg()}
+        if colour_on == "device":
+            row["device_colour_ms_per_batch"] = colour_ms(b, device or torch.device("cpu"))
+        rows.append(row)
+        print(f"loader workers={w} cache={cache} augment={augment} colour on {colour_on}: {per_epoch[0]:.1f} / "
+              f"{per_epoch[1]:.1f} img/s", flush=True)
         if cache == "disk":
             shutil.rmtree(loader.dataset.cache_dir, ignore_errors=True)
         del loader
@@ -113,7 +145,8 @@ def bench_epoch(samples: list, args, device: torch.device) -> dict:
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
-    loader = make_loader(samples, max(args.workers), "none", args.batch, device.type == "cuda", args.local_size)
+    loader = make_loader(samples, max(args.workers), "none", args.batch, device.type == "cuda", args.local_size,
+                         colour_on="device" if device.type == "cuda" else "workers")  # as data.colour_on: auto
     run = {"device": device, "progress": False, "grad_clip": 1.0}
     batch = next(iter(loader))
     train_one_epoch(model, [batch], opt, None, **run)  # warm-up (cuDNN autotuning, allocator)
@@ -135,6 +168,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--caches", nargs="+", default=["none", "memory"], choices=("none", "memory", "disk"))
     p.add_argument("--augments", nargs="+", default=["microscopy"],
                    choices=("none", "geometric", "microscopy", "strong"))
+    p.add_argument("--colour-on", nargs="+", default=["workers"], choices=("workers", "device"),
+                   help="where the colour jitter runs (data.colour_on); device = applied to the batch on --device")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--decode-n", type=int, default=20, help="files in the decode comparison")
     p.add_argument("--device", default="auto")
@@ -154,9 +189,11 @@ def report(result: dict) -> str:
              f"decode ({d['format']} {d['size_wh'][0]}x{d['size_wh'][1]}, {d['n']} files, ms/image median "
              f"(min-max)): " + ", ".join(f"{k} {d[k]['median'] * 1e3:.2f} ({d[k]['min'] * 1e3:.2f}-"
                                          f"{d[k]['max'] * 1e3:.2f})" for k in ("torchvision", "pil", "npy")), ""]
-    rows = [[r["workers"], r["cache"], r["augment"], f"{r['epoch1_images_per_s']:.1f}", f"{r['images_per_s']:.1f}"]
-            for r in result["loader"]]
-    lines.append(markdown_table(["workers", "cache", "augment", "epoch 1 images/s", "epoch 2 images/s"], rows))
+    rows = [[r["workers"], r["cache"], r["augment"], r.get("colour_on", "workers"), f"{r['epoch1_images_per_s']:.1f}",
+             f"{r['images_per_s']:.1f}", f"{r['device_colour_ms_per_batch']:.2f}" if "device_colour_ms_per_batch" in r
+             else "-"] for r in result["loader"]]
+    lines.append(markdown_table(["workers", "cache", "augment", "colour on", "epoch 1 images/s", "epoch 2 images/s",
+                                 "colour on the device, ms/batch"], rows))
     if "epoch" in result:
         e = result["epoch"]
         lines += ["", f"fusion epoch ({e['images']} images, {e['workers']} workers): {e['epoch_seconds']:.1f} s = "
@@ -172,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
     samples = find_samples(args.data, args.limit)
     result["decode"] = bench_decode(samples, args.decode_n)
     result["loader"] = bench_loader(samples, args.workers, args.caches, args.batch, device.type == "cuda",
-                                    args.augments)
+                                    args.augments, tuple(args.colour_on), device)
     if args.epoch_backbone:
         result["epoch"] = bench_epoch(samples, args, device)
         result["model_images_per_s"] = result["epoch"]["model_images_per_s"]

@@ -34,6 +34,7 @@ sys.path.insert(0, str(HERE))
 from common import ROOT, environment, markdown_table  # noqa: E402
 
 from finescope.config import ModelConfig  # noqa: E402
+from finescope.data import colour_jitter  # noqa: E402
 from finescope.engine import autocast, compute_loss  # noqa: E402
 from finescope.models import create_model  # noqa: E402
 
@@ -174,7 +175,7 @@ def train_stage(out: Path, args, device: str, clock: Clock, compile_mode: str = 
 # Seconds per stage, sized from two H200 runs (f0aea1b: model 157 s at 5 repetitions, now 4; batch64 54 s;
 # data 24 s; profile 13 s; profile_compiled 35 s with its eager half left out; the eager training run 34 s),
 # and the whole script's budget, inside the 475 s that gpu_check.sh allows.
-STAGE_SECONDS = {"profile": 20, "model": 150, "batch64": 70, "compiled": 60, "data": 30}
+STAGE_SECONDS = {"profile": 20, "model": 150, "batch64": 70, "compiled": 60, "data": 45}
 BUDGET_SECONDS = 465
 
 
@@ -195,7 +196,8 @@ def bench_stages(out: Path, args, device: str, clock: Clock) -> dict:
         stages = {"model": common}
         compiled = ["--backbone", "tiny", "--size", "128x192", "--batch", "2", "--warmup", "1", "--reps", "2"]
         data = ["--workers", "0", "--limit", "8", "--decode-n", "2", "--epoch-backbone", "tiny", "--global-size",
-                "64", "--local-size", "64", "--batch", "4", "--model-reps", "1", "--augments", "none"]
+                "64", "--local-size", "64", "--batch", "4", "--model-reps", "1", "--augments", "microscopy",
+                "--colour-on", "workers", "device"]
     else:
         stages = {
             "model": ["--device", device, "--batch", "16", "--batch-large", "4", "--warmup", "2", "--reps", "4",
@@ -205,7 +207,7 @@ def bench_stages(out: Path, args, device: str, clock: Clock) -> dict:
         }
         compiled = ["--backbone", "resnet18", "--size", "460x700", "--batch", "16"]
         data = ["--workers", "4", "8", "15", "--limit", "296", "--epoch-backbone", "resnet18", "--device", device,
-                "--augments", "microscopy", "none", "--caches", "none", "memory"]
+                "--augments", "microscopy", "none", "--caches", "none", "memory", "--colour-on", "workers", "device"]
     profile = (["--backbones", "tiny", "--size", "128x192", "--batch", "2", "--reps", "2"] if args.quick
                else ["--backbones", "resnet18", "--size", "460x700", "--batch", "16"])
     results = {}
@@ -257,11 +259,15 @@ def final_table(summary: dict, out: Path) -> str:
     if data.is_file():
         d = json.loads(data.read_text())
         need = d.get("model_images_per_s", float("nan"))
-        for augment in sorted({r["augment"] for r in d["loader"]}):
-            best = max((r for r in d["loader"] if r["augment"] == augment), key=lambda r: r["images_per_s"])
-            rows.append([f"loader best, augment {augment}", f"{best['images_per_s']:.0f} img/s = "
+        for augment, on in sorted({(r["augment"], r.get("colour_on", "workers")) for r in d["loader"]}):
+            best = max((r for r in d["loader"] if r["augment"] == augment and r.get("colour_on", "workers") == on),
+                       key=lambda r: r["images_per_s"])
+            where = f", colour on {on}" if colour_jitter(augment, True) is not None else ""
+            cost = (f", {best['device_colour_ms_per_batch']:.2f} ms/batch there" if "device_colour_ms_per_batch" in best
+                    else "")
+            rows.append([f"loader best, augment {augment}{where}", f"{best['images_per_s']:.0f} img/s = "
                          f"{best['images_per_s'] / need:.2f}x what fusion consumes ({need:.0f} img/s)",
-                         f"{best['workers']} workers, cache {best['cache']} (goal 1.5x)"])
+                         f"{best['workers']} workers, cache {best['cache']}{cost} (goal 1.5x)"])
     for key in ("train", "train_compiled"):
         t = summary.get(key, {})
         label = "train fusion on BreakHis copy" + ("" if t.get("compile", "off") == "off" else f", compile {t['compile']}")

@@ -390,3 +390,39 @@ def test_disk_cache_that_cannot_be_written_is_one_clear_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(FinescopeError, match="cannot write the image cache.*data.cache_dir"):
         ImageDataset(samples, cache="disk", cache_dir=str(blocker), on_error="skip")[0]
+
+
+def test_colour_on_device_matches_colour_in_workers(tmp_path):
+    """data.colour_on=device: the dataset draws the jitter's factors (after the geometric steps, from the same
+    seeded stream) and the batch applies them on the device. The batch equals the worker-side jitter up to
+    its rounding to uint8 levels, and the padding stays 0."""
+    from finescope.data import colour_jitter
+
+    samples = make_samples(tmp_path, sizes=((12, 20), (18, 14), (12, 20)))  # mixed orientations: padding
+    keys = [(i, 3) for i in range(len(samples))]
+    in_workers = ImageDataset(samples, transform=build_transform("microscopy", True), seed=5)
+    on_device = ImageDataset(samples, transform=build_transform("microscopy", True, colour=False), seed=5,
+                             colour=colour_jitter("microscopy", True))
+    a = collate_padded([in_workers[k] for k in keys])
+    b = collate_padded([on_device[k] for k in keys])
+    assert a.colour is None and b.colour.shape == (3, 10)
+    assert torch.equal(a.sizes, b.sizes) and not (a.sizes == a.sizes[:1]).all()  # same flips and rotations
+    x, y = a.model_input("cpu"), b.model_input("cpu", channels_last=True)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert (x - y).abs().max() <= 1 / 255 + 1e-6
+    assert (y - b.images.float() / 255).abs().max() > 0.01  # the colours did move
+    for img, (h, w) in zip(y, b.sizes.tolist(), strict=True):
+        assert not img[:, h:].any() and not img[:, :, w:].any()
+    assert torch.equal(b.to("cpu").colour, b.colour) and a.to("cpu").colour is None
+
+
+def test_colour_jitter_split_per_preset():
+    """Which presets have a jitter to move, and what stays in the workers when it moves (strong: the blur)."""
+    from finescope.data import colour_jitter
+    from finescope.data.transforms import ColourJitter
+
+    assert colour_jitter("geometric", True) is None and colour_jitter("microscopy", False) is None
+    assert colour_jitter("strong", True).brightness == 0.25
+    steps = [type(t).__name__ for t in build_transform("strong", True, colour=False).transforms]
+    assert "RandomApply" in steps and "ColourJitter" not in steps
+    assert any(isinstance(t, ColourJitter) for t in build_transform("strong", True).transforms)

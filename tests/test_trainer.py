@@ -189,3 +189,19 @@ def test_compiled_training_survives_a_new_batch_shape():
         loss = compute_loss(fit(x, sizes), torch.tensor([0, 1]))
         loss.backward()
         assert torch.isfinite(loss)
+
+
+def test_colour_on_device_trains(synthetic_root, tmp_path, monkeypatch):
+    """data.colour_on=device trains end to end: training batches carry the jitter's factors and the model
+    input applies them; evaluation batches carry none. auto keeps the jitter in the workers on a CPU."""
+    from finescope.data import Batch
+
+    assert not trainer.colour_on_device(load_config(None, ["train.device=cpu"]))
+    assert trainer.colour_on_device(load_config(None, ["train.device=cpu", "data.colour_on=device"]))
+    carried = []
+    real_input = Batch.model_input
+    monkeypatch.setattr(Batch, "model_input", lambda self, *a, **k: carried.append(self.colour is not None)
+                        or real_input(self, *a, **k))
+    metrics = _train(synthetic_root, tmp_path / "run", epochs=1, extra=["data.colour_on=device"])
+    assert 0.0 <= metrics["image_accuracy"] <= 1.0
+    assert True in carried and False in carried  # training batches, then validation and test batches

@@ -39,6 +39,9 @@ class DataConfig:
     test_fraction: float = 0.3  # of the groups
     splits: str = ""  # a splits.json to reuse instead of drawing new splits
     augment: str = "microscopy"  # none | geometric | microscopy | strong
+    # where the augmentation's colour jitter runs: workers | device (on the batch, on the training device) |
+    # auto (device when training on CUDA)
+    colour_on: str = "auto"
     num_workers: int = 2
     cache: str = "none"  # none | memory (decoded once, shared by the workers) | disk (.npy files in cache_dir)
     cache_dir: str = ""  # disk cache folder; "" = $XDG_CACHE_HOME/finescope/decoded (~/.cache/...)
@@ -273,6 +276,7 @@ _CHOICES = {
     "data.on_error": ("raise", "skip"),
     "data.augment": ("none", "geometric", "microscopy", "strong"),
     "data.cache": ("none", "memory", "disk"),
+    "data.colour_on": ("auto", "workers", "device"),
     "model.image_feature": ("attention", "avg"),
     "model.selection_norm": ("max", "minmax"),
     "model.predict_with": ("fused", "mean"),

@@ -34,6 +34,7 @@ from finescope.data import (
     build_transform,
     check_no_leak,
     collate_padded,
+    colour_jitter,
     load_samples,
     load_splits,
     save_splits,
@@ -82,16 +83,27 @@ def min_image_side(cfg: Config) -> int:
     return cfg.model.local_size if variant_switches(cfg.model.variant).get("use_crops") else 0
 
 
+def colour_on_device(cfg: Config) -> bool:
+    """Whether the colour jitter runs on the training device (``data.colour_on``; ``auto``: on CUDA), where
+    a batched 3x3 map costs next to nothing, instead of in the workers, where it costs as much as the decoding
+    (``benchmarks/bench_data.py``: ``microscopy`` against ``geometric``)."""
+    if cfg.data.colour_on == "auto":
+        return resolve_device(cfg.train.device).type == "cuda"
+    return cfg.data.colour_on == "device"
+
+
 def make_dataset(sample_set: SampleSet, indices, cfg: Config, train: bool) -> ImageDataset:
     """The images at ``indices`` with the training or evaluation transform of ``cfg``."""
+    on_device = colour_on_device(cfg)
     return ImageDataset(
         [sample_set.samples[i] for i in indices],
-        transform=build_transform(cfg.data.augment, train),
+        transform=build_transform(cfg.data.augment, train, colour=not on_device),
         on_error=cfg.data.on_error,
         min_side=min_image_side(cfg),
         cache=cfg.data.cache,
         seed=cfg.seed if train else None,
         cache_dir=cfg.data.cache_dir,
+        colour=colour_jitter(cfg.data.augment, train) if on_device else None,
     )
 
 

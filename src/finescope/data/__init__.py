@@ -19,7 +19,7 @@ from finescope.data.splits import (
     trial_splits,
 )
 from finescope.data.summary import describe_samples, format_description
-from finescope.data.transforms import build_transform
+from finescope.data.transforms import apply_colour, build_transform, colour_jitter
 
 __all__ = [
     "SUPPORTED_EXTENSIONS",
@@ -27,9 +27,11 @@ __all__ = [
     "ImageDataset",
     "Sample",
     "SampleSet",
+    "apply_colour",
     "build_transform",
     "carve_validation",
     "check_no_leak",
+    "colour_jitter",
     "collate_padded",
     "describe_samples",
     "format_description",

@@ -32,6 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from finescope.data.records import Sample
+from finescope.data.transforms import ColourJitter, apply_colour
 from finescope.errors import FinescopeError
 
 _TORCHVISION_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -321,6 +322,8 @@ class ImageDataset(Dataset):
             :class:`~finescope.distributed.ShardSampler`) draws from a generator seeded by (seed, e, i): the
             augmentation does not depend on the worker count, on which worker reads the sample, on the number of
             DDP processes, or on whether the run was resumed. The caller's random state is left untouched.
+        colour: a colour jitter whose factors are drawn here, after ``transform``, and applied to the batch on
+            the training device (``data.colour_on: device``); each item then carries them as ``"colour"``.
     """
 
     def __init__(
@@ -332,6 +335,7 @@ class ImageDataset(Dataset):
         cache: str = "none",
         seed: int | None = None,
         cache_dir: str = "",
+        colour: ColourJitter | None = None,
     ) -> None:
         if on_error not in ("raise", "skip"):
             raise FinescopeError(f"config key 'data.on_error' is '{on_error}'; choose one of: raise, skip")
@@ -339,6 +343,7 @@ class ImageDataset(Dataset):
             raise FinescopeError(f"config key 'data.cache' is '{cache}'; choose one of: none, memory, disk")
         self.samples = list(samples)
         self.transform = transform
+        self.colour = colour
         self.on_error = on_error
         self.min_side = min_side
         self.cache = cache
@@ -398,14 +403,22 @@ class ImageDataset(Dataset):
         img = self._load(i)
         if img is None:
             return None
-        if self.transform is not None and self.seed is not None:
+        item = {"label": int(self.samples[i].label), "index": i}
+        if self.seed is not None and (self.transform is not None or self.colour is not None):
             with torch.random.fork_rng(devices=[]):  # restores the CPU generator, the only one reseeded here
                 seed = np.random.SeedSequence([self.seed % 2**32, epoch, i]).generate_state(1)[0]
                 torch.random.default_generator.manual_seed(int(seed))  # torch.manual_seed would reseed CUDA too
-                img = self.transform(img)
-        elif self.transform is not None:
+                img = self._augment(img, item)
+        else:
+            img = self._augment(img, item)
+        return {"image": img, **item}
+
+    def _augment(self, img: torch.Tensor, item: dict) -> torch.Tensor:
+        if self.transform is not None:
             img = self.transform(img)
-        return {"image": img, "label": int(self.samples[i].label), "index": i}
+        if self.colour is not None:
+            item["colour"] = self.colour.sample()
+        return img
 
 
 @dataclass
@@ -417,12 +430,15 @@ class Batch:
         sizes: (B, 2) long, the (h, w) of each image's valid region.
         labels: (B,) long class indices.
         indices: (B,) long dataset indices.
+        colour: (B, 10) float colour maps that :meth:`model_input` applies on the device
+            (:func:`~finescope.data.transforms.apply_colour`), or None.
     """
 
     images: torch.Tensor
     sizes: torch.Tensor
     labels: torch.Tensor
     indices: torch.Tensor
+    colour: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -437,19 +453,22 @@ class Batch:
         """
         images = self.images.to(device, non_blocking=True)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
+        if self.colour is not None:  # the colour jitter, on the device
+            images = apply_colour(images.float().div_(255.0), self.colour, self.sizes)
+            return images.contiguous(memory_format=fmt)
         images = images.to(dtype=torch.float32, memory_format=fmt)
         return images.div_(255.0) if self.images.dtype == torch.uint8 else images
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """The same batch on ``device``."""
-        return Batch(*(t.to(device, non_blocking=non_blocking) for t in self._tensors()))
+        return Batch(*(t if t is None else t.to(device, non_blocking=non_blocking) for t in self._tensors()))
 
     def pin_memory(self) -> Batch:
         """Called by ``DataLoader(pin_memory=True)``."""
-        return Batch(*(t.pin_memory() for t in self._tensors()))
+        return Batch(*(t if t is None else t.pin_memory() for t in self._tensors()))
 
-    def _tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.images, self.sizes, self.labels, self.indices
+    def _tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return self.images, self.sizes, self.labels, self.indices, self.colour
 
 
 def collate_padded(items: list[dict | None]) -> Batch:
@@ -473,7 +492,8 @@ def collate_padded(items: list[dict | None]) -> Batch:
         images[b, :, :h, :w] = it["image"]
     labels = torch.tensor([it["label"] for it in items], dtype=torch.long)
     indices = torch.tensor([it["index"] for it in items], dtype=torch.long)
-    return Batch(images, sizes, labels, indices)
+    colour = torch.stack([it["colour"] for it in items]) if "colour" in items[0] else None
+    return Batch(images, sizes, labels, indices, colour)
 
 
 __all__ = ["Batch", "DiskCache", "ImageDataset", "SharedMemoryCache", "collate_padded", "default_cache_dir",

@@ -54,7 +54,9 @@ class ColourJitter(torch.nn.Module):
     def _factor(spread: float, centre: float = 1.0) -> float:
         return centre + spread * (2 * float(torch.rand(())) - 1) if spread > 0 else centre
 
-    def forward(self, img: torch.Tensor) -> torch.Tensor:
+    def sample(self) -> torch.Tensor:
+        """Draw the factors and return the colour map as 10 float32 numbers: the 3x3 matrix ``M`` (row-major)
+        and ``k``, the contrast offset per unit of mean grey (``t = k * grey(mean rgb)``)."""
         b = self._factor(self.brightness)
         c = self._factor(self.contrast)
         s = self._factor(self.saturation)
@@ -64,10 +66,42 @@ class ColourJitter(torch.nn.Module):
         rotate = torch.tensor([[1, 0, 0], [0, cos, -sin], [0, sin, cos]], dtype=torch.float64)
         hue = torch.linalg.solve(_YIQ, rotate @ _YIQ)  # YIQ^-1 R YIQ
         matrix = (c * b) * (hue @ saturate)  # grey is a fixed point of both: the contrast offset passes unchanged
+        return torch.cat([matrix.flatten(), torch.tensor([(1 - c) * b], dtype=torch.float64)]).to(torch.float32)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        params = self.sample()
+        matrix, k = params[:9].view(3, 3), float(params[9])
         x = img.reshape(3, -1).to(torch.float32)
-        offset = (1 - c) * b * float(_GREY.to(torch.float32) @ x.mean(dim=1)) if c != 1 else 0.0
-        out = torch.addmm(torch.full((3, 1), offset), matrix.to(torch.float32), x)
+        offset = k * float(_GREY.to(torch.float32) @ x.mean(dim=1)) if k != 0 else 0.0
+        out = torch.addmm(torch.full((3, 1), offset), matrix, x)
         return out.clamp_(0, 255).round_().to(torch.uint8).view_as(img)
+
+
+def apply_colour(images: torch.Tensor, params: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Apply per-image colour maps from :meth:`ColourJitter.sample` to a padded float batch, on its device.
+
+    Args:
+        images: (B, 3, H, W) float in [0, 1], each image at the top-left, zero-padded.
+        params: (B, 10) the maps, on any device.
+        sizes: (B, 2) the valid (h, w) of each image, on the host.
+
+    Returns:
+        (B, 3, H, W) float in [0, 1], contiguous; the padding stays 0. The same map as the worker-side
+        ``ColourJitter`` up to its rounding to uint8 levels (within 1/255).
+    """
+    B, _, H, W = images.shape
+    params = params.to(images.device, torch.float32, non_blocking=True)
+    matrix, k = params[:, :9].view(B, 3, 3), params[:, 9]
+    area = sizes.prod(dim=1).clamp(min=1).to(torch.float32)
+    mean = images.sum(dim=(2, 3)) / area.to(images.device, non_blocking=True)[:, None]  # padding adds nothing
+    offset = k * (mean @ _GREY.to(images.device, torch.float32))  # (B,)
+    out = torch.einsum("bij,bjhw->bihw", matrix, images).add_(offset[:, None, None, None]).clamp_(0, 1)
+    if bool((sizes != torch.tensor([H, W])).any()):  # on the host: no device sync
+        rows = torch.arange(H)[None, :] < sizes[:, :1]  # (B, H)
+        cols = torch.arange(W)[None, :] < sizes[:, 1:]  # (B, W)
+        valid = (rows[:, None, :, None] & cols[:, None, None, :]).to(images.device, non_blocking=True)
+        out.mul_(valid)
+    return out
 
 
 class Identity(torch.nn.Module):
@@ -81,7 +115,18 @@ def _geometric() -> list[torch.nn.Module]:
     return [v2.RandomHorizontalFlip(p=0.5), v2.RandomVerticalFlip(p=0.5), RandomRot90()]
 
 
-def build_transform(name: str, train: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+def colour_jitter(name: str, train: bool) -> ColourJitter | None:
+    """The colour jitter of preset ``name`` (``data.augment``), None when it has none or for evaluation."""
+    if name not in PRESETS:
+        raise FinescopeError(f"config key 'data.augment' is '{name}'; choose one of: {', '.join(PRESETS)}")
+    if not train or name in ("none", "geometric"):
+        return None
+    if name == "microscopy":
+        return ColourJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.02)
+    return ColourJitter(brightness=0.25, contrast=0.25, saturation=0.25, hue=0.05)
+
+
+def build_transform(name: str, train: bool, colour: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
     """The augmentation preset ``name`` (``data.augment``) for training, or the identity for evaluation.
 
     Args:
@@ -89,6 +134,8 @@ def build_transform(name: str, train: bool) -> Callable[[torch.Tensor], torch.Te
             variation), ``microscopy`` (flips, 90-degree rotations, colour jitter 0.1/0.1/0.1/0.02)
             or ``strong`` (the same with jitter 0.25/0.25/0.25/0.05 and Gaussian blur with probability 0.2).
         train: False gives the identity whatever the preset.
+        colour: False leaves the colour jitter out (``data.colour_on: device``: the dataset draws the factors
+            with :func:`colour_jitter` and the batch applies them on the training device, :func:`apply_colour`).
 
     Returns:
         A callable (3, H, W) uint8 -> (3, H', W') uint8 with (H', W') = (H, W) or (W, H).
@@ -96,20 +143,13 @@ def build_transform(name: str, train: bool) -> Callable[[torch.Tensor], torch.Te
     Raises:
         FinescopeError: an unknown preset name.
     """
-    if name not in PRESETS:
-        raise FinescopeError(f"config key 'data.augment' is '{name}'; choose one of: {', '.join(PRESETS)}")
+    jitter = colour_jitter(name, train)
     if not train or name == "none":
         return Identity()
-    if name == "geometric":
-        return v2.Compose(_geometric())
-    if name == "microscopy":
-        colour = [ColourJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.02)]
-    else:
-        colour = [
-            ColourJitter(brightness=0.25, contrast=0.25, saturation=0.25, hue=0.05),
-            v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 1.5))], p=0.2),
-        ]
-    return v2.Compose(_geometric() + colour)
+    steps = _geometric() + ([jitter] if colour and jitter is not None else [])
+    if name == "strong":
+        steps.append(v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 1.5))], p=0.2))
+    return v2.Compose(steps)
 
 
-__all__ = ["PRESETS", "ColourJitter", "build_transform"]
+__all__ = ["PRESETS", "ColourJitter", "apply_colour", "build_transform", "colour_jitter"]
