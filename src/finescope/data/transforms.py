@@ -90,17 +90,17 @@ def apply_colour(images: torch.Tensor, params: torch.Tensor, sizes: torch.Tensor
         ``ColourJitter`` up to its rounding to uint8 levels (within 1/255).
     """
     B, _, H, W = images.shape
-    params = params.to(images.device, torch.float32, non_blocking=True)
+    device = images.device
+    params = params.to(device, torch.float32, non_blocking=True)
     matrix, k = params[:, :9].view(B, 3, 3), params[:, 9]
-    area = sizes.prod(dim=1).clamp(min=1).to(torch.float32)
-    mean = images.sum(dim=(2, 3)) / area.to(images.device, non_blocking=True)[:, None]  # padding adds nothing
-    offset = k * (mean @ _GREY.to(images.device, torch.float32))  # (B,)
+    dev_sizes = sizes.to(device, non_blocking=True)
+    mean = images.sum(dim=(2, 3)) / dev_sizes.prod(dim=1).clamp(min=1)[:, None]  # padding adds nothing
+    offset = k * (mean @ _GREY.to(device, torch.float32))  # (B,)
     out = torch.einsum("bij,bjhw->bihw", matrix, images).add_(offset[:, None, None, None]).clamp_(0, 1)
-    if bool((sizes != torch.tensor([H, W])).any()):  # on the host: no device sync
-        rows = torch.arange(H)[None, :] < sizes[:, :1]  # (B, H)
-        cols = torch.arange(W)[None, :] < sizes[:, 1:]  # (B, W)
-        valid = (rows[:, None, :, None] & cols[:, None, None, :]).to(images.device, non_blocking=True)
-        out.mul_(valid)
+    if bool((sizes != torch.tensor([H, W])).any()):  # read on the host: no device sync
+        rows = torch.arange(H, device=device)[None, :] < dev_sizes[:, :1]  # (B, H)
+        cols = torch.arange(W, device=device)[None, :] < dev_sizes[:, 1:]  # (B, W)
+        out.mul_(rows[:, None, :, None] & cols[:, None, None, :])
     return out
 
 
