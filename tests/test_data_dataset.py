@@ -417,12 +417,29 @@ def test_colour_on_device_matches_colour_in_workers(tmp_path):
 
 
 def test_colour_jitter_split_per_preset():
-    """Which presets have a jitter to move, and what stays in the workers when it moves (strong: the blur)."""
+    """Only a jitter that is its preset's last step moves to the device: microscopy's. strong blurs after its
+    jitter, so it keeps both in the workers, in order, whatever ``colour`` says."""
     from finescope.data import colour_jitter
     from finescope.data.transforms import ColourJitter
 
-    assert colour_jitter("geometric", True) is None and colour_jitter("microscopy", False) is None
-    assert colour_jitter("strong", True).brightness == 0.25
-    steps = [type(t).__name__ for t in build_transform("strong", True, colour=False).transforms]
-    assert "RandomApply" in steps and "ColourJitter" not in steps
-    assert any(isinstance(t, ColourJitter) for t in build_transform("strong", True).transforms)
+    assert colour_jitter("microscopy", True).brightness == 0.1
+    for name, train in (("geometric", True), ("strong", True), ("none", True), ("microscopy", False)):
+        assert colour_jitter(name, train) is None
+    for colour in (True, False):
+        steps = [type(t).__name__ for t in build_transform("strong", True, colour=colour).transforms]
+        assert steps[-2:] == ["ColourJitter", "RandomApply"]
+    assert not any(isinstance(t, ColourJitter) for t in build_transform("microscopy", True, colour=False).transforms)
+
+
+def test_colour_on_device_with_float_images():
+    """A float batch in [0, 1] is not divided by 255 again, and the batch itself is left unchanged."""
+    from finescope.data import colour_jitter
+
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 8, 10)
+    params = torch.stack([colour_jitter("microscopy", True).sample() for _ in range(2)])
+    batch = Batch(images.clone(), torch.tensor([[8, 10], [8, 10]]), torch.tensor([0, 1]), torch.tensor([0, 1]),
+                  params)
+    out = batch.model_input("cpu")
+    assert torch.equal(batch.images, images)
+    assert 0.5 < out.max() <= 1 and (out - images).abs().max() < 0.5

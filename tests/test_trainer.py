@@ -197,7 +197,16 @@ def test_colour_on_device_trains(synthetic_root, tmp_path, monkeypatch):
     from finescope.data import Batch
 
     assert not trainer.colour_on_device(load_config(None, ["train.device=cpu"]))
-    assert trainer.colour_on_device(load_config(None, ["train.device=cpu", "data.colour_on=device"]))
+    cfg = load_config(None, tiny_overrides(synthetic_root, "fusion", 1) + ["data.colour_on=device"])
+    assert trainer.colour_on_device(cfg)
+    samples = trainer.load_samples(cfg.data)
+    train_ds = trainer.make_dataset(samples, [0, 1], cfg, train=True)
+    assert train_ds.colour is not None  # drawn in the workers, applied on the device, not twice:
+    assert not any(type(t).__name__ == "ColourJitter" for t in train_ds.transform.transforms)
+    assert trainer.make_dataset(samples, [0, 1], cfg, train=False).colour is None
+    # evaluating a run trained on CUDA on a machine without one: the evaluation data do not ask for the device
+    cuda_cfg = load_config(None, tiny_overrides(synthetic_root, "fusion", 1) + ["train.device=cuda"])
+    assert trainer.make_dataset(samples, [0, 1], cuda_cfg, train=False).colour is None
     carried = []
     real_input = Batch.model_input
     monkeypatch.setattr(Batch, "model_input", lambda self, *a, **k: carried.append(self.colour is not None)

@@ -96,7 +96,7 @@ def colour_on_device(cfg: Config) -> bool:
 
 def make_dataset(sample_set: SampleSet, indices, cfg: Config, train: bool) -> ImageDataset:
     """The images at ``indices`` with the training or evaluation transform of ``cfg``."""
-    on_device = colour_on_device(cfg)
+    on_device = train and colour_jitter(cfg.data.augment, train) is not None and colour_on_device(cfg)
     return ImageDataset(
         [sample_set.samples[i] for i in indices],
         transform=build_transform(cfg.data.augment, train, colour=not on_device),

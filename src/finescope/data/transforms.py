@@ -97,7 +97,7 @@ def apply_colour(images: torch.Tensor, params: torch.Tensor, sizes: torch.Tensor
     mean = images.sum(dim=(2, 3)) / dev_sizes.prod(dim=1).clamp(min=1)[:, None]  # padding adds nothing
     offset = k * (mean @ _GREY.to(device, torch.float32))  # (B,)
     out = torch.einsum("bij,bjhw->bihw", matrix, images).add_(offset[:, None, None, None]).clamp_(0, 1)
-    if bool((sizes != torch.tensor([H, W])).any()):  # read on the host: no device sync
+    if bool((sizes != torch.tensor([H, W], device=sizes.device)).any()):  # sizes on the host: no device sync
         rows = torch.arange(H, device=device)[None, :] < dev_sizes[:, :1]  # (B, H)
         cols = torch.arange(W, device=device)[None, :] < dev_sizes[:, 1:]  # (B, W)
         out.mul_(rows[:, None, :, None] & cols[:, None, None, :])
@@ -115,15 +115,22 @@ def _geometric() -> list[torch.nn.Module]:
     return [v2.RandomHorizontalFlip(p=0.5), v2.RandomVerticalFlip(p=0.5), RandomRot90()]
 
 
-def colour_jitter(name: str, train: bool) -> ColourJitter | None:
-    """The colour jitter of preset ``name`` (``data.augment``), None when it has none or for evaluation."""
-    if name not in PRESETS:
-        raise FinescopeError(f"config key 'data.augment' is '{name}'; choose one of: {', '.join(PRESETS)}")
-    if not train or name in ("none", "geometric"):
-        return None
+def _preset_jitter(name: str) -> ColourJitter | None:
     if name == "microscopy":
         return ColourJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.02)
-    return ColourJitter(brightness=0.25, contrast=0.25, saturation=0.25, hue=0.05)
+    if name == "strong":
+        return ColourJitter(brightness=0.25, contrast=0.25, saturation=0.25, hue=0.05)
+    return None
+
+
+def colour_jitter(name: str, train: bool) -> ColourJitter | None:
+    """The colour jitter of preset ``name`` that can run on the training device (``data.colour_on``): the
+    preset's last step, so drawing its factors after the others and applying it to the batch gives the same
+    image up to uint8 rounding. That is ``microscopy``; ``strong`` blurs after its jitter, so its jitter stays
+    in the workers. None for the other presets and for evaluation."""
+    if name not in PRESETS:
+        raise FinescopeError(f"config key 'data.augment' is '{name}'; choose one of: {', '.join(PRESETS)}")
+    return _preset_jitter(name) if train and name == "microscopy" else None
 
 
 def build_transform(name: str, train: bool, colour: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -134,8 +141,9 @@ def build_transform(name: str, train: bool, colour: bool = True) -> Callable[[to
             variation), ``microscopy`` (flips, 90-degree rotations, colour jitter 0.1/0.1/0.1/0.02)
             or ``strong`` (the same with jitter 0.25/0.25/0.25/0.05 and Gaussian blur with probability 0.2).
         train: False gives the identity whatever the preset.
-        colour: False leaves the colour jitter out (``data.colour_on: device``: the dataset draws the factors
-            with :func:`colour_jitter` and the batch applies them on the training device, :func:`apply_colour`).
+        colour: False leaves out the jitter that :func:`colour_jitter` returns (``data.colour_on: device``:
+            the dataset draws its factors and the batch applies them on the training device,
+            :func:`apply_colour`); a preset without one is unchanged.
 
     Returns:
         A callable (3, H, W) uint8 -> (3, H', W') uint8 with (H', W') = (H, W) or (W, H).
@@ -143,10 +151,11 @@ def build_transform(name: str, train: bool, colour: bool = True) -> Callable[[to
     Raises:
         FinescopeError: an unknown preset name.
     """
-    jitter = colour_jitter(name, train)
+    movable = colour_jitter(name, train)
     if not train or name == "none":
         return Identity()
-    steps = _geometric() + ([jitter] if colour and jitter is not None else [])
+    jitter = _preset_jitter(name)
+    steps = _geometric() + ([jitter] if jitter is not None and (colour or movable is None) else [])
     if name == "strong":
         steps.append(v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 1.5))], p=0.2))
     return v2.Compose(steps)
