@@ -9,15 +9,9 @@ Cases:
     passes: the backbone passes a fusion step contains, and nothing else: one pass over the global view
         (B, 3, Gh, Gw) plus one over the B*K crops (B*K, 3, L, L), tensors made beforehand; in training the
         same loss-backward-clip-AdamW step on the backbone's parameters.
-    fusion+fp32, fusion+contiguous, fusion+compile, fusion+compile-ro, fusion+float-input (``--ablate``):
-        fusion without bf16 autocast, without channels_last, under ``torch.compile`` (inductor, default mode),
-        under ``torch.compile(mode="reduce-overhead")``, which replays CUDA graphs where inductor can use them,
-        or, where the model gets uint8 images, converting them to float in the step first (what the engine did
-        on the CPU before the model took uint8).
-
-Input: the model variants get the batch as the engine passes it (``--input auto``): uint8 on the CPU, which the
-model resizes before converting what it needs; float in [0, 1] on CUDA, converted on the device before the
-step. The passes get float views and crops made beforehand.
+    fusion+fp32, fusion+contiguous, fusion+compile, fusion+compile-ro (``--ablate``): fusion without bf16
+        autocast, without channels_last, under ``torch.compile`` (inductor, default mode), or under
+        ``torch.compile(mode="reduce-overhead")``, which replays CUDA graphs where inductor can use them.
 
 Ratios (paired per repetition, then median and spread):
     overhead = fusion / passes (goal <= 1.15 on CUDA, <= 1.25 on CPU),
@@ -54,7 +48,7 @@ from finescope.models import create_model  # noqa: E402
 from finescope.models.network import global_view_size  # noqa: E402
 
 VARIANTS = ("global", "global-hires", "attention", "fusion")
-ABLATIONS = ("fp32", "contiguous", "compile", "compile-ro", "float-input")
+ABLATIONS = ("fp32", "contiguous", "compile", "compile-ro")
 COMPILE_MODES = {"compile": "default", "compile-ro": "reduce-overhead"}
 
 
@@ -105,9 +99,8 @@ def _compiled(module: nn.Module, compile_mode: str | None) -> Callable:
 
 
 def model_case(name: str, variant: str, backbone: str, args, batch: dict, mode: str, device: torch.device,
-               amp: bool, channels_last: bool, compile_mode: str | None, to_float: bool = False) -> Case:
-    """A variant's full step on ``batch`` (images, sizes, labels on the device); with ``to_float`` uint8
-    images are converted to float in [0, 1] inside the step, before the model."""
+               amp: bool, channels_last: bool, compile_mode: str | None) -> Case:
+    """A variant's full step on ``batch`` (images, sizes, labels on the device)."""
     cfg = ModelConfig(variant=variant, backbone=backbone, global_size=args.global_size,
                       local_size=args.local_size, num_crops=args.num_crops, weights=args.weights.get(backbone, ""))
     torch.manual_seed(0)
@@ -116,11 +109,7 @@ def model_case(name: str, variant: str, backbone: str, args, batch: dict, mode: 
     images = batch["images"].contiguous(memory_format=torch.channels_last) if use_cl else batch["images"]
     if use_cl:
         model = model.to(memory_format=torch.channels_last)
-    compiled = _compiled(model, compile_mode)
-
-    def run(x: torch.Tensor, s: torch.Tensor):
-        return compiled(x.to(torch.float32).div_(255.0) if to_float else x, s)
-
+    run = _compiled(model, compile_mode)
     sizes, labels = batch["sizes"], batch["labels"]
     if mode == "infer":
         model.eval()
@@ -177,13 +166,12 @@ def passes_case(backbone: str, args, batch: dict, mode: str, device: torch.devic
     return Case(name, _train_step(trunk, forward, _adamw(params, device), params), B)
 
 
-def make_batch(size: tuple[int, int], batch: int, device: torch.device, uint8: bool = False) -> dict:
-    """A seeded random batch of full-resolution images, float in [0, 1] or uint8."""
+def make_batch(size: tuple[int, int], batch: int, device: torch.device) -> dict:
+    """A seeded random batch of full-resolution images in [0, 1]."""
     g = torch.Generator().manual_seed(0)
     H, W = size
-    images = torch.rand(batch, 3, H, W, generator=g)
     return {
-        "images": (images * 255).round().to(torch.uint8).to(device) if uint8 else images.to(device),
+        "images": torch.rand(batch, 3, H, W, generator=g).to(device),
         "sizes": torch.tensor([[H, W]] * batch),
         "labels": torch.randint(0, 2, (batch,), generator=g).to(device),
     }
@@ -192,17 +180,15 @@ def make_batch(size: tuple[int, int], batch: int, device: torch.device, uint8: b
 def build_cases(backbone: str, size, mode: str, args, device: torch.device) -> list[Case]:
     """Every case of one (backbone, size, mode) group."""
     batch_size = args.batch_large if size[0] * size[1] > 1_000_000 and args.batch_large else args.batch
-    uint8 = args.input == "uint8" or (args.input == "auto" and device.type == "cpu")  # as the engine passes it
-    batch = make_batch(size, batch_size, device, uint8)
+    batch = make_batch(size, batch_size, device)
     amp, cl = not args.no_amp, not args.no_channels_last
     cases = [model_case(v, v, backbone, args, batch, mode, device, amp, cl, None) for v in args.variants]
     if "fusion" in args.variants:
         cases.append(passes_case(backbone, args, batch, mode, device, amp, cl))
-        flags = {"fp32": (False, cl, None), "contiguous": (amp, False, None), "float-input": (amp, cl, None),
+        flags = {"fp32": (False, cl, None), "contiguous": (amp, False, None),
                  **{name: (amp, cl, how) for name, how in COMPILE_MODES.items()}}
         for name in args.ablate:
-            cases.append(model_case(f"fusion+{name}", "fusion", backbone, args, batch, mode, device, *flags[name],
-                                    to_float=name == "float-input" and uint8))
+            cases.append(model_case(f"fusion+{name}", "fusion", backbone, args, batch, mode, device, *flags[name]))
             if name in COMPILE_MODES:  # the compiled step against compiled passes
                 cases.append(passes_case(backbone, args, batch, mode, device, amp, cl, COMPILE_MODES[name],
                                          f"passes+{name}"))
@@ -326,8 +312,7 @@ def format_report(result: dict) -> str:
              *[ratio(g.get(f"{a}_overhead")) for a in COMPILE_MODES]] for g in result["ratios"]]
     t2 = markdown_table(["backbone", "input", "mode", "fusion / passes", "fusion / global-hires",
                          "fp32 / bf16", "contiguous / channels_last", "compiled / eager",
-                         "compiled (reduce-overhead) / eager", "float input / uint8 input",
-                         "fusion / passes, both compiled",
+                         "compiled (reduce-overhead) / eager", "fusion / passes, both compiled",
                          "the same, reduce-overhead"], rows)
     env = result["environment"]
     head = (f"device {env.get('gpu', env['cpu'])} ({env['device']}), torch {env['torch']}, "
@@ -352,11 +337,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--no-amp", action="store_true", help="fp32 on CUDA (bf16 autocast otherwise)")
     p.add_argument("--no-channels-last", action="store_true")
-    p.add_argument("--input", default="auto", choices=("auto", "float", "uint8"),
-                   help="images the model variants get: auto = as the engine passes them (uint8 on the CPU)")
     p.add_argument("--ablate", nargs="*", default=[], choices=ABLATIONS,
                    help="extra fusion cases: fp32, contiguous (no channels_last), compile, compile-ro "
-                        "(mode reduce-overhead), float-input (uint8 converted to float in the step first)")
+                        "(mode reduce-overhead)")
     p.add_argument("--weights", nargs="*", default=[], metavar="BACKBONE=PATH",
                    help="local weights, e.g. mobilenet_v2=../shared/weights/mobilenet_v2-b0353104.pth")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")

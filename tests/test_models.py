@@ -282,36 +282,6 @@ def test_global_view_of_a_mixed_batch_matches_each_image_alone():
         assert view[i, :, gh:].abs().sum() == 0 and view[i, :, :, gw:].abs().sum() == 0
 
 
-@pytest.mark.parametrize("variant", ["global", "global-hires", "attention", "fusion"])
-def test_uint8_images_match_float_images(variant):
-    """A uint8 batch (what the engine passes on the CPU) gives what the same batch as float in [0, 1] gives,
-    up to the uint8 rounding of the resized view and crop source: views and crops within 1/255 + 1e-6 after
-    un-normalising, on a mixed batch whose crop source is resized (300x400 -> scale 0.32)."""
-    torch.manual_seed(0)
-    model = create_model(ModelConfig(variant=variant, **{**SMALL, "local_size": 32, "min_box_fraction": 1 / 3}),
-                         2).eval()
-    sizes = [[300, 400], [260, 300]]
-    u8 = torch.zeros(2, 3, 300, 400, dtype=torch.uint8)
-    for i, (h, w) in enumerate(sizes):
-        u8[i, :, :h, :w] = torch.randint(0, 256, (3, h, w), dtype=torch.uint8)
-    f = u8.float() / 255
-    scale = model.norm_scale.view(1, 3, 1, 1)
-    view_u8, dims = model._global_view(u8, sizes)
-    view_f, dims_f = model._global_view(f, sizes)
-    assert view_u8.dtype == torch.float32 and dims == dims_f
-    assert ((view_u8 - view_f) / scale).abs().max() <= 1 / 255 + 1e-6
-    with torch.no_grad():
-        a, b = model(u8, torch.tensor(sizes)), model(f, torch.tensor(sizes))
-    assert a.logits.dtype == torch.float32 and torch.isfinite(a.logits).all()
-    if variant == "global-hires":
-        torch.testing.assert_close(a.logits, b.logits)  # the image itself, converted exactly
-    if variant == "fusion":
-        crops_u8 = model._crops(u8, b.boxes, sizes)
-        crops_f = model._crops(f, b.boxes, sizes)
-        assert crops_u8.dtype == torch.float32 and (crops_u8 - crops_f).abs().max() <= 1 / 255 + 1e-6
-        assert model._crops(u8[:1], b.boxes[:1]).shape == (3, 3, 32, 32)
-
-
 def test_loss_scaling_step_matches_an_unscaled_step():
     """The fp16 path (scale, unscale, clip, step, update) takes the same step as plain fp32 when nothing
     overflows; the CPU runs it with a CPU GradScaler (autocast itself is CUDA-only in finescope)."""

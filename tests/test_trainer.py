@@ -194,6 +194,7 @@ def test_compiled_training_survives_a_new_batch_shape():
 def test_colour_on_device_trains(synthetic_root, tmp_path, monkeypatch):
     """data.colour_on=device trains end to end: training batches carry the jitter's factors and the model
     input applies them; evaluation batches carry none. auto keeps the jitter in the workers on a CPU."""
+    from finescope.data import Batch
 
     assert not trainer.colour_on_device(load_config(None, ["train.device=cpu"]))
     cfg = load_config(None, tiny_overrides(synthetic_root, "fusion", 1) + ["data.colour_on=device"])
@@ -206,27 +207,10 @@ def test_colour_on_device_trains(synthetic_root, tmp_path, monkeypatch):
     # evaluating a run trained on CUDA on a machine without one: the evaluation data do not ask for the device
     cuda_cfg = load_config(None, tiny_overrides(synthetic_root, "fusion", 1) + ["train.device=cuda"])
     assert trainer.make_dataset(samples, [0, 1], cuda_cfg, train=False).colour is None
-    from finescope import engine
-
     carried = []
-    real_input = engine._to_model_input
-    monkeypatch.setattr(engine, "_to_model_input", lambda batch, *a: carried.append(batch.colour is not None)
-                        or real_input(batch, *a))
+    real_input = Batch.model_input
+    monkeypatch.setattr(Batch, "model_input", lambda self, *a, **k: carried.append(self.colour is not None)
+                        or real_input(self, *a, **k))
     metrics = _train(synthetic_root, tmp_path / "run", epochs=1, extra=["data.colour_on=device"])
     assert 0.0 <= metrics["image_accuracy"] <= 1.0
     assert True in carried and False in carried  # training batches, then validation and test batches
-
-
-def test_engine_passes_uint8_batches_to_the_model_on_the_cpu():
-    """On the CPU the model gets the uint8 batch (and resizes before converting); a batch whose colour jitter
-    runs on the device, and every batch for CUDA, is converted to float first."""
-    from finescope.data import Batch
-    from finescope.engine import _to_model_input
-
-    images = torch.randint(0, 256, (2, 3, 8, 10), dtype=torch.uint8)
-    args = (torch.tensor([[8, 10], [8, 10]]), torch.tensor([0, 1]), torch.tensor([0, 1]))
-    x, _, _ = _to_model_input(Batch(images, *args), torch.device("cpu"), channels_last=True)
-    assert x is images
-    colour = torch.cat([torch.eye(3).flatten(), torch.zeros(1)]).repeat(2, 1)
-    y, _, _ = _to_model_input(Batch(images, *args, colour), torch.device("cpu"), channels_last=True)
-    assert y.dtype == torch.float32 and torch.allclose(y, images.float() / 255)

@@ -65,12 +65,7 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
 
 
 def _to_model_input(batch, device: torch.device, channels_last: bool):
-    """Images, sizes and labels for the model. On the CPU a uint8 batch goes in as it is: the model resizes
-    it before converting it to float (:meth:`~finescope.models.network.FineScopeNet._resize`)."""
-    if device.type == "cpu" and batch.images.dtype == torch.uint8 and batch.colour is None:
-        images = batch.images
-    else:
-        images = batch.model_input(device, channels_last=channels_last and device.type == "cuda")
+    images = batch.model_input(device, channels_last=channels_last and device.type == "cuda")
     return images, batch.sizes, batch.labels.to(device, non_blocking=True)
 
 

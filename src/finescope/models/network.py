@@ -159,23 +159,6 @@ class FineScopeNet(nn.Module):
         self.crops_active = True
 
     # -- views -------------------------------------------------------------------------------------------
-    @staticmethod
-    def _unit(x: torch.Tensor) -> torch.Tensor:
-        """Images as float in [0, 1]: uint8 is converted (a new tensor), float passes unchanged."""
-        return x if x.is_floating_point() else x.to(torch.float32).div_(255.0)
-
-    @staticmethod
-    def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Antialiased bilinear resize to ``size``, as float in [0, 1].
-
-        A uint8 batch (what the engine passes on the CPU) is resized before it is converted, so only the
-        resized image is ever made float: at 1536x2048 a fusion inference step was 1.03-1.05x faster and
-        peaked 24-56 MiB lower than with the whole image converted first (``benchmarks/bench_model.py --ablate
-        float-input``). The result is rounded to uint8 levels (at most 1/255 from the float path)."""
-        if x.is_floating_point():
-            return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-        return FineScopeNet._unit(F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False))
-
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet normalisation in one fused multiply-add (one pass over the view or the crops, one kernel)."""
         return torch.addcmul(self.norm_shift, x, self.norm_scale)
@@ -207,8 +190,9 @@ class FineScopeNet(nn.Module):
                 part = part[:, :, :h, :w]
             s = self.crop_scale(h, w)
             if s < 1.0:
-                part = self._resize(part, (max(1, round(h * s)), max(1, round(w * s))))
-            out.append((idx, self._unit(part)))
+                part = F.interpolate(part, size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear",
+                                     antialias=True, align_corners=False)
+            out.append((idx, part))
         return out
 
     def _global_view(self, images: torch.Tensor, sizes: list[list[int]]) -> tuple[torch.Tensor, list[list[int]]]:
@@ -221,7 +205,7 @@ class FineScopeNet(nn.Module):
         Returns the view (B, 3, Gh, Gw) and the view size [h, w] of each image (a list, on the host).
         """
         if self.hires:
-            return self._normalise(self._unit(images)), [[int(h), int(w)] for h, w in sizes]
+            return self._normalise(images), [[int(h), int(w)] for h, w in sizes]
         dims = [list(global_view_size(int(h), int(w), self.global_size)) for h, w in sizes]
         groups = self._size_groups(sizes)
         B = images.shape[0]
@@ -229,11 +213,11 @@ class FineScopeNet(nn.Module):
         for (h, w), idx in groups.items():
             gh, gw = dims[idx[0]]
             part = images if len(idx) == B else images[_to_device(idx, images.device)]
-            part = self._normalise(self._resize(part[:, :, :h, :w], (gh, gw)))
+            part = self._normalise(F.interpolate(part[:, :, :h, :w], size=(gh, gw), mode="bilinear", antialias=True))
             if len(groups) == 1:
                 return part, dims
             if view is None:
-                view = part.new_zeros(B, 3, max(d[0] for d in dims), max(d[1] for d in dims))
+                view = images.new_zeros(B, 3, max(d[0] for d in dims), max(d[1] for d in dims))
             view[_to_device(idx, images.device), :, :gh, :gw] = part
         return view, dims
 
@@ -271,7 +255,7 @@ class FineScopeNet(nn.Module):
         sizes = sizes if sizes is not None else [[H, W]] * B
         sources = self._crop_sources(images, sizes)
         L = self.local_size
-        out = None if len(sources) == 1 else sources[0][1].new_empty(B, K, 3, L, L)
+        out = None if len(sources) == 1 else images.new_empty(B, K, 3, L, L)
         for idx, source in sources:
             h, w = (int(v) for v in sizes[idx[0]])
             rows = None if len(sources) == 1 else _to_device(idx, images.device)
@@ -292,17 +276,13 @@ class FineScopeNet(nn.Module):
         """Classify a batch.
 
         Args:
-            images: (B, 3, H, W) float in [0, 1], or uint8 (0-255), full resolution, zero-padded at the
-                bottom/right. On the CPU a uint8 batch is resized before it is converted (see
-                :meth:`_resize`); elsewhere it is converted first.
+            images: (B, 3, H, W) float in [0, 1], full resolution, zero-padded at the bottom/right.
             sizes: (B, 2) the valid height and width of each image; None = all (H, W).
 
         Returns:
             A :class:`ModelOutput`.
         """
         B, _, H, W = images.shape
-        if not images.is_floating_point() and images.device.type != "cpu":  # CUDA resizes float only
-            images = self._unit(images)
         if sizes is None:
             sizes = torch.tensor([[H, W]] * B)
         size_list = sizes.tolist()  # sizes arrive on the CPU: reading them costs no device sync
