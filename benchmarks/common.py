@@ -89,6 +89,20 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def median_ms(fn, device: torch.device, reps: int, synced: bool = True) -> float:
+    """Median milliseconds of ``fn()``; with ``synced=False`` the host time alone (the device drained first)."""
+    times = []
+    for _ in range(reps):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        if synced:
+            sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    sync(device)
+    return statistics.median(times)
+
+
 def summary(values: list[float]) -> dict:
     """Median, min and max of a list (the spread of interleaved repetitions)."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from collections import defaultdict
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, markdown_table, sync  # noqa: E402
+from common import environment, markdown_table, median_ms, sync  # noqa: E402
 
 from finescope.config import ModelConfig  # noqa: E402
 from finescope.engine import autocast  # noqa: E402
@@ -41,19 +40,6 @@ def family(name: str) -> str:
         if any(k in low for k in keys):
             return fam
     return "other"
-
-
-def timed(fn, device: torch.device, reps: int) -> dict:
-    """Median synchronised and host-only milliseconds of ``fn()``."""
-    synced, host = [], []
-    for _ in range(reps):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        host.append((time.perf_counter() - start) * 1e3)
-        sync(device)
-        synced.append((time.perf_counter() - start) * 1e3)
-    return {"step_ms": statistics.median(synced), "host_ms": statistics.median(host)}
 
 
 def kernel_profile(fn, device: torch.device, steps: int) -> dict:
@@ -128,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.warmup):
             fn()
         sync(device)
-        results[name] = {"warmup_s": time.perf_counter() - start, **timed(fn, device, args.reps),
+        results[name] = {"warmup_s": time.perf_counter() - start, "step_ms": median_ms(fn, device, args.reps),
+                         "host_ms": median_ms(fn, device, args.reps, synced=False),
                          **kernel_profile(fn, device, 5)}
     print(f"{args.backbone} {args.size} batch {args.batch} inference, compile mode {args.mode}\n")
     print(markdown_table(

@@ -15,34 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, markdown_table, sync  # noqa: E402
+from common import environment, markdown_table, median_ms, sync  # noqa: E402
 
 from finescope.config import ModelConfig  # noqa: E402
 from finescope.engine import autocast, compute_loss  # noqa: E402
 from finescope.models import create_model  # noqa: E402
 from finescope.models.selection import select_boxes  # noqa: E402
-
-
-def median_ms(fn, device: torch.device, reps: int, synced: bool = True) -> float:
-    """Median milliseconds of ``fn()``; with ``synced=False`` the host time alone (the device drained first)."""
-    times = []
-    for _ in range(reps):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        if synced:
-            sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    sync(device)
-    return statistics.median(times)
 
 
 def profile_backbone(backbone: str, size: tuple[int, int], batch: int, device: torch.device, reps: int) -> dict:

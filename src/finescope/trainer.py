@@ -96,16 +96,16 @@ def colour_on_device(cfg: Config) -> bool:
 
 def make_dataset(sample_set: SampleSet, indices, cfg: Config, train: bool) -> ImageDataset:
     """The images at ``indices`` with the training or evaluation transform of ``cfg``."""
-    on_device = train and colour_jitter(cfg.data.augment, train) is not None and colour_on_device(cfg)
+    jitter = colour_jitter(cfg.data.augment, train) if train and colour_on_device(cfg) else None
     return ImageDataset(
         [sample_set.samples[i] for i in indices],
-        transform=build_transform(cfg.data.augment, train, colour=not on_device),
+        transform=build_transform(cfg.data.augment, train, colour=jitter is None),
         on_error=cfg.data.on_error,
         min_side=min_image_side(cfg),
         cache=cfg.data.cache,
         seed=cfg.seed if train else None,
         cache_dir=cfg.data.cache_dir,
-        colour=colour_jitter(cfg.data.augment, train) if on_device else None,
+        colour=jitter,
     )
 
 

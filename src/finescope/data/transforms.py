@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -95,13 +96,19 @@ def apply_colour(images: torch.Tensor, params: torch.Tensor, sizes: torch.Tensor
     matrix, k = params[:, :9].view(B, 3, 3), params[:, 9]
     dev_sizes = sizes.to(device, non_blocking=True)
     mean = images.sum(dim=(2, 3)) / dev_sizes.prod(dim=1).clamp(min=1)[:, None]  # padding adds nothing
-    offset = k * (mean @ _GREY.to(device, torch.float32))  # (B,)
+    offset = k * (mean @ _grey_on(device))  # (B,)
     out = torch.einsum("bij,bjhw->bihw", matrix, images).add_(offset[:, None, None, None]).clamp_(0, 1)
     if bool((sizes != torch.tensor([H, W], device=sizes.device)).any()):  # sizes on the host: no device sync
         rows = torch.arange(H, device=device)[None, :] < dev_sizes[:, :1]  # (B, H)
         cols = torch.arange(W, device=device)[None, :] < dev_sizes[:, 1:]  # (B, W)
         out.mul_(rows[:, None, :, None] & cols[:, None, None, :])
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def _grey_on(device: torch.device) -> torch.Tensor:
+    """The grey weights as float32 on ``device``, copied there once rather than with every batch."""
+    return _GREY.to(device, torch.float32)
 
 
 class Identity(torch.nn.Module):
@@ -123,6 +130,9 @@ def _preset_jitter(name: str) -> ColourJitter | None:
     return None
 
 
+_DEVICE_COLOUR = ("microscopy",)  # presets whose jitter is their last step (see colour_jitter)
+
+
 def colour_jitter(name: str, train: bool) -> ColourJitter | None:
     """The colour jitter of preset ``name`` that can run on the training device (``data.colour_on``): the
     preset's last step, so drawing its factors after the others and applying it to the batch gives the same
@@ -130,7 +140,7 @@ def colour_jitter(name: str, train: bool) -> ColourJitter | None:
     in the workers. None for the other presets and for evaluation."""
     if name not in PRESETS:
         raise FinescopeError(f"config key 'data.augment' is '{name}'; choose one of: {', '.join(PRESETS)}")
-    return _preset_jitter(name) if train and name == "microscopy" else None
+    return _preset_jitter(name) if train and name in _DEVICE_COLOUR else None
 
 
 def build_transform(name: str, train: bool, colour: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -151,11 +161,12 @@ def build_transform(name: str, train: bool, colour: bool = True) -> Callable[[to
     Raises:
         FinescopeError: an unknown preset name.
     """
-    movable = colour_jitter(name, train)
+    if name not in PRESETS:
+        raise FinescopeError(f"config key 'data.augment' is '{name}'; choose one of: {', '.join(PRESETS)}")
     if not train or name == "none":
         return Identity()
-    jitter = _preset_jitter(name)
-    steps = _geometric() + ([jitter] if jitter is not None and (colour or movable is None) else [])
+    jitter = _preset_jitter(name) if colour or name not in _DEVICE_COLOUR else None
+    steps = _geometric() + ([jitter] if jitter is not None else [])
     if name == "strong":
         steps.append(v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 1.5))], p=0.2))
     return v2.Compose(steps)
