@@ -454,8 +454,8 @@ class Batch:
         images = self.images.to(device, non_blocking=True)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         if self.colour is not None:  # the colour jitter, on the device
-            images = images.to(torch.float32)
-            images = images / 255.0 if self.images.dtype == torch.uint8 else images
+            uint8 = self.images.dtype == torch.uint8  # a new float tensor, divided in place; float stays as it is
+            images = images.to(torch.float32).div_(255.0) if uint8 else images.to(torch.float32)
             return apply_colour(images, self.colour, self.sizes).contiguous(memory_format=fmt)
         images = images.to(dtype=torch.float32, memory_format=fmt)
         return images.div_(255.0) if self.images.dtype == torch.uint8 else images
