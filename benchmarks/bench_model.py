@@ -9,9 +9,11 @@ Cases:
     passes: the backbone passes a fusion step contains, and nothing else: one pass over the global view
         (B, 3, Gh, Gw) plus one over the B*K crops (B*K, 3, L, L), tensors made beforehand; in training the
         same loss-backward-clip-AdamW step on the backbone's parameters.
-    fusion+fp32, fusion+contiguous, fusion+compile, fusion+compile-ro (``--ablate``): fusion without bf16
-        autocast, without channels_last, under ``torch.compile`` (inductor, default mode), or under
-        ``torch.compile(mode="reduce-overhead")``, which replays CUDA graphs where inductor can use them.
+    fusion+fp32, fusion+contiguous, fusion+compile, fusion+compile-ro, fusion+view-image (``--ablate``): fusion
+        without bf16 autocast, without channels_last, under ``torch.compile`` (inductor, default mode), under
+        ``torch.compile(mode="reduce-overhead")``, which replays CUDA graphs where inductor can use them, or with
+        its global view always resized from the image, never from the crop source
+        (``FineScopeNet.view_from_source``; the two differ only for images whose short side exceeds 672 px).
 
 Ratios (paired per repetition, then median and spread):
     overhead = fusion / passes (goal <= 1.15 on CUDA, <= 1.25 on CPU),
@@ -48,8 +50,12 @@ from finescope.models import create_model  # noqa: E402
 from finescope.models.network import global_view_size  # noqa: E402
 
 VARIANTS = ("global", "global-hires", "attention", "fusion")
-ABLATIONS = ("fp32", "contiguous", "compile", "compile-ro")
+ABLATIONS = ("fp32", "contiguous", "compile", "compile-ro", "view-image")
+ABLATION_LABELS = {"fp32": "fp32 / bf16", "contiguous": "contiguous / channels_last", "compile": "compiled / eager",
+                   "compile-ro": "compiled (reduce-overhead) / eager", "view-image": "view from image / from source"}
 COMPILE_MODES = {"compile": "default", "compile-ro": "reduce-overhead"}
+OVERHEAD_LABELS = {"compile": "fusion / passes, both compiled",
+                   "compile-ro": "fusion / passes, both compiled (reduce-overhead)"}
 
 
 @dataclass
@@ -99,12 +105,14 @@ def _compiled(module: nn.Module, compile_mode: str | None) -> Callable:
 
 
 def model_case(name: str, variant: str, backbone: str, args, batch: dict, mode: str, device: torch.device,
-               amp: bool, channels_last: bool, compile_mode: str | None) -> Case:
+               amp: bool, channels_last: bool, compile_mode: str | None, view_from_image: bool = False) -> Case:
     """A variant's full step on ``batch`` (images, sizes, labels on the device)."""
     cfg = ModelConfig(variant=variant, backbone=backbone, global_size=args.global_size,
                       local_size=args.local_size, num_crops=args.num_crops, weights=args.weights.get(backbone, ""))
     torch.manual_seed(0)
     model = create_model(cfg, num_classes=2).to(device)
+    if view_from_image:
+        model.view_from_source = lambda height, width: False
     use_cl = channels_last and device.type == "cuda"
     images = batch["images"].contiguous(memory_format=torch.channels_last) if use_cl else batch["images"]
     if use_cl:
@@ -185,7 +193,7 @@ def build_cases(backbone: str, size, mode: str, args, device: torch.device) -> l
     cases = [model_case(v, v, backbone, args, batch, mode, device, amp, cl, None) for v in args.variants]
     if "fusion" in args.variants:
         cases.append(passes_case(backbone, args, batch, mode, device, amp, cl))
-        flags = {"fp32": (False, cl, None), "contiguous": (amp, False, None),
+        flags = {"fp32": (False, cl, None), "contiguous": (amp, False, None), "view-image": (amp, cl, None, True),
                  **{name: (amp, cl, how) for name, how in COMPILE_MODES.items()}}
         for name in args.ablate:
             cases.append(model_case(f"fusion+{name}", "fusion", backbone, args, batch, mode, device, *flags[name]))
@@ -307,13 +315,14 @@ def format_report(result: dict) -> str:
     def ratio(r):
         return "-" if r is None else f"{r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f})"
 
+    ablated = [a for a in ABLATIONS if any(f"{a}_speedup" in g for g in result["ratios"])]
+    compiled = [a for a in COMPILE_MODES if any(f"{a}_overhead" in g for g in result["ratios"])]
     rows = [[g["backbone"], g["size"], g["mode"], ratio(g.get("overhead")), ratio(g.get("fusion_vs_hires")),
-             *[ratio(g.get(f"{a}_speedup")) for a in ABLATIONS],
-             *[ratio(g.get(f"{a}_overhead")) for a in COMPILE_MODES]] for g in result["ratios"]]
+             *[ratio(g.get(f"{a}_speedup")) for a in ablated],
+             *[ratio(g.get(f"{a}_overhead")) for a in compiled]] for g in result["ratios"]]
     t2 = markdown_table(["backbone", "input", "mode", "fusion / passes", "fusion / global-hires",
-                         "fp32 / bf16", "contiguous / channels_last", "compiled / eager",
-                         "compiled (reduce-overhead) / eager", "fusion / passes, both compiled",
-                         "the same, reduce-overhead"], rows)
+                         *[ABLATION_LABELS[a] for a in ablated],
+                         *[OVERHEAD_LABELS[a] for a in compiled]], rows)
     env = result["environment"]
     head = (f"device {env.get('gpu', env['cpu'])} ({env['device']}), torch {env['torch']}, "
             f"torchvision {env['torchvision']}, commit {env['commit']}, load {env['loadavg_start']} -> "
@@ -339,7 +348,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--ablate", nargs="*", default=[], choices=ABLATIONS,
                    help="extra fusion cases: fp32, contiguous (no channels_last), compile, compile-ro "
-                        "(mode reduce-overhead)")
+                        "(mode reduce-overhead), view-image (the global view never read from the crop source)")
     p.add_argument("--weights", nargs="*", default=[], metavar="BACKBONE=PATH",
                    help="local weights, e.g. mobilenet_v2=../shared/weights/mobilenet_v2-b0353104.pth")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from finescope.config import ModelConfig
 from finescope.errors import FinescopeError
 from finescope.models import AttentionPool, create_backbone, create_model, list_models, select_boxes
-from finescope.models.network import global_view_size
+from finescope.models.network import IMAGENET_STD, global_view_size
 
 SMALL = {"backbone": "tiny", "global_size": 64, "local_size": 48, "num_crops": 3}
 
@@ -280,6 +281,31 @@ def test_global_view_of_a_mixed_batch_matches_each_image_alone():
         assert dims[i] == [gh, gw]
         torch.testing.assert_close(view[i, :, :gh, :gw], alone[0])
         assert view[i, :, gh:].abs().sum() == 0 and view[i, :, :, gw:].abs().sum() == 0
+
+
+def test_large_view_is_resized_from_the_crop_source():
+    """A model with crops resizes the view of a large image from its crop source (made for the crops anyway),
+    in a mixed batch too; small images, and sources under twice the view, are resized from the image."""
+    torch.manual_seed(0)
+    model = _crop_model(global_size=32, local_size=48)  # 300x400: source 144x192, view 32x43
+    assert model.view_from_source(300, 400)
+    assert not model.view_from_source(90, 120)  # no source: boxes already fit the crops
+    assert not _crop_model(global_size=64, local_size=32).view_from_source(300, 400)  # source 96 < 2 x 64
+    big, small = torch.rand(3, 300, 400), torch.rand(3, 90, 120)
+    batch = torch.zeros(2, 3, 300, 400)
+    batch[0], batch[1, :, :90, :120] = big, small
+    sizes = [[300, 400], [90, 120]]
+    view, dims = model._global_view(batch, sizes, model._crop_sources(batch, sizes))
+    assert dims == [[32, 43], [32, 43]]
+
+    def resize(x, hw):
+        return F.interpolate(x[None], size=hw, mode="bilinear", antialias=True)
+
+    two_step = model._normalise(resize(resize(big, (144, 192))[0], (32, 43)))[0]
+    torch.testing.assert_close(view[0], two_step)
+    torch.testing.assert_close(view[1], model._normalise(resize(small, (32, 43)))[0])
+    direct = model._normalise(resize(big, (32, 43)))[0]
+    assert 0 < (view[0] - direct).abs().max() < 0.05 / min(IMAGENET_STD)  # a few grey levels before normalising
 
 
 def test_loss_scaling_step_matches_an_unscaled_step():
