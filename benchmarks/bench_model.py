@@ -12,8 +12,8 @@ Cases:
     fusion+fp32, fusion+contiguous, fusion+compile, fusion+compile-ro, fusion+view-image (``--ablate``): fusion
         without bf16 autocast, without channels_last, under ``torch.compile`` (inductor, default mode), under
         ``torch.compile(mode="reduce-overhead")``, which replays CUDA graphs where inductor can use them, or with
-        its global view always resized from the image, never from the crop source
-        (``FineScopeNet.view_from_source``; the two differ only for images whose short side exceeds 672 px).
+        its global view always resized from the image, never from the crop source (``FineScopeNet.view_from_source``;
+        with the defaults the two differ only for images whose short side is 1344 px or more).
 
 Ratios (paired per repetition, then median and spread):
     overhead = fusion / passes (goal <= 1.15 on CUDA, <= 1.25 on CPU),

@@ -287,9 +287,10 @@ def test_large_view_is_resized_from_the_crop_source():
     """A model with crops resizes the view of a large image from its crop source (made for the crops anyway),
     in a mixed batch too; small images, and sources under twice the view, are resized from the image."""
     torch.manual_seed(0)
-    model = _crop_model(global_size=32, local_size=48)  # 300x400: source 144x192, view 32x43
+    model = _crop_model(global_size=32, local_size=48)  # 300x400: source 144x192 (scale 0.48), view 32x43
     assert model.view_from_source(300, 400)
     assert not model.view_from_source(90, 120)  # no source: boxes already fit the crops
+    assert not model.view_from_source(200, 260)  # source 144x187: more than half the image, little to save
     assert not _crop_model(global_size=64, local_size=32).view_from_source(300, 400)  # source 96 < 2 x 64
     big, small = torch.rand(3, 300, 400), torch.rand(3, 90, 120)
     batch = torch.zeros(2, 3, 300, 400)
