@@ -254,6 +254,42 @@ def test_collate_all_none_and_loader(tmp_path):
     assert batches[0].images.shape == (2, 3, 8, 8)
 
 
+def _collate_in_worker(items):
+    """collate_padded as a worker runs it, with what the batch's storage is (the worker cannot send it back
+    without moving it to shared memory)."""
+    batch = collate_padded(items)
+    return batch, batch.images.untyped_storage().is_shared()
+
+
+def test_collate_in_a_worker_writes_shared_memory_and_zero_padding(tmp_path):
+    """Inside a worker the padded batch is allocated in shared memory (nothing to copy when it is sent) and
+    uninitialised: every padding cell must still come out 0, next to rotated (transposed-view) images."""
+    torch.manual_seed(0)
+    rotated = torch.rot90(torch.randint(1, 256, (3, 5, 9), dtype=torch.uint8), 1, dims=(1, 2))  # a (3, 9, 5) view
+    assert not rotated.is_contiguous()
+    plain = torch.randint(1, 256, (3, 4, 7), dtype=torch.uint8)
+    ds = [{"image": rotated, "label": 0, "index": 0}, {"image": plain, "label": 1, "index": 1}]
+    loader = DataLoader(ds, batch_size=2, num_workers=1, collate_fn=_collate_in_worker, multiprocessing_context="fork")
+    (batch, shared), = list(loader)
+    assert shared
+    assert batch.images.shape == (2, 3, 9, 7) and batch.sizes.tolist() == [[9, 5], [4, 7]]
+    assert torch.equal(batch.images[0, :, :, :5], rotated) and torch.equal(batch.images[1, :, :4], plain)
+    assert batch.images[0, :, :, 5:].abs().sum() == 0 and batch.images[1, :, 4:].abs().sum() == 0
+    assert not collate_padded(ds).images.untyped_storage().is_shared()  # in the main process: ordinary memory
+
+
+def test_collate_zeroes_padding_in_a_dirty_buffer(monkeypatch):
+    import finescope.data.dataset as dataset
+
+    monkeypatch.setattr(dataset, "_batch_buffer", lambda shape, dtype: torch.full(shape, 255, dtype=dtype))
+    small, wide = torch.ones(3, 2, 3, dtype=torch.uint8), torch.ones(3, 1, 5, dtype=torch.uint8)
+    batch = collate_padded([{"image": small, "label": 0, "index": 0}, {"image": wide, "label": 0, "index": 1}])
+    expected = torch.zeros(2, 3, 2, 5, dtype=torch.uint8)
+    expected[0, :, :2, :3] = 1
+    expected[1, :, :1, :5] = 1
+    assert torch.equal(batch.images, expected)
+
+
 # ---------------------------------------------------------------------------------------------- transforms
 
 

