@@ -2,7 +2,7 @@
 synchronised and host-only, and the profiler's device time per kernel family.
 
     TORCH_LOGS=perf_hints PYTHONPATH=src python benchmarks/profile_compiled.py --device cuda \
-        --backbone resnet18 --size 460x700 --batch 16 --mode reduce-overhead --out OUT.json
+        --backbone resnet18 --size 460x700 --batch 16 64 --mode reduce-overhead --out OUT.json
 
 ``bench_model.py --ablate compile-ro`` gives the ratio; this says why. With ``TORCH_LOGS=perf_hints`` inductor
 logs why it skipped CUDA graphs, if it did; ``graph_launches`` counts the replays the profiler saw (0 means no
@@ -65,34 +65,24 @@ def kernel_profile(fn, device: torch.device, steps: int) -> dict:
             "graph_launches": launches / steps, "top_kernels": kernels[:25]}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--backbone", default="resnet18")
-    p.add_argument("--size", default="460x700")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode ('none' = eager)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--out", help="JSON file for the results")
-    args = p.parse_args(argv)
-    device = torch.device(args.device)
+def profile_batch(args, batch: int, device: torch.device) -> dict:
+    """Compile (static shapes) and time the fusion step and its passes at one batch size."""
     H, W = (int(v) for v in args.size.lower().split("x"))
     cfg = ModelConfig(variant="fusion", backbone=args.backbone)
     torch.manual_seed(0)
     model = create_model(cfg, 2).to(device).eval()
     trunk = create_model(cfg, 2).backbone.to(device).eval()
     g = torch.Generator().manual_seed(0)
-    images = torch.rand(args.batch, 3, H, W, generator=g).to(device)
-    sizes = torch.tensor([[H, W]] * args.batch)
-    view = torch.rand(args.batch, 3, *global_view_size(H, W, cfg.global_size), device=device)
-    crops = torch.rand(args.batch * cfg.num_crops, 3, cfg.local_size, cfg.local_size, device=device)
+    images = torch.rand(batch, 3, H, W, generator=g).to(device)
+    sizes = torch.tensor([[H, W]] * batch)
+    view = torch.rand(batch, 3, *global_view_size(H, W, cfg.global_size), device=device)
+    crops = torch.rand(batch * cfg.num_crops, 3, cfg.local_size, cfg.local_size, device=device)
     if device.type == "cuda":
         model, trunk = (m.to(memory_format=torch.channels_last) for m in (model, trunk))
         images, view, crops = (t.contiguous(memory_format=torch.channels_last) for t in (images, view, crops))
     compile_mode = None if args.mode == "none" else args.mode
-    fused = torch.compile(model, mode=compile_mode) if compile_mode else model
-    passes = torch.compile(trunk, mode=compile_mode) if compile_mode else trunk
+    fused = torch.compile(model, mode=compile_mode, dynamic=False) if compile_mode else model
+    passes = torch.compile(trunk, mode=compile_mode, dynamic=False) if compile_mode else trunk
     graphs = compile_mode == "reduce-overhead"
 
     def fusion_step() -> None:
@@ -108,30 +98,56 @@ def main(argv: list[str] | None = None) -> int:
             passes(view)
             passes(crops)
 
-    results = {"environment": environment(device), "args": vars(args)}
+    result = {"batch": batch}
     for name, fn in (("fusion", fusion_step), ("passes", passes_step)):
         start = time.perf_counter()
         for _ in range(args.warmup):
             fn()
         sync(device)
-        results[name] = {"warmup_s": time.perf_counter() - start, "step_ms": median_ms(fn, device, args.reps),
-                         "host_ms": median_ms(fn, device, args.reps, synced=False),
-                         **kernel_profile(fn, device, 5)}
-    print(f"{args.backbone} {args.size} batch {args.batch} inference, compile mode {args.mode}\n")
-    print(markdown_table(
-        ["step", "ms (synced)", "host ms", "device kernel ms", "CUDA graph replays", "warm-up s"],
-        [[n, f"{r['step_ms']:.2f}", f"{r['host_ms']:.2f}", f"{r['device_ms_total']:.2f}", f"{r['graph_launches']:.1f}",
-          f"{r['warmup_s']:.0f}"] for n, r in ((n, results[n]) for n in ("fusion", "passes"))]))
-    fams = sorted({f for n in ("fusion", "passes") for f in results[n]["device_ms_by_family"]})
-    print()
-    print(markdown_table(["kernel family", "fusion ms", "passes ms"],
-                         [[f, *(f"{results[n]['device_ms_by_family'].get(f, 0.0):.3f}" for n in ("fusion", "passes"))]
-                          for f in fams]))
-    print("\nfusion, top kernels (device ms per step, calls per step, name)")
-    for ms, calls, name in results["fusion"]["top_kernels"]:
-        print(f"  {ms:7.3f} {calls:5.1f}  {name}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
+        result[name] = {"warmup_s": time.perf_counter() - start, "step_ms": median_ms(fn, device, args.reps),
+                        "host_ms": median_ms(fn, device, args.reps, synced=False),
+                        **kernel_profile(fn, device, 5)}
+    return result
+
+
+def report(args, run: dict) -> str:
+    """The step table, the kernel families and the fusion step's top kernels of one batch size."""
+    lines = [f"{args.backbone} {args.size} batch {run['batch']} inference, compile mode {args.mode}", "",
+             markdown_table(
+                 ["step", "ms (synced)", "host ms", "device kernel ms", "CUDA graph replays", "warm-up s"],
+                 [[n, f"{r['step_ms']:.2f}", f"{r['host_ms']:.2f}", f"{r['device_ms_total']:.2f}",
+                   f"{r['graph_launches']:.1f}", f"{r['warmup_s']:.0f}"] for n, r in ((n, run[n]) for n in ("fusion", "passes"))]),
+             ""]
+    fams = sorted({f for n in ("fusion", "passes") for f in run[n]["device_ms_by_family"]})
+    lines.append(markdown_table(["kernel family", "fusion ms", "passes ms"],
+                                [[f, *(f"{run[n]['device_ms_by_family'].get(f, 0.0):.3f}" for n in ("fusion", "passes"))]
+                                 for f in fams]))
+    lines.append("\nfusion, top kernels (device ms per step, calls per step, name)")
+    lines += [f"  {ms:7.3f} {calls:5.1f}  {name}" for ms, calls, name in run["fusion"]["top_kernels"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--size", default="460x700")
+    p.add_argument("--batch", type=int, nargs="+", default=[16],
+                   help="batch sizes, profiled one after the other (the fixed costs of a step weigh less in a "
+                        "larger batch)")
+    p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode ('none' = eager)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--out", help="JSON file for the results, written after each batch size")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    results = {"environment": environment(device), "args": vars(args), "runs": []}
+    for batch in args.batch:
+        run = profile_batch(args, batch, device)
+        results["runs"].append(run)
+        print(report(args, run), flush=True)
+        if args.out:  # after every batch size: a run cut short keeps what it measured
+            Path(args.out).write_text(json.dumps(results, indent=1))
     return 0
 
 
