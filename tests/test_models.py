@@ -309,6 +309,23 @@ def test_large_view_is_resized_from_the_crop_source():
     assert 0 < (view[0] - direct).abs().max() < 0.05 / min(IMAGENET_STD)  # a few grey levels before normalising
 
 
+def test_view_does_not_depend_on_whether_the_crops_are_read():
+    """Stage-wise training skips the crops, but the backbone must see the same view of a large image as when
+    the crops are read (that view comes from the crop source)."""
+    torch.manual_seed(0)
+    model = _crop_model(global_size=32, local_size=48)
+    images, sizes = torch.rand(2, 3, 300, 400), torch.tensor([[300, 400]] * 2)
+    seen = []
+    model.backbone.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    model.eval()
+    model(images, sizes)
+    model.train()
+    model.crops_active = False
+    model(images, sizes)
+    assert len(seen) == 3  # view, crops; then the view alone
+    torch.testing.assert_close(seen[2], seen[0])
+
+
 def test_loss_scaling_step_matches_an_unscaled_step():
     """The fp16 path (scale, unscale, clip, step, update) takes the same step as plain fp32 when nothing
     overflows; the CPU runs it with a CPU GradScaler (autocast itself is CUDA-only in finescope)."""

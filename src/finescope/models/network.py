@@ -19,6 +19,8 @@ from finescope.models.attention import AttentionPool
 from finescope.models.backbones import Backbone
 from finescope.models.selection import select_boxes
 
+Sources = dict[tuple[int, int], tuple[list[int], torch.Tensor]]  # (h, w) -> batch rows, crop source
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -194,7 +196,7 @@ class FineScopeNet(nn.Module):
             groups.setdefault((int(h), int(w)), []).append(i)
         return groups
 
-    def _crop_sources(self, images: torch.Tensor, sizes: list[list[int]]) -> dict[tuple[int, int], tuple[list[int], torch.Tensor]]:
+    def _crop_sources(self, images: torch.Tensor, sizes: list[list[int]]) -> Sources:
         """Per distinct image size (h, w): the batch rows and their crop source, the valid region resized
         (antialiased) by :meth:`crop_scale`, in [0, 1]. No padding enters a source, so crops do not depend on
         the batch."""
@@ -211,8 +213,7 @@ class FineScopeNet(nn.Module):
             out[(h, w)] = (idx, part)
         return out
 
-    def _global_view(self, images: torch.Tensor, sizes: list[list[int]],
-                     sources: dict[tuple[int, int], tuple[list[int], torch.Tensor]] | None = None,
+    def _global_view(self, images: torch.Tensor, sizes: list[list[int]], sources: Sources | None = None,
                      ) -> tuple[torch.Tensor, list[list[int]]]:
         """Resize each image's valid region so its short side is ``global_size``, normalise, pad to a batch.
 
@@ -268,7 +269,7 @@ class FineScopeNet(nn.Module):
         return meta[:, :2].long(), meta[:, 2:4], meta[:, 4:6], mask
 
     def _crops(self, images: torch.Tensor, boxes: torch.Tensor, sizes: list[list[int]] | None = None,
-               sources: dict[tuple[int, int], tuple[list[int], torch.Tensor]] | None = None) -> torch.Tensor:
+               sources: Sources | None = None) -> torch.Tensor:
         """Cut (B, K, 4) boxes (full-resolution pixels) -> (B*K, 3, L, L) crops in [0, 1].
 
         One roi_align per distinct image size, on its crop source (:meth:`_crop_sources`, made here unless
@@ -310,7 +311,10 @@ class FineScopeNet(nn.Module):
             sizes = torch.tensor([[H, W]] * B)
         size_list = sizes.tolist()  # sizes arrive on the CPU: reading them costs no device sync
         reads_crops = self.use_crops and not (self.training and not self.crops_active)
-        sources = self._crop_sources(images, size_list) if self.use_crops else None
+        # the crop sources, when the crops or the view read them (the view of a large image is resized from its
+        # source whether or not this step reads crops)
+        needs_sources = reads_crops or (self.use_crops and any(self.view_from_source(h, w) for h, w in size_list))
+        sources = self._crop_sources(images, size_list) if needs_sources else None
         view, dims = self._global_view(images, size_list, sources)
         fmap = self.backbone(view)  # (B, C, h, w)
         h, w = fmap.shape[-2:]
