@@ -10,7 +10,7 @@ Cases:
         (B, 3, Gh, Gw) plus one over the B*K crops (B*K, 3, L, L), tensors made beforehand; in training the
         same loss-backward-clip-AdamW step on the backbone's parameters.
     fusion+fp32, fusion+contiguous, fusion+compile, fusion+compile-ro, fusion+view-image (``--ablate``): fusion
-        without bf16 autocast, without channels_last, under ``torch.compile`` (inductor, default mode), under
+        without bf16 autocast, without channels_last (weights, and on CUDA batches), under ``torch.compile`` (inductor, default mode), under
         ``torch.compile(mode="reduce-overhead")``, which replays CUDA graphs where inductor can use them, or with
         its global view always resized from the image, never from the crop source (``FineScopeNet.view_from_source``;
         with the defaults the two differ only for images whose short side is 1344 px or more).
@@ -113,9 +113,10 @@ def model_case(name: str, variant: str, backbone: str, args, batch: dict, mode: 
     model = create_model(cfg, num_classes=2).to(device)
     if view_from_image:
         model.view_from_source = lambda height, width: False
+    # as the trainer: channels-last weights on any device, channels-last batches on CUDA only
     use_cl = channels_last and device.type == "cuda"
     images = batch["images"].contiguous(memory_format=torch.channels_last) if use_cl else batch["images"]
-    if use_cl:
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     run = _compiled(model, compile_mode)
     sizes, labels = batch["sizes"], batch["labels"]
@@ -150,8 +151,9 @@ def passes_case(backbone: str, args, batch: dict, mode: str, device: torch.devic
     L = args.local_size
     view = torch.rand(B, 3, gh, gw, device=device)
     crops = torch.rand(B * args.num_crops, 3, L, L, device=device)
-    if channels_last and device.type == "cuda":
+    if channels_last:
         trunk = trunk.to(memory_format=torch.channels_last)
+    if channels_last and device.type == "cuda":
         view, crops = (t.contiguous(memory_format=torch.channels_last) for t in (view, crops))
     run = _compiled(trunk, compile_mode)
     if mode == "infer":

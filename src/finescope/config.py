@@ -94,7 +94,7 @@ class TrainConfig:
     aux_weight: float = 1.0  # lambda: weight of the global head's loss
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "bf16"  # autocast on CUDA: bf16 | fp16 (with loss scaling) | off; always fp32 on CPU
-    channels_last: bool = True  # on CUDA
+    channels_last: bool = True  # the model's weights channels-last (and on CUDA its input batches too)
     # torch.compile the training steps: off | default (inductor) | reduce-overhead (inductor + CUDA graphs, one
     # process only) | max-autotune; true reads as default, false as off
     compile: str = "off"

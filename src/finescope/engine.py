@@ -64,7 +64,10 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
     return factor
 
 
-def _to_model_input(batch, device: torch.device, channels_last: bool):
+def model_input(batch, device: torch.device, channels_last: bool):
+    """The images, sizes and labels of ``batch`` on ``device``. With ``channels_last`` the images are
+    channels-last on CUDA only: on the CPU the model's resizes and roi_align run faster on contiguous images,
+    and a channels-last model converts the view and the crops at its first convolution."""
     images = batch.model_input(device, channels_last=channels_last and device.type == "cuda")
     return images, batch.sizes, batch.labels.to(device, non_blocking=True)
 
@@ -100,7 +103,7 @@ def train_one_epoch(
     for batch in tqdm(loader, desc=desc, leave=False, disable=None if progress else True):
         if len(batch) == 0:
             continue
-        images, sizes, labels = _to_model_input(batch, device, channels_last)
+        images, sizes, labels = model_input(batch, device, channels_last)
         if mark_steps:
             torch.compiler.cudagraph_mark_step_begin()
         with autocast(device, amp):
@@ -178,7 +181,7 @@ def predict_loader(
         if len(batch) == 0:
             continue
         known = bool((batch.labels >= 0).all())  # on the host: no device sync
-        images, sizes, y = _to_model_input(batch, device, channels_last)
+        images, sizes, y = model_input(batch, device, channels_last)
         with autocast(device, amp):
             out = model(images, sizes)
         if known:
