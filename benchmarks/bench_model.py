@@ -5,7 +5,8 @@ random batch, so that a noisy machine slows all of them alike; medians and the m
 
 Cases:
     global, global-hires, attention, fusion: the model variants (finescope.models), full training or inference
-        steps exactly as ``finescope.engine`` runs them (forward under autocast, loss, backward, grad clip, AdamW).
+        steps exactly as ``finescope.engine`` runs them (forward under autocast: bf16 on CUDA, on the CPU with
+        ``--cpu-amp bf16``; loss, backward, grad clip, AdamW).
     passes: the backbone passes a fusion step contains, and nothing else: one pass over the global view
         (B, 3, Gh, Gw) plus one over the B*K crops (B*K, 3, L, L), tensors made beforehand; in training the
         same loss-backward-clip-AdamW step on the backbone's parameters.
@@ -124,14 +125,14 @@ def model_case(name: str, variant: str, backbone: str, args, batch: dict, mode: 
         model.eval()
 
         def infer() -> None:
-            with torch.no_grad(), autocast(device, amp):
+            with torch.no_grad(), autocast(device, amp, args.cpu_amp if amp else "off"):
                 run(images, sizes)
 
         return Case(name, infer, len(labels))
     model.train()
 
     def forward() -> torch.Tensor:
-        with autocast(device, amp):
+        with autocast(device, amp, args.cpu_amp if amp else "off"):
             out = run(images, sizes)
         return compute_loss(out, labels)
 
@@ -160,7 +161,7 @@ def passes_case(backbone: str, args, batch: dict, mode: str, device: torch.devic
         trunk.eval()
 
         def infer() -> None:
-            with torch.no_grad(), autocast(device, amp):
+            with torch.no_grad(), autocast(device, amp, args.cpu_amp if amp else "off"):
                 run(view)
                 run(crops, new_step=False)
 
@@ -168,7 +169,7 @@ def passes_case(backbone: str, args, batch: dict, mode: str, device: torch.devic
     trunk.train()
 
     def forward() -> torch.Tensor:
-        with autocast(device, amp):
+        with autocast(device, amp, args.cpu_amp if amp else "off"):
             first = run(view).float().mean()
             return first + run(crops, new_step=False).float().mean()
 
@@ -347,6 +348,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--no-amp", action="store_true", help="fp32 on CUDA (bf16 autocast otherwise)")
+    p.add_argument("--cpu-amp", default="off", choices=("off", "bf16"),
+                   help="autocast on the CPU, as train.cpu_amp (default off: fp32); the fp32 ablation turns it off")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--ablate", nargs="*", default=[], choices=ABLATIONS,
                    help="extra fusion cases: fp32, contiguous (no channels_last), compile, compile-ro "

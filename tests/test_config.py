@@ -93,3 +93,10 @@ def test_compile_rejects_other_modes():
 def test_amp_rejects_other_precisions():
     with pytest.raises(FinescopeError, match="train.amp.*bf16, fp16, off"):
         load_config(None, ["train.amp=fp8"])
+
+
+def test_cpu_amp_is_off_by_default_and_offers_bf16_only():
+    assert load_config(None).train.cpu_amp == "off"
+    assert load_config(None, ["train.cpu_amp=bf16"]).train.cpu_amp == "bf16"
+    with pytest.raises(FinescopeError, match="train.cpu_amp.*off, bf16"):  # fp16 is 5-20x slower on a CPU
+        load_config(None, ["train.cpu_amp=fp16"])

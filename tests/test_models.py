@@ -1,5 +1,8 @@
 """Models: attention pooling against Ilse et al. Eq. 9, every registered variant, instance selection."""
 
+import math
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -328,7 +331,7 @@ def test_view_does_not_depend_on_whether_the_crops_are_read():
 
 def test_loss_scaling_step_matches_an_unscaled_step():
     """The fp16 path (scale, unscale, clip, step, update) takes the same step as plain fp32 when nothing
-    overflows; the CPU runs it with a CPU GradScaler (autocast itself is CUDA-only in finescope)."""
+    overflows; the CPU runs it in fp32 with a CPU GradScaler (finescope's CPU autocast is bf16 only)."""
     from finescope.data.dataset import Batch
     from finescope.engine import train_one_epoch
 
@@ -346,6 +349,35 @@ def test_loss_scaling_step_matches_an_unscaled_step():
         if scaler is not None:
             assert scaler.get_scale() == 1024.0  # no overflow: the scale stays until growth_interval steps
     torch.testing.assert_close(params[1], params[0], rtol=1e-4, atol=1e-6)
+
+
+def test_cpu_bf16_autocast_trains_and_predicts_in_bf16():
+    """``cpu_amp="bf16"`` runs the convolutions in bf16 on the CPU (``train.cpu_amp``); the default stays fp32,
+    also when ``amp`` (the CUDA setting) is bf16. The weights stay fp32 and a training step moves them."""
+    from finescope.data.dataset import Batch
+    from finescope.engine import autocast, predict_loader, train_one_epoch
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3)
+    x = torch.rand(1, 3, 8, 8)
+    cpu = torch.device("cpu")
+    with autocast(cpu, "bf16"):
+        assert conv(x).dtype == torch.float32
+    with autocast(cpu, "off", cpu_amp="bf16"):
+        assert conv(x).dtype == torch.bfloat16
+    batch = Batch(torch.randint(0, 256, (2, 3, 96, 128), dtype=torch.uint8), torch.tensor([[96, 128]] * 2),
+                  torch.tensor([0, 1]), torch.arange(2))
+    model = create_model(ModelConfig(variant="fusion", **SMALL), 2)
+    before = torch.cat([p.detach().flatten() for p in model.parameters()])
+    seen = []
+    model.backbone.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    stats = train_one_epoch(model, [batch], torch.optim.SGD(model.parameters(), lr=0.1), None, cpu,
+                            cpu_amp="bf16", progress=False)
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert math.isfinite(stats["loss"]) and after.dtype == torch.float32 and not torch.equal(after, before)
+    preds = predict_loader(model, [batch], cpu, cpu_amp="bf16")
+    assert seen and set(seen) == {torch.bfloat16}
+    assert preds.probs.dtype == np.float32 and np.allclose(preds.probs.sum(axis=1), 1, atol=1e-5)
 
 
 def _same_partition(ours: torch.Tensor, ref) -> bool:

@@ -235,8 +235,9 @@ def evaluate_split(model, sample_set, indices, cfg, device, desc="eval", loader=
     """
     loader = loader if loader is not None else make_loader(sample_set, indices, cfg, train=False)
     preds = predict_loader(
-        model, loader, device, amp=cfg.train.amp, channels_last=cfg.train.channels_last,
-        predict_with=cfg.model.predict_with, aux_weight=cfg.train.aux_weight, desc=desc,
+        model, loader, device, amp=cfg.train.amp, cpu_amp=cfg.train.cpu_amp,
+        channels_last=cfg.train.channels_last, predict_with=cfg.model.predict_with, aux_weight=cfg.train.aux_weight,
+        desc=desc,
     )
     preds = merge_predictions(dist.all_gather(preds))
     preds.indices = np.asarray(indices)[preds.indices]  # dataset positions -> sample_set indices
@@ -359,8 +360,8 @@ def _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, 
     stats = train_one_epoch(
         fit_model, loaders["train"], optimizer, scheduler,
         device, aux_weight=t.aux_weight, label_smoothing=t.label_smoothing, grad_clip=t.grad_clip, amp=t.amp,
-        channels_last=t.channels_last, progress=progress and dist.is_main(), desc=f"epoch {epoch + 1}/{t.epochs}",
-        scaler=scaler, mark_steps=t.compile in CUDA_GRAPH_MODES,
+        cpu_amp=t.cpu_amp, channels_last=t.channels_last, progress=progress and dist.is_main(),
+        desc=f"epoch {epoch + 1}/{t.epochs}", scaler=scaler, mark_steps=t.compile in CUDA_GRAPH_MODES,
     )
     row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **{f"train_{k}": v for k, v in stats.items()}}
     row["train_images_per_second"] = stats["images"] / max(stats["seconds"], 1e-9)
@@ -517,7 +518,7 @@ def predict(checkpoint: str | Path, paths: list[str], out: str | Path | None = N
     sample_set = SampleSet(samples, class_names)
     loader = make_loader(sample_set, np.arange(len(samples)), replace(cfg, data=replace(cfg.data, on_error="skip")), train=False)
     preds = predict_loader(model, loader, next(model.parameters()).device, amp=cfg.train.amp,
-                           predict_with=cfg.model.predict_with)
+                           cpu_amp=cfg.train.cpu_amp, predict_with=cfg.model.predict_with)
     out = Path(out or "predictions.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_predictions(out, preds, sample_set)
