@@ -98,5 +98,6 @@ def test_amp_rejects_other_precisions():
 def test_cpu_amp_is_off_by_default_and_offers_bf16_only():
     assert load_config(None).train.cpu_amp == "off"
     assert load_config(None, ["train.cpu_amp=bf16"]).train.cpu_amp == "bf16"
+    assert load_config(None, ["train.cpu_amp=off"]).train.cpu_amp == "off"  # YAML reads off as false
     with pytest.raises(FinescopeError, match="train.cpu_amp.*off, bf16"):  # fp16 is 5-20x slower on a CPU
         load_config(None, ["train.cpu_amp=fp16"])

@@ -289,9 +289,11 @@ _CHOICES = {
     "train.compile": ("off", "default", "reduce-overhead", "max-autotune"),
 }
 
-# keys whose old boolean values still read: train.amp was true (bf16) / false (fp32) before fp16 existed,
-# train.compile true (inductor's default mode) / false before its modes
-_LEGACY_BOOLEANS = {"amp": {True: "bf16", False: "off"}, "compile": {True: "default", False: "off"}}
+# keys whose boolean values read as one of their choices: YAML reads `off` (and `on`) as a boolean; train.amp was
+# true (bf16) / false (fp32) before fp16 existed, train.compile true (inductor's default mode) / false before its
+# modes
+_LEGACY_BOOLEANS = {"amp": {True: "bf16", False: "off"}, "cpu_amp": {True: "bf16", False: "off"},
+                    "compile": {True: "default", False: "off"}}
 
 
 def validate(cfg: Config) -> None:
