@@ -477,8 +477,7 @@ def _batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     ``default_collate`` allocates it, so that sending the batch to the main process does not copy it there."""
     if torch.utils.data.get_worker_info() is None or not hasattr(torch.UntypedStorage, "_new_shared"):
         return torch.empty(shape, dtype=dtype)
-    numel = int(np.prod(shape))
-    storage = torch.UntypedStorage._new_shared(numel * torch.empty((), dtype=dtype).element_size())
+    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * dtype.itemsize)
     return torch.empty(0, dtype=dtype).set_(storage).view(shape)
 
 
