@@ -10,11 +10,13 @@ Cases:
     passes: the backbone passes a fusion step contains, and nothing else: one pass over the global view
         (B, 3, Gh, Gw) plus one over the B*K crops (B*K, 3, L, L), tensors made beforehand; in training the
         same loss-backward-clip-AdamW step on the backbone's parameters.
-    fusion+fp32, fusion+contiguous, fusion+compile, fusion+compile-ro, fusion+view-image (``--ablate``): fusion
-        without bf16 autocast, without channels_last (weights, and on CUDA batches), under ``torch.compile`` (inductor, default mode), under
-        ``torch.compile(mode="reduce-overhead")``, which replays CUDA graphs where inductor can use them, or with
-        its global view always resized from the image, never from the crop source (``FineScopeNet.view_from_source``;
-        with the defaults the two differ only for images whose short side is 1344 px or more).
+    fusion+fp32, fusion+contiguous, fusion+compile, fusion+compile-ro, fusion+view-image, fusion+folded-bn
+        (``--ablate``): fusion without bf16 autocast; without channels_last (weights, and on CUDA batches);
+        under ``torch.compile`` (inductor, default mode); under ``torch.compile(mode="reduce-overhead")``, which
+        replays CUDA graphs where inductor can use them; with its global view always resized from the image,
+        never from the crop source (``FineScopeNet.view_from_source``; with the defaults the two differ only for
+        images whose short side is 1344 px or more); in inference only, with its BatchNorms folded into its
+        convolutions as ``load_trained`` does (the passes keep theirs: the overhead ratio is the unfolded one's).
 
 Ratios (paired per repetition, then median and spread):
     overhead = fusion / passes (goal <= 1.15 on CUDA, <= 1.25 on CPU),
@@ -51,9 +53,10 @@ from finescope.models import create_model  # noqa: E402
 from finescope.models.network import global_view_size  # noqa: E402
 
 VARIANTS = ("global", "global-hires", "attention", "fusion")
-ABLATIONS = ("fp32", "contiguous", "compile", "compile-ro", "view-image")
+ABLATIONS = ("fp32", "contiguous", "compile", "compile-ro", "view-image", "folded-bn")
 ABLATION_LABELS = {"fp32": "fp32 / bf16", "contiguous": "contiguous / channels_last", "compile": "compiled / eager",
-                   "compile-ro": "compiled (reduce-overhead) / eager", "view-image": "view from image / from source"}
+                   "compile-ro": "compiled (reduce-overhead) / eager", "view-image": "view from image / from source",
+                   "folded-bn": "folded BatchNorm / BatchNorm"}
 COMPILE_MODES = {"compile": "default", "compile-ro": "reduce-overhead"}
 OVERHEAD_LABELS = {"compile": "fusion / passes, both compiled",
                    "compile-ro": "fusion / passes, both compiled (reduce-overhead)"}
@@ -106,7 +109,8 @@ def _compiled(module: nn.Module, compile_mode: str | None) -> Callable:
 
 
 def model_case(name: str, variant: str, backbone: str, args, batch: dict, mode: str, device: torch.device,
-               amp: bool, channels_last: bool, compile_mode: str | None, view_from_image: bool = False) -> Case:
+               amp: bool, channels_last: bool, compile_mode: str | None, view_from_image: bool = False,
+               fold: bool = False) -> Case:
     """A variant's full step on ``batch`` (images, sizes, labels on the device)."""
     cfg = ModelConfig(variant=variant, backbone=backbone, global_size=args.global_size,
                       local_size=args.local_size, num_crops=args.num_crops, weights=args.weights.get(backbone, ""))
@@ -123,6 +127,8 @@ def model_case(name: str, variant: str, backbone: str, args, batch: dict, mode: 
     sizes, labels = batch["sizes"], batch["labels"]
     if mode == "infer":
         model.eval()
+        if fold:
+            model.fold_batchnorm()
 
         def infer() -> None:
             with torch.no_grad(), autocast(device, amp, args.cpu_amp if amp else "off"):
@@ -197,8 +203,11 @@ def build_cases(backbone: str, size, mode: str, args, device: torch.device) -> l
     if "fusion" in args.variants:
         cases.append(passes_case(backbone, args, batch, mode, device, amp, cl))
         flags = {"fp32": (False, cl, None), "contiguous": (amp, False, None), "view-image": (amp, cl, None, True),
+                 "folded-bn": (amp, cl, None, False, True),
                  **{name: (amp, cl, how) for name, how in COMPILE_MODES.items()}}
         for name in args.ablate:
+            if name == "folded-bn" and mode == "train":  # folding is for inference-only models (load_trained)
+                continue
             cases.append(model_case(f"fusion+{name}", "fusion", backbone, args, batch, mode, device, *flags[name]))
             if name in COMPILE_MODES:  # the compiled step against compiled passes
                 cases.append(passes_case(backbone, args, batch, mode, device, amp, cl, COMPILE_MODES[name],
@@ -353,7 +362,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--ablate", nargs="*", default=[], choices=ABLATIONS,
                    help="extra fusion cases: fp32, contiguous (no channels_last), compile, compile-ro "
-                        "(mode reduce-overhead), view-image (the global view never read from the crop source)")
+                        "(mode reduce-overhead), view-image (the global view never read from the crop source), "
+                        "folded-bn (inference with BatchNorm folded, as load_trained does)")
     p.add_argument("--weights", nargs="*", default=[], metavar="BACKBONE=PATH",
                    help="local weights, e.g. mobilenet_v2=../shared/weights/mobilenet_v2-b0353104.pth")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")

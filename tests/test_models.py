@@ -380,6 +380,36 @@ def test_cpu_bf16_autocast_trains_and_predicts_in_bf16():
     assert preds.probs.dtype == np.float32 and np.allclose(preds.probs.sum(axis=1), 1, atol=1e-5)
 
 
+@pytest.mark.parametrize("backbone", ["tiny", "resnet18", "mobilenet_v2"])
+def test_folding_batchnorm_keeps_the_predictions_and_the_module_names(backbone):
+    """Every BatchNorm of the trunk folds into its convolution (non-trivial running statistics), the outputs
+    agree to float rounding, every module keeps its name (the BatchNorms become Identity), and the folded
+    model refuses to train."""
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(variant="fusion", backbone=backbone, global_size=64, local_size=32,
+                                     num_crops=2), 2)
+    bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for bn in bns:
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        torch.nn.init.uniform_(bn.weight, 0.5, 1.5)
+        torch.nn.init.uniform_(bn.bias, -0.2, 0.2)
+    model = model.eval().to(memory_format=torch.channels_last)
+    images, sizes = torch.rand(2, 3, 96, 128), torch.tensor([[96, 128], [80, 128]])
+    names = [n for n, _ in model.named_modules()]
+    with torch.no_grad():
+        before = model(images, sizes)
+        assert model.fold_batchnorm() == len(bns) > 0
+        after = model(images, sizes)
+    assert [n for n, _ in model.named_modules()] == names
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())
+    torch.testing.assert_close(after.boxes, before.boxes)
+    torch.testing.assert_close(after.logits, before.logits, rtol=1e-4, atol=1e-4)
+    with pytest.raises(FinescopeError, match="folded"):
+        model.train()
+    model.eval()  # inference stays allowed
+
+
 def _same_partition(ours: torch.Tensor, ref) -> bool:
     """Two labellings of one grid (0 = background) name the same components."""
     pairs = set(zip(ref.ravel().tolist(), ours.ravel().tolist(), strict=True))

@@ -100,6 +100,15 @@ def test_persistent_workers_and_resume_do_not_change_the_run(synthetic_root, tmp
         torch.testing.assert_close(resumed[key], reference[key], msg=key)
 
 
+def test_load_trained_gives_a_folded_channels_last_model(fusion_run):
+    out, _ = fusion_run
+    model, cfg, _, _ = trainer.load_trained(out, device="cpu")
+    assert model.folded and not model.training and cfg.train.channels_last
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    conv = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_evaluate_matches_training_metrics(fusion_run, tmp_path):
     out, metrics = fusion_run
     result = trainer.evaluate(out, "test", out=tmp_path / "m.json", device="cpu")

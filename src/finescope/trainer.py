@@ -408,6 +408,7 @@ def finish(run_dir: Path, cfg: Config, sample_set: SampleSet, splits: dict, devi
     state = load_checkpoint(run_dir / "checkpoints" / "best.pt")
     model = build_model(cfg, len(sample_set.class_names), device)
     model.load_state_dict(state["model"])
+    model.fold_batchnorm()
     preds, metrics = evaluate_split(model, sample_set, splits["test"], cfg, device, desc="test")
     if not dist.is_main():
         return {}
@@ -422,20 +423,21 @@ def load_trained(source: str | Path, overrides: list[str] | None = None, device:
     """Load a checkpoint (or a run directory's best.pt) for inference.
 
     Returns:
-        (model in eval mode, config with overrides applied, class names, checkpoint state).
+        (model in eval mode, its BatchNorms folded (:meth:`FineScopeNet.fold_batchnorm`: it refuses ``train()``),
+        config with overrides applied, class names, checkpoint state).
     """
     state = load_checkpoint(source)
     base = strip_provenance(state["config"])
     cfg = load_config(base=base, overrides=overrides)
-    model_cfg = replace(cfg.model, weights="", pretrained=False)  # the checkpoint holds the weights
+    cfg = replace(cfg, model=replace(cfg.model, weights="", pretrained=False))  # the checkpoint holds the weights
     torch_device = resolve_device(device if device != "auto" else cfg.train.device)
-    model = create_model(model_cfg, len(state["class_names"])).to(torch_device)
+    model = build_model(cfg, len(state["class_names"]), torch_device)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
         raise FinescopeError(f"checkpoint '{state['path']}' does not fit its model config: {str(e).splitlines()[0]}") from None
-    model.eval()
-    return model, replace(cfg, model=model_cfg), list(state["class_names"]), state
+    model.fold_batchnorm()  # inference only: BatchNorm folded into the convolutions, in eval mode
+    return model, cfg, list(state["class_names"]), state
 
 
 def run_dir_of(state: dict) -> Path:

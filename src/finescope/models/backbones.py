@@ -7,12 +7,15 @@ name timm knows, optionally written ``timm:NAME``), and ``tiny``, a small CNN fo
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.fx
 import torchvision
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from finescope.errors import FinescopeError
 
@@ -70,6 +73,43 @@ def tiny_cnn(width: int = 16) -> Backbone:
         _conv_bn(4 * w, 8 * w, 2),
     )
     return Backbone(trunk, 8 * w, "tiny")
+
+
+def fold_batchnorm(module: nn.Module) -> int:
+    """Fold every BatchNorm2d that alone reads a Conv2d's output into that convolution, for inference.
+
+    The convolution absorbs the BatchNorm's running statistics and affine parameters
+    (``torch.nn.utils.fusion.fuse_conv_bn_eval``) and the BatchNorm becomes an ``nn.Identity``, so every module
+    keeps its name. The pairs are found by tracing ``module`` with ``torch.fx``; a module that does not trace
+    (some timm models) stays as it is. ``module`` must be in eval mode.
+
+    Returns:
+        The number of BatchNorms folded.
+    """
+    try:
+        graph = torch.fx.symbolic_trace(module).graph
+    except Exception:  # torch.fx raises many types on untraceable Python
+        return 0
+    modules = dict(module.named_modules())
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    pairs = []
+    for node in graph.nodes:
+        bn = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None or calls[node.target] != 1:
+            continue
+        src = node.args[0]
+        if (isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1
+                and isinstance(modules.get(src.target), nn.Conv2d) and calls[src.target] == 1):
+            pairs.append((src.target, node.target))
+    for conv_name, bn_name in pairs:
+        _set_submodule(module, conv_name, fuse_conv_bn_eval(modules[conv_name], modules[bn_name]))
+        _set_submodule(module, bn_name, nn.Identity())
+    return len(pairs)
+
+
+def _set_submodule(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent, _, name = dotted.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, new)
 
 
 def list_backbones() -> list[str]:

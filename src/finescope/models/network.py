@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
+from finescope.errors import FinescopeError
 from finescope.models.attention import AttentionPool
-from finescope.models.backbones import Backbone
+from finescope.models.backbones import Backbone, fold_batchnorm
 from finescope.models.selection import select_boxes
 
 Sources = dict[tuple[int, int], tuple[list[int], torch.Tensor]]  # (h, w) -> batch rows, crop source
@@ -159,6 +160,25 @@ class FineScopeNet(nn.Module):
         self.select_from = select_from
         self.crop_backbone = copy.deepcopy(backbone) if use_crops and separate_crop_backbone else None
         self.crops_active = True
+        self.folded = False
+
+    def fold_batchnorm(self) -> int:
+        """Turn this model into an inference-only one: its backbones' BatchNorms are folded into the
+        convolutions before them (:func:`~finescope.models.backbones.fold_batchnorm`), which the predictions
+        do not notice beyond float rounding and which saves their cost. A folded model refuses ``train()``.
+
+        Returns:
+            The number of BatchNorms folded.
+        """
+        self.eval()
+        self.folded = True
+        return sum(fold_batchnorm(b) for b in (self.backbone, self.crop_backbone) if b is not None)
+
+    def train(self, mode: bool = True) -> FineScopeNet:
+        if mode and getattr(self, "folded", False):
+            raise FinescopeError("this model's BatchNorms are folded into its convolutions for inference "
+                                 "(load_trained); build the model again to train it")
+        return super().train(mode)
 
     # -- views -------------------------------------------------------------------------------------------
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
