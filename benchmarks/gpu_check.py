@@ -257,7 +257,8 @@ def final_table(summary: dict, out: Path) -> str:
             rows.append([f"compiled (reduce-overhead) {c['args']['backbone']} {c['args']['size']} infer",
                          f"fusion {f['step_ms']:.2f} ms, passes {p['step_ms']:.2f} ms, fusion/passes "
                          f"{f['step_ms'] / p['step_ms']:.3f}",
-                         f"batch {run['batch']}, CUDA graph replays per step {f['graph_launches']:.0f}"])
+                         f"batch {run['batch']}, {run.get('labelling', 'float')} labelling, CUDA graph replays "
+                         f"per step {f['graph_launches']:.0f}"])
     data = out / "bench_data.json"
     if data.is_file():
         d = json.loads(data.read_text())

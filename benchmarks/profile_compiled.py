@@ -3,6 +3,7 @@ synchronised and host-only, and the profiler's device time per kernel family.
 
     TORCH_LOGS=perf_hints PYTHONPATH=src python benchmarks/profile_compiled.py --device cuda \
         --backbone resnet18 --size 460x700 --batch 16 64 --mode reduce-overhead --out OUT.json
+    ... --batch 16 --labelling float int32     # the labelling's float atomics against int32 ones
 
 ``bench_model.py --ablate compile-ro`` gives the ratio; this says why. With ``TORCH_LOGS=perf_hints`` inductor
 logs why it skipped CUDA graphs, if it did; ``graph_launches`` counts the replays the profiler saw (0 means no
@@ -20,18 +21,43 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, markdown_table, median_ms, sync  # noqa: E402
 
 from finescope.config import ModelConfig  # noqa: E402
 from finescope.engine import autocast  # noqa: E402
-from finescope.models import create_model  # noqa: E402
+from finescope.models import create_model, selection  # noqa: E402
 from finescope.models.network import global_view_size  # noqa: E402
 
 FAMILIES = (("roi_align", ("roi_align",)), ("antialiased resize", ("upsample_bilinear2d_aa", "_aa_")),
             ("convolution / matmul", ("conv", "gemm", "cutlass", "sm90", "wgmma", "xmma", "cudnn", "implicit")),
             ("triton (inductor)", ("triton",)))
+
+
+def int32_components(binary: torch.Tensor, first_check: int = 4, rounds: int | None = None) -> torch.Tensor:
+    """``selection._connected_components`` with the run maxima scattered as int32 (the labels are integers below
+    2^24, exact either way): CUDA has a native atomicMax for int32, while a float ``amax`` scatter loops on
+    compare-and-swap. The same labels; ``--labelling int32`` swaps it in for an A/B."""
+    B, H, W = binary.shape
+    mask = binary.unsqueeze(1)
+    maskf = mask.float()
+    labels = selection._grid(H, W, binary.device)[0] * maskf  # (B, 1, H, W)
+    runs = [selection._run_ids(mask, 3).view(-1), selection._run_ids(mask, 2).view(-1)]
+    n = B * H * W + 1
+    for step in range(H * W if rounds is None else rounds):
+        new = (F.max_pool2d(labels, 3, 1, 1) * maskf).int()
+        for ids in runs:
+            new = new.new_zeros(n).scatter_reduce_(0, ids, new.view(-1), "amax")[ids].view_as(mask)
+        new = new.float()
+        if rounds is None and step + 1 >= first_check and torch.equal(new, labels):
+            break
+        labels = new
+    return labels.view(B, H, W).long()
+
+
+LABELLINGS = {"float": selection._connected_components, "int32": int32_components}
 
 
 def family(name: str) -> str:
@@ -112,7 +138,8 @@ def profile_batch(args, batch: int, device: torch.device) -> dict:
 
 def report(args, run: dict) -> str:
     """The step table, the kernel families and the fusion step's top kernels of one batch size."""
-    lines = [f"{args.backbone} {args.size} batch {run['batch']} inference, compile mode {args.mode}", "",
+    lines = [f"{args.backbone} {args.size} batch {run['batch']} inference, compile mode {args.mode}, "
+             f"{run['labelling']} labelling", "",
              markdown_table(
                  ["step", "ms (synced)", "host ms", "device kernel ms", "CUDA graph replays", "warm-up s"],
                  [[n, f"{r['step_ms']:.2f}", f"{r['host_ms']:.2f}", f"{r['device_ms_total']:.2f}",
@@ -136,18 +163,27 @@ def main(argv: list[str] | None = None) -> int:
                    help="batch sizes, profiled one after the other (the fixed costs of a step weigh less in a "
                         "larger batch)")
     p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode ('none' = eager)")
+    p.add_argument("--labelling", nargs="+", default=["float"], choices=sorted(LABELLINGS),
+                   help="component labellings to profile one after the other: float (finescope's) or int32 "
+                        "(int32_components, the same labels through integer atomics)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", help="JSON file for the results, written after each batch size")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     results = {"environment": environment(device), "args": vars(args), "runs": []}
-    for batch in args.batch:
-        run = profile_batch(args, batch, device)
-        results["runs"].append(run)
-        print(report(args, run), flush=True)
-        if args.out:  # after every batch size: a run cut short keeps what it measured
-            Path(args.out).write_text(json.dumps(results, indent=1))
+    for labelling in args.labelling:
+        selection._connected_components = LABELLINGS[labelling]
+        try:
+            for batch in args.batch:
+                torch.compiler.reset()  # each (labelling, batch) compiled afresh
+                run = {"labelling": labelling, **profile_batch(args, batch, device)}
+                results["runs"].append(run)
+                print(report(args, run), flush=True)
+                if args.out:  # after every run: a run cut short keeps what it measured
+                    Path(args.out).write_text(json.dumps(results, indent=1))
+        finally:
+            selection._connected_components = LABELLINGS["float"]
     return 0
 
 

@@ -28,6 +28,23 @@ def fake_breakhis(root: Path, per_class: int = 6) -> Path:
     return root
 
 
+def test_int32_labelling_of_the_ab_gives_finescope_labels():
+    """The int32 labelling that profile_compiled.py can swap in labels every grid as finescope's does, with the
+    convergence test and with the fixed rounds of torch.compile: the A/B compares costs, not results."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+    from profile_compiled import int32_components
+
+    from finescope.models.selection import COMPILED_ROUNDS, _connected_components
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        grid = torch.rand(3, 20, 28, generator=g) < torch.rand((), generator=g)
+        assert torch.equal(int32_components(grid), _connected_components(grid))
+        assert torch.equal(int32_components(grid, rounds=COMPILED_ROUNDS),
+                           _connected_components(grid, rounds=COMPILED_ROUNDS))
+
+
 def test_bench_model_cpu_tiny(tmp_path):
     out = tmp_path / "m.json"
     cmd = [sys.executable, "benchmarks/bench_model.py", "--device", "cpu", "--backbones", "tiny", "--sizes", "96x128",
