@@ -165,14 +165,16 @@ class FineScopeNet(nn.Module):
     def fold_batchnorm(self) -> int:
         """Turn this model into an inference-only one: its backbones' BatchNorms are folded into the
         convolutions before them (:func:`~finescope.models.backbones.fold_batchnorm`), which the predictions
-        do not notice beyond float rounding and which saves their cost. A folded model refuses ``train()``.
+        do not notice beyond float rounding and which saves their cost. A model with anything folded refuses
+        ``train()``.
 
         Returns:
             The number of BatchNorms folded.
         """
         self.eval()
-        self.folded = True
-        return sum(fold_batchnorm(b) for b in (self.backbone, self.crop_backbone) if b is not None)
+        n = sum(fold_batchnorm(b) for b in (self.backbone, self.crop_backbone) if b is not None)
+        self.folded = self.folded or n > 0  # a backbone torch.fx cannot trace stays unfolded, and trainable
+        return n
 
     def train(self, mode: bool = True) -> FineScopeNet:
         if mode and getattr(self, "folded", False):
