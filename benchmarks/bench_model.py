@@ -77,6 +77,11 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(h), int(w)
 
 
+def _autocast(device: torch.device, amp: bool, args):
+    """The engine's autocast: bf16 on CUDA when ``amp``, on the CPU ``--cpu-amp`` when ``amp``."""
+    return autocast(device, amp, args.cpu_amp if amp else "off")
+
+
 def _train_step(model: nn.Module, forward: Callable[[], torch.Tensor], opt: torch.optim.Optimizer,
                 params: list[torch.Tensor]) -> Callable[[], None]:
     """The engine's training step: loss, zero_grad, backward, clip to norm 1, AdamW."""
@@ -131,14 +136,14 @@ def model_case(name: str, variant: str, backbone: str, args, batch: dict, mode: 
             model.fold_batchnorm()
 
         def infer() -> None:
-            with torch.no_grad(), autocast(device, amp, args.cpu_amp if amp else "off"):
+            with torch.no_grad(), _autocast(device, amp, args):
                 run(images, sizes)
 
         return Case(name, infer, len(labels))
     model.train()
 
     def forward() -> torch.Tensor:
-        with autocast(device, amp, args.cpu_amp if amp else "off"):
+        with _autocast(device, amp, args):
             out = run(images, sizes)
         return compute_loss(out, labels)
 
@@ -167,7 +172,7 @@ def passes_case(backbone: str, args, batch: dict, mode: str, device: torch.devic
         trunk.eval()
 
         def infer() -> None:
-            with torch.no_grad(), autocast(device, amp, args.cpu_amp if amp else "off"):
+            with torch.no_grad(), _autocast(device, amp, args):
                 run(view)
                 run(crops, new_step=False)
 
@@ -175,7 +180,7 @@ def passes_case(backbone: str, args, batch: dict, mode: str, device: torch.devic
     trunk.train()
 
     def forward() -> torch.Tensor:
-        with autocast(device, amp, args.cpu_amp if amp else "off"):
+        with _autocast(device, amp, args):
             first = run(view).float().mean()
             return first + run(crops, new_step=False).float().mean()
 
