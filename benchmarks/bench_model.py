@@ -10,13 +10,16 @@ Cases:
     passes: the backbone passes a fusion step contains, and nothing else: one pass over the global view
         (B, 3, Gh, Gw) plus one over the B*K crops (B*K, 3, L, L), tensors made beforehand; in training the
         same loss-backward-clip-AdamW step on the backbone's parameters.
-    fusion+fp32, fusion+contiguous, fusion+compile, fusion+compile-ro, fusion+view-image, fusion+folded-bn
-        (``--ablate``): fusion without bf16 autocast; without channels_last (weights, and on CUDA batches);
+    fusion+fp32, fusion+contiguous, fusion+compile, fusion+compile-ro, fusion+view-image, fusion+folded-bn,
+        fusion+serial-crops (``--ablate``): fusion without bf16 autocast; without channels_last (weights, and
+        on CUDA batches);
         under ``torch.compile`` (inductor, default mode); under ``torch.compile(mode="reduce-overhead")``, which
         replays CUDA graphs where inductor can use them; with its global view always resized from the image,
         never from the crop source (``FineScopeNet.view_from_source``; with the defaults the two differ only for
         images whose short side is 1344 px or more); in inference only, with its BatchNorms folded into its
-        convolutions as ``load_trained`` does (the passes keep theirs: the overhead ratio is the unfolded one's).
+        convolutions as ``load_trained`` does (the passes keep theirs: the overhead ratio is the unfolded one's);
+        with its crops cut by one roi_align call on one thread instead of in strips over the CPU's threads
+        (``finescope.models.align.crop_align``; on CUDA the two are the same call).
 
 Ratios (paired per repetition, then median and spread):
     overhead = fusion / passes (goal <= 1.15 on CUDA, <= 1.25 on CPU),
@@ -40,23 +43,25 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch import nn
+from torchvision.ops import roi_align
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, loadavg, markdown_table, summary, sync, timed  # noqa: E402
 
 from finescope.config import ModelConfig  # noqa: E402
 from finescope.engine import autocast, compute_loss  # noqa: E402
-from finescope.models import create_model  # noqa: E402
+from finescope.models import create_model, network  # noqa: E402
 from finescope.models.network import global_view_size  # noqa: E402
 
 VARIANTS = ("global", "global-hires", "attention", "fusion")
-ABLATIONS = ("fp32", "contiguous", "compile", "compile-ro", "view-image", "folded-bn")
+ABLATIONS = ("fp32", "contiguous", "compile", "compile-ro", "view-image", "folded-bn", "serial-crops")
 ABLATION_LABELS = {"fp32": "fp32 / bf16", "contiguous": "contiguous / channels_last", "compile": "compiled / eager",
                    "compile-ro": "compiled (reduce-overhead) / eager", "view-image": "view from image / from source",
-                   "folded-bn": "folded BatchNorm / BatchNorm"}
+                   "folded-bn": "folded BatchNorm / BatchNorm", "serial-crops": "crops in one call / in strips"}
 COMPILE_MODES = {"compile": "default", "compile-ro": "reduce-overhead"}
 OVERHEAD_LABELS = {"compile": "fusion / passes, both compiled",
                    "compile-ro": "fusion / passes, both compiled (reduce-overhead)"}
@@ -113,9 +118,22 @@ def _compiled(module: nn.Module, compile_mode: str | None) -> Callable:
     return run
 
 
+def _crops_in_one_call(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with the model's crops cut by one torchvision roi_align call, as before crop_align."""
+
+    def one_call(source: torch.Tensor, rois: torch.Tensor, size: int) -> torch.Tensor:
+        return roi_align(source, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+    def wrapped() -> None:
+        with mock.patch.object(network, "crop_align", one_call):
+            step()
+
+    return wrapped
+
+
 def model_case(name: str, variant: str, backbone: str, args, batch: dict, mode: str, device: torch.device,
                amp: bool, channels_last: bool, compile_mode: str | None, view_from_image: bool = False,
-               fold: bool = False) -> Case:
+               fold: bool = False, serial_crops: bool = False) -> Case:
     """A variant's full step on ``batch`` (images, sizes, labels on the device)."""
     cfg = ModelConfig(variant=variant, backbone=backbone, global_size=args.global_size,
                       local_size=args.local_size, num_crops=args.num_crops, weights=args.weights.get(backbone, ""))
@@ -139,7 +157,7 @@ def model_case(name: str, variant: str, backbone: str, args, batch: dict, mode: 
             with torch.no_grad(), _autocast(device, amp, args):
                 run(images, sizes)
 
-        return Case(name, infer, len(labels))
+        return Case(name, _crops_in_one_call(infer) if serial_crops else infer, len(labels))
     model.train()
 
     def forward() -> torch.Tensor:
@@ -148,7 +166,8 @@ def model_case(name: str, variant: str, backbone: str, args, batch: dict, mode: 
         return compute_loss(out, labels)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    return Case(name, _train_step(model, forward, _adamw(params, device), params), len(labels))
+    step = _train_step(model, forward, _adamw(params, device), params)
+    return Case(name, _crops_in_one_call(step) if serial_crops else step, len(labels))
 
 
 def passes_case(backbone: str, args, batch: dict, mode: str, device: torch.device, amp: bool,
@@ -208,7 +227,7 @@ def build_cases(backbone: str, size, mode: str, args, device: torch.device) -> l
     if "fusion" in args.variants:
         cases.append(passes_case(backbone, args, batch, mode, device, amp, cl))
         flags = {"fp32": (False, cl, None), "contiguous": (amp, False, None), "view-image": (amp, cl, None, True),
-                 "folded-bn": (amp, cl, None, False, True),
+                 "folded-bn": (amp, cl, None, False, True), "serial-crops": (amp, cl, None, False, False, True),
                  **{name: (amp, cl, how) for name, how in COMPILE_MODES.items()}}
         for name in args.ablate:
             if name == "folded-bn" and mode == "train":  # folding is for inference-only models (load_trained)
@@ -368,7 +387,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ablate", nargs="*", default=[], choices=ABLATIONS,
                    help="extra fusion cases: fp32, contiguous (no channels_last), compile, compile-ro "
                         "(mode reduce-overhead), view-image (the global view never read from the crop source), "
-                        "folded-bn (inference with BatchNorm folded, as load_trained does)")
+                        "folded-bn (inference with BatchNorm folded, as load_trained does), serial-crops (the "
+                        "crops cut by one roi_align call, not in strips over the CPU threads)")
     p.add_argument("--weights", nargs="*", default=[], metavar="BACKBONE=PATH",
                    help="local weights, e.g. mobilenet_v2=../shared/weights/mobilenet_v2-b0353104.pth")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")

@@ -49,13 +49,15 @@ def test_bench_model_cpu_tiny(tmp_path):
     out = tmp_path / "m.json"
     cmd = [sys.executable, "benchmarks/bench_model.py", "--device", "cpu", "--backbones", "tiny", "--sizes", "96x128",
            "--batch", "2", "--warmup", "1", "--reps", "2", "--global-size", "48", "--local-size", "48",
-           "--threads", "1", "--ablate", "fp32", "view-image", "--out", str(out)]
+           "--threads", "1", "--ablate", "fp32", "view-image", "serial-crops", "--out", str(out)]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": "src"})
     result = json.loads(out.read_text())
     assert {r["case"] for r in result["rows"]} >= {"global", "global-hires", "attention", "fusion", "passes"}
-    assert all(g["overhead"]["median"] > 0 and g["view-image_speedup"]["median"] > 0 for g in result["ratios"])
+    assert all(g["overhead"]["median"] > 0 and g["view-image_speedup"]["median"] > 0
+               and g["serial-crops_speedup"]["median"] > 0 for g in result["ratios"])
     report = out.with_suffix(".md").read_text()
-    assert "| fp32 / bf16 | view from image / from source |" in report and "compiled" not in report
+    assert "| fp32 / bf16 | view from image / from source | crops in one call / in strips |" in report
+    assert "compiled" not in report
     if Path("/proc/self/clear_refs").exists():  # the CPU peak comes from /proc/self (VmHWM, reset per step)
         assert all(r["peak_mib"] is not None and r["peak_mib"] >= 0 for r in result["rows"])
 

@@ -256,6 +256,33 @@ def test_resized_crop_source_is_aligned_with_the_image():
     assert (resized - full).abs().max() < 2e-3
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_crop_align_in_strips_matches_one_roi_align(threads):
+    """On the CPU the crops are cut in one horizontal strip per thread; they match torchvision's roi_align of
+    the whole boxes (fractional, large, small, at the border, on two images), and the threads do the work."""
+    from torchvision.ops import roi_align
+
+    import finescope.models.align as align
+
+    g = torch.Generator().manual_seed(0)
+    source = torch.rand(2, 3, 160, 230, generator=g)
+    rois = torch.tensor([[0, 0.0, 0.0, 230.0, 160.0], [0, 10.3, 20.7, 61.9, 70.2], [1, 100.5, 3.25, 229.0, 150.0],
+                         [1, 0.0, 90.0, 40.0, 160.0], [0, 50.0, 50.0, 51.0, 52.0]])
+    threads_before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        align._POOL = None
+        cut = align.crop_align(source, rois, 32)
+        assert align._POOL is not None and align._POOL[1] == threads - 1  # the strips went to the pool
+        one = roi_align(source, rois, output_size=(32, 32), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        assert cut.shape == one.shape == (5, 3, 32, 32)
+        torch.testing.assert_close(cut, one, rtol=0, atol=1e-4)
+        torch.set_num_threads(1)
+        torch.testing.assert_close(align.crop_align(source, rois, 32), one, rtol=0, atol=0)  # one call
+    finally:
+        torch.set_num_threads(threads_before)
+
+
 def test_crops_do_not_depend_on_the_batch():
     """An image's crops are the same alone and in a padded batch of other sizes (and other pooling factors)."""
     torch.manual_seed(0)

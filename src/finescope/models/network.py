@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import roi_align
 
 from finescope.errors import FinescopeError
+from finescope.models.align import crop_align
 from finescope.models.attention import AttentionPool
 from finescope.models.backbones import Backbone, fold_batchnorm
 from finescope.models.selection import select_boxes
@@ -294,8 +294,9 @@ class FineScopeNet(nn.Module):
                sources: Sources | None = None) -> torch.Tensor:
         """Cut (B, K, 4) boxes (full-resolution pixels) -> (B*K, 3, L, L) crops in [0, 1].
 
-        One roi_align per distinct image size, on its crop source (:meth:`_crop_sources`, made here unless
-        given), with the boxes scaled to it.
+        One roi_align per distinct image size (:func:`~finescope.models.align.crop_align`: spread over the
+        threads on the CPU), on its crop source (:meth:`_crop_sources`, made here unless given), with the boxes
+        scaled to it.
         """
         B, K, _ = boxes.shape
         H, W = images.shape[-2:]
@@ -310,8 +311,7 @@ class FineScopeNet(nn.Module):
             n = len(idx)
             batch_idx = torch.arange(n, device=images.device, dtype=boxes.dtype).repeat_interleave(K)[:, None]
             rois = torch.cat([batch_idx, (part_boxes * scale).reshape(n * K, 4)], dim=1)  # (n*K, 5)
-            crops = roi_align(source, rois.to(source.dtype), output_size=(L, L), spatial_scale=1.0,
-                              sampling_ratio=-1, aligned=True)
+            crops = crop_align(source, rois.to(source.dtype), L)
             if rows is None:
                 return crops
             out[rows] = crops.view(n, K, 3, L, L)
