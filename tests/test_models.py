@@ -267,7 +267,10 @@ def test_crop_align_in_strips_matches_one_roi_align(threads):
     g = torch.Generator().manual_seed(0)
     source = torch.rand(2, 3, 160, 230, generator=g)
     rois = torch.tensor([[0, 0.0, 0.0, 230.0, 160.0], [0, 10.3, 20.7, 61.9, 70.2], [1, 100.5, 3.25, 229.0, 150.0],
-                         [1, 0.0, 90.0, 40.0, 160.0], [0, 50.0, 50.0, 51.0, 52.0]])
+                         [1, 0.0, 90.0, 40.0, 160.0], [0, 50.0, 50.0, 51.0, 52.0],
+                         # one and two source pixels per output row, from fractional rows (float rounding of a
+                         # strip's height must not add a row of samples per bin)
+                         *[[b, 3.1, y, 90.0, y + n * 32] for b in (0, 1) for n in (1, 2) for y in (0.1, 7.7, 20.3)]])
     threads_before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
@@ -275,7 +278,7 @@ def test_crop_align_in_strips_matches_one_roi_align(threads):
         cut = align.crop_align(source, rois, 32)
         assert align._POOL is not None and align._POOL[1] == threads - 1  # the strips went to the pool
         one = roi_align(source, rois, output_size=(32, 32), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-        assert cut.shape == one.shape == (5, 3, 32, 32)
+        assert cut.shape == one.shape == (17, 3, 32, 32)
         torch.testing.assert_close(cut, one, rtol=0, atol=1e-4)
         torch.set_num_threads(1)
         torch.testing.assert_close(align.crop_align(source, rois, 32), one, rtol=0, atol=0)  # one call

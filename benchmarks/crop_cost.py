@@ -1,0 +1,121 @@
+"""Cost of cutting the crops alone: one torchvision roi_align call against ``crop_align``'s strips (one per CPU
+thread), on the crop sources a fusion step cuts them from.
+
+    PYTHONPATH=src python benchmarks/crop_cost.py [--device cpu] [--reps 10] [--out FILE.json]
+
+The crops of ``FineScopeNet._crops`` (K = 4 of 224 px, boxes scaled to the crop source, which at 460x700 is the
+image and at 1536x2048 the image resized to 672x896), for three kinds of boxes: the smallest a model selects (a
+third of the short side), random sides between that and the whole image, and the whole image (what an untrained
+model's flat attention selects). The two ways are timed interleaved and compared per repetition. The largest
+difference between their crops is printed too (float rounding of the strips' sampling positions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from unittest import mock
+
+import torch
+from torchvision.ops import roi_align
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, loadavg, markdown_table, summary, timed  # noqa: E402
+
+from finescope.config import ModelConfig  # noqa: E402
+from finescope.models import create_model, network  # noqa: E402
+
+
+def one_call(source: torch.Tensor, rois: torch.Tensor, size: int) -> torch.Tensor:
+    return roi_align(source, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+def make_boxes(kind: str, batch: int, k: int, h: int, w: int, g: torch.Generator) -> torch.Tensor:
+    """(batch, k, 4) boxes in full-resolution pixels."""
+    m = min(h, w) / 3
+    if kind == "whole":
+        return torch.tensor([0.0, 0.0, w, h]).expand(batch, k, 4).clone()
+    if kind == "smallest":
+        bw = bh = torch.full((batch, k), m)
+    else:
+        bh = m + torch.rand(batch, k, generator=g) * (h - m)
+        bw = m + torch.rand(batch, k, generator=g) * (w - m)
+    x1 = torch.rand(batch, k, generator=g) * (w - bw)
+    y1 = torch.rand(batch, k, generator=g) * (h - bh)
+    return torch.stack([x1, y1, x1 + bw, y1 + bh], dim=2)
+
+
+def measure(size: tuple[int, int], batch: int, kind: str, args, device: torch.device) -> dict:
+    h, w = size
+    g = torch.Generator().manual_seed(0)
+    model = create_model(ModelConfig(variant="fusion", backbone="tiny", local_size=224, num_crops=4), 2).eval()
+    images = torch.rand(batch, 3, h, w, generator=g).to(device)
+    boxes = make_boxes(kind, batch, 4, h, w, g).to(device)
+    sizes = [[h, w]] * batch
+    sources = model._crop_sources(images, sizes)
+
+    def strips():
+        return model._crops(images, boxes, sizes, sources)
+
+    def serial():
+        with mock.patch.object(network, "crop_align", one_call):
+            return model._crops(images, boxes, sizes, sources)
+
+    diff = (strips() - serial()).abs().max().item()
+    times = {"strips": [], "one call": []}
+    for _ in range(args.reps):
+        times["strips"].append(timed(strips, device))
+        times["one call"].append(timed(serial, device))
+    source_hw = list(next(iter(sources.values()))[1].shape[-2:])
+    return {"size": f"{h}x{w}", "source": "x".join(map(str, source_hw)), "batch": batch, "boxes": kind,
+            "strips_ms": summary([t * 1e3 for t in times["strips"]]),
+            "one_call_ms": summary([t * 1e3 for t in times["one call"]]),
+            "speedup": summary([a / b for a, b in zip(times["one call"], times["strips"], strict=True)]),
+            "max_abs_diff": diff}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--cases", nargs="+", default=["460x700:2", "460x700:16", "1536x2048:1", "1536x2048:4"],
+                   help="HxW:B of the full-resolution batch")
+    p.add_argument("--boxes", nargs="+", default=["smallest", "random", "whole"],
+                   choices=("smallest", "random", "whole"))
+    p.add_argument("--out", help="JSON file (a .md with the table is written beside it)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    env = environment(device)
+    rows = []
+    for case in args.cases:
+        hw, b = case.split(":")
+        size = tuple(int(v) for v in hw.lower().split("x"))
+        for kind in args.boxes:
+            r = measure(size, int(b), kind, args, device)
+            rows.append(r)
+            print(f"{r['size']} B={r['batch']} {kind}: one call {r['one_call_ms']['median']:.1f} ms, strips "
+                  f"{r['strips_ms']['median']:.1f} ms", flush=True)
+    env["loadavg_end"] = loadavg()
+
+    def ms(s):
+        return f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
+
+    table = markdown_table(
+        ["input", "crop source", "B", "boxes", "one call ms", "strips ms", "one call / strips", "max |diff|"],
+        [[r["size"], r["source"], r["batch"], r["boxes"], ms(r["one_call_ms"]), ms(r["strips_ms"]),
+          f"{r['speedup']['median']:.2f} ({r['speedup']['min']:.2f}-{r['speedup']['max']:.2f})",
+          f"{r['max_abs_diff']:.1e}"] for r in rows])
+    report = (f"device {env['cpu']} ({env['device']}, {env['torch_threads']} threads), torch {env['torch']}, "
+              f"torchvision {env['torchvision']}, commit {env['commit']}, load {env['loadavg_start']} -> "
+              f"{env['loadavg_end']}\n`{env['command']}`\n\n{table}\n")
+    print(report)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+        Path(args.out).with_suffix(".md").write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
