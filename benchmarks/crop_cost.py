@@ -8,6 +8,9 @@ image and at 1536x2048 the image resized to 672x896), for three kinds of boxes: 
 third of the short side), random sides between that and the whole image, and the whole image (what an untrained
 model's flat attention selects). The two ways are timed interleaved and compared per repetition. The largest
 difference between their crops is printed too (float rounding of the strips' sampling positions).
+
+With ``--in-step BACKBONE`` a second table times the crops inside whole fusion inference steps (channels-last
+weights, as the trainer sets them; the boxes the model selects; ``--weights`` for local weights), and the steps.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -22,7 +26,7 @@ import torch
 from torchvision.ops import roi_align
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, loadavg, markdown_table, summary, timed  # noqa: E402
+from common import environment, loadavg, markdown_table, summary, sync, timed  # noqa: E402
 
 from finescope.config import ModelConfig  # noqa: E402
 from finescope.models import create_model, network  # noqa: E402
@@ -76,6 +80,42 @@ def measure(size: tuple[int, int], batch: int, kind: str, args, device: torch.de
             "max_abs_diff": diff}
 
 
+def in_step(backbone: str, size: tuple[int, int], batch: int, args, device: torch.device) -> dict:
+    """The crops' milliseconds inside whole fusion inference steps, strips against one call, interleaved."""
+    h, w = size
+    torch.manual_seed(0)
+    cfg = ModelConfig(variant="fusion", backbone=backbone, weights=args.weights)
+    model = create_model(cfg, 2).to(device).to(memory_format=torch.channels_last).eval()
+    images = torch.rand(batch, 3, h, w, generator=torch.Generator().manual_seed(0)).to(device)
+    sizes = torch.tensor([[h, w]] * batch)
+    crops: dict[str, list[float]] = {"strips": [], "one call": []}
+    steps: dict[str, list[float]] = {"strips": [], "one call": []}
+
+    def timing(fn, key):
+        def wrapped(*a):
+            sync(device)
+            start = time.perf_counter()
+            out = fn(*a)
+            sync(device)
+            crops[key].append((time.perf_counter() - start) * 1e3)
+            return out
+
+        return wrapped
+
+    ways = (("strips", network.crop_align), ("one call", one_call))
+    with torch.no_grad():
+        for _ in range(args.reps + 2):
+            for key, fn in ways:
+                with mock.patch.object(network, "crop_align", timing(fn, key)):
+                    steps[key].append(timed(lambda: model(images, sizes), device) * 1e3)
+    crops = {k: v[2:] for k, v in crops.items()}  # the first two steps warm up
+    steps = {k: v[2:] for k, v in steps.items()}
+    return {"backbone": backbone, "size": f"{h}x{w}", "batch": batch,
+            "crops_strips_ms": summary(crops["strips"]), "crops_one_call_ms": summary(crops["one call"]),
+            "step_strips_ms": summary(steps["strips"]), "step_one_call_ms": summary(steps["one call"]),
+            "step_speedup": summary([a / b for a, b in zip(steps["one call"], steps["strips"], strict=True)])}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
@@ -84,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="HxW:B of the full-resolution batch")
     p.add_argument("--boxes", nargs="+", default=["smallest", "random", "whole"],
                    choices=("smallest", "random", "whole"))
-    p.add_argument("--out", help="JSON file (a .md with the table is written beside it)")
+    p.add_argument("--in-step", metavar="BACKBONE", help="also time the crops inside fusion inference steps")
+    p.add_argument("--weights", default="", help="local weights for --in-step's backbone")
+    p.add_argument("--out", help="JSON file (a .md with the tables is written beside it)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     env = environment(device)
@@ -97,6 +139,15 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(r)
             print(f"{r['size']} B={r['batch']} {kind}: one call {r['one_call_ms']['median']:.1f} ms, strips "
                   f"{r['strips_ms']['median']:.1f} ms", flush=True)
+    steps = []
+    if args.in_step:
+        for case in args.cases:
+            hw, b = case.split(":")
+            r = in_step(args.in_step, tuple(int(v) for v in hw.lower().split("x")), int(b), args, device)
+            steps.append(r)
+            print(f"{args.in_step} {r['size']} B={r['batch']} in a step: crops one call "
+                  f"{r['crops_one_call_ms']['median']:.1f} ms, strips {r['crops_strips_ms']['median']:.1f} ms",
+                  flush=True)
     env["loadavg_end"] = loadavg()
 
     def ms(s):
@@ -107,12 +158,20 @@ def main(argv: list[str] | None = None) -> int:
         [[r["size"], r["source"], r["batch"], r["boxes"], ms(r["one_call_ms"]), ms(r["strips_ms"]),
           f"{r['speedup']['median']:.2f} ({r['speedup']['min']:.2f}-{r['speedup']['max']:.2f})",
           f"{r['max_abs_diff']:.1e}"] for r in rows])
+    if steps:
+        table += "\n\nInside fusion inference steps (the boxes the model selects):\n\n" + markdown_table(
+            ["backbone", "input", "B", "crops, one call ms", "crops, strips ms", "step, one call ms",
+             "step, strips ms", "step one call / strips"],
+            [[r["backbone"], r["size"], r["batch"], ms(r["crops_one_call_ms"]), ms(r["crops_strips_ms"]),
+              ms(r["step_one_call_ms"]), ms(r["step_strips_ms"]),
+              f"{r['step_speedup']['median']:.3f} ({r['step_speedup']['min']:.3f}-{r['step_speedup']['max']:.3f})"]
+             for r in steps])
     report = (f"device {env['cpu']} ({env['device']}, {env['torch_threads']} threads), torch {env['torch']}, "
               f"torchvision {env['torchvision']}, commit {env['commit']}, load {env['loadavg_start']} -> "
               f"{env['loadavg_end']}\n`{env['command']}`\n\n{table}\n")
     print(report)
     if args.out:
-        Path(args.out).write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+        Path(args.out).write_text(json.dumps({"environment": env, "rows": rows, "steps": steps}, indent=1))
         Path(args.out).with_suffix(".md").write_text(report)
     return 0
 

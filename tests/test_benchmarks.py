@@ -62,6 +62,17 @@ def test_bench_model_cpu_tiny(tmp_path):
         assert all(r["peak_mib"] is not None and r["peak_mib"] >= 0 for r in result["rows"])
 
 
+def test_crop_cost_compares_strips_with_one_call(tmp_path):
+    out = tmp_path / "c.json"
+    cmd = [sys.executable, "benchmarks/crop_cost.py", "--cases", "120x160:2", "--boxes", "smallest", "whole",
+           "--reps", "2", "--out", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": "src"})
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["boxes"] for r in rows] == ["smallest", "whole"]
+    assert all(r["speedup"]["median"] > 0 and r["max_abs_diff"] < 1e-4 for r in rows)
+    assert "| one call / strips |" in out.with_suffix(".md").read_text()
+
+
 @pytest.mark.slow
 def test_gpu_check_runs_on_cpu(tmp_path):
     data = fake_breakhis(tmp_path / "breakhis")
