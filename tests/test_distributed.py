@@ -1,7 +1,8 @@
 """DDP: the shard sampler, gathered predictions, and real 2-process runs with the gloo backend on the CPU.
 
 Tolerance of the loss comparison: the DDP run and the single-process run see the same images in every step
-(same permutation, same global batch), so with BatchNorm replaced by identity and no dropout they compute the
+(same permutation, same global batch; in the last, incomplete one the ranks' losses are weighted by their share
+and a rank without an image reads a stand-in weighted 0), so with BatchNorm replaced by identity and no dropout they compute the
 same gradients up to float32 summation order (the gradient all-reduce averages two half-batch means instead
 of one full-batch mean). That differs by a few ulps per step; after a few AdamW steps we allow a relative error
 of 1e-4 on the losses and 1e-4 (absolute) on the parameters. With BatchNorm in training mode the per-process
@@ -12,6 +13,7 @@ removes that difference).
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -29,23 +31,38 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 # -- sampler ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("n,G", [(37, 8), (40, 8), (5, 8), (64, 12)])
+@pytest.mark.parametrize("n,G", [(37, 8), (40, 8), (5, 8), (64, 12), (41, 8), (3, 8)])
 @pytest.mark.parametrize("world", [1, 2, 4])
-def test_shard_sampler_train_matches_single_process_batches(n, G, world):
+def test_shard_sampler_train_visits_each_image_once_in_single_process_steps(n, G, world):
+    """Every image once per epoch, the last incomplete global batch included; every step of N ranks reads the
+    single-process step's images; the loss factors make the ranks' average the global batch's mean."""
     if G % world:
         pytest.skip("global batch not divisible")
-    single = list(ShardSampler(n, True, 3, G, True, rank_=0, world=1))
-    shards = [list(ShardSampler(n, True, 3, G, True, rank_=r, world=world)) for r in range(world)]
-    seen = [i for s in shards for i in s]
-    assert len(seen) == len(set(seen)), "an image was visited twice in one epoch"
-    assert sorted(seen) == sorted(single)
-    assert len(single) == (n // G) * G if n > G else n  # only the last incomplete global batch is dropped
-    if n > G:
-        b = G // world
-        assert len({len(s) for s in shards}) == 1, "ranks must run the same number of steps"
-        for step in range(n // G):  # each step of N ranks = the single-process step
-            together = sorted(i for s in shards for i in s[step * b : (step + 1) * b])
-            assert together == sorted(single[step * G : (step + 1) * G])
+    single = ShardSampler(n, True, 3, G, True, rank_=0, world=1)
+    shards = [ShardSampler(n, True, 3, G, True, rank_=r, world=world) for r in range(world)]
+    assert sorted(single) == list(range(n)) and single.step_scales == [1.0] * math.ceil(n / G)
+    steps = math.ceil(n / G)
+    b = G // world
+    rank_steps = []
+    for s in shards:
+        items = list(s)
+        assert len(s.step_scales) == steps  # every rank runs every step
+        rank_steps.append([items[i * b : (i + 1) * b] for i in range(steps - 1)] + [items[(steps - 1) * b :]])
+    seen = []
+    losses = np.random.default_rng(0).random(n)  # a loss per image
+    for i in range(steps):
+        real = [rank_steps[r][i] for r in range(world) if shards[r].step_scales[i] > 0]
+        together = sorted(j for part in real for j in part)
+        assert together == sorted(list(single)[i * G : (i + 1) * G])  # the single-process step
+        seen += together
+        # DDP averages the ranks' scaled mean losses: that must be the mean over the global batch
+        ddp = sum(shards[r].step_scales[i] * losses[rank_steps[r][i]].mean() for r in range(world)) / world
+        assert ddp == pytest.approx(losses[together].mean())
+    assert sorted(seen) == list(range(n)), "each image exactly once per epoch"
+    dropped = [ShardSampler(n, True, 3, G, True, drop_tail=True, rank_=r, world=world) for r in range(world)]
+    kept = sum(len(d) - (d.step_scales[-1:] == [0.0]) for d in dropped)  # a stand-in is no image
+    assert kept == ((n // G) * G if n > G else n)  # train.compile: only the last incomplete global batch dropped
+    assert len({len(d.step_scales) for d in dropped}) == 1
 
 
 def test_shard_sampler_eval_no_padding():
@@ -109,11 +126,14 @@ def _fit(rank: int, root: Path, out: Path, world: int, port: int) -> None:
     _strip_bn(model)
     opt = trainer.build_optimizer(model, cfg, torch.device("cpu"))
     fit = dist.wrap_model(model, torch.device("cpu"))
-    idx = np.arange(len(sample_set))
+    idx = np.arange(41)  # 5 global batches of 8 and 1 image: rank 1 reads a stand-in in the last step
     losses, seen = [], []
     for epoch in range(2):
         loader = trainer.make_loader(sample_set, idx, cfg, train=True, epoch=epoch)
-        seen.append([int(i) for i, _ in loader.sampler])
+        items = [int(i) for i, _ in loader.sampler]
+        if loader.sampler.step_scales[-1] == 0:  # the stand-in: not this rank's image
+            items = items[:-1]
+        seen.append(items)
         stats = train_one_epoch(fit, loader, opt, None, torch.device("cpu"), grad_clip=1.0, progress=False)
         losses.append(stats["loss"])
     everyone = dist.all_gather(seen)
@@ -130,13 +150,13 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     from finescope.data.synthetic import ensure_synthetic
 
     root = tmp_path / "data"
-    ensure_synthetic(root, per_class=24, size=64)  # 48 images: 6 global batches of 8 per epoch
+    ensure_synthetic(root, per_class=24, size=64)  # 48 images, of which _fit trains on 41
     _fit(0, root, tmp_path / "single.pt", 1, 0)
     mp.spawn(_fit, args=(root, tmp_path / "ddp.pt", 2, _free_port()), nprocs=2, join=True)
     single, ddp = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / "ddp.pt")
-    for epoch_seen in zip(*ddp["seen"], strict=True):  # each epoch: the ranks' images are disjoint, all 48 images once
+    for epoch_seen in zip(*ddp["seen"], strict=True):  # each epoch: the ranks' images are disjoint, all 41 once
         together = [i for rank_seen in epoch_seen for i in rank_seen]
-        assert sorted(together) == list(range(48))
+        assert sorted(together) == list(range(41))
     np.testing.assert_allclose(ddp["losses"], single["losses"], rtol=1e-4)
     torch.testing.assert_close(ddp["params"], single["params"], rtol=0, atol=1e-4)
 
@@ -179,8 +199,8 @@ def test_torchrun_train_rank0_files_gathered_metrics_and_resume_with_other_world
     assert [r["epoch"] for r in history] == [0, 1]  # one line per epoch: only rank 0 wrote
     counts = json.loads((out / "splits.json").read_text())["counts"]
     n_train, n_test = counts["train"], counts["test"]
-    for row in history:  # summed over ranks: each training image once, the last incomplete global batch dropped
-        assert row["train_images"] == ((n_train // 8) * 8 if n_train > 8 else n_train)
+    for row in history:  # summed over ranks: each training image once, the last incomplete global batch too
+        assert row["train_images"] == n_train
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_images"] == n_test  # every test image counted once
     rows = (out / "predictions_test.csv").read_text().splitlines()[1:]

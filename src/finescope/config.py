@@ -97,7 +97,8 @@ class TrainConfig:
     cpu_amp: str = "off"  # autocast on the CPU: off | bf16 (fast where the CPU has AVX512-BF16 or AMX)
     channels_last: bool = True  # the model's weights channels-last (and on CUDA its input batches too)
     # torch.compile the training steps: off | default (inductor) | reduce-overhead (inductor + CUDA graphs, one
-    # process only) | max-autotune; true reads as default, false as off
+    # process only) | max-autotune; true reads as default, false as off. Compiled training drops each epoch's last
+    # incomplete batch, so that every step has one shape (otherwise every image is read once per epoch)
     compile: str = "off"
     sync_bn: bool = False  # DDP on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm)
     eval_batch_size: int = 0  # 0 = batch_size

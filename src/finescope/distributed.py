@@ -8,16 +8,17 @@ Conventions of a distributed run (``torchrun --nproc_per_node=N -m finescope tra
   the sample order, the steps per epoch and the learning-rate schedule do not depend on N, and a checkpoint
   resumes with another number of processes.
 - :class:`ShardSampler` cuts one seeded permutation into per-rank blocks of every global batch: each training
-  image is visited at most once per epoch (exactly once, except the last incomplete global batch, which is
-  dropped as in a single process) and every rank runs the same number of steps. Evaluation shards without
-  padding, and :func:`all_gather` brings every rank's predictions together, so each image is counted once.
+  image is visited exactly once per epoch, the last incomplete global batch included (split over the ranks,
+  its loss weighted so that the step equals the single-process one), and every rank runs the same number of
+  steps. Under ``train.compile`` the last incomplete global batch is dropped instead, so that every step has
+  one shape. Evaluation shards without padding, and :func:`all_gather` brings every rank's predictions
+  together, so each image is counted once.
 - Only rank 0 writes files and prints progress (:func:`is_main`).
 """
 
 from __future__ import annotations
 
 import datetime
-import math
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -96,11 +97,16 @@ def per_rank_batch(global_batch: int) -> int:
 class ShardSampler(Sampler):
     """One seeded permutation of ``n`` items, sharded across ranks; the same order for any number of ranks.
 
-    Training (``drop_last=True``): the permutation is cut into global batches of ``global_batch`` items; the
-    last incomplete one is dropped when ``n > global_batch`` (as a single process with ``drop_last`` does);
-    rank r takes items ``[r*b, (r+1)*b)`` of every global batch (b = ``global_batch / world``). So a step of N
-    processes sees exactly the images of the single-process step with the same global batch.
-    Evaluation (``drop_last=False``, usually ``shuffle=False``): rank r takes items r, r+N, r+2N, ... with no
+    Training (``train=True``): the permutation is cut into global batches of ``global_batch`` items; rank r
+    takes items ``[r*b, (r+1)*b)`` of every full global batch (b = ``global_batch / world``), so a step of N
+    processes sees exactly the images of the single-process step with the same global batch. The last
+    incomplete global batch (R items) is split over the ranks as evenly as possible; a rank left without an
+    item (R < N) reads the epoch's first item as a stand-in whose loss counts 0, so that every rank runs the
+    same steps. :attr:`step_scales` gives, per step of this rank, the factor of its mean loss that makes the
+    average over ranks (DDP's gradient) the mean over the whole global batch: ``n_r * N / R`` in that last step
+    (0 for a stand-in), 1 in every full one. With ``drop_tail`` the last incomplete global batch is dropped when
+    ``n > global_batch`` (every step then has one shape, for ``torch.compile``).
+    Evaluation (``train=False``, usually ``shuffle=False``): rank r takes items r, r+N, r+2N, ... with no
     padding, so every item is read by exactly one rank.
 
     One sampler serves every epoch of a run (so a DataLoader with persistent workers can be kept):
@@ -110,8 +116,9 @@ class ShardSampler(Sampler):
         n: dataset length.
         shuffle: permute with ``torch.randperm`` seeded by ``seed + epoch``.
         seed: the permutation's base seed.
-        global_batch: items per step over all ranks (used when ``drop_last``).
-        drop_last: training mode as described above.
+        global_batch: items per step over all ranks (training).
+        train: training mode as described above.
+        drop_tail: in training, drop the last incomplete global batch.
         rank_: this rank (default: from the process group).
         world: number of ranks (default: from the process group).
         tag_epoch: yield ``(index, epoch)`` pairs instead of indices, so that a dataset in a persistent worker
@@ -124,13 +131,14 @@ class ShardSampler(Sampler):
         shuffle: bool,
         seed: int,
         global_batch: int = 1,
-        drop_last: bool = False,
+        train: bool = False,
+        drop_tail: bool = False,
         rank_: int | None = None,
         world: int | None = None,
         tag_epoch: bool = False,
     ) -> None:
         self.n, self.shuffle, self.seed = n, shuffle, seed
-        self.global_batch, self.drop_last = global_batch, drop_last
+        self.global_batch, self.train, self.drop_tail = global_batch, train, drop_tail
         self.rank = rank() if rank_ is None else rank_
         self.world = world_size() if world is None else world
         self.tag_epoch = tag_epoch
@@ -139,21 +147,29 @@ class ShardSampler(Sampler):
     def set_epoch(self, epoch: int) -> None:
         """Use the permutation of ``epoch`` from the next iteration on."""
         self.epoch = epoch
-        self._order = self._indices()
+        self._order, self.step_scales = self._indices()
 
-    def _indices(self) -> list[int]:
+    def _indices(self) -> tuple[list[int], list[float]]:
         seed = self.seed + self.epoch
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed)) if self.shuffle \
             else torch.arange(self.n)
-        if not self.drop_last:
-            return order[self.rank :: self.world].tolist()
-        G, b = self.global_batch, self.global_batch // self.world
-        if self.n > G:
-            order = order[: (self.n // G) * G]
-            return order.view(-1, G)[:, self.rank * b : (self.rank + 1) * b].reshape(-1).tolist()
-        # fewer items than one global batch: one short step, split as evenly as possible
-        per = math.ceil(len(order) / self.world)
-        return order[self.rank * per : (self.rank + 1) * per].tolist()
+        if not self.train:
+            return order[self.rank :: self.world].tolist(), []
+        G, N, r = self.global_batch, self.world, self.rank
+        b = G // N
+        full = (self.n // G) * G
+        mine = order[:full].view(-1, G)[:, r * b : (r + 1) * b].reshape(-1).tolist()
+        scales = [1.0] * (self.n // G)
+        tail = order[full:]
+        if len(tail) == 0 or (self.drop_tail and full > 0):
+            return mine, scales
+        R = len(tail)
+        share, extra = divmod(R, N)
+        start = r * share + min(r, extra)
+        size = share + (r < extra)
+        if size:
+            return mine + tail[start : start + size].tolist(), scales + [size * N / R]
+        return mine + [int(order[0])], scales + [0.0]  # a stand-in: every rank must run the step
 
     def __iter__(self) -> Iterator:
         if self.tag_epoch:
@@ -165,13 +181,14 @@ class ShardSampler(Sampler):
 
 
 def make_sampler(
-    n: int, shuffle: bool, seed: int, global_batch: int = 1, drop_last: bool = False, tag_epoch: bool = False
+    n: int, shuffle: bool, seed: int, global_batch: int = 1, train: bool = False, drop_tail: bool = False,
+    tag_epoch: bool = False,
 ) -> ShardSampler:
     """A :class:`ShardSampler` for this process (in a single process: all items, ``randperm`` order).
 
     Shuffling is a function of (seed, epoch) alone (:meth:`ShardSampler.set_epoch`), so a run resumes exactly.
     """
-    return ShardSampler(n, shuffle, seed, global_batch, drop_last, tag_epoch=tag_epoch)
+    return ShardSampler(n, shuffle, seed, global_batch, train, drop_tail, tag_epoch=tag_epoch)
 
 
 def all_gather(obj: Any) -> list[Any]:

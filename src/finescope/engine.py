@@ -99,6 +99,10 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One pass over ``loader``; returns mean loss, accuracy, images and seconds.
 
+    A loader whose sampler has ``step_scales`` (:class:`~finescope.distributed.ShardSampler`) weights each
+    step's loss by its factor: in the last, incomplete global batch of a DDP epoch the ranks' batches differ in
+    size, and a rank with nothing left reads a stand-in whose loss counts 0 (and which the statistics skip).
+
     ``scaler`` (from :func:`make_grad_scaler`, kept across epochs and checkpointed) scales the loss under fp16
     autocast; when None one is made for this epoch. ``mark_steps`` tells torch.compile's CUDA graphs where each
     step begins (``train.compile: reduce-overhead``): the outputs of a step are used up within it.
@@ -108,7 +112,8 @@ def train_one_epoch(
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen, start = 0, time.perf_counter()
-    for batch in tqdm(loader, desc=desc, leave=False, disable=None if progress else True):
+    scales = getattr(getattr(loader, "sampler", None), "step_scales", None) or []
+    for step, batch in enumerate(tqdm(loader, desc=desc, leave=False, disable=None if progress else True)):
         if len(batch) == 0:
             continue
         images, sizes, labels = model_input(batch, device, channels_last)
@@ -117,8 +122,9 @@ def train_one_epoch(
         with autocast(device, amp, cpu_amp):
             out = model(images, sizes)
         loss = compute_loss(out, labels, aux_weight, label_smoothing)
+        scale = scales[step] if step < len(scales) else 1.0
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        scaler.scale(loss if scale == 1.0 else loss * scale).backward()
         if grad_clip > 0:
             scaler.unscale_(optimizer)  # clip the true gradients
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -126,6 +132,8 @@ def train_one_epoch(
         scaler.update()
         if scheduler is not None:
             scheduler.step()
+        if scale == 0.0:  # a stand-in (see above): not an image of this epoch
+            continue
         total_loss += loss.detach() * len(labels)  # stays on the device: no sync per step
         correct += (out.logits.argmax(1) == labels).sum()
         seen += len(labels)

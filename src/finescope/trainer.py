@@ -117,7 +117,8 @@ def make_loader(
 
     Training loaders shuffle with a permutation seeded by (seed, epoch) (call ``loader.sampler.set_epoch``
     before each epoch) and, under DDP, read their share (``batch_size / world``) of each global batch
-    (:class:`~finescope.distributed.ShardSampler`); each image's augmentation is seeded by (seed, epoch,
+    (:class:`~finescope.distributed.ShardSampler`: every image once per epoch; under ``train.compile`` the last
+    incomplete global batch is dropped, so that every step has one shape); each image's augmentation is seeded by (seed, epoch,
     image), so neither the workers nor a resume change it. Evaluation loaders read every ``world``-th image,
     without padding. Workers are persistent: they start once per run. With ``data.cache=memory`` they are
     forked (on Linux), so that they share the decoded images
@@ -126,8 +127,8 @@ def make_loader(
     """
     dataset = dataset if dataset is not None else make_dataset(sample_set, indices, cfg, train)
     bs = batch_size or (cfg.train.batch_size if train else (cfg.train.eval_batch_size or cfg.train.batch_size))
-    sampler = dist.make_sampler(len(dataset), shuffle=train, seed=cfg.seed, global_batch=bs, drop_last=train,
-                                tag_epoch=train)
+    sampler = dist.make_sampler(len(dataset), shuffle=train, seed=cfg.seed, global_batch=bs, train=train,
+                                drop_tail=cfg.train.compile != "off", tag_epoch=train)
     sampler.set_epoch(epoch)
     workers = cfg.data.num_workers
     return DataLoader(
