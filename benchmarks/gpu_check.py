@@ -187,9 +187,9 @@ def stage_timeout(args, name: str, clock: Clock) -> int:
 
 
 def bench_stages(out: Path, args, device: str, clock: Clock) -> dict:
-    """The stage profile, the model benchmark table (batch 16, and 64 at BreakHis size), the compiled step
-    (``profile_compiled.py``: torch.compile with CUDA graphs, fusion against its passes) and the data path."""
-    py = [sys.executable]
+    """The model benchmark table (batch 16), the data path, the table at batch 64 (BreakHis size), the stage
+    profile and the compiled step (``profile_compiled.py``: torch.compile with CUDA graphs, fusion against its
+    passes), in that order."""
     weights = [f"mobilenet_v2={args.weights}"] if Path(args.weights).is_file() else []
     if args.quick:
         common = ["--device", device, "--backbones", "tiny", "--sizes", "128x192", "--batch", "2", "--warmup", "1",
@@ -211,21 +211,19 @@ def bench_stages(out: Path, args, device: str, clock: Clock) -> dict:
                 "--augments", "microscopy", "none", "--caches", "none", "memory", "--colour-on", "workers", "device"]
     profile = (["--backbones", "tiny", "--size", "128x192", "--batch", "2", "--reps", "2"] if args.quick
                else ["--backbones", "resnet18", "--size", "460x700", "--batch", "16"])
+    cmds = {name: ["benchmarks/bench_model.py", *extra, "--out", str(out / f"bench_{name}.json")]
+            for name, extra in stages.items()}
+    cmds["data"] = ["benchmarks/bench_data.py", "--data", args.data, *data, "--out", str(out / "bench_data.json")]
+    cmds["profile"] = ["benchmarks/profile_step.py", "--device", device, *profile, "--out", str(out / "profile.json")]
+    cmds["compiled"] = ["benchmarks/profile_compiled.py", "--device", device, "--mode", "reduce-overhead", *compiled,
+                        "--out", str(out / "profile_compiled.json")]
+    # what the issue checks first (the benchmark table, the loader), the diagnostics after: a stage the budget
+    # cuts is then a diagnostic
     results = {}
-    rc, secs = run(py + ["benchmarks/profile_step.py", "--device", device, *profile, "--out", str(out / "profile.json")],
-                   out / "profile.log", stage_timeout(args, "profile", clock))
-    results["profile"] = {"rc": rc, "seconds": secs}
-    for name, extra in stages.items():
-        rc, secs = run(py + ["benchmarks/bench_model.py", *extra, "--out", str(out / f"bench_{name}.json")],
-                       out / f"bench_{name}.log", stage_timeout(args, name, clock))
+    for name in (n for n in ("model", "data", "batch64", "profile", "compiled") if n in cmds):
+        log = out / f"{Path(cmds[name][-1]).stem}.log"  # bench_model.log, bench_data.log, profile.log, ...
+        rc, secs = run([sys.executable, *cmds[name]], log, stage_timeout(args, name, clock))
         results[name] = {"rc": rc, "seconds": secs}
-    rc, secs = run(py + ["benchmarks/profile_compiled.py", "--device", device, "--mode", "reduce-overhead", *compiled,
-                         "--out", str(out / "profile_compiled.json")],
-                   out / "profile_compiled.log", stage_timeout(args, "compiled", clock))
-    results["compiled"] = {"rc": rc, "seconds": secs}
-    rc, secs = run(py + ["benchmarks/bench_data.py", "--data", args.data, *data, "--out", str(out / "bench_data.json")],
-                   out / "bench_data.log", stage_timeout(args, "data", clock))
-    results["data"] = {"rc": rc, "seconds": secs}
     return results
 
 

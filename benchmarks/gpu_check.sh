@@ -4,11 +4,19 @@
 #   bash benchmarks/gpu_check.sh [OUT_DIR] [extra gpu_check.py options, e.g. --device cpu --quick]
 # Results go to $OUT when set (else OUT_DIR, else ./gpu_check_out); the short table is printed last.
 # Expects .gpu/breakhis (BreakHis tree, JPEG copy) and .gpu/mobilenet_v2-b0353104.pth next to the repository
-# root, or --data / --weights pointing elsewhere. Needs torch, torchvision (and timm is not needed).
+# root, or --data / --weights pointing elsewhere; make them with
+#   python benchmarks/make_gpu_subset.py ../shared/data/breakhis .gpu/breakhis
+#   cp ../shared/weights/mobilenet_v2-b0353104.pth .gpu/
+# Needs torch and torchvision (timm is not needed); runs .venv/bin/python when there is one, else python3
+# ($PYTHON overrides both).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-${1:-gpu_check_out}}"
 if [[ $# -gt 0 && "$1" != --* ]]; then shift; fi
 mkdir -p "$out"
 export PYTHONPATH=src
-timeout 475 python3 benchmarks/gpu_check.py "$out" "$@" 2>&1 | tee "$out/gpu_check.log" | tail -n 40
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then  # the repository's environment where there is one (make test creates it), else python3
+    if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+timeout 475 "$PY" benchmarks/gpu_check.py "$out" "$@" 2>&1 | tee "$out/gpu_check.log" | tail -n 40
