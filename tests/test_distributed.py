@@ -215,3 +215,27 @@ def test_torchrun_stage_wise_warmup(tmp_path):
     run = _torchrun(2, tmp_path / "run", root, epochs=2)
     assert run.returncode == 0, run.stderr[-3000:]
     assert len((tmp_path / "run" / "history.jsonl").read_text().splitlines()) == 2
+
+
+def test_sync_bn_conversion_keeps_the_state_and_is_refused_on_the_cpu(monkeypatch):
+    """train.sync_bn: every BatchNorm becomes a SyncBatchNorm with the same state dict (keys and values), in
+    the caller's model; on the CPU, where SyncBatchNorm has no kernel, DDP refuses it with a one-line error."""
+    from finescope import distributed as dist
+    from finescope.config import ModelConfig
+    from finescope.errors import FinescopeError
+    from finescope.models import create_model
+
+    model = create_model(ModelConfig(variant="fusion", backbone="tiny", global_size=32, local_size=32), 2)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)  # non-trivial statistics, so that the copy is checked
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dist._convert_sync_bn_inplace(model)
+    assert not any(type(m) is torch.nn.BatchNorm2d for m in model.modules())
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()) > 0
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    monkeypatch.setattr(dist, "is_distributed", lambda: True)
+    with pytest.raises(FinescopeError, match="train.sync_bn needs CUDA"):
+        dist.wrap_model(model, torch.device("cpu"), sync_bn=True)
