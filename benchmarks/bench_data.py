@@ -8,7 +8,8 @@ decode: seconds per image to decode with torchvision.io and with PIL, and to rea
 loader: decoded and augmented uint8 images/s delivered by a training DataLoader (``--augments`` presets, batch
     ``--batch``, collate with padding, pinned memory on CUDA, persistent workers as the trainer builds it) with
     ``data.cache`` none, memory and disk (a fresh temporary folder); epoch 1 and epoch 2 are reported
-    separately (the caches are filled in epoch 1; persistent workers keep a memory cache). With
+    separately (the caches are filled in epoch 1; persistent workers keep a memory cache; ``--persistent on off``
+    compares workers started again each epoch). With
     ``--colour-on workers device`` the presets with a colour jitter run both ways (``data.colour_on``): in the
     workers, or drawn there and applied to the batch on ``--device``, whose cost per batch is reported.
 epoch: one training epoch of ``fusion`` (``--epoch-backbone``) on ``--device`` through ``engine.train_one_epoch``
@@ -78,14 +79,14 @@ def bench_decode(samples: list, n: int) -> dict:
 
 
 def make_loader(samples: list, workers: int, cache: str, batch: int, pin: bool, min_side: int = 0,
-                augment: str = "microscopy", colour_on: str = "workers") -> DataLoader:
-    """A training loader as the trainer builds it, with persistent workers so a memory cache survives epochs."""
+                augment: str = "microscopy", colour_on: str = "workers", persistent: bool = True) -> DataLoader:
+    """A training loader as the trainer builds it, with persistent workers (``persistent``: as the trainer does)."""
     on_device = colour_on == "device"
     dataset = ImageDataset(samples, transform=build_transform(augment, True, colour=not on_device), cache=cache,
                            min_side=min_side, colour=colour_jitter(augment, True) if on_device else None,
                            cache_dir=tempfile.mkdtemp(prefix="finescope_bench_cache_") if cache == "disk" else "")
     return DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, collate_fn=collate_padded,
-                      pin_memory=pin, drop_last=False, persistent_workers=workers > 0,
+                      pin_memory=pin, drop_last=False, persistent_workers=persistent and workers > 0,
                       multiprocessing_context=worker_context(cache, workers),
                       generator=torch.Generator().manual_seed(0))
 
@@ -105,28 +106,32 @@ def colour_ms(batch, device: torch.device, reps: int = 5) -> float:
 
 def bench_loader(samples: list, workers: list[int], caches: list[str], batch: int, pin: bool,
                  augments: list[str], colour_ons: tuple[str, ...] = ("workers",),
-                 device: torch.device | None = None) -> list[dict]:
-    """Images/s of the loader alone for each (workers, cache, augmentation, where the colour jitter runs),
-    epochs 1 and 2; with the jitter on the device, also its cost there per batch."""
+                 device: torch.device | None = None, persistents: tuple[bool, ...] = (True,)) -> list[dict]:
+    """Images/s of the loader alone for each (workers, cache, augmentation, where the colour jitter runs,
+    persistent workers or not), epochs 1 and 2; with the jitter on the device, also its cost there per batch.
+    Without persistent workers each epoch starts its workers again (epoch 2 pays it too)."""
     rows = []
-    for w, cache, augment, colour_on in ((w, c, a, o) for w in workers for c in caches for a in augments
-                                         for o in colour_ons):
+    for w, cache, augment, colour_on, persistent in ((w, c, a, o, p) for w in workers for c in caches
+                                                     for a in augments for o in colour_ons for p in persistents):
         if colour_on == "device" and colour_jitter(augment, True) is None:
             continue  # nothing to move
-        loader = make_loader(samples, w, cache, batch, pin, augment=augment, colour_on=colour_on)
+        if not persistent and w == 0:
+            continue  # no workers to keep
+        loader = make_loader(samples, w, cache, batch, pin, augment=augment, colour_on=colour_on,
+                             persistent=persistent)
         per_epoch = []
         for _ in range(2):
             start, n = time.perf_counter(), 0
             for b in loader:
                 n += len(b)
             per_epoch.append(n / (time.perf_counter() - start))
-        row = {"workers": w, "cache": cache, "augment": augment, "colour_on": colour_on,
+        row = {"workers": w, "cache": cache, "augment": augment, "colour_on": colour_on, "persistent": persistent,
                "epoch1_images_per_s": per_epoch[0], "images_per_s": per_epoch[1], "loadavg": loadavg()}
         if colour_on == "device" and n:
             row["device_colour_ms_per_batch"] = colour_ms(b, device or torch.device("cpu"))
         rows.append(row)
-        print(f"loader workers={w} cache={cache} augment={augment} colour on {colour_on}: {per_epoch[0]:.1f} / "
-              f"{per_epoch[1]:.1f} img/s", flush=True)
+        print(f"loader workers={w} cache={cache} augment={augment} colour on {colour_on} persistent {persistent}: "
+              f"{per_epoch[0]:.1f} / {per_epoch[1]:.1f} img/s", flush=True)
         if cache == "disk":
             shutil.rmtree(loader.dataset.cache_dir, ignore_errors=True)
         del loader
@@ -170,6 +175,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    choices=("none", "geometric", "microscopy", "strong"))
     p.add_argument("--colour-on", nargs="+", default=["workers"], choices=("workers", "device"),
                    help="where the colour jitter runs (data.colour_on); device = applied to the batch on --device")
+    p.add_argument("--persistent", nargs="+", default=["on"], choices=("on", "off"),
+                   help="persistent workers (the trainer's 'on'), or started again each epoch ('off')")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--decode-n", type=int, default=20, help="files in the decode comparison")
     p.add_argument("--device", default="auto")
@@ -189,10 +196,12 @@ def report(result: dict) -> str:
              f"decode ({d['format']} {d['size_wh'][0]}x{d['size_wh'][1]}, {d['n']} files, ms/image median "
              f"(min-max)): " + ", ".join(f"{k} {d[k]['median'] * 1e3:.2f} ({d[k]['min'] * 1e3:.2f}-"
                                          f"{d[k]['max'] * 1e3:.2f})" for k in ("torchvision", "pil", "npy")), ""]
-    rows = [[r["workers"], r["cache"], r["augment"], r.get("colour_on", "workers"), f"{r['epoch1_images_per_s']:.1f}",
+    rows = [[r["workers"], r["cache"], r["augment"], r.get("colour_on", "workers"),
+             "yes" if r.get("persistent", True) else "no", f"{r['epoch1_images_per_s']:.1f}",
              f"{r['images_per_s']:.1f}", f"{r['device_colour_ms_per_batch']:.2f}" if "device_colour_ms_per_batch" in r
              else "-"] for r in result["loader"]]
-    lines.append(markdown_table(["workers", "cache", "augment", "colour on", "epoch 1 images/s", "epoch 2 images/s",
+    lines.append(markdown_table(["workers", "cache", "augment", "colour on", "persistent workers", "epoch 1 images/s",
+                                 "epoch 2 images/s",
                                  "colour on the device, ms/batch"], rows))
     if "epoch" in result:
         e = result["epoch"]
@@ -209,7 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
     samples = find_samples(args.data, args.limit)
     result["decode"] = bench_decode(samples, args.decode_n)
     result["loader"] = bench_loader(samples, args.workers, args.caches, args.batch, device.type == "cuda",
-                                    args.augments, tuple(args.colour_on), device)
+                                    args.augments, tuple(args.colour_on), device,
+                                    tuple(p == "on" for p in args.persistent))
     if args.epoch_backbone:
         result["epoch"] = bench_epoch(samples, args, device)
         result["model_images_per_s"] = result["epoch"]["model_images_per_s"]

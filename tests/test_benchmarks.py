@@ -62,6 +62,18 @@ def test_bench_model_cpu_tiny(tmp_path):
         assert all(r["peak_mib"] is not None and r["peak_mib"] >= 0 for r in result["rows"])
 
 
+def test_bench_data_compares_persistent_workers(tmp_path):
+    data = fake_breakhis(tmp_path / "breakhis", per_class=2)
+    out = tmp_path / "d.json"
+    cmd = [sys.executable, "benchmarks/bench_data.py", "--data", str(data), "--limit", "4", "--decode-n", "2",
+           "--workers", "0", "1", "--caches", "none", "--batch", "2", "--persistent", "on", "off", "--out", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": "src"})
+    rows = json.loads(out.read_text())["loader"]
+    assert [(r["workers"], r["persistent"]) for r in rows] == [(0, True), (1, True), (1, False)]
+    assert all(r["images_per_s"] > 0 for r in rows)
+    assert "| persistent workers |" in out.with_suffix(".md").read_text()
+
+
 def test_crop_cost_compares_strips_with_one_call(tmp_path):
     out = tmp_path / "c.json"
     cmd = [sys.executable, "benchmarks/crop_cost.py", "--cases", "120x160:2", "--boxes", "smallest", "whole",
