@@ -118,8 +118,8 @@ def make_loader(
     Training loaders shuffle with a permutation seeded by (seed, epoch) (call ``loader.sampler.set_epoch``
     before each epoch) and, under DDP, read their share (``batch_size / world``) of each global batch
     (:class:`~finescope.distributed.ShardSampler`: every image once per epoch; under ``train.compile`` the last
-    incomplete global batch is dropped, so that every step has one shape); each image's augmentation is seeded by (seed, epoch,
-    image), so neither the workers nor a resume change it. Evaluation loaders read every ``world``-th image,
+    incomplete global batch is dropped, so that every step has one shape); each image's augmentation is seeded
+    by (seed, epoch, image), so neither the workers nor a resume change it. Evaluation loaders read every ``world``-th image,
     without padding. Workers are persistent: they start once per run. With ``data.cache=memory`` they are
     forked (on Linux), so that they share the decoded images
     (:class:`~finescope.data.dataset.SharedMemoryCache`). Pass a ``dataset`` from :func:`make_dataset` to share
