@@ -239,3 +239,40 @@ def test_sync_bn_conversion_keeps_the_state_and_is_refused_on_the_cpu(monkeypatc
     monkeypatch.setattr(dist, "is_distributed", lambda: True)
     with pytest.raises(FinescopeError, match="train.sync_bn needs CUDA"):
         dist.wrap_model(model, torch.device("cpu"), sync_bn=True)
+
+
+def test_unreadable_batch_under_ddp_runs_a_step_that_adds_nothing(monkeypatch):
+    """data.on_error=skip can leave a rank an empty batch. In one process it is skipped; under DDP the rank runs
+    its previous batch weighted 0 (the other ranks wait for its gradients), which the statistics do not count;
+    an empty first batch is a one-line error, not a hang."""
+    from finescope import distributed as dist
+    from finescope.config import ModelConfig
+    from finescope.data import Batch
+    from finescope.engine import train_one_epoch
+    from finescope.errors import FinescopeError
+    from finescope.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(variant="fusion", backbone="tiny", global_size=32, local_size=32), 2)
+    full = Batch(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8), torch.tensor([[64, 64]] * 2),
+                 torch.tensor([0, 1]), torch.arange(2))
+    empty = Batch(torch.zeros(0, 3, 0, 0), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, dtype=torch.long),
+                  torch.zeros(0, dtype=torch.long))
+    calls = []
+    model.backbone.register_forward_hook(lambda module, args, out: calls.append(out.shape[0]))
+    cpu = torch.device("cpu")
+
+    def run():
+        calls.clear()
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        return train_one_epoch(model, [full, empty], opt, None, cpu, progress=False)
+
+    assert run()["images"] == 2 and len(calls) == 2  # one process: the empty batch is skipped (2 passes: view, crops)
+    monkeypatch.setattr(dist, "is_distributed", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce_sum", lambda t: t)
+    monkeypatch.setattr(dist, "rank", lambda: 1)
+    stats = run()
+    assert stats["images"] == 2 and len(calls) == 4  # the previous batch ran again, and was not counted
+    with pytest.raises(FinescopeError, match="rank 1's first training batch is unreadable"):
+        train_one_epoch(model, [empty, full], torch.optim.SGD(model.parameters(), lr=0.0), None, cpu,
+                        progress=False)

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from finescope import distributed as dist
+from finescope.errors import FinescopeError
 from finescope.models.network import ModelOutput
 
 
@@ -102,6 +103,9 @@ def train_one_epoch(
     A loader whose sampler has ``step_scales`` (:class:`~finescope.distributed.ShardSampler`) weights each
     step's loss by its factor: in the last, incomplete global batch of a DDP epoch the ranks' batches differ in
     size, and a rank with nothing left reads a stand-in whose loss counts 0 (and which the statistics skip).
+    Under DDP a batch whose images were all unreadable (``data.on_error=skip``) is replaced by this rank's
+    previous batch, weighted 0 in the same way: skipping it would leave the other ranks waiting in the gradient
+    all-reduce. In a single process it is skipped.
 
     ``scaler`` (from :func:`make_grad_scaler`, kept across epochs and checkpointed) scales the loss under fp16
     autocast; when None one is made for this epoch. ``mark_steps`` tells torch.compile's CUDA graphs where each
@@ -113,16 +117,24 @@ def train_one_epoch(
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen, start = 0, time.perf_counter()
     scales = getattr(getattr(loader, "sampler", None), "step_scales", None) or []
+    last = None
     for step, batch in enumerate(tqdm(loader, desc=desc, leave=False, disable=None if progress else True)):
-        if len(batch) == 0:
-            continue
+        scale = scales[step] if step < len(scales) else 1.0
+        if len(batch) == 0:  # every image of the batch was unreadable (data.on_error=skip)
+            if not dist.is_distributed():
+                continue
+            if last is None:
+                raise FinescopeError(f"every image of rank {dist.rank()}'s first training batch is unreadable, and "
+                                     "the other processes would wait for its gradients; fix or remove the "
+                                     "files named in the warnings above")
+            batch, scale = last, 0.0  # the other ranks wait for this one's gradients: a step that adds nothing
+        last = batch
         images, sizes, labels = model_input(batch, device, channels_last)
         if mark_steps:
             torch.compiler.cudagraph_mark_step_begin()
         with autocast(device, amp, cpu_amp):
             out = model(images, sizes)
         loss = compute_loss(out, labels, aux_weight, label_smoothing)
-        scale = scales[step] if step < len(scales) else 1.0
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss if scale == 1.0 else loss * scale).backward()
         if grad_clip > 0:
@@ -132,7 +144,7 @@ def train_one_epoch(
         scaler.update()
         if scheduler is not None:
             scheduler.step()
-        if scale == 0.0:  # a stand-in (see above): not an image of this epoch
+        if scale == 0.0:  # a stand-in (see above, and below for unreadable images): not an image of this epoch
             continue
         total_loss += loss.detach() * len(labels)  # stays on the device: no sync per step
         correct += (out.logits.argmax(1) == labels).sum()
