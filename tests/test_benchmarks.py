@@ -74,6 +74,15 @@ def test_bench_data_compares_persistent_workers(tmp_path):
     assert "| persistent workers |" in out.with_suffix(".md").read_text()
 
 
+def test_view_cost_times_both_views(tmp_path):
+    out = tmp_path / "v.json"
+    cmd = [sys.executable, "benchmarks/view_cost.py", "--sizes", "1344x1400", "--reps", "1", "--out", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": "src"})
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["from_source"] and row["source"] == "672x700"  # the smallest box (448 px) spans 224 in the source
+    assert 0 < row["max_diff_smooth"] < row["max_diff_noise"] < 0.02 and row["image_ms"]["median"] > 0
+
+
 def test_crop_cost_compares_strips_with_one_call(tmp_path):
     out = tmp_path / "c.json"
     cmd = [sys.executable, "benchmarks/crop_cost.py", "--cases", "120x160:2", "--boxes", "smallest", "whole",
