@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         return f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
 
     table = markdown_table(
-        ["input", "crop source", "B", "boxes", "one call ms", "strips ms", "one call / strips", "max |diff|"],
+        ["input", "crop source", "B", "boxes", "one call ms", "strips ms", "one call / strips", "max abs diff"],
         [[r["size"], r["source"], r["batch"], r["boxes"], ms(r["one_call_ms"]), ms(r["strips_ms"]),
           f"{r['speedup']['median']:.2f} ({r['speedup']['min']:.2f}-{r['speedup']['max']:.2f})",
           f"{r['max_abs_diff']:.1e}"] for r in rows])

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     table = markdown_table(
         ["image", "crop source", "view read from source", "view from image ms", "view from source ms",
-         "crop source ms", "max |diff| noise", "max |diff| smooth"],
+         "crop source ms", "max abs diff, noise", "max abs diff, smooth"],
         [[r["size"], r["source"], "yes" if r["from_source"] else "no", ms(r["image_ms"]), ms(r["source_ms"]),
           ms(r["crop_source_ms"]), f"{r['max_diff_noise']:.4f}", f"{r['max_diff_smooth']:.4f}"] for r in rows])
     report = (f"device {env['cpu']} ({env['device']}, {env['torch_threads']} threads), torch {env['torch']}, "
