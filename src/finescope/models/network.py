@@ -205,9 +205,9 @@ class FineScopeNet(nn.Module):
 
         The source is made anyway, and the second resize reads a fraction of the pixels (a 1536x2048 image on
         the CPU: 1.5-2.1 instead of 5.5-7.2 ms, ``benchmarks/view_cost.py``). The two-step view differs from
-        the direct one by at most about 3/255 per pixel (random noise); a source closer to the view would blur more, and one close to the image would save
-        little, hence the two bounds. A model's view does not depend on whether its crops are read in a step
-        (stage-wise training).
+        the direct one by at most about 3/255 per pixel (random noise); a source closer to the view would blur
+        more, and one close to the image would save little, hence the two bounds. A model's view does not depend
+        on whether its crops are read in a step (stage-wise training).
         """
         s = self.crop_scale(height, width)
         return s <= 0.5 and s * min(height, width) >= 2 * self.global_size
