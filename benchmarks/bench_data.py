@@ -49,6 +49,7 @@ from finescope.data import (  # noqa: E402
     load_samples,
 )
 from finescope.data.dataset import _decode_pil, _decode_torchvision, worker_context  # noqa: E402
+from finescope.trainer import fused_adamw  # noqa: E402
 
 
 def find_samples(root: str, limit: int, seed: int = 0) -> list:
@@ -149,7 +150,7 @@ def bench_epoch(samples: list, args, device: torch.device) -> dict:
     model = create_model(cfg, 2).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused_adamw(device.type))
     loader = make_loader(samples, max(args.workers), "none", args.batch, device.type == "cuda", args.local_size,
                          colour_on="device" if device.type == "cuda" else "workers")  # as data.colour_on: auto
     run = {"device": device, "progress": False, "grad_clip": 1.0}

@@ -56,6 +56,7 @@ from finescope.config import ModelConfig  # noqa: E402
 from finescope.engine import autocast, compute_loss  # noqa: E402
 from finescope.models import create_model, network  # noqa: E402
 from finescope.models.network import global_view_size  # noqa: E402
+from finescope.trainer import fused_adamw  # noqa: E402
 
 VARIANTS = ("global", "global-hires", "attention", "fusion")
 ABLATIONS = ("fp32", "contiguous", "compile", "compile-ro", "view-image", "folded-bn", "serial-crops")
@@ -102,7 +103,7 @@ def _train_step(model: nn.Module, forward: Callable[[], torch.Tensor], opt: torc
 
 
 def _adamw(params: list[torch.Tensor], device: torch.device) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    return torch.optim.AdamW(params, lr=1e-5, fused=fused_adamw(device.type))
 
 
 def _compiled(module: nn.Module, compile_mode: str | None) -> Callable:

@@ -27,6 +27,7 @@ from finescope.config import ModelConfig  # noqa: E402
 from finescope.engine import autocast, compute_loss  # noqa: E402
 from finescope.models import create_model  # noqa: E402
 from finescope.models.selection import select_boxes  # noqa: E402
+from finescope.trainer import fused_adamw  # noqa: E402
 
 
 def profile_backbone(backbone: str, size: tuple[int, int], batch: int, device: torch.device, reps: int) -> dict:
@@ -69,7 +70,7 @@ def profile_backbone(backbone: str, size: tuple[int, int], batch: int, device: t
                 for name, fn in stages.items()}
 
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused_adamw(device.type))
 
     def train_step() -> None:
         with autocast(device, amp):

@@ -66,6 +66,31 @@ def test_frozen_backbone_has_no_gradients():
     assert n_opt == sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
 
 
+def test_adamw_is_fused_where_torch_has_it_and_steps_as_the_default_one():
+    """build_optimizer takes the fused AdamW on the CPU where this torch has it (2.4 on), and one step of it
+    moves the (channels-last) weights as torch's default foreach AdamW does."""
+    from finescope.trainer import build_model, fused_adamw
+
+    cfg = load_config(overrides=["model.backbone=tiny", "model.variant=fusion", "model.global_size=64",
+                                 "model.local_size=48", "train.device=cpu"])
+    assert fused_adamw("cpu") == (tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4))
+    after = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = build_model(cfg, 2, torch.device("cpu"))
+        opt = build_optimizer(model, cfg, torch.device("cpu"))
+        assert opt.defaults["fused"] == fused_adamw("cpu")
+        if not fused:
+            for group in opt.param_groups:
+                group["fused"], group["foreach"] = False, True
+        g = torch.Generator().manual_seed(1)
+        for p in model.parameters():
+            p.grad = torch.empty_like(p).normal_(generator=g)  # in the parameter's layout, as autograd's
+        opt.step()
+        after.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(after[0], after[1], rtol=0, atol=1e-7)
+
+
 @pytest.mark.parametrize("key, value", [("model.select_from", "cam"), ("model.crop_backbone", "twin"),
                                         ("train.crop_warmup_epochs", "30")])
 def test_bad_option_values(key, value):

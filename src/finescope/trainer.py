@@ -14,6 +14,7 @@ A run directory holds::
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import math
@@ -144,8 +145,21 @@ def make_loader(
     )
 
 
+@functools.lru_cache(maxsize=8)
+def fused_adamw(device_type: str) -> bool:
+    """Whether this torch has a fused AdamW (one kernel over all parameters) for ``device_type``: CUDA, and the
+    CPU since torch 2.4, where it takes a third of the time of the default foreach step
+    (``benchmarks/optimizer_cost.py``)."""
+    try:
+        torch.optim.AdamW([torch.zeros(1, device=device_type, requires_grad=True)], fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return False
+    return True
+
+
 def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norm weights; the backbone at ``lr * backbone_lr_scale``."""
+    """AdamW, fused where torch has it for the device (:func:`fused_adamw`); no weight decay on biases and norm
+    weights; the backbone at ``lr * backbone_lr_scale``."""
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if cfg.train.backbone_lr_scale == 0 and name.split(".")[0] in ("backbone", "crop_backbone"):
@@ -157,7 +171,7 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -
         {"params": ps, "weight_decay": t.weight_decay if decay else 0.0, "lr": t.lr * (t.backbone_lr_scale if bb else 1)}
         for (bb, decay), ps in sorted(groups.items())
     ]
-    return torch.optim.AdamW(param_groups, lr=t.lr, fused=device.type == "cuda")
+    return torch.optim.AdamW(param_groups, lr=t.lr, fused=fused_adamw(device.type))
 
 
 def build_model(cfg: Config, num_classes: int, device: torch.device) -> FineScopeNet:
