@@ -83,6 +83,14 @@ def test_view_cost_times_both_views(tmp_path):
     assert 0 < row["max_diff_smooth"] < row["max_diff_noise"] < 0.02 and row["image_ms"]["median"] > 0
 
 
+def test_optimizer_cost_compares_fused_adamw(tmp_path):
+    out = tmp_path / "o.json"
+    cmd = [sys.executable, "benchmarks/optimizer_cost.py", "--backbones", "tiny", "--reps", "2", "--out", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": "src"})
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["fused_ms"]["median"] > 0 and row["max_diff"] < 1e-5
+
+
 def test_crop_cost_compares_strips_with_one_call(tmp_path):
     out = tmp_path / "c.json"
     cmd = [sys.executable, "benchmarks/crop_cost.py", "--cases", "120x160:2", "--boxes", "smallest", "whole",

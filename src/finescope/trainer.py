@@ -148,7 +148,7 @@ def make_loader(
 @functools.lru_cache(maxsize=8)
 def fused_adamw(device_type: str) -> bool:
     """Whether this torch has a fused AdamW (one kernel over all parameters) for ``device_type``: CUDA, and the
-    CPU since torch 2.4, where it takes a third of the time of the default foreach step
+    CPU since torch 2.4, where a step takes less than half the time of the default foreach one
     (``benchmarks/optimizer_cost.py``)."""
     try:
         torch.optim.AdamW([torch.zeros(1, device=device_type, requires_grad=True)], fused=True)
