@@ -5,6 +5,7 @@ The benchmarks live outside the package; run them from the repository root with 
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -113,3 +114,23 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def ms_spread(s: dict) -> str:
+    """A :func:`summary` of milliseconds as ``median (min-max)``."""
+    return f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
+
+
+def report_header(env: dict) -> str:
+    """The two lines above a benchmark's tables: machine, versions, commit, load, and the exact command."""
+    return (f"device {env.get('gpu', env['cpu'])} ({env['device']}, {env['torch_threads']} threads), torch "
+            f"{env['torch']}, torchvision {env['torchvision']}, commit {env['commit']}, load {env['loadavg_start']} "
+            f"-> {env.get('loadavg_end', '')}\n`{env['command']}`")
+
+
+def save_report(out: str | None, payload: dict, report: str) -> None:
+    """Print ``report``; with ``out``, write ``payload`` there as JSON and ``report`` beside it as ``.md``."""
+    print(report)
+    if out:
+        Path(out).write_text(json.dumps(payload, indent=1))
+        Path(out).with_suffix(".md").write_text(report)

@@ -16,7 +16,6 @@ weights, as the trainer sets them; the boxes the model selects; ``--weights`` fo
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,17 @@ import torch
 from torchvision.ops import roi_align
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, loadavg, markdown_table, summary, sync, timed  # noqa: E402
+from common import (  # noqa: E402
+    environment,
+    loadavg,
+    markdown_table,
+    ms_spread,
+    report_header,
+    save_report,
+    summary,
+    sync,
+    timed,
+)
 
 from finescope.config import ModelConfig  # noqa: E402
 from finescope.models import create_model, network  # noqa: E402
@@ -150,29 +159,20 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
     env["loadavg_end"] = loadavg()
 
-    def ms(s):
-        return f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
-
     table = markdown_table(
         ["input", "crop source", "B", "boxes", "one call ms", "strips ms", "one call / strips", "max abs diff"],
-        [[r["size"], r["source"], r["batch"], r["boxes"], ms(r["one_call_ms"]), ms(r["strips_ms"]),
+        [[r["size"], r["source"], r["batch"], r["boxes"], ms_spread(r["one_call_ms"]), ms_spread(r["strips_ms"]),
           f"{r['speedup']['median']:.2f} ({r['speedup']['min']:.2f}-{r['speedup']['max']:.2f})",
           f"{r['max_abs_diff']:.1e}"] for r in rows])
     if steps:
         table += "\n\nInside fusion inference steps (the boxes the model selects):\n\n" + markdown_table(
             ["backbone", "input", "B", "crops, one call ms", "crops, strips ms", "step, one call ms",
              "step, strips ms", "step one call / strips"],
-            [[r["backbone"], r["size"], r["batch"], ms(r["crops_one_call_ms"]), ms(r["crops_strips_ms"]),
-              ms(r["step_one_call_ms"]), ms(r["step_strips_ms"]),
+            [[r["backbone"], r["size"], r["batch"], ms_spread(r["crops_one_call_ms"]), ms_spread(r["crops_strips_ms"]),
+              ms_spread(r["step_one_call_ms"]), ms_spread(r["step_strips_ms"]),
               f"{r['step_speedup']['median']:.3f} ({r['step_speedup']['min']:.3f}-{r['step_speedup']['max']:.3f})"]
              for r in steps])
-    report = (f"device {env['cpu']} ({env['device']}, {env['torch_threads']} threads), torch {env['torch']}, "
-              f"torchvision {env['torchvision']}, commit {env['commit']}, load {env['loadavg_start']} -> "
-              f"{env['loadavg_end']}\n`{env['command']}`\n\n{table}\n")
-    print(report)
-    if args.out:
-        Path(args.out).write_text(json.dumps({"environment": env, "rows": rows, "steps": steps}, indent=1))
-        Path(args.out).with_suffix(".md").write_text(report)
+    save_report(args.out, {"environment": env, "rows": rows, "steps": steps}, f"{report_header(env)}\n\n{table}\n")
     return 0
 
 

@@ -11,14 +11,22 @@ difference of the parameters after the same steps is printed.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, loadavg, markdown_table, summary, timed  # noqa: E402
+from common import (  # noqa: E402
+    environment,
+    loadavg,
+    markdown_table,
+    ms_spread,
+    report_header,
+    save_report,
+    summary,
+    timed,
+)
 
 from finescope.config import load_config  # noqa: E402
 from finescope.trainer import build_model, build_optimizer  # noqa: E402
@@ -61,20 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = [measure(b, args, device) for b in args.backbones]
     env["loadavg_end"] = loadavg()
 
-    def ms(s):
-        return f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
-
     table = markdown_table(
         ["backbone", "parameters", "fused ms", "foreach ms", "loop ms", "foreach / fused", "max abs diff"],
-        [[r["backbone"], f"{r['parameters'] / 1e6:.1f} M", ms(r["fused_ms"]), ms(r["foreach_ms"]), ms(r["loop_ms"]),
-          f"{r['foreach_ms']['median'] / r['fused_ms']['median']:.2f}", f"{r['max_diff']:.1e}"] for r in rows])
-    report = (f"device {env.get('gpu', env['cpu'])} ({env['device']}, {env['torch_threads']} threads), torch "
-              f"{env['torch']}, commit {env['commit']}, load {env['loadavg_start']} -> {env['loadavg_end']}\n"
-              f"`{env['command']}`\n\n{table}\n")
-    print(report)
-    if args.out:
-        Path(args.out).write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
-        Path(args.out).with_suffix(".md").write_text(report)
+        [[r["backbone"], f"{r['parameters'] / 1e6:.1f} M", ms_spread(r["fused_ms"]), ms_spread(r["foreach_ms"]),
+          ms_spread(r["loop_ms"]), f"{r['foreach_ms']['median'] / r['fused_ms']['median']:.2f}",
+          f"{r['max_diff']:.1e}"] for r in rows])
+    save_report(args.out, {"environment": env, "rows": rows}, f"{report_header(env)}\n\n{table}\n")
     return 0
 
 

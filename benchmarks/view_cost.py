@@ -13,7 +13,6 @@ difference per pixel, in [0, 1] units, on a random image and on a smooth one.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -21,7 +20,16 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, loadavg, markdown_table, summary, timed  # noqa: E402
+from common import (  # noqa: E402
+    environment,
+    loadavg,
+    markdown_table,
+    ms_spread,
+    report_header,
+    save_report,
+    summary,
+    timed,
+)
 
 from finescope.config import ModelConfig  # noqa: E402
 from finescope.models import create_model  # noqa: E402
@@ -67,21 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = [measure(tuple(int(v) for v in s.lower().split("x")), args, device) for s in args.sizes]
     env["loadavg_end"] = loadavg()
 
-    def ms(s):
-        return f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
-
     table = markdown_table(
         ["image", "crop source", "view read from source", "view from image ms", "view from source ms",
          "crop source ms", "max abs diff, noise", "max abs diff, smooth"],
-        [[r["size"], r["source"], "yes" if r["from_source"] else "no", ms(r["image_ms"]), ms(r["source_ms"]),
-          ms(r["crop_source_ms"]), f"{r['max_diff_noise']:.4f}", f"{r['max_diff_smooth']:.4f}"] for r in rows])
-    report = (f"device {env['cpu']} ({env['device']}, {env['torch_threads']} threads), torch {env['torch']}, "
-              f"commit {env['commit']}, load {env['loadavg_start']} -> {env['loadavg_end']}\n`{env['command']}`\n\n"
-              f"{table}\n")
-    print(report)
-    if args.out:
-        Path(args.out).write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
-        Path(args.out).with_suffix(".md").write_text(report)
+        [[r["size"], r["source"], "yes" if r["from_source"] else "no", ms_spread(r["image_ms"]),
+          ms_spread(r["source_ms"]), ms_spread(r["crop_source_ms"]), f"{r['max_diff_noise']:.4f}",
+          f"{r['max_diff_smooth']:.4f}"] for r in rows])
+    save_report(args.out, {"environment": env, "rows": rows}, f"{report_header(env)}\n\n{table}\n")
     return 0
 
 
