@@ -151,8 +151,9 @@ def train_stage(out: Path, args, device: str, clock: Clock, compile_mode: str = 
     name = "train_fusion" if compile_mode == "off" else "train_fusion_compiled"
     run_dir = out / name
     sets = [f"data.root={args.data}", f"train.device={device}", "data.cache=memory",
-            f"data.num_workers={args.workers}", f"model.weights={args.weights}" if Path(args.weights).is_file()
-            else "model.weights=", f"train.epochs={args.epochs}", f"train.batch_size={args.batch}",
+            f"data.num_workers={args.workers}", f"model.weights={args.weights}"
+            if Path(args.weights).is_file() and not args.quick else "model.weights=",  # no tiny weights
+            f"train.epochs={args.epochs}", f"train.batch_size={args.batch}",
             f"train.compile={compile_mode}"]
     if args.quick:
         sets += ["model.backbone=tiny", "model.global_size=64", "model.local_size=64", "train.batch_size=4"]
