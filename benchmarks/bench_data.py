@@ -12,8 +12,11 @@ loader: decoded and augmented uint8 images/s delivered by a training DataLoader 
     compares workers started again each epoch). With
     ``--colour-on workers device`` the presets with a colour jitter run both ways (``data.colour_on``): in the
     workers, or drawn there and applied to the batch on ``--device``, whose cost per batch is reported.
-epoch: one training epoch of ``fusion`` (``--epoch-backbone``) on ``--device`` through ``engine.train_one_epoch``
-    with the loader, and the model alone on a pre-loaded batch (what the model consumes per second).
+epoch: training epochs of ``fusion`` (``--epoch-backbone``) on ``--device`` through ``engine.train_one_epoch``
+    with the loader and the training augmentation (``--epoch-augment``), each epoch timed (the first also starts
+    the workers and fills nothing: no cache), with ``data.one_orientation`` on and off (``--one-orientation on
+    off``, interleaved over ``--epoch-runs``); and the model alone on a pre-loaded batch (what the model consumes
+    per second).
 
 Example:
     PYTHONPATH=src python benchmarks/bench_data.py --data ../shared/data/breakhis --workers 0 1 2 --limit 64
@@ -47,6 +50,7 @@ from finescope.data import (  # noqa: E402
     collate_padded,
     colour_jitter,
     load_samples,
+    rotates_90,
 )
 from finescope.data.dataset import _decode_pil, _decode_torchvision, worker_context  # noqa: E402
 from finescope.trainer import fused_adamw  # noqa: E402
@@ -80,12 +84,16 @@ def bench_decode(samples: list, n: int) -> dict:
 
 
 def make_loader(samples: list, workers: int, cache: str, batch: int, pin: bool, min_side: int = 0,
-                augment: str = "microscopy", colour_on: str = "workers", persistent: bool = True) -> DataLoader:
-    """A training loader as the trainer builds it, with persistent workers (``persistent``: as the trainer does)."""
+                augment: str = "microscopy", colour_on: str = "workers", persistent: bool = True,
+                one_orientation: bool = False) -> DataLoader:
+    """A training loader as the trainer builds it, with persistent workers (``persistent``: as the trainer does)
+    and, with ``one_orientation``, every non-square image turned to one orientation (``data.one_orientation``;
+    its coin is drawn once here, as the loader's keys carry no epoch)."""
     on_device = colour_on == "device"
     dataset = ImageDataset(samples, transform=build_transform(augment, True, colour=not on_device), cache=cache,
                            min_side=min_side, colour=colour_jitter(augment, True) if on_device else None,
-                           cache_dir=tempfile.mkdtemp(prefix="finescope_bench_cache_") if cache == "disk" else "")
+                           cache_dir=tempfile.mkdtemp(prefix="finescope_bench_cache_") if cache == "disk" else "",
+                           one_orientation=one_orientation and rotates_90(augment))
     return DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, collate_fn=collate_padded,
                       pin_memory=pin, drop_last=False, persistent_workers=persistent and workers > 0,
                       multiprocessing_context=worker_context(cache, workers),
@@ -140,29 +148,43 @@ def bench_loader(samples: list, workers: list[int], caches: list[str], batch: in
 
 
 def bench_epoch(samples: list, args, device: torch.device) -> dict:
-    """One fusion training epoch through the real loop, and the model alone on a fixed batch."""
+    """Fusion training epochs through the real loop (``engine.train_one_epoch``) with the loader: ``--epochs``
+    epochs of a fresh model and loader per ``--one-orientation`` setting, the settings interleaved over
+    ``--epoch-runs`` runs; and the model alone on a pre-loaded batch (what it consumes per second)."""
     from finescope.engine import train_one_epoch
     from finescope.models import create_model
 
     cfg = ModelConfig(variant="fusion", backbone=args.epoch_backbone, global_size=args.global_size,
                       local_size=args.local_size)
-    torch.manual_seed(0)
-    model = create_model(cfg, 2).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused_adamw(device.type))
-    loader = make_loader(samples, max(args.workers), "none", args.batch, device.type == "cuda", args.local_size,
-                         colour_on="device" if device.type == "cuda" else "workers")  # as data.colour_on: auto
     run = {"device": device, "progress": False, "grad_clip": 1.0}
+
+    def setup(one_orientation: bool):
+        torch.manual_seed(0)
+        model = create_model(cfg, 2).to(device).to(memory_format=torch.channels_last)  # as the trainer
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused_adamw(device.type))
+        loader = make_loader(samples, max(args.workers), "none", args.batch, device.type == "cuda", args.local_size,
+                             augment=args.epoch_augment, one_orientation=one_orientation,
+                             colour_on="device" if device.type == "cuda" else "workers")  # as data.colour_on: auto
+        return model, opt, loader
+
+    model, opt, loader = setup(True)
     batch = next(iter(loader))
     train_one_epoch(model, [batch], opt, None, **run)  # warm-up (cuDNN autotuning, allocator)
     model_times = []
     for _ in range(args.model_reps):
         sync(device)
         model_times.append(train_one_epoch(model, [batch], opt, None, **run)["seconds"])
-    stats = train_one_epoch(model, loader, opt, None, **run)
-    return {"workers": max(args.workers), "epoch_seconds": stats["seconds"], "images": stats["images"],
-            "epoch_images_per_s": stats["images"] / stats["seconds"],
+    del model, opt, loader
+    runs = []
+    for rep in range(args.epoch_runs):
+        for setting in args.one_orientation:
+            model, opt, loader = setup(setting == "on")
+            stats = [train_one_epoch(model, loader, opt, None, **run) for _ in range(args.epochs)]
+            runs.append({"one_orientation": setting, "run": rep, "images": stats[0]["images"],
+                         "epoch_seconds": [s["seconds"] for s in stats],
+                         "epoch_images_per_s": [s["images"] / s["seconds"] for s in stats]})
+            del model, opt, loader
+    return {"workers": max(args.workers), "augment": args.epoch_augment, "runs": runs,
             "model_images_per_s": len(batch) / statistics.median(model_times)}
 
 
@@ -181,7 +203,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--decode-n", type=int, default=20, help="files in the decode comparison")
     p.add_argument("--device", default="auto")
-    p.add_argument("--epoch-backbone", default="", help="also time a fusion epoch with this backbone ('' = skip)")
+    p.add_argument("--epoch-backbone", default="", help="also time fusion epochs with this backbone ('' = skip)")
+    p.add_argument("--epoch-augment", default="microscopy", choices=("none", "geometric", "microscopy", "strong"),
+                   help="the augmentation of the timed epochs (the trainer's default: microscopy)")
+    p.add_argument("--epochs", type=int, default=2, help="timed epochs per run (the first starts the workers)")
+    p.add_argument("--epoch-runs", type=int, default=1, help="runs per --one-orientation setting, interleaved")
+    p.add_argument("--one-orientation", nargs="+", default=["on"], choices=("on", "off"),
+                   help="data.one_orientation in the timed epochs: on (the trainer's default) turns every image "
+                        "of an epoch to one orientation; off lets 90-degree rotations mix them in a batch")
     p.add_argument("--global-size", type=int, default=224)
     p.add_argument("--local-size", type=int, default=224)
     p.add_argument("--model-reps", type=int, default=3)
@@ -206,8 +235,21 @@ def report(result: dict) -> str:
                                  "colour on the device, ms/batch"], rows))
     if "epoch" in result:
         e = result["epoch"]
-        lines += ["", f"fusion epoch ({e['images']} images, {e['workers']} workers): {e['epoch_seconds']:.1f} s = "
-                  f"{e['epoch_images_per_s']:.1f} images/s; model alone {e['model_images_per_s']:.1f} images/s"]
+        rows = [[r["one_orientation"], r["run"], r["images"], *(f"{s:.2f} ({v:.1f})" for s, v in
+                                                                zip(r["epoch_seconds"], r["epoch_images_per_s"]))]
+                for r in e["runs"]]
+        n = max(len(r["epoch_seconds"]) for r in e["runs"])
+        lines += ["", f"fusion training epochs ({result['settings']['epoch_backbone']}, augment {e['augment']}, "
+                  f"{e['workers']} workers, a fresh model and loader per run; the model alone on a loaded batch: "
+                  f"{e['model_images_per_s']:.1f} images/s)", "",
+                  markdown_table(["one orientation", "run", "images", *(f"epoch {i + 1} s (images/s)"
+                                                                         for i in range(n))], rows)]
+        on = {r["run"]: r["epoch_seconds"][-1] for r in e["runs"] if r["one_orientation"] == "on"}
+        off = {r["run"]: r["epoch_seconds"][-1] for r in e["runs"] if r["one_orientation"] == "off"}
+        paired = [off[k] / on[k] for k in on if k in off]
+        if paired:
+            lines += ["", f"last epoch, off / on (paired per run): median {statistics.median(paired):.3f} "
+                      f"({min(paired):.3f}-{max(paired):.3f})"]
     return "\n".join(lines) + "\n"
 
 

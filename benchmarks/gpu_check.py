@@ -278,6 +278,10 @@ def final_table(summary: dict, out: Path) -> str:
             rows.append([f"loader best, augment {augment}{where}", f"{best['images_per_s']:.0f} img/s = "
                          f"{best['images_per_s'] / need:.2f}x what fusion consumes ({need:.0f} img/s)",
                          f"{best['workers']} workers, cache {best['cache']}{cost} (goal 1.5x)"])
+        for r in d.get("epoch", {}).get("runs", []):
+            rows.append([f"fusion epochs through the loop, one orientation {r['one_orientation']}",
+                         ", ".join(f"epoch {i + 1} {v:.0f} img/s" for i, v in enumerate(r["epoch_images_per_s"])),
+                         f"{r['images']} images, augment {d['epoch']['augment']}, no cache"])
     for key in ("train", "train_compiled"):
         t = summary.get(key, {})
         label = "train fusion on BreakHis copy" + ("" if t.get("compile", "off") == "off" else f", compile {t['compile']}")

@@ -74,6 +74,20 @@ def test_bench_data_compares_persistent_workers(tmp_path):
     assert "| persistent workers |" in out.with_suffix(".md").read_text()
 
 
+def test_bench_data_times_epochs_with_and_without_one_orientation(tmp_path):
+    data = fake_breakhis(tmp_path / "breakhis", per_class=2)
+    out = tmp_path / "e.json"
+    cmd = [sys.executable, "benchmarks/bench_data.py", "--data", str(data), "--limit", "4", "--decode-n", "1",
+           "--workers", "0", "--caches", "none", "--batch", "2", "--epoch-backbone", "tiny", "--global-size", "32",
+           "--local-size", "32", "--model-reps", "1", "--one-orientation", "on", "off", "--epoch-runs", "2",
+           "--out", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": "src"})
+    epoch = json.loads(out.read_text())["epoch"]
+    assert [(r["one_orientation"], r["run"]) for r in epoch["runs"]] == [("on", 0), ("off", 0), ("on", 1), ("off", 1)]
+    assert all(len(r["epoch_seconds"]) == 2 and r["images"] == 4 for r in epoch["runs"])
+    assert "last epoch, off / on (paired per run)" in out.with_suffix(".md").read_text()
+
+
 def test_view_cost_times_both_views(tmp_path):
     out = tmp_path / "v.json"
     cmd = [sys.executable, "benchmarks/view_cost.py", "--sizes", "1344x1400", "--reps", "1", "--out", str(out)]

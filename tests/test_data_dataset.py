@@ -367,6 +367,57 @@ def test_seeded_augmentation_depends_on_epoch_and_image_only(tmp_path):
     assert any(o.shape != first.shape or not torch.equal(o, first) for o in others)
 
 
+def _dihedral(img: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 flips and rotations of a (3, H, W) image: rot90 by k, then optionally a horizontal flip."""
+    rots = [torch.rot90(img, k, dims=(-2, -1)) for k in range(4)]
+    return rots + [r.flip(-1) for r in rots]
+
+
+def test_one_orientation_per_epoch_keeps_every_flip_and_rotation(tmp_path):
+    """Under ``one_orientation`` every non-square image of an epoch has the epoch's orientation (so a batch of
+    one-size images is not padded to a square), both orientations occur over epochs, a square image is left as
+    drawn, and each image still gets each of the 8 flips and rotations about 1/8 of the time."""
+    samples = make_samples(tmp_path, sizes=((6, 10), (10, 6), (7, 7)))  # landscape, portrait, square
+    originals = [read_image(x.path) for x in samples]
+    transform = build_transform("geometric", train=True)
+    ds = ImageDataset(samples, transform=transform, seed=5, one_orientation=True)
+    plain = ImageDataset(samples, transform=transform, seed=5)
+    counts = np.zeros((2, 8), dtype=int)
+    orientations = set()
+    mixed = 0
+    for epoch in range(480):
+        items = [ds[(i, epoch)]["image"] for i in range(3)]
+        shapes = {tuple(t.shape[-2:]) for t in items[:2]}
+        assert len(shapes) == 1, f"epoch {epoch}: {shapes}"
+        (h, w), = shapes
+        assert (h > w) == ds.portrait(epoch)
+        orientations.add(h > w)
+        assert torch.equal(items[2], plain[(2, epoch)]["image"])  # a square image is not touched
+        mixed += plain[(0, epoch)]["image"].shape != plain[(1, epoch)]["image"].shape
+        for i in range(2):
+            match = [k for k, t in enumerate(_dihedral(originals[i])) if t.shape == items[i].shape
+                     and torch.equal(t, items[i])]
+            assert len(match) == 1  # a flip or rotation of the image, nothing else
+            counts[i, match[0]] += 1
+    assert orientations == {False, True}
+    assert mixed > 100  # without the option, half the epochs' pairs differ in shape
+    assert counts.min() >= 30 and counts.max() <= 90, counts  # 60 expected each (binomial sd 7.2)
+
+
+def test_one_orientation_only_for_training_with_rotations(tmp_path):
+    from finescope.config import config_from_dict
+    from finescope.trainer import make_dataset
+
+    samples = make_samples(tmp_path, sizes=((6, 10), (10, 6)))
+    sample_set = SampleSet(samples, ["a", "b"])
+    for augment, on, train, expected in (("microscopy", True, True, True), ("geometric", True, True, True),
+                                         ("none", True, True, False), ("microscopy", False, True, False),
+                                         ("microscopy", True, False, False)):
+        cfg = config_from_dict({"data": {"augment": augment, "one_orientation": on, "num_workers": 0},
+                                "train": {"device": "cpu"}, "model": {"global_size": 4, "local_size": 4}})
+        assert make_dataset(sample_set, [0, 1], cfg, train).one_orientation is expected, (augment, on, train)
+
+
 def _fixed_jitter(b=1.0, c=1.0, s=1.0, h=0.0):
     from finescope.data.transforms import ColourJitter
 

@@ -38,6 +38,7 @@ from finescope.data import (
     colour_jitter,
     load_samples,
     load_splits,
+    rotates_90,
     save_splits,
     split_groups,
 )
@@ -107,6 +108,7 @@ def make_dataset(sample_set: SampleSet, indices, cfg: Config, train: bool) -> Im
         seed=cfg.seed if train else None,
         cache_dir=cfg.data.cache_dir,
         colour=jitter,
+        one_orientation=train and cfg.data.one_orientation and rotates_90(cfg.data.augment),
     )
 
 

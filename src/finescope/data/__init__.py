@@ -19,7 +19,7 @@ from finescope.data.splits import (
     trial_splits,
 )
 from finescope.data.summary import describe_samples, format_description
-from finescope.data.transforms import apply_colour, build_transform, colour_jitter
+from finescope.data.transforms import apply_colour, build_transform, colour_jitter, rotates_90
 
 __all__ = [
     "SUPPORTED_EXTENSIONS",
@@ -39,6 +39,7 @@ __all__ = [
     "load_samples",
     "load_splits",
     "read_image",
+    "rotates_90",
     "save_splits",
     "split_groups",
     "summarize_splits",

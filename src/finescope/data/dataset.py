@@ -324,6 +324,12 @@ class ImageDataset(Dataset):
             DDP processes, or on whether the run was resumed. The caller's random state is left untouched.
         colour: a colour jitter whose factors are drawn here, after ``transform``, and applied to the batch on
             the training device (``data.colour_on: device``); each item then carries them as ``"colour"``.
+        one_orientation: for a ``transform`` that rotates by 90 degrees (``data.one_orientation``): after it, a
+            non-square image whose orientation (portrait or landscape) is not its epoch's is transposed. The
+            epoch's orientation is a coin drawn from (seed, epoch), so every image of an epoch has it and a batch
+            of same-size images is not padded to a square. Transposing is one more flip of the dihedral group:
+            when the transform draws each image's flips and rotation uniformly, every image still gets each of
+            the 8 with probability 1/8, now 4 per epoch.
     """
 
     def __init__(
@@ -336,6 +342,7 @@ class ImageDataset(Dataset):
         seed: int | None = None,
         cache_dir: str = "",
         colour: ColourJitter | None = None,
+        one_orientation: bool = False,
     ) -> None:
         if on_error not in ("raise", "skip"):
             raise FinescopeError(f"config key 'data.on_error' is '{on_error}'; choose one of: raise, skip")
@@ -348,6 +355,7 @@ class ImageDataset(Dataset):
         self.min_side = min_side
         self.cache = cache
         self.seed = seed
+        self.one_orientation = one_orientation
         self._cache: dict[int, torch.Tensor] = {}  # memory-cached images that the shared cache declined
         self._shared = (SharedMemoryCache([_header_size(x.path) for x in self.samples]) if cache == "memory"
                         else None)
@@ -411,7 +419,16 @@ class ImageDataset(Dataset):
                 img = self._augment(img, item)
         else:
             img = self._augment(img, item)
+        h, w = img.shape[-2:]
+        if self.one_orientation and h != w and (h > w) != self.portrait(epoch):
+            img = img.transpose(-2, -1)
         return {"image": img, **item}
+
+    def portrait(self, epoch: int) -> bool:
+        """The orientation of every non-square training image in ``epoch`` under ``one_orientation``: True =
+        portrait (H > W). A coin drawn from (seed, epoch), independent of the images' own draws."""
+        state = np.random.SeedSequence([(self.seed or 0) % 2**32, epoch, 2**32 - 1]).generate_state(1)[0]
+        return bool(state & 1)
 
     def _augment(self, img: torch.Tensor, item: dict) -> torch.Tensor:
         if self.transform is not None:

@@ -143,6 +143,14 @@ def colour_jitter(name: str, train: bool) -> ColourJitter | None:
     return _preset_jitter(name) if train and name in _DEVICE_COLOUR else None
 
 
+def rotates_90(name: str) -> bool:
+    """Whether the training preset ``name`` rotates images by 90 degrees (and so swaps H and W of non-square
+    images): every preset but ``none``."""
+    if name not in PRESETS:
+        raise FinescopeError(f"config key 'data.augment' is '{name}'; choose one of: {', '.join(PRESETS)}")
+    return name != "none"
+
+
 def build_transform(name: str, train: bool, colour: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
     """The augmentation preset ``name`` (``data.augment``) for training, or the identity for evaluation.
 
@@ -172,4 +180,4 @@ def build_transform(name: str, train: bool, colour: bool = True) -> Callable[[to
     return v2.Compose(steps)
 
 
-__all__ = ["PRESETS", "ColourJitter", "apply_colour", "build_transform", "colour_jitter"]
+__all__ = ["PRESETS", "ColourJitter", "apply_colour", "build_transform", "colour_jitter", "rotates_90"]
