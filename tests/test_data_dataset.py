@@ -373,10 +373,10 @@ def _dihedral(img: torch.Tensor) -> list[torch.Tensor]:
     return rots + [r.flip(-1) for r in rots]
 
 
-def test_one_orientation_per_epoch_keeps_every_flip_and_rotation(tmp_path):
-    """Under ``one_orientation`` every non-square image of an epoch has the epoch's orientation (so a batch of
-    one-size images is not padded to a square), both orientations occur over epochs, a square image is left as
-    drawn, and each image still gets each of the 8 flips and rotations about 1/8 of the time."""
+def test_one_orientation_per_step_keeps_every_flip_and_rotation(tmp_path):
+    """Under ``one_orientation`` every non-square image of a step has the step's orientation (so a batch of
+    one-size images is not padded to a square), both orientations occur, a square image is left as drawn, and
+    each image still gets each of the 8 flips and rotations about 1/8 of the time."""
     samples = make_samples(tmp_path, sizes=((6, 10), (10, 6), (7, 7)))  # landscape, portrait, square
     originals = [read_image(x.path) for x in samples]
     transform = build_transform("geometric", train=True)
@@ -385,22 +385,23 @@ def test_one_orientation_per_epoch_keeps_every_flip_and_rotation(tmp_path):
     counts = np.zeros((2, 8), dtype=int)
     orientations = set()
     mixed = 0
-    for epoch in range(480):
-        items = [ds[(i, epoch)]["image"] for i in range(3)]
+    for epoch, step in ((e, s) for e in range(120) for s in range(4)):
+        items = [ds[(i, epoch, step)]["image"] for i in range(3)]
         shapes = {tuple(t.shape[-2:]) for t in items[:2]}
-        assert len(shapes) == 1, f"epoch {epoch}: {shapes}"
+        assert len(shapes) == 1, f"epoch {epoch} step {step}: {shapes}"
         (h, w), = shapes
-        assert (h > w) == ds.portrait(epoch)
+        assert (h > w) == ds.portrait(epoch, step)
         orientations.add(h > w)
-        assert torch.equal(items[2], plain[(2, epoch)]["image"])  # a square image is not touched
-        mixed += plain[(0, epoch)]["image"].shape != plain[(1, epoch)]["image"].shape
+        assert torch.equal(items[2], plain[(2, epoch, step)]["image"])  # a square image is not touched
+        mixed += plain[(0, epoch, step)]["image"].shape != plain[(1, epoch, step)]["image"].shape
         for i in range(2):
             match = [k for k, t in enumerate(_dihedral(originals[i])) if t.shape == items[i].shape
                      and torch.equal(t, items[i])]
             assert len(match) == 1  # a flip or rotation of the image, nothing else
             counts[i, match[0]] += 1
     assert orientations == {False, True}
-    assert mixed > 100  # without the option, half the epochs' pairs differ in shape
+    assert len({ds.portrait(0, s) for s in range(16)}) == 2  # both orientations within one epoch
+    assert mixed > 100  # without the option, half the pairs differ in shape
     assert counts.min() >= 30 and counts.max() <= 90, counts  # 60 expected each (binomial sd 7.2)
 
 

@@ -59,6 +59,13 @@ def test_shard_sampler_train_visits_each_image_once_in_single_process_steps(n, G
         ddp = sum(shards[r].step_scales[i] * losses[rank_steps[r][i]].mean() for r in range(world)) / world
         assert ddp == pytest.approx(losses[together].mean())
     assert sorted(seen) == list(range(n)), "each image exactly once per epoch"
+    # tagged, each key carries the epoch and its global step, the step it has in the single process
+    single_step = {i: k // G for k, i in enumerate(single)}
+    for r in range(world):
+        keys = list(ShardSampler(n, True, 3, G, True, rank_=r, world=world, tag_epoch=True))
+        assert [i for i, _, _ in keys] == [i for part in rank_steps[r] for i in part]
+        assert [step for _, _, step in keys] == [k for k, part in enumerate(rank_steps[r]) for _ in part]
+        assert all(e == 0 and (shards[r].step_scales[step] == 0 or single_step[i] == step) for i, e, step in keys)
     dropped = [ShardSampler(n, True, 3, G, True, drop_tail=True, rank_=r, world=world) for r in range(world)]
     kept = sum(len(d) - (d.step_scales[-1:] == [0.0]) for d in dropped)  # a stand-in is no image
     assert kept == ((n // G) * G if n > G else n)  # train.compile: only the last incomplete global batch dropped
@@ -130,7 +137,7 @@ def _fit(rank: int, root: Path, out: Path, world: int, port: int) -> None:
     losses, seen = [], []
     for epoch in range(2):
         loader = trainer.make_loader(sample_set, idx, cfg, train=True, epoch=epoch)
-        items = [int(i) for i, _ in loader.sampler]
+        items = [int(i) for i, _, _ in loader.sampler]
         if loader.sampler.step_scales[-1] == 0:  # the stand-in: not this rank's image
             items = items[:-1]
         seen.append(items)

@@ -42,10 +42,10 @@ class DataConfig:
     # where the augmentation's colour jitter runs: workers | device (on the batch, on the training device) |
     # auto (device when training on CUDA)
     colour_on: str = "auto"
-    # with 90-degree rotations in the augmentation: every non-square training image of an epoch is turned to that
-    # epoch's orientation (a coin per epoch), so a batch of one-size images (BreakHis) keeps that size instead of
-    # being padded to a square and resized for the model in two groups; each image still sees all 8 flips and
-    # rotations, 4 per epoch
+    # with 90-degree rotations in the augmentation: every non-square training image of a step is turned to that
+    # step's orientation (a coin per global step), so a batch of one-size images (BreakHis) keeps that size
+    # instead of being padded to a square and resized for the model in two groups; each image still sees all 8
+    # flips and rotations with probability 1/8
     one_orientation: bool = True
     num_workers: int = 2
     cache: str = "none"  # none | memory (decoded once, shared by the workers) | disk (.npy files in cache_dir)

@@ -121,8 +121,10 @@ class ShardSampler(Sampler):
         drop_tail: in training, drop the last incomplete global batch.
         rank_: this rank (default: from the process group).
         world: number of ranks (default: from the process group).
-        tag_epoch: yield ``(index, epoch)`` pairs instead of indices, so that a dataset in a persistent worker
-            knows the epoch (:class:`~finescope.data.dataset.ImageDataset` seeds its augmentation with it).
+        tag_epoch: yield ``(index, epoch, step)`` triples instead of indices, so that a dataset in a persistent
+            worker knows the epoch (:class:`~finescope.data.dataset.ImageDataset` seeds its augmentation with it)
+            and the global step of the item in its epoch, the same for any number of ranks (the dataset draws
+            one orientation per step with it, ``data.one_orientation``).
     """
 
     def __init__(
@@ -148,6 +150,10 @@ class ShardSampler(Sampler):
         """Use the permutation of ``epoch`` from the next iteration on."""
         self.epoch = epoch
         self._order, self.step_scales = self._indices()
+        # the global step of each of this rank's items: b = global_batch / world of them in every full global
+        # batch, then its share of the last, incomplete one
+        b, full = max(1, self.global_batch // self.world), self.n // max(1, self.global_batch)
+        self._steps = [min(k // b, full) if self.train else 0 for k in range(len(self._order))]
 
     def _indices(self) -> tuple[list[int], list[float]]:
         seed = self.seed + self.epoch
@@ -173,7 +179,7 @@ class ShardSampler(Sampler):
 
     def __iter__(self) -> Iterator:
         if self.tag_epoch:
-            return iter([(i, self.epoch) for i in self._order])
+            return iter([(i, self.epoch, step) for i, step in zip(self._order, self._steps)])
         return iter(self._order)
 
     def __len__(self) -> int:

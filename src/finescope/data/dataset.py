@@ -318,18 +318,20 @@ class ImageDataset(Dataset):
             DataLoader's forked workers (see :class:`SharedMemoryCache`); ``disk``: store each decoded image as a
             raw ``.npy`` in ``cache_dir`` (see :class:`DiskCache`), shared by workers, runs and folds.
         cache_dir: the folder of the disk cache ("" = :func:`default_cache_dir`).
-        seed: when set, the transform of sample ``i`` in epoch ``e`` (keys ``(i, e)``, see
+        seed: when set, the transform of sample ``i`` in epoch ``e`` (keys ``(i, e)`` or ``(i, e, step)``, see
             :class:`~finescope.distributed.ShardSampler`) draws from a generator seeded by (seed, e, i): the
             augmentation does not depend on the worker count, on which worker reads the sample, on the number of
             DDP processes, or on whether the run was resumed. The caller's random state is left untouched.
         colour: a colour jitter whose factors are drawn here, after ``transform``, and applied to the batch on
             the training device (``data.colour_on: device``); each item then carries them as ``"colour"``.
         one_orientation: for a ``transform`` that rotates by 90 degrees (``data.one_orientation``): after it, a
-            non-square image whose orientation (portrait or landscape) is not its epoch's is transposed. The
-            epoch's orientation is a coin drawn from (seed, epoch), so every image of an epoch has it and a batch
-            of same-size images is not padded to a square. Transposing is one more flip of the dihedral group:
-            when the transform draws each image's flips and rotation uniformly, every image still gets each of
-            the 8 with probability 1/8, now 4 per epoch.
+            non-square image whose orientation (portrait or landscape) is not its step's is transposed. A step's
+            orientation is a coin drawn from (seed, epoch, step), the global step in the epoch that the sampler
+            gives with each key (:class:`~finescope.distributed.ShardSampler`; the same for any number of
+            ranks), so the images of a batch share it and a batch of same-size images is not padded to a square,
+            while every epoch has batches of both orientations. Transposing is one more flip of the dihedral
+            group: when the transform draws each image's flips and rotation uniformly, every image still gets
+            each of the 8 with probability 1/8.
     """
 
     def __init__(
@@ -406,7 +408,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict | None:
         """Sample ``key`` (an index, or ``(index, epoch)``) as ``{"image": (3, H, W) uint8, "label": int,
         "index": index}``, or None (skip mode)."""
-        i, epoch = key if isinstance(key, tuple) else (key, 0)
+        i, epoch, step = (tuple(key) + (0,))[:3] if isinstance(key, tuple) else (key, 0, 0)
         i = int(i) + (len(self) if int(i) < 0 else 0)  # ds[-1], as with a list
         img = self._load(i)
         if img is None:
@@ -420,14 +422,15 @@ class ImageDataset(Dataset):
         else:
             img = self._augment(img, item)
         h, w = img.shape[-2:]
-        if self.one_orientation and h != w and (h > w) != self.portrait(epoch):
+        if self.one_orientation and h != w and (h > w) != self.portrait(epoch, step):
             img = img.transpose(-2, -1)
         return {"image": img, **item}
 
-    def portrait(self, epoch: int) -> bool:
-        """The orientation of every non-square training image in ``epoch`` under ``one_orientation``: True =
-        portrait (H > W). A coin drawn from (seed, epoch), independent of the images' own draws."""
-        state = np.random.SeedSequence([(self.seed or 0) % 2**32, epoch, 2**32 - 1]).generate_state(1)[0]
+    def portrait(self, epoch: int, step: int = 0) -> bool:
+        """The orientation of every non-square training image of global step ``step`` of ``epoch`` under
+        ``one_orientation``: True = portrait (H > W). A coin drawn from (seed, epoch, step), independent of the
+        images' own draws."""
+        state = np.random.SeedSequence([(self.seed or 0) % 2**32, epoch, step, 2**32 - 1]).generate_state(1)[0]
         return bool(state & 1)
 
     def _augment(self, img: torch.Tensor, item: dict) -> torch.Tensor:
