@@ -411,12 +411,17 @@ def test_one_orientation_only_for_training_with_rotations(tmp_path):
 
     samples = make_samples(tmp_path, sizes=((6, 10), (10, 6)))
     sample_set = SampleSet(samples, ["a", "b"])
-    for augment, on, train, expected in (("microscopy", True, True, True), ("geometric", True, True, True),
-                                         ("none", True, True, False), ("microscopy", False, True, False),
-                                         ("microscopy", True, False, False)):
-        cfg = config_from_dict({"data": {"augment": augment, "one_orientation": on, "num_workers": 0},
-                                "train": {"device": "cpu"}, "model": {"global_size": 4, "local_size": 4}})
-        assert make_dataset(sample_set, [0, 1], cfg, train).one_orientation is expected, (augment, on, train)
+    for augment, mode, compile_, train, expected in (
+            ("microscopy", "on", "off", True, True), ("geometric", True, "off", True, True),  # YAML's on = True
+            ("none", "on", "off", True, False), ("microscopy", "off", "default", True, False),
+            ("microscopy", "on", "off", False, False), ("microscopy", "auto", "off", True, False),
+            ("microscopy", "auto", "reduce-overhead", True, True), ("none", "auto", "default", True, False)):
+        cfg = config_from_dict({"data": {"augment": augment, "one_orientation": mode, "num_workers": 0},
+                                "train": {"device": "cpu", "compile": compile_},
+                                "model": {"global_size": 4, "local_size": 4}})
+        assert make_dataset(sample_set, [0, 1], cfg, train).one_orientation is expected, (augment, mode, compile_)
+    with pytest.raises(FinescopeError, match="data.one_orientation"):
+        config_from_dict({"data": {"one_orientation": "sometimes"}})
 
 
 def _fixed_jitter(b=1.0, c=1.0, s=1.0, h=0.0):

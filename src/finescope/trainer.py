@@ -108,8 +108,19 @@ def make_dataset(sample_set: SampleSet, indices, cfg: Config, train: bool) -> Im
         seed=cfg.seed if train else None,
         cache_dir=cfg.data.cache_dir,
         colour=jitter,
-        one_orientation=train and cfg.data.one_orientation and rotates_90(cfg.data.augment),
+        one_orientation=train and one_orientation(cfg),
     )
+
+
+def one_orientation(cfg: Config) -> bool:
+    """Whether training batches take one orientation per step (``data.one_orientation``): with an augmentation
+    that rotates by 90 degrees, when set ``on``, or ``auto`` under ``train.compile``, where every arrangement of
+    portrait and landscape images in a batch would be another graph (on BreakHis, without it, dynamo's
+    recompile limit was reached in the first epoch). ``auto`` leaves eager training as it was: in five on/off
+    pairs on the 18 shared BreakHis patients the image accuracy was equal or lower with it on, within the
+    spread of those splits (``benchmarks/RESULTS.md``)."""
+    mode = cfg.data.one_orientation
+    return rotates_90(cfg.data.augment) and (mode == "on" or (mode == "auto" and cfg.train.compile != "off"))
 
 
 def make_loader(
