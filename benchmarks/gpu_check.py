@@ -178,10 +178,11 @@ def train_stage(out: Path, args, device: str, clock: Clock, compile_mode: str = 
 # data 24 s, profile 13 s, profile_compiled 35 s per batch size with its eager half left out, the eager training
 # run 34 s. At 246bc32, on a host that issued kernels up to 2x slower: agreement and syncs 23 s, the eager
 # training run 53 s (its first epoch 23 s), model about 275 s (mobilenet_v2 alone about 150 s, mostly the first
-# steps of each shape), data 32 s, batch64 70 s. The whole script's budget stays inside the 475 s that
+# steps of each shape), data 32 s (since then it also times 8 training epochs of 296 images: with
+# data.one_orientation on and off, 2 runs each), batch64 70 s. The whole script's budget stays inside the 475 s that
 # gpu_check.sh allows; what it cuts on a slow host is the diagnostics at the end. profile_compiled writes its
 # JSON after each batch size, so a stage cut short still reports batch 16.
-STAGE_SECONDS = {"profile": 20, "model": 280, "batch64": 70, "compiled": 95, "data": 45}
+STAGE_SECONDS = {"profile": 20, "model": 280, "batch64": 70, "compiled": 95, "data": 60}
 BUDGET_SECONDS = 465
 
 
@@ -203,7 +204,7 @@ def bench_stages(out: Path, args, device: str, clock: Clock) -> dict:
         compiled = ["--backbone", "tiny", "--size", "128x192", "--batch", "2", "--warmup", "1", "--reps", "2"]
         data = ["--workers", "0", "--limit", "8", "--decode-n", "2", "--epoch-backbone", "tiny", "--global-size",
                 "64", "--local-size", "64", "--batch", "4", "--model-reps", "1", "--augments", "microscopy",
-                "--colour-on", "workers", "device"]
+                "--colour-on", "workers", "device", "--one-orientation", "on", "off"]
     else:
         stages = {
             "model": ["--device", device, "--batch", "16", "--batch-large", "4", "--warmup", "2", "--reps", "4",
@@ -213,7 +214,8 @@ def bench_stages(out: Path, args, device: str, clock: Clock) -> dict:
         }
         compiled = ["--backbone", "resnet18", "--size", "460x700", "--batch", "16", "64"]
         data = ["--workers", "4", "8", "15", "--limit", "296", "--epoch-backbone", "resnet18", "--device", device,
-                "--augments", "microscopy", "none", "--caches", "none", "memory", "--colour-on", "workers", "device"]
+                "--augments", "microscopy", "none", "--caches", "none", "memory", "--colour-on", "workers", "device",
+                "--one-orientation", "on", "off", "--epoch-runs", "2"]
     profile = (["--backbones", "tiny", "--size", "128x192", "--batch", "2", "--reps", "2"] if args.quick
                else ["--backbones", "resnet18", "--size", "460x700", "--batch", "16"])
     cmds = {name: ["benchmarks/bench_model.py", *extra, "--out", str(out / f"bench_{name}.json")]
