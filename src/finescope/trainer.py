@@ -116,9 +116,9 @@ def one_orientation(cfg: Config) -> bool:
     """Whether training batches take one orientation per step (``data.one_orientation``): with an augmentation
     that rotates by 90 degrees, when set ``on``, or ``auto`` under ``train.compile``, where every arrangement of
     portrait and landscape images in a batch would be another graph (on BreakHis, without it, dynamo's
-    recompile limit was reached in the first epoch). ``auto`` leaves eager training as it was: in five on/off
-    pairs on the 18 shared BreakHis patients the image accuracy was equal or lower with it on, within the
-    spread of those splits (``benchmarks/RESULTS.md``)."""
+    recompile limit was reached in the first epoch). ``auto`` leaves eager training as it was: in eleven on/off
+    pairs on the 18 shared BreakHis patients the image accuracy was lower with it on in 8 (higher in 2), within
+    the spread of those near-chance splits (``benchmarks/RESULTS.md``)."""
     mode = cfg.data.one_orientation
     return rotates_90(cfg.data.augment) and (mode == "on" or (mode == "auto" and cfg.train.compile != "off"))
 
