@@ -424,6 +424,34 @@ def test_one_orientation_only_for_training_with_rotations(tmp_path):
         config_from_dict({"data": {"one_orientation": "sometimes"}})
 
 
+def test_training_loader_under_compile_gives_one_orientation_per_batch(tmp_path):
+    """Through the trainer's loader (the sampler's step tags, workers, collate): under train.compile the
+    default ``auto`` gives every batch one orientation, with batches of both, so no batch is padded to a
+    square; eager training keeps mixed batches."""
+    from finescope.config import config_from_dict
+    from finescope.trainer import make_loader
+
+    samples = make_samples(tmp_path, sizes=[(6, 10)] * 8 + [(10, 6)] * 8)
+    sample_set = SampleSet(samples, ["a", "b"])
+    for compile_, one in (("default", True), ("off", False)):
+        cfg = config_from_dict({"data": {"augment": "geometric", "num_workers": 1},
+                                "train": {"device": "cpu", "compile": compile_, "batch_size": 2},
+                                "model": {"global_size": 4, "local_size": 4}})
+        orientations, mixed = [], 0
+        for epoch in range(2):
+            loader = make_loader(sample_set, list(range(16)), cfg, train=True, epoch=epoch)
+            for batch in loader:
+                portrait = {bool(h > w) for h, w in batch.sizes.tolist()}
+                mixed += len(portrait) > 1
+                orientations += list(portrait)
+                if len(portrait) == 1:
+                    assert tuple(batch.images.shape[-2:]) in ((6, 10), (10, 6))  # not padded to a square
+        if one:
+            assert mixed == 0 and set(orientations) == {False, True}
+        else:
+            assert mixed > 0  # 16 batches of 2 with orientations drawn per image
+
+
 def _fixed_jitter(b=1.0, c=1.0, s=1.0, h=0.0):
     from finescope.data.transforms import ColourJitter
 
