@@ -405,9 +405,9 @@ class ImageDataset(Dataset):
                 f"model.local_size and model.global_size must not exceed {min(h, w)}, or remove the image"
             )
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict | None:
-        """Sample ``key`` (an index, or ``(index, epoch)``) as ``{"image": (3, H, W) uint8, "label": int,
-        "index": index}``, or None (skip mode)."""
+    def __getitem__(self, key: int | tuple[int, ...]) -> dict | None:
+        """Sample ``key`` (an index, ``(index, epoch)`` or ``(index, epoch, step)``) as ``{"image": (3, H, W)
+        uint8, "label": int, "index": index}``, or None (skip mode)."""
         i, epoch, step = (tuple(key) + (0,))[:3] if isinstance(key, tuple) else (key, 0, 0)
         i = int(i) + (len(self) if int(i) < 0 else 0)  # ds[-1], as with a list
         img = self._load(i)

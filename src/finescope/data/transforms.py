@@ -133,21 +133,25 @@ def _preset_jitter(name: str) -> ColourJitter | None:
 _DEVICE_COLOUR = ("microscopy",)  # presets whose jitter is their last step (see colour_jitter)
 
 
+def _check_preset(name: str) -> None:
+    """Refuse an unknown ``data.augment`` preset with the one-line error naming the key and the choices."""
+    if name not in PRESETS:
+        raise FinescopeError(f"config key 'data.augment' is '{name}'; choose one of: {', '.join(PRESETS)}")
+
+
 def colour_jitter(name: str, train: bool) -> ColourJitter | None:
     """The colour jitter of preset ``name`` that can run on the training device (``data.colour_on``): the
     preset's last step, so drawing its factors after the others and applying it to the batch gives the same
     image up to uint8 rounding. That is ``microscopy``; ``strong`` blurs after its jitter, so its jitter stays
     in the workers. None for the other presets and for evaluation."""
-    if name not in PRESETS:
-        raise FinescopeError(f"config key 'data.augment' is '{name}'; choose one of: {', '.join(PRESETS)}")
+    _check_preset(name)
     return _preset_jitter(name) if train and name in _DEVICE_COLOUR else None
 
 
 def rotates_90(name: str) -> bool:
     """Whether the training preset ``name`` rotates images by 90 degrees (and so swaps H and W of non-square
     images): every preset but ``none``."""
-    if name not in PRESETS:
-        raise FinescopeError(f"config key 'data.augment' is '{name}'; choose one of: {', '.join(PRESETS)}")
+    _check_preset(name)
     return name != "none"
 
 
@@ -169,8 +173,7 @@ def build_transform(name: str, train: bool, colour: bool = True) -> Callable[[to
     Raises:
         FinescopeError: an unknown preset name.
     """
-    if name not in PRESETS:
-        raise FinescopeError(f"config key 'data.augment' is '{name}'; choose one of: {', '.join(PRESETS)}")
+    _check_preset(name)
     if not train or name == "none":
         return Identity()
     jitter = _preset_jitter(name) if colour or name not in _DEVICE_COLOUR else None
