@@ -11,7 +11,7 @@ Cases:
         (B, 3, Gh, Gw) plus one over the B*K crops (B*K, 3, L, L), tensors made beforehand; in training the
         same loss-backward-clip-AdamW step on the backbone's parameters.
     fusion+fp32, fusion+contiguous, fusion+compile, fusion+compile-ro, fusion+view-image, fusion+folded-bn,
-        fusion+serial-crops (``--ablate``): fusion without bf16 autocast; without channels_last (weights, and
+        fusion+serial-crops, fusion+eager-selection (``--ablate``): fusion without bf16 autocast; without channels_last (weights, and
         on CUDA batches);
         under ``torch.compile`` (inductor, default mode); under ``torch.compile(mode="reduce-overhead")``, which
         replays CUDA graphs where inductor can use them; with its global view always resized from the image,
@@ -19,7 +19,8 @@ Cases:
         images whose short side is 1344 px or more); in inference only, with its BatchNorms folded into its
         convolutions as ``load_trained`` does (the passes keep theirs: the overhead ratio is the unfolded one's);
         with its crops cut by one roi_align call on one thread instead of in strips over the CPU's threads
-        (``finescope.models.align.crop_align``; on CUDA the two are the same call).
+        (``finescope.models.align.crop_align``; on CUDA the two are the same call); with its instance selection
+        launched op by op instead of replayed as a CUDA graph (``eager-selection``; the same on the CPU).
 
 Ratios (paired per repetition, then median and spread):
     overhead = fusion / passes (goal <= 1.15 on CUDA, <= 1.25 on CPU),
@@ -59,10 +60,12 @@ from finescope.models.network import global_view_size  # noqa: E402
 from finescope.trainer import fused_adamw  # noqa: E402
 
 VARIANTS = ("global", "global-hires", "attention", "fusion")
-ABLATIONS = ("fp32", "contiguous", "compile", "compile-ro", "view-image", "folded-bn", "serial-crops")
+ABLATIONS = ("fp32", "contiguous", "compile", "compile-ro", "view-image", "folded-bn", "serial-crops",
+             "eager-selection")
 ABLATION_LABELS = {"fp32": "fp32 / bf16", "contiguous": "contiguous / channels_last", "compile": "compiled / eager",
                    "compile-ro": "compiled (reduce-overhead) / eager", "view-image": "view from image / from source",
-                   "folded-bn": "folded BatchNorm / BatchNorm", "serial-crops": "crops in one call / in strips"}
+                   "folded-bn": "folded BatchNorm / BatchNorm", "serial-crops": "crops in one call / in strips",
+                   "eager-selection": "selection without / with its CUDA graph"}
 COMPILE_MODES = {"compile": "default", "compile-ro": "reduce-overhead"}
 OVERHEAD_LABELS = {"compile": "fusion / passes, both compiled",
                    "compile-ro": "fusion / passes, both compiled (reduce-overhead)"}
@@ -133,13 +136,14 @@ def _crops_in_one_call(step: Callable[[], None]) -> Callable[[], None]:
 
 
 def model_case(name: str, variant: str, backbone: str, args, batch: dict, mode: str, device: torch.device,
-               amp: bool, channels_last: bool, compile_mode: str | None, view_from_image: bool = False,
-               fold: bool = False, serial_crops: bool = False) -> Case:
+               amp: bool, channels_last: bool, compile_mode: str | None = None, view_from_image: bool = False,
+               fold: bool = False, serial_crops: bool = False, selection_graph: bool = True) -> Case:
     """A variant's full step on ``batch`` (images, sizes, labels on the device)."""
     cfg = ModelConfig(variant=variant, backbone=backbone, global_size=args.global_size,
                       local_size=args.local_size, num_crops=args.num_crops, weights=args.weights.get(backbone, ""))
     torch.manual_seed(0)
     model = create_model(cfg, num_classes=2).to(device)
+    model.selection_graph = selection_graph
     if view_from_image:
         model.view_from_source = lambda height, width: False
     # as the trainer: channels-last weights on any device, channels-last batches on CUDA only
@@ -224,16 +228,18 @@ def build_cases(backbone: str, size, mode: str, args, device: torch.device) -> l
     batch_size = args.batch_large if size[0] * size[1] > 1_000_000 and args.batch_large else args.batch
     batch = make_batch(size, batch_size, device)
     amp, cl = not args.no_amp, not args.no_channels_last
-    cases = [model_case(v, v, backbone, args, batch, mode, device, amp, cl, None) for v in args.variants]
+    cases = [model_case(v, v, backbone, args, batch, mode, device, amp, cl) for v in args.variants]
     if "fusion" in args.variants:
         cases.append(passes_case(backbone, args, batch, mode, device, amp, cl))
-        flags = {"fp32": (False, cl, None), "contiguous": (amp, False, None), "view-image": (amp, cl, None, True),
-                 "folded-bn": (amp, cl, None, False, True), "serial-crops": (amp, cl, None, False, False, True),
-                 **{name: (amp, cl, how) for name, how in COMPILE_MODES.items()}}
+        flags = {"fp32": {"amp": False}, "contiguous": {"channels_last": False}, "view-image": {"view_from_image": True},
+                 "folded-bn": {"fold": True}, "serial-crops": {"serial_crops": True},
+                 "eager-selection": {"selection_graph": False},
+                 **{name: {"compile_mode": how} for name, how in COMPILE_MODES.items()}}
         for name in args.ablate:
             if name == "folded-bn" and mode == "train":  # folding is for inference-only models (load_trained)
                 continue
-            cases.append(model_case(f"fusion+{name}", "fusion", backbone, args, batch, mode, device, *flags[name]))
+            cases.append(model_case(f"fusion+{name}", "fusion", backbone, args, batch, mode, device,
+                                    **{"amp": amp, "channels_last": cl, **flags[name]}))
             if name in COMPILE_MODES:  # the compiled step against compiled passes
                 cases.append(passes_case(backbone, args, batch, mode, device, amp, cl, COMPILE_MODES[name],
                                          f"passes+{name}"))

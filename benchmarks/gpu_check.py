@@ -1,7 +1,8 @@
-"""One-shot GPU check: device-vs-CPU agreement, host syncs per step, a short real training run, the benchmark
-table, the data path, then the diagnostics (the table at batch 64, the stage profile, the compiled step, and the
-training run again through ``train.compile``). Writes everything under OUT and prints a short table last; every
-stage has its own time limit, cut to the script's budget, so a slow host loses diagnostics first.
+"""One-shot GPU check: device-vs-CPU agreement, the selection's CUDA graph against the selection op by op, host
+syncs per step, a short real training run, the benchmark table, the stage profile, the data path, then the
+diagnostics (the table at batch 64, the compiled step, and the training run again through ``train.compile``).
+Writes everything under OUT and prints a short table last; every stage has its own time limit, cut to the
+script's budget, so a slow host loses diagnostics first.
 
     PYTHONPATH=src python3 benchmarks/gpu_check.py OUT [--device cuda] [--data .gpu/breakhis]
         [--weights .gpu/mobilenet_v2-b0353104.pth] [--quick]
@@ -104,6 +105,52 @@ def count_syncs(device: torch.device, backbone: str) -> dict:
     return out
 
 
+def selection_graph_check(device: torch.device, reps: int = 50) -> dict:
+    """CUDA only: instance selection replayed as a CUDA graph against the same selection op by op, on batches of
+    16 smooth and 16 noisy maps (7x11 cells, 5 seeds each, one graph replayed on all of them) and on a map whose
+    one component winds (more labelling rounds than the graph runs: it must fall back). Boxes and masses must be
+    identical, the graph captured, and smooth maps (a trained model's) never fall back; also the median
+    milliseconds of a call with and without the graph (smooth maps, interleaved)."""
+    if device.type != "cuda":
+        return {}
+    from selection_cost import inputs, maps
+
+    from finescope.models.selection import _GraphedSelect, select_boxes
+
+    def compare(call_args) -> tuple[bool, bool]:  # (identical, fell back)
+        replayed = _GraphedSelect.run(call_args[:4], (call_args[4], 0.5, 1 / 3, 4, 0.5, "max", True))
+        graphed = select_boxes(*call_args)
+        eager = select_boxes(*call_args, graph=False)
+        same = all(torch.equal(a, b) for a, b in zip(graphed, eager, strict=True))
+        return same and (replayed is None or all(torch.equal(a, b) for a, b in zip(replayed, eager, strict=True))), \
+            replayed is None
+
+    results = [compare(inputs(maps(kind, 16, 7, 11, device, seed))) for kind in ("smooth", "noisy")
+               for seed in range(5)]
+    captured = _GraphedSelect.graphs and all(g is not None for g in _GraphedSelect.graphs.values())
+    snake = torch.full((1, 15, 15), 0.01, device=device)
+    snake[0, ::2] = 1.0
+    snake[0, 1::4, -1] = 1.0
+    snake[0, 3::4, 0] = 1.0
+    winding = compare(inputs(snake / snake.sum()))
+    call_args = inputs(maps("smooth", 16, 7, 11, device))
+    times = {"graph": [], "eager": []}
+    for _ in range(reps):
+        for name in times:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            select_boxes(*call_args, graph=name == "graph")
+            torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    ms = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    return {"identical": sum(same for same, _ in results), "batches": len(results),
+            "fallbacks": sum(back for _, back in results), "winding_identical": winding[0],
+            "winding_fell_back": winding[1], "graph_ms": ms["graph"], "eager_ms": ms["eager"],
+            "captured": bool(captured),
+            "pass": bool(captured) and all(same for same, _ in results) and not any(back for _, back in results[:5])
+            and winding == (True, True)}
+
+
 def _one_step(model, opt, images, sizes, labels, device, mode: str) -> None:
     model.train(mode == "train")
     with torch.set_grad_enabled(mode == "train"), autocast(device, True):
@@ -181,8 +228,9 @@ def train_stage(out: Path, args, device: str, clock: Clock, compile_mode: str = 
 # steps of each shape), data 32 s (since then it also times 8 training epochs of 296 images: with
 # data.one_orientation on and off, 2 runs each), batch64 70 s. The whole script's budget stays inside the 475 s that
 # gpu_check.sh allows; what it cuts on a slow host is the diagnostics at the end. profile_compiled writes its
-# JSON after each batch size, so a stage cut short still reports batch 16.
-STAGE_SECONDS = {"profile": 20, "model": 280, "batch64": 70, "compiled": 95, "data": 60}
+# JSON after each batch size, so a stage cut short still reports batch 16. The model stage also times fusion
+# with its selection op by op (about a sixth more work since the selection's CUDA graph, hence 320 s).
+STAGE_SECONDS = {"profile": 20, "model": 320, "batch64": 70, "compiled": 95, "data": 60}
 BUDGET_SECONDS = 465
 
 
@@ -193,9 +241,9 @@ def stage_timeout(args, name: str, clock: Clock) -> int:
 
 
 def bench_stages(out: Path, args, device: str, clock: Clock) -> dict:
-    """The model benchmark table (batch 16), the data path, the table at batch 64 (BreakHis size), the stage
-    profile and the compiled step (``profile_compiled.py``: torch.compile with CUDA graphs, fusion against its
-    passes), in that order."""
+    """The model benchmark table (batch 16, with fusion's selection also op by op), the stage profile, the data
+    path, the table at batch 64 (BreakHis size) and the compiled step (``profile_compiled.py``: torch.compile
+    with CUDA graphs, fusion against its passes), in that order."""
     weights = [f"mobilenet_v2={args.weights}"] if Path(args.weights).is_file() else []
     if args.quick:
         common = ["--device", device, "--backbones", "tiny", "--sizes", "128x192", "--batch", "2", "--warmup", "1",
@@ -208,7 +256,7 @@ def bench_stages(out: Path, args, device: str, clock: Clock) -> dict:
     else:
         stages = {
             "model": ["--device", device, "--batch", "16", "--batch-large", "4", "--warmup", "2", "--reps", "4",
-                      *(["--weights", *weights] if weights else [])],
+                      "--ablate", "eager-selection", *(["--weights", *weights] if weights else [])],
             "batch64": ["--device", device, "--sizes", "460x700", "--variants", "fusion", "--batch", "64",
                         "--warmup", "2", "--reps", "4", *(["--weights", *weights] if weights else [])],
         }
@@ -227,7 +275,7 @@ def bench_stages(out: Path, args, device: str, clock: Clock) -> dict:
     # what the issue checks first (the benchmark table, the loader), the diagnostics after: a stage the budget
     # cuts is then a diagnostic
     results = {}
-    for name in (n for n in ("model", "data", "batch64", "profile", "compiled") if n in cmds):
+    for name in (n for n in ("model", "profile", "data", "batch64", "compiled") if n in cmds):
         log = out / f"{Path(cmds[name][-1]).stem}.log"  # bench_model.log, bench_data.log, profile.log, ...
         rc, secs = run([sys.executable, *cmds[name]], log, stage_timeout(args, name, clock))
         results[name] = {"rc": rc, "seconds": secs}
@@ -242,6 +290,12 @@ def final_table(summary: dict, out: Path) -> str:
     rows = [[f"agree {r['backbone']} {r['precision']}", f"logits {r['global_logits']:.2e}, attn {r['attention']:.2e}, "
              f"fused {fused(r)} (boxes {r['boxes_agree']})", "PASS" if r["pass"] else "FAIL"]
             for r in summary["agreement"]]
+    graph = summary.get("selection_graph")
+    if graph:
+        rows.append(["selection: CUDA graph / op by op", f"identical in {graph['identical']}/{graph['batches']} batches "
+                     f"({graph['fallbacks']} fell back), winding map identical {graph['winding_identical']} and fell "
+                     f"back {graph['winding_fell_back']}; {graph['graph_ms']:.3f} against {graph['eager_ms']:.3f} ms "
+                     "per call (16 maps)", "PASS" if graph["pass"] else "FAIL"])
     for mode, s in summary.get("syncs", {}).items():
         rows.append([f"host syncs / fusion {mode} step", s["syncs"], "; ".join(s["examples"])[:80]])
     for name, batch in (("bench_model.json", "stage model"), ("bench_batch64.json", "stage batch64")):
@@ -340,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / "summary.md").write_text(table + "\n")
         print(table)
         return 0 if all(r["pass"] for r in summary["agreement"]) else 1
+    summary["selection_graph"] = selection_graph_check(device)
     summary["syncs"] = count_syncs(device, "resnet18")
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     summary["train"] = train_stage(out, args, args.device, clock)
@@ -352,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     table = final_table(summary, out)
     (out / "summary.md").write_text(table + "\n")
     print(table)
-    return 0 if all(r["pass"] for r in summary["agreement"]) else 1
+    return 0 if all(r["pass"] for r in summary["agreement"]) and summary["selection_graph"].get("pass", True) else 1
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ profiler's top operators.
         --size 460x700 --batch 16 --out OUT.json
 
 Stages (inference, no grad, bf16 autocast and channels_last on CUDA as in ``bench_model.py``): the global view
-(resize + normalise), the global backbone pass, attention pooling and heads, box selection, the crops
-(crop source + roi_align + normalise), the crop backbone pass. ``host_ms`` is the time the Python thread needs
+(resize + normalise), the global backbone pass, box selection (on CUDA replayed as its CUDA graph, and op by
+op), the crops (crop source + roi_align + normalise), the crop backbone pass. ``host_ms`` is the time the Python thread needs
 to issue a whole step (no synchronisation at its end); when it is close to the synchronised ``step_ms`` the
 step is bound by kernel launches, not by the GPU.
 """
@@ -54,12 +54,16 @@ def profile_backbone(backbone: str, size: tuple[int, int], batch: int, device: t
                                                            view.shape[-2:], fmap.shape[-2:], device)
         attn = out.attention
 
+        def select(graph: bool):
+            return select_boxes(attn, valid, dev_sizes, cell_px, model.num_crops, model.threshold,
+                                model.min_box_fraction, normalise=model.selection_norm, iou_threshold=model.peak_iou,
+                                padded=mask is not None, graph=graph)
+
         stages = {
             "global view": lambda: model._global_view(images, size_list),
             "global backbone": lambda: model.backbone(view),
-            "select boxes": lambda: select_boxes(attn, valid, dev_sizes, cell_px, model.num_crops, model.threshold,
-                                                 model.min_box_fraction, normalise=model.selection_norm,
-                                                 iou_threshold=model.peak_iou, padded=mask is not None),
+            "select boxes": lambda: select(True),
+            "select boxes op by op": lambda: select(False),  # without the CUDA graph (the same on a CPU)
             "crops": lambda: model._normalise(model._crops(images, boxes, size_list)),
             "crop backbone": lambda: model.backbone(crops),
             "whole inference step": lambda: model(images, sizes),

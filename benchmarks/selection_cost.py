@@ -2,10 +2,17 @@
 host-device sync on CUDA), for B attention maps of h x w cells.
 
     PYTHONPATH=src python benchmarks/selection_cost.py [--device cpu] [--batch 16] [--grid 7x11] [--reps 50]
+        [--rounds-batches 100] [--graph on off]
 
 On a GPU this step is bound by the host issuing kernels, so the operation count is what matters there; on a CPU
 the time is the arithmetic too. Maps: smooth random maps (bilinear from a 3x4 grid, like a trained model's
 attention) and noisy ones (a softmax over uniform noise, like an untrained model's).
+
+Also, over ``--rounds-batches`` batches of each kind (other seeds): the labelling rounds a batch needs (the
+last one confirming that nothing changes), as a histogram, and the share of batches that converge within
+``GRAPH_ROUNDS``, the rounds a CUDA graph of the selection runs (the others select again without it). On CUDA
+``--graph on off`` times the selection with and without its CUDA graph (interleaved); the operation count is
+the eager one.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, markdown_table, sync  # noqa: E402
 
+from finescope.models import selection  # noqa: E402
 from finescope.models.selection import select_boxes  # noqa: E402
 
 # Operations that only make a view or change nothing: no kernel on a GPU.
@@ -33,8 +41,8 @@ VIEWS = {"aten::unsqueeze", "aten::squeeze", "aten::slice", "aten::view", "aten:
          "aten::_unsafe_view", "aten::as_strided", "aten::permute", "aten::split", "aten::narrow", "aten::to"}
 
 
-def maps(kind: str, batch: int, h: int, w: int, device: torch.device) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
+def maps(kind: str, batch: int, h: int, w: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
     if kind == "smooth":
         attn = F.interpolate(torch.rand(batch, 1, 3, 4, generator=g), size=(h, w), mode="bilinear")[:, 0]
         attn = attn / attn.sum(dim=(1, 2), keepdim=True)
@@ -43,31 +51,55 @@ def maps(kind: str, batch: int, h: int, w: int, device: torch.device) -> torch.T
     return attn.to(device)
 
 
-def measure(kind: str, args, device: torch.device) -> list:
+def inputs(attn: torch.Tensor) -> tuple:
+    """select_boxes' arguments for maps of a 460x700 image, every cell valid."""
+    B, h, w = attn.shape
+    device = attn.device
+    return (attn, torch.tensor([[h, w]] * B, device=device), torch.tensor([[460, 700]] * B, device=device),
+            torch.tensor([[460 / h, 700 / w]] * B, device=device), 4)
+
+
+def measure(kind: str, args, device: torch.device) -> list[list]:
+    """Rows (maps, graph, ms per call, operations, syncs): one per ``--graph`` setting on CUDA, one on the CPU."""
     h, w = (int(v) for v in args.grid.split("x"))
-    attn = maps(kind, args.batch, h, w, device)
-    valid = torch.tensor([[h, w]] * args.batch, device=device)
-    sizes = torch.tensor([[460, 700]] * args.batch, device=device)
-    cell = torch.tensor([[460 / h, 700 / w]] * args.batch, device=device)
-    extra = {"padded": False} if "padded" in inspect.signature(select_boxes).parameters else {}
-
-    def call():
-        return select_boxes(attn, valid, sizes, cell, 4, **extra)
-
-    call()
-    with torch.profiler.profile() as prof:
+    call_args = inputs(maps(kind, args.batch, h, w, device))
+    params = inspect.signature(select_boxes).parameters
+    extra = {"padded": False} if "padded" in params else {}
+    graphs = args.graph if device.type == "cuda" and "graph" in params else ["off"]
+    calls = {g: (lambda g=g: select_boxes(*call_args, **extra, **({"graph": g == "on"} if "graph" in params else {})))
+             for g in graphs}
+    for call in calls.values():
         call()
+    with torch.profiler.profile() as prof:
+        select_boxes(*call_args, **extra, **({"graph": False} if "graph" in params else {}))
     top = [e for e in prof.events() if e.name.startswith("aten::")
            and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
     ops = Counter(e.name for e in top if e.name not in VIEWS)
-    times = []
+    times = {g: [] for g in graphs}
     for _ in range(args.reps):
-        sync(device)
-        start = time.perf_counter()
-        call()
-        sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return [kind, f"{statistics.median(times):.2f}", sum(ops.values()), ops.get("aten::equal", 0)]
+        for g, call in calls.items():
+            sync(device)
+            start = time.perf_counter()
+            call()
+            sync(device)
+            times[g].append((time.perf_counter() - start) * 1e3)
+    return [[kind, g, f"{statistics.median(times[g]):.3f}", sum(ops.values()), ops.get("aten::equal", 0)]
+            for g in graphs]
+
+
+def rounds_needed(kind: str, args, device: torch.device) -> list:
+    """How many labelling rounds ``--rounds-batches`` batches of ``kind`` maps need, with the confirming one."""
+    h, w = (int(v) for v in args.grid.split("x"))
+    needed = Counter()
+    for seed in range(1, args.rounds_batches + 1):
+        attn, valid, sizes, cell, k = inputs(maps(kind, args.batch, h, w, device, seed))
+        for rounds in range(1, 4 * h * w * 16 + 2):
+            if bool(selection._select(attn, valid, sizes, cell, k, 0.5, 1 / 3, 4, 0.5, "minmax", False,
+                                      graph_rounds=rounds)[2]):
+                break
+        needed[rounds] += 1
+    within = sum(n for r, n in needed.items() if r <= selection.GRAPH_ROUNDS) / args.rounds_batches
+    return [kind, " ".join(f"{r}:{n}" for r, n in sorted(needed.items())), f"{within:.2f}"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,13 +108,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--grid", default="7x11", help="h x w feature cells (7x11: resnet at BreakHis size)")
     p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--rounds-batches", type=int, default=100, help="batches for the rounds histogram (0 = none)")
+    p.add_argument("--graph", nargs="+", default=["on", "off"], choices=["on", "off"],
+                   help="on CUDA: time the selection with its CUDA graph, without, or both")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     env = environment(device)
-    rows = [measure(kind, args, device) for kind in ("smooth", "noisy")]
+    rows = [row for kind in ("smooth", "noisy") for row in measure(kind, args, device)]
     print(f"device {env.get('gpu', env['cpu'])} ({env['device']}), torch {env['torch']}, commit {env['commit']}, "
           f"{args.batch} maps of {args.grid} cells, K=4\n`{env['command']}`\n")
-    print(markdown_table(["maps", "ms per call (median)", "tensor operations", "convergence tests (syncs)"], rows))
+    print(markdown_table(["maps", "CUDA graph", "ms per call (median)", "tensor operations (eager)",
+                          "convergence tests (syncs, eager)"], rows))
+    if args.rounds_batches:
+        print(f"\nLabelling rounds per batch of {args.batch} (rounds:batches; the last round confirms), over "
+              f"{args.rounds_batches} batches; a CUDA graph runs {selection.GRAPH_ROUNDS}:\n")
+        print(markdown_table(["maps", "rounds needed", f"share within {selection.GRAPH_ROUNDS}"],
+                             [rounds_needed(kind, args, device) for kind in ("smooth", "noisy")]))
     return 0
 
 

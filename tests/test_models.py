@@ -481,6 +481,55 @@ def test_selection_without_padding_masks_matches_the_general_path():
             torch.testing.assert_close(a, b)
 
 
+def _selection_cases():
+    """Selection inputs: random maps with padding, and a map whose thresholded cells are a serpentine (one
+    component needing many labelling rounds)."""
+    g = torch.Generator().manual_seed(5)
+    attn = torch.rand(4, 6, 9, generator=g).flatten(1).softmax(1).view(4, 6, 9)
+    valid = torch.tensor([[6, 9], [6, 7], [4, 9], [6, 9]])
+    attn = attn * (torch.arange(6)[None, :, None] < valid[:, :1, None]) * (torch.arange(9)[None, None] < valid[:, 1:, None])
+    random = (attn, valid, torch.tensor([[120, 180], [120, 140], [80, 180], [120, 180]]), torch.full((4, 2), 20.0), 4)
+    snake = torch.full((1, 15, 15), 0.01)
+    snake[0, ::2] = 1.0
+    snake[0, 1::4, -1] = 1.0
+    snake[0, 3::4, 0] = 1.0
+    winding = (snake, torch.tensor([[15, 15]]), torch.tensor([[300, 300]]), torch.full((1, 2), 20.0), 4)
+    return random, winding
+
+
+def test_selection_with_fixed_rounds_reports_whether_they_converged():
+    """What a CUDA graph of the selection runs (``graph_rounds``): the exact boxes and True for ordinary maps;
+    False for a map that needs more rounds, where the caller selects again without the graph."""
+    from finescope.models.selection import GRAPH_ROUNDS, _select
+
+    random, winding = _selection_cases()
+    options = (0.5, 1 / 3, 4, 0.5, "minmax", True)
+    boxes, mass, converged = _select(*random, *options, graph_rounds=GRAPH_ROUNDS)
+    assert converged.dim() == 0 and bool(converged)
+    exact = select_boxes(*random, normalise="minmax")
+    torch.testing.assert_close(boxes, exact[0], rtol=0, atol=0)
+    torch.testing.assert_close(mass, exact[1], rtol=0, atol=0)
+    assert not bool(_select(*winding, *options, graph_rounds=GRAPH_ROUNDS)[2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_selection_gives_the_eager_boxes():
+    """On CUDA, the replayed graph gives the boxes of eager selection, for a map that converges in the graph and
+    for one that does not (the fallback), on repeated calls with new inputs (the graph's inputs are refreshed)."""
+    from finescope.models.selection import _GraphedSelect
+
+    random, winding = _selection_cases()
+    for case in (random, winding, random):
+        attn, valid, sizes, cell_px, k = (x.cuda() if torch.is_tensor(x) else x for x in case)
+        for scale in (1.0, 0.5):  # a second call replays the captured graph on other values
+            attn_in = (attn * scale).softmax(-1) if scale != 1.0 else attn
+            graphed = select_boxes(attn_in, valid, sizes, cell_px, k)
+            eager = select_boxes(attn_in, valid, sizes, cell_px, k, graph=False)
+            for a, b in zip(graphed, eager, strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert any(g is not None for g in _GraphedSelect.graphs.values())
+
+
 @pytest.mark.slow
 def test_compiled_fusion_matches_eager():
     """Under torch.compile the whole forward pass is one graph (fixed labelling rounds, constants made on the

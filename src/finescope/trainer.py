@@ -190,8 +190,9 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -
 def build_model(cfg: Config, num_classes: int, device: torch.device) -> FineScopeNet:
     """The model of ``cfg`` on ``device``; with ``train.channels_last`` its weights in the channels-last layout,
     which the convolutions of CUDA and of the CPU (oneDNN) both run faster (the batches follow on CUDA only,
-    see :func:`finescope.engine.model_input`)."""
+    see :func:`finescope.engine.model_input`); ``train.selection_graph`` sets its ``selection_graph``."""
     model = create_model(cfg.model, num_classes).to(device)
+    model.selection_graph = cfg.train.selection_graph
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model

@@ -10,31 +10,40 @@ smooth), at a cost that does not grow with the image, and everything stays on th
 
 On a GPU this runs on tiny tensors, so its cost is the number of kernels launched, not arithmetic: every step
 below is batched over images, components, boxes and peaks, and the only host-device sync is the convergence
-test of the component labelling (once per call for ordinary attention maps).
+test of the component labelling (once per call for ordinary attention maps). In eager mode on CUDA the whole
+selection is, by default, captured once per input shape as a CUDA graph and replayed: one launch instead of
+about 170. The graph runs the labelling's first ``GRAPH_ROUNDS`` rounds and tests convergence on the device;
+when a map needs more rounds the call runs again without the graph, so the boxes are always the exact ones.
 
 Runs under ``torch.no_grad``: selection is not differentiable.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 COMPILED_ROUNDS = 8  # labelling rounds under torch.compile (see _connected_components)
+GRAPH_ROUNDS = COMPILED_ROUNDS  # labelling rounds inside a CUDA graph (see _GraphedSelect)
+GRAPH_CACHE = 16  # CUDA graphs kept (one per input shape and arguments), least recently used dropped first
 
 
 def _grid(H: int, W: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Constants of an H x W grid: cell numbers 1..H*W (1, 1, H, W) float, and the (row, col) of each cell as
     [-r, r, -c, c] (4, H*W) float, the values whose maxima per component give its bounding box. Cached, except
-    while torch.compile traces (it folds them into the graph)."""
-    return _make_grid(H, W, device) if torch.compiler.is_compiling() else _cached_grid(H, W, device)
+    while torch.compile traces (it folds them into the graph) or a CUDA graph is captured."""
+    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return _make_grid(H, W, device)  # a CUDA graph makes its own: it must not read memory it does not own
+    return _cached_grid(H, W, device)
 
 
 def _make_grid(H: int, W: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     index = torch.arange(1, H * W + 1, dtype=torch.float32, device=device).view(1, 1, H, W)
-    r = torch.arange(H, dtype=torch.float32, device=device).repeat_interleave(W)
+    r = torch.arange(H, dtype=torch.float32, device=device)[:, None].expand(H, W).reshape(-1)  # no sync to size it
     c = torch.arange(W, dtype=torch.float32, device=device).repeat(H)
     return index, torch.stack([-r, r, -c, c])
 
@@ -64,7 +73,8 @@ def _run_ids(mask: torch.Tensor, dim: int) -> torch.Tensor:
     return (ids.transpose(2, 3) if dim == 2 else ids).contiguous()
 
 
-def _connected_components(binary: torch.Tensor, first_check: int = 4, rounds: int | None = None) -> torch.Tensor:
+def _connected_components(binary: torch.Tensor, first_check: int = 4, rounds: int | None = None,
+                          report: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Label 8-connected components of a (B, H, W) bool grid; each component gets its largest cell number
     (1-based row-major index).
 
@@ -75,6 +85,8 @@ def _connected_components(binary: torch.Tensor, first_check: int = 4, rounds: in
     makes the usual case one sync, as confirming convergence after three rounds takes a fourth anyway.
     With ``rounds`` set, exactly that many rounds run and nothing is tested (no sync, one static graph for
     ``torch.compile``); a component that needs more rounds (a long winding one) then keeps more than one label.
+    With ``report`` as well, it also returns a 0-dim bool tensor, computed on the device without a sync: True
+    when the last round changed nothing, so the labels are the exact ones.
     """
     B, H, W = binary.shape
     mask = binary.unsqueeze(1)
@@ -82,14 +94,18 @@ def _connected_components(binary: torch.Tensor, first_check: int = 4, rounds: in
     labels = _grid(H, W, binary.device)[0] * maskf  # (B, 1, H, W)
     runs = [_run_ids(mask, 3).view(-1), _run_ids(mask, 2).view(-1)]
     n = B * H * W + 1
+    converged = None
     for step in range(H * W if rounds is None else rounds):
         new = F.max_pool2d(labels, 3, 1, 1) * maskf
         for ids in runs:
             new = new.new_zeros(n).scatter_reduce_(0, ids, new.view(-1), "amax")[ids].view_as(labels)
         if rounds is None and step + 1 >= first_check and torch.equal(new, labels):
             break
+        if report and step + 1 == rounds:
+            converged = (new == labels).all()
         labels = new
-    return labels.view(B, H, W).long()  # (B, H, W), 0 = background
+    labels = labels.view(B, H, W).long()  # (B, H, W), 0 = background
+    return (labels, converged) if report else labels
 
 
 def _grow_and_clip(boxes: torch.Tensor, min_side: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
@@ -185,6 +201,7 @@ def select_boxes(
     iou_threshold: float = 0.5,
     normalise: str = "max",
     padded: bool = True,
+    graph: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick K boxes per image from an attention map (method.md step 5).
 
@@ -202,17 +219,74 @@ def select_boxes(
             first, so a flat background at half the peak (common on small grids) stays below tau.
         padded: False when the caller knows every image fills the whole grid (``valid`` is (h, w) for all),
             which skips the padding masks; True is always correct.
+        graph: on CUDA, outside torch.compile, replay a CUDA graph of the selection (the same boxes).
 
     Returns:
         boxes: (B, K, 4) float x1, y1, x2, y2 in full-resolution pixels, ordered by rank.
         mass: (B, K) attention mass inside each box.
     """
+    inputs = (attn, valid, sizes, cell_px)
+    options = (k, threshold, min_box_fraction, upsample, iou_threshold, normalise, padded)
     with torch.autocast(attn.device.type, enabled=False):  # float32 throughout, also inside an autocast region
-        return _select(attn, valid, sizes, cell_px, k, threshold, min_box_fraction, upsample, iou_threshold,
-                       normalise, padded)
+        if graph and attn.is_cuda and k > 0 and not torch.compiler.is_compiling() \
+                and not torch.cuda.is_current_stream_capturing():
+            replayed = _GraphedSelect.run(inputs, options)
+            if replayed is not None:
+                return replayed
+        return _select(*inputs, *options)
 
 
-def _select(attn, valid, sizes, cell_px, k, threshold, min_box_fraction, upsample, iou_threshold, normalise, padded):
+class _GraphedSelect:
+    """``_select`` captured as one CUDA graph for one key (device, input shapes and dtypes, options).
+
+    Inputs are copied into the graph's own tensors, the graph is replayed and the outputs are cloned (the next
+    replay overwrites them). The labelling runs ``GRAPH_ROUNDS`` rounds; ``run`` returns None when they did not
+    converge (the one host-device sync, as in eager mode), and the caller then selects without the graph.
+    """
+
+    graphs: collections.OrderedDict = collections.OrderedDict()  # key -> _GraphedSelect, or None: capture failed
+
+    def __init__(self, inputs: tuple[torch.Tensor, ...], options: tuple) -> None:
+        device = inputs[0].device
+        self.inputs = tuple(x.to(device).clone() for x in inputs)
+        side = torch.cuda.Stream(device)  # warm up on a side stream, as torch.cuda.graph's documentation asks
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            _select(*self.inputs, *options, graph_rounds=GRAPH_ROUNDS)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: DataLoader's pin-memory thread may call the CUDA API while this thread captures
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.outputs = _select(*self.inputs, *options, graph_rounds=GRAPH_ROUNDS)
+
+    @classmethod
+    def run(cls, inputs: tuple[torch.Tensor, ...], options: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
+        key = (inputs[0].device, *((x.shape, x.dtype) for x in inputs), *options)
+        if key in cls.graphs:
+            cls.graphs.move_to_end(key)
+            graphed = cls.graphs[key]
+        else:
+            try:
+                graphed = cls(inputs, options)
+            except RuntimeError as err:  # a driver or build without graph capture: select without it
+                warnings.warn(f"instance selection runs without a CUDA graph: capture failed ({err})", stacklevel=3)
+                graphed = None
+            cls.graphs[key] = graphed
+            while len(cls.graphs) > GRAPH_CACHE:
+                cls.graphs.popitem(last=False)
+        if graphed is None:
+            return None
+        for static, x in zip(graphed.inputs, inputs, strict=True):
+            static.copy_(x, non_blocking=True)
+        graphed.graph.replay()
+        boxes, mass, converged = graphed.outputs
+        return (boxes.clone(), mass.clone()) if bool(converged) else None
+
+
+def _select(attn, valid, sizes, cell_px, k, threshold, min_box_fraction, upsample, iou_threshold, normalise, padded,
+            graph_rounds=None):
+    """The selection of ``select_boxes``. With ``graph_rounds`` the labelling runs exactly that many rounds and a
+    third output says, on the device, whether they converged (what a CUDA graph of it needs: no sync)."""
     attn = attn.float()
     B, h, w = attn.shape
     if k == 0:
@@ -229,8 +303,11 @@ def _select(attn, valid, sizes, cell_px, k, threshold, min_box_fraction, upsampl
     fine = fine.squeeze(1) if valid_fine is None else fine.squeeze(1) * valid_fine  # (B, H', W')
     fine_norm = _normalise(fine, valid_fine, normalise)
     binary = fine_norm >= threshold
-    rounds = COMPILED_ROUNDS if torch.compiler.is_compiling() else None
-    labels = _connected_components(binary if valid_fine is None else binary & valid_fine, rounds=rounds)
+    binary = binary if valid_fine is None else binary & valid_fine
+    if graph_rounds is not None:
+        labels, converged = _connected_components(binary, rounds=graph_rounds, report=True)
+    else:
+        labels = _connected_components(binary, rounds=COMPILED_ROUNDS if torch.compiler.is_compiling() else None)
     comp_boxes, comp_mass = _component_boxes(labels, fine, cell_px, upsample, k)
     kc = comp_boxes.shape[1]
     peak_boxes, score = _peak_boxes(fine_norm, valid_fine, cell_px, upsample)
@@ -261,4 +338,5 @@ def _select(attn, valid, sizes, cell_px, k, threshold, min_box_fraction, upsampl
     slot = torch.where(used, slot, slot + k - comp_ok.sum(dim=1, keepdim=True))
     candidates = torch.cat([F.pad(comp_boxes, (0, 0, 0, k - kc)), *peaks], dim=1)  # (B, 2k, 4)
     boxes = candidates.gather(1, slot[..., None].expand(-1, -1, 4))
-    return boxes, box_mass(attn, boxes, cell_px)
+    mass = box_mass(attn, boxes, cell_px)
+    return (boxes, mass) if graph_rounds is None else (boxes, mass, converged)
