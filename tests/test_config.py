@@ -1,4 +1,5 @@
 import pytest
+import torch
 import yaml
 
 from finescope.config import Config, load_config, override, save_config, strip_provenance, to_dict, valid_keys
@@ -101,3 +102,14 @@ def test_cpu_amp_is_off_by_default_and_offers_bf16_only():
     assert load_config(None, ["train.cpu_amp=off"]).train.cpu_amp == "off"  # YAML reads off as false
     with pytest.raises(FinescopeError, match="train.cpu_amp.*off, bf16"):  # fp16 is 5-20x slower on a CPU
         load_config(None, ["train.cpu_amp=fp16"])
+
+
+def test_selection_graph_setting_reaches_the_model():
+    from finescope.trainer import build_model
+
+    assert load_config(None).train.selection_graph is True
+    cfg = load_config(None, ["train.selection_graph=false", "model.backbone=tiny"])
+    assert build_model(cfg, 2, torch.device("cpu")).selection_graph is False
+    assert build_model(load_config(None, ["model.backbone=tiny"]), 2, torch.device("cpu")).selection_graph is True
+    with pytest.raises(FinescopeError, match="train.selection_graph"):
+        load_config(None, ["train.selection_graph=sometimes"])

@@ -533,16 +533,22 @@ def test_cuda_graph_selection_gives_the_eager_boxes():
 @pytest.mark.slow
 def test_compiled_fusion_matches_eager():
     """Under torch.compile the whole forward pass is one graph (fixed labelling rounds, constants made on the
-    device) and gives the eager outputs, boxes included."""
+    device) and gives the eager outputs, boxes included. Dynamo breaks once, where the sizes are read on the
+    host (``sizes.tolist()``, before any tensor work, so no graph comes before it)."""
+    from torch._dynamo.utils import counters
+
     torch.manual_seed(0)
     model = create_model(ModelConfig(variant="fusion", **SMALL), 2).eval()
     x = torch.rand(2, 3, 96, 128)
     sizes = torch.tensor([[96, 128], [96, 128]])
+    torch._dynamo.reset()
+    counters.clear()
     with torch.no_grad():
         eager = model(x, sizes)
-        explanation = torch._dynamo.explain(model)(x, sizes)
         compiled = torch.compile(model)(x, sizes)
-    assert explanation.graph_count == 1 and explanation.graph_break_count == 0
+    assert counters["stats"]["unique_graphs"] == 1
+    breaks = counters["graph_break"]
+    assert sum(breaks.values()) == 1 and all("_local_scalar_dense" in reason for reason in breaks)
     torch.testing.assert_close(compiled.boxes, eager.boxes)
     torch.testing.assert_close(compiled.logits, eager.logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(compiled.box_mass, eager.box_mass, atol=1e-5, rtol=1e-5)
