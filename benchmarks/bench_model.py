@@ -11,7 +11,7 @@ Cases:
         (B, 3, Gh, Gw) plus one over the B*K crops (B*K, 3, L, L), tensors made beforehand; in training the
         same loss-backward-clip-AdamW step on the backbone's parameters.
     fusion+fp32, fusion+contiguous, fusion+compile, fusion+compile-ro, fusion+view-image, fusion+folded-bn,
-        fusion+serial-crops, fusion+eager-selection (``--ablate``): fusion without bf16 autocast; without channels_last (weights, and
+        fusion+serial-crops, fusion+eager-selection, fusion+selection-nosync (``--ablate``): fusion without bf16 autocast; without channels_last (weights, and
         on CUDA batches);
         under ``torch.compile`` (inductor, default mode); under ``torch.compile(mode="reduce-overhead")``, which
         replays CUDA graphs where inductor can use them; with its global view always resized from the image,
@@ -20,7 +20,9 @@ Cases:
         convolutions as ``load_trained`` does (the passes keep theirs: the overhead ratio is the unfolded one's);
         with its crops cut by one roi_align call on one thread instead of in strips over the CPU's threads
         (``finescope.models.align.crop_align``; on CUDA the two are the same call); with its instance selection
-        launched op by op instead of replayed as a CUDA graph (``eager-selection``; the same on the CPU).
+        launched op by op instead of replayed as a CUDA graph (``eager-selection``; the same on the CPU); with that
+        graph replayed without reading its convergence flag, so without the step's host-device sync
+        (``selection-nosync``; the same on the CPU).
 
 Ratios (paired per repetition, then median and spread):
     overhead = fusion / passes (goal <= 1.15 on CUDA, <= 1.25 on CPU),
@@ -55,17 +57,18 @@ from common import environment, loadavg, markdown_table, summary, sync, timed  #
 
 from finescope.config import ModelConfig  # noqa: E402
 from finescope.engine import autocast, compute_loss  # noqa: E402
-from finescope.models import create_model, network  # noqa: E402
+from finescope.models import create_model, network, selection  # noqa: E402
 from finescope.models.network import global_view_size  # noqa: E402
 from finescope.trainer import fused_adamw  # noqa: E402
 
 VARIANTS = ("global", "global-hires", "attention", "fusion")
 ABLATIONS = ("fp32", "contiguous", "compile", "compile-ro", "view-image", "folded-bn", "serial-crops",
-             "eager-selection")
+             "eager-selection", "selection-nosync")
 ABLATION_LABELS = {"fp32": "fp32 / bf16", "contiguous": "contiguous / channels_last", "compile": "compiled / eager",
                    "compile-ro": "compiled (reduce-overhead) / eager", "view-image": "view from image / from source",
                    "folded-bn": "folded BatchNorm / BatchNorm", "serial-crops": "crops in one call / in strips",
-                   "eager-selection": "selection without / with its CUDA graph"}
+                   "eager-selection": "selection without / with its CUDA graph",
+                   "selection-nosync": "graph without / with its sync"}
 COMPILE_MODES = {"compile": "default", "compile-ro": "reduce-overhead"}
 OVERHEAD_LABELS = {"compile": "fusion / passes, both compiled",
                    "compile-ro": "fusion / passes, both compiled (reduce-overhead)"}
@@ -135,9 +138,26 @@ def _crops_in_one_call(step: Callable[[], None]) -> Callable[[], None]:
     return wrapped
 
 
+def _selection_without_sync(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with the selection's CUDA graph replayed without reading its convergence flag: no host-device
+    sync in the step (what a sync-free selection would gain; its boxes would differ where 8 labelling rounds do
+    not converge, as under torch.compile)."""
+
+    def run(inputs, options):
+        replayed = selection._GraphedSelect.replay(inputs, options)
+        return None if replayed is None else replayed[:2]
+
+    def wrapped() -> None:
+        with mock.patch.object(selection._GraphedSelect, "run", run):
+            step()
+
+    return wrapped
+
+
 def model_case(name: str, variant: str, backbone: str, args, batch: dict, mode: str, device: torch.device,
                amp: bool, channels_last: bool, compile_mode: str | None = None, view_from_image: bool = False,
-               fold: bool = False, serial_crops: bool = False, selection_graph: bool = True) -> Case:
+               fold: bool = False, serial_crops: bool = False, selection_graph: bool = True,
+               selection_sync: bool = True) -> Case:
     """A variant's full step on ``batch`` (images, sizes, labels on the device)."""
     cfg = ModelConfig(variant=variant, backbone=backbone, global_size=args.global_size,
                       local_size=args.local_size, num_crops=args.num_crops, weights=args.weights.get(backbone, ""))
@@ -162,7 +182,7 @@ def model_case(name: str, variant: str, backbone: str, args, batch: dict, mode: 
             with torch.no_grad(), _autocast(device, amp, args):
                 run(images, sizes)
 
-        return Case(name, _crops_in_one_call(infer) if serial_crops else infer, len(labels))
+        return Case(name, _wrap(infer, serial_crops, selection_sync), len(labels))
     model.train()
 
     def forward() -> torch.Tensor:
@@ -172,7 +192,12 @@ def model_case(name: str, variant: str, backbone: str, args, batch: dict, mode: 
 
     params = [p for p in model.parameters() if p.requires_grad]
     step = _train_step(model, forward, _adamw(params, device), params)
-    return Case(name, _crops_in_one_call(step) if serial_crops else step, len(labels))
+    return Case(name, _wrap(step, serial_crops, selection_sync), len(labels))
+
+
+def _wrap(step: Callable[[], None], serial_crops: bool, selection_sync: bool) -> Callable[[], None]:
+    step = _crops_in_one_call(step) if serial_crops else step
+    return step if selection_sync else _selection_without_sync(step)
 
 
 def passes_case(backbone: str, args, batch: dict, mode: str, device: torch.device, amp: bool,
@@ -233,7 +258,7 @@ def build_cases(backbone: str, size, mode: str, args, device: torch.device) -> l
         cases.append(passes_case(backbone, args, batch, mode, device, amp, cl))
         flags = {"fp32": {"amp": False}, "contiguous": {"channels_last": False}, "view-image": {"view_from_image": True},
                  "folded-bn": {"fold": True}, "serial-crops": {"serial_crops": True},
-                 "eager-selection": {"selection_graph": False},
+                 "eager-selection": {"selection_graph": False}, "selection-nosync": {"selection_sync": False},
                  **{name: {"compile_mode": how} for name, how in COMPILE_MODES.items()}}
         for name in args.ablate:
             if name == "folded-bn" and mode == "train":  # folding is for inference-only models (load_trained)

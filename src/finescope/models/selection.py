@@ -261,6 +261,16 @@ class _GraphedSelect:
 
     @classmethod
     def run(cls, inputs: tuple[torch.Tensor, ...], options: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Boxes and masses from the graph of this key (captured on first use), or None: no graph, or the
+        labelling did not converge in it."""
+        replayed = cls.replay(inputs, options)
+        if replayed is None or not bool(replayed[2]):  # the step's one host-device sync
+            return None
+        return replayed[:2]
+
+    @classmethod
+    def replay(cls, inputs: tuple[torch.Tensor, ...], options: tuple) -> tuple[torch.Tensor, ...] | None:
+        """Boxes, masses and the convergence flag (on the device, not read) from the graph, or None."""
         key = (inputs[0].device, *((x.shape, x.dtype) for x in inputs), *options)
         if key in cls.graphs:
             cls.graphs.move_to_end(key)
@@ -280,7 +290,7 @@ class _GraphedSelect:
             static.copy_(x, non_blocking=True)
         graphed.graph.replay()
         boxes, mass, converged = graphed.outputs
-        return (boxes.clone(), mass.clone()) if bool(converged) else None
+        return boxes.clone(), mass.clone(), converged
 
 
 def _select(attn, valid, sizes, cell_px, k, threshold, min_box_fraction, upsample, iou_threshold, normalise, padded,
