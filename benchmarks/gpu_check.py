@@ -1,7 +1,7 @@
 """One-shot GPU check: device-vs-CPU agreement, the selection's CUDA graph against the selection op by op, host
-syncs per step, a short real training run, the benchmark table, the stage profile, the data path, then the
-diagnostics (the table at batch 64, the compiled step, and, with ``--train-compile MODE``, the training run
-again through ``train.compile``).
+syncs per step, a short real training run, the benchmark table, the stage profile, the data path, the
+trainer's first epochs step by step, then the diagnostics (the table at batch 64, the compiled step, and, with
+``--train-compile MODE``, the training run again through ``train.compile``).
 Writes everything under OUT and prints a short table last; every stage has its own time limit, cut to the
 script's budget, so a slow host loses diagnostics first.
 
@@ -194,11 +194,11 @@ def run(cmd: list[str], log: Path, timeout: int) -> tuple[int, float]:
     return rc, time.perf_counter() - start
 
 
-def train_stage(out: Path, args, device: str, clock: Clock, compile_mode: str = "off") -> dict:
-    """Train fusion (mobilenet_v2, ImageNet weights when given) on the BreakHis copy; test metrics and speed.
-    With ``compile_mode`` the same run goes through ``train.compile`` (its own run folder and log)."""
-    name = "train_fusion" if compile_mode == "off" else "train_fusion_compiled"
-    run_dir = out / name
+TRAIN_CONFIG = "src/finescope/configs/breakhis_binary.yaml"
+
+
+def train_sets(args, device: str, compile_mode: str = "off") -> list[str]:
+    """The config overrides of the training run (and of ``first_epoch.py``'s)."""
     sets = [f"data.root={args.data}", f"train.device={device}", "data.cache=memory",
             f"data.num_workers={args.workers}", f"model.weights={args.weights}"
             if Path(args.weights).is_file() and not args.quick else "model.weights=",  # no tiny weights
@@ -206,8 +206,16 @@ def train_stage(out: Path, args, device: str, clock: Clock, compile_mode: str = 
             f"train.compile={compile_mode}"]
     if args.quick:
         sets += ["model.backbone=tiny", "model.global_size=64", "model.local_size=64", "train.batch_size=4"]
-    cmd = [sys.executable, "-m", "finescope", "train", "--config", "src/finescope/configs/breakhis_binary.yaml",
-           "--out", str(run_dir), "--quiet", "--set", *sets]
+    return sets
+
+
+def train_stage(out: Path, args, device: str, clock: Clock, compile_mode: str = "off") -> dict:
+    """Train fusion (mobilenet_v2, ImageNet weights when given) on the BreakHis copy; test metrics and speed.
+    With ``compile_mode`` the same run goes through ``train.compile`` (its own run folder and log)."""
+    name = "train_fusion" if compile_mode == "off" else "train_fusion_compiled"
+    run_dir = out / name
+    cmd = [sys.executable, "-m", "finescope", "train", "--config", TRAIN_CONFIG, "--out", str(run_dir), "--quiet",
+           "--set", *train_sets(args, device, compile_mode)]
     own = args.train_timeout if compile_mode == "off" else args.compiled_train_timeout
     rc, seconds = run(cmd, out / f"{name}.log", clock.limit(own))
     result = {"rc": rc, "seconds": seconds, "compile": compile_mode, "command": " ".join(cmd)}
@@ -231,8 +239,9 @@ def train_stage(out: Path, args, device: str, clock: Clock, compile_mode: str = 
 # gpu_check.sh allows; what it cuts on a slow host is the diagnostics at the end. profile_compiled writes its
 # JSON after each batch size, so a stage cut short still reports batch 16. The model stage also times fusion
 # with its selection op by op (210 s in all on the H100 at 3455b9d) and, since, with the selection's graph
-# replayed without its sync (about a sixth more again, hence 320 s).
-STAGE_SECONDS = {"profile": 20, "model": 320, "batch64": 70, "compiled": 95, "data": 60}
+# replayed without its sync (about a sixth more again, hence 320 s). first_epoch: the trainer's first two
+# epochs step by step, about 30 s plus the process start (the first epoch took 23-26 s in the training run).
+STAGE_SECONDS = {"profile": 20, "model": 320, "batch64": 70, "compiled": 95, "data": 60, "first_epoch": 60}
 BUDGET_SECONDS = 465
 
 
@@ -244,8 +253,8 @@ def stage_timeout(args, name: str, clock: Clock) -> int:
 
 def bench_stages(out: Path, args, device: str, clock: Clock) -> dict:
     """The model benchmark table (batch 16, with fusion's selection also op by op and without its sync), the
-    stage profile, the data
-    path, the table at batch 64 (BreakHis size) and the compiled step (``profile_compiled.py``: torch.compile
+    stage profile, the data path, the trainer's first two epochs step by step (``first_epoch.py``), the table
+    at batch 64 (BreakHis size) and the compiled step (``profile_compiled.py``: torch.compile
     with CUDA graphs, fusion against its passes), in that order."""
     weights = [f"mobilenet_v2={args.weights}"] if Path(args.weights).is_file() else []
     if args.quick:
@@ -273,12 +282,14 @@ def bench_stages(out: Path, args, device: str, clock: Clock) -> dict:
             for name, extra in stages.items()}
     cmds["data"] = ["benchmarks/bench_data.py", "--data", args.data, *data, "--out", str(out / "bench_data.json")]
     cmds["profile"] = ["benchmarks/profile_step.py", "--device", device, *profile, "--out", str(out / "profile.json")]
+    cmds["first_epoch"] = ["benchmarks/first_epoch.py", "--config", TRAIN_CONFIG, "--epochs", "2",
+                           "--set", *train_sets(args, device), "--out", str(out / "first_epoch.json")]
     cmds["compiled"] = ["benchmarks/profile_compiled.py", "--device", device, "--mode", "reduce-overhead", *compiled,
                         "--out", str(out / "profile_compiled.json")]
     # what the issue checks first (the benchmark table, the loader), the diagnostics after: a stage the budget
     # cuts is then a diagnostic
     results = {}
-    for name in (n for n in ("model", "profile", "data", "batch64", "compiled") if n in cmds):
+    for name in (n for n in ("model", "profile", "data", "first_epoch", "batch64", "compiled") if n in cmds):
         log = out / f"{Path(cmds[name][-1]).stem}.log"  # bench_model.log, bench_data.log, profile.log, ...
         rc, secs = run([sys.executable, *cmds[name]], log, stage_timeout(args, name, clock))
         results[name] = {"rc": rc, "seconds": secs}
@@ -341,6 +352,16 @@ def final_table(summary: dict, out: Path) -> str:
             rows.append([f"fusion epochs through the loop, one orientation {r['one_orientation']}",
                          ", ".join(f"epoch {i + 1} {v:.0f} img/s" for i, v in enumerate(r["epoch_images_per_s"])),
                          f"{r['images']} images, augment {d['epoch']['augment']}, no cache"])
+    first = out / "first_epoch.json"
+    if first.is_file():
+        for e in json.loads(first.read_text())["epochs"]:
+            worst = e["slowest"][0] if e["slowest"] else None
+            new, known = (("-" if v is None else f"{v:.0f}") for v in (e["new_shape_step_ms"], e["known_shape_step_ms"]))
+            rows.append([f"trainer epoch {e['epoch'] + 1} step by step",
+                         f"{e['seconds']:.1f} s: steps {e['step_ms'] / 1e3:.1f} s, loader waits {e['wait_ms'] / 1e3:.1f} s "
+                         f"(first batch {e['first_wait_ms'] / 1e3:.1f} s); ms per step of a new shape {new} "
+                         f"({e['new_shapes']} shapes), of a known one {known}",
+                         "-" if worst is None else f"slowest step {worst['step']}: {worst['step_ms']:.0f} ms"])
     for key in ("train", "train_compiled"):
         t = summary.get(key, {})
         label = "train fusion on BreakHis copy" + ("" if t.get("compile", "off") == "off" else f", compile {t['compile']}")

@@ -45,6 +45,28 @@ def test_int32_labelling_of_the_ab_gives_finescope_labels():
                            _connected_components(grid, rounds=COMPILED_ROUNDS))
 
 
+def test_first_epoch_times_the_trainers_steps(tmp_path):
+    """first_epoch.py runs the trainer's epochs step by step: every training image once per epoch, a step
+    record per batch, and shapes counted as new only the first time the process meets them."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import first_epoch
+
+    data = fake_breakhis(tmp_path / "breakhis")
+    out = tmp_path / "first.json"
+    first_epoch.main(["--epochs", "2", "--out", str(out), "--set", f"data.root={data}", "model.backbone=tiny",
+                      "model.weights=", "model.global_size=64", "model.local_size=64", "train.batch_size=2", "data.augment=none",
+                      "data.num_workers=0", "train.device=cpu"])
+    epochs = json.loads(out.read_text())["epochs"]
+    assert len(epochs) == 2 and epochs[0]["steps"] == epochs[1]["steps"] > 1
+    assert epochs[0]["new_shapes"] >= 1 and epochs[1]["new_shapes"] == 0  # no rotations: the same shapes again
+    assert all(s["step_ms"] > 0 for e in epochs for s in e["slowest"])
+    summary = first_epoch.epoch_summary([{"wait_ms": 1.0, "step_ms": 9.0, "shape": [2, 3, 4, 4]},
+                                         {"wait_ms": 1.0, "step_ms": 3.0, "shape": [2, 3, 4, 4]},
+                                         {"wait_ms": 1.0, "step_ms": 5.0, "shape": [1, 3, 4, 4]}], set(), 2)
+    assert summary["new_shapes"] == 2 and summary["new_shape_step_ms"] == 7.0
+    assert summary["known_shape_step_ms"] == 3.0 and [s["step"] for s in summary["slowest"]] == [0, 2]
+
+
 def test_bench_model_cpu_tiny(tmp_path):
     out = tmp_path / "m.json"
     cmd = [sys.executable, "benchmarks/bench_model.py", "--device", "cpu", "--backbones", "tiny", "--sizes", "96x128",
@@ -133,10 +155,11 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     compiled = summary["train_compiled"]  # the same run through train.compile=reduce-overhead
     assert compiled["rc"] == 0 and compiled["compile"] == "reduce-overhead", (
         (out / "train_fusion_compiled.log").read_text()[-2000:])
-    assert set(summary["stages"]) == {"profile", "model", "compiled", "data"}
+    assert set(summary["stages"]) == {"profile", "model", "compiled", "data", "first_epoch"}
     assert all(s["rc"] == 0 for s in summary["stages"].values()), summary["stages"]
     assert "| check | result | note |" in proc.stdout  # the short table is printed last
     assert "compiled (reduce-overhead) tiny" in proc.stdout
+    assert "trainer epoch 2 step by step" in proc.stdout
 
 
 def test_gpu_check_skips_stages_past_its_budget(tmp_path):
