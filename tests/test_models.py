@@ -1,5 +1,6 @@
 """Models: attention pooling against Ilse et al. Eq. 9, every registered variant, instance selection."""
 
+import collections
 import math
 
 import numpy as np
@@ -510,6 +511,41 @@ def test_selection_with_fixed_rounds_reports_whether_they_converged():
     torch.testing.assert_close(boxes, exact[0], rtol=0, atol=0)
     torch.testing.assert_close(mass, exact[1], rtol=0, atol=0)
     assert not bool(_select(*winding, *options, graph_rounds=GRAPH_ROUNDS)[2])
+
+
+def test_selection_graph_cache_keeps_the_newest_and_remembers_failed_captures(monkeypatch):
+    """The graph cache's bookkeeping, without a GPU: a capture that fails warns once and is not tried again for
+    that key (the caller selects op by op); past GRAPH_CACHE keys the least recently used graph is dropped."""
+    from finescope.models import selection
+
+    made = []
+
+    class FakeGraph:
+        def __init__(self, inputs, options):
+            made.append(options[0])  # every capture tried
+            if options[0] == 3:
+                raise RuntimeError("capture not supported")
+            self.inputs = tuple(x.clone() for x in inputs)
+            self.graph = type("Replay", (), {"replay": lambda _: None})()
+            self.outputs = (torch.zeros(1, options[0], 4), torch.zeros(1, options[0]), torch.tensor(True))
+
+    monkeypatch.setattr(selection._GraphedSelect, "__init__", FakeGraph.__init__)
+    monkeypatch.setattr(selection._GraphedSelect, "graphs", collections.OrderedDict())
+    monkeypatch.setattr(selection, "GRAPH_CACHE", 2)
+    inputs = (torch.rand(1, 2, 2), torch.tensor([[2, 2]]), torch.tensor([[8, 8]]), torch.ones(1, 2))
+
+    def run(k):
+        return selection._GraphedSelect.run(inputs, (k, 0.5, 1 / 3, 4, 0.5, "max", True))
+
+    with pytest.warns(UserWarning, match="without a CUDA graph"):
+        assert run(3) is None
+    assert run(3) is None  # remembered: no second capture, no second warning
+    boxes, mass = run(1)
+    assert boxes.shape == (1, 1, 4) and mass.shape == (1, 1)
+    run(2)
+    run(1)  # replayed, now the most recently used
+    run(4)  # a third graph: the least recently used (k=2) goes
+    assert [key[5] for key in selection._GraphedSelect.graphs] == [1, 4] and made == [3, 1, 2, 4]  # key[5]: k
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
