@@ -35,8 +35,8 @@ CONFIG = Path(__file__).resolve().parents[1] / "src" / "finescope" / "configs" /
 # (name, variant, overrides) in priority order: the baselines, the paper's method, then what might make it pay
 SETTINGS: list[tuple[str, str, list[str]]] = [
     ("global", "global", []),
-    ("fusion", "fusion", []),
-    ("fusion-minmax", "fusion", ["model.selection_norm=minmax"]),  # the demo's fix for flat maps
+    ("fusion", "fusion", ["model.selection_norm=max"]),  # method.md's normalisation (the default until e63d9d0)
+    ("fusion-minmax", "fusion", ["model.selection_norm=minmax"]),  # the demo's fix for flat maps (the default since)
     ("attention", "attention", []),
     ("fusion-native", "fusion", ["model.min_box_fraction=0.487"]),  # 224 px boxes read at 224: no zoom
     ("fusion-evidence", "fusion", ["model.select_from=evidence"]),

@@ -1,3 +1,6 @@
+import re
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -113,3 +116,33 @@ def test_selection_graph_setting_reaches_the_model():
     assert build_model(load_config(None, ["model.backbone=tiny"]), 2, torch.device("cpu")).selection_graph is True
     with pytest.raises(FinescopeError, match="train.selection_graph"):
         load_config(None, ["train.selection_graph=sometimes"])
+
+
+def test_readme_config_table_lists_every_key_with_its_default():
+    """README's "Config keys" table names every key of the dataclasses, with the default they hold."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Config keys", 1)[1].split("\n## ", 1)[0]
+    table = dict(re.findall(r"^\| `([a-z_]+\.[a-z_]+)` \| `([^`]*)`", section, flags=re.M))
+    assert sorted(table) == sorted(k for k in valid_keys() if "." in k)
+
+    def parse(text: str):
+        if text == '""':
+            return ""
+        if text in ("true", "false"):
+            return text == "true"
+        if text == "[]":
+            return ()
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+    defaults = Config()
+    for key, text in table.items():
+        section_name, name = key.split(".")
+        want = getattr(getattr(defaults, section_name), name)
+        got = parse(text)
+        if isinstance(want, bool) or not isinstance(want, (int, float)):
+            assert got == want, key
+        else:
+            assert abs(got - want) < 1e-3, key
