@@ -137,3 +137,111 @@ def test_demo_quick(tmp_path, capsys):
     assert (tmp_path / "demo" / "attention_overlay.png").stat().st_size > 10_000
     results = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
     assert set(results) == {"global", "fusion"}
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--set", "data.group_pattern=[a-z]+_([0-9]+)"], None),  # a regex is taken as written, not parsed as YAML
+    (["--set", "train.epochs=.inf"], "train.epochs"),
+    (["--set", "train.epochs=1/0"], "train.epochs"),
+    (["--set", "train.epochs=true"], "train.epochs"),
+    (["--set", "seed=-1"], "seed"),
+    (["--set", "train.lr=-1"], "train.lr"),
+    (["--set", "train.lr=.nan"], "train.lr"),
+    (["--set", "train.label_smoothing=2"], "train.label_smoothing"),
+    (["--set", "model.dropout=1.5"], "model.dropout"),
+    (["--set", "data.num_workers=-1"], "data.num_workers"),
+    (["--set", "model.global_size=100000"], "model.global_size"),
+    (["--set", "train.device=mps"], "train.device"),
+    (["--set", "train.channels_last=5"], "train.channels_last"),
+    (["--set", "model.attn_dim=0"], "model.attn_dim"),
+])
+def test_bad_set_values_are_one_line_naming_the_key(tmp_path, capsys, args, names):
+    root = _folder(tmp_path / "imgs")
+    code = main(["data", "--config", "configs/demo.yaml", "--no-read", "--set", "data.source=folder",
+                 f"data.root={root}", *args])
+    if names is None:
+        assert code == 0
+        return
+    assert code == 2
+    assert names in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00bad", b"1: 2\n", b"model: {1: 2}\n"])
+def test_bad_config_files_are_one_line(tmp_path, capsys, content):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_bytes(content)
+    for verb in (["data", "--config", str(cfg)], ["cv", "--config", str(cfg), "--out", str(tmp_path / "cv")]):
+        assert main(verb) == 2
+        _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("text", ["protocol: [1, 2]\n", "protocol: {folds: abc}\n", "profiles: {quick: 5}\n"])
+def test_bad_cv_protocols_are_one_line(tmp_path, capsys, text):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(text)
+    assert main(["cv", "--config", str(cfg), "--profile", "quick" if "profiles" in text else "",
+                 "--out", str(tmp_path / "cv")]) == 2
+    _one_error_line(capsys)
+
+
+def test_cv_refuses_zero_folds(tmp_path, capsys):
+    assert main(["cv", "--config", "configs/demo.yaml", "--folds", "0", "--out", str(tmp_path / "cv")]) == 2
+    assert "--folds" in _one_error_line(capsys)
+
+
+def test_synthetic_source_never_writes_into_someone_elses_folder(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "manifest.csv").write_text("path,label\nx.png,a\n")
+    assert main(["data", "--config", "configs/demo.yaml", "--no-read", "--set", f"data.root={mine}"]) == 2
+    assert "data.source" in _one_error_line(capsys)
+    assert sorted(p.name for p in mine.iterdir()) == ["manifest.csv"]
+    assert (mine / "manifest.csv").read_text() == "path,label\nx.png,a\n"
+
+
+def test_out_paths_that_cannot_be_written_or_would_replace_the_model(cli_run, synthetic_root, tmp_path, capsys):
+    best = cli_run / "checkpoints" / "best.pt"
+    before = best.read_bytes()
+    img = str(synthetic_root / "images" / "typical_0000.png")
+    assert main(["predict", str(cli_run), img, "--out", str(best), "--device", "cpu"]) == 2
+    assert "checkpoint" in _one_error_line(capsys)
+    assert main(["evaluate", str(best), "--out", str(best), "--device", "cpu"]) == 2
+    _one_error_line(capsys)
+    assert best.read_bytes() == before
+    a_file = tmp_path / "f.txt"
+    a_file.write_text("x")
+    assert main(["predict", str(cli_run), img, "--out", str(a_file / "p.csv"), "--device", "cpu"]) == 2
+    assert "f.txt" in _one_error_line(capsys)
+
+
+def test_evaluate_with_changed_architecture_names_the_override(cli_run, capsys):
+    assert main(["evaluate", str(cli_run), "--device", "cpu", "--set", "model.proj_dim=8"]) == 2
+    assert "model.proj_dim" in _one_error_line(capsys)
+
+
+def test_predict_skips_small_images_by_name_and_fails_when_none_is_read(cli_run, synthetic_root, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.new("RGB", (128, 4)).save(folder / "thin.png")
+    assert main(["predict", str(cli_run), str(folder), "--out", str(tmp_path / "p.csv"), "--device", "cpu"]) == 2
+    assert "none of the 1 images" in _one_error_line(capsys)
+    Image.open(synthetic_root / "images" / "typical_0000.png").save(folder / "ok.png")
+    with pytest.warns(UserWarning, match="thin.png"):
+        assert main(["predict", str(cli_run), str(folder), "--out", str(tmp_path / "p.csv"), "--device", "cpu"]) == 0
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 2
+
+
+def test_explain_option_ranges(cli_run, synthetic_root, tmp_path, capsys):
+    img = str(synthetic_root / "images" / "typical_0000.png")
+    for bad in (["--limit", "-5"], ["--percentile", "200"], ["--tolerance", "-1"]):
+        assert main(["explain", str(cli_run), img, "--out", str(tmp_path / "e"), *bad]) == 2
+        assert bad[0] in _one_error_line(capsys)
+
+
+def test_a_timm_model_without_a_feature_map_is_refused_up_front(tmp_path, capsys):
+    pytest.importorskip("timm")
+    root = _folder(tmp_path / "imgs")
+    assert main(["train", "--config", "configs/demo.yaml", "--out", str(tmp_path / "r"), "--quiet", "--set",
+                 "data.source=folder", f"data.root={root}", "model.backbone=vit_tiny_patch16_224",
+                 "data.num_workers=0"]) == 2
+    assert "feature map" in _one_error_line(capsys)

@@ -223,3 +223,46 @@ def test_colour_on_device_trains(synthetic_root, tmp_path, monkeypatch):
     metrics = _train(synthetic_root, tmp_path / "run", epochs=1, extra=["data.colour_on=device"])
     assert 0.0 <= metrics["image_accuracy"] <= 1.0
     assert True in carried and False in carried  # training batches, then validation and test batches
+
+
+def test_monitor_accuracy_and_an_undefined_metric_still_keep_a_best_checkpoint():
+    """``train.monitor: accuracy`` reads the image accuracy; a metric that is undefined on the validation side
+    (AUC with one class) scores -inf, and the first candidate epoch is still kept as best."""
+    assert trainer._score({"image_accuracy": 0.75}, "accuracy") == 0.75
+    assert trainer._score({"auc": float("nan")}, "auc") == float("-inf")
+    assert trainer._score({"auc": None}, "auc") == float("-inf")
+    assert trainer._score({"loss": 0.5}, "loss") == -0.5
+
+
+def test_resume_refuses_another_config_and_keeps_the_runs_own(synthetic_root, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    _train(synthetic_root, out, epochs=2)
+    before = (out / "config.yaml").read_text()
+    for change in (["model.variant=global"], ["seed=5"], ["train.lr=0.01"], ["train.epochs=3"]):
+        cfg = load_config(None, tiny_overrides(synthetic_root, "fusion", 2) + change)
+        with pytest.raises(FinescopeError, match=change[0].split("=")[0]):
+            trainer.train(cfg, out, resume=True, progress=False)
+    assert (out / "config.yaml").read_text() == before  # nothing written before the check
+    # where the data lives and loader settings may change; a partial last history line does not stop a resume
+    moved = tmp_path / "moved"
+    shutil.copytree(synthetic_root, moved)
+    with (out / "history.jsonl").open("a") as f:
+        f.write('{"epoch": 7, "lr": 0.0')
+    cfg = load_config(None, tiny_overrides(moved, "fusion", 2) + ["data.num_workers=0", "train.eval_batch_size=4"])
+    with pytest.warns(UserWarning, match="not an epoch record"):
+        trainer.train(cfg, out, resume=True, progress=False)
+    assert [json.loads(line)["epoch"] for line in (out / "history.jsonl").read_text().splitlines()] == [0, 1]
+
+
+def test_evaluate_keeps_the_split_with_loader_overrides_and_says_when_it_cannot(fusion_run, tmp_path, caplog):
+    out, metrics = fusion_run
+    result = trainer.evaluate(out, "test", ["data.num_workers=1", "data.cache=memory"], out=tmp_path / "m.json",
+                              device="cpu")
+    assert result["split"] == "test" and result["n_images"] == metrics["n_images"]
+    loose = tmp_path / "loose.pt"
+    loose.write_bytes((out / "checkpoints" / "best.pt").read_bytes())
+    with caplog.at_level("WARNING", logger="finescope"):
+        result = trainer.evaluate(loose, "val", out=tmp_path / "n.json", device="cpu")
+    assert result["split"] == "all" and "not the 'val' split" in caplog.text

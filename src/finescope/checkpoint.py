@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +72,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def read_history(path: str | os.PathLike) -> list[dict]:
+    """The epoch rows of a run's ``history.jsonl``. A line that is not a JSON object (the partial last line of a
+    run killed while writing it, or a full disk) is skipped with a warning: the checkpoints, not this log, are
+    what a resumed run continues from."""
+    rows = []
+    for n, line in enumerate(Path(path).read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and "epoch" in row:
+            rows.append(row)
+        else:
+            warnings.warn(f"{path}: line {n} is not an epoch record (a run killed while writing it?); skipped",
+                          stacklevel=2)
+    return rows

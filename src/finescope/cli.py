@@ -47,9 +47,18 @@ def _metrics_line(m: dict) -> str:
     return "test: " + "  ".join(f"{k} {m[k]:.4f}" for k in keys if m.get(k) is not None) + f"  (n={m['n_images']})"
 
 
+def _not_a_checkpoint(out: str | None) -> None:
+    """Refuse an ``--out`` that names a checkpoint: evaluate and predict write JSON and CSV, and must never
+    replace the model they read."""
+    if out and Path(out).suffix == ".pt":
+        raise FinescopeError(f"--out '{out}' is a checkpoint name (.pt); give a .json/.csv file to write the "
+                             "results to, not the model")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from finescope.trainer import evaluate
 
+    _not_a_checkpoint(args.out)
     metrics = evaluate(args.source, args.split, args.overrides, args.out, args.device)
     print(_metrics_line(metrics).replace("test:", f"{metrics['split']}:"))
     print(f"metrics written to {metrics['output']}")
@@ -64,6 +73,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from finescope.trainer import predict
 
+    _not_a_checkpoint(args.out)
     out = predict(args.checkpoint, args.paths, args.out, args.overrides, args.device)
     print(f"predictions written to {out}")
     return 0
@@ -103,6 +113,10 @@ def cmd_cv(args: argparse.Namespace) -> int:
     flags = {"variants": args.variants, "folds": args.folds, "trials": args.trials,
              "test_fraction": args.test_fraction, "per_magnification": args.per_magnification,
              "reference": args.reference}
+    for name in ("folds", "trials"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise FinescopeError(f"--{name} must be at least 1, got {value}")
     if args.folds:
         flags["trials"] = 0
     elif args.trials:
@@ -137,6 +151,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from finescope.explain.runner import ExplainSettings, run_explain
 
+    if args.limit < 0:
+        raise FinescopeError(f"--limit must be >= 0 (0: every image), got {args.limit}")
+    if not 0 < args.percentile <= 100:
+        raise FinescopeError(f"--percentile must be in (0, 100], got {args.percentile}")
+    if args.tolerance < 0:
+        raise FinescopeError(f"--tolerance must be >= 0 pixels, got {args.tolerance}")
     settings = ExplainSettings(
         methods=tuple(args.method), normalise=args.normalise, percentile=args.percentile,
         faithfulness=not args.no_faithfulness, steps=args.steps, grid=args.grid, baseline=args.baseline,
@@ -285,8 +305,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"finescope: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("finescope: interrupted; resume a training run with --resume", file=sys.stderr)
+        again = {"train": "continue it with the same command and --resume", "cv": "rerun the same command to "
+                 "resume its folds"}.get(args.command, "")
+        print("finescope: interrupted" + (f"; {again}" if again else ""), file=sys.stderr)
         return 130
+    except (FileExistsError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        if debug or not e.filename:
+            raise
+        print(f"finescope: error: {e.strerror or e}: '{e.filename}'; check the path", file=sys.stderr)
+        return 2
     except Exception as e:
         if debug or "FinescopeError" not in str(e):
             raise

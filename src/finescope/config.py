@@ -12,6 +12,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import subprocess
 import types
 import typing
@@ -147,16 +149,24 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 if low in ("false", "0", "no", "off"):
                     return False
                 raise ValueError(value)
-            return bool(value)
+            if isinstance(value, bool) or value in (0, 1):
+                return bool(value)
+            raise ValueError(value)
         if tp in (int, float):
+            if isinstance(value, bool):  # YAML's true/false are ints to Python, not numbers to a user
+                raise ValueError(value)
             if isinstance(value, str) and "/" in value:  # allow 1/3
                 num, den = value.split("/", 1)
                 value = float(num) / float(den)
             out = tp(value)
+            if not math.isfinite(out):
+                raise FinescopeError(f"config key '{key}' must be a finite number, got {value!r}")
             if tp is int and isinstance(value, float) and value != int(value):
                 raise ValueError(value)
             return out
         if tp is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError(value)
             return "" if value is None else str(value)
         if origin is tuple:
             (item_tp, _) = typing.get_args(tp)
@@ -169,7 +179,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return tuple(_coerce(v, item_tp, key) for v in value)
         if isinstance(tp, types.UnionType):
             return value
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError):
         raise FinescopeError(f"config key '{key}': cannot read {value!r} as {getattr(tp, '__name__', tp)}") from None
     return value
 
@@ -177,10 +187,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _build(cls: type, raw: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in fields(cls)}
-    unknown = sorted(set(raw) - names)
+    unknown = sorted(str(k) for k in set(raw) - names)
     if unknown:
-        key = prefix + unknown[0]
-        raise FinescopeError(f"unknown config key '{key}'; valid keys: {', '.join(valid_keys())}")
+        raise FinescopeError(_unknown_key(prefix + unknown[0]))
     kwargs = {}
     for name, value in raw.items():
         tp = hints[name]
@@ -193,6 +202,16 @@ def _build(cls: type, raw: dict, prefix: str = "") -> Any:
                 value = _LEGACY_BOOLEANS[name][value]
             kwargs[name] = _coerce(value, tp, prefix + name)
     return cls(**kwargs)
+
+
+def _unknown_key(key: str) -> str:
+    """The error for an unknown dotted key: the valid keys of its section (the sections and top-level keys
+    when the section itself is unknown)."""
+    section = key.split(".")[0] + "."
+    keys = [k for k in valid_keys() if k.startswith(section)] if "." in key else []
+    if not keys:
+        keys = sorted({k.split(".")[0] for k in valid_keys()})
+    return f"unknown config key '{key}'; valid: {', '.join(keys)}"
 
 
 def config_from_dict(raw: dict | None) -> Config:
@@ -212,18 +231,40 @@ def _set_nested(raw: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _key_types(cls: type = Config, prefix: str = "") -> dict[str, Any]:
+    """Every dotted key and its declared type."""
+    out = {}
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        tp = hints[f.name]
+        out.update(_key_types(tp, prefix + f.name + ".") if is_dataclass(tp) else {prefix + f.name: tp})
+    return out
+
+
 def parse_overrides(overrides: list[str] | None) -> dict:
-    """Turn ``['a.b=c', ...]`` into a nested dict; values are parsed as YAML scalars."""
+    """Turn ``['a.b=c', ...]`` into a nested dict. Values of text keys are taken as written (a regex or a
+    path needs no YAML quoting; surrounding quotes are removed), except the words YAML reads as booleans for
+    the keys that accept them (``train.compile=true``); other values are parsed as YAML."""
     raw: dict = {}
+    types_ = _key_types()
     for item in overrides or []:
         if "=" not in item:
             raise FinescopeError(f"--set expects key=value, got '{item}' (e.g. --set train.epochs=5)")
         key, value = item.split("=", 1)
         key = key.strip()
-        if key not in valid_keys():
-            raise FinescopeError(f"unknown config key '{key}'; valid keys: {', '.join(valid_keys())}")
-        parsed = yaml.safe_load(value) if value.strip() else ""
-        _set_nested(raw, key, value if isinstance(parsed, (dict, list)) and key.endswith("pattern") else parsed)
+        if key not in types_:
+            raise FinescopeError(_unknown_key(key))
+        text = value.strip()
+        if types_[key] is str and not (key.split(".")[-1] in _LEGACY_BOOLEANS
+                                        and text.lower() in ("true", "false", "yes", "no", "on", "off")):
+            quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
+            _set_nested(raw, key, text[1:-1] if quoted else text)
+            continue
+        try:
+            parsed = yaml.safe_load(value) if text else ""
+        except yaml.YAMLError as e:
+            raise FinescopeError(f"--set {key}: cannot read {value!r} ({str(e).splitlines()[0]})") from None
+        _set_nested(raw, key, parsed)
     return raw
 
 
@@ -232,6 +273,25 @@ def _merge(base: dict, extra: dict) -> dict:
     for k, v in extra.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def read_yaml_mapping(path: str | Path) -> dict:
+    """A config file's YAML mapping (empty file: {}); a missing, unreadable or malformed file, or one that is
+    not a mapping, raises :class:`FinescopeError` naming it."""
+    p = Path(path)
+    if p.is_dir():
+        raise FinescopeError(f"config file '{path}' is a directory; give a YAML file (see configs/ for examples)")
+    if not p.is_file():
+        raise FinescopeError(f"config file '{path}' not found; see configs/ for examples")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise FinescopeError(f"config file '{path}' is not UTF-8 text; save it as UTF-8 YAML") from None
+    except yaml.YAMLError as e:
+        raise FinescopeError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(loaded, dict):
+        raise FinescopeError(f"config file '{path}' must be a YAML mapping with sections data/model/train")
+    return loaded
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
@@ -244,15 +304,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """
     raw: dict = dict(base or {})
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FinescopeError(f"config file '{path}' not found; see configs/ for examples")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise FinescopeError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(loaded, dict):
-            raise FinescopeError(f"config file '{path}' must be a YAML mapping with sections data/model/train")
+        loaded = read_yaml_mapping(path)
         for section in ("protocol", "profiles"):  # read by `finescope cv` (finescope.cv.load_protocol)
             loaded.pop(section, None)
         raw = _merge(raw, loaded)
@@ -271,6 +323,20 @@ def to_dict(cfg: Config) -> dict:
         return v
 
     return conv(dataclasses.asdict(cfg))
+
+
+def first_difference(old: Any, new: Any, prefix: str = "", ignore: tuple[str, ...] = ()) -> str | None:
+    """The dotted key of the first difference between two nested dicts, with both values, or None; keys in
+    ``ignore`` (dotted) are not compared."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new), key=str):
+            if f"{prefix}{k}" in ignore:
+                continue
+            diff = first_difference(old.get(k), new.get(k), f"{prefix}{k}.", ignore)
+            if diff:
+                return diff
+        return None
+    return None if old == new else f"{prefix[:-1]} (was {old!r}, now {new!r})"
 
 
 def override(cfg: Config, **sections: dict) -> Config:
@@ -305,6 +371,9 @@ _LEGACY_BOOLEANS = {"amp": {True: "bf16", False: "off"}, "cpu_amp": {True: "bf16
                     "compile": {True: "default", False: "off"}, "one_orientation": {True: "on", False: "off"}}
 
 
+MAX_SIDE = 8192  # model.global_size and model.local_size: a larger view or crop is a typo, not a model
+
+
 def validate(cfg: Config) -> None:
     """Check choices and ranges; raise :class:`FinescopeError` naming the key and the valid options."""
     for key, options in _CHOICES.items():
@@ -326,10 +395,30 @@ def validate(cfg: Config) -> None:
         raise FinescopeError("config key 'model.peak_iou' must be in [0, 1]")
     if not 0.0 < cfg.model.min_box_fraction <= 1.0:
         raise FinescopeError("config key 'model.min_box_fraction' must be in (0, 1]")
-    for key in ("data.val_fraction", "data.test_fraction"):
-        value = getattr(cfg.data, key.split(".")[1])
-        if not 0.0 <= value < 1.0:
+    for key in ("data.val_fraction", "data.test_fraction", "model.dropout", "train.label_smoothing"):
+        section, name = key.split(".")
+        if not 0.0 <= getattr(getattr(cfg, section), name) < 1.0:
             raise FinescopeError(f"config key '{key}' must be in [0, 1)")
+    if cfg.train.lr <= 0:
+        raise FinescopeError("config key 'train.lr' must be above 0")
+    for key in ("data.num_workers", "model.proj_dim", "train.backbone_lr_scale", "train.weight_decay",
+                "train.warmup_epochs", "train.patience", "train.grad_clip", "train.aux_weight",
+                "train.eval_batch_size"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 0:
+            raise FinescopeError(f"config key '{key}' must be >= 0")
+    if cfg.model.attn_dim < 1:
+        raise FinescopeError("config key 'model.attn_dim' must be at least 1")
+    for key in ("model.global_size", "model.local_size"):
+        if getattr(cfg.model, key.split(".")[1]) > MAX_SIDE:
+            raise FinescopeError(f"config key '{key}' must be at most {MAX_SIDE} pixels")
+    if cfg.data.synthetic_per_class < 1 or cfg.data.synthetic_size < 64:
+        raise FinescopeError("config keys 'data.synthetic_per_class' (>= 1) and 'data.synthetic_size' (>= 64 "
+                             f"pixels) are out of range: {cfg.data.synthetic_per_class}, {cfg.data.synthetic_size}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.train.device):
+        raise FinescopeError(f"config key 'train.device' is '{cfg.train.device}'; choose auto, cpu, cuda or cuda:N")
+    if not 0 <= cfg.seed < 2**32:
+        raise FinescopeError(f"config key 'seed' must be in [0, 2^32), got {cfg.seed}")
 
 
 def git_commit() -> str:
@@ -366,6 +455,7 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "config_from_dict",
+    "first_difference",
     "load_config",
     "override",
     "replace",

@@ -30,9 +30,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from finescope.config import Config, config_from_dict, load_config, to_dict
+from finescope.config import (
+    Config,
+    config_from_dict,
+    first_difference,
+    load_config,
+    read_yaml_mapping,
+    to_dict,
+)
 from finescope.data import (
     SampleSet,
     carve_validation,
@@ -100,6 +106,14 @@ def make_protocol(raw: dict | None, where: str = "protocol") -> Protocol:
         raw["variants"] = [v for v in raw["variants"].split(",") if v.strip()]
     if "variants" in raw:
         raw["variants"] = tuple(str(v).strip() for v in raw["variants"])
+    for key, tp in (("folds", int), ("trials", int), ("n_boot", int), ("test_fraction", float),
+                    ("per_magnification", bool)):
+        if key in raw and (isinstance(raw[key], bool) != (tp is bool) or not isinstance(raw[key], (int, float))
+                           or (tp is int and raw[key] != int(raw[key]))):
+            raise FinescopeError(f"'{where}.{key}' must be {'true or false' if tp is bool else f'a {tp.__name__}'}"
+                                 f", got {raw[key]!r}")
+    if "reference" in raw and not isinstance(raw["reference"], str):
+        raise FinescopeError(f"'{where}.reference' must be a variant name, got {raw['reference']!r}")
     protocol = Protocol(**raw)
     check_protocol(protocol)
     return protocol
@@ -138,19 +152,21 @@ def load_protocol(
         The resolved config and protocol.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FinescopeError(f"config file '{path}' not found; see configs/ for examples")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise FinescopeError(f"config file '{path}' must be a YAML mapping with sections data/model/train")
-    proto = dict(raw.pop("protocol", None) or {})
-    profiles = raw.pop("profiles", None) or {}
+    raw = read_yaml_mapping(path)
+
+    def mapping(value: Any, key: str) -> dict:
+        if not isinstance(value or {}, dict):
+            raise FinescopeError(f"config file '{path}': '{key}' must be a mapping, got {value!r}")
+        return dict(value or {})
+
+    proto = mapping(raw.pop("protocol", None), "protocol")
+    profiles = mapping(raw.pop("profiles", None), "profiles")
     if profile:
         if profile not in profiles:
-            have = ", ".join(profiles) or "none"
+            have = ", ".join(map(str, profiles)) or "none"
             raise FinescopeError(f"config file '{path}' has no profile '{profile}'; profiles: {have}")
-        chosen = copy.deepcopy(profiles[profile])
-        proto.update(chosen.pop("protocol", None) or {})
+        chosen = mapping(copy.deepcopy(profiles[profile]), f"profiles.{profile}")
+        proto.update(mapping(chosen.pop("protocol", None), f"profiles.{profile}.protocol"))
         raw = _merge(raw, chosen)
     cfg = load_config(base=raw, overrides=overrides)
     proto.update({k: v for k, v in (protocol or {}).items() if v is not None})
@@ -321,24 +337,13 @@ def _stored_settings(cfg: Config, p: Protocol) -> dict:
     return {"config": to_dict(cfg), "protocol": proto}
 
 
-def _first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
-    """The dotted key of the first difference between two nested dicts, or None."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        for k in sorted(set(old) | set(new)):
-            diff = _first_difference(old.get(k), new.get(k), f"{prefix}{k}.")
-            if diff:
-                return diff
-        return None
-    return None if old == new else f"{prefix[:-1]} (was {old!r}, now {new!r})"
-
-
 def check_rerun(out: Path, cfg: Config, p: Protocol) -> None:
     """Refuse to mix settings in one cv directory; a rerun with the same settings resumes it."""
     path = out / "cv.json"
     if not path.is_file():
         return
     old = json.loads(path.read_text())
-    diff = _first_difference(old.get("settings"), _stored_settings(cfg, p))
+    diff = first_difference(old.get("settings"), _stored_settings(cfg, p))
     if diff:
         diff = diff.removeprefix("config.")
         raise FinescopeError(

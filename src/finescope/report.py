@@ -24,6 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from finescope.checkpoint import read_history  # noqa: E402
 from finescope.errors import FinescopeError  # noqa: E402
 from finescope.metrics import reliability_curve, roc_curves  # noqa: E402
 from finescope.oof import TABLE_METRICS, as_arrays, read_oof_csv, summarize_predictions  # noqa: E402
@@ -76,7 +77,7 @@ def _histories(run_dir: Path, is_cv: bool) -> dict[str, dict[str, list[dict]]]:
     for path in paths:
         if not path.is_file():
             continue
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = read_history(path)
         variant, fold = (path.parent.parent.name, path.parent.name) if is_cv else ("model", "run")
         out.setdefault(variant, {})[fold] = rows
     return out

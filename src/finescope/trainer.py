@@ -24,11 +24,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from torch.utils.data import DataLoader
 
 from finescope import distributed as dist
-from finescope.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from finescope.config import Config, load_config, resolved_dict, save_config, strip_provenance
+from finescope.checkpoint import load_checkpoint, read_history, rng_state, save_checkpoint, set_rng_state
+from finescope.config import (
+    Config,
+    first_difference,
+    load_config,
+    resolved_dict,
+    save_config,
+    strip_provenance,
+    to_dict,
+)
 from finescope.data import (
     ImageDataset,
     SampleSet,
@@ -65,11 +74,12 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FinescopeError(f"train.device is '{name}' but no CUDA GPU is available; use train.device=cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise FinescopeError(f"train.device '{name}' is not a device; use auto, cpu, cuda or cuda:N") from None
+        raise FinescopeError(f"the device is '{name}' (train.device, or --device) but no CUDA GPU is available; "
+                             "use cpu")
+    if name != "cpu" and not (name.startswith("cuda") and name[4:] in ("",) + tuple(f":{i}" for i in range(64))):
+        raise FinescopeError(f"the device '{name}' (train.device, or --device) is not one finescope runs on; use "
+                             "auto, cpu, cuda or cuda:N")
+    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -220,12 +230,15 @@ def resolve_splits(cfg: Config, sample_set: SampleSet, run_dir: Path, resume: bo
 
 
 # -- the run -------------------------------------------------------------------------------------------------
+_MONITOR_KEYS = {"accuracy": "image_accuracy"}  # train.monitor names -> keys of the metrics dict
+
+
 def _score(metrics: dict, monitor: str) -> float:
-    """Higher is better; the loss is negated."""
-    if monitor == "loss":
-        return -metrics["loss"]
-    value = metrics.get(monitor)
-    return float("-inf") if value is None else float(value)
+    """Higher is better; the loss is negated. A metric that is undefined (AUC on a validation side of one
+    class) scores -inf: worse than any defined one, never better than the first candidate epoch."""
+    value = -metrics["loss"] if monitor == "loss" else metrics.get(_MONITOR_KEYS.get(monitor, monitor))
+    value = float("nan") if value is None else float(value)
+    return float("-inf") if math.isnan(value) else value
 
 
 def _state(model, optimizer, scheduler, scaler, epoch, cfg, class_names, tracker) -> dict:
@@ -281,6 +294,30 @@ def _log_epoch(run_dir: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+# keys a resumed run may change: where the data and the cache are, how fast it runs, where; not what it computes
+RESUME_FREE = ("name", "data.root", "data.num_workers", "data.cache", "data.cache_dir", "train.device",
+               "train.eval_batch_size", "train.compile", "train.selection_graph", "train.channels_last")
+
+
+def _check_resume_config(run_dir: Path, cfg: Config) -> None:
+    """Refuse to resume ``run_dir`` with another config than its own (``config.yaml``), naming the first
+    differing key; the keys of ``RESUME_FREE`` may change. Nothing in the run is written before this check."""
+    path = run_dir / "config.yaml"
+    if not (run_dir / "checkpoints" / "last.pt").is_file():
+        raise FinescopeError(f"--resume: no checkpoint at '{run_dir / 'checkpoints' / 'last.pt'}'; start without "
+                             "--resume")
+    if not path.is_file():
+        return
+    try:
+        old = strip_provenance(yaml.safe_load(path.read_text()) or {})
+    except yaml.YAMLError:
+        raise FinescopeError(f"--resume: '{path}' is not valid YAML; restore it or start a new run") from None
+    diff = first_difference(old, to_dict(cfg), ignore=RESUME_FREE)
+    if diff:
+        raise FinescopeError(f"--resume: '{run_dir}' was trained with another config: {diff}; resume with the "
+                             f"run's own settings (its config.yaml), or start a new run with another --out")
+
+
 def _resume_state(run_dir: Path, class_names, model, optimizer, scheduler, scaler) -> tuple[int, dict]:
     last = run_dir / "checkpoints" / "last.pt"
     if not last.is_file():
@@ -301,8 +338,8 @@ def _truncate_history(run_dir: Path, last_epoch: int) -> None:
     """Drop history lines of epochs after the checkpoint (a run killed mid-epoch may have logged them)."""
     path = run_dir / "history.jsonl"
     if path.is_file():
-        rows = [r for r in path.read_text().splitlines() if r and json.loads(r)["epoch"] <= last_epoch]
-        path.write_text("".join(r + "\n" for r in rows))
+        rows = [r for r in read_history(path) if r["epoch"] <= last_epoch]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
@@ -314,6 +351,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     run_dir = Path(run_dir)
     if not resume and (run_dir / "checkpoints" / "last.pt").is_file():
         raise FinescopeError(f"'{run_dir}' already holds a run; pass --resume to continue it or choose another --out")
+    if resume:
+        _check_resume_config(run_dir, cfg)
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.seed)
     sample_set = _load_samples_rank0_first(cfg)
@@ -403,7 +442,7 @@ def _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, 
     tracker = dict(tracker)
     if not model.crops_active:  # a warm-up epoch's fusion head is untrained: not a candidate for best.pt
         pass
-    elif score > tracker["best_score"]:
+    elif tracker["best_epoch"] < 0 or score > tracker["best_score"]:  # the first candidate is always kept
         tracker.update(best_score=score, best_epoch=epoch, bad_epochs=0)
     else:
         tracker["bad_epochs"] += 1
@@ -456,7 +495,15 @@ def load_trained(source: str | Path, overrides: list[str] | None = None, device:
         config with overrides applied, class names, checkpoint state).
     """
     state = load_checkpoint(source)
+    if not isinstance(state.get("config"), dict) or "class_names" not in state or "model" not in state:
+        raise FinescopeError(f"checkpoint '{state['path']}' is not a finescope model (no config, class names or "
+                             "weights); pass a run directory or a .pt written by finescope train")
     base = strip_provenance(state["config"])
+    try:
+        load_config(base=base)
+    except FinescopeError as e:
+        raise FinescopeError(f"checkpoint '{state['path']}': its stored config does not load here ({e}); was it "
+                             "written by another finescope version?") from None
     cfg = load_config(base=base, overrides=overrides)
     cfg = replace(cfg, model=replace(cfg.model, weights="", pretrained=False))  # the checkpoint holds the weights
     torch_device = resolve_device(device if device != "auto" else cfg.train.device)
@@ -464,7 +511,11 @@ def load_trained(source: str | Path, overrides: list[str] | None = None, device:
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
-        raise FinescopeError(f"checkpoint '{state['path']}' does not fit its model config: {str(e).splitlines()[0]}") from None
+        changed = first_difference(base.get("model"), to_dict(cfg)["model"], "model.", ("model.weights",
+                                                                                         "model.pretrained"))
+        hint = (f"{changed}: a trained model keeps its architecture, drop that override" if changed else
+                " ".join(str(e).split("\n", 1)[-1].split())[:160])
+        raise FinescopeError(f"checkpoint '{state['path']}' does not fit the model config: {hint}") from None
     model.fold_batchnorm()  # inference only: BatchNorm folded into the convolutions, in eval mode
     return model, cfg, list(state["class_names"]), state
 
@@ -479,18 +530,28 @@ def evaluate(source: str | Path, split: str = "test", overrides: list[str] | Non
              out: str | Path | None = None, device: str = "auto") -> dict:
     """Metrics of a trained model on a split of its run, or on all images of other data.
 
-    With the run's own data, ``split`` picks train/val/test from ``splits.json``; with other data (e.g.
-    ``--set data.root=UNSEEN``) or ``split='all'`` every image is evaluated.
+    With data that the run's ``splits.json`` describes (its own, also moved or read with other loader
+    settings), ``split`` picks train/val/test from it; with other data (e.g. ``--set data.root=UNSEEN``), without
+    a ``splits.json`` next to the checkpoint, or with ``split='all'`` every image is evaluated, and a warning
+    says why when another split was asked for.
     """
     model, cfg, class_names, state = load_trained(source, overrides, device)
     trained_data = load_config(base=strip_provenance(state["config"])).data
     sample_set = load_samples(cfg.data, require_all_classes=False, class_names=class_names)
     run_dir = run_dir_of(state)
-    same_data = cfg.data == trained_data and (run_dir / "splits.json").is_file()
-    if split == "all" or not same_data:
+    splits, why = None, f"no splits.json in '{run_dir}'"
+    if split != "all" and (run_dir / "splits.json").is_file():
+        try:
+            splits = load_splits(run_dir / "splits.json", sample_set)
+        except FinescopeError as e:
+            if cfg.data == trained_data:  # the run's own data no longer matches its splits: say so, do not guess
+                raise
+            why = f"the data is not the run's ({str(e).split(';')[0]})"
+    if splits is None:
+        if split != "all":
+            log.warning("evaluating all %d images, not the '%s' split: %s", len(sample_set), split, why)
         indices, split = np.arange(len(sample_set)), "all"
     else:
-        splits = load_splits(run_dir / "splits.json", sample_set)
         if split not in splits:
             raise FinescopeError(f"--split '{split}' is not in {run_dir / 'splits.json'}; use train, val, test or all")
         indices = splits[split]
@@ -550,10 +611,14 @@ def predict(checkpoint: str | Path, paths: list[str], out: str | Path | None = N
     loader = make_loader(sample_set, np.arange(len(samples)), replace(cfg, data=replace(cfg.data, on_error="skip")), train=False)
     preds = predict_loader(model, loader, next(model.parameters()).device, amp=cfg.train.amp,
                            cpu_amp=cfg.train.cpu_amp, predict_with=cfg.model.predict_with)
+    if len(preds.indices) == 0:
+        raise FinescopeError(f"none of the {len(samples)} images could be read (see the warnings above); nothing "
+                             "was written")
     out = Path(out or "predictions.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_predictions(out, preds, sample_set)
     skipped = len(samples) - len(preds.indices)
     if skipped:
-        log.warning("skipped %d unreadable files (listed in the warnings above)", skipped)
+        log.warning("skipped %d of %d files, unreadable or too small (listed in the warnings above)", skipped,
+                    len(samples))
     return out

@@ -59,6 +59,23 @@ def _png_intact(data: bytes) -> bool:
     return False
 
 
+def _encoded_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR or a JPEG's frame header, or None when the bytes do not say."""
+    if data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR":
+        return struct.unpack_from(">II", data, 16)
+    pos = 2
+    while data.startswith(b"\xff\xd8") and pos + 9 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start of frame
+            height, width = struct.unpack_from(">HH", data, pos + 5)
+            return width, height
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        pos += 2 + struct.unpack_from(">H", data, pos + 2)[0]
+    return None
+
+
 def _decode_torchvision(path: Path) -> torch.Tensor:
     """Decode an intact PNG or a JPEG with torchvision (libpng/libjpeg, faster than PIL): (C, H, W) uint8 or
     uint16. Anything else, a damaged PNG included, raises ValueError, and PIL reads it or says why not."""
@@ -67,6 +84,10 @@ def _decode_torchvision(path: Path) -> torch.Tensor:
     data = path.read_bytes()
     if not (_png_intact(data) or data.startswith(b"\xff\xd8\xff")):
         raise ValueError("not an intact PNG or a JPEG")
+    size = _encoded_size(data)
+    if size is not None and size[0] * size[1] > 2 * (Image.MAX_IMAGE_PIXELS or float("inf")):
+        raise ValueError("larger than PIL's decompression-bomb limit")  # PIL says so, naming the size, and the
+        # decoder is not asked to allocate it (libtorch prints a stack dump when an allocation fails)
     with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of torchcodec
         warnings.simplefilter("ignore", DeprecationWarning)
         return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
@@ -378,19 +399,19 @@ class ImageDataset(Dataset):
         path = self.samples[i].path
         entry = self._disk.entry(path) if self._disk is not None else None
         img = self._disk.get(entry) if entry is not None else None
-        if img is not None:
-            self._check_size(path, img)
-            return img
         try:
+            if img is not None:
+                self._check_size(path, img)
+                return img
             img = read_image(path)
+            self._check_size(path, img)
         except FinescopeError as e:
             if self.on_error == "raise":
                 raise
             if path not in self._warned:
                 self._warned.add(path)
-                warnings.warn(f"skipping unreadable image '{path}': {e}", stacklevel=3)
+                warnings.warn(f"skipping image '{path}': {e}", stacklevel=1)  # not torch's fetch, whose are hidden
             return None
-        self._check_size(path, img)
         if self.cache == "memory" and not self._shared.put(i, img):
             self._cache[i] = img
         elif entry is not None:

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from finescope.errors import FinescopeError
+
 CLASS_NAMES = ("typical", "atypical")
 
 
@@ -148,6 +150,13 @@ def ensure_synthetic(root: str | Path, per_class: int = 160, size: int = 384, se
     wanted = {"per_class": per_class, "size": size, "seed": seed}
     if manifest.is_file() and spec_file.is_file() and json.loads(spec_file.read_text()) == wanted:
         return manifest
+    if root.exists() and not root.is_dir():
+        raise FinescopeError(f"data.root '{root}' is a file; the synthetic source generates its images into a "
+                             "folder (give a new or empty one)")
+    if root.is_dir() and not spec_file.is_file() and any(root.iterdir()):  # someone else's folder: never write there
+        raise FinescopeError(f"data.root '{root}' holds files that are not a finescope synthetic set, and "
+                             "data.source is 'synthetic' (the default), which would write generated images there; "
+                             "set data.source to breakhis, folder or csv for your data, or give a new folder")
     return generate(root, per_class, size, seed)
 
 

@@ -223,11 +223,32 @@ def _timm_backbone(name: str, weights: str, pretrained: bool) -> Backbone:
         if pretrained:
             raise _download_failed(name, e) from None
         raise FinescopeError(f"timm could not build backbone '{name}': {e}") from None
+    _check_feature_map(model, name)
     if weights:
         classifier = model.pretrained_cfg.get("classifier", "head")
         heads = classifier if isinstance(classifier, (list, tuple)) else (classifier,)
         load_weights_into(model, weights, tuple(h + "." for h in heads), name)
     return Backbone(_TimmTrunk(model), int(model.num_features), name)
+
+
+def _check_feature_map(model: nn.Module, name: str) -> None:
+    """Refuse a timm model that does not map an image of any size to a (B, C, h, w) feature map (a vision
+    transformer with a fixed input size, or one that returns tokens): finescope reads views and crops of any
+    size, and its attention needs the map's cells. One forward pass of a small non-square image."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model.forward_features(torch.zeros(1, 3, 96, 128))
+        ok = isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[1] == model.num_features
+    except Exception:  # a fixed-size model asserts or raises its own types
+        ok = False
+    finally:
+        model.train(was_training)
+    if not ok:
+        raise FinescopeError(f"backbone '{name}' does not give a (B, C, h, w) feature map for images of any size "
+                             "(e.g. a vision transformer with a fixed input size); choose a CNN backbone "
+                             "(finescope models lists the built-in ones)")
 
 
 def create_backbone(name: str, weights: str = "", pretrained: bool = False) -> Backbone:
