@@ -240,7 +240,7 @@ def test_resume_refuses_another_config_and_keeps_the_runs_own(synthetic_root, tm
     out = tmp_path / "run"
     _train(synthetic_root, out, epochs=2)
     before = (out / "config.yaml").read_text()
-    for change in (["model.variant=global"], ["seed=5"], ["train.lr=0.01"], ["train.epochs=3"]):
+    for change in (["model.variant=global"], ["seed=5"], ["train.lr=0.01"], ["data.augment=none"]):
         cfg = load_config(None, tiny_overrides(synthetic_root, "fusion", 2) + change)
         with pytest.raises(FinescopeError, match=change[0].split("=")[0]):
             trainer.train(cfg, out, resume=True, progress=False)

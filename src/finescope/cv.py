@@ -288,6 +288,8 @@ def load_cv_splits(path: str | Path, sample_set: SampleSet, per_magnification: b
     """
     path = Path(path)
     fix = "use the splits.json of a finescope cv run on this data, or leave --splits out to draw new folds"
+    if not path.is_file():
+        raise FinescopeError(f"--splits '{path}' not found; {fix}")
     try:
         raw = json.loads(path.read_text()) if path.is_file() else None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):

@@ -53,8 +53,12 @@ def _single_run_rows(run_dir: Path, predictions: Path | None = None) -> Path:
     src = next((Path(p) for p in candidates if Path(p).is_file()), None)
     if src is None:
         raise FinescopeError(f"'{run_dir}' holds neither predictions.csv (cv) nor predictions_test.csv (a run)")
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
-    variant = (cfg.get("model") or {}).get("variant", "model")
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    except yaml.YAMLError:
+        cfg = {}
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    variant = model.get("variant", "model") if isinstance(model, dict) else "model"  # a label only
     with src.open(newline="") as fh:
         reader = csv.DictReader(fh)
         probs = [c for c in reader.fieldnames or [] if c.startswith("prob_")]

@@ -294,9 +294,11 @@ def _log_epoch(run_dir: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-# keys a resumed run may change: where the data and the cache are, how fast it runs, where; not what it computes
+# keys a resumed run may change: where the data and the cache are, how fast it runs, where, and how long it
+# trains (more epochs stretch the learning-rate schedule from the resumed step on); not what an epoch computes
 RESUME_FREE = ("name", "data.root", "data.num_workers", "data.cache", "data.cache_dir", "train.device",
-               "train.eval_batch_size", "train.compile", "train.selection_graph", "train.channels_last")
+               "train.eval_batch_size", "train.compile", "train.selection_graph", "train.channels_last",
+               "train.epochs", "train.patience")
 
 
 def _check_resume_config(run_dir: Path, cfg: Config) -> None:
