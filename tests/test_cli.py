@@ -245,3 +245,11 @@ def test_a_timm_model_without_a_feature_map_is_refused_up_front(tmp_path, capsys
                  "data.source=folder", f"data.root={root}", "model.backbone=vit_tiny_patch16_224",
                  "data.num_workers=0"]) == 2
     assert "feature map" in _one_error_line(capsys)
+
+
+def test_one_class_is_named_with_its_root(tmp_path, capsys):
+    root = _folder(tmp_path / "one", classes=("a",))
+    assert main(["train", "--config", "configs/demo.yaml", "--out", str(tmp_path / "r"), "--quiet", "--set",
+                 "data.source=folder", f"data.root={root}", "data.num_workers=0"]) == 2
+    assert str(root) in _one_error_line(capsys)
+    assert not (tmp_path / "r").exists()

@@ -358,6 +358,9 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.seed)
     sample_set = _load_samples_rank0_first(cfg)
+    if len(sample_set.class_names) < 2:
+        raise FinescopeError(f"data.root '{cfg.data.root}' ({cfg.data.source} source) holds one class "
+                             f"({', '.join(sample_set.class_names) or 'none'}); a classifier needs at least 2")
     splits = resolve_splits(cfg, sample_set, run_dir, resume)
     model = build_model(cfg, len(sample_set.class_names), device)
     if dist.is_main():
