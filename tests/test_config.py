@@ -146,3 +146,10 @@ def test_readme_config_table_lists_every_key_with_its_default():
             assert got == want, key
         else:
             assert abs(got - want) < 1e-3, key
+
+
+def test_a_key_written_twice_is_refused(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("train:\n  epochs: 3\n  epochs: 5\n")
+    with pytest.raises(FinescopeError, match="'epochs' appears twice"):
+        load_config(path)

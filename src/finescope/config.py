@@ -275,6 +275,20 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key '{key}' appears twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml_mapping(path: str | Path) -> dict:
     """A config file's YAML mapping (empty file: {}); a missing, unreadable or malformed file, or one that is
     not a mapping, raises :class:`FinescopeError` naming it."""
@@ -284,7 +298,7 @@ def read_yaml_mapping(path: str | Path) -> dict:
     if not p.is_file():
         raise FinescopeError(f"config file '{path}' not found; see configs/ for examples")
     try:
-        loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except UnicodeDecodeError:
         raise FinescopeError(f"config file '{path}' is not UTF-8 text; save it as UTF-8 YAML") from None
     except yaml.YAMLError as e:

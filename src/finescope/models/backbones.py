@@ -138,7 +138,9 @@ def _read_state_dict(path: str) -> dict:
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt files
-        raise FinescopeError(f"model.weights file '{path}' could not be read as a state dict: {e}") from None
+        reason = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FinescopeError(f"model.weights file '{path}' could not be read as a state dict ({type(e).__name__}: "
+                             f"{reason[:120]}); pass a file saved with torch.save(model.state_dict())") from None
     if not isinstance(state, dict):
         raise FinescopeError(f"model.weights file '{path}' does not hold a state dict (got {type(state).__name__})")
     return state
