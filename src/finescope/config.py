@@ -282,6 +282,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):
+                continue  # the base loader refuses it, naming the line
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"the key '{key}' appears twice in one mapping",
                                                         key_node.start_mark)

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import random
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -73,12 +74,12 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda if available else cpu; ``cuda`` without a GPU is an error naming ``train.device``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise FinescopeError(f"the device '{name}' (train.device, or --device) is not one finescope runs on; use "
+                             "auto, cpu, cuda or cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise FinescopeError(f"the device is '{name}' (train.device, or --device) but no CUDA GPU is available; "
                              "use cpu")
-    if name != "cpu" and not (name.startswith("cuda") and name[4:] in ("",) + tuple(f":{i}" for i in range(64))):
-        raise FinescopeError(f"the device '{name}' (train.device, or --device) is not one finescope runs on; use "
-                             "auto, cpu, cuda or cuda:N")
     return torch.device(name)
 
 
@@ -321,9 +322,7 @@ def _check_resume_config(run_dir: Path, cfg: Config) -> None:
 
 
 def _resume_state(run_dir: Path, class_names, model, optimizer, scheduler, scaler) -> tuple[int, dict]:
-    last = run_dir / "checkpoints" / "last.pt"
-    if not last.is_file():
-        raise FinescopeError(f"--resume: no checkpoint at '{last}'; start without --resume")
+    last = run_dir / "checkpoints" / "last.pt"  # there: _check_resume_config said so
     state = load_checkpoint(last)
     _check_classes(state, class_names, str(last))
     model.load_state_dict(state["model"])
