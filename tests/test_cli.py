@@ -255,3 +255,14 @@ def test_one_class_is_named_with_its_root(tmp_path, capsys):
                  "data.source=folder", f"data.root={root}", "data.num_workers=0"]) == 2
     assert str(root) in _one_error_line(capsys)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_csv_split_column_without_training_images_names_the_column(tmp_path, capsys):
+    rows = ["path,label,group,split"]
+    for i in range(4):
+        Image.new("RGB", (64, 64), (60 * i, 0, 0)).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{'ab'[i % 2]},g{i},test")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    assert main(["train", "--config", "configs/demo.yaml", "--out", str(tmp_path / "r"), "--quiet", "--set",
+                 "data.source=csv", f"data.root={tmp_path / 'm.csv'}", "data.num_workers=0"]) == 2
+    assert "split column" in _one_error_line(capsys)

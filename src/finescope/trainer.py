@@ -214,19 +214,22 @@ def resolve_splits(cfg: Config, sample_set: SampleSet, run_dir: Path, resume: bo
     """The run's split: resumed, given by ``data.splits``, preset by a CSV column, or drawn (grouped)."""
     own = run_dir / "splits.json"
     if resume and own.is_file():
-        splits = load_splits(own, sample_set)
+        splits, source = load_splits(own, sample_set), f"the run's {own}"
     elif cfg.data.splits:
-        splits = load_splits(cfg.data.splits, sample_set)
+        splits, source = load_splits(cfg.data.splits, sample_set), f"data.splits '{cfg.data.splits}'"
     elif sample_set.preset_splits is not None:
         names = np.array(sample_set.preset_splits)
         splits = {side: np.flatnonzero(names == side) for side in ("train", "val", "test")}
+        source = f"the split column of '{cfg.data.root}'"
     else:
         splits = split_groups(
             sample_set.labels, sample_set.groups, cfg.data.test_fraction, cfg.data.val_fraction, cfg.seed
         )
+        source = "data.test_fraction and data.val_fraction"
     check_no_leak(splits, sample_set.groups)
     if len(splits.get("train", [])) == 0:
-        raise FinescopeError("the training split is empty; lower data.test_fraction/val_fraction or add images")
+        raise FinescopeError(f"the training split is empty: {source} leaves no image for training; change it, or "
+                             "add images")
     return splits
 
 
