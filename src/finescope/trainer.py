@@ -214,7 +214,8 @@ def resolve_splits(cfg: Config, sample_set: SampleSet, run_dir: Path, resume: bo
     """The run's split: resumed, given by ``data.splits``, preset by a CSV column, or drawn (grouped)."""
     own = run_dir / "splits.json"
     if resume and own.is_file():
-        splits, source = load_splits(own, sample_set), f"the run's {own}"
+        splits = load_splits(own, sample_set, fix="point data.root at the data this run was trained on")
+        source = f"the run's {own}"
     elif cfg.data.splits:
         splits, source = load_splits(cfg.data.splits, sample_set), f"data.splits '{cfg.data.splits}'"
     elif sample_set.preset_splits is not None:

@@ -292,10 +292,12 @@ def _read_split_lists(path: Path) -> dict[str, list[str]]:
     return lists
 
 
-def load_splits(path: str | Path, sample_set: SampleSet) -> dict[str, np.ndarray]:
+def load_splits(path: str | Path, sample_set: SampleSet, fix: str = "draw new splits by leaving data.splits empty",
+                ) -> dict[str, np.ndarray]:
     """Read splits written by :func:`save_splits` and match them to ``sample_set`` by relative path.
 
-    Listed images that the source skipped (``data.on_error=skip``) are dropped with a warning.
+    Listed images that the source skipped (``data.on_error=skip``) are dropped with a warning. ``fix`` ends the
+    error when the file does not match the data (what the caller's user can do about it).
 
     Returns:
         side name -> sorted int64 indices into ``sample_set.samples`` (``train``, ``val``, ``test`` always present).
@@ -307,7 +309,6 @@ def load_splits(path: str | Path, sample_set: SampleSet) -> dict[str, np.ndarray
     lists = _read_split_lists(path)
     index = {_relative(s.path, sample_set.root): i for i, s in enumerate(sample_set.samples)}
     skipped = {_relative(p, sample_set.root) for p, _ in sample_set.skipped}
-    fix = "draw new splits by leaving data.splits empty"
     missing = [p for v in lists.values() for p in v if p not in index and p not in skipped]
     if missing:
         raise FinescopeError(
