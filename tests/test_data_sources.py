@@ -392,3 +392,19 @@ def test_real_defungi_duplicates_never_span_groups_when_merged():
     assert cfg.data.merge_duplicates
     d = describe_samples(load_samples(cfg.data), read_images=True)
     assert d["duplicates"] and d["duplicates_across_groups"] == 0
+
+
+def test_synthetic_generation_resumes_an_interrupted_one_and_refuses_other_folders(tmp_path):
+    from finescope.data.synthetic import ensure_synthetic, generate
+
+    root = tmp_path / "syn"
+    generate(root, per_class=2, size=64)
+    (root / "spec.json").unlink()  # a generation killed before its last file
+    (root / "manifest.csv").unlink()
+    assert ensure_synthetic(root, per_class=2, size=64).is_file()
+    other = tmp_path / "other"
+    (other / "images").mkdir(parents=True)
+    (other / "images" / "slide_01.png").write_bytes(b"x")
+    with pytest.raises(FinescopeError, match="not a finescope synthetic set"):
+        ensure_synthetic(other, per_class=2, size=64)
+    assert sorted(p.name for p in (other / "images").iterdir()) == ["slide_01.png"]

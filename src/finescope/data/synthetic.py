@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,11 +154,22 @@ def ensure_synthetic(root: str | Path, per_class: int = 160, size: int = 384, se
     if root.exists() and not root.is_dir():
         raise FinescopeError(f"data.root '{root}' is a file; the synthetic source generates its images into a "
                              "folder (give a new or empty one)")
-    if root.is_dir() and not spec_file.is_file() and any(root.iterdir()):  # someone else's folder: never write there
+    if root.is_dir() and not spec_file.is_file() and not _only_generated(root):  # someone else's: never write there
         raise FinescopeError(f"data.root '{root}' holds files that are not a finescope synthetic set, and "
                              "data.source is 'synthetic' (the default), which would write generated images there; "
                              "set data.source to breakhis, folder or csv for your data, or give a new folder")
     return generate(root, per_class, size, seed)
+
+
+def _only_generated(root: Path) -> bool:
+    """Whether ``root`` holds nothing but what :func:`generate` writes (an empty folder, or a generation that
+    was interrupted before its spec.json), so generating there overwrites nobody's files."""
+    ours = {"images", "cells.json", "manifest.csv", "manifest.tmp", "spec.json"}
+    if any(p.name not in ours for p in root.iterdir()):
+        return False
+    images = root / "images"
+    pattern = re.compile(rf"({'|'.join(CLASS_NAMES)})_\d{{4}}\.png")
+    return not images.exists() or (images.is_dir() and all(pattern.fullmatch(p.name) for p in images.iterdir()))
 
 
 def load_cells(root: str | Path) -> dict[str, list[list[float]]]:
