@@ -162,9 +162,10 @@ def ensure_synthetic(root: str | Path, per_class: int = 160, size: int = 384, se
 
 
 def _only_generated(root: Path) -> bool:
-    """Whether ``root`` holds nothing but what :func:`generate` writes (an empty folder, or a generation that
-    was interrupted before its spec.json), so generating there overwrites nobody's files."""
-    ours = {"images", "cells.json", "manifest.csv", "manifest.tmp", "spec.json"}
+    """Whether ``root`` holds nothing but what :func:`generate` writes before its manifest (an empty folder, or
+    a generation interrupted while drawing), so generating there overwrites nobody's files. A manifest.csv
+    without spec.json may be anyone's."""
+    ours = {"images", "cells.json", "manifest.tmp"}
     if any(p.name not in ours for p in root.iterdir()):
         return False
     images = root / "images"
