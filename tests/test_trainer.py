@@ -245,6 +245,13 @@ def test_resume_refuses_another_config_and_keeps_the_runs_own(synthetic_root, tm
         with pytest.raises(FinescopeError, match=change[0].split("=")[0]):
             trainer.train(cfg, out, resume=True, progress=False)
     assert (out / "config.yaml").read_text() == before  # nothing written before the check
+    # a config.yaml written by an older finescope, without a key added since, still resumes
+    import yaml
+
+    older = yaml.safe_load(before)
+    del older["data"]["one_orientation"]
+    (out / "config.yaml").write_text(yaml.safe_dump(older))
+    trainer._check_resume_config(out, load_config(None, tiny_overrides(synthetic_root, "fusion", 2)))
     # where the data lives and loader settings may change; a partial last history line does not stop a resume
     moved = tmp_path / "moved"
     shutil.copytree(synthetic_root, moved)

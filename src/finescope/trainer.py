@@ -319,7 +319,11 @@ def _check_resume_config(run_dir: Path, cfg: Config) -> None:
         old = strip_provenance(yaml.safe_load(path.read_text()) or {})
     except yaml.YAMLError:
         raise FinescopeError(f"--resume: '{path}' is not valid YAML; restore it or start a new run") from None
-    diff = first_difference(old, to_dict(cfg), ignore=RESUME_FREE)
+    def known(new: dict, old: dict) -> dict:  # keys a run's config.yaml does not have (an older finescope) pass
+        return {k: known(v, old[k]) if isinstance(v, dict) and isinstance(old.get(k), dict) else v
+                for k, v in new.items() if k in old}
+
+    diff = first_difference(old, known(to_dict(cfg), old), ignore=RESUME_FREE)
     if diff:
         raise FinescopeError(f"--resume: '{run_dir}' was trained with another config: {diff}; resume with the "
                              f"run's own settings (its config.yaml), or start a new run with another --out")
