@@ -387,6 +387,7 @@ _LEGACY_BOOLEANS = {"amp": {True: "bf16", False: "off"}, "cpu_amp": {True: "bf16
                     "compile": {True: "default", False: "off"}, "one_orientation": {True: "on", False: "off"}}
 
 
+DEVICES = r"auto|cpu|cuda(:\d+)?"  # the devices train.device (and --device) may name
 MAX_SIDE = 8192  # model.global_size and model.local_size: a larger view or crop is a typo, not a model
 
 
@@ -431,7 +432,7 @@ def validate(cfg: Config) -> None:
     if cfg.data.synthetic_per_class < 1 or cfg.data.synthetic_size < 64:
         raise FinescopeError("config keys 'data.synthetic_per_class' (>= 1) and 'data.synthetic_size' (>= 64 "
                              f"pixels) are out of range: {cfg.data.synthetic_per_class}, {cfg.data.synthetic_size}")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.train.device):
+    if not re.fullmatch(DEVICES, cfg.train.device):
         raise FinescopeError(f"config key 'train.device' is '{cfg.train.device}'; choose auto, cpu, cuda or cuda:N")
     if not 0 <= cfg.seed < 2**32:
         raise FinescopeError(f"config key 'seed' must be in [0, 2^32), got {cfg.seed}")

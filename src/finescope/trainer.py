@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from finescope import distributed as dist
 from finescope.checkpoint import load_checkpoint, read_history, rng_state, save_checkpoint, set_rng_state
 from finescope.config import (
+    DEVICES,
     Config,
     first_difference,
     load_config,
@@ -74,7 +75,7 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda if available else cpu; ``cuda`` without a GPU is an error naming ``train.device``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+    if not re.fullmatch(DEVICES, name):
         raise FinescopeError(f"the device '{name}' (train.device, or --device) is not one finescope runs on; use "
                              "auto, cpu, cuda or cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
