@@ -11,8 +11,8 @@ Cases:
         (B, 3, Gh, Gw) plus one over the B*K crops (B*K, 3, L, L), tensors made beforehand; in training the
         same loss-backward-clip-AdamW step on the backbone's parameters.
     fusion+fp32, fusion+contiguous, fusion+compile, fusion+compile-ro, fusion+view-image, fusion+folded-bn,
-        fusion+serial-crops, fusion+eager-selection, fusion+selection-nosync (``--ablate``): fusion without bf16 autocast; without channels_last (weights, and
-        on CUDA batches);
+        fusion+serial-crops, fusion+eager-selection, fusion+selection-nosync, fusion+selection-sync-now
+        (``--ablate``): fusion without bf16 autocast; without channels_last (weights, and on CUDA batches);
         under ``torch.compile`` (inductor, default mode); under ``torch.compile(mode="reduce-overhead")``, which
         replays CUDA graphs where inductor can use them; with its global view always resized from the image,
         never from the crop source (``FineScopeNet.view_from_source``; with the defaults the two differ only for
@@ -22,7 +22,8 @@ Cases:
         (``finescope.models.align.crop_align``; on CUDA the two are the same call); with its instance selection
         launched op by op instead of replayed as a CUDA graph (``eager-selection``; the same on the CPU); with that
         graph replayed without reading its convergence flag, so without the step's host-device sync
-        (``selection-nosync``; the same on the CPU).
+        (``selection-nosync``); with the flag read right after the replay instead of once the forward pass is
+        queued (``selection-sync-now``, the step before the flag was deferred; both the same on the CPU).
 
 Ratios (paired per repetition, then median and spread):
     overhead = fusion / passes (goal <= 1.15 on CUDA, <= 1.25 on CPU),
@@ -57,18 +58,19 @@ from common import environment, loadavg, markdown_table, summary, sync, timed  #
 
 from finescope.config import ModelConfig  # noqa: E402
 from finescope.engine import autocast, compute_loss  # noqa: E402
-from finescope.models import create_model, network, selection  # noqa: E402
+from finescope.models import create_model, network  # noqa: E402
 from finescope.models.network import global_view_size  # noqa: E402
 from finescope.trainer import fused_adamw  # noqa: E402
 
 VARIANTS = ("global", "global-hires", "attention", "fusion")
 ABLATIONS = ("fp32", "contiguous", "compile", "compile-ro", "view-image", "folded-bn", "serial-crops",
-             "eager-selection", "selection-nosync")
+             "eager-selection", "selection-nosync", "selection-sync-now")
 ABLATION_LABELS = {"fp32": "fp32 / bf16", "contiguous": "contiguous / channels_last", "compile": "compiled / eager",
                    "compile-ro": "compiled (reduce-overhead) / eager", "view-image": "view from image / from source",
                    "folded-bn": "folded BatchNorm / BatchNorm", "serial-crops": "crops in one call / in strips",
                    "eager-selection": "selection without / with its CUDA graph",
-                   "selection-nosync": "graph without / with its sync"}
+                   "selection-nosync": "graph without / with its sync",
+                   "selection-sync-now": "graph's flag read at once / at the end"}
 COMPILE_MODES = {"compile": "default", "compile-ro": "reduce-overhead"}
 OVERHEAD_LABELS = {"compile": "fusion / passes, both compiled",
                    "compile-ro": "fusion / passes, both compiled (reduce-overhead)"}
@@ -138,17 +140,21 @@ def _crops_in_one_call(step: Callable[[], None]) -> Callable[[], None]:
     return wrapped
 
 
-def _selection_without_sync(step: Callable[[], None]) -> Callable[[], None]:
-    """``step`` with the selection's CUDA graph replayed without reading its convergence flag: no host-device
-    sync in the step (what a sync-free selection would gain; its boxes would differ where 8 labelling rounds do
-    not converge, as under torch.compile)."""
+def _selection_flag(step: Callable[[], None], when: str) -> Callable[[], None]:
+    """``step`` with the convergence flag of the selection's CUDA graph read ``now`` (right after the replay, as
+    before the flag was deferred to the end of the forward pass: the host waits for the GPU mid-step) or
+    ``never`` (no host-device sync in the step at all: what a sync-free selection would gain; its boxes would
+    differ where 8 labelling rounds do not converge, as under torch.compile)."""
+    deferred = network.select_boxes_deferred
 
-    def run(inputs, options):
-        replayed = selection._GraphedSelect.replay(inputs, options)
-        return None if replayed is None else replayed[:2]
+    def select(*args, **kwargs):
+        boxes, mass, exact = deferred(*args, **kwargs)
+        if when == "now" and exact is not None and not bool(exact):
+            boxes, mass, _ = deferred(*args, **{**kwargs, "graph": False})
+        return boxes, mass, None
 
     def wrapped() -> None:
-        with mock.patch.object(selection._GraphedSelect, "run", run):
+        with mock.patch.object(network, "select_boxes_deferred", select):
             step()
 
     return wrapped
@@ -157,7 +163,7 @@ def _selection_without_sync(step: Callable[[], None]) -> Callable[[], None]:
 def model_case(name: str, variant: str, backbone: str, args, batch: dict, mode: str, device: torch.device,
                amp: bool, channels_last: bool, compile_mode: str | None = None, view_from_image: bool = False,
                fold: bool = False, serial_crops: bool = False, selection_graph: bool = True,
-               selection_sync: bool = True) -> Case:
+               selection_flag: str = "end") -> Case:
     """A variant's full step on ``batch`` (images, sizes, labels on the device)."""
     cfg = ModelConfig(variant=variant, backbone=backbone, global_size=args.global_size,
                       local_size=args.local_size, num_crops=args.num_crops, weights=args.weights.get(backbone, ""))
@@ -182,7 +188,7 @@ def model_case(name: str, variant: str, backbone: str, args, batch: dict, mode: 
             with torch.no_grad(), _autocast(device, amp, args):
                 run(images, sizes)
 
-        return Case(name, _wrap(infer, serial_crops, selection_sync), len(labels))
+        return Case(name, _wrap(infer, serial_crops, selection_flag), len(labels))
     model.train()
 
     def forward() -> torch.Tensor:
@@ -192,12 +198,12 @@ def model_case(name: str, variant: str, backbone: str, args, batch: dict, mode: 
 
     params = [p for p in model.parameters() if p.requires_grad]
     step = _train_step(model, forward, _adamw(params, device), params)
-    return Case(name, _wrap(step, serial_crops, selection_sync), len(labels))
+    return Case(name, _wrap(step, serial_crops, selection_flag), len(labels))
 
 
-def _wrap(step: Callable[[], None], serial_crops: bool, selection_sync: bool) -> Callable[[], None]:
+def _wrap(step: Callable[[], None], serial_crops: bool, selection_flag: str) -> Callable[[], None]:
     step = _crops_in_one_call(step) if serial_crops else step
-    return step if selection_sync else _selection_without_sync(step)
+    return step if selection_flag == "end" else _selection_flag(step, selection_flag)
 
 
 def passes_case(backbone: str, args, batch: dict, mode: str, device: torch.device, amp: bool,
@@ -258,7 +264,8 @@ def build_cases(backbone: str, size, mode: str, args, device: torch.device) -> l
         cases.append(passes_case(backbone, args, batch, mode, device, amp, cl))
         flags = {"fp32": {"amp": False}, "contiguous": {"channels_last": False}, "view-image": {"view_from_image": True},
                  "folded-bn": {"fold": True}, "serial-crops": {"serial_crops": True},
-                 "eager-selection": {"selection_graph": False}, "selection-nosync": {"selection_sync": False},
+                 "eager-selection": {"selection_graph": False}, "selection-nosync": {"selection_flag": "never"},
+                 "selection-sync-now": {"selection_flag": "now"},
                  **{name: {"compile_mode": how} for name, how in COMPILE_MODES.items()}}
         for name in args.ablate:
             if name == "folded-bn" and mode == "train":  # folding is for inference-only models (load_trained)

@@ -120,15 +120,16 @@ def selection_graph_check(device: torch.device, reps: int = 50) -> dict:
     from selection_cost import inputs, maps, shared_run_ids
 
     from finescope.models import selection
-    from finescope.models.selection import _GraphedSelect, select_boxes
+    from finescope.models.selection import _GraphedSelect, select_boxes, select_boxes_deferred
 
     def compare(call_args) -> tuple[bool, bool]:  # (identical, fell back)
-        replayed = _GraphedSelect.run(call_args[:4], (call_args[4], 0.5, 1 / 3, 4, 0.5, "max", True))
+        *replayed, exact = select_boxes_deferred(*call_args)
+        fell_back = exact is None or not bool(exact)  # None: no graph
         graphed = select_boxes(*call_args)
         eager = select_boxes(*call_args, graph=False)
         same = all(torch.equal(a, b) for a, b in zip(graphed, eager, strict=True))
-        return same and (replayed is None or all(torch.equal(a, b) for a, b in zip(replayed, eager, strict=True))), \
-            replayed is None
+        return same and (fell_back or all(torch.equal(a, b) for a, b in zip(replayed, eager, strict=True))), \
+            fell_back
 
     results = [compare(inputs(maps(kind, 16, 7, 11, device, seed))) for kind in ("smooth", "noisy")
                for seed in range(5)]
@@ -258,8 +259,8 @@ def train_stage(out: Path, args, device: str, clock: Clock, compile_mode: str = 
 # data.one_orientation on and off, 2 runs each), batch64 70 s. The whole script's budget stays inside the 475 s that
 # gpu_check.sh allows; what it cuts on a slow host is the diagnostics at the end. profile_compiled writes its
 # JSON after each batch size, so a stage cut short still reports batch 16. The model stage also times fusion
-# with its selection op by op (210 s in all on the H100 at 3455b9d) and, since, with the selection's graph
-# replayed without its sync (about a sixth more again, hence 320 s). first_epoch: the trainer's first two
+# with its selection op by op (210 s in all on the H100 at 3455b9d) and, since, with the graph's convergence flag
+# read right after its replay, as before it was deferred (about a sixth more again, hence 320 s). first_epoch: the trainer's first two
 # epochs step by step, about 30 s plus the process start (the first epoch took 23-26 s in the training run).
 STAGE_SECONDS = {"profile": 20, "model": 320, "batch64": 70, "compiled": 95, "data": 60, "first_epoch": 60}
 BUDGET_SECONDS = 465
@@ -272,7 +273,7 @@ def stage_timeout(args, name: str, clock: Clock) -> int:
 
 
 def bench_stages(out: Path, args, device: str, clock: Clock) -> dict:
-    """The model benchmark table (batch 16, with fusion's selection also op by op and without its sync), the
+    """The model benchmark table (batch 16, with fusion's selection also op by op and with its flag read at once), the
     stage profile, the data path, the trainer's first two epochs step by step (``first_epoch.py``), the table
     at batch 64 (BreakHis size) and the compiled step (``profile_compiled.py``: torch.compile
     with CUDA graphs, fusion against its passes), in that order."""
@@ -288,7 +289,7 @@ def bench_stages(out: Path, args, device: str, clock: Clock) -> dict:
     else:
         stages = {
             "model": ["--device", device, "--batch", "16", "--batch-large", "4", "--warmup", "2", "--reps", "4",
-                      "--ablate", "eager-selection", "selection-nosync", *(["--weights", *weights] if weights else [])],
+                      "--ablate", "eager-selection", "selection-sync-now", *(["--weights", *weights] if weights else [])],
             "batch64": ["--device", device, "--sizes", "460x700", "--variants", "fusion", "--batch", "64",
                         "--warmup", "2", "--reps", "4", *(["--weights", *weights] if weights else [])],
         }
@@ -341,8 +342,10 @@ def final_table(summary: dict, out: Path) -> str:
         for g in json.loads((out / name).read_text())["ratios"]:
             if "overhead" in g:
                 hires = f"{g['fusion_vs_hires']['median']:.3f}" if "fusion_vs_hires" in g else "-"  # not timed
+                late = g.get("selection-sync-now_speedup")  # > 1: reading the flag late pays
+                late = f", flag read at once/late {late['median']:.3f}" if late else ""
                 rows.append([f"{g['backbone']} {g['size']} {g['mode']}", f"fusion/passes {g['overhead']['median']:.3f}, "
-                             f"fusion/hires {hires}", batch])
+                             f"fusion/hires {hires}{late}", batch])
     profile = out / "profile.json"
     if profile.is_file():
         for r in json.loads(profile.read_text())["backbones"]:

@@ -94,10 +94,12 @@ def test_bench_model_cpu_tiny(tmp_path):
     out = tmp_path / "m.json"
     cmd = [sys.executable, "benchmarks/bench_model.py", "--device", "cpu", "--backbones", "tiny", "--sizes", "96x128",
            "--batch", "2", "--warmup", "1", "--reps", "2", "--global-size", "48", "--local-size", "48",
-           "--threads", "1", "--ablate", "fp32", "view-image", "serial-crops", "--out", str(out)]
+           "--threads", "1", "--ablate", "fp32", "view-image", "serial-crops", "selection-sync-now", "selection-nosync",
+           "--out", str(out)]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": "src"})
     result = json.loads(out.read_text())
-    assert {r["case"] for r in result["rows"]} >= {"global", "global-hires", "attention", "fusion", "passes"}
+    assert {r["case"] for r in result["rows"]} >= {"global", "global-hires", "attention", "fusion", "passes",
+                                                   "fusion+selection-sync-now", "fusion+selection-nosync"}
     assert all(g["overhead"]["median"] > 0 and g["view-image_speedup"]["median"] > 0
                and g["serial-crops_speedup"]["median"] > 0 for g in result["ratios"])
     report = out.with_suffix(".md").read_text()

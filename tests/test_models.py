@@ -560,17 +560,109 @@ def test_selection_graph_cache_keeps_the_newest_and_remembers_failed_captures(mo
     inputs = (torch.rand(1, 2, 2), torch.tensor([[2, 2]]), torch.tensor([[8, 8]]), torch.ones(1, 2))
 
     def run(k):
-        return selection._GraphedSelect.run(inputs, (k, 0.5, 1 / 3, 4, 0.5, "max", True))
+        return selection._GraphedSelect.replay(inputs, (k, 0.5, 1 / 3, 4, 0.5, "max", True))
 
     with pytest.warns(UserWarning, match="without a CUDA graph"):
         assert run(3) is None
     assert run(3) is None  # remembered: no second capture, no second warning
-    boxes, mass = run(1)
-    assert boxes.shape == (1, 1, 4) and mass.shape == (1, 1)
+    boxes, mass, exact = run(1)
+    assert boxes.shape == (1, 1, 4) and mass.shape == (1, 1) and exact.dtype == torch.bool
     run(2)
     run(1)  # replayed, now the most recently used
     run(4)  # a third graph: the least recently used (k=2) goes
     assert [key[5] for key in selection._GraphedSelect.graphs] == [1, 4] and made == [3, 1, 2, 4]  # key[5]: k
+
+
+class _Flag:
+    """A convergence flag that records when it is read (it stands for the CUDA graph's 0-dim bool)."""
+
+    def __init__(self, value: bool, events: list) -> None:
+        self.value, self.events = value, events
+
+    def __bool__(self) -> bool:
+        self.events.append("flag read")
+        return self.value
+
+
+def _deferred_step(monkeypatch, model, images, labels, replay):
+    """One training forward and backward of ``model`` with the selection's CUDA graph stood in for by
+    ``replay(inputs, options)`` (on the CPU); returns the output, the order of crops' passes and flag reads,
+    and the gradients."""
+    from finescope.models import selection
+
+    events = []
+    monkeypatch.setattr(selection, "_graph_applies", lambda attn, k: True)
+    monkeypatch.setattr(selection._GraphedSelect, "replay", lambda inputs, options: replay(inputs, options, events))
+    reader = model.backbone
+    hook = reader.register_forward_hook(lambda m, args, out: events.append(
+        "crops read" if args[0].shape[0] == images.shape[0] * model.num_crops else "view read"))
+    out = model(images)
+    hook.remove()
+    F.cross_entropy(out.logits, labels).backward()
+    return out, events, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("converged", [True, False])
+def test_deferred_convergence_flag_is_read_after_the_crops_and_the_step_is_the_exact_one(monkeypatch, converged):
+    """With the selection replayed as a CUDA graph (stood in for on the CPU), the forward pass reads the
+    graph's convergence flag only after the crops' pass is issued. When the flag says the labelling did not
+    converge, the crops are read again from the exact boxes, and the step (outputs, gradients, BatchNorm
+    running statistics) is the one of a model that selects op by op."""
+    import copy
+
+    from finescope.models import selection
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(variant="fusion", **{**SMALL, "local_size": 32, "dropout": 0.0}), 2).train()
+    reference = copy.deepcopy(model)
+    reference.selection_graph = False
+    images, labels = torch.rand(2, 3, 96, 128), torch.tensor([0, 1])
+    ref_out = reference(images)
+    F.cross_entropy(ref_out.logits, labels).backward()
+
+    def replay(inputs, options, events):
+        if converged:  # what the graph runs: fixed labelling rounds, and a real flag
+            boxes, mass, flag = selection._select(*inputs, *options, graph_rounds=selection.GRAPH_ROUNDS)
+            assert bool(flag)
+        else:  # wrong boxes (the whole image), and a flag that says so
+            B = inputs[0].shape[0]
+            boxes, mass = torch.tensor([[0.0, 0.0, 128.0, 96.0]]).repeat(B, options[0], 1), torch.ones(B, options[0])
+        return boxes, mass, _Flag(converged, events)
+
+    out, events, grads = _deferred_step(monkeypatch, model, images, labels, replay)
+    assert events == (["view read", "crops read", "flag read"] if converged
+                      else ["view read", "crops read", "flag read", "crops read"])
+    for name in ("logits", "global_logits", "boxes", "box_mass"):
+        torch.testing.assert_close(getattr(out, name), getattr(ref_out, name), rtol=1e-5, atol=1e-6)
+    ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6)
+    for (name, ours), theirs in zip(model.named_buffers(), reference.buffers(), strict=True):
+        assert torch.equal(ours, theirs), name  # running statistics updated once, by the exact crops
+
+
+def test_deferred_flag_is_read_at_once_where_the_crops_pass_cannot_be_undone(monkeypatch):
+    """With SyncBatchNorm in training (its passes communicate, so a second crops' pass would desynchronise the
+    processes) the flag is read before the crops; in eval mode nothing needs restoring."""
+    from torch import nn
+
+    from finescope.models import network, selection
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(variant="fusion", **{**SMALL, "local_size": 32, "dropout": 0.0}), 2).train()
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.backbone.modules())
+    assert sum(map(len, network._running_stats(model.backbone))) == 3 * n_bn > 0  # grouped by dtype
+    assert network._running_stats(model.backbone.eval()) == []
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model.train())
+    assert network._running_stats(model.backbone) is None
+
+    def replay(inputs, options, events):
+        boxes, mass, _ = selection._select(*inputs, *options, graph_rounds=selection.GRAPH_ROUNDS)
+        return boxes, mass, _Flag(True, events)
+
+    _, events, _ = _deferred_step(monkeypatch, model, torch.rand(2, 3, 96, 128), torch.tensor([0, 1]), replay)
+    assert events == ["view read", "flag read", "crops read"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -7,6 +7,7 @@ variant (``use_attention``, ``use_crops``, ``hires``); forward never branches on
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ from finescope.errors import FinescopeError
 from finescope.models.align import crop_align
 from finescope.models.attention import AttentionPool
 from finescope.models.backbones import Backbone, fold_batchnorm
-from finescope.models.selection import select_boxes
+from finescope.models.selection import select_boxes_deferred
 
 Sources = dict[tuple[int, int], tuple[list[int], torch.Tensor]]  # (h, w) -> batch rows, crop source
 
@@ -75,6 +76,39 @@ def _to_device(values: list, device: torch.device, dtype: torch.dtype | None = N
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
+def _running_stats(module: nn.Module) -> list[list[torch.Tensor]] | None:
+    """The buffers a forward pass of ``module`` changes, grouped by device and dtype: the running statistics of
+    its BatchNorms in training mode ([] in eval mode); or None when the pass has effects that cannot be undone
+    (a SyncBatchNorm's collectives, which every process must run alike)."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
+            if isinstance(m, nn.SyncBatchNorm):
+                return None
+            for t in (m.running_mean, m.running_var, m.num_batches_tracked):
+                groups.setdefault((t.device, t.dtype), []).append(t)
+    return list(groups.values())
+
+
+def _snapshot(stats: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    """Copies of ``stats``: a foreach add of 0 per group, one kernel on CUDA where a copy per tensor would
+    launch dozens."""
+    return [torch._foreach_add(group, 0) for group in stats]
+
+
+def _restore(stats: list[list[torch.Tensor]], saved: list[list[torch.Tensor]]) -> None:
+    """Copy ``saved`` back into ``stats`` through ``.data``: autograd has saved these buffers for the backward
+    of the passes before (a BatchNorm's backward takes them, and reads them only in eval mode), and a write it
+    tracks would make that backward refuse them as modified."""
+    for group, copies in zip(stats, saved, strict=True):
+        data = [t.data for t in group]
+        if hasattr(torch, "_foreach_copy_"):
+            torch._foreach_copy_(data, copies)
+        else:  # older torch
+            for t, v in zip(data, copies, strict=True):
+                t.copy_(v)
+
+
 class FineScopeNet(nn.Module):
     """Backbone + optional gated attention + optional high-resolution crops + fusion head.
 
@@ -104,7 +138,11 @@ class FineScopeNet(nn.Module):
         crops_active: when False (stage-wise training), a training-mode forward skips the crops and returns
             the global logits; evaluation always uses the crops.
         selection_graph: on CUDA, outside torch.compile, replay the instance selection as a CUDA graph
-            (``select_boxes``' ``graph``: the same boxes, one launch instead of about 170).
+            (``select_boxes``' ``graph``: the same boxes, one launch instead of about 170). The graph's
+            convergence flag is read once the whole forward pass is queued, so the host does not wait for the
+            GPU in the middle of it; in the rare step whose flag says the graph's labelling did not converge, the
+            crops are cut again from the exact boxes, and the BatchNorm statistics the first crops' pass changed
+            are restored first (with SyncBatchNorm, whose passes communicate, the flag is read at once).
     """
 
     def __init__(
@@ -356,16 +394,35 @@ class FineScopeNet(nn.Module):
             return ModelOutput(logits=global_logits, attention=attn, cell_px=cell_px)
         cells = h_n if self.image_feature == "attention" else inst  # what W_g reads, (B, N, g_dim)
         selection_map = attn if self.select_from == "attention" else self._evidence(cells, global_logits, mask, (h, w))
-        boxes, mass = select_boxes(
-            selection_map.detach(), valid, sizes, cell_px, self.num_crops, self.threshold, self.min_box_fraction,
-            normalise=self.selection_norm, iou_threshold=self.peak_iou, padded=mask is not None,
-            graph=self.selection_graph,
+        select = functools.partial(
+            select_boxes_deferred, selection_map.detach(), valid, sizes, cell_px, self.num_crops, self.threshold,
+            self.min_box_fraction, normalise=self.selection_norm, iou_threshold=self.peak_iou,
+            padded=mask is not None,
         )
-        crops = self._normalise(self._crops(images, boxes, size_list, sources))  # (B*K, 3, L, L)
+        boxes, mass, exact = select(graph=self.selection_graph)
         reader = self.crop_backbone if self.crop_backbone is not None else self.backbone
-        local = reader(crops).mean(dim=(2, 3)).view(B, -1)  # (B, K*C), ordered by rank
-        fused = self.fusion_head(self.dropout(torch.cat([g, local], dim=1)))
+        if exact is not None:  # boxes from the selection's CUDA graph, whose convergence flag is not read yet
+            stats = _running_stats(reader)
+            if stats is None:  # the crops' pass cannot be run twice (collectives): read the flag now
+                if not bool(exact):
+                    boxes, mass, _ = select(graph=False)
+                exact = None
+            else:
+                saved = _snapshot(stats)
+        fused = self._fuse(reader, images, boxes, size_list, sources, g)
+        if exact is not None and not bool(exact):  # the one host-device sync, once the whole forward is queued
+            del fused  # rare: the graph's labelling rounds did not converge; read the exact boxes' crops instead
+            _restore(stats, saved)
+            boxes, mass, _ = select(graph=False)
+            fused = self._fuse(reader, images, boxes, size_list, sources, g)
         return ModelOutput(fused, global_logits, attn, boxes, mass, cell_px)
+
+    def _fuse(self, reader: nn.Module, images: torch.Tensor, boxes: torch.Tensor, size_list: list[list[int]],
+              sources: Sources | None, g: torch.Tensor) -> torch.Tensor:
+        """The fused logits: the crops of ``boxes`` read by ``reader``, their features joined to ``g``."""
+        crops = self._normalise(self._crops(images, boxes, size_list, sources))  # (B*K, 3, L, L)
+        local = reader(crops).mean(dim=(2, 3)).view(boxes.shape[0], -1)  # (B, K*C), ordered by rank
+        return self.fusion_head(self.dropout(torch.cat([g, local], dim=1)))
 
     @torch.no_grad()
     def _evidence(self, cells: torch.Tensor, global_logits: torch.Tensor, mask: torch.Tensor | None,

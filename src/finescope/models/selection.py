@@ -14,6 +14,8 @@ test of the component labelling (once per call for ordinary attention maps). In 
 selection is, by default, captured once per input shape as a CUDA graph and replayed: one launch instead of
 about 170. The graph runs the labelling's first ``GRAPH_ROUNDS`` rounds and tests convergence on the device;
 when a map needs more rounds the call runs again without the graph, so the boxes are always the exact ones.
+:func:`select_boxes_deferred` leaves that flag unread, for a caller that can go on with the boxes and read it
+later (the model reads it once its whole forward pass is queued, ``FineScopeNet.forward``).
 
 Runs under ``torch.no_grad``: selection is not differentiable.
 """
@@ -229,23 +231,59 @@ def select_boxes(
         boxes: (B, K, 4) float x1, y1, x2, y2 in full-resolution pixels, ordered by rank.
         mass: (B, K) attention mass inside each box.
     """
+    boxes, mass, exact = select_boxes_deferred(attn, valid, sizes, cell_px, k, threshold, min_box_fraction,
+                                               upsample, iou_threshold, normalise, padded, graph)
+    if exact is not None and not bool(exact):  # the one host-device sync
+        boxes, mass, _ = select_boxes_deferred(attn, valid, sizes, cell_px, k, threshold, min_box_fraction,
+                                               upsample, iou_threshold, normalise, padded, graph=False)
+    return boxes, mass
+
+
+@torch.no_grad()
+def select_boxes_deferred(
+    attn: torch.Tensor,
+    valid: torch.Tensor,
+    sizes: torch.Tensor,
+    cell_px: torch.Tensor,
+    k: int,
+    threshold: float = 0.5,
+    min_box_fraction: float = 1 / 3,
+    upsample: int = 4,
+    iou_threshold: float = 0.5,
+    normalise: str = "max",
+    padded: bool = True,
+    graph: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`select_boxes` (the same arguments) without reading whether its CUDA graph's boxes are exact.
+
+    Returns:
+        boxes, mass: as :func:`select_boxes`.
+        exact: None when the boxes are the exact ones; else (from the CUDA graph) a 0-dim bool on the device,
+            unread: False when the graph's labelling rounds did not converge, and the caller must then select
+            again with ``graph=False`` before it uses the boxes for anything it keeps.
+    """
     inputs = (attn, valid, sizes, cell_px)
     options = (k, threshold, min_box_fraction, upsample, iou_threshold, normalise, padded)
     with torch.autocast(attn.device.type, enabled=False):  # float32 throughout, also inside an autocast region
-        if graph and attn.is_cuda and k > 0 and not torch.compiler.is_compiling() \
-                and not torch.cuda.is_current_stream_capturing():
-            replayed = _GraphedSelect.run(inputs, options)
+        if graph and _graph_applies(attn, k):
+            replayed = _GraphedSelect.replay(inputs, options)
             if replayed is not None:
                 return replayed
-        return _select(*inputs, *options)
+        return (*_select(*inputs, *options), None)
+
+
+def _graph_applies(attn: torch.Tensor, k: int) -> bool:
+    """Whether the selection of ``attn`` can be replayed as a CUDA graph: on CUDA, eager, not while capturing."""
+    return attn.is_cuda and k > 0 and not torch.compiler.is_compiling() \
+        and not torch.cuda.is_current_stream_capturing()
 
 
 class _GraphedSelect:
     """``_select`` captured as one CUDA graph for one key (device, input shapes and dtypes, options).
 
     Inputs are copied into the graph's own tensors, the graph is replayed and the outputs are cloned (the next
-    replay overwrites them). The labelling runs ``GRAPH_ROUNDS`` rounds; ``run`` returns None when they did not
-    converge (the one host-device sync, as in eager mode), and the caller then selects without the graph.
+    replay overwrites them). The labelling runs ``GRAPH_ROUNDS`` rounds; the third output says, on the device,
+    whether they converged (:func:`select_boxes_deferred`).
     """
 
     graphs: collections.OrderedDict = collections.OrderedDict()  # key -> _GraphedSelect, or None: capture failed
@@ -264,17 +302,9 @@ class _GraphedSelect:
             self.outputs = _select(*self.inputs, *options, graph_rounds=GRAPH_ROUNDS)
 
     @classmethod
-    def run(cls, inputs: tuple[torch.Tensor, ...], options: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Boxes and masses from the graph of this key (captured on first use), or None: no graph, or the
-        labelling did not converge in it."""
-        replayed = cls.replay(inputs, options)
-        if replayed is None or not bool(replayed[2]):  # the step's one host-device sync
-            return None
-        return replayed[:2]
-
-    @classmethod
     def replay(cls, inputs: tuple[torch.Tensor, ...], options: tuple) -> tuple[torch.Tensor, ...] | None:
-        """Boxes, masses and the convergence flag (on the device, not read) from the graph, or None."""
+        """Boxes, masses and the convergence flag (on the device, not read) from the graph of this key (captured on
+        first use), or None: no graph."""
         key = (inputs[0].device, *((x.shape, x.dtype) for x in inputs), *options)
         if key in cls.graphs:
             cls.graphs.move_to_end(key)
@@ -294,7 +324,7 @@ class _GraphedSelect:
             static.copy_(x, non_blocking=True)
         graphed.graph.replay()
         boxes, mass, converged = graphed.outputs
-        return boxes.clone(), mass.clone(), converged
+        return boxes.clone(), mass.clone(), converged.clone()  # a flag read later must not be the next replay's
 
 
 def _select(attn, valid, sizes, cell_px, k, threshold, min_box_fraction, upsample, iou_threshold, normalise, padded,
