@@ -11,8 +11,8 @@ Cases:
         (B, 3, Gh, Gw) plus one over the B*K crops (B*K, 3, L, L), tensors made beforehand; in training the
         same loss-backward-clip-AdamW step on the backbone's parameters.
     fusion+fp32, fusion+contiguous, fusion+compile, fusion+compile-ro, fusion+view-image, fusion+folded-bn,
-        fusion+serial-crops, fusion+eager-selection, fusion+selection-nosync, fusion+selection-sync-now
-        (``--ablate``): fusion without bf16 autocast; without channels_last (weights, and on CUDA batches);
+        fusion+serial-crops, fusion+eager-selection, fusion+selection-nosync, fusion+selection-sync-now,
+        fusion+cl-input (``--ablate``): fusion without bf16 autocast; without channels_last weights;
         under ``torch.compile`` (inductor, default mode); under ``torch.compile(mode="reduce-overhead")``, which
         replays CUDA graphs where inductor can use them; with its global view always resized from the image,
         never from the crop source (``FineScopeNet.view_from_source``; with the defaults the two differ only for
@@ -23,7 +23,9 @@ Cases:
         launched op by op instead of replayed as a CUDA graph (``eager-selection``; the same on the CPU); with that
         graph replayed without reading its convergence flag, so without the step's host-device sync
         (``selection-nosync``); with the flag read right after the replay instead of once the forward pass is
-        queued (``selection-sync-now``, the step before the flag was deferred; both the same on the CPU).
+        queued (``selection-sync-now``, the step before the flag was deferred; both the same on the CPU); with its
+        full-resolution batch channels-last on CUDA, as the trainer made it for every variant before it did so for
+        ``global-hires`` only (``cl-input``; the same on the CPU).
 
 Ratios (paired per repetition, then median and spread):
     overhead = fusion / passes (goal <= 1.15 on CUDA, <= 1.25 on CPU),
@@ -57,20 +59,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, loadavg, markdown_table, summary, sync, timed  # noqa: E402
 
 from finescope.config import ModelConfig  # noqa: E402
-from finescope.engine import autocast, compute_loss  # noqa: E402
+from finescope.engine import autocast, compute_loss, input_channels_last  # noqa: E402
 from finescope.models import create_model, network  # noqa: E402
 from finescope.models.network import global_view_size  # noqa: E402
 from finescope.trainer import fused_adamw  # noqa: E402
 
 VARIANTS = ("global", "global-hires", "attention", "fusion")
 ABLATIONS = ("fp32", "contiguous", "compile", "compile-ro", "view-image", "folded-bn", "serial-crops",
-             "eager-selection", "selection-nosync", "selection-sync-now")
+             "eager-selection", "selection-nosync", "selection-sync-now", "cl-input")
 ABLATION_LABELS = {"fp32": "fp32 / bf16", "contiguous": "contiguous / channels_last", "compile": "compiled / eager",
                    "compile-ro": "compiled (reduce-overhead) / eager", "view-image": "view from image / from source",
                    "folded-bn": "folded BatchNorm / BatchNorm", "serial-crops": "crops in one call / in strips",
                    "eager-selection": "selection without / with its CUDA graph",
                    "selection-nosync": "graph without / with its sync",
-                   "selection-sync-now": "graph's flag read at once / at the end"}
+                   "selection-sync-now": "graph's flag read at once / at the end",
+                   "cl-input": "channels-last / contiguous input"}
 COMPILE_MODES = {"compile": "default", "compile-ro": "reduce-overhead"}
 OVERHEAD_LABELS = {"compile": "fusion / passes, both compiled",
                    "compile-ro": "fusion / passes, both compiled (reduce-overhead)"}
@@ -163,7 +166,7 @@ def _selection_flag(step: Callable[[], None], when: str) -> Callable[[], None]:
 def model_case(name: str, variant: str, backbone: str, args, batch: dict, mode: str, device: torch.device,
                amp: bool, channels_last: bool, compile_mode: str | None = None, view_from_image: bool = False,
                fold: bool = False, serial_crops: bool = False, selection_graph: bool = True,
-               selection_flag: str = "end") -> Case:
+               selection_flag: str = "end", cl_input: bool = False) -> Case:
     """A variant's full step on ``batch`` (images, sizes, labels on the device)."""
     cfg = ModelConfig(variant=variant, backbone=backbone, global_size=args.global_size,
                       local_size=args.local_size, num_crops=args.num_crops, weights=args.weights.get(backbone, ""))
@@ -172,8 +175,9 @@ def model_case(name: str, variant: str, backbone: str, args, batch: dict, mode: 
     model.selection_graph = selection_graph
     if view_from_image:
         model.view_from_source = lambda height, width: False
-    # as the trainer: channels-last weights on any device, channels-last batches on CUDA only
-    use_cl = channels_last and device.type == "cuda"
+    # as the trainer: channels-last weights on any device, channels-last batches on CUDA for global-hires only
+    # (finescope.engine.input_channels_last); cl_input: every variant's, as before
+    use_cl = channels_last and ((cl_input and device.type == "cuda") or input_channels_last(model, device, True))
     images = batch["images"].contiguous(memory_format=torch.channels_last) if use_cl else batch["images"]
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -263,6 +267,7 @@ def build_cases(backbone: str, size, mode: str, args, device: torch.device) -> l
     if "fusion" in args.variants:
         cases.append(passes_case(backbone, args, batch, mode, device, amp, cl))
         flags = {"fp32": {"amp": False}, "contiguous": {"channels_last": False}, "view-image": {"view_from_image": True},
+                 "cl-input": {"cl_input": True},
                  "folded-bn": {"fold": True}, "serial-crops": {"serial_crops": True},
                  "eager-selection": {"selection_graph": False}, "selection-nosync": {"selection_flag": "never"},
                  "selection-sync-now": {"selection_flag": "now"},

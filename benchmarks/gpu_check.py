@@ -259,8 +259,9 @@ def train_stage(out: Path, args, device: str, clock: Clock, compile_mode: str = 
 # data.one_orientation on and off, 2 runs each), batch64 70 s. The whole script's budget stays inside the 475 s that
 # gpu_check.sh allows; what it cuts on a slow host is the diagnostics at the end. profile_compiled writes its
 # JSON after each batch size, so a stage cut short still reports batch 16. The model stage also times fusion
-# with its selection op by op (210 s in all on the H100 at 3455b9d) and, since, with the graph's convergence flag
-# read right after its replay, as before it was deferred (about a sixth more again, hence 320 s). first_epoch: the trainer's first two
+# with its selection op by op (210 s in all on the H100 at 3455b9d; measured there, so since replaced) and with
+# the graph's convergence flag read right after its replay, as before it was deferred, and with channels-last
+# input batches, as before only global-hires had them (about a sixth more each, hence 320 s). first_epoch: the trainer's first two
 # epochs step by step, about 30 s plus the process start (the first epoch took 23-26 s in the training run).
 STAGE_SECONDS = {"profile": 20, "model": 320, "batch64": 70, "compiled": 95, "data": 60, "first_epoch": 60}
 BUDGET_SECONDS = 465
@@ -273,10 +274,10 @@ def stage_timeout(args, name: str, clock: Clock) -> int:
 
 
 def bench_stages(out: Path, args, device: str, clock: Clock) -> dict:
-    """The model benchmark table (batch 16, with fusion's selection also op by op and with its flag read at once), the
-    stage profile, the data path, the trainer's first two epochs step by step (``first_epoch.py``), the table
-    at batch 64 (BreakHis size) and the compiled step (``profile_compiled.py``: torch.compile
-    with CUDA graphs, fusion against its passes), in that order."""
+    """The model benchmark table (batch 16; fusion also with its selection's flag read at once and with
+    channels-last input), the stage profile, the data path, the trainer's first two epochs step by step
+    (``first_epoch.py``), the table at batch 64 (BreakHis size) and the compiled step
+    (``profile_compiled.py``: torch.compile with CUDA graphs, fusion against its passes), in that order."""
     weights = [f"mobilenet_v2={args.weights}"] if Path(args.weights).is_file() else []
     if args.quick:
         common = ["--device", device, "--backbones", "tiny", "--sizes", "128x192", "--batch", "2", "--warmup", "1",
@@ -289,7 +290,7 @@ def bench_stages(out: Path, args, device: str, clock: Clock) -> dict:
     else:
         stages = {
             "model": ["--device", device, "--batch", "16", "--batch-large", "4", "--warmup", "2", "--reps", "4",
-                      "--ablate", "eager-selection", "selection-sync-now", *(["--weights", *weights] if weights else [])],
+                      "--ablate", "selection-sync-now", "cl-input", *(["--weights", *weights] if weights else [])],
             "batch64": ["--device", device, "--sizes", "460x700", "--variants", "fusion", "--batch", "64",
                         "--warmup", "2", "--reps", "4", *(["--weights", *weights] if weights else [])],
         }
@@ -344,6 +345,8 @@ def final_table(summary: dict, out: Path) -> str:
                 hires = f"{g['fusion_vs_hires']['median']:.3f}" if "fusion_vs_hires" in g else "-"  # not timed
                 late = g.get("selection-sync-now_speedup")  # > 1: reading the flag late pays
                 late = f", flag read at once/late {late['median']:.3f}" if late else ""
+                cl = g.get("cl-input_speedup")  # > 1: contiguous input batches pay
+                late += f", channels-last/contiguous input {cl['median']:.3f}" if cl else ""
                 rows.append([f"{g['backbone']} {g['size']} {g['mode']}", f"fusion/passes {g['overhead']['median']:.3f}, "
                              f"fusion/hires {hires}{late}", batch])
     profile = out / "profile.json"

@@ -109,6 +109,27 @@ def test_load_trained_gives_a_folded_channels_last_model(fusion_run):
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_only_global_hires_gets_channels_last_input_batches_on_cuda():
+    """The other variants resize the image or cut crops from it, whose CUDA kernels copy a channels-last input
+    to contiguous first; the decision sees through DDP and torch.compile wrappers (no GPU needed: no tensor
+    is made on the device)."""
+    from torch import nn
+
+    from finescope.config import ModelConfig
+    from finescope.engine import input_channels_last, unwrap
+    from finescope.models import create_model
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    small = {"backbone": "tiny", "global_size": 32, "local_size": 32}
+    models = {v: create_model(ModelConfig(variant=v, **small), 2) for v in ("global", "global-hires", "fusion")}
+    assert [input_channels_last(m, cuda, True) for m in models.values()] == [False, True, False]
+    assert not any(input_channels_last(m, cpu, True) or input_channels_last(m, cuda, False) for m in models.values())
+    wrapped = nn.Module()
+    wrapped.module = nn.Module()
+    wrapped.module._orig_mod = models["global-hires"]  # DDP around a compiled model
+    assert unwrap(wrapped) is models["global-hires"] and input_channels_last(wrapped, cuda, True)
+
+
 def test_evaluate_matches_training_metrics(fusion_run, tmp_path):
     out, metrics = fusion_run
     result = trainer.evaluate(out, "test", out=tmp_path / "m.json", device="cpu")

@@ -103,7 +103,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "bf16"  # autocast on CUDA: bf16 | fp16 (with loss scaling) | off
     cpu_amp: str = "off"  # autocast on the CPU: off | bf16 (fast where the CPU has AVX512-BF16 or AMX)
-    channels_last: bool = True  # the model's weights channels-last (and on CUDA its input batches too)
+    channels_last: bool = True  # the model's weights channels-last (on CUDA global-hires' input batches too)
     selection_graph: bool = True  # CUDA, eager steps: replay the instance selection as a CUDA graph (same boxes)
     # torch.compile the training steps: off | default (inductor) | reduce-overhead (inductor + CUDA graphs, one
     # process only) | max-autotune; true reads as default, false as off. Compiled training drops each epoch's last

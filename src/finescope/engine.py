@@ -72,11 +72,26 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
     return factor
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel and/or torch.compile wrapper."""
+    model = model.module if hasattr(model, "module") else model
+    return getattr(model, "_orig_mod", model)
+
+
+def input_channels_last(model: nn.Module, device: torch.device, channels_last: bool) -> bool:
+    """Whether ``model``'s input batches go channels-last: with ``channels_last``, on CUDA, and only when its
+    backbone reads the images as they are (``global-hires``). Every other variant only resizes them or cuts
+    crops from them; on CUDA both kernels (antialiased resize, roi_align) first copy a channels-last input to
+    the contiguous layout, a pass over the full-resolution batch each, and a channels-last model converts the
+    small view and crops at its first convolution. On the CPU the resizes and roi_align are faster on
+    contiguous images too."""
+    return channels_last and device.type == "cuda" and bool(getattr(unwrap(model), "hires", True))
+
+
 def model_input(batch, device: torch.device, channels_last: bool):
-    """The images, sizes and labels of ``batch`` on ``device``. With ``channels_last`` the images are
-    channels-last on CUDA only: on the CPU the model's resizes and roi_align run faster on contiguous images,
-    and a channels-last model converts the view and the crops at its first convolution."""
-    images = batch.model_input(device, channels_last=channels_last and device.type == "cuda")
+    """The images, sizes and labels of ``batch`` on ``device``, the images channels-last when ``channels_last``
+    (:func:`input_channels_last` decides)."""
+    images = batch.model_input(device, channels_last=channels_last)
     return images, batch.sizes, batch.labels.to(device, non_blocking=True)
 
 
@@ -117,6 +132,7 @@ def train_one_epoch(
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen, start = 0, time.perf_counter()
     scales = getattr(getattr(loader, "sampler", None), "step_scales", None) or []
+    input_cl = input_channels_last(model, device, channels_last)
     last = None
     for step, batch in enumerate(tqdm(loader, desc=desc, leave=False, disable=None if progress else True)):
         scale = scales[step] if step < len(scales) else 1.0
@@ -129,7 +145,7 @@ def train_one_epoch(
                                      "files named in the warnings above")
             batch, scale = last, 0.0  # the other ranks wait for this one's gradients: a step that adds nothing
         last = batch
-        images, sizes, labels = model_input(batch, device, channels_last)
+        images, sizes, labels = model_input(batch, device, input_cl)
         if mark_steps:
             torch.compiler.cudagraph_mark_step_begin()
         with autocast(device, amp, cpu_amp):
@@ -205,12 +221,13 @@ def predict_loader(
     """
     model.eval()
     idx, labels, probs, boxes, mass = [], [], [], [], []
+    input_cl = input_channels_last(model, device, channels_last)
     loss_sum, loss_n = torch.zeros((), device=device), 0
     for batch in tqdm(loader, desc=desc, leave=False, disable=None if progress else True):
         if len(batch) == 0:
             continue
         known = bool((batch.labels >= 0).all())  # on the host: no device sync
-        images, sizes, y = model_input(batch, device, channels_last)
+        images, sizes, y = model_input(batch, device, input_cl)
         with autocast(device, amp, cpu_amp):
             out = model(images, sizes)
         if known:

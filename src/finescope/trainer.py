@@ -60,6 +60,7 @@ from finescope.engine import (
     merge_predictions,
     predict_loader,
     train_one_epoch,
+    unwrap,
     warmup_cosine,
 )
 from finescope.errors import FinescopeError
@@ -201,8 +202,9 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -
 
 def build_model(cfg: Config, num_classes: int, device: torch.device) -> FineScopeNet:
     """The model of ``cfg`` on ``device``; with ``train.channels_last`` its weights in the channels-last layout,
-    which the convolutions of CUDA and of the CPU (oneDNN) both run faster (the batches follow on CUDA only,
-    see :func:`finescope.engine.model_input`); ``train.selection_graph`` sets its ``selection_graph``."""
+    which the convolutions of CUDA and of the CPU (oneDNN) both run faster (the batches follow on CUDA, for
+    ``global-hires`` only: :func:`finescope.engine.input_channels_last`); ``train.selection_graph`` sets its
+    ``selection_graph``."""
     model = create_model(cfg.model, num_classes).to(device)
     model.selection_graph = cfg.train.selection_graph
     if cfg.train.channels_last:
@@ -250,10 +252,8 @@ def _score(metrics: dict, monitor: str) -> float:
 def _state(model, optimizer, scheduler, scaler, epoch, cfg, class_names, tracker) -> dict:
     from finescope import __version__
 
-    raw = model.module if hasattr(model, "module") else model
-    raw = getattr(raw, "_orig_mod", raw)
     return {
-        "model": raw.state_dict(),
+        "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),  # {} unless fp16 autocast on CUDA
