@@ -108,9 +108,9 @@ def profile_batch(args, batch: int, device: torch.device) -> dict:
     sizes = torch.tensor([[H, W]] * batch)
     view = torch.rand(batch, 3, *global_view_size(H, W, cfg.global_size), device=device)
     crops = torch.rand(batch * cfg.num_crops, 3, cfg.local_size, cfg.local_size, device=device)
-    if device.type == "cuda":
+    if device.type == "cuda":  # as the trainer: fusion's input batch stays contiguous (engine.input_channels_last)
         model, trunk = (m.to(memory_format=torch.channels_last) for m in (model, trunk))
-        images, view, crops = (t.contiguous(memory_format=torch.channels_last) for t in (images, view, crops))
+        view, crops = (t.contiguous(memory_format=torch.channels_last) for t in (view, crops))
     compile_mode = None if args.mode == "none" else args.mode
     fused = torch.compile(model, mode=compile_mode, dynamic=False) if compile_mode else model
     passes = torch.compile(trunk, mode=compile_mode, dynamic=False) if compile_mode else trunk

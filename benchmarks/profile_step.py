@@ -38,9 +38,8 @@ def profile_backbone(backbone: str, size: tuple[int, int], batch: int, device: t
     images = torch.rand(batch, 3, *size, generator=g).to(device)
     sizes = torch.tensor([list(size)] * batch)
     labels = torch.randint(0, 2, (batch,), generator=g).to(device)
-    if device.type == "cuda":
+    if device.type == "cuda":  # as the trainer: channels-last weights; input batches stay contiguous for fusion
         model = model.to(memory_format=torch.channels_last)
-        images = images.contiguous(memory_format=torch.channels_last)
     size_list = sizes.tolist()
     amp = True
     model.eval()

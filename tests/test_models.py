@@ -607,18 +607,22 @@ def test_deferred_convergence_flag_is_read_after_the_crops_and_the_step_is_the_e
     """With the selection replayed as a CUDA graph (stood in for on the CPU), the forward pass reads the
     graph's convergence flag only after the crops' pass is issued. When the flag says the labelling did not
     converge, the crops are read again from the exact boxes, and the step (outputs, gradients, BatchNorm
-    running statistics) is the one of a model that selects op by op."""
+    running statistics, the dropout masks and the random numbers drawn after it) is the one of a model that
+    selects op by op."""
     import copy
 
     from finescope.models import selection
 
     torch.manual_seed(0)
-    model = create_model(ModelConfig(variant="fusion", **{**SMALL, "local_size": 32, "dropout": 0.0}), 2).train()
+    model = create_model(ModelConfig(variant="fusion", **{**SMALL, "local_size": 32, "dropout": 0.5}), 2).train()
     reference = copy.deepcopy(model)
     reference.selection_graph = False
     images, labels = torch.rand(2, 3, 96, 128), torch.tensor([0, 1])
+    torch.manual_seed(1)
     ref_out = reference(images)
     F.cross_entropy(ref_out.logits, labels).backward()
+    ref_next = torch.rand(3)  # the random stream after the step
+    torch.manual_seed(1)
 
     def replay(inputs, options, events):
         if converged:  # what the graph runs: fixed labelling rounds, and a real flag
@@ -640,22 +644,31 @@ def test_deferred_convergence_flag_is_read_after_the_crops_and_the_step_is_the_e
         torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6)
     for (name, ours), theirs in zip(model.named_buffers(), reference.buffers(), strict=True):
         assert torch.equal(ours, theirs), name  # running statistics updated once, by the exact crops
+    assert torch.equal(torch.rand(3), ref_next)
 
 
 def test_deferred_flag_is_read_at_once_where_the_crops_pass_cannot_be_undone(monkeypatch):
     """With SyncBatchNorm in training (its passes communicate, so a second crops' pass would desynchronise the
-    processes) the flag is read before the crops; in eval mode nothing needs restoring."""
+    processes), with or without running statistics, or with another module in training mode that keeps buffers
+    (state the model does not know how to put back), the flag is read before the crops; in eval mode there is
+    nothing to put back but the random-number state."""
     from torch import nn
 
     from finescope.models import network, selection
 
     torch.manual_seed(0)
-    model = create_model(ModelConfig(variant="fusion", **{**SMALL, "local_size": 32, "dropout": 0.0}), 2).train()
+    model = create_model(ModelConfig(variant="fusion", **{**SMALL, "local_size": 32}), 2).train()
+    cpu = torch.device("cpu")
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.backbone.modules())
-    assert sum(map(len, network._running_stats(model.backbone))) == 3 * n_bn > 0  # grouped by dtype
-    assert network._running_stats(model.backbone.eval()) == []
-    model = nn.SyncBatchNorm.convert_sync_batchnorm(model.train())
-    assert network._running_stats(model.backbone) is None
+    assert sum(map(len, network._Rerun.save(model.backbone, cpu).stats)) == 3 * n_bn > 0  # grouped by dtype
+    assert network._Rerun.save(model.backbone.eval(), cpu).stats == []
+    model.backbone.train()
+    stateful = nn.Module()
+    stateful.register_buffer("running_var", torch.ones(1))
+    assert network._Rerun.save(nn.Sequential(model.backbone, stateful), cpu) is None
+    assert network._Rerun.save(nn.Sequential(nn.SyncBatchNorm(3, track_running_stats=False)), cpu) is None
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert network._Rerun.save(model.backbone, cpu) is None
 
     def replay(inputs, options, events):
         boxes, mass, _ = selection._select(*inputs, *options, graph_rounds=selection.GRAPH_ROUNDS)

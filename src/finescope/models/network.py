@@ -76,37 +76,51 @@ def _to_device(values: list, device: torch.device, dtype: torch.dtype | None = N
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
-def _running_stats(module: nn.Module) -> list[list[torch.Tensor]] | None:
-    """The buffers a forward pass of ``module`` changes, grouped by device and dtype: the running statistics of
-    its BatchNorms in training mode ([] in eval mode); or None when the pass has effects that cannot be undone
-    (a SyncBatchNorm's collectives, which every process must run alike)."""
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
+class _Rerun:
+    """What a pass of a module changes, saved so that the pass can run again as if it had not run: the running
+    statistics of its BatchNorms in training mode and the random-number state of ``device`` (dropout,
+    stochastic depth). Made by :meth:`save`."""
+
+    def __init__(self, stats: list[list[torch.Tensor]], device: torch.device) -> None:
+        self.stats = stats
+        self.saved = [torch._foreach_add(group, 0) for group in stats]  # one kernel per group on CUDA
+        self.device = device
+        self.rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()  # host
+
+    @classmethod
+    def save(cls, module: nn.Module, device: torch.device) -> _Rerun | None:
+        """The state a pass of ``module`` on ``device`` changes, or None when the pass has effects this cannot
+        undo: a SyncBatchNorm in training (its collectives, which every process must run alike), or another
+        module in training mode with buffers (state this does not know)."""
+        groups: dict[tuple, list[torch.Tensor]] = {}  # by device and dtype: one foreach kernel per group
+        for m in module.modules():
+            if not m.training:
+                continue
             if isinstance(m, nn.SyncBatchNorm):
                 return None
-            for t in (m.running_mean, m.running_var, m.num_batches_tracked):
-                groups.setdefault((t.device, t.dtype), []).append(t)
-    return list(groups.values())
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                stats = (m.running_mean, m.running_var, m.num_batches_tracked) if m.track_running_stats else ()
+                for t in stats:
+                    groups.setdefault((t.device, t.dtype), []).append(t)
+            elif next(m.buffers(recurse=False), None) is not None:
+                return None
+        return cls(list(groups.values()), device)
 
-
-def _snapshot(stats: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
-    """Copies of ``stats``: a foreach add of 0 per group, one kernel on CUDA where a copy per tensor would
-    launch dozens."""
-    return [torch._foreach_add(group, 0) for group in stats]
-
-
-def _restore(stats: list[list[torch.Tensor]], saved: list[list[torch.Tensor]]) -> None:
-    """Copy ``saved`` back into ``stats`` through ``.data``: autograd has saved these buffers for the backward
-    of the passes before (a BatchNorm's backward takes them, and reads them only in eval mode), and a write it
-    tracks would make that backward refuse them as modified."""
-    for group, copies in zip(stats, saved, strict=True):
-        data = [t.data for t in group]
-        if hasattr(torch, "_foreach_copy_"):
-            torch._foreach_copy_(data, copies)
-        else:  # older torch
-            for t, v in zip(data, copies, strict=True):
-                t.copy_(v)
+    def restore(self) -> None:
+        """Put the saved state back. The statistics are written through ``.data``: autograd has saved them for
+        the backward of the passes before (a BatchNorm's backward takes them, and reads them only in eval
+        mode), and a write it tracks would make that backward refuse them as modified."""
+        for group, copies in zip(self.stats, self.saved, strict=True):
+            data = [t.data for t in group]
+            if hasattr(torch, "_foreach_copy_"):
+                torch._foreach_copy_(data, copies)
+            else:  # older torch
+                for t, v in zip(data, copies, strict=True):
+                    t.copy_(v)
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(self.rng, self.device)
+        else:
+            torch.set_rng_state(self.rng)
 
 
 class FineScopeNet(nn.Module):
@@ -141,8 +155,9 @@ class FineScopeNet(nn.Module):
             (``select_boxes``' ``graph``: the same boxes, one launch instead of about 170). The graph's
             convergence flag is read once the whole forward pass is queued, so the host does not wait for the
             GPU in the middle of it; in the rare step whose flag says the graph's labelling did not converge, the
-            crops are cut again from the exact boxes, and the BatchNorm statistics the first crops' pass changed
-            are restored first (with SyncBatchNorm, whose passes communicate, the flag is read at once).
+            crops are cut again from the exact boxes, after the BatchNorm statistics and the random-number state
+            that the first crops' pass changed are put back (with SyncBatchNorm, whose passes communicate, or
+            another module with buffers in training mode, the flag is read at once).
     """
 
     def __init__(
@@ -402,17 +417,15 @@ class FineScopeNet(nn.Module):
         boxes, mass, exact = select(graph=self.selection_graph)
         reader = self.crop_backbone if self.crop_backbone is not None else self.backbone
         if exact is not None:  # boxes from the selection's CUDA graph, whose convergence flag is not read yet
-            stats = _running_stats(reader)
-            if stats is None:  # the crops' pass cannot be run twice (collectives): read the flag now
+            rerun = _Rerun.save(reader, images.device)
+            if rerun is None:  # the crops' pass cannot be run twice: read the flag now
                 if not bool(exact):
                     boxes, mass, _ = select(graph=False)
                 exact = None
-            else:
-                saved = _snapshot(stats)
         fused = self._fuse(reader, images, boxes, size_list, sources, g)
         if exact is not None and not bool(exact):  # the one host-device sync, once the whole forward is queued
             del fused  # rare: the graph's labelling rounds did not converge; read the exact boxes' crops instead
-            _restore(stats, saved)
+            rerun.restore()
             boxes, mass, _ = select(graph=False)
             fused = self._fuse(reader, images, boxes, size_list, sources, g)
         return ModelOutput(fused, global_logits, attn, boxes, mass, cell_px)
