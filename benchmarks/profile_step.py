@@ -4,9 +4,11 @@ profiler's top operators.
     PYTHONPATH=src python benchmarks/profile_step.py --device cuda --backbones resnet18 mobilenet_v2 \
         --size 460x700 --batch 16 --out OUT.json
 
-Stages (inference, no grad, bf16 autocast and channels_last on CUDA as in ``bench_model.py``): the global view
-(resize + normalise), the global backbone pass, box selection (on CUDA replayed as its CUDA graph, and op by
-op), the crops (crop source + roi_align + normalise), the crop backbone pass. ``host_ms`` is the time the Python thread needs
+Stages (inference, no grad, bf16 autocast on CUDA, channels-last weights, as in ``bench_model.py``): the crop
+source (the image resized for the crops, when its short side is over 3x the crop side), the global view
+(resize + normalise, from the source for large images as the model does), the global backbone pass, the
+attention pool and global head, box selection (on CUDA replayed as its CUDA graph, and op by op), the crops
+(roi_align + normalise), the crop backbone pass. ``host_ms`` is the time the Python thread needs
 to issue a whole step (no synchronisation at its end); when it is close to the synchronised ``step_ms`` the
 step is bound by kernel launches, not by the GPU.
 """
@@ -30,25 +32,27 @@ from finescope.models.selection import select_boxes  # noqa: E402
 from finescope.trainer import fused_adamw  # noqa: E402
 
 
-def profile_backbone(backbone: str, size: tuple[int, int], batch: int, device: torch.device, reps: int) -> dict:
-    """Stage and step timings of one fusion model."""
+def profile_backbone(backbone: str, size: tuple[int, int], batch: int, device: torch.device, reps: int,
+                     weights: str = "") -> dict:
+    """Stage and step timings of one fusion model (``weights``: a state dict for its backbone)."""
     torch.manual_seed(0)
-    model = create_model(ModelConfig(variant="fusion", backbone=backbone), 2).to(device)
+    model = create_model(ModelConfig(variant="fusion", backbone=backbone, weights=weights), 2).to(device)
     g = torch.Generator().manual_seed(0)
     images = torch.rand(batch, 3, *size, generator=g).to(device)
     sizes = torch.tensor([list(size)] * batch)
     labels = torch.randint(0, 2, (batch,), generator=g).to(device)
-    if device.type == "cuda":  # as the trainer: channels-last weights; input batches stay contiguous for fusion
-        model = model.to(memory_format=torch.channels_last)
+    # as the trainer: channels-last weights on every device; fusion's input batch stays contiguous
+    model = model.to(memory_format=torch.channels_last)
     size_list = sizes.tolist()
     amp = True
     model.eval()
     with torch.no_grad(), autocast(device, amp):
         out = model(images, sizes)
-        view, _ = model._global_view(images, size_list)
+        sources = model._crop_sources(images, size_list)
+        view, _ = model._global_view(images, size_list, sources)
         fmap = model.backbone(view)
         boxes = out.boxes
-        crops = model._normalise(model._crops(images, boxes, size_list))
+        crops = model._normalise(model._crops(images, boxes, size_list, sources))
         valid, cell_px, dev_sizes, mask = model._grid_meta(size_list, [list(view.shape[-2:])] * batch,
                                                            view.shape[-2:], fmap.shape[-2:], device)
         attn = out.attention
@@ -58,12 +62,20 @@ def profile_backbone(backbone: str, size: tuple[int, int], batch: int, device: t
                                 model.min_box_fraction, normalise=model.selection_norm, iou_threshold=model.peak_iou,
                                 padded=mask is not None, graph=graph)
 
+        def attention():  # the grid's numbers, the attention pool and the global head
+            meta = model._grid_meta(size_list, [list(view.shape[-2:])] * batch, view.shape[-2:], fmap.shape[-2:],
+                                    device)
+            h_n = model.instance_proj(fmap.flatten(2).transpose(1, 2))
+            return meta, model.global_head(model.attention_pool(h_n, None)[0])
+
         stages = {
-            "global view": lambda: model._global_view(images, size_list),
+            "crop source": lambda: model._crop_sources(images, size_list),  # the image itself below 3x the crops
+            "global view": lambda: model._global_view(images, size_list, sources),  # as the model: from the source
             "global backbone": lambda: model.backbone(view),
+            "attention and global head": attention,
             "select boxes": lambda: select(True),
             "select boxes op by op": lambda: select(False),  # without the CUDA graph (the same on a CPU)
-            "crops": lambda: model._normalise(model._crops(images, boxes, size_list)),
+            "crops": lambda: model._normalise(model._crops(images, boxes, size_list, sources)),
             "crop backbone": lambda: model.backbone(crops),
             "whole inference step": lambda: model(images, sizes),
         }
@@ -71,6 +83,7 @@ def profile_backbone(backbone: str, size: tuple[int, int], batch: int, device: t
             fn()
         rows = {name: {"device_ms": median_ms(fn, device, reps), "host_ms": median_ms(fn, device, reps, False)}
                 for name, fn in stages.items()}
+        passes = rows["global backbone"]["device_ms"] + rows["crop backbone"]["device_ms"]
 
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused_adamw(device.type))
@@ -100,6 +113,7 @@ def profile_backbone(backbone: str, size: tuple[int, int], batch: int, device: t
     launches = sum(e.count for e in prof.key_averages() if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
                                                                       "cudaLaunchKernelExC", "cuLaunchKernelEx"))
     return {"backbone": backbone, "stages": rows, "kernel_launches_per_train_step": launches / 3,
+            "inference_step_over_passes": rows["whole inference step"]["device_ms"] / passes,
             "profile_table": table}
 
 
@@ -110,15 +124,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="460x700")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--weights", nargs="*", default=[], metavar="BACKBONE=PATH",
+                   help="state dicts for backbones, e.g. mobilenet_v2=../shared/weights/mobilenet_v2-b0353104.pth "
+                        "(the boxes, and so the crops' cost, follow the attention they give)")
     p.add_argument("--out", help="JSON file for the results")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     size = tuple(int(v) for v in args.size.lower().split("x"))
+    weights = dict(w.split("=", 1) for w in args.weights)
     results = {"environment": environment(device), "size": args.size, "batch": args.batch,
-               "backbones": [profile_backbone(b, size, args.batch, device, args.reps) for b in args.backbones]}
+               "backbones": [profile_backbone(b, size, args.batch, device, args.reps, weights.get(b, ""))
+                             for b in args.backbones]}
     for r in results["backbones"]:
         print(f"\n## {r['backbone']} {args.size} batch {args.batch}: kernel launches per training step "
-              f"{r['kernel_launches_per_train_step']:.0f}\n")
+              f"{r['kernel_launches_per_train_step']:.0f}; inference step / the two backbone passes (stages "
+              f"timed alone) {r['inference_step_over_passes']:.3f}\n")
         print(markdown_table(["stage", "device ms", "host ms"],
                              [[k, f"{v['device_ms']:.2f}", f"{v['host_ms']:.2f}"] for k, v in r["stages"].items()]))
         print(r["profile_table"])
