@@ -40,7 +40,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, loadavg, markdown_table, summary, sync  # noqa: E402
+from common import allocator_as_the_cli, environment, loadavg, markdown_table, summary, sync  # noqa: E402
 
 from finescope.config import DataConfig, ModelConfig  # noqa: E402
 from finescope.data import (  # noqa: E402
@@ -255,6 +255,7 @@ def report(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    allocator_as_the_cli()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     result: dict = {"environment": environment(device), "settings": vars(args)}

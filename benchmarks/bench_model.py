@@ -56,7 +56,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, loadavg, markdown_table, summary, sync, timed  # noqa: E402
+from common import allocator_as_the_cli, environment, loadavg, markdown_table, summary, sync, timed  # noqa: E402
 
 from finescope.config import ModelConfig  # noqa: E402
 from finescope.engine import autocast, compute_loss, input_channels_last  # noqa: E402
@@ -444,6 +444,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    allocator_as_the_cli()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else

@@ -17,7 +17,16 @@ from pathlib import Path
 
 import torch
 
+from finescope.runtime import tune_allocator
+
 ROOT = Path(__file__).resolve().parents[1]
+_MALLOC = {"tuned": False}
+
+
+def allocator_as_the_cli() -> None:
+    """Set glibc's malloc as the finescope command line does (:func:`finescope.runtime.tune_allocator`; the
+    environment variable ``FINESCOPE_MALLOC=default`` leaves it as it is). :func:`environment` records which."""
+    _MALLOC["tuned"] = tune_allocator()
 
 
 def loadavg() -> str:
@@ -68,6 +77,7 @@ def environment(device: torch.device) -> dict:
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
         "loadavg_start": loadavg(),
+        "malloc": "finescope (no mmap, no trim)" if _MALLOC["tuned"] else "default",
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)

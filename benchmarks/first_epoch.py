@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, markdown_table, sync  # noqa: E402
+from common import allocator_as_the_cli, environment, markdown_table, sync  # noqa: E402
 
 from finescope.config import load_config  # noqa: E402
 from finescope.engine import make_grad_scaler, train_one_epoch  # noqa: E402
@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slowest", type=int, default=5, help="slowest steps listed per epoch")
     p.add_argument("--out", help="JSON file for the results")
     args = p.parse_args(argv)
+    allocator_as_the_cli()
     cfg = load_config(args.config, args.set)
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.seed)

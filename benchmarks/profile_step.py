@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, markdown_table, median_ms, sync  # noqa: E402
+from common import allocator_as_the_cli, environment, markdown_table, median_ms, sync  # noqa: E402
 
 from finescope.config import ModelConfig  # noqa: E402
 from finescope.engine import autocast, compute_loss  # noqa: E402
@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(the boxes, and so the crops' cost, follow the attention they give)")
     p.add_argument("--out", help="JSON file for the results")
     args = p.parse_args(argv)
+    allocator_as_the_cli()
     device = torch.device(args.device)
     size = tuple(int(v) for v in args.size.lower().split("x"))
     weights = dict(w.split("=", 1) for w in args.weights)

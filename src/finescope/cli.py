@@ -15,6 +15,7 @@ from pathlib import Path
 
 from finescope import __version__
 from finescope.errors import FinescopeError
+from finescope.runtime import tune_allocator
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -294,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    tune_allocator()  # glibc keeps freed tensors' memory for the next step (finescope.runtime)
     debug = os.environ.get("FINESCOPE_DEBUG") == "1"
     if not debug:
         warnings.filterwarnings("ignore", category=UserWarning, module="torch")
