@@ -67,7 +67,8 @@ def environment(device: torch.device) -> dict:
     import torchvision
 
     env = {
-        "command": "PYTHONPATH=src python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
+        "command": "".join(f"{k}={os.environ[k]} " for k in ("FINESCOPE_MALLOC",) if k in os.environ)
+        + "PYTHONPATH=src python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
         "commit": git_commit(),
         "python": platform.python_version(),
         "torch": torch.__version__,
