@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from finescope.runtime import tune_allocator
+from finescope.runtime import ENV, tune_allocator
 
 ROOT = Path(__file__).resolve().parents[1]
 _MALLOC = {"tuned": False}
@@ -67,7 +67,7 @@ def environment(device: torch.device) -> dict:
     import torchvision
 
     env = {
-        "command": "".join(f"{k}={os.environ[k]} " for k in ("FINESCOPE_MALLOC",) if k in os.environ)
+        "command": (f"{ENV}={os.environ[ENV]} " if ENV in os.environ else "")  # the malloc setting, when chosen
         + "PYTHONPATH=src python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
         "commit": git_commit(),
         "python": platform.python_version(),
