@@ -12,7 +12,7 @@ Cases:
         same loss-backward-clip-AdamW step on the backbone's parameters.
     fusion+fp32, fusion+contiguous, fusion+compile, fusion+compile-ro, fusion+view-image, fusion+folded-bn,
         fusion+serial-crops, fusion+eager-selection, fusion+selection-nosync, fusion+selection-sync-now,
-        fusion+cl-input (``--ablate``): fusion without bf16 autocast; without channels_last weights;
+        fusion+cl-input, fusion+aten-resize, fusion+strips-only (``--ablate``): fusion without bf16 autocast; without channels_last weights;
         under ``torch.compile`` (inductor, default mode); under ``torch.compile(mode="reduce-overhead")``, which
         replays CUDA graphs where inductor can use them; with its global view always resized from the image,
         never from the crop source (``FineScopeNet.view_from_source``; with the defaults the two differ only for
@@ -25,7 +25,9 @@ Cases:
         (``selection-nosync``); with the flag read right after the replay instead of once the forward pass is
         queued (``selection-sync-now``, the step before the flag was deferred; both the same on the CPU); with its
         full-resolution batch channels-last on CUDA, as the trainer made it for every variant before it did so for
-        ``global-hires`` only (``cl-input``; the same on the CPU).
+        ``global-hires`` only (``cl-input``; the same on the CPU); with its view and crop source resized by ATen's
+        ``F.interpolate`` instead of ``finescope.models.resize.resize_aa`` (``aten-resize``; the same on CUDA);
+        with no box's rows resized first in ``crop_align`` (``strips-only``; the same on CUDA).
 
 Ratios (paired per repetition, then median and spread):
     overhead = fusion / passes (goal <= 1.15 on CUDA, <= 1.25 on CPU),
@@ -40,6 +42,7 @@ Example (CPU, small):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import ctypes
 import gc
@@ -52,6 +55,7 @@ from pathlib import Path
 from unittest import mock
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
@@ -60,20 +64,21 @@ from common import allocator_as_the_cli, environment, loadavg, markdown_table, s
 
 from finescope.config import ModelConfig  # noqa: E402
 from finescope.engine import autocast, compute_loss, input_channels_last  # noqa: E402
-from finescope.models import create_model, network  # noqa: E402
+from finescope.models import align, create_model, network  # noqa: E402
 from finescope.models.network import global_view_size  # noqa: E402
 from finescope.trainer import fused_adamw  # noqa: E402
 
 VARIANTS = ("global", "global-hires", "attention", "fusion")
 ABLATIONS = ("fp32", "contiguous", "compile", "compile-ro", "view-image", "folded-bn", "serial-crops",
-             "eager-selection", "selection-nosync", "selection-sync-now", "cl-input")
+             "eager-selection", "selection-nosync", "selection-sync-now", "cl-input", "aten-resize", "strips-only")
 ABLATION_LABELS = {"fp32": "fp32 / bf16", "contiguous": "contiguous / channels_last", "compile": "compiled / eager",
                    "compile-ro": "compiled (reduce-overhead) / eager", "view-image": "view from image / from source",
                    "folded-bn": "folded BatchNorm / BatchNorm", "serial-crops": "crops in one call / in strips",
                    "eager-selection": "selection without / with its CUDA graph",
                    "selection-nosync": "graph without / with its sync",
                    "selection-sync-now": "graph's flag read at once / at the end",
-                   "cl-input": "channels-last / contiguous input"}
+                   "cl-input": "channels-last / contiguous input",
+                   "aten-resize": "ATen's resize / resize_aa", "strips-only": "crops without / with rows first"}
 COMPILE_MODES = {"compile": "default", "compile-ro": "reduce-overhead"}
 OVERHEAD_LABELS = {"compile": "fusion / passes, both compiled",
                    "compile-ro": "fusion / passes, both compiled (reduce-overhead)"}
@@ -166,7 +171,7 @@ def _selection_flag(step: Callable[[], None], when: str) -> Callable[[], None]:
 def model_case(name: str, variant: str, backbone: str, args, batch: dict, mode: str, device: torch.device,
                amp: bool, channels_last: bool, compile_mode: str | None = None, view_from_image: bool = False,
                fold: bool = False, serial_crops: bool = False, selection_graph: bool = True,
-               selection_flag: str = "end", cl_input: bool = False) -> Case:
+               selection_flag: str = "end", cl_input: bool = False, patches: tuple = ()) -> Case:
     """A variant's full step on ``batch`` (images, sizes, labels on the device)."""
     cfg = ModelConfig(variant=variant, backbone=backbone, global_size=args.global_size,
                       local_size=args.local_size, num_crops=args.num_crops, weights=args.weights.get(backbone, ""))
@@ -192,7 +197,7 @@ def model_case(name: str, variant: str, backbone: str, args, batch: dict, mode: 
             with torch.no_grad(), _autocast(device, amp, args):
                 run(images, sizes)
 
-        return Case(name, _wrap(infer, serial_crops, selection_flag), len(labels))
+        return Case(name, _wrap(infer, serial_crops, selection_flag, patches), len(labels))
     model.train()
 
     def forward() -> torch.Tensor:
@@ -202,12 +207,29 @@ def model_case(name: str, variant: str, backbone: str, args, batch: dict, mode: 
 
     params = [p for p in model.parameters() if p.requires_grad]
     step = _train_step(model, forward, _adamw(params, device), params)
-    return Case(name, _wrap(step, serial_crops, selection_flag), len(labels))
+    return Case(name, _wrap(step, serial_crops, selection_flag, patches), len(labels))
 
 
-def _wrap(step: Callable[[], None], serial_crops: bool, selection_flag: str) -> Callable[[], None]:
+def _wrap(step: Callable[[], None], serial_crops: bool, selection_flag: str, patches: tuple) -> Callable[[], None]:
     step = _crops_in_one_call(step) if serial_crops else step
-    return step if selection_flag == "end" else _selection_flag(step, selection_flag)
+    step = step if selection_flag == "end" else _selection_flag(step, selection_flag)
+    return _patched(step, patches) if patches else step
+
+
+def _patched(step: Callable[[], None], patches: tuple) -> Callable[[], None]:
+    """``step`` with each (module, attribute, value) of ``patches`` set while it runs."""
+
+    def wrapped() -> None:
+        with contextlib.ExitStack() as stack:
+            for module, attribute, value in patches:
+                stack.enter_context(mock.patch.object(module, attribute, value))
+            step()
+
+    return wrapped
+
+
+def _aten_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
 def passes_case(backbone: str, args, batch: dict, mode: str, device: torch.device, amp: bool,
@@ -271,6 +293,8 @@ def build_cases(backbone: str, size, mode: str, args, device: torch.device) -> l
                  "folded-bn": {"fold": True}, "serial-crops": {"serial_crops": True},
                  "eager-selection": {"selection_graph": False}, "selection-nosync": {"selection_flag": "never"},
                  "selection-sync-now": {"selection_flag": "now"},
+                 "aten-resize": {"patches": ((network, "resize_aa", _aten_resize),)},
+                 "strips-only": {"patches": ((align, "ROWS_FIRST", False),)},
                  **{name: {"compile_mode": how} for name, how in COMPILE_MODES.items()}}
         for name in args.ablate:
             if name == "folded-bn" and mode == "train":  # folding is for inference-only models (load_trained)

@@ -1,13 +1,14 @@
-"""Cost of cutting the crops alone: one torchvision roi_align call against ``crop_align``'s strips (one per CPU
-thread), on the crop sources a fusion step cuts them from.
+"""Cost of cutting the crops alone: one torchvision roi_align call against ``crop_align`` (its rows resized first
+where a box has several sample rows per bin, and cut in strips, one per CPU thread), and against its strips alone,
+on the crop sources a fusion step cuts them from.
 
     PYTHONPATH=src python benchmarks/crop_cost.py [--device cpu] [--reps 10] [--out FILE.json]
 
 The crops of ``FineScopeNet._crops`` (K = 4 of 224 px, boxes scaled to the crop source, which at 460x700 is the
 image and at 1536x2048 the image resized to 672x896), for three kinds of boxes: the smallest a model selects (a
 third of the short side), random sides between that and the whole image, and the whole image (what an untrained
-model's flat attention selects). The two ways are timed interleaved and compared per repetition. The largest
-difference between their crops is printed too (float rounding of the strips' sampling positions).
+model's flat attention selects). The three ways are timed interleaved and compared per repetition. The largest
+difference between ``crop_align``'s crops and one call's is printed too (float rounding).
 
 With ``--in-step BACKBONE`` a second table times the crops inside whole fusion inference steps (channels-last
 weights, as the trainer sets them; the boxes the model selects; ``--weights`` for local weights), and the steps.
@@ -16,6 +17,7 @@ weights, as the trainer sets them; the boxes the model selects; ``--weights`` fo
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -26,6 +28,7 @@ from torchvision.ops import roi_align
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    allocator_as_the_cli,
     environment,
     loadavg,
     markdown_table,
@@ -38,7 +41,7 @@ from common import (  # noqa: E402
 )
 
 from finescope.config import ModelConfig  # noqa: E402
-from finescope.models import create_model, network  # noqa: E402
+from finescope.models import align, create_model, network  # noqa: E402
 
 
 def one_call(source: torch.Tensor, rois: torch.Tensor, size: int) -> torch.Tensor:
@@ -69,36 +72,45 @@ def measure(size: tuple[int, int], batch: int, kind: str, args, device: torch.de
     sizes = [[h, w]] * batch
     sources = model._crop_sources(images, sizes)
 
-    def strips():
+    def crops():
         return model._crops(images, boxes, sizes, sources)
+
+    def strips():
+        with mock.patch.object(align, "ROWS_FIRST", False):
+            return model._crops(images, boxes, sizes, sources)
 
     def serial():
         with mock.patch.object(network, "crop_align", one_call):
             return model._crops(images, boxes, sizes, sources)
 
-    diff = (strips() - serial()).abs().max().item()
-    times = {"strips": [], "one call": []}
+    ways = {"crop_align": crops, "strips": strips, "one call": serial}
+    diff = (crops() - serial()).abs().max().item()
+    times: dict[str, list[float]] = {k: [] for k in ways}
     for _ in range(args.reps):
-        times["strips"].append(timed(strips, device))
-        times["one call"].append(timed(serial, device))
+        for key, fn in ways.items():
+            times[key].append(timed(fn, device))
     source_hw = list(next(iter(sources.values()))[1].shape[-2:])
+    side = float((boxes[..., 2:] - boxes[..., :2]).max())  # the longest box side, full-resolution pixels
+    grid = math.ceil(side * source_hw[0] / h / 224)  # the most sample rows or columns per bin of any box
     return {"size": f"{h}x{w}", "source": "x".join(map(str, source_hw)), "batch": batch, "boxes": kind,
-            "strips_ms": summary([t * 1e3 for t in times["strips"]]),
-            "one_call_ms": summary([t * 1e3 for t in times["one call"]]),
-            "speedup": summary([a / b for a, b in zip(times["one call"], times["strips"], strict=True)]),
+            "largest_grid": grid, **{f"{k.replace(' ', '_')}_ms": summary([t * 1e3 for t in v])
+                                     for k, v in times.items()},
+            "speedup": summary([a / b for a, b in zip(times["one call"], times["crop_align"], strict=True)]),
+            "rows_first_speedup": summary([a / b for a, b in zip(times["strips"], times["crop_align"],
+                                                                  strict=True)]),
             "max_abs_diff": diff}
 
 
 def in_step(backbone: str, size: tuple[int, int], batch: int, args, device: torch.device) -> dict:
-    """The crops' milliseconds inside whole fusion inference steps, strips against one call, interleaved."""
+    """The crops' milliseconds inside whole fusion inference steps, crop_align against one call, interleaved."""
     h, w = size
     torch.manual_seed(0)
     cfg = ModelConfig(variant="fusion", backbone=backbone, weights=args.weights)
     model = create_model(cfg, 2).to(device).to(memory_format=torch.channels_last).eval()
     images = torch.rand(batch, 3, h, w, generator=torch.Generator().manual_seed(0)).to(device)
     sizes = torch.tensor([[h, w]] * batch)
-    crops: dict[str, list[float]] = {"strips": [], "one call": []}
-    steps: dict[str, list[float]] = {"strips": [], "one call": []}
+    crops: dict[str, list[float]] = {"crop_align": [], "one call": []}
+    steps: dict[str, list[float]] = {"crop_align": [], "one call": []}
 
     def timing(fn, key):
         def wrapped(*a):
@@ -111,7 +123,7 @@ def in_step(backbone: str, size: tuple[int, int], batch: int, args, device: torc
 
         return wrapped
 
-    ways = (("strips", network.crop_align), ("one call", one_call))
+    ways = (("crop_align", network.crop_align), ("one call", one_call))
     with torch.no_grad():
         for _ in range(args.reps + 2):
             for key, fn in ways:
@@ -120,9 +132,9 @@ def in_step(backbone: str, size: tuple[int, int], batch: int, args, device: torc
     crops = {k: v[2:] for k, v in crops.items()}  # the first two steps warm up
     steps = {k: v[2:] for k, v in steps.items()}
     return {"backbone": backbone, "size": f"{h}x{w}", "batch": batch,
-            "crops_strips_ms": summary(crops["strips"]), "crops_one_call_ms": summary(crops["one call"]),
-            "step_strips_ms": summary(steps["strips"]), "step_one_call_ms": summary(steps["one call"]),
-            "step_speedup": summary([a / b for a, b in zip(steps["one call"], steps["strips"], strict=True)])}
+            "crops_crop_align_ms": summary(crops["crop_align"]), "crops_one_call_ms": summary(crops["one call"]),
+            "step_crop_align_ms": summary(steps["crop_align"]), "step_one_call_ms": summary(steps["one call"]),
+            "step_speedup": summary([a / b for a, b in zip(steps["one call"], steps["crop_align"], strict=True)])}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default="", help="local weights for --in-step's backbone")
     p.add_argument("--out", help="JSON file (a .md with the tables is written beside it)")
     args = p.parse_args(argv)
+    allocator_as_the_cli()
     device = torch.device(args.device)
     env = environment(device)
     rows = []
@@ -147,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             r = measure(size, int(b), kind, args, device)
             rows.append(r)
             print(f"{r['size']} B={r['batch']} {kind}: one call {r['one_call_ms']['median']:.1f} ms, strips "
-                  f"{r['strips_ms']['median']:.1f} ms", flush=True)
+                  f"{r['strips_ms']['median']:.1f} ms, crop_align {r['crop_align_ms']['median']:.1f} ms", flush=True)
     steps = []
     if args.in_step:
         for case in args.cases:
@@ -155,21 +168,25 @@ def main(argv: list[str] | None = None) -> int:
             r = in_step(args.in_step, tuple(int(v) for v in hw.lower().split("x")), int(b), args, device)
             steps.append(r)
             print(f"{args.in_step} {r['size']} B={r['batch']} in a step: crops one call "
-                  f"{r['crops_one_call_ms']['median']:.1f} ms, strips {r['crops_strips_ms']['median']:.1f} ms",
+                  f"{r['crops_one_call_ms']['median']:.1f} ms, crop_align {r['crops_crop_align_ms']['median']:.1f} ms",
                   flush=True)
     env["loadavg_end"] = loadavg()
 
+    def ratio(r):
+        return f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})"
+
     table = markdown_table(
-        ["input", "crop source", "B", "boxes", "one call ms", "strips ms", "one call / strips", "max abs diff"],
-        [[r["size"], r["source"], r["batch"], r["boxes"], ms_spread(r["one_call_ms"]), ms_spread(r["strips_ms"]),
-          f"{r['speedup']['median']:.2f} ({r['speedup']['min']:.2f}-{r['speedup']['max']:.2f})",
-          f"{r['max_abs_diff']:.1e}"] for r in rows])
+        ["input", "crop source", "B", "boxes", "most samples per bin side", "one call ms", "strips ms",
+         "crop_align ms", "one call / crop_align", "strips / crop_align", "max abs diff"],
+        [[r["size"], r["source"], r["batch"], r["boxes"], r["largest_grid"], ms_spread(r["one_call_ms"]),
+          ms_spread(r["strips_ms"]), ms_spread(r["crop_align_ms"]), ratio(r["speedup"]),
+          ratio(r["rows_first_speedup"]), f"{r['max_abs_diff']:.1e}"] for r in rows])
     if steps:
         table += "\n\nInside fusion inference steps (the boxes the model selects):\n\n" + markdown_table(
-            ["backbone", "input", "B", "crops, one call ms", "crops, strips ms", "step, one call ms",
-             "step, strips ms", "step one call / strips"],
-            [[r["backbone"], r["size"], r["batch"], ms_spread(r["crops_one_call_ms"]), ms_spread(r["crops_strips_ms"]),
-              ms_spread(r["step_one_call_ms"]), ms_spread(r["step_strips_ms"]),
+            ["backbone", "input", "B", "crops, one call ms", "crops, crop_align ms", "step, one call ms",
+             "step, crop_align ms", "step one call / crop_align"],
+            [[r["backbone"], r["size"], r["batch"], ms_spread(r["crops_one_call_ms"]),
+              ms_spread(r["crops_crop_align_ms"]), ms_spread(r["step_one_call_ms"]), ms_spread(r["step_crop_align_ms"]),
               f"{r['step_speedup']['median']:.3f} ({r['step_speedup']['min']:.3f}-{r['step_speedup']['max']:.3f})"]
              for r in steps])
     save_report(args.out, {"environment": env, "rows": rows, "steps": steps}, f"{report_header(env)}\n\n{table}\n")

@@ -152,15 +152,16 @@ def test_optimizer_cost_compares_fused_adamw(tmp_path):
     assert row["fused_ms"]["median"] > 0 and row["max_diff"] < 1e-5
 
 
-def test_crop_cost_compares_strips_with_one_call(tmp_path):
+def test_crop_cost_compares_crop_align_with_strips_and_one_call(tmp_path):
     out = tmp_path / "c.json"
-    cmd = [sys.executable, "benchmarks/crop_cost.py", "--cases", "120x160:2", "--boxes", "smallest", "whole",
+    cmd = [sys.executable, "benchmarks/crop_cost.py", "--cases", "480x640:1", "--boxes", "smallest", "whole",
            "--reps", "2", "--out", str(out)]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": "src"})
     rows = json.loads(out.read_text())["rows"]
     assert [r["boxes"] for r in rows] == ["smallest", "whole"]
     assert all(r["speedup"]["median"] > 0 and r["max_abs_diff"] < 1e-4 for r in rows)
-    assert "| one call / strips |" in out.with_suffix(".md").read_text()
+    assert all(r["rows_first_speedup"]["median"] > 0 for r in rows) and rows[1]["largest_grid"] > 1
+    assert "| one call / crop_align | strips / crop_align |" in out.with_suffix(".md").read_text()
 
 
 @pytest.mark.slow

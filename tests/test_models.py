@@ -258,13 +258,14 @@ def test_resized_crop_source_is_aligned_with_the_image():
 
 
 @pytest.mark.parametrize("threads", [2, 3])
-def test_crop_align_in_strips_matches_one_roi_align(threads):
+def test_crop_align_in_strips_matches_one_roi_align(threads, monkeypatch):
     """On the CPU the crops are cut in one horizontal strip per thread; they match torchvision's roi_align of
     the whole boxes (fractional, large, small, at the border, on two images), and the threads do the work."""
     from torchvision.ops import roi_align
 
     import finescope.models.align as align
 
+    monkeypatch.setattr(align, "ROWS_FIRST", False)  # the strips alone (rows first: the next test)
     g = torch.Generator().manual_seed(0)
     source = torch.rand(2, 3, 160, 230, generator=g)
     rois = torch.tensor([[0, 0.0, 0.0, 230.0, 160.0], [0, 10.3, 20.7, 61.9, 70.2], [1, 100.5, 3.25, 229.0, 150.0],
@@ -285,6 +286,110 @@ def test_crop_align_in_strips_matches_one_roi_align(threads):
         torch.testing.assert_close(align.crop_align(source, rois, 32), one, rtol=0, atol=0)  # one call
     finally:
         torch.set_num_threads(threads_before)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("padded", [False, True])
+def test_crop_align_rows_first_matches_roi_align(threads, padded, monkeypatch):
+    """Boxes with several sample rows per bin have their rows resized first (one embedding_bag) and are then cut
+    with one sample row per bin, the others as they are: the crops, back in the boxes' order, are roi_align's to
+    float rounding, for 1 to 5 sample rows per bin, boxes partly or wholly outside the image, boxes ending on its
+    last row, two images, and a source that is a slice of a padded batch."""
+    from torchvision.ops import roi_align
+
+    import finescope.models.align as align
+
+    calls = []
+    rows_first = align._rows_first
+    monkeypatch.setattr(align, "_rows_first", lambda *args: calls.append(rows_first(*args)) or calls[-1])
+    g = torch.Generator().manual_seed(1)
+    full = torch.rand(2, 3, 200 if padded else 160, 260 if padded else 230, generator=g)
+    source = full[:, :, :160, :230]
+    rois = torch.tensor([[0, 0.0, 0.0, 230.0, 160.0], [1, 10.3, 20.7, 61.9, 70.2], [1, 100.5, 3.25, 229.0, 150.0],
+                         [0, 0.0, 90.0, 40.0, 160.0], [0, 50.0, 50.0, 51.0, 52.0], [1, -20.0, -30.0, 250.0, 200.0],
+                         [0, -5.0, 100.0, 100.0, 171.0], [1, 3.0, -40.0, 60.0, -2.5], [0, 7.5, 60.0, 200.0, 124.0]])
+    threads_before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        cut = align.crop_align(source, rois, 32)
+    finally:
+        torch.set_num_threads(threads_before)
+    one = roi_align(source.contiguous(), rois, output_size=(32, 32), spatial_scale=1.0, sampling_ratio=-1,
+                    aligned=True)
+    assert len(calls) == 1 and calls[0][0].shape == (1, 3, 8 * 32, 230)  # all boxes but one went rows first
+    torch.testing.assert_close(cut, one, rtol=0, atol=1e-5)
+    assert one[7].abs().max() == 0  # the box above the image reads nothing, as in roi_align
+
+
+def test_crop_align_cuts_boxes_of_one_sample_row_directly(monkeypatch):
+    """With one sample row per bin in every box there is nothing to resize first: roi_align's crops."""
+    from torchvision.ops import roi_align
+
+    import finescope.models.align as align
+
+    monkeypatch.setattr(align, "_rows_first", None)  # not called
+    source = torch.rand(1, 3, 100, 120)
+    rois = torch.tensor([[0, 0.0, 0.0, 60.0, 32.0], [0, 10.0, 40.0, 110.0, 72.0]])
+    one = roi_align(source, rois, output_size=(32, 32), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    torch.testing.assert_close(align.crop_align(source, rois, 32), one, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("sizes", [(1536, 672), (2048, 896), (700, 341), (460, 224), (100, 160), (1537, 671),
+                                   (896, 299), (7, 3)])
+def test_aa_taps_are_atens_own_weights(sizes):
+    """The taps resize_aa uses are the weights of ATen's antialiased bilinear resize to the bit: the resize of
+    an identity matrix along one axis is its weight matrix."""
+    from finescope.models.resize import aa_taps
+
+    n, m = sizes
+    aten = F.interpolate(torch.eye(n)[None, None], size=(m, n), mode="bilinear", antialias=True)[0, 0]  # (m, n)
+    index, weight = aa_taps(n, m)
+    mine = torch.zeros(m, n).scatter_add_(1, index, weight)
+    torch.testing.assert_close(mine, aten, rtol=0, atol=0)
+
+
+def _slice_of_padded(batch: int, hw: tuple[int, int]) -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    return torch.rand(batch + 1, 3, hw[0] + 13, hw[1] + 21, generator=g)[1:, :, :hw[0], :hw[1]]
+
+
+@pytest.mark.parametrize("case", ["batch", "padded slice", "channels-last", "rows only", "columns only",
+                                  "upscale", "autocast"])
+def test_resize_aa_is_interpolate(case, monkeypatch):
+    """resize_aa is F.interpolate(bilinear, antialias) to float rounding: rows first by embedding_bag wherever
+    fewer rows come out than go in (a slice of a padded batch read in place), ATen alone otherwise."""
+    import finescope.models.resize as resize
+
+    bags, embedding_bag = [], F.embedding_bag
+    monkeypatch.setattr(resize.F, "embedding_bag", lambda *a, **k: bags.append(1) or embedding_bag(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    x, size, rows_first = {
+        "batch": (torch.rand(3, 3, 90, 140, generator=g), (40, 61), True),
+        "padded slice": (_slice_of_padded(2, (90, 140)), (40, 61), True),
+        "channels-last": (torch.rand(2, 3, 90, 140, generator=g).contiguous(memory_format=torch.channels_last),
+                          (40, 61), True),
+        "rows only": (torch.rand(2, 3, 90, 140, generator=g), (40, 140), True),
+        "columns only": (torch.rand(2, 3, 90, 140, generator=g), (90, 61), False),
+        "upscale": (torch.rand(2, 3, 30, 40, generator=g), (45, 20), False),
+        "autocast": (torch.rand(2, 3, 90, 140, generator=g), (40, 61), True),
+    }[case]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+        out = resize.resize_aa(x, size)
+    ref = F.interpolate(x, size=size, mode="bilinear", antialias=True)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    assert bool(bags) == rows_first
+
+
+def test_resize_aa_keeps_the_gradient():
+    """An input that needs a gradient is resized by ATen, whose backward it keeps."""
+    from finescope.models.resize import resize_aa
+
+    x = torch.rand(1, 3, 40, 50, requires_grad=True)
+    resize_aa(x, (20, 25)).sum().backward()
+    y = x.detach().clone().requires_grad_()
+    F.interpolate(y, size=(20, 25), mode="bilinear", antialias=True).sum().backward()
+    torch.testing.assert_close(x.grad, y.grad)
 
 
 def test_crops_do_not_depend_on_the_batch():

@@ -1,11 +1,21 @@
-"""Cutting the crops: torchvision's ``roi_align``, spread over the CPU's threads.
+"""Cutting the crops: torchvision's ``roi_align``, with its rows resized first and spread over the CPU's threads.
 
 torchvision's CPU kernel of ``roi_align`` runs on one thread, box after box, and for an RGB source most of its
-time goes to the sampling positions and weights of each box, which only three channels then share. On the CPU,
-:func:`crop_align` cuts every box in horizontal strips, one strip per intra-op thread (``torch.get_num_threads``),
-each a ``roi_align`` of that strip of every box. A strip keeps the box's bins and its sampling grid (checked in
-the kernel's float arithmetic), so it reads the same samples as the whole box would, up to float rounding of their
-positions. On CUDA, and where there is one thread, it is one ``roi_align`` call.
+time goes to the sampling positions and weights of each box, which only three channels then share: a box with a
+grid of gy x gx samples per bin costs about gy * gx times one with a single sample. On the CPU,
+:func:`crop_align` does two things with the same result:
+
+- **Rows first.** A bin's average of gy x gx bilinear samples is separable: the mean over its gy sample rows of
+  the source's rows (two source rows per sample, as the kernel weighs them), then the mean over gx columns. The
+  boxes for which that saves at least two samples per bin have their rows resized first into one image of
+  ``size`` rows per box (one ``embedding_bag`` over the source's rows, vectorised along the row), which
+  ``roi_align`` then cuts with one sample row per bin: gx samples per bin instead of gy * gx.
+- **Strips.** Every box is cut in horizontal strips, one strip per intra-op thread (``torch.get_num_threads``),
+  each a ``roi_align`` of that strip of every box. A strip keeps the box's bins and its sampling grid (checked in
+  the kernel's float arithmetic), so it reads the same samples as the whole box would, up to float rounding of
+  their positions.
+
+On CUDA, for a source that needs a gradient and while ``torch.compile`` traces, it is one ``roi_align`` call.
 """
 
 from __future__ import annotations
@@ -14,8 +24,12 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+import torch.nn.functional as F
 from torchvision.ops import roi_align
 
+from finescope.models.resize import row_table
+
+ROWS_FIRST = True  # resize the rows of boxes with several sample rows per bin first (benchmarks switch it off)
 _POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool); threads do not survive a fork
 
 
@@ -69,6 +83,44 @@ def _strips(rois: torch.Tensor, size: int, parts: int) -> list[tuple[torch.Tenso
     return strips
 
 
+def _rows_first(source: torch.Tensor, rois: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of every box resized as ``roi_align`` samples them, (1, C, n * size, W) float32 with box r's
+    ``size`` rows at ``[r * size, (r + 1) * size)``, and the boxes on it (n, 5) with one sample row per bin.
+    For a float32 ``source`` and boxes of at least one sample row per bin.
+
+    The sample rows and weights are the kernel's (``roi_align_kernel.cpp``, aligned, adaptive sampling): row
+    ``y = y1 - 0.5 + ph * bin + (iy + 0.5) * bin / gy``, none outside [-1, H], clamped at 0, read from two source
+    rows by distance (the last row alone), each sample weighed 1 / gy. Every output row is one bag of 2 * G
+    source rows, G the largest gy; a box with fewer sample rows has the rest weighed 0.
+    """
+    B, C, H, W = source.shape
+    top = rois[:, 2] - 0.5
+    height = (rois[:, 4] - 0.5) - top
+    grid = torch.ceil(height / size)  # gy per box
+    G = int(grid.max())
+    bin_h, grid, top = (height / size)[:, None, None], grid[:, None, None], top[:, None, None]
+    ph = torch.arange(size, dtype=source.dtype)[:, None]  # (size, 1)
+    iy = torch.arange(G, dtype=source.dtype)
+    y = top + ph * bin_h + (iy + 0.5) * bin_h / grid  # (n, size, G)
+    keep = ((y >= -1) & (y <= H) & (iy < grid)).to(source.dtype) / grid  # outside [-1, H]: reads 0, counts
+    y = y.clamp(min=0)
+    low = y.long().clamp(max=H - 1)
+    frac = y - low  # past the last row both reads are the last row, whose weights then sum to 1
+    rows = torch.stack([low, (low + 1).clamp(max=H - 1)], dim=-1)  # (n, size, G, 2)
+    weight = (torch.stack([1 - frac, frac], dim=-1) * keep[..., None]).reshape(1, -1, 2 * G)
+    table = row_table(source)
+    table, starts = table if table is not None else row_table(source.contiguous())
+    plane = starts.view(B, C)[rois[:, 0].long()].t()  # (C, n): the table row where each box's channel starts
+    bags = (plane[:, :, None, None, None] + rows).reshape(-1, 2 * G)  # (C * n * size, 2G), channel-major
+    with torch.autocast("cpu", enabled=False):
+        out = F.embedding_bag(bags, table, mode="sum",
+                              per_sample_weights=weight.expand(C, -1, -1).reshape(-1, 2 * G))
+    n = rois.shape[0]
+    out = out.view(1, C, n * size, table.shape[1])[..., :W].contiguous()
+    at = torch.arange(n, dtype=rois.dtype) * size  # where each box's rows start in ``out``
+    return out, torch.stack([torch.zeros_like(at), rois[:, 1], at, rois[:, 3], at + size], dim=1)
+
+
 def crop_align(source: torch.Tensor, rois: torch.Tensor, size: int) -> torch.Tensor:
     """``roi_align`` (aligned, adaptive sampling) of ``rois`` on ``source`` -> (n, C, size, size).
 
@@ -77,18 +129,29 @@ def crop_align(source: torch.Tensor, rois: torch.Tensor, size: int) -> torch.Ten
         rois: (n, 5) batch index, x1, y1, x2, y2 in ``source`` pixels, the dtype of ``source``.
         size: the side of each crop.
 
-    On the CPU with several threads, output rows ``[r0, r1)`` of every box come from one thread: a box from
-    ``y1 + r0 * bin`` to ``y1 + r1 * bin`` (``bin = (y2 - y1) / size``) with ``r1 - r0`` output rows has the same
-    bins and, checked in the kernel's arithmetic, the same sampling grid as the whole box. The crops match one
-    ``roi_align`` call to the float rounding of the sampling positions. Boxes whose source needs a gradient, and
-    boxes in a graph ``torch.compile`` traces, are cut in one call.
+    On the CPU the rows of boxes with gy x gx samples per bin, (gy - 1) * gx >= 2, are resized first
+    (:func:`_rows_first`), and with several threads output rows ``[r0, r1)`` of every box come from one thread: a
+    box from ``y1 + r0 * bin`` to ``y1 + r1 * bin`` (``bin = (y2 - y1) / size``) with ``r1 - r0`` output rows has
+    the same bins and, checked in the kernel's arithmetic, the same sampling grid as the whole box. The crops
+    match one ``roi_align`` call to float rounding. Boxes whose source needs a gradient, and boxes in a graph
+    ``torch.compile`` traces, are cut in one call.
     """
     if torch.compiler.is_compiling() or source.device.type != "cpu" or source.requires_grad:
         return _align(source, rois, (size, size))
-    threads = min(torch.get_num_threads(), size)
-    if threads < 2 or rois.shape[0] == 0:
+    if rois.shape[0] == 0:
         return _align(source, rois, (size, size))
-    strips = _strips(rois, size, threads)
+    if ROWS_FIRST and source.dtype == torch.float32:
+        # boxes whose rows first save at least two samples per bin: gy * gx samples become gx
+        many = (_grid(rois[:, 2], rois[:, 4], size) - 1) * _grid(rois[:, 1], rois[:, 3], size) >= 2
+        if bool(many.all()):
+            source, rois = _rows_first(source, rois, size)
+        elif bool(many.any()):  # those rows first, the others as they are
+            out = source.new_empty(rois.shape[0], source.shape[1], size, size)
+            out[many] = crop_align(source, rois[many], size)
+            out[~many] = crop_align(source, rois[~many], size)
+            return out
+    threads = min(torch.get_num_threads(), size)
+    strips = _strips(rois, size, threads) if threads >= 2 else None
     if strips is None:
         return _align(source, rois, (size, size))
     pool = _pool(threads - 1)

@@ -12,13 +12,13 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from finescope.errors import FinescopeError
 from finescope.models.align import crop_align
 from finescope.models.attention import AttentionPool
 from finescope.models.backbones import Backbone, fold_batchnorm
+from finescope.models.resize import resize_aa
 from finescope.models.selection import select_boxes_deferred
 
 Sources = dict[tuple[int, int], tuple[list[int], torch.Tensor]]  # (h, w) -> batch rows, crop source
@@ -286,8 +286,7 @@ class FineScopeNet(nn.Module):
                 part = part[:, :, :h, :w]
             s = self.crop_scale(h, w)
             if s < 1.0:
-                part = F.interpolate(part, size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear",
-                                     antialias=True, align_corners=False)
+                part = resize_aa(part, (max(1, round(h * s)), max(1, round(w * s))))
             out[(h, w)] = (idx, part)
         return out
 
@@ -315,7 +314,7 @@ class FineScopeNet(nn.Module):
             else:
                 part = images if len(idx) == B else images[_to_device(idx, images.device)]
                 part = part[:, :, :h, :w]
-            part = self._normalise(F.interpolate(part, size=(gh, gw), mode="bilinear", antialias=True))
+            part = self._normalise(resize_aa(part, (gh, gw)))
             if len(groups) == 1:
                 return part, dims
             if view is None:
