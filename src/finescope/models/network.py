@@ -260,7 +260,8 @@ class FineScopeNet(nn.Module):
         least 1344 px.
 
         The source is made anyway, and the second resize reads a fraction of the pixels (a 1536x2048 image on
-        the CPU: 1.5-2.1 instead of 5.5-7.2 ms, ``benchmarks/view_cost.py``). The two-step view differs from
+        the CPU: 1.5-2.1 instead of 5.5-7.2 ms with ATen's resize, ``benchmarks/view_cost.py``; 1.1 instead of
+        2.8 with :func:`~finescope.models.resize.resize_aa`). The two-step view differs from
         the direct one by at most about 3/255 per pixel (random noise); a source closer to the view would blur
         more, and one close to the image would save little, hence the two bounds. A model's view does not depend
         on whether its crops are read in a step (stage-wise training).
