@@ -29,7 +29,7 @@ Cases:
         ``F.interpolate`` instead of ``finescope.models.resize.resize_aa`` (``aten-resize``; the same on CUDA);
         with no box's rows resized first in ``crop_align`` (``strips-only``; the same on CUDA).
 
-Ratios (paired per repetition, then median and spread):
+Ratios (paired per repetition, then median and spread), and below them which groups meet the goals:
     overhead = fusion / passes (goal <= 1.15 on CUDA, <= 1.25 on CPU),
     fusion / global-hires (goal < 1),
     with a compile ablation also the overhead with both sides compiled (passes+compile, passes+compile-ro).
@@ -80,6 +80,7 @@ ABLATION_LABELS = {"fp32": "fp32 / bf16", "contiguous": "contiguous / channels_l
                    "cl-input": "channels-last / contiguous input",
                    "aten-resize": "ATen's resize / resize_aa", "strips-only": "crops without / with rows first"}
 COMPILE_MODES = {"compile": "default", "compile-ro": "reduce-overhead"}
+OVERHEAD_GOAL = {"cpu": 1.25, "cuda": 1.15}  # issue 5: fusion / passes, per device type
 OVERHEAD_LABELS = {"compile": "fusion / passes, both compiled",
                    "compile-ro": "fusion / passes, both compiled (reduce-overhead)"}
 
@@ -428,10 +429,28 @@ def format_report(result: dict) -> str:
                          *[ABLATION_LABELS[a] for a in ablated],
                          *[OVERHEAD_LABELS[a] for a in compiled]], rows)
     env = result["environment"]
+    goals = goal_lines(result["ratios"], env["device"])
     head = (f"device {env.get('gpu', env['cpu'])} ({env['device']}), torch {env['torch']}, "
             f"torchvision {env['torchvision']}, commit {env['commit']}, load {env['loadavg_start']} -> "
             f"{env.get('loadavg_end', '')}\n`{env['command']}`")
-    return f"{head}\n\n{t1}\n\nRatios, paired per repetition: median (min-max)\n\n{t2}\n"
+    return f"{head}\n\n{t1}\n\nRatios, paired per repetition: median (min-max)\n\n{t2}\n\n{goals}\n"
+
+
+def goal_lines(ratios: list[dict], device: str) -> str:
+    """Issue 5's goals against the groups' median ratios: fusion / passes at most 1.25 on the CPU and 1.15 on
+    CUDA, fusion / global-hires below 1; the groups that miss are named."""
+    limit = OVERHEAD_GOAL.get(device)
+    checks = [(f"fusion / passes <= {limit}", "overhead", lambda r: r <= limit)] if limit else []
+    checks.append(("fusion / global-hires < 1", "fusion_vs_hires", lambda r: r < 1))
+    lines = []
+    for label, key, meets in checks:
+        groups = [g for g in ratios if g.get(key)]
+        missed = [g for g in groups if not meets(g[key]["median"])]
+        named = "; ".join(f"{g['backbone']} {g['size']} {g['mode']} {g[key]['median']:.3f}" for g in missed)
+        if groups:
+            lines.append(f"- {label}: met by {len(groups) - len(missed)} of {len(groups)} groups (medians)"
+                         + (f"; missed: {named}" if missed else ""))
+    return "Goals:\n" + "\n".join(lines) if lines else ""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -105,6 +105,7 @@ def test_bench_model_cpu_tiny(tmp_path):
     report = out.with_suffix(".md").read_text()
     assert "| fp32 / bf16 | view from image / from source | crops in one call / in strips |" in report
     assert "compiled" not in report
+    assert "- fusion / passes <= 1.25: met by " in report and "- fusion / global-hires < 1: met by " in report
     if Path("/proc/self/clear_refs").exists():  # the CPU peak comes from /proc/self (VmHWM, reset per step)
         assert all(r["peak_mib"] is not None and r["peak_mib"] >= 0 for r in result["rows"])
 
