@@ -12,22 +12,22 @@ Cases:
         same loss-backward-clip-AdamW step on the backbone's parameters.
     fusion+fp32, fusion+contiguous, fusion+compile, fusion+compile-ro, fusion+view-image, fusion+folded-bn,
         fusion+serial-crops, fusion+eager-selection, fusion+selection-nosync, fusion+selection-sync-now,
-        fusion+cl-input, fusion+aten-resize, fusion+strips-only (``--ablate``): fusion without bf16 autocast; without channels_last weights;
-        under ``torch.compile`` (inductor, default mode); under ``torch.compile(mode="reduce-overhead")``, which
-        replays CUDA graphs where inductor can use them; with its global view always resized from the image,
-        never from the crop source (``FineScopeNet.view_from_source``; with the defaults the two differ only for
-        images whose short side is 1344 px or more); in inference only, with its BatchNorms folded into its
-        convolutions as ``load_trained`` does (the passes keep theirs: the overhead ratio is the unfolded one's);
-        with its crops cut by one roi_align call on one thread instead of in strips over the CPU's threads
-        (``finescope.models.align.crop_align``; on CUDA the two are the same call); with its instance selection
-        launched op by op instead of replayed as a CUDA graph (``eager-selection``; the same on the CPU); with that
-        graph replayed without reading its convergence flag, so without the step's host-device sync
-        (``selection-nosync``); with the flag read right after the replay instead of once the forward pass is
-        queued (``selection-sync-now``, the step before the flag was deferred; both the same on the CPU); with its
-        full-resolution batch channels-last on CUDA, as the trainer made it for every variant before it did so for
-        ``global-hires`` only (``cl-input``; the same on the CPU); with its view and crop source resized by ATen's
-        ``F.interpolate`` instead of ``finescope.models.resize.resize_aa`` (``aten-resize``; the same on CUDA);
-        with no box's rows resized first in ``crop_align`` (``strips-only``; the same on CUDA).
+        fusion+cl-input, fusion+aten-resize, fusion+strips-only (``--ablate``): fusion without bf16 autocast;
+        without channels_last weights; under ``torch.compile`` (inductor, default mode); under
+        ``torch.compile(mode="reduce-overhead")``, which replays CUDA graphs where inductor can use them; with its
+        global view always resized from the image, never from the crop source (``FineScopeNet.view_from_source``;
+        with the defaults the two differ only for images whose short side is 1344 px or more); in inference only,
+        with its BatchNorms folded into its convolutions as ``load_trained`` does (the passes keep theirs: the
+        overhead ratio is the unfolded one's); with its crops cut by one roi_align call on one thread instead of in
+        strips over the CPU's threads (``finescope.models.align.crop_align``; on CUDA the two are the same call);
+        with its instance selection launched op by op instead of replayed as a CUDA graph (``eager-selection``; the
+        same on the CPU); with that graph replayed without reading its convergence flag, so without the step's
+        host-device sync (``selection-nosync``); with the flag read right after the replay instead of once the
+        forward pass is queued (``selection-sync-now``, the step before the flag was deferred; both the same on the
+        CPU); with its full-resolution batch channels-last on CUDA, as the trainer made it for every variant before
+        it did so for ``global-hires`` only (``cl-input``; the same on the CPU); with its view and crop source
+        resized by ATen's ``F.interpolate`` instead of ``finescope.models.resize.resize_aa`` (``aten-resize``; the
+        same on CUDA); with no box's rows resized first in ``crop_align`` (``strips-only``; the same on CUDA).
 
 Ratios (paired per repetition, then median and spread), and below them which groups meet the goals:
     overhead = fusion / passes (goal <= 1.15 on CUDA, <= 1.25 on CPU),
