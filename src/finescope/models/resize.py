@@ -21,7 +21,8 @@ import torch.nn.functional as F
 def aa_taps(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The taps of ATen's antialiased bilinear resize of one axis from ``in_size`` to ``out_size`` samples
     (align_corners=False): the input index (out_size, T) int64 and weight (out_size, T) float32 of every tap, T
-    the most taps of any output, unused taps with weight 0 (and a valid index).
+    the most taps of any output, unused taps with weight 0 (and a valid index). Cached per pair of sizes: the
+    tensors are shared, not to be modified.
 
     The arithmetic is ATen's (``_compute_weights_aa`` in UpSampleKernel.cpp), in the same float and double steps:
     a triangle filter of half-width ``max(scale, 1)`` around ``scale * (i + 0.5)``, normalised per output.
