@@ -108,8 +108,7 @@ def _rows_first(source: torch.Tensor, rois: torch.Tensor, size: int) -> tuple[to
     frac = y - low  # past the last row both reads are the last row, whose weights then sum to 1
     rows = torch.stack([low, (low + 1).clamp(max=H - 1)], dim=-1)  # (n, size, G, 2)
     weight = (torch.stack([1 - frac, frac], dim=-1) * keep[..., None]).reshape(1, -1, 2 * G)
-    table = row_table(source)
-    table, starts = table if table is not None else row_table(source.contiguous())
+    table, starts = row_table(source)
     plane = starts.view(B, C)[rois[:, 0].long()].t()  # (C, n): the table row where each box's channel starts
     bags = (plane[:, :, None, None, None] + rows).reshape(-1, 2 * G)  # (C * n * size, 2G), channel-major
     with torch.autocast("cpu", enabled=False):

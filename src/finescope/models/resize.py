@@ -47,18 +47,19 @@ def aa_taps(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return index.clamp(max=in_size - 1), weight
 
 
-def row_table(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The rows of a (B, C, H, W) tensor as one 2-D table (rows, R) over its storage, R >= W its row stride, and
-    the table row where each (b, c) plane starts (B*C,); None when the rows are not laid out so (channels-last,
-    a column stride other than 1)."""
+def row_table(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of a (B, C, H, W) tensor as one 2-D table (rows, R), R >= W the row stride, and the table row
+    where each (b, c) plane starts (B*C,). The table reads ``x``'s storage in place (a slice of a padded batch
+    too); where the rows are not laid out so (channels-last, a column stride other than 1) it reads a
+    contiguous copy."""
     B, C, H, W = x.shape
     sb, sc, sh, sw = x.stride()
     if sw != 1 or sh < W or sc % sh or sb % sh:
-        return None
+        return row_table(x.contiguous())
     starts = (torch.arange(B)[:, None] * (sb // sh) + torch.arange(C) * (sc // sh)).flatten()  # (B*C,)
     rows = int(starts.max()) + H
     if x.storage_offset() + rows * sh > x.untyped_storage().nbytes() // x.element_size():
-        return None
+        return row_table(x.contiguous())
     return x.as_strided((rows, sh), (sh, 1)), starts
 
 
@@ -74,11 +75,7 @@ def resize_aa(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if (x.device.type != "cpu" or x.dtype != torch.float32 or x.requires_grad or h >= H or x.numel() == 0
             or torch.compiler.is_compiling()):
         return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-    table = row_table(x)
-    if table is None:
-        x = x.contiguous()
-        table = row_table(x)
-    rows, starts = table
+    rows, starts = row_table(x)
     B, C, _, W = x.shape
     index, weight = aa_taps(H, h)  # (h, T)
     bags = (starts[:, None, None] + index).view(-1, index.shape[1])  # (B*C*h, T) rows of the table
