@@ -2,15 +2,25 @@
 
 import collections
 import math
+import socket
+import time
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SHARED
 
 from finescope.config import ModelConfig
 from finescope.errors import FinescopeError
-from finescope.models import AttentionPool, create_backbone, create_model, list_models, select_boxes
+from finescope.models import (
+    AttentionPool,
+    backbones,
+    create_backbone,
+    create_model,
+    list_models,
+    select_boxes,
+)
 from finescope.models.network import IMAGENET_STD, global_view_size
 
 SMALL = {"backbone": "tiny", "global_size": 64, "local_size": 48, "num_crops": 3}
@@ -155,6 +165,70 @@ def test_torchvision_weights_round_trip(tmp_path):
     backbone = create_backbone("resnet18", weights=str(tmp_path / "w.pth"))
     assert torch.all(backbone.trunk[0].weight == 0.5)
     assert backbone.num_features == 512
+
+
+def test_reachable_answers_for_a_listening_and_a_closed_port(monkeypatch):
+    for key in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(key, raising=False)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert backbones.reachable(f"https://127.0.0.1:{port}/x.pth", timeout=2)
+    assert not backbones.reachable(f"https://127.0.0.1:{port}/x.pth", timeout=2)  # closed now: refused
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    assert backbones.reachable(f"https://127.0.0.1:{port}/x.pth", timeout=2)  # a proxy decides
+
+
+def _offline(monkeypatch, tmp_path):
+    """No network as far as finescope can tell, and torch.hub's cache in ``tmp_path``."""
+    monkeypatch.setattr(backbones, "reachable", lambda url, timeout=3.0: False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+
+def test_pretrained_torchvision_offline_fails_at_once_or_reads_its_cache(monkeypatch, tmp_path):
+    from torchvision.models._api import WeightsEnum
+
+    _offline(monkeypatch, tmp_path)
+    real = WeightsEnum.get_state_dict
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", lambda *a, **k: pytest.fail("tried to download"))
+    with pytest.raises(FinescopeError, match=r"download.pytorch.org cannot be reached.*model.weights=PATH"):
+        create_backbone("mobilenet_v2", pretrained=True)
+    weights = SHARED / "weights" / "mobilenet_v2-b0353104.pth"
+    if not weights.is_file():
+        pytest.skip("the shared MobileNetV2 weights are absent")
+    # the shared (V1) weights where torch.hub would have cached the default (V2) ones, whose hash it does not check
+    import torchvision
+
+    url = torchvision.models.get_model_weights("mobilenet_v2").DEFAULT.url
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[1]).symlink_to(weights)
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", real)
+    backbone = create_backbone("mobilenet_v2", pretrained=True)
+    assert torch.equal(backbone.trunk[0][0].weight, torch.load(weights)["features.0.0.weight"])
+
+
+def test_pretrained_timm_offline_fails_at_once_or_reads_the_hub_cache(monkeypatch, tmp_path):
+    timm = pytest.importorskip("timm")
+    constants = pytest.importorskip("huggingface_hub.constants")
+    safetensors = pytest.importorskip("safetensors.torch")
+    _offline(monkeypatch, tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    start = time.perf_counter()
+    with pytest.raises(FinescopeError, match="huggingface.co cannot be reached and huggingface_hub has not cached"):
+        create_backbone("test_resnet.r160_in1k", pretrained=True)
+    assert time.perf_counter() - start < 10  # huggingface_hub alone retries for about 45 s
+    # the hub's cache layout: refs/main names the snapshot that holds the file
+    repo = tmp_path / "hf" / "models--timm--test_resnet.r160_in1k"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    torch.manual_seed(0)
+    state = timm.create_model("test_resnet.r160_in1k").state_dict()
+    safetensors.save_file(state, repo / "snapshots" / commit / "model.safetensors")
+    backbone = create_backbone("test_resnet.r160_in1k", pretrained=True)
+    assert all(torch.equal(v, state[k]) for k, v in backbone.trunk.model.state_dict().items())
 
 
 # -- instance selection -------------------------------------------------------------------------------------

@@ -7,6 +7,11 @@ name timm knows, optionally written ``timm:NAME``), and ``tiny``, a small CNN fo
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import urllib.parse
+import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -172,11 +177,43 @@ def load_weights_into(model: nn.Module, path: str, drop_prefixes: tuple[str, ...
     model.load_state_dict(state, strict=False)
 
 
-def _download_failed(backbone: str, err: Exception) -> FinescopeError:
+def _download_failed(backbone: str, why: Exception | str) -> FinescopeError:
+    why = type(why).__name__ if isinstance(why, Exception) else why
     return FinescopeError(
-        f"could not download pretrained weights for '{backbone}' ({type(err).__name__}); with no network, "
+        f"could not download pretrained weights for '{backbone}' ({why}); with no network, "
         "pass a local state dict with model.weights=PATH and model.pretrained=false"
     )
+
+
+def reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether the host of ``url`` accepts a TCP connection within ``timeout`` seconds; True when a proxy is set
+    (the download's own request decides then).
+
+    Without a network torch.hub prints that it is downloading before it fails, and huggingface_hub retries for
+    about 45 seconds; this answers in at most ``timeout`` seconds, so that a pretrained backbone that is not
+    cached fails at once with :func:`_download_failed`'s one line."""
+    if urllib.request.getproxies():
+        return True
+    parts = urllib.parse.urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname, parts.port or 443), timeout=timeout):
+            return True
+    except OSError:  # no route, no name resolution, refused, timed out
+        return False
+
+
+def _hub_offline() -> contextlib.AbstractContextManager:
+    """huggingface_hub in offline mode (``HF_HUB_OFFLINE``) while it runs: files come from its cache, or it
+    fails at once instead of retrying."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return contextlib.nullcontext()
+    if not hasattr(constants, "HF_HUB_OFFLINE"):
+        return contextlib.nullcontext()
+    from unittest import mock
+
+    return mock.patch.object(constants, "HF_HUB_OFFLINE", True)
 
 
 def _torchvision_backbone(name: str, weights: str, pretrained: bool) -> Backbone:
@@ -186,6 +223,9 @@ def _torchvision_backbone(name: str, weights: str, pretrained: bool) -> Backbone
         load_weights_into(model, weights, drop, name)
     elif pretrained:
         tv_weights = torchvision.models.get_model_weights(ctor_name).DEFAULT
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlsplit(tv_weights.url).path).name
+        if not cached.is_file() and not reachable(tv_weights.url):
+            raise _download_failed(name, f"{urllib.parse.urlsplit(tv_weights.url).hostname} cannot be reached")
         try:
             state = tv_weights.get_state_dict(progress=False)
         except Exception as e:  # URLError, OSError, RuntimeError, ... when offline
@@ -219,10 +259,18 @@ def _timm_backbone(name: str, weights: str, pretrained: bool) -> Backbone:
         ) from None
     if not timm.is_model(name):
         raise FinescopeError(f"unknown backbone '{name}': neither built in ({', '.join(list_backbones())}) nor a timm model")
+    download = pretrained and not weights
+    # offline, timm reads weights that huggingface_hub has cached, and fails at once for the others
+    hub = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    offline = download and not reachable(hub)
     try:
-        model = timm.create_model(name, pretrained=pretrained and not weights, num_classes=0, global_pool="")
+        with _hub_offline() if offline else contextlib.nullcontext():
+            model = timm.create_model(name, pretrained=download, num_classes=0, global_pool="")
     except Exception as e:
-        if pretrained:
+        if offline:
+            raise _download_failed(name, f"{urllib.parse.urlsplit(hub).hostname} cannot be reached and "
+                                         "huggingface_hub has not cached them") from None
+        if download:
             raise _download_failed(name, e) from None
         raise FinescopeError(f"timm could not build backbone '{name}': {e}") from None
     _check_feature_map(model, name)
