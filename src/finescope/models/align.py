@@ -15,13 +15,21 @@ grid of gy x gx samples per bin costs about gy * gx times one with a single samp
   the kernel's float arithmetic), so it reads the same samples as the whole box would, up to float rounding of
   their positions.
 
+Each strip thread runs its parallel regions on one OpenMP thread (:func:`_pool`): with GNU OpenMP, a thread
+that enters one gets a team of its own, and with more OpenMP threads than cores libgomp's workers sleep at their
+barriers instead of spinning, so that every later parallel operation of the process waits for wake-ups
+(``benchmarks/openmp_cost.py``).
+
 On CUDA, for a source that needs a gradient and while ``torch.compile`` traces, it is one ``roi_align`` call.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,15 +38,48 @@ from torchvision.ops import roi_align
 from finescope.models.resize import row_table
 
 ROWS_FIRST = True  # resize the rows of boxes with several sample rows per bin first (benchmarks switch it off)
-_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool); threads do not survive a fork
+# (pid, workers, pool or None where its threads cannot be kept to one OpenMP thread); threads do not survive a fork
+_POOL: tuple[int, int, ThreadPoolExecutor | None] | None = None
 
 
-def _pool(workers: int) -> ThreadPoolExecutor:
+@functools.cache
+def _openmp_runtime() -> ctypes.CDLL | None:
+    """The OpenMP runtime loaded in this process (libgomp, libomp or libiomp5, as ``/proc/self/maps`` lists it),
+    or None where there is none to be found that way."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for line in maps.splitlines():
+        path = line.split(maxsplit=5)[-1]
+        if Path(path).name.startswith(("libgomp", "libomp", "libiomp5")):
+            try:
+                return ctypes.CDLL(path)  # the loaded library itself: dlopen of a loaded path returns it
+            except OSError:
+                continue
+    return None
+
+
+def _one_openmp_thread(runtime: ctypes.CDLL) -> None:
+    """Pool thread initializer: this thread's parallel regions run on it alone, with no OpenMP team."""
+    torch.get_num_threads()  # ATen sets a thread's team size at its first parallel call: let it, then override
+    runtime.omp_set_num_threads(1)
+
+
+def _pool(workers: int) -> ThreadPoolExecutor | None:
+    """The strip threads, each kept to one OpenMP thread; None where that cannot be done (then no strips)."""
     global _POOL
     if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] < workers:
-        if _POOL is not None and _POOL[0] == os.getpid():
+        if _POOL is not None and _POOL[0] == os.getpid() and _POOL[2] is not None:
             _POOL[2].shutdown(wait=False)  # torch.set_num_threads raised the thread count
-        _POOL = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="finescope-crops"))
+        pool = None
+        if (runtime := _openmp_runtime()) is not None:
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="finescope-crops", initializer=_one_openmp_thread,
+                                      initargs=(runtime,))
+            if pool.submit(torch.get_num_threads).result() != 1:  # not the runtime torch runs on
+                pool.shutdown()
+                pool = None
+        _POOL = (os.getpid(), workers, pool)
     return _POOL[2]
 
 
@@ -150,10 +191,10 @@ def crop_align(source: torch.Tensor, rois: torch.Tensor, size: int) -> torch.Ten
             out[~many] = crop_align(source, rois[~many], size)
             return out
     threads = min(torch.get_num_threads(), size)
-    strips = _strips(rois, size, threads) if threads >= 2 else None
+    pool = _pool(threads - 1) if threads >= 2 else None
+    strips = _strips(rois, size, threads) if pool is not None else None
     if strips is None:
         return _align(source, rois, (size, size))
-    pool = _pool(threads - 1)
     futures = [pool.submit(_align, source, part, hw) for part, hw in strips[1:]]
     first = _align(source, *strips[0])  # this thread cuts the first strip
     return torch.cat([first] + [f.result() for f in futures], dim=2)
