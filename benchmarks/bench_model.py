@@ -11,23 +11,22 @@ Cases:
         (B, 3, Gh, Gw) plus one over the B*K crops (B*K, 3, L, L), tensors made beforehand; in training the
         same loss-backward-clip-AdamW step on the backbone's parameters.
     fusion+fp32, fusion+contiguous, fusion+compile, fusion+compile-ro, fusion+view-image, fusion+folded-bn,
-        fusion+serial-crops, fusion+eager-selection, fusion+selection-nosync, fusion+selection-sync-now,
-        fusion+cl-input, fusion+aten-resize, fusion+strips-only (``--ablate``): fusion without bf16 autocast;
+        fusion+eager-selection, fusion+selection-nosync, fusion+selection-sync-now, fusion+cl-input,
+        fusion+aten-resize, fusion+one-call-crops (``--ablate``): fusion without bf16 autocast;
         without channels_last weights; under ``torch.compile`` (inductor, default mode); under
         ``torch.compile(mode="reduce-overhead")``, which replays CUDA graphs where inductor can use them; with its
         global view always resized from the image, never from the crop source (``FineScopeNet.view_from_source``;
         with the defaults the two differ only for images whose short side is 1344 px or more); in inference only,
         with its BatchNorms folded into its convolutions as ``load_trained`` does (the passes keep theirs: the
-        overhead ratio is the unfolded one's); with its crops cut by one roi_align call on one thread instead of in
-        strips over the CPU's threads (``finescope.models.align.crop_align``; on CUDA the two are the same call);
-        with its instance selection launched op by op instead of replayed as a CUDA graph (``eager-selection``; the
+        overhead ratio is the unfolded one's); with its instance selection launched op by op instead of replayed as a CUDA graph (``eager-selection``; the
         same on the CPU); with that graph replayed without reading its convergence flag, so without the step's
         host-device sync (``selection-nosync``); with the flag read right after the replay instead of once the
         forward pass is queued (``selection-sync-now``, the step before the flag was deferred; both the same on the
         CPU); with its full-resolution batch channels-last on CUDA, as the trainer made it for every variant before
         it did so for ``global-hires`` only (``cl-input``; the same on the CPU); with its view and crop source
         resized by ATen's ``F.interpolate`` instead of ``finescope.models.resize.resize_aa`` (``aten-resize``; the
-        same on CUDA); with no box's rows resized first in ``crop_align`` (``strips-only``; the same on CUDA).
+        same on CUDA); with its crops cut by one roi_align call, no box's rows resized first in
+        ``finescope.models.align.crop_align`` (``one-call-crops``; the same on CUDA).
 
 Ratios (paired per repetition, then median and spread), and below them which groups meet the goals:
     overhead = fusion / passes (goal <= 1.15 on CUDA, <= 1.25 on CPU),
@@ -57,7 +56,6 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import roi_align
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import allocator_as_the_cli, environment, loadavg, markdown_table, summary, sync, timed  # noqa: E402
@@ -69,16 +67,16 @@ from finescope.models.network import global_view_size  # noqa: E402
 from finescope.trainer import fused_adamw  # noqa: E402
 
 VARIANTS = ("global", "global-hires", "attention", "fusion")
-ABLATIONS = ("fp32", "contiguous", "compile", "compile-ro", "view-image", "folded-bn", "serial-crops",
-             "eager-selection", "selection-nosync", "selection-sync-now", "cl-input", "aten-resize", "strips-only")
+ABLATIONS = ("fp32", "contiguous", "compile", "compile-ro", "view-image", "folded-bn", "eager-selection",
+             "selection-nosync", "selection-sync-now", "cl-input", "aten-resize", "one-call-crops")
 ABLATION_LABELS = {"fp32": "fp32 / bf16", "contiguous": "contiguous / channels_last", "compile": "compiled / eager",
                    "compile-ro": "compiled (reduce-overhead) / eager", "view-image": "view from image / from source",
-                   "folded-bn": "folded BatchNorm / BatchNorm", "serial-crops": "crops in one call / in strips",
+                   "folded-bn": "folded BatchNorm / BatchNorm",
                    "eager-selection": "selection without / with its CUDA graph",
                    "selection-nosync": "graph without / with its sync",
                    "selection-sync-now": "graph's flag read at once / at the end",
                    "cl-input": "channels-last / contiguous input",
-                   "aten-resize": "ATen's resize / resize_aa", "strips-only": "crops without / with rows first"}
+                   "aten-resize": "ATen's resize / resize_aa", "one-call-crops": "crops in one call / rows first"}
 COMPILE_MODES = {"compile": "default", "compile-ro": "reduce-overhead"}
 OVERHEAD_GOAL = {"cpu": 1.25, "cuda": 1.15}  # issue 5: fusion / passes, per device type
 OVERHEAD_LABELS = {"compile": "fusion / passes, both compiled",
@@ -136,19 +134,6 @@ def _compiled(module: nn.Module, compile_mode: str | None) -> Callable:
     return run
 
 
-def _crops_in_one_call(step: Callable[[], None]) -> Callable[[], None]:
-    """``step`` with the model's crops cut by one torchvision roi_align call, as before crop_align."""
-
-    def one_call(source: torch.Tensor, rois: torch.Tensor, size: int) -> torch.Tensor:
-        return roi_align(source, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-
-    def wrapped() -> None:
-        with mock.patch.object(network, "crop_align", one_call):
-            step()
-
-    return wrapped
-
-
 def _selection_flag(step: Callable[[], None], when: str) -> Callable[[], None]:
     """``step`` with the convergence flag of the selection's CUDA graph read ``now`` (right after the replay, as
     before the flag was deferred to the end of the forward pass: the host waits for the GPU mid-step) or
@@ -171,7 +156,7 @@ def _selection_flag(step: Callable[[], None], when: str) -> Callable[[], None]:
 
 def model_case(name: str, variant: str, backbone: str, args, batch: dict, mode: str, device: torch.device,
                amp: bool, channels_last: bool, compile_mode: str | None = None, view_from_image: bool = False,
-               fold: bool = False, serial_crops: bool = False, selection_graph: bool = True,
+               fold: bool = False, selection_graph: bool = True,
                selection_flag: str = "end", cl_input: bool = False, patches: tuple = ()) -> Case:
     """A variant's full step on ``batch`` (images, sizes, labels on the device)."""
     cfg = ModelConfig(variant=variant, backbone=backbone, global_size=args.global_size,
@@ -198,7 +183,7 @@ def model_case(name: str, variant: str, backbone: str, args, batch: dict, mode: 
             with torch.no_grad(), _autocast(device, amp, args):
                 run(images, sizes)
 
-        return Case(name, _wrap(infer, serial_crops, selection_flag, patches), len(labels))
+        return Case(name, _wrap(infer, selection_flag, patches), len(labels))
     model.train()
 
     def forward() -> torch.Tensor:
@@ -208,11 +193,10 @@ def model_case(name: str, variant: str, backbone: str, args, batch: dict, mode: 
 
     params = [p for p in model.parameters() if p.requires_grad]
     step = _train_step(model, forward, _adamw(params, device), params)
-    return Case(name, _wrap(step, serial_crops, selection_flag, patches), len(labels))
+    return Case(name, _wrap(step, selection_flag, patches), len(labels))
 
 
-def _wrap(step: Callable[[], None], serial_crops: bool, selection_flag: str, patches: tuple) -> Callable[[], None]:
-    step = _crops_in_one_call(step) if serial_crops else step
+def _wrap(step: Callable[[], None], selection_flag: str, patches: tuple) -> Callable[[], None]:
     step = step if selection_flag == "end" else _selection_flag(step, selection_flag)
     return _patched(step, patches) if patches else step
 
@@ -291,11 +275,11 @@ def build_cases(backbone: str, size, mode: str, args, device: torch.device) -> l
         cases.append(passes_case(backbone, args, batch, mode, device, amp, cl))
         flags = {"fp32": {"amp": False}, "contiguous": {"channels_last": False}, "view-image": {"view_from_image": True},
                  "cl-input": {"cl_input": True},
-                 "folded-bn": {"fold": True}, "serial-crops": {"serial_crops": True},
+                 "folded-bn": {"fold": True},
                  "eager-selection": {"selection_graph": False}, "selection-nosync": {"selection_flag": "never"},
                  "selection-sync-now": {"selection_flag": "now"},
                  "aten-resize": {"patches": ((network, "resize_aa", _aten_resize),)},
-                 "strips-only": {"patches": ((align, "ROWS_FIRST", False),)},
+                 "one-call-crops": {"patches": ((align, "ROWS_FIRST", False),)},
                  **{name: {"compile_mode": how} for name, how in COMPILE_MODES.items()}}
         for name in args.ablate:
             if name == "folded-bn" and mode == "train":  # folding is for inference-only models (load_trained)
@@ -472,10 +456,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="autocast on the CPU, as train.cpu_amp (default off: fp32); the fp32 ablation turns it off")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--ablate", nargs="*", default=[], choices=ABLATIONS,
-                   help="extra fusion cases: fp32, contiguous (no channels_last), compile, compile-ro "
-                        "(mode reduce-overhead), view-image (the global view never read from the crop source), "
-                        "folded-bn (inference with BatchNorm folded, as load_trained does), serial-crops (the "
-                        "crops cut by one roi_align call, not in strips over the CPU threads)")
+                   help="extra fusion cases, each described in this script's docstring (e.g. fp32, contiguous: "
+                        "no channels_last, compile, view-image, folded-bn, one-call-crops)")
     p.add_argument("--weights", nargs="*", default=[], metavar="BACKBONE=PATH",
                    help="local weights, e.g. mobilenet_v2=../shared/weights/mobilenet_v2-b0353104.pth")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")

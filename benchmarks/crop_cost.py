@@ -1,13 +1,12 @@
-"""Cost of cutting the crops alone: one torchvision roi_align call against ``crop_align`` (its rows resized first
-where a box has several sample rows per bin, and cut in strips, one per CPU thread), and against its strips alone,
-on the crop sources a fusion step cuts them from.
+"""Cost of cutting the crops alone: one torchvision roi_align call against ``crop_align`` (on the CPU the rows of
+boxes with several sample rows per bin resized first), on the crop sources a fusion step cuts them from.
 
     PYTHONPATH=src python benchmarks/crop_cost.py [--device cpu] [--reps 10] [--out FILE.json]
 
 The crops of ``FineScopeNet._crops`` (K = 4 of 224 px, boxes scaled to the crop source, which at 460x700 is the
 image and at 1536x2048 the image resized to 672x896), for three kinds of boxes: the smallest a model selects (a
 third of the short side), random sides between that and the whole image, and the whole image (what an untrained
-model's flat attention selects). The three ways are timed interleaved and compared per repetition. The largest
+model's flat attention selects). The two ways are timed interleaved and compared per repetition. The largest
 difference between ``crop_align``'s crops and one call's is printed too (float rounding).
 
 With ``--in-step BACKBONE`` a second table times the crops inside whole fusion inference steps (channels-last
@@ -41,7 +40,7 @@ from common import (  # noqa: E402
 )
 
 from finescope.config import ModelConfig  # noqa: E402
-from finescope.models import align, create_model, network  # noqa: E402
+from finescope.models import create_model, network  # noqa: E402
 
 
 def one_call(source: torch.Tensor, rois: torch.Tensor, size: int) -> torch.Tensor:
@@ -75,15 +74,11 @@ def measure(size: tuple[int, int], batch: int, kind: str, args, device: torch.de
     def crops():
         return model._crops(images, boxes, sizes, sources)
 
-    def strips():
-        with mock.patch.object(align, "ROWS_FIRST", False):
-            return model._crops(images, boxes, sizes, sources)
-
     def serial():
         with mock.patch.object(network, "crop_align", one_call):
             return model._crops(images, boxes, sizes, sources)
 
-    ways = {"crop_align": crops, "strips": strips, "one call": serial}
+    ways = {"crop_align": crops, "one call": serial}
     diff = (crops() - serial()).abs().max().item()
     times: dict[str, list[float]] = {k: [] for k in ways}
     for _ in range(args.reps):
@@ -96,8 +91,6 @@ def measure(size: tuple[int, int], batch: int, kind: str, args, device: torch.de
             "largest_grid": grid, **{f"{k.replace(' ', '_')}_ms": summary([t * 1e3 for t in v])
                                      for k, v in times.items()},
             "speedup": summary([a / b for a, b in zip(times["one call"], times["crop_align"], strict=True)]),
-            "rows_first_speedup": summary([a / b for a, b in zip(times["strips"], times["crop_align"],
-                                                                  strict=True)]),
             "max_abs_diff": diff}
 
 
@@ -159,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         for kind in args.boxes:
             r = measure(size, int(b), kind, args, device)
             rows.append(r)
-            print(f"{r['size']} B={r['batch']} {kind}: one call {r['one_call_ms']['median']:.1f} ms, strips "
-                  f"{r['strips_ms']['median']:.1f} ms, crop_align {r['crop_align_ms']['median']:.1f} ms", flush=True)
+            print(f"{r['size']} B={r['batch']} {kind}: one call {r['one_call_ms']['median']:.1f} ms, crop_align "
+                  f"{r['crop_align_ms']['median']:.1f} ms", flush=True)
     steps = []
     if args.in_step:
         for case in args.cases:
@@ -176,11 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         return f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})"
 
     table = markdown_table(
-        ["input", "crop source", "B", "boxes", "most samples per bin side", "one call ms", "strips ms",
-         "crop_align ms", "one call / crop_align", "strips / crop_align", "max abs diff"],
+        ["input", "crop source", "B", "boxes", "most samples per bin side", "one call ms", "crop_align ms",
+         "one call / crop_align", "max abs diff"],
         [[r["size"], r["source"], r["batch"], r["boxes"], r["largest_grid"], ms_spread(r["one_call_ms"]),
-          ms_spread(r["strips_ms"]), ms_spread(r["crop_align_ms"]), ratio(r["speedup"]),
-          ratio(r["rows_first_speedup"]), f"{r['max_abs_diff']:.1e}"] for r in rows])
+          ms_spread(r["crop_align_ms"]), ratio(r["speedup"]), f"{r['max_abs_diff']:.1e}"] for r in rows])
     if steps:
         table += "\n\nInside fusion inference steps (the boxes the model selects):\n\n" + markdown_table(
             ["backbone", "input", "B", "crops, one call ms", "crops, crop_align ms", "step, one call ms",

@@ -2,7 +2,9 @@
 
 import collections
 import math
+import os
 import socket
+import threading
 import time
 
 import numpy as np
@@ -331,35 +333,25 @@ def test_resized_crop_source_is_aligned_with_the_image():
     assert (resized - full).abs().max() < 2e-3
 
 
-@pytest.mark.parametrize("threads", [2, 3])
-def test_crop_align_in_strips_matches_one_roi_align(threads, monkeypatch):
-    """On the CPU the crops are cut in one horizontal strip per thread; they match torchvision's roi_align of
-    the whole boxes (fractional, large, small, at the border, on two images), and the threads do the work."""
-    from torchvision.ops import roi_align
+def test_a_cpu_forward_starts_no_thread():
+    """Nothing runs torch on a thread of its own: with GNU OpenMP such a thread gets a team of its own, and
+    with more OpenMP threads than cores every later parallel operation of the process slowed down up to 1.9x
+    (benchmarks/openmp_cost.py). The process's threads, Python's and the OS's, are the same after a forward."""
+    model = create_model(ModelConfig(variant="fusion", **SMALL), 2).eval()
+    images = torch.rand(2, 3, 300, 420)  # crops from a resized source, boxes with several sample rows per bin
 
-    import finescope.models.align as align
+    def os_threads() -> int:
+        try:
+            return len(os.listdir("/proc/self/task"))
+        except OSError:  # no /proc: Python's threads only
+            return 0
 
-    monkeypatch.setattr(align, "ROWS_FIRST", False)  # the strips alone (rows first: the next test)
-    g = torch.Generator().manual_seed(0)
-    source = torch.rand(2, 3, 160, 230, generator=g)
-    rois = torch.tensor([[0, 0.0, 0.0, 230.0, 160.0], [0, 10.3, 20.7, 61.9, 70.2], [1, 100.5, 3.25, 229.0, 150.0],
-                         [1, 0.0, 90.0, 40.0, 160.0], [0, 50.0, 50.0, 51.0, 52.0],
-                         # one and two source pixels per output row, from fractional rows (float rounding of a
-                         # strip's height must not add a row of samples per bin)
-                         *[[b, 3.1, y, 90.0, y + n * 32] for b in (0, 1) for n in (1, 2) for y in (0.1, 7.7, 20.3)]])
-    threads_before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        align._POOL = None
-        cut = align.crop_align(source, rois, 32)
-        assert align._POOL is not None and align._POOL[1] == threads - 1  # the strips went to the pool
-        one = roi_align(source, rois, output_size=(32, 32), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-        assert cut.shape == one.shape == (17, 3, 32, 32)
-        torch.testing.assert_close(cut, one, rtol=0, atol=1e-4)
-        torch.set_num_threads(1)
-        torch.testing.assert_close(align.crop_align(source, rois, 32), one, rtol=0, atol=0)  # one call
-    finally:
-        torch.set_num_threads(threads_before)
+    with torch.no_grad():
+        torch.rand(4_000_000).sum()  # a parallel operation: the main thread's OpenMP team exists from here on
+        python, native = threading.active_count(), os_threads()
+        model(images)
+        model(images)
+    assert (threading.active_count(), os_threads()) == (python, native)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
