@@ -97,7 +97,7 @@ def run_case(backbone: str, case: str, reps: int, weights: str) -> dict:
         after, threads_after = passes_ms(), os_threads()
         stop.set()
     return {"before_ms": before, "after_ms": after, "os_threads_before": threads_before,
-            "os_threads_after": threads_after}
+            "os_threads_after": threads_after, "torch_threads": torch.get_num_threads()}
 
 
 def main(argv: list[str] | None = None) -> dict:

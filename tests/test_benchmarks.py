@@ -165,6 +165,20 @@ def test_crop_cost_compares_crop_align_with_one_call(tmp_path):
     assert "| one call ms | crop_align ms | one call / crop_align |" in out.with_suffix(".md").read_text()
 
 
+def test_openmp_cost_runs_each_case_in_its_own_process(tmp_path):
+    out = tmp_path / "o.json"
+    cmd = [sys.executable, "benchmarks/openmp_cost.py", "--backbones", "tiny", "--rounds", "1", "--reps", "2",
+           "--out", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": "src"})
+    (group,) = json.loads(out.read_text())["groups"]
+    runs = {case: r[0] for case, r in group["runs"].items()}
+    assert set(runs) == {"none", "plain", "one-thread"} and all(r["after_ms"] > 0 for r in runs.values())
+    grown = {case: r["os_threads_after"] - r["os_threads_before"] for case, r in runs.items()}
+    if Path("/proc/self/task").exists() and runs["plain"]["torch_threads"] >= 2:
+        # the second thread, plus its own OpenMP worker(s) unless it was kept to one OpenMP thread
+        assert grown["none"] == 0 and grown["one-thread"] == 1 and grown["plain"] > 1
+
+
 @pytest.mark.slow
 def test_gpu_check_runs_on_cpu(tmp_path):
     data = fake_breakhis(tmp_path / "breakhis")

@@ -11,11 +11,13 @@ rows first for the boxes where that saves at least two samples per bin: into one
 same to float rounding.
 
 From 22d08a5 to 985437b every box was also cut in horizontal strips, one per CPU thread, on a Python thread
-pool. That made the crops 1.2-2x faster but every other parallel operation of the process up to 1.9x slower:
-with GNU OpenMP a pool thread that enters a parallel region gets an OpenMP team of its own, and with more OpenMP
-threads than cores libgomp's workers sleep at their barriers instead of spinning
-(``benchmarks/openmp_cost.py``). Kept to one OpenMP thread, the pool cut the crops only 1.03-1.11x faster than
-one call, so it was dropped. Nothing here runs torch on a thread of its own.
+pool. The crops alone were 1.2-2x faster, but with GNU OpenMP a pool thread that enters a parallel region gets
+an OpenMP team of its own, and with more OpenMP threads than cores libgomp's workers sleep at their barriers
+instead of spinning: every later parallel operation of the process waited for wake-ups, a mobilenet_v2 pass
+1.5-2.1x longer (``benchmarks/openmp_cost.py``). With the pool kept to one OpenMP thread (00c3d9b) the strips
+still cut the crops alone up to 1.8x faster than one call, but inside mobilenet_v2 inference steps they took
+0.8-1.2x as long as without strips (``benchmarks/results/cpu_crop_cost_at_00c3d9b.md`` against
+``cpu_crop_cost_at_8566993.md``), so they were dropped: nothing here runs torch on a thread of its own.
 
 On CUDA, for a source that needs a gradient and while ``torch.compile`` traces, it is one ``roi_align`` call.
 """
