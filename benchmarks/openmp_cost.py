@@ -32,7 +32,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from common import ROOT, allocator_as_the_cli, environment, loadavg, markdown_table  # noqa: E402
+from common import (  # noqa: E402
+    ROOT,
+    allocator_as_the_cli,
+    environment,
+    loadavg,
+    markdown_table,
+    report_header,
+    save_report,
+)
 
 from finescope.models import create_backbone  # noqa: E402
 
@@ -135,17 +143,10 @@ def main(argv: list[str] | None = None) -> dict:
                          f"{statistics.median(r['after_ms'] for r in runs):.1f}",
                          f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})",
                          f"{runs[0]['os_threads_before']} -> {runs[0]['os_threads_after']}"])
-    e = result["environment"]
-    table = (f"device {e['cpu']} (cpu, {e['torch_threads']} threads), torch {e['torch']}, commit {e['commit']}, "
-             f"load {e['loadavg_start']} -> {e['loadavg_end']}\n`{e['command']}`\n\n"
-             + markdown_table(["backbone", "second thread", "passes ms before", "passes ms after",
-                               "after / before", "OS threads"], rows))
-    print(table)
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
-        Path(args.out).with_suffix(".md").write_text(table + "\n")
+    table = markdown_table(["backbone", "second thread", "passes ms before", "passes ms after", "after / before",
+                            "OS threads"], rows)
+    save_report(args.out, result, f"{report_header(result['environment'])}\n\n{table}\n")
     return result
-
 
 if __name__ == "__main__":
     main()
