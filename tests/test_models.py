@@ -387,6 +387,74 @@ def test_crop_align_rows_first_matches_roi_align(threads, padded, monkeypatch):
     assert one[7].abs().max() == 0  # the box above the image reads nothing, as in roi_align
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_crop_align_cuts_unit_boxes_as_shifts(padded, monkeypatch):
+    """Boxes whose bins are exactly one source pixel (one sample each, inside the source) are cut as shifts of
+    the source: roi_align's crops to float rounding, in the boxes' order among boxes cut the other two ways, for
+    whole and fractional offsets and two images. A box one float step taller takes two sample rows per bin in
+    roi_align, and one whose last sample row is the source's last row reads that row alone: neither is a shift."""
+    from torchvision.ops import roi_align
+
+    import finescope.models.align as align
+
+    shifted = []
+    unit_crops = align._unit_crops
+    monkeypatch.setattr(align, "_unit_crops", lambda source, rois, *a: shifted.append(rois) or unit_crops(source, rois, *a))
+    g = torch.Generator().manual_seed(2)
+    full = torch.rand(2, 3, 140 if padded else 100, 150 if padded else 120, generator=g)
+    source = full[:, :, :100, :120]
+    unit = [[0, 0.0, 0.0, 32.0, 32.0], [1, 10.25, 40.75, 42.25, 72.75], [0, 87.0, 3.5, 119.0, 35.5],
+            [1, 55.6, 66.9, 87.6, 98.9]]
+    taller = [0, 5.0, 5.0, 37.0, torch.tensor(37.0).nextafter(torch.tensor(99.0)).item()]
+    last_row = [1, 20.0, 68.0, 52.0, 100.0]
+    rois = torch.tensor([unit[0], [0, 0.0, 0.0, 120.0, 100.0], unit[1], taller, unit[2], last_row, unit[3],
+                         [1, 30.0, 10.0, 40.0, 20.0]])
+    cut = align.crop_align(source, rois, 32)
+    one = roi_align(source.contiguous(), rois, output_size=(32, 32), spatial_scale=1.0, sampling_ratio=-1,
+                    aligned=True)
+    assert len(shifted) == 1 and torch.equal(shifted[0], torch.tensor(unit))
+    torch.testing.assert_close(cut, one, rtol=0, atol=1e-6)
+    torch.testing.assert_close(align.crop_align(source, torch.tensor(unit), 32), one[[0, 2, 4, 6]], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [(300, 420), (324, 432), (347, 463), (400, 400)])
+def test_smallest_boxes_are_read_at_one_sample_per_bin(size, monkeypatch):
+    """Boxes of the smallest side span exactly L pixels of the crop source once snapped, whatever the rounding
+    of the source's size and of their scaled coordinates: one sample per bin in roi_align (without the snap,
+    rounding gives some of them two), cut on the CPU as shifts (all but those reaching the source's last row or
+    column), with roi_align's crops of the snapped boxes. Larger boxes are left as they are."""
+    from torchvision.ops import roi_align
+
+    import finescope.models.align as align
+
+    model = _crop_model()
+    h, w = size
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand(2, 3, h, w, generator=g)
+    side = model.min_box_fraction * min(h, w)
+    lo = torch.rand(2, 6, 2, generator=g) * torch.tensor([w - side, h - side])
+    boxes = torch.cat([lo, lo + side], dim=-1)  # (2, 6, 4), x1 y1 x2 y2 as the selection grows them
+    boxes[1, 5] = torch.tensor([0.0, 0.0, w / 2, h / 2])  # a larger box
+    sources = model._crop_sources(images, [[h, w]] * 2)
+    (_, source), = sources.values()
+    scale = torch.tensor([source.shape[-1] / w, source.shape[-2] / h] * 2)
+    rois = torch.cat([torch.arange(2.0).repeat_interleave(6)[:, None], (boxes * scale).reshape(12, 4)], dim=1)
+    snapped = align.snap_boxes(rois, 32)
+    smallest = torch.arange(12) != 11
+    assert (align._grid(snapped[smallest, 2], snapped[smallest, 4], 32) == 1).all()
+    assert (align._grid(snapped[smallest, 1], snapped[smallest, 3], 32) == 1).all()
+    assert ((snapped[smallest, 3:] - snapped[smallest, 1:3]) == 32).all() and torch.equal(snapped[11], rois[11])
+    assert (snapped[:, 1:3] - rois[:, 1:3]).abs().max() <= 1 / 128 and (snapped[:, 3:] - rois[:, 3:]).abs().max() < 0.5
+    shifted = []
+    unit_crops = align._unit_crops
+    monkeypatch.setattr(align, "_unit_crops", lambda source, r, *a: shifted.append(r) or unit_crops(source, r, *a))
+    crops = model._crops(images, boxes, [[h, w]] * 2, sources)
+    at_edge = (snapped[:, 3] >= source.shape[-1]) | (snapped[:, 4] >= source.shape[-2])  # the last sample alone
+    assert len(shifted) == 1 and len(shifted[0]) == int((smallest & ~at_edge).sum())
+    one = roi_align(source, snapped, output_size=(32, 32), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    torch.testing.assert_close(crops, one, rtol=0, atol=1e-6)
+
+
 def test_crop_align_cuts_boxes_of_one_sample_row_directly(monkeypatch):
     """With one sample row per bin in every box there is nothing to resize first: roi_align's crops."""
     from torchvision.ops import roi_align

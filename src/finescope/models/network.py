@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from finescope.errors import FinescopeError
-from finescope.models.align import crop_align
+from finescope.models.align import crop_align, snap_boxes
 from finescope.models.attention import AttentionPool
 from finescope.models.backbones import Backbone, fold_batchnorm
 from finescope.models.resize import resize_aa
@@ -352,7 +352,8 @@ class FineScopeNet(nn.Module):
 
         One roi_align per distinct image size (:func:`~finescope.models.align.crop_align`: on the CPU the rows
         of large boxes resized first), on its crop source (:meth:`_crop_sources`, made here unless given), with the
-        boxes scaled to it.
+        boxes scaled to it; sides within half a pixel of L made exactly L
+        (:func:`~finescope.models.align.snap_boxes`).
         """
         B, K, _ = boxes.shape
         H, W = images.shape[-2:]
@@ -367,7 +368,7 @@ class FineScopeNet(nn.Module):
             n = len(idx)
             batch_idx = torch.arange(n, device=images.device, dtype=boxes.dtype).repeat_interleave(K)[:, None]
             rois = torch.cat([batch_idx, (part_boxes * scale).reshape(n * K, 4)], dim=1)  # (n*K, 5)
-            crops = crop_align(source, rois.to(source.dtype), L)
+            crops = crop_align(source, snap_boxes(rois, L).to(source.dtype), L)
             if rows is None:
                 return crops
             out[rows] = crops.view(n, K, 3, L, L)
