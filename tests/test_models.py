@@ -392,7 +392,8 @@ def test_crop_align_cuts_unit_boxes_as_shifts(padded, monkeypatch):
     """Boxes whose bins are exactly one source pixel (one sample each, inside the source) are cut as shifts of
     the source: roi_align's crops to float rounding, in the boxes' order among boxes cut the other two ways, for
     whole and fractional offsets and two images. A box one float step taller takes two sample rows per bin in
-    roi_align, and one whose last sample row is the source's last row reads that row alone: neither is a shift."""
+    roi_align, and one whose last sample falls between the source's last row and the next reads that row alone:
+    neither is a shift. One ending on the last row with whole-pixel samples is."""
     from torchvision.ops import roi_align
 
     import finescope.models.align as align
@@ -404,25 +405,26 @@ def test_crop_align_cuts_unit_boxes_as_shifts(padded, monkeypatch):
     full = torch.rand(2, 3, 140 if padded else 100, 150 if padded else 120, generator=g)
     source = full[:, :, :100, :120]
     unit = [[0, 0.0, 0.0, 32.0, 32.0], [1, 10.25, 40.75, 42.25, 72.75], [0, 87.0, 3.5, 119.0, 35.5],
-            [1, 55.6, 66.9, 87.6, 98.9]]
+            [1, 55.6, 66.9, 87.6, 98.9], [1, 20.0, 68.0, 52.0, 100.0]]
     taller = [0, 5.0, 5.0, 37.0, torch.tensor(37.0).nextafter(torch.tensor(99.0)).item()]
-    last_row = [1, 20.0, 68.0, 52.0, 100.0]
+    last_row = [1, 20.5, 68.5, 52.5, 100.5]
     rois = torch.tensor([unit[0], [0, 0.0, 0.0, 120.0, 100.0], unit[1], taller, unit[2], last_row, unit[3],
-                         [1, 30.0, 10.0, 40.0, 20.0]])
+                         [1, 30.0, 10.0, 40.0, 20.0], unit[4]])
     cut = align.crop_align(source, rois, 32)
     one = roi_align(source.contiguous(), rois, output_size=(32, 32), spatial_scale=1.0, sampling_ratio=-1,
                     aligned=True)
     assert len(shifted) == 1 and torch.equal(shifted[0], torch.tensor(unit))
     torch.testing.assert_close(cut, one, rtol=0, atol=1e-6)
-    torch.testing.assert_close(align.crop_align(source, torch.tensor(unit), 32), one[[0, 2, 4, 6]], rtol=0, atol=1e-6)
+    torch.testing.assert_close(align.crop_align(source, torch.tensor(unit), 32), one[[0, 2, 4, 6, 8]], rtol=0,
+                               atol=1e-6)
 
 
 @pytest.mark.parametrize("size", [(300, 420), (324, 432), (347, 463), (400, 400)])
 def test_smallest_boxes_are_read_at_one_sample_per_bin(size, monkeypatch):
     """Boxes of the smallest side span exactly L pixels of the crop source once snapped, whatever the rounding
     of the source's size and of their scaled coordinates: one sample per bin in roi_align (without the snap,
-    rounding gives some of them two), cut on the CPU as shifts (all but those reaching the source's last row or
-    column), with roi_align's crops of the snapped boxes. Larger boxes are left as they are."""
+    rounding gives some of them two), cut on the CPU as shifts, with roi_align's crops of the snapped boxes.
+    Larger boxes are left as they are."""
     from torchvision.ops import roi_align
 
     import finescope.models.align as align
@@ -449,8 +451,7 @@ def test_smallest_boxes_are_read_at_one_sample_per_bin(size, monkeypatch):
     unit_crops = align._unit_crops
     monkeypatch.setattr(align, "_unit_crops", lambda source, r, *a: shifted.append(r) or unit_crops(source, r, *a))
     crops = model._crops(images, boxes, [[h, w]] * 2, sources)
-    at_edge = (snapped[:, 3] >= source.shape[-1]) | (snapped[:, 4] >= source.shape[-2])  # the last sample alone
-    assert len(shifted) == 1 and len(shifted[0]) == int((smallest & ~at_edge).sum())
+    assert len(shifted) == 1 and len(shifted[0]) == int(smallest.sum())
     one = roi_align(source, snapped, output_size=(32, 32), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
     torch.testing.assert_close(crops, one, rtol=0, atol=1e-6)
 

@@ -65,30 +65,37 @@ def snap_boxes(rois: torch.Tensor, size: int, tol: float = 0.5) -> torch.Tensor:
 
 
 def _unit_taps(lo: torch.Tensor, hi: torch.Tensor, size: int, limit: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                 torch.Tensor]:
+                                                                                 torch.Tensor, torch.Tensor]:
     """Along one axis, for boxes from ``lo`` to ``hi`` cut into ``size`` bins of one sample each: the first source
-    index each box reads (n,), the weight of the next index for each bin (n, size), and whether the box is a unit
-    box on this axis (n,): bins of exactly one pixel (the sample indices are consecutive) and every sample inside
-    the source with a next index, so that the kernel reads indices ``first + i`` and ``first + i + 1`` for bin i.
-    The positions are the kernel's, in its float32 arithmetic: ``start + i * bin + 0.5 * bin``."""
+    index each box reads (n,), the weight of the next index for each bin (n, size), the step to that next index
+    (n,: 0 when every sample lies on a whole pixel, as at the source's last row, which the kernel reads alone),
+    and whether the box is a unit box on this axis (n,): bins of exactly one pixel (consecutive sample indices)
+    and every sample and next index inside the source, so that the kernel reads indices ``first + i`` and
+    ``first + i + step`` for bin i. The positions are the kernel's, in its float32 arithmetic."""
     start = lo - 0.5
     bin_ = ((hi - 0.5) - start) / size
     pos = start[:, None] + torch.arange(size, dtype=lo.dtype) * bin_[:, None] + 0.5 * bin_[:, None]
     low = pos.clamp(min=0).long()
-    unit = ((torch.ceil(bin_) == 1) & (pos >= -1).all(1) & (low < limit - 1).all(1)
+    weight = pos.clamp(min=0) - low
+    step = (weight > 0).any(dim=1).long()
+    unit = ((torch.ceil(bin_) == 1) & (pos >= -1).all(1) & (low[:, -1] + step <= limit - 1)
             & (low == low[:, :1] + torch.arange(size)).all(1))
-    return low[:, 0], pos.clamp(min=0) - low, unit
+    return low[:, 0], weight, step, unit
 
 
-def _unit_crops(source: torch.Tensor, rois: torch.Tensor, size: int, first_y: torch.Tensor, wy: torch.Tensor,
-                first_x: torch.Tensor, wx: torch.Tensor) -> torch.Tensor:
-    """The crops of unit boxes (:func:`_unit_taps` on both axes): each the source shifted by the box's fractional
-    offset, ``lerp`` of four slices with the kernel's weights."""
+def _unit_crops(source: torch.Tensor, rois: torch.Tensor, size: int, y_taps: tuple[torch.Tensor, ...],
+                x_taps: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The crops of unit boxes (``y_taps``, ``x_taps``: :func:`_unit_taps`'s first three results on each axis,
+    for these boxes): each the source shifted by the box's fractional offset, ``lerp`` of four slices with the
+    kernel's weights."""
     out = source.new_empty(rois.shape[0], source.shape[1], size, size)
-    for r, (b, y, x) in enumerate(zip(rois[:, 0].long().tolist(), first_y.tolist(), first_x.tolist(), strict=True)):
+    (ys, wy, dys), (xs, wx, dxs) = y_taps, x_taps
+    for r, (b, y, dy, x, dx) in enumerate(zip(rois[:, 0].long().tolist(), ys.tolist(), dys.tolist(), xs.tolist(),
+                                              dxs.tolist(), strict=True)):
         s = source[b]
-        top = torch.lerp(s[:, y:y + size, x:x + size], s[:, y:y + size, x + 1:x + 1 + size], wx[r])
-        bottom = torch.lerp(s[:, y + 1:y + 1 + size, x:x + size], s[:, y + 1:y + 1 + size, x + 1:x + 1 + size], wx[r])
+        top = torch.lerp(s[:, y:y + size, x:x + size], s[:, y:y + size, x + dx:x + dx + size], wx[r])
+        bottom = torch.lerp(s[:, y + dy:y + dy + size, x:x + size], s[:, y + dy:y + dy + size, x + dx:x + dx + size],
+                            wx[r])
         torch.lerp(top, bottom, wy[r][:, None], out=out[r])
     return out
 
@@ -147,13 +154,13 @@ def crop_align(source: torch.Tensor, rois: torch.Tensor, size: int) -> torch.Ten
             or source.dtype != torch.float32 or rois.shape[0] == 0):
         return _align(source, rois, (size, size))
     H, W = source.shape[-2:]
-    first_y, wy, unit_y = _unit_taps(rois[:, 2], rois[:, 4], size, H)
-    first_x, wx, unit_x = _unit_taps(rois[:, 1], rois[:, 3], size, W)
+    *y_taps, unit_y = _unit_taps(rois[:, 2], rois[:, 4], size, H)
+    *x_taps, unit_x = _unit_taps(rois[:, 1], rois[:, 3], size, W)
     unit = unit_y & unit_x
     # boxes whose rows first save at least two samples per bin: gy * gx samples become gx
     many = ~unit & ((_grid(rois[:, 2], rois[:, 4], size) - 1) * _grid(rois[:, 1], rois[:, 3], size) >= 2)
     ways = (
-        (unit, lambda m: _unit_crops(source, rois[m], size, first_y[m], wy[m], first_x[m], wx[m])),
+        (unit, lambda m: _unit_crops(source, rois[m], size, [t[m] for t in y_taps], [t[m] for t in x_taps])),
         (many, lambda m: _align(*_rows_first(source, rois[m], size), (size, size))),
         (~unit & ~many, lambda m: _align(source, rois[m], (size, size))),
     )
