@@ -165,6 +165,17 @@ def test_crop_cost_compares_crop_align_with_one_call(tmp_path):
     assert "| one call ms | crop_align ms | one call / crop_align |" in out.with_suffix(".md").read_text()
 
 
+def test_box_grid_counts_one_sample_bins_before_and_after_the_snap(tmp_path):
+    out = tmp_path / "g.json"
+    cmd = [sys.executable, "benchmarks/box_grid.py", "--sizes", "1040x1388", "460x700", "--boxes", "50",
+           "--out", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": "src"})
+    large, small = json.loads(out.read_text())["rows"]
+    assert large["source"] == "672x897" and large["one_sample_before"] == 0  # 897 / 1388: every side over 224
+    assert large["one_sample_after"] == large["shifts"] == 1 and large["side_px"] == 224
+    assert small["one_sample_after"] == 1 and small["shifts"] == 0  # no crop source: bins under one pixel
+
+
 def test_openmp_cost_runs_each_case_in_its_own_process(tmp_path):
     out = tmp_path / "o.json"
     cmd = [sys.executable, "benchmarks/openmp_cost.py", "--backbones", "tiny", "--rounds", "1", "--reps", "2",
