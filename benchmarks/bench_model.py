@@ -25,8 +25,8 @@ Cases:
         CPU); with its full-resolution batch channels-last on CUDA, as the trainer made it for every variant before
         it did so for ``global-hires`` only (``cl-input``; the same on the CPU); with its view and crop source
         resized by ATen's ``F.interpolate`` instead of ``finescope.models.resize.resize_aa`` (``aten-resize``; the
-        same on CUDA); with its crops cut by one roi_align call, no box's rows resized first in
-        ``finescope.models.align.crop_align`` (``one-call-crops``; the same on CUDA).
+        same on CUDA); with its crops cut by one roi_align call, no box's rows resized first and no box cut as a
+        shift in ``finescope.models.align.crop_align`` (``one-call-crops``; the same on CUDA).
 
 Ratios (paired per repetition, then median and spread), and below them which groups meet the goals:
     overhead = fusion / passes (goal <= 1.15 on CUDA, <= 1.25 on CPU),
@@ -76,7 +76,7 @@ ABLATION_LABELS = {"fp32": "fp32 / bf16", "contiguous": "contiguous / channels_l
                    "selection-nosync": "graph without / with its sync",
                    "selection-sync-now": "graph's flag read at once / at the end",
                    "cl-input": "channels-last / contiguous input",
-                   "aten-resize": "ATen's resize / resize_aa", "one-call-crops": "crops in one call / rows first"}
+                   "aten-resize": "ATen's resize / resize_aa", "one-call-crops": "crops in one call / crop_align"}
 COMPILE_MODES = {"compile": "default", "compile-ro": "reduce-overhead"}
 OVERHEAD_GOAL = {"cpu": 1.25, "cuda": 1.15}  # issue 5: fusion / passes, per device type
 OVERHEAD_LABELS = {"compile": "fusion / passes, both compiled",
@@ -279,7 +279,7 @@ def build_cases(backbone: str, size, mode: str, args, device: torch.device) -> l
                  "eager-selection": {"selection_graph": False}, "selection-nosync": {"selection_flag": "never"},
                  "selection-sync-now": {"selection_flag": "now"},
                  "aten-resize": {"patches": ((network, "resize_aa", _aten_resize),)},
-                 "one-call-crops": {"patches": ((align, "ROWS_FIRST", False),)},
+                 "one-call-crops": {"patches": ((align, "CPU_WAYS", False),)},
                  **{name: {"compile_mode": how} for name, how in COMPILE_MODES.items()}}
         for name in args.ablate:
             if name == "folded-bn" and mode == "train":  # folding is for inference-only models (load_trained)

@@ -1,4 +1,4 @@
-"""Cutting the crops: torchvision's ``roi_align``, with the rows of large boxes resized first on the CPU.
+"""Cutting the crops: torchvision's ``roi_align``, on the CPU with faster ways for large and for the smallest boxes.
 
 torchvision's CPU kernel of ``roi_align`` runs on one thread, box after box, and for an RGB source most of its
 time goes to the sampling positions and weights of each box, which only three channels then share: a box with a
@@ -8,9 +8,9 @@ sample, as the kernel weighs them), then the mean over gx columns. On the CPU, :
 rows first for the boxes where that saves at least two samples per bin: into one image of ``size`` rows per box
 (one ``embedding_bag`` over the source's rows, vectorised along the row and spread over torch's threads), which
 ``roi_align`` then cuts with one sample row per bin, gx samples per bin instead of gy * gx. And a box whose
-bins are exactly one source pixel high and wide (one sample each, all inside the source) is the source shifted
-by the box's fractional offset: four slices blended with the kernel's own weights, about 5x faster than the
-kernel. Such boxes are common: :meth:`~finescope.models.network.FineScopeNet.crop_scale` resizes the crop source
+bins are exactly one source pixel high and wide (one sample each, read inside the source) is the source shifted
+by the box's fractional offset: four slices blended with the kernel's own weights, 3-4x faster than the kernel
+(``benchmarks/results/cpu_crop_cost_at_6acd71a.md``). Such boxes are common: :meth:`~finescope.models.network.FineScopeNet.crop_scale` resizes the crop source
 so that the smallest box spans exactly ``local_size`` pixels, and :func:`snap_boxes` makes "exactly" hold in
 float32. The crops are the same to float rounding.
 
@@ -34,7 +34,7 @@ from torchvision.ops import roi_align
 
 from finescope.models.resize import row_table
 
-ROWS_FIRST = True  # resize the rows of boxes with several sample rows per bin first (benchmarks switch it off)
+CPU_WAYS = True  # rows first and shifts on the CPU (benchmarks switch them off to time one roi_align call)
 
 
 def _align(source: torch.Tensor, rois: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -150,7 +150,7 @@ def crop_align(source: torch.Tensor, rois: torch.Tensor, size: int) -> torch.Ten
     first (:func:`_rows_first`), the others cut by ``roi_align``; the crops match one ``roi_align`` call to float
     rounding, in the boxes' order. Elsewhere, and in a graph ``torch.compile`` traces, it is one call.
     """
-    if (not ROWS_FIRST or torch.compiler.is_compiling() or source.device.type != "cpu" or source.requires_grad
+    if (not CPU_WAYS or torch.compiler.is_compiling() or source.device.type != "cpu" or source.requires_grad
             or source.dtype != torch.float32 or rois.shape[0] == 0):
         return _align(source, rois, (size, size))
     H, W = source.shape[-2:]
