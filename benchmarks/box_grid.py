@@ -44,8 +44,8 @@ def count(model, h: int, w: int, boxes: int, seed: int) -> dict:
         return float(ok.float().mean())
 
     snapped = align.snap_boxes(rois, L)
-    unit = align._unit_taps(snapped[:, 2], snapped[:, 4], L, sh)[-1] & align._unit_taps(snapped[:, 1], snapped[:, 3],
-                                                                                         L, sw)[-1]
+    unit_y = align._unit_taps(snapped[:, 2], snapped[:, 4], L, sh)[-1]
+    unit = unit_y & align._unit_taps(snapped[:, 1], snapped[:, 3], L, sw)[-1]
     return {"size": f"{h}x{w}", "source": f"{sh}x{sw}", "side_px": (snapped[:, 3] - snapped[:, 1]).max().item(),
             "one_sample_before": one_sample(rois), "one_sample_after": one_sample(snapped),
             "shifts": float(unit.float().mean())}

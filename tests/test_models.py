@@ -336,7 +336,8 @@ def test_resized_crop_source_is_aligned_with_the_image():
 def test_a_cpu_forward_starts_no_thread():
     """Nothing runs torch on a thread of its own: with GNU OpenMP such a thread gets a team of its own, and
     with more OpenMP threads than cores every later parallel operation of the process slowed down, mobilenet_v2
-    passes 1.5-2.1x (benchmarks/openmp_cost.py). The process's threads, Python's and the OS's, are the same after a forward."""
+    passes 1.5-2.1x (benchmarks/openmp_cost.py). The process's threads, Python's and the OS's, are the same
+    after a forward."""
     model = create_model(ModelConfig(variant="fusion", **SMALL), 2).eval()
     images = torch.rand(2, 3, 300, 420)  # crops from a resized source, boxes with several sample rows per bin
 
@@ -400,7 +401,7 @@ def test_crop_align_cuts_unit_boxes_as_shifts(padded, monkeypatch):
 
     shifted = []
     unit_crops = align._unit_crops
-    monkeypatch.setattr(align, "_unit_crops", lambda source, rois, *a: shifted.append(rois) or unit_crops(source, rois, *a))
+    monkeypatch.setattr(align, "_unit_crops", lambda src, r, *a: shifted.append(r) or unit_crops(src, r, *a))
     g = torch.Generator().manual_seed(2)
     full = torch.rand(2, 3, 140 if padded else 100, 150 if padded else 120, generator=g)
     source = full[:, :, :100, :120]
@@ -446,10 +447,11 @@ def test_smallest_boxes_are_read_at_one_sample_per_bin(size, monkeypatch):
     assert (align._grid(snapped[smallest, 2], snapped[smallest, 4], 32) == 1).all()
     assert (align._grid(snapped[smallest, 1], snapped[smallest, 3], 32) == 1).all()
     assert ((snapped[smallest, 3:] - snapped[smallest, 1:3]) == 32).all() and torch.equal(snapped[11], rois[11])
-    assert (snapped[:, 1:3] - rois[:, 1:3]).abs().max() <= 1 / 128 and (snapped[:, 3:] - rois[:, 3:]).abs().max() < 0.5
+    assert (snapped[:, 1:3] - rois[:, 1:3]).abs().max() <= 1 / 128  # starts to 1/64 pixel
+    assert (snapped[:, 3:] - rois[:, 3:]).abs().max() < 0.5
     shifted = []
     unit_crops = align._unit_crops
-    monkeypatch.setattr(align, "_unit_crops", lambda source, r, *a: shifted.append(r) or unit_crops(source, r, *a))
+    monkeypatch.setattr(align, "_unit_crops", lambda src, r, *a: shifted.append(r) or unit_crops(src, r, *a))
     crops = model._crops(images, boxes, [[h, w]] * 2, sources)
     assert len(shifted) == 1 and len(shifted[0]) == int(smallest.sum())
     one = roi_align(source, snapped, output_size=(32, 32), spatial_scale=1.0, sampling_ratio=-1, aligned=True)

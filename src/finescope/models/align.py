@@ -1,4 +1,4 @@
-"""Cutting the crops: torchvision's ``roi_align``, on the CPU with faster ways for large and for the smallest boxes.
+"""Cutting the crops: torchvision's ``roi_align``, on the CPU with faster ways for large and smallest boxes.
 
 torchvision's CPU kernel of ``roi_align`` runs on one thread, box after box, and for an RGB source most of its
 time goes to the sampling positions and weights of each box, which only three channels then share: a box with a
@@ -10,9 +10,10 @@ rows first for the boxes where that saves at least two samples per bin: into one
 ``roi_align`` then cuts with one sample row per bin, gx samples per bin instead of gy * gx. And a box whose
 bins are exactly one source pixel high and wide (one sample each, read inside the source) is the source shifted
 by the box's fractional offset: four slices blended with the kernel's own weights, 3-4x faster than the kernel
-(``benchmarks/results/cpu_crop_cost_at_6acd71a.md``). Such boxes are common: :meth:`~finescope.models.network.FineScopeNet.crop_scale` resizes the crop source
-so that the smallest box spans exactly ``local_size`` pixels, and :func:`snap_boxes` makes "exactly" hold in
-float32. The crops are the same to float rounding.
+(``benchmarks/results/cpu_crop_cost_at_6acd71a.md``). Such boxes are common:
+:meth:`~finescope.models.network.FineScopeNet.crop_scale` resizes the crop source so that the smallest box spans
+exactly ``local_size`` pixels, and :func:`snap_boxes` makes "exactly" hold in float32. The crops are the same to
+float rounding.
 
 From 22d08a5 to 985437b every box was also cut in horizontal strips, one per CPU thread, on a Python thread
 pool. The crops alone were 1.2-2x faster, but with GNU OpenMP a pool thread that enters a parallel region gets
@@ -94,8 +95,8 @@ def _unit_crops(source: torch.Tensor, rois: torch.Tensor, size: int, y_taps: tup
                                               dxs.tolist(), strict=True)):
         s = source[b]
         top = torch.lerp(s[:, y:y + size, x:x + size], s[:, y:y + size, x + dx:x + dx + size], wx[r])
-        bottom = torch.lerp(s[:, y + dy:y + dy + size, x:x + size], s[:, y + dy:y + dy + size, x + dx:x + dx + size],
-                            wx[r])
+        rows = s[:, y + dy:y + dy + size]
+        bottom = torch.lerp(rows[..., x:x + size], rows[..., x + dx:x + dx + size], wx[r])
         torch.lerp(top, bottom, wy[r][:, None], out=out[r])
     return out
 
