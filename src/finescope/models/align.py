@@ -79,7 +79,7 @@ def _unit_taps(lo: torch.Tensor, hi: torch.Tensor, size: int, limit: int) -> tup
     low = pos.clamp(min=0).long()
     weight = pos.clamp(min=0) - low
     step = (weight > 0).any(dim=1).long()
-    unit = ((torch.ceil(bin_) == 1) & (pos >= -1).all(1) & (low[:, -1] + step <= limit - 1)
+    unit = ((_grid(lo, hi, size) == 1) & (pos >= -1).all(1) & (low[:, -1] + step <= limit - 1)
             & (low == low[:, :1] + torch.arange(size)).all(1))
     return low[:, 0], weight, step, unit
 
@@ -93,10 +93,9 @@ def _unit_crops(source: torch.Tensor, rois: torch.Tensor, size: int, y_taps: tup
     (ys, wy, dys), (xs, wx, dxs) = y_taps, x_taps
     for r, (b, y, dy, x, dx) in enumerate(zip(rois[:, 0].long().tolist(), ys.tolist(), dys.tolist(), xs.tolist(),
                                               dxs.tolist(), strict=True)):
-        s = source[b]
-        top = torch.lerp(s[:, y:y + size, x:x + size], s[:, y:y + size, x + dx:x + dx + size], wx[r])
-        rows = s[:, y + dy:y + dy + size]
-        bottom = torch.lerp(rows[..., x:x + size], rows[..., x + dx:x + dx + size], wx[r])
+        upper, lower = source[b, :, y:y + size], source[b, :, y + dy:y + dy + size]  # rows first + i, + i + dy
+        top = torch.lerp(upper[..., x:x + size], upper[..., x + dx:x + dx + size], wx[r])
+        bottom = torch.lerp(lower[..., x:x + size], lower[..., x + dx:x + dx + size], wx[r])
         torch.lerp(top, bottom, wy[r][:, None], out=out[r])
     return out
 

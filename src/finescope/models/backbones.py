@@ -223,9 +223,10 @@ def _torchvision_backbone(name: str, weights: str, pretrained: bool) -> Backbone
         load_weights_into(model, weights, drop, name)
     elif pretrained:
         tv_weights = torchvision.models.get_model_weights(ctor_name).DEFAULT
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlsplit(tv_weights.url).path).name
+        url = urllib.parse.urlsplit(tv_weights.url)
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url.path).name
         if not cached.is_file() and not reachable(tv_weights.url):
-            raise _download_failed(name, f"{urllib.parse.urlsplit(tv_weights.url).hostname} cannot be reached")
+            raise _download_failed(name, f"{url.hostname} cannot be reached")
         try:
             state = tv_weights.get_state_dict(progress=False)
         except Exception as e:  # URLError, OSError, RuntimeError, ... when offline
