@@ -18,12 +18,13 @@ Cases:
         global view always resized from the image, never from the crop source (``FineScopeNet.view_from_source``;
         with the defaults the two differ only for images whose short side is 1344 px or more); in inference only,
         with its BatchNorms folded into its convolutions as ``load_trained`` does (the passes keep theirs: the
-        overhead ratio is the unfolded one's); with its instance selection launched op by op instead of replayed as a CUDA graph (``eager-selection``; the
-        same on the CPU); with that graph replayed without reading its convergence flag, so without the step's
-        host-device sync (``selection-nosync``); with the flag read right after the replay instead of once the
-        forward pass is queued (``selection-sync-now``, the step before the flag was deferred; both the same on the
-        CPU); with its full-resolution batch channels-last on CUDA, as the trainer made it for every variant before
-        it did so for ``global-hires`` only (``cl-input``; the same on the CPU); with its view and crop source
+        overhead ratio is the unfolded one's); with its instance selection launched op by op instead of replayed
+        as a CUDA graph (``eager-selection``; the same on the CPU); with that graph replayed without reading its
+        convergence flag, so without the step's host-device sync (``selection-nosync``); with the flag read right
+        after the replay instead of once the forward pass is queued (``selection-sync-now``, the step before the
+        flag was deferred; both the same on the CPU); with its full-resolution batch channels-last on CUDA, as the
+        trainer made it for every variant before it did so for ``global-hires`` only (``cl-input``; the same on
+        the CPU); with its view and crop source
         resized by ATen's ``F.interpolate`` instead of ``finescope.models.resize.resize_aa`` (``aten-resize``; the
         same on CUDA); with its crops cut by one roi_align call, no box's rows resized first and no box cut as a
         shift in ``finescope.models.align.crop_align`` (``one-call-crops``; the same on CUDA).
