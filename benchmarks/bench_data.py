@@ -9,14 +9,19 @@ loader: decoded and augmented uint8 images/s delivered by a training DataLoader 
     ``--batch``, collate with padding, pinned memory on CUDA, persistent workers as the trainer builds it) with
     ``data.cache`` none, memory and disk (a fresh temporary folder); epoch 1 and epoch 2 are reported
     separately (the caches are filled in epoch 1; persistent workers keep a memory cache; ``--persistent on off``
-    compares workers started again each epoch). With
+    compares workers started again each epoch). ``--repeat N`` makes an epoch read every image N times: with
+    many workers a short epoch is mostly their start-up (15 workers prefetch 30 batches, more than the 19 of
+    296 images), and only a longer one gives what they deliver in a steady state, as in a real dataset's epochs.
+    ``--loader-one-orientation`` sets ``data.one_orientation`` for the loader rows (default off, as eager
+    training has it: a batch of mixed portrait and landscape images is padded to a square). With
     ``--colour-on workers device`` the presets with a colour jitter run both ways (``data.colour_on``): in the
     workers, or drawn there and applied to the batch on ``--device``, whose cost per batch is reported.
 epoch: training epochs of ``fusion`` (``--epoch-backbone``) on ``--device`` through ``engine.train_one_epoch``
     with the loader and the training augmentation (``--epoch-augment``), each epoch timed (the first also starts
     the workers and fills nothing: no cache), with ``data.one_orientation`` on and off (``--one-orientation on
-    off``, interleaved over ``--epoch-runs``); and the model alone on a pre-loaded batch (what the model consumes
-    per second).
+    off``, interleaved over ``--epoch-runs``); and the model alone on a pre-loaded batch of each orientation
+    setting (what the model consumes per second; the loader rows are compared with the figure of their own
+    setting, since a padded mixed batch costs the model more).
 
 Example:
     PYTHONPATH=src python benchmarks/bench_data.py --data ../shared/data/breakhis --workers 0 1 2 --limit 64
@@ -37,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import allocator_as_the_cli, environment, loadavg, markdown_table, summary, sync  # noqa: E402
@@ -85,19 +90,20 @@ def bench_decode(samples: list, n: int) -> dict:
 
 def make_loader(samples: list, workers: int, cache: str, batch: int, pin: bool, min_side: int = 0,
                 augment: str = "microscopy", colour_on: str = "workers", persistent: bool = True,
-                one_orientation: bool = False) -> DataLoader:
+                one_orientation: bool = False, repeat: int = 1) -> DataLoader:
     """A training loader as the trainer builds it, with persistent workers (``persistent``: as the trainer does)
     and, with ``one_orientation``, every non-square image turned to one orientation (``data.one_orientation``;
-    its coin is drawn once here, as the loader's keys carry no epoch)."""
+    its coin is drawn once here, as the loader's keys carry no epoch); an epoch reads every image ``repeat``
+    times, in ``repeat`` shuffled passes."""
     on_device = colour_on == "device"
     dataset = ImageDataset(samples, transform=build_transform(augment, True, colour=not on_device), cache=cache,
                            min_side=min_side, colour=colour_jitter(augment, True) if on_device else None,
                            cache_dir=tempfile.mkdtemp(prefix="finescope_bench_cache_") if cache == "disk" else "",
                            one_orientation=one_orientation and rotates_90(augment))
-    return DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, collate_fn=collate_padded,
+    sampler = RandomSampler(dataset, num_samples=repeat * len(dataset), generator=torch.Generator().manual_seed(0))
+    return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers, collate_fn=collate_padded,
                       pin_memory=pin, drop_last=False, persistent_workers=persistent and workers > 0,
-                      multiprocessing_context=worker_context(cache, workers),
-                      generator=torch.Generator().manual_seed(0))
+                      multiprocessing_context=worker_context(cache, workers))
 
 
 def colour_ms(batch, device: torch.device, reps: int = 5) -> float:
@@ -115,19 +121,24 @@ def colour_ms(batch, device: torch.device, reps: int = 5) -> float:
 
 def bench_loader(samples: list, workers: list[int], caches: list[str], batch: int, pin: bool,
                  augments: list[str], colour_ons: tuple[str, ...] = ("workers",),
-                 device: torch.device | None = None, persistents: tuple[bool, ...] = (True,)) -> list[dict]:
+                 device: torch.device | None = None, persistents: tuple[bool, ...] = (True,),
+                 orientations: tuple[bool, ...] = (False,), repeat: int = 1) -> list[dict]:
     """Images/s of the loader alone for each (workers, cache, augmentation, where the colour jitter runs,
-    persistent workers or not), epochs 1 and 2; with the jitter on the device, also its cost there per batch.
-    Without persistent workers each epoch starts its workers again (epoch 2 pays it too)."""
+    persistent workers or not, one orientation or not), epochs 1 and 2 of ``repeat`` passes over the images;
+    with the jitter on the device, also its cost there per batch. Without persistent workers each epoch starts
+    its workers again (epoch 2 pays it too)."""
     rows = []
-    for w, cache, augment, colour_on, persistent in ((w, c, a, o, p) for w in workers for c in caches
-                                                     for a in augments for o in colour_ons for p in persistents):
+    for w, cache, augment, colour_on, persistent, one in ((w, c, a, o, p, x) for w in workers for c in caches
+                                                          for a in augments for o in colour_ons for p in persistents
+                                                          for x in orientations):
         if colour_on == "device" and colour_jitter(augment, True) is None:
             continue  # nothing to move
         if not persistent and w == 0:
             continue  # no workers to keep
+        if one and not rotates_90(augment):
+            continue  # nothing to turn
         loader = make_loader(samples, w, cache, batch, pin, augment=augment, colour_on=colour_on,
-                             persistent=persistent)
+                             persistent=persistent, one_orientation=one, repeat=repeat)
         per_epoch = []
         for _ in range(2):
             start, n = time.perf_counter(), 0
@@ -135,11 +146,13 @@ def bench_loader(samples: list, workers: list[int], caches: list[str], batch: in
                 n += len(b)
             per_epoch.append(n / (time.perf_counter() - start))
         row = {"workers": w, "cache": cache, "augment": augment, "colour_on": colour_on, "persistent": persistent,
+               "one_orientation": one and rotates_90(augment), "repeat": repeat,
                "epoch1_images_per_s": per_epoch[0], "images_per_s": per_epoch[1], "loadavg": loadavg()}
         if colour_on == "device" and n:
             row["device_colour_ms_per_batch"] = colour_ms(b, device or torch.device("cpu"))
         rows.append(row)
-        print(f"loader workers={w} cache={cache} augment={augment} colour on {colour_on} persistent {persistent}: "
+        print(f"loader workers={w} cache={cache} augment={augment} colour on {colour_on} persistent {persistent} "
+              f"one orientation {row['one_orientation']}: "
               f"{per_epoch[0]:.1f} / {per_epoch[1]:.1f} img/s", flush=True)
         if cache == "disk":
             shutil.rmtree(loader.dataset.cache_dir, ignore_errors=True)
@@ -167,14 +180,17 @@ def bench_epoch(samples: list, args, device: torch.device) -> dict:
                              colour_on="device" if device.type == "cuda" else "workers")  # as data.colour_on: auto
         return model, opt, loader
 
-    model, opt, loader = setup(True)
-    batch = next(iter(loader))
-    train_one_epoch(model, [batch], opt, None, **run)  # warm-up (cuDNN autotuning, allocator)
-    model_times = []
-    for _ in range(args.model_reps):
-        sync(device)
-        model_times.append(train_one_epoch(model, [batch], opt, None, **run)["seconds"])
-    del model, opt, loader
+    model_images_per_s = {}
+    for setting in ("on", "off"):  # a mixed batch is padded to a square: more for the model to resize and read
+        model, opt, loader = setup(setting == "on")
+        batch = next(iter(loader))
+        train_one_epoch(model, [batch], opt, None, **run)  # warm-up (the shape's first step, allocator)
+        model_times = []
+        for _ in range(args.model_reps):
+            sync(device)
+            model_times.append(train_one_epoch(model, [batch], opt, None, **run)["seconds"])
+        model_images_per_s[setting] = len(batch) / statistics.median(model_times)
+        del model, opt, loader
     runs = []
     for rep in range(args.epoch_runs):
         for setting in args.one_orientation:
@@ -185,7 +201,7 @@ def bench_epoch(samples: list, args, device: torch.device) -> dict:
                          "epoch_images_per_s": [s["images"] / s["seconds"] for s in stats]})
             del model, opt, loader
     return {"workers": max(args.workers), "augment": args.epoch_augment, "runs": runs,
-            "model_images_per_s": len(batch) / statistics.median(model_times)}
+            "model_images_per_s": model_images_per_s}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -200,6 +216,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="where the colour jitter runs (data.colour_on); device = applied to the batch on --device")
     p.add_argument("--persistent", nargs="+", default=["on"], choices=("on", "off"),
                    help="persistent workers (the trainer's 'on'), or started again each epoch ('off')")
+    p.add_argument("--loader-one-orientation", nargs="+", default=["off"], choices=("on", "off"),
+                   help="data.one_orientation of the loader rows (default off, as in eager training)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="passes over the images in each loader epoch (a steady state needs several times the "
+                        "batches that the workers prefetch: 2 per worker)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--decode-n", type=int, default=20, help="files in the decode comparison")
     p.add_argument("--device", default="auto")
@@ -227,11 +248,12 @@ def report(result: dict) -> str:
              f"(min-max)): " + ", ".join(f"{k} {d[k]['median'] * 1e3:.2f} ({d[k]['min'] * 1e3:.2f}-"
                                          f"{d[k]['max'] * 1e3:.2f})" for k in ("torchvision", "pil", "npy")), ""]
     rows = [[r["workers"], r["cache"], r["augment"], r.get("colour_on", "workers"),
-             "yes" if r.get("persistent", True) else "no", f"{r['epoch1_images_per_s']:.1f}",
+             "yes" if r.get("persistent", True) else "no", "on" if r.get("one_orientation") else "off",
+             r.get("repeat", 1), f"{r['epoch1_images_per_s']:.1f}",
              f"{r['images_per_s']:.1f}", f"{r['device_colour_ms_per_batch']:.2f}" if "device_colour_ms_per_batch" in r
              else "-"] for r in result["loader"]]
-    lines.append(markdown_table(["workers", "cache", "augment", "colour on", "persistent workers", "epoch 1 images/s",
-                                 "epoch 2 images/s",
+    lines.append(markdown_table(["workers", "cache", "augment", "colour on", "persistent workers", "one orientation",
+                                 "passes per epoch", "epoch 1 images/s", "epoch 2 images/s",
                                  "colour on the device, ms/batch"], rows))
     if "epoch" in result:
         e = result["epoch"]
@@ -241,7 +263,8 @@ def report(result: dict) -> str:
         n = max(len(r["epoch_seconds"]) for r in e["runs"])
         lines += ["", f"fusion training epochs ({result['settings']['epoch_backbone']}, augment {e['augment']}, "
                   f"{e['workers']} workers, a fresh model and loader per run; the model alone on a loaded batch: "
-                  f"{e['model_images_per_s']:.1f} images/s)", "",
+                  + ", ".join(f"{v:.1f} images/s with one orientation {k}" for k, v in e["model_images_per_s"].items())
+                  + ")", "",
                   markdown_table(["one orientation", "run", "images", *(f"epoch {i + 1} s (images/s)"
                                                                          for i in range(n))], rows)]
         on = {r["run"]: r["epoch_seconds"][-1] for r in e["runs"] if r["one_orientation"] == "on"}
@@ -263,7 +286,8 @@ def main(argv: list[str] | None = None) -> dict:
     result["decode"] = bench_decode(samples, args.decode_n)
     result["loader"] = bench_loader(samples, args.workers, args.caches, args.batch, device.type == "cuda",
                                     args.augments, tuple(args.colour_on), device,
-                                    tuple(p == "on" for p in args.persistent))
+                                    tuple(p == "on" for p in args.persistent),
+                                    tuple(x == "on" for x in args.loader_one_orientation), args.repeat)
     if args.epoch_backbone:
         result["epoch"] = bench_epoch(samples, args, device)
         result["model_images_per_s"] = result["epoch"]["model_images_per_s"]

@@ -1,6 +1,6 @@
 """One-shot GPU check: device-vs-CPU agreement, the selection's CUDA graph against the selection op by op, host
-syncs per step, a short real training run, the benchmark table, the stage profile, the data path, the
-trainer's first epochs step by step, then the diagnostics (the table at batch 64, the compiled step, and, with
+syncs per step, a short real training run, the benchmark table, the stage profile, the data path, what a new
+batch shape costs a training step and why (``new_shape_cost.py``), then the diagnostics (the table at batch 64, the compiled step, and, with
 ``--train-compile MODE``, the training run again through ``train.compile``).
 Writes everything under OUT and prints a short table last; every stage has its own time limit, cut to the
 script's budget, so a slow host loses diagnostics first.
@@ -219,7 +219,7 @@ TRAIN_CONFIG = "src/finescope/configs/breakhis_binary.yaml"
 
 
 def train_sets(args, device: str, compile_mode: str = "off") -> list[str]:
-    """The config overrides of the training run (and of ``first_epoch.py``'s)."""
+    """The config overrides of the training run."""
     sets = [f"data.root={args.data}", f"train.device={device}", "data.cache=memory",
             f"data.num_workers={args.workers}", f"model.weights={args.weights}"
             if Path(args.weights).is_file() and not args.quick else "model.weights=",  # no tiny weights
@@ -255,15 +255,15 @@ def train_stage(out: Path, args, device: str, clock: Clock, compile_mode: str = 
 # data 24 s, profile 13 s, profile_compiled 35 s per batch size with its eager half left out, the eager training
 # run 34 s. At 246bc32, on a host that issued kernels up to 2x slower: agreement and syncs 23 s, the eager
 # training run 53 s (its first epoch 23 s), model about 275 s (mobilenet_v2 alone about 150 s, mostly the first
-# steps of each shape), data 32 s (since then it also times 8 training epochs of 296 images: with
-# data.one_orientation on and off, 2 runs each), batch64 70 s. The whole script's budget stays inside the 475 s that
-# gpu_check.sh allows; what it cuts on a slow host is the diagnostics at the end. profile_compiled writes its
-# JSON after each batch size, so a stage cut short still reports batch 16. The model stage also times fusion
-# with its selection op by op (210 s in all on the H100 at 3455b9d; measured there, so since replaced) and with
-# the graph's convergence flag read right after its replay, as before it was deferred, and with channels-last
-# input batches, as before only global-hires had them (about a sixth more each, hence 320 s). first_epoch: the trainer's first two
-# epochs step by step, about 30 s plus the process start (the first epoch took 23-26 s in the training run).
-STAGE_SECONDS = {"profile": 20, "model": 320, "batch64": 70, "compiled": 95, "data": 60, "first_epoch": 60}
+# steps of each shape), data 32 s, batch64 70 s. At b61e5c7 (H200): everything before the stages 105 s, model
+# 266 s with the ablations selection-sync-now and cl-input (both measured there and since dropped: about a
+# third of it), profile about 35 s alone (its 20 s limit cut it), data 49 s, first_epoch 32 s, batch64 67 s
+# alone. Since then: data reads 4 passes an epoch with fewer rows (about 65 s), and new_shape (about 60 s: two
+# models, five new shapes each) replaces first_epoch, which found the cost it now dissects. The whole script's
+# budget stays inside the 475 s that gpu_check.sh allows; what it cuts on a slow host is the diagnostics at the
+# end (batch64, compiled). profile_compiled writes its JSON after each batch size, so a stage cut short still
+# reports batch 16.
+STAGE_SECONDS = {"profile": 40, "model": 230, "batch64": 70, "compiled": 95, "data": 90, "new_shape": 90}
 BUDGET_SECONDS = 465
 
 
@@ -274,10 +274,10 @@ def stage_timeout(args, name: str, clock: Clock) -> int:
 
 
 def bench_stages(out: Path, args, device: str, clock: Clock) -> dict:
-    """The model benchmark table (batch 16; fusion also with its selection's flag read at once and with
-    channels-last input), the stage profile, the data path, the trainer's first two epochs step by step
-    (``first_epoch.py``), the table at batch 64 (BreakHis size) and the compiled step
-    (``profile_compiled.py``: torch.compile with CUDA graphs, fusion against its passes), in that order."""
+    """The model benchmark table (batch 16), the stage profile, the data path (4 passes an epoch; one
+    orientation off and on), the cost of new batch shapes (``new_shape_cost.py``), the table at batch 64
+    (BreakHis size) and the compiled step (``profile_compiled.py``: torch.compile with CUDA graphs, fusion
+    against its passes), in that order."""
     weights = [f"mobilenet_v2={args.weights}"] if Path(args.weights).is_file() else []
     if args.quick:
         common = ["--device", device, "--backbones", "tiny", "--sizes", "128x192", "--batch", "2", "--warmup", "1",
@@ -286,32 +286,36 @@ def bench_stages(out: Path, args, device: str, clock: Clock) -> dict:
         compiled = ["--backbone", "tiny", "--size", "128x192", "--batch", "2", "--warmup", "1", "--reps", "2"]
         data = ["--workers", "0", "--limit", "8", "--decode-n", "2", "--epoch-backbone", "tiny", "--global-size",
                 "64", "--local-size", "64", "--batch", "4", "--model-reps", "1", "--augments", "microscopy",
-                "--colour-on", "workers", "device", "--one-orientation", "on", "off"]
+                "--colour-on", "workers", "device", "--one-orientation", "on", "off", "--loader-one-orientation",
+                "off", "on", "--repeat", "2"]
+        new_shape = ["--runs", "tiny:off", "--size", "128x192", "--global-size", "64", "--local-size", "64"]
     else:
         stages = {
             "model": ["--device", device, "--batch", "16", "--batch-large", "4", "--warmup", "2", "--reps", "4",
-                      "--ablate", "selection-sync-now", "cl-input", *(["--weights", *weights] if weights else [])],
+                      *(["--weights", *weights] if weights else [])],
             "batch64": ["--device", device, "--sizes", "460x700", "--variants", "fusion", "--batch", "64",
                         "--warmup", "2", "--reps", "4", *(["--weights", *weights] if weights else [])],
         }
         compiled = ["--backbone", "resnet18", "--size", "460x700", "--batch", "16", "64"]
-        data = ["--workers", "4", "8", "15", "--limit", "296", "--epoch-backbone", "resnet18", "--device", device,
-                "--augments", "microscopy", "none", "--caches", "none", "memory", "--colour-on", "workers", "device",
-                "--one-orientation", "on", "off", "--epoch-runs", "2"]
+        data = ["--workers", "8", "15", "--limit", "296", "--epoch-backbone", "resnet18", "--device", device,
+                "--augments", "microscopy", "none", "--caches", "none", "memory", "--colour-on", "device",
+                "--loader-one-orientation", "off", "on", "--repeat", "4", "--one-orientation", "on", "off",
+                "--epoch-runs", "2"]
+        new_shape = []
     profile = (["--backbones", "tiny", "--size", "128x192", "--batch", "2", "--reps", "2"] if args.quick
                else ["--backbones", "resnet18", "--size", "460x700", "--batch", "16"])
     cmds = {name: ["benchmarks/bench_model.py", *extra, "--out", str(out / f"bench_{name}.json")]
             for name, extra in stages.items()}
     cmds["data"] = ["benchmarks/bench_data.py", "--data", args.data, *data, "--out", str(out / "bench_data.json")]
     cmds["profile"] = ["benchmarks/profile_step.py", "--device", device, *profile, "--out", str(out / "profile.json")]
-    cmds["first_epoch"] = ["benchmarks/first_epoch.py", "--config", TRAIN_CONFIG, "--epochs", "2",
-                           "--set", *train_sets(args, device), "--out", str(out / "first_epoch.json")]
+    cmds["new_shape"] = ["benchmarks/new_shape_cost.py", "--device", device, *new_shape,
+                         "--out", str(out / "new_shape.json")]
     cmds["compiled"] = ["benchmarks/profile_compiled.py", "--device", device, "--mode", "reduce-overhead", *compiled,
                         "--out", str(out / "profile_compiled.json")]
     # what the issue checks first (the benchmark table, the loader), the diagnostics after: a stage the budget
     # cuts is then a diagnostic
     results = {}
-    for name in (n for n in ("model", "profile", "data", "first_epoch", "batch64", "compiled") if n in cmds):
+    for name in (n for n in ("model", "profile", "data", "new_shape", "batch64", "compiled") if n in cmds):
         log = out / f"{Path(cmds[name][-1]).stem}.log"  # bench_model.log, bench_data.log, profile.log, ...
         rc, secs = run([sys.executable, *cmds[name]], log, stage_timeout(args, name, clock))
         results[name] = {"rc": rc, "seconds": secs}
@@ -367,30 +371,30 @@ def final_table(summary: dict, out: Path) -> str:
     data = out / "bench_data.json"
     if data.is_file():
         d = json.loads(data.read_text())
-        need = d.get("model_images_per_s", float("nan"))
-        for augment, on in sorted({(r["augment"], r.get("colour_on", "workers")) for r in d["loader"]}):
-            best = max((r for r in d["loader"] if r["augment"] == augment and r.get("colour_on", "workers") == on),
-                       key=lambda r: r["images_per_s"])
+        needs = d.get("model_images_per_s", {})  # by one orientation on/off: the batches the loader rows make
+        for augment, on, one in sorted({(r["augment"], r["colour_on"], r["one_orientation"]) for r in d["loader"]}):
+            best = max((r for r in d["loader"] if (r["augment"], r["colour_on"], r["one_orientation"]) ==
+                        (augment, on, one)), key=lambda r: r["images_per_s"])
+            need = needs.get("on" if one or augment == "none" else "off", float("nan"))
             where = f", colour on {on}" if colour_jitter(augment, True) is not None else ""
+            where += ", one orientation" if one else ""
             cost = (f", {best['device_colour_ms_per_batch']:.2f} ms/batch there" if "device_colour_ms_per_batch" in best
                     else "")
             rows.append([f"loader best, augment {augment}{where}", f"{best['images_per_s']:.0f} img/s = "
                          f"{best['images_per_s'] / need:.2f}x what fusion consumes ({need:.0f} img/s)",
-                         f"{best['workers']} workers, cache {best['cache']}{cost} (goal 1.5x)"])
+                         f"{best['workers']} workers, cache {best['cache']}, {best['repeat']} passes an epoch{cost} "
+                         "(goal 1.5x)"])
         for r in d.get("epoch", {}).get("runs", []):
             rows.append([f"fusion epochs through the loop, one orientation {r['one_orientation']}",
                          ", ".join(f"epoch {i + 1} {v:.0f} img/s" for i, v in enumerate(r["epoch_images_per_s"])),
                          f"{r['images']} images, augment {d['epoch']['augment']}, no cache"])
-    first = out / "first_epoch.json"
-    if first.is_file():
-        for e in json.loads(first.read_text())["epochs"]:
-            worst = e["slowest"][0] if e["slowest"] else None
-            new, known = (("-" if v is None else f"{v:.0f}") for v in (e["new_shape_step_ms"], e["known_shape_step_ms"]))
-            rows.append([f"trainer epoch {e['epoch'] + 1} step by step",
-                         f"{e['seconds']:.1f} s: steps {e['step_ms'] / 1e3:.1f} s, loader waits {e['wait_ms'] / 1e3:.1f} s "
-                         f"(first batch {e['first_wait_ms'] / 1e3:.1f} s); ms per step of a new shape {new} "
-                         f"({e['new_shapes']} shapes), of a known one {known}",
-                         "-" if worst is None else f"slowest step {worst['step']}: {worst['step_ms']:.0f} ms"])
+    shapes = out / "new_shape.json"
+    if shapes.is_file():
+        for r in json.loads(shapes.read_text())["runs"]:
+            top = r["top_host_ops"][0] if r["top_host_ops"] else None
+            rows.append([f"new batch shape, {r['backbone']} {r['amp']} (ms per training step)",
+                         ", ".join(f"{k} {v:.0f}" for k, v in r["steps_ms"].items()),
+                         "-" if top is None else f"most host time: {top['name'][:40]} {top['self_host_ms']:.0f} ms"])
     for key in ("train", "train_compiled"):
         t = summary.get(key, {})
         label = "train fusion on BreakHis copy" + ("" if t.get("compile", "off") == "off" else f", compile {t['compile']}")

@@ -123,6 +123,22 @@ def test_bench_data_compares_persistent_workers(tmp_path):
     assert "| persistent workers |" in out.with_suffix(".md").read_text()
 
 
+def test_bench_data_loader_reads_every_image_repeat_times_an_epoch(tmp_path):
+    """--repeat N: each loader epoch reads every image N times (N shuffled passes), so that many workers reach
+    a steady state; the rows say how many passes and which orientation setting they had."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_data
+
+    samples = bench_data.find_samples(str(fake_breakhis(tmp_path / "breakhis", per_class=2)), 0)
+    loader = bench_data.make_loader(samples, 0, "none", 3, False, augment="none", repeat=3)
+    seen = [int(i) for b in loader for i in b.indices]
+    assert sorted(seen) == sorted(list(range(len(samples))) * 3)
+    rows = bench_data.bench_loader(samples, [0], ["none"], 3, False, ["microscopy", "none"],
+                                   orientations=(False, True), repeat=2)
+    assert [(r["augment"], r["one_orientation"], r["repeat"]) for r in rows] == [
+        ("microscopy", False, 2), ("microscopy", True, 2), ("none", False, 2)]  # none turns nothing: no second row
+
+
 def test_bench_data_times_epochs_with_and_without_one_orientation(tmp_path):
     data = fake_breakhis(tmp_path / "breakhis", per_class=2)
     out = tmp_path / "e.json"
@@ -135,6 +151,7 @@ def test_bench_data_times_epochs_with_and_without_one_orientation(tmp_path):
     assert [(r["one_orientation"], r["run"]) for r in epoch["runs"]] == [("on", 0), ("off", 0), ("on", 1), ("off", 1)]
     assert all(len(r["epoch_seconds"]) == 2 and r["images"] == 4 for r in epoch["runs"])
     assert "last epoch, off / on (paired per run)" in out.with_suffix(".md").read_text()
+    assert set(json.loads(out.read_text())["model_images_per_s"]) == {"on", "off"}
 
 
 def test_view_cost_times_both_views(tmp_path):
@@ -208,11 +225,15 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     compiled = summary["train_compiled"]  # the same run through train.compile=reduce-overhead
     assert compiled["rc"] == 0 and compiled["compile"] == "reduce-overhead", (
         (out / "train_fusion_compiled.log").read_text()[-2000:])
-    assert set(summary["stages"]) == {"profile", "model", "compiled", "data", "first_epoch"}
+    assert set(summary["stages"]) == {"profile", "model", "compiled", "data", "new_shape"}
     assert all(s["rc"] == 0 for s in summary["stages"].values()), summary["stages"]
     assert "| check | result | note |" in proc.stdout  # the short table is printed last
     assert "compiled (reduce-overhead) tiny" in proc.stdout
-    assert "trainer epoch 2 step by step" in proc.stdout
+    assert "new batch shape, tiny off (ms per training step)" in proc.stdout
+    # the loader compared with the model on batches of its own orientation setting
+    assert "loader best, augment microscopy, colour on device, one orientation |" in proc.stdout
+    assert "loader best, augment microscopy, colour on device |" in proc.stdout
+    assert "2 passes an epoch" in proc.stdout
 
 
 def test_gpu_check_skips_stages_past_its_budget(tmp_path):

@@ -1,0 +1,156 @@
+"""What a batch shape the process has not met before costs a fusion training step, and why.
+
+On the H200 at b61e5c7 the trainer's first epoch took 20 s, of which 19.5 s were its two steps of a new shape
+(the first batch, and the last one of 4 images), against 59 ms for a step of a known shape
+(``benchmarks/results/gpu_h200_b61e5c7/first_epoch.json``). This times, per backbone and autocast precision,
+training steps of a fresh model as the trainer runs it (channels-last, fused AdamW, gradient clipping):
+
+1. the model's first step (batch ``--batch``; for the first run also the process's first), then the same
+   shape again;
+2. a new batch size as it comes;
+3. a new batch size with cuDNN switched off (``torch.backends.cudnn.enabled = False``): if this one is cheap,
+   the cost is cuDNN's per-shape set-up of its convolutions;
+4. a new batch size with the selection's CUDA graph off (``model.selection_graph = False``): if this one is
+   cheap, the cost is the graph's capture;
+5. a new batch size under ``torch.profiler`` (host activity only), whose operations with the most host time
+   are listed.
+
+    PYTHONPATH=src python benchmarks/new_shape_cost.py --device cuda --out /tmp/new_shape.json
+
+Each step is timed alone, the device synchronised before and after. On a CPU it runs too (no cuDNN there; the
+test suite runs it with the tiny backbone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import allocator_as_the_cli, environment, markdown_table, sync  # noqa: E402
+
+from finescope.config import ModelConfig  # noqa: E402
+from finescope.engine import autocast, compute_loss, make_grad_scaler  # noqa: E402
+from finescope.models import create_model  # noqa: E402
+from finescope.trainer import fused_adamw  # noqa: E402
+
+
+def train_step(model, opt, scaler, batch: int, size: tuple[int, int], device: torch.device, amp: str) -> float:
+    """Milliseconds of one training step on a fresh random batch of ``batch`` images of ``size``."""
+    images = torch.rand(batch, 3, *size, device=device)
+    sizes = torch.tensor([list(size)] * batch)
+    labels = torch.randint(0, 2, (batch,), device=device)
+    sync(device)
+    start = time.perf_counter()
+    with autocast(device, amp):
+        out = model(images, sizes)
+        loss = compute_loss(out, labels)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    scaler.step(opt)
+    scaler.update()
+    sync(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def top_host_ops(fn, n: int) -> list[dict]:
+    """Run ``fn`` under the profiler (host activity) and return the ``n`` operations with the most self host
+    time, with their call counts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:n]
+    return [{"name": e.key, "self_host_ms": e.self_cpu_time_total / 1e3, "calls": e.count} for e in events]
+
+
+def measure(backbone: str, amp: str, args, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    cfg = ModelConfig(variant="fusion", backbone=backbone, global_size=args.global_size, local_size=args.local_size)
+    model = create_model(cfg, 2).to(device).to(memory_format=torch.channels_last).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused_adamw(device.type))
+    scaler = make_grad_scaler(device, amp)
+    size, b = args.size, args.batch
+
+    def step(batch: int) -> float:
+        return train_step(model, opt, scaler, batch, size, device, amp)
+
+    steps = {"first step": step(b), "same shape again": step(b), "new batch size": step(b - 12)}
+    cudnn = torch.backends.cudnn.enabled
+    torch.backends.cudnn.enabled = False
+    try:
+        steps["new batch size, cuDNN off"] = step(b - 8)
+    finally:
+        torch.backends.cudnn.enabled = cudnn
+    model.selection_graph = False
+    steps["new batch size, selection graph off"] = step(b - 4)
+    model.selection_graph = True
+    timed: list[float] = []
+    ops = top_host_ops(lambda: timed.append(step(b - 10)), args.top)
+    steps["new batch size, profiled"] = timed[0]
+    steps["that size again"] = step(b - 10)
+    return {"backbone": backbone, "amp": amp, "steps_ms": steps, "top_host_ops": ops}
+
+
+def report(result: dict) -> str:
+    env = result["environment"]
+    lines = [f"device {env.get('gpu', env['cpu'])} ({env['device']}), torch {env['torch']}, commit {env['commit']}",
+             f"`{env['command']}`", ""]
+    names = list(result["runs"][0]["steps_ms"])
+    lines.append(markdown_table(["backbone", "autocast", *names],
+                                [[r["backbone"], r["amp"], *(f"{r['steps_ms'][k]:.0f}" for k in names)]
+                                 for r in result["runs"]]))
+    for r in result["runs"]:
+        lines += ["", f"{r['backbone']} {r['amp']}, the profiled new-shape step: operations with the most host time",
+                  "", markdown_table(["operation", "self host ms", "calls"],
+                                     [[o["name"], f"{o['self_host_ms']:.1f}", o["calls"]] for o in r["top_host_ops"]])]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--runs", nargs="+", default=["mobilenet_v2:fp16", "resnet18:bf16"],
+                   help="BACKBONE:AMP pairs (AMP as train.amp: fp16, bf16 or off), each a fresh model in turn")
+    p.add_argument("--size", type=lambda s: tuple(int(v) for v in s.split("x")), default=(460, 700),
+                   help="HxW of the images")
+    p.add_argument("--batch", type=int, default=16,
+                   help="the first batch size B; the new ones are B-12, B-8, B-4 and B-10 (B must be over 12)")
+    p.add_argument("--global-size", type=int, default=224)
+    p.add_argument("--local-size", type=int, default=224)
+    p.add_argument("--top", type=int, default=8, help="operations listed per profiled step")
+    p.add_argument("--out", help="JSON file for the results (a .md beside it)")
+    args = p.parse_args(argv)
+    if args.batch <= 12:
+        p.error("--batch must be over 12: the new batch sizes are B-12, B-8, B-4 and B-10")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    allocator_as_the_cli()
+    device = torch.device(args.device)
+    result = {"environment": environment(device), "settings": {k: v for k, v in vars(args).items()}, "runs": []}
+    for pair in args.runs:
+        backbone, amp = pair.split(":")
+        result["runs"].append(measure(backbone, amp, args, device))
+        print(f"{pair}: " + ", ".join(f"{k} {v:.0f} ms" for k, v in result["runs"][-1]["steps_ms"].items()), flush=True)
+    text = report(result)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1, default=str))
+        out.with_suffix(".md").write_text(text)
+    print(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()
