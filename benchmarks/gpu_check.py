@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -248,6 +249,8 @@ def train_stage(out: Path, args, device: str, clock: Clock, compile_mode: str = 
                       first_epoch_seconds=history[0]["train_seconds"],
                       **{k: metrics.get(k) for k in ("n_images", "image_accuracy", "balanced_accuracy", "auc",
                                                      "patient_recognition_rate")})
+    # the checkpoints (62 MB at b61e5c7) feed no table: without them OUT is small enough to copy back as one archive
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return result
 
 

@@ -222,6 +222,7 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert all(r["pass"] for r in summary["agreement"])
     assert summary["train"]["rc"] == 0, (out / "train_fusion.log").read_text()[-2000:]
+    assert (out / "train_fusion" / "metrics.json").is_file() and not (out / "train_fusion" / "checkpoints").exists()
     compiled = summary["train_compiled"]  # the same run through train.compile=reduce-overhead
     assert compiled["rc"] == 0 and compiled["compile"] == "reduce-overhead", (
         (out / "train_fusion_compiled.log").read_text()[-2000:])
