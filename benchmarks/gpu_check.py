@@ -112,15 +112,11 @@ def selection_graph_check(device: torch.device, reps: int = 50) -> dict:
     16 smooth and 16 noisy maps (7x11 cells, 5 seeds each, one graph replayed on all of them) and on a map whose
     one component winds (more labelling rounds than the graph runs: it must fall back). Boxes and masses must be
     identical, the graph captured, and smooth maps (a trained model's) never fall back; also the median
-    milliseconds of a call with and without the graph (smooth maps, interleaved), and of a replay of the graph
-    against one whose labelling gives every background cell one shared run id, as before (the same outputs)."""
+    milliseconds of a call with and without the graph (smooth maps, interleaved)."""
     if device.type != "cuda":
         return {}
-    from unittest import mock
+    from selection_cost import inputs, maps
 
-    from selection_cost import inputs, maps, shared_run_ids
-
-    from finescope.models import selection
     from finescope.models.selection import _GraphedSelect, select_boxes, select_boxes_deferred
 
     def compare(call_args) -> tuple[bool, bool]:  # (identical, fell back)
@@ -149,29 +145,13 @@ def selection_graph_check(device: torch.device, reps: int = 50) -> dict:
             select_boxes(*call_args, graph=name == "graph")
             torch.cuda.synchronize()
             times[name].append((time.perf_counter() - start) * 1e3)
-    options = (call_args[4], 0.5, 1 / 3, 4, 0.5, "max", True)
-    graphs = {}
-    for name, run_ids in (("own_ids", selection._run_ids), ("shared_ids", shared_run_ids)):
-        with mock.patch.object(selection, "_run_ids", run_ids):
-            graphs[name] = _GraphedSelect(call_args[:4], options)
-        times[name] = []
-    for _ in range(reps):
-        for name, graphed in graphs.items():
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            graphed.graph.replay()
-            torch.cuda.synchronize()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    ids_same = all(torch.equal(a, b) for a, b in zip(graphs["own_ids"].outputs, graphs["shared_ids"].outputs,
-                                                     strict=True))
     ms = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
     return {"identical": sum(same for same, _ in results), "batches": len(results),
             "fallbacks": sum(back for _, back in results), "winding_identical": winding[0],
             "winding_fell_back": winding[1], "graph_ms": ms["graph"], "eager_ms": ms["eager"],
-            "replay_ms": ms["own_ids"], "replay_ms_shared_ids": ms["shared_ids"], "ids_identical": ids_same,
             "captured": bool(captured),
             "pass": bool(captured) and all(same for same, _ in results) and not any(back for _, back in results[:5])
-            and winding == (True, True) and ids_same}
+            and winding == (True, True)}
 
 
 def _one_step(model, opt, images, sizes, labels, device, mode: str) -> None:
@@ -339,9 +319,6 @@ def final_table(summary: dict, out: Path) -> str:
                      f"({graph['fallbacks']} fell back), winding map identical {graph['winding_identical']} and fell "
                      f"back {graph['winding_fell_back']}; {graph['graph_ms']:.3f} against {graph['eager_ms']:.3f} ms "
                      "per call (16 maps)", "PASS" if graph["pass"] else "FAIL"])
-        rows.append(["selection graph replay: background run ids own / shared",
-                     f"{graph['replay_ms']:.3f} against {graph['replay_ms_shared_ids']:.3f} ms (16 maps)",
-                     "same outputs" if graph["ids_identical"] else "OUTPUTS DIFFER"])
     for mode, s in summary.get("syncs", {}).items():
         rows.append([f"host syncs / fusion {mode} step", s["syncs"], "; ".join(s["examples"])[:80]])
     for name, batch in (("bench_model.json", "stage model"), ("bench_batch64.json", "stage batch64")):

@@ -4,7 +4,6 @@ synchronised and host-only, and the profiler's device time per kernel family.
     TORCH_LOGS=perf_hints PYTHONPATH=src python benchmarks/profile_compiled.py --device cuda \
         --backbone resnet18 --size 460x700 --batch 16 64 --mode reduce-overhead --out OUT.json
     ... --batch 16 --labelling float int32     # the labelling's float atomics against int32 ones
-    ... --batch 16 --labelling float shared-ids  # against one id shared by every background cell (before)
 
 ``bench_model.py --ablate compile-ro`` gives the ratio; this says why. With ``TORCH_LOGS=perf_hints`` inductor
 logs why it skipped CUDA graphs, if it did; ``graph_launches`` counts the replays the profiler saw (0 means no
@@ -26,7 +25,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, markdown_table, median_ms, sync  # noqa: E402
-from selection_cost import shared_run_ids  # noqa: E402
 
 from finescope.config import ModelConfig  # noqa: E402
 from finescope.engine import autocast  # noqa: E402
@@ -59,10 +57,7 @@ def int32_components(binary: torch.Tensor, first_check: int = 4, rounds: int | N
     return labels.view(B, H, W).long()
 
 
-# name -> (component labelling, run ids) swapped into finescope.models.selection
-LABELLINGS = {"float": (selection._connected_components, selection._run_ids),
-              "int32": (int32_components, selection._run_ids),
-              "shared-ids": (selection._connected_components, shared_run_ids)}
+LABELLINGS = {"float": selection._connected_components, "int32": int32_components}
 
 
 def family(name: str) -> str:
@@ -169,9 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                         "larger batch)")
     p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode ('none' = eager)")
     p.add_argument("--labelling", nargs="+", default=["float"], choices=sorted(LABELLINGS),
-                   help="component labellings to profile one after the other: float (finescope's), int32 "
-                        "(int32_components, the same labels through integer atomics) or shared-ids (finescope's "
-                        "with one run id for every background cell, as before; selection_cost.shared_run_ids)")
+                   help="component labellings to profile one after the other: float (finescope's) or int32 "
+                        "(int32_components, the same labels through integer atomics)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", help="JSON file for the results, written after each batch size")
@@ -179,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     results = {"environment": environment(device), "args": vars(args), "runs": []}
     for labelling in args.labelling:
-        selection._connected_components, selection._run_ids = LABELLINGS[labelling]
+        selection._connected_components = LABELLINGS[labelling]
         try:
             for batch in args.batch:
                 torch.compiler.reset()  # each (labelling, batch) compiled afresh
@@ -189,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.out:  # after every run: a run cut short keeps what it measured
                     Path(args.out).write_text(json.dumps(results, indent=1))
         finally:
-            selection._connected_components, selection._run_ids = LABELLINGS["float"]
+            selection._connected_components = LABELLINGS["float"]
     return 0
 
 

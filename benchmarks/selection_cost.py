@@ -41,17 +41,6 @@ VIEWS = {"aten::unsqueeze", "aten::squeeze", "aten::slice", "aten::view", "aten:
          "aten::_unsafe_view", "aten::as_strided", "aten::permute", "aten::split", "aten::narrow", "aten::to"}
 
 
-def shared_run_ids(mask: torch.Tensor, dim: int) -> torch.Tensor:
-    """``selection._run_ids`` as it was before False cells got ids of their own: every False cell of the batch
-    shares id 0, so the labelling scatters about half the grid to one address. The same labels; for an A/B of
-    the scatters' cost on CUDA (``gpu_check.py``, ``profile_compiled.py --labelling shared-ids``)."""
-    m = mask.transpose(2, 3) if dim == 2 else mask
-    start = m.clone()
-    start[..., 1:] &= ~m[..., :-1]
-    ids = start.reshape(-1).cumsum(0).view(m.shape) * m
-    return (ids.transpose(2, 3) if dim == 2 else ids).contiguous()
-
-
 def maps(kind: str, batch: int, h: int, w: int, device: torch.device, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     if kind == "smooth":

@@ -45,29 +45,6 @@ def test_int32_labelling_of_the_ab_gives_finescope_labels():
                            _connected_components(grid, rounds=COMPILED_ROUNDS))
 
 
-def test_shared_background_run_ids_of_the_ab_give_finescope_labels():
-    """The run ids with one id shared by all background cells (finescope's before, the A/B of gpu_check.py and
-    profile_compiled.py --labelling shared-ids) label every grid as finescope's own ids do."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from unittest import mock
-
-    import torch
-    from selection_cost import shared_run_ids
-
-    from finescope.models import selection
-
-    g = torch.Generator().manual_seed(1)
-    for _ in range(30):
-        grid = torch.rand(3, 20, 28, generator=g) < torch.rand((), generator=g)
-        own = [selection._connected_components(grid), selection._connected_components(grid, rounds=3, report=True)]
-        with mock.patch.object(selection, "_run_ids", shared_run_ids):
-            shared = [selection._connected_components(grid),
-                      selection._connected_components(grid, rounds=3, report=True)]
-        assert not torch.equal(selection._run_ids(grid[:, None], 3), shared_run_ids(grid[:, None], 3)) or grid.all()
-        assert torch.equal(own[0], shared[0])
-        assert torch.equal(own[1][0], shared[1][0]) and bool(own[1][1]) == bool(shared[1][1])
-
-
 def test_first_epoch_times_the_trainers_steps(tmp_path):
     """first_epoch.py runs the trainer's epochs step by step: every training image once per epoch, a step
     record per batch, and shapes counted as new only the first time the process meets them."""

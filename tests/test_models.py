@@ -712,31 +712,6 @@ def test_connected_components_match_scipy_on_random_and_winding_grids():
     assert _connected_components(snake, rounds=3).unique().numel() > 2
 
 
-def test_run_ids_give_each_run_one_id_and_each_background_cell_its_own():
-    """The labelling's run ids along rows and columns: one id per run of True cells, a different id for every
-    False cell (so no scatter slot receives the whole background), all within the scatter's B*H*W + 1 slots."""
-    from finescope.models.selection import _run_ids
-
-    g = torch.Generator().manual_seed(5)
-    mask = torch.rand(3, 1, 9, 13, generator=g) < 0.6
-    for dim in (3, 2):
-        ids = _run_ids(mask, dim)
-        m = mask if dim == 3 else mask.transpose(2, 3)
-        lines = (ids if dim == 3 else ids.transpose(2, 3)).reshape(-1, m.shape[-1])
-        expected = []  # (line, start, end) of each run, and each False cell alone
-        for i, row in enumerate(m.reshape(-1, m.shape[-1]).tolist()):
-            j = 0
-            while j < len(row):
-                end = j + 1
-                while row[j] and end < len(row) and row[end]:
-                    end += 1
-                expected.append(lines[i, j:end])
-                j = end
-        assert all(len(set(run.tolist())) == 1 for run in expected)
-        assert len({int(run[0]) for run in expected}) == len(expected)  # no two runs or False cells share an id
-        assert 1 <= int(ids.min()) and int(ids.max()) <= mask.numel()  # slots 1..B*H*W of the B*H*W + 1
-
-
 def test_selection_without_padding_masks_matches_the_general_path():
     """``padded=False`` (every cell valid, the network's common case) skips the masks, not the result."""
     g = torch.Generator().manual_seed(3)

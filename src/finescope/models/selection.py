@@ -67,15 +67,11 @@ def _fill_padding(attn: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 def _run_ids(mask: torch.Tensor, dim: int) -> torch.Tensor:
     """Number every run of True along ``dim`` (3 = rows, 2 = columns) of a (B, 1, H, W) mask: a distinct id
-    >= 1 per run over the whole batch, and another for every False cell.
-
-    The labelling scatters each cell's label to its run's id. False cells get ids of their own, not one shared
-    id, so that no slot receives half the grid: on CUDA the scatter's atomics on one address run one after
-    another (with one shared id, each labelling scatter took about 23 us on an H100, ``profile_compiled.py``)."""
+    >= 1 per run over the whole batch, 0 on False."""
     m = mask.transpose(2, 3) if dim == 2 else mask
-    start = torch.ones_like(m)  # a cell starts an id unless it and the cell before it are both True
-    start[..., 1:] = ~(m[..., 1:] & m[..., :-1])
-    ids = start.reshape(-1).cumsum(0).view(m.shape)
+    start = m.clone()
+    start[..., 1:] &= ~m[..., :-1]
+    ids = start.reshape(-1).cumsum(0).view(m.shape) * m
     return (ids.transpose(2, 3) if dim == 2 else ids).contiguous()
 
 
