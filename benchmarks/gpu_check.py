@@ -1,9 +1,9 @@
 """One-shot GPU check: device-vs-CPU agreement, the selection's CUDA graph against the selection op by op, host
-syncs per step, a short real training run, the benchmark table, the stage profile, the data path, what a new
-batch shape costs a training step and why (``new_shape_cost.py``), then the diagnostics (the table at batch 64, the compiled step, and, with
-``--train-compile MODE``, the training run again through ``train.compile``).
-Writes everything under OUT and prints a short table last; every stage has its own time limit, cut to the
-script's budget, so a slow host loses diagnostics first.
+syncs per step, a short real training run, what a new batch shape costs a training step and why
+(``new_shape_cost.py``), the data path, the benchmark table, the stage profile, then the diagnostics (the table
+at batch 64, the compiled step, and, with ``--train-compile MODE``, the training run again through
+``train.compile``). Writes everything under OUT and prints a short table last; every stage has its own time
+limit, cut to the script's budget, so a slow host loses the later stages first.
 
     PYTHONPATH=src python3 benchmarks/gpu_check.py OUT [--device cuda] [--data .gpu/breakhis]
         [--weights .gpu/mobilenet_v2-b0353104.pth] [--quick]
@@ -241,12 +241,14 @@ def train_stage(out: Path, args, device: str, clock: Clock, compile_mode: str = 
 # steps of each shape), data 32 s, batch64 70 s. At b61e5c7 (H200): everything before the stages 105 s, model
 # 266 s with the ablations selection-sync-now and cl-input (both measured there and since dropped: about a
 # third of it), profile about 35 s alone (its 20 s limit cut it), data 49 s, first_epoch 32 s, batch64 67 s
-# alone. Since then: data reads 4 passes an epoch with fewer rows (about 65 s), and new_shape (about 60 s: two
-# models, five new shapes each) replaces first_epoch, which found the cost it now dissects. The whole script's
-# budget stays inside the 475 s that gpu_check.sh allows; what it cuts on a slow host is the diagnostics at the
-# end (batch64, compiled). profile_compiled writes its JSON after each batch size, so a stage cut short still
-# reports batch 16.
-STAGE_SECONDS = {"profile": 40, "model": 230, "batch64": 70, "compiled": 95, "data": 90, "new_shape": 90}
+# alone. Since then: data reads 4 passes an epoch with fewer rows (about 65 s), and new_shape (estimated 60-80 s:
+# two models, five new shapes each) replaces first_epoch, which found the cost it now dissects. They run first,
+# being what b61e5c7 left open; the model table, measured whole there, comes after them and is what the budget
+# cuts first (bench_model.py saves after every group, so a cut table keeps its first groups). The whole script's
+# budget stays inside the 475 s that gpu_check.sh allows. profile_compiled writes its JSON after each batch size,
+# so a stage cut short still reports batch 16.
+STAGE_SECONDS = {"profile": 40, "model": 260, "batch64": 70, "compiled": 95, "data": 90, "new_shape": 90}
+STAGE_ORDER = ("new_shape", "data", "model", "profile", "batch64", "compiled")
 BUDGET_SECONDS = 465
 
 
@@ -257,10 +259,10 @@ def stage_timeout(args, name: str, clock: Clock) -> int:
 
 
 def bench_stages(out: Path, args, device: str, clock: Clock) -> dict:
-    """The model benchmark table (batch 16), the stage profile, the data path (4 passes an epoch; one
-    orientation off and on), the cost of new batch shapes (``new_shape_cost.py``), the table at batch 64
-    (BreakHis size) and the compiled step (``profile_compiled.py``: torch.compile with CUDA graphs, fusion
-    against its passes), in that order."""
+    """The cost of new batch shapes (``new_shape_cost.py``), the data path (4 passes an epoch; one orientation
+    off and on), the model benchmark table (batch 16), the stage profile, the table at batch 64 (BreakHis size)
+    and the compiled step (``profile_compiled.py``: torch.compile with CUDA graphs, fusion against its passes),
+    in that order (``STAGE_ORDER``)."""
     weights = [f"mobilenet_v2={args.weights}"] if Path(args.weights).is_file() else []
     if args.quick:
         common = ["--device", device, "--backbones", "tiny", "--sizes", "128x192", "--batch", "2", "--warmup", "1",
@@ -295,10 +297,8 @@ def bench_stages(out: Path, args, device: str, clock: Clock) -> dict:
                          "--out", str(out / "new_shape.json")]
     cmds["compiled"] = ["benchmarks/profile_compiled.py", "--device", device, "--mode", "reduce-overhead", *compiled,
                         "--out", str(out / "profile_compiled.json")]
-    # what the issue checks first (the benchmark table, the loader), the diagnostics after: a stage the budget
-    # cuts is then a diagnostic
     results = {}
-    for name in (n for n in ("model", "profile", "data", "new_shape", "batch64", "compiled") if n in cmds):
+    for name in (n for n in STAGE_ORDER if n in cmds):
         log = out / f"{Path(cmds[name][-1]).stem}.log"  # bench_model.log, bench_data.log, profile.log, ...
         rc, secs = run([sys.executable, *cmds[name]], log, stage_timeout(args, name, clock))
         results[name] = {"rc": rc, "seconds": secs}
