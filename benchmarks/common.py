@@ -83,6 +83,7 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
+        env["cudnn"] = torch.backends.cudnn.version()  # e.g. 91002 for 9.10.2
     return env
 
 

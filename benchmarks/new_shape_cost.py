@@ -8,8 +8,10 @@ training steps of a fresh model as the trainer runs it (channels-last, fused Ada
 1. the model's first step (batch ``--batch``; for the first run also the process's first), then the same
    shape again;
 2. a new batch size as it comes;
-3. a new batch size with cuDNN switched off (``torch.backends.cudnn.enabled = False``): if this one is cheap,
-   the cost is cuDNN's per-shape set-up of its convolutions;
+3. a new batch size with cuDNN switched off (``torch.backends.cudnn.enabled = False``), then that size again:
+   if the first is cheap, the cost is cuDNN's per-shape set-up of its convolutions (a public report,
+   NVIDIA/cudnn-frontend#1066, has cuDNN 9.10 compile an execution plan at run time for depthwise
+   convolutions, about 1.5 s each new one), and the second says what a step pays without cuDNN;
 4. a new batch size with the selection's CUDA graph off (``model.selection_graph = False``): if this one is
    cheap, the cost is the graph's capture;
 5. a new batch size under ``torch.profiler`` (host activity only), whose operations with the most host time
@@ -87,6 +89,7 @@ def measure(backbone: str, amp: str, args, device: torch.device) -> dict:
     torch.backends.cudnn.enabled = False
     try:
         steps["new batch size, cuDNN off"] = step(b - 8)
+        steps["that size again, cuDNN off"] = step(b - 8)  # what a step pays without cuDNN once warm
     finally:
         torch.backends.cudnn.enabled = cudnn
     model.selection_graph = False
