@@ -10,8 +10,8 @@ training steps of a fresh model as the trainer runs it (channels-last, fused Ada
 2. a new batch size as it comes;
 3. a new batch size with cuDNN switched off (``torch.backends.cudnn.enabled = False``), then that size again:
    if the first is cheap, the cost is cuDNN's per-shape set-up of its convolutions (a public report,
-   NVIDIA/cudnn-frontend#1066, has cuDNN 9.10 compile an execution plan at run time for depthwise
-   convolutions, about 1.5 s each new one), and the second says what a step pays without cuDNN;
+   NVIDIA/cudnn-frontend#1066, has cuDNN 9.10 compile execution plans at run time for depthwise convolutions,
+   about 1.5 s more for one model's first inference there), and the second says what a step pays without cuDNN;
 4. a new batch size with the selection's CUDA graph off (``model.selection_graph = False``): if this one is
    cheap, the cost is the graph's capture;
 5. a new batch size under ``torch.profiler`` (host activity only), whose operations with the most host time
