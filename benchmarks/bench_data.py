@@ -146,7 +146,7 @@ def bench_loader(samples: list, workers: list[int], caches: list[str], batch: in
                 n += len(b)
             per_epoch.append(n / (time.perf_counter() - start))
         row = {"workers": w, "cache": cache, "augment": augment, "colour_on": colour_on, "persistent": persistent,
-               "one_orientation": one and rotates_90(augment), "repeat": repeat,
+               "one_orientation": one, "repeat": repeat,
                "epoch1_images_per_s": per_epoch[0], "images_per_s": per_epoch[1], "loadavg": loadavg()}
         if colour_on == "device" and n:
             row["device_colour_ms_per_batch"] = colour_ms(b, device or torch.device("cpu"))
