@@ -356,25 +356,29 @@ def test_a_cpu_forward_starts_no_thread():
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("padded", [False, True])
-def test_crop_align_rows_first_matches_roi_align(threads, padded, monkeypatch):
-    """Boxes with several sample rows per bin have their rows resized first (one embedding_bag) and are then cut
-    with one sample row per bin, the others as they are: the crops, back in the boxes' order, are roi_align's to
-    float rounding, for 1 to 5 sample rows per bin, boxes partly or wholly outside the image, boxes ending on its
-    last row, two images, and a source that is a slice of a padded batch."""
+@pytest.mark.parametrize("layout", ["contiguous", "padded", "channels_last"])
+def test_crop_align_separable_crops_match_roi_align(threads, layout, monkeypatch):
+    """Boxes that are not shifts are cut as two embedding_bag passes (one call for all of them): the crops, back
+    in the boxes' order, are roi_align's to float rounding, for 1 to 5 samples per bin, boxes partly or wholly
+    outside the image, boxes ending on its last row and column, boxes of no size or negative size (roi_align
+    reads nothing), two images, a source that is a slice of a padded batch and a channels-last one."""
     from torchvision.ops import roi_align
 
     import finescope.models.align as align
 
     calls = []
-    rows_first = align._rows_first
-    monkeypatch.setattr(align, "_rows_first", lambda *args: calls.append(rows_first(*args)) or calls[-1])
+    separable = align._separable_crops
+    monkeypatch.setattr(align, "_separable_crops", lambda src, r, *a: calls.append(r) or separable(src, r, *a))
     g = torch.Generator().manual_seed(1)
-    full = torch.rand(2, 3, 200 if padded else 160, 260 if padded else 230, generator=g)
+    full = torch.rand(2, 3, 200 if layout == "padded" else 160, 260 if layout == "padded" else 230, generator=g)
     source = full[:, :, :160, :230]
+    if layout == "channels_last":
+        source = source.contiguous(memory_format=torch.channels_last)
     rois = torch.tensor([[0, 0.0, 0.0, 230.0, 160.0], [1, 10.3, 20.7, 61.9, 70.2], [1, 100.5, 3.25, 229.0, 150.0],
                          [0, 0.0, 90.0, 40.0, 160.0], [0, 50.0, 50.0, 51.0, 52.0], [1, -20.0, -30.0, 250.0, 200.0],
-                         [0, -5.0, 100.0, 100.0, 171.0], [1, 3.0, -40.0, 60.0, -2.5], [0, 7.5, 60.0, 200.0, 124.0]])
+                         [0, -5.0, 100.0, 100.0, 171.0], [1, 3.0, -40.0, 60.0, -2.5], [0, 7.5, 60.0, 200.0, 124.0],
+                         [1, 20.5, 128.5, 52.5, 160.5], [0, 197.7, 127.5, 230.0, 159.5], [0, 50.0, 50.0, 40.0, 45.0],
+                         [1, 50.0, 50.0, 50.0, 50.0], [0, 229.9, 159.9, 300.0, 400.0], [0, 0.0, 0.0, 32.0, 32.0]])
     threads_before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
@@ -383,9 +387,9 @@ def test_crop_align_rows_first_matches_roi_align(threads, padded, monkeypatch):
         torch.set_num_threads(threads_before)
     one = roi_align(source.contiguous(), rois, output_size=(32, 32), spatial_scale=1.0, sampling_ratio=-1,
                     aligned=True)
-    assert len(calls) == 1 and calls[0][0].shape == (1, 3, 8 * 32, 230)  # all boxes but one went rows first
+    assert len(calls) == 1 and torch.equal(calls[0], rois[:-1])  # the last box is a shift
     torch.testing.assert_close(cut, one, rtol=0, atol=1e-5)
-    assert one[7].abs().max() == 0  # the box above the image reads nothing, as in roi_align
+    assert one[7].abs().max() == 0 and one[11].abs().max() == 0  # above the image, negative size: nothing read
 
 
 @pytest.mark.parametrize("padded", [False, True])
@@ -456,19 +460,6 @@ def test_smallest_boxes_are_read_at_one_sample_per_bin(size, monkeypatch):
     assert len(shifted) == 1 and len(shifted[0]) == int(smallest.sum())
     one = roi_align(source, snapped, output_size=(32, 32), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
     torch.testing.assert_close(crops, one, rtol=0, atol=1e-6)
-
-
-def test_crop_align_cuts_boxes_of_one_sample_row_directly(monkeypatch):
-    """With one sample row per bin in every box there is nothing to resize first: roi_align's crops."""
-    from torchvision.ops import roi_align
-
-    import finescope.models.align as align
-
-    monkeypatch.setattr(align, "_rows_first", None)  # not called
-    source = torch.rand(1, 3, 100, 120)
-    rois = torch.tensor([[0, 0.0, 0.0, 60.0, 32.0], [0, 10.0, 40.0, 110.0, 72.0]])
-    one = roi_align(source, rois, output_size=(32, 32), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-    torch.testing.assert_close(align.crop_align(source, rois, 32), one, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("sizes", [(1536, 672), (2048, 896), (700, 341), (460, 224), (100, 160), (1537, 671),

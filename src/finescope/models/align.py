@@ -1,28 +1,26 @@
-"""Cutting the crops: torchvision's ``roi_align``, on the CPU with faster ways for large and smallest boxes.
+"""Cutting the crops: torchvision's ``roi_align``, on the CPU as two ``embedding_bag`` passes per box.
 
 torchvision's CPU kernel of ``roi_align`` runs on one thread, box after box, and for an RGB source most of its
 time goes to the sampling positions and weights of each box, which only three channels then share: a box with a
-grid of gy x gx samples per bin costs about gy * gx times one with a single sample. A bin's average of gy x gx
-bilinear samples is separable, though: the mean over its gy sample rows of the source's rows (two source rows per
-sample, as the kernel weighs them), then the mean over gx columns. On the CPU, :func:`crop_align` resizes the
-rows first for the boxes where that saves at least two samples per bin: into one image of ``size`` rows per box
-(one ``embedding_bag`` over the source's rows, vectorised along the row and spread over torch's threads), which
-``roi_align`` then cuts with one sample row per bin, gx samples per bin instead of gy * gx. And a box whose
-bins are exactly one source pixel high and wide (one sample each, read inside the source) is the source shifted
-by the box's fractional offset: four slices blended with the kernel's own weights, 3-4x faster than the kernel
-(``benchmarks/results/cpu_crop_cost_at_6acd71a.md``). Such boxes are common:
-:meth:`~finescope.models.network.FineScopeNet.crop_scale` resizes the crop source so that the smallest box spans
-exactly ``local_size`` pixels, and :func:`snap_boxes` makes "exactly" hold in float32. The crops are the same to
-float rounding.
+grid of gy x gx samples per bin costs about gy * gx times one with a single sample. Its average of bilinear
+samples is separable, though: a sample at (y, x) weighs its four neighbours by the product of a weight along y
+and one along x, and a sample counts only when both y and x are inside [-1, size], so a bin's mean is the mean
+over its sample rows of the source's rows (two source rows per sample row), then over its sample columns. On the
+CPU, :func:`crop_align` cuts a box so (:func:`_separable_crops`): its rows with one ``embedding_bag`` over the
+source's rows, restricted to the columns the box reads, then, transposed, its columns with another. Both passes
+are vectorised and spread over torch's threads, and the crops are roi_align's to float rounding, with the
+kernel's sample positions and weights in its float32 arithmetic (:func:`_taps`). A box whose bins are exactly
+one source pixel high and wide (one sample each, read inside the source) is the source shifted by the box's
+fractional offset: four slices blended with the kernel's own weights (:func:`_unit_crops`), cheaper still. Such
+boxes are common: :meth:`~finescope.models.network.FineScopeNet.crop_scale` resizes the crop source so that the
+smallest box spans exactly ``local_size`` pixels, and :func:`snap_boxes` makes "exactly" hold in float32.
 
-From 22d08a5 to 985437b every box was also cut in horizontal strips, one per CPU thread, on a Python thread
-pool. The crops alone were 1.2-2x faster, but with GNU OpenMP a pool thread that enters a parallel region gets
-an OpenMP team of its own, and with more OpenMP threads than cores libgomp's workers sleep at their barriers
-instead of spinning: every later parallel operation of the process waited for wake-ups, a mobilenet_v2 pass
-1.5-2.1x longer (``benchmarks/openmp_cost.py``). With the pool kept to one OpenMP thread (00c3d9b) the strips
-still cut the crops alone up to 1.8x faster than one call, but inside mobilenet_v2 inference steps they took
-0.8-1.2x as long as without strips (``benchmarks/results/cpu_crop_cost_at_00c3d9b.md`` against
-``cpu_crop_cost_at_8566993.md``), so they were dropped: nothing here runs torch on a thread of its own.
+Before the separable crops (06c5fc8 to the commit before them) the rows of boxes with several sample rows per bin
+were resized first and then cut by ``roi_align`` with one sample row per bin, its columns on one thread, and the
+other boxes by ``roi_align`` alone; the separable crops took 0.2-0.5x their time (``benchmarks/RESULTS.md``).
+From 22d08a5 to 985437b every box was also cut in horizontal strips on a Python thread pool, which gave each pool
+thread an OpenMP team of its own and slowed every later parallel operation of the process
+(``benchmarks/openmp_cost.py``): nothing here runs torch on a thread of its own.
 
 On CUDA, for a source that needs a gradient and while ``torch.compile`` traces, it is one ``roi_align`` call.
 """
@@ -35,7 +33,7 @@ from torchvision.ops import roi_align
 
 from finescope.models.resize import row_table
 
-CPU_WAYS = True  # rows first and shifts on the CPU (benchmarks switch them off to time one roi_align call)
+CPU_WAYS = True  # the separable crops on the CPU (benchmarks switch them off to time one roi_align call)
 
 
 def _align(source: torch.Tensor, rois: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -100,41 +98,65 @@ def _unit_crops(source: torch.Tensor, rois: torch.Tensor, size: int, y_taps: tup
     return out
 
 
-def _rows_first(source: torch.Tensor, rois: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows of every box resized as ``roi_align`` samples them, (1, C, n * size, W) float32 with box r's
-    ``size`` rows at ``[r * size, (r + 1) * size)``, and the boxes on it (n, 5) with one sample row per bin.
-    For a float32 ``source`` and boxes of at least one sample row per bin.
+def _taps(lo: torch.Tensor, hi: torch.Tensor, size: int, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Along one axis, the source indices and weights that ``roi_align`` (aligned, adaptive sampling) reads for
+    boxes from ``lo`` to ``hi`` cut into ``size`` bins of an axis of ``limit`` pixels: (n, size, 2G) each, G the
+    most samples per bin of any box, bin i of box r being ``sum_t weight[r, i, t] * source[index[r, i, t]]``.
 
-    The sample rows and weights are the kernel's (``roi_align_kernel.cpp``, aligned, adaptive sampling): row
-    ``y = y1 - 0.5 + ph * bin + (iy + 0.5) * bin / gy``, none outside [-1, H], clamped at 0, read from two source
-    rows by distance (the last row alone), each sample weighed 1 / gy. Every output row is one bag of 2 * G
-    source rows, G the largest gy; a box with fewer sample rows has the rest weighed 0.
-    """
+    As the kernel (``roi_align_kernel.cpp``): g = ceil(side / size) samples per bin at ``lo - 0.5 + i * bin +
+    (j + 0.5) * bin / g``, in its float32 arithmetic; a sample outside [-1, limit] counts 0 (the kernel drops a
+    sample when either of its coordinates is outside, which is the product of the two axes' weights), is clamped
+    at 0, and reads its two neighbours by distance (the last index alone, whose two weights then sum to 1); each
+    weighs 1 / g (the kernel divides by gy * gx, the product again). Slots past a box's g weigh 0."""
+    start = lo - 0.5
+    side = (hi - 0.5) - start
+    bin_, grid = (side / size)[:, None, None], _grid(lo, hi, size)[:, None, None]
+    G = max(int(grid.max()), 1)
+    i = torch.arange(size, dtype=lo.dtype)[:, None]
+    j = torch.arange(G, dtype=lo.dtype)
+    count = grid.clamp(min=1)  # a box of no samples (a side <= 0) reads nothing, as in the kernel
+    pos = start[:, None, None] + i * bin_ + (j + 0.5) * bin_ / count  # (n, size, G)
+    keep = ((pos >= -1) & (pos <= limit) & (j < grid)).to(lo.dtype) / count
+    pos = pos.clamp(0, limit)  # what lies outside counts 0 anyway
+    low = pos.long().clamp(max=limit - 1)
+    frac = pos - low
+    index = torch.stack([low, (low + 1).clamp(max=limit - 1)], dim=-1).flatten(2)
+    weight = (torch.stack([1 - frac, frac], dim=-1) * keep[..., None]).flatten(2)
+    return index, weight
+
+
+def _separable_crops(source: torch.Tensor, rois: torch.Tensor, size: int) -> torch.Tensor:
+    """roi_align's crops of a float32 ``source`` as two ``embedding_bag`` passes per box: the box's rows (each
+    output row a weighted sum of source rows, over the columns the box reads, [x0, x1)), then, transposed, its
+    columns. The source is read in place (:func:`~finescope.models.resize.row_table`)."""
     B, C, H, W = source.shape
-    top = rois[:, 2] - 0.5
-    height = (rois[:, 4] - 0.5) - top
-    grid = torch.ceil(height / size)  # gy per box
-    G = int(grid.max())
-    bin_h, grid, top = (height / size)[:, None, None], grid[:, None, None], top[:, None, None]
-    ph = torch.arange(size, dtype=source.dtype)[:, None]  # (size, 1)
-    iy = torch.arange(G, dtype=source.dtype)
-    y = top + ph * bin_h + (iy + 0.5) * bin_h / grid  # (n, size, G)
-    keep = ((y >= -1) & (y <= H) & (iy < grid)).to(source.dtype) / grid  # outside [-1, H]: reads 0, counts
-    y = y.clamp(min=0)
-    low = y.long().clamp(max=H - 1)
-    frac = y - low  # past the last row both reads are the last row, whose weights then sum to 1
-    rows = torch.stack([low, (low + 1).clamp(max=H - 1)], dim=-1)  # (n, size, G, 2)
-    weight = (torch.stack([1 - frac, frac], dim=-1) * keep[..., None]).reshape(1, -1, 2 * G)
-    table, starts = row_table(source)
-    plane = starts.view(B, C)[rois[:, 0].long()].t()  # (C, n): the table row where each box's channel starts
-    bags = (plane[:, :, None, None, None] + rows).reshape(-1, 2 * G)  # (C * n * size, 2G), channel-major
-    with torch.autocast("cpu", enabled=False):
-        out = F.embedding_bag(bags, table, mode="sum",
-                              per_sample_weights=weight.expand(C, -1, -1).reshape(-1, 2 * G))
     n = rois.shape[0]
-    out = out.view(1, C, n * size, table.shape[1])[..., :W].contiguous()
-    at = torch.arange(n, dtype=rois.dtype) * size  # where each box's rows start in ``out``
-    return out, torch.stack([torch.zeros_like(at), rois[:, 1], at, rois[:, 3], at + size], dim=1)
+    y_index, y_weight = _taps(rois[:, 2], rois[:, 4], size, H)
+    x_index, x_weight = _taps(rois[:, 1], rois[:, 3], size, W)
+    reads = x_weight != 0
+    x0 = torch.where(reads, x_index, W).amin(dim=(1, 2)).clamp(max=W - 1)  # the columns box r reads: [x0, x1)
+    x1 = torch.maximum(torch.where(reads, x_index, -1).amax(dim=(1, 2)) + 1, x0 + 1)
+    width = x1 - x0
+    table, starts = row_table(source)
+    planes = starts.view(B, C)[rois[:, 0].long()]  # (n, C): the table row where each box's channel starts
+    first = planes.amin(dim=1)  # box r reads table rows [first, last) only: its image's
+    last = (planes.amax(dim=1) + H).tolist()
+    channel = torch.arange(C)[None, :, None, None]
+    row_bags = (planes - first[:, None])[:, :, None, None] + y_index[:, None]  # (n, C, size, 2Gy)
+    col_bags = channel * width[:, None, None, None] + torch.minimum((x_index - x0[:, None, None]).clamp(min=0),
+                                                                    (width - 1)[:, None, None])[:, None]
+    y_weight, x_weight = (w.repeat(1, C, 1) for w in (y_weight, x_weight))  # (n, C * size, 2G)
+    out = source.new_empty(n, C, size, size)
+    with torch.autocast("cpu", enabled=False):
+        for r, (f, e, a, b, w) in enumerate(zip(first.tolist(), last, x0.tolist(), x1.tolist(), width.tolist(),
+                                                strict=True)):
+            rows = F.embedding_bag(row_bags[r].view(C * size, -1), table[f:e, a:b], mode="sum",
+                                   per_sample_weights=y_weight[r])  # (C * size, w): the crop's rows
+            columns = rows.view(C, size, w).transpose(1, 2).reshape(C * w, size)  # one row per source column
+            cut = F.embedding_bag(col_bags[r].view(C * size, -1), columns, mode="sum",
+                                  per_sample_weights=x_weight[r])  # (C * size, size): row j is the crop's column j
+            out[r] = cut.view(C, size, size).transpose(1, 2)
+    return out
 
 
 def crop_align(source: torch.Tensor, rois: torch.Tensor, size: int) -> torch.Tensor:
@@ -146,9 +168,9 @@ def crop_align(source: torch.Tensor, rois: torch.Tensor, size: int) -> torch.Ten
         size: the side of each crop.
 
     On the CPU, for a float32 source that needs no gradient: boxes whose bins are one source pixel are cut as
-    shifts (:func:`_unit_crops`), the rows of boxes with gy x gx samples per bin, (gy - 1) * gx >= 2, are resized
-    first (:func:`_rows_first`), the others cut by ``roi_align``; the crops match one ``roi_align`` call to float
-    rounding, in the boxes' order. Elsewhere, and in a graph ``torch.compile`` traces, it is one call.
+    shifts (:func:`_unit_crops`), the others as two ``embedding_bag`` passes (:func:`_separable_crops`); the
+    crops are roi_align's to float rounding, in the boxes' order. Elsewhere, and in a graph ``torch.compile``
+    traces, it is one call.
     """
     if (not CPU_WAYS or torch.compiler.is_compiling() or source.device.type != "cpu" or source.requires_grad
             or source.dtype != torch.float32 or rois.shape[0] == 0):
@@ -157,18 +179,11 @@ def crop_align(source: torch.Tensor, rois: torch.Tensor, size: int) -> torch.Ten
     *y_taps, unit_y = _unit_taps(rois[:, 2], rois[:, 4], size, H)
     *x_taps, unit_x = _unit_taps(rois[:, 1], rois[:, 3], size, W)
     unit = unit_y & unit_x
-    # boxes whose rows first save at least two samples per bin: gy * gx samples become gx
-    many = ~unit & ((_grid(rois[:, 2], rois[:, 4], size) - 1) * _grid(rois[:, 1], rois[:, 3], size) >= 2)
-    ways = (
-        (unit, lambda m: _unit_crops(source, rois[m], size, [t[m] for t in y_taps], [t[m] for t in x_taps])),
-        (many, lambda m: _align(*_rows_first(source, rois[m], size), (size, size))),
-        (~unit & ~many, lambda m: _align(source, rois[m], (size, size))),
-    )
-    for mask, cut in ways:
-        if bool(mask.all()):
-            return cut(mask)
+    if bool(unit.all()):
+        return _unit_crops(source, rois, size, y_taps, x_taps)
+    if not bool(unit.any()):
+        return _separable_crops(source, rois, size)
     out = source.new_empty(rois.shape[0], source.shape[1], size, size)
-    for mask, cut in ways:
-        if bool(mask.any()):
-            out[mask] = cut(mask)
+    out[unit] = _unit_crops(source, rois[unit], size, [t[unit] for t in y_taps], [t[unit] for t in x_taps])
+    out[~unit] = _separable_crops(source, rois[~unit], size)
     return out

@@ -350,9 +350,9 @@ class FineScopeNet(nn.Module):
                sources: Sources | None = None) -> torch.Tensor:
         """Cut (B, K, 4) boxes (full-resolution pixels) -> (B*K, 3, L, L) crops in [0, 1].
 
-        One roi_align per distinct image size (:func:`~finescope.models.align.crop_align`: on the CPU the rows
-        of large boxes resized first), on its crop source (:meth:`_crop_sources`, made here unless given), with the
-        boxes scaled to it; sides within half a pixel of L made exactly L
+        One roi_align per distinct image size (:func:`~finescope.models.align.crop_align`: on the CPU as two
+        embedding_bag passes per box, or a shift), on its crop source (:meth:`_crop_sources`, made here unless
+        given), with the boxes scaled to it; sides within half a pixel of L made exactly L
         (:func:`~finescope.models.align.snap_boxes`).
         """
         B, K, _ = boxes.shape
