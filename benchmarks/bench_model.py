@@ -26,8 +26,8 @@ Cases:
         trainer made it for every variant before it did so for ``global-hires`` only (``cl-input``; the same on
         the CPU); with its view and crop source
         resized by ATen's ``F.interpolate`` instead of ``finescope.models.resize.resize_aa`` (``aten-resize``; the
-        same on CUDA); with its crops cut by one roi_align call, no box's rows resized first and no box cut as a
-        shift in ``finescope.models.align.crop_align`` (``one-call-crops``; the same on CUDA).
+        same on CUDA); with its crops cut by one roi_align call, not as two embedding_bag passes per box or as
+        shifts in ``finescope.models.align.crop_align`` (``one-call-crops``; the same on CUDA).
 
 Ratios (paired per repetition, then median and spread), and below them which groups meet the goals:
     overhead = fusion / passes (goal <= 1.15 on CUDA, <= 1.25 on CPU),

@@ -1,5 +1,5 @@
-"""Cost of cutting the crops alone: one torchvision roi_align call against ``crop_align`` (on the CPU the rows of
-boxes with several sample rows per bin resized first), on the crop sources a fusion step cuts them from.
+"""Cost of cutting the crops alone: one torchvision roi_align call against ``crop_align`` (on the CPU two
+``embedding_bag`` passes per box, or a shift), on the crop sources a fusion step cuts them from.
 
     PYTHONPATH=src python benchmarks/crop_cost.py [--device cpu] [--reps 10] [--out FILE.json]
 
