@@ -26,7 +26,6 @@ test suite runs it with the tiny backbone).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import allocator_as_the_cli, environment, markdown_table, sync  # noqa: E402
+from common import allocator_as_the_cli, environment, markdown_table, save_report, sync  # noqa: E402
 
 from finescope.config import ModelConfig  # noqa: E402
 from finescope.engine import autocast, compute_loss, make_grad_scaler  # noqa: E402
@@ -145,13 +144,9 @@ def main(argv: list[str] | None = None) -> dict:
         backbone, amp = pair.split(":")
         result["runs"].append(measure(backbone, amp, args, device))
         print(f"{pair}: " + ", ".join(f"{k} {v:.0f} ms" for k, v in result["runs"][-1]["steps_ms"].items()), flush=True)
-    text = report(result)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1, default=str))
-        out.with_suffix(".md").write_text(text)
-    print(text)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    save_report(args.out, result, report(result))
     return result
 
 
