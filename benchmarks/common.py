@@ -87,6 +87,16 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def run_child(script: str, args: list[str], env: dict[str, str] | None = None) -> dict:
+    """Run ``script`` with ``args`` in a fresh Python process (this checkout's ``src`` first on PYTHONPATH,
+    ``env`` added to the environment) and return the JSON object its output ends with."""
+    path = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
+    full = {**os.environ, **(env or {}), "PYTHONPATH": path}
+    out = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=full, capture_output=True, text=True,
+                         check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def sync(device: torch.device) -> None:
     """Wait for the device (CUDA kernels are asynchronous)."""
     if device.type == "cuda":

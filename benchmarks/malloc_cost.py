@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from common import ROOT, allocator_as_the_cli, environment, loadavg, markdown_table  # noqa: E402
+from common import allocator_as_the_cli, environment, loadavg, markdown_table, run_child  # noqa: E402
 
 from finescope.runtime import ENV  # noqa: E402
 
@@ -74,12 +72,9 @@ def main(argv: list[str] | None = None) -> dict:
         runs: dict[str, list[dict]] = {name: [] for name in SETTINGS}
         for _ in range(args.rounds):
             for name, value in SETTINGS.items():
-                cmd = [sys.executable, __file__, "--child", case, "--steps", str(args.steps),
-                       *(["--weights", *args.weights] if args.weights else [])]
-                env = {**os.environ, ENV: value, "PYTHONPATH": os.pathsep.join(filter(None, [
-                    str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
-                out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
-                runs[name].append(json.loads(out.strip().splitlines()[-1]))
+                runs[name].append(run_child(__file__, ["--child", case, "--steps", str(args.steps),
+                                                       *(["--weights", *args.weights] if args.weights else [])],
+                                            {ENV: value}))
         ratios = [d["ms"] / f["ms"] for d, f in zip(runs["default"], runs["finescope"], strict=True)]
         result["cases"].append({"case": case, "runs": runs, "default_over_finescope": {
             "median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}})

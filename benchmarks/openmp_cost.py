@@ -24,7 +24,6 @@ import ctypes
 import json
 import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -33,12 +32,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from common import (  # noqa: E402
-    ROOT,
     allocator_as_the_cli,
     environment,
     loadavg,
     markdown_table,
     report_header,
+    run_child,
     save_report,
 )
 
@@ -123,16 +122,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(run_case(backbone, case, args.reps, weights.get(backbone, ""))))
         return {}
     result = {"environment": environment(torch.device("cpu")), "settings": vars(args), "groups": []}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"),
-                                                                      os.environ.get("PYTHONPATH")]))}
     for backbone in args.backbones:
         runs: dict[str, list[dict]] = {case: [] for case in CASES}
         for _ in range(args.rounds):
             for case in CASES:
-                cmd = [sys.executable, __file__, "--child", f"{backbone}:{case}", "--reps", str(args.reps),
-                       *(["--weights", *args.weights] if args.weights else [])]
-                out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
-                runs[case].append(json.loads(out.strip().splitlines()[-1]))
+                runs[case].append(run_child(__file__, ["--child", f"{backbone}:{case}", "--reps", str(args.reps),
+                                                       *(["--weights", *args.weights] if args.weights else [])]))
         result["groups"].append({"backbone": backbone, "runs": runs})
     result["environment"]["loadavg_end"] = loadavg()
     rows = []
