@@ -159,6 +159,22 @@ def test_crop_cost_compares_crop_align_with_one_call(tmp_path):
     assert rows[1]["largest_grid"] > 1
     assert "| one call ms | crop_align ms | one call / crop_align |" in out.with_suffix(".md").read_text()
 
+    # the cross-commit table: the same run as "old", and as "new" with crop_align twice as slow
+    cmp = tmp_path / "cmp"
+    cmp.mkdir()
+    report = json.loads(out.read_text())
+    (cmp / "round1_old.json").write_text(json.dumps(report))
+    for row in report["rows"]:
+        row["crop_align_ms"]["median"] *= 2
+    (cmp / "round1_new.json").write_text(json.dumps(report))
+    compare = [sys.executable, "benchmarks/crop_cost_compare.py", str(cmp)]
+    done = subprocess.run(compare + ["old", "new"], cwd=ROOT, check=True, capture_output=True, text=True)
+    table = (cmp / "summary.md").read_text()
+    assert done.stdout.strip() == table.strip()
+    assert table.count("| 0.50-0.50 |") == 2 and "| old / new |" in table
+    missing = subprocess.run(compare + ["nope", "new"], cwd=ROOT, capture_output=True, text=True)
+    assert missing.returncode != 0 and "no round*_nope.json" in missing.stderr and "Traceback" not in missing.stderr
+
 
 def test_box_grid_counts_one_sample_bins_before_and_after_the_snap(tmp_path):
     out = tmp_path / "g.json"
