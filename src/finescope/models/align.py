@@ -7,12 +7,12 @@ samples is separable, though: a sample at (y, x) weighs its four neighbours by t
 and one along x, and a sample counts only when both y and x are inside [-1, size], so a bin's mean is the mean
 over its sample rows of the source's rows (two source rows per sample row), then over its sample columns. On the
 CPU, :func:`crop_align` cuts a box so (:func:`_separable_crops`): its rows with one ``embedding_bag`` over the
-source's rows, restricted to the columns the box reads, then, transposed, its columns with another. Both passes
-are vectorised and spread over torch's threads, and the crops are roi_align's to float rounding, with the
-kernel's sample positions and weights in its float32 arithmetic (:func:`_taps`). A box whose bins are exactly
-one source pixel high and wide (one sample each, read inside the source) is the source shifted by the box's
-fractional offset: four slices blended with the kernel's own weights (:func:`_unit_crops`), cheaper still. Such
-boxes are common: :meth:`~finescope.models.network.FineScopeNet.crop_scale` resizes the crop source so that the
+rows and columns of the source the box reads (a contiguous copy of them), then, transposed, its columns with
+another. Both passes are vectorised and spread over torch's threads, and the crops are roi_align's to float
+rounding, with the kernel's sample positions and weights in its float32 arithmetic (:func:`_taps`). A box whose
+bins are exactly one source pixel high and wide (one sample each, read inside the source) is the source shifted
+by the box's fractional offset: four slices blended with the kernel's own weights (:func:`_unit_crops`), cheaper
+still. Such boxes are common: :meth:`~finescope.models.network.FineScopeNet.crop_scale` resizes the crop source so that the
 smallest box spans exactly ``local_size`` pixels, and :func:`snap_boxes` makes "exactly" hold in float32.
 
 Before the separable crops (06c5fc8 to the commit before them) the rows of boxes with several sample rows per bin
@@ -20,7 +20,9 @@ were resized first and then cut by ``roi_align`` with one sample row per bin, it
 other boxes by ``roi_align`` alone; the separable crops took 0.2-0.5x their time (``benchmarks/RESULTS.md``).
 From 22d08a5 to 985437b every box was also cut in horizontal strips on a Python thread pool, which gave each pool
 thread an OpenMP team of its own and slowed every later parallel operation of the process
-(``benchmarks/openmp_cost.py``): nothing here runs torch on a thread of its own.
+(``benchmarks/openmp_cost.py``): nothing here runs torch on a thread of its own. Until 0b38b09 the row pass
+read the source in place, restricted to the box's columns: ``embedding_bag`` over such a column slice of a wider
+table is several times slower than over a contiguous one, more than the copy costs.
 
 On CUDA, for a source that needs a gradient and while ``torch.compile`` traces, it is one ``roi_align`` call.
 """
@@ -30,8 +32,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
-
-from finescope.models.resize import row_table
 
 CPU_WAYS = True  # the separable crops on the CPU (benchmarks switch them off to time one roi_align call)
 
@@ -127,36 +127,43 @@ def _taps(lo: torch.Tensor, hi: torch.Tensor, size: int, limit: int) -> tuple[to
 
 def _separable_crops(source: torch.Tensor, rois: torch.Tensor, size: int) -> torch.Tensor:
     """roi_align's crops of a float32 ``source`` as two ``embedding_bag`` passes per box: the box's rows (each
-    output row a weighted sum of source rows, over the columns the box reads, [x0, x1)), then, transposed, its
-    columns. The source is read in place (:func:`~finescope.models.resize.row_table`)."""
-    B, C, H, W = source.shape
+    output row a weighted sum of source rows), then, transposed, its columns. Each pass reads a contiguous table:
+    the rows and columns the box reads, [y0, y1) x [x0, x1), copied out of the source first (``embedding_bag``
+    over a column slice of a wider table is several times slower than the copy and the pass together)."""
+    _, C, H, W = source.shape
     n = rois.shape[0]
     y_index, y_weight = _taps(rois[:, 2], rois[:, 4], size, H)
     x_index, x_weight = _taps(rois[:, 1], rois[:, 3], size, W)
-    reads = x_weight != 0
-    x0 = torch.where(reads, x_index, W).amin(dim=(1, 2)).clamp(max=W - 1)  # the columns box r reads: [x0, x1)
-    x1 = torch.maximum(torch.where(reads, x_index, -1).amax(dim=(1, 2)) + 1, x0 + 1)
-    width = x1 - x0
-    table, starts = row_table(source)
-    planes = starts.view(B, C)[rois[:, 0].long()]  # (n, C): the table row where each box's channel starts
-    first = planes.amin(dim=1)  # box r reads table rows [first, last) only: its image's
-    last = (planes.amax(dim=1) + H).tolist()
+    (y0, y1), (x0, x1) = _span(y_index, y_weight, H), _span(x_index, x_weight, W)
     channel = torch.arange(C)[None, :, None, None]
-    row_bags = (planes - first[:, None])[:, :, None, None] + y_index[:, None]  # (n, C, size, 2Gy)
-    col_bags = channel * width[:, None, None, None] + torch.minimum((x_index - x0[:, None, None]).clamp(min=0),
-                                                                    (width - 1)[:, None, None])[:, None]
+
+    def bags(index: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """(n, C, size, T): the rows of a box's (C * extent, ...) table that its taps read, extent = hi - lo."""
+        inside = torch.minimum((index - lo[:, None, None]).clamp(min=0), (hi - lo - 1)[:, None, None])
+        return channel * (hi - lo)[:, None, None, None] + inside[:, None]
+
+    row_bags, col_bags = bags(y_index, y0, y1), bags(x_index, x0, x1)
     y_weight, x_weight = (w.repeat(1, C, 1) for w in (y_weight, x_weight))  # (n, C * size, 2G)
     out = source.new_empty(n, C, size, size)
     with torch.autocast("cpu", enabled=False):
-        for r, (f, e, a, b, w) in enumerate(zip(first.tolist(), last, x0.tolist(), x1.tolist(), width.tolist(),
-                                                strict=True)):
-            rows = F.embedding_bag(row_bags[r].view(C * size, -1), table[f:e, a:b], mode="sum",
+        for r, (b, t, e, a, z) in enumerate(zip(rois[:, 0].long().tolist(), y0.tolist(), y1.tolist(), x0.tolist(),
+                                                x1.tolist(), strict=True)):
+            block = source[b, :, t:e, a:z].reshape(C * (e - t), z - a)  # contiguous: copied unless it is
+            rows = F.embedding_bag(row_bags[r].view(C * size, -1), block, mode="sum",
                                    per_sample_weights=y_weight[r])  # (C * size, w): the crop's rows
-            columns = rows.view(C, size, w).transpose(1, 2).reshape(C * w, size)  # one row per source column
+            columns = rows.view(C, size, z - a).transpose(1, 2).reshape(C * (z - a), size)  # a row per column
             cut = F.embedding_bag(col_bags[r].view(C * size, -1), columns, mode="sum",
                                   per_sample_weights=x_weight[r])  # (C * size, size): row j is the crop's column j
             out[r] = cut.view(C, size, size).transpose(1, 2)
     return out
+
+
+def _span(index: torch.Tensor, weight: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The indices [lo, hi) of an axis of ``limit`` pixels that (n, size, T) taps (:func:`_taps`) read with a
+    non-zero weight, per box (n,): at least one index, inside the axis."""
+    reads = weight != 0
+    lo = torch.where(reads, index, limit).amin(dim=(1, 2)).clamp(max=limit - 1)
+    return lo, torch.maximum(torch.where(reads, index, -1).amax(dim=(1, 2)) + 1, lo + 1)
 
 
 def crop_align(source: torch.Tensor, rois: torch.Tensor, size: int) -> torch.Tensor:
