@@ -222,7 +222,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="passes over the images in each loader epoch (a steady state needs several times the "
                         "batches that the workers prefetch: 2 per worker)")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--decode-n", type=int, default=20, help="files in the decode comparison")
+    p.add_argument("--decode-n", type=int, default=20, help="files in the decode comparison (0 = skip it)")
     p.add_argument("--device", default="auto")
     p.add_argument("--epoch-backbone", default="", help="also time fusion epochs with this backbone ('' = skip)")
     p.add_argument("--epoch-augment", default="microscopy", choices=("none", "geometric", "microscopy", "strong"),
@@ -240,13 +240,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def report(result: dict) -> str:
-    env, d = result["environment"], result["decode"]
+    env = result["environment"]
     lines = [f"device {env.get('gpu', env['cpu'])}, {env['cpu_count']} CPUs, torch {env['torch']}, torchvision "
              f"{env['torchvision']}, commit {env['commit']}, load {env['loadavg_start']} -> {env['loadavg_end']}",
-             f"`{env['command']}`", "",
-             f"decode ({d['format']} {d['size_wh'][0]}x{d['size_wh'][1]}, {d['n']} files, ms/image median "
-             f"(min-max)): " + ", ".join(f"{k} {d[k]['median'] * 1e3:.2f} ({d[k]['min'] * 1e3:.2f}-"
-                                         f"{d[k]['max'] * 1e3:.2f})" for k in ("torchvision", "pil", "npy")), ""]
+             f"`{env['command']}`", ""]
+    if "decode" in result:
+        d = result["decode"]
+        lines += [f"decode ({d['format']} {d['size_wh'][0]}x{d['size_wh'][1]}, {d['n']} files, ms/image median "
+                  f"(min-max)): " + ", ".join(f"{k} {d[k]['median'] * 1e3:.2f} ({d[k]['min'] * 1e3:.2f}-"
+                                              f"{d[k]['max'] * 1e3:.2f})" for k in ("torchvision", "pil", "npy")),
+                  ""]
     rows = [[r["workers"], r["cache"], r["augment"], r.get("colour_on", "workers"),
              "yes" if r.get("persistent", True) else "no", "on" if r.get("one_orientation") else "off",
              r.get("repeat", 1), f"{r['epoch1_images_per_s']:.1f}",
@@ -283,7 +286,8 @@ def main(argv: list[str] | None = None) -> dict:
                           ("cpu" if args.device == "auto" else args.device))
     result: dict = {"environment": environment(device), "settings": vars(args)}
     samples = find_samples(args.data, args.limit)
-    result["decode"] = bench_decode(samples, args.decode_n)
+    if args.decode_n > 0:
+        result["decode"] = bench_decode(samples, args.decode_n)
     result["loader"] = bench_loader(samples, args.workers, args.caches, args.batch, device.type == "cuda",
                                     args.augments, tuple(args.colour_on), device,
                                     tuple(p == "on" for p in args.persistent),

@@ -98,6 +98,7 @@ def test_bench_data_compares_persistent_workers(tmp_path):
     assert [(r["workers"], r["persistent"]) for r in rows] == [(0, True), (1, True), (1, False)]
     assert all(r["images_per_s"] > 0 for r in rows)
     assert "| persistent workers |" in out.with_suffix(".md").read_text()
+    assert "decode (JPEG 192x128, 2 files" in out.with_suffix(".md").read_text()
 
 
 def test_bench_data_loader_reads_every_image_repeat_times_an_epoch(tmp_path):
@@ -119,7 +120,7 @@ def test_bench_data_loader_reads_every_image_repeat_times_an_epoch(tmp_path):
 def test_bench_data_times_epochs_with_and_without_one_orientation(tmp_path):
     data = fake_breakhis(tmp_path / "breakhis", per_class=2)
     out = tmp_path / "e.json"
-    cmd = [sys.executable, "benchmarks/bench_data.py", "--data", str(data), "--limit", "4", "--decode-n", "1",
+    cmd = [sys.executable, "benchmarks/bench_data.py", "--data", str(data), "--limit", "4", "--decode-n", "0",
            "--workers", "0", "--caches", "none", "--batch", "2", "--epoch-backbone", "tiny", "--global-size", "32",
            "--local-size", "32", "--model-reps", "1", "--one-orientation", "on", "off", "--epoch-runs", "2",
            "--out", str(out)]
@@ -129,6 +130,7 @@ def test_bench_data_times_epochs_with_and_without_one_orientation(tmp_path):
     assert all(len(r["epoch_seconds"]) == 2 and r["images"] == 4 for r in epoch["runs"])
     assert "last epoch, off / on (paired per run)" in out.with_suffix(".md").read_text()
     assert set(json.loads(out.read_text())["model_images_per_s"]) == {"on", "off"}
+    assert "decode" not in json.loads(out.read_text()) and "decode (" not in out.with_suffix(".md").read_text()
 
 
 def test_view_cost_times_both_views(tmp_path):
