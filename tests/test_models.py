@@ -361,7 +361,8 @@ def test_crop_align_separable_crops_match_roi_align(threads, layout, monkeypatch
     """Boxes that are not shifts are cut as two embedding_bag passes (one call for all of them): the crops, back
     in the boxes' order, are roi_align's to float rounding, for 1 to 5 samples per bin, boxes partly or wholly
     outside the image, boxes ending on its last row and column, boxes of no size or negative size (roi_align
-    reads nothing), two images, a source that is a slice of a padded batch and a channels-last one."""
+    reads nothing), boxes reading the whole width, more than half of it (whole rows, in place) and less (a
+    copy), two images, a source that is a slice of a padded batch and a channels-last one."""
     from torchvision.ops import roi_align
 
     import finescope.models.align as align

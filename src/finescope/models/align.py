@@ -7,8 +7,8 @@ samples is separable, though: a sample at (y, x) weighs its four neighbours by t
 and one along x, and a sample counts only when both y and x are inside [-1, size], so a bin's mean is the mean
 over its sample rows of the source's rows (two source rows per sample row), then over its sample columns. On the
 CPU, :func:`crop_align` cuts a box so (:func:`_separable_crops`): its rows with one ``embedding_bag`` over the
-rows and columns of the source the box reads (a contiguous copy of them), then, transposed, its columns with
-another. Both passes are vectorised and spread over torch's threads, and the crops are roi_align's to float
+rows and columns of the source the box reads (a contiguous copy of them, or for a box that reads more than
+half of the width, its image's whole rows in place), then, transposed, its columns with another. Both passes are vectorised and spread over torch's threads, and the crops are roi_align's to float
 rounding, with the kernel's sample positions and weights in its float32 arithmetic (:func:`_taps`). A box whose
 bins are exactly one source pixel high and wide (one sample each, read inside the source) is the source shifted
 by the box's fractional offset: four slices blended with the kernel's own weights (:func:`_unit_crops`), cheaper
@@ -22,7 +22,10 @@ From 22d08a5 to 985437b every box was also cut in horizontal strips on a Python 
 thread an OpenMP team of its own and slowed every later parallel operation of the process
 (``benchmarks/openmp_cost.py``): nothing here runs torch on a thread of its own. Until 0b38b09 the row pass
 read the source in place, restricted to the box's columns: ``embedding_bag`` over such a column slice of a wider
-table is several times slower than over a contiguous one, more than the copy costs.
+table is several times slower than over a contiguous one, more than the copy costs. Until 3e2aa54 a call with
+both shifts and other boxes also copied each kind's crops into its output by a boolean index (now every crop is
+written where it belongs), and boxes reading more than ``NARROW`` of the width were copied out too (now they
+read their image's whole rows).
 
 On CUDA, for a source that needs a gradient and while ``torch.compile`` traces, it is one ``roi_align`` call.
 """
@@ -33,7 +36,10 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
+from finescope.models.resize import row_table
+
 CPU_WAYS = True  # the separable crops on the CPU (benchmarks switch them off to time one roi_align call)
+NARROW = 0.5  # a separable box reading at most this fraction of the source's width is copied out (_separable_crops)
 
 
 def _align(source: torch.Tensor, rois: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -83,19 +89,17 @@ def _unit_taps(lo: torch.Tensor, hi: torch.Tensor, size: int, limit: int) -> tup
 
 
 def _unit_crops(source: torch.Tensor, rois: torch.Tensor, size: int, y_taps: tuple[torch.Tensor, ...],
-                x_taps: tuple[torch.Tensor, ...]) -> torch.Tensor:
+                x_taps: tuple[torch.Tensor, ...], out: torch.Tensor, slots: list[int]) -> None:
     """The crops of unit boxes (``y_taps``, ``x_taps``: :func:`_unit_taps`'s first three results on each axis,
-    for these boxes): each the source shifted by the box's fractional offset, ``lerp`` of four slices with the
-    kernel's weights."""
-    out = source.new_empty(rois.shape[0], source.shape[1], size, size)
+    for these boxes) into ``out[slots]``: each the source shifted by the box's fractional offset, ``lerp`` of
+    four slices with the kernel's weights."""
     (ys, wy, dys), (xs, wx, dxs) = y_taps, x_taps
-    for r, (b, y, dy, x, dx) in enumerate(zip(rois[:, 0].long().tolist(), ys.tolist(), dys.tolist(), xs.tolist(),
-                                              dxs.tolist(), strict=True)):
+    for r, (slot, b, y, dy, x, dx) in enumerate(zip(slots, rois[:, 0].long().tolist(), ys.tolist(), dys.tolist(),
+                                                    xs.tolist(), dxs.tolist(), strict=True)):
         upper, lower = source[b, :, y:y + size], source[b, :, y + dy:y + dy + size]  # rows first + i, + i + dy
         top = torch.lerp(upper[..., x:x + size], upper[..., x + dx:x + dx + size], wx[r])
         bottom = torch.lerp(lower[..., x:x + size], lower[..., x + dx:x + dx + size], wx[r])
-        torch.lerp(top, bottom, wy[r][:, None], out=out[r])
-    return out
+        torch.lerp(top, bottom, wy[r][:, None], out=out[slot])
 
 
 def _taps(lo: torch.Tensor, hi: torch.Tensor, size: int, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,16 +129,20 @@ def _taps(lo: torch.Tensor, hi: torch.Tensor, size: int, limit: int) -> tuple[to
     return index, weight
 
 
-def _separable_crops(source: torch.Tensor, rois: torch.Tensor, size: int) -> torch.Tensor:
-    """roi_align's crops of a float32 ``source`` as two ``embedding_bag`` passes per box: the box's rows (each
-    output row a weighted sum of source rows), then, transposed, its columns. Each pass reads a contiguous table:
-    the rows and columns the box reads, [y0, y1) x [x0, x1), copied out of the source first (``embedding_bag``
-    over a column slice of a wider table is several times slower than the copy and the pass together)."""
+def _separable_crops(source: torch.Tensor, rois: torch.Tensor, size: int, out: torch.Tensor,
+                     slots: list[int]) -> None:
+    """roi_align's crops of a float32 ``source`` into ``out[slots]`` as two ``embedding_bag`` passes per box: the
+    box's rows (each output row a weighted sum of source rows), then, transposed, its columns.
+
+    The row pass reads a contiguous table, as ``embedding_bag`` over a column slice of a wider table is several
+    times slower: for a box that reads at most ``NARROW`` of the source's width, a copy of the rows and columns
+    it reads; for a wider one, the whole rows of its image, in place (the copy would cost more than the columns
+    it saves)."""
     _, C, H, W = source.shape
-    n = rois.shape[0]
     y_index, y_weight = _taps(rois[:, 2], rois[:, 4], size, H)
     x_index, x_weight = _taps(rois[:, 1], rois[:, 3], size, W)
     (y0, y1), (x0, x1) = _span(y_index, y_weight, H), _span(x_index, x_weight, W)
+    wide = ((x1 - x0) > NARROW * W) & ((x1 - x0) < W)  # a box reading whole rows has a contiguous block already
     channel = torch.arange(C)[None, :, None, None]
 
     def bags(index: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -143,19 +151,29 @@ def _separable_crops(source: torch.Tensor, rois: torch.Tensor, size: int) -> tor
         return channel * (hi - lo)[:, None, None, None] + inside[:, None]
 
     row_bags, col_bags = bags(y_index, y0, y1), bags(x_index, x0, x1)
+    if bool(wide.any()):  # the rows of every image in place, as one table (a copy where they are not so laid out)
+        B = source.shape[0]
+        table, starts = row_table(source)
+        planes = starts.view(B, C)[rois[:, 0].long()]  # (n, C): the table row where each box's channel starts
+        first = planes.amin(dim=1)  # box r reads table rows [first, last) only: its image's
+        last = planes.amax(dim=1) + H
+        row_bags = torch.where(wide[:, None, None, None], (planes - first[:, None])[:, :, None, None]
+                               + y_index[:, None], row_bags)
+        y0, y1 = torch.where(wide, first, y0), torch.where(wide, last, y1)
     y_weight, x_weight = (w.repeat(1, C, 1) for w in (y_weight, x_weight))  # (n, C * size, 2G)
-    out = source.new_empty(n, C, size, size)
     with torch.autocast("cpu", enabled=False):
-        for r, (b, t, e, a, z) in enumerate(zip(rois[:, 0].long().tolist(), y0.tolist(), y1.tolist(), x0.tolist(),
-                                                x1.tolist(), strict=True)):
-            block = source[b, :, t:e, a:z].reshape(C * (e - t), z - a)  # contiguous: copied unless it is
+        for r, (slot, b, t, e, a, z, full) in enumerate(zip(slots, rois[:, 0].long().tolist(), y0.tolist(),
+                                                             y1.tolist(), x0.tolist(), x1.tolist(), wide.tolist(),
+                                                             strict=True)):
+            # a wide box: table rows [t, e), whole; else the box's rows and columns (copied unless contiguous)
+            block = table[t:e] if full else source[b, :, t:e, a:z].reshape(C * (e - t), z - a)
             rows = F.embedding_bag(row_bags[r].view(C * size, -1), block, mode="sum",
-                                   per_sample_weights=y_weight[r])  # (C * size, w): the crop's rows
-            columns = rows.view(C, size, z - a).transpose(1, 2).reshape(C * (z - a), size)  # a row per column
+                                   per_sample_weights=y_weight[r])  # (C * size, w or more): the crop's rows
+            rows = rows.view(C, size, -1)[..., a:z] if full else rows.view(C, size, z - a)
+            columns = rows.transpose(1, 2).reshape(C * (z - a), size)  # a row per column
             cut = F.embedding_bag(col_bags[r].view(C * size, -1), columns, mode="sum",
                                   per_sample_weights=x_weight[r])  # (C * size, size): row j is the crop's column j
-            out[r] = cut.view(C, size, size).transpose(1, 2)
-    return out
+            out[slot] = cut.view(C, size, size).transpose(1, 2)
 
 
 def _span(index: torch.Tensor, weight: torch.Tensor, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,12 +203,12 @@ def crop_align(source: torch.Tensor, rois: torch.Tensor, size: int) -> torch.Ten
     H, W = source.shape[-2:]
     *y_taps, unit_y = _unit_taps(rois[:, 2], rois[:, 4], size, H)
     *x_taps, unit_x = _unit_taps(rois[:, 1], rois[:, 3], size, W)
-    unit = unit_y & unit_x
-    if bool(unit.all()):
-        return _unit_crops(source, rois, size, y_taps, x_taps)
-    if not bool(unit.any()):
-        return _separable_crops(source, rois, size)
+    unit = (unit_y & unit_x).tolist()
     out = source.new_empty(rois.shape[0], source.shape[1], size, size)
-    out[unit] = _unit_crops(source, rois[unit], size, [t[unit] for t in y_taps], [t[unit] for t in x_taps])
-    out[~unit] = _separable_crops(source, rois[~unit], size)
+    shifts, others = [i for i, u in enumerate(unit) if u], [i for i, u in enumerate(unit) if not u]
+    if shifts:
+        pick = torch.tensor(shifts) if others else slice(None)
+        _unit_crops(source, rois[pick], size, [t[pick] for t in y_taps], [t[pick] for t in x_taps], out, shifts)
+    if others:
+        _separable_crops(source, rois[torch.tensor(others)] if shifts else rois, size, out, others)
     return out
