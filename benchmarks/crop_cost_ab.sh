@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # crop_cost.py at two commits, each in a process of its own, alternated over ROUNDS rounds (default 2), then
 # crop_cost_compare.py's table (OUT_DIR/summary.md). From the repository root, with NEW checked out and .venv
-# built; OLD is checked out in a temporary git worktree, removed at the end. Options after ROUNDS go to
+# built (or $PYTHON set); OLD is checked out in a temporary git worktree, removed at the end. Options after ROUNDS go to
 # crop_cost.py (default: --reps 15 --in-step mobilenet_v2 with ../shared's weights).
 #   bash benchmarks/crop_cost_ab.sh OLD NEW OUT_DIR [ROUNDS] [crop_cost.py options ...]
 set -euo pipefail
@@ -17,17 +17,18 @@ if [ "$(git rev-parse --short=7 HEAD)" != "${new:0:7}" ]; then
     exit 2
 fi
 here=$(pwd)
-py="$here/.venv/bin/python"
+py=${PYTHON:-$here/.venv/bin/python}  # $PYTHON overrides the repository's environment
 if [ $# -eq 0 ]; then
     weights=$(realpath ../shared/weights/mobilenet_v2-b0353104.pth)
     set -- --reps 15 --in-step mobilenet_v2 --weights "$weights"
 fi
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
 wt=$(mktemp -d)/old
 git worktree add -q "$wt" "$old"
 trap 'git worktree remove --force "$wt"' EXIT
-mkdir -p "$out"
 for round in $(seq 1 "$rounds"); do
-    (cd "$wt" && PYTHONPATH=src "$py" benchmarks/crop_cost.py "$@" --out "$here/$out/round${round}_${old}.json" > /dev/null)
+    (cd "$wt" && PYTHONPATH=src "$py" benchmarks/crop_cost.py "$@" --out "$out/round${round}_${old}.json" > /dev/null)
     PYTHONPATH=src "$py" benchmarks/crop_cost.py "$@" --out "$out/round${round}_${new}.json" > /dev/null
 done
 "$py" benchmarks/crop_cost_compare.py "$out" "$old" "$new"

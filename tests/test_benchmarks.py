@@ -178,6 +178,33 @@ def test_crop_cost_compares_crop_align_with_one_call(tmp_path):
     assert missing.returncode != 0 and "no round*_nope.json" in missing.stderr and "Traceback" not in missing.stderr
 
 
+def test_crop_cost_ab_runs_two_commits_in_their_own_processes(tmp_path):
+    """crop_cost_ab.sh: OLD in a temporary worktree and NEW (the checkout) alternated, then the table; here both
+    are HEAD, so the one file per round is read twice. NEW other than the checkout is refused in one line."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    out = tmp_path / "ab"
+
+    def worktrees() -> list[str]:
+        return subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True).stdout.split("\n")
+
+    before = worktrees()
+    cmd = ["bash", "benchmarks/crop_cost_ab.sh", head, head, str(out), "1", "--cases", "240x320:1", "--boxes",
+           "smallest", "--reps", "1"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": "src", "PYTHON": sys.executable})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / f"round1_{head}.json").exists() and "| 1.00-1.00 |" in (out / "summary.md").read_text()
+    assert worktrees() == before  # the temporary one is gone
+    wrong = subprocess.run(["bash", "benchmarks/crop_cost_ab.sh", head, "0000000", str(out)], cwd=ROOT,
+                           capture_output=True, text=True)
+    assert wrong.returncode == 2 and "must be the checked-out commit" in wrong.stderr
+    usage = subprocess.run(["bash", "benchmarks/crop_cost_ab.sh"], cwd=ROOT, capture_output=True, text=True)
+    assert usage.returncode == 2 and usage.stderr.startswith("usage:")
+
+
 def test_box_grid_counts_one_sample_bins_before_and_after_the_snap(tmp_path):
     out = tmp_path / "g.json"
     cmd = [sys.executable, "benchmarks/box_grid.py", "--sizes", "1040x1388", "460x700", "--boxes", "50",
