@@ -10,15 +10,23 @@ source (the image resized for the crops, when its short side is over 3x the crop
 attention pool and global head, box selection (on CUDA replayed as its CUDA graph, and op by op), the crops
 (roi_align + normalise), the crop backbone pass. ``host_ms`` is the time the Python thread needs
 to issue a whole step (no synchronisation at its end); when it is close to the synchronised ``step_ms`` the
-step is bound by kernel launches, not by the GPU.
+step is bound by kernel launches, not by the GPU. ``in the step`` times the same stages where the model calls them,
+inside whole inference steps (its own methods wrapped with a timer, a sync at each boundary on CUDA; the crops
+there without their normalisation, and the attention and head not separated, so they fall in ``rest``): a stage
+timed alone repeats on inputs and memory it has just used, and can cost less than in a step.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import json
+import statistics
 import sys
+import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -27,7 +35,7 @@ from common import allocator_as_the_cli, environment, markdown_table, median_ms,
 
 from finescope.config import ModelConfig  # noqa: E402
 from finescope.engine import autocast, compute_loss  # noqa: E402
-from finescope.models import create_model  # noqa: E402
+from finescope.models import create_model, network  # noqa: E402
 from finescope.models.selection import select_boxes  # noqa: E402
 from finescope.trainer import fused_adamw  # noqa: E402
 
@@ -84,6 +92,8 @@ def profile_backbone(backbone: str, size: tuple[int, int], batch: int, device: t
         rows = {name: {"device_ms": median_ms(fn, device, reps), "host_ms": median_ms(fn, device, reps, False)}
                 for name, fn in stages.items()}
         passes = rows["global backbone"]["device_ms"] + rows["crop backbone"]["device_ms"]
+        for name, ms in in_step_stages(model, images, sizes, device, reps).items():
+            rows.setdefault(name, {})["in_step_ms"] = ms
 
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused_adamw(device.type))
@@ -117,6 +127,55 @@ def profile_backbone(backbone: str, size: tuple[int, int], batch: int, device: t
             "profile_table": table}
 
 
+def in_step_stages(model, images: torch.Tensor, sizes: torch.Tensor, device: torch.device, reps: int) -> dict:
+    """Median ms of each stage where the model runs it, over ``reps`` whole inference steps (its methods wrapped
+    with a timer; a sync at each boundary on CUDA), the steps themselves with the timers, and ``rest``: the step
+    less its timed stages (the attention pool, the heads, the normalisation of the crops, Python)."""
+    times: dict[str, list[float]] = collections.defaultdict(list)
+    reader = model.crop_backbone if model.crop_backbone is not None else model.backbone
+    calls = [0]
+
+    def timer(name, fn):
+        def wrapped(*a, **k):
+            if name is None:  # the shared backbone: its first call in a step reads the view, the second the crops
+                label = "global backbone" if calls[0] % 2 == 0 or reader is not model.backbone else "crop backbone"
+                calls[0] += 1
+            else:
+                label = name
+            sync(device)
+            start = time.perf_counter()
+            out = fn(*a, **k)
+            sync(device)
+            times[label].append((time.perf_counter() - start) * 1e3)
+            return out
+
+        return wrapped
+
+    patches = [mock.patch.object(model, "_crop_sources", timer("crop source", model._crop_sources)),
+               mock.patch.object(model, "_global_view", timer("global view", model._global_view)),
+               mock.patch.object(model.backbone, "forward", timer(None, model.backbone.forward)),
+               mock.patch.object(network, "select_boxes_deferred",
+                                 timer("select boxes", network.select_boxes_deferred)),
+               mock.patch.object(model, "_crops", timer("crops", model._crops))]
+    if reader is not model.backbone:
+        patches.append(mock.patch.object(reader, "forward", timer("crop backbone", reader.forward)))
+    with torch.no_grad(), autocast(device, True), contextlib.ExitStack() as stack:
+        for patch in patches:
+            stack.enter_context(patch)
+        model(images, sizes)  # warm-up, not counted
+        times.clear()
+        calls[0] = 0
+        for _ in range(reps):
+            sync(device)
+            start = time.perf_counter()
+            model(images, sizes)
+            sync(device)
+            times["whole inference step"].append((time.perf_counter() - start) * 1e3)
+    steps = times["whole inference step"]
+    rest = [step - sum(v[i] for k, v in times.items() if k != "whole inference step") for i, step in enumerate(steps)]
+    return {**{k: statistics.median(v) for k, v in times.items()}, "rest": statistics.median(rest)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda")
@@ -140,8 +199,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n## {r['backbone']} {args.size} batch {args.batch}: kernel launches per training step "
               f"{r['kernel_launches_per_train_step']:.0f}; inference step / the two backbone passes (stages "
               f"timed alone) {r['inference_step_over_passes']:.3f}\n")
-        print(markdown_table(["stage", "device ms", "host ms"],
-                             [[k, f"{v['device_ms']:.2f}", f"{v['host_ms']:.2f}"] for k, v in r["stages"].items()]))
+        def ms(v: dict, key: str) -> str:
+            return f"{v[key]:.2f}" if key in v else "-"
+
+        print(markdown_table(["stage", "device ms", "host ms", "in the step ms"],
+                             [[k, ms(v, "device_ms"), ms(v, "host_ms"), ms(v, "in_step_ms")]
+                              for k, v in r["stages"].items()]))
         print(r["profile_table"])
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))

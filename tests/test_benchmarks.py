@@ -205,6 +205,22 @@ def test_crop_cost_ab_runs_two_commits_in_their_own_processes(tmp_path):
     assert usage.returncode == 2 and usage.stderr.startswith("usage:")
 
 
+def test_profile_step_times_the_stages_alone_and_inside_the_step(tmp_path):
+    out = tmp_path / "p.json"
+    cmd = [sys.executable, "benchmarks/profile_step.py", "--device", "cpu", "--backbones", "tiny", "--size",
+           "128x192", "--batch", "2", "--reps", "2", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": "src"})
+    stages = json.loads(out.read_text())["backbones"][0]["stages"]
+    inside = {k for k, v in stages.items() if "in_step_ms" in v}
+    assert inside == {"crop source", "global view", "global backbone", "select boxes", "crops", "crop backbone",
+                      "whole inference step", "rest"}
+    assert all(stages[k]["in_step_ms"] > 0 for k in inside - {"crop source", "rest"})  # no source below 3x
+    assert sum(stages[k]["in_step_ms"] for k in inside - {"whole inference step"}) == pytest.approx(
+        stages["whole inference step"]["in_step_ms"], rel=0.5)
+    assert "| stage | device ms | host ms | in the step ms |" in done.stdout
+
+
 def test_box_grid_counts_one_sample_bins_before_and_after_the_snap(tmp_path):
     out = tmp_path / "g.json"
     cmd = [sys.executable, "benchmarks/box_grid.py", "--sizes", "1040x1388", "460x700", "--boxes", "50",
