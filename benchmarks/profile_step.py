@@ -13,7 +13,8 @@ to issue a whole step (no synchronisation at its end); when it is close to the s
 step is bound by kernel launches, not by the GPU. ``in the step`` times the same stages where the model calls them,
 inside whole inference steps (its own methods wrapped with a timer, a sync at each boundary on CUDA; the crops
 there without their normalisation, and the attention and head not separated, so they fall in ``rest``): a stage
-timed alone repeats on inputs and memory it has just used, and can cost less than in a step.
+timed alone repeats on inputs and memory it has just used, and can cost less than in a step. ``round robin``
+times the stages alone again, once per round in turn, so that each follows another stage as in a step.
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ def profile_backbone(backbone: str, size: tuple[int, int], batch: int, device: t
         rows = {name: {"device_ms": median_ms(fn, device, reps), "host_ms": median_ms(fn, device, reps, False)}
                 for name, fn in stages.items()}
         passes = rows["global backbone"]["device_ms"] + rows["crop backbone"]["device_ms"]
+        for name, ms in round_robin(stages, device, reps).items():
+            rows[name]["round_robin_ms"] = ms
         for name, ms in in_step_stages(model, images, sizes, device, reps).items():
             rows.setdefault(name, {})["in_step_ms"] = ms
 
@@ -125,6 +128,20 @@ def profile_backbone(backbone: str, size: tuple[int, int], batch: int, device: t
     return {"backbone": backbone, "stages": rows, "kernel_launches_per_train_step": launches / 3,
             "inference_step_over_passes": rows["whole inference step"]["device_ms"] / passes,
             "profile_table": table}
+
+
+def round_robin(stages: dict, device: torch.device, reps: int) -> dict:
+    """Median ms of each stage timed once per round, the stages in turn (``reps`` rounds): each follows another
+    stage, as in a step, rather than itself."""
+    times: dict[str, list[float]] = collections.defaultdict(list)
+    for _ in range(reps):
+        for name, fn in stages.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def in_step_stages(model, images: torch.Tensor, sizes: torch.Tensor, device: torch.device, reps: int) -> dict:
@@ -202,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         def ms(v: dict, key: str) -> str:
             return f"{v[key]:.2f}" if key in v else "-"
 
-        print(markdown_table(["stage", "device ms", "host ms", "in the step ms"],
-                             [[k, ms(v, "device_ms"), ms(v, "host_ms"), ms(v, "in_step_ms")]
+        print(markdown_table(["stage", "device ms", "host ms", "round robin ms", "in the step ms"],
+                             [[k, ms(v, "device_ms"), ms(v, "host_ms"), ms(v, "round_robin_ms"), ms(v, "in_step_ms")]
                               for k, v in r["stages"].items()]))
         print(r["profile_table"])
     if args.out:

@@ -218,7 +218,9 @@ def test_profile_step_times_the_stages_alone_and_inside_the_step(tmp_path):
     assert all(stages[k]["in_step_ms"] > 0 for k in inside - {"crop source", "rest"})  # no source below 3x
     assert sum(stages[k]["in_step_ms"] for k in inside - {"whole inference step"}) == pytest.approx(
         stages["whole inference step"]["in_step_ms"], rel=0.5)
-    assert "| stage | device ms | host ms | in the step ms |" in done.stdout
+    assert all(v["round_robin_ms"] > 0 for k, v in stages.items() if "device_ms" in v and k != "crop source"
+               and k != "whole training step")
+    assert "| stage | device ms | host ms | round robin ms | in the step ms |" in done.stdout
 
 
 def test_box_grid_counts_one_sample_bins_before_and_after_the_snap(tmp_path):
