@@ -336,7 +336,11 @@ def final_table(summary: dict, out: Path) -> str:
     profile = out / "profile.json"
     if profile.is_file():
         for r in json.loads(profile.read_text())["backbones"]:
-            parts = [f"{k} {v['device_ms']:.2f}/{v['host_ms']:.2f}" for k, v in r["stages"].items()]
+            parts = [f"{k} {v['device_ms']:.2f}/{v['host_ms']:.2f}" + (f" ({v['in_step_ms']:.2f} in a step)"
+                                                                        if "in_step_ms" in v else "")
+                     for k, v in r["stages"].items() if "device_ms" in v]  # 'rest' is timed in steps only
+            if "rest" in r["stages"]:
+                parts.append(f"rest of a step {r['stages']['rest']['in_step_ms']:.2f}")
             rows.append([f"stages {r['backbone']} (device/host ms)", ", ".join(parts), "profile.log"])
     compiled = out / "profile_compiled.json"
     if compiled.is_file():

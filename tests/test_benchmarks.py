@@ -270,6 +270,7 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     assert all(s["rc"] == 0 for s in summary["stages"].values()), summary["stages"]
     assert "| check | result | note |" in proc.stdout  # the short table is printed last
     assert "compiled (reduce-overhead) tiny" in proc.stdout
+    assert "in a step)" in proc.stdout and "rest of a step" in proc.stdout  # the stage profile, both ways
     assert "new batch shape, tiny off (ms per training step)" in proc.stdout
     # the loader compared with the model on batches of its own orientation setting
     assert "loader best, augment microscopy, colour on device, one orientation |" in proc.stdout
