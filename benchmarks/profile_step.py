@@ -32,7 +32,7 @@ from unittest import mock
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import allocator_as_the_cli, environment, markdown_table, median_ms, sync  # noqa: E402
+from common import allocator_as_the_cli, environment, markdown_table, median_ms, sync, timed  # noqa: E402
 
 from finescope.config import ModelConfig  # noqa: E402
 from finescope.engine import autocast, compute_loss  # noqa: E402
@@ -136,11 +136,7 @@ def round_robin(stages: dict, device: torch.device, reps: int) -> dict:
     times: dict[str, list[float]] = collections.defaultdict(list)
     for _ in range(reps):
         for name, fn in stages.items():
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append((time.perf_counter() - start) * 1e3)
+            times[name].append(timed(fn, device) * 1e3)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -183,11 +179,7 @@ def in_step_stages(model, images: torch.Tensor, sizes: torch.Tensor, device: tor
         times.clear()
         calls[0] = 0
         for _ in range(reps):
-            sync(device)
-            start = time.perf_counter()
-            model(images, sizes)
-            sync(device)
-            times["whole inference step"].append((time.perf_counter() - start) * 1e3)
+            times["whole inference step"].append(timed(lambda: model(images, sizes), device) * 1e3)
     steps = times["whole inference step"]
     rest = [step - sum(v[i] for k, v in times.items() if k != "whole inference step") for i, step in enumerate(steps)]
     return {**{k: statistics.median(v) for k, v in times.items()}, "rest": statistics.median(rest)}
