@@ -8,11 +8,12 @@ and one along x, and a sample counts only when both y and x are inside [-1, size
 over its sample rows of the source's rows (two source rows per sample row), then over its sample columns. On the
 CPU, :func:`crop_align` cuts a box so (:func:`_separable_crops`): its rows with one ``embedding_bag`` over the
 rows and columns of the source the box reads (a contiguous copy of them, or for a box that reads more than
-half of the width, its image's whole rows in place), then, transposed, its columns with another. Both passes are vectorised and spread over torch's threads, and the crops are roi_align's to float
-rounding, with the kernel's sample positions and weights in its float32 arithmetic (:func:`_taps`). A box whose
-bins are exactly one source pixel high and wide (one sample each, read inside the source) is the source shifted
-by the box's fractional offset: four slices blended with the kernel's own weights (:func:`_unit_crops`), cheaper
-still. Such boxes are common: :meth:`~finescope.models.network.FineScopeNet.crop_scale` resizes the crop source so that the
+half of the width, its image's whole rows in place), then, transposed, its columns with another. Both passes
+are vectorised and spread over torch's threads, and the crops are roi_align's to float rounding, with the
+kernel's sample positions and weights in its float32 arithmetic (:func:`_taps`). A box whose bins are exactly
+one source pixel high and wide (one sample each, read inside the source) is the source shifted by the box's
+fractional offset: four slices blended with the kernel's own weights (:func:`_unit_crops`), cheaper still. Such
+boxes are common: :meth:`~finescope.models.network.FineScopeNet.crop_scale` resizes the crop source so that the
 smallest box spans exactly ``local_size`` pixels, and :func:`snap_boxes` makes "exactly" hold in float32.
 
 Before the separable crops (06c5fc8 to the commit before them) the rows of boxes with several sample rows per bin
@@ -22,7 +23,7 @@ From 22d08a5 to 985437b every box was also cut in horizontal strips on a Python 
 thread an OpenMP team of its own and slowed every later parallel operation of the process
 (``benchmarks/openmp_cost.py``): nothing here runs torch on a thread of its own. Until 0b38b09 the row pass
 read the source in place, restricted to the box's columns: ``embedding_bag`` over such a column slice of a wider
-table is several times slower than over a contiguous one, more than the copy costs. Until 3e2aa54 a call with
+table is several times slower than over a contiguous one, more than the copy costs. Until b024fce a call with
 both shifts and other boxes also copied each kind's crops into its output by a boolean index (now every crop is
 written where it belongs), and boxes reading more than ``NARROW`` of the width were copied out too (now they
 read their image's whole rows).
