@@ -34,10 +34,10 @@ def count(model, h: int, w: int, boxes: int, seed: int) -> dict:
     sh, sw = (max(1, round(h * s)), max(1, round(w * s))) if s < 1 else (h, w)
     g = torch.Generator().manual_seed(seed)
     side = model.min_box_fraction * min(h, w)
-    centre = torch.rand(1, boxes, 2, generator=g) * torch.tensor([w, h])
-    grown = _grow_and_clip(torch.cat([centre, centre], dim=-1), torch.tensor([side]), torch.tensor([[h, w]]))
+    centre = (torch.rand(1, boxes, 2, generator=g) * torch.tensor([w, h])).transpose(1, 2)  # (1, 2, boxes) x, y
+    lo, hi = _grow_and_clip(centre, centre, torch.tensor([side]), torch.tensor([[[w], [h]]], dtype=torch.float32))
     scale = torch.tensor([sw / w, sh / h] * 2)
-    rois = torch.cat([torch.zeros(boxes, 1), grown[0] * scale], dim=1)
+    rois = torch.cat([torch.zeros(boxes, 1), torch.cat([lo, hi], dim=1)[0].t() * scale], dim=1)
 
     def one_sample(r: torch.Tensor) -> float:
         ok = (align._grid(r[:, 2], r[:, 4], L) == 1) & (align._grid(r[:, 1], r[:, 3], L) == 1)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import SHARED
+from torchvision.ops import box_iou
 
 from finescope.config import ModelConfig
 from finescope.errors import FinescopeError
@@ -260,9 +261,7 @@ def test_selection_grows_boxes_and_falls_back_to_peaks():
     boxes, _ = _select(attn, k=3, min_box_fraction=1 / 3)
     sides = torch.stack([boxes[0, :, 2] - boxes[0, :, 0], boxes[0, :, 3] - boxes[0, :, 1]], 1)
     assert (sides >= 40 - 1e-4).all()  # a third of the short side 120
-    from finescope.models.selection import _batched_iou
-
-    iou = _batched_iou(boxes, boxes)[0]
+    iou = box_iou(boxes[0], boxes[0])
     off_diagonal = iou[~torch.eye(3, dtype=torch.bool)]
     assert (off_diagonal <= 0.5 + 1e-6).all()  # peaks that overlap taken boxes are skipped
 
@@ -293,9 +292,7 @@ def test_peak_iou_zero_spreads_fallback_boxes():
     attn[2, 3] = 1.0
     attn[2, 4] = 0.9
     boxes, _ = _select(attn, k=4, min_box_fraction=0.2, iou_threshold=0.0)
-    from finescope.models.selection import _batched_iou
-
-    iou = _batched_iou(boxes, boxes)[0]
+    iou = box_iou(boxes[0], boxes[0])
     assert (iou[~torch.eye(4, dtype=torch.bool)] <= 1e-6).all()
 
 
@@ -702,6 +699,25 @@ def test_connected_components_match_scipy_on_random_and_winding_grids():
     blobs = (((yy - 9) ** 2 + (xx - 12) ** 2 < 40) | ((yy - 20) ** 2 / 4 + (xx - 30) ** 2 / 60 < 5))[None]
     torch.testing.assert_close(_connected_components(blobs, rounds=3), _connected_components(blobs))
     assert _connected_components(snake, rounds=3).unique().numel() > 2
+
+
+def test_host_labelling_gives_the_iterative_labels():
+    """On the CPU the selection labels components with scipy in one call; the labels are the iterative
+    labelling's own (each component its largest cell number), for batches, empty and full grids, a winding
+    component, and a map that needs many rounds."""
+    from finescope.models.selection import _components_on_host, _connected_components
+
+    g = torch.Generator().manual_seed(1)
+    snake = torch.zeros(2, 15, 15, dtype=torch.bool)
+    snake[0, ::2] = True
+    snake[0, 1::4, -1] = True
+    snake[0, 3::4, 0] = True
+    grids = [torch.rand(4, 9, 13, generator=g) < p for p in (0.3, 0.5, 0.7)]
+    grids += [torch.zeros(2, 3, 5, dtype=torch.bool), torch.ones(3, 1, 1, dtype=torch.bool), snake]
+    for binary in grids:
+        labels = _components_on_host(binary)
+        assert labels.dtype == torch.long
+        assert torch.equal(labels, _connected_components(binary))
 
 
 def test_selection_without_padding_masks_matches_the_general_path():
