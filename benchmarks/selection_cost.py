@@ -5,14 +5,16 @@ host-device sync on CUDA), for B attention maps of h x w cells.
         [--rounds-batches 100] [--graph on off]
 
 On a GPU this step is bound by the host issuing kernels, so the operation count is what matters there; on a CPU
-the time is the arithmetic too. Maps: smooth random maps (bilinear from a 3x4 grid, like a trained model's
-attention) and noisy ones (a softmax over uniform noise, like an untrained model's).
+the time is the arithmetic too. Since 8fcd74d a CPU labels the components with ``scipy.ndimage.label`` in one
+call: no rounds and no convergence test there, so a CPU run counts fewer operations than a GPU's. Maps: smooth
+random maps (bilinear from a 3x4 grid, like a trained model's attention) and noisy ones (a softmax over uniform
+noise, like an untrained model's).
 
-Also, over ``--rounds-batches`` batches of each kind (other seeds): the labelling rounds a batch needs (the
-last one confirming that nothing changes), as a histogram, and the share of batches that converge within
-``GRAPH_ROUNDS``, the rounds a CUDA graph of the selection runs (the others select again without it). On CUDA
-``--graph on off`` times the selection with and without its CUDA graph (interleaved); the operation count is
-the eager one.
+Also, over ``--rounds-batches`` batches of each kind (other seeds): the rounds that the iterative labelling (a
+GPU's) needs for a batch (the last one confirming that nothing changes), as a histogram, and the share of
+batches that converge within ``GRAPH_ROUNDS``, the rounds a CUDA graph of the selection runs (the others select
+again without it). On CUDA ``--graph on off`` times the selection with and without its CUDA graph
+(interleaved); the operation count is the eager one.
 """
 
 from __future__ import annotations

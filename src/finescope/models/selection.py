@@ -8,17 +8,18 @@ skipping any whose IoU with a box already taken exceeds ``iou_threshold``. Thres
 finer than the feature map gives the same components as thresholding at every pixel (the upsampled map is
 smooth), at a cost that does not grow with the image, and everything stays on the tensor's device.
 
-On a CPU the cost is the number of small operations and how fast each is, so the components are labelled by
-``scipy.ndimage.label`` in one call, and the boxes are held as coordinate planes (x1 and y1 of every box in one
-row, ...), so that operations run along the boxes rather than along their four coordinates: the selection of
-one 1536x2048 image took 0.68 instead of 0.92 ms, and of a batch of 16 BreakHis images 2.0 instead of 3.7-4.3
-ms (``benchmarks/selection_cost.py``).
+On a CPU the cost is the number of small operations and how fast each one is. There the components are
+labelled by ``scipy.ndimage.label`` in one call, and the boxes are held as coordinate planes (the x1 of every
+box in one row, its y1 in the next, ...), so that each operation runs along the boxes rather than along their
+four coordinates. On a 2-core Intel Xeon VM the selection for one 1536x2048 image took 0.68-0.74 instead of
+0.89-0.95 ms, and for a batch of 16 BreakHis images 1.9-2.0 instead of 3.7-4.3 ms, with the same boxes
+(``benchmarks/results/cpu_selection_8fcd74d_vs_4cd8e3b``).
 
 On a GPU this runs on tiny tensors, so its cost is the number of kernels launched, not arithmetic: every step
 below is batched over images, components, boxes and peaks, and the only host-device sync is the convergence
 test of the component labelling (once per call for ordinary attention maps). In eager mode on CUDA the whole
 selection is, by default, captured once per input shape as a CUDA graph and replayed: one launch instead of
-about 170. The graph runs the labelling's first ``GRAPH_ROUNDS`` rounds and tests convergence on the device;
+about 165. The graph runs the labelling's first ``GRAPH_ROUNDS`` rounds and tests convergence on the device;
 when a map needs more rounds the call runs again without the graph, so the boxes are always the exact ones.
 :func:`select_boxes_deferred` leaves that flag unread, for a caller that can go on with the boxes and read it
 later (the model reads it once its whole forward pass is queued, ``FineScopeNet.forward``).
