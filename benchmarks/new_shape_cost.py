@@ -6,7 +6,7 @@ On the H200 at b61e5c7 the trainer's first epoch took 20 s, of which 19.5 s were
 training steps of a fresh model as the trainer runs it (channels-last, fused AdamW, gradient clipping):
 
 1. the model's first step (batch ``--batch``; for the first run also the process's first), then the same
-   shape again;
+   shape twice again;
 2. a new batch size as it comes;
 3. a new batch size with cuDNN switched off (``torch.backends.cudnn.enabled = False``), then that size again:
    if the first is cheap, the cost is cuDNN's per-shape set-up of its convolutions (a public report,
@@ -19,13 +19,16 @@ training steps of a fresh model as the trainer runs it (channels-last, fused Ada
 
     PYTHONPATH=src python benchmarks/new_shape_cost.py --device cuda --out /tmp/new_shape.json
 
-Each step is timed alone, the device synchronised before and after. On a CPU it runs too (no cuDNN there; the
-test suite runs it with the tiny backbone).
+Each step is timed alone, the device synchronised before and after, with the process's kernel time and minor
+page faults in it (``getrusage``): a step that touches memory the process never had (the first ones, as the
+heap grows to the step's peak) pays for each page there, and on a virtual machine that can take seconds. On a
+CPU it runs too (no cuDNN there; the test suite runs it with the tiny backbone).
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
 from pathlib import Path
@@ -41,12 +44,16 @@ from finescope.models import create_model  # noqa: E402
 from finescope.trainer import fused_adamw  # noqa: E402
 
 
-def train_step(model, opt, scaler, batch: int, size: tuple[int, int], device: torch.device, amp: str) -> float:
-    """Milliseconds of one training step on a fresh random batch of ``batch`` images of ``size``."""
+def train_step(model, opt, scaler, batch: int, size: tuple[int, int], device: torch.device, amp: str,
+               host: dict | None = None) -> float:
+    """Milliseconds of one training step on a fresh random batch of ``batch`` images of ``size``. With ``host``,
+    also the process's kernel time in the step (``system_s``) and its minor page faults (``page_faults``, each
+    a page of memory touched for the first time): written there."""
     images = torch.rand(batch, 3, *size, device=device)
     sizes = torch.tensor([list(size)] * batch)
     labels = torch.randint(0, 2, (batch,), device=device)
     sync(device)
+    before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     with autocast(device, amp):
         out = model(images, sizes)
@@ -58,7 +65,11 @@ def train_step(model, opt, scaler, batch: int, size: tuple[int, int], device: to
     scaler.step(opt)
     scaler.update()
     sync(device)
-    return (time.perf_counter() - start) * 1e3
+    ms = (time.perf_counter() - start) * 1e3
+    if host is not None:
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        host.update(system_s=after.ru_stime - before.ru_stime, page_faults=after.ru_minflt - before.ru_minflt)
+    return ms
 
 
 def top_host_ops(fn, n: int) -> list[dict]:
@@ -80,25 +91,30 @@ def measure(backbone: str, amp: str, args, device: torch.device) -> dict:
     scaler = make_grad_scaler(device, amp)
     size, b = args.size, args.batch
 
-    def step(batch: int) -> float:
-        return train_step(model, opt, scaler, batch, size, device, amp)
+    host: dict[str, dict] = {}
 
-    steps = {"first step": step(b), "same shape again": step(b), "new batch size": step(b - 12)}
+    def step(batch: int, name: str) -> float:
+        host[name] = {}
+        return train_step(model, opt, scaler, batch, size, device, amp, host[name])
+
+    steps = {name: step(n, name) for name, n in
+             [("first step", b), ("same shape again", b), ("third step", b), ("new batch size", b - 12)]}
     cudnn = torch.backends.cudnn.enabled
     torch.backends.cudnn.enabled = False
     try:
-        steps["new batch size, cuDNN off"] = step(b - 8)
-        steps["that size again, cuDNN off"] = step(b - 8)  # what a step pays without cuDNN once warm
+        steps["new batch size, cuDNN off"] = step(b - 8, "new batch size, cuDNN off")
+        # what a step pays without cuDNN once warm
+        steps["that size again, cuDNN off"] = step(b - 8, "that size again, cuDNN off")
     finally:
         torch.backends.cudnn.enabled = cudnn
     model.selection_graph = False
-    steps["new batch size, selection graph off"] = step(b - 4)
+    steps["new batch size, selection graph off"] = step(b - 4, "new batch size, selection graph off")
     model.selection_graph = True
     timed: list[float] = []
-    ops = top_host_ops(lambda: timed.append(step(b - 10)), args.top)
+    ops = top_host_ops(lambda: timed.append(step(b - 10, "new batch size, profiled")), args.top)
     steps["new batch size, profiled"] = timed[0]
-    steps["that size again"] = step(b - 10)
-    return {"backbone": backbone, "amp": amp, "steps_ms": steps, "top_host_ops": ops}
+    steps["that size again"] = step(b - 10, "that size again")
+    return {"backbone": backbone, "amp": amp, "steps_ms": steps, "host": host, "top_host_ops": ops}
 
 
 def report(result: dict) -> str:
@@ -109,6 +125,12 @@ def report(result: dict) -> str:
     lines.append(markdown_table(["backbone", "autocast", *names],
                                 [[r["backbone"], r["amp"], *(f"{r['steps_ms'][k]:.0f}" for k in names)]
                                  for r in result["runs"]]))
+    lines += ["", "Kernel time (s) and minor page faults (thousands) of the process in each step: memory touched for the "
+              "first time is paid there", "",
+              markdown_table(["backbone", "autocast", *names],
+                             [[r["backbone"], r["amp"], *(f"{r['host'][k]['system_s']:.2f} s, "
+                                                          f"{r['host'][k]['page_faults'] / 1e3:.0f}k" for k in names)]
+                              for r in result["runs"]])]
     for r in result["runs"]:
         lines += ["", f"{r['backbone']} {r['amp']}, the profiled new-shape step: operations with the most host time",
                   "", markdown_table(["operation", "self host ms", "calls"],

@@ -67,6 +67,20 @@ def test_first_epoch_times_the_trainers_steps(tmp_path):
     assert summary["known_shape_step_ms"] == 3.0 and [s["step"] for s in summary["slowest"]] == [0, 2]
 
 
+def test_new_shape_cost_reports_each_steps_kernel_time_and_page_faults(tmp_path):
+    out = tmp_path / "ns.json"
+    cmd = [sys.executable, "benchmarks/new_shape_cost.py", "--device", "cpu", "--runs", "tiny:off", "--size",
+           "128x192", "--global-size", "64", "--local-size", "64", "--top", "3", "--out", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": "src"})
+    run = json.loads(out.read_text())["runs"][0]
+    assert list(run["steps_ms"])[:4] == ["first step", "same shape again", "third step", "new batch size"]
+    assert set(run["host"]) == set(run["steps_ms"])
+    assert all(h["system_s"] >= 0 and h["page_faults"] >= 0 for h in run["host"].values())
+    # the first step of a process touches memory it never had: the heap grows to the step's peak
+    assert run["host"]["first step"]["page_faults"] > 0
+    assert "Kernel time (s) and minor page faults" in out.with_suffix(".md").read_text()
+
+
 def test_bench_model_cpu_tiny(tmp_path):
     out = tmp_path / "m.json"
     cmd = [sys.executable, "benchmarks/bench_model.py", "--device", "cpu", "--backbones", "tiny", "--sizes", "96x128",
