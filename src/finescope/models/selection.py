@@ -124,9 +124,8 @@ _EIGHT_IN_PLANE[1] = True  # 8-connectivity within each image of a (B, H, W) sta
 
 
 def _components_on_host(binary: torch.Tensor) -> torch.Tensor:
-    """:func:`_connected_components` of a CPU tensor, by ``scipy.ndimage.label`` (one pass, exact), with the same
-    labels: each component its largest cell number. About a fifth of the iterative labelling's time for the
-    network's grids (``benchmarks/selection_cost.py``)."""
+    """:func:`_connected_components` of a CPU tensor by ``scipy.ndimage.label``: one pass over the grid instead of
+    rounds of small operations, with the same labels (each component its largest cell number)."""
     from scipy import ndimage
 
     B, H, W = binary.shape
