@@ -11,7 +11,9 @@ from finescope.cli import main
 
 
 def _one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
+    """The one error line on stderr; warnings before it are one line each (``finescope: warning: ...``)."""
+    err = [line for line in capsys.readouterr().err.strip().splitlines()
+           if not line.startswith("finescope: warning: ")]
     assert len(err) == 1, err
     assert err[0].startswith("finescope: error: ")
     assert "Traceback" not in err[0]
@@ -89,9 +91,12 @@ def test_truncated_image_named_then_skipped(tmp_path, capsys):
     (root / "a" / "a_1.png").write_bytes(data[: len(data) // 2])
     assert main(_train_args(root, tmp_path, "data.test_fraction=0.25", "data.val_fraction=0")) == 2
     assert "a_1.png" in _one_error_line(capsys)
-    with pytest.warns(UserWarning, match="a_1.png"):  # named, not hidden with torch's own warnings
-        assert main(_train_args(root, tmp_path, "data.on_error=skip", "data.test_fraction=0.25",
-                                "data.val_fraction=0")) == 0
+    assert main(_train_args(root, tmp_path, "data.on_error=skip", "data.test_fraction=0.25",
+                            "data.val_fraction=0", "--out", str(tmp_path / "r2"))) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "a_1.png" in line]
+    # named once, as one line (not hidden with torch's own warnings, no source line), without the advice to skip
+    assert len(warned) == 1 and warned[0].startswith("finescope: warning: skipped: cannot read image '")
+    assert "data.on_error=skip" not in warned[0]
 
 
 def test_image_smaller_than_crop(tmp_path, capsys):
@@ -224,12 +229,14 @@ def test_predict_skips_small_images_by_name_and_fails_when_none_is_read(cli_run,
     folder = tmp_path / "in"
     folder.mkdir()
     Image.new("RGB", (128, 4)).save(folder / "thin.png")
-    with pytest.warns(UserWarning, match="thin.png"):
-        assert main(["predict", str(cli_run), str(folder), "--out", str(tmp_path / "p.csv"), "--device", "cpu"]) == 2
-    assert "none of the 1 images" in _one_error_line(capsys)
+    assert main(["predict", str(cli_run), str(folder), "--out", str(tmp_path / "p.csv"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith("finescope: warning: skipped: image '") and "thin.png" in err[0]
+    assert err[1].startswith("finescope: error: ") and "none of the 1 images" in err[1]
     Image.open(synthetic_root / "images" / "typical_0000.png").save(folder / "ok.png")
-    with pytest.warns(UserWarning, match="thin.png"):
-        assert main(["predict", str(cli_run), str(folder), "--out", str(tmp_path / "p.csv"), "--device", "cpu"]) == 0
+    assert main(["predict", str(cli_run), str(folder), "--out", str(tmp_path / "p.csv"), "--device", "cpu"]) == 0
+    assert [line for line in capsys.readouterr().err.splitlines() if "thin.png" in line][0].startswith(
+        "finescope: warning: skipped: image '")
     assert len((tmp_path / "p.csv").read_text().splitlines()) == 2
 
 

@@ -294,3 +294,28 @@ def test_evaluate_keeps_the_split_with_loader_overrides_and_says_when_it_cannot(
     with caplog.at_level("WARNING", logger="finescope"):
         result = trainer.evaluate(loose, "val", out=tmp_path / "n.json", device="cpu")
     assert result["split"] == "all" and "not the 'val' split" in caplog.text
+
+
+def test_thin_splits_are_named_before_training():
+    """A drawn split whose validation side came out empty, or whose test side lacks classes, is said, not left
+    to be found in the metrics (3 classes: one with 3 groups, one with 2, one with 1)."""
+    from types import SimpleNamespace
+
+    from finescope.data.splits import split_groups
+
+    labels = [0] * 6 + [1] * 4 + [2] * 2
+    groups = ["a1", "a1", "a2", "a2", "a3", "a3", "b1", "b1", "b2", "b2", "c1", "c1"]
+    data = SimpleNamespace(labels=labels, groups=groups, class_names=["x", "y", "z"])
+    cfg = load_config(None, ["data.val_fraction=0.15", "data.test_fraction=0.3"])
+    splits = split_groups(labels, groups, 0.3, 0.15, seed=0)
+    assert len(splits["val"]) == 0  # no class keeps 3 groups after test took one
+    val, test = trainer.thin_split_warnings(splits, data, cfg, drawn=True)
+    assert val.startswith("the validation split is empty at data.val_fraction=0.15: 6 groups for 3 classes")
+    assert test.startswith("the test split holds 2 of 3 classes (no image of z:")
+    # asked for: no validation side is no news; a split file chose its own sides
+    cfg = load_config(None, ["data.val_fraction=0", "data.test_fraction=0.3"])
+    assert [m[:30] for m in trainer.thin_split_warnings(splits, data, cfg, drawn=True)] == [test[:30]]
+    assert len(trainer.thin_split_warnings(splits, data, cfg, drawn=False)) == 1
+    splits["test"] = splits["test"][:0]
+    cfg = load_config(None, ["data.val_fraction=0", "data.test_fraction=0.3"])
+    assert trainer.thin_split_warnings(splits, data, cfg, drawn=True)[0].startswith("the test split is empty")

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from finescope.errors import FinescopeError
+from finescope.errors import FinescopeError, FinescopeWarning
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -90,5 +90,5 @@ def read_history(path: str | os.PathLike) -> list[dict]:
             rows.append(row)
         else:
             warnings.warn(f"{path}: line {n} is not an epoch record (a run killed while writing it?); skipped",
-                          stacklevel=2)
+                          FinescopeWarning, stacklevel=2)
     return rows

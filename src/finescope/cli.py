@@ -7,6 +7,7 @@ unless ``FINESCOPE_DEBUG=1`` is set.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -14,7 +15,7 @@ import warnings
 from pathlib import Path
 
 from finescope import __version__
-from finescope.errors import FinescopeError
+from finescope.errors import FinescopeError, FinescopeWarning
 from finescope.runtime import tune_allocator
 
 
@@ -300,8 +301,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     tune_allocator()  # glibc keeps freed tensors' memory for the next step (finescope.runtime)
     debug = os.environ.get("FINESCOPE_DEBUG") == "1"
-    if not debug:
-        warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    with warnings.catch_warnings():  # the settings below end with the command (main may be called in-process)
+        if not debug:
+            warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+            warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
+        return _run(args, debug)
+
+
+def _show_warning(otherwise, message, category, filename, lineno, file=None, line=None) -> None:
+    """Print a :class:`FinescopeWarning` as one line, as the CLI prints errors; any other warning by ``otherwise``
+    (what ``warnings.showwarning`` was)."""
+    if issubclass(category, FinescopeWarning):
+        print(f"finescope: warning: {message}", file=sys.stderr if file is None else file)
+    else:
+        otherwise(message, category, filename, lineno, file, line)
+
+
+def _run(args: argparse.Namespace, debug: bool) -> int:
+    """Run the parsed command; a user error is one line on stderr and exit status 2."""
     try:
         return args.func(args)
     except FinescopeError as e:

@@ -20,6 +20,7 @@ import logging
 import math
 import random
 import re
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -63,7 +64,7 @@ from finescope.engine import (
     unwrap,
     warmup_cosine,
 )
-from finescope.errors import FinescopeError
+from finescope.errors import FinescopeError, FinescopeWarning
 from finescope.metrics import compute_metrics
 from finescope.models import create_model
 from finescope.models.network import FineScopeNet
@@ -234,7 +235,36 @@ def resolve_splits(cfg: Config, sample_set: SampleSet, run_dir: Path, resume: bo
     if len(splits.get("train", [])) == 0:
         raise FinescopeError(f"the training split is empty: {source} leaves no image for training; change it, or "
                              "add images")
+    if dist.is_main():
+        for message in thin_split_warnings(splits, sample_set, cfg, drawn=source.startswith("data.test_fraction")):
+            warnings.warn(message, FinescopeWarning, stacklevel=2)
     return splits
+
+
+def thin_split_warnings(splits: dict[str, np.ndarray], sample_set: SampleSet, cfg: Config, drawn: bool) -> list[str]:
+    """What a split cannot do, as messages: a drawn split whose validation or test side came out empty although
+    its fraction asks for one (:func:`~finescope.data.splits.split_groups` gives a class's group to test when
+    the class has 2, and to validation when 3 remain after test), and a test side that lacks some classes, whose
+    metrics then describe the others only."""
+    messages = []
+    n_groups = len(set(map(str, sample_set.groups)))
+    too_few = (f"{n_groups} groups for {len(sample_set.class_names)} classes are too few to spare one per class "
+               "(grouped splits keep each patient on one side)")
+    if drawn and cfg.data.val_fraction > 0 and len(splits.get("val", [])) == 0:
+        messages.append(f"the validation split is empty at data.val_fraction={cfg.data.val_fraction}: {too_few}; "
+                        "best.pt will be the last epoch and early stopping is off. Add data, or set "
+                        "data.val_fraction=0 to train without one")
+    test = np.asarray(splits.get("test", []), dtype=np.int64)
+    if drawn and cfg.data.test_fraction > 0 and len(test) == 0:
+        messages.append(f"the test split is empty at data.test_fraction={cfg.data.test_fraction}: {too_few}")
+    elif len(test):
+        present = {sample_set.labels[i] for i in test.tolist()}
+        missing = [name for c, name in enumerate(sample_set.class_names) if c not in present]
+        if missing:
+            messages.append(f"the test split holds {len(present)} of {len(sample_set.class_names)} classes (no image "
+                            f"of {', '.join(missing)}: split by group, their few groups stayed in training): its "
+                            "metrics describe the other classes only")
+    return messages
 
 
 # -- the run -------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 
 from finescope.data.records import Sample
 from finescope.data.transforms import ColourJitter, apply_colour
-from finescope.errors import FinescopeError
+from finescope.errors import SKIP_ADVICE, FinescopeError, FinescopeWarning
 
 _TORCHVISION_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
@@ -163,9 +163,7 @@ def read_image(path: str | Path) -> torch.Tensor:
         Image.DecompressionBombError,
     ) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise FinescopeError(
-            f"cannot read image '{path}': {reason}; fix or remove the file, or set data.on_error=skip"
-        ) from None
+        raise FinescopeError(f"cannot read image '{path}': {reason}{SKIP_ADVICE}") from None
 
 
 def default_cache_dir() -> Path:
@@ -281,7 +279,7 @@ class SharedMemoryCache:
         if not self._lock.acquire(timeout=1.0):  # its holder was killed: stop sharing in this process
             self._map = None
             warnings.warn("the shared image cache's lock is held by a dead process; this process keeps its "
-                          "own copies of the images from now on", stacklevel=4)
+                          "own copies of the images from now on", FinescopeWarning, stacklevel=4)
             return False
         try:  # the lock orders the image's bytes before its ready flag, on any CPU
             if mark:
@@ -410,7 +408,7 @@ class ImageDataset(Dataset):
                 raise
             if path not in self._warned:
                 self._warned.add(path)
-                warnings.warn(f"skipping image '{path}': {e}", stacklevel=1)  # not torch's fetch, whose are hidden
+                warnings.warn(f"skipped: {str(e).removesuffix(SKIP_ADVICE)}", FinescopeWarning, stacklevel=1)
             return None
         if self.cache == "memory" and not self._shared.put(i, img):
             self._cache[i] = img

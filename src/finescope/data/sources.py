@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 from finescope.config import DataConfig
 from finescope.data.records import Sample, SampleSet
-from finescope.errors import FinescopeError
+from finescope.errors import SKIP_ADVICE, FinescopeError, FinescopeWarning
 
 SUPPORTED_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
@@ -205,8 +205,8 @@ def _no_images(folder: Path | str) -> FinescopeError:
 def _skip_or_raise(cfg: DataConfig, path: str, reason: str, skipped: list[tuple[str, str]]) -> None:
     """With ``data.on_error=skip`` record and warn; otherwise raise."""
     if cfg.on_error != "skip":
-        raise FinescopeError(f"{reason}; fix or remove the file, or set data.on_error=skip")
-    warnings.warn(f"skipping '{path}': {reason}", stacklevel=3)
+        raise FinescopeError(f"{reason}{SKIP_ADVICE}")
+    warnings.warn(f"skipped '{path}': {reason}", FinescopeWarning, stacklevel=3)
     skipped.append((path, reason))
 
 

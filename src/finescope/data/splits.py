@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from finescope.data.records import SampleSet
-from finescope.errors import FinescopeError
+from finescope.errors import FinescopeError, FinescopeWarning
 
 SIDES = ("train", "val", "test")
 
@@ -318,7 +318,8 @@ def load_splits(path: str | Path, sample_set: SampleSet, fix: str = "draw new sp
     dropped = [p for v in lists.values() for p in v if p in skipped]
     if dropped:
         warnings.warn(
-            f"splits file '{path}': {len(dropped)} listed images were skipped as unreadable", stacklevel=2
+            f"splits file '{path}': {len(dropped)} listed images were skipped as unreadable", FinescopeWarning,
+            stacklevel=2
         )
     splits = {
         side: np.array(sorted({index[p] for p in v if p in index}), dtype=np.int64)

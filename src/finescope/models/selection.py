@@ -37,6 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from finescope.errors import FinescopeWarning
+
 COMPILED_ROUNDS = 8  # labelling rounds under torch.compile (see _connected_components)
 GRAPH_ROUNDS = COMPILED_ROUNDS  # labelling rounds inside a CUDA graph (see _GraphedSelect)
 GRAPH_CACHE = 16  # CUDA graphs kept (one per input shape and arguments), least recently used dropped first
@@ -337,7 +339,8 @@ class _GraphedSelect:
             try:
                 graphed = cls(inputs, options)
             except RuntimeError as err:  # a driver or build without graph capture: select without it
-                warnings.warn(f"instance selection runs without a CUDA graph: capture failed ({err})", stacklevel=3)
+                warnings.warn(f"instance selection runs without a CUDA graph: capture failed ({err})",
+                              FinescopeWarning, stacklevel=3)
                 graphed = None
             cls.graphs[key] = graphed
             while len(cls.graphs) > GRAPH_CACHE:
