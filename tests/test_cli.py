@@ -1,5 +1,6 @@
 """The CLI through main([...]): every verb, and every bad input gives one line on stderr and exit 2."""
 
+import csv
 import json
 
 import pytest
@@ -50,6 +51,39 @@ def test_train_evaluate_predict(cli_run, synthetic_root, tmp_path, capsys):
     assert main(["predict", str(cli_run / "checkpoints" / "best.pt"), str(synthetic_root / "images"),
                  "--out", str(tmp_path / "p.csv"), "--device", "cpu"]) == 0
     assert len((tmp_path / "p.csv").read_text().splitlines()) == 41
+
+
+def test_predict_fills_the_true_class_from_a_class_folder_and_normalises_paths(cli_run, synthetic_root, tmp_path):
+    img = synthetic_root / "images" / "typical_0000.png"
+    assert main(["predict", str(cli_run), str(img), "--out", str(tmp_path / "one.csv"), "--device", "cpu"]) == 0
+    with (tmp_path / "one.csv").open() as f:
+        header, row = list(csv.reader(f))
+    classes = [c.removeprefix("prob_") for c in header if c.startswith("prob_")]
+    assert row[header.index("true")] == "" and row[header.index("group")] == ""  # nothing says them
+    (tmp_path / "in" / classes[1]).mkdir(parents=True)
+    Image.open(img).save(tmp_path / "in" / classes[1] / "x.png")
+    given = str(tmp_path / "in" / ".." / "in")
+    assert main(["predict", str(cli_run), given, "--out", str(tmp_path / "p.csv"), "--device", "cpu"]) == 0
+    with (tmp_path / "p.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and rows[0]["true"] == classes[1]
+    assert rows[0]["path"] == str(tmp_path / "in" / classes[1] / "x.png")  # absolute, without '..'
+
+
+def test_files_outside_the_data_say_their_class_and_group():
+    from finescope.config import DataConfig
+    from finescope.data.sources import label_and_group_of
+
+    name = "SOB_M_DC-14-12312-100-005.png"
+    assert label_and_group_of(f"/x/{name}", DataConfig(source="breakhis", task="binary"), ["benign", "malignant"]) \
+        == (1, "12312")
+    subtypes = ["adenosis", "ductal_carcinoma"]
+    assert label_and_group_of(name, DataConfig(source="breakhis", task="subtype"), subtypes) == (1, "12312")
+    folder = DataConfig(source="folder", group_pattern=r"^H\d+_([^_]+)_")
+    assert label_and_group_of("/d/H2/sub/H2_7a_3.jpg", folder, ["H1", "H2"]) == (1, "7a")
+    assert label_and_group_of("/d/other/notes.png", folder, ["H1", "H2"]) == (-1, "")
+    assert label_and_group_of(f"/d/malignant/{name}", DataConfig(source="folder"), ["benign", "malignant"]) \
+        == (1, "")
 
 
 def test_data_command_reports_counts(tmp_path, capsys):

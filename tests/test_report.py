@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from finescope import report
 from finescope.cli import main
 from finescope.errors import FinescopeError
 from finescope.report import write_report
@@ -65,7 +66,12 @@ def test_report_of_a_single_run_and_cli(tmp_path, capsys):
             w.writerow([f"/x/{i}.png", f"g{i // 3}", "a" if i % 2 else "b", "a", 0.6, 0.4, ""])
     assert main(["report", str(run)]) == 0
     assert "report written" in capsys.readouterr().out
-    assert "| fusion |" in (run / "report.md").read_text()
+    text = (run / "report.md").read_text()
+    assert "| fusion |" in text and "## Test metrics" in text and "## Confusion matrix (test split)" in text
+    assert "fold" not in text.lower()  # one run: no folds to average over
+    splits = {"train": {"images": 8, "groups": 3, "shared_groups": 0, "per_class": {"a": {"images": 4, "groups": 2}}}}
+    assert report.split_table([("split", splits)], ["a"], folds=False) == (
+        ["side", "images", "groups", "a img/grp", "shared groups"], [["train", "8", "3", "4/2", "0"]])
     assert main(["report", str(tmp_path / "nothing")]) == 2
     with pytest.raises(FinescopeError, match="neither predictions.csv"):
         write_report(tmp_path)

@@ -135,7 +135,7 @@ def _fig_roc(rows: list[dict], summary: dict) -> bytes:
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
-    ax.set_title("ROC, out-of-fold (AUC)", fontsize=9)
+    ax.set_title("ROC (AUC)", fontsize=9)
     ax.legend(fontsize=6)
     return _png(fig)
 
@@ -182,16 +182,17 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
-def ablation_table(summary: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: per variant, each metric as pooled value [95% CI] and mean +- std over folds."""
+def ablation_table(summary: dict, folds: bool = True) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: per variant, each metric as pooled value [95% CI] and, with ``folds``, mean +- std over
+    folds."""
     header = ["variant", *[SHORT[m] for m in TABLE_METRICS]]
     rows = []
     for v, s in summary["variants"].items():
         cells = []
         for m in TABLE_METRICS:
             pooled, ms = s["pooled"][m], s["mean_std"][m]
-            cells.append(f"{_fmt(pooled['value'])} [{_fmt(pooled['low'])}, {_fmt(pooled['high'])}] "
-                         f"({_fmt(ms['mean'])} ± {_fmt(ms['std'])})")
+            over_folds = f" ({_fmt(ms['mean'])} ± {_fmt(ms['std'])})" if folds else ""
+            cells.append(f"{_fmt(pooled['value'])} [{_fmt(pooled['low'])}, {_fmt(pooled['high'])}]{over_folds}")
         rows.append([v, *cells])
     return header, rows
 
@@ -207,26 +208,31 @@ def comparison_table(summary: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def magnification_table(summary: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: per variant and magnification, PRR and image accuracy mean +- std over folds."""
-    header = ["variant", "magnification", "PRR", "image acc", "bal. acc", "folds"]
+def magnification_table(summary: dict, folds: bool = True) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: per variant and magnification, PRR and image accuracy mean +- std over folds (without
+    ``folds``: the one run's value)."""
+    header = ["variant", "magnification", "PRR", "image acc", "bal. acc", *(["folds"] if folds else [])]
     rows = []
     for v, s in summary["variants"].items():
         for mag, ms in s["per_magnification"].items():
-            rows.append([v, f"{mag}X", *[f"{_fmt(ms[m]['mean'])} ± {_fmt(ms[m]['std'])}" for m in
-                         ("patient_recognition_rate", "image_accuracy", "balanced_accuracy")],
-                         str(ms["image_accuracy"]["n"])])
+            cells = [f"{_fmt(ms[m]['mean'])} ± {_fmt(ms[m]['std'])}" if folds else _fmt(ms[m]["mean"])
+                     for m in ("patient_recognition_rate", "image_accuracy", "balanced_accuracy")]
+            rows.append([v, f"{mag}X", *cells, *([str(ms["image_accuracy"]["n"])] if folds else [])])
     return header, rows
 
 
-def split_table(splits: list[tuple[str, dict]], class_names: list[str]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: per fold and side, images and groups (per class) and groups shared with another side."""
-    header = ["fold", "side", "images", "groups", *[f"{n} img/grp" for n in class_names], "shared groups"]
+def split_table(splits: list[tuple[str, dict]], class_names: list[str], folds: bool = True,
+                ) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: per fold (with ``folds``) and side, images and groups (per class) and groups shared with
+    another side."""
+    header = [*(["fold"] if folds else []), "side", "images", "groups", *[f"{n} img/grp" for n in class_names],
+              "shared groups"]
     rows = []
     for fold, summ in splits:
         for side, s in summ.items():
             per = [f"{s['per_class'][n]['images']}/{s['per_class'][n]['groups']}" for n in class_names]
-            rows.append([fold, side, str(s["images"]), str(s["groups"]), *per, str(s["shared_groups"])])
+            rows.append([*([fold] if folds else []), side, str(s["images"]), str(s["groups"]), *per,
+                         str(s["shared_groups"])])
     return header, rows
 
 
@@ -257,27 +263,33 @@ _CHECK_JS = ("<script>window.addEventListener('load',function(){var ok=Array.pro
 def _blocks(run_dir: Path, summary: dict, rows: list[dict], is_cv: bool) -> list[tuple]:
     """The report as (kind, title, payload, note) blocks: kind is 'table' or 'figure'."""
     names = summary["class_names"]
-    blocks: list[tuple] = [("table", "Ablation table", ablation_table(summary),
-                            "Pooled out-of-fold value [patient-clustered 95% bootstrap interval] "
-                            "(mean ± std over folds). PRR = patient recognition rate (Spanhol et al. 2016).")]
+    prr = "PRR = patient recognition rate (Spanhol et al. 2016)."
+    if is_cv:
+        blocks: list[tuple] = [("table", "Ablation table", ablation_table(summary),
+                                f"Pooled out-of-fold value [patient-clustered 95% bootstrap interval] (mean ± std "
+                                f"over folds). {prr}")]
+    else:
+        blocks = [("table", "Test metrics", ablation_table(summary, folds=False),
+                   f"On the run's test split: value [patient-clustered 95% bootstrap interval]. {prr}")]
     if summary["comparisons"]:
         blocks.append(("table", f"Paired comparison with '{summary['reference']}'", comparison_table(summary),
                        "Difference on the same out-of-fold images [95% interval resampling patients] "
                        "(two-sided bootstrap p). An interval containing 0 is no evidence of a difference."))
-    mag = magnification_table(summary)
+    mag = magnification_table(summary, folds=is_cv)
     if mag[1]:
-        blocks.append(("table", "Per magnification", mag, "Mean ± std over folds."))
-    blocks.append(("figure", "Confusion matrices (out-of-fold, pooled)", _fig_confusion(summary), ""))
+        blocks.append(("table", "Per magnification", mag, "Mean ± std over folds." if is_cv else "Test split."))
+    blocks.append(("figure", "Confusion matrices (out-of-fold, pooled)" if is_cv else "Confusion matrix (test split)",
+                   _fig_confusion(summary), ""))
     blocks.append(("figure", "ROC curves", _fig_roc(rows, summary), ""))
     blocks.append(("figure", "Reliability diagram", _fig_reliability(rows, summary), ""))
     curves = _fig_curves(_histories(run_dir, is_cv), list(summary["variants"]))
     if curves is not None:
-        blocks.append(("figure", "Training curves", curves, "One line per fold."))
+        blocks.append(("figure", "Training curves", curves, "One line per fold." if is_cv else ""))
     splits = _split_summaries(run_dir, is_cv)
     if splits:
-        blocks.append(("table", "Split summary", split_table(splits, names),
+        blocks.append(("table", "Split summary", split_table(splits, names, folds=is_cv),
                        "Images/groups per class on each side; 'shared groups' counts groups also on another "
-                       "side of the same fold and must be 0 everywhere (no patient leakage)."))
+                       f"side{' of the same fold' if is_cv else ''} and must be 0 everywhere (no patient leakage)."))
     return blocks
 
 
@@ -304,7 +316,8 @@ def _render_html(title: str, blocks: list[tuple]) -> str:
         if note:
             parts.append(f"<p class='note'>{html.escape(note)}</p>")
         if kind == "table":
-            parts.append(_html_table(*payload, cls="ablation" if heading == "Ablation table" else "data"))
+            parts.append(_html_table(*payload, cls="ablation" if heading in ("Ablation table", "Test metrics")
+                                     else "data"))
         else:
             data = base64.b64encode(payload).decode("ascii")
             parts.append(f"<img alt='{html.escape(heading)}' src='data:image/png;base64,{data}'>")

@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import math
+import os
 import random
 import re
 import warnings
@@ -634,9 +635,11 @@ def write_predictions(path: str | Path, preds: Predictions, sample_set: SampleSe
 
 def predict(checkpoint: str | Path, paths: list[str], out: str | Path | None = None,
             overrides: list[str] | None = None, device: str = "auto") -> Path:
-    """Predict image files and folders (recursively); write one CSV row per image and return its path."""
+    """Predict image files and folders (recursively); write one CSV row per image and return its path. The true
+    class and the group are filled where the file says them (:func:`~finescope.data.sources.label_and_group_of`),
+    else left empty."""
     from finescope.data.records import Sample
-    from finescope.data.sources import find_images
+    from finescope.data.sources import find_images, label_and_group_of
 
     model, cfg, class_names, state = load_trained(checkpoint, overrides, device)
     files: list[Path] = []
@@ -649,7 +652,7 @@ def predict(checkpoint: str | Path, paths: list[str], out: str | Path | None = N
             raise FinescopeError(f"'{p}' is neither an image file nor a folder")
     if not files:
         raise FinescopeError(f"found no images in {', '.join(paths)}; supported: png, jpg, jpeg, tif, tiff, bmp, webp")
-    samples = [Sample(str(f.absolute()), -1, str(f)) for f in files]  # keep the path the user gave
+    samples = [Sample(os.path.abspath(f), *label_and_group_of(f, cfg.data, class_names)) for f in files]
     sample_set = SampleSet(samples, class_names)
     loader = make_loader(sample_set, np.arange(len(samples)), replace(cfg, data=replace(cfg.data, on_error="skip")), train=False)
     preds = predict_loader(model, loader, next(model.parameters()).device, amp=cfg.train.amp,

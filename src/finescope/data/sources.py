@@ -21,7 +21,7 @@ import csv
 import os
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -240,6 +240,24 @@ def parse_breakhis_name(name: str) -> dict[str, Any] | None:
     }
 
 
+def label_and_group_of(path: str | Path, cfg: DataConfig, class_names: Sequence[str]) -> tuple[int, str]:
+    """What an image outside the data set says about itself (``predict``, ``explain`` on files): its class index
+    in ``class_names`` (-1 when unknown) and its group ('' when unknown).
+
+    With ``data.source: breakhis`` an original BreakHis name gives both: the class by ``data.task``, the group the
+    case number, as in training. Otherwise the class is the nearest parent folder named like a class
+    (``defungi/H1/x.jpg`` -> H1) and the group the first capture group of ``data.group_pattern`` in the name.
+    """
+    path = Path(path)
+    info = parse_breakhis_name(path.name) if cfg.source == "breakhis" else None
+    if info is not None:
+        name = info["tumor_class"] if cfg.task == "binary" else info["subtype"]
+        return (list(class_names).index(name) if name in class_names else -1), info["case"]
+    label = next((list(class_names).index(p.name) for p in path.parents if p.name in class_names), -1)
+    m = re.search(cfg.group_pattern, path.name) if cfg.group_pattern else None
+    return label, (m.group(1) or "") if m is not None and m.groups() else ""
+
+
 def _check_magnifications(mags: tuple[int, ...]) -> None:
     bad = [m for m in mags if m not in BREAKHIS_MAGNIFICATIONS]
     if bad:
@@ -427,6 +445,7 @@ __all__ = [
     "SUPPORTED_EXTENSIONS",
     "find_images",
     "is_image_file",
+    "label_and_group_of",
     "load_samples",
     "parse_breakhis_name",
     "read_manifest",

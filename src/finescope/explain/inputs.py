@@ -3,7 +3,8 @@
 - ``--split test`` (a run directory): the run's ``splits.json`` and data root (from its config; ``--set
   data.root=...`` when the data moved); labels come from the data source.
 - files and folders: every image under them; the true class is the nearest parent folder named like one of the
-  model's classes (``defungi/H1/x.jpg`` -> H1, ``.../benign/SOB/...`` -> benign), else unknown.
+  model's classes (``defungi/H1/x.jpg`` -> H1, ``.../benign/SOB/...`` -> benign), or an original BreakHis file
+  name for a BreakHis model, else unknown.
 - ground truth positions: a ``cells.json`` (the synthetic generator's, :func:`~finescope.data.synthetic.load_cells`)
   in the data root or in a parent folder of the files.
 """
@@ -81,11 +82,6 @@ def split_inputs(cfg: Config, state: dict, class_names: list[str], split: str) -
     return Inputs(items, sample_set.root, sizes)
 
 
-def _label_from_folders(path: Path, class_names: list[str]) -> int | None:
-    for parent in path.parents:
-        if parent.name in class_names:
-            return class_names.index(parent.name)
-    return None
 
 
 def _cells_for(path: Path, cache: dict) -> list | None:
@@ -98,9 +94,10 @@ def _cells_for(path: Path, cache: dict) -> list | None:
     return None
 
 
-def path_inputs(paths: list[str], class_names: list[str]) -> Inputs:
-    """Every image file under ``paths`` (files and folders, recursively), with labels and cells when known."""
-    from finescope.data.sources import find_images, is_image_file
+def path_inputs(paths: list[str], class_names: list[str], cfg: Config) -> Inputs:
+    """Every image file under ``paths`` (files and folders, recursively), with labels (by ``cfg``'s data section,
+    :func:`~finescope.data.sources.label_and_group_of`) and cells when known."""
+    from finescope.data.sources import find_images, is_image_file, label_and_group_of
 
     files: list[tuple[Path, Path]] = []  # (file, the argument it came from)
     for p in map(Path, paths):
@@ -119,7 +116,8 @@ def path_inputs(paths: list[str], class_names: list[str]) -> Inputs:
     for f, base in files:
         absolute = f.resolve()
         name = f.relative_to(base).as_posix() if f != base else f.name
-        items.append(Item(str(absolute), name, _label_from_folders(absolute, class_names), _cells_for(absolute, cache)))
+        label = label_and_group_of(absolute, cfg.data, class_names)[0]
+        items.append(Item(str(absolute), name, None if label < 0 else label, _cells_for(absolute, cache)))
     return Inputs(items)
 
 

@@ -229,7 +229,7 @@ def _inputs(cfg, state, class_names, paths, split) -> Inputs:
         return split_inputs(cfg, state, class_names, split)
     if not paths:
         raise FinescopeError("nothing to explain: give image files/folders, or --split test with a run directory")
-    inputs = path_inputs(list(paths), class_names)
+    inputs = path_inputs(list(paths), class_names, cfg)
     inputs.train_sizes = training_sizes(cfg, state, class_names)
     return inputs
 
