@@ -227,6 +227,9 @@ def test_bad_cv_protocols_are_one_line(tmp_path, capsys, text):
 def test_cv_refuses_zero_folds(tmp_path, capsys):
     assert main(["cv", "--config", "configs/demo.yaml", "--folds", "0", "--out", str(tmp_path / "cv")]) == 2
     assert "--folds" in _one_error_line(capsys)
+    assert main(["cv", "--config", "configs/demo.yaml", "--folds", "3", "--trials", "2", "--out",
+                 str(tmp_path / "cv")]) == 2
+    assert "give one of them" in _one_error_line(capsys) and not (tmp_path / "cv").exists()
 
 
 def test_synthetic_source_never_writes_into_someone_elses_folder(tmp_path, capsys):

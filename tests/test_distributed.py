@@ -168,10 +168,11 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     torch.testing.assert_close(ddp["params"], single["params"], rtol=0, atol=1e-4)
 
 
-def _torchrun(nproc: int, out: Path, root: Path, epochs: int, resume: bool = False) -> subprocess.CompletedProcess:
+def _torchrun(nproc: int, out: Path, root: Path, epochs: int, resume: bool = False,
+              extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
            str(_free_port()), "-m", "finescope", "train", "--config", str(root / "cfg.yaml"), "--out", str(out),
-           "--quiet", "--set", f"train.epochs={epochs}"]
+           "--quiet", "--set", f"train.epochs={epochs}", *extra]
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd + (["--resume"] if resume else []), capture_output=True, text=True, env=env,
                           timeout=300)
@@ -212,6 +213,21 @@ def test_torchrun_train_rank0_files_gathered_metrics_and_resume_with_other_world
     assert metrics["n_images"] == n_test  # every test image counted once
     rows = (out / "predictions_test.csv").read_text().splitlines()[1:]
     assert len(rows) == n_test == len({r.split(",")[0] for r in rows})
+
+
+@pytest.mark.slow
+def test_torchrun_refuses_a_batch_the_processes_cannot_share_before_writing(tmp_path):
+    root = tmp_path / "data"
+    _fusion_run_config(root, per_class=6, epochs=1)
+    out = tmp_path / "run"
+    done = _torchrun(2, out, root, epochs=1, extra=("train.batch_size=5",))
+    assert done.returncode != 0
+    ours = [line for line in done.stderr.splitlines() if line.startswith("finescope: ")]
+    assert sorted(ours) == sorted(["finescope: error: train.batch_size 5 is the global batch and must be divisible "
+                                   "by the 2 processes; use a multiple of 2",
+                                   "finescope: error (rank 1): train.batch_size 5 is the global batch and must be "
+                                   "divisible by the 2 processes; use a multiple of 2"])
+    assert not out.exists()  # refused before any file
 
 
 @pytest.mark.slow

@@ -52,7 +52,7 @@ def test_same_seed_same_result(synthetic_root, tmp_path, fusion_run):
     assert again["image_accuracy"] == metrics["image_accuracy"]
 
 
-def test_resume_after_kill_reaches_the_same_weights(synthetic_root, tmp_path, monkeypatch, fusion_run):
+def test_resume_after_kill_reaches_the_same_weights(synthetic_root, tmp_path, monkeypatch, fusion_run, capsys):
     out, _ = fusion_run
     real_run_epoch = trainer._run_epoch
 
@@ -68,12 +68,16 @@ def test_resume_after_kill_reaches_the_same_weights(synthetic_root, tmp_path, mo
     with pytest.raises(FinescopeError, match="--resume"):
         _train(synthetic_root, tmp_path / "killed")
     cfg = load_config(None, tiny_overrides(synthetic_root))
-    trainer.train(cfg, tmp_path / "killed", resume=True, progress=False)
+    capsys.readouterr()
+    trainer.train(cfg, tmp_path / "killed", resume=True)
+    assert f"resuming {tmp_path / 'killed'} after epoch 1 of 2, with 1 process\n" in capsys.readouterr().out
     resumed = load_checkpoint(tmp_path / "killed" / "checkpoints" / "last.pt")["model"]
     reference = load_checkpoint(out / "checkpoints" / "last.pt")["model"]
     for key in reference:
         torch.testing.assert_close(resumed[key], reference[key], msg=key)
     assert len((tmp_path / "killed" / "history.jsonl").read_text().splitlines()) == 2
+    trainer.train(cfg, tmp_path / "killed", resume=True)  # a finished run: nothing to train, tested again
+    assert "after epoch 2 of 2, with 1 process; its training is done: testing again" in capsys.readouterr().out
 
 
 def test_persistent_workers_and_resume_do_not_change_the_run(synthetic_root, tmp_path, monkeypatch, fusion_run):

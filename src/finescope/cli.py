@@ -119,6 +119,9 @@ def cmd_cv(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise FinescopeError(f"--{name} must be at least 1, got {value}")
+    if args.folds and args.trials:
+        raise FinescopeError(f"--folds {args.folds} and --trials {args.trials}: give one of them (k-fold, or repeated "
+                             "hold-outs)")
     if args.folds:
         flags["trials"] = 0
     elif args.trials:
@@ -317,29 +320,42 @@ def _show_warning(otherwise, message, category, filename, lineno, file=None, lin
         otherwise(message, category, filename, lineno, file, line)
 
 
+def _launch_rank() -> int:
+    """This process's rank under torchrun (its ``RANK``), 0 otherwise. Read from the environment: when an error
+    is reported the process group may be gone."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def _run(args: argparse.Namespace, debug: bool) -> int:
-    """Run the parsed command; a user error is one line on stderr and exit status 2."""
+    """Run the parsed command; a user error is one line on stderr and exit status 2. Under torchrun each failing
+    process says so, the ranks other than 0 with their rank; an interruption is reported by rank 0 alone."""
+    rank = _launch_rank()
+    error = "finescope: error: " if rank == 0 else f"finescope: error (rank {rank}): "
     try:
         return args.func(args)
     except FinescopeError as e:
         if debug:
             raise
-        print(f"finescope: error: {_one_line(e)}", file=sys.stderr)
+        print(f"{error}{_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         again = {"train": "continue it with the same command and --resume", "cv": "rerun the same command to "
                  "resume its folds"}.get(args.command, "")
-        print("finescope: interrupted" + (f"; {again}" if again else ""), file=sys.stderr)
+        if rank == 0:
+            print("finescope: interrupted" + (f"; {again}" if again else ""), file=sys.stderr)
         return 130
     except (FileExistsError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
         if debug or not e.filename:
             raise
-        print(f"finescope: error: {e.strerror or e}: '{e.filename}'; check the path", file=sys.stderr)
+        print(f"{error}{e.strerror or e}: '{e.filename}'; check the path", file=sys.stderr)
         return 2
     except Exception as e:
         if debug or "FinescopeError" not in str(e):
             raise
-        print(f"finescope: error: {_one_line(e)}", file=sys.stderr)
+        print(f"{error}{_one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -394,6 +394,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
         raise FinescopeError(f"'{run_dir}' already holds a run; pass --resume to continue it or choose another --out")
     if resume:
         _check_resume_config(run_dir, cfg)
+    dist.per_rank_batch(cfg.train.batch_size)  # a batch the processes cannot share is refused before any file
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.seed)
     sample_set = _load_samples_rank0_first(cfg)
@@ -417,6 +418,11 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     start, tracker = 0, {"best_score": float("-inf"), "best_epoch": -1, "bad_epochs": 0, "stopped": False}
     if resume:
         start, tracker = _resume_state(run_dir, sample_set.class_names, model, optimizer, scheduler, scaler)
+        if progress and dist.is_main():
+            done = start >= cfg.train.epochs or tracker["stopped"]
+            print(f"resuming {run_dir} after epoch {start} of {cfg.train.epochs}, with {dist.world_size()} "
+                  f"process{'es' if dist.world_size() > 1 else ''}" + ("; its training is done: testing again"
+                                                                      if done else ""), flush=True)
     # stage-wise warm-up epochs leave the fusion head (and a separate crop backbone) without gradients
     fit_model = dist.wrap_model(model, device, sync_bn=cfg.train.sync_bn,
                                 partial_steps=cfg.train.crop_warmup_epochs > 0)
