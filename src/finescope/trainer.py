@@ -218,6 +218,7 @@ def build_model(cfg: Config, num_classes: int, device: torch.device) -> FineScop
 def resolve_splits(cfg: Config, sample_set: SampleSet, run_dir: Path, resume: bool) -> dict[str, np.ndarray]:
     """The run's split: resumed, given by ``data.splits``, preset by a CSV column, or drawn (grouped)."""
     own = run_dir / "splits.json"
+    drawn = False  # whether data.test_fraction and data.val_fraction drew it
     if resume and own.is_file():
         splits = load_splits(own, sample_set, fix="point data.root at the data this run was trained on")
         source = f"the run's {own}"
@@ -231,13 +232,13 @@ def resolve_splits(cfg: Config, sample_set: SampleSet, run_dir: Path, resume: bo
         splits = split_groups(
             sample_set.labels, sample_set.groups, cfg.data.test_fraction, cfg.data.val_fraction, cfg.seed
         )
-        source = "data.test_fraction and data.val_fraction"
+        source, drawn = "data.test_fraction and data.val_fraction", True
     check_no_leak(splits, sample_set.groups)
     if len(splits.get("train", [])) == 0:
         raise FinescopeError(f"the training split is empty: {source} leaves no image for training; change it, or "
                              "add images")
     if dist.is_main():
-        for message in thin_split_warnings(splits, sample_set, cfg, drawn=source.startswith("data.test_fraction")):
+        for message in thin_split_warnings(splits, sample_set, cfg, drawn):
             warnings.warn(message, FinescopeWarning, stacklevel=2)
     return splits
 
@@ -658,7 +659,8 @@ def predict(checkpoint: str | Path, paths: list[str], out: str | Path | None = N
             raise FinescopeError(f"'{p}' is neither an image file nor a folder")
     if not files:
         raise FinescopeError(f"found no images in {', '.join(paths)}; supported: png, jpg, jpeg, tif, tiff, bmp, webp")
-    samples = [Sample(os.path.abspath(f), *label_and_group_of(f, cfg.data, class_names)) for f in files]
+    absolute = [os.path.abspath(f) for f in files]  # '..' resolved; a class folder above the working one is seen
+    samples = [Sample(path, *label_and_group_of(path, cfg.data, class_names)) for path in absolute]
     sample_set = SampleSet(samples, class_names)
     loader = make_loader(sample_set, np.arange(len(samples)), replace(cfg, data=replace(cfg.data, on_error="skip")), train=False)
     preds = predict_loader(model, loader, next(model.parameters()).device, amp=cfg.train.amp,
