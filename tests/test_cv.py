@@ -177,8 +177,17 @@ def test_cv_end_to_end_summary_recomputes_from_predictions(tmp_path, monkeypatch
     import finescope.trainer
 
     monkeypatch.setattr(finescope.trainer, "train", lambda *a, **k: pytest.fail("a finished fold was retrained"))
+    import finescope.oof
+
+    real_summarize = finescope.oof.summarize_predictions
+    monkeypatch.setattr(finescope.oof, "summarize_predictions",
+                        lambda *a, **k: pytest.fail("the summary of the same predictions was computed again"))
     again = run_cv(cfg, p, out, progress=False)
-    assert again["variants"]["global"]["mean_std"] == summary["variants"]["global"]["mean_std"]
+    assert again == summary
+    # other bootstrap settings on the same predictions: computed again
+    monkeypatch.setattr(finescope.oof, "summarize_predictions", real_summarize)
+    p20 = Protocol(variants=("global", "fusion"), folds=2, n_boot=20)
+    assert run_cv(cfg, p20, out, progress=False)["made_from"]["n_boot"] == 20
 
     # other settings in the same folder: one line, nothing lost
     before = sorted(x.name for x in (out / "runs" / "global").iterdir())

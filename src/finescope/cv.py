@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -426,7 +427,7 @@ def run_cv(
     Returns:
         The summary (also in ``out/summary.json``).
     """
-    from finescope.oof import collect_predictions, summarize_predictions, write_oof_csv
+    from finescope.oof import collect_predictions, write_oof_csv
 
     out = Path(out)
     cfg = replace(cfg, data=replace(cfg.data, splits=""))
@@ -444,12 +445,30 @@ def run_cv(
                 print(f"cv: {variant} {fold.name} {state}", flush=True)
     rows = collect_predictions(out, folds, p.variants, sample_set)
     write_oof_csv(out / "predictions.csv", rows, sample_set.class_names)
-    summary = summarize_predictions(out / "predictions.csv", p.ref, p.n_boot, cfg.seed)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary = _summary(out, p.ref, p.n_boot, cfg.seed)
     if report:
         from finescope.report import write_report  # matplotlib is imported only here
 
         write_report(out)
+    return summary
+
+
+def _summary(out: Path, reference: str, n_boot: int, seed: int) -> dict:
+    """``summary.json`` of ``out/predictions.csv``: read back when it was computed from these very predictions
+    with these settings (a rerun of a finished cv: its bootstrap is the slow part), else computed and written."""
+    from finescope.oof import summarize_predictions
+
+    made_from = {"predictions_sha256": hashlib.sha256((out / "predictions.csv").read_bytes()).hexdigest(),
+                 "reference": reference, "n_boot": n_boot, "seed": seed}
+    path = out / "summary.json"
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        old = None
+    if isinstance(old, dict) and old.get("made_from") == made_from:
+        return old
+    summary = {**summarize_predictions(out / "predictions.csv", reference, n_boot, seed), "made_from": made_from}
+    path.write_text(json.dumps(summary, indent=2))
     return summary
 
 
