@@ -454,12 +454,14 @@ def run_cv(
 
 
 def _summary(out: Path, reference: str, n_boot: int, seed: int) -> dict:
-    """``summary.json`` of ``out/predictions.csv``: read back when it was computed from these very predictions
-    with these settings (a rerun of a finished cv: its bootstrap is the slow part), else computed and written."""
+    """``summary.json`` of ``out/predictions.csv``: read back when this finescope version computed it from these
+    very predictions with these settings (a rerun of a finished cv: its bootstrap is the slow part), else computed
+    and written."""
+    from finescope import __version__
     from finescope.oof import summarize_predictions
 
     made_from = {"predictions_sha256": hashlib.sha256((out / "predictions.csv").read_bytes()).hexdigest(),
-                 "reference": reference, "n_boot": n_boot, "seed": seed}
+                 "reference": reference, "n_boot": n_boot, "seed": seed, "finescope_version": __version__}
     path = out / "summary.json"
     try:
         old = json.loads(path.read_text())
