@@ -255,7 +255,8 @@ def label_and_group_of(path: str | Path, cfg: DataConfig, class_names: Sequence[
         return (list(class_names).index(name) if name in class_names else -1), info["case"]
     label = next((list(class_names).index(p.name) for p in path.parents if p.name in class_names), -1)
     m = re.search(cfg.group_pattern, path.name) if cfg.group_pattern else None
-    return label, (m.group(1) or "") if m is not None and m.groups() else ""
+    group = (m.group(1) or "") if m is not None and m.groups() else ""
+    return label, group
 
 
 def _check_magnifications(mags: tuple[int, ...]) -> None:

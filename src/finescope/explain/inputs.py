@@ -82,8 +82,6 @@ def split_inputs(cfg: Config, state: dict, class_names: list[str], split: str) -
     return Inputs(items, sample_set.root, sizes)
 
 
-
-
 def _cells_for(path: Path, cache: dict) -> list | None:
     """The ground truth of ``path`` from the nearest parent folder holding a cells.json, or None."""
     for parent in path.parents:
