@@ -315,9 +315,17 @@ def _show_warning(otherwise, message, category, filename, lineno, file=None, lin
     """Print a :class:`FinescopeWarning` as one line, as the CLI prints errors; any other warning by ``otherwise``
     (what ``warnings.showwarning`` was)."""
     if issubclass(category, FinescopeWarning):
-        print(f"finescope: warning: {message}", file=sys.stderr if file is None else file)
+        _say(f"finescope: warning: {message}", sys.stderr if file is None else file)
     else:
         otherwise(message, category, filename, lineno, file, line)
+
+
+def _say(line: str, file=None) -> None:
+    """Write one line to stderr (or ``file``) in a single write, so that the lines of torchrun's processes, which
+    share that stream, never run into each other."""
+    file = sys.stderr if file is None else file
+    file.write(line + "\n")
+    file.flush()
 
 
 def _launch_rank() -> int:
@@ -339,23 +347,23 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
     except FinescopeError as e:
         if debug:
             raise
-        print(f"{error}{_one_line(e)}", file=sys.stderr)
+        _say(f"{error}{_one_line(e)}")
         return 2
     except KeyboardInterrupt:
         again = {"train": "continue it with the same command and --resume", "cv": "rerun the same command to "
                  "resume its folds"}.get(args.command, "")
         if rank == 0:
-            print("finescope: interrupted" + (f"; {again}" if again else ""), file=sys.stderr)
+            _say("finescope: interrupted" + (f"; {again}" if again else ""))
         return 130
     except (FileExistsError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
         if debug or not e.filename:
             raise
-        print(f"{error}{e.strerror or e}: '{e.filename}'; check the path", file=sys.stderr)
+        _say(f"{error}{e.strerror or e}: '{e.filename}'; check the path")
         return 2
     except Exception as e:
         if debug or "FinescopeError" not in str(e):
             raise
-        print(f"{error}{_one_line(e)}", file=sys.stderr)
+        _say(f"{error}{_one_line(e)}")
         return 2
 
 
