@@ -82,6 +82,9 @@ def test_files_outside_the_data_say_their_class_and_group():
     folder = DataConfig(source="folder", group_pattern=r"^H\d+_([^_]+)_")
     assert label_and_group_of("/d/H2/sub/H2_7a_3.jpg", folder, ["H1", "H2"]) == (1, "7a")
     assert label_and_group_of("/d/other/notes.png", folder, ["H1", "H2"]) == (-1, "")
+    assert label_and_group_of("/d/H1/patient 7/a.png", DataConfig(source="folder"), ["H1"]) == (0, "patient 7")
+    assert label_and_group_of("/d/H1/P7/a.png", DataConfig(source="folder", group_pattern="(P\\d)/"), ["H1"]) \
+        == (0, "P7")
     assert label_and_group_of(f"/d/malignant/{name}", DataConfig(source="folder"), ["benign", "malignant"]) \
         == (1, "")
 

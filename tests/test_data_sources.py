@@ -13,7 +13,7 @@ from PIL import Image
 from finescope.config import DataConfig
 from finescope.data import SUPPORTED_EXTENSIONS, load_samples, split_groups
 from finescope.data.sources import parse_breakhis_name
-from finescope.errors import FinescopeError
+from finescope.errors import FinescopeError, FinescopeWarning
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 realdata = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real data folder {SHARED_DATA} is absent")
@@ -222,11 +222,54 @@ def test_folder_with_group_pattern(tmp_path):
     assert sorted(set(ss.groups)) == ["10a", "10b", "7a", "8b", "9c"]
 
 
-def test_folder_default_group_is_relative_path(tmp_path):
+def test_folder_default_group_is_the_sub_folder_or_the_image(tmp_path):
     root = make_folder(tmp_path)
     ss = load_samples(DataConfig(source="folder", root=str(root)))
-    assert len(set(ss.groups)) == len(ss)
-    assert "H1/nested/H1_9c_3.PNG" in ss.groups
+    assert sorted(set(ss.groups)) == sorted(["nested"] + [f"H{c}/H{c}_{s}_{n}.png" for c, srcs in
+                                                          {1: ["7a", "8b", "9c"], 2: ["10a", "10b"]}.items()
+                                                          for s in srcs for n in (1, 2)])
+
+
+def test_folder_patient_sub_folders_are_the_groups(tmp_path, recwarn):
+    for cls, patients in {"benign": ["P1", "P2"], "malignant": ["P3", "P1"]}.items():
+        for p in patients:
+            for n in (1, 2):
+                tiny_png(tmp_path / cls / p / "40X" / f"img_{n}.png")
+    ss = load_samples(DataConfig(source="folder", root=str(tmp_path)))
+    assert ss.groups == ["P1", "P1", "P2", "P2", "P1", "P1", "P3", "P3"]  # P1 under both classes: one group
+    assert not [w for w in recwarn if issubclass(w.category, FinescopeWarning)]
+    # a pattern that does not match the file names is searched in the path below the class folder
+    by_magnification = load_samples(DataConfig(source="folder", root=str(tmp_path), group_pattern=r"(\d+)X/"))
+    assert set(by_magnification.groups) == {"40"}
+
+
+def test_folder_without_groups_warns_that_splits_are_image_level(tmp_path):
+    for cls in ("a", "b"):
+        for n in (1, 2):
+            tiny_png(tmp_path / cls / f"{n}.png")
+    with pytest.warns(FinescopeWarning, match=r"no root/<class>/<patient>/ sub-folders\) and data.group_pattern "
+                      r"is empty, so each of the 4 images is its own group"):
+        load_samples(DataConfig(source="folder", root=str(tmp_path)))
+
+
+def test_folder_pattern_matching_nothing_says_so(tmp_path):
+    root = make_folder(tmp_path)
+    with pytest.raises(FinescopeError, match=r"does not match data.group_pattern '\^P\(\\d\+\)'; fix "
+                       "data.group_pattern, or set data.on_error=skip to leave such files out$"):
+        load_samples(DataConfig(source="folder", root=str(root), group_pattern=r"^P(\d+)"))
+    with pytest.warns(FinescopeWarning), pytest.raises(FinescopeError, match=r"^all 11 images under .* were "
+                                                       "skipped, the first: 'H1_7a_1.png' \\(below class folder"):
+        load_samples(DataConfig(source="folder", root=str(root), group_pattern=r"^P(\d+)", on_error="skip"))
+
+
+def test_classes_differing_only_in_case_are_refused(tmp_path):
+    for cls in ("Benign", "benign", "malignant"):
+        tiny_png(tmp_path / "img" / f"{cls}.png")
+    write_csv(tmp_path / "m.csv", ["path", "label", "group"],
+              [[f"img/{c}.png", c, c] for c in ("Benign", "benign", "malignant")])
+    with pytest.raises(FinescopeError, match=r"classes 'Benign' and 'benign' differ only in letter case \(e.g. "
+                       r"'.*img/Benign.png' and '.*img/benign.png' under"):
+        load_samples(DataConfig(source="csv", root=str(tmp_path / "m.csv")))
 
 
 def test_folder_deterministic(tmp_path):
@@ -280,8 +323,15 @@ def test_csv_without_group_or_split(tmp_path):
     tiny_png(tmp_path / "a.png")
     tiny_png(tmp_path / "sub" / "b.png")
     manifest = write_csv(tmp_path / "list.csv", ["path", "label"], [["sub/b.png", "y"], ["a.png", "x"]])
-    ss = load_samples(DataConfig(source="csv", root=str(manifest)))
+    with pytest.warns(FinescopeWarning, match=r"list.csv' has no 'group' column \(add one naming each image's "
+                      r"patient or specimen\), so each of the 2 images is its own group"):
+        ss = load_samples(DataConfig(source="csv", root=str(manifest)))
     assert ss.groups == ["a.png", "sub/b.png"] and ss.preset_splits is None
+    named = write_csv(tmp_path / "named.csv", ["path", "label", "patient_id", "stain"],
+                      [["sub/b.png", "y", "P1", "HE"], ["a.png", "x", "P1", "HE"]])
+    with pytest.warns(FinescopeWarning, match=r"named.csv' has no 'group' column \(its other columns: patient_id, "
+                      r"stain; rename the patient or specimen column to 'group'\)"):
+        load_samples(DataConfig(source="csv", root=str(named)))
 
 
 def test_csv_errors(tmp_path):
@@ -305,6 +355,10 @@ def test_csv_errors(tmp_path):
         load_samples(DataConfig(source="csv", root=str(dup)))
     with pytest.raises(FinescopeError, match="without manifest.csv"):
         load_samples(DataConfig(source="csv", root=str(tmp_path)))
+    tiny_png(tmp_path / "b.png")
+    blank = write_csv(tmp_path / "blank.csv", ["path", "label", "group"], [["a.png", "x", "P1"], ["b.png", "x", ""]])
+    with pytest.raises(FinescopeError, match=r"blank\.csv' line 3 has an empty group; give every row its patient"):
+        load_samples(DataConfig(source="csv", root=str(blank)))
 
 
 # ----------------------------------------------------------------------------------------------- synthetic

@@ -5,7 +5,8 @@ gives the same order. Four sources exist, picked by ``data.source``:
 
 - ``breakhis``: the BreaKHis release (Spanhol et al., IEEE TBME 2016); labels, patient, case number and
   magnification all come from the original file names, so the official tree and a flat folder both work.
-- ``folder``: ``root/<class>/**/<image>``; an optional regex on the file name gives the group.
+- ``folder``: ``root/<class>/**/<image>``; the group is the first sub-folder below the class folder
+  (``root/<class>/<patient>/...``), or a regex's capture group in the path below the class folder.
 - ``csv``: a manifest with ``path,label[,group][,split]`` columns.
 - ``synthetic``: the generated demo set, written as a manifest and read by the ``csv`` source.
 
@@ -73,6 +74,7 @@ class _Scan(NamedTuple):
     class_names: list[str]  # the source's own class order (used when none is given)
     root: str
     skipped: list[tuple[str, str]]
+    no_groups: str = ""  # when no image's group was given (each its own): what the data lacks and how to give one
 
 
 def load_samples(
@@ -103,6 +105,10 @@ def load_samples(
             f"config key 'data.source' is '{cfg.source}'; choose one of: {', '.join(readers)}"
         )
     scan = readers[cfg.source](cfg)
+    if scan.no_groups and len(scan.found) > 1:
+        warnings.warn(f"{scan.no_groups}, so each of the {len(scan.found)} images is its own group: images of one "
+                      "patient can sit on both sides of a split, and every patient-level metric is image-level",
+                      FinescopeWarning, stacklevel=2)
     sample_set = _to_sample_set(scan, cfg, class_names, require_all_classes)
     return merge_duplicate_groups(sample_set) if cfg.merge_duplicates else sample_set
 
@@ -144,6 +150,8 @@ def _to_sample_set(
 ) -> SampleSet:
     """Turn label names into indices, sort by path and check that every class has images."""
     names = list(class_names) if class_names is not None else list(scan.class_names)
+    if class_names is None:
+        _check_case(scan)
     index = {name: i for i, name in enumerate(names)}
     found = sorted(scan.found, key=lambda f: f.path)
     for f in found:
@@ -164,6 +172,19 @@ def _to_sample_set(
     has_split = any(f.split is not None for f in found)
     preset = [f.split or "" for f in found] if has_split else None
     return SampleSet(samples, names, root=scan.root, skipped=list(scan.skipped), preset_splits=preset)
+
+
+def _check_case(scan: _Scan) -> None:
+    """Refuse class names that differ only in letter case ('Benign', 'benign'): a typo, not two classes."""
+    seen: dict[str, str] = {}
+    for name in scan.class_names:
+        other = seen.setdefault(name.casefold(), name)
+        if other != name:
+            example = {f.label: f.path for f in reversed(scan.found)}
+            raise FinescopeError(
+                f"classes '{other}' and '{name}' differ only in letter case (e.g. '{example.get(other, '?')}' and "
+                f"'{example.get(name, '?')}' under '{scan.root}'); write each class the same way"
+            )
 
 
 # ----------------------------------------------------------------------------------------------- discovery
@@ -196,16 +217,20 @@ def find_images(folder: Path) -> list[Path]:
     return sorted(out, key=str)
 
 
-def _no_images(folder: Path | str) -> FinescopeError:
+def _no_images(folder: Path | str, skipped: list[tuple[str, str]] = ()) -> FinescopeError:
+    """No image found under ``folder``; or, when every one was ``skipped``, that and the first reason."""
+    if skipped:
+        return FinescopeError(f"all {len(skipped)} images under '{folder}' were skipped, the first: {skipped[0][1]}")
     return FinescopeError(
         f"found 0 images under '{folder}'; supported extensions: {', '.join(SUPPORTED_EXTENSIONS)}"
     )
 
 
-def _skip_or_raise(cfg: DataConfig, path: str, reason: str, skipped: list[tuple[str, str]]) -> None:
-    """With ``data.on_error=skip`` record and warn; otherwise raise."""
+def _skip_or_raise(cfg: DataConfig, path: str, reason: str, skipped: list[tuple[str, str]],
+                   advice: str = SKIP_ADVICE) -> None:
+    """With ``data.on_error=skip`` record and warn; otherwise raise, the ``advice`` after the reason."""
     if cfg.on_error != "skip":
-        raise FinescopeError(f"{reason}{SKIP_ADVICE}")
+        raise FinescopeError(f"{reason}{advice}")
     warnings.warn(f"skipped '{path}': {reason}", FinescopeWarning, stacklevel=3)
     skipped.append((path, reason))
 
@@ -246,17 +271,18 @@ def label_and_group_of(path: str | Path, cfg: DataConfig, class_names: Sequence[
 
     With ``data.source: breakhis`` an original BreakHis name gives both: the class by ``data.task``, the group the
     case number, as in training. Otherwise the class is the nearest parent folder named like a class
-    (``defungi/H1/x.jpg`` -> H1) and the group the first capture group of ``data.group_pattern`` in the name.
+    (``defungi/H1/x.jpg`` -> H1) and the group as in training (:func:`group_below_class`, on the path below that
+    folder, or on the file name when no parent is named like a class); '' for an image that would be its own.
     """
     path = Path(path)
     info = parse_breakhis_name(path.name) if cfg.source == "breakhis" else None
     if info is not None:
         name = info["tumor_class"] if cfg.task == "binary" else info["subtype"]
         return (list(class_names).index(name) if name in class_names else -1), info["case"]
-    label = next((list(class_names).index(p.name) for p in path.parents if p.name in class_names), -1)
-    m = re.search(cfg.group_pattern, path.name) if cfg.group_pattern else None
-    group = (m.group(1) or "") if m is not None and m.groups() else ""
-    return label, group
+    folder = next((p for p in path.parents if p.name in class_names), None)
+    label = -1 if folder is None else list(class_names).index(folder.name)
+    pattern = re.compile(cfg.group_pattern) if cfg.group_pattern else None
+    return label, group_below_class(path.relative_to(folder) if folder else Path(path.name), pattern) or ""
 
 
 def _check_magnifications(mags: tuple[int, ...]) -> None:
@@ -291,6 +317,8 @@ def _scan_breakhis(cfg: DataConfig) -> _Scan:
         label = info["tumor_class"] if cfg.task == "binary" else info["subtype"]
         meta = {k: info[k] for k in ("patient", "magnification", "subtype", "tumor_class")}
         found.append(_Found(str(path), label, info["case"], meta))
+    if not found and skipped:
+        raise _no_images(root, skipped)
     if not found:
         mags = ", ".join(f"{m}X" for m in cfg.magnifications)
         raise FinescopeError(f"found 0 BreakHis images at {mags} under '{root}'; check data.magnifications")
@@ -319,7 +347,7 @@ def _compile_group_pattern(pattern: str) -> re.Pattern | None:
 
 
 def _scan_folder(cfg: DataConfig) -> _Scan:
-    """``root/<class>/**/<image>``: classes are the sorted sub-folder names."""
+    """``root/<class>/**/<image>``: classes are the sorted sub-folder names, groups as :func:`group_below_class`."""
     root = _check_root(cfg.root, "a folder with one sub-folder of images per class")
     if not root.is_dir():
         raise FinescopeError(
@@ -334,26 +362,34 @@ def _scan_folder(cfg: DataConfig) -> _Scan:
     found, skipped = [], []
     for name in classes:
         for path in find_images(root / name):
-            group = _folder_group(path, root, pattern, cfg, skipped)
-            if group is not None:
-                found.append(_Found(str(path), name, group, {}))
+            group = group_below_class(path.relative_to(root / name), pattern)
+            if group is None:
+                reason = (f"'{path.relative_to(root / name).as_posix()}' (below class folder '{root / name}') does "
+                          f"not match data.group_pattern '{pattern.pattern}'")
+                _skip_or_raise(cfg, str(path), reason, skipped, advice="; fix data.group_pattern, or set "
+                               "data.on_error=skip to leave such files out")
+            else:
+                found.append(_Found(str(path), name, group or path.relative_to(root).as_posix(), {}))
     if not found:
-        raise _no_images(root)
-    return _Scan(found, classes, str(root), skipped)
+        raise _no_images(root, skipped)
+    ungrouped = pattern is None and not any(len(Path(f.path).relative_to(root).parts) > 2 for f in found)
+    no_groups = (f"the class folders under '{root}' hold their images directly (no root/<class>/<patient>/ "
+                 "sub-folders) and data.group_pattern is empty") if ungrouped else ""
+    return _Scan(found, classes, str(root), skipped, no_groups)
 
 
-def _folder_group(
-    path: Path, root: Path, pattern: re.Pattern | None, cfg: DataConfig, skipped: list[tuple[str, str]]
-) -> str | None:
-    """The group of one file: the pattern's first capture group, or the file's relative path."""
+def group_below_class(rel: Path, pattern: re.Pattern | None) -> str | None:
+    """The group of an image at ``rel``, its path below its class folder: the first capture group of
+    ``pattern`` searched in the file name or, where it does not match there, in that whole path ('/'-separated,
+    e.g. ``P01/img_000.png``), None when neither matches; without a pattern the first sub-folder (``P01``), or ''
+    for an image directly in its class folder (the caller then makes it a group of its own)."""
     if pattern is None:
-        return path.relative_to(root).as_posix()
-    m = pattern.search(path.name)
-    if m is None or m.group(1) is None:
-        reason = f"file name '{path}' does not match data.group_pattern {pattern.pattern!r}"
-        _skip_or_raise(cfg, str(path), reason, skipped)
-        return None
-    return m.group(1)
+        return rel.parts[0] if len(rel.parts) > 1 else ""
+    for text in (rel.name, rel.as_posix()):
+        m = pattern.search(text)
+        if m is not None and m.group(1) is not None:
+            return m.group(1)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------- csv
@@ -407,6 +443,9 @@ def _csv_row(row: dict[str, str], line: int, manifest: Path, header: list[str], 
         split = row["split"].lower()
         if split not in SPLIT_NAMES:
             raise FinescopeError(f"{where} has split '{row['split']}'; use one of: {', '.join(SPLIT_NAMES)}")
+    if "group" in header and not row["group"]:
+        raise FinescopeError(f"{where} has an empty group; give every row its patient or specimen (without a "
+                             "group column each image is its own group)")
     group = row.get("group") or Path(row["path"]).as_posix()
     meta = {k: v for k, v in row.items() if k not in ("path", "label", "group", "split") and k}
     return _Found(path, row["label"], group, meta, split)
@@ -425,7 +464,12 @@ def read_manifest(manifest: Path, cfg: DataConfig) -> _Scan:
         found.append(item)
     if not found:
         raise FinescopeError(f"none of the images listed in CSV manifest '{manifest}' exists")
-    return _Scan(found, sorted({f.label for f in found}), str(manifest.parent), skipped)
+    others = [h for h in header if h and h not in ("path", "label", "split")]
+    no_groups = "" if "group" in header else (
+        f"CSV manifest '{manifest}' has no 'group' column"
+        + (f" (its other columns: {', '.join(others)}; rename the patient or specimen column to 'group')" if others
+           else " (add one naming each image's patient or specimen)"))
+    return _Scan(found, sorted({f.label for f in found}), str(manifest.parent), skipped, no_groups)
 
 
 def _scan_csv(cfg: DataConfig) -> _Scan:
