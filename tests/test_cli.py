@@ -48,6 +48,13 @@ def test_train_evaluate_predict(cli_run, synthetic_root, tmp_path, capsys):
     assert (cli_run / "metrics.json").is_file()
     assert main(["evaluate", str(cli_run), "--out", str(tmp_path / "m.json"), "--device", "cpu"]) == 0
     assert json.loads((tmp_path / "m.json").read_text())["split"] == "test"
+    assert (tmp_path / "m_predictions.csv").is_file() and (tmp_path / "m_report.html").is_file()
+    assert "## Test metrics" in (tmp_path / "m_report.md").read_text()
+    assert "## Training curves" in (tmp_path / "m_report.md").read_text()  # the run's, though written elsewhere
+    assert main(["evaluate", str(cli_run), "--split", "val", "--device", "cpu"]) == 0
+    text = (cli_run / "report_val.md").read_text()
+    assert "## Validation metrics" in text and "## Confusion matrix (the run's validation split)" in text
+    assert "report_val_files/" in text and (cli_run / "report_val.html").is_file()
     assert main(["predict", str(cli_run / "checkpoints" / "best.pt"), str(synthetic_root / "images"),
                  "--out", str(tmp_path / "p.csv"), "--device", "cpu"]) == 0
     assert len((tmp_path / "p.csv").read_text().splitlines()) == 41

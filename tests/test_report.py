@@ -67,7 +67,7 @@ def test_report_of_a_single_run_and_cli(tmp_path, capsys):
     assert main(["report", str(run)]) == 0
     assert "report written" in capsys.readouterr().out
     text = (run / "report.md").read_text()
-    assert "| fusion |" in text and "## Test metrics" in text and "## Confusion matrix (test split)" in text
+    assert "| fusion |" in text and "## Test metrics" in text and "## Confusion matrix (the run's test split)" in text
     assert "fold" not in text.lower()  # one run: no folds to average over
     splits = {"train": {"images": 8, "groups": 3, "shared_groups": 0, "per_class": {"a": {"images": 4, "groups": 2}}}}
     assert report.split_table([("split", splits)], ["a"], folds=False) == (

@@ -66,8 +66,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"metrics written to {metrics['output']}")
     from finescope.report import write_report
 
-    out = Path(metrics["output"])
-    _, page = write_report(out.parent, predictions=Path(metrics["predictions"]))
+    # beside the predictions, named like them: report.md for the run's test split (train's), report_val.md, ...
+    predictions = Path(metrics["predictions"])
+    stem = predictions.stem.replace("predictions", "report") if "predictions" in predictions.stem \
+        else predictions.stem + "_report"
+    md = predictions.with_name(("report" if stem == "report_test" else stem) + ".md")
+    _, page = write_report(metrics["run_dir"], predictions=predictions, split=metrics["split"],
+                           data_root=metrics["data_root"], out=md)
     print(f"report written to {page}")
     return 0
 

@@ -42,8 +42,9 @@ SHORT = {
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-def _single_run_rows(run_dir: Path, predictions: Path | None = None) -> Path:
-    """Turn a training run's test predictions into an out-of-fold style CSV (one variant, one fold)."""
+def _single_run_rows(run_dir: Path, predictions: Path | None, fig_dir: Path) -> Path:
+    """Turn a training run's test predictions into an out-of-fold style CSV (one variant, one fold), written
+    into ``fig_dir``."""
     import csv
 
     import yaml
@@ -65,7 +66,7 @@ def _single_run_rows(run_dir: Path, predictions: Path | None = None) -> Path:
         rows = [{"image": r["path"], "group": r["group"], "magnification": "", "true": r["true"],
                  "predicted": r["predicted"], **{c: r[c] for c in probs}, "fold": src.stem.split("_", 1)[-1],
                  "variant": variant} for r in reader if r["true"]]
-    out = run_dir / "report_files" / "predictions_oof.csv"
+    out = fig_dir / "predictions_oof.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["image"])
@@ -260,8 +261,14 @@ _CHECK_JS = ("<script>window.addEventListener('load',function(){var ok=Array.pro
              "document.body.setAttribute('data-images-ok',String(ok&&document.images.length>0));});</script>")
 
 
-def _blocks(run_dir: Path, summary: dict, rows: list[dict], is_cv: bool) -> list[tuple]:
-    """The report as (kind, title, payload, note) blocks: kind is 'table' or 'figure'."""
+_SPLIT_WORDS = {"test": ("Test", "test split"), "val": ("Validation", "validation split"),
+                "train": ("Training-split", "training split, the images it was trained on")}
+
+
+def _blocks(run_dir: Path, summary: dict, rows: list[dict], is_cv: bool, split: str, data_root: str | None,
+            ) -> list[tuple]:
+    """The report as (kind, title, payload, note) blocks: kind is 'table' or 'figure'. A single run's report
+    names what it was computed on: one of the run's splits, or every image of ``data_root`` (``split='all'``)."""
     names = summary["class_names"]
     prr = "PRR = patient recognition rate (Spanhol et al. 2016)."
     if is_cv:
@@ -269,16 +276,18 @@ def _blocks(run_dir: Path, summary: dict, rows: list[dict], is_cv: bool) -> list
                                 f"Pooled out-of-fold value [patient-clustered 95% bootstrap interval] (mean ± std "
                                 f"over folds). {prr}")]
     else:
-        blocks = [("table", "Test metrics", ablation_table(summary, folds=False),
-                   f"On the run's test split: value [patient-clustered 95% bootstrap interval]. {prr}")]
+        title, where = _SPLIT_WORDS.get(split, ("All-image", f"{len(rows)} images of '{data_root}', all of them"))
+        where = where if split == "all" else f"the run's {where}"
+        blocks = [("table", f"{title} metrics", ablation_table(summary, folds=False),
+                   f"On {where}: value [patient-clustered 95% bootstrap interval]. {prr}")]
     if summary["comparisons"]:
         blocks.append(("table", f"Paired comparison with '{summary['reference']}'", comparison_table(summary),
                        "Difference on the same out-of-fold images [95% interval resampling patients] "
                        "(two-sided bootstrap p). An interval containing 0 is no evidence of a difference."))
     mag = magnification_table(summary, folds=is_cv)
     if mag[1]:
-        blocks.append(("table", "Per magnification", mag, "Mean ± std over folds." if is_cv else "Test split."))
-    blocks.append(("figure", "Confusion matrices (out-of-fold, pooled)" if is_cv else "Confusion matrix (test split)",
+        blocks.append(("table", "Per magnification", mag, "Mean ± std over folds." if is_cv else f"On {where}."))
+    blocks.append(("figure", "Confusion matrices (out-of-fold, pooled)" if is_cv else f"Confusion matrix ({where})",
                    _fig_confusion(summary), ""))
     blocks.append(("figure", "ROC curves", _fig_roc(rows, summary), ""))
     blocks.append(("figure", "Reliability diagram", _fig_reliability(rows, summary), ""))
@@ -286,7 +295,7 @@ def _blocks(run_dir: Path, summary: dict, rows: list[dict], is_cv: bool) -> list
     if curves is not None:
         blocks.append(("figure", "Training curves", curves, "One line per fold." if is_cv else ""))
     splits = _split_summaries(run_dir, is_cv)
-    if splits:
+    if splits and split != "all":  # the run's splits say nothing of other data
         blocks.append(("table", "Split summary", split_table(splits, names, folds=is_cv),
                        "Images/groups per class on each side; 'shared groups' counts groups also on another "
                        f"side{' of the same fold' if is_cv else ''} and must be 0 everywhere (no patient leakage)."))
@@ -311,13 +320,12 @@ def _render_md(title: str, blocks: list[tuple], fig_dir: Path) -> str:
 def _render_html(title: str, blocks: list[tuple]) -> str:
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
-    for kind, heading, payload, note in blocks:
+    for i, (kind, heading, payload, note) in enumerate(blocks):
         parts.append(f"<h2>{html.escape(heading)}</h2>")
         if note:
             parts.append(f"<p class='note'>{html.escape(note)}</p>")
         if kind == "table":
-            parts.append(_html_table(*payload, cls="ablation" if heading in ("Ablation table", "Test metrics")
-                                     else "data"))
+            parts.append(_html_table(*payload, cls="ablation" if i == 0 else "data"))  # the metrics first
         else:
             data = base64.b64encode(payload).decode("ascii")
             parts.append(f"<img alt='{html.escape(heading)}' src='data:image/png;base64,{data}'>")
@@ -325,7 +333,9 @@ def _render_html(title: str, blocks: list[tuple]) -> str:
     return "".join(parts)
 
 
-def write_report(run_dir: str | Path, n_boot: int = 1000, predictions: str | Path | None = None) -> tuple[Path, Path]:
+def write_report(run_dir: str | Path, n_boot: int = 1000, predictions: str | Path | None = None,
+                 split: str = "test", data_root: str | None = None, out: str | Path | None = None,
+                 ) -> tuple[Path, Path]:
     """Write ``report.md`` (figures in ``report_files/``) and a self-contained ``report.html`` into ``run_dir``.
 
     Args:
@@ -333,26 +343,31 @@ def write_report(run_dir: str | Path, n_boot: int = 1000, predictions: str | Pat
             ``predictions_test.csv``, after ``train`` or ``evaluate``).
         n_boot: bootstrap resamples when the summary has to be computed here.
         predictions: for a run directory, the predictions CSV to report (default ``predictions_test.csv``).
+        split: for a run directory, what ``predictions`` hold: the run's ``train``, ``val`` or ``test`` split, or
+            ``all`` images of ``data_root`` (other data), named so in the report.
+        out: the report's Markdown file instead of ``run_dir/report.md``; the HTML page and the figure folder
+            take its name (``OUT.html``, ``OUT_files/``).
 
     Returns:
-        The paths of ``report.md`` and ``report.html``.
+        The paths of the Markdown and HTML reports.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FinescopeError(f"'{run_dir}' is not a folder; give a cv or run directory")
+    md_path = Path(out) if out else run_dir / "report.md"
+    html_path = md_path.with_suffix(".html")
+    fig_dir = md_path.with_name(md_path.stem + "_files")
     is_cv = (run_dir / "predictions.csv").is_file()
-    csv_path = run_dir / "predictions.csv" if is_cv else _single_run_rows(run_dir, predictions)
+    csv_path = run_dir / "predictions.csv" if is_cv else _single_run_rows(run_dir, predictions, fig_dir)
     summary_path = run_dir / "summary.json"
     if is_cv and summary_path.is_file():
         summary = json.loads(summary_path.read_text())
     else:
         summary = summarize_predictions(csv_path, n_boot=n_boot)
     rows, _ = read_oof_csv(csv_path)
-    fig_dir = run_dir / "report_files"
-    fig_dir.mkdir(exist_ok=True)
+    fig_dir.mkdir(parents=True, exist_ok=True)
     title = f"finescope report: {run_dir.resolve().name}"
-    blocks = _blocks(run_dir, summary, rows, is_cv)
-    md_path, html_path = run_dir / "report.md", run_dir / "report.html"
+    blocks = _blocks(run_dir, summary, rows, is_cv, split, data_root)
     md_path.write_text(_render_md(title, blocks, fig_dir))
     html_path.write_text(_render_html(title, blocks))
     return md_path, html_path

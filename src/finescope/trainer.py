@@ -615,7 +615,7 @@ def evaluate(source: str | Path, split: str = "test", overrides: list[str] | Non
     out.write_text(json.dumps(metrics, indent=2))
     stem = out.stem.replace("metrics", "predictions") if "metrics" in out.stem else out.stem + "_predictions"
     write_predictions(out.with_name(stem + ".csv"), preds, sample_set)
-    return {**metrics, "output": str(out), "predictions": str(out.with_name(stem + ".csv"))}
+    return {**metrics, "output": str(out), "predictions": str(out.with_name(stem + ".csv")), "run_dir": str(run_dir)}
 
 
 def box_string(boxes, mass) -> str:
