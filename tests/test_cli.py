@@ -58,6 +58,14 @@ def test_train_evaluate_predict(cli_run, synthetic_root, tmp_path, capsys):
     assert main(["predict", str(cli_run / "checkpoints" / "best.pt"), str(synthetic_root / "images"),
                  "--out", str(tmp_path / "p.csv"), "--device", "cpu"]) == 0
     assert len((tmp_path / "p.csv").read_text().splitlines()) == 41
+    one = sorted((synthetic_root / "images").iterdir())[3]  # inside the folder too, and linked: one row each
+    (tmp_path / "link.png").symlink_to(one)
+    assert main(["predict", str(cli_run), str(one), str(synthetic_root / "images"), str(tmp_path / "link.png"),
+                 "--out", str(tmp_path / "p.csv"), "--device", "cpu"]) == 0
+    with (tmp_path / "p.csv").open() as f:
+        paths = [row["path"] for row in csv.DictReader(f)]
+    assert len(paths) == 40 and paths.count(str(one)) == 1
+    assert main(["predict", str(cli_run), str(tmp_path / "p.csv")]) == 2  # not an image
 
 
 def test_predict_fills_the_true_class_from_a_class_folder_and_normalises_paths(cli_run, synthetic_root, tmp_path):

@@ -462,3 +462,15 @@ def test_synthetic_generation_resumes_an_interrupted_one_and_refuses_other_folde
     with pytest.raises(FinescopeError, match="not a finescope synthetic set"):
         ensure_synthetic(other, per_class=2, size=64)
     assert sorted(p.name for p in (other / "images").iterdir()) == ["slide_01.png"]
+
+
+def test_images_in_keeps_each_image_once_in_the_order_given(tmp_path):
+    from finescope.data.sources import images_in
+
+    root = make_folder(tmp_path / "fungi")
+    one = root / "H2" / "H2_10a_1.png"
+    (tmp_path / "link.png").symlink_to(one)
+    got = images_in([one, root, tmp_path / "link.png"])
+    assert got[0] == (one, root / "H2") and len(got) == 11 and [f for f, _ in got].count(one) == 1
+    with pytest.raises(FinescopeError, match="is not an image file"):
+        images_in([tmp_path / "fungi" / "H1"] + [make_csv(tmp_path / "set")])

@@ -646,20 +646,11 @@ def predict(checkpoint: str | Path, paths: list[str], out: str | Path | None = N
     class and the group are filled where the file says them (:func:`~finescope.data.sources.label_and_group_of`),
     else left empty."""
     from finescope.data.records import Sample
-    from finescope.data.sources import find_images, label_and_group_of
+    from finescope.data.sources import images_in, label_and_group_of
 
     model, cfg, class_names, state = load_trained(checkpoint, overrides, device)
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += find_images(p)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise FinescopeError(f"'{p}' is neither an image file nor a folder")
-    if not files:
-        raise FinescopeError(f"found no images in {', '.join(paths)}; supported: png, jpg, jpeg, tif, tiff, bmp, webp")
-    absolute = [os.path.abspath(f) for f in files]  # '..' resolved; a class folder above the working one is seen
+    # '..' resolved, so that a class folder above the working one is seen; each image once
+    absolute = [os.path.abspath(f) for f, _ in images_in(paths)]
     samples = [Sample(path, *label_and_group_of(path, cfg.data, class_names)) for path in absolute]
     sample_set = SampleSet(samples, class_names)
     loader = make_loader(sample_set, np.arange(len(samples)), replace(cfg, data=replace(cfg.data, on_error="skip")), train=False)

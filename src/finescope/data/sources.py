@@ -217,6 +217,35 @@ def find_images(folder: Path) -> list[Path]:
     return sorted(out, key=str)
 
 
+def images_in(paths: Sequence[str | Path]) -> list[tuple[Path, Path]]:
+    """Every image under ``paths`` (image files, and folders read recursively) as (file, the argument it came
+    from), in the order given; an image reached twice (a file inside a folder also given, a link to it) is kept
+    once, where it came first.
+
+    Raises:
+        FinescopeError: a path that does not exist or a file that is not an image, or no image at all.
+    """
+    files: list[tuple[Path, Path]] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += [(f, p) for f in find_images(p)]
+        elif p.is_file():
+            if not is_image_file(p):
+                raise FinescopeError(f"'{p}' is not an image file; supported: {', '.join(SUPPORTED_EXTENSIONS)}")
+            files.append((p, p.parent))
+        else:
+            raise FinescopeError(f"'{p}' is neither an image file nor a folder")
+    if not files:
+        raise FinescopeError(f"found no images in {', '.join(map(str, paths))}; supported: "
+                             f"{', '.join(SUPPORTED_EXTENSIONS)}")
+    kept, seen = [], set()
+    for f, base in files:
+        if os.path.realpath(f) not in seen:
+            seen.add(os.path.realpath(f))
+            kept.append((f, base))
+    return kept
+
+
 def _no_images(folder: Path | str, skipped: list[tuple[str, str]] = ()) -> FinescopeError:
     """No image found under ``folder``; or, when every one was ``skipped``, that and the first reason."""
     if skipped:

@@ -95,23 +95,11 @@ def _cells_for(path: Path, cache: dict) -> list | None:
 def path_inputs(paths: list[str], class_names: list[str], cfg: Config) -> Inputs:
     """Every image file under ``paths`` (files and folders, recursively), with labels (by ``cfg``'s data section,
     :func:`~finescope.data.sources.label_and_group_of`) and cells when known."""
-    from finescope.data.sources import find_images, is_image_file, label_and_group_of
+    from finescope.data.sources import images_in, label_and_group_of
 
-    files: list[tuple[Path, Path]] = []  # (file, the argument it came from)
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += [(f, p) for f in find_images(p)]
-        elif p.is_file():
-            if not is_image_file(p):
-                raise FinescopeError(f"'{p}' is not an image file; supported: png, jpg, jpeg, tif, tiff, bmp, webp")
-            files.append((p, p.parent))
-        else:
-            raise FinescopeError(f"'{p}' is neither an image file nor a folder")
-    if not files:
-        raise FinescopeError(f"found no images in {', '.join(paths)}; supported: png, jpg, jpeg, tif, tiff, bmp, webp")
     cache: dict = {}
     items = []
-    for f, base in files:
+    for f, base in images_in(paths):  # each image once, in the order given
         absolute = f.resolve()
         name = f.relative_to(base).as_posix() if f != base else f.name
         label = label_and_group_of(absolute, cfg.data, class_names)[0]
