@@ -107,10 +107,17 @@ def test_files_outside_the_data_say_their_class_and_group():
 def test_data_command_reports_counts(tmp_path, capsys):
     _folder(tmp_path / "d")
     assert main(["data", "--config", "configs/demo.yaml", "--set", "data.source=folder",
-                 f"data.root={tmp_path / 'd'}", "--json", str(tmp_path / "d.json")]) == 0
+                 f"data.root={tmp_path / 'd'}", "model.local_size=64", "--json", str(tmp_path / "d.json")]) == 0
     out = capsys.readouterr().out
     assert "a" in out and "b" in out
     assert json.loads((tmp_path / "d.json").read_text())["n_images"] == 6
+    # images smaller than the crops are listed, and fail the check as train would
+    assert main(["data", "--config", "configs/demo.yaml", "--set", "data.source=folder",
+                 f"data.root={tmp_path / 'd'}", "model.local_size=72", "model.global_size=64"]) == 1
+    out = capsys.readouterr().out
+    assert "smaller than 72 px (model.local_size) on their short side: 6\n  a/a_0.png: 80x64" in out
+    assert main(["data", "--config", "configs/demo.yaml", "--set", "data.source=folder",
+                 f"data.root={tmp_path / 'd'}", "model.local_size=72", "model.variant=global"]) == 0
 
 
 def _train_args(root, tmp_path, *extra):

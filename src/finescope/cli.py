@@ -90,12 +90,16 @@ def cmd_data(args: argparse.Namespace) -> int:
     from finescope.config import load_config
     from finescope.data import describe_samples, format_description, load_samples
 
+    from finescope.trainer import min_image_side
+
     cfg = load_config(args.config, args.overrides)
-    description = describe_samples(load_samples(cfg.data), read_images=not args.no_read)
+    description = describe_samples(load_samples(cfg.data), read_images=not args.no_read,
+                                   min_side=min_image_side(cfg))
     print(format_description(description))
     if args.json:
         Path(args.json).write_text(json.dumps(description, indent=2, default=str))
-    return 1 if description.get("unreadable") and cfg.data.on_error == "raise" else 0
+    failing = description.get("unreadable") or description.get("too_small")  # what train would stop at
+    return 1 if failing and cfg.data.on_error == "raise" else 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -30,10 +30,13 @@ def _file_digest(path: str) -> str | None:
         return None
 
 
-def _read_all(sample_set: SampleSet) -> tuple[Counter, list[tuple[str, str]], list[list[str]]]:
-    """Decode every image: size histogram ("WxH": n), unreadable files, and sets of byte-identical files."""
+def _read_all(sample_set: SampleSet, min_side: int) -> tuple[Counter, list[tuple[str, str]], list[list[str]],
+                                                            list[tuple[str, str]]]:
+    """Decode every image: size histogram ("WxH": n), unreadable files, sets of byte-identical files, and the
+    images whose short side is below ``min_side`` (path, "WxH")."""
     sizes: Counter = Counter()
     unreadable: list[tuple[str, str]] = []
+    small: list[tuple[str, str]] = []
     by_digest: dict[str, list[str]] = defaultdict(list)
     for s in sample_set.samples:
         digest = _file_digest(s.path)
@@ -45,24 +48,27 @@ def _read_all(sample_set: SampleSet) -> tuple[Counter, list[tuple[str, str]], li
             unreadable.append((s.path, str(e)))
             continue
         sizes[f"{img.shape[2]}x{img.shape[1]}"] += 1
+        if min(img.shape[1:]) < min_side:
+            small.append((s.path, f"{img.shape[2]}x{img.shape[1]}"))
     duplicates = [paths for paths in by_digest.values() if len(paths) > 1]
-    return sizes, unreadable, sorted(duplicates)
+    return sizes, unreadable, sorted(duplicates), small
 
 
-def describe_samples(sample_set: SampleSet, read_images: bool = True) -> dict[str, Any]:
+def describe_samples(sample_set: SampleSet, read_images: bool = True, min_side: int = 0) -> dict[str, Any]:
     """Count a sample set, and with ``read_images`` decode every file to find sizes and problems.
 
     Args:
         sample_set: the output of :func:`~finescope.data.sources.load_samples`.
         read_images: decode every image (slow on large sets); False gives counts only.
+        min_side: the short side a model needs (its crop size; 0: none), below which an image is ``too_small``.
 
     Returns:
         A dict with ``n_images``, ``n_groups``, ``class_names``, ``per_class`` ({name: {"images", "groups"}}),
         ``per_group`` ({group: images}), ``images_per_group`` (min/median/max), ``per_magnification``
         ({40: n, ...} when the samples have one), ``image_sizes`` ({"700x460": n}, width x height),
         ``unreadable`` ([(path, reason)]), ``duplicates`` (lists of byte-identical files),
-        ``duplicates_across_groups`` (how many of those lists span two groups: a possible leak) and
-        ``skipped`` (files the source skipped).
+        ``duplicates_across_groups`` (how many of those lists span two groups: a possible leak), ``too_small``
+        ([(path, "WxH")] below ``min_side``, with ``min_side``) and ``skipped`` (files the source skipped).
     """
     samples = sample_set.samples
     per_group = Counter(s.group for s in samples)
@@ -88,12 +94,13 @@ def describe_samples(sample_set: SampleSet, read_images: bool = True) -> dict[st
         "skipped": [list(x) for x in sample_set.skipped],
     }
     if read_images:
-        sizes, unreadable, duplicates = _read_all(sample_set)
+        sizes, unreadable, duplicates, small = _read_all(sample_set, min_side)
         group_of = {s.path: s.group for s in samples}
         out["image_sizes"] = dict(sizes.most_common())
         out["unreadable"] = [list(x) for x in unreadable]
         out["duplicates"] = duplicates
         out["duplicates_across_groups"] = sum(len({group_of[p] for p in d}) > 1 for d in duplicates)
+        out["min_side"], out["too_small"] = min_side, [list(x) for x in small]
     return out
 
 
@@ -136,10 +143,13 @@ def format_description(d: dict[str, Any]) -> str:
 
 
 def _problems(d: dict[str, Any]) -> list[str]:
-    """Lines about unreadable, skipped and duplicate files."""
+    """Lines about unreadable, too small, skipped and duplicate files."""
     root = d.get("root", "")
     lines = [f"unreadable: {len(d['unreadable'])}"]
     lines += [f"  {_rel(p, root)}: {reason}" for p, reason in d["unreadable"][:20]]
+    if d.get("min_side"):
+        lines.append(f"smaller than {d['min_side']} px (model.local_size) on their short side: {len(d['too_small'])}")
+        lines += [f"  {_rel(p, root)}: {size}" for p, size in d["too_small"][:20]]
     if d.get("skipped"):
         lines.append(f"skipped by the source: {len(d['skipped'])}")
         lines += [f"  {_rel(p, root)}: {reason}" for p, reason in d["skipped"][:20]]
