@@ -89,7 +89,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from finescope.config import load_config
     from finescope.data import describe_samples, format_description, load_samples
-
     from finescope.trainer import min_image_side
 
     cfg = load_config(args.config, args.overrides)
