@@ -139,6 +139,38 @@ def test_padded_cells_get_no_attention():
     assert torch.allclose(out.attention[1, :h, :w].sum(), torch.tensor(1.0))
 
 
+@pytest.mark.parametrize("variant", ["attention", "fusion"])
+def test_an_image_has_the_same_cells_alone_and_in_a_padded_batch(variant):
+    """The cells that cover an image, their size in pixels and its boxes' frame do not depend on its batch: with
+    a 64 x 64 view (4 cells of 16 px) beside a 64 x 100 one (7 cells, 100 / 7 = 14.3 px each) the image keeps
+    its 4 columns (5 were counted from the batch's 14.3 px cells before)."""
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(variant=variant, **SMALL), 2).eval()
+    assert (model.backbone.stride, model.backbone.ceil) == (16, True)
+    batch = torch.zeros(2, 3, 256, 400)
+    batch[0] = torch.rand(3, 256, 400)
+    batch[1, :, :, :256] = torch.rand(3, 256, 256)
+    with torch.no_grad():
+        out = model(batch, torch.tensor([[256, 400], [256, 256]]))
+        alone = model(batch[1:, :, :, :256])
+    assert out.attention.shape[1:] == (4, 7) and alone.attention.shape[1:] == (4, 4)
+    assert (out.attention[1, :, 4:] == 0).all() and out.attention[1].sum().item() == pytest.approx(1.0)
+    torch.testing.assert_close(out.cell_px[1], alone.cell_px[0])  # 64 x 64 px
+    if variant == "fusion":
+        assert (out.boxes[1, :, 2] <= 256).all()
+
+
+def test_backbone_cells_follow_its_rounding():
+    from finescope.models.backbones import tiny_cnn
+
+    tiny = tiny_cnn()
+    assert [tiny.cells(n) for n in (64, 65, 79, 80)] == [4, 5, 5, 5]
+    patchify = backbones.Backbone(torch.nn.Conv2d(3, 4, 4, 4), 4, "patchify")  # floor, as ConvNeXt's stem
+    assert (patchify.stride, patchify.ceil) == (4, False) and patchify.cells(11) == 2
+    odd = backbones.Backbone(torch.nn.Conv2d(3, 4, 3, 3), 4, "odd")  # 256 px are not a whole number of its cells
+    assert odd.stride is None and odd.cells(90) is None
+
+
 def test_global_view_keeps_aspect():
     assert global_view_size(460, 700, 224) == (224, 341)
     assert global_view_size(700, 460, 224) == (341, 224)

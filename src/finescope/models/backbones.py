@@ -41,6 +41,10 @@ class Backbone(nn.Module):
     Attributes:
         num_features: C, channels of the returned feature map.
         name: the backbone's registry name.
+        stride: input pixels per feature cell (32 for ResNets and MobileNetV2), measured by one forward pass of
+            a 256 x 257 input when the trunk is built; None when 256 is not a whole number of cells.
+        ceil: whether an input side of n pixels gives ``ceil(n / stride)`` cells (padded convolutions) rather
+            than ``floor(n / stride)`` (patchifying stems such as ConvNeXt's).
     """
 
     def __init__(self, trunk: nn.Module, num_features: int, name: str) -> None:
@@ -48,6 +52,20 @@ class Backbone(nn.Module):
         self.trunk = trunk
         self.num_features = num_features
         self.name = name
+        with torch.no_grad():
+            was_training = trunk.training
+            trunk.eval()  # no BatchNorm statistics change
+            h, w = trunk(torch.zeros(1, 3, 256, 257)).shape[-2:]
+            trunk.train(was_training)
+        self.stride = 256 // h if 256 % h == 0 else None
+        self.ceil = self.stride is not None and w == 256 // self.stride + 1
+
+    def cells(self, side: int) -> int | None:
+        """The feature cells along an input axis of ``side`` pixels (None when the stride is unknown): the cells
+        of an image alone, which are its valid cells when it is padded in a batch."""
+        if self.stride is None:
+            return None
+        return -(-side // self.stride) if self.ceil else side // self.stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.trunk(x)

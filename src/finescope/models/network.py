@@ -323,22 +323,26 @@ class FineScopeNet(nn.Module):
             view[_to_device(idx, images.device), :, :gh, :gw] = part
         return view, dims
 
-    @staticmethod
-    def _grid_meta(sizes: list[list[int]], dims: list[list[int]], view_hw: tuple[int, int], grid_hw: tuple[int, int],
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _grid_meta(self, sizes: list[list[int]], dims: list[list[int]], view_hw: tuple[int, int],
+                   grid_hw: tuple[int, int], device: torch.device,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Per image, from host numbers and in one host-to-device copy: the valid feature cells (B, 2) long,
         the size of a cell in full-resolution pixels (B, 2), the image size (B, 2) float and the valid-cell
         mask (B, h, w) bool, None when every cell of every image is valid.
 
-        A view of ``dims`` pixels in a ``view_hw`` batch covers ``ceil(dims / stride)`` of the ``grid_hw``
-        cells, with ``stride = view_hw / grid_hw`` view pixels per cell.
+        A view of ``dims`` pixels covers the cells the backbone gives it alone (:meth:`Backbone.cells`), in a
+        padded ``view_hw`` batch of ``grid_hw`` cells as well, and those cells span the image (the attention map
+        upsampled to it), so that an image's cells, attention and boxes do not depend on the batch. A backbone
+        of unknown stride is taken to have ``view_hw / grid_hw`` pixels per cell.
         """
         h, w = grid_hw
-        sh, sw = view_hw[0] / h, view_hw[1] / w
+        cells = getattr(self.backbone, "cells", lambda side: None)
         rows = []
         for (H, W), (gh, gw) in zip(sizes, dims, strict=True):
-            rows.append([min(h, max(1, math.ceil(gh / sh))), min(w, max(1, math.ceil(gw / sw))),
-                         sh * H / gh, sw * W / gw, H, W])
+            n_h = cells(gh) or math.ceil(gh * h / view_hw[0])
+            n_w = cells(gw) or math.ceil(gw * w / view_hw[1])
+            n_h, n_w = min(h, max(1, n_h)), min(w, max(1, n_w))
+            rows.append([n_h, n_w, H / n_h, W / n_w, H, W])
         padded = any(r[0] != h or r[1] != w for r in rows)
         if padded:  # the mask, row-major, after the six numbers
             rows = [r + [float(i < r[0] and j < r[1]) for i in range(h) for j in range(w)] for r in rows]
