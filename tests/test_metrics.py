@@ -56,9 +56,13 @@ def test_macro_f1_by_hand_and_sklearn():
     assert M.macro_f1(y, p.argmax(1), 4) == pytest.approx(f1_score(y, p.argmax(1), average="macro"))
 
 
-def test_macro_f1_counts_never_seen_class_as_zero():
-    # class 2 is neither true nor predicted: it scores 0 (labels=range(C), zero_division=0)
-    assert M.macro_f1([0, 1], [0, 1], 3) == pytest.approx(2 / 3)
+def test_macro_f1_leaves_out_a_class_neither_true_nor_predicted():
+    # class 2 is absent from the split and never predicted: the two others are perfect (it scored 0 before)
+    assert M.macro_f1([0, 1], [0, 1], 3) == pytest.approx(1.0)
+    # class 2 predicted but never true: F1 0 for it, as scikit-learn
+    assert M.macro_f1([0, 1, 1], [0, 1, 2], 3) == pytest.approx(f1_score([0, 1, 1], [0, 1, 2], average="macro"))
+    with pytest.raises(ValueError, match="0..2"):
+        M.macro_f1([0, 3], [0, 1], 3)
 
 
 def test_confusion_by_hand_and_sklearn():

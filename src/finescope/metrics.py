@@ -116,18 +116,23 @@ def balanced_accuracy(y_true: ArrayLike, y_pred: ArrayLike) -> float:
 
 
 def macro_f1(y_true: ArrayLike, y_pred: ArrayLike, n_classes: int) -> float:
-    """Unweighted mean F1 over all ``n_classes`` classes; a class never true nor predicted scores 0.
+    """Unweighted mean F1 over the classes that are true or predicted at least once (scikit-learn's default):
+    a class predicted but never true scores 0; a class neither true nor predicted (absent from a test split
+    and never guessed) is left out, as balanced accuracy and AUC leave it out, rather than scored 0.
 
     Args:
         y_true: (N,) true labels.
         y_pred: (N,) predicted labels.
-        n_classes: C.
+        n_classes: C (labels must lie in 0..C-1).
 
     Returns:
         Macro F1.
     """
     yt, yp = _pair(y_true, y_pred)
-    return float(f1_score(yt, yp, labels=list(range(n_classes)), average="macro", zero_division=0))
+    seen = sorted(set(yt.tolist()) | set(yp.tolist()))
+    if seen and not 0 <= seen[0] <= seen[-1] < n_classes:
+        raise ValueError(f"labels must lie in 0..{n_classes - 1}, got {seen[0]}..{seen[-1]}")
+    return float(f1_score(yt, yp, labels=seen, average="macro", zero_division=0))
 
 
 def confusion(y_true: ArrayLike, y_pred: ArrayLike, n_classes: int) -> list[list[int]]:
