@@ -19,8 +19,8 @@ venv: $(VENV)/.installed
 demo: venv  ## synthetic set: train global + fusion, compare, draw attention overlays (runs/demo)
 	$(PY) -m finescope demo --out runs/demo
 
-test: venv  ## the whole suite (real-data tests skip when ../shared is absent)
-	$(PY) -m pytest -q
+test: venv  ## the whole suite (real-data tests skip when ../shared is absent); no test collected fails too
+	@$(PY) -m pytest -q || { rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests" >&2; exit $$rc; }
 
 test-fast: venv  ## without the slow and real-data tests
 	$(PY) -m pytest -q -m "not slow and not realdata"

@@ -36,7 +36,7 @@ Ratios (paired per repetition, then median and spread), and below them which gro
 
 Example (CPU, small):
     PYTHONPATH=src python benchmarks/bench_model.py --device cpu --backbones resnet18 --sizes 460x700 \
-        --batch 2 --reps 5 --out benchmarks/results/cpu_model.json
+        --batch 2 --reps 5 --out /tmp/cpu_model.json
 """
 
 from __future__ import annotations

@@ -400,9 +400,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda")
     p.add_argument("--data", default=".gpu/breakhis", help="a BreakHis tree (e.g. the JPEG copy)")
     p.add_argument("--weights", default=".gpu/mobilenet_v2-b0353104.pth")
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default 6; 1 with --quick)")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--workers", type=int, default=None, help="loader workers (default 8; 0 with --quick)")
     p.add_argument("--quick", action="store_true", help="tiny settings (CPU test)")
     p.add_argument("--only-agreement", action="store_true", help="run the agreement check alone")
     p.add_argument("--bench-timeout", type=int, default=0,
@@ -414,7 +414,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="train.compile mode of a second training run, e.g. reduce-overhead (default off: on the H100 "
                         "at 3455b9d it compiled for 191 s, more than the budget leaves; run it in a call of its own)")
     p.add_argument("--budget", type=int, default=BUDGET_SECONDS, help="seconds for the whole script")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.epochs = args.epochs if args.epochs is not None else 1 if args.quick else 6
+    args.workers = args.workers if args.workers is not None else 0 if args.quick else 8
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

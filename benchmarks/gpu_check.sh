@@ -11,8 +11,9 @@
 # ($PYTHON overrides both).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out="${OUT:-${1:-gpu_check_out}}"
-if [[ $# -gt 0 && "$1" != --* ]]; then shift; fi
+dir_arg=""
+if [[ $# -gt 0 && "$1" != -* ]]; then dir_arg=$1; shift; fi  # OUT_DIR, when the first argument is not an option
+out="${OUT:-${dir_arg:-gpu_check_out}}"
 mkdir -p "$out"
 export PYTHONPATH=src
 PY=${PYTHON:-}
