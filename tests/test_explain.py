@@ -176,6 +176,16 @@ def test_pointing_game_uses_radius_plus_tolerance():
     assert fa.pointing_hit(heat, [], tolerance=15) is None
 
 
+def test_detail_map_is_where_the_baseline_changes_the_image():
+    img = torch.full((3, 32, 48), 0.5)
+    img[:, 8:12, 30:34] = torch.tensor([0.0, 0.1, 0.2])[:, None, None]  # a dark spot the blur washes out
+    for kind in fa.BASELINES:
+        detail = fa.detail_map(img, fa.baseline_image(img, kind))
+        assert detail.shape == (32, 48)
+        assert detail[8:12, 30:34].min() > detail[20:, :20].max()  # the spot, not the flat background
+    torch.testing.assert_close(fa.detail_map(img, img), torch.zeros(32, 48))
+
+
 def test_baselines_keep_the_shape_and_reject_unknown_names():
     x = torch.rand(3, 40, 60)
     for kind in fa.BASELINES:
@@ -215,7 +225,8 @@ def test_explain_a_runs_test_split_writes_gallery_and_numbers(tmp_path, capsys):
     args = ["explain", str(run), "--split", "test", "--out", str(out), "--limit", "2", "--method", "attention", "gradcam"]
     assert main([*args, *FAST]) == 0
     summary = json.loads((out / "faithfulness.json").read_text())
-    assert summary["images"] == 2 and set(summary["methods"]) == {"attention", "gradcam", "random"}
+    assert summary["images"] == 2 and set(summary["methods"]) == {"attention", "gradcam", "detail", "random"}
+    assert "pointing_game" in summary["methods"]["detail"] and "pointing_game" not in summary["methods"]["random"]
     for m in summary["methods"].values():
         assert 0 <= m["deletion_auc"] <= 1 and len(m["deletion_curve"]) == 3
     assert summary["boxes"]["cells"] > 0 and "mean_box_union_fraction" in summary["boxes"]

@@ -69,7 +69,9 @@ def faithfulness_table(summary: dict) -> str:
     s = summary["settings"]
     text += (f"<p class=muted>Curves: {s['grid']} blocks along the short side, {s['steps']} steps, removed blocks "
              f"replaced by the '{_e(s['baseline'])}' baseline, random = mean of {s['random_repeats']} random orders; "
-             f"the probability followed is that of the {_e(s['target'])} class.</p>")
+             f"the probability followed is that of the {_e(s['target'])} class. detail = |image − baseline|, a map "
+             "made from the image alone: a map of the model that does not beat it shows no more than the image's "
+             "own detail.</p>")
     return text
 
 

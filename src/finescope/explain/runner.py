@@ -5,7 +5,8 @@ Writes into the output folder::
     index.html            the gallery (opens from disk; sortable by confidence, correctness, class)
     images/NNNN_*.png     one panel per image: image, one overlay per method, the crops
     evidence/<class>/     the most-attended crops of the images predicted as each class
-    faithfulness.json     deletion/insertion AUCs per method and for random orders; hit rate, pointing game
+    faithfulness.json     deletion/insertion AUCs per method, for the model-free ``detail`` map and for random
+                          orders; hit rate, pointing game
     faithfulness.png      the mean deletion and insertion curves
     results.csv           one row per image
 """
@@ -75,11 +76,14 @@ class _Context:
     evidence: EvidenceCollector
 
 
-def _faithfulness(ctx: _Context, expl, index: int) -> dict:
-    """Deletion / insertion AUCs of every method and of random orders for one image."""
+CONTROLS = ("detail", "random")  # measured like the methods, knowing nothing of the model
+
+
+def _faithfulness(ctx: _Context, expl, index: int, image: torch.Tensor, baseline: torch.Tensor,
+                  detail: torch.Tensor) -> dict:
+    """Deletion / insertion AUCs of every method, of the ``detail`` map and of random orders for one image."""
     s = ctx.settings
-    image = expl.image.float() / 255
-    curves = fa.map_curves(ctx.model, image, expl.maps, expl.target, fa.baseline_image(image, s.baseline), s.grid,
+    curves = fa.map_curves(ctx.model, image, {**expl.maps, "detail": detail}, expl.target, baseline, s.grid,
                            s.steps, s.random_repeats, seed=s.seed * 100003 + index,
                            predict_with=ctx.cfg.model.predict_with)
     row = {}
@@ -89,14 +93,15 @@ def _faithfulness(ctx: _Context, expl, index: int) -> dict:
     return {"row": row, "curves": {m: {k: v.tolist() for k, v in c.items()} for m, c in curves.items()}}
 
 
-def _ground_truth(ctx: _Context, expl, cells: list) -> dict:
-    """Hit rate of the boxes, their coverage, and the pointing game of every map, for one image."""
+def _ground_truth(ctx: _Context, expl, cells: list, detail: torch.Tensor) -> dict:
+    """Hit rate of the boxes, their coverage, and the pointing game of every map and of ``detail``, for one
+    image."""
     row: dict = {"n_cells": len(cells)}
     if expl.boxes is not None:
         row["hits"], _ = fa.hit_count(expl.boxes, cells)
         cover = fa.box_coverage(expl.boxes, tuple(expl.image.shape[-2:]))
         row["box_union_fraction"], row["box_largest_fraction"] = cover["union"], cover["largest"]
-    for m, heat in expl.maps.items():
+    for m, heat in {**expl.maps, "detail": detail}.items():
         row[f"{m}_pointing"] = fa.pointing_hit(heat, cells, ctx.settings.tolerance)
     return row
 
@@ -118,12 +123,15 @@ def _explain_one(ctx: _Context, index: int, item) -> dict:
     ctx.evidence.add(ctx.model, expl, item.name, figure.as_posix())
     row = _base_row(expl, item, figure)
     curves = None
+    image = expl.image.float() / 255
+    baseline = fa.baseline_image(image, ctx.settings.baseline)
+    detail = fa.detail_map(image, baseline)
     if ctx.settings.faithfulness:
-        f = _faithfulness(ctx, expl, index)
+        f = _faithfulness(ctx, expl, index, image, baseline, detail)
         row.update(f["row"])
         curves = f["curves"]
     if item.cells is not None:
-        row.update(_ground_truth(ctx, expl, item.cells))
+        row.update(_ground_truth(ctx, expl, item.cells, detail))
     return {"row": row, "curves": curves}
 
 
@@ -180,7 +188,7 @@ def _box_summary(rows: list[dict]) -> dict | None:
 def summarise(rows: list[dict], curves: list[dict], methods: list[str], settings: ExplainSettings) -> dict:
     """The numbers of ``faithfulness.json``."""
     known = [r for r in rows if r["correct"] is not None]
-    names = methods + (["random"] if settings.faithfulness else [])
+    names = methods + [c for c in CONTROLS if any(k.startswith(f"{c}_") for r in rows for k in r)]
     return {
         "images": len(rows),
         "accuracy": float(np.mean([r["correct"] for r in known])) if known else None,
@@ -210,7 +218,8 @@ def _plot_curves(path: Path, summary: dict) -> Path | None:
     for ax, mode in zip(axes, ("deletion", "insertion"), strict=True):
         for m, s in methods.items():
             y = s[f"{mode}_curve"]
-            ax.plot(np.linspace(0, 1, len(y)), y, "--" if m == "random" else "-", label=f"{m} (AUC {s[f'{mode}_auc']:.3f})")
+            ax.plot(np.linspace(0, 1, len(y)), y, "--" if m in CONTROLS else "-",
+                    label=f"{m} (AUC {s[f'{mode}_auc']:.3f})")
         ax.set_xlabel(f"fraction of blocks {'removed' if mode == 'deletion' else 'revealed'}, most attended first")
         ax.set_ylabel("probability of the explained class")
         ax.set_title(f"{mode} (lower AUC is better)" if mode == "deletion" else f"{mode} (higher AUC is better)", fontsize=9)
