@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 
 import pytest
 import torch
@@ -335,3 +336,20 @@ def test_a_csv_split_column_without_training_images_names_the_column(tmp_path, c
     assert main(["train", "--config", "configs/demo.yaml", "--out", str(tmp_path / "r"), "--quiet", "--set",
                  "data.source=csv", f"data.root={tmp_path / 'm.csv'}", "data.num_workers=0"]) == 2
     assert "split column" in _one_error_line(capsys)
+
+
+def test_a_run_being_trained_is_not_trained_again_meanwhile(tmp_path, capsys):
+    import fcntl
+
+    root = _folder(tmp_path / "d")
+    (tmp_path / "r").mkdir()
+    with open(tmp_path / "r" / ".lock", "w") as held:  # another process training it
+        held.write("pid 123 on elsewhere")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert main(_train_args(root, tmp_path)) == 2
+        assert "is being trained by another process (pid 123 on elsewhere); wait" in _one_error_line(capsys)
+        assert not (tmp_path / "r" / "config.yaml").exists()
+    assert main(_train_args(root, tmp_path)) == 0  # released when that process ends
+    assert (tmp_path / "r" / ".lock").read_text().startswith(f"pid {os.getpid()} on ")
+    assert main(_train_args(root, tmp_path, "train.epochs=2") + ["--resume"]) == 0  # this one let it go

@@ -21,6 +21,7 @@ import math
 import os
 import random
 import re
+import socket
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -384,6 +385,31 @@ def _truncate_history(run_dir: Path, last_epoch: int) -> None:
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def _lock_run(run_dir: Path):
+    """Create ``run_dir`` and hold an exclusive lock on its ``.lock`` file (the open file; closing it releases the
+    lock, and so does the process's end, however it ends): a second process training or resuming the same run
+    is refused instead of writing the same files. No lock where the platform has no ``fcntl``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    fh = open(run_dir / ".lock", "a+")  # noqa: SIM115 (held open for the run)
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "unknown"
+        fh.close()
+        raise FinescopeError(f"'{run_dir}' is being trained by another process ({holder}); wait for it to end or "
+                             "stop it, then --resume, or choose another --out") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    fh.flush()
+    return fh
+
+
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
     """Train ``cfg`` into ``run_dir``; return the test metrics (also written to ``metrics.json``).
 
@@ -404,39 +430,44 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
                              f"({', '.join(sample_set.class_names) or 'none'}); a classifier needs at least 2")
     splits = resolve_splits(cfg, sample_set, run_dir, resume)
     model = build_model(cfg, len(sample_set.class_names), device)
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        save_splits(run_dir / "splits.json", splits, sample_set, extra={"seed": cfg.seed})
-    optimizer = build_optimizer(model, cfg, device)
-    loaders = {side: make_loader(sample_set, splits[side], cfg, train=side == "train") for side in ("train", "val")
-               if len(splits.get(side, []))}  # built once: workers and a memory cache last the whole run
-    steps = len(loaders["train"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(steps * cfg.train.epochs, math.ceil(steps * cfg.train.warmup_epochs))
-    )
-    scaler = make_grad_scaler(device, cfg.train.amp)
-    start, tracker = 0, {"best_score": float("-inf"), "best_epoch": -1, "bad_epochs": 0, "stopped": False}
-    if resume:
-        start, tracker = _resume_state(run_dir, sample_set.class_names, model, optimizer, scheduler, scaler)
-        if progress and dist.is_main():
-            done = start >= cfg.train.epochs or tracker["stopped"]
-            print(f"resuming {run_dir} after epoch {start} of {cfg.train.epochs}, with {dist.world_size()} "
-                  f"process{'es' if dist.world_size() > 1 else ''}" + ("; its training is done: testing again"
-                                                                      if done else ""), flush=True)
-    # stage-wise warm-up epochs leave the fusion head (and a separate crop backbone) without gradients
-    fit_model = dist.wrap_model(model, device, sync_bn=cfg.train.sync_bn,
-                                partial_steps=cfg.train.crop_warmup_epochs > 0)
-    if cfg.train.compile != "off":
-        fit_model = compile_for_training(fit_model, cfg.train.compile)
-    for epoch in range(start, cfg.train.epochs):
-        if tracker["stopped"]:
-            break
-        tracker = _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, device, epoch,
-                             tracker, run_dir, progress, loaders, scaler=scaler)
-    del loaders  # stop the persistent workers before the test
-    dist.barrier()  # rank 0 has written best.pt before any rank reads it
-    return finish(run_dir, cfg, sample_set, splits, device)
+    lock = _lock_run(run_dir) if dist.is_main() else None
+    try:
+        if dist.is_main():  # run_dir made by _lock_run
+            save_config(cfg, run_dir / "config.yaml")
+            save_splits(run_dir / "splits.json", splits, sample_set, extra={"seed": cfg.seed})
+        optimizer = build_optimizer(model, cfg, device)
+        # built once: workers and a memory cache last the whole run
+        loaders = {side: make_loader(sample_set, splits[side], cfg, train=side == "train")
+                   for side in ("train", "val") if len(splits.get(side, []))}
+        steps = len(loaders["train"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(steps * cfg.train.epochs, math.ceil(steps * cfg.train.warmup_epochs))
+        )
+        scaler = make_grad_scaler(device, cfg.train.amp)
+        start, tracker = 0, {"best_score": float("-inf"), "best_epoch": -1, "bad_epochs": 0, "stopped": False}
+        if resume:
+            start, tracker = _resume_state(run_dir, sample_set.class_names, model, optimizer, scheduler, scaler)
+            if progress and dist.is_main():
+                done = start >= cfg.train.epochs or tracker["stopped"]
+                print(f"resuming {run_dir} after epoch {start} of {cfg.train.epochs}, with {dist.world_size()} "
+                      f"process{'es' if dist.world_size() > 1 else ''}" + ("; its training is done: testing again"
+                                                                          if done else ""), flush=True)
+        # stage-wise warm-up epochs leave the fusion head (and a separate crop backbone) without gradients
+        fit_model = dist.wrap_model(model, device, sync_bn=cfg.train.sync_bn,
+                                    partial_steps=cfg.train.crop_warmup_epochs > 0)
+        if cfg.train.compile != "off":
+            fit_model = compile_for_training(fit_model, cfg.train.compile)
+        for epoch in range(start, cfg.train.epochs):
+            if tracker["stopped"]:
+                break
+            tracker = _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, device, epoch,
+                                 tracker, run_dir, progress, loaders, scaler=scaler)
+        del loaders  # stop the persistent workers before the test
+        dist.barrier()  # rank 0 has written best.pt before any rank reads it
+        return finish(run_dir, cfg, sample_set, splits, device)
+    finally:
+        if lock is not None:
+            lock.close()  # releases it
 
 
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
