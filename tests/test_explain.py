@@ -290,3 +290,13 @@ def test_limit_spreads_over_the_list():
     from finescope.explain.runner import spread
 
     assert spread(list(range(10)), 3) == [0, 4, 9] and spread([1, 2], 5) == [1, 2] and spread([1, 2], 0) == [1, 2]
+
+
+def test_a_loaded_model_keeps_its_class_names(tmp_path):
+    from finescope.trainer import load_trained
+
+    run = make_run(tmp_path, "attention")
+    model, _, names, _ = load_trained(run, device="cpu")
+    assert finescope.explain(model, image(96, 96), "attention").class_names == names != ["class_0", "class_1"]
+    assert finescope.explain(model, image(96, 96), "attention", class_names=["x", "y"]).class_names == ["x", "y"]
+    assert finescope.explain(tiny_model("attention"), image(96, 96), "attention").class_names == ["class_0", "class_1"]

@@ -599,6 +599,7 @@ def load_trained(source: str | Path, overrides: list[str] | None = None, device:
                 " ".join(str(e).split("\n", 1)[-1].split())[:160])
         raise FinescopeError(f"checkpoint '{state['path']}' does not fit the model config: {hint}") from None
     model.fold_batchnorm()  # inference only: BatchNorm folded into the convolutions, in eval mode
+    model.class_names = list(state["class_names"])  # so that a model handed on (explain(model, ...)) keeps them
     return model, cfg, list(state["class_names"]), state
 
 

@@ -117,7 +117,8 @@ def explain_image(
             (``attention``, ``gradcam``, ``gradcam++``, ``hirescam``, ``xgradcam``, ``layercam``, ``eigencam``).
         label: the true class index, if known (CAMs then explain it; see ``target``).
         target: ``true``, ``predicted`` or a class index: the class the CAMs explain.
-        class_names: names for the classes (default from the checkpoint, or ``class_0``, ...).
+        class_names: names for the classes (default: the checkpoint's, also for a model ``load_trained`` gave;
+            else ``class_0``, ...).
         predict_with: ``fused`` or ``mean``.
         device: for a model given as a path.
 
@@ -141,7 +142,7 @@ def explain_image(
     model.eval()
     img, path = as_image(image)
     methods = resolve_methods(model, method, variant)
-    names = class_names or [f"class_{i}" for i in range(model.num_classes)]
+    names = class_names or getattr(model, "class_names", None) or [f"class_{i}" for i in range(model.num_classes)]
     result = explain_loaded(model, img, methods, names, label=label, target=target, predict_with=predict_with)
     result.path = path
     return result
