@@ -62,9 +62,20 @@ def git_commit() -> str:
         return "unknown"
 
 
+def require_device(device: torch.device | str) -> torch.device:
+    """``device``, or exit with one line when it is CUDA and this machine has none."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"{Path(sys.argv[0]).name}: no CUDA device on this machine; run with --device cpu")
+    return device
+
+
 def environment(device: torch.device) -> dict:
-    """Machine, versions, commit and the exact command: recorded next to every figure."""
+    """Machine, versions, commit and the exact command: recorded next to every figure (exits with one line when
+    ``device`` is CUDA and there is none)."""
     import torchvision
+
+    require_device(device)
 
     env = {
         "command": (f"{ENV}={os.environ[ENV]} " if ENV in os.environ else "")  # the malloc setting, when chosen

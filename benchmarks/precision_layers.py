@@ -57,6 +57,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("precision_layers.py: no CUDA device on this machine; run with --device cpu")
     torch.manual_seed(1)
     model = create_model(ModelConfig(variant="fusion", backbone=args.backbone, weights=args.weights), 2).eval()
     x = torch.rand(2, 3, 224, 341, generator=torch.Generator().manual_seed(123))
