@@ -157,6 +157,13 @@ def test_truncated_image_named_then_skipped(tmp_path, capsys):
     # named once, as one line (not hidden with torch's own warnings, no source line), without the advice to skip
     assert len(warned) == 1 and warned[0].startswith("finescope: warning: skipped: cannot read image '")
     assert "data.on_error=skip" not in warned[0]
+    test = json.loads((tmp_path / "r2" / "splits.json").read_text())["splits"]["test"]
+    broken = root / test[0]
+    broken.write_bytes(broken.read_bytes()[:100])  # a test image broken after training
+    assert main(["evaluate", str(tmp_path / "r2"), "--device", "cpu", "--out", str(tmp_path / "m.json")]) == 0
+    assert f"(n={len(test) - 1}, 1 unreadable skipped)" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["skipped"] == [str(broken)] and metrics["n_images"] == len(test) - 1  # in the split, not metrics
 
 
 def test_image_smaller_than_crop(tmp_path, capsys):

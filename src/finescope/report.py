@@ -298,7 +298,9 @@ def _blocks(run_dir: Path, summary: dict, rows: list[dict], is_cv: bool, split: 
     if splits and split != "all":  # the run's splits say nothing of other data
         blocks.append(("table", "Split summary", split_table(splits, names, folds=is_cv),
                        "Images/groups per class on each side; 'shared groups' counts groups also on another "
-                       f"side{' of the same fold' if is_cv else ''} and must be 0 everywhere (no patient leakage)."))
+                       f"side{' of the same fold' if is_cv else ''} and must be 0 everywhere (no patient leakage). "
+                       "Images skipped as unreadable (data.on_error: skip) are counted here, not in the metrics "
+                       "(n_skipped in metrics.json)."))
     return blocks
 
 

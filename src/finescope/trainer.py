@@ -325,6 +325,9 @@ def evaluate_split(model, sample_set, indices, cfg, device, desc="eval", loader=
     groups = [sample_set.samples[i].group for i in preds.indices]
     metrics = compute_metrics(preds.labels, preds.probs, groups, sample_set.class_names)
     metrics["loss"] = preds.loss
+    # images of the split that the loader skipped (data.on_error: skip), counted in the split, not in the metrics
+    missing = sorted(set(np.asarray(indices).tolist()) - set(preds.indices.tolist()))
+    metrics["n_skipped"], metrics["skipped"] = len(missing), [sample_set.samples[i].path for i in missing]
     return preds, metrics
 
 
