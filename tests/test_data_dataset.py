@@ -331,6 +331,19 @@ def test_describe_samples(tmp_path):
     text = format_description(d)
     assert "img2.png" in text and "20x10: 3" in text and "copy.png" in text
     assert "image_sizes" not in describe_samples(SampleSet(samples, ["a", "b"]), read_images=False)
+    assert d["almost_black"] == []
+
+
+def test_describe_samples_lists_12_bit_data_in_16_bit_files_as_almost_black(tmp_path):
+    from PIL import Image
+
+    twelve = (np.random.default_rng(0).random((16, 24)) * 4095).astype(np.uint16)  # a 12-bit camera's range
+    Image.fromarray(twelve).save(tmp_path / "dark.png")  # 16-bit greyscale PNG
+    Image.fromarray((twelve.astype(np.uint32) * 16).astype(np.uint16)).save(tmp_path / "full.png")  # the full range
+    samples = [Sample(str(tmp_path / "dark.png"), 0, "a"), Sample(str(tmp_path / "full.png"), 1, "b")]
+    d = describe_samples(SampleSet(samples, ["a", "b"], root=str(tmp_path)))
+    assert d["almost_black"] == [[str(tmp_path / "dark.png"), 16]]  # 4094 * 255 / 65535, rounded
+    assert "almost black (brightest value at most 16 of 255): 1;" in format_description(d)
 
 
 # ------------------------------------------------------------------------------------------------ real data

@@ -30,13 +30,17 @@ def _file_digest(path: str) -> str | None:
         return None
 
 
+DARK = 16  # an image whose brightest value is at most this (of 255) is almost black
+
+
 def _read_all(sample_set: SampleSet, min_side: int) -> tuple[Counter, list[tuple[str, str]], list[list[str]],
-                                                            list[tuple[str, str]]]:
-    """Decode every image: size histogram ("WxH": n), unreadable files, sets of byte-identical files, and the
-    images whose short side is below ``min_side`` (path, "WxH")."""
+                                                            list[tuple[str, str]], list[tuple[str, int]]]:
+    """Decode every image: size histogram ("WxH": n), unreadable files, sets of byte-identical files, the
+    images whose short side is below ``min_side`` (path, "WxH") and the almost black ones (path, brightest)."""
     sizes: Counter = Counter()
     unreadable: list[tuple[str, str]] = []
     small: list[tuple[str, str]] = []
+    dark: list[tuple[str, int]] = []
     by_digest: dict[str, list[str]] = defaultdict(list)
     for s in sample_set.samples:
         digest = _file_digest(s.path)
@@ -50,8 +54,10 @@ def _read_all(sample_set: SampleSet, min_side: int) -> tuple[Counter, list[tuple
         sizes[f"{img.shape[2]}x{img.shape[1]}"] += 1
         if min(img.shape[1:]) < min_side:
             small.append((s.path, f"{img.shape[2]}x{img.shape[1]}"))
+        if int(img.max()) <= DARK:
+            dark.append((s.path, int(img.max())))
     duplicates = [paths for paths in by_digest.values() if len(paths) > 1]
-    return sizes, unreadable, sorted(duplicates), small
+    return sizes, unreadable, sorted(duplicates), small, dark
 
 
 def describe_samples(sample_set: SampleSet, read_images: bool = True, min_side: int = 0) -> dict[str, Any]:
@@ -68,7 +74,9 @@ def describe_samples(sample_set: SampleSet, read_images: bool = True, min_side: 
         ({40: n, ...} when the samples have one), ``image_sizes`` ({"700x460": n}, width x height),
         ``unreadable`` ([(path, reason)]), ``duplicates`` (lists of byte-identical files),
         ``duplicates_across_groups`` (how many of those lists span two groups: a possible leak), ``too_small``
-        ([(path, "WxH")] below ``min_side``, with ``min_side``) and ``skipped`` (files the source skipped).
+        ([(path, "WxH")] below ``min_side``, with ``min_side``), ``almost_black`` ([(path, brightest value)] at most
+        16 of 255: e.g. 12-bit camera data in a 16-bit file, which is read as value * 255 / 65535) and ``skipped``
+        (files the source skipped).
     """
     samples = sample_set.samples
     per_group = Counter(s.group for s in samples)
@@ -94,13 +102,14 @@ def describe_samples(sample_set: SampleSet, read_images: bool = True, min_side: 
         "skipped": [list(x) for x in sample_set.skipped],
     }
     if read_images:
-        sizes, unreadable, duplicates, small = _read_all(sample_set, min_side)
+        sizes, unreadable, duplicates, small, dark = _read_all(sample_set, min_side)
         group_of = {s.path: s.group for s in samples}
         out["image_sizes"] = dict(sizes.most_common())
         out["unreadable"] = [list(x) for x in unreadable]
         out["duplicates"] = duplicates
         out["duplicates_across_groups"] = sum(len({group_of[p] for p in d}) > 1 for d in duplicates)
         out["min_side"], out["too_small"] = min_side, [list(x) for x in small]
+        out["almost_black"] = [list(x) for x in dark]
     return out
 
 
@@ -150,6 +159,11 @@ def _problems(d: dict[str, Any]) -> list[str]:
     if d.get("min_side"):
         lines.append(f"smaller than {d['min_side']} px (model.local_size) on their short side: {len(d['too_small'])}")
         lines += [f"  {_rel(p, root)}: {size}" for p, size in d["too_small"][:20]]
+    if d.get("almost_black"):
+        lines.append(f"almost black (brightest value at most {DARK} of 255): {len(d['almost_black'])}; 16-bit files "
+                     "are read as value * 255 / 65535, so 12-bit camera data in them reads so: rescale them to the "
+                     "full 16-bit range or to 8 bits")
+        lines += [f"  {_rel(p, root)}: brightest {v}" for p, v in d["almost_black"][:20]]
     if d.get("skipped"):
         lines.append(f"skipped by the source: {len(d['skipped'])}")
         lines += [f"  {_rel(p, root)}: {reason}" for p, reason in d["skipped"][:20]]
