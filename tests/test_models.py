@@ -169,6 +169,17 @@ def test_backbone_cells_follow_its_rounding():
     assert (patchify.stride, patchify.ceil) == (4, False) and patchify.cells(11) == 2
     odd = backbones.Backbone(torch.nn.Conv2d(3, 4, 3, 3), 4, "odd")  # 256 px are not a whole number of its cells
     assert odd.stride is None and odd.cells(90) is None
+    # ceil in one stage, floor in the next (DenseNet's transitions): no single rule, so no stride
+    mixed = backbones.Backbone(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, 2, 1), torch.nn.AvgPool2d(2)), 4, "mixed")
+    assert mixed.stride is None
+
+    class Fussy(torch.nn.Conv2d):  # refuses an odd size, as some timm trunks do
+        def forward(self, x):
+            if x.shape[-1] % 2:
+                raise RuntimeError("The size of tensor a (65) must match the size of tensor b (64)")
+            return super().forward(x)
+
+    assert backbones.Backbone(Fussy(3, 4, 2, 2), 4, "fussy").stride is None
 
 
 def test_global_view_keeps_aspect():

@@ -41,24 +41,46 @@ class Backbone(nn.Module):
     Attributes:
         num_features: C, channels of the returned feature map.
         name: the backbone's registry name.
-        stride: input pixels per feature cell (32 for ResNets and MobileNetV2), measured by one forward pass of
-            a 256 x 257 input when the trunk is built; None when 256 is not a whole number of cells.
+        stride: input pixels per feature cell (32 for ResNets and MobileNetV2); None when the trunk's grid does
+            not follow one rule (see ``ceil``) on the probe sizes.
         ceil: whether an input side of n pixels gives ``ceil(n / stride)`` cells (padded convolutions) rather
             than ``floor(n / stride)`` (patchifying stems such as ConvNeXt's).
+
+    Both are measured when the trunk is built, by forward passes of inputs of ``_PROBE_SIDES`` (256 and odd
+    sides); a trunk that rounds differently at different stages (DenseNet's pooling, some timm hybrids), that
+    is not a whole number of cells at 256 px, or that refuses a probe size gets ``stride = None``.
     """
+
+    _PROBE_SIDES = ((256, 257), (223, 161), (127, 97))
 
     def __init__(self, trunk: nn.Module, num_features: int, name: str) -> None:
         super().__init__()
         self.trunk = trunk
         self.num_features = num_features
         self.name = name
-        with torch.no_grad():
-            was_training = trunk.training
-            trunk.eval()  # no BatchNorm statistics change
-            h, w = trunk(torch.zeros(1, 3, 256, 257)).shape[-2:]
+        self.stride, self.ceil = self._measure_grid(trunk)
+
+    @classmethod
+    def _measure_grid(cls, trunk: nn.Module) -> tuple[int | None, bool]:
+        """(stride, ceil) that every probe size agrees with, else (None, False)."""
+        was_training = trunk.training
+        trunk.eval()  # no BatchNorm statistics change
+        try:
+            with torch.no_grad():
+                grids = [tuple(trunk(torch.zeros(1, 3, h, w)).shape[-2:]) for h, w in cls._PROBE_SIDES]
+        except RuntimeError:  # a trunk that needs other input sizes
+            return None, False
+        finally:
             trunk.train(was_training)
-        self.stride = 256 // h if 256 % h == 0 else None
-        self.ceil = self.stride is not None and w == 256 // self.stride + 1
+        n = grids[0][0]
+        if n < 1 or 256 % n:
+            return None, False
+        stride = 256 // n
+        for ceil in (True, False):
+            cells = (lambda side: -(-side // stride)) if ceil else (lambda side: side // stride)  # noqa: E731
+            if all(g == (cells(h), cells(w)) for g, (h, w) in zip(grids, cls._PROBE_SIDES, strict=True)):
+                return stride, ceil
+        return None, False
 
     def cells(self, side: int) -> int | None:
         """The feature cells along an input axis of ``side`` pixels (None when the stride is unknown): the cells

@@ -332,15 +332,16 @@ class FineScopeNet(nn.Module):
 
         A view of ``dims`` pixels covers the cells the backbone gives it alone (:meth:`Backbone.cells`), in a
         padded ``view_hw`` batch of ``grid_hw`` cells as well, and those cells span the image (the attention map
-        upsampled to it), so that an image's cells, attention and boxes do not depend on the batch. A backbone
-        of unknown stride is taken to have ``view_hw / grid_hw`` pixels per cell.
+        upsampled to it), so that an image's cells, attention and boxes do not depend on the batch. A side that
+        fills the batch's view has the whole grid; a shorter one of a backbone of unknown stride is taken to have
+        ``view_hw / grid_hw`` pixels per cell.
         """
         h, w = grid_hw
         cells = getattr(self.backbone, "cells", lambda side: None)
         rows = []
-        for (H, W), (gh, gw) in zip(sizes, dims, strict=True):
-            n_h = cells(gh) or math.ceil(gh * h / view_hw[0])
-            n_w = cells(gw) or math.ceil(gw * w / view_hw[1])
+        for (H, W), (gh, gw) in zip(sizes, dims, strict=True):  # a side that fills the batch has the whole grid
+            n_h = h if gh == view_hw[0] else cells(gh) or math.ceil(gh * h / view_hw[0])
+            n_w = w if gw == view_hw[1] else cells(gw) or math.ceil(gw * w / view_hw[1])
             n_h, n_w = min(h, max(1, n_h)), min(w, max(1, n_w))
             rows.append([n_h, n_w, H / n_h, W / n_w, H, W])
         padded = any(r[0] != h or r[1] != w for r in rows)
