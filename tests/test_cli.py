@@ -360,3 +360,22 @@ def test_a_run_being_trained_is_not_trained_again_meanwhile(tmp_path, capsys):
     assert main(_train_args(root, tmp_path)) == 0  # released when that process ends
     assert (tmp_path / "r" / ".lock").read_text().startswith(f"pid {os.getpid()} on ")
     assert main(_train_args(root, tmp_path, "train.epochs=2") + ["--resume"]) == 0  # this one let it go
+    with open(tmp_path / "r" / ".lock") as held:  # held while the run has checkpoints: the holder is named
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert main(_train_args(root, tmp_path)) == 2
+        assert "is being trained by another process (pid" in _one_error_line(capsys)
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folder_and_no_lock_still_trains(tmp_path, capsys, monkeypatch):
+    import errno
+    import fcntl
+
+    assert main(_train_args(tmp_path / "nowhere", tmp_path)) == 2
+    assert "nowhere" in _one_error_line(capsys) and not (tmp_path / "r").exists()
+
+    def no_locks(fh, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)  # a file system without flock
+    assert main(_train_args(_folder(tmp_path / "d"), tmp_path)) == 0
+    assert "finescope: warning: cannot lock" in capsys.readouterr().err

@@ -231,6 +231,26 @@ def test_torchrun_refuses_a_batch_the_processes_cannot_share_before_writing(tmp_
 
 
 @pytest.mark.slow
+def test_torchrun_refuses_a_run_another_process_trains_on_every_rank(tmp_path):
+    import fcntl
+
+    root = tmp_path / "data"
+    _fusion_run_config(root, per_class=6, epochs=1)
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:
+        held.write("pid 7 on elsewhere")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        done = _torchrun(2, out, root, epochs=1)
+    assert done.returncode != 0
+    ours = [line for line in done.stderr.splitlines() if line.startswith("finescope: ")]
+    message = (f"'{out}' is being trained by another process (pid 7 on elsewhere); wait for it to end or stop it, "
+               "then --resume, or choose another --out")
+    assert sorted(ours) == [f"finescope: error (rank 1): {message}", f"finescope: error: {message}"]
+
+
+@pytest.mark.slow
 def test_torchrun_stage_wise_warmup(tmp_path):
     """Crop warm-up epochs leave the fusion head without gradients; DDP must accept that."""
     root = tmp_path / "data"

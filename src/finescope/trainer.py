@@ -14,6 +14,7 @@ A run directory holds::
 from __future__ import annotations
 
 import csv
+import errno
 import functools
 import json
 import logging
@@ -388,10 +389,10 @@ def _truncate_history(run_dir: Path, last_epoch: int) -> None:
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _lock_run(run_dir: Path):
-    """Create ``run_dir`` and hold an exclusive lock on its ``.lock`` file (the open file; closing it releases the
-    lock, and so does the process's end, however it ends): a second process training or resuming the same run
-    is refused instead of writing the same files. No lock where the platform has no ``fcntl``."""
+def _hold_lock(run_dir: Path):
+    """Create ``run_dir`` and hold an exclusive lock on its ``.lock`` file: the open file, whose closing (or the
+    process's end, however it ends) releases it; None where locks are unavailable (no ``fcntl``, or a file
+    system without them, which gets a warning)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
@@ -400,12 +401,16 @@ def _lock_run(run_dir: Path):
     fh = open(run_dir / ".lock", "a+")  # noqa: SIM115 (held open for the run)
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
         fh.seek(0)
         holder = fh.read().strip() or "unknown"
         fh.close()
-        raise FinescopeError(f"'{run_dir}' is being trained by another process ({holder}); wait for it to end or "
-                             "stop it, then --resume, or choose another --out") from None
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise FinescopeError(f"'{run_dir}' is being trained by another process ({holder}); wait for it to end "
+                                 "or stop it, then --resume, or choose another --out") from None
+        warnings.warn(f"cannot lock '{run_dir}' ({e.strerror}): nothing stops a second process from training it "
+                      "at the same time", FinescopeWarning, stacklevel=3)
+        return None
     fh.seek(0)
     fh.truncate()
     fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
@@ -413,18 +418,52 @@ def _lock_run(run_dir: Path):
     return fh
 
 
+class _RunLock:
+    """Rank 0's lock on a run folder while it is trained (:func:`_hold_lock`), so that a second ``train`` or
+    ``--resume`` of the folder is refused instead of writing the same files; every rank raises the same error."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir, self.fh, self.created, error = run_dir, None, not run_dir.exists(), None
+        if dist.is_main():
+            try:
+                self.fh = _hold_lock(run_dir)
+            except FinescopeError as e:
+                error = str(e)
+        error = next((e for e in dist.all_gather(error) if e), None)
+        if error:
+            raise FinescopeError(error)
+
+    def release(self) -> None:
+        """Release the lock; a folder this run made and left holding nothing but the lock is removed."""
+        if self.fh is not None:
+            self.fh.close()
+        if self.created and dist.is_main() and [p.name for p in self.run_dir.iterdir()] in ([".lock"], []):
+            (self.run_dir / ".lock").unlink(missing_ok=True)
+            self.run_dir.rmdir()
+
+
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
     """Train ``cfg`` into ``run_dir``; return the test metrics (also written to ``metrics.json``).
 
     With ``resume`` the run continues from ``checkpoints/last.pt`` and reaches the same result as an
-    uninterrupted run: every epoch reseeds its shuffling, augmentation and dropout from (seed, epoch).
+    uninterrupted run: every epoch reseeds its shuffling, augmentation and dropout from (seed, epoch). While it
+    trains, the folder is locked (``RUN/.lock``) against a second process.
     """
     run_dir = Path(run_dir)
-    if not resume and (run_dir / "checkpoints" / "last.pt").is_file():
-        raise FinescopeError(f"'{run_dir}' already holds a run; pass --resume to continue it or choose another --out")
-    if resume:
-        _check_resume_config(run_dir, cfg)
     dist.per_rank_batch(cfg.train.batch_size)  # a batch the processes cannot share is refused before any file
+    lock = _RunLock(run_dir)
+    try:
+        if not resume and (run_dir / "checkpoints" / "last.pt").is_file():
+            raise FinescopeError(f"'{run_dir}' already holds a run; pass --resume to continue it or choose another "
+                                 "--out")
+        if resume:
+            _check_resume_config(run_dir, cfg)
+        return _train(cfg, run_dir, resume, progress)
+    finally:
+        lock.release()
+
+
+def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool) -> dict:
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.seed)
     sample_set = _load_samples_rank0_first(cfg)
@@ -433,44 +472,39 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
                              f"({', '.join(sample_set.class_names) or 'none'}); a classifier needs at least 2")
     splits = resolve_splits(cfg, sample_set, run_dir, resume)
     model = build_model(cfg, len(sample_set.class_names), device)
-    lock = _lock_run(run_dir) if dist.is_main() else None
-    try:
-        if dist.is_main():  # run_dir made by _lock_run
-            save_config(cfg, run_dir / "config.yaml")
-            save_splits(run_dir / "splits.json", splits, sample_set, extra={"seed": cfg.seed})
-        optimizer = build_optimizer(model, cfg, device)
-        # built once: workers and a memory cache last the whole run
-        loaders = {side: make_loader(sample_set, splits[side], cfg, train=side == "train")
-                   for side in ("train", "val") if len(splits.get(side, []))}
-        steps = len(loaders["train"])
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(steps * cfg.train.epochs, math.ceil(steps * cfg.train.warmup_epochs))
-        )
-        scaler = make_grad_scaler(device, cfg.train.amp)
-        start, tracker = 0, {"best_score": float("-inf"), "best_epoch": -1, "bad_epochs": 0, "stopped": False}
-        if resume:
-            start, tracker = _resume_state(run_dir, sample_set.class_names, model, optimizer, scheduler, scaler)
-            if progress and dist.is_main():
-                done = start >= cfg.train.epochs or tracker["stopped"]
-                print(f"resuming {run_dir} after epoch {start} of {cfg.train.epochs}, with {dist.world_size()} "
-                      f"process{'es' if dist.world_size() > 1 else ''}" + ("; its training is done: testing again"
-                                                                          if done else ""), flush=True)
-        # stage-wise warm-up epochs leave the fusion head (and a separate crop backbone) without gradients
-        fit_model = dist.wrap_model(model, device, sync_bn=cfg.train.sync_bn,
-                                    partial_steps=cfg.train.crop_warmup_epochs > 0)
-        if cfg.train.compile != "off":
-            fit_model = compile_for_training(fit_model, cfg.train.compile)
-        for epoch in range(start, cfg.train.epochs):
-            if tracker["stopped"]:
-                break
-            tracker = _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, device, epoch,
-                                 tracker, run_dir, progress, loaders, scaler=scaler)
-        del loaders  # stop the persistent workers before the test
-        dist.barrier()  # rank 0 has written best.pt before any rank reads it
-        return finish(run_dir, cfg, sample_set, splits, device)
-    finally:
-        if lock is not None:
-            lock.close()  # releases it
+    if dist.is_main():
+        save_config(cfg, run_dir / "config.yaml")
+        save_splits(run_dir / "splits.json", splits, sample_set, extra={"seed": cfg.seed})
+    optimizer = build_optimizer(model, cfg, device)
+    # built once: workers and a memory cache last the whole run
+    loaders = {side: make_loader(sample_set, splits[side], cfg, train=side == "train")
+               for side in ("train", "val") if len(splits.get(side, []))}
+    steps = len(loaders["train"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(steps * cfg.train.epochs, math.ceil(steps * cfg.train.warmup_epochs))
+    )
+    scaler = make_grad_scaler(device, cfg.train.amp)
+    start, tracker = 0, {"best_score": float("-inf"), "best_epoch": -1, "bad_epochs": 0, "stopped": False}
+    if resume:
+        start, tracker = _resume_state(run_dir, sample_set.class_names, model, optimizer, scheduler, scaler)
+        if progress and dist.is_main():
+            done = start >= cfg.train.epochs or tracker["stopped"]
+            print(f"resuming {run_dir} after epoch {start} of {cfg.train.epochs}, with {dist.world_size()} "
+                  f"process{'es' if dist.world_size() > 1 else ''}" + ("; its training is done: testing again"
+                                                                      if done else ""), flush=True)
+    # stage-wise warm-up epochs leave the fusion head (and a separate crop backbone) without gradients
+    fit_model = dist.wrap_model(model, device, sync_bn=cfg.train.sync_bn,
+                                partial_steps=cfg.train.crop_warmup_epochs > 0)
+    if cfg.train.compile != "off":
+        fit_model = compile_for_training(fit_model, cfg.train.compile)
+    for epoch in range(start, cfg.train.epochs):
+        if tracker["stopped"]:
+            break
+        tracker = _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, device, epoch,
+                             tracker, run_dir, progress, loaders, scaler=scaler)
+    del loaders  # stop the persistent workers before the test
+    dist.barrier()  # rank 0 has written best.pt before any rank reads it
+    return finish(run_dir, cfg, sample_set, splits, device)
 
 
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
