@@ -22,7 +22,7 @@ from finescope.data import (
     summarize_splits,
     trial_splits,
 )
-from finescope.errors import FinescopeError
+from finescope.errors import FinescopeError, FinescopeWarning
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 realdata = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real data folder {SHARED_DATA} is absent")
@@ -206,6 +206,11 @@ def test_load_splits_rejects_leak(tmp_path):
     save_splits(path, {"train": np.arange(0, 7), "test": np.arange(7, 12)}, ss)  # g3 = samples 6, 7
     with pytest.raises(FinescopeError, match="group 'g3' is on both 'train' and 'test'"):
         load_splits(path, ss)
+    # a run's own split (one trained when its data was grouped otherwise) is read, with a warning
+    with pytest.warns(FinescopeWarning, match="group 'g3' is on both 'train' and 'test' as finescope groups this "
+                      "data now .*its metrics are not patient-level; train it again"):
+        own = load_splits(path, ss, own=True)
+    assert own["train"].tolist() == list(range(7))
 
 
 def test_summarize_splits(tmp_path):

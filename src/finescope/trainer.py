@@ -222,7 +222,7 @@ def resolve_splits(cfg: Config, sample_set: SampleSet, run_dir: Path, resume: bo
     own = run_dir / "splits.json"
     drawn = False  # whether data.test_fraction and data.val_fraction drew it
     if resume and own.is_file():
-        splits = load_splits(own, sample_set, fix="point data.root at the data this run was trained on")
+        splits = load_splits(own, sample_set, fix="point data.root at the data this run was trained on", own=True)
         source = f"the run's {own}"
     elif cfg.data.splits:
         splits, source = load_splits(cfg.data.splits, sample_set), f"data.splits '{cfg.data.splits}'"
@@ -662,7 +662,7 @@ def evaluate(source: str | Path, split: str = "test", overrides: list[str] | Non
     splits, why = None, f"no splits.json in '{run_dir}'"
     if split != "all" and (run_dir / "splits.json").is_file():
         try:
-            splits = load_splits(run_dir / "splits.json", sample_set)
+            splits = load_splits(run_dir / "splits.json", sample_set, own=True)
         except FinescopeError as e:
             if cfg.data == trained_data:  # the run's own data no longer matches its splits: say so, do not guess
                 raise

@@ -293,11 +293,14 @@ def _read_split_lists(path: Path) -> dict[str, list[str]]:
 
 
 def load_splits(path: str | Path, sample_set: SampleSet, fix: str = "draw new splits by leaving data.splits empty",
-                ) -> dict[str, np.ndarray]:
+                own: bool = False) -> dict[str, np.ndarray]:
     """Read splits written by :func:`save_splits` and match them to ``sample_set`` by relative path.
 
     Listed images that the source skipped (``data.on_error=skip``) are dropped with a warning. ``fix`` ends the
-    error when the file does not match the data (what the caller's user can do about it).
+    error when the file does not match the data (what the caller's user can do about it). A group on two sides
+    is an error, except in a run's ``own`` split (evaluated, explained or resumed), which is what it is: a run
+    trained when finescope grouped its data otherwise (before 46e660f a ``folder`` image was its own group) gets a
+    warning that its metrics are not patient-level.
 
     Returns:
         side name -> sorted int64 indices into ``sample_set.samples`` (``train``, ``val``, ``test`` always present).
@@ -334,7 +337,14 @@ def load_splits(path: str | Path, sample_set: SampleSet, fix: str = "draw new sp
             f"splits file '{path}' does not match the data: {len(uncovered)} images in data.root are in no split, "
             f"e.g. '{uncovered[0]}'; {fix}"
         )
-    check_no_leak(splits, sample_set.groups)
+    try:
+        check_no_leak(splits, sample_set.groups)
+    except FinescopeError as e:
+        if not own:
+            raise
+        warnings.warn(f"{path}: {str(e).split(';')[0]} as finescope groups this data now (the run was split when "
+                      "it grouped it otherwise): its metrics are not patient-level; train it again for a split "
+                      "by patient", FinescopeWarning, stacklevel=2)
     return splits
 
 

@@ -59,7 +59,7 @@ def _run_samples(cfg: Config, state: dict, class_names: list[str]):
         raise FinescopeError(f"--split needs the run's splits.json, not found at '{splits_file}'; pass a run "
                              "directory, or give image files/folders instead")
     sample_set = load_samples(cfg.data, require_all_classes=False, class_names=class_names)
-    return sample_set, load_splits(splits_file, sample_set)
+    return sample_set, load_splits(splits_file, sample_set, own=True)
 
 
 def split_inputs(cfg: Config, state: dict, class_names: list[str], split: str) -> Inputs:
