@@ -56,6 +56,10 @@ def test_train_evaluate_predict(cli_run, synthetic_root, tmp_path, capsys):
     text = (cli_run / "report_val.md").read_text()
     assert "## Validation metrics" in text and "## Confusion matrix (the run's validation split)" in text
     assert "report_val_files/" in text and (cli_run / "report_val.html").is_file()
+    # --out DIR/metrics.json: its predictions are not named predictions.csv, which marks a cv folder
+    assert main(["evaluate", str(cli_run), "--split", "val", "--device", "cpu", "--out",
+                 str(tmp_path / "metrics.json")]) == 0
+    assert not (tmp_path / "predictions.csv").exists() and (tmp_path / "predictions_val.csv").is_file()
     assert main(["predict", str(cli_run / "checkpoints" / "best.pt"), str(synthetic_root / "images"),
                  "--out", str(tmp_path / "p.csv"), "--device", "cpu"]) == 0
     assert len((tmp_path / "p.csv").read_text().splitlines()) == 41

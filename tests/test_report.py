@@ -69,6 +69,9 @@ def test_report_of_a_single_run_and_cli(tmp_path, capsys):
     text = (run / "report.md").read_text()
     assert "| fusion |" in text and "## Test metrics" in text and "## Confusion matrix (the run's test split)" in text
     assert "fold" not in text.lower()  # one run: no folds to average over
+    (run / "predictions_test.csv").rename(run / "predictions_val.csv")  # `report RUN` names the split it finds
+    assert main(["report", str(run)]) == 0
+    assert "## Validation metrics" in (run / "report.md").read_text()
     splits = {"train": {"images": 8, "groups": 3, "shared_groups": 0, "per_class": {"a": {"images": 4, "groups": 2}}}}
     assert report.split_table([("split", splits)], ["a"], folds=False) == (
         ["side", "images", "groups", "a img/grp", "shared groups"], [["train", "8", "3", "4/2", "0"]])

@@ -42,9 +42,9 @@ SHORT = {
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-def _single_run_rows(run_dir: Path, predictions: Path | None, fig_dir: Path) -> Path:
+def _single_run_rows(run_dir: Path, predictions: Path | None, fig_dir: Path) -> tuple[Path, str]:
     """Turn a training run's test predictions into an out-of-fold style CSV (one variant, one fold), written
-    into ``fig_dir``."""
+    into ``fig_dir``; with the split its name says (``predictions_<split>.csv``; 'test' otherwise)."""
     import csv
 
     import yaml
@@ -72,7 +72,8 @@ def _single_run_rows(run_dir: Path, predictions: Path | None, fig_dir: Path) -> 
         w = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["image"])
         w.writeheader()
         w.writerows(rows)
-    return out
+    named = src.stem.removeprefix("predictions_")
+    return out, named if src.stem.startswith("predictions_") and named in ("train", "val", "test", "all") else "test"
 
 
 def _histories(run_dir: Path, is_cv: bool) -> dict[str, dict[str, list[dict]]]:
@@ -276,7 +277,8 @@ def _blocks(run_dir: Path, summary: dict, rows: list[dict], is_cv: bool, split: 
                                 f"Pooled out-of-fold value [patient-clustered 95% bootstrap interval] (mean ± std "
                                 f"over folds). {prr}")]
     else:
-        title, where = _SPLIT_WORDS.get(split, ("All-image", f"{len(rows)} images of '{data_root}', all of them"))
+        of = f" of '{data_root}'" if data_root else ""
+        title, where = _SPLIT_WORDS.get(split, ("All-image", f"all {len(rows)} images{of} (not a split of the run)"))
         where = where if split == "all" else f"the run's {where}"
         blocks = [("table", f"{title} metrics", ablation_table(summary, folds=False),
                    f"On {where}: value [patient-clustered 95% bootstrap interval]. {prr}")]
@@ -360,7 +362,11 @@ def write_report(run_dir: str | Path, n_boot: int = 1000, predictions: str | Pat
     html_path = md_path.with_suffix(".html")
     fig_dir = md_path.with_name(md_path.stem + "_files")
     is_cv = (run_dir / "predictions.csv").is_file()
-    csv_path = run_dir / "predictions.csv" if is_cv else _single_run_rows(run_dir, predictions, fig_dir)
+    if is_cv:
+        csv_path = run_dir / "predictions.csv"
+    else:
+        csv_path, named = _single_run_rows(run_dir, predictions, fig_dir)
+        split = split if predictions is not None else named  # `report RUN` reports what the CSV it found holds
     summary_path = run_dir / "summary.json"
     if is_cv and summary_path.is_file():
         summary = json.loads(summary_path.read_text())

@@ -683,6 +683,7 @@ def evaluate(source: str | Path, split: str = "test", overrides: list[str] | Non
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2))
     stem = out.stem.replace("metrics", "predictions") if "metrics" in out.stem else out.stem + "_predictions"
+    stem = f"predictions_{split}" if stem == "predictions" else stem  # predictions.csv marks a cv folder
     write_predictions(out.with_name(stem + ".csv"), preds, sample_set)
     return {**metrics, "output": str(out), "predictions": str(out.with_name(stem + ".csv")), "run_dir": str(run_dir)}
 
