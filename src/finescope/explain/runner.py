@@ -123,6 +123,8 @@ def _explain_one(ctx: _Context, index: int, item) -> dict:
     ctx.evidence.add(ctx.model, expl, item.name, figure.as_posix())
     row = _base_row(expl, item, figure)
     curves = None
+    if not ctx.settings.faithfulness and item.cells is None:
+        return {"row": row, "curves": curves}
     image = expl.image.float() / 255
     baseline = fa.baseline_image(image, ctx.settings.baseline)
     detail = fa.detail_map(image, baseline)
