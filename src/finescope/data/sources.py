@@ -388,35 +388,36 @@ def _scan_folder(cfg: DataConfig) -> _Scan:
         raise FinescopeError(
             f"data.root '{root}' has no class sub-folders; data.source=folder expects root/<class>/<image>"
         )
-    found, skipped = [], []
+    found, skipped, any_given = [], [], False
     for name in classes:
         for path in find_images(root / name):
-            group = group_below_class(path.relative_to(root / name), pattern)
+            rel = path.relative_to(root / name)
+            group = group_below_class(rel, pattern)
             if group is None:
-                reason = (f"'{path.relative_to(root / name).as_posix()}' (below class folder '{root / name}') does "
-                          f"not match data.group_pattern '{pattern.pattern}'")
+                reason = (f"'{rel.as_posix()}' (below class folder '{root / name}') does not match "
+                          f"data.group_pattern '{pattern.pattern}'")
                 _skip_or_raise(cfg, str(path), reason, skipped, advice="; fix data.group_pattern, or set "
                                "data.on_error=skip to leave such files out")
             else:
+                any_given = any_given or group != ""
                 found.append(_Found(str(path), name, group or path.relative_to(root).as_posix(), {}))
     if not found:
         raise _no_images(root, skipped)
-    ungrouped = pattern is None and not any(len(Path(f.path).relative_to(root).parts) > 2 for f in found)
-    no_groups = (f"the class folders under '{root}' hold their images directly (no root/<class>/<patient>/ "
-                 "sub-folders) and data.group_pattern is empty") if ungrouped else ""
+    no_groups = "" if any_given else (f"the class folders under '{root}' hold their images directly (no "
+                                      "root/<class>/<patient>/ sub-folders) and data.group_pattern is empty")
     return _Scan(found, classes, str(root), skipped, no_groups)
 
 
 def group_below_class(rel: Path, pattern: re.Pattern | None) -> str | None:
     """The group of an image at ``rel``, its path below its class folder: the first capture group of
     ``pattern`` searched in the file name or, where it does not match there, in that whole path ('/'-separated,
-    e.g. ``P01/img_000.png``), None when neither matches; without a pattern the first sub-folder (``P01``), or ''
+    e.g. ``P01/img_000.png``), None when neither matches with a non-empty capture; without a pattern the first sub-folder (``P01``), or ''
     for an image directly in its class folder (the caller then makes it a group of its own)."""
     if pattern is None:
         return rel.parts[0] if len(rel.parts) > 1 else ""
     for text in (rel.name, rel.as_posix()):
         m = pattern.search(text)
-        if m is not None and m.group(1) is not None:
+        if m is not None and m.group(1):  # an empty capture names no group
             return m.group(1)
     return None
 
