@@ -184,6 +184,11 @@ def test_detail_map_is_where_the_baseline_changes_the_image():
         assert detail.shape == (32, 48)
         assert detail[8:12, 30:34].min() > detail[20:, :20].max()  # the spot, not the flat background
     torch.testing.assert_close(fa.detail_map(img, img), torch.zeros(32, 48))
+    noisy = img.clone()
+    noisy[:, 2, 2] = 1.0  # one bright pixel far from the spot: the largest single change, a small region's
+    sharp, pooled = (fa.detail_map(noisy, fa.baseline_image(noisy, "mean"), w) for w in (1, 5))
+    assert pooled.shape == (32, 48) and divmod(int(sharp.argmax()), 48) == (2, 2)
+    assert 8 <= divmod(int(pooled.argmax()), 48)[0] < 12  # the pooled maximum is in the spot's rows
 
 
 def test_baselines_keep_the_shape_and_reject_unknown_names():

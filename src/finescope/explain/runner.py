@@ -127,7 +127,7 @@ def _explain_one(ctx: _Context, index: int, item) -> dict:
         return {"row": row, "curves": curves}
     image = expl.image.float() / 255
     baseline = fa.baseline_image(image, ctx.settings.baseline)
-    detail = fa.detail_map(image, baseline)
+    detail = fa.detail_map(image, baseline, window=max(1, round(min(image.shape[-2:]) / ctx.settings.grid)))
     if ctx.settings.faithfulness:
         f = _faithfulness(ctx, expl, index, image, baseline, detail)
         row.update(f["row"])
