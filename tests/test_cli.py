@@ -376,6 +376,13 @@ def test_a_run_that_fails_before_writing_leaves_no_folder_and_no_lock_still_trai
 
     assert main(_train_args(tmp_path / "nowhere", tmp_path)) == 2
     assert "nowhere" in _one_error_line(capsys) and not (tmp_path / "r").exists()
+    assert main(_train_args(tmp_path / "nowhere", tmp_path, "--out", str(tmp_path / "new" / "deep" / "r"))) == 2
+    assert not (tmp_path / "new").exists()  # the folders it made, when left empty
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("x")
+    assert main(_train_args(tmp_path / "nowhere", tmp_path, "--out", str(tmp_path / "mine"))) == 2
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["keep.txt"]  # a user's folder as it was
+    capsys.readouterr()
 
     def no_locks(fh, op):
         raise OSError(errno.ENOLCK, "No locks available")
@@ -383,3 +390,31 @@ def test_a_run_that_fails_before_writing_leaves_no_folder_and_no_lock_still_trai
     monkeypatch.setattr(fcntl, "flock", no_locks)  # a file system without flock
     assert main(_train_args(_folder(tmp_path / "d"), tmp_path)) == 0
     assert "finescope: warning: cannot lock" in capsys.readouterr().err
+
+
+def test_a_run_split_under_another_grouping_is_still_evaluated_and_resumed(tmp_path, capsys):
+    """A run whose split puts one patient on two sides under today's grouping (trained when finescope grouped
+    the data otherwise) is evaluated and resumed with a warning, and its report says so; a new run refuses it."""
+    root = tmp_path / "d"
+    for c in ("a", "b"):
+        for p in range(4):
+            for i in range(2):
+                (root / c / f"P{c}{p}").mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (80, 64), (40 * i + 10 * p, 90, 160)).save(root / c / f"P{c}{p}" / f"{i}.png")
+    run = tmp_path / "r"
+    assert main(_train_args(root, tmp_path, "data.test_fraction=0.25", "data.val_fraction=0")) == 0
+    splits_file = run / "splits.json"
+    raw = json.loads(splits_file.read_text())
+    moved = next(p for p in raw["splits"]["train"] if p.endswith("/0.png"))
+    raw["splits"]["train"].remove(moved)  # one image of a training patient on the test side, as an image-level
+    raw["splits"]["test"].append(moved)  # split drawn before patients were sub-folders would put it
+    splits_file.write_text(json.dumps(raw))
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--device", "cpu"]) == 0
+    assert "is on both 'train' and 'test' as finescope groups this data now" in capsys.readouterr().err
+    assert "Warning: split leak: group" in (run / "report.md").read_text()
+    assert main(_train_args(root, tmp_path, "data.test_fraction=0.25", "data.val_fraction=0", "train.epochs=2")
+                + ["--resume"]) == 0
+    assert "its metrics are not patient-level" in capsys.readouterr().err
+    assert main(_train_args(root, tmp_path, f"data.splits={splits_file}", "--out", str(tmp_path / "new"))) == 2
+    assert "split leak" in _one_error_line(capsys)

@@ -359,6 +359,9 @@ def test_csv_errors(tmp_path):
     blank = write_csv(tmp_path / "blank.csv", ["path", "label", "group"], [["a.png", "x", "P1"], ["b.png", "x", ""]])
     with pytest.raises(FinescopeError, match=r"blank\.csv' line 3 has an empty group; give every row its patient"):
         load_samples(DataConfig(source="csv", root=str(blank)))
+    blank.write_text("path,label,group\n\na.png,x,P1\n\nb.png,x,\n")  # blank lines: the file's own line numbers
+    with pytest.raises(FinescopeError, match=r"blank\.csv' line 5 has an empty group"):
+        load_samples(DataConfig(source="csv", root=str(blank)))
 
 
 # ----------------------------------------------------------------------------------------------- synthetic

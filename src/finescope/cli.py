@@ -73,9 +73,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     stem = predictions.stem.replace("predictions", "report") if "predictions" in predictions.stem \
         else predictions.stem + "_report"
     md = predictions.with_name(("report" if stem == "report_test" else stem) + ".md")
-    _, page = write_report(metrics["run_dir"], predictions=predictions, split=metrics["split"],
-                           data_root=metrics["data_root"], out=md)
-    print(f"report written to {page}")
+    md, page = write_report(metrics["run_dir"], predictions=predictions, split=metrics["split"],
+                            data_root=metrics["data_root"], out=md, warning=metrics.get("split_leak"))
+    print(f"report written to {md} and {page}")
     return 0
 
 
@@ -246,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="metrics of a trained model on its test split or on other data")
     p.add_argument("source", help="a run directory or a checkpoint .pt")
     p.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
-                   help="split of the run's own data (other data, via --set data.root=..., is always 'all')")
+                   help="split of the run's own data, also moved (other data, via --set data.root=..., is evaluated "
+                        "whole: 'all')")
     p.add_argument("--out", help="metrics JSON path (default RUN_DIR/metrics_<split>.json)")
     p.add_argument("--device", default="auto")
     _add_set(p)

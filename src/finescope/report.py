@@ -53,7 +53,8 @@ def _single_run_rows(run_dir: Path, predictions: Path | None, fig_dir: Path) -> 
                                                     *sorted(run_dir.glob("predictions_*.csv")))
     src = next((Path(p) for p in candidates if Path(p).is_file()), None)
     if src is None:
-        raise FinescopeError(f"'{run_dir}' holds neither predictions.csv (cv) nor predictions_test.csv (a run)")
+        raise FinescopeError(f"'{run_dir}' holds neither predictions.csv (cv) nor predictions_<split>.csv (a run: "
+                             "train or evaluate writes it)")
     try:
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
     except yaml.YAMLError:
@@ -339,7 +340,7 @@ def _render_html(title: str, blocks: list[tuple]) -> str:
 
 def write_report(run_dir: str | Path, n_boot: int = 1000, predictions: str | Path | None = None,
                  split: str = "test", data_root: str | None = None, out: str | Path | None = None,
-                 ) -> tuple[Path, Path]:
+                 warning: str | None = None) -> tuple[Path, Path]:
     """Write ``report.md`` (figures in ``report_files/``) and a self-contained ``report.html`` into ``run_dir``.
 
     Args:
@@ -351,6 +352,8 @@ def write_report(run_dir: str | Path, n_boot: int = 1000, predictions: str | Pat
             ``all`` images of ``data_root`` (other data), named so in the report.
         out: the report's Markdown file instead of ``run_dir/report.md``; the HTML page and the figure folder
             take its name (``OUT.html``, ``OUT_files/``).
+        warning: what is wrong with the run's split (e.g. patients on two sides under today's grouping), shown
+            above the metrics and the split summary.
 
     Returns:
         The paths of the Markdown and HTML reports.
@@ -376,6 +379,9 @@ def write_report(run_dir: str | Path, n_boot: int = 1000, predictions: str | Pat
     fig_dir.mkdir(parents=True, exist_ok=True)
     title = f"finescope report: {run_dir.resolve().name}"
     blocks = _blocks(run_dir, summary, rows, is_cv, split, data_root)
+    if warning:  # above the metrics and the split summary, whose stored counts predate it
+        blocks = [(k, h, p, f"Warning: {warning}. {n}" if i == 0 or h == "Split summary" else n)
+                  for i, (k, h, p, n) in enumerate(blocks)]
     md_path.write_text(_render_md(title, blocks, fig_dir))
     html_path.write_text(_render_html(title, blocks))
     return md_path, html_path

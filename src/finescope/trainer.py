@@ -58,6 +58,7 @@ from finescope.data import (
     split_groups,
 )
 from finescope.data.dataset import worker_context
+from finescope.data.splits import own_split_leak
 from finescope.engine import (
     Predictions,
     make_grad_scaler,
@@ -235,7 +236,8 @@ def resolve_splits(cfg: Config, sample_set: SampleSet, run_dir: Path, resume: bo
             sample_set.labels, sample_set.groups, cfg.data.test_fraction, cfg.data.val_fraction, cfg.seed
         )
         source, drawn = "data.test_fraction and data.val_fraction", True
-    check_no_leak(splits, sample_set.groups)
+    if not (resume and own.is_file()):  # a run's own split is what it is (load_splits warned of a leak)
+        check_no_leak(splits, sample_set.groups)
     if len(splits.get("train", [])) == 0:
         raise FinescopeError(f"the training split is empty: {source} leaves no image for training; change it, or "
                              "add images")
@@ -423,7 +425,9 @@ class _RunLock:
     ``--resume`` of the folder is refused instead of writing the same files; every rank raises the same error."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.run_dir, self.fh, self.created, error = run_dir, None, not run_dir.exists(), None
+        self.run_dir, self.fh, error = run_dir, None, None
+        self.made = [d for d in (run_dir, *run_dir.absolute().parents) if not d.exists()]  # deepest first
+        self.new_lock = not (run_dir / ".lock").exists()
         if dist.is_main():
             try:
                 self.fh = _hold_lock(run_dir)
@@ -434,12 +438,17 @@ class _RunLock:
             raise FinescopeError(error)
 
     def release(self) -> None:
-        """Release the lock; a folder this run made and left holding nothing but the lock is removed."""
+        """Release the lock. A run that stopped before writing its config leaves nothing behind: the lock file
+        it made and the folders it made, when empty, are removed."""
         if self.fh is not None:
             self.fh.close()
-        if self.created and dist.is_main() and [p.name for p in self.run_dir.iterdir()] in ([".lock"], []):
+        if not dist.is_main() or (self.run_dir / "config.yaml").exists():
+            return
+        if self.new_lock:
             (self.run_dir / ".lock").unlink(missing_ok=True)
-            self.run_dir.rmdir()
+        for d in self.made:
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
@@ -669,7 +678,8 @@ def evaluate(source: str | Path, split: str = "test", overrides: list[str] | Non
             why = f"the data is not the run's ({str(e).split(';')[0]})"
     if splits is None:
         if split != "all":
-            log.warning("evaluating all %d images, not the '%s' split: %s", len(sample_set), split, why)
+            warnings.warn(f"evaluating all {len(sample_set)} images, not the '{split}' split: {why}",
+                          FinescopeWarning, stacklevel=2)
         indices, split = np.arange(len(sample_set)), "all"
     else:
         if split not in splits:
@@ -678,7 +688,8 @@ def evaluate(source: str | Path, split: str = "test", overrides: list[str] | Non
     if len(indices) == 0:
         raise FinescopeError(f"the '{split}' split of {run_dir} holds no images")
     preds, metrics = evaluate_split(model, sample_set, indices, cfg, next(model.parameters()).device)
-    metrics.update(split=split, checkpoint=state["path"], data_root=cfg.data.root)
+    metrics.update(split=split, checkpoint=state["path"], data_root=os.path.abspath(cfg.data.root),
+                   split_leak=None if splits is None else own_split_leak(splits, sample_set))
     out = Path(out) if out else run_dir / f"metrics_{split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2))

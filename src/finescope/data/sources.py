@@ -437,14 +437,16 @@ def _manifest_path(root: str) -> Path:
     return path
 
 
-def _read_rows(manifest: Path) -> tuple[list[str], list[dict[str, str]]]:
-    """Header and rows of a manifest; raise when it cannot be read or lacks ``path``/``label``."""
+def _read_rows(manifest: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """Header and (file line, row) of every row of a manifest (blank lines skipped, multi-line cells counted);
+    raise when it cannot be read or lacks ``path``/``label``."""
     try:
         with manifest.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             header = [h.strip() for h in (reader.fieldnames or [])]
-            rows = [
-                {k.strip(): (v or "").strip() for k, v in row.items() if isinstance(k, str)} for row in reader
+            rows = [  # reader.line_num: the file line where the row just read ends
+                (reader.line_num, {k.strip(): (v or "").strip() for k, v in row.items() if isinstance(k, str)})
+                for row in reader
             ]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise FinescopeError(f"cannot read CSV manifest '{manifest}': {e}") from None
@@ -485,7 +487,7 @@ def read_manifest(manifest: Path, cfg: DataConfig) -> _Scan:
     """Read a ``path,label[,group][,split]`` CSV; paths are relative to the CSV's folder."""
     header, rows = _read_rows(manifest)
     found, skipped, seen = [], [], set()
-    for line, row in enumerate(rows, start=2):
+    for line, row in rows:
         item = _csv_row(row, line, manifest, header, seen)
         if not os.path.isfile(item.path):
             reason = f"image '{item.path}' listed in CSV manifest '{manifest}' line {line} does not exist"
