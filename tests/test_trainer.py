@@ -11,7 +11,7 @@ from conftest import tiny_overrides
 from finescope import trainer
 from finescope.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from finescope.config import load_config
-from finescope.errors import FinescopeError
+from finescope.errors import FinescopeError, FinescopeWarning
 
 
 def _train(root, out, variant="fusion", epochs=2, extra=()):
@@ -288,16 +288,16 @@ def test_resume_refuses_another_config_and_keeps_the_runs_own(synthetic_root, tm
     assert [json.loads(line)["epoch"] for line in (out / "history.jsonl").read_text().splitlines()] == [0, 1]
 
 
-def test_evaluate_keeps_the_split_with_loader_overrides_and_says_when_it_cannot(fusion_run, tmp_path, caplog):
+def test_evaluate_keeps_the_split_with_loader_overrides_and_says_when_it_cannot(fusion_run, tmp_path):
     out, metrics = fusion_run
     result = trainer.evaluate(out, "test", ["data.num_workers=1", "data.cache=memory"], out=tmp_path / "m.json",
                               device="cpu")
     assert result["split"] == "test" and result["n_images"] == metrics["n_images"]
     loose = tmp_path / "loose.pt"
     loose.write_bytes((out / "checkpoints" / "best.pt").read_bytes())
-    with caplog.at_level("WARNING", logger="finescope"):
+    with pytest.warns(FinescopeWarning, match="evaluating all .* images, not the 'val' split: no splits.json"):
         result = trainer.evaluate(loose, "val", out=tmp_path / "n.json", device="cpu")
-    assert result["split"] == "all" and "not the 'val' split" in caplog.text
+    assert result["split"] == "all"
 
 
 def test_thin_splits_are_named_before_training():
