@@ -418,3 +418,19 @@ def test_a_run_split_under_another_grouping_is_still_evaluated_and_resumed(tmp_p
     assert "its metrics are not patient-level" in capsys.readouterr().err
     assert main(_train_args(root, tmp_path, f"data.splits={splits_file}", "--out", str(tmp_path / "new"))) == 2
     assert "split leak" in _one_error_line(capsys)
+
+
+def test_set_may_come_before_the_paths():
+    from finescope.cli import _sets_last
+
+    assert _sets_last(["predict", "RUN", "--set", "a=1", "b=2", "img.png", "--out", "p.csv", "--set", "c=3"]) == [
+        "predict", "RUN", "img.png", "--out", "p.csv", "--set", "a=1", "b=2", "c=3"]
+    assert _sets_last(["train", "--set"]) == ["train", "--set"]  # left for argparse to refuse
+    assert _sets_last(["x", "--set", "a=1", "--", "--set", "b=2"]) == ["x", "--set", "a=1", "--", "--set", "b=2"]
+
+
+def test_predict_with_set_before_its_paths(cli_run, synthetic_root, tmp_path):
+    img = sorted((synthetic_root / "images").iterdir())[0]
+    assert main(["predict", str(cli_run), "--set", "model.predict_with=mean", str(img), "--out",
+                 str(tmp_path / "p.csv"), "--device", "cpu"]) == 0
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 2

@@ -309,10 +309,32 @@ def _one_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def _sets_last(argv: list[str]) -> list[str]:
+    """``argv`` with the KEY=VALUE items of every ``--set`` moved into one ``--set`` at the end, so that a path
+    given after them (``predict RUN --set k=v IMAGE``) is not taken as one of them (``--set`` takes one or more
+    values). A ``--set`` without such items stays where it is, for argparse to refuse; nothing after ``--`` moves."""
+    rest = argv[argv.index("--"):] if "--" in argv else []
+    argv = argv[:len(argv) - len(rest)]
+    out, sets, i = [], [], 0
+    while i < len(argv):
+        if argv[i] == "--set":
+            j = i + 1
+            while j < len(argv) and "=" in argv[j] and not argv[j].startswith("-"):
+                j += 1
+            if j == i + 1:
+                out.append("--set")
+            sets += argv[i + 1:j]
+            i = j
+        else:
+            out.append(argv[i])
+            i += 1
+    return out + (["--set", *sets] if sets else []) + rest
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_sets_last(list(sys.argv[1:] if argv is None else argv)))
     tune_allocator()  # glibc keeps freed tensors' memory for the next step (finescope.runtime)
     debug = os.environ.get("FINESCOPE_DEBUG") == "1"
     with warnings.catch_warnings():  # the settings below end with the command (main may be called in-process)
