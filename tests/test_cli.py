@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_overrides
 from PIL import Image
 
-from finescope.cli import main
+from finescope.cli import build_parser, main
 
 
 def _one_error_line(capsys) -> str:
@@ -413,24 +413,41 @@ def test_a_run_split_under_another_grouping_is_still_evaluated_and_resumed(tmp_p
     assert main(["evaluate", str(run), "--device", "cpu"]) == 0
     assert "is on both 'train' and 'test' as finescope groups this data now" in capsys.readouterr().err
     assert "Warning: split leak: group" in (run / "report.md").read_text()
+    assert main(["report", str(run)]) == 0  # a report made again keeps it (from metrics_test.json)
+    assert "Warning: split leak: group" in (run / "report.md").read_text()
+    (run / "checkpoints" / ".last.pt.99999.tmp").write_bytes(b"half a checkpoint")  # a killed save's leftover
     assert main(_train_args(root, tmp_path, "data.test_fraction=0.25", "data.val_fraction=0", "train.epochs=2")
                 + ["--resume"]) == 0
     assert "its metrics are not patient-level" in capsys.readouterr().err
+    assert "split leak" in json.loads((run / "metrics.json").read_text())["split_leak"]
+    assert not list((run / "checkpoints").glob(".*.tmp"))  # cleaned once the resumed run held the lock
     assert main(_train_args(root, tmp_path, f"data.splits={splits_file}", "--out", str(tmp_path / "new"))) == 2
     assert "split leak" in _one_error_line(capsys)
 
 
 def test_set_may_come_before_the_paths():
-    from finescope.cli import _sets_last
+    from finescope.cli import _one_set_each
 
-    assert _sets_last(["predict", "RUN", "--set", "a=1", "b=2", "img.png", "--out", "p.csv", "--set", "c=3"]) == [
-        "predict", "RUN", "img.png", "--out", "p.csv", "--set", "a=1", "b=2", "c=3"]
-    assert _sets_last(["train", "--set"]) == ["train", "--set"]  # left for argparse to refuse
-    assert _sets_last(["x", "--set", "a=1", "--", "--set", "b=2"]) == ["x", "--set", "a=1", "--", "--set", "b=2"]
+    assert _one_set_each(["predict", "RUN", "--set", "a=1", "b=2", "img.png", "--out", "p.csv", "--set", "c=3"]) == [
+        "predict", "RUN", "--set=a=1", "--set=b=2", "img.png", "--out", "p.csv", "--set=c=3"]
+    assert _one_set_each(["train", "--set"]) == ["train", "--set"]  # left for argparse to refuse
+    assert _one_set_each(["x", "--set", "a=1", "--", "--set", "b=2"]) == ["x", "--set=a=1", "--", "--set", "b=2"]
+    assert _one_set_each(["x", "--set", "a=1", "--set=a=2", "--set", "a=3"]) == [
+        "x", "--set=a=1", "--set=a=2", "--set=a=3"]  # in order: the last one wins
+    args, extra = build_parser().parse_known_args(_one_set_each(["explain", "RUN", "--method", "gradcam", "--set",
+                                                                 "a=1", "img.png", "--set", "lr=-1"]))
+    assert args.method == ["gradcam"] and extra == ["img.png"] and args.overrides == ["a=1", "lr=-1"]
 
 
-def test_predict_with_set_before_its_paths(cli_run, synthetic_root, tmp_path):
+def test_predict_with_set_before_its_paths(cli_run, synthetic_root, tmp_path, capsys):
     img = sorted((synthetic_root / "images").iterdir())[0]
     assert main(["predict", str(cli_run), "--set", "model.predict_with=mean", str(img), "--out",
                  str(tmp_path / "p.csv"), "--device", "cpu"]) == 0
     assert len((tmp_path / "p.csv").read_text().splitlines()) == 2
+    # explain's paths after options (--method's list ended by --set): the image is explained, not a method
+    assert main(["explain", str(cli_run), "--method", "gradcam", "--set", "train.device=cpu", str(img),
+                 "--out", str(tmp_path / "ex"), "--no-faithfulness", "--device", "cpu", "--quiet"]) == 0
+    assert json.loads((tmp_path / "ex" / "faithfulness.json").read_text())["images"] == 1
+    with pytest.raises(SystemExit):
+        main(["data", "--config", "configs/demo.yaml", "stray"])  # no paths to take it: refused as before
+    assert "unrecognized arguments: stray" in capsys.readouterr().err

@@ -20,8 +20,9 @@ from finescope.runtime import tune_allocator
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="override config keys, e.g. --set train.epochs=5 model.variant=global")
+    # one value per option as argparse sees it: main() turns "--set k=v k2=v2" into "--set=k=v --set=k2=v2"
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override config keys, one or more, e.g. --set train.epochs=5 model.variant=global")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -309,32 +310,35 @@ def _one_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _sets_last(argv: list[str]) -> list[str]:
-    """``argv`` with the KEY=VALUE items of every ``--set`` moved into one ``--set`` at the end, so that a path
-    given after them (``predict RUN --set k=v IMAGE``) is not taken as one of them (``--set`` takes one or more
-    values). A ``--set`` without such items stays where it is, for argparse to refuse; nothing after ``--`` moves."""
+def _one_set_each(argv: list[str]) -> list[str]:
+    """``argv`` with every ``--set k=v k2=v2 ...`` written as ``--set=k=v --set=k2=v2``, in place: one
+    option token per override, so that nothing around them changes meaning (a path after them stays a path, an
+    option before them keeps its own list). The items of a ``--set`` are the ``KEY=VALUE`` tokens after it; a
+    ``--set`` without one stays, for argparse to refuse; nothing after ``--`` changes."""
     rest = argv[argv.index("--"):] if "--" in argv else []
-    argv = argv[:len(argv) - len(rest)]
-    out, sets, i = [], [], 0
-    while i < len(argv):
-        if argv[i] == "--set":
-            j = i + 1
-            while j < len(argv) and "=" in argv[j] and not argv[j].startswith("-"):
-                j += 1
-            if j == i + 1:
-                out.append("--set")
-            sets += argv[i + 1:j]
-            i = j
+    out, items = [], False
+    for token in argv[:len(argv) - len(rest)]:
+        if token == "--set":
+            out.append(token)
+            items = True
+        elif items and "=" in token and not token.startswith("-"):
+            if out[-1] == "--set":
+                out.pop()
+            out.append(f"--set={token}")
         else:
-            out.append(argv[i])
-            i += 1
-    return out + (["--set", *sets] if sets else []) + rest
+            items = False
+            out.append(token)
+    return out + rest
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
     parser = build_parser()
-    args = parser.parse_args(_sets_last(list(sys.argv[1:] if argv is None else argv)))
+    args, extra = parser.parse_known_args(_one_set_each(list(sys.argv[1:] if argv is None else argv)))
+    if extra and isinstance(getattr(args, "paths", None), list) and not any(e.startswith("-") for e in extra):
+        args.paths += extra  # image paths given after options (argparse ends a '*' positional at the first option)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     tune_allocator()  # glibc keeps freed tensors' memory for the next step (finescope.runtime)
     debug = os.environ.get("FINESCOPE_DEBUG") == "1"
     with warnings.catch_warnings():  # the settings below end with the command (main may be called in-process)

@@ -77,6 +77,18 @@ def _single_run_rows(run_dir: Path, predictions: Path | None, fig_dir: Path) -> 
     return out, named if src.stem.startswith("predictions_") and named in ("train", "val", "test", "all") else "test"
 
 
+def _recorded_warning(run_dir: Path, split: str) -> str | None:
+    """The ``split_leak`` that ``evaluate`` (``metrics_<split>.json``) or ``train`` (``metrics.json``, the test
+    split) recorded for a run, or None."""
+    for name in (f"metrics_{split}.json", *(("metrics.json",) if split == "test" else ())):
+        try:
+            leak = json.loads((run_dir / name).read_text()).get("split_leak")
+        except (OSError, ValueError, AttributeError):
+            continue
+        return leak or None
+    return None
+
+
 def _histories(run_dir: Path, is_cv: bool) -> dict[str, dict[str, list[dict]]]:
     """variant -> fold -> epoch rows of history.jsonl."""
     out: dict[str, dict[str, list[dict]]] = {}
@@ -379,6 +391,8 @@ def write_report(run_dir: str | Path, n_boot: int = 1000, predictions: str | Pat
     fig_dir.mkdir(parents=True, exist_ok=True)
     title = f"finescope report: {run_dir.resolve().name}"
     blocks = _blocks(run_dir, summary, rows, is_cv, split, data_root)
+    if warning is None and not is_cv:  # what evaluate or train recorded beside these predictions
+        warning = _recorded_warning(run_dir, split)
     if warning:  # above the metrics and the split summary, whose stored counts predate it
         blocks = [(k, h, p, f"Warning: {warning}. {n}" if i == 0 or h == "Split summary" else n)
                   for i, (k, h, p, n) in enumerate(blocks)]

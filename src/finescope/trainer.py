@@ -473,6 +473,9 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
 
 
 def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool) -> dict:
+    if dist.is_main():  # temporary checkpoints a killed process left mid-write (the lock says none is writing now)
+        for tmp in (run_dir / "checkpoints").glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.seed)
     sample_set = _load_samples_rank0_first(cfg)
@@ -608,7 +611,8 @@ def finish(run_dir: Path, cfg: Config, sample_set: SampleSet, splits: dict, devi
     preds, metrics = evaluate_split(model, sample_set, splits["test"], cfg, device, desc="test")
     if not dist.is_main():
         return {}
-    metrics.update(split="test", checkpoint=str(run_dir / "checkpoints" / "best.pt"), best_epoch=state["epoch"])
+    metrics.update(split="test", checkpoint=str(run_dir / "checkpoints" / "best.pt"), best_epoch=state["epoch"],
+                   split_leak=own_split_leak(splits, sample_set))  # a resumed run split under another grouping
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_predictions(run_dir / "predictions_test.csv", preds, sample_set)
     return metrics
