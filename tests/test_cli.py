@@ -115,6 +115,7 @@ def test_data_command_reports_counts(tmp_path, capsys):
                  f"data.root={tmp_path / 'd'}", "model.local_size=64", "--json", str(tmp_path / "d.json")]) == 0
     out = capsys.readouterr().out
     assert "a" in out and "b" in out
+    assert "groups: a/a_0.png, a/a_1.png, a/a_2.png, b/b_0.png, b/b_1.png, b/b_2.png\n" in out  # named, to check
     assert json.loads((tmp_path / "d.json").read_text())["n_images"] == 6
     # images smaller than the crops are listed, and fail the check as train would
     assert main(["data", "--config", "configs/demo.yaml", "--set", "data.source=folder",

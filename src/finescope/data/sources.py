@@ -388,7 +388,7 @@ def _scan_folder(cfg: DataConfig) -> _Scan:
         raise FinescopeError(
             f"data.root '{root}' has no class sub-folders; data.source=folder expects root/<class>/<image>"
         )
-    found, skipped, any_given = [], [], False
+    found, skipped, any_given, direct = [], [], False, 0
     for name in classes:
         for path in find_images(root / name):
             rel = path.relative_to(root / name)
@@ -399,10 +399,14 @@ def _scan_folder(cfg: DataConfig) -> _Scan:
                 _skip_or_raise(cfg, str(path), reason, skipped, advice="; fix data.group_pattern, or set "
                                "data.on_error=skip to leave such files out")
             else:
-                any_given = any_given or group != ""
+                any_given, direct = any_given or group != "", direct + (group == "")
                 found.append(_Found(str(path), name, group or path.relative_to(root).as_posix(), {}))
     if not found:
         raise _no_images(root, skipped)
+    if any_given and direct:
+        warnings.warn(f"{direct} of the {len(found)} images under '{root}' lie directly in their class folder, each "
+                      "its own group, beside images in patient sub-folders: put them in their patient's folder",
+                      FinescopeWarning, stacklevel=3)
     no_groups = "" if any_given else (f"the class folders under '{root}' hold their images directly (no "
                                       "root/<class>/<patient>/ sub-folders) and data.group_pattern is empty")
     return _Scan(found, classes, str(root), skipped, no_groups)

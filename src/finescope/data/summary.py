@@ -139,6 +139,10 @@ def format_description(d: dict[str, Any]) -> str:
     lines += _table(rows, ["class", "images", "groups"]) + [""]
     ipg = d["images_per_group"]
     lines.append(f"images per group: min {ipg['min']}, median {ipg['median']:g}, max {ipg['max']}")
+    names = list(d.get("per_group", {}))
+    if names:  # what the groups are named: a patient, or an organising folder such as 40X taken for one?
+        shown = ", ".join(names[:6]) + (f", ... ({len(names)} groups)" if len(names) > 6 else "")
+        lines.append(f"groups: {shown}")
     if d.get("per_magnification"):
         lines.append("magnifications: " + ", ".join(f"{m}X: {n}" for m, n in d["per_magnification"].items()))
     if "image_sizes" in d:
