@@ -452,3 +452,12 @@ def test_predict_with_set_before_its_paths(cli_run, synthetic_root, tmp_path, ca
     with pytest.raises(SystemExit):
         main(["data", "--config", "configs/demo.yaml", "stray"])  # no paths to take it: refused as before
     assert "unrecognized arguments: stray" in capsys.readouterr().err
+
+
+def test_a_path_taken_for_a_set_item_says_so(cli_run, synthetic_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    img = sorted((synthetic_root / "images").iterdir())[0]
+    (tmp_path / "a=b.png").write_bytes(img.read_bytes())
+    assert main(["predict", str(cli_run), str(img), "--set", "train.device=cpu", "a=b.png", "--out", "p.csv"]) == 2
+    assert "unknown config key 'a'" in (line := _one_error_line(capsys)) and "give paths before --set" in line
+    assert main(["predict", str(cli_run), "a=b.png", "--set", "train.device=cpu", "--out", "p.csv"]) == 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import subprocess
 import types
@@ -253,7 +254,8 @@ def parse_overrides(overrides: list[str] | None) -> dict:
         key, value = item.split("=", 1)
         key = key.strip()
         if key not in types_:
-            raise FinescopeError(_unknown_key(key))
+            path = " ('{item}' is a file: give paths before --set, or after --)" if os.path.exists(item) else ""
+            raise FinescopeError(_unknown_key(key) + path.format(item=item))
         text = value.strip()
         if types_[key] is str and not (key.split(".")[-1] in _LEGACY_BOOLEANS
                                         and text.lower() in ("true", "false", "yes", "no", "on", "off")):
