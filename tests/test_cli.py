@@ -109,6 +109,16 @@ def test_files_outside_the_data_say_their_class_and_group():
         == (1, "")
 
 
+def test_a_link_outside_the_class_folders_takes_the_class_of_its_target(tmp_path):
+    from finescope.config import DataConfig
+    from finescope.data.sources import label_and_group_of
+
+    (tmp_path / "data" / "H2" / "P3").mkdir(parents=True)
+    (tmp_path / "data" / "H2" / "P3" / "x.png").write_bytes(b"")
+    (tmp_path / "link.png").symlink_to(tmp_path / "data" / "H2" / "P3" / "x.png")
+    assert label_and_group_of(tmp_path / "link.png", DataConfig(source="folder"), ["H1", "H2"]) == (1, "P3")
+
+
 def test_data_command_reports_counts(tmp_path, capsys):
     _folder(tmp_path / "d")
     assert main(["data", "--config", "configs/demo.yaml", "--set", "data.source=folder",

@@ -300,15 +300,17 @@ def label_and_group_of(path: str | Path, cfg: DataConfig, class_names: Sequence[
 
     With ``data.source: breakhis`` an original BreakHis name gives both: the class by ``data.task``, the group the
     case number, as in training. Otherwise the class is the nearest parent folder named like a class
-    (``defungi/H1/x.jpg`` -> H1) and the group as in training (:func:`group_below_class`, on the path below that
-    folder, or on the file name when no parent is named like a class); '' for an image that would be its own.
+    (``defungi/H1/x.jpg`` -> H1; for a link without one, that of the file it links to) and the group as in training
+    (:func:`group_below_class`, on the path below that folder, or on the file name when no parent is named like a
+    class); '' for an image that would be its own.
     """
     path = Path(path)
     info = parse_breakhis_name(path.name) if cfg.source == "breakhis" else None
     if info is not None:
         name = info["tumor_class"] if cfg.task == "binary" else info["subtype"]
         return (list(class_names).index(name) if name in class_names else -1), info["case"]
-    folder = next((p for p in path.parents if p.name in class_names), None)
+    real = Path(os.path.realpath(path))  # a link given outside the class folders: where its image lies
+    path, folder = next(((c, p) for c in (path, real) for p in c.parents if p.name in class_names), (path, None))
     label = -1 if folder is None else list(class_names).index(folder.name)
     pattern = re.compile(cfg.group_pattern) if cfg.group_pattern else None
     return label, group_below_class(path.relative_to(folder) if folder else Path(path.name), pattern) or ""
