@@ -151,7 +151,10 @@ def _fig_roc(rows: list[dict], summary: dict) -> bytes:
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
     ax.set_title("ROC (AUC)", fontsize=9)
-    ax.legend(fontsize=6)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6)
+    else:  # every image of one class: no curve is defined
+        ax.text(0.5, 0.5, "undefined: the images hold one class", ha="center", va="center", fontsize=8)
     return _png(fig)
 
 
