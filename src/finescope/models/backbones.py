@@ -77,17 +77,19 @@ class Backbone(nn.Module):
             return None, False
         stride = 256 // n
         for ceil in (True, False):
-            cells = (lambda side: -(-side // stride)) if ceil else (lambda side: side // stride)  # noqa: E731
-            if all(g == (cells(h), cells(w)) for g, (h, w) in zip(grids, cls._PROBE_SIDES, strict=True)):
+            if all(g == (cls._count(h, stride, ceil), cls._count(w, stride, ceil))
+                   for g, (h, w) in zip(grids, cls._PROBE_SIDES, strict=True)):
                 return stride, ceil
         return None, False
+
+    @staticmethod
+    def _count(side: int, stride: int, ceil: bool) -> int:
+        return -(-side // stride) if ceil else side // stride
 
     def cells(self, side: int) -> int | None:
         """The feature cells along an input axis of ``side`` pixels (None when the stride is unknown): the cells
         of an image alone, which are its valid cells when it is padded in a batch."""
-        if self.stride is None:
-            return None
-        return -(-side // self.stride) if self.ceil else side // self.stride
+        return None if self.stride is None else self._count(side, self.stride, self.ceil)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.trunk(x)
