@@ -1,3 +1,4 @@
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,18 @@ from finescope.data.synthetic import generate
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _scratch_under_pytest(tmp_path_factory):
+    """torch.compile's cache (GBs over many runs) and what torchrun and DataLoader workers leave in the temporary
+    folder go under pytest's own, which keeps the last three runs, not into /tmp for good."""
+    scratch = tmp_path_factory.mktemp("scratch")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(scratch / "inductor"))
+        mp.setenv("TMPDIR", str(scratch))  # subprocesses (torchrun) read it
+        mp.setattr(tempfile, "tempdir", str(scratch))  # this process already chose its folder
+        yield
 
 
 @pytest.fixture(scope="session")
