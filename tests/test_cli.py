@@ -471,3 +471,17 @@ def test_a_path_taken_for_a_set_item_says_so(cli_run, synthetic_root, tmp_path, 
     assert main(["predict", str(cli_run), str(img), "--set", "train.device=cpu", "a=b.png", "--out", "p.csv"]) == 2
     assert "unknown config key 'a'" in (line := _one_error_line(capsys)) and "give paths before --set" in line
     assert main(["predict", str(cli_run), "a=b.png", "--set", "train.device=cpu", "--out", "p.csv"]) == 0
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_commands_other_than_train_refuse_torchrun(tmp_path, capsys, monkeypatch, rank):
+    """Under torchrun every process would do the whole job and write the same files: rank 0 says so, once."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    assert main(["data", "--config", "configs/demo.yaml", "--set", f"data.root={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    if rank == "0":
+        assert err == ("finescope: error: finescope data runs in one process; run it without torchrun (train is "
+                       "the command that shares its work between processes)\n")
+    else:
+        assert err == ""

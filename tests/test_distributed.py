@@ -72,9 +72,14 @@ def test_shard_sampler_train_visits_each_image_once_in_single_process_steps(n, G
     assert len({len(d.step_scales) for d in dropped}) == 1
 
 
-def test_shard_sampler_eval_no_padding():
+def test_shard_sampler_eval_no_padding_whole_batches():
     shards = [list(ShardSampler(11, False, 0, rank_=r, world=3)) for r in range(3)]
     assert sorted(i for s in shards for i in s) == list(range(11))
+    # an evaluation batch of 4 per process: each rank reads whole single-process batches, so an image has the
+    # batch-mates (and the padding) it has in one process
+    assert [list(ShardSampler(11, False, 0, 4, rank_=r, world=2)) for r in range(2)] == [
+        [0, 1, 2, 3, 8, 9, 10], [4, 5, 6, 7]]
+    assert list(ShardSampler(11, False, 0, 4, rank_=2, world=3)) == [8, 9, 10]
     assert list(ShardSampler(11, True, 5, rank_=0, world=1)) == torch.randperm(
         11, generator=torch.Generator().manual_seed(5)).tolist()
 
@@ -95,10 +100,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cfg(root: Path, **train):
+def _cfg(root: Path, extra: tuple[str, ...] = (), **train):
     from finescope.config import load_config
 
-    sets = [f"data.root={root}", "data.synthetic_per_class=24", "data.synthetic_size=64", "data.num_workers=0",
+    sets = [*extra, f"data.root={root}", "data.synthetic_per_class=24", "data.synthetic_size=64", "data.num_workers=0",
             "data.augment=none", "model.backbone=tiny", "model.global_size=32", "model.local_size=32",
             "model.num_crops=2", "model.dropout=0", "model.proj_dim=16", "model.attn_dim=8",
             "train.device=cpu", "train.batch_size=8", "train.grad_clip=1.0"]
@@ -113,7 +118,7 @@ def _strip_bn(model: torch.nn.Module) -> None:
             _strip_bn(child)
 
 
-def _fit(rank: int, root: Path, out: Path, world: int, port: int) -> None:
+def _fit(rank: int, root: Path, out: Path, world: int, port: int, extra: tuple[str, ...] = ()) -> None:
     """Two epochs of fusion training through the trainer's loader and engine; rank 0 saves losses and weights."""
     import torch.distributed as td
 
@@ -126,7 +131,7 @@ def _fit(rank: int, root: Path, out: Path, world: int, port: int) -> None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         td.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    cfg = _cfg(root)
+    cfg = _cfg(root, extra)
     sample_set = load_samples(cfg.data)
     torch.manual_seed(0)
     model = trainer.build_model(cfg, len(sample_set.class_names), torch.device("cpu"))
@@ -141,7 +146,8 @@ def _fit(rank: int, root: Path, out: Path, world: int, port: int) -> None:
         if loader.sampler.step_scales[-1] == 0:  # the stand-in: not this rank's image
             items = items[:-1]
         seen.append(items)
-        stats = train_one_epoch(fit, loader, opt, None, torch.device("cpu"), grad_clip=1.0, progress=False)
+        stats = train_one_epoch(fit, loader, opt, None, torch.device("cpu"), aux_weight=cfg.train.aux_weight,
+                                grad_clip=1.0, progress=False)
         losses.append(stats["loss"])
     everyone = dist.all_gather(seen)
     if dist.is_main():
@@ -151,15 +157,18 @@ def _fit(rank: int, root: Path, out: Path, world: int, port: int) -> None:
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_single_process(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("model.image_feature=avg", "train.aux_weight=0")], ids=["fusion", "unused"])
+def test_ddp_two_processes_match_single_process(tmp_path, extra):
+    """Also with parameters that never get a gradient (the attention with image_feature=avg, the global head
+    with aux_weight=0), which stopped DDP at its second step while they were reachable from the outputs."""
     import torch.multiprocessing as mp
 
     from finescope.data.synthetic import ensure_synthetic
 
     root = tmp_path / "data"
     ensure_synthetic(root, per_class=24, size=64)  # 48 images, of which _fit trains on 41
-    _fit(0, root, tmp_path / "single.pt", 1, 0)
-    mp.spawn(_fit, args=(root, tmp_path / "ddp.pt", 2, _free_port()), nprocs=2, join=True)
+    _fit(0, root, tmp_path / "single.pt", 1, 0, extra)
+    mp.spawn(_fit, args=(root, tmp_path / "ddp.pt", 2, _free_port(), extra), nprocs=2, join=True)
     single, ddp = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / "ddp.pt")
     for epoch_seen in zip(*ddp["seen"], strict=True):  # each epoch: the ranks' images are disjoint, all 41 once
         together = [i for rank_seen in epoch_seen for i in rank_seen]
@@ -201,6 +210,14 @@ def test_torchrun_train_rank0_files_gathered_metrics_and_resume_with_other_world
     first = _torchrun(2, out, root, epochs=1)
     assert first.returncode == 0, first.stderr[-3000:]
     assert first.stdout.count("run written to") == 1  # rank 0 prints, rank 1 does not
+    # validation saw the saved model: rank 0's BatchNorm statistics on every rank, single-process batches
+    from finescope.trainer import evaluate
+
+    logged = json.loads((out / "history.jsonl").read_text().splitlines()[0])
+    again = evaluate(out / "checkpoints" / "last.pt", split="val", out=tmp_path / "ev" / "metrics_val.json",
+                     device="cpu")
+    assert again["loss"] == pytest.approx(logged["val_loss"], rel=1e-6, abs=0)
+    assert again["auc"] == pytest.approx(logged["val_auc"], abs=1e-12)
     resumed = _torchrun(1, out, root, epochs=2, resume=True)  # 2 processes -> 1 process
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     history = [json.loads(r) for r in (out / "history.jsonl").read_text().splitlines()]
@@ -228,6 +245,27 @@ def test_torchrun_refuses_a_batch_the_processes_cannot_share_before_writing(tmp_
                                    "finescope: error (rank 1): train.batch_size 5 is the global batch and must be "
                                    "divisible by the 2 processes; use a multiple of 2"])
     assert not out.exists()  # refused before any file
+
+
+@pytest.mark.slow
+def test_torchrun_rank0_start_errors_are_every_ranks_line_before_any_file(tmp_path):
+    """A wrong data path (found by rank 0's scan), an --out under a file (rank 0's lock) and train.sync_bn on
+    the CPU: one line per process, no gloo traceback of a rank left waiting, no file written."""
+    root = tmp_path / "data"
+    _fusion_run_config(root, per_class=6, epochs=1)
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    cases = [(tmp_path / "r1", ("data.source=csv", f"data.root={tmp_path / 'none.csv'}"), "does not exist"),
+             (afile / "run", (), "Not a directory"),
+             (tmp_path / "r3", ("train.sync_bn=true",), "train.sync_bn needs CUDA GPUs")]
+    for out, extra, says in cases:
+        done = _torchrun(2, out, root, epochs=1, extra=extra)
+        assert done.returncode != 0
+        ours = [line for line in done.stderr.splitlines() if line.startswith("finescope: ")]
+        assert len(ours) == 2 and all(says in line for line in ours), done.stderr[-3000:]
+        assert sorted(line.split(":")[1] for line in ours) == [" error", " error (rank 1)"]
+        assert "gloo" not in done.stderr and "Connection reset" not in done.stderr, done.stderr[-3000:]
+        assert not out.exists()
 
 
 @pytest.mark.slow

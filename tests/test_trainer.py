@@ -323,3 +323,16 @@ def test_thin_splits_are_named_before_training():
     splits["test"] = splits["test"][:0]
     cfg = load_config(None, ["data.val_fraction=0", "data.test_fraction=0.3"])
     assert trainer.thin_split_warnings(splits, data, cfg, drawn=True)[0].startswith("the test split is empty")
+
+
+def test_resume_after_an_early_stop_with_more_patience_trains_on(synthetic_root, tmp_path, capsys):
+    """README: train.patience and train.epochs may change on --resume "to train longer"; a run that stopped
+    early continues when the new patience allows it (the stop is decided again, not read from the checkpoint)."""
+    out = tmp_path / "early"
+    _train(synthetic_root, out, variant="global", epochs=3, extra=["train.patience=0"])  # stops after epoch 1
+    assert len((out / "history.jsonl").read_text().splitlines()) == 1
+    cfg = load_config(None, tiny_overrides(synthetic_root, "global", 3) + ["train.patience=100"])
+    capsys.readouterr()
+    trainer.train(cfg, out, resume=True)
+    assert f"resuming {out} after epoch 1 of 3, with 1 process\n" in capsys.readouterr().out
+    assert [json.loads(r)["epoch"] for r in (out / "history.jsonl").read_text().splitlines()] == [0, 1, 2]

@@ -345,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         if not debug:
             warnings.filterwarnings("ignore", category=UserWarning, module="torch")
             warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
+        if _launch_rank() != 0:  # every process reads the same data: rank 0 says what is wrong with it
+            warnings.filterwarnings("ignore", category=FinescopeWarning)
         return _run(args, debug)
 
 
@@ -379,6 +381,11 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
     process says so, the ranks other than 0 with their rank; an interruption is reported by rank 0 alone."""
     rank = _launch_rank()
     error = "finescope: error: " if rank == 0 else f"finescope: error (rank {rank}): "
+    if args.command != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if rank == 0:  # each process would do the whole job and write the same files
+            _say(f"{error}finescope {args.command} runs in one process; run it without torchrun (train is the "
+                 "command that shares its work between processes)")
+        return 2
     try:
         return args.func(args)
     except FinescopeError as e:

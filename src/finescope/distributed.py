@@ -11,8 +11,9 @@ Conventions of a distributed run (``torchrun --nproc_per_node=N -m finescope tra
   image is visited exactly once per epoch, the last incomplete global batch included (split over the ranks,
   its loss weighted so that the step equals the single-process one), and every rank runs the same number of
   steps. Under ``train.compile`` the last incomplete global batch is dropped instead, so that every step has
-  one shape. Evaluation shards without padding, and :func:`all_gather` brings every rank's predictions
-  together, so each image is counted once.
+  one shape. Evaluation shards whole batches without padding (an image has the batch-mates, hence the
+  padding, of a single-process evaluation), and :func:`all_gather` brings every rank's predictions together,
+  so each image is counted once.
 - Only rank 0 writes files and prints progress (:func:`is_main`).
 """
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -106,8 +107,11 @@ class ShardSampler(Sampler):
     average over ranks (DDP's gradient) the mean over the whole global batch: ``n_r * N / R`` in that last step
     (0 for a stand-in), 1 in every full one. With ``drop_tail`` the last incomplete global batch is dropped when
     ``n > global_batch`` (every step then has one shape, for ``torch.compile``).
-    Evaluation (``train=False``, usually ``shuffle=False``): rank r takes items r, r+N, r+2N, ... with no
-    padding, so every item is read by exactly one rank.
+    Evaluation (``train=False``, usually ``shuffle=False``): the order is cut into batches of
+    ``global_batch`` items (the evaluation batch of every process) and rank r takes batches r, r+N, r+2N, ...
+    with no padding, so every item is read by exactly one rank, in the batch it has in a single process: an
+    image's prediction depends slightly on its batch-mates when they are larger (the backbone's receptive
+    field reads the zero padding beside it), and so it does not depend on the number of processes.
 
     One sampler serves every epoch of a run (so a DataLoader with persistent workers can be kept):
     :meth:`set_epoch` reseeds the permutation with ``seed + epoch``.
@@ -160,7 +164,8 @@ class ShardSampler(Sampler):
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed)) if self.shuffle \
             else torch.arange(self.n)
         if not self.train:
-            return order[self.rank :: self.world].tolist(), []
+            B, items = max(1, self.global_batch), order.tolist()
+            return [i for k in range(self.rank * B, self.n, self.world * B) for i in items[k : k + B]], []
         G, N, r = self.global_batch, self.world, self.rank
         b = G // N
         full = (self.n // G) * G
@@ -206,6 +211,42 @@ def all_gather(obj: Any) -> list[Any]:
     return out
 
 
+def rank0_first(fn: Callable[[], Any], others: bool = True) -> Any:
+    """``fn()`` on rank 0, then (with ``others``) on the other ranks, which wait for it: rank 0 scans or makes
+    what they read, or holds what they share (``None`` for them without ``others``). Rank 0's error, a
+    :class:`FinescopeError` or an ``OSError`` (a wrong path), is raised on every rank, so that none is left
+    waiting in a collective for a process that has gone."""
+    result, error, text = None, None, None
+    if is_main():
+        try:
+            result = fn()
+        except (FinescopeError, OSError) as e:
+            error = e
+            text = f"{e.strerror or e}: '{e.filename}'; check the path" if isinstance(e, OSError) and e.filename \
+                else str(e)
+    text = next((t for t in all_gather(text) if t), None)
+    if error is not None:
+        raise error
+    if text:
+        raise FinescopeError(text)
+    return result if is_main() or not others else fn()
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm's running statistics) on every rank. DDP sends them at the start of each
+    training step, so after an epoch's last step every rank holds its own; validation and the checkpoint must
+    see the same."""
+    if is_distributed():
+        for buffer in module.buffers():
+            torch_dist.broadcast(buffer, src=0)
+
+
+def check_sync_bn(sync_bn: bool, device: torch.device) -> None:
+    """Refuse ``train.sync_bn`` off CUDA under torchrun (in a single process it changes nothing)."""
+    if sync_bn and is_distributed() and device.type != "cuda":
+        raise FinescopeError("train.sync_bn needs CUDA GPUs (SyncBatchNorm has no CPU kernel); set it to false")
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum ``t`` over ranks, in place (no-op in a single process)."""
     if is_distributed():
@@ -229,15 +270,17 @@ def wrap_model(
     """
     if not is_distributed():
         return model
+    check_sync_bn(sync_bn, device)
     if sync_bn:
-        if device.type != "cuda":
-            raise FinescopeError("train.sync_bn needs CUDA GPUs (SyncBatchNorm has no CPU kernel); set it to false")
         _convert_sync_bn_inplace(model)
     ids = [device.index] if device.type == "cuda" else None
-    # with image_feature=avg the attention only picks crops (under no_grad): its parameters get no gradient
+    # parameters without a gradient: with image_feature=avg the attention only picks crops (under no_grad), and
+    # with train.aux_weight=0 the loss leaves the global head of a crop variant out (the model detaches those
+    # outputs in training, so that DDP's search does not count their parameters as used)
     avg_only = getattr(model, "use_attention", False) and getattr(model, "image_feature", "") == "avg"
+    no_aux = getattr(model, "use_crops", False) and not getattr(model, "global_in_loss", True)
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids,
-                                                     find_unused_parameters=partial_steps or avg_only)
+                                                     find_unused_parameters=partial_steps or avg_only or no_aux)
 
 
 def _convert_sync_bn_inplace(model: torch.nn.Module) -> None:

@@ -212,6 +212,7 @@ def build_model(cfg: Config, num_classes: int, device: torch.device) -> FineScop
     ``selection_graph``."""
     model = create_model(cfg.model, num_classes).to(device)
     model.selection_graph = cfg.train.selection_graph
+    model.global_in_loss = cfg.train.aux_weight > 0
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -369,7 +370,8 @@ def _check_resume_config(run_dir: Path, cfg: Config) -> None:
                              f"run's own settings (its config.yaml), or start a new run with another --out")
 
 
-def _resume_state(run_dir: Path, class_names, model, optimizer, scheduler, scaler) -> tuple[int, dict]:
+def _resume_state(run_dir: Path, class_names, model, optimizer, scheduler, scaler, patience: int
+                  ) -> tuple[int, dict]:
     last = run_dir / "checkpoints" / "last.pt"  # there: _check_resume_config said so
     state = load_checkpoint(last)
     _check_classes(state, class_names, str(last))
@@ -379,8 +381,11 @@ def _resume_state(run_dir: Path, class_names, model, optimizer, scheduler, scale
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
-    _truncate_history(run_dir, state["epoch"])
-    return state["epoch"] + 1, state["tracker"]
+    if dist.is_main():
+        _truncate_history(run_dir, state["epoch"])
+    tracker = dict(state["tracker"])
+    tracker["stopped"] = tracker["bad_epochs"] >= patience  # train.patience may change: an early stop is undone
+    return state["epoch"] + 1, tracker
 
 
 def _truncate_history(run_dir: Path, last_epoch: int) -> None:
@@ -425,17 +430,10 @@ class _RunLock:
     ``--resume`` of the folder is refused instead of writing the same files; every rank raises the same error."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.run_dir, self.fh, error = run_dir, None, None
+        self.run_dir = run_dir
         self.made = [d for d in (run_dir, *run_dir.absolute().parents) if not d.exists()]  # deepest first
         self.new_lock = not (run_dir / ".lock").exists()
-        if dist.is_main():
-            try:
-                self.fh = _hold_lock(run_dir)
-            except FinescopeError as e:
-                error = str(e)
-        error = next((e for e in dist.all_gather(error) if e), None)
-        if error:
-            raise FinescopeError(error)
+        self.fh = dist.rank0_first(lambda: _hold_lock(run_dir), others=False)
 
     def release(self) -> None:
         """Release the lock. A run that stopped before writing its config leaves nothing behind: the lock file
@@ -459,7 +457,10 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     trains, the folder is locked (``RUN/.lock``) against a second process.
     """
     run_dir = Path(run_dir)
-    dist.per_rank_batch(cfg.train.batch_size)  # a batch the processes cannot share is refused before any file
+    # settings the processes cannot run are refused before any file is written
+    dist.per_rank_batch(cfg.train.batch_size)
+    dist.check_sync_bn(cfg.train.sync_bn, resolve_device(cfg.train.device))
+    check_compile(cfg.train.compile)
     lock = _RunLock(run_dir)
     try:
         if not resume and (run_dir / "checkpoints" / "last.pt").is_file():
@@ -498,7 +499,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool) -> dict:
     scaler = make_grad_scaler(device, cfg.train.amp)
     start, tracker = 0, {"best_score": float("-inf"), "best_epoch": -1, "bad_epochs": 0, "stopped": False}
     if resume:
-        start, tracker = _resume_state(run_dir, sample_set.class_names, model, optimizer, scheduler, scaler)
+        start, tracker = _resume_state(run_dir, sample_set.class_names, model, optimizer, scheduler, scaler,
+                                       cfg.train.patience)
         if progress and dist.is_main():
             done = start >= cfg.train.epochs or tracker["stopped"]
             print(f"resuming {run_dir} after epoch {start} of {cfg.train.epochs}, with {dist.world_size()} "
@@ -533,26 +535,28 @@ def compile_for_training(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     The modes that replay CUDA graphs run in one process only: under DDP a graph would have to hold the
     gradient all-reduce, which this project has not measured; ``default`` works under torchrun.
     """
-    if mode in CUDA_GRAPH_MODES and dist.is_distributed():
-        raise FinescopeError(f"config key 'train.compile' is '{mode}', which replays CUDA graphs and runs in one "
-                             "process only; under torchrun use train.compile=default")
+    check_compile(mode)
     return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
 
 
+def check_compile(mode: str) -> None:
+    """Refuse a ``train.compile`` mode that replays CUDA graphs under torchrun."""
+    if mode in CUDA_GRAPH_MODES and dist.is_distributed():
+        raise FinescopeError(f"config key 'train.compile' is '{mode}', which replays CUDA graphs and runs in one "
+                             "process only; under torchrun use train.compile=default")
+
+
 def _load_samples_rank0_first(cfg: Config) -> SampleSet:
-    """Rank 0 scans (and, for the synthetic source, generates) the data before the other ranks read it."""
-    if not dist.is_main():
-        dist.barrier()
-    sample_set = load_samples(cfg.data)
-    if dist.is_main():
-        dist.barrier()
-    return sample_set
+    """Rank 0 scans (and, for the synthetic source, generates) the data before the other ranks read it; its
+    error (a wrong path) is every rank's."""
+    return dist.rank0_first(lambda: load_samples(cfg.data))
 
 
 def _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, device, epoch, tracker, run_dir,
                progress, loaders: dict, scaler: torch.amp.GradScaler | None = None) -> dict:
     scaler = scaler if scaler is not None else make_grad_scaler(device, cfg.train.amp)
-    seed_everything(cfg.seed * 1000 + epoch)  # dropout; shuffling and augmentation are seeded by the loader
+    # dropout, its own masks on every rank; shuffling and augmentation are seeded by the loader
+    seed_everything(cfg.seed * 1000 + epoch + 1_000_003 * dist.rank())
     t = cfg.train
     model.crops_active = not model.use_crops or epoch >= t.crop_warmup_epochs  # stage-wise: global path first
     loaders["train"].sampler.set_epoch(epoch)
@@ -562,6 +566,7 @@ def _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, 
         cpu_amp=t.cpu_amp, channels_last=t.channels_last, progress=progress and dist.is_main(),
         desc=f"epoch {epoch + 1}/{t.epochs}", scaler=scaler, mark_steps=t.compile in CUDA_GRAPH_MODES,
     )
+    dist.broadcast_buffers(model)  # every rank validates (and rank 0 saves) rank 0's BatchNorm statistics
     row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **{f"train_{k}": v for k, v in stats.items()}}
     row["train_images_per_second"] = stats["images"] / max(stats["seconds"], 1e-9)
     if len(splits.get("val", [])):

@@ -215,6 +215,7 @@ class FineScopeNet(nn.Module):
         self.select_from = select_from
         self.crop_backbone = copy.deepcopy(backbone) if use_crops and separate_crop_backbone else None
         self.crops_active = True
+        self.global_in_loss = True  # whether training's loss reads global_logits (train.aux_weight > 0)
         self.selection_graph = True
         self.folded = False
 
@@ -332,9 +333,12 @@ class FineScopeNet(nn.Module):
 
         A view of ``dims`` pixels covers the cells the backbone gives it alone (:meth:`Backbone.cells`), in a
         padded ``view_hw`` batch of ``grid_hw`` cells as well, and those cells span the image (the attention map
-        upsampled to it), so that an image's cells, attention and boxes do not depend on the batch. A side that
-        fills the batch's view has the whole grid; a shorter one of a backbone of unknown stride is taken to have
-        ``view_hw / grid_hw`` pixels per cell.
+        upsampled to it), so that which cells are an image's, and the frame of its attention and boxes, do not
+        depend on the batch. Their values near the padding do, slightly: the backbone's receptive field reads
+        the zero-padded view beside them, and after a convolution's bias or BatchNorm the padding is no longer
+        zero (evaluation under torchrun therefore keeps single-process batches, see
+        :class:`~finescope.distributed.ShardSampler`). A side that fills the batch's view has the whole grid; a
+        shorter one of a backbone of unknown stride is taken to have ``view_hw / grid_hw`` pixels per cell.
         """
         h, w = grid_hw
         cells = getattr(self.backbone, "cells", lambda side: None)
@@ -412,7 +416,7 @@ class FineScopeNet(nn.Module):
         g = z if self.image_feature == "attention" else self._masked_mean(fmap, mask)
         global_logits = self.global_head(g)
         if not reads_crops:
-            return ModelOutput(logits=global_logits, attention=attn, cell_px=cell_px)
+            return ModelOutput(logits=global_logits, attention=self._outside_loss(attn), cell_px=cell_px)
         cells = h_n if self.image_feature == "attention" else inst  # what W_g reads, (B, N, g_dim)
         selection_map = attn if self.select_from == "attention" else self._evidence(cells, global_logits, mask, (h, w))
         select = functools.partial(
@@ -434,7 +438,14 @@ class FineScopeNet(nn.Module):
             rerun.restore()
             boxes, mass, _ = select(graph=False)
             fused = self._fuse(reader, images, boxes, size_list, sources, g)
-        return ModelOutput(fused, global_logits, attn, boxes, mass, cell_px)
+        global_logits = global_logits if self.global_in_loss else self._outside_loss(global_logits)
+        return ModelOutput(fused, global_logits, self._outside_loss(attn), boxes, mass, cell_px)
+
+    def _outside_loss(self, t: torch.Tensor) -> torch.Tensor:
+        """An output the training loss does not read, detached in training: DDP finds the parameters a step uses
+        by walking back from forward's outputs, and would wait for gradients that never come (the attention's
+        with ``image_feature=avg``, the global head's with ``train.aux_weight=0``)."""
+        return t.detach() if self.training else t
 
     def _fuse(self, reader: nn.Module, images: torch.Tensor, boxes: torch.Tensor, size_list: list[list[int]],
               sources: Sources | None, g: torch.Tensor) -> torch.Tensor:
