@@ -475,13 +475,43 @@ def test_a_path_taken_for_a_set_item_says_so(cli_run, synthetic_root, tmp_path, 
 
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_commands_other_than_train_refuse_torchrun(tmp_path, capsys, monkeypatch, rank):
-    """Under torchrun every process would do the whole job and write the same files: rank 0 says so, once."""
+    """Under torchrun every process would do the whole job and write the same files: each says so in a line."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", rank)
     assert main(["data", "--config", "configs/demo.yaml", "--set", f"data.root={tmp_path}"]) == 2
-    err = capsys.readouterr().err
-    if rank == "0":
-        assert err == ("finescope: error: finescope data runs in one process; run it without torchrun (train is "
-                       "the command that shares its work between processes)\n")
-    else:
-        assert err == ""
+    who = "finescope: error: " if rank == "0" else "finescope: error (rank 1): "
+    assert capsys.readouterr().err == (f"{who}finescope data runs in one process; run it without torchrun (train "
+                                       "is the command that shares its work between processes; WORLD_SIZE is set "
+                                       "in this environment)\n")
+    monkeypatch.setenv("WORLD_SIZE", "x")  # not a number: not torchrun
+    assert main(["models"]) == 0
+
+
+def test_system_errors_are_one_line_naming_the_file(cli_run, synthetic_root, tmp_path, capsys):
+    """A full disk, a name too long, a run folder without best.pt: one line, never a traceback."""
+    image = str(sorted((synthetic_root / "images").iterdir())[0])
+    if os.path.exists("/dev/full"):
+        assert main(["predict", str(cli_run), image, "--out", "/dev/full", "--device", "cpu"]) == 2
+        assert "No space left on device" in _one_error_line(capsys)
+    long = tmp_path / ("a" * 300)
+    assert main(["predict", str(cli_run), image, "--out", str(long / "p.csv"), "--device", "cpu"]) == 2
+    assert "File name too long" in _one_error_line(capsys)
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "checkpoints").mkdir(parents=True)
+    (unfinished / "checkpoints" / "last.pt").write_bytes((cli_run / "checkpoints" / "last.pt").read_bytes())
+    assert main(["evaluate", str(unfinished), "--device", "cpu"]) == 2
+    line = _one_error_line(capsys)
+    assert "has no checkpoints/best.pt yet" in line and "last.pt" in line
+
+
+def test_an_interrupted_first_epoch_says_to_start_again(synthetic_root, tmp_path, capsys, monkeypatch):
+    from finescope import trainer
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_run_epoch", interrupted)
+    assert main(["train", "--config", "configs/demo.yaml", "--out", str(tmp_path / "r"), "--quiet", "--set",
+                 *tiny_overrides(synthetic_root, "global", 1)]) == 130
+    assert capsys.readouterr().err == ("finescope: interrupted; no epoch had finished: start it again (without "
+                                       "--resume)\n")

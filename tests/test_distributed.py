@@ -357,3 +357,21 @@ def test_unreadable_batch_under_ddp_runs_a_step_that_adds_nothing(monkeypatch):
     with pytest.raises(FinescopeError, match="rank 1's first training batch is unreadable"):
         train_one_epoch(model, [empty, full], torch.optim.SGD(model.parameters(), lr=0.0), None, cpu,
                         progress=False)
+
+
+def test_main_speaks_for_the_work_every_rank_does_alike(monkeypatch):
+    """Warnings of work every rank does alike (the data scan, the split) are shown by rank 0 only; outside
+    that block every rank shows its own (an image only it reads)."""
+    import warnings
+
+    from finescope import distributed as dist
+    from finescope.errors import FinescopeWarning
+
+    for main, shown in ((True, 1), (False, 0)):
+        monkeypatch.setattr(dist, "is_main", lambda main=main: main)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with dist.main_speaks():
+                warnings.warn("the scan's", FinescopeWarning, stacklevel=1)
+            warnings.warn("its own image's", FinescopeWarning, stacklevel=1)
+        assert [str(w.message) for w in seen] == ["the scan's"] * shown + ["its own image's"]

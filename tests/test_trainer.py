@@ -270,13 +270,23 @@ def test_resume_refuses_another_config_and_keeps_the_runs_own(synthetic_root, tm
         with pytest.raises(FinescopeError, match=change[0].split("=")[0]):
             trainer.train(cfg, out, resume=True, progress=False)
     assert (out / "config.yaml").read_text() == before  # nothing written before the check
-    # a config.yaml written by an older finescope, without a key added since, still resumes
-    import yaml
-
-    older = yaml.safe_load(before)
-    del older["data"]["one_orientation"]
-    (out / "config.yaml").write_text(yaml.safe_dump(older))
-    trainer._check_resume_config(out, load_config(None, tiny_overrides(synthetic_root, "fusion", 2)))
+    # the check reads the config in last.pt (written whole), not config.yaml, which a kill may have emptied
+    (out / "config.yaml").write_text("")
+    with pytest.raises(FinescopeError, match="train.lr"):
+        trainer.train(load_config(None, tiny_overrides(synthetic_root, "fusion", 2) + ["train.lr=0.5"]), out,
+                      resume=True, progress=False)
+    # a run of an older finescope, without a key added since, resumes with the behaviour it was trained with
+    last = out / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    saved = state["config"]["model"].pop("selection_norm")
+    del state["config"]["data"]["one_orientation"]
+    torch.save(state, last)
+    with pytest.raises(FinescopeError, match="model.selection_norm \\(was 'max', now 'minmax'\\)"):
+        trainer._check_resume_config(out, load_config(None, tiny_overrides(synthetic_root, "fusion", 2)))
+    trainer._check_resume_config(out, load_config(None, tiny_overrides(synthetic_root, "fusion", 2)
+                                                  + ["model.selection_norm=max"]))
+    state["config"]["model"]["selection_norm"] = saved
+    torch.save(state, last)
     # where the data lives and loader settings may change; a partial last history line does not stop a resume
     moved = tmp_path / "moved"
     shutil.copytree(synthetic_root, moved)
@@ -336,3 +346,57 @@ def test_resume_after_an_early_stop_with_more_patience_trains_on(synthetic_root,
     trainer.train(cfg, out, resume=True)
     assert f"resuming {out} after epoch 1 of 3, with 1 process\n" in capsys.readouterr().out
     assert [json.loads(r)["epoch"] for r in (out / "history.jsonl").read_text().splitlines()] == [0, 1, 2]
+
+
+def test_a_run_of_an_older_finescope_or_another_machine_loads_as_trained(fusion_run, tmp_path):
+    """A checkpoint whose config lacks model.selection_norm (added with 'max', now 'minmax') is read with the
+    selection it was trained with; one trained on train.device=cuda loads on a machine without CUDA under
+    --device auto."""
+    out, _ = fusion_run
+    state = torch.load(out / "checkpoints" / "best.pt", weights_only=True)
+    del state["config"]["model"]["selection_norm"]
+    state["config"]["train"]["device"] = "cuda"
+    torch.save(state, tmp_path / "old.pt")
+    model, cfg, _, _ = trainer.load_trained(tmp_path / "old.pt")
+    assert cfg.model.selection_norm == "max" and model.selection_norm == "max"
+    assert next(model.parameters()).device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_history_survives_a_kill_between_its_line_and_the_checkpoint(synthetic_root, tmp_path, monkeypatch):
+    """The epoch's history line is written before last.pt: a kill between the two loses no line (the resume
+    drops the extra one and trains that epoch again); a new run into a folder with a stale history starts it
+    afresh."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "history.jsonl").write_text('{"epoch": 0, "lr": 1.0}\n{"epoch": 1, "lr": 1.0}\n')  # left by another run
+    real_save = trainer.save_checkpoint
+
+    def killed_at_second_last(state, path):
+        if state["epoch"] == 1 and path.name == "last.pt":
+            raise KeyboardInterrupt
+        real_save(state, path)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", killed_at_second_last)
+    with pytest.raises(KeyboardInterrupt):
+        _train(synthetic_root, out, variant="global", epochs=3)
+    lines = [json.loads(r) for r in (out / "history.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [0, 1] and "train_loss" in lines[0]  # the stale lines are gone
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
+    trainer.train(load_config(None, tiny_overrides(synthetic_root, "global", 3)), out, resume=True, progress=False)
+    assert [json.loads(r)["epoch"] for r in (out / "history.jsonl").read_text().splitlines()] == [0, 1, 2]
+
+
+def test_metrics_json_is_written_after_the_predictions(synthetic_root, tmp_path, monkeypatch):
+    """metrics.json marks a finished run (cv counts a fold done by it): a run that fails while writing its
+    predictions has neither file, and no temporary file is left."""
+    def disk_full(path, *args, **kwargs):
+        with trainer.atomic_open(path) as f:
+            f.write("path,group")
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainer, "write_predictions", disk_full)
+    with pytest.raises(OSError):
+        _train(synthetic_root, tmp_path / "run", variant="global", epochs=1)
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert not (tmp_path / "run" / "predictions_test.csv").exists()
+    assert not list((tmp_path / "run").glob(".*.tmp"))

@@ -39,6 +39,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             if candidate.is_file():
                 path = candidate
                 break
+    if not path.is_file() and (path / "checkpoints" / "last.pt").is_file():
+        raise FinescopeError(f"run '{path}' has no checkpoints/best.pt yet (its training stopped before an epoch was "
+                             f"kept); finish it with train --resume, or pass '{path / 'checkpoints' / 'last.pt'}'")
     if not path.is_file():
         raise FinescopeError(f"checkpoint '{path}' not found; pass a run directory or a .pt file written by finescope")
     try:

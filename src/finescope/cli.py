@@ -7,6 +7,7 @@ unless ``FINESCOPE_DEBUG=1`` is set.
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import json
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from finescope import __version__
 from finescope.errors import FinescopeError, FinescopeWarning
+from finescope.files import write_text
 from finescope.runtime import tune_allocator
 
 
@@ -33,6 +35,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     dist.init_from_env(cfg.train.device)
     out = args.out or f"runs/{cfg.name or Path(args.config).stem}"
+    args.run_dir = out  # for the message of an interruption
     main_rank = dist.is_main()
     try:
         metrics = train(cfg, out, resume=args.resume, progress=not args.quiet)
@@ -99,7 +102,7 @@ def cmd_data(args: argparse.Namespace) -> int:
                                    min_side=min_image_side(cfg))
     print(format_description(description))
     if args.json:
-        Path(args.json).write_text(json.dumps(description, indent=2, default=str))
+        write_text(args.json, json.dumps(description, indent=2, default=str))
     failing = description.get("unreadable") or description.get("too_small")  # what train would stop at
     return 1 if failing and cfg.data.on_error == "raise" else 0
 
@@ -345,8 +348,6 @@ def main(argv: list[str] | None = None) -> int:
         if not debug:
             warnings.filterwarnings("ignore", category=UserWarning, module="torch")
             warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
-        if _launch_rank() != 0:  # every process reads the same data: rank 0 says what is wrong with it
-            warnings.filterwarnings("ignore", category=FinescopeWarning)
         return _run(args, debug)
 
 
@@ -376,15 +377,22 @@ def _launch_rank() -> int:
         return 0
 
 
+def _launch_world() -> int:
+    """The number of processes torchrun started (``WORLD_SIZE``), 1 otherwise or when it is not a number."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
 def _run(args: argparse.Namespace, debug: bool) -> int:
     """Run the parsed command; a user error is one line on stderr and exit status 2. Under torchrun each failing
     process says so, the ranks other than 0 with their rank; an interruption is reported by rank 0 alone."""
     rank = _launch_rank()
     error = "finescope: error: " if rank == 0 else f"finescope: error (rank {rank}): "
-    if args.command != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        if rank == 0:  # each process would do the whole job and write the same files
-            _say(f"{error}finescope {args.command} runs in one process; run it without torchrun (train is the "
-                 "command that shares its work between processes)")
+    if args.command != "train" and _launch_world() > 1:  # each process would do the whole job, write the same files
+        _say(f"{error}finescope {args.command} runs in one process; run it without torchrun (train is the command "
+             "that shares its work between processes; WORLD_SIZE is set in this environment)")
         return 2
     try:
         return args.func(args)
@@ -396,13 +404,21 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
     except KeyboardInterrupt:
         again = {"train": "continue it with the same command and --resume", "cv": "rerun the same command to "
                  "resume its folds"}.get(args.command, "")
+        run_dir = getattr(args, "run_dir", None)
+        if run_dir and not (Path(run_dir) / "checkpoints" / "last.pt").is_file():
+            again = "no epoch had finished: start it again (without --resume)"
         if rank == 0:
             _say("finescope: interrupted" + (f"; {again}" if again else ""))
         return 130
-    except (FileExistsError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
-        if debug or not e.filename:
+    except OSError as e:  # a wrong path, a name too long, a full disk: the system's words, the file, what to do
+        if debug or not (e.filename or e.errno in (errno.ENOSPC, errno.EDQUOT)):
             raise
-        _say(f"{error}{e.strerror or e}: '{e.filename}'; check the path")
+        where = f": '{e.filename}'" if e.filename else ""
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            again = "; rerun with --resume" if args.command == "train" else ""
+            _say(f"{error}{e.strerror}{where}; free some space{again} (files already written are complete)")
+        else:
+            _say(f"{error}{e.strerror or e}{where}; check the path")
         return 2
     except Exception as e:
         if debug or "FinescopeError" not in str(e):

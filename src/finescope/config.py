@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from finescope.errors import FinescopeError
+from finescope.files import write_text
 
 
 @dataclass(frozen=True)
@@ -325,6 +326,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         loaded = read_yaml_mapping(path)
         for section in ("protocol", "profiles"):  # read by `finescope cv` (finescope.cv.load_protocol)
             loaded.pop(section, None)
+        loaded.pop("_provenance", None)  # a run's own config.yaml
         raw = _merge(raw, loaded)
     raw = _merge(raw, parse_overrides(overrides))
     return config_from_dict(raw)
@@ -460,12 +462,30 @@ def resolved_dict(cfg: Config) -> dict:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config (with provenance) as YAML."""
-    Path(path).write_text(yaml.safe_dump(resolved_dict(cfg), sort_keys=False))
+    write_text(path, yaml.safe_dump(resolved_dict(cfg), sort_keys=False))
 
 
 def strip_provenance(raw: dict) -> dict:
     """A stored config dict without its ``_provenance`` entry, ready for :func:`config_from_dict`."""
     return {k: v for k, v in raw.items() if not k.startswith("_")}
+
+
+# keys added with (or later given) a default that changes what a run computes, and the behaviour of the
+# finescope that trained a run whose stored config lacks them
+# (data.one_orientation is not one: its default, auto, is the old behaviour without train.compile)
+BEFORE_KEY = {"model.selection_norm": "max"}
+
+
+def stored_config(raw: dict) -> dict:
+    """A run's stored config (checkpoint or ``config.yaml``) as it was trained: without provenance, and with
+    the keys of :data:`BEFORE_KEY` it lacks set to what the finescope that wrote it did, not to today's
+    defaults (a run from before ``model.selection_norm`` selected with ``max``)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in strip_provenance(raw).items()}
+    for key, value in BEFORE_KEY.items():
+        section, name = key.split(".")
+        if isinstance(out.get(section), dict) and name not in out[section]:
+            out[section][name] = value
+    return out
 
 
 __all__ = [

@@ -52,6 +52,7 @@ from finescope.data import (
 )
 from finescope.data.splits import _relative
 from finescope.errors import FinescopeError
+from finescope.files import write_text
 from finescope.models import list_models
 
 log = logging.getLogger("finescope")
@@ -275,9 +276,7 @@ def save_cv_splits(path: Path, folds: list[Fold], sample_set: SampleSet, extra: 
         ],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=1))
-    tmp.replace(path)
+    write_text(path, json.dumps(out, indent=1))
 
 
 def load_cv_splits(path: str | Path, sample_set: SampleSet, per_magnification: bool) -> list[Fold]:
@@ -345,7 +344,13 @@ def check_rerun(out: Path, cfg: Config, p: Protocol) -> None:
     path = out / "cv.json"
     if not path.is_file():
         return
-    old = json.loads(path.read_text())
+    try:
+        old = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        old = None
+    if not isinstance(old, dict):
+        raise FinescopeError(f"'{path}' is damaged (not the JSON record finescope cv writes); restore it, or delete "
+                             "it to resume this cv directory with the settings of this command")
     diff = first_difference(old.get("settings"), _stored_settings(cfg, p))
     if diff:
         diff = diff.removeprefix("config.")
@@ -408,7 +413,7 @@ def _write_fold_files(out: Path, folds: list[Fold], sample_set: SampleSet, cfg: 
         save_splits(out / "folds" / f.name / "splits.json", f.splits, sample_set, extra={"fold": f.name})
     record = {"settings": _stored_settings(cfg, p), "variants": list(p.variants), "reference": p.ref,
               "n_boot": p.n_boot, "folds": [f.name for f in folds]}
-    (out / "cv.json").write_text(json.dumps(record, indent=2))
+    write_text(out / "cv.json", json.dumps(record, indent=2))
 
 
 def run_cv(
@@ -470,7 +475,7 @@ def _summary(out: Path, reference: str, n_boot: int, seed: int) -> dict:
     if isinstance(old, dict) and old.get("made_from") == made_from:
         return old
     summary = {**summarize_predictions(out / "predictions.csv", reference, n_boot, seed), "made_from": made_from}
-    path.write_text(json.dumps(summary, indent=2))
+    write_text(path, json.dumps(summary, indent=2))
     return summary
 
 

@@ -18,6 +18,7 @@ from finescope.config import Config, load_config, override
 from finescope.data import load_samples
 from finescope.data.dataset import read_image
 from finescope.data.synthetic import load_cells
+from finescope.files import write_text
 from finescope.trainer import load_trained, train
 
 VARIANTS = ("global", "fusion")
@@ -80,7 +81,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool 
     overlay = save_overlay_grid(_overlay_items(out / "fusion", cfg), out / "attention_overlay.png")
     summary = {v: {k: m.get(k) for k in ("image_accuracy", "balanced_accuracy", "auc", "n_images", "train_seconds")}
                for v, m in results.items()}
-    (out / "demo_results.json").write_text(json.dumps(summary, indent=2))
+    write_text(out / "demo_results.json", json.dumps(summary, indent=2))
     print(format_table(summary))
     print(f"attention overlay: {overlay}")
     return results

@@ -19,8 +19,10 @@ Conventions of a distributed run (``torchrun --nproc_per_node=N -m finescope tra
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -28,7 +30,7 @@ import torch
 import torch.distributed as torch_dist
 from torch.utils.data import Sampler
 
-from finescope.errors import FinescopeError
+from finescope.errors import FinescopeError, FinescopeWarning
 
 
 def is_distributed() -> bool:
@@ -229,7 +231,21 @@ def rank0_first(fn: Callable[[], Any], others: bool = True) -> Any:
         raise error
     if text:
         raise FinescopeError(text)
-    return result if is_main() or not others else fn()
+    if is_main() or not others:
+        return result
+    with main_speaks():  # rank 0 has said what it found
+        return fn()
+
+
+@contextlib.contextmanager
+def main_speaks() -> Iterator[None]:
+    """Inside: the :class:`~finescope.errors.FinescopeWarning` of ranks other than 0 are not shown, for work
+    every rank does the same (scanning the data, drawing the split), which rank 0 reports once. Warnings of a
+    rank's own work (an image only it reads) are shown by that rank."""
+    with warnings.catch_warnings():
+        if not is_main():
+            warnings.simplefilter("ignore", FinescopeWarning)
+        yield
 
 
 def broadcast_buffers(module: torch.nn.Module) -> None:

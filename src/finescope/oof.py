@@ -20,6 +20,7 @@ import numpy as np
 from finescope.data import SampleSet
 from finescope.data.splits import _relative
 from finescope.errors import FinescopeError
+from finescope.files import atomic_open
 from finescope.metrics import SCALAR_METRICS, bootstrap_ci, compute_metrics, paired_bootstrap, summarize_folds
 
 # metrics with pooled patient-clustered intervals and paired comparisons, in table order
@@ -63,12 +64,10 @@ def write_oof_csv(path: Path, rows: list[dict], class_names: list[str]) -> None:
     """Write out-of-fold rows with a fixed column order."""
     cols = ["image", "group", "magnification", "true", "predicted", *[f"prob_{n}" for n in class_names],
             "fold", "variant"]
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as fh:
+    with atomic_open(path, newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
-    tmp.replace(path)
 
 
 def read_oof_csv(path: str | Path) -> tuple[list[dict], list[str]]:

@@ -16,6 +16,7 @@ import base64
 import html
 import io
 import json
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -25,7 +26,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from finescope.checkpoint import read_history  # noqa: E402
-from finescope.errors import FinescopeError  # noqa: E402
+from finescope.errors import FinescopeError, FinescopeWarning  # noqa: E402
+from finescope.files import atomic_open, write_text  # noqa: E402
 from finescope.metrics import reliability_curve, roc_curves  # noqa: E402
 from finescope.oof import TABLE_METRICS, as_arrays, read_oof_csv, summarize_predictions  # noqa: E402
 
@@ -69,7 +71,7 @@ def _single_run_rows(run_dir: Path, predictions: Path | None, fig_dir: Path) -> 
                  "variant": variant} for r in reader if r["true"]]
     out = fig_dir / "predictions_oof.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as fh:
+    with atomic_open(out, newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["image"])
         w.writeheader()
         w.writerows(rows)
@@ -107,7 +109,14 @@ def _split_summaries(run_dir: Path, is_cv: bool) -> list[tuple[str, dict]]:
     path = run_dir / "splits.json"
     if not path.is_file():
         return []
-    raw = json.loads(path.read_text())
+    try:
+        raw = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raw = None
+    if not isinstance(raw, dict):
+        warnings.warn(f"'{path}' is not valid JSON: the report leaves out the split summary", FinescopeWarning,
+                      stacklevel=2)
+        return []
     if is_cv:
         return [(f["name"], f["summary"]) for f in raw.get("folds", [])]
     return [("split", raw["summary"])] if "summary" in raw else []
@@ -386,9 +395,11 @@ def write_report(run_dir: str | Path, n_boot: int = 1000, predictions: str | Pat
         csv_path, named = _single_run_rows(run_dir, predictions, fig_dir)
         split = split if predictions is not None else named  # `report RUN` reports what the CSV it found holds
     summary_path = run_dir / "summary.json"
-    if is_cv and summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-    else:
+    try:  # cv's summary (a damaged one is computed again)
+        summary = json.loads(summary_path.read_text()) if is_cv and summary_path.is_file() else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        summary = None
+    if not isinstance(summary, dict):
         summary = summarize_predictions(csv_path, n_boot=n_boot)
     rows, _ = read_oof_csv(csv_path)
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -399,8 +410,8 @@ def write_report(run_dir: str | Path, n_boot: int = 1000, predictions: str | Pat
     if warning:  # above the metrics and the split summary, whose stored counts predate it
         blocks = [(k, h, p, f"Warning: {warning}. {n}" if i == 0 or h == "Split summary" else n)
                   for i, (k, h, p, n) in enumerate(blocks)]
-    md_path.write_text(_render_md(title, blocks, fig_dir))
-    html_path.write_text(_render_html(title, blocks))
+    write_text(md_path, _render_md(title, blocks, fig_dir))
+    write_text(html_path, _render_html(title, blocks))
     return md_path, html_path
 
 

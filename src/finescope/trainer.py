@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from torch.utils.data import DataLoader
 
 from finescope import distributed as dist
@@ -41,7 +40,7 @@ from finescope.config import (
     load_config,
     resolved_dict,
     save_config,
-    strip_provenance,
+    stored_config,
     to_dict,
 )
 from finescope.data import (
@@ -69,6 +68,7 @@ from finescope.engine import (
     warmup_cosine,
 )
 from finescope.errors import FinescopeError, FinescopeWarning
+from finescope.files import atomic_open, write_text
 from finescope.metrics import compute_metrics
 from finescope.models import create_model
 from finescope.models.network import FineScopeNet
@@ -151,8 +151,8 @@ def make_loader(
     before each epoch) and, under DDP, read their share (``batch_size / world``) of each global batch
     (:class:`~finescope.distributed.ShardSampler`: every image once per epoch; under ``train.compile`` the last
     incomplete global batch is dropped, so that every step has one shape); each image's augmentation is seeded
-    by (seed, epoch, image), so neither the workers nor a resume change it. Evaluation loaders read every ``world``-th image,
-    without padding. Workers are persistent: they start once per run. With ``data.cache=memory`` they are
+    by (seed, epoch, image), so neither the workers nor a resume change it. Evaluation loaders read whole
+    evaluation batches, every ``world``-th one, without padding. Workers are persistent: they start once per run. With ``data.cache=memory`` they are
     forked (on Linux), so that they share the decoded images
     (:class:`~finescope.data.dataset.SharedMemoryCache`). Pass a ``dataset`` from :func:`make_dataset` to share
     it between loaders.
@@ -341,30 +341,27 @@ def _log_epoch(run_dir: Path, row: dict) -> None:
 
 
 # keys a resumed run may change: where the data and the cache are, how fast it runs, where, and how long it
-# trains (more epochs stretch the learning-rate schedule from the resumed step on); not what an epoch computes
-RESUME_FREE = ("name", "data.root", "data.num_workers", "data.cache", "data.cache_dir", "train.device",
-               "train.eval_batch_size", "train.compile", "train.selection_graph", "train.channels_last",
-               "train.epochs", "train.patience")
+# trains (more epochs stretch the learning-rate schedule from the resumed step on); not what an epoch computes.
+# data.on_error too: a run that read every image so far computed the same under raise and skip, and an
+# unreadable test image is found only after the last epoch, whose error says to set it to skip
+RESUME_FREE = ("name", "data.root", "data.num_workers", "data.cache", "data.cache_dir", "data.on_error",
+               "train.device", "train.eval_batch_size", "train.compile", "train.selection_graph",
+               "train.channels_last", "train.epochs", "train.patience")
 
 
 def _check_resume_config(run_dir: Path, cfg: Config) -> None:
-    """Refuse to resume ``run_dir`` with another config than its own (``config.yaml``), naming the first
-    differing key; the keys of ``RESUME_FREE`` may change. Nothing in the run is written before this check."""
-    path = run_dir / "config.yaml"
-    if not (run_dir / "checkpoints" / "last.pt").is_file():
-        raise FinescopeError(f"--resume: no checkpoint at '{run_dir / 'checkpoints' / 'last.pt'}'; start without "
-                             "--resume")
-    if not path.is_file():
-        return
-    try:
-        old = strip_provenance(yaml.safe_load(path.read_text()) or {})
-    except yaml.YAMLError:
-        raise FinescopeError(f"--resume: '{path}' is not valid YAML; restore it or start a new run") from None
-    def known(new: dict, old: dict) -> dict:  # keys a run's config.yaml does not have (an older finescope) pass
-        return {k: known(v, old[k]) if isinstance(v, dict) and isinstance(old.get(k), dict) else v
-                for k, v in new.items() if k in old}
-
-    diff = first_difference(old, known(to_dict(cfg), old), ignore=RESUME_FREE)
+    """Refuse to resume ``run_dir`` with another config than its own (the one in ``checkpoints/last.pt``, which
+    is written whole, unlike ``config.yaml``, its copy for people), naming the first differing key; the keys
+    of ``RESUME_FREE`` may change. Nothing in the run is written before this check."""
+    last = run_dir / "checkpoints" / "last.pt"
+    if not last.is_file():
+        raise FinescopeError(f"--resume: no checkpoint at '{last}'; start without --resume")
+    try:  # as trained: today's form of its values (amp: true is bf16), keys added since at their old behaviour
+        old = to_dict(load_config(base=stored_config(load_checkpoint(last)["config"])))
+    except FinescopeError as e:
+        raise FinescopeError(f"--resume: the config stored in '{last}' does not load here ({e}); was it written "
+                             "by another finescope version?") from None
+    diff = first_difference(old, to_dict(cfg), ignore=RESUME_FREE)
     if diff:
         raise FinescopeError(f"--resume: '{run_dir}' was trained with another config: {diff}; resume with the "
                              f"run's own settings (its config.yaml), or start a new run with another --out")
@@ -393,7 +390,7 @@ def _truncate_history(run_dir: Path, last_epoch: int) -> None:
     path = run_dir / "history.jsonl"
     if path.is_file():
         rows = [r for r in read_history(path) if r["epoch"] <= last_epoch]
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _hold_lock(run_dir: Path):
@@ -474,16 +471,19 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
 
 
 def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool) -> dict:
-    if dist.is_main():  # temporary checkpoints a killed process left mid-write (the lock says none is writing now)
-        for tmp in (run_dir / "checkpoints").glob(".*.tmp"):
+    if dist.is_main():  # temporary files a killed process left mid-write (the lock says none is writing now)
+        for tmp in [*(run_dir / "checkpoints").glob(".*.tmp"), *run_dir.glob(".*.tmp")]:
             tmp.unlink(missing_ok=True)
+        if not resume:  # a new run's history starts empty (a run stopped before its first checkpoint left one)
+            (run_dir / "history.jsonl").unlink(missing_ok=True)
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.seed)
     sample_set = _load_samples_rank0_first(cfg)
     if len(sample_set.class_names) < 2:
         raise FinescopeError(f"data.root '{cfg.data.root}' ({cfg.data.source} source) holds one class "
                              f"({', '.join(sample_set.class_names) or 'none'}); a classifier needs at least 2")
-    splits = resolve_splits(cfg, sample_set, run_dir, resume)
+    with dist.main_speaks():
+        splits = resolve_splits(cfg, sample_set, run_dir, resume)
     model = build_model(cfg, len(sample_set.class_names), device)
     if dist.is_main():
         save_config(cfg, run_dir / "config.yaml")
@@ -584,11 +584,11 @@ def _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, 
         tracker["bad_epochs"] += 1
     tracker["stopped"] = tracker["bad_epochs"] >= t.patience
     if dist.is_main():
+        _log_epoch(run_dir, row)  # first: a resume drops the lines after last.pt's epoch, never misses one
         state = _state(model, optimizer, scheduler, scaler, epoch, cfg, sample_set.class_names, tracker)
         if tracker["best_epoch"] == epoch:
             save_checkpoint(state, run_dir / "checkpoints" / "best.pt")
         save_checkpoint(state, run_dir / "checkpoints" / "last.pt")  # last: a kill after best.pt loses nothing
-        _log_epoch(run_dir, row)
         _print_epoch(row, progress)
     return tracker
 
@@ -618,8 +618,8 @@ def finish(run_dir: Path, cfg: Config, sample_set: SampleSet, splits: dict, devi
         return {}
     metrics.update(split="test", checkpoint=str(run_dir / "checkpoints" / "best.pt"), best_epoch=state["epoch"],
                    split_leak=own_split_leak(splits, sample_set))  # a resumed run split under another grouping
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_predictions(run_dir / "predictions_test.csv", preds, sample_set)
+    write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))  # last: it marks a finished run (cv)
     return metrics
 
 
@@ -635,7 +635,7 @@ def load_trained(source: str | Path, overrides: list[str] | None = None, device:
     if not isinstance(state.get("config"), dict) or "class_names" not in state or "model" not in state:
         raise FinescopeError(f"checkpoint '{state['path']}' is not a finescope model (no config, class names or "
                              "weights); pass a run directory or a .pt written by finescope train")
-    base = strip_provenance(state["config"])
+    base = stored_config(state["config"])
     try:
         load_config(base=base)
     except FinescopeError as e:
@@ -643,7 +643,9 @@ def load_trained(source: str | Path, overrides: list[str] | None = None, device:
                              "written by another finescope version?") from None
     cfg = load_config(base=base, overrides=overrides)
     cfg = replace(cfg, model=replace(cfg.model, weights="", pretrained=False))  # the checkpoint holds the weights
-    torch_device = resolve_device(device if device != "auto" else cfg.train.device)
+    if device == "auto":  # the run's own device where this machine has it (a run trained on cuda, read here)
+        device = cfg.train.device if not cfg.train.device.startswith("cuda") or torch.cuda.is_available() else "auto"
+    torch_device = resolve_device(device)
     model = build_model(cfg, len(state["class_names"]), torch_device)
     try:
         model.load_state_dict(state["model"])
@@ -674,7 +676,7 @@ def evaluate(source: str | Path, split: str = "test", overrides: list[str] | Non
     says why when another split was asked for.
     """
     model, cfg, class_names, state = load_trained(source, overrides, device)
-    trained_data = load_config(base=strip_provenance(state["config"])).data
+    trained_data = load_config(base=stored_config(state["config"])).data
     sample_set = load_samples(cfg.data, require_all_classes=False, class_names=class_names)
     run_dir = run_dir_of(state)
     splits, why = None, f"no splits.json in '{run_dir}'"
@@ -701,10 +703,10 @@ def evaluate(source: str | Path, split: str = "test", overrides: list[str] | Non
                    split_leak=None if splits is None else own_split_leak(splits, sample_set))
     out = Path(out) if out else run_dir / f"metrics_{split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(metrics, indent=2))
     stem = out.stem.replace("metrics", "predictions") if "metrics" in out.stem else out.stem + "_predictions"
     stem = f"predictions_{split}" if stem == "predictions" else stem  # predictions.csv marks a cv folder
     write_predictions(out.with_name(stem + ".csv"), preds, sample_set)
+    write_text(out, json.dumps(metrics, indent=2))
     return {**metrics, "output": str(out), "predictions": str(out.with_name(stem + ".csv")), "run_dir": str(run_dir)}
 
 
@@ -718,7 +720,7 @@ def box_string(boxes, mass) -> str:
 def write_predictions(path: str | Path, preds: Predictions, sample_set: SampleSet, extra: dict | None = None) -> None:
     """One CSV row per image: path, group, true and predicted class, every class probability, boxes."""
     names = sample_set.class_names
-    with Path(path).open("w", newline="") as f:
+    with atomic_open(path, newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "group", "true", "predicted", *[f"prob_{n}" for n in names], "boxes", *(extra or {})])
         for row, i in enumerate(preds.indices):

@@ -26,6 +26,7 @@ import numpy as np
 
 from finescope.data.records import SampleSet
 from finescope.errors import FinescopeError, FinescopeWarning
+from finescope.files import write_text
 
 SIDES = ("train", "val", "test")
 
@@ -270,9 +271,7 @@ def save_splits(
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(out, indent=1))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(out, indent=1))
 
 
 def _read_split_lists(path: Path) -> dict[str, list[str]]:

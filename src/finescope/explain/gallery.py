@@ -9,6 +9,8 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+from finescope.files import write_text
+
 CSS = """
 body{font-family:system-ui,sans-serif;margin:1.2em;color:#222;background:#fafafa}
 h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ccc}
@@ -140,7 +142,7 @@ def write_index(out: Path, rows: list[dict], summary: dict, evidence: dict, meth
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>finescope explain</title><style>{CSS}</style>"
             f"<script>{JS}</script></head><body>{''.join(parts)}</body></html>")
     path = Path(out) / "index.html"
-    path.write_text(page, encoding="utf-8")
+    write_text(path, page)
     return path
 
 

@@ -29,6 +29,7 @@ from finescope.explain.inputs import Inputs, path_inputs, run_dir_of, size_notes
 from finescope.explain.maps import NORMALISATIONS
 from finescope.explain.methods import CamExplainer, resolve_methods
 from finescope.explain.overlay import save_explanation_figure
+from finescope.files import atomic_open, write_text
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,7 @@ def summarise(rows: list[dict], curves: list[dict], methods: list[str], settings
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    with path.open("w", newline="") as f:
+    with atomic_open(path, newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
@@ -322,7 +323,7 @@ def run_explain(checkpoint: str | Path, paths: list[str] | tuple[str, ...] = (),
     summary.update(checkpoint=str(state["path"]), variant=cfg.model.variant, class_names=class_names,
                    source=f"split {split} of {run_dir_of(state)}" if split else ", ".join(map(str, paths)),
                    skipped=skipped)
-    (out / "faithfulness.json").write_text(json.dumps(summary, indent=2))
+    write_text(out / "faithfulness.json", json.dumps(summary, indent=2))
     _write_csv(out / "results.csv", rows)
     plot = _plot_curves(out / "faithfulness.png", summary)
     evidence = ctx.evidence.save(out)
