@@ -515,3 +515,10 @@ def test_an_interrupted_first_epoch_says_to_start_again(synthetic_root, tmp_path
                  *tiny_overrides(synthetic_root, "global", 1)]) == 130
     assert capsys.readouterr().err == ("finescope: interrupted; no epoch had finished: start it again (without "
                                        "--resume)\n")
+
+
+def test_a_yaml_syntax_error_names_its_line(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("data:\n  source: folder\nmodel: {variant: [fusion\n")
+    assert main(["data", "--config", str(cfg)]) == 2
+    assert "is not valid YAML (line 4, column 1)" in _one_error_line(capsys)

@@ -307,7 +307,9 @@ def read_yaml_mapping(path: str | Path) -> dict:
     except UnicodeDecodeError:
         raise FinescopeError(f"config file '{path}' is not UTF-8 text; save it as UTF-8 YAML") from None
     except yaml.YAMLError as e:
-        raise FinescopeError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise FinescopeError(f"config file '{path}' is not valid YAML{where}: {str(e).splitlines()[0]}") from None
     if not isinstance(loaded, dict):
         raise FinescopeError(f"config file '{path}' must be a YAML mapping with sections data/model/train")
     return loaded
