@@ -522,3 +522,14 @@ def test_a_yaml_syntax_error_names_its_line(tmp_path, capsys):
     cfg.write_text("data:\n  source: folder\nmodel: {variant: [fusion\n")
     assert main(["data", "--config", str(cfg)]) == 2
     assert "is not valid YAML (line 4, column 1)" in _one_error_line(capsys)
+
+
+def test_a_class_whose_training_images_are_all_unreadable_stops_the_run(tmp_path, capsys):
+    """data.on_error=skip skips unreadable images, but not a whole class: a model trained without it would
+    still be scored on it."""
+    root = _folder(tmp_path / "d", n=4)
+    for f in (root / "b").iterdir():
+        f.write_bytes(b"not an image")
+    assert main(_train_args(root, tmp_path, "data.on_error=skip", "data.test_fraction=0.25",
+                            "data.val_fraction=0")) == 2
+    assert "none of the training images of class 'b' could be read" in _one_error_line(capsys)

@@ -113,7 +113,8 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     mark_steps: bool = False,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns mean loss, accuracy, images and seconds.
+    """One pass over ``loader``; returns mean loss, accuracy, images, seconds and ``images_per_class`` (the
+    images read of each class, over every rank).
 
     A loader whose sampler has ``step_scales`` (:class:`~finescope.distributed.ShardSampler`) weights each
     step's loss by its factor: in the last, incomplete global batch of a DDP epoch the ranks' batches differ in
@@ -130,7 +131,7 @@ def train_one_epoch(
     model.train()
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    seen, start = 0, time.perf_counter()
+    seen, start, per_class = 0, time.perf_counter(), None
     scales = getattr(getattr(loader, "sampler", None), "step_scales", None) or []
     input_cl = input_channels_last(model, device, channels_last)
     last = None
@@ -151,6 +152,8 @@ def train_one_epoch(
         with autocast(device, amp, cpu_amp):
             out = model(images, sizes)
         loss = compute_loss(out, labels, aux_weight, label_smoothing)
+        if per_class is None:  # every rank runs every step (stand-ins too): the same size on every rank
+            per_class = torch.zeros(out.logits.shape[1], device=device, dtype=torch.long)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss if scale == 1.0 else loss * scale).backward()
         if grad_clip > 0:
@@ -165,15 +168,20 @@ def train_one_epoch(
         total_loss += loss.detach() * len(labels)  # stays on the device: no sync per step
         correct += (out.logits.argmax(1) == labels).sum()
         seen += len(labels)
+        per_class += labels.bincount(minlength=per_class.numel())
     seconds = time.perf_counter() - start
-    totals = dist.all_reduce_sum(torch.stack([total_loss.float(), correct.float(), torch.tensor(seen, device=device,
-                                                                                            dtype=torch.float32)]))
-    total, hits, seen = (float(v) for v in totals.cpu())  # over every rank: one collective per epoch
+    if per_class is None:  # no batch: the classes are not known here, every count is 0
+        per_class = torch.zeros(0, device=device, dtype=torch.long)
+    totals = dist.all_reduce_sum(torch.cat([torch.stack([total_loss.float(), correct.float(),
+                                                         torch.tensor(seen, device=device, dtype=torch.float32)]),
+                                            per_class.float()]))
+    total, hits, seen, *counts = (float(v) for v in totals.cpu())  # over every rank: one collective per epoch
     return {
         "loss": total / max(seen, 1),
         "accuracy": hits / max(seen, 1),
         "images": int(seen),
         "seconds": seconds,
+        "images_per_class": [int(c) for c in counts],
     }
 
 

@@ -567,6 +567,7 @@ def _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, 
         desc=f"epoch {epoch + 1}/{t.epochs}", scaler=scaler, mark_steps=t.compile in CUDA_GRAPH_MODES,
     )
     dist.broadcast_buffers(model)  # every rank validates (and rank 0 saves) rank 0's BatchNorm statistics
+    _check_every_class_read(stats.pop("images_per_class"), sample_set, splits["train"], cfg)
     row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **{f"train_{k}": v for k, v in stats.items()}}
     row["train_images_per_second"] = stats["images"] / max(stats["seconds"], 1e-9)
     if len(splits.get("val", [])):
@@ -591,6 +592,19 @@ def _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, 
         save_checkpoint(state, run_dir / "checkpoints" / "last.pt")  # last: a kill after best.pt loses nothing
         _print_epoch(row, progress)
     return tracker
+
+
+def _check_every_class_read(read: list[int], sample_set: SampleSet, train, cfg: Config) -> None:
+    """Under ``data.on_error=skip``, refuse to go on training when every training image of a class was
+    unreadable: the model would learn without that class and still be scored on it."""
+    if cfg.data.on_error != "skip" or cfg.train.compile != "off" or not read:  # compile drops a batch: no check
+        return
+    listed = np.bincount([sample_set.samples[i].label for i in train], minlength=len(read))
+    lost = [name for name, n, r in zip(sample_set.class_names, listed, read, strict=False) if n and not r]
+    if lost:
+        raise FinescopeError(f"none of the training images of class {', '.join(repr(c) for c in lost)} could be "
+                             "read (data.on_error=skip skipped them all, named in the warnings above); fix or remove "
+                             "those files")
 
 
 def _print_epoch(row: dict, progress: bool) -> None:
