@@ -533,3 +533,14 @@ def test_a_class_whose_training_images_are_all_unreadable_stops_the_run(tmp_path
     assert main(_train_args(root, tmp_path, "data.on_error=skip", "data.test_fraction=0.25",
                             "data.val_fraction=0")) == 2
     assert "none of the training images of class 'b' could be read" in _one_error_line(capsys)
+
+
+def test_a_folder_in_a_csv_and_a_breakhis_root_that_is_a_file_say_so(tmp_path, capsys):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "m.csv").write_text("path,label\nsub,a\n")
+    assert main(["data", "--config", "configs/demo.yaml", "--set", "data.source=csv",
+                 f"data.root={tmp_path / 'm.csv'}"]) == 2
+    assert "line 2 is a folder, not an image" in _one_error_line(capsys)
+    assert main(["data", "--config", "configs/demo.yaml", "--set", "data.source=breakhis",
+                 f"data.root={tmp_path / 'm.csv'}"]) == 2
+    assert "is a file; data.source=breakhis needs the BreakHis folder" in _one_error_line(capsys)

@@ -403,7 +403,7 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
         return 2
     except KeyboardInterrupt:
         again = {"train": "continue it with the same command and --resume", "cv": "rerun the same command to "
-                 "resume its folds"}.get(args.command, "")
+                 "resume its folds", "demo": "rerun the same command to continue"}.get(args.command, "")
         run_dir = getattr(args, "run_dir", None)
         if run_dir and not (Path(run_dir) / "checkpoints" / "last.pt").is_file():
             again = "no epoch had finished: start it again (without --resume)"

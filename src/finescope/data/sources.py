@@ -333,7 +333,10 @@ def _scan_breakhis(cfg: DataConfig) -> _Scan:
     root = _check_root(
         cfg.root, "the BreakHis folder (the one holding BreaKHis_v1, or a folder of its images)"
     )
-    files = find_images(root) if root.is_dir() else []
+    if root.is_file():
+        raise FinescopeError(f"data.root '{cfg.root}' is a file; data.source=breakhis needs the BreakHis folder (the "
+                             "one holding BreaKHis_v1, or a folder of its images)")
+    files = find_images(root)
     if not files:
         raise _no_images(root)
     found, skipped = [], []
@@ -496,7 +499,8 @@ def read_manifest(manifest: Path, cfg: DataConfig) -> _Scan:
     for line, row in rows:
         item = _csv_row(row, line, manifest, header, seen)
         if not os.path.isfile(item.path):
-            reason = f"image '{item.path}' listed in CSV manifest '{manifest}' line {line} does not exist"
+            what = "is a folder, not an image" if os.path.isdir(item.path) else "does not exist"
+            reason = f"image '{item.path}' listed in CSV manifest '{manifest}' line {line} {what}"
             _skip_or_raise(cfg, item.path, reason, skipped)
             continue
         found.append(item)
