@@ -521,7 +521,7 @@ def test_a_yaml_syntax_error_names_its_line(tmp_path, capsys):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("data:\n  source: folder\nmodel: {variant: [fusion\n")
     assert main(["data", "--config", str(cfg)]) == 2
-    assert "is not valid YAML (line 4, column 1)" in _one_error_line(capsys)
+    assert "is not valid YAML (line 4, column 1): expected ',' or ']', but got '<stream end>'" in _one_error_line(capsys)
 
 
 def test_a_class_whose_training_images_are_all_unreadable_stops_the_run(tmp_path, capsys):
@@ -544,3 +544,29 @@ def test_a_folder_in_a_csv_and_a_breakhis_root_that_is_a_file_say_so(tmp_path, c
     assert main(["data", "--config", "configs/demo.yaml", "--set", "data.source=breakhis",
                  f"data.root={tmp_path / 'm.csv'}"]) == 2
     assert "is a file; data.source=breakhis needs the BreakHis folder" in _one_error_line(capsys)
+
+
+def test_a_runs_own_config_yaml_from_before_a_key_reads_as_trained(tmp_path):
+    """--config RUN/config.yaml of a run written before model.selection_norm existed gives its selection back."""
+    import yaml
+
+    from finescope.config import load_config
+
+    raw = yaml.safe_load(open("configs/demo.yaml"))
+    raw.setdefault("model", {}).pop("selection_norm", None)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**raw, "_provenance": {"finescope_version": "0.1.0"}}))
+    assert load_config(tmp_path / "config.yaml").model.selection_norm == "max"
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(raw))  # not a run's: today's default
+    assert load_config(tmp_path / "other.yaml").model.selection_norm == "minmax"
+
+
+def test_a_failed_start_leaves_the_folders_files(tmp_path, capsys):
+    """Nothing in an --out folder is touched before the run's data and settings are checked."""
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "history.jsonl").write_text("{}\n")
+    (out / ".finescope-abc.tmp").write_text("x")
+    assert main(["train", "--config", "configs/demo.yaml", "--out", str(out), "--set", "data.source=csv",
+                 f"data.root={tmp_path / 'missing.csv'}"]) == 2
+    _one_error_line(capsys)
+    assert sorted(p.name for p in out.iterdir()) == [".finescope-abc.tmp", "history.jsonl"]

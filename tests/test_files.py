@@ -38,3 +38,51 @@ def test_damaged_records_are_one_line_or_left_out(tmp_path):
     (tmp_path / "splits.json").write_text('{"splits": {')
     with pytest.warns(FinescopeWarning, match="splits.json' is not valid JSON"):
         assert _split_summaries(tmp_path, is_cv=False) == []
+
+
+def test_links_are_written_through_and_modes_kept(tmp_path):
+    """A symbolic link (such as /dev/stdout) or a hard link is written through, as open() would, not replaced
+    by a file; a replaced file keeps its permissions; a long name still fits (the temporary name is short)."""
+    target = tmp_path / "target.csv"
+    target.write_text("old")
+    (tmp_path / "link.csv").symlink_to(target)
+    write_text(tmp_path / "link.csv", "new")
+    assert (tmp_path / "link.csv").is_symlink() and target.read_text() == "new"
+    os.link(target, tmp_path / "hard.csv")
+    write_text(target, "both")
+    assert (tmp_path / "hard.csv").read_text() == "both"
+    alone = tmp_path / "alone.csv"
+    alone.write_text("x")
+    alone.chmod(0o640)
+    write_text(alone, "y")
+    assert alone.read_text() == "y" and (alone.stat().st_mode & 0o777) == 0o640
+    long = tmp_path / ("y" * 250)
+    write_text(long, "fits")
+    assert long.read_text() == "fits"
+
+
+def test_an_error_names_the_file_asked_for_not_the_temporary(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        write_text(tmp_path / "nodir" / "x.json", "{}")
+    assert e.value.filename == str(tmp_path / "nodir" / "x.json")
+
+
+def test_a_checkpoint_that_fills_the_disk_is_a_full_disk_error(tmp_path, monkeypatch):
+    """torch's writer says 'unexpected pos' when the disk fills; the save says ENOSPC and leaves no temporary."""
+    import errno
+    import shutil
+
+    import torch
+
+    from finescope import checkpoint
+
+    def cut_short(state, f):
+        open(f, "wb").write(b"PK")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1247872 vs 1247764")
+
+    monkeypatch.setattr(torch, "save", cut_short)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 0))
+    with pytest.raises(OSError) as e:
+        checkpoint.save_checkpoint({"model": {}}, tmp_path / "last.pt")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "last.pt")
+    assert list(tmp_path.iterdir()) == []

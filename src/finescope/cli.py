@@ -415,7 +415,9 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
             raise
         where = f": '{e.filename}'" if e.filename else ""
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            again = "; rerun with --resume" if args.command == "train" else ""
+            run_dir = getattr(args, "run_dir", None)
+            again = "; rerun with --resume" if run_dir and (Path(run_dir) / "checkpoints" / "last.pt").is_file() \
+                else "; rerun"
             _say(f"{error}{e.strerror}{where}; free some space{again} (files already written are complete)")
         else:
             _say(f"{error}{e.strerror or e}{where}; check the path")

@@ -309,7 +309,8 @@ def read_yaml_mapping(path: str | Path) -> dict:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        raise FinescopeError(f"config file '{path}' is not valid YAML{where}: {str(e).splitlines()[0]}") from None
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]  # the problem, not the context
+        raise FinescopeError(f"config file '{path}' is not valid YAML{where}: {what}") from None
     if not isinstance(loaded, dict):
         raise FinescopeError(f"config file '{path}' must be a YAML mapping with sections data/model/train")
     return loaded
@@ -328,7 +329,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         loaded = read_yaml_mapping(path)
         for section in ("protocol", "profiles"):  # read by `finescope cv` (finescope.cv.load_protocol)
             loaded.pop(section, None)
-        loaded.pop("_provenance", None)  # a run's own config.yaml
+        if "_provenance" in loaded:  # a run's own config.yaml: read as that run was trained
+            loaded = stored_config(loaded)
         raw = _merge(raw, loaded)
     raw = _merge(raw, parse_overrides(overrides))
     return config_from_dict(raw)
@@ -469,7 +471,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 def strip_provenance(raw: dict) -> dict:
     """A stored config dict without its ``_provenance`` entry, ready for :func:`config_from_dict`."""
-    return {k: v for k, v in raw.items() if not k.startswith("_")}
+    return {k: v for k, v in raw.items() if not (isinstance(k, str) and k.startswith("_"))}
 
 
 # keys added with (or later given) a default that changes what a run computes, and the behaviour of the

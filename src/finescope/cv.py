@@ -52,7 +52,7 @@ from finescope.data import (
 )
 from finescope.data.splits import _relative
 from finescope.errors import FinescopeError
-from finescope.files import write_text
+from finescope.files import remove_temporaries, write_text
 from finescope.models import list_models
 
 log = logging.getLogger("finescope")
@@ -349,8 +349,8 @@ def check_rerun(out: Path, cfg: Config, p: Protocol) -> None:
     except (UnicodeDecodeError, json.JSONDecodeError):
         old = None
     if not isinstance(old, dict):
-        raise FinescopeError(f"'{path}' is damaged (not the JSON record finescope cv writes); restore it, or delete "
-                             "it to resume this cv directory with the settings of this command")
+        raise FinescopeError(f"'{path}' is damaged (not the JSON record finescope cv writes), so the settings of its "
+                             "folds cannot be checked; restore it, or run this cv into a new --out folder")
     diff = first_difference(old.get("settings"), _stored_settings(cfg, p))
     if diff:
         diff = diff.removeprefix("config.")
@@ -441,6 +441,7 @@ def run_cv(
     sample_set = load_samples(cfg.data)
     folds = resolve_folds(out, sample_set, cfg, p, splits_file)
     out.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(out)  # a killed run's half-written records
     _write_fold_files(out, folds, sample_set, cfg, p)
     for variant in p.variants:
         for fold in folds:

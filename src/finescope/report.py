@@ -399,7 +399,7 @@ def write_report(run_dir: str | Path, n_boot: int = 1000, predictions: str | Pat
         summary = json.loads(summary_path.read_text()) if is_cv and summary_path.is_file() else None
     except (UnicodeDecodeError, json.JSONDecodeError):
         summary = None
-    if not isinstance(summary, dict):
+    if not isinstance(summary, dict) or not {"class_names", "variants"} <= summary.keys():
         summary = summarize_predictions(csv_path, n_boot=n_boot)
     rows, _ = read_oof_csv(csv_path)
     fig_dir.mkdir(parents=True, exist_ok=True)

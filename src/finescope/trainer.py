@@ -68,7 +68,7 @@ from finescope.engine import (
     warmup_cosine,
 )
 from finescope.errors import FinescopeError, FinescopeWarning
-from finescope.files import atomic_open, write_text
+from finescope.files import atomic_open, remove_temporaries, write_text
 from finescope.metrics import compute_metrics
 from finescope.models import create_model
 from finescope.models.network import FineScopeNet
@@ -471,11 +471,6 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
 
 
 def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool) -> dict:
-    if dist.is_main():  # temporary files a killed process left mid-write (the lock says none is writing now)
-        for tmp in [*(run_dir / "checkpoints").glob(".*.tmp"), *run_dir.glob(".*.tmp")]:
-            tmp.unlink(missing_ok=True)
-        if not resume:  # a new run's history starts empty (a run stopped before its first checkpoint left one)
-            (run_dir / "history.jsonl").unlink(missing_ok=True)
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.seed)
     sample_set = _load_samples_rank0_first(cfg)
@@ -485,7 +480,12 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool) -> dict:
     with dist.main_speaks():
         splits = resolve_splits(cfg, sample_set, run_dir, resume)
     model = build_model(cfg, len(sample_set.class_names), device)
-    if dist.is_main():
+    if dist.is_main():  # the run starts: what a killed process left half-written goes (the lock says none writes)
+        for tmp in (run_dir / "checkpoints").glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+        remove_temporaries(run_dir)
+        if not resume:  # a new run's history starts empty (a run stopped before its first checkpoint left one)
+            (run_dir / "history.jsonl").unlink(missing_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         save_splits(run_dir / "splits.json", splits, sample_set, extra={"seed": cfg.seed})
     optimizer = build_optimizer(model, cfg, device)
