@@ -570,3 +570,12 @@ def test_a_failed_start_leaves_the_folders_files(tmp_path, capsys):
                  f"data.root={tmp_path / 'missing.csv'}"]) == 2
     _one_error_line(capsys)
     assert sorted(p.name for p in out.iterdir()) == [".finescope-abc.tmp", "history.jsonl"]
+
+
+def test_a_csv_with_an_unclosed_quote_says_so(tmp_path, capsys):
+    _folder(tmp_path / "imgs")
+    (tmp_path / "m.csv").write_text('path,label\nimgs/a/a_0.png,a\n"imgs/b/b_0.png,b\nimgs/b/b_1.png,b\n')
+    assert main(["data", "--config", "configs/demo.yaml", "--set", "data.source=csv",
+                 f"data.root={tmp_path / 'm.csv'}"]) == 2
+    line = _one_error_line(capsys)
+    assert "the row from line 3: unexpected end of data (a quote opened and never closed?)" in line, line

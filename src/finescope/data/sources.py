@@ -449,15 +449,20 @@ def _manifest_path(root: str) -> Path:
 def _read_rows(manifest: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     """Header and (file line, row) of every row of a manifest (blank lines skipped, multi-line cells counted);
     raise when it cannot be read or lacks ``path``/``label``."""
+    reader = None
     try:
         with manifest.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
+            reader = csv.DictReader(fh, strict=True)  # strict: an unclosed quote is an error, not one long cell
             header = [h.strip() for h in (reader.fieldnames or [])]
             rows = [  # reader.line_num: the file line where the row just read ends
                 (reader.line_num, {k.strip(): (v or "").strip() for k, v in row.items() if isinstance(k, str)})
                 for row in reader
             ]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+    except csv.Error as e:
+        hint = " (a quote opened and never closed?)" if "end of data" in str(e) else ""
+        start = (reader.line_num if reader else 0) + 1  # the row that failed starts after the last one read
+        raise FinescopeError(f"cannot read CSV manifest '{manifest}', the row from line {start}: {e}{hint}") from None
+    except (OSError, UnicodeDecodeError) as e:
         raise FinescopeError(f"cannot read CSV manifest '{manifest}': {e}") from None
     for column in ("path", "label"):
         if column not in header:
