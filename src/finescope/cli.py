@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from finescope import __version__
-from finescope.errors import FinescopeError, FinescopeWarning
+from finescope.errors import FinescopeError, FinescopeWarning, path_error_line
 from finescope.files import write_text
 from finescope.runtime import tune_allocator
 
@@ -368,29 +368,28 @@ def _say(line: str, file=None) -> None:
     file.flush()
 
 
-def _launch_rank() -> int:
-    """This process's rank under torchrun (its ``RANK``), 0 otherwise. Read from the environment: when an error
-    is reported the process group may be gone."""
+def _launch(name: str, default: int) -> int:
+    """What torchrun says in the environment (``RANK``: this process's rank, ``WORLD_SIZE``: the number of
+    processes); ``default`` without torchrun or when it is not a number. Read from the environment: when an
+    error is reported the process group may be gone."""
     try:
-        return int(os.environ.get("RANK", "0"))
+        return int(os.environ.get(name, str(default)))
     except ValueError:
-        return 0
+        return default
 
 
-def _launch_world() -> int:
-    """The number of processes torchrun started (``WORLD_SIZE``), 1 otherwise or when it is not a number."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
+def _has_checkpoint(args: argparse.Namespace) -> bool:
+    """Whether the run that ``train`` was writing has a ``last.pt`` to ``--resume`` from."""
+    run_dir = getattr(args, "run_dir", None)
+    return bool(run_dir) and (Path(run_dir) / "checkpoints" / "last.pt").is_file()
 
 
 def _run(args: argparse.Namespace, debug: bool) -> int:
     """Run the parsed command; a user error is one line on stderr and exit status 2. Under torchrun each failing
     process says so, the ranks other than 0 with their rank; an interruption is reported by rank 0 alone."""
-    rank = _launch_rank()
+    rank = _launch("RANK", 0)
     error = "finescope: error: " if rank == 0 else f"finescope: error (rank {rank}): "
-    if args.command != "train" and _launch_world() > 1:  # each process would do the whole job, write the same files
+    if args.command != "train" and _launch("WORLD_SIZE", 1) > 1:  # each process would do the whole job, write the same files
         _say(f"{error}finescope {args.command} runs in one process; run it without torchrun (train is the command "
              "that shares its work between processes; WORLD_SIZE is set in this environment)")
         return 2
@@ -404,8 +403,7 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
     except KeyboardInterrupt:
         again = {"train": "continue it with the same command and --resume", "cv": "rerun the same command to "
                  "resume its folds", "demo": "rerun the same command to continue"}.get(args.command, "")
-        run_dir = getattr(args, "run_dir", None)
-        if run_dir and not (Path(run_dir) / "checkpoints" / "last.pt").is_file():
+        if getattr(args, "run_dir", None) and not _has_checkpoint(args):
             again = "no epoch had finished: start it again (without --resume)"
         if rank == 0:
             _say("finescope: interrupted" + (f"; {again}" if again else ""))
@@ -413,14 +411,12 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
     except OSError as e:  # a wrong path, a name too long, a full disk: the system's words, the file, what to do
         if debug or not (e.filename or e.errno in (errno.ENOSPC, errno.EDQUOT)):
             raise
-        where = f": '{e.filename}'" if e.filename else ""
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            run_dir = getattr(args, "run_dir", None)
-            again = "; rerun with --resume" if run_dir and (Path(run_dir) / "checkpoints" / "last.pt").is_file() \
-                else "; rerun"
+            where = f": '{e.filename}'" if e.filename else ""
+            again = "; rerun with --resume" if _has_checkpoint(args) else "; rerun"
             _say(f"{error}{e.strerror}{where}; free some space{again} (files already written are complete)")
         else:
-            _say(f"{error}{e.strerror or e}{where}; check the path")
+            _say(f"{error}{path_error_line(e)}")
         return 2
     except Exception as e:
         if debug or "FinescopeError" not in str(e):

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as torch_dist
 from torch.utils.data import Sampler
 
-from finescope.errors import FinescopeError, FinescopeWarning
+from finescope.errors import FinescopeError, FinescopeWarning, path_error_line
 
 
 def is_distributed() -> bool:
@@ -224,8 +224,7 @@ def rank0_first(fn: Callable[[], Any], others: bool = True) -> Any:
             result = fn()
         except (FinescopeError, OSError) as e:
             error = e
-            text = f"{e.strerror or e}: '{e.filename}'; check the path" if isinstance(e, OSError) and e.filename \
-                else str(e)
+            text = path_error_line(e) if isinstance(e, OSError) and e.filename else str(e)
     text = next((t for t in all_gather(text) if t), None)
     if error is not None:
         raise error

@@ -17,3 +17,9 @@ class FinescopeWarning(UserWarning):
 
 
 SKIP_ADVICE = "; fix or remove the file, or set data.on_error=skip"  # ends the error of an unreadable image
+
+
+def path_error_line(e: OSError) -> str:
+    """The one line of an ``OSError`` about a file (a wrong path, a name too long): the system's words, the
+    file, what to do."""
+    return f"{e.strerror or e}: '{e.filename}'; check the path"

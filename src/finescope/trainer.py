@@ -349,15 +349,17 @@ RESUME_FREE = ("name", "data.root", "data.num_workers", "data.cache", "data.cach
                "train.channels_last", "train.epochs", "train.patience")
 
 
-def _check_resume_config(run_dir: Path, cfg: Config) -> None:
+def _check_resume_config(run_dir: Path, cfg: Config) -> dict:
     """Refuse to resume ``run_dir`` with another config than its own (the one in ``checkpoints/last.pt``, which
     is written whole, unlike ``config.yaml``, its copy for people), naming the first differing key; the keys
-    of ``RESUME_FREE`` may change. Nothing in the run is written before this check."""
+    of ``RESUME_FREE`` may change. Nothing in the run is written before this check. Returns ``last.pt``'s
+    state, which the resume goes on from."""
     last = run_dir / "checkpoints" / "last.pt"
     if not last.is_file():
         raise FinescopeError(f"--resume: no checkpoint at '{last}'; start without --resume")
+    state = load_checkpoint(last)
     try:  # as trained: today's form of its values (amp: true is bf16), keys added since at their old behaviour
-        old = to_dict(load_config(base=stored_config(load_checkpoint(last)["config"])))
+        old = to_dict(load_config(base=stored_config(state["config"])))
     except FinescopeError as e:
         raise FinescopeError(f"--resume: the config stored in '{last}' does not load here ({e}); was it written "
                              "by another finescope version?") from None
@@ -365,13 +367,13 @@ def _check_resume_config(run_dir: Path, cfg: Config) -> None:
     if diff:
         raise FinescopeError(f"--resume: '{run_dir}' was trained with another config: {diff}; resume with the "
                              f"run's own settings (its config.yaml), or start a new run with another --out")
+    return state
 
 
-def _resume_state(run_dir: Path, class_names, model, optimizer, scheduler, scaler, patience: int
+def _resume_state(run_dir: Path, state: dict, class_names, model, optimizer, scheduler, scaler, patience: int
                   ) -> tuple[int, dict]:
-    last = run_dir / "checkpoints" / "last.pt"  # there: _check_resume_config said so
-    state = load_checkpoint(last)
-    _check_classes(state, class_names, str(last))
+    """Load ``state`` (``last.pt``, read by :func:`_check_resume_config`) into the run's objects."""
+    _check_classes(state, class_names, state["path"])
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -463,14 +465,14 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
         if not resume and (run_dir / "checkpoints" / "last.pt").is_file():
             raise FinescopeError(f"'{run_dir}' already holds a run; pass --resume to continue it or choose another "
                                  "--out")
-        if resume:
-            _check_resume_config(run_dir, cfg)
-        return _train(cfg, run_dir, resume, progress)
+        resumed = _check_resume_config(run_dir, cfg) if resume else None
+        return _train(cfg, run_dir, resumed, progress)
     finally:
         lock.release()
 
 
-def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool) -> dict:
+def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool) -> dict:
+    resume = resumed is not None
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.seed)
     sample_set = _load_samples_rank0_first(cfg)
@@ -499,8 +501,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool) -> dict:
     scaler = make_grad_scaler(device, cfg.train.amp)
     start, tracker = 0, {"best_score": float("-inf"), "best_epoch": -1, "bad_epochs": 0, "stopped": False}
     if resume:
-        start, tracker = _resume_state(run_dir, sample_set.class_names, model, optimizer, scheduler, scaler,
-                                       cfg.train.patience)
+        start, tracker = _resume_state(run_dir, resumed, sample_set.class_names, model, optimizer, scheduler,
+                                       scaler, cfg.train.patience)
         if progress and dist.is_main():
             done = start >= cfg.train.epochs or tracker["stopped"]
             print(f"resuming {run_dir} after epoch {start} of {cfg.train.epochs}, with {dist.world_size()} "
