@@ -225,6 +225,18 @@ def test_demo_quick(tmp_path, capsys):
     assert (tmp_path / "demo" / "attention_overlay.png").stat().st_size > 10_000
     results = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
     assert set(results) == {"global", "fusion"}
+    assert not any(m["resumed"] for m in results.values())
+
+
+def test_demo_table_says_which_seconds_are_after_a_resume():
+    from finescope.demo import format_table
+
+    row = {"image_accuracy": 0.9, "balanced_accuracy": 0.9, "auc": 0.95, "n_images": 10, "train_seconds": 3.0}
+    fresh = format_table({"global": {**row, "resumed": False}, "fusion": {**row, "resumed": False}})
+    assert "resumed" not in fresh
+    table = format_table({"global": {**row, "resumed": False}, "fusion": {**row, "resumed": True}})
+    assert [line.endswith("(resumed)") for line in table.splitlines()[2:4]] == [False, True]
+    assert "seconds after the resume only" in table
 
 
 @pytest.mark.parametrize("args, names", [
