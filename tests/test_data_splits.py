@@ -200,6 +200,17 @@ def test_load_splits_mismatch(tmp_path):
         load_splits(tmp_path / "bad.json", ss)
 
 
+def test_load_splits_refuses_unknown_sides_and_cv_files(tmp_path):
+    ss = sample_set(tmp_path)
+    path = tmp_path / "splits.json"
+    save_splits(path, {"train": np.arange(0, 6), "validation": np.arange(6, 8), "test": np.arange(8, 12)}, ss)
+    with pytest.raises(FinescopeError, match="has a side 'validation'; name the sides train, val, test"):
+        load_splits(path, ss)  # its images were in no side: neither trained on nor validated, without a word
+    path.write_text(json.dumps({"folds": [{"name": "t0", "splits": {}}]}))
+    with pytest.raises(FinescopeError, match="holds the folds of a cv run; give one fold's folds/<fold>/splits.json"):
+        load_splits(path, ss)
+
+
 def test_load_splits_rejects_leak(tmp_path):
     ss = sample_set(tmp_path)
     path = tmp_path / "splits.json"

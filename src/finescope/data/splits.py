@@ -284,10 +284,17 @@ def _read_split_lists(path: Path) -> dict[str, list[str]]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FinescopeError(f"splits file '{path}' is not valid JSON ({e}); {fix}") from None
     lists = raw.get("splits") if isinstance(raw, dict) else None
+    if lists is None and isinstance(raw, dict) and "folds" in raw:
+        raise FinescopeError(f"splits file '{path}' holds the folds of a cv run; give one fold's "
+                             "folds/<fold>/splits.json from that cv folder")
     if not isinstance(lists, dict) or not all(
         isinstance(v, list) and all(isinstance(p, str) for p in v) for v in lists.values()
     ):
         raise FinescopeError(f"splits file '{path}' has no 'splits' mapping of side -> list of paths; {fix}")
+    unknown = [side for side in lists if side not in SIDES]
+    if unknown:  # its images would be in no side the trainer reads: left out of training and of every metric
+        raise FinescopeError(f"splits file '{path}' has a side '{unknown[0]}'; name the sides "
+                             f"{', '.join(SIDES)}")
     return lists
 
 
