@@ -26,6 +26,8 @@ def test_unknown_key_lists_valid_keys(tmp_path):
         load_config(path)
     with pytest.raises(FinescopeError, match="unknown config key 'train.epoch'"):
         load_config(None, ["train.epoch=3"])
+    with pytest.raises(FinescopeError, match="config key 'train' is a section; set one of its keys: train.epochs, "):
+        load_config(None, ["train=3"])  # not "unknown config key 'train'; valid: data, model, name, seed, train"
 
 
 @pytest.mark.parametrize(

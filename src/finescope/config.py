@@ -210,7 +210,9 @@ def _unknown_key(key: str) -> str:
     """The error for an unknown dotted key: the valid keys of its section (the sections and top-level keys
     when the section itself is unknown)."""
     section = key.split(".")[0] + "."
-    keys = [k for k in valid_keys() if k.startswith(section)] if "." in key else []
+    keys = [k for k in valid_keys() if k.startswith(section)]
+    if keys and "." not in key:  # a section (--set train=3): its keys take the values
+        return f"config key '{key}' is a section; set one of its keys: {', '.join(keys)}"
     if not keys:
         keys = sorted({k.split(".")[0] for k in valid_keys()})
     return f"unknown config key '{key}'; valid: {', '.join(keys)}"
