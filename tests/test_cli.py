@@ -153,6 +153,14 @@ def test_empty_folder(tmp_path, capsys):
     assert "no class sub-folders" in _one_error_line(capsys)
 
 
+def test_one_class_folder_says_where_the_classes_are(tmp_path, capsys):
+    _folder(tmp_path / "d" / "dataset")  # root/dataset/<class>/<image>: one folder too high
+    assert main(_train_args(tmp_path / "d", tmp_path)) == 2
+    line = _one_error_line(capsys)
+    assert "holds one class (dataset)" in line and f"set data.root={tmp_path / 'd' / 'dataset'}" in line
+    assert not (tmp_path / "r").exists()
+
+
 def test_class_without_images(tmp_path, capsys):
     root = _folder(tmp_path / "d")
     (root / "c").mkdir()

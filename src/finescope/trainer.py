@@ -471,14 +471,24 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
         lock.release()
 
 
+def _one_class_error(cfg: Config, class_names: list[str]) -> FinescopeError:
+    """Data of one class: a classifier needs two; a ``folder`` root one level above the class folders (its one
+    "class" holds several folders) is told where to point instead."""
+    fix = "add images of another class"
+    inner = Path(os.path.expanduser(cfg.data.root), *class_names[:1])
+    if cfg.data.source == "folder" and class_names and sum(d.is_dir() for d in inner.iterdir()) > 1:
+        fix = f"if the folders in '{inner}' are the classes, set data.root={inner}"
+    return FinescopeError(f"data.root '{cfg.data.root}' ({cfg.data.source} source) holds one class "
+                          f"({', '.join(class_names) or 'none'}) and a classifier needs at least 2; {fix}")
+
+
 def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool) -> dict:
     resume = resumed is not None
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.seed)
     sample_set = _load_samples_rank0_first(cfg)
     if len(sample_set.class_names) < 2:
-        raise FinescopeError(f"data.root '{cfg.data.root}' ({cfg.data.source} source) holds one class "
-                             f"({', '.join(sample_set.class_names) or 'none'}); a classifier needs at least 2")
+        raise _one_class_error(cfg, sample_set.class_names)
     with dist.main_speaks():
         splits = resolve_splits(cfg, sample_set, run_dir, resume)
     model = build_model(cfg, len(sample_set.class_names), device)
