@@ -204,7 +204,8 @@ def _add_explain(sub) -> None:
     p.add_argument("checkpoint", help="a run directory or a checkpoint .pt")
     p.add_argument("paths", nargs="*", help="image files and/or folders (or use --split)")
     p.add_argument("--split", choices=("train", "val", "test", "all"), help="explain this split of the run's data")
-    p.add_argument("--out", help="output folder (default RUN/explain_<split> or ./explain)")
+    p.add_argument("--out", help="output folder (default RUN/explain_<split>, RUN/explain_files for paths, "
+                   "./explain for a .pt checkpoint)")
     p.add_argument("--method", nargs="+", default=["auto"], metavar="NAME",
                    help="attention, gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam "
                    "(default auto: attention if the model has it, gradcam, gradcam++)")
