@@ -456,6 +456,15 @@ def test_a_run_split_under_another_grouping_is_still_evaluated_and_resumed(tmp_p
     assert "split leak" in _one_error_line(capsys)
 
 
+def test_a_csv_split_column_that_leaks_names_the_csv(tmp_path, capsys):
+    root = _folder(tmp_path / "d", n=4)
+    rows = [f"{c}/{c}_{i}.png,{c},{c}{i // 2},{'test' if i == 1 else ['train', 'test'][i // 2]}"
+            for c in ("a", "b") for i in range(4)]  # a0 holds images 0 (train) and 1 (test)
+    (root / "m.csv").write_text("path,label,group,split\n" + "\n".join(rows) + "\n")
+    assert main(_train_args(root / "m.csv", tmp_path, "data.source=csv")) == 2
+    assert f"the split column of '{root / 'm.csv'}': split leak: group 'a0'" in _one_error_line(capsys)
+
+
 def test_set_may_come_before_the_paths():
     from finescope.cli import _one_set_each
 

@@ -238,7 +238,10 @@ def resolve_splits(cfg: Config, sample_set: SampleSet, run_dir: Path, resume: bo
         )
         source, drawn = "data.test_fraction and data.val_fraction", True
     if not (resume and own.is_file()):  # a run's own split is what it is (load_splits warned of a leak)
-        check_no_leak(splits, sample_set.groups)
+        try:
+            check_no_leak(splits, sample_set.groups)
+        except FinescopeError as e:  # which split: a CSV's split column names no file otherwise
+            raise FinescopeError(f"{source}: {e}") from None
     if len(splits.get("train", [])) == 0:
         raise FinescopeError(f"the training split is empty: {source} leaves no image for training; change it, or "
                              "add images")

@@ -344,7 +344,10 @@ def load_splits(path: str | Path, sample_set: SampleSet, fix: str = "draw new sp
             f"e.g. '{uncovered[0]}'; {fix}"
         )
     if not own:
-        check_no_leak(splits, sample_set.groups)
+        try:
+            check_no_leak(splits, sample_set.groups)
+        except FinescopeError as e:
+            raise FinescopeError(f"splits file '{path}': {e}") from None
     elif leak := own_split_leak(splits, sample_set):
         warnings.warn(f"{path}: {leak}", FinescopeWarning, stacklevel=2)
     return splits
