@@ -200,6 +200,11 @@ def test_weights_that_do_not_fit(tmp_path):
         create_backbone("resnet18", weights=str(tmp_path / "r18_trunk.pt"))
     with pytest.raises(FinescopeError, match="not found"):
         create_backbone("resnet18", weights=str(tmp_path / "missing.pt"))
+    with pytest.raises(FinescopeError, match="is a folder; pass the path of a saved state dict file"):
+        create_backbone("resnet18", weights=str(tmp_path))
+    torch.save({"model": {}, "config": {}, "class_names": ["a", "b"]}, tmp_path / "best.pt")  # a finescope run's
+    with pytest.raises(FinescopeError, match="is a finescope checkpoint; model.weights takes a backbone's state dict"):
+        create_backbone("resnet18", weights=str(tmp_path / "best.pt"))
 
 
 def test_torchvision_weights_round_trip(tmp_path):

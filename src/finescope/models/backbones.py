@@ -180,6 +180,8 @@ def _clean_state_dict(state: dict, drop_prefixes: tuple[str, ...]) -> dict:
 
 def _read_state_dict(path: str) -> dict:
     p = Path(path)
+    if p.is_dir():
+        raise FinescopeError(f"model.weights '{path}' is a folder; pass the path of a saved state dict file")
     if not p.is_file():
         raise FinescopeError(f"model.weights file '{path}' not found; pass the path of a saved state dict")
     try:
@@ -190,6 +192,9 @@ def _read_state_dict(path: str) -> dict:
                              f"{reason[:120]}); pass a file saved with torch.save(model.state_dict())") from None
     if not isinstance(state, dict):
         raise FinescopeError(f"model.weights file '{path}' does not hold a state dict (got {type(state).__name__})")
+    if "config" in state and "class_names" in state:  # a whole finescope model, not a backbone's weights
+        raise FinescopeError(f"model.weights file '{path}' is a finescope checkpoint; model.weights takes a backbone's "
+                             "state dict (torchvision or timm key layout), e.g. ImageNet weights")
     return state
 
 
