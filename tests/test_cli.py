@@ -465,6 +465,13 @@ def test_a_csv_split_column_that_leaks_names_the_csv(tmp_path, capsys):
     assert f"the split column of '{root / 'm.csv'}': split leak: group 'a0'" in _one_error_line(capsys)
 
 
+def test_evaluating_an_empty_split_names_the_others(tmp_path, capsys):
+    assert main(_train_args(_folder(tmp_path / "d", n=4), tmp_path, "data.test_fraction=0")) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "r"), "--device", "cpu"]) == 2  # a run trained without a test side
+    assert "the 'test' split of" in (line := _one_error_line(capsys)) and "give --split train or val or all" in line
+
+
 def test_set_may_come_before_the_paths():
     from finescope.cli import _one_set_each
 

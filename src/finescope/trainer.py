@@ -50,6 +50,7 @@ from finescope.data import (
     check_no_leak,
     collate_padded,
     colour_jitter,
+    empty_split_error,
     load_samples,
     load_splits,
     rotates_90,
@@ -726,7 +727,7 @@ def evaluate(source: str | Path, split: str = "test", overrides: list[str] | Non
             raise FinescopeError(f"--split '{split}' is not in {run_dir / 'splits.json'}; use train, val, test or all")
         indices = splits[split]
     if len(indices) == 0:
-        raise FinescopeError(f"the '{split}' split of {run_dir} holds no images")
+        raise empty_split_error(split, splits, run_dir)
     preds, metrics = evaluate_split(model, sample_set, indices, cfg, next(model.parameters()).device)
     metrics.update(split=split, checkpoint=state["path"], data_root=os.path.abspath(cfg.data.root),
                    split_leak=None if splits is None else own_split_leak(splits, sample_set))

@@ -11,6 +11,7 @@ from finescope.data.sources import SUPPORTED_EXTENSIONS, load_samples
 from finescope.data.splits import (
     carve_validation,
     check_no_leak,
+    empty_split_error,
     kfold_groups,
     load_splits,
     save_splits,
@@ -34,6 +35,7 @@ __all__ = [
     "colour_jitter",
     "collate_padded",
     "describe_samples",
+    "empty_split_error",
     "format_description",
     "kfold_groups",
     "load_samples",

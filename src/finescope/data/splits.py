@@ -353,6 +353,13 @@ def load_splits(path: str | Path, sample_set: SampleSet, fix: str = "draw new sp
     return splits
 
 
+def empty_split_error(split: str, splits: dict[str, np.ndarray], run: str | Path) -> FinescopeError:
+    """The error for a run's ``split`` that holds no image (e.g. a run trained with ``data.test_fraction=0``),
+    naming the sides that hold some."""
+    others = [side for side in SIDES if len(splits.get(side, []))] + ["all"]
+    return FinescopeError(f"the '{split}' split of {run} holds no images; give --split {' or '.join(others)}")
+
+
 def own_split_leak(splits: dict[str, np.ndarray], sample_set: SampleSet) -> str | None:
     """What is wrong with a run's own split under today's grouping (a group on two sides: the run was split
     when finescope grouped its data otherwise), or None."""
@@ -396,6 +403,7 @@ __all__ = [
     "carve_validation",
     "check_no_leak",
     "kfold_groups",
+    "empty_split_error",
     "load_splits",
     "save_splits",
     "split_groups",

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finescope.config import Config
+from finescope.data import empty_split_error
 from finescope.errors import FinescopeError
 from finescope.trainer import run_dir_of
 
@@ -71,7 +72,7 @@ def split_inputs(cfg: Config, state: dict, class_names: list[str], split: str) -
     sample_set, splits = _run_samples(cfg, state, class_names)
     indices = np.arange(len(sample_set)) if split == "all" else splits[split]
     if len(indices) == 0:
-        raise FinescopeError(f"the '{split}' split of {run_dir_of(state)} holds no images")
+        raise empty_split_error(split, splits, run_dir_of(state))
     cells = _cells_of(sample_set.root)
     items = []
     for i in indices:
