@@ -195,6 +195,8 @@ def test_load_splits_mismatch(tmp_path):
         load_splits(path, bigger)
     with pytest.raises(FinescopeError, match=r"splits file '.*nope.json' not found"):
         load_splits(tmp_path / "nope.json", ss)
+    with pytest.raises(FinescopeError, match=r"is a folder; point data.splits at a splits.json in it"):
+        load_splits(tmp_path, ss)
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(FinescopeError, match=r"bad.json' is not valid JSON"):
         load_splits(tmp_path / "bad.json", ss)

@@ -277,6 +277,9 @@ def save_splits(
 def _read_split_lists(path: Path) -> dict[str, list[str]]:
     """The ``splits`` mapping of a splits file; raise when it is missing or malformed."""
     fix = "point data.splits at a splits.json written by finescope, or leave it empty to draw new splits"
+    if path.is_dir():  # a run or cv folder: its splits.json is meant
+        raise FinescopeError(f"splits file '{path}' is a folder; point data.splits at a splits.json in it (e.g. "
+                             f"'{path / 'splits.json'}' of a run)")
     if not path.is_file():
         raise FinescopeError(f"splits file '{path}' not found; {fix}")
     try:
