@@ -194,6 +194,11 @@ def test_unknown_variant_and_backbone():
         create_backbone("resnet_does_not_exist")
 
 
+def test_tiny_has_no_pretrained_weights():
+    with pytest.raises(FinescopeError, match="backbone 'tiny' has no pretrained weights"):
+        create_backbone("tiny", pretrained=True)  # not a randomly initialised one as if it were pretrained
+
+
 def test_weights_that_do_not_fit(tmp_path):
     torch.save(create_backbone("resnet18").trunk.state_dict(), tmp_path / "r18_trunk.pt")  # wrong key layout
     with pytest.raises(FinescopeError, match="does not fit backbone 'resnet18'"):

@@ -362,6 +362,9 @@ def create_backbone(name: str, weights: str = "", pretrained: bool = False) -> B
     """
     builders: dict[str, Callable[[], Backbone]] = {"tiny": tiny_cnn}
     if name in builders:
+        if pretrained and not weights:  # silently training from random weights would not be what was asked
+            raise FinescopeError(f"backbone '{name}' has no pretrained weights (it is for tests); set "
+                                 "model.pretrained=false, or choose a torchvision or timm backbone")
         if weights:
             backbone = builders[name]()
             load_weights_into(backbone.trunk, weights, (), name)
