@@ -472,6 +472,21 @@ def test_evaluating_an_empty_split_names_the_others(tmp_path, capsys):
     assert "the 'test' split of" in (line := _one_error_line(capsys)) and "give --split train or val or all" in line
 
 
+def test_resume_needs_no_initial_weights_file(tmp_path, capsys):
+    """last.pt holds every weight: a resume (and its test pass) never reads model.weights again."""
+    import torch
+
+    from finescope.models import create_backbone
+
+    weights = tmp_path / "tiny.pt"
+    torch.save(create_backbone("tiny").trunk.state_dict(), weights)
+    root = _folder(tmp_path / "d", n=4)
+    assert main(_train_args(root, tmp_path, f"model.weights={weights}")) == 0
+    weights.unlink()  # moved, or on a machine that does not have it
+    assert main(_train_args(root, tmp_path, f"model.weights={weights}", "train.epochs=2") + ["--resume"]) == 0
+    assert len((tmp_path / "r" / "history.jsonl").read_text().splitlines()) == 2
+
+
 def test_set_may_come_before_the_paths():
     from finescope.cli import _one_set_each
 

@@ -206,6 +206,12 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -
     return torch.optim.AdamW(param_groups, lr=t.lr, fused=fused_adamw(device.type))
 
 
+def checkpoint_model_config(cfg: Config) -> Config:
+    """``cfg`` without the backbone's initial weights, for a model whose weights a checkpoint then gives: the
+    file of ``model.weights`` need not be there any more, nor a network for ``model.pretrained``."""
+    return replace(cfg, model=replace(cfg.model, weights="", pretrained=False))
+
+
 def build_model(cfg: Config, num_classes: int, device: torch.device) -> FineScopeNet:
     """The model of ``cfg`` on ``device``; with ``train.channels_last`` its weights in the channels-last layout,
     which the convolutions of CUDA and of the CPU (oneDNN) both run faster (the batches follow on CUDA, for
@@ -495,7 +501,7 @@ def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool) -> 
         raise _one_class_error(cfg, sample_set.class_names)
     with dist.main_speaks():
         splits = resolve_splits(cfg, sample_set, run_dir, resume)
-    model = build_model(cfg, len(sample_set.class_names), device)
+    model = build_model(checkpoint_model_config(cfg) if resume else cfg, len(sample_set.class_names), device)
     if dist.is_main():  # the run starts: what a killed process left half-written goes (the lock says none writes)
         for tmp in (run_dir / "checkpoints").glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
@@ -640,7 +646,7 @@ def finish(run_dir: Path, cfg: Config, sample_set: SampleSet, splits: dict, devi
     if len(splits.get("test", [])) == 0:
         return {}
     state = load_checkpoint(run_dir / "checkpoints" / "best.pt")
-    model = build_model(cfg, len(sample_set.class_names), device)
+    model = build_model(checkpoint_model_config(cfg), len(sample_set.class_names), device)
     model.load_state_dict(state["model"])
     model.fold_batchnorm()
     preds, metrics = evaluate_split(model, sample_set, splits["test"], cfg, device, desc="test")
@@ -672,7 +678,7 @@ def load_trained(source: str | Path, overrides: list[str] | None = None, device:
         raise FinescopeError(f"checkpoint '{state['path']}': its stored config does not load here ({e}); was it "
                              "written by another finescope version?") from None
     cfg = load_config(base=base, overrides=overrides)
-    cfg = replace(cfg, model=replace(cfg.model, weights="", pretrained=False))  # the checkpoint holds the weights
+    cfg = checkpoint_model_config(cfg)  # the checkpoint holds the weights
     if device == "auto":  # the run's own device where this machine has it (a run trained on cuda, read here)
         device = cfg.train.device if not cfg.train.device.startswith("cuda") or torch.cuda.is_available() else "auto"
     torch_device = resolve_device(device)
