@@ -179,6 +179,13 @@ def test_breakhis_bad_name_raises_or_skips(tmp_path):
     assert [Path(p).name for p, _ in ss.skipped] == ["scan_0001.png"]
 
 
+def test_breakhis_source_on_other_data_says_to_change_source(tmp_path):
+    tiny_png(tmp_path / "benign" / "p1" / "0.png")  # a folder layout read with data.source=breakhis
+    with pytest.raises(FinescopeError, match=r"none of the 1 images under .* has a BreakHis file name .*set "
+                       "data.source to folder or csv"):
+        load_samples(DataConfig(source="breakhis", root=str(tmp_path), on_error="skip"))
+
+
 def test_class_names_fix_label_order(tmp_path):
     root = make_breakhis_flat(tmp_path)
     ss = load_samples(DataConfig(source="breakhis", root=str(root)), class_names=["malignant", "benign"])

@@ -339,9 +339,13 @@ def _scan_breakhis(cfg: DataConfig) -> _Scan:
     files = find_images(root)
     if not files:
         raise _no_images(root)
+    infos = [parse_breakhis_name(path.name) for path in files]
+    if not any(infos):  # other data: skipping each file would not help
+        raise FinescopeError(f"none of the {len(files)} images under '{root}' has a BreakHis file name (e.g. "
+                             f"'{files[0].name}', expected {BREAKHIS_EXAMPLE}); for other data set data.source to "
+                             "folder or csv")
     found, skipped = [], []
-    for path in files:
-        info = parse_breakhis_name(path.name)
+    for path, info in zip(files, infos, strict=True):
         if info is None:
             reason = f"file name '{path}' does not follow the BreakHis pattern {BREAKHIS_EXAMPLE}"
             _skip_or_raise(cfg, str(path), reason, skipped)
