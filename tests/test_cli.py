@@ -487,6 +487,13 @@ def test_resume_needs_no_initial_weights_file(tmp_path, capsys):
     assert len((tmp_path / "r" / "history.jsonl").read_text().splitlines()) == 2
 
 
+def test_train_out_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "r").write_text("notes")
+    assert main(_train_args(_folder(tmp_path / "d"), tmp_path)) == 2
+    assert f"--out '{tmp_path / 'r'}' is a file; give a folder for the run" in _one_error_line(capsys)
+    assert (tmp_path / "r").read_text() == "notes"
+
+
 def test_set_may_come_before_the_paths():
     from finescope.cli import _one_set_each
 
