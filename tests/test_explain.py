@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -262,6 +263,24 @@ def test_explain_folder_skips_unreadable_files_and_notes_other_sizes(tmp_path, c
     rows = (out / "results.csv").read_text()
     assert "trained on 96x96" in rows and "typical" in rows
     assert "skipped 1 unreadable" in capsys.readouterr().err
+
+
+def test_explain_a_link_in_a_class_folder_takes_that_class_as_predict_does(tmp_path):
+    from PIL import Image
+
+    from finescope.cli import main
+
+    run = make_run(tmp_path, "global")
+    (tmp_path / "raw").mkdir()
+    Image.fromarray(image(96, 96).permute(1, 2, 0).numpy()).save(tmp_path / "raw" / "x.png")
+    (tmp_path / "sorted" / "typical").mkdir(parents=True)  # a folder of links sorted by class
+    (tmp_path / "sorted" / "typical" / "x.png").symlink_to(tmp_path / "raw" / "x.png")
+    out = tmp_path / "out"
+    assert main(["explain", str(run), str(tmp_path / "sorted"), "--out", str(out), "--no-faithfulness", *FAST]) == 0
+    assert main(["predict", str(run), str(tmp_path / "sorted"), "--out", str(tmp_path / "p.csv"), "--device", "cpu"]) == 0
+    explained = next(csv.DictReader((out / "results.csv").open()))
+    predicted = next(csv.DictReader((tmp_path / "p.csv").open()))
+    assert explained["true"] == predicted["true"] == "typical" and explained["path"] == predicted["path"]
 
 
 def test_explain_attention_of_a_global_model_is_one_line_error(tmp_path, capsys):

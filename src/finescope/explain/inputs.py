@@ -101,10 +101,11 @@ def path_inputs(paths: list[str], class_names: list[str], cfg: Config) -> Inputs
     cache: dict = {}
     items = []
     for f, base in images_in(paths):  # each image once, in the order given
-        absolute = f.resolve()
+        # '..' resolved but links kept, as predict does: a link in a class folder takes that folder's class
+        absolute = Path(os.path.abspath(f))
         name = f.relative_to(base).as_posix() if f != base else f.name
         label = label_and_group_of(absolute, cfg.data, class_names)[0]
-        items.append(Item(str(absolute), name, None if label < 0 else label, _cells_for(absolute, cache)))
+        items.append(Item(str(absolute), name, None if label < 0 else label, _cells_for(f.resolve(), cache)))
     return Inputs(items)
 
 
