@@ -12,7 +12,7 @@ import torch
 
 import finescope
 from finescope.checkpoint import save_checkpoint
-from finescope.config import Config, DataConfig, ModelConfig, resolved_dict
+from finescope.config import Config, DataConfig, ModelConfig, TrainConfig, resolved_dict
 from finescope.errors import FinescopeError
 from finescope.explain import faithfulness as fa
 from finescope.explain.maps import normalise_map, peak_box, region_grid, region_scores
@@ -201,15 +201,16 @@ def test_baselines_keep_the_shape_and_reject_unknown_names():
 
 
 # -- the explain command ---------------------------------------------------------------------------------------
-def make_run(tmp_path: Path, variant: str = "fusion") -> Path:
-    """A synthetic set (cells.json included) and an untrained tiny model saved as a run with a split."""
+def make_run(tmp_path: Path, variant: str = "fusion", **train) -> Path:
+    """A synthetic set (cells.json included) and an untrained tiny model saved as a run with a split (``train``:
+    its TrainConfig fields)."""
     from finescope.data import load_samples, save_splits
     from finescope.data.synthetic import generate
 
     root = tmp_path / "data"
     generate(root, per_class=3, size=96)
     cfg = Config(data=DataConfig(source="synthetic", root=str(root), synthetic_per_class=3, synthetic_size=96),
-                 model=ModelConfig(variant=variant, **SMALL))
+                 model=ModelConfig(variant=variant, **SMALL), train=TrainConfig(**train))
     sample_set = load_samples(cfg.data)
     run = tmp_path / variant
     idx = np.arange(len(sample_set))
@@ -281,6 +282,21 @@ def test_explain_a_link_in_a_class_folder_takes_that_class_as_predict_does(tmp_p
     explained = next(csv.DictReader((out / "results.csv").open()))
     predicted = next(csv.DictReader((tmp_path / "p.csv").open()))
     assert explained["true"] == predicted["true"] == "typical" and explained["path"] == predicted["path"]
+
+
+def test_explain_gives_the_probabilities_and_boxes_of_predict_in_the_runs_precision(tmp_path):
+    from finescope.cli import main
+
+    run = make_run(tmp_path, "fusion", cpu_amp="bf16")  # as train.amp: bf16, the default, on CUDA
+    files = [str(tmp_path / "data" / "images" / name) for name in ("atypical_0000.png", "typical_0001.png")]
+    out = tmp_path / "out"
+    assert main(["explain", str(run), *files, "--out", str(out), "--no-faithfulness", *FAST]) == 0
+    assert main(["predict", str(run), *files, "--out", str(tmp_path / "p.csv"), "--device", "cpu"]) == 0
+    for explained, predicted in zip(csv.DictReader((out / "results.csv").open()),
+                                    csv.DictReader((tmp_path / "p.csv").open()), strict=True):
+        probability = float(predicted[f"prob_{explained['predicted']}"])
+        assert abs(float(explained["confidence"]) - probability) <= 6e-7  # the CSV rounds to 6 decimals
+        assert explained["boxes"] == predicted["boxes"]
 
 
 def test_explain_attention_of_a_global_model_is_one_line_error(tmp_path, capsys):

@@ -44,8 +44,11 @@ def _target(probs: torch.Tensor, label: int | None, target: str | int) -> int:
 
 
 @torch.no_grad()
-def _forward(model: FineScopeNet, x: torch.Tensor):
-    return model(x[None])
+def _forward(model: FineScopeNet, x: torch.Tensor, amp: str, cpu_amp: str):
+    from finescope.engine import autocast
+
+    with autocast(x.device, amp, cpu_amp):  # the precision predict and evaluate run the model in
+        return model(x[None])
 
 
 def explain_loaded(
@@ -57,6 +60,8 @@ def explain_loaded(
     label: int | None = None,
     target: str | int = "true",
     predict_with: str = "fused",
+    amp: str = "off",
+    cpu_amp: str = "off",
 ) -> Explanation:
     """Explain one (3, H, W) uint8 image with already checked ``methods`` (see :func:`resolve_methods`).
 
@@ -69,10 +74,12 @@ def explain_loaded(
         label: the true class index, if known.
         target: ``true`` (the true class when known, else the predicted one), ``predicted``, or an index.
         predict_with: ``fused`` or ``mean`` (see :meth:`ModelOutput.probabilities`).
+        amp, cpu_amp: the autocast of the forward pass that gives the prediction and the boxes (a run's
+            ``train.amp`` and ``train.cpu_amp``, as predict and evaluate use them), so that they are the same.
     """
     device = next(model.parameters()).device
     x = image.to(device).float() / 255  # (3, H, W)
-    out = _forward(model, x)
+    out = _forward(model, x, amp, cpu_amp)
     probs = out.probabilities(predict_with)[0].float().cpu()
     tgt = _target(probs, label, target)
     maps: dict[str, torch.Tensor] = {}
@@ -90,9 +97,9 @@ def explain_loaded(
             crops = model._crops(x[None], out.boxes.to(x.dtype)).clamp(0, 1).cpu()  # (K, 3, L, L)
     return Explanation(
         image=image, maps=maps, method=methods[0], probabilities=probs, class_names=list(class_names), target=tgt,
-        label=label, boxes=None if out.boxes is None else out.boxes[0].cpu(),
-        box_mass=None if out.box_mass is None else out.box_mass[0].cpu(), crops=crops,
-        attention=None if out.attention is None else out.attention[0].cpu(),
+        label=label, boxes=None if out.boxes is None else out.boxes[0].float().cpu(),
+        box_mass=None if out.box_mass is None else out.box_mass[0].float().cpu(), crops=crops,
+        attention=None if out.attention is None else out.attention[0].float().cpu(),
         cell_px=None if out.cell_px is None else out.cell_px[0].cpu(),
     )
 
@@ -130,20 +137,22 @@ def explain_image(
         >>> e = explain("runs/demo/fusion", "runs/demo/data/images/atypical_0001.png")
         >>> e.map.shape, e.boxes.shape, e.class_names[e.predicted], e.confidence
     """
-    variant = ""
+    variant, amp, cpu_amp = "", "off", "off"
     if isinstance(model, (str, Path)):
         from finescope.trainer import load_trained
 
         model, cfg, names, _ = load_trained(model, device=device)
         class_names = class_names or names
         predict_with, variant = cfg.model.predict_with, cfg.model.variant
+        amp, cpu_amp = cfg.train.amp, cfg.train.cpu_amp
     if not isinstance(model, FineScopeNet):
         raise FinescopeError(f"explain needs a finescope model or a run/checkpoint path, got {type(model).__name__}")
     model.eval()
     img, path = as_image(image)
     methods = resolve_methods(model, method, variant)
     names = class_names or getattr(model, "class_names", None) or [f"class_{i}" for i in range(model.num_classes)]
-    result = explain_loaded(model, img, methods, names, label=label, target=target, predict_with=predict_with)
+    result = explain_loaded(model, img, methods, names, label=label, target=target, predict_with=predict_with,
+                            amp=amp, cpu_amp=cpu_amp)
     result.path = path
     return result
 

@@ -112,8 +112,9 @@ def _explain_one(ctx: _Context, index: int, item) -> dict:
     from finescope.data.dataset import read_image
 
     image = read_image(item.path)
+    train = ctx.cfg.train
     expl = explain_loaded(ctx.model, image, ctx.methods, ctx.class_names, ctx.cams, item.label, ctx.settings.target,
-                          ctx.cfg.model.predict_with)
+                          ctx.cfg.model.predict_with, train.amp, train.cpu_amp)
     expl.path = item.path
     m = ctx.cfg.model
     expl.notes = size_notes(tuple(image.shape[-2:]), ctx.train_sizes, m.global_size, m.local_size,
