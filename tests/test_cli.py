@@ -337,7 +337,9 @@ def test_predict_skips_small_images_by_name_and_fails_when_none_is_read(cli_run,
     assert main(["predict", str(cli_run), str(folder), "--out", str(tmp_path / "p.csv"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and err[0].startswith("finescope: warning: skipped: image '") and "thin.png" in err[0]
+    assert "global_size" not in err[0] and "data.on_error" not in err[0]  # nothing to change in a trained model
     assert err[1].startswith("finescope: error: ") and "none of the 1 images" in err[1]
+    assert "smaller than the model's crops" in err[1]  # read, but too small: not 'could not be read'
     Image.open(synthetic_root / "images" / "typical_0000.png").save(folder / "ok.png")
     assert main(["predict", str(cli_run), str(folder), "--out", str(tmp_path / "p.csv"), "--device", "cpu"]) == 0
     assert [line for line in capsys.readouterr().err.splitlines() if "thin.png" in line][0].startswith(

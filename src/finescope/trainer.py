@@ -788,8 +788,8 @@ def predict(checkpoint: str | Path, paths: list[str], out: str | Path | None = N
     preds = predict_loader(model, loader, next(model.parameters()).device, amp=cfg.train.amp,
                            cpu_amp=cfg.train.cpu_amp, predict_with=cfg.model.predict_with)
     if len(preds.indices) == 0:
-        raise FinescopeError(f"none of the {len(samples)} images could be read (see the warnings above); nothing "
-                             "was written")
+        raise FinescopeError(f"none of the {len(samples)} images could be predicted (unreadable, or smaller than "
+                             "the model's crops: see the warnings above); nothing was written")
     out = Path(out or "predictions.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_predictions(out, preds, sample_set)

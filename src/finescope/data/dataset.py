@@ -419,9 +419,11 @@ class ImageDataset(Dataset):
     def _check_size(self, path: str, img: torch.Tensor) -> None:
         h, w = img.shape[-2:]
         if self.min_side > 0 and min(h, w) < self.min_side:
+            # a trained model keeps its crop size: changing it is advice for training only
             raise FinescopeError(
-                f"image '{path}' is {w}x{h} (WxH), smaller than {self.min_side} pixels on its short side; "
-                f"model.local_size and model.global_size must not exceed {min(h, w)}, or remove the image"
+                f"image '{path}' is {w}x{h} (WxH), smaller on its short side than the model's crops "
+                f"(model.local_size {self.min_side} px; a model to train on it needs model.local_size <= "
+                f"{min(h, w)}){SKIP_ADVICE}"
             )
 
     def __getitem__(self, key: int | tuple[int, ...]) -> dict | None:
