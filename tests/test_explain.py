@@ -299,6 +299,27 @@ def test_explain_gives_the_probabilities_and_boxes_of_predict_in_the_runs_precis
         assert explained["boxes"] == predicted["boxes"]
 
 
+def test_explain_into_a_folder_of_the_users_images_removes_only_its_own_earlier_figures(tmp_path):
+    from PIL import Image
+
+    from finescope.cli import main
+
+    run = make_run(tmp_path, "global")
+    study = tmp_path / "study"  # the user's project: images/ holds the slides, --out . writes beside them
+    (study / "images").mkdir(parents=True)
+    for name in ("patient1.png", "00001_patient2.png"):
+        Image.fromarray(image(96, 96).permute(1, 2, 0).numpy()).save(study / "images" / name)
+    (study / "images" / "00009_old.png").write_bytes(b"a figure of an earlier explain run")
+    (study / "evidence" / "typical").mkdir(parents=True)
+    (study / "evidence" / "typical" / "01.png").write_bytes(b"an earlier evidence crop")
+    (study / "evidence" / "notes.png").write_bytes(b"the user's")
+    assert main(["explain", str(run), str(study / "images" / "patient1.png"), str(study / "images" / "00001_patient2.png"),
+                 "--out", str(study), "--no-faithfulness", *FAST]) == 0
+    left = {p.relative_to(study).as_posix() for p in study.rglob("*.png")}
+    assert {"images/patient1.png", "images/00001_patient2.png", "evidence/notes.png"} <= left
+    assert "images/00009_old.png" not in left and "evidence/typical/01.png" not in left
+
+
 def test_explain_attention_of_a_global_model_is_one_line_error(tmp_path, capsys):
     from finescope.cli import main
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -253,12 +255,19 @@ def default_out(checkpoint: str | Path, split: str | None) -> Path:
     return p / f"explain_{split or 'files'}" if p.is_dir() else Path("explain")
 
 
-def _clear_previous(out: Path) -> None:
-    """Create ``out``; remove the PNGs an earlier explain run left in its images/ and evidence/ folders."""
+# the figures explain writes: images/NNNNN_<name>.png and evidence/<class>/NN.png
+_FIGURES = (("images", "*.png", re.compile(r"\d{5,}_.*\.png")), ("evidence", "*/*.png", re.compile(r"\d{2,}\.png")))
+
+
+def _clear_previous(out: Path, keep: set[str]) -> None:
+    """Create ``out``; remove the figures an earlier explain run left in its images/ and evidence/ folders. Only
+    files named as explain names them go, and never one of the images to explain (``keep``, real paths): an
+    ``--out`` that holds the user's own images/ folder keeps it."""
     out.mkdir(parents=True, exist_ok=True)
-    for sub in ("images", "evidence"):
-        for png in (out / sub).rglob("*.png"):
-            png.unlink()
+    for sub, pattern, name in _FIGURES:
+        for png in (out / sub).glob(pattern):
+            if name.fullmatch(png.name) and os.path.realpath(png) not in keep:
+                png.unlink()
 
 
 def spread(items: list, limit: int) -> list:
@@ -313,7 +322,7 @@ def run_explain(checkpoint: str | Path, paths: list[str] | tuple[str, ...] = (),
     methods = resolve_methods(model, settings.methods, cfg.model.variant)
     inputs = _inputs(cfg, state, class_names, paths, split)
     out = Path(out) if out else default_out(checkpoint, split)
-    _clear_previous(out)
+    _clear_previous(out, {os.path.realpath(item.path) for item in inputs.items})
     with CamExplainer(model) as cams:
         ctx = _Context(model, cfg, class_names, methods, cams, settings, out, inputs.train_sizes,
                        EvidenceCollector(class_names, settings.top))
