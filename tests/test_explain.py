@@ -263,7 +263,9 @@ def test_explain_folder_skips_unreadable_files_and_notes_other_sizes(tmp_path, c
     assert "broken.png" in (out / "index.html").read_text()
     rows = (out / "results.csv").read_text()
     assert "trained on 96x96" in rows and "typical" in rows
-    assert "skipped 1 unreadable" in capsys.readouterr().err
+    err = capsys.readouterr().err  # each skipped file named, as predict names them, then the count
+    assert "finescope: warning: skipped: cannot read image" in err and "broken.png" in err
+    assert "data.on_error" not in err and "skipped 1 unreadable" in err
 
 
 def test_explain_a_link_in_a_class_folder_takes_that_class_as_predict_does(tmp_path):

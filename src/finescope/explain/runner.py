@@ -17,13 +17,14 @@ import csv
 import json
 import os
 import re
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from finescope.errors import FinescopeError
+from finescope.errors import SKIP_ADVICE, FinescopeError, FinescopeWarning
 from finescope.explain import faithfulness as fa
 from finescope.explain.core import explain_loaded
 from finescope.explain.evidence import EvidenceCollector
@@ -287,8 +288,10 @@ def _loop(ctx: _Context, inputs: Inputs, progress: bool) -> tuple[list, list, li
     for i, item in enumerate(tqdm(items, desc="explain", disable=not progress, dynamic_ncols=True)):
         try:
             result = _explain_one(ctx, i, item)
-        except _Err as e:  # unreadable image: skip it and list it
-            skipped.append({"path": item.path, "reason": str(e).splitlines()[0]})
+        except _Err as e:  # unreadable image: skip it, name it on stderr (as predict does) and list it
+            reason = str(e).splitlines()[0].removesuffix(SKIP_ADVICE)
+            warnings.warn(f"skipped: {reason}", FinescopeWarning, stacklevel=2)
+            skipped.append({"path": item.path, "reason": reason})
             continue
         rows.append(result["row"])
         if result["curves"] is not None:
