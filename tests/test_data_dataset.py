@@ -85,6 +85,13 @@ def test_read_image_16bit_is_scaled_not_clipped(tmp_path, ext):
     assert t[0, 0].tolist() == [0, 1, 128, 255]
 
 
+def test_read_image_float_tiff_in_zero_to_one_is_scaled_not_black(tmp_path):
+    arr = np.array([[0.0, 0.5, 1.0]], dtype=np.float32)  # a 32-bit float export in [0, 1]
+    assert read_image(save(Image.fromarray(arr), tmp_path / "f.tif"))[0, 0].tolist() == [0, 128, 255]
+    arr = np.array([[0.0, 127.5, 255.0]], dtype=np.float32)  # float holding 8-bit values stays as it was
+    assert read_image(save(Image.fromarray(arr), tmp_path / "g.tif"))[0, 0].tolist() == [0, 128, 255]
+
+
 @pytest.mark.parametrize("ext,kwargs", [(".png", {}), (".jpg", {"quality": 90})])
 def test_read_image_truncated_raises(tmp_path, ext, kwargs):
     full = save(rgb_array(64, 80), tmp_path / f"full{ext}", **kwargs)

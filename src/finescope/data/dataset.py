@@ -99,6 +99,8 @@ def _pil_to_array(img: Image.Image) -> np.ndarray:
         arr = np.asarray(img, dtype=np.float64)
         if img.mode.startswith("I;16"):
             top = 65535.0
+        elif img.mode == "F" and arr.max(initial=0) <= 1.0:  # float in [0, 1], as image software exports it
+            top = 1.0
         else:  # 32-bit int or float: guess the range from the data
             top = 255.0 if arr.max(initial=0) <= 255 else 65535.0 if arr.max() <= 65535 else float(arr.max())
         arr = np.round(np.clip(arr, 0, None) * (255.0 / top)).astype(np.uint8)
@@ -185,7 +187,7 @@ class DiskCache:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 
-    VERSION = 1  # part of every key: bump it when read_image decodes differently
+    VERSION = 2  # part of every key: bump it when read_image decodes differently (2: float images in [0, 1])
 
     def entry(self, path: str | Path) -> Path | None:
         """Where the decoded ``path`` is (or would be) stored; None when the file cannot be read (no such file)."""
