@@ -347,6 +347,13 @@ def test_predict_skips_small_images_by_name_and_fails_when_none_is_read(cli_run,
     assert len((tmp_path / "p.csv").read_text().splitlines()) == 2
 
 
+def test_predict_reads_each_image_once_without_the_runs_cache(cli_run, synthetic_root, tmp_path):
+    cache = tmp_path / "cache"  # as a run trained with data.cache=disk would have it
+    assert main(["predict", str(cli_run), str(synthetic_root / "images"), "--out", str(tmp_path / "p.csv"),
+                 "--device", "cpu", "--set", "data.cache=disk", f"data.cache_dir={cache}"]) == 0
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 41 and not list(cache.rglob("*.npy"))
+
+
 def test_explain_option_ranges(cli_run, synthetic_root, tmp_path, capsys):
     img = str(synthetic_root / "images" / "typical_0000.png")
     for bad in (["--limit", "-5"], ["--percentile", "200"], ["--tolerance", "-1"]):

@@ -784,7 +784,10 @@ def predict(checkpoint: str | Path, paths: list[str], out: str | Path | None = N
     absolute = [os.path.abspath(f) for f, _ in images_in(paths)]
     samples = [Sample(path, *label_and_group_of(path, cfg.data, class_names)) for path in absolute]
     sample_set = SampleSet(samples, class_names)
-    loader = make_loader(sample_set, np.arange(len(samples)), replace(cfg, data=replace(cfg.data, on_error="skip")), train=False)
+    # each image is read once: no cache (the run's disk cache would keep a decoded copy of every file predicted,
+    # its memory cache all of them at once)
+    data = replace(cfg.data, on_error="skip", cache="none")
+    loader = make_loader(sample_set, np.arange(len(samples)), replace(cfg, data=data), train=False)
     preds = predict_loader(model, loader, next(model.parameters()).device, amp=cfg.train.amp,
                            cpu_amp=cfg.train.cpu_amp, predict_with=cfg.model.predict_with)
     if len(preds.indices) == 0:
