@@ -356,7 +356,7 @@ def test_predict_reads_each_image_once_without_the_runs_cache(cli_run, synthetic
 
 def test_explain_option_ranges(cli_run, synthetic_root, tmp_path, capsys):
     img = str(synthetic_root / "images" / "typical_0000.png")
-    for bad in (["--limit", "-5"], ["--percentile", "200"], ["--tolerance", "-1"]):
+    for bad in (["--limit", "-5"], ["--percentile", "200"], ["--tolerance", "-1"], ["--steps", "1"]):
         assert main(["explain", str(cli_run), img, "--out", str(tmp_path / "e"), *bad]) == 2
         assert bad[0] in _one_error_line(capsys)
 

@@ -213,7 +213,7 @@ def _add_explain(sub) -> None:
                    help="display scale of each map: its maximum, or a percentile (clipped)")
     p.add_argument("--percentile", type=float, default=99.0)
     p.add_argument("--no-faithfulness", action="store_true", help="skip the deletion/insertion curves (faster)")
-    p.add_argument("--steps", type=int, default=10, help="steps of the deletion/insertion curves")
+    p.add_argument("--steps", type=int, default=10, help="steps of the deletion/insertion curves (at least 2)")
     p.add_argument("--grid", type=int, default=16, help="blocks along the short side for the curves")
     p.add_argument("--baseline", default="blur", choices=("blur", "mean"), help="what removed blocks become")
     p.add_argument("--random-repeats", type=int, default=1, help="random block orders per image (baseline)")

@@ -60,9 +60,12 @@ class ExplainSettings:
             raise FinescopeError(f"--baseline '{self.baseline}' is unknown; choose one of: {', '.join(fa.BASELINES)}")
         if self.target not in ("true", "predicted"):
             raise FinescopeError(f"--target '{self.target}' is unknown; choose true or predicted")
-        for name in ("steps", "grid", "random_repeats", "top"):
+        for name in ("grid", "random_repeats", "top"):
             if getattr(self, name) < 1:
                 raise FinescopeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.steps < 2:  # one step holds only the image and the baseline, the same for every map
+            raise FinescopeError(f"--steps must be at least 2 (1 step only compares the image with the baseline, "
+                                 f"the same curve for every map), got {self.steps}")
 
 
 @dataclass
