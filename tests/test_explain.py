@@ -322,6 +322,28 @@ def test_explain_into_a_folder_of_the_users_images_removes_only_its_own_earlier_
     assert "images/00009_old.png" not in left and "evidence/typical/01.png" not in left
 
 
+def test_gallery_links_reach_figures_of_names_with_hash_percent_and_spaces(tmp_path):
+    import html
+    import re
+    from urllib.parse import unquote, urlsplit
+
+    from PIL import Image
+
+    from finescope.cli import main
+
+    run = make_run(tmp_path, "fusion")
+    folder = tmp_path / "in" / "typical"
+    folder.mkdir(parents=True)
+    Image.fromarray(image(96, 96).permute(1, 2, 0).numpy()).save(folder / "slide #3 at 100%.png")
+    out = tmp_path / "out"
+    assert main(["explain", str(run), str(tmp_path / "in"), "--out", str(out), "--no-faithfulness", *FAST]) == 0
+    links = re.findall(r"(?:src|href)='([^']*)'", (out / "index.html").read_text())
+    assert len(links) >= 3  # the card's image and its link, the evidence crop
+    for link in links:
+        url = urlsplit(html.unescape(link))
+        assert not url.fragment and not url.query and (out / unquote(url.path)).is_file(), link
+
+
 def test_explain_attention_of_a_global_model_is_one_line_error(tmp_path, capsys):
     from finescope.cli import main
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
+from urllib.parse import quote
 
 from finescope.files import write_text
 
@@ -43,6 +44,12 @@ document.addEventListener('DOMContentLoaded',()=>{for(const id of ['sort','cls',
 
 def _e(x) -> str:
     return html.escape(str(x), quote=True)
+
+
+def _url(path) -> str:
+    """A relative file path as an attribute's URL: '#', '?', '%' and spaces of image names percent-encoded (a
+    '#' would start a fragment, and the figure would not load)."""
+    return _e(quote(str(path)))
 
 
 def _fmt(x, digits: int = 3) -> str:
@@ -84,7 +91,7 @@ def _card(r: dict) -> str:
     note = f"<div class=note>⚠ {_e(r['notes'])}</div>" if r.get("notes") else ""
     return (f"<div class='card {cls}' data-conf='{r['confidence']:.6f}' data-correct='{correct}' "
             f"data-pred='{_e(r['predicted'])}' data-true='{_e(r['true'])}' data-name='{_e(r['name'])}'>"
-            f"<a href='{_e(r['figure'])}'><img loading=lazy src='{_e(r['figure'])}' alt='{_e(r['name'])}'></a>"
+            f"<a href='{_url(r['figure'])}'><img loading=lazy src='{_url(r['figure'])}' alt='{_e(r['name'])}'></a>"
             f"<div><b>{_e(r['name'])}</b> ({_e(r['size'])})<br>pred <b>{_e(r['predicted'])}</b> "
             f"{r['confidence']:.3f}{true}</div>{note}</div>")
 
@@ -92,7 +99,7 @@ def _card(r: dict) -> str:
 def _crop(e: dict) -> str:
     mass = "" if e["mass"] is None else f" · mass {e['mass']:.2f}"
     mark = "" if e["correct"] is None else (" ✓" if e["correct"] else " ✗")
-    return (f"<div class=crop><a href='{_e(e['figure'])}'><img src='{_e(e['file'])}' alt=''></a>{_e(e['image'])}"
+    return (f"<div class=crop><a href='{_url(e['figure'])}'><img src='{_url(e['file'])}' alt=''></a>{_e(e['image'])}"
             f"<br>crop {e['rank']}{mass} · p {e['probability']:.2f}{mark}</div>")
 
 
