@@ -79,6 +79,20 @@ def test_bad_method_names_say_what_is_supported(variant, method, message):
         resolve_methods(tiny_model(variant), [method], variant)
 
 
+def test_sixteen_bit_and_float_images_are_scaled_or_refused_not_turned_white():
+    model = tiny_model("attention")
+    img = image(64, 80)
+    as16 = img.numpy().transpose(1, 2, 0).astype(np.uint16) * 257  # a 16-bit array, as tifffile reads one
+    want = finescope.explain(model, img, "attention").probabilities
+    torch.testing.assert_close(finescope.explain(model, as16, "attention").probabilities, want)
+    torch.testing.assert_close(finescope.explain(model, torch.from_numpy(as16).permute(2, 0, 1), "attention")
+                               .probabilities, want)
+    with pytest.raises(FinescopeError, match=r"float image must be in \[0, 1\], got values from 0 to 255"):
+        finescope.explain(model, img.float(), "attention")
+    with pytest.raises(FinescopeError, match="uint8, uint16 or float"):
+        finescope.explain(model, img.long(), "attention")
+
+
 def test_bad_image_input_is_a_clear_error():
     with pytest.raises(FinescopeError, match=r"\(3, H, W\) tensor"):
         finescope.explain(tiny_model(), torch.zeros(5, 8, 8))

@@ -13,10 +13,14 @@ from finescope.models.network import FineScopeNet
 
 
 def as_image(image) -> tuple[torch.Tensor, str | None]:
-    """Accept a path, a (3, H, W) tensor (uint8, or float in [0, 1]) or an (H, W[, 3]) array.
+    """Accept a path, a (3, H, W) tensor or an (H, W[, 3]) array: uint8, uint16 (scaled by 255/65535, as
+    :func:`~finescope.data.dataset.read_image` scales a 16-bit file) or float in [0, 1].
 
     Returns:
         ((3, H, W) uint8 tensor, the path or None).
+
+    Raises:
+        FinescopeError: another shape or dtype, or float values outside [0, 1] (they would be clipped to white).
     """
     from finescope.data.dataset import read_image
 
@@ -30,9 +34,18 @@ def as_image(image) -> tuple[torch.Tensor, str | None]:
     if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
         shape = tuple(getattr(image, "shape", ()))
         raise FinescopeError(f"expected an image path, a (3, H, W) tensor or an (H, W, 3) array, got {shape or type(image)}")
-    if image.dtype != torch.uint8:
-        image = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-    return image.cpu(), None
+    image = image.detach().cpu()
+    if image.dtype == torch.uint16:
+        image = torch.round(image.float() * (255.0 / 65535.0)).to(torch.uint8)
+    elif image.dtype.is_floating_point:
+        lo, hi = (float(image.min()), float(image.max())) if image.numel() else (0.0, 0.0)
+        if lo < -1e-3 or hi > 1 + 1e-3:  # rounding aside: 0..255 or 0..65535 held as float
+            raise FinescopeError(f"a float image must be in [0, 1], got values from {lo:.4g} to {hi:.4g}; divide it "
+                                 "by its range, or pass it as uint8 or uint16")
+        image = (image.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    elif image.dtype != torch.uint8:
+        raise FinescopeError(f"an image must be uint8, uint16 or float in [0, 1], got {image.dtype}")
+    return image, None
 
 
 def _target(probs: torch.Tensor, label: int | None, target: str | int) -> int:
@@ -119,7 +132,7 @@ def explain_image(
 
     Args:
         model: a :class:`FineScopeNet`, or a run directory / checkpoint path (loaded with ``load_trained``).
-        image: a file path, a (3, H, W) tensor (uint8 or float in [0, 1]) or an (H, W, 3) uint8 array.
+        image: a file path, a (3, H, W) tensor or an (H, W[, 3]) array, uint8, uint16 or float in [0, 1].
         method: ``auto`` (attention when the model has it, then gradcam and gradcam++), one name or a list
             (``attention``, ``gradcam``, ``gradcam++``, ``hirescam``, ``xgradcam``, ``layercam``, ``eigencam``).
         label: the true class index, if known (CAMs then explain it; see ``target``).
