@@ -512,6 +512,8 @@ def test_set_may_come_before_the_paths():
     assert _one_set_each(["x", "--set", "a=1", "--", "--set", "b=2"]) == ["x", "--set=a=1", "--", "--set", "b=2"]
     assert _one_set_each(["x", "--set", "a=1", "--set=a=2", "--set", "a=3"]) == [
         "x", "--set=a=1", "--set=a=2", "--set=a=3"]  # in order: the last one wins
+    assert _one_set_each(["predict", "RUN", "--set", "data.cache=none", "in/dose=5uM.png", "../x=1.png"]) == [
+        "predict", "RUN", "--set=data.cache=none", "in/dose=5uM.png", "../x=1.png"]  # paths holding '='
     args, extra = build_parser().parse_known_args(_one_set_each(["explain", "RUN", "--method", "gradcam", "--set",
                                                                  "a=1", "img.png", "--set", "lr=-1"]))
     assert args.method == ["gradcam"] and extra == ["img.png"] and args.overrides == ["a=1", "lr=-1"]

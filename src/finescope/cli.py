@@ -11,6 +11,7 @@ import errno
 import functools
 import json
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -314,18 +315,22 @@ def _one_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+_CONFIG_KEY = re.compile(r"[A-Za-z_][\w.]*=")  # the start of a --set item: a key, not a path holding '='
+
+
 def _one_set_each(argv: list[str]) -> list[str]:
     """``argv`` with every ``--set k=v k2=v2 ...`` written as ``--set=k=v --set=k2=v2``, in place: one
     option token per override, so that nothing around them changes meaning (a path after them stays a path, an
-    option before them keeps its own list). The items of a ``--set`` are the ``KEY=VALUE`` tokens after it; a
-    ``--set`` without one stays, for argparse to refuse; nothing after ``--`` changes."""
+    option before them keeps its own list). The items of a ``--set`` are the ``KEY=VALUE`` tokens after it whose
+    KEY reads as a config key (``data.root``, ``seed``), so that an image path holding '=' (``in/dose=5uM.png``)
+    stays a path; a ``--set`` without one stays, for argparse to refuse; nothing after ``--`` changes."""
     rest = argv[argv.index("--"):] if "--" in argv else []
     out, items = [], False
     for token in argv[:len(argv) - len(rest)]:
         if token == "--set":
             out.append(token)
             items = True
-        elif items and "=" in token and not token.startswith("-"):
+        elif items and _CONFIG_KEY.match(token):
             if out[-1] == "--set":
                 out.pop()
             out.append(f"--set={token}")
