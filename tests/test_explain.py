@@ -358,6 +358,21 @@ def test_gallery_links_reach_figures_of_names_with_hash_percent_and_spaces(tmp_p
         assert not url.fragment and not url.query and (out / unquote(url.path)).is_file(), link
 
 
+def test_an_image_smaller_than_the_crops_is_explained_with_a_note_that_predict_skips_it(tmp_path):
+    from PIL import Image
+
+    from finescope.cli import main
+
+    run = make_run(tmp_path, "fusion")  # crops of 48 px
+    small = tmp_path / "small.png"
+    Image.fromarray(image(40, 40).permute(1, 2, 0).numpy()).save(small)
+    out = tmp_path / "out"
+    assert main(["explain", str(run), str(small), "--out", str(out), "--no-faithfulness", *FAST]) == 0
+    note = next(csv.DictReader((out / "results.csv").open()))["notes"]
+    assert "smaller than the crop size 48 px" in note and "predict and evaluate refuse such an image" in note
+    assert main(["predict", str(run), str(small), "--out", str(tmp_path / "p.csv"), "--device", "cpu"]) == 2
+
+
 def test_explain_attention_of_a_global_model_is_one_line_error(tmp_path, capsys):
     from finescope.cli import main
 

@@ -145,7 +145,7 @@ def size_notes(size: tuple[int, int], train_sizes: set, global_size: int, local_
                      f"a short side of {global_size} px, so the scale it sees differs; trust this prediction less")
     if crops and min(H, W) < local_size:
         notes.append(f"image's short side {min(H, W)} px is smaller than the crop size {local_size} px: crops are "
-                     "upsampled")
+                     "upsampled, which the model never saw in training; predict and evaluate refuse such an image")
     return notes
 
 
