@@ -354,6 +354,20 @@ def test_predict_reads_each_image_once_without_the_runs_cache(cli_run, synthetic
     assert len((tmp_path / "p.csv").read_text().splitlines()) == 41 and not list(cache.rglob("*.npy"))
 
 
+def test_predict_and_evaluate_refuse_an_out_that_names_an_image_or_the_model(cli_run, synthetic_root, tmp_path,
+                                                                            capsys):
+    img = tmp_path / "slide.PNG"
+    img.write_bytes((synthetic_root / "images" / "typical_0000.png").read_bytes())
+    before = img.read_bytes()
+    assert main(["predict", str(cli_run), str(img), "--out", str(img), "--device", "cpu"]) == 2
+    assert "is an image name" in _one_error_line(capsys) and img.read_bytes() == before
+    assert main(["evaluate", str(cli_run), "--out", str(tmp_path / "m.tif"), "--device", "cpu"]) == 2
+    assert "is an image name" in _one_error_line(capsys) and not (tmp_path / "m.tif").exists()
+    best = cli_run / "checkpoints" / "best.pt"
+    assert main(["predict", str(cli_run), str(img), "--out", str(best), "--device", "cpu"]) == 2
+    assert "checkpoint name" in _one_error_line(capsys)
+
+
 def test_explain_option_ranges(cli_run, synthetic_root, tmp_path, capsys):
     img = str(synthetic_root / "images" / "typical_0000.png")
     for bad in (["--limit", "-5"], ["--percentile", "200"], ["--tolerance", "-1"], ["--steps", "1"]):

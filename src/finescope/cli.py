@@ -57,11 +57,16 @@ def _metrics_line(m: dict) -> str:
 
 
 def _not_a_checkpoint(out: str | None) -> None:
-    """Refuse an ``--out`` that names a checkpoint: evaluate and predict write JSON and CSV, and must never
-    replace the model they read."""
+    """Refuse an ``--out`` that names a checkpoint or an image: evaluate and predict write JSON and CSV, and must
+    never replace the model they read or an image (``predict RUN slide.png --out slide.png``)."""
+    from finescope.data.sources import SUPPORTED_EXTENSIONS
+
     if out and Path(out).suffix == ".pt":
         raise FinescopeError(f"--out '{out}' is a checkpoint name (.pt); give a .json/.csv file to write the "
                              "results to, not the model")
+    if out and Path(out).suffix.lower() in SUPPORTED_EXTENSIONS:
+        raise FinescopeError(f"--out '{out}' is an image name ({Path(out).suffix}); give a .json/.csv file to write "
+                             "the results to, not an image")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
