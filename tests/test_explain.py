@@ -382,6 +382,15 @@ def test_explain_attention_of_a_global_model_is_one_line_error(tmp_path, capsys)
     assert err.count("\n") == 0 and "supports: gradcam, gradcam++" in err
 
 
+def test_explain_help_names_the_default_out_of_each_input(capsys):
+    from finescope.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["explain", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # as default_out: a split, paths, a .pt
+    assert "RUN/explain_<split>" in text and "RUN/explain_files for paths" in text and "./explain for a .pt" in text
+
+
 def test_explain_without_inputs_says_what_to_give(tmp_path, capsys):
     from finescope.cli import main
 
