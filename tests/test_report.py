@@ -80,6 +80,20 @@ def test_report_of_a_single_run_and_cli(tmp_path, capsys):
         write_report(tmp_path)
 
 
+def test_a_predict_csv_in_a_run_folder_is_not_taken_for_a_cv(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    header = ["path", "group", "true", "predicted", "prob_a", "prob_b", "boxes"]  # what train and predict write
+    for name in ("predictions_test.csv", "predictions.csv"):  # `predict .` in the run: cv's table's name
+        with (run / name).open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(header)
+            for i in range(6):
+                w.writerow([f"/x/{i}.png", f"g{i // 2}", "a" if i % 2 else "b", "a", 0.6, 0.4, ""])
+    assert main(["report", str(run)]) == 0  # as evaluate, which writes this report too
+    assert "## Test metrics" in (run / "report.md").read_text()
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 

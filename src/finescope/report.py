@@ -44,6 +44,19 @@ SHORT = {
 
 
 # ---------------------------------------------------------------------------------------------- inputs
+def _is_cv(run_dir: Path) -> bool:
+    """Whether ``run_dir`` is a cv folder: a ``predictions.csv`` with cv's ``fold`` and ``variant`` columns (a
+    ``predict`` run inside a run folder writes a ``predictions.csv`` too, by default, without them)."""
+    import csv
+
+    path = run_dir / "predictions.csv"
+    if not path.is_file():
+        return False
+    with path.open(newline="") as fh:
+        header = next(csv.reader(fh), [])
+    return {"fold", "variant"} <= set(header)
+
+
 def _single_run_rows(run_dir: Path, predictions: Path | None, fig_dir: Path) -> tuple[Path, str]:
     """Turn a training run's test predictions into an out-of-fold style CSV (one variant, one fold), written
     into ``fig_dir``; with the split its name says (``predictions_<split>.csv``; 'test' otherwise)."""
@@ -388,7 +401,7 @@ def write_report(run_dir: str | Path, n_boot: int = 1000, predictions: str | Pat
     md_path = Path(out) if out else run_dir / "report.md"
     html_path = md_path.with_suffix(".html")
     fig_dir = md_path.with_name(md_path.stem + "_files")
-    is_cv = (run_dir / "predictions.csv").is_file()
+    is_cv = _is_cv(run_dir)
     if is_cv:
         csv_path = run_dir / "predictions.csv"
     else:
