@@ -108,3 +108,19 @@ def test_report_html_renders_in_headless_chromium(tmp_path):
     dom = done.stdout
     assert 'data-images-ok="true"' in dom, done.stderr[-2000:]  # every embedded image decoded
     assert '<table class="ablation">' in dom and "<td>fusion</td>" in dom
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.replace(",benign,", ",benin,", 1), "true class 'benin' is none of"),
+    (lambda t: t.replace(",0.", ",x0.", 1), "not a probability in [0, 1]"),
+    (lambda t: t[:t.index("\n", t.index("\n") + 1) + 20], "fewer fields than the header"),
+    (lambda t: t.replace(",100,", ",100X,", 1), "magnification is '100X'"),
+    (lambda t: t.replace(",variant", ",model", 1), "no column 'variant'"),
+], ids=["class", "probability", "cut", "magnification", "column"])
+def test_a_damaged_predictions_csv_is_one_line(tmp_path, capsys, edit, message):
+    folder = fake_cv(tmp_path / "cv")
+    csv_path = folder / "predictions.csv"
+    csv_path.write_text(edit(csv_path.read_text()))
+    assert main(["report", str(folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "predictions.csv" in err[0]

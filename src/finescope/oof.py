@@ -75,13 +75,50 @@ def read_oof_csv(path: str | Path) -> tuple[list[dict], list[str]]:
     path = Path(path)
     if not path.is_file():
         raise FinescopeError(f"'{path}' not found; run `finescope cv` first")
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        rows = list(reader)
-        names = [c[len("prob_"):] for c in reader.fieldnames or [] if c.startswith("prob_")]
+    try:
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+            names = [c[len("prob_"):] for c in reader.fieldnames or [] if c.startswith("prob_")]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise FinescopeError(f"'{path}' is not a readable CSV ({e}); {_REWRITE}") from None
     if not rows or not names:
         raise FinescopeError(f"'{path}' holds no predictions with prob_<class> columns")
+    missing = [c for c in OOF_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise FinescopeError(f"'{path}' has no column '{missing[0]}' (a predictions.csv has {', '.join(OOF_COLUMNS)} "
+                             f"and prob_<class> columns); {_REWRITE}")
+    for line, r in enumerate(rows, start=2):
+        _check_row(path, line, r, names)
     return rows, names
+
+
+# what to do about a predictions.csv that is damaged or was edited by hand
+_REWRITE = "write it again with the command that made it (`finescope cv`; `finescope evaluate` for a run)"
+OOF_COLUMNS = ("image", "group", "magnification", "true", "predicted", "fold", "variant")
+
+
+def _check_row(path: Path, line: int, r: dict, names: list[str]) -> None:
+    """Raise naming the line of ``path`` when a row lacks a field or holds a class or probability that is not one."""
+    where = f"'{path}' line {line}"
+    if None in r or any(v is None for v in r.values()):
+        raise FinescopeError(f"{where} has {'more' if None in r else 'fewer'} fields than the header; {_REWRITE}")
+    for col in ("true", "predicted"):
+        if r[col] not in names:
+            raise FinescopeError(f"{where}: {col} class '{r[col]}' is none of the prob_ columns' classes "
+                                 f"({', '.join(names)}); {_REWRITE}")
+    for n in names:
+        try:
+            ok = 0.0 <= float(r[f"prob_{n}"]) <= 1.0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise FinescopeError(f"{where}: prob_{n} is '{r[f'prob_{n}']}', not a probability in [0, 1]; {_REWRITE}")
+    if not (r["magnification"] == "" or r["magnification"].isdigit()):
+        raise FinescopeError(f"{where}: magnification is '{r['magnification']}', neither empty nor a whole number; "
+                             f"{_REWRITE}")
+    if not r["fold"] or not r["variant"]:
+        raise FinescopeError(f"{where} has an empty {'fold' if not r['fold'] else 'variant'}; {_REWRITE}")
 
 
 def as_arrays(rows: list[dict], class_names: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -79,6 +79,10 @@ def _single_run_rows(run_dir: Path, predictions: Path | None, fig_dir: Path) -> 
     with src.open(newline="") as fh:
         reader = csv.DictReader(fh)
         probs = [c for c in reader.fieldnames or [] if c.startswith("prob_")]
+        lacking = [c for c in ("path", "group", "true", "predicted") if c not in (reader.fieldnames or [])]
+        if lacking:
+            raise FinescopeError(f"'{src}' has no column '{lacking[0]}' (predictions_<split>.csv has path, group, "
+                                 "true, predicted and prob_<class> columns); write it again with `finescope evaluate`")
         rows = [{"image": r["path"], "group": r["group"], "magnification": "", "true": r["true"],
                  "predicted": r["predicted"], **{c: r[c] for c in probs}, "fold": src.stem.split("_", 1)[-1],
                  "variant": variant} for r in reader if r["true"]]
