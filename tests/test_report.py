@@ -15,6 +15,7 @@ import pytest
 from finescope import report
 from finescope.cli import main
 from finescope.errors import FinescopeError
+from finescope.oof import summarize_predictions
 from finescope.report import write_report
 
 
@@ -124,3 +125,25 @@ def test_a_damaged_predictions_csv_is_one_line(tmp_path, capsys, edit, message):
     assert main(["report", str(folder)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and "predictions.csv" in err[0]
+
+
+def test_cv_report_follows_predictions_csv_not_a_stale_summary(tmp_path):
+    """summary.json of other predictions (predictions.csv written again or edited since) is computed again, with
+    the cv's reference, resamples and seed from cv.json."""
+    from finescope.cv import _summary
+
+    folder = fake_cv(tmp_path / "cv")
+    (folder / "cv.json").write_text(json.dumps({"reference": "fusion", "n_boot": 30, "settings": {"config": {
+        "seed": 3}}}))
+    _summary(folder, "fusion", 30, 3)
+    text = (folder / "predictions.csv").read_text()
+    rows = [r.split(",") for r in text.splitlines()]
+    for r in rows[1:]:  # global now predicts every image right
+        if r[-1] == "global":
+            r[4], r[5], r[6] = r[3], *(("0.9", "0.1") if r[3] == "benign" else ("0.1", "0.9"))
+    (folder / "predictions.csv").write_text("\n".join(",".join(r) for r in rows) + "\n")
+    md, _ = write_report(folder, n_boot=50)
+    table = md.read_text()
+    assert "| global | 1.000 [1.000, 1.000]" in table and "global − fusion" in table
+    fresh = json.loads(json.dumps(summarize_predictions(folder / "predictions.csv", "fusion", 30, 3)))
+    assert report.ablation_table(fresh)[1][0][1] in table and report.comparison_table(fresh)[1][0][1] in table

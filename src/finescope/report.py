@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import json
@@ -94,6 +95,35 @@ def _single_run_rows(run_dir: Path, predictions: Path | None, fig_dir: Path) -> 
         w.writerows(rows)
     named = src.stem.removeprefix("predictions_")
     return out, named if src.stem.startswith("predictions_") and named in ("train", "val", "test", "all") else "test"
+
+
+def _cv_summary(run_dir: Path, csv_path: Path, n_boot: int) -> dict:
+    """cv's ``summary.json`` when it was computed from ``predictions.csv`` as it is now (its ``made_from`` holds the
+    file's SHA-256), else the summary computed again with the cv's reference, resamples and seed (``cv.json``): a
+    damaged, older or stale summary (predictions.csv edited or rewritten since) never reaches the report."""
+    summary = _json_dict(run_dir / "summary.json")
+    made_from = summary.get("made_from") if isinstance(summary, dict) else None
+    if (isinstance(made_from, dict) and {"class_names", "variants"} <= summary.keys()
+            and made_from.get("predictions_sha256") == hashlib.sha256(csv_path.read_bytes()).hexdigest()):
+        return summary
+    record = _json_dict(run_dir / "cv.json") or {}
+    settings = record.get("settings") if isinstance(record.get("settings"), dict) else {}
+    config = settings.get("config") if isinstance(settings.get("config"), dict) else {}
+
+    def recorded(value, default, tp):
+        return value if isinstance(value, tp) and not isinstance(value, bool) else default
+
+    return summarize_predictions(csv_path, recorded(record.get("reference"), "", str),
+                                 recorded(record.get("n_boot"), n_boot, int), recorded(config.get("seed"), 0, int))
+
+
+def _json_dict(path: Path) -> dict | None:
+    """The JSON object in ``path``; None when the file is missing, unreadable or holds no object."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return raw if isinstance(raw, dict) else None
 
 
 def _recorded_warning(run_dir: Path, split: str) -> str | None:
@@ -411,13 +441,7 @@ def write_report(run_dir: str | Path, n_boot: int = 1000, predictions: str | Pat
     else:
         csv_path, named = _single_run_rows(run_dir, predictions, fig_dir)
         split = split if predictions is not None else named  # `report RUN` reports what the CSV it found holds
-    summary_path = run_dir / "summary.json"
-    try:  # cv's summary (a damaged one is computed again)
-        summary = json.loads(summary_path.read_text()) if is_cv and summary_path.is_file() else None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        summary = None
-    if not isinstance(summary, dict) or not {"class_names", "variants"} <= summary.keys():
-        summary = summarize_predictions(csv_path, n_boot=n_boot)
+    summary = _cv_summary(run_dir, csv_path, n_boot) if is_cv else summarize_predictions(csv_path, n_boot=n_boot)
     rows, _ = read_oof_csv(csv_path)
     fig_dir.mkdir(parents=True, exist_ok=True)
     title = f"finescope report: {run_dir.resolve().name}"
