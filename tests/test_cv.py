@@ -257,3 +257,39 @@ def test_splits_file_that_is_not_a_cv_file(tmp_path):
         (tmp_path / "x.json").write_text(text)
         with pytest.raises(FinescopeError, match="is not a finescope cv splits file"):
             load_cv_splits(tmp_path / "x.json", s, per_magnification=False)
+
+
+@pytest.mark.parametrize("damage", [
+    lambda raw: raw["folds"][0].pop("splits"),
+    lambda raw: raw["folds"].__setitem__(0, 5),
+    lambda raw: raw.pop("class_names"),
+], ids=["no-splits", "not-a-fold", "no-class-names"])
+def test_a_hand_edited_cv_splits_file_is_one_clear_error(tmp_path, damage):
+    from finescope.cv import save_cv_splits
+
+    s = toy_set()
+    save_cv_splits(tmp_path / "splits.json", make_folds(s, Protocol(folds=2), 0, 0.0), s, extra={})
+    raw = json.loads((tmp_path / "splits.json").read_text())
+    damage(raw)
+    (tmp_path / "splits.json").write_text(json.dumps(raw))
+    with pytest.raises(FinescopeError, match="splits.json"):
+        load_cv_splits(tmp_path / "splits.json", s, per_magnification=False)
+
+
+def test_resuming_with_a_splits_file_checks_it_first(tmp_path):
+    """A cv folder that already has its folds, rerun with --splits: a missing or broken file is one line; the same
+    folds resume, other folds are refused."""
+    from finescope.cv import resolve_folds, save_cv_splits
+
+    s, cfg, p = toy_set(), load_config(), Protocol(folds=2)
+    folds = make_folds(s, p, 0, 0.0)
+    save_cv_splits(tmp_path / "out" / "splits.json", folds, s, extra={})
+    save_cv_splits(tmp_path / "same.json", folds, s, extra={"note": "a copy"})
+    save_cv_splits(tmp_path / "other.json", make_folds(s, p, 1, 0.0), s, extra={})
+    (tmp_path / "broken.json").write_text("{not json")
+    for name, message in (("absent.json", "not found"), ("broken.json", "is not a finescope cv splits file"),
+                          ("other.json", "already holds other folds")):
+        with pytest.raises(FinescopeError, match=message):
+            resolve_folds(tmp_path / "out", s, cfg, p, str(tmp_path / name))
+    got = resolve_folds(tmp_path / "out", s, cfg, p, str(tmp_path / "same.json"))
+    assert [f.splits["test"].tolist() for f in got] == [f.splits["test"].tolist() for f in folds]

@@ -296,10 +296,16 @@ def load_cv_splits(path: str | Path, sample_set: SampleSet, per_magnification: b
         raw = None
     if not isinstance(raw, dict) or raw.get("format") != CV_FORMAT or not isinstance(raw.get("folds"), list):
         raise FinescopeError(f"--splits '{path}' is not a finescope cv splits file ({CV_FORMAT}); {fix}")
-    if list(raw.get("class_names", [])) != list(sample_set.class_names):
+    if raw.get("class_names") != list(sample_set.class_names):
         raise FinescopeError(
-            f"--splits '{path}' is for classes {raw['class_names']} but the data has {sample_set.class_names}; {fix}"
+            f"--splits '{path}' is for classes {raw.get('class_names')} but the data has {sample_set.class_names}; "
+            f"{fix}"
         )
+    for n, item in enumerate(raw["folds"]):
+        if not (isinstance(item, dict) and isinstance(item.get("name"), str) and isinstance(item.get("splits"), dict)
+                and all(isinstance(v, list) and all(isinstance(p, str) for p in v) for v in item["splits"].values())):
+            raise FinescopeError(f"--splits '{path}': fold {n} is not a name with a 'splits' mapping of side -> list "
+                                 f"of image paths (the file is damaged or was edited); {fix}")
     index = {_relative(s.path, sample_set.root): i for i, s in enumerate(sample_set.samples)}
     subsets = magnification_subsets(sample_set, per_magnification)
     folds = []
@@ -365,7 +371,8 @@ def resolve_folds(out: Path, sample_set: SampleSet, cfg: Config, p: Protocol, sp
     own = out / "splits.json"
     if own.is_file():
         folds = load_cv_splits(own, sample_set, p.per_magnification)
-        if splits_file and _read_split_lists_cv(splits_file) != _read_split_lists_cv(own):
+        if splits_file and _fold_lists(load_cv_splits(splits_file, sample_set, p.per_magnification)) != _fold_lists(
+                folds):
             raise FinescopeError(
                 f"'{out}' already holds other folds than --splits '{splits_file}'; choose another --out"
             )
@@ -375,9 +382,9 @@ def resolve_folds(out: Path, sample_set: SampleSet, cfg: Config, p: Protocol, sp
     return make_folds(sample_set, p, cfg.seed, cfg.data.val_fraction)
 
 
-def _read_split_lists_cv(path: str | Path) -> list:
-    raw = json.loads(Path(path).read_text())
-    return [(f["name"], f["splits"]) for f in raw.get("folds", [])]
+def _fold_lists(folds: list[Fold]) -> list:
+    """What makes two lists of folds the same: names, magnifications and the images of every side."""
+    return [(f.name, f.magnification, {side: idx.tolist() for side, idx in f.splits.items()}) for f in folds]
 
 
 def fold_config(cfg: Config, variant: str, fold: Fold, fold_file: Path) -> Config:
