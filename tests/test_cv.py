@@ -293,3 +293,43 @@ def test_resuming_with_a_splits_file_checks_it_first(tmp_path):
             resolve_folds(tmp_path / "out", s, cfg, p, str(tmp_path / name))
     got = resolve_folds(tmp_path / "out", s, cfg, p, str(tmp_path / "same.json"))
     assert [f.splits["test"].tolist() for f in got] == [f.splits["test"].tolist() for f in folds]
+
+
+def test_summary_scores_patients_and_resamples_their_case(tmp_path):
+    """predictions.csv's patient column: PRR over patient folders (method.md), intervals over case groups; a file
+    without the column scores each group as one patient."""
+    from finescope.oof import summarize_predictions
+
+    rows = [("22549", "22549AB", "benign")] * 4 + [("22549", "22549CD", "malignant")] * 2 + [
+        ("3411", "3411F", "benign")] * 2 + [("13412", "13412", "malignant")] * 2
+    path = tmp_path / "predictions.csv"
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", "group", "patient", "magnification", "true", "predicted", "prob_benign",
+                    "prob_malignant", "fold", "variant"])
+        for i, (group, patient, pred) in enumerate(rows):
+            w.writerow([f"{i}.png", group, patient, 100, "benign" if i < 8 else "malignant", pred,
+                        0.8 if pred == "benign" else 0.2, 0.2 if pred == "benign" else 0.8, "trial0", "global"])
+    summary = summarize_predictions(path, n_boot=50)["variants"]["global"]
+    assert summary["folds"]["trial0"]["patient_recognition_rate"] == pytest.approx(3 / 4)  # 22549CD wrong
+    assert summary["folds"]["trial0"]["n_groups"] == 4  # the patients the metrics scored
+    pooled = summary["pooled"]
+    assert pooled["patient_recognition_rate"]["value"] == pytest.approx(3 / 4)
+    assert pooled["patient_accuracy_majority"]["value"] == pytest.approx(3 / 4)
+    assert (pooled["n_groups"], pooled["n_patients"]) == (3, 4)
+    assert summary["per_magnification"]["100"]["patient_recognition_rate"]["mean"] == pytest.approx(3 / 4)
+    text = path.read_text().splitlines()  # an older file: no patient column
+    path.write_text("\n".join(",".join(c for j, c in enumerate(line.split(",")) if j != 2) for line in text))
+    by_case = summarize_predictions(path, n_boot=50)["variants"]["global"]["folds"]["trial0"]
+    assert by_case["patient_recognition_rate"] == pytest.approx((4 / 6 + 1 + 1) / 3)
+
+
+@realdata
+def test_breakhis_patients_are_patient_folders_within_case_groups(tmp_path):
+    """Spanhol et al. count 22549AB, 22549CD and 22549G as three patients; the split keeps their case together."""
+    cfg = load_config(overrides=[f"data.root={SHARED_DATA / 'breakhis'}", "data.source=breakhis"])
+    s = load_samples(cfg.data)
+    patients = {x.patient for x in s.samples}
+    assert len(patients) == 18 and len({x.group for x in s.samples}) == 14
+    assert {"22549AB", "22549CD", "22549G"} <= patients
+    assert all(x.patient.startswith(x.group) for x in s.samples)

@@ -332,3 +332,24 @@ def test_summarize_folds_mean_std_and_skips_none():
     assert out["auc"] == {"mean": 0.8, "std": 0.0, "n": 1}
     assert M.summarize_folds(folds, keys=["ece"]) == {"ece": {"mean": None, "std": None, "n": 0}}
     json.dumps(out)
+
+
+def test_bootstrap_scores_patients_inside_resampled_groups():
+    """BreakHis: patient folders 22549AB and 22549CD share case 22549. The case is resampled whole, but PRR and
+    patient accuracy average over the patients (Spanhol et al. 2016), in the closed form as in the callable."""
+    groups = np.array(["22549"] * 6 + ["3411"] * 2)
+    patients = np.array(["22549AB"] * 4 + ["22549CD"] * 2 + ["3411F"] * 2)
+    y = np.zeros(8, dtype=int)
+    probs = _onehot_probs(np.array([0, 0, 0, 0, 1, 1, 0, 0]), 2)
+    prr = M.bootstrap_ci(y, probs, groups, "patient_recognition_rate", n_boot=200, patients=patients)
+    assert prr["value"] == pytest.approx((1 + 0 + 1) / 3)  # by case it would be (4 / 6 + 1) / 2
+    slow = M.bootstrap_ci(y, probs, groups, lambda a, b, c: M.patient_recognition_rate(a, b.argmax(1), c),
+                          n_boot=200, patients=patients)
+    assert slow == pytest.approx(prr)
+    # a resample holds 22549 twice (PRR 2 / 4), 3411 twice (1) or each once (2 / 3)
+    assert prr["low"] == pytest.approx(0.5) and prr["high"] == pytest.approx(1.0)
+    acc = M.bootstrap_ci(y, probs, groups, "patient_accuracy_majority", n_boot=50, patients=patients)
+    assert acc["value"] == pytest.approx(2 / 3)  # 22549CD is wrong; by case 22549 would be right
+    diff = M.paired_bootstrap(y, probs, _onehot_probs(y, 2), groups, "patient_recognition_rate", n_boot=50,
+                              patients=patients)
+    assert diff["diff"] == pytest.approx(1 / 3)

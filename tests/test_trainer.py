@@ -400,3 +400,22 @@ def test_metrics_json_is_written_after_the_predictions(synthetic_root, tmp_path,
     assert not (tmp_path / "run" / "metrics.json").exists()
     assert not (tmp_path / "run" / "predictions_test.csv").exists()
     assert not list((tmp_path / "run").glob(".*.tmp"))
+
+
+def test_test_metrics_and_predictions_score_patients_not_case_groups(tmp_path, monkeypatch):
+    """BreakHis patient folders 22549AB / 22549CD share case 22549 (the split group); the run's PRR averages over
+    the patients, as method.md defines it, and predictions_test.csv says each image's patient."""
+    import numpy as np
+
+    from finescope.data import Sample, SampleSet
+    from finescope.engine import Predictions
+
+    meta = [{"patient": "22549AB"}] * 2 + [{"patient": "22549CD"}] * 2
+    s = SampleSet([Sample(f"/d/{i}.png", 0, "22549", m) for i, m in enumerate(meta)], ["benign", "malignant"])
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.9, 0.1], [0.2, 0.8]])  # 22549AB 2/2, 22549CD 1/2
+    monkeypatch.setattr(trainer, "predict_loader", lambda *a, **k: Predictions(np.arange(4), np.zeros(4, int), probs))
+    _, metrics = trainer.evaluate_split(None, s, np.arange(4), load_config(), "cpu", loader=object())
+    assert metrics["patient_recognition_rate"] == pytest.approx((1 + 0.5) / 2)  # the case alone: 3 / 4
+    trainer.write_predictions(tmp_path / "p.csv", Predictions(np.arange(4), np.zeros(4, int), probs), s)
+    with (tmp_path / "p.csv").open(newline="") as fh:
+        assert [r["patient"] for r in csv.DictReader(fh)] == ["22549AB", "22549AB", "22549CD", "22549CD"]

@@ -461,45 +461,53 @@ def _draw_groups(n_groups: int, n_boot: int, seed: int) -> np.ndarray:
 
 
 def _fast_per_group(
-    metric: str | MetricFn, yt: np.ndarray, p: np.ndarray, gidx: np.ndarray, n_groups: int
+    metric: str | MetricFn, yt: np.ndarray, p: np.ndarray, gidx: np.ndarray, pidx: np.ndarray, n_groups: int
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """(G,) numerator and denominator when the metric is a weighted ratio over groups, else ``None``.
 
-    A resample that draws group g ``k_g`` times then scores ``sum_g k_g num_g / sum_g k_g den_g``.
+    A resample that draws group g ``k_g`` times then scores ``sum_g k_g num_g / sum_g k_g den_g``; for the
+    patient-level metrics ``num_g`` sums the scores (or hits) of group g's patients and ``den_g`` counts them.
     """
     yp = p.argmax(1)
-    ones = np.ones(n_groups)
     if metric == "image_accuracy":
         correct = np.bincount(gidx, weights=(yt == yp).astype(np.float64), minlength=n_groups)
         return correct, np.bincount(gidx, minlength=n_groups).astype(np.float64)
+    n_patients = int(pidx.max()) + 1
+    group_of = np.zeros(n_patients, dtype=np.int64)  # (P,) the group of each patient
+    group_of[pidx] = gidx
     if metric == "patient_recognition_rate":
-        return _per_group_correct(yt, yp, gidx, n_groups), ones
-    if metric in ("patient_accuracy_majority", "patient_accuracy_mean_prob"):
+        per_patient = _per_group_correct(yt, yp, pidx, n_patients)
+    elif metric in ("patient_accuracy_majority", "patient_accuracy_mean_prob"):
         how = metric.removeprefix("patient_accuracy_")
-        return _patient_hits(yt, p, yp, gidx, n_groups, how).astype(np.float64), ones
-    return None
+        per_patient = _patient_hits(yt, p, yp, pidx, n_patients, how).astype(np.float64)
+    else:
+        return None
+    num = np.bincount(group_of, weights=per_patient, minlength=n_groups)
+    return num, np.bincount(group_of, minlength=n_groups).astype(np.float64)
 
 
 def _boot_values(
-    metric: str | MetricFn, yt: np.ndarray, p: np.ndarray, gidx: np.ndarray, draws: np.ndarray
+    metric: str | MetricFn, yt: np.ndarray, p: np.ndarray, gidx: np.ndarray, pidx: np.ndarray, draws: np.ndarray
 ) -> np.ndarray:
     """(n_boot,) metric values over the resamples in ``draws`` (NaN where the metric is undefined).
 
     Each drawn group becomes a distinct group of the resample, so a patient drawn twice counts twice.
     """
     n_groups = draws.shape[1]
-    fast = _fast_per_group(metric, yt, p, gidx, n_groups)
+    fast = _fast_per_group(metric, yt, p, gidx, pidx, n_groups)
     if fast is not None:
         counts = np.zeros(draws.shape)  # (n_boot, G): times each group was drawn
         np.add.at(counts, (np.arange(draws.shape[0])[:, None], draws), 1)
         return (counts @ fast[0]) / (counts @ fast[1])
     fn = _resolve_metric(metric)
     members = [np.flatnonzero(gidx == g) for g in range(n_groups)]
-    sizes = np.array([m.size for m in members])
+    n_patients = int(pidx.max()) + 1
     values = np.full(draws.shape[0], np.nan)
     for b, drawn in enumerate(draws):
         idx = np.concatenate([members[g] for g in drawn])
-        value = fn(yt[idx], p[idx], np.repeat(np.arange(n_groups), sizes[drawn]))
+        # the patients of the j-th drawn group are j * P + their index: a group drawn twice gives distinct patients
+        patients = np.concatenate([j * n_patients + pidx[members[g]] for j, g in enumerate(drawn)])
+        value = fn(yt[idx], p[idx], patients)
         values[b] = np.nan if value is None else value
     return values
 
@@ -513,12 +521,24 @@ def _percentiles(values: np.ndarray, alpha: float) -> tuple[float | None, float 
     return float(low), float(high)
 
 
-def _prepare(y_true: ArrayLike, probs: ArrayLike, groups: ArrayLike | None) -> tuple[np.ndarray, ...]:
-    """Checked labels, probabilities, original groups (or one per image) and group indices."""
+def _prepare(
+    y_true: ArrayLike, probs: ArrayLike, groups: ArrayLike | None, patients: ArrayLike | None
+) -> tuple[np.ndarray, ...]:
+    """Checked labels, probabilities, (N,) patient indices, (N,) group indices and the unique groups.
+
+    A patient is a (group, patient id) pair, so that equal ids in two groups are two patients; without
+    ``patients`` every group is one patient, and without ``groups`` every image is a group.
+    """
     yt, p = _probs(y_true, probs)
     uniq, gidx = _group_index(groups, yt.size)
-    full_groups = np.asarray(groups) if groups is not None else np.arange(yt.size)
-    return yt, p, full_groups, gidx, uniq
+    if patients is None:
+        return yt, p, gidx, gidx, uniq
+    pat = np.asarray(patients).astype(str)
+    if pat.shape != (yt.size,):
+        raise ValueError(f"patients must have shape ({yt.size},), got {pat.shape}")
+    pairs = np.char.add(np.char.add(gidx.astype(str), "\x00"), pat)
+    pidx = np.unique(pairs, return_inverse=True)[1].ravel()
+    return yt, p, pidx, gidx, uniq
 
 
 def bootstrap_ci(
@@ -529,6 +549,7 @@ def bootstrap_ci(
     n_boot: int = 1000,
     alpha: float = 0.05,
     seed: int = 0,
+    patients: ArrayLike | None = None,
 ) -> dict[str, Any]:
     """Percentile bootstrap confidence interval that resamples patients (clusters), not images.
 
@@ -545,15 +566,17 @@ def bootstrap_ci(
         n_boot: number of resamples.
         alpha: 1 - confidence level.
         seed: seed of the resampling generator.
+        patients: (N,) patient ids that the patient-level metrics score when several patients share a
+            resampled group (BreakHis: the patient folders 22549AB / 22549CD of case 22549); ``groups`` if omitted.
 
     Returns:
         ``{"value": metric on all data, "low", "high", "n_boot": resamples where the metric was defined}``.
     """
-    yt, p, full_groups, gidx, uniq = _prepare(y_true, probs, groups)
+    yt, p, pidx, gidx, uniq = _prepare(y_true, probs, groups, patients)
     fn = _resolve_metric(metric)
-    values = _boot_values(metric, yt, p, gidx, _draw_groups(uniq.size, n_boot, seed))
+    values = _boot_values(metric, yt, p, gidx, pidx, _draw_groups(uniq.size, n_boot, seed))
     low, high = _percentiles(values, alpha)
-    value = fn(yt, p, full_groups)
+    value = fn(yt, p, pidx)
     return {
         "value": None if value is None else float(value),
         "low": low,
@@ -571,6 +594,7 @@ def paired_bootstrap(
     n_boot: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
+    patients: ArrayLike | None = None,
 ) -> dict[str, Any]:
     """Patient-clustered paired bootstrap of ``metric(b) - metric(a)`` on the same images.
 
@@ -587,19 +611,20 @@ def paired_bootstrap(
         n_boot: number of resamples.
         seed: seed of the resampling generator.
         alpha: 1 - confidence level.
+        patients: as in :func:`bootstrap_ci`.
 
     Returns:
         ``{"diff", "low", "high", "p_value"}``; ``None`` values where the metric is undefined.
     """
-    yt, pa, full_groups, gidx, uniq = _prepare(y_true, probs_a, groups)
+    yt, pa, pidx, gidx, uniq = _prepare(y_true, probs_a, groups, patients)
     pb = _probs(yt, probs_b)[1]
     if pb.shape != pa.shape:
         raise ValueError(f"probs_a {pa.shape} and probs_b {pb.shape} must have the same shape")
     fn = _resolve_metric(metric)
     draws = _draw_groups(uniq.size, n_boot, seed)
-    diffs = _boot_values(metric, yt, pb, gidx, draws) - _boot_values(metric, yt, pa, gidx, draws)
+    diffs = _boot_values(metric, yt, pb, gidx, pidx, draws) - _boot_values(metric, yt, pa, gidx, pidx, draws)
     low, high = _percentiles(diffs, alpha)
-    va, vb = fn(yt, pa, full_groups), fn(yt, pb, full_groups)
+    va, vb = fn(yt, pa, pidx), fn(yt, pb, pidx)
     diff = None if va is None or vb is None else float(vb - va)
     return {"diff": diff, "low": low, "high": high, "p_value": _two_sided_p(diff, diffs)}
 

@@ -2,7 +2,11 @@
 
 Everything in ``summary.json`` is computed from ``predictions.csv`` alone (:func:`summarize_predictions`), so a
 reader can recompute any number from that file: one row per (variant, fold, test image) with the columns
-``image, group, magnification, true, predicted, prob_<class>..., fold, variant``.
+``image, group, patient, magnification, true, predicted, prob_<class>..., fold, variant``.
+
+Patient-level metrics score each ``patient`` (BreakHis: the patient folder, 22549AB, as Spanhol et al. count
+patients); intervals resample ``group`` (its case number, 22549, which 22549AB and 22549CD share). A file without
+the ``patient`` column scores each group as one patient.
 
 Pooled intervals and paired comparisons resample patients (groups), not images. With repeated trials an image
 appears once per trial that tests it; all rows of a patient are resampled together.
@@ -50,6 +54,7 @@ def collect_predictions(out: Path, folds: list, variants: tuple[str, ...], sampl
                     rows.append({
                         "image": _relative(s.path, sample_set.root),
                         "group": s.group,
+                        "patient": s.patient,
                         "magnification": s.meta.get("magnification", ""),
                         "true": names[s.label],
                         "predicted": r["predicted"],
@@ -62,7 +67,7 @@ def collect_predictions(out: Path, folds: list, variants: tuple[str, ...], sampl
 
 def write_oof_csv(path: Path, rows: list[dict], class_names: list[str]) -> None:
     """Write out-of-fold rows with a fixed column order."""
-    cols = ["image", "group", "magnification", "true", "predicted", *[f"prob_{n}" for n in class_names],
+    cols = ["image", "group", "patient", "magnification", "true", "predicted", *[f"prob_{n}" for n in class_names],
             "fold", "variant"]
     with atomic_open(path, newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols)
@@ -130,6 +135,11 @@ def as_arrays(rows: list[dict], class_names: list[str]) -> tuple[np.ndarray, np.
     return y, p, g
 
 
+def patients_of(rows: list[dict]) -> np.ndarray:
+    """(N,) patient ids of some rows: the ``patient`` column, or the group in a file without one."""
+    return np.array([r.get("patient") or r["group"] for r in rows])
+
+
 def _by(rows: list[dict], *keys: str) -> dict[tuple, list[dict]]:
     out: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
@@ -138,25 +148,23 @@ def _by(rows: list[dict], *keys: str) -> dict[tuple, list[dict]]:
 
 
 def _fold_metrics(rows: list[dict], class_names: list[str]) -> dict[str, dict]:
-    """fold -> compute_metrics of that fold's rows."""
+    """fold -> compute_metrics of that fold's rows, patient-level over their patients."""
     return {
-        fold: compute_metrics(*_yp(fold_rows, class_names), class_names=class_names)
+        fold: compute_metrics(*as_arrays(fold_rows, class_names)[:2], patients_of(fold_rows), class_names)
         for (fold,), fold_rows in sorted(_by(rows, "fold").items())
     }
-
-
-def _yp(rows: list[dict], class_names: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return as_arrays(rows, class_names)
 
 
 def _pooled(rows: list[dict], class_names: list[str], n_boot: int, seed: int) -> dict[str, dict]:
     """Each table metric over all out-of-fold rows with a patient-clustered 95% interval."""
     y, p, g = as_arrays(rows, class_names)
-    out = {m: bootstrap_ci(y, p, g, m, n_boot=n_boot, seed=seed) for m in TABLE_METRICS}
-    cm = compute_metrics(y, p, g, class_names)
+    patients = patients_of(rows)
+    out = {m: bootstrap_ci(y, p, g, m, n_boot=n_boot, seed=seed, patients=patients) for m in TABLE_METRICS}
+    cm = compute_metrics(y, p, patients, class_names)
     out["confusion_matrix"] = cm["confusion_matrix"]
     out["per_class_recall"] = cm["per_class_recall"]
     out["n_images"], out["n_groups"] = int(len(y)), int(len(set(g.tolist())))
+    out["n_patients"] = int(len(set(patients.tolist())))
     return out
 
 
@@ -184,7 +192,8 @@ def compare(rows: list[dict], class_names: list[str], ref: str, other: str, n_bo
         raise FinescopeError(f"variants '{ref}' and '{other}' share no out-of-fold images to compare")
     y, pa, g = as_arrays([a[k] for k in keys], class_names)
     _, pb, _ = as_arrays([b[k] for k in keys], class_names)
-    out = {m: paired_bootstrap(y, pa, pb, g, m, n_boot=n_boot, seed=seed) for m in TABLE_METRICS}
+    patients = patients_of([a[k] for k in keys])
+    out = {m: paired_bootstrap(y, pa, pb, g, m, n_boot=n_boot, seed=seed, patients=patients) for m in TABLE_METRICS}
     return {"reference": ref, "variant": other, "n_rows": len(keys), "metrics": out}
 
 
@@ -218,5 +227,5 @@ def summarize_predictions(path: str | Path, reference: str = "", n_boot: int = 1
     return summary
 
 
-__all__ = ["TABLE_METRICS", "as_arrays", "collect_predictions", "compare", "read_oof_csv",
+__all__ = ["TABLE_METRICS", "as_arrays", "collect_predictions", "compare", "patients_of", "read_oof_csv",
            "summarize_predictions", "write_oof_csv"]

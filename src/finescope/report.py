@@ -84,7 +84,8 @@ def _single_run_rows(run_dir: Path, predictions: Path | None, fig_dir: Path) -> 
         if lacking:
             raise FinescopeError(f"'{src}' has no column '{lacking[0]}' (predictions_<split>.csv has path, group, "
                                  "true, predicted and prob_<class> columns); write it again with `finescope evaluate`")
-        rows = [{"image": r["path"], "group": r["group"], "magnification": "", "true": r["true"],
+        rows = [{"image": r["path"], "group": r["group"], "patient": r.get("patient") or r["group"],
+                 "magnification": "", "true": r["true"],
                  "predicted": r["predicted"], **{c: r[c] for c in probs}, "fold": src.stem.split("_", 1)[-1],
                  "variant": variant} for r in reader if r["true"]]
     out = fig_dir / "predictions_oof.csv"

@@ -336,8 +336,8 @@ def evaluate_split(model, sample_set, indices, cfg, device, desc="eval", loader=
     )
     preds = merge_predictions(dist.all_gather(preds))
     preds.indices = np.asarray(indices)[preds.indices]  # dataset positions -> sample_set indices
-    groups = [sample_set.samples[i].group for i in preds.indices]
-    metrics = compute_metrics(preds.labels, preds.probs, groups, sample_set.class_names)
+    patients = [sample_set.samples[i].patient for i in preds.indices]  # BreakHis: 22549AB, not its case 22549
+    metrics = compute_metrics(preds.labels, preds.probs, patients, sample_set.class_names)
     metrics["loss"] = preds.loss
     # images of the split that the loader skipped (data.on_error: skip), counted in the split, not in the metrics
     missing = sorted(set(np.asarray(indices).tolist()) - set(preds.indices.tolist()))
@@ -757,17 +757,18 @@ def box_string(boxes, mass) -> str:
 
 
 def write_predictions(path: str | Path, preds: Predictions, sample_set: SampleSet, extra: dict | None = None) -> None:
-    """One CSV row per image: path, group, true and predicted class, every class probability, boxes."""
+    """One CSV row per image: path, group, patient, true and predicted class, every class probability, boxes."""
     names = sample_set.class_names
     with atomic_open(path, newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "group", "true", "predicted", *[f"prob_{n}" for n in names], "boxes", *(extra or {})])
+        w.writerow(["path", "group", "patient", "true", "predicted", *[f"prob_{n}" for n in names], "boxes",
+                    *(extra or {})])
         for row, i in enumerate(preds.indices):
             s = sample_set.samples[i]
             true = names[s.label] if 0 <= s.label < len(names) else ""
             boxes = box_string(preds.boxes[row], preds.box_mass[row]) if preds.boxes is not None else ""
             probs = [f"{p:.6f}" for p in preds.probs[row]]
-            w.writerow([s.path, s.group, true, names[int(preds.probs[row].argmax())], *probs, boxes,
+            w.writerow([s.path, s.group, s.patient, true, names[int(preds.probs[row].argmax())], *probs, boxes,
                         *[v[row] for v in (extra or {}).values()]])
 
 

@@ -22,6 +22,12 @@ class Sample:
     group: str
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
+    @property
+    def patient(self) -> str:
+        """The patient that patient-level metrics score: ``meta['patient']`` where the source names one (BreakHis:
+        the patient folder, 22549AB, while the group is its case number 22549, shared with 22549CD), else the group."""
+        return str(self.meta.get("patient") or self.group)
+
 
 @dataclass(frozen=True)
 class SampleSet:
