@@ -333,3 +333,31 @@ def test_breakhis_patients_are_patient_folders_within_case_groups(tmp_path):
     assert len(patients) == 18 and len({x.group for x in s.samples}) == 14
     assert {"22549AB", "22549CD", "22549G"} <= patients
     assert all(x.patient.startswith(x.group) for x in s.samples)
+
+
+def test_collecting_refuses_a_run_that_tested_other_images(tmp_path):
+    """A finished run is taken as it is: when its predictions_test.csv holds an image outside its fold's test side
+    (a run of other folds, e.g. after splits.json was replaced, or of data elsewhere), its rows would be
+    out-of-fold numbers of images it trained on. That is an error naming the run to delete, never a row."""
+    from finescope.oof import collect_predictions
+
+    s = toy_set()
+    folds = make_folds(s, Protocol(folds=2), 0, 0.0)
+    run = tmp_path / "runs" / "global" / folds[0].name
+    run.mkdir(parents=True)
+
+    def write(indices):
+        with (run / "predictions_test.csv").open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["path", "group", "true", "predicted", "prob_a", "prob_b", "boxes"])
+            for i in indices:
+                w.writerow([s.samples[i].path, s.samples[i].group, "a", "a", 0.6, 0.4, ""])
+
+    write(folds[0].splits["test"])
+    assert len(collect_predictions(tmp_path, folds[:1], ("global",), s)) == len(folds[0].splits["test"])
+    write(folds[1].splits["test"])  # the other fold's test images: trained on in this fold
+    with pytest.raises(FinescopeError, match=f"not on the test side of {folds[0].name}.*delete"):
+        collect_predictions(tmp_path, folds[:1], ("global",), s)
+    (run / "predictions_test.csv").write_text("path,group,true\n")
+    with pytest.raises(FinescopeError, match="no column 'predicted'"):
+        collect_predictions(tmp_path, folds[:1], ("global",), s)

@@ -41,27 +41,53 @@ TABLE_METRICS = (
 
 
 def collect_predictions(out: Path, folds: list, variants: tuple[str, ...], sample_set: SampleSet) -> list[dict]:
-    """Read every run's ``predictions_test.csv`` into out-of-fold rows (see the module docstring)."""
+    """Read every run's ``predictions_test.csv`` into out-of-fold rows (see the module docstring).
+
+    Raises:
+        FinescopeError: a run's file lacks a column or predicts an image outside its fold's test side (a run of
+            other folds or other data, or an edited file), naming the run folder to delete so that it trains again.
+    """
     index = {s.path: i for i, s in enumerate(sample_set.samples)}
     names = sample_set.class_names
     rows = []
     for variant in variants:
         for fold in folds:
             path = out / "runs" / variant / fold.name / "predictions_test.csv"
-            with path.open(newline="") as fh:
-                for r in csv.DictReader(fh):
-                    s = sample_set.samples[index[r["path"]]]
-                    rows.append({
-                        "image": _relative(s.path, sample_set.root),
-                        "group": s.group,
-                        "patient": s.patient,
-                        "magnification": s.meta.get("magnification", ""),
-                        "true": names[s.label],
-                        "predicted": r["predicted"],
-                        **{f"prob_{n}": r[f"prob_{n}"] for n in names},
-                        "fold": fold.name,
-                        "variant": variant,
-                    })
+            test = set(fold.splits["test"].tolist())
+            for r in _run_rows(path, names, f"delete '{path.parent}' to train {variant} on {fold.name} again"):
+                i = index.get(r["path"])
+                if i not in test:
+                    raise FinescopeError(
+                        f"'{path}' predicts '{r['path']}', which is not on the test side of {fold.name} (a run of "
+                        f"other folds or of data elsewhere, or an edited file); delete '{path.parent}' to train "
+                        f"{variant} on {fold.name} again")
+                s = sample_set.samples[i]
+                rows.append({
+                    "image": _relative(s.path, sample_set.root),
+                    "group": s.group,
+                    "patient": s.patient,
+                    "magnification": s.meta.get("magnification", ""),
+                    "true": names[s.label],
+                    "predicted": r["predicted"],
+                    **{f"prob_{n}": r[f"prob_{n}"] for n in names},
+                    "fold": fold.name,
+                    "variant": variant,
+                })
+    return rows
+
+
+def _run_rows(path: Path, names: list[str], fix: str) -> list[dict]:
+    """The rows of a run's ``predictions_test.csv``; raise naming ``fix`` when a column or field is missing."""
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+    needed = ["path", "predicted", *[f"prob_{n}" for n in names]]
+    lacking = [c for c in needed if c not in (reader.fieldnames or [])]
+    if lacking:
+        raise FinescopeError(f"'{path}' has no column '{lacking[0]}' (not this cv's run); {fix}")
+    for line, r in enumerate(rows, start=2):
+        if any(r[c] is None for c in needed):
+            raise FinescopeError(f"'{path}' line {line} has fewer fields than the header; {fix}")
     return rows
 
 
