@@ -109,6 +109,17 @@ def test_files_outside_the_data_say_their_class_and_group():
         == (1, "")
 
 
+def test_a_breakhis_file_outside_the_data_says_its_patient_beside_its_case():
+    from finescope.config import DataConfig
+    from finescope.data.sources import file_sample
+
+    name = "SOB_B_A-14-22549AB-100-001.png"
+    s = file_sample(f"/x/{name}", DataConfig(source="breakhis", task="binary"), ["benign", "malignant"])
+    assert (s.label, s.group, s.patient) == (0, "22549", "22549AB")
+    s = file_sample(f"/d/benign/{name}", DataConfig(source="folder"), ["benign", "malignant"])
+    assert (s.label, s.patient) == (0, s.group)  # another source: the patient is the group
+
+
 def test_a_link_outside_the_class_folders_takes_the_class_of_its_target(tmp_path):
     from finescope.config import DataConfig
     from finescope.data.sources import label_and_group_of

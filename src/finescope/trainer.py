@@ -775,15 +775,14 @@ def write_predictions(path: str | Path, preds: Predictions, sample_set: SampleSe
 def predict(checkpoint: str | Path, paths: list[str], out: str | Path | None = None,
             overrides: list[str] | None = None, device: str = "auto") -> Path:
     """Predict image files and folders (recursively); write one CSV row per image and return its path. The true
-    class and the group are filled where the file says them (:func:`~finescope.data.sources.label_and_group_of`),
+    class, the group and the patient are filled where the file says them (:func:`~finescope.data.sources.file_sample`),
     else left empty."""
-    from finescope.data.records import Sample
-    from finescope.data.sources import images_in, label_and_group_of
+    from finescope.data.sources import file_sample, images_in
 
     model, cfg, class_names, state = load_trained(checkpoint, overrides, device)
     # '..' resolved, so that a class folder above the working one is seen; each image once
     absolute = [os.path.abspath(f) for f, _ in images_in(paths)]
-    samples = [Sample(path, *label_and_group_of(path, cfg.data, class_names)) for path in absolute]
+    samples = [file_sample(path, cfg.data, class_names) for path in absolute]
     sample_set = SampleSet(samples, class_names)
     # each image is read once: no cache (the run's disk cache would keep a decoded copy of every file predicted,
     # its memory cache all of them at once)

@@ -316,6 +316,14 @@ def label_and_group_of(path: str | Path, cfg: DataConfig, class_names: Sequence[
     return label, group_below_class(path.relative_to(folder) if folder else Path(path.name), pattern) or ""
 
 
+def file_sample(path: str | Path, cfg: DataConfig, class_names: Sequence[str]) -> Sample:
+    """An image outside the data set as a :class:`Sample`: its class and group by :func:`label_and_group_of`, and
+    for an original BreakHis name its patient (the patient folder, 22549AB, beside its case number 22549)."""
+    label, group = label_and_group_of(path, cfg, class_names)
+    info = parse_breakhis_name(Path(path).name) if cfg.source == "breakhis" else None
+    return Sample(str(path), label, group, {"patient": info["patient"]} if info else {})
+
+
 def _check_magnifications(mags: tuple[int, ...]) -> None:
     bad = [m for m in mags if m not in BREAKHIS_MAGNIFICATIONS]
     if bad:
@@ -541,6 +549,7 @@ __all__ = [
     "SUPPORTED_EXTENSIONS",
     "find_images",
     "is_image_file",
+    "file_sample",
     "label_and_group_of",
     "load_samples",
     "parse_breakhis_name",
