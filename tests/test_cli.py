@@ -172,6 +172,14 @@ def test_one_class_folder_says_where_the_classes_are(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_data_says_that_train_would_stop_at_one_class(tmp_path, capsys):
+    _folder(tmp_path / "d" / "dataset")  # one folder too high: one class, 'dataset'
+    assert main(["data", "--config", "configs/demo.yaml", "--no-read", "--set", "data.source=folder",
+                 f"data.root={tmp_path / 'd'}"]) == 1
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("train would stop here:") and f"set data.root={tmp_path / 'd' / 'dataset'}" in last
+
+
 def test_class_without_images(tmp_path, capsys):
     root = _folder(tmp_path / "d")
     (root / "c").mkdir()

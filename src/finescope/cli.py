@@ -101,7 +101,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from finescope.config import load_config
     from finescope.data import describe_samples, format_description, load_samples
-    from finescope.trainer import min_image_side
+    from finescope.trainer import min_image_side, one_class_error
 
     cfg = load_config(args.config, args.overrides)
     description = describe_samples(load_samples(cfg.data), read_images=not args.no_read,
@@ -109,6 +109,9 @@ def cmd_data(args: argparse.Namespace) -> int:
     print(format_description(description))
     if args.json:
         write_text(args.json, json.dumps(description, indent=2, default=str))
+    if len(description["class_names"]) < 2:
+        print(f"train would stop here: {one_class_error(cfg, description['class_names'])}")
+        return 1
     failing = description.get("unreadable") or description.get("too_small")  # what train would stop at
     return 1 if failing and cfg.data.on_error == "raise" else 0
 

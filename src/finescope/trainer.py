@@ -484,7 +484,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
         lock.release()
 
 
-def _one_class_error(cfg: Config, class_names: list[str]) -> FinescopeError:
+def one_class_error(cfg: Config, class_names: list[str]) -> FinescopeError:
     """Data of one class: a classifier needs two; a ``folder`` root one level above the class folders (its one
     "class" holds several folders) is told where to point instead."""
     fix = "add images of another class"
@@ -501,7 +501,7 @@ def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool) -> 
     seed_everything(cfg.seed)
     sample_set = _load_samples_rank0_first(cfg)
     if len(sample_set.class_names) < 2:
-        raise _one_class_error(cfg, sample_set.class_names)
+        raise one_class_error(cfg, sample_set.class_names)
     with dist.main_speaks():
         splits = resolve_splits(cfg, sample_set, run_dir, resume)
     model = build_model(checkpoint_model_config(cfg) if resume else cfg, len(sample_set.class_names), device)
