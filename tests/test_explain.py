@@ -163,6 +163,25 @@ def test_deletion_of_the_true_evidence_beats_random_and_insertion_too():
         assert c["deletion"][0] == curves["good"]["deletion"][0] and len(c["deletion"]) == 5
 
 
+def test_a_curve_of_a_large_image_runs_in_chunks_with_the_same_values(monkeypatch):
+    x = torch.rand(3, 64, 64)
+    ranks = torch.arange(64 * 64).view(64, 64) % 16
+    seen = []
+
+    class Counting(RegionModel):
+        def forward(self, x):
+            seen.append(x.shape[0])
+            return super().forward(x)
+
+    whole = fa.perturbation_curve(Counting(), x, ranks, 16, 1, torch.zeros_like(x), steps=8)
+    assert seen == [9]
+    monkeypatch.setattr(fa, "CURVE_BATCH_BYTES", 3 * x.numel() * 4)  # three copies of the image at once
+    seen.clear()
+    chunked = fa.perturbation_curve(Counting(), x, ranks, 16, 1, torch.zeros_like(x), steps=8)
+    assert seen == [3, 3, 3]
+    np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-6)
+
+
 def test_curve_auc_is_the_trapezoid_over_zero_to_one():
     assert fa.curve_auc([1, 1, 1]) == 1.0
     assert fa.curve_auc([1, 0]) == 0.5

@@ -88,6 +88,9 @@ def class_probability(model, images: torch.Tensor, target: int, predict_with: st
     return torch.cat(out)
 
 
+CURVE_BATCH_BYTES = 512 * 2**20  # the perturbed copies of an image one forward pass of a curve reads, at most
+
+
 def perturbation_curve(model, image: torch.Tensor, rank_map: torch.Tensor, n_regions: int, target: int,
                        baseline: torch.Tensor, mode: str = "deletion", steps: int = 10,
                        ends: tuple[float, float] | None = None, predict_with: str = "fused") -> np.ndarray:
@@ -113,10 +116,14 @@ def perturbation_curve(model, image: torch.Tensor, rank_map: torch.Tensor, n_reg
     counts = torch.round(torch.arange(steps + 1) * n_regions / steps).long()  # (T+1,)
     if ends is not None:
         counts = counts[1:-1]
-    switched = (rank_map[None] < counts[:, None, None])[:, None]  # (n, 1, H, W)
     first, second = (baseline, image) if mode == "deletion" else (image, baseline)
-    batch = torch.where(switched, first[None], second[None])  # (n, 3, H, W)
-    probs = class_probability(model, batch, target, predict_with).numpy()
+    per_batch = max(1, CURVE_BATCH_BYTES // max(1, image.numel() * image.element_size()))
+    probs = []
+    for chunk in counts.split(per_batch):  # all of a large image's perturbed copies at once would take GBs
+        switched = (rank_map[None] < chunk[:, None, None])[:, None]  # (n, 1, H, W)
+        batch = torch.where(switched, first[None], second[None])  # (n, 3, H, W)
+        probs.append(class_probability(model, batch, target, predict_with).numpy())
+    probs = np.concatenate(probs)
     return np.concatenate([[ends[0]], probs, [ends[1]]]) if ends is not None else probs
 
 
