@@ -681,3 +681,21 @@ def test_a_csv_with_an_unclosed_quote_says_so(tmp_path, capsys):
                  f"data.root={tmp_path / 'm.csv'}"]) == 2
     line = _one_error_line(capsys)
     assert "the row from line 3: unexpected end of data (a quote opened and never closed?)" in line, line
+
+
+@pytest.mark.parametrize("command", ["evaluate", "train"])
+def test_a_folder_one_cannot_write_is_one_line_that_says_where_else(tmp_path, capsys, monkeypatch, command):
+    import errno
+
+    import finescope.trainer
+
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "run" / "metrics_test.json"))
+
+    monkeypatch.setattr(finescope.trainer, command, refused)
+    args = [command, str(tmp_path / "run")] if command == "evaluate" else \
+        ["train", "--config", "configs/demo.yaml", "--out", str(tmp_path / "r")]
+    assert main(args) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith("finescope: error: Permission denied: ") and "check its permissions" in line
+    assert ("--out" in line) == (command == "evaluate")

@@ -323,6 +323,7 @@ def _one_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+OUT_ELSEWHERE = ("evaluate", "explain", "predict")  # commands that read a run and write beside it unless --out
 _CONFIG_KEY = re.compile(r"[A-Za-z_][\w.]*=")  # the start of a --set item: a key, not a path holding '='
 
 
@@ -429,6 +430,9 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
             where = f": '{e.filename}'" if e.filename else ""
             again = "; rerun with --resume" if _has_checkpoint(args) else "; rerun"
             _say(f"{error}{e.strerror}{where}; free some space{again} (files already written are complete)")
+        elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):  # a run folder one may read, not write
+            elsewhere = ", or write the outputs elsewhere with --out" if args.command in OUT_ELSEWHERE else ""
+            _say(f"{error}{e.strerror}: '{e.filename}'; check its permissions{elsewhere}")
         else:
             _say(f"{error}{path_error_line(e)}")
         return 2
