@@ -203,7 +203,7 @@ def test_truncated_image_named_then_skipped(tmp_path, capsys):
     broken = root / test[0]
     broken.write_bytes(broken.read_bytes()[:100])  # a test image broken after training
     assert main(["evaluate", str(tmp_path / "r2"), "--device", "cpu", "--out", str(tmp_path / "m.json")]) == 0
-    assert f"(n={len(test) - 1}, 1 unreadable skipped)" in capsys.readouterr().out
+    assert f"(n={len(test) - 1}, 1 skipped (unreadable or too small))" in capsys.readouterr().out
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["skipped"] == [str(broken)] and metrics["n_images"] == len(test) - 1  # in the split, not metrics
 

@@ -51,7 +51,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _metrics_line(m: dict) -> str:
     keys = ("image_accuracy", "balanced_accuracy", "macro_f1", "auc", "patient_recognition_rate")
-    skipped = f", {m['n_skipped']} unreadable skipped" if m.get("n_skipped") else ""
+    skipped = f", {m['n_skipped']} skipped (unreadable or too small)" if m.get("n_skipped") else ""
     return ("test: " + "  ".join(f"{k} {m[k]:.4f}" for k in keys if m.get(k) is not None)
             + f"  (n={m['n_images']}{skipped})")
 
