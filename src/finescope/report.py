@@ -46,13 +46,16 @@ SHORT = {
 
 # ---------------------------------------------------------------------------------------------- inputs
 def _is_cv(run_dir: Path) -> bool:
-    """Whether ``run_dir`` is a cv folder: a ``predictions.csv`` with cv's ``fold`` and ``variant`` columns (a
-    ``predict`` run inside a run folder writes a ``predictions.csv`` too, by default, without them)."""
+    """Whether ``run_dir`` is a cv folder: a ``predictions.csv`` beside cv's ``cv.json`` or ``runs/``, or with cv's
+    ``fold`` and ``variant`` columns (a ``predict`` run inside a run folder writes a ``predictions.csv`` too, by
+    default, without them; a cv's own file that lost a column is named as damaged, not taken for a run's)."""
     import csv
 
     path = run_dir / "predictions.csv"
     if not path.is_file():
         return False
+    if (run_dir / "cv.json").is_file() or (run_dir / "runs").is_dir():
+        return True
     with path.open(newline="") as fh:
         header = next(csv.reader(fh), [])
     return {"fold", "variant"} <= set(header)
