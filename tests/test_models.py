@@ -601,6 +601,24 @@ def test_global_view_of_a_mixed_batch_matches_each_image_alone():
         assert view[i, :, gh:].abs().sum() == 0 and view[i, :, :, gw:].abs().sum() == 0
 
 
+def test_hires_view_pads_with_the_mean_colour_as_the_resized_views_do():
+    """``global-hires`` reads the images themselves: their zero (black) padding becomes 0 after normalisation, the
+    mean colour, as in the other variants' views and as a convolution pads an image alone (it was the normalised
+    black, -2.1 to -1.8, which the valid cells beside it read)."""
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(variant="global-hires", **SMALL), 2).eval()
+    imgs = [torch.rand(3, 120, 160), torch.rand(3, 100, 150)]
+    batch = torch.zeros(2, 3, 120, 160)
+    for i, im in enumerate(imgs):
+        batch[i, :, : im.shape[1], : im.shape[2]] = im
+    view, dims = model._global_view(batch, [list(im.shape[1:]) for im in imgs])
+    assert dims == [[120, 160], [100, 150]]
+    for i, im in enumerate(imgs):
+        alone, _ = model._global_view(im[None], [list(im.shape[1:])])
+        torch.testing.assert_close(view[i, :, :100 + 20 * (i == 0), :150 + 10 * (i == 0)], alone[0])
+    assert view[1, :, 100:].abs().sum() == 0 and view[1, :, :, 150:].abs().sum() == 0
+
+
 def test_large_view_is_resized_from_the_crop_source():
     """A model with crops resizes the view of a large image from its crop source (made for the crops anyway),
     in a mixed batch too; small images, and sources under twice the view, are resized from the image."""

@@ -303,8 +303,15 @@ class FineScopeNet(nn.Module):
 
         Returns the view (B, 3, Gh, Gw) and the view size [h, w] of each image (a list, on the host).
         """
-        if self.hires:
-            return self._normalise(images), [[int(h), int(w)] for h, w in sizes]
+        if self.hires:  # the image itself, its padding made the mean colour (0) as in the resized views
+            view, dims = self._normalise(images), [[int(h), int(w)] for h, w in sizes]
+            H, W = images.shape[-2:]
+            for i, (h, w) in enumerate(dims):
+                if h < H:
+                    view[i, :, h:] = 0
+                if w < W:
+                    view[i, :, :h, w:] = 0
+            return view, dims
         dims = [list(global_view_size(int(h), int(w), self.global_size)) for h, w in sizes]
         groups = self._size_groups(sizes)
         B = images.shape[0]
