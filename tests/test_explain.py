@@ -202,11 +202,29 @@ def test_box_coverage_reports_union_and_largest_box():
     assert cover == {"union": 0.75, "largest": 0.5}
 
 
+def test_ground_truth_centres_are_moved_into_the_boxes_frame():
+    """cells.json holds a nucleus centre in pixel indices (the generator stamps pixel j by its distance from j),
+    boxes are in roi_align's frame where pixel j's centre is j + 0.5: a nucleus stamped at x = 9.7 lies right of
+    the box [0, 10), and a map peaking at its centre pixel points at it exactly."""
+    from finescope.data.synthetic import _stamp
+
+    img = np.ones((20, 20, 3), dtype=np.float32)
+    _stamp(img, 5.0, 9.7, 3.0, 0.9)
+    dark = torch.from_numpy(1 - img.mean(axis=2))
+    cols = torch.arange(20) + 0.5  # pixel centres in the boxes' frame
+    assert (dark.sum(0) * cols).sum() / dark.sum() > 10  # the nucleus' centre of mass: x = 10.2
+    assert fa.hit_count(torch.tensor([[0.0, 0.0, 10.0, 10.0]]), [[9.7, 5.0, 3.0]]) == (0, 1)
+    assert fa.hit_count(torch.tensor([[10.0, 0.0, 20.0, 10.0]]), [[9.7, 5.0, 3.0]]) == (1, 1)
+    heat = torch.zeros(20, 20)
+    heat[5, 9] = 1  # maximum at x = 9.5, y = 5.5
+    assert fa.pointing_hit(heat, [[9.0, 5.0, 0.0]], tolerance=0) is True
+
+
 def test_pointing_game_uses_radius_plus_tolerance():
     heat = torch.zeros(100, 100)
-    heat[50, 70] = 1  # maximum at x = 70.5, y = 50.5
-    assert fa.pointing_hit(heat, [[50, 50, 5]], tolerance=15) is False
-    assert fa.pointing_hit(heat, [[50, 50, 5]], tolerance=16) is True
+    heat[50, 70] = 1  # maximum at x = 70.5, y = 50.5; the nucleus at pixel (50, 50) has its centre at 50.5, 50.5
+    assert fa.pointing_hit(heat, [[50, 50, 5]], tolerance=14.9) is False
+    assert fa.pointing_hit(heat, [[50, 50, 5]], tolerance=15) is True
     assert fa.pointing_hit(heat, [], tolerance=15) is None
 
 

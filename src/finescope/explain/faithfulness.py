@@ -16,6 +16,10 @@ Hit rate and pointing game need ground truth (the synthetic set's atypical nucle
   (which is also the hit rate that boxes placed at random would expect);
 - *pointing game* (Zhang et al., ECCV 2016): a map scores when its maximum lies within ``tolerance`` pixels of
   a true nucleus (inside its radius plus the tolerance; 15 px in the original paper).
+
+Boxes and map maxima are in the frame of the model's boxes (``roi_align(aligned=True)``), where pixel j spans
+[j, j + 1) and its centre is j + 0.5; the synthetic set's ``cells.json`` gives a nucleus centre in pixel indices
+(the generator stamps pixel j by its distance from j to the centre), so both metrics move it by half a pixel.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from finescope.errors import FinescopeError
 from finescope.explain.maps import region_grid, region_scores
 
 BASELINES = ("blur", "mean")
+PIXEL_CENTRE = 0.5  # a cells.json centre in pixel indices -> the boxes' frame, where pixel j's centre is j + 0.5
 
 
 def baseline_image(image: torch.Tensor, kind: str = "blur", factor: int = 16) -> torch.Tensor:
@@ -166,10 +171,11 @@ def map_curves(model, image: torch.Tensor, heats: dict[str, torch.Tensor], targe
 
 
 def hit_count(boxes: torch.Tensor, cells) -> tuple[int, int]:
-    """(hits, total): true nuclei [[cx, cy, r], ...] whose centre lies inside at least one (K, 4) box."""
+    """(hits, total): true nuclei [[cx, cy, r], ...] (``cells.json``, pixel indices) whose centre lies inside at
+    least one (K, 4) box."""
     if not cells:
         return 0, 0
-    c = torch.tensor([[x, y] for x, y, _ in cells], dtype=torch.float32)  # (n, 2)
+    c = torch.tensor([[x, y] for x, y, _ in cells], dtype=torch.float32) + PIXEL_CENTRE  # (n, 2)
     b = boxes.float()[None]  # (1, K, 4)
     inside = (c[:, None, 0] >= b[..., 0]) & (c[:, None, 0] <= b[..., 2]) & (c[:, None, 1] >= b[..., 1]) & (
         c[:, None, 1] <= b[..., 3])  # (n, K)
@@ -193,14 +199,14 @@ def box_coverage(boxes: torch.Tensor, size: tuple[int, int]) -> dict[str, float]
 
 
 def pointing_hit(heat: torch.Tensor, cells, tolerance: float = 15.0) -> bool | None:
-    """Pointing game: does the (H, W) map's maximum lie within ``r + tolerance`` of a true nucleus? None if no
-    nucleus."""
+    """Pointing game: does the (H, W) map's maximum lie within ``r + tolerance`` of a true nucleus ([[cx, cy, r],
+    ...] as ``cells.json``, pixel indices)? None if no nucleus."""
     if not cells:
         return None
     W = heat.shape[1]
     flat = int(heat.flatten().argmax())
     y, x = flat // W + 0.5, flat % W + 0.5
-    return any(np.hypot(x - cx, y - cy) <= r + tolerance for cx, cy, r in cells)
+    return any(np.hypot(x - cx - PIXEL_CENTRE, y - cy - PIXEL_CENTRE) <= r + tolerance for cx, cy, r in cells)
 
 
 __all__ = ["BASELINES", "baseline_image", "box_coverage", "class_probability", "curve_auc", "hit_count", "map_curves",
