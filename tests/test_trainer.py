@@ -419,3 +419,14 @@ def test_test_metrics_and_predictions_score_patients_not_case_groups(tmp_path, m
     trainer.write_predictions(tmp_path / "p.csv", Predictions(np.arange(4), np.zeros(4, int), probs), s)
     with (tmp_path / "p.csv").open(newline="") as fh:
         assert [r["patient"] for r in csv.DictReader(fh)] == ["22549AB", "22549AB", "22549CD", "22549CD"]
+
+
+def test_patience_zero_waits_for_a_candidate_epoch_and_is_off_without_validation(synthetic_root, tmp_path):
+    """train.patience=0 stops after the first candidate for best.pt: not after a crop warm-up epoch, which is
+    none (the run ended there without a best.pt to test), and never without a validation side, where README
+    says early stopping is off."""
+    metrics = _train(synthetic_root, tmp_path / "warm", extra=["train.patience=0", "train.crop_warmup_epochs=1"])
+    assert metrics["best_epoch"] == 1
+    out = tmp_path / "no_val"
+    _train(synthetic_root, out, variant="global", extra=["train.patience=0", "data.val_fraction=0"])
+    assert [json.loads(r)["epoch"] for r in (out / "history.jsonl").read_text().splitlines()] == [0, 1]

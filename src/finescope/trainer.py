@@ -380,8 +380,8 @@ def _check_resume_config(run_dir: Path, cfg: Config) -> dict:
     return state
 
 
-def _resume_state(run_dir: Path, state: dict, class_names, model, optimizer, scheduler, scaler, patience: int
-                  ) -> tuple[int, dict]:
+def _resume_state(run_dir: Path, state: dict, class_names, model, optimizer, scheduler, scaler, patience: int,
+                  validated: bool = True) -> tuple[int, dict]:
     """Load ``state`` (``last.pt``, read by :func:`_check_resume_config`) into the run's objects."""
     _check_classes(state, class_names, state["path"])
     model.load_state_dict(state["model"])
@@ -393,7 +393,7 @@ def _resume_state(run_dir: Path, state: dict, class_names, model, optimizer, sch
     if dist.is_main():
         _truncate_history(run_dir, state["epoch"])
     tracker = dict(state["tracker"])
-    tracker["stopped"] = tracker["bad_epochs"] >= patience  # train.patience may change: an early stop is undone
+    tracker["stopped"] = _early_stop(tracker, patience, validated)  # train.patience may change: a stop is undone
     return state["epoch"] + 1, tracker
 
 
@@ -525,7 +525,7 @@ def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool) -> 
     start, tracker = 0, {"best_score": float("-inf"), "best_epoch": -1, "bad_epochs": 0, "stopped": False}
     if resume:
         start, tracker = _resume_state(run_dir, resumed, sample_set.class_names, model, optimizer, scheduler,
-                                       scaler, cfg.train.patience)
+                                       scaler, cfg.train.patience, validated=len(splits.get("val", [])) > 0)
         if progress and dist.is_main():
             done = start >= cfg.train.epochs or tracker["stopped"]
             print(f"resuming {run_dir} after epoch {start} of {cfg.train.epochs}, with {dist.world_size()} "
@@ -608,7 +608,7 @@ def _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, 
         tracker.update(best_score=score, best_epoch=epoch, bad_epochs=0)
     else:
         tracker["bad_epochs"] += 1
-    tracker["stopped"] = tracker["bad_epochs"] >= t.patience
+    tracker["stopped"] = _early_stop(tracker, t.patience, validated=len(splits.get("val", [])) > 0)
     if dist.is_main():
         _log_epoch(run_dir, row)  # first: a resume drops the lines after last.pt's epoch, never misses one
         state = _state(model, optimizer, scheduler, scaler, epoch, cfg, sample_set.class_names, tracker)
@@ -617,6 +617,13 @@ def _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, 
         save_checkpoint(state, run_dir / "checkpoints" / "last.pt")  # last: a kill after best.pt loses nothing
         _print_epoch(row, progress)
     return tracker
+
+
+def _early_stop(tracker: dict, patience: int, validated: bool) -> bool:
+    """Whether training stops: ``patience`` candidate epochs without improvement since the best one. Never
+    before a candidate for best.pt (crop warm-up epochs are none: ``train.patience=0`` would end the run
+    without a best.pt), and never without a validation side (early stopping is off there, as documented)."""
+    return validated and tracker["best_epoch"] >= 0 and tracker["bad_epochs"] >= patience
 
 
 def _check_every_class_read(read: list[int], sample_set: SampleSet, train, cfg: Config) -> None:
