@@ -527,6 +527,20 @@ def test_disk_cache_decodes_once_and_notices_edits(tmp_path, monkeypatch):
     assert ImageDataset(samples, cache="disk", cache_dir=str(cache))[1]["image"].shape == (3, 12, 16)
 
 
+def test_disk_cache_notices_a_replaced_file_of_the_same_size_and_modification_time(tmp_path):
+    """``cp -p``, ``rsync -a`` and ``tar`` keep a file's modification time, and an uncompressed BMP or TIFF of one
+    image size has one file size: a file replaced so is still decoded again, not served from the cache."""
+    path = save(np.zeros((10, 14, 3), np.uint8), tmp_path / "a.bmp")
+    samples, cache = [Sample(str(path), 0, "g0")], str(tmp_path / "cache")
+    assert ImageDataset(samples, cache="disk", cache_dir=cache)[0]["image"].max() == 0
+    st = path.stat()
+    new = save(np.full((10, 14, 3), 200, np.uint8), tmp_path / "new.bmp")
+    os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(new, path)
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    assert ImageDataset(samples, cache="disk", cache_dir=cache)[0]["image"].min() == 200
+
+
 def test_disk_cache_that_cannot_be_written_is_one_clear_error(tmp_path):
     samples = make_samples(tmp_path)
     blocker = tmp_path / "not_a_folder"

@@ -176,8 +176,9 @@ def default_cache_dir() -> Path:
 class DiskCache:
     """Decoded images as raw uint8 ``.npy`` files, so PNG/JPEG/TIFF decoding is paid once per file, not per read.
 
-    An entry is keyed by the image's absolute path, size and modification time: an edited or replaced file is
-    decoded again. Entries are written to a temporary name and renamed, so concurrent workers and killed runs
+    An entry is keyed by the image's absolute path, size, modification time, inode and status-change time: an
+    edited or replaced file is decoded again, also one whose size and modification time the copy kept (``cp -p``,
+    ``rsync -a``, ``tar``; uncompressed TIFF/BMP of one image size have one file size). Entries are written to a temporary name and renamed, so concurrent workers and killed runs
     never leave a partial entry; an unreadable entry is decoded again and rewritten.
 
     Args:
@@ -196,7 +197,9 @@ class DiskCache:
             st = path.stat()
         except OSError:
             return None
-        key = hashlib.sha1(f"v{self.VERSION}|{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+        # the kernel sets ctime on every write or rename; no tool sets it back, as they do mtime
+        stamp = f"{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}"
+        key = hashlib.sha1(f"v{self.VERSION}|{path}|{stamp}".encode()).hexdigest()
         return self.root / key[:2] / f"{key}.npy"
 
     @staticmethod
