@@ -541,6 +541,15 @@ def test_disk_cache_notices_a_replaced_file_of_the_same_size_and_modification_ti
     assert ImageDataset(samples, cache="disk", cache_dir=cache)[0]["image"].min() == 200
 
 
+def test_disk_cache_dir_expands_home_as_data_root_does(tmp_path, monkeypatch):
+    """``data.cache_dir: ~/cache`` (YAML and --set do not expand it) is the home folder's, not a "~" folder in
+    the working one."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    ImageDataset(make_samples(tmp_path), cache="disk", cache_dir="~/cache")[0]
+    assert list((tmp_path / "home" / "cache").rglob("*.npy")) and not (tmp_path / "~").exists()
+
+
 def test_disk_cache_that_cannot_be_written_is_one_clear_error(tmp_path):
     samples = make_samples(tmp_path)
     blocker = tmp_path / "not_a_folder"

@@ -385,7 +385,8 @@ class ImageDataset(Dataset):
         self._cache: dict[int, torch.Tensor] = {}  # memory-cached images that the shared cache declined
         self._shared = (SharedMemoryCache([_header_size(x.path) for x in self.samples]) if cache == "memory"
                         else None)
-        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        # "~" as data.root takes it: YAML and --set leave it to us (a literal "~" folder in the working one else)
+        self.cache_dir = Path(os.path.expanduser(cache_dir)) if cache_dir else default_cache_dir()
         self._disk = DiskCache(self.cache_dir) if cache == "disk" else None
         self._warned: set[str] = set()
 
