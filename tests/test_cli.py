@@ -637,6 +637,17 @@ def test_a_class_whose_training_images_are_all_unreadable_stops_the_run(tmp_path
     assert "none of the training images of class 'b' could be read" in _one_error_line(capsys)
 
 
+def test_training_images_all_unreadable_stop_the_run(tmp_path, capsys):
+    """Every class unreadable at once gives the epoch no batch at all: the run stops as for one class, rather
+    than writing a run trained on no image and exiting 0."""
+    root = _folder(tmp_path / "d", n=4)
+    for f in root.rglob("*.png"):
+        f.write_bytes(b"not an image")
+    assert main(_train_args(root, tmp_path, "data.on_error=skip", "data.test_fraction=0",
+                            "data.val_fraction=0")) == 2
+    assert "none of the training images of class 'a', 'b' could be read" in _one_error_line(capsys)
+
+
 def test_a_folder_in_a_csv_and_a_breakhis_root_that_is_a_file_say_so(tmp_path, capsys):
     (tmp_path / "sub").mkdir()
     (tmp_path / "m.csv").write_text("path,label\nsub,a\n")

@@ -629,8 +629,9 @@ def _early_stop(tracker: dict, patience: int, validated: bool) -> bool:
 def _check_every_class_read(read: list[int], sample_set: SampleSet, train, cfg: Config) -> None:
     """Under ``data.on_error=skip``, refuse to go on training when every training image of a class was
     unreadable: the model would learn without that class and still be scored on it."""
-    if cfg.data.on_error != "skip" or cfg.train.compile != "off" or not read:  # compile drops a batch: no check
+    if cfg.data.on_error != "skip" or cfg.train.compile != "off":  # compile drops a batch: no check
         return
+    read = read or [0] * len(sample_set.class_names)  # not one batch: no class was read (the engine knows none)
     listed = np.bincount([sample_set.samples[i].label for i in train], minlength=len(read))
     lost = [name for name, n, r in zip(sample_set.class_names, listed, read, strict=False) if n and not r]
     if lost:
