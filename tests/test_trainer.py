@@ -104,6 +104,33 @@ def test_persistent_workers_and_resume_do_not_change_the_run(synthetic_root, tmp
         torch.testing.assert_close(resumed[key], reference[key], msg=key)
 
 
+def test_resume_that_starts_compiling_reads_what_the_run_read(synthetic_root, tmp_path, monkeypatch, fusion_run):
+    """train.compile may change on --resume (README), but it also decides what an epoch reads (the last
+    incomplete batch dropped, data.one_orientation=auto): a resume reads as the run did, to the same weights.
+    torch.compile itself is left out (the identity): the data is what is tested."""
+    out, _ = fusion_run
+    real_run_epoch = trainer._run_epoch
+
+    def killed_after_first_epoch(*args, **kwargs):
+        if args[8] == 1:
+            raise KeyboardInterrupt
+        return real_run_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_run_epoch", killed_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        _train(synthetic_root, tmp_path / "k")
+    monkeypatch.setattr(trainer, "_run_epoch", real_run_epoch)
+    monkeypatch.setattr(trainer, "compile_for_training", lambda model, mode: model)
+    trainer.train(load_config(None, tiny_overrides(synthetic_root) + ["train.compile=default"]), tmp_path / "k",
+                  resume=True, progress=False)
+    history = [json.loads(r) for r in (tmp_path / "k" / "history.jsonl").read_text().splitlines()]
+    assert history[1]["train_images"] == history[0]["train_images"]  # 22 images, batches of 8: none dropped
+    resumed = load_checkpoint(tmp_path / "k" / "checkpoints" / "last.pt")["model"]
+    reference = load_checkpoint(out / "checkpoints" / "last.pt")["model"]
+    for key in reference:
+        torch.testing.assert_close(resumed[key], reference[key], msg=key)
+
+
 def test_load_trained_gives_a_folded_channels_last_model(fusion_run):
     out, _ = fusion_run
     model, cfg, _, _ = trainer.load_trained(out, device="cpu")

@@ -514,8 +514,12 @@ def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool) -> 
         save_config(cfg, run_dir / "config.yaml")
         save_splits(run_dir / "splits.json", splits, sample_set, extra={"seed": cfg.seed})
     optimizer = build_optimizer(model, cfg, device)
-    # built once: workers and a memory cache last the whole run
-    loaders = {side: make_loader(sample_set, splits[side], cfg, train=side == "train")
+    # built once: workers and a memory cache last the whole run. What an epoch reads follows the run's own
+    # train.compile (it drops the last incomplete batch and, with data.one_orientation=auto, turns the images):
+    # a resume may start or stop compiling, for speed, and still reach the uninterrupted run's weights
+    data_cfg = cfg if not resume else replace(cfg, train=replace(cfg.train, compile=load_config(
+        base=stored_config(resumed["config"])).train.compile))
+    loaders = {side: make_loader(sample_set, splits[side], data_cfg, train=side == "train")
                for side in ("train", "val") if len(splits.get(side, []))}
     steps = len(loaders["train"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -592,7 +596,8 @@ def _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, 
         desc=f"epoch {epoch + 1}/{t.epochs}", scaler=scaler, mark_steps=t.compile in CUDA_GRAPH_MODES,
     )
     dist.broadcast_buffers(model)  # every rank validates (and rank 0 saves) rank 0's BatchNorm statistics
-    _check_every_class_read(stats.pop("images_per_class"), sample_set, splits["train"], cfg)
+    _check_every_class_read(stats.pop("images_per_class"), sample_set, splits["train"], cfg,
+                            loaders["train"].sampler.drop_tail)
     row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **{f"train_{k}": v for k, v in stats.items()}}
     row["train_images_per_second"] = stats["images"] / max(stats["seconds"], 1e-9)
     if len(splits.get("val", [])):
@@ -626,10 +631,12 @@ def _early_stop(tracker: dict, patience: int, validated: bool) -> bool:
     return validated and tracker["best_epoch"] >= 0 and tracker["bad_epochs"] >= patience
 
 
-def _check_every_class_read(read: list[int], sample_set: SampleSet, train, cfg: Config) -> None:
+def _check_every_class_read(read: list[int], sample_set: SampleSet, train, cfg: Config, dropped_tail: bool = False
+                            ) -> None:
     """Under ``data.on_error=skip``, refuse to go on training when every training image of a class was
-    unreadable: the model would learn without that class and still be scored on it."""
-    if cfg.data.on_error != "skip" or cfg.train.compile != "off":  # compile drops a batch: no check
+    unreadable: the model would learn without that class and still be scored on it. ``dropped_tail``: the
+    epoch left out its last incomplete batch (``train.compile``), whose images were not read: no check."""
+    if cfg.data.on_error != "skip" or dropped_tail:
         return
     read = read or [0] * len(sample_set.class_names)  # not one batch: no class was read (the engine knows none)
     listed = np.bincount([sample_set.samples[i].label for i in train], minlength=len(read))
