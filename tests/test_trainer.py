@@ -52,29 +52,38 @@ def test_same_seed_same_result(synthetic_root, tmp_path, fusion_run):
     assert again["image_accuracy"] == metrics["image_accuracy"]
 
 
-def test_resume_after_kill_reaches_the_same_weights(synthetic_root, tmp_path, monkeypatch, fusion_run, capsys):
-    out, _ = fusion_run
+def _killed_after_first_epoch(monkeypatch, root, run_dir, extra=()) -> None:
+    """Train ``run_dir`` until a Ctrl-C after its first epoch, as a killed run leaves it."""
     real_run_epoch = trainer._run_epoch
 
-    def killed_after_first_epoch(*args, **kwargs):
+    def killed(*args, **kwargs):
         if args[8] == 1:  # epoch index
             raise KeyboardInterrupt
         return real_run_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "_run_epoch", killed_after_first_epoch)
+    monkeypatch.setattr(trainer, "_run_epoch", killed)
     with pytest.raises(KeyboardInterrupt):
-        _train(synthetic_root, tmp_path / "killed")
+        _train(root, run_dir, extra=extra)
     monkeypatch.setattr(trainer, "_run_epoch", real_run_epoch)
+
+
+def _assert_same_weights(run_dir, reference_dir) -> None:
+    resumed = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+    reference = load_checkpoint(reference_dir / "checkpoints" / "last.pt")["model"]
+    for key in reference:
+        torch.testing.assert_close(resumed[key], reference[key], msg=key)
+
+
+def test_resume_after_kill_reaches_the_same_weights(synthetic_root, tmp_path, monkeypatch, fusion_run, capsys):
+    out, _ = fusion_run
+    _killed_after_first_epoch(monkeypatch, synthetic_root, tmp_path / "killed")
     with pytest.raises(FinescopeError, match="--resume"):
         _train(synthetic_root, tmp_path / "killed")
     cfg = load_config(None, tiny_overrides(synthetic_root))
     capsys.readouterr()
     trainer.train(cfg, tmp_path / "killed", resume=True)
     assert f"resuming {tmp_path / 'killed'} after epoch 1 of 2, with 1 process\n" in capsys.readouterr().out
-    resumed = load_checkpoint(tmp_path / "killed" / "checkpoints" / "last.pt")["model"]
-    reference = load_checkpoint(out / "checkpoints" / "last.pt")["model"]
-    for key in reference:
-        torch.testing.assert_close(resumed[key], reference[key], msg=key)
+    _assert_same_weights(tmp_path / "killed", out)
     assert len((tmp_path / "killed" / "history.jsonl").read_text().splitlines()) == 2
     trainer.train(cfg, tmp_path / "killed", resume=True)  # a finished run: nothing to train, tested again
     assert "after epoch 2 of 2, with 1 process; its training is done: testing again" in capsys.readouterr().out
@@ -84,24 +93,11 @@ def test_persistent_workers_and_resume_do_not_change_the_run(synthetic_root, tmp
     """Two persistent workers, killed after epoch 1 and resumed, reach the weights of 0 workers uninterrupted:
     shuffling and augmentation are seeded by (seed, epoch, image), never by a worker."""
     out, _ = fusion_run
-    real_run_epoch = trainer._run_epoch
-
-    def killed_after_first_epoch(*args, **kwargs):
-        if args[8] == 1:
-            raise KeyboardInterrupt
-        return real_run_epoch(*args, **kwargs)
-
     workers = ["data.num_workers=2"]
-    monkeypatch.setattr(trainer, "_run_epoch", killed_after_first_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        _train(synthetic_root, tmp_path / "w2", extra=workers)
-    monkeypatch.setattr(trainer, "_run_epoch", real_run_epoch)
+    _killed_after_first_epoch(monkeypatch, synthetic_root, tmp_path / "w2", extra=workers)
     trainer.train(load_config(None, tiny_overrides(synthetic_root) + workers), tmp_path / "w2", resume=True,
                   progress=False)
-    resumed = load_checkpoint(tmp_path / "w2" / "checkpoints" / "last.pt")["model"]
-    reference = load_checkpoint(out / "checkpoints" / "last.pt")["model"]
-    for key in reference:
-        torch.testing.assert_close(resumed[key], reference[key], msg=key)
+    _assert_same_weights(tmp_path / "w2", out)
 
 
 def test_resume_that_starts_compiling_reads_what_the_run_read(synthetic_root, tmp_path, monkeypatch, fusion_run):
@@ -109,26 +105,13 @@ def test_resume_that_starts_compiling_reads_what_the_run_read(synthetic_root, tm
     incomplete batch dropped, data.one_orientation=auto): a resume reads as the run did, to the same weights.
     torch.compile itself is left out (the identity): the data is what is tested."""
     out, _ = fusion_run
-    real_run_epoch = trainer._run_epoch
-
-    def killed_after_first_epoch(*args, **kwargs):
-        if args[8] == 1:
-            raise KeyboardInterrupt
-        return real_run_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "_run_epoch", killed_after_first_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        _train(synthetic_root, tmp_path / "k")
-    monkeypatch.setattr(trainer, "_run_epoch", real_run_epoch)
+    _killed_after_first_epoch(monkeypatch, synthetic_root, tmp_path / "k")
     monkeypatch.setattr(trainer, "compile_for_training", lambda model, mode: model)
     trainer.train(load_config(None, tiny_overrides(synthetic_root) + ["train.compile=default"]), tmp_path / "k",
                   resume=True, progress=False)
     history = [json.loads(r) for r in (tmp_path / "k" / "history.jsonl").read_text().splitlines()]
     assert history[1]["train_images"] == history[0]["train_images"]  # 22 images, batches of 8: none dropped
-    resumed = load_checkpoint(tmp_path / "k" / "checkpoints" / "last.pt")["model"]
-    reference = load_checkpoint(out / "checkpoints" / "last.pt")["model"]
-    for key in reference:
-        torch.testing.assert_close(resumed[key], reference[key], msg=key)
+    _assert_same_weights(tmp_path / "k", out)
 
 
 def test_load_trained_gives_a_folded_channels_last_model(fusion_run):
