@@ -58,6 +58,7 @@ from finescope.data import (  # noqa: E402
     rotates_90,
 )
 from finescope.data.dataset import _decode_pil, _decode_torchvision, worker_context  # noqa: E402
+from finescope.errors import FinescopeError  # noqa: E402
 from finescope.trainer import fused_adamw  # noqa: E402
 
 
@@ -281,6 +282,11 @@ def report(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.out:  # an --out that cannot be written fails now, not after the timings
+        try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"bench_data.py: error: --out '{args.out}': {e.strerror or e}") from None
     allocator_as_the_cli()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -307,4 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except FinescopeError as e:  # a wrong --data, an unknown --epoch-backbone: one line, no traceback
+        raise SystemExit(f"bench_data.py: error: {e}") from None

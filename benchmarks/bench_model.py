@@ -63,6 +63,7 @@ from common import allocator_as_the_cli, environment, loadavg, markdown_table, s
 
 from finescope.config import ModelConfig  # noqa: E402
 from finescope.engine import autocast, compute_loss, input_channels_last  # noqa: E402
+from finescope.errors import FinescopeError  # noqa: E402
 from finescope.models import align, create_model, network  # noqa: E402
 from finescope.models.network import global_view_size  # noqa: E402
 from finescope.trainer import fused_adamw  # noqa: E402
@@ -464,12 +465,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--out", help="JSON file for the full results (a .md with the tables is written beside it)")
     args = p.parse_args(argv)
+    # checked here, not when the group that needs them comes (minutes into a table), each with one line
+    if any("=" not in w for w in args.weights):
+        p.error(f"--weights: give BACKBONE=PATH, not '{next(w for w in args.weights if '=' not in w)}'")
     args.weights = dict(w.split("=", 1) for w in args.weights)
+    for name, path in args.weights.items():
+        if not Path(path).is_file():
+            p.error(f"--weights {name}: file '{path}' not found")
+    for size in args.sizes:
+        try:
+            parse_size(size)
+        except ValueError:
+            p.error(f"--sizes: '{size}' is not HxW (e.g. 460x700)")
+    try:
+        torch.device("cpu" if args.device == "auto" else args.device)
+    except RuntimeError:
+        p.error(f"--device: '{args.device}' is not auto, cpu or cuda")
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.out:  # an --out that cannot be written fails now, not after the first group
+        try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"bench_model.py: error: --out '{args.out}': {e.strerror or e}") from None
     allocator_as_the_cli()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -511,4 +532,7 @@ def save(result: dict, out: str | None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except FinescopeError as e:  # an unknown backbone, unreadable weights: one line, no traceback
+        raise SystemExit(f"bench_model.py: error: {e}") from None

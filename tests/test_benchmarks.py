@@ -303,3 +303,24 @@ def test_gpu_check_skips_stages_past_its_budget(tmp_path):
     rc, _ = gpu_check.run([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "b.log",
                           gpu_check.Clock(60).limit(30))
     assert rc == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bench_model.py", "--device", "cpu", "--weights", "mobilenet_v2=/no/such.pth"],
+     "--weights mobilenet_v2: file '/no/such.pth' not found"),
+    (["bench_model.py", "--device", "cpu", "--weights", "/no/such.pth"], "--weights: give BACKBONE=PATH"),
+    (["bench_model.py", "--device", "cpu", "--sizes", "460"], "--sizes: '460' is not HxW"),
+    (["bench_model.py", "--device", "gpu"], "--device: 'gpu' is not auto, cpu or cuda"),
+    (["bench_model.py", "--device", "cpu", "--backbones", "nosuchnet", "--sizes", "64x64", "--modes", "infer"],
+     "bench_model.py: error: unknown backbone 'nosuchnet'"),
+    (["bench_data.py", "--data", "/no/such/folder", "--decode-n", "0"], "bench_data.py: error: data.root"),
+])
+def test_bench_scripts_say_a_wrong_path_or_option_in_one_line(args, message):
+    """A wrong path or option stops bench_model.py / bench_data.py with one line, not a traceback, and before
+    anything is timed (a missing weights file used to surface only when its backbone's group came)."""
+    script, *rest = args
+    proc = subprocess.run([sys.executable, f"benchmarks/{script}", *rest], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": "src"}, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not proc.stdout  # nothing measured
