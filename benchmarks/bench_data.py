@@ -277,7 +277,27 @@ def report(result: dict) -> str:
         if paired:
             lines += ["", f"last epoch, off / on (paired per run): median {statistics.median(paired):.3f} "
                       f"({min(paired):.3f}-{max(paired):.3f})"]
+        lines += ["", loader_goal_lines(result["loader"], e["model_images_per_s"])]
     return "\n".join(lines) + "\n"
+
+
+LOADER_GOAL = 1.5  # issue 5: the loader delivers at least 1.5x what fusion training consumes
+
+
+def loader_goal_lines(loader: list[dict], needs: dict[str, float]) -> str:
+    """Each loader row's epoch 2 images/s against what the model alone consumes on a batch of its own setting
+    (one orientation on for rows with one orientation or no rotation, off otherwise), and issue 5's goal."""
+    lines, met = [], 0
+    for r in loader:
+        need = needs.get("on" if r.get("one_orientation") or r["augment"] == "none" else "off")
+        if not need:
+            continue
+        ratio = r["images_per_s"] / need
+        met += ratio >= LOADER_GOAL
+        lines.append(f"- {r['workers']} workers, cache {r['cache']}, augment {r['augment']}, colour on "
+                     f"{r.get('colour_on', 'workers')}: {r['images_per_s']:.1f} img/s = {ratio:.2f}x ({need:.1f})")
+    return (f"Loader, epoch 2, against what the model alone consumes (goal >= {LOADER_GOAL}x): met by {met} of "
+            f"{len(lines)} rows\n" + "\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> dict:

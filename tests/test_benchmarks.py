@@ -143,6 +143,8 @@ def test_bench_data_times_epochs_with_and_without_one_orientation(tmp_path):
     assert [(r["one_orientation"], r["run"]) for r in epoch["runs"]] == [("on", 0), ("off", 0), ("on", 1), ("off", 1)]
     assert all(len(r["epoch_seconds"]) == 2 and r["images"] == 4 for r in epoch["runs"])
     assert "last epoch, off / on (paired per run)" in out.with_suffix(".md").read_text()
+    assert "Loader, epoch 2, against what the model alone consumes (goal >= 1.5x): met by " in \
+        out.with_suffix(".md").read_text()
     assert set(json.loads(out.read_text())["model_images_per_s"]) == {"on", "off"}
     assert "decode" not in json.loads(out.read_text()) and "decode (" not in out.with_suffix(".md").read_text()
 
