@@ -353,3 +353,18 @@ def test_bootstrap_scores_patients_inside_resampled_groups():
     diff = M.paired_bootstrap(y, probs, _onehot_probs(y, 2), groups, "patient_recognition_rate", n_boot=50,
                               patients=patients)
     assert diff["diff"] == pytest.approx(1 / 3)
+
+
+def test_bootstrap_keeps_numeric_patient_ids_apart():
+    """Group index and patient id were joined by a NUL that numpy strips: group 1 ('23') + '23' and group 12 ('3')
+    + '3' both read '123', so two patients of numeric ids were scored as one, in the value and in the resamples."""
+    ids = ["1", "23", "24", "25", "26", "27", "28", "29", "290", "291", "292", "293", "3"]  # '23' index 1, '3' index 12
+    groups = np.array([g for g in ids for _ in range(2)] + ["3"])  # patient '3' has 3 images, the others 2
+    y = np.zeros(groups.size, dtype=int)
+    pred = np.zeros(groups.size, dtype=int)
+    pred[groups == "3"] = 1  # patient '3' wholly wrong, every other patient right
+    probs = _onehot_probs(pred, 2)
+    prr = M.bootstrap_ci(y, probs, groups, "patient_recognition_rate", n_boot=20, patients=groups)
+    assert prr["value"] == pytest.approx(M.patient_recognition_rate(y, pred, groups)) == pytest.approx(12 / 13)
+    acc = M.bootstrap_ci(y, probs, groups, "patient_accuracy_majority", n_boot=20, patients=groups)
+    assert acc["value"] == pytest.approx(12 / 13)

@@ -536,7 +536,8 @@ def _prepare(
     pat = np.asarray(patients).astype(str)
     if pat.shape != (yt.size,):
         raise ValueError(f"patients must have shape ({yt.size},), got {pat.shape}")
-    pairs = np.char.add(np.char.add(gidx.astype(str), "\x00"), pat)
+    # the digits of the group index, then ':' (numpy strips a trailing '\x00', which joined (1, '23') and (12, '3'))
+    pairs = np.char.add(np.char.add(gidx.astype(str), ":"), pat)
     pidx = np.unique(pairs, return_inverse=True)[1].ravel()
     return yt, p, pidx, gidx, uniq
 
