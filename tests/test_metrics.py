@@ -368,3 +368,13 @@ def test_bootstrap_keeps_numeric_patient_ids_apart():
     assert prr["value"] == pytest.approx(M.patient_recognition_rate(y, pred, groups)) == pytest.approx(12 / 13)
     acc = M.bootstrap_ci(y, probs, groups, "patient_accuracy_majority", n_boot=20, patients=groups)
     assert acc["value"] == pytest.approx(12 / 13)
+
+
+def test_non_finite_probabilities_are_an_error():
+    """A diverged model (NaN weights) gives NaN probabilities; argmax made every image class 0, so train printed
+    image accuracy 0.365, balanced accuracy 0.5 and PRR 0.4 for it (auc nan), and patient accuracy could be 1."""
+    probs = np.array([[0.3, 0.7], [np.nan, np.nan], [0.8, 0.2], [0.1, 0.9]])
+    with pytest.raises(FinescopeError, match="1 of 4 images are NaN or infinite.*train.lr"):
+        M.compute_metrics([0, 1, 0, 1], probs, ["a", "a", "b", "b"])
+    with pytest.raises(FinescopeError, match="NaN or infinite"):
+        M.auc([0, 1], np.array([[np.inf, 0.0], [0.5, 0.5]]))

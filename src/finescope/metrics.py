@@ -65,6 +65,10 @@ def _probs(y_true: ArrayLike, probs: ArrayLike) -> tuple[np.ndarray, np.ndarray]
         raise ValueError(f"probs must have shape (N, C) = ({yt.shape[0]}, C), got {p.shape}")
     if yt.min() < 0 or yt.max() >= p.shape[1]:
         raise ValueError(f"y_true labels must lie in [0, {p.shape[1]}), got [{yt.min()}, {yt.max()}]")
+    bad = int((~np.isfinite(p).all(1)).sum())
+    if bad:  # argmax of a NaN row is class 0: the metrics would score a diverged model as predicting it
+        raise FinescopeError(f"the class probabilities of {bad} of {p.shape[0]} images are NaN or infinite: the model "
+                             "diverged; train it again with a lower train.lr")
     return yt, p
 
 
