@@ -710,3 +710,12 @@ def test_a_folder_one_cannot_write_is_one_line_that_says_where_else(tmp_path, ca
     line = _one_error_line(capsys)
     assert line.startswith("finescope: error: Permission denied: ") and "check its permissions" in line
     assert ("--out" in line) == (command == "evaluate")
+
+
+def test_cv_table_without_an_interval():
+    """A pooled metric of a single patient has no interval (low/high None): cv's table says n/a, no TypeError."""
+    from finescope.cli import _cv_table
+
+    cell = {"value": 0.5, "low": None, "high": None, "n_boot": 0}
+    table = _cv_table({"variants": {"global": {"pooled": {"patient_recognition_rate": cell, "image_accuracy": cell}}}})
+    assert "0.500 [n/a, n/a]" in table.splitlines()[1]

@@ -378,3 +378,15 @@ def test_non_finite_probabilities_are_an_error():
         M.compute_metrics([0, 1, 0, 1], probs, ["a", "a", "b", "b"])
     with pytest.raises(FinescopeError, match="NaN or infinite"):
         M.auc([0, 1], np.array([[np.inf, 0.0], [0.5, 0.5]]))
+
+
+def test_one_patient_has_no_interval_and_no_p_value():
+    """With one patient every resample is the data itself: the '95% interval' had width 0 and a paired comparison
+    p = 0 (the report showed 'p=0.00' for two models differing on a single patient)."""
+    y = np.array([0, 1, 0, 1])
+    p_a, p_b = _onehot_probs([0, 0, 0, 0], 2), _onehot_probs([0, 1, 0, 1], 2)
+    ci = M.bootstrap_ci(y, p_a, ["P1"] * 4, "image_accuracy", n_boot=50)
+    assert ci == {"value": 0.5, "low": None, "high": None, "n_boot": 0}
+    diff = M.paired_bootstrap(y, p_a, p_b, ["P1"] * 4, "patient_recognition_rate", n_boot=50)
+    assert diff == {"diff": 0.5, "low": None, "high": None, "p_value": None}
+    assert M.paired_bootstrap(y, p_a, p_b, ["P1", "P1", "P2", "P2"], "image_accuracy", n_boot=50)["p_value"] < 1

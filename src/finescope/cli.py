@@ -163,7 +163,8 @@ def _cv_table(summary: dict) -> str:
         cells = []
         for m in ("patient_recognition_rate", "image_accuracy"):
             d = s["pooled"][m]
-            cells.append(f"{d['value']:.3f} [{d['low']:.3f}, {d['high']:.3f}]".ljust(28))
+            low, high = ("n/a" if x is None else f"{x:.3f}" for x in (d["low"], d["high"]))  # None: one patient
+            cells.append(f"{d['value']:.3f} [{low}, {high}]".ljust(28))
         lines.append(f"{v:16s} " + " ".join(cells))
     return "\n".join(lines)
 

@@ -575,11 +575,14 @@ def bootstrap_ci(
             resampled group (BreakHis: the patient folders 22549AB / 22549CD of case 22549); ``groups`` if omitted.
 
     Returns:
-        ``{"value": metric on all data, "low", "high", "n_boot": resamples where the metric was defined}``.
+        ``{"value": metric on all data, "low", "high", "n_boot": resamples where the metric was defined}``; with a
+        single group (one patient) ``low`` and ``high`` are ``None`` and ``n_boot`` is 0.
     """
     yt, p, pidx, gidx, uniq = _prepare(y_true, probs, groups, patients)
     fn = _resolve_metric(metric)
     values = _boot_values(metric, yt, p, gidx, pidx, _draw_groups(uniq.size, n_boot, seed))
+    if uniq.size < 2:  # every resample of one patient is the data itself: no interval, not one of width 0
+        values[:] = np.nan
     low, high = _percentiles(values, alpha)
     value = fn(yt, p, pidx)
     return {
@@ -619,7 +622,8 @@ def paired_bootstrap(
         patients: as in :func:`bootstrap_ci`.
 
     Returns:
-        ``{"diff", "low", "high", "p_value"}``; ``None`` values where the metric is undefined.
+        ``{"diff", "low", "high", "p_value"}``; ``None`` values where the metric is undefined, and ``low``, ``high``
+        and ``p_value`` with a single group (one patient).
     """
     yt, pa, pidx, gidx, uniq = _prepare(y_true, probs_a, groups, patients)
     pb = _probs(yt, probs_b)[1]
@@ -628,6 +632,8 @@ def paired_bootstrap(
     fn = _resolve_metric(metric)
     draws = _draw_groups(uniq.size, n_boot, seed)
     diffs = _boot_values(metric, yt, pb, gidx, pidx, draws) - _boot_values(metric, yt, pa, gidx, pidx, draws)
+    if uniq.size < 2:  # one patient: every resampled difference is the observed one, which gave p = 0
+        diffs[:] = np.nan
     low, high = _percentiles(diffs, alpha)
     va, vb = fn(yt, pa, pidx), fn(yt, pb, pidx)
     diff = None if va is None or vb is None else float(vb - va)
