@@ -99,6 +99,7 @@ def test_breakhis_subtype_kfold_error_names_the_single_group_class():
         ({"folds": 1}, "at least 2 folds"),
         ({"reference": "fusion", "variants": "global"}, "reference variant 'fusion'"),
         ({"typo": 1}, "unknown key 'protocol.typo'"),
+        ({"n_boot": 0}, "'protocol.n_boot' is 0; .*at least 1"),
     ],
 )
 def test_bad_protocol_is_one_clear_line(protocol, message):

@@ -122,7 +122,7 @@ def make_protocol(raw: dict | None, where: str = "protocol") -> Protocol:
 
 
 def check_protocol(p: Protocol) -> None:
-    """Raise :class:`FinescopeError` for unknown variants, no folds/trials or a bad test fraction."""
+    """Raise :class:`FinescopeError` for unknown variants, no folds/trials, a bad test fraction or no resamples."""
     known = list_models()
     if not p.variants:
         raise FinescopeError(f"--variants is empty; choose from: {', '.join(known)}")
@@ -139,6 +139,9 @@ def check_protocol(p: Protocol) -> None:
         raise FinescopeError("give --folds K (>= 2) or --trials N (>= 1)")
     if not 0.0 < p.test_fraction < 1.0:
         raise FinescopeError(f"--test-fraction is {p.test_fraction}; it must be in (0, 1)")
+    if p.n_boot < 1:  # else every fold trains and the summary's bootstrap stops with a traceback
+        raise FinescopeError(f"'protocol.n_boot' is {p.n_boot}; the intervals need at least 1 bootstrap resample "
+                             "(default 1000)")
 
 
 def load_protocol(
