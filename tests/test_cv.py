@@ -296,6 +296,29 @@ def test_resuming_with_a_splits_file_checks_it_first(tmp_path):
     assert [f.splits["test"].tolist() for f in got] == [f.splits["test"].tolist() for f in folds]
 
 
+def test_a_finished_fold_is_checked_against_a_rerun_whose_cv_json_was_removed(tmp_path):
+    """cv.json removed and the cv rerun with other settings: the folds finished before were kept as they were and
+    counted under the new settings, which the new cv.json then named. Refused, naming the fold and the key, before
+    cv.json is written again; the same settings pass, also with --out spelled otherwise (another data.splits)."""
+    from finescope.config import save_config
+    from finescope.cv import fold_config
+
+    cfg, p, out = tiny_cfg(tmp_path), Protocol(variants=("global",), folds=2), tmp_path / "cv"
+    fold = make_folds(load_samples(cfg.data), p, cfg.seed, cfg.data.val_fraction)[0]
+    run = out / "runs" / "global" / fold.name
+    run.mkdir(parents=True)
+    save_config(fold_config(cfg, "global", fold, out / "folds" / fold.name / "splits.json"), run / "config.yaml")
+    (run / "metrics.json").write_text("{}")
+    (run / "predictions_test.csv").write_text("path\n")
+    with pytest.raises(FinescopeError, match=rf"'{run}' is a finished fold trained with other settings than this "
+                                             r"cv's: train.lr \(was 0.0003, now 0.5\); .*delete"):
+        run_cv(tiny_cfg(tmp_path, **{"train.lr": 0.5}), p, out, progress=False)
+    assert not (out / "cv.json").exists()
+    from finescope.cv import _check_finished_config
+
+    _check_finished_config(run, fold_config(cfg, "global", fold, Path("elsewhere") / "splits.json"))
+
+
 def test_summary_scores_patients_and_resamples_their_case(tmp_path):
     """predictions.csv's patient column: PRR over patient folders (method.md), intervals over case groups; a file
     without the column scores each group as one patient."""

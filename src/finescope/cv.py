@@ -38,6 +38,7 @@ from finescope.config import (
     first_difference,
     load_config,
     read_yaml_mapping,
+    stored_config,
     to_dict,
 )
 from finescope.data import (
@@ -410,11 +411,35 @@ def run_fold(cfg: Config, run_dir: Path, progress: bool) -> str:
     """
     from finescope.trainer import train
 
-    if (run_dir / "metrics.json").is_file() and (run_dir / "predictions_test.csv").is_file():
+    if _finished(run_dir):
         return "done"
     resume = (run_dir / "checkpoints" / "last.pt").is_file()
     train(cfg, run_dir, resume=resume, progress=progress)
     return "resumed" if resume else "trained"
+
+
+def _finished(run_dir: Path) -> bool:
+    return (run_dir / "metrics.json").is_file() and (run_dir / "predictions_test.csv").is_file()
+
+
+def _check_finished_config(run_dir: Path, cfg: Config) -> None:
+    """Refuse a finished fold trained with another config than ``cfg``, naming the first differing key. cv.json
+    guards a cv folder's settings, but a cv.json removed and written again by a rerun with other settings would
+    otherwise keep the folds finished before under the new settings' name. Where the data, the cache and the
+    folder are and how fast it ran may differ (:data:`~finescope.trainer.RESUME_FREE`), but not how long it
+    trained nor what it read."""
+    from finescope.trainer import RESUME_FREE
+
+    fix = f"delete '{run_dir}' to train it again, or choose another --out"
+    try:
+        old = to_dict(load_config(base=stored_config(read_yaml_mapping(run_dir / "config.yaml"))))
+    except FinescopeError as e:
+        raise FinescopeError(f"'{run_dir}' is a finished fold whose config cannot be read ({e}); {fix}") from None
+    free = ("data.splits", *(k for k in RESUME_FREE if k not in ("train.epochs", "train.patience", "train.compile")))
+    diff = first_difference(old, to_dict(cfg), ignore=free)
+    if diff:
+        raise FinescopeError(f"'{run_dir}' is a finished fold trained with other settings than this cv's: {diff}; "
+                             f"rerun with the settings it was trained with (its config.yaml), or {fix}")
 
 
 def _write_fold_files(out: Path, folds: list[Fold], sample_set: SampleSet, cfg: Config, p: Protocol) -> None:
@@ -452,11 +477,15 @@ def run_cv(
     folds = resolve_folds(out, sample_set, cfg, p, splits_file)
     out.mkdir(parents=True, exist_ok=True)
     remove_temporaries(out)  # a killed run's half-written records
+    fold_cfgs = {(variant, fold.name): fold_config(cfg, variant, fold, out / "folds" / fold.name / "splits.json")
+                 for variant in p.variants for fold in folds}
+    for (variant, name), fold_cfg in fold_cfgs.items():  # before cv.json is written again
+        if _finished(out / "runs" / variant / name):
+            _check_finished_config(out / "runs" / variant / name, fold_cfg)
     _write_fold_files(out, folds, sample_set, cfg, p)
     for variant in p.variants:
         for fold in folds:
-            fold_cfg = fold_config(cfg, variant, fold, out / "folds" / fold.name / "splits.json")
-            state = run_fold(fold_cfg, out / "runs" / variant / fold.name, progress)
+            state = run_fold(fold_cfgs[variant, fold.name], out / "runs" / variant / fold.name, progress)
             if progress:
                 print(f"cv: {variant} {fold.name} {state}", flush=True)
     rows = collect_predictions(out, folds, p.variants, sample_set)
