@@ -319,6 +319,18 @@ def test_a_finished_fold_is_checked_against_a_rerun_whose_cv_json_was_removed(tm
     _check_finished_config(run, fold_config(cfg, "global", fold, Path("elsewhere") / "splits.json"))
 
 
+def test_an_interrupted_fold_resumes_whichever_way_out_is_spelled(tmp_path, monkeypatch, capsys):
+    """The same cv rerun with --out absolute where it was relative: the interrupted fold was refused ('--resume:
+    ... trained with another config: data.splits'), as its config names the fold's splits file by the old path."""
+    monkeypatch.chdir(tmp_path)
+    cfg, p = tiny_cfg(tmp_path), Protocol(variants=("global",), folds=2, n_boot=10)
+    run_cv(cfg, p, "cv", progress=False, report=False)
+    for name in ("metrics.json", "predictions_test.csv"):  # as if killed in the last epoch's test
+        (tmp_path / "cv" / "runs" / "global" / "fold0" / name).unlink()
+    run_cv(cfg, p, tmp_path / "cv", progress=True, report=False)
+    assert "cv: global fold0 resumed" in capsys.readouterr().out
+
+
 def test_summary_scores_patients_and_resamples_their_case(tmp_path):
     """predictions.csv's patient column: PRR over patient folders (method.md), intervals over case groups; a file
     without the column scores each group as one patient."""
