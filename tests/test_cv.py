@@ -331,6 +331,23 @@ def test_an_interrupted_fold_resumes_whichever_way_out_is_spelled(tmp_path, monk
     assert "cv: global fold0 resumed" in capsys.readouterr().out
 
 
+def test_a_cv_folder_refuses_folds_drawn_with_another_protocol_when_cv_json_was_removed(tmp_path):
+    """Without cv.json (removed) a rerun with --folds 3 went on with the 2 folds the folder holds, and its new
+    cv.json said 3. The folds' own record (splits.json's extra) is compared: another protocol or seed is one line."""
+    from dataclasses import asdict
+
+    from finescope.cv import resolve_folds, save_cv_splits
+
+    s, cfg, p = toy_set(), load_config(), Protocol(folds=2)
+    save_cv_splits(tmp_path / "splits.json", make_folds(s, p, cfg.seed, 0.0), s, extra={"seed": cfg.seed, **asdict(p)})
+    assert len(resolve_folds(tmp_path, s, cfg, Protocol(folds=2, variants=("fusion",), n_boot=7))) == 2
+    for other, message in ((Protocol(folds=3), "--folds 2, not 3"), (Protocol(folds=0, trials=2), "--folds 2, not 0")):
+        with pytest.raises(FinescopeError, match=f"holds folds drawn with {message}; rerun with the settings"):
+            resolve_folds(tmp_path, s, cfg, other)
+    with pytest.raises(FinescopeError, match="drawn with seed 0, not 5"):
+        resolve_folds(tmp_path, s, load_config(overrides=["seed=5"]), p)
+
+
 def test_summary_scores_patients_and_resamples_their_case(tmp_path):
     """predictions.csv's patient column: PRR over patient folders (method.md), intervals over case groups; a file
     without the column scores each group as one patient."""

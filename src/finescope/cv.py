@@ -375,6 +375,7 @@ def resolve_folds(out: Path, sample_set: SampleSet, cfg: Config, p: Protocol, sp
     own = out / "splits.json"
     if own.is_file():
         folds = load_cv_splits(own, sample_set, p.per_magnification)
+        _check_drawn_with(own, cfg, p)
         if splits_file and _fold_lists(load_cv_splits(splits_file, sample_set, p.per_magnification)) != _fold_lists(
                 folds):
             raise FinescopeError(
@@ -384,6 +385,18 @@ def resolve_folds(out: Path, sample_set: SampleSet, cfg: Config, p: Protocol, sp
     if splits_file:
         return load_cv_splits(splits_file, sample_set, p.per_magnification)
     return make_folds(sample_set, p, cfg.seed, cfg.data.val_fraction)
+
+
+def _check_drawn_with(path: Path, cfg: Config, p: Protocol) -> None:
+    """Refuse a cv folder's folds recorded with another seed or protocol than this run's (what cv.json guards,
+    when it was removed): the cv would go on with the folds it holds, e.g. 2 folds under --folds 5."""
+    extra = json.loads(path.read_text()).get("extra")
+    now = {"seed": cfg.seed, **_stored_settings(cfg, p)["protocol"]}
+    key = next((k for k in now if isinstance(extra, dict) and k in extra and extra[k] != now[k]), None)
+    if key:
+        name = "seed" if key == "seed" else f"--{key.replace('_', '-')}"
+        raise FinescopeError(f"'{path}' holds folds drawn with {name} {extra[key]!r}, not {now[key]!r}; rerun with "
+                             "the settings of that cv, or choose another --out")
 
 
 def _fold_lists(folds: list[Fold]) -> list:
