@@ -115,6 +115,14 @@ def test_too_few_groups_for_the_folds():
         make_folds(s, Protocol(folds=9), seed=0, val_fraction=0.0)
 
 
+def test_trials_of_single_group_classes_are_refused_before_training():
+    """Every class one group (e.g. a folder source with one patient folder per class): each trial's test side was
+    empty, so cv trained every run and then stopped on a missing predictions_test.csv."""
+    with pytest.raises(FinescopeError, match="the data: every class has a single group, so no trial holds out"):
+        make_folds(toy_set(groups_per_class=(1, 1)), Protocol(folds=0, trials=2), seed=0, val_fraction=0.0)
+    assert len(make_folds(toy_set(groups_per_class=(1, 2)), Protocol(folds=0, trials=2), 0, 0.0)) == 2
+
+
 def test_protocol_file_profiles(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text("train: {epochs: 9}\nprotocol: {trials: 5}\nprofiles:\n  quick:\n    protocol: {trials: 2}\n"

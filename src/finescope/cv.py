@@ -209,6 +209,10 @@ def _test_sides(sample_set: SampleSet, idx: np.ndarray, p: Protocol, seed: int, 
             parts = trial_splits(labels, groups, p.trials, p.test_fraction, seed)
     except FinescopeError as e:
         raise FinescopeError(f"{where}: {e}") from None
+    if not any(len(part) for part in parts):  # trials of single-group classes: no run would have a test image
+        raise FinescopeError(f"{where}: every class has a single group, so no trial holds out any image to test; "
+                             "cross-validation needs a class with 2 or more groups (patients, cases): add them, or "
+                             "check data.group_pattern")
     untested = [n for c, n in enumerate(sample_set.class_names)
                 if (labels == c).any() and not any((labels[part] == c).any() for part in parts)]
     if untested:
