@@ -269,6 +269,31 @@ def test_torchrun_rank0_start_errors_are_every_ranks_line_before_any_file(tmp_pa
 
 
 @pytest.mark.slow
+def test_torchrun_an_image_only_rank_1_cannot_read_is_its_line_and_rank_0_says_it_stopped_with_it(tmp_path):
+    """Rank 1 stops on an unreadable training image (data.on_error=raise): its one line; rank 0, waiting for it in
+    a collective, printed gloo's 'Connection closed by peer' traceback instead of a line of its own."""
+    from finescope.config import load_config
+    from finescope.data import load_samples, split_groups
+
+    root = tmp_path / "data"
+    _fusion_run_config(root, per_class=10, epochs=1)
+    cfg = load_config(root / "cfg.yaml")
+    s = load_samples(cfg.data)
+    train = split_groups(s.labels, s.groups, cfg.data.test_fraction, cfg.data.val_fraction, cfg.seed)["train"]
+    first = list(ShardSampler(len(train), True, cfg.seed, cfg.train.batch_size, True, rank_=1, world=2))[0]
+    bad = s.samples[train[first]].path
+    Path(bad).write_bytes(b"not an image")
+    done = _torchrun(2, tmp_path / "run", root, epochs=1)
+    assert done.returncode != 0
+    ours = [line for line in done.stderr.splitlines() if line.startswith("finescope: ")]
+    assert ours[0].startswith(f"finescope: error (rank 1): cannot read image '{bad}'"), done.stderr[-3000:]
+    # (torchrun may end rank 0 before it notices)
+    assert ours[1:] in ([], ["finescope: error: another process stopped (see its error or exit status), so this "
+                             "one stopped too"]), done.stderr[-3000:]
+    assert "[rank0]" not in done.stderr and "Connection closed by peer" not in done.stderr
+
+
+@pytest.mark.slow
 def test_torchrun_refuses_a_run_another_process_trains_on_every_rank(tmp_path):
     import fcntl
 

@@ -438,6 +438,9 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
             _say(f"{error}{path_error_line(e)}")
         return 2
     except Exception as e:
+        if not debug and _launch("WORLD_SIZE", 1) > 1 and "by peer" in str(e):  # gloo: a process it waited for
+            _say(f"{error}another process stopped (see its error or exit status), so this one stopped too")
+            return 2
         if debug or "FinescopeError" not in str(e):
             raise
         _say(f"{error}{_one_line(e)}")
