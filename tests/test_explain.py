@@ -352,6 +352,21 @@ def test_explain_gives_the_probabilities_and_boxes_of_predict_in_the_runs_precis
         assert explained["boxes"] == predicted["boxes"]
 
 
+@pytest.mark.parametrize("content", ["not json", '[{"x": 1, "y": 2}]', '{"typical/a.png": [[3, 4]]}'])
+def test_another_tools_cells_json_above_the_images_is_ignored_with_a_warning(tmp_path, capsys, content):
+    from PIL import Image
+
+    from finescope.cli import main
+
+    run = make_run(tmp_path, "global")
+    (tmp_path / "study" / "typical").mkdir(parents=True)  # e.g. a cell counter's export beside the slides
+    Image.fromarray(image(96, 96).permute(1, 2, 0).numpy()).save(tmp_path / "study" / "typical" / "a.png")
+    (tmp_path / "study" / "cells.json").write_text(content)
+    out = tmp_path / "out"
+    assert main(["explain", str(run), str(tmp_path / "study"), "--out", str(out), *FAST]) == 0
+    assert "ignoring" in capsys.readouterr().err and "n_cells" not in (out / "results.csv").read_text()
+
+
 def test_explain_into_a_folder_of_the_users_images_removes_only_its_own_earlier_figures(tmp_path):
     from PIL import Image
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from finescope.config import Config
 from finescope.data import empty_split_error
-from finescope.errors import FinescopeError
+from finescope.errors import FinescopeError, FinescopeWarning
 from finescope.trainer import run_dir_of
 
 SPLITS = ("train", "val", "test", "all")
@@ -45,10 +45,26 @@ class Inputs:
 
 
 def _cells_of(root: str | Path) -> dict | None:
-    """The synthetic set's true atypical nuclei, or None for other data."""
+    """The synthetic set's true atypical nuclei, or None for other data: a ``cells.json`` that is not the
+    generator's (another tool's file of that name in a parent folder) is ignored with a warning."""
     from finescope.data.synthetic import load_cells
 
-    return load_cells(root) if (Path(root) / "cells.json").is_file() else None
+    path = Path(root) / "cells.json"
+    if not path.is_file():
+        return None
+    try:
+        cells = load_cells(root)
+        ok = isinstance(cells, dict) and all(
+            isinstance(v, list) and all(isinstance(c, list) and len(c) == 3 and
+                                        all(isinstance(x, (int, float)) for x in c) for c in v)
+            for v in cells.values())
+    except (OSError, UnicodeDecodeError, ValueError):
+        ok = False
+    if not ok:
+        warnings.warn(f"ignoring '{path}': not the synthetic set's ground truth ({{\"images/x.png\": [[cx, cy, r], "
+                      "...]}); hit rate and pointing game are not measured from it", FinescopeWarning, stacklevel=2)
+        return None
+    return cells
 
 
 def _run_samples(cfg: Config, state: dict, class_names: list[str]):
