@@ -98,6 +98,13 @@ def test_bad_image_input_is_a_clear_error():
         finescope.explain(tiny_model(), torch.zeros(5, 8, 8))
 
 
+@pytest.mark.parametrize("kwargs", [{"target": 2}, {"target": -1}, {"label": 5}, {"label": -1}])
+def test_a_class_index_outside_the_model_is_a_clear_error(kwargs):
+    # -1 (a sample's "unknown" label) explained the last class and marked the prediction wrong; 2 was an IndexError
+    with pytest.raises(FinescopeError, match=f"{next(iter(kwargs))} must be a class index from 0 to 1"):
+        finescope.explain(tiny_model("global"), image(), "gradcam", **kwargs)
+
+
 # -- the CAM adapter -------------------------------------------------------------------------------------------
 def test_cam_adapter_returns_the_models_logits_and_restores_the_backbone():
     model = tiny_model("fusion")

@@ -49,8 +49,13 @@ def as_image(image) -> tuple[torch.Tensor, str | None]:
 
 
 def _target(probs: torch.Tensor, label: int | None, target: str | int) -> int:
-    if isinstance(target, int):
-        return target
+    C = len(probs)
+    index = target if isinstance(target, (int, np.integer)) else None
+    for name, value, unknown in (("label", label, ", or None when unknown"), ("target", index, "")):
+        if value is not None and not 0 <= value < C:  # -1 would explain the last class; C or more, a traceback
+            raise FinescopeError(f"{name} must be a class index from 0 to {C - 1}{unknown}, got {value}")
+    if isinstance(target, (int, np.integer)):
+        return int(target)
     if target not in ("true", "predicted"):
         raise FinescopeError(f"target must be 'true', 'predicted' or a class index, got {target!r}")
     return int(label) if target == "true" and label is not None else int(probs.argmax())
