@@ -359,6 +359,22 @@ def test_explain_gives_the_probabilities_and_boxes_of_predict_in_the_runs_precis
         assert explained["boxes"] == predicted["boxes"]
 
 
+def test_the_curves_start_at_the_explained_probability_in_the_runs_precision(tmp_path):
+    from finescope.checkpoint import load_checkpoint
+    from finescope.cli import main
+
+    run = make_run(tmp_path, "fusion", cpu_amp="bf16")  # as train.amp: bf16, the default, on CUDA
+    state = load_checkpoint(run / "checkpoints" / "best.pt")
+    state["model"]["fusion_head.weight"] *= 100  # confident, as a trained model: bf16 then moves the probability
+    save_checkpoint({k: v for k, v in state.items() if k != "path"}, run / "checkpoints" / "best.pt")
+    out = tmp_path / "out"
+    assert main(["explain", str(run), "--split", "test", "--limit", "1", "--out", str(out), "--method", "attention",
+                 *FAST]) == 0
+    p_target = float(next(csv.DictReader((out / "results.csv").open()))["p_target"])
+    for m in json.loads((out / "faithfulness.json").read_text())["methods"].values():
+        assert abs(m["deletion_curve"][0] - p_target) <= 5e-5 and abs(m["insertion_curve"][-1] - p_target) <= 5e-5
+
+
 @pytest.mark.parametrize("content", ["not json", '[{"x": 1, "y": 2}]', '{"typical/a.png": [[3, 4]]}'])
 def test_another_tools_cells_json_above_the_images_is_ignored_with_a_warning(tmp_path, capsys, content):
     from PIL import Image

@@ -89,10 +89,14 @@ CONTROLS = ("detail", "random")  # measured like the methods, knowing nothing of
 def _faithfulness(ctx: _Context, expl, index: int, image: torch.Tensor, baseline: torch.Tensor,
                   detail: torch.Tensor) -> dict:
     """Deletion / insertion AUCs of every method, of the ``detail`` map and of random orders for one image."""
-    s = ctx.settings
-    curves = fa.map_curves(ctx.model, image, {**expl.maps, "detail": detail}, expl.target, baseline, s.grid,
-                           s.steps, s.random_repeats, seed=s.seed * 100003 + index,
-                           predict_with=ctx.cfg.model.predict_with)
+    from finescope.engine import autocast
+
+    s, train = ctx.settings, ctx.cfg.train
+    # in the precision of the prediction (train.amp, train.cpu_amp), so that each curve starts at its p_target
+    with autocast(next(ctx.model.parameters()).device, train.amp, train.cpu_amp):
+        curves = fa.map_curves(ctx.model, image, {**expl.maps, "detail": detail}, expl.target, baseline, s.grid,
+                               s.steps, s.random_repeats, seed=s.seed * 100003 + index,
+                               predict_with=ctx.cfg.model.predict_with)
     row = {}
     for m, c in curves.items():
         row[f"{m}_deletion_auc"] = fa.curve_auc(c["deletion"])
