@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -301,6 +302,18 @@ def test_explain_a_runs_test_split_writes_gallery_and_numbers(tmp_path, capsys):
     assert len(list((out / "images").glob("*.png"))) == 2 and (out / "faithfulness.png").is_file()
     assert list((out / "evidence").rglob("*.png"))
     assert "box hit rate" in capsys.readouterr().out
+
+
+def test_the_pointing_game_measured_without_curves_is_shown_for_a_model_without_boxes(tmp_path, capsys):
+    from finescope.cli import main
+
+    out = tmp_path / "out"
+    assert main(["explain", str(make_run(tmp_path, "global")), "--split", "test", "--out", str(out),
+                 "--no-faithfulness", *FAST]) == 0
+    assert "pointing_game" in json.loads((out / "faithfulness.json").read_text())["methods"]["gradcam"]
+    page = (out / "index.html").read_text()  # was: "not measured (--no-faithfulness)", and nothing printed
+    assert "not measured" not in page and "pointing game" in capsys.readouterr().out
+    assert re.search(r"<td>gradcam</td><td>–</td><td>–</td><td>[\d.]+ \(n=\d+\)</td>", page)
 
 
 def test_explain_folder_skips_unreadable_files_and_notes_other_sizes(tmp_path, capsys):

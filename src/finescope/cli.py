@@ -195,9 +195,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
     summary = run_explain(args.checkpoint, args.paths, args.out, args.split, settings, args.overrides, args.device,
                           progress=not args.quiet)
     for method, m in summary["methods"].items():
+        parts = []  # with --no-faithfulness, the pointing game alone (where a cells.json gives the nuclei)
         if m.get("deletion_auc") is not None:
-            print(f"{method:10s} deletion AUC {m['deletion_auc']:.3f}  insertion AUC {m['insertion_auc']:.3f}"
-                  + (f"  pointing game {m['pointing_game']:.3f}" if "pointing_game" in m else ""))
+            parts.append(f"deletion AUC {m['deletion_auc']:.3f}  insertion AUC {m['insertion_auc']:.3f}")
+        if "pointing_game" in m:
+            parts.append(f"pointing game {m['pointing_game']:.3f}")
+        if parts:
+            print(f"{method:10s} " + "  ".join(parts))
     if summary.get("boxes"):
         b = summary["boxes"]
         print(f"box hit rate {b['hit_rate']:.3f} ({b['hits']}/{b['cells']} nuclei); boxes cover "

@@ -129,7 +129,8 @@ def write_index(out: Path, rows: list[dict], summary: dict, evidence: dict, meth
     acc = "" if summary["accuracy"] is None else f" · accuracy {summary['accuracy']:.3f}"
     skipped = summary.get("skipped", [])
     skip_note = f" · <b>{len(skipped)} unreadable files skipped</b>" if skipped else ""
-    measured = summary["methods"].get("random") or summary.get("boxes")
+    # the pointing game and the boxes' hit rate are measured with --no-faithfulness too, where cells.json is
+    measured = summary.get("boxes") or any(m.get("n_images") or "pointing_game" in m for m in summary["methods"].values())
     parts = [
         f"<h1>finescope explain · {_e(summary['variant'])}</h1>",
         f"<p>{len(rows)} images from {_e(summary['source'])}{acc} · methods: {_e(', '.join(methods))} · "
