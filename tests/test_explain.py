@@ -99,6 +99,12 @@ def test_bad_image_input_is_a_clear_error():
         finescope.explain(tiny_model(), torch.zeros(5, 8, 8))
 
 
+def test_an_unreadable_image_file_is_an_error_without_advice_explain_cannot_follow():
+    with pytest.raises(FinescopeError, match="cannot read image") as err:
+        finescope.explain(tiny_model(), "no_such_slide.png")
+    assert "on_error" not in str(err.value)  # a setting of the data loaders, which explain(model, path) does not read
+
+
 @pytest.mark.parametrize("kwargs", [{"target": 2}, {"target": -1}, {"label": 5}, {"label": -1}])
 def test_a_class_index_outside_the_model_is_a_clear_error(kwargs):
     # -1 (a sample's "unknown" label) explained the last class and marked the prediction wrong; 2 was an IndexError

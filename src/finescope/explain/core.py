@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finescope.errors import FinescopeError
+from finescope.errors import SKIP_ADVICE, FinescopeError
 from finescope.explain.methods import CamExplainer, Explanation, attention_map, resolve_methods
 from finescope.models.network import FineScopeNet
 
@@ -25,7 +25,10 @@ def as_image(image) -> tuple[torch.Tensor, str | None]:
     from finescope.data.dataset import read_image
 
     if isinstance(image, (str, Path)):
-        return read_image(image), str(image)
+        try:
+            return read_image(image), str(image)
+        except FinescopeError as e:  # without read_image's advice to set data.on_error, which explain does not read
+            raise FinescopeError(str(e).removesuffix(SKIP_ADVICE)) from None
     if isinstance(image, np.ndarray):
         arr = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
         if arr.ndim != 3 or arr.shape[2] not in (3, 4):
