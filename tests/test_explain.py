@@ -345,6 +345,19 @@ def test_explain_folder_skips_unreadable_files_and_notes_other_sizes(tmp_path, c
     assert "data.on_error" not in err and "skipped 1 unreadable" in err
 
 
+def test_explaining_files_does_not_generate_the_runs_synthetic_set_again(tmp_path):
+    import shutil
+
+    from finescope.cli import main
+
+    run = make_run(tmp_path, "global")
+    shutil.copy(tmp_path / "data" / "images" / "typical_0000.png", tmp_path / "x.png")
+    shutil.rmtree(tmp_path / "data")  # moved, deleted, or a relative data.root read from another folder
+    out = tmp_path / "out"
+    assert main(["explain", str(run), str(tmp_path / "x.png"), "--out", str(out), "--no-faithfulness", *FAST]) == 0
+    assert not (tmp_path / "data").exists()  # it was written again only to read the training images' size
+
+
 def test_explain_a_link_in_a_class_folder_takes_that_class_as_predict_does(tmp_path):
     from PIL import Image
 

@@ -141,6 +141,10 @@ def _image_sizes(paths: list[str], limit: int = 16) -> set:
 
 def training_sizes(cfg: Config, state: dict, class_names: list[str]) -> set:
     """{(H, W)} of the run's training images, or an empty set when its data cannot be read from here."""
+    # the synthetic source's loader generates the set where it is missing (for a run's relative data.root: in the
+    # working folder), which is no way to measure it; its images are synthetic_size pixels square
+    if cfg.data.source == "synthetic":
+        return {(cfg.data.synthetic_size,) * 2}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
