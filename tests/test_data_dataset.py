@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import subprocess
 import sys
 import warnings
@@ -28,7 +29,7 @@ from finescope.data import (
     read_image,
 )
 from finescope.data.dataset import SharedMemoryCache, _png_intact
-from finescope.errors import FinescopeError
+from finescope.errors import FinescopeError, FinescopeWarning
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 realdata = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real data folder {SHARED_DATA} is absent")
@@ -550,12 +551,33 @@ def test_disk_cache_dir_expands_home_as_data_root_does(tmp_path, monkeypatch):
     assert list((tmp_path / "home" / "cache").rglob("*.npy")) and not (tmp_path / "~").exists()
 
 
-def test_disk_cache_that_cannot_be_written_is_one_clear_error(tmp_path):
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_disk_cache_that_cannot_be_written_warns_once_and_loses_no_image(tmp_path, on_error):
+    """The cache only saves decoding: a cache folder that is a file, or a full disk, is one warning naming the
+    folder, and every image is still read (it stopped training before, even with data.on_error=skip)."""
+    import errno
+
     samples = make_samples(tmp_path)
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("x")
-    with pytest.raises(FinescopeError, match="cannot write the image cache.*data.cache_dir"):
-        ImageDataset(samples, cache="disk", cache_dir=str(blocker), on_error="skip")[0]
+    ds = ImageDataset(samples, cache="disk", cache_dir=str(blocker), on_error=on_error)
+    with pytest.warns(FinescopeWarning, match=re.escape(f"cannot write the image cache '{blocker}'")) as w:
+        images = [ds[i]["image"] for i in range(len(ds))]
+    assert len([x for x in w if "image cache" in str(x.message)]) == 1
+    assert all(torch.equal(img, read_image(s.path)) for img, s in zip(images, samples, strict=True))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    cache = tmp_path / "cache"
+    ds = ImageDataset(samples, cache="disk", cache_dir=str(cache), on_error=on_error)
+    with pytest.MonkeyPatch.context() as m, pytest.warns(FinescopeWarning, match="No space left") as w:
+        m.setattr(np, "save", full)
+        images = [ds[i]["image"] for i in range(len(ds))]
+    assert len([x for x in w if "image cache" in str(x.message)]) == 1
+    assert all(torch.equal(img, read_image(s.path)) for img, s in zip(images, samples, strict=True))
+    assert not list(cache.rglob("*.tmp")) and not list(cache.rglob("*.npy"))
+    assert torch.equal(ds[0]["image"], images[0]) and list(cache.rglob("*.npy"))  # space again: cached
 
 
 def test_colour_on_device_matches_colour_in_workers(tmp_path):

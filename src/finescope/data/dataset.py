@@ -179,7 +179,9 @@ class DiskCache:
     An entry is keyed by the image's absolute path, size, modification time, inode and status-change time: an
     edited or replaced file is decoded again, also one whose size and modification time the copy kept (``cp -p``,
     ``rsync -a``, ``tar``; uncompressed TIFF/BMP of one image size have one file size). Entries are written to a temporary name and renamed, so concurrent workers and killed runs
-    never leave a partial entry; an unreadable entry is decoded again and rewritten.
+    never leave a partial entry; an unreadable entry is decoded again and rewritten. An entry that cannot be
+    written (a folder that is not writable, a full disk) is warned about once per process and not stored: the
+    cache only saves decoding, and the run goes on with the decoded image.
 
     Args:
         root: the cache folder (created on first write).
@@ -187,6 +189,7 @@ class DiskCache:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        self._warned = False  # about an entry that could not be written
 
     VERSION = 2  # part of every key: bump it when read_image decodes differently (2: float images in [0, 1])
 
@@ -215,7 +218,8 @@ class DiskCache:
 
     def put(self, entry: Path, img: torch.Tensor) -> None:
         """Store a decoded image at ``entry`` (from :meth:`entry`, taken before decoding, so a file edited
-        meanwhile is decoded again next time)."""
+        meanwhile is decoded again next time). When it cannot be written, nothing is stored and the first
+        failure in this process is warned about."""
         tmp = None
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
@@ -226,10 +230,12 @@ class DiskCache:
         except OSError as e:
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
-            raise FinescopeError(
-                f"cannot write the image cache '{self.root}': {e.strerror or e}; set data.cache_dir to a writable "
-                "folder or data.cache=none"
-            ) from None
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"cannot write the image cache '{self.root}': {e.strerror or e}; images not cached yet are "
+                    "decoded on every read; set data.cache_dir to a writable folder or data.cache=none",
+                    FinescopeWarning, stacklevel=3)
 
 
 def _header_size(path: str) -> tuple[int, int] | None:
