@@ -528,6 +528,19 @@ def test_disk_cache_decodes_once_and_notices_edits(tmp_path, monkeypatch):
     assert ImageDataset(samples, cache="disk", cache_dir=str(cache))[1]["image"].shape == (3, 12, 16)
 
 
+def test_disk_cache_entry_with_a_damaged_header_is_decoded_again(tmp_path):
+    """One damaged byte in an entry's header (``(3, 10, 14)`` read as ``(#, 10, 14)``) made numpy's header
+    parser raise tokenize.TokenError, which ended training with a traceback; it is decoded again."""
+    samples, cache = make_samples(tmp_path), tmp_path / "cache"
+    first = ImageDataset(samples, cache="disk", cache_dir=str(cache))[0]["image"]
+    entry = next(iter(cache.rglob("*.npy")))
+    data = bytearray(entry.read_bytes())
+    data[data.index(b"'shape': (") + len(b"'shape': (")] = ord("#")
+    entry.write_bytes(bytes(data))
+    assert torch.equal(ImageDataset(samples, cache="disk", cache_dir=str(cache))[0]["image"], first)
+    assert torch.equal(torch.from_numpy(np.load(entry)), first)  # and rewritten
+
+
 def test_disk_cache_notices_a_replaced_file_of_the_same_size_and_modification_time(tmp_path):
     """``cp -p``, ``rsync -a`` and ``tar`` keep a file's modification time, and an uncompressed BMP or TIFF of one
     image size has one file size: a file replaced so is still decoded again, not served from the cache."""

@@ -210,7 +210,7 @@ class DiskCache:
         """The (3, H, W) uint8 image stored at ``entry``, or None (no entry, not stored yet, or damaged)."""
         try:
             arr = np.load(entry, allow_pickle=False) if entry is not None and entry.is_file() else None
-        except (OSError, ValueError, EOFError):
+        except Exception:  # any damage: numpy's header parser also raises TokenError, TypeError, MemoryError
             return None
         if arr is None or arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[0] != 3:
             return None
