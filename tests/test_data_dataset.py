@@ -567,15 +567,18 @@ def test_disk_cache_dir_expands_home_as_data_root_does(tmp_path, monkeypatch):
 @pytest.mark.parametrize("on_error", ["raise", "skip"])
 def test_disk_cache_that_cannot_be_written_warns_once_and_loses_no_image(tmp_path, on_error):
     """The cache only saves decoding: a cache folder that is a file, or a full disk, is one warning naming the
-    folder, and every image is still read (it stopped training before, even with data.on_error=skip)."""
+    folder, and every image is still read (it stopped training before, even with data.on_error=skip). An
+    unwritable folder is found when the dataset is made, before the loader's workers fork: one warning, not
+    one per worker and dataset."""
     import errno
 
     samples = make_samples(tmp_path)
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("x")
-    ds = ImageDataset(samples, cache="disk", cache_dir=str(blocker), on_error=on_error)
-    with pytest.warns(FinescopeWarning, match=re.escape(f"cannot write the image cache '{blocker}'")) as w:
+    with pytest.warns(FinescopeWarning, match=re.escape(f"cannot write the image cache '{blocker}': a file")) as w:
+        ds = ImageDataset(samples, cache="disk", cache_dir=str(blocker), on_error=on_error)
         images = [ds[i]["image"] for i in range(len(ds))]
+        ImageDataset(samples, cache="disk", cache_dir=str(blocker), on_error=on_error)[0]  # the val side's
     assert len([x for x in w if "image cache" in str(x.message)]) == 1
     assert all(torch.equal(img, read_image(s.path)) for img, s in zip(images, samples, strict=True))
 

@@ -179,17 +179,26 @@ class DiskCache:
     An entry is keyed by the image's absolute path, size, modification time, inode and status-change time: an
     edited or replaced file is decoded again, also one whose size and modification time the copy kept (``cp -p``,
     ``rsync -a``, ``tar``; uncompressed TIFF/BMP of one image size have one file size). Entries are written to a temporary name and renamed, so concurrent workers and killed runs
-    never leave a partial entry; an unreadable entry is decoded again and rewritten. An entry that cannot be
-    written (a folder that is not writable, a full disk) is warned about once per process and not stored: the
-    cache only saves decoding, and the run goes on with the decoded image.
+    never leave a partial entry; an unreadable entry is decoded again and rewritten. A cache that cannot be
+    written (a folder that is not writable, a full disk) is warned about once per process and its entries are
+    not stored: the cache only saves decoding, and the run goes on with the decoded images. The folder is tried
+    when the cache is made, in the process that then forks the DataLoader's workers, so that an unwritable one
+    is one warning, not one per worker (entries already there are still read; each new one is tried).
 
     Args:
-        root: the cache folder (created on first write).
+        root: the cache folder (created here).
     """
+
+    _unwritable: set[Path] = set()  # the folders this process warned about (each dataset has its cache)
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self._warned = False  # about an entry that could not be written
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=self.root).close()
+        except OSError as e:
+            self._warn(e)
 
     VERSION = 2  # part of every key: bump it when read_image decodes differently (2: float images in [0, 1])
 
@@ -231,11 +240,17 @@ class DiskCache:
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
             if not self._warned:
-                self._warned = True
-                warnings.warn(
-                    f"cannot write the image cache '{self.root}': {e.strerror or e}; images not cached yet are "
-                    "decoded on every read; set data.cache_dir to a writable folder or data.cache=none",
-                    FinescopeWarning, stacklevel=3)
+                self._warn(e)
+
+    def _warn(self, e: OSError) -> None:
+        self._warned = True
+        if self.root in DiskCache._unwritable:
+            return
+        DiskCache._unwritable.add(self.root)
+        reason = "a file, not a folder" if self.root.is_file() else e.strerror or e
+        warnings.warn(f"cannot write the image cache '{self.root}': {reason}; images not cached yet are decoded "
+                      "on every read; set data.cache_dir to a writable folder or data.cache=none",
+                      FinescopeWarning, stacklevel=4)
 
 
 def _header_size(path: str) -> tuple[int, int] | None:
