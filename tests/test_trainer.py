@@ -440,3 +440,19 @@ def test_patience_zero_waits_for_a_candidate_epoch_and_is_off_without_validation
     out = tmp_path / "no_val"
     _train(synthetic_root, out, variant="global", extra=["train.patience=0", "data.val_fraction=0"])
     assert [json.loads(r)["epoch"] for r in (out / "history.jsonl").read_text().splitlines()] == [0, 1]
+
+
+def test_a_split_whose_images_were_all_skipped_is_named_with_the_fix(tmp_path):
+    """data.on_error=skip with every validation (or test) image unreadable: the run stopped after its first epoch
+    with 'no images to evaluate', which named neither the split nor what to do."""
+    import numpy as np
+
+    from finescope.data import Sample, SampleSet
+
+    for i in range(2):
+        (tmp_path / f"{i}.png").write_bytes(b"not an image")
+    s = SampleSet([Sample(str(tmp_path / f"{i}.png"), i, f"p{i}") for i in range(2)], ["a", "b"])
+    cfg = load_config(None, ["data.on_error=skip", "data.num_workers=0", "train.device=cpu"])
+    with pytest.warns(FinescopeWarning), pytest.raises(FinescopeError, match="none of the 2 images of the val split "
+                                                       "could be evaluated.*data.on_error=skip.*fix or remove"):
+        trainer.evaluate_split(torch.nn.Identity(), s, np.arange(2), cfg, torch.device("cpu"), desc="val")

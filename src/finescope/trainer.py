@@ -335,6 +335,11 @@ def evaluate_split(model, sample_set, indices, cfg, device, desc="eval", loader=
         desc=desc,
     )
     preds = merge_predictions(dist.all_gather(preds))
+    if len(preds.indices) == 0 and len(indices):
+        which = "" if desc == "all" else f" of the {desc} split"
+        raise FinescopeError(f"none of the {len(indices)} images{which} could be evaluated (data.on_error=skip "
+                             "skipped them all: unreadable, or smaller than the model's crops, named in the warnings "
+                             "above); fix or remove those files")
     preds.indices = np.asarray(indices)[preds.indices]  # dataset positions -> sample_set indices
     patients = [sample_set.samples[i].patient for i in preds.indices]  # BreakHis: 22549AB, not its case 22549
     metrics = compute_metrics(preds.labels, preds.probs, patients, sample_set.class_names)
@@ -752,7 +757,7 @@ def evaluate(source: str | Path, split: str = "test", overrides: list[str] | Non
         indices = splits[split]
     if len(indices) == 0:
         raise empty_split_error(split, splits, run_dir)
-    preds, metrics = evaluate_split(model, sample_set, indices, cfg, next(model.parameters()).device)
+    preds, metrics = evaluate_split(model, sample_set, indices, cfg, next(model.parameters()).device, desc=split)
     metrics.update(split=split, checkpoint=state["path"], data_root=os.path.abspath(cfg.data.root),
                    split_leak=None if splits is None else own_split_leak(splits, sample_set))
     out = Path(out) if out else run_dir / f"metrics_{split}.json"
