@@ -1,6 +1,7 @@
 """Files written whole or not at all."""
 
 import os
+import signal
 
 import pytest
 
@@ -85,4 +86,27 @@ def test_a_checkpoint_that_fills_the_disk_is_a_full_disk_error(tmp_path, monkeyp
     with pytest.raises(OSError) as e:
         checkpoint.save_checkpoint({"model": {}}, tmp_path / "last.pt")
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "last.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs POSIX file size limits")
+def test_a_checkpoint_refused_with_space_left_on_the_disk_says_why(tmp_path):
+    """A disk quota (or a file size limit) stops torch's writer with the disk far from full: its 'unexpected pos'
+    RuntimeError ended training with a traceback. The save says the system's reason, naming the checkpoint."""
+    import errno
+    import resource
+
+    import torch
+
+    from finescope import checkpoint
+
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2**16, limits[1]))  # writes past 64 KiB fail with EFBIG
+    try:
+        with pytest.raises(OSError) as e:
+            checkpoint.save_checkpoint({"model": {"w": torch.zeros(2**18)}}, tmp_path / "last.pt")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert e.value.errno == errno.EFBIG and e.value.filename == str(tmp_path / "last.pt")
     assert list(tmp_path.iterdir()) == []

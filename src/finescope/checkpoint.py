@@ -7,6 +7,7 @@ import json
 import os
 import random
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,27 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         torch.save(state, tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
+        # torch's zip writer says "unexpected pos" when a write fails: the system's words instead, from a write
+        # tried while the partial file still holds the space (a full disk, or a quota that leaves the disk free)
+        refused = _write_error(path.parent) if isinstance(e, RuntimeError) else None
         tmp.unlink(missing_ok=True)
+        if refused is not None:
+            raise OSError(refused.errno, refused.strerror, str(path)) from None
         if isinstance(e, RuntimeError) and shutil.disk_usage(path.parent).free < 64 * 2**20:
-            # torch's zip writer says "unexpected pos" when the disk fills: the system's words instead
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
         raise
+
+
+def _write_error(folder: Path) -> OSError | None:
+    """The error of writing 1 MiB in ``folder`` now (no space, a quota, a file size limit), or None."""
+    try:
+        with tempfile.TemporaryFile(dir=folder) as f:
+            f.write(bytes(2**20))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return e if e.errno is not None else None
+    return None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
