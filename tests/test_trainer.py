@@ -456,3 +456,16 @@ def test_a_split_whose_images_were_all_skipped_is_named_with_the_fix(tmp_path):
     with pytest.warns(FinescopeWarning), pytest.raises(FinescopeError, match="none of the 2 images of the val split "
                                                        "could be evaluated.*data.on_error=skip.*fix or remove"):
         trainer.evaluate_split(torch.nn.Identity(), s, np.arange(2), cfg, torch.device("cpu"), desc="val")
+
+
+def test_a_cuda_device_this_machine_lacks_is_one_error_and_a_runs_own_is_not_reused(monkeypatch):
+    """train.device (or --device) cuda:1 on a one-GPU machine passed the check and failed in torch with
+    'invalid device ordinal' and a traceback; evaluate and predict of a run trained on cuda:1 picked that device
+    too. It is an error naming the GPUs here, and a run's own device is reused only where it exists."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert trainer.resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(FinescopeError, match=r"'cuda:1' \(train.device, or --device\) but this machine has 1 CUDA "
+                                             r"GPU \(cuda:0 to cuda:0\)"):
+        trainer.resolve_device("cuda:1")
+    assert trainer.has_device("cuda") and trainer.has_device("cpu") and not trainer.has_device("cuda:1")

@@ -88,7 +88,18 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise FinescopeError(f"the device is '{name}' (train.device, or --device) but no CUDA GPU is available; "
                              "use cpu")
+    if not has_device(name):  # torch would fail at the first tensor moved there ("invalid device ordinal")
+        n = torch.cuda.device_count()
+        raise FinescopeError(f"the device is '{name}' (train.device, or --device) but this machine has {n} CUDA "
+                             f"GPU{'s' if n != 1 else ''} (cuda:0 to cuda:{n - 1}); use cuda or one of those")
     return torch.device(name)
+
+
+def has_device(name: str) -> bool:
+    """Whether this machine has the device ``name`` (cpu, cuda or cuda:N)."""
+    if not name.startswith("cuda"):
+        return True
+    return torch.cuda.is_available() and int(name.partition(":")[2] or 0) < torch.cuda.device_count()
 
 
 def seed_everything(seed: int) -> None:
@@ -702,8 +713,8 @@ def load_trained(source: str | Path, overrides: list[str] | None = None, device:
                              "written by another finescope version?") from None
     cfg = load_config(base=base, overrides=overrides)
     cfg = checkpoint_model_config(cfg)  # the checkpoint holds the weights
-    if device == "auto":  # the run's own device where this machine has it (a run trained on cuda, read here)
-        device = cfg.train.device if not cfg.train.device.startswith("cuda") or torch.cuda.is_available() else "auto"
+    if device == "auto":  # the run's own device where this machine has it (a run trained on cuda:1, read here)
+        device = cfg.train.device if has_device(cfg.train.device) else "auto"
     torch_device = resolve_device(device)
     model = build_model(cfg, len(state["class_names"]), torch_device)
     try:
