@@ -269,6 +269,15 @@ def test_monitor_accuracy_and_an_undefined_metric_still_keep_a_best_checkpoint()
     assert trainer._score({"loss": 0.5}, "loss") == -0.5
 
 
+def test_resume_of_a_folder_without_a_run_says_to_name_the_run(synthetic_root, tmp_path):
+    # `train --config RUN/config.yaml --resume` without --out looks in runs/config: the line must not only say
+    # to start without --resume, which would start a new run there
+    cfg = load_config(None, tiny_overrides(synthetic_root, "fusion", 1))
+    with pytest.raises(FinescopeError, match="no checkpoint at .*name the run's folder with --out"):
+        trainer.train(cfg, tmp_path / "elsewhere", resume=True, progress=False)
+    assert not (tmp_path / "elsewhere").exists()
+
+
 def test_resume_refuses_another_config_and_keeps_the_runs_own(synthetic_root, tmp_path):
     import shutil
 

@@ -382,7 +382,8 @@ def _check_resume_config(run_dir: Path, cfg: Config) -> dict:
     state, which the resume goes on from."""
     last = run_dir / "checkpoints" / "last.pt"
     if not last.is_file():
-        raise FinescopeError(f"--resume: no checkpoint at '{last}'; start without --resume")
+        raise FinescopeError(f"--resume: no checkpoint at '{last}'; name the run's folder with --out, or start "
+                             "without --resume")
     state = load_checkpoint(last)
     try:  # as trained: today's form of its values (amp: true is bf16), keys added since at their old behaviour
         old = to_dict(load_config(base=stored_config(state["config"])))
