@@ -216,7 +216,8 @@ def _test_sides(sample_set: SampleSet, idx: np.ndarray, p: Protocol, seed: int, 
     untested = [n for c, n in enumerate(sample_set.class_names)
                 if (labels == c).any() and not any((labels[part] == c).any() for part in parts)]
     if untested:
-        log.warning("%s: class %s has a single group and is never tested (it stays in training)", where,
+        log.warning("%s: class %s has a single group (a group counts in the class most of its images have) and is "
+                    "never tested (it stays in training)", where,
                     ", ".join(untested))
     return [idx[part] for part in parts]
 
