@@ -278,6 +278,20 @@ def test_resume_of_a_folder_without_a_run_says_to_name_the_run(synthetic_root, t
     assert not (tmp_path / "elsewhere").exists()
 
 
+def test_a_damaged_own_split_on_resume_says_how_to_get_it_back(synthetic_root, tmp_path):
+    out = tmp_path / "run"
+    cfg = load_config(None, tiny_overrides(synthetic_root, "global", 1) + ["train.epochs=2"])
+    trainer.train(load_config(None, tiny_overrides(synthetic_root, "global", 1)), out, progress=False)
+    before = json.loads((out / "splits.json").read_text())["splits"]
+    (out / "splits.json").write_text("{not json")
+    with pytest.raises(FinescopeError, match="run's own split.*delete it and resume") as e:
+        trainer.train(cfg, out, resume=True, progress=False)
+    assert "data.splits" not in str(e.value)  # a resume refuses another data.splits: no advice to set it
+    (out / "splits.json").unlink()  # as the line says: the resume draws the same split again
+    trainer.train(cfg, out, resume=True, progress=False)
+    assert json.loads((out / "splits.json").read_text())["splits"] == before
+
+
 def test_resume_refuses_another_config_and_keeps_the_runs_own(synthetic_root, tmp_path):
     import shutil
 

@@ -274,9 +274,12 @@ def save_splits(
     write_text(path, json.dumps(out, indent=1))
 
 
-def _read_split_lists(path: Path) -> dict[str, list[str]]:
-    """The ``splits`` mapping of a splits file; raise when it is missing or malformed."""
-    fix = "point data.splits at a splits.json written by finescope, or leave it empty to draw new splits"
+def _read_split_lists(path: Path, own: bool = False) -> dict[str, list[str]]:
+    """The ``splits`` mapping of a splits file (a run's ``own``, or one data.splits names); raise when it is
+    missing or malformed."""
+    fix = ("it is the run's own split: restore it from a copy, or delete it and resume, which draws it again from "
+           "the run's config (the same seed and data give the same split)" if own else
+           "point data.splits at a splits.json written by finescope, or leave it empty to draw new splits")
     if path.is_dir():  # a run or cv folder: its splits.json is meant
         raise FinescopeError(f"splits file '{path}' is a folder; point data.splits at a splits.json in it (e.g. "
                              f"'{path / 'splits.json'}' of a run)")
@@ -318,7 +321,7 @@ def load_splits(path: str | Path, sample_set: SampleSet, fix: str = "draw new sp
         FinescopeError: missing/invalid file, listed images not in the data, data images not listed, or a leak.
     """
     path = Path(path)
-    lists = _read_split_lists(path)
+    lists = _read_split_lists(path, own)
     index = {_relative(s.path, sample_set.root): i for i, s in enumerate(sample_set.samples)}
     skipped = {_relative(p, sample_set.root) for p, _ in sample_set.skipped}
     missing = [p for v in lists.values() for p in v if p not in index and p not in skipped]
