@@ -80,6 +80,16 @@ def test_bad_method_names_say_what_is_supported(variant, method, message):
         resolve_methods(tiny_model(variant), [method], variant)
 
 
+def test_auto_joins_other_methods_and_an_image_after_method_is_named(tmp_path, monkeypatch):
+    model = tiny_model("fusion")
+    assert resolve_methods(model, ["auto", "eigencam"]) == ["attention", "gradcam", "gradcam++", "eigencam"]
+    assert resolve_methods(model, ["eigencam,auto"]) == ["eigencam", "attention", "gradcam", "gradcam++"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "Slide 1.PNG").write_bytes(b"")  # `explain RUN --method gradcam 'Slide 1.PNG'`
+    with pytest.raises(FinescopeError, match="'slide 1.png' \\(it is a file: .*give the images before --method"):
+        resolve_methods(model, ["gradcam", "Slide 1.PNG"])
+
+
 def test_sixteen_bit_and_float_images_are_scaled_or_refused_not_turned_white():
     model = tiny_model("attention")
     img = image(64, 80)

@@ -222,7 +222,8 @@ def _add_explain(sub) -> None:
                    "./explain for a .pt checkpoint)")
     p.add_argument("--method", nargs="+", default=["auto"], metavar="NAME",
                    help="attention, gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam "
-                   "(default auto: attention if the model has it, gradcam, gradcam++)")
+                   "(default auto: attention if the model has it, gradcam, gradcam++; auto joins other names, e.g. "
+                   "auto eigencam); give the images before --method, which takes every name after it")
     p.add_argument("--normalise", default="max", choices=("max", "percentile"),
                    help="display scale of each map: its maximum, or a percentile (clipped)")
     p.add_argument("--percentile", type=float, default=99.0)

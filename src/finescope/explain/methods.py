@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -49,9 +50,10 @@ def resolve_methods(model: FineScopeNet, methods: str | list[str] | tuple[str, .
             what the model supports.
     """
     names = [methods] if isinstance(methods, str) else list(methods)
+    given = {n.strip().lower(): n.strip() for part in names for n in part.split(",") if n.strip()}
     names = [n.strip().lower() for part in names for n in part.split(",") if n.strip()]
-    if not names or names == ["auto"]:
-        names = (["attention"] if model.use_attention else []) + list(DEFAULT_CAMS)
+    auto = (["attention"] if model.use_attention else []) + list(DEFAULT_CAMS)
+    names = [m for n in names or ["auto"] for m in (auto if n == "auto" else [n])]  # auto may join others
     ok = supported_methods(model)
     which = f"variant '{variant}'" if variant else "this model"
     for n in names:
@@ -59,7 +61,10 @@ def resolve_methods(model: FineScopeNet, methods: str | list[str] | tuple[str, .
             raise FinescopeError(f"{which} has no attention map; methods it supports: {', '.join(ok)} "
                                  "(e.g. --method gradcam)")
         if n not in ok:
-            raise FinescopeError(f"unknown explanation method '{n}'; methods {which} supports: {', '.join(ok)}")
+            where = (" (it is a file: --method takes every name after it, so give the images before --method)"
+                     if Path(given[n]).exists() else "")
+            raise FinescopeError(f"unknown explanation method '{n}'{where}; methods {which} supports: "
+                                 f"{', '.join(ok)}")
     return list(dict.fromkeys(names))
 
 
