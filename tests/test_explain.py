@@ -90,6 +90,24 @@ def test_auto_joins_other_methods_and_an_image_after_method_is_named(tmp_path, m
         resolve_methods(model, ["gradcam", "Slide 1.PNG"])
 
 
+def test_a_model_explained_mid_training_comes_back_as_it_was():
+    import copy
+
+    model, img = tiny_model("fusion"), image(64, 80)
+    model.train()
+    model(img[None].float() / 255).logits.sum().backward()  # (a training step moves BatchNorm's statistics)
+    want = finescope.explain(copy.deepcopy(model).eval(), img, ["attention", "gradcam"]).maps
+    before = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    got = finescope.explain(model, img, ["attention", "gradcam"]).maps
+    assert model.training  # still training, and its gradients are the ones it had, not the CAM's added to them
+    after = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert before.keys() == after.keys() and before
+    for n, g in before.items():
+        torch.testing.assert_close(after[n], g, rtol=0, atol=0)
+    for m in want:
+        torch.testing.assert_close(got[m], want[m])
+
+
 def test_sixteen_bit_and_float_images_are_scaled_or_refused_not_turned_white():
     model = tiny_model("attention")
     img = image(64, 80)

@@ -138,6 +138,9 @@ def explain_image(
 ) -> Explanation:
     """Explain one image: ``finescope.explain(model, image)``.
 
+    A model given as an object is explained in evaluation mode and comes back in its own mode, with the
+    gradients it had (e.g. explained between training steps).
+
     Args:
         model: a :class:`FineScopeNet`, or a run directory / checkpoint path (loaded with ``load_trained``).
         image: a file path, a (3, H, W) tensor or an (H, W[, 3]) array, uint8, uint16 or float in [0, 1].
@@ -168,12 +171,22 @@ def explain_image(
         amp, cpu_amp = cfg.train.amp, cfg.train.cpu_amp
     if not isinstance(model, FineScopeNet):
         raise FinescopeError(f"explain needs a finescope model or a run/checkpoint path, got {type(model).__name__}")
-    model.eval()
     img, path = as_image(image)
     methods = resolve_methods(model, method, variant)
     names = class_names or getattr(model, "class_names", None) or [f"class_{i}" for i in range(model.num_classes)]
-    result = explain_loaded(model, img, methods, names, label=label, target=target, predict_with=predict_with,
-                            amp=amp, cpu_amp=cpu_amp)
+    # a model given mid-training comes back as it was: its mode, and the gradients it had (the CAMs' backward
+    # passes would add theirs; pytorch-grad-cam also zeroes them)
+    was_training, grads = model.training, [(p, p.grad) for p in model.parameters()]
+    for p, _ in grads:
+        p.grad = None
+    model.eval()
+    try:
+        result = explain_loaded(model, img, methods, names, label=label, target=target, predict_with=predict_with,
+                                amp=amp, cpu_amp=cpu_amp)
+    finally:
+        model.train(was_training)
+        for p, g in grads:
+            p.grad = g
     result.path = path
     return result
 
