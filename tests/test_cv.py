@@ -272,7 +272,9 @@ def test_splits_file_that_is_not_a_cv_file(tmp_path):
     lambda raw: raw["folds"][0].pop("splits"),
     lambda raw: raw["folds"].__setitem__(0, 5),
     lambda raw: raw.pop("class_names"),
-], ids=["no-splits", "not-a-fold", "no-class-names"])
+    lambda raw: raw["folds"][0]["splits"].__setitem__("testing", raw["folds"][0]["splits"].pop("test")),
+    lambda raw: raw["folds"][0]["splits"]["train"].extend(raw["folds"][0]["splits"].pop("test")),
+], ids=["no-splits", "not-a-fold", "no-class-names", "renamed-side", "no-test-side"])
 def test_a_hand_edited_cv_splits_file_is_one_clear_error(tmp_path, damage):
     from finescope.cv import save_cv_splits
 

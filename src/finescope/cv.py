@@ -51,7 +51,7 @@ from finescope.data import (
     summarize_splits,
     trial_splits,
 )
-from finescope.data.splits import _relative
+from finescope.data.splits import SIDES, _relative
 from finescope.errors import FinescopeError
 from finescope.files import remove_temporaries, write_text
 from finescope.models import list_models
@@ -315,6 +315,10 @@ def load_cv_splits(path: str | Path, sample_set: SampleSet, per_magnification: b
                 and all(isinstance(v, list) and all(isinstance(p, str) for p in v) for v in item["splits"].values())):
             raise FinescopeError(f"--splits '{path}': fold {n} is not a name with a 'splits' mapping of side -> list "
                                  f"of image paths (the file is damaged or was edited); {fix}")
+        sides = set(item["splits"])
+        if not {"train", "test"} <= sides <= set(SIDES):
+            raise FinescopeError(f"--splits '{path}': fold {item['name']} has the sides {sorted(sides)}, not train and "
+                                 f"test (and val) (the file is damaged or was edited); {fix}")
     index = {_relative(s.path, sample_set.root): i for i, s in enumerate(sample_set.samples)}
     subsets = magnification_subsets(sample_set, per_magnification)
     folds = []
