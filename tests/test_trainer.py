@@ -368,6 +368,27 @@ def test_thin_splits_are_named_before_training():
     assert trainer.thin_split_warnings(splits, data, cfg, drawn=True)[0].startswith("the test split is empty")
 
 
+def test_a_finished_run_trained_on_is_not_marked_finished_until_it_is(synthetic_root, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _train(synthetic_root, out, variant="global", epochs=1)
+    assert (out / "metrics.json").is_file()
+    cfg = load_config(None, tiny_overrides(synthetic_root, "global", 2))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # killed in the epoch the resume adds
+        m.setattr(trainer, "_run_epoch", killed)
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train(cfg, out, resume=True, progress=False)
+    assert not (out / "metrics.json").exists()  # the epoch-1 metrics no longer say the run is finished
+    trainer.train(cfg, out, resume=True, progress=False)
+    assert json.loads((out / "metrics.json").read_text())["n_images"] > 0
+    # resumed when done (testing again) keeps it until the new one replaces it
+    trainer.train(cfg, out, resume=True, progress=False)
+    assert (out / "metrics.json").is_file()
+
+
 def test_resume_after_an_early_stop_with_more_patience_trains_on(synthetic_root, tmp_path, capsys):
     """README: train.patience and train.epochs may change on --resume "to train longer"; a run that stopped
     early continues when the new patience allows it (the stop is decided again, not read from the checkpoint)."""

@@ -547,8 +547,11 @@ def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool) -> 
     if resume:
         start, tracker = _resume_state(run_dir, resumed, sample_set.class_names, model, optimizer, scheduler,
                                        scaler, cfg.train.patience, validated=len(splits.get("val", [])) > 0)
+        done = start >= cfg.train.epochs or tracker["stopped"]
+        if not done and dist.is_main():  # a finished run trained on (more epochs, more patience) is unfinished
+            # again: its metrics.json, which marks a finished run, goes until its test is run again
+            (run_dir / "metrics.json").unlink(missing_ok=True)
         if progress and dist.is_main():
-            done = start >= cfg.train.epochs or tracker["stopped"]
             print(f"resuming {run_dir} after epoch {start} of {cfg.train.epochs}, with {dist.world_size()} "
                   f"process{'es' if dist.world_size() > 1 else ''}" + ("; its training is done: testing again"
                                                                       if done else ""), flush=True)
