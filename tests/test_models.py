@@ -194,6 +194,20 @@ def test_unknown_variant_and_backbone():
         create_backbone("resnet_does_not_exist")
 
 
+def test_a_view_or_crop_smaller_than_a_cell_of_a_flooring_backbone_is_refused():
+    """convnext_tiny's grid is floor(side / 32): a 24-pixel crop has no cell, and its first forward pass failed
+    with a RuntimeError traceback; the config is refused at once, naming the key. The full-resolution view of
+    global-hires does not read model.global_size, and a variant without crops not model.local_size."""
+    with pytest.raises(FinescopeError, match="'model.local_size' is 24 px, smaller than one feature cell of "
+                                             "backbone 'convnext_tiny' \\(32 px\\); set it to at least 32"):
+        create_model(ModelConfig(variant="fusion", backbone="convnext_tiny", global_size=64, local_size=24), 2)
+    with pytest.raises(FinescopeError, match="'model.global_size' is 16 px"):
+        create_model(ModelConfig(variant="global", backbone="convnext_tiny", global_size=16), 2)
+    create_model(ModelConfig(variant="attention", backbone="convnext_tiny", global_size=32, local_size=8), 2)
+    create_model(ModelConfig(variant="global-hires", backbone="convnext_tiny", global_size=8), 2)
+    create_model(ModelConfig(variant="fusion", backbone="tiny", global_size=8, local_size=8), 2)  # padded convs
+
+
 def test_tiny_has_no_pretrained_weights():
     with pytest.raises(FinescopeError, match="backbone 'tiny' has no pretrained weights"):
         create_backbone("tiny", pretrained=True)  # not a randomly initialised one as if it were pretrained

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from torch import nn
+
 from finescope.config import ModelConfig
 from finescope.errors import FinescopeError
 from finescope.models.backbones import create_backbone
@@ -54,12 +56,28 @@ def variant_switches(name: str) -> dict:
     return dict(_VARIANTS[name][1])
 
 
+def _check_sides(cfg: ModelConfig, switches: dict, backbone: nn.Module) -> None:
+    """Refuse a global view or crop smaller than one feature cell of a backbone that floors its grid (patchifying
+    stems such as ConvNeXt's): it would have no cell, and the backbone's first forward pass would fail."""
+    stride = getattr(backbone, "stride", None)
+    if stride is None or getattr(backbone, "ceil", True):
+        return
+    sides = {"model.global_size": cfg.global_size} if not switches.get("hires") else {}
+    if switches.get("use_crops"):
+        sides["model.local_size"] = cfg.local_size
+    for key, side in sides.items():
+        if side < stride:
+            raise FinescopeError(f"config key '{key}' is {side} px, smaller than one feature cell of backbone "
+                                 f"'{cfg.backbone}' ({stride} px); set it to at least {stride}")
+
+
 def create_model(cfg: ModelConfig, num_classes: int, backbone_factory: Callable | None = None) -> FineScopeNet:
     """Build the variant ``cfg.variant`` with backbone ``cfg.backbone`` for ``num_classes`` classes."""
     switches = variant_switches(cfg.variant)
     if num_classes < 2:
         raise FinescopeError(f"need at least 2 classes to train a classifier, found {num_classes}")
     backbone = (backbone_factory or create_backbone)(cfg.backbone, cfg.weights, cfg.pretrained)
+    _check_sides(cfg, switches, backbone)
     return FineScopeNet(
         backbone,
         num_classes,
