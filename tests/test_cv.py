@@ -68,6 +68,29 @@ def test_per_magnification_folds_stay_within_their_magnification():
         assert {s.samples[i].meta["magnification"] for side in f.splits.values() for i in side} == {f.magnification}
 
 
+def test_per_magnification_folds_from_a_csv_magnification_column(tmp_path):
+    """A manifest's magnification column written as on the slides ('40X') gives the folds of BreakHis numbers
+    (int('40X') was a traceback); a value that is no magnification is one line when the manifest is read, not at
+    the end of a cv that trained every fold (an empty cell is none)."""
+    from PIL import Image
+
+    rows = ["path,label,group,magnification"]
+    for i in range(16):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{'ab'[i % 2]},p{i % 4},{'40X' if i < 8 else '100x'}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    s = load_samples(load_config(overrides=["data.source=csv", f"data.root={tmp_path / 'm.csv'}"]).data)
+    folds = make_folds(s, Protocol(folds=2, per_magnification=True), seed=0, val_fraction=0.0)
+    assert [f.magnification for f in folds] == [40, 40, 100, 100]
+    (tmp_path / "m.csv").write_text("\n".join(rows).replace("100x", "NA", 1).replace("100x", "") + "\n")
+    with pytest.raises(FinescopeError, match=r"m\.csv' line 10 has magnification 'NA'; write it as a number"):
+        load_samples(load_config(overrides=["data.source=csv", f"data.root={tmp_path / 'm.csv'}"]).data)
+    (tmp_path / "m.csv").write_text("\n".join(rows).replace("100x", "") + "\n")
+    s = load_samples(load_config(overrides=["data.source=csv", f"data.root={tmp_path / 'm.csv'}"]).data)
+    assert [f.magnification for f in make_folds(s, Protocol(folds=2, per_magnification=True), seed=0,
+                                                val_fraction=0.0)] == [None, None]  # not every image has one
+
+
 @realdata
 def test_breakhis_seeds_differ_and_stay_grouped_stratified():
     """sklearn's StratifiedGroupKFold(shuffle=True) gave one partition for every seed on these cases."""

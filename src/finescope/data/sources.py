@@ -506,6 +506,15 @@ def _csv_row(row: dict[str, str], line: int, manifest: Path, header: list[str], 
                              "group column each image is its own group)")
     group = row.get("group") or Path(row["path"]).as_posix()
     meta = {k: v for k, v in row.items() if k not in ("path", "label", "group", "split") and k}
+    if "magnification" in meta:  # '40X' or '40' -> 40, as BreakHis names give it; an empty cell says none
+        mag = re.fullmatch(r"(\d+)\s*[xX]?", meta["magnification"])
+        if meta["magnification"] and mag is None:  # cv would stop at it after training every fold
+            raise FinescopeError(f"{where} has magnification '{meta['magnification']}'; write it as a number such as "
+                                 "40 or 40X, or leave the cell empty")
+        if mag:
+            meta["magnification"] = int(mag[1])
+        else:
+            del meta["magnification"]
     return _Found(path, row["label"], group, meta, split)
 
 
