@@ -1028,3 +1028,17 @@ def test_compiled_fusion_matches_eager():
     torch.testing.assert_close(compiled.boxes, eager.boxes)
     torch.testing.assert_close(compiled.logits, eager.logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(compiled.box_mass, eager.box_mass, atol=1e-5, rtol=1e-5)
+
+
+def test_a_training_batch_of_one_image_with_a_1x1_feature_map_is_one_line():
+    """Small images (or a small model.global_size) give the backbone a 1x1 map; a last batch of one such image
+    cannot be batch-normalised in training: a FinescopeError saying what to change, not torch's ValueError."""
+    from finescope.data.dataset import Batch
+    from finescope.engine import train_one_epoch
+
+    model = create_model(ModelConfig(variant="global-hires", backbone="tiny"), 2)
+    batch = Batch(torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8), torch.tensor([[16, 16]]),
+                  torch.tensor([0]), torch.arange(1))
+    with pytest.raises(FinescopeError, match=r"batch of one image reaches a 1x1 feature map.*model\.global_size"):
+        train_one_epoch(model, [batch], torch.optim.SGD(model.parameters(), lr=0.1), None, torch.device("cpu"),
+                        progress=False)

@@ -150,7 +150,16 @@ def train_one_epoch(
         if mark_steps:
             torch.compiler.cudagraph_mark_step_begin()
         with autocast(device, amp, cpu_amp):
-            out = model(images, sizes)
+            try:
+                out = model(images, sizes)
+            except ValueError as e:  # torch's BatchNorm: one value per channel, nothing to normalise
+                if "more than 1 value per channel" not in str(e):
+                    raise
+                raise FinescopeError("a training batch of one image reaches a 1x1 feature map in the backbone, which "
+                                     "BatchNorm cannot normalise in training: raise model.global_size and "
+                                     "model.local_size above the backbone's stride (32 for torchvision's, 16 for "
+                                     "tiny; global-hires reads the images at their own size), or set "
+                                     "train.batch_size so that no batch holds a single image") from None
         loss = compute_loss(out, labels, aux_weight, label_smoothing)
         if per_class is None:  # every rank runs every step (stand-ins too): the same size on every rank
             per_class = torch.zeros(out.logits.shape[1], device=device, dtype=torch.long)
