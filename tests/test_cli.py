@@ -109,6 +109,19 @@ def test_files_outside_the_data_say_their_class_and_group():
         == (1, "")
 
 
+def test_numbered_patient_folders_in_numbered_class_folders_keep_their_class():
+    """Classes 0/1 with patients numbered 1, 2, ...: patient folder '1' in class folder '0' is no class folder,
+    below the model's data.root (the folder right under it) and elsewhere (a new cohort in the same layout)."""
+    from finescope.config import DataConfig
+    from finescope.data.sources import label_and_group_of
+
+    classes = ["0", "1"]
+    assert label_and_group_of("/d/0/1/a.png", DataConfig(source="folder", root="/d"), classes) == (0, "1")
+    assert label_and_group_of("/new/0/1/a.png", DataConfig(source="folder", root="/d"), classes) == (0, "1")
+    assert label_and_group_of("/new/1/0/a.png", DataConfig(source="folder", root="/d"), classes) == (1, "0")
+    assert label_and_group_of("/1/d/0/7/a.png", DataConfig(source="folder", root="/1/d"), classes) == (0, "7")
+
+
 def test_a_breakhis_file_outside_the_data_says_its_patient_beside_its_case():
     from finescope.config import DataConfig
     from finescope.data.sources import file_sample

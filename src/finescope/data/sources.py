@@ -300,7 +300,9 @@ def label_and_group_of(path: str | Path, cfg: DataConfig, class_names: Sequence[
 
     With ``data.source: breakhis`` an original BreakHis name gives both: the class by ``data.task``, the group the
     case number, as in training. Otherwise the class is the nearest parent folder named like a class
-    (``defungi/H1/x.jpg`` -> H1; for a link without one, that of the file it links to) and the group as in training
+    (``defungi/H1/x.jpg`` -> H1; below a ``folder`` source's ``data.root`` the one right under it, elsewhere not one
+    lying in another so named, see :func:`_class_folder`; for a link without one, that of the file it links to)
+    and the group as in training
     (:func:`group_below_class`, on the path below that folder, or on the file name when no parent is named like a
     class); '' for an image that would be its own.
     """
@@ -310,10 +312,24 @@ def label_and_group_of(path: str | Path, cfg: DataConfig, class_names: Sequence[
         name = info["tumor_class"] if cfg.task == "binary" else info["subtype"]
         return (list(class_names).index(name) if name in class_names else -1), info["case"]
     real = Path(os.path.realpath(path))  # a link given outside the class folders: where its image lies
-    path, folder = next(((c, p) for c in (path, real) for p in c.parents if p.name in class_names), (path, None))
+    path, folder = next(((c, f) for c in (path, real) if (f := _class_folder(c, cfg, class_names))), (path, None))
     label = -1 if folder is None else list(class_names).index(folder.name)
     pattern = re.compile(cfg.group_pattern) if cfg.group_pattern else None
     return label, group_below_class(path.relative_to(folder) if folder else Path(path.name), pattern) or ""
+
+
+def _class_folder(path: Path, cfg: DataConfig, class_names: Sequence[str]) -> Path | None:
+    """The folder that gives an image's class: below ``data.root`` of a ``folder`` source the one right under it,
+    as in training; elsewhere the nearest parent named like a class that does not itself lie in one (patient
+    folder ``1`` in class folder ``0`` is no class folder), else the nearest so named; None when none is."""
+    if cfg.source == "folder" and cfg.root:
+        root = Path(os.path.abspath(os.path.expanduser(cfg.root)))
+        if root in path.parents and len(path.relative_to(root).parts) > 1:
+            top = path.relative_to(root).parts[0]
+            if top in class_names:
+                return root / top
+    named = [p for p in path.parents if p.name in class_names]
+    return next((p for p in named if p.parent.name not in class_names), named[0] if named else None)
 
 
 def file_sample(path: str | Path, cfg: DataConfig, class_names: Sequence[str]) -> Sample:
