@@ -371,6 +371,10 @@ def test_csv_errors(tmp_path):
     blank.write_text("path,label,group\n\na.png,x,P1\n\nb.png,x,\n")  # blank lines: the file's own line numbers
     with pytest.raises(FinescopeError, match=r"blank\.csv' line 5 has an empty group"):
         load_samples(DataConfig(source="csv", root=str(blank)))
+    latin = tmp_path / "latin.csv"  # Excel's plain "CSV" on Windows: cp1252
+    latin.write_bytes("path,label,group\na.png,x,Patient é\n".encode("cp1252"))
+    with pytest.raises(FinescopeError, match=r"latin\.csv': it is not UTF-8 .*; save it as UTF-8"):
+        load_samples(DataConfig(source="csv", root=str(latin)))
 
 
 # ----------------------------------------------------------------------------------------------- synthetic

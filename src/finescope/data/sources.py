@@ -490,7 +490,10 @@ def _read_rows(manifest: Path) -> tuple[list[str], list[tuple[int, dict[str, str
         hint = " (a quote opened and never closed?)" if "end of data" in str(e) else ""
         start = (reader.line_num if reader else 0) + 1  # the row that failed starts after the last one read
         raise FinescopeError(f"cannot read CSV manifest '{manifest}', the row from line {start}: {e}{hint}") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:  # e.g. Excel's "CSV (Comma delimited)": the Windows code page
+        raise FinescopeError(f"cannot read CSV manifest '{manifest}': it is not UTF-8 ({e}); save it as UTF-8 "
+                             "(Excel: 'CSV UTF-8')") from None
+    except OSError as e:
         raise FinescopeError(f"cannot read CSV manifest '{manifest}': {e}") from None
     for column in ("path", "label"):
         if column not in header:
