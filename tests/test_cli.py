@@ -185,6 +185,23 @@ def test_one_class_folder_says_where_the_classes_are(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_a_run_inside_the_folder_data_is_refused_before_it_writes(tmp_path, capsys, monkeypatch):
+    """'cd mydata; finescope train' with data.root '.' and the default --out runs/<name>: the run folder would
+    become a class 'runs' (the error used to say so, of a folder the user never made); refused, nothing written,
+    by train and by cv."""
+    root = _folder(tmp_path / "d")
+    config = os.path.abspath("configs/demo.yaml")
+    monkeypatch.chdir(root)
+    args = _train_args(".", tmp_path)
+    args[args.index("--config") + 1], args[args.index("--out") + 1] = config, "runs/mine"
+    assert main(args) == 2
+    assert "--out '" + str(root / "runs" / "mine") + "' lies inside data.root" in _one_error_line(capsys)
+    assert main(["cv", "--config", config, "--folds", "2", "--out", "runs/cv", "--quiet", "--set",
+                 "data.source=folder", "data.root=."]) == 2
+    assert "lies inside data.root" in _one_error_line(capsys)
+    assert sorted(p.name for p in root.iterdir()) == ["a", "b"]
+
+
 def test_data_says_that_train_would_stop_at_one_class(tmp_path, capsys):
     _folder(tmp_path / "d" / "dataset")  # one folder too high: one class, 'dataset'
     assert main(["data", "--config", "configs/demo.yaml", "--no-read", "--set", "data.source=folder",

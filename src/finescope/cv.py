@@ -51,6 +51,7 @@ from finescope.data import (
     summarize_splits,
     trial_splits,
 )
+from finescope.data.sources import check_outside_data
 from finescope.data.splits import SIDES, _relative
 from finescope.errors import FinescopeError
 from finescope.files import remove_temporaries, write_text
@@ -498,6 +499,7 @@ def run_cv(
     out = Path(out)
     cfg = replace(cfg, data=replace(cfg.data, splits=""))
     check_protocol(p)
+    check_outside_data(cfg.data, out)
     check_rerun(out, cfg, p)
     sample_set = load_samples(cfg.data)
     folds = resolve_folds(out, sample_set, cfg, p, splits_file)

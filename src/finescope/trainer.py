@@ -58,6 +58,7 @@ from finescope.data import (
     split_groups,
 )
 from finescope.data.dataset import worker_context
+from finescope.data.sources import check_outside_data
 from finescope.data.splits import own_split_leak
 from finescope.engine import (
     Predictions,
@@ -490,6 +491,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     dist.per_rank_batch(cfg.train.batch_size)
     dist.check_sync_bn(cfg.train.sync_bn, resolve_device(cfg.train.device))
     check_compile(cfg.train.compile)
+    check_outside_data(cfg.data, run_dir)
     lock = _RunLock(run_dir)
     try:
         if not resume and (run_dir / "checkpoints" / "last.pt").is_file():

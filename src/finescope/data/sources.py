@@ -198,6 +198,19 @@ def _check_root(root: str, what: str) -> Path:
     return path
 
 
+def check_outside_data(cfg: DataConfig, out: str | Path, flag: str = "--out") -> None:
+    """Refuse an output folder inside a ``folder`` or ``breakhis`` source's ``data.root``: those sources read
+    every folder and image below the root, so the run's own files would become data (its top folder a class)."""
+    if cfg.source not in ("folder", "breakhis") or not cfg.root:
+        return
+    root = Path(os.path.abspath(os.path.expanduser(cfg.root)))
+    out = Path(os.path.abspath(out))
+    if out == root or root in out.parents:
+        raise FinescopeError(f"{flag} '{out}' lies inside data.root '{root}' ({cfg.source} source), which reads every "
+                             "folder and image below it: the outputs would become data; write them outside the "
+                             "data folder")
+
+
 def is_image_file(path: Path) -> bool:
     """True for a visible file with one of :data:`SUPPORTED_EXTENSIONS` (any case)."""
     return path.suffix.lower() in SUPPORTED_EXTENSIONS and not path.name.startswith(".")
