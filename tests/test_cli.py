@@ -73,6 +73,23 @@ def test_train_evaluate_predict(cli_run, synthetic_root, tmp_path, capsys):
     assert main(["predict", str(cli_run), str(tmp_path / "p.csv")]) == 2  # not an image
 
 
+def test_file_names_that_are_not_utf8_are_written_and_read_back(cli_run, synthetic_root, tmp_path):
+    """A Latin-1 file name (an old archive unpacked on Linux) is a str with a surrogate: predict and evaluate
+    stopped on it with a UnicodeEncodeError traceback writing their CSV; they write its bytes, the report reads
+    them back, and the paths still name the files."""
+    header = (cli_run / "predictions_test.csv").read_text().splitlines()[0].split(",")
+    for c in [h.removeprefix("prob_") for h in header if h.startswith("prob_")]:
+        (tmp_path / "d" / c).mkdir(parents=True)
+        Image.open(synthetic_root / "images" / "typical_0000.png").save(os.fsdecode(os.fsencode(tmp_path / "d" / c)
+                                                                                   + b"/caf\xe9.png"))
+    assert main(["predict", str(cli_run), str(tmp_path / "d"), "--out", str(tmp_path / "p.csv"), "--device", "cpu"]) == 0
+    with (tmp_path / "p.csv").open(newline="", encoding="utf-8", errors="surrogateescape") as f:
+        assert [os.path.isfile(row["path"]) for row in csv.DictReader(f)] == [True, True]
+    assert main(["evaluate", str(cli_run), "--device", "cpu", "--out", str(tmp_path / "m.json"), "--set",
+                 "data.source=folder", f"data.root={tmp_path / 'd'}"]) == 0
+    assert (tmp_path / "m_predictions.csv").is_file() and (tmp_path / "m_report.html").is_file()
+
+
 def test_predict_fills_the_true_class_from_a_class_folder_and_normalises_paths(cli_run, synthetic_root, tmp_path):
     img = synthetic_root / "images" / "typical_0000.png"
     assert main(["predict", str(cli_run), str(img), "--out", str(tmp_path / "one.csv"), "--device", "cpu"]) == 0

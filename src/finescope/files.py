@@ -12,13 +12,16 @@ from pathlib import Path
 from typing import IO
 
 TMP_PREFIX = ".finescope-"  # temporary files: ``.finescope-XXXXXXXX.tmp`` beside their target
+# a file name that is not UTF-8 (Latin-1 names from an old archive) is a str with surrogates on Linux: written
+# back as its own bytes, and read back (errors=ERRORS) as the same str, so that paths in a CSV still match
+ERRORS = "surrogateescape"
 
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, newline: str | None = None) -> Iterator[IO[str]]:
-    """A UTF-8 text file for writing that appears at ``path`` only once complete: written under a temporary
-    name in the same folder, then renamed over ``path``, so the previous file (or none) stays until then; an
-    existing file keeps its permissions. A ``path`` that is a link (symbolic or hard, such as ``/dev/stdout``)
+    """A UTF-8 text file for writing (names that are not UTF-8 as their bytes: :data:`ERRORS`) that appears at
+    ``path`` only once complete: written under a temporary name in the same folder, then renamed over ``path``, so
+    the previous file (or none) stays until then; an existing file keeps its permissions. A ``path`` that is a link (symbolic or hard, such as ``/dev/stdout``)
     or not a regular file (a pipe) is written through, directly, as ``open`` would."""
     path = Path(path)
     try:
@@ -26,7 +29,7 @@ def atomic_open(path: str | os.PathLike, newline: str | None = None) -> Iterator
     except OSError:  # not there yet
         st = None
     if st is not None and (path.is_symlink() or not stat.S_ISREG(st.st_mode) or st.st_nlink > 1):
-        with path.open("w", newline=newline, encoding="utf-8") as fh:
+        with path.open("w", newline=newline, encoding="utf-8", errors=ERRORS) as fh:
             yield fh
         return
     try:
@@ -34,7 +37,7 @@ def atomic_open(path: str | os.PathLike, newline: str | None = None) -> Iterator
     except OSError as e:  # name the file the user asked for, not the temporary one
         raise type(e)(e.errno, e.strerror, str(path)) from None
     try:
-        with os.fdopen(fd, "w", newline=newline, encoding="utf-8") as fh:
+        with os.fdopen(fd, "w", newline=newline, encoding="utf-8", errors=ERRORS) as fh:
             yield fh
         if st is not None:
             os.chmod(tmp, stat.S_IMODE(st.st_mode))

@@ -24,7 +24,7 @@ import numpy as np
 from finescope.data import SampleSet
 from finescope.data.splits import _relative
 from finescope.errors import FinescopeError
-from finescope.files import atomic_open
+from finescope.files import ERRORS, atomic_open
 from finescope.metrics import SCALAR_METRICS, bootstrap_ci, compute_metrics, paired_bootstrap, summarize_folds
 
 # metrics with pooled patient-clustered intervals and paired comparisons, in table order
@@ -78,7 +78,7 @@ def collect_predictions(out: Path, folds: list, variants: tuple[str, ...], sampl
 
 def _run_rows(path: Path, names: list[str], fix: str) -> list[dict]:
     """The rows of a run's ``predictions_test.csv``; raise naming ``fix`` when a column or field is missing."""
-    with path.open(newline="") as fh:
+    with path.open(newline="", encoding="utf-8", errors=ERRORS) as fh:
         reader = csv.DictReader(fh)
         rows = list(reader)
     needed = ["path", "predicted", *[f"prob_{n}" for n in names]]
@@ -107,7 +107,7 @@ def read_oof_csv(path: str | Path) -> tuple[list[dict], list[str]]:
     if not path.is_file():
         raise FinescopeError(f"'{path}' not found; run `finescope cv` first")
     try:
-        with path.open(newline="") as fh:
+        with path.open(newline="", encoding="utf-8", errors=ERRORS) as fh:
             reader = csv.DictReader(fh)
             rows = list(reader)
             names = [c[len("prob_"):] for c in reader.fieldnames or [] if c.startswith("prob_")]

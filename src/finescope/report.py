@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 
 from finescope.checkpoint import read_history  # noqa: E402
 from finescope.errors import FinescopeError, FinescopeWarning  # noqa: E402
-from finescope.files import atomic_open, write_text  # noqa: E402
+from finescope.files import ERRORS, atomic_open, write_text  # noqa: E402
 from finescope.metrics import reliability_curve, roc_curves  # noqa: E402
 from finescope.oof import TABLE_METRICS, as_arrays, read_oof_csv, summarize_predictions  # noqa: E402
 
@@ -56,7 +56,7 @@ def _is_cv(run_dir: Path) -> bool:
         return False
     if (run_dir / "cv.json").is_file() or (run_dir / "runs").is_dir():
         return True
-    with path.open(newline="") as fh:
+    with path.open(newline="", encoding="utf-8", errors=ERRORS) as fh:
         header = next(csv.reader(fh), [])
     return {"fold", "variant"} <= set(header)
 
@@ -80,7 +80,7 @@ def _single_run_rows(run_dir: Path, predictions: Path | None, fig_dir: Path) -> 
         cfg = {}
     model = cfg.get("model") if isinstance(cfg, dict) else None
     variant = model.get("variant", "model") if isinstance(model, dict) else "model"  # a label only
-    with src.open(newline="") as fh:
+    with src.open(newline="", encoding="utf-8", errors=ERRORS) as fh:
         reader = csv.DictReader(fh)
         probs = [c for c in reader.fieldnames or [] if c.startswith("prob_")]
         lacking = [c for c in ("path", "group", "true", "predicted") if c not in (reader.fieldnames or [])]
