@@ -493,6 +493,24 @@ def test_gallery_links_reach_figures_of_names_with_hash_percent_and_spaces(tmp_p
         assert not url.fragment and not url.query and (out / unquote(url.path)).is_file(), link
 
 
+def test_a_file_name_that_is_not_utf8_is_explained_under_a_name_matplotlib_can_draw(tmp_path):
+    """A Latin-1 file name (a str with a surrogate on Linux) was the figure's title: matplotlib stopped explain
+    with a TypeError traceback. It is shown with U+FFFD for the odd byte."""
+    import os
+
+    from PIL import Image
+
+    from finescope.cli import main
+
+    run = make_run(tmp_path, "fusion")
+    folder = tmp_path / "in" / "typical"
+    folder.mkdir(parents=True)
+    Image.fromarray(image(96, 96).permute(1, 2, 0).numpy()).save(os.fsdecode(os.fsencode(folder) + b"/caf\xe9.png"))
+    out = tmp_path / "out"
+    assert main(["explain", str(run), str(tmp_path / "in"), "--out", str(out), "--no-faithfulness", *FAST]) == 0
+    assert [p.name for p in (out / "images").iterdir()] == ["00000_caf\ufffd.png"]
+
+
 def test_an_image_smaller_than_the_crops_is_explained_with_a_note_that_predict_skips_it(tmp_path):
     from PIL import Image
 

@@ -44,6 +44,12 @@ class Inputs:
     train_sizes: set = field(default_factory=set)
 
 
+def _shown(name: str) -> str:
+    """A name to show: a file name that is not UTF-8 (a str with surrogates on Linux, which matplotlib cannot
+    draw) with U+FFFD for its odd bytes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _cells_of(root: str | Path) -> dict | None:
     """The synthetic set's true atypical nuclei, or None for other data: a ``cells.json`` that is not the
     generator's (another tool's file of that name in a parent folder) is ignored with a warning."""
@@ -94,7 +100,7 @@ def split_inputs(cfg: Config, state: dict, class_names: list[str], split: str) -
     for i in indices:
         s = sample_set.samples[i]
         rel = Path(os.path.relpath(s.path, sample_set.root)).as_posix()
-        items.append(Item(s.path, rel, int(s.label), None if cells is None else cells.get(rel, [])))
+        items.append(Item(s.path, _shown(rel), int(s.label), None if cells is None else cells.get(rel, [])))
     sizes = _image_sizes([sample_set.samples[i].path for i in splits["train"]])
     return Inputs(items, sample_set.root, sizes)
 
@@ -121,7 +127,7 @@ def path_inputs(paths: list[str], class_names: list[str], cfg: Config) -> Inputs
         absolute = Path(os.path.abspath(f))
         name = f.relative_to(base).as_posix() if f != base else f.name
         label = label_and_group_of(absolute, cfg.data, class_names)[0]
-        items.append(Item(str(absolute), name, None if label < 0 else label, _cells_for(f.resolve(), cache)))
+        items.append(Item(str(absolute), _shown(name), None if label < 0 else label, _cells_for(f.resolve(), cache)))
     return Inputs(items)
 
 
