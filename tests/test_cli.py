@@ -219,6 +219,21 @@ def test_a_run_inside_the_folder_data_is_refused_before_it_writes(tmp_path, caps
     assert sorted(p.name for p in root.iterdir()) == ["a", "b"]
 
 
+def test_data_prints_a_file_name_that_is_not_utf8_under_a_strict_utf8_terminal(tmp_path, monkeypatch):
+    """Under a UTF-8 locale (en_US.UTF-8) stdout refuses surrogates: 'finescope data' on a patient folder with a
+    Latin-1 name ended in a UnicodeEncodeError traceback at its print; the name is printed escaped instead."""
+    import io
+
+    for c in ("a", "b"):
+        _folder(tmp_path / "d" / c, classes=(os.fsdecode(b"Jos\xe9"), "Ana"))  # root/<class>/<patient>/<image>
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr("sys.stdout", out)
+    assert main(["data", "--config", "configs/demo.yaml", "--set", "data.source=folder",
+                 f"data.root={tmp_path / 'd'}", "model.local_size=64"]) == 0
+    out.flush()
+    assert "groups: Ana, Jos\\udce9" in out.buffer.getvalue().decode()
+
+
 def test_data_says_that_train_would_stop_at_one_class(tmp_path, capsys):
     _folder(tmp_path / "d" / "dataset")  # one folder too high: one class, 'dataset'
     assert main(["data", "--config", "configs/demo.yaml", "--no-read", "--set", "data.source=folder",

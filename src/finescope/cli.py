@@ -364,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     tune_allocator()  # glibc keeps freed tensors' memory for the next step (finescope.runtime)
+    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")  # a file name that is not UTF-8, as stderr prints it
     debug = os.environ.get("FINESCOPE_DEBUG") == "1"
     with warnings.catch_warnings():  # the settings below end with the command (main may be called in-process)
         if not debug:
