@@ -162,6 +162,14 @@ def test_breakhis_subtype_and_magnification_filter(tmp_path):
     }
 
 
+def test_breakhis_subset_without_a_subtype_says_how_to_train_on_the_others(tmp_path):
+    """'remove the class' cannot be done for BreakHis, whose classes data.task sets: the line says what can."""
+    root = make_breakhis_flat(tmp_path / "bh")
+    with pytest.raises(FinescopeError, match=r"class 'phyllodes_tumor' has no images .*data\.task sets the BreakHis "
+                                             r"classes: add images of it, or list .* \(data\.source=csv\)"):
+        load_samples(DataConfig(source="breakhis", root=str(root), task="subtype"))
+
+
 def test_breakhis_bad_magnification(tmp_path):
     root = make_breakhis_flat(tmp_path)
     with pytest.raises(FinescopeError, match="data.magnifications"):

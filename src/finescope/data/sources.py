@@ -164,9 +164,11 @@ def _to_sample_set(
         present = {f.label for f in found}
         for name in names:
             if name not in present:
+                fix = ("data.task sets the BreakHis classes: add images of it, or list the images and their "
+                       "classes in a CSV manifest (data.source=csv)" if cfg.source == "breakhis" else
+                       "add images of it or remove the class")
                 raise FinescopeError(
-                    f"class '{name}' has no images under data.root '{scan.root}' (data.source={cfg.source}); "
-                    "add images of it or remove the class"
+                    f"class '{name}' has no images under data.root '{scan.root}' (data.source={cfg.source}); {fix}"
                 )
     samples = [Sample(f.path, index[f.label], f.group, f.meta) for f in found]
     has_split = any(f.split is not None for f in found)
