@@ -90,6 +90,21 @@ def test_file_names_that_are_not_utf8_are_written_and_read_back(cli_run, synthet
     assert (tmp_path / "m_predictions.csv").is_file() and (tmp_path / "m_report.html").is_file()
 
 
+def test_evaluate_on_a_root_under_home_names_the_folder_it_read(cli_run, synthetic_root, tmp_path, monkeypatch,
+                                                                capsys):
+    """data.root '~/d' (as a YAML file writes it) is read from the home folder; metrics.json and the report named
+    '<working folder>/~/d', a folder that does not exist."""
+    header = (cli_run / "predictions_test.csv").read_text().splitlines()[0].split(",")
+    for c in [h.removeprefix("prob_") for h in header if h.startswith("prob_")]:
+        (tmp_path / "d" / c).mkdir(parents=True)
+        Image.open(synthetic_root / "images" / "typical_0000.png").save(tmp_path / "d" / c / "x.png")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["evaluate", str(cli_run), "--device", "cpu", "--out", str(tmp_path / "m.json"), "--set",
+                 "data.source=folder", "data.root=~/d"]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["data_root"] == str(tmp_path / "d")
+    assert f"'{tmp_path / 'd'}'" in (tmp_path / "m_report.md").read_text()
+
+
 def test_predict_fills_the_true_class_from_a_class_folder_and_normalises_paths(cli_run, synthetic_root, tmp_path):
     img = synthetic_root / "images" / "typical_0000.png"
     assert main(["predict", str(cli_run), str(img), "--out", str(tmp_path / "one.csv"), "--device", "cpu"]) == 0

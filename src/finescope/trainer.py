@@ -775,7 +775,7 @@ def evaluate(source: str | Path, split: str = "test", overrides: list[str] | Non
     if len(indices) == 0:
         raise empty_split_error(split, splits, run_dir)
     preds, metrics = evaluate_split(model, sample_set, indices, cfg, next(model.parameters()).device, desc=split)
-    metrics.update(split=split, checkpoint=state["path"], data_root=os.path.abspath(cfg.data.root),
+    metrics.update(split=split, checkpoint=state["path"], data_root=os.path.abspath(os.path.expanduser(cfg.data.root)),
                    split_leak=None if splits is None else own_split_leak(splits, sample_set))
     out = Path(out) if out else run_dir / f"metrics_{split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
