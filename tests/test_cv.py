@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from finescope.cli import main
-from finescope.config import load_config
+from finescope.config import load_config, to_dict
 from finescope.cv import Protocol, load_cv_splits, load_protocol, make_folds, make_protocol, run_cv
 from finescope.data import Sample, SampleSet, check_no_leak, kfold_groups, load_samples
 from finescope.errors import FinescopeError
@@ -50,6 +50,26 @@ def test_folds_are_grouped_stratified_and_val_comes_from_training_groups(protoco
     if protocol.folds:  # k-fold: every image tested exactly once
         tested = np.concatenate([f.splits["test"] for f in folds])
         assert sorted(tested.tolist()) == list(range(len(s)))
+
+
+def test_a_per_magnification_fold_of_a_csv_reads_the_images_of_its_magnification(tmp_path):
+    """cv --per-magnification trains each fold with data.magnifications=[its own]: the csv source ignored that
+    key, read every image, and the fold's splits.json then 'did not match the data' (18 images in no split)."""
+    from PIL import Image
+
+    from finescope.cv import fold_config
+
+    rows = ["path,label,group,magnification"]
+    for i in range(16):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{'ab'[i % 2]},p{i % 4},{'40X' if i < 8 else 100}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    cfg = load_config(overrides=["data.source=csv", f"data.root={tmp_path / 'm.csv'}"])
+    fold = make_folds(load_samples(cfg.data), Protocol(folds=2, per_magnification=True), seed=0, val_fraction=0.0)[0]
+    read = load_samples(fold_config(cfg, "global", fold, tmp_path / "splits.json").data)
+    assert fold.magnification == 40 and sorted(int(Path(x.path).stem) for x in read.samples) == list(range(8))
+    with pytest.raises(FinescopeError, match=r"m\.csv' lists no image at data\.magnifications \[200\]"):
+        load_samples(load_config(base=to_dict(cfg), overrides=["data.magnifications=[200]"]).data)
 
 
 def test_two_seeds_give_two_partitions():

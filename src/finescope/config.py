@@ -35,7 +35,7 @@ class DataConfig:
     source: str = "synthetic"  # synthetic | breakhis | folder | csv
     root: str = "data_cache/synthetic"
     task: str = "binary"  # breakhis: binary | subtype
-    magnifications: tuple[int, ...] = ()  # breakhis: keep only these (empty = all)
+    magnifications: tuple[int, ...] = ()  # breakhis, or a csv's magnification column: keep only these (empty = all)
     group_pattern: str = ""  # folder: regex on the file name, else on the path below the class folder; group 1
     on_error: str = "raise"  # raise | skip: what to do with an unreadable image
     merge_duplicates: bool = False  # byte-identical files share a group (hashes every file once per load)

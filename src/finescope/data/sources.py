@@ -566,6 +566,11 @@ def read_manifest(manifest: Path, cfg: DataConfig) -> _Scan:
         found.append(item)
     if not found:
         raise FinescopeError(f"none of the images listed in CSV manifest '{manifest}' exists")
+    if cfg.magnifications:  # a magnification column, as cv --per-magnification trains each on its own
+        found = [f for f in found if f.meta.get("magnification") in cfg.magnifications]
+        if not found:
+            raise FinescopeError(f"CSV manifest '{manifest}' lists no image at data.magnifications "
+                                 f"{list(cfg.magnifications)} in its magnification column; check data.magnifications")
     others = [h for h in header if h and h not in ("path", "label", "split")]
     no_groups = "" if "group" in header else (
         f"CSV manifest '{manifest}' has no 'group' column"
