@@ -105,6 +105,18 @@ def test_evaluate_on_a_root_under_home_names_the_folder_it_read(cli_run, synthet
     assert f"'{tmp_path / 'd'}'" in (tmp_path / "m_report.md").read_text()
 
 
+def test_predict_in_a_cv_folder_keeps_its_out_of_fold_predictions(cli_run, synthetic_root, tmp_path, monkeypatch,
+                                                                   capsys):
+    """predict's default --out, predictions.csv, run inside a cv folder replaced the cv's out-of-fold predictions
+    (report then refused the folder): refused, the file kept."""
+    (tmp_path / "cv.json").write_text("{}")
+    (tmp_path / "predictions.csv").write_text("image,group\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", str(cli_run), str(synthetic_root / "images" / "typical_0000.png"), "--device", "cpu"]) == 2
+    assert "is the out-of-fold predictions of the cv folder" in _one_error_line(capsys)
+    assert (tmp_path / "predictions.csv").read_text() == "image,group\n"
+
+
 def test_predict_fills_the_true_class_from_a_class_folder_and_normalises_paths(cli_run, synthetic_root, tmp_path):
     img = synthetic_root / "images" / "typical_0000.png"
     assert main(["predict", str(cli_run), str(img), "--out", str(tmp_path / "one.csv"), "--device", "cpu"]) == 0

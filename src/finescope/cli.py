@@ -93,6 +93,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from finescope.trainer import predict
 
     _not_a_checkpoint(args.out)
+    if Path(args.out).name == "predictions.csv" and (Path(args.out).parent / "cv.json").is_file():
+        raise FinescopeError(f"--out '{args.out}' is the out-of-fold predictions of the cv folder "
+                             f"'{Path(args.out).parent}'; give predict another file, e.g. --out new_predictions.csv")
     out = predict(args.checkpoint, args.paths, args.out, args.overrides, args.device)
     print(f"predictions written to {out}")
     return 0
