@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import re
 from pathlib import Path
 
@@ -206,6 +207,10 @@ def test_class_names_fix_label_order(tmp_path):
 def test_missing_root_and_no_images(tmp_path):
     with pytest.raises(FinescopeError, match=r"data.root '.*nowhere' does not exist"):
         load_samples(DataConfig(source="breakhis", root=str(tmp_path / "nowhere")))
+    # a run's relative root, evaluated from another folder: the line says where it was looked for
+    with pytest.raises(FinescopeError, match=r"data.root 'fold1' does not exist \(a relative path: read from "
+                       + re.escape(os.getcwd()) + r"\)"):
+        load_samples(DataConfig(source="folder", root="fold1"))
     (tmp_path / "empty" / "A").mkdir(parents=True)
     (tmp_path / "empty" / "A" / "notes.txt").write_text("x")
     with pytest.raises(FinescopeError, match=r"found 0 images under .*empty.*\.png"):

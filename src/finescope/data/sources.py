@@ -195,8 +195,10 @@ def _check_case(scan: _Scan) -> None:
 def _check_root(root: str, what: str) -> Path:
     """The root as an absolute path; raise when it does not exist."""
     path = Path(os.path.abspath(os.path.expanduser(root))) if root else None
-    if path is None or not path.exists():
-        raise FinescopeError(f"data.root '{root}' does not exist; set data.root to {what}")
+    if path is None or not path.exists():  # a run's relative root is read from here, not from where it trained
+        where = f" (a relative path: read from {os.getcwd()})" if root and not os.path.isabs(root) and \
+            not root.startswith("~") else ""
+        raise FinescopeError(f"data.root '{root}' does not exist{where}; set data.root to {what}")
     return path
 
 
