@@ -190,11 +190,11 @@ def test_a_link_outside_the_class_folders_takes_the_class_of_its_target(tmp_path
 def test_data_command_reports_counts(tmp_path, capsys):
     _folder(tmp_path / "d")
     assert main(["data", "--config", "configs/demo.yaml", "--set", "data.source=folder",
-                 f"data.root={tmp_path / 'd'}", "model.local_size=64", "--json", str(tmp_path / "d.json")]) == 0
+                 f"data.root={tmp_path / 'd'}", "model.local_size=64", "--json", str(tmp_path / "new" / "d.json")]) == 0
     out = capsys.readouterr().out
     assert "a" in out and "b" in out
     assert "groups: a/a_0.png, a/a_1.png, a/a_2.png, b/b_0.png, b/b_1.png, b/b_2.png\n" in out  # named, to check
-    assert json.loads((tmp_path / "d.json").read_text())["n_images"] == 6
+    assert json.loads((tmp_path / "new" / "d.json").read_text())["n_images"] == 6  # its folder made, as --out's
     # images smaller than the crops are listed, and fail the check as train would
     assert main(["data", "--config", "configs/demo.yaml", "--set", "data.source=folder",
                  f"data.root={tmp_path / 'd'}", "model.local_size=72", "model.global_size=64"]) == 1

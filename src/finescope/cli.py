@@ -110,7 +110,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     description = describe_samples(load_samples(cfg.data), read_images=not args.no_read,
                                    min_side=min_image_side(cfg))
     print(format_description(description))
-    if args.json:
+    if args.json:  # its folder made as predict's and evaluate's --out are
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_text(args.json, json.dumps(description, indent=2, default=str))
     if len(description["class_names"]) < 2:
         print(f"train would stop here: {one_class_error(cfg, description['class_names'])}")
