@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from finescope.cli import main
-from finescope.config import load_config, to_dict
+from finescope.config import load_config, save_config, to_dict
 from finescope.cv import Protocol, load_cv_splits, load_protocol, make_folds, make_protocol, run_cv
 from finescope.data import Sample, SampleSet, check_no_leak, kfold_groups, load_samples
 from finescope.errors import FinescopeError
@@ -176,6 +176,15 @@ def test_protocol_file_profiles(tmp_path):
         load_protocol(path, "slow")
     cfg, p = load_protocol(ROOT / "configs" / "breakhis_protocol.yaml", "quick")
     assert p.variants == ("global", "attention", "fusion") and p.per_magnification
+
+
+def test_a_runs_config_yaml_is_a_cv_config(tmp_path):
+    """`finescope train --config RUN/config.yaml` reads a run's resolved config; cv stopped at its provenance
+    entry ("unknown config key '_provenance'")."""
+    cfg = load_config(overrides=["model.backbone=tiny", "train.epochs=2"])
+    save_config(cfg, tmp_path / "config.yaml")
+    loaded, p = load_protocol(tmp_path / "config.yaml", "", None, {"variants": "global,fusion", "folds": 2})
+    assert loaded == load_config(tmp_path / "config.yaml") and (p.folds, p.variants) == (2, ("global", "fusion"))
 
 
 # ---------------------------------------------------------------------------------------------- end to end

@@ -168,6 +168,8 @@ def load_protocol(
 
     proto = mapping(raw.pop("protocol", None), "protocol")
     profiles = mapping(raw.pop("profiles", None), "profiles")
+    if "_provenance" in raw:  # a run's own config.yaml: read as that run was trained, as load_config does
+        raw = stored_config(raw)
     if profile:
         if profile not in profiles:
             have = ", ".join(map(str, profiles)) or "none"
