@@ -196,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.summarize_only:
         out = Path(args.summarize_only)
+        if not (out / "sweep.json").is_file():
+            parser.error(f"--summarize-only: no sweep.json in '{out}'; give the OUT folder of a finished sweep")
         rec = json.loads((out / "sweep.json").read_text())
         print(summarize(out, list(rec["seconds"]), rec["seconds"], args.n_boot))
         return 0

@@ -316,6 +316,7 @@ def test_gpu_check_skips_stages_past_its_budget(tmp_path):
     (["bench_model.py", "--device", "cpu", "--backbones", "nosuchnet", "--sizes", "64x64", "--modes", "infer"],
      "bench_model.py: error: unknown backbone 'nosuchnet'"),
     (["bench_data.py", "--data", "/no/such/folder", "--decode-n", "0"], "bench_data.py: error: data.root"),
+    (["ablation_sweep.py", "--summarize-only", "/no/such/folder"], "--summarize-only: no sweep.json in"),
 ])
 def test_bench_scripts_say_a_wrong_path_or_option_in_one_line(args, message):
     """A wrong path or option stops bench_model.py / bench_data.py with one line, not a traceback, and before
