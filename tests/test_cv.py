@@ -158,6 +158,19 @@ def test_too_few_groups_for_the_folds():
         make_folds(s, Protocol(folds=9), seed=0, val_fraction=0.0)
 
 
+def test_a_class_with_one_group_of_its_own_is_pointed_to_trials():
+    """k-fold deals a group to the fold of its majority class (BreakHis case 29960: fibroadenoma and adenosis
+    images). A class with two groups holding its images but one of its own passed the cv check and stopped at
+    kfold_groups' own, which said to use '--folds 1 or fewer' (refused: k-fold needs 2)."""
+    samples = [Sample(f"/d/{g}_{c}_{i}.png", c, g, {}) for g, c, n in (("g1", 0, 3), ("g2", 0, 1), ("g2", 1, 3),
+                                                                         ("g3", 1, 3), ("g4", 1, 3))
+               for i in range(n)]
+    s = SampleSet(sorted(samples, key=lambda x: x.path), ["a", "b"], root="/d")
+    with pytest.raises(FinescopeError, match=r"'a' has only 1 group.*--trials") as e:
+        make_folds(s, Protocol(folds=2), seed=0, val_fraction=0.0)
+    assert "--folds 1" not in str(e.value)
+
+
 def test_trials_of_single_group_classes_are_refused_before_training():
     """Every class one group (e.g. a folder source with one patient folder per class): each trial's test side was
     empty, so cv trained every run and then stopped on a missing predictions_test.csv."""

@@ -52,7 +52,7 @@ from finescope.data import (
     trial_splits,
 )
 from finescope.data.sources import check_outside_data
-from finescope.data.splits import SIDES, _relative
+from finescope.data.splits import SIDES, _group_table, _relative
 from finescope.errors import FinescopeError
 from finescope.files import remove_temporaries, write_text
 from finescope.models import list_models
@@ -226,13 +226,15 @@ def _test_sides(sample_set: SampleSet, idx: np.ndarray, p: Protocol, seed: int, 
 
 
 def _check_fold_classes(labels: np.ndarray, groups: np.ndarray, k: int, names: list[str], where: str) -> None:
-    """Raise naming the first class with fewer groups than folds, its group count and what to do instead."""
+    """Raise naming the first class with fewer groups than folds, its group count and what to do instead. A group
+    counts for the class most of its images have, as :func:`~finescope.data.kfold_groups` deals it to a fold."""
     n_groups = len(set(groups.tolist()))
     if n_groups < k:
         raise FinescopeError(f"{where} has only {n_groups} groups, fewer than --folds {k}; use --folds {n_groups} "
                              "or fewer")
-    counts = {name: len(set(groups[labels == c].tolist())) for c, name in enumerate(names)}
-    single = [name for name, n in counts.items() if n == 1]
+    _, group_label, _ = _group_table(labels, groups)
+    counts = {name: int((group_label == c).sum()) for c, name in enumerate(names) if (labels == c).any()}
+    single = [name for name, n in counts.items() if n <= 1]  # 0: its images lie in other classes' groups only
     if single:
         raise FinescopeError(
             f"{where}: class{'es' if len(single) > 1 else ''} {', '.join(repr(n) for n in single)} "
