@@ -289,7 +289,7 @@ def test_cli_cv_bad_variant_and_bad_splits(tmp_path, capsys):
     assert len(err) == 1 and "unknown variant 'fuson'" in err[0]
     bad = tmp_path / "s.json"
     bad.write_text(json.dumps({"format": "finescope-cv-splits/1", "class_names": ["atypical", "typical"],
-                               "folds": [{"name": "fold0", "splits": {"test": ["images/nope.png"]}}]}))
+                               "folds": [{"name": "fold0", "splits": {"train": [], "test": ["images/nope.png"]}}]}))
     assert main(["cv", "--config", str(cfg_path), "--splits", str(bad), "--folds", "2",
                  "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
