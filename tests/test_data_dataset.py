@@ -93,6 +93,15 @@ def test_read_image_float_tiff_in_zero_to_one_is_scaled_not_black(tmp_path):
     assert read_image(save(Image.fromarray(arr), tmp_path / "g.tif"))[0, 0].tolist() == [0, 128, 255]
 
 
+def test_read_image_float_tiff_with_nan_or_inf_keeps_its_other_pixels(tmp_path):
+    """A NaN (no data) or an inf pixel neither sets the range nor blackens the whole image: NaN is black, +inf
+    white, the other pixels scaled by the finite values' range."""
+    arr = np.array([[0.0, 0.5, 1.0, np.nan, np.inf]], dtype=np.float32)
+    assert read_image(save(Image.fromarray(arr), tmp_path / "f.tif"))[0, 0].tolist() == [0, 128, 255, 0, 255]
+    arr = np.array([[0.0, 127.5, 255.0, np.nan, -np.inf]], dtype=np.float32)
+    assert read_image(save(Image.fromarray(arr), tmp_path / "g.tif"))[0, 0].tolist() == [0, 128, 255, 0, 0]
+
+
 @pytest.mark.parametrize("ext,kwargs", [(".png", {}), (".jpg", {"quality": 90})])
 def test_read_image_truncated_raises(tmp_path, ext, kwargs):
     full = save(rgb_array(64, 80), tmp_path / f"full{ext}", **kwargs)

@@ -97,12 +97,14 @@ def _pil_to_array(img: Image.Image) -> np.ndarray:
     """A PIL image as (H, W, 3) uint8: palette/grey/alpha/CMYK -> RGB, 16/32-bit and float scaled to 0..255."""
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
+        peak = arr.max(initial=0, where=np.isfinite(arr))  # a float image's NaN (no data) and inf left out
         if img.mode.startswith("I;16"):
             top = 65535.0
-        elif img.mode == "F" and arr.max(initial=0) <= 1.0:  # float in [0, 1], as image software exports it
+        elif img.mode == "F" and peak <= 1.0:  # float in [0, 1], as image software exports it
             top = 1.0
         else:  # 32-bit int or float: guess the range from the data
-            top = 255.0 if arr.max(initial=0) <= 255 else 65535.0 if arr.max() <= 65535 else float(arr.max())
+            top = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else float(peak)
+        arr = np.nan_to_num(arr, nan=0.0, posinf=top, neginf=0.0)  # NaN black, +inf white
         arr = np.round(np.clip(arr, 0, None) * (255.0 / top)).astype(np.uint8)
         return np.repeat(arr[:, :, None], 3, axis=2)
     return np.asarray(img.convert("RGB"))
@@ -200,7 +202,8 @@ class DiskCache:
         except OSError as e:
             self._warn(e)
 
-    VERSION = 2  # part of every key: bump it when read_image decodes differently (2: float images in [0, 1])
+    VERSION = 3  # part of every key: bump it when read_image decodes differently (2: float images in [0, 1];
+    # 3: NaN and inf in float images)
 
     def entry(self, path: str | Path) -> Path | None:
         """Where the decoded ``path`` is (or would be) stored; None when the file cannot be read (no such file)."""
