@@ -147,3 +147,19 @@ def test_cv_report_follows_predictions_csv_not_a_stale_summary(tmp_path):
     assert "| global | 1.000 [1.000, 1.000]" in table and "global − fusion" in table
     fresh = json.loads(json.dumps(summarize_predictions(folder / "predictions.csv", "fusion", 30, 3)))
     assert report.ablation_table(fresh)[1][0][1] in table and report.comparison_table(fresh)[1][0][1] in table
+
+
+def test_evaluate_report_of_a_checkpoint_beside_a_runs_folder_is_a_run_report(tmp_path):
+    """`evaluate model.pt` in a project folder holding runs/ and predict's default predictions.csv reports the
+    predictions it wrote, not the folder as a cv."""
+    (tmp_path / "runs").mkdir()
+    header = ["path", "group", "true", "predicted", "prob_a", "prob_b", "boxes"]
+    for name in ("predictions.csv", "predictions_all.csv"):  # predict's default --out; evaluate's all images
+        with (tmp_path / name).open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(header)
+            for i in range(6):
+                w.writerow([f"/x/{i}.png", f"g{i // 2}", "a" if i % 2 else "b", "a", 0.6, 0.4, ""])
+    md, _ = write_report(tmp_path, n_boot=20, predictions=tmp_path / "predictions_all.csv", split="all",
+                         out=tmp_path / "report_all.md")
+    assert "## All-image metrics" in md.read_text()

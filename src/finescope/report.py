@@ -439,7 +439,7 @@ def write_report(run_dir: str | Path, n_boot: int = 1000, predictions: str | Pat
     md_path = Path(out) if out else run_dir / "report.md"
     html_path = md_path.with_suffix(".html")
     fig_dir = md_path.with_name(md_path.stem + "_files")
-    is_cv = _is_cv(run_dir)
+    is_cv = predictions is None and _is_cv(run_dir)  # given predictions are a run's (evaluate's), whatever is beside
     if is_cv:
         csv_path = run_dir / "predictions.csv"
     else:
