@@ -3,6 +3,8 @@
 import csv
 import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,6 +152,24 @@ def test_evaluate_matches_training_metrics(fusion_run, tmp_path):
     assert result["image_accuracy"] == pytest.approx(metrics["image_accuracy"])
     assert json.loads((tmp_path / "m.json").read_text())["n_images"] == metrics["n_images"]
     assert (tmp_path / "m_predictions.csv").is_file()
+
+
+def test_evaluate_of_last_pt_keeps_the_test_predictions_of_best_pt(fusion_run, tmp_path):
+    """train's metrics.json and predictions_test.csv are best.pt's: evaluate of last.pt writes files of its own."""
+    out, _ = fusion_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    trained = (run / "predictions_test.csv").read_bytes()
+    result = trainer.evaluate(run / "checkpoints" / "last.pt", "test", device="cpu")
+    assert (run / "predictions_test.csv").read_bytes() == trained
+    assert Path(result["output"]) == run / "metrics_test_last.json"
+    assert Path(result["predictions"]) == run / "predictions_test_last.csv"
+    trainer.evaluate(run / "checkpoints" / "last.pt", "val", device="cpu")
+    for name in ("predictions_test.csv", "predictions_test_last.csv"):  # `report RUN` of predictions_val_last.csv
+        (run / name).unlink()
+    from finescope.report import write_report
+
+    assert "## Validation metrics" in write_report(run, n_boot=20)[0].read_text()
 
 
 def test_predict_writes_one_row_per_image(fusion_run, synthetic_root, tmp_path):

@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
                    help="split of the run's own data, also moved (other data, via --set data.root=..., is evaluated "
                         "whole: 'all')")
-    p.add_argument("--out", help="metrics JSON path (default RUN_DIR/metrics_<split>.json)")
+    p.add_argument("--out", help="metrics JSON path (default RUN_DIR/metrics_<split>.json; "
+                   "metrics_<split>_last.json for RUN_DIR/checkpoints/last.pt)")
     p.add_argument("--device", default="auto")
     _add_set(p)
     p.set_defaults(func=cmd_evaluate)

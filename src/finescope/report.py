@@ -97,7 +97,7 @@ def _single_run_rows(run_dir: Path, predictions: Path | None, fig_dir: Path) -> 
         w = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["image"])
         w.writeheader()
         w.writerows(rows)
-    named = src.stem.removeprefix("predictions_")
+    named = src.stem.removeprefix("predictions_").split("_")[0]  # predictions_val_last.csv: last.pt's
     return out, named if src.stem.startswith("predictions_") and named in ("train", "val", "test", "all") else "test"
 
 

@@ -777,7 +777,9 @@ def evaluate(source: str | Path, split: str = "test", overrides: list[str] | Non
     preds, metrics = evaluate_split(model, sample_set, indices, cfg, next(model.parameters()).device, desc=split)
     metrics.update(split=split, checkpoint=state["path"], data_root=os.path.abspath(os.path.expanduser(cfg.data.root)),
                    split_leak=None if splits is None else own_split_leak(splits, sample_set))
-    out = Path(out) if out else run_dir / f"metrics_{split}.json"
+    ckpt = Path(state["path"])  # train's metrics.json and predictions_test.csv are best.pt's: another keeps its name
+    other = f"_{ckpt.stem}" if ckpt.parent.name == "checkpoints" and ckpt.name != "best.pt" else ""
+    out = Path(out) if out else run_dir / f"metrics_{split}{other}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     stem = out.stem.replace("metrics", "predictions") if "metrics" in out.stem else out.stem + "_predictions"
     stem = f"predictions_{split}" if stem == "predictions" else stem  # predictions.csv marks a cv folder
