@@ -163,3 +163,23 @@ def test_evaluate_report_of_a_checkpoint_beside_a_runs_folder_is_a_run_report(tm
     md, _ = write_report(tmp_path, n_boot=20, predictions=tmp_path / "predictions_all.csv", split="all",
                          out=tmp_path / "report_all.md")
     assert "## All-image metrics" in md.read_text()
+
+
+def test_reliability_diagram_bins_give_the_ece_of_its_legend(tmp_path, monkeypatch):
+    """The diagram's points are the bins of the ECE its legend (and the tables) show."""
+    drawn = []
+
+    def recording(*args, **kwargs):
+        drawn.append(report_reliability(*args, **kwargs))
+        return drawn[-1]
+
+    report_reliability = report.reliability_curve
+    monkeypatch.setattr(report, "reliability_curve", recording)
+    folder = fake_cv(tmp_path / "cv", variants=("global",))
+    write_report(folder, n_boot=20)
+    rc = drawn[0]
+    count = np.array(rc["bin_count"])
+    gaps = [abs(a - c) for a, c in zip(rc["bin_accuracy"], rc["bin_confidence"], strict=True) if c is not None]
+    ece = float(np.dot(count[count > 0], gaps) / count.sum())
+    expected = summarize_predictions(folder / "predictions.csv", n_boot=20)["variants"]["global"]["pooled"]["ece"]
+    assert ece == pytest.approx(expected["value"])

@@ -253,7 +253,10 @@ def _calibration_bins(y_true: ArrayLike, probs: ArrayLike, n_bins: int) -> tuple
     return conf_sum, correct_sum, np.bincount(b, minlength=n_bins), edges
 
 
-def expected_calibration_error(y_true: ArrayLike, probs: ArrayLike, n_bins: int = 15) -> float:
+ECE_BINS = 15  # the bins of every ECE finescope reports (and of the report's reliability diagram)
+
+
+def expected_calibration_error(y_true: ArrayLike, probs: ArrayLike, n_bins: int = ECE_BINS) -> float:
     """Expected calibration error of the top-class confidence (Guo et al., ICML 2017, Eq. 3).
 
     ``ECE = sum_b |B_b| / N * |acc(B_b) - conf(B_b)|`` over ``n_bins`` equal-width bins.

@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 from finescope.checkpoint import read_history  # noqa: E402
 from finescope.errors import FinescopeError, FinescopeWarning  # noqa: E402
 from finescope.files import ERRORS, atomic_open, write_text  # noqa: E402
-from finescope.metrics import reliability_curve, roc_curves  # noqa: E402
+from finescope.metrics import ECE_BINS, reliability_curve, roc_curves  # noqa: E402
 from finescope.oof import TABLE_METRICS, as_arrays, read_oof_csv, summarize_predictions  # noqa: E402
 
 SHORT = {
@@ -223,14 +223,14 @@ def _fig_reliability(rows: list[dict], summary: dict) -> bytes:
     fig, ax = plt.subplots(figsize=(4.2, 4.0))
     for v in summary["variants"]:
         y, p, _ = as_arrays([r for r in rows if r["variant"] == v], names)
-        rc = reliability_curve(y, p, n_bins=10)
+        rc = reliability_curve(y, p, n_bins=ECE_BINS)  # the bins of the ECE in its legend
         pts = [(c, a) for c, a in zip(rc["bin_confidence"], rc["bin_accuracy"], strict=True) if c is not None]
         ece = summary["variants"][v]["pooled"]["ece"]["value"]
         ax.plot(*zip(*pts, strict=True), marker="o", label=f"{v} (ECE {ece:.3f})")
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set_xlabel("confidence (top class)")
     ax.set_ylabel("accuracy")
-    ax.set_title("reliability diagram, 10 bins", fontsize=9)
+    ax.set_title(f"reliability diagram, {ECE_BINS} bins", fontsize=9)
     ax.legend(fontsize=7)
     return _png(fig)
 
