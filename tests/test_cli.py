@@ -336,12 +336,15 @@ def test_pretrained_offline_says_to_pass_weights(tmp_path, capsys, monkeypatch):
     assert "model.weights" in _one_error_line(capsys)
 
 
-def test_demo_quick(tmp_path, capsys):
+def test_demo_quick(tmp_path, capsys, monkeypatch):
     assert main(["demo", "--quick", "--quiet", "--out", str(tmp_path / "demo")]) == 0
     assert (tmp_path / "demo" / "attention_overlay.png").stat().st_size > 10_000
     results = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
     assert set(results) == {"global", "fusion"}
     assert not any(m["resumed"] for m in results.values())
+    monkeypatch.chdir(tmp_path)  # the same folder spelled relative: fusion's data.splits named global's absolute
+    assert main(["demo", "--quick", "--quiet", "--out", "demo"]) == 0, capsys.readouterr().err
+    assert all(m["resumed"] for m in json.loads((tmp_path / "demo" / "demo_results.json").read_text()).values())
 
 
 def test_demo_table_says_which_seconds_are_after_a_resume():
