@@ -241,7 +241,8 @@ def _add_explain(sub) -> None:
     p.add_argument("--tolerance", type=float, default=15.0, help="pointing game tolerance in pixels")
     p.add_argument("--top", type=int, default=16, help="crops per class in the evidence gallery, mistakes shown")
     p.add_argument("--limit", type=int, default=0, help="explain at most this many images, spread evenly over the list")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default auto: the run's train.device "
+                   "where this machine has it, else CUDA when there is one)")
     p.add_argument("--quiet", action="store_true")
     _add_set(p)
     p.set_defaults(func=cmd_explain)
@@ -274,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "whole: 'all')")
     p.add_argument("--out", help="metrics JSON path (default RUN_DIR/metrics_<split>.json; "
                    "metrics_<split>_last.json for RUN_DIR/checkpoints/last.pt)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default auto: the run's train.device "
+                   "where this machine has it, else CUDA when there is one)")
     _add_set(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -282,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a run directory or a checkpoint .pt")
     p.add_argument("paths", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--out", default="predictions.csv", help="CSV to write (default predictions.csv)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default auto: the run's train.device "
+                   "where this machine has it, else CUDA when there is one)")
     _add_set(p)
     p.set_defaults(func=cmd_predict)
 
