@@ -359,8 +359,8 @@ class ImageDataset(Dataset):
         samples: the records to load (e.g. one side of a split).
         transform: a callable on (3, H, W) uint8 tensors (see :func:`~finescope.data.transforms.build_transform`),
             applied at full resolution.
-        on_error: ``raise`` or ``skip``: with ``skip`` an unreadable image gives None (warned once per file), which
-            :func:`collate_padded` drops.
+        on_error: ``raise`` or ``skip``: with ``skip`` an unreadable image gives None (warned once per file in
+            each loader process), which :func:`collate_padded` drops.
         min_side: when > 0, an image whose short side is smaller raises (the crops of the model need it).
         cache: ``none``; ``memory``: keep decoded uint8 images after the first read, in memory shared by the
             DataLoader's forked workers (see :class:`SharedMemoryCache`); ``disk``: store each decoded image as a
