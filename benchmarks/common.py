@@ -12,11 +12,13 @@ import statistics
 import subprocess
 import sys
 import time
+from argparse import ArgumentParser
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from finescope.errors import FinescopeError
 from finescope.runtime import ENV, tune_allocator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +72,47 @@ def require_device(device: torch.device | str) -> torch.device:
     return device
 
 
+def parse_device(parser: ArgumentParser, text: str) -> torch.device:
+    """``--device`` as a torch device, or the parser's one-line error for a name torch does not know."""
+    try:
+        return torch.device(text)
+    except RuntimeError:
+        parser.error(f"--device: '{text}' is not cpu or cuda")
+
+
+def parse_hw(parser: ArgumentParser, option: str, text: str) -> tuple[int, int]:
+    """``'460x700'`` -> (460, 700) (height x width), or the parser's one-line error naming ``option``."""
+    try:
+        h, w = text.lower().split("x")
+        return int(h), int(w)
+    except ValueError:
+        parser.error(f"{option}: '{text}' is not HxW (e.g. 460x700)")
+
+
+def parse_weights(parser: ArgumentParser, values: list[str]) -> dict[str, str]:
+    """``--weights BACKBONE=PATH ...`` as {backbone: path}, each file checked now, not when its backbone comes
+    (minutes into a run); the parser's one-line error otherwise."""
+    for w in values:
+        if "=" not in w:
+            parser.error(f"--weights: give BACKBONE=PATH, not '{w}'")
+    weights = dict(w.split("=", 1) for w in values)
+    for name, path in weights.items():
+        if not Path(path).is_file():
+            parser.error(f"--weights {name}: file '{path}' not found")
+    return weights
+
+
+def run_script(main: Callable[[], object]) -> None:
+    """Run a benchmark's ``main`` as a script: its return value is the exit status, and a
+    :class:`~finescope.errors.FinescopeError` (a wrong path, config or backbone) one line on stderr, not a
+    traceback."""
+    try:
+        status = main()
+    except FinescopeError as e:
+        raise SystemExit(f"{Path(sys.argv[0]).name}: error: {e}") from None
+    raise SystemExit(status if isinstance(status, int) else 0)
+
+
 def environment(device: torch.device) -> dict:
     """Machine, versions, commit and the exact command: recorded next to every figure (exits with one line when
     ``device`` is CUDA and there is none)."""
@@ -100,12 +143,16 @@ def environment(device: torch.device) -> dict:
 
 def run_child(script: str, args: list[str], env: dict[str, str] | None = None) -> dict:
     """Run ``script`` with ``args`` in a fresh Python process (this checkout's ``src`` first on PYTHONPATH,
-    ``env`` added to the environment) and return the JSON object its output ends with."""
+    ``env`` added to the environment) and return the JSON object its output ends with; a child that fails
+    exits this process with one line: its command and the last line it wrote to stderr."""
     path = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
     full = {**os.environ, **(env or {}), "PYTHONPATH": path}
-    out = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=full, capture_output=True, text=True,
-                         check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    proc = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=full, capture_output=True, text=True)
+    if proc.returncode != 0:
+        why = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        raise SystemExit(f"{Path(sys.argv[0]).name}: error: child '{Path(script).name} {' '.join(args)}' failed: "
+                         f"{why}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def sync(device: torch.device) -> None:

@@ -23,7 +23,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from common import allocator_as_the_cli, environment, loadavg, markdown_table, run_child  # noqa: E402
+from common import (  # noqa: E402
+    allocator_as_the_cli,
+    environment,
+    loadavg,
+    markdown_table,
+    parse_hw,
+    parse_weights,
+    run_child,
+    run_script,
+)
 
 from finescope.runtime import ENV  # noqa: E402
 
@@ -63,7 +72,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--out", help="JSON file for the results (a .md table beside it)")
     args = p.parse_args(argv)
-    weights = dict(w.split("=", 1) for w in args.weights)
+    weights = parse_weights(p, args.weights)
+    for case in args.cases:  # checked before the first case is timed
+        parts = case.split(":")
+        if len(parts) != 4 or not parts[2].isdigit() or parts[3] not in ("infer", "train"):
+            p.error(f"--cases: '{case}' is not BACKBONE:HxW:BATCH:MODE (MODE infer or train)")
+        parse_hw(p, "--cases", parts[1])
     if args.child:
         print(json.dumps(run_case(args.child, args.steps, weights)))
         return {}
@@ -102,4 +116,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -36,8 +36,10 @@ from common import (  # noqa: E402
     environment,
     loadavg,
     markdown_table,
+    parse_weights,
     report_header,
     run_child,
+    run_script,
     save_report,
 )
 
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--out", help="JSON file for the results (a .md table beside it)")
     args = p.parse_args(argv)
-    weights = dict(w.split("=", 1) for w in args.weights)
+    weights = parse_weights(p, args.weights)
     if args.child:
         backbone, case = args.child.split(":")
         print(json.dumps(run_case(backbone, case, args.reps, weights.get(backbone, ""))))
@@ -144,4 +146,4 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -317,6 +317,12 @@ def test_gpu_check_skips_stages_past_its_budget(tmp_path):
      "bench_model.py: error: unknown backbone 'nosuchnet'"),
     (["bench_data.py", "--data", "/no/such/folder", "--decode-n", "0"], "bench_data.py: error: data.root"),
     (["ablation_sweep.py", "--summarize-only", "/no/such/folder"], "--summarize-only: no sweep.json in"),
+    # a child process that fails is named with its own last line (was: CalledProcessError, its stderr lost)
+    (["openmp_cost.py", "--backbones", "nosuchnet", "--rounds", "1", "--reps", "1"],
+     "failed: openmp_cost.py: error: unknown backbone 'nosuchnet'"),
+    (["openmp_cost.py", "--weights", "/no/such.pth"], "--weights: give BACKBONE=PATH"),
+    (["malloc_cost.py", "--cases", "resnet18:460:2:infer"], "--cases: '460' is not HxW"),
+    (["malloc_cost.py", "--weights", "resnet18=/no/such.pth"], "--weights resnet18: file '/no/such.pth' not found"),
 ])
 def test_bench_scripts_say_a_wrong_path_or_option_in_one_line(args, message):
     """A wrong path or option stops bench_model.py / bench_data.py with one line, not a traceback, and before
