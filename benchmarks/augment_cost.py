@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from finescope.config import load_config
-from finescope.data import ImageDataset, build_transform, load_samples
-from finescope.data.transforms import PRESETS
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import run_script  # noqa: E402
+
+from finescope.config import load_config  # noqa: E402
+from finescope.data import ImageDataset, build_transform, load_samples  # noqa: E402
+from finescope.data.transforms import PRESETS  # noqa: E402
 
 
 def main() -> None:
@@ -37,4 +42,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)  # a missing data folder: one line

@@ -13,15 +13,20 @@ sensitive than wall time to other processes sharing the machine, which is why th
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from finescope.cv import load_protocol, make_folds
-from finescope.data import load_samples
-from finescope.engine import compute_loss
-from finescope.trainer import build_model, build_optimizer, make_loader
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import run_script  # noqa: E402
+
+from finescope.cv import load_protocol, make_folds  # noqa: E402
+from finescope.data import load_samples  # noqa: E402
+from finescope.engine import compute_loss  # noqa: E402
+from finescope.trainer import build_model, build_optimizer, make_loader  # noqa: E402
 
 
 def _timed(fn, steps: int) -> tuple[float, float]:
@@ -87,4 +92,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)  # a wrong --config, --profile or --set: one line

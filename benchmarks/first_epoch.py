@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import allocator_as_the_cli, environment, markdown_table, sync  # noqa: E402
+from common import allocator_as_the_cli, environment, markdown_table, run_script, sync  # noqa: E402
 
 from finescope.config import load_config  # noqa: E402
 from finescope.engine import make_grad_scaler, train_one_epoch  # noqa: E402
@@ -140,4 +140,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_script(main)  # a wrong --config or --set (data.root, an unknown key): one line

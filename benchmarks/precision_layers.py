@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from finescope.config import ModelConfig
-from finescope.models import create_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import parse_device, run_script  # noqa: E402
+
+from finescope.config import ModelConfig  # noqa: E402
+from finescope.models import create_model  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -56,7 +61,7 @@ def main() -> None:
     p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
-    device = torch.device(args.device)
+    device = parse_device(p, args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("precision_layers.py: no CUDA device on this machine; run with --device cpu")
     torch.manual_seed(1)
@@ -96,4 +101,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)  # missing --weights, an unknown --backbone: one line

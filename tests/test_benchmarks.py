@@ -323,9 +323,16 @@ def test_gpu_check_skips_stages_past_its_budget(tmp_path):
     (["openmp_cost.py", "--weights", "/no/such.pth"], "--weights: give BACKBONE=PATH"),
     (["malloc_cost.py", "--cases", "resnet18:460:2:infer"], "--cases: '460' is not HxW"),
     (["malloc_cost.py", "--weights", "resnet18=/no/such.pth"], "--weights resnet18: file '/no/such.pth' not found"),
+    # a FinescopeError (missing data, config or weights) was a traceback in these
+    (["augment_cost.py", "/no/such/folder"], "augment_cost.py: error: data.root '/no/such/folder' does not exist"),
+    (["cv_cost.py", "--config", "/no/such.yaml"], "cv_cost.py: error: config file '/no/such.yaml' not found"),
+    (["first_epoch.py", "--config", "/no/such.yaml"], "first_epoch.py: error: config file '/no/such.yaml' not found"),
+    (["first_epoch.py", "--set", "data.root=/no/such/folder"], "first_epoch.py: error: data.root '/no/such/folder'"),
+    (["precision_layers.py", "--weights", "/no/such.pth"], "precision_layers.py: error: model.weights file"),
+    (["precision_layers.py", "--device", "gpu"], "--device: 'gpu' is not cpu or cuda"),
 ])
 def test_bench_scripts_say_a_wrong_path_or_option_in_one_line(args, message):
-    """A wrong path or option stops bench_model.py / bench_data.py with one line, not a traceback, and before
+    """A wrong path or option stops a benchmark script with one line, not a traceback, and before
     anything is timed (a missing weights file used to surface only when its backbone's group came)."""
     script, *rest = args
     proc = subprocess.run([sys.executable, f"benchmarks/{script}", *rest], cwd=ROOT, capture_output=True, text=True,
