@@ -36,7 +36,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import allocator_as_the_cli, environment, markdown_table, save_report, sync  # noqa: E402
+from common import (  # noqa: E402
+    allocator_as_the_cli,
+    environment,
+    markdown_table,
+    parse_device,
+    parse_hw,
+    run_script,
+    save_report,
+    sync,
+)
 
 from finescope.config import ModelConfig  # noqa: E402
 from finescope.engine import autocast, compute_loss, make_grad_scaler  # noqa: E402
@@ -143,8 +152,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda")
     p.add_argument("--runs", nargs="+", default=["mobilenet_v2:fp16", "resnet18:bf16"],
                    help="BACKBONE:AMP pairs (AMP as train.amp: fp16, bf16 or off), each a fresh model in turn")
-    p.add_argument("--size", type=lambda s: tuple(int(v) for v in s.split("x")), default=(460, 700),
-                   help="HxW of the images")
+    p.add_argument("--size", default="460x700", help="HxW of the images")
     p.add_argument("--batch", type=int, default=16,
                    help="the first batch size B; the new ones are B-12, B-8, B-4 and B-10 (B must be over 12)")
     p.add_argument("--global-size", type=int, default=224)
@@ -154,6 +162,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.batch <= 12:
         p.error("--batch must be over 12: the new batch sizes are B-12, B-8, B-4 and B-10")
+    args.size = parse_hw(p, "--size", args.size)  # these checked before the first run is timed
+    parse_device(p, args.device)
+    for pair in args.runs:
+        if len(pair.split(":")) != 2 or pair.split(":")[1] not in ("fp16", "bf16", "off"):
+            p.error(f"--runs: '{pair}' is not BACKBONE:AMP (AMP fp16, bf16 or off)")
     return args
 
 
@@ -173,4 +186,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)  # an unknown backbone: one line

@@ -32,7 +32,18 @@ from unittest import mock
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import allocator_as_the_cli, environment, markdown_table, median_ms, sync, timed  # noqa: E402
+from common import (  # noqa: E402
+    allocator_as_the_cli,
+    environment,
+    markdown_table,
+    median_ms,
+    parse_device,
+    parse_hw,
+    parse_weights,
+    run_script,
+    sync,
+    timed,
+)
 
 from finescope.config import ModelConfig  # noqa: E402
 from finescope.engine import autocast, compute_loss  # noqa: E402
@@ -197,10 +208,10 @@ def main(argv: list[str] | None = None) -> int:
                         "(the boxes, and so the crops' cost, follow the attention they give)")
     p.add_argument("--out", help="JSON file for the results")
     args = p.parse_args(argv)
+    device = parse_device(p, args.device)  # these three checked before the first backbone is timed
+    size = parse_hw(p, "--size", args.size)
+    weights = parse_weights(p, args.weights)
     allocator_as_the_cli()
-    device = torch.device(args.device)
-    size = tuple(int(v) for v in args.size.lower().split("x"))
-    weights = dict(w.split("=", 1) for w in args.weights)
     results = {"environment": environment(device), "size": args.size, "batch": args.batch,
                "backbones": [profile_backbone(b, size, args.batch, device, args.reps, weights.get(b, ""))
                              for b in args.backbones]}
@@ -221,4 +232,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_script(main)  # an unknown backbone, unreadable weights: one line

@@ -330,6 +330,13 @@ def test_gpu_check_skips_stages_past_its_budget(tmp_path):
     (["first_epoch.py", "--set", "data.root=/no/such/folder"], "first_epoch.py: error: data.root '/no/such/folder'"),
     (["precision_layers.py", "--weights", "/no/such.pth"], "precision_layers.py: error: model.weights file"),
     (["precision_layers.py", "--device", "gpu"], "--device: 'gpu' is not cpu or cuda"),
+    (["profile_step.py", "--device", "cpu", "--weights", "/no/such.pth"], "--weights: give BACKBONE=PATH"),
+    (["profile_step.py", "--device", "cpu", "--backbones", "tiny", "mobilenet_v2", "--weights",
+      "mobilenet_v2=/no/such.pth"], "--weights mobilenet_v2: file '/no/such.pth' not found"),  # before tiny's timing
+    (["profile_step.py", "--device", "cpu", "--size", "460"], "--size: '460' is not HxW"),
+    (["new_shape_cost.py", "--device", "gpu"], "--device: 'gpu' is not cpu or cuda"),
+    (["new_shape_cost.py", "--device", "cpu", "--runs", "tiny:off", "tiny"], "--runs: 'tiny' is not BACKBONE:AMP"),
+    (["new_shape_cost.py", "--device", "cpu", "--size", "128"], "--size: '128' is not HxW"),
 ])
 def test_bench_scripts_say_a_wrong_path_or_option_in_one_line(args, message):
     """A wrong path or option stops a benchmark script with one line, not a traceback, and before
