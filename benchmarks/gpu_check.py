@@ -35,11 +35,12 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import ROOT, environment, markdown_table  # noqa: E402
+from common import ROOT, environment, markdown_table, parse_device  # noqa: E402
 
-from finescope.config import ModelConfig  # noqa: E402
-from finescope.data import colour_jitter  # noqa: E402
+from finescope.config import ModelConfig, load_config  # noqa: E402
+from finescope.data import colour_jitter, load_samples  # noqa: E402
 from finescope.engine import autocast, compute_loss  # noqa: E402
+from finescope.errors import FinescopeError  # noqa: E402
 from finescope.models import create_model  # noqa: E402
 
 LIMITS = {"fp32": 1e-3, "bf16": 2e-2, "fp16": 2e-2}
@@ -417,6 +418,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.epochs = args.epochs if args.epochs is not None else 1 if args.quick else 6
     args.workers = args.workers if args.workers is not None else 0 if args.quick else 8
+    # a missing file is named now, not minutes in (the agreement loads the weights after resnet18's check; the
+    # training run and the data stage read --data); --weights '' runs without weights, --quick uses none
+    parse_device(p, args.device)
+    if args.weights and not args.quick and not Path(args.weights).is_file():
+        p.error(f"--weights: file '{args.weights}' not found (the default: cp "
+                "../shared/weights/mobilenet_v2-b0353104.pth .gpu/)")
+    if not args.only_agreement:
+        try:
+            root = ROOT / os.path.expanduser(args.data)  # as the stages read it: they run in ROOT
+            load_samples(load_config(ROOT / TRAIN_CONFIG, [f"data.root={root}"]).data)
+        except FinescopeError as e:
+            p.error(f"--data: {e} (the default: python benchmarks/make_gpu_subset.py ../shared/data/breakhis "
+                    ".gpu/breakhis)")
     return args
 
 

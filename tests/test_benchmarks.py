@@ -337,6 +337,13 @@ def test_gpu_check_skips_stages_past_its_budget(tmp_path):
     (["new_shape_cost.py", "--device", "gpu"], "--device: 'gpu' is not cpu or cuda"),
     (["new_shape_cost.py", "--device", "cpu", "--runs", "tiny:off", "tiny"], "--runs: 'tiny' is not BACKBONE:AMP"),
     (["new_shape_cost.py", "--device", "cpu", "--size", "128"], "--size: '128' is not HxW"),
+    # gpu_check.sh on a GPU machine: a missing file named before minutes of work, not at the stage that reads it
+    # (OUT under /dev/null: never made, even by a version that checks nothing)
+    (["gpu_check.py", "/dev/null/out", "--device", "cpu", "--weights", "/no/such.pth", "--data", "/no/such/folder"],
+     "--weights: file '/no/such.pth' not found"),
+    (["gpu_check.py", "/dev/null/out", "--device", "cpu", "--quick", "--data", "/no/such/folder"],
+     "--data: data.root '/no/such/folder' does not exist"),
+    (["gpu_check.py", "/dev/null/out", "--device", "gpu"], "--device: 'gpu' is not cpu or cuda"),
 ])
 def test_bench_scripts_say_a_wrong_path_or_option_in_one_line(args, message):
     """A wrong path or option stops a benchmark script with one line, not a traceback, and before
