@@ -45,7 +45,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, RandomSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import allocator_as_the_cli, environment, loadavg, markdown_table, summary, sync  # noqa: E402
+from common import allocator_as_the_cli, environment, loadavg, markdown_table, parse_device, summary, sync  # noqa: E402
 
 from finescope.config import DataConfig, ModelConfig  # noqa: E402
 from finescope.data import (  # noqa: E402
@@ -237,7 +237,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--local-size", type=int, default=224)
     p.add_argument("--model-reps", type=int, default=3)
     p.add_argument("--out", help="JSON file for the results (a .md beside it)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.device != "auto":
+        parse_device(p, args.device)
+    return args
 
 
 def report(result: dict) -> str:

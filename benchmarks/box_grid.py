@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, loadavg, markdown_table, report_header, save_report  # noqa: E402
+from common import environment, loadavg, markdown_table, parse_hw, report_header, save_report  # noqa: E402
 
 from finescope.config import ModelConfig  # noqa: E402
 from finescope.models import align, create_model  # noqa: E402
@@ -59,8 +59,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="JSON file (a .md table beside it)")
     args = p.parse_args(argv)
+    sizes = [parse_hw(p, "--sizes", size) for size in args.sizes]
     model = create_model(ModelConfig(variant="fusion", backbone="tiny", local_size=args.local_size), 2)
-    rows = [count(model, *(int(v) for v in size.lower().split("x")), args.boxes, args.seed) for size in args.sizes]
+    rows = [count(model, *size, args.boxes, args.seed) for size in sizes]
     env = environment(torch.device("cpu"))
     env["loadavg_end"] = loadavg()
     table = markdown_table(

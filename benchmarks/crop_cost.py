@@ -32,7 +32,10 @@ from common import (  # noqa: E402
     loadavg,
     markdown_table,
     ms_spread,
+    parse_device,
+    parse_hw,
     report_header,
+    run_script,
     save_report,
     summary,
     sync,
@@ -142,8 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default="", help="local weights for --in-step's backbone")
     p.add_argument("--out", help="JSON file (a .md with the tables is written beside it)")
     args = p.parse_args(argv)
+    device = parse_device(p, args.device)  # these checked before anything is timed
+    for case in args.cases:
+        if case.count(":") != 1 or not case.split(":")[1].isdigit():
+            p.error(f"--cases: '{case}' is not HxW:BATCH (e.g. 460x700:2)")
+        parse_hw(p, "--cases", case.split(":")[0])
+    if args.weights and not Path(args.weights).is_file():
+        p.error(f"--weights: file '{args.weights}' not found")
     allocator_as_the_cli()
-    device = torch.device(args.device)
     env = environment(device)
     rows = []
     for case in args.cases:
@@ -186,4 +195,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)  # an unknown --in-step backbone: one line

@@ -22,7 +22,9 @@ from common import (  # noqa: E402
     loadavg,
     markdown_table,
     ms_spread,
+    parse_device,
     report_header,
+    run_script,
     save_report,
     summary,
     timed,
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--out", help="JSON file (a .md with the table is written beside it)")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    device = parse_device(p, args.device)
     env = environment(device)
     rows = [measure(b, args, device) for b in args.backbones]
     env["loadavg_end"] = loadavg()
@@ -79,4 +81,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)  # an unknown backbone: one line

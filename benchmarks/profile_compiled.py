@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, markdown_table, median_ms, sync  # noqa: E402
+from common import environment, markdown_table, median_ms, parse_device, parse_hw, run_script, sync  # noqa: E402
 
 from finescope.config import ModelConfig  # noqa: E402
 from finescope.engine import autocast  # noqa: E402
@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", help="JSON file for the results, written after each batch size")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    device = parse_device(p, args.device)
+    parse_hw(p, "--size", args.size)
     results = {"environment": environment(device), "args": vars(args), "runs": []}
     for labelling in args.labelling:
         selection._connected_components = LABELLINGS[labelling]
@@ -188,4 +189,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_script(main)  # an unknown backbone: one line

@@ -25,6 +25,8 @@ from common import (  # noqa: E402
     loadavg,
     markdown_table,
     ms_spread,
+    parse_device,
+    parse_hw,
     report_header,
     save_report,
     summary,
@@ -70,9 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", help="JSON file (a .md with the table is written beside it)")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    device = parse_device(p, args.device)
+    sizes = [parse_hw(p, "--sizes", s) for s in args.sizes]
     env = environment(device)
-    rows = [measure(tuple(int(v) for v in s.lower().split("x")), args, device) for s in args.sizes]
+    rows = [measure(size, args, device) for size in sizes]
     env["loadavg_end"] = loadavg()
 
     table = markdown_table(

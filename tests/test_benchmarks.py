@@ -344,6 +344,15 @@ def test_gpu_check_skips_stages_past_its_budget(tmp_path):
     (["gpu_check.py", "/dev/null/out", "--device", "cpu", "--quick", "--data", "/no/such/folder"],
      "--data: data.root '/no/such/folder' does not exist"),
     (["gpu_check.py", "/dev/null/out", "--device", "gpu"], "--device: 'gpu' is not cpu or cuda"),
+    (["bench_data.py", "--device", "gpu", "--decode-n", "0"], "--device: 'gpu' is not cpu or cuda"),
+    (["crop_cost.py", "--cases", "460x700"], "--cases: '460x700' is not HxW:BATCH"),
+    (["crop_cost.py", "--in-step", "mobilenet_v2", "--weights", "/no/such.pth"], "--weights: file '/no/such.pth'"),
+    (["view_cost.py", "--sizes", "1536"], "--sizes: '1536' is not HxW"),
+    (["optimizer_cost.py", "--device", "gpu"], "--device: 'gpu' is not cpu or cuda"),
+    (["selection_cost.py", "--grid", "7"], "--grid: '7' is not HxW"),
+    (["profile_compiled.py", "--device", "cpu", "--size", "460"], "--size: '460' is not HxW"),
+    (["box_grid.py", "--sizes", "460"], "--sizes: '460' is not HxW"),
+    (["normalise_cost.py", "--device", "gpu"], "--device: 'gpu' is not cpu or cuda"),
 ])
 def test_bench_scripts_say_a_wrong_path_or_option_in_one_line(args, message):
     """A wrong path or option stops a benchmark script with one line, not a traceback, and before
