@@ -18,7 +18,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, loadavg, markdown_table, parse_hw, report_header, save_report  # noqa: E402
+from common import (  # noqa: E402
+    environment,
+    loadavg,
+    make_out_folder,
+    markdown_table,
+    parse_hw,
+    report_header,
+    save_report,
+)
 
 from finescope.config import ModelConfig  # noqa: E402
 from finescope.models import align, create_model  # noqa: E402
@@ -59,6 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="JSON file (a .md table beside it)")
     args = p.parse_args(argv)
+    make_out_folder(p, args.out)
     sizes = [parse_hw(p, "--sizes", size) for size in args.sizes]
     model = create_model(ModelConfig(variant="fusion", backbone="tiny", local_size=args.local_size), 2)
     rows = [count(model, *size, args.boxes, args.seed) for size in sizes]

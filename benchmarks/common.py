@@ -102,6 +102,16 @@ def parse_weights(parser: ArgumentParser, values: list[str]) -> dict[str, str]:
     return weights
 
 
+def make_out_folder(parser: ArgumentParser, out: str | None) -> None:
+    """Make ``--out``'s folder now, or the parser's one-line error: an ``--out`` that cannot be written fails
+    before the timings, not after them with what they measured lost."""
+    if out:
+        try:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            parser.error(f"--out '{out}': {e.strerror or e}")
+
+
 def run_script(main: Callable[[], object]) -> None:
     """Run a benchmark's ``main`` as a script: its return value is the exit status, and a
     :class:`~finescope.errors.FinescopeError` (a wrong path, config or backbone) one line on stderr, not a

@@ -30,6 +30,7 @@ from common import (  # noqa: E402
     allocator_as_the_cli,
     environment,
     loadavg,
+    make_out_folder,
     markdown_table,
     ms_spread,
     parse_device,
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default="", help="local weights for --in-step's backbone")
     p.add_argument("--out", help="JSON file (a .md with the tables is written beside it)")
     args = p.parse_args(argv)
+    make_out_folder(p, args.out)
     device = parse_device(p, args.device)  # these checked before anything is timed
     for case in args.cases:
         if case.count(":") != 1 or not case.split(":")[1].isdigit():

@@ -27,7 +27,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import allocator_as_the_cli, environment, markdown_table, run_script, sync  # noqa: E402
+from common import (  # noqa: E402
+    allocator_as_the_cli,
+    environment,
+    make_out_folder,
+    markdown_table,
+    run_script,
+    sync,
+)
 
 from finescope.config import load_config  # noqa: E402
 from finescope.engine import make_grad_scaler, train_one_epoch  # noqa: E402
@@ -93,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slowest", type=int, default=5, help="slowest steps listed per epoch")
     p.add_argument("--out", help="JSON file for the results")
     args = p.parse_args(argv)
+    make_out_folder(p, args.out)
     allocator_as_the_cli()
     cfg = load_config(args.config, args.set)
     device = resolve_device(cfg.train.device)

@@ -27,6 +27,7 @@ from common import (  # noqa: E402
     allocator_as_the_cli,
     environment,
     loadavg,
+    make_out_folder,
     markdown_table,
     parse_hw,
     parse_weights,
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--out", help="JSON file for the results (a .md table beside it)")
     args = p.parse_args(argv)
+    make_out_folder(p, args.out)
     weights = parse_weights(p, args.weights)
     for case in args.cases:  # checked before the first case is timed
         parts = case.split(":")

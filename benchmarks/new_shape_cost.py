@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     allocator_as_the_cli,
     environment,
+    make_out_folder,
     markdown_table,
     parse_device,
     parse_hw,
@@ -160,6 +161,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top", type=int, default=8, help="operations listed per profiled step")
     p.add_argument("--out", help="JSON file for the results (a .md beside it)")
     args = p.parse_args(argv)
+    make_out_folder(p, args.out)
     if args.batch <= 12:
         p.error("--batch must be over 12: the new batch sizes are B-12, B-8, B-4 and B-10")
     args.size = parse_hw(p, "--size", args.size)  # these checked before the first run is timed

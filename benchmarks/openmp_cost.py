@@ -35,6 +35,7 @@ from common import (  # noqa: E402
     allocator_as_the_cli,
     environment,
     loadavg,
+    make_out_folder,
     markdown_table,
     parse_weights,
     report_header,
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--out", help="JSON file for the results (a .md table beside it)")
     args = p.parse_args(argv)
+    make_out_folder(p, args.out)
     weights = parse_weights(p, args.weights)
     if args.child:
         backbone, case = args.child.split(":")

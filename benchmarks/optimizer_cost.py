@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     environment,
     loadavg,
+    make_out_folder,
     markdown_table,
     ms_spread,
     parse_device,
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--out", help="JSON file (a .md with the table is written beside it)")
     args = p.parse_args(argv)
+    make_out_folder(p, args.out)
     device = parse_device(p, args.device)
     env = environment(device)
     rows = [measure(b, args, device) for b in args.backbones]

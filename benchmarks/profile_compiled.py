@@ -24,7 +24,16 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, markdown_table, median_ms, parse_device, parse_hw, run_script, sync  # noqa: E402
+from common import (  # noqa: E402
+    environment,
+    make_out_folder,
+    markdown_table,
+    median_ms,
+    parse_device,
+    parse_hw,
+    run_script,
+    sync,
+)
 
 from finescope.config import ModelConfig  # noqa: E402
 from finescope.engine import autocast  # noqa: E402
@@ -170,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", help="JSON file for the results, written after each batch size")
     args = p.parse_args(argv)
+    make_out_folder(p, args.out)
     device = parse_device(p, args.device)
     parse_hw(p, "--size", args.size)
     results = {"environment": environment(device), "args": vars(args), "runs": []}

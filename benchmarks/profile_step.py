@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     allocator_as_the_cli,
     environment,
+    make_out_folder,
     markdown_table,
     median_ms,
     parse_device,
@@ -208,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(the boxes, and so the crops' cost, follow the attention they give)")
     p.add_argument("--out", help="JSON file for the results")
     args = p.parse_args(argv)
+    make_out_folder(p, args.out)
     device = parse_device(p, args.device)  # these three checked before the first backbone is timed
     size = parse_hw(p, "--size", args.size)
     weights = parse_weights(p, args.weights)

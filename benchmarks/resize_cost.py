@@ -25,6 +25,7 @@ from common import (  # noqa: E402
     allocator_as_the_cli,
     environment,
     loadavg,
+    make_out_folder,
     markdown_table,
     ms_spread,
     report_header,
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", help="JSON file (a .md with the table is written beside it)")
     args = p.parse_args(argv)
+    make_out_folder(p, args.out)
     allocator_as_the_cli()
     env = environment(torch.device("cpu"))
     rows = [measure(case, args.reps) for case in CASES]

@@ -250,6 +250,15 @@ def test_box_grid_counts_one_sample_bins_before_and_after_the_snap(tmp_path):
     assert small["one_sample_after"] == 1 and small["shifts"] == 0  # no crop source: bins under one pixel
 
 
+def test_benchmark_out_in_a_new_folder_is_written(tmp_path):
+    """--out's folder is made before the timings (box_grid.py, as every script with --out; it used to fail at
+    the end, with what was measured lost, when the folder did not exist)."""
+    out = tmp_path / "new" / "g.json"
+    cmd = [sys.executable, "benchmarks/box_grid.py", "--sizes", "460x700", "--boxes", "5", "--out", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": "src"})
+    assert json.loads(out.read_text())["rows"] and out.with_suffix(".md").is_file()
+
+
 def test_openmp_cost_runs_each_case_in_its_own_process(tmp_path):
     out = tmp_path / "o.json"
     cmd = [sys.executable, "benchmarks/openmp_cost.py", "--backbones", "tiny", "--rounds", "1", "--reps", "2",
@@ -353,6 +362,7 @@ def test_gpu_check_skips_stages_past_its_budget(tmp_path):
     (["profile_compiled.py", "--device", "cpu", "--size", "460"], "--size: '460' is not HxW"),
     (["box_grid.py", "--sizes", "460"], "--sizes: '460' is not HxW"),
     (["normalise_cost.py", "--device", "gpu"], "--device: 'gpu' is not cpu or cuda"),
+    (["box_grid.py", "--boxes", "5", "--out", "/dev/null/g.json"], "--out '/dev/null/g.json'"),  # was: after timing
 ])
 def test_bench_scripts_say_a_wrong_path_or_option_in_one_line(args, message):
     """A wrong path or option stops a benchmark script with one line, not a traceback, and before
