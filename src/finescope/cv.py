@@ -436,16 +436,12 @@ def run_fold(cfg: Config, run_dir: Path, progress: bool) -> str:
     Returns:
         ``"done"`` (already finished), ``"resumed"`` or ``"trained"``.
     """
-    from finescope.trainer import train
+    from finescope.trainer import as_resumed, train
 
     if _finished(run_dir):
         return "done"
     resume = (run_dir / "checkpoints" / "last.pt").is_file()
-    if resume and (run_dir / "config.yaml").is_file():  # its data.splits names this fold's file as --out was
-        # spelled then (relative or absolute); a resume reads the run's own splits.json
-        stored = read_yaml_mapping(run_dir / "config.yaml").get("data", {}).get("splits", cfg.data.splits)
-        cfg = replace(cfg, data=replace(cfg.data, splits=stored))
-    train(cfg, run_dir, resume=resume, progress=progress)
+    train(as_resumed(cfg, run_dir) if resume else cfg, run_dir, resume=resume, progress=progress)
     return "resumed" if resume else "trained"
 
 

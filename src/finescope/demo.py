@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from finescope.config import Config, load_config, override, read_yaml_mapping
+from finescope.config import Config, load_config, override
 from finescope.data import load_samples
 from finescope.data.dataset import read_image
 from finescope.data.synthetic import load_cells
 from finescope.files import write_text
-from finescope.trainer import load_trained, train
+from finescope.trainer import as_resumed, load_trained, train
 
 VARIANTS = ("global", "fusion")
 
@@ -72,10 +72,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool 
         vcfg = override(cfg, model={"variant": variant}, data={"splits": splits})
         start = time.perf_counter()
         resume = (run_dir / "checkpoints" / "last.pt").is_file()  # a killed demo continues where it stopped
-        if resume and (run_dir / "config.yaml").is_file():  # its data.splits names the file as --out was spelled
-            # then (relative or absolute, as cv's folds); a resume reads the run's own splits.json
-            stored = read_yaml_mapping(run_dir / "config.yaml").get("data", {}).get("splits", splits)
-            vcfg = override(vcfg, data={"splits": stored})
+        if resume:
+            vcfg = as_resumed(vcfg, run_dir)
         if progress:
             print(f"== training {variant} ({'resuming' if resume else vcfg.train.epochs} epochs) -> {run_dir}")
         metrics = train(vcfg, run_dir, resume=resume, progress=progress)

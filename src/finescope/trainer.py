@@ -38,6 +38,7 @@ from finescope.config import (
     Config,
     first_difference,
     load_config,
+    read_yaml_mapping,
     resolved_dict,
     save_config,
     stored_config,
@@ -222,6 +223,16 @@ def checkpoint_model_config(cfg: Config) -> Config:
     """``cfg`` without the backbone's initial weights, for a model whose weights a checkpoint then gives: the
     file of ``model.weights`` need not be there any more, nor a network for ``model.pretrained``."""
     return replace(cfg, model=replace(cfg.model, weights="", pretrained=False))
+
+
+def as_resumed(cfg: Config, run_dir: Path) -> Config:
+    """``cfg`` with the ``data.splits`` that ``run_dir`` (a run a cv or the demo resumes) was trained with: it
+    names the run's split file as the output folder was spelled then (relative or absolute, or before the folder
+    moved), and a resume reads the run's own ``splits.json`` anyway."""
+    if not (run_dir / "config.yaml").is_file():
+        return cfg
+    stored = read_yaml_mapping(run_dir / "config.yaml").get("data", {}).get("splits", cfg.data.splits)
+    return replace(cfg, data=replace(cfg.data, splits=stored))
 
 
 def build_model(cfg: Config, num_classes: int, device: torch.device) -> FineScopeNet:

@@ -50,8 +50,8 @@ def resolve_methods(model: FineScopeNet, methods: str | list[str] | tuple[str, .
             what the model supports.
     """
     names = [methods] if isinstance(methods, str) else list(methods)
-    given = {n.strip().lower(): n.strip() for part in names for n in part.split(",") if n.strip()}
-    names = [n.strip().lower() for part in names for n in part.split(",") if n.strip()]
+    given = {n.strip().lower(): n.strip() for part in names for n in part.split(",") if n.strip()}  # -> as typed
+    names = list(given)
     auto = (["attention"] if model.use_attention else []) + list(DEFAULT_CAMS)
     names = [m for n in names or ["auto"] for m in (auto if n == "auto" else [n])]  # auto may join others
     ok = supported_methods(model)
