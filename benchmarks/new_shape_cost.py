@@ -15,7 +15,12 @@ training steps of a fresh model as the trainer runs it (channels-last, fused Ada
 4. a new batch size with the selection's CUDA graph off (``model.selection_graph = False``): if this one is
    cheap, the cost is the graph's capture;
 5. a new batch size under ``torch.profiler`` (host activity only), whose operations with the most host time
-   are listed.
+   are listed;
+6. the median of 5 steps of a known shape (what the weights' layout costs or saves once warm), and an inference
+   step (no gradients) of a new batch size, then that size again.
+
+``--runs BACKBONE:AMP:contiguous`` keeps the weights (so the activations) contiguous instead of channels-last: on
+CUDA, PyTorch sends every depthwise convolution of channels-last activations to cuDNN, whatever the precision.
 
     PYTHONPATH=src python benchmarks/new_shape_cost.py --device cuda --out /tmp/new_shape.json
 
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -93,10 +99,29 @@ def top_host_ops(fn, n: int) -> list[dict]:
     return [{"name": e.key, "self_host_ms": e.self_cpu_time_total / 1e3, "calls": e.count} for e in events]
 
 
-def measure(backbone: str, amp: str, args, device: torch.device) -> dict:
+def infer_step(model, batch: int, size: tuple[int, int], device: torch.device, amp: str, host: dict) -> float:
+    """Milliseconds of one inference step (no gradients) on a fresh random batch, with the process's kernel time
+    and minor page faults in it written to ``host`` as :func:`train_step` does."""
+    images = torch.rand(batch, 3, *size, device=device)
+    sizes = torch.tensor([list(size)] * batch)
+    sync(device)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    with torch.no_grad(), autocast(device, amp):
+        model(images, sizes)
+    sync(device)
+    ms = (time.perf_counter() - start) * 1e3
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    host.update(system_s=after.ru_stime - before.ru_stime, page_faults=after.ru_minflt - before.ru_minflt)
+    return ms
+
+
+def measure(backbone: str, amp: str, layout: str, args, device: torch.device) -> dict:
     torch.manual_seed(0)
     cfg = ModelConfig(variant="fusion", backbone=backbone, global_size=args.global_size, local_size=args.local_size)
-    model = create_model(cfg, 2).to(device).to(memory_format=torch.channels_last).train()
+    model = create_model(cfg, 2).to(device).train()
+    if layout == "cl":  # as the trainer with train.channels_last (its default)
+        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused_adamw(device.type))
     scaler = make_grad_scaler(device, amp)
     size, b = args.size, args.batch
@@ -124,7 +149,16 @@ def measure(backbone: str, amp: str, args, device: torch.device) -> dict:
     ops = top_host_ops(lambda: timed.append(step(b - 10, "new batch size, profiled")), args.top)
     steps["new batch size, profiled"] = timed[0]
     steps["that size again"] = step(b - 10, "that size again")
-    return {"backbone": backbone, "amp": amp, "steps_ms": steps, "host": host, "top_host_ops": ops}
+    # a known shape once warm, the median of 5 steps: what the layout costs or saves in steady training
+    host["known shape, median of 5"] = {}
+    steps["known shape, median of 5"] = statistics.median(
+        train_step(model, opt, scaler, b, size, device, amp, host["known shape, median of 5"]) for _ in range(5))
+    model.eval()
+    for name, n in [("inference, new batch size", b - 2), ("inference, that size again", b - 2)]:
+        host[name] = {}
+        steps[name] = infer_step(model, n, size, device, amp, host[name])
+    return {"backbone": backbone, "amp": amp, "layout": layout, "steps_ms": steps, "host": host,
+            "top_host_ops": ops}
 
 
 def report(result: dict) -> str:
@@ -132,17 +166,17 @@ def report(result: dict) -> str:
     lines = [f"device {env.get('gpu', env['cpu'])} ({env['device']}), torch {env['torch']}, commit {env['commit']}",
              f"`{env['command']}`", ""]
     names = list(result["runs"][0]["steps_ms"])
-    lines.append(markdown_table(["backbone", "autocast", *names],
-                                [[r["backbone"], r["amp"], *(f"{r['steps_ms'][k]:.0f}" for k in names)]
-                                 for r in result["runs"]]))
+    lines.append(markdown_table(["backbone", "autocast", "weights", *names],
+                                [[r["backbone"], r["amp"], LAYOUTS[r["layout"]],
+                                  *(f"{r['steps_ms'][k]:.0f}" for k in names)] for r in result["runs"]]))
     lines += ["", "Kernel time (s) and minor page faults (thousands) of the process in each step: memory touched for the "
               "first time is paid there", "",
-              markdown_table(["backbone", "autocast", *names],
-                             [[r["backbone"], r["amp"], *(f"{r['host'][k]['system_s']:.2f} s, "
+              markdown_table(["backbone", "autocast", "weights", *names],
+                             [[r["backbone"], r["amp"], LAYOUTS[r["layout"]], *(f"{r['host'][k]['system_s']:.2f} s, "
                                                           f"{r['host'][k]['page_faults'] / 1e3:.0f}k" for k in names)]
                               for r in result["runs"]])]
     for r in result["runs"]:
-        lines += ["", f"{r['backbone']} {r['amp']}, the profiled new-shape step: operations with the most host time",
+        lines += ["", f"{r['backbone']} {r['amp']} {LAYOUTS[r['layout']]}, the profiled new-shape step: operations with the most host time",
                   "", markdown_table(["operation", "self host ms", "calls"],
                                      [[o["name"], f"{o['self_host_ms']:.1f}", o["calls"]] for o in r["top_host_ops"]])]
     return "\n".join(lines) + "\n"
@@ -152,7 +186,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--runs", nargs="+", default=["mobilenet_v2:fp16", "resnet18:bf16"],
-                   help="BACKBONE:AMP pairs (AMP as train.amp: fp16, bf16 or off), each a fresh model in turn")
+                   help="BACKBONE:AMP[:LAYOUT] (AMP as train.amp: fp16, bf16 or off; LAYOUT cl, the default, for "
+                        "channels-last weights as train.channels_last, or contiguous), each a fresh model in turn")
     p.add_argument("--size", default="460x700", help="HxW of the images")
     p.add_argument("--batch", type=int, default=16,
                    help="the first batch size B; the new ones are B-12, B-8, B-4 and B-10 (B must be over 12)")
@@ -166,10 +201,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--batch must be over 12: the new batch sizes are B-12, B-8, B-4 and B-10")
     args.size = parse_hw(p, "--size", args.size)  # these checked before the first run is timed
     parse_device(p, args.device)
-    for pair in args.runs:
-        if len(pair.split(":")) != 2 or pair.split(":")[1] not in ("fp16", "bf16", "off"):
-            p.error(f"--runs: '{pair}' is not BACKBONE:AMP (AMP fp16, bf16 or off)")
+    args.runs = [parse_run(p, pair) for pair in args.runs]
     return args
+
+
+LAYOUTS = {"cl": "channels-last", "contiguous": "contiguous"}
+
+
+def parse_run(p: argparse.ArgumentParser, pair: str) -> tuple[str, str, str]:
+    """``BACKBONE:AMP[:LAYOUT]`` as (backbone, amp, layout), or a one-line usage error."""
+    parts = pair.split(":")
+    if len(parts) not in (2, 3) or parts[1] not in ("fp16", "bf16", "off") or (len(parts) == 3 and
+                                                                               parts[2] not in LAYOUTS):
+        p.error(f"--runs: '{pair}' is not BACKBONE:AMP[:LAYOUT] (AMP fp16, bf16 or off; LAYOUT cl or contiguous)")
+    return parts[0], parts[1], parts[2] if len(parts) == 3 else "cl"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -177,13 +222,10 @@ def main(argv: list[str] | None = None) -> dict:
     allocator_as_the_cli()
     device = torch.device(args.device)
     result = {"environment": environment(device), "settings": {k: v for k, v in vars(args).items()}, "runs": []}
-    for pair in args.runs:
-        backbone, amp = pair.split(":")
-        result["runs"].append(measure(backbone, amp, args, device))
-        print(f"{pair}: " + ", ".join(f"{k} {v:.0f} ms" for k, v in result["runs"][-1]["steps_ms"].items()), flush=True)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    save_report(args.out, result, report(result))
+    for backbone, amp, layout in args.runs:
+        result["runs"].append(measure(backbone, amp, layout, args, device))
+        print(f"{backbone}:{amp}:{layout}: " + ", ".join(f"{k} {v:.0f} ms" for k, v in result["runs"][-1]["steps_ms"].items()), flush=True)
+        save_report(args.out, result, report(result))  # after each run: a time limit keeps the runs done
     return result
 
 

@@ -69,11 +69,16 @@ def test_first_epoch_times_the_trainers_steps(tmp_path):
 
 def test_new_shape_cost_reports_each_steps_kernel_time_and_page_faults(tmp_path):
     out = tmp_path / "ns.json"
-    cmd = [sys.executable, "benchmarks/new_shape_cost.py", "--device", "cpu", "--runs", "tiny:off", "--size",
-           "128x192", "--global-size", "64", "--local-size", "64", "--top", "3", "--out", str(out)]
+    cmd = [sys.executable, "benchmarks/new_shape_cost.py", "--device", "cpu", "--runs", "tiny:off",
+           "tiny:off:contiguous", "--size", "128x192", "--global-size", "64", "--local-size", "64", "--top", "3",
+           "--out", str(out)]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": "src"})
-    run = json.loads(out.read_text())["runs"][0]
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["layout"] for r in runs] == ["cl", "contiguous"]  # channels-last weights unless asked otherwise
+    run = runs[0]
     assert list(run["steps_ms"])[:4] == ["first step", "same shape again", "third step", "new batch size"]
+    assert list(run["steps_ms"])[-3:] == ["known shape, median of 5", "inference, new batch size",
+                                          "inference, that size again"]
     assert set(run["host"]) == set(run["steps_ms"])
     assert all(h["system_s"] >= 0 and h["page_faults"] >= 0 for h in run["host"].values())
     # the first step of a process touches memory it never had: the heap grows to the step's peak
@@ -345,6 +350,7 @@ def test_gpu_check_skips_stages_past_its_budget(tmp_path):
     (["profile_step.py", "--device", "cpu", "--size", "460"], "--size: '460' is not HxW"),
     (["new_shape_cost.py", "--device", "gpu"], "--device: 'gpu' is not cpu or cuda"),
     (["new_shape_cost.py", "--device", "cpu", "--runs", "tiny:off", "tiny"], "--runs: 'tiny' is not BACKBONE:AMP"),
+    (["new_shape_cost.py", "--device", "cpu", "--runs", "tiny:off:nhwc"], "--runs: 'tiny:off:nhwc' is not BACKBONE"),
     (["new_shape_cost.py", "--device", "cpu", "--size", "128"], "--size: '128' is not HxW"),
     # gpu_check.sh on a GPU machine: a missing file named before minutes of work, not at the stage that reads it
     # (OUT under /dev/null: never made, even by a version that checks nothing)
