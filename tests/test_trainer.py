@@ -181,6 +181,18 @@ def test_predict_writes_one_row_per_image(fusion_run, synthetic_root, tmp_path):
     assert len(rows[0]["boxes"].split(";")) == 2  # K = 2 boxes "x1 y1 x2 y2 mass"
 
 
+def test_predict_lays_out_its_batches_as_the_run_trained(fusion_run, synthetic_root, tmp_path, monkeypatch):
+    # channels-last input batches (CUDA global-hires) only where the run's train.channels_last says so, as evaluate
+    out, _ = fusion_run
+    seen = []
+    real = trainer.predict_loader
+    monkeypatch.setattr(trainer, "predict_loader", lambda *a, **kw: seen.append(kw["channels_last"]) or real(*a, **kw))
+    for value in ("true", "false"):
+        trainer.predict(out, [str(synthetic_root / "images")], tmp_path / "p.csv", [f"train.channels_last={value}"],
+                        device="cpu")
+    assert seen == [True, False]
+
+
 def test_checkpoint_from_other_classes_is_refused(fusion_run, tmp_path):
     out, _ = fusion_run
     (tmp_path / "x" / "cats").mkdir(parents=True)

@@ -839,7 +839,8 @@ def predict(checkpoint: str | Path, paths: list[str], out: str | Path | None = N
     data = replace(cfg.data, on_error="skip", cache="none")
     loader = make_loader(sample_set, np.arange(len(samples)), replace(cfg, data=data), train=False)
     preds = predict_loader(model, loader, next(model.parameters()).device, amp=cfg.train.amp,
-                           cpu_amp=cfg.train.cpu_amp, predict_with=cfg.model.predict_with)
+                           cpu_amp=cfg.train.cpu_amp, channels_last=cfg.train.channels_last,
+                           predict_with=cfg.model.predict_with)
     if len(preds.indices) == 0:
         raise FinescopeError(f"none of the {len(samples)} images could be predicted (unreadable, or smaller than "
                              "the model's crops: see the warnings above); nothing was written")
