@@ -21,6 +21,9 @@ training steps of a fresh model as the trainer runs it (channels-last, fused Ada
 
 ``--runs BACKBONE:AMP:contiguous`` keeps the weights (so the activations) contiguous instead of channels-last: on
 CUDA, PyTorch sends every depthwise convolution of channels-last activations to cuDNN, whatever the precision.
+``cl-dw`` and ``contiguous-dw`` run the depthwise convolutions (forward and backward) with cuDNN switched off and
+leave the rest to cuDNN: at 2d64d1b on the H200 a new shape cost mobilenet_v2 in fp16 8-14 s, all of it in cuDNN
+(0.2 s with cuDNN off for the whole step), and these say whether the depthwise convolutions are where it goes.
 
     PYTHONPATH=src python benchmarks/new_shape_cost.py --device cuda --out /tmp/new_shape.json
 
@@ -116,12 +119,52 @@ def infer_step(model, batch: int, size: tuple[int, int], device: torch.device, a
     return ms
 
 
+class _DepthwiseWithoutCudnn(torch.autograd.Function):
+    """A depthwise convolution whose forward and backward passes both run with cuDNN switched off (PyTorch's own
+    depthwise kernels on CUDA), in the precision autocast would give it."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, conv):
+        kind = x.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(kind, enabled=False), torch.backends.cudnn.flags(enabled=False):
+            out = torch.nn.functional.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        ctx.save_for_backward(x, weight)
+        ctx.conv, ctx.has_bias = conv, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        c = ctx.conv
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        with torch.backends.cudnn.flags(enabled=False):
+            gx, gw, gb = torch.ops.aten.convolution_backward(
+                grad.to(x.dtype), x, weight, [weight.shape[0]] if ctx.has_bias else None, c.stride, c.padding,
+                c.dilation, False, [0, 0], c.groups, mask)
+        return gx, gw, gb, None  # autograd casts each to its input's dtype
+
+
+def depthwise_without_cudnn(model: torch.nn.Module) -> int:
+    """Send every depthwise convolution of ``model`` through :class:`_DepthwiseWithoutCudnn`; their number."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels:
+            m.forward = lambda x, m=m: _DepthwiseWithoutCudnn.apply(x, m.weight, m.bias, m)
+            n += 1
+    return n
+
+
 def measure(backbone: str, amp: str, layout: str, args, device: torch.device) -> dict:
     torch.manual_seed(0)
     cfg = ModelConfig(variant="fusion", backbone=backbone, global_size=args.global_size, local_size=args.local_size)
     model = create_model(cfg, 2).to(device).train()
-    if layout == "cl":  # as the trainer with train.channels_last (its default)
+    if layout.startswith("cl"):  # as the trainer with train.channels_last (its default)
         model = model.to(memory_format=torch.channels_last)
+    if layout.endswith("-dw"):
+        depthwise_without_cudnn(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused_adamw(device.type))
     scaler = make_grad_scaler(device, amp)
     size, b = args.size, args.batch
@@ -187,7 +230,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda")
     p.add_argument("--runs", nargs="+", default=["mobilenet_v2:fp16", "resnet18:bf16"],
                    help="BACKBONE:AMP[:LAYOUT] (AMP as train.amp: fp16, bf16 or off; LAYOUT cl, the default, for "
-                        "channels-last weights as train.channels_last, or contiguous), each a fresh model in turn")
+                        "channels-last weights as train.channels_last, or contiguous; cl-dw or contiguous-dw run "
+                        "the depthwise convolutions with cuDNN off), each a fresh model in turn")
     p.add_argument("--size", default="460x700", help="HxW of the images")
     p.add_argument("--batch", type=int, default=16,
                    help="the first batch size B; the new ones are B-12, B-8, B-4 and B-10 (B must be over 12)")
@@ -202,10 +246,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.size = parse_hw(p, "--size", args.size)  # these checked before the first run is timed
     parse_device(p, args.device)
     args.runs = [parse_run(p, pair) for pair in args.runs]
+    for backbone, _, layout in args.runs:
+        cfg = ModelConfig(variant="fusion", backbone=backbone, global_size=args.global_size,
+                          local_size=args.local_size)
+        if layout.endswith("-dw") and not depthwise_without_cudnn(create_model(cfg, 2)):
+            p.error(f"--runs: {backbone} has no depthwise convolution for LAYOUT {layout}")
     return args
 
 
-LAYOUTS = {"cl": "channels-last", "contiguous": "contiguous"}
+LAYOUTS = {"cl": "channels-last", "contiguous": "contiguous",
+           "cl-dw": "channels-last, depthwise without cuDNN", "contiguous-dw": "contiguous, depthwise without cuDNN"}
 
 
 def parse_run(p: argparse.ArgumentParser, pair: str) -> tuple[str, str, str]:
@@ -213,7 +263,8 @@ def parse_run(p: argparse.ArgumentParser, pair: str) -> tuple[str, str, str]:
     parts = pair.split(":")
     if len(parts) not in (2, 3) or parts[1] not in ("fp16", "bf16", "off") or (len(parts) == 3 and
                                                                                parts[2] not in LAYOUTS):
-        p.error(f"--runs: '{pair}' is not BACKBONE:AMP[:LAYOUT] (AMP fp16, bf16 or off; LAYOUT cl or contiguous)")
+        p.error(f"--runs: '{pair}' is not BACKBONE:AMP[:LAYOUT] (AMP fp16, bf16 or off; LAYOUT "
+                f"{', '.join(LAYOUTS)})")
     return parts[0], parts[1], parts[2] if len(parts) == 3 else "cl"
 
 
