@@ -247,7 +247,9 @@ def train_stage(out: Path, args, device: str, clock: Clock, compile_mode: str = 
 # being what b61e5c7 left open; the model table, measured whole there, comes after them and is what the budget
 # cuts first (bench_model.py saves after every group, so a cut table keeps its first groups). The whole script's
 # budget stays inside the 475 s that gpu_check.sh allows. profile_compiled writes its JSON after each batch size,
-# so a stage cut short still reports batch 16.
+# so a stage cut short still reports batch 16. At 2d64d1b (H200): new_shape 51 s (its third run, mobilenet_v2
+# with the depthwise convolutions off cuDNN, came after: up to 45 s more, and a cut keeps the runs before it), data
+# 39 s, model 181 s, profile 16 s, batch64 65 s, which left compiled 45 s (cut).
 STAGE_SECONDS = {"profile": 40, "model": 260, "batch64": 70, "compiled": 95, "data": 90, "new_shape": 90}
 STAGE_ORDER = ("new_shape", "data", "model", "profile", "batch64", "compiled")
 BUDGET_SECONDS = 465
@@ -287,7 +289,9 @@ def bench_stages(out: Path, args, device: str, clock: Clock) -> dict:
                 "--augments", "microscopy", "none", "--caches", "none", "memory", "--colour-on", "device",
                 "--loader-one-orientation", "off", "on", "--repeat", "4", "--one-orientation", "on", "off",
                 "--epoch-runs", "2"]
-        new_shape = []
+        # at 2d64d1b a new shape cost mobilenet_v2 in fp16 8-14 s, all in cuDNN: cl-dw says whether the depthwise
+        # convolutions are where it goes (second, so that a cut stage still has it: the JSON is saved per run)
+        new_shape = ["--runs", "mobilenet_v2:fp16", "mobilenet_v2:fp16:cl-dw", "resnet18:bf16"]
     profile = (["--backbones", "tiny", "--size", "128x192", "--batch", "2", "--reps", "2"] if args.quick
                else ["--backbones", "resnet18", "--size", "460x700", "--batch", "16"])
     cmds = {name: ["benchmarks/bench_model.py", *extra, "--out", str(out / f"bench_{name}.json")]
@@ -377,7 +381,8 @@ def final_table(summary: dict, out: Path) -> str:
     if shapes.is_file():
         for r in json.loads(shapes.read_text())["runs"]:
             top = r["top_host_ops"][0] if r["top_host_ops"] else None
-            rows.append([f"new batch shape, {r['backbone']} {r['amp']} (ms per training step)",
+            layout = "" if r.get("layout", "cl") == "cl" else f" {r['layout']}"
+            rows.append([f"new batch shape, {r['backbone']} {r['amp']}{layout} (ms per training step)",
                          ", ".join(f"{k} {v:.0f}" for k, v in r["steps_ms"].items()),
                          "-" if top is None else f"most host time: {top['name'][:40]} {top['self_host_ms']:.0f} ms"])
     for key in ("train", "train_compiled"):
