@@ -224,7 +224,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "batches that the workers prefetch: 2 per worker)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--decode-n", type=int, default=20, help="files in the decode comparison (0 = skip it)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--epoch-backbone", default="", help="also time fusion epochs with this backbone ('' = skip)")
     p.add_argument("--epoch-augment", default="microscopy", choices=("none", "geometric", "microscopy", "strong"),
                    help="the augmentation of the timed epochs (the trainer's default: microscopy)")
@@ -239,7 +239,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", help="JSON file for the results (a .md beside it)")
     args = p.parse_args(argv)
     if args.device != "auto":
-        parse_device(p, args.device)
+        parse_device(p, args.device, auto=True)
     return args
 
 

@@ -72,12 +72,13 @@ def require_device(device: torch.device | str) -> torch.device:
     return device
 
 
-def parse_device(parser: ArgumentParser, text: str) -> torch.device:
-    """``--device`` as a torch device, or the parser's one-line error for a name torch does not know."""
+def parse_device(parser: ArgumentParser, text: str, auto: bool = False) -> torch.device:
+    """``--device`` as a torch device, or the parser's one-line error for a name torch does not know; ``auto``:
+    the script also takes ``auto`` (checked by the caller), so the error names it too."""
     try:
         return torch.device(text)
     except RuntimeError:
-        parser.error(f"--device: '{text}' is not cpu or cuda")
+        parser.error(f"--device: '{text}' is not {'auto, ' if auto else ''}cpu or cuda")
 
 
 def parse_hw(parser: ArgumentParser, option: str, text: str) -> tuple[int, int]:

@@ -385,7 +385,7 @@ def test_gpu_check_skips_stages_past_its_budget(tmp_path):
     (["gpu_check.py", "/dev/null/out", "--device", "cpu", "--quick", "--data", "/no/such/folder"],
      "--data: data.root '/no/such/folder' does not exist"),
     (["gpu_check.py", "/dev/null/out", "--device", "gpu"], "--device: 'gpu' is not cpu or cuda"),
-    (["bench_data.py", "--device", "gpu", "--decode-n", "0"], "--device: 'gpu' is not cpu or cuda"),
+    (["bench_data.py", "--device", "gpu", "--decode-n", "0"], "--device: 'gpu' is not auto, cpu or cuda"),
     (["crop_cost.py", "--cases", "460x700"], "--cases: '460x700' is not HxW:BATCH"),
     (["crop_cost.py", "--in-step", "mobilenet_v2", "--weights", "/no/such.pth"], "--weights: file '/no/such.pth'"),
     (["view_cost.py", "--sizes", "1536"], "--sizes: '1536' is not HxW"),
