@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import run_script  # noqa: E402
+from common import require_counts, run_script  # noqa: E402
 
 from finescope.config import load_config  # noqa: E402
 from finescope.data import ImageDataset, build_transform, load_samples  # noqa: E402
@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("data")
     parser.add_argument("--n", type=int, default=16)
     args = parser.parse_args()
+    require_counts(parser, args, n=1)
     cfg = load_config(overrides=["data.source=breakhis", f"data.root={args.data}"])
     samples = load_samples(cfg.data).samples[: args.n]
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "

@@ -45,7 +45,16 @@ from PIL import Image
 from torch.utils.data import DataLoader, RandomSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import allocator_as_the_cli, environment, loadavg, markdown_table, parse_device, summary, sync  # noqa: E402
+from common import (  # noqa: E402
+    allocator_as_the_cli,
+    environment,
+    loadavg,
+    markdown_table,
+    parse_device,
+    require_counts,
+    summary,
+    sync,
+)
 
 from finescope.config import DataConfig, ModelConfig  # noqa: E402
 from finescope.data import (  # noqa: E402
@@ -238,6 +247,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-reps", type=int, default=3)
     p.add_argument("--out", help="JSON file for the results (a .md beside it)")
     args = p.parse_args(argv)
+    require_counts(p, args, repeat=1, epochs=1, epoch_runs=1, model_reps=1)
     if args.device != "auto":
         parse_device(p, args.device, auto=True)
     return args

@@ -59,7 +59,16 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import allocator_as_the_cli, environment, loadavg, markdown_table, summary, sync, timed  # noqa: E402
+from common import (  # noqa: E402
+    allocator_as_the_cli,
+    environment,
+    loadavg,
+    markdown_table,
+    require_counts,
+    summary,
+    sync,
+    timed,
+)
 
 from finescope.config import ModelConfig  # noqa: E402
 from finescope.engine import autocast, compute_loss, input_channels_last  # noqa: E402
@@ -465,6 +474,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--out", help="JSON file for the full results (a .md with the tables is written beside it)")
     args = p.parse_args(argv)
+    require_counts(p, args, warmup=0, reps=1)
     # checked here, not when the group that needs them comes (minutes into a table), each with one line
     if any("=" not in w for w in args.weights):
         p.error(f"--weights: give BACKBONE=PATH, not '{next(w for w in args.weights if '=' not in w)}'")

@@ -103,6 +103,16 @@ def parse_weights(parser: ArgumentParser, values: list[str]) -> dict[str, str]:
     return weights
 
 
+def require_counts(parser: ArgumentParser, args, **least: int) -> None:
+    """The parser's one-line error for a count of ``args`` below its least value (``reps=1, warmup=0``), before
+    anything is timed: ``--reps 0`` would otherwise end in a StatisticsError or ZeroDivisionError after the
+    setup, or in a table of nothing."""
+    for name, low in least.items():
+        value = getattr(args, name)
+        if value < low:
+            parser.error(f"--{name.replace('_', '-')}: give {low} or more, not {value}")
+
+
 def make_out_folder(parser: ArgumentParser, out: str | None) -> None:
     """Make ``--out``'s folder now, or the parser's one-line error: an ``--out`` that cannot be written fails
     before the timings, not after them with what they measured lost."""

@@ -36,6 +36,7 @@ from common import (  # noqa: E402
     parse_device,
     parse_hw,
     report_header,
+    require_counts,
     run_script,
     save_report,
     summary,
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default="", help="local weights for --in-step's backbone")
     p.add_argument("--out", help="JSON file (a .md with the tables is written beside it)")
     args = p.parse_args(argv)
+    require_counts(p, args, reps=1)
     make_out_folder(p, args.out)
     device = parse_device(p, args.device)  # these checked before anything is timed
     for case in args.cases:

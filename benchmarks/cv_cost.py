@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import run_script  # noqa: E402
+from common import require_counts, run_script  # noqa: E402
 
 from finescope.cv import load_protocol, make_folds  # noqa: E402
 from finescope.data import load_samples  # noqa: E402
@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--set", dest="overrides", nargs="*", default=[])
     args = parser.parse_args()
+    require_counts(parser, args, steps=1)
     cfg, protocol = load_protocol(args.config, args.profile, args.overrides)
     sample_set = load_samples(cfg.data)
     folds = make_folds(sample_set, protocol, cfg.seed, cfg.data.val_fraction)

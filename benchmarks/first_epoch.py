@@ -32,6 +32,7 @@ from common import (  # noqa: E402
     environment,
     make_out_folder,
     markdown_table,
+    require_counts,
     run_script,
     sync,
 )
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slowest", type=int, default=5, help="slowest steps listed per epoch")
     p.add_argument("--out", help="JSON file for the results")
     args = p.parse_args(argv)
+    require_counts(p, args, epochs=1)
     make_out_folder(p, args.out)
     allocator_as_the_cli()
     cfg = load_config(args.config, args.set)

@@ -31,6 +31,7 @@ from common import (  # noqa: E402
     markdown_table,
     parse_hw,
     parse_weights,
+    require_counts,
     run_child,
     run_script,
 )
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--out", help="JSON file for the results (a .md table beside it)")
     args = p.parse_args(argv)
+    require_counts(p, args, rounds=1, steps=1)
     make_out_folder(p, args.out)
     weights = parse_weights(p, args.weights)
     for case in args.cases:  # checked before the first case is timed

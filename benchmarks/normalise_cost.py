@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, markdown_table, parse_device, require_device, sync  # noqa: E402
+from common import environment, markdown_table, parse_device, require_counts, require_device, sync  # noqa: E402
 
 from finescope.config import ModelConfig  # noqa: E402
 from finescope.models import create_model  # noqa: E402
@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--reps", type=int, default=30)
     args = p.parse_args(argv)
+    require_counts(p, args, reps=1)
     device = require_device(parse_device(p, args.device))
     model = create_model(ModelConfig(variant="fusion", backbone="resnet18"), 2).to(device)
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)

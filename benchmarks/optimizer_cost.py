@@ -25,6 +25,7 @@ from common import (  # noqa: E402
     ms_spread,
     parse_device,
     report_header,
+    require_counts,
     run_script,
     save_report,
     summary,
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--out", help="JSON file (a .md with the table is written beside it)")
     args = p.parse_args(argv)
+    require_counts(p, args, reps=1)
     make_out_folder(p, args.out)
     device = parse_device(p, args.device)
     env = environment(device)

@@ -41,6 +41,7 @@ from common import (  # noqa: E402
     parse_device,
     parse_hw,
     parse_weights,
+    require_counts,
     run_script,
     sync,
     timed,
@@ -209,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(the boxes, and so the crops' cost, follow the attention they give)")
     p.add_argument("--out", help="JSON file for the results")
     args = p.parse_args(argv)
+    require_counts(p, args, reps=1)
     make_out_folder(p, args.out)
     device = parse_device(p, args.device)  # these three checked before the first backbone is timed
     size = parse_hw(p, "--size", args.size)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, markdown_table, parse_device, parse_hw, sync  # noqa: E402
+from common import environment, markdown_table, parse_device, parse_hw, require_counts, sync  # noqa: E402
 
 from finescope.models import selection  # noqa: E402
 from finescope.models.selection import select_boxes  # noqa: E402
@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--graph", nargs="+", default=["on", "off"], choices=["on", "off"],
                    help="on CUDA: time the selection with its CUDA graph, without, or both")
     args = p.parse_args(argv)
+    require_counts(p, args, reps=1, rounds_batches=0)
     device = parse_device(p, args.device)
     parse_hw(p, "--grid", args.grid)
     env = environment(device)

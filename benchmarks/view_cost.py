@@ -29,6 +29,7 @@ from common import (  # noqa: E402
     parse_device,
     parse_hw,
     report_header,
+    require_counts,
     save_report,
     summary,
     timed,
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", help="JSON file (a .md with the table is written beside it)")
     args = p.parse_args(argv)
+    require_counts(p, args, reps=1)
     make_out_folder(p, args.out)
     device = parse_device(p, args.device)
     sizes = [parse_hw(p, "--sizes", s) for s in args.sizes]

@@ -395,6 +395,28 @@ def test_gpu_check_skips_stages_past_its_budget(tmp_path):
     (["box_grid.py", "--sizes", "460"], "--sizes: '460' is not HxW"),
     (["normalise_cost.py", "--device", "gpu"], "--device: 'gpu' is not cpu or cuda"),
     (["box_grid.py", "--boxes", "5", "--out", "/dev/null/g.json"], "--out '/dev/null/g.json'"),  # was: after timing
+    # a count of repetitions below 1 (warm-ups below 0) refused before the timings: it was a StatisticsError or
+    # ZeroDivisionError after the setup, or a table of nothing
+    (["resize_cost.py", "--reps", "0"], "--reps: give 1 or more, not 0"),
+    (["view_cost.py", "--sizes", "64x64", "--reps", "0"], "--reps: give 1 or more, not 0"),
+    (["normalise_cost.py", "--reps", "-1"], "--reps: give 1 or more, not -1"),
+    (["optimizer_cost.py", "--backbones", "tiny", "--reps", "0"], "--reps: give 1 or more, not 0"),
+    (["selection_cost.py", "--reps", "0", "--rounds-batches", "0"], "--reps: give 1 or more, not 0"),
+    (["selection_cost.py", "--reps", "1", "--rounds-batches", "-1"], "--rounds-batches: give 0 or more, not -1"),
+    (["profile_step.py", "--device", "cpu", "--backbones", "tiny", "--size", "64x64", "--reps", "0"],
+     "--reps: give 1 or more, not 0"),
+    (["profile_compiled.py", "--device", "cpu", "--warmup", "-1"], "--warmup: give 0 or more, not -1"),
+    (["crop_cost.py", "--cases", "64x64:1", "--boxes", "whole", "--reps", "0"], "--reps: give 1 or more, not 0"),
+    (["bench_model.py", "--device", "cpu", "--backbones", "tiny", "--variants", "fusion", "--sizes", "64x64",
+      "--modes", "infer", "--reps", "0"], "--reps: give 1 or more, not 0"),
+    (["bench_data.py", "--decode-n", "0", "--repeat", "0"], "--repeat: give 1 or more, not 0"),
+    (["bench_data.py", "--decode-n", "0", "--epoch-runs", "0"], "--epoch-runs: give 1 or more, not 0"),
+    (["malloc_cost.py", "--cases", "tiny:64x64:1:infer", "--rounds", "0"], "--rounds: give 1 or more, not 0"),
+    (["openmp_cost.py", "--backbones", "tiny", "--rounds", "0"], "--rounds: give 1 or more, not 0"),
+    (["cv_cost.py", "--steps", "0"], "--steps: give 1 or more, not 0"),
+    (["first_epoch.py", "--epochs", "0"], "--epochs: give 1 or more, not 0"),
+    (["box_grid.py", "--boxes", "0"], "--boxes: give 1 or more, not 0"),
+    (["augment_cost.py", "/dev/null/data", "--n", "0"], "--n: give 1 or more, not 0"),
 ])
 def test_bench_scripts_say_a_wrong_path_or_option_in_one_line(args, message):
     """A wrong path or option stops a benchmark script with one line, not a traceback, and before
