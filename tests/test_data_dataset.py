@@ -573,6 +573,35 @@ def test_disk_cache_dir_expands_home_as_data_root_does(tmp_path, monkeypatch):
     assert list((tmp_path / "home" / "cache").rglob("*.npy")) and not (tmp_path / "~").exists()
 
 
+def _no_home(monkeypatch) -> None:
+    """No home folder, as for a container's user id without a passwd entry and HOME unset."""
+    def home(cls):
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(Path, "home", classmethod(home))
+
+
+@pytest.mark.parametrize("cache", ["none", "memory"])
+def test_dataset_without_a_disk_cache_needs_no_home_folder(tmp_path, monkeypatch, cache):
+    """The default cache folder is under the home folder; without a disk cache it is not asked for (a user
+    without a home folder got a RuntimeError traceback from every dataset)."""
+    samples = make_samples(tmp_path)
+    _no_home(monkeypatch)
+    ds = ImageDataset(samples, cache=cache)
+    assert ds.cache_dir is None and ds[0]["image"].shape[0] == 3
+
+
+def test_disk_cache_without_a_home_folder_says_to_set_cache_dir(tmp_path, monkeypatch):
+    """A disk cache with no folder given and no home folder is one line naming data.cache_dir, not a
+    RuntimeError; a folder given needs no home."""
+    samples = make_samples(tmp_path)
+    _no_home(monkeypatch)
+    with pytest.raises(FinescopeError, match="set data.cache_dir to a writable folder"):
+        ImageDataset(samples, cache="disk")
+    assert ImageDataset(samples, cache="disk", cache_dir=str(tmp_path / "cache"))[0]["image"].shape[0] == 3
+
+
 @pytest.mark.parametrize("on_error", ["raise", "skip"])
 def test_disk_cache_that_cannot_be_written_warns_once_and_loses_no_image(tmp_path, on_error):
     """The cache only saves decoding: a cache folder that is a file, or a full disk, is one warning naming the

@@ -171,8 +171,21 @@ def read_image(path: str | Path) -> torch.Tensor:
 
 
 def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/finescope/decoded`` (``~/.cache/finescope/decoded`` when XDG_CACHE_HOME is unset)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "finescope" / "decoded"
+    """``$XDG_CACHE_HOME/finescope/decoded`` (``~/.cache/finescope/decoded`` when XDG_CACHE_HOME is unset).
+
+    Raises:
+        FinescopeError: XDG_CACHE_HOME is unset and there is no home folder (HOME unset and no passwd entry, as
+            for a container's arbitrary user id).
+    """
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "finescope" / "decoded"
+    try:
+        home = Path.home()
+    except (RuntimeError, KeyError):  # RuntimeError since Python 3.10; KeyError (from pwd) before
+        raise FinescopeError("data.cache=disk: no folder for the image cache (HOME and XDG_CACHE_HOME are unset "
+                             "and this user has no home folder); set data.cache_dir to a writable folder, or "
+                             "data.cache=none") from None
+    return home / ".cache" / "finescope" / "decoded"
 
 
 class DiskCache:
@@ -409,9 +422,13 @@ class ImageDataset(Dataset):
         self._cache: dict[int, torch.Tensor] = {}  # memory-cached images that the shared cache declined
         self._shared = (SharedMemoryCache([_header_size(x.path) for x in self.samples]) if cache == "memory"
                         else None)
-        # "~" as data.root takes it: YAML and --set leave it to us (a literal "~" folder in the working one else)
-        self.cache_dir = Path(os.path.expanduser(cache_dir)) if cache_dir else default_cache_dir()
-        self._disk = DiskCache(self.cache_dir) if cache == "disk" else None
+        # the disk cache's folder (None without one: the default needs a home folder, which a user without a
+        # disk cache need not have); "~" as data.root takes it: YAML and --set leave it to us (a literal "~"
+        # folder in the working one else)
+        self.cache_dir = None
+        if cache == "disk":
+            self.cache_dir = Path(os.path.expanduser(cache_dir)) if cache_dir else default_cache_dir()
+        self._disk = DiskCache(self.cache_dir) if self.cache_dir is not None else None
         self._warned: set[str] = set()
 
     def __len__(self) -> int:
