@@ -602,6 +602,41 @@ def test_disk_cache_without_a_home_folder_says_to_set_cache_dir(tmp_path, monkey
     assert ImageDataset(samples, cache="disk", cache_dir=str(tmp_path / "cache"))[0]["image"].shape[0] == 3
 
 
+def test_disk_cache_removes_the_temporary_file_of_a_killed_writer(tmp_path):
+    """A DataLoader worker killed (SIGKILL) while writing an entry leaves its temporary file, which stayed in
+    the cache forever; the next cache of the folder (in a new process) removes it once it is an hour old, and
+    keeps a fresh one (a live writer's, in a cache that two runs share) and files that are not its own."""
+    import signal
+
+    samples = make_samples(tmp_path)
+    cache = tmp_path / "cache"
+    code = ("import os, signal, sys\n"
+            "import numpy as np\n"
+            "from finescope.data import read_image\n"
+            "from finescope.data.dataset import DiskCache\n"
+            "def killed(f, arr, **kw):\n"
+            "    f.write(b'\\x93NUMPY half an entry')\n"
+            "    f.flush()\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n"
+            "np.save = killed\n"
+            "cache = DiskCache(sys.argv[1])\n"
+            "cache.put(cache.entry(sys.argv[2]), read_image(sys.argv[2]))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(cache), samples[0].path], capture_output=True,
+                          text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-500:]
+    (left,) = cache.rglob("*.tmp")  # the killed writer's
+    folder = left.parent
+    fresh, other = folder / "tmplive.tmp", folder / "notes.txt"  # a live writer's; not a temporary file
+    fresh.write_bytes(b"x")
+    other.write_bytes(b"x")
+    two_hours_ago = left.stat().st_mtime - 2 * 3600
+    for path in (left, other):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    ImageDataset(samples, cache="disk", cache_dir=str(cache))  # this process has not opened the folder yet
+    assert not left.exists() and fresh.exists() and other.exists()
+
+
 @pytest.mark.parametrize("on_error", ["raise", "skip"])
 def test_disk_cache_that_cannot_be_written_warns_once_and_loses_no_image(tmp_path, on_error):
     """The cache only saves decoding: a cache folder that is a file, or a full disk, is one warning naming the

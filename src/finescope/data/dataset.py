@@ -20,6 +20,7 @@ import os
 import struct
 import sys
 import tempfile
+import time
 import warnings
 import zlib
 from collections.abc import Callable
@@ -198,13 +199,17 @@ class DiskCache:
     written (a folder that is not writable, a full disk) is warned about once per process and its entries are
     not stored: the cache only saves decoding, and the run goes on with the decoded images. The folder is tried
     when the cache is made, in the process that then forks the DataLoader's workers, so that an unwritable one
-    is one warning, not one per worker (entries already there are still read; each new one is tried).
+    is one warning, not one per worker (entries already there are still read; each new one is tried). A writer
+    killed mid-write (a DataLoader worker's SIGKILL, the out-of-memory killer) leaves its temporary file; the
+    first cache of a folder in a process removes the stale ones (:meth:`remove_stale`).
 
     Args:
         root: the cache folder (created here).
     """
 
     _unwritable: set[Path] = set()  # the folders this process warned about (each dataset has its cache)
+    _swept: set[Path] = set()  # the folders whose stale temporary files this process removed
+    STALE_SECONDS = 3600  # a temporary file not modified for this long was left by a killed writer
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -214,6 +219,42 @@ class DiskCache:
             tempfile.TemporaryFile(dir=self.root).close()
         except OSError as e:
             self._warn(e)
+            return
+        if self.root not in DiskCache._swept:  # once per process: a cv run makes a cache per fold and side
+            DiskCache._swept.add(self.root)
+            self.remove_stale()
+
+    def remove_stale(self) -> int:
+        """Remove the temporary files that killed writers left (:meth:`put` writes ``tmp*.tmp`` beside the
+        entry, in the two-character folders); return how many went.
+
+        Only those not modified for :attr:`STALE_SECONDS` go. Another process may be writing into this cache at
+        the same moment (a second run, or DDP ranks, sharing it), and its file is seconds old at most: an entry
+        is a few MB written at once, each write refreshing the file's mtime. The writer's process id would not
+        be safer: a cache in a shared folder is written from other machines and containers, whose ids mean
+        nothing here (or name a live process of this one). A writer stopped for longer than the hour loses its
+        entry (its rename fails, it is warned about, and the image is decoded again next time), never an image.
+        """
+        cutoff, removed = time.time() - self.STALE_SECONDS, 0
+        try:
+            with os.scandir(self.root) as it:
+                folders = [d.path for d in it if len(d.name) == 2 and d.is_dir(follow_symlinks=False)]
+        except OSError:
+            return 0
+        for folder in folders:
+            try:
+                names = [f for f in os.listdir(folder) if f.startswith("tmp") and f.endswith(".tmp")]
+            except OSError:
+                continue
+            for name in names:
+                path = os.path.join(folder, name)
+                try:
+                    if os.lstat(path).st_mtime < cutoff:
+                        os.unlink(path)
+                        removed += 1
+                except OSError:  # gone meanwhile (another process's sweep), or not ours to remove
+                    pass
+        return removed
 
     VERSION = 3  # part of every key: bump it when read_image decodes differently (2: float images in [0, 1];
     # 3: NaN and inf in float images)
@@ -248,7 +289,8 @@ class DiskCache:
         tmp = None
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=entry.parent, suffix=".tmp", delete=False) as f:
+            # tmp*.tmp: the names that remove_stale looks for
+            with tempfile.NamedTemporaryFile(dir=entry.parent, prefix="tmp", suffix=".tmp", delete=False) as f:
                 tmp = f.name
                 np.save(f, img.numpy(), allow_pickle=False)
             os.replace(tmp, entry)
