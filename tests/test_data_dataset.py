@@ -600,6 +600,18 @@ def test_disk_cache_without_a_home_folder_says_to_set_cache_dir(tmp_path, monkey
     with pytest.raises(FinescopeError, match="set data.cache_dir to a writable folder"):
         ImageDataset(samples, cache="disk")
     assert ImageDataset(samples, cache="disk", cache_dir=str(tmp_path / "cache"))[0]["image"].shape[0] == 3
+    # '~' left as it is by expanduser (no HOME, no passwd entry) would make a folder named '~' in the working one
+    import pwd
+
+    monkeypatch.delenv("HOME", raising=False)
+    def no_entry(uid):
+        raise KeyError(uid)
+
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FinescopeError, match=r"data.cache_dir '~/cache': '~' names no home folder"):
+        ImageDataset(samples, cache="disk", cache_dir="~/cache")
+    assert not (tmp_path / "~").exists()
 
 
 def test_disk_cache_removes_the_temporary_file_of_a_killed_writer(tmp_path):

@@ -470,6 +470,9 @@ class ImageDataset(Dataset):
         self.cache_dir = None
         if cache == "disk":
             self.cache_dir = Path(os.path.expanduser(cache_dir)) if cache_dir else default_cache_dir()
+            if self.cache_dir.parts[0].startswith("~"):  # no home folder to expand it to
+                raise FinescopeError(f"data.cache_dir '{cache_dir}': '~' names no home folder for this user; set "
+                                     "data.cache_dir to a folder without '~'")
         self._disk = DiskCache(self.cache_dir) if self.cache_dir is not None else None
         self._warned: set[str] = set()
 
