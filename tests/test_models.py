@@ -6,6 +6,7 @@ import os
 import socket
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -696,6 +697,30 @@ def test_loss_scaling_step_matches_an_unscaled_step():
         if scaler is not None:
             assert scaler.get_scale() == 1024.0  # no overflow: the scale stays until growth_interval steps
     torch.testing.assert_close(params[1], params[0], rtol=1e-4, atol=1e-6)
+
+
+def test_an_epoch_reports_non_finite_weights_and_a_step_the_loss_scaler_skipped_leaves_none():
+    """A NaN loss in fp32 makes the weights NaN, which the epoch reports (``non_finite``, read with the
+    statistics: no sync per step); with loss scaling (fp16 on CUDA; a CPU GradScaler here) the step is skipped
+    and the weights stay finite and unchanged: nothing to report."""
+    from finescope.data.dataset import Batch
+    from finescope.engine import non_finite_tensors, train_one_epoch
+
+    batch = Batch(torch.randint(0, 256, (2, 3, 96, 128), dtype=torch.uint8), torch.tensor([[96, 128]] * 2),
+                  torch.tensor([0, 1]), torch.arange(2))
+    for scaler, expect_bad in ((None, True), (torch.amp.GradScaler("cpu", init_scale=1024.0), False)):
+        torch.manual_seed(0)
+        model = create_model(ModelConfig(variant="fusion", **SMALL), 2)
+        assert int(non_finite_tensors(model)) == 0
+        model.register_forward_hook(lambda module, args, out: replace(out, logits=out.logits + float("nan")))
+        before = torch.cat([p.detach().flatten() for p in model.parameters()])
+        stats = train_one_epoch(model, [batch], torch.optim.SGD(model.parameters(), lr=0.1), None,
+                                torch.device("cpu"), progress=False, scaler=scaler)
+        after = torch.cat([p.detach().flatten() for p in model.parameters()])
+        assert math.isnan(stats["loss"])
+        assert (stats["non_finite"] > 0) == expect_bad == (int(non_finite_tensors(model)) > 0)
+        if not expect_bad:
+            assert torch.equal(after, before) and scaler.get_scale() == 512.0  # skipped; the scale backs off
 
 
 def test_cpu_bf16_autocast_trains_and_predicts_in_bf16():
