@@ -545,3 +545,43 @@ def test_a_cuda_device_this_machine_lacks_is_one_error_and_a_runs_own_is_not_reu
                                              r"GPU \(cuda:0 to cuda:0\)"):
         trainer.resolve_device("cuda:1")
     assert trainer.has_device("cuda") and trainer.has_device("cpu") and not trainer.has_device("cuda:1")
+
+
+def test_a_diverged_epoch_stops_before_its_checkpoints_which_keep_the_last_good_state(synthetic_root, tmp_path,
+                                                                                      monkeypatch):
+    """Weights that became NaN in epoch 2 stop the run before its files: last.pt and best.pt stay epoch 1's
+    (a --resume goes on from a good model), the error names them and the fix. Without a validation side
+    nothing else noticed: last.pt and best.pt were overwritten with NaN weights."""
+    out = tmp_path / "run"
+    ckpt = out / "checkpoints"
+    real_train_one_epoch = trainer.train_one_epoch
+    kept = {}
+
+    def diverging(model, *args, **kwargs):
+        if len(kept) == 0 and (ckpt / "last.pt").is_file():  # epoch 2: what epoch 1 wrote, then NaN weights
+            kept.update({name: (ckpt / name).read_bytes() for name in ("last.pt", "best.pt")})
+            with torch.no_grad():
+                next(trainer.unwrap(model).parameters()).fill_(float("nan"))
+        return real_train_one_epoch(model, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", diverging)
+    with pytest.raises(FinescopeError) as e:
+        _train(synthetic_root, out, variant="global", epochs=3, extra=["data.val_fraction=0"])
+    assert str(e.value).startswith("training diverged in epoch 2 of 3: the model's weights or BatchNorm statistics "
+                                   "hold NaN or infinite values (mean training loss nan); "
+                                   f"'{ckpt / 'last.pt'}' (epoch 1) and best.pt (epoch 1) keep the last good state; "
+                                   "train in a new --out with a lower train.lr (now 0.003)")
+    assert kept and all((ckpt / name).read_bytes() == data for name, data in kept.items())
+    assert [json.loads(r)["epoch"] for r in (out / "history.jsonl").read_text().splitlines()] == [0]
+    assert not (out / "metrics.json").exists()
+
+
+def test_a_run_diverged_in_its_first_epoch_writes_no_checkpoint(synthetic_root, tmp_path):
+    """train.lr=1e8: the first epoch leaves infinite BatchNorm variances, with which validation still gave
+    finite probabilities, so last.pt and best.pt were written with them (and the test then failed on NaN)."""
+    out = tmp_path / "run"
+    with pytest.raises(FinescopeError, match=r"^training diverged in epoch 1 of 2: .*; no checkpoint was written; "
+                                             r"train again with a lower train.lr \(now 1e\+08\) or "
+                                             r"train.grad_clip=1$"):
+        _train(synthetic_root, out, variant="global", extra=["train.lr=1e8", "train.grad_clip=0"])
+    assert not list((out / "checkpoints").glob("*.pt")) and not (out / "history.jsonl").exists()

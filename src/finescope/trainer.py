@@ -628,6 +628,9 @@ def _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, 
         cpu_amp=t.cpu_amp, channels_last=t.channels_last, progress=progress and dist.is_main(),
         desc=f"epoch {epoch + 1}/{t.epochs}", scaler=scaler, mark_steps=t.compile in CUDA_GRAPH_MODES,
     )
+    # summed over the ranks: all stop here alike, none waits in a collective; before any file of the epoch
+    if stats.pop("non_finite"):
+        raise diverged_error(cfg, device, epoch, tracker, run_dir, stats["loss"])
     dist.broadcast_buffers(model)  # every rank validates (and rank 0 saves) rank 0's BatchNorm statistics
     _check_every_class_read(stats.pop("images_per_class"), sample_set, splits["train"], cfg,
                             loaders["train"].sampler.drop_tail)
@@ -655,6 +658,28 @@ def _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, 
         save_checkpoint(state, run_dir / "checkpoints" / "last.pt")  # last: a kill after best.pt loses nothing
         _print_epoch(row, progress)
     return tracker
+
+
+def diverged_error(cfg: Config, device: torch.device, epoch: int, tracker: dict, run_dir: Path,
+                   loss: float) -> FinescopeError:
+    """The error of a run whose weights or BatchNorm statistics became NaN or infinite in ``epoch``. It stops
+    before the epoch's checkpoints, so ``last.pt`` (written after every earlier epoch) and ``best.pt`` keep the
+    last good state; the error names them and what to change (``train.lr`` cannot change on ``--resume``: a new
+    run)."""
+    t, ckpt = cfg.train, run_dir / "checkpoints"
+    if epoch == 0:
+        kept, out = "no checkpoint was written", "again"
+    else:
+        best = f" and best.pt (epoch {tracker['best_epoch'] + 1})" if tracker["best_epoch"] >= 0 else ""
+        kept, out = f"'{ckpt / 'last.pt'}' (epoch {epoch}){best} keep the last good state", "in a new --out"
+    fixes = [f"a lower train.lr (now {t.lr:g})"]
+    if t.grad_clip <= 0:
+        fixes.append("train.grad_clip=1")
+    if (device.type == "cuda" and t.amp != "off") or (device.type == "cpu" and t.cpu_amp != "off"):
+        fixes.append(f"train.{'amp' if device.type == 'cuda' else 'cpu_amp'}=off")
+    return FinescopeError(f"training diverged in epoch {epoch + 1} of {t.epochs}: the model's weights or BatchNorm "
+                          f"statistics hold NaN or infinite values (mean training loss {loss:.4g}); {kept}; train "
+                          f"{out} with {' or '.join(fixes)}")
 
 
 def _early_stop(tracker: dict, patience: int, validated: bool) -> bool:
