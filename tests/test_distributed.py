@@ -177,6 +177,51 @@ def test_ddp_two_processes_match_single_process(tmp_path, extra):
     torch.testing.assert_close(ddp["params"], single["params"], rtol=0, atol=1e-4)
 
 
+def _diverge_on_rank_0(rank: int, out: Path, port: int) -> None:
+    """One training step on each of 2 ranks, after which rank 0's BatchNorm statistics turn NaN (DDP sends rank
+    0's buffers at the start of a step: rank 1 keeps finite ones). Each rank saves what its epoch reported."""
+    import torch.distributed as td
+
+    from finescope import distributed as dist
+    from finescope.config import ModelConfig
+    from finescope.data import Batch
+    from finescope.engine import train_one_epoch
+    from finescope.models import create_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    td.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(variant="global", backbone="tiny", global_size=32, local_size=32), 2)
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    batch = Batch(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8), torch.tensor([[64, 64]] * 2),
+                  torch.tensor([0, 1]), torch.arange(2))
+
+    def loader():
+        yield batch
+        if rank == 0:  # after the step: rank 0's own statistics only
+            bn.running_var.fill_(float("nan"))
+
+    fit = dist.wrap_model(model, torch.device("cpu"))
+    stats = train_one_epoch(fit, loader(), torch.optim.SGD(model.parameters(), lr=0.1), None, torch.device("cpu"),
+                            progress=False)
+    finite_here = bool(torch.isfinite(bn.running_var).all())
+    torch.save({"non_finite": stats["non_finite"], "finite_here": finite_here}, out / f"rank{rank}.pt")
+    dist.cleanup()
+
+
+def test_every_rank_learns_of_non_finite_weights_on_any_rank(tmp_path):
+    """The end-of-epoch check of the weights is summed over the ranks with the epoch's statistics: a rank whose
+    own state is finite sees another's NaN and stops too, instead of waiting in a collective for a rank that
+    stopped."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_diverge_on_rank_0, args=(tmp_path, _free_port()), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [r["finite_here"] for r in ranks] == [False, True]
+    assert ranks[0]["non_finite"] == ranks[1]["non_finite"] == 1
+
+
 def _torchrun(nproc: int, out: Path, root: Path, epochs: int, resume: bool = False,
               extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
@@ -311,6 +356,22 @@ def test_torchrun_refuses_a_run_another_process_trains_on_every_rank(tmp_path):
     message = (f"'{out}' is being trained by another process (pid 7 on elsewhere); wait for it to end or stop it, "
                "then --resume, or choose another --out")
     assert sorted(ours) == [f"finescope: error (rank 1): {message}", f"finescope: error: {message}"]
+
+
+@pytest.mark.slow
+def test_torchrun_a_diverged_run_stops_on_every_rank_in_one_line(tmp_path):
+    """train.lr=1e30: both ranks find the NaN weights after the first epoch and stop with the same line, before
+    any checkpoint; none is left waiting for the other."""
+    root = tmp_path / "data"
+    _fusion_run_config(root, per_class=20, epochs=2)
+    out = tmp_path / "run"
+    done = _torchrun(2, out, root, epochs=2, extra=("--set", "train.lr=1e30"))
+    assert done.returncode != 0
+    ours = [line for line in done.stderr.splitlines() if line.startswith("finescope: ")]
+    assert sorted(line.split(":")[1] for line in ours) == [" error", " error (rank 1)"], done.stderr[-3000:]
+    assert all("training diverged in epoch 1 of 2" in line and "no checkpoint was written" in line for line in ours), ours
+    assert "[rank" not in done.stderr and "gloo" not in done.stderr, done.stderr[-3000:]  # torchrun's own is there
+    assert not list((out / "checkpoints").glob("*.pt"))
 
 
 @pytest.mark.slow
