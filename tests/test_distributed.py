@@ -411,7 +411,9 @@ def test_sync_bn_conversion_keeps_the_state_and_is_refused_on_the_cpu(monkeypatc
 def test_unreadable_batch_under_ddp_runs_a_step_that_adds_nothing(monkeypatch):
     """data.on_error=skip can leave a rank an empty batch. In one process it is skipped; under DDP the rank runs
     its previous batch weighted 0 (the other ranks wait for its gradients), which the statistics do not count;
-    an empty first batch is a one-line error, not a hang."""
+    an empty first batch runs the next readable one weighted 0 (it stopped the run, under data.on_error=skip, in
+    whichever epoch one unreadable image fell in a rank's first batch); a rank with no readable batch is a
+    one-line error, not a hang."""
     from finescope import distributed as dist
     from finescope.config import ModelConfig
     from finescope.data import Batch
@@ -440,8 +442,14 @@ def test_unreadable_batch_under_ddp_runs_a_step_that_adds_nothing(monkeypatch):
     monkeypatch.setattr(dist, "rank", lambda: 1)
     stats = run()
     assert stats["images"] == 2 and len(calls) == 4  # the previous batch ran again, and was not counted
-    with pytest.raises(FinescopeError, match="rank 1's first training batch is unreadable"):
-        train_one_epoch(model, [empty, full], torch.optim.SGD(model.parameters(), lr=0.0), None, cpu,
+    lrs = []
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lrs.append(step) or 0.0)
+    calls.clear()
+    stats = train_one_epoch(model, [empty, empty, full], opt, scheduler, cpu, progress=False)
+    assert stats["images"] == 2 and len(calls) == 6 and lrs == [0, 1, 2, 3]  # every step ran, the batch counted once
+    with pytest.raises(FinescopeError, match="every training image of rank 1 in this epoch is unreadable"):
+        train_one_epoch(model, [empty, empty], torch.optim.SGD(model.parameters(), lr=0.0), None, cpu,
                         progress=False)
 
 

@@ -138,8 +138,8 @@ def train_one_epoch(
     step's loss by its factor: in the last, incomplete global batch of a DDP epoch the ranks' batches differ in
     size, and a rank with nothing left reads a stand-in whose loss counts 0 (and which the statistics skip).
     Under DDP a batch whose images were all unreadable (``data.on_error=skip``) is replaced by this rank's
-    previous batch, weighted 0 in the same way: skipping it would leave the other ranks waiting in the gradient
-    all-reduce. In a single process it is skipped.
+    previous batch (before any, its next readable one), weighted 0 in the same way: skipping it would leave the
+    other ranks waiting in the gradient all-reduce. In a single process it is skipped.
 
     ``scaler`` (from :func:`make_grad_scaler`, kept across epochs and checkpointed) scales the loss under fp16
     autocast; when None one is made for this epoch. ``mark_steps`` tells torch.compile's CUDA graphs where each
@@ -152,18 +152,9 @@ def train_one_epoch(
     seen, start, per_class = 0, time.perf_counter(), None
     scales = getattr(getattr(loader, "sampler", None), "step_scales", None) or []
     input_cl = input_channels_last(model, device, channels_last)
-    last = None
-    for step, batch in enumerate(tqdm(loader, desc=desc, leave=False, disable=None if progress else True)):
-        scale = scales[step] if step < len(scales) else 1.0
-        if len(batch) == 0:  # every image of the batch was unreadable (data.on_error=skip)
-            if not dist.is_distributed():
-                continue
-            if last is None:
-                raise FinescopeError(f"every image of rank {dist.rank()}'s first training batch is unreadable, and "
-                                     "the other processes would wait for its gradients; fix or remove the "
-                                     "files named in the warnings above")
-            batch, scale = last, 0.0  # the other ranks wait for this one's gradients: a step that adds nothing
-        last = batch
+    batches = tqdm(loader, desc=desc, leave=False, disable=None if progress else True)
+    for step, (batch, stand_in) in enumerate(_stand_in_empty(batches, dist.is_distributed())):
+        scale = 0.0 if stand_in else scales[step] if step < len(scales) else 1.0
         images, sizes, labels = model_input(batch, device, input_cl)
         if mark_steps:
             torch.compiler.cudagraph_mark_step_begin()
@@ -190,7 +181,7 @@ def train_one_epoch(
         scaler.update()
         if scheduler is not None:
             scheduler.step()
-        if scale == 0.0:  # a stand-in (see above, and below for unreadable images): not an image of this epoch
+        if scale == 0.0:  # a stand-in (the sampler's, or for unreadable images): not an image of this epoch
             continue
         total_loss += loss.detach() * len(labels)  # stays on the device: no sync per step
         correct += (out.logits.argmax(1) == labels).sum()
@@ -213,6 +204,29 @@ def train_one_epoch(
         "images_per_class": [int(c) for c in counts],
         "non_finite": int(bad),
     }
+
+
+def _stand_in_empty(batches, distributed: bool):
+    """``(batch, stand_in)`` for each batch of ``batches``. A batch whose images were all unreadable
+    (``data.on_error=skip``) is skipped in a single process; under DDP the other ranks wait for this one's
+    gradients in every step, so it becomes a stand-in (``stand_in`` True, its loss weighted 0): the previous
+    batch, or, when no batch was readable yet, the next readable one. A rank without any readable batch is an
+    error."""
+    last, waiting = None, 0  # waiting: empty batches before the first readable one
+    for batch in batches:
+        if len(batch) and last is None:
+            yield from ((batch, True) for _ in range(waiting))
+        if len(batch):
+            last = batch
+            yield batch, False
+        elif distributed and last is None:
+            waiting += 1
+        elif distributed:
+            yield last, True
+    if waiting and last is None:
+        raise FinescopeError(f"every training image of rank {dist.rank()} in this epoch is unreadable, and the other "
+                             "processes would wait for its gradients; fix or remove the files named in the warnings "
+                             "above")
 
 
 @dataclass
