@@ -709,6 +709,14 @@ def test_an_interrupted_first_epoch_says_to_start_again(synthetic_root, tmp_path
                  *tiny_overrides(synthetic_root, "global", 1)]) == 130
     assert capsys.readouterr().err == ("finescope: interrupted; no epoch had finished: start it again (without "
                                        "--resume)\n")
+    from finescope import distributed
+
+    # under torchrun, while the processes (of other machines too) join: a run that has not started yet
+    monkeypatch.setattr(distributed, "init_from_env", interrupted)
+    assert main(["train", "--config", "configs/demo.yaml", "--out", str(tmp_path / "r2"), "--quiet", "--set",
+                 *tiny_overrides(synthetic_root, "global", 1)]) == 130
+    assert capsys.readouterr().err == ("finescope: interrupted; no epoch had finished: start it again (without "
+                                       "--resume)\n")
 
 
 def test_a_yaml_syntax_error_names_its_line(tmp_path, capsys):

@@ -34,9 +34,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from finescope.trainer import train
 
     cfg = load_config(args.config, args.overrides)
-    dist.init_from_env(cfg.train.device)
     out = args.out or f"runs/{cfg.name or Path(args.config).stem}"
-    args.run_dir = out  # for the message of an interruption
+    args.run_dir = out  # for the message of an interruption, also while the processes wait for each other here
+    dist.init_from_env(cfg.train.device)
     main_rank = dist.is_main()
     try:
         metrics = train(cfg, out, resume=args.resume, progress=not args.quiet)
