@@ -469,3 +469,14 @@ def test_main_speaks_for_the_work_every_rank_does_alike(monkeypatch):
                 warnings.warn("the scan's", FinescopeWarning, stacklevel=1)
             warnings.warn("its own image's", FinescopeWarning, stacklevel=1)
         assert [str(w.message) for w in seen] == ["the scan's"] * shown + ["its own image's"]
+
+
+def test_one_named_gpu_for_every_process_is_refused_before_joining(monkeypatch):
+    """train.device=cuda:N under torchrun put every process on that GPU (NCCL's duplicate-GPU error or a hang)."""
+    from finescope import distributed as dist
+    from finescope.errors import FinescopeError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist.torch_dist, "init_process_group", lambda *a, **k: pytest.fail("joined"))
+    with pytest.raises(FinescopeError, match="train.device is 'cuda:1', one GPU for every process; under torchrun"):
+        dist.init_from_env("cuda:1")

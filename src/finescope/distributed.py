@@ -60,6 +60,10 @@ def init_from_env(device: str = "auto", timeout_minutes: float = 30.0) -> bool:
     """
     if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return is_distributed()
+    if device.startswith("cuda:"):  # every process would take that one GPU (NCCL refuses, or hangs)
+        raise FinescopeError(f"train.device is '{device}', one GPU for every process; under torchrun each process "
+                             "takes its own (LOCAL_RANK): use train.device=cuda, and CUDA_VISIBLE_DEVICES to choose "
+                             "the GPUs")
     use_cuda = torch.cuda.is_available() and device != "cpu"
     if use_cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
