@@ -476,7 +476,27 @@ def test_one_named_gpu_for_every_process_is_refused_before_joining(monkeypatch):
     from finescope import distributed as dist
     from finescope.errors import FinescopeError
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name, value in {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setattr(dist.torch_dist, "init_process_group", lambda *a, **k: pytest.fail("joined"))
     with pytest.raises(FinescopeError, match="train.device is 'cuda:1', one GPU for every process; under torchrun"):
         dist.init_from_env("cuda:1")
+
+
+def test_a_world_size_without_a_launcher_is_one_line_not_a_traceback(monkeypatch):
+    """WORLD_SIZE inherited from another job's environment: torch's env:// rendezvous raised a ValueError (RANK
+    expected), and a WORLD_SIZE that is not a number a ValueError of int(); the command line reads that as one
+    process."""
+    from finescope import distributed as dist
+    from finescope.errors import FinescopeError
+
+    monkeypatch.setattr(dist.torch_dist, "init_process_group", lambda *a, **k: pytest.fail("joined"))
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    with pytest.raises(FinescopeError, match="WORLD_SIZE is 2 in the environment but RANK, MASTER_ADDR are not "
+                                             "set: launch train with torchrun"):
+        dist.init_from_env("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "x")
+    assert dist.init_from_env("cpu") is False

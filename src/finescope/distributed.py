@@ -58,8 +58,17 @@ def init_from_env(device: str = "auto", timeout_minutes: float = 30.0) -> bool:
 
     CUDA runs use NCCL with one GPU per process (``LOCAL_RANK``); CPU runs (or ``train.device=cpu``) use gloo.
     """
-    if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:  # not a number: not torchrun (as the command line reads it)
+        world = 1
+    if is_distributed() or world <= 1:
         return is_distributed()
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:  # WORLD_SIZE inherited from another job's environment, not set by a launcher
+        raise FinescopeError(f"WORLD_SIZE is {world} in the environment but {', '.join(missing)} "
+                             f"{'is' if len(missing) == 1 else 'are'} not set: launch train with torchrun, which sets "
+                             "them all, or unset WORLD_SIZE to train in one process")
     if device.startswith("cuda:"):  # every process would take that one GPU (NCCL refuses, or hangs)
         raise FinescopeError(f"train.device is '{device}', one GPU for every process; under torchrun each process "
                              "takes its own (LOCAL_RANK): use train.device=cuda, and CUDA_VISIBLE_DEVICES to choose "
