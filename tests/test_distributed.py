@@ -252,15 +252,18 @@ def test_torchrun_train_rank0_files_gathered_metrics_and_resume_with_other_world
     root = tmp_path / "data"
     _fusion_run_config(root, per_class=20, epochs=1)
     out = tmp_path / "run"
-    first = _torchrun(2, out, root, epochs=1)
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    first = _torchrun(2, out, root, epochs=1, extra=("data.cache=disk", f"data.cache_dir={afile}"))
     assert first.returncode == 0, first.stderr[-3000:]
     assert first.stdout.count("run written to") == 1  # rank 0 prints, rank 1 does not
+    assert first.stderr.count("cannot write the image cache") == 1  # met alike by every rank: rank 0 says it
     # validation saw the saved model: rank 0's BatchNorm statistics on every rank, single-process batches
     from finescope.trainer import evaluate
 
     logged = json.loads((out / "history.jsonl").read_text().splitlines()[0])
     again = evaluate(out / "checkpoints" / "last.pt", split="val", out=tmp_path / "ev" / "metrics_val.json",
-                     device="cpu")
+                     device="cpu", overrides=["data.cache=none"])
     assert again["loss"] == pytest.approx(logged["val_loss"], rel=1e-6, abs=0)
     assert again["auc"] == pytest.approx(logged["val_auc"], abs=1e-12)
     resumed = _torchrun(1, out, root, epochs=2, resume=True)  # 2 processes -> 1 process
@@ -500,3 +503,27 @@ def test_a_world_size_without_a_launcher_is_one_line_not_a_traceback(monkeypatch
         dist.init_from_env("cpu")
     monkeypatch.setenv("WORLD_SIZE", "x")
     assert dist.init_from_env("cpu") is False
+
+
+@pytest.mark.parametrize("main", [True, False])
+def test_an_unwritable_cache_folder_is_said_once_by_rank_0(tmp_path, monkeypatch, main):
+    """Every rank makes its loaders and met the unwritable data.cache_dir alike: each printed the warning."""
+    import warnings
+
+    from finescope import distributed as dist
+    from finescope import trainer
+    from finescope.data import load_samples
+    from finescope.data.dataset import DiskCache
+    from finescope.data.synthetic import ensure_synthetic
+
+    root = tmp_path / "data"
+    ensure_synthetic(root, per_class=3, size=64)
+    cfg = _cfg(root, ("data.cache=disk", f"data.cache_dir={tmp_path / 'afile'}"))
+    (tmp_path / "afile").write_text("")
+    sample_set = load_samples(cfg.data)
+    monkeypatch.setattr(DiskCache, "_unwritable", set())
+    monkeypatch.setattr(dist, "is_main", lambda: main)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer._make_loaders(sample_set, {"train": np.arange(4), "val": np.arange(4, 6)}, cfg)
+    assert sum("cannot write the image cache" in str(w.message) for w in seen) == (1 if main else 0)

@@ -549,8 +549,7 @@ def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool) -> 
     # a resume may start or stop compiling, for speed, and still reach the uninterrupted run's weights
     data_cfg = cfg if not resume else replace(cfg, train=replace(cfg.train, compile=load_config(
         base=stored_config(resumed["config"])).train.compile))
-    loaders = {side: make_loader(sample_set, splits[side], data_cfg, train=side == "train")
-               for side in ("train", "val") if len(splits.get(side, []))}
+    loaders = _make_loaders(sample_set, splits, data_cfg)
     steps = len(loaders["train"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(steps * cfg.train.epochs, math.ceil(steps * cfg.train.warmup_epochs))
@@ -581,6 +580,14 @@ def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool) -> 
     del loaders  # stop the persistent workers before the test
     dist.barrier()  # rank 0 has written best.pt before any rank reads it
     return finish(run_dir, cfg, sample_set, splits, device)
+
+
+def _make_loaders(sample_set: SampleSet, splits: dict, cfg: Config) -> dict[str, DataLoader]:
+    """The run's training and validation loaders. Each rank makes its own; what they find alike (a cache
+    folder that cannot be written) rank 0 says once."""
+    with dist.main_speaks():
+        return {side: make_loader(sample_set, splits[side], cfg, train=side == "train")
+                for side in ("train", "val") if len(splits.get(side, []))}
 
 
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
