@@ -415,6 +415,7 @@ def _resume_state(run_dir: Path, state: dict, class_names, model, optimizer, sch
     _check_classes(state, class_names, state["path"])
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    _moments_like_parameters(optimizer)
     scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
@@ -424,6 +425,16 @@ def _resume_state(run_dir: Path, state: dict, class_names, model, optimizer, sch
     tracker = dict(state["tracker"])
     tracker["stopped"] = _early_stop(tracker, patience, validated)  # train.patience may change: a stop is undone
     return state["epoch"] + 1, tracker
+
+
+def _moments_like_parameters(optimizer: torch.optim.Optimizer) -> None:
+    """Give the optimizer's state tensors their parameter's memory layout. A run resumed with another
+    ``train.channels_last`` loads moments stored in the other layout, and the fused AdamW reads parameters,
+    gradients and moments as flat memory: element by element they would not match."""
+    for p, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 def _truncate_history(run_dir: Path, last_epoch: int) -> None:
