@@ -719,6 +719,20 @@ def test_an_interrupted_first_epoch_says_to_start_again(synthetic_root, tmp_path
                                        "--resume)\n")
 
 
+def test_an_interruption_before_the_run_starts_says_to_run_the_same_command(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while train still imports torch or reads its config (seconds at start): no run folder was
+    touched, so neither --resume (nothing to resume) nor dropping it (a run being resumed needs it) is advised."""
+    from finescope import config
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(config, "load_config", interrupted)
+    assert main(["train", "--config", "configs/demo.yaml", "--out", str(tmp_path / "r"), "--resume"]) == 130
+    said = capsys.readouterr().err
+    assert said == "finescope: interrupted; nothing was written: run the same command again\n"
+
+
 def test_a_yaml_syntax_error_names_its_line(tmp_path, capsys):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("data:\n  source: folder\nmodel: {variant: [fusion\n")

@@ -436,6 +436,8 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
                  "resume its folds", "demo": "rerun the same command to continue"}.get(args.command, "")
         if getattr(args, "run_dir", None) and not _has_checkpoint(args):
             again = "no epoch had finished: start it again (without --resume)"
+        elif args.command == "train" and not getattr(args, "run_dir", None):  # still reading the config
+            again = "nothing was written: run the same command again"
         if rank == 0:
             _say("finescope: interrupted" + (f"; {again}" if again else ""))
         return 130
