@@ -466,6 +466,35 @@ def test_a_run_of_an_older_finescope_or_another_machine_loads_as_trained(fusion_
     assert next(model.parameters()).device.type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _renamed_first_weight(state):
+    key = next(iter(state["model"]))
+    state["model"]["old." + key] = state["model"].pop(key)
+
+
+def _one_parameter_less(state):
+    state["optimizer"]["param_groups"][0]["params"].pop()
+
+
+def _no_tracker(state):
+    del state["tracker"]
+
+
+@pytest.mark.parametrize("damage", [_renamed_first_weight, _one_parameter_less, _no_tracker])
+def test_resume_of_a_last_pt_this_finescope_does_not_build_is_one_line(fusion_run, synthetic_root, tmp_path,
+                                                                       damage):
+    """A last.pt of another finescope version (its model's keys, its optimizer's groups or its entries) under
+    the run's own config: one line naming the file, no traceback from torch."""
+    out, _ = fusion_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    damage(state)
+    torch.save(state, run / "checkpoints" / "last.pt")
+    cfg = load_config(None, tiny_overrides(synthetic_root) + ["train.epochs=3"])
+    with pytest.raises(FinescopeError, match=r"--resume: '.*last.pt' \(written by finescope .*\) does not"):
+        trainer.train(cfg, run, resume=True, progress=False)
+
+
 def test_history_survives_a_kill_between_its_line_and_the_checkpoint(synthetic_root, tmp_path, monkeypatch):
     """The epoch's history line is written before last.pt: a kill between the two loses no line (the resume
     drops the extra one and trains that epoch again); a new run into a folder with a stale history starts it

@@ -413,18 +413,26 @@ def _resume_state(run_dir: Path, state: dict, class_names, model, optimizer, sch
                   validated: bool = True) -> tuple[int, dict]:
     """Load ``state`` (``last.pt``, read by :func:`_check_resume_config`) into the run's objects."""
     _check_classes(state, class_names, state["path"])
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    _moments_like_parameters(optimizer)
-    scheduler.load_state_dict(state["scheduler"])
-    if state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
+    try:  # a last.pt of another finescope version, whose model or optimizer state this one does not build
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        _moments_like_parameters(optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        tracker, epoch = dict(state["tracker"]), int(state["epoch"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        what = f"no '{e.args[0]}' entry" if isinstance(e, KeyError) else " ".join(str(e).split())[:160]
+        version = state.get("finescope_version", "unknown")
+        raise FinescopeError(f"--resume: '{state['path']}' (written by finescope {version}) does not fit "
+                             f"the model and optimizer this finescope builds from its config ({what}); "
+                             "resume it with the version that wrote it, or start a new run with another --out"
+                             ) from None
     if dist.is_main():
-        _truncate_history(run_dir, state["epoch"])
-    tracker = dict(state["tracker"])
+        _truncate_history(run_dir, epoch)
     tracker["stopped"] = _early_stop(tracker, patience, validated)  # train.patience may change: a stop is undone
-    return state["epoch"] + 1, tracker
+    return epoch + 1, tracker
 
 
 def _moments_like_parameters(optimizer: torch.optim.Optimizer) -> None:
