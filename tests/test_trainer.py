@@ -519,6 +519,34 @@ def test_history_survives_a_kill_between_its_line_and_the_checkpoint(synthetic_r
     assert [json.loads(r)["epoch"] for r in (out / "history.jsonl").read_text().splitlines()] == [0, 1, 2]
 
 
+def test_a_kill_between_the_checkpoints_of_a_best_epoch_keeps_the_trackers_best_pt(synthetic_root, tmp_path,
+                                                                                      monkeypatch):
+    """A kill between an epoch's best.pt and last.pt, and a resume whose rerun of that epoch scores lower (a
+    resume may change the processes, channels_last, the device: the numbers move a little): best.pt must stay
+    the epoch the run's tracker and metrics.json name, not the killed run's epoch."""
+    out = tmp_path / "run"
+    real_save, saves = trainer.save_checkpoint, []
+
+    def killed_between(state, path):
+        saves.append(state["epoch"])
+        if saves.count(1) == 2:  # the second checkpoint of epoch 1, a new best
+            raise KeyboardInterrupt
+        real_save(state, path)
+
+    scores = iter(range(100))
+    monkeypatch.setattr(trainer, "_score", lambda metrics, monitor: float(next(scores)))  # every epoch a best
+    monkeypatch.setattr(trainer, "save_checkpoint", killed_between)
+    with pytest.raises(KeyboardInterrupt):
+        _train(synthetic_root, out, variant="global", epochs=3)
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
+    monkeypatch.setattr(trainer, "_score", lambda metrics, monitor: float("-inf"))  # the rerun scores lower
+    metrics = trainer.train(load_config(None, tiny_overrides(synthetic_root, "global", 3)), out, resume=True,
+                            progress=False)
+    best = load_checkpoint(out / "checkpoints" / "best.pt")
+    assert best["epoch"] == load_checkpoint(out / "checkpoints" / "last.pt")["tracker"]["best_epoch"] == 1
+    assert metrics["best_epoch"] == 1
+
+
 def test_metrics_json_is_written_after_the_predictions(synthetic_root, tmp_path, monkeypatch):
     """metrics.json marks a finished run (cv counts a fold done by it): a run that fails while writing its
     predictions has neither file, and no temporary file is left."""

@@ -431,8 +431,22 @@ def _resume_state(run_dir: Path, state: dict, class_names, model, optimizer, sch
                              ) from None
     if dist.is_main():
         _truncate_history(run_dir, epoch)
+        if tracker["best_epoch"] == epoch:
+            _restore_best(run_dir, state)
     tracker["stopped"] = _early_stop(tracker, patience, validated)  # train.patience may change: a stop is undone
     return epoch + 1, tracker
+
+
+def _restore_best(run_dir: Path, state: dict) -> None:
+    """Write ``best.pt`` from ``state`` (``last.pt``, its best epoch) unless it holds that epoch already: the
+    run was killed between the two checkpoints of that epoch."""
+    best = run_dir / "checkpoints" / "best.pt"
+    try:
+        kept = load_checkpoint(best)["epoch"] if best.is_file() else None
+    except FinescopeError:  # damaged: written again
+        kept = None
+    if kept != state["epoch"]:
+        save_checkpoint({k: v for k, v in state.items() if k != "path"}, best)
 
 
 def _moments_like_parameters(optimizer: torch.optim.Optimizer) -> None:
@@ -679,9 +693,11 @@ def _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, 
     if dist.is_main():
         _log_epoch(run_dir, row)  # first: a resume drops the lines after last.pt's epoch, never misses one
         state = _state(model, optimizer, scheduler, scaler, epoch, cfg, sample_set.class_names, tracker)
+        # last.pt first: a kill before best.pt leaves the tracker naming this epoch, and the resume writes its
+        # best.pt from last.pt (best.pt first would outlive a resume whose rerun of the epoch scores lower)
+        save_checkpoint(state, run_dir / "checkpoints" / "last.pt")
         if tracker["best_epoch"] == epoch:
             save_checkpoint(state, run_dir / "checkpoints" / "best.pt")
-        save_checkpoint(state, run_dir / "checkpoints" / "last.pt")  # last: a kill after best.pt loses nothing
         _print_epoch(row, progress)
     return tracker
 
