@@ -63,32 +63,42 @@ from finescope.models import create_model  # noqa: E402
 from finescope.trainer import fused_adamw  # noqa: E402
 
 
-def train_step(model, opt, scaler, batch: int, size: tuple[int, int], device: torch.device, amp: str,
-               host: dict | None = None) -> float:
-    """Milliseconds of one training step on a fresh random batch of ``batch`` images of ``size``. With ``host``,
-    also the process's kernel time in the step (``system_s``) and its minor page faults (``page_faults``, each
-    a page of memory touched for the first time): written there."""
-    images = torch.rand(batch, 3, *size, device=device)
-    sizes = torch.tensor([list(size)] * batch)
-    labels = torch.randint(0, 2, (batch,), device=device)
+def timed(fn, device: torch.device, host: dict | None = None) -> float:
+    """Milliseconds of ``fn()``, the device synchronised before and after. With ``host``, also the process's
+    kernel time in it (``system_s``) and its minor page faults (``page_faults``, each a page of memory touched
+    for the first time): written there."""
     sync(device)
     before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
-    with autocast(device, amp):
-        out = model(images, sizes)
-        loss = compute_loss(out, labels)
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.unscale_(opt)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    scaler.step(opt)
-    scaler.update()
+    fn()
     sync(device)
     ms = (time.perf_counter() - start) * 1e3
     if host is not None:
         after = resource.getrusage(resource.RUSAGE_SELF)
         host.update(system_s=after.ru_stime - before.ru_stime, page_faults=after.ru_minflt - before.ru_minflt)
     return ms
+
+
+def train_step(model, opt, scaler, batch: int, size: tuple[int, int], device: torch.device, amp: str,
+               host: dict | None = None) -> float:
+    """Milliseconds of one training step on a fresh random batch of ``batch`` images of ``size`` (``host``: as
+    :func:`timed`)."""
+    images = torch.rand(batch, 3, *size, device=device)
+    sizes = torch.tensor([list(size)] * batch)
+    labels = torch.randint(0, 2, (batch,), device=device)
+
+    def step():
+        with autocast(device, amp):
+            out = model(images, sizes)
+            loss = compute_loss(out, labels)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+
+    return timed(step, device, host)
 
 
 def top_host_ops(fn, n: int) -> list[dict]:
@@ -103,20 +113,15 @@ def top_host_ops(fn, n: int) -> list[dict]:
 
 
 def infer_step(model, batch: int, size: tuple[int, int], device: torch.device, amp: str, host: dict) -> float:
-    """Milliseconds of one inference step (no gradients) on a fresh random batch, with the process's kernel time
-    and minor page faults in it written to ``host`` as :func:`train_step` does."""
+    """Milliseconds of one inference step (no gradients) on a fresh random batch (``host``: as :func:`timed`)."""
     images = torch.rand(batch, 3, *size, device=device)
     sizes = torch.tensor([list(size)] * batch)
-    sync(device)
-    before = resource.getrusage(resource.RUSAGE_SELF)
-    start = time.perf_counter()
-    with torch.no_grad(), autocast(device, amp):
-        model(images, sizes)
-    sync(device)
-    ms = (time.perf_counter() - start) * 1e3
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    host.update(system_s=after.ru_stime - before.ru_stime, page_faults=after.ru_minflt - before.ru_minflt)
-    return ms
+
+    def step():
+        with torch.no_grad(), autocast(device, amp):
+            model(images, sizes)
+
+    return timed(step, device, host)
 
 
 class _DepthwiseWithoutCudnn(torch.autograd.Function):
