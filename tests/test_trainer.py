@@ -211,6 +211,14 @@ def test_predict_lays_out_its_batches_as_the_run_trained(fusion_run, synthetic_r
     assert seen == [True, False]
 
 
+def test_a_checkpoint_cut_short_says_what_to_do(fusion_run, synthetic_root, tmp_path):
+    out, _ = fusion_run
+    cut = tmp_path / "best.pt"
+    cut.write_bytes((out / "checkpoints" / "best.pt").read_bytes()[:5000])  # a copy that stopped part way
+    with pytest.raises(FinescopeError, match=r"could not be read .*damaged .*pass another checkpoint of the run"):
+        trainer.predict(cut, [str(synthetic_root / "images")], tmp_path / "p.csv", device="cpu")
+
+
 def test_checkpoint_from_other_classes_is_refused(fusion_run, tmp_path):
     out, _ = fusion_run
     (tmp_path / "x" / "cats").mkdir(parents=True)

@@ -73,7 +73,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise FinescopeError(f"checkpoint '{path}' could not be read ({type(e).__name__}); is it a finescope checkpoint?") from None
+        raise FinescopeError(f"checkpoint '{path}' could not be read ({type(e).__name__}): not a finescope checkpoint, "
+                             "or damaged (finescope writes whole files; a copy cut short?); pass another checkpoint "
+                             "of the run (checkpoints/best.pt or last.pt), copy it again, or train anew") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise FinescopeError(f"'{path}' is not a finescope checkpoint (no model/config entries)")
     state["path"] = str(path)
