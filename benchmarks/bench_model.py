@@ -74,7 +74,6 @@ from finescope.config import ModelConfig  # noqa: E402
 from finescope.engine import autocast, compute_loss, input_channels_last  # noqa: E402
 from finescope.errors import FinescopeError  # noqa: E402
 from finescope.models import align, create_model, network  # noqa: E402
-from finescope.models.network import global_view_size  # noqa: E402
 from finescope.trainer import fused_adamw  # noqa: E402
 
 VARIANTS = ("global", "global-hires", "attention", "fusion")
@@ -234,9 +233,10 @@ def passes_case(backbone: str, args, batch: dict, mode: str, device: torch.devic
     cfg = ModelConfig(variant="fusion", backbone=backbone, global_size=args.global_size,
                       local_size=args.local_size, num_crops=args.num_crops, weights=args.weights.get(backbone, ""))
     torch.manual_seed(0)
-    trunk = copy.deepcopy(create_model(cfg, 2).backbone).to(device)
+    model = create_model(cfg, 2)
+    trunk = copy.deepcopy(model.backbone).to(device)
     B, _, H, W = batch["images"].shape
-    gh, gw = global_view_size(H, W, args.global_size)
+    gh, gw = model.view_size(H, W)  # the view the fusion step passes (its long side rounded)
     L = args.local_size
     view = torch.rand(B, 3, gh, gw, device=device)
     crops = torch.rand(B * args.num_crops, 3, L, L, device=device)

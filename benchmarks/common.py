@@ -106,11 +106,12 @@ def parse_weights(parser: ArgumentParser, values: list[str]) -> dict[str, str]:
 def require_counts(parser: ArgumentParser, args, **least: int) -> None:
     """The parser's one-line error for a count of ``args`` below its least value (``reps=1, warmup=0``), before
     anything is timed: ``--reps 0`` would otherwise end in a StatisticsError or ZeroDivisionError after the
-    setup, or in a table of nothing."""
+    setup, or in a table of nothing. A list option (``nargs``) is checked value by value."""
     for name, low in least.items():
         value = getattr(args, name)
-        if value < low:
-            parser.error(f"--{name.replace('_', '-')}: give {low} or more, not {value}")
+        for v in value if isinstance(value, list) else [value]:
+            if v < low:
+                parser.error(f"--{name.replace('_', '-')}: give {low} or more, not {v}")
 
 
 def make_out_folder(parser: ArgumentParser, out: str | None) -> None:

@@ -39,7 +39,6 @@ from common import (  # noqa: E402
 from finescope.config import ModelConfig  # noqa: E402
 from finescope.engine import autocast  # noqa: E402
 from finescope.models import create_model, selection  # noqa: E402
-from finescope.models.network import global_view_size  # noqa: E402
 
 FAMILIES = (("roi_align", ("roi_align",)), ("antialiased resize", ("upsample_bilinear2d_aa", "_aa_")),
             ("convolution / matmul", ("conv", "gemm", "cutlass", "sm90", "wgmma", "xmma", "cudnn", "implicit")),
@@ -111,7 +110,7 @@ def profile_batch(args, batch: int, device: torch.device) -> dict:
     g = torch.Generator().manual_seed(0)
     images = torch.rand(batch, 3, H, W, generator=g).to(device)
     sizes = torch.tensor([[H, W]] * batch)
-    view = torch.rand(batch, 3, *global_view_size(H, W, cfg.global_size), device=device)
+    view = torch.rand(batch, 3, *model.view_size(H, W), device=device)
     crops = torch.rand(batch * cfg.num_crops, 3, cfg.local_size, cfg.local_size, device=device)
     if device.type == "cuda":  # as the trainer: fusion's input batch stays contiguous (engine.input_channels_last)
         model, trunk = (m.to(memory_format=torch.channels_last) for m in (model, trunk))

@@ -67,6 +67,37 @@ def test_first_epoch_times_the_trainers_steps(tmp_path):
     assert summary["known_shape_step_ms"] == 3.0 and [s["step"] for s in summary["slowest"]] == [0, 2]
 
 
+def test_shape_count_counts_the_backbone_input_shapes_of_a_run(tmp_path):
+    """shape_count.py reads the run's loaders: the training and evaluation batches of the split, the view and
+    crop shapes of each, and how many view pixels the padding adds; --make-varied cuts a folder to many sizes
+    in the same layout."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import shape_count
+
+    data = fake_breakhis(tmp_path / "breakhis")
+    varied = tmp_path / "varied"
+    shape_count.main(["--make-varied", str(data), str(varied), "--min-side", "96"])
+    sizes = {Image.open(p).size for p in varied.rglob("*.jpg")}
+    assert len(list(varied.rglob("*.jpg"))) == 12 and len(sizes) > 1
+    out = tmp_path / "count.json"
+    common = ["model.backbone=tiny", "model.weights=", "model.global_size=64", "model.local_size=48",
+              "train.batch_size=2", "data.num_workers=0", "data.augment=none"]
+    shape_count.main(["--epochs", "2", "--multiples", "1", "32", "--out", str(out), "--set", f"data.root={varied}",
+                      *common])
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["view_multiple"] for r in runs] == [1, 32]
+    for r in runs:
+        assert r["batches"]["train"] > 1 and r["batches"]["eval"] >= 1
+        assert [2 * 4, 3, 48, 48] in r["train_shapes"]  # the K=4 crops of a batch of 2
+        assert all(min(s[2:]) >= 64 for s in r["train_shapes"] if s[2:] != [48, 48])  # views: short side 64
+        assert r["view_pixels_vs_exact"]["train"] >= 1.0  # exact views: padding only adds
+    assert len(runs[1]["train_shapes"]) <= len(runs[0]["train_shapes"])
+    shape_count.main(["--epochs", "1", "--multiples", "1", "--out", str(out), "--set", f"data.root={data}", *common])
+    same = json.loads(out.read_text())["runs"][0]  # images of one size, no rotation: one view shape, no padding
+    assert sorted({tuple(s[2:]) for s in same["train_shapes"]}) == [(48, 48), (64, 96)]
+    assert same["view_pixels_vs_exact"] == {"train": 1.0, "eval": 1.0}
+
+
 def test_new_shape_cost_reports_each_steps_kernel_time_and_page_faults(tmp_path):
     out = tmp_path / "ns.json"
     cmd = [sys.executable, "benchmarks/new_shape_cost.py", "--device", "cpu", "--runs", "tiny:off",
@@ -417,6 +448,8 @@ def test_gpu_check_skips_stages_past_its_budget(tmp_path):
     (["first_epoch.py", "--epochs", "0"], "--epochs: give 1 or more, not 0"),
     (["box_grid.py", "--boxes", "0"], "--boxes: give 1 or more, not 0"),
     (["augment_cost.py", "/dev/null/data", "--n", "0"], "--n: give 1 or more, not 0"),
+    (["shape_count.py", "--multiples", "32", "0"], "--multiples: give 1 or more, not 0"),
+    (["shape_count.py", "--make-varied", "/dev/null/src", "/dev/null/dst"], "'/dev/null/src' is not a folder"),
 ])
 def test_bench_scripts_say_a_wrong_path_or_option_in_one_line(args, message):
     """A wrong path or option stops a benchmark script with one line, not a traceback, and before

@@ -36,6 +36,7 @@ def test_unknown_key_lists_valid_keys(tmp_path):
         ("train.epochs=many", "train.epochs"),
         ("data.source=s3", "data.source"),
         ("model.threshold=0", "model.threshold"),
+        ("model.view_multiple=0", "'model.view_multiple' must be at least 1"),
         ("train.epochs", "key=value"),
     ],
 )

@@ -188,6 +188,31 @@ def test_global_view_keeps_aspect():
     assert global_view_size(700, 460, 224) == (341, 224)
 
 
+def test_view_multiple_rounds_the_long_side_to_the_nearest_multiple():
+    assert global_view_size(460, 700, 224, 32) == (224, 352)  # 341 -> 352
+    assert global_view_size(456, 700, 224, 32) == (224, 352)  # 344 -> 352: one shape for BreakHis' two sizes
+    assert global_view_size(700, 460, 224, 32) == (352, 224)
+    assert global_view_size(1536, 2048, 224, 32) == (224, 288)  # 299 -> 288, the nearer multiple
+    assert global_view_size(300, 310, 224, 32) == (224, 224)  # never below the short side
+    assert global_view_size(300, 300, 100, 32) == (100, 100)  # a square view is left as it is
+    assert global_view_size(100, 333, 100, 64) == (100, 320)
+
+
+def test_the_backbone_reads_the_rounded_view():
+    """With ``view_multiple`` the backbone's input has the rounded long side, in a batch and alone; the
+    default keeps the aspect exactly."""
+    seen = []
+    for multiple in (1, 32):
+        model = create_model(ModelConfig(variant="fusion", view_multiple=multiple, **SMALL), 2).eval()
+        hook = model.backbone.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+        with torch.no_grad():
+            model(torch.rand(2, 3, 96, 170), torch.tensor([[96, 170], [96, 150]]))
+        hook.remove()
+    # SMALL's global_size is 64: 96x170 -> 64x113 (exact) or 64x128; 96x150 -> 64x100 or 64x96; then the crops
+    assert seen[0] == (2, 3, 64, 113) and seen[2] == (2, 3, 64, 128)
+    assert seen[1] == seen[3] == (6, 3, 48, 48)
+
+
 def test_unknown_variant_and_backbone():
     with pytest.raises(FinescopeError, match="variant"):
         create_model(ModelConfig(variant="nope", backbone="tiny"), 2)

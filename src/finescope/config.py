@@ -69,6 +69,8 @@ class ModelConfig:
     weights: str = ""  # path to a local state dict (torchvision or timm key layout)
     pretrained: bool = False  # download the library's ImageNet weights (needs a network)
     global_size: int = 224  # short side of the global view
+    view_multiple: int = 1  # the view's long side rounded to a multiple of this (e.g. 32): images of many sizes
+    # then make fewer backbone input shapes, each of which costs CUDA a set-up once (benchmarks/shape_count.py)
     local_size: int = 224  # side of each high-resolution crop
     num_crops: int = 4  # K
     threshold: float = 0.5  # tau, on the normalised attention map
@@ -408,7 +410,7 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in options:
             raise FinescopeError(f"config key '{key}' is '{value}'; choose one of: {', '.join(options)}")
-    for key in ("model.global_size", "model.local_size", "train.epochs", "train.batch_size"):
+    for key in ("model.global_size", "model.view_multiple", "model.local_size", "train.epochs", "train.batch_size"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise FinescopeError(f"config key '{key}' must be at least 1")

@@ -57,10 +57,23 @@ class ModelOutput:
         return p
 
 
-def global_view_size(height: int, width: int, short_side: int) -> tuple[int, int]:
-    """Size of the global view: short side resized to ``short_side``, aspect kept."""
+def global_view_size(height: int, width: int, short_side: int, multiple: int = 1) -> tuple[int, int]:
+    """Size of the global view: short side resized to ``short_side``, the long side to the nearest multiple of
+    ``multiple`` of what keeps the aspect (never shorter than the short side).
+
+    With ``multiple=32`` the images of a dataset of many sizes make a few view shapes, not one per aspect ratio:
+    on CUDA each new input shape of the backbone costs cuDNN's set-up once per process, up to seconds
+    (``benchmarks/RESULTS.md``, "new batch shape"), and under ``torch.compile`` a recompilation. The aspect
+    changes by at most ``multiple / 2`` pixels of the long side (BreakHis' 460x700 at 224: 341 -> 352 px, 3%),
+    and every feature cell of a backbone of stride 32 covers whole view pixels.
+    """
     scale = short_side / min(height, width)
-    return max(1, round(height * scale)), max(1, round(width * scale))
+    h, w = max(1, round(height * scale)), max(1, round(width * scale))
+    if multiple > 1 and h != w:
+        short, long = min(h, w), max(h, w)
+        long = max(short, multiple * math.floor(long / multiple + 0.5))
+        h, w = (short, long) if h < w else (long, short)
+    return h, w
 
 
 def _to_device(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -134,6 +147,8 @@ class FineScopeNet(nn.Module):
         hires: feed the full-resolution image instead of the global view (``global-hires``).
         gated: gated attention (Ilse Eq. 9) or plain tanh attention (Eq. 8).
         global_size: short side of the global view.
+        view_multiple: the view's long side is rounded to a multiple of this (:func:`global_view_size`); 1 keeps
+            the aspect exactly.
         local_size: side of each crop.
         num_crops: K.
         threshold: tau for instance selection.
@@ -170,6 +185,7 @@ class FineScopeNet(nn.Module):
         hires: bool = False,
         gated: bool = True,
         global_size: int = 224,
+        view_multiple: int = 1,
         local_size: int = 224,
         num_crops: int = 4,
         threshold: float = 0.5,
@@ -194,6 +210,7 @@ class FineScopeNet(nn.Module):
         self.num_classes = num_classes
         self.use_attention, self.use_crops, self.hires = use_attention, use_crops, hires
         self.global_size, self.local_size = global_size, local_size
+        self.view_multiple = view_multiple
         self.num_crops = num_crops if use_crops else 0
         self.threshold, self.min_box_fraction = threshold, min_box_fraction
         self.selection_norm, self.peak_iou = selection_norm, peak_iou
@@ -254,6 +271,10 @@ class FineScopeNet(nn.Module):
         """
         return min(1.0, self.local_size / (self.min_box_fraction * min(height, width)))
 
+    def view_size(self, height: int, width: int) -> tuple[int, int]:
+        """The global view's size for an ``height`` x ``width`` image (:func:`global_view_size`)."""
+        return global_view_size(height, width, self.global_size, self.view_multiple)
+
     def view_from_source(self, height: int, width: int) -> bool:
         """Whether a model with crops resizes the global view of an ``height`` x ``width`` image from its crop
         source instead of from the image: when the source has at most half the image's side (a quarter of its
@@ -312,7 +333,7 @@ class FineScopeNet(nn.Module):
                 if w < W:
                     view[i, :, :h, w:] = 0
             return view, dims
-        dims = [list(global_view_size(int(h), int(w), self.global_size)) for h, w in sizes]
+        dims = [list(self.view_size(int(h), int(w))) for h, w in sizes]
         groups = self._size_groups(sizes)
         B = images.shape[0]
         view = None

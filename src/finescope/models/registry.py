@@ -82,6 +82,7 @@ def create_model(cfg: ModelConfig, num_classes: int, backbone_factory: Callable 
         backbone,
         num_classes,
         global_size=cfg.global_size,
+        view_multiple=cfg.view_multiple,
         local_size=cfg.local_size,
         num_crops=cfg.num_crops,
         threshold=cfg.threshold,

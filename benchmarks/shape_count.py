@@ -1,0 +1,138 @@
+"""How many distinct input shapes the backbone meets in a training run, for each ``model.view_multiple``.
+
+    PYTHONPATH=src python benchmarks/shape_count.py --set data.root=../shared/data/breakhis --multiples 1 32
+    PYTHONPATH=src python benchmarks/shape_count.py --make-varied ../shared/data/breakhis /tmp/varied
+    PYTHONPATH=src python benchmarks/shape_count.py --set data.root=/tmp/varied --multiples 1 32
+
+On CUDA every input shape the backbone has not met before costs cuDNN's set-up of its convolutions once per
+process (mobilenet_v2 in fp16 on an H200: 7.6-14.7 s a training step, 3.4 s an inference step; resnet18 in
+bf16: 0.2-0.4 s; ``benchmarks/RESULTS.md``, "At 2d64d1b"), and under ``torch.compile`` a recompilation. This
+reads the run's batches as ``finescope train`` makes them (the config's split, its training loader with
+augmentation for ``--epochs`` epochs, and the validation and test loaders), and counts the shapes of the
+backbone's two inputs per batch: the global view (B, 3, Gh, Gw), whose size :meth:`FineScopeNet.view_size` gives
+and the batch pads to its largest, and the crops (B*K, 3, L, L). Training shapes (forward and backward) and
+evaluation shapes (forward only) are counted apart. It also reports what the padding and the rounding cost: the
+pixels of the batches' global views against those of each image's own view with its aspect kept exactly.
+
+``--make-varied SRC DST`` writes a folder of many image sizes from a real one: each image of SRC cut to a random
+height and width (between ``--min-side`` and its own), in the same layout, so that labels and patients read the
+same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, make_out_folder, markdown_table, require_counts, run_script  # noqa: E402
+
+from finescope.config import load_config  # noqa: E402
+from finescope.data.sources import find_images  # noqa: E402
+from finescope.models import create_model  # noqa: E402
+from finescope.models.network import global_view_size  # noqa: E402
+from finescope.trainer import _load_samples_rank0_first, make_loader, resolve_device, resolve_splits  # noqa: E402
+
+
+def make_varied(src: Path, dst: Path, min_side: int, seed: int) -> int:
+    """Write each image of ``src`` cut to a random size to the same relative path under ``dst``."""
+    rng = np.random.default_rng(seed)
+    n = 0
+    for path in find_images(src):
+        out = dst / path.relative_to(src)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(path) as im:
+            w, h = im.size
+            ch, cw = (int(rng.integers(min(min_side, s), s + 1)) for s in (h, w))
+            top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+            im.convert("RGB").crop((left, top, left + cw, top + ch)).save(out)
+        n += 1
+    for extra in src.glob("*.csv"):  # a labels file travels with the images
+        shutil.copy(extra, dst / extra.name)
+    return n
+
+
+def count(cfg, epochs: int) -> dict:
+    """Distinct backbone input shapes of ``epochs`` training epochs and of the evaluation splits."""
+    model = create_model(cfg.model, 2)
+    K, L = model.num_crops, model.local_size
+    sample_set = _load_samples_rank0_first(cfg)
+    with tempfile.TemporaryDirectory() as run_dir:
+        splits = resolve_splits(cfg, sample_set, Path(run_dir), resume=False)
+    shapes: dict[str, set] = {"train": set(), "eval": set()}
+    pixels = {phase: {"view": 0, "exact": 0} for phase in shapes}
+    batches = {"train": 0, "eval": 0}
+
+    def read(loader, phase: str) -> None:
+        for batch in loader:
+            sizes = batch.sizes.tolist()
+            dims = [model.view_size(h, w) for h, w in sizes]
+            gh, gw = max(d[0] for d in dims), max(d[1] for d in dims)  # the batch's padded view
+            shapes[phase].add((len(sizes), 3, gh, gw))
+            if K:
+                shapes[phase].add((len(sizes) * K, 3, L, L))
+            pixels[phase]["view"] += len(sizes) * gh * gw
+            pixels[phase]["exact"] += sum(a * b for a, b in (global_view_size(h, w, model.global_size) for h, w in sizes))
+            batches[phase] += 1
+
+    train = make_loader(sample_set, splits["train"], cfg, train=True)
+    for epoch in range(epochs):
+        train.sampler.set_epoch(epoch)
+        read(train, "train")
+    for side in ("val", "test"):
+        if len(splits.get(side, [])):
+            read(make_loader(sample_set, splits[side], cfg, train=False), "eval")
+    return {"view_multiple": cfg.model.view_multiple, "train_shapes": sorted(shapes["train"]),
+            "eval_shapes": sorted(shapes["eval"]), "batches": batches,
+            "view_pixels_vs_exact": {phase: p["view"] / p["exact"] for phase, p in pixels.items() if p["exact"]}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="src/finescope/configs/breakhis_binary.yaml")
+    p.add_argument("--set", nargs="*", default=[], help="config overrides, as finescope train --set")
+    p.add_argument("--multiples", nargs="+", type=int, default=[1, 32], help="model.view_multiple values")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs read")
+    p.add_argument("--make-varied", nargs=2, metavar=("SRC", "DST"), help="write a folder of many sizes, then stop")
+    p.add_argument("--min-side", type=int, default=240, help="--make-varied: smallest side cut")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="JSON file for the results")
+    args = p.parse_args(argv)
+    require_counts(p, args, epochs=1, min_side=1, multiples=1)
+    make_out_folder(p, args.out)
+    if args.make_varied:
+        src, dst = (Path(v) for v in args.make_varied)
+        if not src.is_dir():
+            p.error(f"--make-varied: '{src}' is not a folder")
+        print(f"{make_varied(src, dst, args.min_side, args.seed)} images written under {dst}")
+        return 0
+    rows = []
+    for m in args.multiples:
+        cfg = load_config(args.config, [*args.set, f"model.view_multiple={m}"])
+        rows.append(count(cfg, args.epochs))
+    env = environment(resolve_device("cpu"))
+    print(f"commit {env['commit']}\n`{env['command']}`\n")
+    print(markdown_table(
+        ["model.view_multiple", "training batches", "training shapes", "training view pixels / own",
+         "evaluation batches", "evaluation shapes", "evaluation view pixels / own"],
+        [[r["view_multiple"], r["batches"]["train"], len(r["train_shapes"]),
+          f"{r['view_pixels_vs_exact']['train']:.3f}", r["batches"]["eval"], len(r["eval_shapes"]),
+          f"{r['view_pixels_vs_exact'].get('eval', float('nan')):.3f}"] for r in rows]))
+    for r in rows:
+        print(f"\nview_multiple {r['view_multiple']}: training "
+              + ", ".join("x".join(map(str, s)) for s in r["train_shapes"])
+              + "; evaluation " + ", ".join("x".join(map(str, s)) for s in r["eval_shapes"]))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"environment": env, "runs": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    run_script(main)  # a wrong --config or --set (data.root, an unknown key): one line
