@@ -28,7 +28,7 @@ from finescope.data import (
     format_description,
     read_image,
 )
-from finescope.data.dataset import SharedMemoryCache, _png_intact
+from finescope.data.dataset import SharedMemoryCache, _png_intact, shape_order
 from finescope.errors import FinescopeError, FinescopeWarning
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -732,3 +732,42 @@ def test_colour_on_device_with_float_images():
     out = batch.model_input("cpu")
     assert torch.equal(batch.images, images)
     assert 0.5 < out.max() <= 1 and (out - images).abs().max() < 0.5
+
+
+def test_shape_order_batches_images_of_one_view_shape_together():
+    """Landscape (and square) images first, then portrait ones, each by aspect ratio and size; an image whose
+    header cannot be read goes last; ties keep the dataset order."""
+    sizes = [(460, 700), (700, 460), None, (456, 700), (460, 700), (224, 224), (800, 400)]
+    order = shape_order(sizes)
+    assert order == [5, 0, 4, 3, 1, 6, 2]  # 460x700 (aspect 1.52) before 456x700 (1.54)
+    assert sorted(order) == list(range(len(sizes)))
+
+
+def test_evaluation_loader_reads_images_of_one_shape_in_one_batch(tmp_path):
+    """An evaluation loader over interleaved landscape and portrait images reads each orientation in its own
+    batches (none padded to a square), every image once; predictions come back in dataset order."""
+    from finescope.config import load_config
+    from finescope.engine import predict_loader
+    from finescope.models import create_model
+    from finescope.trainer import make_loader
+
+    samples = []
+    for i in range(6):
+        shape = (64, 96) if i % 2 == 0 else (96, 64)
+        samples.append(Sample(str(save(rgb_array(*shape, seed=i), tmp_path / f"{i}.png")), label=i % 2,
+                              group=str(i)))
+    sample_set = SampleSet(samples, ["a", "b"])
+    cfg = load_config(None, ["data.num_workers=0", "train.batch_size=3", "model.backbone=tiny",
+                             "model.global_size=32", "model.local_size=24"])
+    loader = make_loader(sample_set, np.arange(6), cfg, train=False)
+    batches = list(loader)
+    assert [b.indices.tolist() for b in batches] == [[0, 2, 4], [1, 3, 5]]
+    assert [tuple(b.images.shape[-2:]) for b in batches] == [(64, 96), (96, 64)]
+    torch.manual_seed(0)
+    model = create_model(cfg.model, 2).eval()
+    preds = predict_loader(model, loader, torch.device("cpu"), amp="off")
+    assert preds.indices.tolist() == list(range(6))
+    assert preds.labels.tolist() == [0, 1, 0, 1, 0, 1]
+    with torch.no_grad():  # row i is image i's prediction: image 1 was read second in the portrait batch
+        alone = model(batches[1].images.float() / 255, batches[1].sizes).probabilities()
+    assert np.allclose(preds.probs[[1, 3, 5]], alone.numpy(), atol=1e-6)

@@ -84,6 +84,17 @@ def test_shard_sampler_eval_no_padding_whole_batches():
         11, generator=torch.Generator().manual_seed(5)).tolist()
 
 
+def test_shard_sampler_eval_follows_a_given_order_in_whole_batches():
+    """An evaluation order (images of one shape together): batches are cut from it and dealt to the ranks as
+    from the identity order, every item once; an order that is not a permutation is refused."""
+    order = [9, 3, 7, 1, 0, 2, 4, 5, 6, 8, 10]
+    assert list(ShardSampler(11, False, 0, 4, rank_=0, world=1, order=order)) == order
+    shards = [list(ShardSampler(11, False, 0, 4, rank_=r, world=2, order=order)) for r in range(2)]
+    assert shards == [order[:4] + order[8:], order[4:8]]
+    with pytest.raises(ValueError, match="permutation"):
+        ShardSampler(3, False, 0, order=[0, 0, 1])
+
+
 def test_merge_predictions_counts_each_index_once():
     a = Predictions(np.array([0, 2, 4]), np.array([0, 1, 0]), np.eye(2)[[0, 1, 0]], loss=1.0, loss_count=3)
     b = Predictions(np.array([1, 3, 0]), np.array([1, 1, 0]), np.eye(2)[[1, 1, 0]], loss=2.0, loss_count=3)

@@ -23,7 +23,7 @@ import contextlib
 import datetime
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -126,7 +126,9 @@ class ShardSampler(Sampler):
     ``global_batch`` items (the evaluation batch of every process) and rank r takes batches r, r+N, r+2N, ...
     with no padding, so every item is read by exactly one rank, in the batch it has in a single process: an
     image's prediction depends slightly on its batch-mates when they are larger (the backbone's receptive
-    field reads the zero padding beside it), and so it does not depend on the number of processes.
+    field reads the zero padding beside it), and so it does not depend on the number of processes. An
+    ``order`` (a permutation of ``range(n)``) replaces the identity order there: images of one shape batched
+    together (:func:`finescope.data.dataset.shape_order`).
 
     One sampler serves every epoch of a run (so a DataLoader with persistent workers can be kept):
     :meth:`set_epoch` reseeds the permutation with ``seed + epoch``.
@@ -144,6 +146,7 @@ class ShardSampler(Sampler):
             worker knows the epoch (:class:`~finescope.data.dataset.ImageDataset` seeds its augmentation with it)
             and the global step of the item in its epoch, the same for any number of ranks (the dataset draws
             one orientation per step with it, ``data.one_orientation``).
+        order: evaluation without ``shuffle``: the order of the items (default: ``range(n)``).
     """
 
     def __init__(
@@ -157,8 +160,12 @@ class ShardSampler(Sampler):
         rank_: int | None = None,
         world: int | None = None,
         tag_epoch: bool = False,
+        order: Sequence[int] | None = None,
     ) -> None:
+        if order is not None and sorted(order) != list(range(n)):
+            raise ValueError(f"order must be a permutation of range({n})")
         self.n, self.shuffle, self.seed = n, shuffle, seed
+        self.order = None if order is None else torch.as_tensor(list(order), dtype=torch.long)
         self.global_batch, self.train, self.drop_tail = global_batch, train, drop_tail
         self.rank = rank() if rank_ is None else rank_
         self.world = world_size() if world is None else world
@@ -177,7 +184,7 @@ class ShardSampler(Sampler):
     def _indices(self) -> tuple[list[int], list[float]]:
         seed = self.seed + self.epoch
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed)) if self.shuffle \
-            else torch.arange(self.n)
+            else torch.arange(self.n) if self.order is None else self.order
         if not self.train:
             B, items = max(1, self.global_batch), order.tolist()
             return [i for k in range(self.rank * B, self.n, self.world * B) for i in items[k : k + B]], []
@@ -208,13 +215,14 @@ class ShardSampler(Sampler):
 
 def make_sampler(
     n: int, shuffle: bool, seed: int, global_batch: int = 1, train: bool = False, drop_tail: bool = False,
-    tag_epoch: bool = False,
+    tag_epoch: bool = False, order: Sequence[int] | None = None,
 ) -> ShardSampler:
-    """A :class:`ShardSampler` for this process (in a single process: all items, ``randperm`` order).
+    """A :class:`ShardSampler` for this process (in a single process: all items, ``randperm`` order, or
+    ``order`` in evaluation).
 
     Shuffling is a function of (seed, epoch) alone (:meth:`ShardSampler.set_epoch`), so a run resumes exactly.
     """
-    return ShardSampler(n, shuffle, seed, global_batch, train, drop_tail, tag_epoch=tag_epoch)
+    return ShardSampler(n, shuffle, seed, global_batch, train, drop_tail, tag_epoch=tag_epoch, order=order)
 
 
 def all_gather(obj: Any) -> list[Any]:

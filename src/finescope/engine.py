@@ -267,7 +267,8 @@ def predict_loader(
     progress: bool = False,
     desc: str = "predict",
 ) -> Predictions:
-    """Run the model over ``loader`` in eval mode and collect probabilities, boxes and the loss.
+    """Run the model over ``loader`` in eval mode and collect probabilities, boxes and the loss, in the order
+    of the dataset indices (an evaluation loader reads images of one shape together, not in index order).
 
     Outputs stay on the device until the loop ends (one copy to the host at the end, no sync per batch).
     """
@@ -294,11 +295,14 @@ def predict_loader(
     if not idx:
         return Predictions(np.zeros(0, int), np.zeros(0, int), np.zeros((0, 0)))
 
+    indices = torch.cat(idx).numpy()
+    order = np.argsort(indices, kind="stable")  # dataset order, whatever order the loader read them in
+
     def host(parts: list[torch.Tensor]) -> np.ndarray | None:
-        return torch.cat(parts).cpu().numpy() if parts else None
+        return torch.cat(parts).cpu().numpy()[order] if parts else None
 
     return Predictions(
-        indices=host(idx),
+        indices=indices[order],
         labels=host(labels),
         probs=host(probs),
         loss=float(loss_sum) / loss_n if loss_n else float("nan"),

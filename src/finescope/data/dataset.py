@@ -23,7 +23,7 @@ import tempfile
 import time
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -321,6 +321,26 @@ def _header_size(path: str) -> tuple[int, int] | None:
     return h, w
 
 
+def shape_order(sizes: Sequence[tuple[int, int] | None]) -> list[int]:
+    """Positions of ``sizes`` ((H, W) each, None when unknown) in the order that batches images of one shape
+    together: landscape and square images, then portrait ones, each by aspect ratio (which alone sets the size
+    of an image's global view) and then by size; unknown ones last.
+
+    Evaluation reads its images in this order (:func:`finescope.trainer.make_loader`): a batch is padded to its
+    largest view, so a batch of mixed orientations or aspect ratios runs the backbone on padding (on a folder of
+    many sizes, ``benchmarks/shape_count.py``: the views of the batches in file order held 2.2 times the
+    pixels of their images' own views), and each distinct batch shape costs CUDA a set-up of its convolutions
+    once per process. Predictions are put back in dataset order (:func:`finescope.engine.predict_loader`).
+    """
+    def key(i: int) -> tuple:
+        if sizes[i] is None:
+            return (2, 0.0, 0, i)
+        h, w = sizes[i]
+        return (int(h > w), max(h, w) / max(1, min(h, w)), h * w, i)
+
+    return sorted(range(len(sizes)), key=key)
+
+
 class SharedMemoryCache:
     """Decoded images of a dataset in one anonymous shared memory mapping, so that an image decoded by any
     DataLoader worker (or the main process) is read by all the others, and held once.
@@ -462,8 +482,8 @@ class ImageDataset(Dataset):
         self.seed = seed
         self.one_orientation = one_orientation
         self._cache: dict[int, torch.Tensor] = {}  # memory-cached images that the shared cache declined
-        self._shared = (SharedMemoryCache([_header_size(x.path) for x in self.samples]) if cache == "memory"
-                        else None)
+        self._header_sizes: list[tuple[int, int] | None] | None = None
+        self._shared = SharedMemoryCache(self.header_sizes()) if cache == "memory" else None
         # the disk cache's folder (None without one: the default needs a home folder, which a user without a
         # disk cache need not have); "~" as data.root takes it: YAML and --set leave it to us (a literal "~"
         # folder in the working one else)
@@ -478,6 +498,12 @@ class ImageDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def header_sizes(self) -> list[tuple[int, int] | None]:
+        """(H, W) of each image from its file header (None where it cannot be read), read once."""
+        if self._header_sizes is None:
+            self._header_sizes = [_header_size(x.path) for x in self.samples]
+        return self._header_sizes
 
     def _load(self, i: int) -> torch.Tensor | None:
         """The (3, H, W) uint8 image of sample ``i``, or None when unreadable and ``on_error='skip'``."""
@@ -647,4 +673,4 @@ def collate_padded(items: list[dict | None]) -> Batch:
 
 
 __all__ = ["Batch", "DiskCache", "ImageDataset", "SharedMemoryCache", "collate_padded", "default_cache_dir",
-           "read_image", "worker_context"]
+           "read_image", "shape_order", "worker_context"]
