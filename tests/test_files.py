@@ -1,5 +1,6 @@
 """Files written whole or not at all."""
 
+import json
 import os
 import signal
 
@@ -110,3 +111,39 @@ def test_a_checkpoint_refused_with_space_left_on_the_disk_says_why(tmp_path):
         signal.signal(signal.SIGXFSZ, handler)
     assert e.value.errno == errno.EFBIG and e.value.filename == str(tmp_path / "last.pt")
     assert list(tmp_path.iterdir()) == []
+
+
+def _strict_json(text: str):
+    """json.loads as a strict parser (or jq) reads: NaN and Infinity are not JSON."""
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_text_writes_non_finite_values_as_null():
+    """NaN and infinities, Python's and NumPy's, nested in dicts, lists and tuples, are null; the rest is as
+    json.dumps writes it."""
+    import numpy as np
+
+    from finescope.files import finite_json, json_text
+
+    obj = {"loss": float("inf"), "curve": [0.5, np.float32("nan"), (1, -np.inf)], "n": 3, "name": "a",
+           "ok": np.float64(0.25), "none": None}
+    text = json_text(obj, indent=2)
+    assert _strict_json(text) == {"loss": None, "curve": [0.5, None, [1, None]], "n": 3, "name": "a", "ok": 0.25,
+                                  "none": None}
+    assert finite_json(obj)[1] == {"loss": "inf", "curve.1": "nan", "curve.2.1": "-inf"}
+    finite = {"a": [1.5, 2], "b": {"c": "d"}}
+    assert json_text(finite, indent=1) == json.dumps(finite, indent=1)
+
+
+def test_every_json_file_of_the_package_is_written_through_json_text():
+    """json.dumps writes NaN and Infinity, which are not JSON: every writer goes through json_text."""
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src" / "finescope"
+    direct = [f"{p.relative_to(src)}:{n}" for p in sorted(src.rglob("*.py")) if p.name != "files.py"
+              for n, line in enumerate(p.read_text().splitlines(), 1) if "json.dump" in line]
+    assert direct == []

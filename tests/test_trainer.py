@@ -668,3 +668,25 @@ def test_a_run_diverged_in_its_first_epoch_writes_no_checkpoint(synthetic_root, 
                                              r"train.grad_clip=1$"):
         _train(synthetic_root, out, variant="global", extra=["train.lr=1e8", "train.grad_clip=0"])
     assert not list((out / "checkpoints").glob("*.pt")) and not (out / "history.jsonl").exists()
+
+
+def test_an_infinite_epoch_loss_is_null_in_standard_json(synthetic_root, tmp_path, monkeypatch):
+    """An fp16 epoch in which the GradScaler skipped steps (an infinite loss) has an infinite mean training loss,
+    with finite weights: history.jsonl held the non-standard ``Infinity``, which strict parsers and jq reject.
+    Every JSON file of the run is standard JSON; history.jsonl names the value written as null."""
+    real_train_one_epoch = trainer.train_one_epoch
+
+    def skipped_steps(*args, **kwargs):
+        return {**real_train_one_epoch(*args, **kwargs), "loss": float("inf")}
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    monkeypatch.setattr(trainer, "train_one_epoch", skipped_steps)
+    out = tmp_path / "run"
+    _train(synthetic_root, out, variant="global", epochs=1)
+    rows = [json.loads(line, parse_constant=refuse) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert rows[0]["train_loss"] is None and rows[0]["non_finite_values"] == {"train_loss": "inf"}
+    assert math.isfinite(rows[0]["train_accuracy"])
+    for path in sorted(out.glob("*.json")):
+        json.loads(path.read_text(), parse_constant=refuse)

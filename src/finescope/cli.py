@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import errno
 import functools
-import json
 import os
 import re
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 
 from finescope import __version__
 from finescope.errors import FinescopeError, FinescopeWarning, path_error_line
-from finescope.files import write_text
+from finescope.files import json_text, write_text
 from finescope.runtime import tune_allocator
 
 
@@ -112,7 +111,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     print(format_description(description))
     if args.json:  # its folder made as predict's and evaluate's --out are
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        write_text(args.json, json.dumps(description, indent=2, default=str))
+        write_text(args.json, json_text(description, indent=2, default=str))
     if len(description["class_names"]) < 2:
         print(f"train would stop here: {one_class_error(cfg, description['class_names'])}")
         return 1

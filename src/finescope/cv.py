@@ -54,7 +54,7 @@ from finescope.data import (
 from finescope.data.sources import check_outside_data
 from finescope.data.splits import SIDES, _group_table, _relative
 from finescope.errors import FinescopeError
-from finescope.files import remove_temporaries, write_text
+from finescope.files import json_text, remove_temporaries, write_text
 from finescope.models import list_models
 
 log = logging.getLogger("finescope")
@@ -290,7 +290,7 @@ def save_cv_splits(path: Path, folds: list[Fold], sample_set: SampleSet, extra: 
         ],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text(path, json.dumps(out, indent=1))
+    write_text(path, json_text(out, indent=1))
 
 
 def load_cv_splits(path: str | Path, sample_set: SampleSet, per_magnification: bool) -> list[Fold]:
@@ -475,7 +475,7 @@ def _write_fold_files(out: Path, folds: list[Fold], sample_set: SampleSet, cfg: 
         save_splits(out / "folds" / f.name / "splits.json", f.splits, sample_set, extra={"fold": f.name})
     record = {"settings": _stored_settings(cfg, p), "variants": list(p.variants), "reference": p.ref,
               "n_boot": p.n_boot, "folds": [f.name for f in folds]}
-    write_text(out / "cv.json", json.dumps(record, indent=2))
+    write_text(out / "cv.json", json_text(record, indent=2))
 
 
 def run_cv(
@@ -543,7 +543,7 @@ def _summary(out: Path, reference: str, n_boot: int, seed: int) -> dict:
     if isinstance(old, dict) and old.get("made_from") == made_from:
         return old
     summary = {**summarize_predictions(out / "predictions.csv", reference, n_boot, seed), "made_from": made_from}
-    write_text(path, json.dumps(summary, indent=2))
+    write_text(path, json_text(summary, indent=2))
     return summary
 
 

@@ -18,7 +18,7 @@ from finescope.config import Config, load_config, override
 from finescope.data import load_samples
 from finescope.data.dataset import read_image
 from finescope.data.synthetic import load_cells
-from finescope.files import write_text
+from finescope.files import json_text, write_text
 from finescope.trainer import as_resumed, load_trained, train
 
 VARIANTS = ("global", "fusion")
@@ -85,7 +85,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool 
     summary = {v: {k: m.get(k) for k in ("image_accuracy", "balanced_accuracy", "auc", "n_images", "train_seconds",
                                                 "resumed")}
                for v, m in results.items()}
-    write_text(out / "demo_results.json", json.dumps(summary, indent=2))
+    write_text(out / "demo_results.json", json_text(summary, indent=2))
     print(format_table(summary))
     print(f"attention overlay: {overlay}")
     return results

@@ -1,15 +1,19 @@
 """Files written whole or not at all, so that a process killed mid-write (or a full disk) never leaves a
-truncated result that a later command reads as complete."""
+truncated result that a later command reads as complete; and JSON that every parser reads (:func:`json_text`)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
+
+import numpy as np
 
 TMP_PREFIX = ".finescope-"  # temporary files: ``.finescope-XXXXXXXX.tmp`` beside their target
 # a file name that is not UTF-8 (Latin-1 names from an old archive) is a str with surrogates on Linux: written
@@ -59,6 +63,35 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     """``Path(path).write_text(text)``, atomically (:func:`atomic_open`)."""
     with atomic_open(path) as fh:
         fh.write(text)
+
+
+def finite_json(obj):
+    """``obj`` with every NaN or infinite float (Python's or NumPy's) replaced by None, and where they were.
+
+    Returns:
+        (the copy, {path: ``nan``, ``inf`` or ``-inf``}), a path being the keys and list positions joined by dots
+        (``train_loss``, ``methods.gradcam.deletion_curve.3``).
+    """
+    where: dict[str, str] = {}
+
+    def clean(value, path: str):
+        if isinstance(value, dict):
+            return {k: clean(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v, f"{path}.{i}" if path else str(i)) for i, v in enumerate(value)]
+        if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+            where[path] = str(float(value))  # nan, inf, -inf
+            return None
+        return value
+
+    return clean(obj, ""), where
+
+
+def json_text(obj, indent: int | None = None, default=None) -> str:
+    """``json.dumps(obj)`` as standard JSON, which strict parsers and ``jq`` read: NaN and infinities, which
+    Python's json writes as the non-standard ``NaN`` and ``Infinity``, become ``null`` (:func:`finite_json`).
+    ``allow_nan=False``: a non-finite value that slipped through raises instead of being written."""
+    return json.dumps(finite_json(obj)[0], indent=indent, default=default, allow_nan=False)
 
 
 def remove_temporaries(folder: str | os.PathLike) -> None:

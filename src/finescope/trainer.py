@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import errno
 import functools
-import json
 import logging
 import math
 import os
@@ -71,7 +70,7 @@ from finescope.engine import (
     warmup_cosine,
 )
 from finescope.errors import FinescopeError, FinescopeWarning
-from finescope.files import atomic_open, remove_temporaries, write_text
+from finescope.files import atomic_open, finite_json, json_text, remove_temporaries, write_text
 from finescope.metrics import compute_metrics
 from finescope.models import create_model
 from finescope.models.network import FineScopeNet
@@ -376,8 +375,13 @@ def evaluate_split(model, sample_set, indices, cfg, device, desc="eval", loader=
 
 
 def _log_epoch(run_dir: Path, row: dict) -> None:
+    """Append ``row`` to ``history.jsonl``. A NaN or infinite value (the training loss of an fp16 epoch in which
+    the GradScaler skipped steps) is written as null and named in ``non_finite_values`` ({key: ``inf``})."""
+    row, where = finite_json(row)
+    if where:
+        row["non_finite_values"] = where
     with (run_dir / "history.jsonl").open("a") as f:
-        f.write(json.dumps(row) + "\n")
+        f.write(json_text(row) + "\n")
 
 
 # keys a resumed run may change: where the data and the cache are, how fast it runs, where, and how long it
@@ -466,7 +470,7 @@ def _truncate_history(run_dir: Path, last_epoch: int) -> None:
     path = run_dir / "history.jsonl"
     if path.is_file():
         rows = [r for r in read_history(path) if r["epoch"] <= last_epoch]
-        write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+        write_text(path, "".join(json_text(r) + "\n" for r in rows))
 
 
 def _hold_lock(run_dir: Path):
@@ -775,7 +779,7 @@ def finish(run_dir: Path, cfg: Config, sample_set: SampleSet, splits: dict, devi
     metrics.update(split="test", checkpoint=str(run_dir / "checkpoints" / "best.pt"), best_epoch=state["epoch"],
                    split_leak=own_split_leak(splits, sample_set))  # a resumed run split under another grouping
     write_predictions(run_dir / "predictions_test.csv", preds, sample_set)
-    write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))  # last: it marks a finished run (cv)
+    write_text(run_dir / "metrics.json", json_text(metrics, indent=2))  # last: it marks a finished run (cv)
     return metrics
 
 
@@ -864,7 +868,7 @@ def evaluate(source: str | Path, split: str = "test", overrides: list[str] | Non
     stem = out.stem.replace("metrics", "predictions") if "metrics" in out.stem else out.stem + "_predictions"
     stem = f"predictions_{split}" if stem == "predictions" else stem  # predictions.csv marks a cv folder
     write_predictions(out.with_name(stem + ".csv"), preds, sample_set)
-    write_text(out, json.dumps(metrics, indent=2))
+    write_text(out, json_text(metrics, indent=2))
     return {**metrics, "output": str(out), "predictions": str(out.with_name(stem + ".csv")), "run_dir": str(run_dir)}
 
 

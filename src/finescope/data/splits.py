@@ -26,7 +26,7 @@ import numpy as np
 
 from finescope.data.records import SampleSet
 from finescope.errors import FinescopeError, FinescopeWarning
-from finescope.files import write_text
+from finescope.files import json_text, write_text
 
 SIDES = ("train", "val", "test")
 
@@ -271,7 +271,7 @@ def save_splits(
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text(path, json.dumps(out, indent=1))
+    write_text(path, json_text(out, indent=1))
 
 
 def _read_split_lists(path: Path, own: bool = False) -> dict[str, list[str]]:

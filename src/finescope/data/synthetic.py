@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from finescope.errors import FinescopeError
+from finescope.files import json_text
 
 CLASS_NAMES = ("typical", "atypical")
 
@@ -134,13 +135,13 @@ def generate(root: str | Path, per_class: int = 160, size: int = 384, seed: int 
             Image.fromarray(img).save(root / rel, compress_level=1)
             rows.append((rel, name, f"{name}_{n:04d}"))
             cells[rel] = atypical
-    (root / "cells.json").write_text(json.dumps(cells))
+    (root / "cells.json").write_text(json_text(cells))
     manifest = root / "manifest.csv"
     tmp = manifest.with_suffix(".tmp")
     with tmp.open("w", newline="") as f:
         csv.writer(f).writerows([("path", "label", "group"), *rows])
     tmp.replace(manifest)  # written last: its presence means the set is complete
-    (root / "spec.json").write_text(json.dumps({"per_class": per_class, "size": size, "seed": seed}))
+    (root / "spec.json").write_text(json_text({"per_class": per_class, "size": size, "seed": seed}))
     return manifest
 
 

@@ -14,7 +14,6 @@ Writes into the output folder::
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 import warnings
@@ -32,7 +31,7 @@ from finescope.explain.inputs import Inputs, path_inputs, run_dir_of, size_notes
 from finescope.explain.maps import NORMALISATIONS
 from finescope.explain.methods import CamExplainer, resolve_methods
 from finescope.explain.overlay import save_explanation_figure
-from finescope.files import atomic_open, write_text
+from finescope.files import atomic_open, json_text, write_text
 
 
 @dataclass(frozen=True)
@@ -343,7 +342,7 @@ def run_explain(checkpoint: str | Path, paths: list[str] | tuple[str, ...] = (),
     summary.update(checkpoint=str(state["path"]), variant=cfg.model.variant, class_names=class_names,
                    source=f"split {split} of {run_dir_of(state)}" if split else ", ".join(map(str, paths)),
                    skipped=skipped)
-    write_text(out / "faithfulness.json", json.dumps(summary, indent=2))
+    write_text(out / "faithfulness.json", json_text(summary, indent=2))
     _write_csv(out / "results.csv", rows)
     plot = _plot_curves(out / "faithfulness.png", summary)
     evidence = ctx.evidence.save(out)
