@@ -690,3 +690,38 @@ def test_an_infinite_epoch_loss_is_null_in_standard_json(synthetic_root, tmp_pat
     assert math.isfinite(rows[0]["train_accuracy"])
     for path in sorted(out.glob("*.json")):
         json.loads(path.read_text(), parse_constant=refuse)
+
+
+PROGRESS_AT_EXIT = """
+import io, json, sys, threading
+from tqdm import tqdm
+from finescope import trainer
+from finescope.config import load_config
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+sys.stderr = Terminal()  # the bars are drawn, as on a terminal
+trainer.train(load_config(None, json.loads(sys.argv[2])), sys.argv[1], progress=True)
+drawn, sys.stderr = sys.stderr.getvalue(), sys.__stderr__
+print(json.dumps({"threads": [t.name for t in threading.enumerate()], "open_bars": len(tqdm._instances),
+                  "drawn": "epoch 1/1" in drawn}))
+"""
+
+
+def test_a_finished_train_leaves_no_progress_bar_and_no_tqdm_monitor(synthetic_root, tmp_path):
+    """tqdm's monitor thread, started with the first bar (a disabled one too), and its atexit handler outlived
+    the run: Ctrl-C while the interpreter exited after a finished train printed a traceback from them. After a
+    train (in a fresh interpreter, whose threads are its own) every bar is closed and no monitor thread runs."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    overrides = json.dumps(tiny_overrides(synthetic_root, "global", 1))
+    done = subprocess.run([sys.executable, "-c", PROGRESS_AT_EXIT, str(tmp_path / "run"), overrides], cwd=root,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root / "src")})
+    assert done.returncode == 0, done.stderr
+    state = json.loads(done.stdout.splitlines()[-1])
+    assert state["drawn"] and state["open_bars"] == 0 and "tqdm_monitor" not in state["threads"], state

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from finescope import distributed as dist
 from finescope.errors import FinescopeError
 from finescope.models.network import ModelOutput
+from finescope.progress import Progress
 
 
 def compute_loss(out: ModelOutput, labels: torch.Tensor, aux_weight: float = 1.0, label_smoothing: float = 0.0):
@@ -152,41 +152,41 @@ def train_one_epoch(
     seen, start, per_class = 0, time.perf_counter(), None
     scales = getattr(getattr(loader, "sampler", None), "step_scales", None) or []
     input_cl = input_channels_last(model, device, channels_last)
-    batches = tqdm(loader, desc=desc, leave=False, disable=None if progress else True)
-    for step, (batch, stand_in) in enumerate(_stand_in_empty(batches, dist.is_distributed())):
-        scale = 0.0 if stand_in else scales[step] if step < len(scales) else 1.0
-        images, sizes, labels = model_input(batch, device, input_cl)
-        if mark_steps:
-            torch.compiler.cudagraph_mark_step_begin()
-        with autocast(device, amp, cpu_amp):
-            try:
-                out = model(images, sizes)
-            except ValueError as e:  # torch's BatchNorm: one value per channel, nothing to normalise
-                if "more than 1 value per channel" not in str(e):
-                    raise
-                raise FinescopeError("a training batch of one image reaches a 1x1 feature map in the backbone, which "
-                                     "BatchNorm cannot normalise in training: raise model.global_size and "
-                                     "model.local_size above the backbone's stride (32 for torchvision's, 16 for "
-                                     "tiny; global-hires reads the images at their own size), or set "
-                                     "train.batch_size so that no batch holds a single image") from None
-        loss = compute_loss(out, labels, aux_weight, label_smoothing)
-        if per_class is None:  # every rank runs every step (stand-ins too): the same size on every rank
-            per_class = torch.zeros(out.logits.shape[1], device=device, dtype=torch.long)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss if scale == 1.0 else loss * scale).backward()
-        if grad_clip > 0:
-            scaler.unscale_(optimizer)  # clip the true gradients
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        if scheduler is not None:
-            scheduler.step()
-        if scale == 0.0:  # a stand-in (the sampler's, or for unreadable images): not an image of this epoch
-            continue
-        total_loss += loss.detach() * len(labels)  # stays on the device: no sync per step
-        correct += (out.logits.argmax(1) == labels).sum()
-        seen += len(labels)
-        per_class += labels.bincount(minlength=per_class.numel())
+    with Progress(loader, desc=desc, leave=False, disable=None if progress else True) as batches:
+        for step, (batch, stand_in) in enumerate(_stand_in_empty(batches, dist.is_distributed())):
+            scale = 0.0 if stand_in else scales[step] if step < len(scales) else 1.0
+            images, sizes, labels = model_input(batch, device, input_cl)
+            if mark_steps:
+                torch.compiler.cudagraph_mark_step_begin()
+            with autocast(device, amp, cpu_amp):
+                try:
+                    out = model(images, sizes)
+                except ValueError as e:  # torch's BatchNorm: one value per channel, nothing to normalise
+                    if "more than 1 value per channel" not in str(e):
+                        raise
+                    raise FinescopeError("a training batch of one image reaches a 1x1 feature map in the backbone, "
+                                         "which BatchNorm cannot normalise in training: raise model.global_size and "
+                                         "model.local_size above the backbone's stride (32 for torchvision's, 16 "
+                                         "for tiny; global-hires reads the images at their own size), or set "
+                                         "train.batch_size so that no batch holds a single image") from None
+            loss = compute_loss(out, labels, aux_weight, label_smoothing)
+            if per_class is None:  # every rank runs every step (stand-ins too): the same size on every rank
+                per_class = torch.zeros(out.logits.shape[1], device=device, dtype=torch.long)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss if scale == 1.0 else loss * scale).backward()
+            if grad_clip > 0:
+                scaler.unscale_(optimizer)  # clip the true gradients
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            if scheduler is not None:
+                scheduler.step()
+            if scale == 0.0:  # a stand-in (the sampler's, or for unreadable images): not an image of this epoch
+                continue
+            total_loss += loss.detach() * len(labels)  # stays on the device: no sync per step
+            correct += (out.logits.argmax(1) == labels).sum()
+            seen += len(labels)
+            per_class += labels.bincount(minlength=per_class.numel())
     seconds = time.perf_counter() - start
     if per_class is None:  # no batch: the classes are not known here, every count is 0
         per_class = torch.zeros(0, device=device, dtype=torch.long)
@@ -276,22 +276,23 @@ def predict_loader(
     idx, labels, probs, boxes, mass = [], [], [], [], []
     input_cl = input_channels_last(model, device, channels_last)
     loss_sum, loss_n = torch.zeros((), device=device), 0
-    for batch in tqdm(loader, desc=desc, leave=False, disable=None if progress else True):
-        if len(batch) == 0:
-            continue
-        known = bool((batch.labels >= 0).all())  # on the host: no device sync
-        images, sizes, y = model_input(batch, device, input_cl)
-        with autocast(device, amp, cpu_amp):
-            out = model(images, sizes)
-        if known:
-            loss_sum += compute_loss(out, y, aux_weight).detach() * len(y)
-            loss_n += len(y)
-        idx.append(batch.indices)
-        labels.append(batch.labels)
-        probs.append(out.probabilities(predict_with))
-        if out.boxes is not None:
-            boxes.append(out.boxes.float())
-            mass.append(out.box_mass.float())
+    with Progress(loader, desc=desc, leave=False, disable=None if progress else True) as batches:
+        for batch in batches:
+            if len(batch) == 0:
+                continue
+            known = bool((batch.labels >= 0).all())  # on the host: no device sync
+            images, sizes, y = model_input(batch, device, input_cl)
+            with autocast(device, amp, cpu_amp):
+                out = model(images, sizes)
+            if known:
+                loss_sum += compute_loss(out, y, aux_weight).detach() * len(y)
+                loss_n += len(y)
+            idx.append(batch.indices)
+            labels.append(batch.labels)
+            probs.append(out.probabilities(predict_with))
+            if out.boxes is not None:
+                boxes.append(out.boxes.float())
+                mass.append(out.box_mass.float())
     if not idx:
         return Predictions(np.zeros(0, int), np.zeros(0, int), np.zeros((0, 0)))
 

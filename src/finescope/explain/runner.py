@@ -32,6 +32,7 @@ from finescope.explain.maps import NORMALISATIONS
 from finescope.explain.methods import CamExplainer, resolve_methods
 from finescope.explain.overlay import save_explanation_figure
 from finescope.files import atomic_open, json_text, write_text
+from finescope.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -285,23 +286,22 @@ def spread(items: list, limit: int) -> list:
 
 
 def _loop(ctx: _Context, inputs: Inputs, progress: bool) -> tuple[list, list, list]:
-    from tqdm import tqdm
-
     from finescope.errors import FinescopeError as _Err
 
     rows, curves, skipped = [], [], []
     items = spread(inputs.items, ctx.settings.limit)
-    for i, item in enumerate(tqdm(items, desc="explain", disable=not progress, dynamic_ncols=True)):
-        try:
-            result = _explain_one(ctx, i, item)
-        except _Err as e:  # unreadable image: skip it, name it on stderr (as predict does) and list it
-            reason = str(e).splitlines()[0].removesuffix(SKIP_ADVICE)
-            warnings.warn(f"skipped: {reason}", FinescopeWarning, stacklevel=2)
-            skipped.append({"path": item.path, "reason": reason})
-            continue
-        rows.append(result["row"])
-        if result["curves"] is not None:
-            curves.append(result["curves"])
+    with Progress(items, desc="explain", disable=not progress, dynamic_ncols=True) as bar:
+        for i, item in enumerate(bar):
+            try:
+                result = _explain_one(ctx, i, item)
+            except _Err as e:  # unreadable image: skip it, name it on stderr (as predict does) and list it
+                reason = str(e).splitlines()[0].removesuffix(SKIP_ADVICE)
+                warnings.warn(f"skipped: {reason}", FinescopeWarning, stacklevel=2)
+                skipped.append({"path": item.path, "reason": reason})
+                continue
+            rows.append(result["row"])
+            if result["curves"] is not None:
+                curves.append(result["curves"])
     return rows, curves, skipped
 
 
