@@ -270,6 +270,23 @@ def test_pointing_game_uses_radius_plus_tolerance():
     assert fa.pointing_hit(heat, [], tolerance=15) is None
 
 
+def test_a_flat_map_has_no_peak_and_a_peaked_one_keeps_its_own():
+    """A map that is zero (or any one value) everywhere has no maximum; argmax named the top-left pixel, so the
+    pointing game credited a nucleus there (and blamed one anywhere else) and the evidence box sat in the
+    corner. A map with a maximum keeps its peak, box and pointing result."""
+    flats = (torch.zeros(64, 96), torch.full((64, 96), 0.3))
+    for flat in flats:
+        assert fa.pointing_hit(flat, [[5, 5, 4]]) is None and fa.pointing_hit(flat, [[60, 40, 4]]) is None
+        assert peak_box(flat, 16) is None
+    from finescope.explain.maps import map_peak
+
+    assert all(map_peak(flat) is None for flat in flats)
+    heat = torch.zeros(64, 96)
+    heat[40, 60] = 1
+    assert map_peak(heat) == (40, 60) and fa.pointing_hit(heat, [[60, 40, 4]]) is True
+    assert peak_box(heat, 16).tolist() == [52.5, 32.5, 68.5, 48.5]
+
+
 def test_detail_map_is_where_the_baseline_changes_the_image():
     img = torch.full((3, 32, 48), 0.5)
     img[:, 8:12, 30:34] = torch.tensor([0.0, 0.1, 0.2])[:, None, None]  # a dark spot the blur washes out
@@ -576,3 +593,35 @@ def test_a_loaded_model_keeps_its_class_names(tmp_path):
     assert finescope.explain(model, image(96, 96), "attention").class_names == names != ["class_0", "class_1"]
     assert finescope.explain(model, image(96, 96), "attention", class_names=["x", "y"]).class_names == ["x", "y"]
     assert finescope.explain(tiny_model("attention"), image(96, 96), "attention").class_names == ["class_0", "class_1"]
+
+
+def test_flat_maps_are_counted_apart_not_pointed_at_the_corner(tmp_path, monkeypatch, capsys):
+    """An explanation method whose maps are zero everywhere: the pointing game leaves them out and
+    faithfulness.json counts them in ``flat_maps`` (they counted as pointing at the top-left corner), and they
+    give no evidence crops (they gave the corner); the other methods' numbers are as before."""
+    from finescope.cli import main
+    from finescope.explain import runner
+
+    run = make_run(tmp_path, "global")
+    args = ["explain", str(run), "--split", "test", "--no-faithfulness", "--method", "gradcam", "gradcam++", *FAST]
+    assert main([*args, "--out", str(tmp_path / "before")]) == 0
+    real_explain_loaded = runner.explain_loaded
+
+    def flat_gradcam(*a, **k):
+        expl = real_explain_loaded(*a, **k)
+        expl.maps["gradcam"] = torch.zeros_like(expl.maps["gradcam"])
+        return expl
+
+    monkeypatch.setattr(runner, "explain_loaded", flat_gradcam)
+    assert main([*args, "--out", str(tmp_path / "after")]) == 0
+    before, after = (json.loads((tmp_path / d / "faithfulness.json").read_text())
+                     for d in ("before", "after"))
+    assert before["images"] == after["images"] == 3 and before["methods"]["gradcam"]["pointing_n"] > 0
+    flat = after["methods"]["gradcam"]
+    assert flat["flat_maps"] == 3 and "pointing_game" not in flat and "pointing_n" not in flat  # none points
+    assert after["methods"]["gradcam++"] == before["methods"]["gradcam++"]
+    assert "flat_maps" not in before["methods"]["gradcam"]
+    assert list((tmp_path / "before" / "evidence").rglob("*.png"))
+    assert not list((tmp_path / "after" / "evidence").rglob("*.png"))  # gradcam is the main map
+    assert "gradcam    3 flat maps (no maximum to point at)" in capsys.readouterr().out
+    assert "(3 flat maps left out)" in (tmp_path / "after" / "index.html").read_text()

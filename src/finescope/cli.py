@@ -203,6 +203,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
             parts.append(f"deletion AUC {m['deletion_auc']:.3f}  insertion AUC {m['insertion_auc']:.3f}")
         if "pointing_game" in m:
             parts.append(f"pointing game {m['pointing_game']:.3f}")
+        if m.get("flat_maps"):
+            parts.append(f"{m['flat_maps']} flat maps (no maximum to point at)")
         if parts:
             print(f"{method:10s} " + "  ".join(parts))
     if summary.get("boxes"):

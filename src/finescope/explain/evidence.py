@@ -3,7 +3,8 @@
 For every class c, the crops of the images *predicted* as c are ranked by ``attention mass of the box x
 probability of c``; the ``top`` highest are kept. Variants without crops (``global``, ``attention``) give one
 crop per image instead: a square of ``min_box_fraction`` of the short side around the maximum of the main map,
-ranked by the probability of c.
+ranked by the probability of c; an image whose main map is flat (zero everywhere, say) has no maximum and gives
+no crop (explain counts such maps in ``flat_maps``).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class EvidenceCollector:
             return
         H, W = expl.image.shape[-2:]
         box = peak_box(expl.map, model.min_box_fraction * min(H, W))  # (4,)
+        if box is None:  # a flat map points nowhere: not at the top-left corner
+            return
         device = next(model.parameters()).device
         x = expl.image.to(device).float()[None] / 255
         with torch.no_grad():

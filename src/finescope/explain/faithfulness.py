@@ -15,7 +15,8 @@ Hit rate and pointing game need ground truth (the synthetic set's atypical nucle
   covering the whole image would hit everything, :func:`box_coverage` reports the area the boxes cover
   (which is also the hit rate that boxes placed at random would expect);
 - *pointing game* (Zhang et al., ECCV 2016): a map scores when its maximum lies within ``tolerance`` pixels of
-  a true nucleus (inside its radius plus the tolerance; 15 px in the original paper).
+  a true nucleus (inside its radius plus the tolerance; 15 px in the original paper). A flat map (zero
+  everywhere, say) has no maximum: it neither scores nor misses, and explain counts it apart (``flat_maps``).
 
 Boxes and map maxima are in the frame of the model's boxes (``roi_align(aligned=True)``), where pixel j spans
 [j, j + 1) and its centre is j + 0.5; the synthetic set's ``cells.json`` gives a nucleus centre in pixel indices
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from finescope.errors import FinescopeError
-from finescope.explain.maps import region_grid, region_scores
+from finescope.explain.maps import map_peak, region_grid, region_scores
 
 BASELINES = ("blur", "mean")
 PIXEL_CENTRE = 0.5  # a cells.json centre in pixel indices -> the boxes' frame, where pixel j's centre is j + 0.5
@@ -200,12 +201,12 @@ def box_coverage(boxes: torch.Tensor, size: tuple[int, int]) -> dict[str, float]
 
 def pointing_hit(heat: torch.Tensor, cells, tolerance: float = 15.0) -> bool | None:
     """Pointing game: does the (H, W) map's maximum lie within ``r + tolerance`` of a true nucleus ([[cx, cy, r],
-    ...] as ``cells.json``, pixel indices)? None if no nucleus."""
-    if not cells:
+    ...] as ``cells.json``, pixel indices)? None if no nucleus, or if the map is flat and so has no maximum
+    (:func:`~finescope.explain.maps.map_peak`)."""
+    peak = map_peak(heat)
+    if not cells or peak is None:
         return None
-    W = heat.shape[1]
-    flat = int(heat.flatten().argmax())
-    y, x = flat // W + 0.5, flat % W + 0.5
+    y, x = peak[0] + 0.5, peak[1] + 0.5
     return any(np.hypot(x - cx - PIXEL_CENTRE, y - cy - PIXEL_CENTRE) <= r + tolerance for cx, cy, r in cells)
 
 

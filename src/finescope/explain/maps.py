@@ -83,7 +83,25 @@ def region_scores(heat: torch.Tensor, blocks: torch.Tensor, n_regions: int) -> t
     return total / count.clamp(min=1)
 
 
-def peak_box(heat: torch.Tensor, side: float) -> torch.Tensor:
+def map_peak(heat: torch.Tensor) -> tuple[int, int] | None:
+    """Row and column of the map's maximum (the first in row-major order when several pixels share it).
+
+    A flat map (every value equal, such as a Grad-CAM that is zero everywhere) has no maximum to point at, nor
+    has a map holding NaN: None, where ``argmax`` would name the top-left pixel.
+
+    Args:
+        heat: (H, W) map.
+
+    Returns:
+        (y, x) pixel indices, or None for a flat map.
+    """
+    if heat.numel() == 0 or not bool(heat.max() > heat.min()):  # False for NaN too
+        return None
+    flat = int(heat.flatten().argmax())
+    return flat // heat.shape[1], flat % heat.shape[1]
+
+
+def peak_box(heat: torch.Tensor, side: float) -> torch.Tensor | None:
     """A square box of ``side`` pixels centred on the map's maximum, shifted inside the image.
 
     Args:
@@ -91,11 +109,13 @@ def peak_box(heat: torch.Tensor, side: float) -> torch.Tensor:
         side: box side in pixels (clipped to the image).
 
     Returns:
-        (4,) float x1, y1, x2, y2.
+        (4,) float x1, y1, x2, y2; None for a flat map, which has no maximum (:func:`map_peak`).
     """
     H, W = heat.shape
-    flat = int(heat.flatten().argmax())
-    cy, cx = flat // W + 0.5, flat % W + 0.5
+    peak = map_peak(heat)
+    if peak is None:
+        return None
+    cy, cx = peak[0] + 0.5, peak[1] + 0.5
     out = []
     for c, limit in ((cx, W), (cy, H)):
         s = min(side, limit)
@@ -105,4 +125,5 @@ def peak_box(heat: torch.Tensor, side: float) -> torch.Tensor:
     return torch.tensor([x1, y1, x2, y2], dtype=torch.float32)
 
 
-__all__ = ["NORMALISATIONS", "attention_to_image", "normalise_map", "peak_box", "region_grid", "region_scores"]
+__all__ = ["NORMALISATIONS", "attention_to_image", "map_peak", "normalise_map", "peak_box", "region_grid",
+           "region_scores"]

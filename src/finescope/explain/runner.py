@@ -28,7 +28,7 @@ from finescope.explain import faithfulness as fa
 from finescope.explain.core import explain_loaded
 from finescope.explain.evidence import EvidenceCollector
 from finescope.explain.inputs import Inputs, path_inputs, run_dir_of, size_notes, split_inputs, training_sizes
-from finescope.explain.maps import NORMALISATIONS
+from finescope.explain.maps import NORMALISATIONS, map_peak
 from finescope.explain.methods import CamExplainer, resolve_methods
 from finescope.explain.overlay import save_explanation_figure
 from finescope.files import atomic_open, json_text, write_text
@@ -113,8 +113,13 @@ def _ground_truth(ctx: _Context, expl, cells: list, detail: torch.Tensor) -> dic
         cover = fa.box_coverage(expl.boxes, tuple(expl.image.shape[-2:]))
         row["box_union_fraction"], row["box_largest_fraction"] = cover["union"], cover["largest"]
     for m, heat in {**expl.maps, "detail": detail}.items():
-        row[f"{m}_pointing"] = fa.pointing_hit(heat, cells, ctx.settings.tolerance)
+        row[f"{m}_pointing"] = fa.pointing_hit(heat, cells, ctx.settings.tolerance)  # None for a flat map
     return row
+
+
+def _flat_maps(maps: dict[str, torch.Tensor]) -> dict:
+    """``{method}_flat: True`` for each flat map (no maximum: :func:`~finescope.explain.maps.map_peak`)."""
+    return {f"{m}_flat": True for m, heat in maps.items() if map_peak(heat) is None}
 
 
 def _explain_one(ctx: _Context, index: int, item) -> dict:
@@ -133,13 +138,14 @@ def _explain_one(ctx: _Context, index: int, item) -> dict:
     save_explanation_figure(expl, ctx.out / figure, ctx.settings.normalise, ctx.settings.percentile, item.cells,
                             title=item.name)
     ctx.evidence.add(ctx.model, expl, item.name, figure.as_posix())
-    row = _base_row(expl, item, figure)
+    row = {**_base_row(expl, item, figure), **_flat_maps(expl.maps)}
     curves = None
     if not ctx.settings.faithfulness and item.cells is None:
         return {"row": row, "curves": curves}
     image = expl.image.float() / 255
     baseline = fa.baseline_image(image, ctx.settings.baseline)
     detail = fa.detail_map(image, baseline, window=max(1, round(min(image.shape[-2:]) / ctx.settings.grid)))
+    row.update(_flat_maps({"detail": detail}))
     if ctx.settings.faithfulness:
         f = _faithfulness(ctx, expl, index, image, baseline, detail)
         row.update(f["row"])
@@ -179,6 +185,9 @@ def _method_summary(rows: list[dict], curves: list[dict], method: str) -> dict:
     pointing = [r[f"{method}_pointing"] for r in rows if r.get(f"{method}_pointing") is not None]
     if pointing:
         out["pointing_game"], out["pointing_n"] = float(np.mean(pointing)), len(pointing)
+    flat = sum(bool(r.get(f"{method}_flat")) for r in rows)
+    if flat:  # images whose map has no maximum: left out of the pointing game (and of the evidence crops)
+        out["flat_maps"] = flat
     return out
 
 
