@@ -833,3 +833,6 @@ def test_cv_table_without_an_interval():
     cell = {"value": 0.5, "low": None, "high": None, "n_boot": 0}
     table = _cv_table({"variants": {"global": {"pooled": {"patient_recognition_rate": cell, "image_accuracy": cell}}}})
     assert "0.500 [n/a, n/a]" in table.splitlines()[1]
+    cell = {**cell, "ci_note": "only 4 patients"}
+    table = _cv_table({"variants": {"global": {"pooled": {"patient_recognition_rate": cell, "image_accuracy": cell}}}})
+    assert table.splitlines()[1].count("0.500 [n/a (only 4 patients)]") == 2

@@ -1,6 +1,7 @@
 """Tests of finescope.metrics: hand-computed values on tiny arrays, parity with scikit-learn, bootstrap."""
 
 import json
+import re
 import time
 
 import numpy as np
@@ -280,12 +281,12 @@ def test_bootstrap_callable_matches_vectorised_path():
 
 
 def test_bootstrap_drops_undefined_resamples():
-    # 3 patients; AUC is undefined in resamples that draw only the positive or only negative patients
-    y = np.array([0, 0, 1, 1, 0, 1])
-    p = _onehot_probs([0, 1, 1, 1, 0, 0], 2, p=0.7)
-    groups = ["A", "A", "B", "B", "C", "C"]
+    # 6 patients, one of them positive; AUC is undefined in resamples that do not draw it (about 1 in 3)
+    y = np.array([0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0])
+    p = _onehot_probs([0, 1, 1, 1, 0, 0, 1, 0, 0, 0, 0, 1], 2, p=0.7)
+    groups = np.repeat(["A", "B", "C", "D", "E", "F"], 2)
     ci = M.bootstrap_ci(y, p, groups, "auc", n_boot=200)
-    assert 0 < ci["n_boot"] < 200
+    assert 0.5 * 200 < ci["n_boot"] < 200 and ci["low"] < ci["high"] and ci["ci_note"] is None
 
 
 def test_bootstrap_is_fast_for_accuracy_and_prr():
@@ -305,7 +306,7 @@ def test_bootstrap_unknown_metric_lists_valid_names():
 def test_paired_bootstrap_identical_predictions():
     y, p, groups = _patients_case()
     out = M.paired_bootstrap(y, p, p.copy(), groups, "image_accuracy", n_boot=200)
-    assert out == {"diff": 0.0, "low": 0.0, "high": 0.0, "p_value": 1.0}
+    assert out == {"diff": 0.0, "low": 0.0, "high": 0.0, "p_value": 1.0, "ci_note": None}
 
 
 @pytest.mark.parametrize("metric", ["image_accuracy", "auc", "patient_recognition_rate"])
@@ -346,8 +347,11 @@ def test_bootstrap_scores_patients_inside_resampled_groups():
     slow = M.bootstrap_ci(y, probs, groups, lambda a, b, c: M.patient_recognition_rate(a, b.argmax(1), c),
                           n_boot=200, patients=patients)
     assert slow == pytest.approx(prr)
-    # a resample holds 22549 twice (PRR 2 / 4), 3411 twice (1) or each once (2 / 3)
-    assert prr["low"] == pytest.approx(0.5) and prr["high"] == pytest.approx(1.0)
+    # a resample holds 22549 twice (PRR 2 / 4), 3411 twice (1) or each once (2 / 3): too few for an interval
+    assert prr["low"] is None and prr["ci_note"] == "only 2 patient groups"
+    gidx, pidx = np.array([0] * 6 + [1] * 2), np.array([0] * 4 + [1] * 2 + [2] * 2)
+    resampled = M._boot_values("patient_recognition_rate", y, probs, gidx, pidx, np.array([[0, 0], [1, 1], [0, 1]]))
+    assert resampled == pytest.approx([0.5, 1.0, 2 / 3])
     acc = M.bootstrap_ci(y, probs, groups, "patient_accuracy_majority", n_boot=50, patients=patients)
     assert acc["value"] == pytest.approx(2 / 3)  # 22549CD is wrong; by case 22549 would be right
     diff = M.paired_bootstrap(y, probs, _onehot_probs(y, 2), groups, "patient_recognition_rate", n_boot=50,
@@ -386,7 +390,43 @@ def test_one_patient_has_no_interval_and_no_p_value():
     y = np.array([0, 1, 0, 1])
     p_a, p_b = _onehot_probs([0, 0, 0, 0], 2), _onehot_probs([0, 1, 0, 1], 2)
     ci = M.bootstrap_ci(y, p_a, ["P1"] * 4, "image_accuracy", n_boot=50)
-    assert ci == {"value": 0.5, "low": None, "high": None, "n_boot": 0}
+    assert ci == {"value": 0.5, "low": None, "high": None, "n_boot": 0, "ci_note": "only 1 patient"}
     diff = M.paired_bootstrap(y, p_a, p_b, ["P1"] * 4, "patient_recognition_rate", n_boot=50)
-    assert diff == {"diff": 0.5, "low": None, "high": None, "p_value": None}
-    assert M.paired_bootstrap(y, p_a, p_b, ["P1", "P1", "P2", "P2"], "image_accuracy", n_boot=50)["p_value"] < 1
+    assert diff == {"diff": 0.5, "low": None, "high": None, "p_value": None, "ci_note": "only 1 patient"}
+    five = np.repeat([f"P{i}" for i in range(M.MIN_CI_GROUPS)], 2)
+    y5, p_a5, p_b5 = np.tile(y[:2], 5), np.tile(p_a[:2], (5, 1)), np.tile(p_b[:2], (5, 1))
+    assert M.paired_bootstrap(y5, p_a5, p_b5, five, "image_accuracy", n_boot=50)["p_value"] < 1
+
+
+@pytest.mark.parametrize("metric", ["auc", "image_accuracy", "balanced_accuracy", "patient_recognition_rate"])
+def test_few_patients_have_no_interval_rather_than_one_of_width_0(metric):
+    """Two patients per class (or one): the few distinct resamples gave low == high == value, e.g. AUC 1.0 [1.0, 1.0]
+    from 4 patients, a certainty 4 patients cannot give. No interval, and a note that says why."""
+    y = np.repeat([0, 0, 1, 1], 5)
+    p = _onehot_probs(y, 2, p=0.8)
+    groups = np.repeat(["a", "b", "c", "d"], 5)
+    ci = M.bootstrap_ci(y, p, groups, metric, n_boot=200)
+    assert ci["value"] == pytest.approx(1.0)
+    assert ci["low"] is None and ci["high"] is None and ci["n_boot"] == 0 and ci["ci_note"] == "only 4 patients"
+    one_each = M.bootstrap_ci(y[5:15], p[5:15], groups[5:15], metric, n_boot=200)
+    assert one_each["low"] is None and one_each["ci_note"] == "only 2 patients"
+    diff = M.paired_bootstrap(y, p, _onehot_probs(y, 2, p=0.6), groups, metric, n_boot=200)
+    assert diff["low"] is diff["high"] is diff["p_value"] is None and diff["ci_note"] == "only 4 patients"
+    json.dumps([ci, diff])
+
+
+def test_interval_needs_the_metric_defined_in_half_the_resamples():
+    """A metric undefined in most resamples (here: it needs the one patient of class 1 and the one of class 2 drawn
+    together, about 4 resamples in 10) has no interval from the few where it is defined."""
+    y = np.repeat([1, 2] + [0] * 8, 3)
+    p = _onehot_probs(y, 3, p=0.8)
+    groups = np.repeat([f"P{i}" for i in range(10)], 3)
+
+    def needs_both(yt, probs, g):
+        return M.image_accuracy(yt, probs.argmax(1)) if {1, 2} <= set(yt.tolist()) else None
+
+    ci = M.bootstrap_ci(y, p, groups, needs_both, n_boot=300)
+    assert ci["value"] == 1.0 and ci["low"] is None and ci["n_boot"] == 0
+    assert re.fullmatch(r"metric defined in only 1\d\d of 300 resamples", ci["ci_note"])
+    enough = M.bootstrap_ci(y, p, groups, "image_accuracy", n_boot=300)  # the same patients, a metric always defined
+    assert enough["low"] == enough["high"] == 1.0 and enough["n_boot"] == 300 and enough["ci_note"] is None

@@ -183,3 +183,41 @@ def test_reliability_diagram_bins_give_the_ece_of_its_legend(tmp_path, monkeypat
     ece = float(np.dot(count[count > 0], gaps) / count.sum())
     expected = summarize_predictions(folder / "predictions.csv", n_boot=20)["variants"]["global"]["pooled"]["ece"]
     assert ece == pytest.approx(expected["value"])
+
+
+def test_report_says_why_an_interval_is_missing(tmp_path):
+    """A test split of 4 patients: the intervals were drawn from the few resamples 4 patients allow (width 0 where
+    every resample scores alike); the report now says n/a and why."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: {variant: global}\n")
+    with (run / "predictions_test.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "group", "true", "predicted", "prob_a", "prob_b", "boxes"])
+        for i in range(12):
+            true = "a" if i // 3 % 2 else "b"
+            w.writerow([f"/x/{i}.png", f"g{i // 3}", true, true, *((0.8, 0.2) if true == "a" else (0.2, 0.8)), ""])
+    md, _ = write_report(run, n_boot=50)
+    row = next(line for line in md.read_text().splitlines() if line.startswith("| global |"))
+    assert row.count("[n/a (only 4 patients)]") == len(report.TABLE_METRICS) and "1.000, 1.000" not in row
+
+
+def test_a_summary_from_before_few_patient_intervals_were_withheld_is_computed_again(tmp_path):
+    """summary.json of a cv over 4 patients, written before such intervals were withheld, held them (here one of
+    width 0) and matched predictions.csv, so cv's rerun and the report reused it: its made_from lacks the rule."""
+    from finescope.cv import _summary
+
+    folder = fake_cv(tmp_path / "cv", n=16)  # p0 .. p3
+    summary = _summary(folder, "global", 30, 0)
+    assert summary["made_from"]["ci_min_groups"] == 5
+    assert summary["variants"]["global"]["pooled"]["auc"]["ci_note"] == "only 4 patients"
+    del summary["made_from"]["ci_min_groups"]
+    for cell in summary["variants"]["global"]["pooled"].values():
+        if isinstance(cell, dict) and "low" in cell:
+            cell.update(low=0.5, high=0.5, n_boot=30)
+            del cell["ci_note"]
+    (folder / "summary.json").write_text(json.dumps(summary))
+    md, _ = write_report(folder, n_boot=30)
+    row = next(line for line in md.read_text().splitlines() if line.startswith("| global |"))
+    assert "[0.500, 0.500]" not in row and "[n/a (only 4 patients)]" in row
+    assert _summary(folder, "global", 30, 0)["variants"]["global"]["pooled"]["auc"]["ci_note"] == "only 4 patients"

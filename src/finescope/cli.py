@@ -166,8 +166,9 @@ def _cv_table(summary: dict) -> str:
         cells = []
         for m in ("patient_recognition_rate", "image_accuracy"):
             d = s["pooled"][m]
-            low, high = ("n/a" if x is None else f"{x:.3f}" for x in (d["low"], d["high"]))  # None: one patient
-            cells.append(f"{d['value']:.3f} [{low}, {high}]".ljust(28))
+            low, high = ("n/a" if x is None else f"{x:.3f}" for x in (d["low"], d["high"]))  # None: too few patients
+            interval = f"[n/a ({d['ci_note']})]" if d.get("ci_note") else f"[{low}, {high}]"
+            cells.append(f"{d['value']:.3f} {interval}".ljust(28))
         lines.append(f"{v:16s} " + " ".join(cells))
     return "\n".join(lines)
 

@@ -519,6 +519,33 @@ def _boot_values(
     return values
 
 
+MIN_CI_GROUPS = 5  # fewer groups than this: no interval (bootstrap_ci's docstring says why)
+MIN_CI_DEFINED = 0.5  # fraction of the resamples that must define the metric for an interval
+
+
+def _ci_withheld(values: np.ndarray, n_groups: int, unit: str) -> str | None:
+    """Why no interval is drawn from the (n_boot,) resampled ``values`` of ``n_groups`` groups; ``None`` when one is.
+
+    Sets ``values`` to NaN when it says why, so that no interval, p-value or resample count rests on them.
+    """
+    defined = int(np.isfinite(values).sum())
+    if n_groups < MIN_CI_GROUPS:
+        note = f"only {n_groups} {unit}{'' if n_groups == 1 else 's'}"
+    elif defined < MIN_CI_DEFINED * values.size:
+        note = f"metric defined in only {defined} of {values.size} resamples"
+    else:
+        return None
+    values[:] = np.nan
+    return note
+
+
+def _unit(groups: ArrayLike | None, pidx: np.ndarray, n_groups: int) -> str:
+    """What one resampled group is, for a ``ci_note``: an image, a patient, or a group of patients (a case)."""
+    if groups is None:
+        return "image"
+    return "patient" if int(pidx.max()) + 1 == n_groups else "patient group"
+
+
 def _percentiles(values: np.ndarray, alpha: float) -> tuple[float | None, float | None]:
     """Percentile interval ``[alpha/2, 1 - alpha/2]`` of the finite values."""
     values = values[np.isfinite(values)]
@@ -577,15 +604,22 @@ def bootstrap_ci(
         patients: (N,) patient ids that the patient-level metrics score when several patients share a
             resampled group (BreakHis: the patient folders 22549AB / 22549CD of case 22549); ``groups`` if omitted.
 
+    Too few groups or too few defined resamples give no interval rather than a false one: with fewer than
+    :data:`MIN_CI_GROUPS` (5) groups, or when the metric is defined in fewer than :data:`MIN_CI_DEFINED` (half)
+    of the resamples (AUC is undefined in a resample that holds one class only), ``low`` and ``high`` are
+    ``None`` and ``ci_note`` says why. G groups have only C(2G - 1, G) distinct resamples (3 for 2 patients, 35
+    for 4), and with one patient per class every resample where AUC is defined is the data itself: the percentile
+    interval of so few came out with width 0 (``low == high == value``), a certainty the data cannot give. From 5
+    groups on (126 distinct resamples) intervals are reported as before, however wide.
+
     Returns:
-        ``{"value": metric on all data, "low", "high", "n_boot": resamples where the metric was defined}``; with a
-        single group (one patient) ``low`` and ``high`` are ``None`` and ``n_boot`` is 0.
+        ``{"value": metric on all data, "low", "high", "n_boot": resamples the interval rests on (0 when there is
+        none), "ci_note": None, or why there is no interval (e.g. "only 4 patients")}``.
     """
     yt, p, pidx, gidx, uniq = _prepare(y_true, probs, groups, patients)
     fn = _resolve_metric(metric)
     values = _boot_values(metric, yt, p, gidx, pidx, _draw_groups(uniq.size, n_boot, seed))
-    if uniq.size < 2:  # every resample of one patient is the data itself: no interval, not one of width 0
-        values[:] = np.nan
+    note = _ci_withheld(values, uniq.size, _unit(groups, pidx, uniq.size))
     low, high = _percentiles(values, alpha)
     value = fn(yt, p, pidx)
     return {
@@ -593,6 +627,7 @@ def bootstrap_ci(
         "low": low,
         "high": high,
         "n_boot": int(np.isfinite(values).sum()),
+        "ci_note": note,
     }
 
 
@@ -625,8 +660,9 @@ def paired_bootstrap(
         patients: as in :func:`bootstrap_ci`.
 
     Returns:
-        ``{"diff", "low", "high", "p_value"}``; ``None`` values where the metric is undefined, and ``low``, ``high``
-        and ``p_value`` with a single group (one patient).
+        ``{"diff", "low", "high", "p_value", "ci_note"}``; ``diff`` is ``None`` where the metric is undefined;
+        ``low``, ``high`` and ``p_value`` are ``None`` where :func:`bootstrap_ci` gives no interval (too few groups
+        or defined resamples), and ``ci_note`` then says why (``None`` otherwise).
     """
     yt, pa, pidx, gidx, uniq = _prepare(y_true, probs_a, groups, patients)
     pb = _probs(yt, probs_b)[1]
@@ -635,12 +671,12 @@ def paired_bootstrap(
     fn = _resolve_metric(metric)
     draws = _draw_groups(uniq.size, n_boot, seed)
     diffs = _boot_values(metric, yt, pb, gidx, pidx, draws) - _boot_values(metric, yt, pa, gidx, pidx, draws)
-    if uniq.size < 2:  # one patient: every resampled difference is the observed one, which gave p = 0
-        diffs[:] = np.nan
+    # one patient: every resampled difference is the observed one, which gave p = 0; a few: a p-value of few resamples
+    note = _ci_withheld(diffs, uniq.size, _unit(groups, pidx, uniq.size))
     low, high = _percentiles(diffs, alpha)
     va, vb = fn(yt, pa, pidx), fn(yt, pb, pidx)
     diff = None if va is None or vb is None else float(vb - va)
-    return {"diff": diff, "low": low, "high": high, "p_value": _two_sided_p(diff, diffs)}
+    return {"diff": diff, "low": low, "high": high, "p_value": _two_sided_p(diff, diffs), "ci_note": note}
 
 
 def _two_sided_p(diff: float | None, diffs: np.ndarray) -> float | None:

@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 from finescope.checkpoint import read_history  # noqa: E402
 from finescope.errors import FinescopeError, FinescopeWarning  # noqa: E402
 from finescope.files import ERRORS, atomic_open, write_text  # noqa: E402
-from finescope.metrics import ECE_BINS, reliability_curve, roc_curves  # noqa: E402
+from finescope.metrics import ECE_BINS, MIN_CI_GROUPS, reliability_curve, roc_curves  # noqa: E402
 from finescope.oof import TABLE_METRICS, as_arrays, read_oof_csv, summarize_predictions  # noqa: E402
 
 SHORT = {
@@ -103,11 +103,13 @@ def _single_run_rows(run_dir: Path, predictions: Path | None, fig_dir: Path) -> 
 
 def _cv_summary(run_dir: Path, csv_path: Path, n_boot: int) -> dict:
     """cv's ``summary.json`` when it was computed from ``predictions.csv`` as it is now (its ``made_from`` holds the
-    file's SHA-256), else the summary computed again with the cv's reference, resamples and seed (``cv.json``): a
-    damaged, older or stale summary (predictions.csv edited or rewritten since) never reaches the report."""
+    file's SHA-256) under today's rule for intervals (``ci_min_groups``), else the summary computed again with the
+    cv's reference, resamples and seed (``cv.json``): a damaged, older or stale summary (predictions.csv edited or
+    rewritten since; intervals of width 0 from 4 patients) never reaches the report."""
     summary = _json_dict(run_dir / "summary.json")
     made_from = summary.get("made_from") if isinstance(summary, dict) else None
     if (isinstance(made_from, dict) and {"class_names", "variants"} <= summary.keys()
+            and made_from.get("ci_min_groups") == MIN_CI_GROUPS
             and made_from.get("predictions_sha256") == hashlib.sha256(csv_path.read_bytes()).hexdigest()):
         return summary
     record = _json_dict(run_dir / "cv.json") or {}
@@ -260,6 +262,13 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+def _interval(d: dict) -> str:
+    """``[low, high]`` of a bootstrap result, or ``[n/a (why)]`` when it has none (e.g. "only 4 patients")."""
+    if d["low"] is None and d.get("ci_note"):
+        return f"[n/a ({d['ci_note']})]"
+    return f"[{_fmt(d['low'])}, {_fmt(d['high'])}]"
+
+
 def ablation_table(summary: dict, folds: bool = True) -> tuple[list[str], list[list[str]]]:
     """Header and rows: per variant, each metric as pooled value [95% CI] and, with ``folds``, mean +- std over
     folds."""
@@ -270,7 +279,7 @@ def ablation_table(summary: dict, folds: bool = True) -> tuple[list[str], list[l
         for m in TABLE_METRICS:
             pooled, ms = s["pooled"][m], s["mean_std"][m]
             over_folds = f" ({_fmt(ms['mean'])} ± {_fmt(ms['std'])})" if folds else ""
-            cells.append(f"{_fmt(pooled['value'])} [{_fmt(pooled['low'])}, {_fmt(pooled['high'])}]{over_folds}")
+            cells.append(f"{_fmt(pooled['value'])} {_interval(pooled)}{over_folds}")
         rows.append([v, *cells])
     return header, rows
 
@@ -280,7 +289,7 @@ def comparison_table(summary: dict) -> tuple[list[str], list[list[str]]]:
     header = ["variant − reference", *[SHORT[m] for m in TABLE_METRICS]]
     rows = []
     for c in summary["comparisons"]:
-        cells = [f"{_fmt(d['diff'], 3)} [{_fmt(d['low'])}, {_fmt(d['high'])}] (p={_fmt(d['p_value'], 2)})"
+        cells = [f"{_fmt(d['diff'], 3)} {_interval(d)} (p={_fmt(d['p_value'], 2)})"
                  for d in (c["metrics"][m] for m in TABLE_METRICS)]
         rows.append([f"{c['variant']} − {c['reference']}", *cells])
     return header, rows
