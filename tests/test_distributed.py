@@ -217,7 +217,7 @@ def _diverge_on_rank_0(rank: int, out: Path, port: int) -> None:
     stats = train_one_epoch(fit, loader(), torch.optim.SGD(model.parameters(), lr=0.1), None, torch.device("cpu"),
                             progress=False)
     finite_here = bool(torch.isfinite(bn.running_var).all())
-    torch.save({"non_finite": stats["non_finite"], "finite_here": finite_here}, out / f"rank{rank}.pt")
+    torch.save({"diverged": stats["diverged"], "finite_here": finite_here}, out / f"rank{rank}.pt")
     dist.cleanup()
 
 
@@ -230,7 +230,7 @@ def test_every_rank_learns_of_non_finite_weights_on_any_rank(tmp_path):
     mp.spawn(_diverge_on_rank_0, args=(tmp_path, _free_port()), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert [r["finite_here"] for r in ranks] == [False, True]
-    assert ranks[0]["non_finite"] == ranks[1]["non_finite"] == 1
+    assert ranks[0]["diverged"] == ranks[1]["diverged"] == 1
 
 
 def _torchrun(nproc: int, out: Path, root: Path, epochs: int, resume: bool = False,

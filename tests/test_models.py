@@ -725,27 +725,74 @@ def test_loss_scaling_step_matches_an_unscaled_step():
 
 
 def test_an_epoch_reports_non_finite_weights_and_a_step_the_loss_scaler_skipped_leaves_none():
-    """A NaN loss in fp32 makes the weights NaN, which the epoch reports (``non_finite``, read with the
+    """A NaN loss in fp32 makes the weights NaN, which the epoch reports (``diverged``, read with the
     statistics: no sync per step); with loss scaling (fp16 on CUDA; a CPU GradScaler here) the step is skipped
     and the weights stay finite and unchanged: nothing to report."""
     from finescope.data.dataset import Batch
-    from finescope.engine import non_finite_tensors, train_one_epoch
+    from finescope.engine import diverged_tensors, train_one_epoch
 
     batch = Batch(torch.randint(0, 256, (2, 3, 96, 128), dtype=torch.uint8), torch.tensor([[96, 128]] * 2),
                   torch.tensor([0, 1]), torch.arange(2))
     for scaler, expect_bad in ((None, True), (torch.amp.GradScaler("cpu", init_scale=1024.0), False)):
         torch.manual_seed(0)
         model = create_model(ModelConfig(variant="fusion", **SMALL), 2)
-        assert int(non_finite_tensors(model)) == 0
+        assert int(diverged_tensors(model)) == 0
         model.register_forward_hook(lambda module, args, out: replace(out, logits=out.logits + float("nan")))
         before = torch.cat([p.detach().flatten() for p in model.parameters()])
         stats = train_one_epoch(model, [batch], torch.optim.SGD(model.parameters(), lr=0.1), None,
                                 torch.device("cpu"), progress=False, scaler=scaler)
         after = torch.cat([p.detach().flatten() for p in model.parameters()])
         assert math.isnan(stats["loss"])
-        assert (stats["non_finite"] > 0) == expect_bad == (int(non_finite_tensors(model)) > 0)
+        assert (stats["diverged"] > 0) == expect_bad == (int(diverged_tensors(model)) > 0)
         if not expect_bad:
             assert torch.equal(after, before) and scaler.get_scale() == 512.0  # skipped; the scale backs off
+
+
+@pytest.mark.parametrize("value", [1e30, -1e9, 1e5])
+def test_an_epoch_reports_huge_finite_weights(value):
+    """A weight of 1e30 after an exploding step is finite: the epoch reported nothing (its loss was 2e29) and the
+    run saved it. Beyond 1e8 it is reported; under fp16 autocast, whose largest value is 65504 (a weight of 1e5
+    is inf there, and every step NaN), beyond 6e4, and the error names the tensor."""
+    from finescope.data.dataset import Batch
+    from finescope.engine import (
+        FP16_WEIGHT_BOUND,
+        diverged_tensors,
+        first_diverged,
+        train_one_epoch,
+        weight_bound,
+    )
+
+    batch = Batch(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8), torch.tensor([[64, 64]] * 2),
+                  torch.tensor([0, 1]), torch.arange(2))
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(variant="global", backbone="tiny", global_size=32, local_size=32), 2)
+    with torch.no_grad():
+        model.global_head.weight[0, 0] = value  # a head weight: no BatchNorm after it turns it into inf
+    stats = train_one_epoch(model, [batch], torch.optim.SGD(model.parameters(), lr=0.0), None, torch.device("cpu"),
+                            progress=False)
+    assert math.isfinite(stats["loss"])
+    assert stats["diverged"] == (abs(value) > 1e8) == (first_diverged(model) is not None)
+    assert weight_bound(torch.device("cuda"), "fp16") == FP16_WEIGHT_BOUND < 65504
+    assert weight_bound(torch.device("cuda"), "bf16") == weight_bound(torch.device("cpu"), "fp16") == 1e8
+    assert int(diverged_tensors(model, FP16_WEIGHT_BOUND)) == 1
+    assert first_diverged(model, FP16_WEIGHT_BOUND) == ("global_head.weight", pytest.approx(abs(value), rel=1e-6))
+
+
+def test_real_weights_stay_far_below_the_divergence_bounds():
+    """The ImageNet MobileNetV2 (weights and BatchNorm running statistics) is nowhere near either bound."""
+    from finescope.engine import FP16_WEIGHT_BOUND, diverged_tensors
+
+    weights = SHARED / "weights" / "mobilenet_v2-b0353104.pth"
+    if not weights.is_file():
+        pytest.skip("the shared MobileNetV2 weights are absent")
+    state = torch.load(weights, weights_only=True)
+    largest = max(float(t.abs().max()) for t in state.values() if t.is_floating_point())
+    assert largest < 10 < FP16_WEIGHT_BOUND / 1000
+    module = torch.nn.Module()
+    for i, t in enumerate(state.values()):
+        module.register_buffer(f"t{i}", t)
+    module.w = torch.nn.Parameter(state["features.0.0.weight"])
+    assert int(diverged_tensors(module, FP16_WEIGHT_BOUND)) == 0
 
 
 def test_cpu_bf16_autocast_trains_and_predicts_in_bf16():

@@ -651,12 +651,33 @@ def test_a_diverged_epoch_stops_before_its_checkpoints_which_keep_the_last_good_
     with pytest.raises(FinescopeError) as e:
         _train(synthetic_root, out, variant="global", epochs=3, extra=["data.val_fraction=0"])
     assert str(e.value).startswith("training diverged in epoch 2 of 3: the model's weights or BatchNorm statistics "
-                                   "hold NaN or infinite values (mean training loss nan); "
+                                   "hold NaN, infinite or huge values (beyond 1e+08) (first 'backbone.trunk.0.0.weight', "
+                                   "max |value| nan; mean training loss nan); "
                                    f"'{ckpt / 'last.pt'}' (epoch 1) and best.pt (epoch 1) keep the last good state; "
                                    "train in a new --out with a lower train.lr (now 0.003)")
     assert kept and all((ckpt / name).read_bytes() == data for name, data in kept.items())
     assert [json.loads(r)["epoch"] for r in (out / "history.jsonl").read_text().splitlines()] == [0]
     assert not (out / "metrics.json").exists()
+
+
+def test_a_huge_finite_weight_stops_the_run_like_a_nan_one(synthetic_root, tmp_path, monkeypatch):
+    """A weight of 1e30 (an exploding step) is finite, and so are the losses and probabilities it gives: the run
+    went on and saved it in last.pt and best.pt. Now the epoch stops before its checkpoints, naming the tensor."""
+    out = tmp_path / "run"
+    real_train_one_epoch = trainer.train_one_epoch
+
+    def exploding(model, *args, **kwargs):
+        with torch.no_grad():
+            trainer.unwrap(model).global_head.weight[0, 0] = 1e30
+        return real_train_one_epoch(model, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", exploding)
+    with pytest.raises(FinescopeError, match=r"^training diverged in epoch 1 of 2: the model's weights or BatchNorm "
+                                             r"statistics hold NaN, infinite or huge values \(beyond 1e\+08\) \(first "
+                                             r"'global_head.weight', max \|value\| 1e\+30; mean training loss [^;]+\); "
+                                             r"no checkpoint was written; train again with a lower train.lr"):
+        _train(synthetic_root, out, variant="global")
+    assert not list((out / "checkpoints").glob("*.pt"))
 
 
 def test_a_run_diverged_in_its_first_epoch_writes_no_checkpoint(synthetic_root, tmp_path):

@@ -88,18 +88,56 @@ def input_channels_last(model: nn.Module, device: torch.device, channels_last: b
     return channels_last and device.type == "cuda" and bool(getattr(unwrap(model), "hires", True))
 
 
-def non_finite_tensors(model: nn.Module) -> torch.Tensor:
-    """How many of ``model``'s floating-point parameters and buffers (BatchNorm's running statistics) hold a NaN
-    or infinite value: a 0-dim tensor on their device, not read on the host (no sync).
+WEIGHT_BOUND = 1e8  # |value| beyond which a weight or BatchNorm statistic has diverged (see diverged_tensors)
+FP16_WEIGHT_BOUND = 6e4  # under fp16 autocast, for the weights: fp16's largest value is 65504
 
-    One float32 sum per tensor, which is NaN or infinite when a value is: on a CPU a tenth of the time of
-    ``torch.isfinite`` (13 against 146 ms over 11M values, 2 threads). Finite values overflow the sum only
-    beyond about 1e30 each, where a model has diverged too.
+
+def weight_bound(device: torch.device, amp: str | bool) -> float:
+    """The bound :func:`diverged_tensors` holds the parameters to when training on ``device`` in ``amp``."""
+    return FP16_WEIGHT_BOUND if device.type == "cuda" and _amp_name(amp) == "fp16" else WEIGHT_BOUND
+
+
+def _checked_tensors(model: nn.Module, param_bound: float) -> list[tuple[str, torch.Tensor, float]]:
+    """(name, tensor, bound) of every non-empty floating-point parameter and buffer of ``model``."""
+    named = [(n, t, param_bound) for n, t in model.named_parameters()]
+    named += [(n, t, WEIGHT_BOUND) for n, t in model.named_buffers()]
+    return [(n, t.detach(), b) for n, t, b in named if t.is_floating_point() and t.numel()]
+
+
+def diverged_tensors(model: nn.Module, param_bound: float = WEIGHT_BOUND) -> torch.Tensor:
+    """How many of ``model``'s floating-point parameters and buffers (BatchNorm's running statistics) hold a NaN,
+    an infinite value, or one beyond the bound: a 0-dim tensor on their device, not read on the host (no sync).
+
+    The bound of the buffers is :data:`WEIGHT_BOUND` (1e8), and that of the parameters ``param_bound``: the same
+    1e8 in fp32 and bf16, :data:`FP16_WEIGHT_BOUND` (6e4) under fp16 autocast (:func:`weight_bound`). A finite
+    weight beyond them is a diverged one all the same: 1e30 after an exploding step gave losses of 1e29 and was
+    saved to the checkpoints, and under fp16 autocast a weight beyond 65504 is cast to inf, so every later step
+    is NaN and the GradScaler skips them all. Trained models stay far below: the ImageNet MobileNetV2 of
+    torchvision holds no weight beyond 2.7 and no BatchNorm running variance beyond 6.1 (fp16 keeps BatchNorm
+    and its statistics in fp32, so the buffers keep the wide bound under fp16 too).
+
+    One ``aminmax`` per tensor, which is NaN when a value is: about the time of a float32 sum, and a fifth of that
+    of ``torch.isfinite`` on a CPU (MobileNetV2, 3.5M values: 1.9, 1.2 and 8.6 ms, 2 threads).
     """
-    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
-    if not tensors:
+    named = _checked_tensors(model, param_bound)
+    if not named:
         return torch.zeros((), dtype=torch.long)
-    return (~torch.stack([t.detach().sum(dtype=torch.float32) for t in tensors]).isfinite()).sum()
+    bad = torch.zeros((), dtype=torch.long, device=named[0][1].device)
+    for bound in {b for *_, b in named}:  # comparisons with a number: no bound is copied to the device
+        ranges = torch.stack([torch.stack(torch.aminmax(t)).float() for _, t, b in named if b == bound])  # (T, 2)
+        bad = bad + (~(ranges.abs() <= bound)).any(1).sum()  # NaN compares False: counted
+    return bad
+
+
+def first_diverged(model: nn.Module, param_bound: float = WEIGHT_BOUND) -> tuple[str, float] | None:
+    """Name and largest ``|value|`` (NaN if any) of the first tensor that :func:`diverged_tensors` counts, read on
+    the host for the error message; ``None`` when this process's model has none (another rank's has)."""
+    for name, t, bound in _checked_tensors(model, param_bound):
+        low, high = (float(v) for v in torch.aminmax(t))
+        top = max(abs(low), abs(high)) if low == low and high == high else math.nan
+        if not top <= bound:
+            return name, top
+    return None
 
 
 def model_input(batch, device: torch.device, channels_last: bool):
@@ -128,11 +166,13 @@ def train_one_epoch(
     mark_steps: bool = False,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns mean loss, accuracy, images, seconds, ``images_per_class`` (the
-    images read of each class, over every rank) and ``non_finite``: how many of the model's parameters and
-    buffers hold NaN or infinite values after the epoch (:func:`non_finite_tensors`), summed over the ranks, so
+    images read of each class, over every rank) and ``diverged``: how many of the model's parameters and
+    buffers hold NaN, infinite or huge values after the epoch (:func:`diverged_tensors`, its bound from ``amp``:
+    :func:`weight_bound`), summed over the ranks, so
     that every rank sees any rank's divergence (DDP keeps the parameters equal, not the BatchNorm statistics).
     The check adds no sync: it travels in the epoch's one all-reduce of the statistics. Under fp16 the
-    GradScaler skips a step with infinite gradients, which leaves the weights finite.
+    GradScaler skips a step with infinite gradients, which leaves the weights finite; a weight beyond fp16's
+    range makes every step's gradients infinite, and the bound of :func:`weight_bound` reports it.
 
     A loader whose sampler has ``step_scales`` (:class:`~finescope.distributed.ShardSampler`) weights each
     step's loss by its factor: in the last, incomplete global batch of a DDP epoch the ranks' batches differ in
@@ -190,7 +230,7 @@ def train_one_epoch(
     seconds = time.perf_counter() - start
     if per_class is None:  # no batch: the classes are not known here, every count is 0
         per_class = torch.zeros(0, device=device, dtype=torch.long)
-    bad = non_finite_tensors(unwrap(model)).to(device)  # a diverged model: NaN or inf weights (the caller stops)
+    bad = diverged_tensors(unwrap(model), weight_bound(device, amp)).to(device)  # NaN, inf or huge: the caller stops
     totals = dist.all_reduce_sum(torch.cat([torch.stack([total_loss.float(), correct.float(),
                                                          torch.tensor(seen, device=device, dtype=torch.float32),
                                                          bad.float()]),
@@ -202,7 +242,7 @@ def train_one_epoch(
         "images": int(seen),
         "seconds": seconds,
         "images_per_class": [int(c) for c in counts],
-        "non_finite": int(bad),
+        "diverged": int(bad),
     }
 
 

@@ -62,12 +62,14 @@ from finescope.data.sources import check_outside_data
 from finescope.data.splits import own_split_leak
 from finescope.engine import (
     Predictions,
+    first_diverged,
     make_grad_scaler,
     merge_predictions,
     predict_loader,
     train_one_epoch,
     unwrap,
     warmup_cosine,
+    weight_bound,
 )
 from finescope.errors import FinescopeError, FinescopeWarning
 from finescope.files import atomic_open, finite_json, json_text, remove_temporaries, write_text
@@ -675,8 +677,8 @@ def _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, 
         desc=f"epoch {epoch + 1}/{t.epochs}", scaler=scaler, mark_steps=t.compile in CUDA_GRAPH_MODES,
     )
     # summed over the ranks: all stop here alike, none waits in a collective; before any file of the epoch
-    if stats.pop("non_finite"):
-        raise diverged_error(cfg, device, epoch, tracker, run_dir, stats["loss"])
+    if stats.pop("diverged"):
+        raise diverged_error(cfg, device, epoch, tracker, run_dir, stats["loss"], model)
     dist.broadcast_buffers(model)  # every rank validates (and rank 0 saves) rank 0's BatchNorm statistics
     _check_every_class_read(stats.pop("images_per_class"), sample_set, splits["train"], cfg,
                             loaders["train"].sampler.drop_tail)
@@ -709,8 +711,9 @@ def _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, 
 
 
 def diverged_error(cfg: Config, device: torch.device, epoch: int, tracker: dict, run_dir: Path,
-                   loss: float) -> FinescopeError:
-    """The error of a run whose weights or BatchNorm statistics became NaN or infinite in ``epoch``. It stops
+                   loss: float, model: torch.nn.Module | None = None) -> FinescopeError:
+    """The error of a run whose weights or BatchNorm statistics became NaN, infinite or huge (beyond the bound of
+    :func:`~finescope.engine.weight_bound`) in ``epoch``, naming the first such tensor of ``model``. It stops
     before the epoch's checkpoints, so ``last.pt`` (written after every earlier epoch) and ``best.pt`` keep the
     last good state; the error names them and what to change (``train.lr`` cannot change on ``--resume``: a new
     run)."""
@@ -725,9 +728,13 @@ def diverged_error(cfg: Config, device: torch.device, epoch: int, tracker: dict,
         fixes.append("train.grad_clip=1")
     if (device.type == "cuda" and t.amp != "off") or (device.type == "cpu" and t.cpu_amp != "off"):
         fixes.append(f"train.{'amp' if device.type == 'cuda' else 'cpu_amp'}=off")
+    bound = weight_bound(device, t.amp)
+    first = first_diverged(unwrap(model), bound) if model is not None else None
+    where = "" if model is None else "those of another process; " if first is None else \
+        f"first '{first[0]}', max |value| {first[1]:.3g}; "
     return FinescopeError(f"training diverged in epoch {epoch + 1} of {t.epochs}: the model's weights or BatchNorm "
-                          f"statistics hold NaN or infinite values (mean training loss {loss:.4g}); {kept}; train "
-                          f"{out} with {' or '.join(fixes)}")
+                          f"statistics hold NaN, infinite or huge values (beyond {bound:g}) ({where}mean training "
+                          f"loss {loss:.4g}); {kept}; train {out} with {' or '.join(fixes)}")
 
 
 def _early_stop(tracker: dict, patience: int, validated: bool) -> bool:
