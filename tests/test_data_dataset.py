@@ -681,6 +681,41 @@ def test_disk_cache_that_cannot_be_written_warns_once_and_loses_no_image(tmp_pat
     assert torch.equal(ds[0]["image"], images[0]) and list(cache.rglob("*.npy"))  # space again: cached
 
 
+def test_disk_cache_writer_whose_temporary_file_was_swept_loses_no_image_and_says_so(tmp_path):
+    """A writer paused for over an hour (a suspended process, a slow network folder) has its temporary file removed
+    by another process's sweep of killed writers' files; its rename then failed and it warned "cannot write the
+    image cache ...: No such file or directory; set data.cache_dir to a writable folder", and kept quiet about
+    the cache's real failures from then on. The image is returned, the warning says what happened, and the next
+    read caches it."""
+    import errno
+
+    samples = make_samples(tmp_path)
+    cache = tmp_path / "cache"
+    ds = ImageDataset(samples, cache="disk", cache_dir=str(cache))
+    real_save = np.save
+
+    def swept_meanwhile(f, arr, **kwargs):
+        real_save(f, arr, **kwargs)
+        os.unlink(f.name)  # remove_stale of another process, while this one was paused
+
+    with pytest.MonkeyPatch.context() as m, pytest.warns(FinescopeWarning) as w:
+        m.setattr(np, "save", swept_meanwhile)
+        image = ds[0]["image"]
+    assert torch.equal(image, read_image(samples[0].path))
+    assert [str(x.message) for x in w] == [
+        f"cache entry for '{samples[0].path}' not written: its temporary file was removed meanwhile (a writer paused "
+        "for over 60 minutes is taken for a killed one); it will be written next time"]
+    assert not list(cache.rglob("*.tmp")) and not list(cache.rglob("*.npy"))
+    assert torch.equal(ds[0]["image"], image) and len(list(cache.rglob("*.npy"))) == 1  # written next time
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as m, pytest.warns(FinescopeWarning, match="No space left"):
+        m.setattr(np, "save", full)  # a real failure later is still warned about
+        ds[1]["image"]
+
+
 def test_colour_on_device_matches_colour_in_workers(tmp_path):
     """data.colour_on=device: the dataset draws the jitter's factors (after the geometric steps, from the same
     seeded stream) and the batch applies them on the device. The batch equals the worker-side jitter up to

@@ -233,7 +233,7 @@ class DiskCache:
         is a few MB written at once, each write refreshing the file's mtime. The writer's process id would not
         be safer: a cache in a shared folder is written from other machines and containers, whose ids mean
         nothing here (or name a live process of this one). A writer stopped for longer than the hour loses its
-        entry (its rename fails, it is warned about, and the image is decoded again next time), never an image.
+        entry (its rename finds no file; :meth:`put` says so and the image is cached next time), never an image.
         """
         cutoff, removed = time.time() - self.STALE_SECONDS, 0
         try:
@@ -282,10 +282,15 @@ class DiskCache:
             return None
         return torch.from_numpy(arr)
 
-    def put(self, entry: Path, img: torch.Tensor) -> None:
+    def put(self, entry: Path, img: torch.Tensor, source: str | Path | None = None) -> None:
         """Store a decoded image at ``entry`` (from :meth:`entry`, taken before decoding, so a file edited
         meanwhile is decoded again next time). When it cannot be written, nothing is stored and the first
-        failure in this process is warned about."""
+        failure in this process is warned about.
+
+        A temporary file removed before its rename (this writer was paused for over :attr:`STALE_SECONDS` and
+        another process's :meth:`remove_stale` took it for a killed writer's) is no fault of the folder: the
+        entry is not stored, a warning naming ``source`` (the image file) says so, and the next read of the
+        image caches it. The caller keeps the decoded image either way."""
         tmp = None
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
@@ -294,11 +299,22 @@ class DiskCache:
                 tmp = f.name
                 np.save(f, img.numpy(), allow_pickle=False)
             os.replace(tmp, entry)
+        except FileNotFoundError as e:
+            if tmp is None or os.path.lexists(tmp):  # not the temporary file that went missing
+                self._failed(e, tmp)
+                return
+            warnings.warn(f"cache entry for '{source or entry}' not written: its temporary file was removed meanwhile "
+                          f"(a writer paused for over {self.STALE_SECONDS // 60} minutes is taken for a killed one); "
+                          "it will be written next time", FinescopeWarning, stacklevel=3)
         except OSError as e:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
-            if not self._warned:
-                self._warn(e)
+            self._failed(e, tmp)
+
+    def _failed(self, e: OSError, tmp: str | None) -> None:
+        """An entry that could not be written: remove its temporary file, warn about the first in this process."""
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if not self._warned:
+            self._warn(e)
 
     def _warn(self, e: OSError) -> None:
         self._warned = True
@@ -531,7 +547,7 @@ class ImageDataset(Dataset):
         if self.cache == "memory" and not self._shared.put(i, img):
             self._cache[i] = img
         elif entry is not None:
-            self._disk.put(entry, img)
+            self._disk.put(entry, img, path)
         return img
 
     def _check_size(self, path: str, img: torch.Tensor) -> None:
