@@ -11,8 +11,10 @@ reads the run's batches as ``finescope train`` makes them (the config's split, i
 augmentation for ``--epochs`` epochs, and the validation and test loaders), and counts the shapes of the
 backbone's two inputs per batch: the global view (B, 3, Gh, Gw), whose size :meth:`FineScopeNet.view_size` gives
 and the batch pads to its largest, and the crops (B*K, 3, L, L). Training shapes (forward and backward) and
-evaluation shapes (forward only) are counted apart. It also reports what the padding and the rounding cost: the
-pixels of the batches' global views against those of each image's own view with its aspect kept exactly.
+evaluation shapes (forward only) are counted apart, the evaluation read in finescope's order (images of one
+shape together, :func:`~finescope.data.dataset.shape_order`) and in the split's own. It also reports what the
+padding and the rounding cost: the pixels of the batches' global views against those of each image's own view
+with its aspect kept exactly; ``--time-eval REPS`` times the evaluation in each order with the config's model.
 
 ``--make-varied SRC DST`` writes a folder of many image sizes from a real one: each image of SRC cut to a random
 height and width (between ``--min-side`` and its own), in the same layout, so that labels and patients read the
@@ -24,8 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +40,7 @@ from common import environment, make_out_folder, markdown_table, require_counts,
 
 from finescope.config import load_config  # noqa: E402
 from finescope.data.sources import find_images  # noqa: E402
+from finescope.engine import predict_loader  # noqa: E402
 from finescope.models import create_model  # noqa: E402
 from finescope.models.network import global_view_size  # noqa: E402
 from finescope.trainer import _load_samples_rank0_first, make_loader, resolve_device, resolve_splits  # noqa: E402
@@ -59,39 +64,68 @@ def make_varied(src: Path, dst: Path, min_side: int, seed: int) -> int:
     return n
 
 
-def count(cfg, epochs: int) -> dict:
-    """Distinct backbone input shapes of ``epochs`` training epochs and of the evaluation splits."""
-    model = create_model(cfg.model, 2)
-    K, L = model.num_crops, model.local_size
+class Tally:
+    """The distinct backbone input shapes of the batches read, and their global views' pixels against those of
+    each image's own view with its aspect kept exactly."""
+
+    def __init__(self, model) -> None:
+        self.model, self.shapes, self.batches, self.view, self.own = model, set(), 0, 0, 0
+
+    def read(self, batch) -> None:
+        m = self.model
+        sizes = batch.sizes.tolist()
+        dims = [m.view_size(h, w) for h, w in sizes]
+        gh, gw = max(d[0] for d in dims), max(d[1] for d in dims)  # the batch's padded view
+        self.shapes.add((len(sizes), 3, gh, gw))
+        if m.num_crops:
+            self.shapes.add((len(sizes) * m.num_crops, 3, m.local_size, m.local_size))
+        self.view += len(sizes) * gh * gw
+        self.own += sum(a * b for a, b in (global_view_size(h, w, m.global_size) for h, w in sizes))
+        self.batches += 1
+
+    def result(self) -> dict:
+        return {"batches": self.batches, "shapes": sorted(self.shapes),
+                "view_pixels_vs_own": self.view / self.own if self.own else None}
+
+
+def count(cfg, epochs: int, eval_orders: list[str], time_reps: int) -> dict:
+    """Distinct backbone input shapes of ``epochs`` training epochs and of the evaluation splits, these read in
+    each of ``eval_orders`` (``shape``: as finescope evaluates; ``file``: the split's order); with ``time_reps``,
+    the median seconds of that many predictions of the evaluation splits (after one that fills the cache)."""
+    model = create_model(cfg.model, 2).eval()
     sample_set = _load_samples_rank0_first(cfg)
     with tempfile.TemporaryDirectory() as run_dir:
         splits = resolve_splits(cfg, sample_set, Path(run_dir), resume=False)
-    shapes: dict[str, set] = {"train": set(), "eval": set()}
-    pixels = {phase: {"view": 0, "exact": 0} for phase in shapes}
-    batches = {"train": 0, "eval": 0}
-
-    def read(loader, phase: str) -> None:
-        for batch in loader:
-            sizes = batch.sizes.tolist()
-            dims = [model.view_size(h, w) for h, w in sizes]
-            gh, gw = max(d[0] for d in dims), max(d[1] for d in dims)  # the batch's padded view
-            shapes[phase].add((len(sizes), 3, gh, gw))
-            if K:
-                shapes[phase].add((len(sizes) * K, 3, L, L))
-            pixels[phase]["view"] += len(sizes) * gh * gw
-            pixels[phase]["exact"] += sum(a * b for a, b in (global_view_size(h, w, model.global_size) for h, w in sizes))
-            batches[phase] += 1
-
-    train = make_loader(sample_set, splits["train"], cfg, train=True)
+    train, tally = make_loader(sample_set, splits["train"], cfg, train=True), Tally(model)
     for epoch in range(epochs):
         train.sampler.set_epoch(epoch)
-        read(train, "train")
-    for side in ("val", "test"):
-        if len(splits.get(side, [])):
-            read(make_loader(sample_set, splits[side], cfg, train=False), "eval")
-    return {"view_multiple": cfg.model.view_multiple, "train_shapes": sorted(shapes["train"]),
-            "eval_shapes": sorted(shapes["eval"]), "batches": batches,
-            "view_pixels_vs_exact": {phase: p["view"] / p["exact"] for phase, p in pixels.items() if p["exact"]}}
+        for batch in train:
+            tally.read(batch)
+    del train
+    out = {"view_multiple": cfg.model.view_multiple, "train": tally.result(), "eval": {}}
+    loaders = [make_loader(sample_set, splits[side], cfg, train=False) for side in ("val", "test")
+               if len(splits.get(side, []))]
+    device = resolve_device(cfg.train.device)
+    model.to(device)
+    for order in eval_orders:
+        tally = Tally(model)
+        for loader in loaders:
+            if order == "file":  # the order the loader had before evaluation was ordered by shape
+                loader.sampler.order = None
+                loader.sampler.set_epoch(0)
+            for batch in loader:
+                tally.read(batch)
+        out["eval"][order] = tally.result()
+        if time_reps:
+            runs = []
+            for _ in range(time_reps + 1):
+                began = time.perf_counter()
+                for loader in loaders:
+                    predict_loader(model, loader, device, amp=cfg.train.amp, cpu_amp=cfg.train.cpu_amp,
+                                   channels_last=cfg.train.channels_last)
+                runs.append(time.perf_counter() - began)
+            out["eval"][order]["seconds"] = statistics.median(runs[1:])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,12 +134,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", nargs="*", default=[], help="config overrides, as finescope train --set")
     p.add_argument("--multiples", nargs="+", type=int, default=[1, 32], help="model.view_multiple values")
     p.add_argument("--epochs", type=int, default=3, help="training epochs read")
+    p.add_argument("--eval-orders", nargs="+", choices=("shape", "file"), default=["shape", "file"],
+                   help="evaluation read in finescope's order (shape) and in the split's (file)")
+    p.add_argument("--time-eval", type=int, default=0, metavar="REPS",
+                   help="also time REPS predictions of the evaluation splits with the config's model and device")
     p.add_argument("--make-varied", nargs=2, metavar=("SRC", "DST"), help="write a folder of many sizes, then stop")
     p.add_argument("--min-side", type=int, default=240, help="--make-varied: smallest side cut")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="JSON file for the results")
     args = p.parse_args(argv)
-    require_counts(p, args, epochs=1, min_side=1, multiples=1)
+    require_counts(p, args, epochs=1, min_side=1, multiples=1, time_eval=0)
     make_out_folder(p, args.out)
     if args.make_varied:
         src, dst = (Path(v) for v in args.make_varied)
@@ -116,19 +154,28 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for m in args.multiples:
         cfg = load_config(args.config, [*args.set, f"model.view_multiple={m}"])
-        rows.append(count(cfg, args.epochs))
-    env = environment(resolve_device("cpu"))
-    print(f"commit {env['commit']}\n`{env['command']}`\n")
-    print(markdown_table(
-        ["model.view_multiple", "training batches", "training shapes", "training view pixels / own",
-         "evaluation batches", "evaluation shapes", "evaluation view pixels / own"],
-        [[r["view_multiple"], r["batches"]["train"], len(r["train_shapes"]),
-          f"{r['view_pixels_vs_exact']['train']:.3f}", r["batches"]["eval"], len(r["eval_shapes"]),
-          f"{r['view_pixels_vs_exact'].get('eval', float('nan')):.3f}"] for r in rows]))
+        rows.append(count(cfg, args.epochs, args.eval_orders, args.time_eval))
+    env = environment(resolve_device(cfg.train.device))
+    print(f"commit {env['commit']}, {env['cpu']}, torch {env['torch']}\n`{env['command']}`\n")
+
+    def pixels(r: dict) -> str:
+        return "-" if r["view_pixels_vs_own"] is None else f"{r['view_pixels_vs_own']:.3f}"
+
+    table = []
     for r in rows:
-        print(f"\nview_multiple {r['view_multiple']}: training "
-              + ", ".join("x".join(map(str, s)) for s in r["train_shapes"])
-              + "; evaluation " + ", ".join("x".join(map(str, s)) for s in r["eval_shapes"]))
+        table.append([r["view_multiple"], "training", r["train"]["batches"], len(r["train"]["shapes"]),
+                      pixels(r["train"]), "-"])
+        for order, e in r["eval"].items():
+            seconds = f"{e['seconds']:.2f}" if "seconds" in e else "-"
+            table.append([r["view_multiple"], f"evaluation, {order} order", e["batches"], len(e["shapes"]),
+                          pixels(e), seconds])
+    print(markdown_table(["model.view_multiple", "batches of", "batches", "distinct shapes",
+                          "global view pixels / own", "seconds (median)"], table))
+    for r in rows:
+        parts = [("training", r["train"])] + [(f"evaluation, {o} order", e) for o, e in r["eval"].items()]
+        for name, part in parts:
+            print(f"\nview_multiple {r['view_multiple']}, {name}: "
+                  + ", ".join("x".join(map(str, s)) for s in part["shapes"]))
     if args.out:
         Path(args.out).write_text(json.dumps({"environment": env, "runs": rows}, indent=1))
     return 0

@@ -81,21 +81,26 @@ def test_shape_count_counts_the_backbone_input_shapes_of_a_run(tmp_path):
     assert len(list(varied.rglob("*.jpg"))) == 12 and len(sizes) > 1
     out = tmp_path / "count.json"
     common = ["model.backbone=tiny", "model.weights=", "model.global_size=64", "model.local_size=48",
-              "train.batch_size=2", "data.num_workers=0", "data.augment=none"]
-    shape_count.main(["--epochs", "2", "--multiples", "1", "32", "--out", str(out), "--set", f"data.root={varied}",
-                      *common])
+              "train.batch_size=2", "data.num_workers=0", "data.augment=none", "train.device=cpu"]
+    shape_count.main(["--epochs", "2", "--multiples", "1", "32", "--time-eval", "1", "--out", str(out),
+                      "--set", f"data.root={varied}", *common])
     runs = json.loads(out.read_text())["runs"]
     assert [r["view_multiple"] for r in runs] == [1, 32]
     for r in runs:
-        assert r["batches"]["train"] > 1 and r["batches"]["eval"] >= 1
-        assert [2 * 4, 3, 48, 48] in r["train_shapes"]  # the K=4 crops of a batch of 2
-        assert all(min(s[2:]) >= 64 for s in r["train_shapes"] if s[2:] != [48, 48])  # views: short side 64
-        assert r["view_pixels_vs_exact"]["train"] >= 1.0  # exact views: padding only adds
-    assert len(runs[1]["train_shapes"]) <= len(runs[0]["train_shapes"])
+        train, evals = r["train"], r["eval"]
+        assert train["batches"] > 1 and set(evals) == {"shape", "file"}
+        assert [2 * 4, 3, 48, 48] in train["shapes"]  # the K=4 crops of a batch of 2
+        assert all(min(s[2:]) >= 64 for s in train["shapes"] if s[2:] != [48, 48])  # views: short side 64
+        assert train["view_pixels_vs_own"] >= 1.0 or r["view_multiple"] > 1  # exact views: padding only adds
+        assert evals["shape"]["batches"] == evals["file"]["batches"] >= 1
+        assert evals["shape"]["seconds"] > 0 and evals["file"]["seconds"] > 0
+    assert len(runs[1]["train"]["shapes"]) <= len(runs[0]["train"]["shapes"])
+    exact = runs[0]["eval"]  # ordered by shape, the batches pad less than in file order
+    assert 1.0 <= exact["shape"]["view_pixels_vs_own"] <= exact["file"]["view_pixels_vs_own"]
     shape_count.main(["--epochs", "1", "--multiples", "1", "--out", str(out), "--set", f"data.root={data}", *common])
     same = json.loads(out.read_text())["runs"][0]  # images of one size, no rotation: one view shape, no padding
-    assert sorted({tuple(s[2:]) for s in same["train_shapes"]}) == [(48, 48), (64, 96)]
-    assert same["view_pixels_vs_exact"] == {"train": 1.0, "eval": 1.0}
+    assert sorted({tuple(s[2:]) for s in same["train"]["shapes"]}) == [(48, 48), (64, 96)]
+    assert same["train"]["view_pixels_vs_own"] == same["eval"]["shape"]["view_pixels_vs_own"] == 1.0
 
 
 def test_new_shape_cost_reports_each_steps_kernel_time_and_page_faults(tmp_path):
