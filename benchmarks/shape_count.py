@@ -103,28 +103,33 @@ def count(cfg, epochs: int, eval_orders: list[str], time_reps: int) -> dict:
             tally.read(batch)
     del train
     out = {"view_multiple": cfg.model.view_multiple, "train": tally.result(), "eval": {}}
-    loaders = [make_loader(sample_set, splits[side], cfg, train=False) for side in ("val", "test")
-               if len(splits.get(side, []))]
+    sides = [side for side in ("val", "test") if len(splits.get(side, []))]
     device = resolve_device(cfg.train.device)
     model.to(device)
+    loaders = {}
     for order in eval_orders:
-        tally = Tally(model)
-        for loader in loaders:
-            if order == "file":  # the order the loader had before evaluation was ordered by shape
+        loaders[order] = [make_loader(sample_set, splits[side], cfg, train=False) for side in sides]
+        if order == "file":  # the split's order, as evaluation read it before it was ordered by shape
+            for loader in loaders[order]:
                 loader.sampler.order = None
                 loader.sampler.set_epoch(0)
+        tally = Tally(model)
+        for loader in loaders[order]:
             for batch in loader:
                 tally.read(batch)
         out["eval"][order] = tally.result()
-        if time_reps:
-            runs = []
-            for _ in range(time_reps + 1):
+    if time_reps:  # the orders interleaved (A, B, A, B, ...), after one pass of each that fills the cache
+        runs = {order: [] for order in eval_orders}
+        for _ in range(time_reps + 1):
+            for order in eval_orders:
                 began = time.perf_counter()
-                for loader in loaders:
+                for loader in loaders[order]:
                     predict_loader(model, loader, device, amp=cfg.train.amp, cpu_amp=cfg.train.cpu_amp,
                                    channels_last=cfg.train.channels_last)
-                runs.append(time.perf_counter() - began)
-            out["eval"][order]["seconds"] = statistics.median(runs[1:])
+                runs[order].append(time.perf_counter() - began)
+        for order, seconds in runs.items():
+            out["eval"][order]["seconds"] = statistics.median(seconds[1:])
+            out["eval"][order]["seconds_each"] = seconds[1:]
     return out
 
 
@@ -171,6 +176,13 @@ def main(argv: list[str] | None = None) -> int:
                           pixels(e), seconds])
     print(markdown_table(["model.view_multiple", "batches of", "batches", "distinct shapes",
                           "global view pixels / own", "seconds (median)"], table))
+    for r in rows:
+        e = r["eval"]
+        if "seconds" in e.get("shape", {}) and "seconds" in e.get("file", {}):
+            ratios = [a / b for a, b in zip(e["shape"]["seconds_each"], e["file"]["seconds_each"], strict=True)]
+            print(f"\nview_multiple {r['view_multiple']}: evaluation seconds in shape order / in file order, paired "
+                  f"per repetition: median {statistics.median(ratios):.3f} ("
+                  + ", ".join(f"{v:.3f}" for v in ratios) + ")")
     for r in rows:
         parts = [("training", r["train"])] + [(f"evaluation, {o} order", e) for o, e in r["eval"].items()]
         for name, part in parts:
