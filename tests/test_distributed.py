@@ -84,6 +84,28 @@ def test_shard_sampler_eval_no_padding_whole_batches():
         11, generator=torch.Generator().manual_seed(5)).tolist()
 
 
+def test_shape_pool_batches_like_shapes_and_keeps_every_image_once():
+    """data.shape_pool: each run of pool global batches is sorted by key and its batches shuffled; every item
+    once an epoch, the tail untouched, DDP shards the single-process global batches, and the order moves with
+    the epoch."""
+    n, G, world = 37, 4, 2
+    keys = [(i * 7) % 5 for i in range(n)]
+    single = ShardSampler(n, True, 3, G, True, rank_=0, world=1, shape_keys=keys, pool=3)
+    order = list(single)
+    assert sorted(order) == list(range(n))
+    assert order[36:] == torch.randperm(n, generator=torch.Generator().manual_seed(3)).tolist()[36:]  # the tail
+    batches = [order[k : k + G] for k in range(0, 36, G)]
+    for run in range(3):  # within a run of 3 batches, the keys of the batches do not interleave
+        spans = sorted((min(keys[i] for i in b), max(keys[i] for i in b)) for b in batches[3 * run : 3 * run + 3])
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
+    shards = [list(ShardSampler(n, True, 3, G, True, rank_=r, world=world, shape_keys=keys, pool=3))
+              for r in range(world)]
+    for step, batch in enumerate(batches):
+        assert batch == shards[0][2 * step : 2 * step + 2] + shards[1][2 * step : 2 * step + 2]
+    single.set_epoch(1)
+    assert list(single) != order
+
+
 def test_shard_sampler_eval_follows_a_given_order_in_whole_batches():
     """An evaluation order (images of one shape together): batches are cut from it and dealt to the ranks as
     from the identity order, every item once; an order that is not a permutation is refused."""

@@ -52,6 +52,8 @@ class DataConfig:
     # CPU); each image still sees all 8 flips and rotations with probability 1/8. auto: on under train.compile
     # (each arrangement of mixed orientations in a batch would be another graph), else off
     one_orientation: str = "auto"  # auto | on | off
+    shape_pool: int = 0  # training: every N global batches of the shuffled order sorted by aspect ratio, cut into
+    # batches, the batches shuffled (0 = off): fewer padded pixels and batch shapes on a folder of many sizes
     num_workers: int = 2
     cache: str = "none"  # none | memory (decoded once, shared by the workers) | disk (.npy files in cache_dir)
     cache_dir: str = ""  # disk cache folder; "" = $XDG_CACHE_HOME/finescope/decoded (~/.cache/...)
@@ -430,7 +432,7 @@ def validate(cfg: Config) -> None:
             raise FinescopeError(f"config key '{key}' must be in [0, 1)")
     if cfg.train.lr <= 0:
         raise FinescopeError("config key 'train.lr' must be above 0")
-    for key in ("data.num_workers", "model.proj_dim", "train.backbone_lr_scale", "train.weight_decay",
+    for key in ("data.num_workers", "data.shape_pool", "model.proj_dim", "train.backbone_lr_scale", "train.weight_decay",
                 "train.warmup_epochs", "train.patience", "train.grad_clip", "train.aux_weight",
                 "train.eval_batch_size"):
         section, name = key.split(".")

@@ -147,6 +147,13 @@ class ShardSampler(Sampler):
             and the global step of the item in its epoch, the same for any number of ranks (the dataset draws
             one orientation per step with it, ``data.one_orientation``).
         order: evaluation without ``shuffle``: the order of the items (default: ``range(n)``).
+        shape_keys: training with ``pool`` > 1: a sortable key per item (:func:`~finescope.data.dataset.aspect_key`).
+            Each run of ``pool`` full global batches of the epoch's permutation is sorted by it, cut into global
+            batches, and those are shuffled (``data.shape_pool``): the images of a step are of like shape, so
+            fewer of their pixels are padding and fewer batch shapes occur, while every image is still read once
+            an epoch, in an order that depends on (seed, epoch) alone. The last incomplete global batch is left as
+            it is.
+        pool: see ``shape_keys``.
     """
 
     def __init__(
@@ -161,9 +168,14 @@ class ShardSampler(Sampler):
         world: int | None = None,
         tag_epoch: bool = False,
         order: Sequence[int] | None = None,
+        shape_keys: Sequence | None = None,
+        pool: int = 0,
     ) -> None:
         if order is not None and sorted(order) != list(range(n)):
             raise ValueError(f"order must be a permutation of range({n})")
+        if shape_keys is not None and len(shape_keys) != n:
+            raise ValueError(f"shape_keys must have one key per item ({n}), got {len(shape_keys)}")
+        self.shape_keys, self.pool = shape_keys, pool
         self.n, self.shuffle, self.seed = n, shuffle, seed
         self.order = None if order is None else torch.as_tensor(list(order), dtype=torch.long)
         self.global_batch, self.train, self.drop_tail = global_batch, train, drop_tail
@@ -183,8 +195,11 @@ class ShardSampler(Sampler):
 
     def _indices(self) -> tuple[list[int], list[float]]:
         seed = self.seed + self.epoch
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed)) if self.shuffle \
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(self.n, generator=generator) if self.shuffle \
             else torch.arange(self.n) if self.order is None else self.order
+        if self.train and self.shape_keys is not None and self.pool > 1:
+            order = self._pooled(order, generator)
         if not self.train:
             B, items = max(1, self.global_batch), order.tolist()
             return [i for k in range(self.rank * B, self.n, self.world * B) for i in items[k : k + B]], []
@@ -204,6 +219,19 @@ class ShardSampler(Sampler):
             return mine + tail[start : start + size].tolist(), scales + [size * N / R]
         return mine + [int(order[0])], scales + [0.0]  # a stand-in: every rank must run the step
 
+    def _pooled(self, order: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """``order`` with each run of ``pool`` full global batches sorted by ``shape_keys``, cut into global
+        batches, and these shuffled within their run."""
+        G = max(1, self.global_batch)
+        full, span = (self.n // G) * G, self.pool * G
+        items, out = order.tolist(), []
+        for start in range(0, full, span):
+            run = sorted(items[start : min(start + span, full)], key=lambda i: self.shape_keys[i])
+            batches = [run[k : k + G] for k in range(0, len(run), G)]
+            for b in torch.randperm(len(batches), generator=generator).tolist():
+                out += batches[b]
+        return torch.tensor(out + items[full:], dtype=torch.long)
+
     def __iter__(self) -> Iterator:
         if self.tag_epoch:
             return iter([(i, self.epoch, step) for i, step in zip(self._order, self._steps)])
@@ -215,14 +243,15 @@ class ShardSampler(Sampler):
 
 def make_sampler(
     n: int, shuffle: bool, seed: int, global_batch: int = 1, train: bool = False, drop_tail: bool = False,
-    tag_epoch: bool = False, order: Sequence[int] | None = None,
+    tag_epoch: bool = False, order: Sequence[int] | None = None, shape_keys: Sequence | None = None, pool: int = 0,
 ) -> ShardSampler:
     """A :class:`ShardSampler` for this process (in a single process: all items, ``randperm`` order, or
     ``order`` in evaluation).
 
     Shuffling is a function of (seed, epoch) alone (:meth:`ShardSampler.set_epoch`), so a run resumes exactly.
     """
-    return ShardSampler(n, shuffle, seed, global_batch, train, drop_tail, tag_epoch=tag_epoch, order=order)
+    return ShardSampler(n, shuffle, seed, global_batch, train, drop_tail, tag_epoch=tag_epoch, order=order,
+                        shape_keys=shape_keys, pool=pool)
 
 
 def all_gather(obj: Any) -> list[Any]:

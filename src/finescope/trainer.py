@@ -57,7 +57,7 @@ from finescope.data import (
     save_splits,
     split_groups,
 )
-from finescope.data.dataset import shape_order, worker_context
+from finescope.data.dataset import aspect_key, shape_order, worker_context
 from finescope.data.sources import check_outside_data
 from finescope.data.splits import own_split_leak
 from finescope.engine import (
@@ -168,16 +168,20 @@ def make_loader(
     incomplete global batch is dropped, so that every step has one shape); each image's augmentation is seeded
     by (seed, epoch, image), so neither the workers nor a resume change it. Evaluation loaders read whole
     evaluation batches, every ``world``-th one, without padding, with the images ordered so that those of one
-    shape share batches (:func:`~finescope.data.dataset.shape_order`, from the file headers). Workers are persistent: they start once per run. With ``data.cache=memory`` they are
+    shape share batches (:func:`~finescope.data.dataset.shape_order`, from the file headers); with
+    ``data.shape_pool`` training batches are drawn alike from runs of that many shuffled batches. Workers are persistent: they start once per run. With ``data.cache=memory`` they are
     forked (on Linux), so that they share the decoded images
     (:class:`~finescope.data.dataset.SharedMemoryCache`). Pass a ``dataset`` from :func:`make_dataset` to share
     it between loaders.
     """
     dataset = dataset if dataset is not None else make_dataset(sample_set, indices, cfg, train)
     bs = batch_size or (cfg.train.batch_size if train else (cfg.train.eval_batch_size or cfg.train.batch_size))
+    pooled = train and cfg.data.shape_pool > 1
     sampler = dist.make_sampler(len(dataset), shuffle=train, seed=cfg.seed, global_batch=bs, train=train,
                                 drop_tail=cfg.train.compile != "off", tag_epoch=train,
-                                order=None if train else shape_order(dataset.header_sizes()))
+                                order=None if train else shape_order(dataset.header_sizes()),
+                                shape_keys=[aspect_key(s) for s in dataset.header_sizes()] if pooled else None,
+                                pool=cfg.data.shape_pool)
     sampler.set_epoch(epoch)
     workers = cfg.data.num_workers
     return DataLoader(
