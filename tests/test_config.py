@@ -37,6 +37,7 @@ def test_unknown_key_lists_valid_keys(tmp_path):
         ("data.source=s3", "data.source"),
         ("model.threshold=0", "model.threshold"),
         ("model.view_multiple=0", "'model.view_multiple' must be at least 1"),
+        ("data.shape_pool=-1", "'data.shape_pool' must be >= 0"),
         ("train.epochs", "key=value"),
     ],
 )

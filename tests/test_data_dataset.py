@@ -806,3 +806,22 @@ def test_evaluation_loader_reads_images_of_one_shape_in_one_batch(tmp_path):
     with torch.no_grad():  # row i is image i's prediction: image 1 was read second in the portrait batch
         alone = model(batches[1].images.float() / 255, batches[1].sizes).probabilities()
     assert np.allclose(preds.probs[[1, 3, 5]], alone.numpy(), atol=1e-6)
+
+
+def test_shape_pool_training_loader_batches_images_of_one_aspect(tmp_path):
+    """data.shape_pool: a training loader over interleaved aspect ratios reads batches of one aspect ratio (here a
+    pool is the whole epoch), every image once; without it the shuffled batches mix them."""
+    from finescope.config import load_config
+    from finescope.trainer import make_loader
+
+    samples = [Sample(str(save(rgb_array(*((64, 96) if i % 2 else (64, 64)), seed=i), tmp_path / f"{i}.png")),
+                      label=i % 2, group=str(i)) for i in range(8)]
+    sample_set = SampleSet(samples, ["a", "b"])
+    base = ["data.num_workers=0", "train.batch_size=4", "data.augment=none", "model.backbone=tiny",
+            "model.global_size=32", "model.local_size=24"]
+    pooled = make_loader(sample_set, np.arange(8), load_config(None, [*base, "data.shape_pool=2"]), train=True)
+    batches = [b.indices.tolist() for b in pooled]
+    assert sorted(i for b in batches for i in b) == list(range(8))
+    assert all(len({i % 2 for i in b}) == 1 for b in batches)
+    mixed = make_loader(sample_set, np.arange(8), load_config(None, base), train=True)
+    assert any(len({i % 2 for i in b.indices.tolist()}) == 2 for b in mixed)
