@@ -255,6 +255,47 @@ def test_every_rank_learns_of_non_finite_weights_on_any_rank(tmp_path):
     assert ranks[0]["diverged"] == ranks[1]["diverged"] == 1
 
 
+def _orders_with_one_unread_header(rank: int, out: Path, port: int) -> None:
+    """Each rank's evaluation and data.shape_pool training items, when rank 1 cannot read one file's header."""
+    import torch.distributed as td
+
+    from finescope import distributed as dist
+    from finescope import trainer
+    from finescope.config import load_config
+    from finescope.data import dataset as ds
+    from finescope.data.records import Sample, SampleSet
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    td.init_process_group("gloo", rank=rank, world_size=2)
+    shapes = [(460, 700), (700, 460), (460, 460), (300, 700), (460, 700), (500, 600), (460, 700), (700, 460),
+              (200, 300), (300, 200)]
+    sizes = {f"/img/{i}.png": s for i, s in enumerate(shapes)}
+    # rank 1 cannot read the first header (an EIO, a stale NFS handle): _header_size gives None there only
+    ds._header_size = lambda path: None if rank == 1 and path == "/img/0.png" else sizes[path]
+    sample_set = SampleSet([Sample(p, 0, p) for p in sizes], ["a"])
+    cfg = load_config(overrides=["data.num_workers=0", "train.device=cpu", "train.batch_size=4",
+                                 "train.eval_batch_size=2", "data.shape_pool=2"])
+    idx = list(range(len(shapes)))
+    evaluation = list(trainer.make_loader(sample_set, idx, cfg, train=False).sampler)
+    training = [i for i, _, _ in trainer.make_loader(sample_set, idx, cfg, train=True).sampler]
+    everyone = dist.all_gather((evaluation, training))
+    if dist.is_main():
+        torch.save(everyone, out)
+    dist.cleanup()
+
+
+def test_ranks_order_by_the_same_headers_when_one_rank_cannot_read_one(tmp_path):
+    """The evaluation order (shape_order) and the data.shape_pool keys come from the file headers: a header that
+    one rank alone fails to read (None there) must not give that rank another order, which read some images
+    twice and others never (counted as skipped)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_orders_with_one_unread_header, args=(tmp_path / "orders.pt", _free_port()), nprocs=2, join=True)
+    (eval0, train0), (eval1, train1) = torch.load(tmp_path / "orders.pt")
+    assert sorted(eval0 + eval1) == list(range(10))
+    assert sorted(train0 + train1) == list(range(10))
+
+
 def _torchrun(nproc: int, out: Path, root: Path, epochs: int, resume: bool = False,
               extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",

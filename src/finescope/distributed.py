@@ -263,6 +263,16 @@ def all_gather(obj: Any) -> list[Any]:
     return out
 
 
+def from_main(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (``obj`` itself in a single process): for what every rank computes from
+    files and must agree on, where one rank's read can fail alone (a transient I/O error)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def rank0_first(fn: Callable[[], Any], others: bool = True) -> Any:
     """``fn()`` on rank 0, then (with ``others``) on the other ranks, which wait for it: rank 0 scans or makes
     what they read, or holds what they share (``None`` for them without ``others``). Rank 0's error, a

@@ -177,10 +177,11 @@ def make_loader(
     dataset = dataset if dataset is not None else make_dataset(sample_set, indices, cfg, train)
     bs = batch_size or (cfg.train.batch_size if train else (cfg.train.eval_batch_size or cfg.train.batch_size))
     pooled = train and cfg.data.shape_pool > 1
+    sizes = _rank0_header_sizes(dataset) if pooled or not train else None
     sampler = dist.make_sampler(len(dataset), shuffle=train, seed=cfg.seed, global_batch=bs, train=train,
                                 drop_tail=cfg.train.compile != "off", tag_epoch=train,
-                                order=None if train else shape_order(dataset.header_sizes()),
-                                shape_keys=[aspect_key(s) for s in dataset.header_sizes()] if pooled else None,
+                                order=None if train else shape_order(sizes),
+                                shape_keys=[aspect_key(s) for s in sizes] if pooled else None,
                                 pool=cfg.data.shape_pool)
     sampler.set_epoch(epoch)
     workers = cfg.data.num_workers
@@ -195,6 +196,13 @@ def make_loader(
         multiprocessing_context=worker_context(cfg.data.cache, workers),
         generator=torch.Generator(),  # worker seeds do not draw from (and shift) the global RNG that dropout uses
     )
+
+
+def _rank0_header_sizes(dataset: ImageDataset) -> list[tuple[int, int] | None]:
+    """The (H, W) file headers of ``dataset`` as rank 0 read them, on every rank (each rank calls this): a header
+    that only one rank failed to read (None there) would give that rank another evaluation order or
+    ``data.shape_pool`` permutation, and the ranks would read some images twice and others never."""
+    return dist.from_main(None if dist.is_distributed() and not dist.is_main() else dataset.header_sizes())
 
 
 @functools.lru_cache(maxsize=8)
