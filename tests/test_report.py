@@ -56,15 +56,20 @@ def test_report_from_cv_folder(tmp_path):
     assert html.count("data:image/png;base64,") == 4 and "http" not in html.replace("http-equiv", "")
 
 
-def test_report_of_a_single_run_and_cli(tmp_path, capsys):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.yaml").write_text("model: {variant: fusion}\n")
-    with (run / "predictions_test.csv").open("w", newline="") as fh:
+def _single_run(folder: Path, variant: str, rows: list[list]) -> Path:
+    """A run folder of ``variant`` whose test predictions (two classes, a and b) are ``rows``."""
+    folder.mkdir()
+    (folder / "config.yaml").write_text(f"model: {{variant: {variant}}}\n")
+    with (folder / "predictions_test.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["path", "group", "true", "predicted", "prob_a", "prob_b", "boxes"])
-        for i in range(12):
-            w.writerow([f"/x/{i}.png", f"g{i // 3}", "a" if i % 2 else "b", "a", 0.6, 0.4, ""])
+        w.writerows(rows)
+    return folder
+
+
+def test_report_of_a_single_run_and_cli(tmp_path, capsys):
+    run = _single_run(tmp_path / "run", "fusion", [[f"/x/{i}.png", f"g{i // 3}", "a" if i % 2 else "b", "a", 0.6,
+                                                     0.4, ""] for i in range(12)])
     assert main(["report", str(run)]) == 0
     assert "report written" in capsys.readouterr().out
     text = (run / "report.md").read_text()
@@ -188,15 +193,10 @@ def test_reliability_diagram_bins_give_the_ece_of_its_legend(tmp_path, monkeypat
 def test_report_says_why_an_interval_is_missing(tmp_path):
     """A test split of 4 patients: the intervals were drawn from the few resamples 4 patients allow (width 0 where
     every resample scores alike); the report now says n/a and why."""
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.yaml").write_text("model: {variant: global}\n")
-    with (run / "predictions_test.csv").open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "group", "true", "predicted", "prob_a", "prob_b", "boxes"])
-        for i in range(12):
-            true = "a" if i // 3 % 2 else "b"
-            w.writerow([f"/x/{i}.png", f"g{i // 3}", true, true, *((0.8, 0.2) if true == "a" else (0.2, 0.8)), ""])
+    trues = ["a" if i // 3 % 2 else "b" for i in range(12)]
+    run = _single_run(tmp_path / "run", "global", [[f"/x/{i}.png", f"g{i // 3}", t, t,
+                                                    *((0.8, 0.2) if t == "a" else (0.2, 0.8)), ""]
+                                                   for i, t in enumerate(trues)])
     md, _ = write_report(run, n_boot=50)
     row = next(line for line in md.read_text().splitlines() if line.startswith("| global |"))
     assert row.count("[n/a (only 4 patients)]") == len(report.TABLE_METRICS) and "1.000, 1.000" not in row
