@@ -74,13 +74,14 @@ class Tally:
     def read(self, batch) -> None:
         m = self.model
         sizes = batch.sizes.tolist()
-        dims = [m.view_size(h, w) for h, w in sizes]
+        dims = sizes if m.hires else [m.view_size(h, w) for h, w in sizes]  # global-hires: the image itself
         gh, gw = max(d[0] for d in dims), max(d[1] for d in dims)  # the batch's padded view
         self.shapes.add((len(sizes), 3, gh, gw))
         if m.num_crops:
             self.shapes.add((len(sizes) * m.num_crops, 3, m.local_size, m.local_size))
         self.view += len(sizes) * gh * gw
-        self.own += sum(a * b for a, b in (global_view_size(h, w, m.global_size) for h, w in sizes))
+        self.own += sum(a * b for a, b in (sizes if m.hires else (global_view_size(h, w, m.global_size)
+                                                                  for h, w in sizes)))
         self.batches += 1
 
     def result(self) -> dict:

@@ -103,6 +103,25 @@ def test_shape_count_counts_the_backbone_input_shapes_of_a_run(tmp_path):
     assert same["train"]["view_pixels_vs_own"] == same["eval"]["shape"]["view_pixels_vs_own"] == 1.0
 
 
+def test_shape_count_tallies_the_image_itself_for_global_hires():
+    """global-hires passes the padded image, not a view: its shape and padding are the batch's own."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import shape_count
+
+    from finescope.config import ModelConfig
+    from finescope.data.dataset import Batch
+    from finescope.models import create_model
+
+    model = create_model(ModelConfig(variant="global-hires", backbone="tiny", global_size=64, view_multiple=32), 2)
+    tally = shape_count.Tally(model)
+    tally.read(Batch(torch.zeros(2, 3, 100, 150, dtype=torch.uint8), torch.tensor([[100, 150], [90, 150]]),
+                     torch.tensor([0, 1]), torch.arange(2)))
+    assert tally.result() == {"batches": 1, "shapes": [(2, 3, 100, 150)],
+                              "view_pixels_vs_own": pytest.approx(2 * 100 / 190)}
+
+
 def test_new_shape_cost_reports_each_steps_kernel_time_and_page_faults(tmp_path):
     out = tmp_path / "ns.json"
     cmd = [sys.executable, "benchmarks/new_shape_cost.py", "--device", "cpu", "--runs", "tiny:off",

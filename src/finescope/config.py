@@ -73,7 +73,8 @@ class ModelConfig:
     pretrained: bool = False  # download the library's ImageNet weights (needs a network)
     global_size: int = 224  # short side of the global view
     view_multiple: int = 1  # the view's long side rounded to a multiple of this (e.g. 32): images of many sizes
-    # then make fewer backbone input shapes, each of which costs CUDA a set-up once (benchmarks/shape_count.py)
+    # then make fewer backbone input shapes, each of which costs CUDA a set-up once (benchmarks/shape_count.py);
+    # global-hires reads the image itself, which it leaves as it is
     local_size: int = 224  # side of each high-resolution crop
     num_crops: int = 4  # K
     threshold: float = 0.5  # tau, on the normalised attention map
