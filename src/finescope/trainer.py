@@ -169,10 +169,10 @@ def make_loader(
     by (seed, epoch, image), so neither the workers nor a resume change it. Evaluation loaders read whole
     evaluation batches, every ``world``-th one, without padding, with the images ordered so that those of one
     shape share batches (:func:`~finescope.data.dataset.shape_order`, from the file headers); with
-    ``data.shape_pool`` training batches are drawn alike from runs of that many shuffled batches. Workers are persistent: they start once per run. With ``data.cache=memory`` they are
-    forked (on Linux), so that they share the decoded images
-    (:class:`~finescope.data.dataset.SharedMemoryCache`). Pass a ``dataset`` from :func:`make_dataset` to share
-    it between loaders.
+    ``data.shape_pool`` training batches are drawn alike from runs of that many shuffled batches. Workers are
+    persistent: they start once per run. With ``data.cache=memory`` they are forked (on Linux), so that they
+    share the decoded images (:class:`~finescope.data.dataset.SharedMemoryCache`). Pass a ``dataset`` from
+    :func:`make_dataset` to share it between loaders.
     """
     dataset = dataset if dataset is not None else make_dataset(sample_set, indices, cfg, train)
     bs = batch_size or (cfg.train.batch_size if train else (cfg.train.eval_batch_size or cfg.train.batch_size))
