@@ -205,6 +205,28 @@ def test_deletion_of_the_true_evidence_beats_random_and_insertion_too():
         assert c["deletion"][0] == curves["good"]["deletion"][0] and len(c["deletion"]) == 5
 
 
+def test_ties_go_in_the_order_given_and_never_above_a_higher_score():
+    scores = torch.tensor([0.0, 0.0, 2.0, 0.0, 1.0])
+    assert fa.rank_blocks(scores).tolist() == [2, 3, 0, 4, 1]  # no order given: block order
+    rank = fa.rank_blocks(scores, tie_order=torch.tensor([3, 1, 4, 0, 2]))
+    assert rank.tolist() == [4, 3, 0, 2, 1]  # 2 and 4 first by score; the zeros as given: 3, 1, 0
+
+
+def test_a_flat_map_scores_what_the_random_order_does_not_the_top_left_first():
+    x = torch.full((3, 64, 64), 0.2)
+    x[:, :16, :16] = 1.0  # the evidence of RegionModel is the top-left block
+    good = torch.zeros(64, 64)
+    good[:16, :16] = 1
+    flat_wins = 0
+    for seed in range(8):
+        curves = fa.map_curves(RegionModel(), x, {"good": good, "flat": torch.zeros(64, 64)}, 1,
+                               fa.baseline_image(x, "mean"), grid=4, steps=4, repeats=1, seed=seed)
+        np.testing.assert_array_equal(curves["flat"]["deletion"], curves["random"]["deletion"])
+        np.testing.assert_array_equal(curves["flat"]["insertion"], curves["random"]["insertion"])
+        flat_wins += fa.curve_auc(curves["flat"]["deletion"]) <= fa.curve_auc(curves["good"]["deletion"])
+    assert flat_wins < 4  # taking the top-left block first, a flat map would tie the true map every time
+
+
 def test_a_curve_of_a_large_image_runs_in_chunks_with_the_same_values(monkeypatch):
     x = torch.rand(3, 64, 64)
     ranks = torch.arange(64 * 64).view(64, 64) % 16

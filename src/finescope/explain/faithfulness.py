@@ -76,9 +76,18 @@ def detail_map(image: torch.Tensor, baseline: torch.Tensor, window: int = 1) -> 
     return pooled[0, 0, :H, :W]
 
 
-def rank_blocks(scores: torch.Tensor) -> torch.Tensor:
-    """(R,) block scores -> (R,) rank of every block (0 = most attended; ties keep block order)."""
-    order = torch.sort(scores, descending=True, stable=True).indices
+def rank_blocks(scores: torch.Tensor, tie_order: torch.Tensor | None = None) -> torch.Tensor:
+    """(R,) block scores -> (R,) rank of every block (0 = most attended).
+
+    Blocks of equal score (the zero blocks of a Grad-CAM map, about 30% of a demo image's blocks; every block
+    of a flat map) go in ``tie_order``, an (R,) permutation of the blocks (:func:`map_curves` passes its first
+    random order), so that a tie counts as no information; without it they keep block order, top-left first,
+    which favours whatever evidence sits there.
+    """
+    if tie_order is None:
+        order = torch.sort(scores, descending=True, stable=True).indices
+    else:
+        order = tie_order[torch.sort(scores[tie_order], descending=True, stable=True).indices]
     rank = torch.empty_like(order)
     rank[order] = torch.arange(len(order))
     return rank
@@ -149,6 +158,9 @@ def map_curves(model, image: torch.Tensor, heats: dict[str, torch.Tensor], targe
                predict_with: str = "fused") -> dict[str, dict[str, np.ndarray]]:
     """Deletion and insertion curves of several maps and of ``repeats`` random orders (seeded, averaged).
 
+    A map's blocks go in the order of their mean score, blocks of equal score in the first random order (the
+    same for every map: a flat map scores what that order does; :func:`rank_blocks`).
+
     Args:
         image: (3, H, W) float in [0, 1].
         heats: method -> (H, W) map.
@@ -160,9 +172,11 @@ def map_curves(model, image: torch.Tensor, heats: dict[str, torch.Tensor], targe
     """
     blocks, R = region_grid(tuple(image.shape[-2:]), grid)
     ends = _ends(model, image, baseline, target, predict_with)
-    ranks = {m: rank_blocks(region_scores(h, blocks, R))[blocks] for m, h in heats.items()}  # (H, W) each
     gen = torch.Generator().manual_seed(seed)
-    randoms = [torch.randperm(R, generator=gen)[blocks] for _ in range(repeats)]
+    random_ranks = [torch.randperm(R, generator=gen) for _ in range(max(repeats, 1))]  # (R,) rank of each block
+    randoms = [rank[blocks] for rank in random_ranks[:repeats]]  # (H, W) each
+    ties = torch.argsort(random_ranks[0])  # the blocks in the first random order, for the ties of every map
+    ranks = {m: rank_blocks(region_scores(h, blocks, R), ties)[blocks] for m, h in heats.items()}  # (H, W) each
     curves = {}
     for name, rank_maps in [*((m, [r]) for m, r in ranks.items()), *([("random", randoms)] if randoms else [])]:
         curves[name] = {mode: np.mean([perturbation_curve(model, image, r, R, target, baseline, mode, steps,
