@@ -550,6 +550,19 @@ def test_disk_cache_entry_with_a_damaged_header_is_decoded_again(tmp_path):
     assert torch.equal(torch.from_numpy(np.load(entry)), first)  # and rewritten
 
 
+def test_disk_cache_entry_whose_header_names_a_smaller_shape_is_decoded_again(tmp_path):
+    """A damaged digit of an entry's shape (``(3, 10, 14)`` read as ``(3, 10, 13)``) still parses, and numpy reads
+    that many bytes and leaves the rest: the entry was served as another, smaller image (garbage, or 'smaller than
+    the model's crops' naming an intact file). An entry whose data is not all read is damaged: decoded again."""
+    samples, cache = make_samples(tmp_path, sizes=((10, 14),)), tmp_path / "cache"
+    first = ImageDataset(samples, cache="disk", cache_dir=str(cache))[0]["image"]
+    entry = next(iter(cache.rglob("*.npy")))
+    entry.write_bytes(entry.read_bytes().replace(b"(3, 10, 14)", b"(3, 10, 13)", 1))
+    assert np.load(entry).shape == (3, 10, 13)  # numpy reads it without a complaint
+    assert torch.equal(ImageDataset(samples, cache="disk", cache_dir=str(cache))[0]["image"], first)
+    assert torch.equal(torch.from_numpy(np.load(entry)), first)  # and rewritten
+
+
 def test_disk_cache_notices_a_replaced_file_of_the_same_size_and_modification_time(tmp_path):
     """``cp -p``, ``rsync -a`` and ``tar`` keep a file's modification time, and an uncompressed BMP or TIFF of one
     image size has one file size: a file replaced so is still decoded again, not served from the cache."""

@@ -275,11 +275,16 @@ class DiskCache:
     @staticmethod
     def get(entry: Path | None) -> torch.Tensor | None:
         """The (3, H, W) uint8 image stored at ``entry``, or None (no entry, not stored yet, or damaged)."""
+        if entry is None or not entry.is_file():
+            return None
         try:
-            arr = np.load(entry, allow_pickle=False) if entry is not None and entry.is_file() else None
+            with open(entry, "rb") as f:
+                arr = np.load(f, allow_pickle=False)
+                # a damaged shape in the header that still parses, and names fewer bytes than the file holds
+                whole = f.tell() == os.fstat(f.fileno()).st_size
         except Exception:  # any damage: numpy's header parser also raises TokenError, TypeError, MemoryError
             return None
-        if arr is None or arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[0] != 3:
+        if not whole or arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[0] != 3:
             return None
         return torch.from_numpy(arr)
 
