@@ -187,6 +187,7 @@ class ShardSampler(Sampler):
     def set_epoch(self, epoch: int) -> None:
         """Use the permutation of ``epoch`` from the next iteration on."""
         self.epoch = epoch
+        self.dropped: list[int] = []  # training with drop_tail: the items of the epoch's dropped global batch
         self._order, self.step_scales = self._indices()
         # the global step of each of this rank's items: b = global_batch / world of them in every full global
         # batch, then its share of the last, incomplete one
@@ -210,6 +211,7 @@ class ShardSampler(Sampler):
         scales = [1.0] * (self.n // G)
         tail = order[full:]
         if len(tail) == 0 or (self.drop_tail and full > 0):
+            self.dropped = tail.tolist()
             return mine, scales
         R = len(tail)
         share, extra = divmod(R, N)

@@ -693,7 +693,7 @@ def _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, 
         raise diverged_error(cfg, device, epoch, tracker, run_dir, stats["loss"], model)
     dist.broadcast_buffers(model)  # every rank validates (and rank 0 saves) rank 0's BatchNorm statistics
     _check_every_class_read(stats.pop("images_per_class"), sample_set, splits["train"], cfg,
-                            loaders["train"].sampler.drop_tail)
+                            loaders["train"].sampler.dropped)
     row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **{f"train_{k}": v for k, v in stats.items()}}
     row["train_images_per_second"] = stats["images"] / max(stats["seconds"], 1e-9)
     if len(splits.get("val", [])):
@@ -756,16 +756,20 @@ def _early_stop(tracker: dict, patience: int, validated: bool) -> bool:
     return validated and tracker["best_epoch"] >= 0 and tracker["bad_epochs"] >= patience
 
 
-def _check_every_class_read(read: list[int], sample_set: SampleSet, train, cfg: Config, dropped_tail: bool = False
-                            ) -> None:
+def _check_every_class_read(read: list[int], sample_set: SampleSet, train, cfg: Config, dropped=()) -> None:
     """Under ``data.on_error=skip``, refuse to go on training when every training image of a class was
-    unreadable: the model would learn without that class and still be scored on it. ``dropped_tail``: the
-    epoch left out its last incomplete batch (``train.compile``), whose images were not read: no check."""
-    if cfg.data.on_error != "skip" or dropped_tail:
+    unreadable: the model would learn without that class and still be scored on it. ``dropped``: the positions
+    in ``train`` of the images the epoch left out (its last incomplete global batch under ``train.compile``,
+    :attr:`~finescope.distributed.ShardSampler.dropped`); a class with one of them is not checked in this epoch
+    (that image may be readable)."""
+    if cfg.data.on_error != "skip":
         return
     read = read or [0] * len(sample_set.class_names)  # not one batch: no class was read (the engine knows none)
-    listed = np.bincount([sample_set.samples[i].label for i in train], minlength=len(read))
-    lost = [name for name, n, r in zip(sample_set.class_names, listed, read, strict=False) if n and not r]
+    labels = [sample_set.samples[i].label for i in train]
+    listed = np.bincount(labels, minlength=len(read))
+    unread = {labels[i] for i in dropped}
+    lost = [name for c, (name, n, r) in enumerate(zip(sample_set.class_names, listed, read, strict=False))
+            if n and not r and c not in unread]
     if lost:
         raise FinescopeError(f"none of the training images of class {', '.join(repr(c) for c in lost)} could be "
                              "read (data.on_error=skip skipped them all, named in the warnings above); fix or remove "
