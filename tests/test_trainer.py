@@ -454,6 +454,25 @@ def test_thin_splits_are_named_before_training():
     assert trainer.thin_split_warnings(splits, data, cfg, drawn=True)[0].startswith("the test split is empty")
 
 
+def test_a_validation_side_of_one_class_under_monitor_auc_is_named_before_training():
+    """AUC is undefined on a validation side of one class: every epoch scored -inf, so best.pt stayed the first
+    epoch and early stopping ended the run train.patience epochs later, without a word. The split is named;
+    another monitor, or a validation side of two classes, is no news."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    data = SimpleNamespace(labels=[0, 1, 0, 1, 0, 0, 1], groups=list("abcdefg"), class_names=["x", "y"])
+    splits = {"train": np.array([0, 1, 2, 3]), "val": np.array([4, 5]), "test": np.array([6, 2])}
+    auc = load_config(None, ["train.monitor=auc"])
+    (message,) = trainer.thin_split_warnings(splits, data, auc, drawn=False)
+    assert message.startswith("train.monitor is auc, which the validation split cannot measure: it holds images "
+                              "of one class (x)")
+    assert trainer.thin_split_warnings(splits, data, load_config(None, []), drawn=False) == []
+    splits["val"] = np.array([4, 6])
+    assert trainer.thin_split_warnings(splits, data, auc, drawn=False) == []
+
+
 def test_a_finished_run_trained_on_is_not_marked_finished_until_it_is(synthetic_root, tmp_path, monkeypatch):
     out = tmp_path / "run"
     _train(synthetic_root, out, variant="global", epochs=1)

@@ -299,8 +299,9 @@ def resolve_splits(cfg: Config, sample_set: SampleSet, run_dir: Path, resume: bo
 def thin_split_warnings(splits: dict[str, np.ndarray], sample_set: SampleSet, cfg: Config, drawn: bool) -> list[str]:
     """What a split cannot do, as messages: a drawn split whose validation or test side came out empty although
     its fraction asks for one (:func:`~finescope.data.splits.split_groups` gives a class's group to test when
-    the class has 2, and to validation when 3 remain after test), and a test side that lacks some classes, whose
-    metrics then describe the others only."""
+    the class has 2, and to validation when 3 remain after test), a test side that lacks some classes, whose
+    metrics then describe the others only, and a validation side of one class under ``train.monitor: auc``,
+    which it cannot measure."""
     messages = []
     n_groups = len(set(map(str, sample_set.groups)))
     too_few = (f"{n_groups} groups for {len(sample_set.class_names)} classes are too few to spare one per class "
@@ -319,6 +320,13 @@ def thin_split_warnings(splits: dict[str, np.ndarray], sample_set: SampleSet, cf
             messages.append(f"the test split holds {len(present)} of {len(sample_set.class_names)} classes (no image "
                             f"of {', '.join(missing)}: split by group, their few groups stayed in training): its "
                             "metrics describe the other classes only")
+    val = np.asarray(splits.get("val", []), dtype=np.int64)
+    present = sorted({sample_set.labels[i] for i in val.tolist()})
+    if cfg.train.monitor == "auc" and len(present) == 1:  # AUC needs two classes; each epoch would score -inf
+        messages.append(f"train.monitor is auc, which the validation split cannot measure: it holds images of one "
+                        f"class ({sample_set.class_names[present[0]]}); best.pt would stay the first epoch and early "
+                        "stopping end the run train.patience epochs later. Set train.monitor to balanced_accuracy "
+                        "or loss, or split so that validation holds two classes")
     return messages
 
 
