@@ -530,6 +530,35 @@ def test_unreadable_batch_under_ddp_runs_a_step_that_adds_nothing(monkeypatch):
                         progress=False)
 
 
+def test_a_stand_in_step_leaves_the_batchnorm_statistics_as_they_were(monkeypatch):
+    """The batch a rank runs weighted 0 in place of an unreadable one (data.on_error=skip) moved its BatchNorm
+    running statistics all the same, a second update from the same images; rank 0's are broadcast, validated and
+    saved. After a stand-in step they are those of the steps that counted, as in a single process."""
+    from finescope import distributed as dist
+    from finescope.config import ModelConfig
+    from finescope.data import Batch
+    from finescope.engine import train_one_epoch
+    from finescope.models import create_model
+
+    full = Batch(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8), torch.tensor([[64, 64]] * 2),
+                 torch.tensor([0, 1]), torch.arange(2))
+    empty = Batch(torch.zeros(0, 3, 0, 0), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, dtype=torch.long),
+                  torch.zeros(0, dtype=torch.long))
+    monkeypatch.setattr(dist, "all_reduce_sum", lambda t: t)
+
+    def statistics(distributed: bool) -> dict:
+        monkeypatch.setattr(dist, "is_distributed", lambda: distributed)
+        torch.manual_seed(0)
+        model = create_model(ModelConfig(variant="fusion", backbone="tiny", global_size=32, local_size=32), 2)
+        train_one_epoch(model, [full, empty], torch.optim.SGD(model.parameters(), lr=0.0), None,
+                        torch.device("cpu"), progress=False)
+        return {k: v for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+
+    single, ddp = statistics(False), statistics(True)
+    assert single.keys() == ddp.keys() and len(single) > 0
+    assert all(torch.equal(single[k], ddp[k]) for k in single)
+
+
 def test_main_speaks_for_the_work_every_rank_does_alike(monkeypatch):
     """Warnings of work every rank does alike (the data scan, the split) are shown by rank 0 only; outside
     that block every rank shows its own (an image only it reads)."""

@@ -179,7 +179,8 @@ def train_one_epoch(
     size, and a rank with nothing left reads a stand-in whose loss counts 0 (and which the statistics skip).
     Under DDP a batch whose images were all unreadable (``data.on_error=skip``) is replaced by this rank's
     previous batch (before any, its next readable one), weighted 0 in the same way: skipping it would leave the
-    other ranks waiting in the gradient all-reduce. In a single process it is skipped.
+    other ranks waiting in the gradient all-reduce. In a single process it is skipped. A stand-in step leaves the
+    BatchNorm running statistics as they were.
 
     ``scaler`` (from :func:`make_grad_scaler`, kept across epochs and checkpointed) scales the loss under fp16
     autocast; when None one is made for this epoch. ``mark_steps`` tells torch.compile's CUDA graphs where each
@@ -195,6 +196,7 @@ def train_one_epoch(
     with Progress(loader, desc=desc, leave=False, disable=None if progress else True) as batches:
         for step, (batch, stand_in) in enumerate(_stand_in_empty(batches, dist.is_distributed())):
             scale = 0.0 if stand_in else scales[step] if step < len(scales) else 1.0
+            kept = _batchnorm_statistics(model) if scale == 0.0 else []  # a stand-in's pass must not move them
             images, sizes, labels = model_input(batch, device, input_cl)
             if mark_steps:
                 torch.compiler.cudagraph_mark_step_begin()
@@ -222,6 +224,8 @@ def train_one_epoch(
             if scheduler is not None:
                 scheduler.step()
             if scale == 0.0:  # a stand-in (the sampler's, or for unreadable images): not an image of this epoch
+                for buffer, value in kept:
+                    buffer.data.copy_(value)
                 continue
             total_loss += loss.detach() * len(labels)  # stays on the device: no sync per step
             correct += (out.logits.argmax(1) == labels).sum()
@@ -244,6 +248,14 @@ def train_one_epoch(
         "images_per_class": [int(c) for c in counts],
         "diverged": int(bad),
     }
+
+
+def _batchnorm_statistics(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(buffer, copy) of the running statistics of ``model``'s BatchNorms in training mode, to put back after a
+    stand-in step: its images are counted already (or are another rank's), and rank 0's statistics are the ones
+    every rank validates and the checkpoint keeps."""
+    return [(b, b.detach().clone()) for m in unwrap(model).modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for b in m.buffers(recurse=False)]
 
 
 def _stand_in_empty(batches, distributed: bool):
