@@ -90,6 +90,30 @@ def test_a_checkpoint_that_fills_the_disk_is_a_full_disk_error(tmp_path, monkeyp
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names a descriptor's file through /proc")
+def test_a_checkpoint_reaches_the_disk_before_it_takes_the_name(tmp_path, monkeypatch):
+    """Renamed before its data were written out, a checkpoint can be an empty file after a power loss."""
+    import torch
+
+    from finescope import checkpoint
+
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.basename(src)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    checkpoint.save_checkpoint({"model": {}}, tmp_path / "last.pt")
+    assert len(events) == 2 and events[0][0] == "fsync" and events[1] == ("replace", events[0][1])
+    assert torch.load(tmp_path / "last.pt", weights_only=True) == {"model": {}}
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs POSIX file size limits")
 def test_a_checkpoint_refused_with_space_left_on_the_disk_says_why(tmp_path):
     """A disk quota (or a file size limit) stops torch's writer with the disk far from full: its 'unexpected pos'

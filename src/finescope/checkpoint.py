@@ -21,13 +21,17 @@ from finescope.errors import FinescopeError, FinescopeWarning
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Write ``state`` to ``path`` atomically: a temporary file in the same folder, then a rename.
 
-    A run killed mid-write leaves the previous checkpoint intact.
+    A run killed mid-write leaves the previous checkpoint intact; the data reach the disk before the rename, so
+    that a machine losing power after it does not leave an empty file under the checkpoint's name (which some
+    filesystems do when a rename overtakes the data it names).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         torch.save(state, tmp)
+        with open(tmp, "rb") as f:  # fsync acts on the file, whichever descriptor names it
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         # torch's zip writer says "unexpected pos" when a write fails: the system's words instead, from a write
