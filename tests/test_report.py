@@ -6,6 +6,7 @@ import csv
 import json
 import re
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -99,6 +100,30 @@ def test_a_predict_csv_in_a_run_folder_is_not_taken_for_a_cv(tmp_path):
     assert main(["report", str(run)]) == 0  # as evaluate, which writes this report too
     assert "## Test metrics" in (run / "report.md").read_text()
 
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs POSIX file size limits")
+def test_a_figure_that_cannot_be_written_whole_keeps_the_previous_one(tmp_path):
+    """README: every file of a run is written whole or not at all. A report's figures (report_files/*.png) were
+    written in place: a write stopped by a full disk (here a file size limit) left a truncated PNG that the
+    previous report.md linked; the previous figure stays, and no temporary file is left beside it."""
+    import errno
+    import resource
+
+    run = _single_run(tmp_path / "run", "fusion", [[f"/x/{i}.png", f"g{i // 3}", "a" if i % 2 else "b", "a", 0.6,
+                                                     0.4, ""] for i in range(12)])
+    write_report(run)
+    before = {p.name: p.read_bytes() for p in (run / "report_files").iterdir()}
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2048, limits[1]))  # the predictions fit; no figure does
+    try:
+        with pytest.raises(OSError) as e:
+            write_report(run)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert e.value.errno == errno.EFBIG
+    assert {p.name: p.read_bytes() for p in (run / "report_files").iterdir()} == before
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -22,18 +22,19 @@ ERRORS = "surrogateescape"
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, newline: str | None = None) -> Iterator[IO[str]]:
-    """A UTF-8 text file for writing (names that are not UTF-8 as their bytes: :data:`ERRORS`) that appears at
-    ``path`` only once complete: written under a temporary name in the same folder, then renamed over ``path``, so
+def atomic_open(path: str | os.PathLike, newline: str | None = None, binary: bool = False) -> Iterator[IO]:
+    """A UTF-8 text file (names that are not UTF-8 as their bytes: :data:`ERRORS`), or with ``binary`` a bytes
+    file, for writing that appears at ``path`` only once complete: written under a temporary name in the same folder, then renamed over ``path``, so
     the previous file (or none) stays until then; an existing file keeps its permissions. A ``path`` that is a link (symbolic or hard, such as ``/dev/stdout``)
     or not a regular file (a pipe) is written through, directly, as ``open`` would."""
     path = Path(path)
+    how = {"mode": "wb"} if binary else {"mode": "w", "newline": newline, "encoding": "utf-8", "errors": ERRORS}
     try:
         st = path.stat()
     except OSError:  # not there yet
         st = None
     if st is not None and (path.is_symlink() or not stat.S_ISREG(st.st_mode) or st.st_nlink > 1):
-        with path.open("w", newline=newline, encoding="utf-8", errors=ERRORS) as fh:
+        with path.open(**how) as fh:
             yield fh
         return
     try:
@@ -41,7 +42,7 @@ def atomic_open(path: str | os.PathLike, newline: str | None = None) -> Iterator
     except OSError as e:  # name the file the user asked for, not the temporary one
         raise type(e)(e.errno, e.strerror, str(path)) from None
     try:
-        with os.fdopen(fd, "w", newline=newline, encoding="utf-8", errors=ERRORS) as fh:
+        with os.fdopen(fd, **how) as fh:
             yield fh
         if st is not None:
             os.chmod(tmp, stat.S_IMODE(st.st_mode))
@@ -63,6 +64,12 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     """``Path(path).write_text(text)``, atomically (:func:`atomic_open`)."""
     with atomic_open(path) as fh:
         fh.write(text)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """``Path(path).write_bytes(data)``, atomically (:func:`atomic_open`)."""
+    with atomic_open(path, binary=True) as fh:
+        fh.write(data)
 
 
 def finite_json(obj):

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 
 from finescope.checkpoint import read_history  # noqa: E402
 from finescope.errors import FinescopeError, FinescopeWarning  # noqa: E402
-from finescope.files import ERRORS, atomic_open, write_text  # noqa: E402
+from finescope.files import ERRORS, atomic_open, write_bytes, write_text  # noqa: E402
 from finescope.metrics import ECE_BINS, MIN_CI_GROUPS, reliability_curve, roc_curves  # noqa: E402
 from finescope.oof import TABLE_METRICS, as_arrays, read_oof_csv, summarize_predictions  # noqa: E402
 
@@ -401,7 +401,7 @@ def _render_md(title: str, blocks: list[tuple], fig_dir: Path) -> str:
             parts += [_md_table(*payload), ""]
         else:
             name = f"figure_{i}.png"
-            (fig_dir / name).write_bytes(payload)
+            write_bytes(fig_dir / name, payload)  # whole or not at all, as every file of a run
             parts += [f"![{heading}]({fig_dir.name}/{name})", ""]
     return "\n".join(parts)
 
