@@ -226,6 +226,17 @@ def test_load_splits_rejects_leak(tmp_path):
     assert own["train"].tolist() == list(range(7))
 
 
+
+def test_load_splits_names_an_image_listed_on_two_sides(tmp_path):
+    """An edited splits.json that lists one image on two sides said 'sample 6 is on both ...', an index into
+    finescope's own list that names no file: the error names the image as the file lists it."""
+    ss = sample_set(tmp_path)
+    path = tmp_path / "splits.json"
+    save_splits(path, {"train": np.arange(0, 7), "test": np.arange(6, 12)}, ss)  # sample 6 on both sides
+    with pytest.raises(FinescopeError, match=r"^splits file '.*splits.json' lists 'c0/img06.png' on both 'train' "
+                       r"and 'test'; .*leaving data.splits empty"):
+        load_splits(path, ss)
+
 def test_summarize_splits(tmp_path):
     ss = sample_set(tmp_path)
     summary = summarize_splits({"train": np.arange(0, 8), "test": np.arange(8, 12)}, ss)

@@ -336,6 +336,12 @@ def load_splits(path: str | Path, sample_set: SampleSet, fix: str = "draw new sp
             f"splits file '{path}': {len(dropped)} listed images were skipped as unreadable", FinescopeWarning,
             stacklevel=2
         )
+    side_of: dict[str, str] = {}
+    for side, v in lists.items():  # named here: check_no_leak knows the images by their index only
+        for p in v:
+            if side_of.setdefault(p, side) != side:
+                raise FinescopeError(f"splits file '{path}' lists '{p}' on both '{side_of[p]}' and '{side}'; an image "
+                                     f"belongs to one side; {fix}")
     splits = {
         side: np.array(sorted({index[p] for p in v if p in index}), dtype=np.int64)
         for side, v in lists.items()
