@@ -297,6 +297,36 @@ def test_cli_cv_bad_variant_and_bad_splits(tmp_path, capsys):
     assert not (tmp_path / "o" / "runs").exists()
 
 
+
+def test_cv_of_one_class_writes_nothing_and_runs_once_a_class_is_added(tmp_path, capsys):
+    """Data of one class was refused only by the first fold's training, after cv.json and splits.json were
+    written: the same command, rerun once the data had a second class, was refused by those files ('--splits ...
+    is for classes [...]', an option never given). It is refused first, as train refuses it, and writes nothing."""
+    from PIL import Image
+
+    root = tmp_path / "data"
+    for c in ("a", "b"):
+        for g in range(3):
+            (root / c / f"{c}{g}").mkdir(parents=True)
+            Image.new("RGB", (64, 64), (40 * g, 90, 200) if c == "a" else (200, 40 * g, 60)).save(
+                root / c / f"{c}{g}" / "x.png")
+    only_a = tmp_path / "only_a"
+    (only_a / "a").parent.mkdir()
+    (root / "a").rename(only_a / "a")
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(f"data: {{source: folder, root: {only_a}, num_workers: 0, augment: none}}\n"
+                        "model: {backbone: tiny, global_size: 32, local_size: 32}\n"
+                        "train: {epochs: 1, batch_size: 4, device: cpu}\n")
+    args = ["cv", "--config", str(cfg_path), "--variants", "global", "--folds", "2", "--out", str(tmp_path / "o"),
+            "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds one class (a)" in err[0]
+    assert not (tmp_path / "o").exists()
+    (root / "b").rename(only_a / "b")
+    assert main(args) == 0
+    assert (tmp_path / "o" / "summary.json").is_file()
+
 def test_compute_metrics_matches_summary_pooled(tmp_path):
     """Pooled values in summary.json equal compute_metrics over all out-of-fold rows of a variant."""
     from finescope.oof import as_arrays, read_oof_csv, summarize_predictions

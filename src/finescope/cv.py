@@ -502,6 +502,10 @@ def run_cv(
     check_outside_data(cfg.data, out)
     check_rerun(out, cfg, p)
     sample_set = load_samples(cfg.data)
+    if len(sample_set.class_names) < 2:  # as train refuses it, but before cv.json and splits.json record the data
+        from finescope.trainer import one_class_error
+
+        raise one_class_error(cfg, sample_set.class_names)
     folds = resolve_folds(out, sample_set, cfg, p, splits_file)
     out.mkdir(parents=True, exist_ok=True)
     remove_temporaries(out)  # a killed run's half-written records
