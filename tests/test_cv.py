@@ -327,6 +327,38 @@ def test_cv_of_one_class_writes_nothing_and_runs_once_a_class_is_added(tmp_path,
     assert main(args) == 0
     assert (tmp_path / "o" / "summary.json").is_file()
 
+
+@pytest.mark.parametrize("fix", ["remove", "skip"])
+def test_a_cv_stopped_before_any_checkpoint_runs_again_once_the_data_is_fixed(tmp_path, capsys, fix):
+    """An unreadable image stopped the first fold ('fix or remove the file, or set data.on_error=skip'); the
+    same command rerun after either fix was refused by what the stopped cv had recorded and trained nothing on:
+    its splits.json ('--splits ... does not match the data', an option never given) or its cv.json
+    (data.on_error was 'raise'). A cv folder without a checkpoint has nothing to lose: the rerun starts again."""
+    from PIL import Image
+
+    root = tmp_path / "data"
+    for c in ("a", "b"):
+        for g in range(3):
+            (root / c / f"{c}{g}").mkdir(parents=True)
+            Image.new("RGB", (64, 64), (40 * g, 90, 200) if c == "a" else (200, 40 * g, 60)).save(
+                root / c / f"{c}{g}" / "x.png")
+    bad = root / "a" / "a0" / "y.png"
+    bad.write_text("not an image")
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(f"data: {{source: folder, root: {root}, num_workers: 0, augment: none, val_fraction: 0}}\n"
+                        "model: {backbone: tiny, global_size: 32, local_size: 32}\n"
+                        "train: {epochs: 1, batch_size: 8, device: cpu}\n")
+    args = ["cv", "--config", str(cfg_path), "--variants", "global", "--folds", "2", "--out", str(tmp_path / "o"),
+            "--quiet"]
+    assert main(args) == 2
+    assert "y.png" in capsys.readouterr().err
+    if fix == "remove":
+        bad.unlink()
+    else:
+        args += ["--set", "data.on_error=skip"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert (tmp_path / "o" / "summary.json").is_file()
+
 def test_compute_metrics_matches_summary_pooled(tmp_path):
     """Pooled values in summary.json equal compute_metrics over all out-of-fold rows of a variant."""
     from finescope.oof import as_arrays, read_oof_csv, summarize_predictions

@@ -384,10 +384,11 @@ def check_rerun(out: Path, cfg: Config, p: Protocol) -> None:
         )
 
 
-def resolve_folds(out: Path, sample_set: SampleSet, cfg: Config, p: Protocol, splits_file: str = "") -> list[Fold]:
-    """The run's folds: its own ``splits.json`` when resuming, ``--splits FILE``, or newly drawn."""
+def resolve_folds(out: Path, sample_set: SampleSet, cfg: Config, p: Protocol, splits_file: str = "",
+                  reuse: bool = True) -> list[Fold]:
+    """The run's folds: its own ``splits.json`` when resuming (and ``reuse``), ``--splits FILE``, or newly drawn."""
     own = out / "splits.json"
-    if own.is_file():
+    if reuse and own.is_file():
         folds = load_cv_splits(own, sample_set, p.per_magnification)
         _check_drawn_with(own, cfg, p)
         if splits_file and _fold_lists(load_cv_splits(splits_file, sample_set, p.per_magnification)) != _fold_lists(
@@ -445,6 +446,12 @@ def run_fold(cfg: Config, run_dir: Path, progress: bool) -> str:
     return "resumed" if resume else "trained"
 
 
+def _trained_anything(out: Path) -> bool:
+    """Whether a fold of the cv folder ``out`` has a checkpoint or has finished: a cv stopped before (by data it
+    could not read, say, since fixed) has nothing to lose, and its rerun starts again from the data as it is."""
+    return any(out.glob("runs/*/*/checkpoints/last.pt")) or any(out.glob("runs/*/*/metrics.json"))
+
+
 def _finished(run_dir: Path) -> bool:
     return (run_dir / "metrics.json").is_file() and (run_dir / "predictions_test.csv").is_file()
 
@@ -500,13 +507,15 @@ def run_cv(
     cfg = replace(cfg, data=replace(cfg.data, splits=""))
     check_protocol(p)
     check_outside_data(cfg.data, out)
-    check_rerun(out, cfg, p)
+    trained = _trained_anything(out)  # else its cv.json and splits.json record what nothing was trained on
+    if trained:
+        check_rerun(out, cfg, p)
     sample_set = load_samples(cfg.data)
     if len(sample_set.class_names) < 2:  # as train refuses it, but before cv.json and splits.json record the data
         from finescope.trainer import one_class_error
 
         raise one_class_error(cfg, sample_set.class_names)
-    folds = resolve_folds(out, sample_set, cfg, p, splits_file)
+    folds = resolve_folds(out, sample_set, cfg, p, splits_file, reuse=trained)
     out.mkdir(parents=True, exist_ok=True)
     remove_temporaries(out)  # a killed run's half-written records
     fold_cfgs = {(variant, fold.name): fold_config(cfg, variant, fold, out / "folds" / fold.name / "splits.json")
