@@ -359,6 +359,34 @@ def test_a_cv_stopped_before_any_checkpoint_runs_again_once_the_data_is_fixed(tm
     assert main(args) == 0, capsys.readouterr().err
     assert (tmp_path / "o" / "summary.json").is_file()
 
+
+def test_a_rerun_on_changed_data_names_the_cv_folders_own_folds_not_splits(tmp_path, capsys):
+    """A cv with trained folds, rerun after an image was removed from the data: the error said '--splits
+    OUT/splits.json does not match the data ... or leave --splits out', an option the command never had. It
+    names the cv folder's own folds and says that the data changed since they were drawn."""
+    from PIL import Image
+
+    root = tmp_path / "data"
+    for c in ("a", "b"):
+        for g in range(3):
+            (root / c / f"{c}{g}").mkdir(parents=True)
+            Image.new("RGB", (64, 64), (40 * g, 90, 200) if c == "a" else (200, 40 * g, 60)).save(
+                root / c / f"{c}{g}" / "x.png")
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(f"data: {{source: folder, root: {root}, num_workers: 0, augment: none, val_fraction: 0}}\n"
+                        "model: {backbone: tiny, global_size: 32, local_size: 32}\n"
+                        "train: {epochs: 1, batch_size: 8, device: cpu}\n")
+    args = ["cv", "--config", str(cfg_path), "--variants", "global", "--folds", "2", "--out", str(tmp_path / "o"),
+            "--quiet"]
+    assert main(args) == 0
+    capsys.readouterr()
+    (root / "a" / "a0" / "x.png").unlink()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--splits" not in err[0], err
+    assert f"this cv folder's splits file '{tmp_path / 'o' / 'splits.json'}' does not match the data" in err[0]
+    assert "the data changed since its folds were drawn" in err[0]
+
 def test_compute_metrics_matches_summary_pooled(tmp_path):
     """Pooled values in summary.json equal compute_metrics over all out-of-fold rows of a variant."""
     from finescope.oof import as_arrays, read_oof_csv, summarize_predictions

@@ -293,8 +293,9 @@ def save_cv_splits(path: Path, folds: list[Fold], sample_set: SampleSet, extra: 
     write_text(path, json_text(out, indent=1))
 
 
-def load_cv_splits(path: str | Path, sample_set: SampleSet, per_magnification: bool) -> list[Fold]:
-    """Read folds written by :func:`save_cv_splits` and check they fit ``sample_set``.
+def load_cv_splits(path: str | Path, sample_set: SampleSet, per_magnification: bool, own: bool = False) -> list[Fold]:
+    """Read folds written by :func:`save_cv_splits` and check they fit ``sample_set``; ``own``: the cv folder's
+    own file (a rerun's), which errors name as such, not as ``--splits``.
 
     Raises:
         FinescopeError: not a cv splits file, other classes, images not in the data, a fold that does not
@@ -302,27 +303,31 @@ def load_cv_splits(path: str | Path, sample_set: SampleSet, per_magnification: b
     """
     path = Path(path)
     fix = "use the splits.json of a finescope cv run on this data, or leave --splits out to draw new folds"
+    what = f"--splits '{path}'"
+    if own:  # what its folds were trained on: the data changed since
+        what = f"this cv folder's splits file '{path}'"
+        fix = "the data changed since its folds were drawn: restore it, or run this cv into a new --out folder"
     if not path.is_file():
-        raise FinescopeError(f"--splits '{path}' not found; {fix}")
+        raise FinescopeError(f"{what} not found; {fix}")
     try:
         raw = json.loads(path.read_text()) if path.is_file() else None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         raw = None
     if not isinstance(raw, dict) or raw.get("format") != CV_FORMAT or not isinstance(raw.get("folds"), list):
-        raise FinescopeError(f"--splits '{path}' is not a finescope cv splits file ({CV_FORMAT}); {fix}")
+        raise FinescopeError(f"{what} is not a finescope cv splits file ({CV_FORMAT}); {fix}")
     if raw.get("class_names") != list(sample_set.class_names):
         raise FinescopeError(
-            f"--splits '{path}' is for classes {raw.get('class_names')} but the data has {sample_set.class_names}; "
+            f"{what} is for classes {raw.get('class_names')} but the data has {sample_set.class_names}; "
             f"{fix}"
         )
     for n, item in enumerate(raw["folds"]):
         if not (isinstance(item, dict) and isinstance(item.get("name"), str) and isinstance(item.get("splits"), dict)
                 and all(isinstance(v, list) and all(isinstance(p, str) for p in v) for v in item["splits"].values())):
-            raise FinescopeError(f"--splits '{path}': fold {n} is not a name with a 'splits' mapping of side -> list "
+            raise FinescopeError(f"{what}: fold {n} is not a name with a 'splits' mapping of side -> list "
                                  f"of image paths (the file is damaged or was edited); {fix}")
         sides = set(item["splits"])
         if not {"train", "test"} <= sides <= set(SIDES):
-            raise FinescopeError(f"--splits '{path}': fold {item['name']} has the sides {sorted(sides)}, not train and "
+            raise FinescopeError(f"{what}: fold {item['name']} has the sides {sorted(sides)}, not train and "
                                  f"test (and val) (the file is damaged or was edited); {fix}")
     index = {_relative(s.path, sample_set.root): i for i, s in enumerate(sample_set.samples)}
     subsets = magnification_subsets(sample_set, per_magnification)
@@ -333,23 +338,23 @@ def load_cv_splits(path: str | Path, sample_set: SampleSet, per_magnification: b
             missing = [p for p in paths if p not in index]
             if missing:
                 raise FinescopeError(
-                    f"--splits '{path}' does not match the data: fold {item['name']} lists {len(missing)} images "
+                    f"{what} does not match the data: fold {item['name']} lists {len(missing)} images "
                     f"not under data.root '{sample_set.root}', e.g. '{missing[0]}'; {fix}"
                 )
             splits[side] = np.array(sorted(index[p] for p in paths), dtype=np.int64)
         mag = item.get("magnification")
-        _check_cover(splits, subsets.get(mag), item["name"], path, fix)
+        _check_cover(splits, subsets.get(mag), item["name"], what, fix)
         check_no_leak(splits, [s.group for s in sample_set.samples])
         folds.append(Fold(item["name"], mag, splits))
     return folds
 
 
-def _check_cover(splits: dict, expected: np.ndarray | None, name: str, path: Path, fix: str) -> None:
+def _check_cover(splits: dict, expected: np.ndarray | None, name: str, what: str, fix: str) -> None:
     got = np.sort(np.concatenate(list(splits.values())))
     if expected is None or not np.array_equal(got, np.sort(expected)):
         n = 0 if expected is None else len(expected)
         raise FinescopeError(
-            f"--splits '{path}' does not match the data: fold {name} covers {len(got)} images but the data "
+            f"{what} does not match the data: fold {name} covers {len(got)} images but the data "
             f"has {n} for it (check data.root, data.magnifications and --per-magnification); {fix}"
         )
 
@@ -389,7 +394,7 @@ def resolve_folds(out: Path, sample_set: SampleSet, cfg: Config, p: Protocol, sp
     """The run's folds: its own ``splits.json`` when resuming (and ``reuse``), ``--splits FILE``, or newly drawn."""
     own = out / "splits.json"
     if reuse and own.is_file():
-        folds = load_cv_splits(own, sample_set, p.per_magnification)
+        folds = load_cv_splits(own, sample_set, p.per_magnification, own=True)
         _check_drawn_with(own, cfg, p)
         if splits_file and _fold_lists(load_cv_splits(splits_file, sample_set, p.per_magnification)) != _fold_lists(
                 folds):
