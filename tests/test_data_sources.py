@@ -503,3 +503,17 @@ def test_images_in_keeps_each_image_once_in_the_order_given(tmp_path):
     assert got[0] == (one, root / "H2") and len(got) == 11 and [f for f, _ in got].count(one) == 1
     with pytest.raises(FinescopeError, match="is not an image file"):
         images_in([tmp_path / "fungi" / "H1"] + [make_csv(tmp_path / "set")])
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_pipe_named_like_an_image_is_no_image(tmp_path):
+    """A named pipe (or socket, device) called x.png in a folder was listed as an image: predict, data and train
+    then blocked for ever opening it. Only regular files (and links, also broken ones, said unreadable later)
+    are images; a folder's pipe is left out."""
+    from finescope.data.sources import find_images, images_in
+
+    good = tiny_png(tmp_path / "in" / "a.png")
+    os.mkfifo(tmp_path / "in" / "pipe.png")
+    (tmp_path / "in" / "broken.png").symlink_to(tmp_path / "nowhere.png")
+    assert find_images(tmp_path / "in") == [good, good.parent / "broken.png"]
+    assert [f for f, _ in images_in([tmp_path / "in"])] == [good, good.parent / "broken.png"]

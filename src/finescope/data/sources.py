@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import stat
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -230,8 +231,18 @@ def find_images(folder: Path) -> list[Path]:
             continue
         visited.add(real)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        out += [Path(dirpath) / name for name in filenames if is_image_file(Path(name))]
+        out += [Path(dirpath) / name for name in filenames if is_image_file(Path(name))
+                and not _special(os.path.join(dirpath, name))]
     return sorted(out, key=str)
+
+
+def _special(path: str) -> bool:
+    """Whether ``path`` is there but no regular file (a named pipe, a socket, a device), which opening would block
+    on or read without end; a broken link is kept, to be named unreadable where it is read."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def images_in(paths: Sequence[str | Path]) -> list[tuple[Path, Path]]:
