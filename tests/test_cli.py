@@ -117,6 +117,21 @@ def test_predict_in_a_cv_folder_keeps_its_out_of_fold_predictions(cli_run, synth
     assert (tmp_path / "predictions.csv").read_text() == "image,group\n"
 
 
+
+def test_predict_keeps_a_runs_own_predictions(cli_run, synthetic_root, tmp_path, capsys):
+    """predict --out RUN/predictions_test.csv replaced the test predictions that train and evaluate wrote beside
+    metrics.json with those of other images (report then refused the run): refused, as a cv's predictions.csv
+    is, the file kept."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(cli_run, run)
+    before = (run / "predictions_test.csv").read_bytes()
+    assert main(["predict", str(run), str(synthetic_root / "images" / "typical_0000.png"), "--device", "cpu",
+                 "--out", str(run / "predictions_test.csv")]) == 2
+    assert "is the test predictions of the run" in _one_error_line(capsys)
+    assert (run / "predictions_test.csv").read_bytes() == before
+
 def test_predict_fills_the_true_class_from_a_class_folder_and_normalises_paths(cli_run, synthetic_root, tmp_path):
     img = synthetic_root / "images" / "typical_0000.png"
     assert main(["predict", str(cli_run), str(img), "--out", str(tmp_path / "one.csv"), "--device", "cpu"]) == 0

@@ -95,6 +95,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if Path(args.out).name == "predictions.csv" and (Path(args.out).parent / "cv.json").is_file():
         raise FinescopeError(f"--out '{args.out}' is the out-of-fold predictions of the cv folder "
                              f"'{Path(args.out).parent}'; give predict another file, e.g. --out new_predictions.csv")
+    own = re.fullmatch(r"predictions_(train|val|test|all)(_last)?\.csv", Path(args.out).name)
+    if own and (Path(args.out).parent / "config.yaml").is_file():  # what train or evaluate wrote beside metrics
+        raise FinescopeError(f"--out '{args.out}' is the {own[1]} predictions of the run '{Path(args.out).parent}' "
+                             "(its reports read them); give predict another file, e.g. --out new_predictions.csv")
     out = predict(args.checkpoint, args.paths, args.out, args.overrides, args.device)
     print(f"predictions written to {out}")
     return 0
