@@ -297,28 +297,37 @@ def test_cli_cv_bad_variant_and_bad_splits(tmp_path, capsys):
     assert not (tmp_path / "o" / "runs").exists()
 
 
-
-def test_cv_of_one_class_writes_nothing_and_runs_once_a_class_is_added(tmp_path, capsys):
-    """Data of one class was refused only by the first fold's training, after cv.json and splits.json were
-    written: the same command, rerun once the data had a second class, was refused by those files ('--splits ...
-    is for classes [...]', an option never given). It is refused first, as train refuses it, and writes nothing."""
+def _two_class_folders(root):
+    """Class folders a and b of three patient folders each, one 64 x 64 image in each patient folder."""
     from PIL import Image
 
-    root = tmp_path / "data"
     for c in ("a", "b"):
         for g in range(3):
             (root / c / f"{c}{g}").mkdir(parents=True)
             Image.new("RGB", (64, 64), (40 * g, 90, 200) if c == "a" else (200, 40 * g, 60)).save(
                 root / c / f"{c}{g}" / "x.png")
+    return root
+
+
+def _tiny_cv_args(tmp_path, root, data_extra: str, batch_size: int) -> list[str]:
+    """A 2-fold cv of the tiny global model on the folder ``root`` (config ``tmp_path/c.yaml``, out ``tmp_path/o``)."""
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(f"data: {{source: folder, root: {root}, num_workers: 0, augment: none{data_extra}}}\n"
+                        "model: {backbone: tiny, global_size: 32, local_size: 32}\n"
+                        f"train: {{epochs: 1, batch_size: {batch_size}, device: cpu}}\n")
+    return ["cv", "--config", str(cfg_path), "--variants", "global", "--folds", "2", "--out", str(tmp_path / "o"),
+            "--quiet"]
+
+
+def test_cv_of_one_class_writes_nothing_and_runs_once_a_class_is_added(tmp_path, capsys):
+    """Data of one class was refused only by the first fold's training, after cv.json and splits.json were
+    written: the same command, rerun once the data had a second class, was refused by those files ('--splits ...
+    is for classes [...]', an option never given). It is refused first, as train refuses it, and writes nothing."""
+    root = _two_class_folders(tmp_path / "data")
     only_a = tmp_path / "only_a"
     (only_a / "a").parent.mkdir()
     (root / "a").rename(only_a / "a")
-    cfg_path = tmp_path / "c.yaml"
-    cfg_path.write_text(f"data: {{source: folder, root: {only_a}, num_workers: 0, augment: none}}\n"
-                        "model: {backbone: tiny, global_size: 32, local_size: 32}\n"
-                        "train: {epochs: 1, batch_size: 4, device: cpu}\n")
-    args = ["cv", "--config", str(cfg_path), "--variants", "global", "--folds", "2", "--out", str(tmp_path / "o"),
-            "--quiet"]
+    args = _tiny_cv_args(tmp_path, only_a, "", batch_size=4)
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds one class (a)" in err[0]
@@ -334,22 +343,10 @@ def test_a_cv_stopped_before_any_checkpoint_runs_again_once_the_data_is_fixed(tm
     same command rerun after either fix was refused by what the stopped cv had recorded and trained nothing on:
     its splits.json ('--splits ... does not match the data', an option never given) or its cv.json
     (data.on_error was 'raise'). A cv folder without a checkpoint has nothing to lose: the rerun starts again."""
-    from PIL import Image
-
-    root = tmp_path / "data"
-    for c in ("a", "b"):
-        for g in range(3):
-            (root / c / f"{c}{g}").mkdir(parents=True)
-            Image.new("RGB", (64, 64), (40 * g, 90, 200) if c == "a" else (200, 40 * g, 60)).save(
-                root / c / f"{c}{g}" / "x.png")
+    root = _two_class_folders(tmp_path / "data")
     bad = root / "a" / "a0" / "y.png"
     bad.write_text("not an image")
-    cfg_path = tmp_path / "c.yaml"
-    cfg_path.write_text(f"data: {{source: folder, root: {root}, num_workers: 0, augment: none, val_fraction: 0}}\n"
-                        "model: {backbone: tiny, global_size: 32, local_size: 32}\n"
-                        "train: {epochs: 1, batch_size: 8, device: cpu}\n")
-    args = ["cv", "--config", str(cfg_path), "--variants", "global", "--folds", "2", "--out", str(tmp_path / "o"),
-            "--quiet"]
+    args = _tiny_cv_args(tmp_path, root, ", val_fraction: 0", batch_size=8)
     assert main(args) == 2
     assert "y.png" in capsys.readouterr().err
     if fix == "remove":
@@ -364,20 +361,8 @@ def test_a_rerun_on_changed_data_names_the_cv_folders_own_folds_not_splits(tmp_p
     """A cv with trained folds, rerun after an image was removed from the data: the error said '--splits
     OUT/splits.json does not match the data ... or leave --splits out', an option the command never had. It
     names the cv folder's own folds and says that the data changed since they were drawn."""
-    from PIL import Image
-
-    root = tmp_path / "data"
-    for c in ("a", "b"):
-        for g in range(3):
-            (root / c / f"{c}{g}").mkdir(parents=True)
-            Image.new("RGB", (64, 64), (40 * g, 90, 200) if c == "a" else (200, 40 * g, 60)).save(
-                root / c / f"{c}{g}" / "x.png")
-    cfg_path = tmp_path / "c.yaml"
-    cfg_path.write_text(f"data: {{source: folder, root: {root}, num_workers: 0, augment: none, val_fraction: 0}}\n"
-                        "model: {backbone: tiny, global_size: 32, local_size: 32}\n"
-                        "train: {epochs: 1, batch_size: 8, device: cpu}\n")
-    args = ["cv", "--config", str(cfg_path), "--variants", "global", "--folds", "2", "--out", str(tmp_path / "o"),
-            "--quiet"]
+    root = _two_class_folders(tmp_path / "data")
+    args = _tiny_cv_args(tmp_path, root, ", val_fraction: 0", batch_size=8)
     assert main(args) == 0
     capsys.readouterr()
     (root / "a" / "a0" / "x.png").unlink()
@@ -386,6 +371,7 @@ def test_a_rerun_on_changed_data_names_the_cv_folders_own_folds_not_splits(tmp_p
     assert len(err) == 1 and "--splits" not in err[0], err
     assert f"this cv folder's splits file '{tmp_path / 'o' / 'splits.json'}' does not match the data" in err[0]
     assert "the data changed since its folds were drawn" in err[0]
+
 
 def test_compute_metrics_matches_summary_pooled(tmp_path):
     """Pooled values in summary.json equal compute_metrics over all out-of-fold rows of a variant."""

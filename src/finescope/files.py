@@ -24,9 +24,10 @@ ERRORS = "surrogateescape"
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, newline: str | None = None, binary: bool = False) -> Iterator[IO]:
     """A UTF-8 text file (names that are not UTF-8 as their bytes: :data:`ERRORS`), or with ``binary`` a bytes
-    file, for writing that appears at ``path`` only once complete: written under a temporary name in the same folder, then renamed over ``path``, so
-    the previous file (or none) stays until then; an existing file keeps its permissions. A ``path`` that is a link (symbolic or hard, such as ``/dev/stdout``)
-    or not a regular file (a pipe) is written through, directly, as ``open`` would."""
+    file, for writing that appears at ``path`` only once complete: written under a temporary name in the same
+    folder, then renamed over ``path``, so the previous file (or none) stays until then; an existing file keeps
+    its permissions. A ``path`` that is a link (symbolic or hard, such as ``/dev/stdout``) or not a regular file
+    (a pipe) is written through, directly, as ``open`` would."""
     path = Path(path)
     how = {"mode": "wb"} if binary else {"mode": "w", "newline": newline, "encoding": "utf-8", "errors": ERRORS}
     try:
