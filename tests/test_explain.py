@@ -647,3 +647,34 @@ def test_flat_maps_are_counted_apart_not_pointed_at_the_corner(tmp_path, monkeyp
     assert not list((tmp_path / "after" / "evidence").rglob("*.png"))  # gradcam is the main map
     assert "gradcam    3 flat maps (no maximum to point at)" in capsys.readouterr().out
     assert "(3 flat maps left out)" in (tmp_path / "after" / "index.html").read_text()
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGXFSZ"), reason="needs POSIX file size limits")
+def test_pictures_that_cannot_be_written_whole_keep_the_previous_ones(tmp_path):
+    """explain's figures, curves and evidence crops (and the demo's overlay) were written in place: a write
+    stopped by a full disk (here a file size limit) left a truncated PNG in the run's explain folder."""
+    import errno
+    import resource
+    import signal
+
+    from finescope.explain.overlay import _pyplot, save_figure, save_image
+
+    def figure(seed):
+        fig = _pyplot().figure(figsize=(4, 4))
+        fig.gca().imshow(np.random.default_rng(seed).random((64, 64)))
+        return fig
+
+    crop, plot = save_image(torch.rand(3, 64, 64), tmp_path / "crop.png"), save_figure(figure(0), tmp_path / "f.png")
+    before = {p: p.read_bytes() for p in (crop, plot)}
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, limits[1]))  # no picture fits
+    try:
+        with pytest.raises(OSError) as e1:
+            save_image(torch.rand(3, 64, 64), crop)
+        with pytest.raises(OSError) as e2:
+            save_figure(figure(1), plot)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert e1.value.errno == e2.value.errno == errno.EFBIG
+    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -125,6 +125,7 @@ def test_a_figure_that_cannot_be_written_whole_keeps_the_previous_one(tmp_path):
     assert e.value.errno == errno.EFBIG
     assert {p.name: p.read_bytes() for p in (run / "report_files").iterdir()} == before
 
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 

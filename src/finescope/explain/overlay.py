@@ -6,12 +6,14 @@ visible instead of being tinted by the cold end of the colour map.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from finescope.explain.maps import attention_to_image, normalise_map
+from finescope.files import write_bytes
 
 BOX_COLOURS = ("#ffffff", "#00e5ff", "#ffea00", "#ff6d00", "#d500f9", "#2979ff", "#ff1744", "#c6ff00")
 TRUTH_COLOUR = "#00ff00"
@@ -89,9 +91,7 @@ def save_overlay_grid(items: list[dict], path: str | Path, columns: int = 4, nor
         ax.axis("off")
     if artist is not None:
         fig.colorbar(artist, ax=axes.ravel().tolist(), shrink=0.6, label="attention (per-image scale)")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    path = save_figure(fig, path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -151,9 +151,7 @@ def save_explanation_figure(expl, path: str | Path, normalise: str = "max", perc
         _crop_panel(fig, grid[-1], expl)
     scale = f"maps: {NORMALISE_LABEL[normalise].format(p=percentile)}"
     fig.suptitle("\n".join([*([title] if title else []), f"{verdict(expl)}   ({scale})"]), fontsize=9, y=1.02)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    path = save_figure(fig, path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -166,10 +164,26 @@ def save_image(array: np.ndarray | torch.Tensor, path: str | Path) -> Path:
         t = array.detach().cpu()
         t = t if t.dtype == torch.uint8 else (t.float().clamp(0, 1) * 255).round().to(torch.uint8)
         array = t.permute(1, 2, 0).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG")
+    return _write_whole(path, buf.getvalue())
+
+
+def save_figure(fig, path: str | Path, **savefig_kwargs) -> Path:
+    """``fig.savefig(path, ...)`` in the format of ``path``'s suffix, written whole or not at all: a full disk
+    leaves the previous file (or none), never a truncated image (:func:`finescope.files.write_bytes`)."""
+    path = Path(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=path.suffix.lstrip(".").lower() or "png", **savefig_kwargs)
+    return _write_whole(path, buf.getvalue())
+
+
+def _write_whole(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(array)).save(path)
+    write_bytes(path, data)
     return path
 
 
-__all__ = ["draw_overlay", "save_explanation_figure", "save_image", "save_overlay_grid", "verdict"]
+__all__ = ["draw_overlay", "save_explanation_figure", "save_figure", "save_image", "save_overlay_grid",
+           "verdict"]

@@ -30,7 +30,7 @@ from finescope.explain.evidence import EvidenceCollector
 from finescope.explain.inputs import Inputs, path_inputs, run_dir_of, size_notes, split_inputs, training_sizes
 from finescope.explain.maps import NORMALISATIONS, map_peak
 from finescope.explain.methods import CamExplainer, resolve_methods
-from finescope.explain.overlay import save_explanation_figure
+from finescope.explain.overlay import save_explanation_figure, save_figure
 from finescope.files import atomic_open, json_text, write_text
 from finescope.progress import Progress
 
@@ -248,7 +248,7 @@ def _plot_curves(path: Path, summary: dict) -> Path | None:
         ax.set_title(f"{mode} (lower AUC is better)" if mode == "deletion" else f"{mode} (higher AUC is better)", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    path = save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
 
