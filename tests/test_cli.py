@@ -605,6 +605,22 @@ def test_a_run_split_under_another_grouping_is_still_evaluated_and_resumed(tmp_p
     assert "split leak" in _one_error_line(capsys)
 
 
+def test_a_report_made_before_more_training_is_made_again_when_it_ends(tmp_path):
+    """A finished run resumed to train on wrote new test predictions and metrics.json, and left the report.md
+    that evaluate or report had written of the earlier best.pt (its metrics, one epoch of curves)."""
+    from finescope.report import write_report
+
+    root = _folder(tmp_path / "d", n=4)
+    split = ["data.test_fraction=0.25", "data.val_fraction=0"]
+    assert main(_train_args(root, tmp_path, *split)) == 0
+    run = tmp_path / "r"
+    assert main(["report", str(run)]) == 0
+    before = (run / "report.html").read_text()
+    assert main(_train_args(root, tmp_path, *split, "train.epochs=2") + ["--resume"]) == 0
+    _, again = write_report(run, out=tmp_path / "again.md")  # what report RUN writes now
+    assert (run / "report.html").read_text() == again.read_text() != before
+
+
 def test_a_csv_split_column_that_leaks_names_the_csv(tmp_path, capsys):
     root = _folder(tmp_path / "d", n=4)
     rows = [f"{c}/{c}_{i}.png,{c},{c}{i // 2},{'test' if i == 1 else ['train', 'test'][i // 2]}"

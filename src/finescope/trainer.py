@@ -797,7 +797,8 @@ def _print_epoch(row: dict, progress: bool) -> None:
 
 def finish(run_dir: Path, cfg: Config, sample_set: SampleSet, splits: dict, device: torch.device) -> dict:
     """Evaluate best.pt on the test split (every rank its shard); rank 0 writes metrics.json and
-    predictions_test.csv and returns the metrics, other ranks return {}."""
+    predictions_test.csv and returns the metrics, other ranks return {}. A test report that ``evaluate`` or
+    ``report`` wrote earlier (``report.md``; a finished run trained on, say) is written again from them."""
     if len(splits.get("test", [])) == 0:
         return {}
     state = load_checkpoint(run_dir / "checkpoints" / "best.pt")
@@ -811,6 +812,10 @@ def finish(run_dir: Path, cfg: Config, sample_set: SampleSet, splits: dict, devi
                    split_leak=own_split_leak(splits, sample_set))  # a resumed run split under another grouping
     write_predictions(run_dir / "predictions_test.csv", preds, sample_set)
     write_text(run_dir / "metrics.json", json_text(metrics, indent=2))  # last: it marks a finished run (cv)
+    if (run_dir / "report.md").is_file():  # else it would describe the earlier best.pt beside this one's metrics
+        from finescope.report import write_report  # matplotlib is imported only here
+
+        write_report(run_dir)
     return metrics
 
 
