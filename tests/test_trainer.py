@@ -793,3 +793,20 @@ def test_a_finished_train_leaves_no_progress_bar_and_no_tqdm_monitor(synthetic_r
     assert done.returncode == 0, done.stderr
     state = json.loads(done.stdout.splitlines()[-1])
     assert state["drawn"] and state["open_bars"] == 0 and "tqdm_monitor" not in state["threads"], state
+
+
+def test_predictions_csv_keeps_every_probability_distinct_and_inside_zero_one(tmp_path):
+    """Probabilities were written with 6 decimals: a confident model's 0.9999996 became 1.000000 and 4e-7 became
+    0.000000, so AUCs and rankings recomputed from the CSV tied images the model had told apart."""
+    import numpy as np
+
+    from finescope.data import Sample, SampleSet
+    from finescope.engine import Predictions
+
+    s = SampleSet([Sample(f"/d/{i}.png", 0, f"p{i}") for i in range(3)], ["benign", "malignant"])
+    high = np.float32(1) - np.float32(2 ** -24) * np.arange(1, 4, dtype=np.float32)  # the three float32s below 1
+    probs = np.stack([1 - high, high], axis=1).astype(np.float32)
+    trainer.write_predictions(tmp_path / "p.csv", Predictions(np.arange(3), np.zeros(3, int), probs), s)
+    with (tmp_path / "p.csv").open(newline="") as fh:
+        read = np.array([[float(r["prob_benign"]), float(r["prob_malignant"])] for r in csv.DictReader(fh)])
+    assert np.array_equal(read.astype(np.float32), probs)  # float32 to the bit: no two images tie

@@ -926,7 +926,7 @@ def write_predictions(path: str | Path, preds: Predictions, sample_set: SampleSe
             s = sample_set.samples[i]
             true = names[s.label] if 0 <= s.label < len(names) else ""
             boxes = box_string(preds.boxes[row], preds.box_mass[row]) if preds.boxes is not None else ""
-            probs = [f"{p:.6f}" for p in preds.probs[row]]
+            probs = [str(np.float32(p)) for p in preds.probs[row]]  # shortest text that reads back the same float32
             w.writerow([s.path, s.group, s.patient, true, names[int(preds.probs[row].argmax())], *probs, boxes,
                         *[v[row] for v in (extra or {}).values()]])
 
