@@ -517,3 +517,14 @@ def test_a_pipe_named_like_an_image_is_no_image(tmp_path):
     (tmp_path / "in" / "broken.png").symlink_to(tmp_path / "nowhere.png")
     assert find_images(tmp_path / "in") == [good, good.parent / "broken.png"]
     assert [f for f, _ in images_in([tmp_path / "in"])] == [good, good.parent / "broken.png"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_pipe_listed_in_a_csv_manifest_is_named_as_no_regular_file(tmp_path):
+    """A named pipe listed in a CSV manifest was reported as 'does not exist', though `ls` shows it there."""
+    tiny_png(tmp_path / "a.png")
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "m.csv").write_text("path,label,group\na.png,x,p1\npipe.png,y,p2\n")
+    with pytest.raises(FinescopeError, match=r"'.*pipe.png' listed in CSV manifest '.*m.csv' line 3 is not a "
+                                             r"regular file \(a named pipe, socket or device\)"):
+        load_samples(DataConfig(source="csv", root=str(tmp_path / "m.csv")))

@@ -572,7 +572,9 @@ def read_manifest(manifest: Path, cfg: DataConfig) -> _Scan:
     for line, row in rows:
         item = _csv_row(row, line, manifest, header, seen)
         if not os.path.isfile(item.path):
-            what = "is a folder, not an image" if os.path.isdir(item.path) else "does not exist"
+            what = ("is a folder, not an image" if os.path.isdir(item.path) else
+                    "is not a regular file (a named pipe, socket or device)" if os.path.exists(item.path) else
+                    "does not exist")
             reason = f"image '{item.path}' listed in CSV manifest '{manifest}' line {line} {what}"
             _skip_or_raise(cfg, item.path, reason, skipped)
             continue
