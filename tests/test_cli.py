@@ -621,6 +621,26 @@ def test_a_report_made_before_more_training_is_made_again_when_it_ends(tmp_path)
     assert (run / "report.html").read_text() == again.read_text() != before
 
 
+def test_evaluations_of_an_earlier_best_pt_are_named_when_training_on_ends(tmp_path, capsys):
+    """A finished run resumed to train on left the metrics_<split>.json, predictions and report that evaluate had
+    made of the earlier best.pt, with nothing to tell them from the new run's files."""
+    root = _folder(tmp_path / "d", n=4)
+    split = ["data.test_fraction=0.25", "data.val_fraction=0"]
+    assert main(_train_args(root, tmp_path, *split)) == 0
+    run = tmp_path / "r"
+    assert main(["evaluate", str(run), "--split", "train", "--device", "cpu"]) == 0
+    assert main(["evaluate", str(run), "--split", "all", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(_train_args(root, tmp_path, *split, "train.epochs=2") + ["--resume"]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "earlier best.pt" in line]
+    assert len(warned) == 1 and warned[0].startswith("finescope: warning: metrics_all.json, metrics_train.json in")
+    assert f"finescope evaluate {run} --split all" in warned[0] and "--split train" in warned[0]
+    assert main(["evaluate", str(run), "--split", "train", "--device", "cpu"]) == 0  # made again: no longer named
+    assert main(["evaluate", str(run), "--split", "all", "--device", "cpu"]) == 0
+    assert main(_train_args(root, tmp_path, *split, "train.epochs=2") + ["--resume"]) == 0  # nothing to train
+    assert "earlier best.pt" not in capsys.readouterr().err
+
+
 def test_a_csv_split_column_that_leaks_names_the_csv(tmp_path, capsys):
     root = _folder(tmp_path / "d", n=4)
     rows = [f"{c}/{c}_{i}.png,{c},{c}{i // 2},{'test' if i == 1 else ['train', 'test'][i // 2]}"

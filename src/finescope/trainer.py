@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import errno
 import functools
+import json
 import logging
 import math
 import os
@@ -640,7 +641,30 @@ def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool) -> 
                              tracker, run_dir, progress, loaders, scaler=scaler)
     del loaders  # stop the persistent workers before the test
     dist.barrier()  # rank 0 has written best.pt before any rank reads it
-    return finish(run_dir, cfg, sample_set, splits, device)
+    metrics = finish(run_dir, cfg, sample_set, splits, device)
+    if dist.is_main():
+        _warn_earlier_evaluations(run_dir)
+    return metrics
+
+
+def _warn_earlier_evaluations(run_dir: Path) -> None:
+    """Warn about what ``evaluate`` wrote in ``run_dir`` (``metrics_<split>[_<checkpoint>].json``, its predictions
+    and report) of a checkpoint that has been written again since: they describe a model the run no longer has."""
+    earlier = {}
+    for path in sorted(run_dir.glob("metrics_*.json")):
+        try:
+            m = json.loads(path.read_text())
+            split, ckpt = m["split"], run_dir / "checkpoints" / Path(m["checkpoint"]).name
+            newer = ckpt.stat().st_mtime_ns > path.stat().st_mtime_ns
+        except (OSError, ValueError, KeyError, TypeError):  # not evaluate's, or its checkpoint is gone
+            continue
+        if newer and path.name in (f"metrics_{split}.json", f"metrics_{split}_{ckpt.stem}.json"):
+            checkpoint = "" if ckpt.name == "best.pt" else f"/checkpoints/{ckpt.name}"
+            earlier[path.name] = f"finescope evaluate {run_dir}{checkpoint} --split {split}"
+    if earlier:
+        warnings.warn(f"{', '.join(earlier)} in '{run_dir}' (and their predictions and reports) describe the "
+                      f"earlier best.pt or checkpoint, written again since; make them again with "
+                      f"{'; '.join(dict.fromkeys(earlier.values()))}", FinescopeWarning, stacklevel=2)
 
 
 def _make_loaders(sample_set: SampleSet, splits: dict, cfg: Config) -> dict[str, DataLoader]:
