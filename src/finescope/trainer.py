@@ -22,6 +22,7 @@ import math
 import os
 import random
 import re
+import shlex
 import socket
 import warnings
 from dataclasses import replace
@@ -660,7 +661,8 @@ def _warn_earlier_evaluations(run_dir: Path) -> None:
             continue
         if newer and path.name in (f"metrics_{split}.json", f"metrics_{split}_{ckpt.stem}.json"):
             checkpoint = "" if ckpt.name == "best.pt" else f"/checkpoints/{ckpt.name}"
-            earlier[path.name] = f"finescope evaluate {run_dir}{checkpoint} --split {split}"
+            data = f" --set data.root={shlex.quote(m['data_root'])}" if split == "all" and m.get("data_root") else ""
+            earlier[path.name] = f"finescope evaluate {shlex.quote(f'{run_dir}{checkpoint}')} --split {split}{data}"
     if earlier:
         warnings.warn(f"{', '.join(earlier)} in '{run_dir}' (and their predictions and reports) describe the "
                       f"earlier best.pt or checkpoint, written again since; make them again with "
