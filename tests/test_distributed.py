@@ -106,6 +106,27 @@ def test_shape_pool_batches_like_shapes_and_keeps_every_image_once():
     assert list(single) != order
 
 
+def test_shape_pool_leaves_images_of_unknown_shape_where_the_shuffle_put_them():
+    """Images whose header could not be read (key None, mostly unreadable files) were sorted last, together:
+    they filled whole global batches, skipped when read, steps of no image that still moved the weights."""
+    n, G = 32, 4
+    unknown = {3, 10, 17, 24, 31}
+    keys = [None if i in unknown else (i * 7) % 5 for i in range(n)]
+    for seed in range(5):
+        raw = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+        pooled = list(ShardSampler(n, True, seed, G, True, rank_=0, world=1, shape_keys=keys, pool=8))
+        assert sorted(pooled) == list(range(n))
+
+        def per_batch(order):
+            return sorted(sum(i in unknown for i in order[k : k + G]) for k in range(0, n, G))
+
+        assert per_batch(pooled) == per_batch(raw)  # as spread over the batches as the shuffle left them
+        known = [i for i in pooled if i not in unknown]
+        batches = [[i for i in pooled[k : k + G] if i not in unknown] for k in range(0, n, G)]
+        spans = sorted((min(keys[i] for i in b), max(keys[i] for i in b)) for b in batches if b)
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)) and len(known) == n - 5
+
+
 def test_shard_sampler_eval_follows_a_given_order_in_whole_batches():
     """An evaluation order (images of one shape together): batches are cut from it and dealt to the ranks as
     from the identity order, every item once; an order that is not a permutation is refused."""

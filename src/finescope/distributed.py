@@ -147,7 +147,8 @@ class ShardSampler(Sampler):
             and the global step of the item in its epoch, the same for any number of ranks (the dataset draws
             one orientation per step with it, ``data.one_orientation``).
         order: evaluation without ``shuffle``: the order of the items (default: ``range(n)``).
-        shape_keys: training with ``pool`` > 1: a sortable key per item (:func:`~finescope.data.dataset.aspect_key`).
+        shape_keys: training with ``pool`` > 1: a sortable key per item (:func:`~finescope.data.dataset.aspect_key`),
+            or None where unknown.
             Each run of ``pool`` full global batches of the epoch's permutation is sorted by it, cut into global
             batches, and those are shuffled (``data.shape_pool``): the images of a step are of like shape, so
             fewer of their pixels are padding and fewer batch shapes occur, while every image is still read once
@@ -223,12 +224,17 @@ class ShardSampler(Sampler):
 
     def _pooled(self, order: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """``order`` with each run of ``pool`` full global batches sorted by ``shape_keys``, cut into global
-        batches, and these shuffled within their run."""
+        batches, and these shuffled within their run. Items whose key is None (an unreadable header, likely an
+        unreadable image) keep their shuffled places: sorted together, they would fill whole batches with
+        images that are then skipped, steps of no image that still move the weights (weight decay, momentum)."""
         G = max(1, self.global_batch)
         full, span = (self.n // G) * G, self.pool * G
         items, out = order.tolist(), []
         for start in range(0, full, span):
-            run = sorted(items[start : min(start + span, full)], key=lambda i: self.shape_keys[i])
+            run = items[start : min(start + span, full)]
+            known = [k for k, i in enumerate(run) if self.shape_keys[i] is not None]  # the others keep their place
+            for k, i in zip(known, sorted((run[k] for k in known), key=lambda i: self.shape_keys[i]), strict=True):
+                run[k] = i
             batches = [run[k : k + G] for k in range(0, len(run), G)]
             for b in torch.randperm(len(batches), generator=generator).tolist():
                 out += batches[b]

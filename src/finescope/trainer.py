@@ -183,7 +183,7 @@ def make_loader(
     sampler = dist.make_sampler(len(dataset), shuffle=train, seed=cfg.seed, global_batch=bs, train=train,
                                 drop_tail=cfg.train.compile != "off", tag_epoch=train,
                                 order=None if train else shape_order(sizes),
-                                shape_keys=[aspect_key(s) for s in sizes] if pooled else None,
+                                shape_keys=[None if s is None else aspect_key(s) for s in sizes] if pooled else None,
                                 pool=cfg.data.shape_pool)
     sampler.set_epoch(epoch)
     workers = cfg.data.num_workers
