@@ -226,7 +226,8 @@ class ShardSampler(Sampler):
         """``order`` with each run of ``pool`` full global batches sorted by ``shape_keys``, cut into global
         batches, and these shuffled within their run. Items whose key is None (an unreadable header, likely an
         unreadable image) keep their shuffled places: sorted together, they would fill whole batches with
-        images that are then skipped, steps of no image that still move the weights (weight decay, momentum)."""
+        images that are then skipped (under DDP, stand-in steps of no image that still move the weights through
+        weight decay and momentum)."""
         G = max(1, self.global_batch)
         full, span = (self.n // G) * G, self.pool * G
         items, out = order.tolist(), []
