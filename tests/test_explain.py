@@ -165,6 +165,16 @@ def test_region_grid_covers_the_image_with_square_blocks():
     assert int(scores.argmax()) == 0 and float(scores[0]) == 1.0
 
 
+@pytest.mark.parametrize("size", [(10, 10), (7, 9), (5, 300), (1, 1)])
+def test_an_image_shorter_than_the_grid_gets_blocks_of_a_pixel_none_empty(size):
+    """A short side of fewer pixels than --grid: blocks of one pixel along it, each holding pixels. Empty blocks
+    counted in R made step t of a curve switch less than t/T of the image (a 10x10 image: R = 256, 100 blocks
+    with pixels, a map's curve done after 40% of its steps while the random order is not)."""
+    blocks, R = region_grid(size, 16)
+    assert set(blocks.unique().tolist()) == set(range(R))
+    assert R == size[0] * size[1]  # one pixel each
+
+
 @pytest.mark.parametrize("how", ["max", "percentile"])
 def test_normalise_map_spans_zero_to_one(how):
     m = normalise_map(np.arange(100, dtype=float).reshape(10, 10), how, 90)

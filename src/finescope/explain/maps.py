@@ -62,13 +62,14 @@ def region_grid(size: tuple[int, int], grid: int) -> tuple[torch.Tensor, int]:
 
     Args:
         size: (H, W).
-        grid: number of blocks along the short side (>= 1).
+        grid: number of blocks along the short side (>= 1); at most one per pixel of it (a shorter side gets
+            blocks of one pixel, never empty ones).
 
     Returns:
         (H, W) long block index of every pixel (row-major) and the number of blocks R.
     """
     H, W = size
-    side = min(H, W) / grid
+    side = min(H, W) / min(grid, H, W)
     nh, nw = max(1, round(H / side)), max(1, round(W / side))
     rows = (torch.arange(H) * nh // H)[:, None]  # (H, 1)
     cols = (torch.arange(W) * nw // W)[None, :]  # (1, W)
