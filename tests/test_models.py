@@ -379,6 +379,22 @@ def test_minmax_normalisation_ignores_a_flat_background():
     assert x2 - x1 <= 130 and x1 <= 160 <= x2 and y1 <= 288 <= y2  # cell (4, 2) centre = (160, 288) px
 
 
+@pytest.mark.parametrize("grid", [(1, 1), (3, 4)])
+def test_a_flat_map_selects_the_whole_image_under_minmax_as_under_max(grid):
+    """A flat map (a 1x1 feature map) has no maximum to prefer: min-max scaled it to 0 everywhere (or to its
+    upsampling's rounding noise), no component, and the boxes fell to the top-left corner (or anywhere) holding
+    none of the attention. It is scaled as 'max' scales it: one component, the whole image."""
+    attn = torch.full(grid, 1.0 / (grid[0] * grid[1]))
+    for padded in (False, True):
+        boxes, mass = _select(attn, size=(60, 90), k=2, normalise="minmax", padded=padded)
+        assert boxes[0, 0].tolist() == [0.0, 0.0, 90.0, 60.0]
+        assert mass[0, 0].item() == pytest.approx(1.0)
+    model = create_model(ModelConfig(**{**SMALL, "global_size": 16}), 2).eval()  # tiny: a 1x1 map
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 60, 60))
+    assert out.attention.shape[1:] == (1, 1) and out.box_mass[0, 0].item() == pytest.approx(1.0)
+
+
 def test_peak_iou_zero_spreads_fallback_boxes():
     """With peak_iou=0 the fallback boxes never overlap any box already taken."""
     attn = torch.zeros(6, 8)

@@ -208,15 +208,19 @@ def box_mass(attn: torch.Tensor, boxes: torch.Tensor, cell_px: torch.Tensor) -> 
 
 
 def _normalise(fine: torch.Tensor, valid_fine: torch.Tensor | None, how: str) -> torch.Tensor:
-    """Scale each (H', W') map to a peak of 1: by its maximum, or min-max over its valid points."""
+    """Scale each (H', W') map to a peak of 1: by its maximum, or min-max over its valid points. A flat map (a 1x1
+    feature map), which min-max would make 0 everywhere or its rounding noise, is scaled by its maximum."""
     peak = fine.flatten(1).amax(dim=1)[:, None, None]
+    by_peak = fine / peak.clamp(min=1e-12)
     if how == "max":
-        return fine / peak.clamp(min=1e-12)
+        return by_peak
     if how != "minmax":
         raise ValueError(f"normalise must be 'max' or 'minmax', got {how!r}")
     low = fine if valid_fine is None else fine.masked_fill(~valid_fine, float("inf"))
     low = low.flatten(1).amin(dim=1)[:, None, None]
     out = ((fine - low) / (peak - low).clamp(min=1e-12)).clamp(min=0)
+    flat = peak - low <= 1e-6 * peak.abs() + 1e-12  # equal to float rounding (the upsampling's included)
+    out = torch.where(flat, by_peak, out)  # every point at the peak, as 'max' says
     return out if valid_fine is None else out * valid_fine
 
 
