@@ -675,6 +675,30 @@ def test_hires_view_pads_with_the_mean_colour_as_the_resized_views_do():
     assert view[1, :, 100:].abs().sum() == 0 and view[1, :, :, 150:].abs().sum() == 0
 
 
+def test_global_hires_reads_an_image_thinner_than_a_cell_of_a_flooring_backbone():
+    """A patchifying stem (ConvNeXt's: 4x4 patches, 32 px cells) gives no cell to an image side shorter than a
+    cell, and global-hires feeds the image itself: an image of 16 px alone (predict, train.eval_batch_size=1)
+    was torch's 'Kernel size can't be greater than actual input size'. Its view is padded to a cell with the
+    mean colour, as a batch with a larger image pads it, and it gets the same logits as there."""
+    from torch import nn
+
+    from finescope.models.backbones import Backbone
+
+    def patchify(*_):
+        return Backbone(nn.Sequential(nn.Conv2d(3, 8, 4, 4), nn.ReLU()), 8, "patch4")
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(variant="global-hires", backbone="tiny"), 2, backbone_factory=patchify).eval()
+    assert (model.backbone.stride, model.backbone.ceil) == (4, False)
+    thin, big = torch.rand(3, 3, 40), torch.rand(3, 9, 40)
+    batch = torch.zeros(2, 3, 9, 40)
+    batch[0, :, :3], batch[1] = thin, big
+    with torch.no_grad():
+        alone = model(thin[None]).logits
+        mixed = model(batch, torch.tensor([[3, 40], [9, 40]])).logits
+    torch.testing.assert_close(alone[0], mixed[0])
+
+
 def test_large_view_is_resized_from_the_crop_source():
     """A model with crops resizes the view of a large image from its crop source (made for the crops anyway),
     in a mixed batch too; small images, and sources under twice the view, are resized from the image."""

@@ -332,6 +332,11 @@ class FineScopeNet(nn.Module):
                     view[i, :, h:] = 0
                 if w < W:
                     view[i, :, :h, w:] = 0
+            stride = getattr(self.backbone, "stride", None)
+            if stride and not getattr(self.backbone, "ceil", True) and min(H, W) < stride:
+                # a patchifying stem gives a side shorter than one cell no cell: one, padded with the mean colour
+                # as a batch with a larger image pads it
+                view = nn.functional.pad(view, (0, max(0, stride - W), 0, max(0, stride - H)))
             return view, dims
         dims = [list(self.view_size(int(h), int(w))) for h, w in sizes]
         groups = self._size_groups(sizes)
