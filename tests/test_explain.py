@@ -127,6 +127,12 @@ def test_bad_image_input_is_a_clear_error():
         finescope.explain(tiny_model(), torch.zeros(5, 8, 8))
 
 
+@pytest.mark.parametrize("empty", [torch.zeros(3, 0, 8, dtype=torch.uint8), np.zeros((8, 0, 3), np.uint8)])
+def test_an_image_of_no_pixels_is_a_clear_error(empty):
+    with pytest.raises(FinescopeError, match="has no pixels"):  # was a ZeroDivisionError from the global view
+        finescope.explain(tiny_model(), empty)
+
+
 def test_an_unreadable_image_file_is_an_error_without_advice_explain_cannot_follow():
     with pytest.raises(FinescopeError, match="cannot read image") as err:
         finescope.explain(tiny_model(), "no_such_slide.png")

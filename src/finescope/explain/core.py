@@ -20,7 +20,8 @@ def as_image(image) -> tuple[torch.Tensor, str | None]:
         ((3, H, W) uint8 tensor, the path or None).
 
     Raises:
-        FinescopeError: another shape or dtype, or float values outside [0, 1] (they would be clipped to white).
+        FinescopeError: another shape or dtype, no pixels, or float values outside [0, 1] (they would be clipped
+            to white).
     """
     from finescope.data.dataset import read_image
 
@@ -37,6 +38,8 @@ def as_image(image) -> tuple[torch.Tensor, str | None]:
     if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
         shape = tuple(getattr(image, "shape", ()))
         raise FinescopeError(f"expected an image path, a (3, H, W) tensor or an (H, W, 3) array, got {shape or type(image)}")
+    if image.shape[1] == 0 or image.shape[2] == 0:
+        raise FinescopeError(f"the image has no pixels: it is {image.shape[2]}x{image.shape[1]} (WxH)")
     image = image.detach().cpu()
     if image.dtype == torch.uint16:
         image = torch.round(image.float() * (255.0 / 65535.0)).to(torch.uint8)
