@@ -665,6 +665,22 @@ def test_flat_maps_are_counted_apart_not_pointed_at_the_corner(tmp_path, monkeyp
     assert "(3 flat maps left out)" in (tmp_path / "after" / "index.html").read_text()
 
 
+def test_the_figure_of_a_thin_strip_stays_a_picture_a_browser_shows(tmp_path):
+    """Each panel was as wide as the image's aspect: a 4x2000 strip with three maps made a PNG of about 175,000 x
+    350 pixels (a 16x400 one with seven maps, 47,000), which no gallery shows; the figure is now capped in width."""
+    from PIL import Image
+
+    from finescope.explain.overlay import save_explanation_figure
+
+    e = finescope.explain(tiny_model(), image(4, 2000), ["attention", "gradcam"])
+    path = save_explanation_figure(e, tmp_path / "strip.png")
+    with Image.open(path) as png:
+        assert png.size[0] <= 8000 and png.size[1] >= 100
+    e = finescope.explain(tiny_model(), image(96, 128), ["attention", "gradcam"])  # an ordinary image: as before
+    with Image.open(save_explanation_figure(e, tmp_path / "ordinary.png")) as png:
+        assert 1000 < png.size[0] < 2500
+
+
 @pytest.mark.skipif(not hasattr(__import__("signal"), "SIGXFSZ"), reason="needs POSIX file size limits")
 def test_pictures_that_cannot_be_written_whole_keep_the_previous_ones(tmp_path):
     """explain's figures, curves and evidence crops (and the demo's overlay) were written in place: a write

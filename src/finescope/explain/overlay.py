@@ -17,6 +17,7 @@ from finescope.files import write_bytes
 
 BOX_COLOURS = ("#ffffff", "#00e5ff", "#ffea00", "#ff6d00", "#d500f9", "#2979ff", "#ff1744", "#c6ff00")
 TRUTH_COLOUR = "#00ff00"
+MAX_FIGURE_INCHES = 60.0  # an image panel figure at most this wide (6,000 px at explain's 100 dpi)
 NORMALISE_LABEL = {"max": "per-image max = 1", "percentile": "per-image {p:g}th percentile = 1, clipped"}
 
 
@@ -139,7 +140,10 @@ def save_explanation_figure(expl, path: str | Path, normalise: str = "max", perc
     methods = list(expl.maps)
     has_crops = expl.crops is not None and len(expl.crops) > 0
     ratios = [W / H] * (1 + len(methods)) + ([1.0] if has_crops else [])
-    fig = plt.figure(figsize=(3.0 * sum(ratios) + 0.6 * len(methods), 3.4))
+    width, height = 3.0 * sum(ratios) + 0.6 * len(methods), 3.4
+    if width > MAX_FIGURE_INCHES:  # a thin strip: panels as wide as the image's aspect would make no picture
+        width, height = MAX_FIGURE_INCHES, max(1.6, height * MAX_FIGURE_INCHES / width)
+    fig = plt.figure(figsize=(width, height))
     grid = fig.add_gridspec(1, len(ratios), width_ratios=ratios, wspace=0.3)
     draw_overlay(fig.add_subplot(grid[0]), image, None, title="image", circles=circles)
     for i, m in enumerate(methods):
