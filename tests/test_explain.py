@@ -665,6 +665,24 @@ def test_flat_maps_are_counted_apart_not_pointed_at_the_corner(tmp_path, monkeyp
     assert "(3 flat maps left out)" in (tmp_path / "after" / "index.html").read_text()
 
 
+def test_boxes_are_drawn_on_the_pixels_they_hold():
+    """imshow centres pixel j on j; the boxes' frame has it span [j, j + 1): a box over the whole of a 4x6 image
+    was drawn half a pixel up and left of it (an eighth of a small image), its right and bottom pixels outside."""
+    from matplotlib.patches import Rectangle
+
+    from finescope.explain.overlay import _pyplot, draw_overlay
+
+    plt = _pyplot()
+    fig, ax = plt.subplots()
+    img = np.zeros((4, 6, 3), np.uint8)
+    draw_overlay(ax, img, np.ones((4, 6), np.float32), boxes=[[0.0, 0.0, 6.0, 4.0]], mass=[1.0])
+    left, right, bottom, top = ax.images[0].get_extent()
+    box = next(p for p in ax.patches if isinstance(p, Rectangle))
+    assert (box.get_x(), box.get_y()) == (left, top) and (box.get_width(), box.get_height()) == (right - left, bottom - top)
+    assert ax.images[1].get_extent() == ax.images[0].get_extent()
+    plt.close(fig)
+
+
 def test_the_figure_of_a_thin_strip_stays_a_picture_a_browser_shows(tmp_path):
     """Each panel was as wide as the image's aspect: a 4x2000 strip with three maps made a PNG of about 175,000 x
     350 pixels (a 16x400 one with seven maps, 47,000), which no gallery shows; the figure is now capped in width."""

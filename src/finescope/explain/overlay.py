@@ -54,7 +54,8 @@ def draw_overlay(ax, image: np.ndarray, heat: np.ndarray | None, boxes=None, mas
     if heat is not None:
         artist = ax.imshow(heat, cmap=cmap, alpha=np.clip(heat, 0, 1) * alpha, vmin=0, vmax=1)
     for k, b in enumerate(boxes if boxes is not None else []):
-        x1, y1, x2, y2 = (float(v) for v in b)
+        # boxes span [j, j + 1) for pixel j (roi_align's frame); imshow draws pixel j from j - 0.5 to j + 0.5
+        x1, y1, x2, y2 = (float(v) - 0.5 for v in b)
         colour = BOX_COLOURS[k % len(BOX_COLOURS)]
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=1.6))
         label = f"{k + 1}" + (f" ({float(mass[k]):.2f})" if mass is not None else "")
