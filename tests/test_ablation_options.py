@@ -36,6 +36,18 @@ def test_evidence_selection_gives_valid_boxes():
     torch.testing.assert_close(ev.sum(dim=(1, 2)), torch.ones(2))
 
 
+def test_evidence_selection_reports_the_boxes_attention_mass():
+    """ModelOutput.box_mass is the attention mass of each box (figures, results.csv and the evidence gallery
+    show it as such); with select_from=evidence it was the mass of the evidence map that picked the boxes."""
+    from finescope.models.selection import box_mass
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(**SMALL, select_from="evidence"), 3).eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 96, 128), torch.tensor([[96, 128], [80, 100]]))
+    torch.testing.assert_close(out.box_mass, box_mass(out.attention, out.boxes, out.cell_px))
+
+
 def test_separate_crop_backbone_gets_gradients():
     torch.manual_seed(0)
     model = create_model(ModelConfig(**SMALL, crop_backbone="separate"), 2)

@@ -19,7 +19,7 @@ from finescope.models.align import crop_align, snap_boxes
 from finescope.models.attention import AttentionPool
 from finescope.models.backbones import Backbone, fold_batchnorm
 from finescope.models.resize import resize_aa
-from finescope.models.selection import select_boxes_deferred
+from finescope.models.selection import box_mass, select_boxes_deferred
 
 Sources = dict[tuple[int, int], tuple[list[int], torch.Tensor]]  # (h, w) -> batch rows, crop source
 
@@ -472,6 +472,8 @@ class FineScopeNet(nn.Module):
             boxes, mass, _ = select(graph=False)
             fused = self._fuse(reader, images, boxes, size_list, sources, g)
         global_logits = global_logits if self.global_in_loss else self._outside_loss(global_logits)
+        if self.select_from != "attention":  # the boxes' attention mass, not that of the map that picked them
+            mass = box_mass(attn.detach(), boxes, cell_px)
         return ModelOutput(fused, global_logits, self._outside_loss(attn), boxes, mass, cell_px)
 
     def _outside_loss(self, t: torch.Tensor) -> torch.Tensor:
