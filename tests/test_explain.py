@@ -728,3 +728,13 @@ def test_pictures_that_cannot_be_written_whole_keep_the_previous_ones(tmp_path):
         signal.signal(signal.SIGXFSZ, handler)
     assert e1.value.errno == e2.value.errno == errno.EFBIG
     assert {p: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_rerun_without_curves_leaves_no_curves_of_the_earlier_run(tmp_path):
+    from finescope.cli import main
+
+    run, out = make_run(tmp_path), tmp_path / "out"
+    args = ["explain", str(run), "--split", "test", "--out", str(out), "--limit", "2", "--method", "attention", *FAST]
+    assert main(args) == 0 and (out / "faithfulness.png").is_file()
+    assert main([*args, "--no-faithfulness"]) == 0  # its faithfulness.json has no curves: nor may the folder
+    assert not (out / "faithfulness.png").exists()

@@ -340,7 +340,8 @@ def run_explain(checkpoint: str | Path, paths: list[str] | tuple[str, ...] = (),
     methods = resolve_methods(model, settings.methods, cfg.model.variant)
     inputs = _inputs(cfg, state, class_names, paths, split)
     out = Path(out) if out else default_out(checkpoint, split)
-    _clear_previous(out, {os.path.realpath(item.path) for item in inputs.items})
+    keep = {os.path.realpath(item.path) for item in inputs.items}
+    _clear_previous(out, keep)
     with CamExplainer(model) as cams:
         ctx = _Context(model, cfg, class_names, methods, cams, settings, out, inputs.train_sizes,
                        EvidenceCollector(class_names, settings.top))
@@ -354,6 +355,8 @@ def run_explain(checkpoint: str | Path, paths: list[str] | tuple[str, ...] = (),
     write_text(out / "faithfulness.json", json_text(summary, indent=2))
     _write_csv(out / "results.csv", rows)
     plot = _plot_curves(out / "faithfulness.png", summary)
+    if plot is None and os.path.realpath(out / "faithfulness.png") not in keep:  # no curves: not an earlier run's
+        (out / "faithfulness.png").unlink(missing_ok=True)
     evidence = ctx.evidence.save(out)
     write_index(out, rows, summary, evidence, methods, settings.top, plot is not None)
     return {**summary, "output": str(out)}
