@@ -429,6 +429,29 @@ def test_evaluate_keeps_the_split_with_loader_overrides_and_says_when_it_cannot(
     assert result["split"] == "all"
 
 
+def test_evaluate_on_other_data_names_the_images_of_patients_the_run_trained_on(fusion_run, synthetic_root, tmp_path):
+    """`evaluate RUN --set data.root=OTHER` scores every image of OTHER as unseen data; a copy that holds images the
+    run trained on (the full dataset, say, of which the run read a part) scored them too, without a word."""
+    out, _ = fusion_run
+    lists = json.loads((out / "splits.json").read_text())["splits"]
+    with (synthetic_root / "manifest.csv").open() as f:
+        rows = {r["path"]: r for r in csv.DictReader(f)}
+    other = tmp_path / "other"
+    (other / "images").mkdir(parents=True)
+    chosen = [rows[p] for p in lists["train"][:2] + lists["test"][:2]]
+    for r in chosen:
+        shutil.copy(synthetic_root / r["path"], other / r["path"])
+    with (other / "manifest.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(chosen[0]))
+        w.writeheader()
+        w.writerows(chosen)
+    with pytest.warns(FinescopeWarning, match="2 of the 4 images .* trained or validated on"):
+        result = trainer.evaluate(out, "all", [f"data.root={other / 'manifest.csv'}"], out=tmp_path / "m.json",
+                                  device="cpu")
+    assert result["split"] == "all" and "trained or validated on" in result["split_leak"]
+    assert "trained or validated on" in json.loads((tmp_path / "m.json").read_text())["split_leak"]
+
+
 def test_thin_splits_are_named_before_training():
     """A drawn split whose validation side came out empty, or whose test side lacks classes, is said, not left
     to be found in the metrics (3 classes: one with 3 groups, one with 2, one with 1)."""

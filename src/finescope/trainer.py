@@ -61,7 +61,7 @@ from finescope.data import (
 )
 from finescope.data.dataset import aspect_key, shape_order, worker_context
 from finescope.data.sources import check_outside_data
-from finescope.data.splits import own_split_leak
+from finescope.data.splits import own_split_leak, trained_on
 from finescope.engine import (
     Predictions,
     first_diverged,
@@ -909,11 +909,14 @@ def evaluate(source: str | Path, split: str = "test", overrides: list[str] | Non
             if cfg.data == trained_data:  # the run's own data no longer matches its splits: say so, do not guess
                 raise
             why = f"the data is not the run's ({str(e).split(';')[0]})"
+    seen = None
     if splits is None:
         if split != "all":
             warnings.warn(f"evaluating all {len(sample_set)} images, not the '{split}' split: {why}",
                           FinescopeWarning, stacklevel=2)
         indices, split = np.arange(len(sample_set)), "all"
+        if (run_dir / "splits.json").is_file() and (seen := trained_on(run_dir / "splits.json", sample_set)):
+            warnings.warn(seen, FinescopeWarning, stacklevel=2)
     else:
         if split not in splits:
             raise FinescopeError(f"--split '{split}' is not in {run_dir / 'splits.json'}; use train, val, test or all")
@@ -922,7 +925,7 @@ def evaluate(source: str | Path, split: str = "test", overrides: list[str] | Non
         raise empty_split_error(split, splits, run_dir)
     preds, metrics = evaluate_split(model, sample_set, indices, cfg, next(model.parameters()).device, desc=split)
     metrics.update(split=split, checkpoint=state["path"], data_root=os.path.abspath(os.path.expanduser(cfg.data.root)),
-                   split_leak=None if splits is None else own_split_leak(splits, sample_set))
+                   split_leak=seen if splits is None else own_split_leak(splits, sample_set))
     ckpt = Path(state["path"])  # train's metrics.json and predictions_test.csv are best.pt's: another keeps its name
     other = f"_{ckpt.stem}" if ckpt.parent.name == "checkpoints" and ckpt.name != "best.pt" else ""
     out = Path(out) if out else run_dir / f"metrics_{split}{other}.json"

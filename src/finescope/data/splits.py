@@ -383,6 +383,30 @@ def own_split_leak(splits: dict[str, np.ndarray], sample_set: SampleSet) -> str 
     return None
 
 
+def trained_on(path: str | Path, sample_set: SampleSet) -> str | None:
+    """What of ``sample_set`` (data evaluated whole) a run trained or validated on, by its splits file ``path``:
+    the images at the relative path of one on its train or val side (also under a root one folder above or below
+    the run's), and every image of their groups (the patient's other images); None when there are none."""
+    try:
+        lists = _read_split_lists(Path(path), own=True)
+    except FinescopeError:
+        return None
+    seen = set(lists.get("train", [])) | set(lists.get("val", []))
+    tails = {p.split("/", i)[-1] for p in seen for i in range(1, p.count("/") + 1)}  # a root below the run's
+
+    def was_seen(rel: str) -> bool:
+        parts = rel.split("/")
+        return rel in tails or any("/".join(parts[i:]) in seen for i in range(len(parts)))
+
+    groups = {s.group for s in sample_set.samples if was_seen(_relative(s.path, sample_set.root))}
+    hits = [s.path for s in sample_set.samples if s.group in groups]
+    if not hits:
+        return None
+    return (f"{len(hits)} of the {len(sample_set)} images evaluated are of {len(groups)} groups (patients) the run "
+            f"trained or validated on (its splits.json), e.g. '{hits[0]}': these metrics are not those of unseen "
+            "patients; leave those patients out of the data, or evaluate the run's test split")
+
+
 def summarize_splits(splits: dict[str, np.ndarray], sample_set: SampleSet) -> dict:
     """Images and groups per class on each side, to rule out leakage at a glance.
 
