@@ -630,6 +630,7 @@ def test_evaluations_of_an_earlier_best_pt_are_named_when_training_on_ends(tmp_p
     run = tmp_path / "r"
     assert main(["evaluate", str(run), "--split", "train", "--device", "cpu"]) == 0
     assert main(["evaluate", str(run), "--split", "all", "--device", "cpu"]) == 0
+    assert main(["evaluate", str(run), "--device", "cpu"]) == 0  # metrics_test.json: made again by the run itself
     capsys.readouterr()
     assert main(_train_args(root, tmp_path, *split, "train.epochs=2") + ["--resume"]) == 0
     warned = [line for line in capsys.readouterr().err.splitlines() if "earlier best.pt" in line]
@@ -640,6 +641,20 @@ def test_evaluations_of_an_earlier_best_pt_are_named_when_training_on_ends(tmp_p
     assert main(["evaluate", str(run), "--split", "all", "--device", "cpu"]) == 0
     assert main(_train_args(root, tmp_path, *split, "train.epochs=2") + ["--resume"]) == 0  # nothing to train
     assert "earlier best.pt" not in capsys.readouterr().err
+
+
+def test_test_metrics_made_before_more_training_are_made_again_with_the_test_predictions(tmp_path):
+    """evaluate RUN writes metrics_test.json beside predictions_test.csv; a finished run resumed to train on wrote
+    new test predictions (of the new best.pt) and left metrics_test.json of the earlier one: the pair disagreed."""
+    root = _folder(tmp_path / "d", n=4)
+    split = ["data.test_fraction=0.25", "data.val_fraction=0"]  # no validation: best.pt is the last epoch
+    assert main(_train_args(root, tmp_path, *split)) == 0
+    run = tmp_path / "r"
+    assert main(["evaluate", str(run), "--device", "cpu"]) == 0
+    assert main(_train_args(root, tmp_path, *split, "train.epochs=2") + ["--resume"]) == 0
+    finished, tested = (json.loads((run / name).read_text()) for name in ("metrics.json", "metrics_test.json"))
+    assert tested["loss"] == finished["loss"] and tested["ece"] == finished["ece"]
+    assert tested["split"] == "test" and "data_root" in tested and "best_epoch" not in tested
 
 
 def test_a_csv_split_column_that_leaks_names_the_csv(tmp_path, capsys):

@@ -824,7 +824,8 @@ def _print_epoch(row: dict, progress: bool) -> None:
 def finish(run_dir: Path, cfg: Config, sample_set: SampleSet, splits: dict, device: torch.device) -> dict:
     """Evaluate best.pt on the test split (every rank its shard); rank 0 writes metrics.json and
     predictions_test.csv and returns the metrics, other ranks return {}. A test report that ``evaluate`` or
-    ``report`` wrote earlier (``report.md``; a finished run trained on, say) is written again from them."""
+    ``report`` wrote earlier (``report.md``, and evaluate's ``metrics_test.json``; a finished run trained on, say) is
+    written again from them."""
     if len(splits.get("test", [])) == 0:
         return {}
     state = load_checkpoint(run_dir / "checkpoints" / "best.pt")
@@ -837,6 +838,10 @@ def finish(run_dir: Path, cfg: Config, sample_set: SampleSet, splits: dict, devi
     metrics.update(split="test", checkpoint=str(run_dir / "checkpoints" / "best.pt"), best_epoch=state["epoch"],
                    split_leak=own_split_leak(splits, sample_set))  # a resumed run split under another grouping
     write_predictions(run_dir / "predictions_test.csv", preds, sample_set)
+    if (run_dir / "metrics_test.json").is_file():  # evaluate's of the earlier best.pt: the pair of these predictions
+        tested = {k: v for k, v in metrics.items() if k != "best_epoch"}
+        tested.update(data_root=os.path.abspath(os.path.expanduser(cfg.data.root)), split_leak=tested.pop("split_leak"))
+        write_text(run_dir / "metrics_test.json", json_text(tested, indent=2))
     write_text(run_dir / "metrics.json", json_text(metrics, indent=2))  # last: it marks a finished run (cv)
     if (run_dir / "report.md").is_file():  # else it would describe the earlier best.pt beside this one's metrics
         from finescope.report import write_report  # matplotlib is imported only here
