@@ -445,7 +445,7 @@ def test_evaluate_on_other_data_names_the_images_of_patients_the_run_trained_on(
         w = csv.DictWriter(f, fieldnames=list(chosen[0]))
         w.writeheader()
         w.writerows(chosen)
-    with pytest.warns(FinescopeWarning, match="2 of the 4 images .* trained or validated on"):
+    with pytest.warns(FinescopeWarning, match="2 of the 4 images .* the run trained or validated on"):
         result = trainer.evaluate(out, "all", [f"data.root={other / 'manifest.csv'}"], out=tmp_path / "m.json",
                                   device="cpu")
     assert result["split"] == "all" and "trained or validated on" in result["split_leak"]

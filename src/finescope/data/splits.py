@@ -402,9 +402,10 @@ def trained_on(path: str | Path, sample_set: SampleSet) -> str | None:
     hits = [s.path for s in sample_set.samples if s.group in groups]
     if not hits:
         return None
-    return (f"{len(hits)} of the {len(sample_set)} images evaluated are of {len(groups)} groups (patients) the run "
-            f"trained or validated on (its splits.json), e.g. '{hits[0]}': these metrics are not those of unseen "
-            "patients; leave those patients out of the data, or evaluate the run's test split")
+    return (f"{len(hits)} of the {len(sample_set)} images evaluated are of {len(groups)} groups (patients) with images "
+            f"at the path of ones the run trained or validated on (its splits.json), e.g. '{hits[0]}': if they are "
+            "the same patients, these metrics are not those of unseen ones; leave them out of the data, or evaluate "
+            "the run's test split")
 
 
 def summarize_splits(splits: dict[str, np.ndarray], sample_set: SampleSet) -> dict:
