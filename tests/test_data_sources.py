@@ -341,6 +341,14 @@ def test_csv_with_split_column(tmp_path):
     assert load_samples(DataConfig(source="csv", root=str(manifest.parent))) == ss  # folder with manifest.csv
 
 
+def test_csv_without_a_magnification_column_under_data_magnifications_says_it_has_none(tmp_path):
+    """A BreakHis config (magnifications: [100]) switched to a CSV of no magnification column was told the CSV
+    'lists no image at data.magnifications [100] in its magnification column', a column it does not have."""
+    manifest = make_csv(tmp_path / "set")
+    with pytest.raises(FinescopeError, match="has no 'magnification' column.*data.magnifications=\\[\\]"):
+        load_samples(DataConfig(source="csv", root=str(manifest), magnifications=(100,)))
+
+
 def test_csv_without_group_or_split(tmp_path):
     tiny_png(tmp_path / "a.png")
     tiny_png(tmp_path / "sub" / "b.png")

@@ -582,6 +582,10 @@ def read_manifest(manifest: Path, cfg: DataConfig) -> _Scan:
     if not found:
         raise FinescopeError(f"none of the images listed in CSV manifest '{manifest}' exists")
     if cfg.magnifications:  # a magnification column, as cv --per-magnification trains each on its own
+        if "magnification" not in header:  # e.g. a BreakHis config (magnifications: [100]) read from a CSV
+            raise FinescopeError(f"CSV manifest '{manifest}' has no 'magnification' column to keep data.magnifications "
+                                 f"{list(cfg.magnifications)} by; set data.magnifications=[] (every image), or add "
+                                 "the column")
         found = [f for f in found if f.meta.get("magnification") in cfg.magnifications]
         if not found:
             raise FinescopeError(f"CSV manifest '{manifest}' lists no image at data.magnifications "
