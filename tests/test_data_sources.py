@@ -513,6 +513,14 @@ def test_images_in_keeps_each_image_once_in_the_order_given(tmp_path):
         images_in([tmp_path / "fungi" / "H1"] + [make_csv(tmp_path / "set")])
 
 
+def test_a_path_given_to_predict_that_does_not_exist_is_said_not_to_exist(tmp_path):
+    """predict RUN typo.jpg was told "'typo.jpg' is neither an image file nor a folder", as if it were a pipe."""
+    from finescope.data.sources import images_in
+
+    with pytest.raises(FinescopeError, match="'.*H1_100a_1.jpg' does not exist; check the path"):
+        images_in([make_folder(tmp_path / "fungi") / "H1" / "H1_100a_1.jpg"])
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
 def test_a_pipe_named_like_an_image_is_no_image(tmp_path):
     """A named pipe (or socket, device) called x.png in a folder was listed as an image: predict, data and train

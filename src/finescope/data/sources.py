@@ -261,6 +261,8 @@ def images_in(paths: Sequence[str | Path]) -> list[tuple[Path, Path]]:
             if not is_image_file(p):
                 raise FinescopeError(f"'{p}' is not an image file; supported: {', '.join(SUPPORTED_EXTENSIONS)}")
             files.append((p, p.parent))
+        elif not os.path.lexists(p):  # a typo, most often
+            raise FinescopeError(f"'{p}' does not exist; check the path")
         else:
             raise FinescopeError(f"'{p}' is neither an image file nor a folder")
     if not files:
