@@ -665,6 +665,20 @@ def test_flat_maps_are_counted_apart_not_pointed_at_the_corner(tmp_path, monkeyp
     assert "(3 flat maps left out)" in (tmp_path / "after" / "index.html").read_text()
 
 
+def test_a_crop_model_of_no_crops_still_gives_evidence():
+    """model.num_crops=0 (allowed): its explanations have K = 0 crops, and the evidence gallery stayed empty;
+    it takes the map-peak crop, as a model without crops does."""
+    from finescope.explain.evidence import EvidenceCollector
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(**{**SMALL, "num_crops": 0}), 2).eval()
+    e = finescope.explain(model, image(), "attention")
+    assert e.crops.shape[0] == 0
+    collector = EvidenceCollector(["a", "b"])
+    collector.add(model, e, "x.png", "images/x.png")
+    assert sum(len(h) for h in collector.heaps.values()) == 1
+
+
 def test_boxes_are_drawn_on_the_pixels_they_hold():
     """imshow centres pixel j on j; the boxes' frame has it span [j, j + 1): a box over the whole of a 4x6 image
     was drawn half a pixel up and left of it (an eighth of a small image), its right and bottom pixels outside."""

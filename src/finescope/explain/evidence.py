@@ -2,9 +2,9 @@
 
 For every class c, the crops of the images *predicted* as c are ranked by ``attention mass of the box x
 probability of c``; the ``top`` highest are kept. Variants without crops (``global``, ``attention``) give one
-crop per image instead: a square of ``min_box_fraction`` of the short side around the maximum of the main map,
-ranked by the probability of c; an image whose main map is flat (zero everywhere, say) has no maximum and gives
-no crop (explain counts such maps in ``flat_maps``).
+crop per image instead (so does a crop variant of ``model.num_crops=0``): a square of ``min_box_fraction`` of the
+short side around the maximum of the main map, ranked by the probability of c; an image whose main map is flat
+(zero everywhere, say) has no maximum and gives no crop (explain counts such maps in ``flat_maps``).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class EvidenceCollector:
         """Offer the crops of one :class:`Explanation` (or its map-peak crop when the model has no boxes)."""
         c, p = expl.predicted, expl.confidence
         common = {"image": name, "figure": figure, "probability": p, "correct": expl.correct}
-        if expl.crops is not None:
+        if expl.crops is not None and len(expl.crops):  # a crop model of num_crops=0 takes the map's peak below
             for k, (crop, mass) in enumerate(zip(expl.crops, expl.box_mass.tolist(), strict=True)):
                 self._push(c, mass * p, {**common, "rank": k + 1, "mass": mass, "crop": crop.clone()})
             return
