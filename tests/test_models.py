@@ -395,6 +395,33 @@ def test_a_flat_map_selects_the_whole_image_under_minmax_as_under_max(grid):
     assert out.attention.shape[1:] == (1, 1) and out.box_mass[0, 0].item() == pytest.approx(1.0)
 
 
+def test_a_coarse_grid_can_join_what_every_pixel_keeps_apart():
+    """The selection thresholds a grid of `upsample` points per cell, not every pixel as method.md does: a
+    diagonal link between two points of the coarse grid crosses a saddle that the pixels keep below tau, and two
+    components become one box (found in review; selection.py's docstring said the components were the same)."""
+    attn = torch.tensor([[0.1, 0.72, 0.02], [1.0, 0.0, 0.54], [0.0, 0.02, 0.79]])
+    kw = dict(size=(87, 102), k=1, threshold=0.5, normalise="max", min_box_fraction=0.01)
+    coarse, _ = _select(attn / attn.sum(), upsample=4, **kw)
+    fine, _ = _select(attn / attn.sum(), upsample=64, **kw)
+    area = [float((b[0, 0, 2] - b[0, 0, 0]) * (b[0, 0, 3] - b[0, 0, 1])) for b in (coarse, fine)]
+    assert area[0] > 2 * area[1]  # the coarse grid's first box spans two of the fine grid's components
+
+
+def test_selection_upsample_is_the_grid_the_model_selects_on(monkeypatch):
+    import finescope.models.network as network
+
+    asked, real = [], network.select_boxes_deferred
+    monkeypatch.setattr(network, "select_boxes_deferred", lambda *a, **k: asked.append(k["upsample"]) or real(*a, **k))
+    with torch.no_grad():
+        _crop_model(selection_upsample=16)(torch.rand(2, 3, 64, 64))
+        _crop_model()(torch.rand(2, 3, 64, 64))
+    assert asked == [16, 4]
+    from finescope.config import load_config
+
+    with pytest.raises(FinescopeError, match="'model.selection_upsample' must be at least 1"):
+        load_config(None, ["model.selection_upsample=0"])
+
+
 def test_peak_iou_zero_spreads_fallback_boxes():
     """With peak_iou=0 the fallback boxes never overlap any box already taken."""
     attn = torch.zeros(6, 8)

@@ -82,6 +82,9 @@ class ModelConfig:
     # minmax is the measured best (docs/ablations.md): with max, a flat map at half its peak became one
     # whole-image box on both the synthetic set and BreakHis
     min_box_fraction: float = 1 / 3  # minimum box side as a fraction of the image's short side
+    selection_upsample: int = 4  # points per feature cell (each axis) of the grid the map is thresholded and
+    # labelled on; method.md thresholds every pixel, which about as many points as a cell has pixels comes near,
+    # at a cost that grows with its square (benchmarks/selection_grid.py)
     peak_iou: float = 0.5  # fallback peaks whose box overlaps a taken box by more IoU than this are skipped
     proj_dim: int = 256  # M; 0 = no projection of the instances
     attn_dim: int = 128  # L in Ilse et al. Eq. 9
@@ -414,7 +417,8 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in options:
             raise FinescopeError(f"config key '{key}' is '{value}'; choose one of: {', '.join(options)}")
-    for key in ("model.global_size", "model.view_multiple", "model.local_size", "train.epochs", "train.batch_size"):
+    for key in ("model.global_size", "model.view_multiple", "model.local_size", "model.selection_upsample",
+                "train.epochs", "train.batch_size"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise FinescopeError(f"config key '{key}' must be at least 1")

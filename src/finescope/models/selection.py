@@ -4,9 +4,13 @@ method.md step 5. The map is upsampled (bilinear) to a fine grid of ``upsample``
 each image's size, normalised by its maximum and thresholded at tau; 8-connected components give boxes; each
 box is grown to a minimum side and clipped to the image; the K boxes with the largest attention mass are kept.
 With fewer than K components the remaining boxes are centred on the highest remaining attention peaks,
-skipping any whose IoU with a box already taken exceeds ``iou_threshold``. Thresholding on a grid a few times
-finer than the feature map gives the same components as thresholding at every pixel (the upsampled map is
-smooth), at a cost that does not grow with the image, and everything stays on the tensor's device.
+skipping any whose IoU with a box already taken exceeds ``iou_threshold``. method.md thresholds the map at
+every pixel; a grid of a few points per cell (``model.selection_upsample``, 4 by default) costs the same
+whatever the image's size, and everything stays on the tensor's device. It is an approximation: where the map
+has a saddle near tau, a diagonal link between two points of the coarse grid can join components that the
+pixels keep apart, and a box edge moves by up to a grid step. ``benchmarks/selection_grid.py`` measures how far
+each grid's boxes are from those of a grid as fine as the pixels, on a trained model's maps (RESULTS.md, "The
+selection's grid").
 
 On a CPU the cost is the number of small operations and how fast each one is. There the components are
 labelled by ``scipy.ndimage.label`` in one call, and the boxes are held as coordinate planes (the x1 of every
