@@ -657,6 +657,18 @@ def test_test_metrics_made_before_more_training_are_made_again_with_the_test_pre
     assert tested["split"] == "test" and "data_root" in tested and "best_epoch" not in tested
 
 
+def test_an_attention_no_loss_reaches_is_named_before_training(tmp_path, capsys):
+    """model.image_feature=avg: the global head reads the mean of the cells and the crops are chosen without
+    gradient, so the attention kept its initial weights and picked the crops at random, without a word."""
+    root = _folder(tmp_path / "d", n=4)
+    assert main(_train_args(root, tmp_path, "model.image_feature=avg", "data.test_fraction=0")) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "model.image_feature is avg" in line]
+    assert len(warned) == 1 and "picks the crops at random" in warned[0]
+    evidence = ["model.image_feature=avg", "model.select_from=evidence", "data.test_fraction=0"]
+    assert main(_train_args(root, tmp_path / "e", *evidence)) == 0
+    assert "model.image_feature is avg" not in capsys.readouterr().err
+
+
 def test_a_csv_split_column_that_leaks_names_the_csv(tmp_path, capsys):
     root = _folder(tmp_path / "d", n=4)
     rows = [f"{c}/{c}_{i}.png,{c},{c}{i // 2},{'test' if i == 1 else ['train', 'test'][i // 2]}"

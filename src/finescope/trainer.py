@@ -598,6 +598,12 @@ def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool) -> 
     with dist.main_speaks():
         splits = resolve_splits(cfg, sample_set, run_dir, resume)
     model = build_model(checkpoint_model_config(cfg) if resume else cfg, len(sample_set.class_names), device)
+    if model.use_attention and model.image_feature == "avg" and model.select_from == "attention" and dist.is_main():
+        warnings.warn("model.image_feature is avg: no loss reaches the attention (the global head reads the mean of "
+                      "the cells, and the crops are chosen without gradient), so it keeps its initial weights and "
+                      f"{'picks the crops at random' if model.num_crops else 'means nothing'}; use "
+                      "model.image_feature=attention, or model.select_from=evidence to pick the crops by the global "
+                      "head's evidence", FinescopeWarning, stacklevel=2)
     if dist.is_main():  # the run starts: what a killed process left half-written goes (the lock says none writes)
         for tmp in (run_dir / "checkpoints").glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
