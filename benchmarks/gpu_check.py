@@ -252,6 +252,8 @@ def train_stage(out: Path, args, device: str, clock: Clock, compile_mode: str = 
 # 39 s, model 181 s, profile 16 s, batch64 65 s, which left compiled 45 s (cut).
 STAGE_SECONDS = {"profile": 40, "model": 260, "batch64": 70, "compiled": 95, "data": 90, "new_shape": 90}
 STAGE_ORDER = ("new_shape", "data", "model", "profile", "batch64", "compiled")
+STAGE_FILES = ("bench_model.json", "bench_batch64.json", "bench_data.json", "profile.json", "profile_compiled.json",
+               "new_shape.json")  # what the stages write, read by final_table
 BUDGET_SECONDS = 465
 
 
@@ -448,6 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA device; run with --device cpu --quick for the CPU test", file=sys.stderr)
         return 2
+    for name in STAGE_FILES:  # an earlier check's, which the short table would show as this run's
+        for stale in (out / name, (out / name).with_suffix(".md")):
+            stale.unlink(missing_ok=True)
     summary: dict = {"environment": environment(device)}
     size = (128, 192) if args.quick else (460, 700)
     backbones = ("tiny",) if args.quick else ("resnet18", "mobilenet_v2", "resnet50")

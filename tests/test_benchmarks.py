@@ -484,3 +484,18 @@ def test_bench_scripts_say_a_wrong_path_or_option_in_one_line(args, message):
     assert proc.returncode != 0
     assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not proc.stdout  # nothing measured
+
+
+def test_gpu_check_table_leaves_out_an_earlier_runs_stage_files(tmp_path):
+    """The short table shows what this run measured: an OUT holding an earlier check's stage files (a rerun with
+    --only-agreement, or stages skipped this time) printed their rows as if measured now."""
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = {"backbone": "stalenet", "size": "1x1", "mode": "infer", "overhead": {"median": 9.0}}
+    (out / "bench_model.json").write_text(json.dumps({"ratios": [stale]}))
+    cmd = [sys.executable, "benchmarks/gpu_check.py", str(out), "--device", "cpu", "--quick", "--only-agreement"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": "src"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "agree tiny fp32" in proc.stdout
+    assert "stalenet" not in proc.stdout and "stalenet" not in (out / "summary.md").read_text()
