@@ -68,6 +68,7 @@ from finescope.data import (  # noqa: E402
 )
 from finescope.data.dataset import _decode_pil, _decode_torchvision, worker_context  # noqa: E402
 from finescope.errors import FinescopeError  # noqa: E402
+from finescope.models.backbones import create_backbone  # noqa: E402
 from finescope.trainer import fused_adamw  # noqa: E402
 
 
@@ -325,6 +326,8 @@ def main(argv: list[str] | None = None) -> dict:
                           ("cpu" if args.device == "auto" else args.device))
     result: dict = {"environment": environment(device), "settings": vars(args)}
     samples = find_samples(args.data, args.limit)
+    if args.epoch_backbone:  # an unknown name said now, not after the loader's timings
+        create_backbone(args.epoch_backbone)
     if args.decode_n > 0:
         result["decode"] = bench_decode(samples, args.decode_n)
     result["loader"] = bench_loader(samples, args.workers, args.caches, args.batch, device.type == "cuda",

@@ -499,3 +499,16 @@ def test_gpu_check_table_leaves_out_an_earlier_runs_stage_files(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "agree tiny fp32" in proc.stdout
     assert "stalenet" not in proc.stdout and "stalenet" not in (out / "summary.md").read_text()
+
+
+def test_bench_data_names_an_unknown_epoch_backbone_before_timing(tmp_path):
+    """--epoch-backbone NAME that finescope does not know is named before the loader is timed (it came only
+    after every loader row, minutes into a run on the real sets)."""
+    data = fake_breakhis(tmp_path / "breakhis", per_class=2)
+    cmd = [sys.executable, "benchmarks/bench_data.py", "--data", str(data), "--workers", "0", "--caches", "none",
+           "--decode-n", "0", "--epoch-backbone", "nosuchnet"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": "src"})
+    assert proc.returncode != 0
+    assert "unknown backbone 'nosuchnet'" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not proc.stdout  # nothing timed
