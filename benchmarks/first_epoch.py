@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     allocator_as_the_cli,
     environment,
+    loadavg,
     make_out_folder,
     markdown_table,
     require_counts,
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     scaler = make_grad_scaler(device, cfg.train.amp)
     sync(device)
     setup_s = time.perf_counter() - start
+    env = environment(device)  # the commit and load as the epochs begin
     t, seen, epochs = cfg.train, set(), []
     for epoch in range(args.epochs):
         loader.sampler.set_epoch(epoch)
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                         amp=t.amp, cpu_amp=t.cpu_amp, channels_last=t.channels_last, progress=False, scaler=scaler)
         epochs.append({"epoch": epoch, "seconds": time.perf_counter() - began,
                        **epoch_summary(loader.records, seen, args.slowest)})
-    env = environment(device)
+    env["loadavg_end"] = loadavg()
     print(f"device {env.get('gpu', env['cpu'])} ({env['device']}), torch {env['torch']}, commit {env['commit']}\n"
           f"`{env['command']}`\n\nsetup (samples, split, model, optimizer, loader): {setup_s:.2f} s\n")
 

@@ -512,3 +512,24 @@ def test_bench_data_names_an_unknown_epoch_backbone_before_timing(tmp_path):
     assert proc.returncode != 0
     assert "unknown backbone 'nosuchnet'" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not proc.stdout  # nothing timed
+
+
+def test_first_epoch_records_the_machine_before_the_epochs(tmp_path, monkeypatch):
+    """first_epoch.py's JSON records the commit and the load average of when its epochs began
+    (``loadavg_start``), as every benchmark does; it took them after the epochs, minutes later."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import first_epoch
+
+    calls = []
+    environment, train_one_epoch = first_epoch.environment, first_epoch.train_one_epoch
+    monkeypatch.setattr(first_epoch, "environment", lambda *a: calls.append("environment") or environment(*a))
+    monkeypatch.setattr(first_epoch, "train_one_epoch",
+                        lambda *a, **k: calls.append("epoch") or train_one_epoch(*a, **k))
+    data = fake_breakhis(tmp_path / "breakhis", per_class=3)
+    out = tmp_path / "first.json"
+    first_epoch.main(["--epochs", "1", "--out", str(out), "--set", f"data.root={data}", "model.backbone=tiny",
+                      "model.weights=", "model.global_size=64", "model.local_size=64", "train.batch_size=2",
+                      "data.num_workers=0", "train.device=cpu"])
+    assert calls == ["environment", "epoch"]
+    env = json.loads(out.read_text())["environment"]
+    assert env["loadavg_start"] and "loadavg_end" in env
