@@ -382,7 +382,7 @@ def group_rows(key: dict, cases: list[Case], times: dict, memory: dict) -> list[
         if case.name in times:
             s = summary(times[case.name])
             row.update(ms=s["median"] * 1e3, ms_min=s["min"] * 1e3, ms_max=s["max"] * 1e3,
-                       images_per_s=case.images / s["median"])
+                       images_per_s=case.images / s["median"], ms_reps=[t * 1e3 for t in times[case.name]])
         else:
             row.update(ms=None, images_per_s=None, note="out of memory")
         rows.append(row)

@@ -533,3 +533,17 @@ def test_first_epoch_records_the_machine_before_the_epochs(tmp_path, monkeypatch
     assert calls == ["environment", "epoch"]
     env = json.loads(out.read_text())["environment"]
     assert env["loadavg_start"] and "loadavg_end" in env
+
+
+def test_bench_model_json_keeps_every_repetition(tmp_path):
+    """bench_model.py's JSON holds every repetition of every case (README: 'a JSON with every repetition'), from
+    which its medians and paired ratios come; it held only the median, min and max."""
+    out = tmp_path / "m.json"
+    cmd = [sys.executable, "benchmarks/bench_model.py", "--device", "cpu", "--backbones", "tiny", "--sizes", "64x96",
+           "--variants", "fusion", "--modes", "infer", "--batch", "1", "--warmup", "0", "--reps", "3",
+           "--global-size", "32", "--local-size", "32", "--threads", "1", "--out", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": "src"})
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["case"] for r in rows} == {"fusion", "passes"}
+    for r in rows:
+        assert len(r["ms_reps"]) == 3 and sorted(r["ms_reps"])[1] == pytest.approx(r["ms"])
