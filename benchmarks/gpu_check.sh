@@ -20,4 +20,4 @@ PY=${PYTHON:-}
 if [ -z "$PY" ]; then  # the repository's environment where there is one (make test creates it), else python3
     if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
-timeout 475 "$PY" benchmarks/gpu_check.py "$out" "$@" 2>&1 | tee "$out/gpu_check.log" | tail -n 40
+timeout 475 "$PY" benchmarks/gpu_check.py "$out" "$@" 2>&1 | tee "$out/gpu_check.log"

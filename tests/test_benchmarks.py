@@ -547,3 +547,16 @@ def test_bench_model_json_keeps_every_repetition(tmp_path):
     assert {r["case"] for r in rows} == {"fusion", "passes"}
     for r in rows:
         assert len(r["ms_reps"]) == 3 and sorted(r["ms_reps"])[1] == pytest.approx(r["ms"])
+
+
+def test_gpu_check_sh_prints_the_whole_table(tmp_path):
+    """gpu_check.sh printed only the last 40 lines of gpu_check.py's output: on a GPU the short table has 41-48
+    lines (benchmarks/results/gpu_*/summary.md), so its header and agreement rows were cut off."""
+    fake = tmp_path / "python"  # stands in for gpu_check.py: a table of 50 rows
+    fake.write_text("#!/bin/sh\necho '| check | result | note |'\nfor i in $(seq 1 50); do echo \"| row $i |\"; done\n")
+    fake.chmod(0o755)
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60,
+                          env={**{k: v for k, v in os.environ.items() if k != "OUT"}, "PYTHON": str(fake)})
+    assert proc.returncode == 0, proc.stderr
+    assert "| check | result | note |" in proc.stdout and "| row 1 |" in proc.stdout and "| row 50 |" in proc.stdout
