@@ -434,7 +434,7 @@ def format_report(result: dict) -> str:
 def goal_lines(ratios: list[dict], device: str) -> str:
     """Issue 5's goals against the groups' median ratios: fusion / passes at most 1.25 on the CPU and 1.15 on
     CUDA, fusion / global-hires below 1; the groups that miss are named."""
-    limit = OVERHEAD_GOAL.get(device)
+    limit = OVERHEAD_GOAL.get(device.split(":")[0])  # cuda:1 is cuda
     checks = [(f"fusion / passes <= {limit}", "overhead", lambda r: r <= limit)] if limit else []
     checks.append(("fusion / global-hires < 1", "fusion_vs_hires", lambda r: r < 1))
     lines = []

@@ -560,3 +560,15 @@ def test_gpu_check_sh_prints_the_whole_table(tmp_path):
                           env={**{k: v for k, v in os.environ.items() if k != "OUT"}, "PYTHON": str(fake)})
     assert proc.returncode == 0, proc.stderr
     assert "| check | result | note |" in proc.stdout and "| row 1 |" in proc.stdout and "| row 50 |" in proc.stdout
+
+
+def test_bench_model_goals_on_a_numbered_cuda_device():
+    """bench_model.py --device cuda:1 (a GPU picked by number) checks the overhead goal of CUDA: with a device
+    index the 'fusion / passes <= 1.15' line was left out of the goals."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_model import goal_lines
+
+    ratios = [{"backbone": "resnet18", "size": "460x700", "mode": "train", "overhead": {"median": 1.2},
+               "fusion_vs_hires": {"median": 0.5}}]
+    assert "fusion / passes <= 1.15: met by 0 of 1 groups" in goal_lines(ratios, "cuda:1")
+    assert goal_lines(ratios, "cuda:1") == goal_lines(ratios, "cuda")
