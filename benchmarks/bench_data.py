@@ -316,6 +316,8 @@ def loader_goal_lines(loader: list[dict], needs: dict[str, float]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.out and Path(args.out).is_dir():
+        raise SystemExit(f"bench_data.py: error: --out '{args.out}': is a folder; give a JSON file name")
     if args.out:  # an --out that cannot be written fails now, not after the timings
         try:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)

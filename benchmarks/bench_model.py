@@ -496,6 +496,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.out and Path(args.out).is_dir():
+        raise SystemExit(f"bench_model.py: error: --out '{args.out}': is a folder; give a JSON file name")
     if args.out:  # an --out that cannot be written fails now, not after the first group
         try:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -117,6 +117,8 @@ def require_counts(parser: ArgumentParser, args, **least: int) -> None:
 def make_out_folder(parser: ArgumentParser, out: str | None) -> None:
     """Make ``--out``'s folder now, or the parser's one-line error: an ``--out`` that cannot be written fails
     before the timings, not after them with what they measured lost."""
+    if out and Path(out).is_dir():
+        parser.error(f"--out '{out}': is a folder; give a JSON file name")
     if out:
         try:
             Path(out).parent.mkdir(parents=True, exist_ok=True)

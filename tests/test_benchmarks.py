@@ -572,3 +572,20 @@ def test_bench_model_goals_on_a_numbered_cuda_device():
                "fusion_vs_hires": {"median": 0.5}}]
     assert "fusion / passes <= 1.15: met by 0 of 1 groups" in goal_lines(ratios, "cuda:1")
     assert goal_lines(ratios, "cuda:1") == goal_lines(ratios, "cuda")
+
+
+@pytest.mark.parametrize("args", [
+    ["box_grid.py", "--sizes", "460x700", "--boxes", "2"],
+    ["bench_model.py", "--device", "cpu", "--backbones", "tiny", "--variants", "fusion", "--sizes", "64x64",
+     "--modes", "infer", "--batch", "1", "--warmup", "0", "--reps", "1"],
+    ["bench_data.py", "--data", "/no/such/folder", "--decode-n", "0"],
+])
+def test_bench_out_naming_a_folder_is_said_in_one_line(tmp_path, args):
+    """--out naming an existing folder is refused in one line before anything is timed; it was an
+    IsADirectoryError traceback when the results were written, what was measured lost."""
+    script, *rest = args
+    proc = subprocess.run([sys.executable, f"benchmarks/{script}", *rest, "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": "src"}, timeout=120)
+    assert proc.returncode != 0
+    assert f"--out '{tmp_path}': is a folder" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not proc.stdout  # nothing measured
