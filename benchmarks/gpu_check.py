@@ -428,6 +428,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # a missing file is named now, not minutes in (the agreement loads the weights after resnet18's check; the
     # training run and the data stage read --data); --weights '' runs without weights, --quick uses none
     parse_device(p, args.device)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"OUT '{args.out}' is a file; give a folder for the check's files")
     if args.weights and not args.quick and not Path(args.weights).is_file():
         p.error(f"--weights: file '{args.weights}' not found (the default: cp "
                 "../shared/weights/mobilenet_v2-b0353104.pth .gpu/)")

@@ -589,3 +589,14 @@ def test_bench_out_naming_a_folder_is_said_in_one_line(tmp_path, args):
     assert proc.returncode != 0
     assert f"--out '{tmp_path}': is a folder" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not proc.stdout  # nothing measured
+
+
+def test_gpu_check_out_naming_a_file_is_said_in_one_line(tmp_path):
+    """gpu_check.py OUT naming an existing file is refused in one line (it was a FileExistsError traceback)."""
+    out = tmp_path / "summary.md"
+    out.write_text("")
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", str(out), "--device", "cpu", "--quick",
+                           "--only-agreement"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": "src"})
+    assert proc.returncode != 0
+    assert f"OUT '{out}' is a file" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
