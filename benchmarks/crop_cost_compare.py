@@ -16,6 +16,9 @@ def summarise(d: Path, old: str, new: str) -> str:
     rounds = sorted({int(p.name[5:].split("_")[0]) for p in d.glob(f"round*_{old}.json")})
     if not rounds:
         raise SystemExit(f"error: no round*_{old}.json in {d}: run crop_cost.py there first (see its run.sh)")
+    missing = [f"round{r}_{new}.json" for r in rounds if not (d / f"round{r}_{new}.json").is_file()]
+    if missing:
+        raise SystemExit(f"error: no {', '.join(missing)} in {d}: is '{new}' the second commit's label?")
     R = {(r, c): json.loads((d / f"round{r}_{c}.json").read_text()) for r in rounds for c in (old, new)}
     named = ", ".join(str(r) for r in rounds)
     lines = [f"| input | B | boxes | {old} ms (rounds {named}) | {new} ms (rounds {named}) | {old} / {new} |",

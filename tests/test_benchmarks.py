@@ -600,3 +600,13 @@ def test_gpu_check_out_naming_a_file_is_said_in_one_line(tmp_path):
                           env={**os.environ, "PYTHONPATH": "src"})
     assert proc.returncode != 0
     assert f"OUT '{out}' is a file" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_crop_cost_compare_names_a_missing_round_of_the_second_commit(tmp_path):
+    """crop_cost_compare.py DIR OLD NEW with no round file of NEW (a misspelt commit) names the file in one line;
+    it was a FileNotFoundError traceback."""
+    (tmp_path / "round1_aaaaaaa.json").write_text(json.dumps({"rows": []}))
+    proc = subprocess.run([sys.executable, "benchmarks/crop_cost_compare.py", str(tmp_path), "aaaaaaa", "bbbbbbb"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "round1_bbbbbbb.json" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
