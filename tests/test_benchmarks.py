@@ -471,6 +471,8 @@ def test_gpu_check_skips_stages_past_its_budget(tmp_path):
     (["cv_cost.py", "--steps", "0"], "--steps: give 1 or more, not 0"),
     (["first_epoch.py", "--epochs", "0"], "--epochs: give 1 or more, not 0"),
     (["box_grid.py", "--boxes", "0"], "--boxes: give 1 or more, not 0"),
+    (["selection_grid.py", "/dev/null/run", "/dev/null/x", "--reps", "0"], "--reps: give 1 or more, not 0"),
+    (["selection_grid.py", "/dev/null/run", "/dev/null/x"], "checkpoint '/dev/null/run' not found"),
     (["augment_cost.py", "/dev/null/data", "--n", "0"], "--n: give 1 or more, not 0"),
     (["shape_count.py", "--multiples", "32", "0"], "--multiples: give 1 or more, not 0"),
     (["shape_count.py", "--make-varied", "/dev/null/src", "/dev/null/dst"], "'/dev/null/src' is not a folder"),
@@ -610,3 +612,29 @@ def test_crop_cost_compare_names_a_missing_round_of_the_second_commit(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "round1_bbbbbbb.json" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_selection_grid_compares_each_grid_with_the_finest(tmp_path, capsys):
+    """selection_grid.py: a trained model's maps, the boxes of each grid against those of the last (finest) one,
+    and each grid's time per call."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import selection_grid
+
+    from finescope.cli import main
+
+    data = fake_breakhis(tmp_path / "breakhis")
+    run = tmp_path / "run"
+    assert main(["train", "--config", "configs/demo.yaml", "--out", str(run), "--quiet", "--set", "data.source=breakhis",
+                 f"data.root={data}", "data.cache=none", "model.global_size=64", "model.local_size=32",
+                 "train.epochs=1", "train.device=cpu", "data.test_fraction=0", "data.val_fraction=0"]) == 0
+    out = tmp_path / "grid" / "g.json"
+    result = selection_grid.main([str(run), str(data), "--limit", "5", "--upsample", "2", "4", "32", "--reps", "1",
+                                  "--batch", "3", "--out", str(out)])
+    rows = {r["upsample"]: r for r in result["rows"]}
+    assert list(rows) == [2, 4, 32] and rows[32]["median_iou"] == 1.0 and rows[32]["boxes_below_0.7"] == 0.0
+    assert all(0.0 <= r["mean_iou"] <= 1.0 and r["ms_per_call"] > 0 for r in rows.values())
+    assert result["settings"]["files"] == 5 and result["settings"]["timed_batch"] == 3
+    assert json.loads(out.read_text())["rows"] == result["rows"] and "| 32 | 1.000 |" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit):
+        selection_grid.main([str(run), str(data), "--upsample", "0"])
+    assert "--upsample: every value must be >= 1" in capsys.readouterr().err
