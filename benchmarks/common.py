@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -22,6 +23,10 @@ from finescope.errors import FinescopeError
 from finescope.runtime import ENV, tune_allocator
 
 ROOT = Path(__file__).resolve().parents[1]
+# environment variables that change what a benchmark measures (its devices, threads, allocator), as the recorded
+# command sets them: rerun as recorded, it measures the same thing
+MEASURED_ENV = ("CUDA_VISIBLE_DEVICES", ENV, "GLIBC_TUNABLES", "MKL_NUM_THREADS", "OMP_NUM_THREADS",
+                "PYTORCH_CUDA_ALLOC_CONF")
 _MALLOC = {"tuned": False}
 
 
@@ -145,7 +150,7 @@ def environment(device: torch.device) -> dict:
     require_device(device)
 
     env = {
-        "command": (f"{ENV}={os.environ[ENV]} " if ENV in os.environ else "")  # the malloc setting, when chosen
+        "command": "".join(f"{k}={shlex.quote(os.environ[k])} " for k in MEASURED_ENV if k in os.environ)
         + "PYTHONPATH=src python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
         "commit": git_commit(),
         "python": platform.python_version(),

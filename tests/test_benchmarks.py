@@ -344,6 +344,20 @@ def test_benchmark_out_in_a_new_folder_is_written(tmp_path):
     assert json.loads(out.read_text())["rows"] and out.with_suffix(".md").is_file()
 
 
+def test_the_recorded_command_names_the_environment_that_changes_the_figures(tmp_path):
+    """The JSON's "exact command" left out the environment variables a measurement was about (the hugetlb
+    results' GLIBC_TUNABLES) or that set its threads (OMP_NUM_THREADS): rerun as recorded, it measured another
+    thing."""
+    out = tmp_path / "g.json"
+    cmd = [sys.executable, "benchmarks/box_grid.py", "--sizes", "460x700", "--boxes", "5", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": "src", "OMP_NUM_THREADS": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env=env)
+    command = json.loads(out.read_text())["environment"]["command"]
+    assert command.startswith("GLIBC_TUNABLES=glibc.malloc.hugetlb=1 OMP_NUM_THREADS=1 PYTHONPATH=src python "
+                              "benchmarks/box_grid.py --sizes 460x700")
+
+
 def test_openmp_cost_runs_each_case_in_its_own_process(tmp_path):
     out = tmp_path / "o.json"
     cmd = [sys.executable, "benchmarks/openmp_cost.py", "--backbones", "tiny", "--rounds", "1", "--reps", "2",
