@@ -420,8 +420,12 @@ def format_report(result: dict) -> str:
     rows = [[g["backbone"], g["size"], g["mode"], ratio(g.get("overhead")), ratio(g.get("fusion_vs_hires")),
              *[ratio(g.get(f"{a}_speedup")) for a in ablated],
              *[ratio(g.get(f"{a}_overhead")) for a in compiled]] for g in result["ratios"]]
+    labels = dict(ABLATION_LABELS)
+    if result["environment"]["device"].startswith("cpu"):  # the CPU's autocast is --cpu-amp (off: fp32 too)
+        amp = result.get("settings", {}).get("cpu_amp", "off")
+        labels["fp32"] = f"fp32 / {'fp32 (--cpu-amp off)' if amp == 'off' else amp}"
     t2 = markdown_table(["backbone", "input", "mode", "fusion / passes", "fusion / global-hires",
-                         *[ABLATION_LABELS[a] for a in ablated],
+                         *[labels[a] for a in ablated],
                          *[OVERHEAD_LABELS[a] for a in compiled]], rows)
     env = result["environment"]
     goals = goal_lines(result["ratios"], env["device"])

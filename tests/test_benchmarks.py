@@ -179,7 +179,7 @@ def test_bench_model_cpu_tiny(tmp_path):
     assert all(g["overhead"]["median"] > 0 and g["view-image_speedup"]["median"] > 0
                and g["one-call-crops_speedup"]["median"] > 0 for g in result["ratios"])
     report = out.with_suffix(".md").read_text()
-    assert "| fp32 / bf16 | view from image / from source |" in report
+    assert "| fp32 / fp32 (--cpu-amp off) | view from image / from source |" in report  # not "fp32 / bf16"
     assert "| crops in one call / crop_align |" in report
     assert "compiled" not in report
     assert "- fusion / passes <= 1.25: met by " in report and "- fusion / global-hires < 1: met by " in report
