@@ -452,6 +452,26 @@ def test_evaluate_on_other_data_names_the_images_of_patients_the_run_trained_on(
     assert "trained or validated on" in json.loads((tmp_path / "m.json").read_text())["split_leak"]
 
 
+def test_a_runs_own_split_that_no_longer_matches_its_data_is_told_where_to_point_data_root(synthetic_root, tmp_path,
+                                                                                             capsys):
+    """evaluate and explain --split of a run whose data lost an image said "draw new splits by leaving data.splits
+    empty", a key the user never set and which cannot change a trained run's split."""
+    from finescope.cli import main
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    _train(root, tmp_path / "run", epochs=1)
+    manifest = root / "manifest.csv"
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join(lines[:-1]) + "\n")  # an image of the run's split is gone from its data
+    with pytest.raises(FinescopeError, match="point data.root at the data this run was trained on") as e:
+        trainer.evaluate(tmp_path / "run", "test", out=tmp_path / "m.json", device="cpu")
+    assert "data.splits" not in str(e.value)
+    assert main(["explain", str(tmp_path / "run"), "--split", "test", "--out", str(tmp_path / "ex"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "point data.root at the data this run was trained on" in err and "data.splits" not in err
+
+
 def test_thin_splits_are_named_before_training():
     """A drawn split whose validation side came out empty, or whose test side lacks classes, is said, not left
     to be found in the metrics (3 classes: one with 3 groups, one with 2, one with 1)."""

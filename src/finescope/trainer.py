@@ -271,7 +271,7 @@ def resolve_splits(cfg: Config, sample_set: SampleSet, run_dir: Path, resume: bo
     own = run_dir / "splits.json"
     drawn = False  # whether data.test_fraction and data.val_fraction drew it
     if resume and own.is_file():
-        splits = load_splits(own, sample_set, fix="point data.root at the data this run was trained on", own=True)
+        splits = load_splits(own, sample_set, fix=OWN_SPLIT_FIX, own=True)
         source = f"the run's {own}"
     elif cfg.data.splits:
         splits, source = load_splits(cfg.data.splits, sample_set), f"data.splits '{cfg.data.splits}'"
@@ -415,6 +415,10 @@ def _log_epoch(run_dir: Path, row: dict) -> None:
 RESUME_FREE = ("name", "data.root", "data.num_workers", "data.cache", "data.cache_dir", "data.on_error",
                "train.device", "train.eval_batch_size", "train.compile", "train.selection_graph",
                "train.channels_last", "train.epochs", "train.patience")
+
+
+# what to do about a run's own splits.json that its data no longer fits (evaluate, explain --split, --resume)
+OWN_SPLIT_FIX = "point data.root at the data this run was trained on"
 
 
 def _check_resume_config(run_dir: Path, cfg: Config) -> dict:
@@ -915,7 +919,7 @@ def evaluate(source: str | Path, split: str = "test", overrides: list[str] | Non
     splits, why = None, f"no splits.json in '{run_dir}'"
     if split != "all" and (run_dir / "splits.json").is_file():
         try:
-            splits = load_splits(run_dir / "splits.json", sample_set, own=True)
+            splits = load_splits(run_dir / "splits.json", sample_set, fix=OWN_SPLIT_FIX, own=True)
         except FinescopeError as e:
             if cfg.data == trained_data:  # the run's own data no longer matches its splits: say so, do not guess
                 raise

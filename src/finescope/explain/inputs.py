@@ -19,7 +19,7 @@ from pathlib import Path
 from finescope.config import Config
 from finescope.data import empty_split_error
 from finescope.errors import FinescopeError, FinescopeWarning
-from finescope.trainer import run_dir_of
+from finescope.trainer import OWN_SPLIT_FIX, run_dir_of
 
 SPLITS = ("train", "val", "test", "all")
 
@@ -82,7 +82,7 @@ def _run_samples(cfg: Config, state: dict, class_names: list[str]):
         raise FinescopeError(f"--split needs the run's splits.json, not found at '{splits_file}'; pass a run "
                              "directory, or give image files/folders instead")
     sample_set = load_samples(cfg.data, require_all_classes=False, class_names=class_names)
-    return sample_set, load_splits(splits_file, sample_set, own=True)
+    return sample_set, load_splits(splits_file, sample_set, fix=OWN_SPLIT_FIX, own=True)
 
 
 def split_inputs(cfg: Config, state: dict, class_names: list[str], split: str) -> Inputs:
