@@ -494,6 +494,18 @@ def test_predict_and_evaluate_refuse_an_out_that_names_an_image_or_the_model(cli
     assert "checkpoint name" in _one_error_line(capsys)
 
 
+def test_predict_and_evaluate_refuse_an_out_that_is_a_folder_before_any_work(cli_run, synthetic_root, tmp_path,
+                                                                              capsys):
+    """evaluate --out DIR predicted the whole split, wrote DIR_predictions.csv beside the folder, then stopped at
+    writing the metrics into the folder ("Is a directory"): the work was lost and a stray file left."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    assert main(["evaluate", str(cli_run), "--out", str(folder), "--device", "cpu"]) == 2
+    assert "is a folder" in _one_error_line(capsys) and not (tmp_path / "results_predictions.csv").exists()
+    assert main(["predict", str(cli_run), str(synthetic_root / "images"), "--out", str(folder), "--device", "cpu"]) == 2
+    assert "is a folder" in _one_error_line(capsys)
+
+
 def test_explain_option_ranges(cli_run, synthetic_root, tmp_path, capsys):
     img = str(synthetic_root / "images" / "typical_0000.png")
     for bad in (["--limit", "-5"], ["--percentile", "200"], ["--tolerance", "-1"], ["--steps", "1"]):

@@ -55,11 +55,14 @@ def _metrics_line(m: dict) -> str:
             + f"  (n={m['n_images']}{skipped})")
 
 
-def _not_a_checkpoint(out: str | None) -> None:
+def _not_a_checkpoint(out: str | None, example: str) -> None:
     """Refuse an ``--out`` that names a checkpoint or an image: evaluate and predict write JSON and CSV, and must
-    never replace the model they read or an image (``predict RUN slide.png --out slide.png``)."""
+    never replace the model they read or an image (``predict RUN slide.png --out slide.png``); or a folder, in
+    which nothing would be written after all the work (``example``: a file name to suggest in it)."""
     from finescope.data.sources import SUPPORTED_EXTENSIONS
 
+    if out and Path(out).is_dir():  # found before the work, not when its result is written
+        raise FinescopeError(f"--out '{out}' is a folder; give the file to write, e.g. --out {Path(out) / example}")
     if out and Path(out).suffix == ".pt":
         raise FinescopeError(f"--out '{out}' is a checkpoint name (.pt); give a .json/.csv file to write the "
                              "results to, not the model")
@@ -71,7 +74,7 @@ def _not_a_checkpoint(out: str | None) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from finescope.trainer import evaluate
 
-    _not_a_checkpoint(args.out)
+    _not_a_checkpoint(args.out, "results.json")
     metrics = evaluate(args.source, args.split, args.overrides, args.out, args.device)
     print(_metrics_line(metrics).replace("test:", f"{metrics['split']}:"))
     print(f"metrics written to {metrics['output']}")
@@ -91,7 +94,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from finescope.trainer import predict
 
-    _not_a_checkpoint(args.out)
+    _not_a_checkpoint(args.out, "results.csv")
     if Path(args.out).name == "predictions.csv" and (Path(args.out).parent / "cv.json").is_file():
         raise FinescopeError(f"--out '{args.out}' is the out-of-fold predictions of the cv folder "
                              f"'{Path(args.out).parent}'; give predict another file, e.g. --out new_predictions.csv")
