@@ -172,6 +172,20 @@ def test_evaluate_matches_training_metrics(fusion_run, tmp_path):
     assert (tmp_path / "m_predictions.csv").is_file()
 
 
+def test_evaluate_with_model_settings_changed_says_so_in_its_metrics_and_report(fusion_run, tmp_path):
+    """evaluate RUN --set model.threshold=0.95 scores another model than the one trained (other crops) and wrote
+    metrics_test.json and report.md into the run as if they were the run's, with nothing recording the change."""
+    from finescope.cli import main
+
+    out, _ = fusion_run
+    assert main(["evaluate", str(out), "--out", str(tmp_path / "m.json"), "--device", "cpu", "--set",
+                 "model.threshold=0.95", "data.num_workers=0"]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["model_overrides"] == {"model.threshold": 0.95}
+    assert "model.threshold=0.95" in (tmp_path / "m_report.md").read_text().split("## Confusion")[0]
+    result = trainer.evaluate(out, "test", ["data.num_workers=0"], out=tmp_path / "n.json", device="cpu")
+    assert result["model_overrides"] == {}  # the model as trained; other settings are no change of the model
+
+
 def test_evaluate_of_last_pt_keeps_the_test_predictions_of_best_pt(fusion_run, tmp_path):
     """train's metrics.json and predictions_test.csv are best.pt's: evaluate of last.pt writes files of its own."""
     out, _ = fusion_run

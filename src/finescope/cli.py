@@ -86,7 +86,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         else predictions.stem + "_report"
     md = predictions.with_name(("report" if stem == "report_test" else stem) + ".md")
     md, page = write_report(metrics["run_dir"], predictions=predictions, split=metrics["split"],
-                            data_root=metrics["data_root"], out=md, warning=metrics.get("split_leak"))
+                            data_root=metrics["data_root"], out=md, warning=metrics.get("split_leak"),
+                            model_overrides=metrics["model_overrides"])
     print(f"report written to {md} and {page}")
     return 0
 

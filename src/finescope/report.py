@@ -144,6 +144,12 @@ def _recorded_warning(run_dir: Path, split: str) -> str | None:
     return None
 
 
+def _recorded_overrides(run_dir: Path, split: str) -> dict | None:
+    """The ``model_overrides`` that ``evaluate`` recorded in ``metrics_<split>.json`` of a run, or None."""
+    recorded = _json_dict(run_dir / f"metrics_{split}.json") or {}
+    return recorded.get("model_overrides") if isinstance(recorded.get("model_overrides"), dict) else None
+
+
 def _histories(run_dir: Path, is_cv: bool) -> dict[str, dict[str, list[dict]]]:
     """variant -> fold -> epoch rows of history.jsonl."""
     out: dict[str, dict[str, list[dict]]] = {}
@@ -424,7 +430,7 @@ def _render_html(title: str, blocks: list[tuple]) -> str:
 
 def write_report(run_dir: str | Path, n_boot: int = 1000, predictions: str | Path | None = None,
                  split: str = "test", data_root: str | None = None, out: str | Path | None = None,
-                 warning: str | None = None) -> tuple[Path, Path]:
+                 warning: str | None = None, model_overrides: dict | None = None) -> tuple[Path, Path]:
     """Write ``report.md`` (figures in ``report_files/``) and a self-contained ``report.html`` into ``run_dir``.
 
     Args:
@@ -438,6 +444,8 @@ def write_report(run_dir: str | Path, n_boot: int = 1000, predictions: str | Pat
             take its name (``OUT.html``, ``OUT_files/``).
         warning: what is wrong with the run's split (e.g. patients on two sides under today's grouping), shown
             above the metrics and the split summary.
+        model_overrides: ``{model key: value}`` that evaluate ran the model with instead of its trained settings,
+            named above the metrics (read from the predictions' ``metrics_<split>.json`` when not given).
 
     Returns:
         The paths of the Markdown and HTML reports.
@@ -461,6 +469,12 @@ def write_report(run_dir: str | Path, n_boot: int = 1000, predictions: str | Pat
     blocks = _blocks(run_dir, summary, rows, is_cv, split, data_root)
     if warning is None and not is_cv:  # what evaluate or train recorded beside these predictions
         warning = _recorded_warning(run_dir, split)
+    if model_overrides is None and not is_cv:
+        model_overrides = _recorded_overrides(run_dir, split)
+    if model_overrides:  # another model than the one trained: said above its metrics
+        changed = " ".join(f"{k}={v}" for k, v in model_overrides.items())
+        note = f"Evaluated with --set {changed}, not the model's trained settings. {blocks[0][3]}"
+        blocks[0] = (*blocks[0][:3], note)
     if warning:  # above the metrics and the split summary, whose stored counts predate it
         blocks = [(k, h, p, f"Warning: {warning}. {n}" if i == 0 or h == "Split summary" else n)
                   for i, (k, h, p, n) in enumerate(blocks)]

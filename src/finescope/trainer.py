@@ -939,8 +939,11 @@ def evaluate(source: str | Path, split: str = "test", overrides: list[str] | Non
     if len(indices) == 0:
         raise empty_split_error(split, splits, run_dir)
     preds, metrics = evaluate_split(model, sample_set, indices, cfg, next(model.parameters()).device, desc=split)
+    trained_model, model_now = to_dict(load_config(base=stored_config(state["config"])))["model"], to_dict(cfg)["model"]
     metrics.update(split=split, checkpoint=state["path"], data_root=os.path.abspath(os.path.expanduser(cfg.data.root)),
-                   split_leak=seen if splits is None else own_split_leak(splits, sample_set))
+                   split_leak=seen if splits is None else own_split_leak(splits, sample_set),
+                   model_overrides={f"model.{k}": v for k, v in model_now.items()  # not the model as trained
+                                    if k not in ("weights", "pretrained") and v != trained_model.get(k)})
     ckpt = Path(state["path"])  # train's metrics.json and predictions_test.csv are best.pt's: another keeps its name
     other = f"_{ckpt.stem}" if ckpt.parent.name == "checkpoints" and ckpt.name != "best.pt" else ""
     out = Path(out) if out else run_dir / f"metrics_{split}{other}.json"
