@@ -643,14 +643,18 @@ def test_evaluations_of_an_earlier_best_pt_are_named_when_training_on_ends(tmp_p
     assert main(["evaluate", str(run), "--split", "train", "--device", "cpu"]) == 0
     assert main(["evaluate", str(run), "--split", "all", "--device", "cpu"]) == 0
     assert main(["evaluate", str(run), "--device", "cpu"]) == 0  # metrics_test.json: made again by the run itself
+    assert main(["explain", str(run), "--split", "test", "--no-faithfulness", "--device", "cpu"]) == 0
     capsys.readouterr()
     assert main(_train_args(root, tmp_path, *split, "train.epochs=2") + ["--resume"]) == 0
     warned = [line for line in capsys.readouterr().err.splitlines() if "earlier best.pt" in line]
-    assert len(warned) == 1 and warned[0].startswith("finescope: warning: metrics_all.json, metrics_train.json in")
+    assert len(warned) == 1 and warned[0].startswith("finescope: warning: explain_test/, metrics_all.json, "
+                                                     "metrics_train.json in")
+    assert f"finescope explain {run} --split test;" in warned[0]
     assert f"finescope evaluate {run} --split all --set data.root={root};" in warned[0]
     assert warned[0].endswith(f"finescope evaluate {run} --split train")
     assert main(["evaluate", str(run), "--split", "train", "--device", "cpu"]) == 0  # made again: no longer named
     assert main(["evaluate", str(run), "--split", "all", "--device", "cpu"]) == 0
+    assert main(["explain", str(run), "--split", "test", "--no-faithfulness", "--device", "cpu"]) == 0
     assert main(_train_args(root, tmp_path, *split, "train.epochs=2") + ["--resume"]) == 0  # nothing to train
     assert "earlier best.pt" not in capsys.readouterr().err
 

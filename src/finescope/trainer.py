@@ -660,8 +660,19 @@ def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool) -> 
 
 def _warn_earlier_evaluations(run_dir: Path) -> None:
     """Warn about what ``evaluate`` wrote in ``run_dir`` (``metrics_<split>[_<checkpoint>].json``, its predictions
-    and report) of a checkpoint that has been written again since: they describe a model the run no longer has."""
+    and report) and ``explain`` (``explain_<split>/``) of a checkpoint that has been written again since: they
+    describe a model the run no longer has."""
     earlier = {}
+    best = run_dir / "checkpoints" / "best.pt"
+    for folder in sorted(run_dir.glob("explain_*")):
+        try:
+            newer = best.stat().st_mtime_ns > (folder / "results.csv").stat().st_mtime_ns
+        except OSError:  # no finished explanation there, or no best.pt
+            continue
+        split = folder.name.removeprefix("explain_")
+        if newer:
+            earlier[f"{folder.name}/"] = (f"finescope explain {shlex.quote(str(run_dir))} --split {split}"
+                                          if split in ("train", "val", "test", "all") else "finescope explain again")
     for path in sorted(run_dir.glob("metrics_*.json")):
         try:
             m = json.loads(path.read_text())
