@@ -685,6 +685,27 @@ def test_an_attention_no_loss_reaches_is_named_before_training(tmp_path, capsys)
     assert "model.image_feature is avg" not in capsys.readouterr().err
 
 
+def test_a_strip_whose_global_view_would_be_huge_is_named_not_read(tmp_path, capsys):
+    """A 2x400 image (a scan line, a mis-cut file) gave a global view 200 times as long as its short side, 32x6400
+    at model.global_size=32, which a large global_size turns into gigabytes of activations: it is now refused
+    like an image too small for the crops, named, and skipped under data.on_error=skip (predict, explain)."""
+    root = _folder(tmp_path / "d", n=4)
+    assert main(_train_args(root, tmp_path, "model.variant=global", "model.global_size=64", "data.test_fraction=0")) == 0
+    strip = tmp_path / "in" / "strip.png"
+    strip.parent.mkdir()
+    Image.new("RGB", (400, 2), (90, 90, 160)).save(strip)  # 400x2: a view of 64x12800, above 8192 px
+    Image.new("RGB", (80, 64), (90, 90, 160)).save(tmp_path / "in" / "fine.png")
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "r"), str(tmp_path / "in"), "--out", str(tmp_path / "p.csv"),
+                 "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "strip.png' is 400x2 (WxH)" in err and "global view" in err and "12800" in err
+    assert [r["path"] for r in csv.DictReader((tmp_path / "p.csv").open())] == [str(tmp_path / "in" / "fine.png")]
+    assert main(["explain", str(tmp_path / "r"), str(tmp_path / "in"), "--out", str(tmp_path / "x"),
+                 "--no-faithfulness", "--device", "cpu"]) == 0
+    assert "strip.png' is 400x2 (WxH)" in capsys.readouterr().err
+
+
 def test_a_csv_split_column_that_leaks_names_the_csv(tmp_path, capsys):
     root = _folder(tmp_path / "d", n=4)
     rows = [f"{c}/{c}_{i}.png,{c},{c}{i // 2},{'test' if i == 1 else ['train', 'test'][i // 2]}"

@@ -120,6 +120,14 @@ def min_image_side(cfg: Config) -> int:
     return cfg.model.local_size if variant_switches(cfg.model.variant).get("use_crops") else 0
 
 
+def view_image_side(cfg: Config) -> int:
+    """The short side of the model's global view (``model.global_size``), or 0 for ``global-hires``, which reads
+    the image itself."""
+    from finescope.models.registry import variant_switches
+
+    return 0 if variant_switches(cfg.model.variant).get("hires") else cfg.model.global_size
+
+
 def colour_on_device(cfg: Config) -> bool:
     """Whether the colour jitter runs on the training device (``data.colour_on``; ``auto``: on CUDA) instead
     of in the workers. In the workers it takes about 40% of what they deliver (``benchmarks/bench_data.py
@@ -139,6 +147,7 @@ def make_dataset(sample_set: SampleSet, indices, cfg: Config, train: bool) -> Im
         transform=build_transform(cfg.data.augment, train, colour=jitter is None),
         on_error=cfg.data.on_error,
         min_side=min_image_side(cfg),
+        view_side=view_image_side(cfg),
         cache=cfg.data.cache,
         seed=cfg.seed if train else None,
         cache_dir=cfg.data.cache_dir,

@@ -343,6 +343,20 @@ def _header_size(path: str) -> tuple[int, int] | None:
     return h, w
 
 
+def check_view_side(path: str, size: tuple[int, int], view_side: int) -> None:
+    """Raise when the global view of an image of ``size`` (H, W), resized to a short side of ``view_side`` (0:
+    no view, nothing to check), would be longer than ``finescope.config.MAX_SIDE``: a strip (a scan line, a
+    mis-cut file) whose view would take the memory of hundreds of images."""
+    from finescope.config import MAX_SIDE
+
+    h, w = size
+    long = max(h, w) * view_side / max(1, min(h, w))
+    if view_side > 0 and long > MAX_SIDE:
+        raise FinescopeError(f"image '{path}' is {w}x{h} (WxH), {max(h, w) / max(1, min(h, w)):.0f} times as long as "
+                             f"it is wide: its global view (a short side of model.global_size {view_side} px) would be "
+                             f"{long:.0f} px long, above {MAX_SIDE}; crop or tile it{SKIP_ADVICE}")
+
+
 def aspect_key(size: tuple[int, int] | None) -> tuple[float, int]:
     """An image's place among images of like shape whatever its orientation: its aspect ratio (long / short
     side, which alone sets the size of its global view) and then its pixels; an unknown size (None) last."""
@@ -466,6 +480,8 @@ class ImageDataset(Dataset):
         on_error: ``raise`` or ``skip``: with ``skip`` an unreadable image gives None (warned once per file in
             each loader process), which :func:`collate_padded` drops.
         min_side: when > 0, an image whose short side is smaller raises (the crops of the model need it).
+        view_side: when > 0, the short side of the model's global view: an image whose view would be longer
+            than ``finescope.config.MAX_SIDE`` raises (:func:`check_view_side`).
         cache: ``none``; ``memory``: keep decoded uint8 images after the first read, in memory shared by the
             DataLoader's forked workers (see :class:`SharedMemoryCache`); ``disk``: store each decoded image as a
             raw ``.npy`` in ``cache_dir`` (see :class:`DiskCache`), shared by workers, runs and folds.
@@ -492,6 +508,7 @@ class ImageDataset(Dataset):
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         on_error: str = "raise",
         min_side: int = 0,
+        view_side: int = 0,
         cache: str = "none",
         seed: int | None = None,
         cache_dir: str = "",
@@ -506,7 +523,7 @@ class ImageDataset(Dataset):
         self.transform = transform
         self.colour = colour
         self.on_error = on_error
-        self.min_side = min_side
+        self.min_side, self.view_side = min_side, view_side
         self.cache = cache
         self.seed = seed
         self.one_orientation = one_orientation
@@ -572,6 +589,7 @@ class ImageDataset(Dataset):
                 f"(model.local_size {self.min_side} px; a model to train on it needs model.local_size <= "
                 f"{min(h, w)}){SKIP_ADVICE}"
             )
+        check_view_side(path, (h, w), self.view_side)
 
     def __getitem__(self, key: int | tuple[int, ...]) -> dict | None:
         """Sample ``key`` (an index, ``(index, epoch)`` or ``(index, epoch, step)``) as ``{"image": (3, H, W)
@@ -702,4 +720,4 @@ def collate_padded(items: list[dict | None]) -> Batch:
 
 
 __all__ = ["Batch", "DiskCache", "ImageDataset", "SharedMemoryCache", "collate_padded", "default_cache_dir",
-           "aspect_key", "read_image", "shape_order", "worker_context"]
+           "aspect_key", "check_view_side", "read_image", "shape_order", "worker_context"]

@@ -124,9 +124,11 @@ def _flat_maps(maps: dict[str, torch.Tensor]) -> dict:
 
 def _explain_one(ctx: _Context, index: int, item) -> dict:
     """Explain, measure and draw one readable image; returns its result row (and curves)."""
-    from finescope.data.dataset import read_image
+    from finescope.data.dataset import check_view_side, read_image
+    from finescope.trainer import view_image_side
 
     image = read_image(item.path)
+    check_view_side(item.path, tuple(image.shape[-2:]), view_image_side(ctx.cfg))
     train = ctx.cfg.train
     expl = explain_loaded(ctx.model, image, ctx.methods, ctx.class_names, ctx.cams, item.label, ctx.settings.target,
                           ctx.cfg.model.predict_with, train.amp, train.cpu_amp)
