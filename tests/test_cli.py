@@ -706,6 +706,21 @@ def test_a_strip_whose_global_view_would_be_huge_is_named_not_read(tmp_path, cap
     assert "strip.png' is 400x2 (WxH)" in capsys.readouterr().err
 
 
+def test_finescope_data_lists_the_images_train_would_refuse_as_too_thin(tmp_path, capsys):
+    """finescope data lists what train stops at; a strip whose global view would be too long was not listed."""
+    root = _folder(tmp_path / "d", n=2)
+    Image.new("RGB", (400, 2), (90, 90, 160)).save(root / "a" / "strip.png")
+    args = ["data", "--config", "configs/demo.yaml", "--json", str(tmp_path / "d.json"), "--set", "data.source=folder",
+            f"data.root={root}", "model.global_size=64", "model.variant=global"]  # no crops: nothing too small
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert "so thin that the global view (a short side of 64 px) would be longer than 8192 px: 1" in out
+    assert "a/strip.png: 400x2" in out
+    assert json.loads((tmp_path / "d.json").read_text())["too_thin"] == [[str(root / "a" / "strip.png"), "400x2"]]
+    assert main([*args, "data.on_error=skip"]) == 0
+    assert main([*args, "model.variant=global-hires"]) == 0  # it reads the image itself: no view to refuse
+
+
 def test_a_csv_split_column_that_leaks_names_the_csv(tmp_path, capsys):
     root = _folder(tmp_path / "d", n=4)
     rows = [f"{c}/{c}_{i}.png,{c},{c}{i // 2},{'test' if i == 1 else ['train', 'test'][i // 2]}"

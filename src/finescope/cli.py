@@ -111,11 +111,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from finescope.config import load_config
     from finescope.data import describe_samples, format_description, load_samples
-    from finescope.trainer import min_image_side, one_class_error
+    from finescope.trainer import min_image_side, one_class_error, view_image_side
 
     cfg = load_config(args.config, args.overrides)
     description = describe_samples(load_samples(cfg.data), read_images=not args.no_read,
-                                   min_side=min_image_side(cfg))
+                                   min_side=min_image_side(cfg), view_side=view_image_side(cfg))
     print(format_description(description))
     if args.json:  # its folder made as predict's and evaluate's --out are
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -123,7 +123,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     if len(description["class_names"]) < 2:
         print(f"train would stop here: {one_class_error(cfg, description['class_names'])}")
         return 1
-    failing = description.get("unreadable") or description.get("too_small")  # what train would stop at
+    failing = description.get("unreadable") or description.get("too_small") or description.get("too_thin")
     return 1 if failing and cfg.data.on_error == "raise" else 0
 
 

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from finescope.data.dataset import read_image
+from finescope.config import MAX_SIDE
+from finescope.data.dataset import check_view_side, read_image
 from finescope.data.records import SampleSet
 from finescope.errors import FinescopeError
 
@@ -33,13 +34,16 @@ def _file_digest(path: str) -> str | None:
 DARK = 16  # an image whose brightest value is at most this (of 255) is almost black
 
 
-def _read_all(sample_set: SampleSet, min_side: int) -> tuple[Counter, list[tuple[str, str]], list[list[str]],
-                                                            list[tuple[str, str]], list[tuple[str, int]]]:
+def _read_all(sample_set: SampleSet, min_side: int, view_side: int = 0) -> tuple[
+        Counter, list[tuple[str, str]], list[list[str]], list[tuple[str, str]], list[tuple[str, int]],
+        list[tuple[str, str]]]:
     """Decode every image: size histogram ("WxH": n), unreadable files, sets of byte-identical files, the
-    images whose short side is below ``min_side`` (path, "WxH") and the almost black ones (path, brightest)."""
+    images whose short side is below ``min_side`` (path, "WxH"), the almost black ones (path, brightest) and
+    those whose global view (short side ``view_side``) would be too long (path, "WxH"; :func:`check_view_side`)."""
     sizes: Counter = Counter()
     unreadable: list[tuple[str, str]] = []
     small: list[tuple[str, str]] = []
+    thin: list[tuple[str, str]] = []
     dark: list[tuple[str, int]] = []
     by_digest: dict[str, list[str]] = defaultdict(list)
     for s in sample_set.samples:
@@ -54,19 +58,26 @@ def _read_all(sample_set: SampleSet, min_side: int) -> tuple[Counter, list[tuple
         sizes[f"{img.shape[2]}x{img.shape[1]}"] += 1
         if min(img.shape[1:]) < min_side:
             small.append((s.path, f"{img.shape[2]}x{img.shape[1]}"))
+        try:
+            check_view_side(s.path, tuple(img.shape[1:]), view_side)
+        except FinescopeError:
+            thin.append((s.path, f"{img.shape[2]}x{img.shape[1]}"))
         if int(img.max()) <= DARK:
             dark.append((s.path, int(img.max())))
     duplicates = [paths for paths in by_digest.values() if len(paths) > 1]
-    return sizes, unreadable, sorted(duplicates), small, dark
+    return sizes, unreadable, sorted(duplicates), small, dark, thin
 
 
-def describe_samples(sample_set: SampleSet, read_images: bool = True, min_side: int = 0) -> dict[str, Any]:
+def describe_samples(sample_set: SampleSet, read_images: bool = True, min_side: int = 0,
+                     view_side: int = 0) -> dict[str, Any]:
     """Count a sample set, and with ``read_images`` decode every file to find sizes and problems.
 
     Args:
         sample_set: the output of :func:`~finescope.data.sources.load_samples`.
         read_images: decode every image (slow on large sets); False gives counts only.
         min_side: the short side a model needs (its crop size; 0: none), below which an image is ``too_small``.
+        view_side: the short side of the model's global view (0: none), with which an image too thin for it is
+            ``too_thin`` (its view would be longer than ``finescope.config.MAX_SIDE``).
 
     Returns:
         A dict with ``n_images``, ``n_groups``, ``class_names``, ``per_class`` ({name: {"images", "groups"}}),
@@ -74,7 +85,8 @@ def describe_samples(sample_set: SampleSet, read_images: bool = True, min_side: 
         ({40: n, ...} when the samples have one), ``image_sizes`` ({"700x460": n}, width x height),
         ``unreadable`` ([(path, reason)]), ``duplicates`` (lists of byte-identical files),
         ``duplicates_across_groups`` (how many of those lists span two groups: a possible leak), ``too_small``
-        ([(path, "WxH")] below ``min_side``, with ``min_side``), ``almost_black`` ([(path, brightest value)] at most
+        ([(path, "WxH")] below ``min_side``, with ``min_side``), ``too_thin`` ([(path, "WxH")], with ``view_side``),
+        ``almost_black`` ([(path, brightest value)] at most
         16 of 255: e.g. 12-bit camera data in a 16-bit file, which is read as value * 255 / 65535) and ``skipped``
         (files the source skipped).
     """
@@ -102,13 +114,14 @@ def describe_samples(sample_set: SampleSet, read_images: bool = True, min_side: 
         "skipped": [list(x) for x in sample_set.skipped],
     }
     if read_images:
-        sizes, unreadable, duplicates, small, dark = _read_all(sample_set, min_side)
+        sizes, unreadable, duplicates, small, dark, thin = _read_all(sample_set, min_side, view_side)
         group_of = {s.path: s.group for s in samples}
         out["image_sizes"] = dict(sizes.most_common())
         out["unreadable"] = [list(x) for x in unreadable]
         out["duplicates"] = duplicates
         out["duplicates_across_groups"] = sum(len({group_of[p] for p in d}) > 1 for d in duplicates)
         out["min_side"], out["too_small"] = min_side, [list(x) for x in small]
+        out["view_side"], out["too_thin"] = view_side, [list(x) for x in thin]
         out["almost_black"] = [list(x) for x in dark]
     return out
 
@@ -163,6 +176,10 @@ def _problems(d: dict[str, Any]) -> list[str]:
     if d.get("min_side"):
         lines.append(f"smaller than {d['min_side']} px (model.local_size) on their short side: {len(d['too_small'])}")
         lines += [f"  {_rel(p, root)}: {size}" for p, size in d["too_small"][:20]]
+    if d.get("too_thin"):
+        lines.append(f"so thin that the global view (a short side of {d['view_side']} px) would be longer than "
+                     f"{MAX_SIDE} px: {len(d['too_thin'])}")
+        lines += [f"  {_rel(p, root)}: {size}" for p, size in d["too_thin"][:20]]
     if d.get("almost_black"):
         lines.append(f"almost black (brightest value at most {DARK} of 255): {len(d['almost_black'])}; 16-bit files "
                      "are read as value * 255 / 65535, so 12-bit camera data in them reads so: rescale them to the "
