@@ -33,6 +33,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from finescope.config import MAX_SIDE
 from finescope.data.records import Sample
 from finescope.data.transforms import ColourJitter, apply_colour
 from finescope.errors import SKIP_ADVICE, FinescopeError, FinescopeWarning
@@ -347,8 +348,6 @@ def check_view_side(path: str, size: tuple[int, int], view_side: int) -> None:
     """Raise when the global view of an image of ``size`` (H, W), resized to a short side of ``view_side`` (0:
     no view, nothing to check), would be longer than ``finescope.config.MAX_SIDE``: a strip (a scan line, a
     mis-cut file) whose view would take the memory of hundreds of images."""
-    from finescope.config import MAX_SIDE
-
     h, w = size
     long = max(h, w) * view_side / max(1, min(h, w))
     if view_side > 0 and long > MAX_SIDE:
