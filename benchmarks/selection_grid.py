@@ -6,9 +6,12 @@ takes a trained model's attention maps of real images (one forward pass each), s
 each grid asked for, and compares each grid's boxes with those of the finest one (the last of ``--upsample``;
 at least as many points per cell as a cell has pixels comes closest to method.md): per box, the IoU with the
 best-matching box of the finest grid. It also times the selection of a batch of those maps on each grid.
+With ``--components grid exact`` it does so for both ways of finding the components
+(``model.selection_components``): on the grid itself, or exactly, on the bilinear map (the grid then holds only
+the components' masses and the fallback peaks).
 
     PYTHONPATH=src python benchmarks/selection_grid.py runs/demo/fusion runs/demo/data --limit 120 \\
-        --upsample 4 8 16 32 64 --out benchmarks/results/cpu_selection_grid_demo.json
+        --upsample 4 8 16 32 64 --components grid exact --out benchmarks/results/cpu_selection_grid_demo.json
 """
 
 from __future__ import annotations
@@ -56,12 +59,13 @@ def attention_maps(model, files: list[Path], device: torch.device) -> list[dict]
     return maps
 
 
-def select(model, m: dict, upsample: int) -> torch.Tensor:
+def select(model, m: dict, upsample: int, components: str) -> torch.Tensor:
     """The (K, 4) boxes the model's selection settings give map ``m`` on a grid of ``upsample`` points per cell."""
     h, w = m["attn"].shape[-2:]
     valid = torch.tensor([[h, w]], device=m["attn"].device)
     boxes, _ = select_boxes(m["attn"], valid, m["size"], m["cell_px"], model.num_crops, model.threshold,
-                            model.min_box_fraction, upsample, model.peak_iou, model.selection_norm)
+                            model.min_box_fraction, upsample, model.peak_iou, model.selection_norm,
+                            components=components)
     return boxes[0]
 
 
@@ -71,7 +75,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("images", nargs="+", help="image files or folders (read recursively)")
     p.add_argument("--limit", type=int, default=120, help="at most this many images, evenly spaced in file order")
     p.add_argument("--upsample", type=int, nargs="+", default=[4, 8, 16, 32, 64],
-                   help="points per feature cell; the last is the reference the others are compared with")
+                   help="points per feature cell; the last, with grid components, is the reference the others are "
+                        "compared with")
+    p.add_argument("--components", nargs="+", choices=["grid", "exact"], default=["grid"],
+                   help="how the components are found (model.selection_components); each with every --upsample")
     p.add_argument("--batch", type=int, default=16, help="maps per selection call in the timing")
     p.add_argument("--reps", type=int, default=20, help="timed calls per grid")
     p.add_argument("--device", default="cpu")
@@ -87,8 +94,9 @@ def main(argv: list[str] | None = None) -> dict:
     files = [f for f, _ in images_in(args.images)]
     files = [files[round(i * (len(files) - 1) / max(1, args.limit - 1))] for i in range(min(args.limit, len(files)))]
     maps = attention_maps(model, files, device)
-    reference = args.upsample[-1]
-    boxes = {u: [select(model, m, u) for m in maps] for u in dict.fromkeys(args.upsample)}
+    reference = ("grid", args.upsample[-1])
+    grids = [(c, u) for c in dict.fromkeys(args.components) for u in dict.fromkeys(args.upsample)]
+    boxes = {g: [select(model, m, g[1], g[0]) for m in maps] for g in dict.fromkeys([*grids, reference])}
     shapes = {}  # maps of one shape make a batch for the timing
     for m in maps:
         shapes.setdefault((tuple(m["attn"].shape), tuple(m["size"].tolist()[0])), []).append(m)
@@ -96,17 +104,17 @@ def main(argv: list[str] | None = None) -> dict:
     attn, cell_px, size = (torch.cat([m[k] for m in batch]) for k in ("attn", "cell_px", "size"))
     valid = torch.tensor([list(attn.shape[-2:])] * len(batch), device=device)
     rows = []
-    for u in dict.fromkeys(args.upsample):
-        ious = torch.cat([box_iou(a, b).amax(dim=1) for a, b in zip(boxes[u], boxes[reference], strict=True)])
-        per_image = [bool((box_iou(a, b).amax(dim=1) < 0.7).any()) for a, b in zip(boxes[u], boxes[reference],
+    for c, u in grids:
+        ious = torch.cat([box_iou(a, b).amax(dim=1) for a, b in zip(boxes[c, u], boxes[reference], strict=True)])
+        per_image = [bool((box_iou(a, b).amax(dim=1) < 0.7).any()) for a, b in zip(boxes[c, u], boxes[reference],
                                                                                  strict=True)]
 
-        def call(u=u):
+        def call(u=u, c=c):
             return select_boxes(attn, valid, size, cell_px, model.num_crops, model.threshold, model.min_box_fraction,
-                                u, model.peak_iou, model.selection_norm)
+                                u, model.peak_iou, model.selection_norm, components=c)
 
         call()  # the first call of a shape (on CUDA: its graph's capture)
-        rows.append({"upsample": u, "median_iou": float(ious.median()), "mean_iou": float(ious.mean()),
+        rows.append({"components": c, "upsample": u, "median_iou": float(ious.median()), "mean_iou": float(ious.mean()),
                      "boxes_below_0.5": float((ious < 0.5).float().mean()),
                      "boxes_below_0.7": float((ious < 0.7).float().mean()),
                      "images_with_a_box_below_0.7": sum(per_image) / len(per_image),
@@ -118,15 +126,17 @@ def main(argv: list[str] | None = None) -> dict:
                 "files": len(files), "image_sizes": sizes, "median_cell_px": cells, "timed_batch": len(batch),
                 "num_crops": model.num_crops, "threshold": model.threshold, "selection_norm": model.selection_norm,
                 "min_box_fraction": model.min_box_fraction, "trained_selection_upsample":
-                getattr(cfg.model, "selection_upsample", 4)}
+                getattr(cfg.model, "selection_upsample", 4), "trained_selection_components":
+                getattr(cfg.model, "selection_components", "grid")}
     table = markdown_table(
-        ["points per cell", "median IoU", "mean IoU", "boxes < 0.5", "boxes < 0.7", "images with a box < 0.7",
+        ["components", "points per cell", "median IoU", "mean IoU", "boxes < 0.5", "boxes < 0.7", "images with a box < 0.7",
          f"ms per call ({len(batch)} maps)"],
-        [[r["upsample"], f"{r['median_iou']:.3f}", f"{r['mean_iou']:.3f}", f"{r['boxes_below_0.5']:.1%}",
+        [[r["components"], r["upsample"], f"{r['median_iou']:.3f}", f"{r['mean_iou']:.3f}", f"{r['boxes_below_0.5']:.1%}",
           f"{r['boxes_below_0.7']:.1%}", f"{r['images_with_a_box_below_0.7']:.1%}", f"{r['ms_per_call']:.2f}"]
          for r in rows])
     note = (f"{len(files)} images ({', '.join(sizes[:4])}{', ...' if len(sizes) > 4 else ''}), cells of about "
-            f"{cells:.0f} px; each box's IoU with the best-matching box of {reference} points per cell; "
+            f"{cells:.0f} px; each box's IoU with the best-matching box of {reference[1]} points per cell (grid "
+            "components); "
             f"K={model.num_crops}, tau={model.threshold}, {model.selection_norm}")
     save_report(args.out, {"environment": env, "settings": settings, "rows": rows},
                 f"{report_header(env)}\n\n{note}\n\n{table}\n")

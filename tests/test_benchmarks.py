@@ -643,12 +643,15 @@ def test_selection_grid_compares_each_grid_with_the_finest(tmp_path, capsys):
                  "train.epochs=1", "train.device=cpu", "data.test_fraction=0", "data.val_fraction=0"]) == 0
     out = tmp_path / "grid" / "g.json"
     result = selection_grid.main([str(run), str(data), "--limit", "5", "--upsample", "2", "4", "32", "--reps", "1",
-                                  "--batch", "3", "--out", str(out)])
-    rows = {r["upsample"]: r for r in result["rows"]}
-    assert list(rows) == [2, 4, 32] and rows[32]["median_iou"] == 1.0 and rows[32]["boxes_below_0.7"] == 0.0
+                                  "--batch", "3", "--components", "grid", "exact", "--out", str(out)])
+    rows = {(r["components"], r["upsample"]): r for r in result["rows"]}
+    assert list(rows) == [("grid", 2), ("grid", 4), ("grid", 32), ("exact", 2), ("exact", 4), ("exact", 32)]
+    assert rows["grid", 32]["median_iou"] == 1.0 and rows["grid", 32]["boxes_below_0.7"] == 0.0
     assert all(0.0 <= r["mean_iou"] <= 1.0 and r["ms_per_call"] > 0 for r in rows.values())
     assert result["settings"]["files"] == 5 and result["settings"]["timed_batch"] == 3
-    assert json.loads(out.read_text())["rows"] == result["rows"] and "| 32 | 1.000 |" in out.with_suffix(".md").read_text()
+    assert result["settings"]["trained_selection_components"] == "exact"
+    table = out.with_suffix(".md").read_text()
+    assert json.loads(out.read_text())["rows"] == result["rows"] and "| grid | 32 | 1.000 |" in table
     with pytest.raises(SystemExit):
         selection_grid.main([str(run), str(data), "--upsample", "0"])
     assert "--upsample: every value must be >= 1" in capsys.readouterr().err

@@ -401,21 +401,117 @@ def test_a_coarse_grid_can_join_what_every_pixel_keeps_apart():
     components become one box (found in review; selection.py's docstring said the components were the same)."""
     attn = torch.tensor([[0.1, 0.72, 0.02], [1.0, 0.0, 0.54], [0.0, 0.02, 0.79]])
     kw = dict(size=(87, 102), k=1, threshold=0.5, normalise="max", min_box_fraction=0.01)
-    coarse, _ = _select(attn / attn.sum(), upsample=4, **kw)
-    fine, _ = _select(attn / attn.sum(), upsample=64, **kw)
+    coarse, _ = _select(attn / attn.sum(), upsample=4, components="grid", **kw)
+    fine, _ = _select(attn / attn.sum(), upsample=64, components="grid", **kw)
     area = [float((b[0, 0, 2] - b[0, 0, 0]) * (b[0, 0, 3] - b[0, 0, 1])) for b in (coarse, fine)]
     assert area[0] > 2 * area[1]  # the coarse grid's first box spans two of the fine grid's components
+
+
+def test_exact_components_keep_apart_what_every_pixel_keeps_apart():
+    """``components="exact"`` finds the components of the bilinear map itself: on the coarse grid of 4 points the
+    saddle map above gives one box over two components; exact, on the same grid of 4, gives the box that a grid
+    as fine as the pixels gives, within a pixel."""
+    attn = torch.tensor([[0.1, 0.72, 0.02], [1.0, 0.0, 0.54], [0.0, 0.02, 0.79]])
+    kw = dict(size=(87, 102), k=1, threshold=0.5, normalise="max", min_box_fraction=0.01)
+    exact, _ = _select(attn / attn.sum(), upsample=4, components="exact", **kw)
+    fine, _ = _select(attn / attn.sum(), upsample=64, components="grid", **kw)
+    torch.testing.assert_close(exact, fine, rtol=0, atol=1.0)
+
+
+@pytest.mark.parametrize("saddle_above", [False, True])
+def test_exact_components_join_diagonal_corners_when_the_saddle_is_above_tau(saddle_above):
+    """Two diagonal cells above tau and two below: the bilinear patch between them joins them only when its
+    saddle, (ad - bc) / (a + d - b - c), is at or above tau: (0.55 - 0.16) / 0.75 = 0.52 for b = c = 0.4, one
+    component and one box over both; (0.55 - 0.01) / 1.35 = 0.4 for b = c = 0.1, two."""
+    low = 0.4 if saddle_above else 0.1
+    attn = torch.tensor([[1.0, low], [low, 0.55]])
+    kw = dict(size=(80, 80), k=2, threshold=0.5, normalise="max", min_box_fraction=0.01)
+    exact, _ = _select(attn, upsample=4, components="exact", **kw)
+    fine, _ = _select(attn, upsample=40, components="grid", **kw)  # as fine as the pixels: 40 points per 40 px cell
+    torch.testing.assert_close(exact[0, 0], fine[0, 0], rtol=0, atol=1.0)  # the first box: a component's
+    x1, y1, x2, y2 = exact[0, 0].tolist()
+    assert (x2 - x1 > 50 and y2 - y1 > 50) == saddle_above  # one box over both diagonal cells
+
+
+def _random_maps(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        h, w = torch.randint(2, 10, (2,), generator=g).tolist()
+        attn = torch.rand(1, h, w, generator=g) ** 3
+        attn[0, 0, 0] = 1.0  # the maximum in a corner, where the pixels reach it: both scale the map alike
+        size = (h * int(torch.randint(12, 40, (1,), generator=g)), w * int(torch.randint(12, 40, (1,), generator=g)))
+        yield attn, size
+
+
+@pytest.mark.parametrize("normalise", ["max", "minmax"])
+def test_exact_components_are_those_of_every_pixel(normalise):
+    """On random maps (many components, saddles near tau), every component box of a grid as fine as the pixels
+    is found by ``components="exact"`` on a grid of 4, each edge within a quarter of a cell (the pixels' centres
+    miss the thin tip of a component); a grid of 4 itself misses some, joined across a saddle."""
+    from finescope.models import selection
+
+    found = {}
+    real = (selection._component_boxes, selection._exact_components)
+
+    def grid_boxes(*args):
+        out = real[0](*args)
+        found["grid"] = out[0][0, :, out[1][0] > 0].T
+        return out
+
+    def exact_boxes(*args):
+        out = real[1](*args)
+        found["exact"] = out[0][0, :, out[1][0] > 0].T
+        return out
+
+    missed = {4: 0, "exact": 0}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(selection, "_component_boxes", grid_boxes)
+        mp.setattr(selection, "_exact_components", exact_boxes)
+        for attn, size in _random_maps(60, seed=7):
+            h, w = attn.shape[-2:]
+            kw = dict(size=size, k=h * w, threshold=0.5, normalise=normalise)
+            cell = torch.tensor([size[1] / w, size[0] / h])
+            tolerance = torch.cat([cell, cell]) / 4  # a quarter of a cell: the pixels' centres miss a thin tip
+            _select(attn[0], upsample=max(size[0] // h, size[1] // w), components="grid", **kw)  # every pixel
+            pixels = found["grid"]
+            _select(attn[0], upsample=4, components="grid", **kw)
+            _select(attn[0], upsample=4, components="exact", **kw)
+            for name, boxes in ((4, found["grid"]), ("exact", found["exact"])):
+                close = ((pixels[:, None] - boxes[None]).abs() <= tolerance).all(dim=2)  # (pixel boxes, boxes)
+                missed[name] += int((~close.any(dim=1)).sum())
+    assert missed["exact"] == 0 and missed[4] > 0
+
+
+def test_exact_components_with_padding_and_fixed_rounds_match():
+    """An image padded into a batch's larger grid selects what it selects alone, and the fixed labelling rounds
+    of a CUDA graph (run here on the CPU) give the boxes of ``scipy``'s labelling."""
+    from finescope.models import selection
+
+    random, _ = _selection_cases()
+    attn, valid, sizes, cell_px, k = random
+    batched = select_boxes(attn, valid, sizes, cell_px, k, normalise="minmax", components="exact")
+    for i in range(len(attn)):
+        h, w = valid[i].tolist()
+        alone = select_boxes(attn[i:i + 1, :h, :w], valid[i:i + 1], sizes[i:i + 1], cell_px[i:i + 1], k,
+                             normalise="minmax", components="exact", padded=False)
+        torch.testing.assert_close(batched[0][i], alone[0][0], rtol=0, atol=1e-4)
+    options = (0.5, 1 / 3, 4, 0.5, "minmax", True, "exact")
+    boxes, mass, converged = selection._select(*random, *options, graph_rounds=selection.GRAPH_ROUNDS)
+    assert bool(converged)
+    torch.testing.assert_close(boxes, batched[0], rtol=0, atol=0)
+    torch.testing.assert_close(mass, batched[1], rtol=0, atol=0)
 
 
 def test_selection_upsample_is_the_grid_the_model_selects_on(monkeypatch):
     import finescope.models.network as network
 
     asked, real = [], network.select_boxes_deferred
-    monkeypatch.setattr(network, "select_boxes_deferred", lambda *a, **k: asked.append(k["upsample"]) or real(*a, **k))
+    monkeypatch.setattr(network, "select_boxes_deferred",
+                        lambda *a, **k: asked.append((k["upsample"], k["components"])) or real(*a, **k))
     with torch.no_grad():
-        _crop_model(selection_upsample=16)(torch.rand(2, 3, 64, 64))
+        _crop_model(selection_upsample=16, selection_components="grid")(torch.rand(2, 3, 64, 64))
         _crop_model()(torch.rand(2, 3, 64, 64))
-    assert asked == [16, 4]
+    assert asked == [(16, "grid"), (4, "exact")]
     from finescope.config import load_config
 
     with pytest.raises(FinescopeError, match="'model.selection_upsample' must be at least 1"):

@@ -84,7 +84,10 @@ class ModelConfig:
     min_box_fraction: float = 1 / 3  # minimum box side as a fraction of the image's short side
     selection_upsample: int = 4  # points per feature cell (each axis) of the grid the map is thresholded and
     # labelled on; method.md thresholds every pixel, which about as many points as a cell has pixels comes near,
-    # at a cost that grows with its square (benchmarks/selection_grid.py)
+    # at a cost that grows with its square (benchmarks/selection_grid.py); under exact components, the grid of
+    # the components' masses and the fallback peaks only
+    selection_components: str = "exact"  # exact: the components and boxes of the bilinear map itself, as
+    # method.md's every pixel, labelled on the feature grid | grid: those of the selection_upsample grid
     peak_iou: float = 0.5  # fallback peaks whose box overlaps a taken box by more IoU than this are skipped
     proj_dim: int = 256  # M; 0 = no projection of the instances
     attn_dim: int = 128  # L in Ilse et al. Eq. 9
@@ -390,6 +393,7 @@ _CHOICES = {
     "data.one_orientation": ("auto", "on", "off"),
     "model.image_feature": ("attention", "avg"),
     "model.selection_norm": ("max", "minmax"),
+    "model.selection_components": ("exact", "grid"),
     "model.predict_with": ("fused", "mean"),
     "model.select_from": ("attention", "evidence"),
     "model.crop_backbone": ("shared", "separate"),
@@ -489,13 +493,14 @@ def strip_provenance(raw: dict) -> dict:
 # keys added with (or later given) a default that changes what a run computes, and the behaviour of the
 # finescope that trained a run whose stored config lacks them
 # (data.one_orientation is not one: its default, auto, is the old behaviour without train.compile)
-BEFORE_KEY = {"model.selection_norm": "max"}
+BEFORE_KEY = {"model.selection_norm": "max", "model.selection_components": "grid"}
 
 
 def stored_config(raw: dict) -> dict:
     """A run's stored config (checkpoint or ``config.yaml``) as it was trained: without provenance, and with
     the keys of :data:`BEFORE_KEY` it lacks set to what the finescope that wrote it did, not to today's
-    defaults (a run from before ``model.selection_norm`` selected with ``max``)."""
+    defaults (a run from before ``model.selection_norm`` selected with ``max``, one from before
+    ``model.selection_components`` on the grid)."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in strip_provenance(raw).items()}
     for key, value in BEFORE_KEY.items():
         section, name = key.split(".")

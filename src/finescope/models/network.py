@@ -156,7 +156,10 @@ class FineScopeNet(nn.Module):
         peak_iou: fallback peaks whose box overlaps a taken box by more IoU than this are skipped.
         min_box_fraction: minimum box side as a fraction of the image's short side.
         selection_upsample: points per feature cell, along each axis, of the grid the selection thresholds and
-            labels (:func:`~finescope.models.selection.select_boxes`' ``upsample``).
+            labels (:func:`~finescope.models.selection.select_boxes`' ``upsample``); with
+            ``selection_components="exact"``, the grid of the components' masses and of the fallback peaks.
+        selection_components: ``"exact"``: components and boxes of the bilinear map itself, as at every pixel;
+            ``"grid"``: of the ``selection_upsample`` grid (``select_boxes``' ``components``).
         proj_dim: M, width of the instance projection (0 = none).
         attn_dim: L, hidden width of the attention.
         image_feature: ``"attention"`` (z) or ``"avg"`` (global average of F) as the image-level feature g.
@@ -195,6 +198,7 @@ class FineScopeNet(nn.Module):
         peak_iou: float = 0.5,
         min_box_fraction: float = 1 / 3,
         selection_upsample: int = 4,
+        selection_components: str = "exact",
         proj_dim: int = 256,
         attn_dim: int = 128,
         image_feature: str = "attention",
@@ -217,7 +221,7 @@ class FineScopeNet(nn.Module):
         self.num_crops = num_crops if use_crops else 0
         self.threshold, self.min_box_fraction = threshold, min_box_fraction
         self.selection_norm, self.peak_iou = selection_norm, peak_iou
-        self.selection_upsample = selection_upsample
+        self.selection_upsample, self.selection_components = selection_upsample, selection_components
         self.image_feature = image_feature if use_attention else "avg"
         C = backbone.num_features
         mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -459,6 +463,7 @@ class FineScopeNet(nn.Module):
         select = functools.partial(
             select_boxes_deferred, selection_map.detach(), valid, sizes, cell_px, self.num_crops, self.threshold,
             self.min_box_fraction, upsample=self.selection_upsample, normalise=self.selection_norm,
+            components=self.selection_components,
             iou_threshold=self.peak_iou, padded=mask is not None,
         )
         boxes, mass, exact = select(graph=self.selection_graph)

@@ -90,6 +90,7 @@ def create_model(cfg: ModelConfig, num_classes: int, backbone_factory: Callable 
         peak_iou=cfg.peak_iou,
         min_box_fraction=cfg.min_box_fraction,
         selection_upsample=cfg.selection_upsample,
+        selection_components=cfg.selection_components,
         proj_dim=cfg.proj_dim,
         attn_dim=cfg.attn_dim,
         image_feature=cfg.image_feature,

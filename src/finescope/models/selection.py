@@ -1,16 +1,19 @@
 """Instance selection: an attention map on the feature grid -> K boxes on the full-resolution image.
 
-method.md step 5. The map is upsampled (bilinear) to a fine grid of ``upsample`` points per feature cell and
-each image's size, normalised by its maximum and thresholded at tau; 8-connected components give boxes; each
-box is grown to a minimum side and clipped to the image; the K boxes with the largest attention mass are kept.
-With fewer than K components the remaining boxes are centred on the highest remaining attention peaks,
-skipping any whose IoU with a box already taken exceeds ``iou_threshold``. method.md thresholds the map at
-every pixel; a grid of a few points per cell (``model.selection_upsample``, 4 by default) costs the same
-whatever the image's size, and everything stays on the tensor's device. It is an approximation: where the map
-has a saddle near tau, a diagonal link between two points of the coarse grid can join components that the
-pixels keep apart, and a box edge moves by up to a grid step. ``benchmarks/selection_grid.py`` measures how far
-each grid's boxes are from those of a grid as fine as the pixels, on a trained model's maps (RESULTS.md, "The
-selection's grid").
+method.md step 5. The map, upsampled (bilinear) to the image, normalised by its maximum and thresholded at
+tau; connected components give boxes; each box is grown to a minimum side and clipped to the image; the K boxes
+with the largest attention mass are kept. With fewer than K components the remaining boxes are centred on the
+highest remaining attention peaks, skipping any whose IoU with a box already taken exceeds ``iou_threshold``.
+
+method.md thresholds the map at every pixel. By default (``components="exact"``, ``model.selection_components``)
+the components and their boxes are those of the bilinear map itself, found on the feature grid
+(:func:`_exact_components`): the same as every pixel's, up to the pixels' own rounding, at a cost that does not
+grow with the image. The masses that rank them and the fallback peaks are read on a grid of ``upsample`` points
+per cell (``model.selection_upsample``, 4). ``components="grid"`` (the selection before ``selection_components``
+existed) thresholds and labels that grid itself, 8-connected: an approximation, as a diagonal link between two
+points of the coarse grid can join components that the pixels keep apart across a saddle near tau, and a box
+edge moves by up to a grid step. ``benchmarks/selection_grid.py`` measures how far each way's boxes are from
+those of a grid as fine as the pixels, on a trained model's maps (RESULTS.md, "The selection's grid").
 
 On a CPU the cost is the number of small operations and how fast each one is. There the components are
 labelled by ``scipy.ndimage.label`` in one call, and the boxes are held as coordinate planes (the x1 of every
@@ -143,6 +146,119 @@ def _components_on_host(binary: torch.Tensor) -> torch.Tensor:
     return largest[ids].view(B, H, W).long()
 
 
+
+def _label(binary: torch.Tensor, graph_rounds: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """8-connected components of a (B, H, W) bool grid, each labelled by its largest cell number, by the means
+    that suit the caller: fixed rounds with their convergence flag (a CUDA graph), fixed rounds (torch.compile),
+    ``scipy.ndimage.label`` (CPU) or rounds tested for convergence (another device)."""
+    if graph_rounds is not None:
+        return _connected_components(binary, rounds=graph_rounds, report=True)
+    if torch.compiler.is_compiling():
+        return _connected_components(binary, rounds=COMPILED_ROUNDS), None
+    if binary.device.type == "cpu":
+        return _components_on_host(binary), None
+    return _connected_components(binary), None
+
+
+def _fine_cells(n: int, upsample: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the n * upsample points of one axis of the fine grid (``F.interpolate``'s bilinear, corners not
+    aligned): the cell of the ring-padded node grid each lies in (0..n) and its position across that cell [0, 1)."""
+    at = (torch.arange(n * upsample, dtype=torch.float32, device=device) + 0.5) / upsample + 0.5
+    cell = at.floor().clamp(0, n)
+    return cell.long(), at - cell
+
+
+def _exact_components(nodes, fine, fine_in, threshold, cell_px, sizes, k, graph_rounds):
+    """Components and boxes of the map's bilinear interpolant itself, thresholded as if at every pixel
+    (method.md), not on a grid of sample points: ``components="exact"`` of :func:`select_boxes`.
+
+    The interpolant is bilinear between the centres of the feature cells (the nodes) and constant beyond the
+    outer ones, so it is ring-padded by one node (a copy of its neighbour) and then bilinear everywhere. Within a
+    square of four nodes the part at or above tau is connected through the square's corners at or above it, with
+    one exception: two diagonal corners above and two below are joined only when the saddle of the bilinear patch,
+    (ad - bc) / (a + d - b - c), is at or above tau (the asymptotic decider of marching squares). So the
+    components are labelled on a grid twice as fine as the nodes: the nodes, the edges between two nodes above,
+    and the squares whose corners above are joined, 8-connected. The box of a component reaches its nodes and,
+    on each edge from one of its nodes to a node below, the point where the edge crosses tau (linear along an
+    edge; the extreme x or y of the part above tau in a square lies on its edges); it is clipped to the image.
+    Components are ranked by their mass on the fine grid (``upsample`` points per cell), each fine point above
+    tau counted in the component of its square's corners (in a saddle square, of the corner on its side of the
+    saddle); one too small to hold a fine point ranks after every one that holds one, by its nodes' attention.
+
+    Args:
+        nodes: (B, h, w) the map scaled to [0, 1] (``normalise``), padding filled by its nearest valid cell.
+        fine: (B, H', W') the unscaled map on the fine grid, zero on padding: the mass.
+        fine_in: (B, H', W') bool, the fine points at or above tau (and valid).
+        cell_px: (B, 2) height and width of a feature cell in pixels; sizes: (B, 2) the image's height and width.
+        graph_rounds: see :func:`_label`.
+
+    Returns:
+        The boxes as planes (B, 4, k') x1, y1, x2, y2 in pixels of the k' = min(k, P + 1) best-ranked components,
+        their rank keys (B, k'), above 0 for a component, 0 for a slot that is none, -1 for the background, and
+        the labelling's convergence flag (or None).
+    """
+    B, h, w = nodes.shape
+    v = F.pad(nodes.unsqueeze(1), (1, 1, 1, 1), mode="replicate").squeeze(1)  # (B, h + 2, w + 2)
+    up = v >= threshold
+    a, b, c, d = v[:, :-1, :-1], v[:, :-1, 1:], v[:, 1:, :-1], v[:, 1:, 1:]  # each square's corners (B, h+1, w+1)
+    ua, ub, uc, ud = up[:, :-1, :-1], up[:, :-1, 1:], up[:, 1:, :-1], up[:, 1:, 1:]
+    diagonal = (ua & ud & ~ub & ~uc) | (ub & uc & ~ua & ~ud)  # two opposite corners above, two below
+    e = torch.where(diagonal, a - b - c + d, torch.ones_like(a))  # nonzero on such squares
+    apart = diagonal & ((a * d - b * c) / e < threshold)  # their saddle below tau
+    joined = (ua.int() + ub.int() + uc.int() + ud.int() >= 2) & ~apart
+    G = up.new_zeros(B, 2 * h + 3, 2 * w + 3)
+    G[:, ::2, ::2] = up
+    G[:, ::2, 1::2] = up[:, :, :-1] & up[:, :, 1:]
+    G[:, 1::2, ::2] = up[:, :-1] & up[:, 1:]
+    G[:, 1::2, 1::2] = joined
+    labels, converged = _label(G, graph_rounds)
+    node_label = labels[:, ::2, ::2]  # (B, h + 2, w + 2), 0 below tau
+    P = labels.shape[1] * labels.shape[2]
+    # every point that bounds a box: the nodes, and each crossing of tau on an edge, in its above end's component
+    ch, cw = cell_px[:, 0, None, None], cell_px[:, 1, None, None]
+    ys = torch.arange(h + 2, dtype=torch.float32, device=v.device)[:, None] - 0.5  # node row in cells
+    xs = torch.arange(w + 2, dtype=torch.float32, device=v.device) - 0.5
+    t_x = ((threshold - v[:, :, :-1]) / (v[:, :, 1:] - v[:, :, :-1]).where(up[:, :, :-1] ^ up[:, :, 1:], 1.0))
+    t_y = ((threshold - v[:, :-1]) / (v[:, 1:] - v[:, :-1]).where(up[:, :-1] ^ up[:, 1:], 1.0))
+    zeros_x, zeros_y = torch.zeros_like(t_x), torch.zeros_like(t_y)
+    points = [  # (label, x, y) each (B, ...)
+        (node_label, xs.expand_as(v) * cw, ys.expand_as(v) * ch),
+        ((node_label[:, :, :-1] + node_label[:, :, 1:]) * (up[:, :, :-1] ^ up[:, :, 1:]),
+         (xs[:-1] + t_x) * cw, (ys + zeros_x) * ch),
+        ((node_label[:, :-1] + node_label[:, 1:]) * (up[:, :-1] ^ up[:, 1:]),
+         (xs + zeros_y) * cw, (ys[:-1] + t_y) * ch),
+    ]
+    ids = torch.cat([p[0].reshape(B, -1) for p in points], dim=1)
+    x = torch.cat([p[1].reshape(B, -1) for p in points], dim=1)
+    y = torch.cat([p[2].reshape(B, -1) for p in points], dim=1)
+    extremes = x.new_full((B, 4, P + 1), -1e9)
+    extremes.scatter_reduce_(2, ids[:, None].expand(B, 4, -1), torch.stack([-x, -y, x, y], dim=1), "amax")
+    # the mass: each fine point above tau in the component of its square's corners above tau
+    rows, fy = _fine_cells(h, fine.shape[1] // h, v.device)
+    cols, fx = _fine_cells(w, fine.shape[2] // w, v.device)
+
+    def at(plane):  # a (B, h + 1, w + 1) square plane, or a corner plane, read at every fine point
+        return plane[:, rows][:, :, cols]
+
+    la, lb = at(node_label[:, :-1, :-1]), at(node_label[:, :-1, 1:])
+    lc, ld = at(node_label[:, 1:, :-1]), at(node_label[:, 1:, 1:])
+    left, right = torch.maximum(la, lc), torch.maximum(lb, ld)
+    saddle_x = (a - c) / e  # across the square, where the saddle is (on squares kept apart)
+    fine_label = torch.where(at(apart), torch.where(fx < at(saddle_x), left, right), torch.maximum(left, right))
+    fine_label = fine_label * fine_in
+    mass = fine.new_zeros(B, P + 1).scatter_add_(1, fine_label.reshape(B, -1), fine.reshape(B, -1).float())
+    small = fine.new_zeros(B, P + 1).scatter_add_(1, node_label[:, 1:-1, 1:-1].reshape(B, -1),
+                                                  nodes.reshape(B, -1).float())
+    rank = torch.where(mass > 0, mass + 1.0, small * 1e-3)  # those holding a fine point first
+    rank[:, 0] = -1.0  # background slot
+    rank, slot = rank.topk(min(k, P + 1), dim=1)
+    box = extremes.gather(2, slot[:, None].expand(-1, 4, -1))
+    limit = sizes.flip(1).float()[:, :, None]  # (B, 2, 1) width, height
+    lo = (-box[:, :2]).clamp(min=0)
+    hi = torch.minimum(box[:, 2:], limit)
+    return torch.cat([torch.minimum(lo, limit), torch.maximum(hi, lo.new_zeros(()))], dim=1), rank, converged
+
+
 def _grow_and_clip(lo: torch.Tensor, hi: torch.Tensor, min_side: torch.Tensor, limit: torch.Tensor,
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Grow boxes to ``min_side`` (B,) per side, shift them inside the image, clip them to it.
@@ -242,6 +358,7 @@ def select_boxes(
     normalise: str = "max",
     padded: bool = True,
     graph: bool = True,
+    components: str = "exact",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick K boxes per image from an attention map (method.md step 5).
 
@@ -253,23 +370,26 @@ def select_boxes(
         k: number of boxes K.
         threshold: tau, applied to the max-normalised map.
         min_box_fraction: the minimum box side as a fraction of the image's short side.
-        upsample: fine-grid points per feature cell along each axis.
+        upsample: fine-grid points per feature cell along each axis: the grid of the components' masses and of
+            the fallback peaks, and with ``components="grid"`` the grid thresholded and labelled.
         iou_threshold: peaks whose box overlaps a taken box by more than this are skipped.
         normalise: ``max`` divides the map by its maximum (method.md); ``minmax`` maps [min, max] to [0, 1]
             first, so a flat background at half the peak (common on small grids) stays below tau.
         padded: False when the caller knows every image fills the whole grid (``valid`` is (h, w) for all),
             which skips the padding masks; True is always correct.
         graph: on CUDA, outside torch.compile, replay a CUDA graph of the selection (the same boxes).
+        components: ``exact``: the components and boxes of the bilinear map itself, as if thresholded at every
+            pixel (:func:`_exact_components`); ``grid``: those of the ``upsample`` grid, 8-connected.
 
     Returns:
         boxes: (B, K, 4) float x1, y1, x2, y2 in full-resolution pixels, ordered by rank.
         mass: (B, K) attention mass inside each box.
     """
     boxes, mass, exact = select_boxes_deferred(attn, valid, sizes, cell_px, k, threshold, min_box_fraction,
-                                               upsample, iou_threshold, normalise, padded, graph)
+                                               upsample, iou_threshold, normalise, padded, graph, components)
     if exact is not None and not bool(exact):  # the one host-device sync
         boxes, mass, _ = select_boxes_deferred(attn, valid, sizes, cell_px, k, threshold, min_box_fraction,
-                                               upsample, iou_threshold, normalise, padded, graph=False)
+                                               upsample, iou_threshold, normalise, padded, False, components)
     return boxes, mass
 
 
@@ -287,6 +407,7 @@ def select_boxes_deferred(
     normalise: str = "max",
     padded: bool = True,
     graph: bool = True,
+    components: str = "exact",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """:func:`select_boxes` (the same arguments) without reading whether its CUDA graph's boxes are exact.
 
@@ -297,7 +418,7 @@ def select_boxes_deferred(
             again with ``graph=False`` before it uses the boxes for anything it keeps.
     """
     inputs = (attn, valid, sizes, cell_px)
-    options = (k, threshold, min_box_fraction, upsample, iou_threshold, normalise, padded)
+    options = (k, threshold, min_box_fraction, upsample, iou_threshold, normalise, padded, components)
     with torch.autocast(attn.device.type, enabled=False):  # float32 throughout, also inside an autocast region
         if graph and _graph_applies(attn, k):
             replayed = _GraphedSelect.replay(inputs, options)
@@ -363,7 +484,7 @@ class _GraphedSelect:
 
 
 def _select(attn, valid, sizes, cell_px, k, threshold, min_box_fraction, upsample, iou_threshold, normalise, padded,
-            graph_rounds=None):
+            components="exact", graph_rounds=None):
     """The selection of ``select_boxes``. With ``graph_rounds`` the labelling runs exactly that many rounds and a
     third output says, on the device, whether they converged (what a CUDA graph of it needs: no sync)."""
     attn = attn.float()
@@ -378,21 +499,29 @@ def _select(attn, valid, sizes, cell_px, k, threshold, min_box_fraction, upsampl
         rows = torch.arange(h * upsample, device=attn.device)[None, :, None] < valid[:, 0, None, None] * upsample
         cols = torch.arange(w * upsample, device=attn.device)[None, None, :] < valid[:, 1, None, None] * upsample
         valid_fine = rows & cols  # (B, H', W')
-    fine = F.interpolate((attn_in if padded else attn).unsqueeze(1), scale_factor=upsample, mode="bilinear")
-    fine = fine.squeeze(1) if valid_fine is None else fine.squeeze(1) * valid_fine  # (B, H', W')
-    fine_norm = _normalise(fine, valid_fine, normalise)
+    nodes = attn_in if padded else attn
+
+    def upsampled(x):
+        x = F.interpolate(x.unsqueeze(1), scale_factor=upsample, mode="bilinear").squeeze(1)
+        return x if valid_fine is None else x * valid_fine  # (B, H', W')
+
+    fine = upsampled(nodes)
+    cell_xy = (cell_px / upsample).flip(1)  # (B, 2) width and height of a fine cell in pixels
+    if components == "exact":  # padding holds copies of valid cells: scaling all nodes scales the valid ones
+        nodes = _normalise(nodes, None, normalise)
+        fine_norm = upsampled(nodes)
+    else:
+        fine_norm = _normalise(fine, valid_fine, normalise)
     binary = fine_norm >= threshold
     binary = binary if valid_fine is None else binary & valid_fine
-    if graph_rounds is not None:
-        labels, converged = _connected_components(binary, rounds=graph_rounds, report=True)
-    elif torch.compiler.is_compiling():
-        labels = _connected_components(binary, rounds=COMPILED_ROUNDS)
-    elif binary.device.type == "cpu":
-        labels = _components_on_host(binary)
+    if components == "exact":
+        comp, comp_mass, converged = _exact_components(nodes, fine, binary, threshold, cell_px, sizes, k,
+                                                       graph_rounds)
+    elif components == "grid":
+        labels, converged = _label(binary, graph_rounds)
+        comp, comp_mass = _component_boxes(labels, fine, cell_xy, k)  # (B, 4, k'), (B, k')
     else:
-        labels = _connected_components(binary)
-    cell_xy = (cell_px / upsample).flip(1)  # (B, 2) width and height of a fine cell in pixels
-    comp, comp_mass = _component_boxes(labels, fine, cell_xy, k)  # (B, 4, k'), (B, k')
+        raise ValueError(f"components must be 'exact' or 'grid', got {components!r}")
     kc = comp.shape[2]
     centre, score = _peak_centres(fine_norm, valid_fine, cell_xy)  # (B, 2, P), (B, P)
     # Boxes as coordinate planes, the components' then every peak's (a point box on each fine-grid point), so
