@@ -752,3 +752,72 @@ def test_a_rerun_without_curves_leaves_no_curves_of_the_earlier_run(tmp_path):
     assert main(args) == 0 and (out / "faithfulness.png").is_file()
     assert main([*args, "--no-faithfulness"]) == 0  # its faithfulness.json has no curves: nor may the folder
     assert not (out / "faithfulness.png").exists()
+
+
+@pytest.mark.parametrize("stop, status", [(KeyboardInterrupt(), 130),
+                                          (OSError(28, "No space left on device", "images/00001_x.png"), 2)])
+def test_a_rerun_stopped_midway_leaves_the_earlier_gallery_whole(tmp_path, monkeypatch, stop, status):
+    """A rerun removed the earlier run's figures before drawing its own: one stopped at its 2nd image (Ctrl-C,
+    a full disk) left the earlier index.html and results.csv showing figures no longer there."""
+    from finescope.cli import main
+    from finescope.explain import runner
+
+    run, out = make_run(tmp_path), tmp_path / "out"
+    args = ["explain", str(run), "--split", "test", "--out", str(out), *FAST]
+    assert main(args) == 0
+
+    def files():
+        return {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    before, explain_one = files(), runner._explain_one
+
+    def stopped_at_the_second(ctx, index, item):
+        if index == 1:
+            raise stop
+        return explain_one(ctx, index, item)
+
+    monkeypatch.setattr(runner, "_explain_one", stopped_at_the_second)
+    assert main(args) == status
+    assert files() == before  # the earlier gallery, its tables and its figures, and nothing else
+    monkeypatch.undo()
+    (out / f"{runner.STAGE_PREFIX}killed").mkdir()  # what a killed run leaves: gone with the next run
+    assert main(args) == 0 and not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_figures_reach_an_images_folder_linked_to_another_file_system(tmp_path):
+    """The figures drawn in --out's hidden folder are renamed into images/ and evidence/; one of these linked to
+    another file system (where a rename fails) gets them copied."""
+    import shutil
+    import tempfile
+
+    from finescope.cli import main
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on another file system")
+    elsewhere = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        out = tmp_path / "out"
+        out.mkdir()
+        (out / "images").symlink_to(elsewhere)
+        assert main(["explain", str(make_run(tmp_path)), "--split", "test", "--out", str(out), *FAST]) == 0
+        assert len(list(elsewhere.glob("*.png"))) == 3
+    finally:
+        shutil.rmtree(elsewhere)
+
+
+def test_an_out_folder_explain_cannot_write_in_is_named_not_its_hidden_one(tmp_path, monkeypatch, capsys):
+    """The figures are drawn in a hidden folder inside --out: a folder explain may not write in is named as the
+    user gave it, not as that hidden one."""
+    import errno
+    import tempfile
+
+    from finescope.cli import main
+
+    def read_only(dir, prefix):
+        raise PermissionError(errno.EACCES, "Permission denied", str(Path(dir) / f"{prefix}abc"))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)  # as root, a folder of mode 555 is still writable
+    out = tmp_path / "out"
+    assert main(["explain", str(make_run(tmp_path)), "--split", "test", "--out", str(out), *FAST]) == 2
+    assert f"Permission denied: '{out}'; check its permissions" in capsys.readouterr().err

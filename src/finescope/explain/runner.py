@@ -9,13 +9,19 @@ Writes into the output folder::
                           orders; hit rate, pointing game
     faithfulness.png      the mean deletion and insertion curves
     results.csv           one row per image
+
+The figures are drawn in a hidden folder beside them and replace an earlier run's only once all are there, the
+gallery written last: a run that fails or is interrupted leaves the earlier run's folder as it was.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import os
 import re
+import shutil
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +37,7 @@ from finescope.explain.inputs import Inputs, path_inputs, run_dir_of, size_notes
 from finescope.explain.maps import NORMALISATIONS, map_peak
 from finescope.explain.methods import CamExplainer, resolve_methods
 from finescope.explain.overlay import save_explanation_figure, save_figure
-from finescope.files import atomic_open, json_text, write_text
+from finescope.files import atomic_open, json_text, write_bytes, write_text
 from finescope.progress import Progress
 
 
@@ -278,15 +284,36 @@ def default_out(checkpoint: str | Path, split: str | None) -> Path:
 _FIGURES = (("images", "*.png", re.compile(r"\d{5,}_.*\.png")), ("evidence", "*/*.png", re.compile(r"\d{2,}\.png")))
 
 
+# what says that a folder holds a finished explanation (trainer's warning reads results.csv's time)
+_RECORDS = ("index.html", "results.csv", "faithfulness.json")
+STAGE_PREFIX = ".finescope-explain-"  # the hidden folder in ``out`` where a run draws its figures
+
+
 def _clear_previous(out: Path, keep: set[str]) -> None:
-    """Create ``out``; remove the figures an earlier explain run left in its images/ and evidence/ folders. Only
-    files named as explain names them go, and never one of the images to explain (``keep``, real paths): an
-    ``--out`` that holds the user's own images/ folder keeps it."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Remove the figures an earlier explain run left in ``out``'s images/ and evidence/ folders. Only files
+    named as explain names them go, and never one of the images to explain (``keep``, real paths): an ``--out``
+    that holds the user's own images/ folder keeps it."""
     for sub, pattern, name in _FIGURES:
         for png in (out / sub).glob(pattern):
             if name.fullmatch(png.name) and os.path.realpath(png) not in keep:
                 png.unlink()
+
+
+def _publish(stage: Path, out: Path, keep: set[str]) -> None:
+    """Put the figures drawn in ``stage`` in place of an earlier run's in ``out``. The earlier gallery and tables
+    go first, so that a run stopped on the way leaves none that shows figures no longer there."""
+    for name in _RECORDS:
+        (out / name).unlink(missing_ok=True)
+    _clear_previous(out, keep)
+    for png in sorted(stage.rglob("*.png")):
+        target = out / png.relative_to(stage)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(png, target)
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            write_bytes(target, png.read_bytes())  # images/ or evidence/ a link to another file system
 
 
 def spread(items: list, limit: int) -> list:
@@ -343,24 +370,37 @@ def run_explain(checkpoint: str | Path, paths: list[str] | tuple[str, ...] = (),
     inputs = _inputs(cfg, state, class_names, paths, split)
     out = Path(out) if out else default_out(checkpoint, split)
     keep = {os.path.realpath(item.path) for item in inputs.items}
-    _clear_previous(out, keep)
-    with CamExplainer(model) as cams:
-        ctx = _Context(model, cfg, class_names, methods, cams, settings, out, inputs.train_sizes,
-                       EvidenceCollector(class_names, settings.top))
-        rows, curves, skipped = _loop(ctx, inputs, progress)
-    if not rows:
-        raise FinescopeError(f"none of the {len(inputs.items)} images could be read (e.g. {skipped[0]['reason']})")
-    summary = summarise(rows, curves, methods, settings)
-    summary.update(checkpoint=str(state["path"]), variant=cfg.model.variant, class_names=class_names,
-                   source=f"split {split} of {run_dir_of(state)}" if split else ", ".join(map(str, paths)),
-                   skipped=skipped)
-    write_text(out / "faithfulness.json", json_text(summary, indent=2))
-    _write_csv(out / "results.csv", rows)
-    plot = _plot_curves(out / "faithfulness.png", summary)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob(f"{STAGE_PREFIX}*"):  # a killed run's figures
+        shutil.rmtree(old, ignore_errors=True)
+    # the figures are drawn aside and replace the earlier run's only once all are there: a run that fails or is
+    # interrupted leaves the earlier gallery as it was
+    try:
+        stage = Path(tempfile.mkdtemp(dir=out, prefix=STAGE_PREFIX))
+    except OSError as e:  # name the folder the user asked for, not the hidden one
+        raise type(e)(e.errno, e.strerror, str(out)) from None
+    try:
+        with CamExplainer(model) as cams:
+            ctx = _Context(model, cfg, class_names, methods, cams, settings, stage, inputs.train_sizes,
+                           EvidenceCollector(class_names, settings.top))
+            rows, curves, skipped = _loop(ctx, inputs, progress)
+        if not rows:
+            raise FinescopeError(f"none of the {len(inputs.items)} images could be read "
+                                 f"(e.g. {skipped[0]['reason']})")
+        summary = summarise(rows, curves, methods, settings)
+        summary.update(checkpoint=str(state["path"]), variant=cfg.model.variant, class_names=class_names,
+                       source=f"split {split} of {run_dir_of(state)}" if split else ", ".join(map(str, paths)),
+                       skipped=skipped)
+        plot = _plot_curves(stage / "faithfulness.png", summary)
+        evidence = ctx.evidence.save(stage)
+        _publish(stage, out, keep)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     if plot is None and os.path.realpath(out / "faithfulness.png") not in keep:  # no curves: not an earlier run's
         (out / "faithfulness.png").unlink(missing_ok=True)
-    evidence = ctx.evidence.save(out)
-    write_index(out, rows, summary, evidence, methods, settings.top, plot is not None)
+    write_text(out / "faithfulness.json", json_text(summary, indent=2))
+    _write_csv(out / "results.csv", rows)
+    write_index(out, rows, summary, evidence, methods, settings.top, plot is not None)  # last: the gallery
     return {**summary, "output": str(out)}
 
 
