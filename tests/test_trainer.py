@@ -213,6 +213,17 @@ def test_predict_writes_one_row_per_image(fusion_run, synthetic_root, tmp_path):
     assert len(rows[0]["boxes"].split(";")) == 2  # K = 2 boxes "x1 y1 x2 y2 mass"
 
 
+def test_predict_with_model_settings_changed_says_so_in_its_rows(fusion_run, synthetic_root, tmp_path):
+    """predict RUN --set model.threshold=0.95 predicted with another model than the one trained (other crops) and
+    its CSV did not say so, where evaluate's metrics record model_overrides (ca2f85f)."""
+    out, _ = fusion_run
+    images = [str(synthetic_root / "images" / "typical_0000.png")]
+    changed = trainer.predict(out, images, tmp_path / "p.csv", ["model.threshold=0.95", "data.num_workers=0"], "cpu")
+    assert [r["model_overrides"] for r in csv.DictReader(changed.open())] == ["model.threshold=0.95"]
+    trained = trainer.predict(out, images, tmp_path / "q.csv", ["data.num_workers=0"], "cpu")
+    assert [r["model_overrides"] for r in csv.DictReader(trained.open())] == [""]  # the model as trained
+
+
 def test_predict_lays_out_its_batches_as_the_run_trained(fusion_run, synthetic_root, tmp_path, monkeypatch):
     # channels-last input batches (CUDA global-hires) only where the run's train.channels_last says so, as evaluate
     out, _ = fusion_run

@@ -917,6 +917,20 @@ def load_trained(source: str | Path, overrides: list[str] | None = None, device:
     return model, cfg, list(state["class_names"]), state
 
 
+def model_overrides(cfg: Config, state: dict) -> dict:
+    """``{'model.<key>': value}`` of the model settings that ``cfg`` (the checkpoint's config with ``--set``
+    overrides) runs the checkpoint's weights with instead of its trained ones, such as ``model.threshold`` (which
+    the weights do not fix): another model than the one trained. Empty for the model as trained."""
+    trained_model, model_now = to_dict(load_config(base=stored_config(state["config"])))["model"], to_dict(cfg)["model"]
+    return {f"model.{k}": v for k, v in model_now.items()  # not the model as trained
+            if k not in ("weights", "pretrained") and v != trained_model.get(k)}
+
+
+def overrides_text(overrides: dict) -> str:
+    """``model.threshold=0.95 model.num_crops=2``: :func:`model_overrides` as ``--set`` takes them."""
+    return " ".join(f"{k}={v}" for k, v in overrides.items())
+
+
 def run_dir_of(state: dict) -> Path:
     """The run directory a checkpoint state was loaded from (``RUN/checkpoints/best.pt`` -> ``RUN``)."""
     path = Path(state["path"])
@@ -959,11 +973,9 @@ def evaluate(source: str | Path, split: str = "test", overrides: list[str] | Non
     if len(indices) == 0:
         raise empty_split_error(split, splits, run_dir)
     preds, metrics = evaluate_split(model, sample_set, indices, cfg, next(model.parameters()).device, desc=split)
-    trained_model, model_now = to_dict(load_config(base=stored_config(state["config"])))["model"], to_dict(cfg)["model"]
     metrics.update(split=split, checkpoint=state["path"], data_root=os.path.abspath(os.path.expanduser(cfg.data.root)),
                    split_leak=seen if splits is None else own_split_leak(splits, sample_set),
-                   model_overrides={f"model.{k}": v for k, v in model_now.items()  # not the model as trained
-                                    if k not in ("weights", "pretrained") and v != trained_model.get(k)})
+                   model_overrides=model_overrides(cfg, state))
     ckpt = Path(state["path"])  # train's metrics.json and predictions_test.csv are best.pt's: another keeps its name
     other = f"_{ckpt.stem}" if ckpt.parent.name == "checkpoints" and ckpt.name != "best.pt" else ""
     out = Path(out) if out else run_dir / f"metrics_{split}{other}.json"
@@ -1002,7 +1014,8 @@ def predict(checkpoint: str | Path, paths: list[str], out: str | Path | None = N
             overrides: list[str] | None = None, device: str = "auto") -> Path:
     """Predict image files and folders (recursively); write one CSV row per image and return its path. The true
     class, the group and the patient are filled where the file says them (:func:`~finescope.data.sources.file_sample`),
-    else left empty."""
+    else left empty; the last column, ``model_overrides``, names the model settings changed with ``--set``
+    (:func:`model_overrides`, empty for the model as trained)."""
     from finescope.data.sources import file_sample, images_in
 
     model, cfg, class_names, state = load_trained(checkpoint, overrides, device)
@@ -1022,7 +1035,8 @@ def predict(checkpoint: str | Path, paths: list[str], out: str | Path | None = N
                              "the model's crops: see the warnings above); nothing was written")
     out = Path(out or "predictions.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_predictions(out, preds, sample_set)
+    changed = overrides_text(model_overrides(cfg, state))  # another model than the one trained: said in each row
+    write_predictions(out, preds, sample_set, extra={"model_overrides": [changed] * len(preds.indices)})
     skipped = len(samples) - len(preds.indices)
     if skipped:
         log.warning("skipped %d of %d files, unreadable or too small (listed in the warnings above)", skipped,
