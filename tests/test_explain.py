@@ -754,6 +754,21 @@ def test_a_rerun_without_curves_leaves_no_curves_of_the_earlier_run(tmp_path):
     assert not (out / "faithfulness.png").exists()
 
 
+def test_explain_with_model_settings_changed_says_so_in_its_numbers_and_gallery(tmp_path):
+    """explain RUN --set model.threshold=0.95 explained another model than the one trained (other crops) and its
+    faithfulness.json and gallery did not say so, where evaluate's metrics record model_overrides (ca2f85f)."""
+    from finescope.cli import main
+
+    run, out = make_run(tmp_path), tmp_path / "out"
+    args = ["explain", str(run), "--split", "test", "--out", str(out), "--limit", "1", "--no-faithfulness", *FAST]
+    assert main([*args, "--set", "model.threshold=0.95"]) == 0
+    assert json.loads((out / "faithfulness.json").read_text())["model_overrides"] == {"model.threshold": 0.95}
+    assert "--set model.threshold=0.95" in (out / "index.html").read_text()
+    assert main(args) == 0  # the model as trained
+    assert json.loads((out / "faithfulness.json").read_text())["model_overrides"] == {}
+    assert "model.threshold" not in (out / "index.html").read_text()
+
+
 @pytest.mark.parametrize("stop, status", [(KeyboardInterrupt(), 130),
                                           (OSError(28, "No space left on device", "images/00001_x.png"), 2)])
 def test_a_rerun_stopped_midway_leaves_the_earlier_gallery_whole(tmp_path, monkeypatch, stop, status):

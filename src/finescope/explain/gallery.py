@@ -124,6 +124,14 @@ def _controls(class_names: list[str]) -> str:
             "<option value=1>correct</option></select></label></div>")
 
 
+def _overrides_note(overrides: dict | None) -> str:
+    """What ``--set`` changed of the model (another model than the one trained), or nothing."""
+    if not overrides:
+        return ""
+    changed = " ".join(f"{k}={v}" for k, v in overrides.items())
+    return f"<p class=note>⚠ Explained with --set {_e(changed)}, not the model's trained settings.</p>"
+
+
 def write_index(out: Path, rows: list[dict], summary: dict, evidence: dict, methods: list[str], top: int,
                 has_plot: bool) -> Path:
     """Write ``out/index.html`` from the per-image rows, the faithfulness summary and the evidence crops."""
@@ -137,6 +145,7 @@ def write_index(out: Path, rows: list[dict], summary: dict, evidence: dict, meth
         f"<h1>finescope explain · {_e(summary['variant'])}</h1>",
         f"<p>{len(rows)} images from {_e(summary['source'])}{acc} · methods: {_e(', '.join(methods))} · "
         f"checkpoint <code>{_e(summary['checkpoint'])}</code>{skip_note}</p>",
+        _overrides_note(summary.get("model_overrides")),
         "<h2>Faithfulness</h2>",
         faithfulness_table(summary) if measured else "<p class=muted>not measured (--no-faithfulness)</p>",
         "<img src='faithfulness.png' alt='mean deletion and insertion curves'>" if has_plot else "",

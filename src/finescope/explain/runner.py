@@ -6,7 +6,7 @@ Writes into the output folder::
     images/NNNN_*.png     one panel per image: image, one overlay per method, the crops
     evidence/<class>/     the most-attended crops of the images predicted as each class
     faithfulness.json     deletion/insertion AUCs per method, for the model-free ``detail`` map and for random
-                          orders; hit rate, pointing game
+                          orders; hit rate, pointing game; the model settings changed with ``--set``
     faithfulness.png      the mean deletion and insertion curves
     results.csv           one row per image
 
@@ -361,7 +361,7 @@ def run_explain(checkpoint: str | Path, paths: list[str] | tuple[str, ...] = (),
         The summary written to ``faithfulness.json`` plus ``output`` (the folder) and ``skipped``.
     """
     from finescope.explain.gallery import write_index
-    from finescope.trainer import load_trained
+    from finescope.trainer import load_trained, model_overrides
 
     settings = settings or ExplainSettings()
     settings.check()
@@ -390,7 +390,7 @@ def run_explain(checkpoint: str | Path, paths: list[str] | tuple[str, ...] = (),
         summary = summarise(rows, curves, methods, settings)
         summary.update(checkpoint=str(state["path"]), variant=cfg.model.variant, class_names=class_names,
                        source=f"split {split} of {run_dir_of(state)}" if split else ", ".join(map(str, paths)),
-                       skipped=skipped)
+                       skipped=skipped, model_overrides=model_overrides(cfg, state))
         plot = _plot_curves(stage / "faithfulness.png", summary)
         evidence = ctx.evidence.save(stage)
         _publish(stage, out, keep)
