@@ -789,6 +789,16 @@ def test_predict_with_set_before_its_paths(cli_run, synthetic_root, tmp_path, ca
     assert "unrecognized arguments: stray" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["evaluate", "predict", "explain"])
+def test_set_help_of_a_command_on_a_trained_model_gives_an_example_it_takes(command, capsys):
+    """evaluate, predict and explain --help gave train's example, --set model.variant=global, which a trained
+    model refuses (its architecture is the checkpoint's), and did not say where a changed model setting goes."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "model.variant=global" not in text and "recorded as model_overrides" in text
+
+
 def test_a_path_taken_for_a_set_item_says_so(cli_run, synthetic_root, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     img = sorted((synthetic_root / "images").iterdir())[0]

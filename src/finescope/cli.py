@@ -20,11 +20,15 @@ from finescope.errors import FinescopeError, FinescopeWarning, path_error_line
 from finescope.files import json_text, write_text
 from finescope.runtime import tune_allocator
 
+# --set of a command that reads a trained model: its architecture is the checkpoint's (model.variant=global fails)
+TRAINED_SET_HELP = ("override the run's config keys, one or more, e.g. --set data.root=DIR model.threshold=0.6 (a "
+                    "model setting changed is recorded as model_overrides; the architecture is the checkpoint's)")
 
-def _add_set(p: argparse.ArgumentParser) -> None:
+
+def _add_set(p: argparse.ArgumentParser, text: str = "override config keys, one or more, e.g. --set "
+             "train.epochs=5 model.variant=global") -> None:
     # one value per option as argparse sees it: main() turns "--set k=v k2=v2" into "--set=k=v --set=k2=v2"
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override config keys, one or more, e.g. --set train.epochs=5 model.variant=global")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=text)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -254,7 +258,7 @@ def _add_explain(sub) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default auto: the run's train.device "
                    "where this machine has it, else CUDA when there is one)")
     p.add_argument("--quiet", action="store_true")
-    _add_set(p)
+    _add_set(p, TRAINED_SET_HELP)
     p.set_defaults(func=cmd_explain)
 
 
@@ -287,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "metrics_<split>_last.json for RUN_DIR/checkpoints/last.pt)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default auto: the run's train.device "
                    "where this machine has it, else CUDA when there is one)")
-    _add_set(p)
+    _add_set(p, TRAINED_SET_HELP)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="predict image files or folders; one CSV row per image")
@@ -296,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="predictions.csv", help="CSV to write (default predictions.csv)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default auto: the run's train.device "
                    "where this machine has it, else CUDA when there is one)")
-    _add_set(p)
+    _add_set(p, TRAINED_SET_HELP)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("data", help="count images per class, group and magnification; list unreadable files")
