@@ -506,6 +506,18 @@ def test_predict_and_evaluate_refuse_an_out_that_is_a_folder_before_any_work(cli
     assert "is a folder" in _one_error_line(capsys)
 
 
+def test_predict_and_evaluate_refuse_an_out_named_as_a_folder_not_there_yet(cli_run, synthetic_root, tmp_path,
+                                                                            capsys):
+    """predict --out new/ (a folder to be made) wrote the predictions into a file named 'new', evaluate --out new/
+    its metrics into 'new' and its predictions into 'new_predictions.csv', all without a word."""
+    img = str(synthetic_root / "images" / "typical_0000.png")
+    assert main(["predict", str(cli_run), img, "--out", f"{tmp_path / 'new'}/", "--device", "cpu"]) == 2
+    line = _one_error_line(capsys)
+    assert "names a folder" in line and f"--out {tmp_path / 'new' / 'results.csv'}" in line
+    assert main(["evaluate", str(cli_run), "--out", f"{tmp_path / 'new'}/", "--device", "cpu"]) == 2
+    assert "names a folder" in _one_error_line(capsys) and list(tmp_path.iterdir()) == []
+
+
 def test_explain_option_ranges(cli_run, synthetic_root, tmp_path, capsys):
     img = str(synthetic_root / "images" / "typical_0000.png")
     for bad in (["--limit", "-5"], ["--percentile", "200"], ["--tolerance", "-1"], ["--steps", "1"]):

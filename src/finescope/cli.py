@@ -61,12 +61,16 @@ def _metrics_line(m: dict) -> str:
 
 def _not_a_checkpoint(out: str | None, example: str) -> None:
     """Refuse an ``--out`` that names a checkpoint or an image: evaluate and predict write JSON and CSV, and must
-    never replace the model they read or an image (``predict RUN slide.png --out slide.png``); or a folder, in
-    which nothing would be written after all the work (``example``: a file name to suggest in it)."""
+    never replace the model they read or an image (``predict RUN slide.png --out slide.png``); or a folder (also
+    one not there yet, named with a trailing '/'), in which nothing would be written after all the work
+    (``example``: a file name to suggest in it)."""
     from finescope.data.sources import SUPPORTED_EXTENSIONS
 
     if out and Path(out).is_dir():  # found before the work, not when its result is written
         raise FinescopeError(f"--out '{out}' is a folder; give the file to write, e.g. --out {Path(out) / example}")
+    if out and out.endswith(("/", os.sep)):  # not there yet: Path() drops the '/', and a file of that name was written
+        raise FinescopeError(f"--out '{out}' names a folder (it ends in '/'); give the file to write, e.g. --out "
+                             f"{Path(out) / example}")
     if out and Path(out).suffix == ".pt":
         raise FinescopeError(f"--out '{out}' is a checkpoint name (.pt); give a .json/.csv file to write the "
                              "results to, not the model")
