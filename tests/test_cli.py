@@ -518,6 +518,20 @@ def test_predict_and_evaluate_refuse_an_out_named_as_a_folder_not_there_yet(cli_
     assert "names a folder" in _one_error_line(capsys) and list(tmp_path.iterdir()) == []
 
 
+def test_predict_and_evaluate_refuse_an_out_inside_a_file_before_any_work(cli_run, synthetic_root, tmp_path, capsys,
+                                                                          monkeypatch):
+    """predict --out notes.txt/p.csv (a file where its folder would be) predicted every image, then stopped on
+    'File exists: notes.txt', the work lost; evaluate too."""
+    from finescope import trainer
+
+    (tmp_path / "notes.txt").write_text("the user's")
+    monkeypatch.setattr(trainer, "load_trained", lambda *a, **k: pytest.fail("worked before refusing"))
+    for args in (["predict", str(cli_run), str(synthetic_root / "images")], ["evaluate", str(cli_run)]):
+        assert main([*args, "--out", str(tmp_path / "notes.txt" / "sub" / "p.csv"), "--device", "cpu"]) == 2
+        assert f"'{tmp_path / 'notes.txt'}' is a file, not a folder" in _one_error_line(capsys)
+    assert (tmp_path / "notes.txt").read_text() == "the user's"
+
+
 def test_explain_option_ranges(cli_run, synthetic_root, tmp_path, capsys):
     img = str(synthetic_root / "images" / "typical_0000.png")
     for bad in (["--limit", "-5"], ["--percentile", "200"], ["--tolerance", "-1"], ["--steps", "1"]):

@@ -71,6 +71,9 @@ def _not_a_checkpoint(out: str | None, example: str) -> None:
     if out and out.endswith(("/", os.sep)):  # not there yet: Path() drops the '/', and a file of that name was written
         raise FinescopeError(f"--out '{out}' names a folder (it ends in '/'); give the file to write, e.g. --out "
                              f"{Path(out) / example}")
+    above = next((p for p in Path(out or ".").absolute().parents if p.exists()), None)
+    if out and above is not None and not above.is_dir():  # its folder cannot be made: found before the work
+        raise FinescopeError(f"--out '{out}': '{above}' is a file, not a folder; give the file to write in a folder")
     if out and Path(out).suffix == ".pt":
         raise FinescopeError(f"--out '{out}' is a checkpoint name (.pt); give a .json/.csv file to write the "
                              "results to, not the model")
