@@ -539,6 +539,16 @@ def test_explain_option_ranges(cli_run, synthetic_root, tmp_path, capsys):
         assert bad[0] in _one_error_line(capsys)
 
 
+def test_explain_refuses_a_tolerance_that_is_no_distance(cli_run, synthetic_root, tmp_path, capsys):
+    """--tolerance nan and inf passed the check (>= 0 only refused negatives): the pointing game then scored every
+    map 0 (nan) or 1 (inf), whatever it pointed at, with nothing said."""
+    img = str(synthetic_root / "images" / "typical_0000.png")
+    for bad in ("nan", "inf"):
+        assert main(["explain", str(cli_run), img, "--out", str(tmp_path / "e"), "--tolerance", bad]) == 2
+        assert f"--tolerance must be >= 0 pixels, got {bad}" in _one_error_line(capsys)
+    assert not (tmp_path / "e").exists()
+
+
 def test_a_timm_model_without_a_feature_map_is_refused_up_front(tmp_path, capsys):
     pytest.importorskip("timm")
     root = _folder(tmp_path / "imgs")
