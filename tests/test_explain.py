@@ -769,6 +769,25 @@ def test_explain_with_model_settings_changed_says_so_in_its_numbers_and_gallery(
     assert "model.threshold" not in (out / "index.html").read_text()
 
 
+def test_a_training_image_pil_refuses_to_open_leaves_its_size_unknown_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """explain of a run whose training images PIL refuses to open (larger than its decompression-bomb limit)
+    ended in a DecompressionBombError traceback while reading their sizes for the size notes, before any image."""
+    from PIL import Image
+
+    from finescope.checkpoint import load_checkpoint
+    from finescope.cli import main
+
+    run = make_run(tmp_path)  # its data read from a CSV: the training sizes are measured, not known
+    state = load_checkpoint(run / "checkpoints" / "best.pt")
+    state["config"]["data"].update(source="csv", root=str(tmp_path / "data" / "manifest.csv"))
+    save_checkpoint({k: state[k] for k in ("model", "config", "class_names")}, run / "checkpoints" / "best.pt")
+    img = str(sorted((tmp_path / "data" / "images").glob("*.png"))[0])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 96x96 images: each a decompression bomb to PIL
+    assert main(["explain", str(run), img, "--out", str(tmp_path / "out"), "--no-faithfulness", *FAST]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "none of the 1 images could be read" in err[-1] and "decompression" in err[-1] and len(err) == 2
+
+
 @pytest.mark.parametrize("stop, status", [(KeyboardInterrupt(), 130),
                                           (OSError(28, "No space left on device", "images/00001_x.png"), 2)])
 def test_a_rerun_stopped_midway_leaves_the_earlier_gallery_whole(tmp_path, monkeypatch, stop, status):

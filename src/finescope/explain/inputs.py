@@ -132,7 +132,8 @@ def path_inputs(paths: list[str], class_names: list[str], cfg: Config) -> Inputs
 
 
 def _image_sizes(paths: list[str], limit: int = 16) -> set:
-    """{(H, W)} of up to ``limit`` images, read from their headers; unreadable ones are ignored."""
+    """{(H, W)} of up to ``limit`` images, read from their headers; unreadable ones (also those PIL refuses to
+    open, as too large: a decompression bomb to it) are ignored."""
     from PIL import Image
 
     sizes = set()
@@ -140,7 +141,7 @@ def _image_sizes(paths: list[str], limit: int = 16) -> set:
         try:
             with Image.open(p) as img:
                 sizes.add((img.height, img.width))
-        except OSError:
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # as the dataset's header read
             continue
     return sizes
 
