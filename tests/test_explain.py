@@ -122,6 +122,18 @@ def test_sixteen_bit_and_float_images_are_scaled_or_refused_not_turned_white():
         finescope.explain(model, img.long(), "attention")
 
 
+def test_a_float_image_of_nan_is_refused_not_explained_as_black():
+    """A float image holding NaN (a blank image divided by its range of 0) passed the [0, 1] check, NaN comparing
+    false with either bound, and was explained as a black image."""
+    blank = np.zeros((64, 80, 3), np.float32)
+    with np.errstate(invalid="ignore"):
+        nan = blank / blank.max()
+    with pytest.raises(FinescopeError, match=r"got 15360 NaN or infinite values"):
+        finescope.explain(tiny_model(), nan)
+    with pytest.raises(FinescopeError, match=r"got 1 NaN"):
+        finescope.explain(tiny_model(), torch.rand(3, 64, 80).index_put_((torch.tensor(0),) * 3, torch.tensor(np.nan)))
+
+
 def test_bad_image_input_is_a_clear_error():
     with pytest.raises(FinescopeError, match=r"\(3, H, W\) tensor"):
         finescope.explain(tiny_model(), torch.zeros(5, 8, 8))

@@ -21,7 +21,7 @@ def as_image(image) -> tuple[torch.Tensor, str | None]:
 
     Raises:
         FinescopeError: another shape or dtype, no pixels, or float values outside [0, 1] (they would be clipped
-            to white).
+            to white) or not finite.
     """
     from finescope.data.dataset import read_image
 
@@ -44,6 +44,9 @@ def as_image(image) -> tuple[torch.Tensor, str | None]:
     if image.dtype == torch.uint16:
         image = torch.round(image.float() * (255.0 / 65535.0)).to(torch.uint8)
     elif image.dtype.is_floating_point:
+        if not torch.isfinite(image).all():  # NaN passes the range check below, and turns black
+            raise FinescopeError(f"a float image must be in [0, 1], got {int((~torch.isfinite(image)).sum())} NaN or "
+                                 "infinite values (an image divided by a range of 0?)")
         lo, hi = (float(image.min()), float(image.max())) if image.numel() else (0.0, 0.0)
         if lo < -1e-3 or hi > 1 + 1e-3:  # rounding aside: 0..255 or 0..65535 held as float
             raise FinescopeError(f"a float image must be in [0, 1], got values from {lo:.4g} to {hi:.4g}; divide it "
