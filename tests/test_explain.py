@@ -602,6 +602,23 @@ def test_explain_attention_of_a_global_model_is_one_line_error(tmp_path, capsys)
     assert err.count("\n") == 0 and "supports: gradcam, gradcam++" in err
 
 
+@pytest.mark.parametrize("setting, message", [({"limit": -1}, "--limit must be >= 0"),
+                                              ({"percentile": 0.0}, "--percentile must be in"),
+                                              ({"tolerance": -1.0}, "--tolerance must be >= 0"),
+                                              ({"tolerance": float("nan")}, "--tolerance must be >= 0")])
+def test_run_explain_checks_its_settings_as_the_command_does(tmp_path, setting, message):
+    """run_explain (finescope.explain.run_explain) left --limit, --percentile and --tolerance to the command's
+    own checks: limit=-1 ended in numpy's ValueError traceback, a negative or NaN tolerance scored the pointing
+    game as if it were a distance."""
+    from finescope.explain.runner import ExplainSettings, run_explain
+
+    settings = ExplainSettings(faithfulness=False, top=2, **setting)
+    with pytest.raises(FinescopeError, match=message):
+        run_explain(make_run(tmp_path), split="test", out=tmp_path / "out", settings=settings, device="cpu",
+                    progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_explain_help_names_the_default_out_of_each_input(capsys):
     from finescope.cli import main
 

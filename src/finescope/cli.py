@@ -203,12 +203,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from finescope.explain.runner import ExplainSettings, run_explain
 
-    if args.limit < 0:
-        raise FinescopeError(f"--limit must be >= 0 (0: every image), got {args.limit}")
-    if not 0 < args.percentile <= 100:
-        raise FinescopeError(f"--percentile must be in (0, 100], got {args.percentile}")
-    if not args.tolerance >= 0 or args.tolerance == float("inf"):  # nan: no map hits, inf: every map does
-        raise FinescopeError(f"--tolerance must be >= 0 pixels, got {args.tolerance}")
     settings = ExplainSettings(
         methods=tuple(args.method), normalise=args.normalise, percentile=args.percentile,
         faithfulness=not args.no_faithfulness, steps=args.steps, grid=args.grid, baseline=args.baseline,

@@ -72,6 +72,12 @@ class ExplainSettings:
         if self.steps < 2:  # one step holds only the image and the baseline, the same for every map
             raise FinescopeError(f"--steps must be at least 2 (1 step only compares the image with the baseline, "
                                  f"the same curve for every map), got {self.steps}")
+        if self.limit < 0:
+            raise FinescopeError(f"--limit must be >= 0 (0: every image), got {self.limit}")
+        if not 0 < self.percentile <= 100:
+            raise FinescopeError(f"--percentile must be in (0, 100], got {self.percentile}")
+        if not self.tolerance >= 0 or self.tolerance == float("inf"):  # nan: no map hits, inf: every map does
+            raise FinescopeError(f"--tolerance must be >= 0 pixels, got {self.tolerance}")
 
 
 @dataclass
