@@ -274,6 +274,18 @@ def test_bad_checkpoint(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
+def test_a_cv_folder_given_as_a_checkpoint_names_its_runs(tmp_path):
+    """predict, evaluate and explain of a cv folder said 'checkpoint not found; pass a run directory', not that
+    the runs are inside it."""
+    cv = tmp_path / "cv"
+    (cv / "runs" / "fusion" / "fold1" / "checkpoints").mkdir(parents=True)
+    (cv / "runs" / "fusion" / "fold1" / "checkpoints" / "best.pt").write_bytes(b"")
+    (cv / "cv.json").write_text("{}")
+    with pytest.raises(FinescopeError, match=f"is a cv folder, not a run; pass one of its runs, "
+                                             f".*<variant>/<fold>, e.g. {cv / 'runs' / 'fusion' / 'fold1'}$"):
+        load_checkpoint(cv)
+
+
 @pytest.mark.slow
 def test_compiled_training_writes_plain_checkpoints(synthetic_root, tmp_path, monkeypatch):
     """train.compile=reduce-overhead trains through torch.compile, marks where every step begins (CUDA graphs

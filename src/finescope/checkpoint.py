@@ -69,6 +69,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             if candidate.is_file():
                 path = candidate
                 break
+    if not path.is_file() and (path / "cv.json").is_file():  # a cv folder: its runs are in runs/<variant>/<fold>
+        runs = sorted(p.parent.parent for p in path.glob("runs/*/*/checkpoints/best.pt"))
+        raise FinescopeError(f"'{path}' is a cv folder, not a run; pass one of its runs, "
+                             f"{path / 'runs' / '<variant>' / '<fold>'}" + (f", e.g. {runs[0]}" if runs else ""))
     if not path.is_file() and (path / "checkpoints" / "last.pt").is_file():
         raise FinescopeError(f"run '{path}' has no checkpoints/best.pt yet (its training stopped before an epoch was "
                              f"kept); finish it with train --resume, or pass '{path / 'checkpoints' / 'last.pt'}'")
