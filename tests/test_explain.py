@@ -560,6 +560,23 @@ def test_gallery_links_reach_figures_of_names_with_hash_percent_and_spaces(tmp_p
         assert not url.fragment and not url.query and (out / unquote(url.path)).is_file(), link
 
 
+def test_a_file_name_with_dollar_signs_is_drawn_as_written_not_typeset(tmp_path):
+    """matplotlib read the '$...$' of a file name in the figure's title as mathtext: 'cost $5 and $6.png' came out
+    typeset, and 'a$\\foo$.png' ended explain in a ParseFatalException traceback."""
+    from PIL import Image
+
+    from finescope.cli import main
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("cost $5 and $6.png", "a$\\foo$.png"):
+        Image.fromarray(image(96, 96).permute(1, 2, 0).numpy()).save(folder / name)
+    out = tmp_path / "out"
+    assert main(["explain", str(make_run(tmp_path, "global")), str(folder), "--out", str(out), "--no-faithfulness",
+                 *FAST]) == 0
+    assert len(list((out / "images").glob("*.png"))) == 2
+
+
 def test_a_file_name_that_is_not_utf8_is_explained_under_a_name_matplotlib_can_draw(tmp_path):
     """A Latin-1 file name (a str with a surrogate on Linux) was the figure's title: matplotlib stopped explain
     with a TypeError traceback. It is shown with U+FFFD for the odd byte."""

@@ -155,7 +155,9 @@ def save_explanation_figure(expl, path: str | Path, normalise: str = "max", perc
     if has_crops:
         _crop_panel(fig, grid[-1], expl)
     scale = f"maps: {NORMALISE_LABEL[normalise].format(p=percentile)}"
-    fig.suptitle("\n".join([*([title] if title else []), f"{verdict(expl)}   ({scale})"]), fontsize=9, y=1.02)
+    # a file or class name as written: '$' in one ('cost $5 and $6.png') is no mathtext to typeset, or fail on
+    fig.suptitle("\n".join([*([title] if title else []), f"{verdict(expl)}   ({scale})"]), fontsize=9, y=1.02,
+                 parse_math=False)
     path = save_figure(fig, path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return path
