@@ -647,6 +647,8 @@ def test_selection_grid_compares_each_grid_with_the_finest(tmp_path, capsys):
     rows = {(r["components"], r["upsample"]): r for r in result["rows"]}
     assert list(rows) == [("grid", 2), ("grid", 4), ("grid", 32), ("exact", 2), ("exact", 4), ("exact", 32)]
     assert rows["grid", 32]["median_iou"] == 1.0 and rows["grid", 32]["boxes_below_0.7"] == 0.0
+    assert rows["grid", 32]["reference_components_missed"] == rows["grid", 32]["reference_peaks_missed"] == 0
+    assert all(r["reference_components"] + r["reference_peaks"] == 5 * 4 for r in rows.values())  # 5 images, K=4
     assert all(0.0 <= r["mean_iou"] <= 1.0 and r["ms_per_call"] > 0 for r in rows.values())
     assert result["settings"]["files"] == 5 and result["settings"]["timed_batch"] == 3
     assert result["settings"]["trained_selection_components"] == "exact"
