@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -626,6 +627,20 @@ def test_crop_cost_compare_names_a_missing_round_of_the_second_commit(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "round1_bbbbbbb.json" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_selection_cost_measures_each_way_of_finding_components(capsys):
+    """selection_cost.py: a row per map kind and way (exact, grid) with its operations, and the labelling rounds
+    each way needs (exact labels a 4-connected grid twice as fine as the cells: no more rounds than the grid)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import selection_cost
+
+    assert selection_cost.main(["--batch", "2", "--grid", "5x6", "--reps", "1", "--rounds-batches", "3"]) == 0
+    out = capsys.readouterr().out
+    for kind in ("smooth", "noisy"):
+        for way in ("exact", "grid"):
+            assert re.search(rf"\| {kind} \| {way} \| off \| [0-9.]+ \| [0-9]+ \| 0 \|", out)
+            assert re.search(rf"\| {kind} \| {way} \| [0-9: ]+ \| 1.00 \|", out)
 
 
 def test_selection_grid_compares_each_grid_with_the_finest(tmp_path, capsys):

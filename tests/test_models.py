@@ -1034,10 +1034,11 @@ def test_connected_components_match_scipy_on_random_and_winding_grids():
     snake[0, 1::4, -1] = True
     snake[0, 3::4, 0] = True
     for binary in [*grids, snake]:
-        labels = _connected_components(binary)
-        for i in range(binary.shape[0]):
-            ref, _ = ndimage.label(binary[i].numpy(), structure=[[1, 1, 1]] * 3)
-            assert _same_partition(labels[i], ref)
+        for eight, structure in ((True, [[1, 1, 1]] * 3), (False, [[0, 1, 0], [1, 1, 1], [0, 1, 0]])):
+            labels = _connected_components(binary, eight=eight)
+            for i in range(binary.shape[0]):
+                ref, _ = ndimage.label(binary[i].numpy(), structure=structure)
+                assert _same_partition(labels[i], ref)
     assert labels.unique().numel() == 2  # the snake is one component
     # A fixed number of rounds (the torch.compile path) labels a blob exactly, but not the long snake.
     yy, xx = torch.meshgrid(torch.arange(28.0), torch.arange(44.0), indexing="ij")
@@ -1060,9 +1061,10 @@ def test_host_labelling_gives_the_iterative_labels():
     grids = [torch.rand(4, 9, 13, generator=g) < p for p in (0.3, 0.5, 0.7)]
     grids += [torch.zeros(2, 3, 5, dtype=torch.bool), torch.ones(3, 1, 1, dtype=torch.bool), snake]
     for binary in grids:
-        labels = _components_on_host(binary)
-        assert labels.dtype == torch.long
-        assert torch.equal(labels, _connected_components(binary))
+        for eight in (True, False):
+            labels = _components_on_host(binary, eight)
+            assert labels.dtype == torch.long
+            assert torch.equal(labels, _connected_components(binary, eight=eight))
 
 
 def test_selection_without_padding_masks_matches_the_general_path():

@@ -94,13 +94,13 @@ def _run_ids(mask: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _connected_components(binary: torch.Tensor, first_check: int = 4, rounds: int | None = None,
-                          report: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Label 8-connected components of a (B, H, W) bool grid; each component gets its largest cell number
-    (1-based row-major index).
+                          report: bool = False, eight: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Label 8-connected (``eight``, else 4-connected) components of a (B, H, W) bool grid; each component gets
+    its largest cell number (1-based row-major index).
 
-    One round spreads labels to the 8 neighbours (a 3x3 max-pool), then along every horizontal run and every
-    vertical run of the component at once (a max per run), so blob-like components are labelled in two or
-    three rounds. Convergence (a round that changes nothing) is tested, a host-device sync on CUDA, after
+    One round spreads labels to the 8 neighbours (a 3x3 max-pool; not for 4-connectivity, which the runs
+    cover), then along every horizontal run and every vertical run of the component at once (a max per run),
+    so blob-like components are labelled in two or three rounds. Convergence (a round that changes nothing) is tested, a host-device sync on CUDA, after
     ``first_check`` rounds and then after every round, so the result is exact for any shape; the default 4
     makes the usual case one sync, as confirming convergence after three rounds takes a fourth anyway.
     With ``rounds`` set, exactly that many rounds run and nothing is tested (no sync, one static graph for
@@ -116,7 +116,7 @@ def _connected_components(binary: torch.Tensor, first_check: int = 4, rounds: in
     n = B * H * W + 1
     converged = None
     for step in range(H * W if rounds is None else rounds):
-        new = F.max_pool2d(labels, 3, 1, 1) * maskf
+        new = F.max_pool2d(labels, 3, 1, 1) * maskf if eight else labels
         for ids in runs:
             new = new.new_zeros(n).scatter_reduce_(0, ids, new.view(-1), "amax")[ids].view_as(labels)
         if rounds is None and step + 1 >= first_check and torch.equal(new, labels):
@@ -130,15 +130,18 @@ def _connected_components(binary: torch.Tensor, first_check: int = 4, rounds: in
 
 _EIGHT_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
 _EIGHT_IN_PLANE[1] = True  # 8-connectivity within each image of a (B, H, W) stack, none across images
+_FOUR_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
+_FOUR_IN_PLANE[1, 1, :] = _FOUR_IN_PLANE[1, :, 1] = True  # 4-connectivity within each image
 
 
-def _components_on_host(binary: torch.Tensor) -> torch.Tensor:
+def _components_on_host(binary: torch.Tensor, eight: bool = True) -> torch.Tensor:
     """:func:`_connected_components` of a CPU tensor by ``scipy.ndimage.label``: one pass over the grid instead of
     rounds of small operations, with the same labels (each component its largest cell number)."""
     from scipy import ndimage
 
     B, H, W = binary.shape
-    ids, n = ndimage.label(binary.numpy(), structure=_EIGHT_IN_PLANE)  # 1..n over the whole batch, 0 = background
+    structure = _EIGHT_IN_PLANE if eight else _FOUR_IN_PLANE
+    ids, n = ndimage.label(binary.numpy(), structure=structure)  # 1..n over the whole batch, 0 = background
     ids = torch.from_numpy(ids).view(-1).long()
     cell = _grid(H, W, binary.device)[0].view(1, H * W).expand(B, H * W).reshape(-1)
     largest = cell.new_zeros(n + 1).scatter_reduce_(0, ids, cell, "amax")
@@ -147,17 +150,19 @@ def _components_on_host(binary: torch.Tensor) -> torch.Tensor:
 
 
 
-def _label(binary: torch.Tensor, graph_rounds: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """8-connected components of a (B, H, W) bool grid, each labelled by its largest cell number, by the means
-    that suit the caller: fixed rounds with their convergence flag (a CUDA graph), fixed rounds (torch.compile),
-    ``scipy.ndimage.label`` (CPU) or rounds tested for convergence (another device)."""
+def _label(binary: torch.Tensor, graph_rounds: int | None, eight: bool = True,
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """8-connected (``eight``, else 4-connected) components of a (B, H, W) bool grid, each labelled by its largest
+    cell number, by the means that suit the caller: fixed rounds with their convergence flag (a CUDA graph),
+    fixed rounds (torch.compile), ``scipy.ndimage.label`` (CPU) or rounds tested for convergence (another
+    device)."""
     if graph_rounds is not None:
-        return _connected_components(binary, rounds=graph_rounds, report=True)
+        return _connected_components(binary, rounds=graph_rounds, report=True, eight=eight)
     if torch.compiler.is_compiling():
-        return _connected_components(binary, rounds=COMPILED_ROUNDS), None
+        return _connected_components(binary, rounds=COMPILED_ROUNDS, eight=eight), None
     if binary.device.type == "cpu":
-        return _components_on_host(binary), None
-    return _connected_components(binary), None
+        return _components_on_host(binary, eight), None
+    return _connected_components(binary, eight=eight), None
 
 
 def _fine_cells(n: int, upsample: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,8 +182,12 @@ def _exact_components(nodes, fine, fine_in, threshold, cell_px, sizes, k, graph_
     square of four nodes the part at or above tau is connected through the square's corners at or above it, with
     one exception: two diagonal corners above and two below are joined only when the saddle of the bilinear patch,
     (ad - bc) / (a + d - b - c), is at or above tau (the asymptotic decider of marching squares). So the
-    components are labelled on a grid twice as fine as the nodes: the nodes, the edges between two nodes above,
-    and the squares whose corners above are joined, 8-connected. The box of a component reaches its nodes and,
+    components are labelled, 4-connected, on a grid twice as fine as the nodes: the nodes above tau, the edges
+    with an end above (the part of the edge at that end is above), and the squares with a corner above, unless
+    the saddle keeps their corners apart. Two cells of that grid touch only through a node above that both
+    reach, so they join only what the map joins; and every path the map's part above tau takes runs through
+    them. Along a row or a column the labels spread in one step (a max per run), so a component takes about as
+    many rounds as its outline has turns, fewer than a diagonal chain of 8-connected points would. The box of a component reaches its nodes and,
     on each edge from one of its nodes to a node below, the point where the edge crosses tau (linear along an
     edge; the extreme x or y of the part above tau in a square lies on its edges); it is clipped to the image.
     Components are ranked by their mass on the fine grid (``upsample`` points per cell), each fine point above
@@ -205,13 +214,12 @@ def _exact_components(nodes, fine, fine_in, threshold, cell_px, sizes, k, graph_
     diagonal = (ua & ud & ~ub & ~uc) | (ub & uc & ~ua & ~ud)  # two opposite corners above, two below
     e = torch.where(diagonal, a - b - c + d, torch.ones_like(a))  # nonzero on such squares
     apart = diagonal & ((a * d - b * c) / e < threshold)  # their saddle below tau
-    joined = (ua.int() + ub.int() + uc.int() + ud.int() >= 2) & ~apart
     G = up.new_zeros(B, 2 * h + 3, 2 * w + 3)
     G[:, ::2, ::2] = up
-    G[:, ::2, 1::2] = up[:, :, :-1] & up[:, :, 1:]
-    G[:, 1::2, ::2] = up[:, :-1] & up[:, 1:]
-    G[:, 1::2, 1::2] = joined
-    labels, converged = _label(G, graph_rounds)
+    G[:, ::2, 1::2] = up[:, :, :-1] | up[:, :, 1:]
+    G[:, 1::2, ::2] = up[:, :-1] | up[:, 1:]
+    G[:, 1::2, 1::2] = (ua | ub | uc | ud) & ~apart
+    labels, converged = _label(G, graph_rounds, eight=False)
     node_label = labels[:, ::2, ::2]  # (B, h + 2, w + 2), 0 below tau
     P = labels.shape[1] * labels.shape[2]
     # every point that bounds a box: the nodes, and each crossing of tau on an edge, in its above end's component
