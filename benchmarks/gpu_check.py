@@ -113,7 +113,8 @@ def selection_graph_check(device: torch.device, reps: int = 50) -> dict:
     16 smooth and 16 noisy maps (7x11 cells, 5 seeds each, one graph replayed on all of them) and on a map whose
     one component winds (more labelling rounds than the graph runs: it must fall back). Boxes and masses must be
     identical, the graph captured, and smooth maps (a trained model's) never fall back; also the median
-    milliseconds of a call with and without the graph (smooth maps, interleaved)."""
+    milliseconds of a call with and without the graph, and with the graph of the grid's components
+    (``components="grid"``, the selection before the default became ``exact``), smooth maps, interleaved."""
     if device.type != "cuda":
         return {}
     from selection_cost import inputs, maps
@@ -138,18 +139,19 @@ def selection_graph_check(device: torch.device, reps: int = 50) -> dict:
     snake[0, 3::4, 0] = 1.0
     winding = compare(inputs(snake / snake.sum()))
     call_args = inputs(maps("smooth", 16, 7, 11, device))
-    times = {"graph": [], "eager": []}
+    times = {"graph": [], "eager": [], "grid": []}
     for _ in range(reps):
         for name in times:
             torch.cuda.synchronize()
             start = time.perf_counter()
-            select_boxes(*call_args, graph=name == "graph")
+            select_boxes(*call_args, graph=name != "eager", components="grid" if name == "grid" else "exact")
             torch.cuda.synchronize()
             times[name].append((time.perf_counter() - start) * 1e3)
     ms = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
     return {"identical": sum(same for same, _ in results), "batches": len(results),
             "fallbacks": sum(back for _, back in results), "winding_identical": winding[0],
             "winding_fell_back": winding[1], "graph_ms": ms["graph"], "eager_ms": ms["eager"],
+            "grid_graph_ms": ms["grid"],
             "captured": bool(captured),
             "pass": bool(captured) and all(same for same, _ in results) and not any(back for _, back in results[:5])
             and winding == (True, True)}
@@ -325,7 +327,8 @@ def final_table(summary: dict, out: Path) -> str:
         rows.append(["selection: CUDA graph / op by op", f"identical in {graph['identical']}/{graph['batches']} batches "
                      f"({graph['fallbacks']} fell back), winding map identical {graph['winding_identical']} and fell "
                      f"back {graph['winding_fell_back']}; {graph['graph_ms']:.3f} against {graph['eager_ms']:.3f} ms "
-                     "per call (16 maps)", "PASS" if graph["pass"] else "FAIL"])
+                     f"per call (16 maps; grid components, graph: {graph['grid_graph_ms']:.3f})",
+                     "PASS" if graph["pass"] else "FAIL"])
     for mode, s in summary.get("syncs", {}).items():
         rows.append([f"host syncs / fusion {mode} step", s["syncs"], "; ".join(s["examples"])[:80]])
     for name, batch in (("bench_model.json", "stage model"), ("bench_batch64.json", "stage batch64")):

@@ -518,6 +518,18 @@ def test_gpu_check_table_leaves_out_an_earlier_runs_stage_files(tmp_path):
     assert "stalenet" not in proc.stdout and "stalenet" not in (out / "summary.md").read_text()
 
 
+def test_gpu_check_table_shows_the_selection_graph_of_each_way(tmp_path):
+    """The selection row of the short table (CUDA only, so given here) times the exact components' graph, op by
+    op, and the grid's graph."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+
+    graph = {"identical": 10, "batches": 10, "fallbacks": 0, "winding_identical": True, "winding_fell_back": True,
+             "graph_ms": 0.31, "eager_ms": 5.2, "grid_graph_ms": 0.22, "pass": True}
+    table = gpu_check.final_table({"agreement": [], "selection_graph": graph}, tmp_path)
+    assert "0.310 against 5.200 ms per call (16 maps; grid components, graph: 0.220) | PASS" in table
+
+
 def test_bench_data_names_an_unknown_epoch_backbone_before_timing(tmp_path):
     """--epoch-backbone NAME that finescope does not know is named before the loader is timed (it came only
     after every loader row, minutes into a run on the real sets)."""
