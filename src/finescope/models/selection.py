@@ -187,9 +187,11 @@ def _exact_components(nodes, fine, fine_in, threshold, cell_px, sizes, k, graph_
     the saddle keeps their corners apart. Two cells of that grid touch only through a node above that both
     reach, so they join only what the map joins; and every path the map's part above tau takes runs through
     them. Along a row or a column the labels spread in one step (a max per run), so a component takes about as
-    many rounds as its outline has turns, fewer than a diagonal chain of 8-connected points would. The box of a component reaches its nodes and,
-    on each edge from one of its nodes to a node below, the point where the edge crosses tau (linear along an
-    edge; the extreme x or y of the part above tau in a square lies on its edges); it is clipped to the image.
+    many rounds as its outline has turns, fewer than a diagonal chain of 8-connected points would.
+
+    The box of a component reaches its nodes and, on each edge from one of its nodes to a node below, the point
+    where the edge crosses tau (linear along an edge; the extreme x or y of the part above tau in a square lies
+    on its edges); it is clipped to the image.
     Components are ranked by their mass on the fine grid (``upsample`` points per cell), each fine point above
     tau counted in the component of its square's corners (in a saddle square, of the corner on its side of the
     saddle); one too small to hold a fine point ranks after every one that holds one, by its nodes' attention.
