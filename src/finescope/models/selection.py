@@ -100,9 +100,10 @@ def _connected_components(binary: torch.Tensor, first_check: int = 4, rounds: in
 
     One round spreads labels to the 8 neighbours (a 3x3 max-pool; not for 4-connectivity, which the runs
     cover), then along every horizontal run and every vertical run of the component at once (a max per run),
-    so blob-like components are labelled in two or three rounds. Convergence (a round that changes nothing) is tested, a host-device sync on CUDA, after
-    ``first_check`` rounds and then after every round, so the result is exact for any shape; the default 4
-    makes the usual case one sync, as confirming convergence after three rounds takes a fourth anyway.
+    so blob-like components are labelled in two or three rounds. Convergence (a round that changes nothing) is
+    tested, a host-device sync on CUDA, after ``first_check`` rounds and then after every round, so the result
+    is exact for any shape; the default 4 makes the usual case one sync, as confirming convergence after three
+    rounds takes a fourth anyway.
     With ``rounds`` set, exactly that many rounds run and nothing is tested (no sync, one static graph for
     ``torch.compile``); a component that needs more rounds (a long winding one) then keeps more than one label.
     With ``report`` as well, it also returns a 0-dim bool tensor, computed on the device without a sync: True
