@@ -502,6 +502,22 @@ def test_exact_components_with_padding_and_fixed_rounds_match():
     torch.testing.assert_close(mass, batched[1], rtol=0, atol=0)
 
 
+def test_exact_components_too_small_for_a_grid_point_rank_alike_in_a_padded_batch():
+    """Components that hold no point of the grid of 4 rank by their nodes' attention: an image's own nodes, not the
+    copies of its last column that a wider batch-mate's padding adds (they made the 0.93 node, in that column,
+    rank before the 0.95 one; found in review)."""
+    attn = torch.full((3, 4), 0.05)
+    attn[0, 0], attn[2, 1], attn[1, 3] = 1.0, 0.95, 0.93  # the last two single nodes, too small for a grid point
+    kw = dict(threshold=0.9, min_box_fraction=0.1, normalise="max", components="exact")
+    cell = torch.tensor([[16.0, 16.0]])
+    alone, _ = select_boxes(attn[None], torch.tensor([[3, 4]]), torch.tensor([[48, 64]]), cell, 3, padded=False, **kw)
+    batch = torch.stack([F.pad(attn, (0, 2)), torch.rand(3, 6, generator=torch.Generator().manual_seed(0))])
+    padded, _ = select_boxes(batch, torch.tensor([[3, 4], [3, 6]]), torch.tensor([[48, 64], [48, 96]]),
+                             cell.expand(2, 2), 3, **kw)
+    assert alone[0, 1, 1] > 32 > alone[0, 2, 1]  # the 0.95 node (row 2) second, the 0.93 one (row 1) third
+    torch.testing.assert_close(padded[0], alone[0], rtol=0, atol=1e-4)
+
+
 def test_selection_upsample_is_the_grid_the_model_selects_on(monkeypatch):
     import finescope.models.network as network
 

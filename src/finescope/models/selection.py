@@ -174,7 +174,7 @@ def _fine_cells(n: int, upsample: int, device: torch.device) -> tuple[torch.Tens
     return cell.long(), at - cell
 
 
-def _exact_components(nodes, fine, fine_in, threshold, cell_px, sizes, k, graph_rounds):
+def _exact_components(nodes, fine, fine_in, threshold, cell_px, sizes, k, graph_rounds, valid=None):
     """Components and boxes of the map's bilinear interpolant itself, thresholded as if at every pixel
     (method.md), not on a grid of sample points: ``components="exact"`` of :func:`select_boxes`.
 
@@ -203,6 +203,8 @@ def _exact_components(nodes, fine, fine_in, threshold, cell_px, sizes, k, graph_
         fine_in: (B, H', W') bool, the fine points at or above tau (and valid).
         cell_px: (B, 2) height and width of a feature cell in pixels; sizes: (B, 2) the image's height and width.
         graph_rounds: see :func:`_label`.
+        valid: (B, 2) the valid rows and columns of each image, None when all are: a rank by the nodes' attention
+            counts an image's own nodes, not the copies of its edge that fill its padding.
 
     Returns:
         The boxes as planes (B, 4, k') x1, y1, x2, y2 in pixels of the k' = min(k, P + 1) best-ranked components,
@@ -258,6 +260,10 @@ def _exact_components(nodes, fine, fine_in, threshold, cell_px, sizes, k, graph_
     fine_label = torch.where(at(apart), torch.where(fx < at(saddle_x), left, right), torch.maximum(left, right))
     fine_label = fine_label * fine_in
     mass = fine.new_zeros(B, P + 1).scatter_add_(1, fine_label.reshape(B, -1), fine.reshape(B, -1).float())
+    if valid is not None:
+        inside = (torch.arange(h, device=v.device)[None, :, None] < valid[:, 0, None, None]) \
+            & (torch.arange(w, device=v.device)[None, None, :] < valid[:, 1, None, None])
+        nodes = nodes * inside
     small = fine.new_zeros(B, P + 1).scatter_add_(1, node_label[:, 1:-1, 1:-1].reshape(B, -1),
                                                   nodes.reshape(B, -1).float())
     rank = torch.where(mass > 0, mass + 1.0, small * 1e-3)  # those holding a fine point first
@@ -527,7 +533,7 @@ def _select(attn, valid, sizes, cell_px, k, threshold, min_box_fraction, upsampl
     binary = binary if valid_fine is None else binary & valid_fine
     if components == "exact":
         comp, comp_mass, converged = _exact_components(nodes, fine, binary, threshold, cell_px, sizes, k,
-                                                       graph_rounds)
+                                                       graph_rounds, valid if padded else None)
     elif components == "grid":
         labels, converged = _label(binary, graph_rounds)
         comp, comp_mass = _component_boxes(labels, fine, cell_xy, k)  # (B, 4, k'), (B, k')
