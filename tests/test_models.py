@@ -518,6 +518,19 @@ def test_exact_components_too_small_for_a_grid_point_rank_alike_in_a_padded_batc
     torch.testing.assert_close(padded[0], alone[0], rtol=0, atol=1e-4)
 
 
+def test_exact_components_rank_by_their_mass_to_float_precision():
+    """Two peaks of a 64x64 map, their masses 2e-6 apart relative to theirs (about 0.005): the larger ranks first,
+    as on the grid (the rank was the mass plus 1, whose float32 kept about 1e-7 of it, and tied them; found in
+    review)."""
+    attn = torch.full((1, 64, 64), 0.3)
+    attn[0, 10, 10], attn[0, 40, 40] = 1.0, 1.0 - 2e-6
+    attn /= attn.sum()
+    args = (torch.tensor([[64, 64]]), torch.tensor([[1024, 1024]]), torch.tensor([[16.0, 16.0]]), 2, 0.5, 0.01)
+    for components in ("grid", "exact"):
+        boxes, _ = select_boxes(attn, *args, components=components, padded=False)
+        assert boxes[0, 0, 0] < 512 < boxes[0, 1, 0], components  # the peak at row and column 10 first
+
+
 def test_selection_upsample_is_the_grid_the_model_selects_on(monkeypatch):
     import finescope.models.network as network
 

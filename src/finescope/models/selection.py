@@ -266,7 +266,10 @@ def _exact_components(nodes, fine, fine_in, threshold, cell_px, sizes, k, graph_
         nodes = nodes * inside
     small = fine.new_zeros(B, P + 1).scatter_add_(1, node_label[:, 1:-1, 1:-1].reshape(B, -1),
                                                   nodes.reshape(B, -1).float())
-    rank = torch.where(mass > 0, mass + 1.0, small * 1e-3)  # those holding a fine point first
+    # those holding a fine point by their mass (itself: mass + 1 in float32 would keep only about 1e-7 of it), then
+    # the others by their nodes' attention, each below the least of those masses
+    least = mass[:, 1:].masked_fill(mass[:, 1:] <= 0, float("inf")).amin(dim=1, keepdim=True).clamp(max=1.0)
+    rank = torch.where(mass > 0, mass, small / (small[:, 1:].sum(dim=1, keepdim=True) + 1.0) * least)
     rank[:, 0] = -1.0  # background slot
     rank, slot = rank.topk(min(k, P + 1), dim=1)
     box = extremes.gather(2, slot[:, None].expand(-1, 4, -1))
