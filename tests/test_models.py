@@ -531,6 +531,23 @@ def test_exact_components_rank_by_their_mass_to_float_precision():
         assert boxes[0, 0, 0] < 512 < boxes[0, 1, 0], components  # the peak at row and column 10 first
 
 
+def test_exact_components_converge_within_the_graphs_rounds_on_noisy_maps():
+    """An untrained model's noisy maps (benchmarks/selection_cost.py's: a softmax over uniform logits, 16 of 7x11):
+    the fixed labelling rounds of a CUDA graph, and of torch.compile, converge on exact components as on the
+    grid's. (8-connected, the doubled node grid of c665788 converged within 8 rounds on 2 of 60 such batches;
+    78dbce7 labels it 4-connected along runs. Test from review.)"""
+    from finescope.models import selection
+
+    for seed in range(1, 11):
+        attn = torch.rand(16, 77, generator=torch.Generator().manual_seed(seed)).softmax(dim=1).view(16, 7, 11)
+        args = (attn, torch.tensor([[7, 11]] * 16), torch.tensor([[460, 700]] * 16),
+                torch.tensor([[460 / 7, 700 / 11]] * 16), 4, 0.5, 1 / 3, 4, 0.5, "minmax", False)
+        for components in ("grid", "exact"):
+            boxes, _, converged = selection._select(*args, components, graph_rounds=selection.GRAPH_ROUNDS)
+            assert bool(converged), (seed, components)
+            torch.testing.assert_close(boxes, select_boxes(*args, components=components)[0], rtol=0, atol=0)
+
+
 def test_selection_upsample_is_the_grid_the_model_selects_on(monkeypatch):
     import finescope.models.network as network
 
