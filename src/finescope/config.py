@@ -87,7 +87,8 @@ class ModelConfig:
     # at a cost that grows with its square (benchmarks/selection_grid.py); under exact components, the grid of
     # the components' masses and the fallback peaks only
     selection_components: str = "exact"  # exact: the components and boxes of the bilinear map itself, as
-    # method.md's every pixel, labelled on the feature grid | grid: those of the selection_upsample grid
+    # method.md's every pixel, labelled on a grid twice as fine as the cells | grid: those of the
+    # selection_upsample grid
     peak_iou: float = 0.5  # fallback peaks whose box overlaps a taken box by more IoU than this are skipped
     proj_dim: int = 256  # M; 0 = no projection of the instances
     attn_dim: int = 128  # L in Ilse et al. Eq. 9

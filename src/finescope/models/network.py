@@ -172,7 +172,7 @@ class FineScopeNet(nn.Module):
         crops_active: when False (stage-wise training), a training-mode forward skips the crops and returns
             the global logits; evaluation always uses the crops.
         selection_graph: on CUDA, outside torch.compile, replay the instance selection as a CUDA graph
-            (``select_boxes``' ``graph``: the same boxes, one launch instead of about 170). The graph's
+            (``select_boxes``' ``graph``: the same boxes, one launch instead of 170 or more). The graph's
             convergence flag is read once the whole forward pass is queued, so the host does not wait for the
             GPU in the middle of it; in the rare step whose flag says the graph's labelling did not converge, the
             crops are cut again from the exact boxes, after the BatchNorm statistics and the random-number state

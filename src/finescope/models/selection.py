@@ -26,8 +26,10 @@ On a GPU this runs on tiny tensors, so its cost is the number of kernels launche
 below is batched over images, components, boxes and peaks, and the only host-device sync is the convergence
 test of the component labelling (once per call for ordinary attention maps). In eager mode on CUDA the whole
 selection is, by default, captured once per input shape as a CUDA graph and replayed: one launch instead of
-about 165. The graph runs the labelling's first ``GRAPH_ROUNDS`` rounds and tests convergence on the device;
-when a map needs more rounds the call runs again without the graph, so the boxes are always the exact ones.
+about 165 (counted on CUDA for the grid's components; the exact ones take about 120 operations more, counted on
+the CPU by ``benchmarks/selection_cost.py``). The graph runs the labelling's first ``GRAPH_ROUNDS`` rounds and
+tests convergence on the device; when a map needs more rounds the call runs again without the graph, so the
+boxes are always the exact ones.
 :func:`select_boxes_deferred` leaves that flag unread, for a caller that can go on with the boxes and read it
 later (the model reads it once its whole forward pass is queued, ``FineScopeNet.forward``).
 
