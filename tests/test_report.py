@@ -247,3 +247,21 @@ def test_a_summary_from_before_few_patient_intervals_were_withheld_is_computed_a
     row = next(line for line in md.read_text().splitlines() if line.startswith("| global |"))
     assert "[0.500, 0.500]" not in row and "[n/a (only 4 patients)]" in row
     assert _summary(folder, "global", 30, 0)["variants"]["global"]["pooled"]["auc"]["ci_note"] == "only 4 patients"
+
+
+def test_class_names_with_dollar_signs_are_drawn_as_written_not_typeset(tmp_path, monkeypatch):
+    """matplotlib read the '$...$' of a class name in the confusion matrix's ticks and the ROC legend as mathtext:
+    'cost $5 and $6' came out typeset, and 'a$\\foo$' ended the report in a ParseFatalException traceback."""
+    from matplotlib.text import Text
+
+    names = ("cost $5 and $6", "a$\\foo$")
+    run = _single_run(tmp_path / "run", "fusion", [[f"/x/{i}.png", f"g{i // 3}", names[i % 2], names[0], 0.6, 0.4, ""]
+                                                   for i in range(12)])
+    (run / "predictions_test.csv").write_text((run / "predictions_test.csv").read_text()
+                                              .replace("prob_a,prob_b", ",".join(f'"prob_{n}"' for n in names)))
+    drawn = []
+    draw = Text.draw
+    monkeypatch.setattr(Text, "draw", lambda self, renderer: drawn.append(self) or draw(self, renderer))
+    assert main(["report", str(run)]) == 0
+    shown = [t for t in drawn if any(n in t.get_text() for n in names)]
+    assert shown and not any(t.get_parse_math() for t in shown)  # the ticks and the legend, as written

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import html
 import io
@@ -182,6 +183,16 @@ def _split_summaries(run_dir: Path, is_cv: bool) -> list[tuple[str, dict]]:
 
 
 # ---------------------------------------------------------------------------------------------- figures
+def _as_written(figure):
+    """``figure`` drawing its text as written: a class, variant or fold name holding '$' ('cost $5 and $6') is no
+    mathtext to typeset, or to fail on ('a$\\foo$' ended the report in a ParseFatalException)."""
+    @functools.wraps(figure)
+    def drawn(*args, **kwargs):
+        with plt.rc_context({"text.parse_math": False}):  # tick labels, legends and titles made inside
+            return figure(*args, **kwargs)
+    return drawn
+
+
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
@@ -189,6 +200,7 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+@_as_written
 def _fig_confusion(summary: dict) -> bytes:
     names = summary["class_names"]
     variants = list(summary["variants"])
@@ -206,6 +218,7 @@ def _fig_confusion(summary: dict) -> bytes:
     return _png(fig)
 
 
+@_as_written
 def _fig_roc(rows: list[dict], summary: dict) -> bytes:
     names = summary["class_names"]
     fig, ax = plt.subplots(figsize=(4.2, 4.0))
@@ -226,6 +239,7 @@ def _fig_roc(rows: list[dict], summary: dict) -> bytes:
     return _png(fig)
 
 
+@_as_written
 def _fig_reliability(rows: list[dict], summary: dict) -> bytes:
     names = summary["class_names"]
     fig, ax = plt.subplots(figsize=(4.2, 4.0))
@@ -243,6 +257,7 @@ def _fig_reliability(rows: list[dict], summary: dict) -> bytes:
     return _png(fig)
 
 
+@_as_written
 def _fig_curves(histories: dict, order: list[str]) -> bytes | None:
     if not histories:
         return None
