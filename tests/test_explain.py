@@ -725,6 +725,32 @@ def test_a_crop_model_of_no_crops_still_gives_evidence():
     assert sum(len(h) for h in collector.heaps.values()) == 1
 
 
+def test_classes_whose_names_make_one_folder_keep_their_own_evidence_crops(tmp_path):
+    """'a+' and 'a?' both became evidence/a_/: the crops of the second class overwrote the first's, and the
+    gallery showed the second's under both. Each class now has its own folder, and its links point into it."""
+    from PIL import Image
+
+    from finescope.explain.evidence import EvidenceCollector
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(**{**SMALL, "num_crops": 1}), 5).eval()
+    names = ["a+", "a?", "b", "B", ".."]
+    collector = EvidenceCollector(names, top=1)
+    for c in range(len(names)):
+        e = finescope.explain(model, image(seed=c), "attention")
+        e.probabilities = torch.eye(len(names))[c]  # every class predicted once, on an image of its own
+        collector.add(model, e, f"x{c}.png", f"images/0000{c}_x{c}.png")
+    evidence = collector.save(tmp_path)
+    files = [evidence[n][0]["file"] for n in names]
+    assert len({f.casefold() for f in files}) == len(names)
+    assert all(f.startswith("evidence/") and f.count("/") == 2 and ".." not in f.split("/") for f in files)
+    crops = [np.asarray(Image.open(tmp_path / f)) for f in files]
+    assert not any(np.array_equal(crops[0], x) for x in crops[1:])  # the first class's crop is its own
+    from finescope.explain.evidence import class_folders
+
+    assert class_folders(["benign", "a+", "a?", "", "class"]) == ["benign", "a_~1", "a_~2", "class~3", "class~4"]
+
+
 def test_boxes_are_drawn_on_the_pixels_they_hold():
     """imshow centres pixel j on j; the boxes' frame has it span [j, j + 1): a box over the whole of a 4x6 image
     was drawn half a pixel up and left of it (an eighth of a small image), its right and bottom pixels outside."""

@@ -55,14 +55,15 @@ class EvidenceCollector:
         self._push(c, p, {**common, "rank": 1, "mass": None, "crop": crop})
 
     def save(self, out: Path) -> dict[str, list[dict]]:
-        """Write ``out/evidence/<class>/NN.png``; returns {class: [entries, best first]} with ``file`` paths
-        relative to ``out`` (the crops themselves are dropped)."""
+        """Write ``out/evidence/<class>/NN.png`` (the folder: :func:`class_folders`); returns {class: [entries,
+        best first]} with ``file`` paths relative to ``out`` (the crops themselves are dropped)."""
         result = {}
+        folders = class_folders(self.class_names)
         for c, heap in self.heaps.items():
             name = self.class_names[c]
             entries = []
             for n, (score, _, entry) in enumerate(sorted(heap, key=lambda t: (-t[0], t[1]))):
-                rel = Path("evidence") / _safe(name) / f"{n + 1:02d}.png"
+                rel = Path("evidence") / folders[c] / f"{n + 1:02d}.png"
                 save_image(entry["crop"], out / rel)
                 entries.append({**{k: v for k, v in entry.items() if k != "crop"}, "score": score,
                                 "file": rel.as_posix()})
@@ -74,4 +75,15 @@ def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "class"
 
 
-__all__ = ["EvidenceCollector"]
+def class_folders(class_names: list[str]) -> list[str]:
+    """The folder of each class in ``evidence/``: its name with characters other than letters, digits, ``-``,
+    ``_`` and ``.`` as ``_``. Where two classes would share a folder ('a+' and 'a?' both 'a_'; 'A' and 'a' on a
+    file system that ignores case) or the name is '.' or '..', the folder ends in ``~`` and the class index
+    ('a_~0', 'a_~1'): one class's crops no longer overwrite another's. ``~`` is in no plain folder name, so these
+    are unique."""
+    safe = [_safe(name) for name in class_names]
+    shared = {s for s in safe if s in (".", "..") or sum(t.casefold() == s.casefold() for t in safe) > 1}
+    return [f"{s}~{c}" if s in shared else s for c, s in enumerate(safe)]
+
+
+__all__ = ["EvidenceCollector", "class_folders"]
