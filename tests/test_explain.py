@@ -538,6 +538,28 @@ def test_explain_into_a_folder_of_the_users_images_removes_only_its_own_earlier_
     assert "images/00009_old.png" not in left and "evidence/typical/01.png" not in left
 
 
+@pytest.mark.parametrize(("given", "out"), [(".", "."), (".", "explain"), ("images", ".")])
+def test_an_out_inside_a_folder_to_explain_is_refused_before_any_work(tmp_path, capsys, given, out):
+    """explain RUN X --out X (or --out X/explain) ran, and its second run took the first's figures (images/NNNNN_*.png,
+    evidence/...) for images to explain, and kept them as inputs. Such an --out, and a folder inside --out's
+    images/ or evidence/, is now refused in one line before any work."""
+    from PIL import Image
+
+    from finescope.cli import main
+
+    run = make_run(tmp_path, "global")
+    study = tmp_path / "study"
+    (study / "images").mkdir(parents=True)
+    Image.fromarray(image(96, 96).permute(1, 2, 0).numpy()).save(study / "images" / "patient1.png")
+    before = sorted(study.rglob("*"))
+    assert main(["explain", str(run), str(study / given), "--out", str(study / out), "--no-faithfulness", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "choose an --out outside it" in err and len(err.strip().splitlines()) == 1
+    assert sorted(study.rglob("*")) == before
+    assert main(["explain", str(run), str(study / "images" / "patient1.png"), "--out", str(study),
+                 "--no-faithfulness", *FAST]) == 0  # a file given one by one still may be in --out's images/
+
+
 def test_gallery_links_reach_figures_of_names_with_hash_percent_and_spaces(tmp_path):
     import html
     import re

@@ -295,6 +295,25 @@ _RECORDS = ("index.html", "results.csv", "faithfulness.json")
 STAGE_PREFIX = ".finescope-explain-"  # the hidden folder in ``out`` where a run draws its figures
 
 
+def _check_out(out: Path, paths) -> None:
+    """Refuse an ``out`` that a folder to explain holds, or whose images/ or evidence/ holds one: a second run
+    would explain the first one's figures. Image files given one by one are no such folder (they may be in
+    ``out/images``; explain keeps them)."""
+    where = Path(os.path.realpath(out))
+    for p in paths:
+        if not Path(p).is_dir():
+            continue
+        folder = Path(os.path.realpath(p))
+        if where.is_relative_to(folder):
+            raise FinescopeError(f"the output folder '{out}' is inside '{p}', a folder to explain: a second run would "
+                                 "take this run's figures (images/, evidence/) for images to explain; choose an --out "
+                                 "outside it")
+        for sub, _, _ in _FIGURES:
+            if folder.is_relative_to(where / sub):
+                raise FinescopeError(f"'{p}' is inside '{out / sub}', where explain writes its figures: a second run "
+                                     "would explain them; choose an --out outside it")
+
+
 def _clear_previous(out: Path, keep: set[str]) -> None:
     """Remove the figures an earlier explain run left in ``out``'s images/ and evidence/ folders. Only files
     named as explain names them go, and never one of the images to explain (``keep``, real paths): an ``--out``
@@ -371,10 +390,11 @@ def run_explain(checkpoint: str | Path, paths: list[str] | tuple[str, ...] = (),
 
     settings = settings or ExplainSettings()
     settings.check()
+    out = Path(out) if out else default_out(checkpoint, split)
+    _check_out(out, () if split else paths)
     model, cfg, class_names, state = load_trained(checkpoint, overrides, device)
     methods = resolve_methods(model, settings.methods, cfg.model.variant)
     inputs = _inputs(cfg, state, class_names, paths, split)
-    out = Path(out) if out else default_out(checkpoint, split)
     keep = {os.path.realpath(item.path) for item in inputs.items}
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob(f"{STAGE_PREFIX}*"):  # a killed run's figures
