@@ -599,6 +599,16 @@ def test_a_file_name_with_dollar_signs_is_drawn_as_written_not_typeset(tmp_path)
     assert len(list((out / "images").glob("*.png"))) == 2
 
 
+def test_an_overlay_grids_titles_are_drawn_as_written_not_typeset(tmp_path):
+    """save_overlay_grid (finescope.explain's, the demo's overlay) drew each item's title, a file and class name,
+    as mathtext: 'cost $5 and $6.png' came out typeset and 'a$\\foo$.png' ended in a ParseFatalException."""
+    from finescope.explain import save_overlay_grid
+
+    items = [{"image": image(32, 32, seed=k).permute(1, 2, 0).numpy(), "attention": None, "title": title}
+             for k, title in enumerate(["cost $5 and $6.png\npred a", "a$\\foo$.png\npred b"])]
+    assert save_overlay_grid(items, tmp_path / "grid.png", columns=2).stat().st_size > 0
+
+
 def test_a_file_name_that_is_not_utf8_is_explained_under_a_name_matplotlib_can_draw(tmp_path):
     """A Latin-1 file name (a str with a surrogate on Linux) was the figure's title: matplotlib stopped explain
     with a TypeError traceback. It is shown with U+FFFD for the odd byte."""

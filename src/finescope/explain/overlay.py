@@ -63,7 +63,7 @@ def draw_overlay(ax, image: np.ndarray, heat: np.ndarray | None, boxes=None, mas
                 bbox={"facecolor": colour, "alpha": 0.85, "pad": 1, "edgecolor": "none"})
     for cx, cy, r in circles or []:
         ax.add_patch(Circle((cx, cy), r * 1.6, fill=False, edgecolor=TRUTH_COLOUR, linewidth=1.4, linestyle="--"))
-    ax.set_title(title, fontsize=8)
+    ax.set_title(title, fontsize=8, parse_math=False)  # a file or class name as written, as the figure's title
     ax.axis("off")
     return artist
 
