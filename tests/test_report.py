@@ -265,3 +265,17 @@ def test_class_names_with_dollar_signs_are_drawn_as_written_not_typeset(tmp_path
     assert main(["report", str(run)]) == 0
     shown = [t for t in drawn if any(n in t.get_text() for n in names)]
     assert shown and not any(t.get_parse_math() for t in shown)  # the ticks and the legend, as written
+
+
+@pytest.mark.parametrize("summary", [5, {"train": {"images": 8, "groups": 3}}, {"train": [1, 2]}])
+def test_a_split_summary_of_another_shape_is_left_out_with_a_warning(tmp_path, capsys, summary):
+    """A splits.json whose summary is not the one finescope writes (edited, another tool's) ended report in an
+    AttributeError or KeyError traceback; it is left out with a warning, as a splits.json that is no JSON is."""
+    run = _single_run(tmp_path / "run", "fusion", [[f"/x/{i}.png", f"g{i // 3}", "a" if i % 2 else "b", "a", 0.6,
+                                                     0.4, ""] for i in range(12)])
+    (run / "splits.json").write_text(json.dumps({"summary": summary}))
+    assert main(["report", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert "splits.json' holds no split summary that finescope wrote" in err and "Traceback" not in err
+    text = (run / "report.md").read_text()
+    assert "## Test metrics" in text and "Split summary" not in text

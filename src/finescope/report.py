@@ -164,8 +164,9 @@ def _histories(run_dir: Path, is_cv: bool) -> dict[str, dict[str, list[dict]]]:
     return out
 
 
-def _split_summaries(run_dir: Path, is_cv: bool) -> list[tuple[str, dict]]:
-    """(fold name, summarize_splits output) for every fold, or the single run's split."""
+def _split_summaries(run_dir: Path, is_cv: bool, class_names: list[str]) -> list[tuple[str, dict]]:
+    """(fold name, summarize_splits output) for every fold, or the single run's split; none, with a warning, when
+    ``splits.json`` is no JSON or lacks a count of the table (of a side, of one of ``class_names``)."""
     path = run_dir / "splits.json"
     if not path.is_file():
         return []
@@ -177,9 +178,18 @@ def _split_summaries(run_dir: Path, is_cv: bool) -> list[tuple[str, dict]]:
         warnings.warn(f"'{path}' is not valid JSON: the report leaves out the split summary", FinescopeWarning,
                       stacklevel=2)
         return []
-    if is_cv:
-        return [(f["name"], f["summary"]) for f in raw.get("folds", [])]
-    return [("split", raw["summary"])] if "summary" in raw else []
+    try:
+        if is_cv:
+            found = [(f["name"], f["summary"]) for f in raw.get("folds", [])]
+        else:
+            found = [("split", raw["summary"])] if "summary" in raw else []
+        split_table(found, class_names)  # every count the table shows is there
+    except (KeyError, TypeError, AttributeError) as e:
+        missing = f" ({e.args[0]!r} missing)" if isinstance(e, KeyError) else ""
+        warnings.warn(f"'{path}' holds no split summary that finescope wrote{missing}: the report leaves out the "
+                      "split summary", FinescopeWarning, stacklevel=2)
+        return []
+    return found
 
 
 # ---------------------------------------------------------------------------------------------- figures
@@ -402,7 +412,7 @@ def _blocks(run_dir: Path, summary: dict, rows: list[dict], is_cv: bool, split: 
     curves = _fig_curves(_histories(run_dir, is_cv), list(summary["variants"]))
     if curves is not None:
         blocks.append(("figure", "Training curves", curves, "One line per fold." if is_cv else ""))
-    splits = _split_summaries(run_dir, is_cv)
+    splits = _split_summaries(run_dir, is_cv, names)
     if splits and split != "all":  # the run's splits say nothing of other data
         blocks.append(("table", "Split summary", split_table(splits, names, folds=is_cv),
                        "Images/groups per class on each side; 'shared groups' counts groups also on another "
