@@ -143,11 +143,23 @@ def test_breakhis_subtype_kfold_error_names_the_single_group_class():
         ({"reference": "fusion", "variants": "global"}, "reference variant 'fusion'"),
         ({"typo": 1}, "unknown key 'protocol.typo'"),
         ({"n_boot": 0}, "'protocol.n_boot' is 0; .*at least 1"),
+        ({"folds": float("inf")}, "'protocol.folds' must be a int, got inf"),  # folds: .inf ended in OverflowError
+        ({"trials": float("nan")}, "'protocol.trials' must be a int, got nan"),
+        ({"n_boot": float("inf")}, "'protocol.n_boot' must be a int, got inf"),
+        ({"variants": None}, "'protocol.variants' must be a list of variant names"),  # variants: (empty), TypeError
+        ({"variants": 5}, "'protocol.variants' must be a list of variant names"),
     ],
 )
 def test_bad_protocol_is_one_clear_line(protocol, message):
     with pytest.raises(FinescopeError, match=message):
         make_protocol(protocol)
+
+
+def test_a_whole_number_written_as_a_float_is_that_many_folds():
+    """protocol: {folds: 3.0} passed the check as 3.0 and drawing the folds ended in a TypeError traceback."""
+    s = toy_set()
+    assert len(make_folds(s, make_protocol({"folds": 3.0}), seed=0, val_fraction=0.2)) == 3
+    assert len(make_folds(s, make_protocol({"folds": 0, "trials": 2.0}), seed=0, val_fraction=0.2)) == 2
 
 
 def test_too_few_groups_for_the_folds():

@@ -26,6 +26,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -109,13 +110,18 @@ def make_protocol(raw: dict | None, where: str = "protocol") -> Protocol:
     if isinstance(raw.get("variants"), str):
         raw["variants"] = [v for v in raw["variants"].split(",") if v.strip()]
     if "variants" in raw:
+        if not isinstance(raw["variants"], (list, tuple)):  # variants: (empty) or variants: 5 in the YAML
+            raise FinescopeError(f"'{where}.variants' must be a list of variant names (or 'global,fusion'), got "
+                                 f"{raw['variants']!r}")
         raw["variants"] = tuple(str(v).strip() for v in raw["variants"])
     for key, tp in (("folds", int), ("trials", int), ("n_boot", int), ("test_fraction", float),
                     ("per_magnification", bool)):
         if key in raw and (isinstance(raw[key], bool) != (tp is bool) or not isinstance(raw[key], (int, float))
-                           or (tp is int and raw[key] != int(raw[key]))):
+                           or (tp is int and not (math.isfinite(raw[key]) and raw[key] == int(raw[key])))):
             raise FinescopeError(f"'{where}.{key}' must be {'true or false' if tp is bool else f'a {tp.__name__}'}"
                                  f", got {raw[key]!r}")
+        if key in raw and tp is int:
+            raw[key] = int(raw[key])  # folds: 5.0 is 5 folds
     if "reference" in raw and not isinstance(raw["reference"], str):
         raise FinescopeError(f"'{where}.reference' must be a variant name, got {raw['reference']!r}")
     protocol = Protocol(**raw)
