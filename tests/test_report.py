@@ -279,3 +279,15 @@ def test_a_split_summary_of_another_shape_is_left_out_with_a_warning(tmp_path, c
     assert "splits.json' holds no split summary that finescope wrote" in err and "Traceback" not in err
     text = (run / "report.md").read_text()
     assert "## Test metrics" in text and "Split summary" not in text
+
+
+@pytest.mark.parametrize("line", ['{"epoch": "3", "train_loss": 0.5}', '{"epoch": null}', '{"epoch": 1.5}'])
+def test_a_history_line_whose_epoch_is_no_whole_number_is_skipped_with_a_warning(tmp_path, capsys, line):
+    """The training curves added 1 to each line's epoch: an epoch of '3' or null (an edited history.jsonl) ended
+    report in a TypeError traceback. Such a line is skipped with a warning, as a line that is no JSON is."""
+    folder = fake_cv(tmp_path / "cv", n=24)
+    with (folder / "runs" / "global" / "trial0" / "history.jsonl").open("a") as fh:
+        fh.write(line + "\n")
+    assert main(["report", str(folder)]) == 0
+    assert "history.jsonl: line 5 is not an epoch record" in capsys.readouterr().err
+    assert "## Training curves" in (folder / "report.md").read_text()

@@ -118,9 +118,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def read_history(path: str | os.PathLike) -> list[dict]:
-    """The epoch rows of a run's ``history.jsonl``. A line that is not a JSON object (the partial last line of a
-    run killed while writing it, or a full disk) is skipped with a warning: the checkpoints, not this log, are
-    what a resumed run continues from."""
+    """The epoch rows of a run's ``history.jsonl``. A line that is not a JSON object with a whole-number
+    ``epoch`` (the partial last line of a run killed while writing it, a full disk, an edit) is skipped with a
+    warning: the checkpoints, not this log, are what a resumed run continues from."""
     rows = []
     for n, line in enumerate(Path(path).read_text(errors="replace").splitlines(), 1):
         if not line.strip():
@@ -129,7 +129,7 @@ def read_history(path: str | os.PathLike) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError:
             row = None
-        if isinstance(row, dict) and "epoch" in row:
+        if isinstance(row, dict) and isinstance(row.get("epoch"), int) and not isinstance(row["epoch"], bool):
             rows.append(row)
         else:
             warnings.warn(f"{path}: line {n} is not an epoch record (a run killed while writing it?); skipped",
