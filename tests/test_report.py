@@ -291,3 +291,14 @@ def test_a_history_line_whose_epoch_is_no_whole_number_is_skipped_with_a_warning
     assert main(["report", str(folder)]) == 0
     assert "history.jsonl: line 5 is not an epoch record" in capsys.readouterr().err
     assert "## Training curves" in (folder / "report.md").read_text()
+
+
+@pytest.mark.parametrize("record", [{"n_boot": 0}, {"n_boot": -5}, {"settings": {"config": {"seed": -1}}}])
+def test_a_cv_json_whose_resamples_or_seed_are_out_of_range_is_no_record(tmp_path, record):
+    """The report computes a cv's summary with cv.json's n_boot and seed: an edited n_boot of 0 or seed of -1 ended
+    it in numpy's or the bootstrap's ValueError traceback. Such a value is taken as unrecorded, as one of another
+    type is."""
+    folder = fake_cv(tmp_path / "cv", n=24)
+    (folder / "cv.json").write_text(json.dumps(record))
+    md, _ = write_report(folder, n_boot=20)
+    assert "| fusion − global |" in md.read_text()

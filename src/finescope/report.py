@@ -117,11 +117,13 @@ def _cv_summary(run_dir: Path, csv_path: Path, n_boot: int) -> dict:
     settings = record.get("settings") if isinstance(record.get("settings"), dict) else {}
     config = settings.get("config") if isinstance(settings.get("config"), dict) else {}
 
-    def recorded(value, default, tp):
-        return value if isinstance(value, tp) and not isinstance(value, bool) else default
+    def recorded(value, default, tp, least=None):  # a value out of range (n_boot: 0) is no record either
+        ok = isinstance(value, tp) and not isinstance(value, bool) and (least is None or value >= least)
+        return value if ok else default
 
     return summarize_predictions(csv_path, recorded(record.get("reference"), "", str),
-                                 recorded(record.get("n_boot"), n_boot, int), recorded(config.get("seed"), 0, int))
+                                 recorded(record.get("n_boot"), n_boot, int, 1),
+                                 recorded(config.get("seed"), 0, int, 0))
 
 
 def _json_dict(path: Path) -> dict | None:
