@@ -302,3 +302,15 @@ def test_a_cv_json_whose_resamples_or_seed_are_out_of_range_is_no_record(tmp_pat
     (folder / "cv.json").write_text(json.dumps(record))
     md, _ = write_report(folder, n_boot=20)
     assert "| fusion − global |" in md.read_text()
+
+
+def test_a_damaged_run_predictions_csv_is_named_with_its_own_line(tmp_path, capsys):
+    """A run's report named the copy it reads (report_files/predictions_oof.csv) and that copy's line, which is
+    another where rows without a true class are left out, not the predictions_test.csv to write again."""
+    rows = [[f"/x/{i}.png", f"g{i // 3}", "a" if i % 2 else "b", "a", 0.6, 0.4, ""] for i in range(12)]
+    rows[0][2] = ""  # an image without a true class: not in the copy
+    rows[2][4] = "1.7"  # line 4 of predictions_test.csv, line 3 of the copy
+    run = _single_run(tmp_path / "run", "fusion", rows)
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"'{run / 'predictions_test.csv'}' line 4: prob_a is '1.7'" in err[0]

@@ -31,7 +31,7 @@ from finescope.checkpoint import read_history  # noqa: E402
 from finescope.errors import FinescopeError, FinescopeWarning  # noqa: E402
 from finescope.files import ERRORS, atomic_open, write_bytes, write_text  # noqa: E402
 from finescope.metrics import ECE_BINS, MIN_CI_GROUPS, reliability_curve, roc_curves  # noqa: E402
-from finescope.oof import TABLE_METRICS, as_arrays, read_oof_csv, summarize_predictions  # noqa: E402
+from finescope.oof import TABLE_METRICS, _check_row, as_arrays, read_oof_csv, summarize_predictions  # noqa: E402
 
 SHORT = {
     "patient_recognition_rate": "PRR",
@@ -88,10 +88,21 @@ def _single_run_rows(run_dir: Path, predictions: Path | None, fig_dir: Path) -> 
         if lacking:
             raise FinescopeError(f"'{src}' has no column '{lacking[0]}' (predictions_<split>.csv has path, group, "
                                  "true, predicted and prob_<class> columns); write it again with `finescope evaluate`")
-        rows = [{"image": r["path"], "group": r["group"], "patient": r.get("patient") or r["group"],
-                 "magnification": "", "true": r["true"],
-                 "predicted": r["predicted"], **{c: r[c] for c in probs}, "fold": src.stem.split("_", 1)[-1],
-                 "variant": variant} for r in reader if r["true"]]
+        if not probs:
+            raise FinescopeError(f"'{src}' has no prob_<class> columns; write it again with `finescope evaluate`")
+        rows = []
+        for r in reader:
+            if not r["true"]:
+                continue
+            rows.append({"image": r["path"], "group": r["group"], "patient": r.get("patient") or r["group"],
+                         "magnification": "", "true": r["true"],
+                         "predicted": r["predicted"], **{c: r[c] for c in probs}, "fold": src.stem.split("_", 1)[-1],
+                         "variant": variant})
+            # checked here to name this file and its line, not the copy below that the report reads
+            _check_row(src, reader.line_num, rows[-1], [c.removeprefix("prob_") for c in probs])
+    if not rows:
+        raise FinescopeError(f"'{src}' holds no predictions with a true class; write it again with `finescope "
+                             "evaluate`")
     out = fig_dir / "predictions_oof.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(out, newline="") as fh:
