@@ -314,3 +314,16 @@ def test_a_damaged_run_predictions_csv_is_named_with_its_own_line(tmp_path, caps
     assert main(["report", str(run)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"'{run / 'predictions_test.csv'}' line 4: prob_a is '1.7'" in err[0]
+
+
+def test_predictions_saved_with_a_byte_order_mark_are_read(tmp_path):
+    """A predictions CSV saved again as Excel's 'CSV UTF-8' starts with a byte order mark: the report read its
+    first column as '\\ufeffpath' ('\\ufeffimage' in a cv's) and said the file had no column 'path', which it has;
+    it is read as the data manifest is."""
+    run = _single_run(tmp_path / "run", "fusion", [[f"/x/{i}.png", f"g{i // 3}", "a" if i % 2 else "b", "a", 0.6,
+                                                     0.4, ""] for i in range(12)])
+    folder = fake_cv(tmp_path / "cv", n=24)
+    for path in (run / "predictions_test.csv", folder / "predictions.csv"):
+        path.write_text("\ufeff" + path.read_text(), encoding="utf-8")
+    assert "## Test metrics" in write_report(run, n_boot=20)[0].read_text()
+    assert "| fusion − global |" in write_report(folder, n_boot=20)[0].read_text()

@@ -107,7 +107,7 @@ def read_oof_csv(path: str | Path) -> tuple[list[dict], list[str]]:
     if not path.is_file():
         raise FinescopeError(f"'{path}' not found; run `finescope cv` first")
     try:
-        with path.open(newline="", encoding="utf-8", errors=ERRORS) as fh:
+        with path.open(newline="", encoding="utf-8-sig", errors=ERRORS) as fh:
             reader = csv.DictReader(fh)
             rows = list(reader)
             names = [c[len("prob_"):] for c in reader.fieldnames or [] if c.startswith("prob_")]

@@ -57,7 +57,7 @@ def _is_cv(run_dir: Path) -> bool:
         return False
     if (run_dir / "cv.json").is_file() or (run_dir / "runs").is_dir():
         return True
-    with path.open(newline="", encoding="utf-8", errors=ERRORS) as fh:
+    with path.open(newline="", encoding="utf-8-sig", errors=ERRORS) as fh:
         header = next(csv.reader(fh), [])
     return {"fold", "variant"} <= set(header)
 
@@ -81,7 +81,7 @@ def _single_run_rows(run_dir: Path, predictions: Path | None, fig_dir: Path) -> 
         cfg = {}
     model = cfg.get("model") if isinstance(cfg, dict) else None
     variant = model.get("variant", "model") if isinstance(model, dict) else "model"  # a label only
-    with src.open(newline="", encoding="utf-8", errors=ERRORS) as fh:
+    with src.open(newline="", encoding="utf-8-sig", errors=ERRORS) as fh:
         reader = csv.DictReader(fh)
         probs = [c for c in reader.fieldnames or [] if c.startswith("prob_")]
         lacking = [c for c in ("path", "group", "true", "predicted") if c not in (reader.fieldnames or [])]
