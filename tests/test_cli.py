@@ -219,6 +219,21 @@ def test_data_command_reports_counts(tmp_path, capsys):
                  f"data.root={tmp_path / 'd'}", "model.local_size=72", "model.variant=global"]) == 0
 
 
+@pytest.mark.parametrize("where", ["folder", "new/", "notes.txt/d.json"])
+def test_data_refuses_a_json_it_cannot_write_before_reading_the_images(tmp_path, capsys, where):
+    """data --json DIR (or new/, or notes.txt/d.json with notes.txt a file) read and described every image and
+    only then stopped on 'Is a directory' (naming the folder above) or 'File exists'; such a --json is now
+    refused first, as predict's and evaluate's --out are."""
+    _folder(tmp_path / "d")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["data", "--config", "configs/demo.yaml", "--set", "data.source=folder", f"data.root={tmp_path / 'd'}",
+                 "--json", f"{tmp_path}/{where}"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and (tmp_path / "notes.txt").read_text() == "mine"  # no description: no image read
+    assert err.startswith("finescope: error: --json") and len(err.strip().splitlines()) == 1
+
+
 def _train_args(root, tmp_path, *extra):
     return ["train", "--config", "configs/demo.yaml", "--out", str(tmp_path / "r"), "--quiet", "--set",
             "data.source=folder", f"data.root={root}", "data.num_workers=0", "model.backbone=tiny",

@@ -59,26 +59,26 @@ def _metrics_line(m: dict) -> str:
             + f"  (n={m['n_images']}{skipped})")
 
 
-def _not_a_checkpoint(out: str | None, example: str) -> None:
+def _not_a_checkpoint(out: str | None, example: str, flag: str = "--out") -> None:
     """Refuse an ``--out`` that names a checkpoint or an image: evaluate and predict write JSON and CSV, and must
     never replace the model they read or an image (``predict RUN slide.png --out slide.png``); or a folder (also
     one not there yet, named with a trailing '/'), in which nothing would be written after all the work
-    (``example``: a file name to suggest in it)."""
+    (``example``: a file name to suggest in it; ``flag``: the option, data's ``--json``)."""
     from finescope.data.sources import SUPPORTED_EXTENSIONS
 
     if out and Path(out).is_dir():  # found before the work, not when its result is written
-        raise FinescopeError(f"--out '{out}' is a folder; give the file to write, e.g. --out {Path(out) / example}")
+        raise FinescopeError(f"{flag} '{out}' is a folder; give the file to write, e.g. {flag} {Path(out) / example}")
     if out and out.endswith(("/", os.sep)):  # not there yet: Path() drops the '/', and a file of that name was written
-        raise FinescopeError(f"--out '{out}' names a folder (it ends in '/'); give the file to write, e.g. --out "
+        raise FinescopeError(f"{flag} '{out}' names a folder (it ends in '/'); give the file to write, e.g. {flag} "
                              f"{Path(out) / example}")
     above = next((p for p in Path(out or ".").absolute().parents if p.exists()), None)
     if out and above is not None and not above.is_dir():  # its folder cannot be made: found before the work
-        raise FinescopeError(f"--out '{out}': '{above}' is a file, not a folder; give the file to write in a folder")
+        raise FinescopeError(f"{flag} '{out}': '{above}' is a file, not a folder; give the file to write in a folder")
     if out and Path(out).suffix == ".pt":
-        raise FinescopeError(f"--out '{out}' is a checkpoint name (.pt); give a .json/.csv file to write the "
+        raise FinescopeError(f"{flag} '{out}' is a checkpoint name (.pt); give a .json/.csv file to write the "
                              "results to, not the model")
     if out and Path(out).suffix.lower() in SUPPORTED_EXTENSIONS:
-        raise FinescopeError(f"--out '{out}' is an image name ({Path(out).suffix}); give a .json/.csv file to write "
+        raise FinescopeError(f"{flag} '{out}' is an image name ({Path(out).suffix}); give a .json/.csv file to write "
                              "the results to, not an image")
 
 
@@ -125,6 +125,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     from finescope.trainer import min_image_side, one_class_error, view_image_side
 
     cfg = load_config(args.config, args.overrides)
+    _not_a_checkpoint(args.json, "data.json", "--json")  # before every image is read, not when the JSON is written
     description = describe_samples(load_samples(cfg.data), read_images=not args.no_read,
                                    min_side=min_image_side(cfg), view_side=view_image_side(cfg))
     print(format_description(description))
