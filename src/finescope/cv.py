@@ -331,6 +331,14 @@ def load_cv_splits(path: str | Path, sample_set: SampleSet, per_magnification: b
                 and all(isinstance(v, list) and all(isinstance(p, str) for p in v) for v in item["splits"].values())):
             raise FinescopeError(f"{what}: fold {n} is not a name with a 'splits' mapping of side -> list "
                                  f"of image paths (the file is damaged or was edited); {fix}")
+        name, mag = item["name"], item.get("magnification")
+        if name in ("", ".", "..") or "/" in name or "\\" in name or name in [f["name"] for f in raw["folds"][:n]]:
+            raise FinescopeError(f"{what}: fold {n} is named {name!r}, which is empty, not a plain folder name or "
+                                 f"another fold's; its runs go to runs/<variant>/<fold> (the file is damaged or was "
+                                 f"edited); {fix}")
+        if mag is not None and (not isinstance(mag, int) or isinstance(mag, bool)):
+            raise FinescopeError(f"{what}: fold {name} has magnification {mag!r}, neither a whole number nor null "
+                                 f"(the file is damaged or was edited); {fix}")
         sides = set(item["splits"])
         if not {"train", "test"} <= sides <= set(SIDES):
             raise FinescopeError(f"{what}: fold {item['name']} has the sides {sorted(sides)}, not train and "
