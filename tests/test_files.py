@@ -39,7 +39,7 @@ def test_damaged_records_are_one_line_or_left_out(tmp_path):
         check_rerun(tmp_path, None, None)
     (tmp_path / "splits.json").write_text('{"splits": {')
     with pytest.warns(FinescopeWarning, match="splits.json' is not valid JSON"):
-        assert _split_summaries(tmp_path, is_cv=False) == []
+        assert _split_summaries(tmp_path, is_cv=False, class_names=["a", "b"]) == []
 
 
 def test_links_are_written_through_and_modes_kept(tmp_path):
