@@ -249,7 +249,7 @@ def _exact_components(nodes, fine, fine_in, threshold, cell_px, sizes, k, graph_
     extremes = x.new_full((B, 4, P + 1), -1e9)
     extremes.scatter_reduce_(2, ids[:, None].expand(B, 4, -1), torch.stack([-x, -y, x, y], dim=1), "amax")
     # the mass: each fine point above tau in the component of its square's corners above tau
-    rows, fy = _fine_cells(h, fine.shape[1] // h, v.device)
+    rows, _ = _fine_cells(h, fine.shape[1] // h, v.device)  # within a saddle square only x tells the side
     cols, fx = _fine_cells(w, fine.shape[2] // w, v.device)
 
     def at(plane):  # a (B, h + 1, w + 1) square plane, or a corner plane, read at every fine point
