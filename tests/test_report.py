@@ -327,3 +327,17 @@ def test_predictions_saved_with_a_byte_order_mark_are_read(tmp_path):
         path.write_text("\ufeff" + path.read_text(), encoding="utf-8")
     assert "## Test metrics" in write_report(run, n_boot=20)[0].read_text()
     assert "| fusion − global |" in write_report(folder, n_boot=20)[0].read_text()
+
+
+def test_evaluate_report_takes_no_split_leak_from_another_evaluations_metrics(tmp_path):
+    # evaluate RUN --set data.root=CLEAN --out y.json passes no warning (split_leak null): its report must not take
+    # the split_leak that an earlier evaluate of other data left in the run's metrics_all.json (found in review)
+    run = _single_run(tmp_path / "run", "fusion", [[f"/x/{i}.png", f"g{i // 3}", "a" if i % 2 else "b", "a", 0.6,
+                                                     0.4, ""] for i in range(12)])
+    (run / "metrics_all.json").write_text(json.dumps({"split_leak": "25 of the 45 images evaluated are of 4 groups",
+                                                      "model_overrides": {}}))
+    preds = shutil.copy(run / "predictions_test.csv", tmp_path / "y_predictions.csv")
+    md, _ = write_report(run, predictions=Path(preds), split="all", out=tmp_path / "y_report.md",
+                         warning=None, model_overrides={})
+    assert "25 of the 45" not in md.read_text()
+

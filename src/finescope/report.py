@@ -483,7 +483,8 @@ def write_report(run_dir: str | Path, n_boot: int = 1000, predictions: str | Pat
         warning: what is wrong with the run's split (e.g. patients on two sides under today's grouping), shown
             above the metrics and the split summary.
         model_overrides: ``{model key: value}`` that evaluate ran the model with instead of its trained settings,
-            named above the metrics (read from the predictions' ``metrics_<split>.json`` when not given).
+            named above the metrics. Without ``predictions`` (``report RUN``) both are read, when not given, from
+            the ``metrics_<split>.json`` beside the predictions CSV found; with them, only what is given is shown.
 
     Returns:
         The paths of the Markdown and HTML reports.
@@ -505,10 +506,10 @@ def write_report(run_dir: str | Path, n_boot: int = 1000, predictions: str | Pat
     fig_dir.mkdir(parents=True, exist_ok=True)
     title = f"finescope report: {run_dir.resolve().name}"
     blocks = _blocks(run_dir, summary, rows, is_cv, split, data_root)
-    if warning is None and not is_cv:  # what evaluate or train recorded beside these predictions
-        warning = _recorded_warning(run_dir, split)
-    if model_overrides is None and not is_cv:
-        model_overrides = _recorded_overrides(run_dir, split)
+    if predictions is None and not is_cv:  # `report RUN`: what evaluate or train recorded beside the CSV it found
+        # (evaluate gives its own: a split_leak of None there is no leak, not one to take from another evaluation)
+        warning = warning if warning is not None else _recorded_warning(run_dir, split)
+        model_overrides = model_overrides if model_overrides is not None else _recorded_overrides(run_dir, split)
     if model_overrides:  # another model than the one trained: said above its metrics
         changed = " ".join(f"{k}={v}" for k, v in model_overrides.items())
         note = f"Evaluated with --set {changed}, not the model's trained settings. {blocks[0][3]}"
