@@ -341,3 +341,15 @@ def test_evaluate_report_takes_no_split_leak_from_another_evaluations_metrics(tm
                          warning=None, model_overrides={})
     assert "25 of the 45" not in md.read_text()
 
+
+def test_report_of_a_run_reads_the_metrics_beside_a_last_checkpoints_predictions(tmp_path):
+    # report RUN of a run whose only predictions are evaluate RUN/checkpoints/last.pt --split val --set ...:
+    # the override and the leak are recorded in metrics_val_last.json, not metrics_val.json (found in review)
+    run = _single_run(tmp_path / "run", "fusion", [[f"/x/{i}.png", f"g{i // 3}", "a" if i % 2 else "b", "a", 0.6,
+                                                     0.4, ""] for i in range(12)])
+    (run / "predictions_test.csv").rename(run / "predictions_val_last.csv")
+    (run / "metrics_val_last.json").write_text(json.dumps({
+        "split_leak": "3 of the 12 images leak", "model_overrides": {"model.selection_components": "grid"}}))
+    md, _ = write_report(run)
+    text = md.read_text()
+    assert "Evaluated with --set model.selection_components=grid" in text and "3 of the 12 images leak" in text

@@ -62,9 +62,10 @@ def _is_cv(run_dir: Path) -> bool:
     return {"fold", "variant"} <= set(header)
 
 
-def _single_run_rows(run_dir: Path, predictions: Path | None, fig_dir: Path) -> tuple[Path, str]:
+def _single_run_rows(run_dir: Path, predictions: Path | None, fig_dir: Path) -> tuple[Path, str, str]:
     """Turn a training run's test predictions into an out-of-fold style CSV (one variant, one fold), written
-    into ``fig_dir``; with the split its name says (``predictions_<split>.csv``; 'test' otherwise)."""
+    into ``fig_dir``; with the split its name says (``predictions_<split>.csv``; 'test' otherwise) and the name of
+    the metrics written with it (``val_last`` for ``predictions_val_last.csv``: ``metrics_val_last.json``)."""
     import csv
 
     import yaml
@@ -110,7 +111,9 @@ def _single_run_rows(run_dir: Path, predictions: Path | None, fig_dir: Path) -> 
         w.writeheader()
         w.writerows(rows)
     named = src.stem.removeprefix("predictions_").split("_")[0]  # predictions_val_last.csv: last.pt's
-    return out, named if src.stem.startswith("predictions_") and named in ("train", "val", "test", "all") else "test"
+    if not (src.stem.startswith("predictions_") and named in ("train", "val", "test", "all")):
+        return out, "test", "test"
+    return out, named, src.stem.removeprefix("predictions_")  # val_last: its metrics are metrics_val_last.json
 
 
 def _cv_summary(run_dir: Path, csv_path: Path, n_boot: int) -> dict:
@@ -499,7 +502,7 @@ def write_report(run_dir: str | Path, n_boot: int = 1000, predictions: str | Pat
     if is_cv:
         csv_path = run_dir / "predictions.csv"
     else:
-        csv_path, named = _single_run_rows(run_dir, predictions, fig_dir)
+        csv_path, named, recorded = _single_run_rows(run_dir, predictions, fig_dir)
         split = split if predictions is not None else named  # `report RUN` reports what the CSV it found holds
     summary = _cv_summary(run_dir, csv_path, n_boot) if is_cv else summarize_predictions(csv_path, n_boot=n_boot)
     rows, _ = read_oof_csv(csv_path)
@@ -508,8 +511,8 @@ def write_report(run_dir: str | Path, n_boot: int = 1000, predictions: str | Pat
     blocks = _blocks(run_dir, summary, rows, is_cv, split, data_root)
     if predictions is None and not is_cv:  # `report RUN`: what evaluate or train recorded beside the CSV it found
         # (evaluate gives its own: a split_leak of None there is no leak, not one to take from another evaluation)
-        warning = warning if warning is not None else _recorded_warning(run_dir, split)
-        model_overrides = model_overrides if model_overrides is not None else _recorded_overrides(run_dir, split)
+        warning = warning if warning is not None else _recorded_warning(run_dir, recorded)
+        model_overrides = model_overrides if model_overrides is not None else _recorded_overrides(run_dir, recorded)
     if model_overrides:  # another model than the one trained: said above its metrics
         changed = " ".join(f"{k}={v}" for k, v in model_overrides.items())
         note = f"Evaluated with --set {changed}, not the model's trained settings. {blocks[0][3]}"
