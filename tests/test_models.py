@@ -482,6 +482,43 @@ def test_exact_components_are_those_of_every_pixel(normalise):
     assert missed["exact"] == 0 and missed[4] > 0
 
 
+def test_exact_components_rank_by_the_mass_of_every_pixels_components():
+    """An exact component's rank key is the mass of the grid of 4's points above tau that lie in it, as a grid of
+    60 points per cell labels them (each 15th of its points is one of the grid of 4's): the same components
+    hold the same mass, saddle squares split between their two sides included. Components too small to hold a
+    point of the grid of 4 rank below every one that holds one."""
+    from scipy import ndimage
+
+    from finescope.models import selection
+
+    real = selection._exact_components
+    found = {}
+
+    def exact_ranks(*args):
+        out = real(*args)
+        found["rank"] = out[1][0]
+        return out
+
+    checked = 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(selection, "_exact_components", exact_ranks)
+        for attn, size in _random_maps(60, seed=3):
+            h, w = attn.shape[-2:]
+            _select(attn[0], size=size, k=4 * h * w, threshold=0.5, normalise="max", upsample=4,
+                    components="exact", min_box_fraction=0.01)
+            fine = F.interpolate(attn[None], scale_factor=4, mode="bilinear")[0, 0]
+            pixels = F.interpolate(attn[None], scale_factor=60, mode="bilinear")[0, 0] / fine.max()
+            labels, n = ndimage.label((pixels >= 0.5).numpy())  # 4-connected
+            above = (fine / fine.max() >= 0.5).numpy()
+            mass = np.bincount(labels[7::15, 7::15][above], weights=fine.numpy()[above], minlength=n + 1)[1:]
+            reference = np.sort(mass[mass > 0])
+            ranks = np.sort(found["rank"].numpy())
+            holding = ranks[ranks >= reference[0] * (1 - 1e-5)]
+            np.testing.assert_allclose(holding, reference, rtol=1e-4)
+            checked += int((mass > 0).sum() > 1)
+    assert checked > 20  # most maps have several components
+
+
 def test_exact_components_with_padding_and_fixed_rounds_match():
     """An image padded into a batch's larger grid selects what it selects alone, and the fixed labelling rounds
     of a CUDA graph (run here on the CPU) give the boxes of ``scipy``'s labelling."""

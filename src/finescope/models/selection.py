@@ -26,7 +26,7 @@ On a GPU this runs on tiny tensors, so its cost is the number of kernels launche
 below is batched over images, components, boxes and peaks, and the only host-device sync is the convergence
 test of the component labelling (once per call for ordinary attention maps). In eager mode on CUDA the whole
 selection is, by default, captured once per input shape as a CUDA graph and replayed: one launch instead of
-about 165 (counted on CUDA for the grid's components; the exact ones take about 120 operations more, counted on
+about 165 (counted on CUDA for the grid's components; the exact ones take about 80 operations more, counted on
 the CPU by ``benchmarks/selection_cost.py``). The graph runs the labelling's first ``GRAPH_ROUNDS`` rounds and
 tests convergence on the device; when a map needs more rounds the call runs again without the graph, so the
 boxes are always the exact ones.
@@ -168,12 +168,27 @@ def _label(binary: torch.Tensor, graph_rounds: int | None, eight: bool = True,
     return _connected_components(binary, eight=eight), None
 
 
-def _fine_cells(n: int, upsample: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """For the n * upsample points of one axis of the fine grid (``F.interpolate``'s bilinear, corners not
-    aligned): the cell of the ring-padded node grid each lies in (0..n) and its position across that cell [0, 1)."""
-    at = (torch.arange(n * upsample, dtype=torch.float32, device=device) + 0.5) / upsample + 0.5
-    cell = at.floor().clamp(0, n)
-    return cell.long(), at - cell
+def _exact_constants(h: int, w: int, upsample: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Constants of :func:`_exact_components` for a map of h x w cells: on its doubled grid of (2h + 3) x (2w + 3)
+    (ring-padded nodes, the edges between them, the squares), each point's [-x, -y, x, y] in cells (4, N), an
+    edge's from the node it starts at; a (N,) mask that is 0 on the squares; and the position across its square
+    (0..1) of each of the ``upsample`` fine-grid columns in a square (upsample,). Cached as :func:`_grid` is."""
+    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return _make_exact_constants(h, w, upsample, device)
+    return _cached_exact_constants(h, w, upsample, device)
+
+
+def _make_exact_constants(h: int, w: int, upsample: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    y = (torch.arange(2 * h + 3, device=device) // 2).float() - 0.5  # a node row's, or its edges' first node's
+    x = (torch.arange(2 * w + 3, device=device) // 2).float() - 0.5
+    y, x = y[:, None].expand(-1, 2 * w + 3), x.expand(2 * h + 3, -1)
+    odd_y, odd_x = torch.arange(2 * h + 3, device=device) % 2, torch.arange(2 * w + 3, device=device) % 2
+    not_square = 1 - (odd_y[:, None] * odd_x).reshape(-1)
+    position = (torch.arange(upsample, device=device) + (0.5 if upsample % 2 == 0 else 0.0)) / upsample
+    return torch.stack([-x, -y, x, y]).reshape(4, -1), not_square, position
+
+
+_cached_exact_constants = functools.lru_cache(maxsize=32)(_make_exact_constants)
 
 
 def _exact_components(nodes, fine, fine_in, threshold, cell_px, sizes, k, graph_rounds, valid=None):
@@ -196,8 +211,10 @@ def _exact_components(nodes, fine, fine_in, threshold, cell_px, sizes, k, graph_
     where the edge crosses tau (linear along an edge; the extreme x or y of the part above tau in a square lies
     on its edges); it is clipped to the image.
     Components are ranked by their mass on the fine grid (``upsample`` points per cell), each fine point above
-    tau counted in the component of its square's corners (in a saddle square, of the corner on its side of the
-    saddle); one too small to hold a fine point ranks after every one that holds one, by its nodes' attention.
+    tau counted in the component of its square (in a saddle square, of the edge on its side of the saddle): the
+    fine points of a square are a block of ``upsample`` x ``upsample``, so the masses are summed per square, then
+    per component. One too small to hold a fine point ranks after every one that holds one, by its nodes'
+    attention.
 
     Args:
         nodes: (B, h, w) the map scaled to [0, 1] (``normalise``), padding filled by its nearest valid cell.
@@ -214,59 +231,48 @@ def _exact_components(nodes, fine, fine_in, threshold, cell_px, sizes, k, graph_
         the labelling's convergence flag (or None).
     """
     B, h, w = nodes.shape
-    v = F.pad(nodes.unsqueeze(1), (1, 1, 1, 1), mode="replicate").squeeze(1)  # (B, h + 2, w + 2)
-    up = v >= threshold
+    u = fine.shape[1] // h
+    corner, not_square, position = _exact_constants(h, w, u, nodes.device)
+    v = F.pad(nodes.unsqueeze(1), (1, 1, 1, 1), mode="replicate")  # (B, 1, h + 2, w + 2)
+    # on the doubled grid, each point's greatest node: a node's own, an edge's two, a square's four
+    doubled = F.max_pool2d(F.interpolate(v, scale_factor=2.0, mode="nearest"), 2, 1).squeeze(1) >= threshold
+    v = v.squeeze(1)
+    up = doubled[:, ::2, ::2]
     a, b, c, d = v[:, :-1, :-1], v[:, :-1, 1:], v[:, 1:, :-1], v[:, 1:, 1:]  # each square's corners (B, h+1, w+1)
     ua, ub, uc, ud = up[:, :-1, :-1], up[:, :-1, 1:], up[:, 1:, :-1], up[:, 1:, 1:]
-    diagonal = (ua & ud & ~ub & ~uc) | (ub & uc & ~ua & ~ud)  # two opposite corners above, two below
-    e = torch.where(diagonal, a - b - c + d, torch.ones_like(a))  # nonzero on such squares
+    diagonal = (ua == ud) & (ub == uc) & (ua != ub)  # two opposite corners above, two below
+    e = (a - b - c + d).where(diagonal, 1.0)  # nonzero on such squares
     apart = diagonal & ((a * d - b * c) / e < threshold)  # their saddle below tau
-    G = up.new_zeros(B, 2 * h + 3, 2 * w + 3)
-    G[:, ::2, ::2] = up
-    G[:, ::2, 1::2] = up[:, :, :-1] | up[:, :, 1:]
-    G[:, 1::2, ::2] = up[:, :-1] | up[:, 1:]
-    G[:, 1::2, 1::2] = (ua | ub | uc | ud) & ~apart
-    labels, converged = _label(G, graph_rounds, eight=False)
-    node_label = labels[:, ::2, ::2]  # (B, h + 2, w + 2), 0 below tau
+    doubled[:, 1::2, 1::2] &= ~apart
+    labels, converged = _label(doubled, graph_rounds, eight=False)  # (B, 2h + 3, 2w + 3), 0 below tau
+    # every point that bounds a box: the nodes, and the points where edges with an end above cross tau (within
+    # the edge: one with both ends above adds nothing to the box of its nodes); its label is the edge's
+    step = [v[:, :, 1:] - v[:, :, :-1], v[:, 1:] - v[:, :-1]]
+    cross = [((threshold - v[:, :, :-1]) / step[0].where(step[0] != 0, 1.0)).clamp(0, 1),
+             ((threshold - v[:, :-1]) / step[1].where(step[1] != 0, 1.0)).clamp(0, 1)]
+    shift = v.new_zeros(B, 2, 2 * h + 3, 2 * w + 3)
+    shift[:, 0, ::2, 1::2] = cross[0]
+    shift[:, 1, 1::2, ::2] = cross[1]
+    planes = corner + torch.cat([-shift, shift], dim=1).view(B, 4, -1)  # -x, -y, x, y in cells
     P = labels.shape[1] * labels.shape[2]
-    # every point that bounds a box: the nodes, and each crossing of tau on an edge, in its above end's component
-    ch, cw = cell_px[:, 0, None, None], cell_px[:, 1, None, None]
-    ys = torch.arange(h + 2, dtype=torch.float32, device=v.device)[:, None] - 0.5  # node row in cells
-    xs = torch.arange(w + 2, dtype=torch.float32, device=v.device) - 0.5
-    t_x = ((threshold - v[:, :, :-1]) / (v[:, :, 1:] - v[:, :, :-1]).where(up[:, :, :-1] ^ up[:, :, 1:], 1.0))
-    t_y = ((threshold - v[:, :-1]) / (v[:, 1:] - v[:, :-1]).where(up[:, :-1] ^ up[:, 1:], 1.0))
-    zeros_x, zeros_y = torch.zeros_like(t_x), torch.zeros_like(t_y)
-    points = [  # (label, x, y) each (B, ...)
-        (node_label, xs.expand_as(v) * cw, ys.expand_as(v) * ch),
-        ((node_label[:, :, :-1] + node_label[:, :, 1:]) * (up[:, :, :-1] ^ up[:, :, 1:]),
-         (xs[:-1] + t_x) * cw, (ys + zeros_x) * ch),
-        ((node_label[:, :-1] + node_label[:, 1:]) * (up[:, :-1] ^ up[:, 1:]),
-         (xs + zeros_y) * cw, (ys[:-1] + t_y) * ch),
-    ]
-    ids = torch.cat([p[0].reshape(B, -1) for p in points], dim=1)
-    x = torch.cat([p[1].reshape(B, -1) for p in points], dim=1)
-    y = torch.cat([p[2].reshape(B, -1) for p in points], dim=1)
-    extremes = x.new_full((B, 4, P + 1), -1e9)
-    extremes.scatter_reduce_(2, ids[:, None].expand(B, 4, -1), torch.stack([-x, -y, x, y], dim=1), "amax")
-    # the mass: each fine point above tau in the component of its square's corners above tau
-    rows, _ = _fine_cells(h, fine.shape[1] // h, v.device)  # within a saddle square only x tells the side
-    cols, fx = _fine_cells(w, fine.shape[2] // w, v.device)
-
-    def at(plane):  # a (B, h + 1, w + 1) square plane, or a corner plane, read at every fine point
-        return plane[:, rows][:, :, cols]
-
-    la, lb = at(node_label[:, :-1, :-1]), at(node_label[:, :-1, 1:])
-    lc, ld = at(node_label[:, 1:, :-1]), at(node_label[:, 1:, 1:])
-    left, right = torch.maximum(la, lc), torch.maximum(lb, ld)
-    saddle_x = (a - c) / e  # across the square, where the saddle is (on squares kept apart)
-    fine_label = torch.where(at(apart), torch.where(fx < at(saddle_x), left, right), torch.maximum(left, right))
-    fine_label = fine_label * fine_in
-    mass = fine.new_zeros(B, P + 1).scatter_add_(1, fine_label.reshape(B, -1), fine.reshape(B, -1).float())
+    extremes = v.new_full((B, 4, P + 1), -1e9)
+    extremes.scatter_reduce_(2, (labels.view(B, 1, P) * not_square).expand(B, 4, P), planes, "amax")
+    # the mass of each square's block of fine points above tau (the blocks are offset by half a cell), split in a
+    # saddle square at the saddle's x, (a - c) / e, between the components of its left and right edges
+    before = (u + 1) // 2
+    block = F.pad(fine * fine_in, (before, u - before, before, u - before)).view(B, h + 1, u, w + 1, u).sum(dim=2)
+    left_of = position < ((a - c) / e).where(apart, 2.0)[..., None]  # (B, h + 1, w + 1, u)
+    left = (block * left_of).sum(dim=3)
+    halves = torch.stack([left, block.sum(dim=3) - left], dim=1)  # the right half 0 (or rounding) off saddles
+    square = labels[:, 1::2, 1::2]
+    owner = torch.stack([torch.where(apart, labels[:, 1::2, :-1:2], square),
+                         torch.where(apart, labels[:, 1::2, 2::2], square)], dim=1)
+    mass = fine.new_zeros(B, P + 1).scatter_add_(1, owner.view(B, -1), halves.view(B, -1).float())
     if valid is not None:
         inside = (torch.arange(h, device=v.device)[None, :, None] < valid[:, 0, None, None]) \
             & (torch.arange(w, device=v.device)[None, None, :] < valid[:, 1, None, None])
         nodes = nodes * inside
-    small = fine.new_zeros(B, P + 1).scatter_add_(1, node_label[:, 1:-1, 1:-1].reshape(B, -1),
+    small = fine.new_zeros(B, P + 1).scatter_add_(1, labels[:, 2:-2:2, 2:-2:2].reshape(B, -1),
                                                   nodes.reshape(B, -1).float())
     # those holding a fine point by their mass (itself: mass + 1 in float32 would keep only about 1e-7 of it), then
     # the others by their nodes' attention, each below the least of those masses
@@ -274,9 +280,10 @@ def _exact_components(nodes, fine, fine_in, threshold, cell_px, sizes, k, graph_
     rank = torch.where(mass > 0, mass, small / (small[:, 1:].sum(dim=1, keepdim=True) + 1.0) * least)
     rank[:, 0] = -1.0  # background slot
     rank, slot = rank.topk(min(k, P + 1), dim=1)
-    box = extremes.gather(2, slot[:, None].expand(-1, 4, -1))
+    cell = cell_px.flip(1).float()  # (B, 2) width, height
+    box = extremes.gather(2, slot[:, None].expand(-1, 4, -1)) * torch.cat([-cell, cell], dim=1)[:, :, None]
     limit = sizes.flip(1).float()[:, :, None]  # (B, 2, 1) width, height
-    lo = (-box[:, :2]).clamp(min=0)
+    lo = box[:, :2].clamp(min=0)
     hi = torch.minimum(box[:, 2:], limit)
     return torch.cat([torch.minimum(lo, limit), torch.maximum(hi, lo.new_zeros(()))], dim=1), rank, converged
 
