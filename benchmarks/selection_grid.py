@@ -8,10 +8,13 @@ at least as many points per cell as a cell has pixels comes closest to method.md
 best-matching box of the finest grid. It also times the selection of a batch of those maps on each grid.
 With ``--components grid exact`` it does so for both ways of finding the components
 (``model.selection_components``): on the grid itself, or exactly, on the bilinear map (the grid then holds only
-the components' masses and the fallback peaks).
+the components' masses and the fallback peaks). ``--peaks grid nodes`` does so for both places the fallback peaks
+may be centred (``model.selection_peaks``): the grid's points, or those and the feature cells' centres. The
+reference is always the finest grid's own components and points.
 
     PYTHONPATH=src python benchmarks/selection_grid.py runs/demo/fusion runs/demo/data --limit 120 \\
-        --upsample 4 8 16 32 64 --components grid exact --out benchmarks/results/cpu_selection_grid_demo.json
+        --upsample 4 8 16 32 64 --components grid exact --peaks grid nodes \\
+        --out benchmarks/results/cpu_selection_grid_demo.json
 """
 
 from __future__ import annotations
@@ -61,13 +64,13 @@ def attention_maps(model, files: list[Path], device: torch.device) -> list[dict]
     return maps
 
 
-def select(model, m: dict, upsample: int, components: str) -> torch.Tensor:
+def select(model, m: dict, upsample: int, components: str, peaks: str) -> torch.Tensor:
     """The (K, 4) boxes the model's selection settings give map ``m`` on a grid of ``upsample`` points per cell."""
     h, w = m["attn"].shape[-2:]
     valid = torch.tensor([[h, w]], device=m["attn"].device)
     boxes, _ = select_boxes(m["attn"], valid, m["size"], m["cell_px"], model.num_crops, model.threshold,
                             model.min_box_fraction, upsample, model.peak_iou, model.selection_norm,
-                            components=components)
+                            components=components, peaks=peaks)
     return boxes[0]
 
 
@@ -81,7 +84,7 @@ def components_found(model, m: dict, upsample: int) -> int:
         return out
 
     with mock.patch.object(selection, "_component_boxes", counted):
-        select(model, m, upsample, "grid")
+        select(model, m, upsample, "grid", "grid")
     return min(counts[0], model.num_crops)
 
 
@@ -95,6 +98,9 @@ def main(argv: list[str] | None = None) -> dict:
                         "compared with")
     p.add_argument("--components", nargs="+", choices=["grid", "exact"], default=["grid"],
                    help="how the components are found (model.selection_components); each with every --upsample")
+    p.add_argument("--peaks", nargs="+", choices=["nodes", "grid"], default=["nodes"],
+                   help="where the fallback peaks may be centred (model.selection_peaks); each with every --components "
+                        "and --upsample")
     p.add_argument("--batch", type=int, default=16, help="maps per selection call in the timing")
     p.add_argument("--reps", type=int, default=20, help="timed calls per grid")
     p.add_argument("--device", default="cpu")
@@ -110,10 +116,11 @@ def main(argv: list[str] | None = None) -> dict:
     files = [f for f, _ in images_in(args.images)]
     files = [files[round(i * (len(files) - 1) / max(1, args.limit - 1))] for i in range(min(args.limit, len(files)))]
     maps = attention_maps(model, files, device)
-    reference = ("grid", args.upsample[-1])
-    grids = [(c, u) for c in dict.fromkeys(args.components) for u in dict.fromkeys(args.upsample)]
-    boxes = {g: [select(model, m, g[1], g[0]) for m in maps] for g in dict.fromkeys([*grids, reference])}
-    kinds = [components_found(model, m, reference[1]) for m in maps]  # the reference's component boxes come first
+    reference = ("grid", "grid", args.upsample[-1])
+    grids = [(c, p, u) for c in dict.fromkeys(args.components) for p in dict.fromkeys(args.peaks)
+             for u in dict.fromkeys(args.upsample)]
+    boxes = {g: [select(model, m, g[2], g[0], g[1]) for m in maps] for g in dict.fromkeys([*grids, reference])}
+    kinds = [components_found(model, m, reference[2]) for m in maps]  # the reference's component boxes come first
     shapes = {}  # maps of one shape make a batch for the timing
     for m in maps:
         shapes.setdefault((tuple(m["attn"].shape), tuple(m["size"].tolist()[0])), []).append(m)
@@ -121,20 +128,20 @@ def main(argv: list[str] | None = None) -> dict:
     attn, cell_px, size = (torch.cat([m[k] for m in batch]) for k in ("attn", "cell_px", "size"))
     valid = torch.tensor([list(attn.shape[-2:])] * len(batch), device=device)
     rows = []
-    for c, u in grids:
-        ious = torch.cat([box_iou(a, b).amax(dim=1) for a, b in zip(boxes[c, u], boxes[reference], strict=True)])
-        per_image = [bool((box_iou(a, b).amax(dim=1) < 0.7).any()) for a, b in zip(boxes[c, u], boxes[reference],
-                                                                                 strict=True)]
-        found = [box_iou(r, a).amax(dim=1) >= 0.7 for a, r in zip(boxes[c, u], boxes[reference], strict=True)]
+    for c, pk, u in grids:
+        got = boxes[c, pk, u]
+        ious = torch.cat([box_iou(a, b).amax(dim=1) for a, b in zip(got, boxes[reference], strict=True)])
+        per_image = [bool((box_iou(a, b).amax(dim=1) < 0.7).any()) for a, b in zip(got, boxes[reference], strict=True)]
+        found = [box_iou(r, a).amax(dim=1) >= 0.7 for a, r in zip(got, boxes[reference], strict=True)]
         missed = {"component": [int((~f[:n]).sum()) for f, n in zip(found, kinds, strict=True)],
                   "peak": [int((~f[n:]).sum()) for f, n in zip(found, kinds, strict=True)]}
 
-        def call(u=u, c=c):
+        def call(u=u, c=c, pk=pk):
             return select_boxes(attn, valid, size, cell_px, model.num_crops, model.threshold, model.min_box_fraction,
-                                u, model.peak_iou, model.selection_norm, components=c)
+                                u, model.peak_iou, model.selection_norm, components=c, peaks=pk)
 
         call()  # the first call of a shape (on CUDA: its graph's capture)
-        rows.append({"components": c, "upsample": u, "median_iou": float(ious.median()), "mean_iou": float(ious.mean()),
+        rows.append({"components": c, "peaks": pk, "upsample": u, "median_iou": float(ious.median()), "mean_iou": float(ious.mean()),
                      "boxes_below_0.5": float((ious < 0.5).float().mean()),
                      "boxes_below_0.7": float((ious < 0.7).float().mean()),
                      "images_with_a_box_below_0.7": sum(per_image) / len(per_image),
@@ -150,18 +157,19 @@ def main(argv: list[str] | None = None) -> dict:
                 "num_crops": model.num_crops, "threshold": model.threshold, "selection_norm": model.selection_norm,
                 "min_box_fraction": model.min_box_fraction, "trained_selection_upsample":
                 getattr(cfg.model, "selection_upsample", 4), "trained_selection_components":
-                getattr(cfg.model, "selection_components", "grid")}
+                getattr(cfg.model, "selection_components", "grid"), "trained_selection_peaks":
+                getattr(cfg.model, "selection_peaks", "grid")}
     table = markdown_table(
-        ["components", "points per cell", "median IoU", "mean IoU", "boxes < 0.5", "boxes < 0.7", "images with a box < 0.7",
+        ["components", "peaks", "points per cell", "median IoU", "mean IoU", "boxes < 0.5", "boxes < 0.7", "images with a box < 0.7",
          "reference components missed", "reference peaks missed", f"ms per call ({len(batch)} maps)"],
-        [[r["components"], r["upsample"], f"{r['median_iou']:.3f}", f"{r['mean_iou']:.3f}", f"{r['boxes_below_0.5']:.1%}",
+        [[r["components"], r["peaks"], r["upsample"], f"{r['median_iou']:.3f}", f"{r['mean_iou']:.3f}", f"{r['boxes_below_0.5']:.1%}",
           f"{r['boxes_below_0.7']:.1%}", f"{r['images_with_a_box_below_0.7']:.1%}",
           f"{r['reference_components_missed']}/{r['reference_components']}",
           f"{r['reference_peaks_missed']}/{r['reference_peaks']}", f"{r['ms_per_call']:.2f}"]
          for r in rows])
     note = (f"{len(files)} images ({', '.join(sizes[:4])}{', ...' if len(sizes) > 4 else ''}), cells of about "
-            f"{cells:.0f} px; each box's IoU with the best-matching box of {reference[1]} points per cell (grid "
-            "components); a reference box is missed when no box overlaps it by IoU 0.7; "
+            f"{cells:.0f} px; each box's IoU with the best-matching box of {reference[2]} points per cell (grid "
+            "components and peaks); a reference box is missed when no box overlaps it by IoU 0.7; "
             f"K={model.num_crops}, tau={model.threshold}, {model.selection_norm}")
     save_report(args.out, {"environment": env, "settings": settings, "rows": rows},
                 f"{report_header(env)}\n\n{note}\n\n{table}\n")

@@ -670,17 +670,20 @@ def test_selection_grid_compares_each_grid_with_the_finest(tmp_path, capsys):
                  "train.epochs=1", "train.device=cpu", "data.test_fraction=0", "data.val_fraction=0"]) == 0
     out = tmp_path / "grid" / "g.json"
     result = selection_grid.main([str(run), str(data), "--limit", "5", "--upsample", "2", "4", "32", "--reps", "1",
-                                  "--batch", "3", "--components", "grid", "exact", "--out", str(out)])
-    rows = {(r["components"], r["upsample"]): r for r in result["rows"]}
-    assert list(rows) == [("grid", 2), ("grid", 4), ("grid", 32), ("exact", 2), ("exact", 4), ("exact", 32)]
-    assert rows["grid", 32]["median_iou"] == 1.0 and rows["grid", 32]["boxes_below_0.7"] == 0.0
-    assert rows["grid", 32]["reference_components_missed"] == rows["grid", 32]["reference_peaks_missed"] == 0
+                                  "--batch", "3", "--components", "grid", "exact", "--peaks", "grid", "nodes",
+                                  "--out", str(out)])
+    rows = {(r["components"], r["peaks"], r["upsample"]): r for r in result["rows"]}
+    assert list(rows) == [(c, p, u) for c in ("grid", "exact") for p in ("grid", "nodes") for u in (2, 4, 32)]
+    reference = rows["grid", "grid", 32]
+    assert reference["median_iou"] == 1.0 and reference["boxes_below_0.7"] == 0.0
+    assert reference["reference_components_missed"] == reference["reference_peaks_missed"] == 0
     assert all(r["reference_components"] + r["reference_peaks"] == 5 * 4 for r in rows.values())  # 5 images, K=4
     assert all(0.0 <= r["mean_iou"] <= 1.0 and r["ms_per_call"] > 0 for r in rows.values())
     assert result["settings"]["files"] == 5 and result["settings"]["timed_batch"] == 3
     assert result["settings"]["trained_selection_components"] == "exact"
+    assert result["settings"]["trained_selection_peaks"] == "nodes"
     table = out.with_suffix(".md").read_text()
-    assert json.loads(out.read_text())["rows"] == result["rows"] and "| grid | 32 | 1.000 |" in table
+    assert json.loads(out.read_text())["rows"] == result["rows"] and "| grid | grid | 32 | 1.000 |" in table
     with pytest.raises(SystemExit):
         selection_grid.main([str(run), str(data), "--upsample", "0"])
     assert "--upsample: every value must be >= 1" in capsys.readouterr().err

@@ -519,6 +519,27 @@ def test_exact_components_rank_by_the_mass_of_every_pixels_components():
     assert checked > 20  # most maps have several components
 
 
+@pytest.mark.parametrize("normalise", ["max", "minmax"])
+def test_peaks_on_the_cells_centres_are_those_of_every_pixel(normalise):
+    """With no component (tau above the peak) every box is a fallback peak. The first is centred on the map's
+    maximum, which a bilinear map has at a cell's centre (here an inner one: at the edge the map is flat from the
+    centre outwards, and the first point of that plateau wins): with ``peaks="nodes"`` it is every pixel's first
+    box to within a pixel; with ``peaks="grid"`` it sits on the grid point nearest that centre, an eighth of a
+    cell away (5 px here). Later peaks sit where the suppression of the earlier ones allows, on either grid."""
+    g = torch.Generator().manual_seed(0)
+    off = {"nodes": 0.0, "grid": 0.0}
+    for _ in range(20):
+        h, w = torch.randint(3, 8, (2,), generator=g).tolist()
+        attn = torch.rand(h, w, generator=g) + 0.1
+        attn[torch.randint(1, h - 1, (), generator=g), torch.randint(1, w - 1, (), generator=g)] = 1.2
+        kw = dict(size=(40 * h, 40 * w), k=2, threshold=1.5, normalise=normalise, min_box_fraction=0.2)
+        pixels, _ = _select(attn / attn.sum(), upsample=40, peaks="grid", **kw)
+        for peaks in off:
+            boxes, _ = _select(attn / attn.sum(), upsample=4, peaks=peaks, **kw)
+            off[peaks] = max(off[peaks], float((boxes[0, 0] - pixels[0, 0]).abs().max()))
+    assert off["nodes"] <= 1.0 and off["grid"] >= 4.0
+
+
 def test_exact_components_with_padding_and_fixed_rounds_match():
     """An image padded into a batch's larger grid selects what it selects alone, and the fixed labelling rounds
     of a CUDA graph (run here on the CPU) give the boxes of ``scipy``'s labelling."""

@@ -588,19 +588,22 @@ def test_resume_after_an_early_stop_with_more_patience_trains_on(synthetic_root,
 
 
 def test_a_run_of_an_older_finescope_or_another_machine_loads_as_trained(fusion_run, tmp_path):
-    """A checkpoint whose config lacks model.selection_norm (added with 'max', now 'minmax') or
-    model.selection_components (added with 'grid', now 'exact') is read with the selection it was trained with;
+    """A checkpoint whose config lacks model.selection_norm (added with 'max', now 'minmax'),
+    model.selection_components (added with 'grid', now 'exact') or model.selection_peaks (added with 'grid', now
+    'nodes') is read with the selection it was trained with;
     one trained on train.device=cuda loads on a machine without CUDA under --device auto."""
     out, _ = fusion_run
     state = torch.load(out / "checkpoints" / "best.pt", weights_only=True)
     assert state["config"]["model"]["selection_components"] == "exact"
-    del state["config"]["model"]["selection_norm"]
-    del state["config"]["model"]["selection_components"]
+    assert state["config"]["model"]["selection_peaks"] == "nodes"
+    for key in ("selection_norm", "selection_components", "selection_peaks"):
+        del state["config"]["model"][key]
     state["config"]["train"]["device"] = "cuda"
     torch.save(state, tmp_path / "old.pt")
     model, cfg, _, _ = trainer.load_trained(tmp_path / "old.pt")
     assert cfg.model.selection_norm == "max" and model.selection_norm == "max"
     assert cfg.model.selection_components == "grid" and model.selection_components == "grid"
+    assert cfg.model.selection_peaks == "grid" and model.selection_peaks == "grid"
     assert next(model.parameters()).device.type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 

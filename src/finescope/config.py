@@ -89,6 +89,8 @@ class ModelConfig:
     selection_components: str = "exact"  # exact: the components and boxes of the bilinear map itself, as
     # method.md's every pixel, labelled on a grid twice as fine as the cells | grid: those of the
     # selection_upsample grid
+    selection_peaks: str = "nodes"  # nodes: the fallback peaks are centred on the selection_upsample grid's
+    # points or on the feature cells' centres, where the bilinear map has its maxima | grid: on the grid's points
     peak_iou: float = 0.5  # fallback peaks whose box overlaps a taken box by more IoU than this are skipped
     proj_dim: int = 256  # M; 0 = no projection of the instances
     attn_dim: int = 128  # L in Ilse et al. Eq. 9
@@ -395,6 +397,7 @@ _CHOICES = {
     "model.image_feature": ("attention", "avg"),
     "model.selection_norm": ("max", "minmax"),
     "model.selection_components": ("exact", "grid"),
+    "model.selection_peaks": ("nodes", "grid"),
     "model.predict_with": ("fused", "mean"),
     "model.select_from": ("attention", "evidence"),
     "model.crop_backbone": ("shared", "separate"),
@@ -494,14 +497,14 @@ def strip_provenance(raw: dict) -> dict:
 # keys added with (or later given) a default that changes what a run computes, and the behaviour of the
 # finescope that trained a run whose stored config lacks them
 # (data.one_orientation is not one: its default, auto, is the old behaviour without train.compile)
-BEFORE_KEY = {"model.selection_norm": "max", "model.selection_components": "grid"}
+BEFORE_KEY = {"model.selection_norm": "max", "model.selection_components": "grid", "model.selection_peaks": "grid"}
 
 
 def stored_config(raw: dict) -> dict:
     """A run's stored config (checkpoint or ``config.yaml``) as it was trained: without provenance, and with
     the keys of :data:`BEFORE_KEY` it lacks set to what the finescope that wrote it did, not to today's
     defaults (a run from before ``model.selection_norm`` selected with ``max``, one from before
-    ``model.selection_components`` on the grid)."""
+    ``model.selection_components`` or ``model.selection_peaks`` on the grid)."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in strip_provenance(raw).items()}
     for key, value in BEFORE_KEY.items():
         section, name = key.split(".")

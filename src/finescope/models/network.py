@@ -160,6 +160,8 @@ class FineScopeNet(nn.Module):
             ``selection_components="exact"``, the grid of the components' masses and of the fallback peaks.
         selection_components: ``"exact"``: components and boxes of the bilinear map itself, as at every pixel;
             ``"grid"``: of the ``selection_upsample`` grid (``select_boxes``' ``components``).
+        selection_peaks: ``"nodes"``: fallback peaks on the ``selection_upsample`` grid's points and the cells'
+            centres; ``"grid"``: on the grid's points only (``select_boxes``' ``peaks``).
         proj_dim: M, width of the instance projection (0 = none).
         attn_dim: L, hidden width of the attention.
         image_feature: ``"attention"`` (z) or ``"avg"`` (global average of F) as the image-level feature g.
@@ -199,6 +201,7 @@ class FineScopeNet(nn.Module):
         min_box_fraction: float = 1 / 3,
         selection_upsample: int = 4,
         selection_components: str = "exact",
+        selection_peaks: str = "nodes",
         proj_dim: int = 256,
         attn_dim: int = 128,
         image_feature: str = "attention",
@@ -222,6 +225,7 @@ class FineScopeNet(nn.Module):
         self.threshold, self.min_box_fraction = threshold, min_box_fraction
         self.selection_norm, self.peak_iou = selection_norm, peak_iou
         self.selection_upsample, self.selection_components = selection_upsample, selection_components
+        self.selection_peaks = selection_peaks
         self.image_feature = image_feature if use_attention else "avg"
         C = backbone.num_features
         mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -463,7 +467,7 @@ class FineScopeNet(nn.Module):
         select = functools.partial(
             select_boxes_deferred, selection_map.detach(), valid, sizes, cell_px, self.num_crops, self.threshold,
             self.min_box_fraction, upsample=self.selection_upsample, normalise=self.selection_norm,
-            components=self.selection_components,
+            components=self.selection_components, peaks=self.selection_peaks,
             iou_threshold=self.peak_iou, padded=mask is not None,
         )
         boxes, mass, exact = select(graph=self.selection_graph)

@@ -91,6 +91,7 @@ def create_model(cfg: ModelConfig, num_classes: int, backbone_factory: Callable 
         min_box_fraction=cfg.min_box_fraction,
         selection_upsample=cfg.selection_upsample,
         selection_components=cfg.selection_components,
+        selection_peaks=cfg.selection_peaks,
         proj_dim=cfg.proj_dim,
         attn_dim=cfg.attn_dim,
         image_feature=cfg.image_feature,

@@ -73,6 +73,12 @@ def _make_grid(H: int, W: int, device: torch.device) -> tuple[torch.Tensor, torc
 _cached_grid = functools.lru_cache(maxsize=32)(_make_grid)
 
 
+def _cells_inside(valid: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, h, w) bool: the cells of each image's own ``valid`` (B, 2) rows and columns, not its padding."""
+    return (torch.arange(h, device=valid.device)[None, :, None] < valid[:, 0, None, None]) \
+        & (torch.arange(w, device=valid.device)[None, None, :] < valid[:, 1, None, None])
+
+
 def _fill_padding(attn: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Replace padded cells by their nearest valid cell so that upsampling does not fade the edges.
 
@@ -269,9 +275,7 @@ def _exact_components(nodes, fine, fine_in, threshold, cell_px, sizes, k, graph_
                          torch.where(apart, labels[:, 1::2, 2::2], square)], dim=1)
     mass = fine.new_zeros(B, P + 1).scatter_add_(1, owner.view(B, -1), halves.view(B, -1).float())
     if valid is not None:
-        inside = (torch.arange(h, device=v.device)[None, :, None] < valid[:, 0, None, None]) \
-            & (torch.arange(w, device=v.device)[None, None, :] < valid[:, 1, None, None])
-        nodes = nodes * inside
+        nodes = nodes * _cells_inside(valid, h, w)
     small = fine.new_zeros(B, P + 1).scatter_add_(1, labels[:, 2:-2:2, 2:-2:2].reshape(B, -1),
                                                   nodes.reshape(B, -1).float())
     # those holding a fine point by their mass (itself: mass + 1 in float32 would keep only about 1e-7 of it), then
@@ -356,21 +360,30 @@ def box_mass(attn: torch.Tensor, boxes: torch.Tensor, cell_px: torch.Tensor) -> 
     return torch.einsum("bkh,bkw,bhw->bk", in_y.float(), in_x.float(), attn.float())
 
 
-def _normalise(fine: torch.Tensor, valid_fine: torch.Tensor | None, how: str) -> torch.Tensor:
+def _normalise(fine: torch.Tensor, valid_fine: torch.Tensor | None, how: str, other: torch.Tensor | None = None,
+               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Scale each (H', W') map to a peak of 1: by its maximum, or min-max over its valid points. A flat map (a 1x1
-    feature map), which min-max would make 0 everywhere or its rounding noise, is scaled by its maximum."""
+    feature map), which min-max would make 0 everywhere or its rounding noise, is scaled by its maximum. With
+    ``other`` (B, ...) also returns it scaled as its image's map is."""
     peak = fine.flatten(1).amax(dim=1)[:, None, None]
-    by_peak = fine / peak.clamp(min=1e-12)
     if how == "max":
-        return by_peak
-    if how != "minmax":
+        def scaled(x):
+            return x / peak.view(-1, *[1] * (x.dim() - 1)).clamp(min=1e-12)
+    elif how == "minmax":
+        low = fine if valid_fine is None else fine.masked_fill(~valid_fine, float("inf"))
+        low = low.flatten(1).amin(dim=1)[:, None, None]
+        flat = peak - low <= 1e-6 * peak.abs() + 1e-12  # equal to float rounding (the upsampling's included)
+        # a flat map: every point at the peak, as 'max' says
+        low, span = low.masked_fill(flat, 0.0), torch.where(flat, peak, peak - low).clamp(min=1e-12)
+
+        def scaled(x):
+            shape = (-1, *[1] * (x.dim() - 1))
+            return ((x - low.view(shape)) / span.view(shape)).clamp(min=0)
+    else:
         raise ValueError(f"normalise must be 'max' or 'minmax', got {how!r}")
-    low = fine if valid_fine is None else fine.masked_fill(~valid_fine, float("inf"))
-    low = low.flatten(1).amin(dim=1)[:, None, None]
-    out = ((fine - low) / (peak - low).clamp(min=1e-12)).clamp(min=0)
-    flat = peak - low <= 1e-6 * peak.abs() + 1e-12  # equal to float rounding (the upsampling's included)
-    out = torch.where(flat, by_peak, out)  # every point at the peak, as 'max' says
-    return out if valid_fine is None else out * valid_fine
+    out = scaled(fine)
+    out = out if valid_fine is None else out * valid_fine
+    return out if other is None else (out, scaled(other))
 
 
 @torch.no_grad()
@@ -388,6 +401,7 @@ def select_boxes(
     padded: bool = True,
     graph: bool = True,
     components: str = "exact",
+    peaks: str = "nodes",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick K boxes per image from an attention map (method.md step 5).
 
@@ -409,16 +423,18 @@ def select_boxes(
         graph: on CUDA, outside torch.compile, replay a CUDA graph of the selection (the same boxes).
         components: ``exact``: the components and boxes of the bilinear map itself, as if thresholded at every
             pixel (:func:`_exact_components`); ``grid``: those of the ``upsample`` grid, 8-connected.
+        peaks: where the fallback peaks may be centred: ``nodes``, on the ``upsample`` grid's points and on the
+            feature cells' centres, where the bilinear map has its maxima; ``grid``, on the grid's points only.
 
     Returns:
         boxes: (B, K, 4) float x1, y1, x2, y2 in full-resolution pixels, ordered by rank.
         mass: (B, K) attention mass inside each box.
     """
     boxes, mass, exact = select_boxes_deferred(attn, valid, sizes, cell_px, k, threshold, min_box_fraction,
-                                               upsample, iou_threshold, normalise, padded, graph, components)
+                                               upsample, iou_threshold, normalise, padded, graph, components, peaks)
     if exact is not None and not bool(exact):  # the one host-device sync
         boxes, mass, _ = select_boxes_deferred(attn, valid, sizes, cell_px, k, threshold, min_box_fraction,
-                                               upsample, iou_threshold, normalise, padded, False, components)
+                                               upsample, iou_threshold, normalise, padded, False, components, peaks)
     return boxes, mass
 
 
@@ -437,6 +453,7 @@ def select_boxes_deferred(
     padded: bool = True,
     graph: bool = True,
     components: str = "exact",
+    peaks: str = "nodes",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """:func:`select_boxes` (the same arguments) without reading whether its CUDA graph's boxes are exact.
 
@@ -447,7 +464,7 @@ def select_boxes_deferred(
             again with ``graph=False`` before it uses the boxes for anything it keeps.
     """
     inputs = (attn, valid, sizes, cell_px)
-    options = (k, threshold, min_box_fraction, upsample, iou_threshold, normalise, padded, components)
+    options = (k, threshold, min_box_fraction, upsample, iou_threshold, normalise, padded, components, peaks)
     with torch.autocast(attn.device.type, enabled=False):  # float32 throughout, also inside an autocast region
         if graph and _graph_applies(attn, k):
             replayed = _GraphedSelect.replay(inputs, options)
@@ -513,7 +530,7 @@ class _GraphedSelect:
 
 
 def _select(attn, valid, sizes, cell_px, k, threshold, min_box_fraction, upsample, iou_threshold, normalise, padded,
-            components="exact", graph_rounds=None):
+            components="exact", peaks="nodes", graph_rounds=None):
     """The selection of ``select_boxes``. With ``graph_rounds`` the labelling runs exactly that many rounds and a
     third output says, on the device, whether they converged (what a CUDA graph of it needs: no sync)."""
     attn = attn.float()
@@ -538,7 +555,9 @@ def _select(attn, valid, sizes, cell_px, k, threshold, min_box_fraction, upsampl
     cell_xy = (cell_px / upsample).flip(1)  # (B, 2) width and height of a fine cell in pixels
     if components == "exact":  # padding holds copies of valid cells: scaling all nodes scales the valid ones
         nodes = _normalise(nodes, None, normalise)
-        fine_norm = upsampled(nodes)
+        fine_norm, nodes_norm = upsampled(nodes), nodes
+    elif peaks == "nodes":  # the cells' own values, scaled as the grid's
+        fine_norm, nodes_norm = _normalise(fine, valid_fine, normalise, other=nodes)
     else:
         fine_norm = _normalise(fine, valid_fine, normalise)
     binary = fine_norm >= threshold
@@ -553,6 +572,13 @@ def _select(attn, valid, sizes, cell_px, k, threshold, min_box_fraction, upsampl
         raise ValueError(f"components must be 'exact' or 'grid', got {components!r}")
     kc = comp.shape[2]
     centre, score = _peak_centres(fine_norm, valid_fine, cell_xy)  # (B, 2, P), (B, P)
+    if peaks == "nodes":  # the cells' centres too, after the grid's points (which win a tie)
+        centre = torch.cat([centre, _grid(h, w, attn.device)[2] * cell_px.flip(1)[:, :, None]], dim=2)
+        if padded:
+            nodes_norm = nodes_norm.masked_fill(~_cells_inside(valid, h, w), -1.0)
+        score = torch.cat([score, nodes_norm.reshape(B, h * w)], dim=1)
+    elif peaks != "grid":
+        raise ValueError(f"peaks must be 'nodes' or 'grid', got {peaks!r}")
     # Boxes as coordinate planes, the components' then every peak's (a point box on each fine-grid point), so
     # that each operation below runs along the P peaks, not along 4 coordinates.
     min_side = min_box_fraction * sizes.float().min(dim=1).values  # (B,)
