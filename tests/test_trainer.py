@@ -186,6 +186,26 @@ def test_evaluate_with_model_settings_changed_says_so_in_its_metrics_and_report(
     assert result["model_overrides"] == {}  # the model as trained; other settings are no change of the model
 
 
+def test_evaluate_with_model_settings_changed_says_so_in_each_row_of_the_runs_predictions(fusion_run, tmp_path):
+    """evaluate RUN --set model.threshold=0.95 without --out rewrote RUN's predictions_test.csv with the other
+    model's predictions and no column saying so, where predict's CSV names them in model_overrides (found in
+    review); report RUN still reads the file."""
+    from finescope.report import write_report
+
+    out, _ = fusion_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    with (run / "predictions_test.csv").open(newline="") as fh:  # train's: the model as trained
+        assert {r["model_overrides"] for r in csv.DictReader(fh)} == {""}
+    trainer.evaluate(run, "test", ["model.threshold=0.95", "data.num_workers=0"], device="cpu")
+    with (run / "predictions_test.csv").open(newline="") as fh:
+        assert {r["model_overrides"] for r in csv.DictReader(fh)} == {"model.threshold=0.95"}
+    assert "model.threshold=0.95" in write_report(run, n_boot=20)[0].read_text().split("## Confusion")[0]
+    trainer.evaluate(run, "test", ["data.num_workers=0"], device="cpu")
+    with (run / "predictions_test.csv").open(newline="") as fh:
+        assert {r["model_overrides"] for r in csv.DictReader(fh)} == {""}
+
+
 def test_evaluate_of_last_pt_keeps_the_test_predictions_of_best_pt(fusion_run, tmp_path):
     """train's metrics.json and predictions_test.csv are best.pt's: evaluate of last.pt writes files of its own."""
     out, _ = fusion_run

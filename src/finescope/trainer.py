@@ -982,7 +982,7 @@ def evaluate(source: str | Path, split: str = "test", overrides: list[str] | Non
     out.parent.mkdir(parents=True, exist_ok=True)
     stem = out.stem.replace("metrics", "predictions") if "metrics" in out.stem else out.stem + "_predictions"
     stem = f"predictions_{split}" if stem == "predictions" else stem  # predictions.csv marks a cv folder
-    write_predictions(out.with_name(stem + ".csv"), preds, sample_set)
+    write_predictions(out.with_name(stem + ".csv"), preds, sample_set, metrics["model_overrides"])
     write_text(out, json_text(metrics, indent=2))
     return {**metrics, "output": str(out), "predictions": str(out.with_name(stem + ".csv")), "run_dir": str(run_dir)}
 
@@ -994,20 +994,24 @@ def box_string(boxes, mass) -> str:
     return ";".join(f"{b[0]:.0f} {b[1]:.0f} {b[2]:.0f} {b[3]:.0f} {m:.3f}" for b, m in zip(boxes, mass))
 
 
-def write_predictions(path: str | Path, preds: Predictions, sample_set: SampleSet, extra: dict | None = None) -> None:
-    """One CSV row per image: path, group, patient, true and predicted class, every class probability, boxes."""
+def write_predictions(path: str | Path, preds: Predictions, sample_set: SampleSet,
+                      overrides: dict | None = None) -> None:
+    """One CSV row per image: path, group, patient, true and predicted class, every class probability, boxes and,
+    last, ``model_overrides``: the model settings changed with ``--set`` (:func:`overrides_text` of
+    ``overrides``, the same in every row; empty for the model as trained)."""
     names = sample_set.class_names
+    changed = overrides_text(overrides or {})  # another model than the one trained: said in each row
     with atomic_open(path, newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "group", "patient", "true", "predicted", *[f"prob_{n}" for n in names], "boxes",
-                    *(extra or {})])
+                    "model_overrides"])
         for row, i in enumerate(preds.indices):
             s = sample_set.samples[i]
             true = names[s.label] if 0 <= s.label < len(names) else ""
             boxes = box_string(preds.boxes[row], preds.box_mass[row]) if preds.boxes is not None else ""
             probs = [str(np.float32(p)) for p in preds.probs[row]]  # shortest text that reads back the same float32
             w.writerow([s.path, s.group, s.patient, true, names[int(preds.probs[row].argmax())], *probs, boxes,
-                        *[v[row] for v in (extra or {}).values()]])
+                        changed])
 
 
 def predict(checkpoint: str | Path, paths: list[str], out: str | Path | None = None,
@@ -1035,8 +1039,7 @@ def predict(checkpoint: str | Path, paths: list[str], out: str | Path | None = N
                              "the model's crops: see the warnings above); nothing was written")
     out = Path(out or "predictions.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
-    changed = overrides_text(model_overrides(cfg, state))  # another model than the one trained: said in each row
-    write_predictions(out, preds, sample_set, extra={"model_overrides": [changed] * len(preds.indices)})
+    write_predictions(out, preds, sample_set, model_overrides(cfg, state))
     skipped = len(samples) - len(preds.indices)
     if skipped:
         log.warning("skipped %d of %d files, unreadable or too small (listed in the warnings above)", skipped,
