@@ -486,6 +486,25 @@ def test_explain_gives_the_probabilities_and_boxes_of_predict_in_the_runs_precis
         assert explained["boxes"] == predicted["boxes"]
 
 
+def test_explain_and_predict_write_a_box_of_less_than_a_pixel_with_its_size(tmp_path):
+    """Under model.min_box_fraction=0.001 (a 0.096 px minimum side on 96 px images) results.csv and predict's CSV
+    wrote each box rounded to whole pixels: a peak's box 2.952-3.048 became '3 3 3 3', of no size (found in
+    review)."""
+    from finescope.cli import main
+
+    run = make_run(tmp_path, "fusion")
+    files = [str(tmp_path / "data" / "images" / name) for name in ("atypical_0000.png", "typical_0001.png")]
+    tiny = ["--set", "model.min_box_fraction=0.001"]
+    out = tmp_path / "out"
+    assert main(["explain", str(run), *files, "--out", str(out), "--no-faithfulness", *FAST, *tiny]) == 0
+    assert main(["predict", str(run), *files, "--out", str(tmp_path / "p.csv"), "--device", "cpu", *tiny]) == 0
+    for explained, predicted in zip(csv.DictReader((out / "results.csv").open()),
+                                    csv.DictReader((tmp_path / "p.csv").open()), strict=True):
+        assert explained["boxes"] == predicted["boxes"]
+        boxes = np.array([[float(v) for v in box.split()[:4]] for box in predicted["boxes"].split(";")])
+        assert (boxes[:, 2:] > boxes[:, :2]).all(), predicted["boxes"]
+
+
 def test_the_curves_start_at_the_explained_probability_in_the_runs_precision(tmp_path):
     from finescope.checkpoint import load_checkpoint
     from finescope.cli import main

@@ -901,6 +901,27 @@ def test_a_finished_train_leaves_no_progress_bar_and_no_tqdm_monitor(synthetic_r
     assert state["drawn"] and state["open_bars"] == 0 and "tqdm_monitor" not in state["threads"], state
 
 
+def test_predictions_csv_keeps_a_box_of_less_than_a_pixel_its_size(tmp_path):
+    """Boxes were written rounded to whole pixels: under model.min_box_fraction=0.001 a peak's box of 0.096 px,
+    2.952-3.048, became '3 3 3 3', a box of no size (found in review). Each coordinate is the float32 the model
+    gave, in the shortest text that reads back the same (whole pixels without decimals, as before)."""
+    import numpy as np
+
+    from finescope.data import Sample, SampleSet
+    from finescope.engine import Predictions
+
+    s = SampleSet([Sample("/d/0.png", 0, "p0")], ["benign", "malignant"])
+    boxes = np.array([[[0, 0, 96, 96], [2.952, 2.952, 3.048, 3.048]]], dtype=np.float32)  # (N, K, 4)
+    preds = Predictions(np.arange(1), np.zeros(1, int), np.array([[0.5, 0.5]], np.float32), boxes=boxes,
+                        box_mass=np.array([[1.0, 0.0]], np.float32))
+    trainer.write_predictions(tmp_path / "p.csv", preds, s)
+    with (tmp_path / "p.csv").open(newline="") as fh:
+        written = next(csv.DictReader(fh))["boxes"]
+    assert written.split(";")[0] == "0 0 96 96 1.000"
+    read = np.array([[float(v) for v in box.split()[:4]] for box in written.split(";")], dtype=np.float32)
+    assert np.array_equal(read, boxes[0])  # float32 to the bit: x2 > x1 and y2 > y1 as the model gave them
+
+
 def test_predictions_csv_keeps_every_probability_distinct_and_inside_zero_one(tmp_path):
     """Probabilities were written with 6 decimals: a confident model's 0.9999996 became 1.000000 and 4e-7 became
     0.000000, so AUCs and rankings recomputed from the CSV tied images the model had told apart."""

@@ -988,10 +988,17 @@ def evaluate(source: str | Path, split: str = "test", overrides: list[str] | Non
 
 
 def box_string(boxes, mass) -> str:
-    """``x1 y1 x2 y2 mass`` per box, boxes separated by ';' (empty for variants without boxes)."""
+    """``x1 y1 x2 y2 mass`` per box, boxes separated by ';' (empty for variants without boxes): each coordinate
+    the shortest text that reads back the same float32 (whole pixels without decimals), so that a box of less
+    than a pixel (``model.min_box_fraction=0.001``) keeps its size instead of rounding to none; the mass with 3
+    decimals. predict's and evaluate's CSVs and explain's results.csv all write boxes with it."""
     if boxes is None:
         return ""
-    return ";".join(f"{b[0]:.0f} {b[1]:.0f} {b[2]:.0f} {b[3]:.0f} {m:.3f}" for b, m in zip(boxes, mass))
+
+    def pixels(v) -> str:
+        return np.format_float_positional(np.float32(v), trim="-")
+
+    return ";".join(" ".join(pixels(v) for v in b[:4]) + f" {float(m):.3f}" for b, m in zip(boxes, mass))
 
 
 def write_predictions(path: str | Path, preds: Predictions, sample_set: SampleSet,

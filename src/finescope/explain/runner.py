@@ -170,10 +170,10 @@ def _explain_one(ctx: _Context, index: int, item) -> dict:
 
 
 def _base_row(expl, item, figure: Path) -> dict:
+    from finescope.trainer import box_string  # written as predict writes them
+
     names = expl.class_names
-    boxes = "" if expl.boxes is None else ";".join(
-        f"{b[0]:.0f} {b[1]:.0f} {b[2]:.0f} {b[3]:.0f} {float(mass):.3f}"
-        for b, mass in zip(expl.boxes.tolist(), expl.box_mass, strict=True))
+    boxes = "" if expl.boxes is None else box_string(expl.boxes.tolist(), expl.box_mass.tolist())
     return {
         "name": item.name, "path": item.path, "figure": figure.as_posix(),
         "true": "" if item.label is None else names[item.label], "predicted": names[expl.predicted],
