@@ -309,6 +309,22 @@ def test_cli_cv_bad_variant_and_bad_splits(tmp_path, capsys):
     assert not (tmp_path / "o" / "runs").exists()
 
 
+def test_cli_cv_splits_given_a_folder_says_which_file_to_pass(tmp_path, capsys):
+    """cv --splits CVFOLDER (the cv folder, not its splits.json) said '--splits ... not found' of a folder that is
+    there (found in review): it names the folder as such and the file in it to pass."""
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(f"data: {{root: {tmp_path / 'data'}, synthetic_per_class: 8, synthetic_size: 96}}\n"
+                        "model: {backbone: tiny}\n")
+    (tmp_path / "earlier_cv").mkdir()
+    assert main(["cv", "--config", str(cfg_path), "--splits", str(tmp_path / "earlier_cv"), "--folds", "2",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not found" not in err[0], err
+    assert f"--splits '{tmp_path / 'earlier_cv'}' is a folder" in err[0]
+    assert f"'{tmp_path / 'earlier_cv' / 'splits.json'}'" in err[0]
+    assert not (tmp_path / "o" / "runs").exists()
+
+
 def _two_class_folders(root):
     """Class folders a and b of three patient folders each, one 64 x 64 image in each patient folder."""
     from PIL import Image

@@ -313,6 +313,9 @@ def load_cv_splits(path: str | Path, sample_set: SampleSet, per_magnification: b
     if own:  # what its folds were trained on: the data changed since
         what = f"this cv folder's splits file '{path}'"
         fix = "the data changed since its folds were drawn: restore it, or run this cv into a new --out folder"
+    if path.is_dir() and not own:  # a cv folder: its splits.json is meant
+        raise FinescopeError(f"{what} is a folder; pass the splits.json file in it (e.g. '{path / 'splits.json'}' "
+                             "of a finescope cv folder), or leave --splits out to draw new folds")
     if not path.is_file():
         raise FinescopeError(f"{what} not found; {fix}")
     try:
