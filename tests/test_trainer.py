@@ -294,6 +294,20 @@ def test_bad_checkpoint(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
+def test_a_folder_without_a_run_given_as_a_checkpoint_is_named_a_folder(tmp_path):
+    """evaluate, predict and explain of a folder that holds no run (a run's checkpoints/ folder with last.pt
+    alone, a folder of exports) said 'checkpoint ... not found' of a folder that is there (found in review)."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FinescopeError, match=r"'.*empty' is a folder without a finescope run \(no "
+                                             r"checkpoints/best.pt in it\); pass a run directory or a .pt file"):
+        load_checkpoint(tmp_path / "empty")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"")
+    with pytest.raises(FinescopeError, match=f"is a folder without a finescope run .*, e.g. "
+                                             f"'{tmp_path / 'checkpoints' / 'last.pt'}'$"):
+        load_checkpoint(tmp_path / "checkpoints")
+
+
 def test_a_cv_folder_given_as_a_checkpoint_names_its_runs(tmp_path):
     """predict, evaluate and explain of a cv folder said 'checkpoint not found; pass a run directory', not that
     the runs are inside it."""

@@ -76,6 +76,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file() and (path / "checkpoints" / "last.pt").is_file():
         raise FinescopeError(f"run '{path}' has no checkpoints/best.pt yet (its training stopped before an epoch was "
                              f"kept); finish it with train --resume, or pass '{path / 'checkpoints' / 'last.pt'}'")
+    if path.is_dir():  # there, but no run: a run's checkpoints/ folder with last.pt alone, a folder of exports
+        found = sorted(path.glob("*.pt")) + sorted(path.glob("checkpoints/*.pt"))
+        raise FinescopeError(f"'{path}' is a folder without a finescope run (no checkpoints/best.pt in it); pass a run "
+                             "directory or a .pt file written by finescope" + (f", e.g. '{found[0]}'" if found else ""))
     if not path.is_file():
         raise FinescopeError(f"checkpoint '{path}' not found; pass a run directory or a .pt file written by finescope")
     try:
