@@ -802,6 +802,25 @@ def test_classes_whose_names_make_one_folder_keep_their_own_evidence_crops(tmp_p
     assert class_folders(["benign", "a+", "a?", "", "class"]) == ["benign", "a_~1", "a_~2", "class~3", "class~4"]
 
 
+def test_class_folders_are_distinct_and_usable_on_windows_and_macos():
+    """Folders were compared by casefold only: the NFC and NFD spellings of 'é' became 'é' and 'e_' (the accent
+    a separate character), which macOS and Windows hold as one folder; a class 'CON' or 'nul.txt' got a Windows
+    device name that no folder can have, and 'a.' a folder that Windows names 'a'. These now end in ~ and the class
+    index (a device name before its extension: 'CON~2', 'nul~3.txt'), a final '.' is '_', and other names keep
+    their folders."""
+    import unicodedata
+
+    from finescope.explain.evidence import class_folders
+
+    nfc, nfd = unicodedata.normalize("NFC", "\u00e9"), unicodedata.normalize("NFD", "\u00e9")
+    names = [nfc, nfd, "CON", "nul.txt", "Lpt1", "com\u00b9.tar.gz", "console", "a", "a.", ".", "..", "\u00fc",
+             "Aux_1", "COM10"]
+    assert class_folders(names) == ["\u00e9~0", "\u00e9~1", "CON~2", "nul~3.txt", "Lpt1~4", "com\u00b9~5.tar.gz",
+                                    "console", "a", "a_", "_", "._", "\u00fc", "Aux_1", "COM10"]
+    folders = class_folders(["A" + nfd, "a" + nfc, "b."])
+    assert folders == ["A\u00e9~0", "a\u00e9~1", "b_"]
+
+
 def test_boxes_are_drawn_on_the_pixels_they_hold():
     """imshow centres pixel j on j; the boxes' frame has it span [j, j + 1): a box over the whole of a 4x6 image
     was drawn half a pixel up and left of it (an eighth of a small image), its right and bottom pixels outside."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import unicodedata
 from pathlib import Path
 
 import torch
@@ -71,19 +72,41 @@ class EvidenceCollector:
         return result
 
 
+# Windows gives these names (any case, with any extension) to devices: no file or folder can have them
+_DEVICE_NAMES = frozenset(["con", "prn", "aux", "nul"]
+                          + [f"{port}{d}" for port in ("com", "lpt") for d in "0123456789\u00b9\u00b2\u00b3"])
+
+
 def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "class"
+    name = unicodedata.normalize("NFC", name)  # 'e' + combining accent is the one letter 'é', as macOS sees it
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "class"
+    return safe[:-1] + "_" if safe.endswith(".") else safe  # Windows drops a final '.': 'a.' would be 'a'
+
+
+def _is_device(safe: str) -> bool:
+    return safe.split(".")[0].casefold() in _DEVICE_NAMES
 
 
 def class_folders(class_names: list[str]) -> list[str]:
-    """The folder of each class in ``evidence/``: its name with characters other than letters, digits, ``-``,
-    ``_`` and ``.`` as ``_``. Where two classes would share a folder ('a+' and 'a?' both 'a_'; 'A' and 'a' on a
-    file system that ignores case) or the name is '.' or '..', the folder ends in ``~`` and the class index
-    ('a_~0', 'a_~1'): one class's crops no longer overwrite another's. ``~`` is in no plain folder name, so these
-    are unique."""
+    """The folder of each class in ``evidence/``: its name (in NFC) with characters other than letters, digits,
+    ``-``, ``_`` and ``.`` as ``_``, and a final ``.`` as ``_`` (Windows drops it). Where two classes would share a
+    folder on a file system that ignores case and Unicode normalisation (macOS, Windows: 'a+' and 'a?' both 'a_';
+    'A' and 'a'; 'é' and 'e' + combining accent), the folder ends in ``~`` and the class index ('a_~0', 'a_~1'):
+    one class's crops no longer overwrite another's. A Windows device name (CON, PRN, AUX, NUL, COM0-9, LPT0-9, any
+    case, with or without an extension) takes ``~`` and the class index before its extension ('CON~2',
+    'nul~3.txt'). ``~`` is in no plain folder name, so these are unique."""
     safe = [_safe(name) for name in class_names]
-    shared = {s for s in safe if s in (".", "..") or sum(t.casefold() == s.casefold() for t in safe) > 1}
-    return [f"{s}~{c}" if s in shared else s for c, s in enumerate(safe)]
+    keys = [unicodedata.normalize("NFC", s.casefold()) for s in safe]
+    folders = []
+    for c, (s, key) in enumerate(zip(safe, keys)):
+        if _is_device(s):
+            stem, dot, ext = s.partition(".")
+            folders.append(f"{stem}~{c}{dot}{ext}")
+        elif keys.count(key) > 1:
+            folders.append(f"{s}~{c}")
+        else:
+            folders.append(s)
+    return folders
 
 
 __all__ = ["EvidenceCollector", "class_folders"]
