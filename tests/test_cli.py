@@ -1028,3 +1028,40 @@ def test_cv_table_without_an_interval():
     cell = {**cell, "ci_note": "only 4 patients"}
     table = _cv_table({"variants": {"global": {"pooled": {"patient_recognition_rate": cell, "image_accuracy": cell}}}})
     assert table.splitlines()[1].count("0.500 [n/a (only 4 patients)]") == 2
+
+
+def test_a_run_trained_on_a_relative_data_root_is_read_from_any_folder(synthetic_root, tmp_path, monkeypatch,
+                                                                       capsys):
+    """data.root was stored as typed ('data/manifest.csv'): evaluate RUN, explain RUN and --resume from another
+    folder read it from there and failed; a new run stores it absolute. A run stored before with a relative root
+    still loads from where it was trained, and from elsewhere says to pass --set data.root=."""
+    from finescope.checkpoint import load_checkpoint, save_checkpoint
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "data").symlink_to(synthetic_root)
+    monkeypatch.chdir(tmp_path / "a")
+    overrides = [o for o in tiny_overrides(synthetic_root, "fusion", 1) if not o.startswith("data.root=")]
+    assert main(["train", "--config", os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "configs",
+                                                                   "demo.yaml")),
+                 "--out", "run", "--quiet", "--set", "data.root=data/manifest.csv", *overrides]) == 0
+    run = tmp_path / "a" / "run"
+    assert (run / "config.yaml").read_text().count(f"root: {tmp_path / 'a' / 'data' / 'manifest.csv'}\n") == 1
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", str(run), "--device", "cpu", "--out", str(tmp_path / "m.json")]) == 0
+    assert main(["explain", str(run), "--split", "test", "--device", "cpu", "--method", "attention", "--limit", "2",
+                 "--out", str(tmp_path / "ex")]) == 0
+    assert main(["train", "--config", str(run / "config.yaml"), "--out", str(run), "--resume", "--quiet", "--set",
+                 "train.epochs=2"]) == 0
+    # a run from before, its root as typed
+    for ckpt in (run / "checkpoints").glob("*.pt"):
+        state = load_checkpoint(ckpt)
+        state["config"]["data"]["root"] = "data/manifest.csv"
+        save_checkpoint(state, ckpt)
+    text = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(text.replace(str(tmp_path / "a" / "data" / "manifest.csv"), "data/manifest.csv"))
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--device", "cpu", "--out", str(tmp_path / "m2.json")]) == 2
+    line = _one_error_line(capsys)
+    assert "data.root 'data/manifest.csv' does not exist" in line and "--set data.root=" in line
+    monkeypatch.chdir(tmp_path / "a")
+    assert main(["evaluate", "run", "--device", "cpu", "--out", str(tmp_path / "m3.json")]) == 0

@@ -574,6 +574,9 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     if run_dir.exists() and not run_dir.is_dir():
         raise FinescopeError(f"--out '{run_dir}' is a file; give a folder for the run (a new one, or a run's to "
                              "--resume)")
+    # stored absolute: evaluate, predict, explain, report and --resume of the run read it from any folder
+    if cfg.data.root:
+        cfg = replace(cfg, data=replace(cfg.data, root=os.path.abspath(os.path.expanduser(cfg.data.root))))
     # settings the processes cannot run are refused before any file is written
     dist.per_rank_batch(cfg.train.batch_size)
     dist.check_sync_bn(cfg.train.sync_bn, resolve_device(cfg.train.device))

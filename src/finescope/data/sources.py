@@ -199,7 +199,8 @@ def _check_root(root: str, what: str) -> Path:
     if path is None or not path.exists():  # a run's relative root is read from here, not from where it trained
         where = f" (a relative path: read from {os.getcwd()})" if root and not os.path.isabs(root) and \
             not root.startswith("~") else ""
-        raise FinescopeError(f"data.root '{root}' does not exist{where}; set data.root to {what}")
+        raise FinescopeError(f"data.root '{root}' does not exist{where}; set data.root to {what} (--set "
+                             "data.root=PATH)")
     return path
 
 
