@@ -442,8 +442,11 @@ def test_torchrun_an_image_only_rank_1_cannot_read_is_its_line_and_rank_0_says_i
     ours = [line for line in done.stderr.splitlines() if line.startswith("finescope: ")]
     assert ours[0].startswith(f"finescope: error (rank 1): cannot read image '{bad}'"), done.stderr[-3000:]
     # (torchrun may end rank 0 before it notices)
-    assert ours[1:] in ([], ["finescope: error: another process stopped (see its error or exit status), so this "
-                             "one stopped too"]), done.stderr[-3000:]
+    assert ours[1:] in ([], ["finescope: error: another process of the run (rank 1) stopped (see its error or exit "
+                             "status), so this one stopped too; no epoch had finished: start it again (without "
+                             "--resume)"], ["finescope: error: stopped by SIGTERM (torchrun sends it to every process of "
+                             "the run when one of them ends, or when it is stopped itself: its report says which); no "
+                             "epoch had finished: start it again (without --resume)"]), done.stderr[-3000:]
     assert "[rank0]" not in done.stderr and "Connection closed by peer" not in done.stderr
 
 
@@ -662,3 +665,109 @@ def test_an_unwritable_cache_folder_is_said_once_by_rank_0(tmp_path, monkeypatch
         warnings.simplefilter("always")
         trainer._make_loaders(sample_set, {"train": np.arange(4), "val": np.arange(4, 6)}, cfg)
     assert sum("cannot write the image cache" in str(w.message) for w in seen) == (1 if main else 0)
+
+
+@pytest.mark.slow
+def test_torchrun_the_process_left_when_rank_0_is_killed_says_so_in_one_line(tmp_path):
+    """kill -9 of rank 0 mid-run: torchrun ended rank 1 with SIGTERM and rank 1 died without a word (only
+    torchrun's own report). It now ends at once with one line saying why and how to go on, and the last
+    checkpoint rank 0 wrote still loads."""
+    import signal
+    import time
+
+    from finescope.checkpoint import load_checkpoint
+
+    root = tmp_path / "data"
+    _fusion_run_config(root, per_class=40, epochs=20)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+           "-m", "finescope", "train", "--config", str(root / "cfg.yaml"), "--out", str(out), "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoints" / "last.pt").is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (out / "checkpoints" / "last.pt").is_file(), proc.communicate(timeout=60)[1][-3000:]
+        rank0 = int((out / ".lock").read_text().split()[1])  # "pid N on HOST": rank 0 holds the run's lock
+        os.kill(rank0, signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    ours = [line for line in err.splitlines() if line.startswith("finescope: ")]
+    assert len(ours) == 1, err[-3000:]
+    # rank 1 learns it from torchrun's SIGTERM, or first from gloo when it waited for rank 0 in a collective
+    assert ours[0].startswith(("finescope: error (rank 1): stopped by SIGTERM (torchrun sends it to every process "
+                               "of the run when one of them ends", "finescope: error (rank 1): another process of the run "
+                               "(rank 0) stopped")), ours
+    assert ours[0].endswith("; the run's last checkpoint is kept: continue it with the same command and --resume"), ours
+    assert "[rank1]" not in err and "Connection closed by peer" not in err, err[-3000:]  # torchrun's report is there
+    assert "model" in load_checkpoint(out / "checkpoints" / "last.pt")
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_process_that_stops_answering_ends_the_others_in_one_line(tmp_path, monkeypatch, capsys, rank):
+    """A process frozen, or its machine gone: the others waited in gloo for train's timeout (30 minutes), then
+    ended in gloo's RuntimeError traceback. Now one line, naming the wait, and how to go on."""
+    from finescope import cli
+
+    def waited(args):
+        args.run_dir = str(tmp_path / "run")
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
+                           "1800000ms for recv operation to complete")
+
+    monkeypatch.setattr(cli, "cmd_train", waited)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    assert cli.main(["train", "--config", "configs/demo.yaml", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    who = "finescope: error: " if rank == 0 else "finescope: error (rank 1): "
+    assert err == [f"{who}another process of the run (rank {1 - rank}) did not answer for 30 minutes (it stopped, or "
+                   "its machine is unreachable), so this one stopped; no epoch had finished: start it again (without "
+                   "--resume)"]
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_torchruns_sigterm_ends_a_process_in_one_line(tmp_path, monkeypatch, capsys, checkpoint):
+    """torchrun ends the other processes of a run with SIGTERM when one ends (rank 0 killed): a process busy
+    outside a collective then died without a word. It now says so in one line, with what to do, and the
+    handler of SIGTERM that the caller had is back after the command."""
+    import signal
+    import time
+
+    from finescope import cli, trainer
+    from finescope import distributed as dist
+
+    class Unhandled(Exception):
+        pass
+
+    def callers(signum, frame):
+        raise Unhandled("SIGTERM reached the caller's handler during train")
+
+    def train(cfg, out, **kwargs):
+        if checkpoint:
+            (Path(out) / "checkpoints").mkdir(parents=True)
+            (Path(out) / "checkpoints" / "last.pt").write_bytes(b"")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the signal arrives here
+        pytest.fail("SIGTERM did not stop train")
+
+    monkeypatch.setattr(trainer, "train", train)
+    monkeypatch.setattr(dist, "init_from_env", lambda device: True)
+    monkeypatch.setattr(dist, "is_main", lambda: False)
+    monkeypatch.setattr(dist, "cleanup", lambda: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    before = signal.signal(signal.SIGTERM, callers)
+    try:
+        assert cli.main(["train", "--config", "configs/demo.yaml", "--out", str(tmp_path / "run")]) == 143
+        assert signal.getsignal(signal.SIGTERM) is callers
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    then = ("the run's last checkpoint is kept: continue it with the same command and --resume" if checkpoint
+            else "no epoch had finished: start it again (without --resume)")
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "finescope: error (rank 1): stopped by SIGTERM (torchrun sends it to every process of the run when one of "
+        f"them ends, or when it is stopped itself: its report says which); {then}"]

@@ -7,12 +7,16 @@ unless ``FINESCOPE_DEBUG=1`` is set.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import functools
 import os
 import re
+import signal
 import sys
+import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from finescope import __version__
@@ -39,12 +43,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     out = args.out or f"runs/{cfg.name or Path(args.config).stem}"
     args.run_dir = out  # for the message of an interruption, also while the processes wait for each other here
-    dist.init_from_env(cfg.train.device)
-    main_rank = dist.is_main()
-    try:
-        metrics = train(cfg, out, resume=args.resume, progress=not args.quiet)
-    finally:
-        dist.cleanup()
+    with _torchrun_sigterm():
+        dist.init_from_env(cfg.train.device)
+        main_rank = dist.is_main()
+        try:
+            metrics = train(cfg, out, resume=args.resume, progress=not args.quiet)
+        finally:
+            dist.cleanup()
     if main_rank:
         print(f"run written to {out}")
         if metrics:
@@ -380,7 +385,7 @@ def _one_set_each(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
+    """Run the CLI; returns the exit status (0 ok, 2 user error, 130 interrupted, 143 SIGTERM under torchrun)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(_one_set_each(list(sys.argv[1:] if argv is None else argv)))
     if extra and isinstance(getattr(args, "paths", None), list) and not any(e.startswith("-") for e in extra):
@@ -395,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         if not debug:
             warnings.filterwarnings("ignore", category=UserWarning, module="torch")
             warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
-        return _run(args, debug)
+        with _sigterm_restored():
+            return _run(args, debug)
 
 
 def _show_warning(otherwise, message, category, filename, lineno, file=None, line=None) -> None:
@@ -431,6 +437,68 @@ def _has_checkpoint(args: argparse.Namespace) -> bool:
     return bool(run_dir) and (Path(run_dir) / "checkpoints" / "last.pt").is_file()
 
 
+class _Terminated(BaseException):
+    """SIGTERM under torchrun, whose agent sends it to every process of a run when one of them ends. Not an
+    ``Exception``: no handler on the way may take it for an error of its own."""
+
+
+@contextlib.contextmanager
+def _torchrun_sigterm() -> Iterator[None]:
+    """Under torchrun, a SIGTERM inside raises :class:`_Terminated`, so that the process says in one line why
+    it stops (it died without a word); after, until :func:`_sigterm_restored` ends, SIGTERM is ignored, so that
+    it does not cut short the line of an error met first (a process that lost another in a collective)."""
+    if _launch("WORLD_SIZE", 1) <= 1 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once
+        raise _Terminated
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _sigterm_restored() -> Iterator[None]:
+    """The process's own SIGTERM handler back when the command ends (main may be called in-process)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _then(args: argparse.Namespace) -> str:
+    """What to do after a run stopped: resume it, or start it again when no epoch had finished."""
+    if not _has_checkpoint(args):
+        return "no epoch had finished: start it again (without --resume)"
+    return "the run's last checkpoint is kept: continue it with the same command and --resume"
+
+
+def _lost_process(e: BaseException, args: argparse.Namespace, world: int, rank: int) -> str | None:
+    """The line of a process of a torchrun run that gloo's collective told of another process gone (its
+    connection closed) or silent for the process group's timeout; None for any other error."""
+    other = f" (rank {1 - rank})" if world == 2 else ""
+    if "by peer" in str(e):
+        what = f"another process of the run{other} stopped (see its error or exit status), so this one stopped too"
+    elif "Timed out waiting" in str(e) or "Application timeout" in str(e):
+        from finescope.distributed import TIMEOUT_MINUTES
+
+        minutes = f"{TIMEOUT_MINUTES:g} minutes"
+        what = (f"another process of the run{other} did not answer for {minutes} (it stopped, or its machine is "
+                "unreachable), so this one stopped")
+    else:
+        return None
+    return f"{what}; {_then(args)}"
+
+
 def _run(args: argparse.Namespace, debug: bool) -> int:
     """Run the parsed command; a user error is one line on stderr and exit status 2. Under torchrun each failing
     process says so, the ranks other than 0 with their rank; an interruption is reported by rank 0 alone."""
@@ -442,6 +510,10 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
         return 2
     try:
         return args.func(args)
+    except _Terminated:
+        _say(f"{error}stopped by SIGTERM (torchrun sends it to every process of the run when one of them ends, or "
+             f"when it is stopped itself: its report says which); {_then(args)}")
+        return 143
     except FinescopeError as e:
         if debug:
             raise
@@ -471,8 +543,9 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
             _say(f"{error}{path_error_line(e)}")
         return 2
     except Exception as e:
-        if not debug and _launch("WORLD_SIZE", 1) > 1 and "by peer" in str(e):  # gloo: a process it waited for
-            _say(f"{error}another process stopped (see its error or exit status), so this one stopped too")
+        lost = _lost_process(e, args, _launch("WORLD_SIZE", 1), rank) if _launch("WORLD_SIZE", 1) > 1 else None
+        if not debug and lost:  # gloo: a process it waited for
+            _say(f"{error}{lost}")
             return 2
         if debug or "FinescopeError" not in str(e):
             raise

@@ -53,7 +53,12 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init_from_env(device: str = "auto", timeout_minutes: float = 30.0) -> bool:
+# how long a collective waits for a process that does not answer (frozen, or its machine gone) before it fails:
+# a process of the run then ends with a line of its own (finescope.cli), not after a hang without end
+TIMEOUT_MINUTES = 30.0
+
+
+def init_from_env(device: str = "auto", timeout_minutes: float = TIMEOUT_MINUTES) -> bool:
     """Join the process group torchrun describes in the environment; return True when distributed.
 
     CUDA runs use NCCL with one GPU per process (``LOCAL_RANK``); CPU runs (or ``train.device=cpu``) use gloo.
