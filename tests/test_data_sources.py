@@ -544,3 +544,17 @@ def test_a_pipe_listed_in_a_csv_manifest_is_named_as_no_regular_file(tmp_path):
     with pytest.raises(FinescopeError, match=r"'.*pipe.png' listed in CSV manifest '.*m.csv' line 3 is not a "
                                              r"regular file \(a named pipe, socket or device\)"):
         load_samples(DataConfig(source="csv", root=str(tmp_path / "m.csv")))
+
+
+@pytest.mark.skipif(os.sep != "/", reason="a backslash is a separator where os.sep is one")
+def test_a_csv_path_written_with_backslashes_is_named_with_the_path_to_write(tmp_path):
+    """A manifest made on Windows (path 'sub\\a.png') was refused with 'does not exist; fix or remove the file',
+    though the image is there: the message now says the path is written with '\\' and gives it with '/'."""
+    tiny_png(tmp_path / "sub" / "a.png")
+    (tmp_path / "m.csv").write_text("path,label,group\nsub\\a.png,x,p1\n")
+    with pytest.raises(FinescopeError, match=r"line 2 does not exist: it is written with '\\' \(a Windows path\?\); "
+                                             r"write it as 'sub/a.png'"):
+        load_samples(DataConfig(source="csv", root=str(tmp_path / "m.csv")))
+    (tmp_path / "gone.csv").write_text("path,label,group\nsub\\gone.png,x,p1\n")  # not there either way: as before
+    with pytest.raises(FinescopeError, match=r"line 2 does not exist; fix or remove the file"):
+        load_samples(DataConfig(source="csv", root=str(tmp_path / "gone.csv")))

@@ -578,6 +578,10 @@ def read_manifest(manifest: Path, cfg: DataConfig) -> _Scan:
             what = ("is a folder, not an image" if os.path.isdir(item.path) else
                     "is not a regular file (a named pipe, socket or device)" if os.path.exists(item.path) else
                     "does not exist")
+            posix = row["path"].replace("\\", "/")  # a manifest made on Windows: 'sub\a.png' names no file here
+            if what == "does not exist" and os.sep == "/" and posix != row["path"] \
+                    and os.path.isfile(manifest.parent / posix):
+                what += f": it is written with '\\' (a Windows path?); write it as '{posix}'"
             reason = f"image '{item.path}' listed in CSV manifest '{manifest}' line {line} {what}"
             _skip_or_raise(cfg, item.path, reason, skipped)
             continue
