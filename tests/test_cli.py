@@ -772,6 +772,25 @@ def test_finescope_data_lists_the_images_train_would_refuse_as_too_thin(tmp_path
     assert main([*args, "model.variant=global-hires"]) == 0  # it reads the image itself: no view to refuse
 
 
+def test_finescope_data_under_on_error_skip_does_not_advise_setting_it(tmp_path, capsys):
+    """finescope data with data.on_error=skip ended each unreadable file's line in 'fix or remove the file, or set
+    data.on_error=skip', the setting it was given; it now says that train skips them, and the JSON alike."""
+    root = _folder(tmp_path / "d", n=2)
+    (root / "a" / "broken.png").write_bytes((root / "a" / "a_0.png").read_bytes()[:60])
+    args = ["data", "--config", "configs/demo.yaml", "--json", str(tmp_path / "d.json"), "--set", "data.source=folder",
+            f"data.root={root}", "model.local_size=32"]
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert "a/broken.png: cannot read image" in out and out.count("or set data.on_error=skip") == 1
+    assert main([*args, "data.on_error=skip"]) == 0
+    out = capsys.readouterr().out
+    assert "unreadable: 1 (data.on_error=skip: train, evaluate and predict skip them)" in out
+    assert "a/broken.png: cannot read image" in out and "data.on_error=skip;" not in out
+    assert "or set data.on_error=skip" not in out
+    (reason,) = [r for _, r in json.loads((tmp_path / "d.json").read_text())["unreadable"]]
+    assert reason.startswith("cannot read image") and "data.on_error" not in reason
+
+
 def test_a_csv_split_column_that_leaks_names_the_csv(tmp_path, capsys):
     root = _folder(tmp_path / "d", n=4)
     rows = [f"{c}/{c}_{i}.png,{c},{c}{i // 2},{'test' if i == 1 else ['train', 'test'][i // 2]}"

@@ -132,7 +132,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     _not_a_checkpoint(args.json, "data.json", "--json")  # before every image is read, not when the JSON is written
     description = describe_samples(load_samples(cfg.data), read_images=not args.no_read,
-                                   min_side=min_image_side(cfg), view_side=view_image_side(cfg))
+                                   min_side=min_image_side(cfg), view_side=view_image_side(cfg),
+                                   on_error=cfg.data.on_error)
     print(format_description(description))
     if args.json:  # its folder made as predict's and evaluate's --out are
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ import numpy as np
 from finescope.config import MAX_SIDE
 from finescope.data.dataset import check_view_side, read_image
 from finescope.data.records import SampleSet
-from finescope.errors import FinescopeError
+from finescope.errors import SKIP_ADVICE, FinescopeError
 
 
 def _file_digest(path: str) -> str | None:
@@ -69,7 +69,7 @@ def _read_all(sample_set: SampleSet, min_side: int, view_side: int = 0) -> tuple
 
 
 def describe_samples(sample_set: SampleSet, read_images: bool = True, min_side: int = 0,
-                     view_side: int = 0) -> dict[str, Any]:
+                     view_side: int = 0, on_error: str = "raise") -> dict[str, Any]:
     """Count a sample set, and with ``read_images`` decode every file to find sizes and problems.
 
     Args:
@@ -78,12 +78,14 @@ def describe_samples(sample_set: SampleSet, read_images: bool = True, min_side: 
         min_side: the short side a model needs (its crop size; 0: none), below which an image is ``too_small``.
         view_side: the short side of the model's global view (0: none), with which an image too thin for it is
             ``too_thin`` (its view would be longer than ``finescope.config.MAX_SIDE``).
+        on_error: the config's ``data.on_error``; under ``skip`` (recorded as ``on_error``) the reasons of the
+            unreadable files do not end in the advice to set it.
 
     Returns:
         A dict with ``n_images``, ``n_groups``, ``class_names``, ``per_class`` ({name: {"images", "groups"}}),
         ``per_group`` ({group: images}), ``images_per_group`` (min/median/max), ``per_magnification``
         ({40: n, ...} when the samples have one), ``image_sizes`` ({"700x460": n}, width x height),
-        ``unreadable`` ([(path, reason)]), ``duplicates`` (lists of byte-identical files),
+        ``unreadable`` ([(path, reason)]) with ``on_error``, ``duplicates`` (lists of byte-identical files),
         ``duplicates_across_groups`` (how many of those lists span two groups: a possible leak), ``too_small``
         ([(path, "WxH")] below ``min_side``, with ``min_side``), ``too_thin`` ([(path, "WxH")], with ``view_side``),
         ``almost_black`` ([(path, brightest value)] at most
@@ -117,7 +119,8 @@ def describe_samples(sample_set: SampleSet, read_images: bool = True, min_side: 
         sizes, unreadable, duplicates, small, dark, thin = _read_all(sample_set, min_side, view_side)
         group_of = {s.path: s.group for s in samples}
         out["image_sizes"] = dict(sizes.most_common())
-        out["unreadable"] = [list(x) for x in unreadable]
+        out["on_error"] = on_error
+        out["unreadable"] = [[p, r.removesuffix(SKIP_ADVICE) if on_error == "skip" else r] for p, r in unreadable]
         out["duplicates"] = duplicates
         out["duplicates_across_groups"] = sum(len({group_of[p] for p in d}) > 1 for d in duplicates)
         out["min_side"], out["too_small"] = min_side, [list(x) for x in small]
@@ -171,7 +174,8 @@ def format_description(d: dict[str, Any]) -> str:
 def _problems(d: dict[str, Any]) -> list[str]:
     """Lines about unreadable, too small, skipped and duplicate files."""
     root = d.get("root", "")
-    lines = [f"unreadable: {len(d['unreadable'])}"]
+    skips = " (data.on_error=skip: train, evaluate and predict skip them)" if d.get("on_error") == "skip" else ""
+    lines = [f"unreadable: {len(d['unreadable'])}{skips if d['unreadable'] else ''}"]
     lines += [f"  {_rel(p, root)}: {reason}" for p, reason in d["unreadable"][:20]]
     if d.get("min_side"):
         lines.append(f"smaller than {d['min_side']} px (model.local_size) on their short side: {len(d['too_small'])}")
