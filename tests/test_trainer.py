@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -498,6 +499,28 @@ def test_evaluate_keeps_the_split_with_loader_overrides_and_says_when_it_cannot(
     with pytest.warns(FinescopeWarning, match="evaluating all .* images, not the 'val' split: no splits.json"):
         result = trainer.evaluate(loose, "val", out=tmp_path / "n.json", device="cpu")
     assert result["split"] == "all"
+
+
+def test_evaluate_of_a_checkpoint_without_its_splits_on_its_own_data_says_it_holds_the_training_images(
+        fusion_run, synthetic_root, tmp_path):
+    """A best.pt copied out of its run (shared, say) and evaluated as it is scored every image of the data.root it
+    was trained on, training and validation images among them, with only 'no splits.json' in a warning and
+    split_leak null: metrics of seen images reported as of all images. It is now said, in the warning, split_leak
+    and so the report; other data (--set data.root=...) is not flagged."""
+    out, _ = fusion_run
+    loose = tmp_path / "loose.pt"
+    loose.write_bytes((out / "checkpoints" / "best.pt").read_bytes())
+    with pytest.warns(FinescopeWarning, match="data.root '.*' is the one this model was trained on.* include the "
+                                              "images it trained and validated on"):
+        result = trainer.evaluate(loose, "all", out=tmp_path / "m.json", device="cpu")
+    assert "the one this model was trained on" in result["split_leak"]
+    assert "the one this model was trained on" in json.loads((tmp_path / "m.json").read_text())["split_leak"]
+    other = tmp_path / "other"
+    shutil.copytree(synthetic_root, other)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FinescopeWarning)
+        result = trainer.evaluate(loose, "all", [f"data.root={other}"], out=tmp_path / "o.json", device="cpu")
+    assert result["split_leak"] is None
 
 
 def test_evaluate_on_other_data_names_the_images_of_patients_the_run_trained_on(fusion_run, synthetic_root, tmp_path):

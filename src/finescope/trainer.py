@@ -934,6 +934,14 @@ def overrides_text(overrides: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in overrides.items())
 
 
+def _same_root(data, trained) -> bool:
+    """Whether ``data`` reads the images the model was trained on: its source and root (as absolute paths)."""
+    def where(d) -> str:
+        return os.path.abspath(os.path.expanduser(d.root))
+
+    return data.source == trained.source and where(data) == where(trained)
+
+
 def run_dir_of(state: dict) -> Path:
     """The run directory a checkpoint state was loaded from (``RUN/checkpoints/best.pt`` -> ``RUN``)."""
     path = Path(state["path"])
@@ -967,7 +975,14 @@ def evaluate(source: str | Path, split: str = "test", overrides: list[str] | Non
             warnings.warn(f"evaluating all {len(sample_set)} images, not the '{split}' split: {why}",
                           FinescopeWarning, stacklevel=2)
         indices, split = np.arange(len(sample_set)), "all"
-        if (run_dir / "splits.json").is_file() and (seen := trained_on(run_dir / "splits.json", sample_set)):
+        if (run_dir / "splits.json").is_file():
+            seen = trained_on(run_dir / "splits.json", sample_set)
+        elif _same_root(cfg.data, trained_data):  # a checkpoint out of its run, on the data it was trained on
+            seen = (f"data.root '{cfg.data.root}' is the one this model was trained on, and without its run's "
+                    f"splits.json (none in '{run_dir}') its test images cannot be told apart: these {len(indices)} "
+                    "images include the images it trained and validated on, unless that folder now holds other "
+                    "data; evaluate the run folder, or other data with --set data.root=DIR")
+        if seen:
             warnings.warn(seen, FinescopeWarning, stacklevel=2)
     else:
         if split not in splits:
