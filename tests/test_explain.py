@@ -440,6 +440,26 @@ def test_explain_folder_skips_unreadable_files_and_notes_other_sizes(tmp_path, c
     assert "data.on_error" not in err and "skipped 1 unreadable" in err
 
 
+def test_explaining_files_the_run_trained_on_says_how_many_they_are(tmp_path, capsys):
+    """explain RUN DATA_FOLDER (README's own example explains the run's data) gave an accuracy in its gallery over
+    images the model trained and validated on without a word; how many of them it explained is now warned,
+    written as trained_on in faithfulness.json and said beside the accuracy."""
+    from finescope.cli import main
+
+    run = make_run(tmp_path, "global")  # train: samples 1 and 4, val: 2, test: 0, 3, 5
+    out = tmp_path / "out"
+    assert main(["explain", str(run), str(tmp_path / "data" / "images"), "--out", str(out), "--no-faithfulness",
+                 *FAST]) == 0
+    assert json.loads((out / "faithfulness.json").read_text())["trained_on"] == 3
+    assert "3 of them the model trained or validated on" in (out / "index.html").read_text()
+    assert "3 of the 6 images explained are ones the run trained or validated on" in capsys.readouterr().err
+    test_image = json.loads((run / "splits.json").read_text())["splits"]["test"][0]
+    assert main(["explain", str(run), str(tmp_path / "data" / test_image), "--out", str(tmp_path / "o2"),
+                 "--no-faithfulness", *FAST]) == 0
+    assert json.loads((tmp_path / "o2" / "faithfulness.json").read_text())["trained_on"] == 0
+    assert "trained or validated on" not in capsys.readouterr().err + (tmp_path / "o2" / "index.html").read_text()
+
+
 def test_explaining_files_does_not_generate_the_runs_synthetic_set_again(tmp_path):
     import shutil
 

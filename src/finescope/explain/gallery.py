@@ -137,6 +137,8 @@ def write_index(out: Path, rows: list[dict], summary: dict, evidence: dict, meth
     """Write ``out/index.html`` from the per-image rows, the faithfulness summary and the evidence crops."""
     mistakes = sorted((r for r in rows if r["correct"] is False), key=lambda r: -r["confidence"])[:top]
     acc = "" if summary["accuracy"] is None else f" · accuracy {summary['accuracy']:.3f}"
+    if summary.get("trained_on"):
+        acc += f" · <b>{summary['trained_on']} of them the model trained or validated on</b>"
     skipped = summary.get("skipped", [])
     skip_note = f" · <b>{len(skipped)} unreadable files skipped</b>" if skipped else ""
     # the pointing game and the boxes' hit rate are measured with --no-faithfulness too, where cells.json is

@@ -42,6 +42,7 @@ class Inputs:
     items: list[Item]
     root: str = ""
     train_sizes: set = field(default_factory=set)
+    trained: set = field(default_factory=set)  # real paths of the run's training and validation images
 
 
 def _shown(name: str) -> str:
@@ -148,17 +149,26 @@ def _image_sizes(paths: list[str], limit: int = 16) -> set:
 
 def training_sizes(cfg: Config, state: dict, class_names: list[str]) -> set:
     """{(H, W)} of the run's training images, or an empty set when its data cannot be read from here."""
+    return training_images(cfg, state, class_names)[0]
+
+
+def training_images(cfg: Config, state: dict, class_names: list[str]) -> tuple[set, set]:
+    """{(H, W)} of the run's training images and the real paths of its training and validation images; empty
+    sets when its data cannot be read from here."""
     # the synthetic source's loader generates the set where it is missing (for a run's relative data.root: in the
     # working folder), which is no way to measure it; its images are synthetic_size pixels square
-    if cfg.data.source == "synthetic":
-        return {(cfg.data.synthetic_size,) * 2}
+    synthetic = cfg.data.source == "synthetic"
+    sizes = {(cfg.data.synthetic_size,) * 2} if synthetic else set()
+    if synthetic and not (Path(cfg.data.root) / "manifest.csv").is_file():
+        return sizes, set()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             sample_set, splits = _run_samples(cfg, state, class_names)
     except FinescopeError:
-        return set()
-    return _image_sizes([sample_set.samples[i].path for i in splits["train"]])
+        return sizes, set()
+    seen = {os.path.realpath(sample_set.samples[i].path) for side in ("train", "val") for i in splits.get(side, [])}
+    return sizes or _image_sizes([sample_set.samples[i].path for i in splits["train"]]), seen
 
 
 def size_notes(size: tuple[int, int], train_sizes: set, global_size: int, local_size: int, crops: bool) -> list[str]:
@@ -176,4 +186,5 @@ def size_notes(size: tuple[int, int], train_sizes: set, global_size: int, local_
     return notes
 
 
-__all__ = ["Inputs", "Item", "path_inputs", "run_dir_of", "size_notes", "split_inputs", "training_sizes"]
+__all__ = ["Inputs", "Item", "path_inputs", "run_dir_of", "size_notes", "split_inputs", "training_images",
+           "training_sizes"]

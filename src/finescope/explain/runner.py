@@ -33,7 +33,14 @@ from finescope.errors import SKIP_ADVICE, FinescopeError, FinescopeWarning
 from finescope.explain import faithfulness as fa
 from finescope.explain.core import explain_loaded
 from finescope.explain.evidence import EvidenceCollector
-from finescope.explain.inputs import Inputs, path_inputs, run_dir_of, size_notes, split_inputs, training_sizes
+from finescope.explain.inputs import (
+    Inputs,
+    path_inputs,
+    run_dir_of,
+    size_notes,
+    split_inputs,
+    training_images,
+)
 from finescope.explain.maps import NORMALISATIONS, map_peak
 from finescope.explain.methods import CamExplainer, resolve_methods
 from finescope.explain.overlay import save_explanation_figure, save_figure
@@ -276,7 +283,7 @@ def _inputs(cfg, state, class_names, paths, split) -> Inputs:
     if not paths:
         raise FinescopeError("nothing to explain: give image files/folders, or --split test with a run directory")
     inputs = path_inputs(list(paths), class_names, cfg)
-    inputs.train_sizes = training_sizes(cfg, state, class_names)
+    inputs.train_sizes, inputs.trained = training_images(cfg, state, class_names)
     return inputs
 
 
@@ -417,6 +424,12 @@ def run_explain(checkpoint: str | Path, paths: list[str] | tuple[str, ...] = (),
         summary.update(checkpoint=str(state["path"]), variant=cfg.model.variant, class_names=class_names,
                        source=f"split {split} of {run_dir_of(state)}" if split else ", ".join(map(str, paths)),
                        skipped=skipped, model_overrides=model_overrides(cfg, state))
+        if not split:  # files given: how many of them the model trained or validated on (its accuracy is no test)
+            summary["trained_on"] = sum(os.path.realpath(r["path"]) in inputs.trained for r in rows)
+            if summary["trained_on"]:
+                warnings.warn(f"{summary['trained_on']} of the {len(rows)} images explained are ones the run trained "
+                              "or validated on (its splits.json): their accuracy and maps are not those of unseen "
+                              "images (explain --split test shows unseen ones)", FinescopeWarning, stacklevel=2)
         plot = _plot_curves(stage / "faithfulness.png", summary)
         evidence = ctx.evidence.save(stage)
         _publish(stage, out, keep)
