@@ -821,6 +821,33 @@ def test_evaluation_loader_reads_images_of_one_shape_in_one_batch(tmp_path):
     assert np.allclose(preds.probs[[1, 3, 5]], alone.numpy(), atol=1e-6)
 
 
+def test_an_images_evaluation_does_not_depend_on_its_batch_mates(tmp_path):
+    """Images whose views differ by a few pixels (BreakHis' 700x460 and 700x456) are evaluated in batches of
+    their own view shape: none is padded to a larger batch-mate's, which changed its attention and, through the
+    threshold, its boxes (a BreakHis image's probability went from 0.53 alone to 0.01 in a mixed batch; found in
+    review). Each image's prediction and boxes are those it gets evaluated alone."""
+    from finescope.config import load_config
+    from finescope.engine import predict_loader
+    from finescope.models import create_model
+    from finescope.trainer import make_loader
+
+    shapes = [(46, 70), (45, 70), (46, 70), (45, 70), (46, 70)]
+    samples = [Sample(str(save(rgb_array(*s, seed=i), tmp_path / f"{i}.png")), label=i % 2, group=str(i))
+               for i, s in enumerate(shapes)]
+    sample_set = SampleSet(samples, ["a", "b"])
+    cfg = load_config(None, ["data.num_workers=0", "train.batch_size=8", "model.backbone=tiny",
+                             "model.global_size=45", "model.local_size=24", "model.num_crops=2"])
+    loader = make_loader(sample_set, np.arange(5), cfg, train=False)
+    assert sorted(b.indices.tolist() for b in loader) == [[0, 2, 4], [1, 3]]
+    torch.manual_seed(0)
+    model = create_model(cfg.model, 2).eval()
+    together = predict_loader(model, loader, torch.device("cpu"), amp="off")
+    for i in range(5):
+        alone = predict_loader(model, make_loader(sample_set, [i], cfg, train=False), torch.device("cpu"), amp="off")
+        np.testing.assert_allclose(together.probs[i], alone.probs[0], atol=1e-6)
+        np.testing.assert_allclose(together.boxes[i], alone.boxes[0], atol=0.01)  # batched arithmetic
+
+
 def test_shape_pool_training_loader_batches_images_of_one_aspect(tmp_path):
     """data.shape_pool: a training loader over interleaved aspect ratios reads batches of one aspect ratio (here a
     pool is the whole epoch), every image once; without it the shuffled batches mix them."""

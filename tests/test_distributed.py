@@ -308,7 +308,7 @@ def _orders_with_one_unread_header(rank: int, out: Path, port: int) -> None:
     cfg = load_config(overrides=["data.num_workers=0", "train.device=cpu", "train.batch_size=4",
                                  "train.eval_batch_size=2", "data.shape_pool=2"])
     idx = list(range(len(shapes)))
-    evaluation = list(trainer.make_loader(sample_set, idx, cfg, train=False).sampler)
+    evaluation = list(trainer.make_loader(sample_set, idx, cfg, train=False).batch_sampler.sampler)
     training = [i for i, _, _ in trainer.make_loader(sample_set, idx, cfg, train=True).sampler]
     everyone = dist.all_gather((evaluation, training))
     if dist.is_main():

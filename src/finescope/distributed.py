@@ -11,8 +11,8 @@ Conventions of a distributed run (``torchrun --nproc_per_node=N -m finescope tra
   image is visited exactly once per epoch, the last incomplete global batch included (split over the ranks,
   its loss weighted so that the step equals the single-process one), and every rank runs the same number of
   steps. Under ``train.compile`` the last incomplete global batch is dropped instead, so that every step has
-  one shape. Evaluation shards whole batches without padding (an image has the batch-mates, hence the
-  padding, of a single-process evaluation), and :func:`all_gather` brings every rank's predictions together,
+  one shape. Evaluation shards whole batches, each of one input shape (no image is padded, so an image's
+  prediction does not depend on its batch-mates), without padding the last, and :func:`all_gather` brings every rank's predictions together,
   so each image is counted once.
 - Only rank 0 writes files and prints progress (:func:`is_main`).
 """
@@ -127,13 +127,15 @@ class ShardSampler(Sampler):
     average over ranks (DDP's gradient) the mean over the whole global batch: ``n_r * N / R`` in that last step
     (0 for a stand-in), 1 in every full one. With ``drop_tail`` the last incomplete global batch is dropped when
     ``n > global_batch`` (every step then has one shape, for ``torch.compile``).
-    Evaluation (``train=False``, usually ``shuffle=False``): the order is cut into batches of
-    ``global_batch`` items (the evaluation batch of every process) and rank r takes batches r, r+N, r+2N, ...
-    with no padding, so every item is read by exactly one rank, in the batch it has in a single process: an
-    image's prediction depends slightly on its batch-mates when they are larger (the backbone's receptive
-    field reads the zero padding beside it), and so it does not depend on the number of processes. An
-    ``order`` (a permutation of ``range(n)``) replaces the identity order there: images of one shape batched
-    together (:func:`finescope.data.dataset.shape_order`).
+    Evaluation (``train=False``, usually ``shuffle=False``): the order is cut into batches of at most
+    ``global_batch`` items (the evaluation batch of every process), and also wherever ``batch_keys`` changes,
+    and rank r takes batches r, r+N, r+2N, ... (:attr:`batches`; :class:`EvalBatches` hands them to a
+    DataLoader) with no padding, so every item is read by exactly one rank, in the batch it has in a single
+    process. With the key of the model input's shape, no image is padded to a larger batch-mate's (whose zero
+    padding the backbone's receptive field would read, which changes the attention and so, through the
+    threshold, the boxes), so an image's prediction does not depend on which images it is evaluated with, nor
+    on the number of processes. An ``order`` (a permutation of ``range(n)``) replaces the identity order there:
+    images of one shape batched together (:func:`finescope.data.dataset.shape_order`).
 
     One sampler serves every epoch of a run (so a DataLoader with persistent workers can be kept):
     :meth:`set_epoch` reseeds the permutation with ``seed + epoch``.
@@ -152,6 +154,8 @@ class ShardSampler(Sampler):
             and the global step of the item in its epoch, the same for any number of ranks (the dataset draws
             one orientation per step with it, ``data.one_orientation``).
         order: evaluation without ``shuffle``: the order of the items (default: ``range(n)``).
+        batch_keys: evaluation: a key per item (the shape it enters the model with); a batch holds items of one
+            key.
         shape_keys: training with ``pool`` > 1: a sortable key per item (:func:`~finescope.data.dataset.aspect_key`),
             or None where unknown.
             Each run of ``pool`` full global batches of the epoch's permutation is sorted by it, cut into global
@@ -176,7 +180,11 @@ class ShardSampler(Sampler):
         order: Sequence[int] | None = None,
         shape_keys: Sequence | None = None,
         pool: int = 0,
+        batch_keys: Sequence | None = None,
     ) -> None:
+        if batch_keys is not None and len(batch_keys) != n:
+            raise ValueError(f"batch_keys must have one key per item ({n}), got {len(batch_keys)}")
+        self.batch_keys = batch_keys
         if order is not None and sorted(order) != list(range(n)):
             raise ValueError(f"order must be a permutation of range({n})")
         if shape_keys is not None and len(shape_keys) != n:
@@ -194,6 +202,7 @@ class ShardSampler(Sampler):
         """Use the permutation of ``epoch`` from the next iteration on."""
         self.epoch = epoch
         self.dropped: list[int] = []  # training with drop_tail: the items of the epoch's dropped global batch
+        self.batches: list[list[int]] = []  # evaluation: this rank's batches
         self._order, self.step_scales = self._indices()
         # the global step of each of this rank's items: b = global_batch / world of them in every full global
         # batch, then its share of the last, incomplete one
@@ -208,8 +217,14 @@ class ShardSampler(Sampler):
         if self.train and self.shape_keys is not None and self.pool > 1:
             order = self._pooled(order, generator)
         if not self.train:
-            B, items = max(1, self.global_batch), order.tolist()
-            return [i for k in range(self.rank * B, self.n, self.world * B) for i in items[k : k + B]], []
+            B, keys, batches = max(1, self.global_batch), self.batch_keys, []
+            for i in order.tolist():
+                if batches and len(batches[-1]) < B and (keys is None or keys[i] == keys[batches[-1][0]]):
+                    batches[-1].append(i)
+                else:
+                    batches.append([i])
+            self.batches = batches[self.rank :: self.world]
+            return [i for batch in self.batches for i in batch], []
         G, N, r = self.global_batch, self.world, self.rank
         b = G // N
         full = (self.n // G) * G
@@ -255,9 +270,24 @@ class ShardSampler(Sampler):
         return len(self._order)
 
 
+class EvalBatches(Sampler):
+    """An evaluation :class:`ShardSampler`'s batches (:attr:`ShardSampler.batches`) as a DataLoader's
+    ``batch_sampler``: batches of at most the evaluation batch size, of one shape each."""
+
+    def __init__(self, sampler: ShardSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.sampler.batches)
+
+    def __len__(self) -> int:
+        return len(self.sampler.batches)
+
+
 def make_sampler(
     n: int, shuffle: bool, seed: int, global_batch: int = 1, train: bool = False, drop_tail: bool = False,
     tag_epoch: bool = False, order: Sequence[int] | None = None, shape_keys: Sequence | None = None, pool: int = 0,
+    batch_keys: Sequence | None = None,
 ) -> ShardSampler:
     """A :class:`ShardSampler` for this process (in a single process: all items, ``randperm`` order, or
     ``order`` in evaluation).
@@ -265,7 +295,7 @@ def make_sampler(
     Shuffling is a function of (seed, epoch) alone (:meth:`ShardSampler.set_epoch`), so a run resumes exactly.
     """
     return ShardSampler(n, shuffle, seed, global_batch, train, drop_tail, tag_epoch=tag_epoch, order=order,
-                        shape_keys=shape_keys, pool=pool)
+                        shape_keys=shape_keys, pool=pool, batch_keys=batch_keys)
 
 
 def all_gather(obj: Any) -> list[Any]:

@@ -37,6 +37,7 @@ from finescope.checkpoint import load_checkpoint, read_history, rng_state, save_
 from finescope.config import (
     DEVICES,
     Config,
+    ModelConfig,
     first_difference,
     load_config,
     read_yaml_mapping,
@@ -77,7 +78,7 @@ from finescope.errors import FinescopeError, FinescopeWarning
 from finescope.files import atomic_open, finite_json, json_text, remove_temporaries, write_text
 from finescope.metrics import compute_metrics
 from finescope.models import create_model
-from finescope.models.network import FineScopeNet
+from finescope.models.network import FineScopeNet, global_view_size
 
 log = logging.getLogger("finescope")
 
@@ -179,7 +180,9 @@ def make_loader(
     incomplete global batch is dropped, so that every step has one shape); each image's augmentation is seeded
     by (seed, epoch, image), so neither the workers nor a resume change it. Evaluation loaders read whole
     evaluation batches, every ``world``-th one, without padding, with the images ordered so that those of one
-    shape share batches (:func:`~finescope.data.dataset.shape_order`, from the file headers); with
+    shape share batches (:func:`~finescope.data.dataset.shape_order`, from the file headers), and a batch holds
+    images of one model input shape only (:func:`eval_batch_key`): no image is padded to a batch-mate's, so its
+    prediction does not depend on the images it is evaluated with; with
     ``data.shape_pool`` training batches are drawn alike from runs of that many shuffled batches. Workers are
     persistent: they start once per run. With ``data.cache=memory`` they are forked (on Linux), so that they
     share the decoded images (:class:`~finescope.data.dataset.SharedMemoryCache`). Pass a ``dataset`` from
@@ -193,13 +196,15 @@ def make_loader(
                                 drop_tail=cfg.train.compile != "off", tag_epoch=train,
                                 order=None if train else shape_order(sizes),
                                 shape_keys=[None if s is None else aspect_key(s) for s in sizes] if pooled else None,
-                                pool=cfg.data.shape_pool)
+                                pool=cfg.data.shape_pool,
+                                batch_keys=None if train else [eval_batch_key(s, cfg.model) for s in sizes])
     sampler.set_epoch(epoch)
     workers = cfg.data.num_workers
+    batching = {"batch_size": dist.per_rank_batch(bs), "sampler": sampler} if train \
+        else {"batch_sampler": dist.EvalBatches(sampler)}
     return DataLoader(
         dataset,
-        batch_size=dist.per_rank_batch(bs) if train else bs,
-        sampler=sampler,
+        **batching,
         num_workers=workers,
         collate_fn=collate_padded,
         pin_memory=torch.cuda.is_available() and cfg.train.device != "cpu",
@@ -207,6 +212,15 @@ def make_loader(
         multiprocessing_context=worker_context(cfg.data.cache, workers),
         generator=torch.Generator(),  # worker seeds do not draw from (and shift) the global RNG that dropout uses
     )
+
+
+def eval_batch_key(size: tuple[int, int] | None, model: ModelConfig) -> tuple[int, int] | None:
+    """The shape an image of file size ``size`` (H, W) enters the backbone with: its global view
+    (:func:`~finescope.models.network.global_view_size`), or itself for ``global-hires``; None when unknown.
+    Evaluation batches hold images of one such shape."""
+    if size is None or model.variant == "global-hires":
+        return size
+    return global_view_size(*size, model.global_size, model.view_multiple)
 
 
 def _rank0_header_sizes(dataset: ImageDataset) -> list[tuple[int, int] | None]:
