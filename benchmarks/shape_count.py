@@ -12,7 +12,8 @@ augmentation for ``--epochs`` epochs, and the validation and test loaders), and 
 backbone's two inputs per batch: the global view (B, 3, Gh, Gw), whose size :meth:`FineScopeNet.view_size` gives
 and the batch pads to its largest, and the crops (B*K, 3, L, L). Training shapes (forward and backward) and
 evaluation shapes (forward only) are counted apart, the evaluation read in finescope's order (images of one
-shape together, :func:`~finescope.data.dataset.shape_order`) and in the split's own. It also reports what the
+shape together, :func:`~finescope.data.dataset.shape_order`, a batch of one view shape since 5182785) and in the
+split's own (fixed cuts of the evaluation batch). It also reports what the
 padding and the rounding cost: the pixels of the batches' global views against those of each image's own view
 with its aspect kept exactly; ``--time-eval REPS`` times the evaluation in each order with the config's model.
 
@@ -110,10 +111,11 @@ def count(cfg, epochs: int, eval_orders: list[str], time_reps: int) -> dict:
     loaders = {}
     for order in eval_orders:
         loaders[order] = [make_loader(sample_set, splits[side], cfg, train=False) for side in sides]
-        if order == "file":  # the split's order, as evaluation read it before it was ordered by shape
+        if order == "file":  # the split's order cut every eval batch, as evaluation read it before 3d27cec
             for loader in loaders[order]:
-                loader.sampler.order = None
-                loader.sampler.set_epoch(0)
+                sampler = loader.batch_sampler.sampler
+                sampler.order = sampler.batch_keys = None
+                sampler.set_epoch(0)
         tally = Tally(model)
         for loader in loaders[order]:
             for batch in loader:

@@ -93,7 +93,8 @@ def test_shape_count_counts_the_backbone_input_shapes_of_a_run(tmp_path):
         assert [2 * 4, 3, 48, 48] in train["shapes"]  # the K=4 crops of a batch of 2
         assert all(min(s[2:]) >= 64 for s in train["shapes"] if s[2:] != [48, 48])  # views: short side 64
         assert train["view_pixels_vs_own"] >= 1.0 or r["view_multiple"] > 1  # exact views: padding only adds
-        assert evals["shape"]["batches"] == evals["file"]["batches"] >= 1
+        # finescope's batches hold one view shape each; the file order's are cut every evaluation batch
+        assert evals["shape"]["batches"] >= evals["file"]["batches"] >= 1
         assert evals["shape"]["seconds"] > 0 and evals["file"]["seconds"] > 0
     assert len(runs[1]["train"]["shapes"]) <= len(runs[0]["train"]["shapes"])
     exact = runs[0]["eval"]  # ordered by shape, the batches pad less than in file order
