@@ -848,6 +848,27 @@ def test_an_images_evaluation_does_not_depend_on_its_batch_mates(tmp_path):
         np.testing.assert_allclose(together.boxes[i], alone.boxes[0], atol=0.01)  # batched arithmetic
 
 
+def test_a_registered_full_resolution_variant_batches_images_of_one_file_size(tmp_path, monkeypatch):
+    """A variant registered with ``hires`` (as global-hires is) reads the image itself, not a view: its evaluation
+    batches hold images of one file size, whatever the variant is called. 100x200 and 50x100 images share a view
+    (45x90) but not a size; batched together the smaller one would be padded to the larger."""
+    from finescope.config import load_config
+    from finescope.models import registry
+    from finescope.trainer import make_loader
+
+    monkeypatch.setitem(registry._VARIANTS, "plain-hires", ("the image itself", {"use_attention": False,
+                                                                                  "use_crops": False, "hires": True}))
+    shapes = [(100, 200), (50, 100), (100, 200), (50, 100)]
+    samples = [Sample(str(save(rgb_array(*s, seed=i), tmp_path / f"{i}.png")), label=i % 2, group=str(i))
+               for i, s in enumerate(shapes)]
+    sample_set = SampleSet(samples, ["a", "b"])
+    for variant in ("global-hires", "plain-hires"):
+        cfg = load_config(None, ["data.num_workers=0", "train.batch_size=8", "model.backbone=tiny",
+                                 "model.global_size=45", f"model.variant={variant}"])
+        loader = make_loader(sample_set, np.arange(4), cfg, train=False)
+        assert sorted(b.indices.tolist() for b in loader) == [[0, 2], [1, 3]], variant
+
+
 def test_shape_pool_training_loader_batches_images_of_one_aspect(tmp_path):
     """data.shape_pool: a training loader over interleaved aspect ratios reads batches of one aspect ratio (here a
     pool is the whole epoch), every image once; without it the shuffled batches mix them."""

@@ -216,9 +216,11 @@ def make_loader(
 
 def eval_batch_key(size: tuple[int, int] | None, model: ModelConfig) -> tuple[int, int] | None:
     """The shape an image of file size ``size`` (H, W) enters the backbone with: its global view
-    (:func:`~finescope.models.network.global_view_size`), or itself for ``global-hires``; None when unknown.
-    Evaluation batches hold images of one such shape."""
-    if size is None or model.variant == "global-hires":
+    (:func:`~finescope.models.network.global_view_size`), or itself for a variant that reads the image itself
+    (``hires``: global-hires); None when unknown. Evaluation batches hold images of one such shape."""
+    from finescope.models.registry import variant_switches
+
+    if size is None or variant_switches(model.variant).get("hires"):
         return size
     return global_view_size(*size, model.global_size, model.view_multiple)
 
