@@ -369,12 +369,12 @@ def shape_order(sizes: Sequence[tuple[int, int] | None]) -> list[int]:
     """Positions of ``sizes`` ((H, W) each, None when unknown) in the order that batches images of one shape
     together: landscape and square images, then portrait ones, each by :func:`aspect_key`; unknown ones last.
 
-    Evaluation reads its images in this order (:func:`finescope.trainer.make_loader`): a batch is padded to its
-    largest view, so a batch of mixed orientations or aspect ratios runs the backbone on padding (on a folder of
-    many sizes, ``benchmarks/shape_count.py``: the views of the batches in file order held 1.87 times the
-    pixels of their images' own views, and evaluation took 1.2 times as long on a CPU), and each distinct batch
-    shape costs CUDA a set-up of its convolutions once per process. Predictions are put back in dataset order
-    (:func:`finescope.engine.predict_loader`).
+    Evaluation reads its images in this order (:func:`finescope.trainer.make_loader`) and cuts a batch wherever
+    the view shape changes, so the images of one view shape fill as few batches as they can. Before it was
+    ordered (3d27cec), a batch in file order was padded to its largest view (on a folder of many sizes,
+    ``benchmarks/shape_count.py``: 1.87 times the pixels of the images' own views, and evaluation took 1.2
+    times as long on a CPU); each distinct batch shape costs CUDA a set-up of its convolutions once per process.
+    Predictions are put back in dataset order (:func:`finescope.engine.predict_loader`).
     """
     def key(i: int) -> tuple:
         size = sizes[i]
