@@ -12,8 +12,8 @@ Conventions of a distributed run (``torchrun --nproc_per_node=N -m finescope tra
   its loss weighted so that the step equals the single-process one), and every rank runs the same number of
   steps. Under ``train.compile`` the last incomplete global batch is dropped instead, so that every step has
   one shape. Evaluation shards whole batches, each of one input shape (no image is padded, so an image's
-  prediction does not depend on its batch-mates), without padding the last, and :func:`all_gather` brings every rank's predictions together,
-  so each image is counted once.
+  prediction does not depend on its batch-mates), and the last batch is not filled up; :func:`all_gather`
+  brings every rank's predictions together, so each image is counted once.
 - Only rank 0 writes files and prints progress (:func:`is_main`).
 """
 

@@ -592,7 +592,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
                              "--resume)")
     # stored absolute: evaluate, predict, explain, report and --resume of the run read it from any folder
     if cfg.data.root:
-        cfg = replace(cfg, data=replace(cfg.data, root=os.path.abspath(os.path.expanduser(cfg.data.root))))
+        cfg = replace(cfg, data=replace(cfg.data, root=_absolute(cfg.data.root)))
     # settings the processes cannot run are refused before any file is written
     dist.per_rank_batch(cfg.train.batch_size)
     dist.check_sync_bn(cfg.train.sync_bn, resolve_device(cfg.train.device))
@@ -889,7 +889,7 @@ def finish(run_dir: Path, cfg: Config, sample_set: SampleSet, splits: dict, devi
     write_predictions(run_dir / "predictions_test.csv", preds, sample_set)
     if (run_dir / "metrics_test.json").is_file():  # evaluate's of the earlier best.pt: the pair of these predictions
         tested = {k: v for k, v in metrics.items() if k != "best_epoch"}
-        tested.update(data_root=os.path.abspath(os.path.expanduser(cfg.data.root)), split_leak=tested.pop("split_leak"))
+        tested.update(data_root=_absolute(cfg.data.root), split_leak=tested.pop("split_leak"))
         write_text(run_dir / "metrics_test.json", json_text(tested, indent=2))
     write_text(run_dir / "metrics.json", json_text(metrics, indent=2))  # last: it marks a finished run (cv)
     if (run_dir / "report.md").is_file():  # else it would describe the earlier best.pt beside this one's metrics
@@ -950,12 +950,14 @@ def overrides_text(overrides: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in overrides.items())
 
 
+def _absolute(root: str) -> str:
+    """``data.root`` as an absolute path (``~`` expanded), as a run stores it."""
+    return os.path.abspath(os.path.expanduser(root))
+
+
 def _same_root(data, trained) -> bool:
     """Whether ``data`` reads the images the model was trained on: its source and root (as absolute paths)."""
-    def where(d) -> str:
-        return os.path.abspath(os.path.expanduser(d.root))
-
-    return data.source == trained.source and where(data) == where(trained)
+    return data.source == trained.source and _absolute(data.root) == _absolute(trained.root)
 
 
 def run_dir_of(state: dict) -> Path:
@@ -1007,7 +1009,7 @@ def evaluate(source: str | Path, split: str = "test", overrides: list[str] | Non
     if len(indices) == 0:
         raise empty_split_error(split, splits, run_dir)
     preds, metrics = evaluate_split(model, sample_set, indices, cfg, next(model.parameters()).device, desc=split)
-    metrics.update(split=split, checkpoint=state["path"], data_root=os.path.abspath(os.path.expanduser(cfg.data.root)),
+    metrics.update(split=split, checkpoint=state["path"], data_root=_absolute(cfg.data.root),
                    split_leak=seen if splits is None else own_split_leak(splits, sample_set),
                    model_overrides=model_overrides(cfg, state))
     ckpt = Path(state["path"])  # train's metrics.json and predictions_test.csv are best.pt's: another keeps its name

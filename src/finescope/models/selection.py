@@ -197,7 +197,7 @@ def _make_exact_constants(h: int, w: int, upsample: int, device: torch.device) -
 _cached_exact_constants = functools.lru_cache(maxsize=32)(_make_exact_constants)
 
 
-def _exact_components(nodes, fine, fine_in, threshold, cell_px, sizes, k, graph_rounds, valid=None):
+def _exact_components(nodes, fine, fine_in, threshold, cell_px, sizes, k, graph_rounds, inside=None):
     """Components and boxes of the map's bilinear interpolant itself, thresholded as if at every pixel
     (method.md), not on a grid of sample points: ``components="exact"`` of :func:`select_boxes`.
 
@@ -228,8 +228,8 @@ def _exact_components(nodes, fine, fine_in, threshold, cell_px, sizes, k, graph_
         fine_in: (B, H', W') bool, the fine points at or above tau (and valid).
         cell_px: (B, 2) height and width of a feature cell in pixels; sizes: (B, 2) the image's height and width.
         graph_rounds: see :func:`_label`.
-        valid: (B, 2) the valid rows and columns of each image, None when all are: a rank by the nodes' attention
-            counts an image's own nodes, not the copies of its edge that fill its padding.
+        inside: (B, h, w) bool, each image's own cells (:func:`_cells_inside`), None when all are: a rank by the
+            nodes' attention counts an image's own nodes, not the copies of its edge that fill its padding.
 
     Returns:
         The boxes as planes (B, 4, k') x1, y1, x2, y2 in pixels of the k' = min(k, P + 1) best-ranked components,
@@ -274,8 +274,8 @@ def _exact_components(nodes, fine, fine_in, threshold, cell_px, sizes, k, graph_
     owner = torch.stack([torch.where(apart, labels[:, 1::2, :-1:2], square),
                          torch.where(apart, labels[:, 1::2, 2::2], square)], dim=1)
     mass = fine.new_zeros(B, P + 1).scatter_add_(1, owner.view(B, -1), halves.view(B, -1).float())
-    if valid is not None:
-        nodes = nodes * _cells_inside(valid, h, w)
+    if inside is not None:
+        nodes = nodes * inside
     small = fine.new_zeros(B, P + 1).scatter_add_(1, labels[:, 2:-2:2, 2:-2:2].reshape(B, -1),
                                                   nodes.reshape(B, -1).float())
     # those holding a fine point by their mass (itself: mass + 1 in float32 would keep only about 1e-7 of it), then
@@ -539,12 +539,11 @@ def _select(attn, valid, sizes, cell_px, k, threshold, min_box_fraction, upsampl
         return attn.new_zeros(B, 0, 4), attn.new_zeros(B, 0)
     sizes = sizes.to(attn.device)
     cell_px = cell_px.float()
-    valid_fine = None
+    valid_fine = inside = None
     if padded:
         attn_in = _fill_padding(attn, valid)
-        rows = torch.arange(h * upsample, device=attn.device)[None, :, None] < valid[:, 0, None, None] * upsample
-        cols = torch.arange(w * upsample, device=attn.device)[None, None, :] < valid[:, 1, None, None] * upsample
-        valid_fine = rows & cols  # (B, H', W')
+        inside = _cells_inside(valid, h, w)  # (B, h, w)
+        valid_fine = _cells_inside(valid * upsample, h * upsample, w * upsample)  # (B, H', W')
     nodes = attn_in if padded else attn
 
     def upsampled(x):
@@ -564,7 +563,7 @@ def _select(attn, valid, sizes, cell_px, k, threshold, min_box_fraction, upsampl
     binary = binary if valid_fine is None else binary & valid_fine
     if components == "exact":
         comp, comp_mass, converged = _exact_components(nodes, fine, binary, threshold, cell_px, sizes, k,
-                                                       graph_rounds, valid if padded else None)
+                                                       graph_rounds, inside)
     elif components == "grid":
         labels, converged = _label(binary, graph_rounds)
         comp, comp_mass = _component_boxes(labels, fine, cell_xy, k)  # (B, 4, k'), (B, k')
@@ -575,7 +574,7 @@ def _select(attn, valid, sizes, cell_px, k, threshold, min_box_fraction, upsampl
     if peaks == "nodes":  # the cells' centres too, after the grid's points (which win a tie)
         centre = torch.cat([centre, _grid(h, w, attn.device)[2] * cell_px.flip(1)[:, :, None]], dim=2)
         if padded:
-            nodes_norm = nodes_norm.masked_fill(~_cells_inside(valid, h, w), -1.0)
+            nodes_norm = nodes_norm.masked_fill(~inside, -1.0)
         score = torch.cat([score, nodes_norm.reshape(B, h * w)], dim=1)
     elif peaks != "grid":
         raise ValueError(f"peaks must be 'nodes' or 'grid', got {peaks!r}")
