@@ -353,6 +353,18 @@ def test_describe_samples(tmp_path):
     assert d["almost_black"] == []
 
 
+def test_describe_samples_names_the_groups_that_hold_several_classes(tmp_path):
+    samples = make_samples(tmp_path, sizes=((10, 20),) * 4)
+    samples = [Sample(s.path, label, group) for s, label, group in zip(samples, (0, 1, 0, 1), ("p1", "p1", "p2", "p3"))]
+    d = describe_samples(SampleSet(samples, ["a", "b"], root=str(tmp_path)), read_images=False)
+    assert d["mixed_groups"] == {"p1": ["a", "b"]}
+    text = format_description(d)
+    assert "groups holding two or more classes: 1 of 3 (p1: a, b); the patient accuracies" in text
+    one_class = [Sample(s.path, 0, s.group) for s in samples]
+    d = describe_samples(SampleSet(one_class, ["a", "b"], root=str(tmp_path)), read_images=False)
+    assert d["mixed_groups"] == {} and "two or more classes" not in format_description(d)
+
+
 def test_describe_samples_lists_12_bit_data_in_16_bit_files_as_almost_black(tmp_path):
     from PIL import Image
 

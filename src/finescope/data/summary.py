@@ -83,7 +83,8 @@ def describe_samples(sample_set: SampleSet, read_images: bool = True, min_side: 
 
     Returns:
         A dict with ``n_images``, ``n_groups``, ``class_names``, ``per_class`` ({name: {"images", "groups"}}),
-        ``per_group`` ({group: images}), ``images_per_group`` (min/median/max), ``per_magnification``
+        ``per_group`` ({group: images}), ``mixed_groups`` ({group: [class names]} of the groups holding images
+        of two or more classes), ``images_per_group`` (min/median/max), ``per_magnification``
         ({40: n, ...} when the samples have one), ``image_sizes`` ({"700x460": n}, width x height),
         ``unreadable`` ([(path, reason)]) with ``on_error``, ``duplicates`` (lists of byte-identical files),
         ``duplicates_across_groups`` (how many of those lists span two groups: a possible leak), ``too_small``
@@ -99,6 +100,10 @@ def describe_samples(sample_set: SampleSet, read_images: bool = True, min_side: 
     for c, name in enumerate(sample_set.class_names):
         of_c = [s for s in samples if s.label == c]
         per_class[name] = {"images": len(of_c), "groups": len({s.group for s in of_c})}
+    classes_of: dict[str, set[int]] = defaultdict(set)
+    for s in samples:
+        classes_of[s.group].add(s.label)
+    mixed = {g: [sample_set.class_names[c] for c in sorted(cs)] for g, cs in sorted(classes_of.items()) if len(cs) > 1}
     mags = Counter(s.meta["magnification"] for s in samples if "magnification" in s.meta)
     out: dict[str, Any] = {
         "root": sample_set.root,
@@ -107,6 +112,7 @@ def describe_samples(sample_set: SampleSet, read_images: bool = True, min_side: 
         "class_names": list(sample_set.class_names),
         "per_class": per_class,
         "per_group": dict(sorted(per_group.items())),
+        "mixed_groups": mixed,
         "images_per_group": {
             "min": int(counts.min()),
             "median": float(np.median(counts)),
@@ -159,6 +165,12 @@ def format_description(d: dict[str, Any]) -> str:
     if names:  # what the groups are named: a patient, or an organising folder such as 40X taken for one?
         shown = ", ".join(names[:6]) + (f", ... ({len(names)} groups)" if len(names) > 6 else "")
         lines.append(f"groups: {shown}")
+    mixed = d.get("mixed_groups", {})
+    if mixed:  # a patient-level label is its group's majority class: say where that is not the only class
+        shown = "; ".join(f"{g}: {', '.join(cs)}" for g, cs in list(mixed.items())[:4]) + ("; ..." if len(mixed) > 4
+                                                                                          else "")
+        lines.append(f"groups holding two or more classes: {len(mixed)} of {d['n_groups']} ({shown}); the "
+                     "patient accuracies (patient_accuracy_*) take each group's majority class as its label")
     if d.get("per_magnification"):
         lines.append("magnifications: " + ", ".join(f"{m}X: {n}" for m, n in d["per_magnification"].items()))
     if "image_sizes" in d:
