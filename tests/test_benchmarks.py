@@ -688,3 +688,38 @@ def test_selection_grid_compares_each_grid_with_the_finest(tmp_path, capsys):
     with pytest.raises(SystemExit):
         selection_grid.main([str(run), str(data), "--upsample", "0"])
     assert "--upsample: every value must be >= 1" in capsys.readouterr().err
+
+
+def test_mixed_groups_tells_one_specimen_from_ids_numbered_per_class(tmp_path, capsys):
+    """mixed_groups.py: the classes of a group that is one specimen (its colour) lie as close as the halves of one
+    unit, and much closer than the same classes of other groups; ids numbered per class lie as far as those."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import mixed_groups
+
+    rng = np.random.default_rng(0)
+
+    def folder(name: str, one_specimen: bool) -> Path:
+        root = tmp_path / name
+        colours = {g: rng.integers(0, 255, 3) for g in ("s1", "s2", "s3", "s4")}
+        for cls in ("a", "b"):
+            (root / cls).mkdir(parents=True)
+            for g in ("s1", "s2", "s3", "s4"):
+                base = colours[g] if one_specimen else rng.integers(0, 255, 3)
+                for n in range(4):
+                    pixels = np.clip(base + rng.normal(0, 3, (16, 16, 3)), 0, 255).astype(np.uint8)
+                    Image.fromarray(pixels).save(root / cls / f"{cls}_{g}_{n}.png")
+        return root
+
+    medians = {}
+    for name, one in (("specimens", True), ("numbered", False)):
+        out = tmp_path / f"{name}.json"
+        assert mixed_groups.main(["--config", str(ROOT / "configs" / "demo.yaml"), "--out", str(out), "--set",
+                                  "data.source=folder", f"data.root={folder(name, one)}",
+                                  "data.group_pattern=^[ab]_(s[0-9])_"]) == 0
+        result = json.loads(out.read_text())
+        assert result["mixed_groups"] == 4 and result["units"] == 8
+        medians[name] = result["medians"]
+    assert medians["specimens"]["same group"] < 3 * medians["specimens"]["halves"]
+    assert medians["specimens"]["same group"] * 5 < medians["specimens"]["other groups"]
+    assert medians["numbered"]["same group"] > 5 * medians["numbered"]["halves"]
+    assert "4 groups hold two or more classes" in capsys.readouterr().out
