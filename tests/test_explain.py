@@ -1017,3 +1017,20 @@ def test_an_out_folder_explain_cannot_write_in_is_named_not_its_hidden_one(tmp_p
     out = tmp_path / "out"
     assert main(["explain", str(make_run(tmp_path)), "--split", "test", "--out", str(out), *FAST]) == 2
     assert f"Permission denied: '{out}'; check its permissions" in capsys.readouterr().err
+
+
+def test_a_small_box_mass_stays_readable_in_the_figures_and_the_evidence_gallery():
+    """Masses were shown with 2 decimals beside the boxes, over the crops and in the evidence gallery: a box holding
+    0.0004 of the attention read '0.00', as one holding none. They are shown with 2 significant digits."""
+    from finescope.explain.gallery import _crop
+    from finescope.explain.overlay import _pyplot, draw_overlay
+
+    plt = _pyplot()
+    fig, ax = plt.subplots()
+    draw_overlay(ax, np.zeros((40, 60, 3), np.uint8), None, boxes=[[0.0, 0.0, 6.0, 4.0], [10.0, 10.0, 20.0, 20.0]],
+                 mass=[0.5, 0.0004])
+    assert [t.get_text() for t in ax.texts] == ["1 (0.5)", "2 (0.0004)"]
+    plt.close(fig)
+    entry = {"mass": 0.0004, "correct": True, "figure": "images/a.png", "file": "evidence/a/01.png", "image": "a.png",
+             "rank": 2, "probability": 0.9}
+    assert "mass 0.0004 ·" in _crop(entry)

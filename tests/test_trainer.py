@@ -954,9 +954,30 @@ def test_predictions_csv_keeps_a_box_of_less_than_a_pixel_its_size(tmp_path):
     trainer.write_predictions(tmp_path / "p.csv", preds, s)
     with (tmp_path / "p.csv").open(newline="") as fh:
         written = next(csv.DictReader(fh))["boxes"]
-    assert written.split(";")[0] == "0 0 96 96 1.000"
+    assert written.split(";")[0] == "0 0 96 96 1"
     read = np.array([[float(v) for v in box.split()[:4]] for box in written.split(";")], dtype=np.float32)
     assert np.array_equal(read, boxes[0])  # float32 to the bit: x2 > x1 and y2 > y1 as the model gave them
+
+
+def test_predictions_csv_keeps_a_small_box_mass_readable(tmp_path):
+    """The mass was written with 3 decimals: a box holding 0.0004 of the attention read '0.000', as a box holding
+    none. It is the float32 the model gave in the shortest text that reads it back, as the coordinates are."""
+    import numpy as np
+
+    from finescope.data import Sample, SampleSet
+    from finescope.engine import Predictions
+
+    s = SampleSet([Sample("/d/0.png", 0, "p0")], ["benign", "malignant"])
+    boxes = np.array([[[0, 0, 96, 96], [10, 10, 20, 20], [30, 30, 40, 40]]], dtype=np.float32)  # (N, K, 4)
+    mass = np.array([[0.9995, 0.0004, 0.0]], np.float32)
+    preds = Predictions(np.arange(1), np.zeros(1, int), np.array([[0.5, 0.5]], np.float32), boxes=boxes,
+                        box_mass=mass)
+    trainer.write_predictions(tmp_path / "p.csv", preds, s)
+    with (tmp_path / "p.csv").open(newline="") as fh:
+        written = next(csv.DictReader(fh))["boxes"]
+    assert [box.split()[4] for box in written.split(";")] == ["0.9995", "0.0004", "0"]
+    read = np.array([float(box.split()[4]) for box in written.split(";")], dtype=np.float32)
+    assert np.array_equal(read, mass[0])
 
 
 def test_predictions_csv_keeps_every_probability_distinct_and_inside_zero_one(tmp_path):

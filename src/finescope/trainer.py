@@ -1026,15 +1026,16 @@ def evaluate(source: str | Path, split: str = "test", overrides: list[str] | Non
 def box_string(boxes, mass) -> str:
     """``x1 y1 x2 y2 mass`` per box, boxes separated by ';' (empty for variants without boxes): each coordinate
     the shortest text that reads back the same float32 (whole pixels without decimals), so that a box of less
-    than a pixel (``model.min_box_fraction=0.001``) keeps its size instead of rounding to none; the mass with 3
-    decimals. predict's and evaluate's CSVs and explain's results.csv all write boxes with it."""
+    than a pixel (``model.min_box_fraction=0.001``) keeps its size instead of rounding to none; the mass too, so
+    that a box holding 0.0004 of the attention does not read as one holding none. predict's and evaluate's CSVs and
+    explain's results.csv all write boxes with it."""
     if boxes is None:
         return ""
 
-    def pixels(v) -> str:
+    def shortest(v) -> str:
         return np.format_float_positional(np.float32(v), trim="-")
 
-    return ";".join(" ".join(pixels(v) for v in b[:4]) + f" {float(m):.3f}" for b, m in zip(boxes, mass))
+    return ";".join(" ".join(shortest(v) for v in (*b[:4], m)) for b, m in zip(boxes, mass))
 
 
 def write_predictions(path: str | Path, preds: Predictions, sample_set: SampleSet,

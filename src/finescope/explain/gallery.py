@@ -10,6 +10,7 @@ import html
 from pathlib import Path
 from urllib.parse import quote
 
+from finescope.explain.overlay import mass_text
 from finescope.files import write_text
 
 CSS = """
@@ -99,7 +100,7 @@ def _card(r: dict) -> str:
 
 
 def _crop(e: dict) -> str:
-    mass = "" if e["mass"] is None else f" · mass {e['mass']:.2f}"
+    mass = "" if e["mass"] is None else f" · mass {mass_text(e['mass'])}"
     mark = "" if e["correct"] is None else (" ✓" if e["correct"] else " ✗")
     return (f"<div class=crop><a href='{_url(e['figure'])}'><img src='{_url(e['file'])}' alt=''></a>{_e(e['image'])}"
             f"<br>crop {e['rank']}{mass} · p {e['probability']:.2f}{mark}</div>")

@@ -30,6 +30,12 @@ def _pyplot():
     return plt
 
 
+def mass_text(mass) -> str:
+    """A box's attention mass as figures and the gallery show it: 2 significant digits, so that a box holding 0.0004
+    of the attention does not read as one holding none (0.00)."""
+    return f"{float(mass):.2g}"
+
+
 def draw_overlay(ax, image: np.ndarray, heat: np.ndarray | None, boxes=None, mass=None, title: str = "",
                  circles=None, alpha: float = 0.6, cmap: str = "turbo"):
     """Draw one image with a translucent heat map, ranked boxes and optional ground-truth circles.
@@ -58,7 +64,7 @@ def draw_overlay(ax, image: np.ndarray, heat: np.ndarray | None, boxes=None, mas
         x1, y1, x2, y2 = (float(v) - 0.5 for v in b)
         colour = BOX_COLOURS[k % len(BOX_COLOURS)]
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=1.6))
-        label = f"{k + 1}" + (f" ({float(mass[k]):.2f})" if mass is not None else "")
+        label = f"{k + 1}" + (f" ({mass_text(mass[k])})" if mass is not None else "")
         ax.text(x1 + 2, y1 + 2, label, color="black", fontsize=7, va="top",
                 bbox={"facecolor": colour, "alpha": 0.85, "pad": 1, "edgecolor": "none"})
     for cx, cy, r in circles or []:
@@ -114,7 +120,7 @@ def _crop_panel(fig, cell, expl) -> None:
     for k in range(K):
         ax = fig.add_subplot(sub[k // 2, k % 2])
         ax.imshow(expl.crops[k].permute(1, 2, 0).numpy())
-        mass = f" ({float(expl.box_mass[k]):.2f})" if expl.box_mass is not None else ""
+        mass = f" ({mass_text(expl.box_mass[k])})" if expl.box_mass is not None else ""
         ax.set_title(f"crop {k + 1}{mass}", fontsize=7)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -192,5 +198,5 @@ def _write_whole(path: str | Path, data: bytes) -> Path:
     return path
 
 
-__all__ = ["draw_overlay", "save_explanation_figure", "save_figure", "save_image", "save_overlay_grid",
+__all__ = ["draw_overlay", "mass_text", "save_explanation_figure", "save_figure", "save_image", "save_overlay_grid",
            "verdict"]
