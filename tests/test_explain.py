@@ -841,6 +841,28 @@ def test_class_folders_are_distinct_and_usable_on_windows_and_macos():
     assert folders == ["A\u00e9~0", "a\u00e9~1", "b_"]
 
 
+def test_class_folders_of_long_class_names_fit_a_file_name(tmp_path):
+    """A class's folder was its whole name: a class of 300 letters (a CSV manifest's label, say) made a folder name
+    that ext4, APFS and NTFS refuse (255 bytes or units at most). A name of more than 128 UTF-8 bytes is cut to its
+    start and '~' and 8 hex digits of a hash of the whole name: readable, distinct for names that share the start,
+    the same on every run."""
+    from finescope.explain.evidence import class_folders
+
+    long_a, long_b = "x" * 299 + "a", "x" * 299 + "b"
+    wide = "\u00e9" * 200  # 2 bytes each in UTF-8: the cut counts bytes, not letters
+    names = [long_a, long_b, wide, "CON." + "y" * 300, "short", "x" * 128]
+    folders = class_folders(names)
+    assert all(len(f.encode()) <= 140 for f in folders)
+    assert folders[0].startswith("x" * 100) and folders[1].startswith("x" * 100)
+    assert len({f.casefold() for f in folders}) == len(names)
+    assert folders[2].startswith("\u00e9" * 50) and "~" in folders[2]
+    assert folders[3].startswith("CON~3.")  # still no Windows device name
+    assert folders[4:] == ["short", "x" * 128]  # names that fit keep their folders
+    assert class_folders(names) == folders
+    for f in folders:
+        (tmp_path / f).mkdir()
+
+
 def test_boxes_are_drawn_on_the_pixels_they_hold():
     """imshow centres pixel j on j; the boxes' frame has it span [j, j + 1): a box over the whole of a 4x6 image
     was drawn half a pixel up and left of it (an eighth of a small image), its right and bottom pixels outside."""

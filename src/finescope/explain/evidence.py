@@ -9,6 +9,7 @@ short side around the maximum of the main map, ranked by the probability of c; a
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import itertools
 import unicodedata
@@ -77,10 +78,20 @@ _DEVICE_NAMES = frozenset(["con", "prn", "aux", "nul"]
                           + [f"{port}{d}" for port in ("com", "lpt") for d in "0123456789\u00b9\u00b2\u00b3"])
 
 
+# a folder's name at most (UTF-8 bytes) before the '~' and class index of a shared or device name: file systems take
+# 255 (ext4, APFS: bytes; NTFS: UTF-16 units), and Windows paths of more than 260 characters are refused by default
+_MAX_FOLDER_BYTES = 128
+
+
 def _safe(name: str) -> str:
     name = unicodedata.normalize("NFC", name)  # 'e' + combining accent is the one letter 'é', as macOS sees it
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "class"
-    return safe[:-1] + "_" if safe.endswith(".") else safe  # Windows drops a final '.': 'a.' would be 'a'
+    safe = safe[:-1] + "_" if safe.endswith(".") else safe  # Windows drops a final '.': 'a.' would be 'a'
+    if len(safe.encode()) <= _MAX_FOLDER_BYTES:
+        return safe
+    tag = "~" + hashlib.sha256(name.encode()).hexdigest()[:8]  # of the whole name: names sharing a start differ
+    start = safe.encode()[:_MAX_FOLDER_BYTES - len(tag)].decode(errors="ignore")  # whole letters only
+    return start + tag
 
 
 def _is_device(safe: str) -> bool:
@@ -94,7 +105,9 @@ def class_folders(class_names: list[str]) -> list[str]:
     'A' and 'a'; 'é' and 'e' + combining accent), the folder ends in ``~`` and the class index ('a_~0', 'a_~1'):
     one class's crops no longer overwrite another's. A Windows device name (CON, PRN, AUX, NUL, COM0-9, LPT0-9, any
     case, with or without an extension) takes ``~`` and the class index before its extension ('CON~2',
-    'nul~3.txt'). ``~`` is in no plain folder name, so these are unique."""
+    'nul~3.txt'). A name of more than 128 UTF-8 bytes is cut to its start and ``~`` and 8 hex digits of a hash of
+    the whole name ('xxx...~1b2c3d4e'), so that it fits the 255 bytes a file name may have. ``~`` is in no plain
+    folder name, so these are unique."""
     safe = [_safe(name) for name in class_names]
     keys = [unicodedata.normalize("NFC", s.casefold()) for s in safe]
     folders = []
