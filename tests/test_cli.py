@@ -219,6 +219,27 @@ def test_data_command_reports_counts(tmp_path, capsys):
                  f"data.root={tmp_path / 'd'}", "model.local_size=72", "model.variant=global"]) == 0
 
 
+def test_data_names_the_csv_manifest_it_read(tmp_path, capsys):
+    """With a CSV manifest, data printed 'root: <the CSV's folder>', as if it had read every image under that folder;
+    it now names the manifest and the folder its relative paths are read from (the JSON has both)."""
+    root = tmp_path / "d"
+    (root / "img").mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (80, 64), (i * 40, 10, 10)).save(root / "img" / f"{i}.png")
+    (root / "list.csv").write_text("path,label,group\n" + "".join(f"img/{i}.png,{lab},p{i}\n"
+                                                                   for i, lab in enumerate("abab")))
+    assert main(["data", "--config", "configs/demo.yaml", "--set", "data.source=csv", f"data.root={root / 'list.csv'}",
+                 "model.local_size=64", "--json", str(tmp_path / "d.json")]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == f"manifest: {root / 'list.csv'} (its relative paths are read from {root})"
+    written = json.loads((tmp_path / "d.json").read_text())
+    assert (written["manifest"], written["root"]) == (str(root / "list.csv"), str(root))
+    _folder(tmp_path / "f")  # a folder source: its root, the folder read
+    assert main(["data", "--config", "configs/demo.yaml", "--set", "data.source=folder", f"data.root={tmp_path / 'f'}",
+                 "model.local_size=64", "--no-read"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"root: {tmp_path / 'f'}"
+
+
 @pytest.mark.parametrize("where", ["folder", "new/", "notes.txt/d.json"])
 def test_data_refuses_a_json_it_cannot_write_before_reading_the_images(tmp_path, capsys, where):
     """data --json DIR (or new/, or notes.txt/d.json with notes.txt a file) read and described every image and

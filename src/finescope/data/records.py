@@ -40,6 +40,8 @@ class SampleSet:
         skipped: files that could not be used (unreadable, truncated), with the reason, when
             ``data.on_error: skip``.
         preset_splits: for a CSV manifest with a ``split`` column, that column (train/val/test per sample).
+        manifest: the CSV manifest read (``csv`` and ``synthetic`` sources; ``root`` is then its folder, which its
+            relative paths are read from), else empty.
     """
 
     samples: list[Sample]
@@ -47,6 +49,7 @@ class SampleSet:
     root: str = ""
     skipped: list[tuple[str, str]] = field(default_factory=list)
     preset_splits: list[str] | None = None
+    manifest: str = ""
 
     def __len__(self) -> int:
         return len(self.samples)

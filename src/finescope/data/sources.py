@@ -76,6 +76,7 @@ class _Scan(NamedTuple):
     root: str
     skipped: list[tuple[str, str]]
     no_groups: str = ""  # when no image's group was given (each its own): what the data lacks and how to give one
+    manifest: str = ""  # the CSV read (csv and synthetic sources), its relative paths read from ``root``
 
 
 def load_samples(
@@ -174,7 +175,8 @@ def _to_sample_set(
     samples = [Sample(f.path, index[f.label], f.group, f.meta) for f in found]
     has_split = any(f.split is not None for f in found)
     preset = [f.split or "" for f in found] if has_split else None
-    return SampleSet(samples, names, root=scan.root, skipped=list(scan.skipped), preset_splits=preset)
+    return SampleSet(samples, names, root=scan.root, skipped=list(scan.skipped), preset_splits=preset,
+                     manifest=scan.manifest)
 
 
 def _check_case(scan: _Scan) -> None:
@@ -602,7 +604,7 @@ def read_manifest(manifest: Path, cfg: DataConfig) -> _Scan:
         f"CSV manifest '{manifest}' has no 'group' column"
         + (f" (its other columns: {', '.join(others)}; rename the patient or specimen column to 'group')" if others
            else " (add one naming each image's patient or specimen)"))
-    return _Scan(found, sorted({f.label for f in found}), str(manifest.parent), skipped, no_groups)
+    return _Scan(found, sorted({f.label for f in found}), str(manifest.parent), skipped, no_groups, str(manifest))
 
 
 def _scan_csv(cfg: DataConfig) -> _Scan:

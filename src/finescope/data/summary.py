@@ -82,7 +82,8 @@ def describe_samples(sample_set: SampleSet, read_images: bool = True, min_side: 
             unreadable files do not end in the advice to set it.
 
     Returns:
-        A dict with ``n_images``, ``n_groups``, ``class_names``, ``per_class`` ({name: {"images", "groups"}}),
+        A dict with ``root`` (the folder read; image paths relative to it), ``manifest`` (the CSV manifest
+        read, or empty), ``n_images``, ``n_groups``, ``class_names``, ``per_class`` ({name: {"images", "groups"}}),
         ``per_group`` ({group: images}), ``mixed_groups`` ({group: [class names]} of the groups holding images
         of two or more classes), ``images_per_group`` (min/median/max), ``per_magnification``
         ({40: n, ...} when the samples have one), ``image_sizes`` ({"700x460": n}, width x height),
@@ -107,6 +108,7 @@ def describe_samples(sample_set: SampleSet, read_images: bool = True, min_side: 
     mags = Counter(s.meta["magnification"] for s in samples if "magnification" in s.meta)
     out: dict[str, Any] = {
         "root": sample_set.root,
+        "manifest": sample_set.manifest,
         "n_images": len(samples),
         "n_groups": len(per_group),
         "class_names": list(sample_set.class_names),
@@ -152,8 +154,11 @@ def _table(rows: list[list[str]], header: list[str]) -> list[str]:
 
 def format_description(d: dict[str, Any]) -> str:
     """A plain-text report of :func:`describe_samples` for the ``finescope data`` command."""
+    where = f"root: {d.get('root', '')}"
+    if d.get("manifest"):  # the images are those the CSV lists, not those under its folder
+        where = f"manifest: {d['manifest']} (its relative paths are read from {d.get('root', '')})"
     lines = [
-        f"root: {d.get('root', '')}",
+        where,
         f"{d['n_images']} images in {d['n_groups']} groups, {len(d['class_names'])} classes",
         "",
     ]
