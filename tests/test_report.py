@@ -353,3 +353,20 @@ def test_report_of_a_run_reads_the_metrics_beside_a_last_checkpoints_predictions
     md, _ = write_report(run)
     text = md.read_text()
     assert "Evaluated with --set model.selection_components=grid" in text and "3 of the 12 images leak" in text
+
+
+def test_training_curves_mark_whole_epochs_only(monkeypatch):
+    """The curves of a 3-epoch run had epochs 1.0, 1.5, ... 3.0 on their x axis, epochs that do not exist (a 1-epoch
+    run's, 0.96 to 1.04); the ticks are whole epochs."""
+    figures = []
+    monkeypatch.setattr(report, "_png", lambda fig: figures.append(fig) or b"")
+    hist = [{"epoch": e, "train_loss": 1.0 / (e + 1), "val_balanced_accuracy": 0.5 + 0.1 * e} for e in range(3)]
+    report._fig_curves({"global": {"fold0": hist, "fold1": hist}, "fusion": {"fold0": hist[:1]}}, ["global"])
+    axes = figures[0].axes
+    assert len(axes) == 4
+    for ax in axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    import matplotlib.pyplot as plt
+
+    plt.close(figures[0])

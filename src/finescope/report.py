@@ -26,6 +26,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from finescope.checkpoint import read_history  # noqa: E402
 from finescope.errors import FinescopeError, FinescopeWarning  # noqa: E402
@@ -300,6 +301,8 @@ def _fig_curves(histories: dict, order: list[str]) -> bytes | None:
         axes[0][col].set_ylabel("train loss", fontsize=8)
         axes[1][col].set_ylabel("val balanced acc", fontsize=8)
         axes[1][col].set_xlabel("epoch", fontsize=8)
+        for ax in axes[:, col]:  # whole epochs, one tick at least (a 1-epoch run's axis spans 0.945 to 1.055)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     axes[0][0].legend(fontsize=6)
     return _png(fig)
 
