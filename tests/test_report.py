@@ -370,3 +370,17 @@ def test_training_curves_mark_whole_epochs_only(monkeypatch):
     import matplotlib.pyplot as plt
 
     plt.close(figures[0])
+
+
+def test_report_figures_are_numbered_from_one_in_cv_and_run_reports(tmp_path):
+    """Figures were named after their block's place in the report, tables counted: a cv report's began at
+    figure_2 (its ablation and comparison tables first; figure_3 with a magnification table too), a run's at
+    figure_1. Both now number their figures 1, 2, ... in order."""
+    md, _ = write_report(fake_cv(tmp_path / "cv"), n_boot=20)
+    linked = re.findall(r"\]\(report_files/([^)]+)\)", md.read_text())
+    assert linked == ["figure_1.png", "figure_2.png", "figure_3.png", "figure_4.png"]
+    run = _single_run(tmp_path / "run", "fusion", [[f"/x/{i}.png", f"g{i // 3}", "a" if i % 2 else "b", "a", 0.6,
+                                                     0.4, ""] for i in range(12)])
+    md, _ = write_report(run, n_boot=20)
+    linked = re.findall(r"\]\(report_files/([^)]+)\)", md.read_text())
+    assert linked == ["figure_1.png", "figure_2.png", "figure_3.png"]

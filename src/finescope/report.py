@@ -443,14 +443,16 @@ def _blocks(run_dir: Path, summary: dict, rows: list[dict], is_cv: bool, split: 
 
 def _render_md(title: str, blocks: list[tuple], fig_dir: Path) -> str:
     parts = [f"# {title}", ""]
-    for i, (kind, heading, payload, note) in enumerate(blocks):
+    figures = 0  # numbered among the figures (1, 2, ...), not among the blocks: the tables before them vary
+    for kind, heading, payload, note in blocks:
         parts += [f"## {heading}", ""]
         if note:
             parts += [note, ""]
         if kind == "table":
             parts += [_md_table(*payload), ""]
         else:
-            name = f"figure_{i}.png"
+            figures += 1
+            name = f"figure_{figures}.png"
             write_bytes(fig_dir / name, payload)  # whole or not at all, as every file of a run
             parts += [f"![{heading}]({fig_dir.name}/{name})", ""]
     return "\n".join(parts)
