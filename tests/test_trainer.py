@@ -55,6 +55,30 @@ def test_same_seed_same_result(synthetic_root, tmp_path, fusion_run):
     assert again["image_accuracy"] == metrics["image_accuracy"]
 
 
+def test_history_records_the_learning_rates_the_epochs_steps_used(synthetic_root, tmp_path, monkeypatch):
+    """history.jsonl's lr was read after the epoch's last scheduler step: the rate of the next epoch's first step,
+    so the last epoch, trained at a rate above 0, read lr 0.0. lr is now the rate of the epoch's first step and
+    lr_last that of its last (the head's: train.lr times the schedule)."""
+    used = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    out = tmp_path / "lr"
+    _train(synthetic_root, out, variant="global", epochs=2, extra=["train.warmup_epochs=1"])
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    per_epoch = len(used) // 2
+    assert per_epoch > 1 and len(used) == 2 * per_epoch
+    for e, row in enumerate(history):
+        steps = used[e * per_epoch:(e + 1) * per_epoch]
+        assert (row["lr"], row["lr_last"]) == (steps[0], steps[-1])
+    assert history[0]["lr"] < history[0]["lr_last"] == pytest.approx(0.003)  # warm-up to train.lr
+    assert history[1]["lr_last"] > 0.0
+
+
 def _killed_after_first_epoch(monkeypatch, root, run_dir, extra=()) -> None:
     """Train ``run_dir`` until a Ctrl-C after its first epoch, as a killed run leaves it."""
     real_run_epoch = trainer._run_epoch
