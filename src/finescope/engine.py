@@ -165,7 +165,8 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     mark_steps: bool = False,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns mean loss, accuracy, images, seconds, ``images_per_class`` (the
+    """One pass over ``loader``; returns mean loss, accuracy, images, seconds, ``lr_last`` (the learning rate of
+    its last step, the first group's), ``images_per_class`` (the
     images read of each class, over every rank) and ``diverged``: how many of the model's parameters and
     buffers hold NaN, infinite or huge values after the epoch (:func:`diverged_tensors`, its bound from ``amp``:
     :func:`weight_bound`), summed over the ranks, so
@@ -190,7 +191,7 @@ def train_one_epoch(
     model.train()
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    seen, start, per_class = 0, time.perf_counter(), None
+    seen, start, per_class, lr_last = 0, time.perf_counter(), None, optimizer.param_groups[0]["lr"]
     scales = getattr(getattr(loader, "sampler", None), "step_scales", None) or []
     input_cl = input_channels_last(model, device, channels_last)
     with Progress(loader, desc=desc, leave=False, disable=None if progress else True) as batches:
@@ -219,6 +220,7 @@ def train_one_epoch(
             if grad_clip > 0:
                 scaler.unscale_(optimizer)  # clip the true gradients
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            lr_last = optimizer.param_groups[0]["lr"]
             scaler.step(optimizer)
             scaler.update()
             if scheduler is not None:
@@ -247,6 +249,7 @@ def train_one_epoch(
         "seconds": seconds,
         "images_per_class": [int(c) for c in counts],
         "diverged": int(bad),
+        "lr_last": lr_last,
     }
 
 

@@ -765,7 +765,7 @@ def _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, 
     t = cfg.train
     model.crops_active = not model.use_crops or epoch >= t.crop_warmup_epochs  # stage-wise: global path first
     loaders["train"].sampler.set_epoch(epoch)
-    lr, first_step = optimizer.param_groups[0]["lr"], scheduler.last_epoch  # the rate of the epoch's first step
+    lr = optimizer.param_groups[0]["lr"]  # the rate of the epoch's first step
     stats = train_one_epoch(
         fit_model, loaders["train"], optimizer, scheduler,
         device, aux_weight=t.aux_weight, label_smoothing=t.label_smoothing, grad_clip=t.grad_clip, amp=t.amp,
@@ -778,10 +778,7 @@ def _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, 
     dist.broadcast_buffers(model)  # every rank validates (and rank 0 saves) rank 0's BatchNorm statistics
     _check_every_class_read(stats.pop("images_per_class"), sample_set, splits["train"], cfg,
                             loaders["train"].sampler.dropped)
-    # the rate of its last step: the one before the scheduler's last step (the optimizer holds the next epoch's)
-    last = scheduler.base_lrs[0] * scheduler.lr_lambdas[0](scheduler.last_epoch - 1) \
-        if scheduler.last_epoch > first_step else lr
-    row = {"epoch": epoch, "lr": lr, "lr_last": last, **{f"train_{k}": v for k, v in stats.items()}}
+    row = {"epoch": epoch, "lr": lr, "lr_last": stats.pop("lr_last"), **{f"train_{k}": v for k, v in stats.items()}}
     row["train_images_per_second"] = stats["images"] / max(stats["seconds"], 1e-9)
     if len(splits.get("val", [])):
         _, val = evaluate_split(model, sample_set, splits["val"], cfg, device, desc="val", loader=loaders["val"])
