@@ -663,7 +663,23 @@ def test_a_file_name_that_is_not_utf8_is_explained_under_a_name_matplotlib_can_d
     Image.fromarray(image(96, 96).permute(1, 2, 0).numpy()).save(os.fsdecode(os.fsencode(folder) + b"/caf\xe9.png"))
     out = tmp_path / "out"
     assert main(["explain", str(run), str(tmp_path / "in"), "--out", str(out), "--no-faithfulness", *FAST]) == 0
-    assert [p.name for p in (out / "images").iterdir()] == ["00000_caf\ufffd.png"]
+    assert [p.name for p in (out / "images").iterdir()] == ["00000_caf_.png"]
+
+
+def test_a_figure_file_takes_only_characters_every_file_system_allows(tmp_path):
+    """explain's figure images/NNNNN_<name>.png took the image's name as it was: a Linux file 'slide:1?.png' made
+    a figure that Windows and macOS (':') cannot hold when the folder is copied there."""
+    from PIL import Image
+
+    from finescope.cli import main
+
+    run = make_run(tmp_path, "fusion")
+    folder = tmp_path / "in" / "typical"
+    folder.mkdir(parents=True)
+    Image.fromarray(image(96, 96).permute(1, 2, 0).numpy()).save(folder / "slide:1?.png")
+    out = tmp_path / "out"
+    assert main(["explain", str(run), str(tmp_path / "in"), "--out", str(out), "--no-faithfulness", *FAST]) == 0
+    assert [p.name for p in (out / "images").iterdir()] == ["00000_slide_1_.png"]
 
 
 def test_an_image_smaller_than_the_crops_is_explained_with_a_note_that_predict_skips_it(tmp_path):

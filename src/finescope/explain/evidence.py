@@ -83,7 +83,9 @@ _DEVICE_NAMES = frozenset(["con", "prn", "aux", "nul"]
 _MAX_FOLDER_BYTES = 128
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
+    """``name`` as a file or folder name every common file system takes: letters, digits, ``-``, ``_`` and ``.``
+    (the rest as ``_``), no final ``.``, at most 128 UTF-8 bytes (longer: its start, ``~`` and a hash)."""
     name = unicodedata.normalize("NFC", name)  # 'e' + combining accent is the one letter 'é', as macOS sees it
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "class"
     safe = safe[:-1] + "_" if safe.endswith(".") else safe  # Windows drops a final '.': 'a.' would be 'a'
@@ -108,7 +110,7 @@ def class_folders(class_names: list[str]) -> list[str]:
     'nul~3.txt'). A name of more than 128 UTF-8 bytes is cut to its start and ``~`` and 8 hex digits of a hash of
     the whole name ('xxx...~1b2c3d4e'), so that it fits the 255 bytes a file name may have. ``~`` is in no plain
     folder name, so these are unique."""
-    safe = [_safe(name) for name in class_names]
+    safe = [safe_name(name) for name in class_names]
     keys = [unicodedata.normalize("NFC", s.casefold()) for s in safe]
     folders = []
     for c, (s, key) in enumerate(zip(safe, keys)):
@@ -122,4 +124,4 @@ def class_folders(class_names: list[str]) -> list[str]:
     return folders
 
 
-__all__ = ["EvidenceCollector", "class_folders"]
+__all__ = ["EvidenceCollector", "class_folders", "safe_name"]

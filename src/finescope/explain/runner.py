@@ -32,7 +32,7 @@ import torch
 from finescope.errors import SKIP_ADVICE, FinescopeError, FinescopeWarning
 from finescope.explain import faithfulness as fa
 from finescope.explain.core import explain_loaded
-from finescope.explain.evidence import EvidenceCollector
+from finescope.explain.evidence import EvidenceCollector, safe_name
 from finescope.explain.inputs import (
     Inputs,
     path_inputs,
@@ -155,7 +155,7 @@ def _explain_one(ctx: _Context, index: int, item) -> dict:
     m = ctx.cfg.model
     expl.notes = size_notes(tuple(image.shape[-2:]), ctx.train_sizes, m.global_size, m.local_size,
                             expl.boxes is not None)
-    figure = Path("images") / f"{index:05d}_{Path(item.name).stem[:60]}.png"
+    figure = Path("images") / f"{index:05d}_{safe_name(Path(item.name).stem)[:60]}.png"
     save_explanation_figure(expl, ctx.out / figure, ctx.settings.normalise, ctx.settings.percentile, item.cells,
                             title=item.name)
     ctx.evidence.add(ctx.model, expl, item.name, figure.as_posix())
