@@ -384,3 +384,16 @@ def test_report_figures_are_numbered_from_one_in_cv_and_run_reports(tmp_path):
     md, _ = write_report(run, n_boot=20)
     linked = re.findall(r"\]\(report_files/([^)]+)\)", md.read_text())
     assert linked == ["figure_1.png", "figure_2.png", "figure_3.png"]
+
+
+def test_a_report_written_again_leaves_no_figure_of_the_earlier_one(tmp_path):
+    """report_files/ kept the figures of an earlier report that had more (figure_4.png of a cv report, or those a
+    report numbered from 2 before), no longer linked from report.md; a report now removes the figure_N.png it did
+    not write, and nothing else there."""
+    cv = fake_cv(tmp_path / "cv")
+    (cv / "report_files").mkdir()
+    (cv / "report_files" / "figure_9.png").write_bytes(b"an earlier report's")
+    (cv / "report_files" / "notes.png").write_bytes(b"the user's")
+    md, _ = write_report(cv, n_boot=20)
+    linked = re.findall(r"\]\(report_files/([^)]+)\)", md.read_text())
+    assert sorted(p.name for p in (cv / "report_files").iterdir()) == sorted([*linked, "notes.png"])

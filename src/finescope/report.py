@@ -455,6 +455,10 @@ def _render_md(title: str, blocks: list[tuple], fig_dir: Path) -> str:
             name = f"figure_{figures}.png"
             write_bytes(fig_dir / name, payload)  # whole or not at all, as every file of a run
             parts += [f"![{heading}]({fig_dir.name}/{name})", ""]
+    for stale in fig_dir.glob("figure_*.png"):  # an earlier report's figures beyond this one's: not linked any more
+        number = stale.stem.removeprefix("figure_")
+        if number.isdigit() and int(number) > figures:
+            stale.unlink(missing_ok=True)
     return "\n".join(parts)
 
 
