@@ -860,6 +860,35 @@ def test_an_images_evaluation_does_not_depend_on_its_batch_mates(tmp_path):
         np.testing.assert_allclose(together.boxes[i], alone.boxes[0], atol=0.01)  # batched arithmetic
 
 
+
+def test_images_of_unknown_size_are_evaluated_each_in_its_own_batch(tmp_path, monkeypatch):
+    """An image whose header cannot be read (size None) has no known view shape: such images shared evaluation
+    batches, padded to the largest of them, so an image's prediction depended on which others were unreadable
+    (found in review). Each is now its own batch, and predicted as it is alone."""
+    from finescope.config import load_config
+    from finescope.data import dataset as ds
+    from finescope.engine import predict_loader
+    from finescope.models import create_model
+    from finescope.trainer import make_loader
+
+    shapes = [(46, 70), (45, 70), (46, 70), (60, 40)]
+    samples = [Sample(str(save(rgb_array(*s, seed=i), tmp_path / f"{i}.png")), label=i % 2, group=str(i))
+               for i, s in enumerate(shapes)]
+    sample_set = SampleSet(samples, ["a", "b"])
+    monkeypatch.setattr(ds, "_header_size", lambda path: None if not path.endswith("0.png") else (46, 70))
+    cfg = load_config(None, ["data.num_workers=0", "train.batch_size=8", "model.backbone=tiny",
+                             "model.global_size=45", "model.local_size=24", "model.num_crops=2"])
+    loader = make_loader(sample_set, np.arange(4), cfg, train=False)
+    assert sorted(b.indices.tolist() for b in loader) == [[0], [1], [2], [3]]
+    torch.manual_seed(0)
+    model = create_model(cfg.model, 2).eval()
+    together = predict_loader(model, loader, torch.device("cpu"), amp="off")
+    for i in range(4):
+        alone = predict_loader(model, make_loader(sample_set, [i], cfg, train=False), torch.device("cpu"), amp="off")
+        np.testing.assert_allclose(together.probs[i], alone.probs[0], atol=1e-6)
+        np.testing.assert_allclose(together.boxes[i], alone.boxes[0], atol=0.01)  # batched arithmetic
+
+
 def test_a_registered_full_resolution_variant_batches_images_of_one_file_size(tmp_path, monkeypatch):
     """A variant registered with ``hires`` (as global-hires is) reads the image itself, not a view: its evaluation
     batches hold images of one file size, whatever the variant is called. 100x200 and 50x100 images share a view

@@ -138,6 +138,22 @@ def test_shard_sampler_eval_follows_a_given_order_in_whole_batches():
         ShardSampler(3, False, 0, order=[0, 0, 1])
 
 
+
+def test_shard_sampler_eval_gives_each_item_of_unknown_key_its_own_batch():
+    """An item whose key is None (an unreadable header: its shape is unknown) shares no batch, not even with
+    another of unknown key, which could be of another shape and padded to it; every item is still read once, by
+    one rank, in the batch it has in one process."""
+    keys = [(4, 6), None, None, (4, 6), None, (4, 6), (6, 4), None]
+    order = [0, 3, 5, 6, 1, 2, 4, 7]
+    single = ShardSampler(8, False, 0, 4, rank_=0, world=1, order=order, batch_keys=keys)
+    assert single.batches == [[0, 3, 5], [6], [1], [2], [4], [7]]
+    for world in (2, 3):
+        shards = [ShardSampler(8, False, 0, 4, rank_=r, world=world, order=order, batch_keys=keys)
+                  for r in range(world)]
+        assert sorted(i for s in shards for i in s) == list(range(8))
+        assert sorted(b for s in shards for b in s.batches) == sorted(single.batches)
+
+
 def test_merge_predictions_counts_each_index_once():
     a = Predictions(np.array([0, 2, 4]), np.array([0, 1, 0]), np.eye(2)[[0, 1, 0]], loss=1.0, loss_count=3)
     b = Predictions(np.array([1, 3, 0]), np.array([1, 1, 0]), np.eye(2)[[1, 1, 0]], loss=2.0, loss_count=3)

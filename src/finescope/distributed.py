@@ -155,7 +155,8 @@ class ShardSampler(Sampler):
             one orientation per step with it, ``data.one_orientation``).
         order: evaluation without ``shuffle``: the order of the items (default: ``range(n)``).
         batch_keys: evaluation: a key per item (the shape it enters the model with); a batch holds items of one
-            key.
+            key. An item whose key is None (shape unknown) is a batch of its own: two such items may differ in
+            shape, and batched together one would be padded to the other.
         shape_keys: training with ``pool`` > 1: a sortable key per item (:func:`~finescope.data.dataset.aspect_key`),
             or None where unknown.
             Each run of ``pool`` full global batches of the epoch's permutation is sorted by it, cut into global
@@ -219,7 +220,9 @@ class ShardSampler(Sampler):
         if not self.train:
             B, keys, batches = max(1, self.global_batch), self.batch_keys, []
             for i in order.tolist():
-                if batches and len(batches[-1]) < B and (keys is None or keys[i] == keys[batches[-1][0]]):
+                # an item of unknown key (None: its shape is unknown) joins no batch, nor does one join it
+                if batches and len(batches[-1]) < B and (keys is None or keys[i] is not None
+                                                         and keys[i] == keys[batches[-1][0]]):
                     batches[-1].append(i)
                 else:
                     batches.append([i])

@@ -217,7 +217,8 @@ def make_loader(
 def eval_batch_key(size: tuple[int, int] | None, model: ModelConfig) -> tuple[int, int] | None:
     """The shape an image of file size ``size`` (H, W) enters the backbone with: its global view
     (:func:`~finescope.models.network.global_view_size`), or itself for a variant that reads the image itself
-    (``hires``: global-hires); None when unknown. Evaluation batches hold images of one such shape."""
+    (``hires``: global-hires); None when unknown. Evaluation batches hold images of one such shape; an image
+    of unknown shape is a batch of its own."""
     from finescope.models.registry import variant_switches
 
     if size is None or variant_switches(model.variant).get("hires"):
