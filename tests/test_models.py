@@ -1396,6 +1396,28 @@ def test_compiled_fusion_matches_eager():
     torch.testing.assert_close(compiled.box_mass, eager.box_mass, atol=1e-5, rtol=1e-5)
 
 
+
+@pytest.mark.slow
+def test_compiled_selection_of_a_padded_batch_matches_eager():
+    """torch.compile of the selection alone, with ``padded=True``, on the CPU: Inductor's vectorised C++ failed
+    to compile the in-place ``start[..., 1:] &= ~m[..., :-1]`` of ``_run_ids`` on a transposed mask computed in
+    the graph (a ``?:`` between a VecMask<int> and a VecMask<float>); the out-of-place form compiles, and the
+    boxes are the eager ones."""
+    from finescope.models import selection
+
+    torch.manual_seed(0)
+    attn = torch.rand(2, 4, 6)
+    attn[1, 3:], attn[1, :, 5:] = 0, 0  # the second image fills 3 x 5 of the 4 x 6 cells
+    attn = attn / attn.sum(dim=(1, 2), keepdim=True)
+    args = (attn, torch.tensor([[4, 6], [3, 5]]), torch.tensor([[128, 192], [96, 160]]), torch.full((2, 2), 32.0),
+            2, 0.5, 1 / 3, 4, 0.5, "max", True)
+    torch._dynamo.reset()
+    eager = selection._select(*args)
+    compiled = torch.compile(selection._select)(*args)
+    torch.testing.assert_close(compiled[0], eager[0], rtol=0, atol=0)
+    torch.testing.assert_close(compiled[1], eager[1])
+
+
 def test_a_training_batch_of_one_image_with_a_1x1_feature_map_is_one_line():
     """Small images (or a small model.global_size) give the backbone a 1x1 map; a last batch of one such image
     cannot be batch-normalised in training: a FinescopeError saying what to change, not torch's ValueError."""

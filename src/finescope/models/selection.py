@@ -95,8 +95,9 @@ def _run_ids(mask: torch.Tensor, dim: int) -> torch.Tensor:
     """Number every run of True along ``dim`` (3 = rows, 2 = columns) of a (B, 1, H, W) mask: a distinct id
     >= 1 per run over the whole batch, 0 on False."""
     m = mask.transpose(2, 3) if dim == 2 else mask
-    start = m.clone()
-    start[..., 1:] &= ~m[..., :-1]
+    # a run's first cell; out of place: torch 2.14's Inductor on the CPU emits C++ that does not compile for the
+    # in-place ``start[..., 1:] &= ~m[..., :-1]`` on a transposed mask computed in the graph
+    start = m & ~F.pad(m[..., :-1], (1, 0))
     ids = start.reshape(-1).cumsum(0).view(m.shape) * m
     return (ids.transpose(2, 3) if dim == 2 else ids).contiguous()
 
