@@ -1105,3 +1105,46 @@ def test_a_run_trained_on_a_relative_data_root_is_read_from_any_folder(synthetic
     assert "data.root 'data/manifest.csv' does not exist" in line and "--set data.root=" in line
     monkeypatch.chdir(tmp_path / "a")
     assert main(["evaluate", "run", "--device", "cpu", "--out", str(tmp_path / "m3.json")]) == 0
+
+
+@pytest.mark.slow
+def test_a_sigterm_ends_a_single_process_run_in_one_line_and_it_resumes(synthetic_root, tmp_path, capsys):
+    """A scheduler's pre-emption (SLURM sends SIGTERM) of a run in one process ended it without a word (killed by
+    the signal). It now says so in one line naming the checkpoint kept and how to continue, exits 128+15, and the
+    run resumes from that checkpoint."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from finescope.checkpoint import load_checkpoint, read_history
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "finescope", "train", "--config", "configs/demo.yaml", "--out", str(out), "--quiet",
+           "--set", *tiny_overrides(synthetic_root, "global", 100)]
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoints" / "last.pt").is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (out / "checkpoints" / "last.pt").is_file(), proc.communicate(timeout=60)[1][-3000:]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    last = out / "checkpoints" / "last.pt"
+    assert err.splitlines() == [
+        "finescope: stopped by SIGTERM (a scheduler's pre-emption or time limit, or a kill); the run's last checkpoint "
+        f"is kept ('{last}'): continue it with the same command and --resume"], err[-3000:]
+    epoch = load_checkpoint(last)["epoch"]  # the last epoch that finished
+    # the same command with --resume (one more epoch, so that the test ends soon): it continues from last.pt
+    assert main(["train", "--config", "configs/demo.yaml", "--out", str(out), "--resume", "--set",
+                 *tiny_overrides(synthetic_root, "global", epoch + 2)]) == 0
+    assert f"resuming {out} after epoch {epoch + 1} of {epoch + 2}" in capsys.readouterr().out
+    assert [row["epoch"] for row in read_history(out / "history.jsonl")] == list(range(epoch + 2))
+    assert (out / "metrics.json").is_file() and not list((out / "checkpoints").glob(".*.tmp"))

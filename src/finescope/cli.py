@@ -43,7 +43,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     out = args.out or f"runs/{cfg.name or Path(args.config).stem}"
     args.run_dir = out  # for the message of an interruption, also while the processes wait for each other here
-    with _torchrun_sigterm():
+    with _sigterm_raises():
         dist.init_from_env(cfg.train.device)
         main_rank = dist.is_main()
         try:
@@ -386,7 +386,7 @@ def _one_set_each(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 2 user error, 130 interrupted, 143 SIGTERM under torchrun)."""
+    """Run the CLI; returns the exit status (0 ok, 2 user error, 130 interrupted, 143 train stopped by SIGTERM)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(_one_set_each(list(sys.argv[1:] if argv is None else argv)))
     if extra and isinstance(getattr(args, "paths", None), list) and not any(e.startswith("-") for e in extra):
@@ -439,16 +439,18 @@ def _has_checkpoint(args: argparse.Namespace) -> bool:
 
 
 class _Terminated(BaseException):
-    """SIGTERM under torchrun, whose agent sends it to every process of a run when one of them ends. Not an
-    ``Exception``: no handler on the way may take it for an error of its own."""
+    """SIGTERM during train: under torchrun, whose agent sends it to every process of a run when one of them
+    ends; in one process, a scheduler's pre-emption or time limit (SLURM), or a kill. Not an ``Exception``: no
+    handler on the way may take it for an error of its own."""
 
 
 @contextlib.contextmanager
-def _torchrun_sigterm() -> Iterator[None]:
-    """Under torchrun, a SIGTERM inside raises :class:`_Terminated`, so that the process says in one line why
-    it stops (it died without a word); after, until :func:`_sigterm_restored` ends, SIGTERM is ignored, so that
-    it does not cut short the line of an error met first (a process that lost another in a collective)."""
-    if _launch("WORLD_SIZE", 1) <= 1 or threading.current_thread() is not threading.main_thread():
+def _sigterm_raises() -> Iterator[None]:
+    """A SIGTERM inside raises :class:`_Terminated`, so that the process says in one line why it stops and how
+    to go on (it died without a word; checkpoints are written whole, so last.pt stays the last finished
+    epoch's); after, until :func:`_sigterm_restored` ends, SIGTERM is ignored, so that it does not cut short the
+    line of an error met first (a process that lost another in a collective)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
 
@@ -476,11 +478,13 @@ def _sigterm_restored() -> Iterator[None]:
         signal.signal(signal.SIGTERM, before)
 
 
-def _then(args: argparse.Namespace) -> str:
-    """What to do after a run stopped: resume it, or start it again when no epoch had finished."""
+def _then(args: argparse.Namespace, where: bool = False) -> str:
+    """What to do after a run stopped: resume it, or start it again when no epoch had finished; with ``where``
+    the checkpoint kept is named."""
     if not _has_checkpoint(args):
         return "no epoch had finished: start it again (without --resume)"
-    return "the run's last checkpoint is kept: continue it with the same command and --resume"
+    kept = f" ('{Path(args.run_dir) / 'checkpoints' / 'last.pt'}')" if where else ""
+    return f"the run's last checkpoint is kept{kept}: continue it with the same command and --resume"
 
 
 def _lost_process(e: BaseException, args: argparse.Namespace, world: int, rank: int) -> str | None:
@@ -512,9 +516,13 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
     try:
         return args.func(args)
     except _Terminated:
-        _say(f"{error}stopped by SIGTERM (torchrun sends it to every process of the run when one of them ends, or "
-             f"when it is stopped itself: its report says which); {_then(args)}")
-        return 143
+        if _launch("WORLD_SIZE", 1) <= 1:
+            _say("finescope: stopped by SIGTERM (a scheduler's pre-emption or time limit, or a kill); "
+                 f"{_then(args, where=True)}")
+        else:
+            _say(f"{error}stopped by SIGTERM (torchrun sends it to every process of the run when one of them ends, "
+                 f"or when it is stopped itself: its report says which); {_then(args)}")
+        return 143  # 128 + SIGTERM, as a shell reports a process the signal ended
     except FinescopeError as e:
         if debug:
             raise
