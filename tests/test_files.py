@@ -90,6 +90,28 @@ def test_a_checkpoint_that_fills_the_disk_is_a_full_disk_error(tmp_path, monkeyp
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
+def test_a_checkpoint_write_stopped_by_a_signal_leaves_the_previous_one_and_no_temporary(tmp_path, monkeypatch, stop):
+    """Ctrl-C or SIGTERM (train raises a BaseException for it) while torch writes a checkpoint left its partial
+    temporary file, as large as a checkpoint, beside the previous one until the run was started again."""
+    import torch
+
+    from finescope import checkpoint
+
+    checkpoint.save_checkpoint({"model": {"w": torch.ones(2)}}, tmp_path / "last.pt")
+    real_save = torch.save
+
+    def stopped(state, f):
+        real_save(state, f)
+        raise stop
+
+    monkeypatch.setattr(torch, "save", stopped)
+    with pytest.raises(stop):
+        checkpoint.save_checkpoint({"model": {"w": torch.zeros(2)}}, tmp_path / "last.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["model"]["w"].tolist() == [1.0, 1.0]
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names a descriptor's file through /proc")
 def test_a_checkpoint_reaches_the_disk_before_it_takes_the_name(tmp_path, monkeypatch):
     """Renamed before its data were written out, a checkpoint can be an empty file after a power loss."""

@@ -43,6 +43,9 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         if isinstance(e, RuntimeError) and shutil.disk_usage(path.parent).free < 64 * 2**20:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
         raise
+    except BaseException:  # Ctrl-C, or train's SIGTERM: the partial file goes, the previous checkpoint stays
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _write_error(folder: Path) -> OSError | None:
