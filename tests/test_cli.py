@@ -1148,3 +1148,37 @@ def test_a_sigterm_ends_a_single_process_run_in_one_line_and_it_resumes(syntheti
     assert f"resuming {out} after epoch {epoch + 1} of {epoch + 2}" in capsys.readouterr().out
     assert [row["epoch"] for row in read_history(out / "history.jsonl")] == list(range(epoch + 2))
     assert (out / "metrics.json").is_file() and not list((out / "checkpoints").glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("stop, status", [(KeyboardInterrupt, 130), ("sigterm", 143)])
+def test_a_stop_while_the_workers_shut_down_after_the_last_epoch_ends_the_run(synthetic_root, tmp_path, capsys,
+                                                                             monkeypatch, stop, status):
+    """torch stops a DataLoader's workers in its iterator's __del__, where Python only prints an exception
+    ('Exception ignored in ...'): a Ctrl-C (or train's SIGTERM) there, after the last epoch, was printed as a
+    traceback and the run went on to its test and exit status 0 (or, SIGTERM being ignored once taken, ended with
+    no word of it). It now stops the run, in its one line."""
+    import signal
+
+    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+
+    real = _MultiProcessingDataLoaderIter._shutdown_workers
+    calls = []
+
+    def interrupted(self):
+        real(self)
+        if not calls:  # the first shut down: the training loader's, after the last epoch
+            calls.append(self)
+            if stop == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+            else:
+                raise stop
+
+    monkeypatch.setattr(_MultiProcessingDataLoaderIter, "_shutdown_workers", interrupted)
+    out = tmp_path / "r"
+    overrides = [o for o in tiny_overrides(synthetic_root, "global", 1) if not o.startswith("data.num_workers")]
+    assert main(["train", "--config", "configs/demo.yaml", "--out", str(out), "--quiet", "--set",
+                 "data.num_workers=1", *overrides]) == status
+    err = capsys.readouterr().err
+    assert calls and "Exception ignored" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("finescope: interrupted" if status == 130 else "finescope: stopped by SIGTERM"), err
+    assert not (out / "metrics.json").exists()

@@ -13,6 +13,7 @@ A run directory holds::
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import functools
@@ -24,6 +25,7 @@ import random
 import re
 import shlex
 import socket
+import sys
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -233,6 +235,29 @@ def _rank0_header_sizes(dataset: ImageDataset) -> list[tuple[int, int] | None]:
     return dist.from_main(None if dist.is_distributed() and not dist.is_main() else dataset.header_sizes())
 
 
+@contextlib.contextmanager
+def stops_raised():
+    """Raise, as the block ends, a Ctrl-C (KeyboardInterrupt) or any other stop that is no error (the CLI's
+    SIGTERM) met in a ``__del__`` inside it, which Python only prints ("Exception ignored in ...") before going
+    on. torch stops a DataLoader's worker processes in its iterator's ``__del__``: deleting a loader in this
+    block, its run stops there instead of going on to its test as if nothing happened."""
+    stopped, before = [], sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, BaseException) and not isinstance(unraisable.exc_value, Exception):
+            stopped.append(unraisable.exc_value)
+        else:
+            before(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = before
+    if stopped:
+        raise stopped[0]
+
+
 @functools.lru_cache(maxsize=8)
 def fused_adamw(device_type: str) -> bool:
     """Whether this torch has a fused AdamW (one kernel over all parameters) for ``device_type``: CUDA, and the
@@ -402,12 +427,16 @@ def evaluate_split(model, sample_set, indices, cfg, device, desc="eval", loader=
     Under DDP every rank predicts its shard and the predictions of all ranks are gathered, so each image is
     counted exactly once and every rank returns the same metrics.
     """
+    own = loader is None  # made here: its workers stop here
     loader = loader if loader is not None else make_loader(sample_set, indices, cfg, train=False)
     preds = predict_loader(
         model, loader, device, amp=cfg.train.amp, cpu_amp=cfg.train.cpu_amp,
         channels_last=cfg.train.channels_last, predict_with=cfg.model.predict_with, aux_weight=cfg.train.aux_weight,
         desc=desc,
     )
+    if own:
+        with stops_raised():
+            del loader
     preds = merge_predictions(dist.all_gather(preds))
     if len(preds.indices) == 0 and len(indices):
         which = "" if desc == "all" else f" of the {desc} split"
@@ -679,7 +708,8 @@ def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool) -> 
             break
         tracker = _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, device, epoch,
                              tracker, run_dir, progress, loaders, scaler=scaler)
-    del loaders  # stop the persistent workers before the test
+    with stops_raised():
+        del loaders  # stop the persistent workers before the test
     dist.barrier()  # rank 0 has written best.pt before any rank reads it
     metrics = finish(run_dir, cfg, sample_set, splits, device)
     if dist.is_main():
