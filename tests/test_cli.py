@@ -1182,3 +1182,36 @@ def test_a_stop_while_the_workers_shut_down_after_the_last_epoch_ends_the_run(sy
     assert calls and "Exception ignored" not in err and len(err.splitlines()) == 1, err
     assert err.startswith("finescope: interrupted" if status == 130 else "finescope: stopped by SIGTERM"), err
     assert not (out / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("where", ["test", "report"])
+def test_an_interruption_after_training_says_what_was_written(synthetic_root, tmp_path, capsys, monkeypatch, where):
+    """Ctrl-C once training had ended (while the test predictions or the report were written) said 'continue it with
+    the same command and --resume', as if epochs were left. It now says what the run holds and what it lacks."""
+    from finescope import report, trainer
+
+    out = tmp_path / "r"
+    args = ["train", "--config", "configs/demo.yaml", "--out", str(out), "--quiet", "--set",
+            *tiny_overrides(synthetic_root, "global", 1)]
+    if where == "report":  # a report made before is written again after metrics.json
+        assert main(args) == 0
+        assert main(["report", str(out)]) == 0
+        args = [*args[:5], "--resume", *args[5:], "train.epochs=2"]
+    capsys.readouterr()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(*(trainer, "write_predictions") if where == "test" else (report, "write_report"), interrupted)
+    assert main(args) == 130
+    said = capsys.readouterr().err
+    if where == "test":
+        assert said == (f"finescope: interrupted after training ended: its checkpoints are written "
+                        f"('{out / 'checkpoints' / 'best.pt'}', last.pt), its test is not (metrics.json, "
+                        "predictions_test.csv): the same command with --resume tests it\n")
+        monkeypatch.undo()
+        assert main([*args[:5], "--resume", *args[5:]]) == 0
+        assert (out / "metrics.json").is_file()
+    else:
+        assert said == (f"finescope: interrupted after training ended: the run is written ('{out / 'metrics.json'}'), "
+                        f"its report.md made before is not written again: finescope report {out} makes it\n")

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from finescope import __version__
-from finescope.errors import FinescopeError, FinescopeWarning, path_error_line
+from finescope.errors import FinescopeError, FinescopeWarning, Interrupted, path_error_line
 from finescope.files import json_text, write_text
 from finescope.runtime import tune_allocator
 
@@ -528,7 +528,11 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
             raise
         _say(f"{error}{_one_line(e)}")
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if isinstance(e, Interrupted) and args.command == "train":  # the trainer says what the run holds
+            if rank == 0:
+                _say(f"finescope: interrupted {e}")
+            return 130
         again = {"train": "continue it with the same command and --resume", "cv": "rerun the same command to "
                  "resume its folds", "demo": "rerun the same command to continue"}.get(args.command, "")
         if getattr(args, "run_dir", None) and not _has_checkpoint(args):

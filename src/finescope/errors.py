@@ -16,6 +16,11 @@ class FinescopeWarning(UserWarning):
     CLI prints it as one line on stderr (``finescope: warning: ...``)."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C where the library knows what its output holds: the message says what was and was not written and
+    what to do (the CLI prints ``finescope: interrupted <message>``)."""
+
+
 SKIP_ADVICE = "; fix or remove the file, or set data.on_error=skip"  # ends the error of an unreadable image
 
 

@@ -76,7 +76,7 @@ from finescope.engine import (
     warmup_cosine,
     weight_bound,
 )
-from finescope.errors import FinescopeError, FinescopeWarning
+from finescope.errors import FinescopeError, FinescopeWarning, Interrupted
 from finescope.files import atomic_open, finite_json, json_text, remove_temporaries, write_text
 from finescope.metrics import compute_metrics
 from finescope.models import create_model
@@ -708,13 +708,32 @@ def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool) -> 
             break
         tracker = _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, device, epoch,
                              tracker, run_dir, progress, loaders, scaler=scaler)
-    with stops_raised():
-        del loaders  # stop the persistent workers before the test
-    dist.barrier()  # rank 0 has written best.pt before any rank reads it
-    metrics = finish(run_dir, cfg, sample_set, splits, device)
-    if dist.is_main():
-        _warn_earlier_evaluations(run_dir)
+    try:
+        with stops_raised():
+            del loaders  # stop the persistent workers before the test
+        dist.barrier()  # rank 0 has written best.pt before any rank reads it
+        metrics = finish(run_dir, cfg, sample_set, splits, device)
+        if dist.is_main():
+            _warn_earlier_evaluations(run_dir)
+    except KeyboardInterrupt:
+        raise Interrupted(written_after_training(run_dir, tested=len(splits.get("test", [])) > 0)) from None
     return metrics
+
+
+def written_after_training(run_dir: Path, tested: bool) -> str:
+    """What ``run_dir`` holds and lacks when its run was stopped after training ended (in its test, while its
+    files were written, or as its workers stopped), and what to do."""
+    kept = f"its checkpoints are written ('{run_dir / 'checkpoints' / 'best.pt'}', last.pt)"
+    metrics, report = run_dir / "metrics.json", run_dir / "report.md"
+    if not tested:
+        return f"after training ended: {kept}; it has no test split, nothing else is left to do"
+    if not metrics.is_file():
+        return (f"after training ended: {kept}, its test is not (metrics.json, predictions_test.csv): the same "
+                "command with --resume tests it")
+    if report.is_file() and report.stat().st_mtime_ns < metrics.stat().st_mtime_ns:  # made again after metrics
+        return (f"after training ended: the run is written ('{metrics}'), its report.md made before is not written "
+                f"again: finescope report {shlex.quote(str(run_dir))} makes it")
+    return f"after training ended: the run is written whole ('{metrics}'), nothing is left to do"
 
 
 def _warn_earlier_evaluations(run_dir: Path) -> None:
