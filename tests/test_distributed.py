@@ -745,6 +745,29 @@ def test_a_process_that_stops_answering_ends_the_others_in_one_line(tmp_path, mo
                    "--resume)"]
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_process_that_lost_another_of_more_than_two_says_where_its_rank_is_named(tmp_path, monkeypatch, capsys,
+                                                                                  world):
+    """With 3 or more processes gloo's error names a socket address, not the rank that ended, and a survivor's line
+    said only '(see its error or exit status)'; it now says that torchrun's report names it (its 'Root Cause')."""
+    from finescope import cli
+
+    def lost(args):
+        args.run_dir = str(tmp_path / "run")
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:20378: "
+                           "Connection reset by peer. This is typically caused by a remote worker hanging")
+
+    monkeypatch.setattr(cli, "cmd_train", lost)
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(["train", "--config", "configs/demo.yaml", "--out", str(tmp_path / "run")]) == 2
+    which = "(rank 0) stopped (see its error or exit status)" if world == 2 else \
+        "stopped (torchrun's report says which, under 'Root Cause')"
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"finescope: error (rank 1): another process of the run {which}, so this one stopped too; no epoch had "
+        "finished: start it again (without --resume)"]
+
+
 @pytest.mark.parametrize("checkpoint", [False, True])
 def test_torchruns_sigterm_ends_a_process_in_one_line(tmp_path, monkeypatch, capsys, checkpoint):
     """torchrun ends the other processes of a run with SIGTERM when one ends (rank 0 killed): a process busy

@@ -489,10 +489,13 @@ def _then(args: argparse.Namespace, where: bool = False) -> str:
 
 def _lost_process(e: BaseException, args: argparse.Namespace, world: int, rank: int) -> str | None:
     """The line of a process of a torchrun run that gloo's collective told of another process gone (its
-    connection closed) or silent for the process group's timeout; None for any other error."""
+    connection closed) or silent for the process group's timeout; None for any other error. Of more than 2
+    processes, gloo's error names a socket address, not the rank (which would take a collective of its own, or
+    gloo's rendezvous records, to map): torchrun's report names the process that ended first, its 'Root Cause'."""
     other = f" (rank {1 - rank})" if world == 2 else ""
     if "by peer" in str(e):
-        what = f"another process of the run{other} stopped (see its error or exit status), so this one stopped too"
+        which = "see its error or exit status" if world == 2 else "torchrun's report says which, under 'Root Cause'"
+        what = f"another process of the run{other} stopped ({which}), so this one stopped too"
     elif "Timed out waiting" in str(e) or "Application timeout" in str(e):
         from finescope.distributed import TIMEOUT_MINUTES
 
