@@ -1215,3 +1215,37 @@ def test_an_interruption_after_training_says_what_was_written(synthetic_root, tm
     else:
         assert said == (f"finescope: interrupted after training ended: the run is written ('{out / 'metrics.json'}'), "
                         f"its report.md made before is not written again: finescope report {out} makes it\n")
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_a_runs_processes_with_their_workers_is_one_line(synthetic_root, tmp_path):
+    """SLURM's pre-emption and a kill of the process group send SIGTERM to the DataLoader workers too: a worker
+    that died of it first raised torch's 'DataLoader worker (pid N) is killed by signal: Terminated' in the main
+    process, a traceback (exit 1, or 143 after the tracebacks). The workers leave SIGTERM to the main process,
+    which stops them: one line, 143."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    out = tmp_path / "run"
+    overrides = [o for o in tiny_overrides(synthetic_root, "global", 100) if not o.startswith("data.num_workers")]
+    cmd = [sys.executable, "-m", "finescope", "train", "--config", "configs/demo.yaml", "--out", str(out), "--quiet",
+           "--set", "data.num_workers=2", *overrides]
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoints" / "last.pt").is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (out / "checkpoints" / "last.pt").is_file(), proc.communicate(timeout=60)[1][-3000:]
+        os.killpg(proc.pid, signal.SIGTERM)  # the run's process and its workers, as a scheduler does
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err[-3000:]
+    assert len(err.splitlines()) == 1 and err.startswith("finescope: stopped by SIGTERM"), err[-3000:]

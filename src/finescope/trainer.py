@@ -62,7 +62,7 @@ from finescope.data import (
     save_splits,
     split_groups,
 )
-from finescope.data.dataset import aspect_key, shape_order, worker_context
+from finescope.data.dataset import aspect_key, leave_sigterm_to_main, shape_order, worker_context
 from finescope.data.sources import check_outside_data
 from finescope.data.splits import own_split_leak, trained_on
 from finescope.engine import (
@@ -212,6 +212,7 @@ def make_loader(
         pin_memory=torch.cuda.is_available() and cfg.train.device != "cpu",
         persistent_workers=workers > 0,
         multiprocessing_context=worker_context(cfg.data.cache, workers),
+        worker_init_fn=leave_sigterm_to_main,  # the main process stops the workers (a scheduler signals them all)
         generator=torch.Generator(),  # worker seeds do not draw from (and shift) the global RNG that dropout uses
     )
 

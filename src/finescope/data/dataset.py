@@ -18,6 +18,7 @@ import math
 import mmap
 import multiprocessing
 import os
+import signal
 import struct
 import sys
 import tempfile
@@ -464,6 +465,15 @@ def worker_context(cache: str, num_workers: int) -> str | None:
     cache and can be forked (Python 3.14 starts them with forkserver on Linux, and they would get a copy of the
     dataset instead of its memory), else None (the default)."""
     return "fork" if cache == "memory" and num_workers > 0 and _can_fork() else None
+
+
+def leave_sigterm_to_main(worker_id: int) -> None:
+    """A DataLoader worker's ``worker_init_fn``: ignore SIGTERM, which the main process takes (train prints its
+    line) and then stops its workers itself. A scheduler's pre-emption (SLURM) or a kill of the process group
+    sends it to the workers too; a worker that died of it first raised torch's "DataLoader worker (pid N) is
+    killed by signal: Terminated" in the main process, a traceback instead of the line. A worker left without
+    its main process still ends: torch's worker loop watches for it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class ImageDataset(Dataset):
