@@ -1249,3 +1249,28 @@ def test_a_sigterm_to_a_runs_processes_with_their_workers_is_one_line(synthetic_
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 143, err[-3000:]
     assert len(err.splitlines()) == 1 and err.startswith("finescope: stopped by SIGTERM"), err[-3000:]
+
+
+@pytest.mark.parametrize(("command", "target", "advice"), [
+    (["cv", "--config", "configs/breakhis_protocol.yaml"], "finescope.cv.run_cv",
+     "rerun the same command to resume its folds"),
+    (["demo", "--out", "DEMO"], "finescope.demo.run_demo", "rerun the same command to continue"),
+])
+def test_a_sigterm_during_cv_or_demo_is_one_line(tmp_path, monkeypatch, capsys, command, target, advice):
+    """cv and demo train in one process too, under the same schedulers as train; a SIGTERM there ended them
+    without a word (killed by the signal). They now say so in one line, with what continues them, and exit 143."""
+    import signal
+    import time
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setattr(target, terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    argv = [str(tmp_path / "demo") if a == "DEMO" else a for a in command]
+    assert main(argv) == 143
+    assert capsys.readouterr().err == (f"finescope: stopped by SIGTERM (a scheduler's pre-emption or time limit, or "
+                                       f"a kill); {advice}\n")
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -157,7 +157,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from finescope.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, progress=not args.quiet)
+    with _sigterm_raises():  # a scheduler's pre-emption: one line, as train's
+        run_demo(args.out, quick=args.quick, progress=not args.quiet)
     return 0
 
 
@@ -180,7 +181,8 @@ def cmd_cv(args: argparse.Namespace) -> int:
         flags["folds"] = 0
     cfg, protocol = load_protocol(args.config, args.profile, args.overrides, flags)
     out = args.out or f"runs/cv_{cfg.name or Path(args.config).stem}"
-    summary = run_cv(cfg, protocol, out, splits_file=args.splits or "", progress=not args.quiet)
+    with _sigterm_raises():  # a scheduler's pre-emption: one line, as train's
+        summary = run_cv(cfg, protocol, out, splits_file=args.splits or "", progress=not args.quiet)
     print(_cv_table(summary))
     print(f"cv written to {out} (summary.json, predictions.csv, report.html)")
     return 0
@@ -386,7 +388,8 @@ def _one_set_each(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 2 user error, 130 interrupted, 143 train stopped by SIGTERM)."""
+    """Run the CLI; returns the exit status (0 ok, 2 user error, 130 interrupted, 143 train, cv or demo stopped by
+    SIGTERM)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(_one_set_each(list(sys.argv[1:] if argv is None else argv)))
     if extra and isinstance(getattr(args, "paths", None), list) and not any(e.startswith("-") for e in extra):
@@ -439,7 +442,7 @@ def _has_checkpoint(args: argparse.Namespace) -> bool:
 
 
 class _Terminated(BaseException):
-    """SIGTERM during train: under torchrun, whose agent sends it to every process of a run when one of them
+    """SIGTERM during train, cv or demo: under torchrun (train), whose agent sends it to every process of a run when one of them
     ends; in one process, a scheduler's pre-emption or time limit (SLURM), or a kill. Not an ``Exception``: no
     handler on the way may take it for an error of its own."""
 
@@ -507,6 +510,11 @@ def _lost_process(e: BaseException, args: argparse.Namespace, world: int, rank: 
     return f"{what}; {_then(args)}"
 
 
+# what continues a command that was stopped (Ctrl-C, SIGTERM)
+_AGAIN = {"train": "continue it with the same command and --resume", "cv": "rerun the same command to resume its folds",
+          "demo": "rerun the same command to continue"}
+
+
 def _run(args: argparse.Namespace, debug: bool) -> int:
     """Run the parsed command; a user error is one line on stderr and exit status 2. Under torchrun each failing
     process says so, the ranks other than 0 with their rank; an interruption is reported by rank 0 alone."""
@@ -520,8 +528,8 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
         return args.func(args)
     except _Terminated:
         if _launch("WORLD_SIZE", 1) <= 1:
-            _say("finescope: stopped by SIGTERM (a scheduler's pre-emption or time limit, or a kill); "
-                 f"{_then(args, where=True)}")
+            then = _then(args, where=True) if args.command == "train" else _AGAIN[args.command]
+            _say(f"finescope: stopped by SIGTERM (a scheduler's pre-emption or time limit, or a kill); {then}")
         else:
             _say(f"{error}stopped by SIGTERM (torchrun sends it to every process of the run when one of them ends, "
                  f"or when it is stopped itself: its report says which); {_then(args)}")
@@ -536,8 +544,7 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
             if rank == 0:
                 _say(f"finescope: interrupted {e}")
             return 130
-        again = {"train": "continue it with the same command and --resume", "cv": "rerun the same command to "
-                 "resume its folds", "demo": "rerun the same command to continue"}.get(args.command, "")
+        again = _AGAIN.get(args.command, "")
         if getattr(args, "run_dir", None) and not _has_checkpoint(args):
             again = "no epoch had finished: start it again (without --resume)"
         elif args.command == "train" and not getattr(args, "run_dir", None):  # still reading the config
