@@ -8,9 +8,10 @@ import finescope
 from finescope.models import ModelOutput
 
 ROOT = Path(__file__).resolve().parents[1]
-# What makes the README's own code a seconds-long run: fewer, smaller images, one epoch, a small crop.
+# What makes the README's own code a seconds-long run: fewer, smaller images, one epoch, a small crop. The device
+# stays the config's (auto): on a CUDA machine the run trains there, as a reader's would.
 TINY = ["data.synthetic_per_class=8", "data.synthetic_size=128", "model.global_size=48", "model.local_size=64",
-        "train.epochs=1", "train.batch_size=8", "train.device=cpu", "data.num_workers=0"]
+        "train.epochs=1", "train.batch_size=8", "data.num_workers=0"]
 
 
 def test_readme_python_blocks_run_as_written(tmp_path, monkeypatch):
@@ -23,6 +24,8 @@ def test_readme_python_blocks_run_as_written(tmp_path, monkeypatch):
     assert len(blocks) == 2, "a new README Python block: run it here too"
     api, explain_block = blocks
     assert 'load_config("configs/demo.yaml"' in api and '"runs/demo/fusion"' in explain_block
+    # load_trained's default device is the run's (CUDA where it trained there), not the CPU of torch.rand's batch
+    assert 'load_trained("runs/mine", device="cpu")' in api, "the README's model would not be where its input is"
 
     (tmp_path / "configs").symlink_to(ROOT / "src" / "finescope" / "configs", target_is_directory=True)
     monkeypatch.chdir(tmp_path)
