@@ -3,6 +3,9 @@
 import csv
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,6 +46,24 @@ def test_models_lists_every_variant(capsys):
     out = capsys.readouterr().out
     for name in ("global", "global-hires", "attention", "fusion", "fusion-nogate", "mobilenet_v2"):
         assert name in out
+
+
+@pytest.mark.parametrize("args, unbuffered", [(["models"], "1"), (["models"], ""), (["--version"], "")])
+def test_output_read_by_a_closed_pipe_is_no_traceback(args, unbuffered):
+    """`finescope data ... | head` (or any reader that stops early): writing to a pipe whose reader has gone printed
+    a BrokenPipeError traceback (output unbuffered), or 'Exception ignored ... BrokenPipeError' from Python's flush
+    at exit with status 120 (buffered, as a pipe is by default). The command now ends quietly with the status a
+    SIGPIPE death reads as (141), as other command-line tools do."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone before the first line
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1",
+           "PYTHONUNBUFFERED": unbuffered}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "finescope", *args], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, env=env, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.stderr == "" and proc.returncode == 141
 
 
 def test_train_evaluate_predict(cli_run, synthetic_root, tmp_path, capsys):

@@ -12,6 +12,7 @@ import errno
 import functools
 import os
 import re
+import select
 import signal
 import sys
 import threading
@@ -388,8 +389,25 @@ def _one_set_each(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 2 user error, 130 interrupted, 143 train, cv or demo stopped by
-    SIGTERM)."""
+    """Run the CLI; returns the exit status (0 ok, 2 user error, 130 interrupted, 141 the reader of its output
+    closed the pipe, 143 train, cv or demo stopped by SIGTERM)."""
+    try:
+        try:
+            status = _main(argv)
+        except SystemExit:  # --help, --version, a usage error: argparse has printed its text
+            sys.stdout.flush()
+            raise
+        sys.stdout.flush()  # here, not in Python's flush at exit, a reader that has gone meets a handler
+        return status
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise
+        _stdout_to_devnull()  # `finescope data | head`: end quietly, with the status of a SIGPIPE death, as others do
+        return 141
+
+
+def _main(argv: list[str] | None) -> int:
+    """:func:`main` itself: parse ``argv`` and run the command."""
     parser = build_parser()
     args, extra = parser.parse_known_args(_one_set_each(list(sys.argv[1:] if argv is None else argv)))
     if extra and isinstance(getattr(args, "paths", None), list) and not any(e.startswith("-") for e in extra):
@@ -433,6 +451,24 @@ def _launch(name: str, default: int) -> int:
         return int(os.environ.get(name, str(default)))
     except ValueError:
         return default
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports an error on its write end)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or no descriptor behind sys.stdout
+        return False
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout's descriptor at /dev/null, so that Python's flush at exit does not write to the closed pipe
+    again (another traceback, 'Exception ignored ... BrokenPipeError')."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _has_checkpoint(args: argparse.Namespace) -> bool:
