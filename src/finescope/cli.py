@@ -268,7 +268,7 @@ def _add_explain(sub) -> None:
     p.add_argument("--limit", type=int, default=0, help="explain at most this many images, spread evenly over the list")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default auto: the run's train.device "
                    "where this machine has it, else CUDA when there is one)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_set(p, TRAINED_SET_HELP)
     p.set_defaults(func=cmd_explain)
 
@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", help="the variant the others are compared with (default: the first)")
     p.add_argument("--splits", help="reuse the folds of a cv splits.json")
     p.add_argument("--out", help="cv directory (default runs/cv_<config name>); rerun to resume")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
     _add_set(p)
     p.set_defaults(func=cmd_cv)
 
@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="synthetic set: train global and fusion, compare, draw attention overlays")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="a smaller, faster run (for tests)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
     p.set_defaults(func=cmd_demo)
     _add_explain(sub)
     return parser
