@@ -558,3 +558,18 @@ def test_a_csv_path_written_with_backslashes_is_named_with_the_path_to_write(tmp
     (tmp_path / "gone.csv").write_text("path,label,group\nsub\\gone.png,x,p1\n")  # not there either way: as before
     with pytest.raises(FinescopeError, match=r"line 2 does not exist; fix or remove the file"):
         load_samples(DataConfig(source="csv", root=str(tmp_path / "gone.csv")))
+
+
+@pytest.mark.parametrize("sep", [";", "\t"])
+def test_a_csv_with_semicolons_or_tabs_is_read_by_its_header(tmp_path, sep):
+    """European Excel saves 'CSV UTF-8' with ';' between cells (a BOM and CRLF too), and 'Text' with tabs: such
+    a manifest was refused with "has no 'path' column (columns: path;label;group)"; its header now names the
+    separator, and a ',' inside a cell stays in the cell."""
+    make_csv(tmp_path)
+    rows = ["path;label;group;note", "img/00.png;cat;p1;big, round", "img/01.png;dog;p2;x"]
+    (tmp_path / "m.csv").write_bytes(("\ufeff" + "\r\n".join(rows) + "\r\n").replace(";", sep).encode())
+    ss = load_samples(DataConfig(source="csv", root=str(tmp_path / "m.csv")))
+    assert [(s.group, s.meta["note"]) for s in ss.samples] == [("p1", "big, round"), ("p2", "x")]
+    excel = tmp_path / "excel.csv"  # a 'sep=' line before the header, as Excel writes and reads it
+    excel.write_text(f"sep={sep}\r\n" + "\r\n".join(rows).replace(";", sep) + "\r\n")
+    assert load_samples(DataConfig(source="csv", root=str(excel))).samples == ss.samples

@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 import stat
@@ -507,21 +508,37 @@ def _manifest_path(root: str) -> Path:
     return path
 
 
+def _separator(text: str) -> tuple[str, int]:
+    """The cell separator of a manifest and how many lines come before its header: the one a first line
+    ``sep=X`` names (Excel writes and reads it), else ',' unless the header has a ``path`` cell only when split
+    by ';' (Excel where ',' is the decimal mark) or by a tab (Excel's "Text")."""
+    first = text.split("\n", 1)[0].rstrip("\r")
+    if len(first) == 5 and first.lower().startswith("sep="):
+        return first[4], 1
+    for sep in (",", ";", "\t"):
+        if "path" in (cell.strip().strip('"').strip().lower() for cell in first.split(sep)):
+            return sep, 0
+    return ",", 0
+
+
 def _read_rows(manifest: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     """Header and (file line, row) of every row of a manifest (blank lines skipped, multi-line cells counted);
     raise when it cannot be read or lacks ``path``/``label``."""
-    reader = None
+    reader, before = None, 0
     try:
         with manifest.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh, strict=True)  # strict: an unclosed quote is an error, not one long cell
-            header = [h.strip() for h in (reader.fieldnames or [])]
-            rows = [  # reader.line_num: the file line where the row just read ends
-                (reader.line_num, {k.strip(): (v or "").strip() for k, v in row.items() if isinstance(k, str)})
-                for row in reader
-            ]
+            text = fh.read()
+        sep, before = _separator(text)
+        body = text.split("\n", 1)[1] if before and "\n" in text else "" if before else text
+        reader = csv.DictReader(io.StringIO(body, newline=""), delimiter=sep, strict=True)  # strict: an unclosed
+        header = [h.strip() for h in (reader.fieldnames or [])]  # quote is an error, not one long cell
+        rows = [  # reader.line_num: the line where the row just read ends, counted from the header
+            (reader.line_num + before, {k.strip(): (v or "").strip() for k, v in row.items() if isinstance(k, str)})
+            for row in reader
+        ]
     except csv.Error as e:
         hint = " (a quote opened and never closed?)" if "end of data" in str(e) else ""
-        start = (reader.line_num if reader else 0) + 1  # the row that failed starts after the last one read
+        start = (reader.line_num if reader else 0) + before + 1  # the row that failed starts after the last read
         raise FinescopeError(f"cannot read CSV manifest '{manifest}', the row from line {start}: {e}{hint}") from None
     except UnicodeDecodeError as e:  # e.g. Excel's "CSV (Comma delimited)": the Windows code page
         raise FinescopeError(f"cannot read CSV manifest '{manifest}': it is not UTF-8 ({e}); save it as UTF-8 "
