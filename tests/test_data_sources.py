@@ -573,3 +573,17 @@ def test_a_csv_with_semicolons_or_tabs_is_read_by_its_header(tmp_path, sep):
     excel = tmp_path / "excel.csv"  # a 'sep=' line before the header, as Excel writes and reads it
     excel.write_text(f"sep={sep}\r\n" + "\r\n".join(rows).replace(";", sep) + "\r\n")
     assert load_samples(DataConfig(source="csv", root=str(excel))).samples == ss.samples
+
+
+def test_csv_column_names_are_read_in_any_case(tmp_path):
+    """A spreadsheet's header 'Path,Label,Group,Split' was refused ("has no 'path' column (columns: Path, ...)");
+    finescope's own columns are now read in any letter case, other columns keep theirs, and two columns that
+    name one in different cases are refused, naming both."""
+    make_csv(tmp_path)
+    (tmp_path / "m.csv").write_text("PATH,Label,Group,Split,Stain\nimg/00.png,cat,p1,Train,HE\nimg/01.png,dog,p2,test,x\n")
+    ss = load_samples(DataConfig(source="csv", root=str(tmp_path / "m.csv")))
+    assert [(s.group, s.meta) for s in ss.samples] == [("p1", {"Stain": "HE"}), ("p2", {"Stain": "x"})]
+    assert ss.preset_splits == ["train", "test"]
+    (tmp_path / "two.csv").write_text("path,label,Label\nimg/00.png,cat,dog\n")
+    with pytest.raises(FinescopeError, match=r"two\.csv' has the columns 'label' and 'Label'; keep one"):
+        load_samples(DataConfig(source="csv", root=str(tmp_path / "two.csv")))

@@ -57,6 +57,7 @@ BREAKHIS_NAME = re.compile(
 )
 BREAKHIS_EXAMPLE = "SOB_<B|M>_<A|F|PT|TA|DC|LC|MC|PC>-<year>-<patient>-<magnification>-<index>.png"
 SPLIT_NAMES = ("train", "val", "test")
+CSV_COLUMNS = ("path", "label", "group", "split", "patient", "magnification")  # read in any letter case
 
 
 class _Found(NamedTuple):
@@ -521,6 +522,17 @@ def _separator(text: str) -> tuple[str, int]:
     return ",", 0
 
 
+def _column_names(manifest: Path, names: Sequence[str]) -> list[str]:
+    """A header's column names, stripped, finescope's own (:data:`CSV_COLUMNS`) in lower case whatever case a
+    spreadsheet gave them; raise when two cells name one column."""
+    header = [h.strip().lower() if h.strip().lower() in CSV_COLUMNS else h.strip() for h in names]
+    for i, name in enumerate(header):
+        if name and name in header[:i]:
+            raise FinescopeError(f"CSV manifest '{manifest}' has the columns '{names[header.index(name)].strip()}' and "
+                                 f"'{names[i].strip()}'; keep one")
+    return header
+
+
 def _read_rows(manifest: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     """Header and (file line, row) of every row of a manifest (blank lines skipped, multi-line cells counted);
     raise when it cannot be read or lacks ``path``/``label``."""
@@ -531,7 +543,8 @@ def _read_rows(manifest: Path) -> tuple[list[str], list[tuple[int, dict[str, str
         sep, before = _separator(text)
         body = text.split("\n", 1)[1] if before and "\n" in text else "" if before else text
         reader = csv.DictReader(io.StringIO(body, newline=""), delimiter=sep, strict=True)  # strict: an unclosed
-        header = [h.strip() for h in (reader.fieldnames or [])]  # quote is an error, not one long cell
+        header = _column_names(manifest, reader.fieldnames or [])  # quote is an error, not one long cell
+        reader.fieldnames = header
         rows = [  # reader.line_num: the line where the row just read ends, counted from the header
             (reader.line_num + before, {k.strip(): (v or "").strip() for k, v in row.items() if isinstance(k, str)})
             for row in reader
