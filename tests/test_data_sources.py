@@ -353,13 +353,13 @@ def test_csv_without_group_or_split(tmp_path):
     tiny_png(tmp_path / "a.png")
     tiny_png(tmp_path / "sub" / "b.png")
     manifest = write_csv(tmp_path / "list.csv", ["path", "label"], [["sub/b.png", "y"], ["a.png", "x"]])
-    with pytest.warns(FinescopeWarning, match=r"list.csv' has no 'group' column \(add one naming each image's "
+    with pytest.warns(FinescopeWarning, match=r"list.csv' has no 'group' or 'patient' column \(add one naming each image's "
                       r"patient or specimen\), so each of the 2 images is its own group"):
         ss = load_samples(DataConfig(source="csv", root=str(manifest)))
     assert ss.groups == ["a.png", "sub/b.png"] and ss.preset_splits is None
     named = write_csv(tmp_path / "named.csv", ["path", "label", "patient_id", "stain"],
                       [["sub/b.png", "y", "P1", "HE"], ["a.png", "x", "P1", "HE"]])
-    with pytest.warns(FinescopeWarning, match=r"named.csv' has no 'group' column \(its other columns: patient_id, "
+    with pytest.warns(FinescopeWarning, match=r"named.csv' has no 'group' or 'patient' column \(its other columns: patient_id, "
                       r"stain; rename the patient or specimen column to 'group'\)"):
         load_samples(DataConfig(source="csv", root=str(named)))
 
@@ -587,3 +587,17 @@ def test_csv_column_names_are_read_in_any_case(tmp_path):
     (tmp_path / "two.csv").write_text("path,label,Label\nimg/00.png,cat,dog\n")
     with pytest.raises(FinescopeError, match=r"two\.csv' has the columns 'label' and 'Label'; keep one"):
         load_samples(DataConfig(source="csv", root=str(tmp_path / "two.csv")))
+
+
+def test_a_csv_patient_column_is_the_group_when_there_is_no_group_column(tmp_path, recwarn):
+    """A spreadsheet with a 'Patient' column but no 'group' one split images of one patient across train and
+    test (each image its own group, with a warning to rename the column); the patient column is now the group,
+    and an empty patient cell is refused as an empty group is."""
+    make_csv(tmp_path)
+    (tmp_path / "m.csv").write_text("path,label,Patient\nimg/00.png,cat,A\nimg/01.png,dog,A\nimg/02.png,cat,B\n")
+    ss = load_samples(DataConfig(source="csv", root=str(tmp_path / "m.csv")))
+    assert [(s.group, s.patient) for s in ss.samples] == [("A", "A"), ("A", "A"), ("B", "B")]
+    assert not [w for w in recwarn if issubclass(w.category, FinescopeWarning)]
+    (tmp_path / "e.csv").write_text("path,label,patient\nimg/00.png,cat,A\nimg/01.png,dog,\n")
+    with pytest.raises(FinescopeError, match=r"e\.csv' line 3 has an empty patient; give every row its patient"):
+        load_samples(DataConfig(source="csv", root=str(tmp_path / "e.csv")))

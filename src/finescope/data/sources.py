@@ -569,6 +569,11 @@ def _read_rows(manifest: Path) -> tuple[list[str], list[tuple[int, dict[str, str
     return header, rows
 
 
+def _group_column(header: list[str]) -> str:
+    """The manifest's column of groups: ``group``, else ``patient``, else none ('')."""
+    return next((c for c in ("group", "patient") if c in header), "")
+
+
 def _csv_row(row: dict[str, str], line: int, manifest: Path, header: list[str], seen: set[str]) -> _Found:
     """One manifest row as a :class:`_Found` (the image's existence is checked by the caller)."""
     where = f"CSV manifest '{manifest}' line {line}"
@@ -583,10 +588,11 @@ def _csv_row(row: dict[str, str], line: int, manifest: Path, header: list[str], 
         split = row["split"].lower()
         if split not in SPLIT_NAMES:
             raise FinescopeError(f"{where} has split '{row['split']}'; use one of: {', '.join(SPLIT_NAMES)}")
-    if "group" in header and not row["group"]:
-        raise FinescopeError(f"{where} has an empty group; give every row its patient or specimen (without a "
-                             "group column each image is its own group)")
-    group = row.get("group") or Path(row["path"]).as_posix()
+    column = _group_column(header)
+    if column and not row[column]:
+        raise FinescopeError(f"{where} has an empty {column}; give every row its patient or specimen (without a "
+                             "group or patient column each image is its own group)")
+    group = row[column] if column else Path(row["path"]).as_posix()
     meta = {k: v for k, v in row.items() if k not in ("path", "label", "group", "split") and k}
     if "magnification" in meta:  # '40X' or '40' -> 40, as BreakHis names give it; an empty cell says none
         mag = re.fullmatch(r"(\d+)\s*[xX]?", meta["magnification"])
@@ -630,8 +636,8 @@ def read_manifest(manifest: Path, cfg: DataConfig) -> _Scan:
             raise FinescopeError(f"CSV manifest '{manifest}' lists no image at data.magnifications "
                                  f"{list(cfg.magnifications)} in its magnification column; check data.magnifications")
     others = [h for h in header if h and h not in ("path", "label", "split")]
-    no_groups = "" if "group" in header else (
-        f"CSV manifest '{manifest}' has no 'group' column"
+    no_groups = "" if _group_column(header) else (
+        f"CSV manifest '{manifest}' has no 'group' or 'patient' column"
         + (f" (its other columns: {', '.join(others)}; rename the patient or specimen column to 'group')" if others
            else " (add one naming each image's patient or specimen)"))
     return _Scan(found, sorted({f.label for f in found}), str(manifest.parent), skipped, no_groups, str(manifest))
