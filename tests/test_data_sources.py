@@ -601,3 +601,15 @@ def test_a_csv_patient_column_is_the_group_when_there_is_no_group_column(tmp_pat
     (tmp_path / "e.csv").write_text("path,label,patient\nimg/00.png,cat,A\nimg/01.png,dog,\n")
     with pytest.raises(FinescopeError, match=r"e\.csv' line 3 has an empty patient; give every row its patient"):
         load_samples(DataConfig(source="csv", root=str(tmp_path / "e.csv")))
+
+
+def test_csv_rows_with_every_cell_empty_are_skipped(tmp_path):
+    """Excel exports the formatted but empty rows below a table as ',,' (or ';;'): such a manifest was refused
+    with "line 4 has an empty path or label"; a row whose cells are all empty is now skipped like a blank line,
+    and a row with only its path or only its label still names its line."""
+    make_csv(tmp_path)
+    (tmp_path / "m.csv").write_text("path,label,group\r\nimg/00.png,cat,p1\r\nimg/01.png,dog,p2\r\n,,\r\n , ,\r\n,,\r\n")
+    assert len(load_samples(DataConfig(source="csv", root=str(tmp_path / "m.csv")))) == 2
+    (tmp_path / "half.csv").write_text("path,label,group\nimg/00.png,cat,p1\nimg/01.png,,p2\n,,\n")
+    with pytest.raises(FinescopeError, match=r"half\.csv' line 3 has an empty path or label"):
+        load_samples(DataConfig(source="csv", root=str(tmp_path / "half.csv")))

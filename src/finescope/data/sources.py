@@ -549,6 +549,7 @@ def _read_rows(manifest: Path) -> tuple[list[str], list[tuple[int, dict[str, str
             (reader.line_num + before, {k.strip(): (v or "").strip() for k, v in row.items() if isinstance(k, str)})
             for row in reader
         ]
+        rows = [(line, row) for line, row in rows if any(row.values())]  # Excel's ',,' below the table: blank
     except csv.Error as e:
         hint = " (a quote opened and never closed?)" if "end of data" in str(e) else ""
         start = (reader.line_num if reader else 0) + before + 1  # the row that failed starts after the last read
