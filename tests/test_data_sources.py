@@ -380,8 +380,8 @@ def test_csv_errors(tmp_path):
     split = write_csv(tmp_path / "split.csv", ["path", "label", "split"], [["a.png", "x", "holdout"]])
     with pytest.raises(FinescopeError, match=r"split\.csv.*'holdout'.*train, val, test"):
         load_samples(DataConfig(source="csv", root=str(split)))
-    dup = write_csv(tmp_path / "dup.csv", ["path", "label"], [["a.png", "x"], ["./a.png", "x"]])
-    with pytest.raises(FinescopeError, match=r"dup\.csv.*second time"):
+    dup = write_csv(tmp_path / "dup.csv", ["path", "label"], [["a.png", "x"], ["./a.png", "y"]])
+    with pytest.raises(FinescopeError, match=r"dup\.csv' line 3 lists './a\.png' again, with label 'y'"):
         load_samples(DataConfig(source="csv", root=str(dup)))
     with pytest.raises(FinescopeError, match="without manifest.csv"):
         load_samples(DataConfig(source="csv", root=str(tmp_path)))
@@ -613,3 +613,19 @@ def test_csv_rows_with_every_cell_empty_are_skipped(tmp_path):
     (tmp_path / "half.csv").write_text("path,label,group\nimg/00.png,cat,p1\nimg/01.png,,p2\n,,\n")
     with pytest.raises(FinescopeError, match=r"half\.csv' line 3 has an empty path or label"):
         load_samples(DataConfig(source="csv", root=str(tmp_path / "half.csv")))
+
+
+def test_csv_image_listed_twice_is_kept_once_when_the_rows_agree(tmp_path):
+    """An image listed twice (a row pasted twice) was refused even where both rows say the same; it is now read
+    once with a warning naming both lines, and refused, naming both lines and what differs, where the rows give
+    it two labels, groups or splits (which one is meant cannot be told)."""
+    make_csv(tmp_path)
+    (tmp_path / "m.csv").write_text("path,label,group\nimg/00.png,cat,p1\nimg/01.png,dog,p2\n./img/00.png,cat,p1\n")
+    with pytest.warns(FinescopeWarning, match=r"m\.csv' lists 'img/00\.png' on lines 2 and 4, with the same label, "
+                                              r"group and split; read once"):
+        ss = load_samples(DataConfig(source="csv", root=str(tmp_path / "m.csv")))
+    assert [Path(s.path).name for s in ss.samples] == ["00.png", "01.png"]
+    (tmp_path / "two.csv").write_text("path,label,group\nimg/00.png,cat,p1\nimg/01.png,dog,p2\nimg/00.png,dog,p1\n")
+    with pytest.raises(FinescopeError, match=r"two\.csv' line 4 lists 'img/00\.png' again, with label 'dog' where "
+                                             r"line 2 has 'cat'; remove the wrong row"):
+        load_samples(DataConfig(source="csv", root=str(tmp_path / "two.csv")))

@@ -575,15 +575,12 @@ def _group_column(header: list[str]) -> str:
     return next((c for c in ("group", "patient") if c in header), "")
 
 
-def _csv_row(row: dict[str, str], line: int, manifest: Path, header: list[str], seen: set[str]) -> _Found:
+def _csv_row(row: dict[str, str], line: int, manifest: Path, header: list[str]) -> _Found:
     """One manifest row as a :class:`_Found` (the image's existence is checked by the caller)."""
     where = f"CSV manifest '{manifest}' line {line}"
     if not row.get("path") or not row.get("label"):
         raise FinescopeError(f"{where} has an empty path or label; every row needs both")
     path = os.path.abspath(manifest.parent / row["path"])
-    if path in seen:
-        raise FinescopeError(f"{where} lists '{row['path']}' a second time; remove the duplicate row")
-    seen.add(path)
     split = None
     if "split" in header:
         split = row["split"].lower()
@@ -610,9 +607,19 @@ def _csv_row(row: dict[str, str], line: int, manifest: Path, header: list[str], 
 def read_manifest(manifest: Path, cfg: DataConfig) -> _Scan:
     """Read a ``path,label[,group][,split]`` CSV; paths are relative to the CSV's folder."""
     header, rows = _read_rows(manifest)
-    found, skipped, seen = [], [], set()
+    found, skipped, first, repeated = [], [], {}, []
     for line, row in rows:
-        item = _csv_row(row, line, manifest, header, seen)
+        item = _csv_row(row, line, manifest, header)
+        if item.path in first:  # a row pasted twice: one image, unless the rows disagree about it
+            line0, item0, text0 = first[item.path]
+            for what, a, b in (("label", item0.label, item.label), ("group", item0.group, item.group),
+                               ("split", item0.split, item.split)):
+                if a != b:
+                    raise FinescopeError(f"CSV manifest '{manifest}' line {line} lists '{row['path']}' again, with "
+                                         f"{what} '{b}' where line {line0} has '{a}'; remove the wrong row")
+            repeated.append((text0, line0, line))
+            continue
+        first[item.path] = (line, item, row["path"])
         if not os.path.isfile(item.path):
             what = ("is a folder, not an image" if os.path.isdir(item.path) else
                     "is not a regular file (a named pipe, socket or device)" if os.path.exists(item.path) else
@@ -625,6 +632,13 @@ def read_manifest(manifest: Path, cfg: DataConfig) -> _Scan:
             _skip_or_raise(cfg, item.path, reason, skipped)
             continue
         found.append(item)
+    if repeated:
+        text, line0, line = repeated[0]
+        warnings.warn(f"CSV manifest '{manifest}' lists '{text}' on lines {line0} and {line}, with the same label, "
+                      "group and split; read once (remove the repeated row)" if len(repeated) == 1 else
+                      f"CSV manifest '{manifest}' lists {len(repeated)} images again, with the same label, group and "
+                      f"split, e.g. '{text}' on lines {line0} and {line}; each read once (remove the repeated rows)",
+                      FinescopeWarning, stacklevel=3)
     if not found:
         raise FinescopeError(f"none of the images listed in CSV manifest '{manifest}' exists")
     if cfg.magnifications:  # a magnification column, as cv --per-magnification trains each on its own
