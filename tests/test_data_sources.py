@@ -547,17 +547,22 @@ def test_a_pipe_listed_in_a_csv_manifest_is_named_as_no_regular_file(tmp_path):
 
 
 @pytest.mark.skipif(os.sep != "/", reason="a backslash is a separator where os.sep is one")
-def test_a_csv_path_written_with_backslashes_is_named_with_the_path_to_write(tmp_path):
-    """A manifest made on Windows (path 'sub\\a.png') was refused with 'does not exist; fix or remove the file',
-    though the image is there: the message now says the path is written with '\\' and gives it with '/'."""
-    tiny_png(tmp_path / "sub" / "a.png")
-    (tmp_path / "m.csv").write_text("path,label,group\nsub\\a.png,x,p1\n")
-    with pytest.raises(FinescopeError, match=r"line 2 does not exist: it is written with '\\' \(a Windows path\?\); "
-                                             r"write it as 'sub/a.png'"):
-        load_samples(DataConfig(source="csv", root=str(tmp_path / "m.csv")))
+def test_a_csv_path_written_with_backslashes_is_read_with_slashes(tmp_path):
+    """A manifest made on Windows (path 'sub\\a.png') was refused with "does not exist: it is written with '\\'
+    ...; write it as 'sub/a.png'", though what it meant was plain: such a path that names no file here is now read
+    with '/'; one that names no file either way, or a Windows drive path, says what to write."""
+    tiny_png(tmp_path / "sub dir" / "a.png")
+    tiny_png(tmp_path / "b.png")
+    (tmp_path / "m.csv").write_text("path,label,group\nsub dir\\a.png,x,p1\n.\\b.png,y,p2\n")
+    ss = load_samples(DataConfig(source="csv", root=str(tmp_path / "m.csv")))
+    assert [s.path for s in ss.samples] == [str(tmp_path / "b.png"), str(tmp_path / "sub dir" / "a.png")]
     (tmp_path / "gone.csv").write_text("path,label,group\nsub\\gone.png,x,p1\n")  # not there either way: as before
     with pytest.raises(FinescopeError, match=r"line 2 does not exist; fix or remove the file"):
         load_samples(DataConfig(source="csv", root=str(tmp_path / "gone.csv")))
+    (tmp_path / "drive.csv").write_text("path,label,group\nC:\\Users\\lab\\a.png,x,p1\n")
+    with pytest.raises(FinescopeError, match=r"line 2 does not exist: it is a Windows path; write it relative to "
+                                             r"the CSV's folder or as a path on this machine"):
+        load_samples(DataConfig(source="csv", root=str(tmp_path / "drive.csv")))
 
 
 @pytest.mark.parametrize("sep", [";", "\t"])

@@ -581,6 +581,9 @@ def _csv_row(row: dict[str, str], line: int, manifest: Path, header: list[str]) 
     if not row.get("path") or not row.get("label"):
         raise FinescopeError(f"{where} has an empty path or label; every row needs both")
     path = os.path.abspath(manifest.parent / row["path"])
+    if os.sep == "/" and "\\" in row["path"] and not os.path.lexists(path):  # a manifest made on Windows
+        posix = os.path.abspath(manifest.parent / row["path"].replace("\\", "/"))
+        path = posix if os.path.lexists(posix) else path
     split = None
     if "split" in header:
         split = row["split"].lower()
@@ -624,10 +627,8 @@ def read_manifest(manifest: Path, cfg: DataConfig) -> _Scan:
             what = ("is a folder, not an image" if os.path.isdir(item.path) else
                     "is not a regular file (a named pipe, socket or device)" if os.path.exists(item.path) else
                     "does not exist")
-            posix = row["path"].replace("\\", "/")  # a manifest made on Windows: 'sub\a.png' names no file here
-            if what == "does not exist" and os.sep == "/" and posix != row["path"] \
-                    and os.path.isfile(manifest.parent / posix):
-                what += f": it is written with '\\' (a Windows path?); write it as '{posix}'"
+            if what == "does not exist" and os.sep == "/" and re.match(r"[A-Za-z]:[\\/]", row["path"]):
+                what += ": it is a Windows path; write it relative to the CSV's folder or as a path on this machine"
             reason = f"image '{item.path}' listed in CSV manifest '{manifest}' line {line} {what}"
             _skip_or_raise(cfg, item.path, reason, skipped)
             continue
