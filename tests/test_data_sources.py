@@ -634,3 +634,17 @@ def test_csv_image_listed_twice_is_kept_once_when_the_rows_agree(tmp_path):
     with pytest.raises(FinescopeError, match=r"two\.csv' line 4 lists 'img/00\.png' again, with label 'dog' where "
                                              r"line 2 has 'cat'; remove the wrong row"):
         load_samples(DataConfig(source="csv", root=str(tmp_path / "two.csv")))
+
+
+def test_a_multi_page_tiff_in_a_manifest_is_named_by_finescope_data(tmp_path):
+    """A microscope's multi-page TIFF (a z-stack, channels or a pyramid) was read as its first page without a
+    word; `finescope data` now lists such files with their page counts, and says that only the first is read."""
+    from finescope.data import describe_samples, format_description
+
+    pages = [Image.new("RGB", (16, 12), (v, v, v)) for v in (60, 120, 180)]
+    pages[0].save(tmp_path / "stack.TIF", save_all=True, append_images=pages[1:])
+    pages[0].save(tmp_path / "one.tif")
+    (tmp_path / "m.csv").write_text("path,label,group\nstack.TIF,x,p1\none.tif,y,p2\n")
+    d = describe_samples(load_samples(DataConfig(source="csv", root=str(tmp_path / "m.csv"))))
+    assert d["multi_page"] == [[str(tmp_path / "stack.TIF"), 3]]
+    assert "multi-page files, read as their first page only: 1\n  stack.TIF: 3 pages" in format_description(d)

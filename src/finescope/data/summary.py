@@ -15,6 +15,7 @@ from collections import Counter, defaultdict
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from finescope.config import MAX_SIDE
 from finescope.data.dataset import check_view_side, read_image
@@ -34,17 +35,31 @@ def _file_digest(path: str) -> str | None:
 DARK = 16  # an image whose brightest value is at most this (of 255) is almost black
 
 
+def _pages(path: str) -> int:
+    """How many pages (frames) a TIFF or WebP file holds: :func:`read_image` reads the first; 1 for other
+    formats, or where the header cannot tell."""
+    if os.path.splitext(path)[1].lower() not in (".tif", ".tiff", ".webp"):
+        return 1
+    try:
+        with Image.open(path) as img:
+            return int(getattr(img, "n_frames", 1))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return 1
+
+
 def _read_all(sample_set: SampleSet, min_side: int, view_side: int = 0) -> tuple[
         Counter, list[tuple[str, str]], list[list[str]], list[tuple[str, str]], list[tuple[str, int]],
-        list[tuple[str, str]]]:
+        list[tuple[str, str]], list[tuple[str, int]]]:
     """Decode every image: size histogram ("WxH": n), unreadable files, sets of byte-identical files, the
     images whose short side is below ``min_side`` (path, "WxH"), the almost black ones (path, brightest) and
-    those whose global view (short side ``view_side``) would be too long (path, "WxH"; :func:`check_view_side`)."""
+    those whose global view (short side ``view_side``) would be too long (path, "WxH"; :func:`check_view_side`)
+    and the files of several pages, of which the first is read (path, pages)."""
     sizes: Counter = Counter()
     unreadable: list[tuple[str, str]] = []
     small: list[tuple[str, str]] = []
     thin: list[tuple[str, str]] = []
     dark: list[tuple[str, int]] = []
+    multi: list[tuple[str, int]] = []
     by_digest: dict[str, list[str]] = defaultdict(list)
     for s in sample_set.samples:
         digest = _file_digest(s.path)
@@ -64,8 +79,10 @@ def _read_all(sample_set: SampleSet, min_side: int, view_side: int = 0) -> tuple
             thin.append((s.path, f"{img.shape[2]}x{img.shape[1]}"))
         if int(img.max()) <= DARK:
             dark.append((s.path, int(img.max())))
+        if (pages := _pages(s.path)) > 1:
+            multi.append((s.path, pages))
     duplicates = [paths for paths in by_digest.values() if len(paths) > 1]
-    return sizes, unreadable, sorted(duplicates), small, dark, thin
+    return sizes, unreadable, sorted(duplicates), small, dark, thin, multi
 
 
 def describe_samples(sample_set: SampleSet, read_images: bool = True, min_side: int = 0,
@@ -91,8 +108,9 @@ def describe_samples(sample_set: SampleSet, read_images: bool = True, min_side: 
         ``duplicates_across_groups`` (how many of those lists span two groups: a possible leak), ``too_small``
         ([(path, "WxH")] below ``min_side``, with ``min_side``), ``too_thin`` ([(path, "WxH")], with ``view_side``),
         ``almost_black`` ([(path, brightest value)] at most
-        16 of 255: e.g. 12-bit camera data in a 16-bit file, which is read as value * 255 / 65535) and ``skipped``
-        (files the source skipped).
+        16 of 255: e.g. 12-bit camera data in a 16-bit file, which is read as value * 255 / 65535),
+        ``multi_page`` ([(path, pages)] of the TIFF or WebP files of several pages, read as their first) and
+        ``skipped`` (files the source skipped).
     """
     samples = sample_set.samples
     per_group = Counter(s.group for s in samples)
@@ -124,7 +142,7 @@ def describe_samples(sample_set: SampleSet, read_images: bool = True, min_side: 
         "skipped": [list(x) for x in sample_set.skipped],
     }
     if read_images:
-        sizes, unreadable, duplicates, small, dark, thin = _read_all(sample_set, min_side, view_side)
+        sizes, unreadable, duplicates, small, dark, thin, multi = _read_all(sample_set, min_side, view_side)
         group_of = {s.path: s.group for s in samples}
         out["image_sizes"] = dict(sizes.most_common())
         out["on_error"] = on_error
@@ -134,6 +152,7 @@ def describe_samples(sample_set: SampleSet, read_images: bool = True, min_side: 
         out["min_side"], out["too_small"] = min_side, [list(x) for x in small]
         out["view_side"], out["too_thin"] = view_side, [list(x) for x in thin]
         out["almost_black"] = [list(x) for x in dark]
+        out["multi_page"] = [list(x) for x in multi]
     return out
 
 
@@ -206,6 +225,9 @@ def _problems(d: dict[str, Any]) -> list[str]:
                      "are read as value * 255 / 65535, so 12-bit camera data in them reads so: rescale them to the "
                      "full 16-bit range or to 8 bits")
         lines += [f"  {_rel(p, root)}: brightest {v}" for p, v in d["almost_black"][:20]]
+    if d.get("multi_page"):  # a z-stack, channels or a pyramid: which page is meant, finescope cannot tell
+        lines.append(f"multi-page files, read as their first page only: {len(d['multi_page'])}")
+        lines += [f"  {_rel(p, root)}: {n} pages" for p, n in d["multi_page"][:20]]
     if d.get("skipped"):
         lines.append(f"skipped by the source: {len(d['skipped'])}")
         lines += [f"  {_rel(p, root)}: {reason}" for p, reason in d["skipped"][:20]]
