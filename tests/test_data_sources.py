@@ -648,3 +648,14 @@ def test_a_multi_page_tiff_in_a_manifest_is_named_by_finescope_data(tmp_path):
     d = describe_samples(load_samples(DataConfig(source="csv", root=str(tmp_path / "m.csv"))))
     assert d["multi_page"] == [[str(tmp_path / "stack.TIF"), 3]]
     assert "multi-page files, read as their first page only: 1\n  stack.TIF: 3 pages" in format_description(d)
+
+
+def test_a_csv_manifest_given_to_predict_says_that_evaluate_reads_it(tmp_path):
+    """`finescope predict RUN manifest.csv` said only "is not an image file; supported: .png, ...", leaving a
+    user with a spreadsheet of labelled images no way on; it now names the command that scores them."""
+    from finescope.data.sources import images_in
+
+    with pytest.raises(FinescopeError, match=r"manifest\.csv' is not an image file but a table: predict reads images and "
+                                             r"folders; evaluate RUN --set data.source=csv data.root=.*manifest\.csv "
+                                             r"scores the images a CSV manifest lists"):
+        images_in([make_csv(tmp_path / "set"), tmp_path / "set" / "img"])

@@ -263,6 +263,10 @@ def images_in(paths: Sequence[str | Path]) -> list[tuple[Path, Path]]:
         if p.is_dir():
             files += [(f, p) for f in find_images(p)]
         elif p.is_file():
+            if p.suffix.lower() in (".csv", ".tsv"):  # a spreadsheet of labelled images: evaluate scores them
+                raise FinescopeError(f"'{p}' is not an image file but a table: predict reads images and folders; "
+                                     f"evaluate RUN --set data.source=csv data.root={p} scores the images a CSV "
+                                     "manifest lists")
             if not is_image_file(p):
                 raise FinescopeError(f"'{p}' is not an image file; supported: {', '.join(SUPPORTED_EXTENSIONS)}")
             files.append((p, p.parent))
