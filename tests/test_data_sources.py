@@ -659,3 +659,15 @@ def test_a_csv_manifest_given_to_predict_says_that_evaluate_reads_it(tmp_path):
                                              r"folders; evaluate RUN --set data.source=csv data.root=.*manifest\.csv "
                                              r"scores the images a CSV manifest lists"):
         images_in([make_csv(tmp_path / "set"), tmp_path / "set" / "img"])
+
+
+def test_a_csv_saved_as_excel_unicode_text_is_read(tmp_path):
+    """Excel's "Unicode Text" saves UTF-16 with a BOM and tabs between cells: such a manifest was refused as
+    "not UTF-8"; a UTF-16 file (it starts with its BOM) is now decoded as such."""
+    make_csv(tmp_path)
+    text = "\ufeffpath\tlabel\tgroup\r\nimg/00.png\tcat\tMüller\r\nimg/01.png\tdog\tp2\r\n"
+    (tmp_path / "m.csv").write_bytes(text.encode("utf-16-le"))
+    (tmp_path / "be.csv").write_bytes(text.encode("utf-16-be"))
+    for name in ("m.csv", "be.csv"):
+        ss = load_samples(DataConfig(source="csv", root=str(tmp_path / name)))
+        assert [s.group for s in ss.samples] == ["Müller", "p2"]

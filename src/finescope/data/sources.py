@@ -542,7 +542,9 @@ def _read_rows(manifest: Path) -> tuple[list[str], list[tuple[int, dict[str, str
     raise when it cannot be read or lacks ``path``/``label``."""
     reader, before = None, 0
     try:
-        with manifest.open(newline="", encoding="utf-8-sig") as fh:
+        with manifest.open("rb") as fh:  # Excel's "Unicode Text" is UTF-16 with a BOM; else UTF-8, BOM or not
+            utf16 = fh.read(2) in (b"\xff\xfe", b"\xfe\xff")
+        with manifest.open(newline="", encoding="utf-16" if utf16 else "utf-8-sig") as fh:
             text = fh.read()
         sep, before = _separator(text)
         body = text.split("\n", 1)[1] if before and "\n" in text else "" if before else text
