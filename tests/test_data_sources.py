@@ -671,3 +671,14 @@ def test_a_csv_saved_as_excel_unicode_text_is_read(tmp_path):
     for name in ("m.csv", "be.csv"):
         ss = load_samples(DataConfig(source="csv", root=str(tmp_path / name)))
         assert [s.group for s in ss.samples] == ["Müller", "p2"]
+
+
+def test_csv_labels_that_are_one_number_written_two_ways_are_warned_about(tmp_path):
+    """Labels 1 and 1.0 (a number column a spreadsheet exported in two formats) became two classes without a
+    word; they stay two classes (finescope cannot tell whether they are one), with a warning naming them."""
+    make_csv(tmp_path)
+    (tmp_path / "m.csv").write_text("path,label,group\nimg/00.png,0,p1\nimg/01.png,1,p2\nimg/02.png,1.0,p3\n")
+    with pytest.warns(FinescopeWarning, match=r"m\.csv' has the labels '1' and '1\.0', one number written two ways, "
+                                              r"read as two classes; write each class's label alike"):
+        ss = load_samples(DataConfig(source="csv", root=str(tmp_path / "m.csv")))
+    assert ss.class_names == ["0", "1", "1.0"]

@@ -613,6 +613,21 @@ def _csv_row(row: dict[str, str], line: int, manifest: Path, header: list[str]) 
     return _Found(path, row["label"], group, meta, split)
 
 
+def _warn_numbers_written_two_ways(manifest: Path, labels: list[str]) -> None:
+    """Warn about labels that read as one number (``1`` and ``1.0``): two classes, though maybe meant as one."""
+    spellings: dict[float, list[str]] = {}
+    for label in labels:
+        try:
+            spellings.setdefault(float(label), []).append(label)
+        except ValueError:
+            continue
+    for names in spellings.values():
+        if len(names) > 1:
+            warnings.warn(f"CSV manifest '{manifest}' has the labels {' and '.join(repr(n) for n in names)}, one "
+                          "number written two ways, read as two classes; write each class's label alike",
+                          FinescopeWarning, stacklevel=4)
+
+
 def read_manifest(manifest: Path, cfg: DataConfig) -> _Scan:
     """Read a ``path,label[,group][,split]`` CSV; paths are relative to the CSV's folder."""
     header, rows = _read_rows(manifest)
@@ -648,6 +663,7 @@ def read_manifest(manifest: Path, cfg: DataConfig) -> _Scan:
                       FinescopeWarning, stacklevel=3)
     if not found:
         raise FinescopeError(f"none of the images listed in CSV manifest '{manifest}' exists")
+    _warn_numbers_written_two_ways(manifest, sorted({f.label for f in found}))
     if cfg.magnifications:  # a magnification column, as cv --per-magnification trains each on its own
         if "magnification" not in header:  # e.g. a BreakHis config (magnifications: [100]) read from a CSV
             raise FinescopeError(f"CSV manifest '{manifest}' has no 'magnification' column to keep data.magnifications "
