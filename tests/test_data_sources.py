@@ -682,3 +682,15 @@ def test_csv_labels_that_are_one_number_written_two_ways_are_warned_about(tmp_pa
                                               r"read as two classes; write each class's label alike"):
         ss = load_samples(DataConfig(source="csv", root=str(tmp_path / "m.csv")))
     assert ss.class_names == ["0", "1", "1.0"]
+
+
+def test_a_csv_path_in_another_unicode_normal_form_is_found(tmp_path):
+    """A folder copied from a Mac keeps its names decomposed ('u' + combining diaeresis), where Excel writes
+    'ü' as one character: the manifest's 'Müller/a.png' was refused as "does not exist", though `ls` shows it;
+    a path that names no file is now also looked up in the other normal form (NFC or NFD)."""
+    import unicodedata
+
+    tiny_png(tmp_path / unicodedata.normalize("NFD", "Müller") / "a.png")
+    (tmp_path / "m.csv").write_text(unicodedata.normalize("NFC", "path,label,group\nMüller/a.png,x,p1\n"))
+    ss = load_samples(DataConfig(source="csv", root=str(tmp_path / "m.csv")))
+    assert [os.path.isfile(s.path) for s in ss.samples] == [True]

@@ -23,6 +23,7 @@ import io
 import os
 import re
 import stat
+import unicodedata
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -581,15 +582,26 @@ def _group_column(header: list[str]) -> str:
     return next((c for c in ("group", "patient") if c in header), "")
 
 
+def _listed_path(folder: Path, text: str) -> str:
+    """The absolute path a manifest's cell names from ``folder``; where it names nothing, the first spelling that
+    does of: '/' for a Windows '\\' (a manifest made there), the other Unicode normal form (a Mac keeps 'ü' as
+    'u' and a combining mark in names, Excel as one character)."""
+    path = os.path.abspath(folder / text)
+    if os.path.lexists(path):
+        return path
+    texts = [text] + ([text.replace("\\", "/")] if os.sep == "/" and "\\" in text else [])
+    for spelling in texts[1:] + [unicodedata.normalize(form, t) for t in texts for form in ("NFC", "NFD")]:
+        if os.path.lexists(other := os.path.abspath(folder / spelling)):
+            return other
+    return path
+
+
 def _csv_row(row: dict[str, str], line: int, manifest: Path, header: list[str]) -> _Found:
     """One manifest row as a :class:`_Found` (the image's existence is checked by the caller)."""
     where = f"CSV manifest '{manifest}' line {line}"
     if not row.get("path") or not row.get("label"):
         raise FinescopeError(f"{where} has an empty path or label; every row needs both")
-    path = os.path.abspath(manifest.parent / row["path"])
-    if os.sep == "/" and "\\" in row["path"] and not os.path.lexists(path):  # a manifest made on Windows
-        posix = os.path.abspath(manifest.parent / row["path"].replace("\\", "/"))
-        path = posix if os.path.lexists(posix) else path
+    path = _listed_path(manifest.parent, row["path"])
     split = None
     if "split" in header:
         split = row["split"].lower()
