@@ -694,3 +694,14 @@ def test_a_csv_path_in_another_unicode_normal_form_is_found(tmp_path):
     (tmp_path / "m.csv").write_text(unicodedata.normalize("NFC", "path,label,group\nMüller/a.png,x,p1\n"))
     ss = load_samples(DataConfig(source="csv", root=str(tmp_path / "m.csv")))
     assert [os.path.isfile(s.path) for s in ss.samples] == [True]
+
+
+def test_a_manifests_split_may_be_written_out_in_full(tmp_path):
+    """A spreadsheet's split column often says 'Training', 'Validation' and 'Testing'; they were refused with the
+    list of train, val, test, though their meaning is plain. They are read as those three."""
+    for name in ("a.png", "b.png", "c.png"):
+        tiny_png(tmp_path / name)
+    manifest = write_csv(tmp_path / "m.csv", ["path", "label", "group", "split"],
+                         [["a.png", "x", "P1", "Training"], ["b.png", "x", "P2", "validation"],
+                          ["c.png", "x", "P3", "TESTING"]])
+    assert load_samples(DataConfig(source="csv", root=str(manifest))).preset_splits == ["train", "val", "test"]

@@ -58,6 +58,7 @@ BREAKHIS_NAME = re.compile(
 )
 BREAKHIS_EXAMPLE = "SOB_<B|M>_<A|F|PT|TA|DC|LC|MC|PC>-<year>-<patient>-<magnification>-<index>.png"
 SPLIT_NAMES = ("train", "val", "test")
+SPLIT_SPELLINGS = {"training": "train", "validation": "val", "valid": "val", "testing": "test"}  # a sheet's words
 CSV_COLUMNS = ("path", "label", "group", "split", "patient", "magnification")  # read in any letter case
 
 
@@ -605,6 +606,7 @@ def _csv_row(row: dict[str, str], line: int, manifest: Path, header: list[str]) 
     split = None
     if "split" in header:
         split = row["split"].lower()
+        split = SPLIT_SPELLINGS.get(split, split)
         if split not in SPLIT_NAMES:
             raise FinescopeError(f"{where} has split '{row['split']}'; use one of: {', '.join(SPLIT_NAMES)}")
     column = _group_column(header)
