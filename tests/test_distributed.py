@@ -810,3 +810,39 @@ def test_torchruns_sigterm_ends_a_process_in_one_line(tmp_path, monkeypatch, cap
     assert capsys.readouterr().err.strip().splitlines() == [
         "finescope: error (rank 1): stopped by SIGTERM (torchrun sends it to every process of the run when one of "
         f"them ends, or when it is stopped itself: its report says which); {then}"]
+
+
+@pytest.mark.slow
+def test_torchrun_ctrl_c_is_reported_once_by_rank_0(tmp_path):
+    """Ctrl-C in a terminal: the SIGINT reaches torchrun (its processes run in sessions of their own), which
+    sends it on to every process; as the README says, rank 0 alone reports the interruption, in one line, and
+    the last checkpoint still loads."""
+    import signal
+    import time
+
+    from finescope.checkpoint import load_checkpoint
+
+    root = tmp_path / "data"
+    _fusion_run_config(root, per_class=20, epochs=200, patience=1000)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+           "-m", "finescope", "train", "--config", str(root / "cfg.yaml"), "--out", str(out), "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    # a session of its own, as a terminal's foreground job: Ctrl-C sends SIGINT to its process group
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoints" / "last.pt").is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (out / "checkpoints" / "last.pt").is_file(), proc.communicate(timeout=60)[1][-3000:]
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    ours = [line for line in err.splitlines() if line.startswith("finescope: ")]
+    assert ours == ["finescope: interrupted; continue it with the same command and --resume"], err[-3000:]
+    assert "SignalException" in err and "KeyboardInterrupt" not in err, err[-3000:]  # torchrun's traceback only
+    assert "model" in load_checkpoint(out / "checkpoints" / "last.pt")
