@@ -846,3 +846,49 @@ def test_torchrun_ctrl_c_is_reported_once_by_rank_0(tmp_path):
     assert ours == ["finescope: interrupted; continue it with the same command and --resume"], err[-3000:]
     assert "SignalException" in err and "KeyboardInterrupt" not in err, err[-3000:]  # torchrun's traceback only
     assert "model" in load_checkpoint(out / "checkpoints" / "last.pt")
+
+
+def _two_nodes(root: Path, out: Path, extra: tuple[str, ...] = ()) -> list[subprocess.CompletedProcess]:
+    """README's two-machine command run as written, as 2 'machines' of 1 process each on this one: HOST0 is
+    127.0.0.1, --nproc_per_node 1, and the run's own config and --out."""
+    import re
+    import shlex
+
+    readme = (SRC.parent / "README.md").read_text()
+    found = re.search(r"^torchrun (--nnodes=2 .*?) \\\n +-m finescope train (.*)$", readme, flags=re.M)
+    assert found, "README's two-machine torchrun command is gone: test the one it gives now"
+    flags = [f.replace("HOST0:29500", f"127.0.0.1:{_free_port()}").replace("--nproc_per_node=8", "--nproc_per_node=1")
+             for f in shlex.split(found[1])]
+    assert flags[0] == "--nnodes=2" and "--nproc_per_node=1" in flags and any("127.0.0.1" in f for f in flags)
+    assert shlex.split(found[2])[0::2] == ["--config", "--out"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *flags, "-m", "finescope", "train", "--config",
+           str(root / "cfg.yaml"), "--out", str(out), "--quiet", *extra]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    try:
+        outputs = [p.communicate(timeout=300) for p in procs]
+        return [subprocess.CompletedProcess(cmd, p.returncode, *o) for p, o in zip(procs, outputs, strict=True)]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+@pytest.mark.slow
+def test_readmes_two_machine_command_runs_with_one_rank_0_and_a_line_per_process(tmp_path):
+    """The --nnodes/--rdzv flags of the README, two torchrun launchers meeting at one c10d endpoint: a wrong
+    data.root is one line per process, wherever each runs; the run trains, and only rank 0 (on either
+    'machine': the rendezvous gives the ranks) prints and writes its files."""
+    root = tmp_path / "data"
+    _fusion_run_config(root, per_class=8, epochs=1)
+    done = _two_nodes(root, tmp_path / "bad", ("--set", "data.source=csv", f"data.root={tmp_path / 'none.csv'}"))
+    ours = [line for d in done for line in d.stderr.splitlines() if line.startswith("finescope: ")]
+    assert all(d.returncode != 0 for d in done)
+    assert sorted(line.split(":")[1] for line in ours) == [" error", " error (rank 1)"], ours
+    assert all("does not exist" in line for line in ours) and not (tmp_path / "bad").exists()
+    out = tmp_path / "run"
+    done = _two_nodes(root, out)
+    assert [d.returncode for d in done] == [0, 0], [d.stderr[-3000:] for d in done]
+    assert sum(d.stdout.count("run written to") for d in done) == 1
+    assert (out / "metrics.json").is_file() and len((out / "history.jsonl").read_text().splitlines()) == 1
