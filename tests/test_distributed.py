@@ -303,6 +303,45 @@ def test_every_rank_learns_of_non_finite_weights_on_any_rank(tmp_path):
     assert ranks[0]["diverged"] == ranks[1]["diverged"] == 1
 
 
+def _scan_fails_on_rank_1(rank: int, out: Path, port: int) -> None:
+    """rank0_first of a scan that rank 0 passes and rank 1 fails (its machine lacks data.root); each rank saves
+    what it raised, after a collective that shows that none was left waiting."""
+    import torch.distributed as td
+
+    from finescope import distributed as dist
+    from finescope.errors import FinescopeError
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    td.init_process_group("gloo", rank=rank, world_size=2)
+
+    def scan():
+        if rank == 1:
+            raise FinescopeError("data.root '/elsewhere' does not exist; set data.root")
+        return "samples"
+
+    try:
+        said = f"returned {dist.rank0_first(scan)}"
+    except FinescopeError as e:
+        said = str(e)
+    everyone = dist.all_gather(said)
+    if dist.is_main():
+        torch.save(everyone, out)
+    dist.cleanup()
+
+
+def test_a_scan_that_another_rank_fails_after_rank_0_stops_every_rank(tmp_path):
+    """Rank 0 found the data and went on to write config.yaml and splits.json while rank 1, whose machine lacked
+    data.root, stopped: the run folder kept them, though an error at the start must leave no file. Every rank
+    now stops there, rank 0 naming the rank that failed and its error."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_scan_fails_on_rank_1, args=(tmp_path / "said.pt", _free_port()), nprocs=2, join=True)
+    assert torch.load(tmp_path / "said.pt") == [
+        "another process of the run (rank 1) failed where this one did not: data.root '/elsewhere' does not exist; "
+        "set data.root",
+        "data.root '/elsewhere' does not exist; set data.root"]
+
+
 def _orders_with_one_unread_header(rank: int, out: Path, port: int) -> None:
     """Each rank's evaluation and data.shape_pool training items, when rank 1 cannot read one file's header."""
     import torch.distributed as td

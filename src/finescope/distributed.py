@@ -322,25 +322,37 @@ def from_main(obj: Any) -> Any:
 
 def rank0_first(fn: Callable[[], Any], others: bool = True) -> Any:
     """``fn()`` on rank 0, then (with ``others``) on the other ranks, which wait for it: rank 0 scans or makes
-    what they read, or holds what they share (``None`` for them without ``others``). Rank 0's error, a
+    what they read, or holds what they share (``None`` for them without ``others``). An error of ``fn``, a
     :class:`FinescopeError` or an ``OSError`` (a wrong path), is raised on every rank, so that none is left
-    waiting in a collective for a process that has gone."""
-    result, error, text = None, None, None
-    if is_main():
-        try:
-            result = fn()
-        except (FinescopeError, OSError) as e:
-            error = e
-            text = path_error_line(e) if isinstance(e, OSError) and e.filename else str(e)
+    waiting in a collective for a process that has gone, nor goes on to write the run's files: rank 0's
+    everywhere; that of another rank (its machine lacks the data rank 0 found) on that rank, and on the others
+    as that rank's, named."""
+    result, error, text = _attempt(fn) if is_main() else (None, None, None)
     text = next((t for t in all_gather(text) if t), None)
     if error is not None:
         raise error
     if text:
         raise FinescopeError(text)
-    if is_main() or not others:
+    if not others:
         return result
-    with main_speaks():  # rank 0 has said what it found
-        return fn()
+    if not is_main():
+        with main_speaks():  # rank 0 has said what it found
+            result, error, text = _attempt(fn)
+    failed = next(((r, t) for r, t in enumerate(all_gather(text)) if t), None)
+    if error is not None:
+        raise error
+    if failed:
+        raise FinescopeError(f"another process of the run (rank {failed[0]}) failed where this one did not: "
+                             f"{failed[1]}")
+    return result
+
+
+def _attempt(fn: Callable[[], Any]) -> tuple[Any, BaseException | None, str | None]:
+    """``(fn(), None, None)``, or ``(None, error, its line)`` for a :class:`FinescopeError` or an ``OSError``."""
+    try:
+        return fn(), None, None
+    except (FinescopeError, OSError) as e:
+        return None, e, path_error_line(e) if isinstance(e, OSError) and e.filename else str(e)
 
 
 @contextlib.contextmanager

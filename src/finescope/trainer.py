@@ -804,7 +804,7 @@ def check_compile(mode: str) -> None:
 
 def _load_samples_rank0_first(cfg: Config) -> SampleSet:
     """Rank 0 scans (and, for the synthetic source, generates) the data before the other ranks read it; its
-    error (a wrong path) is every rank's."""
+    error (a wrong path) is every rank's, and another rank's (its machine lacks the data) stops every rank too."""
     return dist.rank0_first(lambda: load_samples(cfg.data))
 
 
