@@ -342,6 +342,48 @@ def test_a_scan_that_another_rank_fails_after_rank_0_stops_every_rank(tmp_path):
         "data.root '/elsewhere' does not exist; set data.root"]
 
 
+def _lock_from_own_folder(rank: int, base: Path, port: int) -> None:
+    """Each rank takes the run lock of a relative --out from a working folder of its own (as on machines whose
+    --out is not shared); each saves what it raised, after a collective that shows that none was left waiting."""
+    import socket as sockets
+
+    import torch.distributed as td
+
+    from finescope import distributed as dist
+    from finescope import trainer
+    from finescope.errors import FinescopeError
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    td.init_process_group("gloo", rank=rank, world_size=2)
+    (base / f"cwd{rank}").mkdir()
+    os.chdir(base / f"cwd{rank}")
+    try:
+        lock = trainer._RunLock(Path("run"))
+        said = "locked"
+        lock.release()
+    except FinescopeError as e:
+        said = str(e)
+    everyone = dist.all_gather((said, sockets.gethostname()))
+    if dist.is_main():
+        torch.save(everyone, base / "said.pt")
+    dist.cleanup()
+
+
+def test_an_out_that_another_rank_does_not_see_is_refused_on_every_rank_at_the_start(tmp_path):
+    """--out relative to working folders that differ, or not on a filesystem every machine shares: rank 0 trained
+    the whole run into its folder and the other ranks then failed to find best.pt for the test ('checkpoint
+    not found; pass a run directory'). Every rank now refuses it at the start, and rank 0 leaves no folder."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_lock_from_own_folder, args=(tmp_path, _free_port()), nprocs=2, join=True)
+    (said0, host), (said1, _) = torch.load(tmp_path / "said.pt")
+    assert said0 == said1 == (
+        f"--out 'run' is not one folder for every process: rank 1 ({host}) does not see the one rank 0 ({host}) "
+        "made (a relative --out read from another working folder, or a folder that not every machine shares); give "
+        "an --out on a filesystem every machine sees, as an absolute path")
+    assert not (tmp_path / "cwd0" / "run").exists() and not (tmp_path / "cwd1" / "run").exists()
+
+
 def _orders_with_one_unread_header(rank: int, out: Path, port: int) -> None:
     """Each rank's evaluation and data.shape_pool training items, when rank 1 cannot read one file's header."""
     import torch.distributed as td

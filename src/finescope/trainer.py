@@ -583,7 +583,33 @@ def _hold_lock(run_dir: Path):
     fh.truncate()
     fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
     fh.flush()
+    with contextlib.suppress(OSError):  # on the server of a network filesystem, for the others' _check_one_folder
+        os.fsync(fh.fileno())
     return fh
+
+
+def _check_one_folder(run_dir: Path) -> None:
+    """Under torchrun, refuse an ``--out`` that is not the folder rank 0 made for every process (a relative one
+    read from working folders that differ, or one not on a filesystem every machine shares): the others would
+    find no ``best.pt`` for the test after the whole training, nor ``last.pt`` on ``--resume``. Each process
+    compares the ``.lock`` it sees with rank 0's."""
+    if not dist.is_distributed():
+        return
+
+    def lock_text() -> str | None:
+        try:
+            return (run_dir / ".lock").read_text().strip()
+        except OSError:
+            return None
+
+    text = dist.from_main(lock_text() if dist.is_main() else None)  # None: rank 0 could not read it, no check
+    seen = dist.all_gather((text is None or lock_text() == text, socket.gethostname()))
+    blind = next((r for r, (ok, _) in enumerate(seen) if not ok), None)
+    if blind is not None:
+        raise FinescopeError(f"--out '{run_dir}' is not one folder for every process: rank {blind} ({seen[blind][1]}) "
+                             f"does not see the one rank 0 ({seen[0][1]}) made (a relative --out read from another "
+                             "working folder, or a folder that not every machine shares); give an --out on a "
+                             "filesystem every machine sees, as an absolute path")
 
 
 class _RunLock:
@@ -595,6 +621,11 @@ class _RunLock:
         self.made = [d for d in (run_dir, *run_dir.absolute().parents) if not d.exists()]  # deepest first
         self.new_lock = not (run_dir / ".lock").exists()
         self.fh = dist.rank0_first(lambda: _hold_lock(run_dir), others=False)
+        try:
+            _check_one_folder(run_dir)
+        except FinescopeError:
+            self.release()
+            raise
 
     def release(self) -> None:
         """Release the lock. A run that stopped before writing its config leaves nothing behind: the lock file
