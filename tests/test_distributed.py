@@ -384,6 +384,48 @@ def test_an_out_that_another_rank_does_not_see_is_refused_on_every_rank_at_the_s
     assert not (tmp_path / "cwd0" / "run").exists() and not (tmp_path / "cwd1" / "run").exists()
 
 
+def _train_with_own_config(rank: int, base: Path, port: int) -> None:
+    """Each rank trains with the config its machine gave it: rank 1's copy has another learning rate (and its
+    data and its cache in other folders, which a machine may have); each saves what it
+    raised, after a collective that shows that none was left waiting."""
+    import socket as sockets
+
+    import torch.distributed as td
+
+    from finescope import distributed as dist
+    from finescope import trainer
+    from finescope.errors import FinescopeError
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    td.init_process_group("gloo", rank=rank, world_size=2)
+    cfg = _cfg(base / f"data{rank}", extra=(f"data.cache_dir={base / f'cache{rank}'}",),
+               **({"lr": 0.01} if rank else {}))
+    try:
+        trainer.train(cfg, base / "run", progress=False)
+        said = "trained"
+    except FinescopeError as e:
+        said = str(e)
+    everyone = dist.all_gather((said, sockets.gethostname()))
+    if dist.is_main():
+        torch.save(everyone, base / "said.pt")
+    dist.cleanup()
+
+
+def test_a_rank_given_another_config_is_refused_on_every_rank_before_any_file(tmp_path):
+    """Each torchrun process reads its own --config and --set: a machine with another copy of the config file
+    trained other settings than rank 0 without a word. Every rank now refuses it at the start, naming the rank,
+    its host and the first key that differs (where the data and its cache are may differ)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_train_with_own_config, args=(tmp_path, _free_port()), nprocs=2, join=True)
+    (said0, host), (said1, _) = torch.load(tmp_path / "said.pt")
+    assert said0 == said1 == (
+        f"rank 1 ({host}) was given another config than rank 0 ({host}): train.lr (rank 0: 0.0003, rank 1: 0.01); "
+        "give every process the same --config file and --set options (only data.root, data.num_workers, "
+        "data.cache and data.cache_dir may differ between machines)")
+    assert not (tmp_path / "run").exists()
+
+
 def _orders_with_one_unread_header(rank: int, out: Path, port: int) -> None:
     """Each rank's evaluation and data.shape_pool training items, when rank 1 cannot read one file's header."""
     import torch.distributed as td

@@ -366,18 +366,19 @@ def to_dict(cfg: Config) -> dict:
     return conv(dataclasses.asdict(cfg))
 
 
-def first_difference(old: Any, new: Any, prefix: str = "", ignore: tuple[str, ...] = ()) -> str | None:
-    """The dotted key of the first difference between two nested dicts, with both values, or None; keys in
-    ``ignore`` (dotted) are not compared."""
+def first_difference(old: Any, new: Any, prefix: str = "", ignore: tuple[str, ...] = (),
+                     names: tuple[str, str] = ("was", "now")) -> str | None:
+    """The dotted key of the first difference between two nested dicts, with both values (each after its word
+    in ``names``), or None; keys in ``ignore`` (dotted) are not compared."""
     if isinstance(old, dict) and isinstance(new, dict):
         for k in sorted(set(old) | set(new), key=str):
             if f"{prefix}{k}" in ignore:
                 continue
-            diff = first_difference(old.get(k), new.get(k), f"{prefix}{k}.", ignore)
+            diff = first_difference(old.get(k), new.get(k), f"{prefix}{k}.", ignore, names)
             if diff:
                 return diff
         return None
-    return None if old == new else f"{prefix[:-1]} (was {old!r}, now {new!r})"
+    return None if old == new else f"{prefix[:-1]} ({names[0]} {old!r}, {names[1]} {new!r})"
 
 
 def override(cfg: Config, **sections: dict) -> Config:

@@ -473,6 +473,28 @@ RESUME_FREE = ("name", "data.root", "data.num_workers", "data.cache", "data.cach
                "train.channels_last", "train.epochs", "train.patience")
 
 
+# what may differ between the configs of a torchrun run's processes: where each machine finds the data and keeps its
+# cache, and how many workers read it there (a machine's own paths and cores)
+PER_MACHINE = ("data.root", "data.num_workers", "data.cache", "data.cache_dir")
+
+
+def _check_same_config(cfg: Config) -> None:
+    """Under torchrun, refuse a process whose resolved config (its own ``--config`` file and ``--set``) differs
+    from rank 0's in a key outside :data:`PER_MACHINE`: a machine with another copy of the config file would
+    train other settings. One collective; every rank raises the same error, naming the first such rank, its
+    host and the first key that differs."""
+    if not dist.is_distributed():
+        return
+    seen = dist.all_gather((to_dict(cfg), socket.gethostname()))
+    for r, (other, host) in enumerate(seen[1:], start=1):
+        diff = first_difference(seen[0][0], other, ignore=PER_MACHINE, names=("rank 0:", f"rank {r}:"))
+        if diff:
+            free = f"{', '.join(PER_MACHINE[:-1])} and {PER_MACHINE[-1]}"
+            raise FinescopeError(f"rank {r} ({host}) was given another config than rank 0 ({seen[0][1]}): {diff}; "
+                                 f"give every process the same --config file and --set options (only {free} may "
+                                 "differ between machines)")
+
+
 # what to do about a run's own splits.json that its data no longer fits (evaluate, explain --split, --resume)
 OWN_SPLIT_FIX = "point data.root at the data this run was trained on"
 
@@ -656,6 +678,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     if cfg.data.root:
         cfg = replace(cfg, data=replace(cfg.data, root=_absolute(cfg.data.root)))
     # settings the processes cannot run are refused before any file is written
+    _check_same_config(cfg)
     dist.per_rank_batch(cfg.train.batch_size)
     dist.check_sync_bn(cfg.train.sync_bn, resolve_device(cfg.train.device))
     check_compile(cfg.train.compile)
