@@ -1205,10 +1205,16 @@ def test_a_stop_while_the_workers_shut_down_after_the_last_epoch_ends_the_run(sy
     assert not (out / "metrics.json").exists()
 
 
+@pytest.mark.parametrize("stop, status, said_as", [(KeyboardInterrupt, 130, "interrupted"),
+                                                   ("sigterm", 143, "stopped by SIGTERM")])
 @pytest.mark.parametrize("where", ["test", "report"])
-def test_an_interruption_after_training_says_what_was_written(synthetic_root, tmp_path, capsys, monkeypatch, where):
-    """Ctrl-C once training had ended (while the test predictions or the report were written) said 'continue it with
-    the same command and --resume', as if epochs were left. It now says what the run holds and what it lacks."""
+def test_an_interruption_after_training_says_what_was_written(synthetic_root, tmp_path, capsys, monkeypatch, where,
+                                                              stop, status, said_as):
+    """Ctrl-C (or SIGTERM) once training had ended (while the test predictions or the report were written) said
+    'continue it with the same command and --resume', as if epochs were left. It now says what the run holds and
+    what it lacks."""
+    import signal
+
     from finescope import report, trainer
 
     out = tmp_path / "r"
@@ -1221,20 +1227,22 @@ def test_an_interruption_after_training_says_what_was_written(synthetic_root, tm
     capsys.readouterr()
 
     def interrupted(*a, **k):
+        if stop == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(*(trainer, "write_predictions") if where == "test" else (report, "write_report"), interrupted)
-    assert main(args) == 130
+    assert main(args) == status
     said = capsys.readouterr().err
     if where == "test":
-        assert said == (f"finescope: interrupted after training ended: its checkpoints are written "
+        assert said == (f"finescope: {said_as} after training ended: its checkpoints are written "
                         f"('{out / 'checkpoints' / 'best.pt'}', last.pt), its test is not (metrics.json, "
                         "predictions_test.csv): the same command with --resume tests it\n")
         monkeypatch.undo()
         assert main([*args[:5], "--resume", *args[5:]]) == 0
         assert (out / "metrics.json").is_file()
     else:
-        assert said == (f"finescope: interrupted after training ended: the run is written ('{out / 'metrics.json'}'), "
+        assert said == (f"finescope: {said_as} after training ended: the run is written ('{out / 'metrics.json'}'), "
                         f"its report.md made before is not written again: finescope report {out} makes it\n")
 
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from finescope import __version__
-from finescope.errors import FinescopeError, FinescopeWarning, Interrupted, path_error_line
+from finescope.errors import FinescopeError, FinescopeWarning, Interrupted, Terminated, path_error_line
 from finescope.files import json_text, write_text
 from finescope.runtime import tune_allocator
 
@@ -477,16 +477,10 @@ def _has_checkpoint(args: argparse.Namespace) -> bool:
     return bool(run_dir) and (Path(run_dir) / "checkpoints" / "last.pt").is_file()
 
 
-class _Terminated(BaseException):
-    """SIGTERM during train, cv or demo: under torchrun (train), whose agent sends it to every process of a run when one of them
-    ends; in one process, a scheduler's pre-emption or time limit (SLURM), or a kill. Not an ``Exception``: no
-    handler on the way may take it for an error of its own."""
-
-
 @contextlib.contextmanager
 def _sigterm_raises() -> Iterator[None]:
-    """A SIGTERM inside raises :class:`_Terminated`, so that the process says in one line why it stops and how
-    to go on (it died without a word; checkpoints are written whole, so last.pt stays the last finished
+    """A SIGTERM inside raises :class:`~finescope.errors.Terminated`, so that the process says in one line why it
+    stops and how to go on (it died without a word; checkpoints are written whole, so last.pt stays the last finished
     epoch's); after, until :func:`_sigterm_restored` ends, SIGTERM is ignored, so that it does not cut short the
     line of an error met first (a process that lost another in a collective)."""
     if threading.current_thread() is not threading.main_thread():
@@ -495,7 +489,7 @@ def _sigterm_raises() -> Iterator[None]:
 
     def stop(signum, frame) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once
-        raise _Terminated
+        raise Terminated
 
     signal.signal(signal.SIGTERM, stop)
     try:
@@ -562,13 +556,15 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
         return 2
     try:
         return args.func(args)
-    except _Terminated:
+    except Terminated as e:
+        held = str(e) if args.command == "train" else ""  # the trainer says what the run holds, as for Ctrl-C
         if _launch("WORLD_SIZE", 1) <= 1:
             then = _then(args, where=True) if args.command == "train" else _AGAIN[args.command]
-            _say(f"finescope: stopped by SIGTERM (a scheduler's pre-emption or time limit, or a kill); {then}")
+            _say(f"finescope: stopped by SIGTERM {held}" if held else
+                 f"finescope: stopped by SIGTERM (a scheduler's pre-emption or time limit, or a kill); {then}")
         else:
             _say(f"{error}stopped by SIGTERM (torchrun sends it to every process of the run when one of them ends, "
-                 f"or when it is stopped itself: its report says which); {_then(args)}")
+                 f"or when it is stopped itself: its report says which)" + (f" {held}" if held else f"; {_then(args)}"))
         return 143  # 128 + SIGTERM, as a shell reports a process the signal ended
     except FinescopeError as e:
         if debug:

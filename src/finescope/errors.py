@@ -21,6 +21,14 @@ class Interrupted(KeyboardInterrupt):
     what to do (the CLI prints ``finescope: interrupted <message>``)."""
 
 
+class Terminated(BaseException):
+    """SIGTERM during train, cv or demo (the CLI's handler raises it): under torchrun (train), whose agent sends it
+    to every process of a run when one of them ends; in one process, a scheduler's pre-emption or time limit
+    (SLURM), or a kill. Not an ``Exception``: no handler on the way may take it for an error of its own. Raised
+    with a message where the library knows what its output holds, as :class:`Interrupted` is (the CLI prints
+    ``finescope: stopped by SIGTERM <message>``)."""
+
+
 SKIP_ADVICE = "; fix or remove the file, or set data.on_error=skip"  # ends the error of an unreadable image
 
 

@@ -76,7 +76,7 @@ from finescope.engine import (
     warmup_cosine,
     weight_bound,
 )
-from finescope.errors import FinescopeError, FinescopeWarning, Interrupted
+from finescope.errors import FinescopeError, FinescopeWarning, Interrupted, Terminated
 from finescope.files import atomic_open, finite_json, json_text, remove_temporaries, write_text
 from finescope.metrics import compute_metrics
 from finescope.models import create_model
@@ -770,8 +770,9 @@ def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool) -> 
         metrics = finish(run_dir, cfg, sample_set, splits, device)
         if dist.is_main():
             _warn_earlier_evaluations(run_dir)
-    except KeyboardInterrupt:
-        raise Interrupted(written_after_training(run_dir, tested=len(splits.get("test", [])) > 0)) from None
+    except (KeyboardInterrupt, Terminated) as e:  # Ctrl-C, SIGTERM: the line says what the run holds
+        said = written_after_training(run_dir, tested=len(splits.get("test", [])) > 0)
+        raise (Interrupted if isinstance(e, KeyboardInterrupt) else Terminated)(said) from None
     return metrics
 
 
