@@ -1303,3 +1303,28 @@ def test_a_sigterm_during_cv_or_demo_is_one_line(tmp_path, monkeypatch, capsys, 
     assert capsys.readouterr().err == (f"finescope: stopped by SIGTERM (a scheduler's pre-emption or time limit, or "
                                        f"a kill); {advice}\n")
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_run_that_ordered_whole_number_classes_as_text_keeps_its_order(tmp_path, capsys):
+    """Classes 1, 2, 10 are now in that order; a run trained when they were 1, 10, 2 (its checkpoints and
+    splits.json store that order) is still evaluated, resumed and predicted with its own indices."""
+    from finescope.checkpoint import load_checkpoint, save_checkpoint
+
+    root, run = _folder(tmp_path / "d", classes=("1", "2", "10"), n=4), tmp_path / "r"
+    split = ("data.test_fraction=0.5", "data.val_fraction=0")
+    assert main(_train_args(root, tmp_path, *split)) == 0
+    assert json.loads((run / "metrics.json").read_text())["class_names"] == ["1", "2", "10"]
+    old = ["1", "10", "2"]
+    for path in (run / "checkpoints").glob("*.pt"):
+        state = load_checkpoint(path)
+        state.pop("path", None)
+        save_checkpoint({**state, "class_names": old}, path)
+    raw = json.loads((run / "splits.json").read_text())
+    (run / "splits.json").write_text(json.dumps({**raw, "class_names": old}))
+    assert main(["evaluate", str(run), "--device", "cpu"]) == 0
+    rows = list(csv.DictReader((run / "predictions_test.csv").open()))
+    assert [r["true"] for r in rows] == [Path(r["path"]).parent.name for r in rows]
+    assert [k for k in rows[0] if k.startswith("prob_")] == [f"prob_{n}" for n in old]
+    assert main(_train_args(root, tmp_path, *split, "train.epochs=2") + ["--resume"]) == 0
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["class_names"] == old
+    assert json.loads((run / "metrics.json").read_text())["class_names"] == old

@@ -598,3 +598,37 @@ def test_collecting_refuses_a_run_that_tested_other_images(tmp_path):
     (run / "predictions_test.csv").write_text("path,group,true\n")
     with pytest.raises(FinescopeError, match="no column 'predicted'"):
         collect_predictions(tmp_path, folds[:1], ("global",), s)
+
+
+def test_a_cv_that_ordered_whole_number_classes_as_text_goes_on_in_its_order(tmp_path):
+    """Classes 1, 2, 10 are now in that order; a cv folder made when they were 1, 10, 2 (its files and
+    checkpoints store that order) is rerun in its own order, also the fold it had not trained yet."""
+    from PIL import Image
+
+    from finescope.checkpoint import load_checkpoint, save_checkpoint
+
+    root = tmp_path / "data"
+    for n, c in enumerate(("1", "2", "10")):
+        for g in range(3):
+            (root / c / f"p{c}_{g}").mkdir(parents=True)
+            Image.new("RGB", (64, 64), (60 * n, 40 * g, 90)).save(root / c / f"p{c}_{g}" / "x.png")
+    args, out, old = _tiny_cv_args(tmp_path, root, ", val_fraction: 0", batch_size=8), tmp_path / "o", ["1", "10", "2"]
+    assert main(args) == 0
+    assert json.loads((out / "splits.json").read_text())["class_names"] == ["1", "2", "10"]
+    for path in [out / "cv.json", out / "splits.json", *out.glob("folds/*/splits.json"), *out.glob("runs/*/*/*.json")]:
+        raw = json.loads(path.read_text())
+        if isinstance(raw, dict) and "class_names" in raw:
+            path.write_text(json.dumps({**raw, "class_names": old}))
+    for path in out.glob("runs/*/*/checkpoints/*.pt"):
+        state = load_checkpoint(path)
+        state.pop("path", None)
+        save_checkpoint({**state, "class_names": old}, path)
+    untrained = sorted(out.glob("runs/global/*"))[-1]
+    for path in sorted(untrained.rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+    untrained.rmdir()
+    assert main(args) == 0
+    assert load_checkpoint(untrained / "checkpoints" / "last.pt")["class_names"] == old
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert [k for k in rows[0] if k.startswith("prob_")] == [f"prob_{n}" for n in old]
+    assert all(r["true"] == Path(r["image"]).parent.parent.name for r in rows)

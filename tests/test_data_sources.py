@@ -705,3 +705,32 @@ def test_a_manifests_split_may_be_written_out_in_full(tmp_path):
                          [["a.png", "x", "P1", "Training"], ["b.png", "x", "P2", "validation"],
                           ["c.png", "x", "P3", "TESTING"]])
     assert load_samples(DataConfig(source="csv", root=str(manifest))).preset_splits == ["train", "val", "test"]
+
+
+@pytest.mark.parametrize("source", ["csv", "folder"])
+def test_whole_number_labels_are_ordered_by_value(tmp_path, source):
+    """Labels 1, 2, 10 are classes 0, 1, 2 (not the text order 1, 10, 2); other labels stay in text order."""
+    for labels, order in ((["10", "2", "1"], ["1", "2", "10"]), (["10", "2", "b1"], ["10", "2", "b1"])):
+        root = tmp_path / "_".join(labels)
+        rows = []
+        for label in labels:
+            tiny_png(root / label / "p" / "0.png")
+            rows.append([f"{label}/p/0.png", label, f"p{label}"])
+        write_csv(root / "manifest.csv", ["path", "label", "group"], rows)
+        ss = load_samples(DataConfig(source=source, root=str(root)))
+        assert ss.class_names == order
+        assert all(ss.class_names[s.label] == Path(s.path).parts[-3] for s in ss.samples)
+
+
+def test_in_class_order_keeps_a_runs_stored_order(tmp_path):
+    """A run trained when 1, 10, 2 was the order reads the same data with its labels indexing that order."""
+    from finescope.data.sources import in_class_order
+
+    root = tmp_path / "d"
+    write_csv(root / "manifest.csv", ["path", "label", "group"],
+              [[f"{c}.png", c, f"p{c}"] for c in ("1", "2", "10") if tiny_png(root / f"{c}.png")])
+    ss = load_samples(DataConfig(source="csv", root=str(root)))
+    old = in_class_order(ss, ["1", "10", "2"])
+    assert old.class_names == ["1", "10", "2"]
+    assert [old.class_names[s.label] for s in old.samples] == [ss.class_names[s.label] for s in ss.samples]
+    assert in_class_order(ss, ["1", "2", "3"]) is ss  # other classes: left for the caller to name

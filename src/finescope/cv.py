@@ -52,8 +52,8 @@ from finescope.data import (
     summarize_splits,
     trial_splits,
 )
-from finescope.data.sources import check_outside_data
-from finescope.data.splits import SIDES, _group_table, _relative
+from finescope.data.sources import check_outside_data, in_class_order
+from finescope.data.splits import SIDES, _group_table, _relative, stored_class_names
 from finescope.errors import FinescopeError
 from finescope.files import json_text, remove_temporaries, write_text
 from finescope.models import list_models
@@ -533,6 +533,8 @@ def run_cv(
     if trained:
         check_rerun(out, cfg, p)
     sample_set = load_samples(cfg.data)
+    if trained and (out / "splits.json").is_file():  # its folds' class order (labels 1, 10, 2 as text once ordered)
+        sample_set = in_class_order(sample_set, stored_class_names(out / "splits.json") or [])
     if len(sample_set.class_names) < 2:  # as train refuses it, but before cv.json and splits.json record the data
         from finescope.trainer import one_class_error
 

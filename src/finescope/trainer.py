@@ -63,8 +63,8 @@ from finescope.data import (
     split_groups,
 )
 from finescope.data.dataset import aspect_key, leave_sigterm_to_main, shape_order, worker_context
-from finescope.data.sources import check_outside_data
-from finescope.data.splits import own_split_leak, trained_on
+from finescope.data.sources import check_outside_data, in_class_order
+from finescope.data.splits import own_split_leak, stored_class_names, trained_on
 from finescope.engine import (
     Predictions,
     first_diverged,
@@ -710,6 +710,11 @@ def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool) -> 
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.seed)
     sample_set = _load_samples_rank0_first(cfg)
+    # the class order the run stored, or its data.splits file (a cv fold's, another run's) recorded: a run made
+    # when labels 1, 2, 10 were ordered as text (1, 10, 2) keeps its indices
+    stored = resumed["class_names"] if resume else stored_class_names(cfg.data.splits) if cfg.data.splits else None
+    if stored:
+        sample_set = in_class_order(sample_set, stored)
     if len(sample_set.class_names) < 2:
         raise one_class_error(cfg, sample_set.class_names)
     with dist.main_speaks():

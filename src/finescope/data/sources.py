@@ -25,7 +25,7 @@ import re
 import stat
 import unicodedata
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -181,6 +181,27 @@ def _to_sample_set(
     preset = [f.split or "" for f in found] if has_split else None
     return SampleSet(samples, names, root=scan.root, skipped=list(scan.skipped), preset_splits=preset,
                      manifest=scan.manifest)
+
+
+def class_order(names: Iterable[str]) -> list[str]:
+    """Class names in a source's order: by value when every one reads as a whole number (``1, 2, 10``, not
+    the text order ``1, 10, 2``), else sorted as text."""
+    names = sorted(set(names))
+    if names and all(re.fullmatch(r"[+-]?\d+", n) for n in names):
+        return sorted(names, key=lambda n: (int(n), n))  # '01' and '1' (warned about) keep a fixed order
+    return names
+
+
+def in_class_order(sample_set: SampleSet, class_names: Sequence[str]) -> SampleSet:
+    """``sample_set`` with its labels indexing ``class_names``, a run's stored order of the same classes (a run
+    trained when finescope ordered them otherwise keeps its indices); unchanged when the classes differ, for the
+    caller's check to name."""
+    names = list(class_names)
+    if names == sample_set.class_names or sorted(names) != sorted(sample_set.class_names):
+        return sample_set
+    index = {name: i for i, name in enumerate(names)}
+    samples = [replace(s, label=index[sample_set.class_names[s.label]]) for s in sample_set.samples]
+    return replace(sample_set, samples=samples, class_names=names)
 
 
 def _check_case(scan: _Scan) -> None:
@@ -457,7 +478,7 @@ def _scan_folder(cfg: DataConfig) -> _Scan:
             f"data.root '{root}' is a file; data.source=folder needs root/<class>/<image> folders"
         )
     pattern = _compile_group_pattern(cfg.group_pattern)
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = class_order(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise FinescopeError(
             f"data.root '{root}' has no class sub-folders; data.source=folder expects root/<class>/<image>"
@@ -692,7 +713,7 @@ def read_manifest(manifest: Path, cfg: DataConfig) -> _Scan:
         f"CSV manifest '{manifest}' has no 'group' or 'patient' column"
         + (f" (its other columns: {', '.join(others)}; rename the patient or specimen column to 'group')" if others
            else " (add one naming each image's patient or specimen)"))
-    return _Scan(found, sorted({f.label for f in found}), str(manifest.parent), skipped, no_groups, str(manifest))
+    return _Scan(found, class_order({f.label for f in found}), str(manifest.parent), skipped, no_groups, str(manifest))
 
 
 def _scan_csv(cfg: DataConfig) -> _Scan:
@@ -711,7 +732,9 @@ __all__ = [
     "BREAKHIS_CLASSES",
     "BREAKHIS_MAGNIFICATIONS",
     "SUPPORTED_EXTENSIONS",
+    "class_order",
     "find_images",
+    "in_class_order",
     "is_image_file",
     "file_sample",
     "label_and_group_of",

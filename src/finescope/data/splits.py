@@ -274,6 +274,16 @@ def save_splits(
     write_text(path, json_text(out, indent=1))
 
 
+def stored_class_names(path: str | Path) -> list[str] | None:
+    """The class order a splits file (a run's, a cv's or a fold's) records, None when it records none or cannot
+    be read (the caller's reading of the file names what is wrong)."""
+    try:
+        names = json.loads(Path(path).read_text()).get("class_names")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    return list(names) if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
+
+
 def _read_split_lists(path: Path, own: bool = False) -> dict[str, list[str]]:
     """The ``splits`` mapping of a splits file (a run's ``own``, or one data.splits names); raise when it is
     missing or malformed."""
