@@ -734,3 +734,23 @@ def test_in_class_order_keeps_a_runs_stored_order(tmp_path):
     assert old.class_names == ["1", "10", "2"]
     assert [old.class_names[s.label] for s in old.samples] == [ss.class_names[s.label] for s in ss.samples]
     assert in_class_order(ss, ["1", "2", "3"]) is ss  # other classes: left for the caller to name
+
+
+def test_csv_with_group_and_patient_columns_needs_every_patient_or_none(tmp_path):
+    """With both columns the group splits and the patient is what patient-level metrics score: a row whose
+    patient cell is empty, beside rows that name theirs, would be scored as a patient named after its group."""
+    root = tmp_path / "d"
+    rows = [[f"{i}.png", "ab"[i % 2], f"case{i % 2}", f"P{i}"] for i in range(4) if tiny_png(root / f"{i}.png")]
+    write_csv(root / "manifest.csv", ["path", "label", "group", "patient"], rows)
+    ss = load_samples(DataConfig(source="csv", root=str(root)))
+    assert [(s.group, s.patient) for s in ss.samples] == [(f"case{i % 2}", f"P{i}") for i in range(4)]
+    rows[2][3] = ""
+    write_csv(root / "manifest.csv", ["path", "label", "group", "patient"], rows)
+    with pytest.raises(FinescopeError, match=r"manifest.csv' line 4 has an empty patient, where other rows name "
+                                             r"theirs"):
+        load_samples(DataConfig(source="csv", root=str(root)))
+    for row in rows:  # a patient column left empty throughout: every image's patient is its group
+        row[3] = ""
+    write_csv(root / "manifest.csv", ["path", "label", "group", "patient"], rows)
+    ss = load_samples(DataConfig(source="csv", root=str(root)))
+    assert [s.patient for s in ss.samples] == [f"case{i % 2}" for i in range(4)]

@@ -666,6 +666,12 @@ def _warn_numbers_written_two_ways(manifest: Path, labels: list[str]) -> None:
 def read_manifest(manifest: Path, cfg: DataConfig) -> _Scan:
     """Read a ``path,label[,group][,split]`` CSV; paths are relative to the CSV's folder."""
     header, rows = _read_rows(manifest)
+    if "group" in header and "patient" in header:  # the group splits, the patient is what patient metrics score
+        empty = [line for line, row in rows if not row.get("patient")]
+        if empty and len(empty) < len(rows):  # that image would be scored as a patient named after its group
+            raise FinescopeError(f"CSV manifest '{manifest}' line {empty[0]} has an empty patient, where other rows "
+                                 "name theirs (patient-level metrics score the patient column; the group column "
+                                 "splits); give every row its patient, or leave the column empty to score groups")
     found, skipped, first, repeated = [], [], {}, []
     for line, row in rows:
         item = _csv_row(row, line, manifest, header)
