@@ -426,6 +426,45 @@ def test_a_rank_given_another_config_is_refused_on_every_rank_before_any_file(tm
     assert not (tmp_path / "run").exists()
 
 
+def _train_with_run_inside_own_data(rank: int, base: Path, port: int) -> None:
+    """Rank 1's machine keeps its data in a folder that holds the run's --out (data.root may differ between
+    machines); each rank saves what it raised, after a collective that shows that none was left waiting."""
+    import datetime
+    import socket as sockets
+
+    import torch.distributed as td
+
+    from finescope import distributed as dist
+    from finescope import trainer
+    from finescope.errors import FinescopeError
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    td.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    root = base / "data0" if rank == 0 else base  # rank 0's is never read: every rank stops before the data
+    try:
+        trainer.train(_cfg(root, extra=("data.source=folder",)), base / "run", progress=False)
+        said = "trained"
+    except FinescopeError as e:
+        said = str(e)
+    everyone = dist.all_gather((said, sockets.gethostname()))
+    if dist.is_main():
+        torch.save(everyone, base / "said.pt")
+    dist.cleanup()
+
+
+def test_an_out_inside_one_ranks_data_is_refused_on_every_rank_before_any_file(tmp_path):
+    """The refusal of an --out inside data.root ran on each process alone: where only one machine's data.root
+    holds the run folder, that rank stopped and the others went on to wait for it in their first collective.
+    Every rank now refuses it before any file is written, the others naming the rank."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_train_with_run_inside_own_data, args=(tmp_path, _free_port()), nprocs=2, join=True)
+    (said0, _), (said1, _) = torch.load(tmp_path / "said.pt")
+    assert said1.startswith(f"--out '{tmp_path / 'run'}' lies inside data.root '{tmp_path}'"), said1
+    assert said0 == f"another process of the run (rank 1) failed where this one did not: {said1}"
+    assert not (tmp_path / "run").exists()
+
+
 def _orders_with_one_unread_header(rank: int, out: Path, port: int) -> None:
     """Each rank's evaluation and data.shape_pool training items, when rank 1 cannot read one file's header."""
     import torch.distributed as td

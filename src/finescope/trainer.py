@@ -682,7 +682,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     dist.per_rank_batch(cfg.train.batch_size)
     dist.check_sync_bn(cfg.train.sync_bn, resolve_device(cfg.train.device))
     check_compile(cfg.train.compile)
-    check_outside_data(cfg.data, run_dir)
+    # each machine's own data.root: a refusal on one rank is every rank's (none left waiting in a collective)
+    dist.rank0_first(lambda: check_outside_data(cfg.data, run_dir))
     lock = _RunLock(run_dir)
     try:
         if not resume and (run_dir / "checkpoints" / "last.pt").is_file():
