@@ -384,10 +384,12 @@ def test_an_out_that_another_rank_does_not_see_is_refused_on_every_rank_at_the_s
     assert not (tmp_path / "cwd0" / "run").exists() and not (tmp_path / "cwd1" / "run").exists()
 
 
-def _train_with_own_config(rank: int, base: Path, port: int) -> None:
-    """Each rank trains with the config its machine gave it: rank 1's copy has another learning rate (and its
-    data and its cache in other folders, which a machine may have); each saves what it
-    raised, after a collective that shows that none was left waiting."""
+def _train_as_its_machine_says(rank: int, base: Path, port: int, case: str) -> None:
+    """Each rank trains with the config its machine gave it, and saves what it raised after a collective that
+    shows that none was left waiting. ``own_config``: rank 1's copy has another learning rate (and its data and
+    its cache in other folders, which a machine may have). ``run_inside_data``: rank 1's machine keeps its data
+    in a folder that holds the run's --out (data.root may differ between machines)."""
+    import datetime
     import socket as sockets
 
     import torch.distributed as td
@@ -397,9 +399,12 @@ def _train_with_own_config(rank: int, base: Path, port: int) -> None:
     from finescope.errors import FinescopeError
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    td.init_process_group("gloo", rank=rank, world_size=2)
-    cfg = _cfg(base / f"data{rank}", extra=(f"data.cache_dir={base / f'cache{rank}'}",),
-               **({"lr": 0.01} if rank else {}))
+    td.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    if case == "own_config":
+        cfg = _cfg(base / f"data{rank}", extra=(f"data.cache_dir={base / f'cache{rank}'}",),
+                   **({"lr": 0.01} if rank else {}))
+    else:  # rank 0's data.root is never read: every rank stops before the data
+        cfg = _cfg(base / "data0" if rank == 0 else base, extra=("data.source=folder",))
     try:
         trainer.train(cfg, base / "run", progress=False)
         said = "trained"
@@ -417,7 +422,7 @@ def test_a_rank_given_another_config_is_refused_on_every_rank_before_any_file(tm
     its host and the first key that differs (where the data and its cache are may differ)."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_train_with_own_config, args=(tmp_path, _free_port()), nprocs=2, join=True)
+    mp.spawn(_train_as_its_machine_says, args=(tmp_path, _free_port(), "own_config"), nprocs=2, join=True)
     (said0, host), (said1, _) = torch.load(tmp_path / "said.pt")
     assert said0 == said1 == (
         f"rank 1 ({host}) was given another config than rank 0 ({host}): train.lr (rank 0: 0.0003, rank 1: 0.01); "
@@ -426,39 +431,14 @@ def test_a_rank_given_another_config_is_refused_on_every_rank_before_any_file(tm
     assert not (tmp_path / "run").exists()
 
 
-def _train_with_run_inside_own_data(rank: int, base: Path, port: int) -> None:
-    """Rank 1's machine keeps its data in a folder that holds the run's --out (data.root may differ between
-    machines); each rank saves what it raised, after a collective that shows that none was left waiting."""
-    import datetime
-    import socket as sockets
-
-    import torch.distributed as td
-
-    from finescope import distributed as dist
-    from finescope import trainer
-    from finescope.errors import FinescopeError
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    td.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
-    root = base / "data0" if rank == 0 else base  # rank 0's is never read: every rank stops before the data
-    try:
-        trainer.train(_cfg(root, extra=("data.source=folder",)), base / "run", progress=False)
-        said = "trained"
-    except FinescopeError as e:
-        said = str(e)
-    everyone = dist.all_gather((said, sockets.gethostname()))
-    if dist.is_main():
-        torch.save(everyone, base / "said.pt")
-    dist.cleanup()
-
-
 def test_an_out_inside_one_ranks_data_is_refused_on_every_rank_before_any_file(tmp_path):
     """The refusal of an --out inside data.root ran on each process alone: where only one machine's data.root
     holds the run folder, that rank stopped and the others went on to wait for it in their first collective.
     Every rank now refuses it before any file is written, the others naming the rank."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_train_with_run_inside_own_data, args=(tmp_path, _free_port()), nprocs=2, join=True)
+    mp.spawn(_train_as_its_machine_says, args=(tmp_path, _free_port(), "run_inside_data"), nprocs=2,
+             join=True)
     (said0, _), (said1, _) = torch.load(tmp_path / "said.pt")
     assert said1.startswith(f"--out '{tmp_path / 'run'}' lies inside data.root '{tmp_path}'"), said1
     assert said0 == f"another process of the run (rank 1) failed where this one did not: {said1}"
