@@ -342,31 +342,41 @@ def test_a_scan_that_another_rank_fails_after_rank_0_stops_every_rank(tmp_path):
         "data.root '/elsewhere' does not exist; set data.root"]
 
 
-def _lock_from_own_folder(rank: int, base: Path, port: int) -> None:
-    """Each rank takes the run lock of a relative --out from a working folder of its own (as on machines whose
-    --out is not shared); each saves what it raised, after a collective that shows that none was left waiting."""
+def _save_what_each_said(base: Path, act) -> None:
+    """``act()``'s word (what it returns, or the FinescopeError it raised) and the host of every rank, saved by
+    rank 0 to ``base/said.pt`` after a collective that shows that none was left waiting."""
     import socket as sockets
 
-    import torch.distributed as td
-
     from finescope import distributed as dist
-    from finescope import trainer
     from finescope.errors import FinescopeError
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    td.init_process_group("gloo", rank=rank, world_size=2)
-    (base / f"cwd{rank}").mkdir()
-    os.chdir(base / f"cwd{rank}")
     try:
-        lock = trainer._RunLock(Path("run"))
-        said = "locked"
-        lock.release()
+        said = act()
     except FinescopeError as e:
         said = str(e)
     everyone = dist.all_gather((said, sockets.gethostname()))
     if dist.is_main():
         torch.save(everyone, base / "said.pt")
     dist.cleanup()
+
+
+def _lock_from_own_folder(rank: int, base: Path, port: int) -> None:
+    """Each rank takes the run lock of a relative --out from a working folder of its own (as on machines whose
+    --out is not shared); each saves what it raised (:func:`_save_what_each_said`)."""
+    import torch.distributed as td
+
+    from finescope import trainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    td.init_process_group("gloo", rank=rank, world_size=2)
+    (base / f"cwd{rank}").mkdir()
+    os.chdir(base / f"cwd{rank}")
+
+    def lock() -> str:
+        trainer._RunLock(Path("run")).release()
+        return "locked"
+
+    _save_what_each_said(base, lock)
 
 
 def test_an_out_that_another_rank_does_not_see_is_refused_on_every_rank_at_the_start(tmp_path):
@@ -385,18 +395,15 @@ def test_an_out_that_another_rank_does_not_see_is_refused_on_every_rank_at_the_s
 
 
 def _train_as_its_machine_says(rank: int, base: Path, port: int, case: str) -> None:
-    """Each rank trains with the config its machine gave it, and saves what it raised after a collective that
-    shows that none was left waiting. ``own_config``: rank 1's copy has another learning rate (and its data and
+    """Each rank trains with the config its machine gave it, and saves what it raised
+    (:func:`_save_what_each_said`). ``own_config``: rank 1's copy has another learning rate (and its data and
     its cache in other folders, which a machine may have). ``run_inside_data``: rank 1's machine keeps its data
     in a folder that holds the run's --out (data.root may differ between machines)."""
     import datetime
-    import socket as sockets
 
     import torch.distributed as td
 
-    from finescope import distributed as dist
     from finescope import trainer
-    from finescope.errors import FinescopeError
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     td.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
@@ -405,16 +412,12 @@ def _train_as_its_machine_says(rank: int, base: Path, port: int, case: str) -> N
                    **({"lr": 0.01} if rank else {}))
     else:  # rank 0's data.root is never read: every rank stops before the data
         cfg = _cfg(base / "data0" if rank == 0 else base, extra=("data.source=folder",))
-    try:
-        trainer.train(cfg, base / "run", progress=False)
-        said = "trained"
-    except FinescopeError as e:
-        said = str(e)
-    everyone = dist.all_gather((said, sockets.gethostname()))
-    if dist.is_main():
-        torch.save(everyone, base / "said.pt")
-    dist.cleanup()
 
+    def train() -> str:
+        trainer.train(cfg, base / "run", progress=False)
+        return "trained"
+
+    _save_what_each_said(base, train)
 
 def test_a_rank_given_another_config_is_refused_on_every_rank_before_any_file(tmp_path):
     """Each torchrun process reads its own --config and --set: a machine with another copy of the config file
