@@ -927,3 +927,35 @@ def test_shape_pool_training_loader_batches_images_of_one_aspect(tmp_path):
     assert all(len({i % 2 for i in b}) == 1 for b in batches)
     mixed = make_loader(sample_set, np.arange(8), load_config(None, base), train=True)
     assert any(len({i % 2 for i in b.indices.tolist()}) == 2 for b in mixed)
+
+
+def _raised_in(filename: str, error: BaseException) -> tuple:
+    """The exc_info of ``error`` raised by code that claims to live in ``filename``."""
+    try:
+        exec(compile("raise error", filename, "exec"), {"error": error})
+    except BaseException:
+        return sys.exc_info()
+    raise AssertionError("not raised")
+
+
+@pytest.mark.parametrize(("filename", "error", "reported"), [
+    ("/usr/lib/python3/multiprocessing/resource_sharer.py", ConnectionResetError(104, "reset"), False),
+    ("/usr/lib/python3/multiprocessing/resource_sharer.py", EOFError(), False),
+    ("/usr/lib/python3/multiprocessing/resource_sharer.py", BrokenPipeError(32, "pipe"), False),
+    ("/usr/lib/python3/multiprocessing/resource_sharer.py", KeyError(3), True),  # a real fault of the handover
+    ("/work/dataset.py", EOFError(), True),  # not the handover
+])
+def test_a_worker_keeps_quiet_only_about_a_handover_its_main_process_broke(monkeypatch, filename, error, reported):
+    """When the main process stops (SIGTERM to the process group) in the middle of taking a batch, the worker's
+    resource_sharer thread printed the start of a traceback after train's one line (1 fresh-clone CI run in 3).
+    A worker's excepthook drops exactly that: a broken connection inside resource_sharer."""
+    import signal
+
+    from finescope.data.dataset import leave_sigterm_to_main
+
+    seen = []
+    monkeypatch.setattr(sys, "excepthook", lambda *info: seen.append(info[0]))
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # this process keeps its own SIGTERM handler
+    leave_sigterm_to_main(0)
+    sys.excepthook(*_raised_in(filename, error))
+    assert seen == ([type(error)] if reported else [])

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import mmap
@@ -23,6 +24,7 @@ import struct
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 import zlib
 from collections.abc import Callable, Sequence
@@ -472,8 +474,24 @@ def leave_sigterm_to_main(worker_id: int) -> None:
     line) and then stops its workers itself. A scheduler's pre-emption (SLURM) or a kill of the process group
     sends it to the workers too; a worker that died of it first raised torch's "DataLoader worker (pid N) is
     killed by signal: Terminated" in the main process, a traceback instead of the line. A worker left without
-    its main process still ends: torch's worker loop watches for it."""
+    its main process still ends: torch's worker loop watches for it.
+
+    It also keeps quiet the one report a stop makes a worker print: a worker hands each batch's tensors to the
+    main process through multiprocessing's ``resource_sharer`` thread, which prints any error of a handover
+    with ``sys.excepthook``. When the main process stops in the middle of one, the worker's end of that
+    connection breaks and the start of a traceback followed train's line (:func:`_quiet_broken_handover`)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.excepthook = functools.partial(_quiet_broken_handover, sys.excepthook)
+
+
+def _quiet_broken_handover(hook, kind: type[BaseException], error: BaseException, tb) -> None:
+    """``sys.excepthook`` of a DataLoader worker: drop a broken connection (``EOFError``, ``OSError``) raised in
+    ``multiprocessing.resource_sharer``, which only means that the receiving process went away while a batch
+    was handed over (it reports its own stop); pass everything else to ``hook``."""
+    frames = traceback.extract_tb(tb)
+    if issubclass(kind, (EOFError, OSError)) and any(f.filename.endswith("resource_sharer.py") for f in frames):
+        return
+    hook(kind, error, tb)
 
 
 class ImageDataset(Dataset):
