@@ -359,7 +359,8 @@ def test_describe_samples_names_the_groups_that_hold_several_classes(tmp_path):
     d = describe_samples(SampleSet(samples, ["a", "b"], root=str(tmp_path)), read_images=False)
     assert d["mixed_groups"] == {"p1": ["a", "b"]}
     text = format_description(d)
-    assert "groups holding two or more classes: 1 of 3 (p1: a, b); the patient accuracies" in text
+    assert ("groups holding two or more classes: 1 of 3 (p1: a, b); the patient accuracies (patient_accuracy_*) "
+            "score such a group once per class, on its images of it") in text
     one_class = [Sample(s.path, 0, s.group) for s in samples]
     d = describe_samples(SampleSet(one_class, ["a", "b"], root=str(tmp_path)), read_images=False)
     assert d["mixed_groups"] == {} and "two or more classes" not in format_description(d)

@@ -156,10 +156,16 @@ def test_patient_accuracy_vote_tie_broken_by_mean_prob():
     assert M.patient_accuracy([0, 0], probs, ["A", "A"], "majority") == 0.0
 
 
-def test_patient_label_is_majority_true_label():
-    probs = _onehot_probs([1, 1, 1], 2)
-    assert M.patient_accuracy([1, 1, 0], probs, ["A"] * 3) == 1.0
-    assert M.patient_accuracy([0, 0, 1], probs, ["A"] * 3) == 0.0
+def test_a_patient_of_several_classes_is_scored_once_per_class():
+    """A patient whose images hold two classes has no one label. Its majority class was taken as its label, so a
+    model calling all of a patient's images benign scored it right although some were malignant; each class's
+    images now vote for their own class, and the accuracy is hits / units."""
+    probs = _onehot_probs([0, 0, 0, 0, 1, 1], 2)  # A: 3 benign and 1 malignant image, all called benign; B right
+    y, groups = [0, 0, 0, 1, 1, 1], ["A", "A", "A", "A", "B", "B"]
+    for how in ("majority", "mean_prob"):
+        assert M.patient_accuracy(y, probs, groups, how) == pytest.approx(2 / 3)  # A benign, A malignant, B
+    assert M.patient_accuracy([0, 0, 0, 0, 1, 1], probs, groups) == 1.0  # one class per patient: units are patients
+    assert M.compute_metrics(y, probs, groups)["n_groups"] == 2
 
 
 def test_patient_accuracy_rejects_unknown_rule():
@@ -272,9 +278,13 @@ def test_bootstrap_resamples_groups_not_images():
     assert by_image["high"] - by_image["low"] < 0.1
 
 
-def test_bootstrap_callable_matches_vectorised_path():
+@pytest.mark.parametrize("mixed", [False, True])
+def test_bootstrap_callable_matches_vectorised_path(mixed):
     y, p, groups = _patients_case()
-    for name in ("image_accuracy", "patient_recognition_rate", "patient_accuracy_majority"):
+    if mixed:  # some patients hold two classes: the closed form counts their units, as the callable does
+        y = np.where(np.arange(y.size) % 5 == 0, 1 - y, y)
+    for name in ("image_accuracy", "patient_recognition_rate", "patient_accuracy_majority",
+                 "patient_accuracy_mean_prob"):
         fast = M.bootstrap_ci(y, p, groups, name, n_boot=100)
         slow = M.bootstrap_ci(y, p, groups, lambda a, b, g, n=name: M.SCALAR_METRICS[n](a, b, g), n_boot=100)
         assert fast == pytest.approx(slow)

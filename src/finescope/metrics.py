@@ -338,21 +338,24 @@ def patient_recognition_rate(y_true: ArrayLike, y_pred: ArrayLike, groups: Array
 
 def _patient_hits(
     yt: np.ndarray, p: np.ndarray, yp: np.ndarray, gidx: np.ndarray, n_groups: int, how: str
-) -> np.ndarray:
-    """(G,) bool: whether each patient's single prediction equals its majority true label."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """(G,) hits and (G,) units of each patient: a unit is a patient's images of one true class, and it is a hit
+    when their single prediction is that class (see :func:`patient_accuracy`)."""
     n_classes = p.shape[1]
-    truth = np.zeros((n_groups, n_classes))
-    np.add.at(truth, (gidx, yt), 1)
-    mean_prob = np.zeros((n_groups, n_classes))
-    np.add.at(mean_prob, gidx, p)  # sum; dividing by the group size would not change any argmax
+    units, uidx = np.unique(gidx * n_classes + yt, return_inverse=True)  # (U,) (patient, class) pairs
+    uidx = uidx.ravel()
+    mean_prob = np.zeros((units.size, n_classes))
+    np.add.at(mean_prob, uidx, p)  # sum; dividing by the unit's size would not change any argmax
     if how == "mean_prob":
         pred = mean_prob.argmax(1)
     else:
-        votes = np.zeros((n_groups, n_classes))
-        np.add.at(votes, (gidx, yp), 1)
+        votes = np.zeros((units.size, n_classes))
+        np.add.at(votes, (uidx, yp), 1)
         tied = votes == votes.max(1, keepdims=True)
         pred = np.where(tied, mean_prob, -np.inf).argmax(1)  # ties broken by the mean probability
-    return pred == truth.argmax(1)
+    patient = units // n_classes
+    hits = np.bincount(patient, weights=(pred == units % n_classes).astype(np.float64), minlength=n_groups)
+    return hits, np.bincount(patient, minlength=n_groups).astype(np.float64)
 
 
 def patient_accuracy(
@@ -364,9 +367,13 @@ def patient_accuracy(
 ) -> float:
     """Fraction of patients whose single prediction equals the patient's label.
 
-    A patient's label is the majority true label of its images. Its prediction is, with ``how="majority"``,
-    the majority vote of the image predictions (ties broken by the mean probability), or with
-    ``how="mean_prob"``, the argmax of the mean class probability over its images.
+    Each patient's images give one prediction: with ``how="majority"`` the majority vote of the image
+    predictions (ties broken by the mean probability), with ``how="mean_prob"`` the argmax of the mean class
+    probability over its images. A patient whose images hold several true classes has no one label: it is
+    scored once per class, each time on its images of that class (a unit), and the value is hits / units. For
+    data with one class per patient (BreakHis) units are patients. Taking such a patient's majority class as its
+    label instead would let a model that calls all of one patient's images benign score it right even where some
+    of them are malignant.
 
     Args:
         y_true: (N,) true labels.
@@ -383,7 +390,8 @@ def patient_accuracy(
     yt, p = _probs(y_true, probs)
     yp = p.argmax(1) if y_pred is None else _pair(yt, y_pred)[1]
     uniq, gidx = _group_index(groups, yt.size)
-    return float(np.mean(_patient_hits(yt, p, yp, gidx, uniq.size, how)))
+    hits, units = _patient_hits(yt, p, yp, gidx, uniq.size, how)
+    return float(hits.sum() / units.sum())
 
 
 # --------------------------------------------------------------------------------------------- all at once
@@ -473,7 +481,8 @@ def _fast_per_group(
     """(G,) numerator and denominator when the metric is a weighted ratio over groups, else ``None``.
 
     A resample that draws group g ``k_g`` times then scores ``sum_g k_g num_g / sum_g k_g den_g``; for the
-    patient-level metrics ``num_g`` sums the scores (or hits) of group g's patients and ``den_g`` counts them.
+    patient-level metrics ``num_g`` sums the scores (or hits) of group g's patients and ``den_g`` counts them (or
+    their units: :func:`_patient_hits`).
     """
     yp = p.argmax(1)
     if metric == "image_accuracy":
@@ -483,14 +492,13 @@ def _fast_per_group(
     group_of = np.zeros(n_patients, dtype=np.int64)  # (P,) the group of each patient
     group_of[pidx] = gidx
     if metric == "patient_recognition_rate":
-        per_patient = _per_group_correct(yt, yp, pidx, n_patients)
+        per_patient, units = _per_group_correct(yt, yp, pidx, n_patients), np.ones(n_patients)
     elif metric in ("patient_accuracy_majority", "patient_accuracy_mean_prob"):
-        how = metric.removeprefix("patient_accuracy_")
-        per_patient = _patient_hits(yt, p, yp, pidx, n_patients, how).astype(np.float64)
+        per_patient, units = _patient_hits(yt, p, yp, pidx, n_patients, metric.removeprefix("patient_accuracy_"))
     else:
         return None
     num = np.bincount(group_of, weights=per_patient, minlength=n_groups)
-    return num, np.bincount(group_of, minlength=n_groups).astype(np.float64)
+    return num, np.bincount(group_of, weights=units, minlength=n_groups)
 
 
 def _boot_values(

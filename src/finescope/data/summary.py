@@ -190,11 +190,11 @@ def format_description(d: dict[str, Any]) -> str:
         shown = ", ".join(names[:6]) + (f", ... ({len(names)} groups)" if len(names) > 6 else "")
         lines.append(f"groups: {shown}")
     mixed = d.get("mixed_groups", {})
-    if mixed:  # a patient-level label is its group's majority class: say where that is not the only class
+    if mixed:  # such a patient has no one label: say how the patient accuracies score it
         shown = "; ".join(f"{g}: {', '.join(cs)}" for g, cs in list(mixed.items())[:4]) + ("; ..." if len(mixed) > 4
                                                                                           else "")
         lines.append(f"groups holding two or more classes: {len(mixed)} of {d['n_groups']} ({shown}); the "
-                     "patient accuracies (patient_accuracy_*) take each group's majority class as its label")
+                     "patient accuracies (patient_accuracy_*) score such a group once per class, on its images of it")
     if d.get("per_magnification"):
         lines.append("magnifications: " + ", ".join(f"{m}X: {n}" for m, n in d["per_magnification"].items()))
     if "image_sizes" in d:
