@@ -561,6 +561,29 @@ def test_summary_scores_patients_and_resamples_their_case(tmp_path):
     assert by_case["patient_recognition_rate"] == pytest.approx((4 / 6 + 1 + 1) / 3)
 
 
+def test_equal_patient_ids_in_two_groups_are_two_patients_in_every_number(tmp_path):
+    """A manifest's patient is the patient within its group (README): patient 'P1' of group A (right) and 'P1' of
+    group B (wrong) are two patients. The pooled PRR scored them apart (0.8) while the per-fold metrics of the same
+    single fold merged them into one of score 0.5 (PRR 0.875, 4 patients), so one summary gave two PRRs."""
+    from finescope.oof import summarize_predictions
+
+    rows = [("A", "P1", "a", "a")] * 2 + [("B", "P1", "a", "b")] * 2 + [("C", "P2", "b", "b")] * 2 + [
+        ("D", "P3", "b", "b")] * 2 + [("E", "P4", "a", "a")] * 2
+    path = tmp_path / "predictions.csv"
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", "group", "patient", "magnification", "true", "predicted", "prob_a", "prob_b", "fold",
+                    "variant"])
+        for i, (group, patient, true, pred) in enumerate(rows):
+            w.writerow([f"{i}.png", group, patient, 100, true, pred, 0.8 if pred == "a" else 0.2,
+                        0.2 if pred == "a" else 0.8, "fold0", "global"])
+    summary = summarize_predictions(path, n_boot=20)["variants"]["global"]
+    for m in ("patient_recognition_rate", "patient_accuracy_majority", "patient_accuracy_mean_prob"):
+        assert summary["folds"]["fold0"][m] == pytest.approx(4 / 5) == summary["pooled"][m]["value"]
+        assert summary["per_magnification"]["100"][m]["mean"] == pytest.approx(4 / 5)
+    assert summary["folds"]["fold0"]["n_groups"] == summary["pooled"]["n_patients"] == 5
+
+
 @realdata
 def test_breakhis_patients_are_patient_folders_within_case_groups(tmp_path):
     """Spanhol et al. count 22549AB, 22549CD and 22549G as three patients; the split keeps their case together."""

@@ -804,6 +804,23 @@ def test_test_metrics_and_predictions_score_patients_not_case_groups(tmp_path, m
         assert [r["patient"] for r in csv.DictReader(fh)] == ["22549AB", "22549AB", "22549CD", "22549CD"]
 
 
+def test_test_metrics_score_equal_patient_ids_of_two_groups_as_two_patients(monkeypatch):
+    """A manifest's patient 'P1' of group A and 'P1' of group B are two patients (README; the report and cv score
+    them so); metrics.json merged them into one: PRR 0.5 over 1 patient where the report said 0.5 over 2."""
+    import numpy as np
+
+    from finescope.data import Sample, SampleSet
+    from finescope.engine import Predictions
+
+    s = SampleSet([Sample(f"/d/{i}.png", 0, g, {"patient": "P1"}) for i, g in enumerate("AAB")], ["a", "b"])
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.2, 0.8]])  # A's P1 2/2 right, B's P1 0/1
+    monkeypatch.setattr(trainer, "predict_loader", lambda *a, **k: Predictions(np.arange(3), np.zeros(3, int), probs))
+    _, metrics = trainer.evaluate_split(None, s, np.arange(3), load_config(), "cpu", loader=object())
+    assert metrics["patient_recognition_rate"] == pytest.approx((1 + 0) / 2)  # one patient: 2 / 3
+    assert metrics["patient_accuracy_majority"] == pytest.approx(1 / 2)  # one patient: 1
+    assert metrics["n_groups"] == 2
+
+
 def test_patience_zero_waits_for_a_candidate_epoch_and_is_off_without_validation(synthetic_root, tmp_path):
     """train.patience=0 stops after the first candidate for best.pt: not after a crop warm-up epoch, which is
     none (the run ended there without a best.pt to test), and never without a validation side, where README

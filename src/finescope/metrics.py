@@ -83,6 +83,26 @@ def _group_index(groups: ArrayLike | None, n: int) -> tuple[np.ndarray, np.ndarr
     return uniq, idx.ravel()
 
 
+def patient_index(groups: ArrayLike, patients: ArrayLike) -> np.ndarray:
+    """(N,) index of each image's patient, a (group, patient id) pair: equal ids in two groups are two patients.
+
+    Args:
+        groups: (N,) group ids (the unit a split and an interval keep whole).
+        patients: (N,) patient ids within their group (BreakHis: the patient folder 22549AB of case 22549).
+
+    Returns:
+        (N,) int indices into the sorted unique pairs.
+    """
+    g = np.asarray(groups)
+    pat = np.asarray(patients).astype(str)
+    if pat.shape != g.shape:
+        raise ValueError(f"patients must have shape {g.shape}, got {pat.shape}")
+    gidx = np.unique(g, return_inverse=True)[1].ravel()
+    # the digits of the group index, then ':' (numpy strips a trailing '\x00', which joined (1, '23') and (12, '3'))
+    pairs = np.char.add(np.char.add(gidx.astype(str), ":"), pat)
+    return np.unique(pairs, return_inverse=True)[1].ravel()
+
+
 def _py(x: Any) -> Any:
     """Turn a numpy scalar into the matching Python scalar."""
     return x.item() if isinstance(x, np.generic) else x
@@ -575,13 +595,7 @@ def _prepare(
     uniq, gidx = _group_index(groups, yt.size)
     if patients is None:
         return yt, p, gidx, gidx, uniq
-    pat = np.asarray(patients).astype(str)
-    if pat.shape != (yt.size,):
-        raise ValueError(f"patients must have shape ({yt.size},), got {pat.shape}")
-    # the digits of the group index, then ':' (numpy strips a trailing '\x00', which joined (1, '23') and (12, '3'))
-    pairs = np.char.add(np.char.add(gidx.astype(str), ":"), pat)
-    pidx = np.unique(pairs, return_inverse=True)[1].ravel()
-    return yt, p, pidx, gidx, uniq
+    return yt, p, patient_index(gidx, patients), gidx, uniq
 
 
 def bootstrap_ci(

@@ -25,7 +25,14 @@ from finescope.data import SampleSet
 from finescope.data.splits import _relative
 from finescope.errors import FinescopeError
 from finescope.files import ERRORS, atomic_open
-from finescope.metrics import SCALAR_METRICS, bootstrap_ci, compute_metrics, paired_bootstrap, summarize_folds
+from finescope.metrics import (
+    SCALAR_METRICS,
+    bootstrap_ci,
+    compute_metrics,
+    paired_bootstrap,
+    patient_index,
+    summarize_folds,
+)
 
 # metrics with pooled patient-clustered intervals and paired comparisons, in table order
 TABLE_METRICS = (
@@ -162,8 +169,9 @@ def as_arrays(rows: list[dict], class_names: list[str]) -> tuple[np.ndarray, np.
 
 
 def patients_of(rows: list[dict]) -> np.ndarray:
-    """(N,) patient ids of some rows: the ``patient`` column, or the group in a file without one."""
-    return np.array([r.get("patient") or r["group"] for r in rows])
+    """(N,) patient indices of some rows: one per (group, ``patient`` column) pair, so that equal ids in two groups
+    are two patients, as :func:`~finescope.metrics.bootstrap_ci` counts them; the group in a file without one."""
+    return patient_index([r["group"] for r in rows], [r.get("patient") or r["group"] for r in rows])
 
 
 def _by(rows: list[dict], *keys: str) -> dict[tuple, list[dict]]:

@@ -78,7 +78,7 @@ from finescope.engine import (
 )
 from finescope.errors import FinescopeError, FinescopeWarning, Interrupted, Terminated
 from finescope.files import atomic_open, finite_json, json_text, remove_temporaries, write_text
-from finescope.metrics import compute_metrics
+from finescope.metrics import compute_metrics, patient_index
 from finescope.models import create_model
 from finescope.models.network import FineScopeNet, global_view_size
 
@@ -445,7 +445,8 @@ def evaluate_split(model, sample_set, indices, cfg, device, desc="eval", loader=
                              "skipped them all: unreadable, or smaller than the model's crops, named in the warnings "
                              "above); fix or remove those files")
     preds.indices = np.asarray(indices)[preds.indices]  # dataset positions -> sample_set indices
-    patients = [sample_set.samples[i].patient for i in preds.indices]  # BreakHis: 22549AB, not its case 22549
+    chosen = [sample_set.samples[i] for i in preds.indices]  # BreakHis: patient 22549AB, not its case 22549;
+    patients = patient_index([s.group for s in chosen], [s.patient for s in chosen])  # a patient within its group
     metrics = compute_metrics(preds.labels, preds.probs, patients, sample_set.class_names)
     metrics["loss"] = preds.loss
     # images of the split that the loader skipped (data.on_error: skip), counted in the split, not in the metrics
