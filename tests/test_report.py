@@ -249,6 +249,22 @@ def test_a_summary_from_before_few_patient_intervals_were_withheld_is_computed_a
     assert _summary(folder, "global", 30, 0)["variants"]["global"]["pooled"]["auc"]["ci_note"] == "only 4 patients"
 
 
+def test_a_summary_from_before_a_metric_changed_is_computed_again(tmp_path):
+    """summary.json of a cv written before a metric's definition changed (patients of several classes, equal
+    patient ids in two groups) matched predictions.csv, so cv's rerun and the report read its old values back."""
+    from finescope.cv import _summary
+
+    folder = fake_cv(tmp_path / "cv", n=40)
+    summary = _summary(folder, "global", 30, 0)
+    value = summary["variants"]["global"]["pooled"]["patient_accuracy_majority"]["value"]
+    summary["made_from"]["metrics_version"] = 1
+    summary["variants"]["global"]["pooled"]["patient_accuracy_majority"]["value"] = 0.123
+    (folder / "summary.json").write_text(json.dumps(summary))
+    md, _ = write_report(folder, n_boot=30)
+    assert "0.123" not in md.read_text()
+    assert _summary(folder, "global", 30, 0)["variants"]["global"]["pooled"]["patient_accuracy_majority"]["value"] == value
+
+
 def test_class_names_with_dollar_signs_are_drawn_as_written_not_typeset(tmp_path, monkeypatch):
     """matplotlib read the '$...$' of a class name in the confusion matrix's ticks and the ROC legend as mathtext:
     'cost $5 and $6' came out typeset, and 'a$\\foo$' ended the report in a ParseFatalException traceback."""

@@ -568,13 +568,14 @@ def _summary(out: Path, reference: str, n_boot: int, seed: int) -> dict:
     very predictions with these settings (a rerun of a finished cv: its bootstrap is the slow part), else computed
     and written."""
     from finescope import __version__
-    from finescope.metrics import MIN_CI_GROUPS
+    from finescope.metrics import METRICS_VERSION, MIN_CI_GROUPS
     from finescope.oof import summarize_predictions
 
-    # ci_min_groups: a summary from before intervals of few patients were withheld is computed again
+    # ci_min_groups, metrics_version: a summary from before intervals of few patients were withheld, or before a
+    # metric's definition changed, is computed again
     made_from = {"predictions_sha256": hashlib.sha256((out / "predictions.csv").read_bytes()).hexdigest(),
                  "reference": reference, "n_boot": n_boot, "seed": seed, "finescope_version": __version__,
-                 "ci_min_groups": MIN_CI_GROUPS}
+                 "ci_min_groups": MIN_CI_GROUPS, "metrics_version": METRICS_VERSION}
     path = out / "summary.json"
     try:
         old = json.loads(path.read_text())

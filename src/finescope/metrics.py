@@ -548,6 +548,10 @@ def _boot_values(
 
 
 MIN_CI_GROUPS = 5  # fewer groups than this: no interval (bootstrap_ci's docstring says why)
+# what a metric means, raised with every change of a definition, so that no summary computed before it is read back
+# (cv's summary.json, in ``made_from``): 2 scores a patient of several classes once per class and counts equal
+# patient ids in two groups as two patients
+METRICS_VERSION = 2
 MIN_CI_DEFINED = 0.5  # fraction of the resamples that must define the metric for an interval
 
 

@@ -31,7 +31,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from finescope.checkpoint import read_history  # noqa: E402
 from finescope.errors import FinescopeError, FinescopeWarning  # noqa: E402
 from finescope.files import ERRORS, atomic_open, write_bytes, write_text  # noqa: E402
-from finescope.metrics import ECE_BINS, MIN_CI_GROUPS, reliability_curve, roc_curves  # noqa: E402
+from finescope.metrics import ECE_BINS, METRICS_VERSION, MIN_CI_GROUPS, reliability_curve, roc_curves  # noqa: E402
 from finescope.oof import TABLE_METRICS, _check_row, as_arrays, read_oof_csv, summarize_predictions  # noqa: E402
 
 SHORT = {
@@ -119,13 +119,14 @@ def _single_run_rows(run_dir: Path, predictions: Path | None, fig_dir: Path) -> 
 
 def _cv_summary(run_dir: Path, csv_path: Path, n_boot: int) -> dict:
     """cv's ``summary.json`` when it was computed from ``predictions.csv`` as it is now (its ``made_from`` holds the
-    file's SHA-256) under today's rule for intervals (``ci_min_groups``), else the summary computed again with the
-    cv's reference, resamples and seed (``cv.json``): a damaged, older or stale summary (predictions.csv edited or
-    rewritten since; intervals of width 0 from 4 patients) never reaches the report."""
+    file's SHA-256) under today's rule for intervals (``ci_min_groups``) and metrics (``metrics_version``), else the
+    summary computed again with the cv's reference, resamples and seed (``cv.json``): a damaged, older or stale
+    summary (predictions.csv edited or rewritten since; intervals of width 0 from 4 patients; values of an older
+    metric) never reaches the report."""
     summary = _json_dict(run_dir / "summary.json")
     made_from = summary.get("made_from") if isinstance(summary, dict) else None
     if (isinstance(made_from, dict) and {"class_names", "variants"} <= summary.keys()
-            and made_from.get("ci_min_groups") == MIN_CI_GROUPS
+            and made_from.get("ci_min_groups") == MIN_CI_GROUPS and made_from.get("metrics_version") == METRICS_VERSION
             and made_from.get("predictions_sha256") == hashlib.sha256(csv_path.read_bytes()).hexdigest()):
         return summary
     record = _json_dict(run_dir / "cv.json") or {}
