@@ -157,3 +157,18 @@ def test_a_key_written_twice_is_refused(tmp_path):
     path.write_text("train:\n  epochs: 3\n  epochs: 5\n")
     with pytest.raises(FinescopeError, match="'epochs' appears twice"):
         load_config(path)
+
+
+def test_a_shipped_config_is_found_by_name_outside_a_clone(tmp_path, monkeypatch):
+    """A pip install has no configs/ folder, so `--config configs/breakhis_binary.yaml` named nothing there and the
+    error sent the user to that folder. A bare name finds the config installed with the package; a file of that
+    name in the working folder comes first; a miss lists the shipped names."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    for name in ("breakhis_binary", "breakhis_binary.yaml"):
+        assert load_config(name) == load_config(root / "configs" / "breakhis_binary.yaml")
+    (tmp_path / "demo.yaml").write_text("name: mine\n")
+    assert load_config("demo").name != "mine" and load_config("demo.yaml").name == "mine"
+    with pytest.raises(FinescopeError, match=r"config file 'configs/demo.yaml' not found; .* shipped config: "
+                                             r"breakhis_binary, breakhis_protocol, breakhis_subtype, defungi, demo$"):
+        load_config("configs/demo.yaml")

@@ -274,6 +274,9 @@ def _add_explain(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from finescope.config import shipped_configs
+
+    config_help = f"experiment YAML file, or a shipped config's name ({', '.join(shipped_configs())})"
     parser = argparse.ArgumentParser(
         prog="finescope",
         description="Fine-grained microscopy classification with gated attention and high-resolution crops "
@@ -286,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model from a YAML config")
-    p.add_argument("--config", required=True, help="experiment YAML (see configs/)")
+    p.add_argument("--config", required=True, help=config_help)
     p.add_argument("--out", help="run directory (default runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
@@ -315,14 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("data", help="count images per class, group and magnification; list unreadable files")
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", required=True, help=config_help)
     p.add_argument("--json", help="also write the description as JSON")
     p.add_argument("--no-read", action="store_true", help="do not decode every image (faster, no size check)")
     _add_set(p)
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("cv", help="patient-level cross-validation of several variants on the same splits")
-    p.add_argument("--config", required=True, help="experiment YAML; may hold protocol: and profiles: sections")
+    p.add_argument("--config", required=True, help=f"{config_help}; may hold protocol: and profiles: sections")
     p.add_argument("--profile", default="", help="a profile of the config file, e.g. quick or full")
     p.add_argument("--variants", help="comma-separated variants, e.g. global,attention,fusion")
     p.add_argument("--folds", type=int, help="grouped, stratified k-fold with K folds")

@@ -311,14 +311,35 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def read_yaml_mapping(path: str | Path) -> dict:
-    """A config file's YAML mapping (empty file: {}); a missing, unreadable or malformed file, or one that is
-    not a mapping, raises :class:`FinescopeError` naming it."""
+SHIPPED = Path(__file__).resolve().parent / "configs"  # the configs installed with the package (configs/ in a clone)
+
+
+def shipped_configs() -> list[str]:
+    """The names of the configs installed with the package (``breakhis_binary``, ``demo``, ...)."""
+    return sorted(p.stem for p in SHIPPED.glob("*.yaml"))
+
+
+def find_config(path: str | Path) -> Path:
+    """The config file ``path`` names: the file itself, else, for a bare name (``breakhis_binary`` or
+    ``breakhis_binary.yaml``, no folder) that names no file here, the config of that name installed with the
+    package, so that a pip install, which has no ``configs/`` folder, can run them. Anything else raises
+    :class:`FinescopeError` listing the shipped names."""
     p = Path(path)
-    if p.is_dir():
-        raise FinescopeError(f"config file '{path}' is a directory; give a YAML file (see configs/ for examples)")
-    if not p.is_file():
-        raise FinescopeError(f"config file '{path}' not found; see configs/ for examples")
+    if p.is_file():
+        return p
+    shipped = SHIPPED / (p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml")
+    if len(p.parts) == 1 and not p.is_dir() and shipped.is_file():
+        return shipped
+    what = "is a directory" if p.is_dir() else "not found"
+    raise FinescopeError(f"config file '{path}' {what}; give a YAML file, or the name of a shipped config: "
+                         f"{', '.join(shipped_configs())}")
+
+
+def read_yaml_mapping(path: str | Path) -> dict:
+    """A config file's YAML mapping (empty file: {}); ``path`` may name a shipped config (:func:`find_config`). A
+    missing, unreadable or malformed file, or one that is not a mapping, raises :class:`FinescopeError` naming
+    it."""
+    p = find_config(path)
     try:
         loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except UnicodeDecodeError:
