@@ -398,7 +398,8 @@ def _train_as_its_machine_says(rank: int, base: Path, port: int, case: str) -> N
     """Each rank trains with the config its machine gave it, and saves what it raised
     (:func:`_save_what_each_said`). ``own_config``: rank 1's copy has another learning rate (and its data and
     its cache in other folders, which a machine may have). ``run_inside_data``: rank 1's machine keeps its data
-    in a folder that holds the run's --out (data.root may differ between machines)."""
+    in a folder that holds the run's --out (data.root may differ between machines). ``own_synthetic``: each
+    rank's data.root is a folder of its own that does not exist yet."""
     import datetime
 
     import torch.distributed as td
@@ -410,6 +411,8 @@ def _train_as_its_machine_says(rank: int, base: Path, port: int, case: str) -> N
     if case == "own_config":
         cfg = _cfg(base / f"data{rank}", extra=(f"data.cache_dir={base / f'cache{rank}'}",),
                    **({"lr": 0.01} if rank else {}))
+    elif case == "own_synthetic":  # machines without a shared disk: each makes the synthetic set on its own
+        cfg = _cfg(base / f"data{rank}", epochs=1)
     else:  # rank 0's data.root is never read: every rank stops before the data
         cfg = _cfg(base / "data0" if rank == 0 else base, extra=("data.source=folder",))
 
@@ -432,6 +435,22 @@ def test_a_rank_given_another_config_is_refused_on_every_rank_before_any_file(tm
         "give every process the same --config file and --set options (only data.root, data.num_workers, "
         "data.cache and data.cache_dir may differ between machines)")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_ranks_without_a_shared_disk_each_make_the_same_synthetic_set_and_train(tmp_path):
+    """The synthetic source makes its images where data.root points; on machines without a shared disk every
+    rank makes its own copy. Each copy must hold the same images, byte for byte, or the ranks would train on
+    different data under one split."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_train_as_its_machine_says, args=(tmp_path, _free_port(), "own_synthetic"), nprocs=2, join=True)
+    (said0, _), (said1, _) = torch.load(tmp_path / "said.pt")
+    assert said0 == said1 == "trained"
+    copies = [{p.relative_to(tmp_path / f"data{r}"): p.read_bytes() for p in sorted((tmp_path / f"data{r}").rglob("*"))
+               if p.is_file()} for r in (0, 1)]
+    assert len(copies[0]) > 48 and copies[0] == copies[1]
+    assert (tmp_path / "run" / "metrics.json").is_file()
 
 
 def test_an_out_inside_one_ranks_data_is_refused_on_every_rank_before_any_file(tmp_path):
