@@ -599,6 +599,31 @@ def test_an_out_inside_a_folder_to_explain_is_refused_before_any_work(tmp_path, 
                  "--no-faithfulness", *FAST]) == 0  # a file given one by one still may be in --out's images/
 
 
+@pytest.mark.parametrize("split", [True, False])
+def test_an_out_inside_a_folder_sources_data_root_is_refused_as_train_refuses_it(tmp_path, capsys, split):
+    """explain RUN --split test --out DATA/explain, DATA a folder source's data.root, wrote its PNGs into the data:
+    the next explain --split stopped on class 'explain', and the next train learnt a third class 'explain' from
+    the figures. Such an --out is now refused in one line before any work, as train and cv refuse it."""
+    from PIL import Image
+
+    from finescope.cli import main
+
+    root = tmp_path / "folders"
+    for c in ("atypical", "typical"):
+        (root / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(image(96, 96, seed=i).permute(1, 2, 0).numpy()).save(root / c / f"{c}{i}.png")
+    run = make_run(tmp_path, "global")
+    state = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    state["config"]["data"].update(source="folder", root=str(root))
+    save_checkpoint(state, run / "checkpoints" / "best.pt")
+    inputs = ["--split", "test"] if split else [str(root / "typical" / "typical0.png")]
+    assert main(["explain", str(run), *inputs, "--out", str(root / "explain"), "--no-faithfulness", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "inside data.root" in err and len(err.strip().splitlines()) == 1
+    assert not (root / "explain").exists()
+
+
 def test_gallery_links_reach_figures_of_names_with_hash_percent_and_spaces(tmp_path):
     import html
     import re

@@ -392,6 +392,7 @@ def run_explain(checkpoint: str | Path, paths: list[str] | tuple[str, ...] = (),
     Returns:
         The summary written to ``faithfulness.json`` plus ``output`` (the folder) and ``skipped``.
     """
+    from finescope.data.sources import check_outside_data
     from finescope.explain.gallery import write_index
     from finescope.trainer import load_trained, model_overrides
 
@@ -400,6 +401,7 @@ def run_explain(checkpoint: str | Path, paths: list[str] | tuple[str, ...] = (),
     out = Path(out) if out else default_out(checkpoint, split)
     _check_out(out, () if split else paths)
     model, cfg, class_names, state = load_trained(checkpoint, overrides, device)
+    check_outside_data(cfg.data, out)  # its PNGs would become images of a folder source, its images/ a class
     methods = resolve_methods(model, settings.methods, cfg.model.variant)
     inputs = _inputs(cfg, state, class_names, paths, split)
     keep = {os.path.realpath(item.path) for item in inputs.items}
