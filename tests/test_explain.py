@@ -200,6 +200,17 @@ def test_normalise_map_spans_zero_to_one(how):
     assert (m == 1).sum() == (1 if how == "max" else 10)
 
 
+def test_percentile_scale_of_a_map_hot_on_under_one_percent_keeps_its_gradations():
+    """A map positive on fewer pixels than 100 - percentile (a Grad-CAM of one hot cell) has its percentile at its
+    minimum: --normalise percentile divided by 1e-12 and drew every positive pixel, 0.001 as 1.0, as a full-strength
+    mask. Such a map is now scaled by its maximum, as ``max`` does."""
+    m = np.zeros((100, 100))
+    m[:5, :5] = np.linspace(0.001, 1, 25).reshape(5, 5)
+    shown = normalise_map(m, "percentile", 99)
+    np.testing.assert_allclose(shown, normalise_map(m, "max"))
+    assert shown[0, 0] < 0.01 and (shown == 1).sum() == 1
+
+
 def test_peak_box_is_inside_the_image():
     heat = torch.zeros(50, 80)
     heat[2, 78] = 1

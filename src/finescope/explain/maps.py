@@ -41,7 +41,8 @@ def normalise_map(m: np.ndarray | torch.Tensor, how: str = "max", percentile: fl
     Args:
         m: (H, W) map.
         how: ``max`` (the image's maximum -> 1) or ``percentile`` (its ``percentile``-th percentile -> 1, values
-            above are clipped, so that one hot spot does not leave the rest of the map cold).
+            above are clipped, so that one hot spot does not leave the rest of the map cold; a map whose
+            percentile is its minimum, positive on fewer pixels than that, is scaled by its maximum).
         percentile: used by ``percentile``.
 
     Returns:
@@ -54,6 +55,8 @@ def normalise_map(m: np.ndarray | torch.Tensor, how: str = "max", percentile: fl
     m = np.asarray(m.detach().cpu() if isinstance(m, torch.Tensor) else m, dtype=np.float32)
     lo = float(m.min())
     hi = float(np.percentile(m, percentile)) if how == "percentile" else float(m.max())
+    if hi <= lo:  # a map positive on under 100 - percentile % of its pixels: its percentile is its minimum
+        hi = float(m.max())
     return np.clip((m - lo) / max(hi - lo, 1e-12), 0, 1).astype(np.float32)
 
 
