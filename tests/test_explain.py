@@ -17,7 +17,7 @@ from finescope.config import Config, DataConfig, ModelConfig, TrainConfig, resol
 from finescope.errors import FinescopeError
 from finescope.explain import faithfulness as fa
 from finescope.explain.maps import normalise_map, peak_box, region_grid, region_scores
-from finescope.explain.methods import CamAdapter, resolve_methods
+from finescope.explain.methods import CAM_METHODS, CamAdapter, resolve_methods
 from finescope.models import ModelOutput, create_model, list_models
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -171,6 +171,21 @@ def test_cam_adapter_returns_the_models_logits_and_restores_the_backbone():
     handle.remove()
     assert model.backbone is backbone
     assert len(seen) == 1 and seen[0][0] == 1  # only the global view (batch 1), not the 3 crops
+
+
+@pytest.mark.parametrize("frozen", ["model", "backbone"])
+def test_cams_of_a_model_whose_weights_take_no_gradient_are_those_of_the_model_as_it_was(frozen):
+    """A model made inference-only with requires_grad_(False), or whose backbone training froze
+    (train.backbone_lr_scale=0), gave no gradient at the global view's feature map: explain(model, image) stopped
+    in pytorch-grad-cam with a traceback ('element 0 of tensors does not require grad', ''NoneType' object has no
+    attribute 'shape''). The CAMs read the gradient at that feature map alone, so they are now the same."""
+    want = finescope.explain(tiny_model("fusion"), image(), list(CAM_METHODS)).maps
+    model = tiny_model("fusion")
+    (model if frozen == "model" else model.backbone).requires_grad_(False)
+    got = finescope.explain(model, image(), list(CAM_METHODS)).maps
+    assert not any(p.requires_grad for p in model.backbone.parameters())  # left as the user set them
+    for m in want:
+        torch.testing.assert_close(got[m], want[m])
 
 
 # -- map arithmetic --------------------------------------------------------------------------------------------

@@ -136,7 +136,11 @@ class _FirstCallTap(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.inner(x)  # (B, C, h, w)
         self.calls += 1
-        return self.tap(y) if self.calls == 1 else y  # later calls read the crops
+        if self.calls > 1:
+            return y  # later calls read the crops
+        if torch.is_grad_enabled() and not y.requires_grad:  # weights that take no gradient (requires_grad_(False),
+            y = y.detach().requires_grad_()  # a frozen backbone): the CAMs need the gradient at the map alone
+        return self.tap(y)
 
 
 class CamAdapter(nn.Module):
