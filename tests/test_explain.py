@@ -188,6 +188,19 @@ def test_cams_of_a_model_whose_weights_take_no_gradient_are_those_of_the_model_a
         torch.testing.assert_close(got[m], want[m])
 
 
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_explain_called_where_autograd_is_off_gives_the_same_maps(context):
+    """Called under torch.inference_mode() (as prediction code often runs), explain stopped in pytorch-grad-cam
+    with 'element 0 of tensors does not require grad': unlike no_grad, enable_grad does not lift it."""
+    model = tiny_model("fusion")
+    want = finescope.explain(model, image(), ["attention", "gradcam"])
+    with context():
+        got = finescope.explain(model, image(), ["attention", "gradcam"])
+    torch.testing.assert_close(got.probabilities, want.probabilities)
+    for m in want.maps:
+        torch.testing.assert_close(got.maps[m], want.maps[m])
+
+
 # -- map arithmetic --------------------------------------------------------------------------------------------
 def test_region_grid_covers_the_image_with_square_blocks():
     blocks, R = region_grid((60, 90), 4)

@@ -193,8 +193,11 @@ class CamExplainer:
             cls = getattr(pytorch_grad_cam, CAM_METHODS[method])
             self._cams[method] = cls(model=self.adapter, target_layers=[self.adapter.tap])
         device = next(self.adapter.parameters()).device
-        with torch.enable_grad():
-            grey = self._cams[method](input_tensor=image[None].to(device), targets=[ClassifierOutputTarget(target)])
+        # the gradients these methods read, also when called under torch.no_grad() or torch.inference_mode() (whose
+        # tensors autograd refuses to save: a copy made outside it)
+        with torch.inference_mode(False), torch.enable_grad():
+            x = image[None].to(device).clone()  # (1, 3, H, W)
+            grey = self._cams[method](input_tensor=x, targets=[ClassifierOutputTarget(target)])
         return torch.from_numpy(np.ascontiguousarray(grey[0])).float()  # (H, W)
 
     def close(self) -> None:
