@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import html
 import json
 import re
 import shutil
@@ -413,3 +414,45 @@ def test_a_report_written_again_leaves_no_figure_of_the_earlier_one(tmp_path):
     md, _ = write_report(cv, n_boot=20)
     linked = re.findall(r"\]\(report_files/([^)]+)\)", md.read_text())
     assert sorted(p.name for p in (cv / "report_files").iterdir()) == sorted([*linked, "notes.png"])
+
+
+def _md_tables(text: str) -> list[tuple[list[list[str]], str]]:
+    """Each Markdown table of ``text`` as its rows' cells, split at the pipes GFM splits at ('\\|' is a pipe within
+    a cell, '\\\\' a backslash), and the line after it."""
+    lines = text.splitlines() + [""]
+    tables, rows = [], []
+    for line in lines:
+        if line.startswith("|"):
+            cells = re.split(r"(?<!\\)((?:\\\\)*)\|", line.strip()[1:-1])  # a pipe after an even run of backslashes
+            merged = [cells[0]]
+            for run, cell in zip(cells[1::2], cells[2::2], strict=True):
+                merged[-1] += run
+                merged.append(cell)
+            rows.append([re.sub(r"\\(.)", r"\1", c.strip()) for c in merged])
+        elif rows:
+            tables.append((rows, line))
+            rows = []
+    return tables
+
+
+@pytest.mark.parametrize(("name", "shown"), [("a|b", "a|b"), ("a\nb", "a b"), ("a\\|b", "a\\|b")])
+def test_class_names_with_pipes_or_newlines_keep_the_markdown_tables_whole(tmp_path, name, shown):
+    """A class named 'a|b' (a folder name) went into the split summary's Markdown header as written: its '|' split
+    the cell in two, so the header had one column more than its rows; a newline broke the table in two. Cells of
+    the Markdown tables escape '|' and '\\' and show a line break as a space; the HTML shows the name as it is."""
+    names = (name, "c")
+    run = _single_run(tmp_path / "run", "fusion", [])
+    with (run / "predictions_test.csv").open("w", newline="") as fh:  # the classes as csv writes them, quoted
+        w = csv.writer(fh)
+        w.writerow(["path", "group", "true", "predicted", *(f"prob_{n}" for n in names), "boxes"])
+        w.writerows([f"/x/{i}.png", f"g{i // 3}", names[i % 2], names[0], 0.6, 0.4, ""] for i in range(12))
+    side = {"images": 6, "groups": 2, "shared_groups": 0, "per_class": {n: {"images": 3, "groups": 1} for n in names}}
+    (run / "splits.json").write_text(json.dumps({"summary": {"train": side, "test": side}}))
+    md, page = write_report(run, n_boot=20)
+    tables = _md_tables(md.read_text())
+    assert all(len(r) == len(rows[0]) for rows, _ in tables for r in rows) and all(a == "" for _, a in tables)
+    split_rows = next(rows for rows, _ in tables if rows[0][0] == "side")
+    assert split_rows[0] == ["side", "images", "groups", f"{shown} img/grp", "c img/grp", "shared groups"]
+    assert split_rows[2] == ["train", "6", "2", "3/1", "3/1", "0"]
+    assert f"<th>{html.escape(name)} img/grp</th>" in page.read_text()
+

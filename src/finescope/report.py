@@ -374,9 +374,15 @@ def split_table(splits: list[tuple[str, dict]], class_names: list[str], folds: b
     return header, rows
 
 
+def _md_cell(text: str) -> str:
+    """``text`` as one Markdown table cell: a class or fold name's '|' escaped (it would split the cell), with the
+    '\\' that would escape it, and a line break (it would end the row) shown as a space."""
+    return " ".join(text.replace("\\", "\\\\").replace("|", "\\|").splitlines())
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines = ["| " + " | ".join(map(_md_cell, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(_md_cell, r)) + " |" for r in rows]
     return "\n".join(lines)
 
 
