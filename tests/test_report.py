@@ -456,3 +456,28 @@ def test_class_names_with_pipes_or_newlines_keep_the_markdown_tables_whole(tmp_p
     assert split_rows[2] == ["train", "6", "2", "3/1", "3/1", "0"]
     assert f"<th>{html.escape(name)} img/grp</th>" in page.read_text()
 
+
+def test_a_mean_over_fewer_folds_than_all_says_how_many(tmp_path):
+    """The AUC of a fold of one class is undefined, and the mean ± std over folds averaged the others without a
+    word: 'AUC (0.9 ± 0.0)' of 2 folds read as of all 3. summary.json's n is now shown where it is fewer than the
+    variant's folds, in the Markdown and the HTML; a metric of every fold is shown as before."""
+    folder = fake_cv(tmp_path / "cv", n=24)
+    with (folder / "predictions.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:  # two patients per fold, of both classes; trial0's images all benign: no AUC there
+        r["fold"] = f"trial{int(r['group'][1:]) % 3}"
+        r["true"] = "benign" if r["fold"] == "trial0" else r["true"]
+    with (folder / "predictions.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    md, page = write_report(folder, n_boot=20)
+    summary = summarize_predictions(folder / "predictions.csv", n_boot=20)
+    assert summary["variants"]["global"]["mean_std"]["auc"]["n"] == 2
+    rows = next(rows for rows, _ in _md_tables(md.read_text()) if rows[0][0] == "variant")
+    auc = rows[0].index("AUC")
+    for row in rows[2:]:
+        assert all(("of 3 folds" in c) == (i == auc) for i, c in enumerate(row))
+        assert re.search(r"\(\d\.\d{3} ± \d\.\d{3}, 2 of 3 folds\)$", row[auc])
+    assert page.read_text().count(", 2 of 3 folds)</td>") == 2
+

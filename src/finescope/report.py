@@ -320,16 +320,23 @@ def _interval(d: dict) -> str:
     return f"[{_fmt(d['low'])}, {_fmt(d['high'])}]"
 
 
+def _mean_std(ms: dict, of: int) -> str:
+    """``mean ± std`` of a ``summarize_folds`` entry, with ``, n of N folds`` when it rests on fewer than the ``of``
+    folds (a metric undefined in some: the AUC of a fold of one class)."""
+    fewer = f", {ms['n']} of {of} folds" if ms["n"] < of else ""
+    return f"{_fmt(ms['mean'])} ± {_fmt(ms['std'])}{fewer}"
+
+
 def ablation_table(summary: dict, folds: bool = True) -> tuple[list[str], list[list[str]]]:
     """Header and rows: per variant, each metric as pooled value [95% CI] and, with ``folds``, mean +- std over
-    folds."""
+    folds (and over how many, where a metric is undefined in some)."""
     header = ["variant", *[SHORT[m] for m in TABLE_METRICS]]
     rows = []
     for v, s in summary["variants"].items():
         cells = []
         for m in TABLE_METRICS:
             pooled, ms = s["pooled"][m], s["mean_std"][m]
-            over_folds = f" ({_fmt(ms['mean'])} ± {_fmt(ms['std'])})" if folds else ""
+            over_folds = f" ({_mean_std(ms, len(s['folds']))})" if folds else ""
             cells.append(f"{_fmt(pooled['value'])} {_interval(pooled)}{over_folds}")
         rows.append([v, *cells])
     return header, rows
@@ -353,7 +360,7 @@ def magnification_table(summary: dict, folds: bool = True) -> tuple[list[str], l
     rows = []
     for v, s in summary["variants"].items():
         for mag, ms in s["per_magnification"].items():
-            cells = [f"{_fmt(ms[m]['mean'])} ± {_fmt(ms[m]['std'])}" if folds else _fmt(ms[m]["mean"])
+            cells = [_mean_std(ms[m], ms["image_accuracy"]["n"]) if folds else _fmt(ms[m]["mean"])
                      for m in ("patient_recognition_rate", "image_accuracy", "balanced_accuracy")]
             rows.append([v, f"{mag}X", *cells, *([str(ms["image_accuracy"]["n"])] if folds else [])])
     return header, rows
@@ -417,7 +424,8 @@ def _blocks(run_dir: Path, summary: dict, rows: list[dict], is_cv: bool, split: 
     if is_cv:
         blocks: list[tuple] = [("table", "Ablation table", ablation_table(summary),
                                 f"Pooled out-of-fold value [patient-clustered 95% bootstrap interval] (mean ± std "
-                                f"over folds). {prr}")]
+                                f"over folds; 'n of N folds' where a metric is undefined in some, e.g. the AUC of a "
+                                f"fold of one class). {prr}")]
     else:
         of = f" of '{data_root}'" if data_root else ""
         title, where = _SPLIT_WORDS.get(split, ("All-image", f"all {len(rows)} images{of} (not a split of the run)"))
