@@ -481,3 +481,25 @@ def test_a_mean_over_fewer_folds_than_all_says_how_many(tmp_path):
         assert re.search(r"\(\d\.\d{3} ± \d\.\d{3}, 2 of 3 folds\)$", row[auc])
     assert page.read_text().count(", 2 of 3 folds)</td>") == 2
 
+
+def test_a_single_runs_report_bootstraps_with_the_runs_seed(tmp_path):
+    """`report RUN` and evaluate's report drew their intervals with seed 0 whatever the run's seed, where cv's use
+    its config's: they now use the seed of the run's config.yaml (0 where it records none)."""
+    trues = ["a" if i % 3 else "b" for i in range(40)]
+    rows = [[f"/x/{i}.png", f"g{i // 2}", t, "a", *((0.7, 0.3) if (i % 5) else (0.4, 0.6)), ""]
+            for i, t in enumerate(trues)]
+    run = _single_run(tmp_path / "run", "fusion", rows)
+    (run / "config.yaml").write_text("seed: 7\nmodel: {variant: fusion}\n")
+
+    def table(seed: int) -> list[str]:
+        return report.ablation_table(summarize_predictions(run / "report_files" / "predictions_oof.csv",
+                                                           n_boot=30, seed=seed), folds=False)[1][0]
+
+    md, _ = write_report(run, n_boot=30)
+    assert table(7) != table(0)
+    assert "| " + " | ".join(table(7)) + " |" in md.read_text()
+    md, _ = write_report(run, n_boot=30, predictions=run / "predictions_test.csv", out=run / "other.md")  # evaluate's
+    assert "| " + " | ".join(table(7)) + " |" in md.read_text()
+    (run / "config.yaml").write_text("model: {variant: fusion}\n")
+    md, _ = write_report(run, n_boot=30)
+    assert "| " + " | ".join(table(0)) + " |" in md.read_text()

@@ -69,19 +69,13 @@ def _single_run_rows(run_dir: Path, predictions: Path | None, fig_dir: Path) -> 
     the metrics written with it (``val_last`` for ``predictions_val_last.csv``: ``metrics_val_last.json``)."""
     import csv
 
-    import yaml
-
     candidates = (predictions,) if predictions else (run_dir / "predictions_test.csv",
                                                     *sorted(run_dir.glob("predictions_*.csv")))
     src = next((Path(p) for p in candidates if Path(p).is_file()), None)
     if src is None:
         raise FinescopeError(f"'{run_dir}' holds neither predictions.csv (cv) nor predictions_<split>.csv (a run: "
                              "train or evaluate writes it)")
-    try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
-    except yaml.YAMLError:
-        cfg = {}
-    model = cfg.get("model") if isinstance(cfg, dict) else None
+    model = _run_config(run_dir).get("model")
     variant = model.get("variant", "model") if isinstance(model, dict) else "model"  # a label only
     with src.open(newline="", encoding="utf-8-sig", errors=ERRORS) as fh:
         reader = csv.DictReader(fh)
@@ -115,6 +109,24 @@ def _single_run_rows(run_dir: Path, predictions: Path | None, fig_dir: Path) -> 
     if not (src.stem.startswith("predictions_") and named in ("train", "val", "test", "all")):
         return out, "test", "test"
     return out, named, src.stem.removeprefix("predictions_")  # val_last: its metrics are metrics_val_last.json
+
+
+def _run_config(run_dir: Path) -> dict:
+    """The run's resolved ``config.yaml``; empty when missing, unreadable or no mapping."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _run_seed(run_dir: Path) -> int:
+    """The ``seed`` of a run's ``config.yaml`` for its report's bootstrap, as cv's report uses its config's; 0 where
+    none is recorded (or one out of the range a config allows)."""
+    seed = _run_config(run_dir).get("seed")
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32 else 0
 
 
 def _cv_summary(run_dir: Path, csv_path: Path, n_boot: int) -> dict:
@@ -501,7 +513,8 @@ def write_report(run_dir: str | Path, n_boot: int = 1000, predictions: str | Pat
     Args:
         run_dir: a ``finescope cv`` directory (with ``predictions.csv``) or a training run directory (with
             ``predictions_test.csv``, after ``train`` or ``evaluate``).
-        n_boot: bootstrap resamples when the summary has to be computed here.
+        n_boot: bootstrap resamples when the summary has to be computed here (a run's always is, seeded by the
+            ``seed`` of its ``config.yaml``, 0 where none; a cv's with the resamples and seed of ``cv.json``).
         predictions: for a run directory, the predictions CSV to report (default ``predictions_test.csv``).
         split: for a run directory, what ``predictions`` hold: the run's ``train``, ``val`` or ``test`` split, or
             ``all`` images of ``data_root`` (other data), named so in the report.
@@ -528,7 +541,8 @@ def write_report(run_dir: str | Path, n_boot: int = 1000, predictions: str | Pat
     else:
         csv_path, named, recorded = _single_run_rows(run_dir, predictions, fig_dir)
         split = split if predictions is not None else named  # `report RUN` reports what the CSV it found holds
-    summary = _cv_summary(run_dir, csv_path, n_boot) if is_cv else summarize_predictions(csv_path, n_boot=n_boot)
+    summary = (_cv_summary(run_dir, csv_path, n_boot) if is_cv
+               else summarize_predictions(csv_path, n_boot=n_boot, seed=_run_seed(run_dir)))
     rows, _ = read_oof_csv(csv_path)
     fig_dir.mkdir(parents=True, exist_ok=True)
     title = f"finescope report: {run_dir.resolve().name}"
