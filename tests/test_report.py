@@ -503,3 +503,21 @@ def test_a_single_runs_report_bootstraps_with_the_runs_seed(tmp_path):
     (run / "config.yaml").write_text("model: {variant: fusion}\n")
     md, _ = write_report(run, n_boot=30)
     assert "| " + " | ".join(table(0)) + " |" in md.read_text()
+
+
+def test_figure_links_of_a_report_whose_name_holds_spaces_or_brackets_resolve(tmp_path):
+    """`evaluate --out 'new data (2).json'` names its report 'new data (2)_report.md' and the figures' folder after
+    it: report.md linked them as '](new data (2)_report_files/figure_1.png)', a link destination that Markdown ends
+    at the space (CommonMark, GFM), so no figure showed. The links are now percent-encoded, and each reads back to
+    its file; the alt text, which may hold the data folder's name, escapes its brackets."""
+    from urllib.parse import unquote
+
+    run = _single_run(tmp_path / "run", "fusion", [[f"/x/{i}.png", f"g{i // 3}", "a" if i % 2 else "b", "a", 0.6,
+                                                     0.4, ""] for i in range(12)])
+    md, _ = write_report(run, n_boot=20, predictions=run / "predictions_test.csv", split="all",
+                         data_root="/d/[x]", out=tmp_path / "new data (2)_report.md")
+    text = md.read_text()
+    links = re.findall(r"!\[((?:[^\[\]\\]|\\.)*)\]\(([^)\s]*)\)", text)  # CommonMark: no space in a bare destination
+    assert len(links) == text.count("![") == 3
+    assert all((md.parent / unquote(target)).is_file() for _, target in links)
+    assert "all 12 images of '/d/\\[x\\]'" in links[0][0]

@@ -20,6 +20,7 @@ import io
 import json
 import warnings
 from pathlib import Path
+from urllib.parse import quote
 
 import matplotlib
 
@@ -481,7 +482,9 @@ def _render_md(title: str, blocks: list[tuple], fig_dir: Path) -> str:
             figures += 1
             name = f"figure_{figures}.png"
             write_bytes(fig_dir / name, payload)  # whole or not at all, as every file of a run
-            parts += [f"![{heading}]({fig_dir.name}/{name})", ""]
+            alt = heading.replace("\\", "\\\\").replace("[", "\\[").replace("]", "\\]")  # a data folder's name
+            # percent-encoded: a space of an --out name ('new data (2)_report_files/') ends a bare link
+            parts += [f"![{alt}]({quote(f'{fig_dir.name}/{name}')})", ""]
     for stale in fig_dir.glob("figure_*.png"):  # an earlier report's figures beyond this one's: not linked any more
         number = stale.stem.removeprefix("figure_")
         if number.isdigit() and int(number) > figures:
