@@ -316,7 +316,7 @@ def test_bootstrap_unknown_metric_lists_valid_names():
 def test_paired_bootstrap_identical_predictions():
     y, p, groups = _patients_case()
     out = M.paired_bootstrap(y, p, p.copy(), groups, "image_accuracy", n_boot=200)
-    assert out == {"diff": 0.0, "low": 0.0, "high": 0.0, "p_value": 1.0, "ci_note": None}
+    assert out == {"diff": 0.0, "low": 0.0, "high": 0.0, "p_value": 1.0, "n_boot": 200, "ci_note": None}
 
 
 @pytest.mark.parametrize("metric", ["image_accuracy", "auc", "patient_recognition_rate"])
@@ -402,7 +402,7 @@ def test_one_patient_has_no_interval_and_no_p_value():
     ci = M.bootstrap_ci(y, p_a, ["P1"] * 4, "image_accuracy", n_boot=50)
     assert ci == {"value": 0.5, "low": None, "high": None, "n_boot": 0, "ci_note": "only 1 patient"}
     diff = M.paired_bootstrap(y, p_a, p_b, ["P1"] * 4, "patient_recognition_rate", n_boot=50)
-    assert diff == {"diff": 0.5, "low": None, "high": None, "p_value": None, "ci_note": "only 1 patient"}
+    assert diff == {"diff": 0.5, "low": None, "high": None, "p_value": None, "n_boot": 0, "ci_note": "only 1 patient"}
     five = np.repeat([f"P{i}" for i in range(M.MIN_CI_GROUPS)], 2)
     y5, p_a5, p_b5 = np.tile(y[:2], 5), np.tile(p_a[:2], (5, 1)), np.tile(p_b[:2], (5, 1))
     assert M.paired_bootstrap(y5, p_a5, p_b5, five, "image_accuracy", n_boot=50)["p_value"] < 1

@@ -521,3 +521,18 @@ def test_figure_links_of_a_report_whose_name_holds_spaces_or_brackets_resolve(tm
     assert len(links) == text.count("![") == 3
     assert all((md.parent / unquote(target)).is_file() for _, target in links)
     assert "all 12 images of '/d/\\[x\\]'" in links[0][0]
+
+
+def test_the_comparisons_p_value_has_three_decimals_and_a_bound_where_no_resample_crossed_0():
+    """p was shown to 2 decimals, so 0.046 and 0.054 both read p=0.05, and a p of 0 (no resample on the other side
+    of 0) read p=0.00, a certainty 1000 resamples cannot give: it is below 2 / 1000."""
+    def cell(p, **extra):
+        d = {"diff": 0.1, "low": 0.05, "high": 0.15, "p_value": p, "ci_note": None, **extra}
+        summary = {"n_boot": 1000, "comparisons": [{"variant": "fusion", "reference": "global",
+                                                    "metrics": {m: d for m in report.TABLE_METRICS}}]}
+        return report.comparison_table(summary)[1][0][1]
+
+    assert cell(0.046).endswith("(p=0.046)") and cell(0.054).endswith("(p=0.054)")
+    assert cell(0.0).endswith("(p<0.002)")  # a summary from before n_boot was recorded: the cv's resamples
+    assert cell(0.0, n_boot=400).endswith("(p<0.005)")  # the resamples that defined the difference
+    assert cell(None).endswith("(p=n/a)")

@@ -686,7 +686,9 @@ def paired_bootstrap(
         patients: as in :func:`bootstrap_ci`.
 
     Returns:
-        ``{"diff", "low", "high", "p_value", "ci_note"}``; ``diff`` is ``None`` where the metric is undefined;
+        ``{"diff", "low", "high", "p_value", "n_boot", "ci_note"}``; ``diff`` is ``None`` where the metric is
+        undefined; ``n_boot`` counts the resamples that define the difference (a ``p_value`` of 0 means below
+        2 / ``n_boot``: no resample fell on the other side of 0);
         ``low``, ``high`` and ``p_value`` are ``None`` where :func:`bootstrap_ci` gives no interval (too few groups
         or defined resamples), and ``ci_note`` then says why (``None`` otherwise).
     """
@@ -702,7 +704,8 @@ def paired_bootstrap(
     low, high = _percentiles(diffs, alpha)
     va, vb = fn(yt, pa, pidx), fn(yt, pb, pidx)
     diff = None if va is None or vb is None else float(vb - va)
-    return {"diff": diff, "low": low, "high": high, "p_value": _two_sided_p(diff, diffs), "ci_note": note}
+    return {"diff": diff, "low": low, "high": high, "p_value": _two_sided_p(diff, diffs),
+            "n_boot": int(np.isfinite(diffs).sum()), "ci_note": note}
 
 
 def _two_sided_p(diff: float | None, diffs: np.ndarray) -> float | None:

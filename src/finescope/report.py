@@ -355,12 +355,21 @@ def ablation_table(summary: dict, folds: bool = True) -> tuple[list[str], list[l
     return header, rows
 
 
+def _p_value(d: dict, n_boot: int | None) -> str:
+    """``p=0.046`` (three decimals: two put 0.046 and 0.054 both at 0.05), or ``p<0.002`` where no resample fell
+    on the other side of 0, which bounds p by 2 / resamples rather than making it 0."""
+    p, n = d.get("p_value"), d.get("n_boot", n_boot)  # summaries before n_boot was recorded: the cv's resamples
+    if p == 0 and isinstance(n, int) and n > 0:
+        return f"p<{2 / n:.3g}"
+    return f"p={_fmt(p)}"
+
+
 def comparison_table(summary: dict) -> tuple[list[str], list[list[str]]]:
     """Header and rows: each variant minus the reference, difference [95% CI] (p)."""
     header = ["variant − reference", *[SHORT[m] for m in TABLE_METRICS]]
     rows = []
     for c in summary["comparisons"]:
-        cells = [f"{_fmt(d['diff'], 3)} {_interval(d)} (p={_fmt(d['p_value'], 2)})"
+        cells = [f"{_fmt(d['diff'], 3)} {_interval(d)} ({_p_value(d, summary.get('n_boot'))})"
                  for d in (c["metrics"][m] for m in TABLE_METRICS)]
         rows.append([f"{c['variant']} − {c['reference']}", *cells])
     return header, rows
