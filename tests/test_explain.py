@@ -830,6 +830,18 @@ def test_a_loaded_model_keeps_its_class_names(tmp_path):
     assert finescope.explain(tiny_model("attention"), image(96, 96), "attention").class_names == ["class_0", "class_1"]
 
 
+@pytest.mark.parametrize("names", [["only_one"], ["x", "y", "z"], []])
+def test_class_names_of_another_length_than_the_models_classes_are_refused_at_the_call(tmp_path, names):
+    """A list of the wrong length was taken as given: one too short stopped later with an IndexError when the
+    figure was drawn, one too long named nothing wrong at all."""
+    from finescope.explain import save_explanation_figure
+
+    for model in (tiny_model("attention"), make_run(tmp_path, "attention")):
+        with pytest.raises(FinescopeError, match=f"class_names has {len(names)} names, but the model has 2 classes"):
+            save_explanation_figure(finescope.explain(model, image(96, 96), "attention", class_names=names),
+                                    tmp_path / "one.png")
+
+
 def test_flat_maps_are_counted_apart_not_pointed_at_the_corner(tmp_path, monkeypatch, capsys):
     """An explanation method whose maps are zero everywhere: the pointing game leaves them out and
     faithfulness.json counts them in ``flat_maps`` (they counted as pointing at the top-left corner), and they

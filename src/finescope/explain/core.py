@@ -154,13 +154,17 @@ def explain_image(
             (``attention``, ``gradcam``, ``gradcam++``, ``hirescam``, ``xgradcam``, ``layercam``, ``eigencam``).
         label: the true class index, if known (CAMs then explain it; see ``target``).
         target: ``true``, ``predicted`` or a class index: the class the CAMs explain.
-        class_names: names for the classes (default: the checkpoint's, also for a model ``load_trained`` gave;
-            else ``class_0``, ...).
+        class_names: names for the classes, one per class (default: the checkpoint's, also for a model
+            ``load_trained`` gave; else ``class_0``, ...).
         predict_with: ``fused`` or ``mean``.
         device: for a model given as a path.
 
     Returns:
         An :class:`Explanation` (``.map``, ``.maps``, ``.boxes``, ``.crops``, ``.probabilities``, ...).
+
+    Raises:
+        FinescopeError: ``class_names`` of another length than the model's classes, an unknown method, a label
+            or target outside the classes, or an image of another form.
 
     Example:
         >>> from finescope import explain
@@ -168,15 +172,20 @@ def explain_image(
         >>> e.map.shape, e.boxes.shape, e.class_names[e.predicted], e.confidence
     """
     variant, amp, cpu_amp = "", "off", "off"
+    if class_names is not None:
+        class_names = list(class_names)
     if isinstance(model, (str, Path)):
         from finescope.trainer import load_trained
 
         model, cfg, names, _ = load_trained(model, device=device)
-        class_names = class_names or names
+        class_names = names if class_names is None else class_names
         predict_with, variant = cfg.model.predict_with, cfg.model.variant
         amp, cpu_amp = cfg.train.amp, cfg.train.cpu_amp
     if not isinstance(model, FineScopeNet):
         raise FinescopeError(f"explain needs a finescope model or a run/checkpoint path, got {type(model).__name__}")
+    if class_names is not None and len(class_names) != model.num_classes:  # a figure would name no class, or another
+        raise FinescopeError(f"class_names has {len(class_names)} names, but the model has {model.num_classes} "
+                             "classes; give one name per class, in the order of its outputs")
     img, path = as_image(image)
     methods = resolve_methods(model, method, variant)
     names = class_names or getattr(model, "class_names", None) or [f"class_{i}" for i in range(model.num_classes)]
