@@ -158,6 +158,21 @@ def test_a_class_index_outside_the_model_is_a_clear_error(kwargs):
         finescope.explain(tiny_model("global"), image(), "gradcam", **kwargs)
 
 
+def test_the_target_is_the_class_asked_for_as_the_explanations_docstring_says():
+    """Explanation.target was documented as 'the true class when known, else the predicted one', which is wrong for
+    target='predicted' (the predicted class although the true one is known) and for a class index."""
+    from finescope.explain import Explanation
+
+    model, img = tiny_model("global"), image()
+    predicted = finescope.explain(model, img, "gradcam").predicted
+    other = 1 - predicted
+    assert finescope.explain(model, img, "gradcam", label=other).target == other
+    assert finescope.explain(model, img, "gradcam", label=other, target="predicted").target == predicted
+    assert finescope.explain(model, img, "gradcam", label=other, target=predicted).target == predicted
+    doc = Explanation.__doc__.split("target:")[1].split("label:")[0]
+    assert "``predicted`` the predicted class" in doc
+
+
 # -- the CAM adapter -------------------------------------------------------------------------------------------
 def test_cam_adapter_returns_the_models_logits_and_restores_the_backbone():
     model = tiny_model("fusion")

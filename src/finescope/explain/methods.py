@@ -78,7 +78,9 @@ class Explanation:
         method: the first (main) method; ``map`` is ``maps[method]``.
         probabilities: (C,) class probabilities.
         class_names: the model's classes.
-        target: the class index the CAMs explain (the true class when known, else the predicted one).
+        target: the class index the CAMs explain, as ``target=`` of :func:`finescope.explain` asked: ``true``
+            (the default) the true class when known, else the predicted one; ``predicted`` the predicted class;
+            an index that class.
         label: the true class index, or None when unknown.
         boxes: (K, 4) x1, y1, x2, y2 pixels of the selected regions in rank order, or None (no crops).
         box_mass: (K,) attention mass of each box, or None.
