@@ -454,6 +454,7 @@ def test_explain_a_runs_test_split_writes_gallery_and_numbers(tmp_path, capsys):
     assert "pointing_game" in summary["methods"]["attention"]
     page = (out / "index.html").read_text()
     assert "id=sort" in page and "Evidence per class" in page and "http" not in page
+    assert "methods: attention, gradcam (gradcam: maps of the true class (the predicted one when unknown))" in page
     assert len(list((out / "images").glob("*.png"))) == 2 and (out / "faithfulness.png").is_file()
     assert list((out / "evidence").rglob("*.png"))
     assert "box hit rate" in capsys.readouterr().out
@@ -887,6 +888,44 @@ def test_flat_maps_are_counted_apart_not_pointed_at_the_corner(tmp_path, monkeyp
     assert not list((tmp_path / "after" / "evidence").rglob("*.png"))  # gradcam is the main map
     assert "gradcam    3 flat maps (no maximum to point at)" in capsys.readouterr().out
     assert "(3 flat maps left out)" in (tmp_path / "after" / "index.html").read_text()
+
+
+def test_class_maps_are_titled_with_the_class_they_explain(tmp_path, monkeypatch):
+    """A misclassified image's Grad-CAM (--target true, the default) shows the evidence for the true class, but its
+    panel was titled 'gradcam' under a title naming only the prediction: read as the reason for the prediction.
+    Each class-specific map now names its class; attention and eigencam, which take none, stay as they were. The
+    evidence gallery's map-peak crop of such an image says whose map it is."""
+    from finescope.explain import overlay
+    from finescope.explain.evidence import EvidenceCollector
+    from finescope.explain.gallery import _crop
+
+    titles: list[str] = []
+    monkeypatch.setattr(overlay, "save_figure", lambda fig, path, **k: titles.extend(a.get_title() for a in fig.axes))
+    model, img = tiny_model("global"), image()
+    names = ["benign", "malignant"]
+    p = finescope.explain(model, img, "gradcam", class_names=names).predicted
+    q = 1 - p
+
+    def drawn(**kwargs) -> list[str]:
+        titles.clear()
+        overlay.save_explanation_figure(finescope.explain(model, img, ["gradcam", "eigencam"], class_names=names,
+                                                          **kwargs), tmp_path / "x.png")
+        return [t for t in titles if t.startswith(("gradcam", "eigencam"))]
+
+    assert drawn(label=q) == [f"gradcam: {names[q]} (true class)", "eigencam"]
+    assert drawn(label=q, target="predicted") == [f"gradcam: {names[p]} (predicted class)", "eigencam"]
+    assert drawn(label=p) == [f"gradcam: {names[p]} (predicted, true class)", "eigencam"]
+    assert drawn() == [f"gradcam: {names[p]} (predicted class)", "eigencam"]
+    assert drawn(target=q) == [f"gradcam: {names[q]}", "eigencam"]
+
+    collector, peaked = EvidenceCollector(names), torch.zeros(96, 128)
+    peaked[40, 60] = 1  # a tiny untrained model's CAM may be flat, and give no crop
+    for name, label in (("x.png", q), ("y.png", p)):
+        e = finescope.explain(model, img, "gradcam", label=label, class_names=names)
+        e.maps["gradcam"] = peaked
+        collector.add(model, e, name, f"images/{name}")
+    entries = {e["image"]: e for e in collector.save(tmp_path)[names[p]]}
+    assert f"gradcam of {names[q]}" in _crop(entries["x.png"]) and " of " not in _crop(entries["y.png"])
 
 
 def test_a_crop_model_of_no_crops_still_gives_evidence():

@@ -4,7 +4,9 @@ For every class c, the crops of the images *predicted* as c are ranked by ``atte
 probability of c``; the ``top`` highest are kept. Variants without crops (``global``, ``attention``) give one
 crop per image instead (so does a crop variant of ``model.num_crops=0``): a square of ``min_box_fraction`` of the
 short side around the maximum of the main map, ranked by the probability of c; an image whose main map is flat
-(zero everywhere, say) has no maximum and gives no crop (explain counts such maps in ``flat_maps``).
+(zero everywhere, say) has no maximum and gives no crop (explain counts such maps in ``flat_maps``). Where that map
+is a CAM of another class than c (a mistake explained with ``--target true``), its entry says so in ``map``
+(``gradcam of malignant``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 
 from finescope.explain.maps import peak_box
+from finescope.explain.methods import explains_class
 from finescope.explain.overlay import save_image
 
 
@@ -50,6 +53,8 @@ class EvidenceCollector:
         box = peak_box(expl.map, model.min_box_fraction * min(H, W))  # (4,)
         if box is None:  # a flat map points nowhere: not at the top-left corner
             return
+        if explains_class(expl.method) and expl.target != c:  # a mistake's CAM of its true class (--target true)
+            common["map"] = f"{expl.method} of {self.class_names[expl.target]}"
         device = next(model.parameters()).device
         x = expl.image.to(device).float()[None] / 255
         with torch.no_grad():

@@ -10,6 +10,7 @@ import html
 from pathlib import Path
 from urllib.parse import quote
 
+from finescope.explain.methods import explains_class
 from finescope.explain.overlay import mass_text
 from finescope.files import write_text
 
@@ -102,8 +103,9 @@ def _card(r: dict) -> str:
 def _crop(e: dict) -> str:
     mass = "" if e["mass"] is None else f" · mass {mass_text(e['mass'])}"
     mark = "" if e["correct"] is None else (" ✓" if e["correct"] else " ✗")
+    whose = f"<br>peak of the {_e(e['map'])}" if e.get("map") else ""  # a CAM of another class than the section's
     return (f"<div class=crop><a href='{_url(e['figure'])}'><img src='{_url(e['file'])}' alt=''></a>{_e(e['image'])}"
-            f"<br>crop {e['rank']}{mass} · p {e['probability']:.2f}{mark}</div>")
+            f"<br>crop {e['rank']}{mass} · p {e['probability']:.2f}{mark}{whose}</div>")
 
 
 def _evidence(evidence: dict) -> str:
@@ -123,6 +125,13 @@ def _controls(class_names: list[str]) -> str:
             f"<label>class <select id=cls><option value=''>all</option>{opts}</select></label>"
             "<label>show <select id=ok><option value=''>all</option><option value=0>mistakes</option>"
             "<option value=1>correct</option></select></label></div>")
+
+
+def _methods(methods: list[str], target: str) -> str:
+    """The methods, and the class the CAMs among them explain (``--target``)."""
+    cams = [m for m in methods if explains_class(m)]
+    whose = "the true class (the predicted one when unknown)" if target == "true" else "the predicted class"
+    return _e(", ".join(methods)) + (f" ({_e(', '.join(cams))}: maps of {whose})" if cams else "")
 
 
 def _overrides_note(overrides: dict | None) -> str:
@@ -146,7 +155,8 @@ def write_index(out: Path, rows: list[dict], summary: dict, evidence: dict, meth
     measured = summary.get("boxes") or any(m.get("n_images") or "pointing_game" in m for m in summary["methods"].values())
     parts = [
         f"<h1>finescope explain · {_e(summary['variant'])}</h1>",
-        f"<p>{len(rows)} images from {_e(summary['source'])}{acc} · methods: {_e(', '.join(methods))} · "
+        f"<p>{len(rows)} images from {_e(summary['source'])}{acc} · methods: "
+        f"{_methods(methods, summary['settings']['target'])} · "
         f"checkpoint <code>{_e(summary['checkpoint'])}</code>{skip_note}</p>",
         _overrides_note(summary.get("model_overrides")),
         "<h2>Faithfulness</h2>",

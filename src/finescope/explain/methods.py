@@ -35,6 +35,14 @@ CAM_METHODS = {
     "eigencam": "EigenCAM",
 }
 DEFAULT_CAMS = ("gradcam", "gradcam++")
+# maps that take no class: the model's attention, and EigenCAM (the first principal component of the features)
+CLASS_FREE = ("attention", "eigencam")
+
+
+def explains_class(method: str) -> bool:
+    """Whether ``method``'s map is that of one class (``Explanation.target``): the gradient CAMs, not
+    ``attention`` or ``eigencam``, whose maps are the same for every class."""
+    return method not in CLASS_FREE
 
 
 def supported_methods(model: FineScopeNet) -> list[str]:
@@ -221,4 +229,5 @@ def attention_map(model: FineScopeNet, image: torch.Tensor, out) -> torch.Tensor
     return attention_to_image(out.attention[0], out.cell_px[0], tuple(image.shape[-2:]))
 
 
-__all__ = ["CAM_METHODS", "CamAdapter", "CamExplainer", "Explanation", "resolve_methods", "supported_methods"]
+__all__ = ["CAM_METHODS", "CLASS_FREE", "CamAdapter", "CamExplainer", "Explanation", "explains_class", "resolve_methods",
+           "supported_methods"]

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from finescope.explain.maps import attention_to_image, normalise_map
+from finescope.explain.methods import explains_class
 from finescope.files import write_bytes
 
 BOX_COLOURS = ("#ffffff", "#00e5ff", "#ffea00", "#ff6d00", "#d500f9", "#2979ff", "#ff1744", "#c6ff00")
@@ -113,6 +114,16 @@ def verdict(expl) -> str:
     return text
 
 
+def map_title(expl, method: str) -> str:
+    """A map panel's title: the method and, for a map of one class (the gradient CAMs), that class and whether it
+    is the predicted or the true one (``gradcam: malignant (true class)``): with ``target='true'`` a mistake's
+    CAM shows the evidence for the true class, not the reason for the prediction."""
+    if not explains_class(method):
+        return method
+    roles = [role for role, c in (("predicted", expl.predicted), ("true", expl.label)) if c == expl.target]
+    return f"{method}: {expl.class_names[expl.target]}" + (f" ({', '.join(roles)} class)" if roles else "")
+
+
 def _crop_panel(fig, cell, expl) -> None:
     """The K crops in rank order, framed in their box colour, in a 2-column sub-grid of ``cell``."""
     K = expl.crops.shape[0]
@@ -131,7 +142,8 @@ def _crop_panel(fig, cell, expl) -> None:
 
 def save_explanation_figure(expl, path: str | Path, normalise: str = "max", percentile: float = 99.0,
                             circles=None, title: str = "", dpi: int = 100) -> Path:
-    """One image's panel: the image, one overlay per method (boxes, ranks, masses, colour bar), the crops.
+    """One image's panel: the image, one overlay per method (boxes, ranks, masses, colour bar; titled with the
+    class a CAM explains, :func:`map_title`), the crops.
 
     Args:
         expl: an :class:`~finescope.explain.methods.Explanation`.
@@ -156,7 +168,7 @@ def save_explanation_figure(expl, path: str | Path, normalise: str = "max", perc
     for i, m in enumerate(methods):
         ax = fig.add_subplot(grid[1 + i])
         heat = expl.normalised(m, normalise, percentile)
-        artist = draw_overlay(ax, image, heat, expl.boxes, expl.box_mass, title=m, circles=circles)
+        artist = draw_overlay(ax, image, heat, expl.boxes, expl.box_mass, title=map_title(expl, m), circles=circles)
         fig.colorbar(artist, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
     if has_crops:
         _crop_panel(fig, grid[-1], expl)
@@ -198,5 +210,5 @@ def _write_whole(path: str | Path, data: bytes) -> Path:
     return path
 
 
-__all__ = ["draw_overlay", "mass_text", "save_explanation_figure", "save_figure", "save_image", "save_overlay_grid",
+__all__ = ["draw_overlay", "map_title", "mass_text", "save_explanation_figure", "save_figure", "save_image", "save_overlay_grid",
            "verdict"]
