@@ -1145,7 +1145,45 @@ def test_a_rerun_stopped_midway_leaves_the_earlier_gallery_whole(tmp_path, monke
     assert files() == before  # the earlier gallery, its tables and its figures, and nothing else
     monkeypatch.undo()
     (out / f"{runner.STAGE_PREFIX}killed").mkdir()  # what a killed run leaves: gone with the next run
+    (out / f"{runner.STAGE_PREFIX}killed" / ".lock").write_text("pid 999999 on elsewhere")  # held by no process
     assert main(args) == 0 and not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_a_second_explain_into_the_same_out_leaves_the_live_runs_folder_and_is_refused(tmp_path, capsys):
+    """A second explain into the same --out removed every hidden working folder there, meant for those of killed
+    runs, so also the one a live run was drawing in: that run then lost its figures. Only the folders of runs
+    that are gone are removed; a live run's makes the second refused in one line."""
+    import os
+    import socket
+    import time
+
+    fcntl = pytest.importorskip("fcntl")
+    from finescope.cli import main
+    from finescope.explain import runner
+
+    out = tmp_path / "out"
+    live, dead = out / f"{runner.STAGE_PREFIX}live", out / f"{runner.STAGE_PREFIX}dead"
+    for folder in (live, dead):
+        (folder / "images").mkdir(parents=True)
+        (folder / "images" / "00000_x.png").write_bytes(b"drawn")
+    (dead / ".lock").write_text("pid 999999 on elsewhere")  # what a killed run leaves: the lock no process holds
+    holder = f"pid {os.getpid()} on {socket.gethostname()}"
+    args = ["explain", str(make_run(tmp_path)), "--split", "test", "--out", str(out), *FAST]
+    with open(live / ".lock", "a+") as fh:  # a live run's lock, as it holds it
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.write(holder)
+        fh.flush()
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"'{out}' is being written by another finescope explain ({holder})" in err[0]
+        assert (live / "images" / "00000_x.png").read_bytes() == b"drawn" and not (out / "index.html").exists()
+    assert main(args) == 0 and (out / "index.html").is_file()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # the run gone, its folder goes too
+
+    legacy = out / f"{runner.STAGE_PREFIX}old"  # an earlier version's, or one killed before its lock: by its age
+    legacy.mkdir()
+    os.utime(legacy, (time.time() - 3600, time.time() - 3600))
+    assert main(args) == 0 and not legacy.exists()
 
 
 def test_figures_reach_an_images_folder_linked_to_another_file_system(tmp_path):

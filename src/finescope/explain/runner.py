@@ -11,7 +11,9 @@ Writes into the output folder::
     results.csv           one row per image
 
 The figures are drawn in a hidden folder beside them and replace an earlier run's only once all are there, the
-gallery written last: a run that fails or is interrupted leaves the earlier run's folder as it was.
+gallery written last: a run that fails or is interrupted leaves the earlier run's folder as it was. The run holds
+a lock on that folder (``.lock``, with its pid and host): the next run removes the folders of runs that are gone,
+and refuses to start while another run writes into the same folder.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import errno
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -300,6 +304,12 @@ _FIGURES = (("images", "*.png", re.compile(r"\d{5,}_.*\.png")), ("evidence", "*/
 # what says that a folder holds a finished explanation (trainer's warning reads results.csv's time)
 _RECORDS = ("index.html", "results.csv", "faithfulness.json")
 STAGE_PREFIX = ".finescope-explain-"  # the hidden folder in ``out`` where a run draws its figures
+STAGE_GRACE_S = 60.0  # a stage whose lock names no run yet is one starting for this long, then a killed one's
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; every stage found is taken for a killed run's, as before
+    fcntl = None
 
 
 def _check_out(out: Path, paths) -> None:
@@ -319,6 +329,53 @@ def _check_out(out: Path, paths) -> None:
             if folder.is_relative_to(where / sub):
                 raise FinescopeError(f"'{p}' is inside '{out / sub}', where explain writes its figures: a second run "
                                      "would explain them; choose an --out outside it")
+
+
+def _lock_stage(stage: Path):
+    """Hold an exclusive lock on ``stage/.lock`` for the run (the open file: closing it, or the process's end
+    however it ends, releases it) and write ``pid N on HOST`` into it; None without locks."""
+    if fcntl is None:
+        return None
+    fh = open(stage / ".lock", "a+")  # noqa: SIM115 (held open for the run)
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # blocking: another run's _clear_stages holds it only to look
+    except OSError:  # a file system without locks
+        fh.close()
+        return None
+    fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    fh.flush()
+    return fh
+
+
+def _clear_stages(out: Path, own: Path) -> None:
+    """Remove the hidden folders of explain runs into ``out`` that are gone (killed: their lock is free), and
+    refuse while another run draws in one (its lock is held, or names no run yet and is under a minute old): both
+    would publish into ``out``, each over the other's figures."""
+    for old in out.glob(f"{STAGE_PREFIX}*"):
+        if old == own or not old.is_dir():
+            continue
+        if fcntl is None:
+            shutil.rmtree(old, ignore_errors=True)
+            continue
+        try:
+            age = time.time() - old.stat().st_mtime  # before the open below, which may make the .lock
+            fh = open(old / ".lock", "a+")  # noqa: SIM115 (closed below)
+        except OSError:  # gone meanwhile, or not ours to open: left
+            continue
+        with fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                live = False
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    continue  # no locks on this file system: whose it is is unknown, so it stays
+                live = True
+            fh.seek(0)
+            holder = fh.read().strip()
+            if live or (not holder and age < STAGE_GRACE_S):
+                raise FinescopeError(f"'{out}' is being written by another finescope explain "
+                                     f"({holder or 'starting'}); wait for it to end, or choose another --out")
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _clear_previous(out: Path, keep: set[str]) -> None:
@@ -406,15 +463,18 @@ def run_explain(checkpoint: str | Path, paths: list[str] | tuple[str, ...] = (),
     inputs = _inputs(cfg, state, class_names, paths, split)
     keep = {os.path.realpath(item.path) for item in inputs.items}
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob(f"{STAGE_PREFIX}*"):  # a killed run's figures
-        shutil.rmtree(old, ignore_errors=True)
     # the figures are drawn aside and replace the earlier run's only once all are there: a run that fails or is
     # interrupted leaves the earlier gallery as it was
     try:
         stage = Path(tempfile.mkdtemp(dir=out, prefix=STAGE_PREFIX))
     except OSError as e:  # name the folder the user asked for, not the hidden one
         raise type(e)(e.errno, e.strerror, str(out)) from None
+    lock = None
     try:
+        # killed runs' folders go; another run's live one refuses this run (looked for after taking the lock: of
+        # two runs starting at once, at least one sees the other)
+        lock = _lock_stage(stage)
+        _clear_stages(out, stage)
         with CamExplainer(model) as cams:
             ctx = _Context(model, cfg, class_names, methods, cams, settings, stage, inputs.train_sizes,
                            EvidenceCollector(class_names, settings.top))
@@ -435,13 +495,15 @@ def run_explain(checkpoint: str | Path, paths: list[str] | tuple[str, ...] = (),
         plot = _plot_curves(stage / "faithfulness.png", summary)
         evidence = ctx.evidence.save(stage)
         _publish(stage, out, keep)
+        if plot is None and os.path.realpath(out / "faithfulness.png") not in keep:  # no curves: not an earlier run's
+            (out / "faithfulness.png").unlink(missing_ok=True)
+        write_text(out / "faithfulness.json", json_text(summary, indent=2))  # while the lock stands: no second run
+        _write_csv(out / "results.csv", rows)
+        write_index(out, rows, summary, evidence, methods, settings.top, plot is not None)  # last: the gallery
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    if plot is None and os.path.realpath(out / "faithfulness.png") not in keep:  # no curves: not an earlier run's
-        (out / "faithfulness.png").unlink(missing_ok=True)
-    write_text(out / "faithfulness.json", json_text(summary, indent=2))
-    _write_csv(out / "results.csv", rows)
-    write_index(out, rows, summary, evidence, methods, settings.top, plot is not None)  # last: the gallery
+        if lock is not None:
+            lock.close()
     return {**summary, "output": str(out)}
 
 
