@@ -137,6 +137,21 @@ def test_read_image_not_an_image_or_missing(tmp_path):
         read_image(tmp_path / "gone.tif")
 
 
+@pytest.mark.parametrize("ext", [".png", ".tif"])
+def test_an_image_above_pils_warning_size_is_read_without_pils_warning(tmp_path, monkeypatch, ext):
+    """An image of 1 to 2 times PIL's MAX_IMAGE_PIXELS (89.5 to 179 MP: a stitched tile scan) is read, but every
+    header read and TIFF decode printed PIL's DecompressionBombWarning as it is: two lines of PIL's source
+    calling the user's own image a 'decompression bomb DOS attack', beside finescope's one-line messages."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the 10x14 image (140 px) is 1.4 times the limit
+    path = save(rgb_array(), tmp_path / f"x{ext}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = ImageDataset([Sample(str(path), 0, "g")], cache="memory")  # reads the header
+        assert ds[0]["image"].shape == (3, 10, 14)
+        assert describe_samples(SampleSet(ds.samples, ["a"], root=str(tmp_path)))["image_sizes"] == {"14x10": 1}
+    assert [str(w.message) for w in caught if issubclass(w.category, Image.DecompressionBombWarning)] == []
+
+
 # ----------------------------------------------------------------------------------------------- dataset
 
 

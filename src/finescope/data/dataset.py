@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import math
@@ -27,7 +28,7 @@ import time
 import traceback
 import warnings
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +100,18 @@ def _decode_torchvision(path: Path) -> torch.Tensor:
         return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
+@contextlib.contextmanager
+def open_image(path: str | Path) -> Iterator[Image.Image]:
+    """``PIL.Image.open(path)`` without PIL's DecompressionBombWarning, which it gives an image of 1 to 2 times
+    ``Image.MAX_IMAGE_PIXELS`` (89.5 to 179 MP, a stitched tile scan): such a file is the user's own and is read,
+    and PIL's warning is two lines of its source calling it a "decompression bomb DOS attack". Larger images
+    still raise PIL's DecompressionBombError."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            yield img
+
+
 def _pil_to_array(img: Image.Image) -> np.ndarray:
     """A PIL image as (H, W, 3) uint8: palette/grey/alpha/CMYK -> RGB, 16/32-bit and float scaled to 0..255."""
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
@@ -118,7 +131,7 @@ def _pil_to_array(img: Image.Image) -> np.ndarray:
 
 def _decode_pil(path: Path) -> torch.Tensor:
     """Decode any format PIL reads (first frame), fully, so that truncated files raise: (3, H, W) uint8."""
-    with Image.open(path) as img:
+    with open_image(path) as img:
         img.load()
         arr = _pil_to_array(img)
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (3, H, W), a writable copy
@@ -340,7 +353,7 @@ class DiskCache:
 def _header_size(path: str) -> tuple[int, int] | None:
     """(H, W) from an image file's header, without decoding it; None when it cannot be read."""
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             w, h = img.size
     except (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError):
         return None
@@ -747,4 +760,4 @@ def collate_padded(items: list[dict | None]) -> Batch:
 
 
 __all__ = ["Batch", "DiskCache", "ImageDataset", "SharedMemoryCache", "collate_padded", "default_cache_dir",
-           "aspect_key", "check_view_side", "read_image", "shape_order", "worker_context"]
+           "aspect_key", "check_view_side", "open_image", "read_image", "shape_order", "worker_context"]

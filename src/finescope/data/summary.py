@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from finescope.config import MAX_SIDE
-from finescope.data.dataset import check_view_side, read_image
+from finescope.data.dataset import check_view_side, open_image, read_image
 from finescope.data.records import SampleSet
 from finescope.errors import SKIP_ADVICE, FinescopeError
 
@@ -41,7 +41,7 @@ def _pages(path: str) -> int:
     if os.path.splitext(path)[1].lower() not in (".tif", ".tiff", ".webp"):
         return 1
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             return int(getattr(img, "n_frames", 1))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return 1

@@ -137,10 +137,12 @@ def _image_sizes(paths: list[str], limit: int = 16) -> set:
     open, as too large: a decompression bomb to it) are ignored."""
     from PIL import Image
 
+    from finescope.data.dataset import open_image
+
     sizes = set()
     for p in paths[:: max(1, len(paths) // limit)][:limit]:
         try:
-            with Image.open(p) as img:
+            with open_image(p) as img:
                 sizes.add((img.height, img.width))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # as the dataset's header read
             continue
