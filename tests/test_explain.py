@@ -1043,6 +1043,23 @@ def test_the_figure_of_a_thin_strip_stays_a_picture_a_browser_shows(tmp_path):
         assert 1000 < png.size[0] < 2500
 
 
+def test_the_figure_of_an_image_named_in_chinese_prints_no_glyph_warnings(tmp_path):
+    """An image named in Chinese, Japanese or Korean (or with an emoji): drawing its figure, titled with its name,
+    printed two lines of matplotlib's "Glyph 22270 (\\N{CJK UNIFIED IDEOGRAPH-56FE}) missing from font(s) DejaVu
+    Sans" for each character the font lacks, a screenful for a folder of such names, beside finescope's one-line
+    messages. The gallery shows the name as text; the figure's title keeps what the font draws."""
+    import warnings
+
+    from finescope.explain.overlay import save_explanation_figure
+
+    e = finescope.explain(tiny_model(), image(48, 64), ["attention"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = save_explanation_figure(e, tmp_path / "f.png", title="显微镜 样本/图像_01 🙂.png")
+    assert path.stat().st_size > 0
+    assert [str(w.message) for w in caught if "missing from font" in str(w.message)] == []
+
+
 @pytest.mark.skipif(not hasattr(__import__("signal"), "SIGXFSZ"), reason="needs POSIX file size limits")
 def test_pictures_that_cannot_be_written_whole_keep_the_previous_ones(tmp_path):
     """explain's figures, curves and evidence crops (and the demo's overlay) were written in place: a write

@@ -7,6 +7,7 @@ visible instead of being tinted by the cold end of the colour map.
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -196,10 +197,14 @@ def save_image(array: np.ndarray | torch.Tensor, path: str | Path) -> Path:
 
 def save_figure(fig, path: str | Path, **savefig_kwargs) -> Path:
     """``fig.savefig(path, ...)`` in the format of ``path``'s suffix, written whole or not at all: a full disk
-    leaves the previous file (or none), never a truncated image (:func:`finescope.files.write_bytes`)."""
+    leaves the previous file (or none), never a truncated image (:func:`finescope.files.write_bytes`). A title
+    whose characters the font lacks (a file or class name in Chinese, an emoji) is drawn as far as the font goes,
+    without matplotlib's two-line warning per missing character."""
     path = Path(path)
     buf = io.BytesIO()
-    fig.savefig(buf, format=path.suffix.lstrip(".").lower() or "png", **savefig_kwargs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font", category=UserWarning)
+        fig.savefig(buf, format=path.suffix.lstrip(".").lower() or "png", **savefig_kwargs)
     return _write_whole(path, buf.getvalue())
 
 
