@@ -137,6 +137,24 @@ def test_read_image_not_an_image_or_missing(tmp_path):
         read_image(tmp_path / "gone.tif")
 
 
+def test_a_tiffs_orientation_tag_is_applied_and_an_exif_orientation_is_not(tmp_path):
+    """The README said that no command applies an orientation; Pillow turns a TIFF by its Orientation tag (a
+    baseline TIFF tag) as it reads it, size included, so a TIFF's pixels, sizes and boxes are those of the picture
+    turned upright, while a JPEG's or PNG's EXIF orientation is left unapplied (the file as stored)."""
+    from finescope.data.dataset import _header_size
+
+    arr = rgb_array(10, 14)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the stored rows are to be turned 90 degrees clockwise for viewing
+    for ext in (".jpg", ".png"):
+        path = save(arr, tmp_path / f"x{ext}", exif=exif.tobytes())
+        assert read_image(path).shape == (3, 10, 14) and _header_size(str(path)) == (10, 14)
+    path = save(arr, tmp_path / "x.tif", exif=exif.tobytes())
+    t = read_image(path)
+    assert t.shape == (3, 14, 10) and _header_size(str(path)) == (14, 10)
+    assert np.array_equal(t.permute(1, 2, 0).numpy(), np.rot90(arr, -1))
+
+
 @pytest.mark.parametrize("ext", [".png", ".tif"])
 def test_an_image_above_pils_warning_size_is_read_without_pils_warning(tmp_path, monkeypatch, ext):
     """An image of 1 to 2 times PIL's MAX_IMAGE_PIXELS (89.5 to 179 MP: a stitched tile scan) is read, but every
