@@ -137,6 +137,26 @@ def test_read_image_not_an_image_or_missing(tmp_path):
         read_image(tmp_path / "gone.tif")
 
 
+def test_a_png_whose_colour_profile_libpng_faults_prints_nothing(tmp_path, capfd):
+    """torchvision's libpng printed "libpng warning: iCCP: ..." on stderr each time it decoded a PNG whose colour
+    profile it finds fault with ("known incorrect sRGB profile" is common in PNGs that Photoshop wrote): a line
+    per image per epoch, in every DataLoader worker, beside finescope's one-line messages. Neither decoder
+    applies a profile, so it is left out before decoding; the pixels are those PIL reads."""
+    import struct
+    import zlib
+
+    path = save(rgb_array(20, 30), tmp_path / "profiled.png")
+    data = path.read_bytes()
+    body = b"iCCP" + b"bad profile\x00\x00" + zlib.compress(bytes(200))  # too short for an ICC profile
+    chunk = struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
+    path.write_bytes(data[:33] + chunk + data[33:])  # after the signature and IHDR
+    capfd.readouterr()
+    t = read_image(path)
+    assert "libpng" not in capfd.readouterr().err
+    with Image.open(path) as img:
+        assert np.array_equal(t.permute(1, 2, 0).numpy(), np.asarray(img.convert("RGB")))
+
+
 def test_a_tiffs_orientation_tag_is_applied_and_an_exif_orientation_is_not(tmp_path):
     """The README said that no command applies an orientation; Pillow turns a TIFF by its Orientation tag (a
     baseline TIFF tag) as it reads it, size included, so a TIFF's pixels, sizes and boxes are those of the picture

@@ -66,6 +66,21 @@ def _png_intact(data: bytes) -> bool:
     return False
 
 
+def _without_profile(data: bytes) -> bytes:
+    """Intact PNG bytes without their colour profile (the iCCP chunk, before the first IDAT), which neither decoder
+    applies: libpng prints "libpng warning: iCCP: ..." on stderr each time it decodes a profile it finds fault with
+    ("known incorrect sRGB profile" is common in PNGs that Photoshop wrote), once per image read."""
+    pos = len(_PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        if kind == b"iCCP":
+            return data[:pos] + data[pos + 12 + length :]
+        if kind == b"IDAT":
+            break
+        pos += 12 + length
+    return data
+
+
 def _encoded_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from a PNG's IHDR or a JPEG's frame header, or None when the bytes do not say."""
     if data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR":
@@ -89,7 +104,9 @@ def _decode_torchvision(path: Path) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_image
 
     data = path.read_bytes()
-    if not (_png_intact(data) or data.startswith(b"\xff\xd8\xff")):
+    if _png_intact(data):
+        data = _without_profile(data)
+    elif not data.startswith(b"\xff\xd8\xff"):
         raise ValueError("not an intact PNG or a JPEG")
     size = _encoded_size(data)
     if size is not None and size[0] * size[1] > 2 * (Image.MAX_IMAGE_PIXELS or float("inf")):
