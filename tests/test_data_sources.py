@@ -696,6 +696,26 @@ def test_a_csv_path_in_another_unicode_normal_form_is_found(tmp_path):
     assert [os.path.isfile(s.path) for s in ss.samples] == [True]
 
 
+def test_class_folders_in_another_unicode_normal_form_are_the_runs_classes(tmp_path):
+    """A run trained on class folders named 'bénin' as Linux and Windows write it (one character) refused the same
+    data copied from a Mac, which names them 'e' + a combining accent: "has label 'bénin', which is not a known
+    class (bénin, malin)", two names that print alike; predict and explain left such an image's true class empty.
+    A class folder is now the run's class in either normal form."""
+    import unicodedata
+
+    from finescope.data.sources import label_and_group_of
+
+    nfc, nfd = (unicodedata.normalize(form, "bénin") for form in ("NFC", "NFD"))
+    for cls in (nfd, "malin"):
+        tiny_png(tmp_path / "mac" / cls / "p1" / "a.png")
+    ss = load_samples(DataConfig(source="folder", root=str(tmp_path / "mac")), class_names=[nfc, "malin"])
+    assert ss.class_names == [nfc, "malin"] and [s.label for s in ss.samples] == [0, 1]
+    elsewhere = DataConfig(source="folder", root=str(tmp_path / "trained_here"))
+    assert label_and_group_of(tmp_path / "mac" / nfd / "p1" / "a.png", elsewhere, [nfc, "malin"]) == (0, "p1")
+    inside = DataConfig(source="folder", root=str(tmp_path / "mac"))
+    assert label_and_group_of(tmp_path / "mac" / nfd / "p1" / "a.png", inside, [nfc, "malin"]) == (0, "p1")
+
+
 def test_a_manifests_split_may_be_written_out_in_full(tmp_path):
     """A spreadsheet's split column often says 'Training', 'Validation' and 'Testing'; they were refused with the
     list of train, val, test, though their meaning is plain. They are read as those three."""

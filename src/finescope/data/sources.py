@@ -158,16 +158,16 @@ def _to_sample_set(
     names = list(class_names) if class_names is not None else list(scan.class_names)
     if class_names is None:
         _check_case(scan)
-    index = {name: i for i, name in enumerate(names)}
     found = sorted(scan.found, key=lambda f: f.path)
-    for f in found:
-        if f.label not in index:
+    labels = [class_index(f.label, names) for f in found]
+    for f, label in zip(found, labels, strict=True):
+        if label < 0:
             raise FinescopeError(
                 f"image '{f.path}' has label '{f.label}', which is not a known class ({', '.join(names)}); "
                 "use data that matches the checkpoint's classes"
             )
     if require_all_classes:
-        present = {f.label for f in found}
+        present = {names[label] for label in labels}
         for name in names:
             if name not in present:
                 fix = ("data.task sets the BreakHis classes: add images of it, or list the images and their "
@@ -176,11 +176,23 @@ def _to_sample_set(
                 raise FinescopeError(
                     f"class '{name}' has no images under data.root '{scan.root}' (data.source={cfg.source}); {fix}"
                 )
-    samples = [Sample(f.path, index[f.label], f.group, f.meta) for f in found]
+    samples = [Sample(f.path, label, f.group, f.meta) for f, label in zip(found, labels, strict=True)]
     has_split = any(f.split is not None for f in found)
     preset = [f.split or "" for f in found] if has_split else None
     return SampleSet(samples, names, root=scan.root, skipped=list(scan.skipped), preset_splits=preset,
                      manifest=scan.manifest)
+
+
+def class_index(name: str, class_names: Sequence[str]) -> int:
+    """The position of class ``name`` in ``class_names``, -1 when it is none of them; a name in the other Unicode
+    normal form is the same class (a folder copied from a Mac names 'bénin' with 'e' and a combining accent,
+    Linux and Windows with one character)."""
+    names = list(class_names)
+    if name in names:
+        return names.index(name)
+    nfc = [unicodedata.normalize("NFC", n) for n in names]
+    key = unicodedata.normalize("NFC", name)
+    return nfc.index(key) if key in nfc else -1
 
 
 def class_order(names: Iterable[str]) -> list[str]:
@@ -375,7 +387,7 @@ def label_and_group_of(path: str | Path, cfg: DataConfig, class_names: Sequence[
         return (list(class_names).index(name) if name in class_names else -1), info["case"]
     real = Path(os.path.realpath(path))  # a link given outside the class folders: where its image lies
     path, folder = next(((c, f) for c in (path, real) if (f := _class_folder(c, cfg, class_names))), (path, None))
-    label = -1 if folder is None else list(class_names).index(folder.name)
+    label = -1 if folder is None else class_index(folder.name, class_names)
     pattern = re.compile(cfg.group_pattern) if cfg.group_pattern else None
     return label, group_below_class(path.relative_to(folder) if folder else Path(path.name), pattern) or ""
 
@@ -388,10 +400,11 @@ def _class_folder(path: Path, cfg: DataConfig, class_names: Sequence[str]) -> Pa
         root = Path(os.path.abspath(os.path.expanduser(cfg.root)))
         if root in path.parents and len(path.relative_to(root).parts) > 1:
             top = path.relative_to(root).parts[0]
-            if top in class_names:
+            if class_index(top, class_names) >= 0:
                 return root / top
-    named = [p for p in path.parents if p.name in class_names]
-    return next((p for p in named if p.parent.name not in class_names), named[0] if named else None)
+    named = [p for p in path.parents if class_index(p.name, class_names) >= 0]
+    outer = [p for p in named if class_index(p.parent.name, class_names) < 0]  # not inside another so named
+    return (outer or named or [None])[0]
 
 
 def file_sample(path: str | Path, cfg: DataConfig, class_names: Sequence[str]) -> Sample:
