@@ -179,6 +179,33 @@ def test_save_load_round_trip(tmp_path):
     assert all(np.array_equal(load_splits(path, moved)[k], splits[k]) for k in splits)
 
 
+def test_a_split_is_found_in_data_whose_names_are_in_another_unicode_normal_form(tmp_path):
+    """A run's splits.json lists 'Müller/img00.png' as Linux and Windows write it (one character); the same data
+    copied from a Mac names it 'u' + a combining diaeresis. evaluate then found the split "does not match the
+    data" and scored every image, and its count of the images of patients the run trained on (trained_on) missed
+    every one so named: training images scored as unseen ones, unsaid."""
+    import unicodedata
+
+    from finescope.data.splits import trained_on
+
+    def named(root: Path, form: str) -> SampleSet:
+        ss = sample_set(root)
+        paths = [unicodedata.normalize(form, s.path.replace("/c0/", "/Müller/")) for s in ss.samples]
+        samples = [Sample(p, s.label, s.group) for p, s in zip(paths, ss.samples)]
+        return SampleSet(samples, ss.class_names, root=ss.root)
+
+    linux = named(tmp_path / "data", "NFC")
+    splits = split_groups(linux.labels, linux.groups, 0.3, 0.2, seed=0)
+    path = tmp_path / "run" / "splits.json"
+    save_splits(path, splits, linux)
+    mac = named(tmp_path / "mac", "NFD")
+    assert mac.samples[0].path != linux.samples[0].path.replace("/data/", "/mac/")  # the names differ as text
+    loaded = load_splits(path, mac)
+    assert all(np.array_equal(loaded[k], splits[k]) for k in splits)
+    seen = {mac.groups[i] for side in ("train", "val") for i in splits[side]}
+    assert f"{sum(g in seen for g in mac.groups)} of the 12 images" in trained_on(path, mac)
+
+
 def test_load_splits_mismatch(tmp_path):
     ss = sample_set(tmp_path)
     splits = split_groups(ss.labels, ss.groups, 0.3, 0.0, seed=0)

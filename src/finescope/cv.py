@@ -53,7 +53,7 @@ from finescope.data import (
     trial_splits,
 )
 from finescope.data.sources import check_outside_data, in_class_order
-from finescope.data.splits import SIDES, _group_table, _relative, stored_class_names
+from finescope.data.splits import SIDES, _group_table, _key, _relative, stored_class_names
 from finescope.errors import FinescopeError
 from finescope.files import json_text, remove_temporaries, write_text
 from finescope.models import list_models
@@ -346,12 +346,13 @@ def load_cv_splits(path: str | Path, sample_set: SampleSet, per_magnification: b
         if not {"train", "test"} <= sides <= set(SIDES):
             raise FinescopeError(f"{what}: fold {item['name']} has the sides {sorted(sides)}, not train and "
                                  f"test (and val) (the file is damaged or was edited); {fix}")
-    index = {_relative(s.path, sample_set.root): i for i, s in enumerate(sample_set.samples)}
+    index = {_key(_relative(s.path, sample_set.root)): i for i, s in enumerate(sample_set.samples)}
     subsets = magnification_subsets(sample_set, per_magnification)
     folds = []
     for item in raw["folds"]:
         splits = {}
         for side, paths in item["splits"].items():
+            paths = [_key(p) for p in paths]
             missing = [p for p in paths if p not in index]
             if missing:
                 raise FinescopeError(

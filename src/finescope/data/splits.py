@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import unicodedata
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -247,6 +248,12 @@ def _relative(path: str, root: str) -> str:
     return Path(os.path.relpath(path, root)).as_posix() if root else Path(path).as_posix()
 
 
+def _key(rel: str) -> str:
+    """A relative path as splits files are matched to data by: in one Unicode normal form, so that a copy made on
+    a Mac (which names 'ü' as 'u' and a combining mark) matches the split of the data Linux or Windows wrote."""
+    return unicodedata.normalize("NFC", rel)
+
+
 def save_splits(
     path: str | Path, splits: dict[str, np.ndarray], sample_set: SampleSet, extra: dict | None = None
 ) -> None:
@@ -331,9 +338,9 @@ def load_splits(path: str | Path, sample_set: SampleSet, fix: str = "draw new sp
         FinescopeError: missing/invalid file, listed images not in the data, data images not listed, or a leak.
     """
     path = Path(path)
-    lists = _read_split_lists(path, own)
-    index = {_relative(s.path, sample_set.root): i for i, s in enumerate(sample_set.samples)}
-    skipped = {_relative(p, sample_set.root) for p, _ in sample_set.skipped}
+    lists = {side: [_key(p) for p in v] for side, v in _read_split_lists(path, own).items()}
+    index = {_key(_relative(s.path, sample_set.root)): i for i, s in enumerate(sample_set.samples)}
+    skipped = {_key(_relative(p, sample_set.root)) for p, _ in sample_set.skipped}
     missing = [p for v in lists.values() for p in v if p not in index and p not in skipped]
     if missing:
         raise FinescopeError(
@@ -401,14 +408,14 @@ def trained_on(path: str | Path, sample_set: SampleSet) -> str | None:
         lists = _read_split_lists(Path(path), own=True)
     except FinescopeError:
         return None
-    seen = set(lists.get("train", [])) | set(lists.get("val", []))
+    seen = {_key(p) for side in ("train", "val") for p in lists.get(side, [])}
     tails = {p.split("/", i)[-1] for p in seen for i in range(1, p.count("/") + 1)}  # a root below the run's
 
     def was_seen(rel: str) -> bool:
         parts = rel.split("/")
         return rel in tails or any("/".join(parts[i:]) in seen for i in range(len(parts)))
 
-    groups = {s.group for s in sample_set.samples if was_seen(_relative(s.path, sample_set.root))}
+    groups = {s.group for s in sample_set.samples if was_seen(_key(_relative(s.path, sample_set.root)))}
     hits = [s.path for s in sample_set.samples if s.group in groups]
     if not hits:
         return None
