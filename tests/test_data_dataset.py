@@ -190,6 +190,22 @@ def test_an_image_above_pils_warning_size_is_read_without_pils_warning(tmp_path,
     assert [str(w.message) for w in caught if issubclass(w.category, Image.DecompressionBombWarning)] == []
 
 
+@pytest.mark.parametrize("ext", [".png", ".tif"])
+def test_an_image_above_pils_limit_is_one_line_that_says_what_to_do(tmp_path, monkeypatch, ext):
+    """An image of more than 2 x MAX_IMAGE_PIXELS (179 MP: a whole-slide scan or a large mosaic) was refused with
+    PIL's words alone, 'could be decompression bomb DOS attack', which neither says that the file is the user's
+    own nor what to do with it."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # the 10x14 image (140 px) is 2.8 times the limit
+    path = save(rgb_array(), tmp_path / f"x{ext}")
+    with pytest.raises(FinescopeError) as caught:
+        read_image(path)
+    assert str(caught.value) == (
+        f"cannot read image '{path}': 140 pixels, more than the 100 that finescope reads in one image (PIL's "
+        "decompression-bomb limit, twice Image.MAX_IMAGE_PIXELS); cut it into tiles or downscale it (a whole-slide "
+        "image: tile it first, e.g. with TIAToolbox or OpenSlide), or raise PIL.Image.MAX_IMAGE_PIXELS in your own "
+        "script; fix or remove the file, or set data.on_error=skip")
+
+
 # ----------------------------------------------------------------------------------------------- dataset
 
 

@@ -20,6 +20,7 @@ import math
 import mmap
 import multiprocessing
 import os
+import re
 import signal
 import struct
 import sys
@@ -203,7 +204,20 @@ def read_image(path: str | Path) -> torch.Tensor:
         Image.DecompressionBombError,
     ) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, Image.DecompressionBombError):
+            reason = _too_large(reason)
         raise FinescopeError(f"cannot read image '{path}': {reason}{SKIP_ADVICE}") from None
+
+
+def _too_large(pil_reason: str) -> str:
+    """What to do with an image PIL refuses as a decompression bomb (over 2 x ``Image.MAX_IMAGE_PIXELS``, 179 MP):
+    a user's own whole-slide scan or mosaic, not an attack, as PIL's words have it."""
+    found = re.search(r"\((\d+) pixels\)", pil_reason)
+    size = f"{found[1]} pixels" if found else "too many pixels"
+    limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+    return (f"{size}, more than the {limit} that finescope reads in one image (PIL's decompression-bomb limit, twice "
+            "Image.MAX_IMAGE_PIXELS); cut it into tiles or downscale it (a whole-slide image: tile it first, e.g. with "
+            "TIAToolbox or OpenSlide), or raise PIL.Image.MAX_IMAGE_PIXELS in your own script")
 
 
 def default_cache_dir() -> Path:
