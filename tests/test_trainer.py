@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -767,6 +768,33 @@ def test_a_kill_between_the_checkpoints_of_a_best_epoch_keeps_the_trackers_best_
     best = load_checkpoint(out / "checkpoints" / "best.pt")
     assert best["epoch"] == load_checkpoint(out / "checkpoints" / "last.pt")["tracker"]["best_epoch"] == 1
     assert metrics["best_epoch"] == 1
+
+
+@pytest.mark.parametrize("damage", ["cut", "missing"])
+@pytest.mark.parametrize("epochs", [3, 2])  # to train on, and a finished run tested again
+def test_resume_refuses_a_damaged_best_pt_of_an_earlier_epoch_first(synthetic_root, tmp_path, monkeypatch, damage,
+                                                                     epochs):
+    """best.pt of an epoch before last.pt's (copied part way, or deleted) was found only by the test after the
+    resumed epochs, in an error that said to pass another checkpoint; nothing could then test the run. Refused
+    first, naming the file and its epoch; nothing of the run is written."""
+    out = tmp_path / "run"
+    scores = iter([1.0, 0.0])
+    with monkeypatch.context() as m:  # epoch 0 is the best, epoch 1 (last.pt's) is not
+        m.setattr(trainer, "_score", lambda metrics, monitor: next(scores))
+        _train(synthetic_root, out, variant="global", epochs=2)
+    best = out / "checkpoints" / "best.pt"
+    if damage == "cut":
+        best.write_bytes(best.read_bytes()[:5000])
+    else:
+        best.unlink()
+    before = {p.name: p.read_bytes() for p in (*out.iterdir(), *(out / "checkpoints").iterdir()) if p.is_file()}
+    cfg = load_config(None, tiny_overrides(synthetic_root, "global", epochs))
+    with pytest.raises(FinescopeError, match=rf"--resume: '{re.escape(str(best))}' holds the run's best epoch "
+                                             r"\(1\), which its test reads, but (is missing|cannot be read)"
+                                             r".*copy it back"):
+        trainer.train(cfg, out, resume=True, progress=False)
+    assert {p.name: p.read_bytes() for p in (*out.iterdir(), *(out / "checkpoints").iterdir())
+            if p.is_file()} == before
 
 
 def test_metrics_json_is_written_after_the_predictions(synthetic_root, tmp_path, monkeypatch):

@@ -519,7 +519,26 @@ def _check_resume_config(run_dir: Path, cfg: Config) -> dict:
     if diff:
         raise FinescopeError(f"--resume: '{run_dir}' was trained with another config: {diff}; resume with the "
                              f"run's own settings (its config.yaml), or start a new run with another --out")
+    _check_best_kept(run_dir, state)
     return state
+
+
+def _check_best_kept(run_dir: Path, state: dict) -> None:
+    """Refuse a resume whose ``best.pt`` is missing or unreadable while ``last.pt``'s tracker names an earlier
+    epoch as the best: the test after the training reads it, and no other file holds that epoch (a best.pt of
+    last.pt's own epoch is written again from it). Found here, not after the remaining epochs."""
+    tracker = state.get("tracker")
+    epoch = tracker.get("best_epoch") if isinstance(tracker, dict) else None
+    if not isinstance(epoch, int) or epoch < 0 or epoch == state.get("epoch"):
+        return
+    best = run_dir / "checkpoints" / "best.pt"
+    try:
+        what = None if best.is_file() and load_checkpoint(best) else "is missing"
+    except FinescopeError:
+        what = "cannot be read (a copy cut short?)"
+    if what:
+        raise FinescopeError(f"--resume: '{best}' holds the run's best epoch ({epoch + 1}), which its test reads, "
+                             f"but {what}; copy it back from where it came, or start a new run with another --out")
 
 
 def _resume_state(run_dir: Path, state: dict, class_names, model, optimizer, scheduler, scaler, patience: int,
