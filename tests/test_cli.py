@@ -318,6 +318,28 @@ def test_a_run_inside_the_folder_data_is_refused_before_it_writes(tmp_path, caps
     assert sorted(p.name for p in root.iterdir()) == ["a", "b"]
 
 
+def test_train_into_a_cv_folder_and_cv_into_a_run_are_refused_before_they_write(tmp_path, capsys):
+    """train --out a cv folder wrote its splits.json and report.md over the cv's (its rerun then stopped: not a cv
+    splits file), and cv --out a run wrote its splits.json over the run's (evaluate then stopped: the folds of a
+    cv run). Each is refused in one line naming the folder; nothing in it changes."""
+    root = _folder(tmp_path / "d")
+    cv_dir, run_dir = tmp_path / "cv", tmp_path / "run"
+    for folder, names in ((cv_dir, ("cv.json", "splits.json", "report.md")),
+                          (run_dir, ("config.yaml", "splits.json", "history.jsonl", "checkpoints/last.pt"))):
+        for name in names:
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(f"the {name} of {folder.name}")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    args = _train_args(root, tmp_path)
+    args[args.index("--out") + 1] = str(cv_dir)
+    assert main(args) == 2
+    assert f"--out '{cv_dir}' is a cv folder (it holds cv.json)" in _one_error_line(capsys)
+    assert main(["cv", "--config", "configs/demo.yaml", "--folds", "2", "--out", str(run_dir), "--quiet", "--set",
+                 "data.source=folder", f"data.root={root}"]) == 2
+    assert f"--out '{run_dir}' holds a training run" in _one_error_line(capsys)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
 def test_data_prints_a_file_name_that_is_not_utf8_under_a_strict_utf8_terminal(tmp_path, monkeypatch):
     """Under a UTF-8 locale (en_US.UTF-8) stdout refuses surrogates: 'finescope data' on a patient folder with a
     Latin-1 name ended in a UnicodeEncodeError traceback at its print; the name is printed escaped instead."""

@@ -469,6 +469,14 @@ def run_fold(cfg: Config, run_dir: Path, progress: bool) -> str:
     return "resumed" if resume else "trained"
 
 
+def _check_not_a_run(out: Path) -> None:
+    """Refuse an ``out`` that holds a training run: the cv's ``splits.json`` and report would replace the run's."""
+    if not (out / "cv.json").is_file() and ((out / "checkpoints" / "last.pt").is_file() or (
+            (out / "config.yaml").is_file() and (out / "splits.json").is_file())):
+        raise FinescopeError(f"--out '{out}' holds a training run (config.yaml, splits.json, checkpoints), whose "
+                             "splits.json and report a cv would replace; choose another --out")
+
+
 def _trained_anything(out: Path) -> bool:
     """Whether a fold of the cv folder ``out`` has a checkpoint or has finished: a cv stopped before (by data it
     could not read, say, since fixed) has nothing to lose, and its rerun starts again from the data as it is."""
@@ -530,6 +538,7 @@ def run_cv(
     cfg = replace(cfg, data=replace(cfg.data, splits=""))
     check_protocol(p)
     check_outside_data(cfg.data, out)
+    _check_not_a_run(out)
     trained = _trained_anything(out)  # else its cv.json and splits.json record what nothing was trained on
     if trained:
         check_rerun(out, cfg, p)

@@ -703,7 +703,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     dist.check_sync_bn(cfg.train.sync_bn, resolve_device(cfg.train.device))
     check_compile(cfg.train.compile)
     # each machine's own data.root: a refusal on one rank is every rank's (none left waiting in a collective)
-    dist.rank0_first(lambda: check_outside_data(cfg.data, run_dir))
+    dist.rank0_first(lambda: (check_outside_data(cfg.data, run_dir), _check_not_a_cv_folder(run_dir)))
     lock = _RunLock(run_dir)
     try:
         if not resume and (run_dir / "checkpoints" / "last.pt").is_file():
@@ -713,6 +713,13 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
         return _train(cfg, run_dir, resumed, progress)
     finally:
         lock.release()
+
+
+def _check_not_a_cv_folder(run_dir: Path) -> None:
+    """Refuse an ``--out`` that is a cv folder: the run's ``splits.json`` and report would replace the cv's."""
+    if (run_dir / "cv.json").is_file():
+        raise FinescopeError(f"--out '{run_dir}' is a cv folder (it holds cv.json), whose splits.json and report a "
+                             "run would replace; its runs are in runs/<variant>/<fold>; choose another --out")
 
 
 def one_class_error(cfg: Config, class_names: list[str]) -> FinescopeError:
