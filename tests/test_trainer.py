@@ -797,6 +797,29 @@ def test_resume_refuses_a_damaged_best_pt_of_an_earlier_epoch_first(synthetic_ro
             if p.is_file()} == before
 
 
+def test_resume_of_a_last_pt_cut_short_says_what_a_resume_can_do(fusion_run, synthetic_root, tmp_path):
+    """A last.pt cut short was named with load_checkpoint's advice to pass another checkpoint of the run, which
+    --resume cannot take. The line says to copy it back or to copy best.pt over it, which resumes from the best
+    epoch to the weights of the uninterrupted run."""
+    out, _ = fusion_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    last = run / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:5000])
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    cfg = load_config(None, tiny_overrides(synthetic_root))
+    with pytest.raises(FinescopeError) as e:
+        trainer.train(cfg, run, resume=True, progress=False)
+    assert str(e.value).startswith(f"--resume: '{last}' cannot be read (a copy cut short?); copy it back from where "
+                                   f"it came, or copy '{run / 'checkpoints' / 'best.pt'}' over it to resume from "
+                                   "the run's best epoch")
+    assert "pass another checkpoint" not in str(e.value)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    shutil.copyfile(run / "checkpoints" / "best.pt", last)
+    trainer.train(cfg, run, resume=True, progress=False)
+    _assert_same_weights(run, out)
+
+
 def test_metrics_json_is_written_after_the_predictions(synthetic_root, tmp_path, monkeypatch):
     """metrics.json marks a finished run (cv counts a fold done by it): a run that fails while writing its
     predictions has neither file, and no temporary file is left."""

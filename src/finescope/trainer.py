@@ -509,7 +509,13 @@ def _check_resume_config(run_dir: Path, cfg: Config) -> dict:
     if not last.is_file():
         raise FinescopeError(f"--resume: no checkpoint at '{last}'; name the run's folder with --out, or start "
                              "without --resume")
-    state = load_checkpoint(last)
+    try:
+        state = load_checkpoint(last)
+    except FinescopeError:  # its advice, another checkpoint of the run, is for evaluate and predict
+        best = run_dir / "checkpoints" / "best.pt"
+        instead = f", or copy '{best}' over it to resume from the run's best epoch" if best.is_file() else ""
+        raise FinescopeError(f"--resume: '{last}' cannot be read (a copy cut short?); copy it back from where it "
+                             f"came{instead}, or start a new run with another --out") from None
     try:  # as trained: today's form of its values (amp: true is bf16), keys added since at their old behaviour
         old = to_dict(load_config(base=stored_config(state["config"])))
     except FinescopeError as e:
