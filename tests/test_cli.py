@@ -441,6 +441,28 @@ def test_demo_quick(tmp_path, capsys, monkeypatch):
     assert all(m["resumed"] for m in json.loads((tmp_path / "demo" / "demo_results.json").read_text()).values())
 
 
+@pytest.mark.parametrize("quick", [True, False])
+def test_a_demo_folder_of_the_other_quick_says_to_rerun_it_as_it_was(tmp_path, capsys, quick):
+    """finescope demo after demo --quick in the same --out (both default to runs/demo) was refused with
+    '--resume: ... resume with the run's own settings (its config.yaml)': no --resume nor config to give. The line
+    now says which demo the folder holds and what to do; nothing is written."""
+    from finescope.config import override, save_config
+    from finescope.demo import demo_config
+
+    out = tmp_path / "demo"
+    (out / "global" / "checkpoints").mkdir(parents=True)
+    save_config(override(demo_config(out, quick=not quick), model={"variant": "global"}),
+                out / "global" / "config.yaml")
+    (out / "global" / "checkpoints" / "last.pt").write_bytes(b"a checkpoint")
+    before = sorted(out.rglob("*"))
+    assert main(["demo", "--quiet", "--out", str(out)] + (["--quick"] if quick else [])) == 2
+    was, now = ("with", "without") if not quick else ("without", "with")
+    assert _one_error_line(capsys) == (f"finescope: error: '{out}' holds a demo run {was} --quick ('{out / 'global'}'"
+                                       f"); rerun {was} --quick to continue it, or give another --out (or delete "
+                                       f"'{out}') to run the demo {now} it")
+    assert sorted(out.rglob("*")) == before
+
+
 def test_demo_table_says_which_seconds_are_after_a_resume():
     from finescope.demo import format_table
 

@@ -14,12 +14,21 @@ from pathlib import Path
 
 import torch
 
-from finescope.config import Config, load_config, override
+from finescope.config import (
+    Config,
+    first_difference,
+    load_config,
+    override,
+    read_yaml_mapping,
+    stored_config,
+    to_dict,
+)
 from finescope.data import load_samples
 from finescope.data.dataset import read_image
 from finescope.data.synthetic import load_cells
+from finescope.errors import FinescopeError
 from finescope.files import json_text, write_text
-from finescope.trainer import as_resumed, load_trained, train
+from finescope.trainer import RESUME_FREE, as_resumed, load_trained, train
 
 VARIANTS = ("global", "fusion")
 
@@ -65,6 +74,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool 
 
     out = Path(out)
     cfg = demo_config(out, quick)
+    _check_same_demo(out, quick)
     results: dict[str, dict] = {}
     splits = ""
     for variant in VARIANTS:
@@ -89,6 +99,25 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool 
     print(format_table(summary))
     print(f"attention overlay: {overlay}")
     return results
+
+
+def _check_same_demo(out: Path, quick: bool) -> None:
+    """Refuse to continue a demo folder whose runs were trained with the other ``--quick``: the resume would
+    refuse the config naming a key, with advice (--resume, its config.yaml) that the demo's user cannot take."""
+    other = to_dict(demo_config(out, not quick))
+    for variant in VARIANTS:
+        run_dir = out / variant
+        if not (run_dir / "checkpoints" / "last.pt").is_file():
+            continue
+        try:
+            trained = to_dict(load_config(base=stored_config(read_yaml_mapping(run_dir / "config.yaml"))))
+        except FinescopeError:  # no readable config.yaml: the resume checks last.pt's own
+            return
+        other["model"]["variant"] = variant
+        if first_difference(trained, other, ignore=("data.splits", *RESUME_FREE)) is None:
+            was, now = ("with", "without") if not quick else ("without", "with")
+            raise FinescopeError(f"'{out}' holds a demo run {was} --quick ('{run_dir}'); rerun {was} --quick to "
+                                 f"continue it, or give another --out (or delete '{out}') to run the demo {now} it")
 
 
 def format_table(summary: dict) -> str:
