@@ -270,6 +270,11 @@ def test_cv_end_to_end_summary_recomputes_from_predictions(tmp_path, monkeypatch
                         lambda *a, **k: pytest.fail("the summary of the same predictions was computed again"))
     again = run_cv(cfg, p, out, progress=False)
     assert again == summary
+    # where the cache is, how the data is read and how fast may change, as train --resume allows: a cv moved to a
+    # node with other cores or a GPU, or rerun with data.on_error=skip as an unreadable image's error says
+    other = tiny_cfg(tmp_path, **{"data.num_workers": 1, "data.on_error": "skip", "train.eval_batch_size": 4,
+                                  "train.device": "auto", "data.cache": "memory"})
+    assert run_cv(other, p, out, progress=False) == summary
     # other bootstrap settings on the same predictions: computed again
     monkeypatch.setattr(finescope.oof, "summarize_predictions", real_summarize)
     p20 = Protocol(variants=("global", "fusion"), folds=2, n_boot=20)

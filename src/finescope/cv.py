@@ -398,13 +398,24 @@ def check_rerun(out: Path, cfg: Config, p: Protocol) -> None:
     if not isinstance(old, dict):
         raise FinescopeError(f"'{path}' is damaged (not the JSON record finescope cv writes), so the settings of its "
                              "folds cannot be checked; restore it, or run this cv into a new --out folder")
-    diff = first_difference(old.get("settings"), _stored_settings(cfg, p))
+    diff = first_difference(old.get("settings"), _stored_settings(cfg, p),
+                            ignore=tuple(f"config.{k}" for k in _rerun_free()))
     if diff:
         diff = diff.removeprefix("config.")
         raise FinescopeError(
             f"'{out}' holds a cv run with other settings: {diff}; rerun with the same settings to resume, "
             "or choose another --out"
         )
+
+
+def _rerun_free() -> tuple[str, ...]:
+    """The config keys a cv rerun may change, as ``train --resume`` may (:data:`~finescope.trainer.RESUME_FREE`):
+    where the cache is, how the data is read (``data.on_error``) and how fast, on which device; not how long it
+    trains nor what it reads (``train.compile`` drops the last incomplete batch), nor ``data.root``, whose paths
+    the finished folds' predictions name."""
+    from finescope.trainer import RESUME_FREE
+
+    return tuple(k for k in RESUME_FREE if k not in ("train.epochs", "train.patience", "train.compile", "data.root"))
 
 
 def resolve_folds(out: Path, sample_set: SampleSet, cfg: Config, p: Protocol, splits_file: str = "",
