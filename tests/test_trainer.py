@@ -820,6 +820,29 @@ def test_resume_of_a_last_pt_cut_short_says_what_a_resume_can_do(fusion_run, syn
     _assert_same_weights(run, out)
 
 
+def test_a_run_whose_last_pt_was_deleted_is_not_trained_over(fusion_run, synthetic_root, tmp_path):
+    """A finished run whose last.pt was deleted (it holds the optimizer's state; best.pt is what evaluate reads)
+    was taken for an empty folder: train without --resume, which --resume's own line advised, wrote a new run over
+    its best.pt and metrics.json. Both now refuse, naming best.pt; copying it to last.pt resumes the run."""
+    out, _ = fusion_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    (run / "checkpoints" / "last.pt").unlink()
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    cfg = load_config(None, tiny_overrides(synthetic_root))
+    best = run / "checkpoints" / "best.pt"
+    with pytest.raises(FinescopeError, match=f"^'{re.escape(str(run))}' already holds a run"):
+        trainer.train(cfg, run, progress=False)
+    with pytest.raises(FinescopeError) as e:
+        trainer.train(cfg, run, resume=True, progress=False)
+    assert str(e.value) == (f"--resume: no checkpoint at '{run / 'checkpoints' / 'last.pt'}', but the run has "
+                            f"'{best}': copy it to last.pt to resume from the run's best epoch, or choose another --out")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    shutil.copyfile(best, run / "checkpoints" / "last.pt")
+    trainer.train(cfg, run, resume=True, progress=False)
+    _assert_same_weights(run, out)
+
+
 def test_metrics_json_is_written_after_the_predictions(synthetic_root, tmp_path, monkeypatch):
     """metrics.json marks a finished run (cv counts a fold done by it): a run that fails while writing its
     predictions has neither file, and no temporary file is left."""

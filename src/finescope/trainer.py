@@ -505,14 +505,16 @@ def _check_resume_config(run_dir: Path, cfg: Config) -> dict:
     is written whole, unlike ``config.yaml``, its copy for people), naming the first differing key; the keys
     of ``RESUME_FREE`` may change. Nothing in the run is written before this check. Returns ``last.pt``'s
     state, which the resume goes on from."""
-    last = run_dir / "checkpoints" / "last.pt"
+    last, best = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
+    if not last.is_file() and best.is_file():  # deleted: best.pt holds all a resume needs, from its epoch on
+        raise FinescopeError(f"--resume: no checkpoint at '{last}', but the run has '{best}': copy it to last.pt to "
+                             "resume from the run's best epoch, or choose another --out")
     if not last.is_file():
         raise FinescopeError(f"--resume: no checkpoint at '{last}'; name the run's folder with --out, or start "
                              "without --resume")
     try:
         state = load_checkpoint(last)
     except FinescopeError:  # its advice, another checkpoint of the run, is for evaluate and predict
-        best = run_dir / "checkpoints" / "best.pt"
         instead = f", or copy '{best}' over it to resume from the run's best epoch" if best.is_file() else ""
         raise FinescopeError(f"--resume: '{last}' cannot be read (a copy cut short?); copy it back from where it "
                              f"came{instead}, or start a new run with another --out") from None
@@ -712,7 +714,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     dist.rank0_first(lambda: (check_outside_data(cfg.data, run_dir), _check_not_a_cv_folder(run_dir)))
     lock = _RunLock(run_dir)
     try:
-        if not resume and (run_dir / "checkpoints" / "last.pt").is_file():
+        # best.pt alone: a finished run whose last.pt was deleted (the optimizer's state), not a folder to train over
+        if not resume and any((run_dir / "checkpoints" / name).is_file() for name in ("last.pt", "best.pt")):
             raise FinescopeError(f"'{run_dir}' already holds a run; pass --resume to continue it or choose another "
                                  "--out")
         resumed = _check_resume_config(run_dir, cfg) if resume else None
