@@ -669,6 +669,18 @@ def test_resume_after_an_early_stop_with_more_patience_trains_on(synthetic_root,
     assert [json.loads(r)["epoch"] for r in (out / "history.jsonl").read_text().splitlines()] == [0, 1, 2]
 
 
+def test_a_finished_run_without_a_test_split_resumed_says_nothing_is_left(synthetic_root, tmp_path, capsys):
+    """A finished run with data.test_fraction=0 resumed said 'its training is done: testing again', and tested
+    nothing (it has no test split)."""
+    out = tmp_path / "untested"
+    extra = ["data.test_fraction=0"]
+    _train(synthetic_root, out, variant="global", epochs=1, extra=extra)
+    capsys.readouterr()
+    assert trainer.train(load_config(None, tiny_overrides(synthetic_root, "global", 1) + extra), out, resume=True) == {}
+    assert (f"resuming {out} after epoch 1 of 1, with 1 process; its training is done and it has no test split: "
+            "nothing is left to do\n") in capsys.readouterr().out
+
+
 def test_a_run_of_an_older_finescope_or_another_machine_loads_as_trained(fusion_run, tmp_path):
     """A checkpoint whose config lacks model.selection_norm (added with 'max', now 'minmax'),
     model.selection_components (added with 'grid', now 'exact') or model.selection_peaks (added with 'grid', now

@@ -792,9 +792,11 @@ def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool) -> 
             # again: its metrics.json, which marks a finished run, goes until its test is run again
             (run_dir / "metrics.json").unlink(missing_ok=True)
         if progress and dist.is_main():
+            rest = (": testing again" if len(splits.get("test", []))
+                    else " and it has no test split: nothing is left to do")
             print(f"resuming {run_dir} after epoch {start} of {cfg.train.epochs}, with {dist.world_size()} "
-                  f"process{'es' if dist.world_size() > 1 else ''}" + ("; its training is done: testing again"
-                                                                      if done else ""), flush=True)
+                  f"process{'es' if dist.world_size() > 1 else ''}" + (f"; its training is done{rest}" if done else ""),
+                  flush=True)
     # stage-wise warm-up epochs leave the fusion head (and a separate crop backbone) without gradients
     fit_model = dist.wrap_model(model, device, sync_bn=cfg.train.sync_bn,
                                 partial_steps=cfg.train.crop_warmup_epochs > 0)
