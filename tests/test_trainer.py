@@ -616,6 +616,29 @@ def test_thin_splits_are_named_before_training():
     assert trainer.thin_split_warnings(splits, data, cfg, drawn=True)[0].startswith("the test split is empty")
 
 
+def test_a_training_split_without_a_class_is_named_before_training():
+    """A drawn split deals each group by its majority class: a class whose images all lie in groups mostly of
+    another class (z, in patient a1) went to test with them for seed 1, and the model was trained without it
+    and scored on it without a word."""
+    from types import SimpleNamespace
+
+    from finescope.data.splits import split_groups
+
+    labels = [0, 0, 2, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
+    groups = ["a1", "a1", "a1", "a2", "a2", "a3", "a3", "b1", "b1", "b2", "b2", "b3", "b3"]
+    data = SimpleNamespace(labels=labels, groups=groups, class_names=["x", "y", "z"])
+    cfg = load_config(None, ["data.val_fraction=0", "data.test_fraction=0.3"])
+    splits = split_groups(labels, groups, 0.3, 0.0, seed=1)
+    assert 2 not in {labels[i] for i in splits["train"]}
+    (message,) = trainer.thin_split_warnings(splits, data, cfg, drawn=True)
+    assert message.startswith("the training split holds no image of z")
+    assert "\n" not in message and message.endswith("change seed to draw another split, or give one with data.splits")
+    (given,) = trainer.thin_split_warnings(splits, data, cfg, drawn=False)  # a split file, a cv fold
+    assert given.endswith("give a split whose training side holds every class")
+    others = trainer.thin_split_warnings(split_groups(labels, groups, 0.3, 0.0, seed=0), data, cfg, True)
+    assert not any(m.startswith("the training split") for m in others)  # seed 0 trains on z (and tests without it)
+
+
 def test_a_validation_side_of_one_class_under_monitor_auc_is_named_before_training():
     """AUC is undefined on a validation side of one class: every epoch scored -inf, so best.pt stayed the first
     epoch and early stopping ended the run train.patience epochs later, without a word. The split is named;

@@ -351,12 +351,22 @@ def resolve_splits(cfg: Config, sample_set: SampleSet, run_dir: Path, resume: bo
 
 
 def thin_split_warnings(splits: dict[str, np.ndarray], sample_set: SampleSet, cfg: Config, drawn: bool) -> list[str]:
-    """What a split cannot do, as messages: a drawn split whose validation or test side came out empty although
+    """What a split cannot do, as messages: a training side without some classes (a drawn split deals each group
+    by the class most of its images have, so a class found only in groups mostly of other classes can go to
+    validation or test with them), a drawn split whose validation or test side came out empty although
     its fraction asks for one (:func:`~finescope.data.splits.split_groups` gives a class's group to test when
     the class has 2, and to validation when 3 remain after test), a test side that lacks some classes, whose
     metrics then describe the others only, and a validation side of one class under ``train.monitor: auc``,
     which it cannot measure."""
     messages = []
+    trained = {sample_set.labels[i] for i in np.asarray(splits.get("train", []), dtype=np.int64).tolist()}
+    untrained = [name for c, name in enumerate(sample_set.class_names) if c not in trained]
+    if untrained:  # a drawn split deals a group by its majority class: a class only in others' groups follows them
+        fix = "change seed to draw another split, or give one with data.splits" if drawn else \
+            "give a split whose training side holds every class"
+        messages.append(f"the training split holds no image of {', '.join(untrained)} (the groups holding its images "
+                        f"are on the validation or test side): the model cannot learn it and is still scored on it; "
+                        f"{fix}")
     n_groups = len(set(map(str, sample_set.groups)))
     too_few = (f"{n_groups} groups for {len(sample_set.class_names)} classes are too few to spare one per class "
                "(grouped splits keep each patient on one side)")
