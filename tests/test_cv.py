@@ -466,6 +466,29 @@ def test_a_hand_edited_cv_splits_file_is_one_clear_error(tmp_path, damage):
         load_cv_splits(tmp_path / "splits.json", s, per_magnification=False)
 
 
+@pytest.mark.parametrize("own", [False, True])
+def test_folds_reused_on_data_grouped_otherwise_name_the_file_and_the_fold(tmp_path, own):
+    """cv --splits FILE (or a cv rerun) on data whose groups changed since (a CSV's group column edited so that
+    two patients are one) said only "split leak: group 'c0_g0' is on both 'train' and 'test'", naming neither the
+    file nor the fold nor what to do."""
+    from dataclasses import replace
+
+    from finescope.cv import save_cv_splits
+
+    s = toy_set()
+    folds = make_folds(s, Protocol(folds=2), 0, 0.0)
+    save_cv_splits(tmp_path / "splits.json", folds, s, extra={})
+    test0 = groups_of(s, folds[0].splits["test"])
+    a, b = sorted(test0)[0], sorted(groups_of(s, folds[0].splits["train"]) - test0)[0]  # one on each side
+    merged = SampleSet([replace(x, group=a if x.group == b else x.group) for x in s.samples], s.class_names, s.root)
+    with pytest.raises(FinescopeError) as e:
+        load_cv_splits(tmp_path / "splits.json", merged, per_magnification=False, own=own)
+    message = str(e.value)
+    assert str(tmp_path / "splits.json") in message and f"fold {folds[0].name}" in message
+    assert f"group '{a}'" in message
+    assert ("restore it, or run this cv into a new --out folder" if own else "leave --splits out") in message
+
+
 def test_resuming_with_a_splits_file_checks_it_first(tmp_path):
     """A cv folder that already has its folds, rerun with --splits: a missing or broken file is one line; the same
     folds resume, other folds are refused."""

@@ -362,7 +362,10 @@ def load_cv_splits(path: str | Path, sample_set: SampleSet, per_magnification: b
             splits[side] = np.array(sorted(index[p] for p in paths), dtype=np.int64)
         mag = item.get("magnification")
         _check_cover(splits, subsets.get(mag), item["name"], what, fix)
-        check_no_leak(splits, [s.group for s in sample_set.samples])
+        try:  # the data grouped otherwise since (a group column edited, another data.group_pattern)
+            check_no_leak(splits, [s.group for s in sample_set.samples])
+        except FinescopeError as e:
+            raise FinescopeError(f"{what} does not match the data's groups: fold {item['name']}: {e}; {fix}") from None
         folds.append(Fold(item["name"], mag, splits))
     return folds
 
