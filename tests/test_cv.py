@@ -181,6 +181,20 @@ def test_a_class_with_one_group_of_its_own_is_pointed_to_trials():
     with pytest.raises(FinescopeError, match=r"'a' has only 1 group.*--trials") as e:
         make_folds(s, Protocol(folds=2), seed=0, val_fraction=0.0)
     assert "--folds 1" not in str(e.value)
+    assert "'a' has only 1 group of its own (a group counts for the class most of its images have" in str(e.value)
+
+
+def test_a_class_in_other_classes_groups_only_is_not_said_to_have_one_group():
+    """Class 'c' lies in 3 groups, each mostly of class 'a': k-fold said "class 'c' has only 1 group", which
+    neither finescope data (3 groups) nor the dealing (none of its own) counts."""
+    spec = [(f"a{g}", 0, 3) for g in range(3)] + [(f"a{g}", 2, 1) for g in range(3)] + [(f"b{g}", 1, 3)
+                                                                                        for g in range(3)]
+    samples = [Sample(f"/d/{g}_{c}_{i}.png", c, g, {}) for g, c, n in spec for i in range(n)]
+    s = SampleSet(sorted(samples, key=lambda x: x.path), ["a", "b", "c"], root="/d")
+    with pytest.raises(FinescopeError, match=r"class 'c' has no group of its own \(a group counts for the class "
+                                             r"most of its images have.*--trials") as e:
+        make_folds(s, Protocol(folds=2), seed=0, val_fraction=0.0)
+    assert "only 1 group" not in str(e.value)
 
 
 def test_trials_of_single_group_classes_are_refused_before_training():

@@ -240,18 +240,24 @@ def _check_fold_classes(labels: np.ndarray, groups: np.ndarray, k: int, names: l
                              "or fewer")
     _, group_label, _ = _group_table(labels, groups)
     counts = {name: int((group_label == c).sum()) for c, name in enumerate(names) if (labels == c).any()}
-    single = [name for name, n in counts.items() if n <= 1]  # 0: its images lie in other classes' groups only
+    single = [(name, n) for name, n in counts.items() if n <= 1]  # 0: its images lie in other classes' groups only
     if single:
+        own = "; ".join(
+            f"class{'es' if len(names) > 1 else ''} {', '.join(repr(name) for name in names)} "
+            f"{'have' if len(names) > 1 else 'has'} {'only 1 group' if n else 'no group'} of "
+            f"{'their' if len(names) > 1 else 'its'} own"
+            for n in (1, 0) if (names := [name for name, m in single if m == n])
+        )
         raise FinescopeError(
-            f"{where}: class{'es' if len(single) > 1 else ''} {', '.join(repr(n) for n in single)} "
-            f"{'have' if len(single) > 1 else 'has'} only 1 group, so k-fold cannot give every fold a test group "
-            "of each; use --trials N --test-fraction F instead (such classes then stay in training) or drop them"
+            f"{where}: {own} (a group counts for the class most of its images have), so k-fold cannot give every "
+            "fold a test group of each; use --trials N --test-fraction F instead (a class with one group of its own "
+            "then stays in training) or drop them"
         )
     short = [(n, name) for name, n in counts.items() if 0 < n < k]
     if short:
         n, name = min(short)
         raise FinescopeError(
-            f"{where}: class '{name}' has only {n} groups, so with --folds {k} some folds would have no test group "
+            f"{where}: class '{name}' has only {n} groups of its own, so with --folds {k} some folds would have no test group "
             f"of it; use --folds {n} or fewer"
         )
 
