@@ -503,6 +503,20 @@ def test_folds_reused_on_data_grouped_otherwise_name_the_file_and_the_fold(tmp_p
     assert ("restore it, or run this cv into a new --out folder" if own else "leave --splits out") in message
 
 
+def test_folds_reused_on_data_with_an_image_added_name_the_image(tmp_path):
+    """cv --splits FILE (or a rerun) on a folder that gained an image said only "fold fold0 covers 30 images but the
+    data has 31 for it", leaving the user to find which of thousands of images is new."""
+    from finescope.cv import save_cv_splits
+
+    s = toy_set()
+    save_cv_splits(tmp_path / "splits.json", make_folds(s, Protocol(folds=2), 0, 0.0), s, extra={})
+    added = SampleSet(sorted([*s.samples, Sample("/d/None/new.png", 0, "new")], key=lambda x: x.path),
+                      s.class_names, s.root)
+    with pytest.raises(FinescopeError, match=r"covers 30 images but the data has 31 for it: e\.g\. 'None/new\.png' "
+                                             r"is in none of its sides"):
+        load_cv_splits(tmp_path / "splits.json", added, per_magnification=False)
+
+
 def test_resuming_with_a_splits_file_checks_it_first(tmp_path):
     """A cv folder that already has its folds, rerun with --splits: a missing or broken file is one line; the same
     folds resume, other folds are refused."""

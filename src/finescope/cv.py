@@ -367,7 +367,7 @@ def load_cv_splits(path: str | Path, sample_set: SampleSet, per_magnification: b
                 )
             splits[side] = np.array(sorted(index[p] for p in paths), dtype=np.int64)
         mag = item.get("magnification")
-        _check_cover(splits, subsets.get(mag), item["name"], what, fix)
+        _check_cover(splits, subsets.get(mag), item["name"], what, fix, sample_set)
         try:  # the data grouped otherwise since (a group column edited, another data.group_pattern)
             check_no_leak(splits, [s.group for s in sample_set.samples])
         except FinescopeError as e:
@@ -376,13 +376,17 @@ def load_cv_splits(path: str | Path, sample_set: SampleSet, per_magnification: b
     return folds
 
 
-def _check_cover(splits: dict, expected: np.ndarray | None, name: str, what: str, fix: str) -> None:
+def _check_cover(splits: dict, expected: np.ndarray | None, name: str, what: str, fix: str,
+                 sample_set: SampleSet) -> None:
     got = np.sort(np.concatenate(list(splits.values())))
     if expected is None or not np.array_equal(got, np.sort(expected)):
         n = 0 if expected is None else len(expected)
+        unlisted = sorted(set(expected.tolist()) - set(got.tolist())) if expected is not None else []
+        example = (f": e.g. '{_relative(sample_set.samples[unlisted[0]].path, sample_set.root)}' is in none of its "
+                   "sides" if unlisted else "")  # an image added to the data since
         raise FinescopeError(
             f"{what} does not match the data: fold {name} covers {len(got)} images but the data "
-            f"has {n} for it (check data.root, data.magnifications and --per-magnification); {fix}"
+            f"has {n} for it{example} (check data.root, data.magnifications and --per-magnification); {fix}"
         )
 
 
