@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -382,6 +383,18 @@ def test_cv_of_one_class_writes_nothing_and_runs_once_a_class_is_added(tmp_path,
     (root / "b").rename(only_a / "b")
     assert main(args) == 0
     assert (tmp_path / "o" / "summary.json").is_file()
+
+
+def test_cv_says_it_does_not_read_data_splits(tmp_path, capsys):
+    """cv --set data.splits=runs/x/splits.json (README: 'a splits.json to reuse instead of drawing splits') drew
+    new folds without a word; cv reads folds from --splits only, and now says so in one line."""
+    root = _two_class_folders(tmp_path / "data")
+    shutil.rmtree(root / "b")  # one class: refused before anything is trained
+    assert main([*_tiny_cv_args(tmp_path, root, ", splits: runs/x/splits.json", batch_size=4)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[1].startswith("finescope: error: ")
+    assert err[0].startswith("finescope: warning: cv draws its own folds and does not read data.splits "
+                             "'runs/x/splits.json'") and "--splits" in err[0]
 
 
 @pytest.mark.parametrize("fix", ["remove", "skip"])

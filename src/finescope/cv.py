@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import math
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ from finescope.data import (
 )
 from finescope.data.sources import check_outside_data, in_class_order
 from finescope.data.splits import SIDES, _group_table, _key, _relative, stored_class_names
-from finescope.errors import FinescopeError
+from finescope.errors import FinescopeError, FinescopeWarning
 from finescope.files import json_text, remove_temporaries, write_text
 from finescope.models import list_models
 
@@ -546,7 +547,8 @@ def run_cv(
     """Train and test every variant on every fold, then write predictions.csv, summary.json and the report.
 
     Args:
-        cfg: the experiment (``model.variant`` is replaced by each variant; ``data.splits`` is ignored).
+        cfg: the experiment (``model.variant`` is replaced by each variant; ``data.splits`` is not read: a
+            warning says so).
         p: the protocol.
         out: the cv directory; rerunning with the same settings resumes (finished folds are not retrained).
         splits_file: a cv ``splits.json`` to reuse instead of drawing folds.
@@ -559,6 +561,9 @@ def run_cv(
     from finescope.oof import collect_predictions, write_oof_csv
 
     out = Path(out)
+    if cfg.data.splits:  # README: data.splits is a split to reuse; a cv's folds are its splits.json, --splits
+        warnings.warn(f"cv draws its own folds and does not read data.splits '{cfg.data.splits}'; to reuse the folds "
+                      "of an earlier cv, pass its splits.json with --splits", FinescopeWarning, stacklevel=2)
     cfg = replace(cfg, data=replace(cfg.data, splits=""))
     check_protocol(p)
     check_outside_data(cfg.data, out)
