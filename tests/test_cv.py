@@ -14,7 +14,7 @@ from finescope.cli import main
 from finescope.config import load_config, save_config, to_dict
 from finescope.cv import Protocol, load_cv_splits, load_protocol, make_folds, make_protocol, run_cv
 from finescope.data import Sample, SampleSet, check_no_leak, kfold_groups, load_samples
-from finescope.errors import FinescopeError
+from finescope.errors import FinescopeError, FinescopeWarning
 from finescope.metrics import compute_metrics, patient_recognition_rate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,7 +203,20 @@ def test_trials_of_single_group_classes_are_refused_before_training():
     empty, so cv trained every run and then stopped on a missing predictions_test.csv."""
     with pytest.raises(FinescopeError, match="the data: every class has a single group, so no trial holds out"):
         make_folds(toy_set(groups_per_class=(1, 1)), Protocol(folds=0, trials=2), seed=0, val_fraction=0.0)
-    assert len(make_folds(toy_set(groups_per_class=(1, 2)), Protocol(folds=0, trials=2), 0, 0.0)) == 2
+    with pytest.warns(FinescopeWarning, match="class 'a' is in no trial's test side"):
+        assert len(make_folds(toy_set(groups_per_class=(1, 2)), Protocol(folds=0, trials=2), 0, 0.0)) == 2
+
+
+def test_a_class_no_trial_tests_is_one_finescope_warning():
+    """The warning went to the 'finescope' logger, which printed it bare on stderr ('the data: class b has a
+    single group ...'), without the 'finescope: warning:' of every other warning, and said 'has a single group'
+    of several classes at once."""
+    with pytest.warns(FinescopeWarning, match=r"^the data: class 'b' is in no trial's test side \(a class with a "
+                                              r"single group of its own"):
+        make_folds(toy_set(groups_per_class=(6, 1)), Protocol(folds=0, trials=2), 0, 0.0)
+    with pytest.warns(FinescopeWarning, match=r"^the data: classes 'b', 'c' are in no trial's test side"):
+        s = toy_set(groups_per_class=(6, 1, 1))
+        make_folds(SampleSet(s.samples, ["a", "b", "c"], s.root), Protocol(folds=0, trials=2), 0, 0.0)
 
 
 def test_protocol_file_profiles(tmp_path):

@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import logging
 import math
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -58,8 +57,6 @@ from finescope.data.splits import SIDES, _group_table, _key, _relative, stored_c
 from finescope.errors import FinescopeError, FinescopeWarning
 from finescope.files import json_text, remove_temporaries, write_text
 from finescope.models import list_models
-
-log = logging.getLogger("finescope")
 
 CV_FORMAT = "finescope-cv-splits/1"
 
@@ -226,9 +223,11 @@ def _test_sides(sample_set: SampleSet, idx: np.ndarray, p: Protocol, seed: int, 
     untested = [n for c, n in enumerate(sample_set.class_names)
                 if (labels == c).any() and not any((labels[part] == c).any() for part in parts)]
     if untested:
-        log.warning("%s: class %s has a single group (a group counts in the class most of its images have) and is "
-                    "never tested (it stays in training)", where,
-                    ", ".join(untested))
+        many = len(untested) > 1
+        warnings.warn(f"{where}: class{'es' if many else ''} {', '.join(repr(n) for n in untested)} "
+                      f"{'are' if many else 'is'} in no trial's test side (a class with a single group of its own, a "
+                      "group counting for the class most of its images have, stays in training), so no metric scores "
+                      f"{'them' if many else 'it'}", FinescopeWarning, stacklevel=2)
     return [idx[part] for part in parts]
 
 
