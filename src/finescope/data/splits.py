@@ -205,14 +205,20 @@ def trial_splits(
 ) -> list[np.ndarray]:
     """Repeated random group hold-outs (Spanhol et al. 2016: 5 trials, 30% of patients for test).
 
-    Trial ``t`` is :func:`split_groups` with ``seed + t`` and no validation side.
+    Trial ``t`` is :func:`split_groups` with :func:`trial_seed` ``(seed, t)`` and no validation side, so that
+    other seeds draw other trials (with ``seed + t``, seed 1's trial 0 was seed 0's trial 1).
 
     Returns:
         ``n_trials`` sorted int64 arrays of test indices.
     """
     if n_trials < 1:
         raise FinescopeError(f"--trials is {n_trials}; use at least 1")
-    return [split_groups(labels, groups, test_fraction, 0.0, seed + t)["test"] for t in range(n_trials)]
+    return [split_groups(labels, groups, test_fraction, 0.0, trial_seed(seed, t))["test"] for t in range(n_trials)]
+
+
+def trial_seed(seed: int, t: int) -> int:
+    """The shuffle seed of trial ``t`` of ``seed``: a hash of the pair, which no other pair shares in practice."""
+    return int(np.random.SeedSequence([seed, t]).generate_state(1)[0])
 
 
 def check_no_leak(splits: dict[str, np.ndarray], groups: Sequence[Any]) -> None:
