@@ -591,6 +591,27 @@ def test_a_runs_own_split_that_no_longer_matches_its_data_is_told_where_to_point
     assert "point data.root at the data this run was trained on" in err and "data.splits" not in err
 
 
+def test_a_resume_without_its_splits_json_refuses_a_split_drawn_again_otherwise(synthetic_root, tmp_path):
+    """--resume of a run whose splits.json is gone (deleted, as the error for a damaged one suggests) drew the split
+    again from the data: on data that had changed since, another one, so images last.pt trained on went to test
+    and its metrics leaked, without a word. The same data still draws the same split and resumes."""
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    out = tmp_path / "run"
+    _train(root, out, variant="global", epochs=1)
+    (out / "splits.json").unlink()
+    cfg = load_config(None, tiny_overrides(root, "global", 2))
+    trainer.train(cfg, out, resume=True, progress=False)  # unchanged data: the same split, resumed
+    assert (out / "splits.json").is_file()
+    (out / "splits.json").unlink()
+    manifest = root / "manifest.csv"
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join(lines[:1] + lines[2:]) + "\n")  # one image left out: the groups are dealt anew
+    with pytest.raises(FinescopeError, match=r"splits.json is missing and the split drawn again .* is not the one "
+                                             r"checkpoints/last.pt trained on"):
+        trainer.train(load_config(None, tiny_overrides(root, "global", 3)), out, resume=True, progress=False)
+
+
 def test_thin_splits_are_named_before_training():
     """A drawn split whose validation side came out empty, or whose test side lacks classes, is said, not left
     to be found in the metrics (3 classes: one with 3 groups, one with 2, one with 1)."""

@@ -64,7 +64,7 @@ from finescope.data import (
 )
 from finescope.data.dataset import aspect_key, leave_sigterm_to_main, shape_order, worker_context
 from finescope.data.sources import check_outside_data, in_class_order
-from finescope.data.splits import own_split_leak, stored_class_names, trained_on
+from finescope.data.splits import own_split_leak, split_digest, stored_class_names, trained_on
 from finescope.engine import (
     Predictions,
     first_diverged,
@@ -764,8 +764,14 @@ def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool) -> 
         sample_set = in_class_order(sample_set, stored)
     if len(sample_set.class_names) < 2:
         raise one_class_error(cfg, sample_set.class_names)
+    drawn_again = resume and not (run_dir / "splits.json").is_file()
     with dist.main_speaks():
         splits = resolve_splits(cfg, sample_set, run_dir, resume)
+    if drawn_again and resumed.get("split_digest") not in (None, split_digest(splits, sample_set)):
+        raise FinescopeError(f"'{run_dir}': its splits.json is missing and the split drawn again from its config and "
+                             "data is not the one checkpoints/last.pt trained on (the data, or how finescope groups "
+                             "it, changed since): restore splits.json, or point data.root at the data this run was "
+                             "trained on")
     model = build_model(checkpoint_model_config(cfg) if resume else cfg, len(sample_set.class_names), device)
     if model.use_attention and model.image_feature == "avg" and model.select_from == "attention" and dist.is_main():
         warnings.warn("model.image_feature is avg: no loss reaches the attention (the global head reads the mean of "
@@ -957,6 +963,7 @@ def _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, 
     if dist.is_main():
         _log_epoch(run_dir, row)  # first: a resume drops the lines after last.pt's epoch, never misses one
         state = _state(model, optimizer, scheduler, scaler, epoch, cfg, sample_set.class_names, tracker)
+        state["split_digest"] = split_digest(splits, sample_set)  # a resume that draws the split again checks it
         # last.pt first: a kill before best.pt leaves the tracker naming this epoch, and the resume writes its
         # best.pt from last.pt (best.pt first would outlive a resume whose rerun of the epoch scores lower)
         save_checkpoint(state, run_dir / "checkpoints" / "last.pt")

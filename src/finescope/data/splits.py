@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import unicodedata
@@ -301,7 +302,7 @@ def _read_split_lists(path: Path, own: bool = False) -> dict[str, list[str]]:
     """The ``splits`` mapping of a splits file (a run's ``own``, or one data.splits names); raise when it is
     missing or malformed."""
     fix = ("it is the run's own split: restore it from a copy, or delete it and resume, which draws it again from "
-           "the run's config (the same seed and data give the same split)" if own else
+           "the run's config (the same seed and data give the same split; --resume refuses another)" if own else
            "point data.splits at a splits.json written by finescope, or leave it empty to draw new splits")
     if path.is_dir():  # a run or cv folder: its splits.json is meant
         raise FinescopeError(f"splits file '{path}' is a folder; point data.splits at a splits.json in it (e.g. "
@@ -386,6 +387,15 @@ def load_splits(path: str | Path, sample_set: SampleSet, fix: str = "draw new sp
     elif leak := own_split_leak(splits, sample_set):
         warnings.warn(f"{path}: {leak}", FinescopeWarning, stacklevel=2)
     return splits
+
+
+def split_digest(splits: dict[str, np.ndarray], sample_set: SampleSet) -> str:
+    """SHA-256 of the images (relative paths) of every side: what a checkpoint records of the split it trained on,
+    so that a resume which draws it again (its ``splits.json`` gone) can tell another split from it."""
+    rel = [_key(_relative(s.path, sample_set.root)) for s in sample_set.samples]  # as splits files are matched
+    sides = {side: sorted(rel[i] for i in np.asarray(idx, dtype=np.int64).tolist()) for side, idx in splits.items()
+             if len(idx)}
+    return hashlib.sha256(json.dumps(sides, sort_keys=True).encode()).hexdigest()
 
 
 def empty_split_error(split: str, splits: dict[str, np.ndarray], run: str | Path) -> FinescopeError:
