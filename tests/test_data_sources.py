@@ -774,3 +774,40 @@ def test_csv_with_group_and_patient_columns_needs_every_patient_or_none(tmp_path
     write_csv(root / "manifest.csv", ["path", "label", "group", "patient"], rows)
     ss = load_samples(DataConfig(source="csv", root=str(root)))
     assert [s.patient for s in ss.samples] == [f"case{i % 2}" for i in range(4)]
+
+
+@pytest.mark.parametrize("source", ["folder", "pattern", "csv"])
+def test_a_patient_named_in_two_unicode_forms_is_one_group(tmp_path, source):
+    """A patient folder 'Müller' copied from a Mac ('u' + a combining diaeresis) beside the same patient's folder
+    written on Linux (one character), merged under one root, made two groups: the patient could sit on both sides
+    of a split. Group ids are now in one Unicode normal form (NFC) wherever a source makes them; paths are kept."""
+    import unicodedata
+
+    from finescope.data.sources import label_and_group_of
+
+    nfc, nfd = (unicodedata.normalize(form, "Müller") for form in ("NFC", "NFD"))
+    rows = []
+    for cls in ("x", "y"):
+        for i, patient in enumerate([nfc, nfd] if cls == "x" else []):
+            rows.append([tiny_png(tmp_path / cls / patient / f"{patient}_{i}.png"), cls, patient])
+        for p in range(6):
+            for i in range(2):
+                rows.append([tiny_png(tmp_path / cls / f"P{cls}{p}" / f"P{cls}{p}_{i}.png"), cls, f"P{cls}{p}"])
+    if source == "csv":
+        manifest = write_csv(tmp_path / "m.csv", ["path", "label", "group"],
+                             [[str(p.relative_to(tmp_path)), c, g] for p, c, g in rows])
+        cfg = DataConfig(source="csv", root=str(manifest))
+    else:
+        cfg = DataConfig(source="folder", root=str(tmp_path),
+                         group_pattern=r"^([^_]+)_" if source == "pattern" else "")
+    ss = load_samples(cfg)
+    mueller = [s for s in ss.samples if "ller" in s.path]
+    assert len(mueller) == 2 and {s.group for s in mueller} == {nfc}
+    assert {s.path for s in mueller} == {str(p) for p, _, g in rows if g in (nfc, nfd)}  # paths as found
+    groups = np.array(ss.groups)
+    for seed in range(20):
+        splits = split_groups(ss.labels, ss.groups, test_fraction=0.3, val_fraction=0.2, seed=seed)
+        sides = [side for side, idx in splits.items() if nfc in set(groups[idx])]
+        assert len(sides) == 1, (seed, sides)
+    if source != "csv":
+        assert label_and_group_of(tmp_path / "x" / nfd / f"{nfd}_1.png", cfg, ["x", "y"]) == (0, nfc)

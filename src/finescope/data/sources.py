@@ -195,6 +195,13 @@ def class_index(name: str, class_names: Sequence[str]) -> int:
     return nfc.index(key) if key in nfc else -1
 
 
+def group_id(name: str) -> str:
+    """A group id (patient, case) as sources make it: in one Unicode normal form (NFC), so that a patient folder
+    copied from a Mac ('Müller' as 'u' + a combining diaeresis) beside the same patient's folder written on Linux
+    or Windows (one character) is one group, never on two sides of a split. Paths keep their own spelling."""
+    return unicodedata.normalize("NFC", name)
+
+
 def class_order(names: Iterable[str]) -> list[str]:
     """Class names in a source's order: by value when every one reads as a whole number (``1, 2, 10``, not
     the text order ``1, 10, 2``), else sorted as text."""
@@ -384,7 +391,7 @@ def label_and_group_of(path: str | Path, cfg: DataConfig, class_names: Sequence[
     info = parse_breakhis_name(path.name) if cfg.source == "breakhis" else None
     if info is not None:
         name = info["tumor_class"] if cfg.task == "binary" else info["subtype"]
-        return (list(class_names).index(name) if name in class_names else -1), info["case"]
+        return (list(class_names).index(name) if name in class_names else -1), group_id(info["case"])
     real = Path(os.path.realpath(path))  # a link given outside the class folders: where its image lies
     path, folder = next(((c, f) for c in (path, real) if (f := _class_folder(c, cfg, class_names))), (path, None))
     label = -1 if folder is None else class_index(folder.name, class_names)
@@ -453,7 +460,7 @@ def _scan_breakhis(cfg: DataConfig) -> _Scan:
             continue
         label = info["tumor_class"] if cfg.task == "binary" else info["subtype"]
         meta = {k: info[k] for k in ("patient", "magnification", "subtype", "tumor_class")}
-        found.append(_Found(str(path), label, info["case"], meta))
+        found.append(_Found(str(path), label, group_id(info["case"]), meta))
     if not found and skipped:
         raise _no_images(root, skipped)
     if not found:
@@ -508,7 +515,8 @@ def _scan_folder(cfg: DataConfig) -> _Scan:
                                "data.on_error=skip to leave such files out")
             else:
                 any_given, direct = any_given or group != "", direct + (group == "")
-                found.append(_Found(str(path), name, group or path.relative_to(root).as_posix(), {}))
+                group = group or group_id(path.relative_to(root).as_posix())  # else its own group
+                found.append(_Found(str(path), name, group, {}))
     if not found:
         raise _no_images(root, skipped)
     if any_given and direct:
@@ -524,13 +532,13 @@ def group_below_class(rel: Path, pattern: re.Pattern | None) -> str | None:
     """The group of an image at ``rel``, its path below its class folder: the first capture group of
     ``pattern`` searched in the file name or, where it does not match there, in that whole path ('/'-separated,
     e.g. ``P01/img_000.png``), None when neither matches with a non-empty capture; without a pattern the first sub-folder (``P01``), or ''
-    for an image directly in its class folder (the caller then makes it a group of its own)."""
+    for an image directly in its class folder (the caller then makes it a group of its own). In NFC (:func:`group_id`)."""
     if pattern is None:
-        return rel.parts[0] if len(rel.parts) > 1 else ""
+        return group_id(rel.parts[0]) if len(rel.parts) > 1 else ""
     for text in (rel.name, rel.as_posix()):
         m = pattern.search(text)
         if m is not None and m.group(1):  # an empty capture names no group
-            return m.group(1)
+            return group_id(m.group(1))
     return None
 
 
@@ -647,7 +655,7 @@ def _csv_row(row: dict[str, str], line: int, manifest: Path, header: list[str]) 
     if column and not row[column]:
         raise FinescopeError(f"{where} has an empty {column}; give every row its patient or specimen (without a "
                              "group or patient column each image is its own group)")
-    group = row[column] if column else Path(row["path"]).as_posix()
+    group = group_id(row[column] if column else Path(row["path"]).as_posix())
     meta = {k: v for k, v in row.items() if k not in ("path", "label", "group", "split") and k}
     if "magnification" in meta:  # '40X' or '40' -> 40, as BreakHis names give it; an empty cell says none
         mag = re.fullmatch(r"(\d+)\s*[xX]?", meta["magnification"])
