@@ -172,3 +172,15 @@ def test_a_shipped_config_is_found_by_name_outside_a_clone(tmp_path, monkeypatch
     with pytest.raises(FinescopeError, match=r"config file 'configs/demo.yaml' not found; .* shipped config: "
                                              r"breakhis_binary, breakhis_protocol, breakhis_subtype, defungi, demo$"):
         load_config("configs/demo.yaml")
+
+
+def test_data_bit_depth_takes_0_or_a_cameras_9_to_16_bits():
+    """data.bit_depth (how 16-bit files are scaled: 0 by 65535, else by 2**bit_depth - 1) refuses other values in
+    one line that lists the valid ones, before any image is read."""
+    assert load_config().data.bit_depth == 0
+    assert load_config(None, ["data.bit_depth=12"]).data.bit_depth == 12
+    for bad in ("8", "17", "-1"):
+        with pytest.raises(FinescopeError, match=r"^config key 'data.bit_depth' is -?\d+; choose 0 \(scale by the "
+                                                 r"file's own type\) or the camera's bits in 16-bit files: 9, 10, "
+                                                 r"11, 12, 13, 14, 15, 16$"):
+            load_config(None, [f"data.bit_depth={bad}"])

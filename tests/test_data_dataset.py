@@ -28,7 +28,7 @@ from finescope.data import (
     format_description,
     read_image,
 )
-from finescope.data.dataset import SharedMemoryCache, _png_intact, shape_order
+from finescope.data.dataset import DiskCache, SharedMemoryCache, _png_intact, shape_order
 from finescope.errors import FinescopeError, FinescopeWarning
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -445,6 +445,103 @@ def test_describe_samples_lists_12_bit_data_in_16_bit_files_as_almost_black(tmp_
     d = describe_samples(SampleSet(samples, ["a", "b"], root=str(tmp_path)))
     assert d["almost_black"] == [[str(tmp_path / "dark.png"), 16]]  # 4094 * 255 / 65535, rounded
     assert "almost black (brightest value at most 16 of 255): 1;" in format_description(d)
+    assert "set data.bit_depth to the camera's bits (--set data.bit_depth=12, or 14)" in format_description(d)
+    d = describe_samples(SampleSet(samples, ["a", "b"], root=str(tmp_path)), bit_depth=12)
+    assert d["almost_black"] == [] and d["bit_depth"] == 12  # read as the camera's 12 bits, dark.png is not
+
+
+def _twelve_bit(tmp_path: Path) -> tuple[np.ndarray, list[Path]]:
+    """A 12-bit camera's values 0..4095 (and one above, which 12 bits clip) in a 16-bit PNG and a 16-bit TIFF."""
+    values = np.linspace(0, 4095, 16 * 24).astype(np.uint16).reshape(16, 24)
+    values[0, 0] = 4200  # read as 16 of 255 under bit_depth 0, 261 clipped to 255 under 12
+    files = [tmp_path / "cam.png", tmp_path / "cam.tif"]
+    for f in files:
+        Image.fromarray(values).save(f)
+    return values, files
+
+
+def test_a_cameras_12_bit_data_in_16_bit_files_is_scaled_by_data_bit_depth(tmp_path):
+    """Microscope cameras store 12- or 14-bit values in 16-bit TIFF/PNG; scaled by 65535 they reached the model as
+    0..16 of 255, nearly black, about 17 grey levels. data.bit_depth=12 scales them by 4095 (clipped to 255), in
+    both decoders (torchvision for the PNG, PIL for the TIFF); 0 keeps the file's own range, 8-bit files are
+    read as they are, and a bit depth outside 0, 9..16 is refused naming the valid ones."""
+    values, files = _twelve_bit(tmp_path)
+    want = np.clip(np.round(values.astype(np.float64) * 255 / 4095), 0, 255).astype(np.uint8)
+    for f in files:
+        assert int(read_image(f).max()) == 16  # the file's own range: almost black
+        img = read_image(f, bit_depth=12)  # (3, H, W)
+        assert img.dtype == torch.uint8 and np.array_equal(img[0].numpy(), want), f
+        assert int(img[0, 0, 0]) == 255 and len(np.unique(img.numpy())) > 200
+        assert np.array_equal(read_image(f, bit_depth=16).numpy(), read_image(f).numpy())
+    eight = tmp_path / "eight.png"
+    Image.fromarray(np.full((8, 8), 77, np.uint8)).save(eight)
+    assert np.array_equal(read_image(eight, bit_depth=12).numpy(), read_image(eight).numpy())
+    for bad in (8, 17, -1):
+        with pytest.raises(FinescopeError, match=r"^config key 'data.bit_depth' is .*; choose 0 .*: 9, 10, 11, 12, "
+                                                 r"13, 14, 15, 16$"):
+            read_image(files[0], bit_depth=bad)
+        with pytest.raises(FinescopeError, match="data.bit_depth"):
+            ImageDataset([Sample(str(files[0]), 0, "a")], bit_depth=bad)
+
+
+def _rgb16_tiff(path: Path, arr: np.ndarray) -> Path:
+    """An uncompressed little-endian 16-bit RGB TIFF of ``arr`` (H, W, 3) uint16, which PIL cannot write."""
+    import struct
+
+    (h, w, _), data = arr.shape, arr.astype("<u2").tobytes()
+    tags = [(256, 3, 1, w), (257, 3, 1, h), (258, 3, 3, 122), (259, 3, 1, 1), (262, 3, 1, 2), (273, 4, 1, 128),
+            (277, 3, 1, 3), (278, 3, 1, h), (279, 4, 1, len(data))]  # at 122: BitsPerSample's 3, at 128: pixels
+    ifd = b"".join(struct.pack("<HHI", t, k, n) + struct.pack("<HH" if k == 3 and n == 1 else "<I", v, *(
+        (0,) if k == 3 and n == 1 else ())) for t, k, n, v in tags)
+    head = b"II*\x00" + struct.pack("<IH", 8, len(tags))
+    path.write_bytes(head + ifd + struct.pack("<I3H", 0, 16, 16, 16) + data)
+    return path
+
+
+def test_a_16_bit_rgb_tiff_is_scaled_from_the_high_byte_pillow_reads(tmp_path):
+    """Pillow reads a 16-bit RGB TIFF as its high bytes; data.bit_depth=12 scales those (value // 256 * 256) by
+    255/4095, so 12-bit data keeps 16 levels of each colour instead of reading black (README says so)."""
+    values = np.linspace(0, 4095, 8 * 8 * 3).astype(np.uint16).reshape(8, 8, 3)
+    path = _rgb16_tiff(tmp_path / "rgb.tif", values)
+    assert int(read_image(path).max()) == 15
+    img = read_image(path, bit_depth=12)  # (3, H, W)
+    want = np.round((values // 256 * 256).astype(np.float64) * 255 / 4095).astype(np.uint8).transpose(2, 0, 1)
+    assert np.array_equal(img.numpy(), want) and len(np.unique(want)) == 16
+
+
+def test_the_disk_cache_keeps_images_decoded_with_another_bit_depth_apart(tmp_path):
+    """An image cached on disk with data.bit_depth=0 was not to be read back by a run with data.bit_depth=12 (nor
+    the other way): the bit depth is part of every entry's key, and the default keeps the keys it had."""
+    _, files = _twelve_bit(tmp_path)
+    samples = [Sample(str(f), 0, "a") for f in files]
+    cache = tmp_path / "cache"
+    for depth, top in ((0, 16), (12, 255), (0, 16)):
+        ds = ImageDataset(samples, cache="disk", cache_dir=str(cache), bit_depth=depth)
+        assert [int(ds[i]["image"].max()) for i in range(2)] == [top] * 2, depth
+        assert [int(ds[i]["image"].max()) for i in range(2)] == [top] * 2, depth  # from the cache
+    assert len(list(cache.glob("*/*.npy"))) == 4
+    assert DiskCache(cache).entry(files[0]) != DiskCache(cache, 12).entry(files[0])
+    memory = ImageDataset(samples, cache="memory", bit_depth=12)
+    assert int(memory[0]["image"].max()) == 255 and int(memory[0]["image"].max()) == 255
+
+
+def test_dark_sixteen_bit_samples_headers_and_decodes_only_16_bit_files(tmp_path, monkeypatch):
+    """train's check for 12-bit data in 16-bit files reads the headers of at most 8 images and decodes only the
+    16-bit ones; it names the first almost black one, and none once data.bit_depth reads them right."""
+    from finescope.data import dataset, summary
+
+    _, files = _twelve_bit(tmp_path)
+    eights = [tmp_path / f"e{i}.png" for i in range(30)]
+    for e in eights:
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(e)  # black, but 8-bit: not this problem
+    decoded = []
+    monkeypatch.setattr(summary, "read_image", lambda p, b=0: decoded.append(p) or dataset.read_image(p, b))
+    assert summary.dark_sixteen_bit([str(e) for e in eights]) is None and decoded == []
+    paths = [str(p) for p in [*eights[:3], files[1], *eights[3:]]]  # every 3rd of 31 is read: 0, 3, ...
+    assert summary.dark_sixteen_bit(paths) == (str(files[1]), 16)
+    assert decoded == [str(files[1])]
+    assert summary.dark_sixteen_bit(paths, bit_depth=12) is None
+    assert [dataset.is_sixteen_bit(f) for f in (*files, eights[0])] == [True, True, False]
 
 
 # ------------------------------------------------------------------------------------------------ real data
@@ -605,7 +702,7 @@ def test_disk_cache_decodes_once_and_notices_edits(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     decoded = []
     real_read = dataset_module.read_image
-    monkeypatch.setattr(dataset_module, "read_image", lambda p: decoded.append(p) or real_read(p))
+    monkeypatch.setattr(dataset_module, "read_image", lambda p, *a: decoded.append(p) or real_read(p, *a))
     first = ImageDataset(samples, cache="disk", cache_dir=str(cache))[0]["image"]
     again = ImageDataset(samples, cache="disk", cache_dir=str(cache))[0]["image"]  # another run, same cache
     assert torch.equal(first, again) and torch.equal(first, real_read(samples[0].path))

@@ -1166,3 +1166,50 @@ def test_predictions_csv_keeps_every_probability_distinct_and_inside_zero_one(tm
     with (tmp_path / "p.csv").open(newline="") as fh:
         read = np.array([[float(r["prob_benign"]), float(r["prob_malignant"])] for r in csv.DictReader(fh)])
     assert np.array_equal(read.astype(np.float32), probs)  # float32 to the bit: no two images tie
+
+
+def test_12_bit_camera_data_is_warned_about_and_data_bit_depth_reaches_inference(synthetic_root, tmp_path,
+                                                                                 monkeypatch):
+    """A camera's 12-bit values in 16-bit files reached the model nearly black, and train said nothing (only
+    `finescope data` listed them). train now warns in one line, naming a file and data.bit_depth, from a few sampled
+    images; a run trained with data.bit_depth=12 keeps it in its config, and evaluate, predict and explain read
+    the images with it."""
+    import numpy as np
+    from PIL import Image
+
+    from finescope.cli import main
+    from finescope.data import dataset
+    from finescope.explain import explain_image
+
+    cam = tmp_path / "cam16"
+    (cam / "images").mkdir(parents=True)
+    for png in (synthetic_root / "images").glob("*.png"):
+        grey = np.asarray(Image.open(png).convert("L"), dtype=np.uint16) * 16  # 0..4080: a 12-bit camera's range
+        Image.fromarray(grey).save(cam / "images" / png.name)
+    shutil.copy(synthetic_root / "manifest.csv", cam / "manifest.csv")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(cam, tmp_path / "dark", variant="global", epochs=1)
+    dark = [str(w.message) for w in caught if "almost black" in str(w.message)]
+    assert len(dark) == 1 and "\n" not in dark[0], dark
+    assert re.match(r"the 16-bit image '.*cam16/images/\w+\.png' reads almost black \(brightest value "
+                    r"1[0-6] of 255\)", dark[0]) and "--set data.bit_depth=12, or 14" in dark[0]
+    assert trainer.dark_images_warning(load_config(None, tiny_overrides(cam)), trainer.load_samples(
+        load_config(None, tiny_overrides(cam)).data), range(4)) is None  # said once per process (each cv fold)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(cam, tmp_path / "run", variant="global", epochs=1, extra=["data.bit_depth=12"])
+    assert not [w for w in caught if "almost black" in str(w.message)]
+    assert load_config(tmp_path / "run" / "config.yaml").data.bit_depth == 12
+    depths = []
+    real = dataset.read_image
+    monkeypatch.setattr(dataset, "read_image", lambda p, b=0: depths.append(b) or real(p, b))
+    one = sorted((cam / "images").glob("*.png"))[0]
+    trainer.predict(tmp_path / "run", [str(one)], tmp_path / "p.csv", device="cpu")
+    trainer.evaluate(tmp_path / "run", "test", out=tmp_path / "m.json", device="cpu")
+    expl = explain_image(tmp_path / "run", one, device="cpu")
+    assert int(expl.image.max()) > 200
+    n = len(depths)
+    assert main(["explain", str(tmp_path / "run"), str(one), "--out", str(tmp_path / "ex"), "--no-faithfulness",
+                 "--quiet"]) == 0
+    assert len(depths) > n and set(depths) == {12}

@@ -134,7 +134,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     _not_a_checkpoint(args.json, "data.json", "--json")  # before every image is read, not when the JSON is written
     description = describe_samples(load_samples(cfg.data), read_images=not args.no_read,
                                    min_side=min_image_side(cfg), view_side=view_image_side(cfg),
-                                   on_error=cfg.data.on_error)
+                                   on_error=cfg.data.on_error, bit_depth=cfg.data.bit_depth)
     print(format_description(description))
     if args.json:  # its folder made as predict's and evaluate's --out are
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

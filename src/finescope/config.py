@@ -38,6 +38,9 @@ class DataConfig:
     magnifications: tuple[int, ...] = ()  # breakhis, or a csv's magnification column: keep only these (empty = all)
     group_pattern: str = ""  # folder: regex on the file name, else on the path below the class folder; group 1
     on_error: str = "raise"  # raise | skip: what to do with an unreadable image
+    # the bits a camera stored in 16-bit files (12: values 0..4095): 16-bit samples are scaled by
+    # 255 / (2**bit_depth - 1) and clipped to 255; 0 = by the file's own type (65535); 8-bit files are as they are
+    bit_depth: int = 0  # 0 | 9..16
     merge_duplicates: bool = False  # byte-identical files share a group (hashes every file once per load)
     val_fraction: float = 0.15  # of the groups, carved from the training side
     test_fraction: float = 0.3  # of the groups
@@ -437,7 +440,15 @@ _LEGACY_BOOLEANS = {"amp": {True: "bf16", False: "off"}, "cpu_amp": {True: "bf16
 
 
 DEVICES = r"auto|cpu|cuda(:\d+)?"  # the devices train.device (and --device) may name
+BIT_DEPTHS = (0, *range(9, 17))  # data.bit_depth: 0 = a 16-bit file's own range, else the camera's bits
 MAX_SIDE = 8192  # model.global_size and model.local_size: a larger view or crop is a typo, not a model
+
+
+def check_bit_depth(bit_depth: int) -> None:
+    """Refuse a ``data.bit_depth`` other than 0 or 9..16, listing the valid ones."""
+    if bit_depth not in BIT_DEPTHS:
+        raise FinescopeError(f"config key 'data.bit_depth' is {bit_depth}; choose 0 (scale by the file's own "
+                             "type) or the camera's bits in 16-bit files: " + ", ".join(map(str, BIT_DEPTHS[1:])))
 
 
 def validate(cfg: Config) -> None:
@@ -482,6 +493,7 @@ def validate(cfg: Config) -> None:
     if cfg.data.synthetic_per_class < 1 or cfg.data.synthetic_size < 64:
         raise FinescopeError("config keys 'data.synthetic_per_class' (>= 1) and 'data.synthetic_size' (>= 64 "
                              f"pixels) are out of range: {cfg.data.synthetic_per_class}, {cfg.data.synthetic_size}")
+    check_bit_depth(cfg.data.bit_depth)
     if not re.fullmatch(DEVICES, cfg.train.device):
         raise FinescopeError(f"config key 'train.device' is '{cfg.train.device}'; choose auto, cpu, cuda or cuda:N")
     if not 0 <= cfg.seed < 2**32:

@@ -156,6 +156,7 @@ def make_dataset(sample_set: SampleSet, indices, cfg: Config, train: bool) -> Im
         cache_dir=cfg.data.cache_dir,
         colour=jitter,
         one_orientation=train and one_orientation(cfg),
+        bit_depth=cfg.data.bit_depth,
     )
 
 
@@ -348,6 +349,26 @@ def resolve_splits(cfg: Config, sample_set: SampleSet, run_dir: Path, resume: bo
         for message in thin_split_warnings(splits, sample_set, cfg, drawn):
             warnings.warn(message, FinescopeWarning, stacklevel=2)
     return splits
+
+
+_WARNED_DARK: set[tuple[str, int]] = set()  # (data root, data.bit_depth) warned about in this process (cv: once)
+
+
+def dark_images_warning(cfg: Config, sample_set: SampleSet, indices) -> str | None:
+    """The warning for training images (``indices``) that are 16-bit and read almost black, as a camera's 12- or
+    14-bit data in 16-bit files does under ``data.bit_depth=0`` (:func:`~finescope.data.summary.dark_sixteen_bit`:
+    up to 8 images' headers, and only 16-bit ones decoded); None when the sampled ones look right, or when this
+    process warned about the data already (each fold of a cv)."""
+    from finescope.data.summary import dark_advice, dark_sixteen_bit
+
+    key = (sample_set.root, cfg.data.bit_depth)
+    found = None if key in _WARNED_DARK else dark_sixteen_bit([sample_set.samples[i].path for i in indices],
+                                                              cfg.data.bit_depth)
+    if found is None:
+        return None
+    _WARNED_DARK.add(key)
+    return f"the 16-bit image '{found[0]}' reads almost black (brightest value {found[1]} of 255): " + \
+        dark_advice(cfg.data.bit_depth) + "; finescope data lists every such file"
 
 
 def thin_split_warnings(splits: dict[str, np.ndarray], sample_set: SampleSet, cfg: Config, drawn: bool) -> list[str]:
@@ -772,6 +793,8 @@ def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool) -> 
                              "data is not the one checkpoints/last.pt trained on (the data, or how finescope groups "
                              "it, changed since): restore splits.json, or point data.root at the data this run was "
                              "trained on")
+    if dist.is_main() and (message := dark_images_warning(cfg, sample_set, splits["train"])):
+        warnings.warn(message, FinescopeWarning, stacklevel=2)
     model = build_model(checkpoint_model_config(cfg) if resume else cfg, len(sample_set.class_names), device)
     if model.use_attention and model.image_feature == "avg" and model.select_from == "attention" and dist.is_main():
         warnings.warn("model.image_feature is avg: no loss reaches the attention (the global head reads the mean of "

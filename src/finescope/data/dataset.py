@@ -38,7 +38,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from finescope.config import MAX_SIDE
+from finescope.config import MAX_SIDE, check_bit_depth
 from finescope.data.records import Sample
 from finescope.data.transforms import ColourJitter, apply_colour
 from finescope.errors import SKIP_ADVICE, FinescopeError, FinescopeWarning
@@ -130,35 +130,73 @@ def open_image(path: str | Path) -> Iterator[Image.Image]:
             yield img
 
 
-def _pil_to_array(img: Image.Image) -> np.ndarray:
-    """A PIL image as (H, W, 3) uint8: palette/grey/alpha/CMYK -> RGB, 16/32-bit and float scaled to 0..255."""
+def sixteen_bit_top(bit_depth: int) -> float:
+    """The value that a 16-bit sample scales to 255 under ``data.bit_depth`` (0: 65535, the file's own range;
+    12: 4095, a 12-bit camera's); larger values are clipped to 255.
+
+    Raises:
+        FinescopeError: a bit depth other than 0 or 9..16.
+    """
+    check_bit_depth(bit_depth)
+    return float(2 ** (bit_depth or 16) - 1)
+
+
+def _tiff_bits(img: Image.Image) -> tuple[int, ...]:
+    """A TIFF's BitsPerSample (tag 258), () for other formats."""
+    bits = img.tag_v2.get(258, ()) if img.format == "TIFF" and hasattr(img, "tag_v2") else ()
+    return tuple(bits) if isinstance(bits, (tuple, list)) else (int(bits),)
+
+
+def is_sixteen_bit(path: str | Path) -> bool:
+    """Whether an image file holds 16-bit samples, from its header (a PNG's IHDR, else what PIL opens without
+    decoding: a TIFF's BitsPerSample); False when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(26)
+        if head.startswith(_PNG_SIGNATURE) and head[12:16] == b"IHDR":
+            return head[24] == 16
+        with open_image(path) as img:
+            return img.mode.startswith("I;16") or 16 in _tiff_bits(img)
+    except (OSError, ValueError, TypeError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError):
+        return False
+
+
+def _pil_to_array(img: Image.Image, bit_depth: int = 0) -> np.ndarray:
+    """A PIL image as (H, W, 3) uint8: palette/grey/alpha/CMYK -> RGB, 16/32-bit and float scaled to 0..255
+    (16-bit by :func:`sixteen_bit_top` of ``bit_depth``)."""
+    if bit_depth and img.mode in ("RGB", "RGBA") and 16 in _tiff_bits(img):  # Pillow keeps its high bytes
+        high = np.asarray(img.convert("RGB"), dtype=np.float64) * 256.0  # (H, W, 3), value // 256 * 256
+        return np.round(np.clip(high * (255.0 / sixteen_bit_top(bit_depth)), 0, 255)).astype(np.uint8)
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         peak = arr.max(initial=0, where=np.isfinite(arr))  # a float image's NaN (no data) and inf left out
-        if img.mode.startswith("I;16"):
-            top = 65535.0
+        if img.mode.startswith("I;16") or (bit_depth and img.mode == "I" and img.format == "PNG"):
+            top = sixteen_bit_top(bit_depth)  # (older Pillows read a 16-bit PNG as "I")
         elif img.mode == "F" and peak <= 1.0:  # float in [0, 1], as image software exports it
             top = 1.0
         else:  # 32-bit int or float: guess the range from the data
             top = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else float(peak)
         arr = np.nan_to_num(arr, nan=0.0, posinf=top, neginf=0.0)  # NaN black, +inf white
-        arr = np.round(np.clip(arr, 0, None) * (255.0 / top)).astype(np.uint8)
+        arr = np.round(np.clip(arr * (255.0 / top), 0, 255)).astype(np.uint8)
         return np.repeat(arr[:, :, None], 3, axis=2)
     return np.asarray(img.convert("RGB"))
 
 
-def _decode_pil(path: Path) -> torch.Tensor:
-    """Decode any format PIL reads (first frame), fully, so that truncated files raise: (3, H, W) uint8."""
+def _decode_pil(path: Path, bit_depth: int = 0) -> torch.Tensor:
+    """Decode any format PIL reads (first frame), fully, so that truncated files raise: (3, H, W) uint8 (16-bit
+    data scaled as ``data.bit_depth`` says, :func:`sixteen_bit_top`)."""
     with open_image(path) as img:
         img.load()
-        arr = _pil_to_array(img)
+        arr = _pil_to_array(img, bit_depth)
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (3, H, W), a writable copy
 
 
-def _to_rgb_uint8(t: torch.Tensor) -> torch.Tensor:
-    """(C, H, W) uint8/uint16 -> (3, H, W) uint8; 16-bit is scaled (x * 255 / 65535), never clipped."""
+def _to_rgb_uint8(t: torch.Tensor, bit_depth: int = 0) -> torch.Tensor:
+    """(C, H, W) uint8/uint16 -> (3, H, W) uint8; 16-bit is scaled (x * 255 / 65535, or by the top of
+    ``bit_depth``'s range, :func:`sixteen_bit_top`, and clipped to 255)."""
     if t.dtype == torch.uint16:
-        t = torch.round(t.to(torch.float32) * (255.0 / 65535.0)).to(torch.uint8)
+        scale = 255.0 / sixteen_bit_top(bit_depth)
+        t = torch.round(torch.clamp(t.to(torch.float32) * scale, 0, 255)).to(torch.uint8)
     elif t.dtype != torch.uint8:
         raise TypeError(f"unexpected image dtype {t.dtype}")
     if t.shape[0] == 1:
@@ -168,7 +206,7 @@ def _to_rgb_uint8(t: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(t[:3].numpy()))
 
 
-def read_image(path: str | Path) -> torch.Tensor:
+def read_image(path: str | Path, bit_depth: int = 0) -> torch.Tensor:
     """Read an image file at full resolution.
 
     Intact PNG and JPEG files go through torchvision's decoders; TIFF, BMP, WebP, damaged PNGs (which crash
@@ -177,6 +215,9 @@ def read_image(path: str | Path) -> torch.Tensor:
 
     Args:
         path: the image file.
+        bit_depth: ``data.bit_depth``: 0 scales 16-bit data by 255/65535; 9..16, the bits a camera stored in
+            the 16-bit file, by 255/(2**bit_depth - 1), clipped to 255 (:func:`sixteen_bit_top`). 8-bit files
+            are read as they are.
 
     Returns:
         (3, H, W) uint8 tensor.
@@ -185,6 +226,7 @@ def read_image(path: str | Path) -> torch.Tensor:
         FinescopeError: the file is missing, truncated or not an image.
     """
     path = Path(path)
+    sixteen_bit_top(bit_depth)  # a bad value is the config's error, not the file's
     t = None
     if path.suffix.lower() in _TORCHVISION_EXTENSIONS:
         try:
@@ -193,8 +235,8 @@ def read_image(path: str | Path) -> torch.Tensor:
             t = None  # PIL below reads it or says why it cannot
     try:
         if t is None:
-            t = _decode_pil(path)
-        return _to_rgb_uint8(t)
+            t = _decode_pil(path, bit_depth)
+        return _to_rgb_uint8(t, bit_depth)
     except (
         OSError,
         ValueError,
@@ -254,14 +296,17 @@ class DiskCache:
 
     Args:
         root: the cache folder (created here).
+        bit_depth: ``data.bit_depth`` the images are decoded with, part of every key (an entry decoded with
+            another is not read).
     """
 
     _unwritable: set[Path] = set()  # the folders this process warned about (each dataset has its cache)
     _swept: set[Path] = set()  # the folders whose stale temporary files this process removed
     STALE_SECONDS = 3600  # a temporary file not modified for this long was left by a killed writer
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, bit_depth: int = 0) -> None:
         self.root = Path(root)
+        self.bit_depth = bit_depth
         self._warned = False  # about an entry that could not be written
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -317,7 +362,8 @@ class DiskCache:
             return None
         # the kernel sets ctime on every write or rename; no tool sets it back, as they do mtime
         stamp = f"{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}"
-        key = hashlib.sha1(f"v{self.VERSION}|{path}|{stamp}".encode()).hexdigest()
+        depth = f"|bits{self.bit_depth}" if self.bit_depth else ""  # 0 (the default) keeps the keys it had
+        key = hashlib.sha1(f"v{self.VERSION}|{path}|{stamp}{depth}".encode()).hexdigest()
         return self.root / key[:2] / f"{key}.npy"
 
     @staticmethod
@@ -571,6 +617,8 @@ class ImageDataset(Dataset):
             while every epoch has batches of both orientations. Transposing is one more flip of the dihedral
             group: when the transform draws each image's flips and rotation uniformly, every image still gets
             each of the 8 with probability 1/8.
+        bit_depth: ``data.bit_depth``, how 16-bit files are scaled to 8 bits (:func:`read_image`); part of the
+            disk cache's keys.
     """
 
     def __init__(
@@ -585,7 +633,9 @@ class ImageDataset(Dataset):
         cache_dir: str = "",
         colour: ColourJitter | None = None,
         one_orientation: bool = False,
+        bit_depth: int = 0,
     ) -> None:
+        sixteen_bit_top(bit_depth)  # refused before any image is read
         if on_error not in ("raise", "skip"):
             raise FinescopeError(f"config key 'data.on_error' is '{on_error}'; choose one of: raise, skip")
         if cache not in ("none", "memory", "disk"):
@@ -598,6 +648,7 @@ class ImageDataset(Dataset):
         self.cache = cache
         self.seed = seed
         self.one_orientation = one_orientation
+        self.bit_depth = bit_depth
         self._cache: dict[int, torch.Tensor] = {}  # memory-cached images that the shared cache declined
         self._header_sizes: list[tuple[int, int] | None] | None = None
         self._shared = SharedMemoryCache(self.header_sizes()) if cache == "memory" else None
@@ -610,7 +661,7 @@ class ImageDataset(Dataset):
             if self.cache_dir.parts[0].startswith("~"):  # no home folder to expand it to
                 raise FinescopeError(f"data.cache_dir '{cache_dir}': '~' names no home folder for this user; set "
                                      "data.cache_dir to a folder without '~'")
-        self._disk = DiskCache(self.cache_dir) if self.cache_dir is not None else None
+        self._disk = DiskCache(self.cache_dir, bit_depth) if self.cache_dir is not None else None
         self._warned: set[str] = set()
 
     def __len__(self) -> int:
@@ -636,7 +687,7 @@ class ImageDataset(Dataset):
             if img is not None:
                 self._check_size(path, img)
                 return img
-            img = read_image(path)
+            img = read_image(path, self.bit_depth)
             self._check_size(path, img)
         except FinescopeError as e:
             if self.on_error == "raise":
@@ -791,4 +842,5 @@ def collate_padded(items: list[dict | None]) -> Batch:
 
 
 __all__ = ["Batch", "DiskCache", "ImageDataset", "SharedMemoryCache", "collate_padded", "default_cache_dir",
-           "aspect_key", "check_view_side", "open_image", "read_image", "shape_order", "worker_context"]
+           "aspect_key", "check_view_side", "is_sixteen_bit", "open_image", "read_image", "shape_order",
+           "sixteen_bit_top", "worker_context"]

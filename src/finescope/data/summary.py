@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from finescope.config import MAX_SIDE
-from finescope.data.dataset import check_view_side, open_image, read_image
+from finescope.data.dataset import check_view_side, is_sixteen_bit, open_image, read_image, sixteen_bit_top
 from finescope.data.records import SampleSet
 from finescope.errors import SKIP_ADVICE, FinescopeError
 
@@ -47,7 +48,32 @@ def _pages(path: str) -> int:
         return 1
 
 
-def _read_all(sample_set: SampleSet, min_side: int, view_side: int = 0) -> tuple[
+def dark_sixteen_bit(paths: Sequence[str], bit_depth: int = 0, limit: int = 8) -> tuple[str, int] | None:
+    """The first of up to ``limit`` of ``paths`` (evenly spaced) that is a 16-bit file and reads almost black (its
+    brightest value at most :data:`DARK` of 255) as ``data.bit_depth`` scales it: (path, brightest), else None.
+    Headers are read, and only the 16-bit files among them decoded: cheap enough for the start of a run."""
+    for path in list(paths)[:: max(1, len(paths) // limit)][:limit]:
+        if not is_sixteen_bit(path):
+            continue
+        try:
+            brightest = int(read_image(path, bit_depth).max())
+        except FinescopeError:  # the run reports it where it reads it
+            continue
+        if brightest <= DARK:
+            return path, brightest
+    return None
+
+
+def dark_advice(bit_depth: int) -> str:
+    """How 16-bit files are scaled under ``bit_depth``, and the ``data.bit_depth`` that reads a camera's 12- or
+    14-bit data in them."""
+    top = sixteen_bit_top(bit_depth)
+    return (f"16-bit files are read as value * 255 / {top:.0f} (data.bit_depth={bit_depth}), "
+            "so a camera's 12- or 14-bit data in them reads so: set data.bit_depth to the camera's bits "
+            "(--set data.bit_depth=12, or 14), or rescale the files")
+
+
+def _read_all(sample_set: SampleSet, min_side: int, view_side: int = 0, bit_depth: int = 0) -> tuple[
         Counter, list[tuple[str, str]], list[list[str]], list[tuple[str, str]], list[tuple[str, int]],
         list[tuple[str, str]], list[tuple[str, int]]]:
     """Decode every image: size histogram ("WxH": n), unreadable files, sets of byte-identical files, the
@@ -66,7 +92,7 @@ def _read_all(sample_set: SampleSet, min_side: int, view_side: int = 0) -> tuple
         if digest is not None:
             by_digest[digest].append(s.path)
         try:
-            img = read_image(s.path)  # (3, H, W)
+            img = read_image(s.path, bit_depth)  # (3, H, W)
         except FinescopeError as e:
             unreadable.append((s.path, str(e)))
             continue
@@ -86,7 +112,7 @@ def _read_all(sample_set: SampleSet, min_side: int, view_side: int = 0) -> tuple
 
 
 def describe_samples(sample_set: SampleSet, read_images: bool = True, min_side: int = 0,
-                     view_side: int = 0, on_error: str = "raise") -> dict[str, Any]:
+                     view_side: int = 0, on_error: str = "raise", bit_depth: int = 0) -> dict[str, Any]:
     """Count a sample set, and with ``read_images`` decode every file to find sizes and problems.
 
     Args:
@@ -97,6 +123,7 @@ def describe_samples(sample_set: SampleSet, read_images: bool = True, min_side: 
             ``too_thin`` (its view would be longer than ``finescope.config.MAX_SIDE``).
         on_error: the config's ``data.on_error``; under ``skip`` (recorded as ``on_error``) the reasons of the
             unreadable files do not end in the advice to set it.
+        bit_depth: the config's ``data.bit_depth``, how 16-bit files are scaled (recorded as ``bit_depth``).
 
     Returns:
         A dict with ``root`` (the folder read; image paths relative to it), ``manifest`` (the CSV manifest
@@ -108,7 +135,7 @@ def describe_samples(sample_set: SampleSet, read_images: bool = True, min_side: 
         ``duplicates_across_groups`` (how many of those lists span two groups: a possible leak), ``too_small``
         ([(path, "WxH")] below ``min_side``, with ``min_side``), ``too_thin`` ([(path, "WxH")], with ``view_side``),
         ``almost_black`` ([(path, brightest value)] at most
-        16 of 255: e.g. 12-bit camera data in a 16-bit file, which is read as value * 255 / 65535),
+        16 of 255: e.g. 12-bit camera data in a 16-bit file, which ``bit_depth`` 0 reads as value * 255 / 65535),
         ``multi_page`` ([(path, pages)] of the TIFF or WebP files of several pages, read as their first) and
         ``skipped`` (files the source skipped).
     """
@@ -142,7 +169,8 @@ def describe_samples(sample_set: SampleSet, read_images: bool = True, min_side: 
         "skipped": [list(x) for x in sample_set.skipped],
     }
     if read_images:
-        sizes, unreadable, duplicates, small, dark, thin, multi = _read_all(sample_set, min_side, view_side)
+        sizes, unreadable, duplicates, small, dark, thin, multi = _read_all(sample_set, min_side, view_side,
+                                                                            bit_depth)
         group_of = {s.path: s.group for s in samples}
         out["image_sizes"] = dict(sizes.most_common())
         out["on_error"] = on_error
@@ -151,7 +179,7 @@ def describe_samples(sample_set: SampleSet, read_images: bool = True, min_side: 
         out["duplicates_across_groups"] = sum(len({group_of[p] for p in d}) > 1 for d in duplicates)
         out["min_side"], out["too_small"] = min_side, [list(x) for x in small]
         out["view_side"], out["too_thin"] = view_side, [list(x) for x in thin]
-        out["almost_black"] = [list(x) for x in dark]
+        out["bit_depth"], out["almost_black"] = bit_depth, [list(x) for x in dark]
         out["multi_page"] = [list(x) for x in multi]
     return out
 
@@ -221,9 +249,8 @@ def _problems(d: dict[str, Any]) -> list[str]:
                      f"{MAX_SIDE} px: {len(d['too_thin'])}")
         lines += [f"  {_rel(p, root)}: {size}" for p, size in d["too_thin"][:20]]
     if d.get("almost_black"):
-        lines.append(f"almost black (brightest value at most {DARK} of 255): {len(d['almost_black'])}; 16-bit files "
-                     "are read as value * 255 / 65535, so 12-bit camera data in them reads so: rescale them to the "
-                     "full 16-bit range or to 8 bits")
+        lines.append(f"almost black (brightest value at most {DARK} of 255): {len(d['almost_black'])}; "
+                     + dark_advice(d.get("bit_depth", 0)))
         lines += [f"  {_rel(p, root)}: brightest {v}" for p, v in d["almost_black"][:20]]
     if d.get("multi_page"):  # a z-stack, channels or a pyramid: which page is meant, finescope cannot tell
         lines.append(f"multi-page files, read as their first page only: {len(d['multi_page'])}")
@@ -241,4 +268,4 @@ def _problems(d: dict[str, Any]) -> list[str]:
     return lines
 
 
-__all__ = ["describe_samples", "format_description"]
+__all__ = ["dark_advice", "dark_sixteen_bit", "describe_samples", "format_description"]

@@ -12,9 +12,10 @@ from finescope.explain.methods import CamExplainer, Explanation, attention_map, 
 from finescope.models.network import FineScopeNet
 
 
-def as_image(image) -> tuple[torch.Tensor, str | None]:
-    """Accept a path, a (3, H, W) tensor or an (H, W[, 3]) array: uint8, uint16 (scaled by 255/65535, as
-    :func:`~finescope.data.dataset.read_image` scales a 16-bit file) or float in [0, 1].
+def as_image(image, bit_depth: int = 0) -> tuple[torch.Tensor, str | None]:
+    """Accept a path, a (3, H, W) tensor or an (H, W[, 3]) array: uint8, uint16 (scaled by 255/65535, or as
+    ``bit_depth`` (``data.bit_depth``) says, as :func:`~finescope.data.dataset.read_image` scales a 16-bit file)
+    or float in [0, 1].
 
     Returns:
         ((3, H, W) uint8 tensor, the path or None).
@@ -23,11 +24,11 @@ def as_image(image) -> tuple[torch.Tensor, str | None]:
         FinescopeError: another shape or dtype, no pixels, or float values outside [0, 1] (they would be clipped
             to white) or not finite.
     """
-    from finescope.data.dataset import read_image
+    from finescope.data.dataset import read_image, sixteen_bit_top
 
     if isinstance(image, (str, Path)):
         try:
-            return read_image(image), str(image)
+            return read_image(image, bit_depth), str(image)
         except FinescopeError as e:  # without read_image's advice to set data.on_error, which explain does not read
             raise FinescopeError(str(e).removesuffix(SKIP_ADVICE)) from None
     if isinstance(image, np.ndarray):
@@ -42,7 +43,8 @@ def as_image(image) -> tuple[torch.Tensor, str | None]:
         raise FinescopeError(f"the image has no pixels: it is {image.shape[2]}x{image.shape[1]} (WxH)")
     image = image.detach().cpu()
     if image.dtype == torch.uint16:
-        image = torch.round(image.float() * (255.0 / 65535.0)).to(torch.uint8)
+        scale = 255.0 / sixteen_bit_top(bit_depth)
+        image = torch.round(torch.clamp(image.float() * scale, 0, 255)).to(torch.uint8)
     elif image.dtype.is_floating_point:
         if not torch.isfinite(image).all():  # NaN passes the range check below, and turns black
             raise FinescopeError(f"a float image must be in [0, 1], got {int((~torch.isfinite(image)).sum())} NaN or "
@@ -141,6 +143,7 @@ def explain_image(
     class_names: list[str] | None = None,
     predict_with: str = "fused",
     device: str = "auto",
+    bit_depth: int | None = None,
 ) -> Explanation:
     """Explain one image: ``finescope.explain(model, image)``.
 
@@ -158,6 +161,8 @@ def explain_image(
             ``load_trained`` gave; else ``class_0``, ...).
         predict_with: ``fused`` or ``mean``.
         device: for a model given as a path.
+        bit_depth: how a 16-bit image is scaled (``data.bit_depth``: 0 by 65535, 9..16 the camera's bits);
+            None: the run's for a model given as a path, else 0.
 
     Returns:
         An :class:`Explanation` (``.map``, ``.maps``, ``.boxes``, ``.crops``, ``.probabilities``, ...).
@@ -181,12 +186,13 @@ def explain_image(
         class_names = names if class_names is None else class_names
         predict_with, variant = cfg.model.predict_with, cfg.model.variant
         amp, cpu_amp = cfg.train.amp, cfg.train.cpu_amp
+        bit_depth = cfg.data.bit_depth if bit_depth is None else bit_depth
     if not isinstance(model, FineScopeNet):
         raise FinescopeError(f"explain needs a finescope model or a run/checkpoint path, got {type(model).__name__}")
     if class_names is not None and len(class_names) != model.num_classes:  # a figure would name no class, or another
         raise FinescopeError(f"class_names has {len(class_names)} names, but the model has {model.num_classes} "
                              "classes; give one name per class, in the order of its outputs")
-    img, path = as_image(image)
+    img, path = as_image(image, bit_depth or 0)
     methods = resolve_methods(model, method, variant)
     names = class_names or getattr(model, "class_names", None) or [f"class_{i}" for i in range(model.num_classes)]
     # a model given mid-training comes back as it was: its mode, and the gradients it had (the CAMs' backward

@@ -150,7 +150,7 @@ def _explain_one(ctx: _Context, index: int, item) -> dict:
     from finescope.data.dataset import check_view_side, read_image
     from finescope.trainer import view_image_side
 
-    image = read_image(item.path)
+    image = read_image(item.path, ctx.cfg.data.bit_depth)
     check_view_side(item.path, tuple(image.shape[-2:]), view_image_side(ctx.cfg))
     train = ctx.cfg.train
     expl = explain_loaded(ctx.model, image, ctx.methods, ctx.class_names, ctx.cams, item.label, ctx.settings.target,
