@@ -811,3 +811,17 @@ def test_a_patient_named_in_two_unicode_forms_is_one_group(tmp_path, source):
         assert len(sides) == 1, (seed, sides)
     if source != "csv":
         assert label_and_group_of(tmp_path / "x" / nfd / f"{nfd}_1.png", cfg, ["x", "y"]) == (0, nfc)
+
+
+def test_a_patient_cell_written_in_two_unicode_forms_is_one_patient(tmp_path):
+    """A manifest with group and patient columns NFC-normalised its group cells but kept the patient cells as
+    written: two rows of group P1 naming 'Müller' once in NFC and once in NFD (a Mac's spelling) were scored as
+    two patients by the patient-level metrics. Patient cells are now in NFC like group ids."""
+    import unicodedata
+
+    nfc, nfd = (unicodedata.normalize(form, "Müller") for form in ("NFC", "NFD"))
+    rows = [[tiny_png(tmp_path / f"a{i}.png").name, "x", "P1", p] for i, p in enumerate([nfc, nfd])]
+    rows += [[tiny_png(tmp_path / f"b{i}.png").name, "y", "P2", "Bob"] for i in range(2)]
+    manifest = write_csv(tmp_path / "m.csv", ["path", "label", "group", "patient"], rows)
+    ss = load_samples(DataConfig(source="csv", root=str(manifest)))
+    assert {s.patient for s in ss.samples} == {nfc, "Bob"}

@@ -657,6 +657,8 @@ def _csv_row(row: dict[str, str], line: int, manifest: Path, header: list[str]) 
                              "group or patient column each image is its own group)")
     group = group_id(row[column] if column else Path(row["path"]).as_posix())
     meta = {k: v for k, v in row.items() if k not in ("path", "label", "group", "split") and k}
+    if meta.get("patient"):  # scored by the patient metrics: in NFC as the group ids are
+        meta["patient"] = group_id(meta["patient"])
     if "magnification" in meta:  # '40X' or '40' -> 40, as BreakHis names give it; an empty cell says none
         mag = re.fullmatch(r"(\d+)\s*[xX]?", meta["magnification"])
         if meta["magnification"] and mag is None:  # cv would stop at it after training every fold
