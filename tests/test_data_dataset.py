@@ -137,6 +137,18 @@ def test_read_image_not_an_image_or_missing(tmp_path):
         read_image(tmp_path / "gone.tif")
 
 
+@pytest.mark.parametrize("name", ["empty.png", "empty.tif", "empty.jpg"])
+def test_read_image_of_an_empty_file_says_it_is_empty(tmp_path, name):
+    """A zero-byte file (an interrupted copy) was reported in PIL's words, 'cannot identify image file', which
+    reads as a wrong format; it now says the file is empty, with the usual advice."""
+    from finescope.errors import SKIP_ADVICE
+
+    (tmp_path / name).write_bytes(b"")
+    with pytest.raises(FinescopeError) as e:
+        read_image(tmp_path / name)
+    assert str(e.value) == f"cannot read image '{tmp_path / name}': the file is empty (0 bytes){SKIP_ADVICE}"
+
+
 def test_a_png_whose_colour_profile_libpng_faults_prints_nothing(tmp_path, capfd):
     """torchvision's libpng printed "libpng warning: iCCP: ..." on stderr each time it decoded a PNG whose colour
     profile it finds fault with ("known incorrect sRGB profile" is common in PNGs that Photoshop wrote): a line

@@ -248,7 +248,17 @@ def read_image(path: str | Path, bit_depth: int = 0) -> torch.Tensor:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         if isinstance(e, Image.DecompressionBombError):
             reason = _too_large(reason)
+        elif _is_empty_file(path):  # an interrupted copy, not 'cannot identify image file' (PIL's words)
+            reason = "the file is empty (0 bytes)"
         raise FinescopeError(f"cannot read image '{path}': {reason}{SKIP_ADVICE}") from None
+
+
+def _is_empty_file(path: Path) -> bool:
+    """Whether ``path`` is a regular file of 0 bytes."""
+    try:
+        return path.is_file() and path.stat().st_size == 0
+    except OSError:
+        return False
 
 
 def _too_large(pil_reason: str) -> str:
