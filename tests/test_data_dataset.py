@@ -93,6 +93,21 @@ def test_read_image_float_tiff_in_zero_to_one_is_scaled_not_black(tmp_path):
     assert read_image(save(Image.fromarray(arr), tmp_path / "g.tif"))[0, 0].tolist() == [0, 128, 255]
 
 
+def test_read_image_float_tiff_a_little_above_one_is_still_zero_to_one(tmp_path):
+    """A float export peaking at 1.0 was read as [0, 1] (x 255), one peaking at 1.02 (an overshoot of flat-field
+    correction or interpolation) as 0..255, so it came out black. Float data within [0, 1.05], or whose 99.9th
+    percentile is at most 1 (a few hot pixels above), is now [0, 1]; values above 1 are clipped to 255."""
+    ramp = np.linspace(0.0, 1.02, 103, dtype=np.float32)[None, :]  # (1, 103): 0, 0.01, ..., 1.02
+    t = read_image(save(Image.fromarray(ramp), tmp_path / "ramp.tif"))[0, 0]
+    assert t[[0, 50, 100, 101, 102]].tolist() == [0, 128, 255, 255, 255]
+    hot = np.full((40, 50), 0.5, dtype=np.float32)
+    hot[0, 0] = 3.0  # one hot pixel in 2000, above the tolerance
+    t = read_image(save(Image.fromarray(hot), tmp_path / "hot.tif"))[0]
+    assert t[0, 0].item() == 255 and t[1, 1].item() == 128
+    arr = np.array([[0.0, 1.5, 3.0]], dtype=np.float32)  # beyond [0, 1] throughout: 0..255 as before
+    assert read_image(save(Image.fromarray(arr), tmp_path / "g.tif"))[0, 0].tolist() == [0, 2, 3]
+
+
 def test_read_image_float_tiff_with_nan_or_inf_keeps_its_other_pixels(tmp_path):
     """A NaN (no data) or an inf pixel neither sets the range nor blackens the whole image: NaN is black, +inf
     white, the other pixels scaled by the finite values' range."""

@@ -161,6 +161,19 @@ def is_sixteen_bit(path: str | Path) -> bool:
         return False
 
 
+FLOAT_ONE_TOLERANCE = 0.05  # float data peaking at most this far above 1 is still [0, 1] (an overshoot)
+
+
+def _float_in_zero_to_one(arr: np.ndarray, peak: float) -> bool:
+    """Whether float data ``arr`` (H, W) of finite maximum ``peak`` is in [0, 1]: its values at most
+    1 + :data:`FLOAT_ONE_TOLERANCE` (the overshoot of flat-field correction or interpolation), or its 99.9th
+    percentile at most 1 (a few hot pixels above); else it is read as 0..255 (or its own range)."""
+    if peak <= 1.0 + FLOAT_ONE_TOLERANCE:
+        return True
+    finite = arr[np.isfinite(arr)]
+    return bool(np.percentile(finite, 99.9) <= 1.0)
+
+
 def _pil_to_array(img: Image.Image, bit_depth: int = 0) -> np.ndarray:
     """A PIL image as (H, W, 3) uint8: palette/grey/alpha/CMYK -> RGB, 16/32-bit and float scaled to 0..255
     (16-bit by :func:`sixteen_bit_top` of ``bit_depth``)."""
@@ -172,7 +185,7 @@ def _pil_to_array(img: Image.Image, bit_depth: int = 0) -> np.ndarray:
         peak = arr.max(initial=0, where=np.isfinite(arr))  # a float image's NaN (no data) and inf left out
         if img.mode.startswith("I;16") or (bit_depth and img.mode == "I" and img.format == "PNG"):
             top = sixteen_bit_top(bit_depth)  # (older Pillows read a 16-bit PNG as "I")
-        elif img.mode == "F" and peak <= 1.0:  # float in [0, 1], as image software exports it
+        elif img.mode == "F" and _float_in_zero_to_one(arr, peak):  # as image software exports it
             top = 1.0
         else:  # 32-bit int or float: guess the range from the data
             top = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else float(peak)
@@ -360,8 +373,8 @@ class DiskCache:
                     pass
         return removed
 
-    VERSION = 3  # part of every key: bump it when read_image decodes differently (2: float images in [0, 1];
-    # 3: NaN and inf in float images)
+    VERSION = 4  # part of every key: bump it when read_image decodes differently (2: float images in [0, 1];
+    # 3: NaN and inf in float images; 4: float images a little above 1 are in [0, 1])
 
     def entry(self, path: str | Path) -> Path | None:
         """Where the decoded ``path`` is (or would be) stored; None when the file cannot be read (no such file)."""
