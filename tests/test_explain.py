@@ -492,7 +492,31 @@ def test_explain_folder_skips_unreadable_files_and_notes_other_sizes(tmp_path, c
     assert "trained on 96x96" in rows and "typical" in rows
     err = capsys.readouterr().err  # each skipped file named, as predict names them, then the count
     assert "finescope: warning: skipped: cannot read image" in err and "broken.png" in err
-    assert "data.on_error" not in err and "skipped 1 unreadable" in err
+    assert "data.on_error" not in err and "1 file skipped: 1 unreadable" in err
+
+
+def test_explain_counts_each_reason_it_skipped_files_for(tmp_path, capsys):
+    """explain's closing line said 'skipped 2 unreadable files' where one file was unreadable and the other a
+    readable strip too long and thin for the model's global view; it now counts each reason, as do the gallery
+    and each entry of faithfulness.json's skipped."""
+    from PIL import Image
+
+    from finescope.cli import main
+
+    run = make_run(tmp_path, "global")
+    folder = tmp_path / "mixed" / "typical"
+    folder.mkdir(parents=True)
+    Image.fromarray(image(96, 96).permute(1, 2, 0).numpy()).save(folder / "ok.png")
+    Image.fromarray(image(4, 2000).permute(1, 2, 0).numpy()).save(folder / "thin.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    assert main(["explain", str(run), str(tmp_path / "mixed"), "--out", str(out), "--no-faithfulness", *FAST]) == 0
+    skipped = json.loads((out / "faithfulness.json").read_text())["skipped"]
+    assert {Path(s["path"]).name: s["kind"] for s in skipped} == {
+        "broken.png": "unreadable", "thin.png": "too long and thin for the model's view"}
+    line = "2 files skipped: 1 unreadable, 1 too long and thin for the model's view"
+    assert f"{line} (listed in the gallery)" in capsys.readouterr().err
+    assert line.replace("'", "&#x27;") in (out / "index.html").read_text()
 
 
 def test_explaining_files_the_run_trained_on_says_how_many_they_are(tmp_path, capsys):

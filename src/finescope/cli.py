@@ -211,6 +211,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    from finescope.explain.gallery import skipped_text
     from finescope.explain.runner import ExplainSettings, run_explain
 
     settings = ExplainSettings(
@@ -237,7 +238,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
               f"{b['mean_box_union_fraction']:.1%} of the image on average (= the hit rate of random boxes); "
               f"{b['images_with_a_box_over_half_the_image']}/{b['images']} images have a box over half the image")
     if summary["skipped"]:
-        print(f"skipped {len(summary['skipped'])} unreadable files (listed in the gallery)", file=sys.stderr)
+        print(f"{skipped_text(summary['skipped'])} (listed in the gallery)", file=sys.stderr)
     print(f"gallery: {Path(summary['output']) / 'index.html'}")
     return 0
 

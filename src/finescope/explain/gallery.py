@@ -142,6 +142,16 @@ def _overrides_note(overrides: dict | None) -> str:
     return f"<p class=note>⚠ Explained with --set {_e(changed)}, not the model's trained settings.</p>"
 
 
+def skipped_text(skipped: list[dict]) -> str:
+    """How many files explain skipped and why: ``2 files skipped: 1 unreadable, 1 too long and thin for the
+    model's view`` (``kind`` of each entry of ``faithfulness.json``'s ``skipped``; unreadable where absent)."""
+    counts: dict[str, int] = {}
+    for s in skipped:
+        counts[s.get("kind", "unreadable")] = counts.get(s.get("kind", "unreadable"), 0) + 1
+    why = ", ".join(f"{n} {kind}" for kind, n in counts.items())
+    return f"{len(skipped)} file{'s' if len(skipped) != 1 else ''} skipped: {why}"
+
+
 def write_index(out: Path, rows: list[dict], summary: dict, evidence: dict, methods: list[str], top: int,
                 has_plot: bool) -> Path:
     """Write ``out/index.html`` from the per-image rows, the faithfulness summary and the evidence crops."""
@@ -150,7 +160,7 @@ def write_index(out: Path, rows: list[dict], summary: dict, evidence: dict, meth
     if summary.get("trained_on"):
         acc += f" · <b>{summary['trained_on']} of them the model trained or validated on</b>"
     skipped = summary.get("skipped", [])
-    skip_note = f" · <b>{len(skipped)} unreadable files skipped</b>" if skipped else ""
+    skip_note = f" · <b>{_e(skipped_text(skipped))}</b>" if skipped else ""
     # the pointing game and the boxes' hit rate are measured with --no-faithfulness too, where cells.json is
     measured = summary.get("boxes") or any(m.get("n_images") or "pointing_game" in m for m in summary["methods"].values())
     parts = [
@@ -170,7 +180,7 @@ def write_index(out: Path, rows: list[dict], summary: dict, evidence: dict, meth
     ]
     if skipped:
         items = "".join(f"<li><code>{_e(s['path'])}</code>: {_e(s['reason'])}</li>" for s in skipped)
-        parts.append(f"<h2>Unreadable files, skipped ({len(skipped)})</h2><ul>{items}</ul>")
+        parts.append(f"<h2>Files skipped ({len(skipped)})</h2><ul>{items}</ul>")
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>finescope explain</title><style>{CSS}</style>"
             f"<script>{JS}</script></head><body>{''.join(parts)}</body></html>")
     path = Path(out) / "index.html"

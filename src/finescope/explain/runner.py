@@ -145,13 +145,27 @@ def _flat_maps(maps: dict[str, torch.Tensor]) -> dict:
     return {f"{m}_flat": True for m, heat in maps.items() if map_peak(heat) is None}
 
 
+UNREADABLE, TOO_THIN = "unreadable", "too long and thin for the model's view"  # why explain skips an image
+
+
+class _Skipped(FinescopeError):
+    """An image explain skips for another reason than being unreadable; ``kind`` says which, in a few words."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
 def _explain_one(ctx: _Context, index: int, item) -> dict:
     """Explain, measure and draw one readable image; returns its result row (and curves)."""
     from finescope.data.dataset import check_view_side, read_image
     from finescope.trainer import view_image_side
 
     image = read_image(item.path, ctx.cfg.data.bit_depth)
-    check_view_side(item.path, tuple(image.shape[-2:]), view_image_side(ctx.cfg))
+    try:
+        check_view_side(item.path, tuple(image.shape[-2:]), view_image_side(ctx.cfg))
+    except FinescopeError as e:
+        raise _Skipped(str(e), TOO_THIN) from None
     train = ctx.cfg.train
     expl = explain_loaded(ctx.model, image, ctx.methods, ctx.class_names, ctx.cams, item.label, ctx.settings.target,
                           ctx.cfg.model.predict_with, train.amp, train.cpu_amp)
@@ -421,10 +435,10 @@ def _loop(ctx: _Context, inputs: Inputs, progress: bool) -> tuple[list, list, li
         for i, item in enumerate(bar):
             try:
                 result = _explain_one(ctx, i, item)
-            except _Err as e:  # unreadable image: skip it, name it on stderr (as predict does) and list it
+            except _Err as e:  # unreadable (or too thin) image: skip it, name it on stderr (as predict does), list it
                 reason = str(e).splitlines()[0].removesuffix(SKIP_ADVICE)
                 warnings.warn(f"skipped: {reason}", FinescopeWarning, stacklevel=2)
-                skipped.append({"path": item.path, "reason": reason})
+                skipped.append({"path": item.path, "reason": reason, "kind": getattr(e, "kind", UNREADABLE)})
                 continue
             rows.append(result["row"])
             if result["curves"] is not None:
