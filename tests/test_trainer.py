@@ -270,6 +270,23 @@ def test_predict_with_model_settings_changed_says_so_in_its_rows(fusion_run, syn
     assert [r["model_overrides"] for r in csv.DictReader(trained.open())] == [""]  # the model as trained
 
 
+def test_predict_with_another_bit_depth_than_trained_warns_and_says_so_in_its_rows(fusion_run, synthetic_root,
+                                                                                   tmp_path):
+    """predict/evaluate/explain RUN --set data.bit_depth=12 on a run trained with 0 read 16-bit images with
+    another scaling than in training (16 times as bright) without a word. Now a one-line warning names both values
+    and model_overrides records it, as it records model.threshold."""
+    out, _ = fusion_run
+    images = [str(synthetic_root / "images" / "typical_0000.png")]
+    with pytest.warns(FinescopeWarning, match=r"data\.bit_depth 12.*trained with data\.bit_depth 0"):
+        changed = trainer.predict(out, images, tmp_path / "p.csv", ["data.bit_depth=12", "data.num_workers=0"],
+                                  "cpu")
+    assert [r["model_overrides"] for r in csv.DictReader(changed.open())] == ["data.bit_depth=12"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FinescopeWarning)
+        trained = trainer.predict(out, images, tmp_path / "q.csv", ["data.bit_depth=0", "data.num_workers=0"], "cpu")
+    assert [r["model_overrides"] for r in csv.DictReader(trained.open())] == [""]
+
+
 def test_predict_lays_out_its_batches_as_the_run_trained(fusion_run, synthetic_root, tmp_path, monkeypatch):
     # channels-last input batches (CUDA global-hires) only where the run's train.channels_last says so, as evaluate
     out, _ = fusion_run

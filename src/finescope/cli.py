@@ -27,7 +27,8 @@ from finescope.runtime import tune_allocator
 
 # --set of a command that reads a trained model: its architecture is the checkpoint's (model.variant=global fails)
 TRAINED_SET_HELP = ("override the run's config keys, one or more, e.g. --set data.root=DIR model.threshold=0.6 (a "
-                    "model setting changed is recorded as model_overrides; the architecture is the checkpoint's)")
+                    "model setting changed is recorded as model_overrides; the architecture is the checkpoint's; a "
+                    "data.bit_depth other than the run's is warned about and recorded there too)")
 
 
 def _add_set(p: argparse.ArgumentParser, text: str = "override config keys, one or more, e.g. --set "

@@ -1110,6 +1110,7 @@ def load_trained(source: str | Path, overrides: list[str] | None = None, device:
                              "written by another finescope version?") from None
     cfg = load_config(base=base, overrides=overrides)
     cfg = checkpoint_model_config(cfg)  # the checkpoint holds the weights
+    _warn_other_bit_depth(cfg, base, state["path"])
     if device == "auto":  # the run's own device where this machine has it (a run trained on cuda:1, read here)
         device = cfg.train.device if has_device(cfg.train.device) else "auto"
     torch_device = resolve_device(device)
@@ -1127,13 +1128,29 @@ def load_trained(source: str | Path, overrides: list[str] | None = None, device:
     return model, cfg, list(state["class_names"]), state
 
 
+def _warn_other_bit_depth(cfg: Config, trained: dict, where: str) -> None:
+    """Warn in one line when ``cfg`` reads 16-bit images with another ``data.bit_depth`` than the run ``trained``
+    (its stored config) with: right for files from a camera that stores other bits, wrong otherwise."""
+    was = int(trained.get("data", {}).get("bit_depth", 0))
+    if cfg.data.bit_depth != was:
+        warnings.warn(f"data.bit_depth {cfg.data.bit_depth} reads 16-bit images with another scaling than checkpoint "
+                      f"'{where}' was trained with data.bit_depth {was}: right only for files from a camera that "
+                      "stores other bits; drop the override to read them as in training (recorded as "
+                      "model_overrides)", FinescopeWarning, stacklevel=3)
+
+
 def model_overrides(cfg: Config, state: dict) -> dict:
     """``{'model.<key>': value}`` of the model settings that ``cfg`` (the checkpoint's config with ``--set``
     overrides) runs the checkpoint's weights with instead of its trained ones, such as ``model.threshold`` (which
-    the weights do not fix): another model than the one trained. Empty for the model as trained."""
-    trained_model, model_now = to_dict(load_config(base=stored_config(state["config"])))["model"], to_dict(cfg)["model"]
-    return {f"model.{k}": v for k, v in model_now.items()  # not the model as trained
-            if k not in ("weights", "pretrained") and v != trained_model.get(k)}
+    the weights do not fix): another model than the one trained; and ``data.bit_depth`` where it differs (the
+    model reads its 16-bit input scaled otherwise than in training). Empty for the model as trained."""
+    trained = to_dict(load_config(base=stored_config(state["config"])))
+    trained_model, model_now = trained["model"], to_dict(cfg)["model"]
+    changed = {f"model.{k}": v for k, v in model_now.items()  # not the model as trained
+               if k not in ("weights", "pretrained") and v != trained_model.get(k)}
+    if cfg.data.bit_depth != trained["data"]["bit_depth"]:
+        changed["data.bit_depth"] = cfg.data.bit_depth
+    return changed
 
 
 def overrides_text(overrides: dict) -> str:
