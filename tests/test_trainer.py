@@ -492,6 +492,19 @@ def test_a_damaged_own_split_on_resume_says_how_to_get_it_back(synthetic_root, t
     assert json.loads((out / "splits.json").read_text())["splits"] == before
 
 
+def test_resume_refuses_fewer_epochs_than_the_run_has_trained(fusion_run, synthetic_root):
+    """A resume with train.epochs below the epochs trained said 'resuming after epoch 2 of 1', tested again and
+    rewrote config.yaml with epochs: 1 for weights that had two. It is refused before anything is written; as
+    many epochs as trained (a finished run tested again) or more still resume."""
+    out, _ = fusion_run
+    cfg = load_config(None, tiny_overrides(synthetic_root, "fusion", 1))
+    with pytest.raises(FinescopeError, match=r"has trained 2 epochs, more than train.epochs=1; resume with "
+                                             r"train.epochs of at least 2 \(its config.yaml has 2\)"):
+        trainer._check_resume_config(out, cfg)
+    for epochs in (2, 5):
+        trainer._check_resume_config(out, load_config(None, tiny_overrides(synthetic_root, "fusion", epochs)))
+
+
 def test_resume_refuses_another_config_and_keeps_the_runs_own(synthetic_root, tmp_path):
     import shutil
 

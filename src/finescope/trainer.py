@@ -558,6 +558,11 @@ def _check_resume_config(run_dir: Path, cfg: Config) -> dict:
     if diff:
         raise FinescopeError(f"--resume: '{run_dir}' was trained with another config: {diff}; resume with the "
                              f"run's own settings (its config.yaml), or start a new run with another --out")
+    trained = int(state["epoch"]) + 1
+    if cfg.train.epochs < trained:  # its config.yaml would say fewer epochs than its weights have had
+        raise FinescopeError(f"--resume: '{run_dir}' has trained {trained} epochs, more than train.epochs="
+                             f"{cfg.train.epochs}; resume with train.epochs of at least {trained} (its config.yaml "
+                             f"has {old['train']['epochs']}), or start a new run with another --out")
     _check_best_kept(run_dir, state)
     return state
 
