@@ -14,7 +14,7 @@ from conftest import tiny_overrides
 
 from finescope import trainer
 from finescope.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from finescope.config import load_config
+from finescope.config import load_config, save_config
 from finescope.errors import FinescopeError, FinescopeWarning
 
 
@@ -490,6 +490,22 @@ def test_a_damaged_own_split_on_resume_says_how_to_get_it_back(synthetic_root, t
     (out / "splits.json").unlink()  # as the line says: the resume draws the same split again
     trainer.train(cfg, out, resume=True, progress=False)
     assert json.loads((out / "splits.json").read_text())["splits"] == before
+
+
+def test_train_refuses_an_out_whose_config_yaml_no_run_wrote(synthetic_root, tmp_path):
+    """`train --config config.yaml --out .` replaced the user's experiment file with the run's resolved config. A
+    config.yaml without a run's _provenance in --out is refused before anything is written; a run's own (one
+    stopped before its first checkpoint) is trained over as before."""
+    out = tmp_path / "project"
+    out.mkdir()
+    mine = "model:\n  variant: global  # my notes\n"
+    (out / "config.yaml").write_text(mine)
+    cfg = load_config(None, tiny_overrides(synthetic_root, "global", 1))
+    with pytest.raises(FinescopeError, match=r"holds a config.yaml that no finescope run wrote"):
+        trainer.train(cfg, out, progress=False)
+    assert (out / "config.yaml").read_text() == mine and sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+    save_config(cfg, out / "config.yaml")  # a run's own, as one stopped before its first checkpoint leaves it
+    trainer._check_not_users_config(out)
 
 
 def test_resume_refuses_fewer_epochs_than_the_run_has_trained(fusion_run, synthetic_root):

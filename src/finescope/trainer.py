@@ -747,7 +747,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     dist.check_sync_bn(cfg.train.sync_bn, resolve_device(cfg.train.device))
     check_compile(cfg.train.compile)
     # each machine's own data.root: a refusal on one rank is every rank's (none left waiting in a collective)
-    dist.rank0_first(lambda: (check_outside_data(cfg.data, run_dir), _check_not_a_cv_folder(run_dir)))
+    dist.rank0_first(lambda: (check_outside_data(cfg.data, run_dir), _check_not_a_cv_folder(run_dir),
+                              _check_not_users_config(run_dir)))
     lock = _RunLock(run_dir)
     try:
         # best.pt alone: a finished run whose last.pt was deleted (the optimizer's state), not a folder to train over
@@ -765,6 +766,23 @@ def _check_not_a_cv_folder(run_dir: Path) -> None:
     if (run_dir / "cv.json").is_file():
         raise FinescopeError(f"--out '{run_dir}' is a cv folder (it holds cv.json), whose splits.json and report a "
                              "run would replace; its runs are in runs/<variant>/<fold>; choose another --out")
+
+
+def _check_not_users_config(run_dir: Path) -> None:
+    """Refuse an ``--out`` whose ``config.yaml`` no run wrote (a run's own holds ``_provenance``): the user's
+    experiment file (``train --config config.yaml --out .``), which the run's resolved config would replace."""
+    path = run_dir / "config.yaml"
+    if not path.is_file() or (run_dir / "checkpoints").is_dir():  # a run's folder: --resume checks last.pt's config
+        return
+    try:
+        loaded = read_yaml_mapping(path)
+        ours = not loaded or "_provenance" in loaded
+    except FinescopeError:  # a damaged one: not an experiment file anyone could use
+        ours = True
+    if not ours:
+        raise FinescopeError(f"--out '{run_dir}' holds a config.yaml that no finescope run wrote (an experiment "
+                             "file?), which the run would replace with its resolved config; give the run a folder of "
+                             "its own, e.g. --out runs/NAME")
 
 
 def one_class_error(cfg: Config, class_names: list[str]) -> FinescopeError:
