@@ -64,6 +64,7 @@ from common import (  # noqa: E402
     environment,
     loadavg,
     markdown_table,
+    parse_hw,
     require_counts,
     summary,
     sync,
@@ -487,10 +488,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not Path(path).is_file():
             p.error(f"--weights {name}: file '{path}' not found")
     for size in args.sizes:
-        try:
-            parse_size(size)
-        except ValueError:
-            p.error(f"--sizes: '{size}' is not HxW (e.g. 460x700)")
+        parse_hw(p, "--sizes", size)
     try:
         torch.device("cpu" if args.device == "auto" else args.device)
     except RuntimeError:

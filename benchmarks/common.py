@@ -87,12 +87,15 @@ def parse_device(parser: ArgumentParser, text: str, auto: bool = False) -> torch
 
 
 def parse_hw(parser: ArgumentParser, option: str, text: str) -> tuple[int, int]:
-    """``'460x700'`` -> (460, 700) (height x width), or the parser's one-line error naming ``option``."""
+    """``'460x700'`` -> (460, 700) (height x width), or the parser's one-line error naming ``option`` (also for a
+    side below 1, which would end in a ZeroDivisionError or a resize's RuntimeError after the setup)."""
     try:
         h, w = text.lower().split("x")
-        return int(h), int(w)
+        if int(h) >= 1 and int(w) >= 1:
+            return int(h), int(w)
     except ValueError:
-        parser.error(f"{option}: '{text}' is not HxW (e.g. 460x700)")
+        pass
+    parser.error(f"{option}: '{text}' is not HxW of two sides of 1 or more (e.g. 460x700)")
 
 
 def parse_weights(parser: ArgumentParser, values: list[str]) -> dict[str, str]:

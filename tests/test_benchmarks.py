@@ -492,6 +492,13 @@ def test_gpu_check_skips_stages_past_its_budget(tmp_path):
     (["augment_cost.py", "/dev/null/data", "--n", "0"], "--n: give 1 or more, not 0"),
     (["shape_count.py", "--multiples", "32", "0"], "--multiples: give 1 or more, not 0"),
     (["shape_count.py", "--make-varied", "/dev/null/src", "/dev/null/dst"], "'/dev/null/src' is not a folder"),
+    # a side of 0 passed the HxW check and ended in a ZeroDivisionError or RuntimeError traceback after the setup
+    (["bench_model.py", "--device", "cpu", "--backbones", "tiny", "--sizes", "0x700", "--modes", "infer"],
+     "--sizes: '0x700' is not HxW"),
+    (["view_cost.py", "--sizes", "64x0", "--reps", "1"], "--sizes: '64x0' is not HxW"),
+    (["selection_cost.py", "--grid", "0x11", "--rounds-batches", "0"], "--grid: '0x11' is not HxW"),
+    (["box_grid.py", "--sizes", "0x500", "--boxes", "1"], "--sizes: '0x500' is not HxW"),
+    (["crop_cost.py", "--cases", "0x64:1", "--reps", "1"], "--cases: '0x64' is not HxW"),
 ])
 def test_bench_scripts_say_a_wrong_path_or_option_in_one_line(args, message):
     """A wrong path or option stops a benchmark script with one line, not a traceback, and before
