@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--reps", type=int, default=30)
     args = p.parse_args(argv)
-    require_counts(p, args, reps=1)
+    require_counts(p, args, crops=1, size=1, reps=1)
     device = require_device(parse_device(p, args.device))
     model = create_model(ModelConfig(variant="fusion", backbone="resnet18"), 2).to(device)
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)

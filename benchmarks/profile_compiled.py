@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", help="JSON file for the results, written after each batch size")
     args = p.parse_args(argv)
-    require_counts(p, args, warmup=0, reps=1)
+    require_counts(p, args, batch=1, warmup=0, reps=1)
     make_out_folder(p, args.out)
     device = parse_device(p, args.device)
     parse_hw(p, "--size", args.size)

@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(the boxes, and so the crops' cost, follow the attention they give)")
     p.add_argument("--out", help="JSON file for the results")
     args = p.parse_args(argv)
-    require_counts(p, args, reps=1)
+    require_counts(p, args, batch=1, reps=1)
     make_out_folder(p, args.out)
     device = parse_device(p, args.device)  # these three checked before the first backbone is timed
     size = parse_hw(p, "--size", args.size)

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--components", nargs="+", default=["exact", "grid"], choices=["exact", "grid"],
                    help="how the components are found (model.selection_components): each is measured")
     args = p.parse_args(argv)
-    require_counts(p, args, reps=1, rounds_batches=0)
+    require_counts(p, args, batch=1, reps=1, rounds_batches=0)
     device = parse_device(p, args.device)
     parse_hw(p, "--grid", args.grid)
     env = environment(device)

@@ -499,6 +499,18 @@ def test_gpu_check_skips_stages_past_its_budget(tmp_path):
     (["selection_cost.py", "--grid", "0x11", "--rounds-batches", "0"], "--grid: '0x11' is not HxW"),
     (["box_grid.py", "--sizes", "0x500", "--boxes", "1"], "--sizes: '0x500' is not HxW"),
     (["crop_cost.py", "--cases", "0x64:1", "--reps", "1"], "--cases: '0x64' is not HxW"),
+    # a batch (or crop count) of 0 was a RuntimeError, ValueError or IndexError traceback after the setup
+    (["bench_model.py", "--device", "cpu", "--backbones", "tiny", "--sizes", "64x64", "--modes", "infer",
+      "--batch", "0"], "--batch: give 1 or more, not 0"),
+    (["bench_model.py", "--device", "cpu", "--backbones", "tiny", "--sizes", "64x64", "--modes", "infer",
+      "--num-crops", "0"], "--num-crops: give 1 or more, not 0"),
+    (["bench_data.py", "--decode-n", "0", "--batch", "0"], "--batch: give 1 or more, not 0"),
+    (["selection_cost.py", "--batch", "0", "--rounds-batches", "0"], "--batch: give 1 or more, not 0"),
+    (["normalise_cost.py", "--crops", "0"], "--crops: give 1 or more, not 0"),
+    (["profile_step.py", "--device", "cpu", "--backbones", "tiny", "--size", "64x64", "--batch", "0"],
+     "--batch: give 1 or more, not 0"),
+    (["profile_compiled.py", "--device", "cpu", "--size", "64x64", "--batch", "16", "0"],
+     "--batch: give 1 or more, not 0"),
 ])
 def test_bench_scripts_say_a_wrong_path_or_option_in_one_line(args, message):
     """A wrong path or option stops a benchmark script with one line, not a traceback, and before
