@@ -35,7 +35,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import ROOT, environment, markdown_table, parse_device  # noqa: E402
+from common import ROOT, environment, loadavg, markdown_table, parse_device, report_header  # noqa: E402
 
 from finescope.config import ModelConfig, load_config  # noqa: E402
 from finescope.data import colour_jitter, load_samples  # noqa: E402
@@ -314,6 +314,12 @@ def bench_stages(out: Path, args, device: str, clock: Clock) -> dict:
     return results
 
 
+def labelled_table(summary: dict, out: Path) -> str:
+    """The short table under the machine, versions, commit, load and the exact command of this check."""
+    summary["environment"]["loadavg_end"] = loadavg()
+    return f"{report_header(summary['environment'])}\n\n{final_table(summary, out)}"
+
+
 def final_table(summary: dict, out: Path) -> str:
     """The short table printed last."""
     def fused(r: dict) -> str:  # compared only on the images whose boxes agree with the reference
@@ -464,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["agreement"] = [r for b in backbones for r in agreement(b, size, device, args.weights, 4)]
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     if args.only_agreement:
-        table = final_table(summary, out)
+        table = labelled_table(summary, out)
         (out / "summary.md").write_text(table + "\n")
         print(table)
         return 0 if all(r["pass"] for r in summary["agreement"]) else 1
@@ -478,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_compile != "off":  # a diagnostic: last, so the budget cuts it first
         summary["train_compiled"] = train_stage(out, args, args.device, clock, args.train_compile)
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    table = final_table(summary, out)
+    table = labelled_table(summary, out)
     (out / "summary.md").write_text(table + "\n")
     print(table)
     return 0 if all(r["pass"] for r in summary["agreement"]) and summary["selection_graph"].get("pass", True) else 1

@@ -31,6 +31,7 @@ from common import (  # noqa: E402
     median_ms,
     parse_device,
     parse_hw,
+    report_header,
     require_counts,
     run_script,
     sync,
@@ -184,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     device = parse_device(p, args.device)
     parse_hw(p, "--size", args.size)
     results = {"environment": environment(device), "args": vars(args), "runs": []}
+    print(report_header(results["environment"]) + "\n", flush=True)  # first: a run cut at its limit keeps it
     for labelling in args.labelling:
         selection._connected_components = LABELLINGS[labelling]
         try:

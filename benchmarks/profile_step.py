@@ -35,12 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     allocator_as_the_cli,
     environment,
+    loadavg,
     make_out_folder,
     markdown_table,
     median_ms,
     parse_device,
     parse_hw,
     parse_weights,
+    report_header,
     require_counts,
     run_script,
     sync,
@@ -219,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {"environment": environment(device), "size": args.size, "batch": args.batch,
                "backbones": [profile_backbone(b, size, args.batch, device, args.reps, weights.get(b, ""))
                              for b in args.backbones]}
+    results["environment"]["loadavg_end"] = loadavg()
+    print(report_header(results["environment"]))  # what the tables below were measured on, and how
     for r in results["backbones"]:
         print(f"\n## {r['backbone']} {args.size} batch {args.batch}: kernel launches per training step "
               f"{r['kernel_launches_per_train_step']:.0f}; inference step / the two backbone passes (stages "

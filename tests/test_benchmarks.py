@@ -742,3 +742,25 @@ def test_mixed_groups_tells_one_specimen_from_ids_numbered_per_class(tmp_path, c
     assert medians["specimens"]["same group"] * 5 < medians["specimens"]["other groups"]
     assert medians["numbered"]["same group"] > 5 * medians["numbered"]["halves"]
     assert "4 groups hold two or more classes" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args", [
+    ["profile_step.py", "--device", "cpu", "--backbones", "tiny", "--size", "64x64", "--batch", "1", "--reps", "1"],
+    ["profile_compiled.py", "--device", "cpu", "--mode", "none", "--backbone", "tiny", "--size", "64x64",
+     "--batch", "1", "--warmup", "0", "--reps", "1"],
+    ["gpu_check.py", "OUT", "--device", "cpu", "--quick", "--only-agreement"],
+])
+def test_printed_figures_name_the_machine_versions_commit_and_command(tmp_path, args):
+    """What a benchmark prints is labelled as README says (machine, versions, commit, the exact command):
+    profile_step.py and profile_compiled.py printed their tables, and gpu_check.py its short table (and
+    summary.md), with none of them, so a pasted table could not be traced to a commit or a machine."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import git_commit
+
+    script, *rest = [str(tmp_path / "out") if a == "OUT" else a for a in args]
+    proc = subprocess.run([sys.executable, f"benchmarks/{script}", *rest], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": "src"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for text in [proc.stdout] + ([(tmp_path / "out" / "summary.md").read_text()] if script == "gpu_check.py" else []):
+        assert f"commit {git_commit()}" in text and "torch " in text and "torchvision " in text
+        assert f"python benchmarks/{script} " in text  # the command as run
