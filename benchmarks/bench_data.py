@@ -248,7 +248,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-reps", type=int, default=3)
     p.add_argument("--out", help="JSON file for the results (a .md beside it)")
     args = p.parse_args(argv)
-    require_counts(p, args, batch=1, repeat=1, epochs=1, epoch_runs=1, model_reps=1)
+    require_counts(p, args, workers=0, batch=1, repeat=1, epochs=1, epoch_runs=1, model_reps=1)
     if args.device != "auto":
         parse_device(p, args.device, auto=True)
     return args

@@ -505,6 +505,8 @@ def test_gpu_check_skips_stages_past_its_budget(tmp_path):
     (["bench_model.py", "--device", "cpu", "--backbones", "tiny", "--sizes", "64x64", "--modes", "infer",
       "--num-crops", "0"], "--num-crops: give 1 or more, not 0"),
     (["bench_data.py", "--decode-n", "0", "--batch", "0"], "--batch: give 1 or more, not 0"),
+    # after timing the loader with 0 workers, a ValueError traceback, what it measured lost
+    (["bench_data.py", "--decode-n", "0", "--workers", "0", "-1"], "--workers: give 0 or more, not -1"),
     (["selection_cost.py", "--batch", "0", "--rounds-batches", "0"], "--batch: give 1 or more, not 0"),
     (["normalise_cost.py", "--crops", "0"], "--crops: give 1 or more, not 0"),
     (["profile_step.py", "--device", "cpu", "--backbones", "tiny", "--size", "64x64", "--batch", "0"],
