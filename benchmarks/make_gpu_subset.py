@@ -27,9 +27,17 @@ def convert_tree(src: Path, dst: Path, quality: int = 90) -> tuple[int, int]:
     total = 0
     for path in files:
         out = dst / path.relative_to(src).with_suffix(".jpg")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with Image.open(path) as img:
-            img.convert("RGB").save(out, "JPEG", quality=quality)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"make_gpu_subset: cannot write '{out.parent}': {e.strerror or e}") from None
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+        except OSError as e:  # a damaged or truncated file (PIL's UnidentifiedImageError is one too)
+            raise SystemExit(f"make_gpu_subset: '{path}' could not be read as an image ({type(e).__name__}: {e}); "
+                             "replace or remove it") from None
+        img.save(out, "JPEG", quality=quality)
         total += out.stat().st_size
     return len(files), total
 
@@ -38,8 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("src", type=Path, help="BreakHis folder (holding BreaKHis_v1)")
     parser.add_argument("dst", type=Path, help="output folder")
-    parser.add_argument("--quality", type=int, default=90)
+    parser.add_argument("--quality", type=int, default=90, help="JPEG quality, 1 to 100")
     args = parser.parse_args(argv)
+    if not 1 <= args.quality <= 100:
+        parser.error(f"--quality: give 1 to 100, not {args.quality}")
     n, size = convert_tree(args.src, args.dst, args.quality)
     print(f"wrote {n} JPEG images, {size / 2**20:.1f} MiB, to {args.dst}")
     return 0

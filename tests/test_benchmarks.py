@@ -766,3 +766,19 @@ def test_printed_figures_name_the_machine_versions_commit_and_command(tmp_path, 
     for text in [proc.stdout] + ([(tmp_path / "out" / "summary.md").read_text()] if script == "gpu_check.py" else []):
         assert f"commit {git_commit()}" in text and "torch " in text and "torchvision " in text
         assert f"python benchmarks/{script} " in text  # the command as run
+
+
+def test_make_gpu_subset_names_a_damaged_image_or_unwritable_output_in_one_line(tmp_path):
+    """A damaged image in the source tree, or an output folder that cannot be made, stopped make_gpu_subset.py
+    with an OSError traceback that named neither the image nor what to do."""
+    src = tmp_path / "src" / "a"
+    src.mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src / "good.png")
+    (src / "broken.png").write_bytes((src / "good.png").read_bytes()[:40])  # truncated
+    script = [sys.executable, "benchmarks/make_gpu_subset.py"]
+    cases = [([str(tmp_path / "src"), str(tmp_path / "out")], "broken.png' could not be read as an image"),
+             ([str(tmp_path / "src"), "/dev/null/out"], "cannot write '/dev/null/out"),
+             ([str(tmp_path / "src"), str(tmp_path / "out"), "--quality", "500"], "--quality: give 1 to 100, not 500")]
+    for args, message in cases:
+        proc = subprocess.run([*script, *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
