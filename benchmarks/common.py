@@ -154,7 +154,7 @@ def environment(device: torch.device) -> dict:
 
     env = {
         "command": "".join(f"{k}={shlex.quote(os.environ[k])} " for k in MEASURED_ENV if k in os.environ)
-        + "PYTHONPATH=src python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
+        + "PYTHONPATH=src python " + shlex.join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
         "commit": git_commit(),
         "python": platform.python_version(),
         "torch": torch.__version__,

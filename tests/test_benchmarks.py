@@ -360,6 +360,23 @@ def test_the_recorded_command_names_the_environment_that_changes_the_figures(tmp
                               "benchmarks/box_grid.py --sizes 460x700")
 
 
+def test_the_recorded_command_runs_again_in_a_shell(tmp_path, monkeypatch):
+    """The command's arguments were joined unquoted: README's mixed_groups.py run with
+    --set "data.group_pattern=^(H\\d+_[^_]+)_" was recorded without its quotes, and pasted into bash it is a
+    syntax error (a path with a space splits in two)."""
+    import shlex
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import environment
+
+    argv = ["benchmarks/mixed_groups.py", "--set", r"data.group_pattern=^(H\d+_[^_]+)_", f"data.root={tmp_path}/a b"]
+    monkeypatch.setattr(sys, "argv", [str(ROOT / argv[0]), *argv[1:]])
+    command = environment(torch.device("cpu"))["command"]
+    assert shlex.split(command)[-len(argv):] == argv
+
+
 def test_openmp_cost_runs_each_case_in_its_own_process(tmp_path):
     out = tmp_path / "o.json"
     cmd = [sys.executable, "benchmarks/openmp_cost.py", "--backbones", "tiny", "--rounds", "1", "--reps", "2",
