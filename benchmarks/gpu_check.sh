@@ -10,10 +10,12 @@
 # Needs torch and torchvision (timm is not needed); runs .venv/bin/python when there is one, else python3
 # ($PYTHON overrides both).
 set -euo pipefail
-cd "$(dirname "$0")/.."
 dir_arg=""
 if [[ $# -gt 0 && "$1" != -* ]]; then dir_arg=$1; shift; fi  # OUT_DIR, when the first argument is not an option
-out="${OUT:-${dir_arg:-gpu_check_out}}"
+out="${OUT:-${dir_arg:-}}"
+if [[ -n "$out" && "$out" != /* ]]; then out="$PWD/$out"; fi  # relative to where it was run from
+cd "$(dirname "$0")/.."
+out="${out:-gpu_check_out}"
 mkdir -p "$out"
 export PYTHONPATH=src
 PY=${PYTHON:-}

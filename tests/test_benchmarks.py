@@ -670,6 +670,32 @@ def test_gpu_check_out_naming_a_file_is_said_in_one_line(tmp_path):
     assert f"OUT '{out}' is a file" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
+def test_bench_model_out_naming_a_md_file_is_refused_before_the_tables_overwrite_the_json(tmp_path):
+    """bench_model.py writes its JSON to --out and its tables beside it as .md: --out r.md got the JSON, then the
+    tables over it, and the full results were lost after minutes of timing."""
+    proc = subprocess.run([sys.executable, "benchmarks/bench_model.py", "--out", str(tmp_path / "r.md")], cwd=ROOT,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": "src"}, timeout=120)
+    assert proc.returncode != 0 and not proc.stdout and not (tmp_path / "r.md").exists()
+    assert proc.stderr.strip() == (f"bench_model.py: error: --out '{tmp_path / 'r.md'}': give the JSON file's name "
+                                   f"(e.g. {tmp_path / 'r.json'}); the tables are written beside it as .md")
+
+
+def test_gpu_check_sh_puts_a_relative_out_dir_where_it_was_run_from(tmp_path):
+    """gpu_check.sh changed to the repository root before reading OUT_DIR, so a relative one given from another
+    folder was made under the repository root, not where the user looked for it."""
+    here = tmp_path / "here"
+    here.mkdir()
+    (tmp_path / "out").write_text("")  # a file: refused at once, named in the folder it was given
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "../out", "--device", "cpu"],
+                          cwd=here, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and str(here / "../out") in proc.stdout + proc.stderr  # mkdir names it
+    assert not (ROOT / "out").exists()
+    sub = "rel_out"
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), sub, "--device", "cpu",
+                           "--only-agreement", "--quick"], cwd=here, capture_output=True, text=True, timeout=300)
+    assert (here / sub / "gpu_check.log").is_file() and not (ROOT / sub).exists(), proc.stdout[-2000:]
+
+
 def test_crop_cost_compare_names_a_missing_round_of_the_second_commit(tmp_path):
     """crop_cost_compare.py DIR OLD NEW with no round file of NEW (a misspelt commit) names the file in one line;
     it was a FileNotFoundError traceback."""
