@@ -737,3 +737,28 @@ def test_a_cv_that_ordered_whole_number_classes_as_text_goes_on_in_its_order(tmp
     rows = list(csv.DictReader((out / "predictions.csv").open()))
     assert [k for k in rows[0] if k.startswith("prob_")] == [f"prob_{n}" for n in old]
     assert all(r["true"] == Path(r["image"]).parent.parent.name for r in rows)
+
+
+def test_a_splits_file_is_recorded_as_the_folds_it_holds_and_contradicting_flags_are_refused(tmp_path, capsys):
+    """cv --splits A/splits.json --trials 5 trained A's 2 folds while its cv.json and splits.json said 5 trials
+    (the command's protocol; --folds, --trials and --test-fraction were ignored without a word). The contradiction
+    is one line before anything is written; without such flags the file's folds are what cv.json and splits.json
+    record."""
+    root = _two_class_folders(tmp_path / "data")
+    args = _tiny_cv_args(tmp_path, root, ", val_fraction: 0", batch_size=8)
+    assert main(args) == 0
+    capsys.readouterr()
+    reuse = [*args[:args.index("--folds")], "--splits", str(tmp_path / "o" / "splits.json"), "--out",
+             str(tmp_path / "b"), "--quiet"]
+    for flags in (["--trials", "5"], ["--folds", "3"], ["--test-fraction", "0.2"]):
+        assert main([*reuse, *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"holds the 2 folds of --folds 2, not {' '.join(flags)}" in err[0], err
+        assert not (tmp_path / "b").exists()
+    assert main([*reuse, "--folds", "2"]) == 0  # agreeing flags pass
+    assert main(reuse) == 0  # the config's default protocol (5 trials) gives way to the file's folds
+    record = json.loads((tmp_path / "b" / "cv.json").read_text())
+    assert record["settings"]["protocol"] == {"folds": 2, "per_magnification": False}
+    assert record["folds"] == ["fold0", "fold1"]
+    extra = json.loads((tmp_path / "b" / "splits.json").read_text())["extra"]
+    assert extra["folds"] == 2 and extra["trials"] == 0

@@ -183,8 +183,9 @@ def cmd_cv(args: argparse.Namespace) -> int:
         flags["folds"] = 0
     cfg, protocol = load_protocol(args.config, args.profile, args.overrides, flags)
     out = args.out or f"runs/cv_{cfg.name or Path(args.config).stem}"
+    given = [name for name in ("folds", "trials", "test_fraction") if getattr(args, name) is not None]
     with _sigterm_raises():  # a scheduler's pre-emption: one line, as train's
-        summary = run_cv(cfg, protocol, out, splits_file=args.splits or "", progress=not args.quiet)
+        summary = run_cv(cfg, protocol, out, splits_file=args.splits or "", progress=not args.quiet, given=given)
     print(_cv_table(summary))
     print(f"cv written to {out} (summary.json, predictions.csv, report.html)")
     return 0
@@ -336,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-magnification", action=argparse.BooleanOptionalAction, default=None,
                    help="separate folds and runs per magnification (--no-per-magnification: all together)")
     p.add_argument("--reference", help="the variant the others are compared with (default: the first)")
-    p.add_argument("--splits", help="reuse the folds of a cv splits.json")
+    p.add_argument("--splits", help="reuse the folds of a cv splits.json: its folds, as they are, set the protocol "
+                   "(--folds, --trials or --test-fraction that contradict them are refused)")
     p.add_argument("--out", help="cv directory (default runs/cv_<config name>); rerun to resume")
     p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
     _add_set(p)

@@ -26,7 +26,10 @@ import copy
 import hashlib
 import json
 import math
+import re
 import warnings
+from collections import Counter
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -461,6 +464,43 @@ def _check_drawn_with(path: Path, cfg: Config, p: Protocol) -> None:
                              "the settings of that cv, or choose another --out")
 
 
+def splits_protocol(path: str | Path, p: Protocol) -> Protocol:
+    """``p`` with the fold settings of the cv splits file ``path``, which a cv reusing it runs: k-fold with as many
+    folds as it holds (per magnification), or that many trials at the test fraction it records (``p``'s where it
+    records none). ``p`` itself when the file cannot be read (:func:`load_cv_splits` then says why)."""
+    try:
+        raw = json.loads(Path(path).read_text())
+        names = [str(f["name"]) for f in raw["folds"]]
+        count = max(Counter(str(f.get("magnification")) for f in raw["folds"]).values(), default=0)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        return p
+    extra = raw.get("extra") if isinstance(raw.get("extra"), dict) else {}
+    drawn = extra.get("folds")
+    if isinstance(drawn, int) and not isinstance(drawn, bool):
+        kfold = drawn > 0
+    else:  # a file without its record: the fold names say (fold0 or 100x_fold0, trial0)
+        kfold = all(re.fullmatch(r"(\d+x_)?fold\d+", n) for n in names)
+    if kfold:
+        return replace(p, folds=count, trials=0)
+    fraction = extra.get("test_fraction")
+    ok = isinstance(fraction, float) and 0.0 < fraction < 1.0
+    return replace(p, folds=0, trials=count, test_fraction=fraction if ok else p.test_fraction)
+
+
+def _check_given(given: Collection[str], asked: Protocol, used: Protocol, splits_file: str) -> None:
+    """Refuse protocol flags (``given``: ``folds``, ``trials``, ``test_fraction``) that the folds of ``--splits``
+    contradict: cv trains the file's folds as they are, so a --trials 5 beside a 2-fold file would be ignored."""
+    wrong = [name for name in ("folds", "trials", "test_fraction") if name in given and (
+        getattr(asked, name) != getattr(used, name) or (name != "folds" and used.folds > 0))]
+    if not wrong:
+        return
+    held = (f"the {used.folds} folds of --folds {used.folds}" if used.folds else
+            f"the {used.trials} trials of --trials {used.trials} --test-fraction {used.test_fraction}")
+    flags = " ".join(f"--{n.replace('_', '-')} {getattr(asked, n)}" for n in wrong)
+    raise FinescopeError(f"--splits '{splits_file}' holds {held}, not {flags}: cv reuses its folds as they are; "
+                         f"leave {flags} out to reuse them, or leave --splits out to draw new folds")
+
+
 def _fold_lists(folds: list[Fold]) -> list:
     """What makes two lists of folds the same: names, magnifications and the images of every side."""
     return [(f.name, f.magnification, {side: idx.tolist() for side, idx in f.splits.items()}) for f in folds]
@@ -541,7 +581,8 @@ def _write_fold_files(out: Path, folds: list[Fold], sample_set: SampleSet, cfg: 
 
 
 def run_cv(
-    cfg: Config, p: Protocol, out: str | Path, splits_file: str = "", progress: bool = True, report: bool = True
+    cfg: Config, p: Protocol, out: str | Path, splits_file: str = "", progress: bool = True, report: bool = True,
+    given: Collection[str] = (),
 ) -> dict:
     """Train and test every variant on every fold, then write predictions.csv, summary.json and the report.
 
@@ -550,9 +591,12 @@ def run_cv(
             warning says so).
         p: the protocol.
         out: the cv directory; rerunning with the same settings resumes (finished folds are not retrained).
-        splits_file: a cv ``splits.json`` to reuse instead of drawing folds.
+        splits_file: a cv ``splits.json`` to reuse instead of drawing folds; its folds replace ``p``'s fold
+            settings (:func:`splits_protocol`), in what is trained and in cv.json and splits.json.
         progress: print per-epoch lines.
         report: also write report.md and report.html.
+        given: the fold settings the user gave explicitly (``folds``, ``trials``, ``test_fraction``: the CLI's
+            flags); one that the folds of ``splits_file`` contradict is refused.
 
     Returns:
         The summary (also in ``out/summary.json``).
@@ -565,6 +609,9 @@ def run_cv(
                       "of an earlier cv, pass its splits.json with --splits", FinescopeWarning, stacklevel=2)
     cfg = replace(cfg, data=replace(cfg.data, splits=""))
     check_protocol(p)
+    asked = p
+    if splits_file:  # what is trained and recorded: the file's folds
+        p = splits_protocol(splits_file, p)
     check_outside_data(cfg.data, out)
     _check_not_a_run(out)
     trained = _trained_anything(out)  # else its cv.json and splits.json record what nothing was trained on
@@ -578,6 +625,8 @@ def run_cv(
 
         raise one_class_error(cfg, sample_set.class_names)
     folds = resolve_folds(out, sample_set, cfg, p, splits_file, reuse=trained)
+    if splits_file:
+        _check_given(given, asked, p, splits_file)
     out.mkdir(parents=True, exist_ok=True)
     remove_temporaries(out)  # a killed run's half-written records
     fold_cfgs = {(variant, fold.name): fold_config(cfg, variant, fold, out / "folds" / fold.name / "splits.json")
