@@ -231,6 +231,23 @@ def test_protocol_file_profiles(tmp_path):
     assert p.variants == ("global", "attention", "fusion") and p.per_magnification
 
 
+
+def test_set_data_test_fraction_is_the_trials_test_fraction(tmp_path):
+    """cv --trials 5 --set data.test_fraction=0.2 held out the protocol's 0.3 of the groups (the shipped
+    protocol's), without a word. The --set is read as --test-fraction (the command line wins over the config
+    file's protocol and profiles); both at other values are one line; under k-fold, which does not read it, a
+    warning says so."""
+    path = tmp_path / "p.yaml"
+    path.write_text("protocol: {trials: 5, test_fraction: 0.3}\nprofiles:\n  quick:\n    protocol: {test_fraction: 0.4}\n")
+    for profile in ("", "quick"):
+        assert load_protocol(path, profile, ["data.test_fraction=0.2"])[1].test_fraction == 0.2
+    assert load_protocol(path, "", ["data.test_fraction=0.2"], {"test_fraction": 0.2})[1].test_fraction == 0.2
+    with pytest.raises(FinescopeError, match=r"--test-fraction 0.25 and --set data.test_fraction=0.2: give one"):
+        load_protocol(path, "", ["data.test_fraction=0.2"], {"test_fraction": 0.25})
+    with pytest.warns(FinescopeWarning, match=r"k-fold \(--folds 3\) tests 1/3 of the groups in each fold and does not "
+                                              r"read data.test_fraction"):
+        load_protocol(path, "", ["data.test_fraction=0.2"], {"folds": 3, "trials": 0})
+
 def test_a_runs_config_yaml_is_a_cv_config(tmp_path):
     """`finescope train --config RUN/config.yaml` reads a run's resolved config; cv stopped at its provenance
     entry ("unknown config key '_provenance'")."""
@@ -750,10 +767,11 @@ def test_a_splits_file_is_recorded_as_the_folds_it_holds_and_contradicting_flags
     capsys.readouterr()
     reuse = [*args[:args.index("--folds")], "--splits", str(tmp_path / "o" / "splits.json"), "--out",
              str(tmp_path / "b"), "--quiet"]
-    for flags in (["--trials", "5"], ["--folds", "3"], ["--test-fraction", "0.2"]):
+    for flags in (["--trials", "5"], ["--folds", "3"], ["--test-fraction", "0.2"], ["--set", "data.test_fraction=0.2"]):
         assert main([*reuse, *flags]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and f"holds the 2 folds of --folds 2, not {' '.join(flags)}" in err[0], err
+        said = " ".join(flags).replace("--set data.test_fraction=", "--test-fraction ")
+        assert len(err) == 1 and f"holds the 2 folds of --folds 2, not {said}" in err[0], err
         assert not (tmp_path / "b").exists()
     assert main([*reuse, "--folds", "2"]) == 0  # agreeing flags pass
     assert main(reuse) == 0  # the config's default protocol (5 trials) gives way to the file's folds

@@ -165,7 +165,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_cv(args: argparse.Namespace) -> int:
-    from finescope.cv import load_protocol, run_cv
+    from finescope.cv import load_protocol, run_cv, sets_test_fraction
 
     flags = {"variants": args.variants, "folds": args.folds, "trials": args.trials,
              "test_fraction": args.test_fraction, "per_magnification": args.per_magnification,
@@ -184,6 +184,8 @@ def cmd_cv(args: argparse.Namespace) -> int:
     cfg, protocol = load_protocol(args.config, args.profile, args.overrides, flags)
     out = args.out or f"runs/cv_{cfg.name or Path(args.config).stem}"
     given = [name for name in ("folds", "trials", "test_fraction") if getattr(args, name) is not None]
+    if sets_test_fraction(args.overrides) and "test_fraction" not in given:
+        given.append("test_fraction")
     with _sigterm_raises():  # a scheduler's pre-emption: one line, as train's
         summary = run_cv(cfg, protocol, out, splits_file=args.splits or "", progress=not args.quiet, given=given)
     print(_cv_table(summary))
@@ -333,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", help="comma-separated variants, e.g. global,attention,fusion")
     p.add_argument("--folds", type=int, help="grouped, stratified k-fold with K folds")
     p.add_argument("--trials", type=int, help="repeated random hold-outs of --test-fraction of the groups")
-    p.add_argument("--test-fraction", type=float, help="fraction of each class's groups held out per trial")
+    p.add_argument("--test-fraction", type=float, help="fraction of each class's groups held out per trial "
+                   "(--set data.test_fraction=F says the same)")
     p.add_argument("--per-magnification", action=argparse.BooleanOptionalAction, default=None,
                    help="separate folds and runs per magnification (--no-per-magnification: all together)")
     p.add_argument("--reference", help="the variant the others are compared with (default: the first)")

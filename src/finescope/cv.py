@@ -160,7 +160,8 @@ def load_protocol(
 
     A profile (e.g. ``quick``) is a mapping merged over the file: its ``protocol`` entries over the file's
     protocol, its ``data``/``model``/``train`` entries over the config. ``--set`` overrides and the CLI's
-    protocol flags (``protocol``) are applied last.
+    protocol flags (``protocol``) are applied last; ``--set data.test_fraction=F`` is the trials' test fraction
+    (as ``--test-fraction F``; both at other values raise).
 
     Returns:
         The resolved config and protocol.
@@ -185,8 +186,25 @@ def load_protocol(
         proto.update(mapping(chosen.pop("protocol", None), f"profiles.{profile}.protocol"))
         raw = _merge(raw, chosen)
     cfg = load_config(base=raw, overrides=overrides)
-    proto.update({k: v for k, v in (protocol or {}).items() if v is not None})
-    return cfg, make_protocol(proto)
+    flags = {k: v for k, v in (protocol or {}).items() if v is not None}
+    if sets_test_fraction(overrides):  # the command line's: over the file's protocol and profiles, as the flags
+        if flags.get("test_fraction", cfg.data.test_fraction) != cfg.data.test_fraction:
+            raise FinescopeError(f"--test-fraction {flags['test_fraction']} and --set data.test_fraction="
+                                 f"{cfg.data.test_fraction}: give one of them (the fraction of each class's groups "
+                                 "a trial holds out)")
+        proto["test_fraction"] = cfg.data.test_fraction
+    proto.update(flags)
+    p = make_protocol(proto)
+    if p.folds and sets_test_fraction(overrides):
+        warnings.warn(f"k-fold (--folds {p.folds}) tests 1/{p.folds} of the groups in each fold and does not read "
+                      f"data.test_fraction={cfg.data.test_fraction}, the fraction --trials N holds out",
+                      FinescopeWarning, stacklevel=2)
+    return cfg, p
+
+
+def sets_test_fraction(overrides: list[str] | None) -> bool:
+    """Whether the ``--set`` items ``overrides`` set ``data.test_fraction``, which cv reads as --test-fraction."""
+    return any(item.split("=", 1)[0].strip() == "data.test_fraction" for item in overrides or [])
 
 
 def _merge(base: dict, extra: dict) -> dict:
