@@ -219,6 +219,27 @@ def test_a_class_no_trial_tests_is_one_finescope_warning():
         make_folds(SampleSet(s.samples, ["a", "b", "c"], s.root), Protocol(folds=0, trials=2), 0, 0.0)
 
 
+
+def test_a_fold_whose_validation_side_lacks_a_class_is_one_warning_per_fold_set():
+    """Validation is carved from a fold's training groups, one group of a class only once it has 3 there: with 2
+    groups of class b, no fold's validation side held b, so early stopping and best.pt judged every fold by a alone,
+    and neither cv nor the folds' training said so (train warns of a test side without a class, not of this)."""
+    import warnings
+
+    s = toy_set(groups_per_class=(6, 2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_folds(s, Protocol(folds=2), seed=0, val_fraction=0.2)
+    said = [str(w.message) for w in caught if issubclass(w.category, FinescopeWarning)]
+    assert len(said) == 1 and "\n" not in said[0], said
+    assert said[0].startswith("the validation side of 2 of 2 folds holds no image of a class (fold0: b; fold1: b)")
+    assert "early stopping and best.pt judge those folds by the other classes only" in said[0]
+    with warnings.catch_warnings(record=True) as caught:  # val_fraction 0 asks for no validation side: no warning
+        warnings.simplefilter("always")
+        make_folds(s, Protocol(folds=2), seed=0, val_fraction=0.0)
+        make_folds(toy_set(groups_per_class=(6, 6)), Protocol(folds=2), seed=0, val_fraction=0.2)
+    assert not [w for w in caught if issubclass(w.category, FinescopeWarning)]
+
 def test_protocol_file_profiles(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text("train: {epochs: 9}\nprotocol: {trials: 5}\nprofiles:\n  quick:\n    protocol: {trials: 2}\n"

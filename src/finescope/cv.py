@@ -302,7 +302,29 @@ def make_folds(sample_set: SampleSet, p: Protocol, seed: int, val_fraction: floa
             splits = {"train": train, "val": val, "test": np.sort(test)}
             check_no_leak(splits, groups)
             folds.append(Fold(name, mag, splits))
+    if val_fraction > 0 and (message := _thin_validation_warning(folds, sample_set)):
+        warnings.warn(message, FinescopeWarning, stacklevel=2)
     return folds
+
+
+def _thin_validation_warning(folds: list[Fold], sample_set: SampleSet) -> str | None:
+    """One line naming the folds whose validation side holds no image of a class their training side has
+    (:func:`~finescope.data.carve_validation` spares a class's group only once it has 3 there), or None."""
+    labels = np.asarray(sample_set.labels)
+    lacking = []
+    for f in folds:
+        val = set(labels[f.splits["val"]].tolist())
+        trained = set(labels[f.splits["train"]].tolist())
+        missing = [name for c, name in enumerate(sample_set.class_names) if c in trained and c not in val]
+        if missing:
+            lacking.append(f"{f.name}: {', '.join(missing) if val else 'empty'}")
+    if not lacking:
+        return None
+    return (f"the validation side of {len(lacking)} of {len(folds)} folds holds no image of a class "
+            f"({'; '.join(lacking)}): a class spares a group for validation only with 3 or more training groups in "
+            "a fold, so early stopping and best.pt judge those folds by the other classes only (an empty side: "
+            "best.pt is the last epoch and early stopping is off); add groups (patients) to those classes, or set "
+            "data.val_fraction=0 to train every fold to its last epoch")
 
 
 def save_cv_splits(path: Path, folds: list[Fold], sample_set: SampleSet, extra: dict) -> None:
