@@ -269,6 +269,17 @@ def test_set_data_test_fraction_is_the_trials_test_fraction(tmp_path):
                                               r"read data.test_fraction"):
         load_protocol(path, "", ["data.test_fraction=0.2"], {"folds": 3, "trials": 0})
 
+
+def test_a_test_fraction_flag_under_k_fold_is_said_not_to_be_read(tmp_path):
+    """cv --folds 5 --test-fraction 0.2 (or a config whose protocol is k-fold) tested 1/5 of the groups per fold and
+    dropped --test-fraction without a word, as it did --set data.test_fraction."""
+    path = tmp_path / "p.yaml"
+    path.write_text("protocol: {folds: 3}\n")
+    for flags in ({"test_fraction": 0.2}, {"folds": 3, "trials": 0, "test_fraction": 0.2}):
+        with pytest.warns(FinescopeWarning, match=r"^k-fold \(--folds 3\) tests 1/3 of the groups in each fold and "
+                                                  r"does not read --test-fraction 0.2"):
+            load_protocol(path, "", None, flags)
+
 def test_a_runs_config_yaml_is_a_cv_config(tmp_path):
     """`finescope train --config RUN/config.yaml` reads a run's resolved config; cv stopped at its provenance
     entry ("unknown config key '_provenance'")."""

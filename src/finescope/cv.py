@@ -195,10 +195,11 @@ def load_protocol(
         proto["test_fraction"] = cfg.data.test_fraction
     proto.update(flags)
     p = make_protocol(proto)
-    if p.folds and sets_test_fraction(overrides):
+    if p.folds and ("test_fraction" in flags or sets_test_fraction(overrides)):
+        given = (f"--test-fraction {flags['test_fraction']}" if "test_fraction" in flags
+                 else f"data.test_fraction={cfg.data.test_fraction}")
         warnings.warn(f"k-fold (--folds {p.folds}) tests 1/{p.folds} of the groups in each fold and does not read "
-                      f"data.test_fraction={cfg.data.test_fraction}, the fraction --trials N holds out",
-                      FinescopeWarning, stacklevel=2)
+                      f"{given}, the fraction --trials N holds out", FinescopeWarning, stacklevel=2)
     return cfg, p
 
 
