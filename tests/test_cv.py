@@ -812,3 +812,22 @@ def test_a_splits_file_is_recorded_as_the_folds_it_holds_and_contradicting_flags
     assert record["folds"] == ["fold0", "fold1"]
     extra = json.loads((tmp_path / "b" / "splits.json").read_text())["extra"]
     assert extra["folds"] == 2 and extra["trials"] == 0
+
+
+def test_a_splits_files_validation_sides_are_recorded_at_the_fraction_that_carved_them(tmp_path, capsys):
+    """cv --splits A/splits.json --set data.val_fraction=0.3 trained A's validation sides (carved at A's fraction)
+    and its cv.json and the folds' config.yaml said 0.3. A's fraction, which its splits.json now records, is what a
+    reuse records, and one line says that the other one is not read."""
+    root = _two_class_folders(tmp_path / "data")
+    args = _tiny_cv_args(tmp_path, root, ", val_fraction: 0", batch_size=8)
+    assert main(args) == 0
+    assert json.loads((tmp_path / "o" / "splits.json").read_text())["extra"]["val_fraction"] == 0.0
+    capsys.readouterr()
+    reuse = [*args[:args.index("--folds")], "--splits", str(tmp_path / "o" / "splits.json"), "--out",
+             str(tmp_path / "b"), "--quiet", "--set", "data.val_fraction=0.3"]
+    assert main(reuse) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"finescope: warning: the validation sides of --splits '{tmp_path / 'o' / 'splits.json'}' were "
+                   "carved at data.val_fraction=0.0 and are reused as they are; data.val_fraction=0.3 is not read"]
+    assert json.loads((tmp_path / "b" / "cv.json").read_text())["settings"]["config"]["data"]["val_fraction"] == 0.0
+    assert load_config(tmp_path / "b" / "runs" / "global" / "fold0" / "config.yaml").data.val_fraction == 0.0

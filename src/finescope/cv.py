@@ -528,6 +528,23 @@ def splits_protocol(path: str | Path, p: Protocol) -> Protocol:
     return replace(p, folds=0, trials=count, test_fraction=fraction if ok else p.test_fraction)
 
 
+def _splits_val_fraction(path: str | Path, cfg: Config) -> Config:
+    """``cfg`` with the ``data.val_fraction`` that carved the validation sides of the cv splits file ``path``,
+    where it records one (with a warning when ``cfg``'s differs: a reuse does not carve them again)."""
+    try:
+        extra = json.loads(Path(path).read_text()).get("extra")
+        used = extra["val_fraction"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        return cfg
+    if not isinstance(used, (int, float)) or isinstance(used, bool) or not 0.0 <= used < 1.0:
+        return cfg
+    if float(used) != cfg.data.val_fraction:
+        warnings.warn(f"the validation sides of --splits '{path}' were carved at data.val_fraction={float(used)} and "
+                      f"are reused as they are; data.val_fraction={cfg.data.val_fraction} is not read",
+                      FinescopeWarning, stacklevel=3)
+    return replace(cfg, data=replace(cfg.data, val_fraction=float(used)))
+
+
 def _check_given(given: Collection[str], asked: Protocol, used: Protocol, splits_file: str) -> None:
     """Refuse protocol flags (``given``: ``folds``, ``trials``, ``test_fraction``) that the folds of ``--splits``
     contradict: cv trains the file's folds as they are, so a --trials 5 beside a 2-fold file would be ignored."""
@@ -613,7 +630,8 @@ def _check_finished_config(run_dir: Path, cfg: Config) -> None:
 
 
 def _write_fold_files(out: Path, folds: list[Fold], sample_set: SampleSet, cfg: Config, p: Protocol) -> None:
-    save_cv_splits(out / "splits.json", folds, sample_set, extra={"seed": cfg.seed, **asdict(p)})
+    save_cv_splits(out / "splits.json", folds, sample_set,
+                   extra={"seed": cfg.seed, **asdict(p), "val_fraction": cfg.data.val_fraction})
     for f in folds:
         save_splits(out / "folds" / f.name / "splits.json", f.splits, sample_set, extra={"fold": f.name})
     record = {"settings": _stored_settings(cfg, p), "variants": list(p.variants), "reference": p.ref,
@@ -653,6 +671,7 @@ def run_cv(
     asked = p
     if splits_file:  # what is trained and recorded: the file's folds
         p = splits_protocol(splits_file, p)
+        cfg = _splits_val_fraction(splits_file, cfg)
     check_outside_data(cfg.data, out)
     _check_not_a_run(out)
     trained = _trained_anything(out)  # else its cv.json and splits.json record what nothing was trained on
