@@ -541,8 +541,9 @@ def test_splits_file_that_is_not_a_cv_file(tmp_path):
     lambda raw: raw["folds"][1].__setitem__("name", raw["folds"][0]["name"]),  # taken as the first, finished
     lambda raw: raw["folds"][0].__setitem__("name", ""),
     lambda raw: raw["folds"][0].__setitem__("magnification", [40]),  # a TypeError traceback
+    lambda raw: raw["folds"].clear(),  # cv trained nothing, then "'predictions.csv' holds no predictions"
 ], ids=["no-splits", "not-a-fold", "no-class-names", "renamed-side", "no-test-side", "path-name", "same-name",
-        "no-name", "magnification-list"])
+        "no-name", "magnification-list", "no-fold"])
 def test_a_hand_edited_cv_splits_file_is_one_clear_error(tmp_path, damage):
     from finescope.cv import save_cv_splits
 

@@ -374,6 +374,8 @@ def load_cv_splits(path: str | Path, sample_set: SampleSet, per_magnification: b
         raw = None
     if not isinstance(raw, dict) or raw.get("format") != CV_FORMAT or not isinstance(raw.get("folds"), list):
         raise FinescopeError(f"{what} is not a finescope cv splits file ({CV_FORMAT}); {fix}")
+    if not raw["folds"]:  # else nothing is trained and the summary finds no predictions
+        raise FinescopeError(f"{what} holds no fold (the file is damaged or was edited); {fix}")
     if raw.get("class_names") != list(sample_set.class_names):
         raise FinescopeError(
             f"{what} is for classes {raw.get('class_names')} but the data has {sample_set.class_names}; "
