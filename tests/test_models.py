@@ -252,6 +252,18 @@ def test_weights_that_do_not_fit(tmp_path):
         create_backbone("resnet18", weights=str(tmp_path / "best.pt"))
 
 
+def test_weights_that_are_no_torch_file_are_one_line_that_ends_in_its_advice(tmp_path):
+    """A text file given as model.weights cut torch.load's long first line at 120 characters, mid-word ('... in
+    `torch.load` fr)'); the reason is now shortened at a word, marked, before the advice."""
+    (tmp_path / "README.md").write_text("# not weights\n" * 50)
+    with pytest.raises(FinescopeError) as caught:
+        create_backbone("resnet18", weights=str(tmp_path / "README.md"))
+    line = str(caught.value)
+    reason = line.split(" could not be read as a state dict (", 1)[1].rsplit("); pass a file saved", 1)[0]
+    assert "\n" not in line and line.endswith("pass a file saved with torch.save(model.state_dict())")
+    assert len(reason) <= 160 and reason.endswith("`torch.load` …"), reason  # cut after a word, marked
+
+
 def test_torchvision_weights_round_trip(tmp_path):
     import torchvision
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import textwrap
 import urllib.parse
 import urllib.request
 from collections import Counter
@@ -187,9 +188,10 @@ def _read_state_dict(path: str) -> dict:
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt files
-        reason = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = textwrap.shorten(reason, 120, placeholder=" …")  # at a word: torch's first line runs long
         raise FinescopeError(f"model.weights file '{path}' could not be read as a state dict ({type(e).__name__}: "
-                             f"{reason[:120]}); pass a file saved with torch.save(model.state_dict())") from None
+                             f"{reason}); pass a file saved with torch.save(model.state_dict())") from None
     if not isinstance(state, dict):
         raise FinescopeError(f"model.weights file '{path}' does not hold a state dict (got {type(state).__name__})")
     if "config" in state and "class_names" in state:  # a whole finescope model, not a backbone's weights
