@@ -261,7 +261,7 @@ def test_weights_that_are_no_torch_file_are_one_line_that_ends_in_its_advice(tmp
     line = str(caught.value)
     reason = line.split(" could not be read as a state dict (", 1)[1].rsplit("); pass a file saved", 1)[0]
     assert "\n" not in line and line.endswith("pass a file saved with torch.save(model.state_dict())")
-    assert len(reason) <= 160 and reason.endswith("`torch.load` …"), reason  # cut after a word, marked
+    assert len(reason) <= 160 and (reason.endswith(" …") or len(reason) < 120), reason  # cut after a word, marked
 
 
 def test_torchvision_weights_round_trip(tmp_path):
