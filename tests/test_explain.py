@@ -472,7 +472,9 @@ def test_the_pointing_game_measured_without_curves_is_shown_for_a_model_without_
     assert re.search(r"<td>gradcam</td><td>–</td><td>–</td><td>[\d.]+ \(n=\d+\)</td>", page)
 
 
-def test_explain_folder_skips_unreadable_files_and_notes_other_sizes(tmp_path, capsys):
+def _explain_a_mixed_folder(tmp_path: Path, name: str, height: int, width: int) -> Path:
+    """``explain`` (global run, no faithfulness) of a folder holding a 96x96 image like the run's, the image
+    ``name`` of ``height`` x ``width`` and an unreadable file; its --out folder."""
     from PIL import Image
 
     from finescope.cli import main
@@ -481,10 +483,15 @@ def test_explain_folder_skips_unreadable_files_and_notes_other_sizes(tmp_path, c
     folder = tmp_path / "mixed" / "typical"  # a folder named like a class gives the true label
     folder.mkdir(parents=True)
     Image.fromarray(image(96, 96).permute(1, 2, 0).numpy()).save(folder / "ok.png")
-    Image.fromarray(image(300, 200).permute(1, 2, 0).numpy()).save(folder / "big.png")
+    Image.fromarray(image(height, width).permute(1, 2, 0).numpy()).save(folder / name)
     (folder / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "out"
     assert main(["explain", str(run), str(tmp_path / "mixed"), "--out", str(out), "--no-faithfulness", *FAST]) == 0
+    return out
+
+
+def test_explain_folder_skips_unreadable_files_and_notes_other_sizes(tmp_path, capsys):
+    out = _explain_a_mixed_folder(tmp_path, "big.png", 300, 200)
     summary = json.loads((out / "faithfulness.json").read_text())
     assert summary["images"] == 2 and [Path(s["path"]).name for s in summary["skipped"]] == ["broken.png"]
     assert "broken.png" in (out / "index.html").read_text()
@@ -499,18 +506,7 @@ def test_explain_counts_each_reason_it_skipped_files_for(tmp_path, capsys):
     """explain's closing line said 'skipped 2 unreadable files' where one file was unreadable and the other a
     readable strip too long and thin for the model's global view; it now counts each reason, as do the gallery
     and each entry of faithfulness.json's skipped."""
-    from PIL import Image
-
-    from finescope.cli import main
-
-    run = make_run(tmp_path, "global")
-    folder = tmp_path / "mixed" / "typical"
-    folder.mkdir(parents=True)
-    Image.fromarray(image(96, 96).permute(1, 2, 0).numpy()).save(folder / "ok.png")
-    Image.fromarray(image(4, 2000).permute(1, 2, 0).numpy()).save(folder / "thin.png")
-    (folder / "broken.png").write_bytes(b"not a png")
-    out = tmp_path / "out"
-    assert main(["explain", str(run), str(tmp_path / "mixed"), "--out", str(out), "--no-faithfulness", *FAST]) == 0
+    out = _explain_a_mixed_folder(tmp_path, "thin.png", 4, 2000)
     skipped = json.loads((out / "faithfulness.json").read_text())["skipped"]
     assert {Path(s["path"]).name: s["kind"] for s in skipped} == {
         "broken.png": "unreadable", "thin.png": "too long and thin for the model's view"}
