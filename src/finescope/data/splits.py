@@ -393,9 +393,8 @@ def split_digest(splits: dict[str, np.ndarray], sample_set: SampleSet) -> str:
     """SHA-256 of the images (relative paths) of every side: what a checkpoint records of the split it trained on,
     so that a resume which draws it again (its ``splits.json`` gone) can tell another split from it."""
     rel = [_key(_relative(s.path, sample_set.root)) for s in sample_set.samples]  # as splits files are matched
-    sides = {side: sorted(rel[i] for i in np.asarray(idx, dtype=np.int64).tolist()) for side, idx in splits.items()
-             if len(idx)}
-    return hashlib.sha256(json.dumps(sides, sort_keys=True).encode()).hexdigest()
+    lines = sorted(f"{side}\t{rel[i]}" for side, idx in splits.items() for i in np.asarray(idx, dtype=np.int64).tolist())
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def empty_split_error(split: str, splits: dict[str, np.ndarray], run: str | Path) -> FinescopeError:
