@@ -725,6 +725,26 @@ def test_a_validation_side_of_one_class_under_monitor_auc_is_named_before_traini
     assert trainer.thin_split_warnings(splits, data, auc, drawn=False) == []
 
 
+def test_a_drawn_validation_side_without_a_trained_class_is_named_before_training():
+    """A class spares a group for validation only with 3 groups left after test: a drawn split whose validation
+    side held x but no y judged early stopping and best.pt by x alone, without a word (cv's folds said so,
+    train's own split did not). A split file or a cv fold (drawn=False) is told by cv itself."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    data = SimpleNamespace(labels=[0, 1, 0, 1, 0, 0, 1], groups=list("abcdefg"), class_names=["x", "y"])
+    splits = {"train": np.array([0, 1, 2, 3]), "val": np.array([4, 5]), "test": np.array([6, 2])}
+    cfg = load_config(None, [])
+    (message,) = trainer.thin_split_warnings(splits, data, cfg, drawn=True)
+    assert message.startswith("the validation split holds no image of y (a class spares a group for it only with 3 "
+                              "or more groups left after the test side): early stopping and best.pt judge the run by "
+                              "the other classes only") and "\n" not in message
+    assert trainer.thin_split_warnings(splits, data, cfg, drawn=False) == []
+    splits["val"] = np.array([4, 6])
+    assert trainer.thin_split_warnings(splits, data, cfg, drawn=True) == []
+
+
 def test_a_finished_run_trained_on_is_not_marked_finished_until_it_is(synthetic_root, tmp_path, monkeypatch):
     out = tmp_path / "run"
     _train(synthetic_root, out, variant="global", epochs=1)

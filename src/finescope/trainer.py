@@ -378,7 +378,7 @@ def thin_split_warnings(splits: dict[str, np.ndarray], sample_set: SampleSet, cf
     its fraction asks for one (:func:`~finescope.data.splits.split_groups` gives a class's group to test when
     the class has 2, and to validation when 3 remain after test), a test side that lacks some classes, whose
     metrics then describe the others only, and a validation side of one class under ``train.monitor: auc``,
-    which it cannot measure."""
+    which it cannot measure, or (drawn) one without some trained classes, which early stopping then ignores."""
     messages = []
     trained = {sample_set.labels[i] for i in np.asarray(splits.get("train", []), dtype=np.int64).tolist()}
     untrained = [name for c, name in enumerate(sample_set.class_names) if c not in trained]
@@ -412,6 +412,13 @@ def thin_split_warnings(splits: dict[str, np.ndarray], sample_set: SampleSet, cf
                         f"class ({sample_set.class_names[present[0]]}); best.pt would stay the first epoch and early "
                         "stopping end the run train.patience epochs later. Set train.monitor to balanced_accuracy "
                         "or loss, or split so that validation holds two classes")
+    elif drawn and present and (unjudged := [name for c, name in enumerate(sample_set.class_names)
+                                             if c in trained and c not in present]):
+        # a class spares a group for validation only with 3 groups left after test (cv's folds say so themselves)
+        messages.append(f"the validation split holds no image of {', '.join(unjudged)} (a class spares a group for "
+                        "it only with 3 or more groups left after the test side): early stopping and best.pt judge "
+                        "the run by the other classes only; add groups (patients) to those classes, or set "
+                        "data.val_fraction=0 to train to the last epoch")
     return messages
 
 
