@@ -15,13 +15,18 @@ Agreement: fresh random full-resolution inputs; reference = the same model in fl
 error ||out - ref|| / ||ref|| of the global logits and the attention for fp32 and for bf16 and fp16 autocast
 (``train.amp``; on a CPU through ``torch.autocast("cpu")``, which finescope's training does not use there);
 limits: fp32 1e-3, bf16 and fp16 2e-2, never NaN.
-The fused logits depend on the selected boxes, a discontinuous function of the attention: they are compared on
-the images whose boxes agree with the reference within 1 pixel, and the number of such images is reported.
+The fused logits depend on the selected boxes, a discontinuous function of the attention (a threshold), so they
+are compared with the reference read from the device's own boxes; how far the boxes themselves moved is reported
+apart: the images whose boxes agree with the reference's within 1 pixel, and the largest move. (Until the commit
+after e36b251 the fused logits were compared with the reference's own, on the images whose boxes agreed within
+1 pixel: a move under a pixel moved the crops, and mobilenet_v2 fp16 failed at 3.4e-2 on 2 images of 4, on a
+CPU as on the H200.)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -30,6 +35,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -41,7 +47,7 @@ from finescope.config import ModelConfig, load_config  # noqa: E402
 from finescope.data import colour_jitter, load_samples  # noqa: E402
 from finescope.engine import autocast, compute_loss  # noqa: E402
 from finescope.errors import FinescopeError  # noqa: E402
-from finescope.models import create_model  # noqa: E402
+from finescope.models import create_model, network  # noqa: E402
 
 LIMITS = {"fp32": 1e-3, "bf16": 2e-2, "fp16": 2e-2}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -53,8 +59,23 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm().clamp(min=1e-30))
 
 
+def reference_at(ref_model: torch.nn.Module, images: torch.Tensor, sizes: torch.Tensor, boxes: torch.Tensor):
+    """The float64 reference's outputs with its crops read from ``boxes`` (the device's own): the selection is a
+    threshold, so a rounding that moves a box edge moves the crop and the fused logits with it; against the
+    reference's crops of the same boxes, the fused logits measure the arithmetic alone."""
+    given = boxes.detach().cpu().float()  # as the selection gives them, also in float64
+
+    def select(*args, **kwargs):
+        return given, torch.zeros(given.shape[:2]), None
+
+    with mock.patch.object(network, "select_boxes_deferred", select):
+        return ref_model(images.double(), sizes)
+
+
 def agreement(backbone: str, size: tuple[int, int], device: torch.device, weights: str, batch: int) -> list[dict]:
-    """Compare the model on ``device`` (fp32, bf16 and fp16 autocast) with a float64 CPU reference."""
+    """Compare the model on ``device`` (fp32, bf16 and fp16 autocast) with a float64 CPU reference: global logits
+    and attention as they are; the fused logits against the reference read from the device's boxes
+    (:func:`reference_at`); the boxes themselves by their largest difference in pixels."""
     torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 here
     torch.backends.cuda.matmul.allow_tf32 = False
     cfg = ModelConfig(variant="fusion", backbone=backbone, weights=weights if backbone == "mobilenet_v2" else "",
@@ -65,20 +86,22 @@ def agreement(backbone: str, size: tuple[int, int], device: torch.device, weight
     images = torch.rand(batch, 3, *size, generator=g)
     sizes = torch.tensor([list(size)] * batch)
     with torch.no_grad():
-        ref = model.double()(images.double(), sizes)
+        ref_model = copy.deepcopy(model).double()
+        ref = ref_model(images.double(), sizes)
         model = model.float().to(device)
         rows = []
         for precision in LIMITS:
             with torch.autocast(device.type, dtype=DTYPES.get(precision, torch.bfloat16), enabled=precision in DTYPES):
                 out = model(images.to(device), sizes)
-            same = ((out.boxes.float().cpu() - ref.boxes.float()).abs().amax(dim=(1, 2)) <= 1.0)
-            fused = rel_err(out.logits[same.to(device)], ref.logits[same]) if same.any() else None
+            moved = (out.boxes.float().cpu() - ref.boxes.float()).abs().amax(dim=(1, 2))  # pixels, per image
             errs = {"global_logits": rel_err(out.global_logits, ref.global_logits),
-                    "attention": rel_err(out.attention, ref.attention)}
+                    "attention": rel_err(out.attention, ref.attention),
+                    "fused_logits": rel_err(out.logits, reference_at(ref_model, images, sizes, out.boxes).logits)}
             finite = all(torch.isfinite(t.float()).all() for t in (out.logits, out.global_logits, out.attention))
-            ok = finite and max(errs.values()) < LIMITS[precision] and (fused is None or fused < LIMITS[precision])
-            rows.append({"backbone": backbone, "precision": precision, **errs, "fused_logits": fused,
-                         "boxes_agree": f"{int(same.sum())}/{batch}", "finite": bool(finite), "pass": bool(ok)})
+            ok = finite and max(errs.values()) < LIMITS[precision]
+            rows.append({"backbone": backbone, "precision": precision, **errs,
+                         "boxes_agree": f"{int((moved <= 1.0).sum())}/{batch}", "boxes_max_px": float(moved.max()),
+                         "finite": bool(finite), "pass": bool(ok)})
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cuda.matmul.allow_tf32 = True
     return rows
@@ -322,11 +345,9 @@ def labelled_table(summary: dict, out: Path) -> str:
 
 def final_table(summary: dict, out: Path) -> str:
     """The short table printed last."""
-    def fused(r: dict) -> str:  # compared only on the images whose boxes agree with the reference
-        return "-" if r["fused_logits"] is None else f"{r['fused_logits']:.2e}"
-
     rows = [[f"agree {r['backbone']} {r['precision']}", f"logits {r['global_logits']:.2e}, attn {r['attention']:.2e}, "
-             f"fused {fused(r)} (boxes {r['boxes_agree']})", "PASS" if r["pass"] else "FAIL"]
+             f"fused {r['fused_logits']:.2e} at the device's boxes (boxes within 1 px: {r['boxes_agree']}, largest "
+             f"move {r['boxes_max_px']:.2f} px)", "PASS" if r["pass"] else "FAIL"]
             for r in summary["agreement"]]
     graph = summary.get("selection_graph")
     if graph:

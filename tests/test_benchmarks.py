@@ -569,6 +569,34 @@ def test_gpu_check_table_shows_the_selection_graph_of_each_way(tmp_path):
     assert "0.310 against 5.200 ms per call (16 maps; grid components, graph: 0.220) | PASS" in table
 
 
+def test_gpu_check_reference_reads_its_crops_from_the_boxes_given():
+    """The agreement's fused logits are compared with the float64 reference read from the device's boxes: a box
+    that moves under a pixel moves the crop, and comparing with the reference's own boxes failed mobilenet_v2 in
+    fp16 (3.4e-2) on arithmetic that agrees (3.0e-3 at the same boxes). Given the reference's own boxes it gives
+    its logits; given boxes one pixel away, other logits, so the boxes given are the ones read."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+
+    from finescope.config import ModelConfig
+    from finescope.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(variant="fusion", backbone="tiny", global_size=64, local_size=64), 3).eval()
+    model = model.double()
+    images = torch.rand(2, 3, 96, 128)
+    sizes = torch.tensor([[96, 128], [96, 128]])
+    with torch.no_grad():
+        ref = model(images.double(), sizes)
+        same = gpu_check.reference_at(model, images, sizes, ref.boxes.float())
+        moved = gpu_check.reference_at(model, images, sizes, ref.boxes + 1.0)
+    torch.testing.assert_close(same.logits, ref.logits, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(same.global_logits, ref.global_logits, rtol=0, atol=0)
+    assert (moved.logits - ref.logits).abs().max() > 1e-6
+    torch.testing.assert_close(moved.boxes, ref.boxes + 1.0)
+
+
 def test_bench_data_names_an_unknown_epoch_backbone_before_timing(tmp_path):
     """--epoch-backbone NAME that finescope does not know is named before the loader is timed (it came only
     after every loader row, minutes into a run on the real sets)."""
