@@ -23,7 +23,9 @@ training steps of a fresh model as the trainer runs it (channels-last, fused Ada
 CUDA, PyTorch sends every depthwise convolution of channels-last activations to cuDNN, whatever the precision.
 ``cl-dw`` and ``contiguous-dw`` run the depthwise convolutions (forward and backward) with cuDNN switched off and
 leave the rest to cuDNN: at 2d64d1b on the H200 a new shape cost mobilenet_v2 in fp16 8-14 s, all of it in cuDNN
-(0.2 s with cuDNN off for the whole step), and these say whether the depthwise convolutions are where it goes.
+(0.2 s with cuDNN off for the whole step), and these say whether the depthwise convolutions are where it goes:
+at e36b251 they were (a new batch size 86 ms against 11 s, a known step 83 against 61 ms), and the model runs
+them so with ``train.cudnn_depthwise: false`` (:func:`finescope.models.backbones.depthwise_without_cudnn`).
 
     PYTHONPATH=src python benchmarks/new_shape_cost.py --device cuda --out /tmp/new_shape.json
 
@@ -60,6 +62,7 @@ from common import (  # noqa: E402
 from finescope.config import ModelConfig  # noqa: E402
 from finescope.engine import autocast, compute_loss, make_grad_scaler  # noqa: E402
 from finescope.models import create_model  # noqa: E402
+from finescope.models.backbones import depthwise_without_cudnn  # noqa: E402
 from finescope.trainer import fused_adamw  # noqa: E402
 
 
@@ -122,44 +125,6 @@ def infer_step(model, batch: int, size: tuple[int, int], device: torch.device, a
             model(images, sizes)
 
     return timed(step, device, host)
-
-
-class _DepthwiseWithoutCudnn(torch.autograd.Function):
-    """A depthwise convolution whose forward and backward passes both run with cuDNN switched off (PyTorch's own
-    depthwise kernels on CUDA), in the precision autocast would give it."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, conv):
-        kind = x.device.type
-        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-        with torch.autocast(kind, enabled=False), torch.backends.cudnn.flags(enabled=False):
-            out = torch.nn.functional.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-        ctx.save_for_backward(x, weight)
-        ctx.conv, ctx.has_bias = conv, bias is not None
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        c = ctx.conv
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-        with torch.backends.cudnn.flags(enabled=False):
-            gx, gw, gb = torch.ops.aten.convolution_backward(
-                grad.to(x.dtype), x, weight, [weight.shape[0]] if ctx.has_bias else None, c.stride, c.padding,
-                c.dilation, False, [0, 0], c.groups, mask)
-        return gx, gw, gb, None  # autograd casts each to its input's dtype
-
-
-def depthwise_without_cudnn(model: torch.nn.Module) -> int:
-    """Send every depthwise convolution of ``model`` through :class:`_DepthwiseWithoutCudnn`; their number."""
-    n = 0
-    for m in model.modules():
-        if isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels:
-            m.forward = lambda x, m=m: _DepthwiseWithoutCudnn.apply(x, m.weight, m.bias, m)
-            n += 1
-    return n
 
 
 def measure(backbone: str, amp: str, layout: str, args, device: torch.device) -> dict:

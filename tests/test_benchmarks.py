@@ -143,31 +143,6 @@ def test_new_shape_cost_reports_each_steps_kernel_time_and_page_faults(tmp_path)
     assert "Kernel time (s) and minor page faults" in out.with_suffix(".md").read_text()
 
 
-@pytest.mark.parametrize("amp", [False, True])
-def test_depthwise_without_cudnn_computes_what_the_convolution_does(amp):
-    # new_shape_cost's cl-dw / contiguous-dw runs: the same outputs and gradients, in autocast's precision
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import copy
-
-    import torch
-    from new_shape_cost import depthwise_without_cudnn
-
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8),
-                              torch.nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), torch.nn.Conv2d(8, 4, 1))
-    twin = copy.deepcopy(net)
-    assert depthwise_without_cudnn(twin) == 2
-    x = torch.randn(2, 3, 16, 20)
-    results = []
-    for model in (net, twin):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            out = model(x)
-        out.float().square().sum().backward()
-        results.append([out.float(), *(p.grad for p in model.parameters())])
-    for a, b in zip(*results):
-        assert a.dtype == b.dtype and torch.allclose(a, b, rtol=1e-5, atol=1e-5)
-
-
 def test_bench_model_cpu_tiny(tmp_path):
     out = tmp_path / "m.json"
     cmd = [sys.executable, "benchmarks/bench_model.py", "--device", "cpu", "--backbones", "tiny", "--sizes", "96x128",

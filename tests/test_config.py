@@ -111,6 +111,19 @@ def test_cpu_amp_is_off_by_default_and_offers_bf16_only():
         load_config(None, ["train.cpu_amp=fp16"])
 
 
+def test_cudnn_depthwise_setting_reaches_the_model_and_is_refused_under_compile():
+    from finescope.models.backbones import DepthwiseConv2dWithoutCudnn
+    from finescope.trainer import build_model
+
+    assert load_config(None).train.cudnn_depthwise is True
+    for value, count in (("true", 0), ("false", 17)):
+        cfg = load_config(None, [f"train.cudnn_depthwise={value}", "model.backbone=mobilenet_v2"])
+        model = build_model(cfg, 2, torch.device("cpu"))
+        assert sum(type(m) is DepthwiseConv2dWithoutCudnn for m in model.modules()) == count
+    with pytest.raises(FinescopeError, match="'train.cudnn_depthwise' .* 'train.compile' .*set train.compile=off"):
+        load_config(None, ["train.cudnn_depthwise=false", "train.compile=reduce-overhead"])
+
+
 def test_selection_graph_setting_reaches_the_model():
     from finescope.trainer import build_model
 

@@ -1133,6 +1133,59 @@ def test_folding_batchnorm_keeps_the_predictions_and_the_module_names(backbone):
     model.eval()  # inference stays allowed
 
 
+@pytest.mark.parametrize("amp", [False, True])
+def test_depthwise_without_cudnn_computes_what_the_convolution_does(amp):
+    """train.cudnn_depthwise=false: the depthwise convolutions (not the others) run through their own forward
+    and backward, with the outputs and gradients of nn.Conv2d, in autocast's precision, and the same state dict."""
+    import copy
+
+    from finescope.models.backbones import DepthwiseConv2dWithoutCudnn, depthwise_without_cudnn
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8),
+                              torch.nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), torch.nn.Conv2d(8, 4, 1),
+                              torch.nn.Conv2d(4, 4, 3, padding=1, groups=2))  # grouped, not depthwise
+    twin = copy.deepcopy(net)
+    assert depthwise_without_cudnn(twin) == 2
+    assert [type(m) is DepthwiseConv2dWithoutCudnn for m in twin] == [False, True, True, False, False]
+    assert twin.state_dict().keys() == net.state_dict().keys()
+    assert type(copy.deepcopy(twin)[1]) is DepthwiseConv2dWithoutCudnn  # EMA copies, fold_batchnorm's copies
+    x = torch.randn(2, 3, 16, 20, requires_grad=True)
+    results = []
+    for model in (net, twin):
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = model(x)
+        out.float().square().sum().backward()
+        results.append([out.float(), x.grad, *(p.grad for p in model.parameters())])
+    for a, b in zip(*results, strict=True):
+        assert a.dtype == b.dtype and torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_folding_batchnorm_reaches_depthwise_convolutions_without_cudnn():
+    """fold_batchnorm traces the model with torch.fx, which would trace into a Conv2d subclass (not torch's
+    own) and fold none: every BatchNorm of mobilenet_v2 still folds with its depthwise convolutions made
+    DepthwiseConv2dWithoutCudnn, which they stay, and the predictions agree."""
+    from finescope.models.backbones import DepthwiseConv2dWithoutCudnn, depthwise_without_cudnn
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(variant="fusion", backbone="mobilenet_v2", global_size=64, local_size=32,
+                                     num_crops=2), 2)
+    bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for bn in bns:
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    assert depthwise_without_cudnn(model) == 17
+    model = model.eval()
+    images, sizes = torch.rand(2, 3, 96, 128), torch.tensor([[96, 128], [80, 128]])
+    with torch.no_grad():
+        before = model(images, sizes)
+        assert model.fold_batchnorm() == len(bns)
+        after = model(images, sizes)
+    assert sum(type(m) is DepthwiseConv2dWithoutCudnn for m in model.modules()) == 17
+    torch.testing.assert_close(after.logits, before.logits, rtol=1e-4, atol=1e-4)
+
+
 def _same_partition(ours: torch.Tensor, ref) -> bool:
     """Two labellings of one grid (0 = background) name the same components."""
     pairs = set(zip(ref.ravel().tolist(), ours.ravel().tolist(), strict=True))

@@ -125,6 +125,10 @@ class TrainConfig:
     cpu_amp: str = "off"  # autocast on the CPU: off | bf16 (fast where the CPU has AVX512-BF16 or AMX)
     channels_last: bool = True  # the model's weights channels-last (on CUDA global-hires' input batches too)
     selection_graph: bool = True  # CUDA, eager steps: replay the instance selection as a CUDA graph (same boxes)
+    # CUDA: depthwise convolutions (mobilenet_v2, efficientnet) through cuDNN; false: PyTorch's own kernels, where
+    # a new batch shape costs mobilenet_v2 in fp16 about 0.1 s instead of about 10 s and a known one 1.36x as long
+    # (H200, benchmarks/RESULTS.md); eager steps only (not with train.compile)
+    cudnn_depthwise: bool = True
     # torch.compile the training steps: off | default (inductor) | reduce-overhead (inductor + CUDA graphs, one
     # process only) | max-autotune; true reads as default, false as off. Compiled training drops each epoch's last
     # incomplete batch, so that every step has one shape (otherwise every image is read once per epoch)
@@ -494,6 +498,10 @@ def validate(cfg: Config) -> None:
         raise FinescopeError("config keys 'data.synthetic_per_class' (>= 1) and 'data.synthetic_size' (>= 64 "
                              f"pixels) are out of range: {cfg.data.synthetic_per_class}, {cfg.data.synthetic_size}")
     check_bit_depth(cfg.data.bit_depth)
+    if not cfg.train.cudnn_depthwise and cfg.train.compile != "off":
+        raise FinescopeError("config keys 'train.cudnn_depthwise' (false) and 'train.compile' "
+                             f"({cfg.train.compile}) do not go together: the depthwise convolutions leave cuDNN in "
+                             "eager steps only; set train.compile=off or train.cudnn_depthwise=true")
     if not re.fullmatch(DEVICES, cfg.train.device):
         raise FinescopeError(f"config key 'train.device' is '{cfg.train.device}'; choose auto, cpu, cuda or cuda:N")
     if not 0 <= cfg.seed < 2**32:

@@ -80,6 +80,7 @@ from finescope.errors import FinescopeError, FinescopeWarning, Interrupted, Term
 from finescope.files import atomic_open, finite_json, json_text, remove_temporaries, write_text
 from finescope.metrics import compute_metrics, patient_index
 from finescope.models import create_model
+from finescope.models.backbones import depthwise_without_cudnn
 from finescope.models.network import FineScopeNet, global_view_size
 
 log = logging.getLogger("finescope")
@@ -309,8 +310,11 @@ def build_model(cfg: Config, num_classes: int, device: torch.device) -> FineScop
     """The model of ``cfg`` on ``device``; with ``train.channels_last`` its weights in the channels-last layout,
     which the convolutions of CUDA and of the CPU (oneDNN) both run faster (the batches follow on CUDA, for
     ``global-hires`` only: :func:`finescope.engine.input_channels_last`); ``train.selection_graph`` sets its
-    ``selection_graph``."""
+    ``selection_graph``; ``train.cudnn_depthwise: false`` runs its depthwise convolutions without cuDNN
+    (:func:`~finescope.models.backbones.depthwise_without_cudnn`; on a CPU the same kernels as with it)."""
     model = create_model(cfg.model, num_classes).to(device)
+    if not cfg.train.cudnn_depthwise:
+        depthwise_without_cudnn(model)
     model.selection_graph = cfg.train.selection_graph
     model.global_in_loss = cfg.train.aux_weight > 0
     if cfg.train.channels_last:
@@ -509,7 +513,7 @@ def _log_epoch(run_dir: Path, row: dict) -> None:
 # unreadable test image is found only after the last epoch, whose error says to set it to skip
 RESUME_FREE = ("name", "data.root", "data.num_workers", "data.cache", "data.cache_dir", "data.on_error",
                "train.device", "train.eval_batch_size", "train.compile", "train.selection_graph",
-               "train.channels_last", "train.epochs", "train.patience")
+               "train.cudnn_depthwise", "train.channels_last", "train.epochs", "train.patience")
 
 
 # what may differ between the configs of a torchrun run's processes: where each machine finds the data and keeps its

@@ -123,6 +123,64 @@ def tiny_cnn(width: int = 16) -> Backbone:
     return Backbone(trunk, 8 * w, "tiny")
 
 
+class _DepthwiseWithoutCudnn(torch.autograd.Function):
+    """A depthwise convolution whose forward and backward passes both run with cuDNN switched off (PyTorch's own
+    depthwise kernels on CUDA), in the precision autocast would give it."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, conv):
+        kind = x.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(kind, enabled=False), torch.backends.cudnn.flags(enabled=False):
+            out = nn.functional.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        ctx.save_for_backward(x, weight)
+        ctx.conv, ctx.has_bias = conv, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        c = ctx.conv
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        with torch.backends.cudnn.flags(enabled=False):
+            gx, gw, gb = torch.ops.aten.convolution_backward(
+                grad.to(x.dtype), x, weight, [weight.shape[0]] if ctx.has_bias else None, c.stride, c.padding,
+                c.dilation, False, [0, 0], c.groups, mask)
+        return gx, gw, gb, None  # autograd casts each to its input's dtype
+
+
+class DepthwiseConv2dWithoutCudnn(nn.Conv2d):
+    """A depthwise ``nn.Conv2d`` (same parameters and state dict) that runs on PyTorch's own kernels instead of
+    cuDNN, forward and backward (``train.cudnn_depthwise: false``). cuDNN sets up a depthwise convolution of fp16
+    channels-last activations for each new input shape, at seconds per shape for mobilenet_v2's 17
+    (``benchmarks/new_shape_cost.py``)."""
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            return super()._conv_forward(x, weight, bias)
+        return _DepthwiseWithoutCudnn.apply(x, weight, bias, self)
+
+
+def depthwise_without_cudnn(module: nn.Module) -> int:
+    """Make every depthwise convolution of ``module`` a :class:`DepthwiseConv2dWithoutCudnn` (in place: the
+    parameters, their names and the state dict stay); the number of them."""
+    n = 0
+    for m in module.modules():
+        if type(m) is nn.Conv2d and m.groups > 1 and m.groups == m.in_channels == m.out_channels:
+            m.__class__ = DepthwiseConv2dWithoutCudnn
+            n += 1
+    return n
+
+
+class _ConvLeafTracer(torch.fx.Tracer):
+    """torch.fx's tracer, with every ``nn.Conv2d`` (subclasses too) a leaf, as torch's own convolutions are."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, nn.Conv2d) or super().is_leaf_module(m, qualname)
+
+
 def fold_batchnorm(module: nn.Module) -> int:
     """Fold every BatchNorm2d that alone reads a Conv2d's output into that convolution, for inference.
 
@@ -135,7 +193,7 @@ def fold_batchnorm(module: nn.Module) -> int:
         The number of BatchNorms folded.
     """
     try:
-        graph = torch.fx.symbolic_trace(module).graph
+        graph = _ConvLeafTracer().trace(module)
     except Exception:  # torch.fx raises many types on untraceable Python
         return 0
     modules = dict(module.named_modules())
