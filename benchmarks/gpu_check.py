@@ -1,8 +1,8 @@
 """One-shot GPU check: device-vs-CPU agreement, the selection's CUDA graph against the selection op by op, host
-syncs per step, a short real training run, what a new batch shape costs a training step and why
-(``new_shape_cost.py``), the data path, the benchmark table, the stage profile, then the diagnostics (the table
-at batch 64, the compiled step, and, with ``--train-compile MODE``, the training run again through
-``train.compile``). Writes everything under OUT and prints a short table last; every stage has its own time
+syncs per step, a short real training run, the data path, the benchmark table, the compiled step (its
+labelling's scatters against scans), the stage profile, then the diagnostics (the table at batch 64, what a new
+batch shape costs a training step and why (``new_shape_cost.py``), and, with ``--train-compile MODE``, the
+training run again through ``train.compile``). Writes everything under OUT and prints a short table last; every stage has its own time
 limit, cut to the script's budget, so a slow host loses the later stages first.
 
     PYTHONPATH=src python3 benchmarks/gpu_check.py OUT [--device cuda] [--data .gpu/breakhis]
@@ -274,9 +274,13 @@ def train_stage(out: Path, args, device: str, clock: Clock, compile_mode: str = 
 # budget stays inside the 475 s that gpu_check.sh allows. profile_compiled writes its JSON after each batch size,
 # so a stage cut short still reports batch 16. At 2d64d1b (H200): new_shape 51 s (its third run, mobilenet_v2
 # with the depthwise convolutions off cuDNN, came after: up to 45 s more, and a cut keeps the runs before it), data
-# 39 s, model 181 s, profile 16 s, batch64 65 s, which left compiled 45 s (cut).
-STAGE_SECONDS = {"profile": 40, "model": 260, "batch64": 70, "compiled": 95, "data": 90, "new_shape": 90}
-STAGE_ORDER = ("new_shape", "data", "model", "profile", "batch64", "compiled")
+# 39 s, model 181 s, profile 16 s, batch64 65 s, which left compiled 45 s (cut). At e36b251 (H200): everything
+# before the stages about 85 s, new_shape 69 s, data 41 s, model 186 s, profile 13 s, batch64 61 s, compiled cut at 33 s
+# again. new_shape had answered its question there (the depthwise convolutions, now train.cudnn_depthwise), and
+# the compiled step is the open one (compiled inference 1.40x its passes; the labelling's scatters against
+# cummax scans, which no GPU has timed), so compiled now comes after the model table and new_shape last.
+STAGE_SECONDS = {"profile": 40, "model": 260, "batch64": 70, "compiled": 130, "data": 90, "new_shape": 90}
+STAGE_ORDER = ("data", "model", "compiled", "profile", "batch64", "new_shape")
 STAGE_FILES = ("bench_model.json", "bench_batch64.json", "bench_data.json", "profile.json", "profile_compiled.json",
                "new_shape.json")  # what the stages write, read by final_table
 BUDGET_SECONDS = 465
@@ -289,10 +293,10 @@ def stage_timeout(args, name: str, clock: Clock) -> int:
 
 
 def bench_stages(out: Path, args, device: str, clock: Clock) -> dict:
-    """The cost of new batch shapes (``new_shape_cost.py``), the data path (4 passes an epoch; one orientation
-    off and on), the model benchmark table (batch 16), the stage profile, the table at batch 64 (BreakHis size)
-    and the compiled step (``profile_compiled.py``: torch.compile with CUDA graphs, fusion against its passes),
-    in that order (``STAGE_ORDER``)."""
+    """The data path (4 passes an epoch; one orientation off and on), the model benchmark table (batch 16), the
+    compiled step (``profile_compiled.py``: torch.compile with CUDA graphs, fusion against its passes, with
+    finescope's labelling and with ``cummax_components``), the stage profile, the table at batch 64 (BreakHis
+    size) and the cost of new batch shapes (``new_shape_cost.py``), in that order (``STAGE_ORDER``)."""
     weights = [f"mobilenet_v2={args.weights}"] if Path(args.weights).is_file() else []
     if args.quick:
         common = ["--device", device, "--backbones", "tiny", "--sizes", "128x192", "--batch", "2", "--warmup", "1",
@@ -311,7 +315,7 @@ def bench_stages(out: Path, args, device: str, clock: Clock) -> dict:
             "batch64": ["--device", device, "--sizes", "460x700", "--variants", "fusion", "--batch", "64",
                         "--warmup", "2", "--reps", "4", *(["--weights", *weights] if weights else [])],
         }
-        compiled = ["--backbone", "resnet18", "--size", "460x700", "--batch", "16", "64"]
+        compiled = ["--backbone", "resnet18", "--size", "460x700", "--batch", "16", "--labelling", "float", "cummax"]
         data = ["--workers", "8", "15", "--limit", "296", "--epoch-backbone", "resnet18", "--device", device,
                 "--augments", "microscopy", "none", "--caches", "none", "memory", "--colour-on", "device",
                 "--loader-one-orientation", "off", "on", "--repeat", "4", "--one-orientation", "on", "off",

@@ -29,21 +29,29 @@ def fake_breakhis(root: Path, per_class: int = 6) -> Path:
     return root
 
 
-def test_int32_labelling_of_the_ab_gives_finescope_labels():
-    """The int32 labelling that profile_compiled.py can swap in labels every grid as finescope's does, with the
-    convergence test and with the fixed rounds of torch.compile: the A/B compares costs, not results."""
+@pytest.mark.parametrize("labelling", ["int32", "cummax"])
+def test_labellings_of_the_ab_give_finescope_labels(labelling):
+    """The labellings that profile_compiled.py can swap in label every grid as finescope's does, 8- and
+    4-connected (the exact components ask for 4, with ``eight=False``: the A/B failed there), with the
+    convergence test, with the fixed rounds of torch.compile and with a CUDA graph's rounds and flag: the A/B
+    compares costs, not results."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import torch
-    from profile_compiled import int32_components
+    from profile_compiled import LABELLINGS
 
-    from finescope.models.selection import COMPILED_ROUNDS, _connected_components
+    from finescope.models.selection import COMPILED_ROUNDS, GRAPH_ROUNDS, _connected_components
 
+    ours = LABELLINGS[labelling]
     g = torch.Generator().manual_seed(0)
-    for _ in range(50):
+    for i in range(50):
         grid = torch.rand(3, 20, 28, generator=g) < torch.rand((), generator=g)
-        assert torch.equal(int32_components(grid), _connected_components(grid))
-        assert torch.equal(int32_components(grid, rounds=COMPILED_ROUNDS),
-                           _connected_components(grid, rounds=COMPILED_ROUNDS))
+        eight = i % 2 == 0
+        assert torch.equal(ours(grid, eight=eight), _connected_components(grid, eight=eight))
+        assert torch.equal(ours(grid, rounds=COMPILED_ROUNDS, eight=eight),
+                           _connected_components(grid, rounds=COMPILED_ROUNDS, eight=eight))
+        for a, b in zip(ours(grid, rounds=GRAPH_ROUNDS, report=True, eight=eight),
+                        _connected_components(grid, rounds=GRAPH_ROUNDS, report=True, eight=eight), strict=True):
+            assert torch.equal(a, b)
 
 
 def test_first_epoch_times_the_trainers_steps(tmp_path):
