@@ -1186,6 +1186,28 @@ def test_folding_batchnorm_reaches_depthwise_convolutions_without_cudnn():
     torch.testing.assert_close(after.logits, before.logits, rtol=1e-4, atol=1e-4)
 
 
+def test_folding_batchnorm_leaves_a_convolution_that_transforms_its_weight():
+    """A Conv2d subclass that standardises its weight in forward (timm's StdConv2d) would undo a BatchNorm folded
+    into that weight: only torch's own convolutions and DepthwiseConv2dWithoutCudnn are folded into."""
+    from finescope.models.backbones import fold_batchnorm
+
+    class StdConv(torch.nn.Conv2d):
+        def forward(self, x):
+            w = self.weight
+            w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+            return self._conv_forward(x, w, self.bias)
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(StdConv(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8)).eval()
+    net[1].running_mean.uniform_(-0.5, 0.5)
+    net[1].running_var.uniform_(0.5, 2.0)
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        before = net(x)
+        assert fold_batchnorm(net) == 0
+        torch.testing.assert_close(net(x), before)
+
+
 def _same_partition(ours: torch.Tensor, ref) -> bool:
     """Two labellings of one grid (0 = background) name the same components."""
     pairs = set(zip(ref.ravel().tolist(), ours.ravel().tolist(), strict=True))

@@ -175,10 +175,12 @@ def depthwise_without_cudnn(module: nn.Module) -> int:
 
 
 class _ConvLeafTracer(torch.fx.Tracer):
-    """torch.fx's tracer, with every ``nn.Conv2d`` (subclasses too) a leaf, as torch's own convolutions are."""
+    """torch.fx's tracer, with :class:`DepthwiseConv2dWithoutCudnn` a leaf, as torch's own convolutions are. Not
+    every ``nn.Conv2d`` subclass: one that transforms its weight in ``forward`` (timm's weight-standardised
+    ``StdConv2d``) would undo a folded BatchNorm, so such a one is traced into and folds nothing, as before."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, nn.Conv2d) or super().is_leaf_module(m, qualname)
+        return type(m) is DepthwiseConv2dWithoutCudnn or super().is_leaf_module(m, qualname)
 
 
 def fold_batchnorm(module: nn.Module) -> int:
