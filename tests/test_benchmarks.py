@@ -417,6 +417,21 @@ def test_gpu_check_skips_stages_past_its_budget(tmp_path):
     assert rc == 3
 
 
+def test_gpu_check_quick_stages_are_limited_by_the_budget_alone():
+    """The stages' own limits are sized for a GPU host; on a CPU that other work slowed, the CPU test's compiled
+    stage and profile ran past them (rc 124) with minutes of the budget left. Under --quick only the budget
+    limits a stage; on a GPU each keeps its own."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+
+    quick = gpu_check.parse_args(["/tmp/gc_unused", "--device", "cpu", "--quick", "--only-agreement"])
+    full = gpu_check.parse_args(["/tmp/gc_unused", "--device", "cpu", "--only-agreement", "--weights", ""])
+    clock = gpu_check.Clock(400)
+    assert gpu_check.stage_timeout(quick, "compiled", clock) > gpu_check.STAGE_SECONDS["compiled"]
+    assert gpu_check.stage_timeout(full, "compiled", clock) == gpu_check.STAGE_SECONDS["compiled"]
+    assert gpu_check.own_limit(quick, 100) == quick.budget and gpu_check.own_limit(full, 100) == 100
+
+
 @pytest.mark.parametrize("args, message", [
     (["bench_model.py", "--device", "cpu", "--weights", "mobilenet_v2=/no/such.pth"],
      "--weights mobilenet_v2: file '/no/such.pth' not found"),
