@@ -1162,6 +1162,30 @@ def test_depthwise_without_cudnn_computes_what_the_convolution_does(amp):
         assert a.dtype == b.dtype and torch.allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("padding,kernel", [("same", 3), ("same", 4), ("valid", 3)])
+def test_depthwise_without_cudnn_takes_padding_by_name(padding, kernel):
+    """A depthwise convolution with ``padding='same'`` or ``'valid'`` (timm's ConvMixer has 'same'): its backward
+    took the name where it needs pixels, and a training step with train.cudnn_depthwise=false raised torch's
+    RuntimeError. The outputs and gradients are nn.Conv2d's, the odd pixel of an even kernel's 'same' included."""
+    import copy
+
+    from finescope.models.backbones import depthwise_without_cudnn
+
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(4, 4, kernel, padding=padding, groups=4)
+    twin = copy.deepcopy(net)
+    assert depthwise_without_cudnn(twin) == 1
+    x = torch.randn(2, 4, 9, 11, requires_grad=True)
+    results = []
+    for model in (net, twin):
+        x.grad = None
+        out = model(x)
+        out.square().sum().backward()
+        results.append([out, x.grad, model.weight.grad, model.bias.grad])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(b, a)
+
+
 def test_folding_batchnorm_reaches_depthwise_convolutions_without_cudnn():
     """fold_batchnorm traces the model with torch.fx, which would trace into a Conv2d subclass (not torch's
     own) and fold none: every BatchNorm of mobilenet_v2 still folds with its depthwise convolutions made

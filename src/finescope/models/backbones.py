@@ -128,15 +128,15 @@ class _DepthwiseWithoutCudnn(torch.autograd.Function):
     depthwise kernels on CUDA), in the precision autocast would give it."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, conv):
+    def forward(ctx, x, weight, bias, conv, padding):
         kind = x.device.type
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
         with torch.autocast(kind, enabled=False), torch.backends.cudnn.flags(enabled=False):
-            out = nn.functional.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+            out = nn.functional.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, conv.groups)
         ctx.save_for_backward(x, weight)
-        ctx.conv, ctx.has_bias = conv, bias is not None
+        ctx.conv, ctx.padding, ctx.has_bias = conv, padding, bias is not None
         return out
 
     @staticmethod
@@ -146,9 +146,9 @@ class _DepthwiseWithoutCudnn(torch.autograd.Function):
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
         with torch.backends.cudnn.flags(enabled=False):
             gx, gw, gb = torch.ops.aten.convolution_backward(
-                grad.to(x.dtype), x, weight, [weight.shape[0]] if ctx.has_bias else None, c.stride, c.padding,
+                grad.to(x.dtype), x, weight, [weight.shape[0]] if ctx.has_bias else None, c.stride, ctx.padding,
                 c.dilation, False, [0, 0], c.groups, mask)
-        return gx, gw, gb, None  # autograd casts each to its input's dtype
+        return gx, gw, gb, None, None  # autograd casts each to its input's dtype
 
 
 class DepthwiseConv2dWithoutCudnn(nn.Conv2d):
@@ -160,7 +160,13 @@ class DepthwiseConv2dWithoutCudnn(nn.Conv2d):
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.padding_mode != "zeros":
             return super()._conv_forward(x, weight, bias)
-        return _DepthwiseWithoutCudnn.apply(x, weight, bias, self)
+        padding = self.padding
+        if isinstance(padding, str):  # 'same' or 'valid' in pixels (the backward takes no name), as torch pads them
+            left, right, top, bottom = self._reversed_padding_repeated_twice
+            if (left, top) != (right, bottom):  # an even kernel's 'same': the odd pixel goes right and below
+                x = nn.functional.pad(x, [0, right - left, 0, bottom - top])
+            padding = (top, left)
+        return _DepthwiseWithoutCudnn.apply(x, weight, bias, self, padding)
 
 
 def depthwise_without_cudnn(module: nn.Module) -> int:
