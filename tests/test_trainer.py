@@ -811,6 +811,19 @@ def test_a_run_of_an_older_finescope_or_another_machine_loads_as_trained(fusion_
     assert next(model.parameters()).device.type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def test_a_run_trained_with_compile_predicts_with_depthwise_convolutions_off_cudnn(fusion_run, tmp_path):
+    """train.cudnn_depthwise=false is refused beside train.compile in training; inference never compiles, so
+    predict/evaluate/explain of a run trained with train.compile take it (the README's case: a folder of many
+    image sizes), and the loaded config says train.compile off."""
+    out, _ = fusion_run
+    state = torch.load(out / "checkpoints" / "best.pt", weights_only=True)
+    state["config"]["train"]["compile"] = "default"
+    state["config"]["model"]["backbone"] = "tiny"
+    torch.save(state, tmp_path / "compiled.pt")
+    _, cfg, _, _ = trainer.load_trained(tmp_path / "compiled.pt", ["train.cudnn_depthwise=false"], device="cpu")
+    assert cfg.train.cudnn_depthwise is False and cfg.train.compile == "off"
+
+
 def _renamed_first_weight(state):
     key = next(iter(state["model"]))
     state["model"]["old." + key] = state["model"].pop(key)

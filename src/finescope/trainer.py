@@ -1137,6 +1137,9 @@ def load_trained(source: str | Path, overrides: list[str] | None = None, device:
         raise FinescopeError(f"checkpoint '{state['path']}' is not a finescope model (no config, class names or "
                              "weights); pass a run directory or a .pt written by finescope train")
     base = stored_config(state["config"])
+    # inference never compiles: a run trained with train.compile takes --set train.cudnn_depthwise=false, which
+    # training refuses beside it
+    base = {**base, "train": {**base.get("train", {}), "compile": "off"}}
     try:
         load_config(base=base)
     except FinescopeError as e:
