@@ -318,6 +318,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.out and Path(args.out).is_dir():
         raise SystemExit(f"bench_data.py: error: --out '{args.out}': is a folder; give a JSON file name")
+    if args.out and Path(args.out).suffix.lower() == ".md":  # the tables go to its .md: the JSON would be lost
+        raise SystemExit(f"bench_data.py: error: --out '{args.out}': give the JSON file's name (e.g. "
+                         f"{Path(args.out).with_suffix('.json')}); the tables are written beside it as .md")
     if args.out:  # an --out that cannot be written fails now, not after the timings
         try:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -122,11 +122,16 @@ def require_counts(parser: ArgumentParser, args, **least: int) -> None:
                 parser.error(f"--{name.replace('_', '-')}: give {low} or more, not {v}")
 
 
-def make_out_folder(parser: ArgumentParser, out: str | None) -> None:
+def make_out_folder(parser: ArgumentParser, out: str | None, md_beside: bool = True) -> None:
     """Make ``--out``'s folder now, or the parser's one-line error: an ``--out`` that cannot be written fails
-    before the timings, not after them with what they measured lost."""
+    before the timings, not after them with what they measured lost. ``md_beside``: the script writes its tables
+    beside the JSON as ``.md``, so an ``--out`` ending in ``.md`` is refused (the tables would overwrite the
+    JSON)."""
     if out and Path(out).is_dir():
         parser.error(f"--out '{out}': is a folder; give a JSON file name")
+    if out and md_beside and Path(out).suffix.lower() == ".md":
+        parser.error(f"--out '{out}': give the JSON file's name (e.g. {Path(out).with_suffix('.json')}); the "
+                     "tables are written beside it as .md")
     if out:
         try:
             Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="JSON file for the results")
     args = p.parse_args(argv)
     require_counts(p, args, epochs=1)
-    make_out_folder(p, args.out)
+    make_out_folder(p, args.out, md_beside=False)
     allocator_as_the_cli()
     cfg = load_config(args.config, args.set)
     device = resolve_device(cfg.train.device)

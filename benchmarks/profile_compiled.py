@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="JSON file for the results, written after each batch size")
     args = p.parse_args(argv)
     require_counts(p, args, batch=1, warmup=0, reps=1)
-    make_out_folder(p, args.out)
+    make_out_folder(p, args.out, md_beside=False)
     device = parse_device(p, args.device)
     parse_hw(p, "--size", args.size)
     results = {"environment": environment(device), "args": vars(args), "runs": []}

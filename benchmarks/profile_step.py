@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="JSON file for the results")
     args = p.parse_args(argv)
     require_counts(p, args, batch=1, reps=1)
-    make_out_folder(p, args.out)
+    make_out_folder(p, args.out, md_beside=False)
     device = parse_device(p, args.device)  # these three checked before the first backbone is timed
     size = parse_hw(p, "--size", args.size)
     weights = parse_weights(p, args.weights)

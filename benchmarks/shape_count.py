@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="JSON file for the results")
     args = p.parse_args(argv)
     require_counts(p, args, epochs=1, min_side=1, multiples=1, time_eval=0)
-    make_out_folder(p, args.out)
+    make_out_folder(p, args.out, md_beside=False)
     if args.make_varied:
         src, dst = (Path(v) for v in args.make_varied)
         if not src.is_dir():

@@ -706,6 +706,27 @@ def test_bench_model_out_naming_a_md_file_is_refused_before_the_tables_overwrite
                                    f"(e.g. {tmp_path / 'r.json'}); the tables are written beside it as .md")
 
 
+@pytest.mark.parametrize("args", [
+    ["bench_data.py", "--data", "/no/such/folder", "--decode-n", "0"],
+    ["crop_cost.py", "--cases", "64x64:1", "--boxes", "whole", "--reps", "1"],
+    ["resize_cost.py", "--reps", "1"],
+    ["box_grid.py", "--boxes", "1"],
+    ["malloc_cost.py", "--cases", "tiny:64x64:1:infer", "--rounds", "1", "--steps", "1"],
+    ["new_shape_cost.py", "--device", "cpu", "--runs", "tiny:off"],
+    ["selection_grid.py", "/dev/null/run", "/dev/null/x"],
+])
+def test_bench_out_naming_a_md_file_is_refused_before_the_tables_overwrite_the_json(tmp_path, args):
+    """Each of these writes its JSON to --out and its tables beside it as .md: --out r.md got the JSON, then the
+    tables over it, so the full results (every repetition, the machine) were lost after the timings."""
+    script, *rest = args
+    out = tmp_path / "r.md"
+    proc = subprocess.run([sys.executable, f"benchmarks/{script}", *rest, "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": "src"}, timeout=120)
+    assert proc.returncode != 0 and not proc.stdout and not out.exists()
+    assert (f"--out '{out}': give the JSON file's name (e.g. {tmp_path / 'r.json'}); the tables are written beside "
+            "it as .md") in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_gpu_check_sh_puts_a_relative_out_dir_where_it_was_run_from(tmp_path):
     """gpu_check.sh changed to the repository root before reading OUT_DIR, so a relative one given from another
     folder was made under the repository root, not where the user looked for it."""
