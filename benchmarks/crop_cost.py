@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     make_out_folder(p, args.out)
     device = parse_device(p, args.device)  # these checked before anything is timed
     for case in args.cases:
-        if case.count(":") != 1 or not case.split(":")[1].isdigit():
-            p.error(f"--cases: '{case}' is not HxW:BATCH (e.g. 460x700:2)")
+        if case.count(":") != 1 or not case.split(":")[1].isdigit() or int(case.split(":")[1]) < 1:
+            p.error(f"--cases: '{case}' is not HxW:BATCH with a batch of 1 or more (e.g. 460x700:2)")
         parse_hw(p, "--cases", case.split(":")[0])
     if args.weights and not Path(args.weights).is_file():
         p.error(f"--weights: file '{args.weights}' not found")

@@ -514,6 +514,8 @@ def test_gpu_check_quick_stages_are_limited_by_the_budget_alone():
     (["selection_cost.py", "--grid", "0x11", "--rounds-batches", "0"], "--grid: '0x11' is not HxW"),
     (["box_grid.py", "--sizes", "0x500", "--boxes", "1"], "--sizes: '0x500' is not HxW"),
     (["crop_cost.py", "--cases", "0x64:1", "--reps", "1"], "--cases: '0x64' is not HxW"),
+    # a batch of 0 was a RuntimeError traceback (max() of no crops) after the setup
+    (["crop_cost.py", "--cases", "64x64:0", "--reps", "1"], "--cases: '64x64:0' is not HxW:BATCH"),
     # a batch (or crop count) of 0 was a RuntimeError, ValueError or IndexError traceback after the setup
     (["bench_model.py", "--device", "cpu", "--backbones", "tiny", "--sizes", "64x64", "--modes", "infer",
       "--batch", "0"], "--batch: give 1 or more, not 0"),
