@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         parse_hw(p, "--cases", case.split(":")[0])
     if args.weights and not Path(args.weights).is_file():
         p.error(f"--weights: file '{args.weights}' not found")
+    if args.in_step:  # an unknown backbone or weights that do not fit it: said now, not after the crops' table
+        create_model(ModelConfig(variant="fusion", backbone=args.in_step, weights=args.weights), 2)
     allocator_as_the_cli()
     env = environment(device)
     rows = []

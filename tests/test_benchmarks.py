@@ -516,6 +516,12 @@ def test_gpu_check_quick_stages_are_limited_by_the_budget_alone():
     (["crop_cost.py", "--cases", "0x64:1", "--reps", "1"], "--cases: '0x64' is not HxW"),
     # a batch of 0 was a RuntimeError traceback (max() of no crops) after the setup
     (["crop_cost.py", "--cases", "64x64:0", "--reps", "1"], "--cases: '64x64:0' is not HxW:BATCH"),
+    # an unknown --in-step backbone or weights that do not fit it was said only after the crops' table was timed,
+    # that table lost
+    (["crop_cost.py", "--cases", "64x64:1", "--boxes", "whole", "--reps", "1", "--in-step", "nosuchnet"],
+     "crop_cost.py: error: unknown backbone 'nosuchnet'"),
+    (["crop_cost.py", "--cases", "64x64:1", "--boxes", "whole", "--reps", "1", "--in-step", "tiny", "--weights",
+      "README.md"], "crop_cost.py: error: model.weights file 'README.md' could not be read"),
     # a batch (or crop count) of 0 was a RuntimeError, ValueError or IndexError traceback after the setup
     (["bench_model.py", "--device", "cpu", "--backbones", "tiny", "--sizes", "64x64", "--modes", "infer",
       "--batch", "0"], "--batch: give 1 or more, not 0"),
