@@ -479,7 +479,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--out", help="JSON file for the full results (a .md with the tables is written beside it)")
     args = p.parse_args(argv)
-    require_counts(p, args, warmup=0, reps=1, batch=1, batch_large=0, num_crops=1, global_size=1, local_size=1)
+    require_counts(p, args, warmup=0, reps=1, batch=1, batch_large=0, num_crops=1, global_size=1, local_size=1,
+                   threads=0)
     # checked here, not when the group that needs them comes (minutes into a table), each with one line
     if any("=" not in w for w in args.weights):
         p.error(f"--weights: give BACKBONE=PATH, not '{next(w for w in args.weights if '=' not in w)}'")

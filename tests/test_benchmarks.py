@@ -528,6 +528,9 @@ def test_gpu_check_quick_stages_are_limited_by_the_budget_alone():
     (["bench_model.py", "--device", "cpu", "--backbones", "tiny", "--sizes", "64x64", "--modes", "infer",
       "--num-crops", "0"], "--num-crops: give 1 or more, not 0"),
     (["bench_data.py", "--decode-n", "0", "--batch", "0"], "--batch: give 1 or more, not 0"),
+    # a RuntimeError traceback from torch.set_num_threads
+    (["bench_model.py", "--device", "cpu", "--backbones", "tiny", "--sizes", "64x64", "--modes", "infer",
+      "--threads", "-1"], "--threads: give 0 or more, not -1"),
     # after timing the loader with 0 workers, a ValueError traceback, what it measured lost
     (["bench_data.py", "--decode-n", "0", "--workers", "0", "-1"], "--workers: give 0 or more, not -1"),
     (["selection_cost.py", "--batch", "0", "--rounds-batches", "0"], "--batch: give 1 or more, not 0"),
