@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, nargs="+", default=[16],
                    help="batch sizes, profiled one after the other (the fixed costs of a step weigh less in a "
                         "larger batch)")
-    p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode ('none' = eager)")
+    p.add_argument("--mode", default="reduce-overhead", choices=("none", *torch._inductor.list_mode_options()),
+                   help="torch.compile mode ('none' = eager)")
     p.add_argument("--labelling", nargs="+", default=["float"], choices=sorted(LABELLINGS),
                    help="component labellings to profile one after the other: float (finescope's), int32 "
                         "(int32_components, the same labels through integer atomics) or cummax (cummax_components, "

@@ -492,6 +492,9 @@ def test_gpu_check_quick_stages_are_limited_by_the_budget_alone():
     (["profile_step.py", "--device", "cpu", "--backbones", "tiny", "--size", "64x64", "--reps", "0"],
      "--reps: give 1 or more, not 0"),
     (["profile_compiled.py", "--device", "cpu", "--warmup", "-1"], "--warmup: give 0 or more, not -1"),
+    # torch.compile's RuntimeError traceback ('Unrecognized mode=...') after the model was built
+    (["profile_compiled.py", "--device", "cpu", "--mode", "reduce_overhead"],
+     "argument --mode: invalid choice: 'reduce_overhead'"),
     (["crop_cost.py", "--cases", "64x64:1", "--boxes", "whole", "--reps", "0"], "--reps: give 1 or more, not 0"),
     (["bench_model.py", "--device", "cpu", "--backbones", "tiny", "--variants", "fusion", "--sizes", "64x64",
       "--modes", "infer", "--reps", "0"], "--reps: give 1 or more, not 0"),
