@@ -460,7 +460,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-timeout", type=int, default=100, help="seconds for the eager training run")
     p.add_argument("--compiled-train-timeout", type=int, default=250,
                    help="seconds for the training run with train.compile (compilation included; 226 s on the H100)")
-    p.add_argument("--train-compile", default="off",
+    p.add_argument("--train-compile", default="off", choices=("off", "default", "reduce-overhead", "max-autotune"),
                    help="train.compile mode of a second training run, e.g. reduce-overhead (default off: on the H100 "
                         "at 3455b9d it compiled for 191 s, more than the budget leaves; run it in a call of its own)")
     p.add_argument("--budget", type=int, default=BUDGET_SECONDS, help="seconds for the whole script")

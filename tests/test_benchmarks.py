@@ -471,6 +471,9 @@ def test_gpu_check_quick_stages_are_limited_by_the_budget_alone():
     (["gpu_check.py", "/dev/null/out", "--device", "cpu", "--quick", "--data", "/no/such/folder"],
      "--data: data.root '/no/such/folder' does not exist"),
     (["gpu_check.py", "/dev/null/out", "--device", "gpu"], "--device: 'gpu' is not cpu or cuda"),
+    # a misspelt mode failed only in the last stage, its training run, minutes of GPU time in
+    (["gpu_check.py", "/dev/null/out", "--device", "cpu", "--quick", "--train-compile", "reduce_overhead"],
+     "argument --train-compile: invalid choice: 'reduce_overhead'"),
     (["bench_data.py", "--device", "gpu", "--decode-n", "0"], "--device: 'gpu' is not auto, cpu or cuda"),
     (["crop_cost.py", "--cases", "460x700"], "--cases: '460x700' is not HxW:BATCH"),
     (["crop_cost.py", "--in-step", "mobilenet_v2", "--weights", "/no/such.pth"], "--weights: file '/no/such.pth'"),
