@@ -760,6 +760,21 @@ def test_gpu_check_sh_puts_a_relative_out_dir_where_it_was_run_from(tmp_path):
     assert (here / sub / "gpu_check.log").is_file() and not (ROOT / sub).exists(), proc.stdout[-2000:]
 
 
+def test_gpu_check_sh_reads_a_relative_data_or_weights_where_it_was_run_from(tmp_path):
+    """gpu_check.sh reads a relative OUT_DIR from the folder it was run from, but passed --data and --weights on
+    after changing to the repository root: README's CPU smoke test run from another folder ('--data DIR') looked
+    for DIR under the repository root and was refused."""
+    here = tmp_path / "here"
+    here.mkdir()
+    sh = ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "out", "--device", "cpu"]
+    for extra, message in ((["--quick", "--data", "bh"], f"data.root '{here / 'bh'}' does not exist"),
+                           (["--quick", "--data=bh"], f"data.root '{here / 'bh'}' does not exist"),
+                           (["--weights", "w.pth"], f"--weights: file '{here / 'w.pth'}' not found")):
+        proc = subprocess.run([*sh, *extra], cwd=here, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHON": sys.executable})
+        assert proc.returncode != 0 and message in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
 def test_crop_cost_compare_names_a_missing_round_of_the_second_commit(tmp_path):
     """crop_cost_compare.py DIR OLD NEW with no round file of NEW (a misspelt commit) names the file in one line;
     it was a FileNotFoundError traceback."""
