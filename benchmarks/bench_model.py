@@ -481,6 +481,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     require_counts(p, args, warmup=0, reps=1, batch=1, batch_large=0, num_crops=1, global_size=1, local_size=1,
                    threads=0)
+    if args.ablate and "fusion" not in args.variants:  # no group would measure them
+        p.error("--ablate: its cases are fusion steps; add fusion to --variants")
+    if "folded-bn" in args.ablate and "infer" not in args.modes:
+        p.error("--ablate folded-bn: inference only; add infer to --modes")
     # checked here, not when the group that needs them comes (minutes into a table), each with one line
     if any("=" not in w for w in args.weights):
         p.error(f"--weights: give BACKBONE=PATH, not '{next(w for w in args.weights if '=' not in w)}'")

@@ -534,6 +534,11 @@ def test_gpu_check_quick_stages_are_limited_by_the_budget_alone():
     (["bench_model.py", "--device", "cpu", "--backbones", "tiny", "--sizes", "64x64", "--modes", "infer",
       "--num-crops", "0"], "--num-crops: give 1 or more, not 0"),
     (["bench_data.py", "--decode-n", "0", "--batch", "0"], "--batch: give 1 or more, not 0"),
+    # ablations that no group would measure: timed the rest and left them out of the tables without a word
+    (["bench_model.py", "--device", "cpu", "--backbones", "tiny", "--sizes", "64x64", "--variants", "global",
+      "--ablate", "fp32"], "--ablate: its cases are fusion steps; add fusion to --variants"),
+    (["bench_model.py", "--device", "cpu", "--backbones", "tiny", "--sizes", "64x64", "--modes", "train",
+      "--ablate", "folded-bn"], "--ablate folded-bn: inference only; add infer to --modes"),
     # a RuntimeError traceback from torch.set_num_threads
     (["bench_model.py", "--device", "cpu", "--backbones", "tiny", "--sizes", "64x64", "--modes", "infer",
       "--threads", "-1"], "--threads: give 0 or more, not -1"),
