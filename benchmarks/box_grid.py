@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="JSON file (a .md table beside it)")
     args = p.parse_args(argv)
-    require_counts(p, args, boxes=1)
+    require_counts(p, args, boxes=1, local_size=1)
     make_out_folder(p, args.out)
     sizes = [parse_hw(p, "--sizes", size) for size in args.sizes]
     model = create_model(ModelConfig(variant="fusion", backbone="tiny", local_size=args.local_size), 2)

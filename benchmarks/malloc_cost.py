@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
     weights = parse_weights(p, args.weights)
     for case in args.cases:  # checked before the first case is timed
         parts = case.split(":")
-        if len(parts) != 4 or not parts[2].isdigit() or parts[3] not in ("infer", "train"):
-            p.error(f"--cases: '{case}' is not BACKBONE:HxW:BATCH:MODE (MODE infer or train)")
+        if len(parts) != 4 or not parts[2].isdigit() or int(parts[2]) < 1 or parts[3] not in ("infer", "train"):
+            p.error(f"--cases: '{case}' is not BACKBONE:HxW:BATCH:MODE (BATCH 1 or more, MODE infer or train)")
         parse_hw(p, "--cases", parts[1])
     if args.child:
         print(json.dumps(run_case(args.child, args.steps, weights)))

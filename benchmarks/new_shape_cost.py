@@ -54,6 +54,7 @@ from common import (  # noqa: E402
     markdown_table,
     parse_device,
     parse_hw,
+    require_counts,
     run_script,
     save_report,
     sync,
@@ -210,6 +211,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top", type=int, default=8, help="operations listed per profiled step")
     p.add_argument("--out", help="JSON file for the results (a .md beside it)")
     args = p.parse_args(argv)
+    require_counts(p, args, global_size=1, local_size=1, top=0)
     make_out_folder(p, args.out)
     if args.batch <= 12:
         p.error("--batch must be over 12: the new batch sizes are B-12, B-8, B-4 and B-10")

@@ -534,6 +534,12 @@ def test_gpu_check_quick_stages_are_limited_by_the_budget_alone():
     (["bench_model.py", "--device", "cpu", "--backbones", "tiny", "--sizes", "64x64", "--modes", "infer",
       "--num-crops", "0"], "--num-crops: give 1 or more, not 0"),
     (["bench_data.py", "--decode-n", "0", "--batch", "0"], "--batch: give 1 or more, not 0"),
+    # an IndexError or ValueError traceback, or a child's garbled last line, after the setup
+    (["box_grid.py", "--boxes", "1", "--local-size", "0"], "--local-size: give 1 or more, not 0"),
+    (["new_shape_cost.py", "--device", "cpu", "--runs", "tiny:off", "--global-size", "0"],
+     "--global-size: give 1 or more, not 0"),
+    (["malloc_cost.py", "--cases", "tiny:64x64:0:infer", "--rounds", "1", "--steps", "1"],
+     "--cases: 'tiny:64x64:0:infer' is not BACKBONE:HxW:BATCH:MODE"),
     # ablations that no group would measure: timed the rest and left them out of the tables without a word
     (["bench_model.py", "--device", "cpu", "--backbones", "tiny", "--sizes", "64x64", "--variants", "global",
       "--ablate", "fp32"], "--ablate: its cases are fusion steps; add fusion to --variants"),
