@@ -21,6 +21,9 @@ def convert_tree(src: Path, dst: Path, quality: int = 90) -> tuple[int, int]:
     """Write every image under ``src`` as ``dst/<same relative path>.jpg``; return (images, bytes)."""
     if not src.is_dir():
         raise SystemExit(f"make_gpu_subset: source folder '{src}' not found; give the BreakHis folder")
+    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:  # the copy's names are the source's
+        raise SystemExit(f"make_gpu_subset: output folder '{dst}' is inside the source folder '{src}' (its JPEGs would "
+                         "be written over, or read as source images); give a folder outside it")
     files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in EXTENSIONS)
     if not files:
         raise SystemExit(f"make_gpu_subset: no images under '{src}'")

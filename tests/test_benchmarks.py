@@ -915,3 +915,19 @@ def test_make_gpu_subset_names_a_damaged_image_or_unwritable_output_in_one_line(
     for args, message in cases:
         proc = subprocess.run([*script, *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_make_gpu_subset_refuses_an_output_folder_in_its_source(tmp_path):
+    """The copy's files are named like the source's with .jpg: with the output folder the source itself, every
+    JPEG of the source was re-encoded in place at quality 90 (the originals lost); inside it, the copy was read
+    as source images on the next run."""
+    src = tmp_path / "src" / "a"
+    src.mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src / "x.jpg", quality=100)
+    before = (src / "x.jpg").read_bytes()
+    for dst in (tmp_path / "src", tmp_path / "src" / "copy"):
+        proc = subprocess.run([sys.executable, "benchmarks/make_gpu_subset.py", str(tmp_path / "src"), str(dst)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"output folder '{dst}' is inside the source folder" in proc.stderr, proc.stderr
+        assert (src / "x.jpg").read_bytes() == before and not (tmp_path / "src" / "copy").exists()
