@@ -17,10 +17,10 @@ error ||out - ref|| / ||ref|| of the global logits and the attention for fp32 an
 limits: fp32 1e-3, bf16 and fp16 2e-2, never NaN.
 The fused logits depend on the selected boxes, a discontinuous function of the attention (a threshold), so they
 are compared with the reference read from the device's own boxes; how far the boxes themselves moved is reported
-apart: the images whose boxes agree with the reference's within 1 pixel, and the largest move. (Until the commit
-after e36b251 the fused logits were compared with the reference's own, on the images whose boxes agreed within
-1 pixel: a move under a pixel moved the crops, and mobilenet_v2 fp16 failed at 3.4e-2 on 2 images of 4, on a
-CPU as on the H200.)
+apart: the images whose boxes agree with the reference's within 1 pixel, and the largest move. (Before 07741ef
+the fused logits were compared with the reference's own, on the images whose boxes agreed within 1 pixel: a
+move under a pixel moved the crops, and mobilenet_v2 fp16 failed at 3.4e-2 on 2 images of 4, on a CPU as on
+the H200.)
 """
 
 from __future__ import annotations
