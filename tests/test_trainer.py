@@ -198,6 +198,26 @@ def test_evaluate_matches_training_metrics(fusion_run, tmp_path):
     assert (tmp_path / "m_predictions.csv").is_file()
 
 
+def test_evaluate_of_a_checkpoint_in_another_runs_folder_says_its_split_is_not_that_one(fusion_run, tmp_path):
+    """best.pt copied into a folder whose splits.json is another split (another run's, or a replaced file) was
+    evaluated on that folder's test side without a word, though it may hold images the model trained on: the
+    checkpoint's split_digest tells, a warning says so and the metrics record it. In its own folder, nothing."""
+    out, _ = fusion_run
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FinescopeWarning)
+        assert trainer.evaluate(out, device="cpu", out=tmp_path / "own.json")["split_leak"] is None
+    other = tmp_path / "other"
+    (other / "checkpoints").mkdir(parents=True)
+    shutil.copy(out / "checkpoints" / "best.pt", other / "checkpoints" / "best.pt")
+    split = json.loads((out / "splits.json").read_text())
+    split["splits"]["train"], split["splits"]["test"] = split["splits"]["test"], split["splits"]["train"]
+    (other / "splits.json").write_text(json.dumps(split))
+    with pytest.warns(FinescopeWarning, match="trained on another split than .*splits.json .*copied from another run"):
+        metrics = trainer.evaluate(other, device="cpu", out=tmp_path / "other.json")
+    assert "trained on another split" in metrics["split_leak"]
+    assert metrics["n_images"] == len(split["splits"]["test"])
+
+
 def test_evaluate_with_model_settings_changed_says_so_in_its_metrics_and_report(fusion_run, tmp_path):
     """evaluate RUN --set model.threshold=0.95 scores another model than the one trained (other crops) and wrote
     metrics_test.json and report.md into the run as if they were the run's, with nothing recording the change."""

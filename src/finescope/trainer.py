@@ -1211,6 +1211,19 @@ def run_dir_of(state: dict) -> Path:
     return path.parent.parent if path.parent.name == "checkpoints" else path.parent
 
 
+def other_split(state: dict, splits: dict[str, np.ndarray], sample_set: SampleSet, run_dir: Path) -> str | None:
+    """What is wrong with evaluating checkpoint ``state`` on ``run_dir``'s ``splits`` when it was trained on
+    another split (its ``split_digest``: a checkpoint copied into another run's folder, or a ``splits.json``
+    replaced), or None: its test side may hold images it trained on. Checkpoints from before the digest, and
+    splits that only lost images skipped as unreadable since, cannot be told apart and give None."""
+    trained = state.get("split_digest")
+    if trained is None or trained == split_digest(splits, sample_set) or sample_set.skipped:
+        return None
+    return (f"checkpoint '{state['path']}' was trained on another split than {run_dir / 'splits.json'} (copied from "
+            "another run, or that file replaced): its sides are not this model's, and the images evaluated may "
+            "include ones it trained on; evaluate it in the folder of the run that trained it")
+
+
 def evaluate(source: str | Path, split: str = "test", overrides: list[str] | None = None,
              out: str | Path | None = None, device: str = "auto") -> dict:
     """Metrics of a trained model on a split of its run, or on all images of other data.
@@ -1251,11 +1264,15 @@ def evaluate(source: str | Path, split: str = "test", overrides: list[str] | Non
         if split not in splits:
             raise FinescopeError(f"--split '{split}' is not in {run_dir / 'splits.json'}; use train, val, test or all")
         indices = splits[split]
+        seen = other_split(state, splits, sample_set, run_dir)
+        if seen:
+            warnings.warn(seen, FinescopeWarning, stacklevel=2)
     if len(indices) == 0:
         raise empty_split_error(split, splits, run_dir)
     preds, metrics = evaluate_split(model, sample_set, indices, cfg, next(model.parameters()).device, desc=split)
     metrics.update(split=split, checkpoint=state["path"], data_root=_absolute(cfg.data.root),
-                   split_leak=seen if splits is None else own_split_leak(splits, sample_set),
+                   split_leak=seen if splits is None else "; ".join(filter(None, [own_split_leak(splits, sample_set),
+                                                                                 seen])) or None,
                    model_overrides=model_overrides(cfg, state))
     ckpt = Path(state["path"])  # train's metrics.json and predictions_test.csv are best.pt's: another keeps its name
     other = f"_{ckpt.stem}" if ckpt.parent.name == "checkpoints" and ckpt.name != "best.pt" else ""
