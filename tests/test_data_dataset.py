@@ -511,29 +511,70 @@ def test_a_cameras_12_bit_data_in_16_bit_files_is_scaled_by_data_bit_depth(tmp_p
             ImageDataset([Sample(str(files[0]), 0, "a")], bit_depth=bad)
 
 
-def _rgb16_tiff(path: Path, arr: np.ndarray) -> Path:
-    """An uncompressed little-endian 16-bit RGB TIFF of ``arr`` (H, W, 3) uint16, which PIL cannot write."""
-    import struct
-
-    (h, w, _), data = arr.shape, arr.astype("<u2").tobytes()
-    tags = [(256, 3, 1, w), (257, 3, 1, h), (258, 3, 3, 122), (259, 3, 1, 1), (262, 3, 1, 2), (273, 4, 1, 128),
-            (277, 3, 1, 3), (278, 3, 1, h), (279, 4, 1, len(data))]  # at 122: BitsPerSample's 3, at 128: pixels
-    ifd = b"".join(struct.pack("<HHI", t, k, n) + struct.pack("<HH" if k == 3 and n == 1 else "<I", v, *(
-        (0,) if k == 3 and n == 1 else ())) for t, k, n, v in tags)
-    head = b"II*\x00" + struct.pack("<IH", 8, len(tags))
-    path.write_bytes(head + ifd + struct.pack("<I3H", 0, 16, 16, 16) + data)
-    return path
-
-
-def test_a_16_bit_rgb_tiff_is_scaled_from_the_high_byte_pillow_reads(tmp_path):
-    """Pillow reads a 16-bit RGB TIFF as its high bytes; data.bit_depth=12 scales those (value // 256 * 256) by
-    255/4095, so 12-bit data keeps 16 levels of each colour instead of reading black (README says so)."""
+@pytest.mark.parametrize("planar", ["contig", "separate"])
+@pytest.mark.parametrize("compression", [None, "zlib"])
+def test_a_16_bit_rgb_tiff_is_read_at_16_bits_through_tifffile(tmp_path, planar, compression):
+    """Pillow reads a 16-bit RGB TIFF as its high bytes (12-bit data kept 16 levels of each colour under
+    data.bit_depth=12) and an uncompressed planar one as garbage; tifffile reads all 16 bits, so every value
+    scales by 255/4095 (or 255/65535) like a 16-bit PNG's."""
+    tifffile = pytest.importorskip("tifffile")
     values = np.linspace(0, 4095, 8 * 8 * 3).astype(np.uint16).reshape(8, 8, 3)
-    path = _rgb16_tiff(tmp_path / "rgb.tif", values)
-    assert int(read_image(path).max()) == 15
-    img = read_image(path, bit_depth=12)  # (3, H, W)
-    want = np.round((values // 256 * 256).astype(np.float64) * 255 / 4095).astype(np.uint8).transpose(2, 0, 1)
-    assert np.array_equal(img.numpy(), want) and len(np.unique(want)) == 16
+    path = tmp_path / "rgb.tif"
+    tifffile.imwrite(path, values if planar == "contig" else values.transpose(2, 0, 1), photometric="rgb",
+                     planarconfig=planar, compression=compression)
+    for depth, top in ((12, 4095), (0, 65535)):
+        want = np.round(values.astype(np.float64) * 255 / top).astype(np.uint8).transpose(2, 0, 1)
+        assert np.array_equal(read_image(path, bit_depth=depth).numpy(), want), depth
+    assert len(np.unique(read_image(path, bit_depth=12).numpy())) > 100
+
+
+def test_a_16_bit_rgba_tiff_drops_alpha_and_reads_its_first_page(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    values = np.linspace(0, 4095, 6 * 7 * 3).astype(np.uint16).reshape(6, 7, 3)
+    want = np.round(values.astype(np.float64) * 255 / 4095).astype(np.uint8).transpose(2, 0, 1)
+    rgba = np.dstack([values, np.full((6, 7, 1), 4095, np.uint16)])
+    tifffile.imwrite(tmp_path / "rgba.tif", rgba, photometric="rgb", extrasamples=["unassalpha"])
+    assert np.array_equal(read_image(tmp_path / "rgba.tif", bit_depth=12).numpy(), want)
+    tifffile.imwrite(tmp_path / "pages.tif", np.stack([values, 4095 - values]), photometric="rgb")
+    assert np.array_equal(read_image(tmp_path / "pages.tif", bit_depth=12).numpy(), want)
+
+
+def test_a_16_bit_rgb_tiffs_orientation_is_applied_as_pillow_applies_an_8_bit_ones(tmp_path):
+    """Pillow turns a TIFF by its Orientation tag and finescope's header sizes follow it; the 16-bit RGB TIFFs that
+    tifffile reads are turned the same way, for every orientation."""
+    from finescope.data.dataset import _header_size
+
+    tifffile = pytest.importorskip("tifffile")
+    arr = rgb_array(10, 14)
+    for orientation in range(1, 9):
+        tags = [(274, "H", 1, orientation, True)]
+        tifffile.imwrite(tmp_path / "8.tif", arr, photometric="rgb", extratags=tags)
+        tifffile.imwrite(tmp_path / "16.tif", arr.astype(np.uint16) * 257, photometric="rgb", extratags=tags)
+        eight, sixteen = read_image(tmp_path / "8.tif"), read_image(tmp_path / "16.tif")
+        assert np.array_equal(sixteen.numpy(), eight.numpy()), orientation
+        assert _header_size(str(tmp_path / "16.tif")) == tuple(sixteen.shape[1:]), orientation
+
+
+def test_a_damaged_or_undecodable_16_bit_rgb_tiff_is_one_line(tmp_path, monkeypatch):
+    """A truncated compressed 16-bit RGB TIFF raised zlib's own error through tifffile; a compression that
+    tifffile decodes only with imagecodecs (LZW, PackBits, JPEG) says to install it."""
+    tifffile = pytest.importorskip("tifffile")
+    values = np.random.default_rng(0).integers(0, 65536, (64, 48, 3)).astype(np.uint16)
+    path = tmp_path / "rgb.tif"
+    tifffile.imwrite(path, values, photometric="rgb", compression="zlib", rowsperstrip=8)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(FinescopeError, match=r"cannot read image '.*cut\.tif': .*data.on_error=skip") as e:
+        read_image(cut)
+    assert "\n" not in str(e.value)
+
+    def needs_imagecodecs(self, *args, **kwargs):
+        raise KeyError("<COMPRESSION.LZW: 5> requires the 'imagecodecs' package")  # tifffile's words
+
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", needs_imagecodecs)
+    with pytest.raises(FinescopeError, match=r"'.*rgb\.tif' at 16 bits: .*pip install imagecodecs"):
+        read_image(path, bit_depth=12)
 
 
 def test_the_disk_cache_keeps_images_decoded_with_another_bit_depth_apart(tmp_path):

@@ -174,12 +174,56 @@ def _float_in_zero_to_one(arr: np.ndarray, peak: float) -> bool:
     return bool(np.percentile(finite, 99.9) <= 1.0)
 
 
+def _multi_sample_tiff16(img: Image.Image) -> bool:
+    """Whether PIL opened a TIFF of 16-bit samples with more than one sample per pixel (RGB, RGBA, grey with
+    alpha), which Pillow reduces to 8 bits on reading (its high byte; a planar one wrongly, uncompressed)."""
+    return img.format == "TIFF" and 16 in _tiff_bits(img) and int(img.tag_v2.get(277, 1)) > 1  # SamplesPerPixel
+
+
+def _read_tiff16(path: Path) -> np.ndarray:
+    """The first page of a 16-bit multi-sample TIFF through tifffile, at its full 16 bits: (H, W, S) uint16.
+
+    Raises:
+        FinescopeError: its compression needs the imagecodecs package (LZW, PackBits, JPEG...), which is not
+            installed; or the page is not one image of samples (tifffile's own layout names another).
+    """
+    import tifffile  # a dependency; imported here as only 16-bit RGB TIFFs need it
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            arr, axes = page.asarray(), page.axes
+    except Exception as e:  # a damaged file raises what its codec does (zlib.error, struct.error, ...)
+        # tifffile: "<COMPRESSION.LZW: 5> requires the 'imagecodecs' package"; Zstandard wants Python 3.14's module
+        if "imagecodecs" not in str(e) and not isinstance(e, ImportError):
+            raise ValueError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        raise FinescopeError(f"cannot read image '{path}' at 16 bits: its compression needs the imagecodecs package; "
+                             "install it (pip install 'finescope[tiff]', or pip install imagecodecs)") from None
+    if axes == "SYX":  # planar configuration: one plane per sample
+        arr = np.moveaxis(arr, 0, -1)
+    elif axes != "YXS":
+        raise ValueError(f"a 16-bit TIFF page of axes {axes!r}, not one image of samples (YXS)")
+    return arr
+
+
+_ORIENTED = {  # TIFF Orientation (tag 274) -> the stored (H, W, S) rows turned upright, as Pillow turns them
+    2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1), 7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def _tiff16_to_rgb(arr: np.ndarray, bit_depth: int, orientation: int = 1) -> np.ndarray:
+    """(H, W, S) uint16 from :func:`_read_tiff16` -> (H, W, 3) uint8 by :func:`sixteen_bit_top` of ``bit_depth``:
+    grey with alpha repeated, alpha dropped, turned upright by its TIFF ``orientation`` as Pillow turns a TIFF."""
+    scaled = np.round(np.clip(arr.astype(np.float64) * (255.0 / sixteen_bit_top(bit_depth)), 0, 255)).astype(np.uint8)
+    rgb = np.repeat(scaled[:, :, :1], 3, axis=2) if scaled.shape[2] < 3 else scaled[:, :, :3]
+    return _ORIENTED.get(orientation, lambda a: a)(rgb)
+
+
 def _pil_to_array(img: Image.Image, bit_depth: int = 0) -> np.ndarray:
     """A PIL image as (H, W, 3) uint8: palette/grey/alpha/CMYK -> RGB, 16/32-bit and float scaled to 0..255
     (16-bit by :func:`sixteen_bit_top` of ``bit_depth``)."""
-    if bit_depth and img.mode in ("RGB", "RGBA") and 16 in _tiff_bits(img):  # Pillow keeps its high bytes
-        high = np.asarray(img.convert("RGB"), dtype=np.float64) * 256.0  # (H, W, 3), value // 256 * 256
-        return np.round(np.clip(high * (255.0 / sixteen_bit_top(bit_depth)), 0, 255)).astype(np.uint8)
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         peak = arr.max(initial=0, where=np.isfinite(arr))  # a float image's NaN (no data) and inf left out
@@ -199,8 +243,11 @@ def _decode_pil(path: Path, bit_depth: int = 0) -> torch.Tensor:
     """Decode any format PIL reads (first frame), fully, so that truncated files raise: (3, H, W) uint8 (16-bit
     data scaled as ``data.bit_depth`` says, :func:`sixteen_bit_top`)."""
     with open_image(path) as img:
-        img.load()
-        arr = _pil_to_array(img, bit_depth)
+        if _multi_sample_tiff16(img):
+            arr = _tiff16_to_rgb(_read_tiff16(path), bit_depth, int(img.tag_v2.get(274, 1)))
+        else:
+            img.load()
+            arr = _pil_to_array(img, bit_depth)
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (3, H, W), a writable copy
 
 
@@ -373,8 +420,8 @@ class DiskCache:
                     pass
         return removed
 
-    VERSION = 4  # part of every key: bump it when read_image decodes differently (2: float images in [0, 1];
-    # 3: NaN and inf in float images; 4: float images a little above 1 are in [0, 1])
+    VERSION = 5  # part of every key: bump it when read_image decodes differently (2: float images in [0, 1];
+    # 3: NaN and inf in float images; 4: float images a little above 1 are in [0, 1]; 5: 16-bit RGB TIFF at 16 bits)
 
     def entry(self, path: str | Path) -> Path | None:
         """Where the decoded ``path`` is (or would be) stored; None when the file cannot be read (no such file)."""
