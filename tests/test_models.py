@@ -1186,6 +1186,93 @@ def test_depthwise_without_cudnn_takes_padding_by_name(padding, kernel):
         torch.testing.assert_close(b, a)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("kernel", [3, 4, 5])
+def test_depthwise_without_cudnn_reaches_timm_conv2d_same(stride, kernel):
+    """timm's Conv2dSame (tf_efficientnet's strided depthwise convolutions) pads 'same' in its own forward for
+    each input size: the swap passed it by and it stayed with cuDNN. Now it is swapped too, and on odd and even
+    sizes it gives Conv2dSame's outputs and gradients with the same state dict."""
+    import copy
+
+    pytest.importorskip("timm")
+    from timm.layers import Conv2dSame
+
+    from finescope.models.backbones import DepthwiseConv2dWithoutCudnn, depthwise_without_cudnn
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(Conv2dSame(4, 4, kernel, stride=stride, groups=4),
+                              Conv2dSame(4, 4, 3, stride=stride, groups=2))  # grouped, not depthwise
+    twin = copy.deepcopy(net)
+    assert depthwise_without_cudnn(twin) == 1
+    assert isinstance(twin[0], DepthwiseConv2dWithoutCudnn) and type(twin[1]) is Conv2dSame
+    assert twin.state_dict().keys() == net.state_dict().keys()
+    twin.load_state_dict(net.state_dict())  # checkpoints load either way
+    assert type(copy.deepcopy(twin)[0]) is type(twin[0])
+    for size in [(9, 11), (10, 12), (7, 8)]:
+        x = torch.randn(2, 4, *size, requires_grad=True)
+        results = []
+        for model in (net, twin):
+            x.grad = None
+            model.zero_grad()
+            out = model(x)
+            out.square().sum().backward()
+            results.append([out, x.grad, *(p.grad for p in model.parameters())])
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(b, a)
+
+
+def test_depthwise_without_cudnn_leaves_timm_convolutions_that_transform_their_weight():
+    """timm's weight-standardised convolutions with 'same' padding (nfnet's) are no Conv2dSame: left as they are."""
+    pytest.importorskip("timm")
+    from timm.layers import ScaledStdConv2dSame, StdConv2dSame
+
+    from finescope.models.backbones import depthwise_without_cudnn
+
+    net = torch.nn.Sequential(StdConv2dSame(4, 4, 3, stride=2, groups=4),
+                              ScaledStdConv2dSame(4, 4, 3, stride=2, groups=4))
+    assert depthwise_without_cudnn(net) == 0
+    assert [type(m) for m in net] == [StdConv2dSame, ScaledStdConv2dSame]
+
+
+def test_tf_efficientnet_runs_every_depthwise_convolution_without_cudnn_and_folds():
+    """tf_efficientnet_b0: all 16 depthwise convolutions are swapped (4 of them Conv2dSame), the features are
+    those of the model as built, and folding BatchNorms keeps the predictions: into a swapped Conv2dSame too,
+    which stays swapped (timm's own Conv2dSame does not trace, so a module holding one folds nothing)."""
+    import copy
+
+    timm = pytest.importorskip("timm")
+    from timm.layers import Conv2dSame
+
+    from finescope.models.backbones import (
+        DepthwiseConv2dWithoutCudnn,
+        depthwise_without_cudnn,
+        fold_batchnorm,
+    )
+
+    torch.manual_seed(0)
+    model = timm.create_model("tf_efficientnet_b0", pretrained=False, num_classes=0, global_pool="").eval()
+    x = torch.rand(1, 3, 45, 62)
+    with torch.no_grad():
+        before = model(x)
+        assert depthwise_without_cudnn(model) == 16
+        assert sum(isinstance(m, DepthwiseConv2dWithoutCudnn) for m in model.modules()) == 16
+        torch.testing.assert_close(model(x), before)
+        fold_batchnorm(model)
+        torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-4)
+    net = torch.nn.Sequential(Conv2dSame(4, 4, 3, stride=2, groups=4), torch.nn.BatchNorm2d(4)).eval()
+    net[1].running_mean.uniform_(-0.5, 0.5)
+    net[1].running_var.uniform_(0.5, 2.0)
+    x = torch.rand(2, 4, 11, 10)
+    with torch.no_grad():
+        before = net(x)
+        assert fold_batchnorm(copy.deepcopy(net)) == 0
+        assert depthwise_without_cudnn(net) == 1
+        kind = type(net[0])
+        assert fold_batchnorm(net) == 1
+        assert type(net[0]) is kind and isinstance(net[1], torch.nn.Identity)
+        torch.testing.assert_close(net(x), before)
+
+
 def test_folding_batchnorm_reaches_depthwise_convolutions_without_cudnn():
     """fold_batchnorm traces the model with torch.fx, which would trace into a Conv2d subclass (not torch's
     own) and fold none: every BatchNorm of mobilenet_v2 still folds with its depthwise convolutions made

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 import textwrap
 import urllib.parse
 import urllib.request
@@ -169,24 +170,51 @@ class DepthwiseConv2dWithoutCudnn(nn.Conv2d):
         return _DepthwiseWithoutCudnn.apply(x, weight, bias, self, padding)
 
 
+class DepthwiseConv2dSameWithoutCudnn(DepthwiseConv2dWithoutCudnn):
+    """timm's ``Conv2dSame`` (TensorFlow's 'SAME' padding, worked out for each input size in ``forward``: the odd
+    pixel right and below; tf_efficientnet's strided depthwise convolutions) as a
+    :class:`DepthwiseConv2dWithoutCudnn`: the same padding, then the convolution on PyTorch's own kernels."""
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        from timm.layers.padding import pad_same  # timm built this module
+
+        x = pad_same(x, weight.shape[-2:], self.stride, self.dilation)  # (B, C, H', W'); self.padding is 0
+        return super()._conv_forward(x, weight, bias)
+
+
+def _without_cudnn(m: nn.Module) -> type[nn.Conv2d] | None:
+    """The class a depthwise convolution ``m`` takes to leave cuDNN: torch's own ``nn.Conv2d`` and timm's
+    ``Conv2dSame`` (found only if timm is imported: none exists otherwise); None for any other module."""
+    if not (isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels):
+        return None
+    if type(m) is nn.Conv2d:
+        return DepthwiseConv2dWithoutCudnn
+    timm_same = getattr(sys.modules.get("timm.layers.conv2d_same"), "Conv2dSame", None)
+    return DepthwiseConv2dSameWithoutCudnn if type(m) is timm_same else None
+
+
 def depthwise_without_cudnn(module: nn.Module) -> int:
-    """Make every depthwise convolution of ``module`` a :class:`DepthwiseConv2dWithoutCudnn` (in place: the
-    parameters, their names and the state dict stay); the number of them."""
+    """Make every depthwise convolution of ``module`` (torch's ``nn.Conv2d`` or timm's ``Conv2dSame``) a
+    :class:`DepthwiseConv2dWithoutCudnn` (in place: the parameters, their names and the state dict stay); the
+    number of them."""
     n = 0
     for m in module.modules():
-        if type(m) is nn.Conv2d and m.groups > 1 and m.groups == m.in_channels == m.out_channels:
-            m.__class__ = DepthwiseConv2dWithoutCudnn
+        kind = _without_cudnn(m)
+        if kind is not None:
+            m.__class__ = kind
             n += 1
     return n
 
 
 class _ConvLeafTracer(torch.fx.Tracer):
-    """torch.fx's tracer, with :class:`DepthwiseConv2dWithoutCudnn` a leaf, as torch's own convolutions are. Not
-    every ``nn.Conv2d`` subclass: one that transforms its weight in ``forward`` (timm's weight-standardised
-    ``StdConv2d``) would undo a folded BatchNorm, so such a one is traced into and folds nothing, as before."""
+    """torch.fx's tracer, with :class:`DepthwiseConv2dWithoutCudnn` and :class:`DepthwiseConv2dSameWithoutCudnn`
+    leaves, as torch's own convolutions are. Not every ``nn.Conv2d`` subclass: one that transforms its weight in
+    ``forward`` (timm's weight-standardised ``StdConv2d``) would undo a folded BatchNorm, so such a one is traced
+    into and folds nothing, as before."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return type(m) is DepthwiseConv2dWithoutCudnn or super().is_leaf_module(m, qualname)
+        own = (DepthwiseConv2dWithoutCudnn, DepthwiseConv2dSameWithoutCudnn)
+        return type(m) in own or super().is_leaf_module(m, qualname)
 
 
 def fold_batchnorm(module: nn.Module) -> int:
