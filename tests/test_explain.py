@@ -1277,3 +1277,29 @@ def test_a_small_box_mass_stays_readable_in_the_figures_and_the_evidence_gallery
     entry = {"mass": 0.0004, "correct": True, "figure": "images/a.png", "file": "evidence/a/01.png", "image": "a.png",
              "rank": 2, "probability": 0.9}
     assert "mass 0.0004 ·" in _crop(entry)
+
+
+def test_the_demos_overlays_predict_in_the_runs_autocast(synthetic_root, tmp_path, monkeypatch):
+    """The demo drew its overlays' predictions and boxes in float32 whatever the run's train.cpu_amp, so its titles
+    could name another class than evaluate and predict, which run the model in that precision."""
+    from conftest import tiny_overrides
+
+    from finescope import demo
+    from finescope.config import load_config
+    from finescope.models.network import FineScopeNet
+    from finescope.trainer import train
+
+    cfg = load_config(None, tiny_overrides(synthetic_root, "fusion", 1) + [
+        "data.source=synthetic", f"data.root={tmp_path / 'data'}", "data.synthetic_per_class=12",
+        "data.synthetic_size=96", "train.cpu_amp=bf16"])  # the demo's source: its cells.json marks the nuclei
+    train(cfg, tmp_path / "run", progress=False)
+    seen, forward = [], FineScopeNet.forward
+
+    def recording(self, *args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(FineScopeNet, "forward", recording)
+    items = demo._overlay_items(tmp_path / "run", cfg, n=2)
+    assert len(items) == 2 and seen and all(seen)
+    assert finescope.explain.save_overlay_grid(items, tmp_path / "overlay.png").stat().st_size > 0

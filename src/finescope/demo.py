@@ -12,8 +12,6 @@ import time
 from importlib import resources
 from pathlib import Path
 
-import torch
-
 from finescope.config import (
     Config,
     first_difference,
@@ -46,6 +44,8 @@ def demo_config(out: Path, quick: bool = False) -> Config:
 
 def _overlay_items(run_dir: Path, cfg: Config, n: int = 8) -> list[dict]:
     """Test images of the atypical class (and a few typical ones) with the fusion model's maps and boxes."""
+    from finescope.explain.core import _forward
+
     model, cfg, class_names, _ = load_trained(run_dir, device="cpu")
     sample_set = load_samples(cfg.data)
     test = json.loads((run_dir / "splits.json").read_text())["splits"]["test"]
@@ -56,8 +56,7 @@ def _overlay_items(run_dir: Path, cfg: Config, n: int = 8) -> list[dict]:
     items = []
     for rel in chosen:
         img = read_image(root / rel)
-        with torch.no_grad():
-            out = model(img[None].float() / 255)
+        out = _forward(model, img.float() / 255, cfg.train.amp, cfg.train.cpu_amp)  # as predict runs it
         p = out.probabilities()[0]
         k = int(p.argmax())
         items.append({
