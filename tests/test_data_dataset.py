@@ -528,6 +528,18 @@ def test_a_16_bit_rgb_tiff_is_read_at_16_bits_through_tifffile(tmp_path, planar,
     assert len(np.unique(read_image(path, bit_depth=12).numpy())) > 100
 
 
+def test_every_16_bit_value_reads_the_same_from_an_rgb_tiff_as_from_a_png(tmp_path):
+    """The RGB TIFF (tifffile, numpy) and the PNG (torchvision, torch) scale 16-bit values by the same float32
+    steps, so no value rounds to another byte in one than in the other, whatever data.bit_depth."""
+    tifffile = pytest.importorskip("tifffile")
+    values = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    Image.fromarray(values).save(tmp_path / "grey.png")
+    tifffile.imwrite(tmp_path / "rgb.tif", np.repeat(values[:, :, None], 3, axis=2), photometric="rgb")
+    for depth in (0, 12, 14):
+        png, tif = read_image(tmp_path / "grey.png", depth), read_image(tmp_path / "rgb.tif", depth)
+        assert np.array_equal(png.numpy(), tif.numpy()), depth
+
+
 def test_a_16_bit_rgba_tiff_drops_alpha_and_reads_its_first_page(tmp_path):
     tifffile = pytest.importorskip("tifffile")
     values = np.linspace(0, 4095, 6 * 7 * 3).astype(np.uint16).reshape(6, 7, 3)

@@ -216,7 +216,9 @@ _ORIENTED = {  # TIFF Orientation (tag 274) -> the stored (H, W, S) rows turned 
 def _tiff16_to_rgb(arr: np.ndarray, bit_depth: int, orientation: int = 1) -> np.ndarray:
     """(H, W, S) uint16 from :func:`_read_tiff16` -> (H, W, 3) uint8 by :func:`sixteen_bit_top` of ``bit_depth``:
     grey with alpha repeated, alpha dropped, turned upright by its TIFF ``orientation`` as Pillow turns a TIFF."""
-    scaled = np.round(np.clip(arr.astype(np.float64) * (255.0 / sixteen_bit_top(bit_depth)), 0, 255)).astype(np.uint8)
+    scaled = arr.astype(np.float32)  # 4 bytes a sample, not 8, as _to_rgb_uint8 scales a 16-bit PNG
+    scaled *= np.float32(255.0 / sixteen_bit_top(bit_depth))
+    scaled = np.round(np.clip(scaled, 0, 255, out=scaled), out=scaled).astype(np.uint8)
     rgb = np.repeat(scaled[:, :, :1], 3, axis=2) if scaled.shape[2] < 3 else scaled[:, :, :3]
     return _ORIENTED.get(orientation, lambda a: a)(rgb)
 
