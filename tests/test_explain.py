@@ -1136,6 +1136,39 @@ def test_explain_with_model_settings_changed_says_so_in_its_numbers_and_gallery(
     assert "model.threshold" not in (out / "index.html").read_text()
 
 
+def test_explain_split_of_a_checkpoint_trained_on_another_split_says_so_in_its_numbers_and_gallery(tmp_path, capsys):
+    """explain RUN --split test of a checkpoint whose folder's splits.json is not the split it trained on (copied
+    into another run's folder, or the file replaced) explained that folder's test side without a word, though it
+    may hold images the model trained on, where evaluate warns and records split_leak (f7261ab): the checkpoint's
+    split_digest tells; a warning says so, faithfulness.json records it in split_leak and the gallery shows it."""
+    from finescope.checkpoint import load_checkpoint
+    from finescope.cli import main
+    from finescope.data import load_samples, load_splits
+    from finescope.data.splits import split_digest
+
+    run = make_run(tmp_path, "global")
+    state = load_checkpoint(run / "checkpoints" / "best.pt")
+    sample_set = load_samples(Config(data=DataConfig(**state["config"]["data"])).data)
+    state["split_digest"] = split_digest(load_splits(run / "splits.json", sample_set, own=True), sample_set)
+    save_checkpoint({k: state[k] for k in ("model", "config", "class_names", "split_digest")},
+                    run / "checkpoints" / "best.pt")
+    out = tmp_path / "out"
+    args = ["explain", str(run), "--split", "test", "--out", str(out), "--no-faithfulness", *FAST]
+    assert main(args) == 0  # its own split: nothing said
+    assert json.loads((out / "faithfulness.json").read_text())["split_leak"] is None
+    assert "another split" not in capsys.readouterr().err
+    split = json.loads((run / "splits.json").read_text())
+    split["splits"]["train"], split["splits"]["test"] = split["splits"]["test"], split["splits"]["train"]
+    (run / "splits.json").write_text(json.dumps(split))  # replaced: its test side is what the model trained on
+    assert main(args) == 0
+    summary = json.loads((out / "faithfulness.json").read_text())
+    assert summary["images"] == len(split["splits"]["test"])
+    assert "trained on another split than" in summary["split_leak"]
+    assert "explain it in the folder of the run that trained it" in summary["split_leak"]
+    assert "trained on another split than" in capsys.readouterr().err
+    assert "trained on another split than" in (out / "index.html").read_text()
+
+
 def test_a_training_image_pil_refuses_to_open_leaves_its_size_unknown_not_a_traceback(tmp_path, monkeypatch, capsys):
     """explain of a run whose training images PIL refuses to open (larger than its decompression-bomb limit)
     ended in a DecompressionBombError traceback while reading their sizes for the size notes, before any image."""

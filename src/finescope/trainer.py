@@ -1211,17 +1211,19 @@ def run_dir_of(state: dict) -> Path:
     return path.parent.parent if path.parent.name == "checkpoints" else path.parent
 
 
-def other_split(state: dict, splits: dict[str, np.ndarray], sample_set: SampleSet, run_dir: Path) -> str | None:
-    """What is wrong with evaluating checkpoint ``state`` on ``run_dir``'s ``splits`` when it was trained on
-    another split (its ``split_digest``: a checkpoint copied into another run's folder, or a ``splits.json``
-    replaced), or None: its test side may hold images it trained on. Checkpoints from before the digest, and
-    splits that only lost images skipped as unreadable since, cannot be told apart and give None."""
+def other_split(state: dict, splits: dict[str, np.ndarray], sample_set: SampleSet, run_dir: Path,
+                command: str = "evaluate") -> str | None:
+    """What is wrong with reading checkpoint ``state`` on ``run_dir``'s ``splits`` (``command``: evaluate,
+    explain) when it was trained on another split (its ``split_digest``: a checkpoint copied into another run's
+    folder, or a ``splits.json`` replaced), or None: its test side may hold images it trained on. Checkpoints from
+    before the digest, and splits that only lost images skipped as unreadable since, cannot be told apart and give
+    None."""
     trained = state.get("split_digest")
     if trained is None or trained == split_digest(splits, sample_set) or sample_set.skipped:
         return None
     return (f"checkpoint '{state['path']}' was trained on another split than {run_dir / 'splits.json'} (copied from "
-            "another run, or that file replaced): its sides are not this model's, and the images evaluated may "
-            "include ones it trained on; evaluate it in the folder of the run that trained it")
+            f"another run, or that file replaced): its sides are not this model's, and the images {command} reads "
+            f"from them may include ones it trained on; {command} it in the folder of the run that trained it")
 
 
 def evaluate(source: str | Path, split: str = "test", overrides: list[str] | None = None,

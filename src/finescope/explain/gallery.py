@@ -169,6 +169,7 @@ def write_index(out: Path, rows: list[dict], summary: dict, evidence: dict, meth
         f"{_methods(methods, summary['settings']['target'])} · "
         f"checkpoint <code>{_e(summary['checkpoint'])}</code>{skip_note}</p>",
         _overrides_note(summary.get("model_overrides")),
+        f"<p class=note>⚠ {_e(summary['split_leak'])}</p>" if summary.get("split_leak") else "",
         "<h2>Faithfulness</h2>",
         faithfulness_table(summary) if measured else "<p class=muted>not measured (--no-faithfulness)</p>",
         "<img src='faithfulness.png' alt='mean deletion and insertion curves'>" if has_plot else "",

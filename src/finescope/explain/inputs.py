@@ -18,8 +18,9 @@ from pathlib import Path
 
 from finescope.config import Config
 from finescope.data import empty_split_error
+from finescope.data.splits import own_split_leak
 from finescope.errors import FinescopeError, FinescopeWarning
-from finescope.trainer import OWN_SPLIT_FIX, run_dir_of
+from finescope.trainer import OWN_SPLIT_FIX, other_split, run_dir_of
 
 SPLITS = ("train", "val", "test", "all")
 
@@ -43,6 +44,7 @@ class Inputs:
     root: str = ""
     train_sizes: set = field(default_factory=set)
     trained: set = field(default_factory=set)  # real paths of the run's training and validation images
+    split_leak: str | None = None  # --split: what is wrong with the run's split for this model (as evaluate's)
 
 
 def _shown(name: str) -> str:
@@ -103,7 +105,17 @@ def split_inputs(cfg: Config, state: dict, class_names: list[str], split: str) -
         rel = Path(os.path.relpath(s.path, sample_set.root)).as_posix()
         items.append(Item(s.path, _shown(rel), int(s.label), None if cells is None else cells.get(rel, [])))
     sizes = _image_sizes([sample_set.samples[i].path for i in splits["train"]])
-    return Inputs(items, sample_set.root, sizes)
+    leak = None if split == "all" else _split_leak(state, splits, sample_set)
+    return Inputs(items, sample_set.root, sizes, split_leak=leak)
+
+
+def _split_leak(state: dict, splits: dict, sample_set) -> str | None:
+    """What evaluate records in ``split_leak`` of a run's split: a group on two of its sides, or a checkpoint
+    trained on another split (:func:`~finescope.trainer.other_split`, warned here); None when neither."""
+    seen = other_split(state, splits, sample_set, run_dir_of(state), command="explain")
+    if seen:
+        warnings.warn(seen, FinescopeWarning, stacklevel=3)
+    return "; ".join(filter(None, [own_split_leak(splits, sample_set), seen])) or None
 
 
 def _cells_for(path: Path, cache: dict) -> list | None:

@@ -500,7 +500,9 @@ def run_explain(checkpoint: str | Path, paths: list[str] | tuple[str, ...] = (),
         summary.update(checkpoint=str(state["path"]), variant=cfg.model.variant, class_names=class_names,
                        source=f"split {split} of {run_dir_of(state)}" if split else ", ".join(map(str, paths)),
                        skipped=skipped, model_overrides=model_overrides(cfg, state))
-        if not split:  # files given: how many of them the model trained or validated on (its accuracy is no test)
+        if split:  # a group on two sides, or a checkpoint trained on another split (as evaluate's metrics)
+            summary["split_leak"] = inputs.split_leak
+        else:  # files given: how many of them the model trained or validated on (its accuracy is no test)
             summary["trained_on"] = sum(os.path.realpath(r["path"]) in inputs.trained for r in rows)
             if summary["trained_on"]:
                 warnings.warn(f"{summary['trained_on']} of the {len(rows)} images explained are ones the run trained "
