@@ -495,6 +495,27 @@ def test_a_rerun_on_changed_data_names_the_cv_folders_own_folds_not_splits(tmp_p
     assert "the data changed since its folds were drawn" in err[0]
 
 
+def test_a_cv_goes_on_after_its_data_moved_with_the_new_data_root(tmp_path, capsys, monkeypatch):
+    """A cv whose data folder moved, rerun with --set data.root=NEW: refused ('other settings: data.root ...;
+    rerun with the same settings'), settings whose folder is gone, so its folds could go on only once the data
+    was moved back. Its folds name their images relative to the root, and a finished fold's predictions (the old
+    root's paths) are matched by their place under the root its config.yaml names: nothing is trained again and
+    the out-of-fold predictions are those of before."""
+    import finescope.trainer
+
+    root = _two_class_folders(tmp_path / "data")
+    args = _tiny_cv_args(tmp_path, root, ", val_fraction: 0", batch_size=8)
+    assert main(args) == 0
+    before = (tmp_path / "o" / "predictions.csv").read_text()
+    shutil.move(root, tmp_path / "moved")
+    capsys.readouterr()
+    monkeypatch.setattr(finescope.trainer, "train", lambda *a, **k: pytest.fail("a finished fold was retrained"))
+    assert main([*args, "--set", f"data.root={tmp_path / 'moved'}"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "o" / "predictions.csv").read_text() == before
+    assert json.loads((tmp_path / "o" / "cv.json").read_text())["settings"]["config"]["data"]["root"] == str(
+        tmp_path / "moved")
+
+
 def test_compute_metrics_matches_summary_pooled(tmp_path):
     """Pooled values in summary.json equal compute_metrics over all out-of-fold rows of a variant."""
     from finescope.oof import as_arrays, read_oof_csv, summarize_predictions

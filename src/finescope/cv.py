@@ -469,12 +469,13 @@ def check_rerun(out: Path, cfg: Config, p: Protocol) -> None:
 
 def _rerun_free() -> tuple[str, ...]:
     """The config keys a cv rerun may change, as ``train --resume`` may (:data:`~finescope.trainer.RESUME_FREE`):
-    where the cache is, how the data is read (``data.on_error``) and how fast, on which device; not how long it
-    trains nor what it reads (``train.compile`` drops the last incomplete batch), nor ``data.root``, whose paths
-    the finished folds' predictions name."""
+    where the data is (its folds name images relative to ``data.root``, and a finished fold's predictions are
+    matched by their place under the root it trained on: :func:`~finescope.oof.collect_predictions`), where the
+    cache is, how the data is read (``data.on_error``) and how fast, on which device; not how long it trains nor
+    what it reads (``train.compile`` drops the last incomplete batch)."""
     from finescope.trainer import RESUME_FREE
 
-    return tuple(k for k in RESUME_FREE if k not in ("train.epochs", "train.patience", "train.compile", "data.root"))
+    return tuple(k for k in RESUME_FREE if k not in ("train.epochs", "train.patience", "train.compile"))
 
 
 def resolve_folds(out: Path, sample_set: SampleSet, cfg: Config, p: Protocol, splits_file: str = "",
@@ -702,7 +703,7 @@ def run_cv(
             state = run_fold(fold_cfgs[variant, fold.name], out / "runs" / variant / fold.name, progress)
             if progress:
                 print(f"cv: {variant} {fold.name} {state}", flush=True)
-    rows = collect_predictions(out, folds, p.variants, sample_set)
+    rows = collect_predictions(out, folds, p.variants, sample_set, cfg.data.root)
     write_oof_csv(out / "predictions.csv", rows, sample_set.class_names)
     summary = _summary(out, p.ref, p.n_boot, cfg.seed)
     if report:

@@ -15,6 +15,7 @@ appears once per trial that tests it; all rows of a patient are resampled togeth
 from __future__ import annotations
 
 import csv
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from finescope.data import SampleSet
-from finescope.data.splits import _relative
+from finescope.data.splits import _key, _relative
 from finescope.errors import FinescopeError
 from finescope.files import ERRORS, atomic_open
 from finescope.metrics import (
@@ -47,22 +48,29 @@ TABLE_METRICS = (
 )
 
 
-def collect_predictions(out: Path, folds: list, variants: tuple[str, ...], sample_set: SampleSet) -> list[dict]:
-    """Read every run's ``predictions_test.csv`` into out-of-fold rows (see the module docstring).
+def collect_predictions(out: Path, folds: list, variants: tuple[str, ...], sample_set: SampleSet,
+                        data_root: str = "") -> list[dict]:
+    """Read every run's ``predictions_test.csv`` into out-of-fold rows (see the module docstring). A run trained
+    on another ``data.root`` than ``data_root`` (the cv's now: its data moved since) names its images under the
+    root it trained on (its ``config.yaml``): they are matched by their place under it, as splits files are.
 
     Raises:
         FinescopeError: a run's file lacks a column or predicts an image outside its fold's test side (a run of
             other folds or other data, or an edited file), naming the run folder to delete so that it trains again.
     """
     index = {s.path: i for i, s in enumerate(sample_set.samples)}
+    relative = {_key(_relative(s.path, sample_set.root)): i for i, s in enumerate(sample_set.samples)}
     names = sample_set.class_names
     rows = []
     for variant in variants:
         for fold in folds:
             path = out / "runs" / variant / fold.name / "predictions_test.csv"
             test = set(fold.splits["test"].tolist())
+            then = _root_then(path.parent, sample_set, data_root)
             for r in _run_rows(path, names, f"delete '{path.parent}' to train {variant} on {fold.name} again"):
                 i = index.get(r["path"])
+                if i is None and then is not None:  # the data moved since the run: the same place under the root
+                    i = relative.get(_key(_relative(r["path"], then)))
                 if i not in test:
                     raise FinescopeError(
                         f"'{path}' predicts '{r['path']}', which is not on the test side of {fold.name} (a run of "
@@ -81,6 +89,26 @@ def collect_predictions(out: Path, folds: list, variants: tuple[str, ...], sampl
                     "variant": variant,
                 })
     return rows
+
+
+def _root_then(run_dir: Path, sample_set: SampleSet, data_root: str) -> str | None:
+    """The folder that ``sample_set.root`` was when the run in ``run_dir`` trained on another ``data.root`` than
+    ``data_root`` (the one its ``config.yaml`` names), which its predictions name images under; None when it
+    trained on ``data_root`` or its config cannot tell."""
+    from finescope.config import read_yaml_mapping
+
+    if not data_root or not (run_dir / "config.yaml").is_file():
+        return None
+    try:
+        then = read_yaml_mapping(run_dir / "config.yaml").get("data", {}).get("root")
+    except (FinescopeError, AttributeError):
+        return None
+    now = os.path.abspath(os.path.expanduser(data_root))
+    if not isinstance(then, str) or not then or os.path.abspath(os.path.expanduser(then)) == now:
+        return None
+    # sample_set.root is data.root, or the folder of the CSV manifest it names: the same folder of the root then
+    return os.path.normpath(os.path.join(os.path.abspath(os.path.expanduser(then)),
+                                         os.path.relpath(sample_set.root, now)))
 
 
 def _run_rows(path: Path, names: list[str], fix: str) -> list[dict]:
