@@ -1136,13 +1136,9 @@ def test_explain_with_model_settings_changed_says_so_in_its_numbers_and_gallery(
     assert "model.threshold" not in (out / "index.html").read_text()
 
 
-def test_explain_split_of_a_checkpoint_trained_on_another_split_says_so_in_its_numbers_and_gallery(tmp_path, capsys):
-    """explain RUN --split test of a checkpoint whose folder's splits.json is not the split it trained on (copied
-    into another run's folder, or the file replaced) explained that folder's test side without a word, though it
-    may hold images the model trained on, where evaluate warns and records split_leak (f7261ab): the checkpoint's
-    split_digest tells; a warning says so, faithfulness.json records it in split_leak and the gallery shows it."""
+def _run_with_split_digest(tmp_path: Path) -> Path:
+    """:func:`make_run` (global) with its checkpoint's ``split_digest``: of the split in its splits.json."""
     from finescope.checkpoint import load_checkpoint
-    from finescope.cli import main
     from finescope.data import load_samples, load_splits
     from finescope.data.splits import split_digest
 
@@ -1152,14 +1148,31 @@ def test_explain_split_of_a_checkpoint_trained_on_another_split_says_so_in_its_n
     state["split_digest"] = split_digest(load_splits(run / "splits.json", sample_set, own=True), sample_set)
     save_checkpoint({k: state[k] for k in ("model", "config", "class_names", "split_digest")},
                     run / "checkpoints" / "best.pt")
+    return run
+
+
+def _swap_train_and_test(run: Path) -> dict:
+    """Replace the run's splits.json by one with its train and test sides swapped; the new split."""
+    split = json.loads((run / "splits.json").read_text())
+    split["splits"]["train"], split["splits"]["test"] = split["splits"]["test"], split["splits"]["train"]
+    (run / "splits.json").write_text(json.dumps(split))
+    return split
+
+
+def test_explain_split_of_a_checkpoint_trained_on_another_split_says_so_in_its_numbers_and_gallery(tmp_path, capsys):
+    """explain RUN --split test of a checkpoint whose folder's splits.json is not the split it trained on (copied
+    into another run's folder, or the file replaced) explained that folder's test side without a word, though it
+    may hold images the model trained on, where evaluate warns and records split_leak (f7261ab): the checkpoint's
+    split_digest tells; a warning says so, faithfulness.json records it in split_leak and the gallery shows it."""
+    from finescope.cli import main
+
+    run = _run_with_split_digest(tmp_path)
     out = tmp_path / "out"
     args = ["explain", str(run), "--split", "test", "--out", str(out), "--no-faithfulness", *FAST]
     assert main(args) == 0  # its own split: nothing said
     assert json.loads((out / "faithfulness.json").read_text())["split_leak"] is None
     assert "another split" not in capsys.readouterr().err
-    split = json.loads((run / "splits.json").read_text())
-    split["splits"]["train"], split["splits"]["test"] = split["splits"]["test"], split["splits"]["train"]
-    (run / "splits.json").write_text(json.dumps(split))  # replaced: its test side is what the model trained on
+    split = _swap_train_and_test(run)  # replaced: its test side is what the model trained on
     assert main(args) == 0
     summary = json.loads((out / "faithfulness.json").read_text())
     assert summary["images"] == len(split["splits"]["test"])
@@ -1167,6 +1180,30 @@ def test_explain_split_of_a_checkpoint_trained_on_another_split_says_so_in_its_n
     assert "explain it in the folder of the run that trained it" in summary["split_leak"]
     assert "trained on another split than" in capsys.readouterr().err
     assert "trained on another split than" in (out / "index.html").read_text()
+
+
+def test_explaining_files_with_a_checkpoint_trained_on_another_split_does_not_count_them_unseen(tmp_path, capsys):
+    """explain RUN FILES counts the files the run trained or validated on by its folder's splits.json: with a
+    checkpoint trained on another split (copied into another run's folder, or that file replaced) it said
+    trained_on 0, and warned nothing, of the very images the model trained on. The checkpoint's split_digest
+    tells: the count is unknown (null), a warning says why and faithfulness.json records it in split_leak."""
+    from finescope.cli import main
+
+    run = _run_with_split_digest(tmp_path)
+    trained = json.loads((run / "splits.json").read_text())["splits"]["train"]
+    files = [str(tmp_path / "data" / p) for p in trained]
+    args = ["explain", str(run), *files, "--out", str(tmp_path / "out"), "--no-faithfulness", *FAST]
+    assert main(args) == 0  # its own split: counted, no split_leak
+    summary = json.loads((tmp_path / "out" / "faithfulness.json").read_text())
+    assert (summary["trained_on"], summary["split_leak"]) == (len(trained), None)
+    capsys.readouterr()
+    _swap_train_and_test(run)
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "out" / "faithfulness.json").read_text())
+    assert summary["trained_on"] is None and "trained on another split than" in summary["split_leak"]
+    assert "trained on another split than" in capsys.readouterr().err
+    page = (tmp_path / "out" / "index.html").read_text()
+    assert "trained on another split than" in page and "of them the model trained or validated on" not in page
 
 
 def test_a_training_image_pil_refuses_to_open_leaves_its_size_unknown_not_a_traceback(tmp_path, monkeypatch, capsys):

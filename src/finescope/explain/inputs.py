@@ -43,8 +43,8 @@ class Inputs:
     items: list[Item]
     root: str = ""
     train_sizes: set = field(default_factory=set)
-    trained: set = field(default_factory=set)  # real paths of the run's training and validation images
-    split_leak: str | None = None  # --split: what is wrong with the run's split for this model (as evaluate's)
+    trained: set | None = field(default_factory=set)  # real paths of the run's training and validation images
+    split_leak: str | None = None  # what is wrong with the run's split for this model (as evaluate's)
 
 
 def _shown(name: str) -> str:
@@ -166,23 +166,30 @@ def training_sizes(cfg: Config, state: dict, class_names: list[str]) -> set:
     return training_images(cfg, state, class_names)[0]
 
 
-def training_images(cfg: Config, state: dict, class_names: list[str]) -> tuple[set, set]:
-    """{(H, W)} of the run's training images and the real paths of its training and validation images; empty
-    sets when its data cannot be read from here."""
+def training_images(cfg: Config, state: dict, class_names: list[str]) -> tuple[set, set | None, str | None]:
+    """{(H, W)} of the run's training images, the real paths of its training and validation images, and what is
+    wrong with its folder's ``splits.json`` for this checkpoint (:func:`~finescope.trainer.other_split`, warned
+    here: a split it was not trained on, whose sides tell nothing of its images, which are then None) or None;
+    empty sets when its data cannot be read from here."""
     # the synthetic source's loader generates the set where it is missing (for a run's relative data.root: in the
     # working folder), which is no way to measure it; its images are synthetic_size pixels square
     synthetic = cfg.data.source == "synthetic"
     sizes = {(cfg.data.synthetic_size,) * 2} if synthetic else set()
     if synthetic and not (Path(cfg.data.root) / "manifest.csv").is_file():
-        return sizes, set()
+        return sizes, set(), None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             sample_set, splits = _run_samples(cfg, state, class_names)
     except FinescopeError:
-        return sizes, set()
+        return sizes, set(), None
+    sizes = sizes or _image_sizes([sample_set.samples[i].path for i in splits["train"]])
+    leak = other_split(state, splits, sample_set, run_dir_of(state), command="explain")
+    if leak:
+        warnings.warn(leak, FinescopeWarning, stacklevel=2)
+        return sizes, None, leak
     seen = {os.path.realpath(sample_set.samples[i].path) for side in ("train", "val") for i in splits.get(side, [])}
-    return sizes or _image_sizes([sample_set.samples[i].path for i in splits["train"]]), seen
+    return sizes, seen, None
 
 
 def size_notes(size: tuple[int, int], train_sizes: set, global_size: int, local_size: int, crops: bool) -> list[str]:

@@ -301,7 +301,7 @@ def _inputs(cfg, state, class_names, paths, split) -> Inputs:
     if not paths:
         raise FinescopeError("nothing to explain: give image files/folders, or --split test with a run directory")
     inputs = path_inputs(list(paths), class_names, cfg)
-    inputs.train_sizes, inputs.trained = training_images(cfg, state, class_names)
+    inputs.train_sizes, inputs.trained, inputs.split_leak = training_images(cfg, state, class_names)
     return inputs
 
 
@@ -500,10 +500,11 @@ def run_explain(checkpoint: str | Path, paths: list[str] | tuple[str, ...] = (),
         summary.update(checkpoint=str(state["path"]), variant=cfg.model.variant, class_names=class_names,
                        source=f"split {split} of {run_dir_of(state)}" if split else ", ".join(map(str, paths)),
                        skipped=skipped, model_overrides=model_overrides(cfg, state))
-        if split:  # a group on two sides, or a checkpoint trained on another split (as evaluate's metrics)
-            summary["split_leak"] = inputs.split_leak
-        else:  # files given: how many of them the model trained or validated on (its accuracy is no test)
-            summary["trained_on"] = sum(os.path.realpath(r["path"]) in inputs.trained for r in rows)
+        # a checkpoint trained on another split than its folder's; with --split, a group on two sides (as evaluate's)
+        summary["split_leak"] = inputs.split_leak
+        if not split:  # files given: how many of them the model trained or validated on (its accuracy is no test)
+            summary["trained_on"] = None if inputs.trained is None else sum(  # None: its split is not known here
+                os.path.realpath(r["path"]) in inputs.trained for r in rows)
             if summary["trained_on"]:
                 warnings.warn(f"{summary['trained_on']} of the {len(rows)} images explained are ones the run trained "
                               "or validated on (its splits.json): their accuracy and maps are not those of unseen "
