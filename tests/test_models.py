@@ -1236,8 +1236,8 @@ def test_depthwise_without_cudnn_leaves_timm_convolutions_that_transform_their_w
 
 def test_tf_efficientnet_runs_every_depthwise_convolution_without_cudnn_and_folds():
     """tf_efficientnet_b0: all 16 depthwise convolutions are swapped (4 of them Conv2dSame), the features are
-    those of the model as built, and folding BatchNorms keeps the predictions: into a swapped Conv2dSame too,
-    which stays swapped (timm's own Conv2dSame does not trace, so a module holding one folds nothing)."""
+    those of the model as built, and folding all 49 BatchNorms keeps the predictions: into a swapped Conv2dSame
+    too, which stays swapped, as timm's own Conv2dSame stays one."""
     import copy
 
     timm = pytest.importorskip("timm")
@@ -1257,7 +1257,7 @@ def test_tf_efficientnet_runs_every_depthwise_convolution_without_cudnn_and_fold
         assert depthwise_without_cudnn(model) == 16
         assert sum(isinstance(m, DepthwiseConv2dWithoutCudnn) for m in model.modules()) == 16
         torch.testing.assert_close(model(x), before)
-        fold_batchnorm(model)
+        assert fold_batchnorm(model) == 49
         torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-4)
     net = torch.nn.Sequential(Conv2dSame(4, 4, 3, stride=2, groups=4), torch.nn.BatchNorm2d(4)).eval()
     net[1].running_mean.uniform_(-0.5, 0.5)
@@ -1265,7 +1265,10 @@ def test_tf_efficientnet_runs_every_depthwise_convolution_without_cudnn_and_fold
     x = torch.rand(2, 4, 11, 10)
     with torch.no_grad():
         before = net(x)
-        assert fold_batchnorm(copy.deepcopy(net)) == 0
+        timms = copy.deepcopy(net)
+        assert fold_batchnorm(timms) == 1
+        assert type(timms[0]) is Conv2dSame and isinstance(timms[1], torch.nn.Identity)
+        torch.testing.assert_close(timms(x), before)
         assert depthwise_without_cudnn(net) == 1
         kind = type(net[0])
         assert fold_batchnorm(net) == 1
@@ -1299,7 +1302,8 @@ def test_folding_batchnorm_reaches_depthwise_convolutions_without_cudnn():
 
 def test_folding_batchnorm_leaves_a_convolution_that_transforms_its_weight():
     """A Conv2d subclass that standardises its weight in forward (timm's StdConv2d) would undo a BatchNorm folded
-    into that weight: only torch's own convolutions and DepthwiseConv2dWithoutCudnn are folded into."""
+    into that weight: only torch's own convolutions, DepthwiseConv2dWithoutCudnn and timm's Conv2dSame are
+    folded into."""
     from finescope.models.backbones import fold_batchnorm
 
     class StdConv(torch.nn.Conv2d):
@@ -1317,6 +1321,101 @@ def test_folding_batchnorm_leaves_a_convolution_that_transforms_its_weight():
         before = net(x)
         assert fold_batchnorm(net) == 0
         torch.testing.assert_close(net(x), before)
+
+
+def _randomise_batchnorms(model: torch.nn.Module) -> list[torch.nn.BatchNorm2d]:
+    """Non-trivial running statistics and affine parameters for every BatchNorm2d (timm's BatchNormAct2d too)."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for bn in bns:
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        torch.nn.init.uniform_(bn.weight, 0.5, 1.5)
+        torch.nn.init.uniform_(bn.bias, -0.2, 0.2)
+    return bns
+
+
+@pytest.mark.parametrize("name,folds", [("efficientnet_b0", 49), ("tf_efficientnet_b0", 49), ("mixnet_s", 15),
+                                        ("tf_mixnet_s", 15), ("tf_efficientnetv2_b0", 59),
+                                        ("tf_mobilenetv3_small_100", 34)])
+def test_folding_batchnorm_reaches_timm_batchnorm_act_and_conv2d_same(name, folds):
+    """timm's efficientnet-style models normalise with BatchNormAct2d (a BatchNorm2d whose forward also applies
+    its dropout and activation), which torch.fx traced into, and the tf_ ones pad with Conv2dSame, which does
+    not trace: none of their BatchNorms folded. Every one that reads a convolution alone now folds into it
+    (mixnet's mixed convolutions, a concatenation of convolutions, do not), leaving its own dropout and
+    activation under their names; the features agree, gradients too."""
+    timm = pytest.importorskip("timm")
+    from timm.layers import BatchNormAct2d
+
+    from finescope.models.backbones import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=0, global_pool="").eval()
+    _randomise_batchnorms(model)
+    acts = {n: m.act for n, m in model.named_modules() if type(m) is BatchNormAct2d}
+    names = [n for n, _ in model.named_modules()]
+    x = torch.rand(2, 3, 32, 40, requires_grad=True)
+    before = model(x)
+    (grad_before,) = torch.autograd.grad(before.square().sum(), x)
+    with torch.no_grad():
+        assert fold_batchnorm(model) == folds
+    after = model(x)
+    (grad_after,) = torch.autograd.grad(after.square().sum(), x)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad_after, grad_before, rtol=1e-3, atol=1e-3)
+    assert [n for n, _ in model.named_modules()] == names
+    assert sum(type(m) is BatchNormAct2d for m in model.modules()) == len(acts) - folds
+    assert all(model.get_submodule(n).act is act for n, act in acts.items())
+
+
+def test_folding_batchnorm_leaves_timm_weight_standardised_convolutions_before_batchnorm_act():
+    """timm's StdConv2d and StdConv2dSame standardise their weight in forward, which would undo a BatchNorm
+    folded into it: before a BatchNormAct2d as before a BatchNorm2d they fold nothing."""
+    pytest.importorskip("timm")
+    from timm.layers import BatchNormAct2d, StdConv2d, StdConv2dSame
+
+    from finescope.models.backbones import fold_batchnorm
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(StdConv2d(3, 8, 3, padding=1), BatchNormAct2d(8), StdConv2dSame(8, 8, 3, stride=2),
+                              BatchNormAct2d(8, act_layer=torch.nn.SiLU)).eval()
+    _randomise_batchnorms(net)
+    x = torch.rand(2, 3, 15, 16)
+    with torch.no_grad():
+        before = net(x)
+        assert fold_batchnorm(net) == 0
+        torch.testing.assert_close(net(x), before)
+    assert [type(m) for m in net] == [StdConv2d, BatchNormAct2d, StdConv2dSame, BatchNormAct2d]
+
+
+def test_folding_batchnorm_keeps_a_timm_batchnorm_act_whose_convolution_is_read_elsewhere():
+    """A BatchNormAct2d folds only into a convolution whose output nothing else reads (a residual that adds it
+    would see the folded output); and one without an activation (apply_act=False) folds to its Identity."""
+    pytest.importorskip("timm")
+    from timm.layers import BatchNormAct2d
+
+    from finescope.models.backbones import fold_batchnorm
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = torch.nn.Conv2d(3, 8, 3, padding=1), BatchNormAct2d(8)
+            self.conv2, self.bn2 = torch.nn.Conv2d(8, 8, 1), BatchNormAct2d(8, apply_act=False)
+
+        def forward(self, x):
+            y = self.conv1(x)
+            y = self.bn1(y) + y
+            return self.bn2(self.conv2(y))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    _randomise_batchnorms(net)
+    x = torch.rand(2, 3, 12, 12)
+    with torch.no_grad():
+        before = net(x)
+        assert fold_batchnorm(net) == 1
+        torch.testing.assert_close(net(x), before)
+    assert type(net.bn1) is BatchNormAct2d and type(net.bn2) is not BatchNormAct2d
+    assert isinstance(net.bn2.act, torch.nn.Identity)
 
 
 def _same_partition(ours: torch.Tensor, ref) -> bool:

@@ -206,24 +206,51 @@ def depthwise_without_cudnn(module: nn.Module) -> int:
     return n
 
 
+def _timm_layer(module: str, name: str) -> type[nn.Module] | None:
+    """timm's class ``timm.layers.<module>.<name>`` if timm is imported (none exists otherwise); never imports it."""
+    return getattr(sys.modules.get(f"timm.layers.{module}"), name, None)
+
+
 class _ConvLeafTracer(torch.fx.Tracer):
-    """torch.fx's tracer, with :class:`DepthwiseConv2dWithoutCudnn` and :class:`DepthwiseConv2dSameWithoutCudnn`
-    leaves, as torch's own convolutions are. Not every ``nn.Conv2d`` subclass: one that transforms its weight in
-    ``forward`` (timm's weight-standardised ``StdConv2d``) would undo a folded BatchNorm, so such a one is traced
-    into and folds nothing, as before."""
+    """torch.fx's tracer, with :class:`DepthwiseConv2dWithoutCudnn`, :class:`DepthwiseConv2dSameWithoutCudnn`,
+    timm's ``Conv2dSame`` (which pads for each input size, untraceable) and timm's ``BatchNormAct2d`` (a
+    BatchNorm2d whose forward also applies its dropout and activation) leaves, as torch's own convolutions and
+    BatchNorms are. Not every ``nn.Conv2d`` subclass: one that transforms its weight in ``forward`` (timm's
+    weight-standardised ``StdConv2d``) would undo a folded BatchNorm, so such a one is traced into and folds
+    nothing, as before. Exact types: a subclass may do more in ``forward``."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        own = (DepthwiseConv2dWithoutCudnn, DepthwiseConv2dSameWithoutCudnn)
+        timm = (_timm_layer("conv2d_same", "Conv2dSame"), _timm_layer("norm_act", "BatchNormAct2d"))
+        own = (DepthwiseConv2dWithoutCudnn, DepthwiseConv2dSameWithoutCudnn, *(t for t in timm if t is not None))
         return type(m) in own or super().is_leaf_module(m, qualname)
+
+
+class _DropAct(nn.Module):
+    """What a folded timm ``BatchNormAct2d`` leaves: its own dropout then its own activation, under their names."""
+
+    def __init__(self, drop: nn.Module, act: nn.Module) -> None:
+        super().__init__()
+        self.drop, self.act = drop, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(x))
+
+
+def _after_fold(bn: nn.BatchNorm2d) -> nn.Module:
+    """The module that takes a folded BatchNorm's place: Identity, or a BatchNormAct2d's dropout and activation."""
+    if type(bn) is nn.BatchNorm2d:
+        return nn.Identity()
+    return _DropAct(getattr(bn, "drop", nn.Identity()), getattr(bn, "act", nn.Identity()))
 
 
 def fold_batchnorm(module: nn.Module) -> int:
     """Fold every BatchNorm2d that alone reads a Conv2d's output into that convolution, for inference.
 
     The convolution absorbs the BatchNorm's running statistics and affine parameters
-    (``torch.nn.utils.fusion.fuse_conv_bn_eval``) and the BatchNorm becomes an ``nn.Identity``, so every module
-    keeps its name. The pairs are found by tracing ``module`` with ``torch.fx``; a module that does not trace
-    (some timm models) stays as it is. ``module`` must be in eval mode.
+    (``torch.nn.utils.fusion.fuse_conv_bn_eval``) and the BatchNorm becomes an ``nn.Identity`` (a timm
+    ``BatchNormAct2d``: its own dropout then activation), so every module keeps its name. The pairs are found by
+    tracing ``module`` with ``torch.fx``; a module that does not trace stays as it is. ``module`` must be in
+    eval mode.
 
     Returns:
         The number of BatchNorms folded.
@@ -245,7 +272,7 @@ def fold_batchnorm(module: nn.Module) -> int:
             pairs.append((src.target, node.target))
     for conv_name, bn_name in pairs:
         _set_submodule(module, conv_name, fuse_conv_bn_eval(modules[conv_name], modules[bn_name]))
-        _set_submodule(module, bn_name, nn.Identity())
+        _set_submodule(module, bn_name, _after_fold(modules[bn_name]))
     return len(pairs)
 
 
