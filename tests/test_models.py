@@ -1334,14 +1334,14 @@ def _randomise_batchnorms(model: torch.nn.Module) -> list[torch.nn.BatchNorm2d]:
     return bns
 
 
-@pytest.mark.parametrize("name,folds", [("efficientnet_b0", 49), ("tf_efficientnet_b0", 49), ("mixnet_s", 15),
-                                        ("tf_mixnet_s", 15), ("tf_efficientnetv2_b0", 59),
+@pytest.mark.parametrize("name,folds", [("efficientnet_b0", 49), ("tf_efficientnet_b0", 49), ("mixnet_s", 49),
+                                        ("tf_mixnet_s", 49), ("tf_efficientnetv2_b0", 59),
                                         ("tf_mobilenetv3_small_100", 34)])
 def test_folding_batchnorm_reaches_timm_batchnorm_act_and_conv2d_same(name, folds):
     """timm's efficientnet-style models normalise with BatchNormAct2d (a BatchNorm2d whose forward also applies
     its dropout and activation), which torch.fx traced into, and the tf_ ones pad with Conv2dSame, which does
-    not trace: none of their BatchNorms folded. Every one that reads a convolution alone now folds into it
-    (mixnet's mixed convolutions, a concatenation of convolutions, do not), leaving its own dropout and
+    not trace: none of their BatchNorms folded. Every one now folds into the convolution it alone reads (into
+    the convolutions of mixnet's mixed convolutions, which concatenates them), leaving its own dropout and
     activation under their names; the features agree, gradients too."""
     timm = pytest.importorskip("timm")
     from timm.layers import BatchNormAct2d
@@ -1417,6 +1417,35 @@ def test_folding_batchnorm_keeps_a_timm_batchnorm_act_whose_convolution_is_read_
     assert type(net.bn1) is BatchNormAct2d and type(net.bn2) is not BatchNormAct2d
     assert isinstance(net.bn2.act, torch.nn.Identity)
 
+
+def test_folding_batchnorm_reaches_convolutions_concatenated_along_channels():
+    """A BatchNorm that reads convolutions concatenated along channels, and nothing else reads them (mixnet's
+    MixedConv2d), folds each its own channels; not a concatenation along another dimension, one that holds
+    anything but a convolution, nor one that holds a convolution's output twice."""
+    from finescope.models.backbones import fold_batchnorm
+
+    class Net(torch.nn.Module):
+        def __init__(self, kind: str):
+            super().__init__()
+            self.kind = kind
+            self.a = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.b = torch.nn.Conv2d(3, 4 if kind == "rows" else 3, 1, bias=False)
+            self.bn = torch.nn.BatchNorm2d(4 if kind == "rows" else 8 if kind == "twice" else 7)
+
+        def forward(self, x):
+            a = self.a(x)
+            b = x.flip(1) if self.kind == "other" else a if self.kind == "twice" else self.b(x)
+            return self.bn(torch.cat([a, b], dim=-2 if self.kind == "rows" else 1))
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 9, 10)
+    for kind, folds in [("channels", 1), ("rows", 0), ("other", 0), ("twice", 0)]:
+        net = Net(kind).eval()
+        _randomise_batchnorms(net)
+        with torch.no_grad():
+            before = net(x)
+            assert fold_batchnorm(net) == folds, kind
+            torch.testing.assert_close(net(x), before)
 
 def _same_partition(ours: torch.Tensor, ref) -> bool:
     """Two labellings of one grid (0 = background) name the same components."""

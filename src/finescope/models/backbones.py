@@ -8,6 +8,7 @@ name timm knows, optionally written ``timm:NAME``), and ``tiny``, a small CNN fo
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import socket
 import sys
@@ -22,7 +23,7 @@ import torch
 import torch.fx
 import torchvision
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from finescope.errors import FinescopeError
 
@@ -243,14 +244,47 @@ def _after_fold(bn: nn.BatchNorm2d) -> nn.Module:
     return _DropAct(getattr(bn, "drop", nn.Identity()), getattr(bn, "act", nn.Identity()))
 
 
+def _fuse(conv: nn.Conv2d, bn: nn.BatchNorm2d, channels: slice) -> nn.Conv2d:
+    """A copy of ``conv`` that absorbs the running statistics and affine parameters of ``bn``'s ``channels``
+    (``torch.nn.utils.fusion.fuse_conv_bn_eval`` on those channels)."""
+    if conv.training or bn.training:
+        raise AssertionError("Fusion only for eval!")
+    fused = copy.deepcopy(conv)
+    weight, bias = (None if t is None else t[channels] for t in (bn.weight, bn.bias))
+    fused.weight, fused.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean[channels],
+                                                    bn.running_var[channels], bn.eps, weight, bias)
+    return fused
+
+
+def _is_channel_cat(node: object) -> bool:
+    """Whether ``node`` concatenates (B, C, h, w) tensors along C for one reader alone."""
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is torch.cat
+            and node.args and len(node.users) == 1):
+        return False
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return dim in (1, -3)
+
+
+def _read_convolutions(node: torch.fx.Node, modules: dict[str, nn.Module], calls: Counter) -> list[str]:
+    """The convolutions whose outputs the BatchNorm ``node`` alone reads, each called once: one, or several
+    concatenated along channels (timm's MixedConv2d), in channel order; [] if it reads anything else."""
+    src = node.args[0]
+    parts = list(src.args[0]) if _is_channel_cat(src) else [src]
+    ok = len(set(parts)) == len(parts) and all(
+        isinstance(p, torch.fx.Node) and p.op == "call_module" and len(p.users) == 1
+        and isinstance(modules.get(p.target), nn.Conv2d) and calls[p.target] == 1 for p in parts)
+    return [p.target for p in parts] if ok else []
+
+
 def fold_batchnorm(module: nn.Module) -> int:
     """Fold every BatchNorm2d that alone reads a Conv2d's output into that convolution, for inference.
 
     The convolution absorbs the BatchNorm's running statistics and affine parameters
     (``torch.nn.utils.fusion.fuse_conv_bn_eval``) and the BatchNorm becomes an ``nn.Identity`` (a timm
-    ``BatchNormAct2d``: its own dropout then activation), so every module keeps its name. The pairs are found by
-    tracing ``module`` with ``torch.fx``; a module that does not trace stays as it is. ``module`` must be in
-    eval mode.
+    ``BatchNormAct2d``: its own dropout then activation), so every module keeps its name. A BatchNorm that alone
+    reads convolutions concatenated along channels (timm's ``MixedConv2d``) folds each its own channels. The
+    pairs are found by tracing ``module`` with ``torch.fx``; a module that does not trace stays as it is.
+    ``module`` must be in eval mode.
 
     Returns:
         The number of BatchNorms folded.
@@ -266,13 +300,16 @@ def fold_batchnorm(module: nn.Module) -> int:
         bn = modules.get(node.target) if node.op == "call_module" else None
         if not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None or calls[node.target] != 1:
             continue
-        src = node.args[0]
-        if (isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1
-                and isinstance(modules.get(src.target), nn.Conv2d) and calls[src.target] == 1):
-            pairs.append((src.target, node.target))
-    for conv_name, bn_name in pairs:
-        _set_submodule(module, conv_name, fuse_conv_bn_eval(modules[conv_name], modules[bn_name]))
-        _set_submodule(module, bn_name, _after_fold(modules[bn_name]))
+        convs = _read_convolutions(node, modules, calls)
+        if convs:
+            pairs.append((convs, node.target))
+    for conv_names, bn_name in pairs:
+        bn, start = modules[bn_name], 0
+        for name in conv_names:  # (B, C, h, w): each convolution's channels, in the concatenation's order
+            end = start + modules[name].out_channels
+            _set_submodule(module, name, _fuse(modules[name], bn, slice(start, end)))
+            start = end
+        _set_submodule(module, bn_name, _after_fold(bn))
     return len(pairs)
 
 
