@@ -714,6 +714,32 @@ def test_summary_scores_patients_and_resamples_their_case(tmp_path):
     assert by_case["patient_recognition_rate"] == pytest.approx((4 / 6 + 1 + 1) / 3)
 
 
+def test_a_patient_of_several_trials_is_scored_once_per_trial_in_the_pooled_metrics(tmp_path):
+    """Repeated trials test a patient once per trial, each time by another trial's model. The pooled patient
+    metrics merged its rows of all trials into one patient: one majority vote over the predictions of several
+    models (an ensemble no trial ran), which scored patient P right although trial1's model called it wrong."""
+    from finescope.oof import summarize_predictions
+
+    path = tmp_path / "predictions.csv"
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", "group", "patient", "magnification", "true", "predicted", "prob_a", "prob_b", "fold",
+                    "variant"])
+        for trial, right in (("trial0", 3), ("trial1", 1)):  # P (class a): 3 of 4 images right, then 1 of 4
+            for i in range(4):
+                pa = 0.9 if i < right else 0.45
+                w.writerow([f"P{i}.png", "P", "P", 100, "a", "a" if i < right else "b", pa, 1 - pa, trial, "global"])
+        for i in range(2):  # Q (class b): tested in trial1 only, right
+            w.writerow([f"Q{i}.png", "Q", "Q", 100, "b", "b", 0.2, 0.8, "trial1", "global"])
+    pooled = summarize_predictions(path, n_boot=20)["variants"]["global"]["pooled"]
+    # (trial, patient) units: P in trial0 right, P in trial1 wrong, Q in trial1 right
+    assert pooled["patient_accuracy_majority"]["value"] == pytest.approx(2 / 3)
+    assert pooled["patient_recognition_rate"]["value"] == pytest.approx((3 / 4 + 1 / 4 + 1) / 3)
+    assert pooled["image_accuracy"]["value"] == pytest.approx(6 / 10)
+    assert pooled["n_patients"] == 2  # distinct patients, however many trials test them
+    assert pooled["auc"]["ci_note"] == "only 2 patients"  # not 'patient groups': each group is one patient
+
+
 def test_equal_patient_ids_in_two_groups_are_two_patients_in_every_number(tmp_path):
     """A manifest's patient is the patient within its group (README): patient 'P1' of group A (right) and 'P1' of
     group B (wrong) are two patients. The pooled PRR scored them apart (0.8) while the per-fold metrics of the same

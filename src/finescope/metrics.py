@@ -550,8 +550,8 @@ def _boot_values(
 MIN_CI_GROUPS = 5  # fewer groups than this: no interval (bootstrap_ci's docstring says why)
 # what a metric means, raised with every change of a definition, so that no summary computed before it is read back
 # (cv's summary.json, in ``made_from``): 2 scores a patient of several classes once per class and counts equal
-# patient ids in two groups as two patients
-METRICS_VERSION = 2
+# patient ids in two groups as two patients; 3 scores a patient of several trials once per trial in pooled metrics
+METRICS_VERSION = 3
 MIN_CI_DEFINED = 0.5  # fraction of the resamples that must define the metric for an interval
 
 
@@ -611,6 +611,7 @@ def bootstrap_ci(
     alpha: float = 0.05,
     seed: int = 0,
     patients: ArrayLike | None = None,
+    unit: str | None = None,
 ) -> dict[str, Any]:
     """Percentile bootstrap confidence interval that resamples patients (clusters), not images.
 
@@ -629,6 +630,8 @@ def bootstrap_ci(
         seed: seed of the resampling generator.
         patients: (N,) patient ids that the patient-level metrics score when several patients share a
             resampled group (BreakHis: the patient folders 22549AB / 22549CD of case 22549); ``groups`` if omitted.
+        unit: what one group is, for ``ci_note`` ("patient"); by default "image", "patient" or "patient group" as
+            ``groups`` and ``patients`` say (a patient scored once per trial is several ``patients`` of one group).
 
     Too few groups or too few defined resamples give no interval rather than a false one: with fewer than
     :data:`MIN_CI_GROUPS` (5) groups, or when the metric is defined in fewer than :data:`MIN_CI_DEFINED` (half)
@@ -645,7 +648,7 @@ def bootstrap_ci(
     yt, p, pidx, gidx, uniq = _prepare(y_true, probs, groups, patients)
     fn = _resolve_metric(metric)
     values = _boot_values(metric, yt, p, gidx, pidx, _draw_groups(uniq.size, n_boot, seed))
-    note = _ci_withheld(values, uniq.size, _unit(groups, pidx, uniq.size))
+    note = _ci_withheld(values, uniq.size, unit or _unit(groups, pidx, uniq.size))
     low, high = _percentiles(values, alpha)
     value = fn(yt, p, pidx)
     return {
@@ -667,6 +670,7 @@ def paired_bootstrap(
     seed: int = 0,
     alpha: float = 0.05,
     patients: ArrayLike | None = None,
+    unit: str | None = None,
 ) -> dict[str, Any]:
     """Patient-clustered paired bootstrap of ``metric(b) - metric(a)`` on the same images.
 
@@ -684,6 +688,7 @@ def paired_bootstrap(
         seed: seed of the resampling generator.
         alpha: 1 - confidence level.
         patients: as in :func:`bootstrap_ci`.
+        unit: as in :func:`bootstrap_ci`.
 
     Returns:
         ``{"diff", "low", "high", "p_value", "n_boot", "ci_note"}``; ``diff`` is ``None`` where the metric is
@@ -700,7 +705,7 @@ def paired_bootstrap(
     draws = _draw_groups(uniq.size, n_boot, seed)
     diffs = _boot_values(metric, yt, pb, gidx, pidx, draws) - _boot_values(metric, yt, pa, gidx, pidx, draws)
     # one patient: every resampled difference is the observed one, which gave p = 0; a few: a p-value of few resamples
-    note = _ci_withheld(diffs, uniq.size, _unit(groups, pidx, uniq.size))
+    note = _ci_withheld(diffs, uniq.size, unit or _unit(groups, pidx, uniq.size))
     low, high = _percentiles(diffs, alpha)
     va, vb = fn(yt, pa, pidx), fn(yt, pb, pidx)
     diff = None if va is None or vb is None else float(vb - va)

@@ -9,7 +9,8 @@ patients); intervals resample ``group`` (its case number, 22549, which 22549AB a
 the ``patient`` column scores each group as one patient.
 
 Pooled intervals and paired comparisons resample patients (groups), not images. With repeated trials an image
-appears once per trial that tests it; all rows of a patient are resampled together.
+appears once per trial that tests it, and a patient is scored once per trial (by that trial's model); all rows of a
+patient are resampled together.
 """
 
 from __future__ import annotations
@@ -198,8 +199,21 @@ def as_arrays(rows: list[dict], class_names: list[str]) -> tuple[np.ndarray, np.
 
 def patients_of(rows: list[dict]) -> np.ndarray:
     """(N,) patient indices of some rows: one per (group, ``patient`` column) pair, so that equal ids in two groups
-    are two patients, as :func:`~finescope.metrics.bootstrap_ci` counts them; the group in a file without one."""
-    return patient_index([r["group"] for r in rows], [r.get("patient") or r["group"] for r in rows])
+    are two patients, as :func:`~finescope.metrics.bootstrap_ci` counts them; the group in a file without one.
+
+    A patient tested in several folds (repeated trials) is one patient per fold: each trial's model scores it
+    once, as it scores its images once, rather than one vote over the predictions of several models.
+    """
+    folds = np.unique([r["fold"] for r in rows], return_inverse=True)[1].ravel()
+    # the digits of the fold index, then ':' (as patient_index joins its pairs)
+    return patient_index([r["group"] for r in rows], [f"{f}:{r.get('patient') or r['group']}"
+                                                      for f, r in zip(folds, rows, strict=True)])
+
+
+def _unit(rows: list[dict]) -> str:
+    """What one group of some rows is, for a ``ci_note``: a patient, or a group of patients (a BreakHis case)."""
+    n_patients = len({(r["group"], r.get("patient") or r["group"]) for r in rows})
+    return "patient" if n_patients == len({r["group"] for r in rows}) else "patient group"
 
 
 def _by(rows: list[dict], *keys: str) -> dict[tuple, list[dict]]:
@@ -221,12 +235,13 @@ def _pooled(rows: list[dict], class_names: list[str], n_boot: int, seed: int) ->
     """Each table metric over all out-of-fold rows with a patient-clustered 95% interval."""
     y, p, g = as_arrays(rows, class_names)
     patients = patients_of(rows)
-    out = {m: bootstrap_ci(y, p, g, m, n_boot=n_boot, seed=seed, patients=patients) for m in TABLE_METRICS}
+    out = {m: bootstrap_ci(y, p, g, m, n_boot=n_boot, seed=seed, patients=patients, unit=_unit(rows))
+           for m in TABLE_METRICS}
     cm = compute_metrics(y, p, patients, class_names)
     out["confusion_matrix"] = cm["confusion_matrix"]
     out["per_class_recall"] = cm["per_class_recall"]
     out["n_images"], out["n_groups"] = int(len(y)), int(len(set(g.tolist())))
-    out["n_patients"] = int(len(set(patients.tolist())))
+    out["n_patients"] = len({(r["group"], r.get("patient") or r["group"]) for r in rows})  # once, however many trials
     return out
 
 
@@ -255,7 +270,9 @@ def compare(rows: list[dict], class_names: list[str], ref: str, other: str, n_bo
     y, pa, g = as_arrays([a[k] for k in keys], class_names)
     _, pb, _ = as_arrays([b[k] for k in keys], class_names)
     patients = patients_of([a[k] for k in keys])
-    out = {m: paired_bootstrap(y, pa, pb, g, m, n_boot=n_boot, seed=seed, patients=patients) for m in TABLE_METRICS}
+    unit = _unit([a[k] for k in keys])
+    out = {m: paired_bootstrap(y, pa, pb, g, m, n_boot=n_boot, seed=seed, patients=patients, unit=unit)
+           for m in TABLE_METRICS}
     return {"reference": ref, "variant": other, "n_rows": len(keys), "metrics": out}
 
 
