@@ -102,6 +102,21 @@ def test_a_predict_csv_in_a_run_folder_is_not_taken_for_a_cv(tmp_path):
     assert "## Test metrics" in (run / "report.md").read_text()
 
 
+def test_report_of_a_run_does_not_take_a_predict_csv_for_its_test_split(tmp_path):
+    """`report RUN` without predictions_test.csv took the first predictions_*.csv it found: a `predict --out
+    RUN/predictions_new.csv` of other images (labelled by their class folders) came first, before evaluate's
+    predictions_val.csv, and was reported as 'Test metrics ... On the run's test split'."""
+    run = _single_run(tmp_path / "run", "fusion", [[f"/x/{i}.png", f"g{i // 3}", "a" if i % 2 else "b", "a", 0.6,
+                                                     0.4, ""] for i in range(12)])
+    (run / "predictions_test.csv").rename(run / "predictions_new.csv")
+    with pytest.raises(FinescopeError, match="neither predictions.csv"):
+        write_report(run)
+    shutil.copy(run / "predictions_new.csv", run / "predictions_val.csv")
+    assert main(["report", str(run)]) == 0
+    text = (run / "report.md").read_text()
+    assert "## Validation metrics" in text and "Test metrics" not in text
+
+
 
 @pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs POSIX file size limits")
 def test_a_figure_that_cannot_be_written_whole_keeps_the_previous_one(tmp_path):

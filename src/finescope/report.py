@@ -70,8 +70,11 @@ def _single_run_rows(run_dir: Path, predictions: Path | None, fig_dir: Path) -> 
     the metrics written with it (``val_last`` for ``predictions_val_last.csv``: ``metrics_val_last.json``)."""
     import csv
 
-    candidates = (predictions,) if predictions else (run_dir / "predictions_test.csv",
-                                                    *sorted(run_dir.glob("predictions_*.csv")))
+    # evaluate's own, predictions_<split>[_<checkpoint>].csv: not another file of that prefix (`predict --out
+    # RUN/predictions_new.csv`), which would be reported as the run's test split
+    own = sorted(p for p in run_dir.glob("predictions_*.csv")
+                 if p.stem.removeprefix("predictions_").split("_")[0] in ("train", "val", "test", "all"))
+    candidates = (predictions,) if predictions else (run_dir / "predictions_test.csv", *own)
     src = next((Path(p) for p in candidates if Path(p).is_file()), None)
     if src is None:
         raise FinescopeError(f"'{run_dir}' holds neither predictions.csv (cv) nor predictions_<split>.csv (a run: "
