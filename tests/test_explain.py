@@ -86,7 +86,7 @@ def test_auto_joins_other_methods_and_an_image_after_method_is_named(tmp_path, m
     assert resolve_methods(model, ["eigencam,auto"]) == ["eigencam", "attention", "gradcam", "gradcam++"]
     monkeypatch.chdir(tmp_path)
     (tmp_path / "Slide 1.PNG").write_bytes(b"")  # `explain RUN --method gradcam 'Slide 1.PNG'`
-    with pytest.raises(FinescopeError, match="'slide 1.png' \\(it is a file: .*give the images before --method"):
+    with pytest.raises(FinescopeError, match="'Slide 1.PNG' \\(it is a file: .*give the images before --method"):
         resolve_methods(model, ["gradcam", "Slide 1.PNG"])
 
 

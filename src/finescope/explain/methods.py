@@ -71,7 +71,7 @@ def resolve_methods(model: FineScopeNet, methods: str | list[str] | tuple[str, .
         if n not in ok:
             where = (" (it is a file: --method takes every name after it, so give the images before --method)"
                      if Path(given[n]).exists() else "")
-            raise FinescopeError(f"unknown explanation method '{n}'{where}; methods {which} supports: "
+            raise FinescopeError(f"unknown explanation method '{given[n]}'{where}; methods {which} supports: "
                                  f"{', '.join(ok)}")
     return list(dict.fromkeys(names))
 
