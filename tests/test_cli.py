@@ -569,8 +569,10 @@ def test_predict_skips_small_images_by_name_and_fails_when_none_is_read(cli_run,
     assert "smaller than the model's crops" in err[1]  # read, but too small: not 'could not be read'
     Image.open(synthetic_root / "images" / "typical_0000.png").save(folder / "ok.png")
     assert main(["predict", str(cli_run), str(folder), "--out", str(tmp_path / "p.csv"), "--device", "cpu"]) == 0
-    assert [line for line in capsys.readouterr().err.splitlines() if "thin.png" in line][0].startswith(
-        "finescope: warning: skipped: image '")
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if "thin.png" in line][0].startswith("finescope: warning: skipped: image '")
+    # the closing count is a warning as the others are (it went through logging, with no prefix)
+    assert err[-1].startswith("finescope: warning: skipped 1 of 2 files"), err
     assert len((tmp_path / "p.csv").read_text().splitlines()) == 2
 
 

@@ -18,7 +18,6 @@ import csv
 import errno
 import functools
 import json
-import logging
 import math
 import os
 import random
@@ -82,8 +81,6 @@ from finescope.metrics import compute_metrics, patient_index
 from finescope.models import create_model
 from finescope.models.backbones import depthwise_without_cudnn
 from finescope.models.network import FineScopeNet, global_view_size
-
-log = logging.getLogger("finescope")
 
 
 # -- small builders ----------------------------------------------------------------------------------------
@@ -1350,6 +1347,6 @@ def predict(checkpoint: str | Path, paths: list[str], out: str | Path | None = N
     write_predictions(out, preds, sample_set, model_overrides(cfg, state))
     skipped = len(samples) - len(preds.indices)
     if skipped:
-        log.warning("skipped %d of %d files, unreadable or too small (listed in the warnings above)", skipped,
-                    len(samples))
+        warnings.warn(f"skipped {skipped} of {len(samples)} files, unreadable or too small (listed in the warnings "
+                      "above)", FinescopeWarning, stacklevel=2)
     return out
