@@ -108,8 +108,23 @@ def test_per_magnification_folds_from_a_csv_magnification_column(tmp_path):
         load_samples(load_config(overrides=["data.source=csv", f"data.root={tmp_path / 'm.csv'}"]).data)
     (tmp_path / "m.csv").write_text("\n".join(rows).replace("100x", "") + "\n")
     s = load_samples(load_config(overrides=["data.source=csv", f"data.root={tmp_path / 'm.csv'}"]).data)
-    assert [f.magnification for f in make_folds(s, Protocol(folds=2, per_magnification=True), seed=0,
-                                                val_fraction=0.0)] == [None, None]  # not every image has one
+    with pytest.warns(FinescopeWarning, match=r"per-magnification: 8 of the 16 images have no magnification"):
+        folds = make_folds(s, Protocol(folds=2, per_magnification=True), seed=0, val_fraction=0.0)
+    assert [f.magnification for f in folds] == [None, None]  # not every image has one: said, not silently pooled
+
+
+def test_per_magnification_on_data_without_magnifications_says_it_pools_them():
+    """cv --per-magnification (the BreakHis protocol's default) on data with no magnifications (DeFungi, a folder
+    of one microscope's images) made folds of all the images without a word."""
+    import warnings
+
+    s = toy_set()
+    with pytest.warns(FinescopeWarning, match=r"of the \d+ images have no magnification .* all images together"):
+        assert [f.magnification for f in make_folds(s, Protocol(folds=2, per_magnification=True), seed=0,
+                                                    val_fraction=0.0)] == [None, None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FinescopeWarning)
+        make_folds(s, Protocol(folds=2), seed=0, val_fraction=0.0)
 
 
 @realdata

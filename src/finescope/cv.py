@@ -293,6 +293,12 @@ def make_folds(sample_set: SampleSet, p: Protocol, seed: int, val_fraction: floa
     labels = np.asarray(sample_set.labels)
     groups = [s.group for s in sample_set.samples]
     folds = []
+    missing = sum(s.meta.get("magnification") is None for s in sample_set.samples)
+    if p.per_magnification and missing:
+        warnings.warn(f"per-magnification: {missing} of the {len(sample_set)} images have no magnification (a "
+                      "BreakHis file name or a manifest's magnification column gives one), so the folds, runs and "
+                      "metrics take all images together; --no-per-magnification says so without this warning",
+                      FinescopeWarning, stacklevel=2)
     for mag, idx in magnification_subsets(sample_set, p.per_magnification).items():
         where = f"{mag}X" if mag is not None else "the data"
         kind = "fold" if p.folds else "trial"
