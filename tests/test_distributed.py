@@ -631,6 +631,43 @@ def test_torchrun_an_image_only_rank_1_cannot_read_is_its_line_and_rank_0_says_i
 
 
 @pytest.mark.slow
+def test_torchrun_an_unreadable_image_read_by_a_worker_ends_the_run(tmp_path):
+    """The same unreadable image, read by a DataLoader worker (data.num_workers, 2 by default): rank 1 printed its
+    line and then never ended (at exit multiprocessing terminated its worker with SIGTERM, which the workers
+    ignore, and waited for it forever: torch re-raises a worker's error from a frame that holds it, a cycle that
+    kept the loader alive), and rank 0 waited for it in a collective for 30 minutes."""
+    import signal
+
+    from finescope.config import load_config
+    from finescope.data import load_samples, split_groups
+
+    root = tmp_path / "data"
+    _fusion_run_config(root, per_class=10, epochs=1)
+    cfg = load_config(root / "cfg.yaml")
+    s = load_samples(cfg.data)
+    train = split_groups(s.labels, s.groups, cfg.data.test_fraction, cfg.data.val_fraction, cfg.seed)["train"]
+    first = list(ShardSampler(len(train), True, cfg.seed, cfg.train.batch_size, True, rank_=1, world=2))[0]
+    bad = s.samples[train[first]].path
+    Path(bad).write_bytes(b"not an image")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+           "-m", "finescope", "train", "--config", str(root / "cfg.yaml"), "--out", str(tmp_path / "run"), "--quiet",
+           "--set", "data.num_workers=1"]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun's processes run in sessions of their own: end them too
+        for pid in subprocess.run(["pgrep", "-f", str(tmp_path / "run")], capture_output=True, text=True).stdout.split():
+            os.kill(int(pid), signal.SIGKILL)
+        pytest.fail("the run did not end after rank 1's error")
+    assert proc.returncode != 0
+    ours = [line for line in err.splitlines() if line.startswith("finescope: ")]
+    assert ours[0].startswith(f"finescope: error (rank 1): cannot read image '{bad}'"), err[-3000:]
+
+
+@pytest.mark.slow
 def test_torchrun_refuses_a_run_another_process_trains_on_every_rank(tmp_path):
     import fcntl
 

@@ -13,12 +13,14 @@ Example:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import hashlib
 import math
 import mmap
 import multiprocessing
+import multiprocessing.util
 import os
 import re
 import signal
@@ -644,6 +646,25 @@ def leave_sigterm_to_main(worker_id: int) -> None:
     connection breaks and the start of a traceback followed train's line (:func:`_quiet_broken_handover`)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.excepthook = functools.partial(_quiet_broken_handover, sys.excepthook)
+
+
+def _end_workers_at_exit() -> None:
+    """At exit, end with SIGKILL the DataLoader workers that are still alive, before multiprocessing's own exit
+    handler (registered before this one, so it runs after) terminates them with SIGTERM, which
+    :func:`leave_sigterm_to_main` ignores, and waits for them forever.
+
+    A loader's workers outlive it after a worker's error (an unreadable image under ``data.on_error=raise``):
+    torch re-raises it from a frame that holds it, a cycle that keeps the loader's iterator alive, and even
+    when it is collected its workers do not take the stop it sends them, and torch falls back on SIGTERM too.
+    The process printed its line and never ended; under torchrun the other processes waited for it in a
+    collective. Only daemonic children are ended (DataLoader workers are), as multiprocessing would end them."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join()
+
+
+atexit.register(_end_workers_at_exit)
 
 
 def _quiet_broken_handover(hook, kind: type[BaseException], error: BaseException, tb) -> None:
