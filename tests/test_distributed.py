@@ -602,10 +602,9 @@ def test_torchrun_rank0_start_errors_are_every_ranks_line_before_any_file(tmp_pa
         assert not out.exists()
 
 
-@pytest.mark.slow
-def test_torchrun_an_image_only_rank_1_cannot_read_is_its_line_and_rank_0_says_it_stopped_with_it(tmp_path):
-    """Rank 1 stops on an unreadable training image (data.on_error=raise): its one line; rank 0, waiting for it in
-    a collective, printed gloo's 'Connection closed by peer' traceback instead of a line of its own."""
+def _unreadable_first_image_of_rank_1(tmp_path: Path) -> tuple[Path, str]:
+    """A 1-epoch fusion run's data in ``tmp_path / 'data'`` whose first training image of rank 1 (of 2) is not an
+    image: the data folder and that image's path."""
     from finescope.config import load_config
     from finescope.data import load_samples, split_groups
 
@@ -617,6 +616,14 @@ def test_torchrun_an_image_only_rank_1_cannot_read_is_its_line_and_rank_0_says_i
     first = list(ShardSampler(len(train), True, cfg.seed, cfg.train.batch_size, True, rank_=1, world=2))[0]
     bad = s.samples[train[first]].path
     Path(bad).write_bytes(b"not an image")
+    return root, bad
+
+
+@pytest.mark.slow
+def test_torchrun_an_image_only_rank_1_cannot_read_is_its_line_and_rank_0_says_it_stopped_with_it(tmp_path):
+    """Rank 1 stops on an unreadable training image (data.on_error=raise): its one line; rank 0, waiting for it in
+    a collective, printed gloo's 'Connection closed by peer' traceback instead of a line of its own."""
+    root, bad = _unreadable_first_image_of_rank_1(tmp_path)
     done = _torchrun(2, tmp_path / "run", root, epochs=1)
     assert done.returncode != 0
     ours = [line for line in done.stderr.splitlines() if line.startswith("finescope: ")]
@@ -638,17 +645,7 @@ def test_torchrun_an_unreadable_image_read_by_a_worker_ends_the_run(tmp_path):
     kept the loader alive), and rank 0 waited for it in a collective for 30 minutes."""
     import signal
 
-    from finescope.config import load_config
-    from finescope.data import load_samples, split_groups
-
-    root = tmp_path / "data"
-    _fusion_run_config(root, per_class=10, epochs=1)
-    cfg = load_config(root / "cfg.yaml")
-    s = load_samples(cfg.data)
-    train = split_groups(s.labels, s.groups, cfg.data.test_fraction, cfg.data.val_fraction, cfg.seed)["train"]
-    first = list(ShardSampler(len(train), True, cfg.seed, cfg.train.batch_size, True, rank_=1, world=2))[0]
-    bad = s.samples[train[first]].path
-    Path(bad).write_bytes(b"not an image")
+    root, bad = _unreadable_first_image_of_rank_1(tmp_path)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
            "-m", "finescope", "train", "--config", str(root / "cfg.yaml"), "--out", str(tmp_path / "run"), "--quiet",
            "--set", "data.num_workers=1"]
