@@ -540,6 +540,47 @@ def test_every_16_bit_value_reads_the_same_from_an_rgb_tiff_as_from_a_png(tmp_pa
         assert np.array_equal(png.numpy(), tif.numpy()), depth
 
 
+@pytest.mark.filterwarnings("ignore:Truncated File Read")  # Pillow's, opening the cut file
+def test_tiffs_that_pillow_cannot_identify_are_read_through_tifffile(tmp_path, monkeypatch):
+    """Float RGB(A), float16/float64 grey and 16-bit grey-with-alpha TIFFs (flat-field corrected or stain-normalised
+    exports) were 'cannot identify image file': Pillow has no mode for them. They are read through tifffile and
+    scaled as Pillow's float and 16-bit images are: float in [0, 1] by 255, other floats by their range, NaN
+    black; 16-bit by data.bit_depth; turned by their Orientation; their header size is known before decoding."""
+    from finescope.data.dataset import _header_size
+
+    tifffile = pytest.importorskip("tifffile")
+    unit = np.linspace(0, 1, 6 * 7 * 3).reshape(6, 7, 3)
+    want = np.round(unit * 255).astype(np.uint8)
+    cases = {
+        "rgb32.tif": (unit.astype(np.float32), {"photometric": "rgb"}, want),
+        "rgba32.tif": (np.dstack([unit, unit[:, :, :1]]).astype(np.float32),
+                       {"photometric": "rgb", "extrasamples": ["unassalpha"]}, want),
+        "rgb255.tif": ((unit * 255).astype(np.float32), {"photometric": "rgb"}, want),  # 0..255 floats: range
+        "grey16f.tif": (unit[:, :, 0].astype(np.float16), {"photometric": "minisblack"},
+                        np.round(unit[:, :, :1].astype(np.float16).astype(np.float64) * 255).astype(np.uint8)),
+        "grey64.tif": (unit[:, :, 0], {"photometric": "minisblack"}, want[:, :, :1]),
+        "la16.tif": (np.dstack([unit[:, :, 0] * 4095, unit[:, :, 1] * 4095]).round().astype(np.uint16),
+                     {"photometric": "minisblack", "extrasamples": ["unassalpha"]}, want[:, :, :1]),
+    }
+    for name, (data, kwargs, expected) in cases.items():
+        tifffile.imwrite(tmp_path / name, data, **kwargs)
+        got = read_image(tmp_path / name, bit_depth=12 if name == "la16.tif" else 0).permute(1, 2, 0).numpy()
+        assert np.array_equal(got, np.broadcast_to(expected, (6, 7, 3))), name
+        assert _header_size(str(tmp_path / name)) == (6, 7), name
+    holes = unit.astype(np.float32)
+    holes[0, 0] = np.nan
+    tifffile.imwrite(tmp_path / "nan.tif", holes, photometric="rgb", extratags=[(274, "H", 1, 6, True)])
+    got = read_image(tmp_path / "nan.tif").permute(1, 2, 0).numpy()
+    assert got.shape == (7, 6, 3) and _header_size(str(tmp_path / "nan.tif")) == (7, 6)
+    assert np.array_equal(got, np.rot90(np.where(np.isnan(holes), 0, want), -1))  # NaN black, turned upright
+    (tmp_path / "cut.tif").write_bytes((tmp_path / "rgb32.tif").read_bytes()[:200])
+    with pytest.raises(FinescopeError, match=r"cannot read image '.*cut\.tif': .*data.on_error=skip"):
+        read_image(tmp_path / "cut.tif")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20)  # 42 pixels: more than twice the limit, refused as Pillow does
+    with pytest.raises(FinescopeError, match=r"rgb32\.tif': 42 pixels, more than the 40 that finescope reads"):
+        read_image(tmp_path / "rgb32.tif")
+
+
 def test_a_16_bit_rgba_tiff_drops_alpha_and_reads_its_first_page(tmp_path):
     tifffile = pytest.importorskip("tifffile")
     values = np.linspace(0, 4095, 6 * 7 * 3).astype(np.uint16).reshape(6, 7, 3)
@@ -585,7 +626,7 @@ def test_a_damaged_or_undecodable_16_bit_rgb_tiff_is_one_line(tmp_path, monkeypa
         raise KeyError("<COMPRESSION.LZW: 5> requires the 'imagecodecs' package")  # tifffile's words
 
     monkeypatch.setattr(tifffile.TiffPage, "asarray", needs_imagecodecs)
-    with pytest.raises(FinescopeError, match=r"'.*rgb\.tif' at 16 bits: .*pip install imagecodecs"):
+    with pytest.raises(FinescopeError, match=r"'.*rgb\.tif' at its own bit depth: .*pip install imagecodecs"):
         read_image(path, bit_depth=12)
 
 

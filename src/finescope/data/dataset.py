@@ -182,30 +182,38 @@ def _multi_sample_tiff16(img: Image.Image) -> bool:
     return img.format == "TIFF" and 16 in _tiff_bits(img) and int(img.tag_v2.get(277, 1)) > 1  # SamplesPerPixel
 
 
-def _read_tiff16(path: Path) -> np.ndarray:
-    """The first page of a 16-bit multi-sample TIFF through tifffile, at its full 16 bits: (H, W, S) uint16.
+def _read_tiff_page(path: Path) -> tuple[np.ndarray, int]:
+    """The first page of a TIFF through tifffile, at its own sample type: (H, W, S) samples and its Orientation
+    (tag 274). For what Pillow cannot read as it is: 16-bit samples with several per pixel (RGB, RGBA, grey with
+    alpha), float ones (32-bit RGB, 16- or 64-bit grey).
 
     Raises:
         FinescopeError: its compression needs the imagecodecs package (LZW, PackBits, JPEG...), which is not
-            installed; or the page is not one image of samples (tifffile's own layout names another).
+            installed.
+        ValueError: a damaged file, or a page that is not one image of samples (tifffile's own layout names
+            another).
     """
-    import tifffile  # a dependency; imported here as only 16-bit RGB TIFFs need it
+    import tifffile  # a dependency; imported here as only the TIFFs that Pillow cannot read need it
 
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
-            arr, axes = page.asarray(), page.axes
+            pixels = math.prod(page.shape[page.axes.index(a)] for a in "YX" if a in page.axes)
+            if Image.MAX_IMAGE_PIXELS and pixels > 2 * Image.MAX_IMAGE_PIXELS:  # as Pillow refuses a larger one
+                raise Image.DecompressionBombError(f"Image size ({pixels} pixels) exceeds limit")
+            arr, axes, tag = page.asarray(), page.axes, page.tags.get(274)
+    except Image.DecompressionBombError:
+        raise
     except Exception as e:  # a damaged file raises what its codec does (zlib.error, struct.error, ...)
         # tifffile: "<COMPRESSION.LZW: 5> requires the 'imagecodecs' package"; Zstandard wants Python 3.14's module
         if "imagecodecs" not in str(e) and not isinstance(e, ImportError):
             raise ValueError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-        raise FinescopeError(f"cannot read image '{path}' at 16 bits: its compression needs the imagecodecs package; "
-                             "install it (pip install 'finescope[tiff]', or pip install imagecodecs)") from None
-    if axes == "SYX":  # planar configuration: one plane per sample
-        arr = np.moveaxis(arr, 0, -1)
-    elif axes != "YXS":
-        raise ValueError(f"a 16-bit TIFF page of axes {axes!r}, not one image of samples (YXS)")
-    return arr
+        raise FinescopeError(f"cannot read image '{path}' at its own bit depth: its compression needs the imagecodecs "
+                             "package; install it (pip install 'finescope[tiff]', or pip install imagecodecs)") from None
+    layouts = {"YX": lambda a: a[:, :, None], "YXS": lambda a: a, "SYX": lambda a: np.moveaxis(a, 0, -1)}
+    if axes not in layouts or arr.dtype.kind not in "uif":
+        raise ValueError(f"a TIFF page of axes {axes!r} and samples {arr.dtype}, not one image of numbers (YXS)")
+    return layouts[axes](arr), int(tag.value) if tag is not None else 1
 
 
 _ORIENTED = {  # TIFF Orientation (tag 274) -> the stored (H, W, S) rows turned upright, as Pillow turns them
@@ -215,14 +223,48 @@ _ORIENTED = {  # TIFF Orientation (tag 274) -> the stored (H, W, S) rows turned 
 }
 
 
-def _tiff16_to_rgb(arr: np.ndarray, bit_depth: int, orientation: int = 1) -> np.ndarray:
-    """(H, W, S) uint16 from :func:`_read_tiff16` -> (H, W, 3) uint8 by :func:`sixteen_bit_top` of ``bit_depth``:
-    grey with alpha repeated, alpha dropped, turned upright by its TIFF ``orientation`` as Pillow turns a TIFF."""
-    scaled = arr.astype(np.float32)  # 4 bytes a sample, not 8, as _to_rgb_uint8 scales a 16-bit PNG
-    scaled *= np.float32(255.0 / sixteen_bit_top(bit_depth))
-    scaled = np.round(np.clip(scaled, 0, 255, out=scaled), out=scaled).astype(np.uint8)
-    rgb = np.repeat(scaled[:, :, :1], 3, axis=2) if scaled.shape[2] < 3 else scaled[:, :, :3]
-    return _ORIENTED.get(orientation, lambda a: a)(rgb)
+def _range_top(arr: np.ndarray, peak: float, is_float: bool) -> float:
+    """The value that reads as 255 in data of no known range (32-bit integers, floats): 1 for float data in
+    [0, 1] (:func:`_float_in_zero_to_one`), else 255, 65535 or its own ``peak``, whichever first holds it."""
+    if is_float and _float_in_zero_to_one(arr, peak):
+        return 1.0
+    return 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else float(peak)
+
+
+def _scaled_to_uint8(arr: np.ndarray, top: float) -> np.ndarray:
+    """``arr`` x 255 / ``top``, rounded and clipped to uint8; NaN black, +inf white."""
+    arr = np.nan_to_num(arr, nan=0.0, posinf=top, neginf=0.0)
+    return np.round(np.clip(arr * (255.0 / top), 0, 255)).astype(np.uint8)
+
+
+def _samples_to_rgb(arr: np.ndarray, orientation: int, bit_depth: int) -> np.ndarray:
+    """(H, W, S) samples from :func:`_read_tiff_page` -> (H, W, 3) uint8, scaled as PIL's images of that type
+    are (:func:`_pil_to_array`): 16-bit by :func:`sixteen_bit_top` of ``bit_depth`` (in float32, as
+    :func:`_to_rgb_uint8` scales a 16-bit PNG), other types by :func:`_range_top`; grey (with alpha) repeated,
+    alpha dropped, turned upright by its TIFF ``orientation`` as Pillow turns a TIFF."""
+    colour = arr[:, :, :3] if arr.shape[2] >= 3 else arr[:, :, :1]
+    if colour.dtype == np.uint8:
+        out = colour
+    elif colour.dtype == np.uint16:
+        out = colour.astype(np.float32)  # 4 bytes a sample, not 8
+        out *= np.float32(255.0 / sixteen_bit_top(bit_depth))
+        out = np.round(np.clip(out, 0, 255, out=out), out=out).astype(np.uint8)
+    else:
+        values = colour.astype(np.float64)
+        peak = values.max(initial=0, where=np.isfinite(values))  # NaN (no data) and inf left out
+        out = _scaled_to_uint8(values, _range_top(values, peak, colour.dtype.kind == "f"))
+    rgb = np.repeat(out, 3, axis=2) if out.shape[2] == 1 else out
+    return np.ascontiguousarray(_ORIENTED.get(orientation, lambda a: a)(rgb))
+
+
+def _is_tiff(path: Path) -> bool:
+    """Whether a file starts as a TIFF or BigTIFF does (byte order, then 42 or 43)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
 def _pil_to_array(img: Image.Image, bit_depth: int = 0) -> np.ndarray:
@@ -233,25 +275,26 @@ def _pil_to_array(img: Image.Image, bit_depth: int = 0) -> np.ndarray:
         peak = arr.max(initial=0, where=np.isfinite(arr))  # a float image's NaN (no data) and inf left out
         if img.mode.startswith("I;16") or (bit_depth and img.mode == "I" and img.format == "PNG"):
             top = sixteen_bit_top(bit_depth)  # (older Pillows read a 16-bit PNG as "I")
-        elif img.mode == "F" and _float_in_zero_to_one(arr, peak):  # as image software exports it
-            top = 1.0
-        else:  # 32-bit int or float: guess the range from the data
-            top = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else float(peak)
-        arr = np.nan_to_num(arr, nan=0.0, posinf=top, neginf=0.0)  # NaN black, +inf white
-        arr = np.round(np.clip(arr * (255.0 / top), 0, 255)).astype(np.uint8)
-        return np.repeat(arr[:, :, None], 3, axis=2)
+        else:  # float ([0, 1] as image software exports it) or 32-bit int: else guess the range from the data
+            top = _range_top(arr, peak, img.mode == "F")
+        return np.repeat(_scaled_to_uint8(arr, top)[:, :, None], 3, axis=2)
     return np.asarray(img.convert("RGB"))
 
 
 def _decode_pil(path: Path, bit_depth: int = 0) -> torch.Tensor:
     """Decode any format PIL reads (first frame), fully, so that truncated files raise: (3, H, W) uint8 (16-bit
     data scaled as ``data.bit_depth`` says, :func:`sixteen_bit_top`)."""
-    with open_image(path) as img:
-        if _multi_sample_tiff16(img):
-            arr = _tiff16_to_rgb(_read_tiff16(path), bit_depth, int(img.tag_v2.get(274, 1)))
-        else:
-            img.load()
-            arr = _pil_to_array(img, bit_depth)
+    try:
+        with open_image(path) as img:
+            if _multi_sample_tiff16(img):  # Pillow keeps their high bytes
+                arr = _samples_to_rgb(*_read_tiff_page(path), bit_depth)
+            else:
+                img.load()
+                arr = _pil_to_array(img, bit_depth)
+    except UnidentifiedImageError:
+        if not _is_tiff(path):
+            raise
+        arr = _samples_to_rgb(*_read_tiff_page(path), bit_depth)  # float RGB, 16-bit grey with alpha...
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (3, H, W), a writable copy
 
 
@@ -506,9 +549,27 @@ def _header_size(path: str) -> tuple[int, int] | None:
     try:
         with open_image(path) as img:
             w, h = img.size
-    except (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError):
+    except UnidentifiedImageError:  # a TIFF that Pillow cannot read (float RGB...): tifffile reads its header
+        return _tiff_header_size(Path(path)) if _is_tiff(Path(path)) else None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
     return h, w
+
+
+def _tiff_header_size(path: Path) -> tuple[int, int] | None:
+    """(H, W) of a TIFF's first page as :func:`_read_tiff_page` turns it upright; None when it cannot be read."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            shape, axes, tag = page.shape, page.axes, page.tags.get(274)
+    except Exception:  # damaged: whatever tifffile's parser raises
+        return None
+    if "Y" not in axes or "X" not in axes:
+        return None
+    h, w = shape[axes.index("Y")], shape[axes.index("X")]
+    return (w, h) if tag is not None and tag.value in (5, 6, 7, 8) else (h, w)
 
 
 def check_view_side(path: str, size: tuple[int, int], view_side: int) -> None:
