@@ -210,10 +210,14 @@ def patients_of(rows: list[dict]) -> np.ndarray:
                                                       for f, r in zip(folds, rows, strict=True)])
 
 
+def _n_patients(rows: list[dict]) -> int:
+    """How many distinct patients some rows hold, (group, ``patient`` column) pairs, however many trials test one."""
+    return len({(r["group"], r.get("patient") or r["group"]) for r in rows})
+
+
 def _unit(rows: list[dict]) -> str:
     """What one group of some rows is, for a ``ci_note``: a patient, or a group of patients (a BreakHis case)."""
-    n_patients = len({(r["group"], r.get("patient") or r["group"]) for r in rows})
-    return "patient" if n_patients == len({r["group"] for r in rows}) else "patient group"
+    return "patient" if _n_patients(rows) == len({r["group"] for r in rows}) else "patient group"
 
 
 def _by(rows: list[dict], *keys: str) -> dict[tuple, list[dict]]:
@@ -234,14 +238,13 @@ def _fold_metrics(rows: list[dict], class_names: list[str]) -> dict[str, dict]:
 def _pooled(rows: list[dict], class_names: list[str], n_boot: int, seed: int) -> dict[str, dict]:
     """Each table metric over all out-of-fold rows with a patient-clustered 95% interval."""
     y, p, g = as_arrays(rows, class_names)
-    patients = patients_of(rows)
-    out = {m: bootstrap_ci(y, p, g, m, n_boot=n_boot, seed=seed, patients=patients, unit=_unit(rows))
-           for m in TABLE_METRICS}
+    patients, unit = patients_of(rows), _unit(rows)
+    out = {m: bootstrap_ci(y, p, g, m, n_boot=n_boot, seed=seed, patients=patients, unit=unit) for m in TABLE_METRICS}
     cm = compute_metrics(y, p, patients, class_names)
     out["confusion_matrix"] = cm["confusion_matrix"]
     out["per_class_recall"] = cm["per_class_recall"]
     out["n_images"], out["n_groups"] = int(len(y)), int(len(set(g.tolist())))
-    out["n_patients"] = len({(r["group"], r.get("patient") or r["group"]) for r in rows})  # once, however many trials
+    out["n_patients"] = _n_patients(rows)
     return out
 
 

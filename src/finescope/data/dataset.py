@@ -198,10 +198,10 @@ def _read_tiff_page(path: Path) -> tuple[np.ndarray, int]:
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
-            pixels = math.prod(page.shape[page.axes.index(a)] for a in "YX" if a in page.axes)
-            if Image.MAX_IMAGE_PIXELS and pixels > 2 * Image.MAX_IMAGE_PIXELS:  # as Pillow refuses a larger one
-                raise Image.DecompressionBombError(f"Image size ({pixels} pixels) exceeds limit")
-            arr, axes, tag = page.asarray(), page.axes, page.tags.get(274)
+            h, w, orientation = _page_geometry(page)
+            if Image.MAX_IMAGE_PIXELS and h * w > 2 * Image.MAX_IMAGE_PIXELS:  # as Pillow refuses a larger one
+                raise Image.DecompressionBombError(f"Image size ({h * w} pixels) exceeds limit")
+            arr, axes = page.asarray(), page.axes
     except Image.DecompressionBombError:
         raise
     except Exception as e:  # a damaged file raises what its codec does (zlib.error, struct.error, ...)
@@ -213,7 +213,14 @@ def _read_tiff_page(path: Path) -> tuple[np.ndarray, int]:
     layouts = {"YX": lambda a: a[:, :, None], "YXS": lambda a: a, "SYX": lambda a: np.moveaxis(a, 0, -1)}
     if axes not in layouts or arr.dtype.kind not in "uif":
         raise ValueError(f"a TIFF page of axes {axes!r} and samples {arr.dtype}, not one image of numbers (YXS)")
-    return layouts[axes](arr), int(tag.value) if tag is not None else 1
+    return layouts[axes](arr), orientation
+
+
+def _page_geometry(page) -> tuple[int, int, int]:
+    """A tifffile page's stored (H, W) (1 for an axis it lacks) and its Orientation (tag 274; 1 when absent)."""
+    h, w = (page.shape[page.axes.index(a)] if a in page.axes else 1 for a in "YX")
+    tag = page.tags.get(274)
+    return h, w, int(tag.value) if tag is not None else 1
 
 
 _ORIENTED = {  # TIFF Orientation (tag 274) -> the stored (H, W, S) rows turned upright, as Pillow turns them
@@ -563,13 +570,12 @@ def _tiff_header_size(path: Path) -> tuple[int, int] | None:
     try:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
-            shape, axes, tag = page.shape, page.axes, page.tags.get(274)
+            h, w, orientation = _page_geometry(page)
     except Exception:  # damaged: whatever tifffile's parser raises
         return None
-    if "Y" not in axes or "X" not in axes:
+    if "Y" not in page.axes or "X" not in page.axes:
         return None
-    h, w = shape[axes.index("Y")], shape[axes.index("X")]
-    return (w, h) if tag is not None and tag.value in (5, 6, 7, 8) else (h, w)
+    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)  # 5-8 turn the picture a quarter
 
 
 def check_view_side(path: str, size: tuple[int, int], view_side: int) -> None:

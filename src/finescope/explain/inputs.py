@@ -111,11 +111,17 @@ def split_inputs(cfg: Config, state: dict, class_names: list[str], split: str) -
 
 def _split_leak(state: dict, splits: dict, sample_set) -> str | None:
     """What evaluate records in ``split_leak`` of a run's split: a group on two of its sides, or a checkpoint
-    trained on another split (:func:`~finescope.trainer.other_split`, warned here); None when neither."""
+    trained on another split (:func:`_other_split_warned`); None when neither."""
+    return "; ".join(filter(None, [own_split_leak(splits, sample_set),
+                                   _other_split_warned(state, splits, sample_set)])) or None
+
+
+def _other_split_warned(state: dict, splits: dict, sample_set) -> str | None:
+    """:func:`~finescope.trainer.other_split` of the checkpoint ``state`` for explain, warned when there is one."""
     seen = other_split(state, splits, sample_set, run_dir_of(state), command="explain")
     if seen:
         warnings.warn(seen, FinescopeWarning, stacklevel=3)
-    return "; ".join(filter(None, [own_split_leak(splits, sample_set), seen])) or None
+    return seen
 
 
 def _cells_for(path: Path, cache: dict) -> list | None:
@@ -184,9 +190,8 @@ def training_images(cfg: Config, state: dict, class_names: list[str]) -> tuple[s
     except FinescopeError:
         return sizes, set(), None
     sizes = sizes or _image_sizes([sample_set.samples[i].path for i in splits["train"]])
-    leak = other_split(state, splits, sample_set, run_dir_of(state), command="explain")
+    leak = _other_split_warned(state, splits, sample_set)
     if leak:
-        warnings.warn(leak, FinescopeWarning, stacklevel=2)
         return sizes, None, leak
     seen = {os.path.realpath(sample_set.samples[i].path) for side in ("train", "val") for i in splits.get(side, [])}
     return sizes, seen, None
