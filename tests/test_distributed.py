@@ -207,10 +207,14 @@ def _fit(rank: int, root: Path, out: Path, world: int, port: int, extra: tuple[s
     model = trainer.build_model(cfg, len(sample_set.class_names), torch.device("cpu"))
     _strip_bn(model)
     opt = trainer.build_optimizer(model, cfg, torch.device("cpu"))
-    fit = dist.wrap_model(model, torch.device("cpu"))
+    fit = trainer._fit_model(model, cfg, torch.device("cpu"), 0)
     idx = np.arange(41)  # 5 global batches of 8 and 1 image: rank 1 reads a stand-in in the last step
     losses, seen = [], []
+    warmup = cfg.train.crop_warmup_epochs
     for epoch in range(2):
+        model.crops_active = epoch >= warmup  # as the trainer: the crops join after the warm-up, in a new DDP
+        if epoch == warmup > 0:
+            fit = trainer._fit_model(model, cfg, torch.device("cpu"), epoch)
         loader = trainer.make_loader(sample_set, idx, cfg, train=True, epoch=epoch)
         items = [int(i) for i, _, _ in loader.sampler]
         if loader.sampler.step_scales[-1] == 0:  # the stand-in: not this rank's image
@@ -231,10 +235,12 @@ def _fit(rank: int, root: Path, out: Path, world: int, port: int, extra: tuple[s
     (("model.selection_components=grid",), 1e-4),
     ((), None),
     (("model.image_feature=avg", "train.aux_weight=0"), 1e-4),
-], ids=["fusion", "fusion-exact", "unused"])
+    (("model.selection_components=grid", "train.crop_warmup_epochs=1"), 1e-4),
+], ids=["fusion", "fusion-exact", "unused", "stage-wise"])
 def test_ddp_two_processes_match_single_process(tmp_path, extra, params_atol):
     """Also with parameters that never get a gradient (the attention with image_feature=avg, the global head
-    with aux_weight=0), which stopped DDP at its second step while they were reachable from the outputs.
+    with aux_weight=0), which stopped DDP at its second step while they were reachable from the outputs, and
+    across the end of a stage-wise warm-up, where DDP is built again.
 
     The weights are compared where the boxes are piecewise constant in the attention (the grid's components,
     or an attention that never learns): the two runs differ by float rounding (DDP sums the gradients in
@@ -702,17 +708,24 @@ def test_torchrun_a_diverged_run_stops_on_every_rank_in_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_stage_wise_warmup(tmp_path):
-    """Crop warm-up epochs leave the fusion head without gradients; DDP must accept that."""
+    """Crop warm-up epochs leave the fusion head without gradients; DDP must accept that. Once the crops join,
+    every parameter gets one: DDP no longer looks for unused ones, which printed torch's warning that it found
+    none from every rank; nor does it in a resume after the warm-up."""
     root = tmp_path / "data"
     _fusion_run_config(root, per_class=12, epochs=2, crop_warmup_epochs=1)
     run = _torchrun(2, tmp_path / "run", root, epochs=2)
     assert run.returncode == 0, run.stderr[-3000:]
     assert len((tmp_path / "run" / "history.jsonl").read_text().splitlines()) == 2
+    resumed = _torchrun(2, tmp_path / "run", root, epochs=3, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert len((tmp_path / "run" / "history.jsonl").read_text().splitlines()) == 3
+    for out in (run, resumed):
+        assert "find_unused_parameters" not in out.stdout + out.stderr, out.stderr[-3000:]
 
 
 def test_sync_bn_conversion_keeps_the_state_and_is_refused_on_the_cpu(monkeypatch):
     """train.sync_bn: every BatchNorm becomes a SyncBatchNorm with the same state dict (keys and values), in
-    the caller's model; on the CPU, where SyncBatchNorm has no kernel, DDP refuses it with a one-line error."""
+    the caller's model, once (a second wrap keeps them); on the CPU, where SyncBatchNorm has no kernel, DDP refuses it with a one-line error."""
     from finescope import distributed as dist
     from finescope.config import ModelConfig
     from finescope.errors import FinescopeError
@@ -729,6 +742,9 @@ def test_sync_bn_conversion_keeps_the_state_and_is_refused_on_the_cpu(monkeypatc
     after = model.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before)
+    synced = [m for m in model.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
+    dist._convert_sync_bn_inplace(model)  # wrapped again when a stage-wise warm-up ends: the same layers
+    assert [m for m in model.modules() if isinstance(m, torch.nn.SyncBatchNorm)] == synced
     monkeypatch.setattr(dist, "is_distributed", lambda: True)
     with pytest.raises(FinescopeError, match="train.sync_bn needs CUDA"):
         dist.wrap_model(model, torch.device("cpu"), sync_bn=True)

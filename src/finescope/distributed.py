@@ -400,7 +400,9 @@ def wrap_model(
             batch instead of each process's share. The conversion happens in place, so the caller's ``model``
             (used for checkpoints) holds the synchronised layers too; their state dict keys are unchanged.
         partial_steps: some steps leave parameters without a gradient (stage-wise crop warm-up), so DDP must
-            look for unused parameters.
+            look for unused parameters. When that ends, wrap ``model`` again without it (the earlier wrapper,
+            dropped, no longer reduces gradients): a search that finds none costs a traversal of the autograd
+            graph every step, and torch warns about it on every rank.
     """
     if not is_distributed():
         return model
@@ -419,6 +421,8 @@ def wrap_model(
 
 def _convert_sync_bn_inplace(model: torch.nn.Module) -> None:
     """Replace every BatchNorm child of ``model`` by SyncBatchNorm, keeping parameters and buffers."""
+    if any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()):  # converted when first wrapped
+        return
     for name, child in list(model.named_children()):
         converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(child)
         if converted is not child:

@@ -867,14 +867,13 @@ def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool) -> 
             print(f"resuming {run_dir} after epoch {start} of {cfg.train.epochs}, with {dist.world_size()} "
                   f"process{'es' if dist.world_size() > 1 else ''}" + (f"; its training is done{rest}" if done else ""),
                   flush=True)
-    # stage-wise warm-up epochs leave the fusion head (and a separate crop backbone) without gradients
-    fit_model = dist.wrap_model(model, device, sync_bn=cfg.train.sync_bn,
-                                partial_steps=cfg.train.crop_warmup_epochs > 0)
-    if cfg.train.compile != "off":
-        fit_model = compile_for_training(fit_model, cfg.train.compile)
+    fit_model = _fit_model(model, cfg, device, start)
     for epoch in range(start, cfg.train.epochs):
         if tracker["stopped"]:
             break
+        if dist.is_distributed() and model.use_crops and epoch == cfg.train.crop_warmup_epochs > start:
+            del fit_model  # the crops join: DDP is built again, without the search for unused parameters
+            fit_model = _fit_model(model, cfg, device, epoch)
         tracker = _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, device, epoch,
                              tracker, run_dir, progress, loaders, scaler=scaler)
     try:
@@ -888,6 +887,17 @@ def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool) -> 
         said = written_after_training(run_dir, tested=len(splits.get("test", [])) > 0)
         raise (Interrupted if isinstance(e, KeyboardInterrupt) else Terminated)(said) from None
     return metrics
+
+
+def _fit_model(model: torch.nn.Module, cfg: Config, device: torch.device, epoch: int) -> torch.nn.Module:
+    """``model`` as it trains in ``epoch`` and the epochs after it: in DDP under torchrun, compiled with
+    ``train.compile``. A warm-up epoch leaves the fusion head (and a separate crop backbone) without gradients, so
+    DDP looks for unused parameters then; after the warm-up every parameter gets one, and the search would cost
+    a traversal of the autograd graph every step and make torch warn on every rank that it found none: the
+    trainer calls this again when the crops join."""
+    fit_model = dist.wrap_model(model, device, sync_bn=cfg.train.sync_bn,
+                                partial_steps=model.use_crops and epoch < cfg.train.crop_warmup_epochs)
+    return compile_for_training(fit_model, cfg.train.compile) if cfg.train.compile != "off" else fit_model
 
 
 def written_after_training(run_dir: Path, tested: bool) -> str:
