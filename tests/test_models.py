@@ -1221,6 +1221,69 @@ def test_depthwise_without_cudnn_reaches_timm_conv2d_same(stride, kernel):
             torch.testing.assert_close(b, a)
 
 
+@pytest.mark.parametrize("stride,padding", [(1, ""), (2, ""), (2, "same")])  # "same" strided: timm pads per size
+def test_depthwise_without_cudnn_reaches_timm_cond_conv2d(stride, padding):
+    """timm's CondConv2d (efficientnet_cc's per-image mixture of expert kernels) runs its depthwise convolution
+    as one of a group per image and channel: the swap passed it by and it stayed with cuDNN. Now the depthwise
+    one is swapped (a grouped one is not), and on odd and even sizes it gives CondConv2d's outputs and gradients,
+    the routing weights' too, with the same state dict."""
+    import copy
+
+    pytest.importorskip("timm")
+    from timm.layers import CondConv2d
+
+    from finescope.models.backbones import DepthwiseCondConv2dWithoutCudnn, depthwise_without_cudnn
+
+    torch.manual_seed(0)
+    net = torch.nn.ModuleList([CondConv2d(4, 4, 3, stride, padding, groups=4, bias=True, num_experts=3),
+                               CondConv2d(4, 4, 3, stride, padding, groups=2, num_experts=3)])  # not depthwise
+    twin = copy.deepcopy(net)
+    assert depthwise_without_cudnn(twin) == 1
+    assert type(twin[0]) is DepthwiseCondConv2dWithoutCudnn and type(twin[1]) is CondConv2d
+    assert twin.state_dict().keys() == net.state_dict().keys()
+    twin.load_state_dict(net.state_dict())  # checkpoints load either way
+    assert type(copy.deepcopy(twin)[0]) is type(twin[0])
+    for size in [(9, 11), (10, 12)]:
+        x = torch.randn(3, 4, *size, requires_grad=True)  # (B, C, H, W)
+        routing = torch.rand(3, 3, requires_grad=True)  # (B, experts)
+        results = []
+        for model in (net, twin):
+            x.grad = routing.grad = None
+            model.zero_grad()
+            out = model[0](x, routing)
+            out.square().sum().backward()
+            results.append([out, x.grad, routing.grad, *(p.grad for p in model[0].parameters())])
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(b, a)
+
+
+def test_efficientnet_cc_runs_every_depthwise_convolution_without_cudnn_and_folds():
+    """efficientnet_cc_b0_4e as finescope builds it (pretrained=False): all 16 depthwise convolutions are
+    swapped (8 of them CondConv2d), the features are those of the model as built, and the 25 BatchNorms that
+    read a plain convolution still fold (fold_batchnorm's trace does not enter the swapped CondConv2d)."""
+    import copy
+
+    pytest.importorskip("timm")
+    from finescope.models.backbones import (
+        DepthwiseCondConv2dWithoutCudnn,
+        create_backbone,
+        depthwise_without_cudnn,
+        fold_batchnorm,
+    )
+
+    torch.manual_seed(0)
+    backbone = create_backbone("efficientnet_cc_b0_4e").eval()
+    twin = copy.deepcopy(backbone)
+    x = torch.rand(2, 3, 45, 62)
+    with torch.no_grad():
+        before = backbone(x)
+        assert depthwise_without_cudnn(twin) == 16
+        assert sum(isinstance(m, DepthwiseCondConv2dWithoutCudnn) for m in twin.modules()) == 8
+        torch.testing.assert_close(twin(x), before)
+        assert fold_batchnorm(twin) == fold_batchnorm(backbone) == 25
+        torch.testing.assert_close(twin(x), before)
+
+
 def test_depthwise_without_cudnn_leaves_timm_convolutions_that_transform_their_weight():
     """timm's weight-standardised convolutions with 'same' padding (nfnet's) are no Conv2dSame: left as they are."""
     pytest.importorskip("timm")

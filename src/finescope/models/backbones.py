@@ -130,15 +130,15 @@ class _DepthwiseWithoutCudnn(torch.autograd.Function):
     depthwise kernels on CUDA), in the precision autocast would give it."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, conv, padding):
+    def forward(ctx, x, weight, bias, conv, padding, groups):
         kind = x.device.type
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
         with torch.autocast(kind, enabled=False), torch.backends.cudnn.flags(enabled=False):
-            out = nn.functional.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, conv.groups)
+            out = nn.functional.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, groups)
         ctx.save_for_backward(x, weight)
-        ctx.conv, ctx.padding, ctx.has_bias = conv, padding, bias is not None
+        ctx.conv, ctx.padding, ctx.groups, ctx.has_bias = conv, padding, groups, bias is not None
         return out
 
     @staticmethod
@@ -149,8 +149,8 @@ class _DepthwiseWithoutCudnn(torch.autograd.Function):
         with torch.backends.cudnn.flags(enabled=False):
             gx, gw, gb = torch.ops.aten.convolution_backward(
                 grad.to(x.dtype), x, weight, [weight.shape[0]] if ctx.has_bias else None, c.stride, ctx.padding,
-                c.dilation, False, [0, 0], c.groups, mask)
-        return gx, gw, gb, None, None  # autograd casts each to its input's dtype
+                c.dilation, False, [0, 0], ctx.groups, mask)
+        return gx, gw, gb, None, None, None  # autograd casts each to its input's dtype
 
 
 class DepthwiseConv2dWithoutCudnn(nn.Conv2d):
@@ -168,7 +168,7 @@ class DepthwiseConv2dWithoutCudnn(nn.Conv2d):
             if (left, top) != (right, bottom):  # an even kernel's 'same': the odd pixel goes right and below
                 x = nn.functional.pad(x, [0, right - left, 0, bottom - top])
             padding = (top, left)
-        return _DepthwiseWithoutCudnn.apply(x, weight, bias, self, padding)
+        return _DepthwiseWithoutCudnn.apply(x, weight, bias, self, padding, self.groups)
 
 
 class DepthwiseConv2dSameWithoutCudnn(DepthwiseConv2dWithoutCudnn):
@@ -183,9 +183,34 @@ class DepthwiseConv2dSameWithoutCudnn(DepthwiseConv2dWithoutCudnn):
         return super()._conv_forward(x, weight, bias)
 
 
-def _without_cudnn(m: nn.Module) -> type[nn.Conv2d] | None:
+class DepthwiseCondConv2dWithoutCudnn(nn.Module):
+    """timm's ``CondConv2d`` (efficientnet_cc's: each image's kernels mixed from ``num_experts`` by its routing
+    weights, all images in one convolution of a group per image and channel) when depthwise, with the same
+    mixing, padding (the tf_ models' 'SAME' included) and reshapes, then the convolution on PyTorch's own
+    kernels. Only ``forward`` is its own: the attributes and parameters are those of the ``CondConv2d`` whose
+    class it takes."""
+
+    def forward(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        weight = torch.matmul(routing_weights, self.weight)  # (B, experts) @ (experts, C*k*k)
+        weight = weight.view(B * self.out_channels, 1, *self.kernel_size)  # (B*C, 1, kh, kw)
+        bias = None if self.bias is None else torch.matmul(routing_weights, self.bias).view(B * self.out_channels)
+        x = x.reshape(1, B * C, H, W)  # one image of B*C channels, each its own group
+        padding = self.padding
+        if self.dynamic_padding:
+            from timm.layers.padding import pad_same  # timm built this module
+
+            x, padding = pad_same(x, self.kernel_size, self.stride, self.dilation), (0, 0)
+        out = _DepthwiseWithoutCudnn.apply(x, weight, bias, self, padding, self.groups * B)  # (1, B*C, h, w)
+        return out.permute([1, 0, 2, 3]).view(B, self.out_channels, out.shape[-2], out.shape[-1])
+
+
+def _without_cudnn(m: nn.Module) -> type[nn.Module] | None:
     """The class a depthwise convolution ``m`` takes to leave cuDNN: torch's own ``nn.Conv2d`` and timm's
-    ``Conv2dSame`` (found only if timm is imported: none exists otherwise); None for any other module."""
+    ``Conv2dSame`` and ``CondConv2d`` (found only if timm is imported: none exists otherwise); None for any
+    other module."""
+    if type(m) is _timm_layer("cond_conv2d", "CondConv2d"):
+        return DepthwiseCondConv2dWithoutCudnn if m.groups == m.in_channels == m.out_channels > 1 else None
     if not (isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels):
         return None
     if type(m) is nn.Conv2d:
@@ -195,8 +220,9 @@ def _without_cudnn(m: nn.Module) -> type[nn.Conv2d] | None:
 
 
 def depthwise_without_cudnn(module: nn.Module) -> int:
-    """Make every depthwise convolution of ``module`` (torch's ``nn.Conv2d`` or timm's ``Conv2dSame``) a
-    :class:`DepthwiseConv2dWithoutCudnn` (in place: the parameters, their names and the state dict stay); the
+    """Make every depthwise convolution of ``module`` (torch's ``nn.Conv2d``, timm's ``Conv2dSame`` or
+    ``CondConv2d``) one that runs without cuDNN (:class:`DepthwiseConv2dWithoutCudnn`,
+    :class:`DepthwiseCondConv2dWithoutCudnn`; in place: the parameters, their names and the state dict stay); the
     number of them."""
     n = 0
     for m in module.modules():
@@ -214,7 +240,8 @@ def _timm_layer(module: str, name: str) -> type[nn.Module] | None:
 
 class _ConvLeafTracer(torch.fx.Tracer):
     """torch.fx's tracer, with :class:`DepthwiseConv2dWithoutCudnn`, :class:`DepthwiseConv2dSameWithoutCudnn`,
-    timm's ``Conv2dSame`` (which pads for each input size, untraceable) and timm's ``BatchNormAct2d`` (a
+    :class:`DepthwiseCondConv2dWithoutCudnn` (whose autograd Function does not trace; it folds nothing, as timm's
+    ``CondConv2d``, mixing its kernels per image, does not), timm's ``Conv2dSame`` (which pads for each input size, untraceable) and timm's ``BatchNormAct2d`` (a
     BatchNorm2d whose forward also applies its dropout and activation) leaves, as torch's own convolutions and
     BatchNorms are. Not every ``nn.Conv2d`` subclass: one that transforms its weight in ``forward`` (timm's
     weight-standardised ``StdConv2d``) would undo a folded BatchNorm, so such a one is traced into and folds
@@ -222,7 +249,8 @@ class _ConvLeafTracer(torch.fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         timm = (_timm_layer("conv2d_same", "Conv2dSame"), _timm_layer("norm_act", "BatchNormAct2d"))
-        own = (DepthwiseConv2dWithoutCudnn, DepthwiseConv2dSameWithoutCudnn, *(t for t in timm if t is not None))
+        own = (DepthwiseConv2dWithoutCudnn, DepthwiseConv2dSameWithoutCudnn, DepthwiseCondConv2dWithoutCudnn,
+               *(t for t in timm if t is not None))
         return type(m) in own or super().is_leaf_module(m, qualname)
 
 
