@@ -567,3 +567,34 @@ def test_the_comparisons_p_value_has_three_decimals_and_a_bound_where_no_resampl
     assert cell(0.0).endswith("(p<0.002)")  # a summary from before n_boot was recorded: the cv's resamples
     assert cell(0.0, n_boot=400).endswith("(p<0.005)")  # the resamples that defined the difference
     assert cell(None).endswith("(p=n/a)")
+
+
+def test_a_single_runs_report_shows_its_magnifications_when_it_has_two_or_more(tmp_path):
+    """`report RUN` filled every row's magnification with '' although predictions_<split>.csv may say it (BreakHis
+    names, a manifest's magnification column), so a run over 40X and 100X images never showed the per-magnification
+    table that a cv shows. It now does, with each magnification's values (computed as the cv computes them); one
+    magnification, none, or a CSV from before the column, gives no table."""
+    def run_of(name, mags):
+        run = tmp_path / name
+        run.mkdir()
+        with (run / "predictions_test.csv").open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["path", "group", "patient", *(["magnification"] if mags else []), "true", "predicted",
+                        "prob_a", "prob_b", "boxes", "model_overrides"])
+            for i in range(24):  # the 40X images all right, the 100X ones right when their class is a
+                mag = mags[i % len(mags)] if mags else None
+                right = mag != "100" or i % 4 < 2
+                true = "a" if i % 4 < 2 else "b"
+                pa = 0.8 if (true == "a") == right else 0.2
+                w.writerow([f"/x/{i}.png", f"g{i // 4}", f"g{i // 4}", *([mag] if mags else []), true,
+                            "a" if pa > 0.5 else "b", pa, 1 - pa, "", ""])
+        return run
+
+    md, page = write_report(run_of("two", ["40", "100"]), n_boot=20)
+    table = next(rows for rows, _ in _md_tables(md.read_text()) if "magnification" in rows[0])
+    assert table == [["variant", "magnification", "PRR", "image acc", "bal. acc"], ["---"] * 5,
+                     ["model", "40X", "1.000", "1.000", "1.000"], ["model", "100X", "0.500", "0.500", "0.500"]]
+    assert "## Per magnification" in md.read_text() and "<td>100X</td>" in page.read_text()
+    for name, mags in (("one", ["100"]), ("none", [""]), ("old", None)):
+        text = write_report(run_of(name, mags), n_boot=20)[0].read_text()
+        assert "## Test metrics" in text and "magnification" not in text.lower(), name

@@ -95,7 +95,7 @@ def _single_run_rows(run_dir: Path, predictions: Path | None, fig_dir: Path) -> 
             if not r["true"]:
                 continue
             rows.append({"image": r["path"], "group": r["group"], "patient": r.get("patient") or r["group"],
-                         "magnification": "", "true": r["true"],
+                         "magnification": r.get("magnification") or "", "true": r["true"],  # older CSVs: none
                          "predicted": r["predicted"], **{c: r[c] for c in probs}, "fold": src.stem.split("_", 1)[-1],
                          "variant": variant})
             # checked here to name this file and its line, not the copy below that the report reads
@@ -464,7 +464,7 @@ def _blocks(run_dir: Path, summary: dict, rows: list[dict], is_cv: bool, split: 
                        "Difference on the same out-of-fold images [95% interval resampling patients] "
                        "(two-sided bootstrap p). An interval containing 0 is no evidence of a difference."))
     mag = magnification_table(summary, folds=is_cv)
-    if mag[1]:
+    if len(mag[1]) >= (1 if is_cv else 2):  # a run of one magnification: its metrics above say it all
         blocks.append(("table", "Per magnification", mag, "Mean ± std over folds." if is_cv else f"On {where}."))
     blocks.append(("figure", "Confusion matrices (out-of-fold, pooled)" if is_cv else f"Confusion matrix ({where})",
                    _fig_confusion(summary), ""))
