@@ -213,6 +213,19 @@ def test_a_breakhis_file_outside_the_data_says_its_patient_beside_its_case():
     assert (s.label, s.patient) == (0, s.group)  # another source: the patient is the group
 
 
+def test_a_breakhis_file_outside_the_data_says_its_magnification():
+    """predict's CSV has a magnification column, as train's and evaluate's: a BreakHis model's predict reads it
+    from the file name, as training does; other sources leave it unknown."""
+    from finescope.config import DataConfig
+    from finescope.data.sources import file_sample
+
+    name = "SOB_B_A-14-22549AB-400-001.png"
+    assert file_sample(f"/x/{name}", DataConfig(source="breakhis", task="binary"),
+                       ["benign", "malignant"]).meta["magnification"] == 400
+    assert "magnification" not in file_sample(f"/d/benign/{name}", DataConfig(source="folder"),
+                                              ["benign", "malignant"]).meta
+
+
 def test_a_link_outside_the_class_folders_takes_the_class_of_its_target(tmp_path):
     from finescope.config import DataConfig
     from finescope.data.sources import label_and_group_of

@@ -252,6 +252,43 @@ def test_evaluate_with_model_settings_changed_says_so_in_each_row_of_the_runs_pr
         assert {r["model_overrides"] for r in csv.DictReader(fh)} == {""}
 
 
+def _with_magnifications(synthetic_root: Path, folder: Path) -> dict[str, str]:
+    """Copy the synthetic set to ``folder`` with a manifest that gives its images 40X and 100X in turn; return
+    {relative path: magnification}."""
+    shutil.copytree(synthetic_root, folder)
+    with (folder / "manifest.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    mags = {r["path"]: ("40", "100")[i % 2] for i, r in enumerate(rows)}
+    with (folder / "manifest.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[*rows[0], "magnification"])
+        w.writeheader()
+        w.writerows({**r, "magnification": f"{mags[r['path']]}X"} for r in rows)
+    return mags
+
+
+def test_a_runs_predictions_say_each_images_magnification(fusion_run, synthetic_root, tmp_path):
+    """predictions_<split>.csv had no magnification column, though the samples know it (a BreakHis name, a
+    manifest's magnification column): report RUN could not show the per-magnification table a cv shows. train's,
+    evaluate's and predict's CSVs now have one after patient, empty where the data gives none."""
+    from finescope.cli import main
+
+    out, _ = fusion_run
+    mags = _with_magnifications(synthetic_root, tmp_path / "data")
+    assert main(["evaluate", str(out), "--out", str(tmp_path / "m.json"), "--device", "cpu", "--set",
+                 f"data.root={tmp_path / 'data' / 'manifest.csv'}", "data.num_workers=0"]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["split"] == "test"
+    with (tmp_path / "m_predictions.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[:5] == ["path", "group", "patient", "magnification", "true"]
+    assert {r["magnification"] for r in rows} == {"40", "100"}
+    assert all(r["magnification"] == mags[Path(r["path"]).relative_to(tmp_path / "data").as_posix()] for r in rows)
+    assert "## Per magnification" in (tmp_path / "m_report.md").read_text()
+    for written in (out / "predictions_test.csv", trainer.predict(out, [str(synthetic_root / "images")],
+                                                                  tmp_path / "p.csv", device="cpu")):
+        with written.open(newline="") as f:  # the synthetic set's manifest names no magnification
+            assert {r["magnification"] for r in csv.DictReader(f)} == {""}
+
+
 def test_evaluate_of_last_pt_keeps_the_test_predictions_of_best_pt(fusion_run, tmp_path):
     """train's metrics.json and predictions_test.csv are best.pt's: evaluate of last.pt writes files of its own."""
     out, _ = fusion_run

@@ -1311,28 +1311,28 @@ def box_string(boxes, mass) -> str:
 
 def write_predictions(path: str | Path, preds: Predictions, sample_set: SampleSet,
                       overrides: dict | None = None) -> None:
-    """One CSV row per image: path, group, patient, true and predicted class, every class probability, boxes and,
-    last, ``model_overrides``: the model settings changed with ``--set`` (:func:`overrides_text` of
-    ``overrides``, the same in every row; empty for the model as trained)."""
+    """One CSV row per image: path, group, patient, magnification (empty where the data gives none), true and
+    predicted class, every class probability, boxes and, last, ``model_overrides``: the model settings changed with
+    ``--set`` (:func:`overrides_text` of ``overrides``, the same in every row; empty for the model as trained)."""
     names = sample_set.class_names
     changed = overrides_text(overrides or {})  # another model than the one trained: said in each row
     with atomic_open(path, newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "group", "patient", "true", "predicted", *[f"prob_{n}" for n in names], "boxes",
-                    "model_overrides"])
+        w.writerow(["path", "group", "patient", "magnification", "true", "predicted", *[f"prob_{n}" for n in names],
+                    "boxes", "model_overrides"])
         for row, i in enumerate(preds.indices):
             s = sample_set.samples[i]
             true = names[s.label] if 0 <= s.label < len(names) else ""
             boxes = box_string(preds.boxes[row], preds.box_mass[row]) if preds.boxes is not None else ""
             probs = [str(np.float32(p)) for p in preds.probs[row]]  # shortest text that reads back the same float32
-            w.writerow([s.path, s.group, s.patient, true, names[int(preds.probs[row].argmax())], *probs, boxes,
-                        changed])
+            w.writerow([s.path, s.group, s.patient, s.meta.get("magnification", ""), true,
+                        names[int(preds.probs[row].argmax())], *probs, boxes, changed])
 
 
 def predict(checkpoint: str | Path, paths: list[str], out: str | Path | None = None,
             overrides: list[str] | None = None, device: str = "auto") -> Path:
     """Predict image files and folders (recursively); write one CSV row per image and return its path. The true
-    class, the group and the patient are filled where the file says them (:func:`~finescope.data.sources.file_sample`),
+    class, the group, the patient and the magnification are filled where the file says them (:func:`~finescope.data.sources.file_sample`),
     else left empty; the last column, ``model_overrides``, names the model settings changed with ``--set``
     (:func:`model_overrides`, empty for the model as trained)."""
     from finescope.data.sources import file_sample, images_in

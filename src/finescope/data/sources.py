@@ -416,10 +416,11 @@ def _class_folder(path: Path, cfg: DataConfig, class_names: Sequence[str]) -> Pa
 
 def file_sample(path: str | Path, cfg: DataConfig, class_names: Sequence[str]) -> Sample:
     """An image outside the data set as a :class:`Sample`: its class and group by :func:`label_and_group_of`, and
-    for an original BreakHis name its patient (the patient folder, 22549AB, beside its case number 22549)."""
+    for an original BreakHis name its patient (the patient folder, 22549AB, beside its case number 22549) and
+    magnification."""
     label, group = label_and_group_of(path, cfg, class_names)
     info = parse_breakhis_name(Path(path).name) if cfg.source == "breakhis" else None
-    return Sample(str(path), label, group, {"patient": info["patient"]} if info else {})
+    return Sample(str(path), label, group, {k: info[k] for k in ("patient", "magnification")} if info else {})
 
 
 def _check_magnifications(mags: tuple[int, ...]) -> None:
