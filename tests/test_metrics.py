@@ -440,3 +440,20 @@ def test_interval_needs_the_metric_defined_in_half_the_resamples():
     assert re.fullmatch(r"metric defined in only 1\d\d of 300 resamples", ci["ci_note"])
     enough = M.bootstrap_ci(y, p, groups, "image_accuracy", n_boot=300)  # the same patients, a metric always defined
     assert enough["low"] == enough["high"] == 1.0 and enough["n_boot"] == 300 and enough["ci_note"] is None
+
+
+def test_per_magnification_metrics_are_compute_metrics_of_each_magnifications_images():
+    """A run's metrics.json gives each magnification's metrics, as cv's summary does, when its images have two or
+    more: compute_metrics of that magnification's images (images of no magnification left out); none for one."""
+    y = np.array([0, 1, 0, 1, 0, 1, 1])
+    p = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4], [0.8, 0.2], [0.1, 0.9], [0.5, 0.5]])
+    g = np.array([0, 0, 1, 1, 2, 2, 2])
+    mags = [100, 40, 100, 40, 400, 400, None]
+    out = M.per_magnification_metrics(y, p, g, mags, ["a", "b"])
+    assert list(out) == ["40", "100", "400"]
+    for mag, at in (("40", [1, 3]), ("100", [0, 2]), ("400", [4, 5])):
+        whole = M.compute_metrics(y[at], p[at], g[at], ["a", "b"])
+        assert out[mag] == {k: v for k, v in whole.items() if k in M.SCALAR_METRICS or k in ("n_images", "n_groups")}
+    assert out["100"]["image_accuracy"] == 0.5 and out["40"]["n_images"] == 2 and out["400"]["n_groups"] == 1
+    assert M.per_magnification_metrics(y, p, g, [100] * 6 + [None]) == {}
+    assert M.per_magnification_metrics(y, p, g, [None] * 7) == {}

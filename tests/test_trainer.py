@@ -289,6 +289,35 @@ def test_a_runs_predictions_say_each_images_magnification(fusion_run, synthetic_
             assert {r["magnification"] for r in csv.DictReader(f)} == {""}
 
 
+def test_metrics_of_images_of_several_magnifications_give_each_magnifications_metrics(fusion_run, synthetic_root,
+                                                                                       tmp_path):
+    """train's metrics.json and evaluate's metrics_<split>.json gave the metrics of all images only, where a cv gives
+    them per magnification: of images at 40X and 100X they now give each one's (per_magnification), the values the
+    report's per-magnification table shows; of one magnification, or none, no such key."""
+    from finescope.oof import summarize_predictions
+    from finescope.report import write_report
+
+    out, metrics = fusion_run
+    assert "per_magnification" not in metrics  # the synthetic manifest names no magnification
+    _with_magnifications(synthetic_root, tmp_path / "data")
+    result = trainer.evaluate(out, "test", [f"data.root={tmp_path / 'data' / 'manifest.csv'}"],
+                              out=tmp_path / "m.json", device="cpu")
+    by_mag = json.loads((tmp_path / "m.json").read_text())["per_magnification"]
+    assert list(by_mag) == ["40", "100"] and by_mag == result["per_magnification"]
+    assert sum(m["n_images"] for m in by_mag.values()) == result["n_images"]
+    md, _ = write_report(out, n_boot=20, predictions=result["predictions"], out=tmp_path / "r.md")
+    shown = summarize_predictions(tmp_path / "r_files" / "predictions_oof.csv", n_boot=20)
+    for mag, m in next(iter(shown["variants"].values()))["per_magnification"].items():
+        for key in ("patient_recognition_rate", "image_accuracy", "balanced_accuracy"):
+            assert m[key]["mean"] == pytest.approx(by_mag[mag][key])
+    trained = _train(tmp_path / "data", tmp_path / "run", "global", 1)
+    assert list(trained["per_magnification"]) == ["40", "100"]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["per_magnification"] == \
+        trained["per_magnification"]
+    one = _train(tmp_path / "data", tmp_path / "one", "global", 1, ["data.magnifications=[100]"])
+    assert "per_magnification" not in one and one["n_images"] > 0
+
+
 def test_evaluate_of_last_pt_keeps_the_test_predictions_of_best_pt(fusion_run, tmp_path):
     """train's metrics.json and predictions_test.csv are best.pt's: evaluate of last.pt writes files of its own."""
     out, _ = fusion_run

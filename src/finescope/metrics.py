@@ -478,6 +478,40 @@ SCALAR_METRICS: dict[str, MetricFn] = {
 }
 
 
+def per_magnification_metrics(
+    y_true: ArrayLike,
+    probs: ArrayLike,
+    groups: ArrayLike | None,
+    magnifications: Sequence[int | None],
+    class_names: Sequence[str] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The scalar metrics of :func:`compute_metrics` (with ``n_images`` and ``n_groups``) of each magnification's
+    images, as cv's summary gives them per magnification; empty unless the images have two or more.
+
+    Args:
+        y_true: (N,) true labels.
+        probs: (N, C) class probabilities.
+        groups: optional (N,) patient ids.
+        magnifications: (N,) each image's magnification (40, 100, ...); None where unknown (left out).
+        class_names: optional (C,) names.
+
+    Returns:
+        ``{"40": {metric: value}, "100": ...}`` in increasing magnification (JSON keys: text).
+    """
+    mags = np.array([-1 if m is None else int(m) for m in magnifications])
+    known = sorted(set(mags[mags >= 0].tolist()))
+    if len(known) < 2:  # one magnification: the metrics of all images are its own
+        return {}
+    yt, p = np.asarray(y_true), np.asarray(probs)
+    g = None if groups is None else np.asarray(groups)
+    out = {}
+    for mag in known:
+        at = mags == mag
+        m = compute_metrics(yt[at], p[at], None if g is None else g[at], class_names)
+        out[str(mag)] = {k: v for k, v in m.items() if k in SCALAR_METRICS or k in ("n_images", "n_groups")}
+    return out
+
+
 # --------------------------------------------------------------------------------------------- bootstrap
 def _resolve_metric(metric: str | MetricFn) -> MetricFn:
     """Return the metric function for a name of :data:`SCALAR_METRICS` or a callable."""

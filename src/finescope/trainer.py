@@ -77,7 +77,7 @@ from finescope.engine import (
 )
 from finescope.errors import FinescopeError, FinescopeWarning, Interrupted, Terminated
 from finescope.files import atomic_open, finite_json, json_text, remove_temporaries, write_text
-from finescope.metrics import compute_metrics, patient_index
+from finescope.metrics import compute_metrics, patient_index, per_magnification_metrics
 from finescope.models import create_model
 from finescope.models.backbones import depthwise_without_cudnn
 from finescope.models.network import FineScopeNet, global_view_size
@@ -487,6 +487,10 @@ def evaluate_split(model, sample_set, indices, cfg, device, desc="eval", loader=
     chosen = [sample_set.samples[i] for i in preds.indices]  # BreakHis: patient 22549AB, not its case 22549;
     patients = patient_index([s.group for s in chosen], [s.patient for s in chosen])  # a patient within its group
     metrics = compute_metrics(preds.labels, preds.probs, patients, sample_set.class_names)
+    by_mag = per_magnification_metrics(preds.labels, preds.probs, patients,
+                                       [s.meta.get("magnification") for s in chosen], sample_set.class_names)
+    if by_mag:  # images of two or more magnifications (BreakHis 40X and 100X), as cv's summary gives them
+        metrics["per_magnification"] = by_mag
     metrics["loss"] = preds.loss
     # images of the split that the loader skipped (data.on_error: skip), counted in the split, not in the metrics
     missing = sorted(set(np.asarray(indices).tolist()) - set(preds.indices.tolist()))
