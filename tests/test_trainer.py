@@ -218,6 +218,54 @@ def test_evaluate_of_a_checkpoint_in_another_runs_folder_says_its_split_is_not_t
     assert metrics["n_images"] == len(split["splits"]["test"])
 
 
+def test_evaluate_all_of_a_checkpoint_in_another_runs_folder_does_not_count_its_images_by_that_split(
+        fusion_run, synthetic_root, tmp_path):
+    """evaluate --split all (or other data) counts the images of patients the run trained or validated on by its
+    folder's splits.json: best.pt copied into a folder whose splits.json is another split counted by that split,
+    missing the images it did train on and naming ones it did not, in the warning and split_leak. The checkpoint's
+    split_digest tells: the count is not given, the warning and split_leak say why. In its own folder, on its own
+    data and on a part of it elsewhere (data the digest cannot be recomputed from), the count as before."""
+    out, _ = fusion_run
+    split = json.loads((out / "splits.json").read_text())
+    seen = len(split["splits"]["train"]) + len(split["splits"]["val"])
+    with pytest.warns(FinescopeWarning, match="images evaluated are of"):
+        own = trainer.evaluate(out, "all", device="cpu", out=tmp_path / "own.json")
+    assert f"{seen} of the {own['n_images']} images" in own["split_leak"]
+    part = tmp_path / "part"  # other data: the test images and one trained on, listed by their absolute paths
+    part.mkdir()
+    root = synthetic_root
+    kept = split["splits"]["test"] + split["splits"]["train"][:1]
+    lines = (root / "manifest.csv").read_text().splitlines()
+    (part / "manifest.csv").write_text("\n".join([lines[0], *(f"{root}/{line}" for line in lines[1:]
+                                                             if line.split(",")[0] in kept)]))
+    data = [f"data.root={part / 'manifest.csv'}", "data.num_workers=0"]
+    with pytest.warns(FinescopeWarning, match="images evaluated are of"):
+        other = trainer.evaluate(out, "all", data, device="cpu", out=tmp_path / "part.json")
+    assert "trained on another split" not in other["split_leak"]
+    moved = tmp_path / "moved"
+    (moved / "checkpoints").mkdir(parents=True)
+    shutil.copy(out / "checkpoints" / "best.pt", moved / "checkpoints" / "best.pt")
+    split["splits"]["train"], split["splits"]["test"] = split["splits"]["test"], split["splits"]["train"]
+    (moved / "splits.json").write_text(json.dumps(split))
+    for overrides in ([], data):
+        with pytest.warns(FinescopeWarning, match="trained on another split than .*splits.json"):
+            metrics = trainer.evaluate(moved, "all", overrides, device="cpu", out=tmp_path / "moved.json")
+        assert "trained on another split" in metrics["split_leak"] and "images evaluated are of" not in \
+            metrics["split_leak"]
+    # its own data, of which an image is skipped as unreadable since a resume wrote splits.json without it: its split
+    from finescope.data import SampleSet, load_samples, save_splits
+
+    whole = load_samples(load_config(None, tiny_overrides(synthetic_root)).data)
+    gone = whole.samples[int(trainer.load_splits(out / "splits.json", whole, own=True)["train"][0])]
+    less = SampleSet([s for s in whole.samples if s is not gone], whole.class_names, root=whole.root,
+                     skipped=[(gone.path, "truncated")])
+    with pytest.warns(FinescopeWarning, match="skipped as unreadable"):
+        save_splits(moved / "splits.json", trainer.load_splits(out / "splits.json", less, own=True), less)
+    state = load_checkpoint(moved / "checkpoints" / "best.pt")
+    assert "images evaluated are of" in trainer._trained_on_warning(state, less, moved, own_data=True)
+    assert "trained on another split" in trainer._trained_on_warning(state, less, moved, own_data=False)
+
+
 def test_evaluate_with_model_settings_changed_says_so_in_its_metrics_and_report(fusion_run, tmp_path):
     """evaluate RUN --set model.threshold=0.95 scores another model than the one trained (other crops) and wrote
     metrics_test.json and report.md into the run as if they were the run's, with nothing recording the change."""

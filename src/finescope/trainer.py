@@ -63,7 +63,7 @@ from finescope.data import (
 )
 from finescope.data.dataset import aspect_key, leave_sigterm_to_main, shape_order, worker_context
 from finescope.data.sources import check_outside_data, in_class_order
-from finescope.data.splits import own_split_leak, split_digest, stored_class_names, trained_on
+from finescope.data.splits import listed_digest, own_split_leak, split_digest, stored_class_names, trained_on
 from finescope.engine import (
     Predictions,
     first_diverged,
@@ -1237,6 +1237,33 @@ def other_split(state: dict, splits: dict[str, np.ndarray], sample_set: SampleSe
             f"from them may include ones it trained on; {command} it in the folder of the run that trained it")
 
 
+def _trained_on_warning(state: dict, sample_set: SampleSet, run_dir: Path, own_data: bool) -> str | None:
+    """What of ``sample_set`` (evaluated whole) the checkpoint ``state`` trained or validated on, by ``run_dir``'s
+    ``splits.json`` (:func:`~finescope.data.splits.trained_on`), or, where that file is not the split it was
+    trained on (its ``split_digest``, compared with the file's own list, as other data cannot be), that this is
+    not known. On its ``own_data`` a file that only lost images skipped as unreadable since is its split, as for
+    :func:`other_split`."""
+    path = run_dir / "splits.json"
+    trained = state.get("split_digest")
+    if trained is None or trained == listed_digest(path) or (own_data and _is_own_split(state, sample_set, path)):
+        return trained_on(path, sample_set)
+    return (f"checkpoint '{state['path']}' was trained on another split than {path} (copied from another run, or "
+            f"that file replaced): which of these {len(sample_set)} images it trained or validated on is not known "
+            "from it, and may be any; evaluate it in the folder of the run that trained it")
+
+
+def _is_own_split(state: dict, sample_set: SampleSet, path: Path) -> bool:
+    """Whether the splits file ``path`` is, on the run's own data ``sample_set``, the split checkpoint ``state``
+    trained on by :func:`other_split`; False where it does not match that data."""
+    try:
+        with warnings.catch_warnings():  # what is wrong with the file is said where the split is evaluated
+            warnings.simplefilter("ignore")
+            splits = load_splits(path, sample_set, own=True)
+    except FinescopeError:
+        return False
+    return other_split(state, splits, sample_set, path.parent) is None
+
+
 def evaluate(source: str | Path, split: str = "test", overrides: list[str] | None = None,
              out: str | Path | None = None, device: str = "auto") -> dict:
     """Metrics of a trained model on a split of its run, or on all images of other data.
@@ -1265,7 +1292,7 @@ def evaluate(source: str | Path, split: str = "test", overrides: list[str] | Non
                           FinescopeWarning, stacklevel=2)
         indices, split = np.arange(len(sample_set)), "all"
         if (run_dir / "splits.json").is_file():
-            seen = trained_on(run_dir / "splits.json", sample_set)
+            seen = _trained_on_warning(state, sample_set, run_dir, _same_root(cfg.data, trained_data))
         elif _same_root(cfg.data, trained_data):  # a checkpoint out of its run, on the data it was trained on
             seen = (f"data.root '{cfg.data.root}' is the one this model was trained on, and without its run's "
                     f"splits.json (none in '{run_dir}') its test images cannot be told apart: these {len(indices)} "

@@ -397,6 +397,18 @@ def split_digest(splits: dict[str, np.ndarray], sample_set: SampleSet) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
+def listed_digest(path: str | Path) -> str | None:
+    """:func:`split_digest` of the split a splits file lists, read from the file alone (the digest of the data it
+    was saved from, whatever data is read now: of a run's own split also on other data); None when it cannot be
+    read."""
+    try:
+        lists = _read_split_lists(Path(path), own=True)
+    except FinescopeError:
+        return None
+    lines = sorted({f"{side}\t{_key(p)}" for side, v in lists.items() for p in v})
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
 def empty_split_error(split: str, splits: dict[str, np.ndarray], run: str | Path) -> FinescopeError:
     """The error for a run's ``split`` that holds no image (e.g. a run trained with ``data.test_fraction=0``),
     naming the sides that hold some."""
