@@ -531,6 +531,35 @@ def test_a_cv_goes_on_after_its_data_moved_with_the_new_data_root(tmp_path, caps
         tmp_path / "moved")
 
 
+def test_a_cv_of_a_manifest_listing_images_outside_its_folder_goes_on_after_they_moved(tmp_path, capsys,
+                                                                                     monkeypatch):
+    """A cv of a CSV manifest that lists its images by absolute paths outside the CSV's folder, rerun after the
+    images moved and the manifest was rewritten with their new paths (the same data.root): refused, its folds
+    naming the images relative to the CSV's folder ('../data/a/a0/x.png'). They keep their places relative to each
+    other: nothing is trained again and the out-of-fold predictions are those of before, of the images named
+    where they are now."""
+    import finescope.trainer
+
+    def manifest(images: Path) -> None:
+        rows = [f"{images / c / f'{c}{g}' / 'x.png'},{c},{c}{g}" for c in ("a", "b") for g in range(3)]
+        (tmp_path / "proj" / "manifest.csv").write_text("\n".join(["path,label,group", *rows]) + "\n")
+
+    root = _two_class_folders(tmp_path / "data")
+    (tmp_path / "proj").mkdir()
+    manifest(root)
+    args = _tiny_cv_args(tmp_path, tmp_path / "proj" / "manifest.csv", ", val_fraction: 0, source: csv", batch_size=8)
+    args[2] = str(tmp_path / "c2.yaml")
+    (tmp_path / "c2.yaml").write_text((tmp_path / "c.yaml").read_text().replace("source: folder, ", ""))
+    assert main(args) == 0, capsys.readouterr().err
+    before = (tmp_path / "o" / "predictions.csv").read_text()
+    shutil.move(root, tmp_path / "disk2")
+    manifest(tmp_path / "disk2")
+    capsys.readouterr()
+    monkeypatch.setattr(finescope.trainer, "train", lambda *a, **k: pytest.fail("a finished fold was retrained"))
+    assert main(args) == 0, capsys.readouterr().err
+    assert (tmp_path / "o" / "predictions.csv").read_text() == before.replace("../data/", "../disk2/")  # named now
+
+
 def test_compute_metrics_matches_summary_pooled(tmp_path):
     """Pooled values in summary.json equal compute_metrics over all out-of-fold rows of a variant."""
     from finescope.oof import as_arrays, read_oof_csv, summarize_predictions

@@ -190,6 +190,44 @@ def test_save_load_round_trip(tmp_path):
     assert all(np.array_equal(load_splits(path, moved)[k], splits[k]) for k in splits)
 
 
+def test_a_manifests_images_outside_its_folder_keep_their_split_when_they_move(tmp_path):
+    """A CSV manifest listing absolute paths outside its folder: splits.json names the images relative to the CSV's
+    folder ('../scope1/c0/img00.png'), so after the images moved and the manifest was rewritten with their new
+    paths, train --resume, evaluate and cv refused the run's split ('listed images are not in data.root', the very
+    data.root it trained on). Images that keep their places relative to each other keep their split, and the
+    split's digest (what a checkpoint records); data of other images still does not match."""
+    from finescope.data.splits import split_digest, split_digests
+
+    def listed(images: Path, skipped=()) -> SampleSet:  # as read from tmp_path/proj/manifest.csv
+        ss = sample_set(images)
+        kept = [s for s in ss.samples if s.path not in skipped]
+        return SampleSet(kept, ss.class_names, root=str(tmp_path / "proj"), skipped=[(p, "truncated") for p in skipped])
+
+    before = listed(tmp_path / "scope1" / "data")
+    splits = split_groups(before.labels, before.groups, 0.3, 0.2, seed=0)
+    path = tmp_path / "run" / "splits.json"
+    save_splits(path, splits, before)
+    assert json.loads(path.read_text())["splits"]["train"][0].startswith("../scope1/data/")  # as it always was
+    moved = listed(tmp_path / "disk2" / "scope")
+    loaded = load_splits(path, moved, own=True)
+    assert all(np.array_equal(loaded[k], splits[k]) for k in splits)
+    assert split_digest(loaded, moved) == split_digest(splits, before)
+    legacy = split_digests(splits, before) - {split_digest(splits, before)}  # checkpoints from before: still theirs
+    assert len(legacy) == 1 and legacy <= split_digests(loaded, before)
+    gone = moved.samples[0].path
+    with pytest.warns(FinescopeWarning, match="1 listed images were skipped"):
+        less = load_splits(path, listed(tmp_path / "disk2" / "scope", skipped=[gone]), own=True)
+    assert sum(map(len, less.values())) == len(moved) - 1
+    fewer = SampleSet(moved.samples[2:], moved.class_names, root=moved.root)  # other data: refused as before
+    with pytest.raises(FinescopeError, match="listed images are not in data.root"):
+        load_splits(path, fewer, own=True)
+    inside = SampleSet(sample_set(tmp_path / "proj" / "images").samples, ["a", "b"], root=str(tmp_path / "proj"))
+    save_splits(path, splits, inside)  # in the manifest's own folder: named and matched as before
+    assert json.loads(path.read_text())["splits"]["train"][0].startswith("images/")
+    with pytest.raises(FinescopeError, match="listed images are not in data.root"):
+        load_splits(path, SampleSet(sample_set(tmp_path / "proj" / "other").samples, ["a", "b"], root=inside.root))
+
+
 def test_a_split_is_found_in_data_whose_names_are_in_another_unicode_normal_form(tmp_path):
     """A run's splits.json lists 'Müller/img00.png' as Linux and Windows write it (one character); the same data
     copied from a Mac names it 'u' + a combining diaeresis. evaluate then found the split "does not match the

@@ -266,6 +266,43 @@ def test_evaluate_all_of_a_checkpoint_in_another_runs_folder_does_not_count_its_
     assert "trained on another split" in trainer._trained_on_warning(state, less, moved, own_data=False)
 
 
+def test_a_run_of_a_manifest_listing_images_outside_its_folder_goes_on_after_they_moved(synthetic_root, tmp_path,
+                                                                                     capsys):
+    """A CSV manifest listing absolute paths outside its folder; the images moved and the manifest was rewritten
+    with their new paths (data.root, the CSV, the same). evaluate and train --resume refused the run's split:
+    'splits.json does not match the data: 12 listed images are not in data.root ...; point data.root at the data
+    this run was trained on', the very data.root it trained on. They keep their split, and evaluate, before and
+    after the resume, does not take it for another split than the checkpoints'."""
+    from finescope.cli import main
+
+    def manifest(images: Path) -> None:
+        lines = (synthetic_root / "manifest.csv").read_text().splitlines()  # 6 images of each class
+        rows = [f"{images}/{x}" for x in lines[1:] if int(x.split(",")[0].split("_")[-1][:4]) < 6]
+        (tmp_path / "proj" / "manifest.csv").write_text("\n".join([lines[0], *rows]))
+
+    shutil.copytree(synthetic_root, tmp_path / "scope1", ignore=shutil.ignore_patterns("manifest.csv"))
+    (tmp_path / "proj").mkdir()
+    manifest(tmp_path / "scope1")
+    run = tmp_path / "run"
+    _train(tmp_path / "proj", run, "global", 1, ["model.global_size=32", "data.test_fraction=0.3"])
+    split = json.loads((run / "splits.json").read_text())["splits"]
+    (tmp_path / "scope1").rename(tmp_path / "disk2")
+    manifest(tmp_path / "disk2")
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--device", "cpu"]) == 0, capsys.readouterr().err
+    assert "another split" not in capsys.readouterr().err
+    assert json.loads((run / "metrics_test.json").read_text())["n_images"] == len(split["test"])
+    assert main(["train", "--config", str(run / "config.yaml"), "--out", str(run), "--resume", "--quiet", "--set",
+                 "train.epochs=2"]) == 0, capsys.readouterr().err
+    assert json.loads((run / "splits.json").read_text())["splits"]["test"] == [
+        p.replace("../scope1/", "../disk2/") for p in split["test"]]
+    (tmp_path / "disk2").rename(tmp_path / "disk3")  # best.pt of either epoch, the split named at either place
+    manifest(tmp_path / "disk3")
+    for checkpoint in ("best.pt", "last.pt"):
+        assert main(["evaluate", str(run / "checkpoints" / checkpoint), "--device", "cpu"]) == 0
+        assert "another split" not in capsys.readouterr().err
+
+
 def test_evaluate_with_model_settings_changed_says_so_in_its_metrics_and_report(fusion_run, tmp_path):
     """evaluate RUN --set model.threshold=0.95 scores another model than the one trained (other crops) and wrote
     metrics_test.json and report.md into the run as if they were the run's, with nothing recording the change."""

@@ -56,7 +56,7 @@ from finescope.data import (
     trial_splits,
 )
 from finescope.data.sources import check_outside_data, in_class_order
-from finescope.data.splits import SIDES, _group_table, _key, _relative, stored_class_names
+from finescope.data.splits import SIDES, _group_table, _key, _match, _relative, stored_class_names
 from finescope.errors import FinescopeError, FinescopeWarning
 from finescope.files import json_text, remove_temporaries, write_text
 from finescope.models import list_models
@@ -404,7 +404,7 @@ def load_cv_splits(path: str | Path, sample_set: SampleSet, per_magnification: b
         if not {"train", "test"} <= sides <= set(SIDES):
             raise FinescopeError(f"{what}: fold {item['name']} has the sides {sorted(sides)}, not train and "
                                  f"test (and val) (the file is damaged or was edited); {fix}")
-    index = {_key(_relative(s.path, sample_set.root)): i for i, s in enumerate(sample_set.samples)}
+    index = _match([_key(p) for item in raw["folds"] for v in item["splits"].values() for p in v], sample_set)[0]
     subsets = magnification_subsets(sample_set, per_magnification)
     folds = []
     for item in raw["folds"]:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from finescope.data import SampleSet
-from finescope.data.splits import _key, _relative
+from finescope.data.splits import _key, _match, _relative
 from finescope.errors import FinescopeError
 from finescope.files import ERRORS, atomic_open
 from finescope.metrics import (
@@ -68,10 +68,14 @@ def collect_predictions(out: Path, folds: list, variants: tuple[str, ...], sampl
             path = out / "runs" / variant / fold.name / "predictions_test.csv"
             test = set(fold.splits["test"].tolist())
             then = _root_then(path.parent, sample_set, data_root)
-            for r in _run_rows(path, names, f"delete '{path.parent}' to train {variant} on {fold.name} again"):
+            run_rows = _run_rows(path, names, f"delete '{path.parent}' to train {variant} on {fold.name} again")
+            outside = _moved_outside(run_rows, sorted(test), sample_set, then)
+            for r in run_rows:
                 i = index.get(r["path"])
                 if i is None and then is not None:  # the data moved since the run: the same place under the root
                     i = relative.get(_key(_relative(r["path"], then)))
+                if i is None:  # a manifest's images outside its folder, moved since
+                    i = outside.get(r["path"])
                 if i not in test:
                     raise FinescopeError(
                         f"'{path}' predicts '{r['path']}', which is not on the test side of {fold.name} (a run of "
@@ -90,6 +94,16 @@ def collect_predictions(out: Path, folds: list, variants: tuple[str, ...], sampl
                     "variant": variant,
                 })
     return rows
+
+
+def _moved_outside(rows: list[dict], test: list[int], sample_set: SampleSet, then: str | None) -> dict[str, int]:
+    """The images a run's ``rows`` predict that lie outside the root (a manifest's outside the CSV's folder) and
+    moved since (the manifest rewritten with their new paths) -> their index in ``sample_set``: matched as splits
+    files match them (by their place below the innermost folder holding them) to its fold's ``test`` side."""
+    keys = [_key(_relative(r["path"], then or sample_set.root)) for r in rows]
+    side = SampleSet([sample_set.samples[i] for i in test], sample_set.class_names, root=sample_set.root)
+    where = _match(keys, side)[0]
+    return {r["path"]: test[where[k]] for r, k in zip(rows, keys) if k in where}
 
 
 def _root_then(run_dir: Path, sample_set: SampleSet, data_root: str) -> str | None:

@@ -63,7 +63,14 @@ from finescope.data import (
 )
 from finescope.data.dataset import aspect_key, leave_sigterm_to_main, shape_order, worker_context
 from finescope.data.sources import check_outside_data, in_class_order
-from finescope.data.splits import listed_digest, own_split_leak, split_digest, stored_class_names, trained_on
+from finescope.data.splits import (
+    listed_digests,
+    own_split_leak,
+    split_digest,
+    split_digests,
+    stored_class_names,
+    trained_on,
+)
 from finescope.engine import (
     Predictions,
     first_diverged,
@@ -823,7 +830,7 @@ def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool) -> 
     drawn_again = resume and not (run_dir / "splits.json").is_file()
     with dist.main_speaks():
         splits = resolve_splits(cfg, sample_set, run_dir, resume)
-    if drawn_again and resumed.get("split_digest") not in (None, split_digest(splits, sample_set)):
+    if drawn_again and resumed.get("split_digest") not in {None, *split_digests(splits, sample_set)}:
         raise FinescopeError(f"'{run_dir}': its splits.json is missing and the split drawn again from its config and "
                              "data is not the one checkpoints/last.pt trained on (the data, or how finescope groups "
                              "it, changed since): restore splits.json, or point data.root at the data this run was "
@@ -1230,7 +1237,7 @@ def other_split(state: dict, splits: dict[str, np.ndarray], sample_set: SampleSe
     before the digest, and splits that only lost images skipped as unreadable since, cannot be told apart and give
     None."""
     trained = state.get("split_digest")
-    if trained is None or trained == split_digest(splits, sample_set) or sample_set.skipped:
+    if trained is None or trained in split_digests(splits, sample_set) or sample_set.skipped:
         return None
     return (f"checkpoint '{state['path']}' was trained on another split than {run_dir / 'splits.json'} (copied from "
             f"another run, or that file replaced): its sides are not this model's, and the images {command} reads "
@@ -1245,7 +1252,7 @@ def _trained_on_warning(state: dict, sample_set: SampleSet, run_dir: Path, own_d
     :func:`other_split`."""
     path = run_dir / "splits.json"
     trained = state.get("split_digest")
-    if trained is None or trained == listed_digest(path) or (own_data and _is_own_split(state, sample_set, path)):
+    if trained is None or trained in listed_digests(path) or (own_data and _is_own_split(state, sample_set, path)):
         return trained_on(path, sample_set)
     return (f"checkpoint '{state['path']}' was trained on another split than {path} (copied from another run, or "
             f"that file replaced): which of these {len(sample_set)} images it trained or validated on is not known "

@@ -261,6 +261,39 @@ def _key(rel: str) -> str:
     return unicodedata.normalize("NFC", rel)
 
 
+def _outside(keys: Sequence[str]) -> bool:
+    """Whether any relative path leads out of its root: a manifest's image outside the CSV's folder."""
+    return any(k == ".." or k.startswith("../") for k in keys)
+
+
+def _below_common(keys: Sequence[str]) -> list[str]:
+    """``keys`` (relative paths) relative to the innermost folder holding them all: where images outside a
+    manifest's folder are named the same after they moved together (``../old/a/x.png`` -> ``a/x.png``)."""
+    folders = [k.split("/")[:-1] for k in keys]
+    n = 0
+    while folders and all(len(f) > n and f[n] == folders[0][n] for f in folders):
+        n += 1
+    return ["/".join(k.split("/")[n:]) for k in keys]
+
+
+def _match(listed: Sequence[str], sample_set: SampleSet) -> tuple[dict[str, int], set[str]]:
+    """Where the paths a splits file lists (``_key``'d) are in ``sample_set``: listed path -> sample index, and the
+    listed paths of images the source skipped. By their path relative to the root; where that leaves some
+    unmatched and images lie outside it (a manifest's absolute paths outside the CSV's folder, moved since with
+    the manifest rewritten), by their path below the innermost folder holding the listed ones, and the data's."""
+    rel = [_key(_relative(s.path, sample_set.root)) for s in sample_set.samples]
+    skipped = [_key(_relative(p, sample_set.root)) for p, _ in sample_set.skipped]
+    index, gone = {p: i for i, p in enumerate(rel)}, set(skipped)
+    if all(p in index or p in gone for p in listed) or not _outside([*listed, *rel, *skipped]):
+        return {p: index[p] for p in listed if p in index}, gone & set(listed)
+    unique = sorted(set(listed))
+    theirs = dict(zip(unique, _below_common(unique)))
+    mine = _below_common(rel + skipped)
+    index, gone = {p: i for i, p in enumerate(mine[:len(rel)])}, set(mine[len(rel):])
+    return ({p: index[theirs[p]] for p in unique if theirs[p] in index},
+            {p for p in unique if theirs[p] in gone})
+
+
 def save_splits(
     path: str | Path, splits: dict[str, np.ndarray], sample_set: SampleSet, extra: dict | None = None
 ) -> None:
@@ -330,7 +363,8 @@ def _read_split_lists(path: Path, own: bool = False) -> dict[str, list[str]]:
 
 def load_splits(path: str | Path, sample_set: SampleSet, fix: str = "draw new splits by leaving data.splits empty",
                 own: bool = False) -> dict[str, np.ndarray]:
-    """Read splits written by :func:`save_splits` and match them to ``sample_set`` by relative path.
+    """Read splits written by :func:`save_splits` and match them to ``sample_set`` by relative path (images outside
+    the root, moved since, by their place among each other: :func:`_match`).
 
     Listed images that the source skipped (``data.on_error=skip``) are dropped with a warning. ``fix`` ends the
     error when the file does not match the data (what the caller's user can do about it). A group on two sides
@@ -346,8 +380,7 @@ def load_splits(path: str | Path, sample_set: SampleSet, fix: str = "draw new sp
     """
     path = Path(path)
     lists = {side: [_key(p) for p in v] for side, v in _read_split_lists(path, own).items()}
-    index = {_key(_relative(s.path, sample_set.root)): i for i, s in enumerate(sample_set.samples)}
-    skipped = {_key(_relative(p, sample_set.root)) for p, _ in sample_set.skipped}
+    index, skipped = _match([p for v in lists.values() for p in v], sample_set)
     missing = [p for v in lists.values() for p in v if p not in index and p not in skipped]
     if missing:
         raise FinescopeError(
@@ -389,24 +422,45 @@ def load_splits(path: str | Path, sample_set: SampleSet, fix: str = "draw new sp
     return splits
 
 
-def split_digest(splits: dict[str, np.ndarray], sample_set: SampleSet) -> str:
-    """SHA-256 of the images (relative paths) of every side: what a checkpoint records of the split it trained on,
-    so that a resume which draws it again (its ``splits.json`` gone) can tell another split from it."""
-    rel = [_key(_relative(s.path, sample_set.root)) for s in sample_set.samples]  # as splits files are matched
-    lines = sorted(f"{side}\t{rel[i]}" for side, idx in splits.items() for i in np.asarray(idx, dtype=np.int64).tolist())
+def _digest(lists: dict[str, list[str]], legacy: bool = False) -> str:
+    """SHA-256 of the relative paths of every side; images outside the root (a manifest's outside the CSV's folder)
+    by their path below the innermost folder holding them, as they are matched after a move, unless ``legacy``
+    (as finescope recorded them before it matched images so)."""
+    keys = sorted({p for v in lists.values() for p in v})
+    name = dict(zip(keys, keys if legacy or not _outside(keys) else _below_common(keys)))
+    lines = sorted({f"{side}\t{name[p]}" for side, v in lists.items() for p in v})
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def listed_digest(path: str | Path) -> str | None:
-    """:func:`split_digest` of the split a splits file lists, read from the file alone (the digest of the data it
-    was saved from, whatever data is read now: of a run's own split also on other data); None when it cannot be
+def split_digest(splits: dict[str, np.ndarray], sample_set: SampleSet) -> str:
+    """SHA-256 of the images (relative paths) of every side: what a checkpoint records of the split it trained on,
+    so that a resume which draws it again (its ``splits.json`` gone) can tell another split from it."""
+    return _digest(_named(splits, sample_set))
+
+
+def split_digests(splits: dict[str, np.ndarray], sample_set: SampleSet) -> set[str]:
+    """:func:`split_digest` and the one a checkpoint from before it named images outside the root by recorded:
+    what a checkpoint trained on ``splits`` may record."""
+    named = _named(splits, sample_set)
+    return {_digest(named), _digest(named, legacy=True)}
+
+
+def _named(splits: dict[str, np.ndarray], sample_set: SampleSet) -> dict[str, list[str]]:
+    """side -> the relative paths of its images, as splits files are matched."""
+    rel = [_key(_relative(s.path, sample_set.root)) for s in sample_set.samples]
+    return {side: [rel[i] for i in np.asarray(idx, dtype=np.int64).tolist()] for side, idx in splits.items()}
+
+
+def listed_digests(path: str | Path) -> set[str]:
+    """:func:`split_digests` of the split a splits file lists, read from the file alone (the digests of the data it
+    was saved from, whatever data is read now: of a run's own split also on other data); none when it cannot be
     read."""
     try:
         lists = _read_split_lists(Path(path), own=True)
     except FinescopeError:
-        return None
-    lines = sorted({f"{side}\t{_key(p)}" for side, v in lists.items() for p in v})
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+        return set()
+    named = {side: [_key(p) for p in v] for side, v in lists.items()}
+    return {_digest(named), _digest(named, legacy=True)}
 
 
 def empty_split_error(split: str, splits: dict[str, np.ndarray], run: str | Path) -> FinescopeError:
