@@ -1233,11 +1233,13 @@ def other_split(state: dict, splits: dict[str, np.ndarray], sample_set: SampleSe
                 command: str = "evaluate") -> str | None:
     """What is wrong with reading checkpoint ``state`` on ``run_dir``'s ``splits`` (``command``: evaluate,
     explain) when it was trained on another split (its ``split_digest``: a checkpoint copied into another run's
-    folder, or a ``splits.json`` replaced), or None: its test side may hold images it trained on. Checkpoints from
-    before the digest, and splits that only lost images skipped as unreadable since, cannot be told apart and give
-    None."""
+    folder, or a ``splits.json`` replaced), or None: its test side may hold images it trained on. The file as
+    listed is its split too (images outside a manifest's folder moved since, for a checkpoint that recorded their
+    names of then). Checkpoints from before the digest, and splits that only lost images skipped as unreadable
+    since, cannot be told apart and give None."""
     trained = state.get("split_digest")
-    if trained is None or trained in split_digests(splits, sample_set) or sample_set.skipped:
+    if trained is None or sample_set.skipped or trained in split_digests(splits, sample_set) | listed_digests(
+            run_dir / "splits.json"):
         return None
     return (f"checkpoint '{state['path']}' was trained on another split than {run_dir / 'splits.json'} (copied from "
             f"another run, or that file replaced): its sides are not this model's, and the images {command} reads "
