@@ -535,6 +535,37 @@ def test_explaining_files_the_run_trained_on_says_how_many_they_are(tmp_path, ca
     assert "trained or validated on" not in capsys.readouterr().err + (tmp_path / "o2" / "index.html").read_text()
 
 
+def test_explaining_files_of_a_run_whose_data_moved_counts_the_ones_it_trained_on_by_its_splits(tmp_path, capsys):
+    """explain RUN FILES where the run's data cannot be read from here (moved since, or a run handed on without
+    it) said trained_on 0, and warned nothing, of images the model trained on: it counted them by the run's data
+    only. They are counted by the place of its splits.json's train and val images, as evaluate counts other data;
+    unknown (null) without a splits.json, or with one that is not the checkpoint's split (its digest)."""
+    import shutil
+
+    from finescope.checkpoint import load_checkpoint, save_checkpoint
+    from finescope.cli import main
+
+    run = _run_with_split_digest(tmp_path)  # train: samples 1 and 4, val: 2, test: 0, 3, 5
+    shutil.move(tmp_path / "data", tmp_path / "moved")
+    args = [str(tmp_path / "moved" / "images"), "--no-faithfulness", *FAST]
+
+    def trained_on(out: str, checkpoint: Path = run) -> int | None:
+        assert main(["explain", str(checkpoint), *args, "--out", str(tmp_path / out)]) == 0
+        return json.loads((tmp_path / out / "faithfulness.json").read_text())["trained_on"]
+
+    assert trained_on("o1") == 3
+    assert "3 of the 6 images explained are ones the run trained or validated on" in capsys.readouterr().err
+    away = tmp_path / "away.pt"  # no splits.json beside it: not known
+    shutil.copy(run / "checkpoints" / "best.pt", away)
+    assert trained_on("o2", away) is None
+    state = load_checkpoint(run / "checkpoints" / "best.pt")
+    save_checkpoint({**{k: state[k] for k in ("model", "config", "class_names")}, "split_digest": "0" * 64},
+                    run / "checkpoints" / "best.pt")
+    capsys.readouterr()
+    assert trained_on("o3") is None
+    assert "trained on another split than" in capsys.readouterr().err
+
+
 def test_explaining_files_does_not_generate_the_runs_synthetic_set_again(tmp_path):
     import shutil
 

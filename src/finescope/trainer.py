@@ -1241,6 +1241,19 @@ def other_split(state: dict, splits: dict[str, np.ndarray], sample_set: SampleSe
     if trained is None or sample_set.skipped or trained in split_digests(splits, sample_set) | listed_digests(
             run_dir / "splits.json"):
         return None
+    return _other_split_text(state, run_dir, command)
+
+
+def other_listed_split(state: dict, run_dir: Path, command: str = "explain") -> str | None:
+    """:func:`other_split` where the run's data cannot be read: by the digest of ``run_dir``'s ``splits.json`` as
+    it lists its images; None also without a readable one."""
+    trained, listed = state.get("split_digest"), listed_digests(run_dir / "splits.json")
+    if trained is None or not listed or trained in listed:
+        return None
+    return _other_split_text(state, run_dir, command)
+
+
+def _other_split_text(state: dict, run_dir: Path, command: str) -> str:
     return (f"checkpoint '{state['path']}' was trained on another split than {run_dir / 'splits.json'} (copied from "
             f"another run, or that file replaced): its sides are not this model's, and the images {command} reads "
             f"from them may include ones it trained on; {command} it in the folder of the run that trained it")

@@ -506,6 +506,27 @@ def trained_on(path: str | Path, sample_set: SampleSet) -> str | None:
             "the run's test split")
 
 
+def trained_files(path: str | Path, files: Sequence[str]) -> set[str] | None:
+    """Which of ``files`` (absolute paths) lie at the place of an image on the train or val side of the splits file
+    ``path`` (their path ends with its relative one, leading ``../`` dropped): the images a run trained or
+    validated on, where its data cannot be read (moved since); their real paths, or None when the file cannot be
+    read."""
+    try:
+        lists = _read_split_lists(Path(path), own=True)
+    except FinescopeError:
+        return None
+    seen = set()
+    for p in (p for side in ("train", "val") for p in lists.get(side, [])):
+        parts = _key(p).split("/")
+        seen.add("/".join(parts[next((i for i, part in enumerate(parts) if part != ".."), len(parts)):]))
+    out = set()
+    for f in files:
+        parts = _key(Path(f).as_posix()).split("/")
+        if any("/".join(parts[i:]) in seen for i in range(1, len(parts))):
+            out.add(os.path.realpath(f))
+    return out
+
+
 def summarize_splits(splits: dict[str, np.ndarray], sample_set: SampleSet) -> dict:
     """Images and groups per class on each side, to rule out leakage at a glance.
 

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from finescope.config import Config
 from finescope.data import empty_split_error
-from finescope.data.splits import own_split_leak
+from finescope.data.splits import own_split_leak, trained_files
 from finescope.errors import FinescopeError, FinescopeWarning
-from finescope.trainer import OWN_SPLIT_FIX, other_split, run_dir_of
+from finescope.trainer import OWN_SPLIT_FIX, other_listed_split, other_split, run_dir_of
 
 SPLITS = ("train", "val", "test", "all")
 
@@ -172,29 +173,43 @@ def training_sizes(cfg: Config, state: dict, class_names: list[str]) -> set:
     return training_images(cfg, state, class_names)[0]
 
 
-def training_images(cfg: Config, state: dict, class_names: list[str]) -> tuple[set, set | None, str | None]:
+def training_images(cfg: Config, state: dict, class_names: list[str],
+                    paths: Sequence[str] = ()) -> tuple[set, set | None, str | None]:
     """{(H, W)} of the run's training images, the real paths of its training and validation images, and what is
     wrong with its folder's ``splits.json`` for this checkpoint (:func:`~finescope.trainer.other_split`, warned
-    here: a split it was not trained on, whose sides tell nothing of its images, which are then None) or None;
-    empty sets when its data cannot be read from here."""
+    here: a split it was not trained on, whose sides tell nothing of its images, which are then None) or None.
+    Where its data cannot be read from here, no sizes, and those of ``paths`` (the images explained) at the place
+    of a training or validation image of its ``splits.json`` (None without one)."""
     # the synthetic source's loader generates the set where it is missing (for a run's relative data.root: in the
     # working folder), which is no way to measure it; its images are synthetic_size pixels square
     synthetic = cfg.data.source == "synthetic"
     sizes = {(cfg.data.synthetic_size,) * 2} if synthetic else set()
     if synthetic and not (Path(cfg.data.root) / "manifest.csv").is_file():
-        return sizes, set(), None
+        return sizes, *_listed_trained(state, paths)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             sample_set, splits = _run_samples(cfg, state, class_names)
     except FinescopeError:
-        return sizes, set(), None
+        return sizes, *_listed_trained(state, paths)
     sizes = sizes or _image_sizes([sample_set.samples[i].path for i in splits["train"]])
     leak = _other_split_warned(state, splits, sample_set)
     if leak:
         return sizes, None, leak
     seen = {os.path.realpath(sample_set.samples[i].path) for side in ("train", "val") for i in splits.get(side, [])}
     return sizes, seen, None
+
+
+def _listed_trained(state: dict, paths: Sequence[str]) -> tuple[set | None, str | None]:
+    """:func:`training_images`' images trained on and what is wrong with the split, where the run's data cannot be
+    read: by its ``splits.json`` alone (:func:`~finescope.data.splits.trained_files`,
+    :func:`~finescope.trainer.other_listed_split`)."""
+    run_dir = run_dir_of(state)
+    leak = other_listed_split(state, run_dir, command="explain")
+    if leak:
+        warnings.warn(leak, FinescopeWarning, stacklevel=3)
+        return None, leak
+    return trained_files(run_dir / "splits.json", paths), None
 
 
 def size_notes(size: tuple[int, int], train_sizes: set, global_size: int, local_size: int, crops: bool) -> list[str]:

@@ -301,7 +301,8 @@ def _inputs(cfg, state, class_names, paths, split) -> Inputs:
     if not paths:
         raise FinescopeError("nothing to explain: give image files/folders, or --split test with a run directory")
     inputs = path_inputs(list(paths), class_names, cfg)
-    inputs.train_sizes, inputs.trained, inputs.split_leak = training_images(cfg, state, class_names)
+    inputs.train_sizes, inputs.trained, inputs.split_leak = training_images(cfg, state, class_names,
+                                                                            [i.path for i in inputs.items])
     return inputs
 
 
