@@ -228,6 +228,25 @@ def test_a_manifests_images_outside_its_folder_keep_their_split_when_they_move(t
         load_splits(path, SampleSet(sample_set(tmp_path / "proj" / "other").samples, ["a", "b"], root=inside.root))
 
 
+def test_the_images_a_run_trained_on_are_counted_after_a_manifests_images_outside_its_folder_moved(tmp_path):
+    """A CSV manifest listing images outside its folder keeps its split after they moved (the manifest rewritten
+    with their new paths), but evaluate --split all of that data counted none of them as trained on (trained_on
+    None: no warning, split_leak null in metrics_all.json): splits.json names them '../scope1/data/c0/img00.png',
+    found by the path relative to the root only. They are counted as load_splits finds them."""
+    from finescope.data.splits import trained_on
+
+    def listed(images: Path) -> SampleSet:  # as read from tmp_path/proj/manifest.csv
+        return SampleSet(sample_set(images).samples, ["a", "b"], root=str(tmp_path / "proj"))
+
+    before = listed(tmp_path / "scope1" / "data")
+    splits = split_groups(before.labels, before.groups, 0.3, 0.2, seed=0)
+    path = tmp_path / "run" / "splits.json"
+    save_splits(path, splits, before)
+    n_seen = len(splits["train"]) + len(splits["val"])  # groups of 2 images, none on two sides
+    assert f"{n_seen} of the 12 images" in trained_on(path, before)
+    assert f"{n_seen} of the 12 images" in trained_on(path, listed(tmp_path / "disk2" / "scope"))
+
+
 def test_a_split_is_found_in_data_whose_names_are_in_another_unicode_normal_form(tmp_path):
     """A run's splits.json lists 'Müller/img00.png' as Linux and Windows write it (one character); the same data
     copied from a Mac names it 'u' + a combining diaeresis. evaluate then found the split "does not match the

@@ -297,6 +297,8 @@ def test_a_run_of_a_manifest_listing_images_outside_its_folder_goes_on_after_the
     assert main(["evaluate", str(run), "--device", "cpu"]) == 0, capsys.readouterr().err
     assert "another split" not in capsys.readouterr().err
     assert json.loads((run / "metrics_test.json").read_text())["n_images"] == len(split["test"])
+    assert main(["evaluate", str(run), "--split", "all", "--device", "cpu"]) == 0  # its training images among them
+    assert "images evaluated are of" in json.loads((run / "metrics_all.json").read_text())["split_leak"]
     assert main(["train", "--config", str(run / "config.yaml"), "--out", str(run), "--resume", "--quiet", "--set",
                  "train.epochs=2"]) == 0, capsys.readouterr().err
     assert json.loads((run / "splits.json").read_text())["splits"]["test"] == [

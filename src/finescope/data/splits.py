@@ -484,19 +484,23 @@ def own_split_leak(splits: dict[str, np.ndarray], sample_set: SampleSet) -> str 
 def trained_on(path: str | Path, sample_set: SampleSet) -> str | None:
     """What of ``sample_set`` (data evaluated whole) a run trained or validated on, by its splits file ``path``:
     the images at the relative path of one on its train or val side (also under a root one folder above or below
-    the run's), and every image of their groups (the patient's other images); None when there are none."""
+    the run's, and a manifest's images outside its folder moved since, as :func:`load_splits` finds them), and
+    every image of their groups (the patient's other images); None when there are none."""
     try:
         lists = _read_split_lists(Path(path), own=True)
     except FinescopeError:
         return None
     seen = {_key(p) for side in ("train", "val") for p in lists.get(side, [])}
     tails = {p.split("/", i)[-1] for p in seen for i in range(1, p.count("/") + 1)}  # a root below the run's
+    where = _match(sorted({_key(p) for v in lists.values() for p in v}), sample_set)[0]
+    moved = {where[p] for p in seen if p in where}
 
     def was_seen(rel: str) -> bool:
         parts = rel.split("/")
         return rel in tails or any("/".join(parts[i:]) in seen for i in range(len(parts)))
 
-    groups = {s.group for s in sample_set.samples if was_seen(_key(_relative(s.path, sample_set.root)))}
+    groups = {s.group for i, s in enumerate(sample_set.samples)
+              if i in moved or was_seen(_key(_relative(s.path, sample_set.root)))}
     hits = [s.path for s in sample_set.samples if s.group in groups]
     if not hits:
         return None
