@@ -247,6 +247,23 @@ def test_the_images_a_run_trained_on_are_counted_after_a_manifests_images_outsid
     assert f"{n_seen} of the 12 images" in trained_on(path, listed(tmp_path / "disk2" / "scope"))
 
 
+def test_explained_files_a_run_trained_on_are_found_after_a_manifests_images_outside_its_folder_moved(tmp_path):
+    """explain RUN FILES where the run's data cannot be read (its images outside the manifest's folder moved, the
+    manifest not rewritten, or the run handed on without it) counts the files it trained on by the place of its
+    splits.json's train and val images; for those the file names '../scope1/data/c0/img00.png' it counted none
+    of them moved to disk2/scope/c0 (trained_on 0, no warning). They are found by their path below the innermost
+    folder holding the listed images, as load_splits finds them in moved data."""
+    from finescope.data.splits import trained_files
+
+    before = SampleSet(sample_set(tmp_path / "scope1" / "data").samples, ["a", "b"], root=str(tmp_path / "proj"))
+    splits = split_groups(before.labels, before.groups, 0.3, 0.2, seed=0)
+    path = tmp_path / "run" / "splits.json"
+    save_splits(path, splits, before)
+    moved = sample_set(tmp_path / "disk2" / "scope")
+    seen = sorted(moved.samples[i].path for side in ("train", "val") for i in splits[side])
+    assert sorted(trained_files(path, [s.path for s in moved.samples])) == seen
+
+
 def test_a_split_is_found_in_data_whose_names_are_in_another_unicode_normal_form(tmp_path):
     """A run's splits.json lists 'Müller/img00.png' as Linux and Windows write it (one character); the same data
     copied from a Mac names it 'u' + a combining diaeresis. evaluate then found the split "does not match the

@@ -512,17 +512,20 @@ def trained_on(path: str | Path, sample_set: SampleSet) -> str | None:
 
 def trained_files(path: str | Path, files: Sequence[str]) -> set[str] | None:
     """Which of ``files`` (absolute paths) lie at the place of an image on the train or val side of the splits file
-    ``path`` (their path ends with its relative one, leading ``../`` dropped): the images a run trained or
-    validated on, where its data cannot be read (moved since); their real paths, or None when the file cannot be
-    read."""
+    ``path`` (their path ends with its relative one, leading ``../`` dropped, or, for a manifest's images outside
+    its folder, with their path below the innermost folder holding the listed ones, as :func:`_match` finds them
+    moved): the images a run trained or validated on, where its data cannot be read (moved since); their real
+    paths, or None when the file cannot be read."""
     try:
         lists = _read_split_lists(Path(path), own=True)
     except FinescopeError:
         return None
+    listed = sorted({_key(p) for v in lists.values() for p in v})
+    below = dict(zip(listed, _below_common(listed) if _outside(listed) else listed))
     seen = set()
-    for p in (p for side in ("train", "val") for p in lists.get(side, [])):
-        parts = _key(p).split("/")
-        seen.add("/".join(parts[next((i for i, part in enumerate(parts) if part != ".."), len(parts)):]))
+    for p in (_key(p) for side in ("train", "val") for p in lists.get(side, [])):
+        parts = p.split("/")
+        seen |= {"/".join(parts[next((i for i, part in enumerate(parts) if part != ".."), len(parts)):]), below[p]}
     out = set()
     for f in files:
         parts = _key(Path(f).as_posix()).split("/")
