@@ -841,6 +841,11 @@ def test_collecting_refuses_a_run_that_tested_other_images(tmp_path):
     write(folds[1].splits["test"])  # the other fold's test images: trained on in this fold
     with pytest.raises(FinescopeError, match=f"not on the test side of {folds[0].name}.*delete"):
         collect_predictions(tmp_path, folds[:1], ("global",), s)
+    write(folds[0].splits["test"])
+    with (run / "predictions_test.csv").open("a") as fh:  # a spreadsheet saves a blank row so: a ValueError
+        fh.write(",,,,,,\n")
+    with pytest.raises(FinescopeError, match=f"predicts '', which is not on the test side of {folds[0].name}"):
+        collect_predictions(tmp_path, folds[:1], ("global",), s)
     (run / "predictions_test.csv").write_text("path,group,true\n")
     with pytest.raises(FinescopeError, match="no column 'predicted'"):
         collect_predictions(tmp_path, folds[:1], ("global",), s)

@@ -72,7 +72,7 @@ def collect_predictions(out: Path, folds: list, variants: tuple[str, ...], sampl
             outside = _moved_outside(run_rows, sorted(test), sample_set, then)
             for r in run_rows:
                 i = index.get(r["path"])
-                if i is None and then is not None:  # the data moved since the run: the same place under the root
+                if i is None and then is not None and r["path"]:  # the data moved since: the same place under the root
                     i = relative.get(_key(_relative(r["path"], then)))
                 if i is None:  # a manifest's images outside its folder, moved since
                     i = outside.get(r["path"])
@@ -100,6 +100,7 @@ def _moved_outside(rows: list[dict], test: list[int], sample_set: SampleSet, the
     """The images a run's ``rows`` predict that lie outside the root (a manifest's outside the CSV's folder) and
     moved since (the manifest rewritten with their new paths) -> their index in ``sample_set``: matched as splits
     files match them (by their place below the innermost folder holding them) to its fold's ``test`` side."""
+    rows = [r for r in rows if r["path"]]  # an empty cell (a spreadsheet's blank row) is refused by the caller
     keys = [_key(_relative(r["path"], then or sample_set.root)) for r in rows]
     side = SampleSet([sample_set.samples[i] for i in test], sample_set.class_names, root=sample_set.root)
     where = _match(keys, side)[0]
