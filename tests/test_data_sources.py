@@ -501,6 +501,30 @@ def test_synthetic_generation_resumes_an_interrupted_one_and_refuses_other_folde
     assert sorted(p.name for p in (other / "images").iterdir()) == ["slide_01.png"]
 
 
+def test_a_generation_with_other_settings_stopped_midway_is_not_taken_for_the_earlier_set(tmp_path, monkeypatch):
+    """A set generated again with other settings into the same root (`demo --quick`, then `train --config
+    configs/demo.yaml`, both runs/demo/data) and stopped after its first image left the earlier set's spec.json and
+    manifest.csv over images of both settings: the earlier settings then read that mix as their complete set."""
+    from PIL import Image
+
+    from finescope.data.synthetic import ensure_synthetic, generate
+
+    root = tmp_path / "syn"
+    generate(root, per_class=2, size=64)
+    real_save, saved = Image.Image.save, []
+
+    def save_then_stop(self, *args, **kwargs):
+        if saved:
+            raise KeyboardInterrupt
+        saved.append(real_save(self, *args, **kwargs))
+
+    monkeypatch.setattr(Image.Image, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_synthetic(root, per_class=2, size=96)
+    monkeypatch.undo()
+    ensure_synthetic(root, per_class=2, size=64)
+    assert {Image.open(p).size for p in (root / "images").iterdir()} == {(64, 64)}
+
 def test_images_in_keeps_each_image_once_in_the_order_given(tmp_path):
     from finescope.data.sources import images_in
 

@@ -125,6 +125,10 @@ def generate(root: str | Path, per_class: int = 160, size: int = 384, seed: int 
     """
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
+    # an earlier set's marks go before its images are drawn over: a generation stopped midway is never taken
+    # for that set (manifest first: a manifest without spec.json is taken for someone else's)
+    (root / "manifest.csv").unlink(missing_ok=True)
+    (root / "spec.json").unlink(missing_ok=True)
     spec = SyntheticSpec(size=size)
     rows, cells = [], {}
     for label, name in enumerate(CLASS_NAMES):
