@@ -476,6 +476,23 @@ def test_a_demo_folder_of_the_other_quick_says_to_rerun_it_as_it_was(tmp_path, c
     assert sorted(out.rglob("*")) == before
 
 
+def test_a_demo_another_process_runs_says_to_rerun_it(tmp_path, capsys):
+    """A second demo into a folder whose run another demo trains was refused with train's advice, 'then
+    --resume', an option the demo does not have: it continues its runs when the same command is run again."""
+    import fcntl
+
+    run = tmp_path / "demo" / "global"
+    run.mkdir(parents=True)
+    with open(run / ".lock", "w") as held:  # the other demo, training global
+        held.write("pid 123 on elsewhere")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert main(["demo", "--quick", "--quiet", "--out", str(tmp_path / "demo")]) == 2
+    assert _one_error_line(capsys) == (f"finescope: error: '{run}' is being trained by another process (pid 123 on "
+                                       "elsewhere); wait for it to end or stop it, then rerun the same command, or "
+                                       "choose another --out")
+
+
 def test_demo_table_says_which_seconds_are_after_a_resume():
     from finescope.demo import format_table
 

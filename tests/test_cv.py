@@ -462,6 +462,27 @@ def test_cv_of_one_class_writes_nothing_and_runs_once_a_class_is_added(tmp_path,
     assert (tmp_path / "o" / "summary.json").is_file()
 
 
+def test_a_fold_another_process_trains_says_to_rerun_the_cv(tmp_path, capsys):
+    """A second cv into a folder whose fold another process trains (the same job started twice, a requeued job
+    while the first still runs) was refused with train's advice, 'then --resume', an option cv does not have."""
+    import fcntl
+
+    root = _two_class_folders(tmp_path / "data")
+    args = _tiny_cv_args(tmp_path, root, ", val_fraction: 0", batch_size=8)
+    fold = tmp_path / "o" / "runs" / "global" / "fold0"
+    fold.mkdir(parents=True)
+    with open(fold / ".lock", "w") as held:  # the other cv, training the fold
+        held.write("pid 123 on elsewhere")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"finescope: error: '{fold}' is being trained by another process (pid 123 on elsewhere); wait for "
+                   "it to end or stop it, then rerun the same command, or choose another --out"]
+    assert main(args) == 0  # the same command, once it has ended
+    assert (tmp_path / "o" / "summary.json").is_file()
+
+
 def test_cv_says_it_does_not_read_data_splits(tmp_path, capsys):
     """cv --set data.splits=runs/x/splits.json (README: 'a splits.json to reuse instead of drawing splits') drew
     new folds without a word; cv reads folds from --splits only, and now says so in one line."""

@@ -591,12 +591,15 @@ def run_fold(cfg: Config, run_dir: Path, progress: bool) -> str:
     Returns:
         ``"done"`` (already finished), ``"resumed"`` or ``"trained"``.
     """
-    from finescope.trainer import as_resumed, train
+    from finescope.trainer import RunLocked, as_resumed, train
 
     if _finished(run_dir):
         return "done"
     resume = (run_dir / "checkpoints" / "last.pt").is_file()
-    train(as_resumed(cfg, run_dir) if resume else cfg, run_dir, resume=resume, progress=progress)
+    try:
+        train(as_resumed(cfg, run_dir) if resume else cfg, run_dir, resume=resume, progress=progress)
+    except RunLocked as e:  # another cv into this folder: train's '--resume' is no cv option
+        raise e.then("rerun the same command") from None
     return "resumed" if resume else "trained"
 
 

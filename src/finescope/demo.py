@@ -26,7 +26,7 @@ from finescope.data.dataset import read_image
 from finescope.data.synthetic import load_cells
 from finescope.errors import FinescopeError
 from finescope.files import json_text, write_text
-from finescope.trainer import RESUME_FREE, as_resumed, load_trained, train
+from finescope.trainer import RESUME_FREE, RunLocked, as_resumed, load_trained, train
 
 VARIANTS = ("global", "fusion")
 
@@ -85,7 +85,10 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, progress: bool 
             vcfg = as_resumed(vcfg, run_dir)
         if progress:
             print(f"== training {variant} ({'resuming' if resume else vcfg.train.epochs} epochs) -> {run_dir}")
-        metrics = train(vcfg, run_dir, resume=resume, progress=progress)
+        try:
+            metrics = train(vcfg, run_dir, resume=resume, progress=progress)
+        except RunLocked as e:  # another demo into this folder: train's '--resume' is no demo option
+            raise e.then("rerun the same command") from None
         metrics["train_seconds"] = time.perf_counter() - start  # a resumed variant: this run's part only
         metrics["resumed"] = resume
         results[variant] = metrics

@@ -662,6 +662,21 @@ def _truncate_history(run_dir: Path, last_epoch: int) -> None:
         write_text(path, "".join(json_text(r) + "\n" for r in rows))
 
 
+class RunLocked(FinescopeError):
+    """``run_dir`` is being trained by another process (``holder``: ``pid N on HOST``). Its line says to go on with
+    ``--resume`` once that process has ended; a cv or the demo, which resume their runs themselves, say it with
+    their own rerun (:meth:`then`)."""
+
+    def __init__(self, run_dir: Path, holder: str, again: str = "--resume") -> None:
+        self.run_dir, self.holder = run_dir, holder
+        super().__init__(f"'{run_dir}' is being trained by another process ({holder}); wait for it to end or stop "
+                         f"it, then {again}, or choose another --out")
+
+    def then(self, again: str) -> RunLocked:
+        """The same refusal, saying ``again`` (e.g. ``rerun the same command``) instead of ``--resume``."""
+        return RunLocked(self.run_dir, self.holder, again)
+
+
 def _hold_lock(run_dir: Path):
     """Create ``run_dir`` and hold an exclusive lock on its ``.lock`` file: the open file, whose closing (or the
     process's end, however it ends) releases it; None where locks are unavailable (no ``fcntl``, or a file
@@ -679,8 +694,7 @@ def _hold_lock(run_dir: Path):
         holder = fh.read().strip() or "unknown"
         fh.close()
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise FinescopeError(f"'{run_dir}' is being trained by another process ({holder}); wait for it to end "
-                                 "or stop it, then --resume, or choose another --out") from None
+            raise RunLocked(run_dir, holder) from None
         warnings.warn(f"cannot lock '{run_dir}' ({e.strerror}): nothing stops a second process from training it "
                       "at the same time", FinescopeWarning, stacklevel=3)
         return None
