@@ -111,6 +111,29 @@ def test_file_names_that_are_not_utf8_are_written_and_read_back(cli_run, synthet
     assert (tmp_path / "m_predictions.csv").is_file() and (tmp_path / "m_report.html").is_file()
 
 
+def test_an_evaluate_interrupted_in_its_report_says_its_metrics_are_written_and_the_report_not(cli_run, tmp_path,
+                                                                                                capsys, monkeypatch):
+    """Ctrl-C while evaluate drew its report (a few seconds of bootstrap and figures, after the metrics and the
+    predictions were written) said only 'finescope: interrupted': the new metrics stood beside the report of an
+    earlier evaluation (of other --set overrides, other data), which looked complete."""
+    out = tmp_path / "m.json"
+    assert main(["evaluate", str(cli_run), "--out", str(out), "--device", "cpu"]) == 0  # an earlier report
+    capsys.readouterr()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("finescope.report.write_report", interrupted)
+    assert main(["evaluate", str(cli_run), "--out", str(out), "--device", "cpu"]) == 130
+    assert capsys.readouterr().err == (f"finescope: interrupted after its metrics were written ('{out}', "
+                                       "m_predictions.csv): its report (m_report.md, .html) is not, and the one there "
+                                       "is an earlier evaluation's; rerun the same command to write it\n")
+    (tmp_path / "m_report.html").unlink()
+    assert main(["evaluate", str(cli_run), "--out", str(out), "--device", "cpu"]) == 130
+    assert capsys.readouterr().err.endswith("): its report (m_report.md, .html) is not; rerun the same command to "
+                                            "write it\n")
+
+
 def test_evaluate_on_a_root_under_home_names_the_folder_it_read(cli_run, synthetic_root, tmp_path, monkeypatch,
                                                                 capsys):
     """data.root '~/d' (as a YAML file writes it) is read from the home folder; metrics.json and the report named

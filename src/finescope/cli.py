@@ -103,9 +103,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     stem = predictions.stem.replace("predictions", "report") if "predictions" in predictions.stem \
         else predictions.stem + "_report"
     md = predictions.with_name(("report" if stem == "report_test" else stem) + ".md")
-    md, page = write_report(metrics["run_dir"], predictions=predictions, split=metrics["split"],
-                            data_root=metrics["data_root"], out=md, warning=metrics.get("split_leak"),
-                            model_overrides=metrics["model_overrides"])
+    try:
+        md, page = write_report(metrics["run_dir"], predictions=predictions, split=metrics["split"],
+                                data_root=metrics["data_root"], out=md, warning=metrics.get("split_leak"),
+                                model_overrides=metrics["model_overrides"])
+    except KeyboardInterrupt:  # the metrics are this evaluation's; a report there (.html: written last) is not
+        earlier = ", and the one there is an earlier evaluation's" if md.with_suffix(".html").is_file() else ""
+        raise Interrupted(f"after its metrics were written ('{metrics['output']}', {predictions.name}): its report "
+                          f"({md.name}, .html) is not{earlier}; rerun the same command to write it") from None
     print(f"report written to {md} and {page}")
     return 0
 
@@ -582,7 +587,7 @@ def _run(args: argparse.Namespace, debug: bool) -> int:
         _say(f"{error}{_one_line(e)}")
         return 2
     except KeyboardInterrupt as e:
-        if isinstance(e, Interrupted) and args.command == "train":  # the trainer says what the run holds
+        if isinstance(e, Interrupted) and args.command in ("train", "evaluate"):  # they say what was written
             if rank == 0:
                 _say(f"finescope: interrupted {e}")
             return 130
