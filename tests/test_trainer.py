@@ -936,8 +936,13 @@ def test_a_finished_run_trained_on_is_not_marked_finished_until_it_is(synthetic_
         with pytest.raises(KeyboardInterrupt):
             trainer.train(cfg, out, resume=True, progress=False)
     assert not (out / "metrics.json").exists()  # the epoch-1 metrics no longer say the run is finished
+    from finescope.report import write_report
+
+    with pytest.raises(FinescopeError, match="neither predictions.csv"):  # nor report its test as this run's
+        write_report(out)
     trainer.train(cfg, out, resume=True, progress=False)
     assert json.loads((out / "metrics.json").read_text())["n_images"] > 0
+    assert (out / "predictions_test.csv").is_file()
     # resumed when done (testing again) keeps it until the new one replaces it
     trainer.train(cfg, out, resume=True, progress=False)
     assert (out / "metrics.json").is_file()

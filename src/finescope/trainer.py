@@ -884,8 +884,10 @@ def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool) -> 
                                        scaler, cfg.train.patience, validated=len(splits.get("val", [])) > 0)
         done = start >= cfg.train.epochs or tracker["stopped"]
         if not done and dist.is_main():  # a finished run trained on (more epochs, more patience) is unfinished
-            # again: its metrics.json, which marks a finished run, goes until its test is run again
-            (run_dir / "metrics.json").unlink(missing_ok=True)
+            # again: its metrics.json, which marks a finished run, goes until its test is run again, and with it
+            # the test predictions of a best.pt that training may replace (report would show them as this run's)
+            for name in ("metrics.json", "predictions_test.csv"):
+                (run_dir / name).unlink(missing_ok=True)
         if progress and dist.is_main():
             rest = (": testing again" if len(splits.get("test", []))
                     else " and it has no test split: nothing is left to do")
