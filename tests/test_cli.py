@@ -66,6 +66,18 @@ def test_output_read_by_a_closed_pipe_is_no_traceback(args, unbuffered):
     assert proc.stderr == "" and proc.returncode == 141
 
 
+def test_the_command_line_starts_without_torch():
+    """`finescope` (the console script imports finescope.cli, so the package) imported torch, timm and the explain
+    stack before main ran: Ctrl-C in those first seconds printed a traceback of the import (16-70 lines) and ended
+    with -SIGINT, instead of the one line of an interrupted command. The package imports its model and explain API
+    on first use; the command imports torch inside main, where an interruption is caught."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    code = ("import sys, finescope.cli; assert 'torch' not in sys.modules, 'torch imported'; "
+            "from finescope import create_model, explain; assert callable(explain) and 'torch' in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_train_evaluate_predict(cli_run, synthetic_root, tmp_path, capsys):
     assert (cli_run / "metrics.json").is_file()
     assert main(["evaluate", str(cli_run), "--out", str(tmp_path / "m.json"), "--device", "cpu"]) == 0
