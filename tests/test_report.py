@@ -387,6 +387,18 @@ def test_report_of_a_run_reads_the_metrics_beside_a_last_checkpoints_predictions
     assert "Evaluated with --set model.selection_components=grid" in text and "3 of the 12 images leak" in text
 
 
+def test_report_of_a_run_names_the_other_data_its_evaluate_recorded(tmp_path):
+    # report RUN of a run whose predictions are evaluate RUN --set data.root=OTHER's (predictions_all.csv): the
+    # report evaluate wrote says 'all 12 images of OTHER'; written again by `report RUN` it lost the folder, so it
+    # no longer said which data its metrics are of (found in review)
+    run = _single_run(tmp_path / "run", "fusion", [[f"/x/{i}.png", f"g{i // 3}", "a" if i % 2 else "b", "a", 0.6,
+                                                     0.4, ""] for i in range(12)])
+    (run / "predictions_test.csv").rename(run / "predictions_all.csv")
+    (run / "metrics_all.json").write_text(json.dumps({"data_root": "/data/other_hospital", "split_leak": None,
+                                                      "model_overrides": {}}))
+    assert "all 12 images of '/data/other_hospital'" in write_report(run, n_boot=20)[0].read_text()
+
+
 def test_training_curves_mark_whole_epochs_only(monkeypatch):
     """The curves of a 3-epoch run had epochs 1.0, 1.5, ... 3.0 on their x axis, epochs that do not exist (a 1-epoch
     run's, 0.96 to 1.04); the ticks are whole epochs."""

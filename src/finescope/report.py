@@ -185,6 +185,13 @@ def _recorded_overrides(run_dir: Path, split: str) -> dict | None:
     return recorded.get("model_overrides") if isinstance(recorded.get("model_overrides"), dict) else None
 
 
+def _recorded_data_root(run_dir: Path, split: str) -> str | None:
+    """The ``data_root`` that ``evaluate`` recorded in ``metrics_<split>.json`` of a run (the data its predictions
+    are of), or None."""
+    root = (_json_dict(run_dir / f"metrics_{split}.json") or {}).get("data_root")
+    return root if isinstance(root, str) and root else None
+
+
 def _histories(run_dir: Path, is_cv: bool) -> dict[str, dict[str, list[dict]]]:
     """variant -> fold -> epoch rows of history.jsonl."""
     out: dict[str, dict[str, list[dict]]] = {}
@@ -534,7 +541,8 @@ def write_report(run_dir: str | Path, n_boot: int = 1000, predictions: str | Pat
             ``seed`` of its ``config.yaml``, 0 where none; a cv's with the resamples and seed of ``cv.json``).
         predictions: for a run directory, the predictions CSV to report (default ``predictions_test.csv``).
         split: for a run directory, what ``predictions`` hold: the run's ``train``, ``val`` or ``test`` split, or
-            ``all`` images of ``data_root`` (other data), named so in the report.
+            ``all`` images of ``data_root`` (other data), named so in the report (``report RUN`` reads
+            ``data_root`` from the ``metrics_<split>.json`` that evaluate wrote beside the predictions it found).
         out: the report's Markdown file instead of ``run_dir/report.md``; the HTML page and the figure folder
             take its name (``OUT.html``, ``OUT_files/``).
         warning: what is wrong with the run's split (e.g. patients on two sides under today's grouping), shown
@@ -558,6 +566,8 @@ def write_report(run_dir: str | Path, n_boot: int = 1000, predictions: str | Pat
     else:
         csv_path, named, recorded = _single_run_rows(run_dir, predictions, fig_dir)
         split = split if predictions is not None else named  # `report RUN` reports what the CSV it found holds
+        if predictions is None and data_root is None:  # `report RUN`: the data that evaluate recorded beside it
+            data_root = _recorded_data_root(run_dir, recorded)
     summary = (_cv_summary(run_dir, csv_path, n_boot) if is_cv
                else summarize_predictions(csv_path, n_boot=n_boot, seed=_run_seed(run_dir)))
     rows, _ = read_oof_csv(csv_path)
