@@ -466,6 +466,19 @@ def test_checkpoint_from_other_class_list(cli_run, tmp_path, capsys):
     assert "cats" in _one_error_line(capsys)
 
 
+@pytest.mark.parametrize("given", ["a/a_0.png", "config.yaml", "metrics.json"])
+def test_an_image_or_a_runs_file_given_as_the_checkpoint_is_named_so_not_damaged(tmp_path, capsys, given):
+    # predict IMAGE RUN (the arguments swapped) or evaluate RUN/config.yaml said the checkpoint 'could not be read
+    # ... or damaged (a copy cut short?)' and to copy it again or train anew (found in review)
+    root = _folder(tmp_path / "d")
+    (root / "config.yaml").write_text("name: x\n")
+    (root / "metrics.json").write_text("{}")
+    for command in (["predict", str(root / given), str(root)], ["evaluate", str(root / given)]):
+        assert main(command) == 2
+        line = _one_error_line(capsys)
+        assert "damaged" not in line and "not a checkpoint" in line and "a run directory or a .pt" in line
+
+
 def test_pretrained_offline_says_to_pass_weights(tmp_path, capsys, monkeypatch):
     from torchvision.models._api import WeightsEnum
 

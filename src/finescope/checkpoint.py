@@ -88,6 +88,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        if (what := _not_a_checkpoint_kind(path)) is not None:  # the arguments swapped, a run's other file
+            raise FinescopeError(f"'{path}' is {what}, not a checkpoint: the model comes first, a run directory or "
+                                 "a .pt file written by finescope (finescope predict RUN IMAGE..., finescope "
+                                 "evaluate RUN)") from None
         raise FinescopeError(f"checkpoint '{path}' could not be read ({type(e).__name__}): not a finescope checkpoint, "
                              "or damaged (finescope writes whole files; a copy cut short?); pass another checkpoint "
                              "of the run (checkpoints/best.pt or last.pt), copy it again, or train anew") from None
@@ -95,6 +99,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise FinescopeError(f"'{path}' is not a finescope checkpoint (no model/config entries)")
     state["path"] = str(path)
     return state
+
+
+def _not_a_checkpoint_kind(path: Path) -> str | None:
+    """What ``path`` is by its name when that is no checkpoint's (an image, a run's config or results), else None:
+    a checkpoint that cannot be read under another name is named damaged."""
+    from finescope.data.sources import SUPPORTED_EXTENSIONS
+
+    suffix = path.suffix.lower()
+    if suffix in SUPPORTED_EXTENSIONS:
+        return "an image"
+    if suffix in (".yaml", ".yml", ".json", ".jsonl", ".csv", ".tsv", ".md", ".html", ".txt"):
+        return f"a {suffix[1:].upper()} file"
+    return None
 
 
 def rng_state() -> dict[str, Any]:
