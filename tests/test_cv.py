@@ -285,6 +285,23 @@ def test_set_data_test_fraction_is_the_trials_test_fraction(tmp_path):
         load_protocol(path, "", ["data.test_fraction=0.2"], {"folds": 3, "trials": 0})
 
 
+def test_set_model_variant_is_refused_for_the_variants_flag(tmp_path, capsys):
+    """cv --set model.variant=global (the example of cv's own --help for --set) trained global, attention and
+    fusion, the protocol's variants, without a word: each fold's variant is --variants'. It is one line before
+    anything is trained, naming the flag to use (found in review)."""
+    path = tmp_path / "p.yaml"
+    path.write_text(f"data: {{source: folder, root: {tmp_path / 'data'}}}\nprotocol: {{folds: 2}}\n")
+    for flags in ([], ["--variants", "global,fusion"]):
+        assert main(["cv", "--config", str(path), *flags, "--out", str(tmp_path / "cv"), "--set",
+                     "model.variant=attention"]) == 2
+        assert capsys.readouterr().err.startswith("finescope: error: cv trains each variant of --variants (here "
+                                                  "global, ")
+    assert not (tmp_path / "cv").exists()
+    with pytest.raises(SystemExit):
+        main(["cv", "--help"])
+    assert "model.variant" not in capsys.readouterr().out
+
+
 def test_a_test_fraction_flag_under_k_fold_is_said_not_to_be_read(tmp_path):
     """cv --folds 5 --test-fraction 0.2 (or a config whose protocol is k-fold) tested 1/5 of the groups per fold and
     dropped --test-fraction without a word, as it did --set data.test_fraction."""

@@ -187,6 +187,9 @@ def cmd_cv(args: argparse.Namespace) -> int:
     elif args.trials:
         flags["folds"] = 0
     cfg, protocol = load_protocol(args.config, args.profile, args.overrides, flags)
+    if any(item.split("=", 1)[0].strip() == "model.variant" for item in args.overrides):  # each fold's: --variants'
+        raise FinescopeError(f"cv trains each variant of --variants (here {', '.join(protocol.variants)}) and does "
+                             f"not read --set model.variant={cfg.model.variant}; give --variants {cfg.model.variant}")
     out = args.out or f"runs/cv_{cfg.name or Path(args.config).stem}"
     given = [name for name in ("folds", "trials", "test_fraction") if getattr(args, name) is not None]
     if sets_test_fraction(args.overrides) and "test_fraction" not in given:
@@ -349,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(--folds, --trials or --test-fraction that contradict them are refused)")
     p.add_argument("--out", help="cv directory (default runs/cv_<config name>); rerun to resume")
     p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
-    _add_set(p)
+    _add_set(p, "override config keys, one or more, e.g. --set train.epochs=5 model.backbone=resnet18 (the "
+             "variants are --variants')")
     p.set_defaults(func=cmd_cv)
 
     p = sub.add_parser("report", help="write report.md and a self-contained report.html for a cv or run folder")
