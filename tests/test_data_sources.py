@@ -589,6 +589,20 @@ def test_a_csv_path_written_with_backslashes_is_read_with_slashes(tmp_path):
         load_samples(DataConfig(source="csv", root=str(tmp_path / "drive.csv")))
 
 
+def test_a_csv_path_relative_to_the_working_folder_not_the_csvs_says_so(tmp_path, monkeypatch):
+    """A manifest written from a notebook's working folder (paths relative to it) and saved in another folder
+    said only "... does not exist; fix or remove the file, or set data.on_error=skip": skipping would leave out
+    every row. The line now says that relative paths are read from the CSV's folder (found in review)."""
+    tiny_png(tmp_path / "img" / "a.png")
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "m.csv").write_text("path,label,group\nimg/a.png,x,p1\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FinescopeError, match=r"m\.csv' line 2 does not exist: relative paths are read from the "
+                                             r"CSV's folder '.*lists', and 'img/a\.png' names a file in the working "
+                                             r"folder; write the paths relative to the CSV's folder, or absolute"):
+        load_samples(DataConfig(source="csv", root=str(tmp_path / "lists" / "m.csv")))
+
+
 @pytest.mark.parametrize("sep", [";", "\t"])
 def test_a_csv_with_semicolons_or_tabs_is_read_by_its_header(tmp_path, sep):
     """European Excel saves 'CSV UTF-8' with ';' between cells (a BOM and CRLF too), and 'Text' with tabs: such

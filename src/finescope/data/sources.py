@@ -715,6 +715,10 @@ def read_manifest(manifest: Path, cfg: DataConfig) -> _Scan:
                     "does not exist")
             if what == "does not exist" and os.sep == "/" and re.match(r"[A-Za-z]:[\\/]", row["path"]):
                 what += ": it is a Windows path; write it relative to the CSV's folder or as a path on this machine"
+            elif what == "does not exist" and not os.path.isabs(row["path"]) and os.path.isfile(row["path"]):
+                what += (f": relative paths are read from the CSV's folder '{manifest.parent}', and '{row['path']}' "
+                         "names a file in the working folder; write the paths relative to the CSV's folder, or "
+                         "absolute")
             reason = f"image '{item.path}' listed in CSV manifest '{manifest}' line {line} {what}"
             _skip_or_raise(cfg, item.path, reason, skipped)
             continue
