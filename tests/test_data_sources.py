@@ -325,6 +325,20 @@ def test_folder_empty_class_and_no_class_folders(tmp_path):
         load_samples(DataConfig(source="folder", root=str(tmp_path / "flat")))
 
 
+@pytest.mark.parametrize("sides", [("train", "test"), ("Train", "Validation", "Test")])
+def test_folder_whose_class_folders_are_the_sides_of_a_split_says_so(tmp_path, sides):
+    """A dataset shipped as root/train/<class>/... and root/test/<class>/... read with data.root=root gave a model of
+    the classes 'test' and 'train', without a word (found in review): it is one line naming the folder to read."""
+    for side in sides:
+        for c in ("benign", "malignant"):
+            tiny_png(tmp_path / side / c / f"{side}_{c}.png")
+    with pytest.raises(FinescopeError, match=rf"data.root '{re.escape(str(tmp_path))}' holds the folders "
+                                             rf"{', '.join(sorted(sides))}, the sides of a split, not classes; point "
+                                             rf"data.root at the folder whose sub-folders are the classes, e.g. "
+                                             rf"{re.escape(str(tmp_path / sides[0]))} "):
+        load_samples(DataConfig(source="folder", root=str(tmp_path)))
+
+
 # ----------------------------------------------------------------------------------------------------- csv
 
 

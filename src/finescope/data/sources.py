@@ -504,6 +504,14 @@ def _scan_folder(cfg: DataConfig) -> _Scan:
         raise FinescopeError(
             f"data.root '{root}' has no class sub-folders; data.source=folder expects root/<class>/<image>"
         )
+    sides = {c: SPLIT_SPELLINGS.get(c.lower(), c.lower()) for c in classes}
+    if len(classes) > 1 and all(side in SPLIT_NAMES for side in sides.values()):
+        train = next((c for c in classes if sides[c] == "train"), classes[0])
+        raise FinescopeError(  # root/train/<class>/..., root/test/<class>/...: a model of 'train' against 'test'
+            f"data.root '{root}' holds the folders {', '.join(classes)}, the sides of a split, not classes; point "
+            f"data.root at the folder whose sub-folders are the classes, e.g. {root / train} (and evaluate the "
+            "run on another side with finescope evaluate RUN --set data.root=...), or list the images with their "
+            "side in a CSV manifest's split column (data.source=csv)")
     found, skipped, any_given, direct = [], [], False, 0
     for name in classes:
         for path in find_images(root / name):
