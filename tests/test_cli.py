@@ -988,6 +988,28 @@ def test_resume_needs_no_initial_weights_file(tmp_path, capsys):
     assert len((tmp_path / "r" / "history.jsonl").read_text().splitlines()) == 2
 
 
+def test_a_runs_config_trains_again_from_any_folder(tmp_path, monkeypatch, capsys):
+    """config.yaml stored model.weights as given, relative to the folder the run was started in (data.root was
+    stored absolute): train --config RUN/config.yaml --out NEW, which the README gives for the run's settings,
+    stopped at 'model.weights file ... not found' from any other folder. A resume from the first folder with the
+    relative path is still the same config."""
+    import torch
+
+    from finescope.models import create_backbone
+
+    (tmp_path / "w").mkdir()
+    torch.save(create_backbone("tiny").trunk.state_dict(), tmp_path / "w" / "tiny.pt")
+    root = _folder(tmp_path / "d", n=4)
+    args = _train_args(root, tmp_path, "model.weights=tiny.pt")
+    args[2] = str(Path(__file__).resolve().parents[1] / args[2])  # configs/demo.yaml
+    monkeypatch.chdir(tmp_path / "w")
+    assert main(args) == 0
+    monkeypatch.chdir(tmp_path / "d")
+    assert main(["train", "--config", str(tmp_path / "r" / "config.yaml"), "--out", str(tmp_path / "r2"), "--quiet"]) == 0
+    monkeypatch.chdir(tmp_path / "w")
+    assert main([*args, "train.epochs=2", "--resume"]) == 0
+
+
 def test_train_out_that_is_a_file(tmp_path, capsys):
     (tmp_path / "r").write_text("notes")
     assert main(_train_args(_folder(tmp_path / "d"), tmp_path)) == 2

@@ -569,7 +569,8 @@ def _check_resume_config(run_dir: Path, cfg: Config) -> dict:
         raise FinescopeError(f"--resume: '{last}' cannot be read (a copy cut short?); copy it back from where it "
                              f"came{instead}, or start a new run with another --out") from None
     try:  # as trained: today's form of its values (amp: true is bf16), keys added since at their old behaviour
-        old = to_dict(load_config(base=stored_config(state["config"])))
+        # model.weights and data.splits of a run stored before they were absolute: from the working folder
+        old = to_dict(_files_absolute(load_config(base=stored_config(state["config"]))))
     except FinescopeError as e:
         raise FinescopeError(f"--resume: the config stored in '{last}' does not load here ({e}); was it written "
                              "by another finescope version?") from None
@@ -776,6 +777,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
         cfg = replace(cfg, data=replace(cfg.data, root=_absolute(cfg.data.root)))
     # settings the processes cannot run are refused before any file is written
     _check_same_config(cfg)
+    cfg = _files_absolute(cfg)  # after the check: each machine's working folder may differ
     dist.per_rank_batch(cfg.train.batch_size)
     dist.check_sync_bn(cfg.train.sync_bn, resolve_device(cfg.train.device))
     check_compile(cfg.train.compile)
@@ -1227,6 +1229,13 @@ def model_overrides(cfg: Config, state: dict) -> dict:
 def overrides_text(overrides: dict) -> str:
     """``model.threshold=0.95 model.num_crops=2``: :func:`model_overrides` as ``--set`` takes them."""
     return " ".join(f"{k}={v}" for k, v in overrides.items())
+
+
+def _files_absolute(cfg: Config) -> Config:
+    """``cfg`` with ``model.weights`` and ``data.splits`` (files read from the working folder) absolute, as
+    ``data.root`` is stored, so that ``train --config RUN/config.yaml`` starts from them in any folder."""
+    return replace(cfg, model=replace(cfg.model, weights=cfg.model.weights and _absolute(cfg.model.weights)),
+                   data=replace(cfg.data, splits=cfg.data.splits and _absolute(cfg.data.splits)))
 
 
 def _absolute(root: str) -> str:
