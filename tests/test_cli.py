@@ -460,6 +460,39 @@ def test_weights_that_do_not_fit(tmp_path, capsys):
     assert "does not fit backbone 'resnet18'" in _one_error_line(capsys)
 
 
+def test_train_fine_tunes_from_a_run_of_other_classes(cli_run, tmp_path, capsys, monkeypatch):
+    """model.weights=RUN starts the new run's backbone from the run's trained one (it was refused as 'a finescope
+    checkpoint'), for another class count; the heads are new. A resume reads last.pt, not the earlier run."""
+    import copy
+    import shutil
+
+    from finescope import trainer
+    from finescope.checkpoint import load_checkpoint
+
+    (tmp_path / "src" / "checkpoints").mkdir(parents=True)
+    shutil.copy(cli_run / "checkpoints" / "best.pt", tmp_path / "src" / "checkpoints" / "best.pt")
+    built, build = [], trainer.build_model
+    monkeypatch.setattr(trainer, "build_model", lambda *a: built.append(copy.deepcopy(m := build(*a))) or m)
+    root = _folder(tmp_path / "d", classes=("x", "y", "z"), n=4)
+    assert main(_train_args(root, tmp_path, f"model.weights={tmp_path / 'src'}")) == 0
+    trained, start = load_checkpoint(cli_run)["model"], built[0].state_dict()  # step 0 of the new run
+    keys = [k for k in trained if k.startswith("backbone.")]
+    assert keys and all(torch.equal(start[k], trained[k]) for k in keys)
+    assert load_checkpoint(tmp_path / "r")["class_names"] == ["x", "y", "z"]
+    shutil.rmtree(tmp_path / "src")  # moved, or on another machine
+    assert main(_train_args(root, tmp_path, f"model.weights={tmp_path / 'src'}", "train.epochs=2") + ["--resume"]) == 0
+
+
+def test_fine_tuning_from_a_run_of_another_backbone_or_a_damaged_one(cli_run, tmp_path, capsys):
+    root = _folder(tmp_path / "d")
+    assert main(_train_args(root, tmp_path, "model.backbone=mobilenet_v2", f"model.weights={cli_run}")) == 2
+    line = _one_error_line(capsys)
+    assert "backbone 'tiny'" in line and "'mobilenet_v2'" in line
+    (tmp_path / "cut.pt").write_bytes((cli_run / "checkpoints" / "best.pt").read_bytes()[:5000])
+    assert main(_train_args(root, tmp_path, f"model.weights={tmp_path / 'cut.pt'}")) == 2
+    assert "cut.pt' could not be read" in (line := _one_error_line(capsys)) and "damaged" in line
+
+
 def test_checkpoint_from_other_class_list(cli_run, tmp_path, capsys):
     root = _folder(tmp_path / "d", classes=("cats", "dogs"))
     assert main(["evaluate", str(cli_run), "--device", "cpu", "--set", "data.source=folder", f"data.root={root}"]) == 2

@@ -245,11 +245,77 @@ def test_weights_that_do_not_fit(tmp_path):
         create_backbone("resnet18", weights=str(tmp_path / "r18_trunk.pt"))
     with pytest.raises(FinescopeError, match="not found"):
         create_backbone("resnet18", weights=str(tmp_path / "missing.pt"))
-    with pytest.raises(FinescopeError, match="is a folder; pass the path of a saved state dict file"):
+    with pytest.raises(FinescopeError, match="is a folder without a finescope run"):
         create_backbone("resnet18", weights=str(tmp_path))
-    torch.save({"model": {}, "config": {}, "class_names": ["a", "b"]}, tmp_path / "best.pt")  # a finescope run's
-    with pytest.raises(FinescopeError, match="is a finescope checkpoint; model.weights takes a backbone's state dict"):
-        create_backbone("resnet18", weights=str(tmp_path / "best.pt"))
+
+
+def _run_of(tmp_path, backbone: str = "tiny", depthwise_swapped: bool = False):
+    """A finescope run folder whose checkpoints/best.pt holds a binary fusion model of ``backbone`` whose every
+    tensor is moved off any fresh initialisation; and that model."""
+    from finescope.checkpoint import save_checkpoint
+    from finescope.config import Config, resolved_dict
+
+    cfg = replace(Config(), model=ModelConfig(backbone=backbone, global_size=64, local_size=48))
+    net = create_model(cfg.model, 2)
+    if depthwise_swapped:  # train.cudnn_depthwise: false swaps the modules' classes, not their state
+        assert backbones.depthwise_without_cudnn(net) > 0
+    with torch.no_grad():
+        for t in net.state_dict().values():
+            if t.is_floating_point():
+                t.add_(0.25)
+    save_checkpoint({"model": net.state_dict(), "config": resolved_dict(cfg), "class_names": ["b", "m"], "epoch": 3},
+                    tmp_path / "run" / "checkpoints" / "best.pt")
+    return tmp_path / "run", net
+
+
+@pytest.mark.parametrize("given", ["run", "run/checkpoints/best.pt"])
+def test_weights_of_a_run_start_the_backbone_as_trained_and_fresh_heads(tmp_path, given):
+    """model.weights=RUN (or its best.pt) fine-tunes from an earlier run: its trained backbone (BatchNorm
+    statistics too), for any class count; the attention and the classifiers are new, and a separate crop
+    backbone starts from the same trained backbone. A finescope checkpoint was refused before."""
+    _, trained = _run_of(tmp_path)
+    cfg = ModelConfig(backbone="tiny", weights=str(tmp_path / given), global_size=64, local_size=48,
+                      crop_backbone="separate")
+    net = create_model(cfg, 8)
+    own, old = net.state_dict(), trained.state_dict()
+    backbone_keys = [k for k in old if k.startswith("backbone.")]
+    assert backbone_keys and all(torch.equal(own[k], old[k]) for k in backbone_keys)
+    assert all(torch.equal(own["crop_" + k], old[k]) for k in backbone_keys)
+    heads = [k for k in old if not k.startswith("backbone.") and own[k].is_floating_point()]
+    assert heads and not any(own[k].shape == old[k].shape and torch.equal(own[k], old[k]) for k in heads)
+    assert net(torch.rand(2, 3, 64, 64)).logits.shape == (2, 8)
+
+
+def test_weights_of_a_run_of_another_backbone_are_refused_in_one_line(tmp_path):
+    run, _ = _run_of(tmp_path)
+    with pytest.raises(FinescopeError) as caught:
+        create_backbone("resnet18", weights=str(run))
+    line = str(caught.value)
+    assert "\n" not in line and "backbone 'tiny'" in line and "'resnet18'" in line
+    assert "model.backbone=tiny" in line
+
+
+def test_weights_of_a_run_trained_with_depthwise_convolutions_without_cudnn(tmp_path):
+    """train.cudnn_depthwise: false swaps the depthwise convolutions' classes in place; the run's state dict keys
+    are the torchvision ones, and a new run (with cuDNN or without) starts from them."""
+    run, trained = _run_of(tmp_path, "mobilenet_v2", depthwise_swapped=True)
+    backbone = create_backbone("mobilenet_v2", weights=str(run / "checkpoints" / "best.pt"))
+    old = {k.removeprefix("backbone."): v for k, v in trained.state_dict().items() if k.startswith("backbone.")}
+    assert all(torch.equal(v, old[k]) for k, v in backbone.state_dict().items())
+
+
+def test_weights_of_a_damaged_or_missing_run_checkpoint(tmp_path):
+    run, _ = _run_of(tmp_path)
+    best = run / "checkpoints" / "best.pt"
+    best.write_bytes(best.read_bytes()[:2000])  # a copy cut short
+    for given in (run, best):
+        with pytest.raises(FinescopeError, match=f"model.weights file '{best}' could not be read.*damaged") as caught:
+            create_backbone("tiny", weights=str(given))
+        assert "\n" not in str(caught.value)
+    (run / "checkpoints" / "last.pt").write_bytes(b"")
+    best.unlink()
+    with pytest.raises(FinescopeError, match="is a folder without a finescope run .*checkpoints/best.pt"):
+        create_backbone("tiny", weights=str(run))
 
 
 def test_weights_that_are_no_torch_file_are_one_line_that_ends_in_its_advice(tmp_path):
@@ -259,8 +325,8 @@ def test_weights_that_are_no_torch_file_are_one_line_that_ends_in_its_advice(tmp
     with pytest.raises(FinescopeError) as caught:
         create_backbone("resnet18", weights=str(tmp_path / "README.md"))
     line = str(caught.value)
-    reason = line.split(" could not be read as a state dict (", 1)[1].rsplit("); pass a file saved", 1)[0]
-    assert "\n" not in line and line.endswith("pass a file saved with torch.save(model.state_dict())")
+    reason = line.split(" could not be read as a state dict (", 1)[1].rsplit("): not written by torch.save", 1)[0]
+    assert "\n" not in line and line.endswith("pass a file saved with torch.save(model.state_dict()), or a finescope run")
     assert len(reason) <= 160 and (reason.endswith(" …") or len(reason) < 120), reason  # cut after a word, marked
 
 

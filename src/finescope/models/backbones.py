@@ -366,9 +366,15 @@ def _clean_state_dict(state: dict, drop_prefixes: tuple[str, ...]) -> dict:
 
 
 def _read_state_dict(path: str) -> dict:
+    """The contents of ``model.weights``: a state dict file, or a finescope checkpoint (a run folder reads its
+    ``checkpoints/best.pt``)."""
     p = Path(path)
     if p.is_dir():
-        raise FinescopeError(f"model.weights '{path}' is a folder; pass the path of a saved state dict file")
+        found = [c for c in (p / "checkpoints" / "best.pt", p / "best.pt") if c.is_file()]
+        if not found:
+            raise FinescopeError(f"model.weights '{path}' is a folder without a finescope run (no checkpoints/best.pt "
+                                 "in it); pass a run folder, a checkpoint .pt or a backbone's state dict file")
+        p, path = found[0], str(found[0])
     if not p.is_file():
         raise FinescopeError(f"model.weights file '{path}' not found; pass the path of a saved state dict")
     try:
@@ -377,22 +383,52 @@ def _read_state_dict(path: str) -> dict:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         reason = textwrap.shorten(reason, 120, placeholder=" …")  # at a word: torch's first line runs long
         raise FinescopeError(f"model.weights file '{path}' could not be read as a state dict ({type(e).__name__}: "
-                             f"{reason}); pass a file saved with torch.save(model.state_dict())") from None
+                             f"{reason}): not written by torch.save, or damaged (a copy cut short?); pass a file "
+                             "saved with torch.save(model.state_dict()), or a finescope run") from None
     if not isinstance(state, dict):
         raise FinescopeError(f"model.weights file '{path}' does not hold a state dict (got {type(state).__name__})")
-    if "config" in state and "class_names" in state:  # a whole finescope model, not a backbone's weights
-        raise FinescopeError(f"model.weights file '{path}' is a finescope checkpoint; model.weights takes a backbone's "
-                             "state dict (torchvision or timm key layout), e.g. ImageNet weights")
     return state
 
 
-def load_weights_into(model: nn.Module, path: str, drop_prefixes: tuple[str, ...], backbone: str) -> None:
-    """Load a local state dict into ``model``; every non-classifier key must match exactly.
+def _is_checkpoint(state: dict) -> bool:
+    """Whether ``state`` is a finescope checkpoint (a whole model, its config and classes) rather than a
+    backbone's state dict."""
+    return "config" in state and "class_names" in state
+
+
+def _trained_backbone(name: str, state: dict, path: str) -> Backbone:
+    """Backbone ``name`` with the trained backbone of finescope checkpoint ``state`` (read from ``path``): its
+    ``backbone.*`` tensors, BatchNorm statistics included; the global view's backbone where a run read its crops
+    with a separate one. Never folded: training checkpoints hold the model as trained."""
+    config = state["config"] if isinstance(state["config"], dict) else {}
+    trained = (config.get("model") or {}).get("backbone")
+    weights = state.get("model")
+    if not isinstance(trained, str) or not isinstance(weights, dict):
+        raise FinescopeError(f"model.weights '{path}' is not a finescope model (no backbone in its config, or no "
+                             "weights); pass a run folder or a checkpoint .pt written by finescope train")
+    if trained.removeprefix("timm:") != name.removeprefix("timm:"):
+        raise FinescopeError(f"model.weights '{path}' is a run of backbone '{trained}', not of model.backbone "
+                             f"'{name}'; set model.backbone={trained} to fine-tune from it, or pass weights "
+                             f"saved for '{name}'")
+    backbone = create_backbone(name)  # no download: every tensor comes from the run
+    own = {k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")}
+    try:
+        backbone.load_state_dict(own)
+    except RuntimeError as e:  # a timm version that names or shapes the layers otherwise
+        hint = " ".join(str(e).split("\n", 1)[-1].split())[:160]
+        raise FinescopeError(f"model.weights '{path}' does not fit backbone '{name}': {hint}") from None
+    return backbone
+
+
+def load_weights_into(model: nn.Module, state: dict, path: str, drop_prefixes: tuple[str, ...],
+                      backbone: str) -> None:
+    """Load ``state``, the state dict read from ``path``, into ``model``; every non-classifier key must match
+    exactly.
 
     Raises:
         FinescopeError: listing missing / unexpected keys or mismatched shapes.
     """
-    state = _clean_state_dict(_read_state_dict(path), drop_prefixes)
+    state = _clean_state_dict(state, drop_prefixes)
     own = {k: v for k, v in model.state_dict().items() if not k.startswith(drop_prefixes)}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -451,11 +487,11 @@ def _hub_offline() -> contextlib.AbstractContextManager:
     return mock.patch.object(constants, "HF_HUB_OFFLINE", True)
 
 
-def _torchvision_backbone(name: str, weights: str, pretrained: bool) -> Backbone:
+def _torchvision_backbone(name: str, weights: str, pretrained: bool, state: dict | None) -> Backbone:
     ctor_name, trunk_attr, drop = _TORCHVISION[name]
     model = getattr(torchvision.models, ctor_name)(weights=None)
-    if weights:
-        load_weights_into(model, weights, drop, name)
+    if state is not None:
+        load_weights_into(model, state, weights, drop, name)
     elif pretrained:
         tv_weights = torchvision.models.get_model_weights(ctor_name).DEFAULT
         url = urllib.parse.urlsplit(tv_weights.url)
@@ -485,7 +521,7 @@ def _probe_channels(trunk: nn.Module) -> int:
     return int(out.shape[1])
 
 
-def _timm_backbone(name: str, weights: str, pretrained: bool) -> Backbone:
+def _timm_backbone(name: str, weights: str, pretrained: bool, state: dict | None) -> Backbone:
     try:
         import timm
     except ImportError:
@@ -510,10 +546,10 @@ def _timm_backbone(name: str, weights: str, pretrained: bool) -> Backbone:
             raise _download_failed(name, e) from None
         raise FinescopeError(f"timm could not build backbone '{name}': {e}") from None
     _check_feature_map(model, name)
-    if weights:
+    if state is not None:
         classifier = model.pretrained_cfg.get("classifier", "head")
         heads = classifier if isinstance(classifier, (list, tuple)) else (classifier,)
-        load_weights_into(model, weights, tuple(h + "." for h in heads), name)
+        load_weights_into(model, state, weights, tuple(h + "." for h in heads), name)
     return Backbone(_TimmTrunk(model), int(model.num_features), name)
 
 
@@ -542,22 +578,25 @@ def create_backbone(name: str, weights: str = "", pretrained: bool = False) -> B
 
     Args:
         name: a torchvision name (see :func:`list_backbones`), ``tiny``, or a timm model (``timm:NAME`` or NAME).
-        weights: path to a local state dict in torchvision or timm key layout (classifier keys ignored).
-        pretrained: download the library's ImageNet weights (needs a network).
+        weights: path to a local state dict in torchvision or timm key layout (classifier keys ignored), or to a
+            finescope run of backbone ``name`` (its folder or a checkpoint .pt), whose trained backbone it takes.
+        pretrained: download the library's ImageNet weights (needs a network); ``weights`` replace them.
 
     Returns:
         A :class:`Backbone` mapping (B, 3, H, W) to (B, C, h, w).
     """
+    state = _read_state_dict(weights) if weights else None
+    if state is not None and _is_checkpoint(state):
+        return _trained_backbone(name, state, weights)
     builders: dict[str, Callable[[], Backbone]] = {"tiny": tiny_cnn}
     if name in builders:
         if pretrained and not weights:  # silently training from random weights would not be what was asked
             raise FinescopeError(f"backbone '{name}' has no pretrained weights (it is for tests); set "
                                  "model.pretrained=false, or choose a torchvision or timm backbone")
-        if weights:
-            backbone = builders[name]()
-            load_weights_into(backbone.trunk, weights, (), name)
-            return backbone
-        return builders[name]()
+        backbone = builders[name]()
+        if state is not None:
+            load_weights_into(backbone.trunk, state, weights, (), name)
+        return backbone
     if name in _TORCHVISION:
-        return _torchvision_backbone(name, weights, pretrained)
-    return _timm_backbone(name.removeprefix("timm:"), weights, pretrained)
+        return _torchvision_backbone(name, weights, pretrained, state)
+    return _timm_backbone(name.removeprefix("timm:"), weights, pretrained, state)
