@@ -72,7 +72,7 @@ class ModelConfig:
 
     variant: str = "fusion"  # global | global-hires | attention | fusion | fusion-nogate
     backbone: str = "resnet18"
-    weights: str = ""  # path to a local state dict (torchvision or timm key layout)
+    weights: str = ""  # a local state dict (torchvision or timm key layout), or a finescope run: its backbone
     pretrained: bool = False  # download the library's ImageNet weights (needs a network)
     global_size: int = 224  # short side of the global view
     view_multiple: int = 1  # the view's long side rounded to a multiple of this (e.g. 32): images of many sizes
