@@ -295,6 +295,19 @@ def test_weights_of_a_run_of_another_backbone_are_refused_in_one_line(tmp_path):
     assert "model.backbone=tiny" in line
 
 
+def test_weights_of_a_timm_run_name_it_with_or_without_its_prefix(tmp_path):
+    """timm:NAME and NAME are one timm backbone, unless NAME is a torchvision one: a run of timm:resnet18 is no
+    run of resnet18 (torchvision's, another key layout), and is refused as another backbone."""
+    pytest.importorskip("timm")
+    run, trained = _run_of(tmp_path, "timm:test_resnet")
+    backbone = create_backbone("test_resnet", weights=str(run))
+    assert torch.equal(backbone.state_dict()["trunk.model.conv1.0.weight"],
+                       trained.state_dict()["backbone.trunk.model.conv1.0.weight"])
+    run, _ = _run_of(tmp_path / "r18", "timm:resnet18")
+    with pytest.raises(FinescopeError, match="is a run of backbone 'timm:resnet18', not of model.backbone 'resnet18'"):
+        create_backbone("resnet18", weights=str(run))
+
+
 def test_weights_of_a_run_trained_with_depthwise_convolutions_without_cudnn(tmp_path):
     """train.cudnn_depthwise: false swaps the depthwise convolutions' classes in place; the run's state dict keys
     are the torchvision ones, and a new run (with cuDNN or without) starts from them."""

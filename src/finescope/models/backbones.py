@@ -396,6 +396,12 @@ def _is_checkpoint(state: dict) -> bool:
     return "config" in state and "class_names" in state
 
 
+def _builder_name(name: str) -> str:
+    """The backbone ``name`` builds: ``timm:NAME`` and ``NAME`` are one timm model, unless NAME is built in
+    (``resnet18`` is torchvision's, ``timm:resnet18`` timm's)."""
+    return name if name in _TORCHVISION or name == "tiny" else "timm:" + name.removeprefix("timm:")
+
+
 def _trained_backbone(name: str, state: dict, path: str) -> Backbone:
     """Backbone ``name`` with the trained backbone of finescope checkpoint ``state`` (read from ``path``): its
     ``backbone.*`` tensors, BatchNorm statistics included; the global view's backbone where a run read its crops
@@ -406,7 +412,7 @@ def _trained_backbone(name: str, state: dict, path: str) -> Backbone:
     if not isinstance(trained, str) or not isinstance(weights, dict):
         raise FinescopeError(f"model.weights '{path}' is not a finescope model (no backbone in its config, or no "
                              "weights); pass a run folder or a checkpoint .pt written by finescope train")
-    if trained.removeprefix("timm:") != name.removeprefix("timm:"):
+    if _builder_name(trained) != _builder_name(name):
         raise FinescopeError(f"model.weights '{path}' is a run of backbone '{trained}', not of model.backbone "
                              f"'{name}'; set model.backbone={trained} to fine-tune from it, or pass weights "
                              f"saved for '{name}'")
