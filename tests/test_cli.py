@@ -493,6 +493,23 @@ def test_fine_tuning_from_a_run_of_another_backbone_or_a_damaged_one(cli_run, tm
     assert "cut.pt' could not be read" in (line := _one_error_line(capsys)) and "damaged" in line
 
 
+def test_fine_tuning_on_patients_the_earlier_run_trained_on_says_so(tmp_path, capsys):
+    """A run fine-tuned from an earlier one on the same data with a split drawn anew (the README's binary ->
+    subtype example) tested on patients the backbone had trained on, without a word; reusing the earlier run's
+    split (data.splits, as the warning says) leaves none of them on the test side."""
+    root = _folder(tmp_path / "d", n=6)
+    first = ["--out", str(tmp_path / "a")]
+    assert main(_train_args(root, tmp_path)[:3] + first + _train_args(root, tmp_path)[5:]) == 0
+    capsys.readouterr()
+    assert main(_train_args(root, tmp_path, f"model.weights={tmp_path / 'a'}", "seed=1")) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "its backbone has seen them" in line]
+    assert len(warned) == 1 and f"data.splits={tmp_path / 'a' / 'splits.json'}" in warned[0]
+    reused = ["--out", str(tmp_path / "b")]
+    assert main(_train_args(root, tmp_path)[:3] + reused + _train_args(
+        root, tmp_path, f"model.weights={tmp_path / 'a'}", f"data.splits={tmp_path / 'a' / 'splits.json'}")[5:]) == 0
+    assert "its backbone has seen them" not in capsys.readouterr().err
+
+
 def test_checkpoint_from_other_class_list(cli_run, tmp_path, capsys):
     root = _folder(tmp_path / "d", classes=("cats", "dogs"))
     assert main(["evaluate", str(cli_run), "--device", "cpu", "--set", "data.source=folder", f"data.root={root}"]) == 2

@@ -66,6 +66,7 @@ from finescope.data.sources import check_outside_data, in_class_order
 from finescope.data.splits import (
     listed_digests,
     own_split_leak,
+    seen_groups,
     split_digest,
     split_digests,
     stored_class_names,
@@ -357,6 +358,29 @@ def resolve_splits(cfg: Config, sample_set: SampleSet, run_dir: Path, resume: bo
         for message in thin_split_warnings(splits, sample_set, cfg, drawn):
             warnings.warn(message, FinescopeWarning, stacklevel=2)
     return splits
+
+
+def fine_tune_leak(cfg: Config, splits: dict[str, np.ndarray], sample_set: SampleSet) -> str | None:
+    """The warning for a run fine-tuned from an earlier one (``model.weights=RUN``) whose test side holds patients
+    that run trained or validated on (by its ``splits.json``: :func:`seen_groups`): its backbone has seen them, so
+    the test metrics are not those of unseen patients. None when there are none, or when ``model.weights`` is no
+    run."""
+    weights = Path(cfg.model.weights) if cfg.model.weights else None
+    if weights is None:
+        return None
+    run = weights if weights.is_dir() else run_dir_of({"path": weights})
+    if not (run / "splits.json").is_file() or not (run / "checkpoints").is_dir():
+        return None
+    seen = seen_groups(run / "splits.json", sample_set)
+    held = [i for i in np.asarray(splits.get("test", []), dtype=np.int64).tolist()
+            if sample_set.samples[i].group in seen]
+    if not held:
+        return None
+    groups = {sample_set.samples[i].group for i in held}
+    return (f"model.weights '{cfg.model.weights}' is a run that trained or validated on {len(groups)} of the groups "
+            f"(patients) on this run's test side ({len(held)} of its {len(splits['test'])} images, by that run's "
+            "splits.json): its backbone has seen them, so the test metrics are not those of unseen patients; reuse "
+            f"its split with data.splits={run / 'splits.json'}")
 
 
 _WARNED_DARK: set[tuple[str, int]] = set()  # (data root, data.bit_depth) warned about in this process (cv: once)
@@ -852,6 +876,8 @@ def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool) -> 
                              "it, changed since): restore splits.json, or point data.root at the data this run was "
                              "trained on")
     if dist.is_main() and (message := dark_images_warning(cfg, sample_set, splits["train"])):
+        warnings.warn(message, FinescopeWarning, stacklevel=2)
+    if dist.is_main() and not resume and (message := fine_tune_leak(cfg, splits, sample_set)):
         warnings.warn(message, FinescopeWarning, stacklevel=2)
     model = build_model(checkpoint_model_config(cfg) if resume else cfg, len(sample_set.class_names), device)
     if model.use_attention and model.image_feature == "avg" and model.select_from == "attention" and dist.is_main():

@@ -483,13 +483,25 @@ def own_split_leak(splits: dict[str, np.ndarray], sample_set: SampleSet) -> str 
 
 def trained_on(path: str | Path, sample_set: SampleSet) -> str | None:
     """What of ``sample_set`` (data evaluated whole) a run trained or validated on, by its splits file ``path``:
-    the images at the relative path of one on its train or val side (also under a root one folder above or below
-    the run's, and a manifest's images outside its folder moved since, as :func:`load_splits` finds them), and
-    every image of their groups (the patient's other images); None when there are none."""
+    the images of :func:`seen_groups`; None when there are none."""
+    groups = seen_groups(path, sample_set)
+    hits = [s.path for s in sample_set.samples if s.group in groups]
+    if not hits:
+        return None
+    return (f"{len(hits)} of the {len(sample_set)} images evaluated are of {len(groups)} groups (patients) with images "
+            f"at the path of ones the run trained or validated on (its splits.json), e.g. '{hits[0]}': if they are "
+            "the same patients, these metrics are not those of unseen ones; leave them out of the data, or evaluate "
+            "the run's test split")
+
+
+def seen_groups(path: str | Path, sample_set: SampleSet) -> set[str]:
+    """The groups (patients) of ``sample_set`` with an image at the relative path of one on the train or val side
+    of a run's splits file ``path`` (also under a root one folder above or below the run's, and a manifest's images
+    outside its folder moved since, as :func:`load_splits` finds them); empty when the file cannot be read."""
     try:
         lists = _read_split_lists(Path(path), own=True)
     except FinescopeError:
-        return None
+        return set()
     seen = {_key(p) for side in ("train", "val") for p in lists.get(side, [])}
     tails = {p.split("/", i)[-1] for p in seen for i in range(1, p.count("/") + 1)}  # a root below the run's
     where = _match(sorted({_key(p) for v in lists.values() for p in v}), sample_set)[0]
@@ -499,15 +511,8 @@ def trained_on(path: str | Path, sample_set: SampleSet) -> str | None:
         parts = rel.split("/")
         return rel in tails or any("/".join(parts[i:]) in seen for i in range(len(parts)))
 
-    groups = {s.group for i, s in enumerate(sample_set.samples)
-              if i in moved or was_seen(_key(_relative(s.path, sample_set.root)))}
-    hits = [s.path for s in sample_set.samples if s.group in groups]
-    if not hits:
-        return None
-    return (f"{len(hits)} of the {len(sample_set)} images evaluated are of {len(groups)} groups (patients) with images "
-            f"at the path of ones the run trained or validated on (its splits.json), e.g. '{hits[0]}': if they are "
-            "the same patients, these metrics are not those of unseen ones; leave them out of the data, or evaluate "
-            "the run's test split")
+    return {s.group for i, s in enumerate(sample_set.samples)
+            if i in moved or was_seen(_key(_relative(s.path, sample_set.root)))}
 
 
 def trained_files(path: str | Path, files: Sequence[str]) -> set[str] | None:
