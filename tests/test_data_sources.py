@@ -265,6 +265,37 @@ def test_folder_patient_sub_folders_are_the_groups(tmp_path, recwarn):
     assert set(by_magnification.groups) == {"40"}
 
 
+def test_folder_groups_that_look_like_no_patients_say_how_to_group_by_patient(tmp_path, recwarn):
+    """data.source=folder on the BreakHis tree at breast/ made 'SOB' (each class's only sub-folder) the one group
+    of every image, and root/<class>/40X/<patient>/... made the magnifications the groups (one patient on two sides
+    of a split): neither said a word at load time. Each now warns in one line how the images are grouped and how
+    to group them by patient."""
+    breast = make_breakhis_tree(tmp_path / "bh") / "BreaKHis_v1/histology_slides/breast"
+    with pytest.warns(FinescopeWarning, match=r"^data\.source=folder groups the images by the first sub-folder below "
+                      r"each class folder, and the group 'SOB' holds the images of 5 BreakHis patients \(4 case "
+                      r"numbers, .*data\.source=breakhis .*data\.group_pattern .*data\.source=csv\)$"):
+        load_samples(DataConfig(source="folder", root=str(breast)))
+    for cls, patients in {"benign": ["P1", "P2"], "malignant": ["P3", "P4"]}.items():
+        for mag in ("40X", "100X"):
+            for p in patients:
+                tiny_png(tmp_path / "mags" / cls / mag / p / "img_1.png")
+        for n in range(20):  # 20 patients' folders in each class's 'images' folder
+            tiny_png(tmp_path / "shared" / cls / "images" / f"{cls}{n}" / "img_1.png")
+    with pytest.warns(FinescopeWarning, match=r"the groups '100X', '40X' read as magnifications, not patients") as w:
+        load_samples(DataConfig(source="folder", root=str(tmp_path / "mags")))
+    assert "breakhis" not in str(w[0].message) and "'^[^/]+/([^/]+)/'" in str(w[0].message)
+    with pytest.warns(FinescopeWarning, match=r"the group 'images' holds every image of class benign and images of "
+                      r"every other class too \(40 images\): a folder such as this is rarely one patient"):
+        load_samples(DataConfig(source="folder", root=str(tmp_path / "shared")))
+    recwarn.clear()  # grouped by patient as the warnings say: no word
+    ss = load_samples(DataConfig(source="folder", root=str(tmp_path / "mags"), group_pattern=r"^[^/]+/([^/]+)/"))
+    assert sorted(set(ss.groups)) == ["P1", "P2", "P3", "P4"]
+    load_samples(DataConfig(source="breakhis", root=str(breast)))
+    load_samples(DataConfig(source="folder", root=str(breast),
+                            group_pattern=r"-(\d+)[A-Z]*-\d+-\d+\.png$"))  # the case number
+    assert not [w for w in recwarn if issubclass(w.category, FinescopeWarning)]
+
+
 def test_folder_without_groups_warns_that_splits_are_image_level(tmp_path):
     for cls in ("a", "b"):
         for n in (1, 2):
@@ -435,14 +466,21 @@ def test_synthetic_reads_generated_manifest(tmp_path, monkeypatch):
     assert len(ss) == 6 and ss.class_names == ["a", "b"]
 
 
+def test_the_demo_set_is_read_without_a_word(synthetic_root, recwarn):
+    cfg = DataConfig(source="synthetic", root=str(synthetic_root), synthetic_per_class=20, synthetic_size=128)
+    assert len(load_samples(cfg)) == 40
+    assert not [w for w in recwarn if issubclass(w.category, FinescopeWarning)]
+
+
 # ------------------------------------------------------------------------------------------------ real data
 
 
 @realdata
 @pytest.mark.realdata
 @pytest.mark.parametrize("task,n_classes", [("binary", 2), ("subtype", 8)])
-def test_real_breakhis(task, n_classes):
+def test_real_breakhis(task, n_classes, recwarn):
     ss = load_samples(DataConfig(source="breakhis", root=str(SHARED_DATA / "breakhis"), task=task))
+    assert not [w for w in recwarn if issubclass(w.category, FinescopeWarning)]
     assert len(ss) == 296 and len(ss.class_names) == n_classes
     assert len({s.meta["patient"] for s in ss.samples}) == 18
     assert len(set(ss.groups)) == 14
@@ -453,9 +491,10 @@ def test_real_breakhis(task, n_classes):
 
 @realdata
 @pytest.mark.realdata
-def test_real_defungi_sources_stay_on_one_side():
+def test_real_defungi_sources_stay_on_one_side(recwarn):
     cfg = DataConfig(source="folder", root=str(SHARED_DATA / "defungi"), group_pattern=r"^H\d+_([^_]+)_")
     ss = load_samples(cfg)
+    assert not [w for w in recwarn if issubclass(w.category, FinescopeWarning)]  # the groups look like patients
     assert ss.class_names == ["H1", "H2", "H3", "H5", "H6"] and len(ss) == 6440
     assert np.bincount(ss.labels).tolist() == [2927, 1829, 567, 580, 537]
     splits = split_groups(ss.labels, ss.groups, 0.3, 0.15, seed=0)

@@ -860,6 +860,41 @@ def test_thin_splits_are_named_before_training():
     assert trainer.thin_split_warnings(splits, data, cfg, drawn=True)[0].startswith("the test split is empty")
 
 
+def test_an_empty_split_from_groups_that_look_like_no_patients_points_at_the_grouping(tmp_path):
+    """data.source=folder on the BreakHis tree at breast/ grouped every image under 'SOB': train said the
+    validation and test sides were empty and to 'Add data', though the data has many patients. The messages now
+    point at the grouping; a class of few groups holding many images each says how it is grouped, and where those
+    are no patients what to set."""
+    from PIL import Image
+
+    from finescope.data import load_samples, split_groups
+
+    def image(path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 6), (90, 40, 160)).save(path)
+
+    for cls, code, patient in (("benign", "A", "22549AB"), ("benign", "F", "29960AB"), ("malignant", "DC", "12312")):
+        image(tmp_path / "bh" / cls / "SOB" / f"{cls[0].upper()}{patient}" / f"SOB_{cls[0].upper()}_{code}-14-"
+              f"{patient}-100-001.png")
+    cfg = load_config(None, ["data.source=folder", f"data.root={tmp_path / 'bh'}"])
+    with pytest.warns(FinescopeWarning, match="the group 'SOB' holds"):
+        data = load_samples(cfg.data)
+    val, test = trainer.thin_split_warnings(split_groups(data.labels, data.groups, 0.3, 0.15, 0), data, cfg, True)
+    assert "the groups look like no patients (see the warning on data.source=folder's groups)" in val
+    assert "Add data" not in val and "Group the images by patient as that warning says" in val
+    assert "the groups look like no patients" in test
+    for cls, patients in {"a": ["P1"], "b": ["P2", "P3"]}.items():  # 25 images per patient folder
+        for p in patients:
+            for n in range(25):
+                image(tmp_path / "few" / cls / p / f"{n}.png")
+    cfg = load_config(None, ["data.source=folder", f"data.root={tmp_path / 'few'}"])
+    data = load_samples(cfg.data)
+    val, _ = trainer.thin_split_warnings(split_groups(data.labels, data.groups, 0.3, 0.15, 0), data, cfg, True)
+    assert ("data.source=folder groups the images by the first sub-folder below each class folder, which gives "
+            "class a 1 group ('P1') for its 25 images; where those are no patients, set data.group_pattern") in val
+    assert "Else add data, or set data.val_fraction=0" in val
+
+
 def test_a_training_split_without_a_class_is_named_before_training():
     """A drawn split deals each group by its majority class: a class whose images all lie in groups mostly of
     another class (z, in patient a1) went to test with them for seed 1, and the model was trained without it

@@ -62,7 +62,7 @@ from finescope.data import (
     split_groups,
 )
 from finescope.data.dataset import aspect_key, leave_sigterm_to_main, shape_order, worker_context
-from finescope.data.sources import check_outside_data, in_class_order
+from finescope.data.sources import check_outside_data, grouping_doubt, in_class_order
 from finescope.data.splits import (
     listed_digests,
     own_split_leak,
@@ -410,7 +410,9 @@ def thin_split_warnings(splits: dict[str, np.ndarray], sample_set: SampleSet, cf
     its fraction asks for one (:func:`~finescope.data.splits.split_groups` gives a class's group to test when
     the class has 2, and to validation when 3 remain after test), a test side that lacks some classes, whose
     metrics then describe the others only, and a validation side of one class under ``train.monitor: auc``,
-    which it cannot measure, or (drawn) one without some trained classes, which early stopping then ignores."""
+    which it cannot measure, or (drawn) one without some trained classes, which early stopping then ignores.
+    An empty side of a ``folder`` source whose groups look like no patients
+    (:func:`~finescope.data.sources.grouping_doubt`) points at the grouping instead of asking for more data."""
     messages = []
     trained = {sample_set.labels[i] for i in np.asarray(splits.get("train", []), dtype=np.int64).tolist()}
     untrained = [name for c, name in enumerate(sample_set.class_names) if c not in trained]
@@ -423,9 +425,15 @@ def thin_split_warnings(splits: dict[str, np.ndarray], sample_set: SampleSet, cf
     n_groups = len(set(map(str, sample_set.groups)))
     too_few = (f"{n_groups} groups for {len(sample_set.class_names)} classes are too few to spare one per class "
                "(grouped splits keep each patient on one side)")
+    add = "Add data"
+    if grouping_doubt(sample_set, cfg.data):  # load_samples warned how the images are grouped and what to do
+        too_few += ": the groups look like no patients (see the warning on data.source=folder's groups)"
+        add = "Group the images by patient as that warning says"
+    elif few := grouping_doubt(sample_set, cfg.data, thin=True):  # few groups of many images: patients or not?
+        too_few, add = f"{too_few}; {few}", "Else add data"
     if drawn and cfg.data.val_fraction > 0 and len(splits.get("val", [])) == 0:
         messages.append(f"the validation split is empty at data.val_fraction={cfg.data.val_fraction}: {too_few}; "
-                        "best.pt will be the last epoch and early stopping is off. Add data, or set "
+                        f"best.pt will be the last epoch and early stopping is off. {add}, or set "
                         "data.val_fraction=0 to train without one")
     test = np.asarray(splits.get("test", []), dtype=np.int64)
     if drawn and cfg.data.test_fraction > 0 and len(test) == 0:

@@ -116,6 +116,8 @@ def load_samples(
                       "patient can sit on both sides of a split, and every patient-level metric is image-level",
                       FinescopeWarning, stacklevel=2)
     sample_set = _to_sample_set(scan, cfg, class_names, require_all_classes)
+    if doubt := grouping_doubt(sample_set, cfg):
+        warnings.warn(doubt, FinescopeWarning, stacklevel=2)
     return merge_duplicate_groups(sample_set) if cfg.merge_duplicates else sample_set
 
 
@@ -551,6 +553,95 @@ def group_below_class(rel: Path, pattern: re.Pattern | None) -> str | None:
     return None
 
 
+MAGNIFICATION_NAME = re.compile(r"\d+(?:\.\d+)?\s*[xX]")  # '40X', '100x', '2.5x': a magnification, not a patient
+FEW_GROUPS, BIG_GROUP = 2, 20  # a class in at most 2 groups of 20 or more images each on average: groups to doubt
+
+
+def grouping_doubt(sample_set: SampleSet, cfg: DataConfig, thin: bool = False) -> str:
+    """Why the groups of a ``folder`` source look like no patients, as one sentence that says how the images are
+    grouped and how to group them by patient; '' when they look right, or for another source.
+
+    Signs: group names that read as magnifications (``root/<class>/40X/<patient>/...``: one patient's images at
+    two magnifications are two groups, which a split puts on two sides); original BreakHis file names of one case
+    number in two groups or of several cases in one (``breast/<class>/SOB/...``: the folder 'SOB' is each class's
+    only group); a class whose images all lie in one group that holds images of every other class too, and
+    :data:`BIG_GROUP` images or more per class (a folder such as 'images' below each class folder). With
+    ``thin`` (a split found too few groups) also a class whose images lie in :data:`FEW_GROUPS` groups or fewer of
+    :data:`BIG_GROUP` images or more each (the sentence then says where those are no patients).
+    """
+    if cfg.source != "folder" or not sample_set.samples:
+        return ""
+    images: dict[str, int] = {}
+    classes: dict[str, set[int]] = {}
+    for s in sample_set.samples:
+        images[s.group] = images.get(s.group, 0) + 1
+        classes.setdefault(s.group, set()).add(s.label)
+    how = (f"data.group_pattern {cfg.group_pattern!r}" if cfg.group_pattern else
+           "the first sub-folder below each class folder")
+    names = [f"'{g}'" for g in sorted(images) if MAGNIFICATION_NAME.fullmatch(g)]
+    breakhis = _breakhis_doubt(sample_set)
+    by_class = {c: sorted(g for g, cs in classes.items() if c in cs) for c in range(len(sample_set.class_names))}
+    k = len(sample_set.class_names)
+    shared = [(c, gs[0]) for c, gs in by_class.items()  # one group, of every class, 20+ images per class
+              if len(gs) == 1 and k > 1 and len(classes[gs[0]]) == k and images[gs[0]] >= BIG_GROUP * k]
+    if names:
+        why = (f"the groups {', '.join(names[:4])} read as magnifications, not patients: one patient's images at two "
+               "magnifications are two groups, which a split puts on two sides")
+    elif breakhis:
+        why = breakhis
+    elif shared:
+        c, g = shared[0]
+        why = (f"the group '{g}' holds every image of class {sample_set.class_names[c]} and images of every other "
+               f"class too ({images[g]} images): a folder such as this is rarely one patient, and a split finds too "
+               "few groups")
+    elif thin and (few := [(c, gs) for c, gs in by_class.items() if 0 < len(gs) <= FEW_GROUPS
+                           and sum(images[g] for g in gs) >= BIG_GROUP * len(gs)]):
+        c, gs = few[0]
+        n = sum(1 for s in sample_set.samples if s.label == c)
+        return (f"data.source=folder groups the images by {how}, which gives class {sample_set.class_names[c]} "
+                f"{len(gs)} group{'s' if len(gs) > 1 else ''} ({', '.join(repr(g) for g in gs)}) for its {n} "
+                f"images; where those are no patients, {GROUPING_FIX}")
+    else:
+        return ""
+    advice = ("read them with data.source=breakhis (the same data.root: it reads class, patient and magnification "
+              "from the file names and groups by the patient's case number), or " if breakhis or
+              _breakhis_names(sample_set) else "")
+    return f"data.source=folder groups the images by {how}, and {why}; group them by patient: {advice}{GROUPING_FIX}"
+
+
+GROUPING_FIX = ("set data.group_pattern to a regex whose first capture group is the patient id (searched in the file "
+                "name, then in the path below the class folder, e.g. '^[^/]+/([^/]+)/' for <class>/40X/<patient>/...), "
+                "or list the images with a group or patient column in a CSV manifest (data.source=csv)")
+
+
+def _breakhis_names(sample_set: SampleSet) -> bool:
+    """Whether most images have original BreakHis file names."""
+    n = sum(parse_breakhis_name(Path(s.path).name) is not None for s in sample_set.samples)
+    return 2 * n > len(sample_set.samples)
+
+
+def _breakhis_doubt(sample_set: SampleSet) -> str:
+    """Where the groups of images with original BreakHis names cut across their case numbers, what they do; ''
+    when each group is one case (or the names are no BreakHis names)."""
+    cases: dict[str, set[str]] = {}  # group -> cases
+    groups: dict[str, set[str]] = {}  # case -> groups
+    patients: dict[str, set[str]] = {}  # group -> patients
+    for s in sample_set.samples:
+        if (info := parse_breakhis_name(Path(s.path).name)) is not None:
+            cases.setdefault(s.group, set()).add(info["case"])
+            groups.setdefault(info["case"], set()).add(s.group)
+            patients.setdefault(s.group, set()).add(info["patient"])
+    many = max(cases.items(), key=lambda item: (len(item[1]), item[0]), default=("", set()))
+    if len(many[1]) > 1:
+        return (f"the group '{many[0]}' holds the images of {len(patients[many[0]])} BreakHis patients "
+                f"({len(many[1])} case numbers, read from the file names), which a split cannot part")
+    split = next(((case, sorted(gs)) for case, gs in sorted(groups.items()) if len(gs) > 1), None)
+    if split:
+        return (f"the BreakHis case number {split[0]} (in the file names) lies in the groups "
+                f"{', '.join(repr(g) for g in split[1][:3])}, which a split may put on two sides")
+    return ""
+
+
 # ----------------------------------------------------------------------------------------------------- csv
 
 
@@ -776,6 +867,7 @@ __all__ = [
     "SUPPORTED_EXTENSIONS",
     "class_order",
     "find_images",
+    "grouping_doubt",
     "in_class_order",
     "is_image_file",
     "file_sample",
