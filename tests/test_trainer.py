@@ -895,6 +895,50 @@ def test_an_empty_split_from_groups_that_look_like_no_patients_points_at_the_gro
     assert "Else add data, or set data.val_fraction=0" in val
 
 
+def test_a_new_run_of_a_real_backbone_from_random_weights_says_how_to_start_from_imagenet(synthetic_root, tmp_path,
+                                                                                           monkeypatch):
+    """configs/breakhis_binary.yaml (model.weights empty, model.pretrained false) trained MobileNetV2 from random
+    weights without a word, where users expect ImageNet's. A new run says so in one line once its model is built;
+    the tiny test and demo backbone, given weights and a resume (whose weights come from last.pt) say nothing."""
+
+    class Built(Exception):
+        """Raised where training would start: the warnings of a run's start are all made."""
+
+    def stop(*args, **kwargs):
+        raise Built
+
+    monkeypatch.setattr(trainer, "build_optimizer", stop)
+    monkeypatch.setattr(trainer, "_check_resume_config", lambda run_dir, cfg: {"class_names": ["atypical", "typical"]})
+    torch.save(torchvision_mobilenet_trunk(), tmp_path / "w.pth")
+
+    def warned(overrides: list[str], resume: bool = False) -> list[str]:
+        cfg = load_config(None, tiny_overrides(synthetic_root) + ["model.backbone=mobilenet_v2", *overrides])
+        trainer._WARNED_SCRATCH.clear()  # said once per backbone and data in a process (a cv's folds)
+        with warnings.catch_warnings(record=True) as caught, pytest.raises(Built):
+            warnings.simplefilter("always")
+            trainer.train(cfg, tmp_path / f"run{len(list(tmp_path.iterdir()))}", resume=resume, progress=False)
+        return [str(w.message) for w in caught if issubclass(w.category, FinescopeWarning)]
+
+    (message,) = warned([])
+    assert message.startswith("model.backbone mobilenet_v2 starts from random weights (model.weights is empty and "
+                              "model.pretrained false)")
+    assert "model.pretrained=true" in message and "model.weights=PATH" in message and "\n" not in message
+    again = load_config(None, tiny_overrides(synthetic_root) + ["model.backbone=mobilenet_v2"])
+    assert trainer.scratch_warning(again) is None  # said already in this process: a cv's next fold says nothing
+    assert warned([f"model.weights={tmp_path / 'w.pth'}"]) == []
+    trainer._WARNED_SCRATCH.clear()
+    assert trainer.scratch_warning(load_config(None, ["model.backbone=mobilenet_v2", "model.pretrained=true"])) is None
+    assert warned(["model.backbone=tiny"]) == warned([], resume=True) == []
+    assert load_config(Path("configs/demo.yaml"), []).model.backbone == "tiny"  # make demo: no such warning
+
+
+def torchvision_mobilenet_trunk() -> dict:
+    """A state dict of torchvision's MobileNetV2, as model.weights reads one (random, but a file)."""
+    import torchvision
+
+    return torchvision.models.mobilenet_v2().state_dict()
+
+
 def test_a_training_split_without_a_class_is_named_before_training():
     """A drawn split deals each group by its majority class: a class whose images all lie in groups mostly of
     another class (z, in patient a1) went to test with them for seed 1, and the model was trained without it

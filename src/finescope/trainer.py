@@ -828,6 +828,25 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
         lock.release()
 
 
+_WARNED_SCRATCH: set[tuple[str, str]] = set()  # (backbone, data root) warned about in this process (cv: once)
+
+
+def scratch_warning(cfg: Config) -> str | None:
+    """The warning for a new run whose backbone starts from random weights (neither ``model.weights`` nor
+    ``model.pretrained``), which users of a torchvision or timm backbone rarely mean; None for ``tiny``, the
+    small CNN of the tests and the demo, which has no pretrained weights, when either is given, or when this
+    process warned about the backbone on the data already (each fold of a cv)."""
+    m = cfg.model
+    key = (m.backbone, cfg.data.root)
+    if m.weights or m.pretrained or m.backbone == "tiny" or key in _WARNED_SCRATCH:
+        return None
+    _WARNED_SCRATCH.add(key)
+    return (f"model.backbone {m.backbone} starts from random weights (model.weights is empty and model.pretrained "
+            "false): it trains from scratch; to start from ImageNet weights set model.pretrained=true (downloads "
+            "the library's weights) or model.weights=PATH (a local state dict, e.g. torchvision's "
+            "mobilenet_v2-b0353104.pth)")
+
+
 def _check_not_a_cv_folder(run_dir: Path) -> None:
     """Refuse an ``--out`` that is a cv folder: the run's ``splits.json`` and report would replace the cv's."""
     if (run_dir / "cv.json").is_file():
@@ -888,6 +907,8 @@ def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool) -> 
     if dist.is_main() and not resume and (message := fine_tune_leak(cfg, splits, sample_set)):
         warnings.warn(message, FinescopeWarning, stacklevel=2)
     model = build_model(checkpoint_model_config(cfg) if resume else cfg, len(sample_set.class_names), device)
+    if not resume and dist.is_main() and (message := scratch_warning(cfg)):  # a resume reads last.pt's weights
+        warnings.warn(message, FinescopeWarning, stacklevel=3)
     if model.use_attention and model.image_feature == "avg" and model.select_from == "attention" and dist.is_main():
         warnings.warn("model.image_feature is avg: no loss reaches the attention (the global head reads the mean of "
                       "the cells, and the crops are chosen without gradient), so it keeps its initial weights and "
