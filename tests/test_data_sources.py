@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -240,6 +241,21 @@ def test_folder_with_group_pattern(tmp_path):
     nested = next(s for s in ss.samples if s.path.endswith("H1_9c_3.PNG"))
     assert nested.group == "9c" and ss.class_names[nested.label] == "H1"
     assert sorted(set(ss.groups)) == ["10a", "10b", "7a", "8b", "9c"]
+
+
+def test_magnifications_a_folder_cannot_keep_by_say_so(tmp_path):
+    """data.magnifications with data.source folder (a BreakHis config read as class folders) kept every image
+    without a word; it says so now, and still reads them all (runs trained so are read as they were)."""
+    root = make_folder(tmp_path / "fungi")
+    with pytest.warns(FinescopeWarning, match=r"data.magnifications \[100\] keeps no image out: data.source folder "
+                      "reads no magnification"):
+        ss = load_samples(DataConfig(source="folder", root=str(root), group_pattern=r"^H\d+_([^_]+)_",
+                                     magnifications=(100,)))
+    assert len(ss) == 11
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_samples(DataConfig(source="folder", root=str(root), group_pattern=r"^H\d+_([^_]+)_"))
+    assert not [w for w in caught if "data.magnifications" in str(w.message)]
 
 
 def test_folder_default_group_is_the_sub_folder_or_the_image(tmp_path):

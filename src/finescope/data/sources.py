@@ -110,6 +110,11 @@ def load_samples(
         raise FinescopeError(
             f"config key 'data.source' is '{cfg.source}'; choose one of: {', '.join(readers)}"
         )
+    if cfg.magnifications and cfg.source in ("folder", "synthetic"):  # runs made so read the same: not refused
+        warnings.warn(f"data.magnifications {list(cfg.magnifications)} keeps no image out: data.source {cfg.source} "
+                      "reads no magnification (data.source=breakhis reads it from BreakHis file names, a CSV manifest "
+                      "from its magnification column), so every image is read; set data.magnifications=[] to say so",
+                      FinescopeWarning, stacklevel=2)
     scan = readers[cfg.source](cfg)
     if scan.no_groups and len(scan.found) > 1:
         warnings.warn(f"{scan.no_groups}, so each of the {len(scan.found)} images is its own group: images of one "
