@@ -538,6 +538,10 @@ def test_a_cv_folder_given_as_a_checkpoint_names_its_runs(tmp_path):
     with pytest.raises(FinescopeError, match=f"is a cv folder, not a run; pass one of its runs, "
                                              f".*<variant>/<fold>, e.g. {cv / 'runs' / 'fusion' / 'fold1'}$"):
         load_checkpoint(cv)
+    # a variant's folder of folds said 'a folder without a finescope run', not that its runs are inside it
+    with pytest.raises(FinescopeError, match=f"is a folder of runs, not a run .*; pass one of them, e.g. "
+                                             f"{cv / 'runs' / 'fusion' / 'fold1'}$"):
+        load_checkpoint(cv / "runs" / "fusion")
 
 
 @pytest.mark.slow

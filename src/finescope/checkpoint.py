@@ -79,6 +79,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file() and (path / "checkpoints" / "last.pt").is_file():
         raise FinescopeError(f"run '{path}' has no checkpoints/best.pt yet (its training stopped before an epoch was "
                              f"kept); finish it with train --resume, or pass '{path / 'checkpoints' / 'last.pt'}'")
+    if path.is_dir() and (runs := sorted(p.parent.parent for p in path.glob("*/checkpoints/best.pt"))):
+        raise FinescopeError(f"'{path}' is a folder of runs, not a run (a cv's runs/<variant> holds one per fold); "
+                             f"pass one of them, e.g. {runs[0]}")
     if path.is_dir():  # there, but no run: a run's checkpoints/ folder with last.pt alone, a folder of exports
         found = sorted(path.glob("*.pt")) + sorted(path.glob("checkpoints/*.pt"))
         raise FinescopeError(f"'{path}' is a folder without a finescope run (no checkpoints/best.pt in it); pass a run "
