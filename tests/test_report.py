@@ -399,6 +399,25 @@ def test_report_of_a_run_names_the_other_data_its_evaluate_recorded(tmp_path):
     assert "all 12 images of '/data/other_hospital'" in write_report(run, n_boot=20)[0].read_text()
 
 
+def test_report_of_a_run_prefers_its_own_sides_to_evaluations_of_all_images(tmp_path):
+    """`report RUN` of a run trained without a test side (data.test_fraction=0) holding evaluate's predictions_val.csv
+    (its validation side) and predictions_all.csv (evaluate RUN --set data.root=OTHER: other data) reported the
+    other data as the run's report.md, 'all' coming first in alphabetical order; the run's own sides come first
+    (test, val, train; best.pt's before last.pt's), all images of other data last (found in the walkthrough)."""
+    run = _single_run(tmp_path / "run", "fusion", [[f"/x/{i}.png", f"g{i // 3}", "a" if i % 2 else "b", "a", 0.6,
+                                                     0.4, ""] for i in range(12)])
+    (run / "predictions_test.csv").rename(run / "predictions_all.csv")
+    for name in ("predictions_val_last.csv", "predictions_train.csv", "predictions_val.csv"):
+        shutil.copy(run / "predictions_all.csv", run / name)
+    assert "## Validation metrics" in write_report(run, n_boot=20)[0].read_text()
+    (run / "predictions_val.csv").unlink()
+    assert "## Validation metrics" in write_report(run, n_boot=20)[0].read_text()  # last.pt's val before train
+    (run / "predictions_val_last.csv").unlink()
+    assert "## Training-split metrics" in write_report(run, n_boot=20)[0].read_text()
+    (run / "predictions_train.csv").unlink()
+    assert "all 12 images" in write_report(run, n_boot=20)[0].read_text()
+
+
 def test_training_curves_mark_whole_epochs_only(monkeypatch):
     """The curves of a 3-epoch run had epochs 1.0, 1.5, ... 3.0 on their x axis, epochs that do not exist (a 1-epoch
     run's, 0.96 to 1.04); the ticks are whole epochs."""

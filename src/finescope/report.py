@@ -71,9 +71,12 @@ def _single_run_rows(run_dir: Path, predictions: Path | None, fig_dir: Path) -> 
     import csv
 
     # evaluate's own, predictions_<split>[_<checkpoint>].csv: not another file of that prefix (`predict --out
-    # RUN/predictions_new.csv`), which would be reported as the run's test split
-    own = sorted(p for p in run_dir.glob("predictions_*.csv")
-                 if p.stem.removeprefix("predictions_").split("_")[0] in ("train", "val", "test", "all"))
+    # RUN/predictions_new.csv`), which would be reported as the run's test split. The run's own sides first (test,
+    # val, train; best.pt's before last.pt's), all images (of other data: evaluate --set data.root=OTHER) last
+    sides = ("test", "val", "train", "all")
+    own = sorted((p for p in run_dir.glob("predictions_*.csv")
+                  if p.stem.removeprefix("predictions_").split("_")[0] in sides),
+                 key=lambda p: (sides.index(p.stem.removeprefix("predictions_").split("_")[0]), p.name))
     candidates = (predictions,) if predictions else (run_dir / "predictions_test.csv", *own)
     src = next((Path(p) for p in candidates if Path(p).is_file()), None)
     if src is None:
@@ -539,7 +542,8 @@ def write_report(run_dir: str | Path, n_boot: int = 1000, predictions: str | Pat
             ``predictions_test.csv``, after ``train`` or ``evaluate``).
         n_boot: bootstrap resamples when the summary has to be computed here (a run's always is, seeded by the
             ``seed`` of its ``config.yaml``, 0 where none; a cv's with the resamples and seed of ``cv.json``).
-        predictions: for a run directory, the predictions CSV to report (default ``predictions_test.csv``).
+        predictions: for a run directory, the predictions CSV to report (default ``predictions_test.csv``, else the first
+            of evaluate's: ``predictions_val*.csv``, ``predictions_train*.csv``, ``predictions_all*.csv``).
         split: for a run directory, what ``predictions`` hold: the run's ``train``, ``val`` or ``test`` split, or
             ``all`` images of ``data_root`` (other data), named so in the report (``report RUN`` reads
             ``data_root`` from the ``metrics_<split>.json`` that evaluate wrote beside the predictions it found).
