@@ -1237,6 +1237,32 @@ def test_explaining_files_with_a_checkpoint_trained_on_another_split_does_not_co
     assert "trained on another split than" in page and "of them the model trained or validated on" not in page
 
 
+def test_explain_split_all_of_other_data_explains_every_image_as_evaluate_does(tmp_path, capsys):
+    """explain RUN --split all --set data.source=csv data.root=OTHER.csv (a run trained on a folder) stopped at
+    'splits file ... does not match the data', where evaluate RUN --split all evaluates every image of other data:
+    explain reads all of them too, and counts those the run trained or validated on (its splits.json) as it does
+    for files given, also on its own data (found in the walkthrough)."""
+    from finescope.cli import main
+    from finescope.data.synthetic import generate
+
+    run = _run_with_split_digest(tmp_path)
+    generate(tmp_path / "other", per_class=2, size=96, seed=5)
+    out = tmp_path / "out"
+    fast = ["--out", str(out), "--no-faithfulness", *FAST]
+    for root, images in ((tmp_path / "other", 4), (tmp_path / "data", 6)):  # other data; its own, as a CSV
+        assert main(["explain", str(run), "--split", "all", "--set", "data.source=csv",
+                     f"data.root={root / 'manifest.csv'}", *fast]) == 0, capsys.readouterr().err
+        summary = json.loads((out / "faithfulness.json").read_text())
+        assert summary["images"] == images and summary["split_leak"] is None
+        assert summary["trained_on"] > 0 and str(root) in summary["source"]  # the same names: at their place
+    assert summary["trained_on"] == 3  # its own data: the 2 train and 1 val images of its splits.json
+    assert "images explained are ones the run trained" in capsys.readouterr().err
+    _swap_train_and_test(run)  # a checkpoint trained on another split: which it trained on is not known
+    assert main(["explain", str(run), "--split", "all", *fast]) == 0
+    summary = json.loads((out / "faithfulness.json").read_text())
+    assert summary["trained_on"] is None and "trained on another split than" in summary["split_leak"]
+
+
 def test_a_training_image_pil_refuses_to_open_leaves_its_size_unknown_not_a_traceback(tmp_path, monkeypatch, capsys):
     """explain of a run whose training images PIL refuses to open (larger than its decompression-bomb limit)
     ended in a DecompressionBombError traceback while reading their sizes for the size notes, before any image."""

@@ -259,7 +259,9 @@ def _add_explain(sub) -> None:
     p = sub.add_parser("explain", help="attention/CAM overlays, evidence galleries and faithfulness of a model")
     p.add_argument("checkpoint", help="a run directory or a checkpoint .pt")
     p.add_argument("paths", nargs="*", help="image files and/or folders (or use --split)")
-    p.add_argument("--split", choices=("train", "val", "test", "all"), help="explain this split of the run's data")
+    p.add_argument("--split", choices=("train", "val", "test", "all"),
+                   help="explain this split of the run's data; all: every image of its data or of other data "
+                   "(--set data.root=OTHER), as evaluate --split all")
     p.add_argument("--out", help="output folder (default RUN/explain_<split>, RUN/explain_files for paths, "
                    "./explain for a .pt checkpoint)")
     p.add_argument("--method", nargs="+", default=["auto"], metavar="NAME",

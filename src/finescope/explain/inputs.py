@@ -90,24 +90,36 @@ def _run_samples(cfg: Config, state: dict, class_names: list[str]):
 
 
 def split_inputs(cfg: Config, state: dict, class_names: list[str], split: str) -> Inputs:
-    """The images of one side of the run's split (``all`` = every image of its data)."""
-    import numpy as np
-
+    """The images of one side of the run's split; ``all``: every image of ``cfg``'s data, the run's or other data
+    (``--set data.root=OTHER``), as evaluate reads them, with the images the run trained or validated on as
+    :func:`training_images` finds them for files given."""
     if split not in SPLITS:
         raise FinescopeError(f"--split '{split}' is unknown; choose one of: {', '.join(SPLITS)}")
+    if split == "all":  # no splits.json to match: other data has none, as for evaluate --split all
+        from finescope.data import load_samples
+
+        sample_set = load_samples(cfg.data, require_all_classes=False, class_names=class_names)
+        inputs = Inputs(_items(sample_set, range(len(sample_set))), sample_set.root)
+        inputs.train_sizes, inputs.trained, inputs.split_leak = training_images(cfg, state, class_names,
+                                                                                [i.path for i in inputs.items])
+        return inputs
     sample_set, splits = _run_samples(cfg, state, class_names)
-    indices = np.arange(len(sample_set)) if split == "all" else splits[split]
-    if len(indices) == 0:
+    if len(splits[split]) == 0:
         raise empty_split_error(split, splits, run_dir_of(state))
+    sizes = _image_sizes([sample_set.samples[i].path for i in splits["train"]])
+    return Inputs(_items(sample_set, splits[split]), sample_set.root, sizes,
+                  split_leak=_split_leak(state, splits, sample_set))
+
+
+def _items(sample_set, indices) -> list[Item]:
+    """The :class:`Item` of each sample of ``sample_set`` at ``indices``, named by its path below the data root."""
     cells = _cells_of(sample_set.root)
     items = []
     for i in indices:
         s = sample_set.samples[i]
         rel = Path(os.path.relpath(s.path, sample_set.root)).as_posix()
         items.append(Item(s.path, _shown(rel), int(s.label), None if cells is None else cells.get(rel, [])))
-    sizes = _image_sizes([sample_set.samples[i].path for i in splits["train"]])
-    leak = None if split == "all" else _split_leak(state, splits, sample_set)
-    return Inputs(items, sample_set.root, sizes, split_leak=leak)
+    return items
 
 
 def _split_leak(state: dict, splits: dict, sample_set) -> str | None:

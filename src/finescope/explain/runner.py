@@ -499,11 +499,12 @@ def run_explain(checkpoint: str | Path, paths: list[str] | tuple[str, ...] = (),
                                  f"(e.g. {skipped[0]['reason']})")
         summary = summarise(rows, curves, methods, settings)
         summary.update(checkpoint=str(state["path"]), variant=cfg.model.variant, class_names=class_names,
-                       source=f"split {split} of {run_dir_of(state)}" if split else ", ".join(map(str, paths)),
+                       source=(f"all images of {inputs.root}" if split == "all" else f"split {split} of "
+                               f"{run_dir_of(state)}") if split else ", ".join(map(str, paths)),
                        skipped=skipped, model_overrides=model_overrides(cfg, state))
         # a checkpoint trained on another split than its folder's; with --split, a group on two sides (as evaluate's)
         summary["split_leak"] = inputs.split_leak
-        if not split:  # files given: how many of them the model trained or validated on (its accuracy is no test)
+        if not split or split == "all":  # files or all images: how many of them the model trained or validated on
             summary["trained_on"] = None if inputs.trained is None else sum(  # None: its split is not known here
                 os.path.realpath(r["path"]) in inputs.trained for r in rows)
             if summary["trained_on"]:
