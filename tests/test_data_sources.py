@@ -606,6 +606,37 @@ def test_images_in_keeps_each_image_once_in_the_order_given(tmp_path):
         images_in([tmp_path / "fungi" / "H1"] + [make_csv(tmp_path / "set")])
 
 
+def test_images_in_a_folder_leave_out_the_figures_finescope_wrote_there_and_say_so(tmp_path):
+    """predict RUN FOLDER (and explain RUN FOLDER) of a folder holding finescope's outputs (a run folder with its
+    report_files/ and explain_test/) read its report figures and explain's gallery as images to predict (231 in
+    a walkthrough's run). Figures finescope wrote, beside what marks them (REPORT.md or .html; explain's
+    faithfulness.json; the demo's demo_results.json), are left out with one warning saying how many and why;
+    the same names without those marks, and a figure given by name, are read."""
+    from finescope.data.sources import images_in
+
+    root = tmp_path / "project"
+    scans = [tiny_png(root / "scans" / "a.png"), tiny_png(root / "run" / "page_files" / "figure_1.png"),
+             tiny_png(root / "mine" / "images" / "00001_b.png")]  # no report.md / faithfulness.json beside them
+    (root / "run" / "report.md").parent.mkdir(parents=True, exist_ok=True)
+    (root / "run" / "report.md").write_text("# report\n")
+    (root / "run" / "explain_test").mkdir()
+    (root / "run" / "explain_test" / "faithfulness.json").write_text("{}")
+    (root / "demo_results.json").write_text("{}")
+    figures = [tiny_png(root / "run" / "report_files" / "figure_1.png"),
+               tiny_png(root / "run" / "explain_test" / "images" / "00000_a.png"),
+               tiny_png(root / "run" / "explain_test" / "evidence" / "typical" / "01.png"),
+               tiny_png(root / "run" / "explain_test" / "faithfulness.png"), tiny_png(root / "attention_overlay.png")]
+    with pytest.warns(FinescopeWarning, match=r"left out 5 figures finescope wrote under '.*project'"):
+        got = images_in([root])
+    assert sorted(f for f, _ in got) == sorted(scans)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [f for f, _ in images_in([figures[1]])] == [figures[1]]  # given by name: read
+    with pytest.raises(FinescopeError, match="found no images .*left out 3 figures finescope wrote"), \
+            pytest.warns(FinescopeWarning):
+        images_in([root / "run" / "explain_test"])
+
+
 def test_a_path_given_to_predict_that_does_not_exist_is_said_not_to_exist(tmp_path):
     """predict RUN typo.jpg was told "'typo.jpg' is neither an image file nor a folder", as if it were a pipe."""
     from finescope.data.sources import images_in

@@ -299,18 +299,57 @@ def _special(path: str) -> bool:
         return False
 
 
+# the figures finescope writes, by name and by the file beside them that marks them finescope's: a report's
+# (REPORT_files/figure_N.png beside REPORT.md or .html), explain's gallery (OUT/images/NNNNN_<name>.png,
+# OUT/evidence/<class>/NN.png and OUT/faithfulness.png beside OUT/faithfulness.json: explain/runner.py's _FIGURES)
+# and the demo's overlay (attention_overlay.png beside demo_results.json)
+_REPORT_FIGURE = re.compile(r"figure_\d+\.png")
+_EXPLAIN_IMAGE, _EXPLAIN_EVIDENCE = re.compile(r"\d{5,}_.*\.png"), re.compile(r"\d{2,}\.png")
+
+
+def _finescope_figure(f: Path) -> bool:
+    """Whether the image file ``f`` is a figure finescope wrote (a report's, explain's, the demo's), not data."""
+    d = f.parent
+    if _REPORT_FIGURE.fullmatch(f.name) and d.name.endswith("_files"):
+        stem = d.name.removesuffix("_files")
+        return (d.parent / f"{stem}.md").is_file() or (d.parent / f"{stem}.html").is_file()
+    if _EXPLAIN_IMAGE.fullmatch(f.name) and d.name == "images":
+        return (d.parent / "faithfulness.json").is_file()
+    if _EXPLAIN_EVIDENCE.fullmatch(f.name) and d.parent.name == "evidence":
+        return (d.parent.parent / "faithfulness.json").is_file()
+    marks = {"faithfulness.png": "faithfulness.json", "attention_overlay.png": "demo_results.json"}
+    return f.name in marks and (d / marks[f.name]).is_file()
+
+
+def _without_figures(folder: Path) -> tuple[list[Path], int]:
+    """:func:`find_images` of ``folder`` less the figures finescope wrote there (a run folder's report and explain
+    galleries), and how many those were, said in a warning: read as images, they would be taken for data."""
+    found = find_images(folder)
+    figures = [f for f in found if _finescope_figure(f)]
+    if figures:
+        warnings.warn(f"left out {len(figures)} figures finescope wrote under '{folder}' (reports' "
+                      "*_files/figure_N.png, explain's images/, evidence/ and faithfulness.png, the demo's "
+                      f"attention_overlay.png), e.g. '{figures[0]}': they are no data; give a file by name to read it",
+                      FinescopeWarning, stacklevel=3)
+    return [f for f in found if f not in set(figures)], len(figures)
+
+
 def images_in(paths: Sequence[str | Path]) -> list[tuple[Path, Path]]:
     """Every image under ``paths`` (image files, and folders read recursively) as (file, the argument it came
     from), in the order given; an image reached twice (a file inside a folder also given, a link to it) is kept
-    once, where it came first.
+    once, where it came first. In folders, the figures finescope wrote there (:func:`_without_figures`) are left
+    out, with a warning; an image file given by name is always read.
 
     Raises:
         FinescopeError: a path that does not exist or a file that is not an image, or no image at all.
     """
     files: list[tuple[Path, Path]] = []
+    left_out = 0
     for p in map(Path, paths):
         if p.is_dir():
-            files += [(f, p) for f in find_images(p)]
+            found, figures = _without_figures(p)
+            left_out += figures
+            files += [(f, p) for f in found]
         elif p.is_file():
             if p.suffix.lower() in (".csv", ".tsv"):  # a spreadsheet of labelled images: evaluate scores them
                 raise FinescopeError(f"'{p}' is not an image file but a table: predict reads images and folders; "
@@ -324,7 +363,9 @@ def images_in(paths: Sequence[str | Path]) -> list[tuple[Path, Path]]:
         else:
             raise FinescopeError(f"'{p}' is neither an image file nor a folder")
     if not files:
-        raise FinescopeError(f"found no images in {', '.join(map(str, paths))}; supported: "
+        figures = f" (left out {left_out} figures finescope wrote there; give one by name to read it)" \
+            if left_out else ""
+        raise FinescopeError(f"found no images in {', '.join(map(str, paths))}{figures}; supported: "
                              f"{', '.join(SUPPORTED_EXTENSIONS)}")
     kept, seen = [], set()
     for f, base in files:
