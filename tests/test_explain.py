@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -1261,6 +1262,16 @@ def test_explain_split_all_of_other_data_explains_every_image_as_evaluate_does(t
     assert main(["explain", str(run), "--split", "all", *fast]) == 0
     summary = json.loads((out / "faithfulness.json").read_text())
     assert summary["trained_on"] is None and "trained on another split than" in summary["split_leak"]
+    lone = tmp_path / "lone.pt"  # out of its run, on the data it trained on: as evaluate, said to hold them
+    shutil.copy(run / "checkpoints" / "best.pt", lone)
+    capsys.readouterr()
+    assert main(["explain", str(lone), "--split", "all", *fast]) == 0
+    summary = json.loads((out / "faithfulness.json").read_text())
+    assert "is the one this model was trained on" in summary["split_leak"] and summary["trained_on"] is None
+    assert "is the one this model was trained on" in capsys.readouterr().err
+    assert main(["explain", str(lone), "--split", "all", "--set", "data.source=csv",
+                 f"data.root={tmp_path / 'other' / 'manifest.csv'}", *fast]) == 0  # other data: nothing to say
+    assert json.loads((out / "faithfulness.json").read_text())["split_leak"] is None
 
 
 def test_a_training_image_pil_refuses_to_open_leaves_its_size_unknown_not_a_traceback(tmp_path, monkeypatch, capsys):

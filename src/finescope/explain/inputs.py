@@ -102,6 +102,7 @@ def split_inputs(cfg: Config, state: dict, class_names: list[str], split: str) -
         inputs = Inputs(_items(sample_set, range(len(sample_set))), sample_set.root)
         inputs.train_sizes, inputs.trained, inputs.split_leak = training_images(cfg, state, class_names,
                                                                                 [i.path for i in inputs.items])
+        inputs.split_leak = inputs.split_leak or _lone_on_own_data(cfg, state, len(inputs.items))
         return inputs
     sample_set, splits = _run_samples(cfg, state, class_names)
     if len(splits[split]) == 0:
@@ -109,6 +110,23 @@ def split_inputs(cfg: Config, state: dict, class_names: list[str], split: str) -
     sizes = _image_sizes([sample_set.samples[i].path for i in splits["train"]])
     return Inputs(_items(sample_set, splits[split]), sample_set.root, sizes,
                   split_leak=_split_leak(state, splits, sample_set))
+
+
+def _lone_on_own_data(cfg: Config, state: dict, n: int) -> str | None:
+    """As evaluate says it, warned: a checkpoint without its run's ``splits.json`` read on the data it was trained
+    on, whose ``n`` images then include its training images, not told apart; None otherwise."""
+    from finescope.config import load_config, stored_config
+    from finescope.trainer import _same_root
+
+    run_dir = run_dir_of(state)
+    trained = load_config(base=stored_config(state["config"])).data
+    if (run_dir / "splits.json").is_file() or not _same_root(cfg.data, trained):
+        return None
+    seen = (f"data.root '{cfg.data.root}' is the one this model was trained on, and without its run's splits.json "
+            f"(none in '{run_dir}') its test images cannot be told apart: these {n} images include the images it "
+            "trained and validated on; explain the run folder's --split test, or other data with --set data.root=DIR")
+    warnings.warn(seen, FinescopeWarning, stacklevel=3)
+    return seen
 
 
 def _items(sample_set, indices) -> list[Item]:
