@@ -543,7 +543,8 @@ def write_report(run_dir: str | Path, n_boot: int = 1000, predictions: str | Pat
         n_boot: bootstrap resamples when the summary has to be computed here (a run's always is, seeded by the
             ``seed`` of its ``config.yaml``, 0 where none; a cv's with the resamples and seed of ``cv.json``).
         predictions: for a run directory, the predictions CSV to report (default ``predictions_test.csv``, else the first
-            of evaluate's: ``predictions_val*.csv``, ``predictions_train*.csv``, ``predictions_all*.csv``).
+            of evaluate's: ``predictions_test_*.csv`` (another checkpoint's, e.g. last.pt's), ``predictions_val*.csv``,
+            ``predictions_train*.csv``, ``predictions_all*.csv``).
         split: for a run directory, what ``predictions`` hold: the run's ``train``, ``val`` or ``test`` split, or
             ``all`` images of ``data_root`` (other data), named so in the report (``report RUN`` reads
             ``data_root`` from the ``metrics_<split>.json`` that evaluate wrote beside the predictions it found).
