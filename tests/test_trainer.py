@@ -1557,3 +1557,23 @@ def test_12_bit_camera_data_is_warned_about_and_data_bit_depth_reaches_inference
     assert main(["explain", str(tmp_path / "run"), str(one), "--out", str(tmp_path / "ex"), "--no-faithfulness",
                  "--quiet"]) == 0
     assert len(depths) > n and set(depths) == {12}
+
+
+@pytest.mark.parametrize("given", ["run", "run/checkpoints", "run/checkpoints/best.pt"])
+def test_fine_tune_leak_finds_the_run_of_every_model_weights_it_reads(tmp_path, given):
+    """model.weights=RUN/checkpoints (a folder holding best.pt, which model.weights reads as the run's) fine-tuned
+    on patients that run had trained on without the warning that RUN and RUN/checkpoints/best.pt give: the splits.json
+    was looked for in the checkpoints folder."""
+    import numpy as np
+
+    from finescope.data import Sample, SampleSet, save_splits
+
+    s = SampleSet([Sample(str(tmp_path / f"{i}.png"), i % 2, f"p{i}") for i in range(4)], ["a", "b"],
+                  root=str(tmp_path))
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "best.pt").write_bytes(b"")
+    save_splits(tmp_path / "run" / "splits.json", {"train": np.array([0, 1]), "test": np.array([2, 3])}, s)
+    cfg = load_config(None, [f"model.weights={tmp_path / given}"])
+    message = trainer.fine_tune_leak(cfg, {"train": np.array([2, 3]), "test": np.array([0, 1])}, s)
+    assert message is not None and "2 of the groups" in message
+    assert f"data.splits={tmp_path / 'run' / 'splits.json'}" in message

@@ -368,6 +368,8 @@ def fine_tune_leak(cfg: Config, splits: dict[str, np.ndarray], sample_set: Sampl
     weights = Path(cfg.model.weights) if cfg.model.weights else None
     if weights is None:
         return None
+    if weights.is_dir() and not (weights / "checkpoints").is_dir():  # RUN/checkpoints: model.weights reads best.pt
+        weights = weights / "best.pt"
     run = weights if weights.is_dir() else run_dir_of({"path": weights})
     if not (run / "splits.json").is_file() or not (run / "checkpoints").is_dir():
         return None
