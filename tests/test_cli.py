@@ -508,6 +508,11 @@ def test_fine_tuning_on_patients_the_earlier_run_trained_on_says_so(tmp_path, ca
     assert main(_train_args(root, tmp_path)[:3] + reused + _train_args(
         root, tmp_path, f"model.weights={tmp_path / 'a'}", f"data.splits={tmp_path / 'a' / 'splits.json'}")[5:]) == 0
     assert "its backbone has seen them" not in capsys.readouterr().err
+    given = ["--out", str(tmp_path / "c")]  # a split given that tests them (a cv's fold): not data.splits advice
+    assert main(_train_args(root, tmp_path)[:3] + given + _train_args(
+        root, tmp_path, f"model.weights={tmp_path / 'a'}", f"data.splits={tmp_path / 'r' / 'splits.json'}")[5:]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "its backbone has seen them" in line]
+    assert len(warned) == 1 and "the split given (data.splits, a cv's fold) tests them" in warned[0]
 
 
 def test_checkpoint_from_other_class_list(cli_run, tmp_path, capsys):

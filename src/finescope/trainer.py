@@ -381,8 +381,10 @@ def fine_tune_leak(cfg: Config, splits: dict[str, np.ndarray], sample_set: Sampl
     groups = {sample_set.samples[i].group for i in held}
     return (f"model.weights '{cfg.model.weights}' is a run that trained or validated on {len(groups)} of the groups "
             f"(patients) on this run's test side ({len(held)} of its {len(splits['test'])} images, by that run's "
-            "splits.json): its backbone has seen them, so the test metrics are not those of unseen patients; reuse "
-            f"its split with data.splits={run / 'splits.json'}")
+            "splits.json): its backbone has seen them, so the test metrics are not those of unseen patients; "
+            + (f"reuse its split with data.splits={run / 'splits.json'}" if not cfg.data.splits else
+               "the split given (data.splits, a cv's fold) tests them: fine-tune from a run trained on other "
+               "patients, or from ImageNet weights"))
 
 
 _WARNED_DARK: set[tuple[str, int]] = set()  # (data root, data.bit_depth) warned about in this process (cv: once)
@@ -845,8 +847,8 @@ def scratch_warning(cfg: Config) -> str | None:
     _WARNED_SCRATCH.add(key)
     return (f"model.backbone {m.backbone} starts from random weights (model.weights is empty and model.pretrained "
             "false): it trains from scratch; to start from ImageNet weights set model.pretrained=true (downloads "
-            "the library's weights) or model.weights=PATH (a local state dict, e.g. torchvision's "
-            "mobilenet_v2-b0353104.pth)")
+            "the library's weights) or model.weights=PATH (a local state dict of that backbone, or a finescope "
+            "run of it)")
 
 
 def _check_not_a_cv_folder(run_dir: Path) -> None:
