@@ -931,6 +931,25 @@ def test_evaluations_of_an_earlier_best_pt_are_named_when_training_on_ends(tmp_p
     assert "earlier best.pt" not in capsys.readouterr().err
 
 
+def test_a_report_of_evaluate_predictions_of_an_earlier_best_pt_says_so(tmp_path, capsys):
+    """report RUN of a run without a test side reports evaluate's predictions_val.csv; when training on (a resume
+    stopped in its new epochs) has written best.pt again since, it showed the earlier model's predictions beside the
+    new curves without a word."""
+    root = _folder(tmp_path / "d", n=4)
+    assert main(_train_args(root, tmp_path, "data.test_fraction=0")) == 0
+    run = tmp_path / "r"
+    assert main(["evaluate", str(run), "--split", "val", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 0
+    assert "earlier best.pt" not in capsys.readouterr().err
+    later = (run / "metrics_val.json").stat().st_mtime_ns + 10**9
+    os.utime(run / "checkpoints" / "best.pt", ns=(later, later))  # written again by the training since
+    assert main(["report", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert "predictions_val.csv' holds the predictions of an earlier best.pt" in err
+    assert f"finescope evaluate {run} --split val makes them again" in err
+
+
 def test_test_metrics_made_before_more_training_are_made_again_with_the_test_predictions(tmp_path):
     """evaluate RUN writes metrics_test.json beside predictions_test.csv; a finished run resumed to train on wrote
     new test predictions (of the new best.pt) and left metrics_test.json of the earlier one: the pair disagreed."""

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import random
+import shlex
 import shutil
 import tempfile
 import warnings
@@ -162,3 +163,32 @@ def read_history(path: str | os.PathLike) -> list[dict]:
             warnings.warn(f"{path}: line {n} is not an epoch record (a run killed while writing it?); skipped",
                           FinescopeWarning, stacklevel=2)
     return rows
+
+
+def earlier_evaluations(run_dir: Path) -> dict[str, str]:
+    """What ``evaluate`` (``metrics_<split>[_<checkpoint>].json``, with its predictions and report) and ``explain``
+    (``explain_<split>/``) wrote in ``run_dir`` of a checkpoint written again since (a run trained on): file or
+    folder name -> the command that makes it again."""
+    earlier = {}
+    best = run_dir / "checkpoints" / "best.pt"
+    for folder in sorted(run_dir.glob("explain_*")):
+        try:
+            newer = best.stat().st_mtime_ns > (folder / "results.csv").stat().st_mtime_ns
+        except OSError:  # no finished explanation there, or no best.pt
+            continue
+        split = folder.name.removeprefix("explain_")
+        if newer:
+            earlier[f"{folder.name}/"] = (f"finescope explain {shlex.quote(str(run_dir))} --split {split}"
+                                          if split in ("train", "val", "test", "all") else "finescope explain again")
+    for path in sorted(run_dir.glob("metrics_*.json")):
+        try:
+            m = json.loads(path.read_text())
+            split, ckpt = m["split"], run_dir / "checkpoints" / Path(m["checkpoint"]).name
+            newer = ckpt.stat().st_mtime_ns > path.stat().st_mtime_ns
+        except (OSError, ValueError, KeyError, TypeError):  # not evaluate's, or its checkpoint is gone
+            continue
+        if newer and path.name in (f"metrics_{split}.json", f"metrics_{split}_{ckpt.stem}.json"):
+            checkpoint = "" if ckpt.name == "best.pt" else f"/checkpoints/{ckpt.name}"
+            data = f" --set data.root={shlex.quote(m['data_root'])}" if split == "all" and m.get("data_root") else ""
+            earlier[path.name] = f"finescope evaluate {shlex.quote(f'{run_dir}{checkpoint}')} --split {split}{data}"
+    return earlier

@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from finescope.checkpoint import read_history  # noqa: E402
+from finescope.checkpoint import earlier_evaluations, read_history  # noqa: E402
 from finescope.errors import FinescopeError, FinescopeWarning  # noqa: E402
 from finescope.files import ERRORS, atomic_open, write_bytes, write_text  # noqa: E402
 from finescope.metrics import ECE_BINS, METRICS_VERSION, MIN_CI_GROUPS, reliability_curve, roc_curves  # noqa: E402
@@ -82,6 +82,11 @@ def _single_run_rows(run_dir: Path, predictions: Path | None, fig_dir: Path) -> 
     if src is None:
         raise FinescopeError(f"'{run_dir}' holds neither predictions.csv (cv) nor predictions_<split>.csv (a run: "
                              "train or evaluate writes it)")
+    again = None if predictions else earlier_evaluations(run_dir).get(src.stem.replace("predictions", "metrics") + ".json")
+    if again:  # evaluate's, of a best.pt the run has written again since (trained on, or stopped training on)
+        warnings.warn(f"'{src}' holds the predictions of an earlier best.pt or checkpoint of the run, written again "
+                      f"since: this report shows that model's; {again} makes them again", FinescopeWarning,
+                      stacklevel=2)
     model = _run_config(run_dir).get("model")
     variant = model.get("variant", "model") if isinstance(model, dict) else "model"  # a label only
     with src.open(newline="", encoding="utf-8-sig", errors=ERRORS) as fh:

@@ -17,7 +17,6 @@ import contextlib
 import csv
 import errno
 import functools
-import json
 import math
 import os
 import random
@@ -34,7 +33,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from finescope import distributed as dist
-from finescope.checkpoint import load_checkpoint, read_history, rng_state, save_checkpoint, set_rng_state
+from finescope.checkpoint import (
+    earlier_evaluations,
+    load_checkpoint,
+    read_history,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from finescope.config import (
     DEVICES,
     Config,
@@ -1005,31 +1011,9 @@ def written_after_training(run_dir: Path, tested: bool) -> str:
 
 
 def _warn_earlier_evaluations(run_dir: Path) -> None:
-    """Warn about what ``evaluate`` wrote in ``run_dir`` (``metrics_<split>[_<checkpoint>].json``, its predictions
-    and report) and ``explain`` (``explain_<split>/``) of a checkpoint that has been written again since: they
-    describe a model the run no longer has."""
-    earlier = {}
-    best = run_dir / "checkpoints" / "best.pt"
-    for folder in sorted(run_dir.glob("explain_*")):
-        try:
-            newer = best.stat().st_mtime_ns > (folder / "results.csv").stat().st_mtime_ns
-        except OSError:  # no finished explanation there, or no best.pt
-            continue
-        split = folder.name.removeprefix("explain_")
-        if newer:
-            earlier[f"{folder.name}/"] = (f"finescope explain {shlex.quote(str(run_dir))} --split {split}"
-                                          if split in ("train", "val", "test", "all") else "finescope explain again")
-    for path in sorted(run_dir.glob("metrics_*.json")):
-        try:
-            m = json.loads(path.read_text())
-            split, ckpt = m["split"], run_dir / "checkpoints" / Path(m["checkpoint"]).name
-            newer = ckpt.stat().st_mtime_ns > path.stat().st_mtime_ns
-        except (OSError, ValueError, KeyError, TypeError):  # not evaluate's, or its checkpoint is gone
-            continue
-        if newer and path.name in (f"metrics_{split}.json", f"metrics_{split}_{ckpt.stem}.json"):
-            checkpoint = "" if ckpt.name == "best.pt" else f"/checkpoints/{ckpt.name}"
-            data = f" --set data.root={shlex.quote(m['data_root'])}" if split == "all" and m.get("data_root") else ""
-            earlier[path.name] = f"finescope evaluate {shlex.quote(f'{run_dir}{checkpoint}')} --split {split}{data}"
+    """Warn about what ``evaluate`` and ``explain`` wrote in ``run_dir`` of a checkpoint written again since
+    (:func:`~finescope.checkpoint.earlier_evaluations`): they describe a model the run no longer has."""
+    earlier = earlier_evaluations(run_dir)
     if earlier:
         warnings.warn(f"{', '.join(earlier)} in '{run_dir}' (and their predictions and reports) describe the "
                       f"earlier best.pt or checkpoint, written again since; make them again with "
