@@ -296,6 +296,9 @@ def test_set_model_variant_is_refused_for_the_variants_flag(tmp_path, capsys):
                      "model.variant=attention"]) == 2
         assert capsys.readouterr().err.startswith("finescope: error: cv trains each variant of --variants (here "
                                                   "global, ")
+    assert main(["cv", "--config", str(path), "--variants", "fusion", "--out", str(tmp_path / "cv"), "--set",
+                 "model.variant=fusion"]) == 2  # the variant given both ways: only the --set is to go
+    assert capsys.readouterr().err.rstrip().endswith("--set model.variant=fusion; leave the --set out")
     assert not (tmp_path / "cv").exists()
     with pytest.raises(SystemExit):
         main(["cv", "--help"])

@@ -189,7 +189,9 @@ def cmd_cv(args: argparse.Namespace) -> int:
     cfg, protocol = load_protocol(args.config, args.profile, args.overrides, flags)
     if any(item.split("=", 1)[0].strip() == "model.variant" for item in args.overrides):  # each fold's: --variants'
         raise FinescopeError(f"cv trains each variant of --variants (here {', '.join(protocol.variants)}) and does "
-                             f"not read --set model.variant={cfg.model.variant}; give --variants {cfg.model.variant}")
+                             f"not read --set model.variant={cfg.model.variant}; leave the --set out"
+                             + ("" if tuple(protocol.variants) == (cfg.model.variant,)
+                                else f" and give --variants {cfg.model.variant}"))
     out = args.out or f"runs/cv_{cfg.name or Path(args.config).stem}"
     given = [name for name in ("folds", "trials", "test_fraction") if getattr(args, name) is not None]
     if sets_test_fraction(args.overrides) and "test_fraction" not in given:
