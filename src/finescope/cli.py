@@ -260,7 +260,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def _add_explain(sub) -> None:
     p = sub.add_parser("explain", help="attention/CAM overlays, evidence galleries and faithfulness of a model")
     p.add_argument("checkpoint", help="a run directory or a checkpoint .pt")
-    p.add_argument("paths", nargs="*", help="image files and/or folders (or use --split)")
+    p.add_argument("paths", nargs="*", help="image files and/or folders (searched recursively, less the figures "
+                   "finescope wrote there: reports' and explain's), or use --split")
     p.add_argument("--split", choices=("train", "val", "test", "all"),
                    help="explain this split of the run's data; all: every image of its data or of other data "
                    "(--set data.root=OTHER), as evaluate --split all")
