@@ -61,6 +61,12 @@ def _write_error(folder: Path) -> OSError | None:
     return None
 
 
+def best_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint a folder given for a model stands for: a run's ``checkpoints/best.pt``, else the ``best.pt``
+    of a run's ``checkpoints/`` folder; None when it holds neither."""
+    return next((c for c in (folder / "checkpoints" / "best.pt", folder / "best.pt") if c.is_file()), None)
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint` (tensors and plain Python only).
 
@@ -69,10 +75,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     if path.is_dir():
-        for candidate in (path / "checkpoints" / "best.pt", path / "best.pt"):
-            if candidate.is_file():
-                path = candidate
-                break
+        path = best_checkpoint(path) or path
     if not path.is_file() and (path / "cv.json").is_file():  # a cv folder: its runs are in runs/<variant>/<fold>
         runs = sorted(p.parent.parent for p in path.glob("runs/*/*/checkpoints/best.pt"))
         raise FinescopeError(f"'{path}' is a cv folder, not a run; pass one of its runs, "

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 
 from finescope import distributed as dist
 from finescope.checkpoint import (
+    best_checkpoint,
     earlier_evaluations,
     load_checkpoint,
     read_history,
@@ -372,11 +373,11 @@ def fine_tune_leak(cfg: Config, splits: dict[str, np.ndarray], sample_set: Sampl
     the test metrics are not those of unseen patients. None when there are none, or when ``model.weights`` is no
     run."""
     weights = Path(cfg.model.weights) if cfg.model.weights else None
+    if weights is not None and weights.is_dir():  # RUN or RUN/checkpoints: model.weights reads its best.pt
+        weights = best_checkpoint(weights)
     if weights is None:
         return None
-    if weights.is_dir() and not (weights / "checkpoints").is_dir():  # RUN/checkpoints: model.weights reads best.pt
-        weights = weights / "best.pt"
-    run = weights if weights.is_dir() else run_dir_of({"path": weights})
+    run = run_dir_of({"path": weights})
     if not (run / "splits.json").is_file() or not (run / "checkpoints").is_dir():
         return None
     seen = seen_groups(run / "splits.json", sample_set)

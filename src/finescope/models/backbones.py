@@ -370,11 +370,12 @@ def _read_state_dict(path: str) -> dict:
     ``checkpoints/best.pt``)."""
     p = Path(path)
     if p.is_dir():
-        found = [c for c in (p / "checkpoints" / "best.pt", p / "best.pt") if c.is_file()]
-        if not found:
+        from finescope.checkpoint import best_checkpoint
+
+        if (found := best_checkpoint(p)) is None:
             raise FinescopeError(f"model.weights '{path}' is a folder without a finescope run (no checkpoints/best.pt "
                                  "in it); pass a run folder, a checkpoint .pt or a backbone's state dict file")
-        p, path = found[0], str(found[0])
+        p, path = found, str(found)
     if not p.is_file():
         raise FinescopeError(f"model.weights file '{path}' not found; pass the path of a saved state dict")
     try:
