@@ -266,6 +266,37 @@ def test_evaluate_all_of_a_checkpoint_in_another_runs_folder_does_not_count_its_
     assert "trained on another split" in trainer._trained_on_warning(state, less, moved, own_data=False)
 
 
+def test_a_best_pt_of_before_a_resume_that_dropped_a_skipped_image_is_of_the_runs_split(synthetic_root, tmp_path):
+    """A resume wrote splits.json again without a training image skipped since (deleted, data.on_error=skip), and its
+    epoch did not beat best.pt, which keeps the digest of the split of before. Evaluated on other data (whose split
+    cannot be recomputed), it read as 'trained on another split than splits.json (copied from another run, or that
+    file replaced)': a false alarm. The file records the digests of its version before the resume; a file
+    replaced since is still told."""
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    run, skip = tmp_path / "run", ["model.global_size=32", "data.on_error=skip"]
+    _train(root, run, "global", 1, skip)
+    split = json.loads((run / "splits.json").read_text())
+    best = (run / "checkpoints" / "best.pt").read_bytes()
+    (root / split["splits"]["train"][0]).unlink()  # the CSV lists it still
+    with pytest.warns(FinescopeWarning, match="skipped as unreadable"):
+        trainer.train(load_config(None, tiny_overrides(root, "global", 2) + skip), run, resume=True, progress=False)
+    assert split["splits"]["train"][0] not in json.loads((run / "splits.json").read_text())["splits"]["train"]
+    (run / "checkpoints" / "best.pt").write_bytes(best)  # as when the resumed epoch scores lower
+    other = tmp_path / "other"  # other data: the run's test images, listed by their absolute paths
+    other.mkdir()
+    lines = (root / "manifest.csv").read_text().splitlines()
+    (other / "manifest.csv").write_text("\n".join([lines[0], *(f"{root}/{line}" for line in lines[1:]
+                                                             if line.split(",")[0] in split["splits"]["test"])]))
+    data = [f"data.root={other / 'manifest.csv'}", "data.num_workers=0"]
+    metrics = trainer.evaluate(run, "all", data, device="cpu", out=tmp_path / "other.json")
+    assert "another split" not in (metrics.get("split_leak") or "")
+    split["splits"]["train"], split["splits"]["test"] = split["splits"]["test"], split["splits"]["train"]
+    (run / "splits.json").write_text(json.dumps(split))  # replaced: the sides swapped
+    with pytest.warns(FinescopeWarning, match="trained on another split than"):
+        trainer.evaluate(run, "all", data, device="cpu", out=tmp_path / "replaced.json")
+
+
 def test_a_run_of_a_manifest_listing_images_outside_its_folder_goes_on_after_they_moved(synthetic_root, tmp_path,
                                                                                      capsys):
     """A CSV manifest listing absolute paths outside its folder; the images moved and the manifest was rewritten

@@ -73,6 +73,7 @@ from finescope.data.sources import check_outside_data, grouping_doubt, in_class_
 from finescope.data.splits import (
     listed_digests,
     own_split_leak,
+    rewritten_digests,
     seen_groups,
     split_digest,
     split_digests,
@@ -933,7 +934,11 @@ def _train(cfg: Config, run_dir: Path, resumed: dict | None, progress: bool) -> 
         if not resume:  # a new run's history starts empty (a run stopped before its first checkpoint left one)
             (run_dir / "history.jsonl").unlink(missing_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        save_splits(run_dir / "splits.json", splits, sample_set, extra={"seed": cfg.seed})
+        extra = {"seed": cfg.seed}
+        if resume and (earlier := rewritten_digests(run_dir / "splits.json", resumed.get("split_digest"), splits,
+                                                    sample_set)):
+            extra["earlier_digests"] = earlier  # best.pt of before the rewrite: not "trained on another split"
+        save_splits(run_dir / "splits.json", splits, sample_set, extra=extra)
     optimizer = build_optimizer(model, cfg, device)
     # built once: workers and a memory cache last the whole run. What an epoch reads follows the run's own
     # train.compile (it drops the last incomplete batch and, with data.one_orientation=auto, turns the images):

@@ -460,7 +460,27 @@ def listed_digests(path: str | Path) -> set[str]:
     except FinescopeError:
         return set()
     named = {side: [_key(p) for p in v] for side, v in lists.items()}
-    return {_digest(named), _digest(named, legacy=True)}
+    return {_digest(named), _digest(named, legacy=True), *_earlier_digests(Path(path))}
+
+
+def _earlier_digests(path: Path) -> list[str]:
+    """The digests a run's splits file recorded of its versions before a resume wrote it again
+    (:func:`rewritten_digests`); none when it records none."""
+    extra = json.loads(path.read_text()).get("extra")
+    earlier = extra.get("earlier_digests") if isinstance(extra, dict) else None
+    return [d for d in earlier if isinstance(d, str)] if isinstance(earlier, list) else []
+
+
+def rewritten_digests(path: str | Path, trained: str | None, splits: dict[str, np.ndarray],
+                      sample_set: SampleSet) -> list[str]:
+    """What a run's splits file at ``path`` is to record when a resume writes it again from ``splits`` (images
+    skipped as unreadable since dropped, names matched after a move): the digests of the file as it is now and
+    of its earlier versions, when ``trained`` (the resumed checkpoint's ``split_digest``) is among them. The
+    run's checkpoints of before keep their digest and still read as trained on this file's split, on other data
+    too (:func:`listed_digests`). None when the file is not the split the checkpoint trained on (replaced since:
+    no earlier version to vouch for)."""
+    before = listed_digests(path)
+    return sorted(before - split_digests(splits, sample_set)) if trained in before else []
 
 
 def empty_split_error(split: str, splits: dict[str, np.ndarray], run: str | Path) -> FinescopeError:
