@@ -266,6 +266,38 @@ def test_evaluate_all_of_a_checkpoint_in_another_runs_folder_does_not_count_its_
     assert "trained on another split" in trainer._trained_on_warning(state, less, moved, own_data=False)
 
 
+def test_balanced_class_weights_weigh_each_class_alike_in_the_training_loss(synthetic_root, tmp_path):
+    """train.class_weights=balanced: n / (C * n_c) of the training side (a class absent from it weighs 1), the
+    loss the weighted mean of each image's cross-entropy; a run of imbalanced data trains with it (its first
+    epoch's loss differs from the same run's unweighted one), and a value not offered is refused."""
+    from finescope.data import SampleSet
+    from finescope.data.records import Sample
+    from finescope.engine import compute_loss
+    from finescope.models.network import ModelOutput
+
+    samples = [Sample(f"{i}.png", label, str(i)) for i, label in enumerate([0, 0, 0, 1, 2])]
+    three = SampleSet(samples, ["a", "b", "c"])
+    balanced = load_config(None, ["train.class_weights=balanced"])
+    assert trainer.loss_class_weights(load_config(), three, [0, 1, 2, 3]) is None
+    assert trainer.loss_class_weights(balanced, three, [0, 1, 2, 3]).tolist() == pytest.approx([2 / 3, 2, 1])
+    logits, labels = torch.randn(4, 3), torch.tensor([0, 0, 0, 1])
+    weight = torch.tensor([2 / 3, 2.0, 1.0])
+    each = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    expected = (each * weight[labels]).sum() / weight[labels].sum()
+    assert compute_loss(ModelOutput(logits), labels, class_weight=weight).item() == pytest.approx(expected.item())
+    with pytest.raises(FinescopeError, match="train.class_weights"):
+        load_config(None, ["train.class_weights=inverse"])
+    lines = (synthetic_root / "manifest.csv").read_text().splitlines()  # 20 typical, 6 atypical
+    (tmp_path / "manifest.csv").write_text("\n".join([lines[0], *(
+        f"{synthetic_root}/{line}" for line in lines[1:] if "typical_00" in line and (
+            line.startswith("images/typical") or int(line.split(",")[0][-8:-4]) < 6))]))
+    loss = {}
+    for weights in ("none", "balanced"):
+        _train(tmp_path, tmp_path / weights, "global", 1, ["model.global_size=32", f"train.class_weights={weights}"])
+        loss[weights] = json.loads((tmp_path / weights / "history.jsonl").read_text().splitlines()[0])["train_loss"]
+    assert loss["balanced"] != pytest.approx(loss["none"], rel=1e-4)
+
+
 def test_a_best_pt_of_before_a_resume_that_dropped_a_skipped_image_is_of_the_runs_split(synthetic_root, tmp_path):
     """A resume wrote splits.json again without a training image skipped since (deleted, data.on_error=skip), and its
     epoch did not beat best.pt, which keeps the digest of the split of before. Evaluated on other data (whose split

@@ -119,6 +119,8 @@ class TrainConfig:
     monitor: str = "balanced_accuracy"  # validation metric that picks best.pt
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     label_smoothing: float = 0.0
+    class_weights: str = "none"  # none | balanced: the training loss weighs each class by n / (C * n_c) of the
+    # training side (scikit-learn's 'balanced'), so that a rare class counts in it as much as a common one
     aux_weight: float = 1.0  # lambda: weight of the global head's loss
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "bf16"  # autocast on CUDA: bf16 | fp16 (with loss scaling) | off
@@ -431,6 +433,7 @@ _CHOICES = {
     "model.select_from": ("attention", "evidence"),
     "model.crop_backbone": ("shared", "separate"),
     "train.monitor": ("balanced_accuracy", "accuracy", "macro_f1", "auc", "loss"),
+    "train.class_weights": ("none", "balanced"),
     "train.amp": ("bf16", "fp16", "off"),
     "train.cpu_amp": ("off", "bf16"),
     "train.compile": ("off", "default", "reduce-overhead", "max-autotune"),

@@ -21,11 +21,17 @@ from finescope.models.network import ModelOutput
 from finescope.progress import Progress
 
 
-def compute_loss(out: ModelOutput, labels: torch.Tensor, aux_weight: float = 1.0, label_smoothing: float = 0.0):
-    """CE(y_f, y) + lambda * CE(y_g, y) (method.md step 8); a single CE for variants without a global head."""
-    loss = F.cross_entropy(out.logits.float(), labels, label_smoothing=label_smoothing)
+def compute_loss(out: ModelOutput, labels: torch.Tensor, aux_weight: float = 1.0, label_smoothing: float = 0.0,
+                 class_weight: torch.Tensor | None = None):
+    """CE(y_f, y) + lambda * CE(y_g, y) (method.md step 8); a single CE for variants without a global head.
+    ``class_weight`` (C,) weighs each image's term by its class, each CE then divided by the batch's sum of
+    weights (``F.cross_entropy``'s weighted mean)."""
+    def ce(logits: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), labels, weight=class_weight, label_smoothing=label_smoothing)
+
+    loss = ce(out.logits)
     if out.global_logits is not None and aux_weight > 0:
-        loss = loss + aux_weight * F.cross_entropy(out.global_logits.float(), labels, label_smoothing=label_smoothing)
+        loss = loss + aux_weight * ce(out.global_logits)
     return loss
 
 
@@ -156,6 +162,7 @@ def train_one_epoch(
     *,
     aux_weight: float = 1.0,
     label_smoothing: float = 0.0,
+    class_weight: torch.Tensor | None = None,
     grad_clip: float = 0.0,
     amp: str | bool = "bf16",
     cpu_amp: str = "off",
@@ -183,11 +190,14 @@ def train_one_epoch(
     other ranks waiting in the gradient all-reduce. In a single process it is skipped. A stand-in step leaves the
     BatchNorm running statistics as they were.
 
+    ``class_weight`` (C,), from ``train.class_weights``, weighs the loss's classes (:func:`compute_loss`).
+
     ``scaler`` (from :func:`make_grad_scaler`, kept across epochs and checkpointed) scales the loss under fp16
     autocast; when None one is made for this epoch. ``mark_steps`` tells torch.compile's CUDA graphs where each
     step begins (``train.compile: reduce-overhead``): the outputs of a step are used up within it.
     """
     scaler = scaler if scaler is not None else make_grad_scaler(device, amp)
+    class_weight = None if class_weight is None else class_weight.to(device)
     model.train()
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -212,7 +222,7 @@ def train_one_epoch(
                                          "model.local_size above the backbone's stride (32 for torchvision's, 16 "
                                          "for tiny; global-hires reads the images at their own size), or set "
                                          "train.batch_size so that no batch holds a single image") from None
-            loss = compute_loss(out, labels, aux_weight, label_smoothing)
+            loss = compute_loss(out, labels, aux_weight, label_smoothing, class_weight)
             if per_class is None:  # every rank runs every step (stand-ins too): the same size on every rank
                 per_class = torch.zeros(out.logits.shape[1], device=device, dtype=torch.long)
             optimizer.zero_grad(set_to_none=True)

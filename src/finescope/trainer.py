@@ -1065,6 +1065,22 @@ def _load_samples_rank0_first(cfg: Config) -> SampleSet:
     return dist.rank0_first(lambda: load_samples(cfg.data))
 
 
+def loss_class_weights(cfg: Config, sample_set: SampleSet, train) -> torch.Tensor | None:
+    """The weight of each class in the training loss (C,): under ``train.class_weights=balanced`` n / (C * n_c) of
+    the ``train`` side's n images of its C classes (scikit-learn's ``compute_class_weight('balanced')``), so that
+    each class weighs as much as if all were equal in number; a class with no training image weighs 1 (it is in
+    no training batch). None under ``none``."""
+    if cfg.train.class_weights == "none":
+        return None
+    from sklearn.utils.class_weight import compute_class_weight
+
+    labels = np.asarray(sample_set.labels)[np.asarray(train, dtype=np.int64)]
+    present = np.unique(labels)
+    weights = np.ones(len(sample_set.class_names))
+    weights[present] = compute_class_weight("balanced", classes=present, y=labels)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
 def _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, device, epoch, tracker, run_dir,
                progress, loaders: dict, scaler: torch.amp.GradScaler | None = None) -> dict:
     scaler = scaler if scaler is not None else make_grad_scaler(device, cfg.train.amp)
@@ -1076,7 +1092,8 @@ def _run_epoch(fit_model, model, optimizer, scheduler, sample_set, splits, cfg, 
     lr = optimizer.param_groups[0]["lr"]  # the rate of the epoch's first step
     stats = train_one_epoch(
         fit_model, loaders["train"], optimizer, scheduler,
-        device, aux_weight=t.aux_weight, label_smoothing=t.label_smoothing, grad_clip=t.grad_clip, amp=t.amp,
+        device, aux_weight=t.aux_weight, label_smoothing=t.label_smoothing,
+        class_weight=loss_class_weights(cfg, sample_set, splits["train"]), grad_clip=t.grad_clip, amp=t.amp,
         cpu_amp=t.cpu_amp, channels_last=t.channels_last, progress=progress and dist.is_main(),
         desc=f"epoch {epoch + 1}/{t.epochs}", scaler=scaler, mark_steps=t.compile in CUDA_GRAPH_MODES,
     )
