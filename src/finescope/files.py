@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -19,6 +20,10 @@ TMP_PREFIX = ".finescope-"  # temporary files: ``.finescope-XXXXXXXX.tmp`` besid
 # a file name that is not UTF-8 (Latin-1 names from an old archive) is a str with surrogates on Linux: written
 # back as its own bytes, and read back (errors=ERRORS) as the same str, so that paths in a CSV still match
 ERRORS = "surrogateescape"
+# the figures explain writes in its output folder, as (folder, glob below it, file name): images/NNNNN_<name>.png
+# and evidence/<class>/NN.png; it clears them before a new run, and predict and explain do not take them for data
+EXPLAIN_FIGURES = (("images", "*.png", re.compile(r"\d{5,}_.*\.png")),
+                   ("evidence", "*/*.png", re.compile(r"\d{2,}\.png")))
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 from finescope.config import DataConfig
 from finescope.data.records import Sample, SampleSet
 from finescope.errors import SKIP_ADVICE, FinescopeError, FinescopeWarning
+from finescope.files import EXPLAIN_FIGURES
 
 SUPPORTED_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
@@ -301,10 +302,9 @@ def _special(path: str) -> bool:
 
 # the figures finescope writes, by name and by the file beside them that marks them finescope's: a report's
 # (REPORT_files/figure_N.png beside REPORT.md or .html), explain's gallery (OUT/images/NNNNN_<name>.png,
-# OUT/evidence/<class>/NN.png and OUT/faithfulness.png beside OUT/faithfulness.json: explain/runner.py's _FIGURES)
-# and the demo's overlay (attention_overlay.png beside demo_results.json)
+# OUT/evidence/<class>/NN.png and OUT/faithfulness.png beside OUT/faithfulness.json: EXPLAIN_FIGURES) and the
+# demo's overlay (attention_overlay.png beside demo_results.json)
 _REPORT_FIGURE = re.compile(r"figure_\d+\.png")
-_EXPLAIN_IMAGE, _EXPLAIN_EVIDENCE = re.compile(r"\d{5,}_.*\.png"), re.compile(r"\d{2,}\.png")
 
 
 def _finescope_figure(f: Path) -> bool:
@@ -313,10 +313,10 @@ def _finescope_figure(f: Path) -> bool:
     if _REPORT_FIGURE.fullmatch(f.name) and d.name.endswith("_files"):
         stem = d.name.removesuffix("_files")
         return (d.parent / f"{stem}.md").is_file() or (d.parent / f"{stem}.html").is_file()
-    if _EXPLAIN_IMAGE.fullmatch(f.name) and d.name == "images":
-        return (d.parent / "faithfulness.json").is_file()
-    if _EXPLAIN_EVIDENCE.fullmatch(f.name) and d.parent.name == "evidence":
-        return (d.parent.parent / "faithfulness.json").is_file()
+    for sub, pattern, name in EXPLAIN_FIGURES:  # OUT/sub/..., as deep below sub as its pattern
+        depth = pattern.count("/") + 1
+        if name.fullmatch(f.name) and len(f.parents) > depth and f.parents[depth - 1].name == sub:
+            return (f.parents[depth] / "faithfulness.json").is_file()
     marks = {"faithfulness.png": "faithfulness.json", "attention_overlay.png": "demo_results.json"}
     return f.name in marks and (d / marks[f.name]).is_file()
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import errno
 import os
-import re
 import shutil
 import socket
 import tempfile
@@ -48,7 +47,7 @@ from finescope.explain.inputs import (
 from finescope.explain.maps import NORMALISATIONS, map_peak
 from finescope.explain.methods import CamExplainer, resolve_methods
 from finescope.explain.overlay import save_explanation_figure, save_figure
-from finescope.files import atomic_open, json_text, write_bytes, write_text
+from finescope.files import EXPLAIN_FIGURES, atomic_open, json_text, write_bytes, write_text
 from finescope.progress import Progress
 
 
@@ -312,10 +311,6 @@ def default_out(checkpoint: str | Path, split: str | None) -> Path:
     return p / f"explain_{split or 'files'}" if p.is_dir() else Path("explain")
 
 
-# the figures explain writes: images/NNNNN_<name>.png and evidence/<class>/NN.png
-_FIGURES = (("images", "*.png", re.compile(r"\d{5,}_.*\.png")), ("evidence", "*/*.png", re.compile(r"\d{2,}\.png")))
-
-
 # what says that a folder holds a finished explanation (trainer's warning reads results.csv's time)
 _RECORDS = ("index.html", "results.csv", "faithfulness.json")
 STAGE_PREFIX = ".finescope-explain-"  # the hidden folder in ``out`` where a run draws its figures
@@ -340,7 +335,7 @@ def _check_out(out: Path, paths) -> None:
             raise FinescopeError(f"the output folder '{out}' is inside '{p}', a folder to explain: a second run would "
                                  "take this run's figures (images/, evidence/) for images to explain; choose an --out "
                                  "outside it")
-        for sub, _, _ in _FIGURES:
+        for sub, _, _ in EXPLAIN_FIGURES:
             if folder.is_relative_to(where / sub):
                 raise FinescopeError(f"'{p}' is inside '{out / sub}', where explain writes its figures: a second run "
                                      "would explain them; choose an --out outside it")
@@ -397,7 +392,7 @@ def _clear_previous(out: Path, keep: set[str]) -> None:
     """Remove the figures an earlier explain run left in ``out``'s images/ and evidence/ folders. Only files
     named as explain names them go, and never one of the images to explain (``keep``, real paths): an ``--out``
     that holds the user's own images/ folder keeps it."""
-    for sub, pattern, name in _FIGURES:
+    for sub, pattern, name in EXPLAIN_FIGURES:
         for png in (out / sub).glob(pattern):
             if name.fullmatch(png.name) and os.path.realpath(png) not in keep:
                 png.unlink()
