@@ -425,6 +425,34 @@ def test_csv_without_group_or_split(tmp_path):
         load_samples(DataConfig(source="csv", root=str(named)))
 
 
+def test_a_csv_whose_group_column_looks_like_no_patients_says_so(tmp_path, recwarn):
+    """A CSV manifest whose group or patient column held magnifications ('40X', '100X') or one name for every
+    image ('SOB') was read without a word, where the same grouping by folders warns: one patient's images then sat
+    on both sides of a split. It now warns in one line naming the CSV and its column, and what to write there."""
+    breast = make_breakhis_tree(tmp_path / "bh") / "BreaKHis_v1/histology_slides/breast"
+    images = sorted(breast.rglob("*.png"))
+    rows = [[p.relative_to(tmp_path).as_posix(), p.parts[len(breast.parts)], parse_breakhis_name(p.name)]
+            for p in images]
+    sob = write_csv(tmp_path / "sob.csv", ["path", "label", "group"], [[p, c, "SOB"] for p, c, _ in rows])
+    with pytest.warns(FinescopeWarning, match=r"^CSV manifest '.*sob\.csv' groups the images by its 'group' column, "
+                      r"and the group 'SOB' holds the images of 5 BreakHis patients \(4 case numbers, .*"
+                      r"data\.source=breakhis .*write each image's case number in the 'group' column of '.*sob\.csv'"):
+        load_samples(DataConfig(source="csv", root=str(sob)))
+    mags = write_csv(tmp_path / "mags.csv", ["path", "label", "patient"],
+                     [[p, c, f"{info['magnification']}X"] for p, c, info in rows])
+    with pytest.warns(FinescopeWarning, match=r"^CSV manifest '.*mags\.csv' groups the images by its 'patient' "
+                      r"column, and the groups '100X', '400X', '40X' read as magnifications, not patients") as w:
+        load_samples(DataConfig(source="csv", root=str(mags)))
+    assert "group_pattern" not in str(w[0].message) and "data.source=folder" not in str(w[0].message)
+    assert "'magnification' column" in str(w[0].message)
+    recwarn.clear()  # the patients' case numbers, or the patients with their case as the group: no word
+    cases = write_csv(tmp_path / "cases.csv", ["path", "label", "patient"], [[p, c, i["case"]] for p, c, i in rows])
+    load_samples(DataConfig(source="csv", root=str(cases)))
+    both = write_csv(tmp_path / "both.csv", ["path", "label", "group", "patient"],
+                     [[p, c, i["case"], i["patient"]] for p, c, i in rows])
+    load_samples(DataConfig(source="csv", root=str(both)))
+    assert not [w for w in recwarn if issubclass(w.category, FinescopeWarning)]
+
 def test_csv_errors(tmp_path):
     tiny_png(tmp_path / "a.png")
     bad = write_csv(tmp_path / "nolabel.csv", ["path", "group"], [["a.png", "g"]])
@@ -504,6 +532,23 @@ def test_real_breakhis(task, n_classes, recwarn):
         assert np.bincount(ss.labels).tolist() == [168, 128]
     assert {s.group for s in ss.samples if s.meta["patient"] in ("22549AB", "22549CD", "22549G")} == {"22549"}
 
+
+@realdata
+@pytest.mark.realdata
+def test_a_csv_of_the_real_breakhis_images_by_case_number_is_read_without_a_word(tmp_path, recwarn):
+    """The CSV grouping check on real data: BreakHis images listed with their case number as the group (and
+    their patient) give no warning; by patient folder alone (22549AB, 22549CD: one case) they are named."""
+    images = sorted((SHARED_DATA / "breakhis").rglob("*.png"))
+    rows = [(str(p), parse_breakhis_name(p.name)) for p in images]
+    both = write_csv(tmp_path / "both.csv", ["path", "label", "group", "patient"],
+                     [[p, i["tumor_class"], i["case"], i["patient"]] for p, i in rows])
+    assert len(set(load_samples(DataConfig(source="csv", root=str(both))).groups)) == 14
+    assert not [w for w in recwarn if issubclass(w.category, FinescopeWarning)]
+    patients = write_csv(tmp_path / "patients.csv", ["path", "label", "patient"],
+                         [[p, i["tumor_class"], i["patient"]] for p, i in rows])
+    with pytest.warns(FinescopeWarning, match=r"by its 'patient' column, and the BreakHis case number \d+ .*lies in "
+                      r"the groups .*write each image's case number in a 'group' column"):
+        load_samples(DataConfig(source="csv", root=str(patients)))
 
 @realdata
 @pytest.mark.realdata

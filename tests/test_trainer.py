@@ -962,6 +962,29 @@ def test_an_empty_split_from_groups_that_look_like_no_patients_points_at_the_gro
     assert "Else add data, or set data.val_fraction=0" in val
 
 
+def test_an_empty_split_from_a_csv_column_that_looks_like_no_patients_points_at_that_column(tmp_path):
+    """A CSV manifest whose group column names one thing for every image ('SOB') is warned about as a folder's
+    groups are; the empty sides of its split point at that warning, not at data.source=folder's groups."""
+    from PIL import Image
+
+    from finescope.data import load_samples, split_groups
+
+    rows = ["path,label,group"]
+    for cls in ("a", "b"):
+        for n in range(20):
+            Image.new("RGB", (8, 6), (90, 40, 160)).save(tmp_path / f"{cls}{n}.png")
+            rows.append(f"{cls}{n}.png,{cls},SOB")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    cfg = load_config(None, ["data.source=csv", f"data.root={tmp_path / 'm.csv'}"])
+    with pytest.warns(FinescopeWarning, match=r"^CSV manifest '.*m\.csv' groups the images by its 'group' column, and "
+                      r"the group 'SOB' holds every image of class a and images of every other class too \(40 images\): a group such "
+                      r"as this is rarely one patient"):
+        data = load_samples(cfg.data)
+    val, test = trainer.thin_split_warnings(split_groups(data.labels, data.groups, 0.3, 0.15, 0), data, cfg, True)
+    assert "the groups look like no patients (see the warning on the CSV manifest's groups)" in val
+    assert "Group the images by patient as that warning says" in val and "data.source=folder" not in val + test
+
+
 def test_a_new_run_of_a_real_backbone_from_random_weights_says_how_to_start_from_imagenet(synthetic_root, tmp_path,
                                                                                            monkeypatch):
     """configs/breakhis_binary.yaml (model.weights empty, model.pretrained false) trained MobileNetV2 from random

@@ -423,7 +423,7 @@ def thin_split_warnings(splits: dict[str, np.ndarray], sample_set: SampleSet, cf
     the class has 2, and to validation when 3 remain after test), a test side that lacks some classes, whose
     metrics then describe the others only, and a validation side of one class under ``train.monitor: auc``,
     which it cannot measure, or (drawn) one without some trained classes, which early stopping then ignores.
-    An empty side of a ``folder`` source whose groups look like no patients
+    An empty side of a ``folder`` source or CSV manifest whose groups look like no patients
     (:func:`~finescope.data.sources.grouping_doubt`) points at the grouping instead of asking for more data."""
     messages = []
     trained = {sample_set.labels[i] for i in np.asarray(splits.get("train", []), dtype=np.int64).tolist()}
@@ -439,7 +439,8 @@ def thin_split_warnings(splits: dict[str, np.ndarray], sample_set: SampleSet, cf
                "(grouped splits keep each patient on one side)")
     add = "Add data"
     if grouping_doubt(sample_set, cfg.data):  # load_samples warned how the images are grouped and what to do
-        too_few += ": the groups look like no patients (see the warning on data.source=folder's groups)"
+        whose = "data.source=folder's groups" if cfg.data.source == "folder" else "the CSV manifest's groups"
+        too_few += f": the groups look like no patients (see the warning on {whose})"
         add = "Group the images by patient as that warning says"
     elif few := grouping_doubt(sample_set, cfg.data, thin=True):  # few groups of many images: patients or not?
         too_few, add = f"{too_few}; {few}", "Else add data"

@@ -42,6 +42,8 @@ class SampleSet:
         preset_splits: for a CSV manifest with a ``split`` column, that column (train/val/test per sample).
         manifest: the CSV manifest read (``csv`` and ``synthetic`` sources; ``root`` is then its folder, which its
             relative paths are read from), else empty.
+        group_column: the manifest's column the groups come from (``group``, else ``patient``); empty for other
+            sources and for a manifest of neither column (each image its own group).
     """
 
     samples: list[Sample]
@@ -50,6 +52,7 @@ class SampleSet:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     preset_splits: list[str] | None = None
     manifest: str = ""
+    group_column: str = ""
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -82,6 +82,7 @@ class _Scan(NamedTuple):
     skipped: list[tuple[str, str]]
     no_groups: str = ""  # when no image's group was given (each its own): what the data lacks and how to give one
     manifest: str = ""  # the CSV read (csv and synthetic sources), its relative paths read from ``root``
+    group_column: str = ""  # the manifest's column of groups, '' where it has none
 
 
 def load_samples(
@@ -188,7 +189,7 @@ def _to_sample_set(
     has_split = any(f.split is not None for f in found)
     preset = [f.split or "" for f in found] if has_split else None
     return SampleSet(samples, names, root=scan.root, skipped=list(scan.skipped), preset_splits=preset,
-                     manifest=scan.manifest)
+                     manifest=scan.manifest, group_column=scan.group_column)
 
 
 def class_index(name: str, class_names: Sequence[str]) -> int:
@@ -604,26 +605,27 @@ FEW_GROUPS, BIG_GROUP = 2, 20  # a class in at most 2 groups of 20 or more image
 
 
 def grouping_doubt(sample_set: SampleSet, cfg: DataConfig, thin: bool = False) -> str:
-    """Why the groups of a ``folder`` source look like no patients, as one sentence that says how the images are
-    grouped and how to group them by patient; '' when they look right, or for another source.
+    """Why the groups of a ``folder`` source, or of a CSV manifest's group or patient column, look like no
+    patients, as one sentence that says how the images are grouped and how to group them by patient; '' when they
+    look right, or for another source (or a manifest of neither column: each image its own group, warned apart).
 
-    Signs: group names that read as magnifications (``root/<class>/40X/<patient>/...``: one patient's images at
-    two magnifications are two groups, which a split puts on two sides); original BreakHis file names of one case
-    number in two groups or of several cases in one (``breast/<class>/SOB/...``: the folder 'SOB' is each class's
-    only group); a class whose images all lie in one group that holds images of every other class too, and
-    :data:`BIG_GROUP` images or more per class (a folder such as 'images' below each class folder). With
-    ``thin`` (a split found too few groups) also a class whose images lie in :data:`FEW_GROUPS` groups or fewer of
-    :data:`BIG_GROUP` images or more each (the sentence then says where those are no patients).
+    Signs: group names that read as magnifications (``root/<class>/40X/<patient>/...``, or a patient column of
+    '40X': one patient's images at two magnifications are two groups, which a split puts on two sides); original
+    BreakHis file names of one case number in two groups or of several cases in one (``breast/<class>/SOB/...``:
+    the folder 'SOB' is each class's only group); a class whose images all lie in one group that holds images of
+    every other class too, and :data:`BIG_GROUP` images or more per class (a folder such as 'images' below each
+    class folder). With ``thin`` (a split found too few groups) also a class whose images lie in
+    :data:`FEW_GROUPS` groups or fewer of :data:`BIG_GROUP` images or more each (the sentence then says where
+    those are no patients).
     """
-    if cfg.source != "folder" or not sample_set.samples:
+    by, fix = _grouping_of(sample_set, cfg)
+    if not by or not sample_set.samples:
         return ""
     images: dict[str, int] = {}
     classes: dict[str, set[int]] = {}
     for s in sample_set.samples:
         images[s.group] = images.get(s.group, 0) + 1
         classes.setdefault(s.group, set()).add(s.label)
-    how = (f"data.group_pattern {cfg.group_pattern!r}" if cfg.group_pattern else
-           "the first sub-folder below each class folder")
     names = [f"'{g}'" for g in sorted(images) if MAGNIFICATION_NAME.fullmatch(g)]
     breakhis = _breakhis_doubt(sample_set)
     by_class = {c: sorted(g for g, cs in classes.items() if c in cs) for c in range(len(sample_set.class_names))}
@@ -631,28 +633,49 @@ def grouping_doubt(sample_set: SampleSet, cfg: DataConfig, thin: bool = False) -
     shared = [(c, gs[0]) for c, gs in by_class.items()  # one group, of every class, 20+ images per class
               if len(gs) == 1 and k > 1 and len(classes[gs[0]]) == k and images[gs[0]] >= BIG_GROUP * k]
     if names:
-        why = (f"the groups {', '.join(names[:4])} read as magnifications, not patients: one patient's images at two "
-               "magnifications are two groups, which a split puts on two sides")
+        why = (f"the group{'s' if len(names) > 1 else ''} {', '.join(names[:4])} read{'' if len(names) > 1 else 's'} "
+               "as magnifications, not patients: one patient's images at two magnifications are two groups, which a "
+               "split puts on two sides")
     elif breakhis:
         why = breakhis
     elif shared:
         c, g = shared[0]
         why = (f"the group '{g}' holds every image of class {sample_set.class_names[c]} and images of every other "
-               f"class too ({images[g]} images): a folder such as this is rarely one patient, and a split finds too "
-               "few groups")
+               f"class too ({images[g]} images): a {'folder' if cfg.source == 'folder' else 'group'} such as this is "
+               "rarely one patient, and a split finds too few groups")
     elif thin and (few := [(c, gs) for c, gs in by_class.items() if 0 < len(gs) <= FEW_GROUPS
                            and sum(images[g] for g in gs) >= BIG_GROUP * len(gs)]):
         c, gs = few[0]
         n = sum(1 for s in sample_set.samples if s.label == c)
-        return (f"data.source=folder groups the images by {how}, which gives class {sample_set.class_names[c]} "
-                f"{len(gs)} group{'s' if len(gs) > 1 else ''} ({', '.join(repr(g) for g in gs)}) for its {n} "
-                f"images; where those are no patients, {GROUPING_FIX}")
+        return (f"{by}, which gives class {sample_set.class_names[c]} {len(gs)} group{'s' if len(gs) > 1 else ''} "
+                f"({', '.join(repr(g) for g in gs)}) for its {n} images; where those are no patients, {fix}")
     else:
         return ""
-    advice = ("read them with data.source=breakhis (the same data.root: it reads class, patient and magnification "
-              "from the file names and groups by the patient's case number), or " if breakhis or
-              _breakhis_names(sample_set) else "")
-    return f"data.source=folder groups the images by {how}, and {why}; group them by patient: {advice}{GROUPING_FIX}"
+    named = breakhis or _breakhis_names(sample_set)
+    where = "the same data.root" if cfg.source == "folder" else "data.root their folder"
+    advice = (f"read them with data.source=breakhis ({where}: it reads class, patient and magnification from the "
+              "file names and groups by the patient's case number), or " if named else "")
+    if cfg.source == "csv" and named:  # a patient column of 22549AB and 22549CD: one case, so one group
+        fix = (f"write each image's case number in {'the' if sample_set.group_column == 'group' else 'a'} 'group' "
+               f"column of '{sample_set.manifest}' (22549 for the patients 22549AB and 22549CD, one case; a 'patient' "
+               "column keeps the patient for patient-level metrics)")
+    if cfg.source == "csv" and names:
+        fix += "; a 'magnification' column holds the magnifications"
+    return f"{by}, and {why}; group them by patient: {advice}{fix}"
+
+
+def _grouping_of(sample_set: SampleSet, cfg: DataConfig) -> tuple[str, str]:
+    """How a ``folder`` source or a CSV manifest's column groups the images, and how to group them by patient
+    instead; ('', '') for another source or a manifest of no group or patient column."""
+    if cfg.source == "folder":
+        how = (f"data.group_pattern {cfg.group_pattern!r}" if cfg.group_pattern else
+               "the first sub-folder below each class folder")
+        return f"data.source=folder groups the images by {how}", GROUPING_FIX
+    if cfg.source == "csv" and sample_set.group_column:
+        column, manifest = sample_set.group_column, sample_set.manifest
+        return (f"CSV manifest '{manifest}' groups the images by its '{column}' column",
+                f"write each image's patient (or specimen) in the '{column}' column of '{manifest}'")
+    return "", ""
 
 
 GROUPING_FIX = ("set data.group_pattern to a regex whose first capture group is the patient id (searched in the file "
@@ -892,7 +915,8 @@ def read_manifest(manifest: Path, cfg: DataConfig) -> _Scan:
         f"CSV manifest '{manifest}' has no 'group' or 'patient' column"
         + (f" (its other columns: {', '.join(others)}; rename the patient or specimen column to 'group')" if others
            else " (add one naming each image's patient or specimen)"))
-    return _Scan(found, class_order({f.label for f in found}), str(manifest.parent), skipped, no_groups, str(manifest))
+    return _Scan(found, class_order({f.label for f in found}), str(manifest.parent), skipped, no_groups, str(manifest),
+                 _group_column(header))
 
 
 def _scan_csv(cfg: DataConfig) -> _Scan:
