@@ -228,6 +228,38 @@ def test_a_manifests_images_outside_its_folder_keep_their_split_when_they_move(t
         load_splits(path, SampleSet(sample_set(tmp_path / "proj" / "other").samples, ["a", "b"], root=inside.root))
 
 
+def test_an_image_added_outside_a_manifests_moved_images_is_the_one_named(tmp_path):
+    """A CSV manifest listing images outside its folder; the images moved (disk2/scope) and an image was added
+    beside them (disk2/extra/new.png). load_splits matched no listed image any more (their innermost common folder
+    was disk2, no longer disk2/scope) and said '12 listed images are not in data.root ..., e.g.
+    ../scope1/data/c0/img00.png', the run's old images, not the new one that did not fit. The listed images are
+    matched where they moved, and the new one is named as in no split, with what to do; evaluate --split all of
+    that data counts the run's training images among them (it counted none)."""
+    from finescope.data.splits import _match, trained_on
+
+    def listed(images: Path, added: tuple[Path, ...] = ()) -> SampleSet:  # as read from tmp_path/proj/manifest.csv
+        samples = [*sample_set(images).samples, *(Sample(str(p), 0, f"new{i}") for i, p in enumerate(added))]
+        return SampleSet(sorted(samples, key=lambda s: s.path), ["a", "b"], root=str(tmp_path / "proj"))
+
+    before = listed(tmp_path / "scope1" / "data")
+    splits = split_groups(before.labels, before.groups, 0.3, 0.2, seed=0)
+    path = tmp_path / "run" / "splits.json"
+    save_splits(path, splits, before)
+    new = tmp_path / "disk2" / "extra" / "new.png"
+    with pytest.raises(FinescopeError, match=r"^splits file '.*splits\.json' does not match the data: 1 images in "
+                       r"data\.root are in no split, e\.g\. '.*disk2/extra/new\.png' \(added since the split was "
+                       r"made\?\); leave them out of the data .*, or point data\.root at the data") as e:
+        load_splits(path, listed(tmp_path / "disk2" / "scope", (new,)), own=True,
+                    fix="point data.root at the data this run was trained on")
+    assert "scope1" not in str(e.value) and "\n" not in str(e.value)
+    with_new = listed(tmp_path / "disk2" / "scope", (new,))  # the run's images are found where they moved
+    index = _match([p for v in json.loads(path.read_text())["splits"].values() for p in v], with_new)[0]
+    assert sorted(with_new.samples[i].path for i in index.values()) == sorted(
+        s.path for s in listed(tmp_path / "disk2" / "scope").samples)
+    n_seen = len(splits["train"]) + len(splits["val"])
+    assert f"{n_seen} of the 13 images" in trained_on(path, with_new)  # was None: no warning, split_leak null
+
+
 def test_the_images_a_run_trained_on_are_counted_after_a_manifests_images_outside_its_folder_moved(tmp_path):
     """A CSV manifest listing images outside its folder keeps its split after they moved (the manifest rewritten
     with their new paths), but evaluate --split all of that data counted none of them as trained on (trained_on

@@ -276,11 +276,29 @@ def _below_common(keys: Sequence[str]) -> list[str]:
     return ["/".join(k.split("/")[n:]) for k in keys]
 
 
+def _below_listed(keys: Sequence[str], tails: set[str]) -> list[str]:
+    """``keys`` (relative paths) relative to the folder below which most of them are one of ``tails`` (listed
+    images by their path below the innermost folder holding them): where those moved together, whatever the data
+    holds beside them (an image added outside their folder, which :func:`_below_common` of all would take in);
+    a key outside that folder is named as no tail is ('/' first). Without such a folder, :func:`_below_common`."""
+    found: dict[str, int] = {}
+    for k in keys:
+        parts = k.split("/")
+        for j in range(len(parts)):
+            if "/".join(parts[j:]) in tails:
+                found["/".join(parts[:j])] = found.get("/".join(parts[:j]), 0) + 1
+    if not found:
+        return _below_common(keys)
+    folder = max(found, key=lambda f: (found[f], f))
+    return [k if not folder else k[len(folder) + 1:] if k.startswith(folder + "/") else "/" + k for k in keys]
+
+
 def _match(listed: Sequence[str], sample_set: SampleSet) -> tuple[dict[str, int], set[str]]:
     """Where the paths a splits file lists (``_key``'d) are in ``sample_set``: listed path -> sample index, and the
     listed paths of images the source skipped. By their path relative to the root; where that leaves some
     unmatched and images lie outside it (a manifest's absolute paths outside the CSV's folder, moved since with
-    the manifest rewritten), by their path below the innermost folder holding the listed ones, and the data's."""
+    the manifest rewritten), by their path below the innermost folder holding the listed ones, and the data's
+    below the folder where most of those are found (:func:`_below_listed`)."""
     rel = [_key(_relative(s.path, sample_set.root)) for s in sample_set.samples]
     skipped = [_key(_relative(p, sample_set.root)) for p, _ in sample_set.skipped]
     index, gone = {p: i for i, p in enumerate(rel)}, set(skipped)
@@ -288,7 +306,7 @@ def _match(listed: Sequence[str], sample_set: SampleSet) -> tuple[dict[str, int]
         return {p: index[p] for p in listed if p in index}, gone & set(listed)
     unique = sorted(set(listed))
     theirs = dict(zip(unique, _below_common(unique)))
-    mine = _below_common(rel + skipped)
+    mine = _below_listed(rel + skipped, set(theirs.values()))
     index, gone = {p: i for i, p in enumerate(mine[:len(rel)])}, set(mine[len(rel):])
     return ({p: index[theirs[p]] for p in unique if theirs[p] in index},
             {p for p in unique if theirs[p] in gone})
@@ -410,7 +428,8 @@ def load_splits(path: str | Path, sample_set: SampleSet, fix: str = "draw new sp
     if uncovered:
         raise FinescopeError(
             f"splits file '{path}' does not match the data: {len(uncovered)} images in data.root are in no split, "
-            f"e.g. '{uncovered[0]}'; {fix}"
+            f"e.g. '{uncovered[0]}' (added since the split was made?); leave them out of the data (a CSV manifest: "
+            f"remove their rows), or {fix}"
         )
     if not own:
         try:
