@@ -453,6 +453,16 @@ def test_a_csv_whose_group_column_looks_like_no_patients_says_so(tmp_path, recwa
     load_samples(DataConfig(source="csv", root=str(both)))
     assert not [w for w in recwarn if issubclass(w.category, FinescopeWarning)]
 
+@pytest.mark.parametrize("source", ["breakhis", "folder", "synthetic"])
+def test_a_csv_given_as_data_root_of_another_source_says_to_set_data_source_csv(tmp_path, source):
+    """data.root=my.csv under a config of another source (the default synthetic one, a BreakHis or a folder
+    config) said it needs a folder, and the synthetic source 'give a new or empty one', which would train on
+    generated images: none said that data.source=csv reads a CSV manifest."""
+    manifest = make_csv(tmp_path / "set")
+    with pytest.raises(FinescopeError, match=rf"^data\.root '.*manifest\.csv' is a file; data\.source={source} .*; "
+                       r"to read the images this CSV manifest lists, set data\.source=csv$"):
+        load_samples(DataConfig(source=source, root=str(manifest)))
+
 def test_csv_errors(tmp_path):
     tiny_png(tmp_path / "a.png")
     bad = write_csv(tmp_path / "nolabel.csv", ["path", "group"], [["a.png", "g"]])

@@ -248,6 +248,12 @@ def _check_case(scan: _Scan) -> None:
 # ----------------------------------------------------------------------------------------------- discovery
 
 
+def _manifest_hint(root: str | Path) -> str:
+    """For a file given as data.root to a source that reads folders: how to read it where it is a CSV manifest."""
+    csv_file = Path(root).suffix.lower() in (".csv", ".tsv")
+    return "; to read the images this CSV manifest lists, set data.source=csv" if csv_file else ""
+
+
 def _check_root(root: str, what: str) -> Path:
     """The root as an absolute path; raise when it does not exist."""
     path = Path(os.path.abspath(os.path.expanduser(root))) if root else None
@@ -491,7 +497,7 @@ def _scan_breakhis(cfg: DataConfig) -> _Scan:
     )
     if root.is_file():
         raise FinescopeError(f"data.root '{cfg.root}' is a file; data.source=breakhis needs the BreakHis folder (the "
-                             "one holding BreaKHis_v1, or a folder of its images)")
+                             f"one holding BreaKHis_v1, or a folder of its images){_manifest_hint(root)}")
     files = find_images(root)
     if not files:
         raise _no_images(root)
@@ -545,7 +551,7 @@ def _scan_folder(cfg: DataConfig) -> _Scan:
     root = _check_root(cfg.root, "a folder with one sub-folder of images per class")
     if not root.is_dir():
         raise FinescopeError(
-            f"data.root '{root}' is a file; data.source=folder needs root/<class>/<image> folders"
+            f"data.root '{root}' is a file; data.source=folder needs root/<class>/<image> folders{_manifest_hint(root)}"
         )
     pattern = _compile_group_pattern(cfg.group_pattern)
     classes = class_order(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -927,6 +933,9 @@ def _scan_synthetic(cfg: DataConfig) -> _Scan:
     """Generate the synthetic set under ``cfg.root`` if needed (seed 0) and read its manifest."""
     from finescope.data.synthetic import ensure_synthetic
 
+    if os.path.isfile(cfg.root):  # e.g. data.root=my.csv with the default source
+        raise FinescopeError(f"data.root '{cfg.root}' is a file; data.source=synthetic generates its images into a "
+                             f"folder (give a new or empty one){_manifest_hint(cfg.root)}")
     manifest = ensure_synthetic(Path(cfg.root), cfg.synthetic_per_class, cfg.synthetic_size, 0)
     return read_manifest(Path(os.path.abspath(manifest)), cfg)
 
