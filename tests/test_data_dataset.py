@@ -442,7 +442,7 @@ def test_describe_samples(tmp_path):
     assert d["image_sizes"] == {"20x10": 3}
     assert [Path(p).name for p, _ in d["unreadable"]] == ["img2.png"]
     assert d["per_magnification"] == {40: 1}
-    assert d["duplicates_across_groups"] == 1
+    assert d["duplicates_across_groups"] == 1 and d["duplicates_joined"] == 0
     text = format_description(d)
     assert "img2.png" in text and "20x10: 3" in text and "copy.png" in text
     assert "image_sizes" not in describe_samples(SampleSet(samples, ["a", "b"]), read_images=False)

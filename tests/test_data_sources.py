@@ -600,13 +600,15 @@ def test_merge_duplicates_joins_groups_of_identical_files(tmp_path):
 @pytest.mark.realdata
 def test_real_defungi_duplicates_never_span_groups_when_merged():
     from finescope.config import load_config
-    from finescope.data.summary import describe_samples
+    from finescope.data.summary import describe_samples, format_description
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "configs" / "defungi.yaml", [f"data.root={SHARED_DATA / 'defungi'}"])
     assert cfg.data.merge_duplicates
     d = describe_samples(load_samples(cfg.data), read_images=True)
     assert d["duplicates"] and d["duplicates_across_groups"] == 0
+    # the sets the merge joined, which the config's comment counts (finescope data said 0 spanning two groups)
+    assert d["duplicates_joined"] == 19 and "(19 spanned two of the data's groups" in format_description(d)
 
 
 def test_synthetic_generation_resumes_an_interrupted_one_and_refuses_other_folders(tmp_path):

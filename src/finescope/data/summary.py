@@ -132,7 +132,9 @@ def describe_samples(sample_set: SampleSet, read_images: bool = True, min_side: 
         of two or more classes), ``images_per_group`` (min/median/max), ``per_magnification``
         ({40: n, ...} when the samples have one), ``image_sizes`` ({"700x460": n}, width x height),
         ``unreadable`` ([(path, reason)]) with ``on_error``, ``duplicates`` (lists of byte-identical files),
-        ``duplicates_across_groups`` (how many of those lists span two groups: a possible leak), ``too_small``
+        ``duplicates_across_groups`` (how many of those lists span two groups: a possible leak),
+        ``duplicates_joined`` (how many spanned two of the data's groups before ``data.merge_duplicates`` joined
+        them: its ``meta['source_group']``), ``too_small``
         ([(path, "WxH")] below ``min_side``, with ``min_side``), ``too_thin`` ([(path, "WxH")], with ``view_side``),
         ``almost_black`` ([(path, brightest value)] at most
         16 of 255: e.g. 12-bit camera data in a 16-bit file, which ``bit_depth`` 0 reads as value * 255 / 65535),
@@ -177,6 +179,9 @@ def describe_samples(sample_set: SampleSet, read_images: bool = True, min_side: 
         out["unreadable"] = [[p, r.removesuffix(SKIP_ADVICE) if on_error == "skip" else r] for p, r in unreadable]
         out["duplicates"] = duplicates
         out["duplicates_across_groups"] = sum(len({group_of[p] for p in d}) > 1 for d in duplicates)
+        source_of = {s.path: s.meta.get("source_group", s.group) for s in samples}
+        out["duplicates_joined"] = sum(len({source_of[p] for p in d}) > len({group_of[p] for p in d})
+                                       for d in duplicates)
         out["min_side"], out["too_small"] = min_side, [list(x) for x in small]
         out["view_side"], out["too_thin"] = view_side, [list(x) for x in thin]
         out["bit_depth"], out["almost_black"] = bit_depth, [list(x) for x in dark]
@@ -259,8 +264,10 @@ def _problems(d: dict[str, Any]) -> list[str]:
         lines.append(f"skipped by the source: {len(d['skipped'])}")
         lines += [f"  {_rel(p, root)}: {reason}" for p, reason in d["skipped"][:20]]
     dup = d["duplicates"]
+    joined = d.get("duplicates_joined", 0)
     lines.append(
         f"byte-identical duplicates: {len(dup)} sets, {d['duplicates_across_groups']} spanning two groups"
+        + (f" ({joined} spanned two of the data's groups, joined in one by data.merge_duplicates)" if joined else "")
     )
     lines += ["  " + " = ".join(_rel(p, root) for p in paths) for paths in dup[:10]]
     if len(dup) > 10:
