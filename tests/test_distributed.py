@@ -750,6 +750,27 @@ def test_sync_bn_conversion_keeps_the_state_and_is_refused_on_the_cpu(monkeypatc
         dist.wrap_model(model, torch.device("cpu"), sync_bn=True)
 
 
+def test_a_resume_with_processes_the_run_cannot_use_names_what_resumes_it(tmp_path, monkeypatch):
+    """--resume of a run with train.batch_size 5 under 2 processes said 'use a multiple of 2', and of a run with
+    train.sync_bn under torchrun on the CPU 'set it to false': --resume then refused the changed config. Both
+    now say what resumes the run (a number of processes that divides the batch; CUDA, or one process)."""
+    from finescope import distributed as dist
+    from finescope import trainer
+    from finescope.errors import FinescopeError
+
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    with pytest.raises(FinescopeError, match=r"must be divisible by the 2 processes; --resume keeps the run's batch: "
+                                             r"resume it with a number of processes that divides 5 \(1, 5\)$"):
+        trainer.train(_cfg(tmp_path / "data", batch_size=5), tmp_path / "run", resume=True)
+    with pytest.raises(FinescopeError, match="use a multiple of 2$"):  # a new run may change it
+        dist.per_rank_batch(5)
+    monkeypatch.setattr(dist, "is_distributed", lambda: True)
+    with pytest.raises(FinescopeError, match=r"no CPU kernel\); --resume keeps the run's setting: resume it on CUDA "
+                                             r"GPUs, or in one process \(where it changes nothing\)$"):
+        dist.check_sync_bn(True, torch.device("cpu"), resume=True)
+    assert not (tmp_path / "run").exists()
+
+
 def test_unreadable_batch_under_ddp_runs_a_step_that_adds_nothing(monkeypatch):
     """data.on_error=skip can leave a rank an empty batch. In one process it is skipped; under DDP the rank runs
     its previous batch weighted 0 (the other ranks wait for its gradients), which the statistics do not count;

@@ -104,13 +104,16 @@ def barrier() -> None:
         torch_dist.barrier()
 
 
-def per_rank_batch(global_batch: int) -> int:
-    """The batch one process reads: ``global_batch / world_size``; it must divide evenly."""
+def per_rank_batch(global_batch: int, resume: bool = False) -> int:
+    """The batch one process reads: ``global_batch / world_size``; it must divide evenly. With ``resume`` the
+    error names the process counts that do, since ``--resume`` keeps the run's batch."""
     n = world_size()
     if global_batch % n:
+        counts = ", ".join(str(k) for k in range(1, global_batch + 1) if global_batch % k == 0)
+        fix = (f"--resume keeps the run's batch: resume it with a number of processes that divides {global_batch} "
+               f"({counts})") if resume else f"use a multiple of {n}"
         raise FinescopeError(
-            f"train.batch_size {global_batch} is the global batch and must be divisible by the {n} processes; "
-            f"use a multiple of {n}"
+            f"train.batch_size {global_batch} is the global batch and must be divisible by the {n} processes; {fix}"
         )
     return global_batch // n
 
@@ -375,10 +378,13 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
             torch_dist.broadcast(buffer, src=0)
 
 
-def check_sync_bn(sync_bn: bool, device: torch.device) -> None:
-    """Refuse ``train.sync_bn`` off CUDA under torchrun (in a single process it changes nothing)."""
+def check_sync_bn(sync_bn: bool, device: torch.device, resume: bool = False) -> None:
+    """Refuse ``train.sync_bn`` off CUDA under torchrun (in a single process it changes nothing). With ``resume``
+    the error says where the run can go on, since ``--resume`` keeps the run's setting."""
     if sync_bn and is_distributed() and device.type != "cuda":
-        raise FinescopeError("train.sync_bn needs CUDA GPUs (SyncBatchNorm has no CPU kernel); set it to false")
+        fix = ("--resume keeps the run's setting: resume it on CUDA GPUs, or in one process (where it changes "
+               "nothing)") if resume else "set it to false"
+        raise FinescopeError(f"train.sync_bn needs CUDA GPUs (SyncBatchNorm has no CPU kernel); {fix}")
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

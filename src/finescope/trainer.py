@@ -823,8 +823,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     # settings the processes cannot run are refused before any file is written
     _check_same_config(cfg)
     cfg = _files_absolute(cfg)  # after the check: each machine's working folder may differ
-    dist.per_rank_batch(cfg.train.batch_size)
-    dist.check_sync_bn(cfg.train.sync_bn, resolve_device(cfg.train.device))
+    dist.per_rank_batch(cfg.train.batch_size, resume)
+    dist.check_sync_bn(cfg.train.sync_bn, resolve_device(cfg.train.device), resume)
     check_compile(cfg.train.compile)
     # each machine's own data.root: a refusal on one rank is every rank's (none left waiting in a collective)
     dist.rank0_first(lambda: (check_outside_data(cfg.data, run_dir), _check_not_a_cv_folder(run_dir),
