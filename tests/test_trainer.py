@@ -1130,6 +1130,30 @@ def test_resume_after_an_early_stop_with_more_patience_trains_on(synthetic_root,
     assert [json.loads(r)["epoch"] for r in (out / "history.jsonl").read_text().splitlines()] == [0, 1, 2]
 
 
+def test_a_run_trained_longer_takes_its_first_step_on_the_recomputed_schedule(synthetic_root, tmp_path, monkeypatch):
+    """README: train.epochs may change on --resume to train longer, the cosine schedule recomputed over the new
+    length. The first step of the resumed run still took the rate the optimizer's state stored (the end of the
+    shorter schedule: 0 for a finished run), as did history's lr; only the steps after it followed the new one."""
+    import math
+
+    out = tmp_path / "longer"
+    _train(synthetic_root, out, variant="global", epochs=2, extra=["train.warmup_epochs=1"])
+    used = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    cfg = load_config(None, tiny_overrides(synthetic_root, "global", 4) + ["train.warmup_epochs=1"])
+    trainer.train(cfg, out, resume=True, progress=False)
+    S = len(used) // 2  # steps per epoch; 4 S in all, S of warm-up: the resume starts a third into the cosine
+    assert used[0] == pytest.approx(0.003 * 0.5 * (1 + math.cos(math.pi / 3)))
+    assert used[1] == pytest.approx(0.003 * 0.5 * (1 + math.cos(math.pi * (S + 1) / (3 * S))))
+    assert json.loads((out / "history.jsonl").read_text().splitlines()[2])["lr"] == used[0]
+
+
 def test_a_finished_run_without_a_test_split_resumed_says_nothing_is_left(synthetic_root, tmp_path, capsys):
     """A finished run with data.test_fraction=0 resumed said 'its training is done: testing again', and tested
     nothing (it has no test split)."""

@@ -659,6 +659,10 @@ def _resume_state(run_dir: Path, state: dict, class_names, model, optimizer, sch
         optimizer.load_state_dict(state["optimizer"])
         _moments_like_parameters(optimizer)
         scheduler.load_state_dict(state["scheduler"])
+        # the rates of this run's schedule from the next step on: the optimizer's state holds the stored run's,
+        # another where train.epochs changed (the end of the shorter schedule: 0 for a finished run)
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+            group["lr"] = base * factor(scheduler.last_epoch)
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
