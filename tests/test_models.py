@@ -1886,9 +1886,11 @@ def test_compiled_selection_of_a_padded_batch_matches_eager():
     torch.testing.assert_close(compiled[1], eager[1])
 
 
-def test_a_training_batch_of_one_image_with_a_1x1_feature_map_is_one_line():
+def test_a_training_batch_of_one_image_with_a_1x1_feature_map_is_one_line(monkeypatch):
     """Small images (or a small model.global_size) give the backbone a 1x1 map; a last batch of one such image
-    cannot be batch-normalised in training: a FinescopeError saying what to change, not torch's ValueError."""
+    cannot be batch-normalised in training: a FinescopeError saying what to change, not torch's ValueError. Under
+    torchrun it says that a process's share of a batch may be one image (it advised a batch size, already over 1)."""
+    from finescope import distributed as dist
     from finescope.data.dataset import Batch
     from finescope.engine import train_one_epoch
 
@@ -1896,5 +1898,11 @@ def test_a_training_batch_of_one_image_with_a_1x1_feature_map_is_one_line():
     batch = Batch(torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8), torch.tensor([[16, 16]]),
                   torch.tensor([0]), torch.arange(1))
     with pytest.raises(FinescopeError, match=r"batch of one image reaches a 1x1 feature map.*model\.global_size"):
+        train_one_epoch(model, [batch], torch.optim.SGD(model.parameters(), lr=0.1), None, torch.device("cpu"),
+                        progress=False)
+    # under torchrun a process's share of the last batch may be one image whatever train.batch_size: the sizes
+    monkeypatch.setattr(dist, "is_distributed", lambda: True)
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    with pytest.raises(FinescopeError, match=r"single image \(under torchrun each of the 2 processes reads its share"):
         train_one_epoch(model, [batch], torch.optim.SGD(model.parameters(), lr=0.1), None, torch.device("cpu"),
                         progress=False)

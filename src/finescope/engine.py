@@ -221,7 +221,11 @@ def train_one_epoch(
                                          "which BatchNorm cannot normalise in training: raise model.global_size and "
                                          "model.local_size above the backbone's stride (32 for torchvision's, 16 "
                                          "for tiny; global-hires reads the images at their own size), or set "
-                                         "train.batch_size so that no batch holds a single image") from None
+                                         "train.batch_size so that no batch holds a single image"
+                                         + (f" (under torchrun each of the {dist.world_size()} processes reads its "
+                                            "share of a batch, and of the last, incomplete one, which may be one "
+                                            "image whatever the batch size: raise the sizes)"
+                                            if dist.is_distributed() else "")) from None
             loss = compute_loss(out, labels, aux_weight, label_smoothing, class_weight)
             if per_class is None:  # every rank runs every step (stand-ins too): the same size on every rank
                 per_class = torch.zeros(out.logits.shape[1], device=device, dtype=torch.long)
