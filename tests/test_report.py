@@ -629,3 +629,64 @@ def test_a_single_runs_report_shows_its_magnifications_when_it_has_two_or_more(t
     for name, mags in (("one", ["100"]), ("none", [""]), ("old", None)):
         text = write_report(run_of(name, mags), n_boot=20)[0].read_text()
         assert "## Test metrics" in text and "magnification" not in text.lower(), name
+
+
+def test_report_predictions_reports_that_file_beside_it_as_evaluate_named_its_report(tmp_path, monkeypatch, capsys):
+    """`report RUN` picks its predictions by its own order (test first): evaluate's predictions of other data
+    (predictions_all.csv, or M_predictions.csv of evaluate --out M.json) could be reported again only by evaluating
+    again. `report RUN --predictions FILE` reports that file (absolute, or relative to the working folder or to
+    RUN) with what evaluate recorded beside it, into the report evaluate wrote for it; report.md stays."""
+    rows = [[f"/x/{i}.png", f"g{i // 3}", "a" if i % 2 else "b", "a", 0.6, 0.4, ""] for i in range(12)]
+    run = _single_run(tmp_path / "run", "fusion", rows)
+    shutil.copy(run / "predictions_test.csv", run / "predictions_all.csv")
+    (run / "metrics_all.json").write_text(json.dumps({"split": "all", "data_root": "/data/other_hospital",
+                                                      "split_leak": "3 of the 12 images leak", "model_overrides": {}}))
+    monkeypatch.chdir(tmp_path)
+    for given in ("predictions_all.csv", "run/predictions_all.csv", str(run / "predictions_all.csv")):
+        (run / "report_all.md").unlink(missing_ok=True)
+        assert main(["report", str(run), "--predictions", given]) == 0, given
+        assert "report_all.md and " in capsys.readouterr().out
+        text = (run / "report_all.md").read_text()
+        assert "all 12 images of '/data/other_hospital'" in text and "3 of the 12 images leak" in text, given
+    assert not (run / "report.md").exists()
+    shutil.copy(run / "predictions_test.csv", tmp_path / "y_predictions.csv")  # evaluate --out y.json
+    (tmp_path / "y.json").write_text(json.dumps({"split": "val", "model_overrides": {"model.threshold": 0.9}}))
+    assert main(["report", str(run), "--predictions", "y_predictions.csv"]) == 0
+    text = (tmp_path / "y_report.md").read_text()
+    assert "## Validation metrics" in text and "Evaluated with --set model.threshold=0.9" in text
+    shutil.copy(run / "predictions_test.csv", run / "predictions_val_last.csv")  # its name says its side
+    assert main(["report", str(run), "--predictions", "predictions_val_last.csv"]) == 0
+    assert "## Validation metrics" in (run / "report_val_last.md").read_text()
+    shutil.copy(run / "predictions_test.csv", run / "new.csv")  # predict --out RUN/new.csv: no side of the run
+    assert main(["report", str(run), "--predictions", "new.csv"]) == 0
+    text = (run / "new_report.md").read_text()
+    assert "all 12 images (not a split of the run)" in text and "test split" not in text
+    assert main(["report", str(run)]) == 0  # without it, as before: the run's test side, report.md
+    assert "## Test metrics" in (run / "report.md").read_text()
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("missing.csv", None, "not found"),
+    ("metrics_all.json", '{"split": "all"}', "no finescope predictions CSV"),
+    ("empty.csv", "", "no finescope predictions CSV"),
+    ("image.png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00", "no finescope predictions CSV"),
+    ("folder", "dir", "is a folder"),
+    ("predictions.csv", "image,group,true,predicted,prob_a,prob_b,fold,variant\nx.png,g,a,a,1,0,f0,global\n",
+     "out-of-fold predictions of a cv"),
+], ids=["missing", "json", "empty", "binary", "folder", "cv"])
+def test_report_predictions_that_are_missing_or_no_predictions_csv_is_one_line(tmp_path, monkeypatch, capsys,
+                                                                                name, content, message):
+    run = _single_run(tmp_path / "run", "fusion", [[f"/x/{i}.png", f"g{i // 3}", "a" if i % 2 else "b", "a", 0.6,
+                                                     0.4, ""] for i in range(12)])
+    if content == "dir":
+        (run / name).mkdir()
+    elif isinstance(content, bytes):
+        (run / name).write_bytes(content)
+    elif content is not None:
+        (run / name).write_text(content)
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", str(run), "--predictions", name]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and name in err[0], err
+    assert "finescope evaluate" in err[0] or "without --predictions" in err[0], err
+    assert not (run / "report.md").exists()

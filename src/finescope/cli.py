@@ -96,13 +96,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate(args.source, args.split, args.overrides, args.out, args.device)
     print(_metrics_line(metrics).replace("test:", f"{metrics['split']}:"))
     print(f"metrics written to {metrics['output']}")
-    from finescope.report import write_report
+    from finescope.report import report_path, write_report
 
     # beside the predictions, named like them: report.md for the run's test split (train's), report_val.md, ...
     predictions = Path(metrics["predictions"])
-    stem = predictions.stem.replace("predictions", "report") if "predictions" in predictions.stem \
-        else predictions.stem + "_report"
-    md = predictions.with_name(("report" if stem == "report_test" else stem) + ".md")
+    md = report_path(predictions)
     try:
         md, page = write_report(metrics["run_dir"], predictions=predictions, split=metrics["split"],
                                 data_root=metrics["data_root"], out=md, warning=metrics.get("split_leak"),
@@ -217,9 +215,9 @@ def _cv_table(summary: dict) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from finescope.report import write_report
+    from finescope.report import report_predictions, write_report
 
-    md, page = write_report(args.dir)
+    md, page = report_predictions(args.dir, args.predictions) if args.predictions else write_report(args.dir)
     print(f"report written to {md} and {page}")
     return 0
 
@@ -364,6 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="write report.md and a self-contained report.html for a cv or run folder")
     p.add_argument("dir", help="a finescope cv directory or a training run directory")
+    p.add_argument("--predictions", metavar="FILE",
+                   help="report this predictions CSV of the run (absolute, or from the working folder or RUN, e.g. "
+                   "predictions_all.csv of evaluate --set data.root=OTHER), written where evaluate writes its report "
+                   "(report_all.md beside it); default: the run's test predictions, else the first of its val, "
+                   "train and all")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("models", help="list the model variants and backbones")

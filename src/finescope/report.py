@@ -48,6 +48,9 @@ SHORT = {
 
 
 # ---------------------------------------------------------------------------------------------- inputs
+_SIDES = ("test", "val", "train", "all")  # what evaluate's predictions_<split>.csv hold, in report RUN's order
+
+
 def _is_cv(run_dir: Path) -> bool:
     """Whether ``run_dir`` is a cv folder: a ``predictions.csv`` beside cv's ``cv.json`` or ``runs/``, or with cv's
     ``fold`` and ``variant`` columns (a ``predict`` run inside a run folder writes a ``predictions.csv`` too, by
@@ -73,20 +76,20 @@ def _single_run_rows(run_dir: Path, predictions: Path | None, fig_dir: Path) -> 
     # evaluate's own, predictions_<split>[_<checkpoint>].csv: not another file of that prefix (`predict --out
     # RUN/predictions_new.csv`), which would be reported as the run's test split. The run's own sides first (test,
     # val, train; best.pt's before last.pt's), all images (of other data: evaluate --set data.root=OTHER) last
-    sides = ("test", "val", "train", "all")
+    sides = _SIDES
     own = sorted((p for p in run_dir.glob("predictions_*.csv")
                   if p.stem.removeprefix("predictions_").split("_")[0] in sides),
                  key=lambda p: (sides.index(p.stem.removeprefix("predictions_").split("_")[0]), p.name))
     candidates = (predictions,) if predictions else (run_dir / "predictions_test.csv", *own)
     src = next((Path(p) for p in candidates if Path(p).is_file()), None)
+    if src is None and predictions:
+        raise FinescopeError(f"predictions file '{predictions}' not found; give a predictions CSV that `finescope "
+                             "evaluate` wrote")
     if src is None:
         raise FinescopeError(f"'{run_dir}' holds neither predictions.csv (cv) nor predictions_<split>.csv (a run: "
                              "train or evaluate writes it)")
-    again = None if predictions else earlier_evaluations(run_dir).get(src.stem.replace("predictions", "metrics") + ".json")
-    if again:  # evaluate's, of a best.pt the run has written again since (trained on, or stopped training on)
-        warnings.warn(f"'{src}' holds the predictions of an earlier best.pt or checkpoint of the run, written again "
-                      f"since: this report shows that model's; {again} makes them again", FinescopeWarning,
-                      stacklevel=2)
+    if not predictions:
+        _warn_if_earlier(run_dir, src, src.stem.replace("predictions", "metrics") + ".json")
     model = _run_config(run_dir).get("model")
     variant = model.get("variant", "model") if isinstance(model, dict) else "model"  # a label only
     with src.open(newline="", encoding="utf-8-sig", errors=ERRORS) as fh:
@@ -121,6 +124,100 @@ def _single_run_rows(run_dir: Path, predictions: Path | None, fig_dir: Path) -> 
     if not (src.stem.startswith("predictions_") and named in ("train", "val", "test", "all")):
         return out, "test", "test"
     return out, named, src.stem.removeprefix("predictions_")  # val_last: its metrics are metrics_val_last.json
+
+
+def _warn_if_earlier(run_dir: Path, src: Path, metrics_name: str) -> None:
+    """Warn when ``src`` holds evaluate's predictions (recorded in ``run_dir/metrics_name``) of a best.pt or
+    checkpoint that the run has written again since (trained on, or stopped training on)."""
+    again = earlier_evaluations(run_dir).get(metrics_name)
+    if again:
+        warnings.warn(f"'{src}' holds the predictions of an earlier best.pt or checkpoint of the run, written again "
+                      f"since: this report shows that model's; {again} makes them again", FinescopeWarning,
+                      stacklevel=3)
+
+
+def report_path(predictions: Path) -> Path:
+    """The report evaluate writes for ``predictions``: beside it, named like it (``report.md`` for
+    ``predictions_test.csv``, ``report_val_last.md`` for ``predictions_val_last.csv``, ``M_report.md`` for
+    ``M_predictions.csv`` or any other name)."""
+    stem = predictions.stem.replace("predictions", "report") if "predictions" in predictions.stem \
+        else predictions.stem + "_report"
+    return predictions.with_name(("report" if stem == "report_test" else stem) + ".md")
+
+
+def given_predictions(run_dir: Path, predictions: str | Path) -> Path:
+    """The file that ``report RUN --predictions FILE`` names: FILE absolute, or relative to the working folder or
+    to ``run_dir`` (refused where both hold another file of that name), checked to be a finescope predictions CSV
+    (evaluate's, train's or predict's columns), not a cv's out-of-fold table or another file."""
+    import csv
+
+    given = Path(predictions)
+    found = [p for p in dict.fromkeys((given,) if given.is_absolute() else (given, run_dir / given)) if p.exists()]
+    if len(found) == 2 and not found[0].samefile(found[1]):
+        raise FinescopeError(f"--predictions '{predictions}' names both '{found[0].resolve()}' (from the working "
+                             f"folder) and '{found[1]}'; give the path of the one to report")
+    if not found:
+        raise FinescopeError(f"--predictions '{predictions}' not found, neither from the working folder nor in "
+                             f"'{run_dir}'; give a predictions CSV that `finescope evaluate` wrote, e.g. "
+                             f"{run_dir / 'predictions_test.csv'}")
+    path = found[0]
+    if path.is_dir():
+        raise FinescopeError(f"--predictions '{path}' is a folder; give one of the predictions_<split>.csv files "
+                             "that `finescope evaluate` wrote")
+    try:
+        with path.open(newline="", encoding="utf-8-sig", errors=ERRORS) as fh:
+            header = next(csv.reader(fh), [])
+    except csv.Error:
+        header = []
+    if {"fold", "variant"} <= set(header) and "path" not in header:
+        raise FinescopeError(f"--predictions '{path}' is the out-of-fold predictions of a cv; report its folder "
+                             f"without --predictions: finescope report {path.parent}")
+    lacking = [c for c in ("path", "group", "true", "predicted") if c not in header]
+    if lacking or not any(c.startswith("prob_") for c in header):
+        missing = f"column '{lacking[0]}'" if lacking else "prob_<class> columns"
+        raise FinescopeError(f"--predictions '{path}' is no finescope predictions CSV (no {missing}: evaluate's "
+                             "predictions_<split>.csv has path, group, true, predicted and prob_<class> columns); "
+                             "give one that `finescope evaluate` wrote")
+    return path
+
+
+def _metrics_of(predictions: Path) -> tuple[str, dict]:
+    """The name and content of the metrics JSON that evaluate (``metrics_<split>.json``, ``M.json`` for
+    ``M_predictions.csv``) or train (``metrics.json``) wrote with ``predictions``; ('', {}) where there is none."""
+    stem = predictions.stem
+    names = [*([stem.replace("predictions", "metrics")] if "predictions" in stem else []),
+             *([stem.removesuffix("_predictions")] if stem.endswith("_predictions") else []),
+             *(["metrics"] if stem == "predictions_test" else [])]
+    for name in names:
+        recorded = _json_dict(predictions.with_name(name + ".json"))
+        if recorded is not None:
+            return name + ".json", recorded
+    return "", {}
+
+
+def report_predictions(run_dir: str | Path, predictions: str | Path, n_boot: int = 1000) -> tuple[Path, Path]:
+    """``report RUN --predictions FILE``: the report of that predictions CSV (see :func:`given_predictions`), as
+    evaluate wrote it (beside it, named by :func:`report_path`): the split, data, ``split_leak`` and
+    ``model_overrides`` recorded in the metrics JSON written with it; without one, the split its name says
+    (``predictions_<split>[_<checkpoint>].csv``), else all its images, not a split of the run.
+
+    Returns:
+        The paths of the Markdown and HTML reports.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FinescopeError(f"'{run_dir}' is not a folder; give the run directory the predictions are of")
+    path = given_predictions(run_dir, predictions)
+    name, recorded = _metrics_of(path)
+    named = path.stem.removeprefix("predictions_").split("_")[0] if path.stem.startswith("predictions_") else "all"
+    split = recorded.get("split") if recorded.get("split") in _SIDES else named if named in _SIDES else "all"
+    if name and path.parent.resolve() == run_dir.resolve():
+        _warn_if_earlier(run_dir, path, name)
+    root, overrides = recorded.get("data_root"), recorded.get("model_overrides")
+    return write_report(run_dir, n_boot, predictions=path, split=split,
+                        data_root=root if isinstance(root, str) and root else None, out=report_path(path),
+                        warning=recorded.get("split_leak") or None,
+                        model_overrides=overrides if isinstance(overrides, dict) else None)
 
 
 def _run_config(run_dir: Path) -> dict:
@@ -600,4 +697,5 @@ def write_report(run_dir: str | Path, n_boot: int = 1000, predictions: str | Pat
     return md_path, html_path
 
 
-__all__ = ["ablation_table", "comparison_table", "magnification_table", "split_table", "write_report"]
+__all__ = ["ablation_table", "comparison_table", "magnification_table", "report_predictions", "split_table",
+           "write_report"]
