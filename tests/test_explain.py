@@ -1274,6 +1274,45 @@ def test_explain_split_all_of_other_data_explains_every_image_as_evaluate_does(t
     assert json.loads((out / "faithfulness.json").read_text())["split_leak"] is None
 
 
+def test_explain_split_test_of_other_data_explains_every_image_as_evaluate_does(tmp_path, capsys):
+    """explain RUN --split test --set data.source=csv data.root=OTHER.csv stopped at 'splits file ... does not match
+    the data; point data.root at the data this run was trained on', where evaluate RUN --split test on other data
+    warns that it evaluates all its images and does (metrics_all.json), counting those the run trained or validated
+    on: explain does the same, into RUN/explain_all, not over the run's own explain_test; a checkpoint without its
+    splits.json on other data too. On its own data without splits.json it still refuses: nothing tells its test
+    images apart (--split all explains them all, with that said)."""
+    from finescope.cli import main
+    from finescope.data.synthetic import generate
+
+    run = _run_with_split_digest(tmp_path)
+    generate(tmp_path / "other", per_class=2, size=96, seed=5)
+    other = ["--set", "data.source=csv", f"data.root={tmp_path / 'other' / 'manifest.csv'}"]
+    fast = ["--no-faithfulness", *FAST]
+    assert main(["explain", str(run), "--split", "test", *other, *fast]) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "explaining all 4 images, not the 'test' split: the data is not the run's (splits file" in err
+    assert "images explained are ones the run trained" in err  # the same names, at their place: as evaluate's
+    summary = json.loads((run / "explain_all" / "faithfulness.json").read_text())
+    assert summary["images"] == 4 and summary["trained_on"] == 2 and summary["split_leak"] is None
+    assert summary["source"] == f"all images of {tmp_path / 'other'}" and not (run / "explain_test").exists()
+    out = tmp_path / "out"
+    assert main(["explain", str(run), "--split", "test", "--out", str(out), *fast]) == 0  # its own data: its side
+    summary = json.loads((out / "faithfulness.json").read_text())
+    assert summary["images"] == 3 and "explaining all" not in capsys.readouterr().err
+    lone = tmp_path / "lone.pt"  # out of its run: other data as evaluate reads it, its own data refused
+    shutil.copy(run / "checkpoints" / "best.pt", lone)
+    assert main(["explain", str(lone), "--split", "test", "--out", str(out), *other, *fast]) == 0
+    assert f"explaining all 4 images, not the 'test' split: no splits.json in '{tmp_path}'" in capsys.readouterr().err
+    summary = json.loads((out / "faithfulness.json").read_text())
+    assert summary["images"] == 4 and summary["split_leak"] is None
+    assert main(["explain", str(lone), "--split", "test", "--out", str(out), *fast]) == 2
+    assert "--split needs the run's splits.json" in capsys.readouterr().err
+    manifest = tmp_path / "data" / "manifest.csv"  # its own data changed since: refused, as by evaluate
+    manifest.write_text("".join(manifest.read_text().splitlines(keepends=True)[:-1]))
+    assert main(["explain", str(run), "--split", "test", "--out", str(out), *fast]) == 2
+    assert "does not match the data" in capsys.readouterr().err
+
+
 def test_a_training_image_pil_refuses_to_open_leaves_its_size_unknown_not_a_traceback(tmp_path, monkeypatch, capsys):
     """explain of a run whose training images PIL refuses to open (larger than its decompression-bomb limit)
     ended in a DecompressionBombError traceback while reading their sizes for the size notes, before any image."""

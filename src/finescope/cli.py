@@ -262,7 +262,8 @@ def _add_explain(sub) -> None:
                    "finescope wrote there: reports' and explain's), or use --split")
     p.add_argument("--split", choices=("train", "val", "test", "all"),
                    help="explain this split of the run's data; all: every image of its data or of other data "
-                   "(--set data.root=OTHER), as evaluate --split all")
+                   "(--set data.root=OTHER), as evaluate --split all; train, val or test of other data: all its "
+                   "images too, with a warning, as evaluate (into RUN/explain_all)")
     p.add_argument("--out", help="output folder (default RUN/explain_<split>, RUN/explain_files for paths, "
                    "./explain for a .pt checkpoint)")
     p.add_argument("--method", nargs="+", default=["auto"], metavar="NAME",

@@ -21,7 +21,7 @@ from finescope.config import Config
 from finescope.data import empty_split_error
 from finescope.data.splits import own_split_leak, trained_files
 from finescope.errors import FinescopeError, FinescopeWarning
-from finescope.trainer import OWN_SPLIT_FIX, other_listed_split, other_split, run_dir_of
+from finescope.trainer import OWN_SPLIT_FIX, _same_root, other_listed_split, other_split, run_dir_of
 
 SPLITS = ("train", "val", "test", "all")
 
@@ -46,6 +46,7 @@ class Inputs:
     train_sizes: set = field(default_factory=set)
     trained: set | None = field(default_factory=set)  # real paths of the run's training and validation images
     split_leak: str | None = None  # what is wrong with the run's split for this model (as evaluate's)
+    split: str | None = None  # the side read: 'all' where other data has none of the run's (as evaluate's)
 
 
 def _shown(name: str) -> str:
@@ -92,35 +93,65 @@ def _run_samples(cfg: Config, state: dict, class_names: list[str]):
 def split_inputs(cfg: Config, state: dict, class_names: list[str], split: str) -> Inputs:
     """The images of one side of the run's split; ``all``: every image of ``cfg``'s data, the run's or other data
     (``--set data.root=OTHER``), as evaluate reads them, with the images the run trained or validated on as
-    :func:`training_images` finds them for files given."""
+    :func:`training_images` finds them for files given. As evaluate, a side of other data (which the run's
+    ``splits.json`` does not describe, or a checkpoint without one) is all its images, with a warning saying why
+    (``split`` of the result: ``all``); on the data the run trained on, a ``splits.json`` that does not fit, or none,
+    is refused: nothing tells its sides apart there."""
+    from finescope.data import load_samples
+
     if split not in SPLITS:
         raise FinescopeError(f"--split '{split}' is unknown; choose one of: {', '.join(SPLITS)}")
-    if split == "all":  # no splits.json to match: other data has none, as for evaluate --split all
-        from finescope.data import load_samples
+    splits_file = run_dir_of(state) / "splits.json"
+    if split != "all" and not splits_file.is_file() and _same_root(cfg.data, _trained_data(state)):
+        raise FinescopeError(f"--split needs the run's splits.json, not found at '{splits_file}'; pass a run "
+                             "directory, or give image files/folders instead")
+    sample_set = load_samples(cfg.data, require_all_classes=False, class_names=class_names)
+    splits, why = (None, None) if split == "all" else _own_splits(cfg, state, sample_set)
+    if splits is not None:
+        if len(splits[split]) == 0:
+            raise empty_split_error(split, splits, run_dir_of(state))
+        sizes = _image_sizes([sample_set.samples[i].path for i in splits["train"]])
+        return Inputs(_items(sample_set, splits[split]), sample_set.root, sizes,
+                      split_leak=_split_leak(state, splits, sample_set), split=split)
+    if why:  # no splits.json to match: other data has none, as for evaluate
+        warnings.warn(f"explaining all {len(sample_set)} images, not the '{split}' split: {why}", FinescopeWarning,
+                      stacklevel=3)
+    inputs = Inputs(_items(sample_set, range(len(sample_set))), sample_set.root, split="all")
+    inputs.train_sizes, inputs.trained, inputs.split_leak = training_images(cfg, state, class_names,
+                                                                            [i.path for i in inputs.items])
+    inputs.split_leak = inputs.split_leak or _lone_on_own_data(cfg, state, len(inputs.items))
+    return inputs
 
-        sample_set = load_samples(cfg.data, require_all_classes=False, class_names=class_names)
-        inputs = Inputs(_items(sample_set, range(len(sample_set))), sample_set.root)
-        inputs.train_sizes, inputs.trained, inputs.split_leak = training_images(cfg, state, class_names,
-                                                                                [i.path for i in inputs.items])
-        inputs.split_leak = inputs.split_leak or _lone_on_own_data(cfg, state, len(inputs.items))
-        return inputs
-    sample_set, splits = _run_samples(cfg, state, class_names)
-    if len(splits[split]) == 0:
-        raise empty_split_error(split, splits, run_dir_of(state))
-    sizes = _image_sizes([sample_set.samples[i].path for i in splits["train"]])
-    return Inputs(_items(sample_set, splits[split]), sample_set.root, sizes,
-                  split_leak=_split_leak(state, splits, sample_set))
+
+def _trained_data(state: dict):
+    """The data section of the config the checkpoint ``state`` was trained with."""
+    from finescope.config import load_config, stored_config
+
+    return load_config(base=stored_config(state["config"])).data
+
+
+def _own_splits(cfg: Config, state: dict, sample_set) -> tuple[dict | None, str | None]:
+    """The run's split of ``sample_set`` and None, as evaluate reads it; for other data (a ``splits.json`` that does
+    not fit it, read with data settings other than the run's, or none) None and why; on the run's own data a
+    ``splits.json`` that does not fit it is refused (it changed since: said, not guessed)."""
+    from finescope.data import load_splits
+
+    splits_file = run_dir_of(state) / "splits.json"
+    if not splits_file.is_file():
+        return None, f"no splits.json in '{run_dir_of(state)}'"
+    try:
+        return load_splits(splits_file, sample_set, fix=OWN_SPLIT_FIX, own=True), None
+    except FinescopeError as e:
+        if cfg.data == _trained_data(state):
+            raise
+        return None, f"the data is not the run's ({str(e).split(';')[0]})"
 
 
 def _lone_on_own_data(cfg: Config, state: dict, n: int) -> str | None:
     """As evaluate says it, warned: a checkpoint without its run's ``splits.json`` read on the data it was trained
     on, whose ``n`` images then include its training images, not told apart; None otherwise."""
-    from finescope.config import load_config, stored_config
-    from finescope.trainer import _same_root
-
     run_dir = run_dir_of(state)
-    trained = load_config(base=stored_config(state["config"])).data
-    if (run_dir / "splits.json").is_file() or not _same_root(cfg.data, trained):
+    if (run_dir / "splits.json").is_file() or not _same_root(cfg.data, _trained_data(state)):
         return None
     seen = (f"data.root '{cfg.data.root}' is the one this model was trained on, and without its run's splits.json "
             f"(none in '{run_dir}') its test images cannot be told apart: these {n} images include the images it "

@@ -451,7 +451,8 @@ def run_explain(checkpoint: str | Path, paths: list[str] | tuple[str, ...] = (),
         checkpoint: a run directory or checkpoint .pt.
         paths: image files and folders (searched recursively); or use ``split``.
         out: output folder (default: see :func:`default_out`).
-        split: ``train``, ``val``, ``test`` or ``all`` of the run's own data.
+        split: ``train``, ``val``, ``test`` or ``all`` of the run's own data; of other data (``--set
+            data.root=OTHER``), every image, as ``all`` (into ``RUN/explain_all`` by default), as evaluate reads it.
         settings: see :class:`ExplainSettings`.
         overrides: ``--set`` config overrides (e.g. ``data.root=...`` when the data moved).
         device: ``auto``, ``cpu``, ``cuda``.
@@ -465,12 +466,16 @@ def run_explain(checkpoint: str | Path, paths: list[str] | tuple[str, ...] = (),
 
     settings = settings or ExplainSettings()
     settings.check()
-    out = Path(out) if out else default_out(checkpoint, split)
+    given = Path(out) if out else None
+    out = given or default_out(checkpoint, split)
     _check_out(out, () if split else paths)
     model, cfg, class_names, state = load_trained(checkpoint, overrides, device)
     check_outside_data(cfg.data, out)  # its PNGs would become images of a folder source, its images/ a class
     methods = resolve_methods(model, settings.methods, cfg.model.variant)
     inputs = _inputs(cfg, state, class_names, paths, split)
+    if split and inputs.split != split:  # a side of other data: all its images, as --split all's (evaluate's)
+        split, out = inputs.split, given or default_out(checkpoint, inputs.split)
+        check_outside_data(cfg.data, out)
     keep = {os.path.realpath(item.path) for item in inputs.items}
     out.mkdir(parents=True, exist_ok=True)
     # the figures are drawn aside and replace the earlier run's only once all are there: a run that fails or is
@@ -505,7 +510,8 @@ def run_explain(checkpoint: str | Path, paths: list[str] | tuple[str, ...] = (),
             if summary["trained_on"]:
                 warnings.warn(f"{summary['trained_on']} of the {len(rows)} images explained are ones the run trained "
                               "or validated on (its splits.json): their accuracy and maps are not those of unseen "
-                              "images (explain --split test shows unseen ones)", FinescopeWarning, stacklevel=2)
+                              "images (explain --split test of the run's own data shows unseen ones)", FinescopeWarning,
+                              stacklevel=2)
         plot = _plot_curves(stage / "faithfulness.png", summary)
         evidence = ctx.evidence.save(stage)
         _publish(stage, out, keep)
