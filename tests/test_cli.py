@@ -931,6 +931,25 @@ def test_evaluations_of_an_earlier_best_pt_are_named_when_training_on_ends(tmp_p
     assert "earlier best.pt" not in capsys.readouterr().err
 
 
+def test_an_explanation_of_other_data_made_before_training_on_is_named_with_its_data(tmp_path, capsys):
+    """explain RUN --split all (or a side of other data) --set data.root=OTHER writes RUN/explain_all/; once the run
+    trained on, its warning said 'finescope explain RUN --split all' makes it again, which explains the run's own
+    data there instead, where evaluate's line for metrics_all.json names the data.root (--set data.root=OTHER):
+    faithfulness.json records the data_root explained, as metrics_<split>.json does, and the line names it."""
+    root = _folder(tmp_path / "d", n=4)
+    other = _folder(tmp_path / "other", n=2)
+    split = ["data.test_fraction=0.25", "data.val_fraction=0"]
+    assert main(_train_args(root, tmp_path, *split)) == 0
+    run = tmp_path / "r"
+    assert main(["explain", str(run), "--split", "all", "--set", f"data.root={other}", "--no-faithfulness",
+                 "--device", "cpu", "--quiet"]) == 0
+    assert json.loads((run / "explain_all" / "faithfulness.json").read_text())["data_root"] == str(other)
+    capsys.readouterr()
+    assert main(_train_args(root, tmp_path, *split, "train.epochs=2") + ["--resume"]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "earlier best.pt" in line]
+    assert len(warned) == 1 and warned[0].endswith(f"finescope explain {run} --split all --set data.root={other}")
+
+
 def test_a_report_of_evaluate_predictions_of_an_earlier_best_pt_says_so(tmp_path, capsys):
     """report RUN of a run without a test side reports evaluate's predictions_val.csv; when training on (a resume
     stopped in its new epochs) has written best.pt again since, it showed the earlier model's predictions beside the

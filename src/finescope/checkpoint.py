@@ -168,6 +168,15 @@ def read_history(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+def _json_value(path: Path, key: str):
+    """``key``'s value in the JSON object of ``path``; None where the file is missing, no such object or lacks it."""
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return found.get(key) if isinstance(found, dict) else None
+
+
 def earlier_evaluations(run_dir: Path) -> dict[str, str]:
     """What ``evaluate`` (``metrics_<split>[_<checkpoint>].json``, with its predictions and report) and ``explain``
     (``explain_<split>/``) wrote in ``run_dir`` of a checkpoint written again since (a run trained on): file or
@@ -181,7 +190,9 @@ def earlier_evaluations(run_dir: Path) -> dict[str, str]:
             continue
         split = folder.name.removeprefix("explain_")
         if newer:
-            earlier[f"{folder.name}/"] = (f"finescope explain {shlex.quote(str(run_dir))} --split {split}"
+            root = _json_value(folder / "faithfulness.json", "data_root") if split == "all" else None
+            data = f" --set data.root={shlex.quote(root)}" if isinstance(root, str) and root else ""  # other data
+            earlier[f"{folder.name}/"] = (f"finescope explain {shlex.quote(str(run_dir))} --split {split}{data}"
                                           if split in ("train", "val", "test", "all") else "finescope explain again")
     for path in sorted(run_dir.glob("metrics_*.json")):
         try:
