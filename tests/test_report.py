@@ -673,7 +673,9 @@ def test_report_predictions_reports_that_file_beside_it_as_evaluate_named_its_re
     ("folder", "dir", "is a folder"),
     ("predictions.csv", "image,group,true,predicted,prob_a,prob_b,fold,variant\nx.png,g,a,a,1,0,f0,global\n",
      "out-of-fold predictions of a cv"),
-], ids=["missing", "json", "empty", "binary", "folder", "cv"])
+    ("report_files/predictions_oof.csv", "image,group,true,predicted,prob_a,prob_b,fold,variant\nx.png,g,a,a,1,0,"
+     "test,model\n", "the copy of a run's predictions"),
+], ids=["missing", "json", "empty", "binary", "folder", "cv", "report copy"])
 def test_report_predictions_that_are_missing_or_no_predictions_csv_is_one_line(tmp_path, monkeypatch, capsys,
                                                                                 name, content, message):
     run = _single_run(tmp_path / "run", "fusion", [[f"/x/{i}.png", f"g{i // 3}", "a" if i % 2 else "b", "a", 0.6,
@@ -683,6 +685,7 @@ def test_report_predictions_that_are_missing_or_no_predictions_csv_is_one_line(t
     elif isinstance(content, bytes):
         (run / name).write_bytes(content)
     elif content is not None:
+        (run / name).parent.mkdir(exist_ok=True)
         (run / name).write_text(content)
     monkeypatch.chdir(tmp_path)
     assert main(["report", str(run), "--predictions", name]) == 2

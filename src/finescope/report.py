@@ -169,6 +169,10 @@ def given_predictions(run_dir: Path, predictions: str | Path) -> Path:
             header = next(csv.reader(fh), [])
     except csv.Error:
         header = []
+    if {"fold", "variant"} <= set(header) and "path" not in header and path.name == "predictions_oof.csv":
+        raise FinescopeError(f"--predictions '{path}' is the copy of a run's predictions that its report is drawn "
+                             "from (in the report's _files folder); give the predictions_<split>.csv beside the "
+                             "report that `finescope evaluate` or `train` wrote")
     if {"fold", "variant"} <= set(header) and "path" not in header:
         raise FinescopeError(f"--predictions '{path}' is the out-of-fold predictions of a cv; report its folder "
                              f"without --predictions: finescope report {path.parent}")
