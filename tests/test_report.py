@@ -663,6 +663,13 @@ def test_report_predictions_reports_that_file_beside_it_as_evaluate_named_its_re
     assert "all 12 images (not a split of the run)" in text and "test split" not in text
     assert main(["report", str(run)]) == 0  # without it, as before: the run's test side, report.md
     assert "## Test metrics" in (run / "report.md").read_text()
+    other = _single_run(tmp_path / "other", "global", rows)  # another run's: its report.md would show this run's
+    before = (other / "predictions_test.csv").read_bytes()
+    capsys.readouterr()
+    assert main(["report", str(run), "--predictions", str(other / "predictions_test.csv")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"finescope report {other} --predictions" in err[0] and not (other / "report.md").exists()
+    assert (other / "predictions_test.csv").read_bytes() == before
 
 
 @pytest.mark.parametrize("name, content, message", [

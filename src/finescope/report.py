@@ -161,6 +161,10 @@ def given_predictions(run_dir: Path, predictions: str | Path) -> Path:
                              f"'{run_dir}'; give a predictions CSV that `finescope evaluate` wrote, e.g. "
                              f"{run_dir / 'predictions_test.csv'}")
     path = found[0]
+    home = path.resolve().parent
+    if (home / "config.yaml").is_file() and home != run_dir.resolve():  # its report there would show RUN's curves
+        raise FinescopeError(f"--predictions '{path}' is in the run '{home}', not '{run_dir}'; report it with that "
+                             f"run: finescope report {home} --predictions {path.name}")
     if path.is_dir():
         raise FinescopeError(f"--predictions '{path}' is a folder; give one of the predictions_<split>.csv files "
                              "that `finescope evaluate` wrote")
