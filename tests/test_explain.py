@@ -1313,6 +1313,23 @@ def test_explain_split_test_of_other_data_explains_every_image_as_evaluate_does(
     assert "does not match the data" in capsys.readouterr().err
 
 
+def test_other_data_of_another_scale_is_noted_as_files_of_it_are(tmp_path):
+    """explain RUN --split all --set data.root=OTHER (images of 200 px, the run trained on 96 px) noted no image as
+    of another scale than the training images, where explain RUN OTHER/images notes every one: the training sizes
+    were read from the data given (other data, which the run's splits.json does not describe), not the run's."""
+    from finescope.cli import main
+    from finescope.data.synthetic import generate
+
+    run = make_run(tmp_path, "global")
+    generate(tmp_path / "big", per_class=1, size=200, seed=3)
+    out = tmp_path / "out"
+    assert main(["explain", str(run), "--split", "all", "--set", "data.source=csv",
+                 f"data.root={tmp_path / 'big' / 'manifest.csv'}", "--out", str(out), "--no-faithfulness", *FAST]) == 0
+    with (out / "results.csv").open(newline="") as fh:
+        notes = [r["notes"] for r in csv.DictReader(fh)]
+    assert len(notes) == 2 and all("image is 200x200 but the model was trained on 96x96" in n for n in notes)
+
+
 def test_a_training_image_pil_refuses_to_open_leaves_its_size_unknown_not_a_traceback(tmp_path, monkeypatch, capsys):
     """explain of a run whose training images PIL refuses to open (larger than its decompression-bomb limit)
     ended in a DecompressionBombError traceback while reading their sizes for the size notes, before any image."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from finescope.config import Config
@@ -239,8 +239,9 @@ def training_images(cfg: Config, state: dict, class_names: list[str],
     """{(H, W)} of the run's training images, the real paths of its training and validation images, and what is
     wrong with its folder's ``splits.json`` for this checkpoint (:func:`~finescope.trainer.other_split`, warned
     here: a split it was not trained on, whose sides tell nothing of its images, which are then None) or None.
-    Where its data cannot be read from here, no sizes, and those of ``paths`` (the images explained) at the place
-    of a training or validation image of its ``splits.json`` (None without one)."""
+    Where its data cannot be read from here, the sizes of the data it was trained on (:func:`_trained_sizes`), and
+    those of ``paths`` (the images explained) at the place of a training or validation image of its
+    ``splits.json`` (None without one)."""
     # the synthetic source's loader generates the set where it is missing (for a run's relative data.root: in the
     # working folder), which is no way to measure it; its images are synthetic_size pixels square
     synthetic = cfg.data.source == "synthetic"
@@ -251,14 +252,31 @@ def training_images(cfg: Config, state: dict, class_names: list[str],
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             sample_set, splits = _run_samples(cfg, state, class_names)
-    except FinescopeError:
-        return sizes, *_listed_trained(state, paths)
+    except FinescopeError:  # other data (--set data.root=OTHER): the sizes of the data the run trained on
+        return sizes or _trained_sizes(cfg, state, class_names), *_listed_trained(state, paths)
     sizes = sizes or _image_sizes([sample_set.samples[i].path for i in splits["train"]])
     leak = _other_split_warned(state, splits, sample_set)
     if leak:
         return sizes, None, leak
     seen = {os.path.realpath(sample_set.samples[i].path) for side in ("train", "val") for i in splits.get(side, [])}
     return sizes, seen, None
+
+
+def _trained_sizes(cfg: Config, state: dict, class_names: list[str]) -> set:
+    """{(H, W)} of the run's training images, read from the data it was trained on where ``cfg`` reads other data
+    (whose sizes say nothing of the model's); empty where that data is ``cfg``'s or cannot be read from here."""
+    trained = _trained_data(state)
+    if trained == cfg.data:
+        return set()
+    if trained.source == "synthetic":  # not generated here to be measured: its images are of synthetic_size
+        return {(trained.synthetic_size,) * 2}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sample_set, splits = _run_samples(replace(cfg, data=trained), state, class_names)
+    except (FinescopeError, OSError):
+        return set()
+    return _image_sizes([sample_set.samples[i].path for i in splits["train"]])
 
 
 def _listed_trained(state: dict, paths: Sequence[str]) -> tuple[set | None, str | None]:
