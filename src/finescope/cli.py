@@ -366,8 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", metavar="FILE",
                    help="report this predictions CSV of the run (absolute, or from the working folder or RUN, e.g. "
                    "predictions_all.csv of evaluate --set data.root=OTHER), written where evaluate writes its report "
-                   "(report_all.md beside it); default: the run's test predictions, else the first of its val, "
-                   "train and all")
+                   "(report_all.md beside it); default: predictions_test.csv, else the first of evaluate's "
+                   "predictions_<split>.csv in the order test (last.pt's), val, train, all")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("models", help="list the model variants and backbones")
