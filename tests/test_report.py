@@ -663,6 +663,10 @@ def test_report_predictions_reports_that_file_beside_it_as_evaluate_named_its_re
     assert "all 12 images (not a split of the run)" in text and "test split" not in text
     assert main(["report", str(run)]) == 0  # without it, as before: the run's test side, report.md
     assert "## Test metrics" in (run / "report.md").read_text()
+    shutil.copy(run / "predictions_test.csv", run / "predictions.csv")  # predict's default name, in the run
+    assert main(["report", str(run), "--predictions", "predictions.csv"]) == 0
+    assert "## Test metrics" in (run / "report.md").read_text()  # the run's report stays
+    assert "all 12 images (not a split of the run)" in (run / "predictions_report.md").read_text()
     other = _single_run(tmp_path / "other", "global", rows)  # another run's: its report.md would show this run's
     before = (other / "predictions_test.csv").read_bytes()
     capsys.readouterr()

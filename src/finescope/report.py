@@ -139,7 +139,10 @@ def _warn_if_earlier(run_dir: Path, src: Path, metrics_name: str) -> None:
 def report_path(predictions: Path) -> Path:
     """The report evaluate writes for ``predictions``: beside it, named like it (``report.md`` for
     ``predictions_test.csv``, ``report_val_last.md`` for ``predictions_val_last.csv``, ``M_report.md`` for
-    ``M_predictions.csv`` or any other name)."""
+    ``M_predictions.csv`` or any other name; ``predictions_report.md`` for predict's ``predictions.csv``, which
+    evaluate never writes: report.md is a run's test report)."""
+    if predictions.stem == "predictions":
+        return predictions.with_name("predictions_report.md")
     stem = predictions.stem.replace("predictions", "report") if "predictions" in predictions.stem \
         else predictions.stem + "_report"
     return predictions.with_name(("report" if stem == "report_test" else stem) + ".md")
