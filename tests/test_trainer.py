@@ -23,6 +23,19 @@ def _train(root, out, variant="fusion", epochs=2, extra=()):
     return trainer.train(cfg, out, progress=False)
 
 
+def _record_step_rates(monkeypatch) -> list[float]:
+    """The learning rate of every AdamW step taken from now on (the first group's), in a list filled as they go."""
+    used = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    return used
+
+
 @pytest.fixture(scope="module")
 def fusion_run(synthetic_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "fusion"
@@ -60,14 +73,7 @@ def test_history_records_the_learning_rates_the_epochs_steps_used(synthetic_root
     """history.jsonl's lr was read after the epoch's last scheduler step: the rate of the next epoch's first step,
     so the last epoch, trained at a rate above 0, read lr 0.0. lr is now the rate of the epoch's first step and
     lr_last that of its last (the head's: train.lr times the schedule)."""
-    used = []
-    real_step = torch.optim.AdamW.step
-
-    def step(self, *args, **kwargs):
-        used.append(self.param_groups[0]["lr"])
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    used = _record_step_rates(monkeypatch)
     out = tmp_path / "lr"
     _train(synthetic_root, out, variant="global", epochs=2, extra=["train.warmup_epochs=1"])
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
@@ -1138,14 +1144,7 @@ def test_a_run_trained_longer_takes_its_first_step_on_the_recomputed_schedule(sy
 
     out = tmp_path / "longer"
     _train(synthetic_root, out, variant="global", epochs=2, extra=["train.warmup_epochs=1"])
-    used = []
-    real_step = torch.optim.AdamW.step
-
-    def step(self, *args, **kwargs):
-        used.append(self.param_groups[0]["lr"])
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    used = _record_step_rates(monkeypatch)
     cfg = load_config(None, tiny_overrides(synthetic_root, "global", 4) + ["train.warmup_epochs=1"])
     trainer.train(cfg, out, resume=True, progress=False)
     S = len(used) // 2  # steps per epoch; 4 S in all, S of warm-up: the resume starts a third into the cosine
