@@ -1319,6 +1319,16 @@ def _same_root(data, trained) -> bool:
     return data.source == trained.source and _absolute(data.root) == _absolute(trained.root)
 
 
+def lone_on_own_data(root: str, run_dir: Path, n: int, command: str = "evaluate") -> str:
+    """What reading ``n`` images of ``root`` is when it is the data a checkpoint without its run's ``splits.json``
+    (none in ``run_dir``) was trained on (``command``: evaluate, explain): they include the images it trained and
+    validated on, not told apart."""
+    again = "explain the run folder's --split test" if command == "explain" else f"{command} the run folder"
+    return (f"data.root '{root}' is the one this model was trained on, and without its run's splits.json (none in "
+            f"'{run_dir}') its test images cannot be told apart: these {n} images include the images it trained and "
+            f"validated on, unless that folder now holds other data; {again}, or other data with --set data.root=DIR")
+
+
 def run_dir_of(state: dict) -> Path:
     """The run directory a checkpoint state was loaded from (``RUN/checkpoints/best.pt`` -> ``RUN``)."""
     path = Path(state["path"])
@@ -1412,10 +1422,7 @@ def evaluate(source: str | Path, split: str = "test", overrides: list[str] | Non
         if (run_dir / "splits.json").is_file():
             seen = _trained_on_warning(state, sample_set, run_dir, _same_root(cfg.data, trained_data))
         elif _same_root(cfg.data, trained_data):  # a checkpoint out of its run, on the data it was trained on
-            seen = (f"data.root '{cfg.data.root}' is the one this model was trained on, and without its run's "
-                    f"splits.json (none in '{run_dir}') its test images cannot be told apart: these {len(indices)} "
-                    "images include the images it trained and validated on, unless that folder now holds other "
-                    "data; evaluate the run folder, or other data with --set data.root=DIR")
+            seen = lone_on_own_data(cfg.data.root, run_dir, len(indices))
         if seen:
             warnings.warn(seen, FinescopeWarning, stacklevel=2)
     else:

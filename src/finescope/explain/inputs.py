@@ -21,7 +21,14 @@ from finescope.config import Config
 from finescope.data import empty_split_error
 from finescope.data.splits import own_split_leak, trained_files
 from finescope.errors import FinescopeError, FinescopeWarning
-from finescope.trainer import OWN_SPLIT_FIX, _same_root, other_listed_split, other_split, run_dir_of
+from finescope.trainer import (
+    OWN_SPLIT_FIX,
+    _same_root,
+    lone_on_own_data,
+    other_listed_split,
+    other_split,
+    run_dir_of,
+)
 
 SPLITS = ("train", "val", "test", "all")
 
@@ -119,7 +126,7 @@ def split_inputs(cfg: Config, state: dict, class_names: list[str], split: str) -
     inputs = Inputs(_items(sample_set, range(len(sample_set))), sample_set.root, split="all")
     inputs.train_sizes, inputs.trained, inputs.split_leak = training_images(cfg, state, class_names,
                                                                             [i.path for i in inputs.items])
-    inputs.split_leak = inputs.split_leak or _lone_on_own_data(cfg, state, len(inputs.items))
+    inputs.split_leak = inputs.split_leak or _warn_if_lone_on_own_data(cfg, state, len(inputs.items))
     return inputs
 
 
@@ -147,15 +154,13 @@ def _own_splits(cfg: Config, state: dict, sample_set) -> tuple[dict | None, str 
         return None, f"the data is not the run's ({str(e).split(';')[0]})"
 
 
-def _lone_on_own_data(cfg: Config, state: dict, n: int) -> str | None:
+def _warn_if_lone_on_own_data(cfg: Config, state: dict, n: int) -> str | None:
     """As evaluate says it, warned: a checkpoint without its run's ``splits.json`` read on the data it was trained
     on, whose ``n`` images then include its training images, not told apart; None otherwise."""
     run_dir = run_dir_of(state)
     if (run_dir / "splits.json").is_file() or not _same_root(cfg.data, _trained_data(state)):
         return None
-    seen = (f"data.root '{cfg.data.root}' is the one this model was trained on, and without its run's splits.json "
-            f"(none in '{run_dir}') its test images cannot be told apart: these {n} images include the images it "
-            "trained and validated on; explain the run folder's --split test, or other data with --set data.root=DIR")
+    seen = lone_on_own_data(cfg.data.root, run_dir, n, "explain")
     warnings.warn(seen, FinescopeWarning, stacklevel=3)
     return seen
 
