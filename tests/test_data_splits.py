@@ -215,7 +215,7 @@ def test_a_manifests_images_outside_its_folder_keep_their_split_when_they_move(t
     legacy = split_digests(splits, before) - {split_digest(splits, before)}  # checkpoints from before: still theirs
     assert len(legacy) == 1 and legacy <= split_digests(loaded, before)
     gone = moved.samples[0].path
-    with pytest.warns(FinescopeWarning, match="1 listed images were skipped"):
+    with pytest.warns(FinescopeWarning, match="1 listed image was skipped"):
         less = load_splits(path, listed(tmp_path / "disk2" / "scope", skipped=[gone]), own=True)
     assert sum(map(len, less.values())) == len(moved) - 1
     fewer = SampleSet(moved.samples[2:], moved.class_names, root=moved.root)  # other data: refused as before
@@ -246,8 +246,8 @@ def test_an_image_added_outside_a_manifests_moved_images_is_the_one_named(tmp_pa
     path = tmp_path / "run" / "splits.json"
     save_splits(path, splits, before)
     new = tmp_path / "disk2" / "extra" / "new.png"
-    with pytest.raises(FinescopeError, match=r"^splits file '.*splits\.json' does not match the data: 1 images in "
-                       r"data\.root are in no split, e\.g\. '.*disk2/extra/new\.png' \(added since the split was "
+    with pytest.raises(FinescopeError, match=r"^splits file '.*splits\.json' does not match the data: 1 image in "
+                       r"data\.root is in no split, e\.g\. '.*disk2/extra/new\.png' \(added since the split was "
                        r"made\?\); leave them out of the data .*, or point data\.root at the data") as e:
         load_splits(path, listed(tmp_path / "disk2" / "scope", (new,)), own=True,
                     fix="point data.root at the data this run was trained on")

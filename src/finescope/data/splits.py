@@ -379,6 +379,11 @@ def _read_split_lists(path: Path, own: bool = False) -> dict[str, list[str]]:
     return lists
 
 
+def _images(n: int, noun: str = "image") -> str:
+    """'1 image', '3 images' (of ``noun``)."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def load_splits(path: str | Path, sample_set: SampleSet, fix: str = "draw new splits by leaving data.splits empty",
                 own: bool = False) -> dict[str, np.ndarray]:
     """Read splits written by :func:`save_splits` and match them to ``sample_set`` by relative path (images outside
@@ -402,13 +407,15 @@ def load_splits(path: str | Path, sample_set: SampleSet, fix: str = "draw new sp
     missing = [p for v in lists.values() for p in v if p not in index and p not in skipped]
     if missing:
         raise FinescopeError(
-            f"splits file '{path}' does not match the data: {len(missing)} listed images are not in data.root "
+            f"splits file '{path}' does not match the data: {_images(len(missing), 'listed image')} "
+            f"{'is' if len(missing) == 1 else 'are'} not in data.root "
             f"'{sample_set.root}', e.g. '{missing[0]}'; {fix}"
         )
     dropped = [p for v in lists.values() for p in v if p in skipped]
     if dropped:
         warnings.warn(
-            f"splits file '{path}': {len(dropped)} listed images were skipped as unreadable", FinescopeWarning,
+            f"splits file '{path}': {_images(len(dropped), 'listed image')} "
+            f"{'was' if len(dropped) == 1 else 'were'} skipped as unreadable", FinescopeWarning,
             stacklevel=2
         )
     side_of: dict[str, str] = {}
@@ -427,7 +434,8 @@ def load_splits(path: str | Path, sample_set: SampleSet, fix: str = "draw new sp
     uncovered = [s.path for i, s in enumerate(sample_set.samples) if i not in covered]
     if uncovered:
         raise FinescopeError(
-            f"splits file '{path}' does not match the data: {len(uncovered)} images in data.root are in no split, "
+            f"splits file '{path}' does not match the data: {_images(len(uncovered))} in data.root "
+            f"{'is' if len(uncovered) == 1 else 'are'} in no split, "
             f"e.g. '{uncovered[0]}' (added since the split was made?); leave them out of the data (a CSV manifest: "
             f"remove their rows), or {fix}"
         )
