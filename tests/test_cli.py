@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -948,6 +949,46 @@ def test_an_explanation_of_other_data_made_before_training_on_is_named_with_its_
     assert main(_train_args(root, tmp_path, *split, "train.epochs=2") + ["--resume"]) == 0
     warned = [line for line in capsys.readouterr().err.splitlines() if "earlier best.pt" in line]
     assert len(warned) == 1 and warned[0].endswith(f"finescope explain {run} --split all --set data.root={other}")
+
+
+def test_the_commands_that_make_evaluations_of_other_data_again_read_it_as_they_did(tmp_path, capsys):
+    """evaluate and explain RUN --split all of a CSV manifest (--set data.source=csv data.root=X.csv
+    data.magnifications=[100]) were named, once the run trained on, with '--set data.root=X.csv' alone: the run's
+    folder source then read the manifest as a folder and failed. The settings that read the data are recorded
+    (data_overrides) and named, so that the command pasted makes the same evaluation of the new best.pt."""
+    root = _folder(tmp_path / "d", n=4)
+    other = _folder(tmp_path / "other", n=3)
+    manifest = other / "other list.csv"
+    manifest.write_text("path,label,group,magnification\n" + "".join(
+        f"{c}/{c}_{i}.png,{c},p{i},{100 if i else 40}\n" for c in "ab" for i in range(3)))
+    data = ["--set", "data.source=csv", f"data.root={manifest}", "data.magnifications=[100]"]
+    split = ["data.test_fraction=0.25", "data.val_fraction=0"]
+    assert main(_train_args(root, tmp_path, *split)) == 0
+    run = tmp_path / "r"
+    assert main(["evaluate", str(run), "--split", "all", *data, "--device", "cpu"]) == 0
+    assert main(["explain", str(run), "--split", "all", *data, "--no-faithfulness", "--device", "cpu", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(_train_args(root, tmp_path, *split, "train.epochs=2") + ["--resume"]) == 0
+    warned = next(line for line in capsys.readouterr().err.splitlines() if "earlier best.pt" in line)
+    commands = warned.split("make them again with ")[1].split("; ")
+    assert len(commands) == 2 and all(f"--set data.source=csv 'data.root={manifest}' 'data.magnifications=[100]'"
+                                      in command for command in commands)
+    assert main(["evaluate", str(run), "--split", "all", *data, "--device", "cpu", "--out", str(tmp_path / "m.json")])\
+        == 0  # the evaluation of the new best.pt, as the user made the first one
+    for command in commands:
+        assert main(shlex.split(command)[1:] + ["--device", "cpu", "--quiet"] * command.startswith("finescope explain")
+                    + ["--no-faithfulness"] * command.startswith("finescope explain")) == 0
+    again = json.loads((run / "metrics_all.json").read_text())
+    assert again["n_images"] == 4 and again == json.loads((tmp_path / "m.json").read_text())
+    assert len((run / "explain_all" / "results.csv").read_text().splitlines()) == 5
+    rm = json.loads((run / "metrics_all.json").read_text())
+    del rm["data_overrides"]  # evaluate's file of an older version: its data.root named, as before
+    (run / "metrics_all.json").write_text(json.dumps(rm))
+    later = (run / "metrics_all.json").stat().st_mtime_ns + 10**9
+    os.utime(run / "checkpoints" / "best.pt", ns=(later, later))
+    from finescope.checkpoint import earlier_evaluations
+
+    assert earlier_evaluations(run)["metrics_all.json"].endswith(f"--split all --set 'data.root={manifest}'")
 
 
 def test_a_report_of_evaluate_predictions_of_an_earlier_best_pt_says_so(tmp_path, capsys):

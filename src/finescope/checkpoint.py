@@ -168,13 +168,36 @@ def read_history(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def _json_value(path: Path, key: str):
-    """``key``'s value in the JSON object of ``path``; None where the file is missing, no such object or lacks it."""
+def _json_object(path: Path) -> dict | None:
+    """The JSON object of ``path``; None where the file is missing or holds no such object."""
     try:
         found = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return found.get(key) if isinstance(found, dict) else None
+    return found if isinstance(found, dict) else None
+
+
+def _data_options(recorded: dict | None, split: str) -> str:
+    """`` --set data.source=csv data.root=/x.csv``: the data settings that evaluate or explain read with instead of
+    the run's own, as ``recorded`` (their ``metrics_<split>.json`` or ``faithfulness.json``) holds them, shell-quoted;
+    with ``split='all'`` its ``data_root`` always (files of older versions record it alone)."""
+    recorded = recorded if isinstance(recorded, dict) else {}
+    changed = recorded.get("data_overrides")
+    changed = changed if isinstance(changed, dict) else {}  # {} in an older version's file
+    root = recorded.get("data_root") if split == "all" else None
+    if "data.root" not in changed and isinstance(root, str) and root:  # all images: of which data, said
+        changed = {"data.root": root, **changed}
+    items = [f"{key}={_set_value(value)}" for key, value in changed.items()]
+    return f" --set {' '.join(shlex.quote(item) for item in items)}" if items else ""
+
+
+def _set_value(value: Any) -> str:
+    """``value`` as ``--set`` reads it back: text as it is (quoted where ``--set`` would strip spaces or quotes
+    from it), lists and numbers as JSON (YAML reads them)."""
+    if not isinstance(value, str):
+        return json.dumps(value)
+    bare = value == value.strip() and not (len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"")
+    return value if bare else f'"{value}"'
 
 
 def earlier_evaluations(run_dir: Path) -> dict[str, str]:
@@ -190,8 +213,7 @@ def earlier_evaluations(run_dir: Path) -> dict[str, str]:
             continue
         split = folder.name.removeprefix("explain_")
         if newer:
-            root = _json_value(folder / "faithfulness.json", "data_root") if split == "all" else None
-            data = f" --set data.root={shlex.quote(root)}" if isinstance(root, str) and root else ""  # other data
+            data = _data_options(_json_object(folder / "faithfulness.json"), split)  # other data
             earlier[f"{folder.name}/"] = (f"finescope explain {shlex.quote(str(run_dir))} --split {split}{data}"
                                           if split in ("train", "val", "test", "all") else "finescope explain again")
     for path in sorted(run_dir.glob("metrics_*.json")):
@@ -203,6 +225,6 @@ def earlier_evaluations(run_dir: Path) -> dict[str, str]:
             continue
         if newer and path.name in (f"metrics_{split}.json", f"metrics_{split}_{ckpt.stem}.json"):
             checkpoint = "" if ckpt.name == "best.pt" else f"/checkpoints/{ckpt.name}"
-            data = f" --set data.root={shlex.quote(m['data_root'])}" if split == "all" and m.get("data_root") else ""
+            data = _data_options(m, split)
             earlier[path.name] = f"finescope evaluate {shlex.quote(f'{run_dir}{checkpoint}')} --split {split}{data}"
     return earlier

@@ -1297,6 +1297,18 @@ def model_overrides(cfg: Config, state: dict) -> dict:
     return changed
 
 
+def data_overrides(cfg: Config, state: dict) -> dict:
+    """``{'data.<key>': value}`` of the data settings that ``cfg`` (the checkpoint's config with ``--set``
+    overrides) reads with instead of the run's own (``data.source``, ``data.root`` as an absolute path,
+    ``data.magnifications``, ...): what evaluate and explain record, so that the command that makes their files
+    again reads the same images the same way. Empty for the run's own data as trained."""
+    trained = to_dict(load_config(base=stored_config(state["config"])))["data"]
+    now = to_dict(cfg)["data"]
+    for paths in (trained, now):  # as the run stores them, absolute
+        paths.update({key: paths[key] and _absolute(paths[key]) for key in ("root", "splits")})
+    return {f"data.{k}": v for k, v in now.items() if v != trained.get(k)}
+
+
 def overrides_text(overrides: dict) -> str:
     """``model.threshold=0.95 model.num_crops=2``: :func:`model_overrides` as ``--set`` takes them."""
     return " ".join(f"{k}={v}" for k, v in overrides.items())
@@ -1438,7 +1450,7 @@ def evaluate(source: str | Path, split: str = "test", overrides: list[str] | Non
     metrics.update(split=split, checkpoint=state["path"], data_root=_absolute(cfg.data.root),
                    split_leak=seen if splits is None else "; ".join(filter(None, [own_split_leak(splits, sample_set),
                                                                                  seen])) or None,
-                   model_overrides=model_overrides(cfg, state))
+                   model_overrides=model_overrides(cfg, state), data_overrides=data_overrides(cfg, state))
     ckpt = Path(state["path"])  # train's metrics.json and predictions_test.csv are best.pt's: another keeps its name
     other = f"_{ckpt.stem}" if ckpt.parent.name == "checkpoints" and ckpt.name != "best.pt" else ""
     out = Path(out) if out else run_dir / f"metrics_{split}{other}.json"

@@ -462,7 +462,7 @@ def run_explain(checkpoint: str | Path, paths: list[str] | tuple[str, ...] = (),
     """
     from finescope.data.sources import check_outside_data
     from finescope.explain.gallery import write_index
-    from finescope.trainer import _absolute, load_trained, model_overrides
+    from finescope.trainer import _absolute, data_overrides, load_trained, model_overrides
 
     settings = settings or ExplainSettings()
     settings.check()
@@ -503,7 +503,7 @@ def run_explain(checkpoint: str | Path, paths: list[str] | tuple[str, ...] = (),
                                f"{run_dir_of(state)}") if split else ", ".join(map(str, paths)),
                        skipped=skipped, model_overrides=model_overrides(cfg, state))
         if split:  # the data read, as metrics_<split>.json records it (earlier_evaluations names it to read again)
-            summary["data_root"] = _absolute(cfg.data.root)
+            summary.update(data_root=_absolute(cfg.data.root), data_overrides=data_overrides(cfg, state))
         # a checkpoint trained on another split than its folder's; with --split, a group on two sides (as evaluate's)
         summary["split_leak"] = inputs.split_leak
         if not split or split == "all":  # files or all images: how many of them the model trained or validated on
