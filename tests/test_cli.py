@@ -991,6 +991,26 @@ def test_the_commands_that_make_evaluations_of_other_data_again_read_it_as_they_
     assert earlier_evaluations(run)["metrics_all.json"].endswith(f"--split all --set 'data.root={manifest}'")
 
 
+def test_the_commands_that_make_evaluations_again_run_the_model_as_they_did(tmp_path, capsys):
+    """evaluate RUN --split train --set model.threshold=0.9 (recorded in model_overrides) was named, once the run
+    trained on, as 'finescope evaluate RUN --split train': pasted, it wrote metrics_train.json of the model as
+    trained under the name of the one evaluated with threshold 0.9."""
+    root = _folder(tmp_path / "d", n=4)
+    split = ["data.test_fraction=0.25", "data.val_fraction=0"]
+    assert main(_train_args(root, tmp_path, *split)) == 0
+    run = tmp_path / "r"
+    assert main(["evaluate", str(run), "--split", "train", "--set", "model.threshold=0.9", "data.bit_depth=12",
+                 "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(_train_args(root, tmp_path, *split, "train.epochs=2") + ["--resume"]) == 0
+    warned = next(line for line in capsys.readouterr().err.splitlines() if "earlier best.pt" in line)
+    command = warned.split("make them again with ")[1]
+    assert command == f"finescope evaluate {run} --split train --set data.bit_depth=12 model.threshold=0.9"
+    assert main(shlex.split(command)[1:] + ["--device", "cpu"]) == 0
+    assert json.loads((run / "metrics_train.json").read_text())["model_overrides"] == {"model.threshold": 0.9,
+                                                                                      "data.bit_depth": 12}
+
+
 def test_a_report_of_evaluate_predictions_of_an_earlier_best_pt_says_so(tmp_path, capsys):
     """report RUN of a run without a test side reports evaluate's predictions_val.csv; when training on (a resume
     stopped in its new epochs) has written best.pt again since, it showed the earlier model's predictions beside the

@@ -178,15 +178,18 @@ def _json_object(path: Path) -> dict | None:
 
 
 def _data_options(recorded: dict | None, split: str) -> str:
-    """`` --set data.source=csv data.root=/x.csv``: the data settings that evaluate or explain read with instead of
-    the run's own, as ``recorded`` (their ``metrics_<split>.json`` or ``faithfulness.json``) holds them, shell-quoted;
-    with ``split='all'`` its ``data_root`` always (files of older versions record it alone)."""
+    """`` --set data.source=csv data.root=/x.csv model.threshold=0.9``: the data settings that evaluate or explain
+    read with instead of the run's own and the model settings they ran the weights with, as ``recorded`` (their
+    ``metrics_<split>.json`` or ``faithfulness.json``) holds them, shell-quoted; with ``split='all'`` its
+    ``data_root`` always (files of older versions record it alone)."""
     recorded = recorded if isinstance(recorded, dict) else {}
     changed = recorded.get("data_overrides")
     changed = changed if isinstance(changed, dict) else {}  # {} in an older version's file
     root = recorded.get("data_root") if split == "all" else None
     if "data.root" not in changed and isinstance(root, str) and root:  # all images: of which data, said
         changed = {"data.root": root, **changed}
+    model = recorded.get("model_overrides")  # the model run with (model.threshold=0.9): the same one again
+    changed = {**changed, **model} if isinstance(model, dict) else changed
     items = [f"{key}={_set_value(value)}" for key, value in changed.items()]
     return f" --set {' '.join(shlex.quote(item) for item in items)}" if items else ""
 
