@@ -856,6 +856,20 @@ def test_a_csv_manifest_given_to_predict_says_that_evaluate_reads_it(tmp_path):
         images_in([make_csv(tmp_path / "set"), tmp_path / "set" / "img"])
 
 
+def test_the_evaluate_that_predict_names_for_a_csv_reads_a_path_with_spaces_as_one(tmp_path):
+    """The command named for a manifest in a folder with a space ('my data/list.csv') was written unquoted: pasted,
+    the shell cut data.root at the space and evaluate took the rest for another argument."""
+    import shlex
+
+    from finescope.data.sources import images_in
+
+    with pytest.raises(FinescopeError) as e:
+        images_in([make_csv(tmp_path / "my set")])
+    command = str(e.value).split("; ")[1].removesuffix(" scores the images a CSV manifest lists")
+    assert shlex.split(command) == ["evaluate", "RUN", "--set", "data.source=csv",
+                                    f"data.root={tmp_path / 'my set' / 'manifest.csv'}"]
+
+
 def test_a_csv_saved_as_excel_unicode_text_is_read(tmp_path):
     """Excel's "Unicode Text" saves UTF-16 with a BOM and tabs between cells: such a manifest was refused as
     "not UTF-8"; a UTF-16 file (it starts with its BOM) is now decoded as such."""

@@ -676,6 +676,24 @@ def test_report_predictions_reports_that_file_beside_it_as_evaluate_named_its_re
     assert (other / "predictions_test.csv").read_bytes() == before
 
 
+def test_the_report_commands_named_for_predictions_of_another_run_or_a_cv_read_paths_with_spaces(tmp_path):
+    """report RUN --predictions of another run's file (or of a cv's out-of-fold table) names the report command to
+    run instead, with the folder unquoted: pasted for a folder with a space ('other run'), the shell cut it."""
+    import shlex
+
+    rows = [[f"/x/{i}.png", f"g{i}", "a", "a", 0.6, 0.4, ""] for i in range(4)]
+    run, other = _single_run(tmp_path / "run", "fusion", rows), _single_run(tmp_path / "other run", "fusion", rows)
+    with pytest.raises(FinescopeError) as e:
+        report.given_predictions(run, other / "predictions_test.csv")
+    assert shlex.split(str(e.value).split("run: ")[-1]) == ["finescope", "report", str(other), "--predictions",
+                                                            "predictions_test.csv"]
+    (tmp_path / "my cv").mkdir()
+    (tmp_path / "my cv" / "predictions.csv").write_text("image,group,true,predicted,prob_a,prob_b,fold,variant\n")
+    with pytest.raises(FinescopeError) as e:
+        report.given_predictions(run, tmp_path / "my cv" / "predictions.csv")
+    assert shlex.split(str(e.value).split("--predictions: ")[-1]) == ["finescope", "report", str(tmp_path / "my cv")]
+
+
 @pytest.mark.parametrize("name, content, message", [
     ("missing.csv", None, "not found"),
     ("metrics_all.json", '{"split": "all"}', "no finescope predictions CSV"),

@@ -18,6 +18,7 @@ import hashlib
 import html
 import io
 import json
+import shlex
 import warnings
 from pathlib import Path
 from urllib.parse import quote
@@ -167,7 +168,7 @@ def given_predictions(run_dir: Path, predictions: str | Path) -> Path:
     home = path.resolve().parent
     if (home / "config.yaml").is_file() and home != run_dir.resolve():  # its report there would show RUN's curves
         raise FinescopeError(f"--predictions '{path}' is in the run '{home}', not '{run_dir}'; report it with that "
-                             f"run: finescope report {home} --predictions {path.name}")
+                             f"run: finescope report {shlex.quote(str(home))} --predictions {shlex.quote(path.name)}")
     if path.is_dir():
         raise FinescopeError(f"--predictions '{path}' is a folder; give one of the predictions_<split>.csv files "
                              "that `finescope evaluate` wrote")
@@ -182,7 +183,7 @@ def given_predictions(run_dir: Path, predictions: str | Path) -> Path:
                              "report that `finescope evaluate` or `train` wrote")
     if {"fold", "variant"} <= set(header) and "path" not in header:
         raise FinescopeError(f"--predictions '{path}' is the out-of-fold predictions of a cv; report its folder "
-                             f"without --predictions: finescope report {path.parent}")
+                             f"without --predictions: finescope report {shlex.quote(str(path.parent))}")
     lacking = [c for c in ("path", "group", "true", "predicted") if c not in header]
     if lacking or not any(c.startswith("prob_") for c in header):
         missing = f"column '{lacking[0]}'" if lacking else "prob_<class> columns"

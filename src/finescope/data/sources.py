@@ -22,6 +22,7 @@ import csv
 import io
 import os
 import re
+import shlex
 import stat
 import unicodedata
 import warnings
@@ -360,7 +361,7 @@ def images_in(paths: Sequence[str | Path]) -> list[tuple[Path, Path]]:
         elif p.is_file():
             if p.suffix.lower() in (".csv", ".tsv"):  # a spreadsheet of labelled images: evaluate scores them
                 raise FinescopeError(f"'{p}' is not an image file but a table: predict reads images and folders; "
-                                     f"evaluate RUN --set data.source=csv data.root={p} scores the images a CSV "
+                                     f"evaluate RUN --set data.source=csv {shlex.quote(f'data.root={p}')} scores the images a CSV "
                                      "manifest lists")
             if not is_image_file(p):
                 raise FinescopeError(f"'{p}' is not an image file; supported: {', '.join(SUPPORTED_EXTENSIONS)}")
