@@ -922,7 +922,7 @@ def test_evaluations_of_an_earlier_best_pt_are_named_when_training_on_ends(tmp_p
     warned = [line for line in capsys.readouterr().err.splitlines() if "earlier best.pt" in line]
     assert len(warned) == 1 and warned[0].startswith("finescope: warning: explain_test/, metrics_all.json, "
                                                      "metrics_train.json in")
-    assert f"finescope explain {run} --split test;" in warned[0]
+    assert f"finescope explain {run} --split test --no-faithfulness;" in warned[0]
     assert f"finescope evaluate {run} --split all --set data.root={root};" in warned[0]
     assert warned[0].endswith(f"finescope evaluate {run} --split train")
     assert main(["evaluate", str(run), "--split", "train", "--device", "cpu"]) == 0  # made again: no longer named
@@ -948,7 +948,7 @@ def test_an_explanation_of_other_data_made_before_training_on_is_named_with_its_
     capsys.readouterr()
     assert main(_train_args(root, tmp_path, *split, "train.epochs=2") + ["--resume"]) == 0
     warned = [line for line in capsys.readouterr().err.splitlines() if "earlier best.pt" in line]
-    assert len(warned) == 1 and warned[0].endswith(f"finescope explain {run} --split all --set data.root={other}")
+    assert len(warned) == 1 and warned[0].endswith(f"finescope explain {run} --split all --no-faithfulness --set data.root={other}")
 
 
 def test_the_commands_that_make_evaluations_of_other_data_again_read_it_as_they_did(tmp_path, capsys):
@@ -1009,6 +1009,27 @@ def test_the_commands_that_make_evaluations_again_run_the_model_as_they_did(tmp_
     assert main(shlex.split(command)[1:] + ["--device", "cpu"]) == 0
     assert json.loads((run / "metrics_train.json").read_text())["model_overrides"] == {"model.threshold": 0.9,
                                                                                       "data.bit_depth": 12}
+
+
+def test_the_command_that_makes_an_explanation_again_gives_its_options(tmp_path, capsys):
+    """explain RUN --split test --limit 1 --no-faithfulness (a quick look at a large split) was named, once the run
+    trained on, as 'finescope explain RUN --split test': pasted, it explained every image with the slow
+    deletion/insertion curves, other maps and numbers under the same name. Its options are named now."""
+    root = _folder(tmp_path / "d", n=4)
+    split = ["data.test_fraction=0.5", "data.val_fraction=0"]
+    assert main(_train_args(root, tmp_path, *split)) == 0
+    run = tmp_path / "r"
+    options = ["--method", "gradcam", "layercam", "--no-faithfulness", "--grid", "4", "--top", "2", "--limit", "1"]
+    assert main(["explain", str(run), "--split", "test", *options, "--device", "cpu", "--quiet"]) == 0
+    before = json.loads((run / "explain_test" / "faithfulness.json").read_text())
+    capsys.readouterr()
+    assert main(_train_args(root, tmp_path, *split, "train.epochs=2") + ["--resume"]) == 0
+    warned = next(line for line in capsys.readouterr().err.splitlines() if "earlier best.pt" in line)
+    command = warned.split("make them again with ")[1]
+    assert command == f"finescope explain {run} --split test {' '.join(options)}"
+    assert main(shlex.split(command)[1:] + ["--device", "cpu", "--quiet"]) == 0
+    again = json.loads((run / "explain_test" / "faithfulness.json").read_text())
+    assert again["settings"] == before["settings"] and again["images"] == 1
 
 
 def test_a_report_of_evaluate_predictions_of_an_earlier_best_pt_says_so(tmp_path, capsys):

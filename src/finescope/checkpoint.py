@@ -216,7 +216,9 @@ def earlier_evaluations(run_dir: Path) -> dict[str, str]:
             continue
         split = folder.name.removeprefix("explain_")
         if newer:
-            data = _data_options(_json_object(folder / "faithfulness.json"), split)  # other data
+            recorded = _json_object(folder / "faithfulness.json") or {}
+            options = recorded.get("options") if isinstance(recorded.get("options"), list) else []  # --limit 50
+            data = "".join(f" {shlex.quote(str(o))}" for o in options) + _data_options(recorded, split)
             earlier[f"{folder.name}/"] = (f"finescope explain {shlex.quote(str(run_dir))} --split {split}{data}"
                                           if split in ("train", "val", "test", "all") else "finescope explain again")
     for path in sorted(run_dir.glob("metrics_*.json")):

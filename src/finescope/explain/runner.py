@@ -90,6 +90,21 @@ class ExplainSettings:
             raise FinescopeError(f"--tolerance must be >= 0 pixels, got {self.tolerance}")
 
 
+def settings_options(settings: ExplainSettings) -> list[str]:
+    """The ``finescope explain`` flags that give ``settings`` where they are not the defaults, e.g.
+    ``['--no-faithfulness', '--limit', '50']``: what the command that makes an explanation again repeats."""
+    default, options = ExplainSettings(), []
+    for name, value in asdict(settings).items():
+        if name == "seed" or value == getattr(default, name):  # seed: no flag
+            continue
+        if name == "faithfulness":
+            options.append("--no-faithfulness")
+        else:
+            flag = "--method" if name == "methods" else f"--{name.replace('_', '-')}"
+            options += [flag, *map(str, value if isinstance(value, tuple) else [value])]
+    return options
+
+
 @dataclass
 class _Context:
     """Everything the per-image step needs."""
@@ -501,7 +516,8 @@ def run_explain(checkpoint: str | Path, paths: list[str] | tuple[str, ...] = (),
         summary.update(checkpoint=str(state["path"]), variant=cfg.model.variant, class_names=class_names,
                        source=(f"all images of {inputs.root}" if split == "all" else f"split {split} of "
                                f"{run_dir_of(state)}") if split else ", ".join(map(str, paths)),
-                       skipped=skipped, model_overrides=model_overrides(cfg, state))
+                       skipped=skipped, model_overrides=model_overrides(cfg, state),
+                       options=settings_options(settings))
         if split:  # the data read, as metrics_<split>.json records it (earlier_evaluations names it to read again)
             summary.update(data_root=_absolute(cfg.data.root), data_overrides=data_overrides(cfg, state))
         # a checkpoint trained on another split than its folder's; with --split, a group on two sides (as evaluate's)
