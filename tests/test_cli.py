@@ -691,6 +691,17 @@ def test_evaluate_with_changed_architecture_names_the_override(cli_run, capsys):
     assert "model.proj_dim" in _one_error_line(capsys)
 
 
+def test_evaluate_out_of_a_csv_is_refused_before_the_model_runs(cli_run, tmp_path, capsys):
+    """evaluate --out results.csv wrote the metrics JSON under that name, its predictions beside it as
+    results_predictions.csv: a user asking for the predictions in results.csv got JSON there. Refused, naming
+    where each goes and the .json to give; nothing is written."""
+    out = tmp_path / "results.csv"
+    assert main(["evaluate", str(cli_run), "--device", "cpu", "--out", str(out)]) == 2
+    line = _one_error_line(capsys)
+    assert "names the metrics JSON" in line and "results_predictions.csv" in line and "results.json" in line
+    assert not list(tmp_path.iterdir())
+
+
 def test_predict_skips_small_images_by_name_and_fails_when_none_is_read(cli_run, synthetic_root, tmp_path, capsys):
     folder = tmp_path / "in"
     folder.mkdir()

@@ -319,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split of the run's own data, also moved (other data, via --set data.root=..., is evaluated "
                         "whole: 'all')")
     p.add_argument("--out", help="metrics JSON path (default RUN_DIR/metrics_<split>.json; "
-                   "metrics_<split>_last.json for RUN_DIR/checkpoints/last.pt)")
+                   "metrics_<split>_last.json for RUN_DIR/checkpoints/last.pt); the predictions go beside it, "
+                   "M.json's as M_predictions.csv (a .csv, .tsv, .md or .html name is refused)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default auto: the run's train.device "
                    "where this machine has it, else CUDA when there is one)")
     _add_set(p, TRAINED_SET_HELP)

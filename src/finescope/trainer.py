@@ -1413,6 +1413,10 @@ def evaluate(source: str | Path, split: str = "test", overrides: list[str] | Non
     a ``splits.json`` next to the checkpoint, or with ``split='all'`` every image is evaluated, and a warning
     says why when another split was asked for.
     """
+    if out and Path(out).suffix.lower() in (".csv", ".tsv", ".md", ".html"):  # before the model runs
+        raise FinescopeError(f"--out '{out}' names the metrics JSON evaluate writes (its predictions go beside it as "
+                             f"{Path(out).stem}_predictions.csv, its report as {Path(out).stem}_report.md); give a "
+                             f".json path, e.g. --out {Path(out).with_suffix('.json')}")
     model, cfg, class_names, state = load_trained(source, overrides, device)
     trained_data = load_config(base=stored_config(state["config"])).data
     sample_set = load_samples(cfg.data, require_all_classes=False, class_names=class_names)
