@@ -969,3 +969,27 @@ def test_a_splits_files_validation_sides_are_recorded_at_the_fraction_that_carve
                    "carved at data.val_fraction=0.0 and are reused as they are; data.val_fraction=0.3 is not read"]
     assert json.loads((tmp_path / "b" / "cv.json").read_text())["settings"]["config"]["data"]["val_fraction"] == 0.0
     assert load_config(tmp_path / "b" / "runs" / "global" / "fold0" / "config.yaml").data.val_fraction == 0.0
+
+
+def test_a_fold_evaluated_with_model_overrides_is_not_taken_for_the_folds_own_predictions(tmp_path, capsys):
+    """`finescope evaluate CV/runs/fusion/fold0 --set model.threshold=0.95` writes that model's predictions over the
+    fold's predictions_test.csv: a rerun of the cv (or one adding a variant) collected them into predictions.csv as
+    the trained fold's, and the ablation table changed silently (fusion PRR 0.625 -> 0.594, found in review). The
+    rerun is refused naming the file and the override, and goes on once evaluate wrote the fold's own again."""
+    cfg = tiny_cfg(tmp_path)
+    p = Protocol(variants=("fusion",), folds=2, n_boot=20)
+    out = tmp_path / "cv"
+    run_cv(cfg, p, out, progress=False, report=False)
+    before = (out / "predictions.csv").read_text()
+    run = out / "runs" / "fusion" / "fold0"
+    assert main(["evaluate", str(run), "--device", "cpu", "--set", "model.threshold=0.95"]) == 0
+    with pytest.raises(FinescopeError, match=r"predictions_test\.csv' holds the predictions of .*model\.threshold="
+                                             r"0\.95.*finescope evaluate"):
+        run_cv(cfg, p, out, progress=False, report=False)
+    with pytest.raises(FinescopeError, match="model.threshold=0.95"):  # before a variant added trains for hours
+        run_cv(cfg, Protocol(variants=("fusion", "global"), folds=2, n_boot=20), out, progress=False, report=False)
+    assert not (out / "runs" / "global").exists()
+    assert (out / "predictions.csv").read_text() == before
+    assert main(["evaluate", str(run), "--device", "cpu"]) == 0  # the fold's own predictions again
+    run_cv(cfg, p, out, progress=False, report=False)
+    assert (out / "predictions.csv").read_text() == before

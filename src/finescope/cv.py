@@ -672,7 +672,7 @@ def run_cv(
     Returns:
         The summary (also in ``out/summary.json``).
     """
-    from finescope.oof import collect_predictions, write_oof_csv
+    from finescope.oof import check_as_trained, collect_predictions, write_oof_csv
 
     out = Path(out)
     if cfg.data.splits:  # README: data.splits is a split to reuse; a cv's folds are its splits.json, --splits
@@ -706,6 +706,7 @@ def run_cv(
     for (variant, name), fold_cfg in fold_cfgs.items():  # before cv.json is written again
         if _finished(out / "runs" / variant / name):
             _check_finished_config(out / "runs" / variant / name, fold_cfg)
+            check_as_trained(out / "runs" / variant / name / "predictions_test.csv")
     _write_fold_files(out, folds, sample_set, cfg, p)
     for variant in p.variants:
         for fold in folds:

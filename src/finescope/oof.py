@@ -69,6 +69,7 @@ def collect_predictions(out: Path, folds: list, variants: tuple[str, ...], sampl
             test = set(fold.splits["test"].tolist())
             then = _root_then(path.parent, sample_set, data_root)
             run_rows = _run_rows(path, names, f"delete '{path.parent}' to train {variant} on {fold.name} again")
+            check_as_trained(path, run_rows)
             outside = _moved_outside(run_rows, sorted(test), sample_set, then)
             for r in run_rows:
                 i = index.get(r["path"])
@@ -94,6 +95,21 @@ def collect_predictions(out: Path, folds: list, variants: tuple[str, ...], sampl
                     "variant": variant,
                 })
     return rows
+
+
+def check_as_trained(path: Path, rows: list[dict] | None = None) -> None:
+    """Refuse a run's ``predictions_test.csv`` that ``evaluate --set model.<key>=...`` wrote over the fold's own
+    (its ``model_overrides`` column): the predictions of another model than the one the fold trained. ``rows``:
+    the file's, when already read."""
+    if rows is None:
+        with path.open(newline="", encoding="utf-8", errors=ERRORS) as fh:
+            rows = list(csv.DictReader(fh))
+    changed = next((r["model_overrides"] for r in rows if r.get("model_overrides")), "")
+    if changed:
+        raise FinescopeError(
+            f"'{path}' holds the predictions of the fold's model run with {changed} (`finescope evaluate --set`), "
+            f"not of the model as trained; run `finescope evaluate {path.parent}` without those overrides to write "
+            "its own predictions again (evaluate --out elsewhere keeps other settings' predictions apart)")
 
 
 def _moved_outside(rows: list[dict], test: list[int], sample_set: SampleSet, then: str | None) -> dict[str, int]:
