@@ -993,3 +993,18 @@ def test_a_fold_evaluated_with_model_overrides_is_not_taken_for_the_folds_own_pr
     assert main(["evaluate", str(run), "--device", "cpu"]) == 0  # the fold's own predictions again
     run_cv(cfg, p, out, progress=False, report=False)
     assert (out / "predictions.csv").read_text() == before
+
+
+def test_a_per_magnification_folds_splits_file_says_which_magnification_to_train_it_on(tmp_path):
+    """README: a cv's folds/<fold>/splits.json trains with `finescope train --set data.splits=...`. That of a
+    per-magnification fold (40x_fold0) lists the 40X images only, and on the data of all magnifications train said
+    the other images were 'added since the split was made?' and to remove their rows from the manifest (found in
+    review): it names the fold's magnification and the data.magnifications to give."""
+    from finescope.data import load_splits, save_splits
+
+    s = toy_set(mags=(40, 100))
+    fold = make_folds(s, Protocol(folds=2, per_magnification=True), seed=0, val_fraction=0.0)[0]
+    save_splits(tmp_path / "splits.json", fold.splits, s, extra={"fold": fold.name})  # as cv writes it
+    with pytest.raises(FinescopeError, match=r"fold 40x_fold0 of a per-magnification cv.*"
+                                             r"--set data\.magnifications=\[40\]"):
+        load_splits(tmp_path / "splits.json", s)

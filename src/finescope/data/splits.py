@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import unicodedata
 import warnings
 from collections.abc import Sequence
@@ -384,6 +385,17 @@ def _images(n: int, noun: str = "image") -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
+def _fold_magnification(path: Path) -> tuple[str, int] | None:
+    """(fold name, magnification) of a per-magnification cv's ``folds/<fold>/splits.json`` (its ``extra.fold``,
+    e.g. ``40x_fold0``), or None for any other splits file."""
+    try:
+        fold = json.loads(path.read_text()).get("extra", {}).get("fold")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    found = re.fullmatch(r"(\d+)x_(fold|trial)\d+", fold) if isinstance(fold, str) else None
+    return (fold, int(found.group(1))) if found else None
+
+
 def load_splits(path: str | Path, sample_set: SampleSet, fix: str = "draw new splits by leaving data.splits empty",
                 own: bool = False) -> dict[str, np.ndarray]:
     """Read splits written by :func:`save_splits` and match them to ``sample_set`` by relative path (images outside
@@ -433,6 +445,12 @@ def load_splits(path: str | Path, sample_set: SampleSet, fix: str = "draw new sp
     covered = set(np.concatenate(list(splits.values())).tolist())
     uncovered = [s.path for i, s in enumerate(sample_set.samples) if i not in covered]
     if uncovered:
+        if mag := _fold_magnification(path):  # a per-magnification cv's fold lists its magnification's images only
+            raise FinescopeError(
+                f"splits file '{path}' does not match the data: {_images(len(uncovered))} in data.root "
+                f"{'is' if len(uncovered) == 1 else 'are'} in no split, e.g. '{uncovered[0]}'; it is fold {mag[0]} of a per-magnification cv, which holds the {mag[1]}X "
+                f"images only: train it with --set data.magnifications=[{mag[1]}], or {fix}"
+            )
         raise FinescopeError(
             f"splits file '{path}' does not match the data: {_images(len(uncovered))} in data.root "
             f"{'is' if len(uncovered) == 1 else 'are'} in no split, "
