@@ -196,6 +196,18 @@ def test_cv_report_follows_predictions_csv_not_a_stale_summary(tmp_path):
     assert report.ablation_table(fresh)[1][0][1] in table and report.comparison_table(fresh)[1][0][1] in table
 
 
+def test_a_cv_reports_training_curves_of_its_own_variants_only(tmp_path, monkeypatch):
+    """A cv folder rerun with fewer variants (`--variants global` where global,fusion were trained: the same
+    settings, so allowed) reported the ablation table of global beside training curves of fusion as well, whose
+    runs it holds from before but no longer compares (found in review)."""
+    folder = fake_cv(tmp_path / "cv", variants=("global",))
+    shutil.copytree(folder / "runs" / "global", folder / "runs" / "fusion")
+    drawn = []
+    monkeypatch.setattr(report, "_fig_curves", lambda histories, order: drawn.append(sorted(histories)) or None)
+    write_report(folder, n_boot=20)
+    assert drawn == [["global"]]
+
+
 def test_evaluate_report_of_a_checkpoint_beside_a_runs_folder_is_a_run_report(tmp_path):
     """`evaluate model.pt` in a project folder holding runs/ and predict's default predictions.csv reports the
     predictions it wrote, not the folder as a cv."""

@@ -594,7 +594,10 @@ def _blocks(run_dir: Path, summary: dict, rows: list[dict], is_cv: bool, split: 
                    _fig_confusion(summary), ""))
     blocks.append(("figure", "ROC curves", _fig_roc(rows, summary), ""))
     blocks.append(("figure", "Reliability diagram", _fig_reliability(rows, summary), ""))
-    curves = _fig_curves(_histories(run_dir, is_cv), list(summary["variants"]))
+    histories = _histories(run_dir, is_cv)
+    if is_cv:  # runs of variants a rerun with fewer --variants no longer compares are not this cv's
+        histories = {v: h for v, h in histories.items() if v in summary["variants"]}
+    curves = _fig_curves(histories, list(summary["variants"]))
     if curves is not None:
         blocks.append(("figure", "Training curves", curves, "One line per fold." if is_cv else ""))
     splits = _split_summaries(run_dir, is_cv, names)
