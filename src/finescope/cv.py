@@ -257,9 +257,6 @@ def _check_fold_classes(labels: np.ndarray, groups: np.ndarray, k: int, names: l
     """Raise naming the first class with fewer groups than folds, its group count and what to do instead. A group
     counts for the class most of its images have, as :func:`~finescope.data.kfold_groups` deals it to a fold."""
     n_groups = len(set(groups.tolist()))
-    if n_groups < k:
-        raise FinescopeError(f"{where} has only {n_groups} groups, fewer than --folds {k}; use --folds {n_groups} "
-                             "or fewer")
     _, group_label, _ = _group_table(labels, groups)
     counts = {name: int((group_label == c).sum()) for c, name in enumerate(names) if (labels == c).any()}
     single = [(name, n) for name, n in counts.items() if n <= 1]  # 0: its images lie in other classes' groups only
@@ -276,6 +273,10 @@ def _check_fold_classes(labels: np.ndarray, groups: np.ndarray, k: int, names: l
             "then stays in training) or drop them"
         )
     short = [(n, name) for name, n in counts.items() if 0 < n < k]
+    if n_groups < k:  # the folds that fit are those of the class with the fewest groups, not of all groups
+        n, name = min(short)
+        raise FinescopeError(f"{where} has only {n_groups} groups, fewer than --folds {k}; use --folds {n} or fewer"
+                             + (f" (class '{name}' has {n} groups of its own)" if n < n_groups else ""))
     if short:
         n, name = min(short)
         raise FinescopeError(
