@@ -445,17 +445,13 @@ def load_splits(path: str | Path, sample_set: SampleSet, fix: str = "draw new sp
     covered = set(np.concatenate(list(splits.values())).tolist())
     uncovered = [s.path for i, s in enumerate(sample_set.samples) if i not in covered]
     if uncovered:
-        if mag := _fold_magnification(path):  # a per-magnification cv's fold lists its magnification's images only
-            raise FinescopeError(
-                f"splits file '{path}' does not match the data: {_images(len(uncovered))} in data.root "
-                f"{'is' if len(uncovered) == 1 else 'are'} in no split, e.g. '{uncovered[0]}'; it is fold {mag[0]} of a per-magnification cv, which holds the {mag[1]}X "
-                f"images only: train it with --set data.magnifications=[{mag[1]}], or {fix}"
-            )
+        mag = _fold_magnification(path)  # a per-magnification cv's fold lists its magnification's images only
+        what = (f"; it is fold {mag[0]} of a per-magnification cv, which holds the {mag[1]}X images only: train it "
+                f"with --set data.magnifications=[{mag[1]}]" if mag else " (added since the split was made?); leave "
+                "them out of the data (a CSV manifest: remove their rows)")
         raise FinescopeError(
             f"splits file '{path}' does not match the data: {_images(len(uncovered))} in data.root "
-            f"{'is' if len(uncovered) == 1 else 'are'} in no split, "
-            f"e.g. '{uncovered[0]}' (added since the split was made?); leave them out of the data (a CSV manifest: "
-            f"remove their rows), or {fix}"
+            f"{'is' if len(uncovered) == 1 else 'are'} in no split, e.g. '{uncovered[0]}'{what}, or {fix}"
         )
     if not own:
         try:
