@@ -453,6 +453,29 @@ def test_a_csv_whose_group_column_looks_like_no_patients_says_so(tmp_path, recwa
     load_samples(DataConfig(source="csv", root=str(both)))
     assert not [w for w in recwarn if issubclass(w.category, FinescopeWarning)]
 
+def test_groups_that_differ_only_in_letter_case_say_so(tmp_path, recwarn):
+    """A spreadsheet's 'P01' and 'p01' (one patient typed two ways?) were two groups without a word, which a split
+    may put on two sides. A CSV column or patient folders so named now warn in one line, and keep them apart."""
+    rows = [["0.png", "a", "P01"], ["1.png", "a", "p01"], ["2.png", "b", "P02"], ["3.png", "b", "P03"]]
+    for name, label, group in rows:
+        tiny_png(tmp_path / name)
+        tiny_png(tmp_path / "f" / label / group / name)
+    manifest = write_csv(tmp_path / "m.csv", ["path", "label", "group"], rows)
+    with pytest.warns(FinescopeWarning, match=r"^CSV manifest '.*m\.csv' groups the images by its 'group' column, "
+                      r"and the groups 'P01' and 'p01' differ only in letter case: .* two sides; .*write each "
+                      r"patient's id alike in every row of the 'group' column of '.*m\.csv'"):
+        sample_set = load_samples(DataConfig(source="csv", root=str(manifest)))
+    assert len(set(sample_set.groups)) == 4
+    with pytest.warns(FinescopeWarning, match=r"^data\.source=folder groups the images by the first sub-folder below "
+                      r"each class folder, and the groups 'P01' and 'p01' differ only in letter case: .*name each "
+                      r"patient's folders alike"):
+        load_samples(DataConfig(source="folder", root=str(tmp_path / "f")))
+    recwarn.clear()
+    rows[1][2] = "P04"
+    load_samples(DataConfig(source="csv", root=str(write_csv(tmp_path / "apart.csv", ["path", "label", "group"], rows))))
+    assert not [w for w in recwarn if "letter case" in str(w.message)]
+
+
 @pytest.mark.parametrize("source", ["breakhis", "folder", "synthetic"])
 def test_a_csv_given_as_data_root_of_another_source_says_to_set_data_source_csv(tmp_path, source):
     """data.root=my.csv under a config of another source (the default synthetic one, a BreakHis or a folder

@@ -621,7 +621,8 @@ def grouping_doubt(sample_set: SampleSet, cfg: DataConfig, thin: bool = False) -
     BreakHis file names of one case number in two groups or of several cases in one (``breast/<class>/SOB/...``:
     the folder 'SOB' is each class's only group); a class whose images all lie in one group that holds images of
     every other class too, and :data:`BIG_GROUP` images or more per class (a folder such as 'images' below each
-    class folder). With ``thin`` (a split found too few groups) also a class whose images lie in
+    class folder); group names that differ only in letter case (a spreadsheet's 'P01' and 'p01': one patient
+    typed two ways?). With ``thin`` (a split found too few groups) also a class whose images lie in
     :data:`FEW_GROUPS` groups or fewer of :data:`BIG_GROUP` images or more each (the sentence then says where
     those are no patients).
     """
@@ -639,6 +640,10 @@ def grouping_doubt(sample_set: SampleSet, cfg: DataConfig, thin: bool = False) -
     k = len(sample_set.class_names)
     shared = [(c, gs[0]) for c, gs in by_class.items()  # one group, of every class, 20+ images per class
               if len(gs) == 1 and k > 1 and len(classes[gs[0]]) == k and images[gs[0]] >= BIG_GROUP * k]
+    cased: dict[str, list[str]] = {}  # 'P01' and 'p01' of a spreadsheet: one patient typed twice?
+    for g in sorted(images):
+        cased.setdefault(g.casefold(), []).append(g)
+    twins = next((gs for gs in cased.values() if len(gs) > 1), None)
     if names:
         why = (f"the group{'s' if len(names) > 1 else ''} {', '.join(names[:4])} read{'' if len(names) > 1 else 's'} "
                "as magnifications, not patients: one patient's images at two magnifications are two groups, which a "
@@ -650,6 +655,14 @@ def grouping_doubt(sample_set: SampleSet, cfg: DataConfig, thin: bool = False) -
         why = (f"the group '{g}' holds every image of class {sample_set.class_names[c]} and images of every other "
                f"class too ({images[g]} images): a {'folder' if cfg.source == 'folder' else 'group'} such as this is "
                "rarely one patient, and a split finds too few groups")
+    elif twins:
+        others = sum(len(gs) > 1 for gs in cased.values()) - 1
+        why = (f"the groups {' and '.join(repr(g) for g in twins[:3])} differ only in letter case"
+               + (f" (and {others} more such set{'s' if others > 1 else ''})" if others else "")
+               + ": finescope keeps them apart, as two patients, so a split may put them on two sides")
+        fix = (f"write each patient's id alike in every row of the '{sample_set.group_column}' column of "
+               f"'{sample_set.manifest}'" if cfg.source == "csv" else "name each patient's folders alike (or the "
+               "captures of data.group_pattern)") + "; where they are two patients, nothing is wrong"
     elif thin and (few := [(c, gs) for c, gs in by_class.items() if 0 < len(gs) <= FEW_GROUPS
                            and sum(images[g] for g in gs) >= BIG_GROUP * len(gs)]):
         c, gs = few[0]
