@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from finescope.errors import FinescopeError, FinescopeWarning
+from finescope.files import json_text
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -198,7 +199,7 @@ def _set_value(value: Any) -> str:
     """``value`` as ``--set`` reads it back: text as it is (quoted where ``--set`` would strip spaces or quotes
     from it), lists and numbers as JSON (YAML reads them)."""
     if not isinstance(value, str):
-        return json.dumps(value)
+        return json_text(value)
     bare = value == value.strip() and not (len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"")
     return value if bare else f'"{value}"'
 
