@@ -1412,15 +1412,20 @@ def test_a_folder_one_cannot_write_is_one_line_that_says_where_else(tmp_path, ca
 
 
 def test_cv_table_without_an_interval():
-    """A pooled metric of a single patient has no interval (low/high None): cv's table says n/a, no TypeError."""
+    """A pooled metric of a single patient has no interval (low/high None): cv's table says n/a, no TypeError; a
+    long reason for it widens its column, which stays aligned."""
     from finescope.cli import _cv_table
 
     cell = {"value": 0.5, "low": None, "high": None, "n_boot": 0}
     table = _cv_table({"variants": {"global": {"pooled": {"patient_recognition_rate": cell, "image_accuracy": cell}}}})
     assert "0.500 [n/a, n/a]" in table.splitlines()[1]
-    cell = {**cell, "ci_note": "only 4 patients"}
-    table = _cv_table({"variants": {"global": {"pooled": {"patient_recognition_rate": cell, "image_accuracy": cell}}}})
-    assert table.splitlines()[1].count("0.500 [n/a (only 4 patients)]") == 2
+    cell = {**cell, "ci_note": "only 4 patient groups"}
+    table = _cv_table({"variants": {"global": {"pooled": {"patient_recognition_rate": cell, "image_accuracy": cell}},
+                                    "fusion": {"pooled": {"patient_recognition_rate": cell, "image_accuracy": cell}}}})
+    lines = table.splitlines()
+    assert lines[1].count("0.500 [n/a (only 4 patient groups)]") == 2
+    # the columns stay aligned where a cell is wider than its header's 28 characters (they ran on)
+    assert len({line.index("0.500 [n/a", 20) for line in lines[1:]} | {lines[0].index("image acc")}) == 1
 
 
 def test_a_run_trained_on_a_relative_data_root_is_read_from_any_folder(synthetic_root, tmp_path, monkeypatch,

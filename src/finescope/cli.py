@@ -202,16 +202,19 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
 
 def _cv_table(summary: dict) -> str:
-    lines = [f"{'variant':16s} {'PRR [95% CI]':28s} {'image acc [95% CI]':28s}"]
+    """The pooled PRR and image accuracy of each variant with their intervals, in columns as wide as their
+    widest cell (an interval too few patients leave undefined says why, at length)."""
+    rows = [["variant", "PRR [95% CI]", "image acc [95% CI]"]]
     for v, s in summary["variants"].items():
-        cells = []
+        cells = [v]
         for m in ("patient_recognition_rate", "image_accuracy"):
             d = s["pooled"][m]
             low, high = ("n/a" if x is None else f"{x:.3f}" for x in (d["low"], d["high"]))  # None: too few patients
             interval = f"[n/a ({d['ci_note']})]" if d.get("ci_note") else f"[{low}, {high}]"
-            cells.append(f"{d['value']:.3f} {interval}".ljust(28))
-        lines.append(f"{v:16s} " + " ".join(cells))
-    return "\n".join(lines)
+            cells.append(f"{d['value']:.3f} {interval}")
+        rows.append(cells)
+    widths = [max(16 if i == 0 else 28, *(len(r[i]) + 1 for r in rows)) for i in range(3)]
+    return "\n".join(" ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
