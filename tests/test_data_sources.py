@@ -600,6 +600,34 @@ def test_real_defungi_sources_stay_on_one_side(recwarn):
     assert sum(len(v) for v in splits.values()) == 6440
 
 
+def test_a_split_that_parts_groups_merge_duplicates_joined_says_why(tmp_path):
+    """A CSV's split column that puts an image on one side and its byte-identical copy, of another group, on the
+    other, under data.merge_duplicates: the error said "group 's1+s2' is on both 'train' and 'test'", not why two
+    groups were one. It names the groups the merge joined and why; a given data.splits file says the same."""
+    from finescope.config import load_config
+    from finescope.data import save_splits
+    from finescope.trainer import resolve_splits
+
+    rows = [["0.png", "a", "s1", "train", 10], ["1.png", "a", "s2", "test", 10], ["2.png", "a", "s3", "train", 99],
+            ["3.png", "b", "s4", "train", 50], ["4.png", "b", "s5", "test", 60], ["5.png", "b", "s6", "train", 70]]
+    for name, *_, colour in rows:
+        Image.new("RGB", (8, 8), (colour, 0, 0)).save(tmp_path / name)
+    manifest = write_csv(tmp_path / "m.csv", ["path", "label", "group", "split"], [r[:4] for r in rows])
+    cfg = load_config(None, ["data.source=csv", f"data.root={manifest}", "data.merge_duplicates=true"])
+    sample_set = load_samples(cfg.data)
+    why = (r"group 's1\+s2' is on both 'train' and 'test'.*; 's1\+s2' is the data's groups 's1', 's2', joined in one "
+           r"by data\.merge_duplicates because they hold byte-identical images: put their images on one side")
+    with pytest.raises(FinescopeError, match=r"^the split column of '.*m\.csv': split leak: " + why):
+        resolve_splits(cfg, sample_set, tmp_path / "run", resume=False)
+    plain = load_samples(load_config(None, ["data.source=csv", f"data.root={manifest}"]).data)
+    save_splits(tmp_path / "splits.json", {side: np.array([i for i, r in enumerate(rows) if r[3] == side])
+                                           for side in ("train", "test")}, plain)
+    given = load_config(None, ["data.source=csv", f"data.root={manifest}", "data.merge_duplicates=true",
+                               f"data.splits={tmp_path / 'splits.json'}"])
+    with pytest.raises(FinescopeError, match=r"^splits file '.*splits\.json': split leak: " + why):
+        resolve_splits(given, sample_set, tmp_path / "run", resume=False)
+
+
 def test_merge_duplicates_joins_groups_of_identical_files(tmp_path):
     from PIL import Image
 

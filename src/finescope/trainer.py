@@ -58,7 +58,6 @@ from finescope.data import (
     ImageDataset,
     SampleSet,
     build_transform,
-    check_no_leak,
     collate_padded,
     colour_jitter,
     empty_split_error,
@@ -71,6 +70,7 @@ from finescope.data import (
 from finescope.data.dataset import aspect_key, leave_sigterm_to_main, shape_order, worker_context
 from finescope.data.sources import check_outside_data, grouping_doubt, in_class_order
 from finescope.data.splits import (
+    check_no_leak_of,
     listed_digests,
     own_split_leak,
     rewritten_digests,
@@ -356,7 +356,7 @@ def resolve_splits(cfg: Config, sample_set: SampleSet, run_dir: Path, resume: bo
         source, drawn = "data.test_fraction and data.val_fraction", True
     if not (resume and own.is_file()):  # a run's own split is what it is (load_splits warned of a leak)
         try:
-            check_no_leak(splits, sample_set.groups)
+            check_no_leak_of(splits, sample_set)
         except FinescopeError as e:  # which split: a CSV's split column names no file otherwise
             raise FinescopeError(f"{source}: {e}") from None
     if len(splits.get("train", [])) == 0:

@@ -455,7 +455,7 @@ def load_splits(path: str | Path, sample_set: SampleSet, fix: str = "draw new sp
         )
     if not own:
         try:
-            check_no_leak(splits, sample_set.groups)
+            check_no_leak_of(splits, sample_set)
         except FinescopeError as e:
             raise FinescopeError(f"splits file '{path}': {e}") from None
     elif leak := own_split_leak(splits, sample_set):
@@ -529,6 +529,23 @@ def empty_split_error(split: str, splits: dict[str, np.ndarray], run: str | Path
     naming the sides that hold some."""
     others = [side for side in SIDES if len(splits.get(side, []))] + ["all"]
     return FinescopeError(f"the '{split}' split of {run} holds no images; give --split {' or '.join(others)}")
+
+
+def check_no_leak_of(splits: dict[str, np.ndarray], sample_set: SampleSet) -> None:
+    """:func:`check_no_leak` of ``sample_set``'s groups, whose error, for a group that ``data.merge_duplicates``
+    joined (``113a+114a``: groups holding byte-identical images), also names the groups it joined and why."""
+    try:
+        check_no_leak(splits, sample_set.groups)
+    except FinescopeError as e:
+        joined: dict[str, set[str]] = {}
+        for s in sample_set.samples:
+            joined.setdefault(s.group, set()).add(str(s.meta.get("source_group", s.group)))
+        group = next((g for g, of in joined.items() if len(of) > 1 and f"group '{g}' is on both" in str(e)), None)
+        if group is None:
+            raise
+        raise FinescopeError(f"{e}; '{group}' is the data's groups {', '.join(map(repr, sorted(joined[group])))}, "
+                             "joined in one by data.merge_duplicates because they hold byte-identical images: put "
+                             "their images on one side") from None
 
 
 def own_split_leak(splits: dict[str, np.ndarray], sample_set: SampleSet) -> str | None:
