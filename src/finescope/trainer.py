@@ -1331,6 +1331,26 @@ def _same_root(data, trained) -> bool:
     return data.source == trained.source and _absolute(data.root) == _absolute(trained.root)
 
 
+def trained_data_of(state: dict):
+    """The data section of the config the checkpoint ``state`` was trained with."""
+    return load_config(base=stored_config(state["config"])).data
+
+
+def own_splits(cfg: Config, state: dict, sample_set: SampleSet) -> tuple[dict | None, str | None]:
+    """The run's split of ``sample_set`` and None, as evaluate and explain read it; for other data (a
+    ``splits.json`` that does not fit it, read with data settings other than the run's, or none) None and why; on
+    the run's own data a ``splits.json`` that does not fit it is refused (it changed since: said, not guessed)."""
+    run_dir = run_dir_of(state)
+    if not (run_dir / "splits.json").is_file():
+        return None, f"no splits.json in '{run_dir}'"
+    try:
+        return load_splits(run_dir / "splits.json", sample_set, fix=OWN_SPLIT_FIX, own=True), None
+    except FinescopeError as e:
+        if cfg.data == trained_data_of(state):
+            raise
+        return None, f"the data is not the run's ({str(e).split(';')[0]})"
+
+
 def lone_on_own_data(root: str, run_dir: Path, n: int, command: str = "evaluate") -> str:
     """What reading ``n`` images of ``root`` is when it is the data a checkpoint without its run's ``splits.json``
     (none in ``run_dir``) was trained on (``command``: evaluate, explain): they include the images it trained and
@@ -1418,17 +1438,10 @@ def evaluate(source: str | Path, split: str = "test", overrides: list[str] | Non
                              f"{Path(out).stem}_predictions.csv, its report as {Path(out).stem}_report.md); give a "
                              f".json path, e.g. --out {Path(out).with_suffix('.json')}")
     model, cfg, class_names, state = load_trained(source, overrides, device)
-    trained_data = load_config(base=stored_config(state["config"])).data
+    trained_data = trained_data_of(state)
     sample_set = load_samples(cfg.data, require_all_classes=False, class_names=class_names)
     run_dir = run_dir_of(state)
-    splits, why = None, f"no splits.json in '{run_dir}'"
-    if split != "all" and (run_dir / "splits.json").is_file():
-        try:
-            splits = load_splits(run_dir / "splits.json", sample_set, fix=OWN_SPLIT_FIX, own=True)
-        except FinescopeError as e:
-            if cfg.data == trained_data:  # the run's own data no longer matches its splits: say so, do not guess
-                raise
-            why = f"the data is not the run's ({str(e).split(';')[0]})"
+    splits, why = (None, None) if split == "all" else own_splits(cfg, state, sample_set)
     seen = None
     if splits is None:
         if split != "all":

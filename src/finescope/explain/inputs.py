@@ -27,7 +27,9 @@ from finescope.trainer import (
     lone_on_own_data,
     other_listed_split,
     other_split,
+    own_splits,
     run_dir_of,
+    trained_data_of,
 )
 
 SPLITS = ("train", "val", "test", "all")
@@ -109,11 +111,11 @@ def split_inputs(cfg: Config, state: dict, class_names: list[str], split: str) -
     if split not in SPLITS:
         raise FinescopeError(f"--split '{split}' is unknown; choose one of: {', '.join(SPLITS)}")
     splits_file = run_dir_of(state) / "splits.json"
-    if split != "all" and not splits_file.is_file() and _same_root(cfg.data, _trained_data(state)):
+    if split != "all" and not splits_file.is_file() and _same_root(cfg.data, trained_data_of(state)):
         raise FinescopeError(f"--split needs the run's splits.json, not found at '{splits_file}'; pass a run "
                              "directory, or give image files/folders instead")
     sample_set = load_samples(cfg.data, require_all_classes=False, class_names=class_names)
-    splits, why = (None, None) if split == "all" else _own_splits(cfg, state, sample_set)
+    splits, why = (None, None) if split == "all" else own_splits(cfg, state, sample_set)
     if splits is not None:
         if len(splits[split]) == 0:
             raise empty_split_error(split, splits, run_dir_of(state))
@@ -130,35 +132,11 @@ def split_inputs(cfg: Config, state: dict, class_names: list[str], split: str) -
     return inputs
 
 
-def _trained_data(state: dict):
-    """The data section of the config the checkpoint ``state`` was trained with."""
-    from finescope.config import load_config, stored_config
-
-    return load_config(base=stored_config(state["config"])).data
-
-
-def _own_splits(cfg: Config, state: dict, sample_set) -> tuple[dict | None, str | None]:
-    """The run's split of ``sample_set`` and None, as evaluate reads it; for other data (a ``splits.json`` that does
-    not fit it, read with data settings other than the run's, or none) None and why; on the run's own data a
-    ``splits.json`` that does not fit it is refused (it changed since: said, not guessed)."""
-    from finescope.data import load_splits
-
-    splits_file = run_dir_of(state) / "splits.json"
-    if not splits_file.is_file():
-        return None, f"no splits.json in '{run_dir_of(state)}'"
-    try:
-        return load_splits(splits_file, sample_set, fix=OWN_SPLIT_FIX, own=True), None
-    except FinescopeError as e:
-        if cfg.data == _trained_data(state):
-            raise
-        return None, f"the data is not the run's ({str(e).split(';')[0]})"
-
-
 def _warn_if_lone_on_own_data(cfg: Config, state: dict, n: int) -> str | None:
     """As evaluate says it, warned: a checkpoint without its run's ``splits.json`` read on the data it was trained
     on, whose ``n`` images then include its training images, not told apart; None otherwise."""
     run_dir = run_dir_of(state)
-    if (run_dir / "splits.json").is_file() or not _same_root(cfg.data, _trained_data(state)):
+    if (run_dir / "splits.json").is_file() or not _same_root(cfg.data, trained_data_of(state)):
         return None
     seen = lone_on_own_data(cfg.data.root, run_dir, n, "explain")
     warnings.warn(seen, FinescopeWarning, stacklevel=3)
@@ -270,7 +248,7 @@ def training_images(cfg: Config, state: dict, class_names: list[str],
 def _trained_sizes(cfg: Config, state: dict, class_names: list[str]) -> set:
     """{(H, W)} of the run's training images, read from the data it was trained on where ``cfg`` reads other data
     (whose sizes say nothing of the model's); empty where that data is ``cfg``'s or cannot be read from here."""
-    trained = _trained_data(state)
+    trained = trained_data_of(state)
     if trained == cfg.data:
         return set()
     if trained.source == "synthetic":  # not generated here to be measured: its images are of synthetic_size
