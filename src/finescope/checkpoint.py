@@ -169,8 +169,8 @@ def read_history(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def _json_object(path: Path) -> dict | None:
-    """The JSON object of ``path``; None where the file is missing or holds no such object."""
+def json_object(path: Path) -> dict | None:
+    """The JSON object in ``path``; None when the file is missing, unreadable or holds no object."""
     try:
         found = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -217,7 +217,7 @@ def earlier_evaluations(run_dir: Path) -> dict[str, str]:
             continue
         split = folder.name.removeprefix("explain_")
         if newer:
-            recorded = _json_object(folder / "faithfulness.json") or {}
+            recorded = json_object(folder / "faithfulness.json") or {}
             options = recorded.get("options") if isinstance(recorded.get("options"), list) else []  # --limit 50
             data = "".join(f" {shlex.quote(str(o))}" for o in options) + _data_options(recorded, split)
             earlier[f"{folder.name}/"] = (f"finescope explain {shlex.quote(str(run_dir))} --split {split}{data}"

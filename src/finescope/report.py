@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from finescope.checkpoint import earlier_evaluations, read_history  # noqa: E402
+from finescope.checkpoint import earlier_evaluations, json_object, read_history  # noqa: E402
 from finescope.errors import FinescopeError, FinescopeWarning  # noqa: E402
 from finescope.files import ERRORS, atomic_open, write_bytes, write_text  # noqa: E402
 from finescope.metrics import ECE_BINS, METRICS_VERSION, MIN_CI_GROUPS, reliability_curve, roc_curves  # noqa: E402
@@ -201,7 +201,7 @@ def _metrics_of(predictions: Path) -> tuple[str, dict]:
              *([stem.removesuffix("_predictions")] if stem.endswith("_predictions") else []),
              *(["metrics"] if stem == "predictions_test" else [])]
     for name in names:
-        recorded = _json_dict(predictions.with_name(name + ".json"))
+        recorded = json_object(predictions.with_name(name + ".json"))
         if recorded is not None:
             return name + ".json", recorded
     return "", {}
@@ -256,13 +256,13 @@ def _cv_summary(run_dir: Path, csv_path: Path, n_boot: int) -> dict:
     summary computed again with the cv's reference, resamples and seed (``cv.json``): a damaged, older or stale
     summary (predictions.csv edited or rewritten since; intervals of width 0 from 4 patients; values of an older
     metric) never reaches the report."""
-    summary = _json_dict(run_dir / "summary.json")
+    summary = json_object(run_dir / "summary.json")
     made_from = summary.get("made_from") if isinstance(summary, dict) else None
     if (isinstance(made_from, dict) and {"class_names", "variants"} <= summary.keys()
             and made_from.get("ci_min_groups") == MIN_CI_GROUPS and made_from.get("metrics_version") == METRICS_VERSION
             and made_from.get("predictions_sha256") == hashlib.sha256(csv_path.read_bytes()).hexdigest()):
         return summary
-    record = _json_dict(run_dir / "cv.json") or {}
+    record = json_object(run_dir / "cv.json") or {}
     settings = record.get("settings") if isinstance(record.get("settings"), dict) else {}
     config = settings.get("config") if isinstance(settings.get("config"), dict) else {}
 
@@ -273,15 +273,6 @@ def _cv_summary(run_dir: Path, csv_path: Path, n_boot: int) -> dict:
     return summarize_predictions(csv_path, recorded(record.get("reference"), "", str),
                                  recorded(record.get("n_boot"), n_boot, int, 1),
                                  recorded(config.get("seed"), 0, int, 0))
-
-
-def _json_dict(path: Path) -> dict | None:
-    """The JSON object in ``path``; None when the file is missing, unreadable or holds no object."""
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return raw if isinstance(raw, dict) else None
 
 
 def _recorded_warning(run_dir: Path, split: str) -> str | None:
@@ -298,14 +289,14 @@ def _recorded_warning(run_dir: Path, split: str) -> str | None:
 
 def _recorded_overrides(run_dir: Path, split: str) -> dict | None:
     """The ``model_overrides`` that ``evaluate`` recorded in ``metrics_<split>.json`` of a run, or None."""
-    recorded = _json_dict(run_dir / f"metrics_{split}.json") or {}
+    recorded = json_object(run_dir / f"metrics_{split}.json") or {}
     return recorded.get("model_overrides") if isinstance(recorded.get("model_overrides"), dict) else None
 
 
 def _recorded_data_root(run_dir: Path, split: str) -> str | None:
     """The ``data_root`` that ``evaluate`` recorded in ``metrics_<split>.json`` of a run (the data its predictions
     are of), or None."""
-    root = (_json_dict(run_dir / f"metrics_{split}.json") or {}).get("data_root")
+    root = (json_object(run_dir / f"metrics_{split}.json") or {}).get("data_root")
     return root if isinstance(root, str) and root else None
 
 
