@@ -162,8 +162,26 @@ def test_resume_with_the_other_channels_last_reaches_the_same_weights(synthetic_
                   progress=False)
     resumed_state = load_checkpoint(tmp_path / "k" / "checkpoints" / "last.pt")["model"]
     for key, value in load_checkpoint(reference / "checkpoints" / "last.pt")["model"].items():
-        # the layouts' convolutions round differently (2e-4 here); moments out of line moved weights by 1e-2
-        torch.testing.assert_close(resumed_state[key], value, rtol=0, atol=2e-3, msg=key)
+        # the layouts' convolutions round differently: weights 8e-4 apart at most here, BatchNorm's running
+        # statistics, which add up every batch's, 5e-3 (2-core CPU, torch 2.14); moments out of line moved weights
+        # by 1e-2
+        stats = key.endswith(("running_mean", "running_var"))
+        torch.testing.assert_close(resumed_state[key], value, rtol=0, atol=1e-2 if stats else 2e-3, msg=key)
+
+
+def test_moments_loaded_in_the_other_layout_take_their_parameters_layout():
+    """What a resume with the other train.channels_last loads: moments stored channels-last for contiguous
+    parameters (and the reverse) are copied into the parameter's layout, values unchanged."""
+    conv = torch.nn.Conv2d(3, 4, 3)
+    optimizer = torch.optim.AdamW(conv.parameters())
+    conv(torch.randn(1, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    moment = optimizer.state[conv.weight]["exp_avg"]
+    expected = moment.clone()
+    optimizer.state[conv.weight]["exp_avg"] = moment.to(memory_format=torch.channels_last)
+    trainer._moments_like_parameters(optimizer)
+    again = optimizer.state[conv.weight]["exp_avg"]
+    assert again.stride() == conv.weight.stride() and torch.equal(again, expected)
 
 
 def test_load_trained_gives_a_folded_channels_last_model(fusion_run):
