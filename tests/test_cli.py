@@ -955,7 +955,7 @@ def test_an_explanation_of_other_data_made_before_training_on_is_named_with_its_
     run = tmp_path / "r"
     assert main(["explain", str(run), "--split", "all", "--set", f"data.root={other}", "--no-faithfulness",
                  "--device", "cpu", "--quiet"]) == 0
-    assert json.loads((run / "explain_all" / "faithfulness.json").read_text())["data_root"] == str(other)
+    assert json.loads((run / "explain_all_other" / "faithfulness.json").read_text())["data_root"] == str(other)
     capsys.readouterr()
     assert main(_train_args(root, tmp_path, *split, "train.epochs=2") + ["--resume"]) == 0
     warned = [line for line in capsys.readouterr().err.splitlines() if "earlier best.pt" in line]
@@ -989,17 +989,43 @@ def test_the_commands_that_make_evaluations_of_other_data_again_read_it_as_they_
     for command in commands:
         assert main(shlex.split(command)[1:] + ["--device", "cpu", "--quiet"] * command.startswith("finescope explain")
                     + ["--no-faithfulness"] * command.startswith("finescope explain")) == 0
-    again = json.loads((run / "metrics_all.json").read_text())
+    again = json.loads((run / "metrics_all_other-list.json").read_text())  # named by its data
     assert again["n_images"] == 4 and again == json.loads((tmp_path / "m.json").read_text())
-    assert len((run / "explain_all" / "results.csv").read_text().splitlines()) == 5
-    rm = json.loads((run / "metrics_all.json").read_text())
-    del rm["data_overrides"]  # evaluate's file of an older version: its data.root named, as before
+    assert len((run / "explain_all_other-list" / "results.csv").read_text().splitlines()) == 5
+    rm = json.loads((run / "metrics_all_other-list.json").read_text())
+    del rm["data_overrides"]  # evaluate's file of an older version, named so: its data.root named, as before
     (run / "metrics_all.json").write_text(json.dumps(rm))
     later = (run / "metrics_all.json").stat().st_mtime_ns + 10**9
     os.utime(run / "checkpoints" / "best.pt", ns=(later, later))
     from finescope.checkpoint import earlier_evaluations
 
     assert earlier_evaluations(run)["metrics_all.json"].endswith(f"--split all --set 'data.root={manifest}'")
+
+
+def test_evaluations_of_two_other_data_sets_and_other_settings_keep_their_own_files(tmp_path, capsys):
+    """evaluate RUN --set data.root=HOSPITAL_B after --set data.root=HOSPITAL_A (external validation at two sites)
+    replaced A's metrics_all.json, predictions_all.csv and report_all.md with B's; explain RUN --split test --set
+    model.threshold=0.9 replaced the run's explain_test/. Each is named by its data or settings now, and report
+    RUN --predictions reads each with its own metrics."""
+    root = _folder(tmp_path / "d", n=4)
+    sites = {name: _folder(tmp_path / name, n=2) for name in ("hospital_a", "hospital_b")}
+    assert main(_train_args(root, tmp_path, "data.test_fraction=0.25", "data.val_fraction=0")) == 0
+    run = tmp_path / "r"
+    for name, folder in sites.items():
+        assert main(["evaluate", str(run), "--set", f"data.root={folder}", "--device", "cpu"]) == 0
+        assert f"metrics written to {run / f'metrics_all_{name}.json'}" in capsys.readouterr().out
+    for name, folder in sites.items():
+        assert json.loads((run / f"metrics_all_{name}.json").read_text())["data_root"] == str(folder)
+        assert (run / f"predictions_all_{name}.csv").is_file() and (run / f"report_all_{name}.md").is_file()
+        assert main(["report", str(run), "--predictions", f"predictions_all_{name}.csv"]) == 0
+        assert str(folder) in (run / f"report_all_{name}.md").read_text()
+    assert not (run / "metrics_all.json").exists()
+    assert main(["explain", str(run), "--split", "test", "--no-faithfulness", "--device", "cpu", "--quiet"]) == 0
+    assert main(["explain", str(run), "--split", "test", "--no-faithfulness", "--device", "cpu", "--quiet",
+                 "--set", "model.threshold=0.9"]) == 0
+    assert json.loads((run / "explain_test" / "faithfulness.json").read_text())["model_overrides"] == {}
+    changed = json.loads((run / "explain_test_threshold=0.9" / "faithfulness.json").read_text())
+    assert changed["model_overrides"] == {"model.threshold": 0.9}
 
 
 def test_the_commands_that_make_evaluations_again_run_the_model_as_they_did(tmp_path, capsys):
@@ -1018,8 +1044,8 @@ def test_the_commands_that_make_evaluations_again_run_the_model_as_they_did(tmp_
     command = warned.split("make them again with ")[1]
     assert command == f"finescope evaluate {run} --split train --set data.bit_depth=12 model.threshold=0.9"
     assert main(shlex.split(command)[1:] + ["--device", "cpu"]) == 0
-    assert json.loads((run / "metrics_train.json").read_text())["model_overrides"] == {"model.threshold": 0.9,
-                                                                                      "data.bit_depth": 12}
+    made = json.loads((run / "metrics_train_threshold=0.9_bit_depth=12.json").read_text())
+    assert made["model_overrides"] == {"model.threshold": 0.9, "data.bit_depth": 12}
 
 
 def test_the_command_that_makes_an_explanation_again_gives_its_options(tmp_path, capsys):

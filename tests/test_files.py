@@ -193,3 +193,21 @@ def test_every_json_file_of_the_package_is_written_through_json_text():
     direct = [f"{p.relative_to(src)}:{n}" for p in sorted(src.rglob("*.py")) if p.name != "files.py"
               for n, line in enumerate(p.read_text().splitlines(), 1) if "json.dump" in line]
     assert direct == []
+
+
+def test_evaluated_files_are_named_by_their_data_and_model_settings():
+    """The suffix of evaluate's files and explain's folder: empty for the model as trained on its own data (and for
+    another data.root evaluated by its run's split: the run's own data, moved), the other data's folder or CSV name
+    for all of its images, the model settings as --set gives them; no path separator, and cut with a digest when
+    long, so that two long ones stay apart."""
+    from finescope.checkpoint import evaluated_suffix
+
+    assert evaluated_suffix({}, {}, "test") == evaluated_suffix(None, None, "all") == ""
+    assert evaluated_suffix({}, {"data.root": "/data/moved"}, "test") == ""
+    assert evaluated_suffix({}, {"data.root": "/data/hospital b/"}, "all") == "_hospital-b"
+    assert evaluated_suffix({}, {"data.source": "csv", "data.root": "/x/site 2.csv"}, "all") == "_site-2"
+    assert evaluated_suffix({"model.threshold": 0.9, "data.bit_depth": 12}, {"data.num_workers": 0}, "all") \
+        == "_threshold=0.9_bit_depth=12"
+    assert evaluated_suffix({"model.weights_note": "a/b"}, {}, "val") == "_weights_note=a-b"
+    long = [evaluated_suffix({"model.threshold": t / 7}, {"data.root": "/d/" + "x" * 40}, "all") for t in (1, 2)]
+    assert all(len(s) == 60 and "/" not in s for s in long) and long[0] != long[1]

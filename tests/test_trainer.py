@@ -410,21 +410,26 @@ def test_evaluate_with_model_settings_changed_says_so_in_its_metrics_and_report(
     assert result["model_overrides"] == {}  # the model as trained; other settings are no change of the model
 
 
-def test_evaluate_with_model_settings_changed_says_so_in_each_row_of_the_runs_predictions(fusion_run, tmp_path):
-    """evaluate RUN --set model.threshold=0.95 without --out rewrote RUN's predictions_test.csv with the other
-    model's predictions and no column saying so, where predict's CSV names them in model_overrides (found in
-    review); report RUN still reads the file."""
+def test_evaluate_with_model_settings_changed_writes_files_of_its_own(fusion_run, tmp_path):
+    """evaluate RUN --set model.threshold=0.95 without --out rewrote RUN's predictions_test.csv, metrics_test.json
+    and report.md (the run's test report) with another model's; a threshold sweep left the run with the last one's.
+    They go to files named by the change now (metrics_test_threshold=0.95.json, ...), each row saying it, and the
+    run's own stay the model's as trained."""
     from finescope.report import write_report
 
     out, _ = fusion_run
     run = tmp_path / "run"
     shutil.copytree(out, run)
-    with (run / "predictions_test.csv").open(newline="") as fh:  # train's: the model as trained
-        assert {r["model_overrides"] for r in csv.DictReader(fh)} == {""}
-    trainer.evaluate(run, "test", ["model.threshold=0.95", "data.num_workers=0"], device="cpu")
-    with (run / "predictions_test.csv").open(newline="") as fh:
+    own = {name: (run / name).read_bytes() for name in ("predictions_test.csv", "metrics.json", "metrics_test.json",
+                                                         "report.md") if (run / name).is_file()}
+    result = trainer.evaluate(run, "test", ["model.threshold=0.95", "data.num_workers=0"], device="cpu")
+    assert Path(result["output"]) == run / "metrics_test_threshold=0.95.json"
+    with (run / "predictions_test_threshold=0.95.csv").open(newline="") as fh:
         assert {r["model_overrides"] for r in csv.DictReader(fh)} == {"model.threshold=0.95"}
-    assert "model.threshold=0.95" in write_report(run, n_boot=20)[0].read_text().split("## Confusion")[0]
+    assert own == {name: (run / name).read_bytes() for name in own}
+    assert "model.threshold" not in write_report(run, n_boot=20)[0].read_text()  # report RUN: the model as trained
+    trainer.evaluate(run, "test", ["model.threshold=0.9", "data.num_workers=0"], device="cpu")
+    assert (run / "metrics_test_threshold=0.95.json").is_file() and (run / "metrics_test_threshold=0.9.json").is_file()
     trainer.evaluate(run, "test", ["data.num_workers=0"], device="cpu")
     with (run / "predictions_test.csv").open(newline="") as fh:
         assert {r["model_overrides"] for r in csv.DictReader(fh)} == {""}

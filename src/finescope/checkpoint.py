@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import random
+import re
 import shlex
 import shutil
 import tempfile
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 
 from finescope.errors import FinescopeError, FinescopeWarning
-from finescope.files import json_text
+from finescope.files import ERRORS, json_text
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -204,10 +206,31 @@ def _set_value(value: Any) -> str:
     return value if bare else f'"{value}"'
 
 
+def evaluated_suffix(model_overrides: dict | None, data_overrides: dict | None, split: str | None) -> str:
+    """What evaluate adds to its file names (``metrics_<split><suffix>.json``, its predictions and report) and explain
+    to its folder's (``explain_<split><suffix>/``) in a run, so that neither replaces the run's own files nor
+    another evaluation's: ``_<data>`` for all images of other data (``split='all'`` with another ``data.root`` in
+    ``data_overrides``: its folder or file name, ``_hospital_b``), then ``_<settings>`` for a model run with other
+    settings than trained (``model_overrides`` as ``--set`` gives them, less the section: ``_threshold=0.9``).
+    Text that is no part of a file name becomes '-'; a suffix of over 60 characters is cut and ends in a digest of
+    it. Empty for the model as trained on its own data."""
+    parts = []
+    changed = data_overrides if isinstance(data_overrides, dict) else {}
+    if split == "all" and ("data.root" in changed or "data.source" in changed):
+        root = str(changed.get("data.root") or changed["data.source"])
+        parts.append(Path(root.rstrip("/\\")).name.removesuffix(".csv"))
+    model = model_overrides if isinstance(model_overrides, dict) else {}
+    parts += [f"{key.split('.', 1)[-1]}={value}" for key, value in model.items()]
+    suffix = "".join("_" + (re.sub(r"[^\w.=+-]+", "-", part).strip("-.") or "data") for part in parts)
+    if len(suffix) > 60:
+        suffix = suffix[:51] + "-" + hashlib.sha1(suffix.encode("utf-8", ERRORS)).hexdigest()[:8]
+    return suffix
+
+
 def earlier_evaluations(run_dir: Path) -> dict[str, str]:
-    """What ``evaluate`` (``metrics_<split>[_<checkpoint>].json``, with its predictions and report) and ``explain``
-    (``explain_<split>/``) wrote in ``run_dir`` of a checkpoint written again since (a run trained on): file or
-    folder name -> the command that makes it again."""
+    """What ``evaluate`` (``metrics_<split>[_<checkpoint>][<suffix>].json``, with its predictions and report) and
+    ``explain`` (``explain_<split>[<suffix>]/``; :func:`evaluated_suffix`) wrote in ``run_dir`` of a checkpoint
+    written again since (a run trained on): file or folder name -> the command that makes it again."""
     earlier = {}
     best = run_dir / "checkpoints" / "best.pt"
     for folder in sorted(run_dir.glob("explain_*")):
@@ -215,13 +238,15 @@ def earlier_evaluations(run_dir: Path) -> dict[str, str]:
             newer = best.stat().st_mtime_ns > (folder / "results.csv").stat().st_mtime_ns
         except OSError:  # no finished explanation there, or no best.pt
             continue
-        split = folder.name.removeprefix("explain_")
+        split = folder.name.removeprefix("explain_").split("_")[0]  # explain_all_hospital_b: all images
         if newer:
             recorded = json_object(folder / "faithfulness.json") or {}
             options = recorded.get("options") if isinstance(recorded.get("options"), list) else []  # --limit 50
             data = "".join(f" {shlex.quote(str(o))}" for o in options) + _data_options(recorded, split)
+            suffix = evaluated_suffix(recorded.get("model_overrides"), recorded.get("data_overrides"), split)
+            own = split in ("train", "val", "test", "all") and folder.name == f"explain_{split}{suffix}"
             earlier[f"{folder.name}/"] = (f"finescope explain {shlex.quote(str(run_dir))} --split {split}{data}"
-                                          if split in ("train", "val", "test", "all") else "finescope explain again")
+                                          if own else "finescope explain again")
     for path in sorted(run_dir.glob("metrics_*.json")):
         try:
             m = json.loads(path.read_text())
@@ -229,7 +254,8 @@ def earlier_evaluations(run_dir: Path) -> dict[str, str]:
             newer = ckpt.stat().st_mtime_ns > path.stat().st_mtime_ns
         except (OSError, ValueError, KeyError, TypeError):  # not evaluate's, or its checkpoint is gone
             continue
-        if newer and path.name in (f"metrics_{split}.json", f"metrics_{split}_{ckpt.stem}.json"):
+        suffix = evaluated_suffix(m.get("model_overrides"), m.get("data_overrides"), split)
+        if newer and path.name in (f"metrics_{split}{suffix}.json", f"metrics_{split}_{ckpt.stem}{suffix}.json"):
             checkpoint = "" if ckpt.name == "best.pt" else f"/checkpoints/{ckpt.name}"
             data = _data_options(m, split)
             earlier[path.name] = f"finescope evaluate {shlex.quote(f'{run_dir}{checkpoint}')} --split {split}{data}"

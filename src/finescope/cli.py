@@ -266,9 +266,11 @@ def _add_explain(sub) -> None:
     p.add_argument("--split", choices=("train", "val", "test", "all"),
                    help="explain this split of the run's data; all: every image of its data or of other data "
                    "(--set data.root=OTHER), as evaluate --split all; train, val or test of other data: all its "
-                   "images too, with a warning, as evaluate (into RUN/explain_all)")
+                   "images too, with a warning, as evaluate (into RUN/explain_all_OTHER)")
     p.add_argument("--out", help="output folder (default RUN/explain_<split>, RUN/explain_files for paths, "
-                   "./explain for a .pt checkpoint)")
+                   "./explain for a .pt checkpoint; named after other data or model settings as evaluate names its "
+                   "files: RUN/explain_all_OTHER for --set data.root=/data/OTHER, RUN/explain_test_threshold=0.9 for "
+                   "--set model.threshold=0.9)")
     p.add_argument("--method", nargs="+", default=["auto"], metavar="NAME",
                    help="attention, gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam "
                    "(default auto: attention if the model has it, gradcam, gradcam++; auto joins other names, e.g. "
@@ -322,7 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split of the run's own data, also moved (other data, via --set data.root=..., is evaluated "
                         "whole: 'all')")
     p.add_argument("--out", help="metrics JSON path (default RUN_DIR/metrics_<split>.json; "
-                   "metrics_<split>_last.json for RUN_DIR/checkpoints/last.pt); the predictions go beside it, "
+                   "metrics_<split>_last.json for RUN_DIR/checkpoints/last.pt; other data or model settings are "
+                   "named after it, e.g. metrics_all_hospital_b.json for --set data.root=/data/hospital_b, "
+                   "metrics_test_threshold=0.9.json for --set model.threshold=0.9); the predictions go beside it, "
                    "M.json's as M_predictions.csv (a .csv, .tsv, .md or .html name is refused)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default auto: the run's train.device "
                    "where this machine has it, else CUDA when there is one)")
@@ -369,8 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="a finescope cv directory or a training run directory")
     p.add_argument("--predictions", metavar="FILE",
                    help="report this predictions CSV of the run (absolute, or from the working folder or RUN, e.g. "
-                   "predictions_all.csv of evaluate --set data.root=OTHER), written where evaluate writes its report "
-                   "(report_all.md beside it); default: predictions_test.csv, else the first of evaluate's "
+                   "predictions_all_OTHER.csv of evaluate --set data.root=/data/OTHER), written where evaluate writes "
+                   "its report (report_all_OTHER.md beside it); default: predictions_test.csv, else the first of evaluate's "
                    "predictions_<split>.csv in the order test (last.pt's), val, train, all")
     p.set_defaults(func=cmd_report)
 

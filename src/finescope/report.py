@@ -90,7 +90,7 @@ def _single_run_rows(run_dir: Path, predictions: Path | None, fig_dir: Path) -> 
         raise FinescopeError(f"'{run_dir}' holds neither predictions.csv (cv) nor predictions_<split>.csv (a run: "
                              "train or evaluate writes it)")
     if not predictions:
-        _warn_if_earlier(run_dir, src, src.stem.replace("predictions", "metrics") + ".json")
+        _warn_if_earlier(run_dir, src, src.stem.replace("predictions", "metrics", 1) + ".json")
     model = _run_config(run_dir).get("model")
     variant = model.get("variant", "model") if isinstance(model, dict) else "model"  # a label only
     with src.open(newline="", encoding="utf-8-sig", errors=ERRORS) as fh:
@@ -144,7 +144,7 @@ def report_path(predictions: Path) -> Path:
     evaluate never writes: report.md is a run's test report)."""
     if predictions.stem == "predictions":
         return predictions.with_name("predictions_report.md")
-    stem = predictions.stem.replace("predictions", "report") if "predictions" in predictions.stem \
+    stem = predictions.stem.replace("predictions", "report", 1) if "predictions" in predictions.stem \
         else predictions.stem + "_report"
     return predictions.with_name(("report" if stem == "report_test" else stem) + ".md")
 
@@ -197,7 +197,7 @@ def _metrics_of(predictions: Path) -> tuple[str, dict]:
     """The name and content of the metrics JSON that evaluate (``metrics_<split>.json``, ``M.json`` for
     ``M_predictions.csv``) or train (``metrics.json``) wrote with ``predictions``; ('', {}) where there is none."""
     stem = predictions.stem
-    names = [*([stem.replace("predictions", "metrics")] if "predictions" in stem else []),
+    names = [*([stem.replace("predictions", "metrics", 1)] if "predictions" in stem else []),
              *([stem.removesuffix("_predictions")] if stem.endswith("_predictions") else []),
              *(["metrics"] if stem == "predictions_test" else [])]
     for name in names:

@@ -36,6 +36,7 @@ from finescope import distributed as dist
 from finescope.checkpoint import (
     best_checkpoint,
     earlier_evaluations,
+    evaluated_suffix,
     load_checkpoint,
     read_history,
     rng_state,
@@ -1470,9 +1471,11 @@ def evaluate(source: str | Path, split: str = "test", overrides: list[str] | Non
                    model_overrides=model_overrides(cfg, state), data_overrides=data_overrides(cfg, state))
     ckpt = Path(state["path"])  # train's metrics.json and predictions_test.csv are best.pt's: another keeps its name
     other = f"_{ckpt.stem}" if ckpt.parent.name == "checkpoints" and ckpt.name != "best.pt" else ""
+    # other data, or the model with other settings: files of their own, never over the run's (report.md) or another's
+    other += evaluated_suffix(metrics["model_overrides"], metrics["data_overrides"], split)
     out = Path(out) if out else run_dir / f"metrics_{split}{other}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    stem = out.stem.replace("metrics", "predictions") if "metrics" in out.stem else out.stem + "_predictions"
+    stem = out.stem.replace("metrics", "predictions", 1) if "metrics" in out.stem else out.stem + "_predictions"
     stem = f"predictions_{split}" if stem == "predictions" else stem  # predictions.csv marks a cv folder
     write_predictions(out.with_name(stem + ".csv"), preds, sample_set, metrics["model_overrides"])
     write_text(out, json_text(metrics, indent=2))

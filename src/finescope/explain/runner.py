@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from finescope.checkpoint import evaluated_suffix
 from finescope.errors import SKIP_ADVICE, FinescopeError, FinescopeWarning
 from finescope.explain import faithfulness as fa
 from finescope.explain.core import explain_loaded
@@ -320,10 +321,11 @@ def _inputs(cfg, state, class_names, paths, split) -> Inputs:
     return inputs
 
 
-def default_out(checkpoint: str | Path, split: str | None) -> Path:
-    """``RUN/explain_<split>`` (or ``RUN/explain_files``) for a run directory, else ``explain``."""
+def default_out(checkpoint: str | Path, split: str | None, suffix: str = "") -> Path:
+    """``RUN/explain_<split><suffix>`` (or ``RUN/explain_files<suffix>``) for a run directory, else ``explain``;
+    ``suffix``: :func:`~finescope.checkpoint.evaluated_suffix` (other data, or the model with other settings)."""
     p = Path(checkpoint)
-    return p / f"explain_{split or 'files'}" if p.is_dir() else Path("explain")
+    return p / f"explain_{split or 'files'}{suffix}" if p.is_dir() else Path("explain")
 
 
 # what says that a folder holds a finished explanation (trainer's warning reads results.csv's time)
@@ -488,8 +490,11 @@ def run_explain(checkpoint: str | Path, paths: list[str] | tuple[str, ...] = (),
     check_outside_data(cfg.data, out)  # its PNGs would become images of a folder source, its images/ a class
     methods = resolve_methods(model, settings.methods, cfg.model.variant)
     inputs = _inputs(cfg, state, class_names, paths, split)
-    if split and inputs.split != split:  # a side of other data: all its images, as --split all's (evaluate's)
-        split, out = inputs.split, given or default_out(checkpoint, inputs.split)
+    split = inputs.split if split else None  # a side of other data: all its images, as --split all's (evaluate's)
+    suffix = evaluated_suffix(model_overrides(cfg, state), data_overrides(cfg, state), split)
+    if not given and default_out(checkpoint, split, suffix) != out:  # named as evaluate names its files
+        out = default_out(checkpoint, split, suffix)
+        _check_out(out, () if split else paths)
         check_outside_data(cfg.data, out)
     keep = {os.path.realpath(item.path) for item in inputs.items}
     out.mkdir(parents=True, exist_ok=True)
