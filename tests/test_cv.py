@@ -1010,3 +1010,23 @@ def test_a_per_magnification_folds_splits_file_says_which_magnification_to_train
     with pytest.raises(FinescopeError, match=r"fold 40x_fold0 of a per-magnification cv.*"
                                              r"--set data\.magnifications=\[40\]"):
         load_splits(tmp_path / "splits.json", s)
+
+
+def test_per_magnification_folds_that_took_all_images_together_are_recorded_so(tmp_path, capsys):
+    """cv --per-magnification on images without a magnification (a folder of one microscope's images) takes them
+    all together, and a warning said so, but cv.json and splits.json recorded per_magnification: true, folds that
+    were never drawn. They record what was drawn; the same command, and a folder recorded before, still resume."""
+    root = _two_class_folders(tmp_path / "data")
+    args = [*_tiny_cv_args(tmp_path, root, ", val_fraction: 0", batch_size=8), "--per-magnification"]
+    assert main(args) == 0
+    assert "have no magnification" in capsys.readouterr().err
+    out = tmp_path / "o"
+    assert json.loads((out / "cv.json").read_text())["settings"]["protocol"]["per_magnification"] is False
+    assert json.loads((out / "splits.json").read_text())["extra"]["per_magnification"] is False
+    assert main(args) == 0  # the same command resumes
+    for name, key in (("cv.json", "settings"), ("splits.json", "extra")):  # as a cv of before recorded them
+        raw = json.loads((out / name).read_text())
+        (raw[key]["protocol"] if name == "cv.json" else raw[key])["per_magnification"] = True
+        (out / name).write_text(json.dumps(raw))
+    assert main(args) == 0, capsys.readouterr().err
+    assert json.loads((out / "cv.json").read_text())["settings"]["protocol"]["per_magnification"] is False

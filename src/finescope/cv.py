@@ -225,6 +225,12 @@ def magnification_subsets(sample_set: SampleSet, per_magnification: bool) -> dic
     return {int(m): np.flatnonzero(values == m) for m in sorted(set(mags))}
 
 
+def as_drawn(p: Protocol, sample_set: SampleSet) -> Protocol:
+    """``p`` as its folds are drawn on ``sample_set``: ``per_magnification`` false where images without a
+    magnification make the folds take all images together (:func:`make_folds` warns so), what cv.json records."""
+    return replace(p, per_magnification=None not in magnification_subsets(sample_set, p.per_magnification))
+
+
 def _test_sides(sample_set: SampleSet, idx: np.ndarray, p: Protocol, seed: int, where: str) -> list[np.ndarray]:
     """Test indices (into the full set) of each fold of the subset ``idx``."""
     labels = np.asarray(sample_set.labels)[idx]
@@ -452,8 +458,10 @@ def _stored_settings(cfg: Config, p: Protocol) -> dict:
     return {"config": to_dict(cfg), "protocol": proto}
 
 
-def check_rerun(out: Path, cfg: Config, p: Protocol) -> None:
-    """Refuse to mix settings in one cv directory; a rerun with the same settings resumes it."""
+def check_rerun(out: Path, cfg: Config, p: Protocol, asked: Protocol | None = None) -> None:
+    """Refuse to mix settings in one cv directory; a rerun with the same settings resumes it. ``p``: the protocol
+    as drawn (:func:`as_drawn`); ``asked``: as given, which a cv.json written before it recorded what was drawn
+    holds (``per_magnification`` true of folds that took all images together)."""
     path = out / "cv.json"
     if not path.is_file():
         return
@@ -464,8 +472,11 @@ def check_rerun(out: Path, cfg: Config, p: Protocol) -> None:
     if not isinstance(old, dict):
         raise FinescopeError(f"'{path}' is damaged (not the JSON record finescope cv writes), so the settings of its "
                              "folds cannot be checked; restore it, or run this cv into a new --out folder")
-    diff = first_difference(old.get("settings"), _stored_settings(cfg, p),
-                            ignore=tuple(f"config.{k}" for k in _rerun_free()))
+    ignore = tuple(f"config.{k}" for k in _rerun_free())
+    diff = first_difference(old.get("settings"), _stored_settings(cfg, p), ignore=ignore)
+    if diff and asked is not None and not first_difference(old.get("settings"), _stored_settings(cfg, asked),
+                                                           ignore=ignore):
+        diff = None
     if diff:
         diff = diff.removeprefix("config.")
         raise FinescopeError(
@@ -491,7 +502,7 @@ def resolve_folds(out: Path, sample_set: SampleSet, cfg: Config, p: Protocol, sp
     own = out / "splits.json"
     if reuse and own.is_file():
         folds = load_cv_splits(own, sample_set, p.per_magnification, own=True)
-        _check_drawn_with(own, cfg, p)
+        _check_drawn_with(own, cfg, p, sample_set)
         if splits_file and _fold_lists(load_cv_splits(splits_file, sample_set, p.per_magnification)) != _fold_lists(
                 folds):
             raise FinescopeError(
@@ -503,12 +514,14 @@ def resolve_folds(out: Path, sample_set: SampleSet, cfg: Config, p: Protocol, sp
     return make_folds(sample_set, p, cfg.seed, cfg.data.val_fraction)
 
 
-def _check_drawn_with(path: Path, cfg: Config, p: Protocol) -> None:
+def _check_drawn_with(path: Path, cfg: Config, p: Protocol, sample_set: SampleSet) -> None:
     """Refuse a cv folder's folds recorded with another seed or protocol than this run's (what cv.json guards,
-    when it was removed): the cv would go on with the folds it holds, e.g. 2 folds under --folds 5."""
+    when it was removed): the cv would go on with the folds it holds, e.g. 2 folds under --folds 5. The protocol
+    as drawn on ``sample_set`` (:func:`as_drawn`), or as given (what a splits.json of before recorded)."""
     extra = json.loads(path.read_text()).get("extra")
-    now = {"seed": cfg.seed, **_stored_settings(cfg, p)["protocol"]}
-    key = next((k for k in now if isinstance(extra, dict) and k in extra and extra[k] != now[k]), None)
+    now, given = ({"seed": cfg.seed, **_stored_settings(cfg, q)["protocol"]} for q in (as_drawn(p, sample_set), p))
+    key = next((k for k in now if isinstance(extra, dict) and k in extra and extra[k] != now[k]
+                and extra[k] != given[k]), None)
     if key:
         name = "seed" if key == "seed" else f"--{key.replace('_', '-')}"
         raise FinescopeError(f"'{path}' holds folds drawn with {name} {extra[key]!r}, not {now[key]!r}; rerun with "
@@ -688,8 +701,6 @@ def run_cv(
     check_outside_data(cfg.data, out)
     _check_not_a_run(out)
     trained = _trained_anything(out)  # else its cv.json and splits.json record what nothing was trained on
-    if trained:
-        check_rerun(out, cfg, p)
     sample_set = load_samples(cfg.data)
     if trained and (out / "splits.json").is_file():  # its folds' class order (labels 1, 10, 2 as text once ordered)
         sample_set = in_class_order(sample_set, stored_class_names(out / "splits.json") or [])
@@ -697,6 +708,9 @@ def run_cv(
         from finescope.trainer import one_class_error
 
         raise one_class_error(cfg, sample_set.class_names)
+    drawn = as_drawn(p, sample_set)  # what cv.json and splits.json record
+    if trained:  # the data read: whether per-magnification folds take all images together
+        check_rerun(out, cfg, drawn, asked=p)
     folds = resolve_folds(out, sample_set, cfg, p, splits_file, reuse=trained)
     if splits_file:
         _check_given(given, asked, p, splits_file)
@@ -708,7 +722,7 @@ def run_cv(
         if _finished(out / "runs" / variant / name):
             _check_finished_config(out / "runs" / variant / name, fold_cfg)
             check_as_trained(out / "runs" / variant / name / "predictions_test.csv")
-    _write_fold_files(out, folds, sample_set, cfg, p)
+    _write_fold_files(out, folds, sample_set, cfg, drawn)
     for variant in p.variants:
         for fold in folds:
             state = run_fold(fold_cfgs[variant, fold.name], out / "runs" / variant / fold.name, progress)
