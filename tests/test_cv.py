@@ -1030,3 +1030,49 @@ def test_per_magnification_folds_that_took_all_images_together_are_recorded_so(t
         (out / name).write_text(json.dumps(raw))
     assert main(args) == 0, capsys.readouterr().err
     assert json.loads((out / "cv.json").read_text())["settings"]["protocol"]["per_magnification"] is False
+
+
+def _two_magnification_manifest(root: Path) -> Path:
+    """A manifest of 16 images 32 x 32: classes a and b of two patients each, every patient at 40X and 100X."""
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    rows = ["path,label,group,magnification"]
+    for i in range(16):
+        Image.new("RGB", (32, 32), (20 * i, 90, 200) if i % 2 else (200, 20 * i, 60)).save(root / f"{i}.png")
+        rows.append(f"{i}.png,{'ab'[i % 2]},p{i % 4},{40 if i < 8 else 100}")
+    (root / "m.csv").write_text("\n".join(rows) + "\n")
+    return root / "m.csv"
+
+
+@pytest.mark.parametrize("drawn_per_magnification", [True, False])
+def test_a_splits_file_says_whether_its_folds_are_per_magnification(tmp_path, capsys, drawn_per_magnification):
+    """cv --splits A/splits.json read A's folds by the command's per_magnification: folds of one magnification
+    (40x_fold0) reused without --per-magnification, or A's folds of all magnifications reused under the BreakHis
+    protocol's per_magnification: true, were refused as 'fold 40x_fold0 covers 8 images but the data has 0 for it'.
+    The file's folds say it, as they say their kind and number; a flag that contradicts them is one line."""
+    from finescope.cv import save_cv_splits
+
+    manifest = _two_magnification_manifest(tmp_path / "data")
+    cfg = load_config(overrides=["data.source=csv", f"data.root={manifest}", "data.num_workers=0",
+                                 "data.augment=none", "data.val_fraction=0", "model.backbone=tiny",
+                                 "model.global_size=32", "model.local_size=32", "train.epochs=1",
+                                 "train.batch_size=8", "train.device=cpu"])
+    s = load_samples(cfg.data)
+    drawn = Protocol(variants=("global",), folds=2, per_magnification=drawn_per_magnification)
+    folds = make_folds(s, drawn, seed=0, val_fraction=0.0)
+    save_cv_splits(tmp_path / "a.json", folds, s, extra={"seed": 0, "folds": 2})
+    save_config(cfg, tmp_path / "c.yaml")
+    flag = "--per-magnification" if drawn_per_magnification else "--no-per-magnification"
+    other = "--no-per-magnification" if drawn_per_magnification else "--per-magnification"
+    reuse = ["cv", "--config", str(tmp_path / "c.yaml"), "--variants", "global", "--splits", str(tmp_path / "a.json"),
+             "--out", str(tmp_path / "b"), "--quiet"]
+    assert main([*reuse, other]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"holds the 2 folds of --folds 2 {flag}" in err[0] and f"not {other}:" in err[0], err
+    assert not (tmp_path / "b").exists()
+    asked = Protocol(variants=("global",), n_boot=20, per_magnification=not drawn_per_magnification)
+    run_cv(cfg, asked, tmp_path / "b", splits_file=str(tmp_path / "a.json"), progress=False, report=False)
+    record = json.loads((tmp_path / "b" / "cv.json").read_text())
+    assert record["folds"] == [f.name for f in folds]
+    assert record["settings"]["protocol"]["per_magnification"] is drawn_per_magnification

@@ -191,7 +191,8 @@ def cmd_cv(args: argparse.Namespace) -> int:
                              + ("" if tuple(protocol.variants) == (cfg.model.variant,)
                                 else f" and give --variants {cfg.model.variant}"))
     out = args.out or f"runs/cv_{cfg.name or Path(args.config).stem}"
-    given = [name for name in ("folds", "trials", "test_fraction") if getattr(args, name) is not None]
+    given = [name for name in ("folds", "trials", "test_fraction", "per_magnification")
+             if getattr(args, name) is not None]
     if sets_test_fraction(args.overrides) and "test_fraction" not in given:
         given.append("test_fraction")
     with _sigterm_raises():  # a scheduler's pre-emption: one line, as train's
@@ -362,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="separate folds and runs per magnification (--no-per-magnification: all together)")
     p.add_argument("--reference", help="the variant the others are compared with (default: the first)")
     p.add_argument("--splits", help="reuse the folds of a cv splits.json: its folds, as they are, set the protocol "
-                   "(--folds, --trials or --test-fraction that contradict them are refused)")
+                   "and whether they are per magnification (--folds, --trials, --test-fraction or "
+                   "--[no-]per-magnification that contradict them are refused)")
     p.add_argument("--out", help="cv directory (default runs/cv_<config name>); rerun to resume")
     p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
     _add_set(p, "override config keys, one or more, e.g. --set train.epochs=5 model.backbone=resnet18 (the "

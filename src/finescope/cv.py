@@ -531,11 +531,13 @@ def _check_drawn_with(path: Path, cfg: Config, p: Protocol, sample_set: SampleSe
 def splits_protocol(path: str | Path, p: Protocol) -> Protocol:
     """``p`` with the fold settings of the cv splits file ``path``, which a cv reusing it runs: k-fold with as many
     folds as it holds (per magnification), or that many trials at the test fraction it records (``p``'s where it
-    records none). ``p`` itself when the file cannot be read (:func:`load_cv_splits` then says why)."""
+    records none); per magnification where its folds have one. ``p`` itself when the file cannot be read
+    (:func:`load_cv_splits` then says why)."""
     try:
         raw = json.loads(Path(path).read_text())
         names = [str(f["name"]) for f in raw["folds"]]
         count = max(Counter(str(f.get("magnification")) for f in raw["folds"]).values(), default=0)
+        p = replace(p, per_magnification=any(f.get("magnification") is not None for f in raw["folds"]))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
         return p
     extra = raw.get("extra") if isinstance(raw.get("extra"), dict) else {}
@@ -569,15 +571,20 @@ def _splits_val_fraction(path: str | Path, cfg: Config) -> Config:
 
 
 def _check_given(given: Collection[str], asked: Protocol, used: Protocol, splits_file: str) -> None:
-    """Refuse protocol flags (``given``: ``folds``, ``trials``, ``test_fraction``) that the folds of ``--splits``
-    contradict: cv trains the file's folds as they are, so a --trials 5 beside a 2-fold file would be ignored."""
-    wrong = [name for name in ("folds", "trials", "test_fraction") if name in given and (
-        getattr(asked, name) != getattr(used, name) or (name != "folds" and used.folds > 0))]
+    """Refuse protocol flags (``given``: ``folds``, ``trials``, ``test_fraction``, ``per_magnification``) that the
+    folds of ``--splits`` contradict: cv trains the file's folds as they are, so a --trials 5 beside a 2-fold file
+    would be ignored. ``asked``: as drawn on the data (:func:`as_drawn`)."""
+    names = ("folds", "trials", "test_fraction", "per_magnification")
+    wrong = [name for name in names if name in given and (getattr(asked, name) != getattr(used, name) or (
+        name in ("trials", "test_fraction") and used.folds > 0))]
     if not wrong:
         return
     held = (f"the {used.folds} folds of --folds {used.folds}" if used.folds else
             f"the {used.trials} trials of --trials {used.trials} --test-fraction {used.test_fraction}")
-    flags = " ".join(f"--{n.replace('_', '-')} {getattr(asked, n)}" for n in wrong)
+    if "per_magnification" in wrong:
+        held += " --per-magnification" if used.per_magnification else " --no-per-magnification"
+    flags = " ".join(("--" if getattr(asked, n) else "--no-") + "per-magnification" if n == "per_magnification"
+                     else f"--{n.replace('_', '-')} {getattr(asked, n)}" for n in wrong)
     raise FinescopeError(f"--splits '{splits_file}' holds {held}, not {flags}: cv reuses its folds as they are; "
                          f"leave {flags} out to reuse them, or leave --splits out to draw new folds")
 
@@ -680,8 +687,8 @@ def run_cv(
             settings (:func:`splits_protocol`), in what is trained and in cv.json and splits.json.
         progress: print per-epoch lines.
         report: also write report.md and report.html.
-        given: the fold settings the user gave explicitly (``folds``, ``trials``, ``test_fraction``: the CLI's
-            flags); one that the folds of ``splits_file`` contradict is refused.
+        given: the fold settings the user gave explicitly (``folds``, ``trials``, ``test_fraction``,
+            ``per_magnification``: the CLI's flags); one that the folds of ``splits_file`` contradict is refused.
 
     Returns:
         The summary (also in ``out/summary.json``).
@@ -713,7 +720,7 @@ def run_cv(
         check_rerun(out, cfg, drawn, asked=p)
     folds = resolve_folds(out, sample_set, cfg, p, splits_file, reuse=trained)
     if splits_file:
-        _check_given(given, asked, p, splits_file)
+        _check_given(given, as_drawn(asked, sample_set), p, splits_file)
     out.mkdir(parents=True, exist_ok=True)
     remove_temporaries(out)  # a killed run's half-written records
     fold_cfgs = {(variant, fold.name): fold_config(cfg, variant, fold, out / "folds" / fold.name / "splits.json")
