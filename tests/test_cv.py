@@ -793,7 +793,9 @@ def test_summary_scores_patients_and_resamples_their_case(tmp_path):
     pooled = summary["pooled"]
     assert pooled["patient_recognition_rate"]["value"] == pytest.approx(3 / 4)
     assert pooled["patient_accuracy_majority"]["value"] == pytest.approx(3 / 4)
-    assert (pooled["n_groups"], pooled["n_patients"]) == (3, 4)
+    # n_groups is the patients scored in a fold's metrics and in the pooled ones alike (as in a run's metrics.json);
+    # the pooled ones counted the 3 case groups the intervals resample, now n_resampled_groups
+    assert (pooled["n_groups"], pooled["n_patients"], pooled["n_resampled_groups"]) == (4, 4, 3)
     assert summary["per_magnification"]["100"]["patient_recognition_rate"]["mean"] == pytest.approx(3 / 4)
     text = path.read_text().splitlines()  # an older file: no patient column
     path.write_text("\n".join(",".join(c for j, c in enumerate(line.split(",")) if j != 2) for line in text))
@@ -824,6 +826,10 @@ def test_a_patient_of_several_trials_is_scored_once_per_trial_in_the_pooled_metr
     assert pooled["patient_recognition_rate"]["value"] == pytest.approx((3 / 4 + 1 / 4 + 1) / 3)
     assert pooled["image_accuracy"]["value"] == pytest.approx(6 / 10)
     assert pooled["n_patients"] == 2  # distinct patients, however many trials test them
+    # the patients scored: one per trial that tests it, as the folds' n_groups count them
+    folds = summarize_predictions(path, n_boot=20)["variants"]["global"]["folds"]
+    assert pooled["n_groups"] == folds["trial0"]["n_groups"] + folds["trial1"]["n_groups"] == 3
+    assert pooled["n_resampled_groups"] == 2
     assert pooled["auc"]["ci_note"] == "only 2 patients"  # not 'patient groups': each group is one patient
 
 

@@ -584,8 +584,9 @@ def _boot_values(
 MIN_CI_GROUPS = 5  # fewer groups than this: no interval (bootstrap_ci's docstring says why)
 # what a metric means, raised with every change of a definition, so that no summary computed before it is read back
 # (cv's summary.json, in ``made_from``): 2 scores a patient of several classes once per class and counts equal
-# patient ids in two groups as two patients; 3 scores a patient of several trials once per trial in pooled metrics
-METRICS_VERSION = 3
+# patient ids in two groups as two patients; 3 scores a patient of several trials once per trial in pooled metrics;
+# 4 makes the pooled n_groups the patients scored, as a fold's (the groups resampled: n_resampled_groups)
+METRICS_VERSION = 4
 MIN_CI_DEFINED = 0.5  # fraction of the resamples that must define the metric for an interval
 
 

@@ -274,8 +274,9 @@ def _pooled(rows: list[dict], class_names: list[str], n_boot: int, seed: int) ->
     cm = compute_metrics(y, p, patients, class_names)
     out["confusion_matrix"] = cm["confusion_matrix"]
     out["per_class_recall"] = cm["per_class_recall"]
-    out["n_images"], out["n_groups"] = int(len(y)), int(len(set(g.tolist())))
-    out["n_patients"] = _n_patients(rows)
+    # n_groups: the patients scored, as in a fold's metrics (a patient once per fold that tests it)
+    out["n_images"], out["n_groups"] = int(len(y)), cm["n_groups"]
+    out["n_patients"], out["n_resampled_groups"] = _n_patients(rows), int(len(set(g.tolist())))
     return out
 
 
@@ -323,6 +324,10 @@ def summarize_predictions(path: str | Path, reference: str = "", n_boot: int = 1
         ``{"class_names", "variants": {v: {"folds": {fold: metrics}, "mean_std": {metric: {mean, std, n}},
         "pooled": {metric: {value, low, high, n_boot}}, "per_magnification": {mag: mean_std}}},
         "comparisons": [{"reference", "variant", "metrics": {metric: {diff, low, high, p_value}}}]}``.
+        ``n_groups`` is the patients the patient-level metrics scored, in a fold's metrics (as in its run's
+        metrics.json) and the pooled ones alike: a patient once per fold that tests it. The pooled ones also hold
+        ``n_images``, ``n_patients`` (distinct patients) and ``n_resampled_groups`` (the groups the intervals
+        resample).
     """
     rows, names = read_oof_csv(path)
     variants = list(dict.fromkeys(r["variant"] for r in rows))
