@@ -1082,3 +1082,18 @@ def test_a_splits_file_says_whether_its_folds_are_per_magnification(tmp_path, ca
     record = json.loads((tmp_path / "b" / "cv.json").read_text())
     assert record["folds"] == [f.name for f in folds]
     assert record["settings"]["protocol"]["per_magnification"] is drawn_per_magnification
+
+
+@pytest.mark.parametrize("protocol", [Protocol(folds=2, per_magnification=True),
+                                      Protocol(trials=2, per_magnification=True)])
+def test_a_magnification_without_a_class_is_refused_before_training(protocol):
+    """Per-magnification folds of a magnification that has no image of a class (no 100X image of class b): its
+    folds trained a classifier of the other classes only, and after every fold had trained, collecting them said
+    its predictions_test.csv had 'no column prob_b (not this cv's run); delete ... to train again', which trained
+    the same again (of two classes: 'holds one class', after the 40X folds). One line before anything trains."""
+    s = toy_set(mags=(40, 100))
+    s = SampleSet([x for x in s.samples if not (x.meta["magnification"] == 100 and x.label == 1)], s.class_names,
+                  root=s.root)
+    with pytest.raises(FinescopeError, match=r"^100X has no image of class 'b', so .*--no-per-magnification.*"
+                                             r"data\.magnifications=\[40\]"):
+        make_folds(s, protocol, seed=0, val_fraction=0.0)

@@ -306,7 +306,9 @@ def make_folds(sample_set: SampleSet, p: Protocol, seed: int, val_fraction: floa
                       "BreakHis file name or a manifest's magnification column gives one), so the folds, runs and "
                       "metrics take all images together; --no-per-magnification says so without this warning",
                       FinescopeWarning, stacklevel=2)
-    for mag, idx in magnification_subsets(sample_set, p.per_magnification).items():
+    subsets = magnification_subsets(sample_set, p.per_magnification)
+    _check_magnification_classes(sample_set, subsets)
+    for mag, idx in subsets.items():
         where = f"{mag}X" if mag is not None else "the data"
         kind = "fold" if p.folds else "trial"
         for f, test in enumerate(_test_sides(sample_set, idx, p, seed, where)):
@@ -319,6 +321,25 @@ def make_folds(sample_set: SampleSet, p: Protocol, seed: int, val_fraction: floa
     if val_fraction > 0 and (message := _thin_validation_warning(folds, sample_set)):
         warnings.warn(message, FinescopeWarning, stacklevel=2)
     return folds
+
+
+def _check_magnification_classes(sample_set: SampleSet, subsets: dict[int | None, np.ndarray]) -> None:
+    """Refuse a magnification without an image of some class: its folds train with ``data.magnifications`` of
+    it alone, a classifier of fewer classes than the cv's, whose predictions the cv cannot collect."""
+    labels = np.asarray(sample_set.labels)
+    present = set(labels.tolist())
+    for mag, idx in subsets.items():
+        missing = [name for c, name in enumerate(sample_set.class_names)
+                   if c in present and not (labels[idx] == c).any()]
+        if mag is None or not missing:
+            continue
+        many = len(missing) > 1
+        rest = ",".join(str(m) for m in subsets if m != mag)
+        raise FinescopeError(
+            f"{mag}X has no image of class{'es' if many else ''} {', '.join(repr(n) for n in missing)}, so its "
+            f"per-magnification folds would train a classifier of the other classes only; use "
+            f"--no-per-magnification (all magnifications together), or leave {mag}X out with --set "
+            f"data.magnifications=[{rest}]")
 
 
 def _thin_validation_warning(folds: list[Fold], sample_set: SampleSet) -> str | None:
