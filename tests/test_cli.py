@@ -206,6 +206,46 @@ def test_predict_fills_the_true_class_from_a_class_folder_and_normalises_paths(c
     assert rows[0]["path"] == str(tmp_path / "in" / classes[1] / "x.png")  # absolute, without '..'
 
 
+def test_predict_per_patient_pools_each_patients_images(cli_run, synthetic_root, tmp_path, capsys):
+    """A pathologist predicting new cases wants one call per patient, not only per image: --per-patient writes
+    OUT_patients.csv, each patient's mean probabilities, their argmax and the majority vote, the patient being the
+    group its path says (class/P1/x.png) or else the folder its images lie in."""
+    import numpy as np
+
+    images = sorted((synthetic_root / "images").glob("*.png"))[:6]
+    with (cli_run / "predictions_test.csv").open() as f:
+        names = [c.removeprefix("prob_") for c in next(csv.reader(f)) if c.startswith("prob_")]
+    layout = {f"new/{names[0]}/P1/a.png": images[0], f"new/{names[0]}/P1/b.png": images[1],
+              f"new/{names[1]}/P2/a.png": images[2], "new/P3/a.png": images[3], "new/P3/b.png": images[4],
+              "new/P3/c.png": images[5]}
+    for rel, img in layout.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.open(img).save(tmp_path / rel)
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(cli_run), str(tmp_path / "new"), "--out", str(out), "--per-patient",
+                 "--device", "cpu"]) == 0
+    assert f"per-patient predictions written to {tmp_path / 'p_patients.csv'}" in capsys.readouterr().out
+    with out.open() as f:
+        images_rows = list(csv.DictReader(f))
+    with (tmp_path / "p_patients.csv").open() as f:
+        patients = {r["patient"]: r for r in csv.DictReader(f)}
+    keys = [r["group"] or os.path.dirname(r["path"]) for r in images_rows]
+    assert list(patients) == list(dict.fromkeys(keys))  # in the order of their first images
+    assert {p: r["true"] for p, r in patients.items()} == {"P1": names[0], "P2": names[1],
+                                                          str(tmp_path / "new" / "P3"): ""}
+    for name, row in patients.items():
+        mine = [r for r, key in zip(images_rows, keys, strict=True) if key == name]
+        probs = np.array([[float(r[f"prob_{n}"]) for n in names] for r in mine])
+        assert int(row["n_images"]) == len(mine)
+        np.testing.assert_allclose([float(row[f"prob_{n}"]) for n in names], probs.mean(0), rtol=1e-6)
+        assert row["predicted"] == names[int(probs.mean(0).argmax())]
+        votes = np.bincount(probs.argmax(1), minlength=len(names))
+        assert row["majority"] in [n for n, v in zip(names, votes, strict=True) if v == votes.max()]
+    assert main(["predict", str(cli_run), str(tmp_path / "new"), "--out", str(tmp_path / "q.csv"),
+                 "--device", "cpu"]) == 0
+    assert not (tmp_path / "q_patients.csv").exists()  # only when asked
+
+
 def test_files_outside_the_data_say_their_class_and_group():
     from finescope.config import DataConfig
     from finescope.data.sources import label_and_group_of

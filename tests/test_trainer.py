@@ -1709,3 +1709,27 @@ def test_fine_tune_leak_finds_the_run_of_every_model_weights_it_reads(tmp_path, 
     message = trainer.fine_tune_leak(cfg, {"train": np.array([2, 3]), "test": np.array([0, 1])}, s)
     assert message is not None and "2 of the groups" in message
     assert f"data.splits={tmp_path / 'run' / 'splits.json'}" in message
+
+
+def test_per_patient_predictions_take_the_patient_a_breakhis_name_gives_and_say_no_class_for_a_mixed_one(tmp_path):
+    """The patient of a BreakHis image is its patient folder (22549AB), not its case (22549); a patient whose
+    images hold two true classes (or some unknown) has no one true class; a tied vote goes to the class of the
+    higher mean probability, as the patient-level metrics break it."""
+    import numpy as np
+
+    from finescope.data.records import Sample, SampleSet
+    from finescope.engine import Predictions
+
+    samples = [Sample("/x/1.png", 0, "22549", {"patient": "22549AB"}), Sample("/x/2.png", 0, "22549",
+                                                                             {"patient": "22549AB"}),
+               Sample("/y/3.png", 0, "g", {}), Sample("/y/4.png", 1, "g", {}), Sample("/z/5.png", -1, "", {})]
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.45, 0.55], [0.7, 0.3], [0.2, 0.8]])
+    preds = Predictions(indices=np.arange(5), labels=np.array([s.label for s in samples]), probs=probs)
+    trainer.write_patient_predictions(tmp_path / "p.csv", preds, SampleSet(samples, ["benign", "malignant"]),
+                                      {"model.threshold": 0.9})
+    with (tmp_path / "p.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["patient"], r["n_images"], r["true"], r["predicted"], r["majority"]) for r in rows] == [
+        ("22549AB", "2", "benign", "benign", "benign"), ("g", "2", "", "benign", "benign"),
+        ("/z", "1", "", "malignant", "malignant")]  # g: one vote each, benign's mean probability 0.575
+    assert float(rows[1]["prob_benign"]) == np.float32(0.575) and rows[0]["model_overrides"] == "model.threshold=0.9"

@@ -124,8 +124,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if own and (Path(args.out).parent / "config.yaml").is_file():  # what train or evaluate wrote beside metrics
         raise FinescopeError(f"--out '{args.out}' is the {own[1]} predictions of the run '{Path(args.out).parent}' "
                              "(its reports read them); give predict another file, e.g. --out new_predictions.csv")
-    out = predict(args.checkpoint, args.paths, args.out, args.overrides, args.device)
+    out = predict(args.checkpoint, args.paths, args.out, args.overrides, args.device, args.per_patient)
     print(f"predictions written to {out}")
+    if args.per_patient:
+        from finescope.trainer import patients_path
+
+        print(f"per-patient predictions written to {patients_path(out)}")
     return 0
 
 
@@ -339,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="image files and/or folders (searched recursively, less the figures "
                    "finescope wrote there: reports' and explain's)")
     p.add_argument("--out", default="predictions.csv", help="CSV to write (default predictions.csv)")
+    p.add_argument("--per-patient", action="store_true",
+                   help="also one row per patient into OUT_patients.csv (e.g. predictions_patients.csv): its images' "
+                   "mean class probabilities, their argmax (predicted) and the majority vote of their predictions "
+                   "(majority); the patient is the one the file names say (BreakHis), else the group found as in "
+                   "training, else the folder the images lie in")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default auto: the run's train.device "
                    "where this machine has it, else CUDA when there is one)")
     _add_set(p, TRAINED_SET_HELP)

@@ -356,6 +356,18 @@ def patient_recognition_rate(y_true: ArrayLike, y_pred: ArrayLike, groups: Array
     return float(np.mean(list(patient_scores(y_true, y_pred, groups).values())))
 
 
+def pooled_predictions(p: np.ndarray, yp: np.ndarray, idx: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The images of each of ``n`` sets (a patient's) as one prediction: (n, C) their summed class probabilities
+    (the mean's argmax is the sum's) and (n,) the majority vote of their predictions ``yp`` (N,), ties broken by
+    the mean probability; ``idx`` (N,): each image's set."""
+    total = np.zeros((n, p.shape[1]))
+    np.add.at(total, idx, p)
+    votes = np.zeros((n, p.shape[1]))
+    np.add.at(votes, (idx, yp), 1)
+    tied = votes == votes.max(1, keepdims=True)
+    return total, np.where(tied, total, -np.inf).argmax(1)
+
+
 def _patient_hits(
     yt: np.ndarray, p: np.ndarray, yp: np.ndarray, gidx: np.ndarray, n_groups: int, how: str
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -363,16 +375,8 @@ def _patient_hits(
     when their single prediction is that class (see :func:`patient_accuracy`)."""
     n_classes = p.shape[1]
     units, uidx = np.unique(gidx * n_classes + yt, return_inverse=True)  # (U,) (patient, class) pairs
-    uidx = uidx.ravel()
-    mean_prob = np.zeros((units.size, n_classes))
-    np.add.at(mean_prob, uidx, p)  # sum; dividing by the unit's size would not change any argmax
-    if how == "mean_prob":
-        pred = mean_prob.argmax(1)
-    else:
-        votes = np.zeros((units.size, n_classes))
-        np.add.at(votes, (uidx, yp), 1)
-        tied = votes == votes.max(1, keepdims=True)
-        pred = np.where(tied, mean_prob, -np.inf).argmax(1)  # ties broken by the mean probability
+    total, majority = pooled_predictions(p, yp, uidx.ravel(), units.size)
+    pred = total.argmax(1) if how == "mean_prob" else majority
     patient = units // n_classes
     hits = np.bincount(patient, weights=(pred == units % n_classes).astype(np.float64), minlength=n_groups)
     return hits, np.bincount(patient, minlength=n_groups).astype(np.float64)

@@ -1517,12 +1517,49 @@ def write_predictions(path: str | Path, preds: Predictions, sample_set: SampleSe
                         names[int(preds.probs[row].argmax())], *probs, boxes, changed])
 
 
+def patients_path(out: str | Path) -> Path:
+    """Where ``predict --per-patient`` writes its patients: ``OUT_patients.csv`` beside ``OUT.csv``."""
+    return Path(out).with_name(Path(out).stem + "_patients.csv")
+
+
+def write_patient_predictions(path: str | Path, preds: Predictions, sample_set: SampleSet,
+                              overrides: dict | None = None) -> None:
+    """One CSV row per patient of ``preds`` (``predict --per-patient``), in the order of their first images:
+    the patient (the one its images' files say, :func:`~finescope.data.sources.file_sample`, else their group,
+    else the folder they lie in), its number of images, its true class where its images have one and the same,
+    ``predicted`` (the argmax of their mean class probability), ``majority`` (the majority vote of their
+    predictions, ties broken by the mean probability: the two ways the patient-level metrics score a patient),
+    every mean class probability and, last, ``model_overrides`` as in :func:`write_predictions`."""
+    from finescope.metrics import pooled_predictions
+
+    names, samples = sample_set.class_names, [sample_set.samples[i] for i in preds.indices]
+    keys = [s.meta.get("patient") or s.group or os.path.dirname(s.path) for s in samples]
+    patients, first, idx = np.unique(keys, return_index=True, return_inverse=True)
+    total, majority = pooled_predictions(preds.probs, preds.probs.argmax(1), idx.ravel(), len(patients))
+    idx = idx.ravel()
+    counts = np.bincount(idx, minlength=len(patients))
+    labels = np.array([s.label for s in samples])  # -1: unknown
+    low, high = np.full(len(patients), len(names)), np.full(len(patients), -1)
+    np.minimum.at(low, idx, labels)
+    np.maximum.at(high, idx, labels)
+    changed = overrides_text(overrides or {})
+    with atomic_open(path, newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["patient", "n_images", "true", "predicted", "majority", *[f"prob_{n}" for n in names],
+                    "model_overrides"])
+        for k in np.argsort(first, kind="stable"):
+            true = names[low[k]] if low[k] == high[k] >= 0 else ""  # one known class
+            w.writerow([patients[k], int(counts[k]), true, names[int(total[k].argmax())], names[int(majority[k])],
+                        *[str(np.float32(v)) for v in total[k] / counts[k]], changed])
+
+
 def predict(checkpoint: str | Path, paths: list[str], out: str | Path | None = None,
-            overrides: list[str] | None = None, device: str = "auto") -> Path:
+            overrides: list[str] | None = None, device: str = "auto", per_patient: bool = False) -> Path:
     """Predict image files and folders (recursively); write one CSV row per image and return its path. The true
     class, the group, the patient and the magnification are filled where the file says them (:func:`~finescope.data.sources.file_sample`),
     else left empty; the last column, ``model_overrides``, names the model settings changed with ``--set``
-    (:func:`model_overrides`, empty for the model as trained)."""
+    (:func:`model_overrides`, empty for the model as trained). With ``per_patient`` also one row per patient,
+    :func:`write_patient_predictions`, into :func:`patients_path`."""
     from finescope.data.sources import file_sample, images_in
 
     model, cfg, class_names, state = load_trained(checkpoint, overrides, device)
@@ -1543,6 +1580,8 @@ def predict(checkpoint: str | Path, paths: list[str], out: str | Path | None = N
     out = Path(out or "predictions.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_predictions(out, preds, sample_set, model_overrides(cfg, state))
+    if per_patient:
+        write_patient_predictions(patients_path(out), preds, sample_set, model_overrides(cfg, state))
     skipped = len(samples) - len(preds.indices)
     if skipped:
         warnings.warn(f"skipped {skipped} of {len(samples)} files, unreadable or too small (listed in the warnings "
