@@ -3,6 +3,7 @@
 import json
 import re
 import time
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -327,6 +328,30 @@ def test_paired_bootstrap_clearly_better_model(metric):
     assert out["diff"] > 0 and out["low"] > 0 and out["p_value"] < 0.05
     reverse = M.paired_bootstrap(y, p_b, p_a, groups, metric, n_boot=300)
     assert reverse["diff"] == pytest.approx(-out["diff"]) and reverse["high"] < 0
+
+
+def test_paired_p_value_counts_differences_that_are_0_but_for_float_rounding():
+    """Resampled differences that are exactly 0 count against the observed one (the docstring's rule), also where
+    the two metrics are sums of different patients' scores and come out 1e-16 apart (in floats the mean of 1, 2/3,
+    2/3, 1, 1 is 2e-16 below that of 1, 1, 1, 1/3, 1). Five patients (1 and 4 x 3 images, all of class 0): model a misses one image of P4, model b
+    one of P1 and one of P3; every resample drawing P4 as often as P1 and P3 together has PRR difference 0. The
+    rounding left some of them out: p = 0.68 where the rule gives 0.9. Two models with equal PRR had difference
+    2e-16 instead of 0."""
+    groups = np.repeat([f"P{i}" for i in range(5)], [1, 3, 3, 3, 3])
+    y = np.zeros(13, dtype=np.int64)
+
+    def wrong_on(*images):
+        pred = np.zeros(13, dtype=np.int64)
+        pred[list(images)] = 1
+        return _onehot_probs(pred, 2, p=0.8)
+
+    out = M.paired_bootstrap(y, wrong_on(11), wrong_on(1, 9), groups, "patient_recognition_rate", n_boot=100)
+    gain = [Fraction(0), Fraction(-1, 3), Fraction(0), Fraction(-1, 3), Fraction(1, 3)]  # b's score - a's per patient
+    diffs = [sum(gain[g] for g in drawn) / 5 for drawn in M._draw_groups(5, 100, 0)]
+    assert out["diff"] == pytest.approx(-1 / 15)
+    assert out["p_value"] == pytest.approx(2 * np.mean([d >= 0 for d in diffs]))  # 0.9
+    equal = M.paired_bootstrap(y, wrong_on(1, 4), wrong_on(7, 8), groups, "patient_recognition_rate", n_boot=100)
+    assert equal["diff"] == 0.0 and equal["p_value"] == 1.0
 
 
 # ----------------------------------------------------------------------------------------------- folds

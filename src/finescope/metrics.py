@@ -589,9 +589,12 @@ MIN_CI_GROUPS = 5  # fewer groups than this: no interval (bootstrap_ci's docstri
 # what a metric means, raised with every change of a definition, so that no summary computed before it is read back
 # (cv's summary.json, in ``made_from``): 2 scores a patient of several classes once per class and counts equal
 # patient ids in two groups as two patients; 3 scores a patient of several trials once per trial in pooled metrics;
-# 4 makes the pooled n_groups the patients scored, as a fold's (the groups resampled: n_resampled_groups)
+# 4 makes the pooled n_groups the patients scored, as a fold's (the groups resampled: n_resampled_groups), and
+# counts paired differences within DIFF_ZERO of 0 as 0 (p-values)
 METRICS_VERSION = 4
 MIN_CI_DEFINED = 0.5  # fraction of the resamples that must define the metric for an interval
+# a difference of two metrics below this is 0: equal metrics summed over other patients differ by ~1e-16 in floats
+DIFF_ZERO = 1e-12
 
 
 def _ci_withheld(values: np.ndarray, n_groups: int, unit: str) -> str | None:
@@ -716,6 +719,7 @@ def paired_bootstrap(
     Both models are scored on the same resampled patients, so the interval reflects only the difference
     between them. The two-sided p-value is twice the fraction of resampled differences on the other side of
     0 from the observed one (0 itself counted, which is conservative), capped at 1; 1 when the difference is 0.
+    A difference below :data:`DIFF_ZERO` (1e-12) is 0: the float rounding of two equal metrics, not a difference.
 
     Args:
         y_true: (N,) true labels.
@@ -743,11 +747,12 @@ def paired_bootstrap(
     fn = _resolve_metric(metric)
     draws = _draw_groups(uniq.size, n_boot, seed)
     diffs = _boot_values(metric, yt, pb, gidx, pidx, draws) - _boot_values(metric, yt, pa, gidx, pidx, draws)
+    diffs[np.abs(diffs) < DIFF_ZERO] = 0.0  # float rounding of equal metrics: counted at 0, as the p-value says
     # one patient: every resampled difference is the observed one, which gave p = 0; a few: a p-value of few resamples
     note = _ci_withheld(diffs, uniq.size, unit or _unit(groups, pidx, uniq.size))
     low, high = _percentiles(diffs, alpha)
     va, vb = fn(yt, pa, pidx), fn(yt, pb, pidx)
-    diff = None if va is None or vb is None else float(vb - va)
+    diff = None if va is None or vb is None else float(vb - va) if abs(vb - va) >= DIFF_ZERO else 0.0
     return {"diff": diff, "low": low, "high": high, "p_value": _two_sided_p(diff, diffs),
             "n_boot": int(np.isfinite(diffs).sum()), "ci_note": note}
 
