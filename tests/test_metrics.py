@@ -482,3 +482,13 @@ def test_per_magnification_metrics_are_compute_metrics_of_each_magnifications_im
     assert out["100"]["image_accuracy"] == 0.5 and out["40"]["n_images"] == 2 and out["400"]["n_groups"] == 1
     assert M.per_magnification_metrics(y, p, g, [100] * 6 + [None]) == {}
     assert M.per_magnification_metrics(y, p, g, [None] * 7) == {}
+
+
+def test_exact_ties_go_to_the_class_listed_first():
+    """README: a class probability tied exactly, in an image's prediction, a patient's mean or a vote still tied
+    after the mean probability, goes to the class listed first."""
+    assert M.compute_metrics([0], np.array([[0.5, 0.5]]))["image_accuracy"] == 1.0
+    tied = np.array([[0.7, 0.3], [0.3, 0.7]])  # one vote each, mean 0.5 / 0.5
+    assert M.patient_accuracy([0, 0], tied, ["p", "p"], "majority") == 1.0
+    assert M.patient_accuracy([1, 1], tied, ["p", "p"], "majority") == 0.0
+    assert M.patient_accuracy([0, 0], tied, ["p", "p"], "mean_prob") == 1.0

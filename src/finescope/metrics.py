@@ -392,7 +392,8 @@ def patient_accuracy(
     """Fraction of patients whose single prediction equals the patient's label.
 
     Each patient's images give one prediction: with ``how="majority"`` the majority vote of the image
-    predictions (ties broken by the mean probability), with ``how="mean_prob"`` the argmax of the mean class
+    predictions (ties broken by the mean probability, then by the lower class index, as an exact tie of
+    probabilities is everywhere), with ``how="mean_prob"`` the argmax of the mean class
     probability over its images. A patient whose images hold several true classes has no one label: it is
     scored once per class, each time on its images of that class (a unit), and the value is hits / units. For
     data with one class per patient (BreakHis) units are patients. Taking such a patient's majority class as its
