@@ -211,3 +211,19 @@ def test_evaluated_files_are_named_by_their_data_and_model_settings():
     assert evaluated_suffix({"model.weights_note": "a/b"}, {}, "val") == "_weights_note=a-b"
     long = [evaluated_suffix({"model.threshold": t / 7}, {"data.root": "/d/" + "x" * 40}, "all") for t in (1, 2)]
     assert all(len(s) == 60 and "/" not in s for s in long) and long[0] != long[1]
+
+
+def test_evaluated_files_of_a_subset_of_the_data_are_named_by_it():
+    """evaluate RUN --set data.magnifications=[40] (the run's data at one magnification: all its images, as its
+    splits.json no longer matches) wrote metrics_all.json, over evaluate RUN --split all's of every image, and each
+    magnification's over the one before (found in review): the data settings that choose other images or other
+    groups name the files too; the loader's (data.num_workers, data.cache) do not."""
+    from finescope.checkpoint import evaluated_suffix
+
+    assert evaluated_suffix({}, {"data.magnifications": [40]}, "all") == "_magnifications=40"
+    assert evaluated_suffix({}, {"data.magnifications": [40, 100], "data.num_workers": 0}, "all") \
+        == "_magnifications=40+100"
+    assert evaluated_suffix({"model.threshold": 0.9}, {"data.root": "/d/site", "data.task": "subtype"}, "all") \
+        == "_site_task=subtype_threshold=0.9"
+    assert evaluated_suffix({}, {"data.num_workers": 0, "data.cache": "memory"}, "all") == ""
+    assert evaluated_suffix({}, {"data.magnifications": [40]}, None) == ""  # explain's files: named by the user

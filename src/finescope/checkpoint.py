@@ -206,12 +206,23 @@ def _set_value(value: Any) -> str:
     return value if bare else f'"{value}"'
 
 
+# data settings that choose other images or groups of the same data.root (not the loader's: data.num_workers)
+_CHOOSING = ("data.task", "data.magnifications", "data.group_pattern", "data.merge_duplicates")
+
+
+def _name_value(value: Any) -> str:
+    """``value`` in a file name: a list as its items joined by '+' (``40+100``), an empty one as ``all``."""
+    return ("+".join(map(str, value)) or "all") if isinstance(value, (list, tuple)) else str(value)
+
+
 def evaluated_suffix(model_overrides: dict | None, data_overrides: dict | None, split: str | None) -> str:
     """What evaluate adds to its file names (``metrics_<split><suffix>.json``, its predictions and report) and explain
     to its folder's (``explain_<split><suffix>/``) in a run, so that neither replaces the run's own files nor
     another evaluation's: ``_<data>`` for all images of other data (``split='all'`` with another ``data.root`` in
-    ``data_overrides``: its folder or file name, ``_hospital_b``), then ``_<settings>`` for a model run with other
-    settings than trained (``model_overrides`` as ``--set`` gives them, less the section: ``_threshold=0.9``).
+    ``data_overrides``: its folder or file name, ``_hospital_b``), then ``_<setting>`` for data settings that choose
+    other images or groups (``_magnifications=40``, of any split; not of files), then ``_<settings>`` for a model
+    run with other settings than trained (``model_overrides`` as ``--set`` gives them, less the section:
+    ``_threshold=0.9``).
     Text that is no part of a file name becomes '-'; a suffix of over 60 characters is cut and ends in a digest of
     it. Empty for the model as trained on its own data."""
     parts = []
@@ -219,6 +230,7 @@ def evaluated_suffix(model_overrides: dict | None, data_overrides: dict | None, 
     if split == "all" and ("data.root" in changed or "data.source" in changed):
         root = str(changed.get("data.root") or changed["data.source"])
         parts.append(Path(root.rstrip("/\\")).name.removesuffix(".csv"))
+    parts += [f"{key.split('.', 1)[-1]}={_name_value(changed[key])}" for key in _CHOOSING if split and key in changed]
     model = model_overrides if isinstance(model_overrides, dict) else {}
     parts += [f"{key.split('.', 1)[-1]}={value}" for key, value in model.items()]
     suffix = "".join("_" + (re.sub(r"[^\w.=+-]+", "-", part).strip("-.") or "data") for part in parts)
