@@ -227,3 +227,28 @@ def test_evaluated_files_of_a_subset_of_the_data_are_named_by_it():
         == "_site_task=subtype_threshold=0.9"
     assert evaluated_suffix({}, {"data.num_workers": 0, "data.cache": "memory"}, "all") == ""
     assert evaluated_suffix({}, {"data.magnifications": [40]}, None) == ""  # explain's files: named by the user
+
+
+def test_an_older_versions_evaluation_of_other_data_is_named_once_trained_on(tmp_path):
+    """metrics_all.json and explain_all/ of other data that a version before its data named the files wrote
+    (recording data_overrides) were left out of the warning once the run trained on, their data's suffix no longer
+    matching their name (found in review): they are named, with the command that
+    makes them again (into the files named by their data)."""
+    import os
+
+    from finescope.checkpoint import earlier_evaluations
+
+    best = tmp_path / "checkpoints" / "best.pt"
+    best.parent.mkdir()
+    best.write_bytes(b"")
+    recorded = {"split": "all", "checkpoint": str(best), "data_root": "/d/hospital_b",
+                "data_overrides": {"data.root": "/d/hospital_b"}, "model_overrides": {}}
+    (tmp_path / "metrics_all.json").write_text(json.dumps(recorded))
+    (tmp_path / "explain_all").mkdir()
+    (tmp_path / "explain_all" / "results.csv").write_text("path\n")
+    (tmp_path / "explain_all" / "faithfulness.json").write_text(json.dumps(recorded))
+    later = (tmp_path / "metrics_all.json").stat().st_mtime_ns + 10**9
+    os.utime(best, ns=(later, later))
+    earlier = earlier_evaluations(tmp_path)
+    assert earlier["metrics_all.json"] == (f"finescope evaluate {tmp_path} --split all --set data.root=/d/hospital_b")
+    assert earlier["explain_all/"] == (f"finescope explain {tmp_path} --split all --set data.root=/d/hospital_b")

@@ -242,7 +242,8 @@ def evaluated_suffix(model_overrides: dict | None, data_overrides: dict | None, 
 def earlier_evaluations(run_dir: Path) -> dict[str, str]:
     """What ``evaluate`` (``metrics_<split>[_<checkpoint>][<suffix>].json``, with its predictions and report) and
     ``explain`` (``explain_<split>[<suffix>]/``; :func:`evaluated_suffix`) wrote in ``run_dir`` of a checkpoint
-    written again since (a run trained on): file or folder name -> the command that makes it again."""
+    written again since (a run trained on), also under the name without its suffix that versions before it gave
+    them: file or folder name -> the command that makes it again."""
     earlier = {}
     best = run_dir / "checkpoints" / "best.pt"
     for folder in sorted(run_dir.glob("explain_*")):
@@ -256,7 +257,8 @@ def earlier_evaluations(run_dir: Path) -> dict[str, str]:
             options = recorded.get("options") if isinstance(recorded.get("options"), list) else []  # --limit 50
             data = "".join(f" {shlex.quote(str(o))}" for o in options) + _data_options(recorded, split)
             suffix = evaluated_suffix(recorded.get("model_overrides"), recorded.get("data_overrides"), split)
-            own = split in ("train", "val", "test", "all") and folder.name == f"explain_{split}{suffix}"
+            own = split in ("train", "val", "test", "all") and folder.name in (f"explain_{split}{suffix}",
+                                                                             f"explain_{split}")
             earlier[f"{folder.name}/"] = (f"finescope explain {shlex.quote(str(run_dir))} --split {split}{data}"
                                           if own else "finescope explain again")
     for path in sorted(run_dir.glob("metrics_*.json")):
@@ -267,7 +269,10 @@ def earlier_evaluations(run_dir: Path) -> dict[str, str]:
         except (OSError, ValueError, KeyError, TypeError):  # not evaluate's, or its checkpoint is gone
             continue
         suffix = evaluated_suffix(m.get("model_overrides"), m.get("data_overrides"), split)
-        if newer and path.name in (f"metrics_{split}{suffix}.json", f"metrics_{split}_{ckpt.stem}{suffix}.json"):
+        # without the suffix: an older version's name, of other data or settings (the command writes the new one)
+        names = {f"metrics_{split}{s}.json" for s in ("", suffix)} | {f"metrics_{split}_{ckpt.stem}{s}.json"
+                                                                     for s in ("", suffix)}
+        if newer and path.name in names:
             checkpoint = "" if ckpt.name == "best.pt" else f"/checkpoints/{ckpt.name}"
             data = _data_options(m, split)
             earlier[path.name] = f"finescope evaluate {shlex.quote(f'{run_dir}{checkpoint}')} --split {split}{data}"
