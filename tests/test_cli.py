@@ -246,6 +246,35 @@ def test_predict_per_patient_pools_each_patients_images(cli_run, synthetic_root,
     assert not (tmp_path / "q_patients.csv").exists()  # only when asked
 
 
+def test_predict_per_patient_refuses_an_out_that_is_no_file(cli_run, synthetic_root, tmp_path, capsys):
+    """`--out /dev/null --per-patient` (only the patients wanted) or `--out /dev/stdout` put OUT_patients.csv
+    'beside' a device: as root predict wrote /dev/null_patients.csv (in /dev, gone at the next boot), as anyone
+    else it failed on /dev's permissions after predicting every image. It is refused before predicting."""
+    image = sorted((synthetic_root / "images").glob("*.png"))[0]
+    for out in ("/dev/null", "/dev/stdout"):  # /dev/stdout: a regular file where pytest captures it, as with '>'
+        try:
+            assert main(["predict", str(cli_run), str(image), "--out", out, "--per-patient", "--device",
+                         "cpu"]) == 2
+            line = _one_error_line(capsys)
+            assert f"'{out}' is no file" in line and "--out predictions.csv" in line
+            assert not os.path.lexists(f"{out}_patients.csv")
+        finally:  # what predict wrote there before it refused
+            if os.path.isfile(f"{out}_patients.csv") and not os.path.islink(f"{out}_patients.csv"):
+                os.remove(f"{out}_patients.csv")
+    assert main(["predict", str(cli_run), str(image), "--out", "/dev/null", "--device", "cpu"]) == 0  # one CSV
+    if os.access("/dev/shm", os.W_OK):  # a folder of files in /dev: written beside as anywhere
+        import shutil
+        import tempfile
+
+        shm = tempfile.mkdtemp(dir="/dev/shm")
+        try:
+            assert main(["predict", str(cli_run), str(image), "--out", f"{shm}/p.csv", "--per-patient", "--device",
+                         "cpu"]) == 0
+            assert os.path.isfile(f"{shm}/p_patients.csv")
+        finally:
+            shutil.rmtree(shm)
+
+
 def test_files_outside_the_data_say_their_class_and_group():
     from finescope.config import DataConfig
     from finescope.data.sources import label_and_group_of

@@ -344,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "finescope wrote there: reports' and explain's)")
     p.add_argument("--out", default="predictions.csv", help="CSV to write (default predictions.csv)")
     p.add_argument("--per-patient", action="store_true",
-                   help="also one row per patient into OUT_patients.csv (e.g. predictions_patients.csv): its images' "
+                   help="also one row per patient into OUT_patients.csv beside OUT, a file (not /dev/stdout; e.g. "
+                   "predictions_patients.csv): its images' "
                    "mean class probabilities, their argmax (predicted) and the majority vote of their predictions "
                    "(majority); the patient is the one the file names say (BreakHis), else the group found as in "
                    "training, else the folder the images lie in")

@@ -1553,6 +1553,15 @@ def write_patient_predictions(path: str | Path, preds: Predictions, sample_set: 
                         *[str(np.float32(v)) for v in total[k] / counts[k]], changed])
 
 
+def _no_file(out: str | Path) -> bool:
+    """Whether ``out`` is no file that another can be written beside: a device, a pipe or a folder, or a name in
+    /dev itself or /proc (``/dev/stdout`` is a regular file when the output is redirected into one; /dev/shm is a
+    folder of files)."""
+    folder = os.path.realpath(os.path.dirname(os.path.abspath(out)))
+    return (os.path.exists(out) and not os.path.isfile(out)) or folder == "/dev" or folder.split(os.sep)[1:2] == [
+        "proc"]
+
+
 def predict(checkpoint: str | Path, paths: list[str], out: str | Path | None = None,
             overrides: list[str] | None = None, device: str = "auto", per_patient: bool = False) -> Path:
     """Predict image files and folders (recursively); write one CSV row per image and return its path. The true
@@ -1562,6 +1571,10 @@ def predict(checkpoint: str | Path, paths: list[str], out: str | Path | None = N
     :func:`write_patient_predictions`, into :func:`patients_path`."""
     from finescope.data.sources import file_sample, images_in
 
+    if per_patient and out is not None and _no_file(out):
+        raise FinescopeError(f"--per-patient writes its patients beside --out, into '{patients_path(out)}', and "
+                             f"'{out}' is no file (a device, a pipe or a folder): give --out a file for the rows "
+                             "of the images, e.g. --out predictions.csv (the patients: predictions_patients.csv)")
     model, cfg, class_names, state = load_trained(checkpoint, overrides, device)
     # '..' resolved, so that a class folder above the working one is seen; each image once
     absolute = [os.path.abspath(f) for f, _ in images_in(paths)]
