@@ -275,6 +275,19 @@ def test_predict_per_patient_refuses_an_out_that_is_no_file(cli_run, synthetic_r
             shutil.rmtree(shm)
 
 
+@pytest.mark.parametrize("pattern, says", [(r"^P\d+_", "has no capture group"), ("(P", "is not a valid regex")])
+def test_predict_with_a_wrong_group_pattern_says_which_key(cli_run, synthetic_root, tmp_path, pattern, says,
+                                                           capsys):
+    """`predict --per-patient --set data.group_pattern=...` groups flat-named new cases (P11_1.png) into patients;
+    a pattern without a capture group raised IndexError, one that is no regex re.error, each as a traceback."""
+    image = tmp_path / "P11_1.png"
+    Image.open(sorted((synthetic_root / "images").glob("*.png"))[0]).save(image)
+    assert main(["predict", str(cli_run), str(image), "--out", str(tmp_path / "p.csv"), "--per-patient",
+                 "--device", "cpu", "--set", f"data.group_pattern={pattern}"]) == 2
+    line = _one_error_line(capsys)
+    assert "data.group_pattern" in line and says in line
+
+
 def test_files_outside_the_data_say_their_class_and_group():
     from finescope.config import DataConfig
     from finescope.data.sources import label_and_group_of

@@ -451,7 +451,7 @@ def label_and_group_of(path: str | Path, cfg: DataConfig, class_names: Sequence[
     real = Path(os.path.realpath(path))  # a link given outside the class folders: where its image lies
     path, folder = next(((c, f) for c in (path, real) if (f := _class_folder(c, cfg, class_names))), (path, None))
     label = -1 if folder is None else class_index(folder.name, class_names)
-    pattern = re.compile(cfg.group_pattern) if cfg.group_pattern else None
+    pattern = _compile_group_pattern(cfg.group_pattern)  # --set data.group_pattern=...: checked as in training
     return label, group_below_class(path.relative_to(folder) if folder else Path(path.name), pattern) or ""
 
 
