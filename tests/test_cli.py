@@ -1071,10 +1071,10 @@ def test_the_commands_that_make_evaluations_of_other_data_again_read_it_as_they_
     for command in commands:
         assert main(shlex.split(command)[1:] + ["--device", "cpu", "--quiet"] * command.startswith("finescope explain")
                     + ["--no-faithfulness"] * command.startswith("finescope explain")) == 0
-    again = json.loads((run / "metrics_all_other-list_magnifications=100.json").read_text())
+    again = json.loads((run / "metrics_all_other-other-list_magnifications=100.json").read_text())
     assert again["n_images"] == 4 and again == json.loads((tmp_path / "m.json").read_text())
-    assert len((run / "explain_all_other-list_magnifications=100" / "results.csv").read_text().splitlines()) == 5
-    rm = json.loads((run / "metrics_all_other-list_magnifications=100.json").read_text())
+    assert len((run / "explain_all_other-other-list_magnifications=100" / "results.csv").read_text().splitlines()) == 5
+    rm = json.loads((run / "metrics_all_other-other-list_magnifications=100.json").read_text())
     del rm["data_overrides"]  # evaluate's file of an older version, named so: its data.root named, as before
     (run / "metrics_all.json").write_text(json.dumps(rm))
     later = (run / "metrics_all.json").stat().st_mtime_ns + 10**9

@@ -1278,7 +1278,7 @@ def test_explain_split_test_of_other_data_explains_every_image_as_evaluate_does(
     """explain RUN --split test --set data.source=csv data.root=OTHER.csv stopped at 'splits file ... does not match
     the data; point data.root at the data this run was trained on', where evaluate RUN --split test on other data
     warns that it evaluates all its images and does (metrics_all.json), counting those the run trained or validated
-    on: explain does the same, into RUN/explain_all_manifest, not over the run's own explain_test; a checkpoint without its
+    on: explain does the same, into RUN/explain_all_other-manifest, not over the run's own explain_test; a checkpoint without its
     splits.json on other data too. On its own data without splits.json it still refuses: nothing tells its test
     images apart (--split all explains them all, with that said)."""
     from finescope.cli import main
@@ -1292,7 +1292,7 @@ def test_explain_split_test_of_other_data_explains_every_image_as_evaluate_does(
     err = capsys.readouterr().err
     assert "explaining all 4 images, not the 'test' split: the data is not the run's (splits file" in err
     assert "images explained are ones the run trained" in err  # the same names, at their place: as evaluate's
-    summary = json.loads((run / "explain_all_manifest" / "faithfulness.json").read_text())
+    summary = json.loads((run / "explain_all_other-manifest" / "faithfulness.json").read_text())
     assert summary["images"] == 4 and summary["trained_on"] == 2 and summary["split_leak"] is None
     assert summary["source"] == f"all images of {tmp_path / 'other'}" and not (run / "explain_test").exists()
     out = tmp_path / "out"

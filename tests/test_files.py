@@ -205,7 +205,9 @@ def test_evaluated_files_are_named_by_their_data_and_model_settings():
     assert evaluated_suffix({}, {}, "test") == evaluated_suffix(None, None, "all") == ""
     assert evaluated_suffix({}, {"data.root": "/data/moved"}, "test") == ""
     assert evaluated_suffix({}, {"data.root": "/data/hospital b/"}, "all") == "_hospital-b"
-    assert evaluated_suffix({}, {"data.source": "csv", "data.root": "/x/site 2.csv"}, "all") == "_site-2"
+    assert evaluated_suffix({}, {"data.source": "csv", "data.root": "/x/site 2.csv"}, "all") == "_x-site-2"
+    assert evaluated_suffix({}, {"data.root": "/a/manifest.csv"}, "all") != evaluated_suffix(
+        {}, {"data.root": "/b/manifest.csv"}, "all")  # the usual name of every list: told apart by its folder
     assert evaluated_suffix({"model.threshold": 0.9, "data.bit_depth": 12}, {"data.num_workers": 0}, "all") \
         == "_threshold=0.9_bit_depth=12"
     assert evaluated_suffix({"model.weights_note": "a/b"}, {}, "val") == "_weights_note=a-b"

@@ -411,6 +411,19 @@ def test_report_of_a_run_names_the_other_data_its_evaluate_recorded(tmp_path):
     assert "all 12 images of '/data/other_hospital'" in write_report(run, n_boot=20)[0].read_text()
 
 
+def test_report_of_a_run_prefers_the_model_as_trained_to_one_evaluated_with_other_settings(tmp_path):
+    """`report RUN` without predictions_test.csv took the first predictions_test_*.csv by name: evaluate's of
+    --set data.bit_depth=16 (predictions_test_bit_depth=16.csv) before last.pt's predictions_test_last.csv, which
+    README puts first; another model's report became the run's report.md (found in review)."""
+    run = _single_run(tmp_path / "run", "fusion", [[f"/x/{i}.png", f"g{i // 3}", "a" if i % 2 else "b", "a", 0.6,
+                                                     0.4, ""] for i in range(12)])
+    (run / "predictions_test.csv").rename(run / "predictions_test_bit_depth=16.csv")
+    (run / "metrics_test_bit_depth=16.json").write_text(json.dumps({"model_overrides": {"data.bit_depth": 16}}))
+    assert "data.bit_depth=16" in write_report(run, n_boot=20)[0].read_text()  # the only one: said so
+    shutil.copy(run / "predictions_test_bit_depth=16.csv", run / "predictions_test_last.csv")
+    assert "data.bit_depth=16" not in write_report(run, n_boot=20)[0].read_text()
+
+
 def test_report_of_a_run_prefers_its_own_sides_to_evaluations_of_all_images(tmp_path):
     """`report RUN` of a run trained without a test side (data.test_fraction=0) holding evaluate's predictions_val.csv
     (its validation side) and predictions_all.csv (evaluate RUN --set data.root=OTHER: other data) reported the

@@ -219,7 +219,7 @@ def evaluated_suffix(model_overrides: dict | None, data_overrides: dict | None, 
     """What evaluate adds to its file names (``metrics_<split><suffix>.json``, its predictions and report) and explain
     to its folder's (``explain_<split><suffix>/``) in a run, so that neither replaces the run's own files nor
     another evaluation's: ``_<data>`` for all images of other data (``split='all'`` with another ``data.root`` in
-    ``data_overrides``: its folder or file name, ``_hospital_b``), then ``_<setting>`` for data settings that choose
+    ``data_overrides``: its folder's name, ``_hospital_b``, or a CSV's with its folder's, ``_hospital_b-manifest``), then ``_<setting>`` for data settings that choose
     other images or groups (``_magnifications=40``, of any split; not of files), then ``_<settings>`` for a model
     run with other settings than trained (``model_overrides`` as ``--set`` gives them, less the section:
     ``_threshold=0.9``).
@@ -229,7 +229,8 @@ def evaluated_suffix(model_overrides: dict | None, data_overrides: dict | None, 
     changed = data_overrides if isinstance(data_overrides, dict) else {}
     if split == "all" and ("data.root" in changed or "data.source" in changed):
         root = str(changed.get("data.root") or changed["data.source"])
-        parts.append(Path(root.rstrip("/\\")).name.removesuffix(".csv"))
+        path = Path(root.rstrip("/\\"))  # a CSV with its folder: manifest.csv is a usual name for every list
+        parts.append(f"{path.parent.name}-{path.stem}" if path.suffix.lower() == ".csv" else path.name)
     parts += [f"{key.split('.', 1)[-1]}={_name_value(changed[key])}" for key in _CHOOSING if split and key in changed]
     model = model_overrides if isinstance(model_overrides, dict) else {}
     parts += [f"{key.split('.', 1)[-1]}={value}" for key, value in model.items()]

@@ -98,9 +98,9 @@ def collect_predictions(out: Path, folds: list, variants: tuple[str, ...], sampl
 
 
 def check_as_trained(path: Path, rows: list[dict] | None = None) -> None:
-    """Refuse a run's ``predictions_test.csv`` that ``evaluate --set model.<key>=...`` wrote over the fold's own
-    (its ``model_overrides`` column): the predictions of another model than the one the fold trained. ``rows``:
-    the file's, when already read."""
+    """Refuse a run's ``predictions_test.csv`` that ``evaluate --set model.<key>=...`` of a version before 344828e
+    wrote over the fold's own (its ``model_overrides`` column; evaluate now names such files after the settings):
+    the predictions of another model than the one the fold trained. ``rows``: the file's, when already read."""
     if rows is None:
         with path.open(newline="", encoding="utf-8", errors=ERRORS) as fh:
             rows = list(csv.DictReader(fh))
@@ -109,7 +109,7 @@ def check_as_trained(path: Path, rows: list[dict] | None = None) -> None:
         raise FinescopeError(
             f"'{path}' holds the predictions of the fold's model run with {changed} (`finescope evaluate --set`), "
             f"not of the model as trained; run `finescope evaluate {path.parent}` without those overrides to write "
-            "its own predictions again (evaluate --out elsewhere keeps other settings' predictions apart)")
+            "its own predictions again (evaluate with other settings now writes files named after them)")
 
 
 def _moved_outside(rows: list[dict], test: list[int], sample_set: SampleSet, then: str | None) -> dict[str, int]:

@@ -78,9 +78,13 @@ def _single_run_rows(run_dir: Path, predictions: Path | None, fig_dir: Path) -> 
     # RUN/predictions_new.csv`), which would be reported as the run's test split. The run's own sides first (test,
     # val, train; best.pt's before last.pt's), all images (of other data: evaluate --set data.root=OTHER) last
     sides = _SIDES
+
+    def order(p: Path) -> tuple:  # within a side the model as trained (best.pt's, last.pt's) before other settings
+        side = p.stem.removeprefix("predictions_").split("_")[0]
+        return sides.index(side), p.stem not in (f"predictions_{side}", f"predictions_{side}_last"), p.name
+
     own = sorted((p for p in run_dir.glob("predictions_*.csv")
-                  if p.stem.removeprefix("predictions_").split("_")[0] in sides),
-                 key=lambda p: (sides.index(p.stem.removeprefix("predictions_").split("_")[0]), p.name))
+                  if p.stem.removeprefix("predictions_").split("_")[0] in sides), key=order)
     candidates = (predictions,) if predictions else (run_dir / "predictions_test.csv", *own)
     src = next((Path(p) for p in candidates if Path(p).is_file()), None)
     if src is None and predictions:
