@@ -209,15 +209,16 @@ def test_predict_fills_the_true_class_from_a_class_folder_and_normalises_paths(c
 def test_predict_per_patient_pools_each_patients_images(cli_run, synthetic_root, tmp_path, capsys):
     """A pathologist predicting new cases wants one call per patient, not only per image: --per-patient writes
     OUT_patients.csv, each patient's mean probabilities, their argmax and the majority vote, the patient being the
-    group its path says (class/P1/x.png) or else the folder its images lie in."""
+    group its path says (class/P1/x.png; an image right in a class folder its own, as in training) or else the
+    folder its images lie in."""
     import numpy as np
 
-    images = sorted((synthetic_root / "images").glob("*.png"))[:6]
+    images = sorted((synthetic_root / "images").glob("*.png"))[:8]
     with (cli_run / "predictions_test.csv").open() as f:
         names = [c.removeprefix("prob_") for c in next(csv.reader(f)) if c.startswith("prob_")]
     layout = {f"new/{names[0]}/P1/a.png": images[0], f"new/{names[0]}/P1/b.png": images[1],
               f"new/{names[1]}/P2/a.png": images[2], "new/P3/a.png": images[3], "new/P3/b.png": images[4],
-              "new/P3/c.png": images[5]}
+              "new/P3/c.png": images[5], f"new/{names[1]}/x.png": images[6], f"new/{names[1]}/y.png": images[7]}
     for rel, img in layout.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         Image.open(img).save(tmp_path / rel)
@@ -229,10 +230,12 @@ def test_predict_per_patient_pools_each_patients_images(cli_run, synthetic_root,
         images_rows = list(csv.DictReader(f))
     with (tmp_path / "p_patients.csv").open() as f:
         patients = {r["patient"]: r for r in csv.DictReader(f)}
-    keys = [r["group"] or os.path.dirname(r["path"]) for r in images_rows]
+    keys = [r["group"] or (r["path"] if r["true"] else os.path.dirname(r["path"])) for r in images_rows]
     assert list(patients) == list(dict.fromkeys(keys))  # in the order of their first images
     assert {p: r["true"] for p, r in patients.items()} == {"P1": names[0], "P2": names[1],
-                                                          str(tmp_path / "new" / "P3"): ""}
+                                                          str(tmp_path / "new" / "P3"): "",
+                                                          **{str(tmp_path / "new" / names[1] / f): names[1]
+                                                             for f in ("x.png", "y.png")}}
     for name, row in patients.items():
         mine = [r for r, key in zip(images_rows, keys, strict=True) if key == name]
         probs = np.array([[float(r[f"prob_{n}"]) for n in names] for r in mine])

@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "predictions_patients.csv): its images' "
                    "mean class probabilities, their argmax (predicted) and the majority vote of their predictions "
                    "(majority); the patient is the one the file names say (BreakHis), else the group found as in "
-                   "training, else the folder the images lie in")
+                   "training (an image right in a class folder: its own), else the folder the images lie in")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default auto: the run's train.device "
                    "where this machine has it, else CUDA when there is one)")
     _add_set(p, TRAINED_SET_HELP)

@@ -1526,14 +1526,17 @@ def write_patient_predictions(path: str | Path, preds: Predictions, sample_set: 
                               overrides: dict | None = None) -> None:
     """One CSV row per patient of ``preds`` (``predict --per-patient``), in the order of their first images:
     the patient (the one its images' files say, :func:`~finescope.data.sources.file_sample`, else their group,
-    else the folder they lie in), its number of images, its true class where its images have one and the same,
+    else, for an image right in a class folder, the image itself, as training groups it, else the folder they lie
+    in), its number of images, its true class where its images have one and the same,
     ``predicted`` (the argmax of their mean class probability), ``majority`` (the majority vote of their
     predictions, ties broken by the mean probability: the two ways the patient-level metrics score a patient),
     every mean class probability and, last, ``model_overrides`` as in :func:`write_predictions`."""
     from finescope.metrics import pooled_predictions
 
     names, samples = sample_set.class_names, [sample_set.samples[i] for i in preds.indices]
-    keys = [s.meta.get("patient") or s.group or os.path.dirname(s.path) for s in samples]
+    # an image right in a class folder is a group of its own, as in training; one in no class folder, of its folder
+    keys = [s.meta.get("patient") or s.group or (s.path if s.label >= 0 else os.path.dirname(s.path))
+            for s in samples]
     patients, first, idx = np.unique(keys, return_index=True, return_inverse=True)
     total, majority = pooled_predictions(preds.probs, preds.probs.argmax(1), idx.ravel(), len(patients))
     idx = idx.ravel()
