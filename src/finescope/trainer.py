@@ -1538,8 +1538,8 @@ def write_patient_predictions(path: str | Path, preds: Predictions, sample_set: 
     keys = [s.meta.get("patient") or s.group or (s.path if s.label >= 0 else os.path.dirname(s.path))
             for s in samples]
     patients, first, idx = np.unique(keys, return_index=True, return_inverse=True)
-    total, majority = pooled_predictions(preds.probs, preds.probs.argmax(1), idx.ravel(), len(patients))
     idx = idx.ravel()
+    total, majority = pooled_predictions(preds.probs, preds.probs.argmax(1), idx, len(patients))
     counts = np.bincount(idx, minlength=len(patients))
     labels = np.array([s.label for s in samples])  # -1: unknown
     low, high = np.full(len(patients), len(names)), np.full(len(patients), -1)
@@ -1561,8 +1561,8 @@ def _no_file(out: str | Path) -> bool:
     /dev itself or /proc (``/dev/stdout`` is a regular file when the output is redirected into one; /dev/shm is a
     folder of files)."""
     folder = os.path.realpath(os.path.dirname(os.path.abspath(out)))
-    return (os.path.exists(out) and not os.path.isfile(out)) or folder == "/dev" or folder.split(os.sep)[1:2] == [
-        "proc"]
+    special = folder == "/dev" or folder.split(os.sep)[1:2] == ["proc"]
+    return special or (os.path.exists(out) and not os.path.isfile(out))
 
 
 def predict(checkpoint: str | Path, paths: list[str], out: str | Path | None = None,
