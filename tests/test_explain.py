@@ -349,6 +349,17 @@ def test_box_coverage_reports_union_and_largest_box():
     assert cover == {"union": 0.75, "largest": 0.5}
 
 
+def test_the_chance_hit_rate_weighs_each_image_by_its_nuclei_as_the_hit_rate_does():
+    from finescope.explain import runner
+
+    rows = [{"hits": 0, "n_cells": 1, "box_union_fraction": 0.1, "box_largest_fraction": 0.1},
+            {"hits": 9, "n_cells": 9, "box_union_fraction": 0.9, "box_largest_fraction": 0.9}]
+    b = runner._box_summary(rows)
+    assert b["hit_rate"] == pytest.approx(0.9)  # 9 of the 10 nuclei, pooled
+    assert b["mean_box_union_fraction"] == pytest.approx(0.5)  # the mean image's coverage
+    assert b["chance_hit_rate"] == pytest.approx((1 * 0.1 + 9 * 0.9) / 10)  # 10 random nuclei: 8.2 hits expected
+
+
 def test_ground_truth_centres_are_moved_into_the_boxes_frame():
     """cells.json holds a nucleus centre in pixel indices (the generator stamps pixel j by its distance from j),
     boxes are in roi_align's frame where pixel j's centre is j + 0.5: a nucleus stamped at x = 9.7 lies right of

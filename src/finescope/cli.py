@@ -255,7 +255,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if summary.get("boxes"):
         b = summary["boxes"]
         print(f"box hit rate {b['hit_rate']:.3f} ({b['hits']}/{b['cells']} nuclei); boxes cover "
-              f"{b['mean_box_union_fraction']:.1%} of the image on average (= the hit rate of random boxes); "
+              f"{b['mean_box_union_fraction']:.1%} of the image on average (chance hit rate "
+              f"{b['chance_hit_rate']:.3f}); "
               f"{b['images_with_a_box_over_half_the_image']}/{b['images']} images have a box over half the image")
     if summary["skipped"]:
         print(f"{skipped_text(summary['skipped'])} (listed in the gallery)", file=sys.stderr)

@@ -73,8 +73,9 @@ def faithfulness_table(summary: dict) -> str:
     if b:
         text += (f"<p><b>Hit rate of the selected boxes: {b['hit_rate']:.3f}</b> ({b['hits']}/{b['cells']} true "
                  f"atypical nuclei in {b['images']} images; {_e(b['definition'])}). The boxes cover on average "
-                 f"{b['mean_box_union_fraction']:.1%} of the image (the hit rate randomly placed nuclei would "
-                 f"get); the largest box covers {b['mean_largest_box_fraction']:.1%} on average, and "
+                 f"{b['mean_box_union_fraction']:.1%} of the image; randomly placed nuclei would be hit at a rate "
+                 f"of {b['chance_hit_rate']:.3f} (each image's coverage weighed by its nuclei); the largest box "
+                 f"covers {b['mean_largest_box_fraction']:.1%} on average, and "
                  f"{b['images_with_a_box_over_half_the_image']} images have a box over half the image.</p>")
         if b["mean_box_union_fraction"] > 0.5:
             text += ("<p class=note>⚠ The boxes cover most of each image, so this hit rate says little: compare it "
