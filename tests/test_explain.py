@@ -950,8 +950,27 @@ def test_flat_maps_are_counted_apart_not_pointed_at_the_corner(tmp_path, monkeyp
     assert list((tmp_path / "before" / "evidence").rglob("*.png"))
     assert not list((tmp_path / "after" / "evidence").rglob("*.png"))  # gradcam is the main map
     assert "gradcam    3 flat maps (no maximum to point at)" in capsys.readouterr().out
-    assert "(3 flat maps left out)" in (tmp_path / "after" / "index.html").read_text()
+    n = before["methods"]["gradcam"]["pointing_n"]  # the images with nuclei, left out now: not the typical ones
+    assert flat["pointing_flat_maps"] == n < 3
+    assert f"({n} flat map{'s' if n > 1 else ''} left out)" in (tmp_path / "after" / "index.html").read_text()
 
+
+
+def test_flat_maps_said_left_out_of_the_pointing_game_are_those_of_images_it_scores():
+    """flat_maps counts every image's flat map; the pointing game scores only images with nuclei, so the table's
+    "flat maps left out" of it counted the flat maps of typical images too."""
+    from finescope.explain import runner
+    from finescope.explain.gallery import faithfulness_table
+
+    rows = [{"correct": True, "n_cells": 2, "gradcam_pointing": True},
+            {"correct": True, "n_cells": 2, "gradcam_pointing": None, "gradcam_flat": True},
+            {"correct": True, "n_cells": 0, "gradcam_pointing": None, "gradcam_flat": True},
+            {"correct": True, "gradcam_flat": True}]  # an image of no cells.json
+    s = runner.summarise(rows, [], ["gradcam"], runner.ExplainSettings(faithfulness=False))
+    m = s["methods"]["gradcam"]
+    assert (m["pointing_game"], m["pointing_n"], m["flat_maps"], m["pointing_flat_maps"]) == (1.0, 1, 3, 1)
+    table = faithfulness_table(s)
+    assert "1.000 (n=1) (1 flat map left out)" in table and "3 flat" not in table
 
 def test_class_maps_are_titled_with_the_class_they_explain(tmp_path, monkeypatch):
     """A misclassified image's Grad-CAM (--target true, the default) shows the evidence for the true class, but its

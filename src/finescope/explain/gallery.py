@@ -64,8 +64,9 @@ def faithfulness_table(summary: dict) -> str:
     body = []
     for m, s in summary["methods"].items():
         pg = f"{s['pointing_game']:.3f} (n={s['pointing_n']})" if "pointing_game" in s else "–"
-        if s.get("flat_maps"):  # no maximum to point at: left out of the pointing game
-            pg += f" ({s['flat_maps']} flat maps left out)"
+        if s.get("pointing_flat_maps"):  # images with nuclei whose map has no maximum to point at
+            n = s["pointing_flat_maps"]
+            pg += f" ({n} flat map{'s' if n > 1 else ''} left out)"
         body.append(f"<tr><td>{_e(m)}</td><td>{_fmt(s.get('deletion_auc'))}</td><td>{_fmt(s.get('insertion_auc'))}"
                     f"</td><td>{pg}</td><td>{s.get('n_images', '')}</td></tr>")
     text = f"<table>{head}{''.join(body)}</table>"

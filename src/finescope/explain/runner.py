@@ -240,8 +240,11 @@ def _method_summary(rows: list[dict], curves: list[dict], method: str) -> dict:
     if pointing:
         out["pointing_game"], out["pointing_n"] = float(np.mean(pointing)), len(pointing)
     flat = sum(bool(r.get(f"{method}_flat")) for r in rows)
-    if flat:  # images whose map has no maximum: left out of the pointing game (and of the evidence crops)
+    if flat:  # images whose map has no maximum: left out of the evidence crops
         out["flat_maps"] = flat
+    left_out = sum(bool(r.get(f"{method}_flat")) and r.get("n_cells", 0) > 0 for r in rows)
+    if left_out:  # ... and of the pointing game, where it scores the image (one with nuclei)
+        out["pointing_flat_maps"] = left_out
     return out
 
 
