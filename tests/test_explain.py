@@ -310,6 +310,16 @@ def test_a_flat_map_scores_what_the_random_order_does_not_the_top_left_first():
     assert flat_wins < 4  # taking the top-left block first, a flat map would tie the true map every time
 
 
+
+def test_blocks_of_nan_go_last_and_a_map_of_nan_scores_the_random_order_as_a_flat_one():
+    """A map holding NaN has no maximum (it counts as flat); its NaN blocks were ranked first, as the most attended."""
+    assert fa.rank_blocks(torch.tensor([0.0, float("nan"), 2.0, 1.0])).tolist() == [2, 3, 0, 1]
+    x = torch.full((3, 64, 64), 0.2)
+    x[:, :16, :16] = 1.0
+    nan = torch.full((64, 64), float("nan"))
+    curves = fa.map_curves(RegionModel(), x, {"nan": nan}, 1, fa.baseline_image(x, "mean"), grid=4, steps=4)
+    np.testing.assert_array_equal(curves["nan"]["deletion"], curves["random"]["deletion"])
+
 def test_a_curve_of_a_large_image_runs_in_chunks_with_the_same_values(monkeypatch):
     x = torch.rand(3, 64, 64)
     ranks = torch.arange(64 * 64).view(64, 64) % 16

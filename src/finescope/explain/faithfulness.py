@@ -82,8 +82,10 @@ def rank_blocks(scores: torch.Tensor, tie_order: torch.Tensor | None = None) -> 
     Blocks of equal score (the zero blocks of a Grad-CAM map, about 30% of a demo image's blocks; every block
     of a flat map) go in ``tie_order``, an (R,) permutation of the blocks (:func:`map_curves` passes its first
     random order), so that a tie counts as no information; without it they keep block order, top-left first,
-    which favours whatever evidence sits there.
+    which favours whatever evidence sits there. A NaN score (a map holding NaN has no maximum either:
+    :func:`~finescope.explain.maps.map_peak`) ranks below every number, NaN blocks among themselves as ties.
     """
+    scores = torch.where(scores.isnan(), float("-inf"), scores)  # sort would put NaN first, as most attended
     if tie_order is None:
         order = torch.sort(scores, descending=True, stable=True).indices
     else:
