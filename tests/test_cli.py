@@ -249,6 +249,19 @@ def test_predict_per_patient_pools_each_patients_images(cli_run, synthetic_root,
     assert not (tmp_path / "q_patients.csv").exists()  # only when asked
 
 
+def test_predict_to_stdout_keeps_its_status_line_out_of_the_csv(cli_run, synthetic_root):
+    """`finescope predict RUN IMG --out /dev/stdout | ...` printed 'predictions written to /dev/stdout' on stdout
+    after the CSV: a reader of the pipe got it as a last row. That line now goes to stderr when OUT is stdout."""
+    image = sorted((synthetic_root / "images").glob("*.png"))[0]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "finescope", "predict", str(cli_run), str(image), "--out",
+                           "/dev/stdout", "--device", "cpu"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.reader(proc.stdout.splitlines()))
+    assert len(rows) == 2 and rows[1][0] == str(image) and len(rows[1]) == len(rows[0])
+    assert "predictions written to /dev/stdout" in proc.stderr
+
+
 def test_predict_per_patient_refuses_an_out_that_is_no_file(cli_run, synthetic_root, tmp_path, capsys):
     """`--out /dev/null --per-patient` (only the patients wanted) or `--out /dev/stdout` put OUT_patients.csv
     'beside' a device: as root predict wrote /dev/null_patients.csv (in /dev, gone at the next boot), as anyone

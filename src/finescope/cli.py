@@ -125,12 +125,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise FinescopeError(f"--out '{args.out}' is the {own[1]} predictions of the run '{Path(args.out).parent}' "
                              "(its reports read them); give predict another file, e.g. --out new_predictions.csv")
     out = predict(args.checkpoint, args.paths, args.out, args.overrides, args.device, args.per_patient)
-    print(f"predictions written to {out}")
+    # `--out /dev/stdout | ...`: the line goes to stderr, not into the CSV a reader takes from stdout
+    print(f"predictions written to {out}", file=sys.stderr if _is_stdout(out) else sys.stdout)
     if args.per_patient:
         from finescope.trainer import patients_path
 
         print(f"per-patient predictions written to {patients_path(out)}")
     return 0
+
+
+def _is_stdout(path: str | Path) -> bool:
+    """Whether ``path`` is the file behind this process's stdout (``/dev/stdout``, a pipe or a file given by '>')."""
+    try:
+        here, there = os.stat(path), os.fstat(sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # no such file, or no descriptor behind sys.stdout
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
