@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -798,6 +799,23 @@ def test_evaluate_out_of_a_csv_is_refused_before_the_model_runs(cli_run, tmp_pat
     line = _one_error_line(capsys)
     assert "names the metrics JSON" in line and "results_predictions.csv" in line and "results.json" in line
     assert not list(tmp_path.iterdir())
+
+
+def test_evaluate_refuses_an_out_that_is_no_file(cli_run, capsys):
+    """`evaluate RUN --out /dev/null` (the console line wanted, no files) wrote its predictions and report 'beside'
+    the device: as root /dev/null_predictions.csv, /dev/null_report.md, ... (in /dev, gone at the next boot), as
+    anyone else it failed on /dev's permissions after evaluating. It is refused before the model runs."""
+    made = ["/dev/null_predictions.csv", "/dev/null_report.md", "/dev/null_report.html"]
+    try:
+        assert main(["evaluate", str(cli_run), "--device", "cpu", "--out", "/dev/null"]) == 2
+        line = _one_error_line(capsys)
+        assert "'/dev/null' is no file" in line and "--out metrics.json" in line
+        assert not any(os.path.lexists(path) for path in made)
+    finally:  # what evaluate wrote there before it refused
+        for path in made:
+            if os.path.isfile(path) and not os.path.islink(path):
+                os.remove(path)
+        shutil.rmtree("/dev/null_report_files", ignore_errors=True)
 
 
 def test_predict_skips_small_images_by_name_and_fails_when_none_is_read(cli_run, synthetic_root, tmp_path, capsys):

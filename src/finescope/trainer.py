@@ -1438,6 +1438,10 @@ def evaluate(source: str | Path, split: str = "test", overrides: list[str] | Non
         raise FinescopeError(f"--out '{out}' names the metrics JSON evaluate writes (its predictions go beside it as "
                              f"{Path(out).stem}_predictions.csv, its report as {Path(out).stem}_report.md); give a "
                              f".json path, e.g. --out {Path(out).with_suffix('.json')}")
+    if out and _no_file(out):  # its predictions and report go beside it: /dev/null_predictions.csv, ...
+        raise FinescopeError(f"--out '{out}' is no file (a device, a pipe or a folder), and evaluate writes its "
+                             f"predictions and report beside it: give --out a file, e.g. --out metrics.json, or "
+                             "leave it out (the run's metrics_<split>.json)")
     model, cfg, class_names, state = load_trained(source, overrides, device)
     trained_data = trained_data_of(state)
     sample_set = load_samples(cfg.data, require_all_classes=False, class_names=class_names)
