@@ -705,6 +705,21 @@ def test_explain_into_a_folder_of_the_users_images_removes_only_its_own_earlier_
     assert "images/00009_old.png" not in left and "evidence/typical/01.png" not in left
 
 
+def test_an_out_that_is_a_file_is_refused_in_one_line_that_says_so(tmp_path, capsys):
+    """explain RUN --split test --out preds.csv (a file there) loaded the model and then failed with 'File exists:
+    ...; check the path', naming neither --out nor that explain writes a folder. Refused before any work, naming
+    both and a folder to give."""
+    from finescope.cli import main
+
+    run = make_run(tmp_path, "global")
+    taken = tmp_path / "preds.csv"
+    taken.write_text("path,label\n")
+    assert main(["explain", str(run), "--split", "test", "--out", str(taken), "--no-faithfulness", *FAST]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--out '{taken}' is a file" in err[0] and f"--out {tmp_path / 'explain'}" in err[0]
+    assert taken.read_text() == "path,label\n"
+
+
 @pytest.mark.parametrize(("given", "out"), [(".", "."), (".", "explain"), ("images", ".")])
 def test_an_out_inside_a_folder_to_explain_is_refused_before_any_work(tmp_path, capsys, given, out):
     """explain RUN X --out X (or --out X/explain) ran, and its second run took the first's figures (images/NNNNN_*.png,

@@ -347,6 +347,9 @@ def _check_out(out: Path, paths) -> None:
     """Refuse an ``out`` that a folder to explain holds, or whose images/ or evidence/ holds one: a second run
     would explain the first one's figures. Image files given one by one are no such folder (they may be in
     ``out/images``; explain keeps them)."""
+    if out.exists() and not out.is_dir():  # found before the model is read, not when the folder is made
+        raise FinescopeError(f"--out '{out}' is a file, and explain writes a folder there (index.html, images/, ...): "
+                             f"give a folder, e.g. --out {out.parent / 'explain'}")
     where = Path(os.path.realpath(out))
     for p in paths:
         if not Path(p).is_dir():
