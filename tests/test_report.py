@@ -84,7 +84,7 @@ def test_report_of_a_single_run_and_cli(tmp_path, capsys):
     assert report.split_table([("split", splits)], ["a"], folds=False) == (
         ["side", "images", "groups", "a img/grp", "shared groups"], [["train", "8", "3", "4/2", "0"]])
     assert main(["report", str(tmp_path / "nothing")]) == 2
-    with pytest.raises(FinescopeError, match="neither predictions.csv"):
+    with pytest.raises(FinescopeError, match="neither a cv.s predictions.csv"):
         write_report(tmp_path)
 
 
@@ -109,7 +109,7 @@ def test_report_of_a_run_does_not_take_a_predict_csv_for_its_test_split(tmp_path
     run = _single_run(tmp_path / "run", "fusion", [[f"/x/{i}.png", f"g{i // 3}", "a" if i % 2 else "b", "a", 0.6,
                                                      0.4, ""] for i in range(12)])
     (run / "predictions_test.csv").rename(run / "predictions_new.csv")
-    with pytest.raises(FinescopeError, match="neither predictions.csv"):
+    with pytest.raises(FinescopeError, match="neither a cv.s predictions.csv"):
         write_report(run)
     shutil.copy(run / "predictions_new.csv", run / "predictions_val.csv")
     assert main(["report", str(run)]) == 0
@@ -409,6 +409,20 @@ def test_report_of_a_run_names_the_other_data_its_evaluate_recorded(tmp_path):
     (run / "metrics_all.json").write_text(json.dumps({"data_root": "/data/other_hospital", "split_leak": None,
                                                       "model_overrides": {}}))
     assert "all 12 images of '/data/other_hospital'" in write_report(run, n_boot=20)[0].read_text()
+
+
+def test_report_of_a_working_folder_is_neither_a_cv_nor_a_run(tmp_path, capsys):
+    """`finescope report .` in a working folder where train made runs/ and predict wrote its default
+    predictions.csv took the folder for a cv (runs/ beside a predictions.csv) and said 'predictions.csv has no
+    column 'image' ... write it again with finescope cv' (found in the walkthrough); it says what the folder is not."""
+    from finescope.cli import main
+
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    (tmp_path / "predictions.csv").write_text("path,group,patient,magnification,true,predicted,prob_a,prob_b,boxes,"
+                                              "model_overrides\n/x/1.png,,,,,a,0.6,0.4,,\n")
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "holds neither a cv's predictions.csv nor predictions_<split>.csv" in err
 
 
 def test_report_of_a_run_prefers_the_model_as_trained_to_one_evaluated_with_other_settings(tmp_path):

@@ -1136,7 +1136,7 @@ def test_a_finished_run_trained_on_is_not_marked_finished_until_it_is(synthetic_
     assert not (out / "metrics.json").exists()  # the epoch-1 metrics no longer say the run is finished
     from finescope.report import write_report
 
-    with pytest.raises(FinescopeError, match="neither predictions.csv"):  # nor report its test as this run's
+    with pytest.raises(FinescopeError, match="neither a cv.s predictions.csv"):  # nor report its test as this run's
         write_report(out)
     trainer.train(cfg, out, resume=True, progress=False)
     assert json.loads((out / "metrics.json").read_text())["n_images"] > 0

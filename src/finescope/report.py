@@ -53,19 +53,21 @@ _SIDES = ("test", "val", "train", "all")  # what evaluate's predictions_<split>.
 
 
 def _is_cv(run_dir: Path) -> bool:
-    """Whether ``run_dir`` is a cv folder: a ``predictions.csv`` beside cv's ``cv.json`` or ``runs/``, or with cv's
-    ``fold`` and ``variant`` columns (a ``predict`` run inside a run folder writes a ``predictions.csv`` too, by
-    default, without them; a cv's own file that lost a column is named as damaged, not taken for a run's)."""
+    """Whether ``run_dir`` is a cv folder: a ``predictions.csv`` beside cv's ``cv.json``, or beside ``runs/`` unless
+    it is ``predict``'s (its ``path`` column: a working folder where ``train`` made ``runs/`` and ``predict`` wrote
+    its default ``predictions.csv``), or with cv's ``fold`` and ``variant`` columns (a ``predict`` run inside a run
+    folder writes a ``predictions.csv`` too, by default, without them; a cv's own file that lost a column is named
+    as damaged, not taken for a run's)."""
     import csv
 
     path = run_dir / "predictions.csv"
     if not path.is_file():
         return False
-    if (run_dir / "cv.json").is_file() or (run_dir / "runs").is_dir():
+    if (run_dir / "cv.json").is_file():
         return True
     with path.open(newline="", encoding="utf-8-sig", errors=ERRORS) as fh:
         header = next(csv.reader(fh), [])
-    return {"fold", "variant"} <= set(header)
+    return {"fold", "variant"} <= set(header) or ((run_dir / "runs").is_dir() and "path" not in header)
 
 
 def _single_run_rows(run_dir: Path, predictions: Path | None, fig_dir: Path) -> tuple[Path, str, str]:
@@ -91,8 +93,8 @@ def _single_run_rows(run_dir: Path, predictions: Path | None, fig_dir: Path) -> 
         raise FinescopeError(f"predictions file '{predictions}' not found; give a predictions CSV that `finescope "
                              "evaluate` wrote")
     if src is None:
-        raise FinescopeError(f"'{run_dir}' holds neither predictions.csv (cv) nor predictions_<split>.csv (a run: "
-                             "train or evaluate writes it)")
+        raise FinescopeError(f"'{run_dir}' holds neither a cv's predictions.csv nor predictions_<split>.csv (a run: "
+                             "train or evaluate writes it); give a cv or run folder")
     if not predictions:
         _warn_if_earlier(run_dir, src, src.stem.replace("predictions", "metrics", 1) + ".json")
     model = _run_config(run_dir).get("model")
