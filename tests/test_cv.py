@@ -980,10 +980,12 @@ def test_a_splits_files_validation_sides_are_recorded_at_the_fraction_that_carve
 
 
 def test_a_fold_evaluated_with_model_overrides_is_not_taken_for_the_folds_own_predictions(tmp_path, capsys):
-    """`finescope evaluate CV/runs/fusion/fold0 --set model.threshold=0.95` writes that model's predictions over the
+    """`finescope evaluate CV/runs/fusion/fold0 --set model.threshold=0.95` wrote that model's predictions over the
     fold's predictions_test.csv: a rerun of the cv (or one adding a variant) collected them into predictions.csv as
-    the trained fold's, and the ablation table changed silently (fusion PRR 0.625 -> 0.594, found in review). The
-    rerun is refused naming the file and the override, and goes on once evaluate wrote the fold's own again."""
+    the trained fold's, and the ablation table changed silently (fusion PRR 0.625 -> 0.594, found in review).
+    evaluate now writes them apart (predictions_test_threshold=0.95.csv) and the cv goes on with the fold's own; such
+    a file left by an older version is refused naming the file and the override, and the cv goes on once evaluate
+    wrote the fold's own again."""
     cfg = tiny_cfg(tmp_path)
     p = Protocol(variants=("fusion",), folds=2, n_boot=20)
     out = tmp_path / "cv"
@@ -991,6 +993,9 @@ def test_a_fold_evaluated_with_model_overrides_is_not_taken_for_the_folds_own_pr
     before = (out / "predictions.csv").read_text()
     run = out / "runs" / "fusion" / "fold0"
     assert main(["evaluate", str(run), "--device", "cpu", "--set", "model.threshold=0.95"]) == 0
+    run_cv(cfg, p, out, progress=False, report=False)  # the fold's own predictions, untouched
+    assert (out / "predictions.csv").read_text() == before
+    shutil.copy(run / "predictions_test_threshold=0.95.csv", run / "predictions_test.csv")  # an older evaluate's
     with pytest.raises(FinescopeError, match=r"predictions_test\.csv' holds the predictions of .*model\.threshold="
                                              r"0\.95.*finescope evaluate"):
         run_cv(cfg, p, out, progress=False, report=False)
