@@ -996,6 +996,9 @@ def test_flat_maps_said_left_out_of_the_pointing_game_are_those_of_images_it_sco
     assert (m["pointing_game"], m["pointing_n"], m["flat_maps"], m["pointing_flat_maps"]) == (1.0, 1, 3, 1)
     table = faithfulness_table(s)
     assert "1.000 (n=1) (1 flat map left out)" in table and "3 flat" not in table
+    assert "left out)</td><td>–</td>" in table  # --no-faithfulness: no curve measured, not 0 images
+
+
 
 def test_class_maps_are_titled_with_the_class_they_explain(tmp_path, monkeypatch):
     """A misclassified image's Grad-CAM (--target true, the default) shows the evidence for the true class, but its

@@ -68,7 +68,7 @@ def faithfulness_table(summary: dict) -> str:
             n = s["pointing_flat_maps"]
             pg += f" ({n} flat map{'s' if n > 1 else ''} left out)"
         body.append(f"<tr><td>{_e(m)}</td><td>{_fmt(s.get('deletion_auc'))}</td><td>{_fmt(s.get('insertion_auc'))}"
-                    f"</td><td>{pg}</td><td>{s.get('n_images', '')}</td></tr>")
+                    f"</td><td>{pg}</td><td>{s.get('n_images') or '–'}</td></tr>")  # – : no curves measured
     text = f"<table>{head}{''.join(body)}</table>"
     b = summary.get("boxes")
     if b:
