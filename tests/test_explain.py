@@ -533,7 +533,7 @@ def test_explain_counts_each_reason_it_skipped_files_for(tmp_path, capsys):
     assert {Path(s["path"]).name: s["kind"] for s in skipped} == {
         "broken.png": "unreadable", "thin.png": "too long and thin for the model's view"}
     line = "2 files skipped: 1 unreadable, 1 too long and thin for the model's view"
-    assert f"{line} (listed in the gallery)" in capsys.readouterr().err
+    assert f"finescope: warning: {line} (listed in the gallery)" in capsys.readouterr().err  # as other warnings
     assert line.replace("'", "&#x27;") in (out / "index.html").read_text()
 
 

@@ -269,7 +269,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
               f"{b['chance_hit_rate']:.3f}); "
               f"{b['images_with_a_box_over_half_the_image']}/{b['images']} images have a box over half the image")
     if summary["skipped"]:
-        print(f"{skipped_text(summary['skipped'])} (listed in the gallery)", file=sys.stderr)
+        print(f"finescope: warning: {skipped_text(summary['skipped'])} (listed in the gallery)", file=sys.stderr)
     print(f"gallery: {Path(summary['output']) / 'index.html'}")
     return 0
 
